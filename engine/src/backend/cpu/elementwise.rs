@@ -1,0 +1,328 @@
+//! Elementwise CPU kernels: unary maps, broadcasting binary ops, comparisons, select, casts, copies.
+
+use half::bf16;
+use rayon::prelude::*;
+
+use super::{float_kernel, CpuFloat, CpuStorage, PAR_THRESHOLD};
+use crate::backend::{BinaryOp, CmpOp, UnaryOp};
+use crate::{DType, Error, Layout, Result};
+
+fn map_vec<T: Copy + Send + Sync, U: Send>(
+    src: Vec<T>,
+    f: impl Fn(T) -> U + Sync + Send,
+) -> Vec<U> {
+    if src.len() >= PAR_THRESHOLD {
+        src.into_par_iter().map(f).collect()
+    } else {
+        src.into_iter().map(f).collect()
+    }
+}
+
+fn unary_fn<T: CpuFloat>(op: UnaryOp) -> impl Fn(T) -> T + Sync + Send {
+    let c = |v: f64| T::from_f64(v);
+    move |x: T| match op {
+        UnaryOp::Neg => -x,
+        UnaryOp::Exp => x.exp(),
+        UnaryOp::Log => x.ln(),
+        UnaryOp::Silu => x / (T::one() + (-x).exp()),
+        UnaryOp::Sigmoid => T::one() / (T::one() + (-x).exp()),
+        UnaryOp::Sqrt => x.sqrt(),
+        UnaryOp::Recip => x.recip(),
+        UnaryOp::Sqr => x * x,
+        UnaryOp::Abs => x.abs(),
+        UnaryOp::Tanh => x.tanh(),
+        UnaryOp::Cos => x.cos(),
+        UnaryOp::Sin => x.sin(),
+        UnaryOp::Affine { mul, add } => x * c(mul) + c(add),
+        UnaryOp::Powf(e) => x.powf(c(e)),
+        UnaryOp::MaxScalar(s) => x.max(c(s)),
+        UnaryOp::MinScalar(s) => x.min(c(s)),
+    }
+}
+
+fn unary_t<T: CpuFloat>(data: &[T], l: &Layout, op: UnaryOp) -> Vec<T> {
+    map_vec(CpuStorage::gather_view(data, l), unary_fn::<T>(op))
+}
+
+pub(super) fn unary(s: &CpuStorage, l: &Layout, op: UnaryOp) -> Result<CpuStorage> {
+    float_kernel!("unary", s, l, |d, ll| unary_t(d, ll, op))
+}
+
+fn binary_fn<T: CpuFloat>(op: BinaryOp) -> impl Fn(T, T) -> T + Sync + Send {
+    move |a: T, b: T| match op {
+        BinaryOp::Add => a + b,
+        BinaryOp::Sub => a - b,
+        BinaryOp::Mul => a * b,
+        BinaryOp::Div => a / b,
+        BinaryOp::Maximum => a.max(b),
+        BinaryOp::Minimum => a.min(b),
+    }
+}
+
+/// Applies `f` over two same-shape views. Contiguous operands zip directly; a broadcast rhs whose
+/// inner block is contiguous (a bias row, a per-row scale) is walked block by block.
+pub(super) fn zip_views<A: Copy + Send + Sync, B: Copy + Send + Sync, O: Send + Copy + Default>(
+    a: &[A],
+    al: &Layout,
+    b: &[B],
+    bl: &Layout,
+    f: impl Fn(A, B) -> O + Sync + Send,
+) -> Vec<O> {
+    let n = al.elem_count();
+    match (al.contiguous_range(), bl.contiguous_range()) {
+        (Some((a0, a1)), Some((b0, b1))) => {
+            let (a, b) = (&a[a0..a1], &b[b0..b1]);
+            if n >= PAR_THRESHOLD {
+                a.par_iter()
+                    .zip(b.par_iter())
+                    .map(|(&x, &y)| f(x, y))
+                    .collect()
+            } else {
+                a.iter().zip(b.iter()).map(|(&x, &y)| f(x, y)).collect()
+            }
+        }
+        _ => {
+            // Walk in rows of the last dim so each row is processed in one tight loop.
+            let dims = al.dims();
+            let last = dims.last().copied().unwrap_or(1).max(1);
+            let (sa, sb) = (
+                al.strides().last().copied().unwrap_or(0),
+                bl.strides().last().copied().unwrap_or(0),
+            );
+            let rows_a = rows_of(al);
+            let rows_b = rows_of(bl);
+            let mut out = vec![O::default(); n];
+            let body = |(row, o): (usize, &mut [O])| {
+                let (ra, rb) = (rows_a[row], rows_b[row]);
+                for (j, slot) in o.iter_mut().enumerate() {
+                    *slot = f(a[ra + j * sa], b[rb + j * sb]);
+                }
+            };
+            if n >= PAR_THRESHOLD {
+                out.par_chunks_mut(last).enumerate().for_each(body);
+            } else {
+                out.chunks_mut(last).enumerate().for_each(body);
+            }
+            out
+        }
+    }
+}
+
+/// Storage offsets of the first element of every row (last dim) of a view.
+pub(super) fn rows_of(l: &Layout) -> Vec<usize> {
+    let dims = l.dims();
+    if dims.is_empty() {
+        return vec![l.offset()];
+    }
+    let r = dims.len() - 1;
+    let outer = Layout::new(
+        dims[..r].to_vec().into(),
+        l.strides()[..r].to_vec(),
+        l.offset(),
+    );
+    outer.strided_indices().collect()
+}
+
+pub(super) fn binary(
+    s: &CpuStorage,
+    l: &Layout,
+    rhs: &CpuStorage,
+    rl: &Layout,
+    op: BinaryOp,
+) -> Result<CpuStorage> {
+    use CpuStorage as S;
+    match (s, rhs) {
+        (S::F32(a), S::F32(b)) => Ok(S::F32(zip_views(a, l, b, rl, binary_fn::<f32>(op)))),
+        (S::F64(a), S::F64(b)) => Ok(S::F64(zip_views(a, l, b, rl, binary_fn::<f64>(op)))),
+        (S::BF16(a), S::BF16(b)) => {
+            let f = binary_fn::<f32>(op);
+            Ok(S::BF16(zip_views(a, l, b, rl, |x: bf16, y: bf16| {
+                bf16::from_f32(f(x.to_f32(), y.to_f32()))
+            })))
+        }
+        (S::U32(_), S::U32(_)) => Err(Error::UnsupportedDType {
+            op: "binary",
+            dtype: DType::U32,
+        }),
+        _ => Err(Error::DTypeMismatch {
+            op: "binary",
+            lhs: s.dtype_(),
+            rhs: rhs.dtype_(),
+        }),
+    }
+}
+
+fn cmp_fn<T: PartialOrd>(op: CmpOp) -> impl Fn(T, T) -> u32 + Sync + Send {
+    move |a: T, b: T| {
+        (match op {
+            CmpOp::Eq => a == b,
+            CmpOp::Ne => a != b,
+            CmpOp::Lt => a < b,
+            CmpOp::Le => a <= b,
+            CmpOp::Gt => a > b,
+            CmpOp::Ge => a >= b,
+        }) as u32
+    }
+}
+
+pub(super) fn cmp(
+    s: &CpuStorage,
+    l: &Layout,
+    rhs: &CpuStorage,
+    rl: &Layout,
+    op: CmpOp,
+) -> Result<CpuStorage> {
+    use CpuStorage as S;
+    let out = match (s, rhs) {
+        (S::F32(a), S::F32(b)) => zip_views(a, l, b, rl, cmp_fn::<f32>(op)),
+        (S::F64(a), S::F64(b)) => zip_views(a, l, b, rl, cmp_fn::<f64>(op)),
+        (S::BF16(a), S::BF16(b)) => zip_views(a, l, b, rl, cmp_fn::<bf16>(op)),
+        (S::U32(a), S::U32(b)) => zip_views(a, l, b, rl, cmp_fn::<u32>(op)),
+        _ => {
+            return Err(Error::DTypeMismatch {
+                op: "cmp",
+                lhs: s.dtype_(),
+                rhs: rhs.dtype_(),
+            })
+        }
+    };
+    Ok(S::U32(out))
+}
+
+/// The condition view as booleans (non-zero is true).
+fn cond_mask(c: &CpuStorage, l: &Layout) -> Vec<bool> {
+    match c {
+        CpuStorage::F32(v) => CpuStorage::gather_view(v, l)
+            .into_iter()
+            .map(|x| x != 0.0)
+            .collect(),
+        CpuStorage::F64(v) => CpuStorage::gather_view(v, l)
+            .into_iter()
+            .map(|x| x != 0.0)
+            .collect(),
+        CpuStorage::BF16(v) => CpuStorage::gather_view(v, l)
+            .into_iter()
+            .map(|x| x.to_f32() != 0.0)
+            .collect(),
+        CpuStorage::U32(v) => CpuStorage::gather_view(v, l)
+            .into_iter()
+            .map(|x| x != 0)
+            .collect(),
+    }
+}
+
+pub(super) fn where_cond(
+    c: &CpuStorage,
+    cl: &Layout,
+    t: &CpuStorage,
+    tl: &Layout,
+    f: &CpuStorage,
+    fl: &Layout,
+) -> Result<CpuStorage> {
+    use CpuStorage as S;
+    let mask = cond_mask(c, cl);
+    fn sel<T: Copy>(m: &[bool], t: Vec<T>, f: Vec<T>) -> Vec<T> {
+        m.iter()
+            .zip(t.into_iter().zip(f))
+            .map(|(&m, (t, f))| if m { t } else { f })
+            .collect()
+    }
+    fn g<T: Copy>(v: &[T], l: &Layout) -> Vec<T> {
+        CpuStorage::gather_view(v, l)
+    }
+    Ok(match (t, f) {
+        (S::F32(a), S::F32(b)) => S::F32(sel(&mask, g(a, tl), g(b, fl))),
+        (S::F64(a), S::F64(b)) => S::F64(sel(&mask, g(a, tl), g(b, fl))),
+        (S::BF16(a), S::BF16(b)) => S::BF16(sel(&mask, g(a, tl), g(b, fl))),
+        (S::U32(a), S::U32(b)) => S::U32(sel(&mask, g(a, tl), g(b, fl))),
+        _ => {
+            return Err(Error::DTypeMismatch {
+                op: "where_cond",
+                lhs: t.dtype_(),
+                rhs: f.dtype_(),
+            })
+        }
+    })
+}
+
+pub(super) fn to_dtype(s: &CpuStorage, l: &Layout, dtype: DType) -> Result<CpuStorage> {
+    use CpuStorage as S;
+    fn g<T: Copy>(v: &[T], l: &Layout) -> Vec<T> {
+        CpuStorage::gather_view(v, l)
+    }
+    Ok(match (s, dtype) {
+        (S::F32(v), DType::F32) => S::F32(g(v, l)),
+        (S::F32(v), DType::F64) => S::F64(map_vec(g(v, l), f64::from)),
+        (S::F32(v), DType::BF16) => S::BF16(map_vec(g(v, l), bf16::from_f32)),
+        (S::F32(v), DType::U32) => S::U32(map_vec(g(v, l), |x| x as u32)),
+        (S::F64(v), DType::F32) => S::F32(map_vec(g(v, l), |x| x as f32)),
+        (S::F64(v), DType::F64) => S::F64(g(v, l)),
+        (S::F64(v), DType::BF16) => S::BF16(map_vec(g(v, l), bf16::from_f64)),
+        (S::F64(v), DType::U32) => S::U32(map_vec(g(v, l), |x| x as u32)),
+        (S::BF16(v), DType::F32) => S::F32(map_vec(g(v, l), f32::from)),
+        (S::BF16(v), DType::F64) => S::F64(map_vec(g(v, l), f64::from)),
+        (S::BF16(v), DType::BF16) => S::BF16(g(v, l)),
+        (S::BF16(v), DType::U32) => S::U32(map_vec(g(v, l), |x| x.to_f32() as u32)),
+        (S::U32(v), DType::F32) => S::F32(map_vec(g(v, l), |x| x as f32)),
+        (S::U32(v), DType::F64) => S::F64(map_vec(g(v, l), f64::from)),
+        (S::U32(v), DType::BF16) => S::BF16(map_vec(g(v, l), |x| bf16::from_f32(x as f32))),
+        (S::U32(v), DType::U32) => S::U32(g(v, l)),
+    })
+}
+
+fn copy_t<T: Copy>(src: &[T], sl: &Layout, dst: &mut [T], dl: &Layout) {
+    if let (Some((s0, s1)), Some((d0, d1))) = (sl.contiguous_range(), dl.contiguous_range()) {
+        dst[d0..d1].copy_from_slice(&src[s0..s1]);
+        return;
+    }
+    let vals = CpuStorage::gather_view(src, sl);
+    let (starts, block) = dl.contiguous_blocks();
+    for (i, s) in starts.into_iter().enumerate() {
+        dst[s..s + block].copy_from_slice(&vals[i * block..(i + 1) * block]);
+    }
+}
+
+pub(super) fn copy_to_view(
+    s: &CpuStorage,
+    sl: &Layout,
+    dst: &mut CpuStorage,
+    dl: &Layout,
+) -> Result<()> {
+    use CpuStorage as S;
+    if sl.shape() != dl.shape() {
+        return Err(Error::ShapeMismatch {
+            op: "copy_to_view",
+            lhs: sl.shape().clone(),
+            rhs: dl.shape().clone(),
+        });
+    }
+    if dl.max_extent() > dst.len_() {
+        return Err(Error::invalid(
+            "copy_to_view",
+            "destination view exceeds its buffer",
+        ));
+    }
+    match (s, dst) {
+        (S::F32(a), S::F32(b)) => copy_t(a, sl, b, dl),
+        (S::F64(a), S::F64(b)) => copy_t(a, sl, b, dl),
+        (S::BF16(a), S::BF16(b)) => copy_t(a, sl, b, dl),
+        (S::U32(a), S::U32(b)) => copy_t(a, sl, b, dl),
+        (a, b) => {
+            return Err(Error::DTypeMismatch {
+                op: "copy_to_view",
+                lhs: a.dtype_(),
+                rhs: b.dtype_(),
+            })
+        }
+    }
+    Ok(())
+}
+
+impl CpuStorage {
+    pub(crate) fn dtype_(&self) -> DType {
+        crate::backend::BackendStorage::dtype(self)
+    }
+    pub(crate) fn len_(&self) -> usize {
+        crate::backend::BackendStorage::len(self)
+    }
+}

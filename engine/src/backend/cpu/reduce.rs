@@ -1,0 +1,152 @@
+//! Reductions over one dim, and softmax / log-softmax over the last dim.
+
+use rayon::prelude::*;
+
+use super::{float_kernel, CpuFloat, CpuStorage, PAR_THRESHOLD};
+use crate::backend::ReduceOp;
+use crate::{Error, Layout, Result};
+
+/// Start offsets of every reduction row of `dim`, in row-major order of the output.
+fn row_starts(l: &Layout, dim: usize) -> Vec<usize> {
+    l.narrow(dim, 0, 1).strided_indices().collect()
+}
+
+fn reduce_rows<T: Copy + Send + Sync, O: Send>(
+    data: &[T],
+    l: &Layout,
+    dim: usize,
+    f: impl Fn(&mut dyn Iterator<Item = T>) -> O + Sync + Send,
+) -> Vec<O> {
+    let starts = row_starts(l, dim);
+    let (len, stride) = (l.dims()[dim], l.strides()[dim]);
+    let one = |&s: &usize| f(&mut (0..len).map(|j| data[s + j * stride]));
+    if starts.len() * len >= PAR_THRESHOLD {
+        starts.par_iter().map(one).collect()
+    } else {
+        starts.iter().map(one).collect()
+    }
+}
+
+/// Index of the first largest (`max`) or smallest element.
+fn arg_best<T: PartialOrd + Copy>(it: &mut dyn Iterator<Item = T>, max: bool) -> u32 {
+    let mut best: Option<(usize, T)> = None;
+    for (i, v) in it.enumerate() {
+        match best {
+            None => best = Some((i, v)),
+            Some((_, b)) if (max && v > b) || (!max && v < b) => best = Some((i, v)),
+            _ => {}
+        }
+    }
+    best.map(|(i, _)| i as u32).unwrap_or(0)
+}
+
+fn reduce_float<T: CpuFloat>(data: &[T], l: &Layout, dim: usize, op: ReduceOp) -> Vec<T> {
+    match op {
+        // Sums accumulate in f64 so long rows keep their precision.
+        ReduceOp::Sum => reduce_rows(data, l, dim, |it| {
+            T::from_f64(it.map(|x| x.to_f64()).sum::<f64>())
+        }),
+        ReduceOp::Max => reduce_rows(data, l, dim, |it| {
+            it.fold(
+                T::neg_infinity(),
+                |a, b| if b > a || b.is_nan() { b } else { a },
+            )
+        }),
+        ReduceOp::Min => reduce_rows(data, l, dim, |it| {
+            it.fold(
+                T::infinity(),
+                |a, b| if b < a || b.is_nan() { b } else { a },
+            )
+        }),
+        ReduceOp::ArgMax | ReduceOp::ArgMin => unreachable!("arg reductions return u32"),
+    }
+}
+
+pub(super) fn reduce(s: &CpuStorage, l: &Layout, dim: usize, op: ReduceOp) -> Result<CpuStorage> {
+    use CpuStorage as S;
+    if dim >= l.dims().len() {
+        return Err(Error::DimOutOfRange {
+            op: "reduce",
+            dim: dim as isize,
+            shape: l.shape().clone(),
+        });
+    }
+    if matches!(op, ReduceOp::ArgMax | ReduceOp::ArgMin) {
+        let max = op == ReduceOp::ArgMax;
+        macro_rules! arg {
+            ($v:expr) => {
+                reduce_rows($v, l, dim, |it| arg_best(it, max))
+            };
+        }
+        return Ok(S::U32(match s {
+            S::F32(v) => arg!(v),
+            S::F64(v) => arg!(v),
+            S::BF16(v) => arg!(v),
+            S::U32(v) => arg!(v),
+        }));
+    }
+    if let S::U32(v) = s {
+        return Ok(S::U32(match op {
+            ReduceOp::Sum => reduce_rows(v, l, dim, |it| it.fold(0u32, |a, b| a.wrapping_add(b))),
+            ReduceOp::Max => reduce_rows(v, l, dim, |it| it.max().unwrap_or(0)),
+            _ => reduce_rows(v, l, dim, |it| it.min().unwrap_or(u32::MAX)),
+        }));
+    }
+    float_kernel!("reduce", s, l, |d, ll| reduce_float(d, ll, dim, op))
+}
+
+/// Applies `f` to every row of the last dim of a contiguous copy of the view.
+fn map_rows<T: CpuFloat>(
+    data: &[T],
+    l: &Layout,
+    f: impl Fn(&[T], &mut [T]) + Sync + Send,
+) -> Vec<T> {
+    let src = CpuStorage::gather_view(data, l);
+    let n = l.dims().last().copied().unwrap_or(1).max(1);
+    let mut out = vec![T::zero(); src.len()];
+    if src.len() >= PAR_THRESHOLD {
+        out.par_chunks_mut(n)
+            .zip(src.par_chunks(n))
+            .for_each(|(o, x)| f(x, o));
+    } else {
+        out.chunks_mut(n)
+            .zip(src.chunks(n))
+            .for_each(|(o, x)| f(x, o));
+    }
+    out
+}
+
+fn row_max<T: CpuFloat>(x: &[T]) -> T {
+    x.iter().fold(T::neg_infinity(), |a, &b| a.max(b))
+}
+
+fn softmax_t<T: CpuFloat>(data: &[T], l: &Layout) -> Vec<T> {
+    map_rows(data, l, |x, o| {
+        let m = row_max(x);
+        let mut sum = T::zero();
+        for (o, &v) in o.iter_mut().zip(x) {
+            *o = (v - m).exp();
+            sum = sum + *o;
+        }
+        let inv = sum.recip();
+        o.iter_mut().for_each(|v| *v = *v * inv);
+    })
+}
+
+fn log_softmax_t<T: CpuFloat>(data: &[T], l: &Layout) -> Vec<T> {
+    map_rows(data, l, |x, o| {
+        let m = row_max(x);
+        let lse = m + x.iter().map(|&v| (v - m).exp()).sum::<T>().ln();
+        for (o, &v) in o.iter_mut().zip(x) {
+            *o = v - lse;
+        }
+    })
+}
+
+pub(super) fn softmax_last_dim(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
+    float_kernel!("softmax", s, l, |d, ll| softmax_t(d, ll))
+}
+
+pub(super) fn log_softmax_last_dim(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
+    float_kernel!("log_softmax", s, l, |d, ll| log_softmax_t(d, ll))
+}

@@ -1,0 +1,22 @@
+//! A small tensor engine for fine-tuning: f32/bf16 tensors with views, a tape autograd, a CPU
+//! backend (rayon + gemm) that is the reference for every op, and a backend interface that the
+//! CUDA backend implements.
+
+pub mod autograd;
+pub mod backend;
+mod device;
+mod dtype;
+mod error;
+mod ops;
+pub mod rng;
+mod shape;
+mod storage;
+mod tensor;
+
+pub use autograd::{grad_enabled, no_grad, NoGradGuard};
+pub use device::Device;
+pub use dtype::{DType, WithDType};
+pub use error::{Error, Result};
+pub use shape::{Layout, Shape, StridedIndex};
+pub use storage::Storage;
+pub use tensor::{Tensor, TensorId};

@@ -1,0 +1,355 @@
+//! Elementwise ops: unary maps, broadcasting binary arithmetic, scalar ops, comparisons and
+//! selection.
+
+use super::{float_only, same_device, same_dtype};
+use crate::autograd::Node;
+use crate::backend::{BackendStorage, BinaryOp, CmpOp, UnaryOp};
+use crate::{Result, Shape, Tensor};
+
+impl Tensor {
+    fn unary(&self, op: UnaryOp, node: Option<Node>) -> Result<Tensor> {
+        float_only("unary", self)?;
+        let s = self.storage().unary(self.layout(), op)?;
+        Ok(Tensor::from_storage(s, self.shape().clone(), node))
+    }
+
+    pub fn neg(&self) -> Result<Tensor> {
+        self.unary(
+            UnaryOp::Neg,
+            Node::record("neg", &[self], |_, _, g| Ok(vec![Some(g.neg()?)])),
+        )
+    }
+    /// d/dx eˣ = eˣ.
+    pub fn exp(&self) -> Result<Tensor> {
+        self.unary(
+            UnaryOp::Exp,
+            Node::record("exp", &[self], |_, y, g| Ok(vec![Some(g.mul(y)?)])),
+        )
+    }
+    /// d/dx ln x = 1/x.
+    pub fn log(&self) -> Result<Tensor> {
+        self.unary(
+            UnaryOp::Log,
+            Node::record("log", &[self], |x, _, g| Ok(vec![Some(g.div(&x[0])?)])),
+        )
+    }
+    /// silu(x) = x·σ(x); d/dx = σ(x)·(1 + x·(1 − σ(x))).
+    pub fn silu(&self) -> Result<Tensor> {
+        self.unary(
+            UnaryOp::Silu,
+            Node::record("silu", &[self], |x, _, g| {
+                let s = x[0].sigmoid()?;
+                let d = s.mul(&x[0].mul(&s.affine(-1.0, 1.0)?)?.affine(1.0, 1.0)?)?;
+                Ok(vec![Some(g.mul(&d)?)])
+            }),
+        )
+    }
+    /// d/dx σ(x) = σ(x)(1 − σ(x)).
+    pub fn sigmoid(&self) -> Result<Tensor> {
+        self.unary(
+            UnaryOp::Sigmoid,
+            Node::record("sigmoid", &[self], |_, y, g| {
+                Ok(vec![Some(g.mul(&y.mul(&y.affine(-1.0, 1.0)?)?)?)])
+            }),
+        )
+    }
+    /// d/dx √x = 1/(2√x).
+    pub fn sqrt(&self) -> Result<Tensor> {
+        self.unary(
+            UnaryOp::Sqrt,
+            Node::record("sqrt", &[self], |_, y, g| {
+                Ok(vec![Some(g.div(&y.affine(2.0, 0.0)?)?)])
+            }),
+        )
+    }
+    /// d/dx 1/x = −1/x².
+    pub fn recip(&self) -> Result<Tensor> {
+        self.unary(
+            UnaryOp::Recip,
+            Node::record("recip", &[self], |_, y, g| {
+                Ok(vec![Some(g.mul(&y.sqr()?)?.neg()?)])
+            }),
+        )
+    }
+    pub fn sqr(&self) -> Result<Tensor> {
+        self.unary(
+            UnaryOp::Sqr,
+            Node::record("sqr", &[self], |x, _, g| {
+                Ok(vec![Some(g.mul(&x[0].affine(2.0, 0.0)?)?)])
+            }),
+        )
+    }
+    /// d/dx |x| = sign(x) (0 at 0).
+    pub fn abs(&self) -> Result<Tensor> {
+        self.unary(
+            UnaryOp::Abs,
+            Node::record("abs", &[self], |x, _, g| {
+                let zero = x[0].zeros_like()?;
+                let pos = x[0].gt(&zero)?.to_dtype(x[0].dtype())?;
+                let neg = x[0].lt(&zero)?.to_dtype(x[0].dtype())?;
+                Ok(vec![Some(g.mul(&pos.sub(&neg)?)?)])
+            }),
+        )
+    }
+    /// d/dx tanh x = 1 − tanh² x.
+    pub fn tanh(&self) -> Result<Tensor> {
+        self.unary(
+            UnaryOp::Tanh,
+            Node::record("tanh", &[self], |_, y, g| {
+                Ok(vec![Some(g.mul(&y.sqr()?.affine(-1.0, 1.0)?)?)])
+            }),
+        )
+    }
+    pub fn cos(&self) -> Result<Tensor> {
+        self.unary(
+            UnaryOp::Cos,
+            Node::record("cos", &[self], |x, _, g| {
+                Ok(vec![Some(g.mul(&x[0].sin()?)?.neg()?)])
+            }),
+        )
+    }
+    pub fn sin(&self) -> Result<Tensor> {
+        self.unary(
+            UnaryOp::Sin,
+            Node::record("sin", &[self], |x, _, g| {
+                Ok(vec![Some(g.mul(&x[0].cos()?)?)])
+            }),
+        )
+    }
+    /// `x * mul + add`.
+    pub fn affine(&self, mul: f64, add: f64) -> Result<Tensor> {
+        self.unary(
+            UnaryOp::Affine { mul, add },
+            Node::record("affine", &[self], move |_, _, g| {
+                Ok(vec![Some(g.affine(mul, 0.0)?)])
+            }),
+        )
+    }
+    /// `x ^ e`; d/dx = e·x^(e−1).
+    pub fn powf(&self, e: f64) -> Result<Tensor> {
+        self.unary(
+            UnaryOp::Powf(e),
+            Node::record("powf", &[self], move |x, _, g| {
+                Ok(vec![Some(g.mul(&x[0].powf(e - 1.0)?.affine(e, 0.0)?)?)])
+            }),
+        )
+    }
+    /// `max(x, c)`; the gradient flows where `x > c`.
+    pub fn clamp_min(&self, c: f64) -> Result<Tensor> {
+        self.unary(
+            UnaryOp::MaxScalar(c),
+            Node::record("clamp_min", &[self], move |x, _, g| {
+                let m = x[0].gt_scalar(c)?;
+                Ok(vec![Some(m.where_cond(g, &g.zeros_like()?)?)])
+            }),
+        )
+    }
+    /// `min(x, c)`; the gradient flows where `x < c`.
+    pub fn clamp_max(&self, c: f64) -> Result<Tensor> {
+        self.unary(
+            UnaryOp::MinScalar(c),
+            Node::record("clamp_max", &[self], move |x, _, g| {
+                let m = x[0].lt_scalar(c)?;
+                Ok(vec![Some(m.where_cond(g, &g.zeros_like()?)?)])
+            }),
+        )
+    }
+    pub fn add_scalar(&self, c: f64) -> Result<Tensor> {
+        self.affine(1.0, c)
+    }
+    pub fn mul_scalar(&self, c: f64) -> Result<Tensor> {
+        self.affine(c, 0.0)
+    }
+
+    /// Runs a binary op after broadcasting both operands to their common shape.
+    fn binary(&self, rhs: &Tensor, op: BinaryOp, name: &'static str) -> Result<(Tensor, Shape)> {
+        same_dtype(name, self, rhs)?;
+        same_device(name, self, rhs)?;
+        float_only(name, self)?;
+        let shape = self.shape().broadcast_with(name, rhs.shape())?;
+        let ll = self.layout().broadcast_as(name, &shape)?;
+        let rl = rhs.layout().broadcast_as(name, &shape)?;
+        let s = {
+            let (a, b) = (self.storage(), rhs.storage());
+            a.binary(&ll, &b, &rl, op)?
+        };
+        Ok((Tensor::from_storage(s, shape.clone(), None), shape))
+    }
+
+    fn binary_recorded(
+        &self,
+        rhs: &Tensor,
+        op: BinaryOp,
+        name: &'static str,
+        rule: impl Fn(&[Tensor], &Tensor, &Tensor) -> Result<Vec<Option<Tensor>>>
+            + Send
+            + Sync
+            + 'static,
+    ) -> Result<Tensor> {
+        let (out, shape) = self.binary(rhs, op, name)?;
+        match Node::record(name, &[self, rhs], rule) {
+            None => Ok(out),
+            Some(node) => Ok(out.view(crate::Layout::contiguous(shape), Some(node))),
+        }
+    }
+
+    /// `self + rhs`, broadcasting.
+    pub fn add(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary_recorded(rhs, BinaryOp::Add, "add", |x, _, g| {
+            Ok(vec![
+                Some(g.sum_to_shape(x[0].shape())?),
+                Some(g.sum_to_shape(x[1].shape())?),
+            ])
+        })
+    }
+    /// `self - rhs`, broadcasting.
+    pub fn sub(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary_recorded(rhs, BinaryOp::Sub, "sub", |x, _, g| {
+            Ok(vec![
+                Some(g.sum_to_shape(x[0].shape())?),
+                Some(g.neg()?.sum_to_shape(x[1].shape())?),
+            ])
+        })
+    }
+    /// `self * rhs`, broadcasting.
+    pub fn mul(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary_recorded(rhs, BinaryOp::Mul, "mul", |x, _, g| {
+            let da = x[0]
+                .tracks_grad()
+                .then(|| g.mul(&x[1])?.sum_to_shape(x[0].shape()))
+                .transpose()?;
+            let db = x[1]
+                .tracks_grad()
+                .then(|| g.mul(&x[0])?.sum_to_shape(x[1].shape()))
+                .transpose()?;
+            Ok(vec![da, db])
+        })
+    }
+    /// `self / rhs`, broadcasting.
+    pub fn div(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary_recorded(rhs, BinaryOp::Div, "div", |x, y, g| {
+            let da = x[0]
+                .tracks_grad()
+                .then(|| g.div(&x[1])?.sum_to_shape(x[0].shape()))
+                .transpose()?;
+            // d(a/b)/db = −(a/b)/b
+            let db = x[1]
+                .tracks_grad()
+                .then(|| g.mul(y)?.div(&x[1])?.neg()?.sum_to_shape(x[1].shape()))
+                .transpose()?;
+            Ok(vec![da, db])
+        })
+    }
+    /// Elementwise max; on ties the gradient goes to `self`.
+    pub fn maximum(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary_recorded(rhs, BinaryOp::Maximum, "maximum", |x, _, g| {
+            let pick_a = x[0].ge(&x[1])?;
+            let z = g.zeros_like()?;
+            Ok(vec![
+                Some(pick_a.where_cond(g, &z)?.sum_to_shape(x[0].shape())?),
+                Some(pick_a.where_cond(&z, g)?.sum_to_shape(x[1].shape())?),
+            ])
+        })
+    }
+    /// Elementwise min; on ties the gradient goes to `self`.
+    pub fn minimum(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary_recorded(rhs, BinaryOp::Minimum, "minimum", |x, _, g| {
+            let pick_a = x[0].le(&x[1])?;
+            let z = g.zeros_like()?;
+            Ok(vec![
+                Some(pick_a.where_cond(g, &z)?.sum_to_shape(x[0].shape())?),
+                Some(pick_a.where_cond(&z, g)?.sum_to_shape(x[1].shape())?),
+            ])
+        })
+    }
+
+    fn compare(&self, rhs: &Tensor, op: CmpOp) -> Result<Tensor> {
+        same_dtype("cmp", self, rhs)?;
+        same_device("cmp", self, rhs)?;
+        let shape = self.shape().broadcast_with("cmp", rhs.shape())?;
+        let ll = self.layout().broadcast_as("cmp", &shape)?;
+        let rl = rhs.layout().broadcast_as("cmp", &shape)?;
+        let s = self.storage().cmp(&ll, &rhs.storage(), &rl, op)?;
+        Ok(Tensor::from_storage(s, shape, None))
+    }
+    fn compare_scalar(&self, c: f64, op: CmpOp) -> Result<Tensor> {
+        let rhs = Tensor::full((), c, self.dtype(), self.device())?;
+        self.compare(&rhs, op)
+    }
+    /// Elementwise `==` (broadcasting), as u32 0/1. No gradient.
+    pub fn eq(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.compare(rhs, CmpOp::Eq)
+    }
+    pub fn ne(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.compare(rhs, CmpOp::Ne)
+    }
+    pub fn lt(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.compare(rhs, CmpOp::Lt)
+    }
+    pub fn le(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.compare(rhs, CmpOp::Le)
+    }
+    pub fn gt(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.compare(rhs, CmpOp::Gt)
+    }
+    pub fn ge(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.compare(rhs, CmpOp::Ge)
+    }
+    pub fn eq_scalar(&self, c: f64) -> Result<Tensor> {
+        self.compare_scalar(c, CmpOp::Eq)
+    }
+    pub fn ne_scalar(&self, c: f64) -> Result<Tensor> {
+        self.compare_scalar(c, CmpOp::Ne)
+    }
+    pub fn lt_scalar(&self, c: f64) -> Result<Tensor> {
+        self.compare_scalar(c, CmpOp::Lt)
+    }
+    pub fn gt_scalar(&self, c: f64) -> Result<Tensor> {
+        self.compare_scalar(c, CmpOp::Gt)
+    }
+
+    /// `self` is the condition (non-zero is true): picks `on_true` or `on_false` elementwise,
+    /// broadcasting all three. Gradients flow to the picked operand.
+    pub fn where_cond(&self, on_true: &Tensor, on_false: &Tensor) -> Result<Tensor> {
+        same_dtype("where_cond", on_true, on_false)?;
+        same_device("where_cond", self, on_true)?;
+        same_device("where_cond", on_true, on_false)?;
+        let shape = self
+            .shape()
+            .broadcast_with("where_cond", on_true.shape())?
+            .broadcast_with("where_cond", on_false.shape())?;
+        let cl = self.layout().broadcast_as("where_cond", &shape)?;
+        let tl = on_true.layout().broadcast_as("where_cond", &shape)?;
+        let fl = on_false.layout().broadcast_as("where_cond", &shape)?;
+        let s =
+            self.storage()
+                .where_cond(&cl, &on_true.storage(), &tl, &on_false.storage(), &fl)?;
+        let node = Node::record("where_cond", &[self, on_true, on_false], |x, _, g| {
+            let z = g.zeros_like()?;
+            let dt = x[1]
+                .tracks_grad()
+                .then(|| x[0].where_cond(g, &z)?.sum_to_shape(x[1].shape()))
+                .transpose()?;
+            let df = x[2]
+                .tracks_grad()
+                .then(|| x[0].where_cond(&z, g)?.sum_to_shape(x[2].shape()))
+                .transpose()?;
+            Ok(vec![None, dt, df])
+        });
+        Ok(Tensor::from_storage(s, shape, node))
+    }
+
+    /// `value` where `mask` is non-zero, else `self` (mask broadcasts to `self`).
+    pub fn masked_fill(&self, mask: &Tensor, value: f64) -> Result<Tensor> {
+        let fill = Tensor::full((), value, self.dtype(), self.device())?;
+        let out = mask.where_cond(&fill, self)?;
+        if out.shape() != self.shape() {
+            return Err(crate::Error::ShapeMismatch {
+                op: "masked_fill",
+                lhs: self.shape().clone(),
+                rhs: mask.shape().clone(),
+            });
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,67 @@
+//! Matrix products. `matmul` broadcasts batch dims; a rank-2 right operand (a weight, often a
+//! transposed view) is applied to all leading dims of the left one as one GEMM.
+
+use super::{float_only, same_device, same_dtype};
+use crate::autograd::Node;
+use crate::backend::BackendStorage;
+use crate::{Error, Result, Shape, Tensor};
+
+impl Tensor {
+    /// The primitive: `[b, m, k] x [b, k, n] -> [b, m, n]`. `dA = G Bᵀ`, `dB = Aᵀ G`.
+    fn matmul3(&self, rhs: &Tensor) -> Result<Tensor> {
+        let (a, b) = (self.dims(), rhs.dims());
+        let shape = Shape::from([a[0], a[1], b[2]]);
+        let s = self
+            .storage()
+            .matmul(self.layout(), &rhs.storage(), rhs.layout())?;
+        let node = Node::record("matmul", &[self, rhs], |x, _, g| {
+            let da = x[0]
+                .tracks_grad()
+                .then(|| g.matmul3(&x[1].transpose(1, 2)?))
+                .transpose()?;
+            let db = x[1]
+                .tracks_grad()
+                .then(|| x[0].transpose(1, 2)?.matmul3(g))
+                .transpose()?;
+            Ok(vec![da, db])
+        });
+        Ok(Tensor::from_storage(s, shape, node))
+    }
+
+    /// Matrix product over the last two dims, batch dims broadcast: `[.., m, k] x [.., k, n]`.
+    pub fn matmul(&self, rhs: &Tensor) -> Result<Tensor> {
+        same_dtype("matmul", self, rhs)?;
+        same_device("matmul", self, rhs)?;
+        float_only("matmul", self)?;
+        let mismatch = || Error::ShapeMismatch {
+            op: "matmul",
+            lhs: self.shape().clone(),
+            rhs: rhs.shape().clone(),
+        };
+        let (ar, br) = (self.rank(), rhs.rank());
+        if ar < 2 || br < 2 || self.dims()[ar - 1] != rhs.dims()[br - 2] {
+            return Err(mismatch());
+        }
+        let (m, k, n) = (self.dims()[ar - 2], self.dims()[ar - 1], rhs.dims()[br - 1]);
+        if br == 2 {
+            // x @ W: fold every leading dim of x into the rows of one GEMM.
+            let rows = self.elem_count() / k.max(1);
+            let out = self.reshape([1, rows, k])?.matmul3(&rhs.unsqueeze(0)?)?;
+            let mut dims = self.dims().to_vec();
+            dims[ar - 1] = n;
+            return out.reshape(dims);
+        }
+        let batch = Shape::from(&self.dims()[..ar - 2])
+            .broadcast_with("matmul", &Shape::from(&rhs.dims()[..br - 2]))?;
+        let b: usize = batch.elem_count();
+        let mut ad = batch.dims().to_vec();
+        ad.extend([m, k]);
+        let mut bd = batch.dims().to_vec();
+        bd.extend([k, n]);
+        let a3 = self.broadcast_as(ad)?.reshape([b, m, k])?;
+        let b3 = rhs.broadcast_as(bd)?.reshape([b, k, n])?;
+        let mut od = batch.dims().to_vec();
+        od.extend([m, n]);
+        a3.matmul3(&b3)?.reshape(od)
+    }
+}

@@ -1,0 +1,278 @@
+//! `Storage`: the buffer behind a tensor, one variant per backend. It implements
+//! [`BackendStorage`] by dispatching to the backend that holds both operands.
+
+use crate::backend::cpu::{CpuDevice, CpuStorage};
+use crate::backend::{BackendDevice, BackendStorage, BinaryOp, CmpOp, ReduceOp, UnaryOp};
+use crate::{DType, Device, Error, Layout, Result, Shape};
+
+#[derive(Debug)]
+pub enum Storage {
+    Cpu(CpuStorage),
+}
+
+fn mismatch(op: &'static str, a: &Storage, b: &Storage) -> Error {
+    Error::DeviceMismatch {
+        op,
+        lhs: a.device(),
+        rhs: b.device(),
+    }
+}
+
+impl Storage {
+    pub fn zeros(device: Device, shape: &Shape, dtype: DType) -> Result<Self> {
+        Self::full(device, shape, dtype, 0.0)
+    }
+    pub fn full(device: Device, shape: &Shape, dtype: DType, v: f64) -> Result<Self> {
+        match device {
+            Device::Cpu => Ok(Storage::Cpu(CpuDevice.full(shape, dtype, v)?)),
+            d => Err(no_backend(d)),
+        }
+    }
+    pub fn from_f64_slice(device: Device, data: &[f64], dtype: DType) -> Result<Self> {
+        match device {
+            Device::Cpu => Ok(Storage::Cpu(CpuDevice.from_f64_slice(data, dtype)?)),
+            d => Err(no_backend(d)),
+        }
+    }
+    pub fn from_cpu(device: Device, s: CpuStorage) -> Result<Self> {
+        match device {
+            Device::Cpu => Ok(Storage::Cpu(s)),
+            d => Err(no_backend(d)),
+        }
+    }
+    pub fn randn(
+        device: Device,
+        shape: &Shape,
+        dtype: DType,
+        mean: f64,
+        std: f64,
+        seed: u64,
+    ) -> Result<Self> {
+        match device {
+            Device::Cpu => Ok(Storage::Cpu(
+                CpuDevice.randn(shape, dtype, mean, std, seed)?,
+            )),
+            d => Err(no_backend(d)),
+        }
+    }
+    pub fn rand_uniform(
+        device: Device,
+        shape: &Shape,
+        dtype: DType,
+        lo: f64,
+        hi: f64,
+        seed: u64,
+    ) -> Result<Self> {
+        match device {
+            Device::Cpu => Ok(Storage::Cpu(
+                CpuDevice.rand_uniform(shape, dtype, lo, hi, seed)?,
+            )),
+            d => Err(no_backend(d)),
+        }
+    }
+    pub fn dropout_mask(
+        device: Device,
+        shape: &Shape,
+        dtype: DType,
+        p: f64,
+        seed: u64,
+    ) -> Result<Self> {
+        match device {
+            Device::Cpu => Ok(Storage::Cpu(CpuDevice.dropout_mask(shape, dtype, p, seed)?)),
+            d => Err(no_backend(d)),
+        }
+    }
+    /// The host copy of a CPU storage (None on other devices).
+    pub fn as_cpu(&self) -> Option<&CpuStorage> {
+        match self {
+            Storage::Cpu(s) => Some(s),
+        }
+    }
+}
+
+fn no_backend(device: Device) -> Error {
+    Error::DeviceUnavailable {
+        op: "storage",
+        device,
+        msg: "this build has no CUDA backend; use --device cpu".into(),
+    }
+}
+
+macro_rules! one {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            Storage::Cpu($s) => Ok(Storage::Cpu($e?)),
+        }
+    };
+}
+
+macro_rules! two {
+    ($op:literal, $self:ident, $rhs:ident, ($a:ident, $b:ident) => $e:expr) => {
+        #[allow(unreachable_patterns)]
+        match ($self, $rhs) {
+            (Storage::Cpu($a), Storage::Cpu($b)) => Ok(Storage::Cpu($e?)),
+            _ => Err(mismatch($op, $self, $rhs)),
+        }
+    };
+}
+
+impl BackendStorage for Storage {
+    fn dtype(&self) -> DType {
+        match self {
+            Storage::Cpu(s) => s.dtype(),
+        }
+    }
+    fn device(&self) -> Device {
+        match self {
+            Storage::Cpu(s) => s.device(),
+        }
+    }
+    fn len(&self) -> usize {
+        match self {
+            Storage::Cpu(s) => s.len(),
+        }
+    }
+    fn to_f64_vec(&self, l: &Layout) -> Result<Vec<f64>> {
+        match self {
+            Storage::Cpu(s) => s.to_f64_vec(l),
+        }
+    }
+    fn to_dtype(&self, l: &Layout, dtype: DType) -> Result<Self> {
+        one!(self, s => s.to_dtype(l, dtype))
+    }
+    fn unary(&self, l: &Layout, op: UnaryOp) -> Result<Self> {
+        one!(self, s => s.unary(l, op))
+    }
+    fn binary(&self, l: &Layout, rhs: &Self, rl: &Layout, op: BinaryOp) -> Result<Self> {
+        two!("binary", self, rhs, (a, b) => a.binary(l, b, rl, op))
+    }
+    fn cmp(&self, l: &Layout, rhs: &Self, rl: &Layout, op: CmpOp) -> Result<Self> {
+        two!("cmp", self, rhs, (a, b) => a.cmp(l, b, rl, op))
+    }
+    fn where_cond(&self, l: &Layout, t: &Self, tl: &Layout, f: &Self, fl: &Layout) -> Result<Self> {
+        #[allow(unreachable_patterns)]
+        match (self, t, f) {
+            (Storage::Cpu(c), Storage::Cpu(t), Storage::Cpu(f)) => {
+                Ok(Storage::Cpu(c.where_cond(l, t, tl, f, fl)?))
+            }
+            _ => Err(mismatch("where_cond", self, t)),
+        }
+    }
+    fn reduce(&self, l: &Layout, dim: usize, op: ReduceOp) -> Result<Self> {
+        one!(self, s => s.reduce(l, dim, op))
+    }
+    fn matmul(&self, l: &Layout, rhs: &Self, rl: &Layout) -> Result<Self> {
+        two!("matmul", self, rhs, (a, b) => a.matmul(l, b, rl))
+    }
+    fn copy_to_view(&self, l: &Layout, dst: &mut Self, dl: &Layout) -> Result<()> {
+        let (sd, dd) = (self.device(), dst.device());
+        #[allow(unreachable_patterns)]
+        match (self, dst) {
+            (Storage::Cpu(a), Storage::Cpu(b)) => a.copy_to_view(l, b, dl),
+            _ => Err(Error::DeviceMismatch {
+                op: "copy_to_view",
+                lhs: sd,
+                rhs: dd,
+            }),
+        }
+    }
+    fn index_select(&self, l: &Layout, ids: &Self, il: &Layout, dim: usize) -> Result<Self> {
+        two!("index_select", self, ids, (a, b) => a.index_select(l, b, il, dim))
+    }
+    fn index_add(
+        &self,
+        l: &Layout,
+        ids: &Self,
+        il: &Layout,
+        src: &Self,
+        sl: &Layout,
+        dim: usize,
+    ) -> Result<Self> {
+        #[allow(unreachable_patterns)]
+        match (self, ids, src) {
+            (Storage::Cpu(a), Storage::Cpu(i), Storage::Cpu(s)) => {
+                Ok(Storage::Cpu(a.index_add(l, i, il, s, sl, dim)?))
+            }
+            _ => Err(mismatch("index_add", self, src)),
+        }
+    }
+    fn gather(&self, l: &Layout, ids: &Self, il: &Layout, dim: usize) -> Result<Self> {
+        two!("gather", self, ids, (a, b) => a.gather(l, b, il, dim))
+    }
+    fn scatter_add(
+        &self,
+        l: &Layout,
+        ids: &Self,
+        il: &Layout,
+        src: &Self,
+        sl: &Layout,
+        dim: usize,
+    ) -> Result<Self> {
+        #[allow(unreachable_patterns)]
+        match (self, ids, src) {
+            (Storage::Cpu(a), Storage::Cpu(i), Storage::Cpu(s)) => {
+                Ok(Storage::Cpu(a.scatter_add(l, i, il, s, sl, dim)?))
+            }
+            _ => Err(mismatch("scatter_add", self, src)),
+        }
+    }
+    fn topk_indices(&self, l: &Layout, k: usize) -> Result<Self> {
+        one!(self, s => s.topk_indices(l, k))
+    }
+    fn softmax_last_dim(&self, l: &Layout) -> Result<Self> {
+        one!(self, s => s.softmax_last_dim(l))
+    }
+    fn log_softmax_last_dim(&self, l: &Layout) -> Result<Self> {
+        one!(self, s => s.log_softmax_last_dim(l))
+    }
+    fn rms_norm(&self, l: &Layout, w: &Self, wl: &Layout, eps: f64) -> Result<Self> {
+        two!("rms_norm", self, w, (a, b) => a.rms_norm(l, b, wl, eps))
+    }
+    fn rms_norm_backward(
+        &self,
+        l: &Layout,
+        w: &Self,
+        wl: &Layout,
+        g: &Self,
+        gl: &Layout,
+        eps: f64,
+    ) -> Result<(Self, Self)> {
+        #[allow(unreachable_patterns)]
+        match (self, w, g) {
+            (Storage::Cpu(x), Storage::Cpu(w), Storage::Cpu(g)) => {
+                let (dx, dw) = x.rms_norm_backward(l, w, wl, g, gl, eps)?;
+                Ok((Storage::Cpu(dx), Storage::Cpu(dw)))
+            }
+            _ => Err(mismatch("rms_norm_backward", self, g)),
+        }
+    }
+    fn rope(&self, l: &Layout, cos: &Self, cl: &Layout, sin: &Self, sl: &Layout) -> Result<Self> {
+        #[allow(unreachable_patterns)]
+        match (self, cos, sin) {
+            (Storage::Cpu(x), Storage::Cpu(c), Storage::Cpu(s)) => {
+                Ok(Storage::Cpu(x.rope(l, c, cl, s, sl)?))
+            }
+            _ => Err(mismatch("rope", self, cos)),
+        }
+    }
+    fn cross_entropy(&self, l: &Layout, t: &Self, tl: &Layout, ignore: u32) -> Result<Self> {
+        two!("cross_entropy", self, t, (a, b) => a.cross_entropy(l, b, tl, ignore))
+    }
+    fn cross_entropy_backward(
+        &self,
+        l: &Layout,
+        t: &Self,
+        tl: &Layout,
+        g: &Self,
+        gl: &Layout,
+        ignore: u32,
+    ) -> Result<Self> {
+        #[allow(unreachable_patterns)]
+        match (self, t, g) {
+            (Storage::Cpu(x), Storage::Cpu(t), Storage::Cpu(g)) => Ok(Storage::Cpu(
+                x.cross_entropy_backward(l, t, tl, g, gl, ignore)?,
+            )),
+            _ => Err(mismatch("cross_entropy_backward", self, g)),
+        }
+    }
+}

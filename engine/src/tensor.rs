@@ -1,0 +1,396 @@
+//! `Tensor`: a cheaply clonable handle to a view (layout) of a shared storage, plus the autograd
+//! node that produced it when it was computed from tensors that need gradients.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+
+use crate::autograd::{self, Node};
+use crate::backend::cpu::CpuStorage;
+use crate::backend::BackendStorage;
+use crate::{DType, Device, Error, Layout, Result, Shape, Storage, WithDType};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TensorId(usize);
+
+impl TensorId {
+    fn next() -> Self {
+        static COUNTER: AtomicUsize = AtomicUsize::new(1);
+        TensorId(COUNTER.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+pub(crate) struct TensorImpl {
+    id: TensorId,
+    storage: Arc<RwLock<Storage>>,
+    layout: Layout,
+    dtype: DType,
+    device: Device,
+    /// How this tensor was computed, when any input needed a gradient.
+    node: Option<Node>,
+    /// A trainable leaf: `backward` accumulates into `grad`.
+    variable: bool,
+    grad: Mutex<Option<Tensor>>,
+}
+
+#[derive(Clone)]
+pub struct Tensor(Arc<TensorImpl>);
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Tensor[{}; {}, {}",
+            self.shape(),
+            self.dtype(),
+            self.device()
+        )?;
+        if self.is_variable() {
+            write!(f, ", var")?;
+        }
+        write!(f, "]")
+    }
+}
+
+impl Tensor {
+    // ----- construction ---------------------------------------------------------------------
+
+    pub(crate) fn from_parts(
+        storage: Arc<RwLock<Storage>>,
+        layout: Layout,
+        node: Option<Node>,
+        variable: bool,
+    ) -> Self {
+        let (dtype, device) = {
+            let s = storage.read().unwrap_or_else(|e| e.into_inner());
+            (s.dtype(), s.device())
+        };
+        Tensor(Arc::new(TensorImpl {
+            id: TensorId::next(),
+            storage,
+            layout,
+            dtype,
+            device,
+            node,
+            variable,
+            grad: Mutex::new(None),
+        }))
+    }
+
+    /// A new contiguous tensor over `storage`, recording `node` when it is given.
+    pub(crate) fn from_storage(
+        storage: Storage,
+        shape: impl Into<Shape>,
+        node: Option<Node>,
+    ) -> Self {
+        Self::from_parts(
+            Arc::new(RwLock::new(storage)),
+            Layout::contiguous(shape),
+            node,
+            false,
+        )
+    }
+
+    /// A view sharing this tensor's storage.
+    pub(crate) fn view(&self, layout: Layout, node: Option<Node>) -> Self {
+        Self::from_parts(self.0.storage.clone(), layout, node, false)
+    }
+
+    pub fn zeros(shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Self> {
+        let shape = shape.into();
+        Ok(Self::from_storage(
+            Storage::zeros(device, &shape, dtype)?,
+            shape,
+            None,
+        ))
+    }
+    pub fn ones(shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Self> {
+        Self::full(shape, 1.0, dtype, device)
+    }
+    pub fn full(shape: impl Into<Shape>, value: f64, dtype: DType, device: Device) -> Result<Self> {
+        let shape = shape.into();
+        Ok(Self::from_storage(
+            Storage::full(device, &shape, dtype, value)?,
+            shape,
+            None,
+        ))
+    }
+    pub fn zeros_like(&self) -> Result<Self> {
+        Self::zeros(self.shape().clone(), self.dtype(), self.device())
+    }
+    pub fn ones_like(&self) -> Result<Self> {
+        Self::ones(self.shape().clone(), self.dtype(), self.device())
+    }
+    /// A scalar (rank 0) tensor.
+    pub fn scalar(value: f64, dtype: DType, device: Device) -> Result<Self> {
+        Self::full((), value, dtype, device)
+    }
+
+    /// A tensor holding `data` (row-major) with `shape`.
+    pub fn from_vec<T: WithDType>(
+        data: Vec<T>,
+        shape: impl Into<Shape>,
+        device: Device,
+    ) -> Result<Self> {
+        let shape = shape.into();
+        if data.len() != shape.elem_count() {
+            return Err(Error::ElementCountMismatch {
+                op: "from_vec",
+                numel: data.len(),
+                shape,
+            });
+        }
+        let cpu = cpu_storage_from_vec(data);
+        Ok(Self::from_storage(
+            Storage::from_cpu(device, cpu)?,
+            shape,
+            None,
+        ))
+    }
+    pub fn from_slice<T: WithDType>(
+        data: &[T],
+        shape: impl Into<Shape>,
+        device: Device,
+    ) -> Result<Self> {
+        Self::from_vec(data.to_vec(), shape, device)
+    }
+    /// `data` converted to `dtype`.
+    pub fn from_f64(
+        data: &[f64],
+        shape: impl Into<Shape>,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Self> {
+        let shape = shape.into();
+        if data.len() != shape.elem_count() {
+            return Err(Error::ElementCountMismatch {
+                op: "from_f64",
+                numel: data.len(),
+                shape,
+            });
+        }
+        Ok(Self::from_storage(
+            Storage::from_f64_slice(device, data, dtype)?,
+            shape,
+            None,
+        ))
+    }
+    /// `0, 1, .., n-1` as u32.
+    pub fn arange(n: usize, device: Device) -> Result<Self> {
+        Self::from_vec((0..n as u32).collect::<Vec<u32>>(), n, device)
+    }
+    /// Seeded normal samples (counter-based: the same on every backend).
+    pub fn randn(
+        shape: impl Into<Shape>,
+        mean: f64,
+        std: f64,
+        seed: u64,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Self> {
+        let shape = shape.into();
+        Ok(Self::from_storage(
+            Storage::randn(device, &shape, dtype, mean, std, seed)?,
+            shape,
+            None,
+        ))
+    }
+    /// Seeded uniform samples in `[lo, hi)`.
+    pub fn rand_uniform(
+        shape: impl Into<Shape>,
+        lo: f64,
+        hi: f64,
+        seed: u64,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Self> {
+        let shape = shape.into();
+        Ok(Self::from_storage(
+            Storage::rand_uniform(device, &shape, dtype, lo, hi, seed)?,
+            shape,
+            None,
+        ))
+    }
+
+    // ----- accessors ------------------------------------------------------------------------
+
+    pub fn id(&self) -> TensorId {
+        self.0.id
+    }
+    pub fn shape(&self) -> &Shape {
+        self.0.layout.shape()
+    }
+    pub fn dims(&self) -> &[usize] {
+        self.0.layout.dims()
+    }
+    pub fn rank(&self) -> usize {
+        self.dims().len()
+    }
+    pub fn elem_count(&self) -> usize {
+        self.0.layout.elem_count()
+    }
+    pub fn dtype(&self) -> DType {
+        self.0.dtype
+    }
+    pub fn device(&self) -> Device {
+        self.0.device
+    }
+    pub fn layout(&self) -> &Layout {
+        &self.0.layout
+    }
+    pub fn is_contiguous(&self) -> bool {
+        self.0.layout.is_contiguous()
+    }
+    /// The size of `dim` (negative counts from the end).
+    pub fn dim(&self, dim: isize) -> Result<usize> {
+        Ok(self.dims()[self.shape().dim("dim", dim)?])
+    }
+    pub(crate) fn storage(&self) -> RwLockReadGuard<'_, Storage> {
+        // A poisoned lock only means another thread panicked mid-op; the buffer itself is intact.
+        self.0.storage.read().unwrap_or_else(|e| e.into_inner())
+    }
+    pub(crate) fn storage_arc(&self) -> &Arc<RwLock<Storage>> {
+        &self.0.storage
+    }
+    /// True when both tensors view the same buffer.
+    pub fn same_storage(&self, other: &Tensor) -> bool {
+        Arc::ptr_eq(&self.0.storage, &other.0.storage)
+    }
+    pub(crate) fn node(&self) -> Option<&Node> {
+        self.0.node.as_ref()
+    }
+
+    // ----- reading back ---------------------------------------------------------------------
+
+    /// All elements, row-major, as f64.
+    pub fn to_vec_f64(&self) -> Result<Vec<f64>> {
+        self.storage().to_f64_vec(self.layout())
+    }
+    pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
+        Ok(self.to_vec_f64()?.into_iter().map(|x| x as f32).collect())
+    }
+    pub fn to_vec_u32(&self) -> Result<Vec<u32>> {
+        if self.dtype() != DType::U32 {
+            return Err(Error::UnsupportedDType {
+                op: "to_vec_u32",
+                dtype: self.dtype(),
+            });
+        }
+        Ok(self.to_vec_f64()?.into_iter().map(|x| x as u32).collect())
+    }
+    /// The single element of a tensor with one element.
+    pub fn to_scalar(&self) -> Result<f64> {
+        if self.elem_count() != 1 {
+            return Err(Error::invalid(
+                "to_scalar",
+                format!("tensor of shape {} is not a scalar", self.shape()),
+            ));
+        }
+        Ok(self.to_vec_f64()?[0])
+    }
+
+    // ----- autograd -------------------------------------------------------------------------
+
+    /// A trainable leaf with the same values (copied into its own buffer).
+    pub fn to_var(&self) -> Result<Self> {
+        let c = autograd::no_grad(|| self.copy())?;
+        Ok(Self::from_parts(
+            c.0.storage.clone(),
+            c.0.layout.clone(),
+            None,
+            true,
+        ))
+    }
+    pub fn is_variable(&self) -> bool {
+        self.0.variable
+    }
+    /// True when gradients flow through this tensor (a variable, or computed from one).
+    pub fn tracks_grad(&self) -> bool {
+        self.0.variable || self.0.node.is_some()
+    }
+    /// The same values without the autograd history (shares the buffer).
+    pub fn detach(&self) -> Self {
+        if !self.tracks_grad() {
+            return self.clone();
+        }
+        self.view(self.layout().clone(), None)
+    }
+    /// The accumulated gradient of a variable.
+    pub fn grad(&self) -> Option<Tensor> {
+        self.0
+            .grad
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+    pub fn zero_grad(&self) {
+        *self.0.grad.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+    pub(crate) fn accumulate_grad(&self, g: &Tensor) -> Result<()> {
+        let mut slot = self.0.grad.lock().unwrap_or_else(|e| e.into_inner());
+        let new = match slot.take() {
+            None => g.detach(),
+            Some(old) => old.add(g)?,
+        };
+        *slot = Some(new);
+        Ok(())
+    }
+
+    /// Overwrites this tensor's elements with `src`'s (same shape and dtype), in place: every view
+    /// of the buffer sees the new values. Used by optimisers; records nothing.
+    pub fn assign(&self, src: &Tensor) -> Result<()> {
+        if self.shape() != src.shape() {
+            return Err(Error::ShapeMismatch {
+                op: "assign",
+                lhs: self.shape().clone(),
+                rhs: src.shape().clone(),
+            });
+        }
+        if self.dtype() != src.dtype() {
+            return Err(Error::DTypeMismatch {
+                op: "assign",
+                lhs: self.dtype(),
+                rhs: src.dtype(),
+            });
+        }
+        if self.same_storage(src) {
+            let tmp = autograd::no_grad(|| src.copy())?;
+            return self.assign(&tmp);
+        }
+        let s = src.storage();
+        let mut d = self.0.storage.write().unwrap_or_else(|e| e.into_inner());
+        s.copy_to_view(src.layout(), &mut d, self.layout())
+    }
+
+    /// A contiguous copy in a new buffer (no autograd record of its own beyond `contiguous`).
+    pub fn copy(&self) -> Result<Self> {
+        let mut out = Storage::zeros(self.device(), self.shape(), self.dtype())?;
+        self.storage().copy_to_view(
+            self.layout(),
+            &mut out,
+            &Layout::contiguous(self.shape().clone()),
+        )?;
+        let node = Node::record("copy", &[self], |_, _, g| Ok(vec![Some(g.clone())]));
+        Ok(Self::from_storage(out, self.shape().clone(), node))
+    }
+}
+
+fn cpu_storage_from_vec<T: WithDType>(data: Vec<T>) -> CpuStorage {
+    // Move the Vec into the matching variant without copying.
+    let any: Box<dyn std::any::Any> = Box::new(data);
+    let any = match any.downcast::<Vec<f32>>() {
+        Ok(v) => return CpuStorage::F32(*v),
+        Err(a) => a,
+    };
+    let any = match any.downcast::<Vec<f64>>() {
+        Ok(v) => return CpuStorage::F64(*v),
+        Err(a) => a,
+    };
+    let any = match any.downcast::<Vec<half::bf16>>() {
+        Ok(v) => return CpuStorage::BF16(*v),
+        Err(a) => a,
+    };
+    match any.downcast::<Vec<u32>>() {
+        Ok(v) => CpuStorage::U32(*v),
+        Err(_) => unreachable!("WithDType is implemented only for f32, f64, bf16 and u32"),
+    }
+}

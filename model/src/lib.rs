@@ -1,0 +1,2 @@
+//! LLaMA, loaders, tokenizer and adapters (built on `engine`).
+pub use engine;

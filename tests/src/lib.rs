@@ -1,0 +1,165 @@
+//! Shared test helpers: the finite-difference gradient checker and random inputs.
+
+use engine::{no_grad, DType, Device, Result, Tensor};
+
+/// Random f64 input of `shape` (standard normal × `scale`), seeded.
+pub fn randn(shape: &[usize], seed: u64) -> Tensor {
+    Tensor::randn(shape.to_vec(), 0.0, 1.0, seed, DType::F64, Device::Cpu).expect("randn")
+}
+
+/// Random f64 input with entries in `[lo, hi)`.
+pub fn uniform(shape: &[usize], lo: f64, hi: f64, seed: u64) -> Tensor {
+    Tensor::rand_uniform(shape.to_vec(), lo, hi, seed, DType::F64, Device::Cpu).expect("uniform")
+}
+
+/// A u32 index tensor.
+pub fn ids(v: &[u32], shape: &[usize]) -> Tensor {
+    Tensor::from_slice(v, shape.to_vec(), Device::Cpu).expect("ids")
+}
+
+/// ‖a − b‖ / ‖b‖ (‖a − b‖ when b is zero). NaN anywhere gives infinity.
+pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let diff: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum::<f64>()
+        .sqrt();
+    let norm: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    let e = if norm > 0.0 { diff / norm } else { diff };
+    if e.is_nan() || a.iter().chain(b).any(|v| v.is_nan()) {
+        f64::INFINITY
+    } else {
+        e
+    }
+}
+
+/// Options of [`check_gradients`].
+#[derive(Clone, Copy, Debug)]
+pub struct GradCheck {
+    /// Central-difference step.
+    pub step: f64,
+    /// Largest accepted relative error ‖analytic − numeric‖ / ‖numeric‖ per input.
+    pub tol: f64,
+    /// Seed of the random output weights.
+    pub seed: u64,
+}
+
+impl Default for GradCheck {
+    fn default() -> Self {
+        GradCheck {
+            step: 1e-6,
+            tol: 1e-6,
+            seed: 12345,
+        }
+    }
+}
+
+/// Compares the autograd gradients of `f` with central finite differences, in f64.
+///
+/// The scalar checked is `L = Σ f(x) ⊙ R` with a fixed random `R`, so every output element and
+/// every input element contributes. Float inputs become variables (u32 inputs stay constants);
+/// each float element is perturbed by ±`step` and `L` re-evaluated without recording. Panics
+/// with the op name, the input and the worst element when the relative error exceeds `tol`.
+pub fn check_gradients(name: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>) {
+    check_gradients_with(GradCheck::default(), name, inputs, f)
+}
+
+pub fn check_gradients_with(
+    opts: GradCheck,
+    name: &str,
+    inputs: &[Tensor],
+    f: impl Fn(&[Tensor]) -> Result<Tensor>,
+) {
+    for (i, x) in inputs.iter().enumerate() {
+        assert!(
+            !x.dtype().is_float() || x.dtype() == DType::F64,
+            "{name}: gradient checks run in f64 (input {i} is {})",
+            x.dtype()
+        );
+    }
+    let vars: Vec<Tensor> = inputs
+        .iter()
+        .map(|x| {
+            if x.dtype().is_float() {
+                x.to_var().expect("to_var")
+            } else {
+                x.clone()
+            }
+        })
+        .collect();
+    let out = f(&vars).unwrap_or_else(|e| panic!("{name}: forward failed: {e}"));
+    let r = Tensor::randn(
+        out.shape().clone(),
+        0.0,
+        1.0,
+        opts.seed,
+        DType::F64,
+        Device::Cpu,
+    )
+    .unwrap();
+    let loss = out
+        .mul(&r)
+        .and_then(|t| t.sum_all())
+        .unwrap_or_else(|e| panic!("{name}: loss failed: {e}"));
+    loss.backward()
+        .unwrap_or_else(|e| panic!("{name}: backward failed: {e}"));
+
+    let eval = |xs: &[Tensor]| -> f64 {
+        no_grad(|| {
+            let o = f(xs).unwrap_or_else(|e| panic!("{name}: forward failed: {e}"));
+            o.mul(&r)
+                .and_then(|t| t.sum_all())
+                .and_then(|t| t.to_scalar())
+                .unwrap()
+        })
+    };
+    for (i, v) in vars.iter().enumerate() {
+        if !v.is_variable() {
+            continue;
+        }
+        let analytic = match v.grad() {
+            Some(g) => g.to_vec_f64().unwrap(),
+            None => vec![0.0; v.elem_count()],
+        };
+        let base = v.to_vec_f64().unwrap();
+        let mut numeric = vec![0.0; base.len()];
+        for j in 0..base.len() {
+            let probe = |delta: f64| {
+                let mut vals = base.clone();
+                vals[j] += delta;
+                let xj =
+                    Tensor::from_f64(&vals, v.shape().clone(), DType::F64, Device::Cpu).unwrap();
+                let mut xs: Vec<Tensor> = inputs.to_vec();
+                xs[i] = xj;
+                eval(&xs)
+            };
+            numeric[j] = (probe(opts.step) - probe(-opts.step)) / (2.0 * opts.step);
+        }
+        let err = rel_err(&analytic, &numeric);
+        if err > opts.tol {
+            let (worst, _) = analytic
+                .iter()
+                .zip(&numeric)
+                .map(|(a, n)| (a - n).abs())
+                .enumerate()
+                .fold(
+                    (0, 0.0),
+                    |best, (k, d)| if d > best.1 { (k, d) } else { best },
+                );
+            panic!(
+                "{name}: gradient of input {i} (shape {}) has relative error {err:.3e} > {:.1e}; worst element {worst}: analytic {} vs numeric {}",
+                v.shape(),
+                opts.tol,
+                analytic[worst],
+                numeric[worst]
+            );
+        }
+        let norm: f64 = numeric.iter().map(|x| x * x).sum::<f64>().sqrt();
+        assert!(
+            norm > 0.0 || analytic.iter().all(|&a| a == 0.0),
+            "{name}: numeric gradient of input {i} is zero but analytic is not"
+        );
+    }
+}
