@@ -28,9 +28,9 @@ impl Storage {
             d => Err(no_backend(d)),
         }
     }
-    pub fn from_f64_slice(device: Device, data: &[f64], dtype: DType) -> Result<Self> {
+    pub fn upload_f64(device: Device, data: &[f64], dtype: DType) -> Result<Self> {
         match device {
-            Device::Cpu => Ok(Storage::Cpu(CpuDevice.from_f64_slice(data, dtype)?)),
+            Device::Cpu => Ok(Storage::Cpu(CpuDevice.upload_f64(data, dtype)?)),
             d => Err(no_backend(d)),
         }
     }

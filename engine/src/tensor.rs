@@ -169,7 +169,7 @@ impl Tensor {
             });
         }
         Ok(Self::from_storage(
-            Storage::from_f64_slice(device, data, dtype)?,
+            Storage::upload_f64(device, data, dtype)?,
             shape,
             None,
         ))
@@ -247,9 +247,6 @@ impl Tensor {
     pub(crate) fn storage(&self) -> RwLockReadGuard<'_, Storage> {
         // A poisoned lock only means another thread panicked mid-op; the buffer itself is intact.
         self.0.storage.read().unwrap_or_else(|e| e.into_inner())
-    }
-    pub(crate) fn storage_arc(&self) -> &Arc<RwLock<Storage>> {
-        &self.0.storage
     }
     /// True when both tensors view the same buffer.
     pub fn same_storage(&self, other: &Tensor) -> bool {

@@ -186,7 +186,7 @@ pub trait BackendDevice {
     type Storage: BackendStorage;
     fn zeros(&self, shape: &Shape, dtype: DType) -> Result<Self::Storage>;
     fn full(&self, shape: &Shape, dtype: DType, value: f64) -> Result<Self::Storage>;
-    fn from_f64_slice(&self, data: &[f64], dtype: DType) -> Result<Self::Storage>;
+    fn upload_f64(&self, data: &[f64], dtype: DType) -> Result<Self::Storage>;
     /// Standard normal samples × `std` + `mean`, counter-based so a (seed, index) pair always gives
     /// the same value on every backend.
     fn randn(

@@ -41,7 +41,7 @@ impl BackendDevice for CpuDevice {
         })
     }
 
-    fn from_f64_slice(&self, data: &[f64], dtype: DType) -> Result<CpuStorage> {
+    fn upload_f64(&self, data: &[f64], dtype: DType) -> Result<CpuStorage> {
         Ok(from_f64(data, dtype))
     }
 
