@@ -1,0 +1,101 @@
+//! `mixlora generate`: prints only the continuation on stdout; logs go to stderr.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+use engine::{DType, Device};
+use model::generate::generate;
+use model::llama::Llama;
+use model::sampling::Sampler;
+use model::tokenizer::Tokenizer;
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// A GGUF file or a Hugging Face folder (config.json, *.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// The text to continue.
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Nucleus sampling mass (with a temperature above 0).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// cpu (cuda[:N] once the CUDA backend is built in).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Compute dtype of the weights: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+pub fn parse_dtype(s: &str) -> Result<DType, String> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        _ => Err(format!("unknown dtype `{s}` (expected f32 or bf16)")),
+    }
+}
+
+pub fn run(a: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let device = Device::parse(&a.device)?;
+    let dtype = parse_dtype(&a.dtype)?;
+    let t0 = Instant::now();
+    let model = Llama::load(&a.model, dtype, device)?;
+    let tokenizer = Tokenizer::for_model(&a.model)?;
+    eprintln!(
+        "loaded {} ({} layers, hidden {}) in {:.2}s",
+        a.model.display(),
+        model.config.num_hidden_layers,
+        model.config.hidden_size,
+        t0.elapsed().as_secs_f64()
+    );
+    let prompt = tokenizer.encode(&a.prompt, tokenizer.adds_bos())?;
+    let mut sampler = Sampler::new(a.temperature, a.top_p, a.seed);
+    let stop = model.config.eos_token_ids.clone();
+    let mut printed = String::new();
+    let mut ids = Vec::new();
+    let mut stdout = std::io::stdout();
+    let t1 = Instant::now();
+    let mut first_token_s = 0.0;
+    let out = generate(&model, &prompt, a.max_new_tokens, &mut sampler, &stop, |id| {
+        if ids.is_empty() {
+            first_token_s = t1.elapsed().as_secs_f64();
+        }
+        ids.push(id);
+        // Decode everything so far and print the new suffix (multi-byte characters may span
+        // several tokens).
+        if let Ok(text) = tokenizer.decode(&ids, true) {
+            if text.len() > printed.len() && text.starts_with(&printed) && !text.ends_with('\u{fffd}') {
+                let _ = write!(stdout, "{}", &text[printed.len()..]);
+                let _ = stdout.flush();
+                printed = text;
+            }
+        }
+    })?;
+    let text = tokenizer.decode(&out, true)?;
+    if text.len() > printed.len() && text.starts_with(&printed) {
+        print!("{}", &text[printed.len()..]);
+    }
+    println!();
+    let total = t1.elapsed().as_secs_f64();
+    let decode_tokens = out.len().saturating_sub(1);
+    eprintln!(
+        "prompt {} tokens in {:.3}s ({:.1} tokens/s); decode {} tokens in {:.3}s ({:.1} tokens/s)",
+        prompt.len(),
+        first_token_s,
+        prompt.len() as f64 / first_token_s.max(1e-9),
+        decode_tokens,
+        total - first_token_s,
+        decode_tokens as f64 / (total - first_token_s).max(1e-9)
+    );
+    Ok(())
+}
