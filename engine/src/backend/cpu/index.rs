@@ -543,7 +543,7 @@ mod tests {
                 ..
             }
         ));
-        let err = gather(&a, &l, &bad, &Layout::contiguous([1, 2]), 1).unwrap_err();
+        let err = gather(&a, &l, &bad, &Layout::contiguous([2, 1]), 1).unwrap_err();
         assert!(matches!(err, Error::IndexOutOfRange { .. }));
         let f_ids = CpuStorage::F32(vec![0.0, 1.0]);
         let err = index_select(&a, &l, &f_ids, &Layout::contiguous([2]), 0).unwrap_err();

@@ -66,7 +66,7 @@ fn ce_t<S: Copy + Sync, T: CpuFloat>(
             return T::zero();
         }
         let x = |j: usize| conv(data[off + r * s0 + j * s1]);
-        let (m, sum) = row_stats(&x, v);
+        let (m, sum) = row_stats(x, v);
         m + sum.ln() - x(t as usize)
     };
     if n * v >= PAR_THRESHOLD {
@@ -97,7 +97,7 @@ fn ce_backward_t<S: Copy + Sync, T: CpuFloat>(
             return;
         }
         let x = |j: usize| conv(data[off + r * s0 + j * s1]);
-        let (m, sum) = row_stats(&x, v);
+        let (m, sum) = row_stats(x, v);
         let scale = g[r] / sum;
         for (j, o) in o.iter_mut().enumerate() {
             *o = (x(j) - m).exp() * scale;
@@ -202,7 +202,9 @@ mod tests {
     #[test]
     fn forward_matches_naive_with_ignored_rows() {
         let (n, v) = (4, 5);
-        let x: Vec<f64> = (0..n * v).map(|i| ((i * 37 % 11) as f64 - 5.0) / 3.0).collect();
+        let x: Vec<f64> = (0..n * v)
+            .map(|i| ((i * 37 % 11) as f64 - 5.0) / 3.0)
+            .collect();
         let t = vec![2, u32::MAX, 0, 4];
         let out = cross_entropy(
             &CpuStorage::F64(x.clone()),
