@@ -17,6 +17,7 @@ pub use autograd::{grad_enabled, no_grad, NoGradGuard};
 pub use device::Device;
 pub use dtype::{DType, WithDType};
 pub use error::{Error, Result};
+pub use ops::*;
 pub use shape::{Layout, Shape, StridedIndex};
 pub use storage::Storage;
 pub use tensor::{Tensor, TensorId};

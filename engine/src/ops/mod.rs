@@ -15,6 +15,8 @@ mod rope;
 mod softmax;
 mod view;
 
+pub use rope::*;
+
 use crate::{DType, Error, Result, Tensor};
 
 pub(crate) fn same_dtype(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
