@@ -15,6 +15,7 @@ mod rope;
 mod softmax;
 mod view;
 
+pub use concat::*;
 pub use rope::*;
 
 use crate::{DType, Error, Result, Tensor};
