@@ -15,6 +15,7 @@ mod rope;
 mod softmax;
 mod view;
 
+pub use attention::*;
 pub use concat::*;
 pub use rope::*;
 
