@@ -56,7 +56,8 @@ impl Tensor {
             &sin.storage(),
             sin.layout(),
         )?;
-        let node = if self.tracks_grad() {
+        let node = if self.tracks_grad() && crate::grad_enabled() {
+            // The backward tables, built only when the op is recorded.
             let (cos, neg_sin) = (cos.detach(), sin.detach().neg()?);
             Node::record("rope", &[self], move |_, _, g| {
                 Ok(vec![Some(g.rope(&cos, &neg_sin)?)])
