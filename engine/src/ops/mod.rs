@@ -15,7 +15,10 @@ mod rope;
 mod softmax;
 mod view;
 
+pub use attention::*;
+pub use concat::*;
 pub use loss::*;
+pub use rope::*;
 
 use crate::{DType, Error, Result, Tensor};
 
