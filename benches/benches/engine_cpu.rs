@@ -5,7 +5,7 @@
 //! Run: `cargo bench -p mixlora-benches --bench engine_cpu`
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use engine::{DType, Device, Tensor};
+use engine::{causal_attention, DType, Device, Tensor};
 
 fn rand(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
     Tensor::randn(shape.to_vec(), 0.0, 1.0, seed, dtype, Device::Cpu).expect("randn")
@@ -43,5 +43,31 @@ fn bench_matmul(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_matmul);
+/// SmolLM2-135M attention shape (9 query heads, 3 key/value heads, head dim 64). FLOPs count the
+/// two products over the full (unmasked) score matrix: 4·b·h·t²·d forward, twice that backward.
+fn bench_attention(c: &mut Criterion) {
+    let mut g = c.benchmark_group("attention");
+    g.sample_size(10);
+    let (b, hq, hkv, d) = (4, 9, 3, 64);
+    for t in [128, 512] {
+        let q = rand(&[b, hq, t, d], 3, DType::F32);
+        let k = rand(&[b, hkv, t, d], 4, DType::F32);
+        let v = rand(&[b, hkv, t, d], 5, DType::F32);
+        let flops = (4 * b * hq * t * t * d) as u64;
+        g.throughput(Throughput::Elements(flops));
+        g.bench_with_input(BenchmarkId::new("causal_fwd_f32", format!("b{b}_h{hq}_t{t}_d{d}")), &(), |bch, _| {
+            bch.iter(|| engine::no_grad(|| causal_attention(&q, &k, &v, None, 0).unwrap()))
+        });
+        let (qv, kv, vv) = (q.to_var().unwrap(), k.to_var().unwrap(), v.to_var().unwrap());
+        g.throughput(Throughput::Elements(3 * flops));
+        g.bench_with_input(BenchmarkId::new("causal_fwd_bwd_f32", format!("b{b}_h{hq}_t{t}_d{d}")), &(), |bch, _| {
+            bch.iter(|| {
+                causal_attention(&qv, &kv, &vv, None, 0).unwrap().sum_all().unwrap().backward().unwrap();
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_matmul, bench_attention);
 criterion_main!(benches);

@@ -18,44 +18,94 @@ fn map_vec<T: Copy + Send + Sync, U: Send>(
     }
 }
 
-fn unary_fn<T: CpuFloat>(op: UnaryOp) -> impl Fn(T) -> T + Sync + Send {
-    let c = |v: f64| T::from_f64(v);
-    move |x: T| match op {
-        UnaryOp::Neg => -x,
-        UnaryOp::Exp => x.exp(),
-        UnaryOp::Log => x.ln(),
-        UnaryOp::Silu => x / (T::one() + (-x).exp()),
-        UnaryOp::Sigmoid => T::one() / (T::one() + (-x).exp()),
-        UnaryOp::Sqrt => x.sqrt(),
-        UnaryOp::Recip => x.recip(),
-        UnaryOp::Sqr => x * x,
-        UnaryOp::Abs => x.abs(),
-        UnaryOp::Tanh => x.tanh(),
-        UnaryOp::Cos => x.cos(),
-        UnaryOp::Sin => x.sin(),
-        UnaryOp::Affine { mul, add } => x * c(mul) + c(add),
-        UnaryOp::Powf(e) => x.powf(c(e)),
-        UnaryOp::MaxScalar(s) => x.max(c(s)),
-        UnaryOp::MinScalar(s) => x.min(c(s)),
+/// Maps `f` over a view: straight from the buffer when contiguous, in parallel chunks when large.
+/// `f` is a concrete closure per op, so each loop is monomorphised (and vectorised where it can).
+fn map_view<T: Copy + Send + Sync, U: Send + Sync + Copy + Default>(data: &[T], l: &Layout, f: impl Fn(T) -> U + Sync + Send) -> Vec<U> {
+    let owned;
+    let src: &[T] = match l.contiguous_range() {
+        Some((a, b)) => &data[a..b],
+        None => {
+            owned = CpuStorage::gather_view(data, l);
+            &owned
+        }
+    };
+    let mut out = vec![U::default(); src.len()];
+    if src.len() >= PAR_THRESHOLD {
+        const CHUNK: usize = 1 << 12;
+        out.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(o, x)| {
+            o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x));
+        });
+    } else {
+        out.iter_mut().zip(src).for_each(|(o, &x)| *o = f(x));
     }
+    out
 }
 
 fn unary_t<T: CpuFloat>(data: &[T], l: &Layout, op: UnaryOp) -> Vec<T> {
-    map_vec(CpuStorage::gather_view(data, l), unary_fn::<T>(op))
+    let c = |v: f64| T::from_f64(v);
+    let one = T::one();
+    match op {
+        UnaryOp::Neg => map_view(data, l, |x: T| -x),
+        UnaryOp::Exp => map_view(data, l, |x: T| x.exp()),
+        UnaryOp::Log => map_view(data, l, |x: T| x.ln()),
+        UnaryOp::Silu => map_view(data, l, |x: T| x / (one + (-x).exp())),
+        UnaryOp::Sigmoid => map_view(data, l, |x: T| one / (one + (-x).exp())),
+        UnaryOp::Sqrt => map_view(data, l, |x: T| x.sqrt()),
+        UnaryOp::Recip => map_view(data, l, |x: T| x.recip()),
+        UnaryOp::Sqr => map_view(data, l, |x: T| x * x),
+        UnaryOp::Abs => map_view(data, l, |x: T| x.abs()),
+        UnaryOp::Tanh => map_view(data, l, |x: T| x.tanh()),
+        UnaryOp::Cos => map_view(data, l, |x: T| x.cos()),
+        UnaryOp::Sin => map_view(data, l, |x: T| x.sin()),
+        UnaryOp::Affine { mul, add } => {
+            let (m, a) = (c(mul), c(add));
+            map_view(data, l, move |x: T| x * m + a)
+        }
+        UnaryOp::Powf(e) => {
+            let e = c(e);
+            map_view(data, l, move |x: T| x.powf(e))
+        }
+        UnaryOp::MaxScalar(v) => {
+            let v = c(v);
+            map_view(data, l, move |x: T| x.max(v))
+        }
+        UnaryOp::MinScalar(v) => {
+            let v = c(v);
+            map_view(data, l, move |x: T| x.min(v))
+        }
+    }
 }
 
 pub(super) fn unary(s: &CpuStorage, l: &Layout, op: UnaryOp) -> Result<CpuStorage> {
     float_kernel!("unary", s, l, |d, ll| unary_t(d, ll, op))
 }
 
-fn binary_fn<T: CpuFloat>(op: BinaryOp) -> impl Fn(T, T) -> T + Sync + Send {
-    move |a: T, b: T| match op {
-        BinaryOp::Add => a + b,
-        BinaryOp::Sub => a - b,
-        BinaryOp::Mul => a * b,
-        BinaryOp::Div => a / b,
-        BinaryOp::Maximum => a.max(b),
-        BinaryOp::Minimum => a.min(b),
+/// Runs `op` over two same-shape views with one monomorphised loop per op.
+fn binary_t<A: Copy + Send + Sync, O: Send + Copy + Default>(
+    a: &[A],
+    al: &Layout,
+    b: &[A],
+    bl: &Layout,
+    op: BinaryOp,
+    widen: impl Fn(A) -> O + Copy + Sync + Send,
+    narrow: impl Fn(O) -> A + Copy + Sync + Send,
+) -> Vec<A>
+where
+    A: Default,
+    O: num_traits::Float,
+{
+    macro_rules! go {
+        ($f:expr) => {
+            zip_views(a, al, b, bl, move |x: A, y: A| narrow($f(widen(x), widen(y))))
+        };
+    }
+    match op {
+        BinaryOp::Add => go!(|x: O, y: O| x + y),
+        BinaryOp::Sub => go!(|x: O, y: O| x - y),
+        BinaryOp::Mul => go!(|x: O, y: O| x * y),
+        BinaryOp::Div => go!(|x: O, y: O| x / y),
+        BinaryOp::Maximum => go!(|x: O, y: O| x.max(y)),
+        BinaryOp::Minimum => go!(|x: O, y: O| x.min(y)),
     }
 }
 
@@ -72,17 +122,22 @@ pub(super) fn zip_views<A: Copy + Send + Sync, B: Copy + Send + Sync, O: Send + 
     match (al.contiguous_range(), bl.contiguous_range()) {
         (Some((a0, a1)), Some((b0, b1))) => {
             let (a, b) = (&a[a0..a1], &b[b0..b1]);
+            let mut out = vec![O::default(); n];
             if n >= PAR_THRESHOLD {
-                a.par_iter()
-                    .zip(b.par_iter())
-                    .map(|(&x, &y)| f(x, y))
-                    .collect()
+                const CHUNK: usize = 1 << 12;
+                out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+                    let s = c * CHUNK;
+                    let (a, b) = (&a[s..s + o.len()], &b[s..s + o.len()]);
+                    o.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&x, &y))| *o = f(x, y));
+                });
             } else {
-                a.iter().zip(b.iter()).map(|(&x, &y)| f(x, y)).collect()
+                out.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&x, &y))| *o = f(x, y));
             }
+            out
         }
         _ => {
-            // Walk in rows of the last dim so each row is processed in one tight loop.
+            // Walk in rows of the last dim so each row is processed in one tight loop; the common
+            // cases (both rows contiguous, or one operand constant along the row) are slices.
             let dims = al.dims();
             let last = dims.last().copied().unwrap_or(1).max(1);
             let (sa, sb) = (
@@ -94,8 +149,22 @@ pub(super) fn zip_views<A: Copy + Send + Sync, B: Copy + Send + Sync, O: Send + 
             let mut out = vec![O::default(); n];
             let body = |(row, o): (usize, &mut [O])| {
                 let (ra, rb) = (rows_a[row], rows_b[row]);
-                for (j, slot) in o.iter_mut().enumerate() {
-                    *slot = f(a[ra + j * sa], b[rb + j * sb]);
+                let len = o.len();
+                match (sa, sb) {
+                    (1, 1) => o.iter_mut().zip(a[ra..ra + len].iter().zip(&b[rb..rb + len])).for_each(|(o, (&x, &y))| *o = f(x, y)),
+                    (1, 0) => {
+                        let y = b[rb];
+                        o.iter_mut().zip(&a[ra..ra + len]).for_each(|(o, &x)| *o = f(x, y))
+                    }
+                    (0, 1) => {
+                        let x = a[ra];
+                        o.iter_mut().zip(&b[rb..rb + len]).for_each(|(o, &y)| *o = f(x, y))
+                    }
+                    _ => {
+                        for (j, slot) in o.iter_mut().enumerate() {
+                            *slot = f(a[ra + j * sa], b[rb + j * sb]);
+                        }
+                    }
                 }
             };
             if n >= PAR_THRESHOLD {
@@ -132,14 +201,9 @@ pub(super) fn binary(
 ) -> Result<CpuStorage> {
     use CpuStorage as S;
     match (s, rhs) {
-        (S::F32(a), S::F32(b)) => Ok(S::F32(zip_views(a, l, b, rl, binary_fn::<f32>(op)))),
-        (S::F64(a), S::F64(b)) => Ok(S::F64(zip_views(a, l, b, rl, binary_fn::<f64>(op)))),
-        (S::BF16(a), S::BF16(b)) => {
-            let f = binary_fn::<f32>(op);
-            Ok(S::BF16(zip_views(a, l, b, rl, |x: bf16, y: bf16| {
-                bf16::from_f32(f(x.to_f32(), y.to_f32()))
-            })))
-        }
+        (S::F32(a), S::F32(b)) => Ok(S::F32(binary_t(a, l, b, rl, op, |x| x, |x| x))),
+        (S::F64(a), S::F64(b)) => Ok(S::F64(binary_t(a, l, b, rl, op, |x| x, |x| x))),
+        (S::BF16(a), S::BF16(b)) => Ok(S::BF16(binary_t(a, l, b, rl, op, f32::from, bf16::from_f32))),
         (S::U32(_), S::U32(_)) => Err(Error::UnsupportedDType {
             op: "binary",
             dtype: DType::U32,

@@ -29,7 +29,7 @@ pub enum CpuStorage {
 
 /// Float element types the generic kernels run on (bf16 is widened to f32 first).
 pub trait CpuFloat:
-    Float + crate::WithDType + std::iter::Sum + Send + Sync + std::fmt::Debug + 'static
+    Float + Default + crate::WithDType + std::iter::Sum + Send + Sync + std::fmt::Debug + 'static
 {
 }
 impl CpuFloat for f32 {}
