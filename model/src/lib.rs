@@ -1,8 +1,14 @@
 //! LLaMA, loaders, tokenizer and adapters (built on `engine`).
 pub use engine;
 
+pub mod config;
+mod convert;
 pub mod error;
 pub mod gguf;
 mod mmap;
+pub mod safetensors;
+pub mod weights;
 
+pub use config::{Llama3RopeScaling, LlamaConfig};
 pub use error::{Error, Result};
+pub use weights::{load, Weights};
