@@ -7,8 +7,10 @@ pub mod error;
 pub mod gguf;
 mod mmap;
 pub mod safetensors;
+pub mod tokenizer;
 pub mod weights;
 
 pub use config::{Llama3RopeScaling, LlamaConfig};
 pub use error::{Error, Result};
+pub use tokenizer::Tokenizer;
 pub use weights::{load, Weights};
