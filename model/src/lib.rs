@@ -1,2 +1,20 @@
 //! LLaMA, loaders, tokenizer and adapters (built on `engine`).
 pub use engine;
+
+pub mod config;
+mod convert;
+pub mod error;
+pub mod generate;
+pub mod gguf;
+pub mod llama;
+mod mmap;
+pub mod safetensors;
+pub mod sampling;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::{Llama3RopeScaling, LlamaConfig};
+pub use llama::{KvCache, Llama};
+pub use error::{Error, Result};
+pub use tokenizer::Tokenizer;
+pub use weights::{load, Weights};

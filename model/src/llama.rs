@@ -59,7 +59,7 @@ fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// RoPE inverse frequencies `theta^(-2i/d)`, with Llama 3 frequency scaling when configured.
 pub fn inv_freq(cfg: &LlamaConfig) -> Vec<f64> {
     let d = cfg.head_dim;
-    let base: Vec<f64> = (0..d / 2).map(|i| cfg.rope_theta.powf(-(2 * i) as f64 / d as f64)).collect();
+    let base: Vec<f64> = (0..d / 2).map(|i| cfg.rope_theta.powf(-((2 * i) as f64) / d as f64)).collect();
     let Some(s) = cfg.rope_scaling else { return base };
     let old = s.original_max_position_embeddings as f64;
     let (low_wavelen, high_wavelen) = (old / s.low_freq_factor, old / s.high_freq_factor);

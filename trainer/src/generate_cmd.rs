@@ -50,7 +50,7 @@ pub fn run(a: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     let dtype = parse_dtype(&a.dtype)?;
     let t0 = Instant::now();
     let model = Llama::load(&a.model, dtype, device)?;
-    let tokenizer = Tokenizer::for_model(&a.model)?;
+    let tokenizer = Tokenizer::load(&a.model, &model.config)?;
     eprintln!(
         "loaded {} ({} layers, hidden {}) in {:.2}s",
         a.model.display(),
