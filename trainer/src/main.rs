@@ -2,6 +2,11 @@
 
 mod generate_cmd;
 
+// Tensors allocate and free large buffers at every op: mimalloc reuses them instead of mapping
+// fresh pages each time (measured 3-15x faster elementwise ops than the system allocator).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
