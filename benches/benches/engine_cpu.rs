@@ -55,16 +55,33 @@ fn bench_attention(c: &mut Criterion) {
         let v = rand(&[b, hkv, t, d], 5, DType::F32);
         let flops = (4 * b * hq * t * t * d) as u64;
         g.throughput(Throughput::Elements(flops));
-        g.bench_with_input(BenchmarkId::new("causal_fwd_f32", format!("b{b}_h{hq}_t{t}_d{d}")), &(), |bch, _| {
-            bch.iter(|| engine::no_grad(|| causal_attention(&q, &k, &v, None, 0).unwrap()))
-        });
-        let (qv, kv, vv) = (q.to_var().unwrap(), k.to_var().unwrap(), v.to_var().unwrap());
+        g.bench_with_input(
+            BenchmarkId::new("causal_fwd_f32", format!("b{b}_h{hq}_t{t}_d{d}")),
+            &(),
+            |bch, _| {
+                bch.iter(|| engine::no_grad(|| causal_attention(&q, &k, &v, None, 0).unwrap()))
+            },
+        );
+        let (qv, kv, vv) = (
+            q.to_var().unwrap(),
+            k.to_var().unwrap(),
+            v.to_var().unwrap(),
+        );
         g.throughput(Throughput::Elements(3 * flops));
-        g.bench_with_input(BenchmarkId::new("causal_fwd_bwd_f32", format!("b{b}_h{hq}_t{t}_d{d}")), &(), |bch, _| {
-            bch.iter(|| {
-                causal_attention(&qv, &kv, &vv, None, 0).unwrap().sum_all().unwrap().backward().unwrap();
-            })
-        });
+        g.bench_with_input(
+            BenchmarkId::new("causal_fwd_bwd_f32", format!("b{b}_h{hq}_t{t}_d{d}")),
+            &(),
+            |bch, _| {
+                bch.iter(|| {
+                    causal_attention(&qv, &kv, &vv, None, 0)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                })
+            },
+        );
     }
     g.finish();
 }

@@ -14,13 +14,17 @@ use model::sampling::Sampler;
 use model::Llama;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let path = std::env::args().nth(1).ok_or("usage: smollm2_speed PATH.gguf")?;
+    let path = std::env::args()
+        .nth(1)
+        .ok_or("usage: smollm2_speed PATH.gguf")?;
     let model = Llama::load(std::path::Path::new(&path), DType::F32, Device::Cpu)?;
     let v = model.config.vocab_size as u32;
 
     // Prefill: 4 sequences of 128 random tokens, logits at every position (as training needs).
     let (b, t) = (4, 128);
-    let ids: Vec<u32> = (0..b * t).map(|i| (engine::rng::hash(1, i as u64) % v as u64) as u32).collect();
+    let ids: Vec<u32> = (0..b * t)
+        .map(|i| (engine::rng::hash(1, i as u64) % v as u64) as u32)
+        .collect();
     let x = Tensor::from_vec(ids, [b, t], Device::Cpu)?;
     let mut best = f64::MAX;
     for _ in 0..3 {
@@ -28,7 +32,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         no_grad(|| model.forward(&x, None))?;
         best = best.min(t0.elapsed().as_secs_f64());
     }
-    println!("prefill {b}x{t}: {:.3} s, {:.0} tokens/s (best of 3)", best, (b * t) as f64 / best);
+    println!(
+        "prefill {b}x{t}: {:.3} s, {:.0} tokens/s (best of 3)",
+        best,
+        (b * t) as f64 / best
+    );
 
     // Decode: greedy, 64 tokens, no early stop.
     let prompt = [504u32, 3575, 282, 4649, 314];
@@ -44,6 +52,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         best = best.min(dt / (out.len() - 1) as f64);
         let _ = t0;
     }
-    println!("decode: {:.1} tokens/s (64 tokens after a 5-token prompt, KV cache, best of 3)", 1.0 / best);
+    println!(
+        "decode: {:.1} tokens/s (64 tokens after a 5-token prompt, KV cache, best of 3)",
+        1.0 / best
+    );
     Ok(())
 }

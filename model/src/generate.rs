@@ -17,7 +17,9 @@ pub fn generate(
     mut on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>> {
     if prompt.is_empty() {
-        return Err(crate::error::Error::Invalid("generate: the prompt has no tokens".into()));
+        return Err(crate::error::Error::Invalid(
+            "generate: the prompt has no tokens".into(),
+        ));
     }
     let device = model.device();
     no_grad(|| {

@@ -14,7 +14,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use config::{Llama3RopeScaling, LlamaConfig};
-pub use llama::{KvCache, Llama};
 pub use error::{Error, Result};
+pub use llama::{KvCache, Llama};
 pub use tokenizer::Tokenizer;
 pub use weights::{load, Weights};

@@ -2,7 +2,7 @@
 //! with RoPE → residual, RMSNorm → SwiGLU → residual), a final RMSNorm and the (possibly tied)
 //! LM head. Weights stay frozen; the forward pass works in the dtype they were loaded in.
 
-use engine::{causal_attention, cat, rope_tables, DType, Device, Tensor};
+use engine::{cat, causal_attention, rope_tables, DType, Device, Tensor};
 
 use crate::config::LlamaConfig;
 use crate::error::Result;
@@ -44,7 +44,10 @@ impl KvCache {
     }
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dims()[2])
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dims()[2])
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -59,8 +62,12 @@ fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// RoPE inverse frequencies `theta^(-2i/d)`, with Llama 3 frequency scaling when configured.
 pub fn inv_freq(cfg: &LlamaConfig) -> Vec<f64> {
     let d = cfg.head_dim;
-    let base: Vec<f64> = (0..d / 2).map(|i| cfg.rope_theta.powf(-((2 * i) as f64) / d as f64)).collect();
-    let Some(s) = cfg.rope_scaling else { return base };
+    let base: Vec<f64> = (0..d / 2)
+        .map(|i| cfg.rope_theta.powf(-((2 * i) as f64) / d as f64))
+        .collect();
+    let Some(s) = cfg.rope_scaling else {
+        return base;
+    };
     let old = s.original_max_position_embeddings as f64;
     let (low_wavelen, high_wavelen) = (old / s.low_freq_factor, old / s.high_freq_factor);
     base.into_iter()
@@ -71,7 +78,8 @@ pub fn inv_freq(cfg: &LlamaConfig) -> Vec<f64> {
             } else if wavelen > low_wavelen {
                 f / s.factor
             } else {
-                let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                let smooth =
+                    (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
                 (1.0 - smooth) * f / s.factor + smooth * f
             }
         })
@@ -106,7 +114,14 @@ impl Llama {
             Some(w.get("lm_head.weight", &[c.vocab_size, h])?)
         };
         let inv_freq = Tensor::from_f64(&inv_freq(c), d / 2, w.dtype(), w.device())?;
-        Ok(Llama { embed_tokens, layers, norm: w.get("model.norm.weight", &[h])?, lm_head, inv_freq, config })
+        Ok(Llama {
+            embed_tokens,
+            layers,
+            norm: w.get("model.norm.weight", &[h])?,
+            lm_head,
+            inv_freq,
+            config,
+        })
     }
 
     /// Loads a GGUF file or a Hugging Face folder.
@@ -183,7 +198,8 @@ impl Llama {
     /// Logits `[B, T, V]` of a batch without cache; `key_mask` `[B, T]` marks real tokens
     /// (right or left padding); positions count real tokens only.
     pub fn forward(&self, ids: &Tensor, key_mask: Option<&Tensor>) -> Result<Tensor> {
-        let positions = positions_from_mask(ids.dims()[0], ids.dims()[1], key_mask, 0, ids.device())?;
+        let positions =
+            positions_from_mask(ids.dims()[0], ids.dims()[1], key_mask, 0, ids.device())?;
         let h = self.forward_hidden(ids, &positions, key_mask, None)?;
         self.logits(&h)
     }
@@ -191,9 +207,17 @@ impl Llama {
 
 /// RoPE positions `[B, T]` of `t` new tokens after `past` cached ones: the number of real
 /// tokens before each one (so left padding does not shift positions); `0..` when no mask.
-pub fn positions_from_mask(b: usize, t: usize, key_mask: Option<&Tensor>, past: usize, device: Device) -> Result<Tensor> {
+pub fn positions_from_mask(
+    b: usize,
+    t: usize,
+    key_mask: Option<&Tensor>,
+    past: usize,
+    device: Device,
+) -> Result<Tensor> {
     let pos: Vec<u32> = match key_mask {
-        None => (0..b).flat_map(|_| (past..past + t).map(|p| p as u32)).collect(),
+        None => (0..b)
+            .flat_map(|_| (past..past + t).map(|p| p as u32))
+            .collect(),
         Some(m) => {
             let s = m.dims()[1];
             let mv = m.to_vec_u32()?;

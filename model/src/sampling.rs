@@ -15,7 +15,11 @@ impl Sampler {
     /// `temperature == 0` is greedy (argmax, lowest id on ties); otherwise softmax(logits / T)
     /// restricted to the smallest set of most likely tokens whose mass reaches `top_p`.
     pub fn new(temperature: f64, top_p: f64, seed: u64) -> Self {
-        Sampler { temperature: temperature.max(0.0), top_p: top_p.clamp(0.0, 1.0), rng: Rng::new(seed) }
+        Sampler {
+            temperature: temperature.max(0.0),
+            top_p: top_p.clamp(0.0, 1.0),
+            rng: Rng::new(seed),
+        }
     }
 
     pub fn greedy() -> Self {
@@ -32,7 +36,11 @@ impl Sampler {
             return argmax(logits);
         }
         let t = self.temperature as f32;
-        let max = logits.iter().cloned().filter(|x| !x.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+        let max = logits
+            .iter()
+            .cloned()
+            .filter(|x| !x.is_nan())
+            .fold(f32::NEG_INFINITY, f32::max);
         let mut probs: Vec<(u32, f64)> = logits
             .iter()
             .enumerate()
@@ -106,7 +114,10 @@ mod tests {
         let z: f64 = logits.iter().map(|&x| (x as f64).exp()).sum();
         for (i, &c) in counts.iter().enumerate() {
             let p = (logits[i] as f64).exp() / z;
-            assert!((c as f64 / 4000.0 - p).abs() < 0.03, "token {i}: {c} vs p={p}");
+            assert!(
+                (c as f64 / 4000.0 - p).abs() < 0.03,
+                "token {i}: {c} vs p={p}"
+            );
         }
     }
 

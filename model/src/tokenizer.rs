@@ -38,7 +38,10 @@ impl Tokenizer {
             msg: e.to_string(),
         })?;
         let adds_bos = match (bos, inner.get_post_processor()) {
-            (Some(b), Some(_)) => inner.encode("", true).map(|e| e.get_ids().first() == Some(&b)).unwrap_or(false),
+            (Some(b), Some(_)) => inner
+                .encode("", true)
+                .map(|e| e.get_ids().first() == Some(&b))
+                .unwrap_or(false),
             _ => false,
         };
         Ok(Tokenizer {
@@ -165,7 +168,10 @@ impl Tokenizer {
                     .ok_or_else(|| key_err(key, format!("invalid token id {v:?}"))),
             }
         };
-        let adds_bos = matches!(h.get("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)));
+        let adds_bos = matches!(
+            h.get("tokenizer.ggml.add_bos_token"),
+            Some(Value::Bool(true))
+        );
         Ok(Tokenizer {
             inner,
             file: file.to_string(),

@@ -66,21 +66,31 @@ pub fn run(a: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut stdout = std::io::stdout();
     let t1 = Instant::now();
     let mut first_token_s = 0.0;
-    let out = generate(&model, &prompt, a.max_new_tokens, &mut sampler, &stop, |id| {
-        if ids.is_empty() {
-            first_token_s = t1.elapsed().as_secs_f64();
-        }
-        ids.push(id);
-        // Decode everything so far and print the new suffix (multi-byte characters may span
-        // several tokens).
-        if let Ok(text) = tokenizer.decode(&ids, true) {
-            if text.len() > printed.len() && text.starts_with(&printed) && !text.ends_with('\u{fffd}') {
-                let _ = write!(stdout, "{}", &text[printed.len()..]);
-                let _ = stdout.flush();
-                printed = text;
+    let out = generate(
+        &model,
+        &prompt,
+        a.max_new_tokens,
+        &mut sampler,
+        &stop,
+        |id| {
+            if ids.is_empty() {
+                first_token_s = t1.elapsed().as_secs_f64();
             }
-        }
-    })?;
+            ids.push(id);
+            // Decode everything so far and print the new suffix (multi-byte characters may span
+            // several tokens).
+            if let Ok(text) = tokenizer.decode(&ids, true) {
+                if text.len() > printed.len()
+                    && text.starts_with(&printed)
+                    && !text.ends_with('\u{fffd}')
+                {
+                    let _ = write!(stdout, "{}", &text[printed.len()..]);
+                    let _ = stdout.flush();
+                    printed = text;
+                }
+            }
+        },
+    )?;
     let text = tokenizer.decode(&out, true)?;
     if text.len() > printed.len() && text.starts_with(&printed) {
         print!("{}", &text[printed.len()..]);

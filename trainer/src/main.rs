@@ -12,7 +12,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "mixlora", version, about = "Fine-tune LLaMA-family models with MixLoRA adapters")]
+#[command(
+    name = "mixlora",
+    version,
+    about = "Fine-tune LLaMA-family models with MixLoRA adapters"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -31,7 +35,9 @@ fn main() -> ExitCode {
         None => {
             use clap::CommandFactory;
             let _ = Cli::command().print_help();
-            eprintln!("\n(the trainer and its embedded default job are not built yet: see README.md)");
+            eprintln!(
+                "\n(the trainer and its embedded default job are not built yet: see README.md)"
+            );
             Ok(())
         }
     };

@@ -196,16 +196,28 @@ impl Tensor {
     /// `self + rhs`, broadcasting.
     pub fn add(&self, rhs: &Tensor) -> Result<Tensor> {
         self.binary_recorded(rhs, BinaryOp::Add, "add", |x, _, g| {
-            let da = x[0].tracks_grad().then(|| g.sum_to_shape(x[0].shape())).transpose()?;
-            let db = x[1].tracks_grad().then(|| g.sum_to_shape(x[1].shape())).transpose()?;
+            let da = x[0]
+                .tracks_grad()
+                .then(|| g.sum_to_shape(x[0].shape()))
+                .transpose()?;
+            let db = x[1]
+                .tracks_grad()
+                .then(|| g.sum_to_shape(x[1].shape()))
+                .transpose()?;
             Ok(vec![da, db])
         })
     }
     /// `self - rhs`, broadcasting.
     pub fn sub(&self, rhs: &Tensor) -> Result<Tensor> {
         self.binary_recorded(rhs, BinaryOp::Sub, "sub", |x, _, g| {
-            let da = x[0].tracks_grad().then(|| g.sum_to_shape(x[0].shape())).transpose()?;
-            let db = x[1].tracks_grad().then(|| g.sum_to_shape(x[1].shape())?.neg()).transpose()?;
+            let da = x[0]
+                .tracks_grad()
+                .then(|| g.sum_to_shape(x[0].shape()))
+                .transpose()?;
+            let db = x[1]
+                .tracks_grad()
+                .then(|| g.sum_to_shape(x[1].shape())?.neg())
+                .transpose()?;
             Ok(vec![da, db])
         })
     }

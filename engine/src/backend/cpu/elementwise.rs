@@ -20,7 +20,11 @@ fn map_vec<T: Copy + Send + Sync, U: Send>(
 
 /// Maps `f` over a view: straight from the buffer when contiguous, in parallel chunks when large.
 /// `f` is a concrete closure per op, so each loop is monomorphised (and vectorised where it can).
-fn map_view<T: Copy + Send + Sync, U: Send + Sync + Copy + Default>(data: &[T], l: &Layout, f: impl Fn(T) -> U + Sync + Send) -> Vec<U> {
+fn map_view<T: Copy + Send + Sync, U: Send + Sync + Copy + Default>(
+    data: &[T],
+    l: &Layout,
+    f: impl Fn(T) -> U + Sync + Send,
+) -> Vec<U> {
     let owned;
     let src: &[T] = match l.contiguous_range() {
         Some((a, b)) => &data[a..b],
@@ -32,9 +36,11 @@ fn map_view<T: Copy + Send + Sync, U: Send + Sync + Copy + Default>(data: &[T], 
     let mut out = vec![U::default(); src.len()];
     if src.len() >= PAR_THRESHOLD {
         const CHUNK: usize = 1 << 12;
-        out.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(o, x)| {
-            o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x));
-        });
+        out.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(o, x)| {
+                o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x));
+            });
     } else {
         out.iter_mut().zip(src).for_each(|(o, &x)| *o = f(x));
     }
@@ -81,7 +87,7 @@ pub(super) fn unary(s: &CpuStorage, l: &Layout, op: UnaryOp) -> Result<CpuStorag
 }
 
 /// Runs `op` over two same-shape views with one monomorphised loop per op.
-fn binary_t<A: Copy + Send + Sync, O: Send + Copy + Default>(
+fn binary_t<A, O>(
     a: &[A],
     al: &Layout,
     b: &[A],
@@ -91,12 +97,14 @@ fn binary_t<A: Copy + Send + Sync, O: Send + Copy + Default>(
     narrow: impl Fn(O) -> A + Copy + Sync + Send,
 ) -> Vec<A>
 where
-    A: Default,
-    O: num_traits::Float,
+    A: Copy + Send + Sync + Default,
+    O: num_traits::Float + Send + Default,
 {
     macro_rules! go {
         ($f:expr) => {
-            zip_views(a, al, b, bl, move |x: A, y: A| narrow($f(widen(x), widen(y))))
+            zip_views(a, al, b, bl, move |x: A, y: A| {
+                narrow($f(widen(x), widen(y)))
+            })
         };
     }
     match op {
@@ -128,10 +136,14 @@ pub(super) fn zip_views<A: Copy + Send + Sync, B: Copy + Send + Sync, O: Send + 
                 out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
                     let s = c * CHUNK;
                     let (a, b) = (&a[s..s + o.len()], &b[s..s + o.len()]);
-                    o.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&x, &y))| *o = f(x, y));
+                    o.iter_mut()
+                        .zip(a.iter().zip(b))
+                        .for_each(|(o, (&x, &y))| *o = f(x, y));
                 });
             } else {
-                out.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&x, &y))| *o = f(x, y));
+                out.iter_mut()
+                    .zip(a.iter().zip(b))
+                    .for_each(|(o, (&x, &y))| *o = f(x, y));
             }
             out
         }
@@ -151,14 +163,21 @@ pub(super) fn zip_views<A: Copy + Send + Sync, B: Copy + Send + Sync, O: Send + 
                 let (ra, rb) = (rows_a[row], rows_b[row]);
                 let len = o.len();
                 match (sa, sb) {
-                    (1, 1) => o.iter_mut().zip(a[ra..ra + len].iter().zip(&b[rb..rb + len])).for_each(|(o, (&x, &y))| *o = f(x, y)),
+                    (1, 1) => o
+                        .iter_mut()
+                        .zip(a[ra..ra + len].iter().zip(&b[rb..rb + len]))
+                        .for_each(|(o, (&x, &y))| *o = f(x, y)),
                     (1, 0) => {
                         let y = b[rb];
-                        o.iter_mut().zip(&a[ra..ra + len]).for_each(|(o, &x)| *o = f(x, y))
+                        o.iter_mut()
+                            .zip(&a[ra..ra + len])
+                            .for_each(|(o, &x)| *o = f(x, y))
                     }
                     (0, 1) => {
                         let x = a[ra];
-                        o.iter_mut().zip(&b[rb..rb + len]).for_each(|(o, &y)| *o = f(x, y))
+                        o.iter_mut()
+                            .zip(&b[rb..rb + len])
+                            .for_each(|(o, &y)| *o = f(x, y))
                     }
                     _ => {
                         for (j, slot) in o.iter_mut().enumerate() {
@@ -203,7 +222,15 @@ pub(super) fn binary(
     match (s, rhs) {
         (S::F32(a), S::F32(b)) => Ok(S::F32(binary_t(a, l, b, rl, op, |x| x, |x| x))),
         (S::F64(a), S::F64(b)) => Ok(S::F64(binary_t(a, l, b, rl, op, |x| x, |x| x))),
-        (S::BF16(a), S::BF16(b)) => Ok(S::BF16(binary_t(a, l, b, rl, op, f32::from, bf16::from_f32))),
+        (S::BF16(a), S::BF16(b)) => Ok(S::BF16(binary_t(
+            a,
+            l,
+            b,
+            rl,
+            op,
+            f32::from,
+            bf16::from_f32,
+        ))),
         (S::U32(_), S::U32(_)) => Err(Error::UnsupportedDType {
             op: "binary",
             dtype: DType::U32,
