@@ -2,6 +2,7 @@
 //! AdamW and learning-rate schedules, checkpoints with resume, metrics and progress, multiple-choice
 //! evaluation, and the synthetic tasks of the embedded default job.
 
+pub mod data;
 pub mod error;
 
 pub use error::{Error, Result};
