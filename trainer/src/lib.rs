@@ -4,6 +4,7 @@
 
 pub mod data;
 pub mod error;
+pub mod schedule;
 
 pub use error::{Error, Result};
 
