@@ -2,8 +2,10 @@
 //! AdamW and learning-rate schedules, checkpoints with resume, metrics and progress, multiple-choice
 //! evaluation, and the synthetic tasks of the embedded default job.
 
+pub mod checkpoint;
 pub mod data;
 pub mod error;
+pub mod optim;
 pub mod schedule;
 
 pub use error::{Error, Result};
