@@ -3,6 +3,7 @@
 //! evaluation, and the synthetic tasks of the embedded default job.
 
 pub mod checkpoint;
+pub mod config;
 pub mod data;
 pub mod error;
 pub mod optim;
