@@ -7,6 +7,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod metrics;
 pub mod optim;
 pub mod schedule;
 
