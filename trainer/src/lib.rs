@@ -10,6 +10,7 @@ pub mod eval;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;
+pub mod synthetic;
 
 pub use error::{Error, Result};
 
