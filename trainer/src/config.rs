@@ -305,6 +305,17 @@ impl TrainConfig {
         self.batch_size / self.micro_batch_size.max(1)
     }
 
+    /// Optimizer steps of the run: `epochs` epochs of `steps_per_epoch`, capped by `max_steps`
+    /// (which alone decides when `epochs` is 0).
+    pub fn total_steps(&self, steps_per_epoch: usize) -> usize {
+        let by_epochs = self.epochs * steps_per_epoch;
+        match self.max_steps {
+            Some(m) if self.epochs == 0 => m,
+            Some(m) => m.min(by_epochs),
+            None => by_epochs,
+        }
+    }
+
     pub fn warmup(&self) -> Warmup {
         match (self.warmup_steps, self.warmup_ratio) {
             (Some(n), _) => Warmup::Steps(n),
@@ -655,6 +666,18 @@ mod tests {
             ..Default::default()
         };
         assert!(c.validate().unwrap_err().to_string().contains("not both"));
+    }
+
+    #[test]
+    fn total_steps_from_epochs_and_max_steps() {
+        let mut c = TrainConfig::default();
+        assert_eq!(c.total_steps(30), 60);
+        c.max_steps = Some(45);
+        assert_eq!(c.total_steps(30), 45);
+        c.max_steps = Some(500);
+        assert_eq!(c.total_steps(30), 60);
+        c.epochs = 0;
+        assert_eq!(c.total_steps(30), 500);
     }
 
     #[test]
