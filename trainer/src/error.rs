@@ -1,0 +1,100 @@
+//! Typed trainer errors. Every message is one line that names the file (and item, field or key)
+//! it concerns: `train.json: item 12: field output: expected a string, found a number`.
+
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file or folder that cannot be read, written, created or renamed.
+    #[error("{}: {}", ol(.path), ol(&.source.to_string()))]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+
+    /// A setting that is invalid, alone or together with others.
+    #[error("config: {}", ol(.0))]
+    Config(String),
+
+    /// A malformed configuration file (TOML syntax, unknown key, wrong type).
+    #[error("{}: {}", ol(.file), ol(.msg))]
+    ConfigFile { file: String, msg: String },
+
+    /// A data file that is not a JSON list of examples, or has a malformed item.
+    #[error("{}: {}", ol(.file), ol(.msg))]
+    Data { file: String, msg: String },
+
+    /// A checkpoint that cannot be written or read back.
+    #[error("checkpoint {}: {}", ol(.path), ol(.msg))]
+    Checkpoint { path: String, msg: String },
+
+    /// Optimizer state that does not match the parameters.
+    #[error("optimizer: {}", ol(.0))]
+    Optimizer(String),
+
+    /// Evaluation that cannot be run on an item (no answer format, answer not a candidate).
+    #[error("eval: {}", ol(.0))]
+    Eval(String),
+
+    #[error(transparent)]
+    Engine(#[from] engine::Error),
+
+    #[error(transparent)]
+    Model(#[from] model::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Text shown on one line: control characters (newlines in a quoted value) are escaped.
+pub(crate) struct OneLine<'a>(&'a str);
+
+pub(crate) fn ol(s: &str) -> OneLine<'_> {
+    OneLine(s)
+}
+
+impl std::fmt::Display for OneLine<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for c in self.0.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                write!(f, "{c}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Error {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+    pub(crate) fn data(file: &Path, msg: impl Into<String>) -> Self {
+        Error::Data {
+            file: file.display().to_string(),
+            msg: msg.into(),
+        }
+    }
+    pub(crate) fn checkpoint(path: &Path, msg: impl std::fmt::Display) -> Self {
+        Error::Checkpoint {
+            path: path.display().to_string(),
+            msg: msg.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_one_line() {
+        let e = Error::data(Path::new("a.json"), "item 3: field `x`\nsecond line");
+        let s = e.to_string();
+        assert!(!s.contains('\n'), "{s}");
+        assert!(s.starts_with("a.json: item 3"), "{s}");
+    }
+}
