@@ -373,15 +373,15 @@ pub struct TrainArgs {
     pub val_set_size: Option<usize>,
     #[arg(long)]
     pub eval_limit: Option<usize>,
-    #[arg(long)]
+    #[arg(long, visible_alias = "out")]
     pub out_dir: Option<PathBuf>,
     #[arg(long)]
     pub epochs: Option<usize>,
     #[arg(long)]
     pub max_steps: Option<usize>,
-    #[arg(long)]
+    #[arg(long, visible_alias = "batch")]
     pub batch_size: Option<usize>,
-    #[arg(long)]
+    #[arg(long, visible_alias = "micro-batch")]
     pub micro_batch_size: Option<usize>,
     #[arg(long)]
     pub lr: Option<f64>,

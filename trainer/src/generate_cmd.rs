@@ -16,6 +16,9 @@ pub struct GenerateArgs {
     /// A GGUF file or a Hugging Face folder (config.json, *.safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
+    /// An adapter folder (adapter_config.json + adapter_model.safetensors) to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// The text to continue.
     #[arg(long)]
     prompt: String,
@@ -49,7 +52,10 @@ pub fn run(a: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     let device = Device::parse(&a.device)?;
     let dtype = parse_dtype(&a.dtype)?;
     let t0 = Instant::now();
-    let model = Llama::load(&a.model, dtype, device)?;
+    let mut model = Llama::load(&a.model, dtype, device)?;
+    if let Some(dir) = &a.adapter {
+        model::adapters::load(dir, &mut model)?;
+    }
     let tokenizer = Tokenizer::load(&a.model, &model.config)?;
     eprintln!(
         "loaded {} ({} layers, hidden {}) in {:.2}s",

@@ -9,6 +9,7 @@ pub mod error;
 pub mod eval;
 pub mod metrics;
 pub mod optim;
+pub mod run;
 pub mod schedule;
 pub mod synthetic;
 

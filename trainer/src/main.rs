@@ -24,6 +24,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Fine-tune a LoRA or MixLoRA adapter. With no arguments: the embedded default, MixLoRA on
+    /// synthetic multi-task data with a built-in tiny LLaMA, on the CPU.
+    Train(trainer::config::TrainArgs),
+    /// Accuracy per task: every candidate answer scored by its log-likelihood; JSON on stdout.
+    Eval(trainer::config::EvalArgs),
     /// Continue a prompt with a base model (GGUF file or Hugging Face folder).
     Generate(generate_cmd::GenerateArgs),
 }
@@ -32,6 +37,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Generate(args)) => generate_cmd::run(args),
+        Some(Command::Train(args)) => train(args),
+        Some(Command::Eval(args)) => trainer::run::eval(&args)
+            .map(|r| println!("{}", r.to_json_pretty()))
+            .map_err(Into::into),
         None => {
             use clap::CommandFactory;
             let _ = Cli::command().print_help();
@@ -48,4 +57,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn train(args: trainer::config::TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let cfg = args.resolve()?;
+    let summary = trainer::run::train(&cfg, |line| eprintln!("{line}"))?;
+    eprintln!(
+        "trained {} steps: loss {:.4} -> {:.4}; adapter written to {}",
+        summary.steps,
+        summary.first_loss,
+        summary.last_loss,
+        summary.adapter_dir.display()
+    );
+    if let Some(r) = &summary.eval {
+        println!("{}", r.to_json_pretty());
+    }
+    Ok(())
 }

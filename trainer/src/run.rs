@@ -1,0 +1,307 @@
+//! The training loop and the evaluation command: the glue between the model, its adapters and
+//! the trainer's building blocks.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use engine::rng::Rng;
+use engine::{no_grad, DType, Device, Tensor, IGNORE_INDEX};
+use model::adapters::{AdapterConfig, PeftType, RoutingStrategy};
+use model::{Llama, Tokenizer};
+
+use crate::checkpoint::{self, TrainerState};
+use crate::config::{AdapterKind, EvalArgs, Routing, TrainConfig};
+use crate::data::{self, Dataset, HostBatch, Loader, Task};
+use crate::error::{Error, Result};
+use crate::eval::{self, EvalReport, ScorePair};
+use crate::metrics::{expert_load_host, EvalMetrics, MetricsWriter, Progress, Record, StepMetrics};
+use crate::optim::{clip_grad_norm, AdamW};
+use crate::schedule::Schedule;
+use crate::synthetic;
+
+/// Synthetic tasks of the embedded default: examples per task.
+const SYNTHETIC_TRAIN: usize = 400;
+const SYNTHETIC_VALID: usize = 50;
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub steps: usize,
+    /// Mean LM loss of the first and the last logged steps.
+    pub first_loss: f64,
+    pub last_loss: f64,
+    pub eval: Option<EvalReport>,
+    pub adapter_dir: PathBuf,
+}
+
+/// The base model and its tokenizer: a file or folder, or the built-in tiny random LLaMA with the
+/// byte-level tokenizer (its tokenizer.json is written into `scratch`).
+pub fn load_base_model(model: Option<&Path>, seed: u64, dtype: DType, device: Device, scratch: &Path) -> Result<(Llama, Tokenizer)> {
+    match model {
+        Some(p) => {
+            if !p.exists() {
+                return Err(Error::Config(format!("model {}: no such file or folder", p.display())));
+            }
+            let m = Llama::load(p, dtype, device)?;
+            let t = Tokenizer::load(p, &m.config)?;
+            Ok((m, t))
+        }
+        None => {
+            let m = Llama::random(synthetic::tiny_llama_config(), seed, dtype, device)?;
+            Ok((m, synthetic::load_byte_tokenizer(scratch)?))
+        }
+    }
+}
+
+/// The adapter settings of a run.
+pub fn adapter_config(cfg: &TrainConfig, base_name: &str) -> AdapterConfig {
+    let mut a = match cfg.adapter {
+        AdapterKind::Mixlora => AdapterConfig::mixlora_default(),
+        AdapterKind::Lora => AdapterConfig::lora_default(),
+    };
+    a.r = cfg.rank;
+    a.lora_alpha = cfg.alpha;
+    a.lora_dropout = cfg.dropout;
+    a.use_rslora = cfg.rslora;
+    a.base_model_name_or_path = base_name.to_string();
+    if a.peft_type == PeftType::MixLora {
+        a.num_experts = cfg.num_experts;
+        a.top_k = cfg.top_k;
+        a.top_p = cfg.top_p;
+        a.routing_strategy = match cfg.routing {
+            Routing::Topk => RoutingStrategy::TopK,
+            Routing::Topp => RoutingStrategy::TopP,
+        };
+        a.router_aux_loss_coef = cfg.aux_loss_coef;
+    }
+    a
+}
+
+/// How the built-in base is named in adapter files: its seed makes it reproducible.
+const BUILTIN_PREFIX: &str = "builtin:tiny-random-llama:seed=";
+
+fn base_name(model: Option<&Path>, seed: u64) -> String {
+    model.map_or_else(|| format!("{BUILTIN_PREFIX}{seed}"), |p| p.display().to_string())
+}
+
+/// The seed of the built-in base an adapter was trained on (42 when the adapter does not say).
+fn builtin_seed(adapter_dir: Option<&Path>) -> u64 {
+    adapter_dir
+        .and_then(|d| AdapterConfig::from_json_file(&d.join("adapter_config.json")).ok())
+        .and_then(|c| c.base_model_name_or_path.strip_prefix(BUILTIN_PREFIX).and_then(|s| s.parse().ok()))
+        .unwrap_or(42)
+}
+
+/// Training and evaluation tasks: the given files, or the synthetic tasks.
+fn tasks(cfg: &TrainConfig) -> Result<(Vec<Task>, Vec<Task>)> {
+    if cfg.data.is_empty() {
+        return Ok(synthetic::generate(cfg.seed, SYNTHETIC_TRAIN, SYNTHETIC_VALID));
+    }
+    let train = data::load_tasks(&cfg.data)?;
+    if cfg.val_set_size > 0 {
+        return data::split_validation(train, cfg.val_set_size, cfg.seed);
+    }
+    let valid = if cfg.eval_data.is_empty() { Vec::new() } else { data::load_tasks(&cfg.eval_data)? };
+    Ok((train, valid))
+}
+
+/// Sum of the log-likelihoods of each pair's target tokens, in batches, with the adapters and
+/// without dropout.
+fn score_pairs(model: &Llama, pad: u32, pairs: &[ScorePair]) -> Result<Vec<f64>> {
+    let hb = eval::pairs_batch(pairs, pad);
+    let (ids, mask, labels) = hb.to_tensors(model.device())?;
+    no_grad(|| {
+        let logits = model.forward(&ids, Some(&mask))?;
+        Ok(eval::target_log_likelihood(&logits, &labels)?.to_vec_f64()?)
+    })
+}
+
+fn evaluate(model: &Llama, tok: &Tokenizer, tasks: &[Task], cfg_cutoff: usize, limit: Option<usize>, batch: usize) -> Result<EvalReport> {
+    let pad = tok.eos_id().unwrap_or(0);
+    let mut score = |pairs: &[ScorePair]| score_pairs(model, pad, pairs);
+    eval::evaluate(tasks, tok, cfg_cutoff, limit, batch, &mut score)
+}
+
+/// One micro-batch forward and backward; returns (summed LM loss over its targets, aux loss).
+fn micro_step(model: &Llama, hb: &HostBatch, n_targets: f64, n_micro: f64, seed: u64) -> Result<(f64, Option<f64>, Vec<Tensor>)> {
+    let (ids, mask, labels) = hb.to_tensors(model.device())?;
+    let out = model.forward_train(&ids, Some(&mask), Some(seed))?;
+    let v = out.logits.dim(-1)?;
+    let rows = out.logits.reshape([hb.batch * hb.len, v])?.cross_entropy_rows(&labels, IGNORE_INDEX)?; // [B·T]
+    let lm_sum = rows.sum_all()?;
+    // The step's loss is the mean over all its target tokens, so accumulated micro-batches add
+    // up to one large batch; the aux loss (already times its coefficient) is averaged.
+    let mut loss = lm_sum.to_dtype(DType::F32)?.mul_scalar(1.0 / n_targets)?;
+    let mut aux = None;
+    if let Some(a) = &out.aux_loss {
+        aux = Some(a.to_scalar()?);
+        loss = loss.add(&a.to_dtype(DType::F32)?.mul_scalar(1.0 / n_micro)?)?;
+    }
+    let lm = lm_sum.to_scalar()?;
+    loss.backward()?;
+    Ok((lm, aux, out.expert_load))
+}
+
+/// `mixlora train`: fine-tunes an adapter, evaluating and checkpointing as configured.
+pub fn train(cfg: &TrainConfig, mut log: impl FnMut(&str)) -> Result<TrainSummary> {
+    let device = cfg.device()?;
+    std::fs::create_dir_all(&cfg.out_dir).map_err(|e| Error::Io { path: cfg.out_dir.display().to_string(), source: e })?;
+    let (mut model, tok) = load_base_model(cfg.model.as_deref(), cfg.seed, cfg.dtype.dtype(), device, &cfg.out_dir)?;
+    model.add_adapters(&adapter_config(cfg, &base_name(cfg.model.as_deref(), cfg.seed)), cfg.seed)?;
+    let (train_tasks, eval_tasks) = tasks(cfg)?;
+    let ds = Dataset::encode(&train_tasks, &tok, cfg.cutoff_len)?;
+    if ds.is_empty() {
+        return Err(Error::Config("the training data has no usable example".into()));
+    }
+    let mut loader = Loader::new(ds.len(), cfg.micro_batch_size, cfg.grad_accum(), cfg.seed)?;
+    let total = cfg.total_steps(loader.steps_per_epoch());
+    let sched = Schedule::new(cfg.schedule, cfg.lr, cfg.warmup(), total)?;
+    let mut state = TrainerState { total_steps: total, rng: Rng::new(cfg.seed).state(), ..Default::default() };
+    let metrics_path = cfg.out_dir.join("metrics.jsonl");
+    let resumed = if cfg.resume { checkpoint::latest(&cfg.out_dir)? } else { None };
+    if let Some((dir, s)) = &resumed {
+        // Load the adapter before the optimizer takes hold of the parameter tensors.
+        model::adapters::load(dir, &mut model)?;
+        loader.restore(s.cursor.clone())?;
+        state = s.clone();
+        log(&format!("resumed from {} (step {})", dir.display(), s.step));
+    }
+    let mut opt = AdamW::new(model.trainable_params(), cfg.adamw())?;
+    if let Some((dir, _)) = &resumed {
+        opt.load(&dir.join(checkpoint::OPTIMIZER_FILE))?;
+    }
+    let mut metrics = if resumed.is_some() {
+        MetricsWriter::resume(&metrics_path, state.step)?
+    } else {
+        MetricsWriter::create(&metrics_path)?
+    };
+    let n_params: usize = opt.params().iter().map(|p| p.elem_count()).sum();
+    log(&format!(
+        "{} examples in {} tasks, {} steps of {} sequences, {} trainable parameters",
+        ds.len(),
+        train_tasks.len(),
+        total,
+        cfg.batch_size,
+        n_params
+    ));
+    std::fs::write(cfg.out_dir.join("train_config.toml"), cfg.to_toml_string())
+        .map_err(|e| Error::Io { path: cfg.out_dir.join("train_config.toml").display().to_string(), source: e })?;
+
+    let mut rng = Rng::from_state(state.rng);
+    let pad = tok.eos_id().unwrap_or(0);
+    let progress = Progress::new(total, state.step);
+    let run_start = Instant::now();
+    let (mut first_loss, mut last_loss) = (None, f64::NAN);
+    let mut last_eval = None;
+    let save = |st: &TrainerState, opt: &AdamW, model: &Llama| {
+        checkpoint::save(&cfg.out_dir, st, opt, |d| model::adapters::save(d, model), cfg.save_total_limit)
+    };
+    while state.step < total {
+        let t0 = Instant::now();
+        let micro: Vec<HostBatch> = loader.next_step().iter().map(|ix| ds.collate(ix, pad)).collect();
+        let n_targets = micro.iter().map(|b| b.target_tokens).sum::<usize>().max(1) as f64;
+        let (mut lm, mut aux, mut load) = (0.0, None::<f64>, Vec::new());
+        for hb in &micro {
+            let (l, a, el) = micro_step(&model, hb, n_targets, micro.len() as f64, rng.next_u64())?;
+            lm += l;
+            if let Some(a) = a {
+                *aux.get_or_insert(0.0) += a / micro.len() as f64;
+            }
+            load = el;
+        }
+        let loss = lm / n_targets;
+        if !loss.is_finite() || aux.is_some_and(|a| !a.is_finite()) {
+            opt.zero_grad();
+            let kept = checkpoint::latest(&cfg.out_dir)?
+                .map_or("none yet".to_string(), |(d, _)| d.display().to_string());
+            return Err(Error::Config(format!(
+                "step {}: the loss is not finite ({loss}); stopped, last good checkpoint: {kept}",
+                state.step + 1
+            )));
+        }
+        let (norm, scale) = clip_grad_norm(opt.params(), cfg.max_grad_norm)?;
+        let lr = sched.lr(state.step);
+        opt.step(lr, scale)?;
+        opt.zero_grad();
+        state.step += 1;
+        let real: usize = micro.iter().map(|b| b.real_tokens).sum();
+        state.tokens_seen += real as u64;
+        state.last_loss = Some(loss);
+        first_loss.get_or_insert(loss);
+        last_loss = loss;
+        if state.step % cfg.log_every.max(1) == 0 || state.step == total {
+            let m = StepMetrics {
+                step: state.step,
+                epoch: loader.epoch_progress(),
+                loss,
+                aux_loss: aux,
+                lr,
+                grad_norm: norm,
+                tokens_per_s: real as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+                elapsed_s: run_start.elapsed().as_secs_f64(),
+                expert_load: if load.is_empty() { None } else { Some(expert_load_host(&load)?) },
+            };
+            metrics.write(&Record::Train(m.clone()))?;
+            progress.update(state.step, m.summary(total));
+            if !progress.is_visible() {
+                log(&m.summary(total));
+            }
+        }
+        let last = state.step == total;
+        if !eval_tasks.is_empty() && ((cfg.eval_every > 0 && state.step % cfg.eval_every == 0) || last) {
+            let report = evaluate(&model, &tok, &eval_tasks, cfg.cutoff_len, cfg.eval_limit, cfg.micro_batch_size * 4)?;
+            progress.println(&format!("eval at step {}: {}", state.step, report.summary()));
+            if !progress.is_visible() {
+                log(&format!("eval at step {}: {}", state.step, report.summary()));
+            }
+            if state.best_metric.is_none_or(|b| report.average > b) {
+                state.best_metric = Some(report.average);
+                state.best_step = Some(state.step);
+            }
+            metrics.write(&Record::Eval(EvalMetrics { step: state.step, epoch: loader.epoch_progress(), report: report.clone() }))?;
+            state.last_eval = serde_json::to_value(&report).ok();
+            last_eval = Some(report);
+        }
+        if (cfg.save_every > 0 && state.step % cfg.save_every == 0) || last {
+            state.cursor = loader.cursor();
+            state.epoch = loader.epoch_progress();
+            state.rng = rng.state();
+            let dir = save(&state, &opt, &model)?;
+            progress.println(&format!("saved {}", dir.display()));
+        }
+    }
+    progress.finish();
+    let adapter_dir = cfg.out_dir.join("adapter");
+    model::adapters::save(&adapter_dir, &model)?;
+    if let Some(r) = &last_eval {
+        let path = cfg.out_dir.join("eval.json");
+        std::fs::write(&path, r.to_json_pretty()).map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
+    }
+    Ok(TrainSummary {
+        steps: state.step,
+        first_loss: first_loss.unwrap_or(f64::NAN),
+        last_loss,
+        eval: last_eval,
+        adapter_dir,
+    })
+}
+
+/// `mixlora eval`: accuracy per task of a base model with an optional adapter.
+pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
+    let device = Device::parse(&a.device)?;
+    let scratch = std::env::temp_dir().join(format!("mixlora-eval-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).map_err(|e| Error::Io { path: scratch.display().to_string(), source: e })?;
+    let seed = builtin_seed(a.adapter.as_deref());
+    let (mut model, tok) = load_base_model(a.model.as_deref(), seed, a.dtype.dtype(), device, &scratch)?;
+    if let Some(dir) = &a.adapter {
+        model::adapters::load(dir, &mut model)?;
+    }
+    let tasks = if a.data.is_empty() { synthetic::generate(seed, SYNTHETIC_TRAIN, SYNTHETIC_VALID).1 } else { data::load_tasks(&a.data)? };
+    let report = evaluate(&model, &tok, &tasks, a.cutoff_len, a.limit, a.batch_size);
+    let _ = std::fs::remove_dir_all(&scratch);
+    let report = report?;
+    if let Some(out) = &a.output {
+        std::fs::write(out, report.to_json_pretty()).map_err(|e| Error::Io { path: out.display().to_string(), source: e })?;
+    }
+    Ok(report)
+}
