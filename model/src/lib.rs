@@ -1,6 +1,7 @@
 //! LLaMA, loaders, tokenizer and adapters (built on `engine`).
 pub use engine;
 
+pub mod adapters;
 pub mod config;
 mod convert;
 pub mod error;
@@ -13,8 +14,9 @@ pub mod sampling;
 pub mod tokenizer;
 pub mod weights;
 
+pub use adapters::{AdapterConfig, MoeImpl, PeftType, RoutingStrategy};
 pub use config::{Llama3RopeScaling, LlamaConfig};
 pub use error::{Error, Result};
-pub use llama::{KvCache, Llama};
+pub use llama::{ForwardOutput, KvCache, Llama};
 pub use tokenizer::Tokenizer;
 pub use weights::{load, Weights};

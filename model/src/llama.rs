@@ -1,11 +1,17 @@
 //! The LLaMA decoder: token embedding, `num_hidden_layers` × (RMSNorm → grouped-query attention
 //! with RoPE → residual, RMSNorm → SwiGLU → residual), a final RMSNorm and the (possibly tied)
 //! LM head. Weights stay frozen; the forward pass works in the dtype they were loaded in.
+//!
+//! Adapters ([`crate::adapters`]) attach to the projections: LoRA on any of the seven, or MixLoRA
+//! (LoRA on q, k, v, o and a mixture of LoRA experts in place of each FFN). Every forward pass
+//! uses them; [`Llama::forward_train`] also applies their dropout and returns the router loss.
 
-use engine::{cat, causal_attention, rope_tables, DType, Device, Tensor};
+use engine::{cat, causal_attention, rng, rope_tables, DType, Device, Tensor};
 
+use crate::adapters::router::{aux_loss, expert_load, token_weights, RouterOutput};
+use crate::adapters::{lora_linear, AdapterConfig, Adapters, MlpAdapters, MoeImpl, SharedFfn};
 use crate::config::LlamaConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::weights::Weights;
 
 /// One decoder layer's frozen weights. Projections are stored `[out, in]` as in the files.
@@ -30,6 +36,34 @@ pub struct Llama {
     pub lm_head: Option<Tensor>,
     /// RoPE inverse frequencies `[D/2]` (llama3 scaling applied), in the model's dtype.
     inv_freq: Tensor,
+    /// Attached LoRA / MixLoRA adapters.
+    adapters: Option<Adapters>,
+}
+
+/// What [`Llama::forward_train`] returns.
+pub struct ForwardOutput {
+    /// `[B, T, V]`, in the model's dtype.
+    pub logits: Tensor,
+    /// The MixLoRA load-balance loss over all MoE layers and real tokens, already multiplied by
+    /// `router_aux_loss_coef` (a scalar in the adapter dtype); `None` without MoE layers.
+    pub aux_loss: Option<Tensor>,
+    /// Per MoE layer, `[E]` f32 without gradient: the share of routed (token, slot) pairs each
+    /// expert received over the real tokens.
+    pub expert_load: Vec<Tensor>,
+}
+
+/// Options of one forward pass.
+#[derive(Clone, Copy, Default)]
+struct Pass {
+    /// Seeds adapter dropout (training); `None`: no dropout.
+    dropout_seed: Option<u64>,
+    /// Keep every MoE layer's router output.
+    collect_routing: bool,
+}
+
+/// The dropout seed of adapter slot `slot` of layer `layer` (0..4 attention, 4..7 FFN / MoE).
+fn sub_seed(seed: Option<u64>, layer: usize, slot: usize) -> Option<u64> {
+    seed.map(|s| rng::hash(s, (layer * 8 + slot) as u64))
 }
 
 /// Keys and values of the positions seen so far, per layer: `[B, Hkv, S, D]` each.
@@ -121,7 +155,108 @@ impl Llama {
             lm_head,
             inv_freq,
             config,
+            adapters: None,
         })
+    }
+
+    /// A randomly initialised model of shape `config` (for tests and tiny built-in models):
+    /// projections and embeddings `N(0, 0.02)`, norms ones, seeded.
+    pub fn random(config: LlamaConfig, seed: u64, dtype: DType, device: Device) -> Result<Llama> {
+        let c = &config;
+        let (h, i, d) = (c.hidden_size, c.intermediate_size, c.head_dim);
+        let (hq, hkv) = (c.num_attention_heads * d, c.num_key_value_heads * d);
+        let mut r = rng::Rng::new(seed);
+        let mut normal =
+            |shape: [usize; 2]| Tensor::randn(shape, 0.0, 0.02, r.next_u64(), dtype, device);
+        let ones = || Tensor::ones(h, dtype, device);
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for _ in 0..c.num_hidden_layers {
+            layers.push(DecoderLayer {
+                input_layernorm: ones()?,
+                q_proj: normal([hq, h])?,
+                k_proj: normal([hkv, h])?,
+                v_proj: normal([hkv, h])?,
+                o_proj: normal([h, hq])?,
+                post_attention_layernorm: ones()?,
+                gate_proj: normal([i, h])?,
+                up_proj: normal([i, h])?,
+                down_proj: normal([h, i])?,
+            });
+        }
+        let embed_tokens = normal([c.vocab_size, h])?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(normal([c.vocab_size, h])?)
+        };
+        let inv_freq = Tensor::from_f64(&inv_freq(c), d / 2, dtype, device)?;
+        Ok(Llama {
+            embed_tokens,
+            layers,
+            norm: ones()?,
+            lm_head,
+            inv_freq,
+            config,
+            adapters: None,
+        })
+    }
+
+    /// Attaches fresh adapters as `cfg` describes (replacing any): trainable variables in f32
+    /// (f64 for an f64 base), `A` uniform in `±1/√in`, `B = 0` (so the model's outputs do not
+    /// change), routers `N(0, router_init_range)`; seeded.
+    pub fn add_adapters(&mut self, cfg: &AdapterConfig, seed: u64) -> Result<()> {
+        self.adapters = Some(Adapters::init(
+            cfg,
+            &self.config,
+            seed,
+            self.dtype(),
+            self.device(),
+        )?);
+        Ok(())
+    }
+
+    /// Attaches `adapters` (built for this model's shape), replacing any.
+    pub fn set_adapters(&mut self, adapters: Adapters) {
+        self.adapters = Some(adapters);
+    }
+
+    /// Detaches the adapters and returns them.
+    pub fn remove_adapters(&mut self) -> Option<Adapters> {
+        self.adapters.take()
+    }
+
+    pub fn adapters(&self) -> Option<&Adapters> {
+        self.adapters.as_ref()
+    }
+
+    pub fn adapter_config(&self) -> Option<&AdapterConfig> {
+        self.adapters.as_ref().map(|a| &a.config)
+    }
+
+    /// Chooses how MoE FFNs are computed (no-op without MixLoRA adapters).
+    pub fn set_moe_impl(&mut self, imp: MoeImpl) {
+        if let Some(a) = &mut self.adapters {
+            a.moe_impl = imp;
+        }
+    }
+
+    /// The trainable tensors (the adapters' variables, shared with the model: gradients land on
+    /// them and in-place updates reach the model) with their file names. Empty without adapters.
+    pub fn trainable_params(&self) -> Vec<(String, Tensor)> {
+        self.adapters
+            .as_ref()
+            .map_or_else(Vec::new, Adapters::named_params)
+    }
+
+    /// Replaces the adapter tensor `name` by `value` (same shape).
+    pub fn set_trainable_param(&mut self, name: &str, value: Tensor) -> Result<()> {
+        let config = self.config.clone();
+        match &mut self.adapters {
+            Some(a) => a.set_param(&config, name, value),
+            None => Err(Error::Invalid(format!(
+                "set_trainable_param: no adapters attached (asked for {name})"
+            ))),
+        }
     }
 
     /// Loads a GGUF file or a Hugging Face folder.
@@ -142,13 +277,28 @@ impl Llama {
     /// `positions` `[B, T]` (u32) are the RoPE positions of the new tokens; `key_mask` `[B, S]`
     /// (u32, 1 = real token) covers the cached and the new positions, `S = cache.len() + T`;
     /// `None` means no padding. With a cache, the new keys and values are appended to it.
+    /// Attached adapters are used (without dropout).
     pub fn forward_hidden(
         &self,
         ids: &Tensor,
         positions: &Tensor,
         key_mask: Option<&Tensor>,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
+        Ok(self
+            .forward_pass(ids, positions, key_mask, cache, Pass::default())?
+            .0)
+    }
+
+    /// The decoder stack; also returns the MoE layers' router outputs when `pass` asks for them.
+    fn forward_pass(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        key_mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+        pass: Pass,
+    ) -> Result<(Tensor, Vec<RouterOutput>)> {
         let c = &self.config;
         let (b, t) = (ids.dims()[0], ids.dims()[1]);
         let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
@@ -157,17 +307,23 @@ impl Llama {
         if let Some(cache) = cache.as_deref_mut() {
             cache.layers.resize_with(self.layers.len(), || None);
         }
+        let mut routing = Vec::new();
         let mut x = self.embed_tokens.embedding(ids)?; // [B, T, H]
         for (li, layer) in self.layers.iter().enumerate() {
+            let ad = self.adapters.as_ref().map(|a| &a.layers[li]);
+            let seed = |slot| sub_seed(pass.dropout_seed, li, slot);
+            let attn_lora = |j: usize| ad.and_then(|a| a.attn[j].as_ref());
             // Attention block.
             let hn = x.rms_norm(&layer.input_layernorm, c.rms_norm_eps)?;
-            let heads = |w: &Tensor, n: usize| -> Result<Tensor> {
+            let heads = |w: &Tensor, j: usize, n: usize| -> Result<Tensor> {
                 // [B, T, n·D] -> [B, n, T, D] (a view)
-                Ok(linear(&hn, w)?.reshape([b, t, n, d])?.transpose(1, 2)?)
+                Ok(lora_linear(&hn, w, attn_lora(j), seed(j))?
+                    .reshape([b, t, n, d])?
+                    .transpose(1, 2)?)
             };
-            let q = heads(&layer.q_proj, nh)?.rope(&cos, &sin)?;
-            let mut k = heads(&layer.k_proj, nkv)?.rope(&cos, &sin)?;
-            let mut v = heads(&layer.v_proj, nkv)?;
+            let q = heads(&layer.q_proj, 0, nh)?.rope(&cos, &sin)?;
+            let mut k = heads(&layer.k_proj, 1, nkv)?.rope(&cos, &sin)?;
+            let mut v = heads(&layer.v_proj, 2, nkv)?;
             if let Some(cache) = cache.as_deref_mut() {
                 if let Some((pk, pv)) = &cache.layers[li] {
                     k = cat(&[pk, &k], 2)?;
@@ -180,14 +336,39 @@ impl Llama {
             }
             let attn = causal_attention(&q, &k, &v, key_mask, past)?; // [B, Hq, T, D]
             let attn = attn.transpose(1, 2)?.reshape([b, t, nh * d])?;
-            x = x.add(&linear(&attn, &layer.o_proj)?)?;
-            // SwiGLU block.
-            let hn = x.rms_norm(&layer.post_attention_layernorm, c.rms_norm_eps)?;
-            let gate = linear(&hn, &layer.gate_proj)?.silu()?;
-            let up = linear(&hn, &layer.up_proj)?;
-            x = x.add(&linear(&gate.mul(&up)?, &layer.down_proj)?)?;
+            x = x.add(&lora_linear(&attn, &layer.o_proj, attn_lora(3), seed(3))?)?;
+            // SwiGLU block, or the mixture of LoRA experts.
+            let hn = x.rms_norm(&layer.post_attention_layernorm, c.rms_norm_eps)?; // [B, T, H]
+            let ffn = SharedFfn {
+                gate: &layer.gate_proj,
+                up: &layer.up_proj,
+                down: &layer.down_proj,
+            };
+            let y = match ad.map(|a| &a.mlp) {
+                Some(MlpAdapters::MixLora(moe)) => {
+                    let imp = self
+                        .adapters
+                        .as_ref()
+                        .map_or(MoeImpl::default(), |a| a.moe_impl);
+                    let (y, route) = moe.forward(&hn, ffn, imp, seed(4))?;
+                    if pass.collect_routing {
+                        routing.push(route);
+                    }
+                    y
+                }
+                mlp => {
+                    let lora = |j: usize| match mlp {
+                        Some(MlpAdapters::Lora(l)) => l[j].as_ref(),
+                        _ => None,
+                    };
+                    let gate = lora_linear(&hn, ffn.gate, lora(0), seed(4))?.silu()?;
+                    let up = lora_linear(&hn, ffn.up, lora(1), seed(5))?;
+                    lora_linear(&gate.mul(&up)?, ffn.down, lora(2), seed(6))?
+                }
+            };
+            x = x.add(&y)?;
         }
-        Ok(x.rms_norm(&self.norm, c.rms_norm_eps)?)
+        Ok((x.rms_norm(&self.norm, c.rms_norm_eps)?, routing))
     }
 
     /// Logits `[.., V]` of final hidden states `[.., H]`.
@@ -202,6 +383,49 @@ impl Llama {
             positions_from_mask(ids.dims()[0], ids.dims()[1], key_mask, 0, ids.device())?;
         let h = self.forward_hidden(ids, &positions, key_mask, None)?;
         self.logits(&h)
+    }
+
+    /// The training forward: logits `[B, T, V]` of ids `[B, T]` (u32) with the attached adapters,
+    /// their dropout when `dropout_seed` is given (a new seed per step), and for MixLoRA the
+    /// load-balance loss over all MoE layers and the real tokens of `key_mask` `[B, T]` (u32,
+    /// 1 = real; `None`: no padding) plus each layer's expert load. Positions count real tokens
+    /// only, as in [`Llama::forward`]. The loss to minimise is `CE(logits) + aux_loss`.
+    pub fn forward_train(
+        &self,
+        ids: &Tensor,
+        key_mask: Option<&Tensor>,
+        dropout_seed: Option<u64>,
+    ) -> Result<ForwardOutput> {
+        let (b, t) = (ids.dims()[0], ids.dims()[1]);
+        let positions = positions_from_mask(b, t, key_mask, 0, ids.device())?;
+        let pass = Pass {
+            dropout_seed,
+            collect_routing: true,
+        };
+        let (h, routing) = self.forward_pass(ids, &positions, key_mask, None, pass)?;
+        let logits = self.logits(&h)?;
+        let (Some(adapters), Some(first)) = (&self.adapters, routing.first()) else {
+            return Ok(ForwardOutput {
+                logits,
+                aux_loss: None,
+                expert_load: Vec::new(),
+            });
+        };
+        let tw = key_mask
+            .map(|m| token_weights(m, first.probs.dtype()))
+            .transpose()?; // [N, 1]
+        let aux_loss = aux_loss(&routing, tw.as_ref(), adapters.config.router_aux_loss_coef)?;
+        let expert_load = engine::no_grad(|| {
+            routing
+                .iter()
+                .map(|r| expert_load(r, tw.as_ref()))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        Ok(ForwardOutput {
+            logits,
+            aux_loss,
+            expert_load,
+        })
     }
 }
 

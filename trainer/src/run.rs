@@ -36,11 +36,20 @@ pub struct TrainSummary {
 
 /// The base model and its tokenizer: a file or folder, or the built-in tiny random LLaMA with the
 /// byte-level tokenizer (its tokenizer.json is written into `scratch`).
-pub fn load_base_model(model: Option<&Path>, seed: u64, dtype: DType, device: Device, scratch: &Path) -> Result<(Llama, Tokenizer)> {
+pub fn load_base_model(
+    model: Option<&Path>,
+    seed: u64,
+    dtype: DType,
+    device: Device,
+    scratch: &Path,
+) -> Result<(Llama, Tokenizer)> {
     match model {
         Some(p) => {
             if !p.exists() {
-                return Err(Error::Config(format!("model {}: no such file or folder", p.display())));
+                return Err(Error::Config(format!(
+                    "model {}: no such file or folder",
+                    p.display()
+                )));
             }
             let m = Llama::load(p, dtype, device)?;
             let t = Tokenizer::load(p, &m.config)?;
@@ -81,27 +90,42 @@ pub fn adapter_config(cfg: &TrainConfig, base_name: &str) -> AdapterConfig {
 const BUILTIN_PREFIX: &str = "builtin:tiny-random-llama:seed=";
 
 fn base_name(model: Option<&Path>, seed: u64) -> String {
-    model.map_or_else(|| format!("{BUILTIN_PREFIX}{seed}"), |p| p.display().to_string())
+    model.map_or_else(
+        || format!("{BUILTIN_PREFIX}{seed}"),
+        |p| p.display().to_string(),
+    )
 }
 
 /// The seed of the built-in base an adapter was trained on (42 when the adapter does not say).
 fn builtin_seed(adapter_dir: Option<&Path>) -> u64 {
     adapter_dir
         .and_then(|d| AdapterConfig::from_json_file(&d.join("adapter_config.json")).ok())
-        .and_then(|c| c.base_model_name_or_path.strip_prefix(BUILTIN_PREFIX).and_then(|s| s.parse().ok()))
+        .and_then(|c| {
+            c.base_model_name_or_path
+                .strip_prefix(BUILTIN_PREFIX)
+                .and_then(|s| s.parse().ok())
+        })
         .unwrap_or(42)
 }
 
 /// Training and evaluation tasks: the given files, or the synthetic tasks.
 fn tasks(cfg: &TrainConfig) -> Result<(Vec<Task>, Vec<Task>)> {
     if cfg.data.is_empty() {
-        return Ok(synthetic::generate(cfg.seed, SYNTHETIC_TRAIN, SYNTHETIC_VALID));
+        return Ok(synthetic::generate(
+            cfg.seed,
+            SYNTHETIC_TRAIN,
+            SYNTHETIC_VALID,
+        ));
     }
     let train = data::load_tasks(&cfg.data)?;
     if cfg.val_set_size > 0 {
         return data::split_validation(train, cfg.val_set_size, cfg.seed);
     }
-    let valid = if cfg.eval_data.is_empty() { Vec::new() } else { data::load_tasks(&cfg.eval_data)? };
+    let valid = if cfg.eval_data.is_empty() {
+        Vec::new()
+    } else {
+        data::load_tasks(&cfg.eval_data)?
+    };
     Ok((train, valid))
 }
 
@@ -116,18 +140,34 @@ fn score_pairs(model: &Llama, pad: u32, pairs: &[ScorePair]) -> Result<Vec<f64>>
     })
 }
 
-fn evaluate(model: &Llama, tok: &Tokenizer, tasks: &[Task], cfg_cutoff: usize, limit: Option<usize>, batch: usize) -> Result<EvalReport> {
+fn evaluate(
+    model: &Llama,
+    tok: &Tokenizer,
+    tasks: &[Task],
+    cfg_cutoff: usize,
+    limit: Option<usize>,
+    batch: usize,
+) -> Result<EvalReport> {
     let pad = tok.eos_id().unwrap_or(0);
     let mut score = |pairs: &[ScorePair]| score_pairs(model, pad, pairs);
     eval::evaluate(tasks, tok, cfg_cutoff, limit, batch, &mut score)
 }
 
 /// One micro-batch forward and backward; returns (summed LM loss over its targets, aux loss).
-fn micro_step(model: &Llama, hb: &HostBatch, n_targets: f64, n_micro: f64, seed: u64) -> Result<(f64, Option<f64>, Vec<Tensor>)> {
+fn micro_step(
+    model: &Llama,
+    hb: &HostBatch,
+    n_targets: f64,
+    n_micro: f64,
+    seed: u64,
+) -> Result<(f64, Option<f64>, Vec<Tensor>)> {
     let (ids, mask, labels) = hb.to_tensors(model.device())?;
     let out = model.forward_train(&ids, Some(&mask), Some(seed))?;
     let v = out.logits.dim(-1)?;
-    let rows = out.logits.reshape([hb.batch * hb.len, v])?.cross_entropy_rows(&labels, IGNORE_INDEX)?; // [B·T]
+    let rows = out
+        .logits
+        .reshape([hb.batch * hb.len, v])?
+        .cross_entropy_rows(&labels, IGNORE_INDEX)?; // [B·T]
     let lm_sum = rows.sum_all()?;
     // The step's loss is the mean over all its target tokens, so accumulated micro-batches add
     // up to one large batch; the aux loss (already times its coefficient) is averaged.
@@ -145,20 +185,42 @@ fn micro_step(model: &Llama, hb: &HostBatch, n_targets: f64, n_micro: f64, seed:
 /// `mixlora train`: fine-tunes an adapter, evaluating and checkpointing as configured.
 pub fn train(cfg: &TrainConfig, mut log: impl FnMut(&str)) -> Result<TrainSummary> {
     let device = cfg.device()?;
-    std::fs::create_dir_all(&cfg.out_dir).map_err(|e| Error::Io { path: cfg.out_dir.display().to_string(), source: e })?;
-    let (mut model, tok) = load_base_model(cfg.model.as_deref(), cfg.seed, cfg.dtype.dtype(), device, &cfg.out_dir)?;
-    model.add_adapters(&adapter_config(cfg, &base_name(cfg.model.as_deref(), cfg.seed)), cfg.seed)?;
+    std::fs::create_dir_all(&cfg.out_dir).map_err(|e| Error::Io {
+        path: cfg.out_dir.display().to_string(),
+        source: e,
+    })?;
+    let (mut model, tok) = load_base_model(
+        cfg.model.as_deref(),
+        cfg.seed,
+        cfg.dtype.dtype(),
+        device,
+        &cfg.out_dir,
+    )?;
+    model.add_adapters(
+        &adapter_config(cfg, &base_name(cfg.model.as_deref(), cfg.seed)),
+        cfg.seed,
+    )?;
     let (train_tasks, eval_tasks) = tasks(cfg)?;
     let ds = Dataset::encode(&train_tasks, &tok, cfg.cutoff_len)?;
     if ds.is_empty() {
-        return Err(Error::Config("the training data has no usable example".into()));
+        return Err(Error::Config(
+            "the training data has no usable example".into(),
+        ));
     }
     let mut loader = Loader::new(ds.len(), cfg.micro_batch_size, cfg.grad_accum(), cfg.seed)?;
     let total = cfg.total_steps(loader.steps_per_epoch());
     let sched = Schedule::new(cfg.schedule, cfg.lr, cfg.warmup(), total)?;
-    let mut state = TrainerState { total_steps: total, rng: Rng::new(cfg.seed).state(), ..Default::default() };
+    let mut state = TrainerState {
+        total_steps: total,
+        rng: Rng::new(cfg.seed).state(),
+        ..Default::default()
+    };
     let metrics_path = cfg.out_dir.join("metrics.jsonl");
-    let resumed = if cfg.resume { checkpoint::latest(&cfg.out_dir)? } else { None };
+    let resumed = if cfg.resume {
+        checkpoint::latest(&cfg.out_dir)?
+    } else {
+        None
+    };
     if let Some((dir, s)) = &resumed {
         // Load the adapter before the optimizer takes hold of the parameter tensors.
         model::adapters::load(dir, &mut model)?;
@@ -184,8 +246,12 @@ pub fn train(cfg: &TrainConfig, mut log: impl FnMut(&str)) -> Result<TrainSummar
         cfg.batch_size,
         n_params
     ));
-    std::fs::write(cfg.out_dir.join("train_config.toml"), cfg.to_toml_string())
-        .map_err(|e| Error::Io { path: cfg.out_dir.join("train_config.toml").display().to_string(), source: e })?;
+    std::fs::write(cfg.out_dir.join("train_config.toml"), cfg.to_toml_string()?).map_err(|e| {
+        Error::Io {
+            path: cfg.out_dir.join("train_config.toml").display().to_string(),
+            source: e,
+        }
+    })?;
 
     let mut rng = Rng::from_state(state.rng);
     let pad = tok.eos_id().unwrap_or(0);
@@ -194,11 +260,21 @@ pub fn train(cfg: &TrainConfig, mut log: impl FnMut(&str)) -> Result<TrainSummar
     let (mut first_loss, mut last_loss) = (None, f64::NAN);
     let mut last_eval = None;
     let save = |st: &TrainerState, opt: &AdamW, model: &Llama| {
-        checkpoint::save(&cfg.out_dir, st, opt, |d| model::adapters::save(d, model), cfg.save_total_limit)
+        checkpoint::save(
+            &cfg.out_dir,
+            st,
+            opt,
+            |d| model::adapters::save(d, model),
+            cfg.save_total_limit,
+        )
     };
     while state.step < total {
         let t0 = Instant::now();
-        let micro: Vec<HostBatch> = loader.next_step().iter().map(|ix| ds.collate(ix, pad)).collect();
+        let micro: Vec<HostBatch> = loader
+            .next_step()
+            .iter()
+            .map(|ix| ds.collate(ix, pad))
+            .collect();
         let n_targets = micro.iter().map(|b| b.target_tokens).sum::<usize>().max(1) as f64;
         let (mut lm, mut aux, mut load) = (0.0, None::<f64>, Vec::new());
         for hb in &micro {
@@ -239,7 +315,11 @@ pub fn train(cfg: &TrainConfig, mut log: impl FnMut(&str)) -> Result<TrainSummar
                 grad_norm: norm,
                 tokens_per_s: real as f64 / t0.elapsed().as_secs_f64().max(1e-9),
                 elapsed_s: run_start.elapsed().as_secs_f64(),
-                expert_load: if load.is_empty() { None } else { Some(expert_load_host(&load)?) },
+                expert_load: if load.is_empty() {
+                    None
+                } else {
+                    Some(expert_load_host(&load)?)
+                },
             };
             metrics.write(&Record::Train(m.clone()))?;
             progress.update(state.step, m.summary(total));
@@ -248,17 +328,38 @@ pub fn train(cfg: &TrainConfig, mut log: impl FnMut(&str)) -> Result<TrainSummar
             }
         }
         let last = state.step == total;
-        if !eval_tasks.is_empty() && ((cfg.eval_every > 0 && state.step % cfg.eval_every == 0) || last) {
-            let report = evaluate(&model, &tok, &eval_tasks, cfg.cutoff_len, cfg.eval_limit, cfg.micro_batch_size * 4)?;
-            progress.println(&format!("eval at step {}: {}", state.step, report.summary()));
+        if !eval_tasks.is_empty()
+            && ((cfg.eval_every > 0 && state.step % cfg.eval_every == 0) || last)
+        {
+            let report = evaluate(
+                &model,
+                &tok,
+                &eval_tasks,
+                cfg.cutoff_len,
+                cfg.eval_limit,
+                cfg.micro_batch_size * 4,
+            )?;
+            progress.println(&format!(
+                "eval at step {}: {}",
+                state.step,
+                report.summary()
+            ));
             if !progress.is_visible() {
-                log(&format!("eval at step {}: {}", state.step, report.summary()));
+                log(&format!(
+                    "eval at step {}: {}",
+                    state.step,
+                    report.summary()
+                ));
             }
             if state.best_metric.is_none_or(|b| report.average > b) {
                 state.best_metric = Some(report.average);
                 state.best_step = Some(state.step);
             }
-            metrics.write(&Record::Eval(EvalMetrics { step: state.step, epoch: loader.epoch_progress(), report: report.clone() }))?;
+            metrics.write(&Record::Eval(EvalMetrics {
+                step: state.step,
+                epoch: loader.epoch_progress(),
+                report: report.clone(),
+            }))?;
             state.last_eval = serde_json::to_value(&report).ok();
             last_eval = Some(report);
         }
@@ -275,7 +376,10 @@ pub fn train(cfg: &TrainConfig, mut log: impl FnMut(&str)) -> Result<TrainSummar
     model::adapters::save(&adapter_dir, &model)?;
     if let Some(r) = &last_eval {
         let path = cfg.out_dir.join("eval.json");
-        std::fs::write(&path, r.to_json_pretty()).map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
+        std::fs::write(&path, r.to_json_pretty()).map_err(|e| Error::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?;
     }
     Ok(TrainSummary {
         steps: state.step,
@@ -290,18 +394,29 @@ pub fn train(cfg: &TrainConfig, mut log: impl FnMut(&str)) -> Result<TrainSummar
 pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
     let device = Device::parse(&a.device)?;
     let scratch = std::env::temp_dir().join(format!("mixlora-eval-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).map_err(|e| Error::Io { path: scratch.display().to_string(), source: e })?;
+    std::fs::create_dir_all(&scratch).map_err(|e| Error::Io {
+        path: scratch.display().to_string(),
+        source: e,
+    })?;
     let seed = builtin_seed(a.adapter.as_deref());
-    let (mut model, tok) = load_base_model(a.model.as_deref(), seed, a.dtype.dtype(), device, &scratch)?;
+    let (mut model, tok) =
+        load_base_model(a.model.as_deref(), seed, a.dtype.dtype(), device, &scratch)?;
     if let Some(dir) = &a.adapter {
         model::adapters::load(dir, &mut model)?;
     }
-    let tasks = if a.data.is_empty() { synthetic::generate(seed, SYNTHETIC_TRAIN, SYNTHETIC_VALID).1 } else { data::load_tasks(&a.data)? };
+    let tasks = if a.data.is_empty() {
+        synthetic::generate(seed, SYNTHETIC_TRAIN, SYNTHETIC_VALID).1
+    } else {
+        data::load_tasks(&a.data)?
+    };
     let report = evaluate(&model, &tok, &tasks, a.cutoff_len, a.limit, a.batch_size);
     let _ = std::fs::remove_dir_all(&scratch);
     let report = report?;
     if let Some(out) = &a.output {
-        std::fs::write(out, report.to_json_pretty()).map_err(|e| Error::Io { path: out.display().to_string(), source: e })?;
+        std::fs::write(out, report.to_json_pretty()).map_err(|e| Error::Io {
+            path: out.display().to_string(),
+            source: e,
+        })?;
     }
     Ok(report)
 }

@@ -1,0 +1,251 @@
+//! `adapter_config.json`: the settings of a LoRA or MixLoRA adapter, with the keys of MIXLORA.md
+//! (those of the `mixlora` / MoE-PEFT packages; plain LoRA files are PEFT's). Unknown keys are
+//! ignored on reading, so PEFT's extra keys (`bias`, `fan_in_fan_out`, ...) do not get in the way.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{file_name, Error, Result};
+
+/// The seven projections of a LLaMA layer, in file order.
+pub const ATTN_MODULES: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
+pub const MLP_MODULES: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeftType {
+    /// A sparse mixture of LoRA experts in every FFN plus plain LoRA on the attention projections.
+    #[serde(rename = "MIXLORA")]
+    MixLora,
+    /// Plain LoRA on the target projections.
+    #[serde(rename = "LORA")]
+    Lora,
+}
+
+/// How the router picks experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RoutingStrategy {
+    /// Top-k of `softmax(x W_rᵀ)`, weights renormalised over the k picks.
+    #[serde(rename = "mixlora")]
+    TopK,
+    /// Top-p ("dynamic"): experts by decreasing probability until the cumulative sum passes
+    /// `top_p` (the crossing one included); the weights are the raw probabilities.
+    #[serde(rename = "mixlora-dynamic")]
+    TopP,
+}
+
+/// The contents of `adapter_config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterConfig {
+    pub peft_type: PeftType,
+    /// LoRA rank.
+    pub r: usize,
+    /// LoRA scale numerator: `s = lora_alpha / r` (`lora_alpha / √r` with rsLoRA).
+    pub lora_alpha: f64,
+    /// Dropout probability on the input of every LoRA `A` while training.
+    #[serde(default)]
+    pub lora_dropout: f64,
+    /// Which of `q_proj k_proj v_proj o_proj gate_proj up_proj down_proj` get LoRA. For MixLoRA,
+    /// the attention ones get a plain LoRA and the FFN ones a LoRA per expert.
+    pub target_modules: Vec<String>,
+    #[serde(default = "default_routing")]
+    pub routing_strategy: RoutingStrategy,
+    #[serde(default = "default_experts")]
+    pub num_experts: usize,
+    #[serde(default = "default_top_k")]
+    pub top_k: usize,
+    #[serde(default = "default_top_p")]
+    pub top_p: f64,
+    /// The FFN activation; only `silu` (LLaMA's) is supported.
+    #[serde(default = "default_act")]
+    pub act_fn: String,
+    /// `coef` of the load-balance loss.
+    #[serde(default = "default_aux_coef")]
+    pub router_aux_loss_coef: f64,
+    /// Standard deviation of the router's normal init.
+    #[serde(default = "default_init_range")]
+    pub router_init_range: f64,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default)]
+    pub base_model_name_or_path: String,
+    #[serde(default = "default_task")]
+    pub task_type: String,
+}
+
+fn default_routing() -> RoutingStrategy {
+    RoutingStrategy::TopK
+}
+fn default_experts() -> usize {
+    8
+}
+fn default_top_k() -> usize {
+    2
+}
+fn default_top_p() -> f64 {
+    0.8
+}
+fn default_act() -> String {
+    "silu".into()
+}
+fn default_aux_coef() -> f64 {
+    0.001
+}
+fn default_init_range() -> f64 {
+    0.02
+}
+fn default_task() -> String {
+    "CAUSAL_LM".into()
+}
+
+/// The keys that only a MixLoRA file carries.
+const MOE_KEYS: [&str; 7] = [
+    "routing_strategy",
+    "num_experts",
+    "top_k",
+    "top_p",
+    "act_fn",
+    "router_aux_loss_coef",
+    "router_init_range",
+];
+
+impl AdapterConfig {
+    /// MIXLORA.md's defaults: E = 8, top-2, r = 16, alpha = 32, dropout 0.05, aux coef 0.001,
+    /// router init N(0, 0.02); plain LoRA on q, k, v, o and per-expert LoRA on gate, up, down.
+    pub fn mixlora_default() -> Self {
+        AdapterConfig {
+            peft_type: PeftType::MixLora,
+            r: 16,
+            lora_alpha: 32.0,
+            lora_dropout: 0.05,
+            target_modules: ATTN_MODULES
+                .iter()
+                .chain(&MLP_MODULES)
+                .map(|s| s.to_string())
+                .collect(),
+            routing_strategy: default_routing(),
+            num_experts: default_experts(),
+            top_k: default_top_k(),
+            top_p: default_top_p(),
+            act_fn: default_act(),
+            router_aux_loss_coef: default_aux_coef(),
+            router_init_range: default_init_range(),
+            use_rslora: false,
+            base_model_name_or_path: String::new(),
+            task_type: default_task(),
+        }
+    }
+
+    /// Plain LoRA with the same rank, alpha and dropout on all seven projections.
+    pub fn lora_default() -> Self {
+        AdapterConfig {
+            peft_type: PeftType::Lora,
+            ..Self::mixlora_default()
+        }
+    }
+
+    /// `s = alpha / r`, or `alpha / √r` with rsLoRA.
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.lora_alpha / (self.r as f64).sqrt()
+        } else {
+            self.lora_alpha / self.r as f64
+        }
+    }
+
+    pub fn is_mixlora(&self) -> bool {
+        self.peft_type == PeftType::MixLora
+    }
+
+    /// Whether projection `module` (`q_proj`, ...) is a target.
+    pub fn targets(&self, module: &str) -> bool {
+        self.target_modules.iter().any(|m| m == module)
+    }
+
+    /// Checks the values; `file` names the source in the one-line error.
+    pub fn validate(&self, file: &str) -> Result<()> {
+        let bad = |key: &str, msg: String| Err(Error::key(file, key, msg));
+        if self.r == 0 {
+            return bad("r", "must be at least 1".into());
+        }
+        if !self.lora_alpha.is_finite() {
+            return bad("lora_alpha", format!("{} is not finite", self.lora_alpha));
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return bad(
+                "lora_dropout",
+                format!("{} is not in [0, 1)", self.lora_dropout),
+            );
+        }
+        for m in &self.target_modules {
+            if !ATTN_MODULES.contains(&m.as_str()) && !MLP_MODULES.contains(&m.as_str()) {
+                return bad(
+                    "target_modules",
+                    format!("unknown module `{m}` (expected q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)"),
+                );
+            }
+        }
+        if !self.is_mixlora() {
+            return Ok(());
+        }
+        if self.num_experts == 0 {
+            return bad("num_experts", "must be at least 1".into());
+        }
+        if self.routing_strategy == RoutingStrategy::TopK
+            && !(1..=self.num_experts).contains(&self.top_k)
+        {
+            return bad(
+                "top_k",
+                format!(
+                    "{} is not in 1..={} (num_experts)",
+                    self.top_k, self.num_experts
+                ),
+            );
+        }
+        if self.routing_strategy == RoutingStrategy::TopP
+            && !(self.top_p > 0.0 && self.top_p <= 1.0)
+        {
+            return bad("top_p", format!("{} is not in (0, 1]", self.top_p));
+        }
+        if self.act_fn != "silu" {
+            return bad(
+                "act_fn",
+                format!("`{}` is not supported (only silu)", self.act_fn),
+            );
+        }
+        if !(self.router_aux_loss_coef.is_finite() && self.router_aux_loss_coef >= 0.0) {
+            return bad(
+                "router_aux_loss_coef",
+                format!(
+                    "{} is not a finite non-negative number",
+                    self.router_aux_loss_coef
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Parses the text of an `adapter_config.json` and validates it; `file` names it in errors.
+    pub fn from_json_str(file: &str, text: &str) -> Result<Self> {
+        let cfg: AdapterConfig = serde_json::from_str(text)
+            .map_err(|e| Error::format(file, format!("invalid adapter config: {e}")))?;
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    pub fn from_json_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json_str(&file_name(path), &text)
+    }
+
+    /// Pretty JSON with MIXLORA.md's keys; a plain LoRA file leaves out the router keys.
+    pub fn to_json_string(&self) -> String {
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        if let (false, Some(obj)) = (self.is_mixlora(), v.as_object_mut()) {
+            for k in MOE_KEYS {
+                obj.remove(k);
+            }
+        }
+        serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
+    }
+}

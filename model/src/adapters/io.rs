@@ -1,0 +1,259 @@
+//! Adapter folders: `adapter_config.json` + `adapter_model.safetensors` (f32).
+//!
+//! [`save`] is atomic: both files are written and fsynced in a temporary sibling folder
+//! (`.{name}.tmp`), which then replaces the target by renames, so a kill at any point leaves
+//! either the old adapter or the new one, complete. [`load`] checks every tensor name and shape
+//! against the config and the base model and reports the first problem in one line naming the
+//! file and the tensor.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, TensorView};
+
+use super::{adapter_dtype, AdapterConfig, Adapters, ParamKind, ParamSpec};
+use crate::convert::{from_bytes, FileDType};
+use crate::error::{file_name, Error, Result};
+use crate::llama::Llama;
+use crate::safetensors::parse_header;
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+/// Writes the model's adapters to the folder `dir` (created if needed), replacing any adapter
+/// there only once the new one is complete. Other files already in `dir` are kept.
+pub fn save(dir: &Path, model: &Llama) -> Result<()> {
+    let adapters = model.adapters().ok_or_else(|| {
+        Error::Invalid(format!(
+            "{}: the model has no adapters to save",
+            file_name(dir)
+        ))
+    })?;
+    let config = adapters.config.to_json_string();
+    let weights = serialize(dir, adapters)?;
+
+    let name = dir
+        .file_name()
+        .ok_or_else(|| Error::Invalid(format!("{}: not a folder name", file_name(dir))))?
+        .to_string_lossy()
+        .into_owned();
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let tmp = parent.join(format!(".{name}.tmp"));
+    let old = parent.join(format!(".{name}.old"));
+    fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    remove_if_present(&tmp)?;
+    fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    write_synced(&tmp.join(CONFIG_FILE), config.as_bytes())?;
+    write_synced(&tmp.join(WEIGHTS_FILE), &weights)?;
+    let exists = dir.exists();
+    if exists {
+        if !dir.is_dir() {
+            return Err(Error::Invalid(format!(
+                "{}: exists and is not a folder",
+                file_name(dir)
+            )));
+        }
+        link_others(dir, &tmp)?;
+    }
+    sync_dir(&tmp)?;
+    if exists {
+        // Two renames: between them `dir` is briefly absent while `.{name}.old` and
+        // `.{name}.tmp` are both complete; the old one is deleted only after the swap.
+        remove_if_present(&old)?;
+        fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+        fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+        sync_dir(&parent)?;
+        remove_if_present(&old)?;
+    } else {
+        fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+        sync_dir(&parent)?;
+    }
+    Ok(())
+}
+
+/// The adapters' tensors as one safetensors buffer, f32, with `{"format": "pt"}` metadata.
+fn serialize(dir: &Path, adapters: &Adapters) -> Result<Vec<u8>> {
+    let params = adapters.named_params();
+    let mut bytes: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(params.len());
+    for (name, t) in params {
+        let data: Vec<u8> = t
+            .to_vec_f32()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        bytes.push((name, t.dims().to_vec(), data));
+    }
+    let file = file_name(&dir.join(WEIGHTS_FILE));
+    let views = bytes
+        .iter()
+        .map(|(name, shape, data)| {
+            TensorView::new(Dtype::F32, shape.clone(), data)
+                .map(|v| (name.as_str(), v))
+                .map_err(|e| Error::tensor(&file, name, e.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::tensor::serialize(views, Some(meta))
+        .map_err(|e| Error::format(&file, e.to_string()))
+}
+
+fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
+    let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
+    f.write_all(data).map_err(|e| Error::io(path, e))?;
+    f.sync_all().map_err(|e| Error::io(path, e))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
+
+fn remove_if_present(dir: &Path) -> Result<()> {
+    match fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(dir, e)),
+        _ => Ok(()),
+    }
+}
+
+/// Hard-links (or copies) into `to` every entry of `from` other than the adapter files, so that
+/// replacing the folder keeps what else it held (a trainer's state, say).
+fn link_others(from: &Path, to: &Path) -> Result<()> {
+    for entry in fs::read_dir(from).map_err(|e| Error::io(from, e))? {
+        let entry = entry.map_err(|e| Error::io(from, e))?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        if dst.exists() {
+            continue; // our own new file
+        }
+        let ty = entry.file_type().map_err(|e| Error::io(&src, e))?;
+        if ty.is_dir() {
+            fs::create_dir(&dst).map_err(|e| Error::io(&dst, e))?;
+            link_others(&src, &dst)?;
+        } else if fs::hard_link(&src, &dst).is_err() {
+            fs::copy(&src, &dst).map_err(|e| Error::io(&src, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads the adapter in `dir` and attaches it to `model` (replacing any adapters), after
+/// checking every tensor: a missing, unexpected or misshapen tensor, an adapter made for a base
+/// with another layer count or hidden size, or a malformed file is a one-line error naming the
+/// file and the tensor. The loaded tensors are trainable variables in the adapter dtype.
+pub fn load(dir: &Path, model: &mut Llama) -> Result<()> {
+    let cfg = AdapterConfig::from_json_file(&dir.join(CONFIG_FILE))?;
+    let path = dir.join(WEIGHTS_FILE);
+    let file = file_name(&path);
+    let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let entries = parse_header(&file, &bytes)?;
+    let mc = model.config.clone();
+
+    // Layer count first: it explains a whole family of missing or unexpected names at once.
+    let layers_in_file = entries
+        .keys()
+        .filter_map(|n| layer_of(n))
+        .max()
+        .map(|l| l + 1);
+    if let Some(n) = layers_in_file.filter(|&n| n != mc.num_hidden_layers) {
+        return Err(Error::format(
+            &file,
+            format!(
+                "the adapter has {n} layers but the base model has {} (an adapter for another base model?)",
+                mc.num_hidden_layers
+            ),
+        ));
+    }
+
+    let dtype = adapter_dtype(model.dtype());
+    let device = model.device();
+    let mut used = HashSet::new();
+    let adapters = Adapters::build(&cfg, &mc, |spec| {
+        let e = entries
+            .get(&spec.name)
+            .ok_or_else(|| Error::MissingTensor {
+                file: file.clone(),
+                tensor: spec.name.clone(),
+            })?;
+        if e.shape != spec.shape {
+            return Err(Error::tensor(
+                &file,
+                &spec.name,
+                shape_message(spec, &e.shape, &cfg, &mc),
+            ));
+        }
+        let src = match e.dtype {
+            Dtype::F32 => FileDType::F32,
+            Dtype::F16 => FileDType::F16,
+            Dtype::BF16 => FileDType::BF16,
+            other => {
+                return Err(Error::tensor(
+                    &file,
+                    &spec.name,
+                    format!("unsupported dtype {other:?} (f32, bf16 and f16 are read)"),
+                ))
+            }
+        };
+        let data = bytes
+            .get(e.start..e.end)
+            .ok_or_else(|| Error::tensor(&file, &spec.name, "data range outside the file"))?;
+        used.insert(spec.name.clone());
+        Ok(from_bytes(&file, &spec.name, data, src, &e.shape, dtype, device)?.to_var()?)
+    })?;
+    let mut extra: Vec<&String> = entries.keys().filter(|n| !used.contains(*n)).collect();
+    extra.sort();
+    if let Some(name) = extra.first() {
+        return Err(Error::tensor(
+            &file,
+            name,
+            format!(
+                "unexpected tensor: not part of a {} adapter with target_modules {:?}{}",
+                if cfg.is_mixlora() { "MIXLORA" } else { "LORA" },
+                cfg.target_modules,
+                if cfg.is_mixlora() {
+                    format!(" and num_experts {}", cfg.num_experts)
+                } else {
+                    String::new()
+                }
+            ),
+        ));
+    }
+    model.set_adapters(adapters);
+    Ok(())
+}
+
+/// The layer index in a name like `mixlora.layers.3.mlp...` or `base_model.model.model.layers.3...`.
+fn layer_of(name: &str) -> Option<usize> {
+    let rest = &name[name.find("layers.")? + "layers.".len()..];
+    rest.split('.').next()?.parse().ok()
+}
+
+/// Why a tensor's shape is wrong: the rank or expert count of the config, or the base model.
+fn shape_message(
+    spec: &ParamSpec,
+    found: &[usize],
+    cfg: &AdapterConfig,
+    mc: &crate::LlamaConfig,
+) -> String {
+    let from_config = match spec.kind {
+        ParamKind::LoraA | ParamKind::Router => 0,
+        ParamKind::LoraB => 1,
+    };
+    let base_dims_differ = found.len() != spec.shape.len()
+        || (0..found.len()).any(|d| d != from_config && found[d] != spec.shape[d]);
+    let why = if base_dims_differ {
+        format!(
+            "an adapter for another base model? this one has hidden_size {}, intermediate_size {}, {} heads and {} key/value heads of {}",
+            mc.hidden_size, mc.intermediate_size, mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim
+        )
+    } else if spec.kind == ParamKind::Router {
+        format!("num_experts is {} in {CONFIG_FILE}", cfg.num_experts)
+    } else {
+        format!("r is {} in {CONFIG_FILE}", cfg.r)
+    };
+    format!("expected shape {:?}, found {:?} ({why})", spec.shape, found)
+}

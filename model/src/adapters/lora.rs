@@ -1,0 +1,96 @@
+//! Plain LoRA on one linear map: `y = x Wᵀ + s · (drop(x) Aᵀ) Bᵀ`.
+//!
+//! `W` `[out, in]` is frozen and stays in the base dtype; `A` `[r, in]` and `B` `[out, r]` are
+//! trainable and live in the adapter dtype (f32, or f64 under an f64 base for gradient checks):
+//! the input is cast to it and the delta cast back, so a bf16 base keeps f32 adapter maths.
+
+use engine::{DType, Device, Tensor};
+
+use crate::error::Result;
+
+/// The dtype adapter weights and maths use under a base of `base` dtype: f32, except f64 for an
+/// f64 base (double-precision gradient checks).
+pub fn adapter_dtype(base: DType) -> DType {
+    if base == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// One LoRA pair and its settings.
+#[derive(Clone, Debug)]
+pub struct LoraLinear {
+    pub a: Tensor, // [r, in], adapter dtype
+    pub b: Tensor, // [out, r], adapter dtype
+    /// `alpha / r` (or `alpha / √r`).
+    pub scale: f64,
+    /// Dropout probability on `A`'s input while training.
+    pub dropout: f64,
+}
+
+impl LoraLinear {
+    pub fn new(a: Tensor, b: Tensor, scale: f64, dropout: f64) -> Self {
+        LoraLinear {
+            a,
+            b,
+            scale,
+            dropout,
+        }
+    }
+
+    /// Fresh trainable matrices as PyTorch/PEFT initialise them: `A` kaiming-uniform with
+    /// `a = √5`, i.e. uniform in `±1/√in` (`nn.Linear`'s init), and `B = 0`, so the delta starts
+    /// at zero.
+    #[allow(clippy::too_many_arguments)]
+    pub fn init(
+        n_in: usize,
+        n_out: usize,
+        r: usize,
+        scale: f64,
+        dropout: f64,
+        seed: u64,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Self> {
+        let bound = 1.0 / (n_in as f64).sqrt();
+        let a = Tensor::rand_uniform([r, n_in], -bound, bound, seed, dtype, device)?.to_var()?;
+        let b = Tensor::zeros([n_out, r], dtype, device)?.to_var()?;
+        Ok(Self::new(a, b, scale, dropout))
+    }
+
+    /// The low-rank delta `s · (drop(x) Aᵀ) Bᵀ` `[.., out]` of `x` `[.., in]`, in `x`'s dtype
+    /// (computed in the adapter dtype). Dropout is applied only when `dropout_seed` is given.
+    pub fn delta(&self, x: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+        let base = x.dtype();
+        let mut xa = x.to_dtype(self.a.dtype())?; // [.., in]
+        if let Some(seed) = dropout_seed {
+            xa = xa.dropout(self.dropout, seed, true)?;
+        }
+        let z = xa.matmul(&self.a.t()?)?; // [.., r]
+        let d = z.matmul(&self.b.t()?)?.affine(self.scale, 0.0)?; // [.., out]
+        Ok(d.to_dtype(base)?)
+    }
+}
+
+/// `x Wᵀ` for a weight stored `[out, in]`.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(x.matmul(&w.t()?)?)
+}
+
+/// `x Wᵀ + s · (drop(x) Aᵀ) Bᵀ`, or just `x Wᵀ` without a LoRA.
+///
+/// Gradients (by the tape): `dA = s · (Bᵀ gᵀ) drop(x)` summed over rows, `dB = s · gᵀ (drop(x)
+/// Aᵀ)`, `dx = g W + s · drop'(g B A)`; `W` gets none.
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    lora: Option<&LoraLinear>,
+    dropout_seed: Option<u64>,
+) -> Result<Tensor> {
+    let y = linear(x, w)?; // [.., out]
+    match lora {
+        None => Ok(y),
+        Some(l) => Ok(y.add(&l.delta(x, dropout_seed)?)?),
+    }
+}

@@ -1,0 +1,275 @@
+//! LoRA and MixLoRA adapters on a frozen LLaMA: their settings ([`AdapterConfig`]), maths
+//! ([`lora`], [`router`], [`mixlora`]) and files ([`save`], [`load`]).
+//!
+//! Parameter names are those of the files (MIXLORA.md):
+//! - MixLoRA: `mixlora.layers.{i}.self_attn.{q,k,v,o}_proj.lora_{A,B}.weight`,
+//!   `mixlora.layers.{i}.mlp.moe_gate.weight` `[E, H]`,
+//!   `mixlora.layers.{i}.mlp.{gate,up,down}_proj.experts.{e}.lora_{A,B}.weight`;
+//! - LoRA (PEFT): `base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_{A,B}.weight`;
+//!
+//! with `A` `[r, in]` and `B` `[out, r]`.
+
+pub mod config;
+mod io;
+pub mod lora;
+pub mod mixlora;
+pub mod router;
+
+use std::collections::HashMap;
+
+use engine::{rng::Rng, DType, Device, Tensor};
+
+pub use config::{AdapterConfig, PeftType, RoutingStrategy, ATTN_MODULES, MLP_MODULES};
+pub use io::{load, save, CONFIG_FILE, WEIGHTS_FILE};
+pub use lora::{adapter_dtype, lora_linear, LoraLinear};
+pub use mixlora::{ExpertLora, MixLoraFfn, MoeImpl, SharedFfn};
+pub use router::{aux_loss, expert_load, Router, RouterOutput, Routing};
+
+use crate::config::LlamaConfig;
+use crate::error::{Error, Result};
+
+/// The FFN side of one layer's adapters.
+#[derive(Clone, Debug)]
+pub enum MlpAdapters {
+    /// Plain LoRA on gate, up, down (each `None` when not a target).
+    Lora([Option<LoraLinear>; 3]),
+    /// The MixLoRA mixture of experts.
+    MixLora(MixLoraFfn),
+}
+
+/// One decoder layer's adapters.
+#[derive(Clone, Debug)]
+pub struct LayerAdapters {
+    /// LoRA on q, k, v, o (each `None` when not a target).
+    pub attn: [Option<LoraLinear>; 4],
+    pub mlp: MlpAdapters,
+}
+
+/// The adapters attached to a model.
+#[derive(Clone, Debug)]
+pub struct Adapters {
+    pub config: AdapterConfig,
+    pub layers: Vec<LayerAdapters>,
+    /// How MoE FFNs are computed.
+    pub moe_impl: MoeImpl,
+}
+
+/// What a parameter is, for its init and for messages about its shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ParamKind {
+    /// `[r, in]`: dim 0 comes from the adapter config.
+    LoraA,
+    /// `[out, r]`: dim 1 comes from the adapter config.
+    LoraB,
+    /// `[E, H]`: dim 0 comes from the adapter config.
+    Router,
+}
+
+/// A parameter the config and the base model call for.
+#[derive(Clone, Debug)]
+pub(crate) struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub kind: ParamKind,
+}
+
+/// `(in, out)` of projection `module` of a layer.
+fn proj_dims(mc: &LlamaConfig, module: &str) -> (usize, usize) {
+    let (h, i) = (mc.hidden_size, mc.intermediate_size);
+    let (q, kv) = (
+        mc.num_attention_heads * mc.head_dim,
+        mc.num_key_value_heads * mc.head_dim,
+    );
+    match module {
+        "q_proj" => (h, q),
+        "k_proj" | "v_proj" => (h, kv),
+        "o_proj" => (q, h),
+        "gate_proj" | "up_proj" => (h, i),
+        _ => (i, h), // down_proj
+    }
+}
+
+/// The name prefix of a (non-expert) LoRA on `module` of `layer`.
+fn lora_prefix(cfg: &AdapterConfig, layer: usize, module: &str) -> String {
+    let block = if ATTN_MODULES.contains(&module) {
+        "self_attn"
+    } else {
+        "mlp"
+    };
+    match cfg.peft_type {
+        PeftType::MixLora => format!("mixlora.layers.{layer}.{block}.{module}"),
+        PeftType::Lora => format!("base_model.model.model.layers.{layer}.{block}.{module}"),
+    }
+}
+
+fn expert_prefix(layer: usize, module: &str, e: usize) -> String {
+    format!("mixlora.layers.{layer}.mlp.{module}.experts.{e}")
+}
+
+fn router_name(layer: usize) -> String {
+    format!("mixlora.layers.{layer}.mlp.moe_gate.weight")
+}
+
+impl Adapters {
+    /// Builds the adapters `cfg` calls for on a base of shape `mc`, taking every parameter from
+    /// `get` (fresh init, a file, ...), in a fixed order: per layer q, k, v, o, then the router
+    /// and the experts (or gate, up, down for plain LoRA); `A` before `B`.
+    pub(crate) fn build(
+        cfg: &AdapterConfig,
+        mc: &LlamaConfig,
+        mut get: impl FnMut(&ParamSpec) -> Result<Tensor>,
+    ) -> Result<Adapters> {
+        // The LoRA on `module` named `prefix`, when `module` is a target.
+        let lora = |get: &mut dyn FnMut(&ParamSpec) -> Result<Tensor>,
+                    prefix: String,
+                    module: &str|
+         -> Result<Option<LoraLinear>> {
+            if !cfg.targets(module) {
+                return Ok(None);
+            }
+            let (n_in, n_out) = proj_dims(mc, module);
+            let spec = |ab: &str, shape: Vec<usize>, kind| ParamSpec {
+                name: format!("{prefix}.lora_{ab}.weight"),
+                shape,
+                kind,
+            };
+            let a = get(&spec("A", vec![cfg.r, n_in], ParamKind::LoraA))?;
+            let b = get(&spec("B", vec![n_out, cfg.r], ParamKind::LoraB))?;
+            Ok(Some(LoraLinear::new(a, b, cfg.scale(), cfg.lora_dropout)))
+        };
+        let mut layers = Vec::with_capacity(mc.num_hidden_layers);
+        for l in 0..mc.num_hidden_layers {
+            let mut attn: [Option<LoraLinear>; 4] = Default::default();
+            for (slot, m) in attn.iter_mut().zip(ATTN_MODULES) {
+                *slot = lora(&mut get, lora_prefix(cfg, l, m), m)?;
+            }
+            let mlp = if cfg.is_mixlora() {
+                let spec = ParamSpec {
+                    name: router_name(l),
+                    shape: vec![cfg.num_experts, mc.hidden_size],
+                    kind: ParamKind::Router,
+                };
+                let weight = get(&spec)?;
+                let routing = match cfg.routing_strategy {
+                    RoutingStrategy::TopK => Routing::TopK(cfg.top_k),
+                    RoutingStrategy::TopP => Routing::TopP(cfg.top_p),
+                };
+                let mut experts = Vec::with_capacity(cfg.num_experts);
+                for e in 0..cfg.num_experts {
+                    let mut one = |m: &str| lora(&mut get, expert_prefix(l, m, e), m);
+                    experts.push(ExpertLora {
+                        gate: one("gate_proj")?,
+                        up: one("up_proj")?,
+                        down: one("down_proj")?,
+                    });
+                }
+                MlpAdapters::MixLora(MixLoraFfn {
+                    router: Router { weight, routing },
+                    experts,
+                })
+            } else {
+                let mut ffn: [Option<LoraLinear>; 3] = Default::default();
+                for (slot, m) in ffn.iter_mut().zip(MLP_MODULES) {
+                    *slot = lora(&mut get, lora_prefix(cfg, l, m), m)?;
+                }
+                MlpAdapters::Lora(ffn)
+            };
+            layers.push(LayerAdapters { attn, mlp });
+        }
+        Ok(Adapters {
+            config: cfg.clone(),
+            layers,
+            moe_impl: MoeImpl::default(),
+        })
+    }
+
+    /// Fresh trainable adapters (`A` uniform in `±1/√in`, `B = 0`, router `N(0, init_range)`),
+    /// seeded, in the adapter dtype for a `base` dtype.
+    pub fn init(
+        cfg: &AdapterConfig,
+        mc: &LlamaConfig,
+        seed: u64,
+        base: DType,
+        device: Device,
+    ) -> Result<Adapters> {
+        cfg.validate("adapter config")?;
+        let dtype = adapter_dtype(base);
+        let mut rng = Rng::new(seed);
+        Self::build(cfg, mc, |spec| {
+            let seed = rng.next_u64();
+            let t = match spec.kind {
+                ParamKind::LoraA => {
+                    let bound = 1.0 / (spec.shape[1] as f64).sqrt();
+                    Tensor::rand_uniform(spec.shape.clone(), -bound, bound, seed, dtype, device)?
+                }
+                ParamKind::LoraB => Tensor::zeros(spec.shape.clone(), dtype, device)?,
+                ParamKind::Router => Tensor::randn(
+                    spec.shape.clone(),
+                    0.0,
+                    cfg.router_init_range,
+                    seed,
+                    dtype,
+                    device,
+                )?,
+            };
+            Ok(t.to_var()?)
+        })
+    }
+
+    /// Every trainable tensor with its file name, in [`Adapters::build`]'s order.
+    pub fn named_params(&self) -> Vec<(String, Tensor)> {
+        fn push(out: &mut Vec<(String, Tensor)>, prefix: String, l: &Option<LoraLinear>) {
+            if let Some(l) = l {
+                out.push((format!("{prefix}.lora_A.weight"), l.a.clone()));
+                out.push((format!("{prefix}.lora_B.weight"), l.b.clone()));
+            }
+        }
+        let cfg = &self.config;
+        let mut out = Vec::new();
+        for (li, layer) in self.layers.iter().enumerate() {
+            for (l, m) in layer.attn.iter().zip(ATTN_MODULES) {
+                push(&mut out, lora_prefix(cfg, li, m), l);
+            }
+            match &layer.mlp {
+                MlpAdapters::Lora(ffn) => {
+                    for (l, m) in ffn.iter().zip(MLP_MODULES) {
+                        push(&mut out, lora_prefix(cfg, li, m), l);
+                    }
+                }
+                MlpAdapters::MixLora(moe) => {
+                    out.push((router_name(li), moe.router.weight.clone()));
+                    for (e, ex) in moe.experts.iter().enumerate() {
+                        for (l, m) in [&ex.gate, &ex.up, &ex.down].into_iter().zip(MLP_MODULES) {
+                            push(&mut out, expert_prefix(li, m, e), l);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Replaces the tensor called `name` (same shape) by `value`, e.g. to evaluate the model at
+    /// other adapter values.
+    pub fn set_param(&mut self, mc: &LlamaConfig, name: &str, value: Tensor) -> Result<()> {
+        let mut map: HashMap<String, Tensor> = self.named_params().into_iter().collect();
+        let old = map
+            .get(name)
+            .ok_or_else(|| Error::Invalid(format!("set_param: no adapter tensor named {name}")))?;
+        if old.dims() != value.dims() {
+            return Err(Error::Invalid(format!(
+                "set_param: {name} has shape {:?}, got {:?}",
+                old.dims(),
+                value.dims()
+            )));
+        }
+        map.insert(name.to_string(), value);
+        let moe_impl = self.moe_impl;
+        *self = Self::build(&self.config, mc, |spec| {
+            map.remove(&spec.name)
+                .ok_or_else(|| Error::Invalid(format!("set_param: {} vanished", spec.name)))
+        })?;
+        self.moe_impl = moe_impl;
+        Ok(())
+    }
+}

@@ -1,0 +1,164 @@
+//! The MixLoRA router and its load-balance loss.
+//!
+//! For `N` tokens `x` `[N, H]` and a router `W_r` `[E, H]` (no bias, adapter dtype):
+//! `p = softmax(x W_rᵀ)` `[N, E]`. Both strategies reduce to a 0/1 selection mask `M` `[N, E]`
+//! (no gradient) and dense combine weights `w` `[N, E]` that are zero off the selection:
+//! - top-k: `M[t, e] = 1` for the k largest `p[t, ·]`, `w = p⊙M / Σ_e (p⊙M)` (renormalised);
+//! - top-p: sort `p[t, ·]` decreasingly, keep expert `j` while the sum of the ones before it is
+//!   `≤ top_p` (so the one whose inclusion passes `top_p` is kept too), `w = p⊙M` (no
+//!   renormalisation).
+//!
+//! Everything stays on the device and in the graph: gradients reach `W_r` (and `x`) through `p`.
+
+use engine::{DType, Device, Tensor};
+
+use crate::error::Result;
+
+/// Which experts a token goes to.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Routing {
+    /// The `k` most probable experts, weights renormalised.
+    TopK(usize),
+    /// The most probable experts until their cumulative probability passes `p`.
+    TopP(f64),
+}
+
+/// One layer's router.
+#[derive(Clone, Debug)]
+pub struct Router {
+    pub weight: Tensor, // [E, H], adapter dtype
+    pub routing: Routing,
+}
+
+/// What a router decided for `N` tokens.
+#[derive(Clone, Debug)]
+pub struct RouterOutput {
+    /// `softmax(x W_rᵀ)` `[N, E]`, in the graph.
+    pub probs: Tensor,
+    /// `1` where token `t` goes to expert `e`, else `0` `[N, E]`, adapter dtype, no gradient.
+    pub mask: Tensor,
+    /// Combine weights `[N, E]`, zero off the mask, in the graph.
+    pub weights: Tensor,
+}
+
+impl Router {
+    pub fn num_experts(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// Routes the rows of `x` `[N, H]` (any float dtype; cast to the router's).
+    pub fn route(&self, x: &Tensor) -> Result<RouterOutput> {
+        let e = self.num_experts();
+        let n = x.dims()[0];
+        let (dt, dev) = (self.weight.dtype(), self.weight.device());
+        let logits = x.to_dtype(dt)?.matmul(&self.weight.t()?)?; // [N, E]
+        let probs = logits.softmax_last_dim()?; // [N, E]
+        let p = probs.detach(); // the selection itself has no gradient
+        let zeros = Tensor::zeros([n, e], dt, dev)?;
+        match self.routing {
+            Routing::TopK(k) => {
+                let (_, sel) = p.topk(k)?; // [N, k] u32
+                let ones = Tensor::ones([n, k], dt, dev)?;
+                let mask = zeros.scatter_add(&sel, &ones, 1)?; // [N, E]
+                let picked = probs.mul(&mask)?; // [N, E]
+                let weights = picked.div(&picked.sum_keepdim(1)?)?; // [N, E]
+                Ok(RouterOutput {
+                    probs,
+                    mask,
+                    weights,
+                })
+            }
+            Routing::TopP(top_p) => {
+                let (sorted, order) = p.topk(e)?; // [N, E] decreasing, [N, E] u32
+                                                  // Exclusive cumulative sums: before[t, j] = Σ_{i<j} sorted[t, i].
+                let before = sorted.matmul(&strict_upper_ones(e, dt, dev)?)?; // [N, E]
+                let keep = before.gt_scalar(top_p)?.to_dtype(dt)?.affine(-1.0, 1.0)?; // [N, E]
+                let mask = zeros.scatter_add(&order, &keep, 1)?; // [N, E], expert order
+                let weights = probs.mul(&mask)?;
+                Ok(RouterOutput {
+                    probs,
+                    mask,
+                    weights,
+                })
+            }
+        }
+    }
+}
+
+/// `U[i, j] = 1` for `i < j`, else 0 (`[E, E]`): `v U` is the exclusive prefix sum of `v`.
+fn strict_upper_ones(e: usize, dtype: DType, device: Device) -> Result<Tensor> {
+    let v: Vec<f64> = (0..e * e)
+        .map(|ij| if ij / e < ij % e { 1.0 } else { 0.0 })
+        .collect();
+    Ok(Tensor::from_f64(&v, [e, e], dtype, device)?)
+}
+
+/// Real-token weights `[N, 1]` (1 = real, 0 = padding) of a `[B, T]` u32 key mask, in `dtype`.
+pub fn token_weights(key_mask: &Tensor, dtype: DType) -> Result<Tensor> {
+    let n = key_mask.elem_count();
+    Ok(key_mask.reshape([n, 1])?.ne_scalar(0.0)?.to_dtype(dtype)?)
+}
+
+/// The load-balance loss of MoE-PEFT / Mixtral over every MoE layer's router output and every
+/// non-padding token (`token_weights` `[N, 1]`, `None`: all tokens are real):
+///
+/// the router outputs of the `L` layers are concatenated into `L·n` rows (`n` real tokens),
+/// `P[e] = mean_rows p[row, e]`, `f[j, e] = mean_rows 1[sel(row, j) = e]`, and
+/// `aux = coef · E · Σ_{j,e} f[j, e] · P[e] = coef · E · Σ_e F[e] P[e]` with
+/// `F[e] = Σ_j f[j, e] = mean_rows M[row, e]`. Note that this is neither the sum nor the mean of
+/// per-layer losses: `F` and `P` are averaged over all layers before their product. Only `P`
+/// carries a gradient: `daux/dp[row, e] = coef · E · F[e] / (L·n)`.
+pub fn aux_loss(
+    outputs: &[RouterOutput],
+    token_weights: Option<&Tensor>,
+    coef: f64,
+) -> Result<Option<Tensor>> {
+    let Some(first) = outputs.first() else {
+        return Ok(None);
+    };
+    let e = first.probs.dims()[1];
+    let (mut f_sum, mut p_sum) = (None::<Tensor>, None::<Tensor>);
+    for o in outputs {
+        let (m, p) = match token_weights {
+            Some(w) => (o.mask.mul(w)?, o.probs.mul(w)?), // [N, E]
+            None => (o.mask.clone(), o.probs.clone()),
+        };
+        let (m, p) = (m.sum(0, false)?, p.sum(0, false)?); // [E]
+        f_sum = Some(match f_sum {
+            None => m,
+            Some(s) => s.add(&m)?,
+        });
+        p_sum = Some(match p_sum {
+            None => p,
+            Some(s) => s.add(&p)?,
+        });
+    }
+    let (Some(f_sum), Some(p_sum)) = (f_sum, p_sum) else {
+        return Ok(None);
+    };
+    let n_real = match token_weights {
+        Some(w) => w.sum_all()?.clamp_min(1.0)?, // [] on the device
+        None => Tensor::scalar(
+            first.probs.dims()[0].max(1) as f64,
+            p_sum.dtype(),
+            p_sum.device(),
+        )?,
+    };
+    let rows = n_real.affine(outputs.len() as f64, 0.0)?; // L·n
+    let f = f_sum.div(&rows)?; // [E]
+    let p = p_sum.div(&rows)?; // [E]
+    Ok(Some(f.mul(&p)?.sum_all()?.affine(coef * e as f64, 0.0)?))
+}
+
+/// The share of routed (token, slot) pairs each expert received over the real tokens, `[E]` f32,
+/// no gradient: `load[e] = Σ_t w_t M[t, e] / Σ_{t,e} w_t M[t, e]`.
+pub fn expert_load(output: &RouterOutput, token_weights: Option<&Tensor>) -> Result<Tensor> {
+    let m = output.mask.detach();
+    let m = match token_weights {
+        Some(w) => m.mul(&w.detach())?,
+        None => m,
+    };
+    let counts = m.sum(0, false)?; // [E]
+    let total = counts.sum_all()?.clamp_min(1.0)?;
+    Ok(counts.div(&total)?.to_dtype(DType::F32)?)
+}
