@@ -160,34 +160,39 @@ impl Llama {
     }
 
     /// A randomly initialised model of shape `config` (for tests and tiny built-in models):
-    /// projections and embeddings `N(0, 0.02)`, norms ones, seeded.
+    /// projections `N(0, 1/fan_in)`, embeddings `N(0, 0.25²)`, norms ones, seeded.
     pub fn random(config: LlamaConfig, seed: u64, dtype: DType, device: Device) -> Result<Llama> {
         let c = &config;
         let (h, i, d) = (c.hidden_size, c.intermediate_size, c.head_dim);
         let (hq, hkv) = (c.num_attention_heads * d, c.num_key_value_heads * d);
         let mut r = rng::Rng::new(seed);
-        let mut normal =
-            |shape: [usize; 2]| Tensor::randn(shape, 0.0, 0.02, r.next_u64(), dtype, device);
+        // Projections N(0, 1/fan_in): activations keep their scale through the frozen layers.
+        let mut normal = |shape: [usize; 2], std: Option<f64>| {
+            let std = std.unwrap_or(1.0 / (shape[1] as f64).sqrt());
+            Tensor::randn(shape, 0.0, std, r.next_u64(), dtype, device)
+        };
         let ones = || Tensor::ones(h, dtype, device);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for _ in 0..c.num_hidden_layers {
             layers.push(DecoderLayer {
                 input_layernorm: ones()?,
-                q_proj: normal([hq, h])?,
-                k_proj: normal([hkv, h])?,
-                v_proj: normal([hkv, h])?,
-                o_proj: normal([h, hq])?,
+                q_proj: normal([hq, h], None)?,
+                k_proj: normal([hkv, h], None)?,
+                v_proj: normal([hkv, h], None)?,
+                o_proj: normal([h, hq], None)?,
                 post_attention_layernorm: ones()?,
-                gate_proj: normal([i, h])?,
-                up_proj: normal([i, h])?,
-                down_proj: normal([h, i])?,
+                gate_proj: normal([i, h], None)?,
+                up_proj: normal([i, h], None)?,
+                down_proj: normal([h, i], None)?,
             });
         }
-        let embed_tokens = normal([c.vocab_size, h])?;
+        // Embeddings N(0, 0.25²): with the tied head, a unit-RMS hidden state aligned with a row
+        // reaches logits of about 0.25·H^½·H^½, enough for confident predictions.
+        let embed_tokens = normal([c.vocab_size, h], Some(0.25))?;
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(normal([c.vocab_size, h])?)
+            Some(normal([c.vocab_size, h], None)?)
         };
         let inv_freq = Tensor::from_f64(&inv_freq(c), d / 2, dtype, device)?;
         Ok(Llama {

@@ -55,6 +55,9 @@ impl DTypeName {
     }
 }
 
+/// The learning rate of the embedded default job (built-in tiny random model, no config file).
+pub const BUILTIN_MODEL_LR: f64 = 2e-3;
+
 /// All settings of `mixlora train`. The TOML keys are the field names.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -383,6 +386,7 @@ pub struct TrainArgs {
     pub batch_size: Option<usize>,
     #[arg(long, visible_alias = "micro-batch")]
     pub micro_batch_size: Option<usize>,
+    /// Peak learning rate [default: 2e-4; 2e-3 for the built-in model without --config].
     #[arg(long)]
     pub lr: Option<f64>,
     #[arg(long)]
@@ -482,6 +486,11 @@ impl TrainArgs {
             device,
             dtype
         );
+        // The embedded default (no file, no model): a frozen random tiny model learns only through
+        // its adapters and needs a larger step than the real-model default.
+        if self.config.is_none() && self.model.is_none() && self.lr.is_none() {
+            c.lr = BUILTIN_MODEL_LR;
+        }
         if self.model.is_some() {
             c.model = self.model;
         }
@@ -567,8 +576,24 @@ mod tests {
 
     #[test]
     fn defaults_match_the_design() {
-        let c = args(&[]).resolve().unwrap();
-        assert_eq!(c, TrainConfig::default());
+        // The embedded default differs from the design defaults only by its learning rate.
+        let builtin = args(&[]).resolve().unwrap();
+        assert_eq!(builtin.lr, BUILTIN_MODEL_LR);
+        assert_eq!(
+            TrainConfig {
+                lr: 2e-4,
+                ..builtin
+            },
+            TrainConfig::default()
+        );
+        let c = args(&["--model", "base.gguf"]).resolve().unwrap();
+        assert_eq!(
+            c,
+            TrainConfig {
+                model: Some("base.gguf".into()),
+                ..TrainConfig::default()
+            }
+        );
         assert_eq!(
             (c.batch_size, c.micro_batch_size, c.grad_accum()),
             (16, 8, 2)

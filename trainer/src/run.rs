@@ -183,7 +183,17 @@ fn micro_step(
 }
 
 /// `mixlora train`: fine-tunes an adapter, evaluating and checkpointing as configured.
-pub fn train(cfg: &TrainConfig, mut log: impl FnMut(&str)) -> Result<TrainSummary> {
+pub fn train(cfg: &TrainConfig, log: impl FnMut(&str)) -> Result<TrainSummary> {
+    train_until(cfg, None, log)
+}
+
+/// [`train`], but returning right after optimizer step `stop_after` (and its checkpoint, if one is
+/// due) as if the process had been killed there: what a resumed run must continue from.
+pub fn train_until(
+    cfg: &TrainConfig,
+    stop_after: Option<usize>,
+    mut log: impl FnMut(&str),
+) -> Result<TrainSummary> {
     let device = cfg.device()?;
     std::fs::create_dir_all(&cfg.out_dir).map_err(|e| Error::Io {
         path: cfg.out_dir.display().to_string(),
@@ -344,13 +354,6 @@ pub fn train(cfg: &TrainConfig, mut log: impl FnMut(&str)) -> Result<TrainSummar
                 state.step,
                 report.summary()
             ));
-            if !progress.is_visible() {
-                log(&format!(
-                    "eval at step {}: {}",
-                    state.step,
-                    report.summary()
-                ));
-            }
             if state.best_metric.is_none_or(|b| report.average > b) {
                 state.best_metric = Some(report.average);
                 state.best_step = Some(state.step);
@@ -369,6 +372,16 @@ pub fn train(cfg: &TrainConfig, mut log: impl FnMut(&str)) -> Result<TrainSummar
             state.rng = rng.state();
             let dir = save(&state, &opt, &model)?;
             progress.println(&format!("saved {}", dir.display()));
+        }
+        if stop_after == Some(state.step) {
+            progress.finish();
+            return Ok(TrainSummary {
+                steps: state.step,
+                first_loss: first_loss.unwrap_or(f64::NAN),
+                last_loss,
+                eval: last_eval,
+                adapter_dir: cfg.out_dir.join("adapter"),
+            });
         }
     }
     progress.finish();
