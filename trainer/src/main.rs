@@ -26,7 +26,7 @@ struct Cli {
 enum Command {
     /// Fine-tune a LoRA or MixLoRA adapter. With no arguments: the embedded default, MixLoRA on
     /// synthetic multi-task data with a built-in tiny LLaMA, on the CPU.
-    Train(trainer::config::TrainArgs),
+    Train(Box<trainer::config::TrainArgs>),
     /// Accuracy per task: every candidate answer scored by its log-likelihood; JSON on stdout.
     Eval(trainer::config::EvalArgs),
     /// Continue a prompt with a base model (GGUF file or Hugging Face folder).
@@ -37,7 +37,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Generate(args)) => generate_cmd::run(args),
-        Some(Command::Train(args)) => train(args),
+        Some(Command::Train(args)) => train(*args),
         Some(Command::Eval(args)) => trainer::run::eval(&args)
             .map(|r| println!("{}", r.to_json_pretty()))
             .map_err(Into::into),

@@ -234,7 +234,7 @@ pub fn train_until(
     if let Some((dir, s)) = &resumed {
         // Load the adapter before the optimizer takes hold of the parameter tensors.
         model::adapters::load(dir, &mut model)?;
-        loader.restore(s.cursor.clone())?;
+        loader.restore(s.cursor)?;
         state = s.clone();
         log(&format!("resumed from {} (step {})", dir.display(), s.step));
     }
