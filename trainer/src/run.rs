@@ -56,7 +56,8 @@ pub fn load_base_model(
             Ok((m, t))
         }
         None => {
-            let m = Llama::random(synthetic::tiny_llama_config(), seed, dtype, device)?;
+            let init = model::RandomInit::frozen_base();
+            let m = Llama::random_with(synthetic::tiny_llama_config(), seed, dtype, device, init)?;
             Ok((m, synthetic::load_byte_tokenizer(scratch)?))
         }
     }
