@@ -1,0 +1,3 @@
+//! The CUDA backend (work in progress).
+pub mod compile;
+mod layout;
