@@ -24,11 +24,16 @@ __device__ __forceinline__ u32 strided_at(const Strided& l, u32 i) {
     if (l.rank == 1 && l.strides[0] == 1) {
         return l.offset + i;
     }
+    // Unrolled with constant indices so the view stays in registers (a loop indexed by `rank`
+    // would copy the parameter struct to local memory).
     u32 off = l.offset;
-    for (int d = (int)l.rank - 1; d >= 0; --d) {
-        u32 n = l.dims[d];
-        off += (i % n) * l.strides[d];
-        i /= n;
+#pragma unroll
+    for (int d = MAX_DIMS - 1; d >= 0; --d) {
+        if (d < (int)l.rank) {
+            const u32 n = l.dims[d];
+            off += (i % n) * l.strides[d];
+            i /= n;
+        }
     }
     return off;
 }

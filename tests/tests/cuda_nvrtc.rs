@@ -8,17 +8,28 @@ fn every_kernel_module_compiles_for_sm_90() {
     use engine::backend::cuda::compile::{compile_module, include_dir, nvrtc_available};
 
     if !nvrtc_available() {
+        // scripts/ci-nvrtc.sh sets MIXLORA_REQUIRE_NVRTC: there a missing library is a failure.
+        assert!(
+            std::env::var_os("MIXLORA_REQUIRE_NVRTC").is_none(),
+            "libnvrtc was not found on LD_LIBRARY_PATH"
+        );
         eprintln!(
             "SKIP: libnvrtc was not found on LD_LIBRARY_PATH (scripts/ci-nvrtc.sh installs it)"
         );
         return;
     }
     eprintln!("CUDA include folder: {:?}", include_dir());
+    // MIXLORA_PTX_DUMP=folder writes each module's PTX there, for reading the generated code.
+    let dump = std::env::var_os("MIXLORA_PTX_DUMP");
     let mut failures = Vec::new();
     for src in kernels::SOURCES {
         let t = std::time::Instant::now();
         match compile_module(src, "sm_90") {
             Ok(ptx) => {
+                if let Some(dir) = &dump {
+                    let path = std::path::Path::new(dir).join(format!("{}.ptx", src.name));
+                    std::fs::write(&path, &ptx).expect("writing the PTX dump");
+                }
                 // Every listed kernel is an entry point of the PTX, and nothing else is.
                 let entries: Vec<&str> = ptx
                     .lines()

@@ -175,7 +175,19 @@ impl CudaDevice {
                         .0
                         .ctx
                         .load_module(Ptx::from_src(ptx.as_str()))
-                        .map_err(|e| self.err("load_module", e))?;
+                        .map_err(|e| {
+                            // A PTX newer than the driver is the usual cause: NVRTC must not be
+                            // newer than the CUDA version of the driver.
+                            Error::KernelCompile {
+                                module: src.name,
+                                arch: self.0.arch.clone(),
+                                log: format!(
+                                    "the driver could not load the PTX ({e:?}); is libnvrtc newer \
+                                     than the driver's CUDA version? Point LD_LIBRARY_PATH at an \
+                                     NVRTC that matches the driver (e.g. /usr/local/cuda/lib64)"
+                                ),
+                            }
+                        })?;
                     mods.insert(src.name, m.clone());
                     m
                 }
