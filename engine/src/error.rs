@@ -74,6 +74,31 @@ pub enum Error {
         msg: String,
     },
 
+    #[error("{op}: out of memory on {device}: asked for {requested} bytes, {free} bytes free")]
+    OutOfMemory {
+        op: &'static str,
+        device: Device,
+        requested: usize,
+        free: usize,
+    },
+
+    #[error("NVRTC could not compile kernel module `{module}` for {arch}:\n{log}")]
+    KernelCompile {
+        module: &'static str,
+        arch: String,
+        log: String,
+    },
+
+    #[error("{op}: CUDA error on {device}: {msg}")]
+    Cuda {
+        op: &'static str,
+        device: Device,
+        msg: String,
+    },
+
+    #[error("{op}: not yet implemented on CUDA ({device})")]
+    NotImplemented { op: &'static str, device: Device },
+
     #[error("backward: {msg}")]
     Backward { msg: String },
 }

@@ -2,12 +2,16 @@
 //! [`BackendStorage`] by dispatching to the backend that holds both operands.
 
 use crate::backend::cpu::{CpuDevice, CpuStorage};
+#[cfg(feature = "cuda")]
+use crate::backend::cuda::{CudaDevice, CudaStorage};
 use crate::backend::{BackendDevice, BackendStorage, BinaryOp, CmpOp, ReduceOp, UnaryOp};
 use crate::{DType, Device, Error, Layout, Result, Shape};
 
 #[derive(Debug)]
 pub enum Storage {
     Cpu(CpuStorage),
+    #[cfg(feature = "cuda")]
+    Cuda(CudaStorage),
 }
 
 fn mismatch(op: &'static str, a: &Storage, b: &Storage) -> Error {
@@ -25,18 +29,30 @@ impl Storage {
     pub fn full(device: Device, shape: &Shape, dtype: DType, v: f64) -> Result<Self> {
         match device {
             Device::Cpu => Ok(Storage::Cpu(CpuDevice.full(shape, dtype, v)?)),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => Ok(Storage::Cuda(CudaDevice::get(n)?.full(shape, dtype, v)?)),
+            #[allow(unreachable_patterns)]
             d => Err(no_backend(d)),
         }
     }
     pub fn upload_f64(device: Device, data: &[f64], dtype: DType) -> Result<Self> {
         match device {
             Device::Cpu => Ok(Storage::Cpu(CpuDevice.upload_f64(data, dtype)?)),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => Ok(Storage::Cuda(CudaDevice::get(n)?.upload_f64(data, dtype)?)),
+            #[allow(unreachable_patterns)]
             d => Err(no_backend(d)),
         }
     }
     pub fn from_cpu(device: Device, s: CpuStorage) -> Result<Self> {
         match device {
             Device::Cpu => Ok(Storage::Cpu(s)),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => Ok(Storage::Cuda(CudaStorage::from_cpu(
+                &CudaDevice::get(n)?,
+                &s,
+            )?)),
+            #[allow(unreachable_patterns)]
             d => Err(no_backend(d)),
         }
     }
@@ -52,6 +68,11 @@ impl Storage {
             Device::Cpu => Ok(Storage::Cpu(
                 CpuDevice.randn(shape, dtype, mean, std, seed)?,
             )),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => Ok(Storage::Cuda(
+                CudaDevice::get(n)?.randn(shape, dtype, mean, std, seed)?,
+            )),
+            #[allow(unreachable_patterns)]
             d => Err(no_backend(d)),
         }
     }
@@ -67,6 +88,11 @@ impl Storage {
             Device::Cpu => Ok(Storage::Cpu(
                 CpuDevice.rand_uniform(shape, dtype, lo, hi, seed)?,
             )),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => Ok(Storage::Cuda(
+                CudaDevice::get(n)?.rand_uniform(shape, dtype, lo, hi, seed)?,
+            )),
+            #[allow(unreachable_patterns)]
             d => Err(no_backend(d)),
         }
     }
@@ -79,6 +105,11 @@ impl Storage {
     ) -> Result<Self> {
         match device {
             Device::Cpu => Ok(Storage::Cpu(CpuDevice.dropout_mask(shape, dtype, p, seed)?)),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => Ok(Storage::Cuda(
+                CudaDevice::get(n)?.dropout_mask(shape, dtype, p, seed)?,
+            )),
+            #[allow(unreachable_patterns)]
             d => Err(no_backend(d)),
         }
     }
@@ -86,7 +117,20 @@ impl Storage {
     pub fn as_cpu(&self) -> Option<&CpuStorage> {
         match self {
             Storage::Cpu(s) => Some(s),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => None,
         }
+    }
+
+    /// A contiguous copy of the view `l` on `device` (host <-> GPU, or GPU to GPU through the
+    /// host).
+    pub fn to_device(&self, l: &Layout, device: Device) -> Result<Self> {
+        let host = match self {
+            Storage::Cpu(s) => s.to_dtype(l, s.dtype())?,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => s.to_cpu(l)?,
+        };
+        Self::from_cpu(device, host)
     }
 }
 
@@ -102,6 +146,8 @@ macro_rules! one {
     ($self:ident, $s:ident => $e:expr) => {
         match $self {
             Storage::Cpu($s) => Ok(Storage::Cpu($e?)),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda($s) => Ok(Storage::Cuda($e?)),
         }
     };
 }
@@ -111,7 +157,23 @@ macro_rules! two {
         #[allow(unreachable_patterns)]
         match ($self, $rhs) {
             (Storage::Cpu($a), Storage::Cpu($b)) => Ok(Storage::Cpu($e?)),
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda($a), Storage::Cuda($b)) => Ok(Storage::Cuda($e?)),
             _ => Err(mismatch($op, $self, $rhs)),
+        }
+    };
+}
+
+/// Like `two!` for ops with three storage operands.
+macro_rules! three {
+    ($op:literal, $x:ident, $y:ident, $z:ident, ($a:ident, $b:ident, $c:ident) => $e:expr) => {
+        #[allow(unreachable_patterns)]
+        match ($x, $y, $z) {
+            (Storage::Cpu($a), Storage::Cpu($b), Storage::Cpu($c)) => Ok(Storage::Cpu($e?)),
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda($a), Storage::Cuda($b), Storage::Cuda($c)) => Ok(Storage::Cuda($e?)),
+            (a, b, _) if a.device() != b.device() => Err(mismatch($op, a, b)),
+            (a, _, c) => Err(mismatch($op, a, c)),
         }
     };
 }
@@ -120,21 +182,29 @@ impl BackendStorage for Storage {
     fn dtype(&self) -> DType {
         match self {
             Storage::Cpu(s) => s.dtype(),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => s.dtype(),
         }
     }
     fn device(&self) -> Device {
         match self {
             Storage::Cpu(s) => s.device(),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => s.device(),
         }
     }
     fn len(&self) -> usize {
         match self {
             Storage::Cpu(s) => s.len(),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => s.len(),
         }
     }
     fn to_f64_vec(&self, l: &Layout) -> Result<Vec<f64>> {
         match self {
             Storage::Cpu(s) => s.to_f64_vec(l),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => s.to_f64_vec(l),
         }
     }
     fn to_dtype(&self, l: &Layout, dtype: DType) -> Result<Self> {
@@ -150,13 +220,7 @@ impl BackendStorage for Storage {
         two!("cmp", self, rhs, (a, b) => a.cmp(l, b, rl, op))
     }
     fn where_cond(&self, l: &Layout, t: &Self, tl: &Layout, f: &Self, fl: &Layout) -> Result<Self> {
-        #[allow(unreachable_patterns)]
-        match (self, t, f) {
-            (Storage::Cpu(c), Storage::Cpu(t), Storage::Cpu(f)) => {
-                Ok(Storage::Cpu(c.where_cond(l, t, tl, f, fl)?))
-            }
-            _ => Err(mismatch("where_cond", self, t)),
-        }
+        three!("where_cond", self, t, f, (c, t, f) => c.where_cond(l, t, tl, f, fl))
     }
     fn reduce(&self, l: &Layout, dim: usize, op: ReduceOp) -> Result<Self> {
         one!(self, s => s.reduce(l, dim, op))
@@ -169,6 +233,8 @@ impl BackendStorage for Storage {
         #[allow(unreachable_patterns)]
         match (self, dst) {
             (Storage::Cpu(a), Storage::Cpu(b)) => a.copy_to_view(l, b, dl),
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(a), Storage::Cuda(b)) => a.copy_to_view(l, b, dl),
             _ => Err(Error::DeviceMismatch {
                 op: "copy_to_view",
                 lhs: sd,
@@ -188,13 +254,7 @@ impl BackendStorage for Storage {
         sl: &Layout,
         dim: usize,
     ) -> Result<Self> {
-        #[allow(unreachable_patterns)]
-        match (self, ids, src) {
-            (Storage::Cpu(a), Storage::Cpu(i), Storage::Cpu(s)) => {
-                Ok(Storage::Cpu(a.index_add(l, i, il, s, sl, dim)?))
-            }
-            _ => Err(mismatch("index_add", self, src)),
-        }
+        three!("index_add", self, ids, src, (a, i, s) => a.index_add(l, i, il, s, sl, dim))
     }
     fn gather(&self, l: &Layout, ids: &Self, il: &Layout, dim: usize) -> Result<Self> {
         two!("gather", self, ids, (a, b) => a.gather(l, b, il, dim))
@@ -208,13 +268,7 @@ impl BackendStorage for Storage {
         sl: &Layout,
         dim: usize,
     ) -> Result<Self> {
-        #[allow(unreachable_patterns)]
-        match (self, ids, src) {
-            (Storage::Cpu(a), Storage::Cpu(i), Storage::Cpu(s)) => {
-                Ok(Storage::Cpu(a.scatter_add(l, i, il, s, sl, dim)?))
-            }
-            _ => Err(mismatch("scatter_add", self, src)),
-        }
+        three!("scatter_add", self, ids, src, (a, i, s) => a.scatter_add(l, i, il, s, sl, dim))
     }
     fn topk_indices(&self, l: &Layout, k: usize) -> Result<Self> {
         one!(self, s => s.topk_indices(l, k))
@@ -243,17 +297,16 @@ impl BackendStorage for Storage {
                 let (dx, dw) = x.rms_norm_backward(l, w, wl, g, gl, eps)?;
                 Ok((Storage::Cpu(dx), Storage::Cpu(dw)))
             }
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(x), Storage::Cuda(w), Storage::Cuda(g)) => {
+                let (dx, dw) = x.rms_norm_backward(l, w, wl, g, gl, eps)?;
+                Ok((Storage::Cuda(dx), Storage::Cuda(dw)))
+            }
             _ => Err(mismatch("rms_norm_backward", self, g)),
         }
     }
     fn rope(&self, l: &Layout, cos: &Self, cl: &Layout, sin: &Self, sl: &Layout) -> Result<Self> {
-        #[allow(unreachable_patterns)]
-        match (self, cos, sin) {
-            (Storage::Cpu(x), Storage::Cpu(c), Storage::Cpu(s)) => {
-                Ok(Storage::Cpu(x.rope(l, c, cl, s, sl)?))
-            }
-            _ => Err(mismatch("rope", self, cos)),
-        }
+        three!("rope", self, cos, sin, (x, c, s) => x.rope(l, c, cl, s, sl))
     }
     fn cross_entropy(&self, l: &Layout, t: &Self, tl: &Layout, ignore: u32) -> Result<Self> {
         two!("cross_entropy", self, t, (a, b) => a.cross_entropy(l, b, tl, ignore))
@@ -267,12 +320,6 @@ impl BackendStorage for Storage {
         gl: &Layout,
         ignore: u32,
     ) -> Result<Self> {
-        #[allow(unreachable_patterns)]
-        match (self, t, g) {
-            (Storage::Cpu(x), Storage::Cpu(t), Storage::Cpu(g)) => Ok(Storage::Cpu(
-                x.cross_entropy_backward(l, t, tl, g, gl, ignore)?,
-            )),
-            _ => Err(mismatch("cross_entropy_backward", self, g)),
-        }
+        three!("cross_entropy_backward", self, t, g, (x, t, g) => x.cross_entropy_backward(l, t, tl, g, gl, ignore))
     }
 }

@@ -358,6 +358,20 @@ impl Tensor {
         s.copy_to_view(src.layout(), &mut d, self.layout())
     }
 
+    /// A contiguous copy of this tensor on `device` (the tensor itself when it is already there).
+    /// Recorded on the tape: the gradient goes back to this tensor's device.
+    pub fn to_device(&self, device: Device) -> Result<Self> {
+        if device == self.device() {
+            return Ok(self.clone());
+        }
+        let out = self.storage().to_device(self.layout(), device)?;
+        let src = self.device();
+        let node = Node::record("to_device", &[self], move |_, _, g| {
+            Ok(vec![Some(g.to_device(src)?)])
+        });
+        Ok(Self::from_storage(out, self.shape().clone(), node))
+    }
+
     /// A contiguous copy in a new buffer (no autograd record of its own beyond `contiguous`).
     pub fn copy(&self) -> Result<Self> {
         let mut out = Storage::zeros(self.device(), self.shape(), self.dtype())?;

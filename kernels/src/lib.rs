@@ -2,8 +2,9 @@
 //! names of the kernels each defines. There is no build script and no nvcc: the engine's CUDA
 //! backend compiles these with NVRTC at run time for the GPU it finds, once per process.
 //!
-//! The CUDA backend (and with it the first sources) arrives after the CPU engine; until then the
-//! list is empty and the CPU backend is the only one.
+//! Every module is `common.cuh` (element types, conversions, the strided-view argument and
+//! reductions) followed by its own `.cu` file. Kernels are named `{op}_{dtype}`; forward and
+//! backward kernels of one family live in the same file.
 
 /// One CUDA C translation unit and the `extern "C"` kernels it defines.
 #[derive(Debug, Clone, Copy)]
@@ -16,5 +17,104 @@ pub struct KernelSource {
     pub kernels: &'static [&'static str],
 }
 
+/// Builds a list of kernel names: `f3 op` gives `op_f32, op_bf16, op_f64`; `f4 op` adds `op_u32`;
+/// `f1 op` gives `op_f32, op_f64` (kernels built on float atomics).
+macro_rules! names {
+    (@acc [$($out:expr,)*]) => { &[$($out,)*] };
+    (@acc [$($out:expr,)*] f3 $op:ident $($rest:tt)*) => {
+        names!(@acc [$($out,)*
+            concat!(stringify!($op), "_f32"),
+            concat!(stringify!($op), "_bf16"),
+            concat!(stringify!($op), "_f64"),
+        ] $($rest)*)
+    };
+    (@acc [$($out:expr,)*] f4 $op:ident $($rest:tt)*) => {
+        names!(@acc [$($out,)*
+            concat!(stringify!($op), "_f32"),
+            concat!(stringify!($op), "_bf16"),
+            concat!(stringify!($op), "_f64"),
+            concat!(stringify!($op), "_u32"),
+        ] $($rest)*)
+    };
+    (@acc [$($out:expr,)*] f1 $op:ident $($rest:tt)*) => {
+        names!(@acc [$($out,)*
+            concat!(stringify!($op), "_f32"),
+            concat!(stringify!($op), "_f64"),
+        ] $($rest)*)
+    };
+    ($($t:tt)*) => { names!(@acc [] $($t)*) };
+}
+
+macro_rules! module {
+    ($name:literal, $($t:tt)*) => {
+        KernelSource {
+            name: $name,
+            source: concat!(
+                include_str!("common.cuh"),
+                "\n",
+                include_str!(concat!($name, ".cu"))
+            ),
+            kernels: names!($($t)*),
+        }
+    };
+}
+
+/// Elementwise kernels: unary, binary, comparisons, where, casts, strided copies, fills.
+pub const ELEMENTWISE: KernelSource = module!("elementwise",
+    f3 neg f3 exp f3 log f3 silu f3 sigmoid f3 sqrt f3 recip f3 sqr f3 abs f3 tanh f3 cos f3 sin
+    f3 affine f3 powf f3 max_scalar f3 min_scalar
+    f3 add f3 sub f3 mul f3 div f3 maximum f3 minimum
+    f4 eq f4 ne f4 lt f4 le f4 gt f4 ge
+    f4 where_f32 f4 where_bf16 f4 where_f64 f4 where_u32
+    f4 cast_f32 f4 cast_bf16 f4 cast_f64 f4 cast_u32
+    f4 copy f4 fill
+);
+
+/// Reductions over one dim; softmax and log-softmax over the last dim.
+pub const REDUCE: KernelSource = module!("reduce",
+    f4 sum f4 max f4 min f4 argmax f4 argmin f3 softmax f3 log_softmax
+);
+
+/// RMSNorm forward and fused backward; rotary embedding.
+pub const NORM: KernelSource = module!("norm",
+    f3 rms_norm f3 rms_norm_backward f3 rms_norm_dw f3 rope
+);
+
+/// Fused cross-entropy forward and backward.
+pub const LOSS: KernelSource = module!("loss", f3 cross_entropy f3 cross_entropy_backward);
+
+/// index_select, gather, index_add, scatter_add, top-k.
+pub const INDEX: KernelSource = module!("index",
+    f4 index_select f4 gather f1 index_add f1 scatter_add f4 topk
+);
+
+/// Counter-based random fills (the same numbers as the CPU's `engine::rng`).
+pub const RANDOM: KernelSource = module!("random", f3 randn f3 rand_uniform f3 dropout_mask);
+
 /// Every kernel module of the engine.
-pub const SOURCES: &[KernelSource] = &[];
+pub const SOURCES: &[KernelSource] = &[ELEMENTWISE, REDUCE, NORM, LOSS, INDEX, RANDOM];
+
+/// The module that defines kernel `name`, if any.
+pub fn module_of(name: &str) -> Option<&'static KernelSource> {
+    SOURCES.iter().find(|s| s.kernels.contains(&name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_declared_in_their_source() {
+        let mut seen = std::collections::HashSet::new();
+        for s in SOURCES {
+            for k in s.kernels {
+                assert!(seen.insert(*k), "kernel {k} listed twice");
+                // Names come from macros in the sources, so check the op part is there.
+                let op = k.rsplit_once('_').map(|(op, _)| op).unwrap_or(k);
+                let op = op.split('_').next().unwrap_or(op);
+                assert!(s.source.contains(op), "{k} not found in {}.cu", s.name);
+            }
+        }
+        assert_eq!(module_of("softmax_bf16").map(|s| s.name), Some("reduce"));
+    }
+}

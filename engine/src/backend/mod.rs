@@ -8,6 +8,8 @@
 //! otherwise.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use crate::{DType, Device, Layout, Result, Shape};
 

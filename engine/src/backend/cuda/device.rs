@@ -1,0 +1,333 @@
+//! `CudaDevice`: one context and one stream per GPU, created on first use and cached per ordinal
+//! for the process; its kernel modules (compiled by NVRTC for its architecture), cuBLAS handle and
+//! caching allocator.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{
+    result, sys, CudaContext, CudaFunction, CudaModule, CudaStream, DriverError, LaunchConfig,
+};
+use cudarc::nvrtc::Ptx;
+use kernels::KernelSource;
+
+use super::alloc::{bucket, Cache};
+use super::compile::cached_ptx;
+use crate::{Device, Error, Result};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock only means another thread panicked; the maps stay consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) struct DeviceInner {
+    pub(crate) ordinal: usize,
+    pub(crate) ctx: Arc<CudaContext>,
+    pub(crate) stream: Arc<CudaStream>,
+    /// `sm_XY` of this GPU, the NVRTC target.
+    pub(crate) arch: String,
+    blas: Mutex<Option<Arc<CudaBlas>>>,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    funcs: Mutex<HashMap<String, CudaFunction>>,
+    cache: Mutex<Cache>,
+}
+
+/// A handle to one GPU (cheap to clone).
+#[derive(Clone)]
+pub struct CudaDevice(pub(crate) Arc<DeviceInner>);
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaDevice({}, {})", self.0.ordinal, self.0.arch)
+    }
+}
+
+fn devices() -> &'static Mutex<HashMap<usize, CudaDevice>> {
+    static DEVICES: OnceLock<Mutex<HashMap<usize, CudaDevice>>> = OnceLock::new();
+    DEVICES.get_or_init(Default::default)
+}
+
+fn unavailable(ordinal: usize, msg: String) -> Error {
+    Error::DeviceUnavailable {
+        op: "cuda",
+        device: Device::Cuda(ordinal),
+        msg,
+    }
+}
+
+impl CudaDevice {
+    /// The device `ordinal`, initialised on first use. Errors (no driver, no such GPU) say so and
+    /// suggest `--device cpu`.
+    pub fn get(ordinal: usize) -> Result<CudaDevice> {
+        let mut map = lock(devices());
+        if let Some(d) = map.get(&ordinal) {
+            return Ok(d.clone());
+        }
+        let d = Self::create(ordinal)?;
+        map.insert(ordinal, d.clone());
+        Ok(d)
+    }
+
+    /// The device if it was already initialised (never initialises one).
+    pub(crate) fn existing(ordinal: usize) -> Option<CudaDevice> {
+        lock(devices()).get(&ordinal).cloned()
+    }
+
+    fn create(ordinal: usize) -> Result<CudaDevice> {
+        // SAFETY: only tries to dlopen the driver library's candidate names.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(unavailable(
+                ordinal,
+                "the NVIDIA driver library (libcuda.so) was not found, so there is no GPU to use; \
+                 use --device cpu"
+                    .into(),
+            ));
+        }
+        let count = result::init()
+            .and_then(|_| CudaContext::device_count())
+            .map_err(|e| {
+                unavailable(
+                    ordinal,
+                    format!("the CUDA driver did not start ({e:?}); use --device cpu"),
+                )
+            })?;
+        if ordinal >= count.max(0) as usize {
+            return Err(unavailable(
+                ordinal,
+                format!(
+                    "this machine has {count} CUDA GPU(s); use --device cpu or a lower ordinal"
+                ),
+            ));
+        }
+        let err = |what: &str, e: DriverError| {
+            unavailable(ordinal, format!("{what} failed ({e:?}); use --device cpu"))
+        };
+        let ctx = CudaContext::new(ordinal).map_err(|e| err("creating the context", e))?;
+        // SAFETY: every buffer is a raw allocation of ours used on this device's single stream,
+        // so cudarc's per-slice event tracking has nothing to order.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(|e| err("creating a stream", e))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| err("querying the compute capability", e))?;
+        Ok(CudaDevice(Arc::new(DeviceInner {
+            ordinal,
+            ctx,
+            stream,
+            arch: format!("sm_{major}{minor}"),
+            blas: Mutex::new(None),
+            modules: Mutex::new(HashMap::new()),
+            funcs: Mutex::new(HashMap::new()),
+            cache: Mutex::new(Cache::default()),
+        })))
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.0.ordinal
+    }
+    pub fn device(&self) -> Device {
+        Device::Cuda(self.0.ordinal)
+    }
+    /// The NVRTC target of this GPU, e.g. `sm_90`.
+    pub fn arch(&self) -> &str {
+        &self.0.arch
+    }
+    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
+        &self.0.stream
+    }
+
+    /// A typed error for a failed driver call of `op`.
+    pub(crate) fn err(&self, op: &'static str, e: impl std::fmt::Debug) -> Error {
+        Error::Cuda {
+            op,
+            device: self.device(),
+            msg: format!("{e:?}"),
+        }
+    }
+
+    /// Makes this device's context current on the calling thread (before raw driver calls).
+    pub(crate) fn bind(&self, op: &'static str) -> Result<()> {
+        self.0.ctx.bind_to_thread().map_err(|e| self.err(op, e))
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<()> {
+        self.0
+            .stream
+            .synchronize()
+            .map_err(|e| self.err("synchronize", e))
+    }
+
+    /// Kernel `name` of module `src`, compiling (once per process) and loading (once per device)
+    /// the module on first use.
+    pub(crate) fn func(&self, src: &'static KernelSource, name: &str) -> Result<CudaFunction> {
+        if let Some(f) = lock(&self.0.funcs).get(name) {
+            return Ok(f.clone());
+        }
+        let module = {
+            let mut mods = lock(&self.0.modules);
+            match mods.get(src.name) {
+                Some(m) => m.clone(),
+                None => {
+                    let ptx = cached_ptx(src, &self.0.arch)?;
+                    let m = self
+                        .0
+                        .ctx
+                        .load_module(Ptx::from_src(ptx.as_str()))
+                        .map_err(|e| {
+                            // A PTX newer than the driver is the usual cause: NVRTC must not be
+                            // newer than the CUDA version of the driver.
+                            Error::KernelCompile {
+                                module: src.name,
+                                arch: self.0.arch.clone(),
+                                log: format!(
+                                    "the driver could not load the PTX ({e:?}); is libnvrtc newer \
+                                     than the driver's CUDA version? Point LD_LIBRARY_PATH at an \
+                                     NVRTC that matches the driver (e.g. /usr/local/cuda/lib64)"
+                                ),
+                            }
+                        })?;
+                    mods.insert(src.name, m.clone());
+                    m
+                }
+            }
+        };
+        let f = module.load_function(name).map_err(|_| {
+            Error::invalid(
+                "cuda",
+                format!("kernel {name} is not in module {}", src.name),
+            )
+        })?;
+        lock(&self.0.funcs).insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+
+    /// The cuBLAS handle of this device, bound to its stream.
+    pub(crate) fn blas(&self) -> Result<Arc<CudaBlas>> {
+        let mut b = lock(&self.0.blas);
+        if let Some(h) = b.as_ref() {
+            return Ok(h.clone());
+        }
+        self.bind("cublas")?;
+        let h = Arc::new(CudaBlas::new(self.0.stream.clone()).map_err(|e| self.err("cublas", e))?);
+        *b = Some(h.clone());
+        Ok(h)
+    }
+
+    // ----- memory -------------------------------------------------------------------------------
+
+    /// A buffer of at least `bytes` bytes (uninitialised), from the cache when it can.
+    pub(crate) fn alloc(&self, op: &'static str, bytes: usize) -> Result<CudaBuffer> {
+        let size = bucket(bytes);
+        let mut cache = lock(&self.0.cache);
+        if let Some((ptr, cap)) = cache.take(size) {
+            return Ok(CudaBuffer {
+                ptr,
+                bytes: cap,
+                dev: self.0.clone(),
+            });
+        }
+        self.bind(op)?;
+        // SAFETY: a plain allocation; the memory is only handed out as a raw device pointer.
+        let ptr = match unsafe { result::malloc_sync(size) } {
+            Ok(p) => p,
+            Err(DriverError(sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY)) => {
+                // Give the cached blocks back to the driver and try once more.
+                self.synchronize()?;
+                for p in cache.drain() {
+                    // SAFETY: cached blocks are not in use (the stream is idle) and were
+                    // allocated by malloc_sync on this context.
+                    unsafe { result::free_sync(p) }.map_err(|e| self.err(op, e))?;
+                }
+                // SAFETY: as above.
+                match unsafe { result::malloc_sync(size) } {
+                    Ok(p) => p,
+                    Err(DriverError(sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY)) => {
+                        let free = result::mem_get_info().map(|(f, _)| f).unwrap_or(0);
+                        return Err(Error::OutOfMemory {
+                            op,
+                            device: self.device(),
+                            requested: bytes,
+                            free,
+                        });
+                    }
+                    Err(e) => return Err(self.err(op, e)),
+                }
+            }
+            Err(e) => return Err(self.err(op, e)),
+        };
+        cache.note_alloc(size);
+        Ok(CudaBuffer {
+            ptr,
+            bytes: size,
+            dev: self.0.clone(),
+        })
+    }
+
+    /// `(current, peak)` bytes handed out by the allocator.
+    pub fn memory_stats(&self) -> (usize, usize) {
+        let c = lock(&self.0.cache);
+        (c.current, c.peak)
+    }
+    /// Starts a new peak measurement from the current use.
+    pub fn reset_peak(&self) {
+        let mut c = lock(&self.0.cache);
+        c.peak = c.current;
+    }
+    /// Bytes held in the allocator's free lists.
+    pub fn cached_bytes(&self) -> usize {
+        lock(&self.0.cache).cached
+    }
+
+    /// The launch shape for one thread per element over `n` elements (grid-stride kernels).
+    pub(crate) fn grid(n: usize) -> LaunchConfig {
+        const THREADS: usize = 256;
+        LaunchConfig {
+            grid_dim: (n.div_ceil(THREADS).clamp(1, 1 << 20) as u32, 1, 1),
+            block_dim: (THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// One block of `threads` per row.
+    pub(crate) fn rows(rows: usize, threads: u32) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows.max(1) as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}
+
+/// A device allocation that goes back to its device's cache when dropped.
+pub(crate) struct CudaBuffer {
+    pub(crate) ptr: u64,
+    /// Size of the block (its bucket), at least what was asked.
+    pub(crate) bytes: usize,
+    dev: Arc<DeviceInner>,
+}
+
+impl Drop for CudaBuffer {
+    fn drop(&mut self) {
+        lock(&self.dev.cache).give_back(self.ptr, self.bytes);
+    }
+}
+
+/// `(current, peak)` bytes of device memory held by the engine's tensors on `device` (0, 0 for
+/// the CPU or a GPU not used yet).
+pub fn memory_stats(device: Device) -> (usize, usize) {
+    match device {
+        Device::Cuda(n) => CudaDevice::existing(n).map_or((0, 0), |d| d.memory_stats()),
+        Device::Cpu => (0, 0),
+    }
+}
+
+/// Restarts the peak of [`memory_stats`] from the current use.
+pub fn reset_peak_memory(device: Device) {
+    if let Device::Cuda(n) = device {
+        if let Some(d) = CudaDevice::existing(n) {
+            d.reset_peak();
+        }
+    }
+}

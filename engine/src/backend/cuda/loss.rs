@@ -1,0 +1,148 @@
+//! Fused cross-entropy launchers: logits are read in place through their rank-2 strides.
+
+use kernels::LOSS;
+
+use super::launch::launch;
+use super::layout::to_u32;
+use super::{check_extent, CudaDevice, CudaStorage};
+use crate::{DType, Error, Layout, Result};
+
+const ROW_THREADS: u32 = 256;
+
+/// Checks logits `[n, v]` and targets `[n]` u32; returns `(n, v)`.
+fn check(
+    op: &'static str,
+    x: &CudaStorage,
+    l: &Layout,
+    t: &CudaStorage,
+    tl: &Layout,
+) -> Result<(usize, usize)> {
+    if l.dims().len() != 2 {
+        return Err(Error::RankMismatch {
+            op,
+            expected: 2,
+            shape: l.shape().clone(),
+        });
+    }
+    let (n, v) = (l.dims()[0], l.dims()[1]);
+    if tl.dims() != [n] {
+        return Err(Error::ShapeMismatch {
+            op,
+            lhs: l.shape().clone(),
+            rhs: tl.shape().clone(),
+        });
+    }
+    if t.dtype != DType::U32 {
+        return Err(Error::UnsupportedDType { op, dtype: t.dtype });
+    }
+    if x.dtype == DType::U32 {
+        return Err(Error::UnsupportedDType {
+            op,
+            dtype: DType::U32,
+        });
+    }
+    x.same_device(op, t)?;
+    check_extent(op, l, x.len)?;
+    Ok((n, v))
+}
+
+/// f64 for f64 logits, else f32: the dtype of the loss and of the row gradients.
+fn acc_dtype(d: DType) -> DType {
+    if d == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+pub(crate) fn cross_entropy(
+    x: &CudaStorage,
+    l: &Layout,
+    t: &CudaStorage,
+    tl: &Layout,
+    ignore: u32,
+) -> Result<CudaStorage> {
+    const OP: &str = "cross_entropy";
+    let (n, v) = check(OP, x, l, t, tl)?;
+    let out = CudaStorage::alloc(&x.dev, OP, n, acc_dtype(x.dtype))?;
+    if n == 0 {
+        return Ok(out);
+    }
+    let tc = t.contiguous(OP, tl)?;
+    let (n32, v32) = (to_u32(OP, n)?, to_u32(OP, v)?);
+    let (s0, s1, off) = (
+        to_u32(OP, l.strides()[0])?,
+        to_u32(OP, l.strides()[1])?,
+        to_u32(OP, l.offset())?,
+    );
+    let (xp, tp, y) = (x.ptr(), tc.ptr, out.ptr());
+    let name = format!("{OP}_{}", x.dtype);
+    // SAFETY: the logits view lies inside `x` (checked), targets are a contiguous [n] u32, the
+    // output holds n accumulators; one block per row.
+    unsafe {
+        launch!(
+            &x.dev,
+            OP,
+            LOSS,
+            name,
+            CudaDevice::rows(n, ROW_THREADS),
+            [n32, v32, s0, s1, off, xp, tp, ignore, y]
+        )
+    }?;
+    Ok(out)
+}
+
+pub(crate) fn cross_entropy_backward(
+    x: &CudaStorage,
+    l: &Layout,
+    t: &CudaStorage,
+    tl: &Layout,
+    g: &CudaStorage,
+    gl: &Layout,
+    ignore: u32,
+) -> Result<CudaStorage> {
+    const OP: &str = "cross_entropy_backward";
+    let (n, v) = check(OP, x, l, t, tl)?;
+    if gl.dims() != [n] {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            lhs: l.shape().clone(),
+            rhs: gl.shape().clone(),
+        });
+    }
+    if g.dtype == DType::U32 {
+        return Err(Error::UnsupportedDType {
+            op: OP,
+            dtype: DType::U32,
+        });
+    }
+    x.same_device(OP, g)?;
+    let out = CudaStorage::alloc(&x.dev, OP, n * v, x.dtype)?;
+    if n * v == 0 {
+        return Ok(out);
+    }
+    // Row gradients in the accumulation dtype, contiguous [n].
+    let gc = super::elementwise::to_dtype(g, gl, acc_dtype(x.dtype))?;
+    let tc = t.contiguous(OP, tl)?;
+    let (n32, v32) = (to_u32(OP, n)?, to_u32(OP, v)?);
+    let (s0, s1, off) = (
+        to_u32(OP, l.strides()[0])?,
+        to_u32(OP, l.strides()[1])?,
+        to_u32(OP, l.offset())?,
+    );
+    let (xp, tp, gp, y) = (x.ptr(), tc.ptr, gc.ptr(), out.ptr());
+    let name = format!("{OP}_{}", x.dtype);
+    // SAFETY: as in the forward; g is a contiguous [n] of the accumulation type and the output
+    // a contiguous [n, v] that each row's block fills completely.
+    unsafe {
+        launch!(
+            &x.dev,
+            OP,
+            LOSS,
+            name,
+            CudaDevice::rows(n, ROW_THREADS),
+            [n32, v32, s0, s1, off, xp, tp, ignore, gp, y]
+        )
+    }?;
+    Ok(out)
+}

@@ -1,0 +1,225 @@
+//! RMSNorm (forward, fused backward) and RoPE launchers. Operands that are not contiguous are
+//! copied first, except `x` of rope, which is read through its rank-4 strides.
+
+use kernels::NORM;
+
+use super::launch::launch;
+use super::layout::{to_u32, StridedArg};
+use super::{check_extent, CudaDevice, CudaStorage};
+use crate::{DType, Error, Layout, Result};
+
+/// Threads per row of the row kernels.
+const ROW_THREADS: u32 = 256;
+
+fn check_float3(op: &'static str, a: &CudaStorage, b: &CudaStorage, c: &CudaStorage) -> Result<()> {
+    for o in [b, c] {
+        if o.dtype != a.dtype {
+            return Err(Error::DTypeMismatch {
+                op,
+                lhs: a.dtype,
+                rhs: o.dtype,
+            });
+        }
+        a.same_device(op, o)?;
+    }
+    if a.dtype == DType::U32 {
+        return Err(Error::UnsupportedDType {
+            op,
+            dtype: DType::U32,
+        });
+    }
+    Ok(())
+}
+
+/// Checks `x: [.., n]` against `w: [n]` and returns `n`.
+fn norm_dims(op: &'static str, l: &Layout, wl: &Layout) -> Result<usize> {
+    let Some(&n) = l.dims().last() else {
+        return Err(Error::RankMismatch {
+            op,
+            expected: 1,
+            shape: l.shape().clone(),
+        });
+    };
+    if wl.dims() != [n] {
+        return Err(Error::ShapeMismatch {
+            op,
+            lhs: l.shape().clone(),
+            rhs: wl.shape().clone(),
+        });
+    }
+    Ok(n)
+}
+
+pub(crate) fn rms_norm(
+    x: &CudaStorage,
+    l: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+    eps: f64,
+) -> Result<CudaStorage> {
+    const OP: &str = "rms_norm";
+    check_float3(OP, x, w, w)?;
+    let n = norm_dims(OP, l, wl)?;
+    let total = l.elem_count();
+    let out = CudaStorage::alloc(&x.dev, OP, total, x.dtype)?;
+    if total == 0 || n == 0 {
+        return Ok(out);
+    }
+    let rows = total / n;
+    let (xc, wc) = (x.contiguous(OP, l)?, w.contiguous(OP, wl)?);
+    let (r32, n32, xp, wp, y) = (to_u32(OP, rows)?, to_u32(OP, n)?, xc.ptr, wc.ptr, out.ptr());
+    let name = format!("{OP}_{}", x.dtype);
+    // SAFETY: x is a contiguous [rows, n] run, w a contiguous [n], the output holds rows * n
+    // elements, all of one dtype; one block per row.
+    unsafe {
+        launch!(
+            &x.dev,
+            OP,
+            NORM,
+            name,
+            CudaDevice::rows(rows, ROW_THREADS),
+            [r32, n32, xp, wp, y, eps]
+        )
+    }?;
+    Ok(out)
+}
+
+pub(crate) fn rms_norm_backward(
+    x: &CudaStorage,
+    l: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+    g: &CudaStorage,
+    gl: &Layout,
+    eps: f64,
+) -> Result<(CudaStorage, CudaStorage)> {
+    const OP: &str = "rms_norm_backward";
+    check_float3(OP, x, w, g)?;
+    let n = norm_dims(OP, l, wl)?;
+    if gl.shape() != l.shape() {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            lhs: l.shape().clone(),
+            rhs: gl.shape().clone(),
+        });
+    }
+    let dev = &x.dev;
+    let total = l.elem_count();
+    let dx = CudaStorage::alloc(dev, OP, total, x.dtype)?;
+    if n == 0 {
+        return Ok((dx, CudaStorage::alloc(dev, OP, 0, x.dtype)?));
+    }
+    if total == 0 {
+        return Ok((dx, super::elementwise::fill(dev, n, x.dtype, 0.0)?));
+    }
+    let rows = total / n;
+    let dw = CudaStorage::alloc(dev, OP, n, x.dtype)?;
+    // Per-row 1/rms in the accumulation type (f64 for f64, else f32).
+    let acc = if x.dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let rstd = CudaStorage::alloc(dev, OP, rows, acc)?;
+    let (xc, wc, gc) = (
+        x.contiguous(OP, l)?,
+        w.contiguous(OP, wl)?,
+        g.contiguous(OP, gl)?,
+    );
+    let (r32, n32, xp, wp, gp) = (to_u32(OP, rows)?, to_u32(OP, n)?, xc.ptr, wc.ptr, gc.ptr);
+    let (dxp, rp, dwp) = (dx.ptr(), rstd.ptr(), dw.ptr());
+    let name = format!("{OP}_{}", x.dtype);
+    // SAFETY: x, g, dx are contiguous [rows, n] runs, w a contiguous [n], rstd holds `rows`
+    // accumulators; one block per row writes its dx row and rstd[row].
+    unsafe {
+        launch!(
+            dev,
+            OP,
+            NORM,
+            name,
+            CudaDevice::rows(rows, ROW_THREADS),
+            [r32, n32, xp, wp, gp, dxp, rp, eps]
+        )
+    }?;
+    let name = format!("rms_norm_dw_{}", x.dtype);
+    // SAFETY: one thread per column j < n reads column j of the [rows, n] x and g and the `rows`
+    // rstd values, and writes dw[j] (dw holds n elements).
+    unsafe {
+        launch!(
+            dev,
+            OP,
+            NORM,
+            name,
+            CudaDevice::grid(n),
+            [r32, n32, xp, gp, rp, dwp]
+        )
+    }?;
+    Ok((dx, dw))
+}
+
+pub(crate) fn rope(
+    x: &CudaStorage,
+    l: &Layout,
+    cos: &CudaStorage,
+    cl: &Layout,
+    sin: &CudaStorage,
+    sl: &Layout,
+) -> Result<CudaStorage> {
+    const OP: &str = "rope";
+    check_float3(OP, x, cos, sin)?;
+    let xd = l.dims();
+    if xd.len() != 4 {
+        return Err(Error::RankMismatch {
+            op: OP,
+            expected: 4,
+            shape: l.shape().clone(),
+        });
+    }
+    let (b, h, t, d) = (xd[0], xd[1], xd[2], xd[3]);
+    if d % 2 != 0 {
+        return Err(Error::invalid(
+            OP,
+            format!("head dim {d} of {} is odd", l.shape()),
+        ));
+    }
+    let cd = cl.dims();
+    let ok = cd.len() == 3 && (cd[0] == 1 || cd[0] == b) && cd[1] == t && cd[2] == d / 2;
+    if !ok || sl.shape() != cl.shape() {
+        let bad = if ok { sl } else { cl };
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            lhs: l.shape().clone(),
+            rhs: bad.shape().clone(),
+        });
+    }
+    check_extent(OP, l, x.len)?;
+    let total = l.elem_count();
+    let out = CudaStorage::alloc(&x.dev, OP, total, x.dtype)?;
+    if total == 0 {
+        return Ok(out);
+    }
+    let xs = StridedArg::rank4(OP, l)?;
+    let (cc, sc) = (cos.contiguous(OP, cl)?, sin.contiguous(OP, sl)?);
+    let (b32, h32, t32, d32, bc) = (
+        to_u32(OP, b)?,
+        to_u32(OP, h)?,
+        to_u32(OP, t)?,
+        to_u32(OP, d)?,
+        to_u32(OP, cd[0])?,
+    );
+    let (xp, cp, sp, y) = (x.ptr(), cc.ptr, sc.ptr, out.ptr());
+    let name = format!("{OP}_{}", x.dtype);
+    // SAFETY: x is read through its rank-4 strides (checked inside its buffer); cos and sin are
+    // contiguous [bc, t, d/2]; the output holds b·h·t·d elements; one thread per (row, i < d/2).
+    unsafe {
+        launch!(
+            &x.dev,
+            OP,
+            NORM,
+            name,
+            CudaDevice::grid(total / 2),
+            [b32, h32, t32, d32, bc, xs, xp, cp, sp, y]
+        )
+    }?;
+    Ok(out)
+}

@@ -1,0 +1,180 @@
+// Elementwise kernels over strided views: unary maps, broadcasting binary ops, comparisons,
+// select, casts, strided copies and fills. One thread per output element (grid-stride); outputs
+// are contiguous `[n]` unless stated.
+//
+// Unary:   {op}_{f32,bf16,f64}(n, l, x, y, p0, p1)        y[i] = op(x[at(l, i)]; p0, p1)
+// Binary:  {op}_{f32,bf16,f64}(n, la, lb, a, b, y)        y[i] = a[at(la, i)] op b[at(lb, i)]
+// Compare: {op}_{f32,bf16,f64,u32}(n, la, lb, a, b, y)    y: [n] u32 0/1
+// Select:  where_{cond}_{val}(n, lc, lt, lf, c, t, f, y)  y[i] = c[..] != 0 ? t[..] : f[..]
+// Cast:    cast_{src}_{dst}(n, l, x, y)                   Rust `as` semantics
+// Copy:    copy_{dtype}(n, ls, ld, src, dst)              dst[at(ld, i)] = src[at(ls, i)]
+// Fill:    fill_{dtype}(n, y, v)                          y[i] = v
+
+// ----- unary ---------------------------------------------------------------------------------------
+
+#define UNARY_FUNCTOR(NAME, EXPR) \
+    struct Op_##NAME { \
+        template <typename A> __device__ __forceinline__ A operator()(A x, A p0, A p1) const { return (EXPR); } \
+    };
+
+UNARY_FUNCTOR(neg, -x)
+UNARY_FUNCTOR(exp, m_exp(x))
+UNARY_FUNCTOR(log, m_log(x))
+UNARY_FUNCTOR(silu, x / ((A)1 + m_exp(-x)))
+UNARY_FUNCTOR(sigmoid, (A)1 / ((A)1 + m_exp(-x)))
+UNARY_FUNCTOR(sqrt, m_sqrt(x))
+UNARY_FUNCTOR(recip, (A)1 / x)
+UNARY_FUNCTOR(sqr, x * x)
+UNARY_FUNCTOR(abs, m_abs(x))
+UNARY_FUNCTOR(tanh, m_tanh(x))
+UNARY_FUNCTOR(cos, m_cos(x))
+UNARY_FUNCTOR(sin, m_sin(x))
+UNARY_FUNCTOR(affine, x * p0 + p1)
+UNARY_FUNCTOR(powf, m_pow(x, p0))
+UNARY_FUNCTOR(max_scalar, m_max(x, p0))
+UNARY_FUNCTOR(min_scalar, m_min(x, p0))
+
+template <typename T, typename F>
+__device__ __forceinline__ void unary_map(u32 n, const Strided& l, const T* x, T* y, double p0, double p1) {
+    typedef typename Acc<T>::type A;
+    const F f;
+    const A a0 = (A)p0, a1 = (A)p1;
+    FOR_EACH(i, n) {
+        y[i] = from_acc<T>(f(to_acc(x[strided_at(l, (u32)i)]), a0, a1));
+    }
+}
+
+#define UNARY_DT(NAME, T, SUF) \
+    extern "C" __global__ void NAME##_##SUF(u32 n, Strided l, const T* x, T* y, double p0, double p1) { \
+        unary_map<T, Op_##NAME>(n, l, x, y, p0, p1); \
+    }
+#define UNARY(NAME) UNARY_DT(NAME, float, f32) UNARY_DT(NAME, bf16, bf16) UNARY_DT(NAME, double, f64)
+
+UNARY(neg)
+UNARY(exp)
+UNARY(log)
+UNARY(silu)
+UNARY(sigmoid)
+UNARY(sqrt)
+UNARY(recip)
+UNARY(sqr)
+UNARY(abs)
+UNARY(tanh)
+UNARY(cos)
+UNARY(sin)
+UNARY(affine)
+UNARY(powf)
+UNARY(max_scalar)
+UNARY(min_scalar)
+
+// ----- binary --------------------------------------------------------------------------------------
+
+#define BINARY_FUNCTOR(NAME, EXPR) \
+    struct Op_##NAME { \
+        template <typename A> __device__ __forceinline__ A operator()(A a, A b) const { return (EXPR); } \
+    };
+
+BINARY_FUNCTOR(add, a + b)
+BINARY_FUNCTOR(sub, a - b)
+BINARY_FUNCTOR(mul, a * b)
+BINARY_FUNCTOR(div, a / b)
+BINARY_FUNCTOR(maximum, m_max(a, b))
+BINARY_FUNCTOR(minimum, m_min(a, b))
+
+template <typename T, typename F>
+__device__ __forceinline__ void binary_map(u32 n, const Strided& la, const Strided& lb, const T* a, const T* b, T* y) {
+    const F f;
+    FOR_EACH(i, n) {
+        y[i] = from_acc<T>(f(to_acc(a[strided_at(la, (u32)i)]), to_acc(b[strided_at(lb, (u32)i)])));
+    }
+}
+
+#define BINARY_DT(NAME, T, SUF) \
+    extern "C" __global__ void NAME##_##SUF(u32 n, Strided la, Strided lb, const T* a, const T* b, T* y) { \
+        binary_map<T, Op_##NAME>(n, la, lb, a, b, y); \
+    }
+#define BINARY(NAME) BINARY_DT(NAME, float, f32) BINARY_DT(NAME, bf16, bf16) BINARY_DT(NAME, double, f64)
+
+BINARY(add)
+BINARY(sub)
+BINARY(mul)
+BINARY(div)
+BINARY(maximum)
+BINARY(minimum)
+
+// ----- comparisons ---------------------------------------------------------------------------------
+
+// bf16 compares through float (exact); u32 natively.
+__device__ __forceinline__ float cmp_val(float x) { return x; }
+__device__ __forceinline__ float cmp_val(bf16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ double cmp_val(double x) { return x; }
+__device__ __forceinline__ u32 cmp_val(u32 x) { return x; }
+
+#define CMP_DT(NAME, OPR, T, SUF) \
+    extern "C" __global__ void NAME##_##SUF(u32 n, Strided la, Strided lb, const T* a, const T* b, u32* y) { \
+        FOR_EACH(i, n) { \
+            y[i] = (cmp_val(a[strided_at(la, (u32)i)]) OPR cmp_val(b[strided_at(lb, (u32)i)])) ? 1u : 0u; \
+        } \
+    }
+#define CMP(NAME, OPR) \
+    CMP_DT(NAME, OPR, float, f32) CMP_DT(NAME, OPR, bf16, bf16) CMP_DT(NAME, OPR, double, f64) CMP_DT(NAME, OPR, u32, u32)
+
+CMP(eq, ==)
+CMP(ne, !=)
+CMP(lt, <)
+CMP(le, <=)
+CMP(gt, >)
+CMP(ge, >=)
+
+// ----- where ---------------------------------------------------------------------------------------
+
+// Non-zero is true; NaN is non-zero.
+__device__ __forceinline__ bool truthy(float x) { return x != 0.0f; }
+__device__ __forceinline__ bool truthy(bf16 x) { return __bfloat162float(x) != 0.0f; }
+__device__ __forceinline__ bool truthy(double x) { return x != 0.0; }
+__device__ __forceinline__ bool truthy(u32 x) { return x != 0u; }
+
+#define WHERE_DT(C, CS, V, VS) \
+    extern "C" __global__ void where_##CS##_##VS(u32 n, Strided lc, Strided lt, Strided lf, const C* c, \
+                                                  const V* t, const V* f, V* y) { \
+        FOR_EACH(i, n) { \
+            y[i] = truthy(c[strided_at(lc, (u32)i)]) ? t[strided_at(lt, (u32)i)] : f[strided_at(lf, (u32)i)]; \
+        } \
+    }
+#define WHERE(C, CS) \
+    WHERE_DT(C, CS, float, f32) WHERE_DT(C, CS, bf16, bf16) WHERE_DT(C, CS, double, f64) WHERE_DT(C, CS, u32, u32)
+
+WHERE(float, f32)
+WHERE(bf16, bf16)
+WHERE(double, f64)
+WHERE(u32, u32)
+
+// ----- casts ---------------------------------------------------------------------------------------
+
+#define CAST_DT(S, SS, D, DS) \
+    extern "C" __global__ void cast_##SS##_##DS(u32 n, Strided l, const S* x, D* y) { \
+        FOR_EACH(i, n) { y[i] = Cast<D>::of(x[strided_at(l, (u32)i)]); } \
+    }
+#define CAST(S, SS) \
+    CAST_DT(S, SS, float, f32) CAST_DT(S, SS, bf16, bf16) CAST_DT(S, SS, double, f64) CAST_DT(S, SS, u32, u32)
+
+CAST(float, f32)
+CAST(bf16, bf16)
+CAST(double, f64)
+CAST(u32, u32)
+
+// ----- strided copy and fill -----------------------------------------------------------------------
+
+#define COPY_DT(T, SUF) \
+    extern "C" __global__ void copy_##SUF(u32 n, Strided ls, Strided ld, const T* src, T* dst) { \
+        FOR_EACH(i, n) { dst[strided_at(ld, (u32)i)] = src[strided_at(ls, (u32)i)]; } \
+    } \
+    extern "C" __global__ void fill_##SUF(u32 n, T* y, double v) { \
+        const T t = Cast<T>::of(v); \
+        FOR_EACH(i, n) { y[i] = t; } \
+    }
+
+COPY_DT(float, f32)
+COPY_DT(bf16, bf16)
+COPY_DT(double, f64)
+COPY_DT(u32, u32)

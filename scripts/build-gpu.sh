@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Builds, on a machine without a GPU, the release binaries that the GPU machine runs (the CUDA
+# test binaries), and copies them into gpu-bin/ (git-ignored) under stable names:
+#   gpu-bin/test-<name>     a test binary (run with --test-threads=1)
+#   gpu-bin/example-<name>  an example binary
+# Then, on the GPU machine, from the repository root: scripts/run-gpu.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+out=gpu-bin
+rm -rf "$out"
+mkdir -p "$out"
+
+# Test binaries: every tests/tests/cuda_*.rs, built with the engine's CUDA backend.
+tests=()
+for f in tests/tests/cuda_*.rs; do
+    tests+=(--test "$(basename "$f" .rs)")
+done
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --release --features cuda -p mixlora-tests "${tests[@]}" --no-run 2>&1 | tee "$log" >&2
+# cargo prints "Executable tests/cuda_parity.rs (target/release/deps/cuda_parity-0123abcd)".
+grep -o '(target/release/deps/[A-Za-z0-9_]*-[0-9a-f]*)' "$log" | tr -d '()' | sort -u |
+    while read -r exe; do
+        name=$(basename "$exe")
+        cp "$exe" "$out/test-${name%-*}"
+    done
+
+# Examples that exercise the GPU, when there are any (named *cuda* or *gpu*).
+for f in benches/examples/*cuda*.rs benches/examples/*gpu*.rs; do
+    [ -e "$f" ] || continue
+    name=$(basename "$f" .rs)
+    cargo build --release --features mixlora-engine/cuda -p mixlora-benches --example "$name"
+    cp "target/release/examples/$name" "$out/example-$name"
+done
+
+# Symbols are not needed to run; stripping keeps the folder small enough to travel.
+if command -v strip >/dev/null; then
+    strip "$out"/* 2>/dev/null || true
+fi
+echo "built into $out/:" >&2
+ls -l "$out" >&2
+du -sh "$out" >&2

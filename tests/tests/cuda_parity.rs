@@ -1,0 +1,929 @@
+//! CPU ↔ CUDA parity of every primitive op of the CUDA backend, and of a small training step.
+//!
+//! Each case is written once as a function of the device: it builds its inputs there (the same
+//! values on both: random, never zeros), runs the op, and reads the result back; the CPU result
+//! is the reference. Relative error ‖gpu − cpu‖ / ‖cpu‖ must stay within f32 1e-5, bf16 1e-2,
+//! f64 1e-10; u32 results must be equal; NaN never passes. Sizes include multiples of the
+//! 256-thread block and sizes that are not.
+//!
+//! Without a GPU (or without the `cuda` feature) the tests print why they skip and pass; the
+//! one check that still runs is that asking for a GPU gives an error that says so.
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use engine::backend::cuda::{memory_stats, reset_peak_memory, CudaDevice};
+    use engine::backend::{BackendStorage, BinaryOp, CmpOp, ReduceOp, UnaryOp};
+    use engine::{DType, Device, Error, Layout, Shape, Storage, Tensor};
+
+    const FLOATS: [DType; 3] = [DType::F32, DType::BF16, DType::F64];
+    const ALL: [DType; 4] = [DType::F32, DType::BF16, DType::F64, DType::U32];
+
+    /// Serialises the GPU tests of this binary (the allocator statistics test reads device-wide
+    /// counters), even when the harness runs tests on several threads.
+    fn serial() -> std::sync::MutexGuard<'static, ()> {
+        static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        LOCK.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The GPU when one is usable, else prints why the test skips.
+    fn gpu() -> Option<Device> {
+        match CudaDevice::get(0) {
+            Ok(_) => Some(Device::Cuda(0)),
+            Err(e) => {
+                eprintln!("SKIP: no usable GPU: {e}");
+                None
+            }
+        }
+    }
+
+    fn tol(d: DType) -> f64 {
+        match d {
+            DType::F32 => 1e-5,
+            DType::BF16 => 1e-2,
+            DType::F64 => 1e-10,
+            DType::U32 => 0.0,
+        }
+    }
+
+    /// Deterministic values in ±[0.1, 2.1) (never zero), from `seed`.
+    fn vals(n: usize, seed: u64) -> Vec<f64> {
+        (0..n as u64)
+            .map(|i| {
+                let u = engine::rng::uniform(seed, i);
+                let mag = 0.1 + 2.0 * u;
+                if engine::rng::uniform(seed ^ 0x5555, i) < 0.5 {
+                    -mag
+                } else {
+                    mag
+                }
+            })
+            .collect()
+    }
+
+    /// Positive values in [0.1, 2.1).
+    fn pos(n: usize, seed: u64) -> Vec<f64> {
+        vals(n, seed).into_iter().map(f64::abs).collect()
+    }
+
+    /// Integers in 1..=m as f64 (for u32 tensors and for ties).
+    fn ints(n: usize, m: u32, seed: u64) -> Vec<f64> {
+        (0..n as u64)
+            .map(|i| 1.0 + (engine::rng::uniform(seed, i) * m as f64).floor())
+            .collect()
+    }
+
+    fn up(dev: Device, data: &[f64], dtype: DType) -> Storage {
+        Storage::upload_f64(dev, data, dtype).expect("upload")
+    }
+
+    /// The inputs a case builds for a device, from the values and dtype.
+    fn input(dev: Device, data: &[f64], dtype: DType) -> Storage {
+        // Round through the dtype on the host so that both devices see identical inputs.
+        up(dev, data, dtype)
+    }
+
+    fn read(s: &Storage, shape: impl Into<Shape>) -> Vec<f64> {
+        s.to_f64_vec(&Layout::contiguous(shape.into()))
+            .expect("read back")
+    }
+
+    /// Relative error of `got` against `want`, NaN when any value is NaN on one side only or
+    /// the lengths differ.
+    fn rel_err(want: &[f64], got: &[f64]) -> f64 {
+        if want.len() != got.len() {
+            return f64::NAN;
+        }
+        let (mut num, mut den) = (0.0f64, 0.0f64);
+        for (&w, &g) in want.iter().zip(got) {
+            if w.is_nan() || g.is_nan() {
+                if w.is_nan() && g.is_nan() {
+                    continue;
+                }
+                return f64::NAN;
+            }
+            if w.is_infinite() || g.is_infinite() {
+                if w == g {
+                    continue;
+                }
+                return f64::NAN;
+            }
+            num += (w - g) * (w - g);
+            den += w * w;
+        }
+        if den == 0.0 {
+            num.sqrt()
+        } else {
+            (num / den).sqrt()
+        }
+    }
+
+    /// Runs `case` on the CPU and the GPU and compares; returns a failure line, if any.
+    fn compare(
+        name: &str,
+        dtype: DType,
+        case: &dyn Fn(Device) -> engine::Result<Vec<f64>>,
+        gpu: Device,
+    ) -> Option<String> {
+        let want = match case(Device::Cpu) {
+            Ok(v) => v,
+            Err(e) => return Some(format!("{name} [{dtype}]: CPU failed: {e}")),
+        };
+        let got = match case(gpu) {
+            Ok(v) => v,
+            Err(e) => return Some(format!("{name} [{dtype}]: CUDA failed: {e}")),
+        };
+        if want.iter().all(|&x| x == 0.0)
+            && !want.is_empty()
+            && !name.contains("zeros")
+            && !name.contains("dropout")
+        {
+            return Some(format!(
+                "{name} [{dtype}]: reference is all zeros, a useless case"
+            ));
+        }
+        let err = rel_err(&want, &got);
+        let ok = if dtype == DType::U32 {
+            want == got
+        } else {
+            err <= tol(dtype)
+        };
+        if ok {
+            None
+        } else {
+            let first = want
+                .iter()
+                .zip(&got)
+                .position(|(a, b)| a != b && !(a.is_nan() && b.is_nan()))
+                .unwrap_or(0);
+            Some(format!(
+                "{name} [{dtype}]: rel err {err:e} > {:e} (len {} vs {}; first diff at {first}: cpu {:?} gpu {:?})",
+                tol(dtype),
+                want.len(),
+                got.len(),
+                want.get(first),
+                got.get(first)
+            ))
+        }
+    }
+
+    /// Collects failures over many cases and reports them all at once.
+    struct Checker {
+        _serial: std::sync::MutexGuard<'static, ()>,
+        gpu: Device,
+        failures: Vec<String>,
+        count: usize,
+    }
+
+    impl Checker {
+        fn new() -> Option<Self> {
+            let lock = serial();
+            gpu().map(|gpu| Checker {
+                _serial: lock,
+                gpu,
+                failures: Vec::new(),
+                count: 0,
+            })
+        }
+        fn case(
+            &mut self,
+            name: &str,
+            dtype: DType,
+            f: impl Fn(Device) -> engine::Result<Vec<f64>>,
+        ) {
+            self.count += 1;
+            if let Some(msg) = compare(name, dtype, &f, self.gpu) {
+                self.failures.push(msg);
+            }
+        }
+        fn finish(self) {
+            eprintln!("{} cases, {} failures", self.count, self.failures.len());
+            assert!(self.failures.is_empty(), "\n{}", self.failures.join("\n"));
+        }
+    }
+
+    /// A [a, b] buffer viewed transposed as [b, a].
+    fn transposed(a: usize, b: usize) -> Layout {
+        Layout::contiguous([a, b]).transpose(0, 1)
+    }
+
+    // Sizes: 1024 = 4 blocks of 256; 1007 and 33 are not multiples of anything useful.
+    const SIZES: [(usize, usize); 3] = [(32, 32), (19, 53), (3, 11)];
+
+    #[test]
+    fn casts_unary_binary_cmp_where_copy() {
+        let Some(mut c) = Checker::new() else { return };
+        for &(r, k) in &SIZES {
+            let n = r * k;
+            // Casts between every pair of dtypes, read through a transposed view.
+            for src in ALL {
+                for dst in ALL {
+                    let data = if src == DType::U32 || dst == DType::U32 {
+                        ints(n, 300, 1)
+                    } else {
+                        vals(n, 1)
+                    };
+                    c.case(&format!("cast {src}->{dst} {r}x{k}"), dst, |dev| {
+                        let s = input(dev, &data, src);
+                        let o = s.to_dtype(&transposed(r, k), dst)?;
+                        Ok(read(&o, [k, r]))
+                    });
+                }
+            }
+            for dt in FLOATS {
+                let ops = [
+                    UnaryOp::Neg,
+                    UnaryOp::Exp,
+                    UnaryOp::Log,
+                    UnaryOp::Silu,
+                    UnaryOp::Sigmoid,
+                    UnaryOp::Sqrt,
+                    UnaryOp::Recip,
+                    UnaryOp::Sqr,
+                    UnaryOp::Abs,
+                    UnaryOp::Tanh,
+                    UnaryOp::Cos,
+                    UnaryOp::Sin,
+                    UnaryOp::Affine {
+                        mul: 1.5,
+                        add: -0.25,
+                    },
+                    UnaryOp::Powf(1.7),
+                    UnaryOp::MaxScalar(0.3),
+                    UnaryOp::MinScalar(-0.3),
+                ];
+                for op in ops {
+                    let positive = matches!(op, UnaryOp::Log | UnaryOp::Sqrt | UnaryOp::Powf(_));
+                    let data = if positive { pos(n, 2) } else { vals(n, 2) };
+                    c.case(&format!("unary {op:?} {r}x{k} transposed"), dt, |dev| {
+                        let s = input(dev, &data, dt);
+                        Ok(read(&s.unary(&transposed(r, k), op)?, [k, r]))
+                    });
+                }
+                let (a, b) = (vals(4 * n, 3), pos(k, 4));
+                for op in [
+                    BinaryOp::Add,
+                    BinaryOp::Sub,
+                    BinaryOp::Mul,
+                    BinaryOp::Div,
+                    BinaryOp::Maximum,
+                    BinaryOp::Minimum,
+                ] {
+                    // [4, r, k] op [k] broadcast.
+                    c.case(&format!("binary {op:?} [4,{r},{k}] by [{k}]"), dt, |dev| {
+                        let (x, y) = (input(dev, &a, dt), input(dev, &b, dt));
+                        let shape = Shape::from([4, r, k]);
+                        let yl = Layout::contiguous([k]).broadcast_as("t", &shape)?;
+                        Ok(read(
+                            &x.binary(&Layout::contiguous(shape.clone()), &y, &yl, op)?,
+                            shape,
+                        ))
+                    });
+                    // Transposed lhs op a [r, 1] column broadcast.
+                    let col = pos(r, 5);
+                    c.case(&format!("binary {op:?} [{r},{k}]^T by column"), dt, |dev| {
+                        let (x, y) = (input(dev, &a[..n], dt), input(dev, &col, dt));
+                        let shape = Shape::from([k, r]);
+                        let yl = Layout::contiguous([1, r]).broadcast_as("t", &shape)?;
+                        Ok(read(&x.binary(&transposed(r, k), &y, &yl, op)?, shape))
+                    });
+                }
+            }
+            for dt in ALL {
+                // Small integers make equal pairs common.
+                let (a, b) = (ints(n, 4, 6), ints(n, 4, 7));
+                for op in [
+                    CmpOp::Eq,
+                    CmpOp::Ne,
+                    CmpOp::Lt,
+                    CmpOp::Le,
+                    CmpOp::Gt,
+                    CmpOp::Ge,
+                ] {
+                    c.case(&format!("cmp {op:?} {dt} {r}x{k}"), DType::U32, |dev| {
+                        let (x, y) = (input(dev, &a, dt), input(dev, &b, dt));
+                        Ok(read(
+                            &x.cmp(&transposed(r, k), &y, &Layout::contiguous([k, r]), op)?,
+                            [k, r],
+                        ))
+                    });
+                }
+                for cd in ALL {
+                    let cond: Vec<f64> = ints(n, 2, 8).into_iter().map(|x| x - 1.0).collect();
+                    let (t, f) = if dt == DType::U32 {
+                        (ints(n, 9, 9), ints(k, 9, 10))
+                    } else {
+                        (vals(n, 9), vals(k, 10))
+                    };
+                    c.case(&format!("where cond {cd} values {dt} {r}x{k}"), dt, |dev| {
+                        let (cs, ts, fs) = (
+                            input(dev, &cond, cd),
+                            input(dev, &t, dt),
+                            input(dev, &f, dt),
+                        );
+                        let shape = Shape::from([r, k]);
+                        let fl = Layout::contiguous([k]).broadcast_as("t", &shape)?;
+                        let o = cs.where_cond(
+                            &Layout::contiguous(shape.clone()),
+                            &ts,
+                            &transposed(k, r),
+                            &fs,
+                            &fl,
+                        )?;
+                        Ok(read(&o, shape))
+                    });
+                }
+                // Strided copy: a transposed source into a narrowed view of a larger buffer.
+                let (src, dst) = if dt == DType::U32 {
+                    (ints(n, 50, 11), ints(k * (r + 3), 50, 12))
+                } else {
+                    (vals(n, 11), vals(k * (r + 3), 12))
+                };
+                c.case(&format!("copy_to_view {dt} {r}x{k}"), dt, |dev| {
+                    let s = input(dev, &src, dt);
+                    let mut d = input(dev, &dst, dt);
+                    let dl = Layout::contiguous([k, r + 3]).narrow(1, 2, r);
+                    s.copy_to_view(&transposed(r, k), &mut d, &dl)?;
+                    Ok(read(&d, [k, r + 3]))
+                });
+            }
+        }
+        c.finish();
+    }
+
+    #[test]
+    fn reductions_and_softmax() {
+        let Some(mut c) = Checker::new() else { return };
+        let shape = [5usize, 37, 260];
+        let n: usize = shape.iter().product();
+        for dt in ALL {
+            let data = if dt == DType::U32 {
+                ints(n, 1000, 20)
+            } else {
+                vals(n, 20)
+            };
+            for op in [
+                ReduceOp::Sum,
+                ReduceOp::Max,
+                ReduceOp::Min,
+                ReduceOp::ArgMax,
+                ReduceOp::ArgMin,
+            ] {
+                let out_dt = if matches!(op, ReduceOp::ArgMax | ReduceOp::ArgMin) {
+                    DType::U32
+                } else {
+                    dt
+                };
+                for dim in 0..3 {
+                    c.case(
+                        &format!("reduce {op:?} dim {dim} of {shape:?} {dt}"),
+                        out_dt,
+                        |dev| {
+                            let s = input(dev, &data, dt);
+                            let l = Layout::contiguous(shape);
+                            let mut out = shape;
+                            out[dim] = 1;
+                            Ok(read(&s.reduce(&l, dim, op)?, out))
+                        },
+                    );
+                    // The same over a permuted view.
+                    c.case(
+                        &format!("reduce {op:?} dim {dim} of permuted {dt}"),
+                        out_dt,
+                        |dev| {
+                            let s = input(dev, &data, dt);
+                            let l = Layout::contiguous(shape).permute(&[2, 0, 1]);
+                            let mut out = [shape[2], shape[0], shape[1]];
+                            out[dim] = 1;
+                            Ok(read(&s.reduce(&l, dim, op)?, out))
+                        },
+                    );
+                }
+            }
+        }
+        // NaN propagation of max and argmax's first-NaN rule.
+        let mut nan_data = vals(64, 21);
+        nan_data[5] = f64::NAN;
+        nan_data[32] = f64::NAN;
+        for op in [
+            ReduceOp::Max,
+            ReduceOp::Min,
+            ReduceOp::ArgMax,
+            ReduceOp::ArgMin,
+            ReduceOp::Sum,
+        ] {
+            let out_dt = if matches!(op, ReduceOp::ArgMax | ReduceOp::ArgMin) {
+                DType::U32
+            } else {
+                DType::F32
+            };
+            c.case(&format!("reduce {op:?} with NaN"), out_dt, |dev| {
+                let s = input(dev, &nan_data, DType::F32);
+                Ok(read(
+                    &s.reduce(&Layout::contiguous([2, 32]), 1, op)?,
+                    [2, 1],
+                ))
+            });
+        }
+        for dt in FLOATS {
+            for &(rows, len) in &[(3usize, 7usize), (64, 256), (5, 1000), (2, 4099)] {
+                let data: Vec<f64> = vals(rows * len, 22).into_iter().map(|x| 3.0 * x).collect();
+                c.case(&format!("softmax [{rows},{len}]"), dt, |dev| {
+                    let s = input(dev, &data, dt);
+                    Ok(read(
+                        &s.softmax_last_dim(&Layout::contiguous([rows, len]))?,
+                        [rows, len],
+                    ))
+                });
+                c.case(&format!("log_softmax [{rows},{len}]^T"), dt, |dev| {
+                    let s = input(dev, &data, dt);
+                    Ok(read(
+                        &s.log_softmax_last_dim(&transposed(len, rows))?,
+                        [rows, len],
+                    ))
+                });
+            }
+        }
+        c.finish();
+    }
+
+    #[test]
+    fn matmul_layouts() {
+        let Some(mut c) = Checker::new() else { return };
+        for dt in FLOATS {
+            for &(b, m, k, n) in &[
+                (1usize, 64usize, 64usize, 64usize),
+                (3, 17, 33, 9),
+                (2, 1, 40, 7),
+                (4, 8, 1, 5),
+            ] {
+                let (x, y) = (vals(b * m * k, 30), vals(b * k * n, 31));
+                // lhs as stored, or as the transpose of a [b, k, m] buffer; rhs likewise.
+                for (lt, rt) in [(false, false), (true, false), (false, true), (true, true)] {
+                    c.case(
+                        &format!("matmul [{b},{m},{k}]x[{k},{n}] lhs^T {lt} rhs^T {rt}"),
+                        dt,
+                        |dev| {
+                            let (xs, ys) = (input(dev, &x, dt), input(dev, &y, dt));
+                            let xl = if lt {
+                                Layout::contiguous([b, k, m]).transpose(1, 2)
+                            } else {
+                                Layout::contiguous([b, m, k])
+                            };
+                            let yl = if rt {
+                                Layout::contiguous([b, n, k]).transpose(1, 2)
+                            } else {
+                                Layout::contiguous([b, k, n])
+                            };
+                            Ok(read(&xs.matmul(&xl, &ys, &yl)?, [b, m, n]))
+                        },
+                    );
+                }
+                // rhs broadcast over the batch (stride 0).
+                let y1 = vals(k * n, 32);
+                c.case(
+                    &format!("matmul [{b},{m},{k}]x[{k},{n}] rhs broadcast"),
+                    dt,
+                    |dev| {
+                        let (xs, ys) = (input(dev, &x, dt), input(dev, &y1, dt));
+                        let yl = Layout::contiguous([1, k, n])
+                            .broadcast_as("t", &Shape::from([b, k, n]))?;
+                        Ok(read(
+                            &xs.matmul(&Layout::contiguous([b, m, k]), &ys, &yl)?,
+                            [b, m, n],
+                        ))
+                    },
+                );
+                // rhs with no unit stride (every other element): copied before cuBLAS.
+                let y2 = vals(b * k * n * 2, 33);
+                c.case(
+                    &format!("matmul [{b},{m},{k}]x[{k},{n}] rhs strided"),
+                    dt,
+                    |dev| {
+                        let (xs, ys) = (input(dev, &x, dt), input(dev, &y2, dt));
+                        let yl = Layout::new(Shape::from([b, k, n]), vec![2 * k * n, 2 * n, 2], 1);
+                        Ok(read(
+                            &xs.matmul(&Layout::contiguous([b, m, k]), &ys, &yl)?,
+                            [b, m, n],
+                        ))
+                    },
+                );
+            }
+        }
+        c.finish();
+    }
+
+    #[test]
+    fn norms_rope_and_losses() {
+        let Some(mut c) = Checker::new() else { return };
+        for dt in FLOATS {
+            for &(rows, n) in &[(4usize, 256usize), (7, 1000), (3, 33)] {
+                let (x, w, g) = (vals(rows * n, 40), vals(n, 41), vals(rows * n, 42));
+                c.case(&format!("rms_norm [{rows},{n}]"), dt, |dev| {
+                    let (xs, ws) = (input(dev, &x, dt), input(dev, &w, dt));
+                    Ok(read(
+                        &xs.rms_norm(
+                            &Layout::contiguous([rows, n]),
+                            &ws,
+                            &Layout::contiguous([n]),
+                            1e-5,
+                        )?,
+                        [rows, n],
+                    ))
+                });
+                for part in 0..2 {
+                    c.case(
+                        &format!("rms_norm_backward [{rows},{n}] {}", ["dx", "dw"][part]),
+                        dt,
+                        |dev| {
+                            let (xs, ws, gs) =
+                                (input(dev, &x, dt), input(dev, &w, dt), input(dev, &g, dt));
+                            let l = Layout::contiguous([rows, n]);
+                            let (dx, dw) = xs.rms_norm_backward(
+                                &l,
+                                &ws,
+                                &Layout::contiguous([n]),
+                                &gs,
+                                &l,
+                                1e-5,
+                            )?;
+                            Ok(if part == 0 {
+                                read(&dx, [rows, n])
+                            } else {
+                                read(&dw, [n])
+                            })
+                        },
+                    );
+                }
+            }
+            // rope: x stored [b, t, h, d] and viewed as [b, h, t, d]; tables per batch or shared.
+            let (b, h, t, d) = (2usize, 3usize, 37usize, 64usize);
+            let x = vals(b * h * t * d, 43);
+            for bc in [1, b] {
+                let (cs, sn) = (vals(bc * t * d / 2, 44), vals(bc * t * d / 2, 45));
+                c.case(
+                    &format!("rope [{b},{h},{t},{d}] tables [{bc},..]"),
+                    dt,
+                    |dev| {
+                        let xs = input(dev, &x, dt);
+                        let (cst, snt) = (input(dev, &cs, dt), input(dev, &sn, dt));
+                        let xl = Layout::contiguous([b, t, h, d]).transpose(1, 2);
+                        let tl = Layout::contiguous([bc, t, d / 2]);
+                        Ok(read(&xs.rope(&xl, &cst, &tl, &snt, &tl)?, [b, h, t, d]))
+                    },
+                );
+            }
+            // cross-entropy with ignored rows, logits as stored and transposed.
+            for &(n, v) in &[(6usize, 1000usize), (5, 33), (3, 4099)] {
+                let x: Vec<f64> = vals(n * v, 46).into_iter().map(|a| 4.0 * a).collect();
+                let tg: Vec<f64> = (0..n)
+                    .map(|r| {
+                        if r % 3 == 1 {
+                            u32::MAX as f64
+                        } else {
+                            ((r * 7919) % v) as f64
+                        }
+                    })
+                    .collect();
+                let gr = vals(n, 47);
+                let acc = if dt == DType::F64 {
+                    DType::F64
+                } else {
+                    DType::F32
+                };
+                for tr in [false, true] {
+                    let xl = if tr {
+                        transposed(v, n)
+                    } else {
+                        Layout::contiguous([n, v])
+                    };
+                    c.case(
+                        &format!("cross_entropy [{n},{v}] transposed {tr}"),
+                        acc,
+                        |dev| {
+                            let (xs, ts) = (input(dev, &x, dt), input(dev, &tg, DType::U32));
+                            Ok(read(
+                                &xs.cross_entropy(&xl, &ts, &Layout::contiguous([n]), u32::MAX)?,
+                                [n],
+                            ))
+                        },
+                    );
+                    c.case(
+                        &format!("cross_entropy_backward [{n},{v}] transposed {tr}"),
+                        dt,
+                        |dev| {
+                            let (xs, ts, gs) = (
+                                input(dev, &x, dt),
+                                input(dev, &tg, DType::U32),
+                                input(dev, &gr, acc),
+                            );
+                            let one = Layout::contiguous([n]);
+                            Ok(read(
+                                &xs.cross_entropy_backward(&xl, &ts, &one, &gs, &one, u32::MAX)?,
+                                [n, v],
+                            ))
+                        },
+                    );
+                }
+            }
+        }
+        c.finish();
+    }
+
+    #[test]
+    fn index_ops_and_topk() {
+        let Some(mut c) = Checker::new() else { return };
+        let (a, b, e) = (6usize, 50usize, 260usize);
+        let base_shape = [a, b, e];
+        let nb = a * b * e;
+        for dt in ALL {
+            let data = if dt == DType::U32 {
+                ints(nb, 100, 50)
+            } else {
+                vals(nb, 50)
+            };
+            for dim in 0..3 {
+                let size = base_shape[dim];
+                let ids: Vec<f64> = (0..13).map(|j| ((j * 7 + 3) % size) as f64).collect();
+                let mut out_shape = base_shape;
+                out_shape[dim] = ids.len();
+                c.case(&format!("index_select dim {dim} {dt}"), dt, |dev| {
+                    let (s, i) = (input(dev, &data, dt), input(dev, &ids, DType::U32));
+                    Ok(read(
+                        &s.index_select(
+                            &Layout::contiguous(base_shape),
+                            &i,
+                            &Layout::contiguous([ids.len()]),
+                            dim,
+                        )?,
+                        out_shape,
+                    ))
+                });
+                // gather along dim with ids of the output's shape (m = 5 along dim).
+                let mut g_shape = base_shape;
+                g_shape[dim] = 5;
+                let gn: usize = g_shape.iter().product();
+                let gids: Vec<f64> = (0..gn).map(|j| ((j * 31 + 1) % size) as f64).collect();
+                c.case(&format!("gather dim {dim} {dt}"), dt, |dev| {
+                    let (s, i) = (input(dev, &data, dt), input(dev, &gids, DType::U32));
+                    Ok(read(
+                        &s.gather(
+                            &Layout::contiguous(base_shape),
+                            &i,
+                            &Layout::contiguous(g_shape),
+                            dim,
+                        )?,
+                        g_shape,
+                    ))
+                });
+                if dt == DType::U32 {
+                    continue;
+                }
+                // index_add with repeated ids; src [.., 13, ..].
+                let src = vals(out_shape.iter().product(), 51);
+                c.case(&format!("index_add dim {dim} {dt}"), dt, |dev| {
+                    let (s, i, sr) = (
+                        input(dev, &data, dt),
+                        input(dev, &ids_rep(size), DType::U32),
+                        input(dev, &src, dt),
+                    );
+                    Ok(read(
+                        &s.index_add(
+                            &Layout::contiguous(base_shape),
+                            &i,
+                            &Layout::contiguous([13]),
+                            &sr,
+                            &Layout::contiguous(out_shape),
+                            dim,
+                        )?,
+                        base_shape,
+                    ))
+                });
+                let gsrc = vals(gn, 52);
+                c.case(&format!("scatter_add dim {dim} {dt}"), dt, |dev| {
+                    let (s, i, sr) = (
+                        input(dev, &data, dt),
+                        input(dev, &gids, DType::U32),
+                        input(dev, &gsrc, dt),
+                    );
+                    let gl = Layout::contiguous(g_shape);
+                    Ok(read(
+                        &s.scatter_add(&Layout::contiguous(base_shape), &i, &gl, &sr, &gl, dim)?,
+                        base_shape,
+                    ))
+                });
+            }
+            // top-k with ties (small integers) and, for floats, NaN.
+            for &(rows, n, k) in &[(300usize, 8usize, 2usize), (7, 1000, 5), (33, 64, 64)] {
+                let mut x = ints(rows * n, 20, 53);
+                if dt != DType::U32 {
+                    x[3] = f64::NAN;
+                    x[n + 1] = f64::NAN;
+                }
+                c.case(
+                    &format!("topk [{rows},{n}] k {k} {dt}"),
+                    DType::U32,
+                    |dev| {
+                        let s = input(dev, &x, dt);
+                        Ok(read(
+                            &s.topk_indices(&Layout::contiguous([rows, n]), k)?,
+                            [rows, k],
+                        ))
+                    },
+                );
+            }
+        }
+        c.finish();
+    }
+
+    /// 13 ids below `size`, with repeats.
+    fn ids_rep(size: usize) -> Vec<f64> {
+        (0..13).map(|j| ((j * 5) % size.min(4)) as f64).collect()
+    }
+
+    #[test]
+    fn creation_and_random() {
+        let Some(mut c) = Checker::new() else { return };
+        for &n in &[1024usize, 1007, 1] {
+            for dt in ALL {
+                c.case(&format!("full {n} {dt}"), dt, |dev| {
+                    Ok(read(&Storage::full(dev, &Shape::from(n), dt, 3.7)?, n))
+                });
+                c.case(&format!("zeros {n} {dt}"), dt, |dev| {
+                    Ok(read(&Storage::zeros(dev, &Shape::from(n), dt)?, n))
+                });
+                let data = if dt == DType::U32 {
+                    ints(n, 1000, 60)
+                } else {
+                    vals(n, 60)
+                };
+                c.case(&format!("upload {n} {dt}"), dt, |dev| {
+                    Ok(read(&up(dev, &data, dt), n))
+                });
+            }
+            for dt in FLOATS {
+                c.case(&format!("randn {n} {dt}"), dt, |dev| {
+                    Ok(read(
+                        &Storage::randn(dev, &Shape::from(n), dt, 0.5, 2.0, 77)?,
+                        n,
+                    ))
+                });
+                c.case(&format!("rand_uniform {n} {dt}"), dt, |dev| {
+                    Ok(read(
+                        &Storage::rand_uniform(dev, &Shape::from(n), dt, -1.0, 3.0, 78)?,
+                        n,
+                    ))
+                });
+                c.case(&format!("dropout_mask {n} {dt}"), dt, |dev| {
+                    Ok(read(
+                        &Storage::dropout_mask(dev, &Shape::from(n), dt, 0.3, 79)?,
+                        n,
+                    ))
+                });
+            }
+        }
+        c.finish();
+        // Uniform fills and dropout masks are bit-identical to the CPU's.
+        let gpu = Device::Cuda(0);
+        let shape = Shape::from(4097);
+        let u = |d| Storage::rand_uniform(d, &shape, DType::F64, -1.0, 3.0, 5).unwrap();
+        assert_eq!(read(&u(Device::Cpu), 4097), read(&u(gpu), 4097));
+        let m = |d| Storage::dropout_mask(d, &shape, DType::F32, 0.25, 6).unwrap();
+        assert_eq!(read(&m(Device::Cpu), 4097), read(&m(gpu), 4097));
+    }
+
+    /// A small training step, written once over the device: embedding, RMSNorm, RoPE-free
+    /// attention-like matmuls, SiLU, softmax, cross-entropy; loss and every gradient compared.
+    fn step(dev: Device, dt: DType) -> engine::Result<Vec<f64>> {
+        let (v, h, t) = (97usize, 64usize, 19usize);
+        let emb = Tensor::from_f64(&vals(v * h, 70), [v, h], dt, dev)?.to_var()?;
+        let w1 = Tensor::from_f64(&vals(h * 2 * h, 71), [h, 2 * h], dt, dev)?.to_var()?;
+        let w2 = Tensor::from_f64(&vals(2 * h * v, 72), [2 * h, v], dt, dev)?.to_var()?;
+        let g = Tensor::from_f64(&pos(h, 73), [h], dt, dev)?.to_var()?;
+        let ids = Tensor::from_vec(
+            (0..t as u32)
+                .map(|i| (i * 13) % v as u32)
+                .collect::<Vec<u32>>(),
+            [t],
+            dev,
+        )?;
+        let tg = Tensor::from_vec(
+            (0..t as u32)
+                .map(|i| {
+                    if i % 5 == 4 {
+                        u32::MAX
+                    } else {
+                        (i * 29 + 3) % v as u32
+                    }
+                })
+                .collect::<Vec<u32>>(),
+            [t],
+            dev,
+        )?;
+        let x = emb.embedding(&ids)?; // [t, h]
+        let x = x.rms_norm(&g, 1e-5)?;
+        let hdn = x.matmul(&w1)?.mul_scalar(0.1)?.silu()?; // [t, 2h]
+        let p = hdn.softmax_last_dim()?.mul(&hdn)?; // [t, 2h]
+        let logits = p.matmul(&w2)?; // [t, v]
+        let loss = logits.cross_entropy(&tg, u32::MAX)?;
+        loss.backward()?;
+        let mut out = loss.to_vec_f64()?;
+        for w in [&emb, &w1, &w2, &g] {
+            out.extend(w.grad().expect("a gradient").to_vec_f64()?);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn training_step_matches_cpu() {
+        let Some(mut c) = Checker::new() else { return };
+        for dt in FLOATS {
+            // Gradients of bf16 parameters go through bf16 rounding at every op on both devices.
+            c.case("training step (loss and gradients)", dt, |dev| {
+                step(dev, dt)
+            });
+        }
+        c.finish();
+    }
+
+    #[test]
+    fn to_device_round_trip_and_gradient() {
+        let _serial = serial();
+        let Some(gpu) = gpu() else { return };
+        let data = vals(300, 80);
+        let x = Tensor::from_f64(&data, [3, 100], DType::F32, Device::Cpu)
+            .unwrap()
+            .to_var()
+            .unwrap();
+        // A transposed view travels as a contiguous copy.
+        let xt = x.transpose(0, 1).unwrap();
+        let on_gpu = xt.to_device(gpu).unwrap();
+        assert_eq!(on_gpu.device(), gpu);
+        assert_eq!(on_gpu.to_vec_f64().unwrap(), xt.to_vec_f64().unwrap());
+        // loss = Σ (x²) computed on the GPU, brought back: dx = 2x on the CPU.
+        let loss = on_gpu
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_device(Device::Cpu)
+            .unwrap();
+        loss.backward().unwrap();
+        let grad = x.grad().expect("gradient reached the CPU variable");
+        assert_eq!(grad.device(), Device::Cpu);
+        let want: Vec<f64> = x.to_vec_f64().unwrap().iter().map(|v| 2.0 * v).collect();
+        assert!(rel_err(&want, &grad.to_vec_f64().unwrap()) < 1e-6);
+    }
+
+    #[test]
+    fn allocator_statistics_and_errors() {
+        let _serial = serial();
+        let Some(gpu) = gpu() else { return };
+        let before = memory_stats(gpu).0;
+        reset_peak_memory(gpu);
+        {
+            let t = Tensor::zeros([1 << 20], DType::F32, gpu).unwrap();
+            let (cur, peak) = memory_stats(gpu);
+            assert!(
+                cur >= before + (4 << 20),
+                "current {cur} after a 4 MiB tensor (before {before})"
+            );
+            assert!(peak >= cur);
+            drop(t);
+        }
+        let (cur, peak) = memory_stats(gpu);
+        assert_eq!(cur, before, "the buffer went back to the cache");
+        assert!(peak >= before + (4 << 20));
+        // Reuse: the same size again does not raise the peak.
+        let _t = Tensor::zeros([1 << 20], DType::F32, gpu).unwrap();
+        assert_eq!(memory_stats(gpu).1, peak);
+        // Out of memory is a typed error with the bytes asked for.
+        match Tensor::zeros([1usize << 40], DType::F32, gpu) {
+            Err(Error::OutOfMemory {
+                requested, free, ..
+            }) => {
+                assert_eq!(requested, 4 << 40);
+                eprintln!("OOM error as expected: asked {requested}, free {free}");
+            }
+            other => panic!("expected OutOfMemory, got {other:?}"),
+        }
+        // Mixing devices is an error, not a panic.
+        let a = Tensor::ones([4], DType::F32, gpu).unwrap();
+        let b = Tensor::ones([4], DType::F32, Device::Cpu).unwrap();
+        assert!(a.add(&b).is_err());
+    }
+}
+
+/// Without a usable GPU, asking for one is a clear error that suggests the CPU.
+#[test]
+fn missing_gpu_is_a_clear_error() {
+    use engine::{DType, Device, Tensor};
+    let r = Tensor::zeros([4], DType::F32, Device::Cuda(0));
+    match r {
+        Ok(_) => eprintln!("a GPU is present: nothing to check here"),
+        Err(e) => {
+            let msg = e.to_string();
+            eprintln!("error as expected: {msg}");
+            assert!(msg.contains("--device cpu"), "{msg}");
+        }
+    }
+}
