@@ -7,6 +7,7 @@
 //! never materialised before a call) and returns a new, contiguous storage, unless it says
 //! otherwise.
 
+pub(crate) mod checks;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -4,8 +4,9 @@
 
 use super::{float_only, same_device, same_dtype, u32_only};
 use crate::autograd::Node;
+use crate::backend::checks::check_same_but;
 use crate::backend::BackendStorage;
-use crate::{Error, Result, Shape, Tensor};
+use crate::{Error, Result, Tensor};
 
 /// u32 ids of rank 1 on `t`'s device.
 fn ids_rank1(op: &'static str, t: &Tensor, ids: &Tensor) -> Result<()> {
@@ -16,24 +17,6 @@ fn ids_rank1(op: &'static str, t: &Tensor, ids: &Tensor) -> Result<()> {
             op,
             expected: 1,
             shape: ids.shape().clone(),
-        });
-    }
-    Ok(())
-}
-
-/// `a` and `b` have the same rank and agree on every dim except `dim`.
-fn same_but(op: &'static str, a: &Shape, b: &Shape, dim: usize) -> Result<()> {
-    let ok = a.rank() == b.rank()
-        && a.dims()
-            .iter()
-            .zip(b.dims())
-            .enumerate()
-            .all(|(d, (x, y))| d == dim || x == y);
-    if !ok {
-        return Err(Error::ShapeMismatch {
-            op,
-            lhs: a.clone(),
-            rhs: b.clone(),
         });
     }
     Ok(())
@@ -92,7 +75,7 @@ impl Tensor {
         same_dtype(OP, self, src)?;
         same_device(OP, self, src)?;
         float_only(OP, self)?;
-        same_but(OP, self.shape(), src.shape(), d)?;
+        check_same_but(OP, self.shape(), src.shape(), d)?;
         if src.dims()[d] != ids.elem_count() {
             return Err(Error::ShapeMismatch {
                 op: OP,
@@ -137,7 +120,7 @@ impl Tensor {
         ids_rank1(OP, self, ids)?;
         same_dtype(OP, src, weights)?;
         same_device(OP, src, weights)?;
-        same_but(OP, self.shape(), src.shape(), d)?;
+        check_same_but(OP, self.shape(), src.shape(), d)?;
         let n = ids.elem_count();
         if weights.dims() != [n] || src.dims()[d] != n {
             return Err(Error::ShapeMismatch {
@@ -161,7 +144,7 @@ impl Tensor {
         let d = self.shape().dim(OP, dim)?;
         u32_only(OP, ids)?;
         same_device(OP, self, ids)?;
-        same_but(OP, self.shape(), ids.shape(), d)?;
+        check_same_but(OP, self.shape(), ids.shape(), d)?;
         let s = self
             .storage()
             .gather(self.layout(), &ids.storage(), ids.layout(), d)?;
@@ -184,7 +167,7 @@ impl Tensor {
         same_device(OP, self, src)?;
         same_device(OP, self, ids)?;
         float_only(OP, self)?;
-        same_but(OP, self.shape(), src.shape(), d)?;
+        check_same_but(OP, self.shape(), src.shape(), d)?;
         if ids.shape() != src.shape() {
             return Err(Error::ShapeMismatch {
                 op: OP,

@@ -7,13 +7,14 @@
 //! f32 for bf16 and round once at the end. Accumulations are split across threads only over
 //! disjoint destination rows, so repeated ids add up in the same order as a serial loop.
 
+use crate::backend::checks::{check_dim, check_same_but, split};
 use std::borrow::Cow;
 use std::cmp::Ordering;
 
 use rayon::prelude::*;
 
 use super::{CpuFloat, CpuStorage, PAR_THRESHOLD};
-use crate::{DType, Error, Layout, Result, Shape};
+use crate::{DType, Error, Layout, Result};
 
 /// The view as one contiguous slice, borrowed when it already is one.
 fn contig<'a, T: Copy>(data: &'a [T], l: &Layout) -> Cow<'a, [T]> {
@@ -21,42 +22,6 @@ fn contig<'a, T: Copy>(data: &'a [T], l: &Layout) -> Cow<'a, [T]> {
         Some((a, b)) => Cow::Borrowed(&data[a..b]),
         None => Cow::Owned(CpuStorage::gather_view(data, l)),
     }
-}
-
-/// `(outer, size, inner)` of `dims` around `dim`.
-fn split(dims: &[usize], dim: usize) -> (usize, usize, usize) {
-    let outer = dims[..dim].iter().product();
-    let inner = dims[dim + 1..].iter().product();
-    (outer, dims[dim], inner)
-}
-
-fn check_dim(op: &'static str, l: &Layout, dim: usize) -> Result<()> {
-    if dim >= l.dims().len() {
-        return Err(Error::DimOutOfRange {
-            op,
-            dim: dim as isize,
-            shape: l.shape().clone(),
-        });
-    }
-    Ok(())
-}
-
-/// `a` and `b` have the same rank and agree on every dim except `dim`.
-fn check_same_but(op: &'static str, a: &Shape, b: &Shape, dim: usize) -> Result<()> {
-    let ok = a.rank() == b.rank()
-        && a.dims()
-            .iter()
-            .zip(b.dims())
-            .enumerate()
-            .all(|(d, (x, y))| d == dim || x == y);
-    if !ok {
-        return Err(Error::ShapeMismatch {
-            op,
-            lhs: a.clone(),
-            rhs: b.clone(),
-        });
-    }
-    Ok(())
 }
 
 /// Rank-1 u32 ids as a Vec.

@@ -2,49 +2,14 @@
 //! contiguous and seen as `[outer, size, inner]` around the indexed dim. bf16 accumulations run
 //! in f32 (widened copies, one rounding at the end), like the CPU.
 
+use crate::backend::checks::{check_dim, check_same_but, split};
 use kernels::INDEX;
 
 use super::elementwise::{gather_view, to_dtype};
 use super::launch::launch;
 use super::layout::to_u32;
 use super::{check_extent, CudaDevice, CudaStorage};
-use crate::{DType, Error, Layout, Result, Shape};
-
-/// `(outer, size, inner)` of `dims` around `dim`.
-fn split(dims: &[usize], dim: usize) -> (usize, usize, usize) {
-    let outer = dims[..dim].iter().product();
-    let inner = dims[dim + 1..].iter().product();
-    (outer, dims[dim], inner)
-}
-
-fn check_dim(op: &'static str, l: &Layout, dim: usize) -> Result<()> {
-    if dim >= l.dims().len() {
-        return Err(Error::DimOutOfRange {
-            op,
-            dim: dim as isize,
-            shape: l.shape().clone(),
-        });
-    }
-    Ok(())
-}
-
-/// `a` and `b` have the same rank and agree on every dim except `dim`.
-fn check_same_but(op: &'static str, a: &Shape, b: &Shape, dim: usize) -> Result<()> {
-    let ok = a.rank() == b.rank()
-        && a.dims()
-            .iter()
-            .zip(b.dims())
-            .enumerate()
-            .all(|(d, (x, y))| d == dim || x == y);
-    if !ok {
-        return Err(Error::ShapeMismatch {
-            op,
-            lhs: a.clone(),
-            rhs: b.clone(),
-        });
-    }
-    Ok(())
-}
+use crate::{DType, Error, Layout, Result};
 
 fn check_ids(op: &'static str, s: &CudaStorage, ids: &CudaStorage, il: &Layout) -> Result<()> {
     if ids.dtype != DType::U32 {
