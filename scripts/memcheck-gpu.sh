@@ -14,7 +14,10 @@
 # use after free), and --leak-check reports only buffers really left behind (the cache would
 # otherwise show up as leaks). API errors are not reported (--report-api-errors no): a test
 # provokes an out-of-memory error on purpose, and the engine turns every failed driver call into
-# an error that fails its test anyway. Runs are ~10-100x slower than without the sanitizer.
+# an error that fails its test anyway. Memory that cublasCreate allocates (the handle's
+# workspace, ~64 MiB) lives as long as the process's handle and is reported as leaked at exit:
+# those records are counted apart and do not fail the run; any other error does.
+# Runs are ~10-100x slower than without the sanitizer.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,15 +55,25 @@ for bin in gpu-bin/test-*; do
     log="$logs/$name.log"
     echo "===== memcheck $bin (log: $log)"
     start=$(date +%s)
-    "$sanitizer" --tool memcheck --leak-check full --error-exitcode 1 \
-        --report-api-errors no --print-limit 100 "$bin" --test-threads=1 "$@" 2>&1 | tee "$log"
+    # A distinct exit code for "the sanitizer found something", apart from the tests' own 101.
+    "$sanitizer" --tool memcheck --leak-check full --error-exitcode 86 \
+        --report-api-errors no --print-limit 10000 "$bin" --test-threads=1 "$@" 2>&1 | tee "$log"
     rc=${PIPESTATUS[0]}
     secs=$(($(date +%s) - start))
-    summary=$(grep -E "ERROR SUMMARY|LEAK SUMMARY" "$log" | tail -n 2 | tr '\n' ' ')
-    if [ "$rc" -eq 0 ]; then
-        pass+=("$bin (${secs}s) ${summary}")
+    errors=$(grep -oE "ERROR SUMMARY: [0-9,]+" "$log" | tail -n 1 | grep -oE "[0-9,]+$" | tr -d ,)
+    # Leak records whose allocation backtrace goes through libcublas (the handle's own memory).
+    cublas=$(awk '
+        /^========= Leaked/ { open = 1; cub = 0; next }
+        open && /libcublas/ { cub = 1 }
+        open && /^=========[[:space:]]*$/ { if (cub) n++; open = 0 }
+        END { if (open && cub) n++; print n + 0 }' "$log")
+    note="${errors:-?} sanitizer errors, ${cublas} of them cuBLAS handle memory"
+    if grep -q "test result: FAILED" "$log" || ! grep -q "test result: ok" "$log"; then
+        fail+=("$bin (tests failed, exit $rc, ${secs}s; $note)")
+    elif [ "$rc" -eq 0 ] || { [ "$rc" -eq 86 ] && [ "${errors:-x}" = "$cublas" ]; }; then
+        pass+=("$bin (${secs}s; $note)")
     else
-        fail+=("$bin (exit $rc, ${secs}s) ${summary}")
+        fail+=("$bin (exit $rc, ${secs}s; $note)")
     fi
 done
 
