@@ -3,7 +3,8 @@
 # scripts/build-gpu.sh put into gpu-bin/ (gpu-bin/test-*) under compute-sanitizer's memcheck
 # (out-of-bounds and misaligned accesses, invalid frees, leaked device allocations), one test at
 # a time; prints a summary and exits non-zero when any binary reported an error or failed.
-# Extra arguments are passed to every test binary (a test-name filter).
+# Extra arguments are passed to every test binary (a test-name filter). Logs go to
+# $MIXLORA_GPU_OUT/memcheck/ (default gpu-results/memcheck/).
 #
 #   scripts/memcheck-gpu.sh [FILTER]
 #
@@ -45,7 +46,7 @@ if ! ls gpu-bin/test-* >/dev/null 2>&1; then
     exit 2
 fi
 
-logs=gpu-bin-memcheck
+logs=${MIXLORA_GPU_OUT:-gpu-results}/memcheck
 mkdir -p "$logs"
 pass=()
 fail=()

@@ -59,7 +59,7 @@ if [ $memcheck -eq 1 ]; then
     if scripts/memcheck-gpu.sh "$@"; then
         pass+=("memcheck")
     else
-        fail+=("memcheck (see gpu-bin-memcheck/*.log)")
+        fail+=("memcheck (see $out/memcheck/*.log)")
     fi
 fi
 
