@@ -2,8 +2,10 @@
 # Builds, on a machine without a GPU, the release binaries that the GPU machine runs (the CUDA
 # test binaries), and copies them into gpu-bin/ (git-ignored) under stable names:
 #   gpu-bin/test-<name>     a test binary (run with --test-threads=1)
-#   gpu-bin/example-<name>  an example binary
-# Then, on the GPU machine, from the repository root: scripts/run-gpu.sh
+#   gpu-bin/example-<name>  an example binary (benches/examples/*cuda*.rs, *gpu*.rs)
+#   gpu-bin/mixlora         the trainer, with the CUDA backend (--device cuda)
+# stripped; fails when the folder would exceed 60 MiB (what can travel to the GPU machine).
+# Then, on the GPU machine, from the repository root: scripts/run-gpu.sh [--memcheck]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,17 +29,34 @@ grep -o '(target/release/deps/[A-Za-z0-9_]*-[0-9a-f]*)' "$log" | tr -d '()' | so
     done
 
 # Examples that exercise the GPU, when there are any (named *cuda* or *gpu*).
+examples=()
 for f in benches/examples/*cuda*.rs benches/examples/*gpu*.rs; do
     [ -e "$f" ] || continue
-    name=$(basename "$f" .rs)
-    cargo build --release --features mixlora-engine/cuda -p mixlora-benches --example "$name"
-    cp "target/release/examples/$name" "$out/example-$name"
+    examples+=("$(basename "$f" .rs)")
 done
+if [ ${#examples[@]} -gt 0 ]; then
+    cargo build --release --features mixlora-engine/cuda -p mixlora-benches \
+        "${examples[@]/#/--example=}"
+    for name in "${examples[@]}"; do
+        cp "target/release/examples/$name" "$out/example-$name"
+    done
+fi
+
+# The trainer with the CUDA backend, for real runs (mixlora train --device cuda).
+cargo build --release --features cuda -p mixlora-trainer --bin mixlora
+cp target/release/mixlora "$out/mixlora"
 
 # Symbols are not needed to run; stripping keeps the folder small enough to travel.
 if command -v strip >/dev/null; then
     strip "$out"/* 2>/dev/null || true
+else
+    echo "strip not found: the binaries keep their symbols" >&2
 fi
 echo "built into $out/:" >&2
 ls -l "$out" >&2
-du -sh "$out" >&2
+kib=$(du -sk "$out" | cut -f1)
+echo "total: $((kib / 1024)) MiB (limit 60 MiB)" >&2
+if [ "$kib" -gt $((60 * 1024)) ]; then
+    echo "build-gpu.sh: $out/ is over 60 MiB and will not travel to the GPU machine" >&2
+    exit 1
+fi

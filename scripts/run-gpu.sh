@@ -2,8 +2,25 @@
 # Runs, on the GPU machine and from the repository root, every binary that scripts/build-gpu.sh
 # put into gpu-bin/: test binaries one test at a time, then examples; prints a summary and
 # exits non-zero when any failed. Extra arguments are passed to every test binary (a filter).
+#
+#   scripts/run-gpu.sh [--memcheck] [FILTER]
+#
+# --memcheck: afterwards, also run the test binaries under compute-sanitizer (memcheck-gpu.sh).
+# Examples get their arguments from the environment:
+#   MIXLORA_GPU_MODEL  the SmolLM2-135M GGUF for example-cuda_train_speed (without it, the example
+#                      runs SmolLM2-135M's shapes with random weights: the same speed)
+#   MIXLORA_GPU_DATA   a small LLM-Adapters JSON file for example-cuda_train_parity (with the model)
+#   MIXLORA_GPU_OUT    folder for the examples' JSON results (default gpu-results/)
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+memcheck=0
+if [ "${1:-}" = "--memcheck" ]; then
+    memcheck=1
+    shift
+fi
+out=${MIXLORA_GPU_OUT:-gpu-results}
+mkdir -p "$out"
 
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export MIXLORA_CUDA_INCLUDE=${MIXLORA_CUDA_INCLUDE:-/usr/local/cuda/include}
@@ -22,9 +39,22 @@ for bin in gpu-bin/test-* gpu-bin/example-*; do
     start=$(date +%s.%N)
     case "$bin" in
         gpu-bin/test-*) "$bin" --test-threads=1 "$@" ;;
+        gpu-bin/example-cuda_kernels) "$bin" --json "$out/cuda_kernels.json" | tee "$out/cuda_kernels.md" ;;
+        gpu-bin/example-cuda_train_speed)
+            if [ -n "${MIXLORA_GPU_MODEL:-}" ]; then model=("$MIXLORA_GPU_MODEL"); else model=(--random-smollm2); fi
+            "$bin" "${model[@]}" --json "$out/cuda_train_speed.json" | tee "$out/cuda_train_speed.md"
+            ;;
+        gpu-bin/example-cuda_train_parity)
+            if [ -n "${MIXLORA_GPU_MODEL:-}" ] && [ -n "${MIXLORA_GPU_DATA:-}" ]; then
+                "$bin" "$MIXLORA_GPU_MODEL" "$MIXLORA_GPU_DATA" | tee "$out/cuda_train_parity.md"
+            else
+                echo "skipping: set MIXLORA_GPU_MODEL and MIXLORA_GPU_DATA (an LLM-Adapters JSON file)"
+                true
+            fi
+            ;;
         *) "$bin" ;;
     esac
-    rc=$?
+    rc=${PIPESTATUS[0]}
     secs=$(echo "$(date +%s.%N) - $start" | bc 2>/dev/null || echo "?")
     if [ $rc -eq 0 ]; then
         pass+=("$bin (${secs}s)")
@@ -33,8 +63,17 @@ for bin in gpu-bin/test-* gpu-bin/example-*; do
     fi
 done
 
+if [ $memcheck -eq 1 ]; then
+    echo "===== scripts/memcheck-gpu.sh"
+    if scripts/memcheck-gpu.sh "$@"; then
+        pass+=("memcheck")
+    else
+        fail+=("memcheck (see $out/memcheck/*.log)")
+    fi
+fi
+
 echo
-echo "===== summary: ${#pass[@]} passed, ${#fail[@]} failed"
+echo "===== summary: ${#pass[@]} passed, ${#fail[@]} failed (example results in $out/)"
 for p in "${pass[@]}"; do echo "  ok    $p"; done
 for f in "${fail[@]}"; do echo "  FAIL  $f"; done
 [ ${#fail[@]} -eq 0 ]

@@ -55,6 +55,11 @@ impl Cache {
         self.peak = self.peak.max(self.current);
     }
 
+    /// Counts a block given back to the driver.
+    pub fn note_free(&mut self, cap: usize) {
+        self.current = self.current.saturating_sub(cap);
+    }
+
     /// Returns a block to its free list.
     pub fn give_back(&mut self, ptr: u64, cap: usize) {
         self.current = self.current.saturating_sub(cap);

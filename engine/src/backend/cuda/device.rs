@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
-    result, sys, CudaContext, CudaFunction, CudaModule, CudaStream, DriverError, LaunchConfig,
+    result, sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, DriverError,
+    LaunchConfig,
 };
 use cudarc::nvrtc::Ptx;
 use kernels::KernelSource;
@@ -31,6 +32,10 @@ pub(crate) struct DeviceInner {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     funcs: Mutex<HashMap<String, CudaFunction>>,
     cache: Mutex<Cache>,
+    /// `MIXLORA_CUDA_NO_CACHE=1`: every buffer is its own driver allocation of the exact size,
+    /// freed when dropped (after the stream drains), so that compute-sanitizer sees each buffer's
+    /// bounds and lifetime and reports only real leaks. Slow; for memcheck runs.
+    direct: bool,
 }
 
 /// A handle to one GPU (cheap to clone).
@@ -120,6 +125,7 @@ impl CudaDevice {
             modules: Mutex::new(HashMap::new()),
             funcs: Mutex::new(HashMap::new()),
             cache: Mutex::new(Cache::default()),
+            direct: std::env::var("MIXLORA_CUDA_NO_CACHE").is_ok_and(|v| v == "1"),
         })))
     }
 
@@ -157,6 +163,16 @@ impl CudaDevice {
             .stream
             .synchronize()
             .map_err(|e| self.err("synchronize", e))
+    }
+
+    /// Records a timing event after all the work queued so far on this device's stream; the GPU
+    /// time between two of them is [`GpuEvent::elapsed_ms`] (CUDA events: no host wait).
+    pub fn record_event(&self) -> Result<GpuEvent> {
+        self.0
+            .stream
+            .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map(GpuEvent)
+            .map_err(|e| self.err("record_event", e))
     }
 
     /// Kernel `name` of module `src`, compiling (once per process) and loading (once per device)
@@ -219,9 +235,13 @@ impl CudaDevice {
 
     /// A buffer of at least `bytes` bytes (uninitialised), from the cache when it can.
     pub(crate) fn alloc(&self, op: &'static str, bytes: usize) -> Result<CudaBuffer> {
-        let size = bucket(bytes);
+        let size = if self.0.direct {
+            bytes.max(1)
+        } else {
+            bucket(bytes)
+        };
         let mut cache = lock(&self.0.cache);
-        if let Some((ptr, cap)) = cache.take(size) {
+        if let Some((ptr, cap)) = cache.take(size).filter(|_| !self.0.direct) {
             return Ok(CudaBuffer {
                 ptr,
                 bytes: cap,
@@ -300,6 +320,20 @@ impl CudaDevice {
     }
 }
 
+/// A point in a device's stream (a CUDA event with timing), from [`CudaDevice::record_event`].
+pub struct GpuEvent(CudaEvent);
+
+impl GpuEvent {
+    /// Milliseconds of GPU time from `self` to the later event `end`; waits for both.
+    pub fn elapsed_ms(&self, end: &GpuEvent) -> Result<f32> {
+        self.0.elapsed_ms(&end.0).map_err(|e| Error::Cuda {
+            op: "elapsed_ms",
+            device: Device::Cuda(self.0.context().ordinal()),
+            msg: format!("{e:?}"),
+        })
+    }
+}
+
 /// A device allocation that goes back to its device's cache when dropped.
 pub(crate) struct CudaBuffer {
     pub(crate) ptr: u64,
@@ -310,7 +344,18 @@ pub(crate) struct CudaBuffer {
 
 impl Drop for CudaBuffer {
     fn drop(&mut self) {
-        lock(&self.dev.cache).give_back(self.ptr, self.bytes);
+        if !self.dev.direct {
+            lock(&self.dev.cache).give_back(self.ptr, self.bytes);
+            return;
+        }
+        // Queued kernels may still use the block: let them finish, then free it. Errors cannot
+        // be returned from a drop; a failing stream reports at the next call that waits on it.
+        let _ = self.dev.ctx.bind_to_thread();
+        let _ = self.dev.stream.synchronize();
+        // SAFETY: the block came from malloc_sync on this context and nothing uses it any more
+        // (the stream is idle and this was its only handle).
+        let _ = unsafe { result::free_sync(self.ptr) };
+        lock(&self.dev.cache).note_free(self.bytes);
     }
 }
 
@@ -320,6 +365,15 @@ pub fn memory_stats(device: Device) -> (usize, usize) {
     match device {
         Device::Cuda(n) => CudaDevice::existing(n).map_or((0, 0), |d| d.memory_stats()),
         Device::Cpu => (0, 0),
+    }
+}
+
+/// Waits for all the work queued on `device` (nothing to wait for on the CPU or a GPU not used
+/// yet): what a host timer must do before it stops the clock.
+pub fn synchronize(device: Device) -> Result<()> {
+    match device {
+        Device::Cuda(n) => CudaDevice::existing(n).map_or(Ok(()), |d| d.synchronize()),
+        Device::Cpu => Ok(()),
     }
 }
 

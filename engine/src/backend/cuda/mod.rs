@@ -30,7 +30,7 @@ use crate::backend::{BackendStorage, BinaryOp, CmpOp, ReduceOp, UnaryOp};
 use crate::{DType, Device, Error, Layout, Result};
 
 use device::CudaBuffer;
-pub use device::{memory_stats, reset_peak_memory, CudaDevice};
+pub use device::{memory_stats, reset_peak_memory, synchronize, CudaDevice, GpuEvent};
 
 /// One flat device buffer of one dtype.
 pub struct CudaStorage {

@@ -1,0 +1,706 @@
+//! A kernel lab for the CUDA backend: every primitive op of the engine on `cuda:0`, at sizes well
+//! above the H200's 50 MiB L2 (tens to hundreds of MB), in f32 and bf16 where both exist. For each
+//! op: the median GPU time, the bytes it must move or the FLOPs it must do (counted by hand, below),
+//! the rate, and its fraction of the ceiling, plus the allocator's peak.
+//!
+//! Build (on any machine): `cargo build --release -p mixlora-benches --features mixlora-engine/cuda
+//! --example cuda_kernels` (scripts/build-gpu.sh does it). Run on the GPU machine:
+//! `LD_LIBRARY_PATH=/usr/local/cuda/lib64 MIXLORA_CUDA_INCLUDE=/usr/local/cuda/include
+//! gpu-bin/example-cuda_kernels [--json PATH] [--filter SUBSTRING] [--quick]`.
+//!
+//! Method (GPU.md): random inputs (never zeros), two warm-up calls, then per call a CUDA event
+//! before and after it on the device's stream; the median of the per-call GPU times (at least
+//! 10 calls, up to ~0.3 s per op). Event times include the host's launch gaps when an op is too
+//! short to keep the GPU busy, which is the cost the engine really pays. Ops are called through
+//! the backend interface ([`BackendStorage`]) the tensor ops call, so no autograd work is timed;
+//! attention and dropout, which are composites, go through their tensor functions.
+//!
+//! Ceilings: device copy 4.3 TB/s (memory-bound ops; the contiguous copy below measures it),
+//! bf16 GEMM 800 TFLOP/s (bf16 matmuls, bf16 attention), and for f32 GEMMs cuBLAS sgemm itself at
+//! 8192³ (the engine's f32 matmul is sgemm, so that is the f32 ceiling; measured first).
+//!
+//! Bytes are the op's minimal traffic: each input read once, each output written once (`s` is the
+//! element size, 4 for f32 and 2 for bf16; u32 ids and targets are 4 bytes; N the element count):
+//! - copy, unary, cast, softmax, log_softmax, randn-free maps: `N·(s_in + s_out)`;
+//! - binary: `N·3s`, broadcast: `N·2s + (broadcast operand)·s`; cmp: `N·(2s + 4)`; where: `N·(4 + 3s)`;
+//! - reduce sum: `N·s + (outputs)·s`; rms_norm: `2N·s + n·s`; rms_norm backward (x, g, w in;
+//!   dx, dw out): `3N·s + 2n·s`; rope: `2N·s + 2·(b·t·d/2)·s` (cos and sin tables);
+//! - cross_entropy forward `R·V·s + R·4 + R·4` (logits, targets, f32 loss), backward
+//!   `2·R·V·s + R·4 + R·4` (logits, targets, f32 row grads in; dlogits out);
+//! - index_select `2·(rows·H)·s + rows·4`; index_add (base + src, one row per id) `3N·s + ids·4`;
+//!   gather `N·(2s + 4)`; scatter_add `N·(3s + 4)`; topk `R·E·s + R·k·4`;
+//! - dropout mask and randn: `N·s` (write only); dropout (mask, then x·mask): `2N·s`.
+//!
+//! FLOPs: matmul `2·m·n·k` (per batch); causal attention `4·b·h·t²·d` (QKᵀ and PV on the full
+//! square: the engine masks, it does not skip). Matmul and attention bytes are their operands and
+//! output once each (shown, not rated, except for the skinny LoRA product, which is memory-bound).
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::fmt::Write as _;
+
+use engine::backend::cpu::CpuStorage;
+use engine::backend::cuda::{memory_stats, reset_peak_memory, CudaDevice, GpuEvent};
+use engine::backend::{BackendStorage, BinaryOp, CmpOp, ReduceOp, UnaryOp};
+use engine::{causal_attention, DType, Device, Layout, Result, Shape, Storage, Tensor};
+
+/// Device copy bandwidth of the H200 (bytes/s), the ceiling of memory-bound ops.
+const COPY_CEILING: f64 = 4.3e12;
+/// Dense bf16 GEMM rate of the H200 through cuBLAS (FLOP/s).
+const BF16_GEMM_CEILING: f64 = 800e12;
+/// GPU time spent per op (seconds), within the iteration bounds.
+const TARGET_S: f64 = 0.3;
+
+const GPU: Device = Device::Cuda(0);
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// What limits an op, hence which ceiling its rate is compared to.
+#[derive(Clone, Copy, PartialEq)]
+enum Bound {
+    Memory,
+    Gemm(DType),
+}
+
+struct Case {
+    op: String,
+    dtype: DType,
+    shape: String,
+    bytes: f64,
+    flops: f64,
+    bound: Bound,
+}
+
+struct Row {
+    case: Case,
+    median_s: f64,
+    min_s: f64,
+    iters: usize,
+    /// Allocator bytes the op held at its peak beyond what existed before it (output + scratch).
+    op_alloc: usize,
+    /// The allocator's peak during the timed calls, inputs included.
+    peak: usize,
+}
+
+impl Row {
+    fn gbps(&self) -> f64 {
+        self.case.bytes / self.median_s / 1e9
+    }
+    fn tflops(&self) -> f64 {
+        self.case.flops / self.median_s / 1e12
+    }
+}
+
+struct Lab {
+    dev: CudaDevice,
+    filter: Option<String>,
+    min_iters: usize,
+    max_iters: usize,
+    /// cuBLAS sgemm at 8192³ (FLOP/s), once measured.
+    f32_ceiling: Option<f64>,
+    rows: Vec<Row>,
+}
+
+impl Lab {
+    /// The rate of `row` against its ceiling, as `(fraction, ceiling name)`.
+    fn fraction(&self, row: &Row) -> (Option<f64>, String) {
+        match row.case.bound {
+            Bound::Memory => (
+                Some(row.case.bytes / row.median_s / COPY_CEILING),
+                "copy 4.3 TB/s".into(),
+            ),
+            Bound::Gemm(DType::BF16) => (
+                Some(row.case.flops / row.median_s / BF16_GEMM_CEILING),
+                "bf16 GEMM 800 TFLOP/s".into(),
+            ),
+            Bound::Gemm(_) => match self.f32_ceiling {
+                Some(c) => (
+                    Some(row.case.flops / row.median_s / c),
+                    format!("sgemm 8192³ {:.1} TFLOP/s", c / 1e12),
+                ),
+                None => (None, "sgemm 8192³ (not run)".into()),
+            },
+        }
+    }
+
+    fn wanted(&self, case: &Case) -> bool {
+        match &self.filter {
+            None => true,
+            Some(f) => {
+                case.op.contains(f.as_str()) || format!("{} {}", case.op, case.dtype).contains(f)
+            }
+        }
+    }
+
+    /// Times `f` as the module doc says and records a row.
+    fn run(&mut self, case: Case, mut f: impl FnMut() -> Result<()>) -> Result<()> {
+        if !self.wanted(&case) {
+            return Ok(());
+        }
+        for _ in 0..2 {
+            f()?;
+        }
+        self.dev.synchronize()?;
+        let e0 = self.dev.record_event()?;
+        f()?;
+        let e1 = self.dev.record_event()?;
+        let est = (e0.elapsed_ms(&e1)? as f64 / 1e3).max(1e-6);
+        let iters = ((TARGET_S / est).ceil() as usize).clamp(self.min_iters, self.max_iters);
+
+        let before = memory_stats(GPU).0;
+        reset_peak_memory(GPU);
+        let mut events: Vec<(GpuEvent, GpuEvent)> = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            let a = self.dev.record_event()?;
+            f()?;
+            events.push((a, self.dev.record_event()?));
+        }
+        self.dev.synchronize()?;
+        let peak = memory_stats(GPU).1;
+        let mut times = events
+            .iter()
+            .map(|(a, b)| a.elapsed_ms(b).map(|ms| ms as f64 / 1e3))
+            .collect::<Result<Vec<f64>>>()?;
+        times.sort_by(f64::total_cmp);
+        let row = Row {
+            median_s: times[times.len() / 2],
+            min_s: times[0],
+            iters,
+            op_alloc: peak.saturating_sub(before),
+            peak,
+            case,
+        };
+        if row.case.bound == Bound::Gemm(DType::F32) && row.case.op.starts_with("ceiling") {
+            self.f32_ceiling = Some(row.case.flops / row.median_s);
+        }
+        eprintln!(
+            "{:<40} {:>5} {:>10.1} us  x{}",
+            row.case.op,
+            row.case.dtype.to_string(),
+            row.median_s * 1e6,
+            row.iters
+        );
+        self.rows.push(row);
+        Ok(())
+    }
+
+    fn markdown(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "| op | dtype | shape | median µs | MB moved | GB/s | TFLOP/s | % of ceiling | ceiling | op alloc MiB | peak MiB |"
+        );
+        let _ = writeln!(s, "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|");
+        for r in &self.rows {
+            let (frac, ceiling) = self.fraction(r);
+            let tflops = if r.case.flops > 0.0 {
+                format!("{:.1}", r.tflops())
+            } else {
+                "".into()
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.1} | {:.1} | {:.0} | {} | {} | {} | {:.1} | {:.1} |",
+                r.case.op,
+                r.case.dtype,
+                r.case.shape,
+                r.median_s * 1e6,
+                r.case.bytes / 1e6,
+                r.gbps(),
+                tflops,
+                frac.map_or("".into(), |f| format!("{:.1}%", f * 100.0)),
+                ceiling,
+                r.op_alloc as f64 / MIB,
+                r.peak as f64 / MIB,
+            );
+        }
+        s
+    }
+
+    fn json(&self) -> String {
+        let mut s = String::from("{\n");
+        let _ = writeln!(s, "  \"device\": \"cuda:0 {}\",", self.dev.arch());
+        let _ = writeln!(s, "  \"copy_ceiling_bytes_per_s\": {COPY_CEILING:e},");
+        let _ = writeln!(s, "  \"bf16_gemm_ceiling_flops\": {BF16_GEMM_CEILING:e},");
+        let _ = writeln!(
+            s,
+            "  \"f32_gemm_ceiling_flops\": {},",
+            self.f32_ceiling
+                .map_or("null".to_string(), |c| format!("{c:e}"))
+        );
+        s.push_str("  \"ops\": [\n");
+        for (i, r) in self.rows.iter().enumerate() {
+            let (frac, ceiling) = self.fraction(r);
+            let _ = write!(
+                s,
+                "    {{\"op\": {}, \"dtype\": \"{}\", \"shape\": {}, \"median_us\": {:.3}, \
+                 \"min_us\": {:.3}, \"iters\": {}, \"bytes\": {}, \"flops\": {}, \"gb_per_s\": {:.3}, \
+                 \"tflop_per_s\": {:.4}, \"fraction_of_ceiling\": {}, \"ceiling\": {}, \
+                 \"op_alloc_bytes\": {}, \"peak_alloc_bytes\": {}}}",
+                json_str(&r.case.op),
+                r.case.dtype,
+                json_str(&r.case.shape),
+                r.median_s * 1e6,
+                r.min_s * 1e6,
+                r.iters,
+                r.case.bytes,
+                r.case.flops,
+                r.gbps(),
+                r.tflops(),
+                frac.map_or("null".to_string(), |f| format!("{f:.4}")),
+                json_str(&ceiling),
+                r.op_alloc,
+                r.peak,
+            );
+            s.push_str(if i + 1 < self.rows.len() { ",\n" } else { "\n" });
+        }
+        s.push_str("  ]\n}\n");
+        s
+    }
+}
+
+fn json_str(s: &str) -> String {
+    let mut o = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(o, "\\u{:04x}", c as u32);
+            }
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+// ----- inputs --------------------------------------------------------------------------------------
+
+fn lay(dims: &[usize]) -> Layout {
+    Layout::contiguous(dims)
+}
+
+/// `N(0, 1)` samples of `dims` on the GPU.
+fn randn(dims: &[usize], dtype: DType, seed: u64) -> Result<Storage> {
+    Storage::randn(GPU, &Shape::from(dims), dtype, 0.0, 1.0, seed)
+}
+
+/// `n` random ids below `hi` on the GPU.
+fn ids(n: usize, hi: usize, seed: u64) -> Result<Storage> {
+    let v: Vec<u32> = (0..n as u64)
+        .map(|i| (engine::rng::hash(seed, i) % hi as u64) as u32)
+        .collect();
+    Storage::from_cpu(GPU, CpuStorage::U32(v))
+}
+
+fn shape_str(dims: &[usize]) -> String {
+    let d: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
+    format!("[{}]", d.join(", "))
+}
+
+fn mem(op: impl Into<String>, dtype: DType, shape: String, bytes: usize) -> Case {
+    Case {
+        op: op.into(),
+        dtype,
+        shape,
+        bytes: bytes as f64,
+        flops: 0.0,
+        bound: Bound::Memory,
+    }
+}
+
+fn gemm(op: impl Into<String>, dtype: DType, (m, k, n): (usize, usize, usize)) -> Case {
+    let s = dtype.size_in_bytes();
+    Case {
+        op: op.into(),
+        dtype,
+        shape: format!("[{m}, {k}] x [{k}, {n}]"),
+        bytes: ((m * k + k * n + m * n) * s) as f64,
+        flops: 2.0 * (m * n * k) as f64,
+        bound: Bound::Gemm(dtype),
+    }
+}
+
+// ----- the ops -------------------------------------------------------------------------------------
+
+/// Rows × hidden of the elementwise cases: 16384 tokens of a LLaMA-7B-sized hidden state
+/// (64 Mi elements: 256 MiB in f32, 128 MiB in bf16).
+const R: usize = 16384;
+const H: usize = 4096;
+const N: usize = R * H;
+
+fn elementwise(lab: &mut Lab, dt: DType) -> Result<()> {
+    let s = dt.size_in_bytes();
+    let sh = shape_str(&[R, H]);
+    let l = lay(&[R, H]);
+    let x = randn(&[R, H], dt, 1)?;
+    let y = randn(&[R, H], dt, 2)?;
+
+    let mut dst = Storage::zeros(GPU, &Shape::from([R, H]), dt)?;
+    lab.run(
+        mem("copy (copy_to_view)", dt, sh.clone(), 2 * N * s),
+        || x.copy_to_view(&l, &mut dst, &l),
+    )?;
+    // The same bytes read through a transposed view ([H, R] buffer seen as [R, H]).
+    let lt = lay(&[H, R]).transpose(0, 1);
+    lab.run(
+        mem("copy (transposed view)", dt, sh.clone(), 2 * N * s),
+        || x.copy_to_view(&lt, &mut dst, &l),
+    )?;
+    drop(dst);
+
+    let other = if dt == DType::F32 {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    lab.run(
+        mem(
+            format!("cast to {other}"),
+            dt,
+            sh.clone(),
+            N * (s + other.size_in_bytes()),
+        ),
+        || x.to_dtype(&l, other).map(drop),
+    )?;
+    for (name, op) in [("exp", UnaryOp::Exp), ("silu", UnaryOp::Silu)] {
+        lab.run(mem(name, dt, sh.clone(), 2 * N * s), || {
+            x.unary(&l, op).map(drop)
+        })?;
+    }
+    lab.run(mem("add", dt, sh.clone(), 3 * N * s), || {
+        x.binary(&l, &y, &l, BinaryOp::Add).map(drop)
+    })?;
+    let row = randn(&[H], dt, 3)?;
+    let rowl = lay(&[H]).broadcast_as("bench", &Shape::from([R, H]))?;
+    lab.run(
+        mem(
+            "add broadcast [H] (row)",
+            dt,
+            format!("{sh} + [{H}]"),
+            2 * N * s + H * s,
+        ),
+        || x.binary(&l, &row, &rowl, BinaryOp::Add).map(drop),
+    )?;
+    let col = randn(&[R, 1], dt, 4)?;
+    let coll = lay(&[R, 1]).broadcast_as("bench", &Shape::from([R, H]))?;
+    lab.run(
+        mem(
+            "mul broadcast [R, 1] (column)",
+            dt,
+            format!("{sh} * [{R}, 1]"),
+            2 * N * s + R * s,
+        ),
+        || x.binary(&l, &col, &coll, BinaryOp::Mul).map(drop),
+    )?;
+    lab.run(
+        mem("cmp lt (u32 out)", dt, sh.clone(), N * (2 * s + 4)),
+        || x.cmp(&l, &y, &l, CmpOp::Lt).map(drop),
+    )?;
+    let cond = x.cmp(&l, &y, &l, CmpOp::Lt)?;
+    lab.run(
+        mem("where (u32 cond)", dt, sh.clone(), N * (4 + 3 * s)),
+        || cond.where_cond(&l, &x, &l, &y, &l).map(drop),
+    )?;
+    drop(cond);
+
+    lab.run(
+        mem("sum over last dim", dt, sh.clone(), N * s + R * s),
+        || x.reduce(&l, 1, ReduceOp::Sum).map(drop),
+    )?;
+    let (a, b, c) = (64, 1024, 1024);
+    let l3 = lay(&[a, b, c]);
+    lab.run(
+        mem(
+            "sum over middle dim",
+            dt,
+            format!("{} dim 1", shape_str(&[a, b, c])),
+            N * s + a * c * s,
+        ),
+        || x.reduce(&l3, 1, ReduceOp::Sum).map(drop),
+    )?;
+    lab.run(mem("softmax (last dim)", dt, sh.clone(), 2 * N * s), || {
+        x.softmax_last_dim(&l).map(drop)
+    })?;
+    lab.run(
+        mem("log_softmax (last dim)", dt, sh.clone(), 2 * N * s),
+        || x.log_softmax_last_dim(&l).map(drop),
+    )?;
+
+    let w = randn(&[H], dt, 5)?;
+    let wl = lay(&[H]);
+    lab.run(mem("rms_norm", dt, sh.clone(), 2 * N * s + H * s), || {
+        x.rms_norm(&l, &w, &wl, 1e-5).map(drop)
+    })?;
+    lab.run(
+        mem(
+            "rms_norm backward (dx, dw)",
+            dt,
+            sh.clone(),
+            3 * N * s + 2 * H * s,
+        ),
+        || x.rms_norm_backward(&l, &w, &wl, &y, &l, 1e-5).map(drop),
+    )?;
+
+    // Dropout and random fills.
+    let shape = Shape::from([R, H]);
+    lab.run(mem("dropout mask (p=0.05)", dt, sh.clone(), N * s), || {
+        Storage::dropout_mask(GPU, &shape, dt, 0.05, 7).map(drop)
+    })?;
+    let xt = Tensor::randn([R, H], 0.0, 1.0, 8, dt, GPU)?;
+    lab.run(
+        mem("dropout (mask, then x*mask)", dt, sh.clone(), 2 * N * s),
+        || xt.dropout(0.05, 9, true).map(drop),
+    )?;
+    lab.run(mem("randn", dt, sh, N * s), || {
+        Storage::randn(GPU, &shape, dt, 0.0, 1.0, 10).map(drop)
+    })?;
+    Ok(())
+}
+
+fn rope(lab: &mut Lab, dt: DType) -> Result<()> {
+    let s = dt.size_in_bytes();
+    // q as the model makes it: [b, t, h, d] projections seen as [b, h, t, d].
+    let (b, t, h, d) = (32, 512, 32, 128);
+    let n = b * t * h * d;
+    let x = randn(&[b, t, h, d], dt, 11)?;
+    let xl = lay(&[b, t, h, d]).transpose(1, 2);
+    let cos = randn(&[b, t, d / 2], dt, 12)?;
+    let sin = randn(&[b, t, d / 2], dt, 13)?;
+    let tl = lay(&[b, t, d / 2]);
+    lab.run(
+        mem(
+            "rope (x transposed view)",
+            dt,
+            format!(
+                "{} from {}",
+                shape_str(&[b, h, t, d]),
+                shape_str(&[b, t, h, d])
+            ),
+            2 * n * s + 2 * b * t * (d / 2) * s,
+        ),
+        || x.rope(&xl, &cos, &tl, &sin, &tl).map(drop),
+    )
+}
+
+fn cross_entropy(lab: &mut Lab, dt: DType) -> Result<()> {
+    let s = dt.size_in_bytes();
+    let (r, v) = (4096, 49152);
+    let sh = shape_str(&[r, v]);
+    let l = lay(&[r, v]);
+    let x = randn(&[r, v], dt, 14)?;
+    let t = ids(r, v, 15)?;
+    let tl = lay(&[r]);
+    let ignore = engine::IGNORE_INDEX;
+    lab.run(
+        mem("cross_entropy forward", dt, sh.clone(), r * v * s + 8 * r),
+        || x.cross_entropy(&l, &t, &tl, ignore).map(drop),
+    )?;
+    let g = randn(&[r], DType::F32, 16)?;
+    lab.run(
+        mem("cross_entropy backward", dt, sh, 2 * r * v * s + 8 * r),
+        || {
+            x.cross_entropy_backward(&l, &t, &tl, &g, &tl, ignore)
+                .map(drop)
+        },
+    )
+}
+
+fn index(lab: &mut Lab, dt: DType) -> Result<()> {
+    let s = dt.size_in_bytes();
+    let sh = shape_str(&[R, H]);
+    let l = lay(&[R, H]);
+
+    // Embedding lookup: 16384 rows of a [49152, 4096] table.
+    let vocab = 49152;
+    let table = randn(&[vocab, H], dt, 17)?;
+    let tl = lay(&[vocab, H]);
+    let rid = ids(R, vocab, 18)?;
+    let ril = lay(&[R]);
+    lab.run(
+        mem(
+            "index_select (embedding)",
+            dt,
+            format!("{} rows of {}", R, shape_str(&[vocab, H])),
+            2 * N * s + 4 * R,
+        ),
+        || table.index_select(&tl, &rid, &ril, 0).map(drop),
+    )?;
+    drop(table);
+
+    let base = randn(&[R, H], dt, 19)?;
+    let src = randn(&[R, H], dt, 20)?;
+    let pid = ids(R, R, 21)?;
+    lab.run(
+        mem(
+            "index_add (rows, dim 0)",
+            dt,
+            format!("{sh} += {R} rows"),
+            3 * N * s + 4 * R,
+        ),
+        || base.index_add(&l, &pid, &ril, &src, &l, 0).map(drop),
+    )?;
+    let cid = ids(N, H, 22)?;
+    lab.run(
+        mem("gather (dim 1)", dt, sh.clone(), N * (2 * s + 4)),
+        || base.gather(&l, &cid, &l, 1).map(drop),
+    )?;
+    lab.run(mem("scatter_add (dim 1)", dt, sh, N * (3 * s + 4)), || {
+        base.scatter_add(&l, &cid, &l, &src, &l, 1).map(drop)
+    })?;
+    drop((base, src, cid));
+
+    // Router top-k: E = 8 experts, k = 2, per token.
+    let (e, k) = (8, 2);
+    for rows in [16384, 1 << 20] {
+        let logits = randn(&[rows, e], dt, 23)?;
+        let ll = lay(&[rows, e]);
+        lab.run(
+            mem(
+                format!("topk k={k}"),
+                dt,
+                shape_str(&[rows, e]),
+                rows * e * s + rows * k * 4,
+            ),
+            || logits.topk_indices(&ll, k).map(drop),
+        )?;
+    }
+    Ok(())
+}
+
+/// `[m, k] x [n, k]ᵀ` (a weight in the `[out, in]` layout, as the model stores it) or
+/// `[m, k] x [k, n]` when `!transposed`.
+fn matmul_case(
+    lab: &mut Lab,
+    name: &str,
+    dt: DType,
+    (m, k, n): (usize, usize, usize),
+    transposed: bool,
+    bound: Bound,
+) -> Result<()> {
+    let a = randn(&[1, m, k], dt, 24)?;
+    let al = lay(&[1, m, k]);
+    let (b, bl) = if transposed {
+        (randn(&[1, n, k], dt, 25)?, lay(&[1, n, k]).transpose(1, 2))
+    } else {
+        (randn(&[1, k, n], dt, 25)?, lay(&[1, k, n]))
+    };
+    let mut case = gemm(name, dt, (m, k, n));
+    if transposed {
+        case.shape = format!("[{m}, {k}] x [{n}, {k}]ᵀ");
+    }
+    case.bound = bound;
+    lab.run(case, || a.matmul(&al, &b, &bl).map(drop))
+}
+
+fn matmuls(lab: &mut Lab, dt: DType) -> Result<()> {
+    let g = Bound::Gemm(dt);
+    matmul_case(lab, "matmul 4096³", dt, (4096, 4096, 4096), false, g)?;
+    matmul_case(lab, "matmul 7B q/k/v/o", dt, (R, 4096, 4096), true, g)?;
+    matmul_case(lab, "matmul 7B gate/up", dt, (R, 4096, 11008), true, g)?;
+    matmul_case(lab, "matmul 7B down", dt, (R, 11008, 4096), true, g)?;
+    // The LoRA A product: skinny, so memory-bound.
+    matmul_case(
+        lab,
+        "matmul LoRA A (r=16)",
+        dt,
+        (R, 4096, 16),
+        true,
+        Bound::Memory,
+    )?;
+    Ok(())
+}
+
+fn attention(lab: &mut Lab, dt: DType) -> Result<()> {
+    let (b, h, t, d) = (8, 32, 512, 128);
+    let q = Tensor::randn([b, h, t, d], 0.0, 1.0, 26, dt, GPU)?;
+    let k = Tensor::randn([b, h, t, d], 0.0, 1.0, 27, dt, GPU)?;
+    let v = Tensor::randn([b, h, t, d], 0.0, 1.0, 28, dt, GPU)?;
+    let s = dt.size_in_bytes();
+    let case = Case {
+        op: "causal_attention forward".into(),
+        dtype: dt,
+        shape: format!("b={b} h={h} t={t} d={d}"),
+        bytes: (4 * b * h * t * d * s) as f64,
+        flops: 4.0 * (b * h * t * t * d) as f64,
+        bound: Bound::Gemm(dt),
+    };
+    lab.run(case, || causal_attention(&q, &k, &v, None, 0).map(drop))
+}
+
+fn usage() -> ! {
+    eprintln!("usage: cuda_kernels [--json PATH] [--filter SUBSTRING] [--quick]");
+    std::process::exit(2);
+}
+
+fn main() {
+    let mut json = None;
+    let mut filter = None;
+    let mut quick = false;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--json" => json = Some(args.next().unwrap_or_else(|| usage())),
+            "--filter" => filter = Some(args.next().unwrap_or_else(|| usage())),
+            "--quick" => quick = true,
+            _ => usage(),
+        }
+    }
+    let dev = match CudaDevice::get(0) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("cuda_kernels: no usable CUDA GPU: {e}");
+            std::process::exit(1);
+        }
+    };
+    let mut lab = Lab {
+        dev,
+        filter,
+        min_iters: if quick { 3 } else { 10 },
+        max_iters: if quick { 20 } else { 500 },
+        f32_ceiling: None,
+        rows: Vec::new(),
+    };
+    if let Err(e) = run_all(&mut lab) {
+        eprintln!("cuda_kernels: {e}");
+        std::process::exit(1);
+    }
+    println!(
+        "cuda_kernels on cuda:0 ({}): median of per-call CUDA-event times\n",
+        lab.dev.arch()
+    );
+    print!("{}", lab.markdown());
+    if let Some(path) = json {
+        if let Err(e) = std::fs::write(&path, lab.json()) {
+            eprintln!("cuda_kernels: writing {path}: {e}");
+            std::process::exit(1);
+        }
+        eprintln!("wrote {path}");
+    }
+}
+
+fn run_all(lab: &mut Lab) -> Result<()> {
+    // The GEMM ceilings first, so that the f32 GEMMs have theirs.
+    let filter = lab.filter.take();
+    for dt in [DType::F32, DType::BF16] {
+        matmul_case(
+            lab,
+            "ceiling: matmul 8192³",
+            dt,
+            (8192, 8192, 8192),
+            false,
+            Bound::Gemm(dt),
+        )?;
+    }
+    lab.filter = filter;
+    for dt in [DType::F32, DType::BF16] {
+        elementwise(lab, dt)?;
+        rope(lab, dt)?;
+        cross_entropy(lab, dt)?;
+        index(lab, dt)?;
+        matmuls(lab, dt)?;
+        attention(lab, dt)?;
+    }
+    Ok(())
+}
