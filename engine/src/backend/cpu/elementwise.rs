@@ -3,6 +3,7 @@
 use half::bf16;
 use rayon::prelude::*;
 
+use super::simd::vectorized;
 use super::{float_kernel, CpuFloat, CpuStorage, PAR_THRESHOLD};
 use crate::backend::{BinaryOp, CmpOp, UnaryOp};
 use crate::{DType, Error, Layout, Result};
@@ -39,10 +40,10 @@ fn map_view<T: Copy + Send + Sync, U: Send + Sync + Copy + Default>(
         out.par_chunks_mut(CHUNK)
             .zip(src.par_chunks(CHUNK))
             .for_each(|(o, x)| {
-                o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x));
+                vectorized(|| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x)));
             });
     } else {
-        out.iter_mut().zip(src).for_each(|(o, &x)| *o = f(x));
+        vectorized(|| out.iter_mut().zip(src).for_each(|(o, &x)| *o = f(x)));
     }
     out
 }
@@ -52,10 +53,10 @@ fn unary_t<T: CpuFloat>(data: &[T], l: &Layout, op: UnaryOp) -> Vec<T> {
     let one = T::one();
     match op {
         UnaryOp::Neg => map_view(data, l, |x: T| -x),
-        UnaryOp::Exp => map_view(data, l, |x: T| x.exp()),
+        UnaryOp::Exp => map_view(data, l, |x: T| x.fast_exp()),
         UnaryOp::Log => map_view(data, l, |x: T| x.ln()),
-        UnaryOp::Silu => map_view(data, l, |x: T| x / (one + (-x).exp())),
-        UnaryOp::Sigmoid => map_view(data, l, |x: T| one / (one + (-x).exp())),
+        UnaryOp::Silu => map_view(data, l, |x: T| x / (one + (-x).fast_exp())),
+        UnaryOp::Sigmoid => map_view(data, l, |x: T| one / (one + (-x).fast_exp())),
         UnaryOp::Sqrt => map_view(data, l, |x: T| x.sqrt()),
         UnaryOp::Recip => map_view(data, l, |x: T| x.recip()),
         UnaryOp::Sqr => map_view(data, l, |x: T| x * x),
@@ -136,14 +137,18 @@ pub(super) fn zip_views<A: Copy + Send + Sync, B: Copy + Send + Sync, O: Send + 
                 out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
                     let s = c * CHUNK;
                     let (a, b) = (&a[s..s + o.len()], &b[s..s + o.len()]);
-                    o.iter_mut()
-                        .zip(a.iter().zip(b))
-                        .for_each(|(o, (&x, &y))| *o = f(x, y));
+                    vectorized(|| {
+                        o.iter_mut()
+                            .zip(a.iter().zip(b))
+                            .for_each(|(o, (&x, &y))| *o = f(x, y))
+                    });
                 });
             } else {
-                out.iter_mut()
-                    .zip(a.iter().zip(b))
-                    .for_each(|(o, (&x, &y))| *o = f(x, y));
+                vectorized(|| {
+                    out.iter_mut()
+                        .zip(a.iter().zip(b))
+                        .for_each(|(o, (&x, &y))| *o = f(x, y))
+                });
             }
             out
         }
@@ -162,7 +167,7 @@ pub(super) fn zip_views<A: Copy + Send + Sync, B: Copy + Send + Sync, O: Send + 
             let body = |(row, o): (usize, &mut [O])| {
                 let (ra, rb) = (rows_a[row], rows_b[row]);
                 let len = o.len();
-                match (sa, sb) {
+                vectorized(|| match (sa, sb) {
                     (1, 1) => o
                         .iter_mut()
                         .zip(a[ra..ra + len].iter().zip(&b[rb..rb + len]))
@@ -184,7 +189,7 @@ pub(super) fn zip_views<A: Copy + Send + Sync, B: Copy + Send + Sync, O: Send + 
                             *slot = f(a[ra + j * sa], b[rb + j * sb]);
                         }
                     }
-                }
+                })
             };
             if n >= PAR_THRESHOLD {
                 out.par_chunks_mut(last).enumerate().for_each(body);

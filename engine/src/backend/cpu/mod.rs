@@ -10,6 +10,7 @@ mod norm;
 pub mod profile;
 mod random;
 mod reduce;
+mod simd;
 
 use half::bf16;
 use num_traits::Float;
@@ -32,9 +33,21 @@ pub enum CpuStorage {
 pub trait CpuFloat:
     Float + Default + crate::WithDType + std::iter::Sum + Send + Sync + std::fmt::Debug + 'static
 {
+    /// `eˣ`: a vectorisable polynomial for f32 ([`simd::exp_f32`], within 2 ulp), `exp` for f64.
+    fn fast_exp(self) -> Self;
 }
-impl CpuFloat for f32 {}
-impl CpuFloat for f64 {}
+impl CpuFloat for f32 {
+    #[inline(always)]
+    fn fast_exp(self) -> Self {
+        simd::exp_f32(self)
+    }
+}
+impl CpuFloat for f64 {
+    #[inline(always)]
+    fn fast_exp(self) -> Self {
+        self.exp()
+    }
+}
 
 /// Minimum number of elements before an elementwise loop is split across threads.
 pub(crate) const PAR_THRESHOLD: usize = 1 << 14;
