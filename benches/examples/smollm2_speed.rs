@@ -2,6 +2,7 @@
 //! decoding with the KV cache (64 new tokens after a 5-token prompt), f32.
 //!
 //! Run: `cargo run --release -p mixlora-benches --example smollm2_speed -- PATH.gguf`
+//! (`MIXLORA_PROFILE=1`: also the per-op table of one prefill).
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -37,6 +38,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         best,
         (b * t) as f64 / best
     );
+    if engine::backend::cpu::profile::enabled() {
+        engine::backend::cpu::profile::take();
+        let t0 = Instant::now();
+        no_grad(|| model.forward(&x, None))?;
+        println!(
+            "-- prefill: {:.1} ms wall",
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+        engine::backend::cpu::profile::report(25);
+    }
 
     // Decode: greedy, 64 tokens, no early stop.
     let prompt = [504u32, 3575, 282, 4649, 314];

@@ -33,13 +33,13 @@ impl Tensor {
             Node::record("log", &[self], |x, _, g| Ok(vec![Some(g.div(&x[0])?)])),
         )
     }
-    /// silu(x) = x·σ(x); d/dx = σ(x)·(1 + x·(1 − σ(x))).
+    /// silu(x) = x·σ(x); d/dx = σ(x)·(1 + x·(1 − σ(x))) = σ(x)·(1 + x − silu(x)).
     pub fn silu(&self) -> Result<Tensor> {
         self.unary(
             UnaryOp::Silu,
-            Node::record("silu", &[self], |x, _, g| {
+            Node::record("silu", &[self], |x, y, g| {
                 let s = x[0].sigmoid()?;
-                let d = s.mul(&x[0].mul(&s.affine(-1.0, 1.0)?)?.affine(1.0, 1.0)?)?;
+                let d = s.mul(&x[0].sub(y)?.affine(1.0, 1.0)?)?;
                 Ok(vec![Some(g.mul(&d)?)])
             }),
         )

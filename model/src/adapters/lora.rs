@@ -67,8 +67,9 @@ impl LoraLinear {
         if let Some(seed) = dropout_seed {
             xa = xa.dropout(self.dropout, seed, true)?;
         }
-        let z = xa.matmul(&self.a.t()?)?; // [.., r]
-        let d = z.matmul(&self.b.t()?)?.affine(self.scale, 0.0)?; // [.., out]
+        // The scale goes on the rank-r codes: r columns to scale instead of `out`.
+        let z = xa.matmul(&self.a.t()?)?.affine(self.scale, 0.0)?; // [.., r]
+        let d = z.matmul(&self.b.t()?)?; // [.., out]
         Ok(d.to_dtype(base)?)
     }
 }

@@ -1,8 +1,11 @@
 //! Elementwise CPU kernels: unary maps, broadcasting binary ops, comparisons, select, casts, copies.
 
+use std::mem::MaybeUninit;
+
 use half::bf16;
 use rayon::prelude::*;
 
+use super::simd::vectorized;
 use super::{float_kernel, CpuFloat, CpuStorage, PAR_THRESHOLD};
 use crate::backend::{BinaryOp, CmpOp, UnaryOp};
 use crate::{DType, Error, Layout, Result};
@@ -33,17 +36,30 @@ fn map_view<T: Copy + Send + Sync, U: Send + Sync + Copy + Default>(
             &owned
         }
     };
-    let mut out = vec![U::default(); src.len()];
-    if src.len() >= PAR_THRESHOLD {
-        const CHUNK: usize = 1 << 12;
-        out.par_chunks_mut(CHUNK)
-            .zip(src.par_chunks(CHUNK))
-            .for_each(|(o, x)| {
-                o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x));
+    let mut out = Vec::with_capacity(src.len());
+    {
+        let o = &mut out.spare_capacity_mut()[..src.len()];
+        if src.len() >= PAR_THRESHOLD {
+            const CHUNK: usize = 1 << 12;
+            o.par_chunks_mut(CHUNK)
+                .zip(src.par_chunks(CHUNK))
+                .for_each(|(o, x)| {
+                    vectorized(|| {
+                        o.iter_mut()
+                            .zip(x)
+                            .for_each(|(o, &x)| *o = MaybeUninit::new(f(x)))
+                    });
+                });
+        } else {
+            vectorized(|| {
+                o.iter_mut()
+                    .zip(src)
+                    .for_each(|(o, &x)| *o = MaybeUninit::new(f(x)))
             });
-    } else {
-        out.iter_mut().zip(src).for_each(|(o, &x)| *o = f(x));
+        }
     }
+    // SAFETY: every one of the `src.len()` elements was written above.
+    unsafe { out.set_len(src.len()) };
     out
 }
 
@@ -52,10 +68,10 @@ fn unary_t<T: CpuFloat>(data: &[T], l: &Layout, op: UnaryOp) -> Vec<T> {
     let one = T::one();
     match op {
         UnaryOp::Neg => map_view(data, l, |x: T| -x),
-        UnaryOp::Exp => map_view(data, l, |x: T| x.exp()),
+        UnaryOp::Exp => map_view(data, l, |x: T| x.fast_exp()),
         UnaryOp::Log => map_view(data, l, |x: T| x.ln()),
-        UnaryOp::Silu => map_view(data, l, |x: T| x / (one + (-x).exp())),
-        UnaryOp::Sigmoid => map_view(data, l, |x: T| one / (one + (-x).exp())),
+        UnaryOp::Silu => map_view(data, l, |x: T| x / (one + (-x).fast_exp())),
+        UnaryOp::Sigmoid => map_view(data, l, |x: T| one / (one + (-x).fast_exp())),
         UnaryOp::Sqrt => map_view(data, l, |x: T| x.sqrt()),
         UnaryOp::Recip => map_view(data, l, |x: T| x.recip()),
         UnaryOp::Sqr => map_view(data, l, |x: T| x * x),
@@ -130,21 +146,33 @@ pub(super) fn zip_views<A: Copy + Send + Sync, B: Copy + Send + Sync, O: Send + 
     match (al.contiguous_range(), bl.contiguous_range()) {
         (Some((a0, a1)), Some((b0, b1))) => {
             let (a, b) = (&a[a0..a1], &b[b0..b1]);
-            let mut out = vec![O::default(); n];
-            if n >= PAR_THRESHOLD {
-                const CHUNK: usize = 1 << 12;
-                out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
-                    let s = c * CHUNK;
-                    let (a, b) = (&a[s..s + o.len()], &b[s..s + o.len()]);
-                    o.iter_mut()
-                        .zip(a.iter().zip(b))
-                        .for_each(|(o, (&x, &y))| *o = f(x, y));
-                });
-            } else {
-                out.iter_mut()
-                    .zip(a.iter().zip(b))
-                    .for_each(|(o, (&x, &y))| *o = f(x, y));
+            assert!(
+                a.len() == n && b.len() == n,
+                "zip_views: operands of different sizes"
+            );
+            let mut out = Vec::with_capacity(n);
+            {
+                let o = &mut out.spare_capacity_mut()[..n];
+                let body = |o: &mut [MaybeUninit<O>], a: &[A], b: &[B]| {
+                    vectorized(|| {
+                        o.iter_mut()
+                            .zip(a.iter().zip(b))
+                            .for_each(|(o, (&x, &y))| *o = MaybeUninit::new(f(x, y)))
+                    })
+                };
+                if n >= PAR_THRESHOLD {
+                    const CHUNK: usize = 1 << 12;
+                    o.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+                        let s = c * CHUNK;
+                        body(o, &a[s..s + o.len()], &b[s..s + o.len()]);
+                    });
+                } else {
+                    body(o, a, b);
+                }
             }
+            // SAFETY: `a` and `b` both hold `n` elements (same-shape contiguous views), so
+            // every one of the `n` outputs was written above.
+            unsafe { out.set_len(n) };
             out
         }
         _ => {
@@ -162,7 +190,7 @@ pub(super) fn zip_views<A: Copy + Send + Sync, B: Copy + Send + Sync, O: Send + 
             let body = |(row, o): (usize, &mut [O])| {
                 let (ra, rb) = (rows_a[row], rows_b[row]);
                 let len = o.len();
-                match (sa, sb) {
+                vectorized(|| match (sa, sb) {
                     (1, 1) => o
                         .iter_mut()
                         .zip(a[ra..ra + len].iter().zip(&b[rb..rb + len]))
@@ -184,7 +212,7 @@ pub(super) fn zip_views<A: Copy + Send + Sync, B: Copy + Send + Sync, O: Send + 
                             *slot = f(a[ra + j * sa], b[rb + j * sb]);
                         }
                     }
-                }
+                })
             };
             if n >= PAR_THRESHOLD {
                 out.par_chunks_mut(last).enumerate().for_each(body);

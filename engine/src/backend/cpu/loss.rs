@@ -6,6 +6,7 @@
 
 use rayon::prelude::*;
 
+use super::simd::vectorized;
 use super::{CpuFloat, CpuStorage, PAR_THRESHOLD};
 use crate::{DType, Error, Layout, Result};
 
@@ -46,8 +47,41 @@ fn check(
 /// `(max, Σ exp(x − max))` of one row, `x(j)` reading its element `j < v`.
 fn row_stats<T: CpuFloat>(x: impl Fn(usize) -> T, v: usize) -> (T, T) {
     let m = (0..v).map(&x).fold(T::neg_infinity(), |a, b| a.max(b));
-    let sum = (0..v).map(|j| (x(j) - m).exp()).sum::<T>();
+    let sum = (0..v).map(|j| (x(j) - m).fast_exp()).sum::<T>();
     (m, sum)
+}
+
+/// [`row_stats`] of a contiguous row, in 16 lanes (vectorises).
+#[inline(always)]
+fn row_stats_slice<S: Copy, T: CpuFloat>(row: &[S], conv: impl Fn(S) -> T) -> (T, T) {
+    const L: usize = 16;
+    let mut mx = [T::neg_infinity(); L];
+    let mut chunks = row.chunks_exact(L);
+    for c in &mut chunks {
+        for (a, &v) in mx.iter_mut().zip(c) {
+            let v = conv(v);
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    let rest = chunks.remainder();
+    let m = rest
+        .iter()
+        .map(|&v| conv(v))
+        .chain(mx)
+        .fold(T::neg_infinity(), |a, b| a.max(b));
+    let mut acc = [T::zero(); L];
+    let mut chunks = row.chunks_exact(L);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = *a + (conv(v) - m).fast_exp();
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .map(|&v| (conv(v) - m).fast_exp())
+        .sum::<T>();
+    (m, acc.into_iter().sum::<T>() + tail)
 }
 
 /// `loss[r] = logsumexp(x[r]) − x[r, t[r]]`, 0 where `t[r] == ignore`.
@@ -66,7 +100,12 @@ fn ce_t<S: Copy + Sync, T: CpuFloat>(
             return T::zero();
         }
         let x = |j: usize| conv(data[off + r * s0 + j * s1]);
-        let (m, sum) = row_stats(x, v);
+        let (m, sum) = if s1 == 1 {
+            let row = &data[off + r * s0..off + r * s0 + v];
+            vectorized(|| row_stats_slice(row, &conv))
+        } else {
+            row_stats(x, v)
+        };
         m + sum.ln() - x(t as usize)
     };
     if n * v >= PAR_THRESHOLD {
@@ -97,10 +136,21 @@ fn ce_backward_t<S: Copy + Sync, T: CpuFloat>(
             return;
         }
         let x = |j: usize| conv(data[off + r * s0 + j * s1]);
-        let (m, sum) = row_stats(x, v);
-        let scale = g[r] / sum;
-        for (j, o) in o.iter_mut().enumerate() {
-            *o = (x(j) - m).exp() * scale;
+        if s1 == 1 {
+            let row = &data[off + r * s0..off + r * s0 + v];
+            vectorized(|| {
+                let (m, sum) = row_stats_slice(row, &conv);
+                let scale = g[r] / sum;
+                for (o, &xv) in o.iter_mut().zip(row) {
+                    *o = (conv(xv) - m).fast_exp() * scale;
+                }
+            });
+        } else {
+            let (m, sum) = row_stats(x, v);
+            let scale = g[r] / sum;
+            for (j, o) in o.iter_mut().enumerate() {
+                *o = (x(j) - m).fast_exp() * scale;
+            }
         }
         o[t as usize] = o[t as usize] - g[r];
     };

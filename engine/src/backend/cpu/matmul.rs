@@ -104,6 +104,26 @@ fn matmul_t<T: Copy + Default + Send + Sync + 'static + num_traits::Zero + num_t
     Ok(out)
 }
 
+/// `matmul b×m×k·k×n` with each operand's layout (`N`: row-major, `T`: column-major, `S`: other).
+pub(super) fn profile_key(l: &Layout, r: &Layout) -> String {
+    let kind = |l: &Layout| match l.strides() {
+        [_, _, 1] => 'N',
+        [_, 1, _] => 'T',
+        _ => 'S',
+    };
+    let (a, b) = (l.dims(), r.dims());
+    let dims = |i: usize| a.get(i).copied().unwrap_or(0);
+    format!(
+        "matmul {}x{}x{}x{} {}{}",
+        dims(0),
+        dims(1),
+        dims(2),
+        b.get(2).copied().unwrap_or(0),
+        kind(l),
+        kind(r)
+    )
+}
+
 pub(super) fn matmul(
     s: &CpuStorage,
     l: &Layout,

@@ -7,8 +7,10 @@ mod index;
 mod loss;
 mod matmul;
 mod norm;
+pub mod profile;
 mod random;
 mod reduce;
+mod simd;
 
 use half::bf16;
 use num_traits::Float;
@@ -31,9 +33,21 @@ pub enum CpuStorage {
 pub trait CpuFloat:
     Float + Default + crate::WithDType + std::iter::Sum + Send + Sync + std::fmt::Debug + 'static
 {
+    /// `eˣ`: a vectorisable polynomial for f32 ([`simd::exp_f32`], within 2 ulp), `exp` for f64.
+    fn fast_exp(self) -> Self;
 }
-impl CpuFloat for f32 {}
-impl CpuFloat for f64 {}
+impl CpuFloat for f32 {
+    #[inline(always)]
+    fn fast_exp(self) -> Self {
+        simd::exp_f32(self)
+    }
+}
+impl CpuFloat for f64 {
+    #[inline(always)]
+    fn fast_exp(self) -> Self {
+        self.exp()
+    }
+}
 
 /// Minimum number of elements before an elementwise loop is split across threads.
 pub(crate) const PAR_THRESHOLD: usize = 1 << 14;
@@ -117,6 +131,25 @@ macro_rules! float_kernel {
 }
 pub(crate) use float_kernel;
 
+/// A layout's kind for the profile: `c` contiguous, `b` broadcast (a zero stride), `s` strided.
+fn lk(l: &Layout) -> char {
+    if l.is_contiguous() {
+        'c'
+    } else if l.strides().contains(&0) {
+        'b'
+    } else {
+        's'
+    }
+}
+
+fn unary_name(op: UnaryOp) -> String {
+    let s = format!("unary {op:?}");
+    s.split([' ', '{', '('])
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 impl BackendStorage for CpuStorage {
     fn dtype(&self) -> DType {
         match self {
@@ -146,16 +179,25 @@ impl BackendStorage for CpuStorage {
         })
     }
     fn to_dtype(&self, l: &Layout, dtype: DType) -> Result<Self> {
-        elementwise::to_dtype(self, l, dtype)
+        profile::timed(
+            || format!("to_dtype {}", lk(l)),
+            || elementwise::to_dtype(self, l, dtype),
+        )
     }
     fn unary(&self, l: &Layout, op: UnaryOp) -> Result<Self> {
-        elementwise::unary(self, l, op)
+        profile::timed(|| unary_name(op), || elementwise::unary(self, l, op))
     }
     fn binary(&self, l: &Layout, rhs: &Self, rhs_l: &Layout, op: BinaryOp) -> Result<Self> {
-        elementwise::binary(self, l, rhs, rhs_l, op)
+        profile::timed(
+            || format!("binary {op:?} {}{}", lk(l), lk(rhs_l)),
+            || elementwise::binary(self, l, rhs, rhs_l, op),
+        )
     }
     fn cmp(&self, l: &Layout, rhs: &Self, rhs_l: &Layout, op: CmpOp) -> Result<Self> {
-        elementwise::cmp(self, l, rhs, rhs_l, op)
+        profile::timed(
+            || "cmp".into(),
+            || elementwise::cmp(self, l, rhs, rhs_l, op),
+        )
     }
     fn where_cond(
         &self,
@@ -165,19 +207,40 @@ impl BackendStorage for CpuStorage {
         f: &Self,
         f_l: &Layout,
     ) -> Result<Self> {
-        elementwise::where_cond(self, l, t, t_l, f, f_l)
+        profile::timed(
+            || "where_cond".into(),
+            || elementwise::where_cond(self, l, t, t_l, f, f_l),
+        )
     }
     fn reduce(&self, l: &Layout, dim: usize, op: ReduceOp) -> Result<Self> {
-        reduce::reduce(self, l, dim, op)
+        profile::timed(
+            || {
+                format!(
+                    "reduce {op:?} {}{}",
+                    lk(l),
+                    (dim + 1 == l.dims().len()) as u8
+                )
+            },
+            || reduce::reduce(self, l, dim, op),
+        )
     }
     fn matmul(&self, l: &Layout, rhs: &Self, rhs_l: &Layout) -> Result<Self> {
-        matmul::matmul(self, l, rhs, rhs_l)
+        profile::timed(
+            || matmul::profile_key(l, rhs_l),
+            || matmul::matmul(self, l, rhs, rhs_l),
+        )
     }
     fn copy_to_view(&self, l: &Layout, dst: &mut Self, dst_l: &Layout) -> Result<()> {
-        elementwise::copy_to_view(self, l, dst, dst_l)
+        profile::timed(
+            || format!("copy_to_view {}{}", lk(l), lk(dst_l)),
+            || elementwise::copy_to_view(self, l, dst, dst_l),
+        )
     }
     fn index_select(&self, l: &Layout, ids: &Self, ids_l: &Layout, dim: usize) -> Result<Self> {
-        index::index_select(self, l, ids, ids_l, dim)
+        profile::timed(
+            || "index_select".into(),
+            || index::index_select(self, l, ids, ids_l, dim),
+        )
     }
     fn index_add(
         &self,
@@ -188,10 +251,16 @@ impl BackendStorage for CpuStorage {
         src_l: &Layout,
         dim: usize,
     ) -> Result<Self> {
-        index::index_add(self, l, ids, ids_l, src, src_l, dim)
+        profile::timed(
+            || "index_add".into(),
+            || index::index_add(self, l, ids, ids_l, src, src_l, dim),
+        )
     }
     fn gather(&self, l: &Layout, ids: &Self, ids_l: &Layout, dim: usize) -> Result<Self> {
-        index::gather(self, l, ids, ids_l, dim)
+        profile::timed(
+            || "gather".into(),
+            || index::gather(self, l, ids, ids_l, dim),
+        )
     }
     fn scatter_add(
         &self,
@@ -202,19 +271,31 @@ impl BackendStorage for CpuStorage {
         src_l: &Layout,
         dim: usize,
     ) -> Result<Self> {
-        index::scatter_add(self, l, ids, ids_l, src, src_l, dim)
+        profile::timed(
+            || "scatter_add".into(),
+            || index::scatter_add(self, l, ids, ids_l, src, src_l, dim),
+        )
     }
     fn topk_indices(&self, l: &Layout, k: usize) -> Result<Self> {
-        index::topk_indices(self, l, k)
+        profile::timed(|| "topk_indices".into(), || index::topk_indices(self, l, k))
     }
     fn softmax_last_dim(&self, l: &Layout) -> Result<Self> {
-        reduce::softmax_last_dim(self, l)
+        profile::timed(
+            || "softmax_last_dim".into(),
+            || reduce::softmax_last_dim(self, l),
+        )
     }
     fn log_softmax_last_dim(&self, l: &Layout) -> Result<Self> {
-        reduce::log_softmax_last_dim(self, l)
+        profile::timed(
+            || "log_softmax_last_dim".into(),
+            || reduce::log_softmax_last_dim(self, l),
+        )
     }
     fn rms_norm(&self, l: &Layout, w: &Self, w_l: &Layout, eps: f64) -> Result<Self> {
-        norm::rms_norm(self, l, w, w_l, eps)
+        profile::timed(
+            || "rms_norm".into(),
+            || norm::rms_norm(self, l, w, w_l, eps),
+        )
     }
     fn rms_norm_backward(
         &self,
@@ -225,7 +306,10 @@ impl BackendStorage for CpuStorage {
         g_l: &Layout,
         eps: f64,
     ) -> Result<(Self, Self)> {
-        norm::rms_norm_backward(self, l, w, w_l, g, g_l, eps)
+        profile::timed(
+            || "rms_norm_backward".into(),
+            || norm::rms_norm_backward(self, l, w, w_l, g, g_l, eps),
+        )
     }
     fn rope(
         &self,
@@ -235,7 +319,10 @@ impl BackendStorage for CpuStorage {
         sin: &Self,
         sin_l: &Layout,
     ) -> Result<Self> {
-        norm::rope(self, l, cos, cos_l, sin, sin_l)
+        profile::timed(
+            || "rope".into(),
+            || norm::rope(self, l, cos, cos_l, sin, sin_l),
+        )
     }
     fn cross_entropy(
         &self,
@@ -244,7 +331,10 @@ impl BackendStorage for CpuStorage {
         t_l: &Layout,
         ignore_index: u32,
     ) -> Result<Self> {
-        loss::cross_entropy(self, l, targets, t_l, ignore_index)
+        profile::timed(
+            || "cross_entropy".into(),
+            || loss::cross_entropy(self, l, targets, t_l, ignore_index),
+        )
     }
     fn cross_entropy_backward(
         &self,
@@ -255,6 +345,9 @@ impl BackendStorage for CpuStorage {
         g_l: &Layout,
         ignore_index: u32,
     ) -> Result<Self> {
-        loss::cross_entropy_backward(self, l, targets, t_l, grad_rows, g_l, ignore_index)
+        profile::timed(
+            || "cross_entropy_backward".into(),
+            || loss::cross_entropy_backward(self, l, targets, t_l, grad_rows, g_l, ignore_index),
+        )
     }
 }

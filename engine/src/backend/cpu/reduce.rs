@@ -2,6 +2,7 @@
 
 use rayon::prelude::*;
 
+use super::simd::{lane_max, lane_sum, vectorized};
 use super::{float_kernel, CpuFloat, CpuStorage, PAR_THRESHOLD};
 use crate::backend::ReduceOp;
 use crate::{Error, Layout, Result};
@@ -41,6 +42,32 @@ fn arg_best<T: PartialOrd + Copy>(it: &mut dyn Iterator<Item = T>, max: bool) ->
 }
 
 fn reduce_float<T: CpuFloat>(data: &[T], l: &Layout, dim: usize, op: ReduceOp) -> Vec<T> {
+    if l.strides()[dim] == 1 && op == ReduceOp::Sum {
+        // Contiguous rows: f64 sums in lanes over slices.
+        let starts = row_starts(l, dim);
+        let len = l.dims()[dim];
+        let one = |&s: &usize| {
+            let row = &data[s..s + len];
+            let mut acc = [0.0f64; 8];
+            let mut chunks = row.chunks_exact(8);
+            for c in &mut chunks {
+                for (a, &v) in acc.iter_mut().zip(c) {
+                    *a += crate::WithDType::to_f64(v);
+                }
+            }
+            let tail: f64 = chunks
+                .remainder()
+                .iter()
+                .map(|&x| crate::WithDType::to_f64(x))
+                .sum();
+            T::from_f64(acc.iter().sum::<f64>() + tail)
+        };
+        return if starts.len() * len >= PAR_THRESHOLD {
+            starts.par_iter().map(|s| vectorized(|| one(s))).collect()
+        } else {
+            starts.iter().map(|s| vectorized(|| one(s))).collect()
+        };
+    }
     match op {
         // Sums accumulate in f64 so long rows keep their precision.
         ReduceOp::Sum => reduce_rows(data, l, dim, |it| {
@@ -104,43 +131,50 @@ fn map_rows<T: CpuFloat>(
     let src = CpuStorage::gather_view(data, l);
     let n = l.dims().last().copied().unwrap_or(1).max(1);
     let mut out = vec![T::zero(); src.len()];
+    // Rows in blocks, a few blocks per thread.
+    let rows = src.len() / n;
+    let per = rows.div_ceil(4 * rayon::current_num_threads()).max(1) * n;
+    let block = |(o, x): (&mut [T], &[T])| {
+        vectorized(|| o.chunks_mut(n).zip(x.chunks(n)).for_each(|(o, x)| f(x, o)))
+    };
     if src.len() >= PAR_THRESHOLD {
-        out.par_chunks_mut(n)
-            .zip(src.par_chunks(n))
-            .for_each(|(o, x)| f(x, o));
+        out.par_chunks_mut(per)
+            .zip(src.par_chunks(per))
+            .for_each(block);
     } else {
-        out.chunks_mut(n)
-            .zip(src.chunks(n))
-            .for_each(|(o, x)| f(x, o));
+        block((&mut out, &src));
     }
     out
 }
 
-fn row_max<T: CpuFloat>(x: &[T]) -> T {
-    x.iter().fold(T::neg_infinity(), |a, &b| a.max(b))
+#[inline(always)]
+fn softmax_row<T: CpuFloat>(x: &[T], o: &mut [T]) {
+    let m = lane_max(x);
+    for (o, &v) in o.iter_mut().zip(x) {
+        *o = (v - m).fast_exp();
+    }
+    let inv = lane_sum(o).recip();
+    o.iter_mut().for_each(|v| *v = *v * inv);
+}
+
+#[inline(always)]
+fn log_softmax_row<T: CpuFloat>(x: &[T], o: &mut [T]) {
+    let m = lane_max(x);
+    for (o, &v) in o.iter_mut().zip(x) {
+        *o = (v - m).fast_exp();
+    }
+    let lse = m + lane_sum(o).ln();
+    for (o, &v) in o.iter_mut().zip(x) {
+        *o = v - lse;
+    }
 }
 
 fn softmax_t<T: CpuFloat>(data: &[T], l: &Layout) -> Vec<T> {
-    map_rows(data, l, |x, o| {
-        let m = row_max(x);
-        let mut sum = T::zero();
-        for (o, &v) in o.iter_mut().zip(x) {
-            *o = (v - m).exp();
-            sum = sum + *o;
-        }
-        let inv = sum.recip();
-        o.iter_mut().for_each(|v| *v = *v * inv);
-    })
+    map_rows(data, l, softmax_row)
 }
 
 fn log_softmax_t<T: CpuFloat>(data: &[T], l: &Layout) -> Vec<T> {
-    map_rows(data, l, |x, o| {
-        let m = row_max(x);
-        let lse = m + x.iter().map(|&v| (v - m).exp()).sum::<T>().ln();
-        for (o, &v) in o.iter_mut().zip(x) {
-            *o = v - lse;
-        }
-    })
+    map_rows(data, l, log_softmax_row)
 }
 
 pub(super) fn softmax_last_dim(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
