@@ -348,7 +348,7 @@ impl Llama {
         pass: Pass,
     ) -> Result<(Tensor, Vec<RouterOutput>)> {
         let c = &self.config;
-        let (b, t) = (ids.dims()[0], ids.dims()[1]);
+        let (b, t) = batch_dims(ids)?;
         let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let (cos, sin) = rope_tables(positions, &self.inv_freq)?; // [B, T, D/2]
         let past = cache.as_ref().map_or(0, |c| c.len());
@@ -427,8 +427,8 @@ impl Llama {
     /// Logits `[B, T, V]` of a batch without cache; `key_mask` `[B, T]` marks real tokens
     /// (right or left padding); positions count real tokens only.
     pub fn forward(&self, ids: &Tensor, key_mask: Option<&Tensor>) -> Result<Tensor> {
-        let positions =
-            positions_from_mask(ids.dims()[0], ids.dims()[1], key_mask, 0, ids.device())?;
+        let (b, t) = batch_dims(ids)?;
+        let positions = positions_from_mask(b, t, key_mask, 0, ids.device())?;
         let h = self.forward_hidden(ids, &positions, key_mask, None)?;
         self.logits(&h)
     }
@@ -444,7 +444,7 @@ impl Llama {
         key_mask: Option<&Tensor>,
         dropout_seed: Option<u64>,
     ) -> Result<ForwardOutput> {
-        let (b, t) = (ids.dims()[0], ids.dims()[1]);
+        let (b, t) = batch_dims(ids)?;
         let positions = positions_from_mask(b, t, key_mask, 0, ids.device())?;
         let pass = Pass {
             dropout_seed,
@@ -491,6 +491,16 @@ pub fn positions_from_mask(
             .flat_map(|_| (past..past + t).map(|p| p as u32))
             .collect(),
         Some(m) => {
+            if m.rank() != 2 || m.dims()[0] != b || m.dims()[1] < t {
+                return Err(engine::Error::invalid(
+                    "positions_from_mask",
+                    format!(
+                        "key mask of shape {} for {b} sequences of {t} new tokens",
+                        m.shape()
+                    ),
+                )
+                .into());
+            }
             let s = m.dims()[1];
             let mv = m.to_vec_u32()?;
             let mut out = Vec::with_capacity(b * t);
@@ -507,4 +517,20 @@ pub fn positions_from_mask(
         }
     };
     Ok(Tensor::from_vec(pos, [b, t], device)?)
+}
+
+/// `(B, T)` of a batch of token ids, which must be u32 of rank 2.
+fn batch_dims(ids: &Tensor) -> Result<(usize, usize)> {
+    if ids.rank() != 2 || ids.dtype() != DType::U32 {
+        return Err(engine::Error::invalid(
+            "llama",
+            format!(
+                "token ids must be u32 [batch, seq], got {} of shape {}",
+                ids.dtype(),
+                ids.shape()
+            ),
+        )
+        .into());
+    }
+    Ok((ids.dims()[0], ids.dims()[1]))
 }

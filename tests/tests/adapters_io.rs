@@ -540,3 +540,34 @@ fn load_errors_name_the_file_and_the_tensor() {
     let e = load_error(&dir, tiny_config());
     assert!(e.contains("mixlora-switch"), "{e}");
 }
+
+#[test]
+fn malformed_token_batches_are_errors_not_panics() {
+    let cfg = model::LlamaConfig {
+        vocab_size: 11,
+        hidden_size: 8,
+        intermediate_size: 12,
+        num_hidden_layers: 1,
+        num_attention_heads: 2,
+        num_key_value_heads: 1,
+        head_dim: 4,
+        rms_norm_eps: 1e-6,
+        rope_theta: 10000.0,
+        rope_scaling: None,
+        max_position_embeddings: 64,
+        tie_word_embeddings: true,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+    };
+    let m = model::Llama::random(cfg, 1, engine::DType::F32, engine::Device::Cpu).unwrap();
+    let flat = engine::Tensor::from_vec(vec![1u32, 2, 3], [3], engine::Device::Cpu).unwrap();
+    assert!(m
+        .forward(&flat, None)
+        .unwrap_err()
+        .to_string()
+        .contains("[batch, seq]"));
+    let ids = engine::Tensor::from_vec(vec![1u32, 2, 3, 4], [2, 2], engine::Device::Cpu).unwrap();
+    let bad_mask = engine::Tensor::from_vec(vec![1u32, 1], [1, 2], engine::Device::Cpu).unwrap();
+    assert!(m.forward(&ids, Some(&bad_mask)).is_err());
+    assert!(m.forward_train(&flat, None, None).is_err());
+}
