@@ -80,6 +80,7 @@ BINARY_FUNCTOR(mul, a * b)
 BINARY_FUNCTOR(div, a / b)
 BINARY_FUNCTOR(maximum, m_max(a, b))
 BINARY_FUNCTOR(minimum, m_min(a, b))
+BINARY_FUNCTOR(silu_mul, a / ((A)1 + m_exp(-a)) * b)
 
 template <typename T, typename F>
 __device__ __forceinline__ void binary_map(u32 n, const Strided& la, const Strided& lb, const T* a, const T* b, T* y) {
@@ -101,6 +102,7 @@ BINARY(mul)
 BINARY(div)
 BINARY(maximum)
 BINARY(minimum)
+BINARY(silu_mul)
 
 // ----- comparisons ---------------------------------------------------------------------------------
 

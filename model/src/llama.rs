@@ -409,9 +409,9 @@ impl Llama {
                         Some(MlpAdapters::Lora(l)) => l[j].as_ref(),
                         _ => None,
                     };
-                    let gate = lora_linear(&hn, ffn.gate, lora(0), seed(4))?.silu()?;
+                    let gate = lora_linear(&hn, ffn.gate, lora(0), seed(4))?;
                     let up = lora_linear(&hn, ffn.up, lora(1), seed(5))?;
-                    lora_linear(&gate.mul(&up)?, ffn.down, lora(2), seed(6))?
+                    lora_linear(&gate.silu_mul(&up)?, ffn.down, lora(2), seed(6))?
                 }
             };
             x = x.add(&y)?;

@@ -267,6 +267,7 @@ mod gpu {
                     BinaryOp::Div,
                     BinaryOp::Maximum,
                     BinaryOp::Minimum,
+                    BinaryOp::SiluMul,
                 ] {
                     // [4, r, k] op [k] broadcast.
                     c.case(&format!("binary {op:?} [4,{r},{k}] by [{k}]"), dt, |dev| {

@@ -60,6 +60,12 @@ fn grad_binary_broadcast() {
     check_gradients("div", &[a.clone(), pos.clone()], |x| x[0].div(&x[1]));
     check_gradients("maximum", &[a.clone(), b.clone()], |x| x[0].maximum(&x[1]));
     check_gradients("minimum", &[a.clone(), b.clone()], |x| x[0].minimum(&x[1]));
+    check_gradients("silu_mul", &[a.clone(), b.clone()], |x| {
+        x[0].silu_mul(&x[1])
+    });
+    check_gradients("silu_mul_rev", &[b.clone(), a.clone()], |x| {
+        x[0].silu_mul(&x[1])
+    });
     // Non-contiguous operands: a transposed view times a broadcast row.
     check_gradients(
         "mul_transposed",

@@ -237,3 +237,15 @@ fn typed_errors_on_bad_input() {
     let msg = a.matmul(&b).unwrap_err().to_string();
     assert!(msg.contains("[2, 3]") && msg.contains("[4, 5]"), "{msg}");
 }
+
+#[test]
+fn fused_silu_mul_equals_silu_then_mul() {
+    let (g, u) = (randn(&[7, 33], 15), randn(&[7, 33], 16));
+    for dt in [DType::F64, DType::F32, DType::BF16] {
+        let (g, u) = (g.to_dtype(dt).unwrap(), u.to_dtype(dt).unwrap());
+        let fused = g.silu_mul(&u).unwrap().to_vec_f64().unwrap();
+        let composite = g.silu().unwrap().mul(&u).unwrap().to_vec_f64().unwrap();
+        let tol = if dt == DType::BF16 { 1e-2 } else { 1e-6 };
+        assert!(rel_err(&fused, &composite) < tol, "{dt}");
+    }
+}

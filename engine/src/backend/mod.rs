@@ -48,6 +48,8 @@ pub enum BinaryOp {
     Div,
     Maximum,
     Minimum,
+    /// `silu(a) · b`: the SwiGLU gate in one pass.
+    SiluMul,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

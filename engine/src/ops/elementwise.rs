@@ -250,6 +250,25 @@ impl Tensor {
             Ok(vec![da, db])
         })
     }
+    /// `silu(self) · rhs` (the SwiGLU gate) in one pass, broadcasting. With `s = σ(a)`:
+    /// `da = g · b · s · (1 + a · (1 − s))`, `db = g · silu(a)`.
+    pub fn silu_mul(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary_recorded(rhs, BinaryOp::SiluMul, "silu_mul", |x, _, g| {
+            let da = x[0]
+                .tracks_grad()
+                .then(|| {
+                    let s = x[0].sigmoid()?;
+                    let ds = s.mul(&x[0].mul(&s.affine(-1.0, 1.0)?)?.affine(1.0, 1.0)?)?;
+                    g.mul(&x[1])?.mul(&ds)?.sum_to_shape(x[0].shape())
+                })
+                .transpose()?;
+            let db = x[1]
+                .tracks_grad()
+                .then(|| g.mul(&x[0].silu()?)?.sum_to_shape(x[1].shape()))
+                .transpose()?;
+            Ok(vec![da, db])
+        })
+    }
     /// Elementwise max; on ties the gradient goes to `self`.
     pub fn maximum(&self, rhs: &Tensor) -> Result<Tensor> {
         self.binary_recorded(rhs, BinaryOp::Maximum, "maximum", |x, _, g| {

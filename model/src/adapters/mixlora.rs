@@ -58,7 +58,7 @@ impl ExpertLora {
         let seed = |j: u64| dropout_seed.map(|s| rng::hash(s, j));
         let g = lora_linear(x, w.gate, self.gate.as_ref(), seed(0))?; // [n, I]
         let u = lora_linear(x, w.up, self.up.as_ref(), seed(1))?; // [n, I]
-        let a = g.silu()?.mul(&u)?; // [n, I]
+        let a = g.silu_mul(&u)?; // [n, I]
         lora_linear(&a, w.down, self.down.as_ref(), seed(2)) // [n, H]
     }
 }

@@ -130,6 +130,7 @@ where
         BinaryOp::Div => go!(|x: O, y: O| x / y),
         BinaryOp::Maximum => go!(|x: O, y: O| x.max(y)),
         BinaryOp::Minimum => go!(|x: O, y: O| x.min(y)),
+        BinaryOp::SiluMul => go!(|x: O, y: O| x / (O::one() + (-x).exp()) * y),
     }
 }
 

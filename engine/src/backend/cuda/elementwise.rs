@@ -208,6 +208,7 @@ pub(crate) fn binary(
         BinaryOp::Div => "div",
         BinaryOp::Maximum => "maximum",
         BinaryOp::Minimum => "minimum",
+        BinaryOp::SiluMul => "silu_mul",
     };
     let (n32, x, z, y) = (to_u32("binary", n)?, a.ptr(), b.ptr(), out.ptr());
     let name = format!("{base}_{}", a.dtype);
