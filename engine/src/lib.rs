@@ -13,7 +13,7 @@ mod shape;
 mod storage;
 mod tensor;
 
-pub use autograd::{grad_enabled, no_grad, NoGradGuard};
+pub use autograd::{backward_many, checkpoint, grad_enabled, no_grad, CheckpointFn, NoGradGuard};
 pub use device::Device;
 pub use dtype::{DType, WithDType};
 pub use error::{Error, Result};

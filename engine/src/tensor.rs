@@ -297,6 +297,10 @@ impl Tensor {
             true,
         ))
     }
+    /// A trainable leaf over the same buffer and view (no copy), without this tensor's history.
+    pub(crate) fn detach_as_leaf(&self) -> Self {
+        Self::from_parts(self.0.storage.clone(), self.layout().clone(), None, true)
+    }
     pub fn is_variable(&self) -> bool {
         self.0.variable
     }

@@ -6,15 +6,20 @@
 //! (LoRA on q, k, v, o and a mixture of LoRA experts in place of each FFN). Every forward pass
 //! uses them; [`Llama::forward_train`] also applies their dropout and returns the router loss.
 
+use std::sync::Arc;
+
 use engine::{cat, causal_attention, rng, rope_tables, DType, Device, Tensor};
 
 use crate::adapters::router::{aux_loss, expert_load, token_weights, RouterOutput};
-use crate::adapters::{lora_linear, AdapterConfig, Adapters, MlpAdapters, MoeImpl, SharedFfn};
+use crate::adapters::{
+    lora_linear, AdapterConfig, Adapters, LayerAdapters, MlpAdapters, MoeImpl, SharedFfn,
+};
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::weights::Weights;
 
 /// One decoder layer's frozen weights. Projections are stored `[out, in]` as in the files.
+#[derive(Clone)]
 pub struct DecoderLayer {
     pub input_layernorm: Tensor,          // [H]
     pub q_proj: Tensor,                   // [Hq·D, H]
@@ -38,6 +43,9 @@ pub struct Llama {
     inv_freq: Tensor,
     /// Attached LoRA / MixLoRA adapters.
     adapters: Option<Adapters>,
+    /// Gradient checkpointing: in a training forward, keep only each decoder layer's input and
+    /// outputs and recompute the layer in the backward pass.
+    checkpoint_layers: bool,
 }
 
 /// Scales of [`Llama::random_with`].
@@ -188,6 +196,7 @@ impl Llama {
             inv_freq,
             config,
             adapters: None,
+            checkpoint_layers: false,
         })
     }
 
@@ -246,6 +255,7 @@ impl Llama {
             inv_freq,
             config,
             adapters: None,
+            checkpoint_layers: false,
         })
     }
 
@@ -279,6 +289,16 @@ impl Llama {
 
     pub fn adapter_config(&self) -> Option<&AdapterConfig> {
         self.adapters.as_ref().map(|a| &a.config)
+    }
+
+    /// Gradient checkpointing per decoder layer for forwards that record a tape: less activation
+    /// memory (one `[B, T, H]` tensor per layer is kept), one more forward of every layer in the
+    /// backward pass. Values and gradients are unchanged.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.checkpoint_layers = on;
+    }
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.checkpoint_layers
     }
 
     /// Chooses how MoE FFNs are computed (no-op without MixLoRA adapters).
@@ -349,72 +369,62 @@ impl Llama {
     ) -> Result<(Tensor, Vec<RouterOutput>)> {
         let c = &self.config;
         let (b, t) = batch_dims(ids)?;
-        let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let (cos, sin) = rope_tables(positions, &self.inv_freq)?; // [B, T, D/2]
         let past = cache.as_ref().map_or(0, |c| c.len());
         if let Some(cache) = cache.as_deref_mut() {
             cache.layers.resize_with(self.layers.len(), || None);
         }
         let mut routing = Vec::new();
+        let moe_impl = self
+            .adapters
+            .as_ref()
+            .map_or(MoeImpl::default(), |a| a.moe_impl);
+        let ctx = LayerCtx {
+            config: c.clone(),
+            batch: (b, t),
+            cos,
+            sin,
+            key_mask: key_mask.cloned(),
+            past,
+            dropout_seed: pass.dropout_seed,
+            moe_impl,
+        };
         let mut x = self.embed_tokens.embedding(ids)?; // [B, T, H]
         for (li, layer) in self.layers.iter().enumerate() {
             let ad = self.adapters.as_ref().map(|a| &a.layers[li]);
-            let seed = |slot| sub_seed(pass.dropout_seed, li, slot);
-            let attn_lora = |j: usize| ad.and_then(|a| a.attn[j].as_ref());
-            // Attention block.
-            let hn = x.rms_norm(&layer.input_layernorm, c.rms_norm_eps)?;
-            let heads = |w: &Tensor, j: usize, n: usize| -> Result<Tensor> {
-                // [B, T, n·D] -> [B, n, T, D] (a view)
-                Ok(lora_linear(&hn, w, attn_lora(j), seed(j))?
-                    .reshape([b, t, n, d])?
-                    .transpose(1, 2)?)
-            };
-            let q = heads(&layer.q_proj, 0, nh)?.rope(&cos, &sin)?;
-            let mut k = heads(&layer.k_proj, 1, nkv)?.rope(&cos, &sin)?;
-            let mut v = heads(&layer.v_proj, 2, nkv)?;
-            if let Some(cache) = cache.as_deref_mut() {
-                if let Some((pk, pv)) = &cache.layers[li] {
-                    k = cat(&[pk, &k], 2)?;
-                    v = cat(&[pv, &v], 2)?;
-                } else {
-                    k = k.contiguous()?;
-                    v = v.contiguous()?;
-                }
-                cache.layers[li] = Some((k.clone(), v.clone()));
-            }
-            let attn = causal_attention(&q, &k, &v, key_mask, past)?; // [B, Hq, T, D]
-            let attn = attn.transpose(1, 2)?.reshape([b, t, nh * d])?;
-            x = x.add(&lora_linear(&attn, &layer.o_proj, attn_lora(3), seed(3))?)?;
-            // SwiGLU block, or the mixture of LoRA experts.
-            let hn = x.rms_norm(&layer.post_attention_layernorm, c.rms_norm_eps)?; // [B, T, H]
-            let ffn = SharedFfn {
-                gate: &layer.gate_proj,
-                up: &layer.up_proj,
-                down: &layer.down_proj,
-            };
-            let y = match ad.map(|a| &a.mlp) {
-                Some(MlpAdapters::MixLora(moe)) => {
-                    let imp = self
-                        .adapters
-                        .as_ref()
-                        .map_or(MoeImpl::default(), |a| a.moe_impl);
-                    let (y, route) = moe.forward(&hn, ffn, imp, seed(4))?;
-                    if pass.collect_routing {
-                        routing.push(route);
+            let route;
+            if self.checkpoint_layers && cache.is_none() && engine::grad_enabled() {
+                // Keep only the layer's input and outputs; recompute the rest in the backward.
+                let (layer_c, ad_c, ctx_c) = (layer.clone(), ad.cloned(), ctx.clone());
+                let block: Arc<engine::CheckpointFn> = Arc::new(move |ins: &[Tensor]| {
+                    let (y, r) = decoder_layer(&ctx_c, li, &layer_c, ad_c.as_ref(), &ins[0], None)
+                        .map_err(into_engine_error)?;
+                    let mut outs = vec![y];
+                    if let Some(r) = r {
+                        outs.extend([r.probs, r.mask, r.weights]);
                     }
-                    y
-                }
-                mlp => {
-                    let lora = |j: usize| match mlp {
-                        Some(MlpAdapters::Lora(l)) => l[j].as_ref(),
-                        _ => None,
-                    };
-                    let gate = lora_linear(&hn, ffn.gate, lora(0), seed(4))?;
-                    let up = lora_linear(&hn, ffn.up, lora(1), seed(5))?;
-                    lora_linear(&gate.silu_mul(&up)?, ffn.down, lora(2), seed(6))?
-                }
-            };
-            x = x.add(&y)?;
+                    Ok(outs)
+                });
+                let params = ad.map_or_else(Vec::new, LayerAdapters::params);
+                let mut outs = engine::checkpoint(std::slice::from_ref(&x), &params, block)?;
+                route = (outs.len() == 4).then(|| {
+                    let weights = outs.pop().expect("4 outputs");
+                    let mask = outs.pop().expect("4 outputs").detach();
+                    let probs = outs.pop().expect("4 outputs");
+                    RouterOutput {
+                        probs,
+                        mask,
+                        weights,
+                    }
+                });
+                x = outs.swap_remove(0);
+            } else {
+                let slot = cache.as_deref_mut().map(|c| &mut c.layers[li]);
+                (x, route) = decoder_layer(&ctx, li, layer, ad, &x, slot)?;
+            }
+            if let (Some(r), true) = (route, pass.collect_routing) {
+                routing.push(r);
+            }
         }
         Ok((x.rms_norm(&self.norm, c.rms_norm_eps)?, routing))
     }
@@ -474,6 +484,95 @@ impl Llama {
             aux_loss,
             expert_load,
         })
+    }
+}
+
+/// What every decoder layer of one forward pass shares (cheap to clone: tensors share buffers).
+#[derive(Clone)]
+struct LayerCtx {
+    config: LlamaConfig,
+    /// `(B, T)` of the new tokens.
+    batch: (usize, usize),
+    cos: Tensor,              // [B, T, D/2]
+    sin: Tensor,              // [B, T, D/2]
+    key_mask: Option<Tensor>, // [B, S] u32
+    /// Cached positions before the new tokens.
+    past: usize,
+    dropout_seed: Option<u64>,
+    moe_impl: MoeImpl,
+}
+
+/// One decoder layer on `x` `[B, T, H]`: attention block and residual, then the SwiGLU (with its
+/// LoRA) or the MixLoRA mixture and residual. With a cache slot, the layer's new keys and values
+/// are appended to it. Returns the new hidden state and, for a MoE layer, the router's output.
+fn decoder_layer(
+    ctx: &LayerCtx,
+    li: usize,
+    layer: &DecoderLayer,
+    ad: Option<&LayerAdapters>,
+    x: &Tensor,
+    cache: Option<&mut Option<(Tensor, Tensor)>>,
+) -> Result<(Tensor, Option<RouterOutput>)> {
+    let c = &ctx.config;
+    let (b, t) = ctx.batch;
+    let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    let seed = |slot| sub_seed(ctx.dropout_seed, li, slot);
+    let attn_lora = |j: usize| ad.and_then(|a| a.attn[j].as_ref());
+    // Attention block.
+    let hn = x.rms_norm(&layer.input_layernorm, c.rms_norm_eps)?;
+    let heads = |w: &Tensor, j: usize, n: usize| -> Result<Tensor> {
+        // [B, T, n·D] -> [B, n, T, D] (a view)
+        Ok(lora_linear(&hn, w, attn_lora(j), seed(j))?
+            .reshape([b, t, n, d])?
+            .transpose(1, 2)?)
+    };
+    let q = heads(&layer.q_proj, 0, nh)?.rope(&ctx.cos, &ctx.sin)?;
+    let mut k = heads(&layer.k_proj, 1, nkv)?.rope(&ctx.cos, &ctx.sin)?;
+    let mut v = heads(&layer.v_proj, 2, nkv)?;
+    if let Some(slot) = cache {
+        if let Some((pk, pv)) = slot {
+            k = cat(&[pk, &k], 2)?;
+            v = cat(&[pv, &v], 2)?;
+        } else {
+            k = k.contiguous()?;
+            v = v.contiguous()?;
+        }
+        *slot = Some((k.clone(), v.clone()));
+    }
+    let attn = causal_attention(&q, &k, &v, ctx.key_mask.as_ref(), ctx.past)?; // [B, Hq, T, D]
+    let attn = attn.transpose(1, 2)?.reshape([b, t, nh * d])?;
+    let x = x.add(&lora_linear(&attn, &layer.o_proj, attn_lora(3), seed(3))?)?;
+    // SwiGLU block, or the mixture of LoRA experts.
+    let hn = x.rms_norm(&layer.post_attention_layernorm, c.rms_norm_eps)?; // [B, T, H]
+    let ffn = SharedFfn {
+        gate: &layer.gate_proj,
+        up: &layer.up_proj,
+        down: &layer.down_proj,
+    };
+    let (y, route) = match ad.map(|a| &a.mlp) {
+        Some(MlpAdapters::MixLora(moe)) => {
+            let (y, route) = moe.forward(&hn, ffn, ctx.moe_impl, seed(4))?;
+            (y, Some(route))
+        }
+        mlp => {
+            let lora = |j: usize| match mlp {
+                Some(MlpAdapters::Lora(l)) => l[j].as_ref(),
+                _ => None,
+            };
+            let gate = lora_linear(&hn, ffn.gate, lora(0), seed(4))?;
+            let up = lora_linear(&hn, ffn.up, lora(1), seed(5))?;
+            let y = lora_linear(&gate.silu_mul(&up)?, ffn.down, lora(2), seed(6))?;
+            (y, None)
+        }
+    };
+    Ok((x.add(&y)?, route))
+}
+
+/// A model error raised inside an engine callback (a checkpointed layer), as an engine error.
+fn into_engine_error(e: Error) -> engine::Error {
+    match e {
+        Error::Engine(e) => e,
+        other => engine::Error::invalid("decoder_layer", other.to_string()),
     }
 }
 

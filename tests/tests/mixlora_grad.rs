@@ -500,3 +500,56 @@ fn frozen_base_gets_no_gradient_and_every_adapter_does() {
         assert_eq!(t.dtype(), DType::F64);
     }
 }
+
+/// Loss (CE + aux) and every adapter gradient of one training forward/backward of `model`.
+fn loss_and_grads(model: &Llama, dropout_seed: Option<u64>) -> (f64, Vec<(String, Vec<f64>)>) {
+    let params = model.trainable_params();
+    params.iter().for_each(|(_, p)| p.zero_grad());
+    let tokens = ids(&[3, 7, 1, 9, 4, 2, 8, 5, 0, 0], &[2, 5]);
+    let mask = ids(&[1, 1, 1, 1, 1, 1, 1, 1, 0, 0], &[2, 5]);
+    let m = IGNORE_INDEX;
+    let targets = ids(&[7, 1, 9, 4, 10, 8, 5, m, m, m], &[10]);
+    let out = model
+        .forward_train(&tokens, Some(&mask), dropout_seed)
+        .unwrap();
+    let ce = out
+        .logits
+        .reshape([10, 11])
+        .unwrap()
+        .cross_entropy(&targets, IGNORE_INDEX)
+        .unwrap();
+    let loss = ce
+        .add(&out.aux_loss.unwrap().affine(100.0, 0.0).unwrap())
+        .unwrap();
+    loss.backward().unwrap();
+    let grads = params
+        .iter()
+        .map(|(n, p)| {
+            let g = p.grad().unwrap_or_else(|| panic!("{n} has no gradient"));
+            (n.clone(), g.to_vec_f64().unwrap())
+        })
+        .collect();
+    (loss.to_scalar().unwrap(), grads)
+}
+
+#[test]
+fn gradient_checkpointing_keeps_loss_and_every_gradient() {
+    for strategy in [RoutingStrategy::TopK, RoutingStrategy::TopP] {
+        for seed in [None, Some(17)] {
+            let mut model = tiny_mixlora(strategy);
+            let (l_ref, g_ref) = loss_and_grads(&model, seed);
+            model.set_gradient_checkpointing(true);
+            assert!(model.gradient_checkpointing());
+            let (l_ck, g_ck) = loss_and_grads(&model, seed);
+            assert!(
+                (l_ref - l_ck).abs() <= 1e-12 * l_ref.abs(),
+                "{l_ref} vs {l_ck}"
+            );
+            assert_eq!(g_ref.len(), g_ck.len());
+            for ((n, a), (_, b)) in g_ref.iter().zip(&g_ck) {
+                let e = testutil::rel_err(b, a);
+                assert!(e <= 1e-12, "{strategy:?} seed {seed:?}: {n}: rel err {e}");
+            }
+        }
+    }
+}

@@ -118,6 +118,8 @@ pub struct TrainConfig {
     pub dtype: DTypeName,
     /// Continue from the newest complete checkpoint in `out_dir`.
     pub resume: bool,
+    /// Recompute each decoder layer in the backward pass instead of keeping its activations.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -161,6 +163,7 @@ impl Default for TrainConfig {
             device: "cpu".into(),
             dtype: DTypeName::F32,
             resume: false,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -442,6 +445,9 @@ pub struct TrainArgs {
     /// Continue from the newest complete checkpoint in the output folder.
     #[arg(long)]
     pub resume: bool,
+    /// Recompute each decoder layer in the backward pass (less memory, one more forward).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
 }
 
 impl TrainArgs {
@@ -516,6 +522,7 @@ impl TrainArgs {
             c.warmup_steps = None;
         }
         c.resume |= self.resume;
+        c.gradient_checkpointing |= self.gradient_checkpointing;
         c.validate()?;
         Ok(c)
     }

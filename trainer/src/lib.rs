@@ -2,6 +2,7 @@
 //! AdamW and learning-rate schedules, checkpoints with resume, metrics and progress, multiple-choice
 //! evaluation, and the synthetic tasks of the embedded default job.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

@@ -31,6 +31,16 @@ enum Command {
     Eval(trainer::config::EvalArgs),
     /// Continue a prompt with a base model (GGUF file or Hugging Face folder).
     Generate(generate_cmd::GenerateArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// The MixLoRA paper's Table 6: forward and backward µs/token, tokens/s and peak memory of
+    /// LoRA and MixLoRA training steps on a LLaMA-2-7B-shaped model with random bf16 weights.
+    Table6(trainer::bench::Table6Args),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +48,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Generate(args)) => generate_cmd::run(args),
         Some(Command::Train(args)) => train(*args),
+        Some(Command::Bench(BenchCommand::Table6(args))) => table6(&args),
         Some(Command::Eval(args)) => trainer::run::eval(&args)
             .map(|r| println!("{}", r.to_json_pretty()))
             .map_err(Into::into),
@@ -72,5 +83,16 @@ fn train(args: trainer::config::TrainArgs) -> Result<(), Box<dyn std::error::Err
     if let Some(r) = &summary.eval {
         println!("{}", r.to_json_pretty());
     }
+    Ok(())
+}
+
+fn table6(args: &trainer::bench::Table6Args) -> Result<(), Box<dyn std::error::Error>> {
+    let results = trainer::bench::table6(args, |line| eprintln!("{line}"))?;
+    let json = trainer::bench::table6_json(args, &results)?;
+    if let Some(path) = &args.json {
+        std::fs::write(path, format!("{json}\n"))
+            .map_err(|e| format!("{}: cannot write the report: {e}", path.display()))?;
+    }
+    print!("{}", trainer::bench::table6_markdown(&results));
     Ok(())
 }

@@ -7,6 +7,10 @@
 //! get a node or a gradient buffer. Backward rules are written with tensor ops, so every
 //! backend runs them; only fused ops bring a hand-written backward kernel.
 
+mod checkpoint;
+
+pub use checkpoint::{checkpoint, CheckpointFn};
+
 use std::cell::Cell;
 use std::collections::HashMap;
 
@@ -97,11 +101,12 @@ impl Node {
 }
 
 /// Tensors reachable from `root` through recorded nodes, each after everything it depends on.
-fn topological_order(root: &Tensor) -> Vec<Tensor> {
+fn topological_order<'a>(roots: impl IntoIterator<Item = &'a Tensor>) -> Vec<Tensor> {
     let mut order = Vec::new();
     let mut seen = std::collections::HashSet::new();
     // Iterative post-order DFS: (tensor, children_pushed).
-    let mut stack = vec![(root.clone(), false)];
+    let mut stack: Vec<(Tensor, bool)> = roots.into_iter().map(|r| (r.clone(), false)).collect();
+    stack.reverse();
     while let Some((t, expanded)) = stack.pop() {
         if expanded {
             order.push(t);
@@ -131,66 +136,82 @@ impl Tensor {
 
     /// Back-propagates `grad` (same shape as `self`), adding into every reachable variable's grad.
     pub fn backward_with_grad(&self, grad: &Tensor) -> Result<()> {
-        if grad.shape() != self.shape() {
-            return Err(Error::Backward {
-                msg: format!(
-                    "seed gradient of shape {} for a tensor of shape {}",
-                    grad.shape(),
-                    self.shape()
-                ),
-            });
-        }
         if !self.tracks_grad() {
             return Err(Error::Backward {
                 msg: "the tensor does not depend on any variable (was it computed under no_grad?)"
                     .into(),
             });
         }
-        let _guard = NoGradGuard::new();
-        let order = topological_order(self);
-        let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
-        grads.insert(self.id(), grad.detach());
-        for t in order.iter().rev() {
-            let Some(g) = grads.remove(&t.id()) else {
+        backward_many(&[(self.clone(), grad.clone())])
+    }
+}
+
+/// Back-propagates several roots at once, each with its gradient (same shape as the root), in one
+/// walk of the tape: a tensor reached from several roots gets the sum of their contributions
+/// before its own rule runs. Roots that track no gradient are ignored.
+pub fn backward_many(roots: &[(Tensor, Tensor)]) -> Result<()> {
+    for (root, grad) in roots {
+        if grad.shape() != root.shape() {
+            return Err(Error::Backward {
+                msg: format!(
+                    "seed gradient of shape {} for a tensor of shape {}",
+                    grad.shape(),
+                    root.shape()
+                ),
+            });
+        }
+    }
+    let roots: Vec<&(Tensor, Tensor)> = roots.iter().filter(|(r, _)| r.tracks_grad()).collect();
+    let _guard = NoGradGuard::new();
+    let order = topological_order(roots.iter().map(|(r, _)| r));
+    let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
+    for (root, grad) in roots {
+        let acc = match grads.remove(&root.id()) {
+            Some(prev) => prev.add(grad)?,
+            None => grad.detach(),
+        };
+        grads.insert(root.id(), acc);
+    }
+    for t in order.iter().rev() {
+        let Some(g) = grads.remove(&t.id()) else {
+            continue;
+        };
+        if t.is_variable() {
+            t.accumulate_grad(&g)?;
+        }
+        let Some(node) = t.node() else { continue };
+        let input_grads = (node.rule)(node.inputs(), t, &g)?;
+        if input_grads.len() != node.inputs().len() {
+            return Err(Error::Backward {
+                msg: format!(
+                    "{}: rule returned {} gradients for {} inputs",
+                    node.name(),
+                    input_grads.len(),
+                    node.inputs().len()
+                ),
+            });
+        }
+        for (inp, ig) in node.inputs().iter().zip(input_grads) {
+            let Some(ig) = ig else { continue };
+            if !inp.tracks_grad() {
                 continue;
-            };
-            if t.is_variable() {
-                t.accumulate_grad(&g)?;
             }
-            let Some(node) = t.node() else { continue };
-            let input_grads = (node.rule)(node.inputs(), t, &g)?;
-            if input_grads.len() != node.inputs().len() {
+            if ig.shape() != inp.shape() {
                 return Err(Error::Backward {
                     msg: format!(
-                        "{}: rule returned {} gradients for {} inputs",
+                        "{}: gradient of shape {} for an input of shape {}",
                         node.name(),
-                        input_grads.len(),
-                        node.inputs().len()
+                        ig.shape(),
+                        inp.shape()
                     ),
                 });
             }
-            for (inp, ig) in node.inputs().iter().zip(input_grads) {
-                let Some(ig) = ig else { continue };
-                if !inp.tracks_grad() {
-                    continue;
-                }
-                if ig.shape() != inp.shape() {
-                    return Err(Error::Backward {
-                        msg: format!(
-                            "{}: gradient of shape {} for an input of shape {}",
-                            node.name(),
-                            ig.shape(),
-                            inp.shape()
-                        ),
-                    });
-                }
-                let acc = match grads.remove(&inp.id()) {
-                    Some(prev) => prev.add(&ig)?,
-                    None => ig,
-                };
-                grads.insert(inp.id(), acc);
-            }
+            let acc = match grads.remove(&inp.id()) {
+                Some(prev) => prev.add(&ig)?,
+                None => ig,
+            };
+            grads.insert(inp.id(), acc);
         }
-        Ok(())
     }
+    Ok(())
 }

@@ -45,6 +45,29 @@ pub struct LayerAdapters {
     pub mlp: MlpAdapters,
 }
 
+impl LayerAdapters {
+    /// The layer's trainable tensors (LoRA A and B, router weights), in no particular order.
+    pub fn params(&self) -> Vec<Tensor> {
+        let loras = |l: &[Option<LoraLinear>]| -> Vec<Tensor> {
+            l.iter()
+                .flatten()
+                .flat_map(|l| [l.a.clone(), l.b.clone()])
+                .collect()
+        };
+        let mut out = loras(&self.attn);
+        match &self.mlp {
+            MlpAdapters::Lora(ffn) => out.extend(loras(ffn)),
+            MlpAdapters::MixLora(moe) => {
+                out.push(moe.router.weight.clone());
+                for e in &moe.experts {
+                    out.extend(loras(&[e.gate.clone(), e.up.clone(), e.down.clone()]));
+                }
+            }
+        }
+        out
+    }
+}
+
 /// The adapters attached to a model.
 #[derive(Clone, Debug)]
 pub struct Adapters {

@@ -135,6 +135,10 @@ impl CudaDevice {
     pub fn device(&self) -> Device {
         Device::Cuda(self.0.ordinal)
     }
+    /// The GPU's product name, e.g. `NVIDIA H200` (empty when the driver does not say).
+    pub fn name(&self) -> String {
+        self.0.ctx.name().unwrap_or_default()
+    }
     /// The NVRTC target of this GPU, e.g. `sm_90`.
     pub fn arch(&self) -> &str {
         &self.0.arch

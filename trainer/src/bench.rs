@@ -1,0 +1,348 @@
+//! `mixlora bench table6`: the MixLoRA paper's Table 6 (training cost per token) on this engine.
+//!
+//! A LLaMA-2-7B-shaped model (32 layers, H = 4096, I = 11008, 32 heads, vocabulary 32000) with
+//! random bf16 weights (the cost does not depend on the values), a batch of random tokens
+//! (8 × 512 by default, every position a target), and for each adapter variant: the forward
+//! (model + loss) and the backward, each timed from a synchronised device to a synchronised
+//! device; `warmup` steps first, then the median of `steps` steps. Reported per variant:
+//! forward and backward µs per token, tokens/s of forward + backward, and the peak of the
+//! engine allocator over the timed steps (weights, activations and gradients: GiB).
+//!
+//! Variants: LoRA r = 16 on all seven projections; MixLoRA (E = 8, top-2, r = 16: LoRA on q, k,
+//! v, o and experts on the FFN) with each MoE implementation.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use engine::{DType, Device, Tensor, IGNORE_INDEX};
+use model::adapters::MoeImpl;
+use model::{AdapterConfig, Llama, LlamaConfig};
+
+use crate::error::{Error, Result};
+
+/// A model shape for the benchmark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchShape {
+    /// LLaMA-2-7B: 32 layers, H 4096, I 11008, 32 heads, vocabulary 32000.
+    Llama2_7b,
+    /// A 2-layer model with the same proportions at H = 64 (to try the command on a CPU).
+    Tiny,
+}
+
+/// What is trained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchVariant {
+    /// LoRA r = 16 on all seven projections.
+    Lora,
+    /// MixLoRA with the per-expert loop.
+    MixloraNaive,
+}
+
+impl BenchVariant {
+    /// The key of the variant in the JSON report.
+    fn key(self) -> &'static str {
+        match self {
+            BenchVariant::Lora => "lora",
+            BenchVariant::MixloraNaive => "mixlora_naive",
+        }
+    }
+    fn adapter(self) -> (AdapterConfig, Option<MoeImpl>) {
+        match self {
+            BenchVariant::Lora => (AdapterConfig::lora_default(), None),
+            BenchVariant::MixloraNaive => (AdapterConfig::mixlora_default(), Some(MoeImpl::Naive)),
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Table6Args {
+    /// `cuda`, `cuda:N` or `cpu`.
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    #[arg(long, value_enum, default_value = "llama2-7b")]
+    pub shape: BenchShape,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 512)]
+    pub seq: usize,
+    /// Override the number of decoder layers of the shape.
+    #[arg(long)]
+    pub layers: Option<usize>,
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Variants to run, comma-separated (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub variants: Vec<BenchVariant>,
+    /// Recompute each decoder layer in the backward pass.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// One variant's measurements.
+#[derive(Clone, Debug)]
+pub struct VariantResult {
+    pub variant: BenchVariant,
+    pub fwd_us_per_token: f64,
+    pub bwd_us_per_token: f64,
+    pub tokens_per_s: f64,
+    /// `None` on the CPU.
+    pub peak_gib: Option<f64>,
+    /// The loss of the last step (a sanity check: finite).
+    pub loss: f64,
+}
+
+pub fn shape_config(shape: BenchShape, layers: Option<usize>) -> LlamaConfig {
+    let mut c = match shape {
+        BenchShape::Llama2_7b => LlamaConfig {
+            vocab_size: 32000,
+            hidden_size: 4096,
+            intermediate_size: 11008,
+            num_hidden_layers: 32,
+            num_attention_heads: 32,
+            num_key_value_heads: 32,
+            head_dim: 128,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            max_position_embeddings: 4096,
+            tie_word_embeddings: false,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+        },
+        BenchShape::Tiny => LlamaConfig {
+            vocab_size: 500,
+            hidden_size: 64,
+            intermediate_size: 172,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 4,
+            head_dim: 16,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            max_position_embeddings: 4096,
+            tie_word_embeddings: false,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+        },
+    };
+    if let Some(l) = layers {
+        c.num_hidden_layers = l;
+    }
+    c
+}
+
+fn synchronize(device: Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    engine::backend::cuda::synchronize(device)?;
+    let _ = device;
+    Ok(())
+}
+
+/// Peak bytes of the engine allocator on `device` since the last reset (`None` on the CPU,
+/// whose allocations the engine does not count).
+fn peak_bytes(device: Device) -> Option<usize> {
+    if device == Device::Cpu {
+        return None;
+    }
+    #[cfg(feature = "cuda")]
+    return Some(engine::backend::cuda::memory_stats(device).1);
+    #[cfg(not(feature = "cuda"))]
+    None
+}
+
+fn reset_peak(device: Device) {
+    #[cfg(feature = "cuda")]
+    engine::backend::cuda::reset_peak_memory(device);
+    let _ = device;
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Random token ids `[B, T]` and their next-token targets `[B·T]` (the last position of each
+/// sequence predicts a random token too: every position is a target).
+fn random_batch(b: usize, t: usize, vocab: usize, device: Device) -> Result<(Tensor, Tensor)> {
+    let n = b * t;
+    let ids: Vec<u32> = (0..n as u64)
+        .map(|i| (engine::rng::uniform(7, i) * vocab as f64) as u32 % vocab as u32)
+        .collect();
+    let targets: Vec<u32> = (0..n)
+        .map(|i| {
+            if (i + 1) % t == 0 {
+                (engine::rng::uniform(8, i as u64) * vocab as f64) as u32 % vocab as u32
+            } else {
+                ids[i + 1]
+            }
+        })
+        .collect();
+    Ok((
+        Tensor::from_vec(ids, [b, t], device)?,
+        Tensor::from_vec(targets, n, device)?,
+    ))
+}
+
+/// Runs the benchmark; `log` receives progress lines.
+pub fn table6(a: &Table6Args, mut log: impl FnMut(&str)) -> Result<Vec<VariantResult>> {
+    let device = Device::parse(&a.device)?;
+    if a.steps == 0 || a.batch == 0 || a.seq == 0 {
+        return Err(Error::Config(
+            "bench table6: --steps, --batch and --seq must be positive".into(),
+        ));
+    }
+    let cfg = shape_config(a.shape, a.layers);
+    let (b, t) = (a.batch, a.seq);
+    log(&format!(
+        "building a random {:?} model ({} layers, H {}, I {}) in bf16 on {device}",
+        a.shape, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
+    ));
+    let mut model = Llama::random(cfg.clone(), 1, DType::BF16, device)?;
+    model.set_gradient_checkpointing(a.gradient_checkpointing);
+    let (ids, targets) = random_batch(b, t, cfg.vocab_size, device)?;
+    let mask = Tensor::ones([b, t], DType::U32, device)?;
+    let variants = if a.variants.is_empty() {
+        vec![BenchVariant::Lora, BenchVariant::MixloraNaive]
+    } else {
+        a.variants.clone()
+    };
+    let tokens = (b * t) as f64;
+    let mut results = Vec::new();
+    for v in variants {
+        let (acfg, imp) = v.adapter();
+        model.add_adapters(&acfg, 2)?;
+        if let Some(imp) = imp {
+            model.set_moe_impl(imp);
+        }
+        let params = model.trainable_params();
+        let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
+        let mut loss_v = f64::NAN;
+        for step in 0..a.warmup + a.steps {
+            if step == a.warmup {
+                synchronize(device)?;
+                reset_peak(device);
+            }
+            params.iter().for_each(|(_, p)| p.zero_grad());
+            synchronize(device)?;
+            let t0 = Instant::now();
+            let out = model.forward_train(&ids, Some(&mask), Some(step as u64))?;
+            let vocab = out.logits.dim(-1)?;
+            let mut loss = out
+                .logits
+                .reshape([b * t, vocab])?
+                .cross_entropy(&targets, IGNORE_INDEX)?;
+            if let Some(aux) = &out.aux_loss {
+                loss = loss.add(&aux.to_dtype(loss.dtype())?)?;
+            }
+            drop(out);
+            synchronize(device)?;
+            let t1 = Instant::now();
+            loss.backward()?;
+            synchronize(device)?;
+            let t2 = Instant::now();
+            if step >= a.warmup {
+                fwd.push((t1 - t0).as_secs_f64());
+                bwd.push((t2 - t1).as_secs_f64());
+            }
+            loss_v = loss.to_scalar()?;
+        }
+        let (f, bw) = (median(fwd), median(bwd));
+        let r = VariantResult {
+            variant: v,
+            fwd_us_per_token: f * 1e6 / tokens,
+            bwd_us_per_token: bw * 1e6 / tokens,
+            tokens_per_s: tokens / (f + bw),
+            peak_gib: peak_bytes(device).map(|p| p as f64 / (1u64 << 30) as f64),
+            loss: loss_v,
+        };
+        log(&format!(
+            "{:<14} fwd {:>8.2} us/token  bwd {:>8.2} us/token  {:>9.0} tokens/s  peak {} GiB  loss {:.3}",
+            v.key(),
+            r.fwd_us_per_token,
+            r.bwd_us_per_token,
+            r.tokens_per_s,
+            r.peak_gib.map_or("-".into(), |p| format!("{p:.2}")),
+            r.loss
+        ));
+        if !r.loss.is_finite() {
+            return Err(Error::Config(format!(
+                "bench table6: {} gave a non-finite loss {}",
+                v.key(),
+                r.loss
+            )));
+        }
+        results.push(r);
+        params.iter().for_each(|(_, p)| p.zero_grad());
+    }
+    Ok(results)
+}
+
+/// The device's name for the report.
+fn device_name(device: Device) -> String {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(n) = device {
+        if let Ok(d) = engine::backend::cuda::CudaDevice::get(n) {
+            return format!("{} ({})", d.name(), d.arch());
+        }
+    }
+    device.to_string()
+}
+
+/// The report as JSON: `{"device", "batch", "seq", ..., "<variant>": {"fwd_us_per_token",
+/// "bwd_us_per_token", "tokens_per_s", "peak_gib"}}`.
+pub fn table6_json(a: &Table6Args, results: &[VariantResult]) -> Result<String> {
+    let device = Device::parse(&a.device)?;
+
+    let cfg = shape_config(a.shape, a.layers);
+    let mut obj = serde_json::Map::new();
+    obj.insert("device".into(), device_name(device).into());
+    obj.insert("batch".into(), a.batch.into());
+    obj.insert("seq".into(), a.seq.into());
+    obj.insert("layers".into(), cfg.num_hidden_layers.into());
+    obj.insert("hidden".into(), cfg.hidden_size.into());
+    obj.insert("intermediate".into(), cfg.intermediate_size.into());
+    obj.insert("dtype".into(), "bf16".into());
+    obj.insert(
+        "gradient_checkpointing".into(),
+        a.gradient_checkpointing.into(),
+    );
+    obj.insert("steps".into(), a.steps.into());
+    for r in results {
+        let round = |x: f64| (x * 1000.0).round() / 1000.0;
+        let v = serde_json::json!({
+            "fwd_us_per_token": round(r.fwd_us_per_token),
+            "bwd_us_per_token": round(r.bwd_us_per_token),
+            "tokens_per_s": r.tokens_per_s.round(),
+            "peak_gib": r.peak_gib.map(round),
+        });
+        obj.insert(r.variant.key().into(), v);
+    }
+    serde_json::to_string_pretty(&serde_json::Value::Object(obj))
+        .map_err(|e| Error::Config(format!("bench table6: {e}")))
+}
+
+/// A markdown table of the results.
+pub fn table6_markdown(results: &[VariantResult]) -> String {
+    let mut s = String::from(
+        "| | fwd µs/token | bwd µs/token | tokens/s | peak GiB |\n|---|---:|---:|---:|---:|\n",
+    );
+    for r in results {
+        s.push_str(&format!(
+            "| {} | {:.1} | {:.1} | {:.0} | {} |\n",
+            r.variant.key(),
+            r.fwd_us_per_token,
+            r.bwd_us_per_token,
+            r.tokens_per_s,
+            r.peak_gib.map_or("-".into(), |p| format!("{p:.1}"))
+        ));
+    }
+    s
+}

@@ -1,0 +1,57 @@
+//! `mixlora bench table6` on a tiny shape on the CPU: every variant runs, with and without
+//! gradient checkpointing, and the JSON report has the keys the benchmark files use.
+
+use trainer::bench::{table6, table6_json, BenchShape, BenchVariant, Table6Args};
+
+fn args(checkpointing: bool) -> Table6Args {
+    Table6Args {
+        device: "cpu".into(),
+        shape: BenchShape::Tiny,
+        batch: 2,
+        seq: 16,
+        layers: Some(1),
+        warmup: 1,
+        steps: 1,
+        variants: vec![],
+        gradient_checkpointing: checkpointing,
+        json: None,
+    }
+}
+
+#[test]
+fn table6_runs_every_variant_and_reports_json() {
+    for ck in [false, true] {
+        let a = args(ck);
+        let results = table6(&a, |_| {}).unwrap();
+        let keys: Vec<BenchVariant> = results.iter().map(|r| r.variant).collect();
+        assert!(keys.contains(&BenchVariant::Lora) && keys.contains(&BenchVariant::MixloraNaive));
+        for r in &results {
+            assert!(r.loss.is_finite() && r.fwd_us_per_token > 0.0 && r.bwd_us_per_token > 0.0);
+            assert!(r.peak_gib.is_none(), "the CPU has no allocator statistics");
+        }
+        let json: serde_json::Value =
+            serde_json::from_str(&table6_json(&a, &results).unwrap()).unwrap();
+        for key in ["device", "batch", "seq"] {
+            assert!(json.get(key).is_some(), "{key} missing");
+        }
+        for v in ["lora", "mixlora_naive"] {
+            for k in [
+                "fwd_us_per_token",
+                "bwd_us_per_token",
+                "tokens_per_s",
+                "peak_gib",
+            ] {
+                assert!(json[v].get(k).is_some(), "{v}.{k} missing");
+            }
+        }
+        assert_eq!(json["gradient_checkpointing"], ck);
+    }
+}
+
+#[test]
+fn table6_rejects_zero_steps() {
+    let mut a = args(false);
+    a.steps = 0;
+    let e = table6(&a, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("--steps"), "{e}");
+}
