@@ -36,6 +36,8 @@ pub enum BenchVariant {
     Lora,
     /// MixLoRA with the per-expert loop.
     MixloraNaive,
+    /// MixLoRA with the paper's † optimisation (shared gate/up projections).
+    MixloraPaper,
 }
 
 impl BenchVariant {
@@ -44,12 +46,14 @@ impl BenchVariant {
         match self {
             BenchVariant::Lora => "lora",
             BenchVariant::MixloraNaive => "mixlora_naive",
+            BenchVariant::MixloraPaper => "mixlora_paper",
         }
     }
     fn adapter(self) -> (AdapterConfig, Option<MoeImpl>) {
         match self {
             BenchVariant::Lora => (AdapterConfig::lora_default(), None),
             BenchVariant::MixloraNaive => (AdapterConfig::mixlora_default(), Some(MoeImpl::Naive)),
+            BenchVariant::MixloraPaper => (AdapterConfig::mixlora_default(), Some(MoeImpl::Paper)),
         }
     }
 }
@@ -210,7 +214,11 @@ pub fn table6(a: &Table6Args, mut log: impl FnMut(&str)) -> Result<Vec<VariantRe
     let (ids, targets) = random_batch(b, t, cfg.vocab_size, device)?;
     let mask = Tensor::ones([b, t], DType::U32, device)?;
     let variants = if a.variants.is_empty() {
-        vec![BenchVariant::Lora, BenchVariant::MixloraNaive]
+        vec![
+            BenchVariant::Lora,
+            BenchVariant::MixloraNaive,
+            BenchVariant::MixloraPaper,
+        ]
     } else {
         a.variants.clone()
     };

@@ -6,11 +6,14 @@
 //!
 //! [`MoeImpl::Naive`] computes it as a per-expert loop of engine ops (gather the expert's tokens,
 //! run its LoRA FFN, scale by the routing weight, scatter-add): the reference that fused
-//! implementations are checked against. Its backward is the tape's.
+//! implementations are checked against. Its backward is the tape's. [`MoeImpl::Paper`] is the
+//! MixLoRA paper's optimisation (†): the frozen gate and up projections run once over all tokens,
+//! each expert slices its rows of them and adds its LoRA deltas, and the down projection still
+//! runs per expert.
 
 use engine::{rng, Tensor};
 
-use super::lora::{lora_linear, LoraLinear};
+use super::lora::{linear, lora_linear, LoraLinear};
 use super::router::{Router, RouterOutput};
 use crate::error::Result;
 
@@ -21,6 +24,9 @@ pub enum MoeImpl {
     /// For each expert: `index_select` its tokens, LoRA SwiGLU, `index_add_weighted` back.
     #[default]
     Naive,
+    /// The paper's † version: `G = X W_gᵀ`, `U = X W_uᵀ` once for all tokens; per expert, its rows
+    /// of `G`, `U` plus its LoRA deltas, then its own down projection on its rows.
+    Paper,
 }
 
 /// One expert's LoRA on the shared gate/up/down projections (`None`: not a target module).
@@ -83,6 +89,7 @@ impl MixLoraFfn {
         let route = self.router.route(&x2)?;
         let y = match imp {
             MoeImpl::Naive => self.naive(&x2, w, &route, dropout_seed)?,
+            MoeImpl::Paper => self.paper(&x2, w, &route, dropout_seed)?,
         };
         Ok((y.reshape(x.shape().clone())?, route))
     }
@@ -105,6 +112,50 @@ impl MixLoraFfn {
             let xe = x.index_select(ids, 0)?; // [n_e, H]
             let seed = dropout_seed.map(|s| rng::hash(s, e as u64));
             let ye = expert.forward(&xe, w, seed)?.to_dtype(acc_dtype)?; // [n_e, H]
+            let we = route
+                .weights
+                .narrow(1, e, 1)?
+                .reshape([n])?
+                .index_select(ids, 0)?; // [n_e]
+            y = y.index_add_weighted(ids, &ye, &we, 0)?;
+        }
+        Ok(y.to_dtype(x.dtype())?)
+    }
+}
+
+impl MixLoraFfn {
+    /// The paper's † version: `G`, `U` from one pass of the frozen gate and up projections over
+    /// all `N` tokens; for expert `e` with tokens `ids`: `g = G[ids] + Δ_g,e(x[ids])`,
+    /// `u = U[ids] + Δ_u,e(x[ids])`, `y_e = lora_linear(silu(g) ⊙ u, W_d, down_e)`, then the
+    /// weighted scatter-add as in [`MixLoraFfn::naive`]. The same values as the naive loop.
+    fn paper(
+        &self,
+        x: &Tensor, // [N, H] base dtype
+        w: SharedFfn<'_>,
+        route: &RouterOutput,
+        dropout_seed: Option<u64>,
+    ) -> Result<Tensor> {
+        let (n, h) = (x.dims()[0], x.dims()[1]);
+        let acc_dtype = route.weights.dtype();
+        let g_all = linear(x, w.gate)?; // [N, I]
+        let u_all = linear(x, w.up)?; // [N, I]
+        let mut y = Tensor::zeros([n, h], acc_dtype, x.device())?; // [N, H]
+        let groups = expert_tokens(&route.mask)?;
+        for (e, (expert, ids)) in self.experts.iter().zip(&groups).enumerate() {
+            let Some(ids) = ids else { continue };
+            let xe = x.index_select(ids, 0)?; // [n_e, H]
+            let seed = dropout_seed.map(|s| rng::hash(s, e as u64));
+            let sub = |j: u64| seed.map(|s| rng::hash(s, j));
+            let with_delta = |base: Tensor, l: Option<&LoraLinear>, j| -> Result<Tensor> {
+                match l {
+                    None => Ok(base),
+                    Some(l) => Ok(base.add(&l.delta(&xe, sub(j))?)?),
+                }
+            };
+            let g = with_delta(g_all.index_select(ids, 0)?, expert.gate.as_ref(), 0)?; // [n_e, I]
+            let u = with_delta(u_all.index_select(ids, 0)?, expert.up.as_ref(), 1)?; // [n_e, I]
+            let a = g.silu_mul(&u)?; // [n_e, I]
+            let ye = lora_linear(&a, w.down, expert.down.as_ref(), sub(2))?.to_dtype(acc_dtype)?;
             let we = route
                 .weights
                 .narrow(1, e, 1)?
