@@ -3,6 +3,7 @@
 # test binaries), and copies them into gpu-bin/ (git-ignored) under stable names:
 #   gpu-bin/test-<name>     a test binary (run with --test-threads=1)
 #   gpu-bin/example-<name>  an example binary (benches/examples/*cuda*.rs, *gpu*.rs)
+#   gpu-bin/bench-<name>    a criterion bench that runs on the GPU (run with --bench)
 #   gpu-bin/mixlora         the trainer, with the CUDA backend (--device cuda)
 # stripped; fails when the folder would exceed 60 MiB (what can travel to the GPU machine).
 # Then, on the GPU machine, from the repository root: scripts/run-gpu.sh [--memcheck]
@@ -41,6 +42,13 @@ if [ ${#examples[@]} -gt 0 ]; then
         cp "target/release/examples/$name" "$out/example-$name"
     done
 fi
+
+# Criterion benches that run on the GPU (moe_ffn), as gpu-bin/bench-<name>.
+log2=$(mktemp)
+cargo bench --no-run --features cuda -p mixlora-benches --bench moe_ffn 2>&1 | tee "$log2" >&2
+grep -o '(target/release/deps/moe_ffn-[0-9a-f]*)' "$log2" | tr -d '()' | sort -u | tail -1 |
+    while read -r exe; do cp "$exe" "$out/bench-moe_ffn"; done
+rm -f "$log2"
 
 # The trainer with the CUDA backend, for real runs (mixlora train --device cuda).
 cargo build --release --features cuda -p mixlora-trainer --bin mixlora

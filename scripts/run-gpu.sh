@@ -6,6 +6,8 @@
 #   scripts/run-gpu.sh [--memcheck] [FILTER]
 #
 # --memcheck: afterwards, also run the test binaries under compute-sanitizer (memcheck-gpu.sh).
+# Benches: gpu-bin/bench-moe_ffn writes $out/moe_ffn.json; gpu-bin/mixlora runs `bench table6`
+# (with and without gradient checkpointing) into $out/table6*.json.
 # Examples get their arguments from the environment:
 #   MIXLORA_GPU_MODEL  the SmolLM2-135M GGUF for example-cuda_train_speed (without it, the example
 #                      runs SmolLM2-135M's shapes with random weights: the same speed)
@@ -33,7 +35,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
 
 pass=()
 fail=()
-for bin in gpu-bin/test-* gpu-bin/example-*; do
+for bin in gpu-bin/test-* gpu-bin/example-* gpu-bin/bench-* gpu-bin/mixlora; do
     [ -x "$bin" ] || continue
     echo "===== $bin"
     start=$(date +%s.%N)
@@ -51,6 +53,16 @@ for bin in gpu-bin/test-* gpu-bin/example-*; do
                 echo "skipping: set MIXLORA_GPU_MODEL and MIXLORA_GPU_DATA (an LLM-Adapters JSON file)"
                 true
             fi
+            ;;
+        gpu-bin/bench-moe_ffn)
+            MIXLORA_MOE_FFN_JSON="$out/moe_ffn.json" "$bin" --bench | tee "$out/moe_ffn.md"
+            ;;
+        gpu-bin/bench-*) "$bin" --bench ;;
+        gpu-bin/mixlora)
+            # The paper's Table 6 (LLaMA-2-7B shape, random bf16 weights, batch 8x512).
+            "$bin" bench table6 --json "$out/table6.json" | tee "$out/table6.md" &&
+                "$bin" bench table6 --gradient-checkpointing --json "$out/table6-checkpointing.json" |
+                tee "$out/table6-checkpointing.md"
             ;;
         *) "$bin" ;;
     esac

@@ -1,0 +1,237 @@
+//! The MixLoRA FFN block, forward + backward, per implementation (MIXLORA.md, "Three ways to
+//! compute the MoE FFN"): the naive per-expert loop, the paper's † version, and the fused path.
+//!
+//! On a GPU (built with `--features mixlora-engine/cuda` and one present) at LLaMA-2-7B sizes:
+//! H = 4096, I = 11008, E = 8, top-2, r = 16, bf16 base, T = 2048, 8192, 16384 tokens. Otherwise
+//! on the CPU at small sizes (H = 256, I = 688, f32, T = 256 and 1024). `MIXLORA_BENCH_DEVICE=cpu`
+//! forces the CPU.
+//!
+//! Each case: router and experts with random non-zero weights (so every path does its full
+//! work), the block input a variable (its gradient is computed, as in training), the loss
+//! `Σ y ⊙ c` with a random `c`. Criterion times forward + backward (the device is synchronised
+//! at the end of each iteration). Then, per case, a separate pass measures the median of 10 runs
+//! and the peak activation memory: the allocator's peak during forward + backward minus what
+//! was allocated before it (inputs and weights), in MiB (GPU only). With
+//! `MIXLORA_MOE_FFN_JSON=PATH`, those are written as a list of `{"tokens", "naive_ms",
+//! "paper_ms", "fused_ms", "naive_mib", "paper_mib", "fused_mib"}`.
+//!
+//! Run: `cargo bench -p mixlora-benches --bench moe_ffn` (CPU), or on the GPU machine the binary
+//! that scripts/build-gpu.sh builds: `gpu-bin/bench-moe_ffn --bench`.
+
+use std::time::Instant;
+
+use criterion::{BenchmarkId, Criterion};
+use engine::{DType, Device, Tensor};
+use model::adapters::{ExpertLora, LoraLinear, MixLoraFfn, MoeImpl, Router, Routing, SharedFfn};
+
+struct Sizes {
+    h: usize,
+    i: usize,
+    e: usize,
+    k: usize,
+    r: usize,
+    tokens: Vec<usize>,
+    dtype: DType,
+}
+
+/// The implementations compared, with their JSON key.
+const IMPLS: &[(&str, MoeImpl)] = &[("naive", MoeImpl::Naive), ("paper", MoeImpl::Paper)];
+
+fn device() -> Device {
+    if std::env::var("MIXLORA_BENCH_DEVICE").is_ok_and(|d| d == "cpu") {
+        return Device::Cpu;
+    }
+    #[cfg(feature = "cuda")]
+    if engine::backend::cuda::CudaDevice::get(0).is_ok() {
+        return Device::Cuda(0);
+    }
+    Device::Cpu
+}
+
+fn sizes(device: Device) -> Sizes {
+    match device {
+        Device::Cpu => Sizes {
+            h: 256,
+            i: 688,
+            e: 8,
+            k: 2,
+            r: 16,
+            tokens: vec![256, 1024],
+            dtype: DType::F32,
+        },
+        _ => Sizes {
+            h: 4096,
+            i: 11008,
+            e: 8,
+            k: 2,
+            r: 16,
+            tokens: vec![2048, 8192, 16384],
+            dtype: DType::BF16,
+        },
+    }
+}
+
+fn synchronize(device: Device) {
+    #[cfg(feature = "cuda")]
+    engine::backend::cuda::synchronize(device).expect("synchronize");
+    let _ = device;
+}
+
+/// `(current, peak)` allocator bytes (0 on the CPU).
+fn memory(device: Device) -> (usize, usize) {
+    #[cfg(feature = "cuda")]
+    return engine::backend::cuda::memory_stats(device);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = device;
+        (0, 0)
+    }
+}
+
+fn reset_peak(device: Device) {
+    #[cfg(feature = "cuda")]
+    engine::backend::cuda::reset_peak_memory(device);
+    let _ = device;
+}
+
+/// The frozen weights, the block and the loss weights of one size.
+struct Case {
+    w: [Tensor; 3], // gate [I, H], up [I, H], down [H, I]
+    block: MixLoraFfn,
+    x: Tensor, // [T, H] variable
+    c: Tensor, // [T, H]
+}
+
+fn case(s: &Sizes, t: usize, device: Device) -> Case {
+    let adt = model::adapters::adapter_dtype(s.dtype);
+    let rand = |shape: &[usize], std: f64, seed: u64, dt: DType| {
+        Tensor::randn(shape.to_vec(), 0.0, std, seed, dt, device).expect("randn")
+    };
+    let (h, i, r) = (s.h, s.i, s.r);
+    let lora = |n_in: usize, n_out: usize, seed: u64| {
+        Some(LoraLinear::new(
+            rand(&[r, n_in], 1.0 / (n_in as f64).sqrt(), seed, adt)
+                .to_var()
+                .unwrap(),
+            rand(&[n_out, r], 0.02, seed + 1, adt).to_var().unwrap(),
+            2.0,
+            0.05,
+        ))
+    };
+    let experts = (0..s.e as u64)
+        .map(|e| ExpertLora {
+            gate: lora(h, i, 100 + 10 * e),
+            up: lora(h, i, 102 + 10 * e),
+            down: lora(i, h, 104 + 10 * e),
+        })
+        .collect();
+    Case {
+        w: [
+            rand(&[i, h], 0.02, 1, s.dtype),
+            rand(&[i, h], 0.02, 2, s.dtype),
+            rand(&[h, i], 0.02, 3, s.dtype),
+        ],
+        block: MixLoraFfn {
+            router: Router {
+                weight: rand(&[s.e, h], 0.02, 4, adt).to_var().unwrap(),
+                routing: Routing::TopK(s.k),
+            },
+            experts,
+        },
+        x: rand(&[t, h], 1.0, 5, s.dtype).to_var().unwrap(),
+        c: rand(&[t, h], 1.0, 6, s.dtype),
+    }
+}
+
+/// Clears every gradient of the case (they would accumulate across iterations).
+fn zero_grads(c: &Case) {
+    c.x.zero_grad();
+    c.block.router.weight.zero_grad();
+    for e in &c.block.experts {
+        for l in [&e.gate, &e.up, &e.down].into_iter().flatten() {
+            l.a.zero_grad();
+            l.b.zero_grad();
+        }
+    }
+}
+
+/// One forward + backward (dropout on, as in training), synchronised.
+fn step(c: &Case, imp: MoeImpl, device: Device) {
+    zero_grads(c);
+    let shared = SharedFfn {
+        gate: &c.w[0],
+        up: &c.w[1],
+        down: &c.w[2],
+    };
+    let (y, _) = c.block.forward(&c.x, shared, imp, Some(1)).unwrap();
+    let loss = y.mul(&c.c).unwrap().sum_all().unwrap();
+    loss.backward().unwrap();
+    synchronize(device);
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let device = device();
+    let s = sizes(device);
+    eprintln!(
+        "moe_ffn on {device}: H {}, I {}, E {}, k {}, r {}, {}",
+        s.h, s.i, s.e, s.k, s.r, s.dtype
+    );
+    let mut crit = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(std::time::Duration::from_secs(1))
+        .measurement_time(std::time::Duration::from_secs(3))
+        .configure_from_args();
+    let mut rows = Vec::new();
+    for &t in &s.tokens {
+        let c = case(&s, t, device);
+        let mut row = serde_json::Map::new();
+        row.insert("tokens".into(), t.into());
+        {
+            let mut g = crit.benchmark_group(format!("moe_ffn_{device}_{}", s.dtype));
+            for &(name, imp) in IMPLS {
+                g.bench_with_input(BenchmarkId::new(name, t), &(), |b, _| {
+                    b.iter(|| step(&c, imp, device))
+                });
+            }
+            g.finish();
+        }
+        for &(name, imp) in IMPLS {
+            step(&c, imp, device); // warm-up (and the allocator's cache)
+            zero_grads(&c);
+            synchronize(device);
+            let before = memory(device).0;
+            reset_peak(device);
+            let mut times = Vec::new();
+            for _ in 0..10 {
+                let t0 = Instant::now();
+                step(&c, imp, device);
+                times.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+            let peak_mib = memory(device).1.saturating_sub(before) as f64 / (1 << 20) as f64;
+            let ms = median(times);
+            eprintln!("T {t:>6} {name:<6} {ms:>9.3} ms  activation peak {peak_mib:>9.1} MiB");
+            row.insert(format!("{name}_ms"), ((ms * 1000.0).round() / 1000.0).into());
+            row.insert(
+                format!("{name}_mib"),
+                if device == Device::Cpu {
+                    serde_json::Value::Null
+                } else {
+                    peak_mib.round().into()
+                },
+            );
+        }
+        rows.push(serde_json::Value::Object(row));
+    }
+    crit.final_summary();
+    let json = serde_json::to_string_pretty(&rows).unwrap();
+    println!("{json}");
+    if let Ok(path) = std::env::var("MIXLORA_MOE_FFN_JSON") {
+        std::fs::write(&path, format!("{json}\n"))
+            .unwrap_or_else(|e| panic!("{path}: cannot write: {e}"));
+    }
+}
