@@ -213,9 +213,18 @@ fn main() {
                 times.push(t0.elapsed().as_secs_f64() * 1e3);
             }
             let peak_mib = memory(device).1.saturating_sub(before) as f64 / (1 << 20) as f64;
+            if engine::backend::cpu::profile::enabled() {
+                engine::backend::cpu::profile::take();
+                step(&c, imp, device);
+                println!("profile of one {name} step at T = {t} (every op synchronised):");
+                engine::backend::cpu::profile::report(40);
+            }
             let ms = median(times);
             eprintln!("T {t:>6} {name:<6} {ms:>9.3} ms  activation peak {peak_mib:>9.1} MiB");
-            row.insert(format!("{name}_ms"), ((ms * 1000.0).round() / 1000.0).into());
+            row.insert(
+                format!("{name}_ms"),
+                ((ms * 1000.0).round() / 1000.0).into(),
+            );
             row.insert(
                 format!("{name}_mib"),
                 if device == Device::Cpu {

@@ -440,7 +440,22 @@ fn elementwise(lab: &mut Lab, dt: DType) -> Result<()> {
             sh.clone(),
             3 * N * s + 2 * H * s,
         ),
-        || x.rms_norm_backward(&l, &w, &wl, &y, &l, 1e-5).map(drop),
+        || {
+            x.rms_norm_backward(&l, &w, &wl, &y, &l, 1e-5, true)
+                .map(drop)
+        },
+    )?;
+    lab.run(
+        mem(
+            "rms_norm backward (dx only, frozen weight)",
+            dt,
+            sh.clone(),
+            3 * N * s,
+        ),
+        || {
+            x.rms_norm_backward(&l, &w, &wl, &y, &l, 1e-5, false)
+                .map(drop)
+        },
     )?;
 
     // Dropout and random fills.

@@ -290,17 +290,18 @@ impl BackendStorage for Storage {
         g: &Self,
         gl: &Layout,
         eps: f64,
-    ) -> Result<(Self, Self)> {
+        need_dw: bool,
+    ) -> Result<(Self, Option<Self>)> {
         #[allow(unreachable_patterns)]
         match (self, w, g) {
             (Storage::Cpu(x), Storage::Cpu(w), Storage::Cpu(g)) => {
-                let (dx, dw) = x.rms_norm_backward(l, w, wl, g, gl, eps)?;
-                Ok((Storage::Cpu(dx), Storage::Cpu(dw)))
+                let (dx, dw) = x.rms_norm_backward(l, w, wl, g, gl, eps, need_dw)?;
+                Ok((Storage::Cpu(dx), dw.map(Storage::Cpu)))
             }
             #[cfg(feature = "cuda")]
             (Storage::Cuda(x), Storage::Cuda(w), Storage::Cuda(g)) => {
-                let (dx, dw) = x.rms_norm_backward(l, w, wl, g, gl, eps)?;
-                Ok((Storage::Cuda(dx), Storage::Cuda(dw)))
+                let (dx, dw) = x.rms_norm_backward(l, w, wl, g, gl, eps, need_dw)?;
+                Ok((Storage::Cuda(dx), dw.map(Storage::Cuda)))
             }
             _ => Err(mismatch("rms_norm_backward", self, g)),
         }

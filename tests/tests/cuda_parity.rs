@@ -546,11 +546,11 @@ mod gpu {
                                 &gs,
                                 &l,
                                 1e-5,
+                                part == 1,
                             )?;
-                            Ok(if part == 0 {
-                                read(&dx, [rows, n])
-                            } else {
-                                read(&dw, [n])
+                            Ok(match dw {
+                                None => read(&dx, [rows, n]),
+                                Some(dw) => read(&dw, [n]),
                             })
                         },
                     );

@@ -687,7 +687,7 @@ fn kernel_errors() {
     ));
     let g = CpuStorage::F32(vec![1.0; 8]);
     assert!(x
-        .rms_norm_backward(&l, &w64, &w4, &g, &Layout::contiguous([2, 4]), 1e-5)
+        .rms_norm_backward(&l, &w64, &w4, &g, &Layout::contiguous([2, 4]), 1e-5, true)
         .is_err());
     let xl = Layout::contiguous([1, 1, 3, 4]);
     let tab = CpuStorage::F32(vec![0.5; 6]);

@@ -262,6 +262,22 @@ pub fn table6(a: &Table6Args, mut log: impl FnMut(&str)) -> Result<Vec<VariantRe
             }
             loss_v = loss.to_scalar()?;
         }
+        if engine::backend::cpu::profile::enabled() {
+            // One more step with every kernel timed (MIXLORA_PROFILE=1): where the time goes.
+            engine::backend::cpu::profile::take();
+            params.iter().for_each(|(_, p)| p.zero_grad());
+            let out = model.forward_train(&ids, Some(&mask), Some(0))?;
+            let vocab = out.logits.dim(-1)?;
+            let loss = out
+                .logits
+                .reshape([b * t, vocab])?
+                .cross_entropy(&targets, IGNORE_INDEX)?;
+            drop(out);
+            loss.backward()?;
+            synchronize(device)?;
+            println!("profile of one {} step (every op synchronised):", v.key());
+            engine::backend::cpu::profile::report(45);
+        }
         let (f, bw) = (median(fwd), median(bwd));
         let r = VariantResult {
             variant: v,

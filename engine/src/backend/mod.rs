@@ -142,7 +142,9 @@ pub trait BackendStorage: Sized + Send + Sync {
 
     /// `y = x / sqrt(mean(x², last dim) + eps) * w`, statistics in f32 (f64 for f64).
     fn rms_norm(&self, l: &Layout, w: &Self, w_l: &Layout, eps: f64) -> Result<Self>;
-    /// Returns `(dx, dw)` for `rms_norm`, given the output gradient `g`.
+    /// Returns `(dx, dw)` for `rms_norm`, given the output gradient `g`; `dw` only when
+    /// `need_dw` (a frozen norm weight needs none, and its column reduction costs time).
+    #[allow(clippy::too_many_arguments)]
     fn rms_norm_backward(
         &self,
         l: &Layout,
@@ -151,7 +153,8 @@ pub trait BackendStorage: Sized + Send + Sync {
         g: &Self,
         g_l: &Layout,
         eps: f64,
-    ) -> Result<(Self, Self)>;
+        need_dw: bool,
+    ) -> Result<(Self, Option<Self>)>;
 
     /// Rotary embedding, Hugging Face half-rotation layout. `self`: `[b, h, t, d]`; `cos`, `sin`:
     /// `[b or 1, t, d/2]`. `out[i] = x[i] cos - x[i+d/2] sin`, `out[i+d/2] = x[i+d/2] cos + x[i] sin`.

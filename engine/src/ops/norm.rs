@@ -42,10 +42,11 @@ impl Tensor {
                 &g.storage(),
                 g.layout(),
                 eps,
+                x[1].tracks_grad(),
             )?;
             Ok(vec![
                 Some(Tensor::from_storage(dx, x[0].shape().clone(), None)),
-                Some(Tensor::from_storage(dw, x[1].shape().clone(), None)),
+                dw.map(|dw| Tensor::from_storage(dw, x[1].shape().clone(), None)),
             ])
         });
         Ok(Tensor::from_storage(s, self.shape().clone(), node))

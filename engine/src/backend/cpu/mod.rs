@@ -305,10 +305,14 @@ impl BackendStorage for CpuStorage {
         g: &Self,
         g_l: &Layout,
         eps: f64,
-    ) -> Result<(Self, Self)> {
+        need_dw: bool,
+    ) -> Result<(Self, Option<Self>)> {
         profile::timed(
             || "rms_norm_backward".into(),
-            || norm::rms_norm_backward(self, l, w, w_l, g, g_l, eps),
+            || {
+                let (dx, dw) = norm::rms_norm_backward(self, l, w, w_l, g, g_l, eps)?;
+                Ok((dx, need_dw.then_some(dw)))
+            },
         )
     }
     fn rope(

@@ -44,6 +44,17 @@ pub(crate) fn timed<R>(name: impl FnOnce() -> String, f: impl FnOnce() -> R) -> 
     r
 }
 
+/// Adds `dt` under `name` (profiling on or not: callers check [`enabled`]).
+pub(crate) fn record(name: &str, dt: std::time::Duration) {
+    let mut table = TABLE.lock().unwrap_or_else(|e| e.into_inner());
+    let e = table
+        .get_or_insert_with(HashMap::new)
+        .entry(name.to_string())
+        .or_insert((0, 0.0));
+    e.0 += 1;
+    e.1 += dt.as_secs_f64();
+}
+
 /// The table so far as `(key, calls, seconds)`, longest first, and clears it.
 pub fn take() -> Vec<(String, u64, f64)> {
     let mut table = TABLE.lock().unwrap_or_else(|e| e.into_inner());

@@ -113,7 +113,7 @@ pub(crate) fn to_dtype(s: &CudaStorage, l: &Layout, dtype: DType) -> Result<Cuda
             "to_dtype",
             ELEMENTWISE,
             name,
-            CudaDevice::grid(n),
+            CudaDevice::grid(n.div_ceil(8)), // 8 elements per thread on contiguous runs
             [n32, la, x, y]
         )
     }?;
@@ -164,7 +164,7 @@ pub(crate) fn unary(s: &CudaStorage, l: &Layout, op: UnaryOp) -> Result<CudaStor
             "unary",
             ELEMENTWISE,
             name,
-            CudaDevice::grid(n),
+            CudaDevice::grid(n.div_ceil(8)), // 8 elements per thread on contiguous runs
             [n32, la, x, y, p0, p1]
         )
     }?;
@@ -220,7 +220,7 @@ pub(crate) fn binary(
             "binary",
             ELEMENTWISE,
             name,
-            CudaDevice::grid(n),
+            CudaDevice::grid(n.div_ceil(8)), // 8 elements per thread on contiguous runs
             [n32, la, lb, x, z, y]
         )
     }?;

@@ -121,89 +121,95 @@ pub(crate) fn matmul(
     // leading dims `describe` derived from views that were checked to lie inside their buffers
     // (or from contiguous copies of them), and writes the contiguous [batch, m, n] output, which
     // `out` holds. The scalars live on the host (the handle's default pointer mode).
-    let r = match a.dtype {
-        DType::F32 => {
-            let (alpha, beta) = (1.0f32, 0.0f32);
-            unsafe {
-                blas::sgemm_strided_batched(
-                    h,
-                    y.op,
-                    x.op,
-                    ni,
-                    mi,
-                    ki,
-                    &alpha,
-                    y.ptr as *const f32,
-                    ldy,
-                    sy,
-                    x.ptr as *const f32,
-                    ldx,
-                    sx,
-                    &beta,
-                    c as *mut f32,
-                    ni,
-                    sc,
-                    bi,
-                )
+    let name = format!(
+        "gemm {} {batch}x{m}x{k}x{n} {:?}{:?}",
+        a.dtype, x.op as u32, y.op as u32
+    );
+    let r = super::launch::profiled(dev, &name, || {
+        Ok(match a.dtype {
+            DType::F32 => {
+                let (alpha, beta) = (1.0f32, 0.0f32);
+                unsafe {
+                    blas::sgemm_strided_batched(
+                        h,
+                        y.op,
+                        x.op,
+                        ni,
+                        mi,
+                        ki,
+                        &alpha,
+                        y.ptr as *const f32,
+                        ldy,
+                        sy,
+                        x.ptr as *const f32,
+                        ldx,
+                        sx,
+                        &beta,
+                        c as *mut f32,
+                        ni,
+                        sc,
+                        bi,
+                    )
+                }
             }
-        }
-        DType::F64 => {
-            let (alpha, beta) = (1.0f64, 0.0f64);
-            unsafe {
-                blas::dgemm_strided_batched(
-                    h,
-                    y.op,
-                    x.op,
-                    ni,
-                    mi,
-                    ki,
-                    &alpha,
-                    y.ptr as *const f64,
-                    ldy,
-                    sy,
-                    x.ptr as *const f64,
-                    ldx,
-                    sx,
-                    &beta,
-                    c as *mut f64,
-                    ni,
-                    sc,
-                    bi,
-                )
+            DType::F64 => {
+                let (alpha, beta) = (1.0f64, 0.0f64);
+                unsafe {
+                    blas::dgemm_strided_batched(
+                        h,
+                        y.op,
+                        x.op,
+                        ni,
+                        mi,
+                        ki,
+                        &alpha,
+                        y.ptr as *const f64,
+                        ldy,
+                        sy,
+                        x.ptr as *const f64,
+                        ldx,
+                        sx,
+                        &beta,
+                        c as *mut f64,
+                        ni,
+                        sc,
+                        bi,
+                    )
+                }
             }
-        }
-        _ => {
-            let (alpha, beta) = (1.0f32, 0.0f32);
-            let bf = sys::cudaDataType::CUDA_R_16BF;
-            unsafe {
-                blas::gemm_strided_batched_ex(
-                    h,
-                    y.op,
-                    x.op,
-                    ni,
-                    mi,
-                    ki,
-                    &alpha as *const f32 as *const c_void,
-                    y.ptr as *const c_void,
-                    bf,
-                    ldy,
-                    sy,
-                    x.ptr as *const c_void,
-                    bf,
-                    ldx,
-                    sx,
-                    &beta as *const f32 as *const c_void,
-                    c as *mut c_void,
-                    bf,
-                    ni,
-                    sc,
-                    bi,
-                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
+            _ => {
+                let (alpha, beta) = (1.0f32, 0.0f32);
+                let bf = sys::cudaDataType::CUDA_R_16BF;
+                unsafe {
+                    blas::gemm_strided_batched_ex(
+                        h,
+                        y.op,
+                        x.op,
+                        ni,
+                        mi,
+                        ki,
+                        &alpha as *const f32 as *const c_void,
+                        y.ptr as *const c_void,
+                        bf,
+                        ldy,
+                        sy,
+                        x.ptr as *const c_void,
+                        bf,
+                        ldx,
+                        sx,
+                        &beta as *const f32 as *const c_void,
+                        c as *mut c_void,
+                        bf,
+                        ni,
+                        sc,
+                        bi,
+                        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    )
+                }
             }
-        }
-    };
+        })
+    })?;
     r.map_err(|e| dev.err(OP, e))?;
     Ok(out)
 }

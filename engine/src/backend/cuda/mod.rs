@@ -279,8 +279,9 @@ impl BackendStorage for CudaStorage {
         g: &Self,
         g_l: &Layout,
         eps: f64,
-    ) -> Result<(Self, Self)> {
-        norm::rms_norm_backward(self, l, w, w_l, g, g_l, eps)
+        need_dw: bool,
+    ) -> Result<(Self, Option<Self>)> {
+        norm::rms_norm_backward(self, l, w, w_l, g, g_l, eps, need_dw)
     }
     fn rope(
         &self,

@@ -92,7 +92,8 @@ pub(crate) fn rms_norm_backward(
     g: &CudaStorage,
     gl: &Layout,
     eps: f64,
-) -> Result<(CudaStorage, CudaStorage)> {
+    need_dw: bool,
+) -> Result<(CudaStorage, Option<CudaStorage>)> {
     const OP: &str = "rms_norm_backward";
     check_float3(OP, x, w, g)?;
     let n = norm_dims(OP, l, wl)?;
@@ -107,13 +108,18 @@ pub(crate) fn rms_norm_backward(
     let total = l.elem_count();
     let dx = CudaStorage::alloc(dev, OP, total, x.dtype)?;
     if n == 0 {
-        return Ok((dx, CudaStorage::alloc(dev, OP, 0, x.dtype)?));
+        return Ok((
+            dx,
+            need_dw
+                .then(|| CudaStorage::alloc(dev, OP, 0, x.dtype))
+                .transpose()?,
+        ));
     }
     if total == 0 {
-        return Ok((dx, super::elementwise::fill(dev, n, x.dtype, 0.0)?));
+        let dw = need_dw.then(|| super::elementwise::fill(dev, n, x.dtype, 0.0));
+        return Ok((dx, dw.transpose()?));
     }
     let rows = total / n;
-    let dw = CudaStorage::alloc(dev, OP, n, x.dtype)?;
     // Per-row 1/rms in the accumulation type (f64 for f64, else f32).
     let acc = if x.dtype == DType::F64 {
         DType::F64
@@ -127,7 +133,7 @@ pub(crate) fn rms_norm_backward(
         g.contiguous(OP, gl)?,
     );
     let (r32, n32, xp, wp, gp) = (to_u32(OP, rows)?, to_u32(OP, n)?, xc.ptr, wc.ptr, gc.ptr);
-    let (dxp, rp, dwp) = (dx.ptr(), rstd.ptr(), dw.ptr());
+    let (dxp, rp) = (dx.ptr(), rstd.ptr());
     let name = format!("{OP}_{}", x.dtype);
     // SAFETY: x, g, dx are contiguous [rows, n] runs, w a contiguous [n], rstd holds `rows`
     // accumulators; one block per row writes its dx row and rstd[row].
@@ -141,6 +147,11 @@ pub(crate) fn rms_norm_backward(
             [r32, n32, xp, wp, gp, dxp, rp, eps]
         )
     }?;
+    if !need_dw {
+        return Ok((dx, None));
+    }
+    let dw = CudaStorage::alloc(dev, OP, n, x.dtype)?;
+    let dwp = dw.ptr();
     let name = format!("rms_norm_dw_{}", x.dtype);
     // SAFETY: one thread per column j < n reads column j of the [rows, n] x and g and the `rows`
     // rstd values, and writes dw[j] (dw holds n elements).
@@ -154,7 +165,7 @@ pub(crate) fn rms_norm_backward(
             [r32, n32, xp, gp, rp, dwp]
         )
     }?;
-    Ok((dx, dw))
+    Ok((dx, Some(dw)))
 }
 
 pub(crate) fn rope(
