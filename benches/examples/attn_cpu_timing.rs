@@ -36,7 +36,9 @@ fn main() {
         Tensor::randn(shape.to_vec(), 0.0, 1.0, seed, dt, Device::Cpu).expect("randn")
     };
     // Left padding: sequence i starts with 8·i padding tokens.
-    let mask: Vec<u32> = (0..b * t).map(|p| u32::from(p % t >= 8 * (p / t))).collect();
+    let mask: Vec<u32> = (0..b * t)
+        .map(|p| u32::from(p % t >= 8 * (p / t)))
+        .collect();
     let mask = Tensor::from_vec(mask, [b, t], Device::Cpu).expect("mask");
     println!(
         "causal_attention CPU, b={b} hq={hq} hkv={hkv} t=s={t} d={d}, {} threads, {iters} runs",
