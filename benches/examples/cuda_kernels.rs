@@ -29,7 +29,11 @@
 //!   `2·R·V·s + R·4 + R·4` (logits, targets, f32 row grads in; dlogits out);
 //! - index_select `2·(rows·H)·s + rows·4`; index_add (base + src, one row per id) `3N·s + ids·4`;
 //!   gather `N·(2s + 4)`; scatter_add `N·(3s + 4)`; topk `R·E·s + R·k·4`;
-//! - dropout mask and randn: `N·s` (write only); dropout (mask, then x·mask): `2N·s`.
+//! - dropout mask and randn: `N·s` (write only); dropout (mask, then x·mask): `2N·s`;
+//! - causal_softmax (scores `[b, h, t, S]`): `(V + N)·s + b·S·4` with `V` the visible scores (the
+//!   kernel never reads the others: `V ≈ N/2` when causal with `t = S`, `V = N` when every key
+//!   is visible) and the u32 key mask when there is one; softmax_backward (y, g in; dx out):
+//!   `3N·s`.
 //!
 //! FLOPs: matmul `2·m·n·k` (per batch); causal attention `4·b·h·t²·d` (QKᵀ and PV on the full
 //! square: the engine masks, it does not skip). Matmul and attention bytes are their operands and
@@ -716,6 +720,70 @@ fn run_all(lab: &mut Lab) -> Result<()> {
         index(lab, dt)?;
         matmuls(lab, dt)?;
         attention(lab, dt)?;
+        attention_softmax(lab, dt)?;
     }
     Ok(())
+}
+
+/// The fused attention softmax and the fused softmax backward on `[b, h, t, t]` scores (64 Mi
+/// elements, as the elementwise cases): causal, every key visible (comparable with the plain
+/// softmax above), and causal with left padding.
+fn attention_softmax(lab: &mut Lab, dt: DType) -> Result<()> {
+    let s = dt.size_in_bytes();
+    let (b, h, t) = (2, 8, 2048);
+    let n = b * h * t * t;
+    let sh = shape_str(&[b, h, t, t]);
+    let l = lay(&[b, h, t, t]);
+    let x = randn(&[b, h, t, t], dt, 29)?;
+    let scale = 0.125;
+    // Visible scores of a causal [b, h, t, t] softmax under a key mask (row i sees keys ≤ i).
+    let visible = |mask: Option<&[u32]>| -> usize {
+        (0..b)
+            .map(|bi| {
+                let mut seen = 0; // real keys among 0 ..= i
+                (0..t)
+                    .map(|i| {
+                        seen += mask.map_or(1, |m| m[bi * t + i] as usize);
+                        seen
+                    })
+                    .sum::<usize>()
+            })
+            .sum::<usize>()
+            * h
+    };
+    let v = visible(None);
+    lab.run(
+        mem("causal_softmax (causal)", dt, sh.clone(), (v + n) * s),
+        || x.causal_softmax(&l, scale, 0, None).map(drop),
+    )?;
+    lab.run(
+        mem(
+            "causal_softmax (every key visible)",
+            dt,
+            sh.clone(),
+            2 * n * s,
+        ),
+        || x.causal_softmax(&l, scale, t, None).map(drop),
+    )?;
+    // Left padding: sequence 1 starts with t/4 padding tokens.
+    let mv: Vec<u32> = (0..b * t)
+        .map(|p| u32::from(p / t == 0 || p % t >= t / 4))
+        .collect();
+    let v = visible(Some(&mv));
+    let mask = Storage::from_cpu(GPU, CpuStorage::U32(mv))?;
+    let ml = lay(&[b, t]);
+    lab.run(
+        mem(
+            "causal_softmax (causal, key mask)",
+            dt,
+            sh.clone(),
+            (v + n) * s + b * t * 4,
+        ),
+        || x.causal_softmax(&l, scale, 0, Some((&mask, &ml))).map(drop),
+    )?;
+    let y = x.causal_softmax(&l, scale, 0, None)?;
+    let g = randn(&[b, h, t, t], dt, 30)?;
+    lab.run(mem("softmax_backward", dt, sh, 3 * n * s), || {
+        y.softmax_backward(&l, &g, &l, scale).map(drop)
+    })
 }

@@ -323,4 +323,36 @@ impl BackendStorage for Storage {
     ) -> Result<Self> {
         three!("cross_entropy_backward", self, t, g, (x, t, g) => x.cross_entropy_backward(l, t, tl, g, gl, ignore))
     }
+    fn causal_softmax(
+        &self,
+        l: &Layout,
+        scale: f64,
+        q_offset: usize,
+        key_mask: Option<(&Self, &Layout)>,
+    ) -> Result<Self> {
+        #[allow(unreachable_patterns)]
+        match (self, key_mask) {
+            (Storage::Cpu(x), None) => {
+                Ok(Storage::Cpu(x.causal_softmax(l, scale, q_offset, None)?))
+            }
+            (Storage::Cpu(x), Some((Storage::Cpu(m), ml))) => Ok(Storage::Cpu(x.causal_softmax(
+                l,
+                scale,
+                q_offset,
+                Some((m, ml)),
+            )?)),
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(x), None) => {
+                Ok(Storage::Cuda(x.causal_softmax(l, scale, q_offset, None)?))
+            }
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(x), Some((Storage::Cuda(m), ml))) => Ok(Storage::Cuda(
+                x.causal_softmax(l, scale, q_offset, Some((m, ml)))?,
+            )),
+            (_, Some((m, _))) => Err(mismatch("causal_softmax", self, m)),
+        }
+    }
+    fn softmax_backward(&self, l: &Layout, g: &Self, gl: &Layout, scale: f64) -> Result<Self> {
+        two!("softmax_backward", self, g, (y, g) => y.softmax_backward(l, g, gl, scale))
+    }
 }

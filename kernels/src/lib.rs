@@ -91,8 +91,11 @@ pub const INDEX: KernelSource = module!("index",
 /// Counter-based random fills (the same numbers as the CPU's `engine::rng`).
 pub const RANDOM: KernelSource = module!("random", f3 randn f3 rand_uniform f3 dropout_mask);
 
+/// The attention softmax (causal, key-masked, scaled) and the fused softmax backward.
+pub const ATTENTION: KernelSource = module!("attention", f3 causal_softmax f3 softmax_backward);
+
 /// Every kernel module of the engine.
-pub const SOURCES: &[KernelSource] = &[ELEMENTWISE, REDUCE, NORM, LOSS, INDEX, RANDOM];
+pub const SOURCES: &[KernelSource] = &[ELEMENTWISE, REDUCE, NORM, LOSS, INDEX, RANDOM, ATTENTION];
 
 /// The module that defines kernel `name`, if any.
 pub fn module_of(name: &str) -> Option<&'static KernelSource> {

@@ -38,3 +38,45 @@ pub(crate) fn check_same_but(op: &'static str, a: &Shape, b: &Shape, dim: usize)
     }
     Ok(())
 }
+
+/// `[b, h, t, s]` of a causal softmax over scores `l`, checked: rank 4, and a key mask, when
+/// given, u32 `[b, s]`.
+pub(crate) fn causal_softmax_dims(
+    op: &'static str,
+    l: &Layout,
+    mask: Option<(crate::DType, &Layout)>,
+) -> Result<[usize; 4]> {
+    let &[b, h, t, s] = l.dims() else {
+        return Err(Error::RankMismatch {
+            op,
+            expected: 4,
+            shape: l.shape().clone(),
+        });
+    };
+    if let Some((dtype, ml)) = mask {
+        if dtype != crate::DType::U32 {
+            return Err(Error::UnsupportedDType { op, dtype });
+        }
+        if ml.dims() != [b, s] {
+            return Err(Error::ShapeMismatch {
+                op,
+                lhs: l.shape().clone(),
+                rhs: ml.shape().clone(),
+            });
+        }
+    }
+    Ok([b, h, t, s])
+}
+
+/// Checks the operands of a softmax backward: `y` and `g` of one shape. Returns the row length
+/// (the last dim; 1 for a scalar, like the forward).
+pub(crate) fn softmax_backward_dims(op: &'static str, l: &Layout, gl: &Layout) -> Result<usize> {
+    if gl.shape() != l.shape() {
+        return Err(Error::ShapeMismatch {
+            op,
+            lhs: l.shape().clone(),
+            rhs: gl.shape().clone(),
+        });
+    }
+    Ok(l.dims().last().copied().unwrap_or(1))
+}

@@ -187,6 +187,25 @@ pub trait BackendStorage: Sized + Send + Sync {
         g_l: &Layout,
         ignore_index: u32,
     ) -> Result<Self>;
+
+    /// Causal, key-masked, scaled softmax over the last dim of attention scores `self`:
+    /// `[b, h, t, s]` (any strides). Query `i` sees key `j` when `j <= q_offset + i` and, with a
+    /// `key_mask` (u32 `[b, s]`), `key_mask[b, j] != 0`; over the visible keys
+    /// `y[b, h, i, j] = exp(scale·x − m) / Σ exp(scale·x − m)` (`m` the row's visible maximum),
+    /// and `y = 0` exactly at every other key. Masked scores are never read. A row with no
+    /// visible key (a padding query) is all zero. Statistics in f32 (f64 for f64). Output
+    /// contiguous `[b, h, t, s]`.
+    fn causal_softmax(
+        &self,
+        l: &Layout,
+        scale: f64,
+        q_offset: usize,
+        key_mask: Option<(&Self, &Layout)>,
+    ) -> Result<Self>;
+    /// Backward of a (masked, scaled) softmax over the last dim, from its output `self` (`y`)
+    /// and the output gradient `g` (same shape): `dx = scale · y ⊙ (g − Σ_j g ⊙ y)` per row.
+    /// Where `y = 0` (masked keys) `dx = 0`. Row sums in f32 (f64 for f64).
+    fn softmax_backward(&self, l: &Layout, g: &Self, g_l: &Layout, scale: f64) -> Result<Self>;
 }
 
 /// Creation of storages on a device.

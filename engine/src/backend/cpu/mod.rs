@@ -2,6 +2,7 @@
 //! over f32 and f64; bf16 runs through f32 (widened on read, rounded once on write), so bf16
 //! results carry f32 accumulation. Work is spread with rayon; matmul goes through the `gemm` crate.
 
+mod attention;
 mod elementwise;
 mod index;
 mod loss;
@@ -352,6 +353,24 @@ impl BackendStorage for CpuStorage {
         profile::timed(
             || "cross_entropy_backward".into(),
             || loss::cross_entropy_backward(self, l, targets, t_l, grad_rows, g_l, ignore_index),
+        )
+    }
+    fn causal_softmax(
+        &self,
+        l: &Layout,
+        scale: f64,
+        q_offset: usize,
+        key_mask: Option<(&Self, &Layout)>,
+    ) -> Result<Self> {
+        profile::timed(
+            || "causal_softmax".into(),
+            || attention::causal_softmax(self, l, scale, q_offset, key_mask),
+        )
+    }
+    fn softmax_backward(&self, l: &Layout, g: &Self, g_l: &Layout, scale: f64) -> Result<Self> {
+        profile::timed(
+            || "softmax_backward".into(),
+            || attention::softmax_backward(self, l, g, g_l, scale),
         )
     }
 }

@@ -12,6 +12,7 @@
 pub mod compile;
 
 mod alloc;
+mod attention;
 mod device;
 mod elementwise;
 mod index;
@@ -312,5 +313,17 @@ impl BackendStorage for CudaStorage {
         ignore_index: u32,
     ) -> Result<Self> {
         loss::cross_entropy_backward(self, l, targets, t_l, grad_rows, g_l, ignore_index)
+    }
+    fn causal_softmax(
+        &self,
+        l: &Layout,
+        scale: f64,
+        q_offset: usize,
+        key_mask: Option<(&Self, &Layout)>,
+    ) -> Result<Self> {
+        attention::causal_softmax(self, l, scale, q_offset, key_mask)
+    }
+    fn softmax_backward(&self, l: &Layout, g: &Self, g_l: &Layout, scale: f64) -> Result<Self> {
+        attention::softmax_backward(self, l, g, g_l, scale)
     }
 }
