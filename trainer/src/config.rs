@@ -37,6 +37,26 @@ pub enum Routing {
     Topp,
 }
 
+/// How MixLoRA FFNs are computed (the same values and gradients up to rounding).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum MoeImplName {
+    /// A per-expert loop that reads each layer's routing mask to the host.
+    #[default]
+    Naive,
+    /// Device-side grouping by expert and grouped LoRA matmuls, no host read (top-k routing).
+    Grouped,
+}
+
+impl MoeImplName {
+    pub fn imp(self) -> model::MoeImpl {
+        match self {
+            MoeImplName::Naive => model::MoeImpl::Naive,
+            MoeImplName::Grouped => model::MoeImpl::Grouped,
+        }
+    }
+}
+
 /// The dtype of the frozen base weights (adapters are always f32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -118,6 +138,8 @@ pub struct TrainConfig {
     pub dtype: DTypeName,
     /// Continue from the newest complete checkpoint in `out_dir`.
     pub resume: bool,
+    /// How MixLoRA FFNs are computed: `naive` or `grouped`.
+    pub moe_impl: MoeImplName,
 }
 
 impl Default for TrainConfig {
@@ -161,6 +183,7 @@ impl Default for TrainConfig {
             device: "cpu".into(),
             dtype: DTypeName::F32,
             resume: false,
+            moe_impl: MoeImplName::Naive,
         }
     }
 }
@@ -442,6 +465,9 @@ pub struct TrainArgs {
     /// Continue from the newest complete checkpoint in the output folder.
     #[arg(long)]
     pub resume: bool,
+    /// How MixLoRA FFNs are computed [default: naive].
+    #[arg(long, value_enum)]
+    pub moe_impl: Option<MoeImplName>,
 }
 
 impl TrainArgs {
@@ -484,7 +510,8 @@ impl TrainArgs {
             save_total_limit,
             log_every,
             device,
-            dtype
+            dtype,
+            moe_impl
         );
         // The embedded default (no file, no model): a frozen random tiny model learns only through
         // its adapters and needs a larger step than the real-model default.
