@@ -93,39 +93,47 @@ fn topk_before<T: CpuFloat>(a: T, ia: usize, b: T, ib: usize) -> bool {
     }
 }
 
+/// One row of [`route_t`]: softmax of `xr` into `pr`, the top-k ids and renormalised weights.
+fn route_row<T: CpuFloat>(xr: &[T], pr: &mut [T], ir: &mut [u32], wr: &mut [T]) {
+    let k = ir.len();
+    let m = xr.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+    for (p, &v) in pr.iter_mut().zip(xr) {
+        *p = (v - m).fast_exp();
+    }
+    let inv = pr.iter().copied().sum::<T>().recip();
+    pr.iter_mut().for_each(|p| *p = *p * inv);
+    let mut order: Vec<usize> = (0..xr.len()).collect();
+    order.sort_by(|&i, &j| {
+        if topk_before(pr[i], i, pr[j], j) {
+            std::cmp::Ordering::Less
+        } else {
+            std::cmp::Ordering::Greater
+        }
+    });
+    let sum = order[..k].iter().map(|&i| pr[i]).sum::<T>();
+    for (j, &i) in order[..k].iter().enumerate() {
+        ir[j] = i as u32;
+        wr[j] = pr[i] / sum;
+    }
+}
+
 fn route_t<T: CpuFloat>(x: &[T], n: usize, e: usize, k: usize) -> (Vec<T>, Vec<u32>, Vec<T>) {
     let mut probs = vec![T::zero(); n * e];
     let mut ids = vec![0u32; n * k];
     let mut w = vec![T::zero(); n * k];
-    let row = |((xr, pr), (ir, wr)): ((&[T], &mut [T]), (&mut [u32], &mut [T]))| {
-        let m = xr.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
-        for (p, &v) in pr.iter_mut().zip(xr) {
-            *p = (v - m).fast_exp();
-        }
-        let inv = pr.iter().copied().sum::<T>().recip();
-        pr.iter_mut().for_each(|p| *p = *p * inv);
-        let mut order: Vec<usize> = (0..e).collect();
-        order.sort_by(|&i, &j| {
-            if topk_before(pr[i], i, pr[j], j) {
-                std::cmp::Ordering::Less
-            } else {
-                std::cmp::Ordering::Greater
-            }
-        });
-        let sum = order[..k].iter().map(|&i| pr[i]).sum::<T>();
-        for (j, &i) in order[..k].iter().enumerate() {
-            ir[j] = i as u32;
-            wr[j] = pr[i] / sum;
-        }
-    };
-    let chunks = x
-        .chunks(e.max(1))
-        .zip(probs.chunks_mut(e.max(1)))
-        .zip(ids.chunks_mut(k.max(1)).zip(w.chunks_mut(k.max(1))));
+    if n == 0 {
+        return (probs, ids, w);
+    }
     if n * e >= PAR_THRESHOLD {
-        chunks.par_bridge().for_each(row);
+        x.par_chunks(e)
+            .zip(probs.par_chunks_mut(e))
+            .zip(ids.par_chunks_mut(k).zip(w.par_chunks_mut(k)))
+            .for_each(|((xr, pr), (ir, wr))| route_row(xr, pr, ir, wr));
     } else {
-        chunks.for_each(row);
+        x.chunks(e)
+            .zip(probs.chunks_mut(e))
+            .zip(ids.chunks_mut(k).zip(w.chunks_mut(k)))
+            .for_each(|((xr, pr), (ir, wr))| route_row(xr, pr, ir, wr));
     }
     (probs, ids, w)
 }
@@ -305,7 +313,7 @@ pub(super) fn combine(
                 }
                 let c = wv[t * k + j];
                 for (a, &v) in o.iter_mut().zip(&yv[r * h..(r + 1) * h]) {
-                    *a = *a + c * v;
+                    *a += c * v;
                 }
             }
         };
@@ -483,7 +491,7 @@ pub(super) fn grouped_matmul_dw(
             for r in seg[ei]..seg[ei + 1] {
                 let g = gv[r * nn + n];
                 for (a, &v) in o.iter_mut().zip(&xv[r * kk..(r + 1) * kk]) {
-                    *a = *a + g * v;
+                    *a += g * v;
                 }
             }
         };
