@@ -235,8 +235,10 @@ template <typename T, int BM, int BN, int BK, int TM, int TN>
 __device__ void gmm(u32 m, u32 nn, u32 kk, u32 ne, const T* x, const T* w, u32 se, u32 sn, u32 sk,
                     const u32* off, T* y) {
     typedef typename Acc<T>::type A;
-    __shared__ A xs[BK][BM];
-    __shared__ A ws[BK][BN];
+    // +1 pads: the tile stores walk the first index across a warp, which would otherwise hit
+    // one shared-memory bank.
+    __shared__ A xs[BK][BM + 1];
+    __shared__ A ws[BK][BN + 1];
     const u32 tid = threadIdx.x;
     const u32 tx = tid % (BN / TN), ty = tid / (BN / TN);
     const u32 m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
@@ -346,8 +348,8 @@ __device__ void gmm_dw(u32 m, u32 nn, u32 kk, u32 ne, const T* dy, const T* x, c
 }
 
 // Tile shapes (256 threads each):
-//   narrow: N ≤ 16 (LoRA A forward, K = H; B's input gradient, K = I): 256 × 16 tiles, 8 × 2 per
-//           thread; BK = 32 (16 for f64, for the 48 KiB of static shared memory);
+//   narrow: N ≤ 16 (LoRA A forward, K = H; B's input gradient, K = I): 128 × 16 tiles, 4 × 2 per
+//           thread; BK = 32 (16 for f64, to keep shared memory small);
 //   wide:   everything else (LoRA B forward, N = I, K = r; A's input gradient): 64 × 64, 4 × 4;
 //   dw_n16: N ≤ 16 (A's weight gradient): 16 × 128 outputs, 2 × 4 per thread;
 //   dw_k16: K ≤ 16 (B's weight gradient): 128 × 16 outputs, 4 × 2 per thread;
@@ -375,7 +377,7 @@ __device__ void gmm_dw(u32 m, u32 nn, u32 kk, u32 ne, const T* dy, const T* x, c
     } \
     extern "C" __global__ void grouped_matmul_narrow_##SUF(u32 m, u32 nn, u32 kk, u32 ne, const T* x, const T* w, \
                                                            u32 se, u32 sn, u32 sk, const u32* off, T* y) { \
-        gmm<T, 256, 16, NBK, 8, 2>(m, nn, kk, ne, x, w, se, sn, sk, off, y); \
+        gmm<T, 128, 16, NBK, 4, 2>(m, nn, kk, ne, x, w, se, sn, sk, off, y); \
     } \
     extern "C" __global__ void grouped_matmul_wide_##SUF(u32 m, u32 nn, u32 kk, u32 ne, const T* x, const T* w, \
                                                          u32 se, u32 sn, u32 sk, const u32* off, T* y) { \

@@ -456,7 +456,7 @@ pub(crate) fn grouped_matmul(
     let (sn, sk) = if trans_w { (1u32, n32) } else { (k32, 1u32) };
     let (xp, wp, op_, yp) = (xc.ptr, wc.ptr, oc.ptr, out.ptr());
     let (kind, bm, bn) = if nn <= 16 {
-        ("narrow", 256, 16)
+        ("narrow", 128, 16)
     } else {
         ("wide", 64, 64)
     };
