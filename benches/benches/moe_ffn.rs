@@ -35,7 +35,11 @@ struct Sizes {
 }
 
 /// The implementations compared, with their JSON key.
-const IMPLS: &[(&str, MoeImpl)] = &[("naive", MoeImpl::Naive), ("paper", MoeImpl::Paper)];
+const IMPLS: &[(&str, MoeImpl)] = &[
+    ("naive", MoeImpl::Naive),
+    ("paper", MoeImpl::Paper),
+    ("grouped", MoeImpl::Grouped),
+];
 
 fn device() -> Device {
     if std::env::var("MIXLORA_BENCH_DEVICE").is_ok_and(|d| d == "cpu") {

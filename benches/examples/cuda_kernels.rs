@@ -721,6 +721,7 @@ fn run_all(lab: &mut Lab) -> Result<()> {
         matmuls(lab, dt)?;
         attention(lab, dt)?;
         attention_softmax(lab, dt)?;
+        moe(lab, dt)?;
     }
     Ok(())
 }
@@ -786,4 +787,137 @@ fn attention_softmax(lab: &mut Lab, dt: DType) -> Result<()> {
     lab.run(mem("softmax_backward", dt, sh, 3 * n * s), || {
         y.softmax_backward(&l, &g, &l, scale).map(drop)
     })
+}
+
+/// The MoE kernels (kernels/src/moe.cu) at LLaMA-2-7B sizes: T = 16384 tokens, E = 8 experts,
+/// k = 2 (S = T·k = 32768 slots), H = 4096, I = 11008, LoRA rank r = 16; `s` the element size,
+/// weights and scales of permute/combine in f32 (4 bytes). Minimal bytes (FLOPs where counted):
+/// - route_topk: logits in, probs out `2·T·E·s`, ids and weights out `T·k·(4 + s)`;
+///   its backward: weights, gw in `2·T·k·s`, ids `T·k·4`, dlogits out `T·E·s`;
+/// - group (count, scan, scatter): ids read twice and perm written `3·S·4` (the per-tile counts
+///   are `(E+1)·S/256·4`, negligible);
+/// - permute: `T·H·s` in (each token row, read k times from L2 at best), `S·H·s` out, `S·4` perm;
+/// - combine: `S·H·s` in, `T·H·s` out, `S·4` inverse, `T·k·4` weights; combine_dw (weight
+///   gradient): `S·H·s + T·H·s` in, `S·4` out;
+/// - grouped_matmul `[M, K] · w[e]ᵀ → [M, N]`: `(M·K + E·N·K + M·N)·s`, `2·M·N·K` FLOPs — LoRA A
+///   (K = H, N = r) and B (K = r, N = I), and the input gradients (the same kernel with w read
+///   transposed: A's `[S, r] → [S, H]`, B's `[S, I] → [S, r]`); all memory-bound at r = 16
+///   (≤ 16 FLOPs per byte in bf16), so they are rated against the copy ceiling;
+/// - grouped_matmul_dw `dw[e] = dy[seg]ᵀ x[seg]`: `(M·N + M·K + E·N·K)·s`, `2·M·N·K` FLOPs.
+fn moe(lab: &mut Lab, dt: DType) -> Result<()> {
+    let s = dt.size_in_bytes();
+    let (t, e, k, h, i, r) = (16384usize, 8usize, 2usize, H, 11008usize, 16usize);
+    let m = t * k;
+    let acc = DType::F32;
+
+    let logits = randn(&[t, e], dt, 40)?;
+    let ll = lay(&[t, e]);
+    lab.run(
+        mem(
+            format!("moe_route_topk E={e} k={k}"),
+            dt,
+            shape_str(&[t, e]),
+            2 * t * e * s + t * k * (4 + s),
+        ),
+        || logits.moe_route_topk(&ll, k).map(drop),
+    )?;
+    let (_, rids, rw) = logits.moe_route_topk(&ll, k)?;
+    let gw = randn(&[t, k], dt, 41)?;
+    let kl = lay(&[t, k]);
+    lab.run(
+        mem(
+            "moe_route_topk_backward",
+            dt,
+            shape_str(&[t, k]),
+            2 * t * k * s + t * k * 4 + t * e * s,
+        ),
+        || {
+            rw.moe_route_topk_backward(&kl, &rids, &kl, &gw, &kl, e)
+                .map(drop)
+        },
+    )?;
+    lab.run(
+        mem("moe_group", DType::U32, shape_str(&[t, k]), 3 * m * 4),
+        || rids.moe_group(&kl, e).map(drop),
+    )?;
+    let (perm, off) = rids.moe_group(&kl, e)?;
+    let (pl, ol) = (lay(&[m]), lay(&[e + 1]));
+    let inv = perm.moe_invert_perm(&pl)?;
+
+    let x = randn(&[t, h], dt, 42)?;
+    lab.run(
+        mem(
+            "moe_permute",
+            dt,
+            format!("{} -> {}", shape_str(&[t, h]), shape_str(&[m, h])),
+            t * h * s + m * h * s + m * 4,
+        ),
+        || x.moe_permute(&lay(&[t, h]), &perm, &pl, k, None).map(drop),
+    )?;
+    drop(x);
+    let y = randn(&[m, h], dt, 43)?;
+    let w = randn(&[t, k], acc, 44)?;
+    lab.run(
+        mem(
+            "moe_combine",
+            dt,
+            format!("{} -> {}", shape_str(&[m, h]), shape_str(&[t, h])),
+            m * h * s + t * h * s + m * 4 + t * k * 4,
+        ),
+        || y.moe_combine(&lay(&[m, h]), &inv, &pl, &w, &kl).map(drop),
+    )?;
+    let g = randn(&[t, h], dt, 45)?;
+    lab.run(
+        mem(
+            "moe_combine_dw",
+            dt,
+            shape_str(&[m, h]),
+            m * h * s + t * h * s + m * 4,
+        ),
+        || {
+            y.moe_combine_dw(&lay(&[m, h]), &inv, &pl, &g, &lay(&[t, h]), k)
+                .map(drop)
+        },
+    )?;
+    drop((g, w));
+
+    // Grouped matmuls over the sorted slots (y stands for x_sorted [S, H]).
+    let gmm = |op: &str, (mm, kk, nn): (usize, usize, usize)| Case {
+        op: op.into(),
+        dtype: dt,
+        shape: format!("[{mm}, {kk}] x {e}·[{kk}, {nn}]"),
+        bytes: ((mm * kk + e * nn * kk + mm * nn) * s) as f64,
+        flops: 2.0 * (mm * nn * kk) as f64,
+        bound: Bound::Memory,
+    };
+    let a = randn(&[e, r, h], dt, 46)?;
+    let b = randn(&[e, i, r], dt, 47)?;
+    let z = randn(&[m, r], dt, 48)?;
+    let (al, bl, zl, yl) = (lay(&[e, r, h]), lay(&[e, i, r]), lay(&[m, r]), lay(&[m, h]));
+    lab.run(gmm("grouped_matmul LoRA A (x·Aᵀ)", (m, h, r)), || {
+        y.grouped_matmul(&yl, &a, &al, &off, &ol, false).map(drop)
+    })?;
+    lab.run(gmm("grouped_matmul LoRA B (z·Bᵀ)", (m, r, i)), || {
+        z.grouped_matmul(&zl, &b, &bl, &off, &ol, false).map(drop)
+    })?;
+    lab.run(
+        gmm("grouped_matmul A input grad (dz·A)", (m, r, h)),
+        || z.grouped_matmul(&zl, &a, &al, &off, &ol, true).map(drop),
+    )?;
+    drop(y);
+    let dy = randn(&[m, i], dt, 49)?;
+    let dyl = lay(&[m, i]);
+    lab.run(
+        gmm("grouped_matmul B input grad (dy·B)", (m, i, r)),
+        || dy.grouped_matmul(&dyl, &b, &bl, &off, &ol, true).map(drop),
+    )?;
+    lab.run(gmm("grouped_matmul_dw B (dyᵀ·z)", (m, i, r)), || {
+        dy.grouped_matmul_dw(&dyl, &z, &zl, &off, &ol, e).map(drop)
+    })?;
+    drop(dy);
+    let x = randn(&[m, h], dt, 50)?;
+    lab.run(gmm("grouped_matmul_dw A (dzᵀ·x)", (m, r, h)), || {
+        z.grouped_matmul_dw(&zl, &x, &yl, &off, &ol, e).map(drop)
+    })?;
+    Ok(())
 }

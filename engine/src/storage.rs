@@ -355,4 +355,116 @@ impl BackendStorage for Storage {
     fn softmax_backward(&self, l: &Layout, g: &Self, gl: &Layout, scale: f64) -> Result<Self> {
         two!("softmax_backward", self, g, (y, g) => y.softmax_backward(l, g, gl, scale))
     }
+    fn moe_route_topk(&self, l: &Layout, k: usize) -> Result<(Self, Self, Self)> {
+        match self {
+            Storage::Cpu(s) => {
+                let (p, i, w) = s.moe_route_topk(l, k)?;
+                Ok((Storage::Cpu(p), Storage::Cpu(i), Storage::Cpu(w)))
+            }
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => {
+                let (p, i, w) = s.moe_route_topk(l, k)?;
+                Ok((Storage::Cuda(p), Storage::Cuda(i), Storage::Cuda(w)))
+            }
+        }
+    }
+    fn moe_route_topk_backward(
+        &self,
+        l: &Layout,
+        ids: &Self,
+        il: &Layout,
+        gw: &Self,
+        gl: &Layout,
+        e: usize,
+    ) -> Result<Self> {
+        three!("moe_route_topk_backward", self, ids, gw, (w, i, g) => w.moe_route_topk_backward(l, i, il, g, gl, e))
+    }
+    fn moe_group(&self, l: &Layout, e: usize) -> Result<(Self, Self)> {
+        match self {
+            Storage::Cpu(s) => {
+                let (p, o) = s.moe_group(l, e)?;
+                Ok((Storage::Cpu(p), Storage::Cpu(o)))
+            }
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => {
+                let (p, o) = s.moe_group(l, e)?;
+                Ok((Storage::Cuda(p), Storage::Cuda(o)))
+            }
+        }
+    }
+    fn moe_invert_perm(&self, l: &Layout) -> Result<Self> {
+        one!(self, s => s.moe_invert_perm(l))
+    }
+    fn moe_permute(
+        &self,
+        l: &Layout,
+        perm: &Self,
+        pl: &Layout,
+        k: usize,
+        scale: Option<(&Self, &Layout)>,
+    ) -> Result<Self> {
+        #[allow(unreachable_patterns)]
+        match (self, perm, scale) {
+            (Storage::Cpu(x), Storage::Cpu(p), None) => {
+                Ok(Storage::Cpu(x.moe_permute(l, p, pl, k, None)?))
+            }
+            (Storage::Cpu(x), Storage::Cpu(p), Some((Storage::Cpu(s), sl))) => {
+                Ok(Storage::Cpu(x.moe_permute(l, p, pl, k, Some((s, sl)))?))
+            }
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(x), Storage::Cuda(p), None) => {
+                Ok(Storage::Cuda(x.moe_permute(l, p, pl, k, None)?))
+            }
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(x), Storage::Cuda(p), Some((Storage::Cuda(s), sl))) => {
+                Ok(Storage::Cuda(x.moe_permute(l, p, pl, k, Some((s, sl)))?))
+            }
+            (x, p, _) if x.device() != p.device() => Err(mismatch("moe_permute", x, p)),
+            (x, _, Some((s, _))) => Err(mismatch("moe_permute", x, s)),
+            (x, p, None) => Err(mismatch("moe_permute", x, p)),
+        }
+    }
+    fn moe_combine(
+        &self,
+        l: &Layout,
+        inv: &Self,
+        il: &Layout,
+        w: &Self,
+        wl: &Layout,
+    ) -> Result<Self> {
+        three!("moe_combine", self, inv, w, (y, i, w) => y.moe_combine(l, i, il, w, wl))
+    }
+    fn moe_combine_dw(
+        &self,
+        l: &Layout,
+        inv: &Self,
+        il: &Layout,
+        g: &Self,
+        gl: &Layout,
+        k: usize,
+    ) -> Result<Self> {
+        three!("moe_combine_dw", self, inv, g, (y, i, g) => y.moe_combine_dw(l, i, il, g, gl, k))
+    }
+    fn grouped_matmul(
+        &self,
+        l: &Layout,
+        w: &Self,
+        wl: &Layout,
+        off: &Self,
+        ol: &Layout,
+        trans_w: bool,
+    ) -> Result<Self> {
+        three!("grouped_matmul", self, w, off, (x, w, o) => x.grouped_matmul(l, w, wl, o, ol, trans_w))
+    }
+    fn grouped_matmul_dw(
+        &self,
+        l: &Layout,
+        x: &Self,
+        xl: &Layout,
+        off: &Self,
+        ol: &Layout,
+        e: usize,
+    ) -> Result<Self> {
+        three!("grouped_matmul_dw", self, x, off, (g, x, o) => g.grouped_matmul_dw(l, x, xl, o, ol, e))
+    }
 }

@@ -94,8 +94,60 @@ pub const RANDOM: KernelSource = module!("random", f3 randn f3 rand_uniform f3 d
 /// The attention softmax (causal, key-masked, scaled) and the fused softmax backward.
 pub const ATTENTION: KernelSource = module!("attention", f3 causal_softmax f3 softmax_backward);
 
+/// MoE routing: fused top-k routing, grouping by expert on the device, permute/combine, grouped
+/// matmuls over expert segments (forward and weight gradient).
+pub const MOE: KernelSource = KernelSource {
+    name: "moe",
+    source: concat!(include_str!("common.cuh"), "\n", include_str!("moe.cu")),
+    kernels: &[
+        "moe_route_topk_f32",
+        "moe_route_topk_bf16",
+        "moe_route_topk_f64",
+        "moe_route_topk_backward_f32",
+        "moe_route_topk_backward_bf16",
+        "moe_route_topk_backward_f64",
+        "moe_permute_f32",
+        "moe_permute_bf16",
+        "moe_permute_f64",
+        "moe_combine_f32",
+        "moe_combine_bf16",
+        "moe_combine_f64",
+        "moe_combine_dw_f32",
+        "moe_combine_dw_bf16",
+        "moe_combine_dw_f64",
+        "grouped_matmul_narrow_f32",
+        "grouped_matmul_narrow_bf16",
+        "grouped_matmul_narrow_f64",
+        "grouped_matmul_wide_f32",
+        "grouped_matmul_wide_bf16",
+        "grouped_matmul_wide_f64",
+        "grouped_matmul_dw_n16_f32",
+        "grouped_matmul_dw_n16_bf16",
+        "grouped_matmul_dw_n16_f64",
+        "grouped_matmul_dw_k16_f32",
+        "grouped_matmul_dw_k16_bf16",
+        "grouped_matmul_dw_k16_f64",
+        "grouped_matmul_dw_f32",
+        "grouped_matmul_dw_bf16",
+        "grouped_matmul_dw_f64",
+        "moe_group_count_u32",
+        "moe_group_scan_u32",
+        "moe_group_scatter_u32",
+        "moe_invert_perm_u32",
+    ],
+};
+
 /// Every kernel module of the engine.
-pub const SOURCES: &[KernelSource] = &[ELEMENTWISE, REDUCE, NORM, LOSS, INDEX, RANDOM, ATTENTION];
+pub const SOURCES: &[KernelSource] = &[
+    ELEMENTWISE,
+    REDUCE,
+    NORM,
+    LOSS,
+    INDEX,
+    RANDOM,
+    ATTENTION,
+    MOE,
+];
 
 /// The module that defines kernel `name`, if any.
 pub fn module_of(name: &str) -> Option<&'static KernelSource> {

@@ -411,10 +411,12 @@ impl Llama {
                     let weights = outs.pop().expect("4 outputs");
                     let mask = outs.pop().expect("4 outputs").detach();
                     let probs = outs.pop().expect("4 outputs");
+                    // The top-k ids and weights serve only the layer's own MoE computation.
                     RouterOutput {
                         probs,
                         mask,
                         weights,
+                        topk: None,
                     }
                 });
                 x = outs.swap_remove(0);

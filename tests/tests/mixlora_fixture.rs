@@ -51,6 +51,16 @@ fn check(what: &str, got: &[f64], want: &[f64], worst: &mut f64) {
 
 #[test]
 fn mixlora_ffn_matches_reference_fixture() {
+    ffn_matches_fixture(MoeImpl::Naive);
+}
+
+/// The device-side grouped path pins the same semantics.
+#[test]
+fn grouped_mixlora_ffn_matches_reference_fixture() {
+    ffn_matches_fixture(MoeImpl::Grouped);
+}
+
+fn ffn_matches_fixture(imp: MoeImpl) {
     let Some(fx) = fixture("mixlora_block_reference.json") else {
         return;
     };
@@ -112,7 +122,7 @@ fn mixlora_ffn_matches_reference_fixture() {
         up: &wu,
         down: &wd,
     };
-    let (y, route) = ffn.forward(&x, shared, MoeImpl::Naive, None).unwrap();
+    let (y, route) = ffn.forward(&x, shared, imp, None).unwrap();
     let aux = aux_loss(&[route.clone()], None, coef).unwrap().unwrap();
     let dy = tensor(&fx["dy"], &[t, h]);
     let loss = y.mul(&dy).unwrap().sum_all().unwrap().add(&aux).unwrap();

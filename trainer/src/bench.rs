@@ -38,6 +38,8 @@ pub enum BenchVariant {
     MixloraNaive,
     /// MixLoRA with the paper's † optimisation (shared gate/up projections).
     MixloraPaper,
+    /// MixLoRA grouped by expert on the device (no host sync).
+    MixloraGrouped,
 }
 
 impl BenchVariant {
@@ -47,6 +49,7 @@ impl BenchVariant {
             BenchVariant::Lora => "lora",
             BenchVariant::MixloraNaive => "mixlora_naive",
             BenchVariant::MixloraPaper => "mixlora_paper",
+            BenchVariant::MixloraGrouped => "mixlora_grouped",
         }
     }
     fn adapter(self) -> (AdapterConfig, Option<MoeImpl>) {
@@ -54,6 +57,9 @@ impl BenchVariant {
             BenchVariant::Lora => (AdapterConfig::lora_default(), None),
             BenchVariant::MixloraNaive => (AdapterConfig::mixlora_default(), Some(MoeImpl::Naive)),
             BenchVariant::MixloraPaper => (AdapterConfig::mixlora_default(), Some(MoeImpl::Paper)),
+            BenchVariant::MixloraGrouped => {
+                (AdapterConfig::mixlora_default(), Some(MoeImpl::Grouped))
+            }
         }
     }
 }
@@ -218,6 +224,7 @@ pub fn table6(a: &Table6Args, mut log: impl FnMut(&str)) -> Result<Vec<VariantRe
             BenchVariant::Lora,
             BenchVariant::MixloraNaive,
             BenchVariant::MixloraPaper,
+            BenchVariant::MixloraGrouped,
         ]
     } else {
         a.variants.clone()

@@ -37,6 +37,29 @@ pub enum Routing {
     Topp,
 }
 
+/// How MixLoRA FFNs are computed (the same values and gradients up to rounding).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum MoeImplName {
+    /// A per-expert loop that reads each layer's routing mask to the host.
+    #[default]
+    Naive,
+    /// The paper's † version: shared gate/up projections, per-expert down projections.
+    Paper,
+    /// Device-side grouping by expert and grouped LoRA matmuls, no host read (top-k routing).
+    Grouped,
+}
+
+impl MoeImplName {
+    pub fn imp(self) -> model::MoeImpl {
+        match self {
+            MoeImplName::Naive => model::MoeImpl::Naive,
+            MoeImplName::Paper => model::MoeImpl::Paper,
+            MoeImplName::Grouped => model::MoeImpl::Grouped,
+        }
+    }
+}
+
 /// The dtype of the frozen base weights (adapters are always f32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -120,6 +143,8 @@ pub struct TrainConfig {
     pub resume: bool,
     /// Recompute each decoder layer in the backward pass instead of keeping its activations.
     pub gradient_checkpointing: bool,
+    /// How MixLoRA FFNs are computed: `naive` or `grouped`.
+    pub moe_impl: MoeImplName,
 }
 
 impl Default for TrainConfig {
@@ -164,6 +189,7 @@ impl Default for TrainConfig {
             dtype: DTypeName::F32,
             resume: false,
             gradient_checkpointing: false,
+            moe_impl: MoeImplName::Naive,
         }
     }
 }
@@ -448,6 +474,9 @@ pub struct TrainArgs {
     /// Recompute each decoder layer in the backward pass (less memory, one more forward).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// How MixLoRA FFNs are computed [default: naive].
+    #[arg(long, value_enum)]
+    pub moe_impl: Option<MoeImplName>,
 }
 
 impl TrainArgs {
@@ -490,7 +519,8 @@ impl TrainArgs {
             save_total_limit,
             log_every,
             device,
-            dtype
+            dtype,
+            moe_impl
         );
         // The embedded default (no file, no model): a frozen random tiny model learns only through
         // its adapters and needs a larger step than the real-model default.

@@ -212,6 +212,7 @@ pub fn train_until(
         cfg.seed,
     )?;
     model.set_gradient_checkpointing(cfg.gradient_checkpointing);
+    model.set_moe_impl(cfg.moe_impl.imp());
     let (train_tasks, eval_tasks) = tasks(cfg)?;
     let ds = Dataset::encode(&train_tasks, &tok, cfg.cutoff_len)?;
     if ds.is_empty() {

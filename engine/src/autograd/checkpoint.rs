@@ -127,6 +127,10 @@ pub fn checkpoint(
     let first = first.view(first.layout().clone(), node);
     let mut wrapped = vec![first.clone()];
     for (i, o) in outputs.iter().enumerate().skip(1) {
+        if !o.dtype().is_float() {
+            wrapped.push(o.clone()); // ids and masks carry no gradient
+            continue;
+        }
         let stash = stash.clone();
         let node = Node::record("checkpoint_output", &[&first], move |x, _out, g| {
             stash.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(g.clone());

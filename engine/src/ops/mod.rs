@@ -9,6 +9,7 @@ mod elementwise;
 mod index;
 mod loss;
 mod matmul;
+mod moe;
 mod norm;
 mod reduce;
 mod rope;

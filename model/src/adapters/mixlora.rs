@@ -10,8 +10,15 @@
 //! MixLoRA paper's optimisation (†): the frozen gate and up projections run once over all tokens,
 //! each expert slices its rows of them and adds its LoRA deltas, and the down projection still
 //! runs per expert.
+//!
+//! [`MoeImpl::Grouped`] (top-k routing) keeps everything on the device: the fused router
+//! (`moe_route_topk`), a device-side grouping of the (token, slot) pairs by expert
+//! (`moe_group`), one gather into slot order (`moe_permute`), the frozen base GEMMs once over
+//! all `N·k` sorted rows, the experts' LoRA deltas as grouped matmuls over the expert segments
+//! with the A/B matrices stacked per expert, and one weighted combine back to tokens
+//! (`moe_combine`). No host read anywhere.
 
-use engine::{rng, Tensor};
+use engine::{cat, rng, Tensor};
 
 use super::lora::{linear, lora_linear, LoraLinear};
 use super::router::{Router, RouterOutput};
@@ -27,6 +34,92 @@ pub enum MoeImpl {
     /// The paper's † version: `G = X W_gᵀ`, `U = X W_uᵀ` once for all tokens; per expert, its rows
     /// of `G`, `U` plus its LoRA deltas, then its own down projection on its rows.
     Paper,
+    /// Device-side grouping by expert and grouped LoRA matmuls (top-k routing; top-p routing
+    /// and experts whose LoRAs differ in settings fall back to `Naive`). Dropout masks differ
+    /// from `Naive`'s (one mask per projection over the sorted rows).
+    Grouped,
+}
+
+impl std::str::FromStr for MoeImpl {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "naive" => Ok(MoeImpl::Naive),
+            "paper" => Ok(MoeImpl::Paper),
+            "grouped" => Ok(MoeImpl::Grouped),
+            other => Err(format!(
+                "unknown MoE implementation `{other}` (expected naive, paper or grouped)"
+            )),
+        }
+    }
+}
+
+/// One projection's LoRA of every expert, stacked: `A` `[E, r, in]`, `B` `[E, out, r]` (in the
+/// graph: gradients reach each expert's own `A`/`B`).
+struct StackedLora {
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+    dropout: f64,
+}
+
+/// `Ok(None)`: no expert has a LoRA on this projection; `Err(())`: the experts' LoRAs differ in
+/// presence, scale, dropout or shape, so they cannot be stacked.
+fn stack_loras(
+    loras: &[Option<&LoraLinear>],
+) -> Result<std::result::Result<Option<StackedLora>, ()>> {
+    if loras.iter().all(|l| l.is_none()) {
+        return Ok(Ok(None));
+    }
+    let Some(Some(first)) = loras.first() else {
+        return Ok(Err(()));
+    };
+    let same = |l: &&LoraLinear| {
+        l.scale == first.scale
+            && l.dropout == first.dropout
+            && l.a.dims() == first.a.dims()
+            && l.b.dims() == first.b.dims()
+            && l.a.dtype() == first.a.dtype()
+    };
+    if !loras.iter().all(|l| l.as_ref().is_some_and(same)) {
+        return Ok(Err(()));
+    }
+    let a: Vec<Tensor> = loras
+        .iter()
+        .flatten()
+        .map(|l| l.a.unsqueeze(0))
+        .collect::<engine::Result<_>>()?;
+    let b: Vec<Tensor> = loras
+        .iter()
+        .flatten()
+        .map(|l| l.b.unsqueeze(0))
+        .collect::<engine::Result<_>>()?;
+    Ok(Ok(Some(StackedLora {
+        a: cat(&a.iter().collect::<Vec<_>>(), 0)?, // [E, r, in]
+        b: cat(&b.iter().collect::<Vec<_>>(), 0)?, // [E, out, r]
+        scale: first.scale,
+        dropout: first.dropout,
+    })))
+}
+
+/// `x Wᵀ + s · grouped(grouped(drop(x), A), B)` over rows `x` `[M, in]` sorted by expert with
+/// segment `offsets` `[E+1]`: the frozen GEMM once over all rows, the rank-r delta per expert.
+fn grouped_lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    lora: Option<&StackedLora>,
+    offsets: &Tensor,
+    dropout_seed: Option<u64>,
+) -> Result<Tensor> {
+    let y = linear(x, w)?; // [M, out]
+    let Some(l) = lora else { return Ok(y) };
+    let mut xa = x.to_dtype(l.a.dtype())?; // [M, in]
+    if let Some(seed) = dropout_seed {
+        xa = xa.dropout(l.dropout, seed, true)?;
+    }
+    let z = xa.grouped_matmul(&l.a, offsets)?.affine(l.scale, 0.0)?; // [M, r]
+    let d = z.grouped_matmul(&l.b, offsets)?; // [M, out]
+    Ok(y.add(&d.to_dtype(y.dtype())?)?)
 }
 
 /// One expert's LoRA on the shared gate/up/down projections (`None`: not a target module).
@@ -90,8 +183,46 @@ impl MixLoraFfn {
         let y = match imp {
             MoeImpl::Naive => self.naive(&x2, w, &route, dropout_seed)?,
             MoeImpl::Paper => self.paper(&x2, w, &route, dropout_seed)?,
+            MoeImpl::Grouped => match self.grouped(&x2, w, &route, dropout_seed)? {
+                Some(y) => y,
+                None => self.naive(&x2, w, &route, dropout_seed)?,
+            },
         };
         Ok((y.reshape(x.shape().clone())?, route))
+    }
+
+    /// The grouped path (see the module doc); `None` when it does not apply (top-p routing, or
+    /// expert LoRAs that cannot be stacked).
+    fn grouped(
+        &self,
+        x: &Tensor, // [N, H] base dtype
+        w: SharedFfn<'_>,
+        route: &RouterOutput,
+        dropout_seed: Option<u64>,
+    ) -> Result<Option<Tensor>> {
+        let Some((ids, tw)) = &route.topk else {
+            return Ok(None);
+        };
+        let k = ids.dims()[1];
+        let pick = |f: fn(&ExpertLora) -> Option<&LoraLinear>| {
+            stack_loras(&self.experts.iter().map(f).collect::<Vec<_>>())
+        };
+        let (Ok(gate), Ok(up), Ok(down)) = (
+            pick(|e| e.gate.as_ref())?,
+            pick(|e| e.up.as_ref())?,
+            pick(|e| e.down.as_ref())?,
+        ) else {
+            return Ok(None);
+        };
+        let (perm, offsets) = ids.moe_group(self.num_experts())?; // [N·k], [E+1] u32
+        let xs = x.moe_permute(&perm, k)?; // [N·k, H] slot rows sorted by expert
+        let seed = |j: u64| dropout_seed.map(|s| rng::hash(s, j));
+        let g = grouped_lora_linear(&xs, w.gate, gate.as_ref(), &offsets, seed(0))?; // [N·k, I]
+        let u = grouped_lora_linear(&xs, w.up, up.as_ref(), &offsets, seed(1))?; // [N·k, I]
+        let a = g.silu_mul(&u)?; // [N·k, I]
+        let yd = grouped_lora_linear(&a, w.down, down.as_ref(), &offsets, seed(2))?; // [N·k, H]
+                                                                                     // Σ_j w[t, j] · y[slot t·k + j], accumulated in f32 (f64) and rounded once to x's dtype.
+        Ok(Some(yd.moe_combine(&perm, tw)?)) // [N, H]
     }
 
     /// The per-expert loop: `y = Σ_e index_add(tokens_e, w[tokens_e, e] · y_e(x[tokens_e]))`,

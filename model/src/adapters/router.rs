@@ -39,6 +39,10 @@ pub struct RouterOutput {
     pub mask: Tensor,
     /// Combine weights `[N, E]`, zero off the mask, in the graph.
     pub weights: Tensor,
+    /// Top-k routing only: the chosen experts `[N, k]` u32 (largest first) and their
+    /// renormalised weights `[N, k]` (in the graph), from which `mask` and `weights` are
+    /// scattered. `None` for top-p routing.
+    pub topk: Option<(Tensor, Tensor)>,
 }
 
 impl Router {
@@ -52,23 +56,24 @@ impl Router {
         let n = x.dims()[0];
         let (dt, dev) = (self.weight.dtype(), self.weight.device());
         let logits = x.to_dtype(dt)?.matmul(&self.weight.t()?)?; // [N, E]
-        let probs = logits.softmax_last_dim()?; // [N, E]
-        let p = probs.detach(); // the selection itself has no gradient
         let zeros = Tensor::zeros([n, e], dt, dev)?;
         match self.routing {
             Routing::TopK(k) => {
-                let (_, sel) = p.topk(k)?; // [N, k] u32
+                // One fused kernel: softmax, top-k, renormalised weights (all on the device).
+                let (probs, ids, w) = logits.moe_route_topk(k)?; // [N, E], [N, k] u32, [N, k]
                 let ones = Tensor::ones([n, k], dt, dev)?;
-                let mask = zeros.scatter_add(&sel, &ones, 1)?; // [N, E]
-                let picked = probs.mul(&mask)?; // [N, E]
-                let weights = picked.div(&picked.sum_keepdim(1)?)?; // [N, E]
+                let mask = zeros.scatter_add(&ids, &ones, 1)?; // [N, E]
+                let weights = zeros.scatter_add(&ids, &w, 1)?; // [N, E], in the graph
                 Ok(RouterOutput {
                     probs,
                     mask,
                     weights,
+                    topk: Some((ids, w)),
                 })
             }
             Routing::TopP(top_p) => {
+                let probs = logits.softmax_last_dim()?; // [N, E]
+                let p = probs.detach(); // the selection itself has no gradient
                 let (sorted, order) = p.topk(e)?; // [N, E] decreasing, [N, E] u32
                                                   // Exclusive cumulative sums: before[t, j] = Σ_{i<j} sorted[t, i].
                 let before = sorted.matmul(&strict_upper_ones(e, dt, dev)?)?; // [N, E]
@@ -79,6 +84,7 @@ impl Router {
                     probs,
                     mask,
                     weights,
+                    topk: None,
                 })
             }
         }

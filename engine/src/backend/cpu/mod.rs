@@ -7,6 +7,7 @@ mod elementwise;
 mod index;
 mod loss;
 mod matmul;
+mod moe;
 mod norm;
 pub mod profile;
 mod random;
@@ -371,6 +372,97 @@ impl BackendStorage for CpuStorage {
         profile::timed(
             || "softmax_backward".into(),
             || attention::softmax_backward(self, l, g, g_l, scale),
+        )
+    }
+    fn moe_route_topk(&self, l: &Layout, k: usize) -> Result<(Self, Self, Self)> {
+        profile::timed(|| "moe_route_topk".into(), || moe::route_topk(self, l, k))
+    }
+    fn moe_route_topk_backward(
+        &self,
+        l: &Layout,
+        ids: &Self,
+        ids_l: &Layout,
+        gw: &Self,
+        gw_l: &Layout,
+        num_experts: usize,
+    ) -> Result<Self> {
+        profile::timed(
+            || "moe_route_topk_backward".into(),
+            || moe::route_topk_backward(self, l, ids, ids_l, gw, gw_l, num_experts),
+        )
+    }
+    fn moe_group(&self, l: &Layout, num_experts: usize) -> Result<(Self, Self)> {
+        profile::timed(|| "moe_group".into(), || moe::group(self, l, num_experts))
+    }
+    fn moe_invert_perm(&self, l: &Layout) -> Result<Self> {
+        profile::timed(|| "moe_invert_perm".into(), || moe::invert_perm(self, l))
+    }
+    fn moe_permute(
+        &self,
+        l: &Layout,
+        perm: &Self,
+        perm_l: &Layout,
+        k: usize,
+        scale: Option<(&Self, &Layout)>,
+    ) -> Result<Self> {
+        profile::timed(
+            || "moe_permute".into(),
+            || moe::permute(self, l, perm, perm_l, k, scale),
+        )
+    }
+    fn moe_combine(
+        &self,
+        l: &Layout,
+        inv: &Self,
+        inv_l: &Layout,
+        w: &Self,
+        w_l: &Layout,
+    ) -> Result<Self> {
+        profile::timed(
+            || "moe_combine".into(),
+            || moe::combine(self, l, inv, inv_l, w, w_l),
+        )
+    }
+    fn moe_combine_dw(
+        &self,
+        l: &Layout,
+        inv: &Self,
+        inv_l: &Layout,
+        g: &Self,
+        g_l: &Layout,
+        k: usize,
+    ) -> Result<Self> {
+        profile::timed(
+            || "moe_combine_dw".into(),
+            || moe::combine_dw(self, l, inv, inv_l, g, g_l, k),
+        )
+    }
+    fn grouped_matmul(
+        &self,
+        l: &Layout,
+        w: &Self,
+        w_l: &Layout,
+        offsets: &Self,
+        off_l: &Layout,
+        trans_w: bool,
+    ) -> Result<Self> {
+        profile::timed(
+            || "grouped_matmul".into(),
+            || moe::grouped_matmul(self, l, w, w_l, offsets, off_l, trans_w),
+        )
+    }
+    fn grouped_matmul_dw(
+        &self,
+        l: &Layout,
+        x: &Self,
+        x_l: &Layout,
+        offsets: &Self,
+        off_l: &Layout,
+        num_experts: usize,
+    ) -> Result<Self> {
+        profile::timed(
+            || "grouped_matmul_dw".into(),
+            || moe::grouped_matmul_dw(self, l, x, x_l, offsets, off_l, num_experts),
         )
     }
 }

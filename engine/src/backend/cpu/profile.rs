@@ -45,6 +45,7 @@ pub(crate) fn timed<R>(name: impl FnOnce() -> String, f: impl FnOnce() -> R) -> 
 }
 
 /// Adds `dt` under `name` (profiling on or not: callers check [`enabled`]).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) fn record(name: &str, dt: std::time::Duration) {
     let mut table = TABLE.lock().unwrap_or_else(|e| e.into_inner());
     let e = table

@@ -1,0 +1,505 @@
+//! MoE routing and grouped expert ops on the CPU: the reference of the CUDA kernels in
+//! kernels/src/moe.cu. f32 and bf16 compute in f32 (bf16 rounded once on write), f64 in f64.
+//! Every sum runs in a fixed order (slot order, row order), like the kernels.
+
+use rayon::prelude::*;
+
+use num_traits::{One, Zero};
+
+use super::{CpuFloat, CpuStorage, PAR_THRESHOLD};
+use crate::backend::BackendStorage;
+use crate::{DType, Error, Layout, Result};
+
+/// The accumulation dtype of a float dtype: f64 for f64, else f32.
+fn acc_dtype(d: DType) -> DType {
+    if d == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+fn float_only(op: &'static str, s: &CpuStorage) -> Result<()> {
+    if s.dtype() == DType::U32 {
+        return Err(Error::UnsupportedDType {
+            op,
+            dtype: DType::U32,
+        });
+    }
+    Ok(())
+}
+
+fn rank2(op: &'static str, l: &Layout) -> Result<(usize, usize)> {
+    match l.dims() {
+        &[a, b] => Ok((a, b)),
+        _ => Err(Error::RankMismatch {
+            op,
+            expected: 2,
+            shape: l.shape().clone(),
+        }),
+    }
+}
+
+/// A float view as a contiguous `Vec<T>` (T is f32 for f32/bf16 storages, f64 for f64).
+fn vec_t<T: CpuFloat>(op: &'static str, s: &CpuStorage, l: &Layout) -> Result<Vec<T>> {
+    match s {
+        CpuStorage::F64(v) => Ok(CpuStorage::gather_view(v, l)
+            .into_iter()
+            .map(|x| T::from(x).unwrap_or_else(T::nan))
+            .collect()),
+        _ => Ok(s
+            .view_f32(op, l)?
+            .into_iter()
+            .map(|x| T::from(x).unwrap_or_else(T::nan))
+            .collect()),
+    }
+}
+
+/// A `Vec<T>` stored as `dtype` (bf16 rounds once).
+fn store<T: CpuFloat>(v: Vec<T>, dtype: DType) -> CpuStorage {
+    let f32s = || {
+        v.iter()
+            .map(|x| x.to_f32().unwrap_or(f32::NAN))
+            .collect::<Vec<_>>()
+    };
+    match dtype {
+        DType::F64 => CpuStorage::F64(v.iter().map(|x| x.to_f64().unwrap_or(f64::NAN)).collect()),
+        DType::BF16 => CpuStorage::bf16_from_f32(f32s()),
+        _ => CpuStorage::F32(f32s()),
+    }
+}
+
+/// Runs `$body` with `T` = f64 for f64 storages and f32 otherwise.
+macro_rules! by_acc {
+    ($d:expr, $t:ident => $body:expr) => {
+        if $d == DType::F64 {
+            type $t = f64;
+            $body
+        } else {
+            type $t = f32;
+            $body
+        }
+    };
+}
+
+/// True when `(a, ia)` comes first in top-k order: larger first, NaN largest, ties by index.
+fn topk_before<T: CpuFloat>(a: T, ia: usize, b: T, ib: usize) -> bool {
+    match (a.is_nan(), b.is_nan()) {
+        (true, true) => ia < ib,
+        (true, false) => true,
+        (false, true) => false,
+        _ if a != b => a > b,
+        _ => ia < ib,
+    }
+}
+
+/// One row of [`route_t`]: softmax of `xr` into `pr`, the top-k ids and renormalised weights.
+fn route_row<T: CpuFloat>(xr: &[T], pr: &mut [T], ir: &mut [u32], wr: &mut [T]) {
+    let k = ir.len();
+    let m = xr.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+    for (p, &v) in pr.iter_mut().zip(xr) {
+        *p = (v - m).fast_exp();
+    }
+    let inv = pr.iter().copied().sum::<T>().recip();
+    pr.iter_mut().for_each(|p| *p = *p * inv);
+    let mut order: Vec<usize> = (0..xr.len()).collect();
+    order.sort_by(|&i, &j| {
+        if topk_before(pr[i], i, pr[j], j) {
+            std::cmp::Ordering::Less
+        } else {
+            std::cmp::Ordering::Greater
+        }
+    });
+    let sum = order[..k].iter().map(|&i| pr[i]).sum::<T>();
+    for (j, &i) in order[..k].iter().enumerate() {
+        ir[j] = i as u32;
+        wr[j] = pr[i] / sum;
+    }
+}
+
+fn route_t<T: CpuFloat>(x: &[T], n: usize, e: usize, k: usize) -> (Vec<T>, Vec<u32>, Vec<T>) {
+    let mut probs = vec![T::zero(); n * e];
+    let mut ids = vec![0u32; n * k];
+    let mut w = vec![T::zero(); n * k];
+    if n == 0 {
+        return (probs, ids, w);
+    }
+    if n * e >= PAR_THRESHOLD {
+        x.par_chunks(e)
+            .zip(probs.par_chunks_mut(e))
+            .zip(ids.par_chunks_mut(k).zip(w.par_chunks_mut(k)))
+            .for_each(|((xr, pr), (ir, wr))| route_row(xr, pr, ir, wr));
+    } else {
+        x.chunks(e)
+            .zip(probs.chunks_mut(e))
+            .zip(ids.chunks_mut(k).zip(w.chunks_mut(k)))
+            .for_each(|((xr, pr), (ir, wr))| route_row(xr, pr, ir, wr));
+    }
+    (probs, ids, w)
+}
+
+pub(super) fn route_topk(
+    s: &CpuStorage,
+    l: &Layout,
+    k: usize,
+) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
+    const OP: &str = "moe_route_topk";
+    float_only(OP, s)?;
+    let (n, e) = rank2(OP, l)?;
+    if k == 0 || k > e {
+        return Err(Error::invalid(
+            OP,
+            format!("k = {k} must be in 1..={e} for logits {}", l.shape()),
+        ));
+    }
+    let dt = s.dtype();
+    by_acc!(dt, T => {
+        let x = vec_t::<T>(OP, s, l)?;
+        let (p, i, w) = route_t(&x, n, e, k);
+        Ok((store(p, dt), CpuStorage::U32(i), store(w, dt)))
+    })
+}
+
+pub(super) fn route_topk_backward(
+    w: &CpuStorage,
+    wl: &Layout,
+    ids: &CpuStorage,
+    il: &Layout,
+    gw: &CpuStorage,
+    gl: &Layout,
+    e: usize,
+) -> Result<CpuStorage> {
+    const OP: &str = "moe_route_topk_backward";
+    float_only(OP, w)?;
+    let (n, k) = rank2(OP, wl)?;
+    if il.dims() != [n, k] || gl.dims() != [n, k] {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            lhs: wl.shape().clone(),
+            rhs: gl.shape().clone(),
+        });
+    }
+    let ids = ids.view_u32(OP, il)?;
+    let dt = w.dtype();
+    by_acc!(dt, T => {
+        let wv = vec_t::<T>(OP, w, wl)?;
+        let gv = vec_t::<T>(OP, gw, gl)?;
+        let mut dl = vec![T::zero(); n * e];
+        for t in 0..n {
+            let r = t * k..(t + 1) * k;
+            let dot = wv[r.clone()].iter().zip(&gv[r.clone()]).map(|(&a, &b)| a * b).sum::<T>();
+            for j in r {
+                let i = ids[j] as usize;
+                if i < e {
+                    dl[t * e + i] = wv[j] * (gv[j] - dot);
+                }
+            }
+        }
+        Ok(store(dl, dt))
+    })
+}
+
+pub(super) fn group(ids: &CpuStorage, l: &Layout, e: usize) -> Result<(CpuStorage, CpuStorage)> {
+    const OP: &str = "moe_group";
+    let ids = ids.view_u32(OP, l)?;
+    let bucket = |id: u32| (id as usize).min(e);
+    let mut counts = vec![0u32; e + 2];
+    for &id in &ids {
+        counts[bucket(id) + 1] += 1;
+    }
+    for b in 0..=e {
+        counts[b + 1] += counts[b];
+    }
+    let offsets = counts[..=e].to_vec(); // [E+1]: offsets[E] = slots with a valid id
+    let mut next = counts;
+    let mut perm = vec![0u32; ids.len()];
+    for (p, &id) in ids.iter().enumerate() {
+        let b = bucket(id);
+        perm[next[b] as usize] = p as u32;
+        next[b] += 1;
+    }
+    Ok((CpuStorage::U32(perm), CpuStorage::U32(offsets)))
+}
+
+pub(super) fn invert_perm(perm: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
+    let perm = perm.view_u32("moe_invert_perm", l)?;
+    let m = perm.len();
+    let mut inv = vec![u32::MAX; m];
+    for (q, &p) in perm.iter().enumerate() {
+        if (p as usize) < m {
+            inv[p as usize] = q as u32;
+        }
+    }
+    Ok(CpuStorage::U32(inv))
+}
+
+pub(super) fn permute(
+    x: &CpuStorage,
+    l: &Layout,
+    perm: &CpuStorage,
+    pl: &Layout,
+    k: usize,
+    scale: Option<(&CpuStorage, &Layout)>,
+) -> Result<CpuStorage> {
+    const OP: &str = "moe_permute";
+    float_only(OP, x)?;
+    let (n, h) = rank2(OP, l)?;
+    let perm = perm.view_u32(OP, pl)?;
+    let m = perm.len();
+    if m != n * k {
+        return Err(Error::invalid(
+            OP,
+            format!("perm of {m} slots for {n} tokens × k = {k}"),
+        ));
+    }
+    let dt = x.dtype();
+    by_acc!(dt, T => {
+        let xv = vec_t::<T>(OP, x, l)?;
+        let sv = match scale {
+            Some((s, sl)) => Some(vec_t::<T>(OP, s, sl)?),
+            None => None,
+        };
+        let mut y = vec![T::zero(); m * h];
+        let row = |(q, yr): (usize, &mut [T])| {
+            let p = perm[q] as usize;
+            if p >= m {
+                return;
+            }
+            let c = sv.as_ref().map_or(T::one(), |s| s[p]);
+            let xr = &xv[(p / k) * h..(p / k + 1) * h];
+            for (o, &v) in yr.iter_mut().zip(xr) {
+                *o = c * v;
+            }
+        };
+        if m * h >= PAR_THRESHOLD {
+            y.par_chunks_mut(h.max(1)).enumerate().for_each(row);
+        } else {
+            y.chunks_mut(h.max(1)).enumerate().for_each(row);
+        }
+        Ok(store(y, dt))
+    })
+}
+
+pub(super) fn combine(
+    y: &CpuStorage,
+    l: &Layout,
+    inv: &CpuStorage,
+    il: &Layout,
+    w: &CpuStorage,
+    wl: &Layout,
+) -> Result<CpuStorage> {
+    const OP: &str = "moe_combine";
+    float_only(OP, y)?;
+    let (m, h) = rank2(OP, l)?;
+    let (n, k) = rank2(OP, wl)?;
+    let inv = inv.view_u32(OP, il)?;
+    if m != n * k || inv.len() != m {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            lhs: l.shape().clone(),
+            rhs: wl.shape().clone(),
+        });
+    }
+    let dt = y.dtype();
+    by_acc!(dt, T => {
+        let yv = vec_t::<T>(OP, y, l)?;
+        let wv = vec_t::<T>(OP, w, wl)?;
+        let mut out = vec![T::zero(); n * h];
+        let row = |(t, o): (usize, &mut [T])| {
+            for j in 0..k {
+                let r = inv[t * k + j] as usize;
+                if r >= m {
+                    continue;
+                }
+                let c = wv[t * k + j];
+                for (a, &v) in o.iter_mut().zip(&yv[r * h..(r + 1) * h]) {
+                    *a += c * v;
+                }
+            }
+        };
+        if n * h >= PAR_THRESHOLD {
+            out.par_chunks_mut(h.max(1)).enumerate().for_each(row);
+        } else {
+            out.chunks_mut(h.max(1)).enumerate().for_each(row);
+        }
+        Ok(store(out, dt))
+    })
+}
+
+pub(super) fn combine_dw(
+    y: &CpuStorage,
+    l: &Layout,
+    inv: &CpuStorage,
+    il: &Layout,
+    g: &CpuStorage,
+    gl: &Layout,
+    k: usize,
+) -> Result<CpuStorage> {
+    const OP: &str = "moe_combine_dw";
+    float_only(OP, y)?;
+    let (m, h) = rank2(OP, l)?;
+    let (n, gh) = rank2(OP, gl)?;
+    let inv = inv.view_u32(OP, il)?;
+    if m != n * k || gh != h || inv.len() != m {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            lhs: l.shape().clone(),
+            rhs: gl.shape().clone(),
+        });
+    }
+    let dt = y.dtype();
+    by_acc!(dt, T => {
+        let yv = vec_t::<T>(OP, y, l)?;
+        let gv = vec_t::<T>(OP, g, gl)?;
+        let dw: Vec<T> = (0..m)
+            .map(|p| {
+                let r = inv[p] as usize;
+                if r >= m {
+                    return T::zero();
+                }
+                let t = p / k;
+                gv[t * h..(t + 1) * h]
+                    .iter()
+                    .zip(&yv[r * h..(r + 1) * h])
+                    .map(|(&a, &b)| a * b)
+                    .sum::<T>()
+            })
+            .collect();
+        Ok(store(dw, acc_dtype(dt)))
+    })
+}
+
+/// Offsets `[E+1]` clamped to `[0, m]`; errors when they decrease.
+fn segments(op: &'static str, off: &CpuStorage, ol: &Layout, m: usize) -> Result<Vec<usize>> {
+    let off = off.view_u32(op, ol)?;
+    if off.is_empty() {
+        return Err(Error::invalid(op, "offsets need E + 1 ≥ 1 entries"));
+    }
+    let v: Vec<usize> = off.iter().map(|&o| (o as usize).min(m)).collect();
+    if v.windows(2).any(|w| w[1] < w[0]) {
+        return Err(Error::invalid(op, format!("offsets {off:?} decrease")));
+    }
+    Ok(v)
+}
+
+pub(super) fn grouped_matmul(
+    x: &CpuStorage,
+    l: &Layout,
+    w: &CpuStorage,
+    wl: &Layout,
+    off: &CpuStorage,
+    ol: &Layout,
+    trans_w: bool,
+) -> Result<CpuStorage> {
+    const OP: &str = "grouped_matmul";
+    float_only(OP, x)?;
+    if w.dtype() != x.dtype() {
+        return Err(Error::DTypeMismatch {
+            op: OP,
+            lhs: x.dtype(),
+            rhs: w.dtype(),
+        });
+    }
+    let (m, kk) = rank2(OP, l)?;
+    let &[e, p, q] = wl.dims() else {
+        return Err(Error::RankMismatch {
+            op: OP,
+            expected: 3,
+            shape: wl.shape().clone(),
+        });
+    };
+    let (nn, wk) = if trans_w { (q, p) } else { (p, q) };
+    if wk != kk || ol.dims() != [e + 1] {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            lhs: l.shape().clone(),
+            rhs: wl.shape().clone(),
+        });
+    }
+    let seg = segments(OP, off, ol, m)?;
+    let dt = x.dtype();
+    by_acc!(dt, T => {
+        let xv = vec_t::<T>(OP, x, l)?;
+        let mut wv = vec_t::<T>(OP, w, wl)?;
+        if trans_w {
+            // [E, K, N] -> [E, N, K], so that every output is a contiguous dot product.
+            let mut t = vec![T::zero(); wv.len()];
+            for ei in 0..e {
+                for a in 0..kk {
+                    for b in 0..nn {
+                        t[(ei * nn + b) * kk + a] = wv[(ei * kk + a) * nn + b];
+                    }
+                }
+            }
+            wv = t;
+        }
+        let expert_of = |r: usize| (0..e).find(|&ei| r >= seg[ei] && r < seg[ei + 1]);
+        let mut y = vec![T::zero(); m * nn];
+        let row = |(r, yr): (usize, &mut [T])| {
+            let Some(ei) = expert_of(r) else { return };
+            let xr = &xv[r * kk..(r + 1) * kk];
+            for (c, o) in yr.iter_mut().enumerate() {
+                let wr = &wv[(ei * nn + c) * kk..(ei * nn + c + 1) * kk];
+                *o = xr.iter().zip(wr).map(|(&a, &b)| a * b).sum::<T>();
+            }
+        };
+        if m * nn * kk >= PAR_THRESHOLD {
+            y.par_chunks_mut(nn.max(1)).enumerate().for_each(row);
+        } else {
+            y.chunks_mut(nn.max(1)).enumerate().for_each(row);
+        }
+        Ok(store(y, dt))
+    })
+}
+
+pub(super) fn grouped_matmul_dw(
+    dy: &CpuStorage,
+    l: &Layout,
+    x: &CpuStorage,
+    xl: &Layout,
+    off: &CpuStorage,
+    ol: &Layout,
+    e: usize,
+) -> Result<CpuStorage> {
+    const OP: &str = "grouped_matmul_dw";
+    float_only(OP, dy)?;
+    if x.dtype() != dy.dtype() {
+        return Err(Error::DTypeMismatch {
+            op: OP,
+            lhs: dy.dtype(),
+            rhs: x.dtype(),
+        });
+    }
+    let (m, nn) = rank2(OP, l)?;
+    let (xm, kk) = rank2(OP, xl)?;
+    if xm != m || ol.dims() != [e + 1] {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            lhs: l.shape().clone(),
+            rhs: xl.shape().clone(),
+        });
+    }
+    let seg = segments(OP, off, ol, m)?;
+    let dt = dy.dtype();
+    by_acc!(dt, T => {
+        let gv = vec_t::<T>(OP, dy, l)?;
+        let xv = vec_t::<T>(OP, x, xl)?;
+        let mut dw = vec![T::zero(); e * nn * kk];
+        // One task per (expert, output row n); rows of the segment summed in order.
+        let body = |(i, o): (usize, &mut [T])| {
+            let (ei, n) = (i / nn.max(1), i % nn.max(1));
+            for r in seg[ei]..seg[ei + 1] {
+                let g = gv[r * nn + n];
+                for (a, &v) in o.iter_mut().zip(&xv[r * kk..(r + 1) * kk]) {
+                    *a += g * v;
+                }
+            }
+        };
+        if e * nn * kk >= PAR_THRESHOLD {
+            dw.par_chunks_mut(kk.max(1)).enumerate().for_each(body);
+        } else {
+            dw.chunks_mut(kk.max(1)).enumerate().for_each(body);
+        }
+        Ok(store(dw, dt))
+    })
+}

@@ -1,0 +1,559 @@
+//! MoE launchers (kernels/src/moe.cu): fused top-k routing, device-side grouping by expert,
+//! permute/combine and grouped matmuls. Operands are made contiguous first; nothing is read back
+//! to the host, so these never synchronise the stream.
+
+use cudarc::driver::LaunchConfig;
+use kernels::MOE;
+
+use super::launch::launch;
+use super::layout::to_u32;
+use super::{CudaDevice, CudaStorage};
+use crate::{DType, Error, Layout, Result};
+
+const THREADS: u32 = 256;
+/// Slots per block of the grouping kernels (`GROUP_TILE` in moe.cu).
+const GROUP_TILE: usize = 256;
+
+fn acc_dtype(d: DType) -> DType {
+    if d == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+fn float_only(op: &'static str, s: &CudaStorage) -> Result<()> {
+    if s.dtype == DType::U32 {
+        return Err(Error::UnsupportedDType {
+            op,
+            dtype: DType::U32,
+        });
+    }
+    Ok(())
+}
+
+fn dtype_is(op: &'static str, s: &CudaStorage, d: DType) -> Result<()> {
+    if s.dtype != d {
+        return Err(Error::DTypeMismatch {
+            op,
+            lhs: d,
+            rhs: s.dtype,
+        });
+    }
+    Ok(())
+}
+
+fn rank2(op: &'static str, l: &Layout) -> Result<(usize, usize)> {
+    match l.dims() {
+        &[a, b] => Ok((a, b)),
+        _ => Err(Error::RankMismatch {
+            op,
+            expected: 2,
+            shape: l.shape().clone(),
+        }),
+    }
+}
+
+fn shape_err(op: &'static str, a: &Layout, b: &Layout) -> Error {
+    Error::ShapeMismatch {
+        op,
+        lhs: a.shape().clone(),
+        rhs: b.shape().clone(),
+    }
+}
+
+/// One thread per item, `THREADS` per block.
+fn per_item(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(THREADS as usize).max(1) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+pub(crate) fn route_topk(
+    x: &CudaStorage,
+    l: &Layout,
+    k: usize,
+) -> Result<(CudaStorage, CudaStorage, CudaStorage)> {
+    const OP: &str = "moe_route_topk";
+    float_only(OP, x)?;
+    let (n, e) = rank2(OP, l)?;
+    if k == 0 || k > e {
+        return Err(Error::invalid(
+            OP,
+            format!("k = {k} must be in 1..={e} for logits {}", l.shape()),
+        ));
+    }
+    let probs = CudaStorage::alloc(&x.dev, OP, n * e, x.dtype)?;
+    let ids = CudaStorage::alloc(&x.dev, OP, n * k, DType::U32)?;
+    let w = CudaStorage::alloc(&x.dev, OP, n * k, x.dtype)?;
+    if n == 0 {
+        return Ok((probs, ids, w));
+    }
+    let xc = x.contiguous(OP, l)?;
+    to_u32(OP, n * e)?;
+    let (n32, e32, k32) = (to_u32(OP, n)?, to_u32(OP, e)?, to_u32(OP, k)?);
+    let (xp, pp, ip, wp) = (xc.ptr, probs.ptr(), ids.ptr(), w.ptr());
+    let name = format!("{OP}_{}", x.dtype);
+    // SAFETY: logits are a contiguous [n, e] of x's dtype; probs [n, e], ids [n, k] u32 and
+    // weights [n, k] were allocated above; one thread per row, guarded by `t < n`.
+    unsafe {
+        launch!(
+            &x.dev,
+            OP,
+            MOE,
+            name,
+            per_item(n),
+            [n32, e32, k32, xp, pp, ip, wp]
+        )
+    }?;
+    Ok((probs, ids, w))
+}
+
+pub(crate) fn route_topk_backward(
+    w: &CudaStorage,
+    wl: &Layout,
+    ids: &CudaStorage,
+    il: &Layout,
+    gw: &CudaStorage,
+    gl: &Layout,
+    e: usize,
+) -> Result<CudaStorage> {
+    const OP: &str = "moe_route_topk_backward";
+    float_only(OP, w)?;
+    dtype_is(OP, ids, DType::U32)?;
+    dtype_is(OP, gw, w.dtype)?;
+    w.same_device(OP, ids)?;
+    w.same_device(OP, gw)?;
+    let (n, k) = rank2(OP, wl)?;
+    if il.dims() != [n, k] || gl.dims() != [n, k] {
+        return Err(shape_err(OP, wl, gl));
+    }
+    let out = CudaStorage::alloc(&w.dev, OP, n * e, w.dtype)?;
+    if n * e == 0 {
+        return Ok(out);
+    }
+    let (wc, ic, gc) = (
+        w.contiguous(OP, wl)?,
+        ids.contiguous(OP, il)?,
+        gw.contiguous(OP, gl)?,
+    );
+    let (n32, e32, k32) = (to_u32(OP, n)?, to_u32(OP, e)?, to_u32(OP, k)?);
+    to_u32(OP, n * e)?;
+    let (wp, ip, gp, op) = (wc.ptr, ic.ptr, gc.ptr, out.ptr());
+    let name = format!("{OP}_{}", w.dtype);
+    // SAFETY: weights, ids and gw are contiguous [n, k]; the output [n, e] is written whole by
+    // its row's thread (ids ≥ e are skipped); one thread per row.
+    unsafe {
+        launch!(
+            &w.dev,
+            OP,
+            MOE,
+            name,
+            per_item(n),
+            [n32, e32, k32, wp, ip, gp, op]
+        )
+    }?;
+    Ok(out)
+}
+
+pub(crate) fn group(ids: &CudaStorage, l: &Layout, e: usize) -> Result<(CudaStorage, CudaStorage)> {
+    const OP: &str = "moe_group";
+    dtype_is(OP, ids, DType::U32)?;
+    let s = l.elem_count();
+    let perm = CudaStorage::alloc(&ids.dev, OP, s, DType::U32)?;
+    let e32 = to_u32(OP, e)?;
+    if s == 0 {
+        let offsets = super::elementwise::fill(&ids.dev, e + 1, DType::U32, 0.0)?;
+        return Ok((perm, offsets));
+    }
+    let offsets = CudaStorage::alloc(&ids.dev, OP, e + 1, DType::U32)?;
+    let nblk = s.div_ceil(GROUP_TILE);
+    let len = (e + 1) * nblk;
+    let cnt = CudaStorage::alloc(&ids.dev, OP, len, DType::U32)?;
+    let ic = ids.contiguous(OP, l)?;
+    let (s32, nblk32, len32) = (to_u32(OP, s)?, to_u32(OP, nblk)?, to_u32(OP, len)?);
+    let (ip, cp, op, pp) = (ic.ptr, cnt.ptr(), offsets.ptr(), perm.ptr());
+    let tiles = LaunchConfig {
+        grid_dim: (nblk32, 1, 1),
+        block_dim: (GROUP_TILE as u32, 1, 1),
+        shared_mem_bytes: to_u32(OP, (e + 1) * 4)?,
+    };
+    // SAFETY: ids are a contiguous [s] u32; cnt holds (e+1)·nblk counts, one per (bucket, tile)
+    // with bucket = min(id, e); the shared memory holds e+1 counters.
+    unsafe {
+        launch!(
+            &ids.dev,
+            OP,
+            MOE,
+            "moe_group_count_u32",
+            tiles,
+            [s32, e32, ip, cp]
+        )
+    }?;
+    let one = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: one block scans cnt [len] in place and writes offsets [e+1] (b·nblk < len for b ≤ e).
+    unsafe {
+        launch!(
+            &ids.dev,
+            OP,
+            MOE,
+            "moe_group_scan_u32",
+            one,
+            [len32, nblk32, e32, cp, op]
+        )
+    }?;
+    let scatter = LaunchConfig {
+        shared_mem_bytes: to_u32(OP, (GROUP_TILE / 32) * (e + 1) * 4)?,
+        ..tiles
+    };
+    // SAFETY: the scanned cnt gives each (bucket, tile) a disjoint range of perm [s]; every slot
+    // is written exactly once at base + its stable rank; shared memory holds 8 × (e+1) counters.
+    unsafe {
+        launch!(
+            &ids.dev,
+            OP,
+            MOE,
+            "moe_group_scatter_u32",
+            scatter,
+            [s32, e32, ip, cp, pp]
+        )
+    }?;
+    Ok((perm, offsets))
+}
+
+pub(crate) fn invert_perm(perm: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+    const OP: &str = "moe_invert_perm";
+    dtype_is(OP, perm, DType::U32)?;
+    let s = l.elem_count();
+    let inv = CudaStorage::alloc(&perm.dev, OP, s, DType::U32)?;
+    if s == 0 {
+        return Ok(inv);
+    }
+    let pc = perm.contiguous(OP, l)?;
+    let s32 = to_u32(OP, s)?;
+    let (pp, ip) = (pc.ptr, inv.ptr());
+    // SAFETY: perm is a contiguous [s] u32; writes go to inv[perm[q]] only when perm[q] < s.
+    unsafe {
+        launch!(
+            &perm.dev,
+            OP,
+            MOE,
+            "moe_invert_perm_u32",
+            CudaDevice::grid(s),
+            [s32, pp, ip]
+        )
+    }?;
+    Ok(inv)
+}
+
+pub(crate) fn permute(
+    x: &CudaStorage,
+    l: &Layout,
+    perm: &CudaStorage,
+    pl: &Layout,
+    k: usize,
+    scale: Option<(&CudaStorage, &Layout)>,
+) -> Result<CudaStorage> {
+    const OP: &str = "moe_permute";
+    float_only(OP, x)?;
+    dtype_is(OP, perm, DType::U32)?;
+    x.same_device(OP, perm)?;
+    let (n, h) = rank2(OP, l)?;
+    let m = pl.elem_count();
+    if m != n * k {
+        return Err(shape_err(OP, l, pl));
+    }
+    let out = CudaStorage::alloc(&x.dev, OP, m * h, x.dtype)?;
+    if m * h == 0 {
+        return Ok(out);
+    }
+    let xc = x.contiguous(OP, l)?;
+    let pc = perm.contiguous(OP, pl)?;
+    let sc = match scale {
+        Some((s, sl)) => {
+            dtype_is(OP, s, acc_dtype(x.dtype))?;
+            x.same_device(OP, s)?;
+            if sl.elem_count() != m {
+                return Err(shape_err(OP, pl, sl));
+            }
+            Some(s.contiguous(OP, sl)?)
+        }
+        None => None,
+    };
+    let (m32, h32, k32) = (to_u32(OP, m)?, to_u32(OP, h)?, to_u32(OP, k)?);
+    to_u32(OP, m * h)?;
+    to_u32(OP, n * h)?;
+    let (xp, pp, op) = (xc.ptr, pc.ptr, out.ptr());
+    let sp: u64 = sc.as_ref().map_or(0, |c| c.ptr);
+    let name = format!("{OP}_{}", x.dtype);
+    // SAFETY: x is a contiguous [n, h], perm a contiguous [m = n·k] u32 (slots ≥ m give zero
+    // rows, so x is read only at rows < n), scale (or null) a contiguous [m] of the
+    // accumulation type; the output [m, h] is written whole by a grid-stride loop.
+    unsafe {
+        launch!(
+            &x.dev,
+            OP,
+            MOE,
+            name,
+            CudaDevice::grid(m * h),
+            [m32, h32, k32, xp, pp, sp, op]
+        )
+    }?;
+    Ok(out)
+}
+
+pub(crate) fn combine(
+    y: &CudaStorage,
+    l: &Layout,
+    inv: &CudaStorage,
+    il: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+) -> Result<CudaStorage> {
+    const OP: &str = "moe_combine";
+    float_only(OP, y)?;
+    dtype_is(OP, inv, DType::U32)?;
+    dtype_is(OP, w, acc_dtype(y.dtype))?;
+    y.same_device(OP, inv)?;
+    y.same_device(OP, w)?;
+    let (m, h) = rank2(OP, l)?;
+    let (n, k) = rank2(OP, wl)?;
+    if m != n * k || il.elem_count() != m {
+        return Err(shape_err(OP, l, wl));
+    }
+    let out = CudaStorage::alloc(&y.dev, OP, n * h, y.dtype)?;
+    if n * h == 0 {
+        return Ok(out);
+    }
+    let (yc, ic, wc) = (
+        y.contiguous(OP, l)?,
+        inv.contiguous(OP, il)?,
+        w.contiguous(OP, wl)?,
+    );
+    let (n32, h32, k32) = (to_u32(OP, n)?, to_u32(OP, h)?, to_u32(OP, k)?);
+    to_u32(OP, m * h)?;
+    let (yp, ip, wp, op) = (yc.ptr, ic.ptr, wc.ptr, out.ptr());
+    let name = format!("{OP}_{}", y.dtype);
+    // SAFETY: y is a contiguous [n·k, h], inv a contiguous [n·k] u32 (rows ≥ n·k are skipped),
+    // w a contiguous [n, k] of the accumulation type; the output [n, h] is written whole.
+    unsafe {
+        launch!(
+            &y.dev,
+            OP,
+            MOE,
+            name,
+            CudaDevice::grid(n * h),
+            [n32, h32, k32, yp, ip, wp, op]
+        )
+    }?;
+    Ok(out)
+}
+
+pub(crate) fn combine_dw(
+    y: &CudaStorage,
+    l: &Layout,
+    inv: &CudaStorage,
+    il: &Layout,
+    g: &CudaStorage,
+    gl: &Layout,
+    k: usize,
+) -> Result<CudaStorage> {
+    const OP: &str = "moe_combine_dw";
+    float_only(OP, y)?;
+    dtype_is(OP, inv, DType::U32)?;
+    dtype_is(OP, g, y.dtype)?;
+    y.same_device(OP, inv)?;
+    y.same_device(OP, g)?;
+    let (m, h) = rank2(OP, l)?;
+    let (n, gh) = rank2(OP, gl)?;
+    if m != n * k || gh != h || il.elem_count() != m {
+        return Err(shape_err(OP, l, gl));
+    }
+    let out = CudaStorage::alloc(&y.dev, OP, m, acc_dtype(y.dtype))?;
+    if m == 0 {
+        return Ok(out);
+    }
+    let (yc, ic, gc) = (
+        y.contiguous(OP, l)?,
+        inv.contiguous(OP, il)?,
+        g.contiguous(OP, gl)?,
+    );
+    let (n32, h32, k32) = (to_u32(OP, n)?, to_u32(OP, h)?, to_u32(OP, k)?);
+    to_u32(OP, m * h)?;
+    let (yp, ip, gp, op) = (yc.ptr, ic.ptr, gc.ptr, out.ptr());
+    let name = format!("{OP}_{}", y.dtype);
+    // SAFETY: y [n·k, h], inv [n·k] u32 and g [n, h] are contiguous; one block of 128 threads
+    // (a multiple of 32, as block_reduce needs) per slot writes its one output.
+    unsafe {
+        launch!(
+            &y.dev,
+            OP,
+            MOE,
+            name,
+            CudaDevice::rows(m, 128),
+            [n32, h32, k32, yp, ip, gp, op]
+        )
+    }?;
+    Ok(out)
+}
+
+pub(crate) fn grouped_matmul(
+    x: &CudaStorage,
+    l: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+    off: &CudaStorage,
+    ol: &Layout,
+    trans_w: bool,
+) -> Result<CudaStorage> {
+    const OP: &str = "grouped_matmul";
+    float_only(OP, x)?;
+    dtype_is(OP, w, x.dtype)?;
+    dtype_is(OP, off, DType::U32)?;
+    x.same_device(OP, w)?;
+    x.same_device(OP, off)?;
+    let (m, kk) = rank2(OP, l)?;
+    let &[e, p, q] = wl.dims() else {
+        return Err(Error::RankMismatch {
+            op: OP,
+            expected: 3,
+            shape: wl.shape().clone(),
+        });
+    };
+    let (nn, wk) = if trans_w { (q, p) } else { (p, q) };
+    if wk != kk || ol.dims() != [e + 1] {
+        return Err(shape_err(OP, l, wl));
+    }
+    let out = CudaStorage::alloc(&x.dev, OP, m * nn, x.dtype)?;
+    if m * nn == 0 {
+        return Ok(out);
+    }
+    if kk == 0 || e == 0 {
+        return super::elementwise::fill(&x.dev, m * nn, x.dtype, 0.0);
+    }
+    let (xc, wc, oc) = (
+        x.contiguous(OP, l)?,
+        w.contiguous(OP, wl)?,
+        off.contiguous(OP, ol)?,
+    );
+    to_u32(OP, m * kk.max(nn))?;
+    to_u32(OP, e * p * q)?;
+    let (m32, n32, k32, e32) = (
+        to_u32(OP, m)?,
+        to_u32(OP, nn)?,
+        to_u32(OP, kk)?,
+        to_u32(OP, e)?,
+    );
+    // W(e, n, κ) = w[e·se + n·sn + κ·sk].
+    let se = to_u32(OP, p * q)?;
+    // w [E, N, K]: W(e, n, κ) = w[e][n][κ]; trans_w, w [E, K, N]: W(e, n, κ) = w[e][κ][n].
+    let (sn, sk) = if trans_w { (1u32, n32) } else { (k32, 1u32) };
+    let (xp, wp, op_, yp) = (xc.ptr, wc.ptr, oc.ptr, out.ptr());
+    let (kind, bm, bn) = if nn <= 16 {
+        ("narrow", 128, 16)
+    } else {
+        ("wide", 64, 64)
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (to_u32(OP, m.div_ceil(bm))?, to_u32(OP, nn.div_ceil(bn))?, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let name = format!("{OP}_{kind}_{}", x.dtype);
+    // SAFETY: x is a contiguous [m, K], w a contiguous [E, P, Q] read at e·se + n·sn + κ·sk
+    // with n < N and κ < K (so inside it in either orientation), offsets a contiguous [E+1] u32
+    // clamped to m in the kernel; each (row, col) of the [m, N] output is written once (zero
+    // outside every segment). The grid covers m × N in tiles of bm × bn, 256 threads per block.
+    unsafe {
+        launch!(
+            &x.dev,
+            OP,
+            MOE,
+            name,
+            cfg,
+            [m32, n32, k32, e32, xp, wp, se, sn, sk, op_, yp]
+        )
+    }?;
+    Ok(out)
+}
+
+pub(crate) fn grouped_matmul_dw(
+    dy: &CudaStorage,
+    l: &Layout,
+    x: &CudaStorage,
+    xl: &Layout,
+    off: &CudaStorage,
+    ol: &Layout,
+    e: usize,
+) -> Result<CudaStorage> {
+    const OP: &str = "grouped_matmul_dw";
+    float_only(OP, dy)?;
+    dtype_is(OP, x, dy.dtype)?;
+    dtype_is(OP, off, DType::U32)?;
+    dy.same_device(OP, x)?;
+    dy.same_device(OP, off)?;
+    let (m, nn) = rank2(OP, l)?;
+    let (xm, kk) = rank2(OP, xl)?;
+    if xm != m || ol.dims() != [e + 1] {
+        return Err(shape_err(OP, l, xl));
+    }
+    let len = e * nn * kk;
+    if len == 0 {
+        return CudaStorage::alloc(&dy.dev, OP, 0, dy.dtype);
+    }
+    if m == 0 {
+        return super::elementwise::fill(&dy.dev, len, dy.dtype, 0.0);
+    }
+    let out = CudaStorage::alloc(&dy.dev, OP, len, dy.dtype)?;
+    let (gc, xc, oc) = (
+        dy.contiguous(OP, l)?,
+        x.contiguous(OP, xl)?,
+        off.contiguous(OP, ol)?,
+    );
+    to_u32(OP, len)?;
+    to_u32(OP, m * nn.max(kk))?;
+    let (m32, n32, k32, e32) = (
+        to_u32(OP, m)?,
+        to_u32(OP, nn)?,
+        to_u32(OP, kk)?,
+        to_u32(OP, e)?,
+    );
+    let (kind, bn, bk) = if nn <= 16 {
+        ("_n16", 16, 128)
+    } else if kk <= 16 {
+        ("_k16", 128, 16)
+    } else {
+        ("", 64, 64)
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (
+            to_u32(OP, nn.div_ceil(bn))?,
+            to_u32(OP, kk.div_ceil(bk))?,
+            e32,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (gp, xp, op_, wp) = (gc.ptr, xc.ptr, oc.ptr, out.ptr());
+    let name = format!("{OP}{kind}_{}", dy.dtype);
+    // SAFETY: dy [m, N] and x [m, K] are contiguous, offsets a contiguous [E+1] u32 clamped to m
+    // in the kernel; block (bn-tile, bk-tile, e) writes its tile of dw [E, N, K] once, masked
+    // to n < N and κ < K.
+    unsafe {
+        launch!(
+            &dy.dev,
+            OP,
+            MOE,
+            name,
+            cfg,
+            [m32, n32, k32, e32, gp, xp, op_, wp]
+        )
+    }?;
+    Ok(out)
+}

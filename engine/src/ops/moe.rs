@@ -1,0 +1,284 @@
+//! Mixture-of-experts primitives: fused top-k routing, grouping of (token, slot) pairs by expert
+//! on the device, row permute and weighted combine, and grouped (per-expert) matmuls over the
+//! segments of a sorted row set. None of them reads anything back to the host, so a MoE layer
+//! built from them never synchronises; every sum runs in a fixed order (no float atomics), so
+//! results are deterministic.
+//!
+//! Notation: `N` tokens, `E` experts, `k` experts per token, `S = N·k` slots; slot `p = t·k + j`
+//! is token `t`'s `j`-th choice. "Accumulation dtype": f32 for f32/bf16 data, f64 for f64.
+
+use super::{float_only, same_device, same_dtype, u32_only};
+use crate::autograd::Node;
+use crate::backend::BackendStorage;
+use crate::{DType, Error, Result, Tensor};
+
+fn acc_dtype(d: DType) -> DType {
+    if d == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+fn rank_is(op: &'static str, t: &Tensor, r: usize) -> Result<()> {
+    if t.rank() != r {
+        return Err(Error::RankMismatch {
+            op,
+            expected: r,
+            shape: t.shape().clone(),
+        });
+    }
+    Ok(())
+}
+
+impl Tensor {
+    /// Top-k routing of router logits `self` `[N, E]` (f32/bf16/f64) in one fused kernel:
+    /// `(probs [N, E], ids [N, k] u32, weights [N, k])` with `probs = softmax(logits)` per row,
+    /// `ids` the `k` most probable experts, largest first (ties: lower index first, NaN largest:
+    /// the order of [`Tensor::topk`]) and `weights[t, j] = p[t, ids[t, j]] / Σ_i p[t, ids[t, i]]`.
+    /// Probs and weights have the logits' dtype (computed in the accumulation dtype).
+    ///
+    /// Autograd: both `probs` and `weights` are differentiable w.r.t. the logits.
+    /// `dlogits = p ⊙ (gp − Σ gp ⊙ p)` from `probs`; the weights are the softmax of the selected
+    /// logits, so from `weights` (one fused kernel per row):
+    /// `dlogits[t, ids[t, j]] = w[t, j] · (gw[t, j] − Σ_i w[t, i] gw[t, i])`, zero elsewhere.
+    pub fn moe_route_topk(&self, k: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        const OP: &str = "moe_route_topk";
+        float_only(OP, self)?;
+        rank_is(OP, self, 2)?;
+        let (n, e) = (self.dims()[0], self.dims()[1]);
+        if k == 0 || k > e {
+            return Err(Error::invalid(
+                OP,
+                format!("k = {k} must be in 1..={e} for logits {}", self.shape()),
+            ));
+        }
+        let (p, i, w) = self.storage().moe_route_topk(self.layout(), k)?;
+        let ids = Tensor::from_storage(i, [n, k], None);
+        let p_node = Node::record("moe_route_topk_probs", &[self], |_, y, g| {
+            let dot = g.mul(y)?.sum_keepdim(-1)?;
+            Ok(vec![Some(y.mul(&g.sub(&dot)?)?)])
+        });
+        let probs = Tensor::from_storage(p, [n, e], p_node);
+        let ids_c = ids.clone();
+        let w_node = Node::record("moe_route_topk_weights", &[self], move |_, w, g| {
+            let dl = w.storage().moe_route_topk_backward(
+                w.layout(),
+                &ids_c.storage(),
+                ids_c.layout(),
+                &g.storage(),
+                g.layout(),
+                e,
+            )?;
+            Ok(vec![Some(Tensor::from_storage(dl, [n, e], None))])
+        });
+        let weights = Tensor::from_storage(w, [n, k], w_node);
+        Ok((probs, ids, weights))
+    }
+
+    /// Groups the slots of the expert ids `self` `[N, k]` (u32) by expert, on the device:
+    /// `(perm [N·k] u32, offsets [E+1] u32)`. `perm` lists the slot indices `p = t·k + j` sorted
+    /// by `ids[p]`, stable (ascending `p` within an expert); `offsets[e]` is the number of slots
+    /// whose expert is below `e`, so expert `e`'s slots are `perm[offsets[e]..offsets[e+1]]`.
+    ///
+    /// An id `≥ E` never writes out of bounds: such slots are placed after every expert (in
+    /// ascending order), so `perm` is still a permutation of `0..N·k` and `offsets[E]` counts only
+    /// the valid slots (`offsets[E] = N·k` when every id is valid). On CUDA: count, scan and
+    /// stable scatter kernels, integer counts only, no host read.
+    pub fn moe_group(&self, num_experts: usize) -> Result<(Tensor, Tensor)> {
+        const OP: &str = "moe_group";
+        u32_only(OP, self)?;
+        rank_is(OP, self, 2)?;
+        let s = self.elem_count();
+        let (perm, off) = self.storage().moe_group(self.layout(), num_experts)?;
+        Ok((
+            Tensor::from_storage(perm, [s], None),
+            Tensor::from_storage(off, [num_experts + 1], None),
+        ))
+    }
+
+    /// The inverse of a permutation `self` `[S]` (u32): `inv[perm[q]] = q`, i.e. the row of the
+    /// sorted order that holds slot `p`. Entries `≥ S` are skipped (their `inv` stays unset on
+    /// CUDA, `u32::MAX` on the CPU).
+    pub fn moe_invert_perm(&self) -> Result<Tensor> {
+        const OP: &str = "moe_invert_perm";
+        u32_only(OP, self)?;
+        rank_is(OP, self, 1)?;
+        let s = self.storage().moe_invert_perm(self.layout())?;
+        Ok(Tensor::from_storage(s, self.shape().clone(), None))
+    }
+
+    /// Gathers the rows of `self` (`x` `[N, H]`) into slot order: `y[q] = x[perm[q] / k]`,
+    /// `[N·k, H]`, for `perm` `[N·k]` from [`Tensor::moe_group`].
+    ///
+    /// Backward (deterministic, no atomics): `dx[t] = Σ_j dy[inv[t·k + j]]`, the k rows of each
+    /// token summed back in slot order (a [`Tensor::moe_combine`] with unit weights).
+    pub fn moe_permute(&self, perm: &Tensor, k: usize) -> Result<Tensor> {
+        const OP: &str = "moe_permute";
+        float_only(OP, self)?;
+        u32_only(OP, perm)?;
+        same_device(OP, self, perm)?;
+        rank_is(OP, self, 2)?;
+        rank_is(OP, perm, 1)?;
+        let (n, h) = (self.dims()[0], self.dims()[1]);
+        if k == 0 || perm.elem_count() != n * k {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                lhs: self.shape().clone(),
+                rhs: perm.shape().clone(),
+            });
+        }
+        let s =
+            self.storage()
+                .moe_permute(self.layout(), &perm.storage(), perm.layout(), k, None)?;
+        let perm_c = perm.clone();
+        let node = Node::record(OP, &[self], move |x, _, g| {
+            let ones = Tensor::ones([n, k], acc_dtype(x[0].dtype()), x[0].device())?;
+            Ok(vec![Some(g.moe_combine(&perm_c, &ones)?)])
+        });
+        Ok(Tensor::from_storage(s, [n * k, h], node))
+    }
+
+    /// Weighted combine of expert outputs in slot order, `self` (`y` `[N·k, H]`, row `q` belongs
+    /// to slot `perm[q]`): `out[t] = Σ_j w[t, j] · y[pos(t·k + j)]` `[N, H]` with `pos` the
+    /// inverse of `perm` (computed here on the device) and `weights` `[N, k]` (any float dtype:
+    /// used in the accumulation dtype). The sum runs over `j` in order, in f32 for bf16 `y`;
+    /// the output has `y`'s dtype.
+    ///
+    /// Backward: `dy[q] = w[perm[q]] · dout[perm[q] / k]` (a scaled [`Tensor::moe_permute`]) and
+    /// `dw[t, j] = ⟨dout[t], y[pos(t·k + j)]⟩` (one block-sum per slot).
+    pub fn moe_combine(&self, perm: &Tensor, weights: &Tensor) -> Result<Tensor> {
+        const OP: &str = "moe_combine";
+        float_only(OP, self)?;
+        float_only(OP, weights)?;
+        u32_only(OP, perm)?;
+        same_device(OP, self, perm)?;
+        same_device(OP, self, weights)?;
+        rank_is(OP, self, 2)?;
+        rank_is(OP, weights, 2)?;
+        rank_is(OP, perm, 1)?;
+        let (m, h) = (self.dims()[0], self.dims()[1]);
+        let (n, k) = (weights.dims()[0], weights.dims()[1]);
+        if m != n * k || perm.elem_count() != m || k == 0 {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                lhs: self.shape().clone(),
+                rhs: weights.shape().clone(),
+            });
+        }
+        let acc = acc_dtype(self.dtype());
+        let w = weights.to_dtype(acc)?; // [N, k]
+        let inv = perm.moe_invert_perm()?; // [N·k]
+        let s = self.storage().moe_combine(
+            self.layout(),
+            &inv.storage(),
+            inv.layout(),
+            &w.storage(),
+            w.layout(),
+        )?;
+        let (perm_c, inv_c) = (perm.clone(), inv.clone());
+        let node = Node::record(OP, &[self, &w], move |x, _, g| {
+            let (y, w) = (&x[0], &x[1]);
+            let dy = y
+                .tracks_grad()
+                .then(|| -> Result<Tensor> {
+                    let s = g.storage().moe_permute(
+                        g.layout(),
+                        &perm_c.storage(),
+                        perm_c.layout(),
+                        k,
+                        Some((&w.storage(), w.layout())),
+                    )?;
+                    Ok(Tensor::from_storage(s, [m, h], None))
+                })
+                .transpose()?;
+            let dw = w
+                .tracks_grad()
+                .then(|| -> Result<Tensor> {
+                    let s = y.storage().moe_combine_dw(
+                        y.layout(),
+                        &inv_c.storage(),
+                        inv_c.layout(),
+                        &g.storage(),
+                        g.layout(),
+                        k,
+                    )?;
+                    Ok(Tensor::from_storage(s, [n, k], None))
+                })
+                .transpose()?;
+            Ok(vec![dy, dw])
+        });
+        Ok(Tensor::from_storage(s, [n, h], node))
+    }
+
+    /// Per-expert matmul over the rows of `self` (`x` `[M, K]`, sorted by expert) with the
+    /// stacked weights `w` `[E, N, K]` and the segment offsets `[E+1]` u32 (on the device, from
+    /// [`Tensor::moe_group`]): `y[r] = x[r] · w[e]ᵀ` for `offsets[e] ≤ r < offsets[e+1]`, `[M, N]`
+    /// in `x`'s dtype (accumulated in f32 for bf16). Rows outside every segment are 0; an empty
+    /// segment is fine. Offsets must not decrease (values past `M` count as `M`).
+    ///
+    /// Backward: `dx[seg e] = dy[seg e] · w[e]` (the same grouped kernel, `w` read transposed)
+    /// and `dw[e] = dy[seg e]ᵀ · x[seg e]` (a grouped weight-gradient kernel that reads the
+    /// offsets on the device; rows summed in order).
+    pub fn grouped_matmul(&self, w: &Tensor, offsets: &Tensor) -> Result<Tensor> {
+        const OP: &str = "grouped_matmul";
+        float_only(OP, self)?;
+        same_dtype(OP, self, w)?;
+        same_device(OP, self, w)?;
+        u32_only(OP, offsets)?;
+        same_device(OP, self, offsets)?;
+        rank_is(OP, self, 2)?;
+        rank_is(OP, w, 3)?;
+        let (m, kk) = (self.dims()[0], self.dims()[1]);
+        let (e, nn) = (w.dims()[0], w.dims()[1]);
+        if w.dims()[2] != kk || offsets.dims() != [e + 1] {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                lhs: self.shape().clone(),
+                rhs: w.shape().clone(),
+            });
+        }
+        let s = self.storage().grouped_matmul(
+            self.layout(),
+            &w.storage(),
+            w.layout(),
+            &offsets.storage(),
+            offsets.layout(),
+            false,
+        )?;
+        let off = offsets.clone();
+        let node = Node::record(OP, &[self, w], move |x, _, g| {
+            let (xs, ws) = (&x[0], &x[1]);
+            let dx = xs
+                .tracks_grad()
+                .then(|| -> Result<Tensor> {
+                    let s = g.storage().grouped_matmul(
+                        g.layout(),
+                        &ws.storage(),
+                        ws.layout(),
+                        &off.storage(),
+                        off.layout(),
+                        true,
+                    )?;
+                    Ok(Tensor::from_storage(s, [m, kk], None))
+                })
+                .transpose()?;
+            let dw = ws
+                .tracks_grad()
+                .then(|| -> Result<Tensor> {
+                    let s = g.storage().grouped_matmul_dw(
+                        g.layout(),
+                        &xs.storage(),
+                        xs.layout(),
+                        &off.storage(),
+                        off.layout(),
+                        e,
+                    )?;
+                    Ok(Tensor::from_storage(s, [e, nn, kk], None))
+                })
+                .transpose()?;
+            Ok(vec![dx, dw])
+        });
+        Ok(Tensor::from_storage(s, [m, nn], node))
+    }
+}

@@ -1,0 +1,443 @@
+//! CPU ↔ CUDA parity of the MoE primitives (values and gradients) and of the grouped MixLoRA FFN.
+//!
+//! Each case builds the same random inputs (never zeros) on both devices and compares by
+//! relative error ‖gpu − cpu‖ / ‖cpu‖: f32 ≤ 1e-5, bf16 ≤ 1e-2, f64 ≤ 1e-10; u32 results (ids,
+//! perm, offsets) must be equal; NaN never passes. Sizes are and are not multiples of the kernels'
+//! blocks (256 threads, 256-slot tiles, 256×16 and 64×64 output tiles).
+//!
+//! Without a GPU (or without the `cuda` feature) the tests print why they skip and pass.
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use engine::backend::cuda::CudaDevice;
+    use engine::{DType, Device, Tensor};
+    use model::adapters::{
+        adapter_dtype, ExpertLora, LoraLinear, MixLoraFfn, MoeImpl, Router, Routing, SharedFfn,
+    };
+
+    const FLOATS: [DType; 3] = [DType::F32, DType::BF16, DType::F64];
+
+    /// Serialises the GPU tests of this binary.
+    fn serial() -> std::sync::MutexGuard<'static, ()> {
+        static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        LOCK.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn gpu() -> Option<Device> {
+        match CudaDevice::get(0) {
+            Ok(_) => Some(Device::Cuda(0)),
+            Err(e) => {
+                eprintln!("SKIP: no usable GPU: {e}");
+                None
+            }
+        }
+    }
+
+    fn tol(d: DType) -> f64 {
+        match d {
+            DType::F32 => 1e-5,
+            DType::BF16 => 1e-2,
+            DType::F64 => 1e-10,
+            DType::U32 => 0.0,
+        }
+    }
+
+    /// Deterministic values in ±[0.1, 2.1) (never zero).
+    fn vals(n: usize, seed: u64) -> Vec<f64> {
+        (0..n as u64)
+            .map(|i| {
+                let mag = 0.1 + 2.0 * engine::rng::uniform(seed, i);
+                if engine::rng::uniform(seed ^ 0x5555, i) < 0.5 {
+                    -mag
+                } else {
+                    mag
+                }
+            })
+            .collect()
+    }
+
+    fn ids_in(n: usize, pool: &[u32], seed: u64) -> Vec<u32> {
+        (0..n as u64)
+            .map(|i| {
+                let j = (engine::rng::uniform(seed, i) * pool.len() as f64) as usize;
+                pool[j.min(pool.len() - 1)]
+            })
+            .collect()
+    }
+
+    fn t(v: &[f64], shape: &[usize], dtype: DType, dev: Device) -> Tensor {
+        Tensor::from_f64(v, shape.to_vec(), dtype, dev).unwrap()
+    }
+
+    fn u(v: &[u32], shape: &[usize], dev: Device) -> Tensor {
+        Tensor::from_slice(v, shape.to_vec(), dev).unwrap()
+    }
+
+    fn f64s(t: &Tensor) -> Vec<f64> {
+        t.to_vec_f64().unwrap()
+    }
+
+    /// ‖got − want‖ / ‖want‖; NaN on either side gives infinity.
+    fn rel_err(want: &[f64], got: &[f64]) -> f64 {
+        assert_eq!(want.len(), got.len(), "length mismatch");
+        if want.iter().chain(got).any(|v| v.is_nan()) {
+            return f64::INFINITY;
+        }
+        let num: f64 = want.iter().zip(got).map(|(w, g)| (w - g) * (w - g)).sum();
+        let den: f64 = want.iter().map(|w| w * w).sum();
+        if den == 0.0 {
+            num.sqrt()
+        } else {
+            (num / den).sqrt()
+        }
+    }
+
+    /// Compares named float outputs (CPU first) within `tol`; collects failures.
+    fn check(fails: &mut Vec<String>, what: &str, want: &[f64], got: &[f64], tol: f64) {
+        assert!(
+            want.iter().any(|&x| x != 0.0) || want.is_empty(),
+            "{what}: the reference is all zeros (a useless check)"
+        );
+        let e = rel_err(want, got);
+        if e.is_nan() || e > tol {
+            fails.push(format!("{what}: relative error {e:.3e} > {tol:.0e}"));
+        }
+    }
+
+    fn done(fails: Vec<String>) {
+        assert!(fails.is_empty(), "{}", fails.join("\n"));
+    }
+
+    #[test]
+    fn route_topk_values_ids_and_gradient() {
+        let _s = serial();
+        let Some(g) = gpu() else { return };
+        let mut fails = Vec::new();
+        for dtype in FLOATS {
+            for (n, e, k) in [
+                (1, 8, 2),
+                (255, 8, 2),
+                (256, 8, 1),
+                (257, 8, 2),
+                (3001, 8, 2),
+                (700, 64, 4),
+            ] {
+                let lv = vals(n * e, 1 + n as u64);
+                let r1 = vals(n * e, 2);
+                let r2 = vals(n * k, 3);
+                let run = |dev: Device| {
+                    let logits = t(&lv, &[n, e], dtype, dev).to_var().unwrap();
+                    let (p, ids, w) = logits.moe_route_topk(k).unwrap();
+                    let loss = p
+                        .mul(&t(&r1, &[n, e], dtype, dev))
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .add(
+                            &w.mul(&t(&r2, &[n, k], dtype, dev))
+                                .unwrap()
+                                .sum_all()
+                                .unwrap(),
+                        )
+                        .unwrap();
+                    loss.backward().unwrap();
+                    (
+                        f64s(&p),
+                        ids.to_vec_u32().unwrap(),
+                        f64s(&w),
+                        f64s(&logits.grad().unwrap()),
+                    )
+                };
+                let (cpu, gpu_) = (run(Device::Cpu), run(g));
+                let what = format!("route_topk [{dtype}] n={n} e={e} k={k}");
+                check(
+                    &mut fails,
+                    &format!("{what} probs"),
+                    &cpu.0,
+                    &gpu_.0,
+                    tol(dtype),
+                );
+                if cpu.1 != gpu_.1 {
+                    fails.push(format!("{what}: ids differ"));
+                }
+                check(
+                    &mut fails,
+                    &format!("{what} weights"),
+                    &cpu.2,
+                    &gpu_.2,
+                    tol(dtype),
+                );
+                check(
+                    &mut fails,
+                    &format!("{what} dlogits"),
+                    &cpu.3,
+                    &gpu_.3,
+                    tol(dtype),
+                );
+            }
+        }
+        done(fails);
+    }
+
+    #[test]
+    fn group_perm_and_offsets_are_equal() {
+        let _s = serial();
+        let Some(g) = gpu() else { return };
+        let all: Vec<u32> = (0..8).collect();
+        let wide: Vec<u32> = (0..64).collect();
+        let cases: Vec<(usize, usize, usize, Vec<u32>)> = vec![
+            (1, 2, 8, all.clone()),
+            (128, 2, 8, all.clone()),  // 256 slots: one full tile
+            (129, 2, 8, all.clone()),  // 258 slots
+            (255, 1, 8, vec![2, 5]),   // experts with no token
+            (5000, 2, 8, all.clone()), // many tiles, several scan chunks
+            (3000, 4, 64, wide),
+            (777, 2, 8, vec![3]),        // one expert takes everything
+            (300, 2, 8, vec![1, 9, 40]), // ids ≥ E go last
+            (20000, 2, 8, all),
+        ];
+        for (n, k, e, pool) in cases {
+            let v = ids_in(n * k, &pool, n as u64 + e as u64);
+            let run = |dev: Device| {
+                let (perm, off) = u(&v, &[n, k], dev).moe_group(e).unwrap();
+                let inv = perm.moe_invert_perm().unwrap();
+                (
+                    perm.to_vec_u32().unwrap(),
+                    off.to_vec_u32().unwrap(),
+                    inv.to_vec_u32().unwrap(),
+                )
+            };
+            let (c, gg) = (run(Device::Cpu), run(g));
+            assert_eq!(c.0, gg.0, "perm n={n} k={k} e={e}");
+            assert_eq!(c.1, gg.1, "offsets n={n} k={k} e={e}");
+            assert_eq!(c.2, gg.2, "inverse n={n} k={k} e={e}");
+        }
+    }
+
+    #[test]
+    fn permute_and_combine_values_and_gradients() {
+        let _s = serial();
+        let Some(g) = gpu() else { return };
+        let mut fails = Vec::new();
+        for dtype in FLOATS {
+            for (n, k, h) in [(1, 2, 1), (255, 2, 33), (256, 1, 256), (300, 2, 1000)] {
+                let v = ids_in(n * k, &[0, 1, 3, 4, 6], 7 + n as u64);
+                let (xv, yv, wv) = (vals(n * h, 1), vals(n * k * h, 2), vals(n * k, 3));
+                let (r1, r2) = (vals(n * k * h, 4), vals(n * h, 5));
+                let run = |dev: Device| {
+                    let (perm, _) = u(&v, &[n, k], dev).moe_group(8).unwrap();
+                    let x = t(&xv, &[n, h], dtype, dev).to_var().unwrap();
+                    let y = t(&yv, &[n * k, h], dtype, dev).to_var().unwrap();
+                    let w = t(&wv, &[n, k], DType::F32.max_with(dtype), dev)
+                        .to_var()
+                        .unwrap();
+                    let xs = x.moe_permute(&perm, k).unwrap();
+                    let out = y.moe_combine(&perm, &w).unwrap();
+                    let loss = xs
+                        .mul(&t(&r1, &[n * k, h], dtype, dev))
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                        .add(
+                            &out.mul(&t(&r2, &[n, h], dtype, dev))
+                                .unwrap()
+                                .sum_all()
+                                .unwrap()
+                                .to_dtype(DType::F64)
+                                .unwrap(),
+                        )
+                        .unwrap();
+                    loss.backward().unwrap();
+                    [
+                        f64s(&xs),
+                        f64s(&out),
+                        f64s(&x.grad().unwrap()),
+                        f64s(&y.grad().unwrap()),
+                        f64s(&w.grad().unwrap()),
+                    ]
+                };
+                let (c, gg) = (run(Device::Cpu), run(g));
+                for (i, name) in ["permute", "combine", "dx", "dy", "dw"].iter().enumerate() {
+                    let what = format!("{name} [{dtype}] n={n} k={k} h={h}");
+                    check(&mut fails, &what, &c[i], &gg[i], tol(dtype));
+                }
+            }
+        }
+        done(fails);
+    }
+
+    /// Offsets over `m` rows for 8 experts with empty segments (first, middle and last).
+    fn offsets(m: usize) -> Vec<u32> {
+        let cut = |f: f64| ((m as f64) * f) as u32;
+        vec![
+            0,
+            0,
+            cut(0.2),
+            cut(0.2),
+            cut(0.55),
+            cut(0.6),
+            cut(0.97),
+            m as u32,
+            m as u32,
+        ]
+    }
+
+    #[test]
+    fn grouped_matmul_values_and_gradients() {
+        let _s = serial();
+        let Some(g) = gpu() else { return };
+        let mut fails = Vec::new();
+        // (m, K, N): LoRA A shapes (N = r = 16, K = H), LoRA B shapes (K = 16, N = I), the
+        // general tile, and sizes off every tile multiple.
+        let shapes = [
+            (512, 256, 16),
+            (1000, 4096, 16),
+            (257, 40, 16),
+            (300, 16, 2000),
+            (64, 16, 64),
+            (513, 70, 90),
+            (1, 3, 5),
+        ];
+        for dtype in FLOATS {
+            for (m, kk, nn) in shapes {
+                let off = offsets(m);
+                let (xv, wv, rv) = (vals(m * kk, 1), vals(8 * nn * kk, 2), vals(m * nn, 3));
+                let run = |dev: Device| {
+                    let x = t(&xv, &[m, kk], dtype, dev).to_var().unwrap();
+                    let w = t(&wv, &[8, nn, kk], dtype, dev).to_var().unwrap();
+                    let y = x.grouped_matmul(&w, &u(&off, &[9], dev)).unwrap();
+                    y.mul(&t(&rv, &[m, nn], dtype, dev))
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                    [f64s(&y), f64s(&x.grad().unwrap()), f64s(&w.grad().unwrap())]
+                };
+                let (c, gg) = (run(Device::Cpu), run(g));
+                for (i, name) in ["y", "dx", "dw"].iter().enumerate() {
+                    let what = format!("grouped_matmul {name} [{dtype}] m={m} K={kk} N={nn}");
+                    check(&mut fails, &what, &c[i], &gg[i], tol(dtype));
+                }
+            }
+        }
+        done(fails);
+    }
+
+    /// The grouped MixLoRA FFN on the GPU against the CPU (output and every gradient), with a
+    /// base in `base` dtype and f32 adapters.
+    #[test]
+    fn grouped_mixlora_matches_cpu() {
+        let _s = serial();
+        let Some(g) = gpu() else { return };
+        let mut fails = Vec::new();
+        for base in [DType::F32, DType::BF16] {
+            for (n, h, i, k, r) in [
+                (37, 64, 96, 2, 16),
+                (256, 128, 300, 2, 16),
+                (300, 40, 70, 1, 4),
+            ] {
+                let e = 8;
+                let ad = adapter_dtype(base);
+                let mut shapes = vec![vec![n, h], vec![e, h], vec![i, h], vec![i, h], vec![h, i]];
+                for _ in 0..e {
+                    for (a, b) in [(h, i), (h, i), (i, h)] {
+                        shapes.push(vec![r, a]);
+                        shapes.push(vec![b, r]);
+                    }
+                }
+                let data: Vec<Vec<f64>> = shapes
+                    .iter()
+                    .enumerate()
+                    .map(|(j, s)| {
+                        let scale = if j < 2 { 1.0 } else { 0.2 };
+                        vals(s.iter().product(), 50 + j as u64)
+                            .iter()
+                            .map(|v| v * scale)
+                            .collect()
+                    })
+                    .collect();
+                let rv = vals(n * h, 9);
+                let run = |dev: Device| {
+                    let tt = |j: usize, d: DType| t(&data[j], &shapes[j], d, dev);
+                    let x = tt(0, base).to_var().unwrap();
+                    let router = tt(1, ad).to_var().unwrap();
+                    let w: Vec<Tensor> = (2..5).map(|j| tt(j, base)).collect();
+                    let mut vars = vec![router.clone()];
+                    let experts = (0..e)
+                        .map(|ex| {
+                            let mut l = |p: usize| {
+                                let j = 5 + 6 * ex + 2 * p;
+                                let (a, b) =
+                                    (tt(j, ad).to_var().unwrap(), tt(j + 1, ad).to_var().unwrap());
+                                vars.push(a.clone());
+                                vars.push(b.clone());
+                                Some(LoraLinear::new(a, b, 2.0, 0.0))
+                            };
+                            ExpertLora {
+                                gate: l(0),
+                                up: l(1),
+                                down: l(2),
+                            }
+                        })
+                        .collect();
+                    let ffn = MixLoraFfn {
+                        router: Router {
+                            weight: router,
+                            routing: Routing::TopK(k),
+                        },
+                        experts,
+                    };
+                    let shared = SharedFfn {
+                        gate: &w[0],
+                        up: &w[1],
+                        down: &w[2],
+                    };
+                    let (y, route) = ffn.forward(&x, shared, MoeImpl::Grouped, None).unwrap();
+                    let loss = y
+                        .mul(&t(&rv, &[n, h], base, dev))
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_dtype(ad)
+                        .unwrap()
+                        .add(&route.probs.sqr().unwrap().sum_all().unwrap())
+                        .unwrap();
+                    loss.backward().unwrap();
+                    let mut out = vec![f64s(&y), f64s(&x.grad().unwrap())];
+                    out.extend(vars.iter().map(|v| f64s(&v.grad().unwrap())));
+                    out
+                };
+                let (c, gg) = (run(Device::Cpu), run(g));
+                for (j, (a, b)) in c.iter().zip(&gg).enumerate() {
+                    let what =
+                        format!("grouped mixlora [{base}] n={n} h={h} i={i} k={k} output/grad {j}");
+                    check(&mut fails, &what, a, b, tol(base));
+                }
+            }
+        }
+        done(fails);
+    }
+
+    /// f32 for f32/bf16 data, f64 for f64: the weights' dtype in `moe_combine`.
+    trait AccOf {
+        fn max_with(self, d: DType) -> DType;
+    }
+    impl AccOf for DType {
+        fn max_with(self, d: DType) -> DType {
+            if d == DType::F64 {
+                DType::F64
+            } else {
+                self
+            }
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_moe_parity() {
+    eprintln!("SKIP: built without the `cuda` feature (run with --features cuda)");
+}
