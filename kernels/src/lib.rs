@@ -81,7 +81,8 @@ pub const NORM: KernelSource = module!("norm",
 );
 
 /// Fused cross-entropy forward and backward.
-pub const LOSS: KernelSource = module!("loss", f3 cross_entropy f3 cross_entropy_backward);
+pub const LOSS: KernelSource = module!("loss", f3 cross_entropy f3 cross_entropy_backward
+    f3 cross_entropy_chunk_update f3 cross_entropy_chunk_backward);
 
 /// index_select, gather, index_add, scatter_add, top-k.
 pub const INDEX: KernelSource = module!("index",
@@ -91,8 +92,16 @@ pub const INDEX: KernelSource = module!("index",
 /// Counter-based random fills (the same numbers as the CPU's `engine::rng`).
 pub const RANDOM: KernelSource = module!("random", f3 randn f3 rand_uniform f3 dropout_mask);
 
+/// The fused multi-tensor AdamW step: one kernel for every parameter, whatever its dtype (each
+/// tensor's dtype is in the table the kernel reads), hence one name without a dtype suffix.
+pub const OPTIM: KernelSource = KernelSource {
+    name: "optim",
+    source: concat!(include_str!("common.cuh"), "\n", include_str!("optim.cu")),
+    kernels: &["adamw_step_multi"],
+};
+
 /// Every kernel module of the engine.
-pub const SOURCES: &[KernelSource] = &[ELEMENTWISE, REDUCE, NORM, LOSS, INDEX, RANDOM];
+pub const SOURCES: &[KernelSource] = &[ELEMENTWISE, REDUCE, NORM, LOSS, INDEX, RANDOM, OPTIM];
 
 /// The module that defines kernel `name`, if any.
 pub fn module_of(name: &str) -> Option<&'static KernelSource> {
