@@ -3,17 +3,31 @@
 // One block per row. A target that is neither `ignore` nor below v gives NaN (the host cannot
 // check ids without a round trip), never an out-of-bounds read.
 
-// Row statistics: (max, Σ exp(x − max)) of logits row r, on every thread of the block.
+// Row statistics: (max, Σ exp(x − max)) of logits row r, on every thread of the block, in one pass
+// over the row (online log-sum-exp): each thread keeps a running max m and Σ exp(x − m) of its
+// elements, rescaling the sum when the max grows (s·exp(m − x) + 1); the block then takes the
+// global max M and sums the threads' s·exp(m − M). One exponential per element, as with two
+// passes, but the row is read once.
 template <typename T>
 __device__ void ce_row_stats(u32 v, u32 s1, const T* xr, typename Acc<T>::type* m_out, typename Acc<T>::type* s_out) {
     typedef typename Acc<T>::type A;
     A m = neg_inf<A>();
-    for (u32 j = threadIdx.x; j < v; j += blockDim.x) m = m_max(m, to_acc(xr[(size_t)j * s1]));
-    m = block_reduce(m, MaxOp(), neg_inf<A>());
     A s = (A)0;
-    for (u32 j = threadIdx.x; j < v; j += blockDim.x) s += m_exp(to_acc(xr[(size_t)j * s1]) - m);
+    for (u32 j = threadIdx.x; j < v; j += blockDim.x) {
+        const A x = to_acc(xr[(size_t)j * s1]);
+        if (x > m) {
+            s = s * m_exp(m - x) + (A)1;
+            m = x;
+        } else if (x != m || x != neg_inf<A>()) {
+            // (−∞ seen while the max is still −∞ adds nothing; NaN propagates.)
+            s += m_exp(x - m);
+        }
+    }
+    const A mx = block_reduce(m, MaxOp(), neg_inf<A>());
+    // A thread without elements (or only −∞) adds nothing; NaN sums stay NaN.
+    s = s == (A)0 ? (A)0 : s * m_exp(m - mx);
     s = block_reduce(s, SumOp(), (A)0);
-    *m_out = m;
+    *m_out = mx;
     *s_out = s;
 }
 

@@ -200,6 +200,72 @@ mod gpu {
         ck.finish();
     }
 
+    /// The full-row kernels (`cross_entropy`, `cross_entropy_backward`, single-pass online
+    /// statistics on the GPU) on rows of SmolLM2's vocabulary and on strided logits, some of
+    /// them `−∞` (masked logits, never at the target).
+    fn row_case(
+        dev: Device,
+        dt: DType,
+        (n, v): (usize, usize),
+        transposed: bool,
+        backward: bool,
+    ) -> engine::Result<Vec<f64>> {
+        let t = targets(n, v, 12);
+        let mut x = vals(n * v, 11, 4.0);
+        for (i, xi) in x.iter_mut().enumerate() {
+            let (r, j) = (i / v, i % v);
+            if i % 7 == 3 && t[r] as usize != j {
+                *xi = f64::NEG_INFINITY;
+            }
+        }
+        let l = if transposed {
+            // The same logits stored column-major.
+            let mut xt = vec![0.0; n * v];
+            for r in 0..n {
+                for j in 0..v {
+                    xt[j * n + r] = x[r * v + j];
+                }
+            }
+            x = xt;
+            Layout::contiguous([v, n]).transpose(0, 1)
+        } else {
+            Layout::contiguous([n, v])
+        };
+        let xs = Storage::upload_f64(dev, &x, dt)?;
+        let ts = Storage::from_cpu(dev, engine::backend::cpu::CpuStorage::U32(t))?;
+        let tl = Layout::contiguous([n]);
+        if !backward {
+            return xs
+                .cross_entropy(&l, &ts, &tl, IGNORE_INDEX)?
+                .to_f64_vec(&tl);
+        }
+        let g = Storage::upload_f64(dev, &vals(n, 13, 1.0), acc(dt))?;
+        xs.cross_entropy_backward(&l, &ts, &tl, &g, &tl, IGNORE_INDEX)?
+            .to_f64_vec(&Layout::contiguous([n, v]))
+    }
+
+    #[test]
+    fn row_kernels_match_the_cpu_on_long_rows_with_masked_logits() {
+        let Some(gpu) = gpu() else { return };
+        let mut ck = Checker {
+            gpu,
+            failures: Vec::new(),
+            count: 0,
+        };
+        for dt in FLOATS {
+            for (n, v, tr) in [(37, 49152, false), (5, 257, true), (300, 1000, false)] {
+                for bw in [false, true] {
+                    ck.case(
+                        &format!("cross_entropy n={n} v={v} transposed={tr} backward={bw}"),
+                        dt,
+                        |d| row_case(d, dt, (n, v), tr, bw),
+                    );
+                }
+            }
+        }
+        ck.finish();
+    }
+
     /// Loss rows, dhidden and dweight of `linear_cross_entropy_rows` on `dev`.
     fn linear_case(
         dev: Device,
