@@ -61,8 +61,11 @@ mod gpu {
         }
     }
 
-    /// (dtype, parameter, m, v) of every tensor after 3 steps on `dev`.
-    fn run(dev: Device) -> Vec<(DType, Vec<f64>, Vec<f64>, Vec<f64>)> {
+    /// (dtype, parameter, m, v) of one tensor.
+    type State = (DType, Vec<f64>, Vec<f64>, Vec<f64>);
+
+    /// The state of every tensor after 3 steps on `dev`.
+    fn run(dev: Device) -> Vec<State> {
         let mut ps = Vec::new();
         let mut dts = Vec::new();
         for (di, dt) in [DType::F32, DType::BF16, DType::F64]

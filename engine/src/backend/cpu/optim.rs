@@ -60,25 +60,51 @@ fn update<T: Float>(p: T, m: T, v: T, g: T, k: &Coef<T>) -> (T, T, T) {
     (p, m, v)
 }
 
-/// Updates `p` (read with `rd`, written with `wr`), `m`, `v` with gradient `g` (read with `rg`).
-fn run<P, G, T>(
+/// A parameter element and its math dtype `T`: widened on read, rounded once on write.
+trait Elem<T>: Copy + Send + Sync {
+    fn widen(self) -> T;
+    fn narrow(x: T) -> Self;
+}
+impl Elem<f32> for f32 {
+    fn widen(self) -> f32 {
+        self
+    }
+    fn narrow(x: f32) -> Self {
+        x
+    }
+}
+impl Elem<f32> for bf16 {
+    fn widen(self) -> f32 {
+        f32::from(self)
+    }
+    fn narrow(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+}
+impl Elem<f64> for f64 {
+    fn widen(self) -> f64 {
+        self
+    }
+    fn narrow(x: f64) -> Self {
+        x
+    }
+}
+
+/// One task's slices: `((p, m), v), g`.
+type Task<'a, P, T> = (((&'a mut [P], &'a mut [T]), &'a mut [T]), &'a [P]);
+
+/// Updates `p`, `m`, `v` with the gradient `g` (the parameter's element type).
+fn run<P: Elem<T>, T: Float + Send + Sync>(
     p: &mut [P],
     m: &mut [T],
     v: &mut [T],
-    g: &[G],
+    g: &[P],
     k: &Coef<T>,
-    rd: impl Fn(P) -> T + Sync,
-    rg: impl Fn(G) -> T + Sync,
-    wr: impl Fn(T) -> P + Sync,
-) where
-    P: Copy + Send + Sync,
-    G: Copy + Sync,
-    T: Float + Send + Sync,
-{
-    let body = |(((p, m), v), g): (((&mut [P], &mut [T]), &mut [T]), &[G])| {
+) {
+    let body = |(((p, m), v), g): Task<'_, P, T>| {
         for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
-            let (np, nm, nv) = update(rd(*p), *m, *v, rg(g), k);
-            *p = wr(np);
+            let (np, nm, nv) = update(p.widen(), *m, *v, g.widen(), k);
+            *p = P::narrow(np);
             *m = nm;
             *v = nv;
         }
@@ -123,42 +149,15 @@ fn one_slot(s: &mut AdamWSlot<'_, CpuStorage>, h: &AdamWCoefficients) -> Result<
     match (&mut *s.param, &mut *s.exp_avg, &mut *s.exp_avg_sq, s.grad) {
         (CpuStorage::F32(p), CpuStorage::F32(m), CpuStorage::F32(v), CpuStorage::F32(g)) => {
             let k = Coef::<f32>::new(h);
-            run(
-                &mut p[pr],
-                &mut m[mr],
-                &mut v[vr],
-                &g[gr],
-                &k,
-                |x| x,
-                |x| x,
-                |x| x,
-            );
+            run(&mut p[pr], &mut m[mr], &mut v[vr], &g[gr], &k);
         }
         (CpuStorage::BF16(p), CpuStorage::F32(m), CpuStorage::F32(v), CpuStorage::BF16(g)) => {
             let k = Coef::<f32>::new(h);
-            run(
-                &mut p[pr],
-                &mut m[mr],
-                &mut v[vr],
-                &g[gr],
-                &k,
-                f32::from,
-                f32::from,
-                bf16::from_f32,
-            );
+            run(&mut p[pr], &mut m[mr], &mut v[vr], &g[gr], &k);
         }
         (CpuStorage::F64(p), CpuStorage::F64(m), CpuStorage::F64(v), CpuStorage::F64(g)) => {
             let k = Coef::<f64>::new(h);
-            run(
-                &mut p[pr],
-                &mut m[mr],
-                &mut v[vr],
-                &g[gr],
-                &k,
-                |x| x,
-                |x| x,
-                |x| x,
-            );
+            run(&mut p[pr], &mut m[mr], &mut v[vr], &g[gr], &k);
         }
         (CpuStorage::U32(_), ..) => {
             return Err(Error::UnsupportedDType {
