@@ -722,6 +722,7 @@ fn run_all(lab: &mut Lab) -> Result<()> {
         attention(lab, dt)?;
         attention_softmax(lab, dt)?;
         moe(lab, dt)?;
+        optim_and_chunked_loss(lab, dt)?;
     }
     Ok(())
 }
@@ -920,4 +921,136 @@ fn moe(lab: &mut Lab, dt: DType) -> Result<()> {
         z.grouped_matmul_dw(&zl, &x, &yl, &off, &ol, e).map(drop)
     })?;
     Ok(())
+/// The fused multi-tensor AdamW step and the vocabulary-chunk cross-entropy.
+///
+/// Bytes (`s` the parameter or logits element size, moments f32):
+/// - adamw_step_multi: per element p read and written, g read, m and v read and written:
+///   `3s + 4·4` (28 B per f32 element, 22 per bf16); the tensors are MixLoRA-7B-like adapter
+///   pieces: 256 × [16, 4096] LoRA factors and 32 × [8, 4096] routers (17.8 M elements), all in
+///   one launch;
+/// - cross_entropy_chunk_update `[N, C]`: the chunk's logits once, targets, the `[N, 3]` f32
+///   state read and written: `N·C·s + 4N + 24N`;
+/// - cross_entropy_chunk_backward `[N, C]`: logits read, dlogits written, targets, lse and row
+///   grads (the launcher's f32 copies of lse and g are in the time): `2·N·C·s + 12N`;
+/// - linear_cross_entropy forward + backward at SmolLM2's head (N = 4096 tokens, H = 576,
+///   V = 49152, chunks of 8192, weight frozen) against `matmul` + `cross_entropy_rows`: GEMM
+///   FLOPs `6·N·H·V` chunked (the backward recomputes the logits) and `4·N·H·V` unchunked; the
+///   point is the allocator's peak (the `[N, V]` logits and their gradient vs one `[N, C]` chunk).
+fn optim_and_chunked_loss(lab: &mut Lab, dt: DType) -> Result<()> {
+    use engine::{adamw_moment_dtype, adamw_step, AdamWHyper};
+    let s = dt.size_in_bytes();
+    // AdamW over every adapter tensor of a MixLoRA-7B-sized model, one launch.
+    let mut shapes = vec![[16usize, 4096usize]; 256];
+    shapes.extend(vec![[8, 4096]; 32]);
+    let mut ps = Vec::new();
+    for (i, sh) in shapes.iter().enumerate() {
+        let p = Tensor::randn(sh.to_vec(), 0.0, 0.02, 40 + i as u64, dt, GPU)?.to_var()?;
+        let g = Tensor::randn(sh.to_vec(), 0.0, 1e-3, 900 + i as u64, dt, GPU)?;
+        p.mul(&g)?.sum_all()?.backward()?;
+        ps.push(p);
+    }
+    let moments = |ps: &[Tensor]| -> Result<Vec<Tensor>> {
+        ps.iter()
+            .map(|p| Tensor::zeros(p.shape().clone(), adamw_moment_dtype(dt), GPU))
+            .collect()
+    };
+    let (ms, vs) = (moments(&ps)?, moments(&ps)?);
+    let n: usize = ps.iter().map(|p| p.elem_count()).sum();
+    let h = AdamWHyper {
+        lr: 2e-4,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        grad_scale: 1.0,
+        step: 1,
+    };
+    lab.run(
+        mem(
+            "adamw_step_multi (288 tensors)",
+            dt,
+            format!("{n} elements"),
+            n * (3 * s + 16),
+        ),
+        || adamw_step(&ps, &ms, &vs, &h),
+    )?;
+    drop((ps, ms, vs));
+
+    // One vocabulary chunk of SmolLM2-sized logits.
+    let (r, c) = (4096, 8192);
+    let sh = shape_str(&[r, c]);
+    let x = randn(&[r, c], dt, 50)?;
+    let l = lay(&[r, c]);
+    let t = ids(r, 49152, 51)?;
+    let tl = lay(&[r]);
+    let ignore = engine::IGNORE_INDEX;
+    let acc = adamw_moment_dtype(dt);
+    let init: Vec<f64> = (0..r).flat_map(|_| [f64::NEG_INFINITY, 0.0, 0.0]).collect();
+    let mut st = Storage::upload_f64(GPU, &init, acc)?;
+    lab.run(
+        mem(
+            "cross_entropy_chunk_update",
+            dt,
+            sh.clone(),
+            r * c * s + 28 * r,
+        ),
+        || x.cross_entropy_chunk_update(&l, &t, &tl, &mut st, 8192, 49152, ignore),
+    )?;
+    let lse = Storage::upload_f64(GPU, &vec![12.0; r], acc)?;
+    let g = randn(&[r], acc, 52)?;
+    lab.run(
+        mem(
+            "cross_entropy_chunk_backward",
+            dt,
+            sh,
+            2 * r * c * s + 12 * r,
+        ),
+        || {
+            x.cross_entropy_chunk_backward(&l, &t, &tl, &lse, &tl, &g, &tl, 8192, ignore)
+                .map(drop)
+        },
+    )?;
+    drop((x, st, lse, g));
+
+    // The LM-head loss, chunked and not, forward + backward (the weight frozen, as in training).
+    let (n, hd, v) = (4096, 576, 49152);
+    let hid = Tensor::randn([n, hd], 0.0, 1.0, 53, dt, GPU)?.to_var()?;
+    let w = Tensor::randn([v, hd], 0.0, 0.05, 54, dt, GPU)?;
+    let tt = Tensor::from_vec(
+        (0..n as u64)
+            .map(|i| (engine::rng::hash(55, i) % v as u64) as u32)
+            .collect::<Vec<u32>>(),
+        n,
+        GPU,
+    )?;
+    let gemm_case = |op: &str, flops: usize| Case {
+        op: op.into(),
+        dtype: dt,
+        shape: format!("N={n} H={hd} V={v}"),
+        bytes: ((n * hd + v * hd) * s) as f64,
+        flops: flops as f64,
+        bound: Bound::Gemm(dt),
+    };
+    lab.run(
+        gemm_case("linear_cross_entropy fwd+bwd chunk 8192", 6 * n * hd * v),
+        || {
+            hid.zero_grad();
+            hid.linear_cross_entropy_rows(&w, &tt, ignore, 8192)?
+                .sum_all()?
+                .backward()
+        },
+    )?;
+    lab.run(
+        gemm_case(
+            "matmul + cross_entropy fwd+bwd (full logits)",
+            4 * n * hd * v,
+        ),
+        || {
+            hid.zero_grad();
+            hid.matmul(&w.t()?)?
+                .cross_entropy_rows(&tt, ignore)?
+                .sum_all()?
+                .backward()
+        },
+    )
 }

@@ -4,7 +4,9 @@
 use crate::backend::cpu::{CpuDevice, CpuStorage};
 #[cfg(feature = "cuda")]
 use crate::backend::cuda::{CudaDevice, CudaStorage};
-use crate::backend::{BackendDevice, BackendStorage, BinaryOp, CmpOp, ReduceOp, UnaryOp};
+use crate::backend::{
+    AdamWHyper, AdamWSlot, BackendDevice, BackendStorage, BinaryOp, CmpOp, ReduceOp, UnaryOp,
+};
 use crate::{DType, Device, Error, Layout, Result, Shape};
 
 #[derive(Debug)]
@@ -466,5 +468,141 @@ impl BackendStorage for Storage {
         e: usize,
     ) -> Result<Self> {
         three!("grouped_matmul_dw", self, x, off, (g, x, o) => g.grouped_matmul_dw(l, x, xl, o, ol, e))
+    }
+    fn adamw_step(slots: &mut [AdamWSlot<'_, Self>], h: &AdamWHyper) -> Result<()> {
+        const OP: &str = "adamw_step";
+        let Some(first) = slots.first() else {
+            return Ok(());
+        };
+        let dev = first.param.device();
+        for s in slots.iter() {
+            for other in [&*s.exp_avg, &*s.exp_avg_sq, s.grad, &*s.param] {
+                if other.device() != dev {
+                    return Err(Error::DeviceMismatch {
+                        op: OP,
+                        lhs: dev,
+                        rhs: other.device(),
+                    });
+                }
+            }
+        }
+        match dev {
+            Device::Cpu => {
+                let mut cpu = Vec::with_capacity(slots.len());
+                for s in slots.iter_mut() {
+                    #[allow(unreachable_patterns)]
+                    match (&mut *s.param, &mut *s.exp_avg, &mut *s.exp_avg_sq, s.grad) {
+                        (Storage::Cpu(p), Storage::Cpu(m), Storage::Cpu(v), Storage::Cpu(g)) => cpu
+                            .push(AdamWSlot {
+                                param: p,
+                                param_offset: s.param_offset,
+                                exp_avg: m,
+                                exp_avg_offset: s.exp_avg_offset,
+                                exp_avg_sq: v,
+                                exp_avg_sq_offset: s.exp_avg_sq_offset,
+                                grad: g,
+                                grad_offset: s.grad_offset,
+                                len: s.len,
+                            }),
+                        _ => return Err(Error::invalid(OP, "storages on different backends")),
+                    }
+                }
+                CpuStorage::adamw_step(&mut cpu, h)
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => {
+                let mut gpu = Vec::with_capacity(slots.len());
+                for s in slots.iter_mut() {
+                    #[allow(unreachable_patterns)]
+                    match (&mut *s.param, &mut *s.exp_avg, &mut *s.exp_avg_sq, s.grad) {
+                        (
+                            Storage::Cuda(p),
+                            Storage::Cuda(m),
+                            Storage::Cuda(v),
+                            Storage::Cuda(g),
+                        ) => gpu.push(AdamWSlot {
+                            param: p,
+                            param_offset: s.param_offset,
+                            exp_avg: m,
+                            exp_avg_offset: s.exp_avg_offset,
+                            exp_avg_sq: v,
+                            exp_avg_sq_offset: s.exp_avg_sq_offset,
+                            grad: g,
+                            grad_offset: s.grad_offset,
+                            len: s.len,
+                        }),
+                        _ => return Err(Error::invalid(OP, "storages on different backends")),
+                    }
+                }
+                CudaStorage::adamw_step(&mut gpu, h)
+            }
+            #[allow(unreachable_patterns)]
+            d => Err(no_backend(d)),
+        }
+    }
+    fn cross_entropy_chunk_update(
+        &self,
+        l: &Layout,
+        t: &Self,
+        tl: &Layout,
+        state: &mut Self,
+        v0: usize,
+        v_total: usize,
+        ignore: u32,
+    ) -> Result<()> {
+        let (xd, sd) = (self.device(), state.device());
+        #[allow(unreachable_patterns)]
+        match (self, t, state) {
+            (Storage::Cpu(x), Storage::Cpu(t), Storage::Cpu(s)) => {
+                x.cross_entropy_chunk_update(l, t, tl, s, v0, v_total, ignore)
+            }
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(x), Storage::Cuda(t), Storage::Cuda(s)) => {
+                x.cross_entropy_chunk_update(l, t, tl, s, v0, v_total, ignore)
+            }
+            (x, t, _) if x.device() != t.device() => {
+                Err(mismatch("cross_entropy_chunk_update", x, t))
+            }
+            _ => Err(Error::DeviceMismatch {
+                op: "cross_entropy_chunk_update",
+                lhs: xd,
+                rhs: sd,
+            }),
+        }
+    }
+    fn cross_entropy_chunk_backward(
+        &self,
+        l: &Layout,
+        t: &Self,
+        tl: &Layout,
+        lse: &Self,
+        lse_l: &Layout,
+        g: &Self,
+        gl: &Layout,
+        v0: usize,
+        ignore: u32,
+    ) -> Result<Self> {
+        const OP: &str = "cross_entropy_chunk_backward";
+        #[allow(unreachable_patterns)]
+        match (self, t, lse, g) {
+            (Storage::Cpu(x), Storage::Cpu(t), Storage::Cpu(s), Storage::Cpu(g)) => {
+                Ok(Storage::Cpu(x.cross_entropy_chunk_backward(
+                    l, t, tl, s, lse_l, g, gl, v0, ignore,
+                )?))
+            }
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(x), Storage::Cuda(t), Storage::Cuda(s), Storage::Cuda(g)) => {
+                Ok(Storage::Cuda(x.cross_entropy_chunk_backward(
+                    l, t, tl, s, lse_l, g, gl, v0, ignore,
+                )?))
+            }
+            (x, t, s, g) => {
+                let other = [t, s, g]
+                    .into_iter()
+                    .find(|o| o.device() != x.device())
+                    .unwrap_or(t);
+                Err(mismatch(OP, x, other))
+            }
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! node that produced it when it was computed from tensors that need gradients.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::autograd::{self, Node};
 use crate::backend::cpu::CpuStorage;
@@ -386,6 +386,15 @@ impl Tensor {
         )?;
         let node = Node::record("copy", &[self], |_, _, g| Ok(vec![Some(g.clone())]));
         Ok(Self::from_storage(out, self.shape().clone(), node))
+    }
+
+    /// The buffer, locked for writing (in-place updates: optimisers, running statistics).
+    pub(crate) fn storage_mut(&self) -> RwLockWriteGuard<'_, Storage> {
+        self.0.storage.write().unwrap_or_else(|e| e.into_inner())
+    }
+    /// An identity of the buffer behind this tensor (equal for tensors that share it).
+    pub(crate) fn storage_key(&self) -> usize {
+        Arc::as_ptr(&self.0.storage) as usize
     }
 }
 

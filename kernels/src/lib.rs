@@ -81,7 +81,8 @@ pub const NORM: KernelSource = module!("norm",
 );
 
 /// Fused cross-entropy forward and backward.
-pub const LOSS: KernelSource = module!("loss", f3 cross_entropy f3 cross_entropy_backward);
+pub const LOSS: KernelSource = module!("loss", f3 cross_entropy f3 cross_entropy_backward
+    f3 cross_entropy_chunk_update f3 cross_entropy_chunk_backward);
 
 /// index_select, gather, index_add, scatter_add, top-k.
 pub const INDEX: KernelSource = module!("index",
@@ -137,6 +138,14 @@ pub const MOE: KernelSource = KernelSource {
     ],
 };
 
+/// The fused multi-tensor AdamW step: one kernel for every parameter, whatever its dtype (each
+/// tensor's dtype is in the table the kernel reads), hence one name without a dtype suffix.
+pub const OPTIM: KernelSource = KernelSource {
+    name: "optim",
+    source: concat!(include_str!("common.cuh"), "\n", include_str!("optim.cu")),
+    kernels: &["adamw_step_multi"],
+};
+
 /// Every kernel module of the engine.
 pub const SOURCES: &[KernelSource] = &[
     ELEMENTWISE,
@@ -147,6 +156,7 @@ pub const SOURCES: &[KernelSource] = &[
     RANDOM,
     ATTENTION,
     MOE,
+    OPTIM,
 ];
 
 /// The module that defines kernel `name`, if any.

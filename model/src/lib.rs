@@ -17,6 +17,6 @@ pub mod weights;
 pub use adapters::{AdapterConfig, MoeImpl, PeftType, RoutingStrategy};
 pub use config::{Llama3RopeScaling, LlamaConfig};
 pub use error::{Error, Result};
-pub use llama::{ForwardOutput, KvCache, Llama, RandomInit};
+pub use llama::{ForwardOutput, HiddenOutput, KvCache, Llama, RandomInit};
 pub use tokenizer::Tokenizer;
 pub use weights::{load, Weights};

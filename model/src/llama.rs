@@ -92,6 +92,17 @@ pub struct ForwardOutput {
     pub expert_load: Vec<Tensor>,
 }
 
+/// What [`Llama::forward_train_hidden`] returns: [`ForwardOutput`] with the final hidden states
+/// in place of the logits.
+pub struct HiddenOutput {
+    /// `[B, T, H]`, after the final norm, in the model's dtype.
+    pub hidden: Tensor,
+    /// As in [`ForwardOutput::aux_loss`].
+    pub aux_loss: Option<Tensor>,
+    /// As in [`ForwardOutput::expert_load`].
+    pub expert_load: Vec<Tensor>,
+}
+
 /// Options of one forward pass.
 #[derive(Clone, Copy, Default)]
 struct Pass {
@@ -433,7 +444,7 @@ impl Llama {
 
     /// Logits `[.., V]` of final hidden states `[.., H]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        linear(hidden, self.lm_head.as_ref().unwrap_or(&self.embed_tokens))
+        linear(hidden, self.lm_head_weight())
     }
 
     /// Logits `[B, T, V]` of a batch without cache; `key_mask` `[B, T]` marks real tokens
@@ -456,17 +467,33 @@ impl Llama {
         key_mask: Option<&Tensor>,
         dropout_seed: Option<u64>,
     ) -> Result<ForwardOutput> {
+        let out = self.forward_train_hidden(ids, key_mask, dropout_seed)?;
+        Ok(ForwardOutput {
+            logits: self.logits(&out.hidden)?,
+            aux_loss: out.aux_loss,
+            expert_load: out.expert_load,
+        })
+    }
+
+    /// [`Llama::forward_train`] without the LM head: the final hidden states `[B, T, H]` (after
+    /// the last norm), so that a loss can apply [`Llama::lm_head_weight`] chunk by chunk
+    /// (`Tensor::linear_cross_entropy_rows`) and never hold the `[B, T, V]` logits.
+    pub fn forward_train_hidden(
+        &self,
+        ids: &Tensor,
+        key_mask: Option<&Tensor>,
+        dropout_seed: Option<u64>,
+    ) -> Result<HiddenOutput> {
         let (b, t) = batch_dims(ids)?;
         let positions = positions_from_mask(b, t, key_mask, 0, ids.device())?;
         let pass = Pass {
             dropout_seed,
             collect_routing: true,
         };
-        let (h, routing) = self.forward_pass(ids, &positions, key_mask, None, pass)?;
-        let logits = self.logits(&h)?;
+        let (hidden, routing) = self.forward_pass(ids, &positions, key_mask, None, pass)?;
         let (Some(adapters), Some(first)) = (&self.adapters, routing.first()) else {
-            return Ok(ForwardOutput {
-                logits,
+            return Ok(HiddenOutput {
+                hidden,
                 aux_loss: None,
                 expert_load: Vec::new(),
             });
@@ -481,11 +508,16 @@ impl Llama {
                 .map(|r| expert_load(r, tw.as_ref()))
                 .collect::<Result<Vec<_>>>()
         })?;
-        Ok(ForwardOutput {
-            logits,
+        Ok(HiddenOutput {
+            hidden,
             aux_loss,
             expert_load,
         })
+    }
+
+    /// The LM head `[V, H]`: `lm_head`, or the token embedding when they are tied.
+    pub fn lm_head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 }
 

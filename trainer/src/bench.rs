@@ -201,6 +201,32 @@ fn random_batch(b: usize, t: usize, vocab: usize, device: Device) -> Result<(Ten
     ))
 }
 
+/// The trainer's loss of one batch: the training forward to the final hidden states, the
+/// cross-entropy over vocabulary chunks (no full logits) averaged over the targets, plus the
+/// MixLoRA aux loss.
+fn training_loss(
+    model: &Llama,
+    ids: &Tensor,
+    mask: &Tensor,
+    targets: &Tensor,
+    seed: u64,
+) -> Result<Tensor> {
+    let out = model.forward_train_hidden(ids, Some(mask), Some(seed))?;
+    let h = out.hidden.dim(-1)?;
+    let n = targets.elem_count();
+    let rows = out.hidden.reshape([n, h])?.linear_cross_entropy_rows(
+        model.lm_head_weight(),
+        targets,
+        IGNORE_INDEX,
+        crate::run::LM_LOSS_CHUNK,
+    )?; // [B·T] f32
+    let mut loss = rows.sum_all()?.mul_scalar(1.0 / n as f64)?;
+    if let Some(aux) = &out.aux_loss {
+        loss = loss.add(&aux.to_dtype(loss.dtype())?)?;
+    }
+    Ok(loss)
+}
+
 /// Runs the benchmark; `log` receives progress lines.
 pub fn table6(a: &Table6Args, mut log: impl FnMut(&str)) -> Result<Vec<VariantResult>> {
     let device = Device::parse(&a.device)?;
@@ -248,16 +274,7 @@ pub fn table6(a: &Table6Args, mut log: impl FnMut(&str)) -> Result<Vec<VariantRe
             params.iter().for_each(|(_, p)| p.zero_grad());
             synchronize(device)?;
             let t0 = Instant::now();
-            let out = model.forward_train(&ids, Some(&mask), Some(step as u64))?;
-            let vocab = out.logits.dim(-1)?;
-            let mut loss = out
-                .logits
-                .reshape([b * t, vocab])?
-                .cross_entropy(&targets, IGNORE_INDEX)?;
-            if let Some(aux) = &out.aux_loss {
-                loss = loss.add(&aux.to_dtype(loss.dtype())?)?;
-            }
-            drop(out);
+            let loss = training_loss(&model, &ids, &mask, &targets, step as u64)?;
             synchronize(device)?;
             let t1 = Instant::now();
             loss.backward()?;
@@ -273,14 +290,7 @@ pub fn table6(a: &Table6Args, mut log: impl FnMut(&str)) -> Result<Vec<VariantRe
             // One more step with every kernel timed (MIXLORA_PROFILE=1): where the time goes.
             engine::backend::cpu::profile::take();
             params.iter().for_each(|(_, p)| p.zero_grad());
-            let out = model.forward_train(&ids, Some(&mask), Some(0))?;
-            let vocab = out.logits.dim(-1)?;
-            let loss = out
-                .logits
-                .reshape([b * t, vocab])?
-                .cross_entropy(&targets, IGNORE_INDEX)?;
-            drop(out);
-            loss.backward()?;
+            training_loss(&model, &ids, &mask, &targets, 0)?.backward()?;
             synchronize(device)?;
             println!("profile of one {} step (every op synchronised):", v.key());
             engine::backend::cpu::profile::report(45);

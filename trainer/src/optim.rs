@@ -1,7 +1,9 @@
 //! AdamW with decoupled weight decay and bias correction (PyTorch's `torch.optim.AdamW`), and
-//! global gradient-norm clipping. Every update is a handful of engine tensor ops on the
-//! parameters' device, so it runs on any backend; parameters are updated in place with
-//! `Tensor::assign`. The moments are kept in f32 (f64 for f64 parameters, for exact tests).
+//! global gradient-norm clipping. A step is one fused engine call over all parameters
+//! ([`engine::adamw_step`]: one kernel launch on CUDA, threads over the elements on the CPU),
+//! updating parameters and moments in place; [`AdamW::step_reference`] is the same update as a
+//! handful of engine tensor ops per parameter and `Tensor::assign`, kept as the reference. The
+//! moments are kept in f32 (f64 for f64 parameters, for exact tests).
 //!
 //! One step at count `t` (1-based) with gradient `g` (times the clipping scale `c`):
 //! ```text
@@ -14,7 +16,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use engine::{no_grad, DType, Tensor};
+use engine::{no_grad, AdamWHyper, DType, Tensor};
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
 
 use crate::error::{Error, Result};
@@ -108,8 +110,32 @@ impl AdamW {
     }
 
     /// One update with learning rate `lr`, the gradients multiplied by `grad_scale` first (the
-    /// clipping factor of [`clip_grad_norm`]; 1.0 for none).
+    /// clipping factor of [`clip_grad_norm`]; 1.0 for none): every parameter in one fused engine
+    /// call ([`engine::adamw_step`]; one kernel launch on CUDA).
     pub fn step(&mut self, lr: f64, grad_scale: f64) -> Result<()> {
+        self.steps += 1;
+        let h = self.hyper(lr, grad_scale);
+        engine::adamw_step(&self.params, &self.exp_avg, &self.exp_avg_sq, &h)?;
+        Ok(())
+    }
+
+    /// The hyper-parameters of the step about to be taken (`self.steps` already counts it).
+    fn hyper(&self, lr: f64, grad_scale: f64) -> AdamWHyper {
+        AdamWHyper {
+            lr,
+            beta1: self.config.beta1,
+            beta2: self.config.beta2,
+            eps: self.config.eps,
+            weight_decay: self.config.weight_decay,
+            grad_scale,
+            step: self.steps,
+        }
+    }
+
+    /// [`AdamW::step`] written as engine tensor ops (about ten per parameter, then
+    /// `Tensor::assign`): the reference the fused step is tested against. Same state, same
+    /// results (bit for bit on the CPU).
+    pub fn step_reference(&mut self, lr: f64, grad_scale: f64) -> Result<()> {
         let _g = engine::NoGradGuard::new();
         self.steps += 1;
         let AdamWConfig {
@@ -134,6 +160,11 @@ impl AdamW {
             p.assign(&p_new.to_dtype(p.dtype())?)?;
         }
         Ok(())
+    }
+
+    /// The moments `(exp_avg, exp_avg_sq)` of every parameter, in the order of [`AdamW::params`].
+    pub fn moments(&self) -> (&[Tensor], &[Tensor]) {
+        (&self.exp_avg, &self.exp_avg_sq)
     }
 
     /// The moments as safetensors bytes: `{name}.exp_avg`, `{name}.exp_avg_sq`, and the step

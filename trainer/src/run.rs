@@ -22,6 +22,9 @@ use crate::synthetic;
 /// Synthetic tasks of the embedded default: examples per task.
 const SYNTHETIC_TRAIN: usize = 400;
 const SYNTHETIC_VALID: usize = 50;
+/// Vocabulary rows per chunk of the training loss (`Tensor::linear_cross_entropy_rows`): the
+/// largest logits buffer a training step holds is `[tokens, LM_LOSS_CHUNK]`.
+pub const LM_LOSS_CHUNK: usize = 8192;
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -163,12 +166,14 @@ fn micro_step(
     seed: u64,
 ) -> Result<(f64, Option<f64>, Vec<Tensor>)> {
     let (ids, mask, labels) = hb.to_tensors(model.device())?;
-    let out = model.forward_train(&ids, Some(&mask), Some(seed))?;
-    let v = out.logits.dim(-1)?;
+    let out = model.forward_train_hidden(&ids, Some(&mask), Some(seed))?;
+    let h = out.hidden.dim(-1)?;
+    // The LM head and the cross-entropy over vocabulary chunks: the [B·T, V] logits are never
+    // held, only one [B·T, LM_LOSS_CHUNK] slice of them at a time.
     let rows = out
-        .logits
-        .reshape([hb.batch * hb.len, v])?
-        .cross_entropy_rows(&labels, IGNORE_INDEX)?; // [B·T]
+        .hidden
+        .reshape([hb.batch * hb.len, h])?
+        .linear_cross_entropy_rows(model.lm_head_weight(), &labels, IGNORE_INDEX, LM_LOSS_CHUNK)?; // [B·T]
     let lm_sum = rows.sum_all()?;
     // The step's loss is the mean over all its target tokens, so accumulated micro-batches add
     // up to one large batch; the aux loss (already times its coefficient) is averaged.

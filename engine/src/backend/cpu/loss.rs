@@ -45,7 +45,7 @@ fn check(
 }
 
 /// `(max, Σ exp(x − max))` of one row, `x(j)` reading its element `j < v`.
-fn row_stats<T: CpuFloat>(x: impl Fn(usize) -> T, v: usize) -> (T, T) {
+pub(super) fn row_stats<T: CpuFloat>(x: impl Fn(usize) -> T, v: usize) -> (T, T) {
     let m = (0..v).map(&x).fold(T::neg_infinity(), |a, b| a.max(b));
     let sum = (0..v).map(|j| (x(j) - m).fast_exp()).sum::<T>();
     (m, sum)
@@ -53,7 +53,7 @@ fn row_stats<T: CpuFloat>(x: impl Fn(usize) -> T, v: usize) -> (T, T) {
 
 /// [`row_stats`] of a contiguous row, in 16 lanes (vectorises).
 #[inline(always)]
-fn row_stats_slice<S: Copy, T: CpuFloat>(row: &[S], conv: impl Fn(S) -> T) -> (T, T) {
+pub(super) fn row_stats_slice<S: Copy, T: CpuFloat>(row: &[S], conv: impl Fn(S) -> T) -> (T, T) {
     const L: usize = 16;
     let mut mx = [T::neg_infinity(); L];
     let mut chunks = row.chunks_exact(L);

@@ -6,9 +6,11 @@ mod attention;
 mod elementwise;
 mod index;
 mod loss;
+mod loss_chunk;
 mod matmul;
 mod moe;
 mod norm;
+mod optim;
 pub mod profile;
 mod random;
 mod reduce;
@@ -17,7 +19,7 @@ mod simd;
 use half::bf16;
 use num_traits::Float;
 
-use crate::backend::{BackendStorage, BinaryOp, CmpOp, ReduceOp, UnaryOp};
+use crate::backend::{AdamWHyper, AdamWSlot, BackendStorage, BinaryOp, CmpOp, ReduceOp, UnaryOp};
 use crate::{DType, Device, Error, Layout, Result};
 
 pub use random::CpuDevice;
@@ -463,6 +465,65 @@ impl BackendStorage for CpuStorage {
         profile::timed(
             || "grouped_matmul_dw".into(),
             || moe::grouped_matmul_dw(self, l, x, x_l, offsets, off_l, num_experts),
+        )
+    }
+    fn adamw_step(slots: &mut [AdamWSlot<'_, Self>], h: &AdamWHyper) -> Result<()> {
+        profile::timed(|| "adamw_step".into(), || optim::adamw_step(slots, h))
+    }
+    fn cross_entropy_chunk_update(
+        &self,
+        l: &Layout,
+        targets: &Self,
+        t_l: &Layout,
+        state: &mut Self,
+        v0: usize,
+        v_total: usize,
+        ignore_index: u32,
+    ) -> Result<()> {
+        profile::timed(
+            || "cross_entropy_chunk_update".into(),
+            || {
+                loss_chunk::cross_entropy_chunk_update(
+                    self,
+                    l,
+                    targets,
+                    t_l,
+                    state,
+                    v0,
+                    v_total,
+                    ignore_index,
+                )
+            },
+        )
+    }
+    fn cross_entropy_chunk_backward(
+        &self,
+        l: &Layout,
+        targets: &Self,
+        t_l: &Layout,
+        lse: &Self,
+        lse_l: &Layout,
+        grad_rows: &Self,
+        g_l: &Layout,
+        v0: usize,
+        ignore_index: u32,
+    ) -> Result<Self> {
+        profile::timed(
+            || "cross_entropy_chunk_backward".into(),
+            || {
+                loss_chunk::cross_entropy_chunk_backward(
+                    self,
+                    l,
+                    targets,
+                    t_l,
+                    lse,
+                    lse_l,
+                    grad_rows,
+                    g_l,
+                    v0,
+                    ignore_index,
+                )
+            },
         )
     }
 }

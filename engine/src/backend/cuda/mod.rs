@@ -19,16 +19,18 @@ mod index;
 mod launch;
 mod layout;
 mod loss;
+mod loss_chunk;
 mod matmul;
 mod moe;
 mod norm;
+mod optim;
 mod random;
 mod reduce;
 
 use half::bf16;
 
 use crate::backend::cpu::CpuStorage;
-use crate::backend::{BackendStorage, BinaryOp, CmpOp, ReduceOp, UnaryOp};
+use crate::backend::{AdamWHyper, AdamWSlot, BackendStorage, BinaryOp, CmpOp, ReduceOp, UnaryOp};
 use crate::{DType, Device, Error, Layout, Result};
 
 use device::CudaBuffer;
@@ -399,5 +401,54 @@ impl BackendStorage for CudaStorage {
         num_experts: usize,
     ) -> Result<Self> {
         moe::grouped_matmul_dw(self, l, x, x_l, offsets, off_l, num_experts)
+    }
+    fn adamw_step(slots: &mut [AdamWSlot<'_, Self>], h: &AdamWHyper) -> Result<()> {
+        optim::adamw_step(slots, h)
+    }
+    fn cross_entropy_chunk_update(
+        &self,
+        l: &Layout,
+        targets: &Self,
+        t_l: &Layout,
+        state: &mut Self,
+        v0: usize,
+        v_total: usize,
+        ignore_index: u32,
+    ) -> Result<()> {
+        loss_chunk::cross_entropy_chunk_update(
+            self,
+            l,
+            targets,
+            t_l,
+            state,
+            v0,
+            v_total,
+            ignore_index,
+        )
+    }
+    fn cross_entropy_chunk_backward(
+        &self,
+        l: &Layout,
+        targets: &Self,
+        t_l: &Layout,
+        lse: &Self,
+        lse_l: &Layout,
+        grad_rows: &Self,
+        g_l: &Layout,
+        v0: usize,
+        ignore_index: u32,
+    ) -> Result<Self> {
+        loss_chunk::cross_entropy_chunk_backward(
+            self,
+            l,
+            targets,
+            t_l,
+            lse,
+            lse_l,
+            grad_rows,
+            g_l,
+            v0,
+            ignore_index,
+        )
     }
 }

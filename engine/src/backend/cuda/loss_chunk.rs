@@ -1,0 +1,173 @@
+//! Launchers of the vocabulary-chunk cross-entropy kernels (loss.cu): the online log-sum-exp
+//! update of one chunk of logits, and the fused gradient of one chunk. Logits are read in place
+//! through their rank-2 strides; one block per row.
+
+use kernels::LOSS;
+
+use super::launch::launch;
+use super::layout::to_u32;
+use super::{check_extent, CudaDevice, CudaStorage};
+use crate::{DType, Error, Layout, Result};
+
+const ROW_THREADS: u32 = 256;
+
+/// f64 for f64 logits, else f32.
+fn acc_dtype(d: DType) -> DType {
+    if d == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// Checks chunk logits `[n, c]` and targets `[n]` u32; returns `(n, c)` and the view's
+/// `(s0, s1, off)` as u32.
+fn check(
+    op: &'static str,
+    x: &CudaStorage,
+    l: &Layout,
+    t: &CudaStorage,
+    tl: &Layout,
+) -> Result<(usize, usize, [u32; 3])> {
+    if l.dims().len() != 2 {
+        return Err(Error::RankMismatch {
+            op,
+            expected: 2,
+            shape: l.shape().clone(),
+        });
+    }
+    let (n, c) = (l.dims()[0], l.dims()[1]);
+    if tl.dims() != [n] {
+        return Err(Error::ShapeMismatch {
+            op,
+            lhs: l.shape().clone(),
+            rhs: tl.shape().clone(),
+        });
+    }
+    if t.dtype != DType::U32 {
+        return Err(Error::UnsupportedDType { op, dtype: t.dtype });
+    }
+    if x.dtype == DType::U32 {
+        return Err(Error::UnsupportedDType {
+            op,
+            dtype: DType::U32,
+        });
+    }
+    x.same_device(op, t)?;
+    check_extent(op, l, x.len)?;
+    let strides = [
+        to_u32(op, l.strides()[0])?,
+        to_u32(op, l.strides()[1])?,
+        to_u32(op, l.offset())?,
+    ];
+    Ok((n, c, strides))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn cross_entropy_chunk_update(
+    x: &CudaStorage,
+    l: &Layout,
+    t: &CudaStorage,
+    tl: &Layout,
+    state: &mut CudaStorage,
+    v0: usize,
+    v_total: usize,
+    ignore: u32,
+) -> Result<()> {
+    const OP: &str = "cross_entropy_chunk_update";
+    let (n, c, [s0, s1, off]) = check(OP, x, l, t, tl)?;
+    x.same_device(OP, state)?;
+    let acc = acc_dtype(x.dtype);
+    if state.dtype != acc {
+        return Err(Error::DTypeMismatch {
+            op: OP,
+            lhs: acc,
+            rhs: state.dtype,
+        });
+    }
+    if state.len != 3 * n {
+        return Err(Error::invalid(
+            OP,
+            format!("state of {} elements for {n} rows (3 per row)", state.len),
+        ));
+    }
+    if n == 0 || c == 0 {
+        return Ok(());
+    }
+    let tc = t.contiguous(OP, tl)?;
+    let (n32, c32) = (to_u32(OP, n)?, to_u32(OP, c)?);
+    let (v0, v_total) = (to_u32(OP, v0)?, to_u32(OP, v_total)?);
+    let (xp, tp, sp) = (x.ptr(), tc.ptr, state.ptr());
+    let name = format!("{OP}_{}", x.dtype);
+    // SAFETY: the logits view [n, c] lies inside `x` (checked), targets are a contiguous [n] u32,
+    // the state a contiguous [n, 3] of the accumulation type (checked); one block per row, and
+    // only thread 0 of row r writes state[3r..3r+3].
+    unsafe {
+        launch!(
+            &x.dev,
+            OP,
+            LOSS,
+            name,
+            CudaDevice::rows(n, ROW_THREADS),
+            [n32, c32, s0, s1, off, xp, tp, ignore, v0, v_total, sp]
+        )
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn cross_entropy_chunk_backward(
+    x: &CudaStorage,
+    l: &Layout,
+    t: &CudaStorage,
+    tl: &Layout,
+    lse: &CudaStorage,
+    lse_l: &Layout,
+    g: &CudaStorage,
+    gl: &Layout,
+    v0: usize,
+    ignore: u32,
+) -> Result<CudaStorage> {
+    const OP: &str = "cross_entropy_chunk_backward";
+    let (n, c, [s0, s1, off]) = check(OP, x, l, t, tl)?;
+    for (s, sl) in [(lse, lse_l), (g, gl)] {
+        if sl.dims() != [n] {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                lhs: l.shape().clone(),
+                rhs: sl.shape().clone(),
+            });
+        }
+        if s.dtype == DType::U32 {
+            return Err(Error::UnsupportedDType {
+                op: OP,
+                dtype: DType::U32,
+            });
+        }
+        x.same_device(OP, s)?;
+    }
+    let out = CudaStorage::alloc(&x.dev, OP, n * c, x.dtype)?;
+    if n * c == 0 {
+        return Ok(out);
+    }
+    // Row statistics in the accumulation dtype, contiguous [n].
+    let acc = acc_dtype(x.dtype);
+    let lc = super::elementwise::to_dtype(lse, lse_l, acc)?;
+    let gc = super::elementwise::to_dtype(g, gl, acc)?;
+    let tc = t.contiguous(OP, tl)?;
+    let (n32, c32, v0) = (to_u32(OP, n)?, to_u32(OP, c)?, to_u32(OP, v0)?);
+    let (xp, tp, lp, gp, y) = (x.ptr(), tc.ptr, lc.ptr(), gc.ptr(), out.ptr());
+    let name = format!("{OP}_{}", x.dtype);
+    // SAFETY: as in the update; lse and g are contiguous [n] of the accumulation type and the
+    // output a contiguous [n, c] that each row's block fills completely.
+    unsafe {
+        launch!(
+            &x.dev,
+            OP,
+            LOSS,
+            name,
+            CudaDevice::rows(n, ROW_THREADS),
+            [n32, c32, s0, s1, off, xp, tp, ignore, v0, lp, gp, y]
+        )
+    }?;
+    Ok(out)
+}

@@ -1,0 +1,149 @@
+//! The fused multi-tensor AdamW launcher: one kernel launch for every parameter.
+//!
+//! The kernel reads a table in device memory: one 48-byte row per tensor (addresses of the
+//! parameter, gradient and moment views, length, dtype) followed by one 8-byte entry per chunk of
+//! 4096 elements (tensor index, chunk index). The table is rebuilt on the host each step (a few
+//! bytes per tensor) and uploaded only when it differs from the last one uploaded to that GPU: the
+//! parameters and moments never move, and the caching allocator usually hands the gradients the
+//! same blocks every step, so in steady state nothing is uploaded.
+
+use std::sync::Mutex;
+
+use cudarc::driver::LaunchConfig;
+use kernels::OPTIM;
+
+use super::launch::launch;
+use super::CudaStorage;
+use crate::backend::cpu::CpuStorage;
+use crate::backend::{AdamWHyper, AdamWSlot, BackendStorage};
+use crate::{DType, Error, Result};
+
+/// Elements per chunk (`ADAMW_CHUNK` in optim.cu).
+const CHUNK: usize = 4096;
+/// u32 words per tensor row (`AdamWTensor`, 48 bytes).
+const ROW_WORDS: usize = 12;
+const THREADS: u32 = 256;
+/// Enough blocks to fill an H200 (132 SMs) several times over; blocks stride over the chunks.
+const MAX_BLOCKS: usize = 132 * 16;
+
+/// The last table uploaded: (GPU ordinal, its words, the device copy).
+type Cached = Option<(usize, Vec<u32>, CudaStorage)>;
+static TABLE: Mutex<Cached> = Mutex::new(None);
+
+fn push_u64(w: &mut Vec<u32>, x: u64) {
+    w.push(x as u32);
+    w.push((x >> 32) as u32);
+}
+
+pub(crate) fn adamw_step(slots: &mut [AdamWSlot<'_, CudaStorage>], h: &AdamWHyper) -> Result<()> {
+    const OP: &str = "adamw_step";
+    let Some(first) = slots.first() else {
+        return Ok(());
+    };
+    let dev = first.param.dev.clone();
+    let mut words: Vec<u32> = Vec::with_capacity(slots.len() * ROW_WORDS);
+    let mut chunks: Vec<u32> = Vec::new();
+    for (i, s) in slots.iter().enumerate() {
+        let pd = s.param.dtype;
+        let (code, md) = match pd {
+            DType::F32 => (0u32, DType::F32),
+            DType::BF16 => (1, DType::F32),
+            DType::F64 => (2, DType::F64),
+            DType::U32 => return Err(Error::UnsupportedDType { op: OP, dtype: pd }),
+        };
+        for (buf, want) in [(&*s.exp_avg, md), (&*s.exp_avg_sq, md), (s.grad, pd)] {
+            if buf.dtype != want {
+                return Err(Error::DTypeMismatch {
+                    op: OP,
+                    lhs: want,
+                    rhs: buf.dtype,
+                });
+            }
+            dev_check(OP, &dev, buf)?;
+        }
+        dev_check(OP, &dev, s.param)?;
+        for (buf, off) in [
+            (&*s.param, s.param_offset),
+            (&*s.exp_avg, s.exp_avg_offset),
+            (&*s.exp_avg_sq, s.exp_avg_sq_offset),
+            (s.grad, s.grad_offset),
+        ] {
+            if off.checked_add(s.len).is_none_or(|end| end > buf.len) {
+                return Err(Error::invalid(OP, "view exceeds its buffer"));
+            }
+        }
+        for (buf, off) in [
+            (&*s.param, s.param_offset),
+            (s.grad, s.grad_offset),
+            (&*s.exp_avg, s.exp_avg_offset),
+            (&*s.exp_avg_sq, s.exp_avg_sq_offset),
+        ] {
+            push_u64(&mut words, buf.ptr_at(off));
+        }
+        push_u64(&mut words, s.len as u64);
+        words.extend([code, 0]);
+        let n_chunks = s.len.div_ceil(CHUNK);
+        let ti = u32::try_from(i).map_err(|_| Error::invalid(OP, "too many tensors"))?;
+        for c in 0..n_chunks {
+            let c = u32::try_from(c).map_err(|_| Error::invalid(OP, "tensor too large"))?;
+            chunks.extend([ti, c]);
+        }
+    }
+    let n_chunks = chunks.len() / 2;
+    if n_chunks == 0 {
+        return Ok(());
+    }
+    let n_chunks32 = u32::try_from(n_chunks).map_err(|_| Error::invalid(OP, "too many chunks"))?;
+    let rows_bytes = words.len() * 4; // a multiple of 48: the chunk list stays 8-byte aligned
+    words.extend_from_slice(&chunks);
+    let mut cache = TABLE.lock().unwrap_or_else(|e| e.into_inner());
+    let fresh = !matches!(&*cache, Some((o, w, _)) if *o == dev.ordinal() && *w == words);
+    if fresh {
+        let up = CudaStorage::from_cpu(&dev, &CpuStorage::U32(words.clone()))?;
+        *cache = Some((dev.ordinal(), words, up));
+    }
+    let Some((_, _, table)) = &*cache else {
+        return Err(Error::invalid(OP, "the tensor table was not uploaded"));
+    };
+    let tensors = table.ptr();
+    let chunk_list = tensors + rows_bytes as u64;
+    let k = h.coefficients();
+    let (scale, b1, omb1, b2, omb2) = (k.scale, k.b1, k.one_minus_b1, k.b2, k.one_minus_b2);
+    let (inv_bc2, eps, decay, step_size) = (k.inv_bc2, k.eps, k.decay, k.step_size);
+    let cfg = LaunchConfig {
+        grid_dim: (n_chunks.min(MAX_BLOCKS) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let name = "adamw_step_multi";
+    // SAFETY: the table holds one 48-byte row per slot (addresses of views checked above to lie
+    // inside their buffers, with the dtypes the row's code says) followed by `n_chunks` entries
+    // whose tensor index is a row and whose chunk starts below that tensor's length. The table
+    // stays alive in `TABLE` (and is only replaced after the stream has waited for its upload),
+    // and the slots hold the write locks of every written buffer until this returns; later work
+    // on the single stream is ordered after the kernel.
+    unsafe {
+        launch!(
+            &dev,
+            OP,
+            OPTIM,
+            name,
+            cfg,
+            [
+                tensors, chunk_list, n_chunks32, scale, b1, omb1, b2, omb2, inv_bc2, eps, decay,
+                step_size
+            ]
+        )
+    }
+}
+
+fn dev_check(op: &'static str, dev: &super::CudaDevice, s: &CudaStorage) -> Result<()> {
+    if s.dev.ordinal() != dev.ordinal() {
+        return Err(Error::DeviceMismatch {
+            op,
+            lhs: dev.device(),
+            rhs: s.device(),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,157 @@
+//! Cross-entropy of a linear layer's output (the LM head) computed over vocabulary chunks, so
+//! that the `[N, V]` logits are never held: at most one `[N, C]` chunk of them exists at a time.
+
+use super::{float_only, same_device, same_dtype, u32_only};
+use crate::autograd::{no_grad, Node};
+use crate::backend::BackendStorage;
+use crate::{DType, Error, Layout, Result, Tensor};
+
+/// f64 for f64, f32 otherwise: the dtype of the loss rows and of the running statistics.
+fn acc_dtype(d: DType) -> DType {
+    if d == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// `(v0, c)` of each chunk of `chunk` vocabulary rows (the last one shorter when `chunk` does not
+/// divide `v`).
+fn chunks(v: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..v).step_by(chunk).map(move |v0| (v0, chunk.min(v - v0)))
+}
+
+impl Tensor {
+    /// Per-row cross-entropy of the logits `self · weightᵀ` without materialising them:
+    /// `loss[r] = logsumexp_j(h[r]·w[j]) − h[r]·w[t[r]]`, 0 where `t[r] == ignore_index`; the same
+    /// values as `self.matmul(&weight.t()?)?.cross_entropy_rows(targets, ignore_index)`.
+    ///
+    /// `self`: hidden states `[.., H]`; `weight`: `[V, H]` (the LM head, same dtype); `targets`:
+    /// u32 with `self`'s shape without the last dim; `chunk`: vocabulary rows per chunk (> 0).
+    /// The result has `targets`' shape, f32 for f32/bf16 and f64 for f64.
+    ///
+    /// Forward: for each chunk `W_c = weight[v0..v0+C]`, `logits_c = h · W_cᵀ` `[N, C]` (one
+    /// matmul), folded into per-row running `(max m, Σ exp(x − m), target logit)` by one fused
+    /// primitive (an online log-sum-exp); `lse = m + ln Σ`, `loss = lse − x_t`.
+    ///
+    /// Backward (recomputes each chunk's logits): with `g` the gradient of the rows,
+    /// `dlogits_c = (exp(logits_c − lse) − onehot_c(t)) · g` (one fused primitive, zero rows where
+    /// ignored), `dh = Σ_c dlogits_c · W_c` (accumulated in f32 for bf16), and, only when `weight`
+    /// needs a gradient, `dW_c = dlogits_cᵀ · h`.
+    pub fn linear_cross_entropy_rows(
+        &self,
+        weight: &Tensor,
+        targets: &Tensor,
+        ignore_index: u32,
+        chunk: usize,
+    ) -> Result<Tensor> {
+        const OP: &str = "linear_cross_entropy";
+        float_only(OP, self)?;
+        same_dtype(OP, self, weight)?;
+        same_device(OP, self, weight)?;
+        u32_only(OP, targets)?;
+        same_device(OP, self, targets)?;
+        let r = self.rank();
+        let shape_err = |rhs: &Tensor| Error::ShapeMismatch {
+            op: OP,
+            lhs: self.shape().clone(),
+            rhs: rhs.shape().clone(),
+        };
+        if r == 0 || targets.dims() != &self.dims()[..r - 1] {
+            return Err(shape_err(targets));
+        }
+        let h = self.dims()[r - 1];
+        if weight.rank() != 2 || weight.dims()[1] != h {
+            return Err(shape_err(weight));
+        }
+        let v = weight.dims()[0];
+        if chunk == 0 || v == 0 {
+            return Err(Error::invalid(
+                OP,
+                format!("chunk of {chunk} rows over a vocabulary of {v}"),
+            ));
+        }
+        if r != 2 {
+            // Fold the leading dims into rows: [.., H] -> [N, H], [..] -> [N].
+            let n = targets.elem_count();
+            let rows = self.reshape([n, h])?.linear_cross_entropy_rows(
+                weight,
+                &targets.reshape(n)?,
+                ignore_index,
+                chunk,
+            )?;
+            return rows.reshape(targets.shape().clone());
+        }
+        let n = self.dims()[0];
+        let acc = acc_dtype(self.dtype());
+        let device = self.device();
+        let (rows, lse) = no_grad(|| -> Result<(Tensor, Tensor)> {
+            // [N, 3]: running max, running Σ exp(x − max), target logit.
+            let init: Vec<f64> = (0..n).flat_map(|_| [f64::NEG_INFINITY, 0.0, 0.0]).collect();
+            let state = Tensor::from_f64(&init, [n, 3], acc, device)?;
+            for (v0, c) in chunks(v, chunk) {
+                let logits = self.matmul(&weight.narrow(0, v0, c)?.t()?)?; // [N, C]
+                let xs = logits.storage();
+                xs.cross_entropy_chunk_update(
+                    logits.layout(),
+                    &targets.storage(),
+                    targets.layout(),
+                    &mut state.storage_mut(),
+                    v0,
+                    v,
+                    ignore_index,
+                )?;
+            }
+            let m = state.narrow(1, 0, 1)?; // [N, 1]
+            let lse = m.add(&state.narrow(1, 1, 1)?.log()?)?.reshape(n)?; // [N]
+            let diff = lse.sub(&state.narrow(1, 2, 1)?.reshape(n)?)?; // [N]
+            let keep = targets.ne_scalar(ignore_index as f64)?; // [N] u32
+            let rows = keep.where_cond(&diff, &diff.zeros_like()?)?;
+            Ok((rows, lse))
+        })?;
+        let node = Node::record(OP, &[self, weight, targets], move |x, _, g| {
+            let (hid, w, t) = (&x[0], &x[1], &x[2]);
+            let g = g.to_dtype(acc)?; // [N]
+                                      // bf16 partial products are summed in f32.
+            let dh_dtype = acc_dtype(hid.dtype());
+            let mut dh: Option<Tensor> = None; // [N, H]
+            let dw = w
+                .tracks_grad()
+                .then(|| Tensor::zeros([v, h], w.dtype(), w.device()))
+                .transpose()?; // [V, H]
+            for (v0, c) in chunks(v, chunk) {
+                let wc = w.narrow(0, v0, c)?; // [C, H]
+                let logits = hid.matmul(&wc.t()?)?; // [N, C]
+                let dl = logits.storage().cross_entropy_chunk_backward(
+                    logits.layout(),
+                    &t.storage(),
+                    t.layout(),
+                    &lse.storage(),
+                    lse.layout(),
+                    &g.storage(),
+                    g.layout(),
+                    v0,
+                    ignore_index,
+                )?;
+                drop(logits);
+                let dl = Tensor::from_storage(dl, [n, c], None); // [N, C], hidden's dtype
+                if hid.tracks_grad() {
+                    let part = dl.matmul(&wc)?.to_dtype(dh_dtype)?; // [N, H]
+                    dh = Some(match dh {
+                        None => part,
+                        Some(acc) => acc.add(&part)?,
+                    });
+                }
+                if let Some(dw) = &dw {
+                    dw.narrow(0, v0, c)?.assign(&dl.t()?.matmul(hid)?)?; // [C, H]
+                }
+            }
+            let dh = dh.map(|d| d.to_dtype(hid.dtype())).transpose()?;
+            Ok(vec![dh, dw, None])
+        });
+        Ok(match node {
+            None => rows,
+            Some(node) => rows.view(Layout::contiguous(n), Some(node)),
+        })
+    }
+}

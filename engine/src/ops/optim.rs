@@ -1,0 +1,153 @@
+//! The fused multi-tensor AdamW step: every parameter, both of its moments and its gradient in
+//! one backend call (on CUDA, one kernel launch for all of them), updated in place.
+
+use std::collections::HashSet;
+
+use crate::autograd::no_grad;
+use crate::backend::{AdamWSlot, BackendStorage};
+use crate::{DType, Error, Result, Storage, Tensor};
+
+pub use crate::backend::{AdamWCoefficients, AdamWHyper};
+
+/// The dtype of the AdamW moments (and of the update's math) for a parameter of dtype `d`: f64
+/// for f64, f32 otherwise.
+pub fn adamw_moment_dtype(d: DType) -> DType {
+    if d == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// One AdamW step (PyTorch's `AdamW`: decoupled weight decay, bias correction with `h.step`, the
+/// gradient multiplied by `h.grad_scale` first) over all `params` at once, in place:
+/// ```text
+/// g = grad · grad_scale
+/// p ← p · (1 − lr·wd)
+/// m ← β1·m + (1 − β1)·g          v ← β2·v + (1 − β2)·g²
+/// p ← p − lr/(1 − β1ᵗ) · m / (√(v/(1 − β2ᵗ)) + ε)
+/// ```
+/// `exp_avg[i]` and `exp_avg_sq[i]` are the moments of `params[i]`: same shape, dtype
+/// [`adamw_moment_dtype`] of the parameter. Parameters are f32, bf16 (math in f32, the new value
+/// rounded once) or f64; parameters whose `grad()` is `None` are left alone (no decay, no moment
+/// update). Parameters and moments must be contiguous, on one device, and no two of them may
+/// share a buffer. Records nothing on the tape.
+pub fn adamw_step(
+    params: &[Tensor],
+    exp_avg: &[Tensor],
+    exp_avg_sq: &[Tensor],
+    h: &AdamWHyper,
+) -> Result<()> {
+    const OP: &str = "adamw_step";
+    if params.len() != exp_avg.len() || params.len() != exp_avg_sq.len() {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "{} parameters, {} first moments, {} second moments",
+                params.len(),
+                exp_avg.len(),
+                exp_avg_sq.len()
+            ),
+        ));
+    }
+    // (param, m, v, grad) of every parameter that has a gradient, checked.
+    let mut work: Vec<[Tensor; 4]> = Vec::with_capacity(params.len());
+    let mut buffers = HashSet::new();
+    for ((p, m), v) in params.iter().zip(exp_avg).zip(exp_avg_sq) {
+        if !p.dtype().is_float() {
+            return Err(Error::UnsupportedDType {
+                op: OP,
+                dtype: p.dtype(),
+            });
+        }
+        let md = adamw_moment_dtype(p.dtype());
+        for t in [m, v] {
+            if t.shape() != p.shape() {
+                return Err(Error::ShapeMismatch {
+                    op: OP,
+                    lhs: p.shape().clone(),
+                    rhs: t.shape().clone(),
+                });
+            }
+            if t.dtype() != md {
+                return Err(Error::DTypeMismatch {
+                    op: OP,
+                    lhs: md,
+                    rhs: t.dtype(),
+                });
+            }
+        }
+        for t in [p, m, v] {
+            if t.device() != params[0].device() {
+                return Err(Error::DeviceMismatch {
+                    op: OP,
+                    lhs: params[0].device(),
+                    rhs: t.device(),
+                });
+            }
+            if !t.is_contiguous() {
+                return Err(Error::invalid(
+                    OP,
+                    format!(
+                        "a parameter or moment of shape {} is not contiguous",
+                        t.shape()
+                    ),
+                ));
+            }
+            if !buffers.insert(t.storage_key()) {
+                return Err(Error::invalid(
+                    OP,
+                    format!(
+                        "a parameter or moment of shape {} shares its buffer with another",
+                        t.shape()
+                    ),
+                ));
+            }
+        }
+        let Some(g) = p.grad() else { continue };
+        if g.shape() != p.shape() {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                lhs: p.shape().clone(),
+                rhs: g.shape().clone(),
+            });
+        }
+        // The kernels read a contiguous gradient of the parameter's dtype.
+        let g = no_grad(|| g.to_dtype(p.dtype())?.contiguous())?;
+        work.push([p.clone(), m.clone(), v.clone(), g]);
+    }
+    // A gradient never shares a buffer with what is written (it is read while they are locked).
+    if work.iter().any(|w| buffers.contains(&w[3].storage_key())) {
+        return Err(Error::invalid(
+            OP,
+            "a gradient shares its buffer with a parameter or moment",
+        ));
+    }
+    if work.is_empty() {
+        return Ok(());
+    }
+    let offset = |t: &Tensor| t.layout().offset();
+    let mut pw: Vec<_> = work.iter().map(|w| w[0].storage_mut()).collect();
+    let mut mw: Vec<_> = work.iter().map(|w| w[1].storage_mut()).collect();
+    let mut vw: Vec<_> = work.iter().map(|w| w[2].storage_mut()).collect();
+    let gr: Vec<_> = work.iter().map(|w| w[3].storage()).collect();
+    let mut slots: Vec<AdamWSlot<'_, Storage>> = pw
+        .iter_mut()
+        .zip(mw.iter_mut())
+        .zip(vw.iter_mut())
+        .zip(gr.iter())
+        .zip(&work)
+        .map(|((((p, m), v), g), w)| AdamWSlot {
+            param: &mut **p,
+            param_offset: offset(&w[0]),
+            exp_avg: &mut **m,
+            exp_avg_offset: offset(&w[1]),
+            exp_avg_sq: &mut **v,
+            exp_avg_sq_offset: offset(&w[2]),
+            grad: &**g,
+            grad_offset: offset(&w[3]),
+            len: w[0].elem_count(),
+        })
+        .collect();
+    Storage::adamw_step(&mut slots, h)
+}

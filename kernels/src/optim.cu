@@ -1,0 +1,110 @@
+// Fused multi-tensor AdamW: one launch updates every parameter, its two moments, from its
+// gradient. The host uploads a table of tensors (addresses, length, dtype) and a list of chunks
+// (tensor, chunk index); blocks stride over the chunks, threads over a chunk's elements. Each
+// element is read and written once: p, m, v read and written, g read.
+//
+// Math in float for f32 and bf16 parameters (bf16 widened on read, the new value rounded once),
+// in double for f64; the moments are float (double for f64). The operations follow the CPU
+// reference one by one with rounded intrinsics (no fused multiply-add contraction), so results
+// match it bit for bit:
+//   g = grad·scale
+//   m = m·b1 + g·(1 − b1)            v = v·b2 + g²·(1 − b2)
+//   p = p·decay − (m / (√(v·inv_bc2) + eps))·step_size
+
+#define ADAMW_CHUNK 4096
+
+// One row of the tensor table (48 bytes; matches `TensorRow` in engine/src/backend/cuda/optim.rs).
+struct AdamWTensor {
+    unsigned long long p;   // parameter, dtype below
+    unsigned long long g;   // gradient, the parameter's dtype
+    unsigned long long m;   // first moment, float (double for f64)
+    unsigned long long v;   // second moment, likewise
+    unsigned long long len; // elements
+    u32 dtype;              // 0 f32, 1 bf16, 2 f64
+    u32 pad;
+};
+
+// One chunk: elements [chunk·ADAMW_CHUNK, min(len, (chunk + 1)·ADAMW_CHUNK)) of tensor `tensor`.
+struct AdamWChunk {
+    u32 tensor;
+    u32 chunk;
+};
+
+__device__ __forceinline__ float rn_mul(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double rn_mul(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float rn_add(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double rn_add(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ float rn_sub(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ double rn_sub(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ float rn_div(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ double rn_div(double a, double b) { return __ddiv_rn(a, b); }
+__device__ __forceinline__ float rn_sqrt(float a) { return __fsqrt_rn(a); }
+__device__ __forceinline__ double rn_sqrt(double a) { return __dsqrt_rn(a); }
+
+template <typename A>
+struct AdamWCoef {
+    A scale, b1, omb1, b2, omb2, inv_bc2, eps, decay, step_size;
+};
+
+// `x·a + 0` as the tensor-op formulation computes it (`affine(a, 0)`).
+template <typename A>
+__device__ __forceinline__ A affine0(A x, A a) {
+    return rn_add(rn_mul(x, a), (A)0);
+}
+
+template <typename P, typename A>
+__device__ void adamw_range(const AdamWTensor& t, size_t start, size_t end, const AdamWCoef<A>& k) {
+    P* p = (P*)t.p;
+    const P* g = (const P*)t.g;
+    A* m = (A*)t.m;
+    A* v = (A*)t.v;
+    for (size_t i = start + threadIdx.x; i < end; i += blockDim.x) {
+        const A gi = affine0(to_acc(g[i]), k.scale);
+        const A mi = rn_add(affine0(m[i], k.b1), affine0(gi, k.omb1));
+        const A vi = rn_add(affine0(v[i], k.b2), affine0(rn_mul(gi, gi), k.omb2));
+        const A denom = rn_add(rn_sqrt(affine0(vi, k.inv_bc2)), k.eps);
+        const A upd = affine0(rn_div(mi, denom), k.step_size);
+        p[i] = from_acc<P>(rn_sub(affine0(to_acc(p[i]), k.decay), upd));
+        m[i] = mi;
+        v[i] = vi;
+    }
+}
+
+template <typename A>
+__device__ AdamWCoef<A> adamw_coef(double scale, double b1, double omb1, double b2, double omb2, double inv_bc2,
+                                   double eps, double decay, double step_size) {
+    AdamWCoef<A> k;
+    k.scale = (A)scale;
+    k.b1 = (A)b1;
+    k.omb1 = (A)omb1;
+    k.b2 = (A)b2;
+    k.omb2 = (A)omb2;
+    k.inv_bc2 = (A)inv_bc2;
+    k.eps = (A)eps;
+    k.decay = (A)decay;
+    k.step_size = (A)step_size;
+    return k;
+}
+
+// adamw_step_multi(tensors, chunks, n_chunks, scale, b1, 1 − b1, b2, 1 − b2, 1/(1 − b2ᵗ), eps,
+//                  1 − lr·wd, lr/(1 − b1ᵗ))
+//   tensors: [T] AdamWTensor; chunks: [n_chunks] AdamWChunk. The coefficients come in double and
+//   are rounded to float for float math, as the CPU rounds them.
+extern "C" __global__ void adamw_step_multi(const AdamWTensor* tensors, const AdamWChunk* chunks, u32 n_chunks,
+                                            double scale, double b1, double omb1, double b2, double omb2,
+                                            double inv_bc2, double eps, double decay, double step_size) {
+    const AdamWCoef<float> kf = adamw_coef<float>(scale, b1, omb1, b2, omb2, inv_bc2, eps, decay, step_size);
+    const AdamWCoef<double> kd = adamw_coef<double>(scale, b1, omb1, b2, omb2, inv_bc2, eps, decay, step_size);
+    for (u32 c = blockIdx.x; c < n_chunks; c += gridDim.x) {
+        const AdamWChunk ch = chunks[c];
+        const AdamWTensor t = tensors[ch.tensor];
+        const size_t start = (size_t)ch.chunk * ADAMW_CHUNK;
+        const size_t end = min((size_t)t.len, start + ADAMW_CHUNK);
+        switch (t.dtype) {
+            case 0: adamw_range<float, float>(t, start, end, kf); break;
+            case 1: adamw_range<bf16, float>(t, start, end, kf); break;
+            case 2: adamw_range<double, double>(t, start, end, kd); break;
+            default: break;
+        }
+    }
+}
