@@ -921,6 +921,8 @@ fn moe(lab: &mut Lab, dt: DType) -> Result<()> {
         z.grouped_matmul_dw(&zl, &x, &yl, &off, &ol, e).map(drop)
     })?;
     Ok(())
+}
+
 /// The fused multi-tensor AdamW step and the vocabulary-chunk cross-entropy.
 ///
 /// Bytes (`s` the parameter or logits element size, moments f32):
