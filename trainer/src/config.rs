@@ -55,6 +55,27 @@ impl DTypeName {
     }
 }
 
+/// How the MixLoRA FFN is computed (MIXLORA.md, "Three ways to compute the MoE FFN").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum MoeImplName {
+    /// The per-expert loop (the reference).
+    #[default]
+    Naive,
+    /// The fused path: every base GEMM once per token, expert LoRAs in fused kernels (top-k
+    /// routing; top-p runs naive). Its LoRA dropout masks differ from the naive path's.
+    Fused,
+}
+
+impl MoeImplName {
+    pub fn moe_impl(self) -> model::MoeImpl {
+        match self {
+            MoeImplName::Naive => model::MoeImpl::Naive,
+            MoeImplName::Fused => model::MoeImpl::Fused,
+        }
+    }
+}
+
 /// The learning rate of the embedded default job (built-in tiny random model, no config file).
 pub const BUILTIN_MODEL_LR: f64 = 2e-3;
 
@@ -118,6 +139,8 @@ pub struct TrainConfig {
     pub dtype: DTypeName,
     /// Continue from the newest complete checkpoint in `out_dir`.
     pub resume: bool,
+    /// How the MixLoRA FFN is computed (`naive` or `fused`).
+    pub moe_impl: MoeImplName,
 }
 
 impl Default for TrainConfig {
@@ -161,6 +184,7 @@ impl Default for TrainConfig {
             device: "cpu".into(),
             dtype: DTypeName::F32,
             resume: false,
+            moe_impl: MoeImplName::Naive,
         }
     }
 }
@@ -442,6 +466,9 @@ pub struct TrainArgs {
     /// Continue from the newest complete checkpoint in the output folder.
     #[arg(long)]
     pub resume: bool,
+    /// How the MixLoRA FFN is computed (`naive`: the per-expert loop; `fused`: path 3).
+    #[arg(long, value_enum)]
+    pub moe_impl: Option<MoeImplName>,
 }
 
 impl TrainArgs {
@@ -484,7 +511,8 @@ impl TrainArgs {
             save_total_limit,
             log_every,
             device,
-            dtype
+            dtype,
+            moe_impl
         );
         // The embedded default (no file, no model): a frozen random tiny model learns only through
         // its adapters and needs a larger step than the real-model default.

@@ -211,6 +211,7 @@ pub fn train_until(
         &adapter_config(cfg, &base_name(cfg.model.as_deref(), cfg.seed)),
         cfg.seed,
     )?;
+    model.set_moe_impl(cfg.moe_impl.moe_impl());
     let (train_tasks, eval_tasks) = tasks(cfg)?;
     let ds = Dataset::encode(&train_tasks, &tok, cfg.cutoff_len)?;
     if ds.is_empty() {

@@ -9,6 +9,7 @@ mod elementwise;
 mod index;
 mod loss;
 mod matmul;
+mod moe_fused;
 mod norm;
 mod reduce;
 mod rope;
@@ -18,6 +19,7 @@ mod view;
 pub use attention::*;
 pub use concat::*;
 pub use loss::*;
+pub use moe_fused::*;
 pub use rope::*;
 
 use crate::{DType, Error, Result, Tensor};

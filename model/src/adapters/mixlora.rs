@@ -11,7 +11,7 @@
 use engine::{rng, Tensor};
 
 use super::lora::{lora_linear, LoraLinear};
-use super::router::{Router, RouterOutput};
+use super::router::{Router, RouterOutput, Routing};
 use crate::error::Result;
 
 /// How the MoE FFN is computed. Every variant gives the same values and gradients (up to
@@ -21,6 +21,11 @@ pub enum MoeImpl {
     /// For each expert: `index_select` its tokens, LoRA SwiGLU, `index_add_weighted` back.
     #[default]
     Naive,
+    /// The fused path (`engine::moe_fused_ffn`): every base GEMM once per token, expert LoRAs in
+    /// fused kernels, a hand-written backward. Top-k routing only (top-p, and experts without
+    /// a LoRA on each of gate/up/down, run `Naive`). Equal to `Naive` without dropout; with
+    /// dropout its masks differ (one per projection shared by the experts for gate and up).
+    Fused,
 }
 
 /// One expert's LoRA on the shared gate/up/down projections (`None`: not a target module).
@@ -83,6 +88,16 @@ impl MixLoraFfn {
         let route = self.router.route(&x2)?;
         let y = match imp {
             MoeImpl::Naive => self.naive(&x2, w, &route, dropout_seed)?,
+            MoeImpl::Fused => {
+                let fused = match self.router.routing {
+                    Routing::TopK(k) => self.fused(&x2, w, &route, k, dropout_seed)?,
+                    Routing::TopP(_) => None,
+                };
+                match fused {
+                    Some(y) => y,
+                    None => self.naive(&x2, w, &route, dropout_seed)?,
+                }
+            }
         };
         Ok((y.reshape(x.shape().clone())?, route))
     }

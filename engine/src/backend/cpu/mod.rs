@@ -6,6 +6,7 @@ mod elementwise;
 mod index;
 mod loss;
 mod matmul;
+mod moe_fused;
 mod norm;
 pub mod profile;
 mod random;
@@ -15,7 +16,7 @@ mod simd;
 use half::bf16;
 use num_traits::Float;
 
-use crate::backend::{BackendStorage, BinaryOp, CmpOp, ReduceOp, UnaryOp};
+use crate::backend::{BackendStorage, BinaryOp, CmpOp, MoeDims, ReduceOp, UnaryOp};
 use crate::{DType, Device, Error, Layout, Result};
 
 pub use random::CpuDevice;
@@ -348,6 +349,42 @@ impl BackendStorage for CpuStorage {
         profile::timed(
             || "cross_entropy_backward".into(),
             || loss::cross_entropy_backward(self, l, targets, t_l, grad_rows, g_l, ignore_index),
+        )
+    }
+    fn moe_act_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        profile::timed(
+            || "moe_act_forward".into(),
+            || moe_fused::act_forward(args, d),
+        )
+    }
+    fn moe_down_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        profile::timed(
+            || "moe_down_forward".into(),
+            || moe_fused::down_forward(args, d),
+        )
+    }
+    fn moe_down_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        profile::timed(
+            || "moe_down_backward".into(),
+            || moe_fused::down_backward(args, d),
+        )
+    }
+    fn moe_act_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        profile::timed(
+            || "moe_act_backward".into(),
+            || moe_fused::act_backward(args, d),
+        )
+    }
+    fn moe_act_weight_grads(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        profile::timed(
+            || "moe_act_weight_grads".into(),
+            || moe_fused::act_weight_grads(args, d),
+        )
+    }
+    fn moe_down_weight_grad(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        profile::timed(
+            || "moe_down_weight_grad".into(),
+            || moe_fused::down_weight_grad(args, d),
         )
     }
 }

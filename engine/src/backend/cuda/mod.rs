@@ -19,6 +19,7 @@ mod launch;
 mod layout;
 mod loss;
 mod matmul;
+mod moe_fused;
 mod norm;
 mod random;
 mod reduce;
@@ -26,7 +27,7 @@ mod reduce;
 use half::bf16;
 
 use crate::backend::cpu::CpuStorage;
-use crate::backend::{BackendStorage, BinaryOp, CmpOp, ReduceOp, UnaryOp};
+use crate::backend::{BackendStorage, BinaryOp, CmpOp, MoeDims, ReduceOp, UnaryOp};
 use crate::{DType, Device, Error, Layout, Result};
 
 use device::CudaBuffer;
@@ -311,5 +312,23 @@ impl BackendStorage for CudaStorage {
         ignore_index: u32,
     ) -> Result<Self> {
         loss::cross_entropy_backward(self, l, targets, t_l, grad_rows, g_l, ignore_index)
+    }
+    fn moe_act_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        moe_fused::act_forward(args, d)
+    }
+    fn moe_down_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        moe_fused::down_forward(args, d)
+    }
+    fn moe_down_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        moe_fused::down_backward(args, d)
+    }
+    fn moe_act_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        moe_fused::act_backward(args, d)
+    }
+    fn moe_act_weight_grads(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        moe_fused::act_weight_grads(args, d)
+    }
+    fn moe_down_weight_grad(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        moe_fused::down_weight_grad(args, d)
     }
 }
