@@ -91,8 +91,15 @@ pub const INDEX: KernelSource = module!("index",
 /// Counter-based random fills (the same numbers as the CPU's `engine::rng`).
 pub const RANDOM: KernelSource = module!("random", f3 randn f3 rand_uniform f3 dropout_mask);
 
+/// The fused MixLoRA FFN (path 3): activation forward/backward, down LoRA forward/backward,
+/// per-expert weight gradients.
+pub const MOE_FUSED: KernelSource = module!("moe_fused",
+    f3 moe_act_forward f3 moe_down_forward f3 moe_down_backward f3 moe_act_backward
+    f3 moe_act_weight_grads f3 moe_down_weight_grad
+);
+
 /// Every kernel module of the engine.
-pub const SOURCES: &[KernelSource] = &[ELEMENTWISE, REDUCE, NORM, LOSS, INDEX, RANDOM];
+pub const SOURCES: &[KernelSource] = &[ELEMENTWISE, REDUCE, NORM, LOSS, INDEX, RANDOM, MOE_FUSED];
 
 /// The module that defines kernel `name`, if any.
 pub fn module_of(name: &str) -> Option<&'static KernelSource> {
