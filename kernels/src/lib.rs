@@ -96,6 +96,7 @@ pub const RANDOM: KernelSource = module!("random", f3 randn f3 rand_uniform f3 d
 pub const MOE_FUSED: KernelSource = module!("moe_fused",
     f3 moe_act_forward f3 moe_down_forward f3 moe_down_backward f3 moe_act_backward
     f3 moe_act_weight_grads f3 moe_down_weight_grad
+    f3 moe_act_forward_k2r16 f3 moe_act_backward_k2r16 f3 moe_act_weight_grads_k2r16
 );
 
 /// Every kernel module of the engine.

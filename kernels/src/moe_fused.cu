@@ -17,6 +17,10 @@
 // moe_down_weight_grad_{dtype}   grid (⌈H/256⌉, E), one thread per (expert, row h):
 //                                dB_d [E, H, R] = s Σ w_p dy[t_p] ⊗ zd[p]
 //
+// moe_act_forward, moe_act_backward and moe_act_weight_grads also come as `_k2r16_{dtype}`: the
+// same code with K = 2 and R = 16 known at compile time (the default MixLoRA shape), so that the
+// per-thread partials stay in registers instead of local memory.
+//
 // G and U are read with a row stride (ldg, ldu: views of one [T, 2I] product); every other operand
 // is contiguous. Dropout on a_j: element i of slot p is kept unless uniform(seed, p·I + i) < pdrop,
 // and scaled by `keep` = 1/(1 − pdrop) (engine/src/rng.rs, bit-identical to the CPU's).
@@ -55,6 +59,7 @@ template <typename A> __device__ __forceinline__ A moe_sigmoid(A x) {
 
 template <typename A> __device__ __forceinline__ A moe_dot(const A* a, const A* b, u32 n) {
     A s = A(0);
+#pragma unroll
     for (u32 c = 0; c < n; ++c) s += a[c] * b[c];
     return s;
 }
@@ -63,9 +68,10 @@ template <typename A> __device__ __forceinline__ A moe_dot(const A* a, const A* 
 // to every thread on return). `red` is shared scratch of 32·MOE_MAX_RED. Every thread of the block
 // must call it (blockDim.x a multiple of 32).
 template <typename A>
-__device__ void moe_block_sum(const A* v, u32 n, A* out, A* red) {
+__device__ __forceinline__ void moe_block_sum(const A* v, u32 n, A* out, A* red) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int warps = (blockDim.x + 31) >> 5;
+#pragma unroll
     for (u32 c = 0; c < n; ++c) {
         const A s = warp_reduce(v[c], SumOp());
         if (lane == 0) red[warp * MOE_MAX_RED + c] = s;
@@ -99,8 +105,8 @@ __device__ void moe_load_slots(u32 t, u32 K, u32 E, u32 R, const u32* ids, const
     __syncthreads();
 }
 
-template <typename TB>
-__device__ void moe_act_forward(u32 T, u32 K, u32 E, u32 R, u32 I, const TB* G, u32 ldg,
+template <typename TB, int KK, int RR>
+__device__ __forceinline__ void moe_act_forward(u32 T, u32 K, u32 E, u32 R, u32 I, const TB* G, u32 ldg,
                                 const TB* U, u32 ldu, const typename Acc<TB>::type* zg,
                                 const typename Acc<TB>::type* zu, const typename Acc<TB>::type* bg,
                                 const typename Acc<TB>::type* bu, const typename Acc<TB>::type* ad,
@@ -117,12 +123,18 @@ __device__ void moe_act_forward(u32 T, u32 K, u32 E, u32 R, u32 I, const TB* G, 
     const u32 t = blockIdx.x;
     if (t >= T) return;
     const A s = (A)scale, keep = (A)keep_d;
+    // Compile-time K and R (KK, RR > 0) keep the per-thread partials in registers.
+    const u32 K_ = KK ? KK : K, R_ = RR ? RR : R;
+    K = K_;
+    R = R_;
     moe_load_slots<A>(t, K, E, R, ids, w, zg, zu, (const A*)0, es, ws, cg, cu, (A*)0);
-    A part[MOE_MAX_KR];
+    A part[(KK && RR) ? KK * RR : MOE_MAX_KR];
+#pragma unroll
     for (u32 q = 0; q < K * R; ++q) part[q] = A(0);
     for (u32 i = threadIdx.x; i < I; i += blockDim.x) {
         const A gb = to_acc(G[(size_t)t * ldg + i]), ub = to_acc(U[(size_t)t * ldu + i]);
         A acc = A(0);
+#pragma unroll
         for (u32 j = 0; j < K; ++j) {
             const u32 e = es[j];
             const size_t row = ((size_t)e * I + i) * R;
@@ -131,6 +143,7 @@ __device__ void moe_act_forward(u32 T, u32 K, u32 E, u32 R, u32 I, const TB* G, 
             const A a = g * moe_sigmoid(g) * u;
             acc += ws[j] * a;
             const A am = a * moe_keep(pdrop, keep, seed, ((u64)t * K + j) * I + i);
+#pragma unroll
             for (u32 c = 0; c < R; ++c) part[j * R + c] += ad[((size_t)e * R + c) * I + i] * am;
         }
         abar[(size_t)t * I + i] = from_acc<TB>(acc);
@@ -207,8 +220,8 @@ __device__ __forceinline__ void moe_slot_grads(A g, A u, A wda, A ad_dz, A m, A&
     du = da * silu;
 }
 
-template <typename TB>
-__device__ void moe_act_backward(u32 T, u32 K, u32 E, u32 R, u32 I, const TB* G, u32 ldg,
+template <typename TB, int KK, int RR>
+__device__ __forceinline__ void moe_act_backward(u32 T, u32 K, u32 E, u32 R, u32 I, const TB* G, u32 ldg,
                                  const TB* U, u32 ldu, const typename Acc<TB>::type* zg,
                                  const typename Acc<TB>::type* zu, const typename Acc<TB>::type* bg,
                                  const typename Acc<TB>::type* bu, const typename Acc<TB>::type* ad,
@@ -228,21 +241,27 @@ __device__ void moe_act_backward(u32 T, u32 K, u32 E, u32 R, u32 I, const TB* G,
     const u32 t = blockIdx.x;
     if (t >= T) return;
     const A s = (A)scale, keep = (A)keep_d;
+    const u32 K_ = KK ? KK : K, R_ = RR ? RR : R;
+    K = K_;
+    R = R_;
     moe_load_slots<A>(t, K, E, R, ids, w, zg, zu, dzd, es, ws, cg, cu, cd);
     const u32 KR = K * R;
     // part[0, KR): dZ_g codes, [KR, 2KR): dZ_u codes, [2KR, 2KR + K): dw.
-    A part[MOE_MAX_RED];
+    A part[(KK && RR) ? 2 * KK * RR + KK : MOE_MAX_RED];
+#pragma unroll
     for (u32 q = 0; q < 2 * KR + K; ++q) part[q] = A(0);
     for (u32 i = threadIdx.x; i < I; i += blockDim.x) {
         const A gb = to_acc(G[(size_t)t * ldg + i]), ub = to_acc(U[(size_t)t * ldu + i]);
         const A dab = to_acc(dabar[(size_t)t * I + i]);
         A sdg = A(0), sdu = A(0);
+#pragma unroll
         for (u32 j = 0; j < K; ++j) {
             const u32 e = es[j];
             const size_t row = ((size_t)e * I + i) * R;
             const A g = gb + s * moe_dot(bg + row, cg + j * R, R);
             const A u = ub + s * moe_dot(bu + row, cu + j * R, R);
             A ad_dz = A(0);
+#pragma unroll
             for (u32 c = 0; c < R; ++c) ad_dz += ad[((size_t)e * R + c) * I + i] * cd[j * R + c];
             const A m = moe_keep(pdrop, keep, seed, ((u64)t * K + j) * I + i);
             A a, dgv, duv;
@@ -250,6 +269,7 @@ __device__ void moe_act_backward(u32 T, u32 K, u32 E, u32 R, u32 I, const TB* G,
             part[2 * KR + j] += dab * a;
             sdg += dgv;
             sdu += duv;
+#pragma unroll
             for (u32 c = 0; c < R; ++c) {
                 part[j * R + c] += s * bg[row + c] * dgv;
                 part[KR + j * R + c] += s * bu[row + c] * duv;
@@ -275,8 +295,8 @@ __device__ void moe_act_backward(u32 T, u32 K, u32 E, u32 R, u32 I, const TB* G,
     for (u32 j = threadIdx.x; j < K; j += blockDim.x) dw[(size_t)t * K + j] = out[2 * KR + j];
 }
 
-template <typename TB>
-__device__ void moe_act_weight_grads(u32 K, u32 E, u32 R, u32 I, const TB* G, u32 ldg,
+template <typename TB, int KK, int RR>
+__device__ __forceinline__ void moe_act_weight_grads(u32 K, u32 E, u32 R, u32 I, const TB* G, u32 ldg,
                                      const TB* U, u32 ldu, const typename Acc<TB>::type* zg,
                                      const typename Acc<TB>::type* zu,
                                      const typename Acc<TB>::type* bg,
@@ -292,8 +312,12 @@ __device__ void moe_act_weight_grads(u32 K, u32 E, u32 R, u32 I, const TB* G, u3
     const u32 i = blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= E || i >= I) return; // no barrier below
     const A s = (A)scale, keep = (A)keep_d;
+    const u32 K_ = KK ? KK : K, R_ = RR ? RR : R;
+    K = K_;
+    R = R_;
     const size_t row = ((size_t)e * I + i) * R;
-    A acc_g[MOE_MAX_R], acc_u[MOE_MAX_R], acc_d[MOE_MAX_R];
+    A acc_g[RR ? RR : MOE_MAX_R], acc_u[RR ? RR : MOE_MAX_R], acc_d[RR ? RR : MOE_MAX_R];
+#pragma unroll
     for (u32 c = 0; c < R; ++c) acc_g[c] = acc_u[c] = acc_d[c] = A(0);
     for (u32 q = offsets[e]; q < offsets[e + 1]; ++q) {
         const u32 p = perm[q];
@@ -304,17 +328,20 @@ __device__ void moe_act_weight_grads(u32 K, u32 E, u32 R, u32 I, const TB* G, u3
         const A g = to_acc(G[(size_t)t * ldg + i]) + s * moe_dot(bg + row, zgt, R);
         const A u = to_acc(U[(size_t)t * ldu + i]) + s * moe_dot(bu + row, zut, R);
         A ad_dz = A(0);
+#pragma unroll
         for (u32 c = 0; c < R; ++c) ad_dz += ad[((size_t)e * R + c) * I + i] * dz[c];
         const A m = moe_keep(pdrop, keep, seed, (u64)p * I + i);
         A a, dgv, duv;
         moe_slot_grads(g, u, w[p] * to_acc(dabar[(size_t)t * I + i]), ad_dz, m, a, dgv, duv);
         const A am = a * m;
+#pragma unroll
         for (u32 c = 0; c < R; ++c) {
             acc_g[c] += s * dgv * zgt[c];
             acc_u[c] += s * duv * zut[c];
             acc_d[c] += dz[c] * am;
         }
     }
+#pragma unroll
     for (u32 c = 0; c < R; ++c) {
         dbg[row + c] = acc_g[c];
         dbu[row + c] = acc_u[c];
@@ -349,7 +376,7 @@ __device__ void moe_down_weight_grad(u32 K, u32 E, u32 R, u32 H, const TB* dy,
         const Acc<TB>::type* bu, const Acc<TB>::type* ad, const u32* ids, \
         const Acc<TB>::type* w, TB* abar, Acc<TB>::type* zd, double scale, double pdrop, \
         double keep, u64 seed) { \
-        moe_act_forward<TB>(T, K, E, R, I, G, ldg, U, ldu, zg, zu, bg, bu, ad, ids, w, abar, zd, \
+        moe_act_forward<TB, 0, 0>(T, K, E, R, I, G, ldg, U, ldu, zg, zu, bg, bu, ad, ids, w, abar, zd, \
                             scale, pdrop, keep, seed); \
     } \
     extern "C" __global__ void moe_down_forward_##SUF( \
@@ -370,7 +397,7 @@ __device__ void moe_down_weight_grad(u32 K, u32 E, u32 R, u32 H, const TB* dy,
         const Acc<TB>::type* w, const TB* dabar, const Acc<TB>::type* dzd, TB* dG, TB* dU, \
         Acc<TB>::type* dzg, Acc<TB>::type* dzu, Acc<TB>::type* dw, double scale, double pdrop, \
         double keep, u64 seed) { \
-        moe_act_backward<TB>(T, K, E, R, I, G, ldg, U, ldu, zg, zu, bg, bu, ad, ids, w, dabar, \
+        moe_act_backward<TB, 0, 0>(T, K, E, R, I, G, ldg, U, ldu, zg, zu, bg, bu, ad, ids, w, dabar, \
                              dzd, dG, dU, dzg, dzu, dw, scale, pdrop, keep, seed); \
     } \
     extern "C" __global__ void moe_act_weight_grads_##SUF( \
@@ -380,7 +407,7 @@ __device__ void moe_down_weight_grad(u32 K, u32 E, u32 R, u32 H, const TB* dy,
         const TB* dabar, const Acc<TB>::type* dzd, const u32* perm, const u32* offsets, \
         Acc<TB>::type* dbg, Acc<TB>::type* dbu, Acc<TB>::type* dad, double scale, double pdrop, \
         double keep, u64 seed) { \
-        moe_act_weight_grads<TB>(K, E, R, I, G, ldg, U, ldu, zg, zu, bg, bu, ad, w, dabar, dzd, \
+        moe_act_weight_grads<TB, 0, 0>(K, E, R, I, G, ldg, U, ldu, zg, zu, bg, bu, ad, w, dabar, dzd, \
                                  perm, offsets, dbg, dbu, dad, scale, pdrop, keep, seed); \
     } \
     extern "C" __global__ void moe_down_weight_grad_##SUF( \
@@ -390,6 +417,41 @@ __device__ void moe_down_weight_grad(u32 K, u32 E, u32 R, u32 H, const TB* dy,
         moe_down_weight_grad<TB>(K, E, R, H, dy, zd, w, perm, offsets, dbd, scale); \
     }
 
+// The default MixLoRA shape (k = 2, r = 16) with compile-time sizes: partials in registers.
+#define MOE_FUSED_K2R16(TB, SUF) \
+    extern "C" __global__ void moe_act_forward_k2r16_##SUF( \
+        u32 T, u32 K, u32 E, u32 R, u32 I, const TB* G, u32 ldg, const TB* U, u32 ldu, \
+        const Acc<TB>::type* zg, const Acc<TB>::type* zu, const Acc<TB>::type* bg, \
+        const Acc<TB>::type* bu, const Acc<TB>::type* ad, const u32* ids, \
+        const Acc<TB>::type* w, TB* abar, Acc<TB>::type* zd, double scale, double pdrop, \
+        double keep, u64 seed) { \
+        moe_act_forward<TB, 2, 16>(T, K, E, R, I, G, ldg, U, ldu, zg, zu, bg, bu, ad, ids, w, abar, zd, \
+                            scale, pdrop, keep, seed); \
+    } \
+    extern "C" __global__ void moe_act_backward_k2r16_##SUF( \
+        u32 T, u32 K, u32 E, u32 R, u32 I, const TB* G, u32 ldg, const TB* U, u32 ldu, \
+        const Acc<TB>::type* zg, const Acc<TB>::type* zu, const Acc<TB>::type* bg, \
+        const Acc<TB>::type* bu, const Acc<TB>::type* ad, const u32* ids, \
+        const Acc<TB>::type* w, const TB* dabar, const Acc<TB>::type* dzd, TB* dG, TB* dU, \
+        Acc<TB>::type* dzg, Acc<TB>::type* dzu, Acc<TB>::type* dw, double scale, double pdrop, \
+        double keep, u64 seed) { \
+        moe_act_backward<TB, 2, 16>(T, K, E, R, I, G, ldg, U, ldu, zg, zu, bg, bu, ad, ids, w, dabar, \
+                             dzd, dG, dU, dzg, dzu, dw, scale, pdrop, keep, seed); \
+    } \
+    extern "C" __global__ void moe_act_weight_grads_k2r16_##SUF( \
+        u32 K, u32 E, u32 R, u32 I, const TB* G, u32 ldg, const TB* U, u32 ldu, \
+        const Acc<TB>::type* zg, const Acc<TB>::type* zu, const Acc<TB>::type* bg, \
+        const Acc<TB>::type* bu, const Acc<TB>::type* ad, const Acc<TB>::type* w, \
+        const TB* dabar, const Acc<TB>::type* dzd, const u32* perm, const u32* offsets, \
+        Acc<TB>::type* dbg, Acc<TB>::type* dbu, Acc<TB>::type* dad, double scale, double pdrop, \
+        double keep, u64 seed) { \
+        moe_act_weight_grads<TB, 2, 16>(K, E, R, I, G, ldg, U, ldu, zg, zu, bg, bu, ad, w, dabar, dzd, \
+                                 perm, offsets, dbg, dbu, dad, scale, pdrop, keep, seed); \
+    }
+
 MOE_FUSED(float, f32)
 MOE_FUSED(bf16, bf16)
 MOE_FUSED(double, f64)
+MOE_FUSED_K2R16(float, f32)
+MOE_FUSED_K2R16(bf16, bf16)
+MOE_FUSED_K2R16(double, f64)

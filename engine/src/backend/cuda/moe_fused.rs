@@ -132,6 +132,16 @@ fn check_limits(op: &'static str, d: &MoeDims) -> Result<()> {
     Ok(())
 }
 
+/// The kernel for `d`'s sizes: the `k2r16` variant (compile-time k = 2, r = 16: the default
+/// MixLoRA shape, its per-thread partials stay in registers) when it applies.
+fn kernel_name(op: &'static str, d: &MoeDims, base: DType) -> String {
+    if d.k == 2 && d.r == 16 {
+        format!("{op}_k2r16_{base}")
+    } else {
+        format!("{op}_{base}")
+    }
+}
+
 /// `(scale, dropout, keep, seed)` kernel arguments.
 fn settings(d: &MoeDims) -> (f64, f64, f64, u64) {
     let keep = if d.dropout > 0.0 {
@@ -198,7 +208,7 @@ pub(crate) fn act_forward(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorag
     };
     let (ldg, ldu) = (o.lds[0], o.lds[1]);
     let (pa, pz) = (abar.ptr(), zd.ptr());
-    let name = format!("{OP}_{}", o.base);
+    let name = kernel_name(OP, d, o.base);
     // SAFETY: every operand was checked above to hold exactly the elements its role needs (G, U
     // [T, I] with row strides ldg, ldu ≥ I; Z_g, Z_u [T, E·r]; B_g, B_u [E, I, r]; A_d [E, r, I];
     // ids, w [T, k]) in the dtype the kernel reads; ids are < E (the op takes them from top-k);
@@ -339,7 +349,7 @@ pub(crate) fn act_backward(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStora
     };
     let (ldg, ldu) = (o.lds[0], o.lds[1]);
     let (pdg, pdu, pdzg, pdzu, pdw) = (dg.ptr(), du.ptr(), dzg.ptr(), dzu.ptr(), dw.ptr());
-    let name = format!("{OP}_{}", o.base);
+    let name = kernel_name(OP, d, o.base);
     // SAFETY: the operands hold exactly the elements of their roles (checked above: G, U [T, I]
     // with row strides ≥ I, Z_g, Z_u [T, E·r], B_g, B_u [E, I, r], A_d [E, r, I], ids, w [T, k],
     // dĀ [T, I], dZ_d [T, k, r]); the outputs hold T·I, T·I, T·E·r, T·E·r and T·k elements, and
@@ -400,7 +410,7 @@ pub(crate) fn act_weight_grads(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaS
     };
     let (ldg, ldu) = (o.lds[0], o.lds[1]);
     let (pbg, pbu, pad) = (dbg.ptr(), dbu.ptr(), dad.ptr());
-    let name = format!("{OP}_{}", o.base);
+    let name = kernel_name(OP, d, o.base);
     // SAFETY: the operands hold exactly the elements of their roles (checked above); perm holds
     // T·k slot indices < T·k and offsets E+1 non-decreasing bounds within [0, T·k] (the op's
     // grouping); thread (e, i) writes only row i of expert e of each output (E·I·r elements
