@@ -319,17 +319,32 @@ __device__ __forceinline__ void moe_act_weight_grads(u32 K, u32 E, u32 R, u32 I,
     A acc_g[RR ? RR : MOE_MAX_R], acc_u[RR ? RR : MOE_MAX_R], acc_d[RR ? RR : MOE_MAX_R];
 #pragma unroll
     for (u32 c = 0; c < R; ++c) acc_g[c] = acc_u[c] = acc_d[c] = A(0);
+    // With a compile-time R, this thread's rows of B_g, B_u and column of A_d live in registers
+    // for the whole loop over the expert's slots (read from memory per slot otherwise).
+    A rg[RR ? RR : 1], ru[RR ? RR : 1], rd[RR ? RR : 1];
+    if (RR) {
+#pragma unroll
+        for (u32 c = 0; c < R; ++c) {
+            rg[c] = bg[row + c];
+            ru[c] = bu[row + c];
+            rd[c] = ad[((size_t)e * R + c) * I + i];
+        }
+    }
     for (u32 q = offsets[e]; q < offsets[e + 1]; ++q) {
         const u32 p = perm[q];
         const u32 t = p / K;
         const A* zgt = zg + ((size_t)t * E + e) * R;
         const A* zut = zu + ((size_t)t * E + e) * R;
         const A* dz = dzd + (size_t)p * R;
-        const A g = to_acc(G[(size_t)t * ldg + i]) + s * moe_dot(bg + row, zgt, R);
-        const A u = to_acc(U[(size_t)t * ldu + i]) + s * moe_dot(bu + row, zut, R);
-        A ad_dz = A(0);
+        A dot_g = A(0), dot_u = A(0), ad_dz = A(0);
 #pragma unroll
-        for (u32 c = 0; c < R; ++c) ad_dz += ad[((size_t)e * R + c) * I + i] * dz[c];
+        for (u32 c = 0; c < R; ++c) {
+            dot_g += (RR ? rg[c] : bg[row + c]) * zgt[c];
+            dot_u += (RR ? ru[c] : bu[row + c]) * zut[c];
+            ad_dz += (RR ? rd[c] : ad[((size_t)e * R + c) * I + i]) * dz[c];
+        }
+        const A g = to_acc(G[(size_t)t * ldg + i]) + s * dot_g;
+        const A u = to_acc(U[(size_t)t * ldu + i]) + s * dot_u;
         const A m = moe_keep(pdrop, keep, seed, (u64)p * I + i);
         A a, dgv, duv;
         moe_slot_grads(g, u, w[p] * to_acc(dabar[(size_t)t * I + i]), ad_dz, m, a, dgv, duv);
