@@ -212,6 +212,9 @@ pub fn train_until(
         cfg.seed,
     )?;
     model.set_moe_impl(cfg.moe_impl.moe_impl());
+    if cfg.moe_impl == crate::config::MoeImplName::Fused {
+        model.stack_gate_up()?; // G and U in one GEMM
+    }
     let (train_tasks, eval_tasks) = tasks(cfg)?;
     let ds = Dataset::encode(&train_tasks, &tok, cfg.cutoff_len)?;
     if ds.is_empty() {
