@@ -5,7 +5,8 @@ use crate::backend::cpu::{CpuDevice, CpuStorage};
 #[cfg(feature = "cuda")]
 use crate::backend::cuda::{CudaDevice, CudaStorage};
 use crate::backend::{
-    AdamWHyper, AdamWSlot, BackendDevice, BackendStorage, BinaryOp, CmpOp, ReduceOp, UnaryOp,
+    AdamWHyper, AdamWSlot, BackendDevice, BackendStorage, BinaryOp, CmpOp, MoeDims, ReduceOp,
+    UnaryOp,
 };
 use crate::{DType, Device, Error, Layout, Result, Shape};
 
@@ -178,6 +179,42 @@ macro_rules! three {
             (a, _, c) => Err(mismatch($op, a, c)),
         }
     };
+}
+
+/// Dispatches an op over a list of `(storage, layout)` operands that must all live on one
+/// backend; returns the backend's list of results wrapped back into `Storage`s.
+macro_rules! many {
+    ($op:literal, $method:ident, $args:ident, $d:ident) => {{
+        let first = match $args.first() {
+            Some(f) => f.0,
+            None => return Err(Error::invalid($op, "no operands")),
+        };
+        if let Some(other) = $args.iter().find(|x| x.0.device() != first.device()) {
+            return Err(mismatch($op, first, other.0));
+        }
+        match first {
+            Storage::Cpu(_) => {
+                let a: Vec<(&CpuStorage, &Layout)> = $args
+                    .iter()
+                    .filter_map(|(s, l)| s.as_cpu().map(|c| (c, *l)))
+                    .collect();
+                let out = <CpuStorage as BackendStorage>::$method(&a, $d)?;
+                Ok(out.into_iter().map(Storage::Cpu).collect())
+            }
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => {
+                let a: Vec<(&CudaStorage, &Layout)> = $args
+                    .iter()
+                    .filter_map(|(s, l)| match s {
+                        Storage::Cuda(c) => Some((c, *l)),
+                        _ => None,
+                    })
+                    .collect();
+                let out = <CudaStorage as BackendStorage>::$method(&a, $d)?;
+                Ok(out.into_iter().map(Storage::Cuda).collect())
+            }
+        }
+    }};
 }
 
 impl BackendStorage for Storage {
@@ -604,5 +641,23 @@ impl BackendStorage for Storage {
                 Err(mismatch(OP, x, other))
             }
         }
+    }
+    fn moe_act_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        many!("moe_act_forward", moe_act_forward, args, d)
+    }
+    fn moe_down_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        many!("moe_down_forward", moe_down_forward, args, d)
+    }
+    fn moe_down_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        many!("moe_down_backward", moe_down_backward, args, d)
+    }
+    fn moe_act_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        many!("moe_act_backward", moe_act_backward, args, d)
+    }
+    fn moe_act_weight_grads(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        many!("moe_act_weight_grads", moe_act_weight_grads, args, d)
+    }
+    fn moe_down_weight_grad(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        many!("moe_down_weight_grad", moe_down_weight_grad, args, d)
     }
 }

@@ -146,6 +146,14 @@ pub const OPTIM: KernelSource = KernelSource {
     kernels: &["adamw_step_multi"],
 };
 
+/// The fused MixLoRA FFN (path 3): activation forward/backward, down LoRA forward/backward,
+/// per-expert weight gradients.
+pub const MOE_FUSED: KernelSource = module!("moe_fused",
+    f3 moe_act_forward f3 moe_down_forward f3 moe_down_backward f3 moe_act_backward
+    f3 moe_act_weight_grads f3 moe_down_weight_grad
+    f3 moe_act_forward_k2r16 f3 moe_act_backward_k2r16 f3 moe_act_weight_grads_k2r16
+);
+
 /// Every kernel module of the engine.
 pub const SOURCES: &[KernelSource] = &[
     ELEMENTWISE,
@@ -157,6 +165,7 @@ pub const SOURCES: &[KernelSource] = &[
     ATTENTION,
     MOE,
     OPTIM,
+    MOE_FUSED,
 ];
 
 /// The module that defines kernel `name`, if any.

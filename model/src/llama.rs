@@ -319,6 +319,23 @@ impl Llama {
         }
     }
 
+    /// Lays out `W_gate` and `W_up` of every layer as the two row halves of one `[2I, H]` buffer
+    /// (each becomes a view of it; values unchanged), so that the fused MoE path computes
+    /// `G` and `U` with one GEMM. Done once (layers already laid out are skipped); the old
+    /// buffers are freed unless something else holds them.
+    pub fn stack_gate_up(&mut self) -> Result<()> {
+        for layer in &mut self.layers {
+            if layer.gate_proj.same_storage(&layer.up_proj) {
+                continue;
+            }
+            let i = layer.gate_proj.dims()[0];
+            let gu = engine::cat(&[&layer.gate_proj, &layer.up_proj], 0)?; // [2I, H]
+            layer.gate_proj = gu.narrow(0, 0, i)?;
+            layer.up_proj = gu.narrow(0, i, i)?;
+        }
+        Ok(())
+    }
+
     /// The trainable tensors (the adapters' variables, shared with the model: gradients land on
     /// them and in-place updates reach the model) with their file names. Empty without adapters.
     pub fn trainable_params(&self) -> Vec<(String, Tensor)> {

@@ -48,6 +48,9 @@ pub enum MoeImplName {
     Paper,
     /// Device-side grouping by expert and grouped LoRA matmuls, no host read (top-k routing).
     Grouped,
+    /// The fused path: every base GEMM once per token, expert LoRAs in fused kernels (top-k
+    /// routing; top-p runs naive). Its LoRA dropout masks differ from the naive path's.
+    Fused,
 }
 
 impl MoeImplName {
@@ -56,6 +59,7 @@ impl MoeImplName {
             MoeImplName::Naive => model::MoeImpl::Naive,
             MoeImplName::Paper => model::MoeImpl::Paper,
             MoeImplName::Grouped => model::MoeImpl::Grouped,
+            MoeImplName::Fused => model::MoeImpl::Fused,
         }
     }
 }
@@ -143,7 +147,7 @@ pub struct TrainConfig {
     pub resume: bool,
     /// Recompute each decoder layer in the backward pass instead of keeping its activations.
     pub gradient_checkpointing: bool,
-    /// How MixLoRA FFNs are computed: `naive` or `grouped`.
+    /// How MixLoRA FFNs are computed: `naive`, `paper`, `grouped` or `fused`.
     pub moe_impl: MoeImplName,
 }
 

@@ -218,6 +218,9 @@ pub fn train_until(
     )?;
     model.set_gradient_checkpointing(cfg.gradient_checkpointing);
     model.set_moe_impl(cfg.moe_impl.imp());
+    if cfg.moe_impl == crate::config::MoeImplName::Fused {
+        model.stack_gate_up()?; // G and U in one GEMM
+    }
     let (train_tasks, eval_tasks) = tasks(cfg)?;
     let ds = Dataset::encode(&train_tasks, &tok, cfg.cutoff_len)?;
     if ds.is_empty() {

@@ -324,6 +324,39 @@ pub trait BackendStorage: Sized + Send + Sync {
         v0: usize,
         ignore_index: u32,
     ) -> Result<Self>;
+
+    // ----- the fused MixLoRA FFN (`ops::moe_fused`; sizes and settings in [`MoeDims`]) -----
+    // Operands come as `(storage, layout)` pairs in the documented order; "base" operands have
+    // the base dtype (f64, f32 or bf16), "adapter" operands the adapter dtype (f64 under an f64
+    // base, else f32); maths accumulate in the adapter dtype. `ids` `[T, k]` u32 are the experts
+    // of each (token, slot) `p = t·k + j`; `perm` `[T·k]` u32 the slots sorted stably by expert
+    // and `offsets` `[E+1]` u32 where each expert's run of `perm` starts.
+
+    /// Forward activation: for each slot, `g = G[t] + s·B_g,e Z_g[t,e]`, `u = U[t] + s·B_u,e
+    /// Z_u[t,e]`, `a = silu(g) ⊙ u`; returns `[Ā [T, I] base = Σ_j w_j a_j, Z_d [T, k, r] adapter =
+    /// A_d,e drop(a_j)]`. Operands: `G, U` `[T, I]` base, `Z_g, Z_u` `[T, E·r]`, `B_g, B_u`
+    /// `[E, I, r]`, `A_d` `[E, r, I]`, `ids` `[T, k]`, `w` `[T, k]`.
+    fn moe_act_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>>;
+    /// Down LoRA: `[Y [T, H] base = Y₀ + s Σ_j w_j B_d,e Z_d[t, j]]`. Operands: `Y₀` `[T, H]` base,
+    /// `Z_d` `[T, k, r]`, `w` `[T, k]`, `ids` `[T, k]`, `B_d` `[E, H, r]`.
+    fn moe_down_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>>;
+    /// Backward of the down LoRA: with `q = B_d,eᵀ dY[t]`, returns `[dZ_d [T, k, r] = s·w_j·q,
+    /// dw [T, k] = s·⟨q, Z_d[t, j]⟩]`. Operands: `dY` `[T, H]` base, `Z_d`, `w`, `ids`, `B_d`.
+    fn moe_down_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>>;
+    /// Backward activation (recomputes g, u, a): `da_j = w_j dĀ + drop'(A_d,eᵀ dZ_d[t, j])`,
+    /// `dg_j = da_j ⊙ u ⊙ silu'(g)`, `du_j = da_j ⊙ silu(g)`; returns `[dG = Σ_j dg_j, dU = Σ_j du_j
+    /// [T, I] base, dZ_g, dZ_u [T, E·r] adapter (s·B_eᵀ d·_j in expert e's columns, zero for
+    /// unselected experts), dw [T, k] = ⟨dĀ, a_j⟩]`. Operands: those of `moe_act_forward`, then
+    /// `dĀ` `[T, I]` base and `dZ_d` `[T, k, r]`.
+    fn moe_act_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>>;
+    /// Per-expert LoRA weight gradients of the activation, looping over each expert's slots:
+    /// returns `[dB_g [E, I, r] = s Σ dg_j ⊗ Z_g[t,e], dB_u [E, I, r] = s Σ du_j ⊗ Z_u[t,e],
+    /// dA_d [E, r, I] = Σ dZ_d[t,j] ⊗ drop(a_j)]`. Operands: those of `moe_act_backward`, then
+    /// `perm` `[T·k]` and `offsets` `[E+1]`.
+    fn moe_act_weight_grads(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>>;
+    /// `[dB_d [E, H, r] = s Σ_{slots of e} w_j dY[t] ⊗ Z_d[t, j]]`. Operands: `dY` `[T, H]` base,
+    /// `Z_d` `[T, k, r]`, `w` `[T, k]`, `perm` `[T·k]`, `offsets` `[E+1]`.
+    fn moe_down_weight_grad(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>>;
 }
 
 /// One parameter of a fused AdamW step: contiguous runs of `len` elements starting at the given
@@ -392,6 +425,24 @@ impl AdamWHyper {
             step_size: self.lr / bc1,
         }
     }
+}
+
+/// Sizes and settings of the fused MixLoRA FFN primitives: `t` tokens, `k` slots per token, `e`
+/// experts, LoRA rank `r`, hidden size `h`, intermediate size `i`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MoeDims {
+    pub t: usize,
+    pub k: usize,
+    pub e: usize,
+    pub r: usize,
+    pub h: usize,
+    pub i: usize,
+    /// The LoRA scale `s`.
+    pub scale: f64,
+    /// Dropout probability on `a_j` before `A_d` (0: none): element `i` of slot `p` is kept when
+    /// `rng::uniform(seed, p·I + i) ≥ p_drop`, and scaled by `1/(1 − p_drop)`.
+    pub dropout: f64,
+    pub seed: u64,
 }
 
 /// Creation of storages on a device.

@@ -11,6 +11,7 @@ mod linear_loss;
 mod loss;
 mod matmul;
 mod moe;
+mod moe_fused;
 mod norm;
 mod optim;
 mod reduce;
@@ -21,6 +22,7 @@ mod view;
 pub use attention::*;
 pub use concat::*;
 pub use loss::*;
+pub use moe_fused::*;
 pub use optim::*;
 pub use rope::*;
 

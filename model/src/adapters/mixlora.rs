@@ -21,7 +21,7 @@
 use engine::{cat, rng, Tensor};
 
 use super::lora::{linear, lora_linear, LoraLinear};
-use super::router::{Router, RouterOutput};
+use super::router::{Router, RouterOutput, Routing};
 use crate::error::Result;
 
 /// How the MoE FFN is computed. Every variant gives the same values and gradients (up to
@@ -38,6 +38,11 @@ pub enum MoeImpl {
     /// and experts whose LoRAs differ in settings fall back to `Naive`). Dropout masks differ
     /// from `Naive`'s (one mask per projection over the sorted rows).
     Grouped,
+    /// The fused path (`engine::moe_fused_ffn`): every base GEMM once per token, expert LoRAs in
+    /// fused kernels, a hand-written backward. Top-k routing only (top-p, and experts without
+    /// a LoRA on each of gate/up/down, run `Naive`). Equal to `Naive` without dropout; with
+    /// dropout its masks differ (one per projection shared by the experts for gate and up).
+    Fused,
 }
 
 impl std::str::FromStr for MoeImpl {
@@ -47,8 +52,9 @@ impl std::str::FromStr for MoeImpl {
             "naive" => Ok(MoeImpl::Naive),
             "paper" => Ok(MoeImpl::Paper),
             "grouped" => Ok(MoeImpl::Grouped),
+            "fused" => Ok(MoeImpl::Fused),
             other => Err(format!(
-                "unknown MoE implementation `{other}` (expected naive, paper or grouped)"
+                "unknown MoE implementation `{other}` (expected naive, paper, grouped or fused)"
             )),
         }
     }
@@ -187,6 +193,16 @@ impl MixLoraFfn {
                 Some(y) => y,
                 None => self.naive(&x2, w, &route, dropout_seed)?,
             },
+            MoeImpl::Fused => {
+                let fused = match self.router.routing {
+                    Routing::TopK(k) => self.fused(&x2, w, &route, k, dropout_seed)?,
+                    Routing::TopP(_) => None,
+                };
+                match fused {
+                    Some(y) => y,
+                    None => self.naive(&x2, w, &route, dropout_seed)?,
+                }
+            }
         };
         Ok((y.reshape(x.shape().clone())?, route))
     }

@@ -13,6 +13,7 @@ pub mod config;
 mod io;
 pub mod lora;
 pub mod mixlora;
+pub mod mixlora_fused;
 pub mod router;
 
 use std::collections::HashMap;
@@ -23,6 +24,7 @@ pub use config::{AdapterConfig, PeftType, RoutingStrategy, ATTN_MODULES, MLP_MOD
 pub use io::{load, save, CONFIG_FILE, WEIGHTS_FILE};
 pub use lora::{adapter_dtype, lora_linear, LoraLinear};
 pub use mixlora::{ExpertLora, MixLoraFfn, MoeImpl, SharedFfn};
+pub use mixlora_fused::group_by_expert;
 pub use router::{aux_loss, expert_load, Router, RouterOutput, Routing};
 
 use crate::config::LlamaConfig;

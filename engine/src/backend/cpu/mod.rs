@@ -9,6 +9,7 @@ mod loss;
 mod loss_chunk;
 mod matmul;
 mod moe;
+mod moe_fused;
 mod norm;
 mod optim;
 pub mod profile;
@@ -19,7 +20,9 @@ mod simd;
 use half::bf16;
 use num_traits::Float;
 
-use crate::backend::{AdamWHyper, AdamWSlot, BackendStorage, BinaryOp, CmpOp, ReduceOp, UnaryOp};
+use crate::backend::{
+    AdamWHyper, AdamWSlot, BackendStorage, BinaryOp, CmpOp, MoeDims, ReduceOp, UnaryOp,
+};
 use crate::{DType, Device, Error, Layout, Result};
 
 pub use random::CpuDevice;
@@ -524,6 +527,42 @@ impl BackendStorage for CpuStorage {
                     ignore_index,
                 )
             },
+        )
+    }
+    fn moe_act_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        profile::timed(
+            || "moe_act_forward".into(),
+            || moe_fused::act_forward(args, d),
+        )
+    }
+    fn moe_down_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        profile::timed(
+            || "moe_down_forward".into(),
+            || moe_fused::down_forward(args, d),
+        )
+    }
+    fn moe_down_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        profile::timed(
+            || "moe_down_backward".into(),
+            || moe_fused::down_backward(args, d),
+        )
+    }
+    fn moe_act_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        profile::timed(
+            || "moe_act_backward".into(),
+            || moe_fused::act_backward(args, d),
+        )
+    }
+    fn moe_act_weight_grads(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        profile::timed(
+            || "moe_act_weight_grads".into(),
+            || moe_fused::act_weight_grads(args, d),
+        )
+    }
+    fn moe_down_weight_grad(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        profile::timed(
+            || "moe_down_weight_grad".into(),
+            || moe_fused::down_weight_grad(args, d),
         )
     }
 }

@@ -22,6 +22,7 @@ mod loss;
 mod loss_chunk;
 mod matmul;
 mod moe;
+mod moe_fused;
 mod norm;
 mod optim;
 mod random;
@@ -30,7 +31,9 @@ mod reduce;
 use half::bf16;
 
 use crate::backend::cpu::CpuStorage;
-use crate::backend::{AdamWHyper, AdamWSlot, BackendStorage, BinaryOp, CmpOp, ReduceOp, UnaryOp};
+use crate::backend::{
+    AdamWHyper, AdamWSlot, BackendStorage, BinaryOp, CmpOp, MoeDims, ReduceOp, UnaryOp,
+};
 use crate::{DType, Device, Error, Layout, Result};
 
 use device::CudaBuffer;
@@ -450,5 +453,23 @@ impl BackendStorage for CudaStorage {
             v0,
             ignore_index,
         )
+    }
+    fn moe_act_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        moe_fused::act_forward(args, d)
+    }
+    fn moe_down_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        moe_fused::down_forward(args, d)
+    }
+    fn moe_down_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        moe_fused::down_backward(args, d)
+    }
+    fn moe_act_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        moe_fused::act_backward(args, d)
+    }
+    fn moe_act_weight_grads(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        moe_fused::act_weight_grads(args, d)
+    }
+    fn moe_down_weight_grad(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        moe_fused::down_weight_grad(args, d)
     }
 }

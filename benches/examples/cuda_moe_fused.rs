@@ -1,0 +1,298 @@
+//! The fused MixLoRA FFN (path 3) on `cuda:0` at LLaMA-2-7B sizes (H = 4096, I = 11008, E = 8,
+//! k = 2, r = 16, bf16 base, f32 adapters; T = 16384 tokens unless `--tokens N`): each fused
+//! kernel alone (median GPU time by CUDA events, its minimal bytes and FLOPs, the rates), then the
+//! whole MixLoRA block forward and forward + backward with `MoeImpl::Fused` and `MoeImpl::Naive`
+//! (router, top-k, the host grouping round trip and the autograd included), and the allocator peak.
+//!
+//! Build: `cargo build --release -p mixlora-benches --features mixlora-engine/cuda --example
+//! cuda_moe_fused`. Run on the GPU machine: `LD_LIBRARY_PATH=/usr/local/cuda/lib64
+//! MIXLORA_CUDA_INCLUDE=/usr/local/cuda/include example-cuda_moe_fused [--tokens N] [--no-naive]`.
+//!
+//! Counts per kernel (b = 2 bytes of the bf16 base, f = 4 of the f32 adapter; S = T·k slots):
+//! - act_forward: reads G, U, writes Ā: `3·T·I·b` (+ codes, weights: small); FLOPs `S·I·(6r + 12)`
+//!   (two r-dots for g and u, r multiply-adds into Z_d, silu, ⊙, the weighted sum);
+//! - down_forward: reads Y₀, writes Y: `2·T·H·b`; FLOPs `S·H·2r`;
+//! - down_backward: reads dY: `T·H·b`; FLOPs `S·H·2r`;
+//! - act_backward: reads G, U, dĀ, writes dG, dU: `5·T·I·b` + dZ_g, dZ_u `2·T·E·r·f`; FLOPs
+//!   `S·I·(10r + 25)` (g, u and A_dᵀdZ_d r-dots, two r-wide code accumulations, silu');
+//! - act_weight_grads: reads G, U, dĀ once per slot: `3·S·I·b`; FLOPs `S·I·(12r + 25)`;
+//! - down_weight_grad: reads dY once per slot: `S·H·b`; FLOPs `S·H·(2r + 2)`.
+//!
+//! Ceilings: 4.3 TB/s device copy; the FP32 CUDA-core rate of the H200 (~67 TFLOP/s) for the
+//! rank-r arithmetic, which runs outside the tensor cores.
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use engine::backend::cpu::CpuStorage;
+use engine::backend::cuda::{memory_stats, reset_peak_memory, CudaDevice};
+use engine::backend::{BackendStorage, MoeDims};
+use engine::{DType, Device, Layout, Result, Shape, Storage, Tensor};
+use model::adapters::{ExpertLora, LoraLinear, MixLoraFfn, MoeImpl, Router, Routing, SharedFfn};
+
+const GPU: Device = Device::Cuda(0);
+const COPY: f64 = 4.3e12;
+const FP32: f64 = 67e12;
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+/// Median GPU milliseconds of `f` (2 warm-ups, then `n` calls between CUDA events).
+fn time(dev: &CudaDevice, n: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    f()?;
+    dev.synchronize()?;
+    let mut ms = Vec::with_capacity(n);
+    for _ in 0..n {
+        let a = dev.record_event()?;
+        f()?;
+        let b = dev.record_event()?;
+        ms.push(a.elapsed_ms(&b)? as f64);
+    }
+    ms.sort_by(|a, b| a.total_cmp(b));
+    Ok(ms[n / 2])
+}
+
+fn randn(dims: &[usize], std: f64, seed: u64, dtype: DType) -> Result<(Storage, Layout)> {
+    let shape = Shape::from(dims.to_vec());
+    Ok((
+        Storage::randn(GPU, &shape, dtype, 0.0, std, seed)?,
+        Layout::contiguous(shape),
+    ))
+}
+
+fn u32s(v: Vec<u32>) -> Result<(Storage, Layout)> {
+    let n = v.len();
+    Ok((
+        Storage::from_cpu(GPU, CpuStorage::U32(v))?,
+        Layout::contiguous([n]),
+    ))
+}
+
+/// An operand of a fused primitive.
+fn op(x: &(Storage, Layout)) -> (&Storage, &Layout) {
+    (&x.0, &x.1)
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let t = args
+        .iter()
+        .position(|a| a == "--tokens")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(16384usize);
+    let naive = !args.iter().any(|a| a == "--no-naive");
+    let (h, i, e, k, r) = (4096usize, 11008usize, 8usize, 2usize, 16usize);
+    let dev = CudaDevice::get(0)?;
+    println!("fused MixLoRA FFN, T={t} H={h} I={i} E={e} k={k} r={r}, bf16 base, f32 adapters");
+
+    // ----- the kernels alone ------------------------------------------------------------
+    let (bt, at) = (DType::BF16, DType::F32);
+    let g = randn(&[t, i], 1.0, 1, bt)?;
+    let u = randn(&[t, i], 1.0, 2, bt)?;
+    let zg = randn(&[t, e * r], 1.0, 3, at)?;
+    let zu = randn(&[t, e * r], 1.0, 4, at)?;
+    let bg = randn(&[e, i, r], 0.1, 5, at)?;
+    let bu = randn(&[e, i, r], 0.1, 6, at)?;
+    let ad = randn(&[e, r, i], 0.01, 7, at)?;
+    let w = randn(&[t, k], 0.3, 8, at)?;
+    let dabar = randn(&[t, i], 1.0, 9, bt)?;
+    let dzd = randn(&[t, k, r], 1.0, 10, at)?;
+    let y0 = randn(&[t, h], 1.0, 11, bt)?;
+    let zd = randn(&[t, k, r], 1.0, 12, at)?;
+    let bd = randn(&[e, h, r], 0.1, 13, at)?;
+    let dy = randn(&[t, h], 1.0, 14, bt)?;
+    // Token t goes to experts (t mod E) and ((t + 1 + t / E) mod E): distinct, balanced.
+    let mut ids = Vec::with_capacity(t * k);
+    for tt in 0..t {
+        let a = tt % e;
+        let b = (a + 1 + (tt / e) % (e - 1)) % e;
+        ids.extend_from_slice(&[a as u32, b as u32][..k]);
+    }
+    let mut perm: Vec<u32> = (0..(t * k) as u32).collect();
+    perm.sort_by_key(|&p| ids[p as usize]);
+    let mut offsets = vec![0u32; e + 1];
+    for &x in &ids {
+        offsets[x as usize + 1] += 1;
+    }
+    for j in 0..e {
+        offsets[j + 1] += offsets[j];
+    }
+    let ids = u32s(ids)?;
+    let perm = u32s(perm)?;
+    let offsets = u32s(offsets)?;
+    let d = MoeDims {
+        t,
+        k,
+        e,
+        r,
+        h,
+        i,
+        scale: 2.0,
+        dropout: 0.05,
+        seed: 3,
+    };
+    let (s, ti, th) = ((t * k) as f64, (t * i) as f64, (t * h) as f64);
+    let (rf, hf, if_) = (r as f64, h as f64, i as f64);
+    type Prim = fn(&[(&Storage, &Layout)], &MoeDims) -> Result<Vec<Storage>>;
+    /// Name, primitive, operands, bytes, FLOPs.
+    type Case<'a> = (&'a str, Prim, Vec<(&'a Storage, &'a Layout)>, f64, f64);
+    let cases: Vec<Case> = vec![
+        (
+            "act_forward",
+            Storage::moe_act_forward,
+            vec![
+                op(&g),
+                op(&u),
+                op(&zg),
+                op(&zu),
+                op(&bg),
+                op(&bu),
+                op(&ad),
+                op(&ids),
+                op(&w),
+            ],
+            3.0 * ti * 2.0,
+            s * if_ * (6.0 * rf + 12.0),
+        ),
+        (
+            "down_forward",
+            Storage::moe_down_forward,
+            vec![op(&y0), op(&zd), op(&w), op(&ids), op(&bd)],
+            2.0 * th * 2.0,
+            s * hf * 2.0 * rf,
+        ),
+        (
+            "down_backward",
+            Storage::moe_down_backward,
+            vec![op(&dy), op(&zd), op(&w), op(&ids), op(&bd)],
+            th * 2.0,
+            s * hf * 2.0 * rf,
+        ),
+        (
+            "act_backward",
+            Storage::moe_act_backward,
+            vec![
+                op(&g),
+                op(&u),
+                op(&zg),
+                op(&zu),
+                op(&bg),
+                op(&bu),
+                op(&ad),
+                op(&ids),
+                op(&w),
+                op(&dabar),
+                op(&dzd),
+            ],
+            5.0 * ti * 2.0 + 2.0 * (t * e * r) as f64 * 4.0,
+            s * if_ * (10.0 * rf + 25.0),
+        ),
+        (
+            "act_weight_grads",
+            Storage::moe_act_weight_grads,
+            vec![
+                op(&g),
+                op(&u),
+                op(&zg),
+                op(&zu),
+                op(&bg),
+                op(&bu),
+                op(&ad),
+                op(&ids),
+                op(&w),
+                op(&dabar),
+                op(&dzd),
+                op(&perm),
+                op(&offsets),
+            ],
+            3.0 * s * if_ * 2.0,
+            s * if_ * (12.0 * rf + 25.0),
+        ),
+        (
+            "down_weight_grad",
+            Storage::moe_down_weight_grad,
+            vec![op(&dy), op(&zd), op(&w), op(&perm), op(&offsets)],
+            s * hf * 2.0,
+            s * hf * (2.0 * rf + 2.0),
+        ),
+    ];
+    println!(
+        "{:<18} {:>9} {:>9} {:>9} {:>7} {:>9} {:>7}",
+        "kernel", "ms", "MB", "GB/s", "%copy", "GFLOP/s", "%fp32"
+    );
+    let mut total = 0.0;
+    for (name, f, args, bytes, flops) in &cases {
+        let ms = time(&dev, 10, || f(args, &d).map(|_| ()))?;
+        total += ms;
+        let sec = ms / 1e3;
+        println!(
+            "{name:<18} {ms:>9.3} {:>9.1} {:>9.0} {:>6.1}% {:>9.0} {:>6.1}%",
+            bytes / 1e6,
+            bytes / sec / 1e9,
+            100.0 * bytes / sec / COPY,
+            flops / sec / 1e9,
+            100.0 * flops / sec / FP32
+        );
+    }
+    println!("fused kernels together: {total:.3} ms");
+    drop(cases);
+
+    // ----- the whole block ---------------------------------------------------------------
+    let x = Tensor::randn([t, h], 0.0, 1.0, 20, bt, GPU)?.to_var()?;
+    let shared = [
+        Tensor::randn([i, h], 0.0, 0.015, 21, bt, GPU)?,
+        Tensor::randn([i, h], 0.0, 0.015, 22, bt, GPU)?,
+        Tensor::randn([h, i], 0.0, 0.0095, 23, bt, GPU)?,
+    ];
+    let mut seed = 30;
+    let mut lora = |n_in: usize, n_out: usize| -> Result<Option<LoraLinear>> {
+        seed += 2;
+        let a = Tensor::randn([r, n_in], 0.0, 0.01, seed, at, GPU)?.to_var()?;
+        let b = Tensor::randn([n_out, r], 0.0, 0.01, seed + 1, at, GPU)?.to_var()?;
+        Ok(Some(LoraLinear::new(a, b, 2.0, 0.05)))
+    };
+    let mut experts = Vec::new();
+    for _ in 0..e {
+        experts.push(ExpertLora {
+            gate: lora(h, i)?,
+            up: lora(h, i)?,
+            down: lora(i, h)?,
+        });
+    }
+    let ffn = MixLoraFfn {
+        router: Router {
+            weight: Tensor::randn([e, h], 0.0, 0.02, 40, at, GPU)?.to_var()?,
+            routing: Routing::TopK(k),
+        },
+        experts,
+    };
+    let sh = SharedFfn {
+        gate: &shared[0],
+        up: &shared[1],
+        down: &shared[2],
+    };
+    let dyt = Tensor::randn([t, h], 0.0, 1.0, 50, bt, GPU)?;
+    let impls: &[MoeImpl] = if naive {
+        &[MoeImpl::Fused, MoeImpl::Naive]
+    } else {
+        &[MoeImpl::Fused]
+    };
+    let err = |e: model::Error| engine::Error::invalid("moe block", e.to_string());
+    for &imp in impls {
+        let fwd = time(&dev, 5, || {
+            engine::no_grad(|| ffn.forward(&x, sh, imp, Some(1)).map(|_| ()).map_err(err))
+        })?;
+        reset_peak_memory(GPU);
+        let (base_mem, _) = memory_stats(GPU);
+        let both = time(&dev, 5, || {
+            let (y, _) = ffn.forward(&x, sh, imp, Some(1)).map_err(err)?;
+            y.backward_with_grad(&dyt)
+        })?;
+        let (_, peak) = memory_stats(GPU);
+        println!(
+            "block {imp:?}: forward {fwd:.2} ms, forward+backward {both:.2} ms, peak +{:.2} GiB",
+            (peak.saturating_sub(base_mem)) as f64 / GIB
+        );
+    }
+    Ok(())
+}

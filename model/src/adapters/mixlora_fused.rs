@@ -1,0 +1,128 @@
+//! [`MoeImpl::Fused`](super::MoeImpl::Fused): the MixLoRA FFN through the engine's fused op
+//! (`engine::moe_fused_ffn`, path 3 of MIXLORA.md), and the grouping of routed slots by expert
+//! that its per-expert gradient kernels read.
+
+use engine::{cat, moe_fused_ffn, MoeDropout, MoeFusedWeights, MoeRouting, Tensor};
+
+use super::lora::LoraLinear;
+use super::mixlora::{MixLoraFfn, SharedFfn};
+use super::router::RouterOutput;
+use crate::error::Result;
+
+/// Groups the `T·k` routing slots by expert: `perm` `[T·k]` u32 lists the slots `p = t·k + j`
+/// sorted by `ids[p]` (ascending `p` within an expert) and `offsets` `[E+1]` u32 where each
+/// expert's run starts (`offsets[e]` = number of slots with expert `< e`), both on `ids`' device.
+///
+/// Temporary: this reads `ids` back to the host and uploads the result (one round trip of
+/// `T·k` ids per layer), until the engine groups on the device (`Tensor::moe_group`).
+pub fn group_by_expert(ids: &Tensor, num_experts: usize) -> Result<(Tensor, Tensor)> {
+    let v = ids.to_vec_u32()?; // host copy of [T, k]
+    let mut counts = vec![0u32; num_experts + 1];
+    for &e in &v {
+        if (e as usize) < num_experts {
+            counts[e as usize + 1] += 1;
+        }
+    }
+    for e in 0..num_experts {
+        counts[e + 1] += counts[e];
+    }
+    let mut next = counts.clone();
+    let mut perm = vec![0u32; v.len()];
+    for (p, &e) in v.iter().enumerate() {
+        if let Some(slot) = next.get_mut(e as usize) {
+            if (e as usize) < num_experts {
+                perm[*slot as usize] = p as u32;
+                *slot += 1;
+            }
+        }
+    }
+    let n = perm.len();
+    Ok((
+        Tensor::from_vec(perm, n, ids.device())?,
+        Tensor::from_vec(counts, num_experts + 1, ids.device())?,
+    ))
+}
+
+/// One projection's LoRA of every expert stacked along a new leading dim (`[E, ..]`), when all
+/// experts have it with the same scale and dropout.
+fn stack(
+    loras: &[Option<&LoraLinear>],
+    scale: f64,
+    dropout: f64,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let mut a = Vec::with_capacity(loras.len());
+    let mut b = Vec::with_capacity(loras.len());
+    for l in loras {
+        let Some(l) = l else { return Ok(None) };
+        if l.scale != scale || l.dropout != dropout {
+            return Ok(None);
+        }
+        a.push(l.a.unsqueeze(0)?); // [1, r, in]
+        b.push(l.b.unsqueeze(0)?); // [1, out, r]
+    }
+    let a: Vec<&Tensor> = a.iter().collect();
+    let b: Vec<&Tensor> = b.iter().collect();
+    Ok(Some((cat(&a, 0)?, cat(&b, 0)?)))
+}
+
+impl MixLoraFfn {
+    /// The fused path for top-`k` routing of `x` `[N, H]`, or `None` when it does not apply (some
+    /// expert lacks a LoRA on gate, up or down, or the experts' scales, dropouts or ranks
+    /// differ): the caller then runs the naive loop.
+    ///
+    /// The expert weights are stacked (`cat`, so their gradients flow back to each expert) once
+    /// per call. Dropout (training): one mask per projection shared by all experts for gate and
+    /// up, and one per slot for down, so the result equals the naive path's only at dropout 0.
+    pub(crate) fn fused(
+        &self,
+        x: &Tensor,
+        w: SharedFfn<'_>,
+        route: &RouterOutput,
+        k: usize,
+        dropout_seed: Option<u64>,
+    ) -> Result<Option<Tensor>> {
+        let Some(first) = self.experts.first().and_then(|e| e.gate.as_ref()) else {
+            return Ok(None);
+        };
+        let (scale, p) = (first.scale, first.dropout);
+        let gates: Vec<_> = self.experts.iter().map(|e| e.gate.as_ref()).collect();
+        let ups: Vec<_> = self.experts.iter().map(|e| e.up.as_ref()).collect();
+        let downs: Vec<_> = self.experts.iter().map(|e| e.down.as_ref()).collect();
+        let (Some((a_gate, b_gate)), Some((a_up, b_up)), Some((a_down, b_down))) = (
+            stack(&gates, scale, p)?,
+            stack(&ups, scale, p)?,
+            stack(&downs, scale, p)?,
+        ) else {
+            return Ok(None);
+        };
+        let r = a_gate.dims()[1];
+        if a_up.dims()[1] != r || a_down.dims()[1] != r {
+            return Ok(None);
+        }
+        let (_, ids) = route.probs.detach().topk(k)?; // [N, k] u32, the router's selection
+        let weights = route.weights.gather(&ids, 1)?; // [N, k], in the graph
+        let (perm, offsets) = group_by_expert(&ids, self.num_experts())?;
+        let weights_ref = MoeFusedWeights {
+            w_gate: w.gate,
+            w_up: w.up,
+            w_down: w.down,
+            a_gate: &a_gate,
+            b_gate: &b_gate,
+            a_up: &a_up,
+            b_up: &b_up,
+            a_down: &a_down,
+            b_down: &b_down,
+            scale,
+        };
+        let routing = MoeRouting {
+            ids: &ids,
+            weights: &weights,
+            perm: &perm,
+            offsets: &offsets,
+        };
+        let dropout = dropout_seed
+            .filter(|_| p > 0.0)
+            .map(|seed| MoeDropout { p, seed });
+        Ok(Some(moe_fused_ffn(x, &weights_ref, &routing, dropout)?))
+    }
+}
