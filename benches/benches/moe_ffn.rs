@@ -215,7 +215,10 @@ fn main() {
             let peak_mib = memory(device).1.saturating_sub(before) as f64 / (1 << 20) as f64;
             let ms = median(times);
             eprintln!("T {t:>6} {name:<6} {ms:>9.3} ms  activation peak {peak_mib:>9.1} MiB");
-            row.insert(format!("{name}_ms"), ((ms * 1000.0).round() / 1000.0).into());
+            row.insert(
+                format!("{name}_ms"),
+                ((ms * 1000.0).round() / 1000.0).into(),
+            );
             row.insert(
                 format!("{name}_mib"),
                 if device == Device::Cpu {

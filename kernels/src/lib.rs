@@ -91,8 +91,14 @@ pub const INDEX: KernelSource = module!("index",
 /// Counter-based random fills (the same numbers as the CPU's `engine::rng`).
 pub const RANDOM: KernelSource = module!("random", f3 randn f3 rand_uniform f3 dropout_mask);
 
+/// Fused LoRA: codes `drop(x) Aᵀ`, expand-add `y + s · z Bᵀ`, and the backward's column sums
+/// (partial sums per row range, then an ordered reduce: no float atomics).
+pub const LORA: KernelSource = module!("lora",
+    f3 lora_codes f3 lora_expand f3 lora_colsum f1 lora_reduce
+);
+
 /// Every kernel module of the engine.
-pub const SOURCES: &[KernelSource] = &[ELEMENTWISE, REDUCE, NORM, LOSS, INDEX, RANDOM];
+pub const SOURCES: &[KernelSource] = &[ELEMENTWISE, REDUCE, NORM, LOSS, INDEX, RANDOM, LORA];
 
 /// The module that defines kernel `name`, if any.
 pub fn module_of(name: &str) -> Option<&'static KernelSource> {

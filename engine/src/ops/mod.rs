@@ -7,6 +7,7 @@ mod concat;
 mod dropout;
 mod elementwise;
 mod index;
+mod lora;
 mod loss;
 mod matmul;
 mod norm;

@@ -17,6 +17,7 @@ mod elementwise;
 mod index;
 mod launch;
 mod layout;
+mod lora;
 mod loss;
 mod matmul;
 mod norm;
@@ -311,5 +312,44 @@ impl BackendStorage for CudaStorage {
         ignore_index: u32,
     ) -> Result<Self> {
         loss::cross_entropy_backward(self, l, targets, t_l, grad_rows, g_l, ignore_index)
+    }
+    fn lora_codes(&self, l: &Layout, a: &Self, a_l: &Layout, p: f64, seed: u64) -> Result<Self> {
+        lora::lora_codes(self, l, a, a_l, p, seed)
+    }
+    fn lora_expand_add(
+        &self,
+        l: &Layout,
+        z: &Self,
+        z_l: &Layout,
+        b: &Self,
+        b_l: &Layout,
+        scale: f64,
+    ) -> Result<Self> {
+        lora::lora_expand_add(self, l, z, z_l, b, b_l, scale)
+    }
+    fn lora_grad_codes(
+        &self,
+        l: &Layout,
+        z: &Self,
+        z_l: &Layout,
+        b: &Self,
+        b_l: &Layout,
+        scale: f64,
+    ) -> Result<(Self, Self)> {
+        lora::lora_grad_codes(self, l, z, z_l, b, b_l, scale)
+    }
+    fn lora_grad_a(&self, l: &Layout, dz: &Self, dz_l: &Layout, p: f64, seed: u64) -> Result<Self> {
+        lora::lora_grad_a(self, l, dz, dz_l, p, seed)
+    }
+    fn lora_grad_x(
+        &self,
+        l: &Layout,
+        a: &Self,
+        a_l: &Layout,
+        p: f64,
+        seed: u64,
+        dtype: DType,
+    ) -> Result<Self> {
+        lora::lora_grad_x(self, l, a, a_l, p, seed, dtype)
     }
 }
