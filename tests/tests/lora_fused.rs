@@ -82,8 +82,11 @@ fn compare(
     [0, 1, 2, 3].map(|i| rel_err(&f[i], &c[i]))
 }
 
+/// Leading dims and `(in, out, r)`.
+type Case = (&'static [usize], (usize, usize, usize));
+
 fn check(base: DType, tol: f64) {
-    let shapes: &[(&[usize], (usize, usize, usize))] = &[
+    let shapes: &[Case] = &[
         (&[1], (7, 5, 3)),
         (&[37], (20, 12, 4)),
         (&[2, 19], (33, 17, 8)),

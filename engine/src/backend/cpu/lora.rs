@@ -150,16 +150,18 @@ fn c3(d0: usize, d1: usize) -> Layout {
 }
 
 /// `v[i] *= mask(i)` over a row-major `[M, in]` buffer: the mask of `dropout_mask(p, seed)` in
-/// `T`, i.e. `0` when `uniform(seed, i) < p`, else `keep as T`.
+/// `T`, i.e. `0` when `uniform(seed, i) < p`, else `keep as T`. The test runs on the integers:
+/// `uniform = (hash >> 11) · 2⁻⁵³ < p` exactly when `hash >> 11 < ⌈p · 2⁵³⌉`, and the seed's
+/// first mixing step is hoisted out of the loop.
 fn apply_mask<T: Ad>(v: &mut [T], p: f64, keep: f64, seed: u64) {
     let keep = T::of_f64(keep);
+    let thr = (p * (1u64 << 53) as f64).ceil() as u64;
+    let mixed = rng::splitmix64(seed);
     let f = |base: usize, ch: &mut [T]| {
         for (j, e) in ch.iter_mut().enumerate() {
-            let m = if rng::uniform(seed, (base + j) as u64) < p {
-                T::zero()
-            } else {
-                keep
-            };
+            let i = (base + j) as u64;
+            let h = rng::splitmix64(mixed ^ i.wrapping_mul(0xD6E8_FEB8_6659_FD93));
+            let m = if (h >> 11) < thr { T::zero() } else { keep };
             *e = *e * m;
         }
     };
@@ -171,6 +173,22 @@ fn apply_mask<T: Ad>(v: &mut [T], p: f64, keep: f64, seed: u64) {
             .enumerate()
             .for_each(|(c, ch)| f(c * CH, ch));
     }
+}
+
+/// The view `l` of `s` as `T` with a rank-3 `[1, d0, d1]` layout for `matmul_t`: the buffer
+/// itself when it already holds `T`, else a converted contiguous copy.
+fn as_t<'a, T: Ad>(
+    op: &'static str,
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> Result<(std::borrow::Cow<'a, [T]>, Layout)> {
+    Ok(match T::slice(s) {
+        Some(v) => (std::borrow::Cow::Borrowed(v), l3(l, false)),
+        None => {
+            let (d0, d1) = dims2(op, l)?;
+            (std::borrow::Cow::Owned(T::view(s, op, l)?), c3(d0, d1))
+        }
+    })
 }
 
 /// `drop(x)` `[M, in]` in `T`, contiguous.
@@ -212,10 +230,15 @@ pub(super) fn codes(
             rhs: al.shape().clone(),
         });
     }
+    let keep = keep_of(OP, p)?;
     adapter!(OP, a, T => {
-        let xd = dropped::<T>(OP, x, l, p, seed)?; // [M, in]
+        let (xd, xl) = if keep.is_some() {
+            (std::borrow::Cow::Owned(dropped::<T>(OP, x, l, p, seed)?), c3(m, n))
+        } else {
+            as_t::<T>(OP, x, l)?
+        }; // [M, in]
         let ad = data::<T>(OP, a, a.dtype())?;
-        let z = matmul_t(&xd, &c3(m, n), ad, &l3(al, true))?; // [M, r]
+        let z = matmul_t(&xd, &xl, ad, &l3(al, true))?; // [M, r]
         debug_assert_eq!(z.len(), m * r);
         Ok(T::wrap(z))
     })
@@ -309,12 +332,12 @@ pub(super) fn grad_codes(
     expect_dims(OP, bl, (o, r), l)?;
     expect_dims(OP, zl, (m, r), l)?;
     adapter!(OP, b, T => {
-        let ga = T::view(g, OP, l)?; // [M, out]
+        let (ga, gl) = as_t::<T>(OP, g, l)?; // [M, out]
         let bd = data::<T>(OP, b, b.dtype())?;
-        let mut dz = matmul_t(&ga, &c3(m, o), bd, &l3(bl, false))?; // [M, r]
+        let mut dz = matmul_t(&ga, &gl, bd, &l3(bl, false))?; // [M, r]
         scale_in_place(&mut dz, scale);
         let zd = data::<T>(OP, z, b.dtype())?;
-        let mut db = matmul_t(&ga, &c3(m, o).transpose(1, 2), zd, &l3(zl, false))?; // [out, r]
+        let mut db = matmul_t(&ga, &gl.transpose(1, 2), zd, &l3(zl, false))?; // [out, r]
         scale_in_place(&mut db, scale);
         Ok((T::wrap(dz), T::wrap(db)))
     })
@@ -333,10 +356,15 @@ pub(super) fn grad_a(
     let (m, n) = dims2(OP, l)?;
     let (_, r) = dims2(OP, dl)?;
     expect_dims(OP, dl, (m, r), l)?;
+    let keep = keep_of(OP, p)?;
     adapter!(OP, dz, T => {
-        let xd = dropped::<T>(OP, x, l, p, seed)?; // [M, in]
+        let (xd, xl) = if keep.is_some() {
+            (std::borrow::Cow::Owned(dropped::<T>(OP, x, l, p, seed)?), c3(m, n))
+        } else {
+            as_t::<T>(OP, x, l)?
+        }; // [M, in]
         let dzd = data::<T>(OP, dz, dz.dtype())?;
-        let da = matmul_t(dzd, &l3(dl, true), &xd, &c3(m, n))?; // [r, in]
+        let da = matmul_t(dzd, &l3(dl, true), &xd, &xl)?; // [r, in]
         Ok(T::wrap(da))
     })
 }
