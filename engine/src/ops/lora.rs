@@ -17,7 +17,10 @@ impl Tensor {
     /// Forward: `z = drop(x) Aᵀ` `[M, r]` (`lora_codes`), then `y + s · z Bᵀ`
     /// (`lora_expand_add`, one pass over `y`). The tape keeps `x` (the base matmul keeps it too:
     /// one shared buffer), `y`, `a`, `b` and the unscaled codes `z`: no f32 copy of `x`, no mask,
-    /// no `[M, out]` f32 delta.
+    /// no `[M, out]` f32 delta. Per token and projection, beyond `x`, that is `2·out + 4r` bytes
+    /// on a bf16 base (`y`, `z`) where the composite kept `12·in + 8·out + 8r` (f32 `x`, the mask,
+    /// the dropped `x`, the f32 and bf16 deltas, `y`, the codes twice): at in = out = 4096,
+    /// r = 16, 8.3 KB instead of 82 KB.
     ///
     /// Backward, with `g = dL/d(out)`:
     /// `dy = g`; `dz = s · g B` and `dB = s · gᵀ z` (`lora_grad_codes`);
