@@ -723,6 +723,113 @@ fn run_all(lab: &mut Lab) -> Result<()> {
         attention_softmax(lab, dt)?;
         moe(lab, dt)?;
         optim_and_chunked_loss(lab, dt)?;
+        lora(lab, dt)?;
+    }
+    Ok(())
+}
+
+/// The fused LoRA primitives at M = 4096 tokens, r = 16, dropout 0.1 (mask recomputed in the
+/// kernels), on the 7B projections' (in, out), then the whole forward, fused vs the composite it
+/// replaced (cast, dropout mask, mul, two matmuls, scale, cast, add). Minimal bytes, `s` the base
+/// element size, adapter operands f32: codes `M·in·s + M·r·4 + r·in·4`; expand-add
+/// `2·M·out·s + M·r·4 + out·r·4`; grad_codes `M·out·s + 2·M·r·4 + 2·out·r·4` (the kernels read
+/// g twice, so 50% is their ceiling here); grad_a and grad_x `M·in·s + M·r·4 + r·in·4`.
+fn lora(lab: &mut Lab, dt: DType) -> Result<()> {
+    let s = dt.size_in_bytes();
+    let (m, r, p, seed, scale) = (4096usize, 16usize, 0.1, 7u64, 2.0);
+    for (name, n_in, n_out) in [
+        ("q/k/v/o", 4096usize, 4096usize),
+        ("gate/up", 4096, 11008),
+        ("down", 11008, 4096),
+    ] {
+        let x = randn(&[m, n_in], dt, 40)?;
+        let y = randn(&[m, n_out], dt, 41)?;
+        let g = randn(&[m, n_out], dt, 42)?;
+        let a = randn(&[r, n_in], DType::F32, 43)?;
+        let b = randn(&[n_out, r], DType::F32, 44)?;
+        let z = randn(&[m, r], DType::F32, 45)?;
+        let (xl, yl, al, bl, zl) = (
+            lay(&[m, n_in]),
+            lay(&[m, n_out]),
+            lay(&[r, n_in]),
+            lay(&[n_out, r]),
+            lay(&[m, r]),
+        );
+        let small = m * r * 4;
+        lab.run(
+            mem(
+                format!("lora_codes {name}"),
+                dt,
+                shape_str(&[m, n_in]),
+                m * n_in * s + small + r * n_in * 4,
+            ),
+            || x.lora_codes(&xl, &a, &al, p, seed).map(drop),
+        )?;
+        lab.run(
+            mem(
+                format!("lora_expand_add {name}"),
+                dt,
+                shape_str(&[m, n_out]),
+                2 * m * n_out * s + small + n_out * r * 4,
+            ),
+            || y.lora_expand_add(&yl, &z, &zl, &b, &bl, scale).map(drop),
+        )?;
+        lab.run(
+            mem(
+                format!("lora_grad_codes {name}"),
+                dt,
+                shape_str(&[m, n_out]),
+                m * n_out * s + 2 * small + 2 * n_out * r * 4,
+            ),
+            || g.lora_grad_codes(&yl, &z, &zl, &b, &bl, scale).map(drop),
+        )?;
+        lab.run(
+            mem(
+                format!("lora_grad_a {name}"),
+                dt,
+                shape_str(&[m, n_in]),
+                m * n_in * s + small + r * n_in * 4,
+            ),
+            || x.lora_grad_a(&xl, &z, &zl, p, seed).map(drop),
+        )?;
+        lab.run(
+            mem(
+                format!("lora_grad_x {name}"),
+                dt,
+                shape_str(&[m, n_in]),
+                m * n_in * s + small + r * n_in * 4,
+            ),
+            || z.lora_grad_x(&zl, &a, &al, p, seed, dt).map(drop),
+        )?;
+        // The whole forward through the tensor ops (no tape: nothing tracks a gradient).
+        let xt = Tensor::randn([m, n_in], 0.0, 1.0, 46, dt, GPU)?;
+        let yt = Tensor::randn([m, n_out], 0.0, 1.0, 47, dt, GPU)?;
+        let at = Tensor::randn([r, n_in], 0.0, 0.1, 48, DType::F32, GPU)?;
+        let bt = Tensor::randn([n_out, r], 0.0, 0.1, 49, DType::F32, GPU)?;
+        let fwd = m * n_in * s + 2 * m * n_out * s;
+        lab.run(
+            mem(
+                format!("lora_add forward {name}"),
+                dt,
+                shape_str(&[m, n_in]),
+                fwd,
+            ),
+            || yt.lora_add(&xt, &at, &bt, scale, Some((p, seed))).map(drop),
+        )?;
+        lab.run(
+            mem(
+                format!("lora composite forward {name}"),
+                dt,
+                shape_str(&[m, n_in]),
+                fwd,
+            ),
+            || {
+                let xa = xt.to_dtype(DType::F32)?.dropout(p, seed, true)?;
+                let zz = xa.matmul(&at.t()?)?.affine(scale, 0.0)?;
+                let d = zz.matmul(&bt.t()?)?.to_dtype(dt)?;
+                yt.add(&d).map(drop)
+            },
+        )?;
     }
     Ok(())
 }

@@ -660,4 +660,56 @@ impl BackendStorage for Storage {
     fn moe_down_weight_grad(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
         many!("moe_down_weight_grad", moe_down_weight_grad, args, d)
     }
+    fn lora_codes(&self, l: &Layout, a: &Self, al: &Layout, p: f64, seed: u64) -> Result<Self> {
+        two!("lora_codes", self, a, (x, a) => x.lora_codes(l, a, al, p, seed))
+    }
+    fn lora_expand_add(
+        &self,
+        l: &Layout,
+        z: &Self,
+        zl: &Layout,
+        b: &Self,
+        bl: &Layout,
+        scale: f64,
+    ) -> Result<Self> {
+        three!("lora_expand_add", self, z, b, (y, z, b) => y.lora_expand_add(l, z, zl, b, bl, scale))
+    }
+    fn lora_grad_codes(
+        &self,
+        l: &Layout,
+        z: &Self,
+        zl: &Layout,
+        b: &Self,
+        bl: &Layout,
+        scale: f64,
+    ) -> Result<(Self, Self)> {
+        #[allow(unreachable_patterns)]
+        match (self, z, b) {
+            (Storage::Cpu(g), Storage::Cpu(z), Storage::Cpu(b)) => {
+                let (dz, db) = g.lora_grad_codes(l, z, zl, b, bl, scale)?;
+                Ok((Storage::Cpu(dz), Storage::Cpu(db)))
+            }
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(g), Storage::Cuda(z), Storage::Cuda(b)) => {
+                let (dz, db) = g.lora_grad_codes(l, z, zl, b, bl, scale)?;
+                Ok((Storage::Cuda(dz), Storage::Cuda(db)))
+            }
+            (g, z, _) if g.device() != z.device() => Err(mismatch("lora_grad_codes", g, z)),
+            (g, _, b) => Err(mismatch("lora_grad_codes", g, b)),
+        }
+    }
+    fn lora_grad_a(&self, l: &Layout, dz: &Self, dl: &Layout, p: f64, seed: u64) -> Result<Self> {
+        two!("lora_grad_a", self, dz, (x, d) => x.lora_grad_a(l, d, dl, p, seed))
+    }
+    fn lora_grad_x(
+        &self,
+        l: &Layout,
+        a: &Self,
+        al: &Layout,
+        p: f64,
+        seed: u64,
+        dtype: DType,
+    ) -> Result<Self> {
+        two!("lora_grad_x", self, a, (d, a) => d.lora_grad_x(l, a, al, p, seed, dtype))
+    }
 }

@@ -357,6 +357,47 @@ pub trait BackendStorage: Sized + Send + Sync {
     /// `[dB_d [E, H, r] = s Σ_{slots of e} w_j dY[t] ⊗ Z_d[t, j]]`. Operands: `dY` `[T, H]` base,
     /// `Z_d` `[T, k, r]`, `w` `[T, k]`, `perm` `[T·k]`, `offsets` `[E+1]`.
     fn moe_down_weight_grad(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>>;
+
+    // ----- fused LoRA (crate::ops::lora) --------------------------------------------------------
+    // `x` `[M, in]` and `y`, `g` `[M, out]` are rank-2 views of any float dtype; the adapter
+    // operands `a` `[r, in]`, `b` `[out, r]`, `z`, `dz` `[M, r]` share one adapter dtype (f32 or
+    // f64) and the maths runs in it. `drop(x)[m, i] = x[m, i] · mask(m·in + i)` with the mask of
+    // `dropout_mask(p, seed)` in the adapter dtype over x's `[M, in]` (no mask when `p == 0`).
+
+    /// `z = drop(self) Aᵀ` `[M, r]` in a's dtype; `self` is `x`.
+    fn lora_codes(&self, l: &Layout, a: &Self, a_l: &Layout, p: f64, seed: u64) -> Result<Self>;
+    /// `self + s · z Bᵀ` `[M, out]` in self's dtype (`self` is `y`).
+    fn lora_expand_add(
+        &self,
+        l: &Layout,
+        z: &Self,
+        z_l: &Layout,
+        b: &Self,
+        b_l: &Layout,
+        scale: f64,
+    ) -> Result<Self>;
+    /// `(dz, dB) = (s · g B, s · gᵀ z)` (`[M, r]`, `[out, r]`, adapter dtype); `self` is `g`.
+    fn lora_grad_codes(
+        &self,
+        l: &Layout,
+        z: &Self,
+        z_l: &Layout,
+        b: &Self,
+        b_l: &Layout,
+        scale: f64,
+    ) -> Result<(Self, Self)>;
+    /// `dA = dzᵀ drop(self)` `[r, in]` in dz's dtype; `self` is `x`.
+    fn lora_grad_a(&self, l: &Layout, dz: &Self, dz_l: &Layout, p: f64, seed: u64) -> Result<Self>;
+    /// `dx = mask ⊙ (dz A)` `[M, in]` in `dtype`; `self` is `dz`.
+    fn lora_grad_x(
+        &self,
+        l: &Layout,
+        a: &Self,
+        a_l: &Layout,
+        p: f64,
+        seed: u64,
+        dtype: DType,
+    ) -> Result<Self>;
 }
 
 /// One parameter of a fused AdamW step: contiguous runs of `len` elements starting at the given

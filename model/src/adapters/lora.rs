@@ -59,8 +59,19 @@ impl LoraLinear {
         Ok(Self::new(a, b, scale, dropout))
     }
 
+    /// `y + s · (drop(x) Aᵀ) Bᵀ` for the base output `y` `[.., out]` of `x` `[.., in]`, in `y`'s
+    /// dtype, as one fused op ([`Tensor::lora_add`]): the tape keeps only `x`, `y` and the rank-r
+    /// codes, the dropout mask is recomputed in the backward. Dropout is applied only when
+    /// `dropout_seed` is given.
+    pub fn add_to(&self, y: &Tensor, x: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+        let dropout = dropout_seed.map(|seed| (self.dropout, seed));
+        Ok(y.lora_add(x, &self.a, &self.b, self.scale, dropout)?)
+    }
+
     /// The low-rank delta `s · (drop(x) Aᵀ) Bᵀ` `[.., out]` of `x` `[.., in]`, in `x`'s dtype
-    /// (computed in the adapter dtype). Dropout is applied only when `dropout_seed` is given.
+    /// (computed in the adapter dtype), as a chain of engine ops (the reference [`Self::add_to`]
+    /// is tested against; it keeps the f32 cast, the mask and the dropped copy of `x` on the
+    /// tape). Dropout is applied only when `dropout_seed` is given.
     pub fn delta(&self, x: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
         let base = x.dtype();
         let mut xa = x.to_dtype(self.a.dtype())?; // [.., in]
@@ -81,8 +92,8 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// `x Wᵀ + s · (drop(x) Aᵀ) Bᵀ`, or just `x Wᵀ` without a LoRA.
 ///
-/// Gradients (by the tape): `dA = s · (Bᵀ gᵀ) drop(x)` summed over rows, `dB = s · gᵀ (drop(x)
-/// Aᵀ)`, `dx = g W + s · drop'(g B A)`; `W` gets none.
+/// Gradients: `dA = s · (Bᵀ gᵀ) drop(x)` summed over rows, `dB = s · gᵀ (drop(x) Aᵀ)`,
+/// `dx = g W + s · drop'(g B A)` (the fused op's backward and the matmul's); `W` gets none.
 pub fn lora_linear(
     x: &Tensor,
     w: &Tensor,
@@ -92,6 +103,6 @@ pub fn lora_linear(
     let y = linear(x, w)?; // [.., out]
     match lora {
         None => Ok(y),
-        Some(l) => Ok(y.add(&l.delta(x, dropout_seed)?)?),
+        Some(l) => l.add_to(&y, x, dropout_seed),
     }
 }

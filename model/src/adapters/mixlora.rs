@@ -296,7 +296,7 @@ impl MixLoraFfn {
             let with_delta = |base: Tensor, l: Option<&LoraLinear>, j| -> Result<Tensor> {
                 match l {
                     None => Ok(base),
-                    Some(l) => Ok(base.add(&l.delta(&xe, sub(j))?)?),
+                    Some(l) => l.add_to(&base, &xe, sub(j)),
                 }
             };
             let g = with_delta(g_all.index_select(ids, 0)?, expert.gate.as_ref(), 0)?; // [n_e, I]

@@ -41,7 +41,9 @@ struct SendPtr<T>(*mut T);
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
 
-fn matmul_t<T: Copy + Default + Send + Sync + 'static + num_traits::Zero + num_traits::One>(
+pub(super) fn matmul_t<
+    T: Copy + Default + Send + Sync + 'static + num_traits::Zero + num_traits::One,
+>(
     a: &[T],
     al: &Layout,
     b: &[T],

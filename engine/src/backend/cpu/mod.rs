@@ -5,6 +5,7 @@
 mod attention;
 mod elementwise;
 mod index;
+pub(crate) mod lora;
 mod loss;
 mod loss_chunk;
 mod matmul;
@@ -563,6 +564,60 @@ impl BackendStorage for CpuStorage {
         profile::timed(
             || "moe_down_weight_grad".into(),
             || moe_fused::down_weight_grad(args, d),
+        )
+    }
+    fn lora_codes(&self, l: &Layout, a: &Self, a_l: &Layout, p: f64, seed: u64) -> Result<Self> {
+        profile::timed(
+            || "lora_codes".into(),
+            || lora::codes(self, l, a, a_l, p, seed),
+        )
+    }
+    fn lora_expand_add(
+        &self,
+        l: &Layout,
+        z: &Self,
+        z_l: &Layout,
+        b: &Self,
+        b_l: &Layout,
+        scale: f64,
+    ) -> Result<Self> {
+        profile::timed(
+            || "lora_expand_add".into(),
+            || lora::expand_add(self, l, z, z_l, b, b_l, scale),
+        )
+    }
+    fn lora_grad_codes(
+        &self,
+        l: &Layout,
+        z: &Self,
+        z_l: &Layout,
+        b: &Self,
+        b_l: &Layout,
+        scale: f64,
+    ) -> Result<(Self, Self)> {
+        profile::timed(
+            || "lora_grad_codes".into(),
+            || lora::grad_codes(self, l, z, z_l, b, b_l, scale),
+        )
+    }
+    fn lora_grad_a(&self, l: &Layout, dz: &Self, dz_l: &Layout, p: f64, seed: u64) -> Result<Self> {
+        profile::timed(
+            || "lora_grad_a".into(),
+            || lora::grad_a(self, l, dz, dz_l, p, seed),
+        )
+    }
+    fn lora_grad_x(
+        &self,
+        l: &Layout,
+        a: &Self,
+        a_l: &Layout,
+        p: f64,
+        seed: u64,
+        dtype: DType,
+    ) -> Result<Self> {
+        profile::timed(
+            || "lora_grad_x".into(),
+            || lora::grad_x(self, l, a, a_l, p, seed, dtype),
         )
     }
 }

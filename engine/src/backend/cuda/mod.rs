@@ -18,6 +18,7 @@ mod elementwise;
 mod index;
 mod launch;
 mod layout;
+mod lora;
 mod loss;
 mod loss_chunk;
 mod matmul;
@@ -471,5 +472,44 @@ impl BackendStorage for CudaStorage {
     }
     fn moe_down_weight_grad(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
         moe_fused::down_weight_grad(args, d)
+    }
+    fn lora_codes(&self, l: &Layout, a: &Self, a_l: &Layout, p: f64, seed: u64) -> Result<Self> {
+        lora::lora_codes(self, l, a, a_l, p, seed)
+    }
+    fn lora_expand_add(
+        &self,
+        l: &Layout,
+        z: &Self,
+        z_l: &Layout,
+        b: &Self,
+        b_l: &Layout,
+        scale: f64,
+    ) -> Result<Self> {
+        lora::lora_expand_add(self, l, z, z_l, b, b_l, scale)
+    }
+    fn lora_grad_codes(
+        &self,
+        l: &Layout,
+        z: &Self,
+        z_l: &Layout,
+        b: &Self,
+        b_l: &Layout,
+        scale: f64,
+    ) -> Result<(Self, Self)> {
+        lora::lora_grad_codes(self, l, z, z_l, b, b_l, scale)
+    }
+    fn lora_grad_a(&self, l: &Layout, dz: &Self, dz_l: &Layout, p: f64, seed: u64) -> Result<Self> {
+        lora::lora_grad_a(self, l, dz, dz_l, p, seed)
+    }
+    fn lora_grad_x(
+        &self,
+        l: &Layout,
+        a: &Self,
+        a_l: &Layout,
+        p: f64,
+        seed: u64,
+        dtype: DType,
+    ) -> Result<Self> {
+        lora::lora_grad_x(self, l, a, a_l, p, seed, dtype)
     }
 }

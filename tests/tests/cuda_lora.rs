@@ -1,0 +1,251 @@
+//! CPU ↔ CUDA parity of the fused LoRA primitives (`lora_codes`, `lora_expand_add`,
+//! `lora_grad_codes`, `lora_grad_a`, `lora_grad_x`) and of `Tensor::lora_add` forward and
+//! backward, on f32, bf16 (f32 adapter) and f64, r = 8, 16 and 64, with and without dropout (the
+//! mask must be the same bits), x contiguous and transposed, sizes that are and are not multiples
+//! of the kernels' tiles (16/32 rows, 128/256 columns). The CPU is the reference; relative error
+//! ‖gpu − cpu‖ / ‖cpu‖ within f32 1e-5, bf16 1e-2, f64 1e-10; NaN never passes.
+//!
+//! Without a GPU (or without the `cuda` feature) the tests print why they skip and pass.
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use engine::backend::cuda::CudaDevice;
+    use engine::backend::BackendStorage;
+    use engine::{DType, Device, Layout, Storage, Tensor};
+
+    fn gpu() -> Option<Device> {
+        match CudaDevice::get(0) {
+            Ok(_) => Some(Device::Cuda(0)),
+            Err(e) => {
+                eprintln!("SKIP: no usable GPU: {e}");
+                None
+            }
+        }
+    }
+
+    fn tol(d: DType) -> f64 {
+        match d {
+            DType::F32 => 1e-5,
+            DType::BF16 => 1e-2,
+            _ => 1e-10,
+        }
+    }
+
+    fn adapter(d: DType) -> DType {
+        if d == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        }
+    }
+
+    /// Deterministic values in ±[0.1, 2.1) × `s` (never zero).
+    fn vals(n: usize, seed: u64, s: f64) -> Vec<f64> {
+        (0..n as u64)
+            .map(|i| {
+                let mag = 0.1 + 2.0 * engine::rng::uniform(seed, i);
+                let sign = if engine::rng::uniform(seed ^ 0x5555, i) < 0.5 {
+                    -1.0
+                } else {
+                    1.0
+                };
+                sign * mag * s
+            })
+            .collect()
+    }
+
+    fn rel_err(want: &[f64], got: &[f64]) -> f64 {
+        if want.len() != got.len() || want.iter().chain(got).any(|v| !v.is_finite()) {
+            return f64::NAN;
+        }
+        let num: f64 = want.iter().zip(got).map(|(w, g)| (w - g) * (w - g)).sum();
+        let den: f64 = want.iter().map(|w| w * w).sum();
+        (num / den.max(f64::MIN_POSITIVE)).sqrt()
+    }
+
+    /// Compares `case(cpu)` with `case(gpu)` output by output; returns the failures.
+    fn compare(
+        name: &str,
+        tol: f64,
+        case: &dyn Fn(Device) -> engine::Result<Vec<Vec<f64>>>,
+        gpu: Device,
+    ) -> Vec<String> {
+        let want = match case(Device::Cpu) {
+            Ok(v) => v,
+            Err(e) => return vec![format!("{name}: CPU failed: {e}")],
+        };
+        let got = match case(gpu) {
+            Ok(v) => v,
+            Err(e) => return vec![format!("{name}: CUDA failed: {e}")],
+        };
+        let mut bad = Vec::new();
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            if w.iter().all(|&v| v == 0.0) && !w.is_empty() {
+                bad.push(format!("{name} output {i}: reference is all zeros"));
+            }
+            let e = rel_err(w, g);
+            if e.is_nan() || e > tol {
+                bad.push(format!("{name} output {i}: rel err {e:e} > {tol:e}"));
+            } else {
+                eprintln!("{name} output {i}: rel err {e:.2e}");
+            }
+        }
+        bad
+    }
+
+    const SIZES: [(usize, usize, usize); 5] = [
+        (1, 7, 5),
+        (33, 129, 65),
+        (300, 576, 1536),
+        (257, 4096, 4113),
+        (512, 256, 4096),
+    ];
+
+    fn read(s: &Storage, shape: &[usize]) -> engine::Result<Vec<f64>> {
+        s.to_f64_vec(&Layout::contiguous(shape.to_vec()))
+    }
+
+    /// Every primitive on one device: x `[m, in]` (contiguous or a transposed view), y, g
+    /// `[m, out]`, a `[r, in]`, b `[out, r]`, z, dz `[m, r]`.
+    #[allow(clippy::type_complexity)]
+    fn primitives(
+        dev: Device,
+        base: DType,
+        (m, n_in, n_out, r): (usize, usize, usize, usize),
+        p: f64,
+        transposed: bool,
+    ) -> engine::Result<Vec<Vec<f64>>> {
+        let ad = adapter(base);
+        let up = |v: &[f64], d: DType| Storage::upload_f64(dev, v, d);
+        let x = up(&vals(m * n_in, 1, 1.0), base)?;
+        let xl = if transposed {
+            Layout::contiguous([n_in, m]).transpose(0, 1)
+        } else {
+            Layout::contiguous([m, n_in])
+        };
+        let y = up(&vals(m * n_out, 2, 1.0), base)?;
+        let g = up(&vals(m * n_out, 3, 1.0), base)?;
+        let a = up(&vals(r * n_in, 4, 0.3), ad)?;
+        let b = up(&vals(n_out * r, 5, 0.3), ad)?;
+        let zin = up(&vals(m * r, 6, 1.0), ad)?;
+        let (yl, al, bl, zl) = (
+            Layout::contiguous([m, n_out]),
+            Layout::contiguous([r, n_in]),
+            Layout::contiguous([n_out, r]),
+            Layout::contiguous([m, r]),
+        );
+        let seed = 1234;
+        let z = x.lora_codes(&xl, &a, &al, p, seed)?;
+        let out = y.lora_expand_add(&yl, &zin, &zl, &b, &bl, 1.7)?;
+        let (dz, db) = g.lora_grad_codes(&yl, &zin, &zl, &b, &bl, 1.7)?;
+        let da = x.lora_grad_a(&xl, &zin, &zl, p, seed)?;
+        let dx = zin.lora_grad_x(&zl, &a, &al, p, seed, base)?;
+        Ok(vec![
+            read(&z, &[m, r])?,
+            read(&out, &[m, n_out])?,
+            read(&dz, &[m, r])?,
+            read(&db, &[n_out, r])?,
+            read(&da, &[r, n_in])?,
+            read(&dx, &[m, n_in])?,
+        ])
+    }
+
+    #[test]
+    fn primitives_match_the_cpu() {
+        let Some(dev) = gpu() else { return };
+        let mut bad = Vec::new();
+        for base in [DType::F32, DType::BF16, DType::F64] {
+            for (m, n_in, n_out) in SIZES {
+                for r in [8, 16, 64] {
+                    if r == 64 && n_in * m > 1 << 20 {
+                        continue;
+                    }
+                    for p in [0.0, 0.25] {
+                        for transposed in [false, true] {
+                            let name = format!(
+                                "primitives {base} m {m} in {n_in} out {n_out} r {r} p {p} \
+                                 transposed {transposed}"
+                            );
+                            bad.extend(compare(
+                                &name,
+                                tol(base),
+                                &|d| primitives(d, base, (m, n_in, n_out, r), p, transposed),
+                                dev,
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(bad.is_empty(), "{}", bad.join("\n"));
+    }
+
+    /// The op forward and backward: `out = (x Wᵀ).lora_add(x, A, B)`, seeded with `gout`;
+    /// returns out, dx, dA, dB.
+    fn op(
+        dev: Device,
+        base: DType,
+        (m, n_in, n_out, r): (usize, usize, usize, usize),
+        dropout: Option<(f64, u64)>,
+    ) -> engine::Result<Vec<Vec<f64>>> {
+        let ad = adapter(base);
+        let t = |v: Vec<f64>, s: &[usize], d: DType| Tensor::from_f64(&v, s.to_vec(), d, dev);
+        let x = t(vals(m * n_in, 11, 1.0), &[m, n_in], base)?.to_var()?;
+        let w = t(vals(n_out * n_in, 12, 0.05), &[n_out, n_in], base)?;
+        let a = t(vals(r * n_in, 13, 0.3), &[r, n_in], ad)?.to_var()?;
+        let b = t(vals(n_out * r, 14, 0.3), &[n_out, r], ad)?.to_var()?;
+        let gout = t(vals(m * n_out, 15, 1.0), &[m, n_out], base)?;
+        let y = x.matmul(&w.t()?)?;
+        let out = y.lora_add(&x, &a, &b, 0.8, dropout)?;
+        out.backward_with_grad(&gout)?;
+        let grad = |v: &Tensor| -> engine::Result<Vec<f64>> {
+            v.grad()
+                .ok_or_else(|| engine::Error::invalid("test", "no gradient"))?
+                .to_vec_f64()
+        };
+        Ok(vec![out.to_vec_f64()?, grad(&x)?, grad(&a)?, grad(&b)?])
+    }
+
+    #[test]
+    fn op_forward_and_backward_match_the_cpu() {
+        let Some(dev) = gpu() else { return };
+        let mut bad = Vec::new();
+        for base in [DType::F32, DType::BF16, DType::F64] {
+            for (m, n_in, n_out) in SIZES {
+                for r in [8, 16] {
+                    for dropout in [None, Some((0.1, 77))] {
+                        let name = format!(
+                            "lora_add {base} m {m} in {n_in} out {n_out} r {r} dropout {dropout:?}"
+                        );
+                        bad.extend(compare(
+                            &name,
+                            tol(base),
+                            &|d| op(d, base, (m, n_in, n_out, r), dropout),
+                            dev,
+                        ));
+                    }
+                }
+            }
+        }
+        assert!(bad.is_empty(), "{}", bad.join("\n"));
+    }
+
+    #[test]
+    fn rank_above_64_is_a_typed_error() {
+        let Some(dev) = gpu() else { return };
+        let x = Tensor::from_f64(&vals(4 * 3, 1, 1.0), [4, 3], DType::F32, dev).unwrap();
+        let y = Tensor::from_f64(&vals(4 * 2, 2, 1.0), [4, 2], DType::F32, dev).unwrap();
+        let a = Tensor::from_f64(&vals(65 * 3, 3, 1.0), [65, 3], DType::F32, dev).unwrap();
+        let b = Tensor::from_f64(&vals(2 * 65, 4, 1.0), [2, 65], DType::F32, dev).unwrap();
+        assert!(matches!(
+            y.lora_add(&x, &a, &b, 1.0, None),
+            Err(engine::Error::InvalidArgument { .. })
+        ));
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_lora_skipped() {
+    eprintln!("SKIP: built without the `cuda` feature");
+}
