@@ -427,5 +427,7 @@ fn grouped_falls_back_to_naive_for_top_p() {
 fn moe_impl_parses() {
     assert_eq!("grouped".parse::<MoeImpl>(), Ok(MoeImpl::Grouped));
     assert_eq!("naive".parse::<MoeImpl>(), Ok(MoeImpl::Naive));
-    assert!("fused".parse::<MoeImpl>().is_err());
+    assert_eq!("paper".parse::<MoeImpl>(), Ok(MoeImpl::Paper));
+    assert_eq!("fused".parse::<MoeImpl>(), Ok(MoeImpl::Fused));
+    assert!("dense".parse::<MoeImpl>().is_err());
 }

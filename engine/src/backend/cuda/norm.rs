@@ -84,6 +84,7 @@ pub(crate) fn rms_norm(
     Ok(out)
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn rms_norm_backward(
     x: &CudaStorage,
     l: &Layout,
