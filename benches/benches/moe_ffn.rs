@@ -39,6 +39,7 @@ const IMPLS: &[(&str, MoeImpl)] = &[
     ("naive", MoeImpl::Naive),
     ("paper", MoeImpl::Paper),
     ("grouped", MoeImpl::Grouped),
+    ("fused", MoeImpl::Fused),
 ];
 
 fn device() -> Device {
@@ -129,10 +130,13 @@ fn case(s: &Sizes, t: usize, device: Device) -> Case {
             down: lora(i, h, 104 + 10 * e),
         })
         .collect();
+    // W_gate and W_up as the halves of one [2I, H] buffer, as the trainer lays them out (the
+    // fused path computes G and U with one GEMM; the others see two views).
+    let gate_up = rand(&[2 * i, h], 0.02, 1, s.dtype);
     Case {
         w: [
-            rand(&[i, h], 0.02, 1, s.dtype),
-            rand(&[i, h], 0.02, 2, s.dtype),
+            gate_up.narrow(0, 0, i).unwrap(),
+            gate_up.narrow(0, i, i).unwrap(),
             rand(&[h, i], 0.02, 3, s.dtype),
         ],
         block: MixLoraFfn {

@@ -40,6 +40,8 @@ pub enum BenchVariant {
     MixloraPaper,
     /// MixLoRA grouped by expert on the device (no host sync).
     MixloraGrouped,
+    /// MixLoRA through the fused FFN op (path 3 of MIXLORA.md).
+    MixloraFused,
 }
 
 impl BenchVariant {
@@ -50,6 +52,7 @@ impl BenchVariant {
             BenchVariant::MixloraNaive => "mixlora_naive",
             BenchVariant::MixloraPaper => "mixlora_paper",
             BenchVariant::MixloraGrouped => "mixlora_grouped",
+            BenchVariant::MixloraFused => "mixlora_fused",
         }
     }
     fn adapter(self) -> (AdapterConfig, Option<MoeImpl>) {
@@ -60,6 +63,7 @@ impl BenchVariant {
             BenchVariant::MixloraGrouped => {
                 (AdapterConfig::mixlora_default(), Some(MoeImpl::Grouped))
             }
+            BenchVariant::MixloraFused => (AdapterConfig::mixlora_default(), Some(MoeImpl::Fused)),
         }
     }
 }
@@ -243,6 +247,8 @@ pub fn table6(a: &Table6Args, mut log: impl FnMut(&str)) -> Result<Vec<VariantRe
     ));
     let mut model = Llama::random(cfg.clone(), 1, DType::BF16, device)?;
     model.set_gradient_checkpointing(a.gradient_checkpointing);
+    // W_gate and W_up as halves of one buffer (the fused path's one GEMM; a view for the others).
+    model.stack_gate_up()?;
     let (ids, targets) = random_batch(b, t, cfg.vocab_size, device)?;
     let mask = Tensor::ones([b, t], DType::U32, device)?;
     let variants = if a.variants.is_empty() {
@@ -251,6 +257,7 @@ pub fn table6(a: &Table6Args, mut log: impl FnMut(&str)) -> Result<Vec<VariantRe
             BenchVariant::MixloraNaive,
             BenchVariant::MixloraPaper,
             BenchVariant::MixloraGrouped,
+            BenchVariant::MixloraFused,
         ]
     } else {
         a.variants.clone()

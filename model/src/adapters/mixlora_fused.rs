@@ -12,35 +12,9 @@ use crate::error::Result;
 /// Groups the `T·k` routing slots by expert: `perm` `[T·k]` u32 lists the slots `p = t·k + j`
 /// sorted by `ids[p]` (ascending `p` within an expert) and `offsets` `[E+1]` u32 where each
 /// expert's run starts (`offsets[e]` = number of slots with expert `< e`), both on `ids`' device.
-///
-/// Temporary: this reads `ids` back to the host and uploads the result (one round trip of
-/// `T·k` ids per layer), until the engine groups on the device (`Tensor::moe_group`).
+/// Built on the device (`Tensor::moe_group`): no host round trip.
 pub fn group_by_expert(ids: &Tensor, num_experts: usize) -> Result<(Tensor, Tensor)> {
-    let v = ids.to_vec_u32()?; // host copy of [T, k]
-    let mut counts = vec![0u32; num_experts + 1];
-    for &e in &v {
-        if (e as usize) < num_experts {
-            counts[e as usize + 1] += 1;
-        }
-    }
-    for e in 0..num_experts {
-        counts[e + 1] += counts[e];
-    }
-    let mut next = counts.clone();
-    let mut perm = vec![0u32; v.len()];
-    for (p, &e) in v.iter().enumerate() {
-        if let Some(slot) = next.get_mut(e as usize) {
-            if (e as usize) < num_experts {
-                perm[*slot as usize] = p as u32;
-                *slot += 1;
-            }
-        }
-    }
-    let n = perm.len();
-    Ok((
-        Tensor::from_vec(perm, n, ids.device())?,
-        Tensor::from_vec(counts, num_experts + 1, ids.device())?,
-    ))
+    Ok(ids.moe_group(num_experts)?)
 }
 
 /// One projection's LoRA of every expert stacked along a new leading dim (`[E, ..]`), when all
@@ -99,8 +73,15 @@ impl MixLoraFfn {
         if a_up.dims()[1] != r || a_down.dims()[1] != r {
             return Ok(None);
         }
-        let (_, ids) = route.probs.detach().topk(k)?; // [N, k] u32, the router's selection
-        let weights = route.weights.gather(&ids, 1)?; // [N, k], in the graph
+        let (ids, weights) = match &route.topk {
+            // The fused router's selection and renormalised weights (in the graph).
+            Some((ids, w)) => (ids.clone(), w.clone()),
+            None => {
+                let (_, ids) = route.probs.detach().topk(k)?; // [N, k] u32
+                let weights = route.weights.gather(&ids, 1)?; // [N, k], in the graph
+                (ids, weights)
+            }
+        };
         let (perm, offsets) = group_by_expert(&ids, self.num_experts())?;
         let weights_ref = MoeFusedWeights {
             w_gate: w.gate,
