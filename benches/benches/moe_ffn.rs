@@ -16,7 +16,9 @@
 //! "paper_ms", "fused_ms", "naive_mib", "paper_mib", "fused_mib"}`.
 //!
 //! Run: `cargo bench -p mixlora-benches --bench moe_ffn` (CPU), or on the GPU machine the binary
-//! that scripts/build-gpu.sh builds: `gpu-bin/bench-moe_ffn --bench`.
+//! that scripts/build-gpu.sh builds: `gpu-bin/bench-moe_ffn --bench`. `MIXLORA_MOE_FFN_TOKENS`
+//! (e.g. `16384`) picks the token counts; with `MIXLORA_PROFILE=1` each case also prints a
+//! per-kernel profile of one step.
 
 use std::time::Instant;
 
@@ -53,7 +55,23 @@ fn device() -> Device {
     Device::Cpu
 }
 
+/// `MIXLORA_MOE_FFN_TOKENS=2048,16384` replaces the token counts of the device's sizes.
 fn sizes(device: Device) -> Sizes {
+    let mut s = default_sizes(device);
+    if let Ok(list) = std::env::var("MIXLORA_MOE_FFN_TOKENS") {
+        s.tokens = list
+            .split(',')
+            .map(|t| {
+                t.trim()
+                    .parse()
+                    .expect("MIXLORA_MOE_FFN_TOKENS: a list of token counts")
+            })
+            .collect();
+    }
+    s
+}
+
+fn default_sizes(device: Device) -> Sizes {
     match device {
         Device::Cpu => Sizes {
             h: 256,

@@ -154,12 +154,6 @@ pub const MOE_FUSED: KernelSource = module!("moe_fused",
     f3 moe_act_forward_k2r16 f3 moe_act_backward_k2r16 f3 moe_act_weight_grads_k2r16
 );
 
-/// Fused LoRA: codes `drop(x) Aᵀ`, expand-add `y + s · z Bᵀ`, and the backward's column sums
-/// (partial sums per row range, then an ordered reduce: no float atomics).
-pub const LORA: KernelSource = module!("lora",
-    f3 lora_codes f3 lora_expand f3 lora_colsum f1 lora_reduce
-);
-
 /// Every kernel module of the engine.
 pub const SOURCES: &[KernelSource] = &[
     ELEMENTWISE,
@@ -172,7 +166,6 @@ pub const SOURCES: &[KernelSource] = &[
     MOE,
     OPTIM,
     MOE_FUSED,
-    LORA,
 ];
 
 /// The module that defines kernel `name`, if any.

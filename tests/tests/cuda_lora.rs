@@ -212,7 +212,7 @@ mod gpu {
         let mut bad = Vec::new();
         for base in [DType::F32, DType::BF16, DType::F64] {
             for (m, n_in, n_out) in SIZES {
-                for r in [8, 16] {
+                for r in [8, 16, 80] {
                     for dropout in [None, Some((0.1, 77))] {
                         let name = format!(
                             "lora_add {base} m {m} in {n_in} out {n_out} r {r} dropout {dropout:?}"
@@ -228,19 +228,6 @@ mod gpu {
             }
         }
         assert!(bad.is_empty(), "{}", bad.join("\n"));
-    }
-
-    #[test]
-    fn rank_above_64_is_a_typed_error() {
-        let Some(dev) = gpu() else { return };
-        let x = Tensor::from_f64(&vals(4 * 3, 1, 1.0), [4, 3], DType::F32, dev).unwrap();
-        let y = Tensor::from_f64(&vals(4 * 2, 2, 1.0), [4, 2], DType::F32, dev).unwrap();
-        let a = Tensor::from_f64(&vals(65 * 3, 3, 1.0), [65, 3], DType::F32, dev).unwrap();
-        let b = Tensor::from_f64(&vals(2 * 65, 4, 1.0), [2, 65], DType::F32, dev).unwrap();
-        assert!(matches!(
-            y.lora_add(&x, &a, &b, 1.0, None),
-            Err(engine::Error::InvalidArgument { .. })
-        ));
     }
 }
 

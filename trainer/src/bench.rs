@@ -231,8 +231,16 @@ fn training_loss(
     Ok(loss)
 }
 
-/// Runs the benchmark; `log` receives progress lines.
-pub fn table6(a: &Table6Args, mut log: impl FnMut(&str)) -> Result<Vec<VariantResult>> {
+/// The measured variants, and those that did not fit in the device's memory (with the error).
+#[derive(Debug)]
+pub struct Table6 {
+    pub results: Vec<VariantResult>,
+    pub failed: Vec<(BenchVariant, String)>,
+}
+
+/// Runs the benchmark; `log` receives progress lines. A variant that runs out of device memory
+/// is reported in [`Table6::failed`] and the others still run.
+pub fn table6(a: &Table6Args, mut log: impl FnMut(&str)) -> Result<Table6> {
     let device = Device::parse(&a.device)?;
     if a.steps == 0 || a.batch == 0 || a.seq == 0 {
         return Err(Error::Config(
@@ -263,53 +271,68 @@ pub fn table6(a: &Table6Args, mut log: impl FnMut(&str)) -> Result<Vec<VariantRe
         a.variants.clone()
     };
     let tokens = (b * t) as f64;
+    let mut failed = Vec::new();
     let mut results = Vec::new();
     for v in variants {
-        let (acfg, imp) = v.adapter();
-        model.add_adapters(&acfg, 2)?;
-        if let Some(imp) = imp {
-            model.set_moe_impl(imp);
-        }
-        let params = model.trainable_params();
-        let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
-        let mut loss_v = f64::NAN;
-        for step in 0..a.warmup + a.steps {
-            if step == a.warmup {
+        let mut measure = || -> Result<VariantResult> {
+            let (acfg, imp) = v.adapter();
+            model.add_adapters(&acfg, 2)?;
+            if let Some(imp) = imp {
+                model.set_moe_impl(imp);
+            }
+            let params = model.trainable_params();
+            let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
+            let mut loss_v = f64::NAN;
+            for step in 0..a.warmup + a.steps {
+                if step == a.warmup {
+                    synchronize(device)?;
+                    reset_peak(device);
+                }
+                params.iter().for_each(|(_, p)| p.zero_grad());
                 synchronize(device)?;
-                reset_peak(device);
+                let t0 = Instant::now();
+                let loss = training_loss(&model, &ids, &mask, &targets, step as u64)?;
+                synchronize(device)?;
+                let t1 = Instant::now();
+                loss.backward()?;
+                synchronize(device)?;
+                let t2 = Instant::now();
+                if step >= a.warmup {
+                    fwd.push((t1 - t0).as_secs_f64());
+                    bwd.push((t2 - t1).as_secs_f64());
+                }
+                loss_v = loss.to_scalar()?;
             }
-            params.iter().for_each(|(_, p)| p.zero_grad());
-            synchronize(device)?;
-            let t0 = Instant::now();
-            let loss = training_loss(&model, &ids, &mask, &targets, step as u64)?;
-            synchronize(device)?;
-            let t1 = Instant::now();
-            loss.backward()?;
-            synchronize(device)?;
-            let t2 = Instant::now();
-            if step >= a.warmup {
-                fwd.push((t1 - t0).as_secs_f64());
-                bwd.push((t2 - t1).as_secs_f64());
+            if engine::backend::cpu::profile::enabled() {
+                // One more step with every kernel timed (MIXLORA_PROFILE=1): where the time goes.
+                engine::backend::cpu::profile::take();
+                params.iter().for_each(|(_, p)| p.zero_grad());
+                training_loss(&model, &ids, &mask, &targets, 0)?.backward()?;
+                synchronize(device)?;
+                println!("profile of one {} step (every op synchronised):", v.key());
+                engine::backend::cpu::profile::report(45);
             }
-            loss_v = loss.to_scalar()?;
-        }
-        if engine::backend::cpu::profile::enabled() {
-            // One more step with every kernel timed (MIXLORA_PROFILE=1): where the time goes.
-            engine::backend::cpu::profile::take();
+            let (f, bw) = (median(fwd), median(bwd));
+            let r = VariantResult {
+                variant: v,
+                fwd_us_per_token: f * 1e6 / tokens,
+                bwd_us_per_token: bw * 1e6 / tokens,
+                tokens_per_s: tokens / (f + bw),
+                peak_gib: peak_bytes(device).map(|p| p as f64 / (1u64 << 30) as f64),
+                loss: loss_v,
+            };
             params.iter().for_each(|(_, p)| p.zero_grad());
-            training_loss(&model, &ids, &mask, &targets, 0)?.backward()?;
-            synchronize(device)?;
-            println!("profile of one {} step (every op synchronised):", v.key());
-            engine::backend::cpu::profile::report(45);
-        }
-        let (f, bw) = (median(fwd), median(bwd));
-        let r = VariantResult {
-            variant: v,
-            fwd_us_per_token: f * 1e6 / tokens,
-            bwd_us_per_token: bw * 1e6 / tokens,
-            tokens_per_s: tokens / (f + bw),
-            peak_gib: peak_bytes(device).map(|p| p as f64 / (1u64 << 30) as f64),
-            loss: loss_v,
+            Ok(r)
+        };
+        let r = match measure() {
+            Ok(r) => r,
+            Err(e) if is_out_of_memory(&e) => {
+                // The variant does not fit: say so and go on with the others.
+                log(&format!("{:<14} does not fit: {e}", v.key()));
+                failed.push((v, e.to_string()));
+                continue;
+            }
+            Err(e) => return Err(e),
         };
         log(&format!(
             "{:<14} fwd {:>8.2} us/token  bwd {:>8.2} us/token  {:>9.0} tokens/s  peak {} GiB  loss {:.3}",
@@ -328,9 +351,17 @@ pub fn table6(a: &Table6Args, mut log: impl FnMut(&str)) -> Result<Vec<VariantRe
             )));
         }
         results.push(r);
-        params.iter().for_each(|(_, p)| p.zero_grad());
     }
-    Ok(results)
+    Ok(Table6 { results, failed })
+}
+
+/// Whether `e` is the device running out of memory.
+fn is_out_of_memory(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Engine(engine::Error::OutOfMemory { .. })
+            | Error::Model(model::Error::Engine(engine::Error::OutOfMemory { .. }))
+    )
 }
 
 /// The device's name for the report.
@@ -346,7 +377,8 @@ fn device_name(device: Device) -> String {
 
 /// The report as JSON: `{"device", "batch", "seq", ..., "<variant>": {"fwd_us_per_token",
 /// "bwd_us_per_token", "tokens_per_s", "peak_gib"}}`.
-pub fn table6_json(a: &Table6Args, results: &[VariantResult]) -> Result<String> {
+pub fn table6_json(a: &Table6Args, t6: &Table6) -> Result<String> {
+    let results = &t6.results;
     let device = Device::parse(&a.device)?;
 
     let cfg = shape_config(a.shape, a.layers);
@@ -373,12 +405,19 @@ pub fn table6_json(a: &Table6Args, results: &[VariantResult]) -> Result<String> 
         });
         obj.insert(r.variant.key().into(), v);
     }
+    for (v, e) in &t6.failed {
+        obj.insert(
+            v.key().into(),
+            serde_json::json!({ "error": format!("does not fit: {e}") }),
+        );
+    }
     serde_json::to_string_pretty(&serde_json::Value::Object(obj))
         .map_err(|e| Error::Config(format!("bench table6: {e}")))
 }
 
 /// A markdown table of the results.
-pub fn table6_markdown(results: &[VariantResult]) -> String {
+pub fn table6_markdown(t6: &Table6) -> String {
+    let results = &t6.results;
     let mut s = String::from(
         "| | fwd µs/token | bwd µs/token | tokens/s | peak GiB |\n|---|---:|---:|---:|---:|\n",
     );
@@ -391,6 +430,9 @@ pub fn table6_markdown(results: &[VariantResult]) -> String {
             r.tokens_per_s,
             r.peak_gib.map_or("-".into(), |p| format!("{p:.1}"))
         ));
+    }
+    for (v, _) in &t6.failed {
+        s.push_str(&format!("| {} | does not fit | | | |\n", v.key()));
     }
     s
 }

@@ -87,12 +87,12 @@ fn train(args: trainer::config::TrainArgs) -> Result<(), Box<dyn std::error::Err
 }
 
 fn table6(args: &trainer::bench::Table6Args) -> Result<(), Box<dyn std::error::Error>> {
-    let results = trainer::bench::table6(args, |line| eprintln!("{line}"))?;
-    let json = trainer::bench::table6_json(args, &results)?;
+    let t6 = trainer::bench::table6(args, |line| eprintln!("{line}"))?;
+    let json = trainer::bench::table6_json(args, &t6)?;
     if let Some(path) = &args.json {
         std::fs::write(path, format!("{json}\n"))
             .map_err(|e| format!("{}: cannot write the report: {e}", path.display()))?;
     }
-    print!("{}", trainer::bench::table6_markdown(&results));
+    print!("{}", trainer::bench::table6_markdown(&t6));
     Ok(())
 }

@@ -22,19 +22,26 @@ fn args(checkpointing: bool) -> Table6Args {
 fn table6_runs_every_variant_and_reports_json() {
     for ck in [false, true] {
         let a = args(ck);
-        let results = table6(&a, |_| {}).unwrap();
+        let t6 = table6(&a, |_| {}).unwrap();
+        assert!(t6.failed.is_empty(), "{:?}", t6.failed);
+        let results = &t6.results;
         let keys: Vec<BenchVariant> = results.iter().map(|r| r.variant).collect();
         assert!(keys.contains(&BenchVariant::Lora) && keys.contains(&BenchVariant::MixloraNaive));
-        for r in &results {
+        for r in results {
             assert!(r.loss.is_finite() && r.fwd_us_per_token > 0.0 && r.bwd_us_per_token > 0.0);
             assert!(r.peak_gib.is_none(), "the CPU has no allocator statistics");
         }
-        let json: serde_json::Value =
-            serde_json::from_str(&table6_json(&a, &results).unwrap()).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&table6_json(&a, &t6).unwrap()).unwrap();
         for key in ["device", "batch", "seq"] {
             assert!(json.get(key).is_some(), "{key} missing");
         }
-        for v in ["lora", "mixlora_naive"] {
+        for v in [
+            "lora",
+            "mixlora_naive",
+            "mixlora_paper",
+            "mixlora_grouped",
+            "mixlora_fused",
+        ] {
             for k in [
                 "fwd_us_per_token",
                 "bwd_us_per_token",

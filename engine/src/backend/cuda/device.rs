@@ -139,6 +139,11 @@ impl CudaDevice {
     pub fn name(&self) -> String {
         self.0.ctx.name().unwrap_or_default()
     }
+    /// Whether freed buffers go back to the engine's cache (false with
+    /// `MIXLORA_CUDA_NO_CACHE=1`: every buffer is its own driver allocation, freed on drop).
+    pub(crate) fn caches_buffers(&self) -> bool {
+        !self.0.direct
+    }
     /// The NVRTC target of this GPU, e.g. `sm_90`.
     pub fn arch(&self) -> &str {
         &self.0.arch

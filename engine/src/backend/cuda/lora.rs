@@ -1,32 +1,19 @@
-//! Fused LoRA launchers (kernels/src/lora.cu). `x`, `y` and `g` are read in place through their
-//! rank-2 strides; the adapter operands (`a`, `b`, `z`, `dz`: small) are made contiguous. The
-//! adapter dtype must be the accumulation type of the base dtype (f32 for f32/bf16, f64 for f64).
+//! LoRA primitives on the GPU (the fused LoRA op, `crate::ops::lora`): cuBLAS products and the
+//! engine's vectorised elementwise kernels over transient buffers. `x`, `y` and `g` are any
+//! rank-2 views; the adapter dtype must be the accumulation type of the base dtype (f32 for
+//! f32/bf16, f64 for f64). Any rank works.
 //!
-//! Bytes moved at M = 4096, in = out = 4096, r = 16, bf16 base (f32 adapter), the [M, in]/[M, out]
-//! passes dominate (the A/B/z terms are ≤ 0.3 MB each from DRAM):
-//! codes `x` 33.5 MB read; expand-add `y` read + written 67 MB; grad_codes `g` read twice (dz,
-//! then dB's column sums) 67 MB + 2 · 16 parts · out · r · 4 B = 8.4 MB; grad_a `x` 33.5 MB + 8.4 MB
-//! of parts; grad_x `dx` 33.5 MB written. At in = out = 11008 each pass scales by 2.69.
+//! Bytes moved per primitive at M rows (`s` the base element size, adapter f32): codes
+//! `M·in·(s + 4 + 4 + 4 + 4 + 4)` (cast, mask, product, GEMM read) — the mask terms only with
+//! dropout; expand-add `M·out·(4 + 4 + 2s + s)` (GEMM write, cast, add); grad_codes
+//! `M·out·(s + 4 + 4 + 4)` (cast, two GEMM reads); grad_a as codes; grad_x
+//! `M·in·(4 + 4 + 4 + 4 + 4 + s)` with dropout. All of it is transient: the tape keeps `z`.
 
-use cudarc::driver::LaunchConfig;
-use kernels::LORA;
-
-use super::launch::launch;
 use super::layout::to_u32;
-use super::{check_extent, CudaDevice, CudaStorage};
+use super::{check_extent, CudaStorage};
 use crate::backend::cpu::lora::{dims2, expect_dims, keep_of};
-use crate::backend::BackendDevice;
+use crate::backend::{BackendDevice, BackendStorage, BinaryOp, UnaryOp};
 use crate::{DType, Error, Layout, Result, Shape};
-
-const THREADS: u32 = 256;
-/// Rows per block of `lora_codes` (`LORA_CR`), of `lora_expand` (`LORA_ER`), the staging step
-/// of `lora_colsum` (`LORA_SR`) and the largest rank (`LORA_RMAX`).
-const CODES_ROWS: usize = 16;
-const EXPAND_ROWS: usize = 32;
-const SUM_ROWS: usize = 32;
-const RMAX: usize = 64;
-/// At most this many partial sums per column in the backward's reductions.
-const MAX_PARTS: usize = 32;
 
 /// The adapter dtype of base dtype `d`.
 fn acc_dtype(d: DType) -> DType {
@@ -34,15 +21,6 @@ fn acc_dtype(d: DType) -> DType {
         DType::F64
     } else {
         DType::F32
-    }
-}
-
-/// `ceil(p · 2^53)`: `uniform(seed, i) < p` exactly when `hash(seed, i) >> 11 < thr`.
-fn thr_of(p: f64) -> u64 {
-    if p > 0.0 {
-        (p * 9007199254740992.0).ceil() as u64
-    } else {
-        0
     }
 }
 
@@ -87,194 +65,43 @@ fn same_adapter(op: &'static str, ad: DType, o: &CudaStorage, base: &CudaStorage
     base.same_device(op, o)
 }
 
-fn check_rank(op: &'static str, r: usize) -> Result<()> {
-    if r > RMAX {
-        return Err(Error::invalid(
-            op,
-            format!("rank {r} exceeds the CUDA kernels' maximum of {RMAX}"),
-        ));
+// The primitives below run on cuBLAS and the engine's vectorised elementwise kernels: every
+// intermediate (`drop(x)` in the adapter dtype, the f32 `[M, out]` product, the cast gradient) is
+// a transient buffer freed before the primitive returns, so the op still keeps only `z` on the
+// tape. The dropout mask is regenerated with `dropout_mask(seed)` over the row-major `[M, in]`
+// view: the same elements as the CPU reference's `uniform(seed, m·in + c) < p`. (One-pass
+// kernels that made the mask in place measured 3-10% of the copy bandwidth on the H200, half the
+// speed of these compositions, and were removed.)
+
+/// `[1, rows, cols]` view of a contiguous `[rows, cols]` buffer, or of its transpose when `t`.
+fn mat3(rows: usize, cols: usize, t: bool) -> Layout {
+    if t {
+        Layout::new(Shape::from([1, cols, rows]), vec![rows * cols, 1, cols], 0)
+    } else {
+        Layout::contiguous([1, rows, cols])
     }
-    Ok(())
 }
 
-fn zeros(dev: &CudaDevice, shape: impl Into<Shape>, dtype: DType) -> Result<CudaStorage> {
-    dev.full(&shape.into(), dtype, 0.0)
+/// `drop(x)` in the adapter dtype `ad`, contiguous `[m, n]`.
+fn dropped(x: &CudaStorage, l: &Layout, ad: DType, p: f64, seed: u64) -> Result<CudaStorage> {
+    let xf = x.to_dtype(l, ad)?; // [m, n] contiguous
+    if p == 0.0 {
+        return Ok(xf);
+    }
+    let cl = Layout::contiguous(l.shape().clone());
+    let mask = x.dev.dropout_mask(l.shape(), ad, p, seed)?;
+    xf.binary(&cl, &mask, &cl, BinaryOp::Mul)
 }
 
-fn cfg(grid: (usize, usize)) -> Result<LaunchConfig> {
-    if grid.1 > 65535 {
-        return Err(Error::invalid("lora", "too many rows for the CUDA kernels"));
+/// `s · t` for a small contiguous tensor (`s == 1`: unchanged).
+fn scaled(t: CudaStorage, shape: &[usize], s: f64) -> Result<CudaStorage> {
+    if s == 1.0 {
+        return Ok(t);
     }
-    Ok(LaunchConfig {
-        grid_dim: (to_u32("lora", grid.0.max(1))?, grid.1.max(1) as u32, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    })
-}
-
-/// `out[m][k] = scale · Σ_c drop(x)[m][c] · w[k·wk + c·wi]` `[m, r]` (`lora_codes`).
-#[allow(clippy::too_many_arguments)]
-fn rows_times(
-    op: &'static str,
-    x: &CudaStorage,
-    l: &Layout,
-    w: u64,
-    (r, wk, wi): (usize, usize, usize),
-    ad: DType,
-    (p, seed, scale): (f64, u64, f64),
-) -> Result<CudaStorage> {
-    let (m, n) = dims2(op, l)?;
-    let (s0, s1, off) = {
-        let s = l.strides();
-        (
-            to_u32(op, s[0])?,
-            to_u32(op, s[1])?,
-            to_u32(op, l.offset())?,
-        )
-    };
-    if m == 0 || n == 0 || r == 0 {
-        return zeros(&x.dev, [m, r], ad);
-    }
-    let out = CudaStorage::alloc(&x.dev, op, m * r, ad)?;
-    let keep = keep_of(op, p)?.unwrap_or(1.0);
-    let thr = thr_of(p);
-    let (m32, n32, r32) = (to_u32(op, m)?, to_u32(op, n)?, to_u32(op, r)?);
-    let (wk32, wi32) = (to_u32(op, wk)?, to_u32(op, wi)?);
-    let (xp, op_) = (x.ptr(), out.ptr());
-    let name = format!("lora_codes_{}", x.dtype);
-    let cfg = cfg((m.div_ceil(CODES_ROWS), 1))?;
-    // SAFETY: the x view lies inside `x` (checked by the caller) and is indexed through its
-    // strides; `w` holds r × n adapter elements at `k·wk + c·wi` (a contiguous A [r, n] or B
-    // [n, r]); the output holds m × r elements, element (row, k) written once by lane 0 of the
-    // warp that owns the row.
-    unsafe {
-        launch!(
-            &x.dev,
-            op,
-            LORA,
-            name,
-            cfg,
-            [m32, n32, r32, s0, s1, off, xp, wk32, wi32, w, seed, thr, keep, scale, op_]
-        )
-    }?;
-    Ok(out)
-}
-
-/// `out[m][o] = T(y[m][o] + mask · Σ_k (z[m][k] · scale) · w[o·wo + k·wk])` (`lora_expand`).
-#[allow(clippy::too_many_arguments)]
-fn expand(
-    op: &'static str,
-    dev: &CudaDevice,
-    out_dtype: DType,
-    y: Option<(&CudaStorage, (u32, u32, u32))>,
-    z: u64,
-    (m, n, r): (usize, usize, usize),
-    (w, wo, wk): (u64, usize, usize),
-    (p, seed, scale): (f64, u64, f64),
-) -> Result<CudaStorage> {
-    let out = CudaStorage::alloc(dev, op, m * n, out_dtype)?;
-    if m * n == 0 {
-        return Ok(out);
-    }
-    let keep = keep_of(op, p)?.unwrap_or(1.0);
-    let thr = thr_of(p);
-    let (m32, n32, r32) = (to_u32(op, m)?, to_u32(op, n)?, to_u32(op, r)?);
-    let (wo32, wk32) = (to_u32(op, wo)?, to_u32(op, wk)?);
-    let (yp, (s0, s1, off)) = match y {
-        Some((y, v)) => (y.ptr(), v),
-        None => (0u64, (0, 0, 0)),
-    };
-    let op_ = out.ptr();
-    let name = format!("lora_expand_{out_dtype}");
-    let cfg = cfg((n.div_ceil(THREADS as usize), m.div_ceil(EXPAND_ROWS)))?;
-    // SAFETY: y (when given, else null and never read) is a checked view of [m, n] read through
-    // its strides; z is a contiguous [m, r] and w holds n × r adapter elements at `o·wo + k·wk`;
-    // r ≤ 64 (the kernels' shared/register arrays); each output element (row, o) is written once.
-    unsafe {
-        launch!(
-            dev,
-            op,
-            LORA,
-            name,
-            cfg,
-            [m32, n32, r32, s0, s1, off, yp, z, wo32, wk32, w, scale, seed, thr, keep, op_]
-        )
-    }?;
-    Ok(out)
-}
-
-/// `out[k·ok + c·on] = scale · Σ_m z[m][k] · drop(x)[m][c]` over all rows (`lora_colsum` into
-/// per-row-range parts, then `lora_reduce`): the `[r, n]`/`[n, r]` reduction over M, in a fixed
-/// order.
-#[allow(clippy::too_many_arguments)]
-fn col_sums(
-    op: &'static str,
-    x: &CudaStorage,
-    l: &Layout,
-    z: u64,
-    (r, ok, on): (usize, usize, usize),
-    ad: DType,
-    (p, seed, scale): (f64, u64, f64),
-) -> Result<CudaStorage> {
-    let (m, n) = dims2(op, l)?;
-    if m == 0 || n == 0 || r == 0 {
-        return zeros(&x.dev, [r * n], ad);
-    }
-    let (s0, s1, off) = (
-        to_u32(op, l.strides()[0])?,
-        to_u32(op, l.strides()[1])?,
-        to_u32(op, l.offset())?,
-    );
-    let rows_per_part = m.div_ceil(MAX_PARTS).max(256).next_multiple_of(SUM_ROWS);
-    let parts = m.div_ceil(rows_per_part);
-    let len = r * n;
-    let part = CudaStorage::alloc(&x.dev, op, parts * len, ad)?;
-    let out = CudaStorage::alloc(&x.dev, op, len, ad)?;
-    let keep = keep_of(op, p)?.unwrap_or(1.0);
-    let thr = thr_of(p);
-    let (m32, n32, r32, rpp) = (
-        to_u32(op, m)?,
-        to_u32(op, n)?,
-        to_u32(op, r)?,
-        to_u32(op, rows_per_part)?,
-    );
-    let (ok32, on32) = (to_u32(op, ok)?, to_u32(op, on)?);
-    let (xp, pp) = (x.ptr(), part.ptr());
-    let name = format!("lora_colsum_{}", x.dtype);
-    let c = cfg((n.div_ceil(THREADS as usize), parts))?;
-    // SAFETY: the x view [m, n] lies inside `x` (checked by the caller); z is a contiguous [m, r];
-    // `part` holds parts × r × n elements and block (bx, p) writes only its columns of part p at
-    // `k·ok + c·on`, a permutation of 0..r·n; r ≤ 64.
-    unsafe {
-        launch!(
-            &x.dev,
-            op,
-            LORA,
-            name,
-            c,
-            [m32, n32, r32, rpp, s0, s1, off, xp, z, seed, thr, keep, ok32, on32, pp]
-        )
-    }?;
-    let (parts32, len32, op_) = (to_u32(op, parts)?, to_u32(op, len)?, out.ptr());
-    let rname = format!("lora_reduce_{ad}");
-    let rc = LaunchConfig {
-        grid_dim: (to_u32(op, len.div_ceil(THREADS as usize).min(4096))?, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: `part` holds parts × len elements written above (same stream), `out` len elements;
-    // a grid-stride loop writes each output once.
-    unsafe {
-        launch!(
-            &x.dev,
-            op,
-            LORA,
-            rname,
-            rc,
-            [parts32, len32, pp, scale, op_]
-        )
-    }?;
-    Ok(out)
+    t.unary(
+        &Layout::contiguous(shape.to_vec()),
+        UnaryOp::Affine { mul: s, add: 0.0 },
+    )
 }
 
 pub(crate) fn lora_codes(
@@ -287,12 +114,14 @@ pub(crate) fn lora_codes(
 ) -> Result<CudaStorage> {
     const OP: &str = "lora_codes";
     base_view(OP, x, l, a)?;
-    let (_, n) = dims2(OP, l)?;
+    let (m, n) = dims2(OP, l)?;
     let (r, _) = dims2(OP, al)?;
     expect_dims(OP, al, (r, n), l)?;
-    check_rank(OP, r)?;
-    let ac = a.contiguous(OP, al)?; // [r, in]
-    rows_times(OP, x, l, ac.ptr, (r, n, 1), a.dtype, (p, seed, 1.0))
+    keep_of(OP, p)?;
+    let ac = a.to_dtype(al, a.dtype)?; // [r, in] contiguous
+    let xd = dropped(x, l, a.dtype, p, seed)?; // [m, in]
+                                               // z = drop(x) Aᵀ: [1, m, in] x [1, in, r].
+    xd.matmul(&mat3(m, n, false), &ac, &mat3(r, n, true))
 }
 
 pub(crate) fn lora_expand_add(
@@ -305,24 +134,22 @@ pub(crate) fn lora_expand_add(
     scale: f64,
 ) -> Result<CudaStorage> {
     const OP: &str = "lora_expand_add";
-    let yv = base_view(OP, y, l, b)?;
+    base_view(OP, y, l, b)?;
     same_adapter(OP, b.dtype, z, y)?;
     let (m, o) = dims2(OP, l)?;
     let (_, r) = dims2(OP, bl)?;
     expect_dims(OP, bl, (o, r), l)?;
     expect_dims(OP, zl, (m, r), l)?;
-    check_rank(OP, r)?;
-    let (zc, bc) = (z.contiguous(OP, zl)?, b.contiguous(OP, bl)?);
-    expand(
-        OP,
-        &y.dev,
-        y.dtype,
-        Some((y, yv)),
-        zc.ptr,
-        (m, o, r),
-        (bc.ptr, r, 1),
-        (0.0, 0, scale),
-    )
+    let zs = scaled(z.to_dtype(zl, z.dtype)?, &[m, r], scale)?; // s·z, [m, r]
+    let bc = b.to_dtype(bl, b.dtype)?; // [o, r] contiguous
+    let d = zs.matmul(&mat3(m, r, false), &bc, &mat3(o, r, true))?; // [m, o] adapter dtype
+    let cl = Layout::contiguous([m, o]);
+    let d = if y.dtype == d.dtype {
+        d
+    } else {
+        d.to_dtype(&cl, y.dtype)?
+    };
+    y.binary(l, &d, &cl, BinaryOp::Add)
 }
 
 pub(crate) fn lora_grad_codes(
@@ -341,13 +168,13 @@ pub(crate) fn lora_grad_codes(
     let (_, r) = dims2(OP, bl)?;
     expect_dims(OP, bl, (o, r), l)?;
     expect_dims(OP, zl, (m, r), l)?;
-    check_rank(OP, r)?;
-    let (zc, bc) = (z.contiguous(OP, zl)?, b.contiguous(OP, bl)?);
-    // dz[m][k] = s · Σ_o g[m][o] · B[o][k]: W(k, o) = B[o·r + k].
-    let dz = rows_times(OP, g, l, bc.ptr, (r, 1, r), b.dtype, (0.0, 0, scale))?;
-    // dB[o][k] = s · Σ_m z[m][k] · g[m][o], stored at o·r + k.
-    let db = col_sums(OP, g, l, zc.ptr, (r, 1, r), b.dtype, (0.0, 0, scale))?;
-    Ok((dz, db))
+    let gf = g.to_dtype(l, b.dtype)?; // [m, o] adapter dtype, transient
+    let bc = b.to_dtype(bl, b.dtype)?; // [o, r]
+    let zc = z.to_dtype(zl, z.dtype)?; // [m, r]
+                                       // dz = s · g B: [1, m, o] x [1, o, r]; dB = s · gᵀ z: [1, o, m] x [1, m, r].
+    let dz = gf.matmul(&mat3(m, o, false), &bc, &mat3(o, r, false))?;
+    let db = gf.matmul(&mat3(m, o, true), &zc, &mat3(m, r, false))?;
+    Ok((scaled(dz, &[m, r], scale)?, scaled(db, &[o, r], scale)?))
 }
 
 pub(crate) fn lora_grad_a(
@@ -363,10 +190,11 @@ pub(crate) fn lora_grad_a(
     let (m, n) = dims2(OP, l)?;
     let (_, r) = dims2(OP, dl)?;
     expect_dims(OP, dl, (m, r), l)?;
-    check_rank(OP, r)?;
-    let dzc = dz.contiguous(OP, dl)?;
-    // dA[k][c] = Σ_m dz[m][k] · drop(x)[m][c], stored at k·in + c.
-    col_sums(OP, x, l, dzc.ptr, (r, n, 1), dz.dtype, (p, seed, 1.0))
+    keep_of(OP, p)?;
+    let dzc = dz.to_dtype(dl, dz.dtype)?; // [m, r]
+    let xd = dropped(x, l, dz.dtype, p, seed)?; // [m, in], transient
+                                                // dA = dzᵀ drop(x): [1, r, m] x [1, m, in].
+    dzc.matmul(&mat3(m, r, true), &xd, &mat3(m, n, false))
 }
 
 pub(crate) fn lora_grad_x(
@@ -393,18 +221,23 @@ pub(crate) fn lora_grad_x(
     let (m, r) = dims2(OP, l)?;
     let (_, n) = dims2(OP, al)?;
     expect_dims(OP, al, (r, n), l)?;
-    check_rank(OP, r)?;
     keep_of(OP, p)?;
-    let (dzc, ac) = (dz.contiguous(OP, l)?, a.contiguous(OP, al)?);
-    // dx[m][c] = mask · Σ_k dz[m][k] · A[k][c]: W(c, k) = A[k·in + c].
-    expand(
-        OP,
-        &dz.dev,
-        dtype,
-        None,
-        dzc.ptr,
-        (m, n, r),
-        (ac.ptr, 1, n),
-        (p, seed, 1.0),
-    )
+    let dzc = dz.to_dtype(l, dz.dtype)?; // [m, r]
+    let ac = a.to_dtype(al, a.dtype)?; // [r, in]
+                                       // dz A: [1, m, r] x [1, r, in], then the mask, then the base dtype.
+    let t = dzc.matmul(&mat3(m, r, false), &ac, &mat3(r, n, false))?; // [m, in]
+    let cl = Layout::contiguous([m, n]);
+    let t = if p == 0.0 {
+        t
+    } else {
+        let mask = dz
+            .dev
+            .dropout_mask(&Shape::from([m, n]), a.dtype, p, seed)?;
+        t.binary(&cl, &mask, &cl, BinaryOp::Mul)?
+    };
+    if t.dtype == dtype {
+        Ok(t)
+    } else {
+        t.to_dtype(&cl, dtype)
+    }
 }

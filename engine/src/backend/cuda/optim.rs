@@ -97,13 +97,22 @@ pub(crate) fn adamw_step(slots: &mut [AdamWSlot<'_, CudaStorage>], h: &AdamWHype
     let rows_bytes = words.len() * 4; // a multiple of 48: the chunk list stays 8-byte aligned
     words.extend_from_slice(&chunks);
     let mut cache = TABLE.lock().unwrap_or_else(|e| e.into_inner());
-    let fresh = !matches!(&*cache, Some((o, w, _)) if *o == dev.ordinal() && *w == words);
-    if fresh {
-        let up = CudaStorage::from_cpu(&dev, &CpuStorage::U32(words.clone()))?;
-        *cache = Some((dev.ordinal(), words, up));
+    // Without the allocator's cache (MIXLORA_CUDA_NO_CACHE=1, as under the memory checker) the
+    // table is not kept either: uploaded per step and freed after, so nothing outlives the
+    // process's tensors.
+    let mut local = None;
+    if !dev.caches_buffers() {
+        local = Some(CudaStorage::from_cpu(&dev, &CpuStorage::U32(words))?);
+    } else {
+        let fresh = !matches!(&*cache, Some((o, w, _)) if *o == dev.ordinal() && *w == words);
+        if fresh {
+            let up = CudaStorage::from_cpu(&dev, &CpuStorage::U32(words.clone()))?;
+            *cache = Some((dev.ordinal(), words, up));
+        }
     }
-    let Some((_, _, table)) = &*cache else {
-        return Err(Error::invalid(OP, "the tensor table was not uploaded"));
+    let table = match (&local, &*cache) {
+        (Some(t), _) | (None, Some((_, _, t))) => t,
+        (None, None) => return Err(Error::invalid(OP, "the tensor table was not uploaded")),
     };
     let tensors = table.ptr();
     let chunk_list = tensors + rows_bytes as u64;
@@ -119,7 +128,8 @@ pub(crate) fn adamw_step(slots: &mut [AdamWSlot<'_, CudaStorage>], h: &AdamWHype
     // SAFETY: the table holds one 48-byte row per slot (addresses of views checked above to lie
     // inside their buffers, with the dtypes the row's code says) followed by `n_chunks` entries
     // whose tensor index is a row and whose chunk starts below that tensor's length. The table
-    // stays alive in `TABLE` (and is only replaced after the stream has waited for its upload),
+    // stays alive in `TABLE` or `local` until this returns (a freed buffer is only reused by work
+    // queued after this kernel on the same stream; without the cache, freeing waits for it),
     // and the slots hold the write locks of every written buffer until this returns; later work
     // on the single stream is ordered after the kernel.
     unsafe {
