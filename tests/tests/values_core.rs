@@ -249,3 +249,35 @@ fn fused_silu_mul_equals_silu_then_mul() {
         assert!(rel_err(&fused, &composite) < tol, "{dt}");
     }
 }
+
+/// `sum_all` over more elements than one reduction row (the two-stage path, with a tail):
+/// the value matches an f64 sum, bf16 sums in f32, and the gradient is all ones.
+#[test]
+fn sum_all_of_a_large_tensor() {
+    for n in [(1 << 16) + 4097, 3 << 17] {
+        let x = testutil::randn(&[n], 5); // f64
+        let want: f64 = x.to_vec_f64().unwrap().iter().sum();
+        for (dt, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-4), (DType::BF16, 2e-2)] {
+            let xd = x.to_dtype(dt).unwrap();
+            let exact: f64 = xd.to_vec_f64().unwrap().iter().sum();
+            let got = xd.sum_all().unwrap();
+            assert_eq!(got.dtype(), dt);
+            let got = got.to_scalar().unwrap();
+            // Relative to the sum of magnitudes (the sum itself is near zero).
+            let mag: f64 = xd.to_vec_f64().unwrap().iter().map(|v| v.abs()).sum();
+            assert!(
+                (got - exact).abs() <= tol * mag / (n as f64).sqrt(),
+                "{dt} n {n}: {got} vs {exact} (f64 {want})"
+            );
+        }
+        let v = x.to_var().unwrap();
+        v.sum_all().unwrap().backward().unwrap();
+        assert!(v
+            .grad()
+            .unwrap()
+            .to_vec_f64()
+            .unwrap()
+            .iter()
+            .all(|&g| g == 1.0));
+    }
+}

@@ -41,10 +41,35 @@ impl Tensor {
 
     /// Sum of every element, as a scalar (rank 0).
     pub fn sum_all(&self) -> Result<Tensor> {
+        /// Above this many elements the sum runs in two stages: one reduction kernel gives each
+        /// output to one block (or thread), so a single output over millions of elements would
+        /// leave the GPU idle (measured: 209 ms for 64 Mi bf16 elements on the H200).
+        const TWO_STAGE: usize = 1 << 16;
+        /// Row length of the first stage.
+        const ROW: usize = 4096;
         if self.rank() == 0 {
             return Ok(self.clone());
         }
-        self.flatten_all()?.sum(0, false)
+        let flat = self.flatten_all()?; // [n]
+        let n = flat.elem_count();
+        if n < TWO_STAGE {
+            return flat.sum(0, false);
+        }
+        // bf16 partial sums would be rounded to bf16: add up in f32, round once at the end.
+        let dtype = self.dtype();
+        let flat = if dtype == DType::BF16 {
+            flat.to_dtype(DType::F32)?
+        } else {
+            flat
+        };
+        let rows = n / ROW;
+        let head = flat.narrow(0, 0, rows * ROW)?.reshape([rows, ROW])?; // [rows, ROW]
+        let mut total = head.sum(1, false)?.sum_all()?; // []
+        if rows * ROW < n {
+            let tail = flat.narrow(0, rows * ROW, n - rows * ROW)?.sum(0, false)?;
+            total = total.add(&tail)?;
+        }
+        total.to_dtype(dtype)
     }
 
     /// Mean over `dim`.
