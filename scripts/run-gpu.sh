@@ -48,7 +48,8 @@ for bin in gpu-bin/test-* gpu-bin/example-* gpu-bin/bench-* gpu-bin/mixlora; do
             ;;
         gpu-bin/example-cuda_train_parity)
             if [ -n "${MIXLORA_GPU_MODEL:-}" ] && [ -n "${MIXLORA_GPU_DATA:-}" ]; then
-                "$bin" "$MIXLORA_GPU_MODEL" "$MIXLORA_GPU_DATA" | tee "$out/cuda_train_parity.md"
+                "$bin" "$MIXLORA_GPU_MODEL" "$MIXLORA_GPU_DATA" fused | tee "$out/cuda_train_parity.md" &&
+                    "$bin" "$MIXLORA_GPU_MODEL" "$MIXLORA_GPU_DATA" naive | tee -a "$out/cuda_train_parity.md"
             else
                 echo "skipping: set MIXLORA_GPU_MODEL and MIXLORA_GPU_DATA (an LLM-Adapters JSON file)"
                 true

@@ -1,7 +1,11 @@
 //! Five MixLoRA training steps of a real model on the CPU and on the GPU, in f32, with the same
 //! data, seeds and dropout masks: the GPU's losses must follow the CPU's within 1e-3 relative.
 //!
-//! Run (GPU machine): `cuda_train_parity MODEL.gguf DATA.json` (built with the CUDA backend:
+//! Both devices run the same MoE implementation, `fused` (the trainer's default on a GPU) unless
+//! a third argument names another (`naive`, `paper`, `grouped`): the dropout masks of different
+//! implementations differ, so only the same one on both devices can be compared.
+//!
+//! Run (GPU machine): `cuda_train_parity MODEL.gguf DATA.json [IMPL]` (built with the CUDA backend:
 //! `cargo build --release -p mixlora-benches --features mixlora-engine/cuda --example cuda_train_parity`).
 
 #[global_allocator]
@@ -10,7 +14,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use trainer::config::TrainConfig;
+use trainer::config::{MoeImplName, TrainConfig};
 
 fn losses(out: &std::path::Path) -> Result<Vec<f64>, Box<dyn std::error::Error>> {
     let text = std::fs::read_to_string(out.join("metrics.jsonl"))?;
@@ -28,8 +32,20 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let (model, data) = match (args.next(), args.next()) {
         (Some(m), Some(d)) => (PathBuf::from(m), PathBuf::from(d)),
-        _ => return Err("usage: cuda_train_parity MODEL DATA.json".into()),
+        _ => {
+            return Err(
+                "usage: cuda_train_parity MODEL DATA.json [naive|paper|grouped|fused]".into(),
+            )
+        }
     };
+    let moe_impl = match args.next().as_deref() {
+        None | Some("fused") => MoeImplName::Fused,
+        Some("naive") => MoeImplName::Naive,
+        Some("paper") => MoeImplName::Paper,
+        Some("grouped") => MoeImplName::Grouped,
+        Some(other) => return Err(format!("unknown MoE implementation {other}").into()),
+    };
+    eprintln!("MoE implementation on both devices: {moe_impl:?}");
     let base = std::env::temp_dir().join(format!("mixlora-train-parity-{}", std::process::id()));
     let mut all = Vec::new();
     for device in ["cpu", "cuda"] {
@@ -45,6 +61,7 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
             log_every: 1,
             device: device.into(),
             out_dir: base.join(device),
+            moe_impl,
             ..TrainConfig::default()
         };
         let t = std::time::Instant::now();

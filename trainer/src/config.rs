@@ -41,8 +41,11 @@ pub enum Routing {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum MoeImplName {
-    /// A per-expert loop that reads each layer's routing mask to the host.
+    /// `fused` on a GPU, `naive` on the CPU (where the fused op's reference kernels are slower
+    /// than the loop).
     #[default]
+    Auto,
+    /// A per-expert loop that reads each layer's routing mask to the host.
     Naive,
     /// The paper's † version: shared gate/up projections, per-expert down projections.
     Paper,
@@ -54,8 +57,11 @@ pub enum MoeImplName {
 }
 
 impl MoeImplName {
-    pub fn imp(self) -> model::MoeImpl {
+    /// The implementation on `device`.
+    pub fn imp(self, device: engine::Device) -> model::MoeImpl {
         match self {
+            MoeImplName::Auto if device == engine::Device::Cpu => model::MoeImpl::Naive,
+            MoeImplName::Auto => model::MoeImpl::Fused,
             MoeImplName::Naive => model::MoeImpl::Naive,
             MoeImplName::Paper => model::MoeImpl::Paper,
             MoeImplName::Grouped => model::MoeImpl::Grouped,
@@ -147,7 +153,8 @@ pub struct TrainConfig {
     pub resume: bool,
     /// Recompute each decoder layer in the backward pass instead of keeping its activations.
     pub gradient_checkpointing: bool,
-    /// How MixLoRA FFNs are computed: `naive`, `paper`, `grouped` or `fused`.
+    /// How MixLoRA FFNs are computed: `auto` (fused on a GPU, naive on the CPU), `naive`,
+    /// `paper`, `grouped` or `fused`.
     pub moe_impl: MoeImplName,
 }
 
@@ -193,7 +200,7 @@ impl Default for TrainConfig {
             dtype: DTypeName::F32,
             resume: false,
             gradient_checkpointing: false,
-            moe_impl: MoeImplName::Naive,
+            moe_impl: MoeImplName::Auto,
         }
     }
 }
@@ -478,7 +485,7 @@ pub struct TrainArgs {
     /// Recompute each decoder layer in the backward pass (less memory, one more forward).
     #[arg(long)]
     pub gradient_checkpointing: bool,
-    /// How MixLoRA FFNs are computed [default: naive].
+    /// How MixLoRA FFNs are computed [default: auto: fused on a GPU, naive on the CPU].
     #[arg(long, value_enum)]
     pub moe_impl: Option<MoeImplName>,
 }
@@ -756,5 +763,24 @@ mod tests {
         };
         let text = c.to_toml_string().unwrap();
         assert_eq!(TrainConfig::from_toml_str("x", &text).unwrap(), c);
+    }
+
+    #[test]
+    fn moe_impl_defaults_to_fused_on_a_gpu_and_naive_on_the_cpu() {
+        let c = TrainConfig::default();
+        assert_eq!(c.moe_impl, MoeImplName::Auto);
+        assert_eq!(c.moe_impl.imp(Device::Cpu), model::MoeImpl::Naive);
+        assert_eq!(c.moe_impl.imp(Device::Cuda(0)), model::MoeImpl::Fused);
+        for (name, imp) in [
+            ("naive", model::MoeImpl::Naive),
+            ("paper", model::MoeImpl::Paper),
+            ("grouped", model::MoeImpl::Grouped),
+            ("fused", model::MoeImpl::Fused),
+        ] {
+            let c =
+                TrainConfig::from_toml_str("t.toml", &format!("moe_impl = \"{name}\"")).unwrap();
+            assert_eq!(c.moe_impl.imp(Device::Cpu), imp);
+            assert_eq!(c.moe_impl.imp(Device::Cuda(0)), imp);
+        }
     }
 }

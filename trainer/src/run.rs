@@ -217,8 +217,9 @@ pub fn train_until(
         cfg.seed,
     )?;
     model.set_gradient_checkpointing(cfg.gradient_checkpointing);
-    model.set_moe_impl(cfg.moe_impl.imp());
-    if cfg.moe_impl == crate::config::MoeImplName::Fused {
+    let moe_impl = cfg.moe_impl.imp(device);
+    model.set_moe_impl(moe_impl);
+    if moe_impl == model::MoeImpl::Fused {
         model.stack_gate_up()?; // G and U in one GEMM
     }
     let (train_tasks, eval_tasks) = tasks(cfg)?;
