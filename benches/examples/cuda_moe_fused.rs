@@ -2,7 +2,7 @@
 //! k = 2, r = 16, bf16 base, f32 adapters; T = 16384 tokens unless `--tokens N`): each fused
 //! kernel alone (median GPU time by CUDA events, its minimal bytes and FLOPs, the rates), then the
 //! whole MixLoRA block forward and forward + backward with `MoeImpl::Fused` and `MoeImpl::Naive`
-//! (router, top-k, the host grouping round trip and the autograd included), and the allocator peak.
+//! (router, top-k, the grouping by expert on the device and the autograd included), and the allocator peak.
 //!
 //! Build: `cargo build --release -p mixlora-benches --features mixlora-engine/cuda --example
 //! cuda_moe_fused`. Run on the GPU machine: `LD_LIBRARY_PATH=/usr/local/cuda/lib64

@@ -1,5 +1,7 @@
 //! Shared test helpers: the finite-difference gradient checker and random inputs.
 
+pub mod gpu;
+
 use engine::{no_grad, DType, Device, Result, Tensor};
 
 /// Random f64 input of `shape` (standard normal × `scale`), seeded.

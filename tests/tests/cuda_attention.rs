@@ -11,37 +11,11 @@
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use engine::backend::cuda::CudaDevice;
     use engine::backend::BackendStorage;
     use engine::{causal_attention, DType, Device, Layout, Shape, Storage, Tensor};
+    use testutil::gpu::{device as gpu, rel_err_matching_nonfinite as rel_err, serial, tol};
 
     const FLOATS: [DType; 3] = [DType::F32, DType::BF16, DType::F64];
-
-    /// Serialises the GPU tests of this binary.
-    fn serial() -> std::sync::MutexGuard<'static, ()> {
-        static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        LOCK.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The GPU when one is usable, else prints why the test skips.
-    fn gpu() -> Option<Device> {
-        match CudaDevice::get(0) {
-            Ok(_) => Some(Device::Cuda(0)),
-            Err(e) => {
-                eprintln!("SKIP: no usable GPU: {e}");
-                None
-            }
-        }
-    }
-
-    fn tol(d: DType) -> f64 {
-        match d {
-            DType::F32 => 1e-5,
-            DType::BF16 => 1e-2,
-            DType::F64 => 1e-10,
-            DType::U32 => 0.0,
-        }
-    }
 
     /// Deterministic values in ±[0.1, 2.1) (never zero), times `mag`, from `seed`.
     fn vals(n: usize, seed: u64, mag: f64) -> Vec<f64> {
@@ -61,29 +35,6 @@ mod gpu {
     fn read(s: &Storage, shape: impl Into<Shape>) -> Vec<f64> {
         s.to_f64_vec(&Layout::contiguous(shape.into()))
             .expect("read back")
-    }
-
-    /// Relative error, NaN when a value is NaN or infinite on one side only or lengths differ.
-    fn rel_err(want: &[f64], got: &[f64]) -> f64 {
-        if want.len() != got.len() {
-            return f64::NAN;
-        }
-        let (mut num, mut den) = (0.0f64, 0.0f64);
-        for (&w, &g) in want.iter().zip(got) {
-            if !w.is_finite() || !g.is_finite() {
-                if (w.is_nan() && g.is_nan()) || w == g {
-                    continue;
-                }
-                return f64::NAN;
-            }
-            num += (w - g) * (w - g);
-            den += w * w;
-        }
-        if den == 0.0 {
-            num.sqrt()
-        } else {
-            (num / den).sqrt()
-        }
     }
 
     /// Collects failures over many cases and reports them all at once.

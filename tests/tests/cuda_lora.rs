@@ -9,27 +9,9 @@
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use engine::backend::cuda::CudaDevice;
     use engine::backend::BackendStorage;
     use engine::{DType, Device, Layout, Storage, Tensor};
-
-    fn gpu() -> Option<Device> {
-        match CudaDevice::get(0) {
-            Ok(_) => Some(Device::Cuda(0)),
-            Err(e) => {
-                eprintln!("SKIP: no usable GPU: {e}");
-                None
-            }
-        }
-    }
-
-    fn tol(d: DType) -> f64 {
-        match d {
-            DType::F32 => 1e-5,
-            DType::BF16 => 1e-2,
-            _ => 1e-10,
-        }
-    }
+    use testutil::gpu::{device as gpu, rel_err, tol};
 
     fn adapter(d: DType) -> DType {
         if d == DType::F64 {
@@ -52,15 +34,6 @@ mod gpu {
                 sign * mag * s
             })
             .collect()
-    }
-
-    fn rel_err(want: &[f64], got: &[f64]) -> f64 {
-        if want.len() != got.len() || want.iter().chain(got).any(|v| !v.is_finite()) {
-            return f64::NAN;
-        }
-        let num: f64 = want.iter().zip(got).map(|(w, g)| (w - g) * (w - g)).sum();
-        let den: f64 = want.iter().map(|w| w * w).sum();
-        (num / den.max(f64::MIN_POSITIVE)).sqrt()
     }
 
     /// Compares `case(cpu)` with `case(gpu)` output by output; returns the failures.

@@ -8,29 +8,11 @@
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use engine::backend::cuda::CudaDevice;
     use engine::backend::BackendStorage;
     use engine::{DType, Device, Layout, Storage, Tensor, IGNORE_INDEX};
+    use testutil::gpu::{device as gpu, rel_err, tol};
 
     const FLOATS: [DType; 3] = [DType::F32, DType::BF16, DType::F64];
-
-    fn gpu() -> Option<Device> {
-        match CudaDevice::get(0) {
-            Ok(_) => Some(Device::Cuda(0)),
-            Err(e) => {
-                eprintln!("SKIP: no usable GPU: {e}");
-                None
-            }
-        }
-    }
-
-    fn tol(d: DType) -> f64 {
-        match d {
-            DType::F32 => 1e-5,
-            DType::BF16 => 1e-2,
-            _ => 1e-10,
-        }
-    }
 
     fn acc(d: DType) -> DType {
         if d == DType::F64 {
@@ -65,19 +47,6 @@ mod gpu {
                 }
             })
             .collect()
-    }
-
-    fn rel_err(want: &[f64], got: &[f64]) -> f64 {
-        if want.len() != got.len() || want.iter().chain(got).any(|v| v.is_nan()) {
-            return f64::NAN;
-        }
-        let num: f64 = want.iter().zip(got).map(|(a, b)| (a - b) * (a - b)).sum();
-        let den: f64 = want.iter().map(|a| a * a).sum();
-        if den == 0.0 {
-            num.sqrt()
-        } else {
-            (num / den).sqrt()
-        }
     }
 
     struct Checker {

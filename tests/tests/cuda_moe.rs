@@ -9,38 +9,13 @@
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use engine::backend::cuda::CudaDevice;
     use engine::{DType, Device, Tensor};
     use model::adapters::{
         adapter_dtype, ExpertLora, LoraLinear, MixLoraFfn, MoeImpl, Router, Routing, SharedFfn,
     };
+    use testutil::gpu::{device as gpu, rel_err, serial, tol};
 
     const FLOATS: [DType; 3] = [DType::F32, DType::BF16, DType::F64];
-
-    /// Serialises the GPU tests of this binary.
-    fn serial() -> std::sync::MutexGuard<'static, ()> {
-        static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        LOCK.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn gpu() -> Option<Device> {
-        match CudaDevice::get(0) {
-            Ok(_) => Some(Device::Cuda(0)),
-            Err(e) => {
-                eprintln!("SKIP: no usable GPU: {e}");
-                None
-            }
-        }
-    }
-
-    fn tol(d: DType) -> f64 {
-        match d {
-            DType::F32 => 1e-5,
-            DType::BF16 => 1e-2,
-            DType::F64 => 1e-10,
-            DType::U32 => 0.0,
-        }
-    }
 
     /// Deterministic values in ±[0.1, 2.1) (never zero).
     fn vals(n: usize, seed: u64) -> Vec<f64> {
@@ -75,21 +50,6 @@ mod gpu {
 
     fn f64s(t: &Tensor) -> Vec<f64> {
         t.to_vec_f64().unwrap()
-    }
-
-    /// ‖got − want‖ / ‖want‖; NaN on either side gives infinity.
-    fn rel_err(want: &[f64], got: &[f64]) -> f64 {
-        assert_eq!(want.len(), got.len(), "length mismatch");
-        if want.iter().chain(got).any(|v| v.is_nan()) {
-            return f64::INFINITY;
-        }
-        let num: f64 = want.iter().zip(got).map(|(w, g)| (w - g) * (w - g)).sum();
-        let den: f64 = want.iter().map(|w| w * w).sum();
-        if den == 0.0 {
-            num.sqrt()
-        } else {
-            (num / den).sqrt()
-        }
     }
 
     /// Compares named float outputs (CPU first) within `tol`; collects failures.

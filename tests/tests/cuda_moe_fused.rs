@@ -11,31 +11,12 @@
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use engine::backend::cuda::CudaDevice;
     use engine::{moe_fused_ffn, DType, Device, MoeDropout, MoeFusedWeights, MoeRouting, Tensor};
     use model::adapters::{
         group_by_expert, ExpertLora, LoraLinear, MixLoraFfn, MoeImpl, Router, Routing, SharedFfn,
     };
+    use testutil::gpu::{device as gpu, tol};
     use testutil::rel_err;
-
-    /// The GPU when one is usable, else prints why the test skips.
-    fn gpu() -> Option<Device> {
-        match CudaDevice::get(0) {
-            Ok(_) => Some(Device::Cuda(0)),
-            Err(e) => {
-                eprintln!("SKIP: no usable GPU: {e}");
-                None
-            }
-        }
-    }
-
-    fn tol(d: DType) -> f64 {
-        match d {
-            DType::F32 => 1e-5,
-            DType::BF16 => 1e-2,
-            _ => 1e-10,
-        }
-    }
 
     /// Deterministic values in ±[0.1, 1.1) × `scale` (never zero).
     fn vals(n: usize, seed: u64, scale: f64) -> Vec<f64> {

@@ -8,23 +8,13 @@
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use engine::backend::cuda::CudaDevice;
     use engine::{adamw_moment_dtype, adamw_step, AdamWHyper, DType, Device, Tensor};
+    use testutil::gpu::{device as gpu, rel_err};
 
     const SIZES: [usize; 20] = [
         1, 2, 31, 32, 33, 255, 256, 257, 511, 513, 1000, 4095, 4096, 4097, 8191, 8193, 12345,
         65536, 70001, 100003,
     ];
-
-    fn gpu() -> Option<Device> {
-        match CudaDevice::get(0) {
-            Ok(_) => Some(Device::Cuda(0)),
-            Err(e) => {
-                eprintln!("SKIP: no usable GPU: {e}");
-                None
-            }
-        }
-    }
 
     /// Values in ±[lo, lo + 2) (never zero), from `seed`.
     fn vals(n: usize, seed: u64, lo: f64) -> Vec<f64> {
@@ -45,19 +35,6 @@ mod gpu {
             DType::F32 => 1e-5,
             DType::BF16 => 1e-2,
             _ => 1e-12,
-        }
-    }
-
-    fn rel_err(want: &[f64], got: &[f64]) -> f64 {
-        if want.len() != got.len() || want.iter().chain(got).any(|v| v.is_nan()) {
-            return f64::NAN;
-        }
-        let num: f64 = want.iter().zip(got).map(|(a, b)| (a - b) * (a - b)).sum();
-        let den: f64 = want.iter().map(|a| a * a).sum();
-        if den == 0.0 {
-            num.sqrt()
-        } else {
-            (num / den).sqrt()
         }
     }
 
