@@ -473,6 +473,23 @@ impl Llama {
         self.logits(&h)
     }
 
+    /// [`Llama::forward`] that also returns every MoE layer's router output (no dropout): the
+    /// routing of an evaluation batch.
+    pub fn forward_with_routing(
+        &self,
+        ids: &Tensor,
+        key_mask: Option<&Tensor>,
+    ) -> Result<(Tensor, Vec<RouterOutput>)> {
+        let (b, t) = batch_dims(ids)?;
+        let positions = positions_from_mask(b, t, key_mask, 0, ids.device())?;
+        let pass = Pass {
+            dropout_seed: None,
+            collect_routing: true,
+        };
+        let (h, routing) = self.forward_pass(ids, &positions, key_mask, None, pass)?;
+        Ok((self.logits(&h)?, routing))
+    }
+
     /// The training forward: logits `[B, T, V]` of ids `[B, T]` (u32) with the attached adapters,
     /// their dropout when `dropout_seed` is given (a new seed per step), and for MixLoRA the
     /// load-balance loss over all MoE layers and the real tokens of `key_mask` `[B, T]` (u32,

@@ -595,6 +595,10 @@ pub struct EvalArgs {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub output: Option<PathBuf>,
+    /// Also write, per task and per MoE layer, the share of (token, slot) pairs each expert
+    /// received over the real tokens of the evaluated candidates (JSON).
+    #[arg(long)]
+    pub routing: Option<PathBuf>,
 }
 
 #[cfg(test)]

@@ -188,6 +188,90 @@ fn micro_step(
     Ok((lm, aux, out.expert_load))
 }
 
+/// [`score_pairs`] that also adds, per MoE layer, the (token, slot) pairs each expert received
+/// over the real tokens of the batch into `counts` (`[layer][expert]`).
+fn score_pairs_routed(
+    model: &Llama,
+    pad: u32,
+    pairs: &[ScorePair],
+    counts: &mut Vec<Vec<f64>>,
+) -> Result<Vec<f64>> {
+    let hb = eval::pairs_batch(pairs, pad);
+    let (ids, mask, labels) = hb.to_tensors(model.device())?;
+    no_grad(|| {
+        let (logits, routing) = model.forward_with_routing(&ids, Some(&mask))?;
+        for (l, r) in routing.iter().enumerate() {
+            let real = model::adapters::router::token_weights(&mask, r.mask.dtype())?; // [N, 1]
+            let c = r.mask.mul(&real)?.sum(0, false)?.to_vec_f64()?; // [E]
+            if counts.len() <= l {
+                counts.push(vec![0.0; c.len()]);
+            }
+            counts[l].iter_mut().zip(&c).for_each(|(a, b)| *a += b);
+        }
+        Ok(eval::target_log_likelihood(&logits, &labels)?.to_vec_f64()?)
+    })
+}
+
+/// `mixlora eval --routing PATH`: the accuracy report, and per task and MoE layer the share of
+/// (token, slot) pairs each expert received over the real tokens of every scored candidate,
+/// written to `path` as `{"num_experts", "layers", "tasks": {task: [[share; E]; layers]},
+/// "counts": {task: [[count; E]; layers]}}`.
+fn evaluate_with_routing(
+    model: &Llama,
+    tok: &Tokenizer,
+    tasks: &[Task],
+    a: &EvalArgs,
+    path: &Path,
+) -> Result<EvalReport> {
+    if !model.adapter_config().is_some_and(|c| c.is_mixlora()) {
+        return Err(Error::Config(format!(
+            "{}: --routing needs a MixLoRA adapter (--adapter)",
+            path.display()
+        )));
+    }
+    let pad = tok.eos_id().unwrap_or(0);
+    let (mut results, mut shares, mut all_counts) =
+        (vec![], serde_json::Map::new(), serde_json::Map::new());
+    let mut n_experts = 0;
+    let mut n_layers = 0;
+    for task in tasks {
+        let mut counts: Vec<Vec<f64>> = Vec::new();
+        let mut score = |pairs: &[ScorePair]| score_pairs_routed(model, pad, pairs, &mut counts);
+        results.push(eval::evaluate_task(
+            task,
+            tok,
+            a.cutoff_len,
+            a.limit,
+            a.batch_size,
+            &mut score,
+        )?);
+        n_layers = counts.len();
+        n_experts = counts.first().map_or(0, Vec::len);
+        let share: Vec<Vec<f64>> = counts
+            .iter()
+            .map(|c| {
+                let total: f64 = c.iter().sum();
+                c.iter().map(|x| x / total.max(1.0)).collect()
+            })
+            .collect();
+        shares.insert(task.name.clone(), serde_json::json!(share));
+        all_counts.insert(task.name.clone(), serde_json::json!(counts));
+    }
+    let json = serde_json::json!({
+        "num_experts": n_experts,
+        "layers": n_layers,
+        "tasks": shares,
+        "counts": all_counts,
+    });
+    let text = serde_json::to_string_pretty(&json)
+        .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+    std::fs::write(path, text + "\n").map_err(|e| Error::Io {
+        path: path.display().to_string(),
+        source: e,
+    })?;
+    Ok(EvalReport::from_results(results))
+}
+
 /// `mixlora train`: fine-tunes an adapter, evaluating and checkpointing as configured.
 pub fn train(cfg: &TrainConfig, log: impl FnMut(&str)) -> Result<TrainSummary> {
     train_until(cfg, None, log)
@@ -434,7 +518,10 @@ pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
     } else {
         data::load_tasks(&a.data)?
     };
-    let report = evaluate(&model, &tok, &tasks, a.cutoff_len, a.limit, a.batch_size);
+    let report = match &a.routing {
+        None => evaluate(&model, &tok, &tasks, a.cutoff_len, a.limit, a.batch_size),
+        Some(path) => evaluate_with_routing(&model, &tok, &tasks, a, path),
+    };
     let _ = std::fs::remove_dir_all(&scratch);
     let report = report?;
     if let Some(out) = &a.output {

@@ -154,3 +154,82 @@ fn bad_input_gives_one_line_errors() {
     assert!(e.contains("bad.json") && e.contains("1"), "{e}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// `mixlora eval --routing`: per task and MoE layer, the expert shares of the scored tokens (each
+/// layer's shares sum to 1, E = 8 experts, one row per layer of the built-in model), next to the
+/// same accuracy report as a plain eval; a LoRA adapter is refused with a one-line error.
+#[test]
+fn eval_writes_routing_statistics_per_task_and_layer() {
+    let out = out_dir("routing");
+    let s = train(&small(&out), |_| {}).unwrap();
+    let routing = out.join("routing.json");
+    let args = |routing: Option<PathBuf>| trainer::config::EvalArgs {
+        model: None,
+        adapter: Some(s.adapter_dir.clone()),
+        data: vec![],
+        limit: Some(3),
+        batch_size: 8,
+        cutoff_len: 320,
+        device: "cpu".into(),
+        dtype: trainer::config::DTypeName::F32,
+        output: None,
+        routing,
+    };
+    let plain = trainer::run::eval(&args(None)).unwrap();
+    let with = trainer::run::eval(&args(Some(routing.clone()))).unwrap();
+    assert_eq!(plain.to_json_pretty(), with.to_json_pretty());
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&routing).unwrap()).unwrap();
+    assert_eq!(j["num_experts"], 8);
+    let layers = j["layers"].as_u64().unwrap() as usize;
+    assert!(layers >= 1);
+    let tasks = j["tasks"].as_object().unwrap();
+    assert_eq!(tasks.len(), 4, "the four synthetic tasks");
+    for (task, per_layer) in tasks {
+        let per_layer = per_layer.as_array().unwrap();
+        assert_eq!(per_layer.len(), layers, "{task}");
+        for shares in per_layer {
+            let v: Vec<f64> = shares
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect();
+            assert_eq!(v.len(), 8);
+            assert!((v.iter().sum::<f64>() - 1.0).abs() < 1e-9, "{task}: {v:?}");
+            assert!(v.iter().all(|&x| (0.0..=1.0).contains(&x)));
+        }
+        // Top-2 routing: twice as many (token, slot) pairs as real tokens, in every layer.
+        let counts = j["counts"][task].as_array().unwrap();
+        let totals: Vec<f64> = counts
+            .iter()
+            .map(|c| {
+                c.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .sum()
+            })
+            .collect();
+        assert!(
+            totals.iter().all(|t| *t == totals[0] && t % 2.0 == 0.0),
+            "{totals:?}"
+        );
+    }
+    // A plain LoRA adapter has no router.
+    let lora_out = out_dir("routing-lora");
+    let cfg = TrainConfig {
+        adapter: trainer::config::AdapterKind::Lora,
+        ..small(&lora_out)
+    };
+    let ls = train(&cfg, |_| {}).unwrap();
+    let mut a = args(Some(lora_out.join("r.json")));
+    a.adapter = Some(ls.adapter_dir.clone());
+    let e = trainer::run::eval(&a).unwrap_err().to_string();
+    assert!(
+        e.contains("--routing needs a MixLoRA adapter") && !e.contains('\n'),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(&lora_out);
+}
