@@ -10,6 +10,7 @@ pub mod error;
 pub mod eval;
 pub mod metrics;
 pub mod optim;
+pub mod plot;
 pub mod run;
 pub mod schedule;
 pub mod synthetic;

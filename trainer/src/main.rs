@@ -34,6 +34,23 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Draws the routing picture (PNG: expert shares per task and layer) from the JSON of
+    /// `mixlora eval --routing`.
+    PlotRouting(PlotRoutingArgs),
+}
+
+#[derive(clap::Args)]
+struct PlotRoutingArgs {
+    /// The JSON written by `mixlora eval --routing`.
+    #[arg(long)]
+    input: std::path::PathBuf,
+    /// The PNG to write.
+    #[arg(long)]
+    out: std::path::PathBuf,
+    /// A TrueType font file for the labels (default: $MIXLORA_FONT, then DejaVu Sans or a
+    /// system font where one is found).
+    #[arg(long)]
+    font: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -49,6 +66,7 @@ fn main() -> ExitCode {
         Some(Command::Generate(args)) => generate_cmd::run(args),
         Some(Command::Train(args)) => train(*args),
         Some(Command::Bench(BenchCommand::Table6(args))) => table6(&args),
+        Some(Command::PlotRouting(args)) => plot_routing(&args),
         Some(Command::Eval(args)) => trainer::run::eval(&args)
             .map(|r| println!("{}", r.to_json_pretty()))
             .map_err(Into::into),
@@ -94,5 +112,14 @@ fn table6(args: &trainer::bench::Table6Args) -> Result<(), Box<dyn std::error::E
             .map_err(|e| format!("{}: cannot write the report: {e}", path.display()))?;
     }
     print!("{}", trainer::bench::table6_markdown(&t6));
+    Ok(())
+}
+
+fn plot_routing(a: &PlotRoutingArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let shares = trainer::plot::read_routing(&a.input)?;
+    let font = trainer::plot::find_font(a.font.as_deref())
+        .ok_or("no TrueType font found for the labels: pass --font PATH (or set MIXLORA_FONT)")?;
+    trainer::plot::plot_routing(&shares, &a.out, &font)?;
+    eprintln!("wrote {}", a.out.display());
     Ok(())
 }
