@@ -133,7 +133,7 @@ pub fn plot_routing(shares: &RoutingShares, out: &Path, font: &Path) -> Result<(
             .x_desc("expert")
             .y_desc("layer")
             .x_labels(e * 2 + 1)
-            .y_labels((rows.len() * 2 + 1).min(33))
+            .y_labels(rows.len() * 2 + 1)
             .x_label_formatter(&|v| cell_label(*v, ne))
             .y_label_formatter(&|v| cell_label(*v, nl))
             .label_style(("sans-serif", 12))
