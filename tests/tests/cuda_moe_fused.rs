@@ -13,7 +13,7 @@
 mod gpu {
     use engine::{moe_fused_ffn, DType, Device, MoeDropout, MoeFusedWeights, MoeRouting, Tensor};
     use model::adapters::{
-        group_by_expert, ExpertLora, LoraLinear, MixLoraFfn, MoeImpl, Router, Routing, SharedFfn,
+        ExpertLora, LoraLinear, MixLoraFfn, MoeImpl, Router, Routing, SharedFfn,
     };
     use testutil::gpu::{device as gpu, tol};
     use testutil::rel_err;
@@ -100,7 +100,7 @@ mod gpu {
         };
         let w_down = t(vals(c.h * c.i, 11, si), vec![c.h, c.i], base);
         let ids = Tensor::from_vec(routing_ids(c), [c.t, c.k], dev).unwrap();
-        let (perm, offsets) = group_by_expert(&ids, c.e).unwrap();
+        let (perm, offsets) = ids.moe_group(c.e).unwrap();
         if c.idle {
             let o = offsets.to_vec_u32().unwrap();
             assert_eq!(o[c.e], o[c.e - 1], "{c:?}: the last expert must be idle");

@@ -7,8 +7,7 @@
 
 use engine::{moe_fused_ffn, DType, Device, MoeDropout, MoeFusedWeights, MoeRouting, Tensor};
 use model::adapters::{
-    group_by_expert, ExpertLora, LoraLinear, MixLoraFfn, MoeImpl, Router, RouterOutput, Routing,
-    SharedFfn,
+    ExpertLora, LoraLinear, MixLoraFfn, MoeImpl, Router, RouterOutput, Routing, SharedFfn,
 };
 use testutil::{check_gradients, ids, randn, rel_err};
 
@@ -321,7 +320,7 @@ fn fused_dropout_changes_the_output_and_is_deterministic() {
 fn grouping_by_expert() {
     // T = 4, k = 2, E = 4; expert 2 gets nothing.
     let t = ids(&[3, 0, 1, 3, 0, 1, 3, 0], &[4, 2]);
-    let (perm, offsets) = group_by_expert(&t, 4).unwrap();
+    let (perm, offsets) = t.moe_group(4).unwrap();
     assert_eq!(perm.to_vec_u32().unwrap(), vec![1, 4, 7, 2, 5, 0, 3, 6]);
     assert_eq!(offsets.to_vec_u32().unwrap(), vec![0, 3, 5, 5, 8]);
 }
@@ -363,7 +362,7 @@ fn op_out(
     dropout: Option<MoeDropout>,
 ) -> engine::Result<Tensor> {
     let sel = ids(&[0, 1, 1, 0, 0, 1, 1, 0, 0, 1], &[FT, FK]);
-    let (perm, offsets) = group_by_expert(&sel, FE).unwrap();
+    let (perm, offsets) = sel.moe_group(FE).unwrap();
     let w = MoeFusedWeights {
         w_gate: &frozen[0],
         w_up: &frozen[1],

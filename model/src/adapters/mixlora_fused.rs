@@ -1,6 +1,6 @@
 //! [`MoeImpl::Fused`](super::MoeImpl::Fused): the MixLoRA FFN through the engine's fused op
-//! (`engine::moe_fused_ffn`, path 3 of MIXLORA.md), and the grouping of routed slots by expert
-//! that its per-expert gradient kernels read.
+//! (`engine::moe_fused_ffn`, path 3 of MIXLORA.md), with the routed slots grouped by expert on the
+//! device (`Tensor::moe_group`) for its per-expert gradient kernels.
 
 use engine::{cat, moe_fused_ffn, MoeDropout, MoeFusedWeights, MoeRouting, Tensor};
 
@@ -8,14 +8,6 @@ use super::lora::LoraLinear;
 use super::mixlora::{MixLoraFfn, SharedFfn};
 use super::router::RouterOutput;
 use crate::error::Result;
-
-/// Groups the `T·k` routing slots by expert: `perm` `[T·k]` u32 lists the slots `p = t·k + j`
-/// sorted by `ids[p]` (ascending `p` within an expert) and `offsets` `[E+1]` u32 where each
-/// expert's run starts (`offsets[e]` = number of slots with expert `< e`), both on `ids`' device.
-/// Built on the device (`Tensor::moe_group`): no host round trip.
-pub fn group_by_expert(ids: &Tensor, num_experts: usize) -> Result<(Tensor, Tensor)> {
-    Ok(ids.moe_group(num_experts)?)
-}
 
 /// One projection's LoRA of every expert stacked along a new leading dim (`[E, ..]`), when all
 /// experts have it with the same scale and dropout.
@@ -82,7 +74,7 @@ impl MixLoraFfn {
                 (ids, weights)
             }
         };
-        let (perm, offsets) = group_by_expert(&ids, self.num_experts())?;
+        let (perm, offsets) = ids.moe_group(self.num_experts())?; // on the device
         let weights_ref = MoeFusedWeights {
             w_gate: w.gate,
             w_up: w.up,

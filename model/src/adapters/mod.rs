@@ -24,7 +24,6 @@ pub use config::{AdapterConfig, PeftType, RoutingStrategy, ATTN_MODULES, MLP_MOD
 pub use io::{load, save, CONFIG_FILE, WEIGHTS_FILE};
 pub use lora::{adapter_dtype, lora_linear, LoraLinear};
 pub use mixlora::{ExpertLora, MixLoraFfn, MoeImpl, SharedFfn};
-pub use mixlora_fused::group_by_expert;
 pub use router::{aux_loss, expert_load, Router, RouterOutput, Routing};
 
 use crate::config::LlamaConfig;
