@@ -14,7 +14,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use engine::{DType, Device, Tensor, IGNORE_INDEX};
+use engine::{DType, Device, Tensor};
 use model::adapters::MoeImpl;
 use model::{AdapterConfig, Llama, LlamaConfig};
 
@@ -216,14 +216,8 @@ fn training_loss(
     seed: u64,
 ) -> Result<Tensor> {
     let out = model.forward_train_hidden(ids, Some(mask), Some(seed))?;
-    let h = out.hidden.dim(-1)?;
     let n = targets.elem_count();
-    let rows = out.hidden.reshape([n, h])?.linear_cross_entropy_rows(
-        model.lm_head_weight(),
-        targets,
-        IGNORE_INDEX,
-        crate::run::LM_LOSS_CHUNK,
-    )?; // [B·T] f32
+    let rows = crate::run::lm_loss_rows(model, &out.hidden, targets)?; // [B·T] f32
     let mut loss = rows.sum_all()?.mul_scalar(1.0 / n as f64)?;
     if let Some(aux) = &out.aux_loss {
         loss = loss.add(&aux.to_dtype(loss.dtype())?)?;

@@ -157,6 +157,20 @@ fn evaluate(
     eval::evaluate(tasks, tok, cfg_cutoff, limit, batch, &mut score)
 }
 
+/// Per-position LM loss `[B·T]` (f32) of final hidden states `[B, T, H]` against `labels`
+/// `[B·T]`: the LM head and the cross-entropy over vocabulary chunks, so the `[B·T, V]` logits
+/// are never held, only one `[B·T, LM_LOSS_CHUNK]` slice of them at a time.
+pub fn lm_loss_rows(model: &Llama, hidden: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let h = hidden.dim(-1)?;
+    let rows = hidden.reshape([labels.elem_count(), h])?;
+    Ok(rows.linear_cross_entropy_rows(
+        model.lm_head_weight(),
+        labels,
+        IGNORE_INDEX,
+        LM_LOSS_CHUNK,
+    )?)
+}
+
 /// One micro-batch forward and backward; returns (summed LM loss over its targets, aux loss).
 fn micro_step(
     model: &Llama,
@@ -167,14 +181,7 @@ fn micro_step(
 ) -> Result<(f64, Option<f64>, Vec<Tensor>)> {
     let (ids, mask, labels) = hb.to_tensors(model.device())?;
     let out = model.forward_train_hidden(&ids, Some(&mask), Some(seed))?;
-    let h = out.hidden.dim(-1)?;
-    // The LM head and the cross-entropy over vocabulary chunks: the [B·T, V] logits are never
-    // held, only one [B·T, LM_LOSS_CHUNK] slice of them at a time.
-    let rows = out
-        .hidden
-        .reshape([hb.batch * hb.len, h])?
-        .linear_cross_entropy_rows(model.lm_head_weight(), &labels, IGNORE_INDEX, LM_LOSS_CHUNK)?; // [B·T]
-    let lm_sum = rows.sum_all()?;
+    let lm_sum = lm_loss_rows(model, &out.hidden, &labels)?.sum_all()?;
     // The step's loss is the mean over all its target tokens, so accumulated micro-batches add
     // up to one large batch; the aux loss (already times its coefficient) is averaged.
     let mut loss = lm_sum.to_dtype(DType::F32)?.mul_scalar(1.0 / n_targets)?;
