@@ -10,12 +10,14 @@ use super::simd::vectorized;
 use super::{CpuFloat, CpuStorage, PAR_THRESHOLD};
 use crate::{DType, Error, Layout, Result};
 
-/// `(n, v)` of rank-2 logits, and the u32 targets `[n]`, each either `ignore` or `< v`.
-fn check(
+/// `(n, v)` of rank-2 logits, and the u32 targets `[n]`, each either `ignore` or below `bound`
+/// (the row length `v` when `None`; the whole vocabulary for a chunk of it).
+pub(super) fn check(
     op: &'static str,
     l: &Layout,
     t: &CpuStorage,
     tl: &Layout,
+    bound: Option<usize>,
     ignore: u32,
 ) -> Result<(usize, usize, Vec<u32>)> {
     if l.dims().len() != 2 {
@@ -34,11 +36,15 @@ fn check(
         });
     }
     let targets = t.view_u32(op, tl)?;
-    if let Some(&bad) = targets.iter().find(|&&x| x != ignore && x as usize >= v) {
+    let bound = bound.unwrap_or(v);
+    if let Some(&bad) = targets
+        .iter()
+        .find(|&&x| x != ignore && x as usize >= bound)
+    {
         return Err(Error::IndexOutOfRange {
             op,
             index: bad as usize,
-            size: v,
+            size: bound,
         });
     }
     Ok((n, v, targets))
@@ -170,7 +176,7 @@ pub(super) fn cross_entropy(
     ignore: u32,
 ) -> Result<CpuStorage> {
     const OP: &str = "cross_entropy";
-    let (_, _, targets) = check(OP, l, t, tl, ignore)?;
+    let (_, _, targets) = check(OP, l, t, tl, None, ignore)?;
     Ok(match s {
         CpuStorage::F32(d) => CpuStorage::F32(ce_t(d, l, |x| x, &targets, ignore)),
         CpuStorage::BF16(d) => CpuStorage::F32(ce_t(d, l, f32::from, &targets, ignore)),
@@ -194,7 +200,7 @@ pub(super) fn cross_entropy_backward(
     ignore: u32,
 ) -> Result<CpuStorage> {
     const OP: &str = "cross_entropy_backward";
-    let (n, _, targets) = check(OP, l, t, tl, ignore)?;
+    let (n, _, targets) = check(OP, l, t, tl, None, ignore)?;
     if gl.dims() != [n] {
         return Err(Error::ShapeMismatch {
             op: OP,

@@ -5,49 +5,11 @@
 
 use rayon::prelude::*;
 
-use super::loss::{row_stats, row_stats_slice};
+use super::loss::{check, row_stats, row_stats_slice};
 use super::simd::vectorized;
 use super::{CpuFloat, CpuStorage, PAR_THRESHOLD};
 use crate::backend::BackendStorage;
 use crate::{DType, Error, Layout, Result};
-
-/// `(n, c)` of rank-2 chunk logits and the u32 targets `[n]`, each `ignore` or `< v_total`.
-fn check(
-    op: &'static str,
-    l: &Layout,
-    t: &CpuStorage,
-    tl: &Layout,
-    v_total: usize,
-    ignore: u32,
-) -> Result<(usize, usize, Vec<u32>)> {
-    if l.dims().len() != 2 {
-        return Err(Error::RankMismatch {
-            op,
-            expected: 2,
-            shape: l.shape().clone(),
-        });
-    }
-    let (n, c) = (l.dims()[0], l.dims()[1]);
-    if tl.dims() != [n] {
-        return Err(Error::ShapeMismatch {
-            op,
-            lhs: l.shape().clone(),
-            rhs: tl.shape().clone(),
-        });
-    }
-    let targets = t.view_u32(op, tl)?;
-    if let Some(&bad) = targets
-        .iter()
-        .find(|&&x| x != ignore && x as usize >= v_total)
-    {
-        return Err(Error::IndexOutOfRange {
-            op,
-            index: bad as usize,
-            size: v_total,
-        });
-    }
-    Ok((n, c, targets))
-}
 
 /// Folds chunk `x` `[n, c]` into `state` `[n, 3]` = (max, Σ exp(x − max), target logit).
 #[allow(clippy::too_many_arguments)]
@@ -151,7 +113,7 @@ pub(super) fn cross_entropy_chunk_update(
     ignore: u32,
 ) -> Result<()> {
     const OP: &str = "cross_entropy_chunk_update";
-    let (n, _, targets) = check(OP, l, t, tl, v_total, ignore)?;
+    let (n, _, targets) = check(OP, l, t, tl, Some(v_total), ignore)?;
     if state.len() != 3 * n {
         return Err(Error::invalid(
             OP,
@@ -196,7 +158,7 @@ pub(super) fn cross_entropy_chunk_backward(
 ) -> Result<CpuStorage> {
     const OP: &str = "cross_entropy_chunk_backward";
     // Targets are checked against the full vocabulary by the forward; here only the shape.
-    let (n, _, targets) = check(OP, l, t, tl, usize::MAX, ignore)?;
+    let (n, _, targets) = check(OP, l, t, tl, Some(usize::MAX), ignore)?;
     for sl in [lse_l, gl] {
         if sl.dims() != [n] {
             return Err(Error::ShapeMismatch {
