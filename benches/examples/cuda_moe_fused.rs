@@ -1,25 +1,18 @@
 //! The fused MixLoRA FFN (path 3) on `cuda:0` at LLaMA-2-7B sizes (H = 4096, I = 11008, E = 8,
 //! k = 2, r = 16, bf16 base, f32 adapters; T = 16384 tokens unless `--tokens N`): each fused
-//! kernel alone (median GPU time by CUDA events, its minimal bytes and FLOPs, the rates), then the
+//! kernel alone (median GPU time by CUDA events, its minimal bytes, the rate), then the
 //! whole MixLoRA block forward and forward + backward with `MoeImpl::Fused` and `MoeImpl::Naive`
-//! (router, top-k, the grouping by expert on the device and the autograd included), and the allocator peak.
+//! (router, top-k and the autograd included), and the allocator peak.
 //!
 //! Build: `cargo build --release -p mixlora-benches --features mixlora-engine/cuda --example
 //! cuda_moe_fused`. Run on the GPU machine: `LD_LIBRARY_PATH=/usr/local/cuda/lib64
 //! MIXLORA_CUDA_INCLUDE=/usr/local/cuda/include example-cuda_moe_fused [--tokens N] [--no-naive]`.
 //!
-//! Counts per kernel (b = 2 bytes of the bf16 base, f = 4 of the f32 adapter; S = T·k slots):
-//! - act_forward: reads G, U, writes Ā: `3·T·I·b` (+ codes, weights: small); FLOPs `S·I·(6r + 12)`
-//!   (two r-dots for g and u, r multiply-adds into Z_d, silu, ⊙, the weighted sum);
-//! - down_forward: reads Y₀, writes Y: `2·T·H·b`; FLOPs `S·H·2r`;
-//! - down_backward: reads dY: `T·H·b`; FLOPs `S·H·2r`;
-//! - act_backward: reads G, U, dĀ, writes dG, dU: `5·T·I·b` + dZ_g, dZ_u `2·T·E·r·f`; FLOPs
-//!   `S·I·(10r + 25)` (g, u and A_dᵀdZ_d r-dots, two r-wide code accumulations, silu');
-//! - act_weight_grads: reads G, U, dĀ once per slot: `3·S·I·b`; FLOPs `S·I·(12r + 25)`;
-//! - down_weight_grad: reads dY once per slot: `S·H·b`; FLOPs `S·H·(2r + 2)`.
-//!
-//! Ceilings: 4.3 TB/s device copy; the FP32 CUDA-core rate of the H200 (~67 TFLOP/s) for the
-//! rank-r arithmetic, which runs outside the tensor cores.
+//! Minimal bytes per kernel (b = 2 bytes of the bf16 base; K = k slots per token): swiglu_forward
+//! reads G, U and the slots' ΔG, ΔU, writes Ā and the slots' m⊙a: `(3 + 3K)·T·I·b`;
+//! swiglu_backward reads G, U, dĀ and the slots' ΔG, ΔU, ΔD, writes dG|dU and the slots' dg, du,
+//! m⊙a: `(5 + 6K)·T·I·b`; the code layouts move `T·k·r` codes and write `T·k·E·r` block codes.
+//! Ceiling: 4.3 TB/s device copy (the rank-r products are cuBLAS GEMMs, timed in the block).
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -32,7 +25,6 @@ use model::adapters::{ExpertLora, LoraLinear, MixLoraFfn, MoeImpl, Router, Routi
 
 const GPU: Device = Device::Cuda(0);
 const COPY: f64 = 4.3e12;
-const FP32: f64 = 67e12;
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
 /// Median GPU milliseconds of `f` (2 warm-ups, then `n` calls between CUDA events).
@@ -89,18 +81,13 @@ fn main() -> Result<()> {
     let (bt, at) = (DType::BF16, DType::F32);
     let g = randn(&[t, i], 1.0, 1, bt)?;
     let u = randn(&[t, i], 1.0, 2, bt)?;
-    let zg = randn(&[t, e * r], 1.0, 3, at)?;
-    let zu = randn(&[t, e * r], 1.0, 4, at)?;
-    let bg = randn(&[e, i, r], 0.1, 5, at)?;
-    let bu = randn(&[e, i, r], 0.1, 6, at)?;
-    let ad = randn(&[e, r, i], 0.01, 7, at)?;
-    let w = randn(&[t, k], 0.3, 8, at)?;
-    let dabar = randn(&[t, i], 1.0, 9, bt)?;
-    let dzd = randn(&[t, k, r], 1.0, 10, at)?;
-    let y0 = randn(&[t, h], 1.0, 11, bt)?;
-    let zd = randn(&[t, k, r], 1.0, 12, at)?;
-    let bd = randn(&[e, h, r], 0.1, 13, at)?;
-    let dy = randn(&[t, h], 1.0, 14, bt)?;
+    let lg = randn(&[t * k, i], 0.1, 3, bt)?;
+    let lu = randn(&[t * k, i], 0.1, 4, bt)?;
+    let ld = randn(&[t * k, i], 0.1, 5, bt)?;
+    let dabar = randn(&[t, i], 1.0, 6, bt)?;
+    let w = randn(&[t, k], 0.3, 7, at)?;
+    let block = randn(&[t * k, e * r], 1.0, 8, bt)?;
+    let codes = randn(&[t, k, r], 1.0, 9, at)?;
     // Token t goes to experts (t mod E) and ((t + 1 + t / E) mod E): distinct, balanced.
     let mut ids = Vec::with_capacity(t * k);
     for tt in 0..t {
@@ -108,18 +95,7 @@ fn main() -> Result<()> {
         let b = (a + 1 + (tt / e) % (e - 1)) % e;
         ids.extend_from_slice(&[a as u32, b as u32][..k]);
     }
-    let mut perm: Vec<u32> = (0..(t * k) as u32).collect();
-    perm.sort_by_key(|&p| ids[p as usize]);
-    let mut offsets = vec![0u32; e + 1];
-    for &x in &ids {
-        offsets[x as usize + 1] += 1;
-    }
-    for j in 0..e {
-        offsets[j + 1] += offsets[j];
-    }
     let ids = u32s(ids)?;
-    let perm = u32s(perm)?;
-    let offsets = u32s(offsets)?;
     let d = MoeDims {
         t,
         k,
@@ -130,111 +106,61 @@ fn main() -> Result<()> {
         scale: 2.0,
         dropout: 0.05,
         seed: 3,
+        t0: 0,
     };
-    let (s, ti, th) = ((t * k) as f64, (t * i) as f64, (t * h) as f64);
-    let (rf, hf, if_) = (r as f64, h as f64, i as f64);
+    let (ti, kf) = ((t * i) as f64 * 2.0, k as f64);
+    let slots = (t * k * e * r) as f64;
     type Prim = fn(&[(&Storage, &Layout)], &MoeDims) -> Result<Vec<Storage>>;
-    /// Name, primitive, operands, bytes, FLOPs.
-    type Case<'a> = (&'a str, Prim, Vec<(&'a Storage, &'a Layout)>, f64, f64);
+    /// Name, primitive, operands, minimal bytes.
+    type Case<'a> = (&'a str, Prim, Vec<(&'a Storage, &'a Layout)>, f64);
     let cases: Vec<Case> = vec![
         (
-            "act_forward",
-            Storage::moe_act_forward,
+            "swiglu_forward",
+            Storage::moe_swiglu_forward,
+            vec![op(&g), op(&u), op(&lg), op(&lu), op(&w)],
+            (3.0 + 3.0 * kf) * ti,
+        ),
+        (
+            "swiglu_backward",
+            Storage::moe_swiglu_backward,
             vec![
                 op(&g),
                 op(&u),
-                op(&zg),
-                op(&zu),
-                op(&bg),
-                op(&bu),
-                op(&ad),
-                op(&ids),
-                op(&w),
-            ],
-            3.0 * ti * 2.0,
-            s * if_ * (6.0 * rf + 12.0),
-        ),
-        (
-            "down_forward",
-            Storage::moe_down_forward,
-            vec![op(&y0), op(&zd), op(&w), op(&ids), op(&bd)],
-            2.0 * th * 2.0,
-            s * hf * 2.0 * rf,
-        ),
-        (
-            "down_backward",
-            Storage::moe_down_backward,
-            vec![op(&dy), op(&zd), op(&w), op(&ids), op(&bd)],
-            th * 2.0,
-            s * hf * 2.0 * rf,
-        ),
-        (
-            "act_backward",
-            Storage::moe_act_backward,
-            vec![
-                op(&g),
-                op(&u),
-                op(&zg),
-                op(&zu),
-                op(&bg),
-                op(&bu),
-                op(&ad),
-                op(&ids),
-                op(&w),
+                op(&lg),
+                op(&lu),
+                op(&ld),
                 op(&dabar),
-                op(&dzd),
-            ],
-            5.0 * ti * 2.0 + 2.0 * (t * e * r) as f64 * 4.0,
-            s * if_ * (10.0 * rf + 25.0),
-        ),
-        (
-            "act_weight_grads",
-            Storage::moe_act_weight_grads,
-            vec![
-                op(&g),
-                op(&u),
-                op(&zg),
-                op(&zu),
-                op(&bg),
-                op(&bu),
-                op(&ad),
-                op(&ids),
                 op(&w),
-                op(&dabar),
-                op(&dzd),
-                op(&perm),
-                op(&offsets),
             ],
-            3.0 * s * if_ * 2.0,
-            s * if_ * (12.0 * rf + 25.0),
+            (5.0 + 6.0 * kf) * ti,
         ),
         (
-            "down_weight_grad",
-            Storage::moe_down_weight_grad,
-            vec![op(&dy), op(&zd), op(&w), op(&perm), op(&offsets)],
-            s * hf * 2.0,
-            s * hf * (2.0 * rf + 2.0),
+            "gather_codes",
+            Storage::moe_gather_codes,
+            vec![op(&block), op(&ids)],
+            (t * k * r) as f64 * 6.0,
+        ),
+        (
+            "expand_codes",
+            Storage::moe_expand_codes,
+            vec![op(&codes), op(&ids)],
+            slots * 4.0,
         ),
     ];
     println!(
-        "{:<18} {:>9} {:>9} {:>9} {:>7} {:>9} {:>7}",
-        "kernel", "ms", "MB", "GB/s", "%copy", "GFLOP/s", "%fp32"
+        "{:<18} {:>9} {:>9} {:>9} {:>7}",
+        "kernel", "ms", "MB", "GB/s", "%copy"
     );
-    let mut total = 0.0;
-    for (name, f, args, bytes, flops) in &cases {
+    for (name, f, args, bytes) in &cases {
         let ms = time(&dev, 10, || f(args, &d).map(|_| ()))?;
-        total += ms;
         let sec = ms / 1e3;
         println!(
-            "{name:<18} {ms:>9.3} {:>9.1} {:>9.0} {:>6.1}% {:>9.0} {:>6.1}%",
+            "{name:<18} {ms:>9.3} {:>9.1} {:>9.0} {:>6.1}%",
             bytes / 1e6,
             bytes / sec / 1e9,
             100.0 * bytes / sec / COPY,
-            flops / sec / 1e9,
-            100.0 * flops / sec / FP32
         );
     }
-    println!("fused kernels together: {total:.3} ms");
     drop(cases);
 
     // ----- the whole block ---------------------------------------------------------------

@@ -642,23 +642,20 @@ impl BackendStorage for Storage {
             }
         }
     }
-    fn moe_act_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        many!("moe_act_forward", moe_act_forward, args, d)
+    fn moe_gather_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        many!("moe_gather_codes", moe_gather_codes, args, d)
     }
-    fn moe_down_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        many!("moe_down_forward", moe_down_forward, args, d)
+    fn moe_expand_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        many!("moe_expand_codes", moe_expand_codes, args, d)
     }
-    fn moe_down_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        many!("moe_down_backward", moe_down_backward, args, d)
+    fn moe_expand_codes_summed(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        many!("moe_expand_codes_summed", moe_expand_codes_summed, args, d)
     }
-    fn moe_act_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        many!("moe_act_backward", moe_act_backward, args, d)
+    fn moe_swiglu_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        many!("moe_swiglu_forward", moe_swiglu_forward, args, d)
     }
-    fn moe_act_weight_grads(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        many!("moe_act_weight_grads", moe_act_weight_grads, args, d)
-    }
-    fn moe_down_weight_grad(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        many!("moe_down_weight_grad", moe_down_weight_grad, args, d)
+    fn moe_swiglu_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        many!("moe_swiglu_backward", moe_swiglu_backward, args, d)
     }
     fn lora_codes(&self, l: &Layout, a: &Self, al: &Layout, p: f64, seed: u64) -> Result<Self> {
         two!("lora_codes", self, a, (x, a) => x.lora_codes(l, a, al, p, seed))

@@ -146,12 +146,10 @@ pub const OPTIM: KernelSource = KernelSource {
     kernels: &["adamw_step_multi"],
 };
 
-/// The fused MixLoRA FFN (path 3): activation forward/backward, down LoRA forward/backward,
-/// per-expert weight gradients.
+/// The fused MixLoRA FFN (path 3): block-code layouts of the rank-r codes and the SwiGLU
+/// forward/backward over the slots (the rank-r products run as GEMMs).
 pub const MOE_FUSED: KernelSource = module!("moe_fused",
-    f3 moe_act_forward f3 moe_down_forward f3 moe_down_backward f3 moe_act_backward
-    f3 moe_act_weight_grads f3 moe_down_weight_grad
-    f3 moe_act_forward_k2r16 f3 moe_act_backward_k2r16 f3 moe_act_weight_grads_k2r16
+    f3 moe_gather_codes f3 moe_expand_codes f3 moe_swiglu_forward f3 moe_swiglu_backward
 );
 
 /// Every kernel module of the engine.

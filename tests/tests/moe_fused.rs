@@ -1,11 +1,13 @@
 //! The fused MixLoRA FFN (path 3, `engine::moe_fused_ffn` / `MoeImpl::Fused`) against the naive
 //! per-expert loop: the output and every gradient (x, router, each expert's A/B on gate, up,
-//! down) in f64 (1e-10), f32 (1e-5) and on a bf16 base (1e-2), at several sizes (T not a
+//! down) in f64 (1e-10), f32 (1e-5) and on a bf16 base (both paths against f32), at several sizes (T not a
 //! multiple of 32, odd H and I), k = 1 and 2, E = 4 and 8, with an expert that receives no token;
 //! an f64 finite-difference check of the op itself (with and without dropout); the grouping of
 //! slots by expert; typed errors.
 
-use engine::{moe_fused_ffn, DType, Device, MoeDropout, MoeFusedWeights, MoeRouting, Tensor};
+use engine::{
+    moe_fused_ffn_chunked, DType, Device, MoeDropout, MoeFusedWeights, MoeRouting, Tensor,
+};
 use model::adapters::{
     ExpertLora, LoraLinear, MixLoraFfn, MoeImpl, Router, RouterOutput, Routing, SharedFfn,
 };
@@ -160,12 +162,10 @@ impl Block {
     }
 }
 
-/// Fused == naive for the output and every gradient, within `tol` (relative). The naive
-/// reference runs on a base of `ref_base` with the same (converted) inputs: the base dtype itself,
-/// except for bf16 where the reference is the naive path in f32 (see `fused_equals_naive_bf16_base`).
-fn compare(c: Case, base: DType, ref_base: DType, tol: f64) {
+/// Fused == naive for the output and every gradient, within `tol` (relative), on base `base`.
+fn compare(c: Case, base: DType, tol: f64) {
     let b = block(c, base, 7 + c.t as u64);
-    let (y0, g0, route) = b.with_base(ref_base).run(MoeImpl::Naive, None);
+    let (y0, g0, route) = b.run(MoeImpl::Naive, None);
     if c.idle {
         let m = route.mask.to_vec_f64().unwrap();
         let last: f64 = m.chunks(c.e).map(|row| row[c.e - 1]).sum();
@@ -197,7 +197,7 @@ fn compare(c: Case, base: DType, ref_base: DType, tol: f64) {
         );
     }
     println!(
-        "{base} vs naive {ref_base} {c:?}: y {err:.2e}, worst gradient {:.2e} ({})",
+        "{base} vs naive {c:?}: y {err:.2e}, worst gradient {:.2e} ({})",
         worst.0, worst.1
     );
 }
@@ -244,30 +244,25 @@ const CASES: [Case; 4] = [
 #[test]
 fn fused_equals_naive_f64() {
     for c in CASES {
-        compare(c, DType::F64, DType::F64, 1e-10);
+        compare(c, DType::F64, 1e-10);
     }
 }
 
 #[test]
 fn fused_equals_naive_f32() {
     for c in CASES {
-        compare(c, DType::F32, DType::F32, 1e-5);
+        compare(c, DType::F32, 1e-5);
     }
 }
 
-/// The fused path on a bf16 base against the naive path in f32 on the same bf16-valued inputs
-/// (adapters are f32 in both). The naive path on a bf16 base is not the reference here: it
-/// rounds `G + delta`, `silu(g)·u`, the down input and every backward intermediate to bf16, and
-/// differs from that f32 value by up to ~1.2e-2 on some LoRA-A gradients of these cases
-/// (printed by `bf16_paths_against_f32`), while the fused path keeps them in f32.
-#[test]
-fn fused_equals_naive_bf16_base() {
-    for c in CASES {
-        compare(c, DType::BF16, DType::F32, 1e-2);
-    }
-}
-
-/// Both paths on a bf16 base against the naive path in f32 on the same inputs (informative).
+/// Both paths on a bf16 base against the naive path in f32 on the same bf16-valued inputs
+/// (adapters are f32 in both): the output within 1e-2 and every gradient within 2e-2 (relative).
+/// Neither path is a reference for the other here: both round their intermediates to bf16 (the
+/// naive path `G + delta`, `silu(g)·u`, the down input and every backward intermediate; the fused
+/// path its per-slot `[T·k, I]` tensors and the bf16 GEMMs' results, exactly what its tensor-core
+/// GEMMs consume), so each differs from f32 by up to ~1.5e-2 on some LoRA-A gradients of these
+/// cases, whose rank-r sums over I cancel (the figures are printed). In f32 and f64 the two paths
+/// agree to 1e-5 and 1e-10 (above).
 #[test]
 fn bf16_paths_against_f32() {
     for c in CASES {
@@ -281,15 +276,16 @@ fn bf16_paths_against_f32() {
                 .zip(g.iter().zip(&gr))
                 .map(|((n, _), (a, r))| (rel_err(a, r), n.clone()))
                 .fold((0.0, String::new()), |w, x| if x.0 > w.0 { x } else { w });
+            let ey = rel_err(&y, &yr);
             println!(
-                "{c:?} {imp:?} bf16: y {:.2e}, worst gradient {:.2e} ({})",
-                rel_err(&y, &yr),
-                worst.0,
-                worst.1
+                "{c:?} {imp:?} bf16: y {ey:.2e}, worst gradient {:.2e} ({})",
+                worst.0, worst.1
             );
             assert!(
-                rel_err(&y, &yr) < 2e-2 && worst.0 < 2e-2,
-                "{imp:?} far off f32"
+                ey <= 1e-2 && worst.0 <= 2e-2,
+                "{imp:?} bf16 {c:?}: y {ey:.3e}, {} {:.3e} off f32",
+                worst.1,
+                worst.0
             );
         }
     }
@@ -361,8 +357,16 @@ fn op_out(
     frozen: &[Tensor; 3],
     dropout: Option<MoeDropout>,
 ) -> engine::Result<Tensor> {
+    op_out_chunked(v, frozen, dropout, None)
+}
+
+fn op_out_chunked(
+    v: &[Tensor],
+    frozen: &[Tensor; 3],
+    dropout: Option<MoeDropout>,
+    chunk: Option<usize>,
+) -> engine::Result<Tensor> {
     let sel = ids(&[0, 1, 1, 0, 0, 1, 1, 0, 0, 1], &[FT, FK]);
-    let (perm, offsets) = sel.moe_group(FE).unwrap();
     let w = MoeFusedWeights {
         w_gate: &frozen[0],
         w_up: &frozen[1],
@@ -378,10 +382,8 @@ fn op_out(
     let route = MoeRouting {
         ids: &sel,
         weights: &v[1],
-        perm: &perm,
-        offsets: &offsets,
     };
-    moe_fused_ffn(&v[0], &w, &route, dropout)
+    moe_fused_ffn_chunked(&v[0], &w, &route, dropout, chunk)
 }
 
 #[test]
@@ -390,6 +392,39 @@ fn grad_moe_fused_op() {
     check_gradients("moe_fused_ffn", &v, |v| op_out(v, &frozen, None));
     let drop = Some(MoeDropout { p: 0.3, seed: 4 });
     check_gradients("moe_fused_ffn_dropout", &v, |v| op_out(v, &frozen, drop));
+    // Chunks of 2 tokens (5 = 2 + 2 + 1): the per-chunk GEMMs, the joined codes and the
+    // accumulated weight gradients.
+    check_gradients("moe_fused_ffn_chunked", &v, |v| {
+        op_out_chunked(v, &frozen, drop, Some(2))
+    });
+}
+
+/// The output and every gradient do not depend on the token chunking (f64: to rounding), with
+/// dropout (its masks index slots among all the op's tokens, not the chunk's), for chunks of 1,
+/// 2, 3 and ≥ T tokens; a chunk of 0 tokens is an error.
+#[test]
+fn chunking_changes_nothing() {
+    let (v, frozen) = op_inputs();
+    let drop = Some(MoeDropout { p: 0.3, seed: 9 });
+    let run = |chunk: Option<usize>| {
+        let vars: Vec<Tensor> = v.iter().map(|t| t.to_var().unwrap()).collect();
+        let y = op_out_chunked(&vars, &frozen, drop, chunk).unwrap();
+        y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let mut out = vec![y.to_vec_f64().unwrap()];
+        out.extend(vars.iter().map(|t| t.grad().unwrap().to_vec_f64().unwrap()));
+        out
+    };
+    let want = run(None);
+    for chunk in [1, 2, 3, FT, 100] {
+        for (n, (a, b)) in run(Some(chunk)).iter().zip(&want).enumerate() {
+            let err = rel_err(a, b);
+            assert!(
+                err < 1e-12,
+                "chunk {chunk}: tensor {n} differs by {err:.3e}"
+            );
+        }
+    }
+    assert!(op_out_chunked(&v, &frozen, None, Some(0)).is_err());
 }
 
 #[test]

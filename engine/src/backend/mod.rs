@@ -329,34 +329,30 @@ pub trait BackendStorage: Sized + Send + Sync {
     // Operands come as `(storage, layout)` pairs in the documented order; "base" operands have
     // the base dtype (f64, f32 or bf16), "adapter" operands the adapter dtype (f64 under an f64
     // base, else f32); maths accumulate in the adapter dtype. `ids` `[T, k]` u32 are the experts
-    // of each (token, slot) `p = t·k + j`; `perm` `[T·k]` u32 the slots sorted stably by expert
-    // and `offsets` `[E+1]` u32 where each expert's run of `perm` starts.
+    // of each (token, slot) `p = t·k + j` (distinct within a token). "Block codes" `[rows, E·r]`
+    // hold a slot's `r` codes in its expert's column block `[e·r, (e+1)·r)` and zeros elsewhere,
+    // so that every rank-r product of the op is one dense GEMM.
 
-    /// Forward activation: for each slot, `g = G[t] + s·B_g,e Z_g[t,e]`, `u = U[t] + s·B_u,e
-    /// Z_u[t,e]`, `a = silu(g) ⊙ u`; returns `[Ā [T, I] base = Σ_j w_j a_j, Z_d [T, k, r] adapter =
-    /// A_d,e drop(a_j)]`. Operands: `G, U` `[T, I]` base, `Z_g, Z_u` `[T, E·r]`, `B_g, B_u`
-    /// `[E, I, r]`, `A_d` `[E, r, I]`, `ids` `[T, k]`, `w` `[T, k]`.
-    fn moe_act_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>>;
-    /// Down LoRA: `[Y [T, H] base = Y₀ + s Σ_j w_j B_d,e Z_d[t, j]]`. Operands: `Y₀` `[T, H]` base,
-    /// `Z_d` `[T, k, r]`, `w` `[T, k]`, `ids` `[T, k]`, `B_d` `[E, H, r]`.
-    fn moe_down_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>>;
-    /// Backward of the down LoRA: with `q = B_d,eᵀ dY[t]`, returns `[dZ_d [T, k, r] = s·w_j·q,
-    /// dw [T, k] = s·⟨q, Z_d[t, j]⟩]`. Operands: `dY` `[T, H]` base, `Z_d`, `w`, `ids`, `B_d`.
-    fn moe_down_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>>;
-    /// Backward activation (recomputes g, u, a): `da_j = w_j dĀ + drop'(A_d,eᵀ dZ_d[t, j])`,
-    /// `dg_j = da_j ⊙ u ⊙ silu'(g)`, `du_j = da_j ⊙ silu(g)`; returns `[dG = Σ_j dg_j, dU = Σ_j du_j
-    /// [T, I] base, dZ_g, dZ_u [T, E·r] adapter (s·B_eᵀ d·_j in expert e's columns, zero for
-    /// unselected experts), dw [T, k] = ⟨dĀ, a_j⟩]`. Operands: those of `moe_act_forward`, then
-    /// `dĀ` `[T, I]` base and `dZ_d` `[T, k, r]`.
-    fn moe_act_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>>;
-    /// Per-expert LoRA weight gradients of the activation, looping over each expert's slots:
-    /// returns `[dB_g [E, I, r] = s Σ dg_j ⊗ Z_g[t,e], dB_u [E, I, r] = s Σ du_j ⊗ Z_u[t,e],
-    /// dA_d [E, r, I] = Σ dZ_d[t,j] ⊗ drop(a_j)]`. Operands: those of `moe_act_backward`, then
-    /// `perm` `[T·k]` and `offsets` `[E+1]`.
-    fn moe_act_weight_grads(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>>;
-    /// `[dB_d [E, H, r] = s Σ_{slots of e} w_j dY[t] ⊗ Z_d[t, j]]`. Operands: `dY` `[T, H]` base,
-    /// `Z_d` `[T, k, r]`, `w` `[T, k]`, `perm` `[T·k]`, `offsets` `[E+1]`.
-    fn moe_down_weight_grad(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>>;
+    /// `[out [T, k, r] adapter]`, `out[t, j, c] = src[row, ids[t, j]·r + c]` with `row = t·k + j`
+    /// when `src` has `T·k` rows, `row = t` when it has `T`. Operands: `src` `[T·k or T, E·r]`
+    /// (any float dtype), `ids`.
+    fn moe_gather_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>>;
+    /// `[out [T·k, E·r]]`: row `p` holds `codes[p]` in block `ids[p]`. Operands: `codes`
+    /// `[T, k, r]` (any float dtype, kept by the result), `ids`.
+    fn moe_expand_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>>;
+    /// `[out [T, E·r]]`: row `t` holds `Σ_j codes[t, j]` in blocks `ids[t, j]`. Operands: those of
+    /// `moe_expand_codes`.
+    fn moe_expand_codes_summed(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>>;
+    /// SwiGLU over the slots: `g = G[t] + ΔG[p]`, `u = U[t] + ΔU[p]`, `a = silu(g) ⊙ u`; returns
+    /// `[Ā [T, I] = Σ_j w_j a_j, am [T·k, I] = m(p) ⊙ a_j]` (base; `m` the dropout mask of
+    /// [`MoeDims::dropout`]). Operands: `G, U` `[T, I]` base (row strides allowed), `ΔG, ΔU`
+    /// `[T·k, I]` base, `w` `[T, k]` adapter.
+    fn moe_swiglu_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>>;
+    /// Its backward: `da_j = w_j dĀ[t] + m(p) ⊙ ΔD[p]`, `dg_j = da_j ⊙ u ⊙ silu'(g)`, `du_j =
+    /// da_j ⊙ silu(g)`; returns `[dGU [T, 2I] = [Σ_j dg_j | Σ_j du_j], dg, du [T·k, I], am [T·k, I]
+    /// (base), dw [T, k] = ⟨dĀ[t], a_j⟩ (adapter)]`. Operands: those of `moe_swiglu_forward`
+    /// before `w`, then `ΔD` `[T·k, I]` base, `dĀ` `[T, I]` base, `w`.
+    fn moe_swiglu_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>>;
 
     // ----- fused LoRA (crate::ops::lora) --------------------------------------------------------
     // `x` `[M, in]` and `y`, `g` `[M, out]` are rank-2 views of any float dtype; the adapter
@@ -480,10 +476,14 @@ pub struct MoeDims {
     pub i: usize,
     /// The LoRA scale `s`.
     pub scale: f64,
-    /// Dropout probability on `a_j` before `A_d` (0: none): element `i` of slot `p` is kept when
-    /// `rng::uniform(seed, p·I + i) ≥ p_drop`, and scaled by `1/(1 − p_drop)`.
+    /// Dropout probability on `a_j` before `A_d` (0: none): element `i` of slot `p = t·k + j`
+    /// is kept when `rng::uniform(seed, ((t0 + t)·k + j)·I + i) ≥ p_drop`, and scaled by
+    /// `1/(1 − p_drop)`.
     pub dropout: f64,
     pub seed: u64,
+    /// The index of the first token among all the op's tokens (the op runs in token chunks;
+    /// the dropout mask is a function of the global slot).
+    pub t0: usize,
 }
 
 /// Creation of storages on a device.

@@ -9,28 +9,37 @@
 //!   blocks of one buffer), `Z_g = drop_g(X) A_g,allᵀ`, `Z_u = drop_u(X) A_u,allᵀ` `[T, E·r]` (all
 //!   experts' `A` in one GEMM each);
 //! - per slot `(t, j)`, `e = ids[t, j]`: `g = G[t] + s·B_g,e Z_g[t,e]`, `u = U[t] + s·B_u,e
-//!   Z_u[t,e]`, `a_j = silu(g) ⊙ u`; `Ā[t] = Σ_j w_j a_j` `[T, I]` and `Z_d[t,j] = A_d,e drop_d(a_j)`
-//!   `[T, k, r]`, both from one kernel that never stores `a_j`;
-//! - `Y = Ā W_dᵀ + s Σ_j w_j B_d,e Z_d[t,j]` (a GEMM and a small kernel).
+//!   Z_u[t,e]`, `a_j = silu(g) ⊙ u`; `Ā[t] = Σ_j w_j a_j` `[T, I]`, `Z_d[t,j] = A_d,e drop_d(a_j)`
+//!   `[T, k, r]`;
+//! - `Y = Ā W_dᵀ + s Σ_j w_j B_d,e Z_d[t,j]`.
 //!
-//! backward (recomputing `g, u, a` from `G, U, Z`; saved: `G, U` `[T, I]` and the rank-r codes)
+//! backward (recomputing `g, u, a` from `G, U` and the codes; saved: `G, U` `[T, I]` and the
+//! rank-r codes, never a `k·T × I` tensor)
 //! - `dĀ = dY W_d`; `q = B_d,eᵀ dY[t]`, `dZ_d[t,j] = s·w_j·q`, `dw_j = ⟨dĀ, a_j⟩ + s·⟨q, Z_d[t,j]⟩`;
 //! - `da_j = w_j dĀ + drop_d'(A_d,eᵀ dZ_d[t,j])`, `dg_j = da_j ⊙ u ⊙ silu'(g)`, `du_j = da_j ⊙
 //!   silu(g)`, `dG = Σ_j dg_j`, `dU = Σ_j du_j`, `dZ_g[t,e] = s·B_g,eᵀ dg_j` (zero for experts
 //!   `t` does not use), `dZ_u` likewise;
 //! - `dX = dG W_g + dU W_u + drop_g'(dZ_g A_g,all) + drop_u'(dZ_u A_u,all)`,
 //!   `dA_g,all = dZ_gᵀ drop_g(X)` (one GEMM), `dA_u,all` likewise;
-//! - per expert, over the slots routed to it (`perm`, `offsets`): `dB_g,e = s Σ dg_j ⊗ Z_g[t,e]`,
-//!   `dB_u,e = s Σ du_j ⊗ Z_u[t,e]`, `dA_d,e = Σ dZ_d[t,j] ⊗ drop_d(a_j)`,
-//!   `dB_d,e = s Σ w_j dY[t] ⊗ Z_d[t,j]`.
+//! - `dB_g,e = s Σ dg_j ⊗ Z_g[t,e]`, `dB_u,e = s Σ du_j ⊗ Z_u[t,e]`, `dA_d,e = Σ dZ_d[t,j] ⊗
+//!   drop_d(a_j)`, `dB_d,e = s Σ w_j dY[t] ⊗ Z_d[t,j]` over the slots routed to `e`.
+//!
+//! How it runs: every rank-r product is one dense GEMM over "block codes" `C` `[T·k, E·r]` (row
+//! `(t, j)` holds the slot's `r` codes in expert `e`'s column block and zeros elsewhere) against
+//! all experts' `B` laid out as `B_all` `[I, E·r]`: `s·B_g,e Z_g[t,e]` for every slot is `C_g
+//! B_g,allᵀ` `[T·k, I]`, `B_g,eᵀ dg_j` is a block of `dg B_g,all`, and `dB_g,all = dgᵀ C_g` sums
+//! each expert's slots exactly (the other blocks of a row are zero). The GEMMs run on the tensor
+//! cores in the base dtype; only the SwiGLU over the slots and the code layouts are kernels of
+//! their own (`BackendStorage::moe_*`). The `[T·k, I]` slot tensors live only inside one chunk of
+//! tokens (see [`moe_fused_ffn_chunked`]), so the op's transient memory is bounded.
 //!
 //! Dropout: one counter-based mask per projection on `X` for gate and up, shared by all experts
 //! (the naive path draws one per expert), and a counter-based mask on each `a_j` for down, drawn
 //! inside the kernels. The fused and the naive paths agree only without dropout.
 //!
-//! Dtypes: the base (`X`, `W`, `G`, `U`, `Ā`, `Y`, `dY`) is f64, f32 or bf16; adapter weights,
-//! routing weights and codes are in the adapter dtype (f64 under an f64 base, else f32), and the
-//! kernels accumulate in it.
+//! Dtypes: the base (`X`, `W`, `G`, `U`, `Ā`, `Y`, `dY` and the GEMM operands) is f64, f32 or
+//! bf16; adapter weights, routing weights and codes are in the adapter dtype (f64 under an f64
+//! base, else f32), and the SwiGLU kernels accumulate in it.
 
 use crate::autograd::{NoGradGuard, Node};
 use crate::backend::{BackendStorage, MoeDims};
@@ -52,17 +61,13 @@ pub struct MoeFusedWeights<'a> {
     pub scale: f64,
 }
 
-/// Top-k routing of `T` tokens, and the slots grouped by expert.
+/// Top-k routing of `T` tokens.
 #[derive(Clone, Copy, Debug)]
 pub struct MoeRouting<'a> {
     /// `[T, k]` u32: the expert of slot `(t, j)`; the k experts of a token are distinct.
     pub ids: &'a Tensor,
     /// `[T, k]` adapter dtype, in the graph: the combine weight of slot `(t, j)`.
     pub weights: &'a Tensor,
-    /// `[T·k]` u32: the slots `p = t·k + j` sorted stably by `ids[p]`.
-    pub perm: &'a Tensor,
-    /// `[E+1]` u32: `offsets[e]` = number of slots with expert `< e`.
-    pub offsets: &'a Tensor,
 }
 
 /// LoRA dropout of the fused path (training only).
@@ -152,6 +157,19 @@ fn gate_up(x: &Tensor, w_gate: &Tensor, w_up: &Tensor) -> Result<(Tensor, Tensor
     }
 }
 
+/// Tokens per chunk by default: the `[chunk·k, I]` slot tensors of one chunk hold at most this
+/// many elements each (2^26: 128 MiB in bf16). Several such tensors are alive at once inside a
+/// chunk, and the base GEMMs still see thousands of rows at LLaMA-2-7B sizes.
+const CHUNK_ELEMS: usize = 1 << 26;
+
+/// The default chunk: as many tokens as fit [`CHUNK_ELEMS`], a multiple of 128 (GEMM tiles) when
+/// that is at least 256 tokens, and never more than `t`.
+pub fn default_chunk_tokens(t: usize, k: usize, i: usize) -> usize {
+    let c = CHUNK_ELEMS / (k * i).max(1);
+    let c = if c >= 256 { c / 128 * 128 } else { c };
+    c.clamp(1, t.max(1))
+}
+
 /// The MixLoRA FFN of `x` `[T, H]` (base dtype) by the fused path: `Y` `[T, H]` in `x`'s dtype
 /// (see the module doc for the maths and the dtypes). `dropout`, when given, applies the LoRA
 /// dropout of training.
@@ -163,6 +181,20 @@ pub fn moe_fused_ffn(
     w: &MoeFusedWeights<'_>,
     route: &MoeRouting<'_>,
     dropout: Option<MoeDropout>,
+) -> Result<Tensor> {
+    moe_fused_ffn_chunked(x, w, route, dropout, None)
+}
+
+/// [`moe_fused_ffn`] with the tokens processed `chunk_tokens` at a time (default:
+/// [`default_chunk_tokens`]): the per-slot `[chunk·k, I]` tensors exist for one chunk at a time.
+/// The result does not depend on the chunking (up to the order of the floating-point sums of the
+/// weight gradients over chunks).
+pub fn moe_fused_ffn_chunked(
+    x: &Tensor,
+    w: &MoeFusedWeights<'_>,
+    route: &MoeRouting<'_>,
+    dropout: Option<MoeDropout>,
+    chunk_tokens: Option<usize>,
 ) -> Result<Tensor> {
     // ----- checks ----------------------------------------------------------------------
     if x.rank() != 2 {
@@ -212,8 +244,6 @@ pub fn moe_fused_ffn(
         (w.b_down, vec![e, h, r], at),
         (route.ids, vec![t, k], DType::U32),
         (route.weights, vec![t, k], at),
-        (route.perm, vec![t * k], DType::U32),
-        (route.offsets, vec![e + 1], DType::U32),
     ] {
         expect_shape(tensor, &dims)?;
         expect_dtype(tensor, dtype)?;
@@ -229,6 +259,11 @@ pub fn moe_fused_ffn(
     if !(0.0..1.0).contains(&p) {
         return Err(Error::invalid(OP, format!("dropout {p} is not in [0, 1)")));
     }
+    let chunk = match chunk_tokens {
+        Some(0) => return Err(Error::invalid(OP, "a chunk of 0 tokens")),
+        Some(c) => c.min(t.max(1)),
+        None => default_chunk_tokens(t, k, i),
+    };
     let seed = dropout.map_or(0, |d| d.seed);
     let (seed_g, seed_u, seed_d) = (rng::hash(seed, 0), rng::hash(seed, 1), rng::hash(seed, 2));
     let d = MoeDims {
@@ -241,47 +276,58 @@ pub fn moe_fused_ffn(
         scale: w.scale,
         dropout: p,
         seed: seed_d,
+        t0: 0,
     };
+    let s = w.scale;
+    let chunks: Vec<(usize, usize)> = (0..t)
+        .step_by(chunk)
+        .map(|t0| (t0, chunk.min(t - t0)))
+        .collect();
 
     // ----- forward ---------------------------------------------------------------------
-    let (g, u, zg, zu, zd, y) = {
+    let (gu, zg, zu, zd, y) = {
         let _ng = NoGradGuard::new();
         let xa = x.to_dtype(at)?; // [T, H] adapter
-        let xg = xa.dropout(p, seed_g, true)?;
-        let xu = xa.dropout(p, seed_u, true)?;
-        let zg = xg.matmul(&w.a_gate.reshape([e * r, h])?.t()?)?; // [T, E·r]
-        let zu = xu.matmul(&w.a_up.reshape([e * r, h])?.t()?)?; // [T, E·r]
-        let (g, u) = gate_up(x, w.w_gate, w.w_up)?; // [T, I] each
-        let act = run(
-            Storage::moe_act_forward,
-            &[
-                &g,
-                &u,
-                &zg,
-                &zu,
-                w.b_gate,
-                w.b_up,
-                w.a_down,
-                route.ids,
-                route.weights,
-            ],
-            &d,
-            &[Shape::from([t, i]), Shape::from([t, k, r])],
-        )?;
-        let (abar, zd) = (&act[0], act[1].clone()); // [T, I] base, [T, k, r] adapter
-        let y0 = abar.matmul(&w.w_down.t()?)?; // [T, H]
-        let y = run(
-            Storage::moe_down_forward,
-            &[&y0, &zd, route.weights, route.ids, w.b_down],
-            &d,
-            &[Shape::from([t, h])],
-        )?;
-        (g, u, zg, zu, zd, y[0].clone())
+        let zg = xa
+            .dropout(p, seed_g, true)?
+            .matmul(&w.a_gate.reshape([e * r, h])?.t()?)?; // [T, E·r]
+        let zu = xa
+            .dropout(p, seed_u, true)?
+            .matmul(&w.a_up.reshape([e * r, h])?.t()?)?; // [T, E·r]
+        let gu = gate_up(x, w.w_gate, w.w_up)?; // [T, I] each
+        let lw = LoraLayouts::new(w.b_gate, w.b_up, w.a_down, w.b_down, bt)?;
+        let cg = slot_codes(&zg, route.ids, s, &d, bt)?; // [T·k, E·r] base
+        let cu = slot_codes(&zu, route.ids, s, &d, bt)?;
+        let (mut zd, mut y0) = (Vec::new(), Vec::new());
+        for &(t0, tc) in &chunks {
+            let dc = MoeDims { t: tc, t0, ..d };
+            let (gc, uc) = (gu.0.narrow(0, t0, tc)?, gu.1.narrow(0, t0, tc)?);
+            let (cgc, cuc) = (cg.narrow(0, t0 * k, tc * k)?, cu.narrow(0, t0 * k, tc * k)?);
+            let lg = cgc.matmul(&lw.b_gate.t()?)?; // [tc·k, I] = s·B_g,e Z_g[t,e]
+            let lu = cuc.matmul(&lw.b_up.t()?)?;
+            let wc = route.weights.narrow(0, t0, tc)?;
+            let act = run(
+                Storage::moe_swiglu_forward,
+                &[&gc, &uc, &lg, &lu, &wc],
+                &dc,
+                &[Shape::from([tc, i]), Shape::from([tc * k, i])],
+            )?;
+            drop((lg, lu));
+            let (abar, am) = (&act[0], &act[1]); // [tc, I], [tc·k, I]
+            let ids_c = route.ids.narrow(0, t0, tc)?;
+            zd.push(gather(&am.matmul(&lw.a_down.t()?)?, &ids_c, &dc)?); // [tc, k, r]
+            y0.push(abar.matmul(&w.w_down.t()?)?); // [tc, H]
+        }
+        let zd = join(zd)?; // [T, k, r] adapter
+        let y0 = join(y0)?; // [T, H] base
+        let cy = down_codes(&zd, route.weights, route.ids, s, &d)?; // [T, E·r] adapter
+        let y = y0.add(&cy.to_dtype(bt)?.matmul(&lw.b_down.t()?)?)?;
+        (gu, zg, zu, zd, y)
     };
 
     // ----- backward --------------------------------------------------------------------
     let (w_gate, w_up, w_down) = (w.w_gate.clone(), w.w_up.clone(), w.w_down.clone());
-    let (ids, perm, offsets) = (route.ids.clone(), route.perm.clone(), route.offsets.clone());
+    let ids = route.ids.clone();
     let inputs = [
         x,
         route.weights,
@@ -297,85 +343,115 @@ pub fn moe_fused_ffn(
             &inp[0], &inp[1], &inp[2], &inp[3], &inp[4], &inp[5], &inp[6], &inp[7],
         );
         let need = |n: usize| inp[n].tracks_grad();
-        let dabar = dy.matmul(&w_down)?; // [T, I] base
-        let down = run(
-            Storage::moe_down_backward,
-            &[dy, &zd, wts, &ids, bd],
-            &d,
-            &[Shape::from([t, k, r]), Shape::from([t, k])],
-        )?;
-        let (dzd, dw_down) = (&down[0], &down[1]); // [T, k, r], [T, k]
-        let act = run(
-            Storage::moe_act_backward,
-            &[&g, &u, &zg, &zu, bg, bu, ad, &ids, wts, &dabar, dzd],
-            &d,
-            &[
-                Shape::from([t, i]),
-                Shape::from([t, i]),
-                Shape::from([t, e * r]),
-                Shape::from([t, e * r]),
-                Shape::from([t, k]),
-            ],
-        )?;
-        let (dg, du, dzg, dzu, dw_act) = (&act[0], &act[1], &act[2], &act[3], &act[4]);
-        let dx = if need(0) {
-            let ag2 = ag.reshape([e * r, h])?; // [E·r, H]
-            let au2 = au.reshape([e * r, h])?;
-            let lora = dzg
-                .matmul(&ag2)?
-                .dropout(p, seed_g, true)?
-                .add(&dzu.matmul(&au2)?.dropout(p, seed_u, true)?)?; // [T, H] adapter
-            let base = dg.matmul(&w_gate)?.add(&du.matmul(&w_up)?)?; // [T, H] base
-            Some(base.add(&lora.to_dtype(x.dtype())?)?)
+        let lw = LoraLayouts::new(bg, bu, ad, bd, bt)?;
+        // Down LoRA: q = B_d,eᵀ dY[t] for each slot.
+        let q = gather(&dy.matmul(&lw.b_down)?, &ids, &d)?; // [T, k, r] adapter
+        let dzd = q.mul(&wts.reshape([t, k, 1])?.affine(s, 0.0)?)?; // s·w_j·q
+        let dw_down = q.mul(&zd)?.sum(2, false)?.affine(s, 0.0)?; // [T, k]
+        let cd = expand(&dzd, &ids, &d)?.to_dtype(bt)?; // [T·k, E·r] base
+        let cg = slot_codes(&zg, &ids, s, &d, bt)?; // [T·k, E·r] base
+        let cu = slot_codes(&zu, &ids, s, &d, bt)?;
+        let need_dz = need(0) || need(2) || need(4);
+        let w_gu = stacked_gate_up(&w_gate, &w_up);
+        let (mut dx_base, mut dzg, mut dzu, mut dw_act) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut dbg, mut dbu, mut dad): (Option<Tensor>, Option<Tensor>, Option<Tensor>) =
+            (None, None, None);
+        for &(t0, tc) in &chunks {
+            let dc = MoeDims { t: tc, t0, ..d };
+            let rows = |m: &Tensor| m.narrow(0, t0 * k, tc * k);
+            let (cgc, cuc, cdc) = (rows(&cg)?, rows(&cu)?, rows(&cd)?);
+            let dabar = dy.narrow(0, t0, tc)?.matmul(&w_down)?; // [tc, I] base
+            let lg = cgc.matmul(&lw.b_gate.t()?)?; // [tc·k, I]
+            let lu = cuc.matmul(&lw.b_up.t()?)?;
+            let ld = cdc.matmul(&lw.a_down)?; // [tc·k, I] = A_d,eᵀ dZ_d[t,j]
+            let (gc, uc) = (gu.0.narrow(0, t0, tc)?, gu.1.narrow(0, t0, tc)?);
+            let out = run(
+                Storage::moe_swiglu_backward,
+                &[&gc, &uc, &lg, &lu, &ld, &dabar, &wts.narrow(0, t0, tc)?],
+                &dc,
+                &[
+                    Shape::from([tc, 2 * i]),
+                    Shape::from([tc * k, i]),
+                    Shape::from([tc * k, i]),
+                    Shape::from([tc * k, i]),
+                    Shape::from([tc, k]),
+                ],
+            )?;
+            drop((lg, lu, ld, dabar));
+            let (dgu, dg, du, am) = (&out[0], &out[1], &out[2], &out[3]);
+            dw_act.push(out[4].clone());
+            if need(0) {
+                dx_base.push(match &w_gu {
+                    Some(w) => dgu.matmul(w)?, // [tc, 2I] [2I, H]
+                    None => dgu
+                        .narrow(1, 0, i)?
+                        .matmul(&w_gate)?
+                        .add(&dgu.narrow(1, i, i)?.matmul(&w_up)?)?,
+                });
+            }
+            let ids_c = ids.narrow(0, t0, tc)?;
+            if need_dz {
+                dzg.push(gather(&dg.matmul(&lw.b_gate)?, &ids_c, &dc)?); // [tc, k, r]
+                dzu.push(gather(&du.matmul(&lw.b_up)?, &ids_c, &dc)?);
+            }
+            if need(3) {
+                accumulate(&mut dbg, dg.t()?.matmul(&cgc)?.to_dtype(at)?)?; // [I, E·r]
+            }
+            if need(5) {
+                accumulate(&mut dbu, du.t()?.matmul(&cuc)?.to_dtype(at)?)?;
+            }
+            if need(6) {
+                accumulate(&mut dad, cdc.t()?.matmul(am)?.to_dtype(at)?)?; // [E·r, I]
+            }
+        }
+        // dZ_g, dZ_u [T, E·r] adapter: s·B_eᵀ dg_j in the token's expert blocks.
+        let (dzg, dzu) = if need_dz {
+            let dzg = expand_summed(&join(dzg)?.affine(s, 0.0)?, &ids, &d)?;
+            let dzu = expand_summed(&join(dzu)?.affine(s, 0.0)?, &ids, &d)?;
+            (Some(dzg), Some(dzu))
         } else {
-            None
+            (None, None)
         };
-        let dw = need(1).then(|| dw_act.add(dw_down)).transpose()?; // [T, k]
-        let xa = (need(2) || need(4))
-            .then(|| x.to_dtype(ag.dtype()))
-            .transpose()?; // [T, H] adapter
-        let da_gate = match (&xa, need(2)) {
-            (Some(xa), true) => Some(
+        let dx = match (&dzg, &dzu, need(0)) {
+            (Some(dzg), Some(dzu), true) => {
+                let lora = dzg
+                    .matmul(&ag.reshape([e * r, h])?)?
+                    .dropout(p, seed_g, true)?
+                    .add(
+                        &dzu.matmul(&au.reshape([e * r, h])?)?
+                            .dropout(p, seed_u, true)?,
+                    )?; // [T, H] adapter
+                Some(join(dx_base)?.add(&lora.to_dtype(x.dtype())?)?)
+            }
+            _ => None,
+        };
+        let dw = need(1)
+            .then(|| join(dw_act.clone())?.add(&dw_down))
+            .transpose()?; // [T, k]
+        let xa = (need(2) || need(4)).then(|| x.to_dtype(at)).transpose()?; // [T, H] adapter
+        let da_gate = match (&xa, &dzg, need(2)) {
+            (Some(xa), Some(dzg), true) => Some(
                 dzg.t()?
                     .matmul(&xa.dropout(p, seed_g, true)?)?
                     .reshape([e, r, h])?,
             ),
             _ => None,
         };
-        let da_up = match (&xa, need(4)) {
-            (Some(xa), true) => Some(
+        let da_up = match (&xa, &dzu, need(4)) {
+            (Some(xa), Some(dzu), true) => Some(
                 dzu.t()?
                     .matmul(&xa.dropout(p, seed_u, true)?)?
                     .reshape([e, r, h])?,
             ),
             _ => None,
         };
-        let (mut db_gate, mut db_up, mut da_down) = (None, None, None);
-        if need(3) || need(5) || need(6) {
-            let wg = run(
-                Storage::moe_act_weight_grads,
-                &[
-                    &g, &u, &zg, &zu, bg, bu, ad, &ids, wts, &dabar, dzd, &perm, &offsets,
-                ],
-                &d,
-                &[
-                    Shape::from([e, i, r]),
-                    Shape::from([e, i, r]),
-                    Shape::from([e, r, i]),
-                ],
-            )?;
-            db_gate = Some(wg[0].clone());
-            db_up = Some(wg[1].clone());
-            da_down = Some(wg[2].clone());
-        }
+        let db_gate = dbg.map(|m| per_expert(&m, e, r, i)).transpose()?;
+        let db_up = dbu.map(|m| per_expert(&m, e, r, i)).transpose()?;
+        let da_down = dad.map(|m| m.reshape([e, r, i])).transpose()?;
         let db_down = if need(7) {
-            let out = run(
-                Storage::moe_down_weight_grad,
-                &[dy, &zd, wts, &perm, &offsets],
-                &d,
-                &[Shape::from([e, h, r])],
-            )?;
-            Some(out[0].clone())
+            let cy = down_codes(&zd, wts, &ids, s, &d)?.to_dtype(bt)?; // [T, E·r]
+            Some(per_expert(&dy.t()?.matmul(&cy)?.to_dtype(at)?, e, r, h)?)
         } else {
             None
         };
@@ -387,4 +463,89 @@ pub fn moe_fused_ffn(
         Some(node) => y.view(y.layout().clone(), Some(node)),
         None => y,
     })
+}
+
+/// The experts' LoRA weights laid out for the block-code GEMMs, in the base dtype.
+struct LoraLayouts {
+    b_gate: Tensor, // [I, E·r]
+    b_up: Tensor,   // [I, E·r]
+    a_down: Tensor, // [E·r, I]
+    b_down: Tensor, // [H, E·r]
+}
+
+impl LoraLayouts {
+    fn new(bg: &Tensor, bu: &Tensor, ad: &Tensor, bd: &Tensor, base: DType) -> Result<Self> {
+        let (e, r, i) = (ad.dims()[0], ad.dims()[1], ad.dims()[2]);
+        Ok(LoraLayouts {
+            b_gate: all_experts(bg, base)?,
+            b_up: all_experts(bu, base)?,
+            a_down: ad.reshape([e * r, i])?.to_dtype(base)?,
+            b_down: all_experts(bd, base)?,
+        })
+    }
+}
+
+/// `[E, n, r]` → `[n, E·r]` (row `c` holds every expert's row `c`) in `dtype`.
+fn all_experts(b: &Tensor, dtype: DType) -> Result<Tensor> {
+    let (e, n, r) = (b.dims()[0], b.dims()[1], b.dims()[2]);
+    b.to_dtype(dtype)?
+        .permute(&[1, 0, 2])?
+        .contiguous()?
+        .reshape([n, e * r])
+}
+
+/// `[n, E·r]` → `[E, n, r]`, the inverse of [`all_experts`].
+fn per_expert(m: &Tensor, e: usize, r: usize, n: usize) -> Result<Tensor> {
+    m.reshape([n, e, r])?.permute(&[1, 0, 2])?.contiguous()
+}
+
+/// Each slot's `r` codes out of block codes `src` `[T·k or T, E·r]`: `[T, k, r]` adapter.
+fn gather(src: &Tensor, ids: &Tensor, d: &MoeDims) -> Result<Tensor> {
+    let shape = Shape::from([ids.dims()[0], d.k, d.r]);
+    let d = MoeDims {
+        t: ids.dims()[0],
+        ..*d
+    };
+    Ok(run(Storage::moe_gather_codes, &[src, ids], &d, &[shape])?.remove(0))
+}
+
+/// Per-slot block codes `[T·k, E·r]` of `codes` `[T, k, r]` (same dtype).
+fn expand(codes: &Tensor, ids: &Tensor, d: &MoeDims) -> Result<Tensor> {
+    let shape = Shape::from([d.t * d.k, d.e * d.r]);
+    Ok(run(Storage::moe_expand_codes, &[codes, ids], d, &[shape])?.remove(0))
+}
+
+/// Per-token block codes `[T, E·r]` of `codes` `[T, k, r]`: the token's slots summed (their
+/// blocks are distinct).
+fn expand_summed(codes: &Tensor, ids: &Tensor, d: &MoeDims) -> Result<Tensor> {
+    let shape = Shape::from([d.t, d.e * d.r]);
+    Ok(run(Storage::moe_expand_codes_summed, &[codes, ids], d, &[shape])?.remove(0))
+}
+
+/// `s·Z[t, e_j]` of every slot as block codes `[T·k, E·r]` in `dtype`, from `Z` `[T, E·r]`.
+fn slot_codes(z: &Tensor, ids: &Tensor, s: f64, d: &MoeDims, dtype: DType) -> Result<Tensor> {
+    expand(&gather(z, ids, d)?.affine(s, 0.0)?, ids, d)?.to_dtype(dtype)
+}
+
+/// The down-LoRA codes `s·w_j·Z_d[t, j]` as per-token block codes `[T, E·r]` (adapter dtype).
+fn down_codes(zd: &Tensor, wts: &Tensor, ids: &Tensor, s: f64, d: &MoeDims) -> Result<Tensor> {
+    let sw = wts.reshape([d.t, d.k, 1])?.affine(s, 0.0)?;
+    expand_summed(&zd.mul(&sw)?, ids, d)
+}
+
+/// The chunks' results joined along dim 0 (no copy for one chunk).
+fn join(mut parts: Vec<Tensor>) -> Result<Tensor> {
+    if parts.len() == 1 {
+        return Ok(parts.remove(0));
+    }
+    let refs: Vec<&Tensor> = parts.iter().collect();
+    super::concat::cat(&refs, 0)
+}
+
+fn accumulate(acc: &mut Option<Tensor>, v: Tensor) -> Result<()> {
+    *acc = Some(match acc.take() {
+        Some(a) => a.add(&v)?,
+        None => v,
+    });
+    Ok(())
 }

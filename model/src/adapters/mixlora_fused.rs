@@ -74,7 +74,6 @@ impl MixLoraFfn {
                 (ids, weights)
             }
         };
-        let (perm, offsets) = ids.moe_group(self.num_experts())?; // on the device
         let weights_ref = MoeFusedWeights {
             w_gate: w.gate,
             w_up: w.up,
@@ -90,8 +89,6 @@ impl MixLoraFfn {
         let routing = MoeRouting {
             ids: &ids,
             weights: &weights,
-            perm: &perm,
-            offsets: &offsets,
         };
         let dropout = dropout_seed
             .filter(|_| p > 0.0)

@@ -530,40 +530,34 @@ impl BackendStorage for CpuStorage {
             },
         )
     }
-    fn moe_act_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+    fn moe_gather_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
         profile::timed(
-            || "moe_act_forward".into(),
-            || moe_fused::act_forward(args, d),
+            || "moe_gather_codes".into(),
+            || moe_fused::gather_codes(args, d),
         )
     }
-    fn moe_down_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+    fn moe_expand_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
         profile::timed(
-            || "moe_down_forward".into(),
-            || moe_fused::down_forward(args, d),
+            || "moe_expand_codes".into(),
+            || moe_fused::expand_codes(args, d),
         )
     }
-    fn moe_down_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+    fn moe_expand_codes_summed(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
         profile::timed(
-            || "moe_down_backward".into(),
-            || moe_fused::down_backward(args, d),
+            || "moe_expand_codes_summed".into(),
+            || moe_fused::expand_codes_summed(args, d),
         )
     }
-    fn moe_act_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+    fn moe_swiglu_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
         profile::timed(
-            || "moe_act_backward".into(),
-            || moe_fused::act_backward(args, d),
+            || "moe_swiglu_forward".into(),
+            || moe_fused::swiglu_forward(args, d),
         )
     }
-    fn moe_act_weight_grads(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+    fn moe_swiglu_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
         profile::timed(
-            || "moe_act_weight_grads".into(),
-            || moe_fused::act_weight_grads(args, d),
-        )
-    }
-    fn moe_down_weight_grad(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        profile::timed(
-            || "moe_down_weight_grad".into(),
-            || moe_fused::down_weight_grad(args, d),
+            || "moe_swiglu_backward".into(),
+            || moe_fused::swiglu_backward(args, d),
         )
     }
     fn lora_codes(&self, l: &Layout, a: &Self, a_l: &Layout, p: f64, seed: u64) -> Result<Self> {

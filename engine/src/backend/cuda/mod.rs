@@ -455,23 +455,20 @@ impl BackendStorage for CudaStorage {
             ignore_index,
         )
     }
-    fn moe_act_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        moe_fused::act_forward(args, d)
+    fn moe_gather_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        moe_fused::gather_codes(args, d)
     }
-    fn moe_down_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        moe_fused::down_forward(args, d)
+    fn moe_expand_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        moe_fused::expand_codes(args, d)
     }
-    fn moe_down_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        moe_fused::down_backward(args, d)
+    fn moe_expand_codes_summed(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        moe_fused::expand_codes_summed(args, d)
     }
-    fn moe_act_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        moe_fused::act_backward(args, d)
+    fn moe_swiglu_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        moe_fused::swiglu_forward(args, d)
     }
-    fn moe_act_weight_grads(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        moe_fused::act_weight_grads(args, d)
-    }
-    fn moe_down_weight_grad(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        moe_fused::down_weight_grad(args, d)
+    fn moe_swiglu_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        moe_fused::swiglu_backward(args, d)
     }
     fn lora_codes(&self, l: &Layout, a: &Self, a_l: &Layout, p: f64, seed: u64) -> Result<Self> {
         lora::lora_codes(self, l, a, a_l, p, seed)

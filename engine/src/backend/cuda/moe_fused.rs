@@ -2,7 +2,8 @@
 //! operands and results of each are documented on the `BackendStorage` methods). `G` and `U` are
 //! read in place through their row stride (they are column halves of one `[T, 2I]` product);
 //! every other operand is copied when it is not contiguous. Every operand's element count is
-//! checked against the sizes in [`MoeDims`] before a launch.
+//! checked against the sizes in [`MoeDims`] before a launch. Expert ids are trusted to be `< E`
+//! (the op takes them from its top-k; the CPU backend checks them).
 
 use cudarc::driver::LaunchConfig;
 use kernels::MOE_FUSED;
@@ -15,13 +16,10 @@ use crate::{DType, Error, Layout, Result};
 
 type Args<'a> = [(&'a CudaStorage, &'a Layout)];
 
-/// Threads per block of every fused kernel (a multiple of 32: the block reductions need it).
+/// Threads per block of the SwiGLU kernels (a multiple of 32: the block reductions need it).
 const THREADS: u32 = 256;
-/// Limits of the kernels' per-thread arrays (`MOE_MAX_K`, `MOE_MAX_KR`, `MOE_MAX_R` in
-/// moe_fused.cu).
+/// The most slots per token the kernels' per-thread arrays hold (`MOE_MAX_K` in moe_fused.cu).
 const MAX_K: usize = 8;
-const MAX_KR: usize = 64;
-const MAX_R: usize = 64;
 
 /// What an operand is.
 #[derive(Clone, Copy)]
@@ -30,6 +28,8 @@ enum Kind {
     Rows,
     /// Base dtype, contiguous.
     Base,
+    /// The first operand's dtype, whatever float it is, contiguous.
+    Any,
     /// Adapter dtype (f64 under an f64 base, else f32), contiguous.
     Adapter,
     /// u32, contiguous.
@@ -78,7 +78,7 @@ fn operands(op: &'static str, args: &Args<'_>, spec: &[(Kind, usize)]) -> Result
     for (&(s, l), &(kind, len)) in args.iter().zip(spec) {
         first.same_device(op, s)?;
         let want = match kind {
-            Kind::Rows | Kind::Base => base,
+            Kind::Rows | Kind::Base | Kind::Any => base,
             Kind::Adapter => adapter,
             Kind::Index => DType::U32,
         };
@@ -116,148 +116,167 @@ fn operands(op: &'static str, args: &Args<'_>, spec: &[(Kind, usize)]) -> Result
     Ok(out)
 }
 
-fn check_limits(op: &'static str, d: &MoeDims) -> Result<()> {
-    if d.k > MAX_K || d.k * d.r > MAX_KR || d.r > MAX_R {
+fn check_sizes(op: &'static str, d: &MoeDims) -> Result<()> {
+    if d.k > MAX_K {
         return Err(Error::invalid(
             op,
-            format!(
-                "k = {}, r = {}: the CUDA kernels support k ≤ {MAX_K}, r ≤ {MAX_R}, k·r ≤ {MAX_KR}",
-                d.k, d.r
-            ),
+            format!("k = {}: the CUDA kernels support k ≤ {MAX_K}", d.k),
         ));
     }
-    for v in [d.t * d.k * d.i, d.t * d.e * d.r, d.e * d.i * d.r, d.t * d.h] {
+    for v in [d.t * d.k * d.i, d.t * d.k * d.e * d.r, d.t * 2 * d.i] {
         to_u32(op, v)?;
     }
     Ok(())
 }
 
-/// The kernel for `d`'s sizes: the `k2r16` variant (compile-time k = 2, r = 16: the default
-/// MixLoRA shape, its per-thread partials stay in registers) when it applies.
-fn kernel_name(op: &'static str, d: &MoeDims, base: DType) -> String {
-    if d.k == 2 && d.r == 16 {
-        format!("{op}_k2r16_{base}")
-    } else {
-        format!("{op}_{base}")
-    }
-}
-
-/// `(scale, dropout, keep, seed)` kernel arguments.
-fn settings(d: &MoeDims) -> (f64, f64, f64, u64) {
+/// `(dropout, keep, seed)` kernel arguments.
+fn settings(d: &MoeDims) -> (f64, f64, u64) {
     let keep = if d.dropout > 0.0 {
         1.0 / (1.0 - d.dropout)
     } else {
         1.0
     };
-    (d.scale, d.dropout, keep, d.seed)
+    (d.dropout, keep, d.seed)
 }
 
-/// One block per token.
+/// One block per token row (the kernels loop over rows beyond the grid).
 fn per_token(t: usize) -> LaunchConfig {
-    CudaDevice::rows(t, THREADS)
+    CudaDevice::rows(t.min(1 << 20), THREADS)
 }
 
-/// One thread per (column, expert).
-fn per_expert_column(cols: usize, e: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (cols.div_ceil(THREADS as usize).max(1) as u32, e as u32, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-fn sizes(op: &'static str, d: &MoeDims) -> Result<[u32; 6]> {
-    Ok([
-        to_u32(op, d.t)?,
-        to_u32(op, d.k)?,
-        to_u32(op, d.e)?,
-        to_u32(op, d.r)?,
-        to_u32(op, d.i)?,
-        to_u32(op, d.h)?,
-    ])
-}
-
-pub(crate) fn act_forward(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> {
-    const OP: &str = "moe_act_forward";
-    check_limits(OP, d)?;
-    let (t, k, e, r, i) = (d.t, d.k, d.e, d.r, d.i);
+pub(crate) fn gather_codes(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> {
+    const OP: &str = "moe_gather_codes";
+    check_sizes(OP, d)?;
+    let (t, k, e, r) = (d.t, d.k, d.e, d.r);
+    let src_len = args.first().map_or(0, |a| a.1.elem_count());
+    let per_slot = src_len == t * k * e * r && k != 1;
+    let rows = if per_slot { t * k } else { t };
     let o = operands(
         OP,
         args,
         &[
-            (Kind::Rows, t * i),        // G
-            (Kind::Rows, t * i),        // U
-            (Kind::Adapter, t * e * r), // Z_g
-            (Kind::Adapter, t * e * r), // Z_u
-            (Kind::Adapter, e * i * r), // B_g
-            (Kind::Adapter, e * i * r), // B_u
-            (Kind::Adapter, e * r * i), // A_d
-            (Kind::Index, t * k),       // ids
-            (Kind::Adapter, t * k),     // w
+            (Kind::Any, rows * e * r), // src
+            (Kind::Index, t * k),      // ids
+        ],
+    )?;
+    let out = CudaStorage::alloc(&o.dev, OP, t * k * r, o.adapter)?; // [T, k, r]
+    if t * k * r == 0 {
+        return Ok(vec![out]);
+    }
+    let [src, ids] = o.ptrs[..] else {
+        return Err(Error::invalid(OP, "operand count"));
+    };
+    let (t32, k32, e32, r32) = (
+        to_u32(OP, t)?,
+        to_u32(OP, k)?,
+        to_u32(OP, e)?,
+        to_u32(OP, r)?,
+    );
+    let (po, slot32) = (out.ptr(), u32::from(per_slot));
+    let name = format!("{OP}_{}", o.base);
+    // SAFETY: src holds rows·E·r elements and ids T·k (checked above), each id < E (the op's
+    // top-k); the kernel reads src[row·E·r + id·r + c] with row < rows and c < r, and writes the
+    // T·k·r elements of `out` (grid-stride).
+    unsafe {
+        launch!(
+            &o.dev,
+            OP,
+            MOE_FUSED,
+            name,
+            CudaDevice::grid(t * k * r),
+            [t32, k32, e32, r32, slot32, src, ids, po]
+        )
+    }?;
+    Ok(vec![out])
+}
+
+pub(crate) fn expand_codes(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> {
+    expand(args, d, false)
+}
+
+pub(crate) fn expand_codes_summed(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> {
+    expand(args, d, true)
+}
+
+fn expand(args: &Args<'_>, d: &MoeDims, summed: bool) -> Result<Vec<CudaStorage>> {
+    const OP: &str = "moe_expand_codes";
+    check_sizes(OP, d)?;
+    let (t, k, e, r) = (d.t, d.k, d.e, d.r);
+    let o = operands(
+        OP,
+        args,
+        &[
+            (Kind::Any, t * k * r), // codes
+            (Kind::Index, t * k),   // ids
+        ],
+    )?;
+    let rows = if summed { t } else { t * k };
+    let out = CudaStorage::alloc(&o.dev, OP, rows * e * r, o.base)?; // [rows, E·r]
+    if rows * e * r == 0 {
+        return Ok(vec![out]);
+    }
+    let [codes, ids] = o.ptrs[..] else {
+        return Err(Error::invalid(OP, "operand count"));
+    };
+    let (t32, k32, e32, r32) = (
+        to_u32(OP, t)?,
+        to_u32(OP, k)?,
+        to_u32(OP, e)?,
+        to_u32(OP, r)?,
+    );
+    let (po, sum32) = (out.ptr(), u32::from(summed));
+    let name = format!("{OP}_{}", o.base);
+    // SAFETY: codes hold T·k·r elements and ids T·k (checked above), each id < E (the op's
+    // top-k); the kernel writes each of the rows·E·r elements of `out` once (grid-stride).
+    unsafe {
+        launch!(
+            &o.dev,
+            OP,
+            MOE_FUSED,
+            name,
+            CudaDevice::grid(rows * e * r),
+            [t32, k32, e32, r32, sum32, codes, ids, po]
+        )
+    }?;
+    Ok(vec![out])
+}
+
+pub(crate) fn swiglu_forward(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> {
+    const OP: &str = "moe_swiglu_forward";
+    check_sizes(OP, d)?;
+    let (t, k, i) = (d.t, d.k, d.i);
+    let o = operands(
+        OP,
+        args,
+        &[
+            (Kind::Rows, t * i),     // G
+            (Kind::Rows, t * i),     // U
+            (Kind::Base, t * k * i), // ΔG
+            (Kind::Base, t * k * i), // ΔU
+            (Kind::Adapter, t * k),  // w
         ],
     )?;
     let abar = CudaStorage::alloc(&o.dev, OP, t * i, o.base)?; // [T, I]
-    let zd = CudaStorage::alloc(&o.dev, OP, t * k * r, o.adapter)?; // [T, k, r]
-    if t == 0 {
-        return Ok(vec![abar, zd]);
+    let am = CudaStorage::alloc(&o.dev, OP, t * k * i, o.base)?; // [T·k, I]
+    if t * i == 0 || k == 0 {
+        return Ok(vec![abar, am]);
     }
-    let [t32, k32, e32, r32, i32_, _] = sizes(OP, d)?;
-    let (scale, pdrop, keep, seed) = settings(d);
-    let [g, u, zg, zu, bg, bu, ad, ids, w] = o.ptrs[..] else {
+    let [g, u, dg, du, w] = o.ptrs[..] else {
         return Err(Error::invalid(OP, "operand count"));
     };
     let (ldg, ldu) = (o.lds[0], o.lds[1]);
-    let (pa, pz) = (abar.ptr(), zd.ptr());
-    let name = kernel_name(OP, d, o.base);
-    // SAFETY: every operand was checked above to hold exactly the elements its role needs (G, U
-    // [T, I] with row strides ldg, ldu ≥ I; Z_g, Z_u [T, E·r]; B_g, B_u [E, I, r]; A_d [E, r, I];
-    // ids, w [T, k]) in the dtype the kernel reads; ids are < E (the op takes them from top-k);
-    // the outputs hold T·I and T·k·r elements; k ≤ MOE_MAX_K and k·r ≤ MOE_MAX_KR (check_limits);
-    // one block of 256 threads per token.
-    unsafe {
-        launch!(
-            &o.dev,
-            OP,
-            MOE_FUSED,
-            name,
-            per_token(t),
-            [
-                t32, k32, e32, r32, i32_, g, ldg, u, ldu, zg, zu, bg, bu, ad, ids, w, pa, pz,
-                scale, pdrop, keep, seed
-            ]
-        )
-    }?;
-    Ok(vec![abar, zd])
-}
-
-pub(crate) fn down_forward(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> {
-    const OP: &str = "moe_down_forward";
-    check_limits(OP, d)?;
-    let (t, k, e, r, h) = (d.t, d.k, d.e, d.r, d.h);
-    let o = operands(
-        OP,
-        args,
-        &[
-            (Kind::Base, t * h),        // Y₀
-            (Kind::Adapter, t * k * r), // Z_d
-            (Kind::Adapter, t * k),     // w
-            (Kind::Index, t * k),       // ids
-            (Kind::Adapter, e * h * r), // B_d
-        ],
-    )?;
-    let y = CudaStorage::alloc(&o.dev, OP, t * h, o.base)?; // [T, H]
-    if t == 0 {
-        return Ok(vec![y]);
-    }
-    let [t32, k32, _, r32, _, h32] = sizes(OP, d)?;
-    let (scale, _, _, _) = settings(d);
-    let [y0, zd, w, ids, bd] = o.ptrs[..] else {
-        return Err(Error::invalid(OP, "operand count"));
-    };
-    let py = y.ptr();
+    let (t32, k32, i32_, t0) = (
+        to_u32(OP, t)?,
+        to_u32(OP, k)?,
+        to_u32(OP, i)?,
+        to_u32(OP, d.t0)?,
+    );
+    let (pdrop, keep, seed) = settings(d);
+    let (pa, pm) = (abar.ptr(), am.ptr());
     let name = format!("{OP}_{}", o.base);
-    // SAFETY: Y₀ and the output hold T·H elements of the base dtype, Z_d T·k·r, w and ids T·k,
-    // B_d E·H·r (checked above); ids < E; k·r ≤ MOE_MAX_KR; one block per token.
+    // SAFETY: G, U hold T rows of I elements at row strides ldg, ldu ≥ I; ΔG, ΔU T·k·I and w T·k
+    // elements (checked above); k ≤ MOE_MAX_K (check_sizes); the outputs hold T·I and T·k·I
+    // elements, each written once by the block of its row.
     unsafe {
         launch!(
             &o.dev,
@@ -265,96 +284,54 @@ pub(crate) fn down_forward(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStora
             MOE_FUSED,
             name,
             per_token(t),
-            [t32, k32, r32, h32, y0, zd, w, ids, bd, py, scale]
+            [t32, k32, i32_, t0, g, ldg, u, ldu, dg, du, w, pa, pm, pdrop, keep, seed]
         )
     }?;
-    Ok(vec![y])
+    Ok(vec![abar, am])
 }
 
-pub(crate) fn down_backward(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> {
-    const OP: &str = "moe_down_backward";
-    check_limits(OP, d)?;
-    let (t, k, e, r, h) = (d.t, d.k, d.e, d.r, d.h);
+pub(crate) fn swiglu_backward(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> {
+    const OP: &str = "moe_swiglu_backward";
+    check_sizes(OP, d)?;
+    let (t, k, i) = (d.t, d.k, d.i);
     let o = operands(
         OP,
         args,
         &[
-            (Kind::Base, t * h),        // dY
-            (Kind::Adapter, t * k * r), // Z_d
-            (Kind::Adapter, t * k),     // w
-            (Kind::Index, t * k),       // ids
-            (Kind::Adapter, e * h * r), // B_d
+            (Kind::Rows, t * i),     // G
+            (Kind::Rows, t * i),     // U
+            (Kind::Base, t * k * i), // ΔG
+            (Kind::Base, t * k * i), // ΔU
+            (Kind::Base, t * k * i), // ΔD
+            (Kind::Base, t * i),     // dĀ
+            (Kind::Adapter, t * k),  // w
         ],
     )?;
-    let dzd = CudaStorage::alloc(&o.dev, OP, t * k * r, o.adapter)?; // [T, k, r]
+    let dgu = CudaStorage::alloc(&o.dev, OP, t * 2 * i, o.base)?; // [T, 2I]
+    let dg = CudaStorage::alloc(&o.dev, OP, t * k * i, o.base)?; // [T·k, I]
+    let du = CudaStorage::alloc(&o.dev, OP, t * k * i, o.base)?; // [T·k, I]
+    let am = CudaStorage::alloc(&o.dev, OP, t * k * i, o.base)?; // [T·k, I]
     let dw = CudaStorage::alloc(&o.dev, OP, t * k, o.adapter)?; // [T, k]
-    if t == 0 {
-        return Ok(vec![dzd, dw]);
+    if t == 0 || k == 0 {
+        return Ok(vec![dgu, dg, du, am, dw]);
     }
-    let [t32, k32, _, r32, _, h32] = sizes(OP, d)?;
-    let (scale, _, _, _) = settings(d);
-    let [dy, zd, w, ids, bd] = o.ptrs[..] else {
-        return Err(Error::invalid(OP, "operand count"));
-    };
-    let (pdz, pdw) = (dzd.ptr(), dw.ptr());
-    let name = format!("{OP}_{}", o.base);
-    // SAFETY: dY holds T·H base elements, Z_d T·k·r, w and ids T·k, B_d E·H·r (checked above);
-    // the outputs hold T·k·r and T·k elements; ids < E; k·r ≤ MOE_MAX_KR; one block per token.
-    unsafe {
-        launch!(
-            &o.dev,
-            OP,
-            MOE_FUSED,
-            name,
-            per_token(t),
-            [t32, k32, r32, h32, dy, zd, w, ids, bd, pdz, pdw, scale]
-        )
-    }?;
-    Ok(vec![dzd, dw])
-}
-
-pub(crate) fn act_backward(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> {
-    const OP: &str = "moe_act_backward";
-    check_limits(OP, d)?;
-    let (t, k, e, r, i) = (d.t, d.k, d.e, d.r, d.i);
-    let o = operands(
-        OP,
-        args,
-        &[
-            (Kind::Rows, t * i),        // G
-            (Kind::Rows, t * i),        // U
-            (Kind::Adapter, t * e * r), // Z_g
-            (Kind::Adapter, t * e * r), // Z_u
-            (Kind::Adapter, e * i * r), // B_g
-            (Kind::Adapter, e * i * r), // B_u
-            (Kind::Adapter, e * r * i), // A_d
-            (Kind::Index, t * k),       // ids
-            (Kind::Adapter, t * k),     // w
-            (Kind::Base, t * i),        // dĀ
-            (Kind::Adapter, t * k * r), // dZ_d
-        ],
-    )?;
-    let dg = CudaStorage::alloc(&o.dev, OP, t * i, o.base)?; // [T, I]
-    let du = CudaStorage::alloc(&o.dev, OP, t * i, o.base)?; // [T, I]
-    let dzg = CudaStorage::alloc(&o.dev, OP, t * e * r, o.adapter)?; // [T, E·r]
-    let dzu = CudaStorage::alloc(&o.dev, OP, t * e * r, o.adapter)?; // [T, E·r]
-    let dw = CudaStorage::alloc(&o.dev, OP, t * k, o.adapter)?; // [T, k]
-    if t == 0 {
-        return Ok(vec![dg, du, dzg, dzu, dw]);
-    }
-    let [t32, k32, e32, r32, i32_, _] = sizes(OP, d)?;
-    let (scale, pdrop, keep, seed) = settings(d);
-    let [g, u, zg, zu, bg, bu, ad, ids, w, dabar, dzd] = o.ptrs[..] else {
+    let [g, u, lg, lu, ld, dabar, w] = o.ptrs[..] else {
         return Err(Error::invalid(OP, "operand count"));
     };
     let (ldg, ldu) = (o.lds[0], o.lds[1]);
-    let (pdg, pdu, pdzg, pdzu, pdw) = (dg.ptr(), du.ptr(), dzg.ptr(), dzu.ptr(), dw.ptr());
-    let name = kernel_name(OP, d, o.base);
-    // SAFETY: the operands hold exactly the elements of their roles (checked above: G, U [T, I]
-    // with row strides ≥ I, Z_g, Z_u [T, E·r], B_g, B_u [E, I, r], A_d [E, r, I], ids, w [T, k],
-    // dĀ [T, I], dZ_d [T, k, r]); the outputs hold T·I, T·I, T·E·r, T·E·r and T·k elements, and
-    // each block writes only its token's rows (all E·r columns of dZ_g, dZ_u: zeros, then the
-    // slots' codes); ids < E; 2·k·r + k ≤ MOE_MAX_RED; one block per token.
+    let (t32, k32, i32_, t0) = (
+        to_u32(OP, t)?,
+        to_u32(OP, k)?,
+        to_u32(OP, i)?,
+        to_u32(OP, d.t0)?,
+    );
+    let (pdrop, keep, seed) = settings(d);
+    let (pgu, pg, pu, pm, pw) = (dgu.ptr(), dg.ptr(), du.ptr(), am.ptr(), dw.ptr());
+    let name = format!("{OP}_{}", o.base);
+    // SAFETY: G, U hold T rows of I elements at row strides ldg, ldu ≥ I; ΔG, ΔU, ΔD T·k·I, dĀ
+    // T·I and w T·k elements (checked above); k ≤ MOE_MAX_K (check_sizes); the outputs hold
+    // T·2I, 3 × T·k·I and T·k elements, each written once by the block of its row; 256 threads
+    // per block (the block reduction of dw needs a multiple of 32).
     unsafe {
         launch!(
             &o.dev,
@@ -363,112 +340,10 @@ pub(crate) fn act_backward(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStora
             name,
             per_token(t),
             [
-                t32, k32, e32, r32, i32_, g, ldg, u, ldu, zg, zu, bg, bu, ad, ids, w, dabar, dzd,
-                pdg, pdu, pdzg, pdzu, pdw, scale, pdrop, keep, seed
+                t32, k32, i32_, t0, g, ldg, u, ldu, lg, lu, ld, dabar, w, pgu, pg, pu, pm, pw,
+                pdrop, keep, seed
             ]
         )
     }?;
-    Ok(vec![dg, du, dzg, dzu, dw])
-}
-
-/// `perm` `[T·k]` and `offsets` `[E+1]` are read on the device only (a host copy per layer is
-/// what the fused path avoids): the kernels trust `offsets` to be non-decreasing from 0 to `T·k`
-/// and `perm` to hold slots `< T·k`, as the op's grouping guarantees (the CPU backend checks it).
-pub(crate) fn act_weight_grads(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> {
-    const OP: &str = "moe_act_weight_grads";
-    check_limits(OP, d)?;
-    let (t, k, e, r, i) = (d.t, d.k, d.e, d.r, d.i);
-    let o = operands(
-        OP,
-        args,
-        &[
-            (Kind::Rows, t * i),        // G
-            (Kind::Rows, t * i),        // U
-            (Kind::Adapter, t * e * r), // Z_g
-            (Kind::Adapter, t * e * r), // Z_u
-            (Kind::Adapter, e * i * r), // B_g
-            (Kind::Adapter, e * i * r), // B_u
-            (Kind::Adapter, e * r * i), // A_d
-            (Kind::Index, t * k),       // ids (unused: perm and offsets say the expert)
-            (Kind::Adapter, t * k),     // w
-            (Kind::Base, t * i),        // dĀ
-            (Kind::Adapter, t * k * r), // dZ_d
-            (Kind::Index, t * k),       // perm
-            (Kind::Index, e + 1),       // offsets
-        ],
-    )?;
-    let dbg = CudaStorage::alloc(&o.dev, OP, e * i * r, o.adapter)?; // [E, I, r]
-    let dbu = CudaStorage::alloc(&o.dev, OP, e * i * r, o.adapter)?; // [E, I, r]
-    let dad = CudaStorage::alloc(&o.dev, OP, e * r * i, o.adapter)?; // [E, r, I]
-    if e * i * r == 0 {
-        return Ok(vec![dbg, dbu, dad]);
-    }
-    let [_, k32, e32, r32, i32_, _] = sizes(OP, d)?;
-    let (scale, pdrop, keep, seed) = settings(d);
-    let [g, u, zg, zu, bg, bu, ad, _ids, w, dabar, dzd, perm, offsets] = o.ptrs[..] else {
-        return Err(Error::invalid(OP, "operand count"));
-    };
-    let (ldg, ldu) = (o.lds[0], o.lds[1]);
-    let (pbg, pbu, pad) = (dbg.ptr(), dbu.ptr(), dad.ptr());
-    let name = kernel_name(OP, d, o.base);
-    // SAFETY: the operands hold exactly the elements of their roles (checked above); perm holds
-    // T·k slot indices < T·k and offsets E+1 non-decreasing bounds within [0, T·k] (the op's
-    // grouping); thread (e, i) writes only row i of expert e of each output (E·I·r elements
-    // each, every one written); r ≤ MOE_MAX_R; grid ⌈I/256⌉ × E.
-    unsafe {
-        launch!(
-            &o.dev,
-            OP,
-            MOE_FUSED,
-            name,
-            per_expert_column(i, e),
-            [
-                k32, e32, r32, i32_, g, ldg, u, ldu, zg, zu, bg, bu, ad, w, dabar, dzd, perm,
-                offsets, pbg, pbu, pad, scale, pdrop, keep, seed
-            ]
-        )
-    }?;
-    Ok(vec![dbg, dbu, dad])
-}
-
-pub(crate) fn down_weight_grad(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> {
-    const OP: &str = "moe_down_weight_grad";
-    check_limits(OP, d)?;
-    let (t, k, e, r, h) = (d.t, d.k, d.e, d.r, d.h);
-    let o = operands(
-        OP,
-        args,
-        &[
-            (Kind::Base, t * h),        // dY
-            (Kind::Adapter, t * k * r), // Z_d
-            (Kind::Adapter, t * k),     // w
-            (Kind::Index, t * k),       // perm
-            (Kind::Index, e + 1),       // offsets
-        ],
-    )?;
-    let dbd = CudaStorage::alloc(&o.dev, OP, e * h * r, o.adapter)?; // [E, H, r]
-    if e * h * r == 0 {
-        return Ok(vec![dbd]);
-    }
-    let [_, k32, e32, r32, _, h32] = sizes(OP, d)?;
-    let (scale, _, _, _) = settings(d);
-    let [dy, zd, w, perm, offsets] = o.ptrs[..] else {
-        return Err(Error::invalid(OP, "operand count"));
-    };
-    let pbd = dbd.ptr();
-    let name = format!("{OP}_{}", o.base);
-    // SAFETY: dY holds T·H base elements, Z_d T·k·r, w T·k (checked above); perm and offsets are
-    // the op's grouping (slots < T·k, bounds within [0, T·k]); thread (e, h) writes only row h of
-    // expert e (E·H·r elements, every one written); r ≤ MOE_MAX_R; grid ⌈H/256⌉ × E.
-    unsafe {
-        launch!(
-            &o.dev,
-            OP,
-            MOE_FUSED,
-            name,
-            per_expert_column(h, e),
-            [k32, e32, r32, h32, dy, zd, w, perm, offsets, pbd, scale]
-        )
-    }?;
-    Ok(vec![dbd])
+    Ok(vec![dgu, dg, du, am, dw])
 }
