@@ -11,8 +11,10 @@
 #
 # DATA_DIR holds {arc_e,arc_c,boolq,obqa}/{train,valid}.json. The mixlora binary is taken from
 # $MIXLORA_BIN (default target/release/mixlora, else gpu-bin/mixlora on the GPU machine). SEEDS
-# (default "42 43 44"), LORA_RANK (86) and EVAL_LIMIT (questions per task; default all, set it
-# only for a dry run) change the plan. Alpha is twice the rank for both adapters (32 at r = 16).
+# (default "42 43 44"), KINDS (default "mixlora lora"), LORA_RANK (86), SKIP_BASE (set: no base
+# eval) and EVAL_LIMIT (questions per task; default all, set it only for a dry run) change the
+# plan; runs whose eval.json exists are skipped, so the plan can be done in several sittings.
+# Alpha is twice the rank for both adapters (32 at r = 16).
 #
 # The LoRA rank: on SmolLM2-135M (H = 576, I = 1536, q/o 576→576, k/v 576→192, 30 layers)
 # MixLoRA trains 30 · (16 · 3,840 (q, k, v, o) + 8 · 16 · 6,336 (experts' gate, up, down) + 8 · 576
@@ -22,7 +24,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ $# -lt 2 ]; then
-    sed -n '2,21p' "$0" >&2
+    sed -n '2,23p' "$0" >&2
     exit 2
 fi
 model=$1
@@ -31,6 +33,7 @@ shift 2
 extra=("$@")
 out=${OUT:-runs/commonsense}
 seeds=${SEEDS:-"42 43 44"}
+kinds=${KINDS:-"mixlora lora"}
 lora_rank=${LORA_RANK:-86}
 bin=${MIXLORA_BIN:-}
 if [ -z "$bin" ]; then
@@ -59,21 +62,23 @@ times="$out/times.tsv"
 timed() { # name phase command...
     local name=$1 phase=$2
     shift 2
-    local t0
-    t0=$(date +%s.%N)
+    local t0 t1
+    t0=$(date +%s%N)
     "$@"
-    printf '%s\t%s\t%.1f\n' "$name" "$phase" "$(echo "$(date +%s.%N) - $t0" | bc)" >>"$times"
+    t1=$(date +%s%N)
+    # Nanoseconds to seconds in awk (bc is not everywhere).
+    awk -v n="$name" -v p="$phase" -v d="$((t1 - t0))" 'BEGIN { printf "%s\t%s\t%.1f\n", n, p, d / 1e9 }' >>"$times"
 }
 
 # The base model, zero-shot.
-if [ ! -e "$out/base/eval.json" ]; then
+if [ -z "${SKIP_BASE:-}" ] && [ ! -e "$out/base/eval.json" ]; then
     mkdir -p "$out/base"
     timed base eval "$bin" eval --model "$model" "${valid_files[@]}" "${device[@]}" "${limit[@]}" \
         --output "$out/base/eval.json" >/dev/null
 fi
 
 for seed in $seeds; do
-    for kind in mixlora lora; do
+    for kind in $kinds; do
         run="$kind-seed$seed"
         dir="$out/$run"
         if [ -e "$dir/eval.json" ]; then

@@ -38,7 +38,7 @@ fail=()
 for bin in gpu-bin/test-* gpu-bin/example-* gpu-bin/bench-* gpu-bin/mixlora; do
     [ -x "$bin" ] || continue
     echo "===== $bin"
-    start=$(date +%s.%N)
+    start=$(date +%s%N)
     case "$bin" in
         gpu-bin/test-*) "$bin" --test-threads=1 "$@" ;;
         gpu-bin/example-cuda_kernels) "$bin" --json "$out/cuda_kernels.json" | tee "$out/cuda_kernels.md" ;;
@@ -68,7 +68,7 @@ for bin in gpu-bin/test-* gpu-bin/example-* gpu-bin/bench-* gpu-bin/mixlora; do
         *) "$bin" ;;
     esac
     rc=${PIPESTATUS[0]}
-    secs=$(echo "$(date +%s.%N) - $start" | bc 2>/dev/null || echo "?")
+    secs=$(awk -v d="$(($(date +%s%N) - start))" 'BEGIN { printf "%.1f", d / 1e9 }')
     if [ $rc -eq 0 ]; then
         pass+=("$bin (${secs}s)")
     else

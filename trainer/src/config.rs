@@ -51,8 +51,9 @@ pub enum MoeImplName {
     Paper,
     /// Device-side grouping by expert and grouped LoRA matmuls, no host read (top-k routing).
     Grouped,
-    /// The fused path: every base GEMM once per token, expert LoRAs in fused kernels (top-k
-    /// routing; top-p runs naive). Its LoRA dropout masks differ from the naive path's.
+    /// The fused path: every base GEMM once per token, the experts' rank-r products as GEMMs over
+    /// all experts at once (top-k routing; top-p runs naive). Its LoRA dropout masks differ from
+    /// the naive path's.
     Fused,
 }
 
@@ -599,6 +600,9 @@ pub struct EvalArgs {
     /// received over the real tokens of the evaluated candidates (JSON).
     #[arg(long)]
     pub routing: Option<PathBuf>,
+    /// How MixLoRA FFNs are computed (`auto`: fused on a GPU, naive on the CPU).
+    #[arg(long, value_enum, default_value_t = MoeImplName::Auto)]
+    pub moe_impl: MoeImplName,
 }
 
 #[cfg(test)]

@@ -38,6 +38,9 @@ pub struct GenerateArgs {
     /// Compute dtype of the weights: f32 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// How MixLoRA FFNs are computed (`auto`: fused on a GPU, naive on the CPU).
+    #[arg(long, value_enum, default_value_t = trainer::config::MoeImplName::Auto)]
+    moe_impl: trainer::config::MoeImplName,
 }
 
 pub fn parse_dtype(s: &str) -> Result<DType, String> {
@@ -55,6 +58,7 @@ pub fn run(a: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut model = Llama::load(&a.model, dtype, device)?;
     if let Some(dir) = &a.adapter {
         model::adapters::load(dir, &mut model)?;
+        trainer::run::use_moe_impl(&mut model, a.moe_impl, device)?;
     }
     let tokenizer = Tokenizer::load(&a.model, &model.config)?;
     eprintln!(

@@ -10,7 +10,7 @@ use model::adapters::{AdapterConfig, PeftType, RoutingStrategy};
 use model::{Llama, Tokenizer};
 
 use crate::checkpoint::{self, TrainerState};
-use crate::config::{AdapterKind, EvalArgs, Routing, TrainConfig};
+use crate::config::{AdapterKind, EvalArgs, MoeImplName, Routing, TrainConfig};
 use crate::data::{self, Dataset, HostBatch, Loader, Task};
 use crate::error::{Error, Result};
 use crate::eval::{self, EvalReport, ScorePair};
@@ -308,11 +308,7 @@ pub fn train_until(
         cfg.seed,
     )?;
     model.set_gradient_checkpointing(cfg.gradient_checkpointing);
-    let moe_impl = cfg.moe_impl.imp(device);
-    model.set_moe_impl(moe_impl);
-    if moe_impl == model::MoeImpl::Fused {
-        model.stack_gate_up()?; // G and U in one GEMM
-    }
+    use_moe_impl(&mut model, cfg.moe_impl, device)?;
     let (train_tasks, eval_tasks) = tasks(cfg)?;
     let ds = Dataset::encode(&train_tasks, &tok, cfg.cutoff_len)?;
     if ds.is_empty() {
@@ -507,6 +503,17 @@ pub fn train_until(
 }
 
 /// `mixlora eval`: accuracy per task of a base model with an optional adapter.
+/// Computes the model's MixLoRA FFNs (if any) with `name`'s implementation on `device`; the fused
+/// path also gets W_gate and W_up in one buffer (one GEMM for both).
+pub fn use_moe_impl(model: &mut Llama, name: MoeImplName, device: Device) -> Result<()> {
+    let imp = name.imp(device);
+    model.set_moe_impl(imp);
+    if imp == model::MoeImpl::Fused {
+        model.stack_gate_up()?; // G and U in one GEMM
+    }
+    Ok(())
+}
+
 pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
     let device = Device::parse(&a.device)?;
     let scratch = std::env::temp_dir().join(format!("mixlora-eval-{}", std::process::id()));
@@ -519,6 +526,7 @@ pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
         load_base_model(a.model.as_deref(), seed, a.dtype.dtype(), device, &scratch)?;
     if let Some(dir) = &a.adapter {
         model::adapters::load(dir, &mut model)?;
+        use_moe_impl(&mut model, a.moe_impl, device)?;
     }
     let tasks = if a.data.is_empty() {
         synthetic::generate(seed, SYNTHETIC_TRAIN, SYNTHETIC_VALID).1

@@ -174,10 +174,18 @@ fn eval_writes_routing_statistics_per_task_and_layer() {
         dtype: trainer::config::DTypeName::F32,
         output: None,
         routing,
+        moe_impl: trainer::config::MoeImplName::Auto,
     };
     let plain = trainer::run::eval(&args(None)).unwrap();
     let with = trainer::run::eval(&args(Some(routing.clone()))).unwrap();
     assert_eq!(plain.to_json_pretty(), with.to_json_pretty());
+    // The fused MoE path (the GPU default) scores the same answers as the naive one (the CPU's).
+    let fused = trainer::run::eval(&trainer::config::EvalArgs {
+        moe_impl: trainer::config::MoeImplName::Fused,
+        ..args(None)
+    })
+    .unwrap();
+    assert_eq!(plain.to_json_pretty(), fused.to_json_pretty());
     let j: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&routing).unwrap()).unwrap();
     assert_eq!(j["num_experts"], 8);
