@@ -139,6 +139,8 @@ pub struct TrainConfig {
     pub routing: Routing,
     pub top_p: f64,
     pub aux_loss_coef: f64,
+    /// Standard deviation of the router's normal initialisation.
+    pub router_init_range: f64,
     /// Evaluate every this many optimizer steps (0: only at the end).
     pub eval_every: usize,
     /// Save a checkpoint every this many optimizer steps (0: only at the end).
@@ -193,6 +195,7 @@ impl Default for TrainConfig {
             routing: Routing::Topk,
             top_p: 0.8,
             aux_loss_coef: 0.001,
+            router_init_range: 0.02,
             eval_every: 0,
             save_every: 0,
             save_total_limit: 3,
@@ -333,6 +336,12 @@ impl TrainConfig {
             if !(self.aux_loss_coef.is_finite() && self.aux_loss_coef >= 0.0) {
                 return bad(format!("aux_loss_coef {} must be >= 0", self.aux_loss_coef));
             }
+            if !(self.router_init_range.is_finite() && self.router_init_range >= 0.0) {
+                return bad(format!(
+                    "router_init_range {} must be >= 0",
+                    self.router_init_range
+                ));
+            }
         }
         if self.log_every == 0 {
             return bad("log_every must be at least 1".into());
@@ -468,6 +477,9 @@ pub struct TrainArgs {
     pub top_p: Option<f64>,
     #[arg(long)]
     pub aux_loss_coef: Option<f64>,
+    /// Standard deviation of the router's normal initialisation [default: 0.02].
+    #[arg(long)]
+    pub router_init_range: Option<f64>,
     #[arg(long)]
     pub eval_every: Option<usize>,
     #[arg(long)]
@@ -526,6 +538,7 @@ impl TrainArgs {
             routing,
             top_p,
             aux_loss_coef,
+            router_init_range,
             eval_every,
             save_every,
             save_total_limit,
@@ -661,7 +674,12 @@ mod tests {
             (0.05, 0.001, 512, 42)
         );
         assert_eq!(c.lora_scale(), 2.0);
+        assert_eq!(c.router_init_range, 0.02);
         assert_eq!(c.device().unwrap(), Device::Cpu);
+        let c = args(&["--router-init-range", "0.5"]).resolve().unwrap();
+        assert_eq!(c.router_init_range, 0.5);
+        let e = args(&["--router-init-range=-1"]).resolve().unwrap_err();
+        assert!(e.to_string().contains("router_init_range"), "{e}");
     }
 
     #[test]

@@ -86,6 +86,7 @@ pub fn adapter_config(cfg: &TrainConfig, base_name: &str) -> AdapterConfig {
             Routing::Topp => RoutingStrategy::TopP,
         };
         a.router_aux_loss_coef = cfg.aux_loss_coef;
+        a.router_init_range = cfg.router_init_range;
     }
     a
 }

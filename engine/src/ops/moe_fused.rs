@@ -287,13 +287,15 @@ pub fn moe_fused_ffn_chunked(
     // ----- forward ---------------------------------------------------------------------
     let (gu, zg, zu, zd, y) = {
         let _ng = NoGradGuard::new();
-        let xa = x.to_dtype(at)?; // [T, H] adapter
-        let zg = xa
+        // The LoRA-A codes on the tensor cores in the base dtype, then in the adapter dtype.
+        let zg = x
             .dropout(p, seed_g, true)?
-            .matmul(&w.a_gate.reshape([e * r, h])?.t()?)?; // [T, E·r]
-        let zu = xa
+            .matmul(&all_a(w.a_gate, bt)?.t()?)?
+            .to_dtype(at)?; // [T, E·r]
+        let zu = x
             .dropout(p, seed_u, true)?
-            .matmul(&w.a_up.reshape([e * r, h])?.t()?)?; // [T, E·r]
+            .matmul(&all_a(w.a_up, bt)?.t()?)?
+            .to_dtype(at)?; // [T, E·r]
         let gu = gate_up(x, w.w_gate, w.w_up)?; // [T, I] each
         let lw = LoraLayouts::new(w.b_gate, w.b_up, w.a_down, w.b_down, bt)?;
         let cg = slot_codes(&zg, route.ids, s, &d, bt)?; // [T·k, E·r] base
@@ -413,39 +415,35 @@ pub fn moe_fused_ffn_chunked(
         } else {
             (None, None)
         };
-        let dx = match (&dzg, &dzu, need(0)) {
+        // The LoRA-A side of the backward in the base dtype (tensor cores), as in the forward.
+        let (dzg_b, dzu_b) = match (&dzg, &dzu) {
+            (Some(g), Some(u)) => (Some(g.to_dtype(bt)?), Some(u.to_dtype(bt)?)),
+            _ => (None, None),
+        };
+        let dx = match (&dzg_b, &dzu_b, need(0)) {
             (Some(dzg), Some(dzu), true) => {
-                let lora = dzg
-                    .matmul(&ag.reshape([e * r, h])?)?
-                    .dropout(p, seed_g, true)?
-                    .add(
-                        &dzu.matmul(&au.reshape([e * r, h])?)?
-                            .dropout(p, seed_u, true)?,
-                    )?; // [T, H] adapter
-                Some(join(dx_base)?.add(&lora.to_dtype(x.dtype())?)?)
+                let lora_g = dzg.matmul(&all_a(ag, bt)?)?.dropout(p, seed_g, true)?; // [T, H]
+                let lora_u = dzu.matmul(&all_a(au, bt)?)?.dropout(p, seed_u, true)?;
+                Some(join(dx_base)?.add(&lora_g)?.add(&lora_u)?)
             }
             _ => None,
         };
         let dw = need(1)
             .then(|| join(dw_act.clone())?.add(&dw_down))
             .transpose()?; // [T, k]
-        let xa = (need(2) || need(4)).then(|| x.to_dtype(at)).transpose()?; // [T, H] adapter
-        let da_gate = match (&xa, &dzg, need(2)) {
-            (Some(xa), Some(dzg), true) => Some(
-                dzg.t()?
-                    .matmul(&xa.dropout(p, seed_g, true)?)?
-                    .reshape([e, r, h])?,
-            ),
-            _ => None,
+                           // dA = dZᵀ drop(X) [E·r, H], in the adapter dtype.
+        let da = |dz: &Option<Tensor>, seed: u64| -> Result<Option<Tensor>> {
+            dz.as_ref()
+                .map(|dz| {
+                    dz.t()?
+                        .matmul(&x.dropout(p, seed, true)?)?
+                        .to_dtype(at)?
+                        .reshape([e, r, h])
+                })
+                .transpose()
         };
-        let da_up = match (&xa, &dzu, need(4)) {
-            (Some(xa), Some(dzu), true) => Some(
-                dzu.t()?
-                    .matmul(&xa.dropout(p, seed_u, true)?)?
-                    .reshape([e, r, h])?,
-            ),
-            _ => None,
-        };
+        let da_gate = if need(2) { da(&dzg_b, seed_g)? } else { None };
+        let da_up = if need(4) { da(&dzu_b, seed_u)? } else { None };
         let db_gate = dbg.map(|m| per_expert(&m, e, r, i)).transpose()?;
         let db_up = dbu.map(|m| per_expert(&m, e, r, i)).transpose()?;
         let da_down = dad.map(|m| m.reshape([e, r, i])).transpose()?;
@@ -483,6 +481,12 @@ impl LoraLayouts {
             b_down: all_experts(bd, base)?,
         })
     }
+}
+
+/// All experts' LoRA A `[E, r, n]` as one `[E·r, n]` matrix in `dtype`.
+fn all_a(a: &Tensor, dtype: DType) -> Result<Tensor> {
+    let (e, r, n) = (a.dims()[0], a.dims()[1], a.dims()[2]);
+    a.reshape([e * r, n])?.to_dtype(dtype)
 }
 
 /// `[E, n, r]` → `[n, E·r]` (row `c` holds every expert's row `c`) in `dtype`.

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Short ablations of the multi-task experiment (scripts/commonsense.sh): one seed, EPOCHS epochs
+# (default 1), each variant trained on the mixture of the four commonsense tasks and evaluated on
+# their valid.json (never on anything else). Results land in $OUT (default runs/ablations), one
+# folder per variant (eval.json, train.log, metrics.jsonl; routing.json for MixLoRA), and a line per
+# variant in $OUT/summary.tsv (average and per-task accuracy, seconds).
+#
+#   scripts/commonsense-ablations.sh MODEL.gguf DATA_DIR [VARIANT...] [-- extra train flags]
+#
+# Without variants, all of them run, in this order:
+#   mixlora          the default MixLoRA (E=8, top-2, r=16, lr 2e-4, aux 0.001, router init 0.02)
+#   lora86           the parameter-matched LoRA (r=86, all seven projections)
+#   lora16           LoRA r=16 on all seven projections (attention capacity of MixLoRA)
+#   mixlora-lr5e-4   MixLoRA at lr 5e-4
+#   mixlora-lr1e-3   MixLoRA at lr 1e-3
+#   mixlora-aux0.01  MixLoRA with aux-loss coefficient 0.01
+#   mixlora-aux0     MixLoRA without the aux loss
+#   mixlora-init0.2  MixLoRA with the router initialised N(0, 0.2)
+#   mixlora-naive    MixLoRA through the naive per-expert loop (checks the fused path)
+# SEED (42), EPOCHS (1), EVAL_LIMIT (questions per task; for a dry run only), MIXLORA_BIN and
+# OUT change the plan; a variant whose eval.json exists is
+# skipped. Extra flags after `--` go to every `mixlora train` (e.g. --device cuda --dtype bf16);
+# the device flag is passed to eval too.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ $# -lt 2 ]; then
+    sed -n '2,24p' "$0" >&2
+    exit 2
+fi
+model=$1
+data=$2
+shift 2
+variants=()
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do
+    variants+=("$1")
+    shift
+done
+[ "${1:-}" = "--" ] && shift
+extra=("$@")
+if [ ${#variants[@]} -eq 0 ]; then
+    variants=(mixlora lora86 lora16 mixlora-lr5e-4 mixlora-lr1e-3 mixlora-aux0.01 mixlora-aux0
+        mixlora-init0.2 mixlora-naive)
+fi
+out=${OUT:-runs/ablations}
+seed=${SEED:-42}
+epochs=${EPOCHS:-1}
+bin=${MIXLORA_BIN:-}
+if [ -z "$bin" ]; then
+    if [ -x target/release/mixlora ]; then bin=target/release/mixlora; else bin=gpu-bin/mixlora; fi
+fi
+tasks=(arc_e arc_c boolq obqa)
+train_files=()
+valid_files=()
+for t in "${tasks[@]}"; do
+    train_files+=(--data "$data/$t/train.json")
+    valid_files+=(--data "$data/$t/valid.json")
+done
+limit=()
+[ -n "${EVAL_LIMIT:-}" ] && limit=(--limit "$EVAL_LIMIT")
+device=()
+for ((i = 0; i < ${#extra[@]}; i++)); do
+    if [ "${extra[$i]}" = "--device" ] && [ $((i + 1)) -lt ${#extra[@]} ]; then
+        device=(--device "${extra[$((i + 1))]}")
+    fi
+done
+
+flags_of() { # variant -> train flags
+    case "$1" in
+        mixlora) echo "--adapter mixlora --rank 16 --alpha 32" ;;
+        lora86) echo "--adapter lora --rank 86 --alpha 172" ;;
+        lora16) echo "--adapter lora --rank 16 --alpha 32" ;;
+        mixlora-lr5e-4) echo "--adapter mixlora --rank 16 --alpha 32 --lr 5e-4" ;;
+        mixlora-lr1e-3) echo "--adapter mixlora --rank 16 --alpha 32 --lr 1e-3" ;;
+        mixlora-aux0.01) echo "--adapter mixlora --rank 16 --alpha 32 --aux-loss-coef 0.01" ;;
+        mixlora-aux0) echo "--adapter mixlora --rank 16 --alpha 32 --aux-loss-coef 0" ;;
+        mixlora-init0.2) echo "--adapter mixlora --rank 16 --alpha 32 --router-init-range 0.2" ;;
+        mixlora-naive) echo "--adapter mixlora --rank 16 --alpha 32 --moe-impl naive" ;;
+        *)
+            echo "unknown variant: $1" >&2
+            return 1
+            ;;
+    esac
+}
+
+mkdir -p "$out"
+summary="$out/summary.tsv"
+[ -e "$summary" ] || printf 'variant\tavg\tarc_e\tarc_c\tboolq\tobqa\ttrain_s\teval_s\n' >"$summary"
+for v in "${variants[@]}"; do
+    read -r -a flags <<<"$(flags_of "$v")"
+    dir="$out/$v"
+    if [ -e "$dir/eval.json" ]; then
+        echo "$v: done already" >&2
+        continue
+    fi
+    mkdir -p "$dir"
+    t0=$(date +%s%N)
+    "$bin" train --model "$model" "${flags[@]}" --epochs "$epochs" --seed "$seed" \
+        "${train_files[@]}" --out "$dir" "${extra[@]}" 2>"$dir/train.log"
+    t1=$(date +%s%N)
+    routing=()
+    [[ "$v" == mixlora* ]] && routing=(--routing "$dir/routing.json")
+    "$bin" eval --model "$model" --adapter "$dir/adapter" "${valid_files[@]}" "${device[@]}" \
+        "${limit[@]}" "${routing[@]}" --output "$dir/eval.json" >/dev/null
+    t2=$(date +%s%N)
+    python3 - "$dir/eval.json" "$v" "$((t1 - t0))" "$((t2 - t1))" >>"$summary" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+acc = {t["task"]: t["accuracy"] for t in r["tasks"]}
+cells = [f"{100 * r['average']:.1f}"] + [f"{100 * acc[t]:.1f}" for t in ["arc_e", "arc_c", "boolq", "obqa"]]
+print("\t".join([sys.argv[2]] + cells + [f"{int(sys.argv[3]) / 1e9:.0f}", f"{int(sys.argv[4]) / 1e9:.0f}"]))
+EOF
+    tail -n 1 "$summary" >&2
+done
