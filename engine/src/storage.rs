@@ -506,6 +506,35 @@ impl BackendStorage for Storage {
     ) -> Result<Self> {
         three!("grouped_matmul_dw", self, x, off, (g, x, o) => g.grouped_matmul_dw(l, x, xl, o, ol, e))
     }
+    fn sum_squares_multi(args: &[(&Self, &Layout)]) -> Result<f64> {
+        const OP: &str = "sum_squares_multi";
+        let Some(first) = args.first() else {
+            return Ok(0.0);
+        };
+        if let Some(other) = args.iter().find(|x| x.0.device() != first.0.device()) {
+            return Err(mismatch(OP, first.0, other.0));
+        }
+        match first.0 {
+            Storage::Cpu(_) => {
+                let a: Vec<(&CpuStorage, &Layout)> = args
+                    .iter()
+                    .filter_map(|(s, l)| s.as_cpu().map(|c| (c, *l)))
+                    .collect();
+                <CpuStorage as BackendStorage>::sum_squares_multi(&a)
+            }
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => {
+                let a: Vec<(&CudaStorage, &Layout)> = args
+                    .iter()
+                    .filter_map(|(s, l)| match s {
+                        Storage::Cuda(c) => Some((c, *l)),
+                        _ => None,
+                    })
+                    .collect();
+                <CudaStorage as BackendStorage>::sum_squares_multi(&a)
+            }
+        }
+    }
     fn adamw_step(slots: &mut [AdamWSlot<'_, Self>], h: &AdamWHyper) -> Result<()> {
         const OP: &str = "adamw_step";
         let Some(first) = slots.first() else {

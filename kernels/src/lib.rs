@@ -138,12 +138,13 @@ pub const MOE: KernelSource = KernelSource {
     ],
 };
 
-/// The fused multi-tensor AdamW step: one kernel for every parameter, whatever its dtype (each
-/// tensor's dtype is in the table the kernel reads), hence one name without a dtype suffix.
+/// The fused multi-tensor AdamW step and the multi-tensor sum of squares (the gradient norm):
+/// one kernel for every tensor, whatever its dtype (each tensor's dtype is in the table the
+/// kernel reads), hence names without a dtype suffix.
 pub const OPTIM: KernelSource = KernelSource {
     name: "optim",
     source: concat!(include_str!("common.cuh"), "\n", include_str!("optim.cu")),
-    kernels: &["adamw_step_multi"],
+    kernels: &["adamw_step_multi", "sum_squares_multi"],
 };
 
 /// The fused MixLoRA FFN (path 3): block-code layouts of the rank-r codes and the SwiGLU

@@ -108,3 +108,41 @@ extern "C" __global__ void adamw_step_multi(const AdamWTensor* tensors, const Ad
         }
     }
 }
+
+// ----- Σ t² over many tensors (the gradient norm) ----------------------------------------------
+// sum_squares_multi(tensors, chunks, n_chunks, partials): one double per chunk of SQ_CHUNK
+// elements, partials[c] = Σ_{i in chunk c} t[i]² (block reduction); the host adds the partials in
+// order. tensors: rows of SqTensor (24 bytes, `SqRow` in engine/src/backend/cuda/optim.rs);
+// chunks: AdamWChunk entries (tensor index, chunk index).
+
+#define SQ_CHUNK 4096
+
+struct SqTensor {
+    unsigned long long p;   // data, dtype below
+    unsigned long long len; // elements
+    u32 dtype;              // 0 f32, 1 bf16, 2 f64
+    u32 pad;
+};
+
+extern "C" __global__ void sum_squares_multi(const SqTensor* tensors, const AdamWChunk* chunks, u32 n_chunks,
+                                             double* partials) {
+    for (u32 c = blockIdx.x; c < n_chunks; c += gridDim.x) {
+        const AdamWChunk ch = chunks[c];
+        const SqTensor t = tensors[ch.tensor];
+        const size_t start = (size_t)ch.chunk * SQ_CHUNK;
+        const size_t end = min((size_t)t.len, start + SQ_CHUNK);
+        double s = 0.0;
+        for (size_t i = start + threadIdx.x; i < end; i += blockDim.x) {
+            double v = 0.0;
+            switch (t.dtype) {
+                case 0: v = (double)((const float*)t.p)[i]; break;
+                case 1: v = (double)__bfloat162float(((const bf16*)t.p)[i]); break;
+                case 2: v = ((const double*)t.p)[i]; break;
+                default: break;
+            }
+            s += v * v;
+        }
+        s = block_reduce(s, SumOp(), 0.0);
+        if (threadIdx.x == 0) partials[c] = s;
+    }
+}

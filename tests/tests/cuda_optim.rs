@@ -4,7 +4,10 @@
 //! parameter without a gradient, after 3 steps with weight decay and a clipping scale. Parameters
 //! and both moments are compared by relative error: f32 1e-5, bf16 1e-2, f64 1e-12 (the kernel
 //! uses the CPU's operations in the same order without contraction, so it is expected to be
-//! exact). Without a GPU (or the `cuda` feature) the test prints why it skips and passes.
+//! exact). Also the multi-tensor sum of squares (`engine::sum_of_squares`, the gradient norm: one
+//! launch for all tensors) against the CPU (1e-12: both accumulate in f64, in different orders
+//! within a chunk) and, on the CPU, against a plain f64 sum. Without a GPU (or the `cuda`
+//! feature) the GPU tests print why they skip and pass.
 
 #[cfg(feature = "cuda")]
 mod gpu {
@@ -144,6 +147,69 @@ mod gpu {
         eprintln!("{} tensors × 3 buffers, {exact} bit-identical", want.len());
         assert!(failures.is_empty(), "\n{}", failures.join("\n"));
     }
+
+    #[test]
+    fn sum_of_squares_matches_the_cpu() {
+        let Some(dev) = gpu() else { return };
+        let run = |dev: Device| {
+            let mut ts = Vec::new();
+            for (di, dt) in [DType::F32, DType::BF16, DType::F64]
+                .into_iter()
+                .enumerate()
+            {
+                for (i, &n) in SIZES.iter().enumerate() {
+                    let v = vals(n, (di * 100 + i) as u64, 0.1);
+                    ts.push(Tensor::from_f64(&v, n, dt, dev).unwrap());
+                }
+            }
+            // A transposed (non-contiguous) view.
+            let m = Tensor::from_f64(&vals(77 * 130, 5, 0.1), [77, 130], DType::F32, dev).unwrap();
+            ts.push(m.t().unwrap());
+            let refs: Vec<&Tensor> = ts.iter().collect();
+            engine::sum_of_squares(&refs).unwrap()
+        };
+        let (want, got) = (run(Device::Cpu), run(dev));
+        let err = (got - want).abs() / want;
+        eprintln!("sum of squares: cpu {want}, gpu {got}, rel err {err:e}");
+        assert!(err <= 1e-12, "rel err {err:e}");
+    }
+}
+
+/// `engine::sum_of_squares` on the CPU against a plain f64 sum: f32, bf16 and f64 tensors, sizes
+/// across the 4096-element chunk, a strided view; nothing gives 0; u32 is refused.
+#[test]
+fn sum_of_squares_on_the_cpu() {
+    use engine::{DType, Device, Tensor};
+    let mut ts = Vec::new();
+    let mut want = 0.0f64;
+    for (k, dt) in [DType::F32, DType::BF16, DType::F64]
+        .into_iter()
+        .enumerate()
+    {
+        for (i, n) in [1usize, 4095, 4096, 4097, 20000].into_iter().enumerate() {
+            let v: Vec<f64> = (0..n)
+                .map(|j| engine::rng::uniform((k * 10 + i) as u64, j as u64) * 2.0 - 1.0)
+                .collect();
+            let t = Tensor::from_f64(&v, n, dt, Device::Cpu).unwrap();
+            want += t.to_vec_f64().unwrap().iter().map(|x| x * x).sum::<f64>();
+            ts.push(t);
+        }
+    }
+    let m = Tensor::from_f64(
+        &[1.0, -2.0, 3.0, 4.0, 5.0, -6.0],
+        [2, 3],
+        DType::F32,
+        Device::Cpu,
+    )
+    .unwrap();
+    ts.push(m.t().unwrap().narrow(0, 1, 2).unwrap()); // [-2, 5, 3, -6]
+    want += 4.0 + 25.0 + 9.0 + 36.0;
+    let refs: Vec<&Tensor> = ts.iter().collect();
+    let got = engine::sum_of_squares(&refs).unwrap();
+    assert!((got - want).abs() <= 1e-12 * want, "{got} vs {want}");
+    assert_eq!(engine::sum_of_squares(&[]).unwrap(), 0.0);
+    let u = Tensor::from_vec(vec![1u32, 2], 2, Device::Cpu).unwrap();
+    assert!(engine::sum_of_squares(&[&u]).is_err());
 }
 
 /// Without the `cuda` feature there is nothing to compare.

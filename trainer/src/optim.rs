@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use engine::{no_grad, AdamWHyper, DType, Tensor};
+use engine::{AdamWHyper, DType, Tensor};
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
 
 use crate::error::{Error, Result};
@@ -291,22 +291,12 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Result<(f64, f64)> {
     Ok((norm, scale))
 }
 
-/// `√(Σ_p Σ g_p²)`, accumulated on the device in f32 (f64 when a gradient is f64).
+/// `√(Σ_p Σ g_p²)` over the parameters that have a gradient, accumulated in f64 by one backend
+/// call for all of them (`engine::sum_of_squares`: one kernel launch on a GPU).
 pub fn grad_norm(params: &[Tensor]) -> Result<f64> {
-    no_grad(|| {
-        let mut total: Option<Tensor> = None;
-        for g in params.iter().filter_map(Tensor::grad) {
-            let s = g.to_dtype(math_dtype(g.dtype()))?.sqr()?.sum_all()?;
-            total = Some(match total {
-                None => s,
-                Some(t) => t.add(&s.to_dtype(t.dtype())?)?,
-            });
-        }
-        match total {
-            None => Ok(0.0),
-            Some(t) => Ok(t.to_scalar()?.sqrt()),
-        }
-    })
+    let grads: Vec<Tensor> = params.iter().filter_map(Tensor::grad).collect();
+    let refs: Vec<&Tensor> = grads.iter().collect();
+    Ok(engine::sum_of_squares(&refs)?.sqrt())
 }
 
 #[cfg(test)]

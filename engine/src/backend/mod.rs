@@ -287,6 +287,10 @@ pub trait BackendStorage: Sized + Send + Sync {
     /// parameters); the grad has the parameter's dtype. The CPU spreads the elements over threads,
     /// the CUDA backend runs one kernel launch for all slots.
     fn adamw_step(slots: &mut [AdamWSlot<'_, Self>], h: &AdamWHyper) -> Result<()>;
+    /// `Σ_t Σ_i t[i]²` over every tensor (any float dtype, any view), accumulated in f64 in
+    /// chunks of 4096 elements per tensor whose sums are added in order (deterministic), returned
+    /// on the host. The CUDA backend runs one kernel launch for all tensors.
+    fn sum_squares_multi(args: &[(&Self, &Layout)]) -> Result<f64>;
 
     /// One vocabulary chunk of an online log-sum-exp. `self` is the chunk's logits `[n, c]`
     /// (columns `v0..v0+c` of the full `[n, v_total]` logits), `targets` u32 `[n]`, `state` a

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use crate::autograd::no_grad;
 use crate::backend::{AdamWSlot, BackendStorage};
-use crate::{DType, Error, Result, Storage, Tensor};
+use crate::{DType, Error, Layout, Result, Storage, Tensor};
 
 pub use crate::backend::{AdamWCoefficients, AdamWHyper};
 
@@ -150,4 +150,18 @@ pub fn adamw_step(
         })
         .collect();
     Storage::adamw_step(&mut slots, h)
+}
+
+/// `Σ_t Σ_i t[i]²` over `tensors` (f32, bf16 or f64, any views, one device), on the host in
+/// f64: one backend call (one kernel launch on CUDA, whatever the number of tensors), the same
+/// result on every run. The squared global norm of a list of gradients. Records nothing on the
+/// tape.
+pub fn sum_of_squares(tensors: &[&Tensor]) -> Result<f64> {
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage()).collect();
+    let args: Vec<(&Storage, &Layout)> = guards
+        .iter()
+        .zip(tensors)
+        .map(|(g, t)| (&**g, t.layout()))
+        .collect();
+    Storage::sum_squares_multi(&args)
 }

@@ -474,6 +474,12 @@ impl BackendStorage for CpuStorage {
     fn adamw_step(slots: &mut [AdamWSlot<'_, Self>], h: &AdamWHyper) -> Result<()> {
         profile::timed(|| "adamw_step".into(), || optim::adamw_step(slots, h))
     }
+    fn sum_squares_multi(args: &[(&Self, &Layout)]) -> Result<f64> {
+        profile::timed(
+            || "sum_squares_multi".into(),
+            || optim::sum_squares_multi(args),
+        )
+    }
     fn cross_entropy_chunk_update(
         &self,
         l: &Layout,

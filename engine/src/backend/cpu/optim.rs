@@ -186,3 +186,35 @@ pub(super) fn adamw_step(slots: &mut [AdamWSlot<'_, CpuStorage>], h: &AdamWHyper
     // Small parameters are many: one task per slot, and large ones split further inside `run`.
     slots.par_iter_mut().try_for_each(|s| one_slot(s, &k))
 }
+
+/// Elements per partial sum of [`sum_squares_multi`] (`SQ_CHUNK` in optim.cu).
+const SQ_CHUNK: usize = 4096;
+
+/// `Σ t[i]²` over every tensor, in f64: per tensor, partial sums over chunks of 4096 elements
+/// (threads split the chunks), added in order, as the CUDA kernel does.
+pub(crate) fn sum_squares_multi(args: &[(&CpuStorage, &crate::Layout)]) -> Result<f64> {
+    const OP: &str = "sum_squares_multi";
+    let mut total = 0.0f64;
+    for &(s, l) in args {
+        let v: Vec<f64> = match s {
+            CpuStorage::F64(d) => CpuStorage::gather_view(d, l),
+            CpuStorage::F32(_) | CpuStorage::BF16(_) => {
+                s.view_f32(OP, l)?.into_iter().map(f64::from).collect()
+            }
+            other => {
+                return Err(Error::UnsupportedDType {
+                    op: OP,
+                    dtype: other.dtype(),
+                })
+            }
+        };
+        let parts: Vec<f64> = v
+            .par_chunks(SQ_CHUNK)
+            .map(|c| c.iter().map(|x| x * x).sum::<f64>())
+            .collect();
+        for p in parts {
+            total += p;
+        }
+    }
+    Ok(total)
+}

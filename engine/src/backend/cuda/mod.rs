@@ -409,6 +409,9 @@ impl BackendStorage for CudaStorage {
     fn adamw_step(slots: &mut [AdamWSlot<'_, Self>], h: &AdamWHyper) -> Result<()> {
         optim::adamw_step(slots, h)
     }
+    fn sum_squares_multi(args: &[(&Self, &Layout)]) -> Result<f64> {
+        optim::sum_squares_multi(args)
+    }
     fn cross_entropy_chunk_update(
         &self,
         l: &Layout,

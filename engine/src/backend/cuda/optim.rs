@@ -13,10 +13,10 @@ use cudarc::driver::LaunchConfig;
 use kernels::OPTIM;
 
 use super::launch::launch;
-use super::CudaStorage;
+use super::{Contig, CudaStorage};
 use crate::backend::cpu::CpuStorage;
 use crate::backend::{AdamWHyper, AdamWSlot, BackendStorage};
-use crate::{DType, Error, Result};
+use crate::{DType, Error, Layout, Result};
 
 /// Elements per chunk (`ADAMW_CHUNK` in optim.cu).
 const CHUNK: usize = 4096;
@@ -145,6 +145,87 @@ pub(crate) fn adamw_step(slots: &mut [AdamWSlot<'_, CudaStorage>], h: &AdamWHype
             ]
         )
     }
+}
+
+/// u32 words per row of the sum-of-squares table (`SqTensor`, 24 bytes).
+const SQ_ROW_WORDS: usize = 6;
+
+/// `Σ t[i]²` over every tensor in one launch: a table of (address, length, dtype) rows and the
+/// list of 4096-element chunks is uploaded, the kernel writes one f64 partial sum per chunk, and
+/// the partials are added in order on the host (one download: a few KiB per million elements).
+pub(crate) fn sum_squares_multi(args: &[(&CudaStorage, &Layout)]) -> Result<f64> {
+    const OP: &str = "sum_squares_multi";
+    let Some(&(first, _)) = args.first() else {
+        return Ok(0.0);
+    };
+    let dev = first.dev.clone();
+    let mut words: Vec<u32> = Vec::with_capacity(args.len() * SQ_ROW_WORDS);
+    let mut chunks: Vec<u32> = Vec::new();
+    let mut hold: Vec<Contig> = Vec::new();
+    for (i, &(s, l)) in args.iter().enumerate() {
+        dev_check(OP, &dev, s)?;
+        let code = match s.dtype {
+            DType::F32 => 0u32,
+            DType::BF16 => 1,
+            DType::F64 => 2,
+            DType::U32 => {
+                return Err(Error::UnsupportedDType {
+                    op: OP,
+                    dtype: DType::U32,
+                })
+            }
+        };
+        let c = s.contiguous(OP, l)?; // checks the view against its buffer
+        let len = l.elem_count();
+        push_u64(&mut words, c.ptr);
+        push_u64(&mut words, len as u64);
+        words.extend([code, 0]);
+        hold.push(c);
+        let ti = u32::try_from(i).map_err(|_| Error::invalid(OP, "too many tensors"))?;
+        for k in 0..len.div_ceil(CHUNK) {
+            let k = u32::try_from(k).map_err(|_| Error::invalid(OP, "tensor too large"))?;
+            chunks.extend([ti, k]);
+        }
+    }
+    let n_chunks = chunks.len() / 2;
+    if n_chunks == 0 {
+        return Ok(0.0);
+    }
+    let n_chunks32 = u32::try_from(n_chunks).map_err(|_| Error::invalid(OP, "too many chunks"))?;
+    let rows_bytes = words.len() * 4; // a multiple of 24: the chunk list stays 8-byte aligned
+    words.extend_from_slice(&chunks);
+    let table = CudaStorage::from_cpu(&dev, &CpuStorage::U32(words))?;
+    let partials = CudaStorage::alloc(&dev, OP, n_chunks, DType::F64)?;
+    let (tensors, out) = (table.ptr(), partials.ptr());
+    let chunk_list = tensors + rows_bytes as u64;
+    let cfg = LaunchConfig {
+        grid_dim: (n_chunks.min(MAX_BLOCKS) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let name = "sum_squares_multi";
+    // SAFETY: the table holds one 24-byte row per tensor (the address of a contiguous run of
+    // `len` elements of the row's dtype: the view itself, checked to lie inside its buffer, or a
+    // copy held in `hold`) followed by `n_chunks` entries whose tensor index is a row and whose
+    // chunk starts below that tensor's length; `partials` holds one f64 per chunk, each written
+    // by the block of its chunk; 256 threads per block (the block reduction needs a multiple of
+    // 32). `table`, `hold` and `partials` outlive the kernel: the download below waits for it.
+    unsafe {
+        launch!(
+            &dev,
+            OP,
+            OPTIM,
+            name,
+            cfg,
+            [tensors, chunk_list, n_chunks32, out]
+        )
+    }?;
+    let sums = match partials.to_cpu(&Layout::contiguous([n_chunks]))? {
+        CpuStorage::F64(v) => v,
+        _ => return Err(Error::invalid(OP, "partial sums are not f64")),
+    };
+    drop(hold);
+    Ok(sums.iter().sum())
 }
 
 fn dev_check(op: &'static str, dev: &super::CudaDevice, s: &CudaStorage) -> Result<()> {
