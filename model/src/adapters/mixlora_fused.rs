@@ -1,6 +1,6 @@
 //! [`MoeImpl::Fused`](super::MoeImpl::Fused): the MixLoRA FFN through the engine's fused op
-//! (`engine::moe_fused_ffn`, path 3 of MIXLORA.md), with the routed slots grouped by expert on the
-//! device (`Tensor::moe_group`) for its per-expert gradient kernels.
+//! (`engine::moe_fused_ffn`, path 3 of MIXLORA.md): the top-k routing and the experts' LoRA weights
+//! stacked into `[E, ..]` tensors, everything else inside the op.
 
 use engine::{cat, moe_fused_ffn, MoeDropout, MoeFusedWeights, MoeRouting, Tensor};
 
