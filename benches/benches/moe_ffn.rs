@@ -18,7 +18,7 @@
 //! Run: `cargo bench -p mixlora-benches --bench moe_ffn` (CPU), or on the GPU machine the binary
 //! that scripts/build-gpu.sh builds: `gpu-bin/bench-moe_ffn --bench`. `MIXLORA_MOE_FFN_TOKENS`
 //! (e.g. `16384`) picks the token counts; with `MIXLORA_PROFILE=1` each case also prints a
-//! per-kernel profile of one step.
+//! per-kernel profile of one step; `MIXLORA_MOE_CHUNK_TOKENS` sets the fused path's token chunk.
 
 use std::time::Instant;
 

@@ -170,9 +170,29 @@ pub fn default_chunk_tokens(t: usize, k: usize, i: usize) -> usize {
     c.clamp(1, t.max(1))
 }
 
+/// The chunk of tokens set by `MIXLORA_MOE_CHUNK_TOKENS` (read once), for measuring the
+/// memory/speed trade-off of the chunking without rebuilding; `None` when unset.
+fn chunk_from_env() -> Result<Option<usize>> {
+    static CHUNK: std::sync::OnceLock<std::result::Result<Option<usize>, String>> =
+        std::sync::OnceLock::new();
+    CHUNK
+        .get_or_init(|| match std::env::var("MIXLORA_MOE_CHUNK_TOKENS") {
+            Err(_) => Ok(None),
+            Ok(v) => match v.trim().parse::<usize>() {
+                Ok(n) if n > 0 => Ok(Some(n)),
+                _ => Err(format!(
+                    "MIXLORA_MOE_CHUNK_TOKENS={v:?} is not a positive token count"
+                )),
+            },
+        })
+        .clone()
+        .map_err(|e| Error::invalid(OP, e))
+}
+
 /// The MixLoRA FFN of `x` `[T, H]` (base dtype) by the fused path: `Y` `[T, H]` in `x`'s dtype
 /// (see the module doc for the maths and the dtypes). `dropout`, when given, applies the LoRA
-/// dropout of training.
+/// dropout of training. Tokens run in chunks of [`default_chunk_tokens`], or of
+/// `MIXLORA_MOE_CHUNK_TOKENS` when that is set in the environment.
 ///
 /// Gradients reach `x`, `route.weights` and the six adapter tensors; the shared `W_g, W_u, W_d`
 /// must be frozen (an error otherwise, rather than a silently cut graph).
@@ -182,7 +202,7 @@ pub fn moe_fused_ffn(
     route: &MoeRouting<'_>,
     dropout: Option<MoeDropout>,
 ) -> Result<Tensor> {
-    moe_fused_ffn_chunked(x, w, route, dropout, None)
+    moe_fused_ffn_chunked(x, w, route, dropout, chunk_from_env()?)
 }
 
 /// [`moe_fused_ffn`] with the tokens processed `chunk_tokens` at a time (default:
