@@ -1,9 +1,10 @@
-//! The fused LoRA op `Tensor::lora_add` against the composite it replaces (`y + LoraLinear::delta`:
-//! cast, dropout, two matmuls, scale, cast back, add): values and every gradient (x, A, B, and the
-//! base weight's input path) in f64 (1e-12), f32 (1e-5) and on a bf16 base (1e-2), with and
-//! without dropout (the mask must be the same one), x contiguous and a non-contiguous view, row
-//! counts that are not multiples of the CUDA tiles; finite differences of the op in f64; typed
-//! errors for bad shapes and dtypes.
+//! The fused LoRA ops `Tensor::lora_add` and `Tensor::linear_lora` (the base matmul inside the op)
+//! against the composite they replace (`x Wᵀ + LoraLinear::delta`: cast, dropout, two matmuls,
+//! scale, cast back, add): values and every gradient (x, A, B, and W when it is trainable) in f64
+//! (1e-12), f32 (1e-5) and on a bf16 base (1e-2), with and without dropout (the mask must be the
+//! same one), x contiguous and a non-contiguous view, row counts that are not multiples of the
+//! CUDA tiles; finite differences of both ops in f64; that `linear_lora` keeps no `[M, out]`
+//! tensor on the tape; typed errors for bad shapes and dtypes.
 
 use engine::{DType, Device, Tensor};
 use model::adapters::lora::linear;
@@ -24,15 +25,15 @@ fn adapter(base: DType) -> DType {
 }
 
 /// One case: `lead` leading dims, `(n_in, n_out, r)`, dropout, and whether x is a transposed
-/// (non-contiguous) view. Returns the relative errors of (out, dx, dA, dB, dW-path) fused vs
-/// composite.
+/// (non-contiguous) view. Returns the relative errors of (out, dx, dA, dB, dW) of the fused ops
+/// (the worse of the two) against the composite.
 fn compare(
     base: DType,
     lead: &[usize],
     (n_in, n_out, r): (usize, usize, usize),
     dropout: Option<(f64, u64)>,
     transposed: bool,
-) -> [f64; 4] {
+) -> [f64; 5] {
     let ad = adapter(base);
     let m: usize = lead.iter().product();
     // x: a leaf of [m, in] or of [in, m] (then viewed transposed), in the base dtype.
@@ -50,9 +51,11 @@ fn compare(
         rnd(&d, 1.0, 5, base)
     };
     let scale = 1.75;
-    let run = |fused: bool| -> Vec<Vec<f64>> {
+    // mode 0: the composite, 1: `lora_add` on the base output, 2: `linear_lora`.
+    let run = |mode: u8| -> Vec<Vec<f64>> {
         let xl = x_leaf.to_var().unwrap();
         let (a, b) = (a0.to_var().unwrap(), b0.to_var().unwrap());
+        let wv = w.to_var().unwrap(); // trainable here, so that dW is compared too
         let x = if transposed {
             xl.t().unwrap()
         } else {
@@ -63,11 +66,16 @@ fn compare(
         let x = x.reshape(d).unwrap();
         let l = LoraLinear::new(a.clone(), b.clone(), scale, dropout.map_or(0.0, |d| d.0));
         let seed = dropout.map(|d| d.1);
-        let y = linear(&x, &w).unwrap();
-        let out = if fused {
-            y.lora_add(&x, &a, &b, scale, dropout).unwrap()
-        } else {
-            y.add(&l.delta(&x, seed).unwrap()).unwrap()
+        let out = match mode {
+            0 => linear(&x, &wv)
+                .unwrap()
+                .add(&l.delta(&x, seed).unwrap())
+                .unwrap(),
+            1 => linear(&x, &wv)
+                .unwrap()
+                .lora_add(&x, &a, &b, scale, dropout)
+                .unwrap(),
+            _ => x.linear_lora(&wv, &a, &b, scale, dropout).unwrap(),
         };
         assert_eq!(out.dtype(), base);
         out.backward_with_grad(&gout).unwrap();
@@ -76,10 +84,12 @@ fn compare(
             xl.grad().unwrap().to_vec_f64().unwrap(),
             a.grad().unwrap().to_vec_f64().unwrap(),
             b.grad().unwrap().to_vec_f64().unwrap(),
+            wv.grad().unwrap().to_vec_f64().unwrap(),
         ]
     };
-    let (f, c) = (run(true), run(false));
-    [0, 1, 2, 3].map(|i| rel_err(&f[i], &c[i]))
+    let c = run(0);
+    let (f1, f2) = (run(1), run(2));
+    [0, 1, 2, 3, 4].map(|i| rel_err(&f1[i], &c[i]).max(rel_err(&f2[i], &c[i])))
 }
 
 /// Leading dims and `(in, out, r)`.
@@ -100,7 +110,7 @@ fn check(base: DType, tol: f64) {
                 assert!(
                     ok,
                     "{base} lead {lead:?} dims {dims:?} dropout {dropout:?} transposed \
-                     {transposed}: rel err (out, dx, dA, dB) = {e:?} > {tol}"
+                     {transposed}: rel err (out, dx, dA, dB, dW) = {e:?} > {tol}"
                 );
             }
         }
@@ -169,6 +179,73 @@ fn finite_differences_f64() {
 }
 
 #[test]
+fn linear_lora_finite_differences_f64() {
+    let (m, n_in, n_out, r) = (9, 7, 5, 3);
+    let w = randn(&[n_out, n_in], 1);
+    let a = randn(&[r, n_in], 3);
+    let b = randn(&[n_out, r], 4);
+    for dropout in [None, Some((0.3, 21))] {
+        let x = randn(&[m, n_in], 2);
+        check_gradients("linear_lora", &[x, w.clone(), a.clone(), b.clone()], |v| {
+            v[0].linear_lora(&v[1], &v[2], &v[3], 1.5, dropout)
+        });
+        // x as a non-contiguous view with leading dims.
+        let xt = randn(&[n_in, m], 6);
+        check_gradients(
+            "linear_lora (x view)",
+            &[xt, w.clone(), a.clone(), b.clone()],
+            |v| {
+                let x = v[0].t()?.reshape([3, 3, n_in])?;
+                x.linear_lora(&v[1], &v[2], &v[3], -0.7, dropout)
+            },
+        );
+    }
+}
+
+/// The point of `linear_lora`: its tape node keeps x, W, A, B (and, inside the rule, the rank-r
+/// codes), not the `[M, out]` base output that `lora_add` on `x Wᵀ` keeps.
+#[test]
+fn linear_lora_keeps_no_base_output() {
+    let (m, n_in, n_out) = (6, 4, 9);
+    let x = randn(&[m, n_in], 1).to_var().unwrap();
+    let w = randn(&[n_out, n_in], 2);
+    let (a, b) = (
+        randn(&[2, n_in], 3).to_var().unwrap(),
+        randn(&[n_out, 2], 4).to_var().unwrap(),
+    );
+    let out = x.linear_lora(&w, &a, &b, 1.0, None).unwrap();
+    let (name, shapes) = out.recorded_op().unwrap();
+    assert_eq!(name, "linear_lora");
+    let dims: Vec<Vec<usize>> = shapes.iter().map(|s| s.dims().to_vec()).collect();
+    assert_eq!(
+        dims,
+        vec![
+            vec![m, n_in],
+            vec![n_out, n_in],
+            vec![2, n_in],
+            vec![n_out, 2]
+        ]
+    );
+    let y = linear(&x, &w)
+        .unwrap()
+        .lora_add(&x, &a, &b, 1.0, None)
+        .unwrap();
+    let (_, kept) = y.recorded_op().unwrap();
+    assert!(
+        kept.iter().any(|s| s.dims() == [m, n_out]),
+        "lora_add keeps y"
+    );
+    // Without a trainable input there is no node at all.
+    let frozen = randn(&[m, n_in], 5);
+    let (a0, b0) = (randn(&[2, n_in], 3), randn(&[n_out, 2], 4));
+    assert!(frozen
+        .linear_lora(&w, &a0, &b0, 1.0, None)
+        .unwrap()
+        .recorded_op()
+        .is_none());
+}
+
+#[test]
 fn lora_linear_uses_the_fused_op_and_keeps_the_delta() {
     let x = randn(&[4, 6], 1);
     let w = randn(&[5, 6], 2);
@@ -192,6 +269,21 @@ fn bad_shapes_and_dtypes_are_typed_errors() {
     let bad_x = rnd(&[3, 6], 1.0, 2, DType::F32);
     assert!(matches!(
         y.lora_add(&bad_x, &a, &b, 1.0, None),
+        Err(engine::Error::ShapeMismatch { .. })
+    ));
+    // linear_lora: W [out, in] of x's dtype.
+    let w = rnd(&[5, 6], 1.0, 5, DType::F32);
+    assert!(x.linear_lora(&w, &a, &b, 1.0, None).is_ok());
+    assert!(matches!(
+        x.linear_lora(&rnd(&[5, 7], 1.0, 5, DType::F32), &a, &b, 1.0, None),
+        Err(engine::Error::ShapeMismatch { .. })
+    ));
+    assert!(matches!(
+        x.linear_lora(&w.to_dtype(DType::BF16).unwrap(), &a, &b, 1.0, None),
+        Err(engine::Error::DTypeMismatch { .. })
+    ));
+    assert!(matches!(
+        x.linear_lora(&w, &a, &rnd(&[4, 2], 1.0, 4, DType::F32), 1.0, None),
         Err(engine::Error::ShapeMismatch { .. })
     ));
     let bad_a = rnd(&[2, 7], 1.0, 3, DType::F32);

@@ -1,7 +1,7 @@
 //! Fused LoRA: `y + s · (drop(x) Aᵀ) Bᵀ` as one autograd op that keeps only the rank-r codes.
 
 use super::{float_only, same_device, same_dtype};
-use crate::autograd::Node;
+use crate::autograd::{NoGradGuard, Node};
 use crate::backend::BackendStorage;
 use crate::{DType, Error, Result, Tensor};
 
@@ -34,103 +34,209 @@ impl Tensor {
         dropout: Option<(f64, u64)>,
     ) -> Result<Tensor> {
         const OP: &str = "lora_add";
-        float_only(OP, self)?;
-        same_dtype(OP, self, x)?;
-        same_dtype(OP, a, b)?;
-        for t in [x, a, b] {
-            same_device(OP, self, t)?;
-        }
-        if !matches!(a.dtype(), DType::F32 | DType::F64) {
-            return Err(Error::UnsupportedDType {
-                op: OP,
-                dtype: a.dtype(),
-            });
-        }
-        let (p, seed) = dropout.unwrap_or((0.0, 0));
-        if !(0.0..1.0).contains(&p) {
-            return Err(Error::invalid(
-                OP,
-                format!("dropout probability {p} is not in [0, 1)"),
-            ));
-        }
-        let bad = |lhs: &Tensor, rhs: &Tensor| Error::ShapeMismatch {
-            op: OP,
-            lhs: lhs.shape().clone(),
-            rhs: rhs.shape().clone(),
-        };
-        let (yr, xr) = (self.rank(), x.rank());
-        if yr == 0 || xr != yr || self.dims()[..yr - 1] != x.dims()[..xr - 1] {
-            return Err(bad(self, x));
-        }
-        let (n_out, n_in) = (self.dims()[yr - 1], x.dims()[xr - 1]);
-        if a.rank() != 2 || a.dims()[1] != n_in {
-            return Err(bad(x, a));
-        }
-        let r = a.dims()[0];
-        if b.dims() != [n_out, r] {
-            return Err(bad(self, b));
-        }
+        let (p, seed) = check_lora(OP, self, x, a, b, dropout)?;
+        let yr = self.rank();
         if yr != 2 {
             // Fold the leading dims into rows: [.., in] -> [M, in], [.., out] -> [M, out].
-            let m: usize = self.dims()[..yr - 1].iter().product();
+            let (m, n_in, n_out) = fold(self, x);
             let out =
                 self.reshape([m, n_out])?
                     .lora_add(&x.reshape([m, n_in])?, a, b, scale, dropout)?;
             return out.reshape(self.shape().clone());
         }
-        let z = x
-            .storage()
-            .lora_codes(x.layout(), &a.storage(), a.layout(), p, seed)?; // [M, r], adapter dtype
-        let z = Tensor::from_storage(z, [x.dims()[0], r], None);
-        let s = self.storage().lora_expand_add(
-            self.layout(),
-            &z.storage(),
-            z.layout(),
-            &b.storage(),
-            b.layout(),
-            scale,
-        )?; // [M, out], y's dtype
+        let (s, z) = lora_forward(self, x, a, b, scale, p, seed)?;
         let node = Node::record(OP, &[self, x, a, b], move |inp, _, g| {
             let (y, x, a, b) = (&inp[0], &inp[1], &inp[2], &inp[3]);
             let dy = y.tracks_grad().then(|| g.clone());
-            if !(x.tracks_grad() || a.tracks_grad() || b.tracks_grad()) {
-                return Ok(vec![dy, None, None, None]);
-            }
-            let (dz, db) = g.storage().lora_grad_codes(
-                g.layout(),
-                &z.storage(),
-                z.layout(),
-                &b.storage(),
-                b.layout(),
-                scale,
-            )?; // [M, r], [out, r]
-            let dz = Tensor::from_storage(dz, z.shape().clone(), None);
-            let db = b
-                .tracks_grad()
-                .then(|| Tensor::from_storage(db, b.shape().clone(), None));
-            let da = if a.tracks_grad() {
-                let da =
-                    x.storage()
-                        .lora_grad_a(x.layout(), &dz.storage(), dz.layout(), p, seed)?; // [r, in]
-                Some(Tensor::from_storage(da, a.shape().clone(), None))
-            } else {
-                None
-            };
-            let dx = if x.tracks_grad() {
-                let dx = dz.storage().lora_grad_x(
-                    dz.layout(),
-                    &a.storage(),
-                    a.layout(),
-                    p,
-                    seed,
-                    x.dtype(),
-                )?; // [M, in], x's dtype
-                Some(Tensor::from_storage(dx, x.shape().clone(), None))
-            } else {
-                None
-            };
+            let (dx, da, db) = lora_backward(g, x, a, b, &z, scale, p, seed)?;
             Ok(vec![dy, dx, da, db])
         });
         Ok(Tensor::from_storage(s, self.shape().clone(), node))
     }
+
+    /// `x Wᵀ + scale · (drop(x) Aᵀ) Bᵀ` for `self` = `x` `[.., in]` and a weight `w` `[out, in]`
+    /// of `x`'s dtype: [`Tensor::lora_add`] with the base matmul inside the op, so the tape never
+    /// holds the base output `x Wᵀ` (a temporary here): per token and projection that is `out`
+    /// values of `x`'s dtype less than `x.matmul(&w.t()?)?.lora_add(..)` keeps (at LLaMA-2-7B,
+    /// the q, k, v, o outputs: 4 × 8 KB per token and layer in bf16). The same values and
+    /// gradients: `dx = g W + drop'(s·(g B) A)`, `dW = gᵀ x` when `w` needs one, the LoRA
+    /// gradients as in [`Tensor::lora_add`].
+    pub fn linear_lora(
+        &self,
+        w: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        scale: f64,
+        dropout: Option<(f64, u64)>,
+    ) -> Result<Tensor> {
+        const OP: &str = "linear_lora";
+        let x = self;
+        same_dtype(OP, x, w)?;
+        same_device(OP, x, w)?;
+        let xr = x.rank();
+        if xr == 0 || w.rank() != 2 || w.dims()[1] != x.dims()[xr - 1] {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                lhs: x.shape().clone(),
+                rhs: w.shape().clone(),
+            });
+        }
+        if xr != 2 {
+            let n_in = x.dims()[xr - 1];
+            let m: usize = x.dims()[..xr - 1].iter().product();
+            let out = x.reshape([m, n_in])?.linear_lora(w, a, b, scale, dropout)?;
+            let mut dims = x.dims().to_vec();
+            dims[xr - 1] = w.dims()[0];
+            return out.reshape(dims);
+        }
+        let y = {
+            let _ng = NoGradGuard::new();
+            x.matmul(&w.t()?)? // [M, out], no node: a temporary
+        };
+        let (p, seed) = check_lora(OP, &y, x, a, b, dropout)?;
+        let (s, z) = lora_forward(&y, x, a, b, scale, p, seed)?;
+        let shape = y.shape().clone();
+        drop(y);
+        let node = Node::record(OP, &[x, w, a, b], move |inp, _, g| {
+            let (x, w, a, b) = (&inp[0], &inp[1], &inp[2], &inp[3]);
+            let (dx_lora, da, db) = lora_backward(g, x, a, b, &z, scale, p, seed)?;
+            let dx = match dx_lora {
+                Some(d) => Some(g.matmul(w)?.add(&d)?), // [M, out] [out, in]
+                None => None,
+            };
+            let dw = w.tracks_grad().then(|| g.t()?.matmul(x)).transpose()?; // [out, in]
+            Ok(vec![dx, dw, da, db])
+        });
+        Ok(Tensor::from_storage(s, shape, node))
+    }
+}
+
+/// `(M, in, out)` of `y` `[.., out]` and `x` `[.., in]` with the leading dims folded into rows.
+fn fold(y: &Tensor, x: &Tensor) -> (usize, usize, usize) {
+    let yr = y.rank();
+    let m: usize = y.dims()[..yr - 1].iter().product();
+    (m, x.dims()[x.rank() - 1], y.dims()[yr - 1])
+}
+
+/// The checks of the fused LoRA ops on `y` `[.., out]`, `x` `[.., in]`, `a` `[r, in]`, `b`
+/// `[out, r]`; returns the dropout `(p, seed)` (`(0, 0)` without).
+fn check_lora(
+    op: &'static str,
+    y: &Tensor,
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    dropout: Option<(f64, u64)>,
+) -> Result<(f64, u64)> {
+    float_only(op, y)?;
+    same_dtype(op, y, x)?;
+    same_dtype(op, a, b)?;
+    for t in [x, a, b] {
+        same_device(op, y, t)?;
+    }
+    if !matches!(a.dtype(), DType::F32 | DType::F64) {
+        return Err(Error::UnsupportedDType {
+            op,
+            dtype: a.dtype(),
+        });
+    }
+    let (p, seed) = dropout.unwrap_or((0.0, 0));
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::invalid(
+            op,
+            format!("dropout probability {p} is not in [0, 1)"),
+        ));
+    }
+    let bad = |lhs: &Tensor, rhs: &Tensor| Error::ShapeMismatch {
+        op,
+        lhs: lhs.shape().clone(),
+        rhs: rhs.shape().clone(),
+    };
+    let (yr, xr) = (y.rank(), x.rank());
+    if yr == 0 || xr != yr || y.dims()[..yr - 1] != x.dims()[..xr - 1] {
+        return Err(bad(y, x));
+    }
+    let (n_out, n_in) = (y.dims()[yr - 1], x.dims()[xr - 1]);
+    if a.rank() != 2 || a.dims()[1] != n_in {
+        return Err(bad(x, a));
+    }
+    let r = a.dims()[0];
+    if b.dims() != [n_out, r] {
+        return Err(bad(y, b));
+    }
+    Ok((p, seed))
+}
+
+/// The forward on 2-D operands: `(y + s·z Bᵀ` in `y`'s dtype, the unscaled codes `z = drop(x)
+/// Aᵀ` `[M, r]` in the adapter dtype`)`.
+fn lora_forward(
+    y: &Tensor,
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    p: f64,
+    seed: u64,
+) -> Result<(crate::Storage, Tensor)> {
+    let r = a.dims()[0];
+    let z = x
+        .storage()
+        .lora_codes(x.layout(), &a.storage(), a.layout(), p, seed)?; // [M, r], adapter dtype
+    let z = Tensor::from_storage(z, [x.dims()[0], r], None);
+    let s = y.storage().lora_expand_add(
+        y.layout(),
+        &z.storage(),
+        z.layout(),
+        &b.storage(),
+        b.layout(),
+        scale,
+    )?; // [M, out], y's dtype
+    Ok((s, z))
+}
+
+/// The LoRA part of the backward for the output gradient `g` `[M, out]`: `(dx = drop'(dz A)` in
+/// x's dtype, `dA = dzᵀ drop(x)`, `dB = s·gᵀ z)` with `dz = s·g B`, each when needed.
+#[allow(clippy::too_many_arguments)]
+fn lora_backward(
+    g: &Tensor,
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    z: &Tensor,
+    scale: f64,
+    p: f64,
+    seed: u64,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    if !(x.tracks_grad() || a.tracks_grad() || b.tracks_grad()) {
+        return Ok((None, None, None));
+    }
+    let (dz, db) = g.storage().lora_grad_codes(
+        g.layout(),
+        &z.storage(),
+        z.layout(),
+        &b.storage(),
+        b.layout(),
+        scale,
+    )?; // [M, r], [out, r]
+    let dz = Tensor::from_storage(dz, z.shape().clone(), None);
+    let db = b
+        .tracks_grad()
+        .then(|| Tensor::from_storage(db, b.shape().clone(), None));
+    let da = if a.tracks_grad() {
+        let da = x
+            .storage()
+            .lora_grad_a(x.layout(), &dz.storage(), dz.layout(), p, seed)?; // [r, in]
+        Some(Tensor::from_storage(da, a.shape().clone(), None))
+    } else {
+        None
+    };
+    let dx = if x.tracks_grad() {
+        let dx =
+            dz.storage()
+                .lora_grad_x(dz.layout(), &a.storage(), a.layout(), p, seed, x.dtype())?; // [M, in], x's dtype
+        Some(Tensor::from_storage(dx, x.shape().clone(), None))
+    } else {
+        None
+    };
+    Ok((dx, da, db))
 }

@@ -92,17 +92,20 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// `x Wᵀ + s · (drop(x) Aᵀ) Bᵀ`, or just `x Wᵀ` without a LoRA.
 ///
-/// Gradients: `dA = s · (Bᵀ gᵀ) drop(x)` summed over rows, `dB = s · gᵀ (drop(x) Aᵀ)`,
-/// `dx = g W + s · drop'(g B A)` (the fused op's backward and the matmul's); `W` gets none.
+/// With a LoRA this is one fused op ([`Tensor::linear_lora`]): the tape keeps `x` and the rank-r
+/// codes, never the base output `x Wᵀ`. Gradients: `dA = s · (Bᵀ gᵀ) drop(x)` summed over rows,
+/// `dB = s · gᵀ (drop(x) Aᵀ)`, `dx = g W + s · drop'(g B A)`; a frozen `W` gets none.
 pub fn lora_linear(
     x: &Tensor,
     w: &Tensor,
     lora: Option<&LoraLinear>,
     dropout_seed: Option<u64>,
 ) -> Result<Tensor> {
-    let y = linear(x, w)?; // [.., out]
     match lora {
-        None => Ok(y),
-        Some(l) => l.add_to(&y, x, dropout_seed),
+        None => linear(x, w), // [.., out]
+        Some(l) => {
+            let dropout = dropout_seed.map(|seed| (l.dropout, seed));
+            Ok(x.linear_lora(w, &l.a, &l.b, l.scale, dropout)?)
+        }
     }
 }
