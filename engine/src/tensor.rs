@@ -255,13 +255,17 @@ impl Tensor {
     pub(crate) fn node(&self) -> Option<&Node> {
         self.0.node.as_ref()
     }
-    /// The recorded op that computed this tensor and the shapes of the inputs its tape node keeps
-    /// alive (`None` without a node): what a memory audit or a test of an op's saved tensors
-    /// reads.
-    pub fn recorded_op(&self) -> Option<(&'static str, Vec<Shape>)> {
+    /// The recorded op that computed this tensor and the shapes and dtypes of the inputs its tape
+    /// node keeps alive (`None` without a node): what a memory audit or a test of an op's saved
+    /// tensors reads.
+    pub fn recorded_op(&self) -> Option<(&'static str, Vec<(Shape, DType)>)> {
         self.node().map(|n| {
-            let shapes = n.inputs().iter().map(|t| t.shape().clone()).collect();
-            (n.name(), shapes)
+            let kept = n
+                .inputs()
+                .iter()
+                .map(|t| (t.shape().clone(), t.dtype()))
+                .collect();
+            (n.name(), kept)
         })
     }
 

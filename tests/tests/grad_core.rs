@@ -164,3 +164,47 @@ fn casts_round_trip_and_backprop() {
     }
     let _ = Tensor::zeros([2], DType::F32, Device::Cpu).unwrap();
 }
+
+/// `matmul_cast` (x converted to w's dtype, times w) gives the values and gradients of the
+/// composite `x.to_dtype(..).matmul(w)` bit for bit (the same ops), for a bf16 x and f32 w and an
+/// f32 x and f64 w, keeps x itself on the tape (no converted copy), and is plain `matmul` when
+/// the dtypes agree (then a finite-difference check).
+#[test]
+fn matmul_cast_equals_the_composite() {
+    for (xt, wt) in [(DType::BF16, DType::F32), (DType::F32, DType::F64)] {
+        let run = |fused: bool| {
+            let x = randn(&[5, 7], 80).to_dtype(xt).unwrap().to_var().unwrap();
+            let w = randn(&[7, 3], 81).to_dtype(wt).unwrap().to_var().unwrap();
+            let y = if fused {
+                x.matmul_cast(&w).unwrap()
+            } else {
+                x.to_dtype(wt).unwrap().matmul(&w).unwrap()
+            };
+            if fused {
+                let (name, kept) = y.recorded_op().unwrap();
+                assert_eq!(name, "matmul_cast");
+                let dtypes: Vec<DType> = kept.iter().map(|(_, d)| *d).collect();
+                assert_eq!(dtypes, vec![xt, wt], "x itself, not a converted copy");
+            }
+            let g = randn(&[5, 3], 82).to_dtype(wt).unwrap();
+            y.backward_with_grad(&g).unwrap();
+            assert_eq!(x.grad().unwrap().dtype(), xt);
+            [
+                y.to_vec_f64().unwrap(),
+                x.grad().unwrap().to_vec_f64().unwrap(),
+                w.grad().unwrap().to_vec_f64().unwrap(),
+            ]
+        };
+        assert_eq!(run(true), run(false), "{xt} x {wt}");
+    }
+    check_gradients(
+        "matmul_cast (same dtype)",
+        &[randn(&[4, 3], 83), randn(&[3, 2], 84)],
+        |v| v[0].matmul_cast(&v[1]),
+    );
+    let x = randn(&[2, 4, 3], 85).to_dtype(DType::F32).unwrap();
+    assert!(
+        x.matmul_cast(&randn(&[3, 2], 86)).is_err(),
+        "rank 3 is refused"
+    );
+}

@@ -216,7 +216,7 @@ fn linear_lora_keeps_no_base_output() {
     let out = x.linear_lora(&w, &a, &b, 1.0, None).unwrap();
     let (name, shapes) = out.recorded_op().unwrap();
     assert_eq!(name, "linear_lora");
-    let dims: Vec<Vec<usize>> = shapes.iter().map(|s| s.dims().to_vec()).collect();
+    let dims: Vec<Vec<usize>> = shapes.iter().map(|(s, _)| s.dims().to_vec()).collect();
     assert_eq!(
         dims,
         vec![
@@ -232,7 +232,7 @@ fn linear_lora_keeps_no_base_output() {
         .unwrap();
     let (_, kept) = y.recorded_op().unwrap();
     assert!(
-        kept.iter().any(|s| s.dims() == [m, n_out]),
+        kept.iter().any(|(s, _)| s.dims() == [m, n_out]),
         "lora_add keeps y"
     );
     // Without a trainable input there is no node at all.

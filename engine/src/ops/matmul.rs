@@ -64,4 +64,44 @@ impl Tensor {
         od.extend([m, n]);
         a3.matmul3(&b3)?.reshape(od)
     }
+
+    /// `self` converted to `rhs`'s dtype, times `rhs`: `x.to_dtype(w.dtype()).matmul(w)` with the
+    /// same values and gradients, but the tape keeps `self` (not its converted copy): e.g. a
+    /// bf16 `[N, H]` input to an f32 router keeps no `[N, H]` f32 buffer until the backward, which
+    /// converts it again for `drhs`. Both operands rank 2 (`[M, K] × [K, N]`).
+    pub fn matmul_cast(&self, rhs: &Tensor) -> Result<Tensor> {
+        const OP: &str = "matmul_cast";
+        if self.dtype() == rhs.dtype() {
+            return self.matmul(rhs);
+        }
+        if self.rank() != 2 || rhs.rank() != 2 {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                lhs: self.shape().clone(),
+                rhs: rhs.shape().clone(),
+            });
+        }
+        float_only(OP, self)?;
+        let dt = rhs.dtype();
+        let out = {
+            let _ng = crate::autograd::NoGradGuard::new();
+            self.to_dtype(dt)?.matmul(rhs)? // [M, N]
+        };
+        let node = crate::autograd::Node::record(OP, &[self, rhs], move |inp, _, g| {
+            let (x, w) = (&inp[0], &inp[1]);
+            let dx = x
+                .tracks_grad()
+                .then(|| g.matmul(&w.t()?)?.to_dtype(x.dtype()))
+                .transpose()?; // [M, K] in x's dtype
+            let dw = w
+                .tracks_grad()
+                .then(|| x.to_dtype(dt)?.t()?.matmul(g))
+                .transpose()?; // [K, N]
+            Ok(vec![dx, dw])
+        });
+        Ok(match node {
+            Some(node) => out.view(out.layout().clone(), Some(node)),
+            None => out,
+        })
+    }
 }

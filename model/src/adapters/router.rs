@@ -55,7 +55,8 @@ impl Router {
         let e = self.num_experts();
         let n = x.dims()[0];
         let (dt, dev) = (self.weight.dtype(), self.weight.device());
-        let logits = x.to_dtype(dt)?.matmul(&self.weight.t()?)?; // [N, E]
+        // In the router's dtype; the tape keeps x as it is, not an f32 copy of it.
+        let logits = x.matmul_cast(&self.weight.t()?)?; // [N, E]
         let zeros = Tensor::zeros([n, e], dt, dev)?;
         match self.routing {
             Routing::TopK(k) => {
