@@ -469,17 +469,14 @@ impl AdamWHyper {
 }
 
 /// Sizes and settings of the fused MixLoRA FFN primitives: `t` tokens, `k` slots per token, `e`
-/// experts, LoRA rank `r`, hidden size `h`, intermediate size `i`.
+/// experts, LoRA rank `r`, intermediate size `i`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MoeDims {
     pub t: usize,
     pub k: usize,
     pub e: usize,
     pub r: usize,
-    pub h: usize,
     pub i: usize,
-    /// The LoRA scale `s`.
-    pub scale: f64,
     /// Dropout probability on `a_j` before `A_d` (0: none): element `i` of slot `p = t·k + j`
     /// is kept when `rng::uniform(seed, ((t0 + t)·k + j)·I + i) ≥ p_drop`, and scaled by
     /// `1/(1 − p_drop)`.

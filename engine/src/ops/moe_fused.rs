@@ -291,9 +291,7 @@ pub fn moe_fused_ffn_chunked(
         k,
         e,
         r,
-        h,
         i,
-        scale: w.scale,
         dropout: p,
         seed: seed_d,
         t0: 0,
@@ -448,10 +446,12 @@ pub fn moe_fused_ffn_chunked(
             }
             _ => None,
         };
-        let dw = need(1)
-            .then(|| join(dw_act.clone())?.add(&dw_down))
-            .transpose()?; // [T, k]
-                           // dA = dZᵀ drop(X) [E·r, H], in the adapter dtype.
+        let dw = if need(1) {
+            Some(join(dw_act)?.add(&dw_down)?) // [T, k]
+        } else {
+            None
+        };
+        // dA = dZᵀ drop(X) [E·r, H], in the adapter dtype.
         let da = |dz: &Option<Tensor>, seed: u64| -> Result<Option<Tensor>> {
             dz.as_ref()
                 .map(|dz| {
