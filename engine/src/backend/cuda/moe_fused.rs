@@ -144,98 +144,90 @@ fn per_token(t: usize) -> LaunchConfig {
     CudaDevice::rows(t.min(1 << 20), THREADS)
 }
 
+/// The two kernels that move codes between the slot layout `[T·k, r]` and the expert-block
+/// layout `[rows, E·r]`; both take `(T, k, E, r, flag, input, ids, out)`.
+#[derive(Clone, Copy)]
+enum Codes {
+    /// `moe_gather_codes`: src `[rows, E·r]` → `[T, k, r]` in the adapter dtype, where rows
+    /// (the flag `per_slot`) is T·k when src holds that many rows and k ≠ 1, else T.
+    Gather,
+    /// `moe_expand_codes`: codes `[T·k, r]` → `[rows, E·r]` in their own dtype, where rows is T
+    /// when `summed` (the flag) and T·k otherwise.
+    Expand { summed: bool },
+}
+
 pub(crate) fn gather_codes(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> {
-    const OP: &str = "moe_gather_codes";
-    check_sizes(OP, d)?;
-    let (t, k, e, r) = (d.t, d.k, d.e, d.r);
-    let src_len = args.first().map_or(0, |a| a.1.elem_count());
-    let per_slot = src_len == t * k * e * r && k != 1;
-    let rows = if per_slot { t * k } else { t };
-    let o = operands(
-        OP,
-        args,
-        &[
-            (Kind::Any, rows * e * r), // src
-            (Kind::Index, t * k),      // ids
-        ],
-    )?;
-    let out = CudaStorage::alloc(&o.dev, OP, t * k * r, o.adapter)?; // [T, k, r]
-    if t * k * r == 0 {
-        return Ok(vec![out]);
-    }
-    let [src, ids] = o.ptrs[..] else {
-        return Err(Error::invalid(OP, "operand count"));
-    };
-    let (t32, k32, e32, r32) = (
-        to_u32(OP, t)?,
-        to_u32(OP, k)?,
-        to_u32(OP, e)?,
-        to_u32(OP, r)?,
-    );
-    let (po, slot32) = (out.ptr(), u32::from(per_slot));
-    let name = format!("{OP}_{}", o.base);
-    // SAFETY: src holds rows·E·r elements and ids T·k (checked above), each id < E (the op's
-    // top-k); the kernel reads src[row·E·r + id·r + c] with row < rows and c < r, and writes the
-    // T·k·r elements of `out` (grid-stride).
-    unsafe {
-        launch!(
-            &o.dev,
-            OP,
-            MOE_FUSED,
-            name,
-            CudaDevice::grid(t * k * r),
-            [t32, k32, e32, r32, slot32, src, ids, po]
-        )
-    }?;
-    Ok(vec![out])
+    move_codes(args, d, Codes::Gather)
 }
 
 pub(crate) fn expand_codes(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> {
-    expand(args, d, false)
+    move_codes(args, d, Codes::Expand { summed: false })
 }
 
 pub(crate) fn expand_codes_summed(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> {
-    expand(args, d, true)
+    move_codes(args, d, Codes::Expand { summed: true })
 }
 
-fn expand(args: &Args<'_>, d: &MoeDims, summed: bool) -> Result<Vec<CudaStorage>> {
-    const OP: &str = "moe_expand_codes";
-    check_sizes(OP, d)?;
+fn move_codes(args: &Args<'_>, d: &MoeDims, which: Codes) -> Result<Vec<CudaStorage>> {
+    let op = match which {
+        Codes::Gather => "moe_gather_codes",
+        Codes::Expand { .. } => "moe_expand_codes",
+    };
+    check_sizes(op, d)?;
     let (t, k, e, r) = (d.t, d.k, d.e, d.r);
+    // (flag, input elements, output elements)
+    let (flag, in_len, out_len) = match which {
+        Codes::Gather => {
+            let src_len = args.first().map_or(0, |a| a.1.elem_count());
+            let per_slot = src_len == t * k * e * r && k != 1;
+            let rows = if per_slot { t * k } else { t };
+            (per_slot, rows * e * r, t * k * r)
+        }
+        Codes::Expand { summed } => {
+            let rows = if summed { t } else { t * k };
+            (summed, t * k * r, rows * e * r)
+        }
+    };
     let o = operands(
-        OP,
+        op,
         args,
         &[
-            (Kind::Any, t * k * r), // codes
-            (Kind::Index, t * k),   // ids
+            (Kind::Any, in_len),  // src or codes
+            (Kind::Index, t * k), // ids
         ],
     )?;
-    let rows = if summed { t } else { t * k };
-    let out = CudaStorage::alloc(&o.dev, OP, rows * e * r, o.base)?; // [rows, E·r]
-    if rows * e * r == 0 {
+    let out_dtype = match which {
+        Codes::Gather => o.adapter,
+        Codes::Expand { .. } => o.base,
+    };
+    let out = CudaStorage::alloc(&o.dev, op, out_len, out_dtype)?;
+    if out_len == 0 {
         return Ok(vec![out]);
     }
-    let [codes, ids] = o.ptrs[..] else {
-        return Err(Error::invalid(OP, "operand count"));
+    let [input, ids] = o.ptrs[..] else {
+        return Err(Error::invalid(op, "operand count"));
     };
     let (t32, k32, e32, r32) = (
-        to_u32(OP, t)?,
-        to_u32(OP, k)?,
-        to_u32(OP, e)?,
-        to_u32(OP, r)?,
+        to_u32(op, t)?,
+        to_u32(op, k)?,
+        to_u32(op, e)?,
+        to_u32(op, r)?,
     );
-    let (po, sum32) = (out.ptr(), u32::from(summed));
-    let name = format!("{OP}_{}", o.base);
-    // SAFETY: codes hold T·k·r elements and ids T·k (checked above), each id < E (the op's
-    // top-k); the kernel writes each of the rows·E·r elements of `out` once (grid-stride).
+    let (po, flag32) = (out.ptr(), u32::from(flag));
+    let name = format!("{op}_{}", o.base);
+    // SAFETY: the input holds in_len elements and ids T·k (checked above), each id < E (the op's
+    // top-k). Gather reads src[row·E·r + id·r + c] with row < rows (T·k when the flag is set,
+    // else T) and c < r, inside the rows·E·r = in_len elements; expand reads codes[p·r + c] with
+    // p < T·k, c < r. Each writes the out_len elements of `out` (T·k·r for gather, rows·E·r for
+    // expand) once, grid-stride.
     unsafe {
         launch!(
             &o.dev,
-            OP,
+            op,
             MOE_FUSED,
             name,
-            CudaDevice::grid(rows * e * r),
-            [t32, k32, e32, r32, sum32, codes, ids, po]
+            CudaDevice::grid(out_len),
+            [t32, k32, e32, r32, flag32, input, ids, po]
         )
     }?;
     Ok(vec![out])
