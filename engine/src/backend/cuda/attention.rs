@@ -5,7 +5,7 @@
 use kernels::ATTENTION;
 
 use super::launch::launch;
-use super::layout::to_u32;
+use super::layout::{to_u32, to_u32s};
 use super::{CudaDevice, CudaStorage};
 use crate::backend::checks::{causal_softmax_dims, softmax_backward_dims};
 use crate::{DType, Error, Layout, Result};
@@ -47,13 +47,7 @@ pub(crate) fn causal_softmax(
     let xc = x.contiguous(OP, l)?; // [b, h, t, s]
     let mc = key_mask.map(|(m, ml)| m.contiguous(OP, ml)).transpose()?; // [b, s] u32
                                                                         // Every query at or past the last key sees them all: clamping keeps q_offset + i in range.
-    let (r32, h32, t32, s32, off) = (
-        to_u32(OP, rows)?,
-        to_u32(OP, h)?,
-        to_u32(OP, t)?,
-        to_u32(OP, s)?,
-        to_u32(OP, q_offset.min(s))?,
-    );
+    let [r32, h32, t32, s32, off] = to_u32s(OP, [rows, h, t, s, q_offset.min(s)])?;
     let (xp, mp, y) = (xc.ptr, mc.as_ref().map_or(0u64, |m| m.ptr), out.ptr());
     let name = format!("{OP}_{}", x.dtype);
     // SAFETY: x is a contiguous [b, h, t, s] run (rows = b·h·t rows of s) of `x.dtype`, the

@@ -7,7 +7,7 @@ use kernels::INDEX;
 
 use super::elementwise::{gather_view, to_dtype};
 use super::launch::launch;
-use super::layout::to_u32;
+use super::layout::{to_u32, to_u32s};
 use super::{check_extent, CudaDevice, CudaStorage};
 use crate::{DType, Error, Layout, Result};
 
@@ -52,12 +52,7 @@ pub(crate) fn index_select(
         return Ok(out);
     }
     let (src, idc) = (s.contiguous(OP, l)?, ids.contiguous(OP, il)?);
-    let (n32, size32, inner32, nid32) = (
-        to_u32(OP, n_out)?,
-        to_u32(OP, size)?,
-        to_u32(OP, inner)?,
-        to_u32(OP, n_ids)?,
-    );
+    let [n32, size32, inner32, nid32] = to_u32s(OP, [n_out, size, inner, n_ids])?;
     let (sp, ip, y) = (src.ptr, idc.ptr, out.ptr());
     let name = format!("{OP}_{}", s.dtype);
     // SAFETY: src is a contiguous [outer, size, inner] run, ids a contiguous [n_ids] u32, the
@@ -94,12 +89,7 @@ pub(crate) fn gather(
         return Ok(out);
     }
     let (src, idc) = (s.contiguous(OP, l)?, ids.contiguous(OP, il)?);
-    let (n32, size32, m32, inner32) = (
-        to_u32(OP, n_out)?,
-        to_u32(OP, size)?,
-        to_u32(OP, m)?,
-        to_u32(OP, inner)?,
-    );
+    let [n32, size32, m32, inner32] = to_u32s(OP, [n_out, size, m, inner])?;
     let (sp, ip, y) = (src.ptr, idc.ptr, out.ptr());
     let name = format!("{OP}_{}", s.dtype);
     // SAFETY: src is a contiguous [outer, size, inner] run, ids and the output contiguous
@@ -166,12 +156,7 @@ fn accumulate(
         };
         let idc = ids.contiguous(op, il)?;
         let (a, b, c) = three;
-        let (n32, a32, b32, c32) = (
-            to_u32(op, n_src)?,
-            to_u32(op, a)?,
-            to_u32(op, b)?,
-            to_u32(op, c)?,
-        );
+        let [n32, a32, b32, c32] = to_u32s(op, [n_src, a, b, c])?;
         let (sp, ip, y) = (srcw.ptr(), idc.ptr, out.ptr());
         let name = format!("{op}_{work}");
         // SAFETY: src is a contiguous run of n_src elements and ids its index tensor (contiguous,

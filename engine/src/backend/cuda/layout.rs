@@ -32,6 +32,15 @@ pub(crate) fn to_u32(op: &'static str, v: usize) -> Result<u32> {
     })
 }
 
+/// [`to_u32`] of each size in turn (the first that does not fit is the error).
+pub(crate) fn to_u32s<const N: usize>(op: &'static str, v: [usize; N]) -> Result<[u32; N]> {
+    let mut out = [0u32; N];
+    for (o, v) in out.iter_mut().zip(v) {
+        *o = to_u32(op, v)?;
+    }
+    Ok(out)
+}
+
 impl StridedArg {
     /// The view `l`, with size-1 dims dropped and dims that are contiguous with each other merged,
     /// so most views become rank 1 or 2. Errors when it needs more than `MAX_DIMS` dims or an index

@@ -3,7 +3,7 @@
 use kernels::LOSS;
 
 use super::launch::launch;
-use super::layout::to_u32;
+use super::layout::{to_u32, to_u32s};
 use super::{check_extent, CudaDevice, CudaStorage};
 use crate::{DType, Error, Layout, Result};
 
@@ -70,11 +70,7 @@ pub(crate) fn cross_entropy(
     }
     let tc = t.contiguous(OP, tl)?;
     let (n32, v32) = (to_u32(OP, n)?, to_u32(OP, v)?);
-    let (s0, s1, off) = (
-        to_u32(OP, l.strides()[0])?,
-        to_u32(OP, l.strides()[1])?,
-        to_u32(OP, l.offset())?,
-    );
+    let [s0, s1, off] = to_u32s(OP, [l.strides()[0], l.strides()[1], l.offset()])?;
     let (xp, tp, y) = (x.ptr(), tc.ptr, out.ptr());
     let name = format!("{OP}_{}", x.dtype);
     // SAFETY: the logits view lies inside `x` (checked), targets are a contiguous [n] u32, the
@@ -125,11 +121,7 @@ pub(crate) fn cross_entropy_backward(
     let gc = super::elementwise::to_dtype(g, gl, acc_dtype(x.dtype))?;
     let tc = t.contiguous(OP, tl)?;
     let (n32, v32) = (to_u32(OP, n)?, to_u32(OP, v)?);
-    let (s0, s1, off) = (
-        to_u32(OP, l.strides()[0])?,
-        to_u32(OP, l.strides()[1])?,
-        to_u32(OP, l.offset())?,
-    );
+    let [s0, s1, off] = to_u32s(OP, [l.strides()[0], l.strides()[1], l.offset()])?;
     let (xp, tp, gp, y) = (x.ptr(), tc.ptr, gc.ptr(), out.ptr());
     let name = format!("{OP}_{}", x.dtype);
     // SAFETY: as in the forward; g is a contiguous [n] of the accumulation type and the output

@@ -6,7 +6,7 @@ use cudarc::driver::LaunchConfig;
 use kernels::MOE;
 
 use super::launch::launch;
-use super::layout::to_u32;
+use super::layout::{to_u32, to_u32s};
 use super::{CudaDevice, CudaStorage};
 use crate::{DType, Error, Layout, Result};
 
@@ -444,12 +444,7 @@ pub(crate) fn grouped_matmul(
     );
     to_u32(OP, m * kk.max(nn))?;
     to_u32(OP, e * p * q)?;
-    let (m32, n32, k32, e32) = (
-        to_u32(OP, m)?,
-        to_u32(OP, nn)?,
-        to_u32(OP, kk)?,
-        to_u32(OP, e)?,
-    );
+    let [m32, n32, k32, e32] = to_u32s(OP, [m, nn, kk, e])?;
     // W(e, n, κ) = w[e·se + n·sn + κ·sk].
     let se = to_u32(OP, p * q)?;
     // w [E, N, K]: W(e, n, κ) = w[e][n][κ]; trans_w, w [E, K, N]: W(e, n, κ) = w[e][κ][n].
@@ -518,12 +513,7 @@ pub(crate) fn grouped_matmul_dw(
     );
     to_u32(OP, len)?;
     to_u32(OP, m * nn.max(kk))?;
-    let (m32, n32, k32, e32) = (
-        to_u32(OP, m)?,
-        to_u32(OP, nn)?,
-        to_u32(OP, kk)?,
-        to_u32(OP, e)?,
-    );
+    let [m32, n32, k32, e32] = to_u32s(OP, [m, nn, kk, e])?;
     let (kind, bn, bk) = if nn <= 16 {
         ("_n16", 16, 128)
     } else if kk <= 16 {

@@ -9,7 +9,7 @@ use cudarc::driver::LaunchConfig;
 use kernels::MOE_FUSED;
 
 use super::launch::launch;
-use super::layout::to_u32;
+use super::layout::{to_u32, to_u32s};
 use super::{check_extent, Contig, CudaDevice, CudaStorage};
 use crate::backend::MoeDims;
 use crate::{DType, Error, Layout, Result};
@@ -207,12 +207,7 @@ fn move_codes(args: &Args<'_>, d: &MoeDims, which: Codes) -> Result<Vec<CudaStor
     let [input, ids] = o.ptrs[..] else {
         return Err(Error::invalid(op, "operand count"));
     };
-    let (t32, k32, e32, r32) = (
-        to_u32(op, t)?,
-        to_u32(op, k)?,
-        to_u32(op, e)?,
-        to_u32(op, r)?,
-    );
+    let [t32, k32, e32, r32] = to_u32s(op, [t, k, e, r])?;
     let (po, flag32) = (out.ptr(), u32::from(flag));
     let name = format!("{op}_{}", o.base);
     // SAFETY: the input holds in_len elements and ids T·k (checked above), each id < E (the op's
@@ -257,12 +252,7 @@ pub(crate) fn swiglu_forward(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaSto
         return Err(Error::invalid(OP, "operand count"));
     };
     let (ldg, ldu) = (o.lds[0], o.lds[1]);
-    let (t32, k32, i32_, t0) = (
-        to_u32(OP, t)?,
-        to_u32(OP, k)?,
-        to_u32(OP, i)?,
-        to_u32(OP, d.t0)?,
-    );
+    let [t32, k32, i32_, t0] = to_u32s(OP, [t, k, i, d.t0])?;
     let (pdrop, keep, seed) = settings(d);
     let (pa, pm) = (abar.ptr(), am.ptr());
     let name = format!("{OP}_{}", o.base);
@@ -311,12 +301,7 @@ pub(crate) fn swiglu_backward(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaSt
         return Err(Error::invalid(OP, "operand count"));
     };
     let (ldg, ldu) = (o.lds[0], o.lds[1]);
-    let (t32, k32, i32_, t0) = (
-        to_u32(OP, t)?,
-        to_u32(OP, k)?,
-        to_u32(OP, i)?,
-        to_u32(OP, d.t0)?,
-    );
+    let [t32, k32, i32_, t0] = to_u32s(OP, [t, k, i, d.t0])?;
     let (pdrop, keep, seed) = settings(d);
     let (pgu, pg, pu, pm, pw) = (dgu.ptr(), dg.ptr(), du.ptr(), am.ptr(), dw.ptr());
     let name = format!("{OP}_{}", o.base);

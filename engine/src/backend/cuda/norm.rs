@@ -4,7 +4,7 @@
 use kernels::NORM;
 
 use super::launch::launch;
-use super::layout::{to_u32, StridedArg};
+use super::layout::{to_u32, to_u32s, StridedArg};
 use super::{check_extent, CudaDevice, CudaStorage};
 use crate::{DType, Error, Layout, Result};
 
@@ -212,13 +212,7 @@ pub(crate) fn rope(
     }
     let xs = StridedArg::rank4(OP, l)?;
     let (cc, sc) = (cos.contiguous(OP, cl)?, sin.contiguous(OP, sl)?);
-    let (b32, h32, t32, d32, bc) = (
-        to_u32(OP, b)?,
-        to_u32(OP, h)?,
-        to_u32(OP, t)?,
-        to_u32(OP, d)?,
-        to_u32(OP, cd[0])?,
-    );
+    let [b32, h32, t32, d32, bc] = to_u32s(OP, [b, h, t, d, cd[0]])?;
     let (xp, cp, sp, y) = (x.ptr(), cc.ptr, sc.ptr, out.ptr());
     let name = format!("{OP}_{}", x.dtype);
     // SAFETY: x is read through its rank-4 strides (checked inside its buffer); cos and sin are

@@ -4,7 +4,7 @@
 use kernels::REDUCE;
 
 use super::launch::launch;
-use super::layout::{to_u32, StridedArg};
+use super::layout::{to_u32, to_u32s, StridedArg};
 use super::{check_extent, CudaDevice, CudaStorage};
 use crate::backend::ReduceOp;
 use crate::{DType, Error, Layout, Result};
@@ -42,11 +42,7 @@ pub(crate) fn reduce(s: &CudaStorage, l: &Layout, dim: usize, op: ReduceOp) -> R
     }
     // Row `o` starts at `at(lo, o)`; its elements are `stride` apart.
     let lo = StridedArg::new(OP, &l.narrow(dim, 0, 1))?;
-    let (n32, len, stride) = (
-        to_u32(OP, n_out)?,
-        to_u32(OP, l.dims()[dim])?,
-        to_u32(OP, l.strides()[dim])?,
-    );
+    let [n32, len, stride] = to_u32s(OP, [n_out, l.dims()[dim], l.strides()[dim]])?;
     let (x, y) = (s.ptr(), out.ptr());
     let name = format!("{base}_{}", s.dtype);
     let cfg = CudaDevice::rows(n_out.div_ceil(WARPS), (WARPS * 32) as u32);
