@@ -35,6 +35,65 @@ fn push_u64(w: &mut Vec<u32>, x: u64) {
     w.push((x >> 32) as u32);
 }
 
+/// The `dtype` code of a table row (`0 f32, 1 bf16, 2 f64` in optim.cu).
+fn dtype_code(op: &'static str, dtype: DType) -> Result<u32> {
+    match dtype {
+        DType::F32 => Ok(0),
+        DType::BF16 => Ok(1),
+        DType::F64 => Ok(2),
+        DType::U32 => Err(Error::UnsupportedDType { op, dtype }),
+    }
+}
+
+/// Appends to the chunk list one `(tensor index, chunk index)` entry per `CHUNK` elements of
+/// tensor `ti`, `len` elements long.
+fn push_chunks(op: &'static str, chunks: &mut Vec<u32>, ti: usize, len: usize) -> Result<()> {
+    let ti = u32::try_from(ti).map_err(|_| Error::invalid(op, "too many tensors"))?;
+    for c in 0..len.div_ceil(CHUNK) {
+        let c = u32::try_from(c).map_err(|_| Error::invalid(op, "tensor too large"))?;
+        chunks.extend([ti, c]);
+    }
+    Ok(())
+}
+
+/// How a table kernel is launched over its chunk list.
+struct ChunkLaunch {
+    n_chunks: usize,
+    /// `n_chunks` as the kernel's argument.
+    n_chunks32: u32,
+    /// Byte offset of the chunk list in the table.
+    list_offset: u64,
+    /// One block of `THREADS` per chunk, at most `MAX_BLOCKS` (the blocks stride over the rest).
+    cfg: LaunchConfig,
+}
+
+/// Appends the chunk list to the tensor rows in `words` and says how to launch over it; `None`
+/// when there is no chunk, so nothing to launch. The rows are a whole number of 8-byte words
+/// (48 or 24 bytes each), so the chunk list stays 8-byte aligned.
+fn append_chunks(
+    op: &'static str,
+    words: &mut Vec<u32>,
+    chunks: &[u32],
+) -> Result<Option<ChunkLaunch>> {
+    let n_chunks = chunks.len() / 2;
+    if n_chunks == 0 {
+        return Ok(None);
+    }
+    let n_chunks32 = u32::try_from(n_chunks).map_err(|_| Error::invalid(op, "too many chunks"))?;
+    let rows_bytes = words.len() * 4;
+    words.extend_from_slice(chunks);
+    Ok(Some(ChunkLaunch {
+        n_chunks,
+        n_chunks32,
+        list_offset: rows_bytes as u64,
+        cfg: LaunchConfig {
+            grid_dim: (n_chunks.min(MAX_BLOCKS) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        },
+    }))
+}
+
 pub(crate) fn adamw_step(slots: &mut [AdamWSlot<'_, CudaStorage>], h: &AdamWHyper) -> Result<()> {
     const OP: &str = "adamw_step";
     let Some(first) = slots.first() else {
@@ -45,11 +104,11 @@ pub(crate) fn adamw_step(slots: &mut [AdamWSlot<'_, CudaStorage>], h: &AdamWHype
     let mut chunks: Vec<u32> = Vec::new();
     for (i, s) in slots.iter().enumerate() {
         let pd = s.param.dtype;
-        let (code, md) = match pd {
-            DType::F32 => (0u32, DType::F32),
-            DType::BF16 => (1, DType::F32),
-            DType::F64 => (2, DType::F64),
-            DType::U32 => return Err(Error::UnsupportedDType { op: OP, dtype: pd }),
+        let code = dtype_code(OP, pd)?;
+        let md = if pd == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
         };
         for (buf, want) in [(&*s.exp_avg, md), (&*s.exp_avg_sq, md), (s.grad, pd)] {
             if buf.dtype != want {
@@ -82,20 +141,11 @@ pub(crate) fn adamw_step(slots: &mut [AdamWSlot<'_, CudaStorage>], h: &AdamWHype
         }
         push_u64(&mut words, s.len as u64);
         words.extend([code, 0]);
-        let n_chunks = s.len.div_ceil(CHUNK);
-        let ti = u32::try_from(i).map_err(|_| Error::invalid(OP, "too many tensors"))?;
-        for c in 0..n_chunks {
-            let c = u32::try_from(c).map_err(|_| Error::invalid(OP, "tensor too large"))?;
-            chunks.extend([ti, c]);
-        }
+        push_chunks(OP, &mut chunks, i, s.len)?;
     }
-    let n_chunks = chunks.len() / 2;
-    if n_chunks == 0 {
+    let Some(cl) = append_chunks(OP, &mut words, &chunks)? else {
         return Ok(());
-    }
-    let n_chunks32 = u32::try_from(n_chunks).map_err(|_| Error::invalid(OP, "too many chunks"))?;
-    let rows_bytes = words.len() * 4; // a multiple of 48: the chunk list stays 8-byte aligned
-    words.extend_from_slice(&chunks);
+    };
     let mut cache = TABLE.lock().unwrap_or_else(|e| e.into_inner());
     // Without the allocator's cache (MIXLORA_CUDA_NO_CACHE=1, as under the memory checker) the
     // table is not kept either: uploaded per step and freed after, so nothing outlives the
@@ -115,15 +165,10 @@ pub(crate) fn adamw_step(slots: &mut [AdamWSlot<'_, CudaStorage>], h: &AdamWHype
         (None, None) => return Err(Error::invalid(OP, "the tensor table was not uploaded")),
     };
     let tensors = table.ptr();
-    let chunk_list = tensors + rows_bytes as u64;
+    let (chunk_list, n_chunks32) = (tensors + cl.list_offset, cl.n_chunks32);
     let k = h.coefficients();
     let (scale, b1, omb1, b2, omb2) = (k.scale, k.b1, k.one_minus_b1, k.b2, k.one_minus_b2);
     let (inv_bc2, eps, decay, step_size) = (k.inv_bc2, k.eps, k.decay, k.step_size);
-    let cfg = LaunchConfig {
-        grid_dim: (n_chunks.min(MAX_BLOCKS) as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
     let name = "adamw_step_multi";
     // SAFETY: the table holds one 48-byte row per slot (addresses of views checked above to lie
     // inside their buffers, with the dtypes the row's code says) followed by `n_chunks` entries
@@ -138,7 +183,7 @@ pub(crate) fn adamw_step(slots: &mut [AdamWSlot<'_, CudaStorage>], h: &AdamWHype
             OP,
             OPTIM,
             name,
-            cfg,
+            cl.cfg,
             [
                 tensors, chunk_list, n_chunks32, scale, b1, omb1, b2, omb2, inv_bc2, eps, decay,
                 step_size
@@ -164,45 +209,22 @@ pub(crate) fn sum_squares_multi(args: &[(&CudaStorage, &Layout)]) -> Result<f64>
     let mut hold: Vec<Contig> = Vec::new();
     for (i, &(s, l)) in args.iter().enumerate() {
         dev_check(OP, &dev, s)?;
-        let code = match s.dtype {
-            DType::F32 => 0u32,
-            DType::BF16 => 1,
-            DType::F64 => 2,
-            DType::U32 => {
-                return Err(Error::UnsupportedDType {
-                    op: OP,
-                    dtype: DType::U32,
-                })
-            }
-        };
+        let code = dtype_code(OP, s.dtype)?;
         let c = s.contiguous(OP, l)?; // checks the view against its buffer
         let len = l.elem_count();
         push_u64(&mut words, c.ptr);
         push_u64(&mut words, len as u64);
         words.extend([code, 0]);
         hold.push(c);
-        let ti = u32::try_from(i).map_err(|_| Error::invalid(OP, "too many tensors"))?;
-        for k in 0..len.div_ceil(CHUNK) {
-            let k = u32::try_from(k).map_err(|_| Error::invalid(OP, "tensor too large"))?;
-            chunks.extend([ti, k]);
-        }
+        push_chunks(OP, &mut chunks, i, len)?;
     }
-    let n_chunks = chunks.len() / 2;
-    if n_chunks == 0 {
+    let Some(cl) = append_chunks(OP, &mut words, &chunks)? else {
         return Ok(0.0);
-    }
-    let n_chunks32 = u32::try_from(n_chunks).map_err(|_| Error::invalid(OP, "too many chunks"))?;
-    let rows_bytes = words.len() * 4; // a multiple of 24: the chunk list stays 8-byte aligned
-    words.extend_from_slice(&chunks);
-    let table = CudaStorage::from_cpu(&dev, &CpuStorage::U32(words))?;
-    let partials = CudaStorage::alloc(&dev, OP, n_chunks, DType::F64)?;
-    let (tensors, out) = (table.ptr(), partials.ptr());
-    let chunk_list = tensors + rows_bytes as u64;
-    let cfg = LaunchConfig {
-        grid_dim: (n_chunks.min(MAX_BLOCKS) as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
     };
+    let table = CudaStorage::from_cpu(&dev, &CpuStorage::U32(words))?;
+    let partials = CudaStorage::alloc(&dev, OP, cl.n_chunks, DType::F64)?;
+    let (tensors, out) = (table.ptr(), partials.ptr());
+    let (chunk_list, n_chunks32) = (tensors + cl.list_offset, cl.n_chunks32);
     let name = "sum_squares_multi";
     // SAFETY: the table holds one 24-byte row per tensor (the address of a contiguous run of
     // `len` elements of the row's dtype: the view itself, checked to lie inside its buffer, or a
@@ -216,11 +238,11 @@ pub(crate) fn sum_squares_multi(args: &[(&CudaStorage, &Layout)]) -> Result<f64>
             OP,
             OPTIM,
             name,
-            cfg,
+            cl.cfg,
             [tensors, chunk_list, n_chunks32, out]
         )
     }?;
-    let sums = match partials.to_cpu(&Layout::contiguous([n_chunks]))? {
+    let sums = match partials.to_cpu(&Layout::contiguous([cl.n_chunks]))? {
         CpuStorage::F64(v) => v,
         _ => return Err(Error::invalid(OP, "partial sums are not f64")),
     };
