@@ -6,23 +6,13 @@ use kernels::ATTENTION;
 
 use super::launch::launch;
 use super::layout::{to_u32, to_u32s};
-use super::{CudaDevice, CudaStorage};
+use super::{float_only, CudaDevice, CudaStorage};
 use crate::backend::checks::{causal_softmax_dims, softmax_backward_dims};
-use crate::{DType, Error, Layout, Result};
+use crate::{Error, Layout, Result};
 
 /// Threads per row: a warp per 32 elements, at most 256 (wider rows loop).
 fn row_threads(n: usize) -> u32 {
     (n.div_ceil(32) * 32).clamp(32, 256) as u32
-}
-
-fn float_only(op: &'static str, s: &CudaStorage) -> Result<()> {
-    if s.dtype == DType::U32 {
-        return Err(Error::UnsupportedDType {
-            op,
-            dtype: DType::U32,
-        });
-    }
-    Ok(())
 }
 
 pub(crate) fn causal_softmax(
@@ -33,7 +23,7 @@ pub(crate) fn causal_softmax(
     key_mask: Option<(&CudaStorage, &Layout)>,
 ) -> Result<CudaStorage> {
     const OP: &str = "causal_softmax";
-    float_only(OP, x)?;
+    float_only(OP, x.dtype)?;
     let [_, h, t, s] = causal_softmax_dims(OP, l, key_mask.map(|(m, ml)| (m.dtype, ml)))?;
     if let Some((m, _)) = key_mask {
         x.same_device(OP, m)?;
@@ -75,7 +65,7 @@ pub(crate) fn softmax_backward(
     scale: f64,
 ) -> Result<CudaStorage> {
     const OP: &str = "softmax_backward";
-    float_only(OP, y)?;
+    float_only(OP, y.dtype)?;
     if g.dtype != y.dtype {
         return Err(Error::DTypeMismatch {
             op: OP,

@@ -6,7 +6,7 @@ use kernels::ELEMENTWISE;
 
 use super::launch::launch;
 use super::layout::{to_u32, StridedArg};
-use super::{check_extent, CudaDevice, CudaStorage};
+use super::{check_extent, float_only, CudaDevice, CudaStorage};
 use crate::backend::{BinaryOp, CmpOp, UnaryOp};
 use crate::{DType, Error, Layout, Result};
 
@@ -17,13 +17,6 @@ fn same_shape(op: &'static str, a: &Layout, b: &Layout) -> Result<()> {
             lhs: a.shape().clone(),
             rhs: b.shape().clone(),
         });
-    }
-    Ok(())
-}
-
-fn float_only(op: &'static str, dtype: DType) -> Result<()> {
-    if dtype == DType::U32 {
-        return Err(Error::UnsupportedDType { op, dtype });
     }
     Ok(())
 }

@@ -8,7 +8,7 @@ use kernels::INDEX;
 use super::elementwise::{gather_view, to_dtype};
 use super::launch::launch;
 use super::layout::{to_u32, to_u32s};
-use super::{check_extent, CudaDevice, CudaStorage};
+use super::{check_extent, float_only, CudaDevice, CudaStorage};
 use crate::{DType, Error, Layout, Result};
 
 fn check_ids(op: &'static str, s: &CudaStorage, ids: &CudaStorage, il: &Layout) -> Result<()> {
@@ -127,12 +127,7 @@ fn accumulate(
             rhs: src.dtype,
         });
     }
-    if s.dtype == DType::U32 {
-        return Err(Error::UnsupportedDType {
-            op,
-            dtype: DType::U32,
-        });
-    }
+    float_only(op, s.dtype)?;
     s.same_device(op, src)?;
     check_extent(op, l, s.len)?;
     check_extent(op, sl, src.len)?;

@@ -10,19 +10,10 @@
 //! `M·in·(4 + 4 + 4 + 4 + 4 + s)` with dropout. All of it is transient: the tape keeps `z`.
 
 use super::layout::to_u32;
-use super::{check_extent, CudaStorage};
+use super::{acc_dtype, check_extent, CudaStorage};
 use crate::backend::cpu::lora::{dims2, expect_dims, keep_of};
 use crate::backend::{BackendDevice, BackendStorage, BinaryOp, UnaryOp};
 use crate::{DType, Error, Layout, Result, Shape};
-
-/// The adapter dtype of base dtype `d`.
-fn acc_dtype(d: DType) -> DType {
-    if d == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
 
 /// Checks a base-dtype operand against the adapter operand `ad`; returns its rank-2
 /// `(s0, s1, offset)` as u32.

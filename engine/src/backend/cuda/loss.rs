@@ -4,7 +4,7 @@ use kernels::LOSS;
 
 use super::launch::launch;
 use super::layout::{to_u32, to_u32s};
-use super::{check_extent, CudaDevice, CudaStorage};
+use super::{acc_dtype, check_extent, float_only, CudaDevice, CudaStorage};
 use crate::{DType, Error, Layout, Result};
 
 const ROW_THREADS: u32 = 256;
@@ -35,24 +35,10 @@ fn check(
     if t.dtype != DType::U32 {
         return Err(Error::UnsupportedDType { op, dtype: t.dtype });
     }
-    if x.dtype == DType::U32 {
-        return Err(Error::UnsupportedDType {
-            op,
-            dtype: DType::U32,
-        });
-    }
+    float_only(op, x.dtype)?;
     x.same_device(op, t)?;
     check_extent(op, l, x.len)?;
     Ok((n, v))
-}
-
-/// f64 for f64 logits, else f32: the dtype of the loss and of the row gradients.
-fn acc_dtype(d: DType) -> DType {
-    if d == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
 }
 
 pub(crate) fn cross_entropy(
@@ -106,12 +92,7 @@ pub(crate) fn cross_entropy_backward(
             rhs: gl.shape().clone(),
         });
     }
-    if g.dtype == DType::U32 {
-        return Err(Error::UnsupportedDType {
-            op: OP,
-            dtype: DType::U32,
-        });
-    }
+    float_only(OP, g.dtype)?;
     x.same_device(OP, g)?;
     let out = CudaStorage::alloc(&x.dev, OP, n * v, x.dtype)?;
     if n * v == 0 {

@@ -6,19 +6,10 @@ use kernels::LOSS;
 
 use super::launch::launch;
 use super::layout::to_u32;
-use super::{check_extent, CudaDevice, CudaStorage};
+use super::{acc_dtype, check_extent, float_only, CudaDevice, CudaStorage};
 use crate::{DType, Error, Layout, Result};
 
 const ROW_THREADS: u32 = 256;
-
-/// f64 for f64 logits, else f32.
-fn acc_dtype(d: DType) -> DType {
-    if d == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
 
 /// Checks chunk logits `[n, c]` and targets `[n]` u32; returns `(n, c)` and the view's
 /// `(s0, s1, off)` as u32.
@@ -47,12 +38,7 @@ fn check(
     if t.dtype != DType::U32 {
         return Err(Error::UnsupportedDType { op, dtype: t.dtype });
     }
-    if x.dtype == DType::U32 {
-        return Err(Error::UnsupportedDType {
-            op,
-            dtype: DType::U32,
-        });
-    }
+    float_only(op, x.dtype)?;
     x.same_device(op, t)?;
     check_extent(op, l, x.len)?;
     let strides = [
@@ -137,12 +123,7 @@ pub(crate) fn cross_entropy_chunk_backward(
                 rhs: sl.shape().clone(),
             });
         }
-        if s.dtype == DType::U32 {
-            return Err(Error::UnsupportedDType {
-                op: OP,
-                dtype: DType::U32,
-            });
-        }
+        float_only(OP, s.dtype)?;
         x.same_device(OP, s)?;
     }
     let out = CudaStorage::alloc(&x.dev, OP, n * c, x.dtype)?;

@@ -9,7 +9,7 @@ use std::ffi::c_void;
 use cudarc::cublas::{result as blas, sys};
 
 use super::elementwise::fill;
-use super::{check_extent, Contig, CudaStorage};
+use super::{check_extent, float_only, Contig, CudaStorage};
 use crate::{DType, Error, Layout, Result};
 
 /// How cuBLAS sees one operand: `Xᵀ` for the row-major `X[r, c]` of a batched view.
@@ -91,12 +91,7 @@ pub(crate) fn matmul(
             rhs: b.dtype,
         });
     }
-    if a.dtype == DType::U32 {
-        return Err(Error::UnsupportedDType {
-            op: OP,
-            dtype: DType::U32,
-        });
-    }
+    float_only(OP, a.dtype)?;
     a.same_device(OP, b)?;
     check_extent(OP, al, a.len)?;
     check_extent(OP, bl, b.len)?;

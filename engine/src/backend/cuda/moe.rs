@@ -7,30 +7,12 @@ use kernels::MOE;
 
 use super::launch::launch;
 use super::layout::{to_u32, to_u32s};
-use super::{CudaDevice, CudaStorage};
+use super::{acc_dtype, float_only, CudaDevice, CudaStorage};
 use crate::{DType, Error, Layout, Result};
 
 const THREADS: u32 = 256;
 /// Slots per block of the grouping kernels (`GROUP_TILE` in moe.cu).
 const GROUP_TILE: usize = 256;
-
-fn acc_dtype(d: DType) -> DType {
-    if d == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
-
-fn float_only(op: &'static str, s: &CudaStorage) -> Result<()> {
-    if s.dtype == DType::U32 {
-        return Err(Error::UnsupportedDType {
-            op,
-            dtype: DType::U32,
-        });
-    }
-    Ok(())
-}
 
 fn dtype_is(op: &'static str, s: &CudaStorage, d: DType) -> Result<()> {
     if s.dtype != d {
@@ -77,7 +59,7 @@ pub(crate) fn route_topk(
     k: usize,
 ) -> Result<(CudaStorage, CudaStorage, CudaStorage)> {
     const OP: &str = "moe_route_topk";
-    float_only(OP, x)?;
+    float_only(OP, x.dtype)?;
     let (n, e) = rank2(OP, l)?;
     if k == 0 || k > e {
         return Err(Error::invalid(
@@ -121,7 +103,7 @@ pub(crate) fn route_topk_backward(
     e: usize,
 ) -> Result<CudaStorage> {
     const OP: &str = "moe_route_topk_backward";
-    float_only(OP, w)?;
+    float_only(OP, w.dtype)?;
     dtype_is(OP, ids, DType::U32)?;
     dtype_is(OP, gw, w.dtype)?;
     w.same_device(OP, ids)?;
@@ -261,7 +243,7 @@ pub(crate) fn permute(
     scale: Option<(&CudaStorage, &Layout)>,
 ) -> Result<CudaStorage> {
     const OP: &str = "moe_permute";
-    float_only(OP, x)?;
+    float_only(OP, x.dtype)?;
     dtype_is(OP, perm, DType::U32)?;
     x.same_device(OP, perm)?;
     let (n, h) = rank2(OP, l)?;
@@ -317,7 +299,7 @@ pub(crate) fn combine(
     wl: &Layout,
 ) -> Result<CudaStorage> {
     const OP: &str = "moe_combine";
-    float_only(OP, y)?;
+    float_only(OP, y.dtype)?;
     dtype_is(OP, inv, DType::U32)?;
     dtype_is(OP, w, acc_dtype(y.dtype))?;
     y.same_device(OP, inv)?;
@@ -365,7 +347,7 @@ pub(crate) fn combine_dw(
     k: usize,
 ) -> Result<CudaStorage> {
     const OP: &str = "moe_combine_dw";
-    float_only(OP, y)?;
+    float_only(OP, y.dtype)?;
     dtype_is(OP, inv, DType::U32)?;
     dtype_is(OP, g, y.dtype)?;
     y.same_device(OP, inv)?;
@@ -413,7 +395,7 @@ pub(crate) fn grouped_matmul(
     trans_w: bool,
 ) -> Result<CudaStorage> {
     const OP: &str = "grouped_matmul";
-    float_only(OP, x)?;
+    float_only(OP, x.dtype)?;
     dtype_is(OP, w, x.dtype)?;
     dtype_is(OP, off, DType::U32)?;
     x.same_device(OP, w)?;
@@ -488,7 +470,7 @@ pub(crate) fn grouped_matmul_dw(
     e: usize,
 ) -> Result<CudaStorage> {
     const OP: &str = "grouped_matmul_dw";
-    float_only(OP, dy)?;
+    float_only(OP, dy.dtype)?;
     dtype_is(OP, x, dy.dtype)?;
     dtype_is(OP, off, DType::U32)?;
     dy.same_device(OP, x)?;

@@ -10,7 +10,7 @@ use kernels::MOE_FUSED;
 
 use super::launch::launch;
 use super::layout::{to_u32, to_u32s};
-use super::{check_extent, Contig, CudaDevice, CudaStorage};
+use super::{acc_dtype, check_extent, float_only, Contig, CudaDevice, CudaStorage};
 use crate::backend::MoeDims;
 use crate::{DType, Error, Layout, Result};
 
@@ -56,17 +56,8 @@ fn operands(op: &'static str, args: &Args<'_>, spec: &[(Kind, usize)]) -> Result
     }
     let first = args[0].0;
     let base = first.dtype;
-    if base == DType::U32 {
-        return Err(Error::UnsupportedDType {
-            op,
-            dtype: DType::U32,
-        });
-    }
-    let adapter = if base == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
+    float_only(op, base)?;
+    let adapter = acc_dtype(base);
     let mut out = Operands {
         dev: first.dev.clone(),
         base,

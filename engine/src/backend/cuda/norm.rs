@@ -5,8 +5,8 @@ use kernels::NORM;
 
 use super::launch::launch;
 use super::layout::{to_u32, to_u32s, StridedArg};
-use super::{check_extent, CudaDevice, CudaStorage};
-use crate::{DType, Error, Layout, Result};
+use super::{acc_dtype, check_extent, float_only, CudaDevice, CudaStorage};
+use crate::{Error, Layout, Result};
 
 /// Threads per row of the row kernels.
 const ROW_THREADS: u32 = 256;
@@ -22,12 +22,7 @@ fn check_float3(op: &'static str, a: &CudaStorage, b: &CudaStorage, c: &CudaStor
         }
         a.same_device(op, o)?;
     }
-    if a.dtype == DType::U32 {
-        return Err(Error::UnsupportedDType {
-            op,
-            dtype: DType::U32,
-        });
-    }
+    float_only(op, a.dtype)?;
     Ok(())
 }
 
@@ -122,11 +117,7 @@ pub(crate) fn rms_norm_backward(
     }
     let rows = total / n;
     // Per-row 1/rms in the accumulation type (f64 for f64, else f32).
-    let acc = if x.dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
+    let acc = acc_dtype(x.dtype);
     let rstd = CudaStorage::alloc(dev, OP, rows, acc)?;
     let (xc, wc, gc) = (
         x.contiguous(OP, l)?,

@@ -13,7 +13,7 @@ use cudarc::driver::LaunchConfig;
 use kernels::OPTIM;
 
 use super::launch::launch;
-use super::{Contig, CudaStorage};
+use super::{acc_dtype, Contig, CudaStorage};
 use crate::backend::cpu::CpuStorage;
 use crate::backend::{AdamWHyper, AdamWSlot, BackendStorage};
 use crate::{DType, Error, Layout, Result};
@@ -105,11 +105,7 @@ pub(crate) fn adamw_step(slots: &mut [AdamWSlot<'_, CudaStorage>], h: &AdamWHype
     for (i, s) in slots.iter().enumerate() {
         let pd = s.param.dtype;
         let code = dtype_code(OP, pd)?;
-        let md = if pd == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
+        let md = acc_dtype(pd);
         for (buf, want) in [(&*s.exp_avg, md), (&*s.exp_avg_sq, md), (s.grad, pd)] {
             if buf.dtype != want {
                 return Err(Error::DTypeMismatch {

@@ -5,7 +5,7 @@ use kernels::REDUCE;
 
 use super::launch::launch;
 use super::layout::{to_u32, to_u32s, StridedArg};
-use super::{check_extent, CudaDevice, CudaStorage};
+use super::{check_extent, float_only, CudaDevice, CudaStorage};
 use crate::backend::ReduceOp;
 use crate::{DType, Error, Layout, Result};
 
@@ -54,12 +54,7 @@ pub(crate) fn reduce(s: &CudaStorage, l: &Layout, dim: usize, op: ReduceOp) -> R
 
 pub(crate) fn softmax(s: &CudaStorage, l: &Layout, log: bool) -> Result<CudaStorage> {
     let op = if log { "log_softmax" } else { "softmax" };
-    if s.dtype == DType::U32 {
-        return Err(Error::UnsupportedDType {
-            op,
-            dtype: DType::U32,
-        });
-    }
+    float_only(op, s.dtype)?;
     let n = l.dims().last().copied().unwrap_or(1);
     let total = l.elem_count();
     let out = CudaStorage::alloc(&s.dev, op, total, s.dtype)?;
