@@ -25,6 +25,21 @@ fn dtype_is(op: &'static str, s: &CudaStorage, d: DType) -> Result<()> {
     Ok(())
 }
 
+/// Checks the operands of a launcher with three: `x` a float, `b` of dtype `db` and `c` of
+/// dtype `dc`, both on `x`'s GPU (both dtypes first, then both devices).
+fn check3(
+    op: &'static str,
+    x: &CudaStorage,
+    (b, db): (&CudaStorage, DType),
+    (c, dc): (&CudaStorage, DType),
+) -> Result<()> {
+    float_only(op, x.dtype)?;
+    dtype_is(op, b, db)?;
+    dtype_is(op, c, dc)?;
+    x.same_device(op, b)?;
+    x.same_device(op, c)
+}
+
 fn rank2(op: &'static str, l: &Layout) -> Result<(usize, usize)> {
     match l.dims() {
         &[a, b] => Ok((a, b)),
@@ -103,11 +118,7 @@ pub(crate) fn route_topk_backward(
     e: usize,
 ) -> Result<CudaStorage> {
     const OP: &str = "moe_route_topk_backward";
-    float_only(OP, w.dtype)?;
-    dtype_is(OP, ids, DType::U32)?;
-    dtype_is(OP, gw, w.dtype)?;
-    w.same_device(OP, ids)?;
-    w.same_device(OP, gw)?;
+    check3(OP, w, (ids, DType::U32), (gw, w.dtype))?;
     let (n, k) = rank2(OP, wl)?;
     if il.dims() != [n, k] || gl.dims() != [n, k] {
         return Err(shape_err(OP, wl, gl));
@@ -299,11 +310,7 @@ pub(crate) fn combine(
     wl: &Layout,
 ) -> Result<CudaStorage> {
     const OP: &str = "moe_combine";
-    float_only(OP, y.dtype)?;
-    dtype_is(OP, inv, DType::U32)?;
-    dtype_is(OP, w, acc_dtype(y.dtype))?;
-    y.same_device(OP, inv)?;
-    y.same_device(OP, w)?;
+    check3(OP, y, (inv, DType::U32), (w, acc_dtype(y.dtype)))?;
     let (m, h) = rank2(OP, l)?;
     let (n, k) = rank2(OP, wl)?;
     if m != n * k || il.elem_count() != m {
@@ -347,11 +354,7 @@ pub(crate) fn combine_dw(
     k: usize,
 ) -> Result<CudaStorage> {
     const OP: &str = "moe_combine_dw";
-    float_only(OP, y.dtype)?;
-    dtype_is(OP, inv, DType::U32)?;
-    dtype_is(OP, g, y.dtype)?;
-    y.same_device(OP, inv)?;
-    y.same_device(OP, g)?;
+    check3(OP, y, (inv, DType::U32), (g, y.dtype))?;
     let (m, h) = rank2(OP, l)?;
     let (n, gh) = rank2(OP, gl)?;
     if m != n * k || gh != h || il.elem_count() != m {
@@ -395,11 +398,7 @@ pub(crate) fn grouped_matmul(
     trans_w: bool,
 ) -> Result<CudaStorage> {
     const OP: &str = "grouped_matmul";
-    float_only(OP, x.dtype)?;
-    dtype_is(OP, w, x.dtype)?;
-    dtype_is(OP, off, DType::U32)?;
-    x.same_device(OP, w)?;
-    x.same_device(OP, off)?;
+    check3(OP, x, (w, x.dtype), (off, DType::U32))?;
     let (m, kk) = rank2(OP, l)?;
     let &[e, p, q] = wl.dims() else {
         return Err(Error::RankMismatch {
@@ -470,11 +469,7 @@ pub(crate) fn grouped_matmul_dw(
     e: usize,
 ) -> Result<CudaStorage> {
     const OP: &str = "grouped_matmul_dw";
-    float_only(OP, dy.dtype)?;
-    dtype_is(OP, x, dy.dtype)?;
-    dtype_is(OP, off, DType::U32)?;
-    dy.same_device(OP, x)?;
-    dy.same_device(OP, off)?;
+    check3(OP, dy, (x, dy.dtype), (off, DType::U32))?;
     let (m, nn) = rank2(OP, l)?;
     let (xm, kk) = rank2(OP, xl)?;
     if xm != m || ol.dims() != [e + 1] {
