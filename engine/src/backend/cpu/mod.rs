@@ -150,6 +150,11 @@ fn lk(l: &Layout) -> char {
     }
 }
 
+/// [`profile::timed`] under a fixed key.
+fn timed<R>(key: &'static str, f: impl FnOnce() -> R) -> R {
+    profile::timed(|| key.into(), f)
+}
+
 fn unary_name(op: UnaryOp) -> String {
     let s = format!("unary {op:?}");
     s.split([' ', '{', '('])
@@ -202,10 +207,7 @@ impl BackendStorage for CpuStorage {
         )
     }
     fn cmp(&self, l: &Layout, rhs: &Self, rhs_l: &Layout, op: CmpOp) -> Result<Self> {
-        profile::timed(
-            || "cmp".into(),
-            || elementwise::cmp(self, l, rhs, rhs_l, op),
-        )
+        timed("cmp", || elementwise::cmp(self, l, rhs, rhs_l, op))
     }
     fn where_cond(
         &self,
@@ -215,10 +217,9 @@ impl BackendStorage for CpuStorage {
         f: &Self,
         f_l: &Layout,
     ) -> Result<Self> {
-        profile::timed(
-            || "where_cond".into(),
-            || elementwise::where_cond(self, l, t, t_l, f, f_l),
-        )
+        timed("where_cond", || {
+            elementwise::where_cond(self, l, t, t_l, f, f_l)
+        })
     }
     fn reduce(&self, l: &Layout, dim: usize, op: ReduceOp) -> Result<Self> {
         profile::timed(
@@ -245,10 +246,9 @@ impl BackendStorage for CpuStorage {
         )
     }
     fn index_select(&self, l: &Layout, ids: &Self, ids_l: &Layout, dim: usize) -> Result<Self> {
-        profile::timed(
-            || "index_select".into(),
-            || index::index_select(self, l, ids, ids_l, dim),
-        )
+        timed("index_select", || {
+            index::index_select(self, l, ids, ids_l, dim)
+        })
     }
     fn index_add(
         &self,
@@ -259,16 +259,12 @@ impl BackendStorage for CpuStorage {
         src_l: &Layout,
         dim: usize,
     ) -> Result<Self> {
-        profile::timed(
-            || "index_add".into(),
-            || index::index_add(self, l, ids, ids_l, src, src_l, dim),
-        )
+        timed("index_add", || {
+            index::index_add(self, l, ids, ids_l, src, src_l, dim)
+        })
     }
     fn gather(&self, l: &Layout, ids: &Self, ids_l: &Layout, dim: usize) -> Result<Self> {
-        profile::timed(
-            || "gather".into(),
-            || index::gather(self, l, ids, ids_l, dim),
-        )
+        timed("gather", || index::gather(self, l, ids, ids_l, dim))
     }
     fn scatter_add(
         &self,
@@ -279,31 +275,23 @@ impl BackendStorage for CpuStorage {
         src_l: &Layout,
         dim: usize,
     ) -> Result<Self> {
-        profile::timed(
-            || "scatter_add".into(),
-            || index::scatter_add(self, l, ids, ids_l, src, src_l, dim),
-        )
+        timed("scatter_add", || {
+            index::scatter_add(self, l, ids, ids_l, src, src_l, dim)
+        })
     }
     fn topk_indices(&self, l: &Layout, k: usize) -> Result<Self> {
-        profile::timed(|| "topk_indices".into(), || index::topk_indices(self, l, k))
+        timed("topk_indices", || index::topk_indices(self, l, k))
     }
     fn softmax_last_dim(&self, l: &Layout) -> Result<Self> {
-        profile::timed(
-            || "softmax_last_dim".into(),
-            || reduce::softmax_last_dim(self, l),
-        )
+        timed("softmax_last_dim", || reduce::softmax_last_dim(self, l))
     }
     fn log_softmax_last_dim(&self, l: &Layout) -> Result<Self> {
-        profile::timed(
-            || "log_softmax_last_dim".into(),
-            || reduce::log_softmax_last_dim(self, l),
-        )
+        timed("log_softmax_last_dim", || {
+            reduce::log_softmax_last_dim(self, l)
+        })
     }
     fn rms_norm(&self, l: &Layout, w: &Self, w_l: &Layout, eps: f64) -> Result<Self> {
-        profile::timed(
-            || "rms_norm".into(),
-            || norm::rms_norm(self, l, w, w_l, eps),
-        )
+        timed("rms_norm", || norm::rms_norm(self, l, w, w_l, eps))
     }
     fn rms_norm_backward(
         &self,
@@ -315,13 +303,10 @@ impl BackendStorage for CpuStorage {
         eps: f64,
         need_dw: bool,
     ) -> Result<(Self, Option<Self>)> {
-        profile::timed(
-            || "rms_norm_backward".into(),
-            || {
-                let (dx, dw) = norm::rms_norm_backward(self, l, w, w_l, g, g_l, eps)?;
-                Ok((dx, need_dw.then_some(dw)))
-            },
-        )
+        timed("rms_norm_backward", || {
+            let (dx, dw) = norm::rms_norm_backward(self, l, w, w_l, g, g_l, eps)?;
+            Ok((dx, need_dw.then_some(dw)))
+        })
     }
     fn rope(
         &self,
@@ -331,10 +316,7 @@ impl BackendStorage for CpuStorage {
         sin: &Self,
         sin_l: &Layout,
     ) -> Result<Self> {
-        profile::timed(
-            || "rope".into(),
-            || norm::rope(self, l, cos, cos_l, sin, sin_l),
-        )
+        timed("rope", || norm::rope(self, l, cos, cos_l, sin, sin_l))
     }
     fn cross_entropy(
         &self,
@@ -343,10 +325,9 @@ impl BackendStorage for CpuStorage {
         t_l: &Layout,
         ignore_index: u32,
     ) -> Result<Self> {
-        profile::timed(
-            || "cross_entropy".into(),
-            || loss::cross_entropy(self, l, targets, t_l, ignore_index),
-        )
+        timed("cross_entropy", || {
+            loss::cross_entropy(self, l, targets, t_l, ignore_index)
+        })
     }
     fn cross_entropy_backward(
         &self,
@@ -357,10 +338,9 @@ impl BackendStorage for CpuStorage {
         g_l: &Layout,
         ignore_index: u32,
     ) -> Result<Self> {
-        profile::timed(
-            || "cross_entropy_backward".into(),
-            || loss::cross_entropy_backward(self, l, targets, t_l, grad_rows, g_l, ignore_index),
-        )
+        timed("cross_entropy_backward", || {
+            loss::cross_entropy_backward(self, l, targets, t_l, grad_rows, g_l, ignore_index)
+        })
     }
     fn causal_softmax(
         &self,
@@ -369,19 +349,17 @@ impl BackendStorage for CpuStorage {
         q_offset: usize,
         key_mask: Option<(&Self, &Layout)>,
     ) -> Result<Self> {
-        profile::timed(
-            || "causal_softmax".into(),
-            || attention::causal_softmax(self, l, scale, q_offset, key_mask),
-        )
+        timed("causal_softmax", || {
+            attention::causal_softmax(self, l, scale, q_offset, key_mask)
+        })
     }
     fn softmax_backward(&self, l: &Layout, g: &Self, g_l: &Layout, scale: f64) -> Result<Self> {
-        profile::timed(
-            || "softmax_backward".into(),
-            || attention::softmax_backward(self, l, g, g_l, scale),
-        )
+        timed("softmax_backward", || {
+            attention::softmax_backward(self, l, g, g_l, scale)
+        })
     }
     fn moe_route_topk(&self, l: &Layout, k: usize) -> Result<(Self, Self, Self)> {
-        profile::timed(|| "moe_route_topk".into(), || moe::route_topk(self, l, k))
+        timed("moe_route_topk", || moe::route_topk(self, l, k))
     }
     fn moe_route_topk_backward(
         &self,
@@ -392,16 +370,15 @@ impl BackendStorage for CpuStorage {
         gw_l: &Layout,
         num_experts: usize,
     ) -> Result<Self> {
-        profile::timed(
-            || "moe_route_topk_backward".into(),
-            || moe::route_topk_backward(self, l, ids, ids_l, gw, gw_l, num_experts),
-        )
+        timed("moe_route_topk_backward", || {
+            moe::route_topk_backward(self, l, ids, ids_l, gw, gw_l, num_experts)
+        })
     }
     fn moe_group(&self, l: &Layout, num_experts: usize) -> Result<(Self, Self)> {
-        profile::timed(|| "moe_group".into(), || moe::group(self, l, num_experts))
+        timed("moe_group", || moe::group(self, l, num_experts))
     }
     fn moe_invert_perm(&self, l: &Layout) -> Result<Self> {
-        profile::timed(|| "moe_invert_perm".into(), || moe::invert_perm(self, l))
+        timed("moe_invert_perm", || moe::invert_perm(self, l))
     }
     fn moe_permute(
         &self,
@@ -411,10 +388,9 @@ impl BackendStorage for CpuStorage {
         k: usize,
         scale: Option<(&Self, &Layout)>,
     ) -> Result<Self> {
-        profile::timed(
-            || "moe_permute".into(),
-            || moe::permute(self, l, perm, perm_l, k, scale),
-        )
+        timed("moe_permute", || {
+            moe::permute(self, l, perm, perm_l, k, scale)
+        })
     }
     fn moe_combine(
         &self,
@@ -424,10 +400,7 @@ impl BackendStorage for CpuStorage {
         w: &Self,
         w_l: &Layout,
     ) -> Result<Self> {
-        profile::timed(
-            || "moe_combine".into(),
-            || moe::combine(self, l, inv, inv_l, w, w_l),
-        )
+        timed("moe_combine", || moe::combine(self, l, inv, inv_l, w, w_l))
     }
     fn moe_combine_dw(
         &self,
@@ -438,10 +411,9 @@ impl BackendStorage for CpuStorage {
         g_l: &Layout,
         k: usize,
     ) -> Result<Self> {
-        profile::timed(
-            || "moe_combine_dw".into(),
-            || moe::combine_dw(self, l, inv, inv_l, g, g_l, k),
-        )
+        timed("moe_combine_dw", || {
+            moe::combine_dw(self, l, inv, inv_l, g, g_l, k)
+        })
     }
     fn grouped_matmul(
         &self,
@@ -452,10 +424,9 @@ impl BackendStorage for CpuStorage {
         off_l: &Layout,
         trans_w: bool,
     ) -> Result<Self> {
-        profile::timed(
-            || "grouped_matmul".into(),
-            || moe::grouped_matmul(self, l, w, w_l, offsets, off_l, trans_w),
-        )
+        timed("grouped_matmul", || {
+            moe::grouped_matmul(self, l, w, w_l, offsets, off_l, trans_w)
+        })
     }
     fn grouped_matmul_dw(
         &self,
@@ -466,19 +437,15 @@ impl BackendStorage for CpuStorage {
         off_l: &Layout,
         num_experts: usize,
     ) -> Result<Self> {
-        profile::timed(
-            || "grouped_matmul_dw".into(),
-            || moe::grouped_matmul_dw(self, l, x, x_l, offsets, off_l, num_experts),
-        )
+        timed("grouped_matmul_dw", || {
+            moe::grouped_matmul_dw(self, l, x, x_l, offsets, off_l, num_experts)
+        })
     }
     fn adamw_step(slots: &mut [AdamWSlot<'_, Self>], h: &AdamWHyper) -> Result<()> {
-        profile::timed(|| "adamw_step".into(), || optim::adamw_step(slots, h))
+        timed("adamw_step", || optim::adamw_step(slots, h))
     }
     fn sum_squares_multi(args: &[(&Self, &Layout)]) -> Result<f64> {
-        profile::timed(
-            || "sum_squares_multi".into(),
-            || optim::sum_squares_multi(args),
-        )
+        timed("sum_squares_multi", || optim::sum_squares_multi(args))
     }
     fn cross_entropy_chunk_update(
         &self,
@@ -490,21 +457,18 @@ impl BackendStorage for CpuStorage {
         v_total: usize,
         ignore_index: u32,
     ) -> Result<()> {
-        profile::timed(
-            || "cross_entropy_chunk_update".into(),
-            || {
-                loss_chunk::cross_entropy_chunk_update(
-                    self,
-                    l,
-                    targets,
-                    t_l,
-                    state,
-                    v0,
-                    v_total,
-                    ignore_index,
-                )
-            },
-        )
+        timed("cross_entropy_chunk_update", || {
+            loss_chunk::cross_entropy_chunk_update(
+                self,
+                l,
+                targets,
+                t_l,
+                state,
+                v0,
+                v_total,
+                ignore_index,
+            )
+        })
     }
     fn cross_entropy_chunk_backward(
         &self,
@@ -518,59 +482,42 @@ impl BackendStorage for CpuStorage {
         v0: usize,
         ignore_index: u32,
     ) -> Result<Self> {
-        profile::timed(
-            || "cross_entropy_chunk_backward".into(),
-            || {
-                loss_chunk::cross_entropy_chunk_backward(
-                    self,
-                    l,
-                    targets,
-                    t_l,
-                    lse,
-                    lse_l,
-                    grad_rows,
-                    g_l,
-                    v0,
-                    ignore_index,
-                )
-            },
-        )
+        timed("cross_entropy_chunk_backward", || {
+            loss_chunk::cross_entropy_chunk_backward(
+                self,
+                l,
+                targets,
+                t_l,
+                lse,
+                lse_l,
+                grad_rows,
+                g_l,
+                v0,
+                ignore_index,
+            )
+        })
     }
     fn moe_gather_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        profile::timed(
-            || "moe_gather_codes".into(),
-            || moe_fused::gather_codes(args, d),
-        )
+        timed("moe_gather_codes", || moe_fused::gather_codes(args, d))
     }
     fn moe_expand_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        profile::timed(
-            || "moe_expand_codes".into(),
-            || moe_fused::expand_codes(args, d),
-        )
+        timed("moe_expand_codes", || moe_fused::expand_codes(args, d))
     }
     fn moe_expand_codes_summed(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        profile::timed(
-            || "moe_expand_codes_summed".into(),
-            || moe_fused::expand_codes_summed(args, d),
-        )
+        timed("moe_expand_codes_summed", || {
+            moe_fused::expand_codes_summed(args, d)
+        })
     }
     fn moe_swiglu_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        profile::timed(
-            || "moe_swiglu_forward".into(),
-            || moe_fused::swiglu_forward(args, d),
-        )
+        timed("moe_swiglu_forward", || moe_fused::swiglu_forward(args, d))
     }
     fn moe_swiglu_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        profile::timed(
-            || "moe_swiglu_backward".into(),
-            || moe_fused::swiglu_backward(args, d),
-        )
+        timed("moe_swiglu_backward", || {
+            moe_fused::swiglu_backward(args, d)
+        })
     }
     fn lora_codes(&self, l: &Layout, a: &Self, a_l: &Layout, p: f64, seed: u64) -> Result<Self> {
-        profile::timed(
-            || "lora_codes".into(),
-            || lora::codes(self, l, a, a_l, p, seed),
-        )
+        timed("lora_codes", || lora::codes(self, l, a, a_l, p, seed))
     }
     fn lora_expand_add(
         &self,
@@ -581,10 +528,9 @@ impl BackendStorage for CpuStorage {
         b_l: &Layout,
         scale: f64,
     ) -> Result<Self> {
-        profile::timed(
-            || "lora_expand_add".into(),
-            || lora::expand_add(self, l, z, z_l, b, b_l, scale),
-        )
+        timed("lora_expand_add", || {
+            lora::expand_add(self, l, z, z_l, b, b_l, scale)
+        })
     }
     fn lora_grad_codes(
         &self,
@@ -595,16 +541,12 @@ impl BackendStorage for CpuStorage {
         b_l: &Layout,
         scale: f64,
     ) -> Result<(Self, Self)> {
-        profile::timed(
-            || "lora_grad_codes".into(),
-            || lora::grad_codes(self, l, z, z_l, b, b_l, scale),
-        )
+        timed("lora_grad_codes", || {
+            lora::grad_codes(self, l, z, z_l, b, b_l, scale)
+        })
     }
     fn lora_grad_a(&self, l: &Layout, dz: &Self, dz_l: &Layout, p: f64, seed: u64) -> Result<Self> {
-        profile::timed(
-            || "lora_grad_a".into(),
-            || lora::grad_a(self, l, dz, dz_l, p, seed),
-        )
+        timed("lora_grad_a", || lora::grad_a(self, l, dz, dz_l, p, seed))
     }
     fn lora_grad_x(
         &self,
@@ -615,9 +557,8 @@ impl BackendStorage for CpuStorage {
         seed: u64,
         dtype: DType,
     ) -> Result<Self> {
-        profile::timed(
-            || "lora_grad_x".into(),
-            || lora::grad_x(self, l, a, a_l, p, seed, dtype),
-        )
+        timed("lora_grad_x", || {
+            lora::grad_x(self, l, a, a_l, p, seed, dtype)
+        })
     }
 }
