@@ -25,27 +25,34 @@ fn mismatch(op: &'static str, a: &Storage, b: &Storage) -> Error {
     }
 }
 
+/// Runs `$e` with `$d` bound to the backend device of `$device`, wrapping the storage it makes.
+macro_rules! on_device {
+    ($device:expr, $d:ident => $e:expr) => {
+        match $device {
+            Device::Cpu => {
+                let $d = CpuDevice;
+                Ok(Storage::Cpu($e?))
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => {
+                let $d = CudaDevice::get(n)?;
+                Ok(Storage::Cuda($e?))
+            }
+            #[allow(unreachable_patterns)]
+            d => Err(no_backend(d)),
+        }
+    };
+}
+
 impl Storage {
     pub fn zeros(device: Device, shape: &Shape, dtype: DType) -> Result<Self> {
         Self::full(device, shape, dtype, 0.0)
     }
     pub fn full(device: Device, shape: &Shape, dtype: DType, v: f64) -> Result<Self> {
-        match device {
-            Device::Cpu => Ok(Storage::Cpu(CpuDevice.full(shape, dtype, v)?)),
-            #[cfg(feature = "cuda")]
-            Device::Cuda(n) => Ok(Storage::Cuda(CudaDevice::get(n)?.full(shape, dtype, v)?)),
-            #[allow(unreachable_patterns)]
-            d => Err(no_backend(d)),
-        }
+        on_device!(device, d => d.full(shape, dtype, v))
     }
     pub fn upload_f64(device: Device, data: &[f64], dtype: DType) -> Result<Self> {
-        match device {
-            Device::Cpu => Ok(Storage::Cpu(CpuDevice.upload_f64(data, dtype)?)),
-            #[cfg(feature = "cuda")]
-            Device::Cuda(n) => Ok(Storage::Cuda(CudaDevice::get(n)?.upload_f64(data, dtype)?)),
-            #[allow(unreachable_patterns)]
-            d => Err(no_backend(d)),
-        }
+        on_device!(device, d => d.upload_f64(data, dtype))
     }
     pub fn from_cpu(device: Device, s: CpuStorage) -> Result<Self> {
         match device {
@@ -67,17 +74,7 @@ impl Storage {
         std: f64,
         seed: u64,
     ) -> Result<Self> {
-        match device {
-            Device::Cpu => Ok(Storage::Cpu(
-                CpuDevice.randn(shape, dtype, mean, std, seed)?,
-            )),
-            #[cfg(feature = "cuda")]
-            Device::Cuda(n) => Ok(Storage::Cuda(
-                CudaDevice::get(n)?.randn(shape, dtype, mean, std, seed)?,
-            )),
-            #[allow(unreachable_patterns)]
-            d => Err(no_backend(d)),
-        }
+        on_device!(device, d => d.randn(shape, dtype, mean, std, seed))
     }
     pub fn rand_uniform(
         device: Device,
@@ -87,17 +84,7 @@ impl Storage {
         hi: f64,
         seed: u64,
     ) -> Result<Self> {
-        match device {
-            Device::Cpu => Ok(Storage::Cpu(
-                CpuDevice.rand_uniform(shape, dtype, lo, hi, seed)?,
-            )),
-            #[cfg(feature = "cuda")]
-            Device::Cuda(n) => Ok(Storage::Cuda(
-                CudaDevice::get(n)?.rand_uniform(shape, dtype, lo, hi, seed)?,
-            )),
-            #[allow(unreachable_patterns)]
-            d => Err(no_backend(d)),
-        }
+        on_device!(device, d => d.rand_uniform(shape, dtype, lo, hi, seed))
     }
     pub fn dropout_mask(
         device: Device,
@@ -106,15 +93,7 @@ impl Storage {
         p: f64,
         seed: u64,
     ) -> Result<Self> {
-        match device {
-            Device::Cpu => Ok(Storage::Cpu(CpuDevice.dropout_mask(shape, dtype, p, seed)?)),
-            #[cfg(feature = "cuda")]
-            Device::Cuda(n) => Ok(Storage::Cuda(
-                CudaDevice::get(n)?.dropout_mask(shape, dtype, p, seed)?,
-            )),
-            #[allow(unreachable_patterns)]
-            d => Err(no_backend(d)),
-        }
+        on_device!(device, d => d.dropout_mask(shape, dtype, p, seed))
     }
     /// The host copy of a CPU storage (None on other devices).
     pub fn as_cpu(&self) -> Option<&CpuStorage> {
@@ -181,36 +160,54 @@ macro_rules! three {
     };
 }
 
+/// The first of a list of `(storage, layout)` operands (`None` for an empty list), after checking
+/// that they all live on its device.
+fn one_device<'a>(
+    op: &'static str,
+    args: &[(&'a Storage, &Layout)],
+) -> Result<Option<&'a Storage>> {
+    let Some(&(first, _)) = args.first() else {
+        return Ok(None);
+    };
+    if let Some(other) = args.iter().find(|x| x.0.device() != first.device()) {
+        return Err(mismatch(op, first, other.0));
+    }
+    Ok(Some(first))
+}
+
+/// The operands that are CPU storages (all of them, after [`one_device`] on a CPU operand).
+fn cpu_args<'a>(args: &[(&'a Storage, &'a Layout)]) -> Vec<(&'a CpuStorage, &'a Layout)> {
+    args.iter()
+        .filter_map(|(s, l)| s.as_cpu().map(|c| (c, *l)))
+        .collect()
+}
+
+/// The operands that are CUDA storages (all of them, after [`one_device`] on a CUDA operand).
+#[cfg(feature = "cuda")]
+fn cuda_args<'a>(args: &[(&'a Storage, &'a Layout)]) -> Vec<(&'a CudaStorage, &'a Layout)> {
+    args.iter()
+        .filter_map(|(s, l)| match s {
+            Storage::Cuda(c) => Some((c, *l)),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Dispatches an op over a list of `(storage, layout)` operands that must all live on one
 /// backend; returns the backend's list of results wrapped back into `Storage`s.
 macro_rules! many {
     ($op:literal, $method:ident, $args:ident, $d:ident) => {{
-        let first = match $args.first() {
-            Some(f) => f.0,
-            None => return Err(Error::invalid($op, "no operands")),
+        let Some(first) = one_device($op, $args)? else {
+            return Err(Error::invalid($op, "no operands"));
         };
-        if let Some(other) = $args.iter().find(|x| x.0.device() != first.device()) {
-            return Err(mismatch($op, first, other.0));
-        }
         match first {
             Storage::Cpu(_) => {
-                let a: Vec<(&CpuStorage, &Layout)> = $args
-                    .iter()
-                    .filter_map(|(s, l)| s.as_cpu().map(|c| (c, *l)))
-                    .collect();
-                let out = <CpuStorage as BackendStorage>::$method(&a, $d)?;
+                let out = <CpuStorage as BackendStorage>::$method(&cpu_args($args), $d)?;
                 Ok(out.into_iter().map(Storage::Cpu).collect())
             }
             #[cfg(feature = "cuda")]
             Storage::Cuda(_) => {
-                let a: Vec<(&CudaStorage, &Layout)> = $args
-                    .iter()
-                    .filter_map(|(s, l)| match s {
-                        Storage::Cuda(c) => Some((c, *l)),
-                        _ => None,
-                    })
-                    .collect();
-                let out = <CudaStorage as BackendStorage>::$method(&a, $d)?;
+                let out = <CudaStorage as BackendStorage>::$method(&cuda_args($args), $d)?;
                 Ok(out.into_iter().map(Storage::Cuda).collect())
             }
         }
@@ -507,32 +504,13 @@ impl BackendStorage for Storage {
         three!("grouped_matmul_dw", self, x, off, (g, x, o) => g.grouped_matmul_dw(l, x, xl, o, ol, e))
     }
     fn sum_squares_multi(args: &[(&Self, &Layout)]) -> Result<f64> {
-        const OP: &str = "sum_squares_multi";
-        let Some(first) = args.first() else {
+        let Some(first) = one_device("sum_squares_multi", args)? else {
             return Ok(0.0);
         };
-        if let Some(other) = args.iter().find(|x| x.0.device() != first.0.device()) {
-            return Err(mismatch(OP, first.0, other.0));
-        }
-        match first.0 {
-            Storage::Cpu(_) => {
-                let a: Vec<(&CpuStorage, &Layout)> = args
-                    .iter()
-                    .filter_map(|(s, l)| s.as_cpu().map(|c| (c, *l)))
-                    .collect();
-                <CpuStorage as BackendStorage>::sum_squares_multi(&a)
-            }
+        match first {
+            Storage::Cpu(_) => CpuStorage::sum_squares_multi(&cpu_args(args)),
             #[cfg(feature = "cuda")]
-            Storage::Cuda(_) => {
-                let a: Vec<(&CudaStorage, &Layout)> = args
-                    .iter()
-                    .filter_map(|(s, l)| match s {
-                        Storage::Cuda(c) => Some((c, *l)),
-                        _ => None,
-                    })
-                    .collect();
-                <CudaStorage as BackendStorage>::sum_squares_multi(&a)
-            }
+            Storage::Cuda(_) => CudaStorage::sum_squares_multi(&cuda_args(args)),
         }
     }
     fn adamw_step(slots: &mut [AdamWSlot<'_, Self>], h: &AdamWHyper) -> Result<()> {
