@@ -17,6 +17,9 @@
 #   mixlora-aux0     MixLoRA without the aux loss
 #   mixlora-init0.2  MixLoRA with the router initialised N(0, 0.2)
 #   mixlora-naive    MixLoRA through the naive per-expert loop (checks the fused path)
+#   mixlora-e1       MixLoRA with one expert, top-1 (a LoRA r=16 on all seven projections in
+#                    MixLoRA's plumbing: should match lora16)
+#   mixlora-r64      MixLoRA at r=64, alpha=128 (experts and attention; 4x the parameters)
 # SEED (42), EPOCHS (1), EVAL_LIMIT (questions per task; for a dry run only), MIXLORA_BIN and
 # OUT change the plan; a variant whose eval.json exists is
 # skipped. Extra flags after `--` go to every `mixlora train` (e.g. --device cuda --dtype bf16);
@@ -25,7 +28,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ $# -lt 2 ]; then
-    sed -n '2,24p' "$0" >&2
+    sed -n '2,27p' "$0" >&2
     exit 2
 fi
 model=$1
@@ -40,7 +43,7 @@ done
 extra=("$@")
 if [ ${#variants[@]} -eq 0 ]; then
     variants=(mixlora lora86 lora16 mixlora-lr5e-4 mixlora-lr1e-3 mixlora-aux0.01 mixlora-aux0
-        mixlora-init0.2 mixlora-naive)
+        mixlora-init0.2 mixlora-naive mixlora-e1 mixlora-r64)
 fi
 out=${OUT:-runs/ablations}
 seed=${SEED:-42}
@@ -76,6 +79,8 @@ flags_of() { # variant -> train flags
         mixlora-aux0) echo "--adapter mixlora --rank 16 --alpha 32 --aux-loss-coef 0" ;;
         mixlora-init0.2) echo "--adapter mixlora --rank 16 --alpha 32 --router-init-range 0.2" ;;
         mixlora-naive) echo "--adapter mixlora --rank 16 --alpha 32 --moe-impl naive" ;;
+        mixlora-e1) echo "--adapter mixlora --rank 16 --alpha 32 --num-experts 1 --top-k 1" ;;
+        mixlora-r64) echo "--adapter mixlora --rank 64 --alpha 128" ;;
         *)
             echo "unknown variant: $1" >&2
             return 1
