@@ -109,6 +109,7 @@ impl Tensor {
             let rows = keep.where_cond(&diff, &diff.zeros_like()?)?;
             Ok((rows, lse))
         })?;
+        let saved_lse = lse.clone();
         let node = Node::record(OP, &[self, weight, targets], move |x, _, g| {
             let (hid, w, t) = (&x[0], &x[1], &x[2]);
             let g = g.to_dtype(acc)?; // [N]
@@ -148,7 +149,8 @@ impl Tensor {
             }
             let dh = dh.map(|d| d.to_dtype(hid.dtype())).transpose()?;
             Ok(vec![dh, dw, None])
-        });
+        })
+        .map(|n| n.capturing(&[&saved_lse]));
         Ok(match node {
             None => rows,
             Some(node) => rows.view(Layout::contiguous(n), Some(node)),

@@ -45,12 +45,14 @@ impl Tensor {
             return out.reshape(self.shape().clone());
         }
         let (s, z) = lora_forward(self, x, a, b, scale, p, seed)?;
+        let codes = z.clone();
         let node = Node::record(OP, &[self, x, a, b], move |inp, _, g| {
             let (y, x, a, b) = (&inp[0], &inp[1], &inp[2], &inp[3]);
             let dy = y.tracks_grad().then(|| g.clone());
             let (dx, da, db) = lora_backward(g, x, a, b, &z, scale, p, seed)?;
             Ok(vec![dy, dx, da, db])
-        });
+        })
+        .map(|n| n.capturing(&[&codes]));
         Ok(Tensor::from_storage(s, self.shape().clone(), node))
     }
 
@@ -97,6 +99,7 @@ impl Tensor {
         let (s, z) = lora_forward(&y, x, a, b, scale, p, seed)?;
         let shape = y.shape().clone();
         drop(y);
+        let codes = z.clone();
         let node = Node::record(OP, &[x, w, a, b], move |inp, _, g| {
             let (x, w, a, b) = (&inp[0], &inp[1], &inp[2], &inp[3]);
             let (dx_lora, da, db) = lora_backward(g, x, a, b, &z, scale, p, seed)?;
@@ -106,7 +109,8 @@ impl Tensor {
             };
             let dw = w.tracks_grad().then(|| g.t()?.matmul(x)).transpose()?; // [out, in]
             Ok(vec![dx, dw, da, db])
-        });
+        })
+        .map(|n| n.capturing(&[&codes]));
         Ok(Tensor::from_storage(s, shape, node))
     }
 }

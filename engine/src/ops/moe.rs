@@ -71,7 +71,8 @@ impl Tensor {
                 e,
             )?;
             Ok(vec![Some(Tensor::from_storage(dl, [n, e], None))])
-        });
+        })
+        .map(|n| n.capturing(&[&ids]));
         let weights = Tensor::from_storage(w, [n, k], w_node);
         Ok((probs, ids, weights))
     }
@@ -135,7 +136,8 @@ impl Tensor {
         let node = Node::record(OP, &[self], move |x, _, g| {
             let ones = Tensor::ones([n, k], acc_dtype(x[0].dtype()), x[0].device())?;
             Ok(vec![Some(g.moe_combine(&perm_c, &ones)?)])
-        });
+        })
+        .map(|n| n.capturing(&[perm]));
         Ok(Tensor::from_storage(s, [n * k, h], node))
     }
 
@@ -207,7 +209,8 @@ impl Tensor {
                 })
                 .transpose()?;
             Ok(vec![dy, dw])
-        });
+        })
+        .map(|n| n.capturing(&[perm, &inv]));
         Ok(Tensor::from_storage(s, [n, h], node))
     }
 
@@ -278,7 +281,8 @@ impl Tensor {
                 })
                 .transpose()?;
             Ok(vec![dx, dw])
-        });
+        })
+        .map(|n| n.capturing(&[offsets]));
         Ok(Tensor::from_storage(s, [m, nn], node))
     }
 }

@@ -348,6 +348,14 @@ pub fn moe_fused_ffn_chunked(
     // ----- backward --------------------------------------------------------------------
     let (w_gate, w_up, w_down) = (w.w_gate.clone(), w.w_up.clone(), w.w_down.clone());
     let ids = route.ids.clone();
+    let saved = [
+        gu.0.clone(),
+        gu.1.clone(),
+        zg.clone(),
+        zu.clone(),
+        zd.clone(),
+        ids.clone(),
+    ];
     let inputs = [
         x,
         route.weights,
@@ -476,7 +484,8 @@ pub fn moe_fused_ffn_chunked(
         Ok(vec![
             dx, dw, da_gate, db_gate, da_up, db_up, da_down, db_down,
         ])
-    });
+    })
+    .map(|n| n.capturing(&saved.iter().collect::<Vec<_>>()));
     Ok(match node {
         Some(node) => y.view(y.layout().clone(), Some(node)),
         None => y,

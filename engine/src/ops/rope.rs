@@ -59,9 +59,11 @@ impl Tensor {
         let node = if self.tracks_grad() && crate::grad_enabled() {
             // The backward tables, built only when the op is recorded.
             let (cos, neg_sin) = (cos.detach(), sin.detach().neg()?);
+            let tables = [cos.clone(), neg_sin.clone()];
             Node::record("rope", &[self], move |_, _, g| {
                 Ok(vec![Some(g.rope(&cos, &neg_sin)?)])
             })
+            .map(|n| n.capturing(&[&tables[0], &tables[1]]))
         } else {
             None
         };
