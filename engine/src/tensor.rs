@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
-use crate::autograd::{self, Node};
+use crate::autograd::{self, Input, Node, Output};
 use crate::backend::cpu::CpuStorage;
 use crate::backend::BackendStorage;
 use crate::{DType, Device, Error, Layout, Result, Shape, Storage, WithDType};
@@ -487,9 +487,12 @@ impl Tensor {
             .try_storage("to_device")?
             .to_device(self.layout(), device)?;
         let src = self.device();
-        let node = Node::record("to_device", &[self], move |_, _, g| {
-            Ok(vec![Some(g.to_device(src)?)])
-        });
+        let node = Node::record_with(
+            "to_device",
+            &[Input::GraphOnly(self)],
+            Output::Unread,
+            move |_, _, g| Ok(vec![Some(g.to_device(src)?)]),
+        );
         Ok(Self::from_storage(out, self.shape().clone(), node))
     }
 
@@ -501,7 +504,12 @@ impl Tensor {
             &mut out,
             &Layout::contiguous(self.shape().clone()),
         )?;
-        let node = Node::record("copy", &[self], |_, _, g| Ok(vec![Some(g.clone())]));
+        let node = Node::record_with(
+            "copy",
+            &[Input::GraphOnly(self)],
+            Output::Unread,
+            |_, _, g| Ok(vec![Some(g.clone())]),
+        );
         Ok(Self::from_storage(out, self.shape().clone(), node))
     }
 

@@ -41,7 +41,7 @@
 //! bf16; adapter weights, routing weights and codes are in the adapter dtype (f64 under an f64
 //! base, else f32), and the SwiGLU kernels accumulate in it.
 
-use crate::autograd::{NoGradGuard, Node};
+use crate::autograd::{Input, NoGradGuard, Node, Output};
 use crate::backend::{BackendStorage, MoeDims};
 use crate::{rng, DType, Error, Layout, Result, Shape, Storage, Tensor};
 
@@ -356,17 +356,18 @@ pub fn moe_fused_ffn_chunked(
         zd.clone(),
         ids.clone(),
     ];
+    // `x` is read only for the LoRA-A gradients of gate and up (`dA = dZᵀ drop(x)`).
     let inputs = [
-        x,
-        route.weights,
-        w.a_gate,
-        w.b_gate,
-        w.a_up,
-        w.b_up,
-        w.a_down,
-        w.b_down,
+        Input::keep_if(x, w.a_gate.tracks_grad() || w.a_up.tracks_grad()),
+        Input::Keep(route.weights),
+        Input::Keep(w.a_gate),
+        Input::Keep(w.b_gate),
+        Input::Keep(w.a_up),
+        Input::Keep(w.b_up),
+        Input::Keep(w.a_down),
+        Input::Keep(w.b_down),
     ];
-    let node = Node::record(OP, &inputs, move |inp, _, dy| {
+    let node = Node::record_with(OP, &inputs, Output::Unread, move |inp, _, dy| {
         let (x, wts, ag, bg, au, bu, ad, bd) = (
             &inp[0], &inp[1], &inp[2], &inp[3], &inp[4], &inp[5], &inp[6], &inp[7],
         );
