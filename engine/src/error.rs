@@ -101,6 +101,16 @@ pub enum Error {
 
     #[error("backward: {msg}")]
     Backward { msg: String },
+
+    #[error(
+        "{op}: this {shape} tensor is a graph-only reference held by the tape node of \
+         `{consumer}`: it has no values"
+    )]
+    GraphOnly {
+        op: &'static str,
+        consumer: &'static str,
+        shape: Shape,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -2,9 +2,9 @@
 //! node that produced it when it was computed from tensors that need gradients.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
-use crate::autograd::{self, Node};
+use crate::autograd::{self, Input, Node, Output};
 use crate::backend::cpu::CpuStorage;
 use crate::backend::BackendStorage;
 use crate::{DType, Device, Error, Layout, Result, Shape, Storage, WithDType};
@@ -19,14 +19,25 @@ impl TensorId {
     }
 }
 
+/// What a tensor handle holds of its data.
+enum Buffer {
+    Data(Arc<RwLock<Storage>>),
+    /// A graph-only reference held by the tape node of `consumer` (see
+    /// [`autograd::Input::GraphOnly`]): the id, node, layout, dtype and device, no buffer.
+    GraphOnly {
+        consumer: &'static str,
+    },
+}
+
 pub(crate) struct TensorImpl {
     id: TensorId,
-    storage: Arc<RwLock<Storage>>,
+    buffer: Buffer,
     layout: Layout,
     dtype: DType,
     device: Device,
-    /// How this tensor was computed, when any input needed a gradient.
-    node: Option<Node>,
+    /// How this tensor was computed, when any input needed a gradient (shared by the graph-only
+    /// references to this tensor).
+    node: Option<Arc<Node>>,
     /// A trainable leaf: `backward` accumulates into `grad`.
     variable: bool,
     grad: Mutex<Option<Tensor>>,
@@ -66,11 +77,11 @@ impl Tensor {
         };
         Tensor(Arc::new(TensorImpl {
             id: TensorId::next(),
-            storage,
+            buffer: Buffer::Data(storage),
             layout,
             dtype,
             device,
-            node,
+            node: node.map(Arc::new),
             variable,
             grad: Mutex::new(None),
         }))
@@ -92,7 +103,28 @@ impl Tensor {
 
     /// A view sharing this tensor's storage.
     pub(crate) fn view(&self, layout: Layout, node: Option<Node>) -> Self {
-        Self::from_parts(self.0.storage.clone(), layout, node, false)
+        Self::from_parts(self.data().clone(), layout, node, false)
+    }
+
+    /// How the node of `consumer` holds this tensor when its rule does not read the values: the
+    /// same id, node, layout, dtype and device without the buffer. The buffer stays when this
+    /// is a variable (a parameter) or when its own node reads its output (the backward walk
+    /// hands it to that rule); a tensor with neither node nor gradient becomes a bare stub.
+    pub(crate) fn graph_ref(&self, consumer: &'static str) -> Self {
+        let reads_output = self.node().is_some_and(Node::reads_output);
+        if self.0.variable || reads_output || !self.has_data() {
+            return self.clone();
+        }
+        Tensor(Arc::new(TensorImpl {
+            id: self.0.id,
+            buffer: Buffer::GraphOnly { consumer },
+            layout: self.0.layout.clone(),
+            dtype: self.0.dtype,
+            device: self.0.device,
+            node: self.0.node.clone(),
+            variable: false,
+            grad: Mutex::new(None),
+        }))
     }
 
     pub fn zeros(shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Self> {
@@ -244,25 +276,79 @@ impl Tensor {
     pub fn dim(&self, dim: isize) -> Result<usize> {
         Ok(self.dims()[self.shape().dim("dim", dim)?])
     }
+    /// The shared buffer. Panics on a graph-only reference: only a backward rule can see one,
+    /// and reading it means the op declared an input graph-only that its rule reads.
+    fn data(&self) -> &Arc<RwLock<Storage>> {
+        match &self.0.buffer {
+            Buffer::Data(s) => s,
+            Buffer::GraphOnly { consumer } => panic!(
+                "internal error: the backward rule of `{consumer}` read the values of an input it \
+                 records as graph-only (a {} {} tensor computed by `{}`); record it with \
+                 Input::Keep",
+                self.shape(),
+                self.dtype(),
+                self.node().map_or("no op", Node::name),
+            ),
+        }
+    }
+    /// The shared buffer, or a typed error on a graph-only reference (`op` reads the values).
+    fn try_data(&self, op: &'static str) -> Result<&Arc<RwLock<Storage>>> {
+        match &self.0.buffer {
+            Buffer::Data(s) => Ok(s),
+            Buffer::GraphOnly { consumer } => Err(Error::GraphOnly {
+                op,
+                consumer,
+                shape: self.shape().clone(),
+            }),
+        }
+    }
     pub(crate) fn storage(&self) -> RwLockReadGuard<'_, Storage> {
         // A poisoned lock only means another thread panicked mid-op; the buffer itself is intact.
-        self.0.storage.read().unwrap_or_else(|e| e.into_inner())
+        self.data().read().unwrap_or_else(|e| e.into_inner())
     }
-    /// True when both tensors view the same buffer.
+    fn try_storage(&self, op: &'static str) -> Result<RwLockReadGuard<'_, Storage>> {
+        Ok(self.try_data(op)?.read().unwrap_or_else(|e| e.into_inner()))
+    }
+    /// False for a graph-only reference held by a tape node (see
+    /// [`autograd::Input::GraphOnly`]): a handle without values.
+    pub fn has_data(&self) -> bool {
+        matches!(self.0.buffer, Buffer::Data(_))
+    }
+    /// True when both tensors view the same buffer (false when either has no data).
     pub fn same_storage(&self, other: &Tensor) -> bool {
-        Arc::ptr_eq(&self.0.storage, &other.0.storage)
+        match (&self.0.buffer, &other.0.buffer) {
+            (Buffer::Data(a), Buffer::Data(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+    /// A weak handle on the buffer (`None` for a graph-only reference): it upgrades while some
+    /// tensor or tape node still holds the buffer, so a test can watch a buffer being freed.
+    pub fn weak_storage(&self) -> Option<Weak<RwLock<Storage>>> {
+        match &self.0.buffer {
+            Buffer::Data(s) => Some(Arc::downgrade(s)),
+            Buffer::GraphOnly { .. } => None,
+        }
+    }
+    /// Bytes of the whole buffer behind this tensor (a view counts its full buffer; 0 for a
+    /// graph-only reference).
+    pub fn storage_bytes(&self) -> usize {
+        match &self.0.buffer {
+            Buffer::Data(_) => self.storage().len() * self.dtype().size_in_bytes(),
+            Buffer::GraphOnly { .. } => 0,
+        }
     }
     pub(crate) fn node(&self) -> Option<&Node> {
-        self.0.node.as_ref()
+        self.0.node.as_deref()
     }
-    /// The recorded op that computed this tensor and the shapes and dtypes of the inputs its tape
-    /// node keeps alive (`None` without a node): what a memory audit or a test of an op's saved
-    /// tensors reads.
+    /// The recorded op that computed this tensor and the shapes and dtypes of the inputs whose
+    /// buffers its tape node keeps alive (`None` without a node; graph-only inputs are left
+    /// out): what a memory audit or a test of an op's saved tensors reads.
     pub fn recorded_op(&self) -> Option<(&'static str, Vec<(Shape, DType)>)> {
         self.node().map(|n| {
             let kept = n
                 .inputs()
                 .iter()
+                .filter(|t| t.has_data())
                 .map(|t| (t.shape().clone(), t.dtype()))
                 .collect();
             (n.name(), kept)
@@ -273,7 +359,7 @@ impl Tensor {
 
     /// All elements, row-major, as f64.
     pub fn to_vec_f64(&self) -> Result<Vec<f64>> {
-        self.storage().to_f64_vec(self.layout())
+        self.try_storage("to_vec")?.to_f64_vec(self.layout())
     }
     pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
         Ok(self.to_vec_f64()?.into_iter().map(|x| x as f32).collect())
@@ -304,7 +390,7 @@ impl Tensor {
     pub fn to_var(&self) -> Result<Self> {
         let c = autograd::no_grad(|| self.copy())?;
         Ok(Self::from_parts(
-            c.0.storage.clone(),
+            c.data().clone(),
             c.0.layout.clone(),
             None,
             true,
@@ -312,7 +398,7 @@ impl Tensor {
     }
     /// A trainable leaf over the same buffer and view (no copy), without this tensor's history.
     pub(crate) fn detach_as_leaf(&self) -> Self {
-        Self::from_parts(self.0.storage.clone(), self.layout().clone(), None, true)
+        Self::from_parts(self.data().clone(), self.layout().clone(), None, true)
     }
     pub fn is_variable(&self) -> bool {
         self.0.variable
@@ -321,12 +407,25 @@ impl Tensor {
     pub fn tracks_grad(&self) -> bool {
         self.0.variable || self.0.node.is_some()
     }
-    /// The same values without the autograd history (shares the buffer).
+    /// The same values without the autograd history (shares the buffer; a graph-only reference
+    /// stays one, without its node).
     pub fn detach(&self) -> Self {
         if !self.tracks_grad() {
             return self.clone();
         }
-        self.view(self.layout().clone(), None)
+        match &self.0.buffer {
+            Buffer::Data(_) => self.view(self.layout().clone(), None),
+            Buffer::GraphOnly { consumer } => Tensor(Arc::new(TensorImpl {
+                id: TensorId::next(),
+                buffer: Buffer::GraphOnly { consumer },
+                layout: self.0.layout.clone(),
+                dtype: self.0.dtype,
+                device: self.0.device,
+                node: None,
+                variable: false,
+                grad: Mutex::new(None),
+            })),
+        }
     }
     /// The accumulated gradient of a variable.
     pub fn grad(&self) -> Option<Tensor> {
@@ -370,8 +469,11 @@ impl Tensor {
             let tmp = autograd::no_grad(|| src.copy())?;
             return self.assign(&tmp);
         }
-        let s = src.storage();
-        let mut d = self.0.storage.write().unwrap_or_else(|e| e.into_inner());
+        let s = src.try_storage("assign")?;
+        let mut d = self
+            .try_data("assign")?
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         s.copy_to_view(src.layout(), &mut d, self.layout())
     }
 
@@ -381,33 +483,43 @@ impl Tensor {
         if device == self.device() {
             return Ok(self.clone());
         }
-        let out = self.storage().to_device(self.layout(), device)?;
+        let out = self
+            .try_storage("to_device")?
+            .to_device(self.layout(), device)?;
         let src = self.device();
-        let node = Node::record("to_device", &[self], move |_, _, g| {
-            Ok(vec![Some(g.to_device(src)?)])
-        });
+        let node = Node::record_with(
+            "to_device",
+            &[Input::GraphOnly(self)],
+            Output::Unread,
+            move |_, _, g| Ok(vec![Some(g.to_device(src)?)]),
+        );
         Ok(Self::from_storage(out, self.shape().clone(), node))
     }
 
     /// A contiguous copy in a new buffer (no autograd record of its own beyond `contiguous`).
     pub fn copy(&self) -> Result<Self> {
         let mut out = Storage::zeros(self.device(), self.shape(), self.dtype())?;
-        self.storage().copy_to_view(
+        self.try_storage("copy")?.copy_to_view(
             self.layout(),
             &mut out,
             &Layout::contiguous(self.shape().clone()),
         )?;
-        let node = Node::record("copy", &[self], |_, _, g| Ok(vec![Some(g.clone())]));
+        let node = Node::record_with(
+            "copy",
+            &[Input::GraphOnly(self)],
+            Output::Unread,
+            |_, _, g| Ok(vec![Some(g.clone())]),
+        );
         Ok(Self::from_storage(out, self.shape().clone(), node))
     }
 
     /// The buffer, locked for writing (in-place updates: optimisers, running statistics).
     pub(crate) fn storage_mut(&self) -> RwLockWriteGuard<'_, Storage> {
-        self.0.storage.write().unwrap_or_else(|e| e.into_inner())
+        self.data().write().unwrap_or_else(|e| e.into_inner())
     }
     /// An identity of the buffer behind this tensor (equal for tensors that share it).
     pub(crate) fn storage_key(&self) -> usize {
-        Arc::as_ptr(&self.0.storage) as usize
+        Arc::as_ptr(self.data()) as usize
     }
 }
 

@@ -203,7 +203,8 @@ fn linear_lora_finite_differences_f64() {
 }
 
 /// The point of `linear_lora`: its tape node keeps x, W, A, B (and, inside the rule, the rank-r
-/// codes), not the `[M, out]` base output that `lora_add` on `x Wᵀ` keeps.
+/// codes), never the `[M, out]` base output. `lora_add` on `x Wᵀ` holds that output only as a
+/// graph-only reference (its rule never reads it), so the buffer is freed with the last handle.
 #[test]
 fn linear_lora_keeps_no_base_output() {
     let (m, n_in, n_out) = (6, 4, 9);
@@ -226,15 +227,20 @@ fn linear_lora_keeps_no_base_output() {
             vec![n_out, 2]
         ]
     );
-    let y = linear(&x, &w)
-        .unwrap()
-        .lora_add(&x, &a, &b, 1.0, None)
-        .unwrap();
+    let base = linear(&x, &w).unwrap(); // [m, n_out]
+    let y = base.lora_add(&x, &a, &b, 1.0, None).unwrap();
     let (_, kept) = y.recorded_op().unwrap();
-    assert!(
-        kept.iter().any(|(s, _)| s.dims() == [m, n_out]),
-        "lora_add keeps y"
+    let dims: Vec<Vec<usize>> = kept.iter().map(|(s, _)| s.dims().to_vec()).collect();
+    assert_eq!(
+        dims,
+        vec![vec![m, n_in], vec![2, n_in], vec![n_out, 2]],
+        "lora_add keeps x, A, B, not y"
     );
+    let buffer = base.weak_storage().unwrap();
+    drop(base);
+    assert!(buffer.upgrade().is_none(), "the base output is freed");
+    y.sum_all().unwrap().backward().unwrap();
+    assert!(x.grad().is_some() && a.grad().is_some() && b.grad().is_some());
     // Without a trainable input there is no node at all.
     let frozen = randn(&[m, n_in], 5);
     let (a0, b0) = (randn(&[2, n_in], 3), randn(&[n_out, 2], 4));

@@ -6,9 +6,19 @@
 //! Tensors that are not variables and were not computed from one (frozen weights, data) never
 //! get a node or a gradient buffer. Backward rules are written with tensor ops, so every
 //! backend runs them; only fused ops bring a hand-written backward kernel.
+//!
+//! Saved tensors: a node holds each input either in full ([`Input::Keep`], the rule reads its
+//! values) or as a graph-only reference ([`Input::GraphOnly`]: the same id, node, shape, dtype
+//! and device, no buffer), so that an input the rule never reads (the scores before a softmax,
+//! both sides of a residual add, anything before a view) is freed as soon as nothing else holds
+//! it. A graph-only reference still keeps the buffer of a variable, and of a tensor whose own
+//! node reads its output (the walk hands that tensor to its own rule). [`saved_buffers`] lists
+//! what a graph keeps.
 
+mod audit;
 mod checkpoint;
 
+pub use audit::{saved_buffers, saved_tensor_bytes, SavedBuffer};
 pub use checkpoint::{checkpoint, CheckpointFn};
 
 use std::cell::Cell;
@@ -22,7 +32,12 @@ pub type BackwardRule =
 
 pub struct Node {
     name: &'static str,
+    /// Full handles for the kept inputs, graph-only references for the others.
     inputs: Vec<Tensor>,
+    /// Whether the rule reads the op's output.
+    reads_output: bool,
+    /// Tensors the rule captured, declared for [`saved_buffers`] (the rule holds them anyway).
+    captured: Vec<Tensor>,
     rule: Box<BackwardRule>,
 }
 
@@ -32,8 +47,71 @@ impl std::fmt::Debug for Node {
     }
 }
 
+/// How a node holds one input of its op.
+#[derive(Clone, Copy, Debug)]
+pub enum Input<'a> {
+    /// The backward rule reads the input's values: the node keeps its buffer alive.
+    Keep(&'a Tensor),
+    /// The rule reads only the input's shape, dtype, device and whether it tracks a gradient:
+    /// the node holds a graph-only reference, and the buffer is freed when nothing else holds
+    /// it. Reading its values in the rule panics (an op that declares this wrongly is a bug).
+    GraphOnly(&'a Tensor),
+}
+
+impl<'a> Input<'a> {
+    /// [`Input::Keep`] when `read` (the rule reads the input only then), else
+    /// [`Input::GraphOnly`]: e.g. `x` of `x · w` is read only for `w`'s gradient.
+    pub fn keep_if(t: &'a Tensor, read: bool) -> Self {
+        if read {
+            Input::Keep(t)
+        } else {
+            Input::GraphOnly(t)
+        }
+    }
+    fn tensor(&self) -> &'a Tensor {
+        match *self {
+            Input::Keep(t) | Input::GraphOnly(t) => t,
+        }
+    }
+}
+
+/// Whether a backward rule reads the op's output (its second argument).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// The rule reads the output's values (`exp`, `softmax`): graph-only references to the
+    /// output keep its buffer.
+    Read,
+    /// The rule ignores the output.
+    Unread,
+}
+
+impl Output {
+    pub fn read_if(read: bool) -> Self {
+        if read {
+            Output::Read
+        } else {
+            Output::Unread
+        }
+    }
+}
+
 thread_local! {
     static GRAD_ENABLED: Cell<bool> = const { Cell::new(true) };
+    static KEEP_ALL_INPUTS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with every node recorded on this thread keeping all its inputs, as if each op had
+/// declared them [`Input::Keep`]: the tape as it was before graph-only references, to compare
+/// memory and gradients with it, or to rule out a wrong [`Input::GraphOnly`] while debugging.
+pub fn keeping_all_inputs<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            KEEP_ALL_INPUTS.with(|k| k.set(self.0));
+        }
+    }
+    let _restore = Restore(KEEP_ALL_INPUTS.with(|k| k.replace(true)));
+    f()
 }
 
 /// Whether ops on this thread record themselves.
@@ -74,7 +152,8 @@ pub fn no_grad<T>(f: impl FnOnce() -> T) -> T {
 
 impl Node {
     /// A node for an op with `inputs`, or `None` when recording is off or no input needs a
-    /// gradient. `rule` receives `(inputs, output, grad_output)`.
+    /// gradient. `rule` receives `(inputs, output, grad_output)`. The conservative default: the
+    /// node keeps every input, and the rule may read the output; see [`Node::record_with`].
     pub fn record(
         name: &'static str,
         inputs: &[&Tensor],
@@ -83,20 +162,57 @@ impl Node {
             + Sync
             + 'static,
     ) -> Option<Node> {
-        if !grad_enabled() || !inputs.iter().any(|t| t.tracks_grad()) {
+        let inputs: Vec<Input<'_>> = inputs.iter().map(|&t| Input::Keep(t)).collect();
+        Self::record_with(name, &inputs, Output::Read, rule)
+    }
+
+    /// [`Node::record`] with what the rule reads declared: the inputs as [`Input::Keep`] or
+    /// [`Input::GraphOnly`], and whether it reads the output. The rule still receives every
+    /// input, in order (graph-only ones without data).
+    pub fn record_with(
+        name: &'static str,
+        inputs: &[Input<'_>],
+        output: Output,
+        rule: impl Fn(&[Tensor], &Tensor, &Tensor) -> Result<Vec<Option<Tensor>>>
+            + Send
+            + Sync
+            + 'static,
+    ) -> Option<Node> {
+        if !grad_enabled() || !inputs.iter().any(|i| i.tensor().tracks_grad()) {
             return None;
         }
+        let keep_all = KEEP_ALL_INPUTS.with(|k| k.get());
         Some(Node {
             name,
-            inputs: inputs.iter().map(|&t| t.clone()).collect(),
+            inputs: inputs
+                .iter()
+                .map(|i| match *i {
+                    Input::GraphOnly(t) if !keep_all => t.graph_ref(name),
+                    Input::Keep(t) | Input::GraphOnly(t) => t.clone(),
+                })
+                .collect(),
+            reads_output: output == Output::Read,
+            captured: Vec::new(),
             rule: Box::new(rule),
         })
     }
+
+    /// Declares tensors the rule captured (LoRA codes, tables), so that [`saved_buffers`]
+    /// counts them; it changes no lifetime (the rule holds them already).
+    pub fn capturing(mut self, tensors: &[&Tensor]) -> Node {
+        self.captured.extend(tensors.iter().map(|&t| t.clone()));
+        self
+    }
+
     pub fn name(&self) -> &'static str {
         self.name
     }
     pub fn inputs(&self) -> &[Tensor] {
         &self.inputs
+    }
+    /// Whether the rule reads the op's output.
+    pub fn reads_output(&self) -> bool {
+        self.reads_output
     }
 }
 
@@ -163,7 +279,7 @@ pub fn backward_many(roots: &[(Tensor, Tensor)]) -> Result<()> {
     }
     let roots: Vec<&(Tensor, Tensor)> = roots.iter().filter(|(r, _)| r.tracks_grad()).collect();
     let _guard = NoGradGuard::new();
-    let order = topological_order(roots.iter().map(|(r, _)| r));
+    let mut order = topological_order(roots.iter().map(|(r, _)| r));
     let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
     for (root, grad) in roots {
         let acc = match grads.remove(&root.id()) {
@@ -172,7 +288,9 @@ pub fn backward_many(roots: &[(Tensor, Tensor)]) -> Result<()> {
         };
         grads.insert(root.id(), acc);
     }
-    for t in order.iter().rev() {
+    // Popped as the walk goes: the order itself holds nothing past its step (the graph lives on
+    // while the caller holds the roots).
+    while let Some(t) = order.pop() {
         let Some(g) = grads.remove(&t.id()) else {
             continue;
         };
@@ -180,7 +298,7 @@ pub fn backward_many(roots: &[(Tensor, Tensor)]) -> Result<()> {
             t.accumulate_grad(&g)?;
         }
         let Some(node) = t.node() else { continue };
-        let input_grads = (node.rule)(node.inputs(), t, &g)?;
+        let input_grads = (node.rule)(node.inputs(), &t, &g)?;
         if input_grads.len() != node.inputs().len() {
             return Err(Error::Backward {
                 msg: format!(

@@ -18,6 +18,9 @@ use crate::{Error, Result, Tensor};
 /// masked keys get weight exactly 0, and a row with no visible key (a left-padding query) gets
 /// all-zero weights, hence a zero output and zero gradients rather than NaN; such rows must be
 /// left out of the loss. Returns `[b, hq, t, d]`.
+///
+/// Saved for the backward: `q`, `k`, `v` (each matmul keeps the other operand) and the
+/// probabilities `[b, hq, t, s]`; the scores are freed as soon as the softmax has run.
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,

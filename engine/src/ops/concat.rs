@@ -1,6 +1,6 @@
 //! Concatenation along a dim, and its inverses as views: split and chunk.
 
-use crate::autograd::Node;
+use crate::autograd::{Input, Node, Output};
 use crate::backend::BackendStorage;
 use crate::{Error, Layout, Result, Shape, Storage, Tensor};
 
@@ -8,7 +8,8 @@ use crate::{Error, Layout, Result, Shape, Storage, Tensor};
 /// inputs share rank, dtype, device and every other dim. Each input is copied into its slice of
 /// the output buffer.
 ///
-/// Backward: input `i` gets `g.narrow(dim, offset_i, len_i)`, its slice of the output gradient.
+/// Backward: input `i` gets `g.narrow(dim, offset_i, len_i)`, its slice of the output gradient
+/// (no input values are read: the node holds graph-only references).
 pub fn cat(tensors: &[&Tensor], dim: isize) -> Result<Tensor> {
     let Some(&first) = tensors.first() else {
         return Err(Error::invalid("cat", "no tensors to concatenate"));
@@ -44,8 +45,9 @@ pub fn cat(tensors: &[&Tensor], dim: isize) -> Result<Tensor> {
         let dst = out_l.narrow(d, off, t.dims()[d]);
         t.storage().copy_to_view(t.layout(), &mut out, &dst)?;
     }
-    let inputs: Vec<&Tensor> = tensors.to_vec();
-    let node = Node::record("cat", &inputs, move |x, _, g| {
+    // The rule reads only the inputs' shapes.
+    let inputs: Vec<Input<'_>> = tensors.iter().map(|&t| Input::GraphOnly(t)).collect();
+    let node = Node::record_with("cat", &inputs, Output::Unread, move |x, _, g| {
         x.iter()
             .zip(&offsets)
             .map(|(xi, &off)| {

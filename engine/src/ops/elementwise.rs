@@ -2,7 +2,7 @@
 //! selection.
 
 use super::{float_only, same_device, same_dtype};
-use crate::autograd::Node;
+use crate::autograd::{Input, Node, Output};
 use crate::backend::{BackendStorage, BinaryOp, CmpOp, UnaryOp};
 use crate::{Result, Shape, Tensor};
 
@@ -16,28 +16,37 @@ impl Tensor {
     pub fn neg(&self) -> Result<Tensor> {
         self.unary(
             UnaryOp::Neg,
-            Node::record("neg", &[self], |_, _, g| Ok(vec![Some(g.neg()?)])),
+            Node::record_with(
+                "neg",
+                &[Input::GraphOnly(self)],
+                Output::Unread,
+                |_, _, g| Ok(vec![Some(g.neg()?)]),
+            ),
         )
     }
     /// d/dx eˣ = eˣ.
     pub fn exp(&self) -> Result<Tensor> {
         self.unary(
             UnaryOp::Exp,
-            Node::record("exp", &[self], |_, y, g| Ok(vec![Some(g.mul(y)?)])),
+            Node::record_with("exp", &[Input::GraphOnly(self)], Output::Read, |_, y, g| {
+                Ok(vec![Some(g.mul(y)?)])
+            }),
         )
     }
     /// d/dx ln x = 1/x.
     pub fn log(&self) -> Result<Tensor> {
         self.unary(
             UnaryOp::Log,
-            Node::record("log", &[self], |x, _, g| Ok(vec![Some(g.div(&x[0])?)])),
+            Node::record_with("log", &[Input::Keep(self)], Output::Unread, |x, _, g| {
+                Ok(vec![Some(g.div(&x[0])?)])
+            }),
         )
     }
     /// silu(x) = x·σ(x); d/dx = σ(x)·(1 + x·(1 − σ(x))) = σ(x)·(1 + x − silu(x)).
     pub fn silu(&self) -> Result<Tensor> {
         self.unary(
             UnaryOp::Silu,
-            Node::record("silu", &[self], |x, y, g| {
+            Node::record_with("silu", &[Input::Keep(self)], Output::Read, |x, y, g| {
                 let s = x[0].sigmoid()?;
                 let d = s.mul(&x[0].sub(y)?.affine(1.0, 1.0)?)?;
                 Ok(vec![Some(g.mul(&d)?)])
@@ -48,33 +57,42 @@ impl Tensor {
     pub fn sigmoid(&self) -> Result<Tensor> {
         self.unary(
             UnaryOp::Sigmoid,
-            Node::record("sigmoid", &[self], |_, y, g| {
-                Ok(vec![Some(g.mul(&y.mul(&y.affine(-1.0, 1.0)?)?)?)])
-            }),
+            Node::record_with(
+                "sigmoid",
+                &[Input::GraphOnly(self)],
+                Output::Read,
+                |_, y, g| Ok(vec![Some(g.mul(&y.mul(&y.affine(-1.0, 1.0)?)?)?)]),
+            ),
         )
     }
     /// d/dx √x = 1/(2√x).
     pub fn sqrt(&self) -> Result<Tensor> {
         self.unary(
             UnaryOp::Sqrt,
-            Node::record("sqrt", &[self], |_, y, g| {
-                Ok(vec![Some(g.div(&y.affine(2.0, 0.0)?)?)])
-            }),
+            Node::record_with(
+                "sqrt",
+                &[Input::GraphOnly(self)],
+                Output::Read,
+                |_, y, g| Ok(vec![Some(g.div(&y.affine(2.0, 0.0)?)?)]),
+            ),
         )
     }
     /// d/dx 1/x = −1/x².
     pub fn recip(&self) -> Result<Tensor> {
         self.unary(
             UnaryOp::Recip,
-            Node::record("recip", &[self], |_, y, g| {
-                Ok(vec![Some(g.mul(&y.sqr()?)?.neg()?)])
-            }),
+            Node::record_with(
+                "recip",
+                &[Input::GraphOnly(self)],
+                Output::Read,
+                |_, y, g| Ok(vec![Some(g.mul(&y.sqr()?)?.neg()?)]),
+            ),
         )
     }
     pub fn sqr(&self) -> Result<Tensor> {
         self.unary(
             UnaryOp::Sqr,
-            Node::record("sqr", &[self], |x, _, g| {
+            Node::record_with("sqr", &[Input::Keep(self)], Output::Unread, |x, _, g| {
                 Ok(vec![Some(g.mul(&x[0].affine(2.0, 0.0)?)?)])
             }),
         )
@@ -83,7 +101,7 @@ impl Tensor {
     pub fn abs(&self) -> Result<Tensor> {
         self.unary(
             UnaryOp::Abs,
-            Node::record("abs", &[self], |x, _, g| {
+            Node::record_with("abs", &[Input::Keep(self)], Output::Unread, |x, _, g| {
                 let zero = x[0].zeros_like()?;
                 let pos = x[0].gt(&zero)?.to_dtype(x[0].dtype())?;
                 let neg = x[0].lt(&zero)?.to_dtype(x[0].dtype())?;
@@ -95,15 +113,18 @@ impl Tensor {
     pub fn tanh(&self) -> Result<Tensor> {
         self.unary(
             UnaryOp::Tanh,
-            Node::record("tanh", &[self], |_, y, g| {
-                Ok(vec![Some(g.mul(&y.sqr()?.affine(-1.0, 1.0)?)?)])
-            }),
+            Node::record_with(
+                "tanh",
+                &[Input::GraphOnly(self)],
+                Output::Read,
+                |_, y, g| Ok(vec![Some(g.mul(&y.sqr()?.affine(-1.0, 1.0)?)?)]),
+            ),
         )
     }
     pub fn cos(&self) -> Result<Tensor> {
         self.unary(
             UnaryOp::Cos,
-            Node::record("cos", &[self], |x, _, g| {
+            Node::record_with("cos", &[Input::Keep(self)], Output::Unread, |x, _, g| {
                 Ok(vec![Some(g.mul(&x[0].sin()?)?.neg()?)])
             }),
         )
@@ -111,7 +132,7 @@ impl Tensor {
     pub fn sin(&self) -> Result<Tensor> {
         self.unary(
             UnaryOp::Sin,
-            Node::record("sin", &[self], |x, _, g| {
+            Node::record_with("sin", &[Input::Keep(self)], Output::Unread, |x, _, g| {
                 Ok(vec![Some(g.mul(&x[0].cos()?)?)])
             }),
         )
@@ -120,38 +141,54 @@ impl Tensor {
     pub fn affine(&self, mul: f64, add: f64) -> Result<Tensor> {
         self.unary(
             UnaryOp::Affine { mul, add },
-            Node::record("affine", &[self], move |_, _, g| {
-                Ok(vec![Some(g.affine(mul, 0.0)?)])
-            }),
+            Node::record_with(
+                "affine",
+                &[Input::GraphOnly(self)],
+                Output::Unread,
+                move |_, _, g| Ok(vec![Some(g.affine(mul, 0.0)?)]),
+            ),
         )
     }
     /// `x ^ e`; d/dx = e·x^(e−1).
     pub fn powf(&self, e: f64) -> Result<Tensor> {
         self.unary(
             UnaryOp::Powf(e),
-            Node::record("powf", &[self], move |x, _, g| {
-                Ok(vec![Some(g.mul(&x[0].powf(e - 1.0)?.affine(e, 0.0)?)?)])
-            }),
+            Node::record_with(
+                "powf",
+                &[Input::Keep(self)],
+                Output::Unread,
+                move |x, _, g| Ok(vec![Some(g.mul(&x[0].powf(e - 1.0)?.affine(e, 0.0)?)?)]),
+            ),
         )
     }
     /// `max(x, c)`; the gradient flows where `x > c`.
     pub fn clamp_min(&self, c: f64) -> Result<Tensor> {
         self.unary(
             UnaryOp::MaxScalar(c),
-            Node::record("clamp_min", &[self], move |x, _, g| {
-                let m = x[0].gt_scalar(c)?;
-                Ok(vec![Some(m.where_cond(g, &g.zeros_like()?)?)])
-            }),
+            Node::record_with(
+                "clamp_min",
+                &[Input::Keep(self)],
+                Output::Unread,
+                move |x, _, g| {
+                    let m = x[0].gt_scalar(c)?;
+                    Ok(vec![Some(m.where_cond(g, &g.zeros_like()?)?)])
+                },
+            ),
         )
     }
     /// `min(x, c)`; the gradient flows where `x < c`.
     pub fn clamp_max(&self, c: f64) -> Result<Tensor> {
         self.unary(
             UnaryOp::MinScalar(c),
-            Node::record("clamp_max", &[self], move |x, _, g| {
-                let m = x[0].lt_scalar(c)?;
-                Ok(vec![Some(m.where_cond(g, &g.zeros_like()?)?)])
-            }),
+            Node::record_with(
+                "clamp_max",
+                &[Input::Keep(self)],
+                Output::Unread,
+                move |x, _, g| {
+                    let m = x[0].lt_scalar(c)?;
+                    Ok(vec![Some(m.where_cond(g, &g.zeros_like()?)?)])
+                },
+            ),
         )
     }
     pub fn add_scalar(&self, c: f64) -> Result<Tensor> {
@@ -176,18 +213,21 @@ impl Tensor {
         Ok((Tensor::from_storage(s, shape.clone(), None), shape))
     }
 
+    /// [`Tensor::binary`] recording `rule`, with what it reads of `(self, rhs)` and the output.
     fn binary_recorded(
         &self,
         rhs: &Tensor,
         op: BinaryOp,
         name: &'static str,
+        inputs: [Input<'_>; 2],
+        output: Output,
         rule: impl Fn(&[Tensor], &Tensor, &Tensor) -> Result<Vec<Option<Tensor>>>
             + Send
             + Sync
             + 'static,
     ) -> Result<Tensor> {
         let (out, shape) = self.binary(rhs, op, name)?;
-        match Node::record(name, &[self, rhs], rule) {
+        match Node::record_with(name, &inputs, output, rule) {
             None => Ok(out),
             Some(node) => Ok(out.view(crate::Layout::contiguous(shape), Some(node))),
         }
@@ -195,101 +235,156 @@ impl Tensor {
 
     /// `self + rhs`, broadcasting.
     pub fn add(&self, rhs: &Tensor) -> Result<Tensor> {
-        self.binary_recorded(rhs, BinaryOp::Add, "add", |x, _, g| {
-            let da = x[0]
-                .tracks_grad()
-                .then(|| g.sum_to_shape(x[0].shape()))
-                .transpose()?;
-            let db = x[1]
-                .tracks_grad()
-                .then(|| g.sum_to_shape(x[1].shape()))
-                .transpose()?;
-            Ok(vec![da, db])
-        })
+        self.binary_recorded(
+            rhs,
+            BinaryOp::Add,
+            "add",
+            [Input::GraphOnly(self), Input::GraphOnly(rhs)],
+            Output::Unread,
+            |x, _, g| {
+                let da = x[0]
+                    .tracks_grad()
+                    .then(|| g.sum_to_shape(x[0].shape()))
+                    .transpose()?;
+                let db = x[1]
+                    .tracks_grad()
+                    .then(|| g.sum_to_shape(x[1].shape()))
+                    .transpose()?;
+                Ok(vec![da, db])
+            },
+        )
     }
     /// `self - rhs`, broadcasting.
     pub fn sub(&self, rhs: &Tensor) -> Result<Tensor> {
-        self.binary_recorded(rhs, BinaryOp::Sub, "sub", |x, _, g| {
-            let da = x[0]
-                .tracks_grad()
-                .then(|| g.sum_to_shape(x[0].shape()))
-                .transpose()?;
-            let db = x[1]
-                .tracks_grad()
-                .then(|| g.sum_to_shape(x[1].shape())?.neg())
-                .transpose()?;
-            Ok(vec![da, db])
-        })
+        self.binary_recorded(
+            rhs,
+            BinaryOp::Sub,
+            "sub",
+            [Input::GraphOnly(self), Input::GraphOnly(rhs)],
+            Output::Unread,
+            |x, _, g| {
+                let da = x[0]
+                    .tracks_grad()
+                    .then(|| g.sum_to_shape(x[0].shape()))
+                    .transpose()?;
+                let db = x[1]
+                    .tracks_grad()
+                    .then(|| g.sum_to_shape(x[1].shape())?.neg())
+                    .transpose()?;
+                Ok(vec![da, db])
+            },
+        )
     }
     /// `self * rhs`, broadcasting.
     pub fn mul(&self, rhs: &Tensor) -> Result<Tensor> {
-        self.binary_recorded(rhs, BinaryOp::Mul, "mul", |x, _, g| {
-            let da = x[0]
-                .tracks_grad()
-                .then(|| g.mul(&x[1])?.sum_to_shape(x[0].shape()))
-                .transpose()?;
-            let db = x[1]
-                .tracks_grad()
-                .then(|| g.mul(&x[0])?.sum_to_shape(x[1].shape()))
-                .transpose()?;
-            Ok(vec![da, db])
-        })
+        self.binary_recorded(
+            rhs,
+            BinaryOp::Mul,
+            "mul",
+            // Each operand is read for the other's gradient.
+            [
+                Input::keep_if(self, rhs.tracks_grad()),
+                Input::keep_if(rhs, self.tracks_grad()),
+            ],
+            Output::Unread,
+            |x, _, g| {
+                let da = x[0]
+                    .tracks_grad()
+                    .then(|| g.mul(&x[1])?.sum_to_shape(x[0].shape()))
+                    .transpose()?;
+                let db = x[1]
+                    .tracks_grad()
+                    .then(|| g.mul(&x[0])?.sum_to_shape(x[1].shape()))
+                    .transpose()?;
+                Ok(vec![da, db])
+            },
+        )
     }
     /// `self / rhs`, broadcasting.
     pub fn div(&self, rhs: &Tensor) -> Result<Tensor> {
-        self.binary_recorded(rhs, BinaryOp::Div, "div", |x, y, g| {
-            let da = x[0]
-                .tracks_grad()
-                .then(|| g.div(&x[1])?.sum_to_shape(x[0].shape()))
-                .transpose()?;
-            // d(a/b)/db = −(a/b)/b
-            let db = x[1]
-                .tracks_grad()
-                .then(|| g.mul(y)?.div(&x[1])?.neg()?.sum_to_shape(x[1].shape()))
-                .transpose()?;
-            Ok(vec![da, db])
-        })
+        self.binary_recorded(
+            rhs,
+            BinaryOp::Div,
+            "div",
+            // `a` is never read; the output only for `b`'s gradient.
+            [Input::GraphOnly(self), Input::Keep(rhs)],
+            Output::read_if(rhs.tracks_grad()),
+            |x, y, g| {
+                let da = x[0]
+                    .tracks_grad()
+                    .then(|| g.div(&x[1])?.sum_to_shape(x[0].shape()))
+                    .transpose()?;
+                // d(a/b)/db = −(a/b)/b
+                let db = x[1]
+                    .tracks_grad()
+                    .then(|| g.mul(y)?.div(&x[1])?.neg()?.sum_to_shape(x[1].shape()))
+                    .transpose()?;
+                Ok(vec![da, db])
+            },
+        )
     }
     /// `silu(self) · rhs` (the SwiGLU gate) in one pass, broadcasting. With `s = σ(a)`:
     /// `da = g · b · s · (1 + a · (1 − s))`, `db = g · silu(a)`.
     pub fn silu_mul(&self, rhs: &Tensor) -> Result<Tensor> {
-        self.binary_recorded(rhs, BinaryOp::SiluMul, "silu_mul", |x, _, g| {
-            let da = x[0]
-                .tracks_grad()
-                .then(|| {
-                    let s = x[0].sigmoid()?;
-                    let ds = s.mul(&x[0].mul(&s.affine(-1.0, 1.0)?)?.affine(1.0, 1.0)?)?;
-                    g.mul(&x[1])?.mul(&ds)?.sum_to_shape(x[0].shape())
-                })
-                .transpose()?;
-            let db = x[1]
-                .tracks_grad()
-                .then(|| g.mul(&x[0].silu()?)?.sum_to_shape(x[1].shape()))
-                .transpose()?;
-            Ok(vec![da, db])
-        })
+        self.binary_recorded(
+            rhs,
+            BinaryOp::SiluMul,
+            "silu_mul",
+            // `b` is read only for `a`'s gradient.
+            [Input::Keep(self), Input::keep_if(rhs, self.tracks_grad())],
+            Output::Unread,
+            |x, _, g| {
+                let da = x[0]
+                    .tracks_grad()
+                    .then(|| {
+                        let s = x[0].sigmoid()?;
+                        let ds = s.mul(&x[0].mul(&s.affine(-1.0, 1.0)?)?.affine(1.0, 1.0)?)?;
+                        g.mul(&x[1])?.mul(&ds)?.sum_to_shape(x[0].shape())
+                    })
+                    .transpose()?;
+                let db = x[1]
+                    .tracks_grad()
+                    .then(|| g.mul(&x[0].silu()?)?.sum_to_shape(x[1].shape()))
+                    .transpose()?;
+                Ok(vec![da, db])
+            },
+        )
     }
     /// Elementwise max; on ties the gradient goes to `self`.
     pub fn maximum(&self, rhs: &Tensor) -> Result<Tensor> {
-        self.binary_recorded(rhs, BinaryOp::Maximum, "maximum", |x, _, g| {
-            let pick_a = x[0].ge(&x[1])?;
-            let z = g.zeros_like()?;
-            Ok(vec![
-                Some(pick_a.where_cond(g, &z)?.sum_to_shape(x[0].shape())?),
-                Some(pick_a.where_cond(&z, g)?.sum_to_shape(x[1].shape())?),
-            ])
-        })
+        self.binary_recorded(
+            rhs,
+            BinaryOp::Maximum,
+            "maximum",
+            [Input::Keep(self), Input::Keep(rhs)],
+            Output::Unread,
+            |x, _, g| {
+                let pick_a = x[0].ge(&x[1])?;
+                let z = g.zeros_like()?;
+                Ok(vec![
+                    Some(pick_a.where_cond(g, &z)?.sum_to_shape(x[0].shape())?),
+                    Some(pick_a.where_cond(&z, g)?.sum_to_shape(x[1].shape())?),
+                ])
+            },
+        )
     }
     /// Elementwise min; on ties the gradient goes to `self`.
     pub fn minimum(&self, rhs: &Tensor) -> Result<Tensor> {
-        self.binary_recorded(rhs, BinaryOp::Minimum, "minimum", |x, _, g| {
-            let pick_a = x[0].le(&x[1])?;
-            let z = g.zeros_like()?;
-            Ok(vec![
-                Some(pick_a.where_cond(g, &z)?.sum_to_shape(x[0].shape())?),
-                Some(pick_a.where_cond(&z, g)?.sum_to_shape(x[1].shape())?),
-            ])
-        })
+        self.binary_recorded(
+            rhs,
+            BinaryOp::Minimum,
+            "minimum",
+            [Input::Keep(self), Input::Keep(rhs)],
+            Output::Unread,
+            |x, _, g| {
+                let pick_a = x[0].le(&x[1])?;
+                let z = g.zeros_like()?;
+                Ok(vec![
+                    Some(pick_a.where_cond(g, &z)?.sum_to_shape(x[0].shape())?),
+                    Some(pick_a.where_cond(&z, g)?.sum_to_shape(x[1].shape())?),
+                ])
+            },
+        )
     }
 
     fn compare(&self, rhs: &Tensor, op: CmpOp) -> Result<Tensor> {
@@ -353,7 +448,12 @@ impl Tensor {
         let s =
             self.storage()
                 .where_cond(&cl, &on_true.storage(), &tl, &on_false.storage(), &fl)?;
-        let node = Node::record("where_cond", &[self, on_true, on_false], |x, _, g| {
+        let inputs = [
+            Input::Keep(self),
+            Input::GraphOnly(on_true),
+            Input::GraphOnly(on_false),
+        ];
+        let node = Node::record_with("where_cond", &inputs, Output::Unread, |x, _, g| {
             let z = g.zeros_like()?;
             let dt = x[1]
                 .tracks_grad()

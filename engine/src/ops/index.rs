@@ -3,7 +3,7 @@
 //! shapes here; ids out of range are reported by the backend as `Error::IndexOutOfRange`.
 
 use super::{float_only, same_device, same_dtype, u32_only};
-use crate::autograd::Node;
+use crate::autograd::{Input, Node, Output};
 use crate::backend::checks::check_same_but;
 use crate::backend::BackendStorage;
 use crate::{Error, Result, Tensor};
@@ -37,7 +37,9 @@ impl Tensor {
         let s = self
             .storage()
             .index_select(self.layout(), &ids.storage(), ids.layout(), d)?;
-        let node = Node::record(OP, &[self, ids], move |x, _, g| {
+        // Only the ids are read (and the table's shape).
+        let inputs = [Input::GraphOnly(self), Input::Keep(ids)];
+        let node = Node::record_with(OP, &inputs, Output::Unread, move |x, _, g| {
             let dx = x[0].zeros_like()?.index_add(&x[1], g, d as isize)?;
             Ok(vec![Some(dx), None])
         });
@@ -91,7 +93,13 @@ impl Tensor {
             src.layout(),
             d,
         )?;
-        let node = Node::record(OP, &[self, ids, src], move |x, _, g| {
+        // Only the ids are read.
+        let inputs = [
+            Input::GraphOnly(self),
+            Input::Keep(ids),
+            Input::GraphOnly(src),
+        ];
+        let node = Node::record_with(OP, &inputs, Output::Unread, move |x, _, g| {
             let dself = x[0].tracks_grad().then(|| g.clone());
             let dsrc = x[2]
                 .tracks_grad()
@@ -148,7 +156,9 @@ impl Tensor {
         let s = self
             .storage()
             .gather(self.layout(), &ids.storage(), ids.layout(), d)?;
-        let node = Node::record(OP, &[self, ids], move |x, _, g| {
+        // Only the ids are read (and the source's shape).
+        let inputs = [Input::GraphOnly(self), Input::Keep(ids)];
+        let node = Node::record_with(OP, &inputs, Output::Unread, move |x, _, g| {
             let dx = x[0].zeros_like()?.scatter_add(&x[1], g, d as isize)?;
             Ok(vec![Some(dx), None])
         });
@@ -183,7 +193,13 @@ impl Tensor {
             src.layout(),
             d,
         )?;
-        let node = Node::record(OP, &[self, ids, src], move |x, _, g| {
+        // Only the ids are read.
+        let inputs = [
+            Input::GraphOnly(self),
+            Input::Keep(ids),
+            Input::GraphOnly(src),
+        ];
+        let node = Node::record_with(OP, &inputs, Output::Unread, move |x, _, g| {
             let dself = x[0].tracks_grad().then(|| g.clone());
             let dsrc = x[2]
                 .tracks_grad()

@@ -2,7 +2,7 @@
 //! that the `[N, V]` logits are never held: at most one `[N, C]` chunk of them exists at a time.
 
 use super::{float_only, same_device, same_dtype, u32_only};
-use crate::autograd::{no_grad, Node};
+use crate::autograd::{no_grad, Input, Node, Output};
 use crate::backend::BackendStorage;
 use crate::{DType, Error, Layout, Result, Tensor};
 
@@ -109,7 +109,9 @@ impl Tensor {
             let rows = keep.where_cond(&diff, &diff.zeros_like()?)?;
             Ok((rows, lse))
         })?;
-        let node = Node::record(OP, &[self, weight, targets], move |x, _, g| {
+        let saved_lse = lse.clone();
+        let inputs = [Input::Keep(self), Input::Keep(weight), Input::Keep(targets)];
+        let node = Node::record_with(OP, &inputs, Output::Unread, move |x, _, g| {
             let (hid, w, t) = (&x[0], &x[1], &x[2]);
             let g = g.to_dtype(acc)?; // [N]
                                       // bf16 partial products are summed in f32.
@@ -148,7 +150,8 @@ impl Tensor {
             }
             let dh = dh.map(|d| d.to_dtype(hid.dtype())).transpose()?;
             Ok(vec![dh, dw, None])
-        });
+        })
+        .map(|n| n.capturing(&[&saved_lse]));
         Ok(match node {
             None => rows,
             Some(node) => rows.view(Layout::contiguous(n), Some(node)),

@@ -1,7 +1,7 @@
 //! Fused LoRA: `y + s · (drop(x) Aᵀ) Bᵀ` as one autograd op that keeps only the rank-r codes.
 
 use super::{float_only, same_device, same_dtype};
-use crate::autograd::{NoGradGuard, Node};
+use crate::autograd::{Input, NoGradGuard, Node, Output};
 use crate::backend::BackendStorage;
 use crate::{DType, Error, Result, Tensor};
 
@@ -15,12 +15,12 @@ impl Tensor {
     /// backward recomputes it from `(seed, index)`.
     ///
     /// Forward: `z = drop(x) Aᵀ` `[M, r]` (`lora_codes`), then `y + s · z Bᵀ`
-    /// (`lora_expand_add`, one pass over `y`). The tape keeps `x` (the base matmul keeps it too:
-    /// one shared buffer), `y`, `a`, `b` and the unscaled codes `z`: no f32 copy of `x`, no mask,
-    /// no `[M, out]` f32 delta. Per token and projection, beyond `x`, that is `2·out + 4r` bytes
-    /// on a bf16 base (`y`, `z`) where the composite kept `12·in + 8·out + 8r` (f32 `x`, the mask,
-    /// the dropped `x`, the f32 and bf16 deltas, `y`, the codes twice): at in = out = 4096,
-    /// r = 16, 8.3 KB instead of 82 KB.
+    /// (`lora_expand_add`, one pass over `y`). The tape keeps `x` (for `dA`; the base matmul
+    /// keeps it too when `W` trains: one shared buffer), `a`, `b` and the unscaled codes `z`; `y`
+    /// only as a graph-only reference (its gradient is `g`, its values are never read): no f32
+    /// copy of `x`, no mask, no `[M, out]` f32 delta. Per token and projection, beyond `x`, that
+    /// is `4r` bytes (`z`) where the composite kept `12·in + 8·out + 8r` (f32 `x`, the mask, the
+    /// dropped `x`, the f32 and bf16 deltas, `y`, the codes twice).
     ///
     /// Backward, with `g = dL/d(out)`:
     /// `dy = g`; `dz = s · g B` and `dB = s · gᵀ z` (`lora_grad_codes`);
@@ -45,22 +45,30 @@ impl Tensor {
             return out.reshape(self.shape().clone());
         }
         let (s, z) = lora_forward(self, x, a, b, scale, p, seed)?;
-        let node = Node::record(OP, &[self, x, a, b], move |inp, _, g| {
+        let codes = z.clone();
+        // `y` is never read (its gradient is `g`); `x` only for `dA`, `A` only for `dx`.
+        let inputs = [
+            Input::GraphOnly(self),
+            Input::keep_if(x, a.tracks_grad()),
+            Input::keep_if(a, x.tracks_grad()),
+            Input::Keep(b),
+        ];
+        let node = Node::record_with(OP, &inputs, Output::Unread, move |inp, _, g| {
             let (y, x, a, b) = (&inp[0], &inp[1], &inp[2], &inp[3]);
             let dy = y.tracks_grad().then(|| g.clone());
             let (dx, da, db) = lora_backward(g, x, a, b, &z, scale, p, seed)?;
             Ok(vec![dy, dx, da, db])
-        });
+        })
+        .map(|n| n.capturing(&[&codes]));
         Ok(Tensor::from_storage(s, self.shape().clone(), node))
     }
 
     /// `x Wᵀ + scale · (drop(x) Aᵀ) Bᵀ` for `self` = `x` `[.., in]` and a weight `w` `[out, in]`
-    /// of `x`'s dtype: [`Tensor::lora_add`] with the base matmul inside the op, so the tape never
-    /// holds the base output `x Wᵀ` (a temporary here): per token and projection that is `out`
-    /// values of `x`'s dtype less than `x.matmul(&w.t()?)?.lora_add(..)` keeps (at LLaMA-2-7B,
-    /// the q, k, v, o outputs: 4 × 8 KB per token and layer in bf16). The same values and
-    /// gradients: `dx = g W + drop'(s·(g B) A)`, `dW = gᵀ x` when `w` needs one, the LoRA
-    /// gradients as in [`Tensor::lora_add`].
+    /// of `x`'s dtype: [`Tensor::lora_add`] with the base matmul inside the op, so the base
+    /// output `x Wᵀ` is a temporary, never on the tape, and one node stands for both ops. The
+    /// tape keeps `x` when `A` or `W` trains, `W` and `A` when `x` needs a gradient, `B` and the
+    /// rank-r codes. The same values and gradients: `dx = g W + drop'(s·(g B) A)`, `dW = gᵀ x`
+    /// when `w` needs one, the LoRA gradients as in [`Tensor::lora_add`].
     pub fn linear_lora(
         &self,
         w: &Tensor,
@@ -97,7 +105,15 @@ impl Tensor {
         let (s, z) = lora_forward(&y, x, a, b, scale, p, seed)?;
         let shape = y.shape().clone();
         drop(y);
-        let node = Node::record(OP, &[x, w, a, b], move |inp, _, g| {
+        let codes = z.clone();
+        // `x` is read only for `dA` and `dW`; `W` and `A` only for `dx`.
+        let inputs = [
+            Input::keep_if(x, a.tracks_grad() || w.tracks_grad()),
+            Input::keep_if(w, x.tracks_grad()),
+            Input::keep_if(a, x.tracks_grad()),
+            Input::Keep(b),
+        ];
+        let node = Node::record_with(OP, &inputs, Output::Unread, move |inp, _, g| {
             let (x, w, a, b) = (&inp[0], &inp[1], &inp[2], &inp[3]);
             let (dx_lora, da, db) = lora_backward(g, x, a, b, &z, scale, p, seed)?;
             let dx = match dx_lora {
@@ -106,7 +122,8 @@ impl Tensor {
             };
             let dw = w.tracks_grad().then(|| g.t()?.matmul(x)).transpose()?; // [out, in]
             Ok(vec![dx, dw, da, db])
-        });
+        })
+        .map(|n| n.capturing(&[&codes]));
         Ok(Tensor::from_storage(s, shape, node))
     }
 }

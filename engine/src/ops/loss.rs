@@ -1,7 +1,7 @@
 //! Losses: fused cross-entropy over the last dim of logits.
 
 use super::{float_only, same_device, u32_only};
-use crate::autograd::Node;
+use crate::autograd::{Input, Node, Output};
 use crate::backend::BackendStorage;
 use crate::{Error, Result, Tensor};
 
@@ -44,7 +44,8 @@ impl Tensor {
             targets.layout(),
             ignore_index,
         )?;
-        let node = Node::record(OP, &[self, targets], move |x, _, g| {
+        let inputs = [Input::Keep(self), Input::Keep(targets)];
+        let node = Node::record_with(OP, &inputs, Output::Unread, move |x, _, g| {
             let (logits, t) = (&x[0], &x[1]);
             let dx = logits.storage().cross_entropy_backward(
                 logits.layout(),

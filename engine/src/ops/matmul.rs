@@ -2,7 +2,7 @@
 //! transposed view) is applied to all leading dims of the left one as one GEMM.
 
 use super::{float_only, same_device, same_dtype};
-use crate::autograd::Node;
+use crate::autograd::{Input, Node, Output};
 use crate::backend::BackendStorage;
 use crate::{Error, Result, Shape, Tensor};
 
@@ -14,7 +14,12 @@ impl Tensor {
         let s = self
             .storage()
             .matmul(self.layout(), &rhs.storage(), rhs.layout())?;
-        let node = Node::record("matmul", &[self, rhs], |x, _, g| {
+        // Each operand is read for the other's gradient only.
+        let inputs = [
+            Input::keep_if(self, rhs.tracks_grad()),
+            Input::keep_if(rhs, self.tracks_grad()),
+        ];
+        let node = Node::record_with("matmul", &inputs, Output::Unread, |x, _, g| {
             let da = x[0]
                 .tracks_grad()
                 .then(|| g.matmul3(&x[1].transpose(1, 2)?))
@@ -87,7 +92,12 @@ impl Tensor {
             let _ng = crate::autograd::NoGradGuard::new();
             self.to_dtype(dt)?.matmul(rhs)? // [M, N]
         };
-        let node = crate::autograd::Node::record(OP, &[self, rhs], move |inp, _, g| {
+        // Each operand is read for the other's gradient only.
+        let inputs = [
+            Input::keep_if(self, rhs.tracks_grad()),
+            Input::keep_if(rhs, self.tracks_grad()),
+        ];
+        let node = Node::record_with(OP, &inputs, Output::Unread, move |inp, _, g| {
             let (x, w) = (&inp[0], &inp[1]);
             let dx = x
                 .tracks_grad()

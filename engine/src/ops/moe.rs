@@ -8,7 +8,7 @@
 //! is token `t`'s `j`-th choice. "Accumulation dtype": f32 for f32/bf16 data, f64 for f64.
 
 use super::{float_only, same_device, same_dtype, u32_only};
-use crate::autograd::Node;
+use crate::autograd::{Input, Node, Output};
 use crate::backend::BackendStorage;
 use crate::{DType, Error, Result, Tensor};
 
@@ -55,23 +55,31 @@ impl Tensor {
         }
         let (p, i, w) = self.storage().moe_route_topk(self.layout(), k)?;
         let ids = Tensor::from_storage(i, [n, k], None);
-        let p_node = Node::record("moe_route_topk_probs", &[self], |_, y, g| {
+        // Both rules read their own output only, never the logits.
+        let logits = [Input::GraphOnly(self)];
+        let p_node = Node::record_with("moe_route_topk_probs", &logits, Output::Read, |_, y, g| {
             let dot = g.mul(y)?.sum_keepdim(-1)?;
             Ok(vec![Some(y.mul(&g.sub(&dot)?)?)])
         });
         let probs = Tensor::from_storage(p, [n, e], p_node);
         let ids_c = ids.clone();
-        let w_node = Node::record("moe_route_topk_weights", &[self], move |_, w, g| {
-            let dl = w.storage().moe_route_topk_backward(
-                w.layout(),
-                &ids_c.storage(),
-                ids_c.layout(),
-                &g.storage(),
-                g.layout(),
-                e,
-            )?;
-            Ok(vec![Some(Tensor::from_storage(dl, [n, e], None))])
-        });
+        let w_node = Node::record_with(
+            "moe_route_topk_weights",
+            &logits,
+            Output::Read,
+            move |_, w, g| {
+                let dl = w.storage().moe_route_topk_backward(
+                    w.layout(),
+                    &ids_c.storage(),
+                    ids_c.layout(),
+                    &g.storage(),
+                    g.layout(),
+                    e,
+                )?;
+                Ok(vec![Some(Tensor::from_storage(dl, [n, e], None))])
+            },
+        )
+        .map(|n| n.capturing(&[&ids]));
         let weights = Tensor::from_storage(w, [n, k], w_node);
         Ok((probs, ids, weights))
     }
@@ -132,10 +140,16 @@ impl Tensor {
             self.storage()
                 .moe_permute(self.layout(), &perm.storage(), perm.layout(), k, None)?;
         let perm_c = perm.clone();
-        let node = Node::record(OP, &[self], move |x, _, g| {
-            let ones = Tensor::ones([n, k], acc_dtype(x[0].dtype()), x[0].device())?;
-            Ok(vec![Some(g.moe_combine(&perm_c, &ones)?)])
-        });
+        let node = Node::record_with(
+            OP,
+            &[Input::GraphOnly(self)],
+            Output::Unread,
+            move |x, _, g| {
+                let ones = Tensor::ones([n, k], acc_dtype(x[0].dtype()), x[0].device())?;
+                Ok(vec![Some(g.moe_combine(&perm_c, &ones)?)])
+            },
+        )
+        .map(|n| n.capturing(&[perm]));
         Ok(Tensor::from_storage(s, [n * k, h], node))
     }
 
@@ -177,7 +191,12 @@ impl Tensor {
             w.layout(),
         )?;
         let (perm_c, inv_c) = (perm.clone(), inv.clone());
-        let node = Node::record(OP, &[self, &w], move |x, _, g| {
+        // `y` is read only for the weights' gradient, the weights only for `y`'s.
+        let inputs = [
+            Input::keep_if(self, w.tracks_grad()),
+            Input::keep_if(&w, self.tracks_grad()),
+        ];
+        let node = Node::record_with(OP, &inputs, Output::Unread, move |x, _, g| {
             let (y, w) = (&x[0], &x[1]);
             let dy = y
                 .tracks_grad()
@@ -207,7 +226,8 @@ impl Tensor {
                 })
                 .transpose()?;
             Ok(vec![dy, dw])
-        });
+        })
+        .map(|n| n.capturing(&[perm, &inv]));
         Ok(Tensor::from_storage(s, [n, h], node))
     }
 
@@ -247,7 +267,12 @@ impl Tensor {
             false,
         )?;
         let off = offsets.clone();
-        let node = Node::record(OP, &[self, w], move |x, _, g| {
+        // Each operand is read for the other's gradient only.
+        let inputs = [
+            Input::keep_if(self, w.tracks_grad()),
+            Input::keep_if(w, self.tracks_grad()),
+        ];
+        let node = Node::record_with(OP, &inputs, Output::Unread, move |x, _, g| {
             let (xs, ws) = (&x[0], &x[1]);
             let dx = xs
                 .tracks_grad()
@@ -278,7 +303,8 @@ impl Tensor {
                 })
                 .transpose()?;
             Ok(vec![dx, dw])
-        });
+        })
+        .map(|n| n.capturing(&[offsets]));
         Ok(Tensor::from_storage(s, [m, nn], node))
     }
 }

@@ -41,7 +41,7 @@
 //! bf16; adapter weights, routing weights and codes are in the adapter dtype (f64 under an f64
 //! base, else f32), and the SwiGLU kernels accumulate in it.
 
-use crate::autograd::{NoGradGuard, Node};
+use crate::autograd::{Input, NoGradGuard, Node, Output};
 use crate::backend::{BackendStorage, MoeDims};
 use crate::{rng, DType, Error, Layout, Result, Shape, Storage, Tensor};
 
@@ -348,17 +348,26 @@ pub fn moe_fused_ffn_chunked(
     // ----- backward --------------------------------------------------------------------
     let (w_gate, w_up, w_down) = (w.w_gate.clone(), w.w_up.clone(), w.w_down.clone());
     let ids = route.ids.clone();
-    let inputs = [
-        x,
-        route.weights,
-        w.a_gate,
-        w.b_gate,
-        w.a_up,
-        w.b_up,
-        w.a_down,
-        w.b_down,
+    let saved = [
+        gu.0.clone(),
+        gu.1.clone(),
+        zg.clone(),
+        zu.clone(),
+        zd.clone(),
+        ids.clone(),
     ];
-    let node = Node::record(OP, &inputs, move |inp, _, dy| {
+    // `x` is read only for the LoRA-A gradients of gate and up (`dA = dZᵀ drop(x)`).
+    let inputs = [
+        Input::keep_if(x, w.a_gate.tracks_grad() || w.a_up.tracks_grad()),
+        Input::Keep(route.weights),
+        Input::Keep(w.a_gate),
+        Input::Keep(w.b_gate),
+        Input::Keep(w.a_up),
+        Input::Keep(w.b_up),
+        Input::Keep(w.a_down),
+        Input::Keep(w.b_down),
+    ];
+    let node = Node::record_with(OP, &inputs, Output::Unread, move |inp, _, dy| {
         let (x, wts, ag, bg, au, bu, ad, bd) = (
             &inp[0], &inp[1], &inp[2], &inp[3], &inp[4], &inp[5], &inp[6], &inp[7],
         );
@@ -476,7 +485,8 @@ pub fn moe_fused_ffn_chunked(
         Ok(vec![
             dx, dw, da_gate, db_gate, da_up, db_up, da_down, db_down,
         ])
-    });
+    })
+    .map(|n| n.capturing(&saved.iter().collect::<Vec<_>>()));
     Ok(match node {
         Some(node) => y.view(y.layout().clone(), Some(node)),
         None => y,

@@ -1,7 +1,7 @@
 //! RMSNorm: one fused forward kernel and one fused backward kernel.
 
 use super::{float_only, same_device, same_dtype};
-use crate::autograd::Node;
+use crate::autograd::{Input, Node, Output};
 use crate::backend::BackendStorage;
 use crate::{Error, Result, Tensor};
 
@@ -34,7 +34,8 @@ impl Tensor {
         let s = self
             .storage()
             .rms_norm(self.layout(), &w.storage(), w.layout(), eps)?;
-        let node = Node::record("rms_norm", &[self, w], move |x, _, g| {
+        let inputs = [Input::Keep(self), Input::Keep(w)];
+        let node = Node::record_with("rms_norm", &inputs, Output::Unread, move |x, _, g| {
             let (dx, dw) = x[0].storage().rms_norm_backward(
                 x[0].layout(),
                 &x[1].storage(),

@@ -1,6 +1,6 @@
 //! Reductions: sum, mean, max, min over a dim or everything; argmax / argmin.
 
-use crate::autograd::Node;
+use crate::autograd::{Input, Node, Output};
 use crate::backend::{BackendStorage, ReduceOp};
 use crate::{DType, Result, Shape, Tensor};
 
@@ -26,9 +26,12 @@ impl Tensor {
     pub fn sum_keepdim(&self, dim: isize) -> Result<Tensor> {
         let d = self.shape().dim("sum", dim)?;
         let shape = self.shape().clone();
-        let node = Node::record("sum", &[self], move |_, _, g| {
-            Ok(vec![Some(g.broadcast_as(shape.clone())?)])
-        });
+        let node = Node::record_with(
+            "sum",
+            &[Input::GraphOnly(self)],
+            Output::Unread,
+            move |_, _, g| Ok(vec![Some(g.broadcast_as(shape.clone())?)]),
+        );
         self.reduce_keepdim(d, ReduceOp::Sum, node)
     }
 
@@ -93,17 +96,23 @@ impl Tensor {
         name: &'static str,
     ) -> Result<Tensor> {
         let d = self.shape().dim(name, dim)?;
-        let node = Node::record(name, &[self], move |x, _, g| {
-            // The gradient goes to the first extremal element of each row.
-            let x = &x[0];
-            let idx = x.reduce_keepdim(d, arg, None)?; // [.., 1, ..] u32
-            let mut pos_shape = vec![1; x.rank()];
-            pos_shape[d] = x.dims()[d];
-            let pos = Tensor::arange(x.dims()[d], x.device())?.reshape(Shape::from(pos_shape))?;
-            let hit = pos.eq(&idx)?; // [.., n, ..]
-            let gb = g.broadcast_as(x.shape().clone())?;
-            Ok(vec![Some(hit.where_cond(&gb, &gb.zeros_like()?)?)])
-        });
+        let node = Node::record_with(
+            name,
+            &[Input::Keep(self)],
+            Output::Unread,
+            move |x, _, g| {
+                // The gradient goes to the first extremal element of each row.
+                let x = &x[0];
+                let idx = x.reduce_keepdim(d, arg, None)?; // [.., 1, ..] u32
+                let mut pos_shape = vec![1; x.rank()];
+                pos_shape[d] = x.dims()[d];
+                let pos =
+                    Tensor::arange(x.dims()[d], x.device())?.reshape(Shape::from(pos_shape))?;
+                let hit = pos.eq(&idx)?; // [.., n, ..]
+                let gb = g.broadcast_as(x.shape().clone())?;
+                Ok(vec![Some(hit.where_cond(&gb, &gb.zeros_like()?)?)])
+            },
+        );
         let t = self.reduce_keepdim(d, op, node)?;
         self.drop_dim(t, d, keepdim)
     }

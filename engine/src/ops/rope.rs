@@ -1,7 +1,7 @@
 //! Rotary position embedding (Hugging Face half-rotation layout) and its cos / sin tables.
 
 use super::{float_only, same_device, same_dtype, u32_only};
-use crate::autograd::Node;
+use crate::autograd::{Input, Node, Output};
 use crate::backend::BackendStorage;
 use crate::{DType, Device, Error, Result, Shape, Tensor};
 
@@ -11,7 +11,7 @@ impl Tensor {
     /// `out[i] = x[i] cos − x[i+d/2] sin`, `out[i+d/2] = x[i+d/2] cos + x[i] sin`.
     ///
     /// Backward: each pair goes through a rotation matrix `R(θ)`, whose transpose is `R(−θ)`, so
-    /// `dx = rope(g, cos, −sin)`. The tables get no gradient.
+    /// `dx = rope(g, cos, −sin)`. The tables get no gradient. The tape keeps the tables, not `x`.
     pub fn rope(&self, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         same_dtype("rope", self, cos)?;
         same_dtype("rope", self, sin)?;
@@ -59,9 +59,14 @@ impl Tensor {
         let node = if self.tracks_grad() && crate::grad_enabled() {
             // The backward tables, built only when the op is recorded.
             let (cos, neg_sin) = (cos.detach(), sin.detach().neg()?);
-            Node::record("rope", &[self], move |_, _, g| {
-                Ok(vec![Some(g.rope(&cos, &neg_sin)?)])
-            })
+            let tables = [cos.clone(), neg_sin.clone()];
+            Node::record_with(
+                "rope",
+                &[Input::GraphOnly(self)],
+                Output::Unread,
+                move |_, _, g| Ok(vec![Some(g.rope(&cos, &neg_sin)?)]),
+            )
+            .map(|n| n.capturing(&[&tables[0], &tables[1]]))
         } else {
             None
         };

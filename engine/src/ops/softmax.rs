@@ -2,7 +2,7 @@
 //! attention scores.
 
 use super::{float_only, same_device, u32_only};
-use crate::autograd::Node;
+use crate::autograd::{Input, Node, Output};
 use crate::backend::BackendStorage;
 use crate::{Result, Tensor};
 
@@ -20,9 +20,12 @@ impl Tensor {
     pub fn softmax_last_dim(&self) -> Result<Tensor> {
         float_only("softmax", self)?;
         let s = self.storage().softmax_last_dim(self.layout())?;
-        let node = Node::record("softmax", &[self], |_, y, g| {
-            Ok(vec![Some(softmax_grad(y, g, 1.0)?)])
-        });
+        let node = Node::record_with(
+            "softmax",
+            &[Input::GraphOnly(self)],
+            Output::Read,
+            |_, y, g| Ok(vec![Some(softmax_grad(y, g, 1.0)?)]),
+        );
         Ok(Tensor::from_storage(s, self.shape().clone(), node))
     }
 
@@ -30,10 +33,15 @@ impl Tensor {
     pub fn log_softmax_last_dim(&self) -> Result<Tensor> {
         float_only("log_softmax", self)?;
         let s = self.storage().log_softmax_last_dim(self.layout())?;
-        let node = Node::record("log_softmax", &[self], |_, y, g| {
-            let total = g.sum_keepdim(-1)?;
-            Ok(vec![Some(g.sub(&y.exp()?.mul(&total)?)?)])
-        });
+        let node = Node::record_with(
+            "log_softmax",
+            &[Input::GraphOnly(self)],
+            Output::Read,
+            |_, y, g| {
+                let total = g.sum_keepdim(-1)?;
+                Ok(vec![Some(g.sub(&y.exp()?.mul(&total)?)?)])
+            },
+        );
         Ok(Tensor::from_storage(s, self.shape().clone(), node))
     }
 
@@ -47,6 +55,7 @@ impl Tensor {
     /// such rows are padding and must stay out of the loss.
     ///
     /// Backward (one fused op): `dx = scale · y ⊙ (g − Σ_j g ⊙ y)`, which is 0 at masked keys.
+    /// It reads only `y`: the tape keeps the probabilities, never the scores.
     pub fn causal_masked_softmax(
         &self,
         scale: f64,
@@ -65,9 +74,12 @@ impl Tensor {
             self.storage()
                 .causal_softmax(self.layout(), scale, q_offset, mask)?
         };
-        let node = Node::record(OP, &[self], move |_, y, g| {
-            Ok(vec![Some(softmax_grad(y, g, scale)?)])
-        });
+        let node = Node::record_with(
+            OP,
+            &[Input::GraphOnly(self)],
+            Output::Read,
+            move |_, y, g| Ok(vec![Some(softmax_grad(y, g, scale)?)]),
+        );
         Ok(Tensor::from_storage(s, self.shape().clone(), node))
     }
 }

@@ -1,6 +1,7 @@
-//! Views (reshape, transpose, permute, narrow, broadcast), copies and casts.
+//! Views (reshape, transpose, permute, narrow, broadcast), copies and casts. None of their
+//! backward rules reads values: their nodes hold graph-only references to their inputs.
 
-use crate::autograd::Node;
+use crate::autograd::{Input, Node, Output};
 use crate::backend::BackendStorage;
 use crate::{DType, Error, Layout, Result, Shape, Storage, Tensor};
 
@@ -19,9 +20,12 @@ impl Tensor {
             return Ok(self.clone());
         }
         let src_shape = self.shape().clone();
-        let node = Node::record("reshape", &[self], move |_, _, g| {
-            Ok(vec![Some(g.reshape(src_shape.clone())?)])
-        });
+        let node = Node::record_with(
+            "reshape",
+            &[Input::GraphOnly(self)],
+            Output::Unread,
+            move |_, _, g| Ok(vec![Some(g.reshape(src_shape.clone())?)]),
+        );
         match self.layout().reshape_view(&shape) {
             Some(l) => Ok(self.view(l, node)),
             None => {
@@ -40,9 +44,12 @@ impl Tensor {
         if a == b {
             return Ok(self.clone());
         }
-        let node = Node::record("transpose", &[self], move |_, _, g| {
-            Ok(vec![Some(g.transpose(a as isize, b as isize)?)])
-        });
+        let node = Node::record_with(
+            "transpose",
+            &[Input::GraphOnly(self)],
+            Output::Unread,
+            move |_, _, g| Ok(vec![Some(g.transpose(a as isize, b as isize)?)]),
+        );
         Ok(self.view(self.layout().transpose(a, b), node))
     }
 
@@ -79,9 +86,12 @@ impl Tensor {
         for (i, &p) in perm.iter().enumerate() {
             inv[p] = i;
         }
-        let node = Node::record("permute", &[self], move |_, _, g| {
-            Ok(vec![Some(g.permute(&inv)?)])
-        });
+        let node = Node::record_with(
+            "permute",
+            &[Input::GraphOnly(self)],
+            Output::Unread,
+            move |_, _, g| Ok(vec![Some(g.permute(&inv)?)]),
+        );
         Ok(self.view(self.layout().permute(perm), node))
     }
 
@@ -103,9 +113,12 @@ impl Tensor {
             return Ok(self.clone());
         }
         let src_shape = self.shape().clone();
-        let node = Node::record("narrow", &[self], move |_, _, g| {
-            Ok(vec![Some(g.pad_into(&src_shape, d, start)?)])
-        });
+        let node = Node::record_with(
+            "narrow",
+            &[Input::GraphOnly(self)],
+            Output::Unread,
+            move |_, _, g| Ok(vec![Some(g.pad_into(&src_shape, d, start)?)]),
+        );
         Ok(self.view(self.layout().narrow(d, start, len), node))
     }
 
@@ -135,9 +148,12 @@ impl Tensor {
         let dst = Layout::contiguous(shape.clone()).narrow(dim, start, self.dims()[dim]);
         self.storage().copy_to_view(self.layout(), &mut out, &dst)?;
         let len = self.dims()[dim];
-        let node = Node::record("pad_into", &[self], move |_, _, g| {
-            Ok(vec![Some(g.narrow(dim as isize, start, len)?)])
-        });
+        let node = Node::record_with(
+            "pad_into",
+            &[Input::GraphOnly(self)],
+            Output::Unread,
+            move |_, _, g| Ok(vec![Some(g.narrow(dim as isize, start, len)?)]),
+        );
         Ok(Tensor::from_storage(out, shape.clone(), node))
     }
 
@@ -149,9 +165,12 @@ impl Tensor {
         }
         let layout = self.layout().broadcast_as("broadcast_as", &shape)?;
         let src_shape = self.shape().clone();
-        let node = Node::record("broadcast_as", &[self], move |_, _, g| {
-            Ok(vec![Some(g.sum_to_shape(&src_shape)?)])
-        });
+        let node = Node::record_with(
+            "broadcast_as",
+            &[Input::GraphOnly(self)],
+            Output::Unread,
+            move |_, _, g| Ok(vec![Some(g.sum_to_shape(&src_shape)?)]),
+        );
         Ok(self.view(layout, node))
     }
 
@@ -236,9 +255,12 @@ impl Tensor {
         let storage = self.storage().to_dtype(self.layout(), dtype)?;
         let src = self.dtype();
         let node = if src.is_float() && dtype.is_float() {
-            Node::record("to_dtype", &[self], move |_, _, g| {
-                Ok(vec![Some(g.to_dtype(src)?)])
-            })
+            Node::record_with(
+                "to_dtype",
+                &[Input::GraphOnly(self)],
+                Output::Unread,
+                move |_, _, g| Ok(vec![Some(g.to_dtype(src)?)]),
+            )
         } else {
             None
         };

@@ -60,7 +60,7 @@ impl LoraLinear {
     }
 
     /// `y + s · (drop(x) Aᵀ) Bᵀ` for the base output `y` `[.., out]` of `x` `[.., in]`, in `y`'s
-    /// dtype, as one fused op ([`Tensor::lora_add`]): the tape keeps only `x`, `y` and the rank-r
+    /// dtype, as one fused op ([`Tensor::lora_add`]): the tape keeps only `x` and the rank-r
     /// codes, the dropout mask is recomputed in the backward. Dropout is applied only when
     /// `dropout_seed` is given.
     pub fn add_to(&self, y: &Tensor, x: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
