@@ -5,6 +5,12 @@ writes the JSON of issue 7 and prints the Markdown table (accuracy per task and 
 sample std over seeds, the runs counted).
 
     scripts/commonsense-report.py RUNS [--json benches/results/commonsense-smollm2.json]
+    scripts/commonsense-report.py --ablations DIR [DIR ...] [--json FILE]
+
+With --ablations, each DIR is an output folder of scripts/commonsense-ablations.sh: one row per
+variant (its accuracies, epochs, learning rate, rank, experts, aux coefficient, router init and
+parameter count, read from the variant's eval.json, train_config.toml and train.log), and the
+JSON is a list of those rows.
 
 Python 3 standard library only.
 """
@@ -58,6 +64,42 @@ def runs(root, kind):
     return out
 
 
+def setting(run_dir, key):
+    cfg = run_dir / "train_config.toml"
+    m = re.search(rf"^{key} = (.+)$", cfg.read_text(), re.M) if cfg.exists() else None
+    if not m:
+        return None
+    v = m.group(1).strip().strip('"')
+    try:
+        return int(v)
+    except ValueError:
+        try:
+            return float(v)
+        except ValueError:
+            return v
+
+
+SETTINGS = ["epochs", "lr", "adapter", "rank", "num_experts", "top_k", "aux_loss_coef", "router_init_range", "moe_impl"]
+
+
+def ablations(dirs, json_out):
+    rows = []
+    for root in dirs:
+        for d in sorted(p for p in root.iterdir() if (p / "eval.json").exists()):
+            row = {"variant": d.name}
+            row.update({k: setting(d, k) for k in SETTINGS})
+            row["params"] = params(d)
+            row.update(accuracies(d / "eval.json"))
+            rows.append(row)
+    if json_out:
+        json_out.write_text(json.dumps(rows, indent=2) + "\n")
+    print("| variant | epochs | lr | params | " + " | ".join(TASKS) + " | avg |")
+    print("|---|---:|---:|---:|" + "---:|" * (len(TASKS) + 1))
+    for r in rows:
+        cells = " | ".join(f"{100 * r[t]:.1f}" for t in TASKS + ["avg"])
+        print(f"| {r['variant']} | {r['epochs']} | {r['lr']:g} | {r['params']:,} | {cells} |")
+
+
 def mean_std(values):
     n = len(values)
     mean = sum(values) / n
@@ -73,9 +115,14 @@ def fmt(values):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("runs", type=pathlib.Path)
+    ap.add_argument("runs", type=pathlib.Path, nargs="?")
     ap.add_argument("--json", type=pathlib.Path)
+    ap.add_argument("--ablations", type=pathlib.Path, nargs="+")
     a = ap.parse_args()
+    if a.ablations:
+        return ablations(a.ablations, a.json)
+    if a.runs is None:
+        ap.error("RUNS is required without --ablations")
     base_eval = a.runs / "base" / "eval.json"
     if not base_eval.exists():
         sys.exit(f"{base_eval}: missing (run the base evaluation first)")

@@ -31,7 +31,8 @@ def stats(path):
         mean = [m / total for m in mean]
         maxs.append(max(mean))
         mins.append(min(mean))
-        ents.append(-sum(m * math.log(m) for m in mean if m > 0) / math.log(experts))
+        if experts > 1:
+            ents.append(-sum(m * math.log(m) for m in mean if m > 0) / math.log(experts))
         dist = 0.0
         for i, a in enumerate(names):
             for b in names[i + 1 :]:
@@ -39,7 +40,8 @@ def stats(path):
                 dist = max(dist, 0.5 * sum(abs(x - y) for x, y in zip(pa, pb)))
         dists.append(dist)
     n = float(layers)
-    return sum(maxs) / n, max(maxs), sum(mins) / n, sum(ents) / n, sum(dists) / n, max(dists)
+    ent = sum(ents) / n if ents else None  # undefined with a single expert
+    return sum(maxs) / n, max(maxs), sum(mins) / n, ent, sum(dists) / n, max(dists)
 
 
 def main():
@@ -50,7 +52,8 @@ def main():
     for arg in sys.argv[1:]:
         name, _, path = arg.rpartition("=")
         mx, mx_top, mn, ent, dist, dist_top = stats(path)
-        print(f"| {name or path} | {mx:.2f} / {mx_top:.2f} | {mn:.3f} | {ent:.2f} | {dist:.3f} / {dist_top:.3f} |")
+        ent = "—" if ent is None else f"{ent:.2f}"
+        print(f"| {name or path} | {mx:.2f} / {mx_top:.2f} | {mn:.3f} | {ent} | {dist:.3f} / {dist_top:.3f} |")
 
 
 if __name__ == "__main__":
