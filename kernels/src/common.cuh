@@ -38,6 +38,29 @@ __device__ __forceinline__ u32 strided_at(const Strided& l, u32 i) {
     return off;
 }
 
+// ----- counter-based dropout (engine/src/rng.rs) --------------------------------------------------
+
+typedef unsigned long long u64;
+
+// SplitMix64 finaliser.
+__device__ __forceinline__ u64 rng_mix64(u64 z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// hash(seed, j) of engine/src/rng.rs with `mixed = rng_mix64(seed)` hoisted by the caller.
+__device__ __forceinline__ u64 rng_hash_mixed(u64 mixed, u64 j) {
+    return rng_mix64(mixed ^ (j * 0xD6E8FEB86659FD93ull));
+}
+
+// dropout_bits(seed, i) of engine/src/rng.rs: bits 16·(i mod 4) .. +16 of hash(seed, i / 4).
+// Element i is dropped when these are below the threshold round(p · 2^16).
+__device__ __forceinline__ u32 dropout_bits(u64 mixed, u64 i) {
+    return (u32)(rng_hash_mixed(mixed, i >> 2) >> ((i & 3) * 16)) & 0xFFFFu;
+}
+
 // Grid-stride loop over `n` elements.
 #define FOR_EACH(i, n) \
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)(n); \

@@ -90,7 +90,25 @@ pub const INDEX: KernelSource = module!("index",
 );
 
 /// Counter-based random fills (the same numbers as the CPU's `engine::rng`).
-pub const RANDOM: KernelSource = module!("random", f3 randn f3 rand_uniform f3 dropout_mask);
+pub const RANDOM: KernelSource = KernelSource {
+    name: "random",
+    source: concat!(include_str!("common.cuh"), "\n", include_str!("random.cu")),
+    kernels: &[
+        "randn_f32",
+        "randn_bf16",
+        "randn_f64",
+        "rand_uniform_f32",
+        "rand_uniform_bf16",
+        "rand_uniform_f64",
+        "dropout_mask_f32",
+        "dropout_mask_bf16",
+        "dropout_mask_f64",
+        "dropout_cast_bf16_f32",
+        "dropout_cast_f32_f32",
+        "dropout_cast_f32_bf16",
+        "dropout_cast_f64_f64",
+    ],
+};
 
 /// The attention softmax (causal, key-masked, scaled) and the fused softmax backward.
 pub const ATTENTION: KernelSource = module!("attention", f3 causal_softmax f3 softmax_backward);

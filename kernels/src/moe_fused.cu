@@ -24,9 +24,10 @@
 //     dGU [T, 2I] = [Σ_j dg | Σ_j du], dg, du [T·K, I], am [T·K, I] = m(p)·a, dw [T, K] = ⟨dabar[t], a⟩
 //
 // G and U are read through a row stride (ldg, ldu: they are column halves of one [T, 2I] product);
-// every other operand is contiguous. Dropout: element i of slot p is kept unless
-// uniform(seed, ((t0 + t)·K + j)·I + i) < pdrop (t0: the first token of this chunk of the op's
-// tokens), and scaled by `keep` = 1/(1 − pdrop) (engine/src/rng.rs, bit-identical to the CPU's).
+// every other operand is contiguous. Dropout: element i of slot p is dropped when
+// dropout_bits(seed, ((t0 + t)·K + j)·I + i) < round(pdrop · 2^16) (t0: the first token of this
+// chunk of the op's tokens), else scaled by `keep` = 1/(1 − pdrop) (engine/src/rng.rs,
+// bit-identical to the CPU's).
 // One block per token row for the SwiGLU kernels (grid-stride over rows); K ≤ MOE_MAX_K (checked
 // on the host).
 
@@ -34,26 +35,37 @@
 // Elements per vector load: 8 bf16 (one 16-byte word), 8 f32 (two), 8 f64 (four).
 #define MOE_VEC 8
 
-typedef unsigned long long u64;
+// The dropout of the down projection's input: dropout_bits(seed, idx) of engine/src/rng.rs against
+// the threshold round(pdrop · 2^16), bit-identical to the CPU's.
+struct MoeDrop {
+    double p;
+    u32 thr;
+    u64 mixed;
+    __device__ MoeDrop(double pdrop, u64 seed)
+        : p(pdrop), thr((u32)fmin(round(pdrop * 65536.0), 65535.0)), mixed(rng_mix64(seed)) {}
 
-__device__ __forceinline__ u64 moe_splitmix64(u64 z) {
-    z += 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
+    // The multiplier of element idx: 0 when dropped, else keep (1 without dropout).
+    template <typename A> __device__ __forceinline__ A at(A keep, u64 idx) const {
+        if (p == 0.0) return A(1);
+        return dropout_bits(mixed, idx) < thr ? A(0) : keep;
+    }
 
-// uniform(seed, i) of engine/src/rng.rs, exactly.
-__device__ __forceinline__ double moe_uniform(u64 seed, u64 i) {
-    const u64 h = moe_splitmix64(moe_splitmix64(seed) ^ (i * 0xD6E8FEB86659FD93ull));
-    return __dmul_rn((double)(h >> 11), 1.0 / 9007199254740992.0);
-}
-
-template <typename A>
-__device__ __forceinline__ A moe_keep(double pdrop, A keep, u64 seed, u64 idx) {
-    if (pdrop == 0.0) return A(1);
-    return moe_uniform(seed, idx) < pdrop ? A(0) : keep;
-}
+    // The multipliers of elements base .. base + MOE_VEC, base a multiple of 4: two hashes for
+    // eight elements.
+    template <typename A> __device__ __forceinline__ void at8(A keep, u64 base, A (&m)[MOE_VEC]) const {
+        if (p == 0.0) {
+#pragma unroll
+            for (int x = 0; x < MOE_VEC; ++x) m[x] = A(1);
+            return;
+        }
+#pragma unroll
+        for (int h = 0; h < MOE_VEC / 4; ++h) {
+            const u64 bits = rng_hash_mixed(mixed, (base >> 2) + h);
+#pragma unroll
+            for (int q = 0; q < 4; ++q) m[4 * h + q] = (((u32)(bits >> (16 * q)) & 0xFFFFu) < thr) ? A(0) : keep;
+        }
+    }
+};
 
 template <typename A> __device__ __forceinline__ A moe_sigmoid(A x) {
     return A(1) / (A(1) + m_exp(-x));
@@ -124,6 +136,7 @@ __device__ void moe_swiglu_forward(u32 T, u32 K, u32 I, u32 t0, const TB* G, u32
                                    double pdrop, double keep_d, u64 seed) {
     typedef typename Acc<TB>::type A;
     const A keep = (A)keep_d;
+    const MoeDrop drop(pdrop, seed);
     const bool vec = (I % MOE_VEC) == 0 && (ldg % MOE_VEC) == 0 && (ldu % MOE_VEC) == 0 && moe_aligned(G) &&
                      moe_aligned(U) && moe_aligned(dG) && moe_aligned(dU) && moe_aligned(abar) && moe_aligned(am);
     const u32 nv = vec ? I / MOE_VEC : 0;
@@ -144,12 +157,14 @@ __device__ void moe_swiglu_forward(u32 T, u32 K, u32 I, u32 t0, const TB* G, u32
                 A dg[MOE_VEC], du[MOE_VEC];
                 moe_load(dG + p * I + i0, dg);
                 moe_load(dU + p * I + i0, du);
+                A mk[MOE_VEC];
+                drop.at8(keep, (((u64)t0 + t) * K + j) * I + i0, mk); // I and i0 are multiples of 8
 #pragma unroll
                 for (int x = 0; x < MOE_VEC; ++x) {
                     const A g = gb[x] + dg[x], u = ub[x] + du[x];
                     const A a = g * moe_sigmoid(g) * u;
                     acc[x] += ws[j] * a;
-                    dg[x] = a * moe_keep(pdrop, keep, seed, (((u64)t0 + t) * K + j) * I + i0 + x);
+                    dg[x] = a * mk[x];
                 }
                 moe_store(am + p * I + i0, dg);
             }
@@ -163,7 +178,7 @@ __device__ void moe_swiglu_forward(u32 T, u32 K, u32 I, u32 t0, const TB* G, u32
                 const A g = gb + to_acc(dG[p * I + i]), u = ub + to_acc(dU[p * I + i]);
                 const A a = g * moe_sigmoid(g) * u;
                 acc += ws[j] * a;
-                am[p * I + i] = from_acc<TB>(a * moe_keep(pdrop, keep, seed, (((u64)t0 + t) * K + j) * I + i));
+                am[p * I + i] = from_acc<TB>(a * drop.at(keep, (((u64)t0 + t) * K + j) * I + i));
             }
             abar[(size_t)t * I + i] = from_acc<TB>(acc);
         }
@@ -189,6 +204,7 @@ __device__ void moe_swiglu_backward(u32 T, u32 K, u32 I, u32 t0, const TB* G, u3
                                     typename Acc<TB>::type* dw, double pdrop, double keep_d, u64 seed) {
     typedef typename Acc<TB>::type A;
     const A keep = (A)keep_d;
+    const MoeDrop drop(pdrop, seed);
     const bool vec = (I % MOE_VEC) == 0 && (ldg % MOE_VEC) == 0 && (ldu % MOE_VEC) == 0 && moe_aligned(G) &&
                      moe_aligned(U) && moe_aligned(dG) && moe_aligned(dU) && moe_aligned(dD) &&
                      moe_aligned(dabar) && moe_aligned(dGU) && moe_aligned(dg_out) && moe_aligned(du_out) &&
@@ -219,9 +235,11 @@ __device__ void moe_swiglu_backward(u32 T, u32 K, u32 I, u32 t0, const TB* G, u3
                 moe_load(dU + p * I + i0, lu);
                 moe_load(dD + p * I + i0, ld);
                 A dot = A(0);
+                A mk[MOE_VEC];
+                drop.at8(keep, (((u64)t0 + t) * K + j) * I + i0, mk); // I and i0 are multiples of 8
 #pragma unroll
                 for (int x = 0; x < MOE_VEC; ++x) {
-                    const A m = moe_keep(pdrop, keep, seed, (((u64)t0 + t) * K + j) * I + i0 + x);
+                    const A m = mk[x];
                     A a, dgv, duv;
                     moe_slot_grads(gb[x] + lg[x], ub[x] + lu[x], ws[j] * dab[x], ld[x], m, a, dgv, duv);
                     dot += dab[x] * a;
@@ -244,7 +262,7 @@ __device__ void moe_swiglu_backward(u32 T, u32 K, u32 I, u32 t0, const TB* G, u3
             A sdg = A(0), sdu = A(0);
             for (u32 j = 0; j < K; ++j) {
                 const size_t p = (size_t)t * K + j;
-                const A m = moe_keep(pdrop, keep, seed, (((u64)t0 + t) * K + j) * I + i);
+                const A m = drop.at(keep, (((u64)t0 + t) * K + j) * I + i);
                 A a, dgv, duv;
                 moe_slot_grads(gb + to_acc(dG[p * I + i]), ub + to_acc(dU[p * I + i]), ws[j] * dab,
                                to_acc(dD[p * I + i]), m, a, dgv, duv);

@@ -6,21 +6,16 @@
 //
 // randn_{dtype}(n, y, seed, mean, std)          y[i] = mean + std · normal(seed, i)
 // rand_uniform_{dtype}(n, y, seed, lo, hi)      y[i] = lo + (hi − lo) · uniform(seed, i)
-// dropout_mask_{dtype}(n, y, seed, p, keep)     y[i] = uniform(seed, i) < p ? 0 : keep
-// y: [n] contiguous, dtype f32, bf16 or f64.
+// dropout_mask_{dtype}(n, y, seed, thr, keep)   y[i] = dropout_bits(seed, i) < thr ? 0 : keep
+// y: [n] contiguous, dtype f32, bf16 or f64. `thr` is the 16-bit threshold round(p · 2^16),
+// passed as a double; one thread handles four consecutive elements (one hash).
+//
+// dropout_cast_{in}_{out}(n, x, y, seed, thr, keep)
+//     y[i] = out(C(x[i]) · (dropout_bits(seed, i) < thr ? 0 : keep)), C the compute type (float,
+//     or double for f64): the cast to the LoRA adapter dtype, the mask and the product in one
+//     pass, bit-identical to the three separate kernels. x, y: [n] contiguous.
 
-typedef unsigned long long u64;
-
-__device__ __forceinline__ u64 splitmix64(u64 z) {
-    z += 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-__device__ __forceinline__ u64 rng_hash(u64 seed, u64 i) {
-    return splitmix64(splitmix64(seed) ^ (i * 0xD6E8FEB86659FD93ull));
-}
+__device__ __forceinline__ u64 rng_hash(u64 seed, u64 i) { return rng_hash_mixed(rng_mix64(seed), i); }
 
 // Uniform in [0, 1) with 53 random bits (exact: an integer times 2^-53).
 __device__ __forceinline__ double rng_uniform(u64 seed, u64 i) {
@@ -43,10 +38,46 @@ __device__ __forceinline__ double rng_normal(u64 seed, u64 i) {
         const double span = __dadd_rn(hi, -lo); \
         FOR_EACH(i, n) { y[i] = Cast<T>::of(__dadd_rn(lo, __dmul_rn(span, rng_uniform(seed, i)))); } \
     } \
-    extern "C" __global__ void dropout_mask_##SUF(u32 n, T* y, u64 seed, double p, double keep) { \
-        FOR_EACH(i, n) { y[i] = Cast<T>::of(rng_uniform(seed, i) < p ? 0.0 : keep); } \
+    extern "C" __global__ void dropout_mask_##SUF(u32 n, T* y, u64 seed, double thr, double keep) { \
+        const u64 mixed = rng_mix64(seed); \
+        const u32 t = (u32)thr; \
+        const T kept = Cast<T>::of(keep), zero = Cast<T>::of(0.0); \
+        FOR_EACH(g, ((size_t)n + 3) / 4) { \
+            const u64 h = rng_hash_mixed(mixed, g); \
+            _Pragma("unroll") for (int q = 0; q < 4; ++q) { \
+                const size_t i = 4 * g + q; \
+                if (i < n) y[i] = (((u32)(h >> (16 * q)) & 0xFFFFu) < t) ? zero : kept; \
+            } \
+        } \
     }
 
 RANDOM(float, f32)
 RANDOM(bf16, bf16)
 RANDOM(double, f64)
+
+template <typename I, typename O, typename C>
+__device__ __forceinline__ void dropout_cast(u32 n, const I* x, O* y, u64 seed, u32 t, C keep) {
+    const u64 mixed = rng_mix64(seed);
+    FOR_EACH(g, ((size_t)n + 3) / 4) {
+        const u64 h = rng_hash_mixed(mixed, g);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const size_t i = 4 * g + q;
+            if (i < n) {
+                // Always a product (x · 0 keeps the sign of zero and NaN, like the mask product).
+                const C m = (((u32)(h >> (16 * q)) & 0xFFFFu) < t) ? C(0) : keep;
+                y[i] = Cast<O>::of(C(to_acc(x[i])) * m);
+            }
+        }
+    }
+}
+
+#define DROPOUT_CAST(I, O, C, NAME) \
+    extern "C" __global__ void dropout_cast_##NAME(u32 n, const I* x, O* y, u64 seed, u32 thr, double keep) { \
+        dropout_cast<I, O, C>(n, x, y, seed, thr, (C)keep); \
+    }
+
+DROPOUT_CAST(bf16, float, float, bf16_f32)
+DROPOUT_CAST(float, float, float, f32_f32)
+DROPOUT_CAST(float, bf16, float, f32_bf16)
+DROPOUT_CAST(double, double, double, f64_f64)

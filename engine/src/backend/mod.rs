@@ -478,8 +478,8 @@ pub struct MoeDims {
     pub r: usize,
     pub i: usize,
     /// Dropout probability on `a_j` before `A_d` (0: none): element `i` of slot `p = t·k + j`
-    /// is kept when `rng::uniform(seed, ((t0 + t)·k + j)·I + i) ≥ p_drop`, and scaled by
-    /// `1/(1 − p_drop)`.
+    /// is dropped when `rng::dropped(seed, ((t0 + t)·k + j)·I + i, dropout_threshold(p_drop))`,
+    /// and kept ones are scaled by `1/(1 − p_drop)`.
     pub dropout: f64,
     pub seed: u64,
     /// The index of the first token among all the op's tokens (the op runs in token chunks;
@@ -512,7 +512,8 @@ pub trait BackendDevice {
         hi: f64,
         seed: u64,
     ) -> Result<Self::Storage>;
-    /// `0` with probability `p`, else `1/(1-p)`: the dropout mask, counter-based like `randn`.
+    /// `0` with probability `p` (rounded to a multiple of 2⁻¹⁶), else `1/(1-p)`: the dropout mask,
+    /// counter-based like `randn` (`rng::dropped`).
     fn dropout_mask(&self, shape: &Shape, dtype: DType, p: f64, seed: u64)
         -> Result<Self::Storage>;
 }

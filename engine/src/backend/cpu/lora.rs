@@ -150,18 +150,17 @@ fn c3(d0: usize, d1: usize) -> Layout {
 }
 
 /// `v[i] *= mask(i)` over a row-major `[M, in]` buffer: the mask of `dropout_mask(p, seed)` in
-/// `T`, i.e. `0` when `uniform(seed, i) < p`, else `keep as T`. The test runs on the integers:
-/// `uniform = (hash >> 11) · 2⁻⁵³ < p` exactly when `hash >> 11 < ⌈p · 2⁵³⌉`, and the seed's
-/// first mixing step is hoisted out of the loop.
+/// `T`, i.e. `0` when `rng::dropped(seed, i, dropout_threshold(p))`, else `keep as T`.
 fn apply_mask<T: Ad>(v: &mut [T], p: f64, keep: f64, seed: u64) {
     let keep = T::of_f64(keep);
-    let thr = (p * (1u64 << 53) as f64).ceil() as u64;
-    let mixed = rng::splitmix64(seed);
+    let thr = rng::dropout_threshold(p);
     let f = |base: usize, ch: &mut [T]| {
         for (j, e) in ch.iter_mut().enumerate() {
-            let i = (base + j) as u64;
-            let h = rng::splitmix64(mixed ^ i.wrapping_mul(0xD6E8_FEB8_6659_FD93));
-            let m = if (h >> 11) < thr { T::zero() } else { keep };
+            let m = if rng::dropped(seed, (base + j) as u64, thr) {
+                T::zero()
+            } else {
+                keep
+            };
             *e = *e * m;
         }
     };

@@ -92,7 +92,11 @@ fn keep<C: CpuFloat>(d: &MoeDims, p: usize, i: usize) -> C {
         return C::one();
     }
     let p = d.t0 * d.k + p; // the slot among all the op's tokens
-    if rng::uniform(d.seed, (p * d.i + i) as u64) < d.dropout {
+    if rng::dropped(
+        d.seed,
+        (p * d.i + i) as u64,
+        rng::dropout_threshold(d.dropout),
+    ) {
         C::zero()
     } else {
         C::from(1.0 / (1.0 - d.dropout)).unwrap_or_else(C::one)

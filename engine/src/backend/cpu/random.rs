@@ -93,9 +93,9 @@ impl BackendDevice for CpuDevice {
                 format!("probability {p} is not in [0, 1)"),
             ));
         }
-        let keep = 1.0 / (1.0 - p);
+        let (keep, thr) = (1.0 / (1.0 - p), rng::dropout_threshold(p));
         Ok(fill_with(shape.elem_count(), dtype, |i| {
-            if rng::uniform(seed, i) < p {
+            if rng::dropped(seed, i, thr) {
                 0.0
             } else {
                 keep

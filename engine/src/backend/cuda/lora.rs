@@ -10,9 +10,10 @@
 //! `M·in·(4 + 4 + 4 + 4 + 4 + s)` with dropout. All of it is transient: the tape keeps `z`.
 
 use super::layout::to_u32;
+use super::random::dropout_cast;
 use super::{acc_dtype, check_extent, CudaStorage};
 use crate::backend::cpu::lora::{dims2, expect_dims, keep_of};
-use crate::backend::{BackendDevice, BackendStorage, BinaryOp, UnaryOp};
+use crate::backend::{BackendStorage, BinaryOp, UnaryOp};
 use crate::{DType, Error, Layout, Result, Shape};
 
 /// Checks a base-dtype operand against the adapter operand `ad`; returns its rank-2
@@ -59,10 +60,10 @@ fn same_adapter(op: &'static str, ad: DType, o: &CudaStorage, base: &CudaStorage
 // The primitives below run on cuBLAS and the engine's vectorised elementwise kernels: every
 // intermediate (`drop(x)` in the adapter dtype, the f32 `[M, out]` product, the cast gradient) is
 // a transient buffer freed before the primitive returns, so the op still keeps only `z` on the
-// tape. The dropout mask is regenerated with `dropout_mask(seed)` over the row-major `[M, in]`
-// view: the same elements as the CPU reference's `uniform(seed, m·in + c) < p`. (One-pass
-// kernels that made the mask in place measured 3-10% of the copy bandwidth on the H200, half the
-// speed of these compositions, and were removed.)
+// tape. The dropout mask is regenerated from `(seed, index)` over the row-major `[M, in]` view
+// (`rng::dropped`, as in the CPU reference) inside `dropout_cast`, which casts, masks and scales
+// in one pass: one hash per four elements, where the separate mask kernel used to spend a hash
+// per element and two more passes over memory.
 
 /// `[1, rows, cols]` view of a contiguous `[rows, cols]` buffer, or of its transpose when `t`.
 fn mat3(rows: usize, cols: usize, t: bool) -> Layout {
@@ -75,13 +76,10 @@ fn mat3(rows: usize, cols: usize, t: bool) -> Layout {
 
 /// `drop(x)` in the adapter dtype `ad`, contiguous `[m, n]`.
 fn dropped(x: &CudaStorage, l: &Layout, ad: DType, p: f64, seed: u64) -> Result<CudaStorage> {
-    let xf = x.to_dtype(l, ad)?; // [m, n] contiguous
     if p == 0.0 {
-        return Ok(xf);
+        return x.to_dtype(l, ad); // [m, n] contiguous
     }
-    let cl = Layout::contiguous(l.shape().clone());
-    let mask = x.dev.dropout_mask(l.shape(), ad, p, seed)?;
-    xf.binary(&cl, &mask, &cl, BinaryOp::Mul)
+    dropout_cast(x, l, ad, p, seed)
 }
 
 /// `s · t` for a small contiguous tensor (`s == 1`: unchanged).
@@ -218,15 +216,9 @@ pub(crate) fn lora_grad_x(
                                        // dz A: [1, m, r] x [1, r, in], then the mask, then the base dtype.
     let t = dzc.matmul(&mat3(m, r, false), &ac, &mat3(r, n, false))?; // [m, in]
     let cl = Layout::contiguous([m, n]);
-    let t = if p == 0.0 {
-        t
-    } else {
-        let mask = dz
-            .dev
-            .dropout_mask(&Shape::from([m, n]), a.dtype, p, seed)?;
-        t.binary(&cl, &mask, &cl, BinaryOp::Mul)?
-    };
-    if t.dtype == dtype {
+    if p != 0.0 {
+        dropout_cast(&t, &cl, dtype, p, seed) // the mask and the cast in one pass
+    } else if t.dtype == dtype {
         Ok(t)
     } else {
         t.to_dtype(&cl, dtype)

@@ -9,9 +9,11 @@ use super::layout::to_u32;
 use super::{CudaDevice, CudaStorage};
 use crate::backend::cpu::CpuDevice;
 use crate::backend::BackendDevice;
-use crate::{DType, Error, Result, Shape};
+use crate::{rng, DType, Error, Layout, Result, Shape};
 
-/// Launches `{base}_{dtype}(n, y, seed, a, b)` over a new buffer of `shape`.
+/// Launches `{base}_{dtype}(n, y, seed, a, b)` over a new buffer of `shape`, `per_thread`
+/// elements to a thread.
+#[allow(clippy::too_many_arguments)]
 fn random(
     dev: &CudaDevice,
     op: &'static str,
@@ -20,6 +22,7 @@ fn random(
     dtype: DType,
     seed: u64,
     (a, b): (f64, f64),
+    per_thread: usize,
 ) -> Result<CudaStorage> {
     if !dtype.is_float() {
         return Err(Error::UnsupportedDType { op, dtype });
@@ -38,7 +41,7 @@ fn random(
             op,
             RANDOM,
             name,
-            CudaDevice::grid(n),
+            CudaDevice::grid(n.div_ceil(per_thread)),
             [n32, y, seed, a, b]
         )
     }?;
@@ -68,7 +71,7 @@ impl BackendDevice for CudaDevice {
         std: f64,
         seed: u64,
     ) -> Result<CudaStorage> {
-        random(self, "randn", "randn", shape, dtype, seed, (mean, std))
+        random(self, "randn", "randn", shape, dtype, seed, (mean, std), 1)
     }
 
     fn rand_uniform(
@@ -87,6 +90,7 @@ impl BackendDevice for CudaDevice {
             dtype,
             seed,
             (lo, hi),
+            1,
         )
     }
 
@@ -103,6 +107,8 @@ impl BackendDevice for CudaDevice {
                 format!("probability {p} is not in [0, 1)"),
             ));
         }
+        // The threshold travels as a double (exact: an integer below 2^16).
+        let thr = f64::from(rng::dropout_threshold(p));
         random(
             self,
             "dropout",
@@ -110,7 +116,64 @@ impl BackendDevice for CudaDevice {
             shape,
             dtype,
             seed,
-            (p, 1.0 / (1.0 - p)),
+            (thr, 1.0 / (1.0 - p)),
+            4, // one hash serves four elements
         )
     }
+}
+
+/// `out(C(x) · mask)`: the view `x` (`l`) cast to `out`, times the dropout mask of `(p, seed)`
+/// over its row-major elements (`rng::dropped`, kept elements scaled by `1/(1 − p)`), in one
+/// pass; `C` is f32 (f64 for f64). The same bits as a cast, a `dropout_mask` and a product.
+/// Pairs `(x, out)`: (bf16, f32), (f32, f32), (f32, bf16), (f64, f64): the LoRA primitives' cast
+/// to the adapter dtype and back.
+pub(crate) fn dropout_cast(
+    x: &CudaStorage,
+    l: &Layout,
+    out: DType,
+    p: f64,
+    seed: u64,
+) -> Result<CudaStorage> {
+    const OP: &str = "dropout_cast";
+    match (x.dtype, out) {
+        (DType::BF16, DType::F32)
+        | (DType::F32, DType::F32)
+        | (DType::F32, DType::BF16)
+        | (DType::F64, DType::F64) => {}
+        _ => {
+            return Err(Error::invalid(
+                OP,
+                format!("no kernel from {} to {out}", x.dtype),
+            ))
+        }
+    }
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::invalid(
+            OP,
+            format!("probability {p} is not in [0, 1)"),
+        ));
+    }
+    let n = l.elem_count();
+    let src = x.contiguous(OP, l)?;
+    let y = CudaStorage::alloc(&x.dev, OP, n, out)?;
+    if n == 0 {
+        return Ok(y);
+    }
+    let (n32, thr, keep) = (to_u32(OP, n)?, rng::dropout_threshold(p), 1.0 / (1.0 - p));
+    let (px, py) = (src.ptr, y.ptr());
+    let name = format!("dropout_cast_{}_{out}", x.dtype);
+    // SAFETY: `src` holds the view's n elements of x's dtype contiguously (`contiguous` checked
+    // the view against the buffer) and lives until the launch is queued; `y` holds n elements of
+    // `out`. The kernel reads x[i] and writes y[i] for i < n, four elements per thread.
+    unsafe {
+        launch!(
+            &x.dev,
+            OP,
+            RANDOM,
+            name,
+            CudaDevice::grid(n.div_ceil(4)),
+            [n32, px, py, seed, thr, keep]
+        )
+    }?;
+    Ok(y)
 }
