@@ -2,6 +2,7 @@
 pub use engine;
 
 pub mod adapters;
+pub mod atomic_dir;
 pub mod config;
 mod convert;
 pub mod error;

@@ -100,16 +100,10 @@ pub fn save<E: std::fmt::Display>(
         return Err(Error::checkpoint(&fin, msg));
     }
     let placed = (|| -> Result<()> {
-        if fin.exists() {
-            // Saving the same step again: swap, then drop the old one.
-            let old = out_dir.join(format!("{OLD_PREFIX}{}", state.step));
-            let _ = fs::remove_dir_all(&old);
-            fs::rename(&fin, &old).map_err(|e| Error::io(&fin, e))?;
-            fs::rename(&tmp, &fin).map_err(|e| Error::io(&fin, e))?;
-            let _ = fs::remove_dir_all(&old);
-        } else {
-            fs::rename(&tmp, &fin).map_err(|e| Error::io(&fin, e))?;
-        }
+        // Saving the same step again replaces the folder in one step (or, where the system
+        // cannot, by two renames that put the old one back on failure).
+        let old = out_dir.join(format!("{OLD_PREFIX}{}", state.step));
+        model::atomic_dir::replace_dir(&tmp, &fin, &old).map_err(|e| Error::io(&fin, e))?;
         sync_dir(out_dir)
     })();
     if let Err(e) = placed {

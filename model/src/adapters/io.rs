@@ -1,8 +1,9 @@
 //! Adapter folders: `adapter_config.json` + `adapter_model.safetensors` (f32).
 //!
 //! [`save`] is atomic: both files are written and fsynced in a temporary sibling folder
-//! (`.{name}.tmp`), which then replaces the target by renames, so a kill at any point leaves
-//! either the old adapter or the new one, complete. [`load`] checks every tensor name and shape
+//! (`.{name}.tmp`), which then replaces the target in one step ([`crate::atomic_dir`]: an atomic
+//! exchange on Linux, two renames elsewhere), so a kill at any point leaves either the old
+//! adapter or the new one, complete. [`load`] checks every tensor name and shape
 //! against the config and the base model and reports the first problem in one line naming the
 //! file and the tensor.
 
@@ -61,19 +62,8 @@ pub fn save(dir: &Path, model: &Llama) -> Result<()> {
         link_others(dir, &tmp)?;
     }
     sync_dir(&tmp)?;
-    if exists {
-        // Two renames: between them `dir` is briefly absent while `.{name}.old` and
-        // `.{name}.tmp` are both complete; the old one is deleted only after the swap.
-        remove_if_present(&old)?;
-        fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
-        fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
-        sync_dir(&parent)?;
-        remove_if_present(&old)?;
-    } else {
-        fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
-        sync_dir(&parent)?;
-    }
-    Ok(())
+    crate::atomic_dir::replace_dir(&tmp, dir, &old).map_err(|e| Error::io(dir, e))?;
+    sync_dir(&parent)
 }
 
 /// The adapters' tensors as one safetensors buffer, f32, with `{"format": "pt"}` metadata.
