@@ -16,6 +16,16 @@ pub struct Llama3RopeScaling {
     pub original_max_position_embeddings: usize,
 }
 
+/// How RoPE frequencies are rescaled for long contexts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// `rope_scaling` of a Hugging Face `config.json` (`rope_type: "llama3"`).
+    Llama3(Llama3RopeScaling),
+    /// A GGUF file's `rope_freqs.weight` (llama.cpp's form of the same scaling): one factor per
+    /// frequency, `head_dim / 2` of them; frequency `i` is divided by factor `i`.
+    FreqFactors(Vec<f64>),
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
     pub vocab_size: usize,
@@ -28,7 +38,7 @@ pub struct LlamaConfig {
     pub head_dim: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
-    pub rope_scaling: Option<Llama3RopeScaling>,
+    pub rope_scaling: Option<RopeScaling>,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     pub bos_token_id: Option<u32>,
@@ -189,7 +199,8 @@ impl LlamaConfig {
             head_dim,
             rms_norm_eps: float("llama.attention.layer_norm_rms_epsilon", 1e-5)?,
             rope_theta: float("llama.rope.freq_base", 10_000.0)?,
-            // llama.cpp stores Llama 3 scaling as a `rope_freqs.weight` tensor, not as metadata.
+            // llama.cpp stores Llama 3 scaling as a `rope_freqs.weight` tensor, not as metadata:
+            // the weights loader reads it (`with_gguf_freq_factors`).
             rope_scaling: None,
             max_position_embeddings: opt_uint("llama.context_length")?.unwrap_or(2048),
             tie_word_embeddings: h.tensor("output.weight").is_none(),
@@ -201,6 +212,46 @@ impl LlamaConfig {
     }
 
     /// Sizes that the model code divides by or indexes with.
+    /// Takes a GGUF file's `rope_freqs.weight` as the RoPE scaling: `head_dim / 2` finite,
+    /// positive factors, or an error naming the file and the tensor.
+    pub fn with_gguf_freq_factors(mut self, file: &str, factors: &[f32]) -> Result<Self> {
+        const TENSOR: &str = "rope_freqs.weight";
+        if factors.len() != self.head_dim / 2 {
+            return Err(Error::tensor(
+                file,
+                TENSOR,
+                format!(
+                    "{} factors for head_dim {} (expected {})",
+                    factors.len(),
+                    self.head_dim,
+                    self.head_dim / 2
+                ),
+            ));
+        }
+        if let Some((i, f)) = factors
+            .iter()
+            .enumerate()
+            .find(|(_, f)| !(f.is_finite() && **f > 0.0))
+        {
+            return Err(Error::tensor(
+                file,
+                TENSOR,
+                format!("factor {i} is {f} (must be finite and positive)"),
+            ));
+        }
+        if let Some(RopeScaling::Llama3(_)) = self.rope_scaling {
+            return Err(Error::tensor(
+                file,
+                TENSOR,
+                "given together with llama3 rope_scaling metadata",
+            ));
+        }
+        self.rope_scaling = Some(RopeScaling::FreqFactors(
+            factors.iter().map(|&f| f64::from(f)).collect(),
+        ));
+        Ok(self)
+    }
+
     fn validate(&self, file: &str) -> Result<()> {
         let bad = |key: &str, msg: String| Err(Error::key(file, key, msg));
         for (k, v) in [
@@ -271,7 +322,7 @@ impl LlamaConfig {
 }
 
 /// `rope_scaling` (or transformers 5's `rope_parameters`): null, `default`, or `llama3`.
-fn parse_rope_scaling(file: &str, v: &serde_json::Value) -> Result<Option<Llama3RopeScaling>> {
+fn parse_rope_scaling(file: &str, v: &serde_json::Value) -> Result<Option<RopeScaling>> {
     if v.is_null() {
         return Ok(None);
     }
@@ -283,7 +334,7 @@ fn parse_rope_scaling(file: &str, v: &serde_json::Value) -> Result<Option<Llama3
     match ty {
         "default" => Ok(None),
         "llama3" => serde_json::from_value(v.clone())
-            .map(Some)
+            .map(|s| Some(RopeScaling::Llama3(s)))
             .map_err(|e| Error::key(file, "rope_scaling", format!("invalid llama3 scaling: {e}"))),
         other => Err(Error::key(
             file,

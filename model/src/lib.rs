@@ -16,7 +16,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use adapters::{AdapterConfig, MoeImpl, PeftType, RoutingStrategy};
-pub use config::{Llama3RopeScaling, LlamaConfig};
+pub use config::{Llama3RopeScaling, LlamaConfig, RopeScaling};
 pub use error::{Error, Result};
 pub use llama::{ForwardOutput, HiddenOutput, KvCache, Llama, RandomInit};
 pub use tokenizer::Tokenizer;

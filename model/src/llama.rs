@@ -14,7 +14,7 @@ use crate::adapters::router::{aux_loss, expert_load, token_weights, RouterOutput
 use crate::adapters::{
     lora_linear, AdapterConfig, Adapters, LayerAdapters, MlpAdapters, MoeImpl, SharedFfn,
 };
-use crate::config::LlamaConfig;
+use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::weights::Weights;
 
@@ -144,14 +144,19 @@ fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(x.matmul(&w.t()?)?)
 }
 
-/// RoPE inverse frequencies `theta^(-2i/d)`, with Llama 3 frequency scaling when configured.
+/// RoPE inverse frequencies `theta^(-2i/d)`, with Llama 3 frequency scaling when configured
+/// (from `config.json`'s formula, or divided by a GGUF file's per-frequency factors).
 pub fn inv_freq(cfg: &LlamaConfig) -> Vec<f64> {
     let d = cfg.head_dim;
     let base: Vec<f64> = (0..d / 2)
         .map(|i| cfg.rope_theta.powf(-((2 * i) as f64) / d as f64))
         .collect();
-    let Some(s) = cfg.rope_scaling else {
-        return base;
+    let s = match &cfg.rope_scaling {
+        None => return base,
+        Some(RopeScaling::FreqFactors(f)) => {
+            return base.iter().zip(f).map(|(b, f)| b / f).collect();
+        }
+        Some(RopeScaling::Llama3(s)) => *s,
     };
     let old = s.original_max_position_embeddings as f64;
     let (low_wavelen, high_wavelen) = (old / s.low_freq_factor, old / s.high_freq_factor);

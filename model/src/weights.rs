@@ -54,10 +54,13 @@ impl Weights {
             (config, Source::Safetensors(SafetensorsFolder::open(path)?))
         } else if path.extension().is_some_and(|e| e == "gguf") || is_gguf(path) {
             let g = GgufFile::open(path)?;
-            (
-                LlamaConfig::from_gguf(g.file(), g.header())?,
-                Source::Gguf(g),
-            )
+            let mut config = LlamaConfig::from_gguf(g.file(), g.header())?;
+            // Llama 3.1+ files carry their RoPE scaling as per-frequency factors.
+            if let Some(t) = g.tensor_info("rope_freqs.weight") {
+                let (_, factors) = g.dequantize(t)?;
+                config = config.with_gguf_freq_factors(g.file(), &factors)?;
+            }
+            (config, Source::Gguf(g))
         } else {
             return Err(Error::format(
                 &file_name(path),

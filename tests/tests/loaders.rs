@@ -477,10 +477,10 @@ fn check_folder(dir: &Path, written: &[(String, Vec<f64>)]) {
         let (cfg, w) = model::load(dir, dtype, Device::Cpu).expect("load folder");
         assert_eq!(cfg.rope_theta, 500_000.0);
         assert_eq!(cfg.eos_token_ids, vec![1, 2]);
-        assert_eq!(
-            cfg.rope_scaling.unwrap().original_max_position_embeddings,
-            128
-        );
+        let Some(model::RopeScaling::Llama3(s)) = cfg.rope_scaling else {
+            panic!("llama3 scaling expected, got {:?}", cfg.rope_scaling);
+        };
+        assert_eq!(s.original_max_position_embeddings, 128);
         for (name, want) in written {
             let t = w.get(name, &cfg.weight_shape(name).unwrap()).expect(name);
             assert_eq!(t.dtype(), dtype);
@@ -604,5 +604,113 @@ fn weights_loader_refuses_u32() {
         Weights::load(&path, DType::U32, Device::Cpu),
         &["tiny.gguf", "u32"],
     );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+// ----- Llama 3 RoPE scaling from a GGUF file's `rope_freqs.weight` --------------------------------
+
+/// The per-frequency factors llama.cpp's converter writes for Llama 3 scaling (its formula,
+/// restated here): 1 for short wavelengths, `factor` for long ones, a smooth blend between.
+fn llama3_freq_factors(theta: f64, head_dim: usize, s: model::Llama3RopeScaling) -> Vec<f32> {
+    let old = s.original_max_position_embeddings as f64;
+    (0..head_dim / 2)
+        .map(|i| {
+            let freq = theta.powf(-((2 * i) as f64) / head_dim as f64);
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            if wavelen < old / s.high_freq_factor {
+                1.0
+            } else if wavelen > old / s.low_freq_factor {
+                s.factor as f32
+            } else {
+                let smooth =
+                    (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                (1.0 / ((1.0 - smooth) / s.factor + smooth)) as f32
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn gguf_rope_freq_factors_equal_the_llama3_formula() {
+    // Llama 3.1 8B: head_dim 128, theta 500000, factor 8, low 1, high 4, original 8192.
+    let s = model::Llama3RopeScaling {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192,
+    };
+    let base = LlamaConfig {
+        vocab_size: 10,
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_hidden_layers: 1,
+        num_attention_heads: 2,
+        num_key_value_heads: 1,
+        head_dim: 128,
+        rms_norm_eps: 1e-5,
+        rope_theta: 500_000.0,
+        rope_scaling: Some(model::RopeScaling::Llama3(s)),
+        max_position_embeddings: 131_072,
+        tie_word_embeddings: true,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+    };
+    let factors = llama3_freq_factors(base.rope_theta, base.head_dim, s);
+    // All three branches are exercised.
+    assert!(factors.contains(&1.0) && factors.contains(&8.0));
+    assert!(factors.iter().any(|&f| f > 1.0 && f < 8.0));
+    let from_gguf = LlamaConfig {
+        rope_scaling: None,
+        ..base.clone()
+    }
+    .with_gguf_freq_factors("x.gguf", &factors)
+    .unwrap();
+    let (want, got) = (
+        model::llama::inv_freq(&base),
+        model::llama::inv_freq(&from_gguf),
+    );
+    for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+        assert!(rel(*w, *g) < 1e-6, "frequency {i}: {w} vs {g}");
+    }
+}
+
+#[test]
+fn gguf_rope_freqs_tensor_is_read_and_checked() {
+    let dir = tmp_dir("gguf-rope-freqs");
+    let path = dir.join("tiny.gguf");
+    // head_dim 4: two frequencies, 1 and 10000^-0.5.
+    write(
+        &path,
+        &tiny_llama()
+            .tensor_f32("rope_freqs.weight", &[2], &[1.0, 8.0])
+            .build(),
+    );
+    let (cfg, _) = model::load(&path, DType::F32, Device::Cpu).expect("load");
+    assert_eq!(
+        cfg.rope_scaling,
+        Some(model::RopeScaling::FreqFactors(vec![1.0, 8.0]))
+    );
+    let f = model::llama::inv_freq(&cfg);
+    assert!(
+        rel(f[0], 1.0) < 1e-12 && rel(f[1], 0.01 / 8.0) < 1e-12,
+        "{f:?}"
+    );
+    // Wrong length and a non-positive factor: one-line errors naming the file and the tensor.
+    for (data, want) in [
+        (vec![1.0f32, 2.0, 3.0], "3 factors for head_dim 4"),
+        (vec![1.0f32, 0.0], "factor 1 is 0"),
+    ] {
+        let n = data.len();
+        write(
+            &path,
+            &tiny_llama()
+                .tensor_f32("rope_freqs.weight", &[n], &data)
+                .build(),
+        );
+        assert_err(
+            model::load(&path, DType::F32, Device::Cpu),
+            &["tiny.gguf", "rope_freqs.weight", want],
+        );
+    }
     let _ = std::fs::remove_dir_all(dir);
 }
