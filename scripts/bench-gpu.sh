@@ -7,8 +7,12 @@
 #                                     (every launch between two synchronisations: where the time
 #                                     goes, not how long a step takes)
 #   moe_ffn.json / .md                the FFN block alone, naive / paper / grouped / fused
+#   moe_ffn-chunk{N}.json             the fused block alone with token chunks of N = 1024, 2048,
+#                                     4096 (its latency / activation-peak trade-off; part `chunks`,
+#                                     not in the default set)
 #
-#   scripts/bench-gpu.sh OUTDIR [PART...]    PART: table6 checkpointing profile moe_ffn (all)
+#   scripts/bench-gpu.sh OUTDIR [PART...]    PART: table6 checkpointing profile moe_ffn chunks
+#                                            (default: all but chunks)
 #
 # MIXLORA_BIN (default gpu-bin/mixlora) and MOE_FFN_BIN (gpu-bin/bench-moe_ffn) name the binaries.
 set -uo pipefail
@@ -46,6 +50,17 @@ for part in "${parts[@]}"; do
             ;;
         moe_ffn)
             MIXLORA_MOE_FFN_JSON="$out/moe_ffn.json" "$moe_ffn" --bench nomatch | tee "$out/moe_ffn.md"
+            ;;
+        chunks)
+            crc=0
+            for c in 1024 2048 4096; do
+                MIXLORA_MOE_FFN_IMPLS=fused MIXLORA_MOE_CHUNK_TOKENS=$c \
+                    MIXLORA_MOE_FFN_JSON="$out/moe_ffn-chunk$c.json" "$moe_ffn" --bench nomatch || {
+                    crc=1
+                    break
+                }
+            done
+            (exit $crc)
             ;;
         *)
             echo "unknown part: $part" >&2

@@ -18,7 +18,8 @@
 //! Run: `cargo bench -p mixlora-benches --bench moe_ffn` (CPU), or on the GPU machine the binary
 //! that scripts/build-gpu.sh builds: `gpu-bin/bench-moe_ffn --bench`. `MIXLORA_MOE_FFN_TOKENS`
 //! (e.g. `16384`) picks the token counts; with `MIXLORA_PROFILE=1` each case also prints a
-//! per-kernel profile of one step; `MIXLORA_MOE_CHUNK_TOKENS` sets the fused path's token chunk.
+//! per-kernel profile of one step; `MIXLORA_MOE_CHUNK_TOKENS` sets the fused path's token chunk;
+//! `MIXLORA_MOE_FFN_IMPLS` (e.g. `fused` or `naive,fused`) runs only those implementations.
 
 use std::time::Instant;
 
@@ -53,6 +54,25 @@ fn device() -> Device {
         return Device::Cuda(0);
     }
     Device::Cpu
+}
+
+/// The implementations to run: all, or those `MIXLORA_MOE_FFN_IMPLS` names (comma-separated).
+fn impls() -> Vec<(&'static str, MoeImpl)> {
+    let Ok(list) = std::env::var("MIXLORA_MOE_FFN_IMPLS") else {
+        return IMPLS.to_vec();
+    };
+    let names: Vec<&str> = list.split(',').map(str::trim).collect();
+    for n in &names {
+        assert!(
+            IMPLS.iter().any(|(k, _)| k == n),
+            "MIXLORA_MOE_FFN_IMPLS: unknown implementation {n:?} (naive, paper, grouped, fused)"
+        );
+    }
+    IMPLS
+        .iter()
+        .filter(|(k, _)| names.contains(k))
+        .copied()
+        .collect()
 }
 
 /// `MIXLORA_MOE_FFN_TOKENS=2048,16384` replaces the token counts of the device's sizes.
@@ -212,6 +232,7 @@ fn main() {
         .warm_up_time(std::time::Duration::from_secs(1))
         .measurement_time(std::time::Duration::from_secs(3))
         .configure_from_args();
+    let impls = impls();
     let mut rows = Vec::new();
     for &t in &s.tokens {
         let c = case(&s, t, device);
@@ -219,14 +240,14 @@ fn main() {
         row.insert("tokens".into(), t.into());
         {
             let mut g = crit.benchmark_group(format!("moe_ffn_{device}_{}", s.dtype));
-            for &(name, imp) in IMPLS {
+            for &(name, imp) in &impls {
                 g.bench_with_input(BenchmarkId::new(name, t), &(), |b, _| {
                     b.iter(|| step(&c, imp, device))
                 });
             }
             g.finish();
         }
-        for &(name, imp) in IMPLS {
+        for &(name, imp) in &impls {
             step(&c, imp, device); // warm-up (and the allocator's cache)
             zero_grads(&c);
             synchronize(device);
