@@ -171,6 +171,22 @@ pub const MOE_FUSED: KernelSource = module!("moe_fused",
     f3 moe_gather_codes f3 moe_expand_codes f3 moe_swiglu_forward f3 moe_swiglu_backward
 );
 
+/// The LoRA primitives' rank-r products for a bf16 base and f32 adapters at r = 8 and 16: the
+/// dropout mask drawn on the fly, partial sums added in a fixed order.
+pub const LORA: KernelSource = KernelSource {
+    name: "lora",
+    source: concat!(include_str!("common.cuh"), "\n", include_str!("lora.cu")),
+    kernels: &[
+        "lora_codes_bf16_r8",
+        "lora_codes_bf16_r16",
+        "lora_grad_a_bf16_r8",
+        "lora_grad_a_bf16_r16",
+        "lora_grad_x_bf16_r8",
+        "lora_grad_x_bf16_r16",
+        "lora_sum_partials_f32",
+    ],
+};
+
 /// Every kernel module of the engine.
 pub const SOURCES: &[KernelSource] = &[
     ELEMENTWISE,
@@ -183,6 +199,7 @@ pub const SOURCES: &[KernelSource] = &[
     MOE,
     OPTIM,
     MOE_FUSED,
+    LORA,
 ];
 
 /// The module that defines kernel `name`, if any.

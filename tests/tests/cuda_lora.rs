@@ -153,6 +153,39 @@ mod gpu {
         assert!(bad.is_empty(), "{}", bad.join("\n"));
     }
 
+    /// The custom kernels of a bf16 base at r = 8 and 16 (cuda/lora_rank.rs) compute in f32 like
+    /// the CPU reference, so their codes and dA agree to f32 rounding, far inside the bf16
+    /// tolerance above; dx is rounded to bf16 on both sides (a rounding flip at most). Sizes with
+    /// several row blocks, partial 128-column chunks and both dropout settings.
+    #[test]
+    fn custom_rank_kernels_match_the_cpu_to_f32_rounding() {
+        let Some(dev) = gpu() else { return };
+        let mut bad = Vec::new();
+        for (m, n_in, n_out) in [(300, 576, 1536), (257, 4096, 4113), (5, 196, 12)] {
+            for r in [8, 16] {
+                for p in [0.0, 0.25] {
+                    let name = format!("custom bf16 m {m} in {n_in} r {r} p {p}");
+                    let case = |d| primitives(d, DType::BF16, (m, n_in, n_out, r), p, false);
+                    let (want, got) = match (case(Device::Cpu), case(dev)) {
+                        (Ok(w), Ok(g)) => (w, g),
+                        (w, g) => {
+                            bad.push(format!("{name}: {:?} / {:?}", w.err(), g.err()));
+                            continue;
+                        }
+                    };
+                    // Outputs: z, out, dz, dB, dA, dx.
+                    for (i, what, tol) in [(0, "z", 1e-5), (4, "dA", 1e-5), (5, "dx", 1e-3)] {
+                        let e = rel_err(&want[i], &got[i]);
+                        if e.is_nan() || e > tol {
+                            bad.push(format!("{name} {what}: rel err {e:e} > {tol:e}"));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(bad.is_empty(), "{}", bad.join("\n"));
+    }
+
     /// The op forward and backward: `out = (x Wᵀ).lora_add(x, A, B)`, seeded with `gout`;
     /// returns out, dx, dA, dB.
     fn op(

@@ -10,6 +10,7 @@
 //! `M·in·(4 + 4 + 4 + 4 + 4 + s)` with dropout. All of it is transient: the tape keeps `z`.
 
 use super::layout::to_u32;
+use super::lora_rank;
 use super::random::dropout_cast;
 use super::{acc_dtype, check_extent, CudaStorage};
 use crate::backend::cpu::lora::{dims2, expect_dims, keep_of};
@@ -108,6 +109,9 @@ pub(crate) fn lora_codes(
     expect_dims(OP, al, (r, n), l)?;
     keep_of(OP, p)?;
     let ac = a.to_dtype(al, a.dtype)?; // [r, in] contiguous
+    if let Some(z) = lora_rank::codes(x, l, &ac, r, p, seed)? {
+        return Ok(z); // bf16 base, r = 8 or 16: the custom kernel
+    }
     let xd = dropped(x, l, a.dtype, p, seed)?; // [m, in]
                                                // z = drop(x) Aᵀ: [1, m, in] x [1, in, r].
     xd.matmul(&mat3(m, n, false), &ac, &mat3(r, n, true))
@@ -181,6 +185,9 @@ pub(crate) fn lora_grad_a(
     expect_dims(OP, dl, (m, r), l)?;
     keep_of(OP, p)?;
     let dzc = dz.to_dtype(dl, dz.dtype)?; // [m, r]
+    if let Some(da) = lora_rank::grad_a(x, l, &dzc, r, p, seed)? {
+        return Ok(da); // bf16 base, r = 8 or 16: the custom kernel
+    }
     let xd = dropped(x, l, dz.dtype, p, seed)?; // [m, in], transient
                                                 // dA = dzᵀ drop(x): [1, r, m] x [1, m, in].
     dzc.matmul(&mat3(m, r, true), &xd, &mat3(m, n, false))
@@ -213,7 +220,10 @@ pub(crate) fn lora_grad_x(
     keep_of(OP, p)?;
     let dzc = dz.to_dtype(l, dz.dtype)?; // [m, r]
     let ac = a.to_dtype(al, a.dtype)?; // [r, in]
-                                       // dz A: [1, m, r] x [1, r, in], then the mask, then the base dtype.
+    if let Some(dx) = lora_rank::grad_x(&dzc, &ac, (m, r, n), p, seed, dtype)? {
+        return Ok(dx); // bf16 base, r = 8 or 16: the custom kernel
+    }
+    // dz A: [1, m, r] x [1, r, in], then the mask, then the base dtype.
     let t = dzc.matmul(&mat3(m, r, false), &ac, &mat3(r, n, false))?; // [m, in]
     let cl = Layout::contiguous([m, n]);
     if p != 0.0 {

@@ -19,6 +19,7 @@ mod index;
 mod launch;
 mod layout;
 mod lora;
+mod lora_rank;
 mod loss;
 mod loss_chunk;
 mod matmul;

@@ -1,0 +1,213 @@
+//! The LoRA primitives' rank-r products on custom kernels (kernels/src/lora.cu) for the common
+//! training case: a bf16 base, f32 adapters, r = 8 or 16, `x` rows with unit column stride. They
+//! read the bf16 operand once and draw the dropout mask on the fly, where the general path
+//! (cuda/lora.rs) writes an f32 copy of `x` and runs a cuBLAS product with one dimension r on CUDA
+//! cores. Each returns `None` when its case does not apply; the caller then takes the general
+//! path. Reductions over a long dimension go through per-block partial sums added in a fixed
+//! order (deterministic, like the cuBLAS path).
+
+use cudarc::driver::LaunchConfig;
+use kernels::LORA;
+
+use super::launch::launch;
+use super::layout::to_u32;
+use super::{CudaDevice, CudaStorage};
+use crate::{rng, DType, Layout, Result};
+
+/// Columns per warp (4 per lane) and warps per block of the kernels.
+const COLS: usize = 128;
+const WARPS: usize = 8;
+/// Rows per block of the codes and grad_x kernels.
+const ROWS_PER_BLOCK: usize = 128;
+/// Rows per warp of grad_a at most, and the most partial sums it writes per column.
+const GRAD_A_ROWS: usize = 64;
+const GRAD_A_MAX_GROUPS: usize = 16;
+
+/// Whether the custom kernels take a base operand `x` (`l`, logical `[m, n]`) with adapter
+/// dtype `ad` and rank `r`: bf16 and f32, r ∈ {8, 16}, unit column stride, `n`, the row stride
+/// and the offset multiples of 4 (8-byte loads), sizes within u32.
+fn applies(x: &CudaStorage, l: &Layout, ad: DType, r: usize) -> bool {
+    let (dims, strides) = (l.dims(), l.strides());
+    x.dtype == DType::BF16
+        && ad == DType::F32
+        && (r == 8 || r == 16)
+        && dims.len() == 2
+        && (strides[1] == 1 || dims[1] <= 1)
+        && dims[1] % 4 == 0
+        && strides[0] % 4 == 0
+        && l.offset() % 4 == 0
+        && u32::try_from(l.max_extent()).is_ok()
+        && u32::try_from(dims[0] * dims[1].max(r)).is_ok()
+}
+
+fn config(n: usize, rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(COLS).max(1) as u32, rows.max(1) as u32, 1),
+        block_dim: ((WARPS * 32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// `(thr, keep, drop)`: the dropout arguments of the kernels.
+fn dropout_args(p: f64) -> (u32, f32, i32) {
+    if p == 0.0 {
+        (0, 1.0, 0)
+    } else {
+        (rng::dropout_threshold(p), (1.0 / (1.0 - p)) as f32, 1)
+    }
+}
+
+/// `out = Σ_p part[p]` over `parts` partial sums of `n` elements each (f32).
+fn sum_partials(
+    dev: &CudaDevice,
+    op: &'static str,
+    part: &CudaStorage,
+    parts: usize,
+    n: usize,
+) -> Result<CudaStorage> {
+    let out = CudaStorage::alloc(dev, op, n, DType::F32)?;
+    if n == 0 {
+        return Ok(out);
+    }
+    let (p32, n32, pp, po) = (to_u32(op, parts)?, to_u32(op, n)?, part.ptr(), out.ptr());
+    // SAFETY: `part` holds `parts · n` f32 and `out` n f32 (both allocated for that); thread i
+    // reads part[p·n + i] for p < parts and writes out[i], for i < n.
+    unsafe {
+        launch!(
+            dev,
+            op,
+            LORA,
+            "lora_sum_partials_f32",
+            CudaDevice::grid(n),
+            [p32, n32, pp, po]
+        )
+    }?;
+    Ok(out)
+}
+
+/// `z = drop(x) Aᵀ` `[m, r]` f32, for `x` `[m, n]` bf16 and `a` `[r, n]` f32 contiguous.
+pub(super) fn codes(
+    x: &CudaStorage,
+    l: &Layout,
+    a: &CudaStorage,
+    r: usize,
+    p: f64,
+    seed: u64,
+) -> Result<Option<CudaStorage>> {
+    const OP: &str = "lora_codes";
+    if !applies(x, l, a.dtype, r) {
+        return Ok(None);
+    }
+    let (m, n) = (l.dims()[0], l.dims()[1]);
+    let chunks = n.div_ceil(COLS);
+    let part = CudaStorage::alloc(&x.dev, OP, chunks * m * r, DType::F32)?; // [chunks, m, r]
+    if chunks * m > 0 {
+        let (m32, n32, ld32) = (to_u32(OP, m)?, to_u32(OP, n)?, to_u32(OP, l.strides()[0])?);
+        let rows32 = ROWS_PER_BLOCK as u32;
+        let (px, pa, pp) = (x.ptr_at(l.offset()), a.ptr(), part.ptr());
+        let (thr, keep, drop) = dropout_args(p);
+        let name = format!("lora_codes_bf16_r{r}");
+        // SAFETY: x's view `[m, n]` with row stride ld32 lies inside its buffer (`applies` and
+        // the caller's extent check), starts 8-byte aligned (offset a multiple of 4 bf16) and has
+        // n and ld multiples of 4, so the kernel's 8-byte loads x[m·ld + c .. +4] for c < n stay
+        // in the view; `a` is a fresh contiguous `[r, n]` f32 buffer (16-byte aligned rows: n is
+        // a multiple of 4); `part` holds chunks·m·r f32, written at [chunk, m, lane < r].
+        unsafe {
+            launch!(
+                &x.dev,
+                OP,
+                LORA,
+                name,
+                config(n, m.div_ceil(ROWS_PER_BLOCK)),
+                [m32, n32, px, ld32, pa, pp, rows32, seed, thr, keep, drop]
+            )
+        }?;
+    }
+    sum_partials(&x.dev, OP, &part, chunks, m * r).map(Some)
+}
+
+/// `dA = dzᵀ drop(x)` `[r, n]` f32, for `x` `[m, n]` bf16 and `dz` `[m, r]` f32 contiguous.
+pub(super) fn grad_a(
+    x: &CudaStorage,
+    l: &Layout,
+    dz: &CudaStorage,
+    r: usize,
+    p: f64,
+    seed: u64,
+) -> Result<Option<CudaStorage>> {
+    const OP: &str = "lora_grad_a";
+    if !applies(x, l, dz.dtype, r) {
+        return Ok(None);
+    }
+    let (m, n) = (l.dims()[0], l.dims()[1]);
+    // Row groups: 8 warps of up to GRAD_A_ROWS rows per block row, at most GRAD_A_MAX_GROUPS.
+    let groups = m.div_ceil(WARPS * GRAD_A_ROWS).clamp(1, GRAD_A_MAX_GROUPS);
+    let parts = groups * WARPS;
+    let rows_per_warp = m.div_ceil(parts).max(1);
+    let part = CudaStorage::alloc(&x.dev, OP, parts * r * n, DType::F32)?; // [parts, r, n]
+    if n > 0 {
+        let (m32, n32, ld32) = (to_u32(OP, m)?, to_u32(OP, n)?, to_u32(OP, l.strides()[0])?);
+        let rows32 = to_u32(OP, rows_per_warp)?;
+        let (px, pd, pp) = (x.ptr_at(l.offset()), dz.ptr(), part.ptr());
+        let (thr, keep, drop) = dropout_args(p);
+        let name = format!("lora_grad_a_bf16_r{r}");
+        // SAFETY: x as in `codes`; `dz` is a fresh contiguous `[m, r]` f32 buffer (rows of r = 8
+        // or 16 floats, 16-byte aligned); `part` holds parts·r·n f32 and warp p of the grid
+        // (parts = groups · 8 of them) writes its `[r, n]` slice, zeros where it has no rows.
+        unsafe {
+            launch!(
+                &x.dev,
+                OP,
+                LORA,
+                name,
+                config(n, groups),
+                [m32, n32, px, ld32, pd, pp, rows32, seed, thr, keep, drop]
+            )
+        }?;
+    }
+    sum_partials(&x.dev, OP, &part, parts, r * n).map(Some)
+}
+
+/// `dx = mask ⊙ (dz A)` `[m, n]` bf16, for `dz` `[m, r]` and `a` `[r, n]` f32 contiguous; `None`
+/// unless the output is bf16 with f32 adapters, r ∈ {8, 16} and n a multiple of 4.
+pub(super) fn grad_x(
+    dz: &CudaStorage,
+    a: &CudaStorage,
+    (m, r, n): (usize, usize, usize),
+    p: f64,
+    seed: u64,
+    dtype: DType,
+) -> Result<Option<CudaStorage>> {
+    const OP: &str = "lora_grad_x";
+    let ok = dtype == DType::BF16
+        && a.dtype == DType::F32
+        && dz.dtype == DType::F32
+        && (r == 8 || r == 16)
+        && n % 4 == 0
+        && u32::try_from(m * n.max(r)).is_ok();
+    if !ok {
+        return Ok(None);
+    }
+    let dx = CudaStorage::alloc(&dz.dev, OP, m * n, DType::BF16)?; // [m, n]
+    if m * n == 0 {
+        return Ok(Some(dx));
+    }
+    let (m32, n32, rows32) = (to_u32(OP, m)?, to_u32(OP, n)?, ROWS_PER_BLOCK as u32);
+    let (pd, pa, px) = (dz.ptr(), a.ptr(), dx.ptr());
+    let (thr, keep, drop) = dropout_args(p);
+    let name = format!("lora_grad_x_bf16_r{r}");
+    // SAFETY: `dz` `[m, r]` and `a` `[r, n]` are fresh contiguous f32 buffers (16-byte aligned
+    // rows), `dx` holds m·n bf16; the kernel reads dz[row], a[.., c .. c+4] and writes
+    // dx[row, c .. c+4] for c < n (n a multiple of 4, 8-byte aligned stores).
+    unsafe {
+        launch!(
+            &dz.dev,
+            OP,
+            LORA,
+            name,
+            config(n, m.div_ceil(ROWS_PER_BLOCK)),
+            [m32, n32, pd, pa, px, rows32, seed, thr, keep, drop]
+        )
+    }?;
+    Ok(Some(dx))
+}

@@ -1,0 +1,210 @@
+// The LoRA primitives' rank-r products for a bf16 base with f32 adapters and rank R ∈ {8, 16}
+// (engine/src/backend/cuda/lora.rs picks them; every other case runs on cuBLAS). They read the
+// bf16 operand directly, drawing the dropout mask on the fly (dropout_bits of engine/src/rng.rs
+// over the row-major [M, N] elements), so no f32 copy of x, no mask and no product tensor is
+// written; the f32 cuBLAS products with one dimension R ran on CUDA cores at ~20% of the memory
+// rate.
+//
+// Layout: a warp owns 128 consecutive columns (4 per lane: one 8-byte load, one hash); a lane
+// holds the R × 4 adapter values of its columns in registers for the whole kernel. N (columns)
+// and the row stride of x are multiples of 4, x is 8-byte aligned (checked on the host).
+//
+// lora_codes_bf16_r{R}(M, N, x, ldx, A, part, rows_per_block, seed, thr, keep, drop)
+//     part[chunk, m, r] = Σ_{c in chunk} drop(x)[m, c] · A[r, c]   (chunk = 128 columns)
+//     x [M, N] bf16 (row stride ldx), A [R, N] f32, part [ceil(N/128), M, R] f32;
+//     grid (ceil(N/128), ceil(M/rows_per_block)), 256 threads
+// lora_grad_a_bf16_r{R}(M, N, x, ldx, dz, part, rows_per_warp, seed, thr, keep, drop)
+//     part[p, r, c] = Σ_{m in rows of p} dz[m, r] · drop(x)[m, c]   (p = blockIdx.y · 8 + warp)
+//     dz [M, R] f32, part [gridDim.y · 8, R, N] f32; grid (ceil(N/128), P / 8), 256 threads
+// lora_grad_x_bf16_r{R}(M, N, dz, A, dx, rows_per_block, seed, thr, keep, drop)
+//     dx[m, c] = bf16(mask[m, c] · Σ_r dz[m, r] · A[r, c])   dx [M, N] bf16 contiguous
+//     grid (ceil(N/128), ceil(M/rows_per_block)), 256 threads
+// lora_sum_partials_f32(P, n, part, out)
+//     out[i] = Σ_p part[p · n + i], in order of p (deterministic)
+//
+// Dropout: drop = 0 multiplies by nothing (x exactly); else element i is dropped when
+// dropout_bits(seed, i) < thr and the kept ones are scaled by keep = 1/(1 − p).
+
+#define LORA_COLS 128
+#define LORA_WARPS 8
+
+// Four consecutive bf16 (8 bytes) widened to f32.
+__device__ __forceinline__ void lora_load4(const bf16* p, float (&v)[4]) {
+    const uint2 raw = *reinterpret_cast<const uint2*>(p);
+    const bf16* e = reinterpret_cast<const bf16*>(&raw);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) v[q] = __bfloat162float(e[q]);
+}
+
+// The dropout multipliers of elements idx .. idx + 3 (idx a multiple of 4: one hash).
+__device__ __forceinline__ void lora_mask4(u64 mixed, u32 thr, float keep, u64 idx, float (&m)[4]) {
+    const u64 h = rng_hash_mixed(mixed, idx >> 2);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) m[q] = (((u32)(h >> (16 * q)) & 0xFFFFu) < thr) ? 0.0f : keep;
+}
+
+// x[m, c0 .. c0 + 4] in f32 with its dropout applied.
+__device__ __forceinline__ void lora_dropped4(const bf16* x, u32 ldx, u32 N, u32 m, u32 c0, u64 mixed, u32 thr,
+                                             float keep, int drop, float (&v)[4]) {
+    lora_load4(x + (size_t)m * ldx + c0, v);
+    if (drop) {
+        float mk[4];
+        lora_mask4(mixed, thr, keep, (u64)m * N + c0, mk);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) v[q] = v[q] * mk[q];
+    }
+}
+
+// The lane's R × 4 slice of A [R, N] (zeros past column N).
+template <int R>
+__device__ __forceinline__ void lora_slice(const float* A, u32 N, u32 c0, float (&a)[R][4]) {
+    const bool active = c0 < N;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (active) v = *reinterpret_cast<const float4*>(A + (size_t)r * N + c0);
+        a[r][0] = v.x;
+        a[r][1] = v.y;
+        a[r][2] = v.z;
+        a[r][3] = v.w;
+    }
+}
+
+// dz[m, 0 .. R] (16-byte aligned rows: R is a multiple of 4).
+template <int R> __device__ __forceinline__ void lora_row(const float* dz, u32 m, float (&d)[R]) {
+    const float4* p = reinterpret_cast<const float4*>(dz + (size_t)m * R);
+#pragma unroll
+    for (int j = 0; j < R / 4; ++j) {
+        const float4 v = p[j];
+        d[4 * j] = v.x;
+        d[4 * j + 1] = v.y;
+        d[4 * j + 2] = v.z;
+        d[4 * j + 3] = v.w;
+    }
+}
+
+template <int R>
+__device__ void lora_codes(u32 M, u32 N, const bf16* x, u32 ldx, const float* A, float* part, u32 rows_per_block,
+                           u64 seed, u32 thr, float keep, int drop) {
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const u32 chunk = blockIdx.x;
+    const u32 c0 = chunk * LORA_COLS + lane * 4;
+    const bool active = c0 < N;
+    float a[R][4];
+    lora_slice<R>(A, N, c0, a);
+    const u64 mixed = rng_mix64(seed);
+    const u32 m0 = blockIdx.y * rows_per_block;
+    const u32 m1 = min(M, m0 + rows_per_block);
+    for (u32 m = m0 + warp; m < m1; m += LORA_WARPS) { // warp-uniform: every lane shuffles
+        float z[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) z[r] = 0.0f;
+        if (active) {
+            float v[4];
+            lora_dropped4(x, ldx, N, m, c0, mixed, thr, keep, drop, v);
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) z[r] += v[q] * a[r][q];
+        }
+        float mine = 0.0f;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            float s = z[r];
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+            if (lane == (u32)r) mine = s;
+        }
+        if (lane < (u32)R) part[((size_t)chunk * M + m) * R + lane] = mine;
+    }
+}
+
+template <int R>
+__device__ void lora_grad_a(u32 M, u32 N, const bf16* x, u32 ldx, const float* dz, float* part, u32 rows_per_warp,
+                            u64 seed, u32 thr, float keep, int drop) {
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const u32 c0 = blockIdx.x * LORA_COLS + lane * 4;
+    if (c0 >= N) return; // no shuffles below
+    const u32 p = blockIdx.y * LORA_WARPS + warp;
+    const u64 mixed = rng_mix64(seed);
+    const size_t start = (size_t)p * rows_per_warp;
+    const u32 m0 = (u32)min((size_t)M, start);
+    const u32 m1 = (u32)min((size_t)M, start + rows_per_warp);
+    float acc[R][4];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[r][q] = 0.0f;
+    for (u32 m = m0; m < m1; ++m) {
+        float v[4], d[R];
+        lora_dropped4(x, ldx, N, m, c0, mixed, thr, keep, drop, v);
+        lora_row<R>(dz, m, d);
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[r][q] += d[r] * v[q];
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        float4 o = make_float4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+        *reinterpret_cast<float4*>(part + ((size_t)p * R + r) * N + c0) = o;
+    }
+}
+
+template <int R>
+__device__ void lora_grad_x(u32 M, u32 N, const float* dz, const float* A, bf16* dx, u32 rows_per_block, u64 seed,
+                            u32 thr, float keep, int drop) {
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const u32 c0 = blockIdx.x * LORA_COLS + lane * 4;
+    if (c0 >= N) return;
+    float a[R][4];
+    lora_slice<R>(A, N, c0, a);
+    const u64 mixed = rng_mix64(seed);
+    const u32 m0 = blockIdx.y * rows_per_block;
+    const u32 m1 = min(M, m0 + rows_per_block);
+    for (u32 m = m0 + warp; m < m1; m += LORA_WARPS) {
+        float d[R], o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        lora_row<R>(dz, m, d);
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) o[q] += d[r] * a[r][q];
+        if (drop) {
+            float mk[4];
+            lora_mask4(mixed, thr, keep, (u64)m * N + c0, mk);
+#pragma unroll
+            for (int q = 0; q < 4; ++q) o[q] = o[q] * mk[q];
+        }
+        uint2 raw;
+        bf16* e = reinterpret_cast<bf16*>(&raw);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) e[q] = __float2bfloat16(o[q]);
+        *reinterpret_cast<uint2*>(dx + (size_t)m * N + c0) = raw;
+    }
+}
+
+#define LORA_RANK(R) \
+    extern "C" __global__ void lora_codes_bf16_r##R(u32 M, u32 N, const bf16* x, u32 ldx, const float* A, float* part, \
+                                                     u32 rows_per_block, u64 seed, u32 thr, float keep, int drop) { \
+        lora_codes<R>(M, N, x, ldx, A, part, rows_per_block, seed, thr, keep, drop); \
+    } \
+    extern "C" __global__ void lora_grad_a_bf16_r##R(u32 M, u32 N, const bf16* x, u32 ldx, const float* dz, \
+                                                      float* part, u32 rows_per_warp, u64 seed, u32 thr, float keep, \
+                                                      int drop) { \
+        lora_grad_a<R>(M, N, x, ldx, dz, part, rows_per_warp, seed, thr, keep, drop); \
+    } \
+    extern "C" __global__ void lora_grad_x_bf16_r##R(u32 M, u32 N, const float* dz, const float* A, bf16* dx, \
+                                                      u32 rows_per_block, u64 seed, u32 thr, float keep, int drop) { \
+        lora_grad_x<R>(M, N, dz, A, dx, rows_per_block, seed, thr, keep, drop); \
+    }
+
+LORA_RANK(8)
+LORA_RANK(16)
+
+extern "C" __global__ void lora_sum_partials_f32(u32 P, u32 n, const float* part, float* out) {
+    FOR_EACH(i, n) {
+        float s = 0.0f;
+        for (u32 p = 0; p < P; ++p) s += part[(size_t)p * n + i];
+        out[i] = s;
+    }
+}
