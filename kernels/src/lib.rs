@@ -183,6 +183,8 @@ pub const LORA: KernelSource = KernelSource {
         "lora_grad_a_bf16_r16",
         "lora_grad_x_bf16_r8",
         "lora_grad_x_bf16_r16",
+        "lora_expand_add_bf16_r8",
+        "lora_expand_add_bf16_r16",
         "lora_sum_partials_f32",
     ],
 };

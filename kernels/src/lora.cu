@@ -19,8 +19,12 @@
 // lora_grad_x_bf16_r{R}(M, N, dz, A, dx, rows_per_block, seed, thr, keep, drop)
 //     dx[m, c] = bf16(mask[m, c] · Σ_r dz[m, r] · A[r, c])   dx [M, N] bf16 contiguous
 //     grid (ceil(N/128), ceil(M/rows_per_block)), 256 threads
-// lora_sum_partials_f32(P, n, part, out)
-//     out[i] = Σ_p part[p · n + i], in order of p (deterministic)
+// lora_expand_add_bf16_r{R}(M, N, zs, Bt, y, ldy, out, rows_per_block)
+//     out[m, c] = bf16(y[m, c] + Σ_r zs[m, r] · Bt[r, c])   zs [M, R] f32 (codes times the
+//     scale), Bt [R, N] f32 (B transposed), y [M, N] bf16 (row stride ldy), out [M, N] bf16
+// lora_sum_partials_f32(P, rows, cols, transpose, scale, part, out)
+//     s = scale · Σ_p part[p, i, j] over part [P, rows, cols], in order of p (deterministic);
+//     out[i, j] = s, or out[j, i] when transpose
 //
 // Dropout: drop = 0 multiplies by nothing (x exactly); else element i is dropped when
 // dropout_bits(seed, i) < thr and the kept ones are scaled by keep = 1/(1 − p).
@@ -183,6 +187,33 @@ __device__ void lora_grad_x(u32 M, u32 N, const float* dz, const float* A, bf16*
     }
 }
 
+template <int R>
+__device__ void lora_expand_add(u32 M, u32 N, const float* zs, const float* Bt, const bf16* y, u32 ldy, bf16* out,
+                                u32 rows_per_block) {
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const u32 c0 = blockIdx.x * LORA_COLS + lane * 4;
+    if (c0 >= N) return;
+    float b[R][4];
+    lora_slice<R>(Bt, N, c0, b);
+    const u32 m0 = blockIdx.y * rows_per_block;
+    const u32 m1 = min(M, m0 + rows_per_block);
+    for (u32 m = m0 + warp; m < m1; m += LORA_WARPS) {
+        float z[R], v[4];
+        lora_row<R>(zs, m, z);
+        lora_load4(y + (size_t)m * ldy + c0, v);
+        float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) d[q] += z[r] * b[r][q];
+        uint2 raw;
+        bf16* e = reinterpret_cast<bf16*>(&raw);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) e[q] = __float2bfloat16(v[q] + d[q]);
+        *reinterpret_cast<uint2*>(out + (size_t)m * N + c0) = raw;
+    }
+}
+
 #define LORA_RANK(R) \
     extern "C" __global__ void lora_codes_bf16_r##R(u32 M, u32 N, const bf16* x, u32 ldx, const float* A, float* part, \
                                                      u32 rows_per_block, u64 seed, u32 thr, float keep, int drop) { \
@@ -196,15 +227,22 @@ __device__ void lora_grad_x(u32 M, u32 N, const float* dz, const float* A, bf16*
     extern "C" __global__ void lora_grad_x_bf16_r##R(u32 M, u32 N, const float* dz, const float* A, bf16* dx, \
                                                       u32 rows_per_block, u64 seed, u32 thr, float keep, int drop) { \
         lora_grad_x<R>(M, N, dz, A, dx, rows_per_block, seed, thr, keep, drop); \
+    } \
+    extern "C" __global__ void lora_expand_add_bf16_r##R(u32 M, u32 N, const float* zs, const float* Bt, \
+                                                          const bf16* y, u32 ldy, bf16* out, u32 rows_per_block) { \
+        lora_expand_add<R>(M, N, zs, Bt, y, ldy, out, rows_per_block); \
     }
 
 LORA_RANK(8)
 LORA_RANK(16)
 
-extern "C" __global__ void lora_sum_partials_f32(u32 P, u32 n, const float* part, float* out) {
+extern "C" __global__ void lora_sum_partials_f32(u32 P, u32 rows, u32 cols, int transpose, float scale,
+                                                  const float* part, float* out) {
+    const size_t n = (size_t)rows * cols;
     FOR_EACH(i, n) {
         float s = 0.0f;
         for (u32 p = 0; p < P; ++p) s += part[(size_t)p * n + i];
-        out[i] = s;
+        const size_t row = i / cols, col = i % cols;
+        out[transpose ? col * rows + row : i] = scale == 1.0f ? s : s * scale;
     }
 }

@@ -154,9 +154,10 @@ mod gpu {
     }
 
     /// The custom kernels of a bf16 base at r = 8 and 16 (cuda/lora_rank.rs) compute in f32 like
-    /// the CPU reference, so their codes and dA agree to f32 rounding, far inside the bf16
-    /// tolerance above; dx is rounded to bf16 on both sides (a rounding flip at most). Sizes with
-    /// several row blocks, partial 128-column chunks and both dropout settings.
+    /// the CPU reference, so their codes, dz, dB and dA agree to f32 rounding, far inside the
+    /// bf16 tolerance above; `y + s z Bᵀ` and dx are rounded once to bf16 on both sides (a
+    /// rounding flip at most). Sizes with several row blocks, partial 128-column chunks and both
+    /// dropout settings (4113 output columns take the general path on the output side).
     #[test]
     fn custom_rank_kernels_match_the_cpu_to_f32_rounding() {
         let Some(dev) = gpu() else { return };
@@ -174,7 +175,15 @@ mod gpu {
                         }
                     };
                     // Outputs: z, out, dz, dB, dA, dx.
-                    for (i, what, tol) in [(0, "z", 1e-5), (4, "dA", 1e-5), (5, "dx", 1e-3)] {
+                    let checks = [
+                        (0, "z", 1e-5),
+                        (1, "y + s z Bᵀ", 1e-3),
+                        (2, "dz", 1e-5),
+                        (3, "dB", 1e-5),
+                        (4, "dA", 1e-5),
+                        (5, "dx", 1e-3),
+                    ];
+                    for (i, what, tol) in checks {
                         let e = rel_err(&want[i], &got[i]);
                         if e.is_nan() || e > tol {
                             bad.push(format!("{name} {what}: rel err {e:e} > {tol:e}"));

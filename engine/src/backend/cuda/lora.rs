@@ -8,6 +8,10 @@
 //! dropout; expand-add `M·out·(4 + 4 + 2s + s)` (GEMM write, cast, add); grad_codes
 //! `M·out·(s + 4 + 4 + 4)` (cast, two GEMM reads); grad_a as codes; grad_x
 //! `M·in·(4 + 4 + 4 + 4 + 4 + s)` with dropout. All of it is transient: the tape keeps `z`.
+//!
+//! A bf16 base with r = 8 or 16 and unit-stride rows (the usual training case) takes the custom
+//! kernels of `lora_rank` instead: every primitive reads its `[M, in]` or `[M, out]` operand once
+//! in bf16 (and expand-add writes its result once), with the dropout mask drawn on the fly.
 
 use super::layout::to_u32;
 use super::lora_rank;
@@ -134,6 +138,13 @@ pub(crate) fn lora_expand_add(
     expect_dims(OP, bl, (o, r), l)?;
     expect_dims(OP, zl, (m, r), l)?;
     let zs = scaled(z.to_dtype(zl, z.dtype)?, &[m, r], scale)?; // s·z, [m, r]
+    if lora_rank::applies(y, l, b.dtype, r) {
+        // bf16 base, r = 8 or 16: one pass over y on the custom kernel.
+        let bt = b.to_dtype(&bl.transpose(0, 1), b.dtype)?; // Bᵀ [r, o] contiguous
+        if let Some(out) = lora_rank::expand_add(y, l, &zs, &bt, r)? {
+            return Ok(out);
+        }
+    }
     let bc = b.to_dtype(bl, b.dtype)?; // [o, r] contiguous
     let d = zs.matmul(&mat3(m, r, false), &bc, &mat3(o, r, true))?; // [m, o] adapter dtype
     let cl = Layout::contiguous([m, o]);
@@ -161,9 +172,16 @@ pub(crate) fn lora_grad_codes(
     let (_, r) = dims2(OP, bl)?;
     expect_dims(OP, bl, (o, r), l)?;
     expect_dims(OP, zl, (m, r), l)?;
+    let zc = z.to_dtype(zl, z.dtype)?; // [m, r]
+    if lora_rank::applies(g, l, b.dtype, r) {
+        // bf16 base, r = 8 or 16: g is read in bf16 by the custom kernels.
+        let bt = b.to_dtype(&bl.transpose(0, 1), b.dtype)?; // Bᵀ [r, o] contiguous
+        if let Some(grads) = lora_rank::grad_codes(g, l, &bt, &zc, r, scale)? {
+            return Ok(grads);
+        }
+    }
     let gf = g.to_dtype(l, b.dtype)?; // [m, o] adapter dtype, transient
     let bc = b.to_dtype(bl, b.dtype)?; // [o, r]
-    let zc = z.to_dtype(zl, z.dtype)?; // [m, r]
                                        // dz = s · g B: [1, m, o] x [1, o, r]; dB = s · gᵀ z: [1, o, m] x [1, m, r].
     let dz = gf.matmul(&mat3(m, o, false), &bc, &mat3(o, r, false))?;
     let db = gf.matmul(&mat3(m, o, true), &zc, &mat3(m, r, false))?;

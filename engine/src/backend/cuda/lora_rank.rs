@@ -1,10 +1,10 @@
 //! The LoRA primitives' rank-r products on custom kernels (kernels/src/lora.cu) for the common
-//! training case: a bf16 base, f32 adapters, r = 8 or 16, `x` rows with unit column stride. They
-//! read the bf16 operand once and draw the dropout mask on the fly, where the general path
-//! (cuda/lora.rs) writes an f32 copy of `x` and runs a cuBLAS product with one dimension r on CUDA
-//! cores. Each returns `None` when its case does not apply; the caller then takes the general
-//! path. Reductions over a long dimension go through per-block partial sums added in a fixed
-//! order (deterministic, like the cuBLAS path).
+//! training case: a bf16 base, f32 adapters, r = 8 or 16, rows with unit column stride. They read
+//! the bf16 operand (x, g or y) once and draw the dropout mask on the fly, where the general path
+//! (cuda/lora.rs) writes f32 copies of it and runs cuBLAS products with one dimension r on CUDA
+//! cores; expand-add writes `y + s z Bᵀ` in one pass, rounded once. Each returns `None` when its
+//! case does not apply; the caller then takes the general path. Reductions over a long dimension
+//! go through per-block partial sums added in a fixed order (deterministic, like cuBLAS).
 
 use cudarc::driver::LaunchConfig;
 use kernels::LORA;
@@ -26,7 +26,7 @@ const GRAD_A_MAX_GROUPS: usize = 16;
 /// Whether the custom kernels take a base operand `x` (`l`, logical `[m, n]`) with adapter
 /// dtype `ad` and rank `r`: bf16 and f32, r ∈ {8, 16}, unit column stride, `n`, the row stride
 /// and the offset multiples of 4 (8-byte loads), sizes within u32.
-fn applies(x: &CudaStorage, l: &Layout, ad: DType, r: usize) -> bool {
+pub(super) fn applies(x: &CudaStorage, l: &Layout, ad: DType, r: usize) -> bool {
     let (dims, strides) = (l.dims(), l.strides());
     x.dtype == DType::BF16
         && ad == DType::F32
@@ -57,21 +57,26 @@ fn dropout_args(p: f64) -> (u32, f32, i32) {
     }
 }
 
-/// `out = Σ_p part[p]` over `parts` partial sums of `n` elements each (f32).
+/// `scale · Σ_p part[p]` over `parts` partial sums `[rows, cols]` (f32), as `[rows, cols]` or,
+/// with `transpose`, `[cols, rows]`.
 fn sum_partials(
     dev: &CudaDevice,
     op: &'static str,
-    part: &CudaStorage,
-    parts: usize,
-    n: usize,
+    (part, parts): (&CudaStorage, usize),
+    (rows, cols): (usize, usize),
+    transpose: bool,
+    scale: f64,
 ) -> Result<CudaStorage> {
+    let n = rows * cols;
     let out = CudaStorage::alloc(dev, op, n, DType::F32)?;
     if n == 0 {
         return Ok(out);
     }
-    let (p32, n32, pp, po) = (to_u32(op, parts)?, to_u32(op, n)?, part.ptr(), out.ptr());
-    // SAFETY: `part` holds `parts · n` f32 and `out` n f32 (both allocated for that); thread i
-    // reads part[p·n + i] for p < parts and writes out[i], for i < n.
+    let (p32, rows32, cols32) = (to_u32(op, parts)?, to_u32(op, rows)?, to_u32(op, cols)?);
+    let (tr, s32, pp, po) = (i32::from(transpose), scale as f32, part.ptr(), out.ptr());
+    // SAFETY: `part` holds `parts · rows · cols` f32 and `out` rows · cols f32 (both allocated
+    // for that); thread i reads part[p·n + i] for p < parts and writes out[i] or its transposed
+    // place, a permutation of 0 .. n.
     unsafe {
         launch!(
             dev,
@@ -79,10 +84,89 @@ fn sum_partials(
             LORA,
             "lora_sum_partials_f32",
             CudaDevice::grid(n),
-            [p32, n32, pp, po]
+            [p32, rows32, cols32, tr, s32, pp, po]
         )
     }?;
     Ok(out)
+}
+
+/// Per-chunk partial sums `[chunks, m, r]` of `drop(x) Aᵀ` (x `[m, n]` bf16 checked by
+/// [`applies`], `a` `[r, n]` f32 contiguous), with their count.
+fn codes_partials(
+    op: &'static str,
+    x: &CudaStorage,
+    l: &Layout,
+    a: &CudaStorage,
+    r: usize,
+    p: f64,
+    seed: u64,
+) -> Result<(CudaStorage, usize)> {
+    let (m, n) = (l.dims()[0], l.dims()[1]);
+    let chunks = n.div_ceil(COLS);
+    let part = CudaStorage::alloc(&x.dev, op, chunks * m * r, DType::F32)?; // [chunks, m, r]
+    if chunks * m > 0 {
+        let (m32, n32, ld32) = (to_u32(op, m)?, to_u32(op, n)?, to_u32(op, l.strides()[0])?);
+        let rows32 = ROWS_PER_BLOCK as u32;
+        let (px, pa, pp) = (x.ptr_at(l.offset()), a.ptr(), part.ptr());
+        let (thr, keep, drop) = dropout_args(p);
+        let name = format!("lora_codes_bf16_r{r}");
+        // SAFETY: x's view `[m, n]` with row stride ld32 lies inside its buffer (`applies` and
+        // the caller's extent check), starts 8-byte aligned (offset a multiple of 4 bf16) and has
+        // n and ld multiples of 4, so the kernel's 8-byte loads x[m·ld + c .. +4] for c < n stay
+        // in the view; `a` is a fresh contiguous `[r, n]` f32 buffer (16-byte aligned rows: n is
+        // a multiple of 4); `part` holds chunks·m·r f32, written at [chunk, m, lane < r].
+        unsafe {
+            launch!(
+                &x.dev,
+                op,
+                LORA,
+                name,
+                config(n, m.div_ceil(ROWS_PER_BLOCK)),
+                [m32, n32, px, ld32, pa, pp, rows32, seed, thr, keep, drop]
+            )
+        }?;
+    }
+    Ok((part, chunks))
+}
+
+/// Per-row-group partial sums `[parts, r, n]` of `dzᵀ drop(x)` (x `[m, n]` bf16 checked by
+/// [`applies`], `dz` `[m, r]` f32 contiguous), with their count.
+fn grad_a_partials(
+    op: &'static str,
+    x: &CudaStorage,
+    l: &Layout,
+    dz: &CudaStorage,
+    r: usize,
+    p: f64,
+    seed: u64,
+) -> Result<(CudaStorage, usize)> {
+    let (m, n) = (l.dims()[0], l.dims()[1]);
+    // Row groups: 8 warps of up to GRAD_A_ROWS rows per block row, at most GRAD_A_MAX_GROUPS.
+    let groups = m.div_ceil(WARPS * GRAD_A_ROWS).clamp(1, GRAD_A_MAX_GROUPS);
+    let parts = groups * WARPS;
+    let rows_per_warp = m.div_ceil(parts).max(1);
+    let part = CudaStorage::alloc(&x.dev, op, parts * r * n, DType::F32)?; // [parts, r, n]
+    if n > 0 {
+        let (m32, n32, ld32) = (to_u32(op, m)?, to_u32(op, n)?, to_u32(op, l.strides()[0])?);
+        let rows32 = to_u32(op, rows_per_warp)?;
+        let (px, pd, pp) = (x.ptr_at(l.offset()), dz.ptr(), part.ptr());
+        let (thr, keep, drop) = dropout_args(p);
+        let name = format!("lora_grad_a_bf16_r{r}");
+        // SAFETY: x as in `codes_partials`; `dz` is a fresh contiguous `[m, r]` f32 buffer (rows
+        // of r = 8 or 16 floats, 16-byte aligned); `part` holds parts·r·n f32 and warp p of the
+        // grid (parts = groups · 8 of them) writes its `[r, n]` slice, zeros where it has no rows.
+        unsafe {
+            launch!(
+                &x.dev,
+                op,
+                LORA,
+                name,
+                config(n, groups),
+                [m32, n32, px, ld32, pd, pp, rows32, seed, thr, keep, drop]
+            )
+        }?;
+    }
+    Ok((part, parts))
 }
 
 /// `z = drop(x) Aᵀ` `[m, r]` f32, for `x` `[m, n]` bf16 and `a` `[r, n]` f32 contiguous.
@@ -98,32 +182,9 @@ pub(super) fn codes(
     if !applies(x, l, a.dtype, r) {
         return Ok(None);
     }
-    let (m, n) = (l.dims()[0], l.dims()[1]);
-    let chunks = n.div_ceil(COLS);
-    let part = CudaStorage::alloc(&x.dev, OP, chunks * m * r, DType::F32)?; // [chunks, m, r]
-    if chunks * m > 0 {
-        let (m32, n32, ld32) = (to_u32(OP, m)?, to_u32(OP, n)?, to_u32(OP, l.strides()[0])?);
-        let rows32 = ROWS_PER_BLOCK as u32;
-        let (px, pa, pp) = (x.ptr_at(l.offset()), a.ptr(), part.ptr());
-        let (thr, keep, drop) = dropout_args(p);
-        let name = format!("lora_codes_bf16_r{r}");
-        // SAFETY: x's view `[m, n]` with row stride ld32 lies inside its buffer (`applies` and
-        // the caller's extent check), starts 8-byte aligned (offset a multiple of 4 bf16) and has
-        // n and ld multiples of 4, so the kernel's 8-byte loads x[m·ld + c .. +4] for c < n stay
-        // in the view; `a` is a fresh contiguous `[r, n]` f32 buffer (16-byte aligned rows: n is
-        // a multiple of 4); `part` holds chunks·m·r f32, written at [chunk, m, lane < r].
-        unsafe {
-            launch!(
-                &x.dev,
-                OP,
-                LORA,
-                name,
-                config(n, m.div_ceil(ROWS_PER_BLOCK)),
-                [m32, n32, px, ld32, pa, pp, rows32, seed, thr, keep, drop]
-            )
-        }?;
-    }
-    sum_partials(&x.dev, OP, &part, chunks, m * r).map(Some)
+    let (part, chunks) = codes_partials(OP, x, l, a, r, p, seed)?;
+    let rows = (l.dims()[0], r);
+    sum_partials(&x.dev, OP, (&part, chunks), rows, false, 1.0).map(Some)
 }
 
 /// `dA = dzᵀ drop(x)` `[r, n]` f32, for `x` `[m, n]` bf16 and `dz` `[m, r]` f32 contiguous.
@@ -139,35 +200,71 @@ pub(super) fn grad_a(
     if !applies(x, l, dz.dtype, r) {
         return Ok(None);
     }
-    let (m, n) = (l.dims()[0], l.dims()[1]);
-    // Row groups: 8 warps of up to GRAD_A_ROWS rows per block row, at most GRAD_A_MAX_GROUPS.
-    let groups = m.div_ceil(WARPS * GRAD_A_ROWS).clamp(1, GRAD_A_MAX_GROUPS);
-    let parts = groups * WARPS;
-    let rows_per_warp = m.div_ceil(parts).max(1);
-    let part = CudaStorage::alloc(&x.dev, OP, parts * r * n, DType::F32)?; // [parts, r, n]
-    if n > 0 {
-        let (m32, n32, ld32) = (to_u32(OP, m)?, to_u32(OP, n)?, to_u32(OP, l.strides()[0])?);
-        let rows32 = to_u32(OP, rows_per_warp)?;
-        let (px, pd, pp) = (x.ptr_at(l.offset()), dz.ptr(), part.ptr());
-        let (thr, keep, drop) = dropout_args(p);
-        let name = format!("lora_grad_a_bf16_r{r}");
-        // SAFETY: x as in `codes`; `dz` is a fresh contiguous `[m, r]` f32 buffer (rows of r = 8
-        // or 16 floats, 16-byte aligned); `part` holds parts·r·n f32 and warp p of the grid
-        // (parts = groups · 8 of them) writes its `[r, n]` slice, zeros where it has no rows.
-        unsafe {
-            launch!(
-                &x.dev,
-                OP,
-                LORA,
-                name,
-                config(n, groups),
-                [m32, n32, px, ld32, pd, pp, rows32, seed, thr, keep, drop]
-            )
-        }?;
-    }
-    sum_partials(&x.dev, OP, &part, parts, r * n).map(Some)
+    let (part, parts) = grad_a_partials(OP, x, l, dz, r, p, seed)?;
+    sum_partials(&x.dev, OP, (&part, parts), (r, l.dims()[1]), false, 1.0).map(Some)
 }
 
+/// `(dz, dB) = (s · g B, s · gᵀ z)` `([m, r], [n, r])` f32, for `g` `[m, n]` bf16, `bt` = Bᵀ
+/// `[r, n]` and `z` `[m, r]` f32 contiguous: the codes and grad_a kernels without dropout.
+pub(super) fn grad_codes(
+    g: &CudaStorage,
+    l: &Layout,
+    bt: &CudaStorage,
+    z: &CudaStorage,
+    r: usize,
+    s: f64,
+) -> Result<Option<(CudaStorage, CudaStorage)>> {
+    const OP: &str = "lora_grad_codes";
+    if !applies(g, l, bt.dtype, r) || z.dtype != DType::F32 {
+        return Ok(None);
+    }
+    let (m, n) = (l.dims()[0], l.dims()[1]);
+    let (part, chunks) = codes_partials(OP, g, l, bt, r, 0.0, 0)?;
+    let dz = sum_partials(&g.dev, OP, (&part, chunks), (m, r), false, s)?;
+    drop(part);
+    let (part, parts) = grad_a_partials(OP, g, l, z, r, 0.0, 0)?;
+    let db = sum_partials(&g.dev, OP, (&part, parts), (r, n), true, s)?; // [n, r]
+    Ok(Some((dz, db)))
+}
+
+/// `y + zs Bᵀ` `[m, n]` bf16, for `y` `[m, n]` bf16, `zs` (the scaled codes) `[m, r]` and `bt` =
+/// Bᵀ `[r, n]` f32 contiguous: one pass over `y` where the general path writes the f32 product,
+/// casts it and adds.
+pub(super) fn expand_add(
+    y: &CudaStorage,
+    l: &Layout,
+    zs: &CudaStorage,
+    bt: &CudaStorage,
+    r: usize,
+) -> Result<Option<CudaStorage>> {
+    const OP: &str = "lora_expand_add";
+    if !applies(y, l, bt.dtype, r) || zs.dtype != DType::F32 {
+        return Ok(None);
+    }
+    let (m, n) = (l.dims()[0], l.dims()[1]);
+    let out = CudaStorage::alloc(&y.dev, OP, m * n, DType::BF16)?; // [m, n]
+    if m * n == 0 {
+        return Ok(Some(out));
+    }
+    let (m32, n32, ld32) = (to_u32(OP, m)?, to_u32(OP, n)?, to_u32(OP, l.strides()[0])?);
+    let rows32 = ROWS_PER_BLOCK as u32;
+    let (pz, pb, py, po) = (zs.ptr(), bt.ptr(), y.ptr_at(l.offset()), out.ptr());
+    let name = format!("lora_expand_add_bf16_r{r}");
+    // SAFETY: y's view as x's in `codes_partials` (8-byte loads inside the view); `zs` `[m, r]`
+    // and `bt` `[r, n]` are fresh contiguous f32 buffers (16-byte aligned rows); `out` holds m·n
+    // bf16, written 4 at a time at [row, c .. c+4] for c < n.
+    unsafe {
+        launch!(
+            &y.dev,
+            OP,
+            LORA,
+            name,
+            config(n, m.div_ceil(ROWS_PER_BLOCK)),
+            [m32, n32, pz, pb, py, ld32, po, rows32]
+        )
+    }?;
+    Ok(Some(out))
+}
 /// `dx = mask ⊙ (dz A)` `[m, n]` bf16, for `dz` `[m, r]` and `a` `[r, n]` f32 contiguous; `None`
 /// unless the output is bf16 with f32 adapters, r ∈ {8, 16} and n a multiple of 4.
 pub(super) fn grad_x(
