@@ -249,6 +249,9 @@ impl BackendStorage for Storage {
     fn unary(&self, l: &Layout, op: UnaryOp) -> Result<Self> {
         one!(self, s => s.unary(l, op))
     }
+    fn dropout_apply(&self, l: &Layout, p: f64, seed: u64) -> Result<Self> {
+        one!(self, s => s.dropout_apply(l, p, seed))
+    }
     fn binary(&self, l: &Layout, rhs: &Self, rl: &Layout, op: BinaryOp) -> Result<Self> {
         two!("binary", self, rhs, (a, b) => a.binary(l, b, rl, op))
     }

@@ -106,6 +106,7 @@ pub const RANDOM: KernelSource = KernelSource {
         "dropout_cast_bf16_f32",
         "dropout_cast_f32_f32",
         "dropout_cast_f32_bf16",
+        "dropout_cast_bf16_bf16",
         "dropout_cast_f64_f64",
     ],
 };

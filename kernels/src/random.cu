@@ -13,7 +13,8 @@
 // dropout_cast_{in}_{out}(n, x, y, seed, thr, keep)
 //     y[i] = out(C(x[i]) · (dropout_bits(seed, i) < thr ? 0 : keep)), C the compute type (float,
 //     or double for f64): the cast to the LoRA adapter dtype, the mask and the product in one
-//     pass, bit-identical to the three separate kernels. x, y: [n] contiguous.
+//     pass, bit-identical to the three separate kernels (bf16 → bf16: Tensor::dropout's product
+//     with a bf16 mask, `keep` rounded to bf16 by the host). x, y: [n] contiguous.
 
 __device__ __forceinline__ u64 rng_hash(u64 seed, u64 i) { return rng_hash_mixed(rng_mix64(seed), i); }
 
@@ -80,4 +81,5 @@ __device__ __forceinline__ void dropout_cast(u32 n, const I* x, O* y, u64 seed, 
 DROPOUT_CAST(bf16, float, float, bf16_f32)
 DROPOUT_CAST(float, float, float, f32_f32)
 DROPOUT_CAST(float, bf16, float, f32_bf16)
+DROPOUT_CAST(bf16, bf16, float, bf16_bf16)
 DROPOUT_CAST(double, double, double, f64_f64)

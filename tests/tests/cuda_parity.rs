@@ -734,6 +734,34 @@ mod gpu {
         assert_eq!(read(&u(Device::Cpu), 4097), read(&u(gpu), 4097));
         let m = |d| Storage::dropout_mask(d, &shape, DType::F32, 0.25, 6).unwrap();
         assert_eq!(read(&m(Device::Cpu), 4097), read(&m(gpu), 4097));
+        // One-pass dropout (dropout_apply) in every float dtype, contiguous and transposed.
+        for dt in [DType::F32, DType::BF16, DType::F64] {
+            let x = |d| {
+                Tensor::from_f64(&vals(63 * 65, 40), [63, 65], dt, d)
+                    .unwrap()
+                    .to_var()
+                    .unwrap()
+            };
+            for transposed in [false, true] {
+                let run = |d| {
+                    let x = x(d);
+                    let v = if transposed {
+                        x.t().unwrap()
+                    } else {
+                        x.clone()
+                    };
+                    let y = v.dropout(0.2, 33, true).unwrap();
+                    y.backward_with_grad(&y.ones_like().unwrap()).unwrap();
+                    let dx = x.grad().unwrap();
+                    (y.to_vec_f64().unwrap(), dx.to_vec_f64().unwrap())
+                };
+                assert_eq!(
+                    run(Device::Cpu),
+                    run(gpu),
+                    "dropout {dt} transposed {transposed}"
+                );
+            }
+        }
     }
 
     /// A small training step, written once over the device: embedding, RMSNorm, RoPE-free

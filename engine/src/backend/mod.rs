@@ -88,6 +88,10 @@ pub trait BackendStorage: Sized + Send + Sync {
 
     fn to_dtype(&self, l: &Layout, dtype: DType) -> Result<Self>;
     fn unary(&self, l: &Layout, op: UnaryOp) -> Result<Self>;
+    /// `x ⊙ mask` over the view's row-major elements, contiguous, in x's (float) dtype: the
+    /// product with `dropout_mask(p, seed)` of that dtype (0, or `1/(1-p)` rounded to it), bit
+    /// for bit, in one pass and without the mask tensor.
+    fn dropout_apply(&self, l: &Layout, p: f64, seed: u64) -> Result<Self>;
     /// Both layouts have the output's shape (broadcasting is done with stride-0 views).
     fn binary(&self, l: &Layout, rhs: &Self, rhs_l: &Layout, op: BinaryOp) -> Result<Self>;
     /// Elementwise comparison; the result is u32 0/1.

@@ -209,6 +209,9 @@ impl BackendStorage for CpuStorage {
     fn cmp(&self, l: &Layout, rhs: &Self, rhs_l: &Layout, op: CmpOp) -> Result<Self> {
         timed("cmp", || elementwise::cmp(self, l, rhs, rhs_l, op))
     }
+    fn dropout_apply(&self, l: &Layout, p: f64, seed: u64) -> Result<Self> {
+        timed("dropout_apply", || random::dropout_apply(self, l, p, seed))
+    }
     fn where_cond(
         &self,
         l: &Layout,

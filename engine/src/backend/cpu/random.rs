@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 use super::CpuStorage;
 use crate::backend::BackendDevice;
-use crate::{rng, DType, Error, Result, Shape};
+use crate::{rng, DType, Error, Layout, Result, Shape};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuDevice;
@@ -102,4 +102,57 @@ impl BackendDevice for CpuDevice {
             }
         }))
     }
+}
+
+/// `x ⊙ dropout_mask(p, seed)` in x's dtype over the view's row-major elements (see
+/// `BackendStorage::dropout_apply`): the same products as `binary(Mul)` with the mask tensor.
+pub(super) fn dropout_apply(x: &CpuStorage, l: &Layout, p: f64, seed: u64) -> Result<CpuStorage> {
+    const OP: &str = "dropout";
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::invalid(
+            OP,
+            format!("probability {p} is not in [0, 1)"),
+        ));
+    }
+    let (keep, thr) = (1.0 / (1.0 - p), rng::dropout_threshold(p));
+    // Element i times its mask value (0, or keep in the element type), in parallel chunks.
+    fn apply<T: Copy + Send + Sync>(
+        mut v: Vec<T>,
+        seed: u64,
+        thr: u32,
+        mul: impl Fn(T, bool) -> T + Sync + Send,
+    ) -> Vec<T> {
+        const CH: usize = 4096;
+        v.par_chunks_mut(CH).enumerate().for_each(|(c, ch)| {
+            for (j, e) in ch.iter_mut().enumerate() {
+                *e = mul(*e, rng::dropped(seed, (c * CH + j) as u64, thr));
+            }
+        });
+        v
+    }
+    Ok(match x {
+        CpuStorage::F32(v) => {
+            let k = keep as f32;
+            let v = CpuStorage::gather_view(v, l);
+            CpuStorage::F32(apply(v, seed, thr, |e, d| e * if d { 0.0 } else { k }))
+        }
+        CpuStorage::BF16(v) => {
+            // The mask in bf16 (keep rounded), the product in f32 rounded once, as `binary`.
+            let k = bf16::from_f64(keep).to_f32();
+            let v = CpuStorage::gather_view(v, l);
+            CpuStorage::BF16(apply(v, seed, thr, |e, d| {
+                bf16::from_f32(e.to_f32() * if d { 0.0 } else { k })
+            }))
+        }
+        CpuStorage::F64(v) => {
+            let v = CpuStorage::gather_view(v, l);
+            CpuStorage::F64(apply(v, seed, thr, |e, d| e * if d { 0.0 } else { keep }))
+        }
+        CpuStorage::U32(_) => {
+            return Err(Error::UnsupportedDType {
+                op: OP,
+                dtype: DType::U32,
+            })
+        }
+    })
 }

@@ -233,6 +233,9 @@ impl BackendStorage for CudaStorage {
     fn unary(&self, l: &Layout, op: UnaryOp) -> Result<Self> {
         elementwise::unary(self, l, op)
     }
+    fn dropout_apply(&self, l: &Layout, p: f64, seed: u64) -> Result<Self> {
+        random::dropout_apply(self, l, p, seed)
+    }
     fn binary(&self, l: &Layout, rhs: &Self, rhs_l: &Layout, op: BinaryOp) -> Result<Self> {
         elementwise::binary(self, l, rhs, rhs_l, op)
     }

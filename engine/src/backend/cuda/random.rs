@@ -134,11 +134,25 @@ pub(crate) fn dropout_cast(
     p: f64,
     seed: u64,
 ) -> Result<CudaStorage> {
+    dropout_cast_keep(x, l, out, p, seed, DType::F64)
+}
+
+/// [`dropout_cast`] with the kept value `1/(1 − p)` rounded to `keep_dtype` first, as a
+/// `dropout_mask` of that dtype holds it (`dropout_apply`: the mask in x's own dtype).
+fn dropout_cast_keep(
+    x: &CudaStorage,
+    l: &Layout,
+    out: DType,
+    p: f64,
+    seed: u64,
+    keep_dtype: DType,
+) -> Result<CudaStorage> {
     const OP: &str = "dropout_cast";
     match (x.dtype, out) {
         (DType::BF16, DType::F32)
         | (DType::F32, DType::F32)
         | (DType::F32, DType::BF16)
+        | (DType::BF16, DType::BF16)
         | (DType::F64, DType::F64) => {}
         _ => {
             return Err(Error::invalid(
@@ -159,7 +173,13 @@ pub(crate) fn dropout_cast(
     if n == 0 {
         return Ok(y);
     }
-    let (n32, thr, keep) = (to_u32(OP, n)?, rng::dropout_threshold(p), 1.0 / (1.0 - p));
+    let keep = 1.0 / (1.0 - p);
+    let keep = match keep_dtype {
+        DType::BF16 => half::bf16::from_f64(keep).to_f64(),
+        DType::F32 => f64::from(keep as f32),
+        _ => keep,
+    };
+    let (n32, thr) = (to_u32(OP, n)?, rng::dropout_threshold(p));
     let (px, py) = (src.ptr, y.ptr());
     let name = format!("dropout_cast_{}_{out}", x.dtype);
     // SAFETY: `src` holds the view's n elements of x's dtype contiguously (`contiguous` checked
@@ -176,4 +196,15 @@ pub(crate) fn dropout_cast(
         )
     }?;
     Ok(y)
+}
+
+/// `x ⊙ dropout_mask(p, seed)` in x's dtype, contiguous (`BackendStorage::dropout_apply`).
+pub(crate) fn dropout_apply(x: &CudaStorage, l: &Layout, p: f64, seed: u64) -> Result<CudaStorage> {
+    if !x.dtype.is_float() {
+        return Err(Error::UnsupportedDType {
+            op: "dropout",
+            dtype: x.dtype,
+        });
+    }
+    dropout_cast_keep(x, l, x.dtype, p, seed, x.dtype)
 }
