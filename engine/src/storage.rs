@@ -5,8 +5,8 @@ use crate::backend::cpu::{CpuDevice, CpuStorage};
 #[cfg(feature = "cuda")]
 use crate::backend::cuda::{CudaDevice, CudaStorage};
 use crate::backend::{
-    AdamWHyper, AdamWSlot, BackendDevice, BackendStorage, BinaryOp, CmpOp, MoeDims, ReduceOp,
-    UnaryOp,
+    AdamWGroup, AdamWHyper, AdamWSlot, BackendDevice, BackendStorage, BinaryOp, CmpOp, MoeDims,
+    ReduceOp, UnaryOp,
 };
 use crate::{DType, Device, Error, Layout, Result, Shape};
 
@@ -516,14 +516,16 @@ impl BackendStorage for Storage {
             Storage::Cuda(_) => CudaStorage::sum_squares_multi(&cuda_args(args)),
         }
     }
-    fn adamw_step(slots: &mut [AdamWSlot<'_, Self>], h: &AdamWHyper) -> Result<()> {
+    fn adamw_step(groups: &mut [AdamWGroup<'_, Self>], h: &AdamWHyper) -> Result<()> {
         const OP: &str = "adamw_step";
-        let Some(first) = slots.first() else {
+        let Some(first) = groups.first() else {
             return Ok(());
         };
         let dev = first.param.device();
-        for s in slots.iter() {
-            for other in [&*s.exp_avg, &*s.exp_avg_sq, s.grad, &*s.param] {
+        for g in groups.iter() {
+            let slots = g.slots.iter();
+            let others = slots.flat_map(|s| [&*s.exp_avg, &*s.exp_avg_sq, s.grad]);
+            for other in std::iter::once(&*g.param).chain(others) {
                 if other.device() != dev {
                     return Err(Error::DeviceMismatch {
                         op: OP,
@@ -533,53 +535,68 @@ impl BackendStorage for Storage {
                 }
             }
         }
+        let mixed = || Error::invalid(OP, "storages on different backends");
         match dev {
             Device::Cpu => {
-                let mut cpu = Vec::with_capacity(slots.len());
-                for s in slots.iter_mut() {
+                let mut cpu = Vec::with_capacity(groups.len());
+                for g in groups.iter_mut() {
                     #[allow(unreachable_patterns)]
-                    match (&mut *s.param, &mut *s.exp_avg, &mut *s.exp_avg_sq, s.grad) {
-                        (Storage::Cpu(p), Storage::Cpu(m), Storage::Cpu(v), Storage::Cpu(g)) => cpu
-                            .push(AdamWSlot {
-                                param: p,
-                                param_offset: s.param_offset,
-                                exp_avg: m,
-                                exp_avg_offset: s.exp_avg_offset,
-                                exp_avg_sq: v,
-                                exp_avg_sq_offset: s.exp_avg_sq_offset,
-                                grad: g,
-                                grad_offset: s.grad_offset,
-                                len: s.len,
-                            }),
-                        _ => return Err(Error::invalid(OP, "storages on different backends")),
+                    let param = match &mut *g.param {
+                        Storage::Cpu(p) => p,
+                        _ => return Err(mixed()),
+                    };
+                    let mut slots = Vec::with_capacity(g.slots.len());
+                    for s in g.slots.iter_mut() {
+                        #[allow(unreachable_patterns)]
+                        match (&mut *s.exp_avg, &mut *s.exp_avg_sq, s.grad) {
+                            (Storage::Cpu(m), Storage::Cpu(v), Storage::Cpu(gr)) => {
+                                slots.push(AdamWSlot {
+                                    param_offset: s.param_offset,
+                                    exp_avg: m,
+                                    exp_avg_offset: s.exp_avg_offset,
+                                    exp_avg_sq: v,
+                                    exp_avg_sq_offset: s.exp_avg_sq_offset,
+                                    grad: gr,
+                                    grad_offset: s.grad_offset,
+                                    len: s.len,
+                                })
+                            }
+                            _ => return Err(mixed()),
+                        }
                     }
+                    cpu.push(AdamWGroup { param, slots });
                 }
                 CpuStorage::adamw_step(&mut cpu, h)
             }
             #[cfg(feature = "cuda")]
             Device::Cuda(_) => {
-                let mut gpu = Vec::with_capacity(slots.len());
-                for s in slots.iter_mut() {
+                let mut gpu = Vec::with_capacity(groups.len());
+                for g in groups.iter_mut() {
                     #[allow(unreachable_patterns)]
-                    match (&mut *s.param, &mut *s.exp_avg, &mut *s.exp_avg_sq, s.grad) {
-                        (
-                            Storage::Cuda(p),
-                            Storage::Cuda(m),
-                            Storage::Cuda(v),
-                            Storage::Cuda(g),
-                        ) => gpu.push(AdamWSlot {
-                            param: p,
-                            param_offset: s.param_offset,
-                            exp_avg: m,
-                            exp_avg_offset: s.exp_avg_offset,
-                            exp_avg_sq: v,
-                            exp_avg_sq_offset: s.exp_avg_sq_offset,
-                            grad: g,
-                            grad_offset: s.grad_offset,
-                            len: s.len,
-                        }),
-                        _ => return Err(Error::invalid(OP, "storages on different backends")),
+                    let param = match &mut *g.param {
+                        Storage::Cuda(p) => p,
+                        _ => return Err(mixed()),
+                    };
+                    let mut slots = Vec::with_capacity(g.slots.len());
+                    for s in g.slots.iter_mut() {
+                        #[allow(unreachable_patterns)]
+                        match (&mut *s.exp_avg, &mut *s.exp_avg_sq, s.grad) {
+                            (Storage::Cuda(m), Storage::Cuda(v), Storage::Cuda(gr)) => {
+                                slots.push(AdamWSlot {
+                                    param_offset: s.param_offset,
+                                    exp_avg: m,
+                                    exp_avg_offset: s.exp_avg_offset,
+                                    exp_avg_sq: v,
+                                    exp_avg_sq_offset: s.exp_avg_sq_offset,
+                                    grad: gr,
+                                    grad_offset: s.grad_offset,
+                                    len: s.len,
+                                })
+                            }
+                            _ => return Err(mixed()),
+                        }
                     }
+                    gpu.push(AdamWGroup { param, slots });
                 }
                 CudaStorage::adamw_step(&mut gpu, h)
             }

@@ -349,13 +349,29 @@ impl Llama {
             .map_or_else(Vec::new, Adapters::named_params)
     }
 
-    /// Replaces the adapter tensor `name` by `value` (same shape).
+    /// Replaces the adapter tensor `name` by `value` (same shape): `value` itself becomes the
+    /// parameter, and gradients land on it. A replaced MixLoRA expert matrix no longer lies in
+    /// its layer's stacked buffer, so the MoE paths copy that kind to stack it
+    /// ([`Adapters::set_param`]); [`Llama::assign_trainable_param`] keeps the layout.
     pub fn set_trainable_param(&mut self, name: &str, value: Tensor) -> Result<()> {
         let config = self.config.clone();
         match &mut self.adapters {
             Some(a) => a.set_param(&config, name, value),
             None => Err(Error::Invalid(format!(
                 "set_trainable_param: no adapters attached (asked for {name})"
+            ))),
+        }
+    }
+
+    /// Copies `value` into the adapter tensor `name` in place when shape and dtype match (the
+    /// parameter stays the same variable, and a MixLoRA expert matrix a view of its layer's
+    /// stacked buffer); otherwise replaces it as [`Llama::set_trainable_param`] does.
+    pub fn assign_trainable_param(&mut self, name: &str, value: &Tensor) -> Result<()> {
+        let config = self.config.clone();
+        match &mut self.adapters {
+            Some(a) => a.assign_param(&config, name, value),
+            None => Err(Error::Invalid(format!(
+                "assign_trainable_param: no adapters attached (asked for {name})"
             ))),
         }
     }

@@ -1,7 +1,8 @@
 //! CPU ↔ CUDA parity of the fused multi-tensor AdamW step (`engine::adamw_step`, one kernel launch
 //! for all tensors on the GPU): 60 parameters of assorted sizes (1, around the 256-thread block,
 //! around the 4096-element chunk, 100003) in f32, bf16 and f64 together in one call, plus one
-//! parameter without a gradient, after 3 steps with weight decay and a clipping scale. Parameters
+//! parameter without a gradient and four that are views of one buffer (one of them without a
+//! gradient), after 3 steps with weight decay and a clipping scale. Parameters
 //! and both moments are compared by relative error: f32 1e-5, bf16 1e-2, f64 1e-12 (the kernel
 //! uses the CPU's operations in the same order without contraction, so it is expected to be
 //! exact). Also the multi-tensor sum of squares (`engine::sum_of_squares`, the gradient norm: one
@@ -69,6 +70,15 @@ mod gpu {
             .unwrap();
         ps.insert(7, frozen);
         dts.insert(7, DType::F32);
+        // Four parameters that are the slices of one buffer (a MixLoRA layer's stacked expert
+        // LoRAs, updated in place in it); the third never gets a gradient either.
+        let stacked = Tensor::from_f64(&vals(4 * 4097, 777, 0.1), [4, 4097], DType::F32, dev)
+            .unwrap()
+            .unstack_leaves()
+            .unwrap();
+        let no_grad_view = ps.len() + 2;
+        dts.extend([DType::F32; 4]);
+        ps.extend(stacked);
         let zeros = |p: &Tensor| {
             Tensor::zeros(p.shape().clone(), adamw_moment_dtype(p.dtype()), dev).unwrap()
         };
@@ -77,7 +87,7 @@ mod gpu {
         for step in 1..=3u64 {
             for (i, p) in ps.iter().enumerate() {
                 p.zero_grad();
-                if i == 7 {
+                if i == 7 || i == no_grad_view {
                     continue;
                 }
                 let g = vals(p.elem_count(), 10_000 * step + i as u64, 0.01);
@@ -144,6 +154,10 @@ mod gpu {
                 .collect::<Vec<_>>()
         );
         assert!(got[7].2.iter().all(|&x| x == 0.0));
+        // So is the view without a gradient (the third of the last four).
+        let view = &got[got.len() - 2];
+        assert_eq!(view.1, want[want.len() - 2].1);
+        assert!(view.2.iter().all(|&x| x == 0.0));
         eprintln!("{} tensors × 3 buffers, {exact} bit-identical", want.len());
         assert!(failures.is_empty(), "\n{}", failures.join("\n"));
     }

@@ -182,3 +182,114 @@ fn mixed_dtypes_in_one_step() {
         assert_eq!(x.to_vec_f64().unwrap(), y.to_vec_f64().unwrap());
     }
 }
+
+/// The state after 3 steps, with 2 accumulated micro-batches each, of four parameters that are
+/// the slices of one `[4, n]` buffer (`stacked`, as a MixLoRA layer's expert LoRAs) or four
+/// separate tensors with the same values, plus one separate parameter: the first two receive
+/// their gradient through one stacked tensor (views of its gradient, then a sum on the second
+/// micro-batch), the last one directly, and the third never gets one. Returns the parameters,
+/// the moments and the slices' buffer (`None` when separate).
+fn run_stacked(
+    dtype: DType,
+    n: usize,
+    stacked: bool,
+    fused: bool,
+) -> (Vec<Vec<f64>>, Option<Tensor>) {
+    let buf = Tensor::rand_uniform([4, n], 0.1, 1.5, 5, dtype, Device::Cpu).unwrap();
+    let mut ps: Vec<Tensor> = buf.unstack_leaves().unwrap();
+    if !stacked {
+        ps = ps.iter().map(|p| p.detach().to_var().unwrap()).collect();
+    }
+    let other = Tensor::rand_uniform(77, 0.1, 1.5, 6, dtype, Device::Cpu)
+        .unwrap()
+        .to_var()
+        .unwrap();
+    let named: Vec<(String, Tensor)> = ps
+        .iter()
+        .chain([&other])
+        .enumerate()
+        .map(|(i, p)| (format!("p{i}"), p.clone()))
+        .collect();
+    let mut opt = AdamW::new(named, AdamWConfig::default()).unwrap();
+    let r = |shape: &[usize], seed: u64| {
+        Tensor::randn(shape.to_vec(), 0.0, 1.0, seed, dtype, Device::Cpu).unwrap()
+    };
+    for step in 1..=3u64 {
+        opt.zero_grad();
+        for micro in 0..2u64 {
+            let seed = 100 * step + 10 * micro;
+            let pair = engine::stack(&[&ps[0], &ps[1]]).unwrap(); // [2, n]
+            assert_eq!(pair.same_storage(&buf), stacked);
+            let mut loss = pair.mul(&r(&[2, n], seed)).unwrap().sum_all().unwrap();
+            if micro == 0 {
+                for (p, s) in [(&ps[3], seed + 1), (&other, seed + 2)] {
+                    let l = p.mul(&r(p.dims(), s)).unwrap().sum_all().unwrap();
+                    loss = loss.add(&l).unwrap();
+                }
+            }
+            loss.backward().unwrap();
+        }
+        assert!(ps[2].grad().is_none());
+        if fused {
+            opt.step(1e-2, 0.7).unwrap();
+        } else {
+            opt.step_reference(1e-2, 0.7).unwrap();
+        }
+    }
+    let (m, v) = opt.moments();
+    let state = ps
+        .iter()
+        .chain([&other])
+        .chain(m)
+        .chain(v)
+        .map(|t| t.to_vec_f64().unwrap())
+        .collect();
+    (state, stacked.then_some(buf))
+}
+
+/// Parameters that are views of one buffer (a MixLoRA layer's stacked expert LoRAs) are updated
+/// in place in that buffer, with the same results as separate tensors bit for bit (fused step and
+/// tensor-op step), gradient accumulation and a view without a gradient included.
+#[test]
+fn views_of_one_buffer_update_in_place_like_separate_tensors() {
+    for dtype in [DType::F32, DType::BF16, DType::F64] {
+        // One size under the CPU's chunk of 16384 elements, one spread over several chunks.
+        for n in [300, 40000] {
+            let start = Tensor::rand_uniform([4, n], 0.1, 1.5, 5, dtype, Device::Cpu)
+                .unwrap()
+                .to_vec_f64()
+                .unwrap();
+            let (separate, _) = run_stacked(dtype, n, false, true);
+            for fused in [true, false] {
+                let (views, buf) = run_stacked(dtype, n, true, fused);
+                assert_eq!(views, separate, "{dtype}, n {n}, fused {fused}");
+                // The buffer holds the updated slices; the one without a gradient is untouched.
+                let buf = buf.unwrap().to_vec_f64().unwrap();
+                assert_eq!(buf, views[..4].concat(), "{dtype}, n {n}");
+                assert_eq!(views[2], start[2 * n..3 * n], "{dtype}, n {n}");
+                assert_ne!(views[0], start[..n], "{dtype}, n {n}");
+            }
+        }
+    }
+}
+
+/// Views of one buffer that overlap cannot be stepped together.
+#[test]
+fn overlapping_views_are_refused() {
+    let buf = Tensor::rand_uniform([2, 10], 0.1, 1.5, 5, DType::F32, Device::Cpu).unwrap();
+    let mut ps = buf.unstack_leaves().unwrap();
+    ps.extend(buf.reshape([1, 20]).unwrap().unstack_leaves().unwrap()); // the whole buffer
+    let named = ps
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (format!("p{i}"), p.clone()))
+        .collect();
+    let mut opt = AdamW::new(named, AdamWConfig::default()).unwrap();
+    for p in &ps {
+        p.sum_all().unwrap().backward().unwrap();
+    }
+    let before = buf.to_vec_f64().unwrap();
+    let err = opt.step(1e-2, 1.0).unwrap_err().to_string();
+    assert!(err.contains("shares its buffer"), "{err}");
+    assert_eq!(buf.to_vec_f64().unwrap(), before);
+}

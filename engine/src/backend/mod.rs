@@ -286,11 +286,11 @@ pub trait BackendStorage: Sized + Send + Sync {
         off_l: &Layout,
         num_experts: usize,
     ) -> Result<Self>;
-    /// One fused AdamW step over every slot (see [`AdamWSlot`], [`AdamWHyper`]), in place: each
-    /// slot's parameter and moments are read and written once. Moments are f32 (f64 for f64
-    /// parameters); the grad has the parameter's dtype. The CPU spreads the elements over threads,
-    /// the CUDA backend runs one kernel launch for all slots.
-    fn adamw_step(slots: &mut [AdamWSlot<'_, Self>], h: &AdamWHyper) -> Result<()>;
+    /// One fused AdamW step over every slot of every group (see [`AdamWGroup`], [`AdamWSlot`],
+    /// [`AdamWHyper`]), in place: each slot's parameter and moments are read and written once.
+    /// Moments are f32 (f64 for f64 parameters); the grad has the parameter's dtype. The CPU
+    /// spreads the elements over threads, the CUDA backend runs one kernel launch for all slots.
+    fn adamw_step(groups: &mut [AdamWGroup<'_, Self>], h: &AdamWHyper) -> Result<()>;
     /// `Σ_t Σ_i t[i]²` over every tensor (any float dtype, any view), accumulated in f64 in
     /// chunks of 4096 elements per tensor whose sums are added in order (deterministic), returned
     /// on the host. The CUDA backend runs one kernel launch for all tensors.
@@ -404,11 +404,19 @@ pub trait BackendStorage: Sized + Send + Sync {
     ) -> Result<Self>;
 }
 
-/// One parameter of a fused AdamW step: contiguous runs of `len` elements starting at the given
-/// element offsets of each buffer. The parameter is f32, bf16 or f64; the moments are f32 (f64
-/// for f64 parameters); the gradient has the parameter's dtype.
-pub struct AdamWSlot<'a, S> {
+/// The parameters of a fused AdamW step that live in one buffer `param` (f32, bf16 or f64), one
+/// slot each: a single tensor, or views of one stacked buffer (a MixLoRA layer's expert LoRAs).
+/// The slots' runs of `param` never overlap.
+pub struct AdamWGroup<'a, S> {
     pub param: &'a mut S,
+    pub slots: Vec<AdamWSlot<'a, S>>,
+}
+
+/// One parameter of a fused AdamW step: contiguous runs of `len` elements starting at the given
+/// element offsets of its group's parameter buffer, its moments and its gradient. The moments are
+/// f32 (f64 for f64 parameters) and belong to this slot alone; the gradient has the parameter's
+/// dtype (slots may read one gradient buffer).
+pub struct AdamWSlot<'a, S> {
     pub param_offset: usize,
     pub exp_avg: &'a mut S,
     pub exp_avg_offset: usize,

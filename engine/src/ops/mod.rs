@@ -18,6 +18,7 @@ mod optim;
 mod reduce;
 mod rope;
 mod softmax;
+mod stack;
 mod view;
 
 pub use attention::*;
@@ -26,6 +27,7 @@ pub use loss::*;
 pub use moe_fused::*;
 pub use optim::*;
 pub use rope::*;
+pub use stack::*;
 
 use crate::{DType, Error, Result, Tensor};
 

@@ -1,10 +1,10 @@
 //! The fused multi-tensor AdamW step: every parameter, both of its moments and its gradient in
 //! one backend call (on CUDA, one kernel launch for all of them), updated in place.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use crate::autograd::no_grad;
-use crate::backend::{AdamWSlot, BackendStorage};
+use crate::backend::{AdamWGroup, AdamWSlot, BackendStorage};
 use crate::{DType, Error, Layout, Result, Storage, Tensor};
 
 pub use crate::backend::{AdamWCoefficients, AdamWHyper};
@@ -30,8 +30,10 @@ pub fn adamw_moment_dtype(d: DType) -> DType {
 /// `exp_avg[i]` and `exp_avg_sq[i]` are the moments of `params[i]`: same shape, dtype
 /// [`adamw_moment_dtype`] of the parameter. Parameters are f32, bf16 (math in f32, the new value
 /// rounded once) or f64; parameters whose `grad()` is `None` are left alone (no decay, no moment
-/// update). Parameters and moments must be contiguous, on one device, and no two of them may
-/// share a buffer. Records nothing on the tape.
+/// update). Parameters and moments must be contiguous and on one device. Parameters may be views
+/// of one buffer whose elements do not overlap (the experts' stacked LoRAs of a MixLoRA layer,
+/// see [`Tensor::unstack_leaves`]): each is updated in place in that buffer. No moment shares a
+/// buffer with anything else. Records nothing on the tape.
 pub fn adamw_step(
     params: &[Tensor],
     exp_avg: &[Tensor],
@@ -52,7 +54,9 @@ pub fn adamw_step(
     }
     // (param, m, v, grad) of every parameter that has a gradient, checked.
     let mut work: Vec<[Tensor; 4]> = Vec::with_capacity(params.len());
-    let mut buffers = HashSet::new();
+    let mut moment_buffers = HashSet::new();
+    // The element ranges of the parameters in each parameter buffer.
+    let mut param_runs: HashMap<usize, Vec<(usize, usize)>> = HashMap::new();
     for ((p, m), v) in params.iter().zip(exp_avg).zip(exp_avg_sq) {
         if !p.dtype().is_float() {
             return Err(Error::UnsupportedDType {
@@ -94,16 +98,16 @@ pub fn adamw_step(
                     ),
                 ));
             }
-            if !buffers.insert(t.storage_key()) {
-                return Err(Error::invalid(
-                    OP,
-                    format!(
-                        "a parameter or moment of shape {} shares its buffer with another",
-                        t.shape()
-                    ),
-                ));
+        }
+        for t in [m, v] {
+            if !moment_buffers.insert(t.storage_key()) {
+                return Err(shared(t));
             }
         }
+        param_runs
+            .entry(p.storage_key())
+            .or_default()
+            .push((p.layout().offset(), p.elem_count()));
         let Some(g) = p.grad() else { continue };
         if g.shape() != p.shape() {
             return Err(Error::ShapeMismatch {
@@ -116,8 +120,20 @@ pub fn adamw_step(
         let g = no_grad(|| g.to_dtype(p.dtype())?.contiguous())?;
         work.push([p.clone(), m.clone(), v.clone(), g]);
     }
+    // Views of one parameter buffer must not overlap (each element is updated once), and a
+    // moment never lives in a parameter's buffer.
+    for (key, runs) in &mut param_runs {
+        runs.sort_unstable();
+        if runs.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) || moment_buffers.contains(key) {
+            let p = params.iter().find(|p| p.storage_key() == *key);
+            return Err(p.map_or_else(|| Error::invalid(OP, "overlapping parameters"), shared));
+        }
+    }
     // A gradient never shares a buffer with what is written (it is read while they are locked).
-    if work.iter().any(|w| buffers.contains(&w[3].storage_key())) {
+    if work.iter().any(|w| {
+        let k = w[3].storage_key();
+        moment_buffers.contains(&k) || param_runs.contains_key(&k)
+    }) {
         return Err(Error::invalid(
             OP,
             "a gradient shares its buffer with a parameter or moment",
@@ -126,30 +142,81 @@ pub fn adamw_step(
     if work.is_empty() {
         return Ok(());
     }
-    let offset = |t: &Tensor| t.layout().offset();
-    let mut pw: Vec<_> = work.iter().map(|w| w[0].storage_mut()).collect();
-    let mut mw: Vec<_> = work.iter().map(|w| w[1].storage_mut()).collect();
-    let mut vw: Vec<_> = work.iter().map(|w| w[2].storage_mut()).collect();
-    let gr: Vec<_> = work.iter().map(|w| w[3].storage()).collect();
-    let mut slots: Vec<AdamWSlot<'_, Storage>> = pw
-        .iter_mut()
-        .zip(mw.iter_mut())
-        .zip(vw.iter_mut())
-        .zip(gr.iter())
-        .zip(&work)
-        .map(|((((p, m), v), g), w)| AdamWSlot {
-            param: &mut **p,
-            param_offset: offset(&w[0]),
-            exp_avg: &mut **m,
-            exp_avg_offset: offset(&w[1]),
-            exp_avg_sq: &mut **v,
-            exp_avg_sq_offset: offset(&w[2]),
-            grad: &**g,
-            grad_offset: offset(&w[3]),
-            len: w[0].elem_count(),
+    // One group per parameter buffer (in order of first appearance), so that each buffer is
+    // locked once; each distinct gradient buffer is read-locked once too.
+    let mut group_of: HashMap<usize, usize> = HashMap::new();
+    let mut members: Vec<Vec<usize>> = Vec::new();
+    for (i, w) in work.iter().enumerate() {
+        let next = members.len();
+        let gi = *group_of.entry(w[0].storage_key()).or_insert(next);
+        if gi == next {
+            members.push(Vec::new());
+        }
+        members[gi].push(i);
+    }
+    let mut grad_of: HashMap<usize, usize> = HashMap::new();
+    let mut grad_owner: Vec<usize> = Vec::new(); // a work entry per distinct gradient buffer
+    let grad_index: Vec<usize> = work
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let next = grad_owner.len();
+            let gi = *grad_of.entry(w[3].storage_key()).or_insert(next);
+            if gi == next {
+                grad_owner.push(i);
+            }
+            gi
         })
         .collect();
-    Storage::adamw_step(&mut slots, h)
+    let offset = |t: &Tensor| t.layout().offset();
+    let mut pw: Vec<_> = members
+        .iter()
+        .map(|g| work[g[0]][0].storage_mut())
+        .collect();
+    let mut mw: Vec<_> = work.iter().map(|w| w[1].storage_mut()).collect();
+    let mut vw: Vec<_> = work.iter().map(|w| w[2].storage_mut()).collect();
+    let gr: Vec<_> = grad_owner.iter().map(|&i| work[i][3].storage()).collect();
+    let mut mv: Vec<Option<(&mut Storage, &mut Storage)>> = mw
+        .iter_mut()
+        .zip(vw.iter_mut())
+        .map(|(m, v)| Some((&mut **m, &mut **v)))
+        .collect();
+    let mut groups: Vec<AdamWGroup<'_, Storage>> = Vec::with_capacity(members.len());
+    for (p, idx) in pw.iter_mut().zip(&members) {
+        let mut slots = Vec::with_capacity(idx.len());
+        for &i in idx {
+            let w = &work[i];
+            let Some((m, v)) = mv[i].take() else {
+                return Err(Error::invalid(OP, "a parameter is listed twice"));
+            };
+            slots.push(AdamWSlot {
+                param_offset: offset(&w[0]),
+                exp_avg: m,
+                exp_avg_offset: offset(&w[1]),
+                exp_avg_sq: v,
+                exp_avg_sq_offset: offset(&w[2]),
+                grad: &*gr[grad_index[i]],
+                grad_offset: offset(&w[3]),
+                len: w[0].elem_count(),
+            });
+        }
+        groups.push(AdamWGroup {
+            param: &mut **p,
+            slots,
+        });
+    }
+    Storage::adamw_step(&mut groups, h)
+}
+
+/// The error for a parameter or moment `t` that shares its buffer where it may not.
+fn shared(t: &Tensor) -> Error {
+    Error::invalid(
+        "adamw_step",
+        format!(
+            "a parameter or moment of shape {} shares its buffer with another",
+            t.shape()
+        ),
+    )
 }
 
 /// `Σ_t Σ_i t[i]²` over `tensors` (f32, bf16 or f64, any views, one device), on the host in

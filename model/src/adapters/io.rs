@@ -134,7 +134,9 @@ fn link_others(from: &Path, to: &Path) -> Result<()> {
 /// Reads the adapter in `dir` and attaches it to `model` (replacing any adapters), after
 /// checking every tensor: a missing, unexpected or misshapen tensor, an adapter made for a base
 /// with another layer count or hidden size, or a malformed file is a one-line error naming the
-/// file and the tensor. The loaded tensors are trainable variables in the adapter dtype.
+/// file and the tensor. The loaded tensors are trainable variables in the adapter dtype; each
+/// MixLoRA layer's expert matrices of one kind are laid out in one buffer
+/// ([`Adapters::stack_experts`]).
 pub fn load(dir: &Path, model: &mut Llama) -> Result<()> {
     let cfg = AdapterConfig::from_json_file(&dir.join(CONFIG_FILE))?;
     let path = dir.join(WEIGHTS_FILE);
@@ -212,7 +214,8 @@ pub fn load(dir: &Path, model: &mut Llama) -> Result<()> {
             ),
         ));
     }
-    model.set_adapters(adapters);
+    // Each layer's expert matrices of one kind in one buffer, as `Adapters::init` lays them out.
+    model.set_adapters(adapters.with_stacked_experts()?);
     Ok(())
 }
 

@@ -18,7 +18,7 @@
 //! with the A/B matrices stacked per expert, and one weighted combine back to tokens
 //! (`moe_combine`). No host read anywhere.
 
-use engine::{cat, rng, Tensor};
+use engine::{rng, stack, Tensor};
 
 use super::lora::{linear, lora_linear, LoraLinear};
 use super::router::{Router, RouterOutput, Routing};
@@ -61,7 +61,9 @@ impl std::str::FromStr for MoeImpl {
 }
 
 /// One projection's LoRA of every expert, stacked: `A` `[E, r, in]`, `B` `[E, out, r]` (in the
-/// graph: gradients reach each expert's own `A`/`B`).
+/// graph: gradients reach each expert's own `A`/`B`). Views of the experts' buffer when their
+/// matrices lie back to back in it, as [`Adapters::init`](super::Adapters::init) and
+/// [`load`](super::load) lay them out; copies otherwise.
 struct StackedLora {
     a: Tensor,
     b: Tensor,
@@ -90,19 +92,11 @@ fn stack_loras(
     if !loras.iter().all(|l| l.as_ref().is_some_and(same)) {
         return Ok(Err(()));
     }
-    let a: Vec<Tensor> = loras
-        .iter()
-        .flatten()
-        .map(|l| l.a.unsqueeze(0))
-        .collect::<engine::Result<_>>()?;
-    let b: Vec<Tensor> = loras
-        .iter()
-        .flatten()
-        .map(|l| l.b.unsqueeze(0))
-        .collect::<engine::Result<_>>()?;
+    let a: Vec<&Tensor> = loras.iter().flatten().map(|l| &l.a).collect();
+    let b: Vec<&Tensor> = loras.iter().flatten().map(|l| &l.b).collect();
     Ok(Ok(Some(StackedLora {
-        a: cat(&a.iter().collect::<Vec<_>>(), 0)?, // [E, r, in]
-        b: cat(&b.iter().collect::<Vec<_>>(), 0)?, // [E, out, r]
+        a: stack(&a)?, // [E, r, in]
+        b: stack(&b)?, // [E, out, r]
         scale: first.scale,
         dropout: first.dropout,
     })))

@@ -2,7 +2,7 @@
 //! (`engine::moe_fused_ffn`, path 3 of MIXLORA.md): the top-k routing and the experts' LoRA weights
 //! stacked into `[E, ..]` tensors, everything else inside the op.
 
-use engine::{cat, moe_fused_ffn, MoeDropout, MoeFusedWeights, MoeRouting, Tensor};
+use engine::{moe_fused_ffn, MoeDropout, MoeFusedWeights, MoeRouting, Tensor};
 
 use super::lora::LoraLinear;
 use super::mixlora::{MixLoraFfn, SharedFfn};
@@ -10,7 +10,8 @@ use super::router::RouterOutput;
 use crate::error::Result;
 
 /// One projection's LoRA of every expert stacked along a new leading dim (`[E, ..]`), when all
-/// experts have it with the same scale and dropout.
+/// experts have it with the same scale and dropout: views of the experts' buffer when their
+/// matrices lie back to back in it (as the adapters lay them out), copies otherwise.
 fn stack(
     loras: &[Option<&LoraLinear>],
     scale: f64,
@@ -23,12 +24,10 @@ fn stack(
         if l.scale != scale || l.dropout != dropout {
             return Ok(None);
         }
-        a.push(l.a.unsqueeze(0)?); // [1, r, in]
-        b.push(l.b.unsqueeze(0)?); // [1, out, r]
+        a.push(&l.a); // [r, in]
+        b.push(&l.b); // [out, r]
     }
-    let a: Vec<&Tensor> = a.iter().collect();
-    let b: Vec<&Tensor> = b.iter().collect();
-    Ok(Some((cat(&a, 0)?, cat(&b, 0)?)))
+    Ok(Some((engine::stack(&a)?, engine::stack(&b)?))) // [E, r, in], [E, out, r]
 }
 
 impl MixLoraFfn {
@@ -36,9 +35,10 @@ impl MixLoraFfn {
     /// expert lacks a LoRA on gate, up or down, or the experts' scales, dropouts or ranks
     /// differ): the caller then runs the naive loop.
     ///
-    /// The expert weights are stacked (`cat`, so their gradients flow back to each expert) once
-    /// per call. Dropout (training): one mask per projection shared by all experts for gate and
-    /// up, and one per slot for down, so the result equals the naive path's only at dropout 0.
+    /// The expert weights are stacked (`engine::stack`: a view when they lie back to back in one
+    /// buffer, else `cat`; gradients flow back to each expert either way) once per call.
+    /// Dropout (training): one mask per projection shared by all experts for gate and up, and
+    /// one per slot for down, so the result equals the naive path's only at dropout 0.
     pub(crate) fn fused(
         &self,
         x: &Tensor,

@@ -208,7 +208,8 @@ impl Adapters {
     }
 
     /// Fresh trainable adapters (`A` uniform in `±1/√in`, `B = 0`, router `N(0, init_range)`),
-    /// seeded, in the adapter dtype for a `base` dtype.
+    /// seeded, in the adapter dtype for a `base` dtype; each MixLoRA layer's expert matrices of
+    /// one kind laid out in one buffer ([`Adapters::stack_experts`]).
     pub fn init(
         cfg: &AdapterConfig,
         mc: &LlamaConfig,
@@ -238,6 +239,65 @@ impl Adapters {
             };
             Ok(t.to_var()?)
         })
+        .and_then(Adapters::with_stacked_experts)
+    }
+
+    /// `self` after [`Adapters::stack_experts`].
+    pub(crate) fn with_stacked_experts(mut self) -> Result<Adapters> {
+        self.stack_experts()?;
+        Ok(self)
+    }
+
+    /// Lays out each MixLoRA layer's expert matrices of one kind (`A` or `B` of gate, up or down)
+    /// as the slices of one `[E, r, in]` (`[E, out, r]`) buffer, each expert's matrix a trainable
+    /// view of its slice (values unchanged), so that the MoE paths stack them without a copy
+    /// (`engine::Tensor::stack_views`). [`Adapters::init`] and [`load`] do this; a kind whose
+    /// experts are already laid out so is left alone, and so is one where an expert lacks it or
+    /// the experts' matrices differ in shape, dtype or device, or are not all variables. The
+    /// tensors of a kind it lays out are new variables (their old buffers are freed unless
+    /// something else holds them): call it before creating an optimizer over
+    /// [`Adapters::named_params`].
+    pub fn stack_experts(&mut self) -> Result<()> {
+        type Pick = fn(&mut ExpertLora) -> Option<&mut Tensor>;
+        let kinds: [Pick; 6] = [
+            |e| e.gate.as_mut().map(|l| &mut l.a),
+            |e| e.gate.as_mut().map(|l| &mut l.b),
+            |e| e.up.as_mut().map(|l| &mut l.a),
+            |e| e.up.as_mut().map(|l| &mut l.b),
+            |e| e.down.as_mut().map(|l| &mut l.a),
+            |e| e.down.as_mut().map(|l| &mut l.b),
+        ];
+        for layer in &mut self.layers {
+            let MlpAdapters::MixLora(moe) = &mut layer.mlp else {
+                continue;
+            };
+            for pick in kinds {
+                let Some(mats) = moe
+                    .experts
+                    .iter_mut()
+                    .map(pick)
+                    .collect::<Option<Vec<&mut Tensor>>>()
+                else {
+                    continue; // an expert without this LoRA
+                };
+                let Some(first) = mats.first() else { continue };
+                let stackable = mats.iter().all(|t| {
+                    t.is_variable()
+                        && t.dims() == first.dims()
+                        && t.dtype() == first.dtype()
+                        && t.device() == first.device()
+                });
+                let refs: Vec<&Tensor> = mats.iter().map(|t| &**t).collect();
+                if !stackable || Tensor::stack_views(&refs)?.is_some() {
+                    continue;
+                }
+                let stacked = engine::no_grad(|| engine::stack(&refs))?; // [E, ..], one copy
+                for (t, leaf) in mats.into_iter().zip(stacked.unstack_leaves()?) {
+                    *t = leaf;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Every trainable tensor with its file name, in [`Adapters::build`]'s order.
@@ -274,7 +334,10 @@ impl Adapters {
     }
 
     /// Replaces the tensor called `name` (same shape) by `value`, e.g. to evaluate the model at
-    /// other adapter values.
+    /// other adapter values: `value` itself becomes the parameter (a gradient lands on it). An
+    /// expert's matrix so replaced no longer lies in its layer's stacked buffer (see
+    /// [`Adapters::stack_experts`]), so the MoE paths stack that kind with a copy;
+    /// [`Adapters::assign_param`] keeps the layout.
     pub fn set_param(&mut self, mc: &LlamaConfig, name: &str, value: Tensor) -> Result<()> {
         let mut map: HashMap<String, Tensor> = self.named_params().into_iter().collect();
         let old = map
@@ -295,5 +358,25 @@ impl Adapters {
         })?;
         self.moe_impl = moe_impl;
         Ok(())
+    }
+
+    /// Copies `value`'s elements into the tensor called `name` in place, when shapes, dtypes and
+    /// devices match: the parameter stays the same variable (an optimizer holding it sees the new
+    /// values) and an expert's matrix stays a view of its layer's stacked buffer. Otherwise
+    /// (another dtype, say) `value` replaces the tensor as in [`Adapters::set_param`].
+    pub fn assign_param(&mut self, mc: &LlamaConfig, name: &str, value: &Tensor) -> Result<()> {
+        let params = self.named_params();
+        let Some((_, old)) = params.iter().find(|(n, _)| n == name) else {
+            return Err(Error::Invalid(format!(
+                "assign_param: no adapter tensor named {name}"
+            )));
+        };
+        if old.dims() == value.dims()
+            && old.dtype() == value.dtype()
+            && old.device() == value.device()
+        {
+            return Ok(old.assign(value)?);
+        }
+        self.set_param(mc, name, value.clone())
     }
 }

@@ -22,7 +22,7 @@ use half::bf16;
 use num_traits::Float;
 
 use crate::backend::{
-    AdamWHyper, AdamWSlot, BackendStorage, BinaryOp, CmpOp, MoeDims, ReduceOp, UnaryOp,
+    AdamWGroup, AdamWHyper, BackendStorage, BinaryOp, CmpOp, MoeDims, ReduceOp, UnaryOp,
 };
 use crate::{DType, Device, Error, Layout, Result};
 
@@ -444,8 +444,8 @@ impl BackendStorage for CpuStorage {
             moe::grouped_matmul_dw(self, l, x, x_l, offsets, off_l, num_experts)
         })
     }
-    fn adamw_step(slots: &mut [AdamWSlot<'_, Self>], h: &AdamWHyper) -> Result<()> {
-        timed("adamw_step", || optim::adamw_step(slots, h))
+    fn adamw_step(groups: &mut [AdamWGroup<'_, Self>], h: &AdamWHyper) -> Result<()> {
+        timed("adamw_step", || optim::adamw_step(groups, h))
     }
     fn sum_squares_multi(args: &[(&Self, &Layout)]) -> Result<f64> {
         timed("sum_squares_multi", || optim::sum_squares_multi(args))

@@ -10,7 +10,7 @@ use num_traits::Float;
 use rayon::prelude::*;
 
 use super::CpuStorage;
-use crate::backend::{AdamWCoefficients, AdamWHyper, AdamWSlot, BackendStorage};
+use crate::backend::{AdamWCoefficients, AdamWGroup, AdamWHyper, AdamWSlot, BackendStorage};
 use crate::{DType, Error, Result};
 
 /// Elements per task.
@@ -133,58 +133,123 @@ fn range(
     }
 }
 
-fn one_slot(s: &mut AdamWSlot<'_, CpuStorage>, h: &AdamWCoefficients) -> Result<()> {
-    const OP: &str = "adamw_step";
-    let n = s.len;
-    let pr = range(OP, s.param.len(), s.param_offset, n)?;
-    let mr = range(OP, s.exp_avg.len(), s.exp_avg_offset, n)?;
-    let vr = range(OP, s.exp_avg_sq.len(), s.exp_avg_sq_offset, n)?;
-    let gr = range(OP, s.grad.len(), s.grad_offset, n)?;
-    let pd = s.param.dtype();
-    let bad = |d: DType| Error::DTypeMismatch {
-        op: OP,
-        lhs: pd,
-        rhs: d,
+/// Typed slices of a CPU buffer.
+trait Typed: Sized {
+    fn slice(s: &CpuStorage) -> Option<&[Self]>;
+    fn slice_mut(s: &mut CpuStorage) -> Option<&mut [Self]>;
+}
+
+macro_rules! typed {
+    ($t:ty, $variant:ident) => {
+        impl Typed for $t {
+            fn slice(s: &CpuStorage) -> Option<&[Self]> {
+                match s {
+                    CpuStorage::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn slice_mut(s: &mut CpuStorage) -> Option<&mut [Self]> {
+                match s {
+                    CpuStorage::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+        }
     };
-    match (&mut *s.param, &mut *s.exp_avg, &mut *s.exp_avg_sq, s.grad) {
-        (CpuStorage::F32(p), CpuStorage::F32(m), CpuStorage::F32(v), CpuStorage::F32(g)) => {
-            let k = Coef::<f32>::new(h);
-            run(&mut p[pr], &mut m[mr], &mut v[vr], &g[gr], &k);
+}
+typed!(f32, F32);
+typed!(bf16, BF16);
+typed!(f64, F64);
+
+/// One parameter's slices `(p, m, v, g)`, in one of the supported dtype combinations.
+enum Job<'a> {
+    F32(&'a mut [f32], &'a mut [f32], &'a mut [f32], &'a [f32]),
+    Bf16(&'a mut [bf16], &'a mut [f32], &'a mut [f32], &'a [bf16]),
+    F64(&'a mut [f64], &'a mut [f64], &'a mut [f64], &'a [f64]),
+}
+
+/// A [`Job`] variant: its constructor from the slices `(p, m, v, g)`.
+type MakeJob<'a, P, T> = fn(&'a mut [P], &'a mut [T], &'a mut [T], &'a [P]) -> Job<'a>;
+
+/// `buf` cut into the runs `(offset, len)`, returned in the order given, or an error when one
+/// exceeds the buffer or two overlap.
+fn split_runs<'a, T>(buf: &'a mut [T], runs: &[(usize, usize)]) -> Result<Vec<&'a mut [T]>> {
+    const OP: &str = "adamw_step";
+    let total = buf.len();
+    let mut order: Vec<usize> = (0..runs.len()).collect();
+    order.sort_by_key(|&i| runs[i].0);
+    let mut out: Vec<&'a mut [T]> = runs.iter().map(|_| Default::default()).collect();
+    let (mut rest, mut pos) = (buf, 0); // `rest` starts at element `pos` of `buf`
+    for i in order {
+        let (off, len) = runs[i];
+        range(OP, total, off, len)?;
+        if off < pos {
+            return Err(Error::invalid(OP, "two parameters overlap in their buffer"));
         }
-        (CpuStorage::BF16(p), CpuStorage::F32(m), CpuStorage::F32(v), CpuStorage::BF16(g)) => {
-            let k = Coef::<f32>::new(h);
-            run(&mut p[pr], &mut m[mr], &mut v[vr], &g[gr], &k);
-        }
-        (CpuStorage::F64(p), CpuStorage::F64(m), CpuStorage::F64(v), CpuStorage::F64(g)) => {
-            let k = Coef::<f64>::new(h);
-            run(&mut p[pr], &mut m[mr], &mut v[vr], &g[gr], &k);
-        }
-        (CpuStorage::U32(_), ..) => {
-            return Err(Error::UnsupportedDType {
-                op: OP,
-                dtype: DType::U32,
-            })
-        }
-        (_, m, v, g) => {
-            let want = if pd == DType::F64 {
-                DType::F64
-            } else {
-                DType::F32
-            };
-            let wrong = [m.dtype(), v.dtype()]
-                .into_iter()
-                .find(|&d| d != want)
-                .unwrap_or(g.dtype());
-            return Err(bad(wrong));
-        }
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(off - pos);
+        let (mine, tail) = tail.split_at_mut(len);
+        out[i] = mine;
+        (rest, pos) = (tail, off + len);
+    }
+    Ok(out)
+}
+
+/// The jobs of the slots of one parameter buffer `param` (element type `P`, moments `T`); `job`
+/// is the [`Job`] variant of that combination.
+fn group_jobs<'a, P: Typed, T: Typed>(
+    param: &'a mut [P],
+    slots: &'a mut [AdamWSlot<'_, CpuStorage>],
+    pd: DType,
+    job: MakeJob<'a, P, T>,
+    jobs: &mut Vec<Job<'a>>,
+) -> Result<()> {
+    const OP: &str = "adamw_step";
+    let runs: Vec<(usize, usize)> = slots.iter().map(|s| (s.param_offset, s.len)).collect();
+    let parts = split_runs(param, &runs)?;
+    for (p, s) in parts.into_iter().zip(slots.iter_mut()) {
+        let n = s.len;
+        let mr = range(OP, s.exp_avg.len(), s.exp_avg_offset, n)?;
+        let vr = range(OP, s.exp_avg_sq.len(), s.exp_avg_sq_offset, n)?;
+        let gr = range(OP, s.grad.len(), s.grad_offset, n)?;
+        let bad = |d: DType| Error::DTypeMismatch {
+            op: OP,
+            lhs: pd,
+            rhs: d,
+        };
+        let (md, vd, gd) = (s.exp_avg.dtype(), s.exp_avg_sq.dtype(), s.grad.dtype());
+        let m = T::slice_mut(&mut *s.exp_avg).ok_or_else(|| bad(md))?;
+        let v = T::slice_mut(&mut *s.exp_avg_sq).ok_or_else(|| bad(vd))?;
+        let g = P::slice(s.grad).ok_or_else(|| bad(gd))?;
+        jobs.push(job(p, &mut m[mr], &mut v[vr], &g[gr]));
     }
     Ok(())
 }
 
-pub(super) fn adamw_step(slots: &mut [AdamWSlot<'_, CpuStorage>], h: &AdamWHyper) -> Result<()> {
+pub(super) fn adamw_step(groups: &mut [AdamWGroup<'_, CpuStorage>], h: &AdamWHyper) -> Result<()> {
+    let mut jobs: Vec<Job<'_>> = Vec::new();
+    for g in groups.iter_mut() {
+        let pd = g.param.dtype();
+        match &mut *g.param {
+            CpuStorage::F32(p) => group_jobs(p, &mut g.slots, pd, Job::F32, &mut jobs)?,
+            CpuStorage::BF16(p) => group_jobs(p, &mut g.slots, pd, Job::Bf16, &mut jobs)?,
+            CpuStorage::F64(p) => group_jobs(p, &mut g.slots, pd, Job::F64, &mut jobs)?,
+            CpuStorage::U32(_) => {
+                return Err(Error::UnsupportedDType {
+                    op: "adamw_step",
+                    dtype: DType::U32,
+                })
+            }
+        }
+    }
     let k = h.coefficients();
-    // Small parameters are many: one task per slot, and large ones split further inside `run`.
-    slots.par_iter_mut().try_for_each(|s| one_slot(s, &k))
+    let (k32, k64) = (Coef::<f32>::new(&k), Coef::<f64>::new(&k));
+    // Small parameters are many: one task per parameter, and large ones split further in `run`.
+    jobs.into_par_iter().for_each(|j| match j {
+        Job::F32(p, m, v, g) => run(p, m, v, g, &k32),
+        Job::Bf16(p, m, v, g) => run(p, m, v, g, &k32),
+        Job::F64(p, m, v, g) => run(p, m, v, g, &k64),
+    });
+    Ok(())
 }
 
 /// Elements per partial sum of [`sum_squares_multi`] (`SQ_CHUNK` in optim.cu).

@@ -34,7 +34,7 @@ use half::bf16;
 
 use crate::backend::cpu::CpuStorage;
 use crate::backend::{
-    AdamWHyper, AdamWSlot, BackendStorage, BinaryOp, CmpOp, MoeDims, ReduceOp, UnaryOp,
+    AdamWGroup, AdamWHyper, BackendStorage, BinaryOp, CmpOp, MoeDims, ReduceOp, UnaryOp,
 };
 use crate::{DType, Device, Error, Layout, Result};
 
@@ -428,8 +428,8 @@ impl BackendStorage for CudaStorage {
     ) -> Result<Self> {
         moe::grouped_matmul_dw(self, l, x, x_l, offsets, off_l, num_experts)
     }
-    fn adamw_step(slots: &mut [AdamWSlot<'_, Self>], h: &AdamWHyper) -> Result<()> {
-        optim::adamw_step(slots, h)
+    fn adamw_step(groups: &mut [AdamWGroup<'_, Self>], h: &AdamWHyper) -> Result<()> {
+        optim::adamw_step(groups, h)
     }
     fn sum_squares_multi(args: &[(&Self, &Layout)]) -> Result<f64> {
         optim::sum_squares_multi(args)

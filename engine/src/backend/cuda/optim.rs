@@ -15,7 +15,7 @@ use kernels::OPTIM;
 use super::launch::launch;
 use super::{acc_dtype, Contig, CudaStorage};
 use crate::backend::cpu::CpuStorage;
-use crate::backend::{AdamWHyper, AdamWSlot, BackendStorage};
+use crate::backend::{AdamWGroup, AdamWHyper, BackendStorage};
 use crate::{DType, Error, Layout, Result};
 
 /// Elements per chunk (`ADAMW_CHUNK` in optim.cu).
@@ -94,50 +94,56 @@ fn append_chunks(
     }))
 }
 
-pub(crate) fn adamw_step(slots: &mut [AdamWSlot<'_, CudaStorage>], h: &AdamWHyper) -> Result<()> {
+pub(crate) fn adamw_step(groups: &mut [AdamWGroup<'_, CudaStorage>], h: &AdamWHyper) -> Result<()> {
     const OP: &str = "adamw_step";
-    let Some(first) = slots.first() else {
+    let Some(first) = groups.first() else {
         return Ok(());
     };
     let dev = first.param.dev.clone();
-    let mut words: Vec<u32> = Vec::with_capacity(slots.len() * ROW_WORDS);
+    let n_slots: usize = groups.iter().map(|g| g.slots.len()).sum();
+    let mut words: Vec<u32> = Vec::with_capacity(n_slots * ROW_WORDS);
     let mut chunks: Vec<u32> = Vec::new();
-    for (i, s) in slots.iter().enumerate() {
-        let pd = s.param.dtype;
+    let mut i = 0; // the table row
+    for g in groups.iter() {
+        let param = &*g.param;
+        let pd = param.dtype;
         let code = dtype_code(OP, pd)?;
         let md = acc_dtype(pd);
-        for (buf, want) in [(&*s.exp_avg, md), (&*s.exp_avg_sq, md), (s.grad, pd)] {
-            if buf.dtype != want {
-                return Err(Error::DTypeMismatch {
-                    op: OP,
-                    lhs: want,
-                    rhs: buf.dtype,
-                });
+        dev_check(OP, &dev, param)?;
+        for s in &g.slots {
+            for (buf, want) in [(&*s.exp_avg, md), (&*s.exp_avg_sq, md), (s.grad, pd)] {
+                if buf.dtype != want {
+                    return Err(Error::DTypeMismatch {
+                        op: OP,
+                        lhs: want,
+                        rhs: buf.dtype,
+                    });
+                }
+                dev_check(OP, &dev, buf)?;
             }
-            dev_check(OP, &dev, buf)?;
-        }
-        dev_check(OP, &dev, s.param)?;
-        for (buf, off) in [
-            (&*s.param, s.param_offset),
-            (&*s.exp_avg, s.exp_avg_offset),
-            (&*s.exp_avg_sq, s.exp_avg_sq_offset),
-            (s.grad, s.grad_offset),
-        ] {
-            if off.checked_add(s.len).is_none_or(|end| end > buf.len) {
-                return Err(Error::invalid(OP, "view exceeds its buffer"));
+            for (buf, off) in [
+                (param, s.param_offset),
+                (&*s.exp_avg, s.exp_avg_offset),
+                (&*s.exp_avg_sq, s.exp_avg_sq_offset),
+                (s.grad, s.grad_offset),
+            ] {
+                if off.checked_add(s.len).is_none_or(|end| end > buf.len) {
+                    return Err(Error::invalid(OP, "view exceeds its buffer"));
+                }
             }
+            for (buf, off) in [
+                (param, s.param_offset),
+                (s.grad, s.grad_offset),
+                (&*s.exp_avg, s.exp_avg_offset),
+                (&*s.exp_avg_sq, s.exp_avg_sq_offset),
+            ] {
+                push_u64(&mut words, buf.ptr_at(off));
+            }
+            push_u64(&mut words, s.len as u64);
+            words.extend([code, 0]);
+            push_chunks(OP, &mut chunks, i, s.len)?;
+            i += 1;
         }
-        for (buf, off) in [
-            (&*s.param, s.param_offset),
-            (s.grad, s.grad_offset),
-            (&*s.exp_avg, s.exp_avg_offset),
-            (&*s.exp_avg_sq, s.exp_avg_sq_offset),
-        ] {
-            push_u64(&mut words, buf.ptr_at(off));
-        }
-        push_u64(&mut words, s.len as u64);
-        words.extend([code, 0]);
-        push_chunks(OP, &mut chunks, i, s.len)?;
     }
     let Some(cl) = append_chunks(OP, &mut words, &chunks)? else {
         return Ok(());
@@ -168,11 +174,13 @@ pub(crate) fn adamw_step(slots: &mut [AdamWSlot<'_, CudaStorage>], h: &AdamWHype
     let name = "adamw_step_multi";
     // SAFETY: the table holds one 48-byte row per slot (addresses of views checked above to lie
     // inside their buffers, with the dtypes the row's code says) followed by `n_chunks` entries
-    // whose tensor index is a row and whose chunk starts below that tensor's length. The table
-    // stays alive in `TABLE` or `local` until this returns (a freed buffer is only reused by work
-    // queued after this kernel on the same stream; without the cache, freeing waits for it),
-    // and the slots hold the write locks of every written buffer until this returns; later work
-    // on the single stream is ordered after the kernel.
+    // whose tensor index is a row and whose chunk starts below that tensor's length. Rows whose
+    // parameters share a buffer write disjoint element ranges (checked by the caller,
+    // `engine::adamw_step`), so no element is written by two threads. The table stays alive in
+    // `TABLE` or `local` until this returns (a freed buffer is only reused by work queued after
+    // this kernel on the same stream; without the cache, freeing waits for it), and the groups
+    // hold the write locks of every written buffer until this returns; later work on the single
+    // stream is ordered after the kernel.
     unsafe {
         launch!(
             &dev,
