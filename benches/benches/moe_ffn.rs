@@ -150,22 +150,33 @@ fn case(s: &Sizes, t: usize, device: Device) -> Case {
     let rand = |shape: &[usize], std: f64, seed: u64, dt: DType| {
         Tensor::randn(shape.to_vec(), 0.0, std, seed, dt, device).expect("randn")
     };
-    let (h, i, r) = (s.h, s.i, s.r);
-    let lora = |n_in: usize, n_out: usize, seed: u64| {
-        Some(LoraLinear::new(
-            rand(&[r, n_in], 1.0 / (n_in as f64).sqrt(), seed, adt)
-                .to_var()
-                .unwrap(),
-            rand(&[n_out, r], 0.02, seed + 1, adt).to_var().unwrap(),
-            2.0,
-            0.05,
-        ))
+    let (h, i, r, e) = (s.h, s.i, s.r, s.e);
+    // Each kind's expert matrices in one [E, ..] buffer, as the trainer lays them out: the fused
+    // and grouped paths then stack them as views, without copies.
+    let stacked = |shape: [usize; 3], std: f64, seed: u64| {
+        rand(&shape, std, seed, adt).unstack_leaves().unwrap()
     };
-    let experts = (0..s.e as u64)
-        .map(|e| ExpertLora {
-            gate: lora(h, i, 100 + 10 * e),
-            up: lora(h, i, 102 + 10 * e),
-            down: lora(i, h, 104 + 10 * e),
+    let lora = |a: &[Tensor], b: &[Tensor], k: usize| {
+        Some(LoraLinear::new(a[k].clone(), b[k].clone(), 2.0, 0.05))
+    };
+    let (std_h, std_i) = (1.0 / (h as f64).sqrt(), 1.0 / (i as f64).sqrt());
+    let (a_gate, b_gate) = (
+        stacked([e, r, h], std_h, 100),
+        stacked([e, i, r], 0.02, 101),
+    );
+    let (a_up, b_up) = (
+        stacked([e, r, h], std_h, 102),
+        stacked([e, i, r], 0.02, 103),
+    );
+    let (a_down, b_down) = (
+        stacked([e, r, i], std_i, 104),
+        stacked([e, h, r], 0.02, 105),
+    );
+    let experts = (0..e)
+        .map(|k| ExpertLora {
+            gate: lora(&a_gate, &b_gate, k),
+            up: lora(&a_up, &b_up, k),
+            down: lora(&a_down, &b_down, k),
         })
         .collect();
     // W_gate and W_up as the halves of one [2I, H] buffer, as the trainer lays them out (the

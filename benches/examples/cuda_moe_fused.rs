@@ -168,21 +168,24 @@ fn main() -> Result<()> {
         Tensor::randn([i, h], 0.0, 0.015, 22, bt, GPU)?,
         Tensor::randn([h, i], 0.0, 0.0095, 23, bt, GPU)?,
     ];
-    let mut seed = 30;
-    let mut lora = |n_in: usize, n_out: usize| -> Result<Option<LoraLinear>> {
-        seed += 2;
-        let a = Tensor::randn([r, n_in], 0.0, 0.01, seed, at, GPU)?.to_var()?;
-        let b = Tensor::randn([n_out, r], 0.0, 0.01, seed + 1, at, GPU)?.to_var()?;
-        Ok(Some(LoraLinear::new(a, b, 2.0, 0.05)))
+    // Each kind's expert matrices in one [E, ..] buffer, as the trainer lays them out (the fused
+    // path then stacks them as views, without copies).
+    let stacked = |shape: [usize; 3], seed: u64| -> Result<Vec<Tensor>> {
+        Tensor::randn(shape, 0.0, 0.01, seed, at, GPU).and_then(|t| t.unstack_leaves())
     };
-    let mut experts = Vec::new();
-    for _ in 0..e {
-        experts.push(ExpertLora {
-            gate: lora(h, i)?,
-            up: lora(h, i)?,
-            down: lora(i, h)?,
-        });
-    }
+    let (a_gate, b_gate) = (stacked([e, r, h], 32)?, stacked([e, i, r], 33)?);
+    let (a_up, b_up) = (stacked([e, r, h], 34)?, stacked([e, i, r], 35)?);
+    let (a_down, b_down) = (stacked([e, r, i], 36)?, stacked([e, h, r], 37)?);
+    let lora = |a: &[Tensor], b: &[Tensor], k: usize| {
+        Some(LoraLinear::new(a[k].clone(), b[k].clone(), 2.0, 0.05))
+    };
+    let experts: Vec<ExpertLora> = (0..e)
+        .map(|k| ExpertLora {
+            gate: lora(&a_gate, &b_gate, k),
+            up: lora(&a_up, &b_up, k),
+            down: lora(&a_down, &b_down, k),
+        })
+        .collect();
     let ffn = MixLoraFfn {
         router: Router {
             weight: Tensor::randn([e, h], 0.0, 0.02, 40, at, GPU)?.to_var()?,
