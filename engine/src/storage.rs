@@ -103,6 +103,27 @@ impl Storage {
             Storage::Cuda(_) => None,
         }
     }
+    fn as_cpu_mut(&mut self) -> Option<&mut CpuStorage> {
+        match self {
+            Storage::Cpu(s) => Some(s),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => None,
+        }
+    }
+    #[cfg(feature = "cuda")]
+    fn as_cuda(&self) -> Option<&CudaStorage> {
+        match self {
+            Storage::Cuda(s) => Some(s),
+            Storage::Cpu(_) => None,
+        }
+    }
+    #[cfg(feature = "cuda")]
+    fn as_cuda_mut(&mut self) -> Option<&mut CudaStorage> {
+        match self {
+            Storage::Cuda(s) => Some(s),
+            Storage::Cpu(_) => None,
+        }
+    }
 
     /// A contiguous copy of the view `l` on `device` (host <-> GPU, or GPU to GPU through the
     /// host).
@@ -535,71 +556,16 @@ impl BackendStorage for Storage {
                 }
             }
         }
-        let mixed = || Error::invalid(OP, "storages on different backends");
         match dev {
-            Device::Cpu => {
-                let mut cpu = Vec::with_capacity(groups.len());
-                for g in groups.iter_mut() {
-                    #[allow(unreachable_patterns)]
-                    let param = match &mut *g.param {
-                        Storage::Cpu(p) => p,
-                        _ => return Err(mixed()),
-                    };
-                    let mut slots = Vec::with_capacity(g.slots.len());
-                    for s in g.slots.iter_mut() {
-                        #[allow(unreachable_patterns)]
-                        match (&mut *s.exp_avg, &mut *s.exp_avg_sq, s.grad) {
-                            (Storage::Cpu(m), Storage::Cpu(v), Storage::Cpu(gr)) => {
-                                slots.push(AdamWSlot {
-                                    param_offset: s.param_offset,
-                                    exp_avg: m,
-                                    exp_avg_offset: s.exp_avg_offset,
-                                    exp_avg_sq: v,
-                                    exp_avg_sq_offset: s.exp_avg_sq_offset,
-                                    grad: gr,
-                                    grad_offset: s.grad_offset,
-                                    len: s.len,
-                                })
-                            }
-                            _ => return Err(mixed()),
-                        }
-                    }
-                    cpu.push(AdamWGroup { param, slots });
-                }
-                CpuStorage::adamw_step(&mut cpu, h)
-            }
+            Device::Cpu => CpuStorage::adamw_step(
+                &mut backend_groups(groups, Storage::as_cpu_mut, Storage::as_cpu)?,
+                h,
+            ),
             #[cfg(feature = "cuda")]
-            Device::Cuda(_) => {
-                let mut gpu = Vec::with_capacity(groups.len());
-                for g in groups.iter_mut() {
-                    #[allow(unreachable_patterns)]
-                    let param = match &mut *g.param {
-                        Storage::Cuda(p) => p,
-                        _ => return Err(mixed()),
-                    };
-                    let mut slots = Vec::with_capacity(g.slots.len());
-                    for s in g.slots.iter_mut() {
-                        #[allow(unreachable_patterns)]
-                        match (&mut *s.exp_avg, &mut *s.exp_avg_sq, s.grad) {
-                            (Storage::Cuda(m), Storage::Cuda(v), Storage::Cuda(gr)) => {
-                                slots.push(AdamWSlot {
-                                    param_offset: s.param_offset,
-                                    exp_avg: m,
-                                    exp_avg_offset: s.exp_avg_offset,
-                                    exp_avg_sq: v,
-                                    exp_avg_sq_offset: s.exp_avg_sq_offset,
-                                    grad: gr,
-                                    grad_offset: s.grad_offset,
-                                    len: s.len,
-                                })
-                            }
-                            _ => return Err(mixed()),
-                        }
-                    }
-                    gpu.push(AdamWGroup { param, slots });
-                }
-                CudaStorage::adamw_step(&mut gpu, h)
-            }
+            Device::Cuda(_) => CudaStorage::adamw_step(
+                &mut backend_groups(groups, Storage::as_cuda_mut, Storage::as_cuda)?,
+                h,
+            ),
             #[allow(unreachable_patterns)]
             d => Err(no_backend(d)),
         }
@@ -736,4 +702,33 @@ impl BackendStorage for Storage {
     ) -> Result<Self> {
         two!("lora_grad_x", self, a, (d, a) => d.lora_grad_x(l, a, al, p, seed, dtype))
     }
+}
+
+/// The AdamW groups of one backend's storages (`adamw_step` checked that every storage lives on
+/// one device), or an error when one of them is of another backend.
+fn backend_groups<'s, S>(
+    groups: &'s mut [AdamWGroup<'_, Storage>],
+    of_mut: impl Fn(&mut Storage) -> Option<&mut S>,
+    of: impl Fn(&Storage) -> Option<&S>,
+) -> Result<Vec<AdamWGroup<'s, S>>> {
+    let mixed = || Error::invalid("adamw_step", "storages on different backends");
+    let mut out = Vec::with_capacity(groups.len());
+    for g in groups.iter_mut() {
+        let param = of_mut(&mut *g.param).ok_or_else(mixed)?;
+        let mut slots = Vec::with_capacity(g.slots.len());
+        for s in g.slots.iter_mut() {
+            slots.push(AdamWSlot {
+                param_offset: s.param_offset,
+                exp_avg: of_mut(&mut *s.exp_avg).ok_or_else(mixed)?,
+                exp_avg_offset: s.exp_avg_offset,
+                exp_avg_sq: of_mut(&mut *s.exp_avg_sq).ok_or_else(mixed)?,
+                exp_avg_sq_offset: s.exp_avg_sq_offset,
+                grad: of(s.grad).ok_or_else(mixed)?,
+                grad_offset: s.grad_offset,
+                len: s.len,
+            });
+        }
+        out.push(AdamWGroup { param, slots });
+    }
+    Ok(out)
 }
