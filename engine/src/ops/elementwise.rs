@@ -241,17 +241,7 @@ impl Tensor {
             "add",
             [Input::GraphOnly(self), Input::GraphOnly(rhs)],
             Output::Unread,
-            |x, _, g| {
-                let da = x[0]
-                    .tracks_grad()
-                    .then(|| g.sum_to_shape(x[0].shape()))
-                    .transpose()?;
-                let db = x[1]
-                    .tracks_grad()
-                    .then(|| g.sum_to_shape(x[1].shape()))
-                    .transpose()?;
-                Ok(vec![da, db])
-            },
+            |x, _, g| sum_back(x, g, false),
         )
     }
     /// `self - rhs`, broadcasting.
@@ -262,17 +252,7 @@ impl Tensor {
             "sub",
             [Input::GraphOnly(self), Input::GraphOnly(rhs)],
             Output::Unread,
-            |x, _, g| {
-                let da = x[0]
-                    .tracks_grad()
-                    .then(|| g.sum_to_shape(x[0].shape()))
-                    .transpose()?;
-                let db = x[1]
-                    .tracks_grad()
-                    .then(|| g.sum_to_shape(x[1].shape())?.neg())
-                    .transpose()?;
-                Ok(vec![da, db])
-            },
+            |x, _, g| sum_back(x, g, true),
         )
     }
     /// `self * rhs`, broadcasting.
@@ -481,4 +461,25 @@ impl Tensor {
         }
         Ok(out)
     }
+}
+
+/// The gradients of `a ± b` (broadcasting): `g` summed back to each operand's shape, negated for
+/// `b` when `negate_rhs`; `None` for an operand that needs none.
+fn sum_back(x: &[Tensor], g: &Tensor, negate_rhs: bool) -> Result<Vec<Option<Tensor>>> {
+    let da = x[0]
+        .tracks_grad()
+        .then(|| g.sum_to_shape(x[0].shape()))
+        .transpose()?;
+    let db = x[1]
+        .tracks_grad()
+        .then(|| {
+            let d = g.sum_to_shape(x[1].shape())?;
+            if negate_rhs {
+                d.neg()
+            } else {
+                Ok(d)
+            }
+        })
+        .transpose()?;
+    Ok(vec![da, db])
 }
