@@ -40,6 +40,16 @@ pub(super) fn applies(x: &CudaStorage, l: &Layout, ad: DType, r: usize) -> bool 
         && u32::try_from(dims[0] * dims[1].max(r)).is_ok()
 }
 
+/// `(m, n, row stride, address of the first element)` of a bf16 operand that [`applies`].
+fn view_args(op: &'static str, x: &CudaStorage, l: &Layout) -> Result<(u32, u32, u32, u64)> {
+    Ok((
+        to_u32(op, l.dims()[0])?,
+        to_u32(op, l.dims()[1])?,
+        to_u32(op, l.strides()[0])?,
+        x.ptr_at(l.offset()),
+    ))
+}
+
 fn config(n: usize, rows: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (n.div_ceil(COLS).max(1) as u32, rows.max(1) as u32, 1),
@@ -105,9 +115,8 @@ fn codes_partials(
     let chunks = n.div_ceil(COLS);
     let part = CudaStorage::alloc(&x.dev, op, chunks * m * r, DType::F32)?; // [chunks, m, r]
     if chunks * m > 0 {
-        let (m32, n32, ld32) = (to_u32(op, m)?, to_u32(op, n)?, to_u32(op, l.strides()[0])?);
-        let rows32 = ROWS_PER_BLOCK as u32;
-        let (px, pa, pp) = (x.ptr_at(l.offset()), a.ptr(), part.ptr());
+        let (m32, n32, ld32, px) = view_args(op, x, l)?;
+        let (rows32, pa, pp) = (ROWS_PER_BLOCK as u32, a.ptr(), part.ptr());
         let (thr, keep, drop) = dropout_args(p);
         let name = format!("lora_codes_bf16_r{r}");
         // SAFETY: x's view `[m, n]` with row stride ld32 lies inside its buffer (`applies` and
@@ -147,9 +156,8 @@ fn grad_a_partials(
     let rows_per_warp = m.div_ceil(parts).max(1);
     let part = CudaStorage::alloc(&x.dev, op, parts * r * n, DType::F32)?; // [parts, r, n]
     if n > 0 {
-        let (m32, n32, ld32) = (to_u32(op, m)?, to_u32(op, n)?, to_u32(op, l.strides()[0])?);
-        let rows32 = to_u32(op, rows_per_warp)?;
-        let (px, pd, pp) = (x.ptr_at(l.offset()), dz.ptr(), part.ptr());
+        let (m32, n32, ld32, px) = view_args(op, x, l)?;
+        let (rows32, pd, pp) = (to_u32(op, rows_per_warp)?, dz.ptr(), part.ptr());
         let (thr, keep, drop) = dropout_args(p);
         let name = format!("lora_grad_a_bf16_r{r}");
         // SAFETY: x as in `codes_partials`; `dz` is a fresh contiguous `[m, r]` f32 buffer (rows
@@ -246,9 +254,8 @@ pub(super) fn expand_add(
     if m * n == 0 {
         return Ok(Some(out));
     }
-    let (m32, n32, ld32) = (to_u32(OP, m)?, to_u32(OP, n)?, to_u32(OP, l.strides()[0])?);
-    let rows32 = ROWS_PER_BLOCK as u32;
-    let (pz, pb, py, po) = (zs.ptr(), bt.ptr(), y.ptr_at(l.offset()), out.ptr());
+    let (m32, n32, ld32, py) = view_args(OP, y, l)?;
+    let (rows32, pz, pb, po) = (ROWS_PER_BLOCK as u32, zs.ptr(), bt.ptr(), out.ptr());
     let name = format!("lora_expand_add_bf16_r{r}");
     // SAFETY: y's view as x's in `codes_partials` (8-byte loads inside the view); `zs` `[m, r]`
     // and `bt` `[r, n]` are fresh contiguous f32 buffers (16-byte aligned rows); `out` holds m·n
