@@ -154,24 +154,7 @@ fn c3(d0: usize, d1: usize) -> Layout {
 fn apply_mask<T: Ad>(v: &mut [T], p: f64, keep: f64, seed: u64) {
     let keep = T::of_f64(keep);
     let thr = rng::dropout_threshold(p);
-    let f = |base: usize, ch: &mut [T]| {
-        for (j, e) in ch.iter_mut().enumerate() {
-            let m = if rng::dropped(seed, (base + j) as u64, thr) {
-                T::zero()
-            } else {
-                keep
-            };
-            *e = *e * m;
-        }
-    };
-    if v.len() < PAR_THRESHOLD {
-        f(0, v);
-    } else {
-        const CH: usize = 4096;
-        v.par_chunks_mut(CH)
-            .enumerate()
-            .for_each(|(c, ch)| f(c * CH, ch));
-    }
+    super::random::mask_in_place(v, seed, thr, |e, d| e * if d { T::zero() } else { keep });
 }
 
 /// The view `l` of `s` as `T` with a rank-3 `[1, d0, d1]` layout for `matmul_t`: the buffer

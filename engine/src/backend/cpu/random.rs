@@ -115,38 +115,26 @@ pub(super) fn dropout_apply(x: &CpuStorage, l: &Layout, p: f64, seed: u64) -> Re
         ));
     }
     let (keep, thr) = (1.0 / (1.0 - p), rng::dropout_threshold(p));
-    // Element i times its mask value (0, or keep in the element type), in parallel chunks.
-    fn apply<T: Copy + Send + Sync>(
-        mut v: Vec<T>,
-        seed: u64,
-        thr: u32,
-        mul: impl Fn(T, bool) -> T + Sync + Send,
-    ) -> Vec<T> {
-        const CH: usize = 4096;
-        v.par_chunks_mut(CH).enumerate().for_each(|(c, ch)| {
-            for (j, e) in ch.iter_mut().enumerate() {
-                *e = mul(*e, rng::dropped(seed, (c * CH + j) as u64, thr));
-            }
-        });
-        v
-    }
     Ok(match x {
         CpuStorage::F32(v) => {
             let k = keep as f32;
-            let v = CpuStorage::gather_view(v, l);
-            CpuStorage::F32(apply(v, seed, thr, |e, d| e * if d { 0.0 } else { k }))
+            let mut v = CpuStorage::gather_view(v, l);
+            mask_in_place(&mut v, seed, thr, |e, d| e * if d { 0.0 } else { k });
+            CpuStorage::F32(v)
         }
         CpuStorage::BF16(v) => {
             // The mask in bf16 (keep rounded), the product in f32 rounded once, as `binary`.
             let k = bf16::from_f64(keep).to_f32();
-            let v = CpuStorage::gather_view(v, l);
-            CpuStorage::BF16(apply(v, seed, thr, |e, d| {
+            let mut v = CpuStorage::gather_view(v, l);
+            mask_in_place(&mut v, seed, thr, |e, d| {
                 bf16::from_f32(e.to_f32() * if d { 0.0 } else { k })
-            }))
+            });
+            CpuStorage::BF16(v)
         }
         CpuStorage::F64(v) => {
-            let v = CpuStorage::gather_view(v, l);
-            CpuStorage::F64(apply(v, seed, thr, |e, d| e * if d { 0.0 } else { keep }))
+            let mut v = CpuStorage::gather_view(v, l);
+            mask_in_place(&mut v, seed, thr, |e, d| e * if d { 0.0 } else { keep });
+            CpuStorage::F64(v)
         }
         CpuStorage::U32(_) => {
             return Err(Error::UnsupportedDType {
@@ -155,4 +143,27 @@ pub(super) fn dropout_apply(x: &CpuStorage, l: &Layout, p: f64, seed: u64) -> Re
             })
         }
     })
+}
+
+/// `v[i] = mul(v[i], dropped(i))` over a row-major buffer, `dropped(i)` the dropout draw of
+/// element `i` (`rng::dropped(seed, i, thr)`), in parallel chunks on large buffers.
+pub(super) fn mask_in_place<T: Copy + Send + Sync>(
+    v: &mut [T],
+    seed: u64,
+    thr: u32,
+    mul: impl Fn(T, bool) -> T + Sync + Send,
+) {
+    let f = |base: usize, ch: &mut [T]| {
+        for (j, e) in ch.iter_mut().enumerate() {
+            *e = mul(*e, rng::dropped(seed, (base + j) as u64, thr));
+        }
+    };
+    if v.len() < super::PAR_THRESHOLD {
+        f(0, v);
+    } else {
+        const CH: usize = 4096;
+        v.par_chunks_mut(CH)
+            .enumerate()
+            .for_each(|(c, ch)| f(c * CH, ch));
+    }
 }
