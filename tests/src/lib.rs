@@ -14,6 +14,27 @@ pub fn uniform(shape: &[usize], lo: f64, hi: f64, seed: u64) -> Tensor {
     Tensor::rand_uniform(shape.to_vec(), lo, hi, seed, DType::F64, Device::Cpu).expect("uniform")
 }
 
+/// The tiny LLaMA of the adapter and MoE tests: vocabulary 11, hidden 8, intermediate 12, 2
+/// layers, 2 heads of 4 sharing 1 kv head, untied embeddings.
+pub fn tiny_llama_config() -> model::LlamaConfig {
+    model::LlamaConfig {
+        vocab_size: 11,
+        hidden_size: 8,
+        intermediate_size: 12,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        num_key_value_heads: 1,
+        head_dim: 4,
+        rms_norm_eps: 1e-6,
+        rope_theta: 10000.0,
+        rope_scaling: None,
+        max_position_embeddings: 64,
+        tie_word_embeddings: false,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+    }
+}
+
 /// A u32 index tensor.
 pub fn ids(v: &[u32], shape: &[usize]) -> Tensor {
     Tensor::from_slice(v, shape.to_vec(), Device::Cpu).expect("ids")

@@ -10,26 +10,7 @@ use model::adapters::{self, CONFIG_FILE, WEIGHTS_FILE};
 use model::llama::positions_from_mask;
 use model::{AdapterConfig, KvCache, Llama, LlamaConfig, PeftType, RoutingStrategy};
 use safetensors::tensor::{SafeTensors, TensorView};
-use testutil::{ids, rel_err};
-
-fn tiny_config() -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: 11,
-        hidden_size: 8,
-        intermediate_size: 12,
-        num_hidden_layers: 2,
-        num_attention_heads: 2,
-        num_key_value_heads: 1,
-        head_dim: 4,
-        rms_norm_eps: 1e-6,
-        rope_theta: 10000.0,
-        rope_scaling: None,
-        max_position_embeddings: 64,
-        tie_word_embeddings: false,
-        bos_token_id: None,
-        eos_token_ids: vec![],
-    }
-}
+use testutil::{ids, rel_err, tiny_llama_config};
 
 fn tmp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("mixlora-adapters-{}-{name}", std::process::id()));
@@ -170,7 +151,7 @@ fn config_json_has_the_documented_keys() {
 
 #[test]
 fn trainable_param_names_follow_the_files() {
-    let m = model_with(&small_mixlora(), tiny_config());
+    let m = model_with(&small_mixlora(), tiny_llama_config());
     let names: Vec<String> = m.trainable_params().into_iter().map(|(n, _)| n).collect();
     // Per layer: 4 attention LoRAs (8 tensors), the router, 4 experts × 3 LoRAs (24 tensors).
     assert_eq!(names.len(), 2 * (8 + 1 + 24));
@@ -198,7 +179,7 @@ fn trainable_param_names_follow_the_files() {
         shape("mixlora.layers.0.mlp.down_proj.experts.1.lora_A.weight"),
         vec![4, 12]
     );
-    let lora = model_with(&AdapterConfig::lora_default(), tiny_config());
+    let lora = model_with(&AdapterConfig::lora_default(), tiny_llama_config());
     let names: Vec<String> = lora
         .trainable_params()
         .into_iter()
@@ -218,10 +199,10 @@ fn trainable_param_names_follow_the_files() {
 
 #[test]
 fn fresh_adapters_leave_the_logits_unchanged() {
-    let base = Llama::random(tiny_config(), 7, DType::F32, Device::Cpu).unwrap();
+    let base = Llama::random(tiny_llama_config(), 7, DType::F32, Device::Cpu).unwrap();
     let want = logits(&base);
     // Plain LoRA: B = 0 makes every delta exactly zero.
-    let mut m = Llama::random(tiny_config(), 7, DType::F32, Device::Cpu).unwrap();
+    let mut m = Llama::random(tiny_llama_config(), 7, DType::F32, Device::Cpu).unwrap();
     m.add_adapters(&AdapterConfig::lora_default(), 1).unwrap();
     assert_eq!(logits(&m), want);
     // MixLoRA top-k: the renormalised weights sum to one, so only rounding differs.
@@ -233,7 +214,7 @@ fn fresh_adapters_leave_the_logits_unchanged() {
     let out = m.forward_train(&x, Some(&mask), None).unwrap();
     assert!(rel_err(&out.logits.to_vec_f64().unwrap(), &want) < 1e-6);
     // A bf16 base keeps f32 adapters and the same logits up to bf16 rounding.
-    let mut b16 = Llama::random(tiny_config(), 7, DType::BF16, Device::Cpu).unwrap();
+    let mut b16 = Llama::random(tiny_llama_config(), 7, DType::BF16, Device::Cpu).unwrap();
     let want16 = logits(&b16);
     b16.add_adapters(&AdapterConfig::lora_default(), 1).unwrap();
     assert!(b16
@@ -245,7 +226,7 @@ fn fresh_adapters_leave_the_logits_unchanged() {
 
 #[test]
 fn forward_train_reports_aux_and_expert_load() {
-    let m = model_with(&small_mixlora(), tiny_config());
+    let m = model_with(&small_mixlora(), tiny_llama_config());
     let (x, mask) = batch();
     let out = m.forward_train(&x, Some(&mask), Some(1)).unwrap();
     assert_eq!(out.logits.dims(), &[2, 5, 11]);
@@ -274,14 +255,14 @@ fn forward_train_reports_aux_and_expert_load() {
     assert_ne!(eval(Some(1)), eval(Some(2)));
     assert_eq!(eval(None), logits(&m));
     // Plain LoRA has no aux loss.
-    let l = model_with(&AdapterConfig::lora_default(), tiny_config());
+    let l = model_with(&AdapterConfig::lora_default(), tiny_llama_config());
     let out = l.forward_train(&x, Some(&mask), None).unwrap();
     assert!(out.aux_loss.is_none() && out.expert_load.is_empty());
 }
 
 #[test]
 fn kv_cache_decoding_uses_the_adapters() {
-    let m = model_with(&small_mixlora(), tiny_config());
+    let m = model_with(&small_mixlora(), tiny_llama_config());
     let seq = [3u32, 7, 1, 9, 4, 2];
     let full = no_grad(|| {
         m.forward(
@@ -303,7 +284,7 @@ fn kv_cache_decoding_uses_the_adapters() {
     }
     let err = rel_err(&steps, &full);
     assert!(err < 1e-5, "cached vs full: {err:.2e}");
-    let base = Llama::random(tiny_config(), 7, DType::F32, Device::Cpu).unwrap();
+    let base = Llama::random(tiny_llama_config(), 7, DType::F32, Device::Cpu).unwrap();
     let plain = no_grad(|| {
         base.forward(
             &Tensor::from_slice(&seq, [1, 6], Device::Cpu).unwrap(),
@@ -330,10 +311,10 @@ fn save_load_round_trip_gives_identical_outputs() {
             ..AdapterConfig::lora_default()
         },
     ] {
-        let m = model_with(&cfg, tiny_config());
+        let m = model_with(&cfg, tiny_llama_config());
         let dir = tmp_dir("roundtrip").join("adapter");
         adapters::save(&dir, &m).unwrap();
-        let mut fresh = Llama::random(tiny_config(), 7, DType::F32, Device::Cpu).unwrap();
+        let mut fresh = Llama::random(tiny_llama_config(), 7, DType::F32, Device::Cpu).unwrap();
         adapters::load(&dir, &mut fresh).unwrap();
         assert_eq!(fresh.adapter_config(), Some(&cfg));
         assert_eq!(logits(&fresh), logits(&m));
@@ -359,13 +340,13 @@ fn save_load_round_trip_gives_identical_outputs() {
 fn save_replaces_atomically_and_keeps_other_files() {
     let root = tmp_dir("atomic");
     let dir = root.join("ckpt");
-    let a = model_with(&small_mixlora(), tiny_config());
+    let a = model_with(&small_mixlora(), tiny_llama_config());
     adapters::save(&dir, &a).unwrap();
     std::fs::write(dir.join("trainer_state.json"), "{}").unwrap();
     // A stale temporary folder from a killed save does not get in the way.
     std::fs::create_dir_all(root.join(".ckpt.tmp")).unwrap();
     std::fs::write(root.join(".ckpt.tmp").join(WEIGHTS_FILE), b"garbage").unwrap();
-    let b = model_with(&AdapterConfig::lora_default(), tiny_config());
+    let b = model_with(&AdapterConfig::lora_default(), tiny_llama_config());
     adapters::save(&dir, &b).unwrap();
     let mut names: Vec<String> = std::fs::read_dir(&root)
         .unwrap()
@@ -377,12 +358,12 @@ fn save_replaces_atomically_and_keeps_other_files() {
         std::fs::read_to_string(dir.join("trainer_state.json")).unwrap(),
         "{}"
     );
-    let mut m = Llama::random(tiny_config(), 7, DType::F32, Device::Cpu).unwrap();
+    let mut m = Llama::random(tiny_llama_config(), 7, DType::F32, Device::Cpu).unwrap();
     adapters::load(&dir, &mut m).unwrap();
     assert_eq!(m.adapter_config().unwrap().peft_type, PeftType::Lora);
     assert_eq!(logits(&m), logits(&b));
     // Without adapters there is nothing to save.
-    let bare = Llama::random(tiny_config(), 7, DType::F32, Device::Cpu).unwrap();
+    let bare = Llama::random(tiny_llama_config(), 7, DType::F32, Device::Cpu).unwrap();
     assert!(adapters::save(&root.join("none"), &bare).is_err());
 }
 
@@ -426,7 +407,7 @@ fn load_errors_name_the_file_and_the_tensor() {
     let root = tmp_dir("errors");
     let fresh = |name: &str| {
         let dir = root.join(name);
-        adapters::save(&dir, &model_with(&small_mixlora(), tiny_config())).unwrap();
+        adapters::save(&dir, &model_with(&small_mixlora(), tiny_llama_config())).unwrap();
         dir
     };
     let weights = |dir: &Path| dir.join(WEIGHTS_FILE).display().to_string();
@@ -435,7 +416,7 @@ fn load_errors_name_the_file_and_the_tensor() {
     let dir = fresh("missing");
     let gone = "mixlora.layers.1.mlp.up_proj.experts.2.lora_B.weight";
     rewrite(&dir, |l| l.retain(|(n, _, _)| n != gone));
-    let e = load_error(&dir, tiny_config());
+    let e = load_error(&dir, tiny_llama_config());
     assert_eq!(e, format!("{}: tensor {gone}: not found", weights(&dir)));
 
     // Unexpected tensor.
@@ -444,7 +425,7 @@ fn load_errors_name_the_file_and_the_tensor() {
     rewrite(&dir, |l| {
         l.push((extra.into(), vec![4, 8], vec![0; 4 * 8 * 4]))
     });
-    let e = load_error(&dir, tiny_config());
+    let e = load_error(&dir, tiny_llama_config());
     assert!(
         e.starts_with(&format!(
             "{}: tensor {extra}: unexpected tensor",
@@ -459,7 +440,7 @@ fn load_errors_name_the_file_and_the_tensor() {
         .unwrap()
         .replace("\"r\": 4", "\"r\": 8");
     std::fs::write(dir.join(CONFIG_FILE), text).unwrap();
-    let e = load_error(&dir, tiny_config());
+    let e = load_error(&dir, tiny_llama_config());
     assert!(e.starts_with(&format!("{}: tensor mixlora.layers.0.self_attn.q_proj.lora_A.weight: expected shape [8, 8], found [4, 8]", weights(&dir))), "{e}");
     assert!(e.contains("r is 8 in adapter_config.json"), "{e}");
 
@@ -471,7 +452,7 @@ fn load_errors_name_the_file_and_the_tensor() {
             .filter(|(n, _, _)| n == name)
             .for_each(|(_, s, _)| *s = vec![8, 4])
     });
-    let e = load_error(&dir, tiny_config());
+    let e = load_error(&dir, tiny_llama_config());
     assert!(
         e.starts_with(&format!(
             "{}: tensor {name}: expected shape [4, 8], found [8, 4]",
@@ -485,7 +466,7 @@ fn load_errors_name_the_file_and_the_tensor() {
     let wider = LlamaConfig {
         hidden_size: 16,
         num_attention_heads: 4,
-        ..tiny_config()
+        ..tiny_llama_config()
     };
     let e = load_error(&dir, wider);
     assert!(
@@ -495,7 +476,7 @@ fn load_errors_name_the_file_and_the_tensor() {
     );
     let deeper = LlamaConfig {
         num_hidden_layers: 3,
-        ..tiny_config()
+        ..tiny_llama_config()
     };
     let e = load_error(&dir, deeper);
     assert_eq!(
@@ -510,7 +491,7 @@ fn load_errors_name_the_file_and_the_tensor() {
         "{\"peft_type\": \"MIXLORA\", \"r\": 4,\n oops",
     )
     .unwrap();
-    let e = load_error(&dir, tiny_config());
+    let e = load_error(&dir, tiny_llama_config());
     assert!(
         e.starts_with(&format!(
             "{}: invalid adapter config:",
@@ -519,7 +500,7 @@ fn load_errors_name_the_file_and_the_tensor() {
         "{e}"
     );
     std::fs::remove_file(dir.join(CONFIG_FILE)).unwrap();
-    let e = load_error(&dir, tiny_config());
+    let e = load_error(&dir, tiny_llama_config());
     assert!(
         e.starts_with(&dir.join(CONFIG_FILE).display().to_string()),
         "{e}"
@@ -527,7 +508,7 @@ fn load_errors_name_the_file_and_the_tensor() {
     let dir = fresh("truncated");
     let bytes = std::fs::read(dir.join(WEIGHTS_FILE)).unwrap();
     std::fs::write(dir.join(WEIGHTS_FILE), &bytes[..bytes.len() / 2]).unwrap();
-    let e = load_error(&dir, tiny_config());
+    let e = load_error(&dir, tiny_llama_config());
     assert!(e.starts_with(&weights(&dir)), "{e}");
     let dir = fresh("bad-value");
     let text = std::fs::read_to_string(dir.join(CONFIG_FILE))
@@ -537,7 +518,7 @@ fn load_errors_name_the_file_and_the_tensor() {
             "\"routing_strategy\": \"mixlora-switch\"",
         );
     std::fs::write(dir.join(CONFIG_FILE), text).unwrap();
-    let e = load_error(&dir, tiny_config());
+    let e = load_error(&dir, tiny_llama_config());
     assert!(e.contains("mixlora-switch"), "{e}");
 }
 

@@ -9,31 +9,12 @@ use std::path::PathBuf;
 
 use engine::{DType, Device, Tensor, IGNORE_INDEX};
 use model::adapters;
-use model::{AdapterConfig, Llama, LlamaConfig, MoeImpl};
+use model::{AdapterConfig, Llama, MoeImpl};
 use safetensors::SafeTensors;
-use testutil::ids;
+use testutil::{ids, tiny_llama_config};
 
 const E: usize = 4;
 const V: usize = 11;
-
-fn config() -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: V,
-        hidden_size: 8,
-        intermediate_size: 12,
-        num_hidden_layers: 2,
-        num_attention_heads: 2,
-        num_key_value_heads: 1,
-        head_dim: 4,
-        rms_norm_eps: 1e-6,
-        rope_theta: 10000.0,
-        rope_scaling: None,
-        max_position_embeddings: 64,
-        tie_word_embeddings: false,
-        bos_token_id: None,
-        eos_token_ids: vec![],
-    }
-}
 
 fn mixlora() -> AdapterConfig {
     AdapterConfig {
@@ -92,7 +73,7 @@ fn stacked(ts: &[Tensor]) -> bool {
 /// A random f32 or bf16 model with fresh MixLoRA adapters whose every matrix is then set to
 /// random values in place (so that every gradient carries signal), computed with `imp`.
 fn model(dtype: DType, imp: MoeImpl) -> Llama {
-    let mut m = Llama::random(config(), 7, dtype, Device::Cpu).unwrap();
+    let mut m = Llama::random(tiny_llama_config(), 7, dtype, Device::Cpu).unwrap();
     m.add_adapters(&mixlora(), 11).unwrap();
     for (k, (name, t)) in m.trainable_params().into_iter().enumerate() {
         let v = Tensor::randn(
@@ -119,7 +100,7 @@ fn values(m: &Llama) -> Vec<(String, Vec<f64>)> {
 
 #[test]
 fn fresh_and_loaded_experts_are_stacked() {
-    let mut m = Llama::random(config(), 7, DType::F32, Device::Cpu).unwrap();
+    let mut m = Llama::random(tiny_llama_config(), 7, DType::F32, Device::Cpu).unwrap();
     m.add_adapters(&mixlora(), 11).unwrap();
     let fresh = expert_kinds(&m);
     for (kind, ts) in &fresh {
@@ -152,7 +133,7 @@ fn fresh_and_loaded_experts_are_stacked() {
     names.sort();
     assert_eq!(in_file, names);
     assert!(names.contains(&expert_name(0, "down_proj", E - 1, "A")));
-    let mut loaded = Llama::random(config(), 7, DType::F32, Device::Cpu).unwrap();
+    let mut loaded = Llama::random(tiny_llama_config(), 7, DType::F32, Device::Cpu).unwrap();
     adapters::load(&dir, &mut loaded).unwrap();
     for (kind, ts) in expert_kinds(&loaded) {
         assert!(stacked(&ts), "loaded adapters: {kind} is not stacked");
