@@ -48,25 +48,8 @@ fi
 out=${OUT:-runs/ablations}
 seed=${SEED:-42}
 epochs=${EPOCHS:-1}
-bin=${MIXLORA_BIN:-}
-if [ -z "$bin" ]; then
-    if [ -x target/release/mixlora ]; then bin=target/release/mixlora; else bin=gpu-bin/mixlora; fi
-fi
-tasks=(arc_e arc_c boolq obqa)
-train_files=()
-valid_files=()
-for t in "${tasks[@]}"; do
-    train_files+=(--data "$data/$t/train.json")
-    valid_files+=(--data "$data/$t/valid.json")
-done
-limit=()
-[ -n "${EVAL_LIMIT:-}" ] && limit=(--limit "$EVAL_LIMIT")
-device=()
-for ((i = 0; i < ${#extra[@]}; i++)); do
-    if [ "${extra[$i]}" = "--device" ] && [ $((i + 1)) -lt ${#extra[@]} ]; then
-        device=(--device "${extra[$((i + 1))]}")
-    fi
-done
+# bin, train_files, valid_files, device (eval runs where training ran) and limit.
+source scripts/commonsense-setup.sh
 
 flags_of() { # variant -> train flags
     case "$1" in

@@ -35,26 +35,8 @@ out=${OUT:-runs/commonsense}
 seeds=${SEEDS:-"42 43 44"}
 kinds=${KINDS:-"mixlora lora"}
 lora_rank=${LORA_RANK:-86}
-bin=${MIXLORA_BIN:-}
-if [ -z "$bin" ]; then
-    if [ -x target/release/mixlora ]; then bin=target/release/mixlora; else bin=gpu-bin/mixlora; fi
-fi
-tasks=(arc_e arc_c boolq obqa)
-train_files=()
-valid_files=()
-for t in "${tasks[@]}"; do
-    train_files+=(--data "$data/$t/train.json")
-    valid_files+=(--data "$data/$t/valid.json")
-done
-# The device flag, if given among the extra flags, is passed to eval too.
-device=()
-for ((i = 0; i < ${#extra[@]}; i++)); do
-    if [ "${extra[$i]}" = "--device" ] && [ $((i + 1)) -lt ${#extra[@]} ]; then
-        device=(--device "${extra[$((i + 1))]}")
-    fi
-done
-limit=()
-[ -n "${EVAL_LIMIT:-}" ] && limit=(--limit "$EVAL_LIMIT")
+# bin, train_files, valid_files, device (eval runs where training ran) and limit.
+source scripts/commonsense-setup.sh
 mkdir -p "$out"
 times="$out/times.tsv"
 [ -e "$times" ] || printf 'run\tphase\tseconds\n' >"$times"
