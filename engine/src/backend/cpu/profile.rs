@@ -69,8 +69,13 @@ pub fn take() -> Vec<(String, u64, f64)> {
     rows
 }
 
-/// Prints the table (the `top` longest entries and the total) and clears it.
+/// Prints the table (the `top` longest entries, or as many as `MIXLORA_PROFILE_ROWS` says, and
+/// the total) and clears it.
 pub fn report(top: usize) {
+    let top = std::env::var("MIXLORA_PROFILE_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(top);
     let rows = take();
     let total: f64 = rows.iter().map(|r| r.2).sum();
     println!("{:>9} {:>6} {:>7}  op", "ms", "%", "calls");
