@@ -25,6 +25,7 @@ out=$1
 shift
 parts=("$@")
 [ ${#parts[@]} -gt 0 ] || parts=(table6 checkpointing profile moe_ffn)
+. scripts/gpu-unpack.sh
 bin=${MIXLORA_BIN:-gpu-bin/mixlora}
 moe_ffn=${MOE_FFN_BIN:-gpu-bin/bench-moe_ffn}
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}

@@ -27,6 +27,7 @@ mkdir -p "$out"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export MIXLORA_CUDA_INCLUDE=${MIXLORA_CUDA_INCLUDE:-/usr/local/cuda/include}
 
+. scripts/gpu-unpack.sh
 if ! ls gpu-bin/* >/dev/null 2>&1; then
     echo "gpu-bin/ is empty: run scripts/build-gpu.sh on the build machine first" >&2
     exit 2

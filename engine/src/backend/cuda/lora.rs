@@ -5,7 +5,8 @@
 //!
 //! Bytes moved per primitive at M rows (`s` the base element size, adapter f32): codes
 //! `M·in·(s + 4 + 4 + 4 + 4 + 4)` (cast, mask, product, GEMM read) — the mask terms only with
-//! dropout; expand-add `M·out·(4 + 4 + 2s + s)` (GEMM write, cast, add); grad_codes
+//! dropout; expand-add `M·out·(4 + 12)` for an f32 base, `M·out·(4 + 6 + 12 + 6)` for bf16 (GEMM
+//! write; cast of y, f32 add, cast back: rounded once); grad_codes
 //! `M·out·(s + 4 + 4 + 4)` (cast, two GEMM reads); grad_a as codes; grad_x
 //! `M·in·(4 + 4 + 4 + 4 + 4 + s)` with dropout. All of it is transient: the tape keeps `z`.
 //!
@@ -148,12 +149,15 @@ pub(crate) fn lora_expand_add(
     let bc = b.to_dtype(bl, b.dtype)?; // [o, r] contiguous
     let d = zs.matmul(&mat3(m, r, false), &bc, &mat3(o, r, true))?; // [m, o] adapter dtype
     let cl = Layout::contiguous([m, o]);
-    let d = if y.dtype == d.dtype {
-        d
-    } else {
-        d.to_dtype(&cl, y.dtype)?
-    };
-    y.binary(l, &d, &cl, BinaryOp::Add)
+    if y.dtype == d.dtype {
+        return y.binary(l, &d, &cl, BinaryOp::Add);
+    }
+    // A bf16 base: add in f32 and round once, as the CPU and the custom kernel do (rounding
+    // `s z Bᵀ` to bf16 before the add would round twice).
+    let sum = y
+        .to_dtype(l, d.dtype)?
+        .binary(&cl, &d, &cl, BinaryOp::Add)?; // [m, o] f32
+    sum.to_dtype(&cl, y.dtype)
 }
 
 pub(crate) fn lora_grad_codes(
