@@ -48,6 +48,11 @@ impl Storage {
     pub fn zeros(device: Device, shape: &Shape, dtype: DType) -> Result<Self> {
         Self::full(device, shape, dtype, 0.0)
     }
+    /// A contiguous buffer of `shape` that the caller overwrites entirely before reading it
+    /// (`BackendDevice::for_overwrite`): no fill on the GPU.
+    pub fn for_overwrite(device: Device, shape: &Shape, dtype: DType) -> Result<Self> {
+        on_device!(device, d => d.for_overwrite(shape, dtype))
+    }
     pub fn full(device: Device, shape: &Shape, dtype: DType, v: f64) -> Result<Self> {
         on_device!(device, d => d.full(shape, dtype, v))
     }

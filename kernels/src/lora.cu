@@ -14,8 +14,9 @@
 //     x [M, N] bf16 (row stride ldx), A [R, N] f32, part [ceil(N/128), M, R] f32;
 //     grid (ceil(N/128), ceil(M/rows_per_block)), 256 threads
 // lora_grad_a_bf16_r{R}(M, N, x, ldx, dz, part, rows_per_warp, seed, thr, keep, drop)
-//     part[p, r, c] = Σ_{m in rows of p} dz[m, r] · drop(x)[m, c]   (p = blockIdx.y · 8 + warp)
-//     dz [M, R] f32, part [gridDim.y · 8, R, N] f32; grid (ceil(N/128), P / 8), 256 threads
+//     part[g, r, c] = Σ_{m in rows of g} dz[m, r] · drop(x)[m, c]   (g = blockIdx.y: 8 warps of
+//     rows_per_warp consecutive rows each); dz [M, R] f32, part [gridDim.y, R, N] f32;
+//     grid (ceil(N/128), G), 256 threads
 // lora_grad_x_bf16_r{R}(M, N, dz, A, dx, rows_per_block, seed, thr, keep, drop)
 //     dx[m, c] = bf16(mask[m, c] · Σ_r dz[m, r] · A[r, c])   dx [M, N] bf16 contiguous
 //     grid (ceil(N/128), ceil(M/rows_per_block)), 256 threads
@@ -87,6 +88,31 @@ template <int R> __device__ __forceinline__ void lora_row(const float* dz, u32 m
     }
 }
 
+// Sums v[k] over the warp's 32 lanes for every k < R (R a power of two, at most 32) with R
+// shuffles where R independent butterflies take 5·R: each halving step sends half of the values
+// still held to the partner lane and keeps the other half (offsets 16, 8, .. down to 32 / R),
+// then plain butterflies (offsets below 32 / R) finish the sums. Lane l returns the total of
+// k = l / (32 / R); the order of the additions is fixed (deterministic).
+template <int R> __device__ __forceinline__ float lora_warp_sum_scatter(float (&v)[R], u32 lane) {
+#pragma unroll
+    for (int n = R, o = 16; n > 1; n >>= 1, o >>= 1) {
+        const bool upper = (lane & (u32)o) != 0u;
+#pragma unroll
+        for (int i = 0; i < n / 2; ++i) {
+            const float send = upper ? v[i] : v[i + n / 2];
+            const float keep = upper ? v[i + n / 2] : v[i];
+            v[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+        }
+    }
+    float s = v[0];
+#pragma unroll
+    for (int o = 16 / R; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    return s;
+}
+
+// Rows a warp loads before it reduces any (memory requests in flight per lane).
+#define LORA_UNROLL 4
+
 template <int R>
 __device__ void lora_codes(u32 M, u32 N, const bf16* x, u32 ldx, const float* A, float* part, u32 rows_per_block,
                            u64 seed, u32 thr, float keep, int drop) {
@@ -99,27 +125,34 @@ __device__ void lora_codes(u32 M, u32 N, const bf16* x, u32 ldx, const float* A,
     const u64 mixed = rng_mix64(seed);
     const u32 m0 = blockIdx.y * rows_per_block;
     const u32 m1 = min(M, m0 + rows_per_block);
-    for (u32 m = m0 + warp; m < m1; m += LORA_WARPS) { // warp-uniform: every lane shuffles
-        float z[R];
+    constexpr u32 SPREAD = 32 / R; // lanes holding each code after the reduction
+    // Warp-uniform loop (every lane shuffles): rows m + u·LORA_WARPS for u < LORA_UNROLL.
+    for (u32 m = m0 + warp; m < m1; m += LORA_WARPS * LORA_UNROLL) {
+        float v[LORA_UNROLL][4];
 #pragma unroll
-        for (int r = 0; r < R; ++r) z[r] = 0.0f;
-        if (active) {
-            float v[4];
-            lora_dropped4(x, ldx, N, m, c0, mixed, thr, keep, drop, v);
+        for (int u = 0; u < LORA_UNROLL; ++u) {
+            const u32 row = m + u * LORA_WARPS;
+            if (active && row < m1) {
+                lora_dropped4(x, ldx, N, row, c0, mixed, thr, keep, drop, v[u]);
+            } else {
 #pragma unroll
-            for (int r = 0; r < R; ++r)
-#pragma unroll
-                for (int q = 0; q < 4; ++q) z[r] += v[q] * a[r][q];
+                for (int q = 0; q < 4; ++q) v[u][q] = 0.0f;
+            }
         }
-        float mine = 0.0f;
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-            float s = z[r];
+        for (int u = 0; u < LORA_UNROLL; ++u) {
+            const u32 row = m + u * LORA_WARPS;
+            if (row >= m1) break; // warp-uniform
+            float z[R];
 #pragma unroll
-            for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-            if (lane == (u32)r) mine = s;
+            for (int r = 0; r < R; ++r) {
+                z[r] = 0.0f;
+#pragma unroll
+                for (int q = 0; q < 4; ++q) z[r] += v[u][q] * a[r][q];
+            }
+            const float total = lora_warp_sum_scatter<R>(z, lane);
+            if (lane % SPREAD == 0u) part[((size_t)chunk * M + row) * R + lane / SPREAD] = total;
         }
-        if (lane < (u32)R) part[((size_t)chunk * M + m) * R + lane] = mine;
     }
 }
 
@@ -128,30 +161,58 @@ __device__ void lora_grad_a(u32 M, u32 N, const bf16* x, u32 ldx, const float* d
                             u64 seed, u32 thr, float keep, int drop) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const u32 c0 = blockIdx.x * LORA_COLS + lane * 4;
-    if (c0 >= N) return; // no shuffles below
-    const u32 p = blockIdx.y * LORA_WARPS + warp;
+    const bool active = c0 < N; // no early return: the block synchronises below
     const u64 mixed = rng_mix64(seed);
-    const size_t start = (size_t)p * rows_per_warp;
+    // Warp w of block row g owns rows [(8g + w)·rows_per_warp, +rows_per_warp).
+    const size_t start = ((size_t)blockIdx.y * LORA_WARPS + warp) * rows_per_warp;
     const u32 m0 = (u32)min((size_t)M, start);
-    const u32 m1 = (u32)min((size_t)M, start + rows_per_warp);
+    const u32 m1 = active ? (u32)min((size_t)M, start + rows_per_warp) : m0;
     float acc[R][4];
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int q = 0; q < 4; ++q) acc[r][q] = 0.0f;
-    for (u32 m = m0; m < m1; ++m) {
-        float v[4], d[R];
-        lora_dropped4(x, ldx, N, m, c0, mixed, thr, keep, drop, v);
-        lora_row<R>(dz, m, d);
+    // LORA_UNROLL rows' loads go out before their products (requests in flight); the rows are
+    // still added in order m0, m0 + 1, ...
+    for (u32 m = m0; m < m1; m += LORA_UNROLL) {
+        float v[LORA_UNROLL][4];
 #pragma unroll
-        for (int r = 0; r < R; ++r)
+        for (int u = 0; u < LORA_UNROLL; ++u) {
+            if (m + u < m1) lora_dropped4(x, ldx, N, m + u, c0, mixed, thr, keep, drop, v[u]);
+        }
 #pragma unroll
-            for (int q = 0; q < 4; ++q) acc[r][q] += d[r] * v[q];
+        for (int u = 0; u < LORA_UNROLL; ++u) {
+            if (m + u >= m1) break;
+            float d[R];
+            lora_row<R>(dz, m + u, d);
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) acc[r][q] += d[r] * v[u][q];
+        }
     }
+    // The block's 8 warps add their sums in warp order (deterministic) into shared memory, then
+    // the block writes its partial part[g, r, chunk columns].
+    __shared__ float4 block_sum[R][LORA_COLS / 4];
+#pragma unroll 1
+    for (u32 w = 0; w < LORA_WARPS; ++w) {
+        if (warp == w) {
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-        float4 o = make_float4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
-        *reinterpret_cast<float4*>(part + ((size_t)p * R + r) * N + c0) = o;
+            for (int r = 0; r < R; ++r) {
+                float4 t = make_float4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+                if (w > 0) {
+                    const float4 prev = block_sum[r][lane];
+                    t = make_float4(prev.x + t.x, prev.y + t.y, prev.z + t.z, prev.w + t.w);
+                }
+                block_sum[r][lane] = t;
+            }
+        }
+        __syncthreads();
+    }
+    for (u32 k = threadIdx.x; k < (u32)R * (LORA_COLS / 4); k += blockDim.x) {
+        const u32 r = k / (LORA_COLS / 4), l4 = k % (LORA_COLS / 4);
+        const u32 c = blockIdx.x * LORA_COLS + l4 * 4;
+        if (c < N) *reinterpret_cast<float4*>(part + ((size_t)blockIdx.y * R + r) * N + c) = block_sum[r][l4];
     }
 }
 
@@ -166,24 +227,34 @@ __device__ void lora_grad_x(u32 M, u32 N, const float* dz, const float* A, bf16*
     const u64 mixed = rng_mix64(seed);
     const u32 m0 = blockIdx.y * rows_per_block;
     const u32 m1 = min(M, m0 + rows_per_block);
-    for (u32 m = m0 + warp; m < m1; m += LORA_WARPS) {
-        float d[R], o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        lora_row<R>(dz, m, d);
+    // Two rows per step: both rows' dz loads go out before the products.
+    for (u32 m = m0 + warp; m < m1; m += 2 * LORA_WARPS) {
+        float d[2][R];
 #pragma unroll
-        for (int r = 0; r < R; ++r)
-#pragma unroll
-            for (int q = 0; q < 4; ++q) o[q] += d[r] * a[r][q];
-        if (drop) {
-            float mk[4];
-            lora_mask4(mixed, thr, keep, (u64)m * N + c0, mk);
-#pragma unroll
-            for (int q = 0; q < 4; ++q) o[q] = o[q] * mk[q];
+        for (int u = 0; u < 2; ++u) {
+            if (m + u * LORA_WARPS < m1) lora_row<R>(dz, m + u * LORA_WARPS, d[u]);
         }
-        uint2 raw;
-        bf16* e = reinterpret_cast<bf16*>(&raw);
 #pragma unroll
-        for (int q = 0; q < 4; ++q) e[q] = __float2bfloat16(o[q]);
-        *reinterpret_cast<uint2*>(dx + (size_t)m * N + c0) = raw;
+        for (int u = 0; u < 2; ++u) {
+            const u32 row = m + u * LORA_WARPS;
+            if (row >= m1) break;
+            float o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) o[q] += d[u][r] * a[r][q];
+            if (drop) {
+                float mk[4];
+                lora_mask4(mixed, thr, keep, (u64)row * N + c0, mk);
+#pragma unroll
+                for (int q = 0; q < 4; ++q) o[q] = o[q] * mk[q];
+            }
+            uint2 raw;
+            bf16* e = reinterpret_cast<bf16*>(&raw);
+#pragma unroll
+            for (int q = 0; q < 4; ++q) e[q] = __float2bfloat16(o[q]);
+            *reinterpret_cast<uint2*>(dx + (size_t)row * N + c0) = raw;
+        }
     }
 }
 
@@ -197,20 +268,30 @@ __device__ void lora_expand_add(u32 M, u32 N, const float* zs, const float* Bt, 
     lora_slice<R>(Bt, N, c0, b);
     const u32 m0 = blockIdx.y * rows_per_block;
     const u32 m1 = min(M, m0 + rows_per_block);
-    for (u32 m = m0 + warp; m < m1; m += LORA_WARPS) {
-        float z[R], v[4];
-        lora_row<R>(zs, m, z);
-        lora_load4(y + (size_t)m * ldy + c0, v);
-        float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    // Two rows per step: both rows' loads of y go out before the products.
+    for (u32 m = m0 + warp; m < m1; m += 2 * LORA_WARPS) {
+        float v[2][4];
 #pragma unroll
-        for (int r = 0; r < R; ++r)
+        for (int u = 0; u < 2; ++u) {
+            if (m + u * LORA_WARPS < m1) lora_load4(y + (size_t)(m + u * LORA_WARPS) * ldy + c0, v[u]);
+        }
 #pragma unroll
-            for (int q = 0; q < 4; ++q) d[q] += z[r] * b[r][q];
-        uint2 raw;
-        bf16* e = reinterpret_cast<bf16*>(&raw);
+        for (int u = 0; u < 2; ++u) {
+            const u32 row = m + u * LORA_WARPS;
+            if (row >= m1) break;
+            float z[R];
+            lora_row<R>(zs, row, z);
+            float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-        for (int q = 0; q < 4; ++q) e[q] = __float2bfloat16(v[q] + d[q]);
-        *reinterpret_cast<uint2*>(out + (size_t)m * N + c0) = raw;
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) d[q] += z[r] * b[r][q];
+            uint2 raw;
+            bf16* e = reinterpret_cast<bf16*>(&raw);
+#pragma unroll
+            for (int q = 0; q < 4; ++q) e[q] = __float2bfloat16(v[u][q] + d[q]);
+            *reinterpret_cast<uint2*>(out + (size_t)row * N + c0) = raw;
+        }
     }
 }
 

@@ -504,6 +504,11 @@ pub trait BackendDevice {
     type Storage: BackendStorage;
     fn zeros(&self, shape: &Shape, dtype: DType) -> Result<Self::Storage>;
     fn full(&self, shape: &Shape, dtype: DType, value: f64) -> Result<Self::Storage>;
+    /// A buffer that the caller overwrites entirely before anything reads it: its contents are
+    /// unspecified (the GPU skips the fill; the CPU gives zeros).
+    fn for_overwrite(&self, shape: &Shape, dtype: DType) -> Result<Self::Storage> {
+        self.zeros(shape, dtype)
+    }
     fn upload_f64(&self, data: &[f64], dtype: DType) -> Result<Self::Storage>;
     /// Standard normal samples × `std` + `mean`, counter-based so a (seed, index) pair always gives
     /// the same value on every backend.

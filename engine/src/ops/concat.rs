@@ -40,7 +40,8 @@ pub fn cat(tensors: &[&Tensor], dim: isize) -> Result<Tensor> {
     dims[d] = total;
     let shape = Shape::from(dims);
     let out_l = Layout::contiguous(shape.clone());
-    let mut out = Storage::zeros(first.device(), &shape, first.dtype())?; // the output, contiguous
+    // The output, contiguous; the parts cover every element of it.
+    let mut out = Storage::for_overwrite(first.device(), &shape, first.dtype())?;
     for (&t, &off) in tensors.iter().zip(&offsets) {
         let dst = out_l.narrow(d, off, t.dims()[d]);
         t.storage().copy_to_view(t.layout(), &mut out, &dst)?;

@@ -20,8 +20,8 @@ const WARPS: usize = 8;
 /// Rows per block of the codes and grad_x kernels.
 const ROWS_PER_BLOCK: usize = 128;
 /// Rows per warp of grad_a at most, and the most partial sums it writes per column.
-const GRAD_A_ROWS: usize = 64;
-const GRAD_A_MAX_GROUPS: usize = 16;
+const GRAD_A_ROWS: usize = 32;
+const GRAD_A_MAX_GROUPS: usize = 32;
 
 /// Whether the custom kernels take a base operand `x` (`l`, logical `[m, n]`) with adapter
 /// dtype `ad` and rank `r`: bf16 and f32, r ∈ {8, 16}, unit column stride, `n`, the row stride
@@ -152,8 +152,8 @@ fn grad_a_partials(
     let (m, n) = (l.dims()[0], l.dims()[1]);
     // Row groups: 8 warps of up to GRAD_A_ROWS rows per block row, at most GRAD_A_MAX_GROUPS.
     let groups = m.div_ceil(WARPS * GRAD_A_ROWS).clamp(1, GRAD_A_MAX_GROUPS);
-    let parts = groups * WARPS;
-    let rows_per_warp = m.div_ceil(parts).max(1);
+    let parts = groups; // a block adds its warps' sums: one partial per block row
+    let rows_per_warp = m.div_ceil(groups * WARPS).max(1);
     let part = CudaStorage::alloc(&x.dev, op, parts * r * n, DType::F32)?; // [parts, r, n]
     if n > 0 {
         let (m32, n32, ld32, px) = view_args(op, x, l)?;
@@ -161,8 +161,9 @@ fn grad_a_partials(
         let (thr, keep, drop) = dropout_args(p);
         let name = format!("lora_grad_a_bf16_r{r}");
         // SAFETY: x as in `codes_partials`; `dz` is a fresh contiguous `[m, r]` f32 buffer (rows
-        // of r = 8 or 16 floats, 16-byte aligned); `part` holds parts·r·n f32 and warp p of the
-        // grid (parts = groups · 8 of them) writes its `[r, n]` slice, zeros where it has no rows.
+        // of r = 8 or 16 floats, 16-byte aligned); `part` holds groups·r·n f32 and block row g
+        // writes its `[r, n]` slice (16-byte stores at columns c < n, n a multiple of 4), zeros
+        // where it has no rows; the block's 8 KiB of shared memory are static.
         unsafe {
             launch!(
                 &x.dev,

@@ -59,6 +59,10 @@ impl BackendDevice for CudaDevice {
         fill(self, shape.elem_count(), dtype, value)
     }
 
+    fn for_overwrite(&self, shape: &Shape, dtype: DType) -> Result<CudaStorage> {
+        CudaStorage::alloc(self, "for_overwrite", shape.elem_count(), dtype)
+    }
+
     fn upload_f64(&self, data: &[f64], dtype: DType) -> Result<CudaStorage> {
         CudaStorage::from_cpu(self, &CpuDevice.upload_f64(data, dtype)?)
     }
