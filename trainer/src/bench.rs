@@ -105,6 +105,9 @@ pub struct VariantResult {
     pub variant: BenchVariant,
     pub fwd_us_per_token: f64,
     pub bwd_us_per_token: f64,
+    /// Host time spent issuing the forward and backward (before waiting for the device), per
+    /// token: close to fwd + bwd when the host, not the device, bounds the step.
+    pub host_us_per_token: f64,
     pub tokens_per_s: f64,
     /// `None` on the CPU.
     pub peak_gib: Option<f64>,
@@ -275,7 +278,7 @@ pub fn table6(a: &Table6Args, mut log: impl FnMut(&str)) -> Result<Table6> {
                 model.set_moe_impl(imp);
             }
             let params = model.trainable_params();
-            let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
+            let (mut fwd, mut bwd, mut host) = (Vec::new(), Vec::new(), Vec::new());
             let mut loss_v = f64::NAN;
             for step in 0..a.warmup + a.steps {
                 if step == a.warmup {
@@ -286,14 +289,17 @@ pub fn table6(a: &Table6Args, mut log: impl FnMut(&str)) -> Result<Table6> {
                 synchronize(device)?;
                 let t0 = Instant::now();
                 let loss = training_loss(&model, &ids, &mask, &targets, step as u64)?;
+                let issued_fwd = t0.elapsed();
                 synchronize(device)?;
                 let t1 = Instant::now();
                 loss.backward()?;
+                let issued_bwd = t1.elapsed();
                 synchronize(device)?;
                 let t2 = Instant::now();
                 if step >= a.warmup {
                     fwd.push((t1 - t0).as_secs_f64());
                     bwd.push((t2 - t1).as_secs_f64());
+                    host.push((issued_fwd + issued_bwd).as_secs_f64());
                 }
                 loss_v = loss.to_scalar()?;
             }
@@ -311,6 +317,7 @@ pub fn table6(a: &Table6Args, mut log: impl FnMut(&str)) -> Result<Table6> {
                 variant: v,
                 fwd_us_per_token: f * 1e6 / tokens,
                 bwd_us_per_token: bw * 1e6 / tokens,
+                host_us_per_token: median(host) * 1e6 / tokens,
                 tokens_per_s: tokens / (f + bw),
                 peak_gib: peak_bytes(device).map(|p| p as f64 / (1u64 << 30) as f64),
                 loss: loss_v,
@@ -329,10 +336,11 @@ pub fn table6(a: &Table6Args, mut log: impl FnMut(&str)) -> Result<Table6> {
             Err(e) => return Err(e),
         };
         log(&format!(
-            "{:<14} fwd {:>8.2} us/token  bwd {:>8.2} us/token  {:>9.0} tokens/s  peak {} GiB  loss {:.3}",
+            "{:<14} fwd {:>8.2} us/token  bwd {:>8.2} us/token  (host {:.2})  {:>9.0} tokens/s  peak {} GiB  loss {:.3}",
             v.key(),
             r.fwd_us_per_token,
             r.bwd_us_per_token,
+            r.host_us_per_token,
             r.tokens_per_s,
             r.peak_gib.map_or("-".into(), |p| format!("{p:.2}")),
             r.loss
@@ -394,6 +402,7 @@ pub fn table6_json(a: &Table6Args, t6: &Table6) -> Result<String> {
         let v = serde_json::json!({
             "fwd_us_per_token": round(r.fwd_us_per_token),
             "bwd_us_per_token": round(r.bwd_us_per_token),
+            "host_us_per_token": round(r.host_us_per_token),
             "tokens_per_s": r.tokens_per_s.round(),
             "peak_gib": r.peak_gib.map(round),
         });
