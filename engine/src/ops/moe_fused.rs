@@ -162,12 +162,21 @@ fn gate_up(x: &Tensor, w_gate: &Tensor, w_up: &Tensor) -> Result<(Tensor, Tensor
 /// chunk, and the base GEMMs still see thousands of rows at LLaMA-2-7B sizes.
 const CHUNK_ELEMS: usize = 1 << 26;
 
-/// The default chunk: as many tokens as fit [`CHUNK_ELEMS`], a multiple of 128 (GEMM tiles) when
-/// that is at least 256 tokens, and never more than `t`.
+/// The default chunk: the tokens split evenly into as few chunks as keep each within
+/// [`CHUNK_ELEMS`] (4096 tokens at LLaMA-2-7B sizes run as 2 × 2048, not 2944 + 1152, so no
+/// chunk's GEMMs are short), rounded up to a multiple of 128 (GEMM tiles) when that still fits
+/// and the cap is at least 256 tokens; never more than `t`.
 pub fn default_chunk_tokens(t: usize, k: usize, i: usize) -> usize {
-    let c = CHUNK_ELEMS / (k * i).max(1);
-    let c = if c >= 256 { c / 128 * 128 } else { c };
-    c.clamp(1, t.max(1))
+    let t = t.max(1);
+    let cap = (CHUNK_ELEMS / (k * i).max(1)).max(1);
+    let even = t.div_ceil(t.div_ceil(cap)); // ≤ cap
+    let tiled = even.div_ceil(128) * 128;
+    let c = if cap >= 256 && tiled <= cap {
+        tiled
+    } else {
+        even
+    };
+    c.min(t)
 }
 
 /// The chunk of tokens set by `MIXLORA_MOE_CHUNK_TOKENS` (read once), for measuring the
