@@ -112,7 +112,13 @@ pub const RANDOM: KernelSource = KernelSource {
 };
 
 /// The attention softmax (causal, key-masked, scaled) and the fused softmax backward.
-pub const ATTENTION: KernelSource = module!("attention", f3 causal_softmax f3 softmax_backward);
+/// Each in two forms: one block per row, and one warp per row (rows of at most 32·C chunks of 16
+/// bytes, C = 1, 2, 4, 8).
+pub const ATTENTION: KernelSource = module!("attention", f3 causal_softmax f3 softmax_backward
+    f3 causal_softmax_warp1 f3 causal_softmax_warp2 f3 causal_softmax_warp4 f3 causal_softmax_warp8
+    f3 softmax_backward_warp1 f3 softmax_backward_warp2 f3 softmax_backward_warp4
+    f3 softmax_backward_warp8
+);
 
 /// MoE routing: fused top-k routing, grouping by expert on the device, permute/combine, grouped
 /// matmuls over expert segments (forward and weight gradient).

@@ -4,8 +4,17 @@
 //! Each case is written once as a function of the device: it builds its inputs there (the same
 //! random values on both, never zeros), runs, and reads the result back; the CPU result is the
 //! reference. Relative error ‖gpu − cpu‖ / ‖cpu‖ must stay within f32 1e-5, bf16 1e-2, f64
-//! 1e-10; NaN never passes. Row lengths s = 1, 7, 255, 256, 257, 1000, 2048 cover rows narrower
-//! than a block, exactly one 256-thread block, one more, and rows that loop over the block.
+//! 1e-10; NaN never passes.
+//!
+//! Row lengths (`ROW_LENGTHS`) cover both kernel forms. One warp per row, held as 16-byte chunks
+//! of V = 8 bf16, 4 f32 or 2 f64, 32·C per row (C = 1, 2, 4, 8), when V divides s and s ≤ 256·V:
+//! s = 64, 256, 512 for every dtype, 1000 for bf16 and f32, 2048 for bf16; the causal limits of
+//! the square cases end inside chunks, and rows are not a multiple of the 8 warps of a block.
+//! One block per row otherwise: s = 1, 7, 255, 257 (no V divides them), 1000 for f64, 2048 for
+//! f32 and f64, 2056 for every dtype (past the warp's registers); these cover rows narrower than a
+//! block, exactly one 256-thread block, one more, and rows that loop over the block. Views that
+//! start 1 element into their buffer (not 16-byte aligned: one block per row) or 8 (aligned: one
+//! warp per row) check the alignment test; transposed inputs are copied first (aligned).
 //!
 //! Without a GPU (or without the `cuda` feature) the tests print why they skip and pass.
 
@@ -16,6 +25,9 @@ mod gpu {
     use testutil::gpu::{device as gpu, rel_err_matching_nonfinite as rel_err, serial, tol};
 
     const FLOATS: [DType; 3] = [DType::F32, DType::BF16, DType::F64];
+
+    /// Row lengths of the softmax cases (see the header).
+    const ROW_LENGTHS: [usize; 10] = [1, 7, 64, 255, 256, 257, 512, 1000, 2048, 2056];
 
     /// Deterministic values in ±[0.1, 2.1) (never zero), times `mag`, from `seed`.
     fn vals(n: usize, seed: u64, mag: f64) -> Vec<f64> {
@@ -130,17 +142,28 @@ mod gpu {
     }
 
     /// `(b, h, t, s, q_offset, mask)` of the softmax cases: for each row length, a decoding-like
-    /// case (few queries at the end of the keys) and a square one where it stays small.
+    /// case (few queries at the end of the keys), square ones where it stays small, and queries
+    /// from a third of the keys on, under left padding (so also with rows that see no key).
     fn softmax_cases() -> Vec<(usize, usize, usize, usize, usize, Mask)> {
         let mut v = Vec::new();
-        for s in [1usize, 7, 255, 256, 257, 1000, 2048] {
+        for s in ROW_LENGTHS {
             let t = s.min(3);
             v.push((2, 3, t, s, s - t, Mask::Random));
             let (b, h) = if s >= 1000 { (1, 2) } else { (2, 3) };
             v.push((b, h, s, s, 0, Mask::None));
             v.push((b + 1, h, s, s, 0, Mask::Left));
+            v.push((b + 1, h, s.div_ceil(2), s, s / 3, Mask::Left));
         }
         v
+    }
+
+    /// `layout` moved `skip` elements into a buffer that has `skip` more elements in front.
+    fn skipped(layout: Layout, skip: usize) -> Layout {
+        Layout::new(
+            layout.shape().clone(),
+            layout.strides().to_vec(),
+            layout.offset() + skip,
+        )
     }
 
     #[test]
@@ -169,12 +192,13 @@ mod gpu {
                 );
             }
             // Transposed scores ([b, h, s, t] seen as [b, h, t, s]), NaN at every key that is
-            // masked or past the causal limit (never read, so it cannot spread), offset beyond s.
-            let (b, h, t, s) = (2, 3, 40, 300);
-            let m = Mask::Left.values(b, s);
-            for off in [260, 400] {
+            // masked or past the causal limit (never used, so it cannot spread), offset beyond
+            // s; s = 320 runs one warp per row for every dtype, 300 for f32 and f64.
+            for (s, off) in [(300, 260), (300, 400), (320, 270)] {
+                let (b, h, t) = (2, 3, 40);
+                let m = Mask::Left.values(b, s);
                 c.case(
-                    &format!("causal_softmax transposed, NaN at masked keys, off {off}"),
+                    &format!("causal_softmax transposed, NaN at masked keys, s {s} off {off}"),
                     dt,
                     |dev| {
                         let mut v = vals(b * h * s * t, 2, 3.0); // [b, h, s, t]
@@ -194,6 +218,27 @@ mod gpu {
                     },
                 );
             }
+            // Scores or mask 1 element into their buffer (not 16-byte aligned: one block per
+            // row), or 8 and 4 (aligned: one warp per row).
+            for (x_skip, m_skip) in [(1, 0), (0, 1), (8, 4)] {
+                let (b, h, t, s, off) = (2, 3, 37, 512, 100);
+                let m = Mask::Random
+                    .values(b, s)
+                    .map(|m| [vec![1; m_skip], m].concat());
+                c.case(
+                    &format!("causal_softmax, x {x_skip} and mask {m_skip} elements in"),
+                    dt,
+                    |dev| {
+                        let x =
+                            Storage::upload_f64(dev, &vals(x_skip + b * h * t * s, 9, 4.0), dt)?;
+                        let xl = skipped(Layout::contiguous([b, h, t, s]), x_skip);
+                        let ms = mask_storage(dev, &m)?;
+                        let ml = skipped(Layout::contiguous([b, s]), m_skip);
+                        let y = x.causal_softmax(&xl, 0.125, off, ms.as_ref().map(|m| (m, &ml)))?;
+                        Ok(read(&y, [b, h, t, s]))
+                    },
+                );
+            }
         }
         c.finish();
     }
@@ -202,8 +247,8 @@ mod gpu {
     fn softmax_backward_matches_cpu() {
         let Some(mut c) = Checker::new() else { return };
         for dt in FLOATS {
-            for s in [1usize, 7, 255, 256, 257, 1000, 2048] {
-                let rows = if s >= 1000 { 300 } else { 1000 };
+            for s in ROW_LENGTHS {
+                let rows = if s >= 1000 { 300 } else { 1001 };
                 for scale in [1.0, 0.125] {
                     c.case(
                         &format!("softmax_backward [{rows},{s}] scale {scale}"),
@@ -223,16 +268,39 @@ mod gpu {
                     );
                 }
             }
-            // A transposed output gradient.
-            let (rows, s) = (300, 257);
-            c.case("softmax_backward, g transposed", dt, |dev| {
-                let l = Layout::contiguous([rows, s]);
-                let y = Storage::upload_f64(dev, &vals(rows * s, 5, 0.01), dt)?;
-                let g = Storage::upload_f64(dev, &vals(rows * s, 6, 1.0), dt)?;
-                let gl = Layout::contiguous([s, rows]).transpose(0, 1);
-                let dx = y.softmax_backward(&l, &g, &gl, 0.5)?;
-                Ok(read(&dx, [rows, s]))
-            });
+            // A transposed output gradient (copied first, so s = 256 runs one warp per row).
+            for s in [257, 256] {
+                let rows = 300;
+                c.case(
+                    &format!("softmax_backward, g transposed, s {s}"),
+                    dt,
+                    |dev| {
+                        let l = Layout::contiguous([rows, s]);
+                        let y = Storage::upload_f64(dev, &vals(rows * s, 5, 0.01), dt)?;
+                        let g = Storage::upload_f64(dev, &vals(rows * s, 6, 1.0), dt)?;
+                        let gl = Layout::contiguous([s, rows]).transpose(0, 1);
+                        let dx = y.softmax_backward(&l, &g, &gl, 0.5)?;
+                        Ok(read(&dx, [rows, s]))
+                    },
+                );
+            }
+            // Views 1 element into their buffer (not 16-byte aligned: one block per row) and 8
+            // (aligned: one warp per row).
+            for (y_skip, g_skip) in [(1, 0), (0, 1), (8, 8)] {
+                let (rows, s) = (99, 512);
+                c.case(
+                    &format!("softmax_backward, y {y_skip} and g {g_skip} elements in"),
+                    dt,
+                    |dev| {
+                        let l = Layout::contiguous([rows, s]);
+                        let y = Storage::upload_f64(dev, &vals(y_skip + rows * s, 7, 0.01), dt)?;
+                        let g = Storage::upload_f64(dev, &vals(g_skip + rows * s, 8, 1.0), dt)?;
+                        let (yl, gl) = (skipped(l.clone(), y_skip), skipped(l, g_skip));
+                        let dx = y.softmax_backward(&yl, &g, &gl, 0.5)?;
+                        Ok(read(&dx, [rows, s]))
+                    },
+                );
+            }
         }
         c.finish();
     }
