@@ -895,6 +895,75 @@ mod gpu {
         c.finish();
     }
 
+    /// RoPE's vector paths (8, 4 or 2 pairs a thread) and its one-pair path: against the CPU, and
+    /// bit for bit against each other on the GPU (the same input read at offset 1 of a buffer one
+    /// longer, or tables at offset 1, which only the one-pair path takes).
+    #[test]
+    fn rope_vector_paths() {
+        let Some(mut c) = Checker::new() else { return };
+        let gpu = c.gpu;
+        let (b, h, t) = (2usize, 3usize, 19usize);
+        for dt in FLOATS {
+            // d = 128, 64: 8 pairs a thread in bf16, 4 in f32, 2 in f64; d = 8: 4, 4, 2;
+            // d = 12: 2 in every dtype; d = 6: one.
+            for d in [128usize, 64, 8, 12, 6] {
+                let (n, half) = (b * h * t * d, d / 2);
+                let x = vals(n + 1, 80);
+                let (cs, sn) = (vals(b * t * half + 1, 81), vals(b * t * half + 1, 82));
+                let dims = Shape::from([b, h, t, d]);
+                let tdims = Shape::from([b, t, half]);
+                // x as [b, h, t, d], as the head transpose of [b, t, h, d], and as [b, h, d, t]
+                // transposed (last stride t: the one-pair path).
+                let views = [
+                    ("contiguous", Layout::contiguous(dims.clone())),
+                    ("heads", heads(b, t, h, d)),
+                    (
+                        "last stride t",
+                        Layout::contiguous([b, h, d, t]).transpose(2, 3),
+                    ),
+                ];
+                for (view, xl) in &views {
+                    // The view at offset `xo` of the data from `xo` on, tables likewise: every
+                    // offset reads the same values.
+                    let run = |dev: Device, xo: usize, to: usize| {
+                        let shifted = Layout::new(dims.clone(), xl.strides().to_vec(), xo);
+                        let xs = input(dev, &x[1 - xo..], dt);
+                        let (cst, snt) =
+                            (input(dev, &cs[1 - to..], dt), input(dev, &sn[1 - to..], dt));
+                        let tl = Layout::new(tdims.clone(), tdims.contiguous_strides(), to);
+                        Ok(read(
+                            &xs.rope(&shifted, &cst, &tl, &snt, &tl)?,
+                            dims.clone(),
+                        ))
+                    };
+                    c.case(&format!("rope {view} [{b},{h},{t},{d}]"), dt, |dev| {
+                        run(dev, 0, 0)
+                    });
+                    c.case(
+                        &format!("rope {view} at offset 1 [{b},{h},{t},{d}]"),
+                        dt,
+                        |dev| run(dev, 1, 0),
+                    );
+                    // Bit for bit across the paths on the GPU.
+                    c.count += 1;
+                    let want = run(gpu, 0, 0);
+                    let same = |got: engine::Result<Vec<f64>>| match (&want, got) {
+                        (Ok(w), Ok(g)) => *w == g,
+                        _ => false,
+                    };
+                    let (xo, to) = (same(run(gpu, 1, 0)), same(run(gpu, 0, 1)));
+                    if !(xo && to) {
+                        c.failures.push(format!(
+                            "rope {view} [{b},{h},{t},{d}] [{dt}]: GPU paths differ \
+                             (same with x at offset 1: {xo}, with tables at offset 1: {to})"
+                        ));
+                    }
+                }
+            }
+        }
+        c.finish();
+    }
+
     /// A small training step, written once over the device: embedding, RMSNorm, RoPE-free
     /// attention-like matmuls, SiLU, softmax, cross-entropy; loss and every gradient compared.
     fn step(dev: Device, dt: DType) -> engine::Result<Vec<f64>> {
