@@ -151,6 +151,13 @@ __device__ __forceinline__ float m_abs(float x) { return fabsf(x); }
 __device__ __forceinline__ double m_abs(double x) { return fabs(x); }
 __device__ __forceinline__ float m_pow(float x, float e) { return powf(x, e); }
 __device__ __forceinline__ double m_pow(double x, double e) { return pow(x, e); }
+// A product and a fused multiply-add with their rounding spelled out: the compiler may neither
+// fuse the one nor split the other (it may contract a plain `a * b + c`, differently in different
+// code).
+__device__ __forceinline__ float m_mul(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double m_mul(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float m_fma(float a, float b, float c) { return __fmaf_rn(a, b, c); }
+__device__ __forceinline__ double m_fma(double a, double b, double c) { return __fma_rn(a, b, c); }
 // fmax/fmin return the other operand when one is NaN, like Rust's f32::max/min.
 __device__ __forceinline__ float m_max(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double m_max(double a, double b) { return fmax(a, b); }

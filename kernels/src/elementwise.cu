@@ -8,6 +8,7 @@
 // Select:  where_{cond}_{val}(n, lc, lt, lf, c, t, f, y)  y[i] = c[..] != 0 ? t[..] : f[..]
 // Cast:    cast_{src}_{dst}(n, l, x, y)                   Rust `as` semantics
 // Copy:    copy_{dtype}(n, ls, ld, src, dst)              dst[at(ld, i)] = src[at(ls, i)]
+// Units:   copy_{u128,u64}(n, ls, ld, src, dst)           the same over 16- or 8-byte units, any dtype
 // Fill:    fill_{dtype}(n, y, v)                          y[i] = v
 
 // ----- contiguous fast path -------------------------------------------------------------------------
@@ -246,15 +247,65 @@ CAST(double, f64)
 CAST(u32, u32)
 
 // ----- strided copy and fill -----------------------------------------------------------------------
+// copy_{dtype} moves one element per thread through the views, or VEC per thread when both views
+// are one run (rank 1, stride 1) starting on a 16-byte boundary, like the maps above.
+//
+// copy_u128 and copy_u64 move whole 16- or 8-byte units, whatever the dtype. The host launches one
+// when both views end in a stride-1 dim whose length is a multiple of the unit (u elements), every
+// other stride and both offsets are multiples of u, and both buffers start on a unit boundary. `ls`
+// and `ld` are then those views counted in units (last dim divided by u, the other strides and the
+// offset divided by u), `n` is the element count divided by u, and unit i of either view holds its
+// elements i·u .. i·u + u in order, so unit i of the source goes to unit i of the destination. When
+// both views are one run, strided_at reduces to `offset + i`: a plain contiguous 16-byte copy.
+//
+// fill_{dtype} stores VEC elements per thread through 16-byte stores when the output starts on a
+// 16-byte boundary (fresh buffers do), the last n % VEC one by one.
+
+template <typename W>
+__device__ __forceinline__ void copy_units(u32 n, const Strided& ls, const Strided& ld, const W* src, W* dst) {
+    FOR_EACH(i, n) { dst[strided_at(ld, (u32)i)] = src[strided_at(ls, (u32)i)]; }
+}
+
+extern "C" __global__ void copy_u128(u32 n, Strided ls, Strided ld, const uint4* src, uint4* dst) {
+    copy_units(n, ls, ld, src, dst);
+}
+extern "C" __global__ void copy_u64(u32 n, Strided ls, Strided ld, const uint2* src, uint2* dst) {
+    copy_units(n, ls, ld, src, dst);
+}
+
+template <typename T>
+__device__ __forceinline__ void copy_map(u32 n, const Strided& ls, const Strided& ld, const T* src, T* dst) {
+    if (is_run(ls) && is_run(ld) && aligned16(src + ls.offset) && aligned16(dst + ld.offset)) {
+        const T* ps = src + ls.offset;
+        T* pd = dst + ld.offset;
+        FOR_EACH(j, n / VEC) {
+            *reinterpret_cast<Pack<T>*>(pd + j * VEC) = *reinterpret_cast<const Pack<T>*>(ps + j * VEC);
+        }
+        TAIL_FOR(i, n) { pd[i] = ps[i]; }
+        return;
+    }
+    FOR_EACH(i, n) { dst[strided_at(ld, (u32)i)] = src[strided_at(ls, (u32)i)]; }
+}
+
+template <typename T>
+__device__ __forceinline__ void fill_map(u32 n, T* y, double v) {
+    const T t = Cast<T>::of(v);
+    if (aligned16(y)) {
+        T vt[VEC];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) vt[k] = t;
+        FOR_EACH(j, n / VEC) { store_vec(y + j * VEC, vt); }
+        TAIL_FOR(i, n) { y[i] = t; }
+        return;
+    }
+    FOR_EACH(i, n) { y[i] = t; }
+}
 
 #define COPY_DT(T, SUF) \
     extern "C" __global__ void copy_##SUF(u32 n, Strided ls, Strided ld, const T* src, T* dst) { \
-        FOR_EACH(i, n) { dst[strided_at(ld, (u32)i)] = src[strided_at(ls, (u32)i)]; } \
+        copy_map<T>(n, ls, ld, src, dst); \
     } \
-    extern "C" __global__ void fill_##SUF(u32 n, T* y, double v) { \
-        const T t = Cast<T>::of(v); \
-        FOR_EACH(i, n) { y[i] = t; } \
-    }
+    extern "C" __global__ void fill_##SUF(u32 n, T* y, double v) { fill_map<T>(n, y, v); }
 
 COPY_DT(float, f32)
 COPY_DT(bf16, bf16)

@@ -18,9 +18,13 @@ pub struct KernelSource {
 }
 
 /// Builds a list of kernel names: `f3 op` gives `op_f32, op_bf16, op_f64`; `f4 op` adds `op_u32`;
-/// `f1 op` gives `op_f32, op_f64` (kernels built on float atomics).
+/// `f1 op` gives `op_f32, op_f64` (kernels built on float atomics); `one op` gives `op` alone
+/// (a kernel that serves every dtype).
 macro_rules! names {
     (@acc [$($out:expr,)*]) => { &[$($out,)*] };
+    (@acc [$($out:expr,)*] one $op:ident $($rest:tt)*) => {
+        names!(@acc [$($out,)* stringify!($op),] $($rest)*)
+    };
     (@acc [$($out:expr,)*] f3 $op:ident $($rest:tt)*) => {
         names!(@acc [$($out,)*
             concat!(stringify!($op), "_f32"),
@@ -67,7 +71,7 @@ pub const ELEMENTWISE: KernelSource = module!("elementwise",
     f4 eq f4 ne f4 lt f4 le f4 gt f4 ge
     f4 where_f32 f4 where_bf16 f4 where_f64 f4 where_u32
     f4 cast_f32 f4 cast_bf16 f4 cast_f64 f4 cast_u32
-    f4 copy f4 fill
+    f4 copy one copy_u128 one copy_u64 f4 fill
 );
 
 /// Reductions over one dim; softmax and log-softmax over the last dim.

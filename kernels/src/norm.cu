@@ -92,33 +92,133 @@ NORM(double, f64)
 //   x: [b, h, t, d] read through the strided view `xs` (rank 4, not merged); cos, sin: contiguous
 //   [bc, t, d/2] with bc 1 or b; y: contiguous [b, h, t, d]. One thread per (row, i < d/2):
 //   y[i] = x[i] c − x[i+d/2] s,  y[i+d/2] = x[i+d/2] c + x[i] s.
+//   Vector path: each thread takes V consecutive pairs i .. i+V through V-element loads of x[i..],
+//   x[i+d/2..], cos and sin and V-element stores of both halves of y, V the widest of
+//   16 / sizeof(T), halved down to 2, for which x's last stride is 1, d/2, x's offset and its other
+//   strides (of dims longer than 1) are multiples of V, and x, cos, sin and y start on a
+//   V·sizeof(T) boundary. The same arithmetic per pair (rope_rotate) either way, with its
+//   roundings fixed, so both paths give the same bits.
+
+// V elements of T as one word of V·sizeof(T) = 4, 8 or 16 bytes.
+template <int N> struct Word;
+template <> struct Word<4> { typedef unsigned int type; };
+template <> struct Word<8> { typedef uint2 type; };
+template <> struct Word<16> { typedef uint4 type; };
+
+template <int V, typename T> __device__ __forceinline__ void load_n(const T* p, T (&out)[V]) {
+    typedef typename Word<V * sizeof(T)>::type W;
+    const W w = *reinterpret_cast<const W*>(p);
+    const T* e = reinterpret_cast<const T*>(&w);
+#pragma unroll
+    for (int k = 0; k < V; ++k) out[k] = e[k];
+}
+
+template <int V, typename T> __device__ __forceinline__ void store_n(T* p, const T (&v)[V]) {
+    typedef typename Word<V * sizeof(T)>::type W;
+    W w;
+    T* e = reinterpret_cast<T*>(&w);
+#pragma unroll
+    for (int k = 0; k < V; ++k) e[k] = v[k];
+    *reinterpret_cast<W*>(p) = w;
+}
+
+// The rotation of one pair (x1 = x[i], x2 = x[i + d/2]) in the accumulation type, shared by both
+// paths. The roundings are spelled out as the one-pair-per-thread kernel compiled for sm_90 had
+// them (ptxas contracted `x1 c − x2 s` to fma(x1, c, −x2 s) and `x2 c + x1 s` to
+// fma(x1, s, x2 c)), so that neither path depends on how the compiler contracts its own code.
 template <typename T>
-__device__ void rope_pairs(u32 b, u32 h, u32 t, u32 d, u32 bc, const Strided& xs, const T* x, const T* cs,
-                           const T* sn, T* y) {
+__device__ __forceinline__ void rope_rotate(T x1, T x2, T c, T s, T& y1, T& y2) {
     typedef typename Acc<T>::type A;
+    const A ca = to_acc(c), sa = to_acc(s);
+    const A a = to_acc(x1), b = to_acc(x2);
+    y1 = from_acc<T>(m_fma(a, ca, -m_mul(b, sa)));
+    y2 = from_acc<T>(m_fma(a, sa, m_mul(b, ca)));
+}
+
+// Where row `row` (over b, h, t) of x starts (`base`) and where its cos/sin row starts (`tb`).
+__device__ __forceinline__ void rope_row(size_t row, u32 h, u32 t, u32 half, u32 bc, const Strided& xs, u32& base,
+                                         u32& tb) {
+    const u32 ti = (u32)(row % t);
+    const u32 bi = (u32)(row / ((size_t)t * h));
+    const u32 hi = (u32)((row / t) % h);
+    base = xs.offset + bi * xs.strides[0] + hi * xs.strides[1] + ti * xs.strides[2];
+    tb = ((bc == 1 ? 0u : bi) * t + ti) * half;
+}
+
+template <typename T>
+__device__ __forceinline__ bool aligned_to(const T* p, size_t bytes) {
+    return ((size_t)p % bytes) == 0;
+}
+
+// Whether the vector path of width V applies (see the header above).
+template <int V, typename T>
+__device__ __forceinline__ bool rope_vec_ok(u32 d, const Strided& xs, const T* x, const T* cs, const T* sn,
+                                            const T* y) {
+    const size_t bytes = V * sizeof(T);
+    bool ok = xs.strides[3] == 1 && (d / 2) % V == 0 && xs.offset % V == 0;
+#pragma unroll
+    for (int k = 0; k < 3; ++k) ok = ok && (xs.dims[k] == 1 || xs.strides[k] % V == 0);
+    return ok && aligned_to(x, bytes) && aligned_to(cs, bytes) && aligned_to(sn, bytes) && aligned_to(y, bytes);
+}
+
+// One thread per V consecutive pairs of one row.
+template <int V, typename T>
+__device__ __forceinline__ void rope_vec(u32 b, u32 h, u32 t, u32 d, u32 bc, const Strided& xs, const T* x,
+                                         const T* cs, const T* sn, T* y) {
+    const u32 half = d / 2, groups = half / V;
+    const size_t total = (size_t)b * h * t * groups;
+    FOR_EACH(k, total) {
+        const u32 i = (u32)(k % groups) * V;
+        const size_t row = k / groups;
+        u32 base, tb;
+        rope_row(row, h, t, half, bc, xs, base, tb);
+        T x1[V], x2[V], c[V], s[V], y1[V], y2[V];
+        load_n(x + base + i, x1);
+        load_n(x + base + i + half, x2);
+        load_n(cs + tb + i, c);
+        load_n(sn + tb + i, s);
+#pragma unroll
+        for (int j = 0; j < V; ++j) rope_rotate(x1[j], x2[j], c[j], s[j], y1[j], y2[j]);
+        T* yr = y + row * d;
+        store_n(yr + i, y1);
+        store_n(yr + i + half, y2);
+    }
+}
+
+// One thread per pair, x through all its strides.
+template <typename T>
+__device__ __forceinline__ void rope_scalar(u32 b, u32 h, u32 t, u32 d, u32 bc, const Strided& xs, const T* x,
+                                            const T* cs, const T* sn, T* y) {
     const u32 half = d / 2;
     const size_t total = (size_t)b * h * t * half;
     FOR_EACH(k, total) {
         const u32 i = (u32)(k % half);
         const size_t row = k / half;
-        const u32 ti = (u32)(row % t);
-        const u32 bi = (u32)(row / ((size_t)t * h));
-        const u32 hi = (u32)((row / t) % h);
-        const u32 base = xs.offset + bi * xs.strides[0] + hi * xs.strides[1] + ti * xs.strides[2];
-        const u32 tb = ((bc == 1 ? 0u : bi) * t + ti) * half;
-        const A c = to_acc(cs[tb + i]), s = to_acc(sn[tb + i]);
-        const A x1 = to_acc(x[base + i * xs.strides[3]]);
-        const A x2 = to_acc(x[base + (i + half) * xs.strides[3]]);
+        u32 base, tb;
+        rope_row(row, h, t, half, bc, xs, base, tb);
         T* yr = y + row * d;
-        yr[i] = from_acc<T>(x1 * c - x2 * s);
-        yr[i + half] = from_acc<T>(x2 * c + x1 * s);
+        rope_rotate(x[base + i * xs.strides[3]], x[base + (i + half) * xs.strides[3]], cs[tb + i], sn[tb + i], yr[i],
+                    yr[i + half]);
+    }
+}
+
+// The widest vector path that applies, from V down to 2; else the scalar one.
+template <int V, typename T>
+__device__ void rope_pairs(u32 b, u32 h, u32 t, u32 d, u32 bc, const Strided& xs, const T* x, const T* cs,
+                           const T* sn, T* y) {
+    if (rope_vec_ok<V>(d, xs, x, cs, sn, y)) {
+        rope_vec<V>(b, h, t, d, bc, xs, x, cs, sn, y);
+    } else if constexpr (V > 2) {
+        rope_pairs<V / 2>(b, h, t, d, bc, xs, x, cs, sn, y);
+    } else {
+        rope_scalar(b, h, t, d, bc, xs, x, cs, sn, y);
     }
 }
 
 #define ROPE(T, SUF) \
     extern "C" __global__ void rope_##SUF(u32 b, u32 h, u32 t, u32 d, u32 bc, Strided xs, const T* x, const T* cs, \
                                           const T* sn, T* y) { \
-        rope_pairs<T>(b, h, t, d, bc, xs, x, cs, sn, y); \
+        rope_pairs<16 / (int)sizeof(T)>(b, h, t, d, bc, xs, x, cs, sn, y); \
     }
 
 ROPE(float, f32)

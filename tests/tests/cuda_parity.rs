@@ -139,6 +139,29 @@ mod gpu {
                 self.failures.push(msg);
             }
         }
+        /// As [`Checker::case`] for exact ops (copies, fills): the GPU must give the CPU's values
+        /// exactly.
+        fn exact(
+            &mut self,
+            name: &str,
+            dtype: DType,
+            f: impl Fn(Device) -> engine::Result<Vec<f64>>,
+        ) {
+            self.count += 1;
+            let failure = match (f(Device::Cpu), f(self.gpu)) {
+                (Err(e), _) => Some(format!("{name} [{dtype}]: CPU failed: {e}")),
+                (_, Err(e)) => Some(format!("{name} [{dtype}]: CUDA failed: {e}")),
+                (Ok(want), Ok(got)) => (want != got).then(|| {
+                    let first = want.iter().zip(&got).position(|(a, b)| a != b);
+                    format!(
+                        "{name} [{dtype}]: not exact (len {} vs {}; first diff at {first:?})",
+                        want.len(),
+                        got.len()
+                    )
+                }),
+            };
+            self.failures.extend(failure);
+        }
         fn finish(self) {
             eprintln!("{} cases, {} failures", self.count, self.failures.len());
             assert!(self.failures.is_empty(), "\n{}", self.failures.join("\n"));
@@ -762,6 +785,183 @@ mod gpu {
                 );
             }
         }
+    }
+
+    /// A [b, t, h, d] buffer viewed as [b, h, t, d] (the attention head transpose).
+    fn heads(b: usize, t: usize, h: usize, d: usize) -> Layout {
+        Layout::contiguous([b, t, h, d]).transpose(1, 2)
+    }
+
+    /// Values for `dt`: integers for u32, else [`vals`].
+    fn data(n: usize, dt: DType, seed: u64) -> Vec<f64> {
+        if dt == DType::U32 {
+            ints(n, 1000, seed)
+        } else {
+            vals(n, seed)
+        }
+    }
+
+    /// Strided copies through 16-byte units (copy_u128), 8-byte units (copy_u64) and one element
+    /// at a time, fills through 16-byte stores with a scalar tail: each next to views that must
+    /// take the other paths. Copies and fills are exact.
+    #[test]
+    fn copies_and_fills_by_unit() {
+        let Some(mut c) = Checker::new() else { return };
+        for dt in ALL {
+            // Head transposes both ways. d = 128, 64: 16-byte units in every dtype; d = 12: 8-byte
+            // units in bf16, 16-byte ones otherwise; d = 6: one element at a time in bf16, 8-byte
+            // units in f32 and u32, 16-byte ones in f64; d = 3: one element at a time.
+            let (b, t, h) = (2usize, 33usize, 3usize);
+            for d in [128usize, 64, 12, 6, 3] {
+                let n = b * t * h * d;
+                let (src, dst) = (data(n, dt, 70), data(n, dt, 71));
+                let contiguous = Layout::contiguous([b, h, t, d]);
+                c.exact(&format!("copy [b,t,h,d] as [b,h,t,d] d={d}"), dt, |dev| {
+                    let s = input(dev, &src, dt);
+                    let mut o = input(dev, &dst, dt);
+                    s.copy_to_view(&heads(b, t, h, d), &mut o, &contiguous)?;
+                    Ok(read(&o, n))
+                });
+                c.exact(&format!("copy [b,h,t,d] into [b,t,h,d] d={d}"), dt, |dev| {
+                    let s = input(dev, &src, dt);
+                    let mut o = input(dev, &dst, dt);
+                    s.copy_to_view(&contiguous, &mut o, &heads(b, t, h, d))?;
+                    Ok(read(&o, n))
+                });
+                c.exact(&format!("gather [b,t,h,d] as [b,h,t,d] d={d}"), dt, |dev| {
+                    let s = input(dev, &src, dt);
+                    Ok(read(&s.to_dtype(&heads(b, t, h, d), dt)?, n))
+                });
+            }
+            // Rows of 64 at offset `so` of [r, 80] into rows at offset `dof` of [r, 96] (the
+            // destination's other elements must stay). Offsets 8 and 16 are whole 16-byte units in
+            // every dtype; 4: 8-byte units in bf16; 2, 6: 8-byte units in f32 and u32, none in bf16;
+            // 1 and 3 none.
+            let r = 37usize;
+            let (src, dst) = (data(r * 80, dt, 72), data(r * 96, dt, 73));
+            for (so, dof) in [
+                (0usize, 32usize),
+                (8, 16),
+                (16, 8),
+                (4, 4),
+                (2, 6),
+                (1, 8),
+                (8, 3),
+            ] {
+                c.exact(
+                    &format!("copy_to_view [{r},64] at {so} of [{r},80] into {dof} of [{r},96]"),
+                    dt,
+                    |dev| {
+                        let s = input(dev, &src, dt);
+                        let mut o = input(dev, &dst, dt);
+                        let sl = Layout::contiguous([r, 80]).narrow(1, so, 64);
+                        let dl = Layout::contiguous([r, 96]).narrow(1, dof, 64);
+                        s.copy_to_view(&sl, &mut o, &dl)?;
+                        Ok(read(&o, [r, 96]))
+                    },
+                );
+            }
+            // Contiguous runs: whole units (n = 1024) or not (1000003), at aligned offsets or not.
+            for n in [1024usize, 1000003] {
+                let (src, dst) = (data(n + 8, dt, 74), data(n + 8, dt, 75));
+                for (so, dof) in [(0usize, 0usize), (8, 8), (3, 3), (0, 5)] {
+                    c.exact(&format!("copy run of {n} at {so} into {dof}"), dt, |dev| {
+                        let s = input(dev, &src, dt);
+                        let mut o = input(dev, &dst, dt);
+                        let sl = Layout::contiguous([n + 8]).narrow(0, so, n);
+                        let dl = Layout::contiguous([n + 8]).narrow(0, dof, n);
+                        s.copy_to_view(&sl, &mut o, &dl)?;
+                        Ok(read(&o, n + 8))
+                    });
+                }
+            }
+            // A row broadcast over 19 rows (stride 0) is whole units too.
+            let row = data(64, dt, 76);
+            c.exact("copy [64] broadcast to [19, 64]", dt, |dev| {
+                let s = input(dev, &row, dt);
+                let shape = Shape::from([19, 64]);
+                let mut o = Storage::zeros(dev, &shape, dt)?;
+                let sl = Layout::contiguous([64]).broadcast_as("copy", &shape)?;
+                s.copy_to_view(&sl, &mut o, &Layout::contiguous(shape.clone()))?;
+                Ok(read(&o, shape))
+            });
+            // Fills: the tail alone (1, 7), whole 16-byte stores (8, or 16 for f64), both.
+            for n in [0usize, 1, 7, 8, 9, 16, 1000003] {
+                c.exact(&format!("full {n}"), dt, |dev| {
+                    Ok(read(&Storage::full(dev, &Shape::from(n), dt, 3.7)?, n))
+                });
+            }
+        }
+        c.finish();
+    }
+
+    /// RoPE's vector paths (8, 4 or 2 pairs a thread) and its one-pair path: against the CPU, and
+    /// bit for bit against each other on the GPU (the same input read at offset 1 of a buffer one
+    /// longer, or tables at offset 1, which only the one-pair path takes).
+    #[test]
+    fn rope_vector_paths() {
+        let Some(mut c) = Checker::new() else { return };
+        let gpu = c.gpu;
+        let (b, h, t) = (2usize, 3usize, 19usize);
+        for dt in FLOATS {
+            // d = 128, 64: 8 pairs a thread in bf16, 4 in f32, 2 in f64; d = 8: 4, 4, 2;
+            // d = 12: 2 in every dtype; d = 6: one.
+            for d in [128usize, 64, 8, 12, 6] {
+                let (n, half) = (b * h * t * d, d / 2);
+                let x = vals(n + 1, 80);
+                let (cs, sn) = (vals(b * t * half + 1, 81), vals(b * t * half + 1, 82));
+                let dims = Shape::from([b, h, t, d]);
+                let tdims = Shape::from([b, t, half]);
+                // x as [b, h, t, d], as the head transpose of [b, t, h, d], and as [b, h, d, t]
+                // transposed (last stride t: the one-pair path).
+                let views = [
+                    ("contiguous", Layout::contiguous(dims.clone())),
+                    ("heads", heads(b, t, h, d)),
+                    (
+                        "last stride t",
+                        Layout::contiguous([b, h, d, t]).transpose(2, 3),
+                    ),
+                ];
+                for (view, xl) in &views {
+                    // The view at offset `xo` of the data from `xo` on, tables likewise: every
+                    // offset reads the same values.
+                    let run = |dev: Device, xo: usize, to: usize| {
+                        let shifted = Layout::new(dims.clone(), xl.strides().to_vec(), xo);
+                        let xs = input(dev, &x[1 - xo..], dt);
+                        let (cst, snt) =
+                            (input(dev, &cs[1 - to..], dt), input(dev, &sn[1 - to..], dt));
+                        let tl = Layout::new(tdims.clone(), tdims.contiguous_strides(), to);
+                        Ok(read(
+                            &xs.rope(&shifted, &cst, &tl, &snt, &tl)?,
+                            dims.clone(),
+                        ))
+                    };
+                    c.case(&format!("rope {view} [{b},{h},{t},{d}]"), dt, |dev| {
+                        run(dev, 0, 0)
+                    });
+                    c.case(
+                        &format!("rope {view} at offset 1 [{b},{h},{t},{d}]"),
+                        dt,
+                        |dev| run(dev, 1, 0),
+                    );
+                    // Bit for bit across the paths on the GPU.
+                    c.count += 1;
+                    let want = run(gpu, 0, 0);
+                    let same = |got: engine::Result<Vec<f64>>| match (&want, got) {
+                        (Ok(w), Ok(g)) => *w == g,
+                        _ => false,
+                    };
+                    let (xo, to) = (same(run(gpu, 1, 0)), same(run(gpu, 0, 1)));
+                    if !(xo && to) {
+                        c.failures.push(format!(
+                            "rope {view} [{b},{h},{t},{d}] [{dt}]: GPU paths differ \
+                             (same with x at offset 1: {xo}, with tables at offset 1: {to})"
+                        ));
+                    }
+                }
+            }
+        }
+        c.finish();
     }
 
     /// A small training step, written once over the device: embedding, RMSNorm, RoPE-free

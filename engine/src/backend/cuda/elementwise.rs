@@ -41,6 +41,11 @@ pub(crate) fn gather_view(s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
 }
 
 /// Copies the view `sl` of `s` into the view `dl` of the buffer at `dst` (same dtype as `s`).
+///
+/// Moves whole 16-byte units (copy_u128), else whole 8-byte units (copy_u64), when both views
+/// and both buffers allow it ([`StridedArg::in_units`] and unit-aligned base pointers); otherwise
+/// one element per thread (copy_{dtype}, which takes 16-byte steps itself when both views are one
+/// aligned run).
 fn copy_raw(s: &CudaStorage, sl: &Layout, dst: u64, dl: &Layout) -> Result<()> {
     let n = sl.elem_count();
     if n == 0 {
@@ -49,6 +54,36 @@ fn copy_raw(s: &CudaStorage, sl: &Layout, dst: u64, dl: &Layout) -> Result<()> {
     let dev = &s.dev;
     let (ls, ld) = (StridedArg::new("copy", sl)?, StridedArg::new("copy", dl)?);
     let (n32, x) = (to_u32("copy", n)?, s.ptr());
+    let es = s.dtype.size_in_bytes();
+    for (unit, name) in [(16usize, "copy_u128"), (8, "copy_u64")] {
+        // A unit of one element gains nothing over copy_{dtype}.
+        if unit <= es || x % unit as u64 != 0 || dst % unit as u64 != 0 {
+            continue;
+        }
+        let u = (unit / es) as u32;
+        let (Some(us), Some(ud)) = (ls.in_units(u), ld.in_units(u)) else {
+            continue;
+        };
+        let units = n32 / u;
+        // SAFETY: both views were checked against their buffers by the callers (check_extent).
+        // Both have a last dim of stride 1 whose length is a multiple of u and every other stride
+        // and offset a multiple of u, so unit i < n / u of `us` (of `ud`) is exactly elements
+        // i·u .. i·u + u of the view `ls` (`ld`), inside its buffer, and the same elements of the
+        // copy on both sides; both base pointers are `unit`-byte aligned, so every unit is too.
+        return unsafe {
+            launch!(
+                dev,
+                "copy",
+                ELEMENTWISE,
+                name,
+                CudaDevice::grid(units as usize),
+                [units, us, ud, x, dst]
+            )
+        };
+    }
+    let runs = [ls, ld].iter().all(|l| l.rank == 1 && l.strides[0] == 1);
+    // 8 elements per thread when both views are one run, else one.
+    let threads = if runs { n.div_ceil(8) } else { n };
     let name = format!("copy_{}", s.dtype);
     // SAFETY: both views were checked against their buffers by the callers (check_extent), so
     // every `at(ls, i)` and `at(ld, i)` for i < n is inside them; both hold `s.dtype` elements.
@@ -58,7 +93,7 @@ fn copy_raw(s: &CudaStorage, sl: &Layout, dst: u64, dl: &Layout) -> Result<()> {
             "copy",
             ELEMENTWISE,
             name,
-            CudaDevice::grid(n),
+            CudaDevice::grid(threads),
             [n32, ls, ld, x, dst]
         )
     }
@@ -302,14 +337,15 @@ pub(crate) fn fill(dev: &CudaDevice, n: usize, dtype: DType, v: f64) -> Result<C
     }
     let (n32, y) = (to_u32("full", n)?, out.ptr());
     let name = format!("fill_{dtype}");
-    // SAFETY: the output holds `n` elements of `dtype`.
+    // SAFETY: the output holds `n` elements of `dtype`; the kernel writes y[0..n] (16-byte stores
+    // over whole groups of 8 only when y is 16-byte aligned, which it checks).
     unsafe {
         launch!(
             dev,
             "full",
             ELEMENTWISE,
             name,
-            CudaDevice::grid(n),
+            CudaDevice::grid(n.div_ceil(8)), // 8 elements per thread
             [n32, y, v]
         )
     }?;
