@@ -6,12 +6,17 @@
 #   profile-lora.txt, profile-fused.txt  MIXLORA_PROFILE=1 per-kernel times of one 4-layer step
 #                                     (every launch between two synchronisations: where the time
 #                                     goes, not how long a step takes)
+#   gpuprofile-lora.txt, gpuprofile-fused.txt  MIXLORA_PROFILE=gpu: the same step timed with CUDA
+#                                     events (the kernels' own GPU time, no waits), and the GPU
+#                                     span of the step: span − busy is time the GPU waited on the
+#                                     host
 #   moe_ffn.json / .md                the FFN block alone, naive / paper / grouped / fused
 #   moe_ffn-chunk{N}.json             the fused block alone with token chunks of N = 1024, 2048,
 #                                     4096 (its latency / activation-peak trade-off; part `chunks`,
 #                                     not in the default set)
 #
-#   scripts/bench-gpu.sh OUTDIR [PART...]    PART: table6 checkpointing profile moe_ffn chunks
+#   scripts/bench-gpu.sh OUTDIR [PART...]    PART: table6 checkpointing profile gpuprofile moe_ffn
+#                                            chunks
 #                                            (default: all but chunks)
 #
 # MIXLORA_BIN (default gpu-bin/mixlora) and MOE_FFN_BIN (gpu-bin/bench-moe_ffn) name the binaries.
@@ -24,7 +29,7 @@ cd "$(dirname "$0")/.."
 out=$1
 shift
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(table6 checkpointing profile moe_ffn)
+[ ${#parts[@]} -gt 0 ] || parts=(table6 checkpointing profile gpuprofile moe_ffn)
 . scripts/gpu-unpack.sh
 bin=${MIXLORA_BIN:-gpu-bin/mixlora}
 moe_ffn=${MOE_FFN_BIN:-gpu-bin/bench-moe_ffn}
@@ -47,6 +52,12 @@ for part in "${parts[@]}"; do
             for v in lora mixlora-fused; do
                 MIXLORA_PROFILE=1 "$bin" bench table6 --variants "$v" --layers 4 --warmup 1 \
                     --steps 1 >"$out/profile-${v#mixlora-}.txt"
+            done
+            ;;
+        gpuprofile)
+            for v in lora mixlora-fused; do
+                MIXLORA_PROFILE=gpu MIXLORA_PROFILE_ROWS=80 "$bin" bench table6 --variants "$v" \
+                    --layers 4 --warmup 1 --steps 1 >"$out/gpuprofile-${v#mixlora-}.txt"
             done
             ;;
         moe_ffn)

@@ -88,22 +88,30 @@ template <int R> __device__ __forceinline__ void lora_row(const float* dz, u32 m
     }
 }
 
+// One halving step of lora_warp_sum_scatter with N values still held (offset 16·N/R), then the
+// next; compile-time indices throughout, so v stays in registers.
+template <int R, int N> __device__ __forceinline__ void lora_halve(float (&v)[R], u32 lane) {
+    if constexpr (N > 1) {
+        constexpr int H = N / 2;
+        constexpr u32 O = 16u * N / R;
+        const bool upper = (lane & O) != 0u;
+#pragma unroll
+        for (int i = 0; i < H; ++i) {
+            const float send = upper ? v[i] : v[i + H];
+            const float keep = upper ? v[i + H] : v[i];
+            v[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+        }
+        lora_halve<R, H>(v, lane);
+    }
+}
+
 // Sums v[k] over the warp's 32 lanes for every k < R (R a power of two, at most 32) with R
 // shuffles where R independent butterflies take 5·R: each halving step sends half of the values
 // still held to the partner lane and keeps the other half (offsets 16, 8, .. down to 32 / R),
 // then plain butterflies (offsets below 32 / R) finish the sums. Lane l returns the total of
 // k = l / (32 / R); the order of the additions is fixed (deterministic).
 template <int R> __device__ __forceinline__ float lora_warp_sum_scatter(float (&v)[R], u32 lane) {
-#pragma unroll
-    for (int n = R, o = 16; n > 1; n >>= 1, o >>= 1) {
-        const bool upper = (lane & (u32)o) != 0u;
-#pragma unroll
-        for (int i = 0; i < n / 2; ++i) {
-            const float send = upper ? v[i] : v[i + n / 2];
-            const float keep = upper ? v[i + n / 2] : v[i];
-            v[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
-        }
-    }
+    lora_halve<R, R>(v, lane);
     float s = v[0];
 #pragma unroll
     for (int o = 16 / R; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
@@ -172,24 +180,14 @@ __device__ void lora_grad_a(u32 M, u32 N, const bf16* x, u32 ldx, const float* d
     for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int q = 0; q < 4; ++q) acc[r][q] = 0.0f;
-    // LORA_UNROLL rows' loads go out before their products (requests in flight); the rows are
-    // still added in order m0, m0 + 1, ...
-    for (u32 m = m0; m < m1; m += LORA_UNROLL) {
-        float v[LORA_UNROLL][4];
+    for (u32 m = m0; m < m1; ++m) {
+        float v[4], d[R];
+        lora_dropped4(x, ldx, N, m, c0, mixed, thr, keep, drop, v);
+        lora_row<R>(dz, m, d);
 #pragma unroll
-        for (int u = 0; u < LORA_UNROLL; ++u) {
-            if (m + u < m1) lora_dropped4(x, ldx, N, m + u, c0, mixed, thr, keep, drop, v[u]);
-        }
+        for (int r = 0; r < R; ++r)
 #pragma unroll
-        for (int u = 0; u < LORA_UNROLL; ++u) {
-            if (m + u >= m1) break;
-            float d[R];
-            lora_row<R>(dz, m + u, d);
-#pragma unroll
-            for (int r = 0; r < R; ++r)
-#pragma unroll
-                for (int q = 0; q < 4; ++q) acc[r][q] += d[r] * v[u][q];
-        }
+            for (int q = 0; q < 4; ++q) acc[r][q] += d[r] * v[q];
     }
     // The block's 8 warps add their sums in warp order (deterministic) into shared memory, then
     // the block writes its partial part[g, r, chunk columns].

@@ -32,6 +32,10 @@
 // on the host).
 
 #define MOE_MAX_K 8
+// Loops over the slots j < K of a token, unrolled to MOE_MAX_K so that per-slot arrays (weights,
+// partial sums) are indexed by constants and stay in registers (a loop to the run-time K would
+// put them in local memory).
+#define MOE_FOR_SLOTS(j) _Pragma("unroll") for (u32 j = 0; j < MOE_MAX_K; ++j) if (j < K)
 // Elements per vector load: 8 bf16 (one 16-byte word), 8 f32 (two), 8 f64 (four).
 #define MOE_VEC 8
 
@@ -117,7 +121,7 @@ __device__ void moe_expand_codes(u32 T, u32 K, u32 E, u32 R, u32 sum_slots, cons
         const u32 col = (u32)(q % er), e = col / R, c = col % R;
         A v = A(0);
         if (sum_slots) {
-            for (u32 j = 0; j < K; ++j) {
+            MOE_FOR_SLOTS(j) {
                 const size_t p = row * K + j;
                 if (ids[p] == e) v += to_acc(codes[p * R + c]);
             }
@@ -142,7 +146,7 @@ __device__ void moe_swiglu_forward(u32 T, u32 K, u32 I, u32 t0, const TB* G, u32
     const u32 nv = vec ? I / MOE_VEC : 0;
     for (u32 t = blockIdx.x; t < T; t += gridDim.x) {
         A ws[MOE_MAX_K];
-        for (u32 j = 0; j < K; ++j) ws[j] = w[(size_t)t * K + j];
+        MOE_FOR_SLOTS(j) ws[j] = w[(size_t)t * K + j];
         const TB* gt = G + (size_t)t * ldg;
         const TB* ut = U + (size_t)t * ldu;
         for (u32 v = threadIdx.x; v < nv; v += blockDim.x) {
@@ -152,7 +156,7 @@ __device__ void moe_swiglu_forward(u32 T, u32 K, u32 I, u32 t0, const TB* G, u32
             moe_load(ut + i0, ub);
 #pragma unroll
             for (int x = 0; x < MOE_VEC; ++x) acc[x] = A(0);
-            for (u32 j = 0; j < K; ++j) {
+            MOE_FOR_SLOTS(j) {
                 const size_t p = (size_t)t * K + j;
                 A dg[MOE_VEC], du[MOE_VEC];
                 moe_load(dG + p * I + i0, dg);
@@ -173,7 +177,7 @@ __device__ void moe_swiglu_forward(u32 T, u32 K, u32 I, u32 t0, const TB* G, u32
         for (u32 i = nv * MOE_VEC + threadIdx.x; i < I; i += blockDim.x) {
             const A gb = to_acc(gt[i]), ub = to_acc(ut[i]);
             A acc = A(0);
-            for (u32 j = 0; j < K; ++j) {
+            MOE_FOR_SLOTS(j) {
                 const size_t p = (size_t)t * K + j;
                 const A g = gb + to_acc(dG[p * I + i]), u = ub + to_acc(dU[p * I + i]);
                 const A a = g * moe_sigmoid(g) * u;
@@ -212,7 +216,7 @@ __device__ void moe_swiglu_backward(u32 T, u32 K, u32 I, u32 t0, const TB* G, u3
     const u32 nv = vec ? I / MOE_VEC : 0;
     for (u32 t = blockIdx.x; t < T; t += gridDim.x) {
         A ws[MOE_MAX_K], part[MOE_MAX_K];
-        for (u32 j = 0; j < K; ++j) {
+        MOE_FOR_SLOTS(j) {
             ws[j] = w[(size_t)t * K + j];
             part[j] = A(0);
         }
@@ -228,7 +232,7 @@ __device__ void moe_swiglu_backward(u32 T, u32 K, u32 I, u32 t0, const TB* G, u3
             moe_load(dabar + (size_t)t * I + i0, dab);
 #pragma unroll
             for (int x = 0; x < MOE_VEC; ++x) sdg[x] = sdu[x] = A(0);
-            for (u32 j = 0; j < K; ++j) {
+            MOE_FOR_SLOTS(j) {
                 const size_t p = (size_t)t * K + j;
                 A lg[MOE_VEC], lu[MOE_VEC], ld[MOE_VEC];
                 moe_load(dG + p * I + i0, lg);
@@ -260,7 +264,7 @@ __device__ void moe_swiglu_backward(u32 T, u32 K, u32 I, u32 t0, const TB* G, u3
         for (u32 i = nv * MOE_VEC + threadIdx.x; i < I; i += blockDim.x) {
             const A gb = to_acc(gt[i]), ub = to_acc(ut[i]), dab = to_acc(dabar[(size_t)t * I + i]);
             A sdg = A(0), sdu = A(0);
-            for (u32 j = 0; j < K; ++j) {
+            MOE_FOR_SLOTS(j) {
                 const size_t p = (size_t)t * K + j;
                 const A m = drop.at(keep, (((u64)t0 + t) * K + j) * I + i);
                 A a, dgv, duv;
@@ -276,7 +280,7 @@ __device__ void moe_swiglu_backward(u32 T, u32 K, u32 I, u32 t0, const TB* G, u3
             dgt[i] = from_acc<TB>(sdg);
             dut[i] = from_acc<TB>(sdu);
         }
-        for (u32 j = 0; j < K; ++j) {
+        MOE_FOR_SLOTS(j) {
             const A s = block_reduce(part[j], SumOp(), A(0));
             if (threadIdx.x == 0) dw[(size_t)t * K + j] = s;
         }

@@ -8,7 +8,8 @@
 // rand_uniform_{dtype}(n, y, seed, lo, hi)      y[i] = lo + (hi − lo) · uniform(seed, i)
 // dropout_mask_{dtype}(n, y, seed, thr, keep)   y[i] = dropout_bits(seed, i) < thr ? 0 : keep
 // y: [n] contiguous, dtype f32, bf16 or f64. `thr` is the 16-bit threshold round(p · 2^16),
-// passed as a double; one thread handles four consecutive elements (one hash).
+// passed as a double; one thread handles four consecutive elements (one hash; dropout_cast
+// reads and writes them with one vector access each when the buffers are aligned to it).
 //
 // dropout_cast_{in}_{out}(n, x, y, seed, thr, keep)
 //     y[i] = out(C(x[i]) · (dropout_bits(seed, i) < thr ? 0 : keep)), C the compute type (float,
@@ -56,16 +57,35 @@ RANDOM(float, f32)
 RANDOM(bf16, bf16)
 RANDOM(double, f64)
 
+// Four consecutive elements, aligned to their size (one 8-, 16- or 32-byte access).
+template <typename T> struct alignas(4 * sizeof(T)) Quad {
+    T v[4];
+};
+
 template <typename I, typename O, typename C>
 __device__ __forceinline__ void dropout_cast(u32 n, const I* x, O* y, u64 seed, u32 t, C keep) {
     const u64 mixed = rng_mix64(seed);
+    // Whole groups of four go through one vector load and store when both buffers allow it.
+    const bool vec = ((size_t)x % sizeof(Quad<I>)) == 0 && ((size_t)y % sizeof(Quad<O>)) == 0;
     FOR_EACH(g, ((size_t)n + 3) / 4) {
         const u64 h = rng_hash_mixed(mixed, g);
+        // Always a product (x · 0 keeps the sign of zero and NaN, like the mask product).
+        const size_t i0 = 4 * g;
+        if (vec && i0 + 4 <= n) {
+            const Quad<I> in = *reinterpret_cast<const Quad<I>*>(x + i0);
+            Quad<O> out;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const C m = (((u32)(h >> (16 * q)) & 0xFFFFu) < t) ? C(0) : keep;
+                out.v[q] = Cast<O>::of(C(to_acc(in.v[q])) * m);
+            }
+            *reinterpret_cast<Quad<O>*>(y + i0) = out;
+            continue;
+        }
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
-            const size_t i = 4 * g + q;
+            const size_t i = i0 + q;
             if (i < n) {
-                // Always a product (x · 0 keeps the sign of zero and NaN, like the mask product).
                 const C m = (((u32)(h >> (16 * q)) & 0xFFFFu) < t) ? C(0) : keep;
                 y[i] = Cast<O>::of(C(to_acc(x[i])) * m);
             }

@@ -309,7 +309,12 @@ pub fn table6(a: &Table6Args, mut log: impl FnMut(&str)) -> Result<Table6> {
                 params.iter().for_each(|(_, p)| p.zero_grad());
                 training_loss(&model, &ids, &mask, &targets, 0)?.backward()?;
                 synchronize(device)?;
-                println!("profile of one {} step (every op synchronised):", v.key());
+                let how = if engine::backend::cpu::profile::gpu_events() {
+                    "every GPU launch timed by CUDA events"
+                } else {
+                    "every op synchronised"
+                };
+                println!("profile of one {} step ({how}):", v.key());
                 engine::backend::cpu::profile::report(45);
             }
             let (f, bw) = (median(fwd), median(bwd));

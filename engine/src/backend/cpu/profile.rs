@@ -2,26 +2,46 @@
 //! every backend call adds its wall time to a table keyed by op (matmuls also by shape and
 //! operand layout), which [`report`] prints and clears. Off, the cost is one relaxed atomic load
 //! per op.
+//!
+//! On the GPU, `MIXLORA_PROFILE=1` brackets each launch with synchronisations (a launch's wall
+//! time, its launch latency included), while `MIXLORA_PROFILE=gpu` brackets it with CUDA events
+//! and never waits: the table then holds the kernels' own GPU times, and the report adds the GPU
+//! span from the first launch to the last, so `span − busy` is the time the GPU sat idle waiting
+//! for the host.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-/// 0: not read yet, 1: off, 2: on.
+/// 0: not read yet, 1: off, 2: on, 3: on with GPU events (`MIXLORA_PROFILE=gpu`).
 static STATE: AtomicU8 = AtomicU8::new(0);
 static TABLE: Mutex<Option<HashMap<String, (u64, f64)>>> = Mutex::new(None);
 
 /// Whether profiling is on (`MIXLORA_PROFILE` set to anything but `0` or empty).
 pub fn enabled() -> bool {
+    state() >= 2
+}
+
+/// Whether GPU launches are timed with CUDA events rather than synchronisations
+/// (`MIXLORA_PROFILE=gpu`).
+pub fn gpu_events() -> bool {
+    state() == 3
+}
+
+fn state() -> u8 {
     match STATE.load(Ordering::Relaxed) {
-        1 => false,
-        2 => true,
-        _ => {
-            let on = std::env::var("MIXLORA_PROFILE").is_ok_and(|v| !v.is_empty() && v != "0");
-            STATE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
-            on
+        0 => {
+            let v = std::env::var("MIXLORA_PROFILE").unwrap_or_default();
+            let s = match v.as_str() {
+                "" | "0" => 1,
+                "gpu" => 3,
+                _ => 2,
+            };
+            STATE.store(s, Ordering::Relaxed);
+            s
         }
+        s => s,
     }
 }
 
@@ -58,6 +78,14 @@ pub(crate) fn record(name: &str, dt: std::time::Duration) {
 
 /// The table so far as `(key, calls, seconds)`, longest first, and clears it.
 pub fn take() -> Vec<(String, u64, f64)> {
+    take_with_span().0
+}
+
+/// [`take`], with the GPU span of the event-timed launches since the last call (cleared too).
+fn take_with_span() -> (Vec<(String, u64, f64)>, Option<f64>) {
+    #[cfg(feature = "cuda")]
+    crate::backend::cuda::launch::flush_events();
+    let span = GPU_SPAN.lock().unwrap_or_else(|e| e.into_inner()).take();
     let mut table = TABLE.lock().unwrap_or_else(|e| e.into_inner());
     let mut rows: Vec<_> = table
         .take()
@@ -66,7 +94,7 @@ pub fn take() -> Vec<(String, u64, f64)> {
         .map(|(k, (n, s))| (k, n, s))
         .collect();
     rows.sort_by(|a, b| b.2.total_cmp(&a.2));
-    rows
+    (rows, span)
 }
 
 /// Prints the table (the `top` longest entries, or as many as `MIXLORA_PROFILE_ROWS` says, and
@@ -76,7 +104,7 @@ pub fn report(top: usize) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(top);
-    let rows = take();
+    let (rows, span) = take_with_span();
     let total: f64 = rows.iter().map(|r| r.2).sum();
     println!("{:>9} {:>6} {:>7}  op", "ms", "%", "calls");
     for (k, n, s) in rows.iter().take(top) {
@@ -93,4 +121,22 @@ pub fn report(top: usize) {
         "",
         ""
     );
+    if let Some(span) = span {
+        println!(
+            "{:>9.1} {:>6.1} {:>7}  GPU span, first launch to last (busy: the total above)",
+            span * 1e3,
+            100.0 * total / span.max(1e-12),
+            ""
+        );
+    }
+}
+
+/// Seconds of GPU time from the first event-timed launch to the last (`MIXLORA_PROFILE=gpu`).
+static GPU_SPAN: Mutex<Option<f64>> = Mutex::new(None);
+
+/// Adds `secs` to the GPU span of the event-timed launches.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn add_gpu_span(secs: f64) {
+    let mut s = GPU_SPAN.lock().unwrap_or_else(|e| e.into_inner());
+    *s = Some(s.unwrap_or(0.0) + secs);
 }

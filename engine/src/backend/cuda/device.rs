@@ -17,7 +17,7 @@ use super::alloc::{bucket, Cache};
 use super::compile::cached_ptx;
 use crate::{Device, Error, Result};
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A poisoned lock only means another thread panicked; the maps stay consistent.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }

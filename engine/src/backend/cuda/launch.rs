@@ -25,8 +25,16 @@ macro_rules! launch {
 }
 pub(crate) use launch;
 
-/// Runs `launch` (queued work on `dev`'s stream), timing it to completion under `name` when the
-/// profile is on.
+use std::sync::Mutex;
+
+use super::device::{lock, GpuEvent};
+
+/// Launches timed with CUDA events and not yet read: `(key, start, end)` in launch order.
+static PENDING: Mutex<Vec<(String, GpuEvent, GpuEvent)>> = Mutex::new(Vec::new());
+
+/// Runs `launch` (queued work on `dev`'s stream), timing it under `name` when the profile is on:
+/// to completion between two synchronisations, or between two CUDA events with
+/// `MIXLORA_PROFILE=gpu` (read later by [`flush_events`]).
 pub(crate) fn profiled<R>(
     dev: &crate::backend::cuda::CudaDevice,
     name: &str,
@@ -35,6 +43,13 @@ pub(crate) fn profiled<R>(
     use crate::backend::cpu::profile;
     if !profile::enabled() {
         return launch();
+    }
+    if profile::gpu_events() {
+        let start = dev.record_event()?;
+        let r = launch()?;
+        let end = dev.record_event()?;
+        lock(&PENDING).push((format!("cuda {name}"), start, end));
+        return Ok(r);
     }
     dev.synchronize()?;
     profile::timed(
@@ -45,4 +60,26 @@ pub(crate) fn profiled<R>(
             Ok(r)
         },
     )
+}
+
+/// Waits for the event-timed launches and adds each one's GPU time to the op profile, and the
+/// span from the first to the last to its GPU span (nothing when none are pending).
+pub(crate) fn flush_events() {
+    use crate::backend::cpu::profile;
+    let pending = std::mem::take(&mut *lock(&PENDING));
+    let (Some(first), Some(last)) = (pending.first(), pending.last()) else {
+        return;
+    };
+    // elapsed_ms waits for the end events; a failed read leaves that launch out of the table.
+    if let Ok(ms) = first.1.elapsed_ms(&last.2) {
+        profile::add_gpu_span(f64::from(ms) / 1e3);
+    }
+    for (key, start, end) in &pending {
+        if let Ok(ms) = start.elapsed_ms(end) {
+            profile::record(
+                key,
+                std::time::Duration::from_secs_f64(f64::from(ms.max(0.0)) / 1e3),
+            );
+        }
+    }
 }

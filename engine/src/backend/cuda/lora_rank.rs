@@ -20,8 +20,8 @@ const WARPS: usize = 8;
 /// Rows per block of the codes and grad_x kernels.
 const ROWS_PER_BLOCK: usize = 128;
 /// Rows per warp of grad_a at most, and the most partial sums it writes per column.
-const GRAD_A_ROWS: usize = 32;
-const GRAD_A_MAX_GROUPS: usize = 32;
+const GRAD_A_ROWS: usize = 64;
+const GRAD_A_MAX_GROUPS: usize = 16;
 
 /// Whether the custom kernels take a base operand `x` (`l`, logical `[m, n]`) with adapter
 /// dtype `ad` and rank `r`: bf16 and f32, r ∈ {8, 16}, unit column stride, `n`, the row stride

@@ -16,7 +16,7 @@ mod attention;
 mod device;
 mod elementwise;
 mod index;
-mod launch;
+pub(crate) mod launch;
 mod layout;
 mod lora;
 mod lora_rank;
