@@ -498,7 +498,8 @@ impl Tensor {
 
     /// A contiguous copy in a new buffer (no autograd record of its own beyond `contiguous`).
     pub fn copy(&self) -> Result<Self> {
-        let mut out = Storage::zeros(self.device(), self.shape(), self.dtype())?;
+        // Every element is written by the copy below: no fill first.
+        let mut out = Storage::for_overwrite(self.device(), self.shape(), self.dtype())?;
         self.try_storage("copy")?.copy_to_view(
             self.layout(),
             &mut out,

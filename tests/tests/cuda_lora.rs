@@ -195,6 +195,50 @@ mod gpu {
         assert!(bad.is_empty(), "{}", bad.join("\n"));
     }
 
+    /// `matmul_cast` of a bf16 `x` `[m, k]` with an f32 `w` `[k, n]` (the MixLoRA router) runs
+    /// on the rank primitives: the logits and `dw` in f32 agree with the CPU to f32 rounding,
+    /// `dx` (rounded once to bf16 on both sides) within a rounding flip; n = 8 and 16 take the
+    /// custom kernels, n = 5 the general path.
+    #[test]
+    fn matmul_cast_matches_the_cpu() {
+        let Some(dev) = gpu() else { return };
+        let mut bad = Vec::new();
+        for (m, k) in [(300, 576), (257, 4096), (5, 196)] {
+            for n in [8, 16, 5] {
+                let name = format!("matmul_cast bf16 [{m}, {k}] x f32 [{k}, {n}]");
+                let case = |d: Device| -> engine::Result<Vec<Vec<f64>>> {
+                    let t = |v: Vec<f64>, s: &[usize], dt: DType| {
+                        Tensor::from_f64(&v, s.to_vec(), dt, d)
+                    };
+                    let x = t(vals(m * k, 21, 1.0), &[m, k], DType::BF16)?.to_var()?;
+                    let w = t(vals(n * k, 22, 0.05), &[n, k], DType::F32)?.to_var()?;
+                    let y = x.matmul_cast(&w.t()?)?; // [m, n] f32
+                    y.backward_with_grad(&t(vals(m * n, 23, 1.0), &[m, n], DType::F32)?)?;
+                    let grad = |v: &Tensor| -> engine::Result<Vec<f64>> {
+                        v.grad()
+                            .ok_or_else(|| engine::Error::invalid("test", "no gradient"))?
+                            .to_vec_f64()
+                    };
+                    Ok(vec![y.to_vec_f64()?, grad(&x)?, grad(&w)?])
+                };
+                let (want, got) = match (case(Device::Cpu), case(dev)) {
+                    (Ok(w), Ok(g)) => (w, g),
+                    (w, g) => {
+                        bad.push(format!("{name}: {:?} / {:?}", w.err(), g.err()));
+                        continue;
+                    }
+                };
+                for (i, what, tol) in [(0, "logits", 1e-5), (1, "dx", 1e-3), (2, "dw", 1e-5)] {
+                    let e = rel_err(&want[i], &got[i]);
+                    if e.is_nan() || e > tol {
+                        bad.push(format!("{name} {what}: rel err {e:e} > {tol:e}"));
+                    }
+                }
+            }
+        }
+        assert!(bad.is_empty(), "{}", bad.join("\n"));
+    }
+
     /// The op forward and backward: `out = (x Wᵀ).lora_add(x, A, B)`, seeded with `gout`;
     /// returns out, dx, dA, dB.
     fn op(

@@ -166,9 +166,10 @@ fn casts_round_trip_and_backprop() {
 }
 
 /// `matmul_cast` (x converted to w's dtype, times w) gives the values and gradients of the
-/// composite `x.to_dtype(..).matmul(w)` bit for bit (the same ops), for a bf16 x and f32 w and an
-/// f32 x and f64 w, keeps x itself on the tape (no converted copy), and is plain `matmul` when
-/// the dtypes agree (then a finite-difference check).
+/// composite `x.to_dtype(..).matmul(w)` bit for bit on the CPU, for a bf16 x and f32 w (the rank
+/// primitives' path) and an f32 x and f64 w (the composite's own ops), keeps x itself on the tape
+/// (no converted copy), and is plain `matmul` when the dtypes agree (then a finite-difference
+/// check).
 #[test]
 fn matmul_cast_equals_the_composite() {
     for (xt, wt) in [(DType::BF16, DType::F32), (DType::F32, DType::F64)] {

@@ -1,19 +1,10 @@
 //! Cross-entropy of a linear layer's output (the LM head) computed over vocabulary chunks, so
 //! that the `[N, V]` logits are never held: at most one `[N, C]` chunk of them exists at a time.
 
-use super::{float_only, same_device, same_dtype, u32_only};
+use super::{acc_dtype, float_only, same_device, same_dtype, u32_only};
 use crate::autograd::{no_grad, Input, Node, Output};
 use crate::backend::BackendStorage;
-use crate::{DType, Error, Layout, Result, Tensor};
-
-/// f64 for f64, f32 otherwise: the dtype of the loss rows and of the running statistics.
-fn acc_dtype(d: DType) -> DType {
-    if d == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
+use crate::{Error, Layout, Result, Tensor};
 
 /// `(v0, c)` of each chunk of `chunk` vocabulary rows (the last one shorter when `chunk` does not
 /// divide `v`).

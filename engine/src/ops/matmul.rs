@@ -1,7 +1,7 @@
 //! Matrix products. `matmul` broadcasts batch dims; a rank-2 right operand (a weight, often a
 //! transposed view) is applied to all leading dims of the left one as one GEMM.
 
-use super::{float_only, same_device, same_dtype};
+use super::{acc_dtype, float_only, same_device, same_dtype};
 use crate::autograd::{Input, Node, Output};
 use crate::backend::BackendStorage;
 use crate::{Error, Result, Shape, Tensor};
@@ -72,8 +72,14 @@ impl Tensor {
 
     /// `self` converted to `rhs`'s dtype, times `rhs`: `x.to_dtype(w.dtype()).matmul(w)` with the
     /// same values and gradients, but the tape keeps `self` (not its converted copy): e.g. a
-    /// bf16 `[N, H]` input to an f32 router keeps no `[N, H]` f32 buffer until the backward, which
-    /// converts it again for `drhs`. Both operands rank 2 (`[M, K] × [K, N]`).
+    /// bf16 `[N, H]` input to an f32 router keeps no `[N, H]` f32 buffer. Both operands rank 2
+    /// (`[M, K] × [K, N]`).
+    ///
+    /// When `rhs` is in `self`'s accumulation dtype (an f32 router over bf16 activations), the
+    /// product and its gradients run on the LoRA rank-r primitives (`rhsᵀ` as the `A` of rank N,
+    /// no dropout): they read `self` in its own dtype, so no converted copy of it is written at
+    /// all, forward or backward (on the GPU, custom kernels for N = 8 and 16; elsewhere the same
+    /// maths in the adapter dtype, rounded once).
     pub fn matmul_cast(&self, rhs: &Tensor) -> Result<Tensor> {
         const OP: &str = "matmul_cast";
         if self.dtype() == rhs.dtype() {
@@ -88,6 +94,9 @@ impl Tensor {
         }
         float_only(OP, self)?;
         let dt = rhs.dtype();
+        if self.dtype().is_float() && dt == acc_dtype(self.dtype()) {
+            return self.matmul_cast_rank(rhs);
+        }
         let out = {
             let _ng = crate::autograd::NoGradGuard::new();
             self.to_dtype(dt)?.matmul(rhs)? // [M, N]
@@ -109,6 +118,63 @@ impl Tensor {
                 .transpose()?; // [K, N]
             Ok(vec![dx, dw])
         });
+        Ok(match node {
+            Some(node) => out.view(out.layout().clone(), Some(node)),
+            None => out,
+        })
+    }
+
+    /// [`Tensor::matmul_cast`] on the LoRA primitives: `self` `[M, K]`, `rhs` `[K, N]` in
+    /// `self`'s accumulation dtype.
+    fn matmul_cast_rank(&self, rhs: &Tensor) -> Result<Tensor> {
+        const OP: &str = "matmul_cast";
+        same_device(OP, self, rhs)?;
+        let (m, k, n) = (self.dims()[0], self.dims()[1], rhs.dims()[1]);
+        if rhs.dims()[0] != k {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                lhs: self.shape().clone(),
+                rhs: rhs.shape().clone(),
+            });
+        }
+        let a = rhs.t()?; // [N, K]: the rank-N "A" of x Aᵀ
+        let out = self
+            .storage()
+            .lora_codes(self.layout(), &a.storage(), a.layout(), 0.0, 0)?; // [M, N]
+        let inputs = [
+            Input::keep_if(self, rhs.tracks_grad()),
+            Input::keep_if(rhs, self.tracks_grad()),
+        ];
+        let node = Node::record_with(OP, &inputs, Output::Unread, move |inp, _, g| {
+            let (x, w) = (&inp[0], &inp[1]);
+            let g = g.contiguous()?; // [M, N], rhs's dtype
+            let dx = x
+                .tracks_grad()
+                .then(|| -> Result<Tensor> {
+                    let a = w.t()?; // [N, K]
+                    let s = g.storage().lora_grad_x(
+                        g.layout(),
+                        &a.storage(),
+                        a.layout(),
+                        0.0,
+                        0,
+                        x.dtype(),
+                    )?;
+                    Ok(Tensor::from_storage(s, [m, k], None)) // g rhsᵀ in x's dtype
+                })
+                .transpose()?;
+            let dw = w
+                .tracks_grad()
+                .then(|| -> Result<Tensor> {
+                    let s =
+                        x.storage()
+                            .lora_grad_a(x.layout(), &g.storage(), g.layout(), 0.0, 0)?;
+                    Tensor::from_storage(s, [n, k], None).t() // (gᵀ x)ᵀ = xᵀ g [K, N]
+                })
+                .transpose()?;
+            Ok(vec![dx, dw])
+        });
+        let out = Tensor::from_storage(out, [m, n], None);
         Ok(match node {
             Some(node) => out.view(out.layout().clone(), Some(node)),
             None => out,

@@ -7,18 +7,10 @@
 //! Notation: `N` tokens, `E` experts, `k` experts per token, `S = N·k` slots; slot `p = t·k + j`
 //! is token `t`'s `j`-th choice. "Accumulation dtype": f32 for f32/bf16 data, f64 for f64.
 
-use super::{float_only, same_device, same_dtype, u32_only};
+use super::{acc_dtype, float_only, same_device, same_dtype, u32_only};
 use crate::autograd::{Input, Node, Output};
 use crate::backend::BackendStorage;
-use crate::{DType, Error, Result, Tensor};
-
-fn acc_dtype(d: DType) -> DType {
-    if d == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
+use crate::{Error, Result, Tensor};
 
 fn rank_is(op: &'static str, t: &Tensor, r: usize) -> Result<()> {
     if t.rank() != r {

@@ -52,6 +52,7 @@ fn copy_raw(s: &CudaStorage, sl: &Layout, dst: u64, dl: &Layout) -> Result<()> {
         return Ok(());
     }
     let dev = &s.dev;
+    let _detail = super::launch::profile_detail(|| format!("{} {}", s.dtype, sl.shape()));
     let (ls, ld) = (StridedArg::new("copy", sl)?, StridedArg::new("copy", dl)?);
     let (n32, x) = (to_u32("copy", n)?, s.ptr());
     let es = s.dtype.size_in_bytes();
@@ -133,6 +134,7 @@ pub(crate) fn to_dtype(s: &CudaStorage, l: &Layout, dtype: DType) -> Result<Cuda
         out.ptr(),
     );
     let name = format!("cast_{}_{}", s.dtype, dtype);
+    let _detail = super::launch::profile_detail(|| l.shape().to_string());
     // SAFETY: `l` lies inside `s` (checked), the output holds `n` elements of `dtype`; the kernel
     // reads `s.dtype` and writes `dtype` as its name says.
     unsafe {
@@ -337,6 +339,7 @@ pub(crate) fn fill(dev: &CudaDevice, n: usize, dtype: DType, v: f64) -> Result<C
     }
     let (n32, y) = (to_u32("full", n)?, out.ptr());
     let name = format!("fill_{dtype}");
+    let _detail = super::launch::profile_detail(|| format!("[{n}]"));
     // SAFETY: the output holds `n` elements of `dtype`; the kernel writes y[0..n] (16-byte stores
     // over whole groups of 8 only when y is 16-byte aligned, which it checks).
     unsafe {

@@ -29,6 +29,38 @@ use std::sync::Mutex;
 
 use super::device::{lock, GpuEvent};
 
+thread_local! {
+    /// What the profile adds to the next launches' keys (e.g. a copy's shape), while set.
+    static DETAIL: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// While the returned guard lives, profiled launches on this thread are keyed by their kernel
+/// name followed by `detail()` (called only when the profile is on): the profile then tells
+/// apart, say, the copies of different shapes.
+pub(crate) fn profile_detail(detail: impl FnOnce() -> String) -> Option<DetailGuard> {
+    if !crate::backend::cpu::profile::enabled() {
+        return None;
+    }
+    DETAIL.with(|d| *d.borrow_mut() = Some(detail()));
+    Some(DetailGuard)
+}
+
+/// Clears the profile detail when dropped.
+pub(crate) struct DetailGuard;
+
+impl Drop for DetailGuard {
+    fn drop(&mut self) {
+        DETAIL.with(|d| *d.borrow_mut() = None);
+    }
+}
+
+fn profile_key(name: &str) -> String {
+    DETAIL.with(|d| match &*d.borrow() {
+        Some(detail) => format!("cuda {name} {detail}"),
+        None => format!("cuda {name}"),
+    })
+}
+
 /// Launches timed with CUDA events and not yet read: `(key, start, end)` in launch order.
 static PENDING: Mutex<Vec<(String, GpuEvent, GpuEvent)>> = Mutex::new(Vec::new());
 
@@ -48,12 +80,12 @@ pub(crate) fn profiled<R>(
         let start = dev.record_event()?;
         let r = launch()?;
         let end = dev.record_event()?;
-        lock(&PENDING).push((format!("cuda {name}"), start, end));
+        lock(&PENDING).push((profile_key(name), start, end));
         return Ok(r);
     }
     dev.synchronize()?;
     profile::timed(
-        || format!("cuda {name}"),
+        || profile_key(name),
         || {
             let r = launch()?;
             dev.synchronize()?;
