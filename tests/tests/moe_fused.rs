@@ -532,17 +532,17 @@ fn tiny_llama_fused_equals_naive() {
 }
 
 /// The default chunking splits the tokens evenly into the fewest chunks whose `[chunk·k, I]`
-/// slot tensors hold at most 2^26 elements, in multiples of 128 tokens where that fits.
+/// slot tensors hold at most 3·2^25 elements, in multiples of 128 tokens where that fits.
 #[test]
 fn default_chunks_are_even_and_within_the_cap() {
     use engine::default_chunk_tokens;
-    assert_eq!(default_chunk_tokens(4096, 2, 11008), 2048); // not 2944 + 1152
-    assert_eq!(default_chunk_tokens(16384, 2, 11008), 2816); // 5 × 2816 + 2304
-    assert_eq!(default_chunk_tokens(2048, 2, 11008), 2048); // one chunk
+    assert_eq!(default_chunk_tokens(4096, 2, 11008), 4096); // one chunk
+    assert_eq!(default_chunk_tokens(16384, 2, 11008), 4096); // 4 × 4096, not 3 × 4480 + 2944
+    assert_eq!(default_chunk_tokens(12000, 2, 11008), 4096); // 2 × 4096 + 3808
     assert_eq!(default_chunk_tokens(100, 2, 64), 100);
     assert_eq!(default_chunk_tokens(0, 2, 64), 1);
     for (k, i) in [(2, 11008), (1, 1536), (2, 1536), (8, 1 << 20), (2, 1 << 26)] {
-        let cap = ((1usize << 26) / (k * i)).max(1);
+        let cap = ((3usize << 25) / (k * i)).max(1);
         for t in (1..40_000).step_by(997).chain([1, 127, 128, 4096, 16384]) {
             let c = default_chunk_tokens(t, k, i);
             assert!((1..=t).contains(&c), "t {t} k {k} i {i}: chunk {c}");

@@ -158,13 +158,16 @@ fn gate_up(x: &Tensor, w_gate: &Tensor, w_up: &Tensor) -> Result<(Tensor, Tensor
 }
 
 /// Tokens per chunk by default: the `[chunk·k, I]` slot tensors of one chunk hold at most this
-/// many elements each (2^26: 128 MiB in bf16). Several such tensors are alive at once inside a
-/// chunk, and the base GEMMs still see thousands of rows at LLaMA-2-7B sizes.
-const CHUNK_ELEMS: usize = 1 << 26;
+/// many elements each (3·2^25: 192 MiB in bf16). Several such tensors are alive at once inside a
+/// chunk, and the base GEMMs still see thousands of rows at LLaMA-2-7B sizes. The bound lets a
+/// training batch of 4,096 tokens at those sizes run as one chunk (3% faster on the H200 than
+/// 2 × 2,048), while 16,384 tokens run as 4 × 4,096 (activation peak 41% below the naive
+/// loop's: benches/results/moe_ffn-chunks-h200.json).
+const CHUNK_ELEMS: usize = 3 << 25;
 
 /// The default chunk: the tokens split evenly into as few chunks as keep each within
-/// [`CHUNK_ELEMS`] (4096 tokens at LLaMA-2-7B sizes run as 2 × 2048, not 2944 + 1152, so no
-/// chunk's GEMMs are short), rounded up to a multiple of 128 (GEMM tiles) when that still fits
+/// [`CHUNK_ELEMS`] (16,384 tokens at LLaMA-2-7B sizes run as 4 × 4,096, not 3 × 4,480 + 2,944,
+/// so no chunk's GEMMs are short), rounded up to a multiple of 128 (GEMM tiles) when that still fits
 /// and the cap is at least 256 tokens; never more than `t`.
 pub fn default_chunk_tokens(t: usize, k: usize, i: usize) -> usize {
     let t = t.max(1);
