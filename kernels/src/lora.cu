@@ -9,7 +9,7 @@
 // holds the R × 4 adapter values of its columns in registers for the whole kernel. N (columns)
 // and the row stride of x are multiples of 4, x is 8-byte aligned (checked on the host).
 //
-// lora_codes_bf16_r{R}(M, N, x, ldx, A, part, rows_per_block, seed, thr, keep, drop)
+// lora_codes_bf16_r{R}(M, N, x, ldx, A, a_t, part, rows_per_block, seed, thr, keep, drop)
 //     part[chunk, m, r] = Σ_{c in chunk} drop(x)[m, c] · A[r, c]   (chunk = 128 columns)
 //     x [M, N] bf16 (row stride ldx), A [R, N] f32, part [ceil(N/128), M, R] f32;
 //     grid (ceil(N/128), ceil(M/rows_per_block)), 256 threads
@@ -17,15 +17,18 @@
 //     part[g, r, c] = Σ_{m in rows of g} dz[m, r] · drop(x)[m, c]   (g = blockIdx.y: 8 warps of
 //     rows_per_warp consecutive rows each); dz [M, R] f32, part [gridDim.y, R, N] f32;
 //     grid (ceil(N/128), G), 256 threads
-// lora_grad_x_bf16_r{R}(M, N, dz, A, dx, rows_per_block, seed, thr, keep, drop)
+// lora_grad_x_bf16_r{R}(M, N, dz, A, a_t, dx, rows_per_block, seed, thr, keep, drop)
 //     dx[m, c] = bf16(mask[m, c] · Σ_r dz[m, r] · A[r, c])   dx [M, N] bf16 contiguous
 //     grid (ceil(N/128), ceil(M/rows_per_block)), 256 threads
-// lora_expand_add_bf16_r{R}(M, N, zs, Bt, y, ldy, out, rows_per_block)
+// lora_expand_add_bf16_r{R}(M, N, zs, Bt, bt_t, y, ldy, out, rows_per_block)
 //     out[m, c] = bf16(y[m, c] + Σ_r zs[m, r] · Bt[r, c])   zs [M, R] f32 (codes times the
 //     scale), Bt [R, N] f32 (B transposed), y [M, N] bf16 (row stride ldy), out [M, N] bf16
 // lora_sum_partials_f32(P, rows, cols, transpose, scale, part, out)
 //     s = scale · Σ_p part[p, i, j] over part [P, rows, cols], in order of p (deterministic);
 //     out[i, j] = s, or out[j, i] when transpose
+//
+// A [R, N] (and Bt) is row-major, or with a_t (bt_t) stored as its transpose [N, R], as a LoRA
+// B [N, R] is: read as Bᵀ without a copy. Small f32 operands (A, Bt, dz, zs) are 16-byte aligned.
 //
 // Dropout: drop = 0 multiplies by nothing (x exactly); else element i is dropped when
 // dropout_bits(seed, i) < thr and the kept ones are scaled by keep = 1/(1 − p).
@@ -60,10 +63,25 @@ __device__ __forceinline__ void lora_dropped4(const bf16* x, u32 ldx, u32 N, u32
     }
 }
 
-// The lane's R × 4 slice of A [R, N] (zeros past column N).
+// The lane's R × 4 slice of A [R, N] (zeros past column N): a[r][q] = A[r, c0 + q]. With a_t,
+// A is stored as its transpose [N, R] (row c holds A[.., c]: a LoRA B read as Bᵀ without a copy).
 template <int R>
-__device__ __forceinline__ void lora_slice(const float* A, u32 N, u32 c0, float (&a)[R][4]) {
+__device__ __forceinline__ void lora_slice(const float* A, u32 N, u32 c0, int a_t, float (&a)[R][4]) {
     const bool active = c0 < N;
+    if (a_t) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+#pragma unroll
+            for (int j = 0; j < R / 4; ++j) {
+                float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+                if (active) v = *reinterpret_cast<const float4*>(A + (size_t)(c0 + q) * R + 4 * j);
+                a[4 * j][q] = v.x;
+                a[4 * j + 1][q] = v.y;
+                a[4 * j + 2][q] = v.z;
+                a[4 * j + 3][q] = v.w;
+            }
+        return;
+    }
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -122,14 +140,14 @@ template <int R> __device__ __forceinline__ float lora_warp_sum_scatter(float (&
 #define LORA_UNROLL 4
 
 template <int R>
-__device__ void lora_codes(u32 M, u32 N, const bf16* x, u32 ldx, const float* A, float* part, u32 rows_per_block,
-                           u64 seed, u32 thr, float keep, int drop) {
+__device__ void lora_codes(u32 M, u32 N, const bf16* x, u32 ldx, const float* A, int a_t, float* part,
+                           u32 rows_per_block, u64 seed, u32 thr, float keep, int drop) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const u32 chunk = blockIdx.x;
     const u32 c0 = chunk * LORA_COLS + lane * 4;
     const bool active = c0 < N;
     float a[R][4];
-    lora_slice<R>(A, N, c0, a);
+    lora_slice<R>(A, N, c0, a_t, a);
     const u64 mixed = rng_mix64(seed);
     const u32 m0 = blockIdx.y * rows_per_block;
     const u32 m1 = min(M, m0 + rows_per_block);
@@ -215,13 +233,13 @@ __device__ void lora_grad_a(u32 M, u32 N, const bf16* x, u32 ldx, const float* d
 }
 
 template <int R>
-__device__ void lora_grad_x(u32 M, u32 N, const float* dz, const float* A, bf16* dx, u32 rows_per_block, u64 seed,
-                            u32 thr, float keep, int drop) {
+__device__ void lora_grad_x(u32 M, u32 N, const float* dz, const float* A, int a_t, bf16* dx, u32 rows_per_block,
+                            u64 seed, u32 thr, float keep, int drop) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const u32 c0 = blockIdx.x * LORA_COLS + lane * 4;
     if (c0 >= N) return;
     float a[R][4];
-    lora_slice<R>(A, N, c0, a);
+    lora_slice<R>(A, N, c0, a_t, a);
     const u64 mixed = rng_mix64(seed);
     const u32 m0 = blockIdx.y * rows_per_block;
     const u32 m1 = min(M, m0 + rows_per_block);
@@ -257,13 +275,13 @@ __device__ void lora_grad_x(u32 M, u32 N, const float* dz, const float* A, bf16*
 }
 
 template <int R>
-__device__ void lora_expand_add(u32 M, u32 N, const float* zs, const float* Bt, const bf16* y, u32 ldy, bf16* out,
-                                u32 rows_per_block) {
+__device__ void lora_expand_add(u32 M, u32 N, const float* zs, const float* Bt, int bt_t, const bf16* y, u32 ldy,
+                                bf16* out, u32 rows_per_block) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const u32 c0 = blockIdx.x * LORA_COLS + lane * 4;
     if (c0 >= N) return;
     float b[R][4];
-    lora_slice<R>(Bt, N, c0, b);
+    lora_slice<R>(Bt, N, c0, bt_t, b);
     const u32 m0 = blockIdx.y * rows_per_block;
     const u32 m1 = min(M, m0 + rows_per_block);
     // Two rows per step: both rows' loads of y go out before the products.
@@ -294,22 +312,24 @@ __device__ void lora_expand_add(u32 M, u32 N, const float* zs, const float* Bt, 
 }
 
 #define LORA_RANK(R) \
-    extern "C" __global__ void lora_codes_bf16_r##R(u32 M, u32 N, const bf16* x, u32 ldx, const float* A, float* part, \
-                                                     u32 rows_per_block, u64 seed, u32 thr, float keep, int drop) { \
-        lora_codes<R>(M, N, x, ldx, A, part, rows_per_block, seed, thr, keep, drop); \
+    extern "C" __global__ void lora_codes_bf16_r##R(u32 M, u32 N, const bf16* x, u32 ldx, const float* A, int a_t, \
+                                                     float* part, u32 rows_per_block, u64 seed, u32 thr, float keep, \
+                                                     int drop) { \
+        lora_codes<R>(M, N, x, ldx, A, a_t, part, rows_per_block, seed, thr, keep, drop); \
     } \
     extern "C" __global__ void lora_grad_a_bf16_r##R(u32 M, u32 N, const bf16* x, u32 ldx, const float* dz, \
                                                       float* part, u32 rows_per_warp, u64 seed, u32 thr, float keep, \
                                                       int drop) { \
         lora_grad_a<R>(M, N, x, ldx, dz, part, rows_per_warp, seed, thr, keep, drop); \
     } \
-    extern "C" __global__ void lora_grad_x_bf16_r##R(u32 M, u32 N, const float* dz, const float* A, bf16* dx, \
-                                                      u32 rows_per_block, u64 seed, u32 thr, float keep, int drop) { \
-        lora_grad_x<R>(M, N, dz, A, dx, rows_per_block, seed, thr, keep, drop); \
+    extern "C" __global__ void lora_grad_x_bf16_r##R(u32 M, u32 N, const float* dz, const float* A, int a_t, \
+                                                      bf16* dx, u32 rows_per_block, u64 seed, u32 thr, float keep, \
+                                                      int drop) { \
+        lora_grad_x<R>(M, N, dz, A, a_t, dx, rows_per_block, seed, thr, keep, drop); \
     } \
-    extern "C" __global__ void lora_expand_add_bf16_r##R(u32 M, u32 N, const float* zs, const float* Bt, \
+    extern "C" __global__ void lora_expand_add_bf16_r##R(u32 M, u32 N, const float* zs, const float* Bt, int bt_t, \
                                                           const bf16* y, u32 ldy, bf16* out, u32 rows_per_block) { \
-        lora_expand_add<R>(M, N, zs, Bt, y, ldy, out, rows_per_block); \
+        lora_expand_add<R>(M, N, zs, Bt, bt_t, y, ldy, out, rows_per_block); \
     }
 
 LORA_RANK(8)

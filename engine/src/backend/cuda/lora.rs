@@ -15,7 +15,7 @@
 //! in bf16 (and expand-add writes its result once), with the dropout mask drawn on the fly.
 
 use super::layout::to_u32;
-use super::lora_rank;
+use super::lora_rank::{self, Small};
 use super::random::dropout_cast;
 use super::{acc_dtype, check_extent, CudaStorage};
 use crate::backend::cpu::lora::{dims2, expect_dims, keep_of};
@@ -113,10 +113,15 @@ pub(crate) fn lora_codes(
     let (r, _) = dims2(OP, al)?;
     expect_dims(OP, al, (r, n), l)?;
     keep_of(OP, p)?;
-    let ac = a.to_dtype(al, a.dtype)?; // [r, in] contiguous
-    if let Some(z) = lora_rank::codes(x, l, &ac, r, p, seed)? {
-        return Ok(z); // bf16 base, r = 8 or 16: the custom kernel
+    if lora_rank::applies(x, l, a.dtype, r) {
+        // bf16 base, r = 8 or 16: the custom kernel, A read in place.
+        let mut hold = None;
+        let sa = Small::of_or_copy(a, al, false, &mut hold)?;
+        if let Some(z) = lora_rank::codes(x, l, sa, r, p, seed)? {
+            return Ok(z);
+        }
     }
+    let ac = a.to_dtype(al, a.dtype)?; // [r, in] contiguous
     let xd = dropped(x, l, a.dtype, p, seed)?; // [m, in]
                                                // z = drop(x) Aᵀ: [1, m, in] x [1, in, r].
     xd.matmul(&mat3(m, n, false), &ac, &mat3(r, n, true))
@@ -138,14 +143,27 @@ pub(crate) fn lora_expand_add(
     let (_, r) = dims2(OP, bl)?;
     expect_dims(OP, bl, (o, r), l)?;
     expect_dims(OP, zl, (m, r), l)?;
-    let zs = scaled(z.to_dtype(zl, z.dtype)?, &[m, r], scale)?; // s·z, [m, r]
     if lora_rank::applies(y, l, b.dtype, r) {
-        // bf16 base, r = 8 or 16: one pass over y on the custom kernel.
-        let bt = b.to_dtype(&bl.transpose(0, 1), b.dtype)?; // Bᵀ [r, o] contiguous
-        if let Some(out) = lora_rank::expand_add(y, l, &zs, &bt, r)? {
+        // bf16 base, r = 8 or 16: one pass over y on the custom kernel, B read in place as Bᵀ.
+        let (mut hold_z, mut hold_b) = (None, None);
+        let zs = if scale == 1.0 {
+            Small::of_or_copy(z, zl, true, &mut hold_z)?
+        } else {
+            let t = z.unary(
+                zl,
+                UnaryOp::Affine {
+                    mul: scale,
+                    add: 0.0,
+                },
+            )?; // s·z [m, r]
+            Small::held(t, &mut hold_z)
+        };
+        let bt = Small::of_or_copy(b, &bl.transpose(0, 1), false, &mut hold_b)?; // Bᵀ [r, o]
+        if let Some(out) = lora_rank::expand_add(y, l, zs, bt, r)? {
             return Ok(out);
         }
     }
+    let zs = scaled(z.to_dtype(zl, z.dtype)?, &[m, r], scale)?; // s·z, [m, r]
     let bc = b.to_dtype(bl, b.dtype)?; // [o, r] contiguous
     let d = zs.matmul(&mat3(m, r, false), &bc, &mat3(o, r, true))?; // [m, o] adapter dtype
     let cl = Layout::contiguous([m, o]);
@@ -176,14 +194,16 @@ pub(crate) fn lora_grad_codes(
     let (_, r) = dims2(OP, bl)?;
     expect_dims(OP, bl, (o, r), l)?;
     expect_dims(OP, zl, (m, r), l)?;
-    let zc = z.to_dtype(zl, z.dtype)?; // [m, r]
     if lora_rank::applies(g, l, b.dtype, r) {
-        // bf16 base, r = 8 or 16: g is read in bf16 by the custom kernels.
-        let bt = b.to_dtype(&bl.transpose(0, 1), b.dtype)?; // Bᵀ [r, o] contiguous
-        if let Some(grads) = lora_rank::grad_codes(g, l, &bt, &zc, r, scale)? {
+        // bf16 base, r = 8 or 16: g is read in bf16 by the custom kernels, B and z in place.
+        let (mut hold_b, mut hold_z) = (None, None);
+        let bt = Small::of_or_copy(b, &bl.transpose(0, 1), false, &mut hold_b)?; // Bᵀ [r, o]
+        let zc = Small::of_or_copy(z, zl, true, &mut hold_z)?; // [m, r]
+        if let Some(grads) = lora_rank::grad_codes(g, l, bt, zc, r, scale)? {
             return Ok(grads);
         }
     }
+    let zc = z.to_dtype(zl, z.dtype)?; // [m, r]
     let gf = g.to_dtype(l, b.dtype)?; // [m, o] adapter dtype, transient
     let bc = b.to_dtype(bl, b.dtype)?; // [o, r]
                                        // dz = s · g B: [1, m, o] x [1, o, r]; dB = s · gᵀ z: [1, o, m] x [1, m, r].
@@ -206,10 +226,15 @@ pub(crate) fn lora_grad_a(
     let (_, r) = dims2(OP, dl)?;
     expect_dims(OP, dl, (m, r), l)?;
     keep_of(OP, p)?;
-    let dzc = dz.to_dtype(dl, dz.dtype)?; // [m, r]
-    if let Some(da) = lora_rank::grad_a(x, l, &dzc, r, p, seed)? {
-        return Ok(da); // bf16 base, r = 8 or 16: the custom kernel
+    if lora_rank::applies(x, l, dz.dtype, r) {
+        // bf16 base, r = 8 or 16: the custom kernel, dz read in place.
+        let mut hold = None;
+        let d = Small::of_or_copy(dz, dl, true, &mut hold)?;
+        if let Some(da) = lora_rank::grad_a(x, l, d, r, p, seed)? {
+            return Ok(da);
+        }
     }
+    let dzc = dz.to_dtype(dl, dz.dtype)?; // [m, r]
     let xd = dropped(x, l, dz.dtype, p, seed)?; // [m, in], transient
                                                 // dA = dzᵀ drop(x): [1, r, m] x [1, m, in].
     dzc.matmul(&mat3(m, r, true), &xd, &mat3(m, n, false))
@@ -240,12 +265,18 @@ pub(crate) fn lora_grad_x(
     let (_, n) = dims2(OP, al)?;
     expect_dims(OP, al, (r, n), l)?;
     keep_of(OP, p)?;
+    if dtype == DType::BF16 && a.dtype == DType::F32 && (r == 8 || r == 16) && n % 4 == 0 {
+        // bf16 output, r = 8 or 16: the custom kernel, dz and A read in place.
+        let (mut hold_d, mut hold_a) = (None, None);
+        let d = Small::of_or_copy(dz, l, true, &mut hold_d)?;
+        let sa = Small::of_or_copy(a, al, false, &mut hold_a)?;
+        if let Some(dx) = lora_rank::grad_x(&dz.dev, d, sa, (m, r, n), p, seed, dtype)? {
+            return Ok(dx);
+        }
+    }
     let dzc = dz.to_dtype(l, dz.dtype)?; // [m, r]
     let ac = a.to_dtype(al, a.dtype)?; // [r, in]
-    if let Some(dx) = lora_rank::grad_x(&dzc, &ac, (m, r, n), p, seed, dtype)? {
-        return Ok(dx); // bf16 base, r = 8 or 16: the custom kernel
-    }
-    // dz A: [1, m, r] x [1, r, in], then the mask, then the base dtype.
+                                       // dz A: [1, m, r] x [1, r, in], then the mask, then the base dtype.
     let t = dzc.matmul(&mat3(m, r, false), &ac, &mat3(r, n, false))?; // [m, in]
     let cl = Layout::contiguous([m, n]);
     if p != 0.0 {

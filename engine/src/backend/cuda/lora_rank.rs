@@ -12,6 +12,7 @@ use kernels::LORA;
 use super::launch::launch;
 use super::layout::to_u32;
 use super::{CudaDevice, CudaStorage};
+use crate::backend::BackendStorage;
 use crate::{rng, DType, Layout, Result};
 
 /// Columns per warp (4 per lane) and warps per block of the kernels.
@@ -48,6 +49,60 @@ fn view_args(op: &'static str, x: &CudaStorage, l: &Layout) -> Result<(u32, u32,
         to_u32(op, l.strides()[0])?,
         x.ptr_at(l.offset()),
     ))
+}
+
+/// A small f32 operand of the kernels (A, Bᵀ, dz, the codes) by address, without a copy:
+/// logically `[rows, cols]`, stored row-major, or (`transposed`) as the row-major transpose
+/// `[cols, rows]` (a LoRA B `[n, r]` read as Bᵀ `[r, n]`). 16-byte aligned.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Small {
+    ptr: u64,
+    transposed: bool,
+}
+
+impl Small {
+    /// The f32 view `l` (rank 2) of `s` as an operand: contiguous, or the transpose of a
+    /// contiguous view, starting 16-byte aligned, inside its buffer; `None` otherwise (the caller
+    /// then copies it, or takes the general path).
+    pub(super) fn of(s: &CudaStorage, l: &Layout) -> Option<Small> {
+        if s.dtype != DType::F32 || l.dims().len() != 2 || l.max_extent() > s.len {
+            return None;
+        }
+        let transposed = if l.is_contiguous() {
+            false
+        } else if l.transpose(0, 1).is_contiguous() {
+            true
+        } else {
+            return None;
+        };
+        let ptr = s.ptr_at(l.offset());
+        (ptr % 16 == 0).then_some(Small { ptr, transposed })
+    }
+
+    /// [`Small::of`], or (when that cannot read the view in place, or `row_major` is asked of a
+    /// transposed one) a contiguous copy of it, which `hold` keeps alive for the launch.
+    pub(super) fn of_or_copy(
+        s: &CudaStorage,
+        l: &Layout,
+        row_major: bool,
+        hold: &mut Option<CudaStorage>,
+    ) -> Result<Small> {
+        if let Some(sm) = Small::of(s, l).filter(|sm| !(row_major && sm.transposed)) {
+            return Ok(sm);
+        }
+        Ok(Small::held(s.to_dtype(l, s.dtype)?, hold)) // a contiguous copy
+    }
+
+    /// A fresh contiguous f32 buffer (16-byte aligned, as every allocation) as an operand, kept
+    /// alive by `hold`.
+    pub(super) fn held(fresh: CudaStorage, hold: &mut Option<CudaStorage>) -> Small {
+        let sm = Small {
+            ptr: fresh.ptr(),
+            transposed: false,
+        };
+        *hold = Some(fresh);
+        sm
+    }
 }
 
 fn config(n: usize, rows: usize) -> LaunchConfig {
@@ -101,12 +156,12 @@ fn sum_partials(
 }
 
 /// Per-chunk partial sums `[chunks, m, r]` of `drop(x) Aᵀ` (x `[m, n]` bf16 checked by
-/// [`applies`], `a` `[r, n]` f32 contiguous), with their count.
+/// [`applies`], `a` `[r, n]` f32), with their count.
 fn codes_partials(
     op: &'static str,
     x: &CudaStorage,
     l: &Layout,
-    a: &CudaStorage,
+    a: Small,
     r: usize,
     p: f64,
     seed: u64,
@@ -116,14 +171,20 @@ fn codes_partials(
     let part = CudaStorage::alloc(&x.dev, op, chunks * m * r, DType::F32)?; // [chunks, m, r]
     if chunks * m > 0 {
         let (m32, n32, ld32, px) = view_args(op, x, l)?;
-        let (rows32, pa, pp) = (ROWS_PER_BLOCK as u32, a.ptr(), part.ptr());
+        let (rows32, pa, at, pp) = (
+            ROWS_PER_BLOCK as u32,
+            a.ptr,
+            i32::from(a.transposed),
+            part.ptr(),
+        );
         let (thr, keep, drop) = dropout_args(p);
         let name = format!("lora_codes_bf16_r{r}");
         // SAFETY: x's view `[m, n]` with row stride ld32 lies inside its buffer (`applies` and
         // the caller's extent check), starts 8-byte aligned (offset a multiple of 4 bf16) and has
         // n and ld multiples of 4, so the kernel's 8-byte loads x[m·ld + c .. +4] for c < n stay
-        // in the view; `a` is a fresh contiguous `[r, n]` f32 buffer (16-byte aligned rows: n is
-        // a multiple of 4); `part` holds chunks·m·r f32, written at [chunk, m, lane < r].
+        // in the view; `a` `[r, n]` (or its transpose `[n, r]`, `at`) is an f32 run inside its
+        // buffer starting 16-byte aligned (`Small`; rows of n, a multiple of 4, or of r = 8 or 16
+        // floats, read by float4); `part` holds chunks·m·r f32, written at [chunk, m, lane < r].
         unsafe {
             launch!(
                 &x.dev,
@@ -131,7 +192,7 @@ fn codes_partials(
                 LORA,
                 name,
                 config(n, m.div_ceil(ROWS_PER_BLOCK)),
-                [m32, n32, px, ld32, pa, pp, rows32, seed, thr, keep, drop]
+                [m32, n32, px, ld32, pa, at, pp, rows32, seed, thr, keep, drop]
             )
         }?;
     }
@@ -139,12 +200,12 @@ fn codes_partials(
 }
 
 /// Per-row-group partial sums `[parts, r, n]` of `dzᵀ drop(x)` (x `[m, n]` bf16 checked by
-/// [`applies`], `dz` `[m, r]` f32 contiguous), with their count.
+/// [`applies`], `dz` `[m, r]` f32 row-major), with their count.
 fn grad_a_partials(
     op: &'static str,
     x: &CudaStorage,
     l: &Layout,
-    dz: &CudaStorage,
+    dz: Small,
     r: usize,
     p: f64,
     seed: u64,
@@ -157,11 +218,11 @@ fn grad_a_partials(
     let part = CudaStorage::alloc(&x.dev, op, parts * r * n, DType::F32)?; // [parts, r, n]
     if n > 0 {
         let (m32, n32, ld32, px) = view_args(op, x, l)?;
-        let (rows32, pd, pp) = (to_u32(op, rows_per_warp)?, dz.ptr(), part.ptr());
+        let (rows32, pd, pp) = (to_u32(op, rows_per_warp)?, dz.ptr, part.ptr());
         let (thr, keep, drop) = dropout_args(p);
         let name = format!("lora_grad_a_bf16_r{r}");
-        // SAFETY: x as in `codes_partials`; `dz` is a fresh contiguous `[m, r]` f32 buffer (rows
-        // of r = 8 or 16 floats, 16-byte aligned); `part` holds groups·r·n f32 and block row g
+        // SAFETY: x as in `codes_partials`; `dz` `[m, r]` is a row-major f32 run inside its buffer
+        // starting 16-byte aligned (`Small`; rows of r = 8 or 16 floats); `part` holds groups·r·n f32 and block row g
         // writes its `[r, n]` slice (16-byte stores at columns c < n, n a multiple of 4), zeros
         // where it has no rows; the block's 8 KiB of shared memory are static.
         unsafe {
@@ -178,17 +239,17 @@ fn grad_a_partials(
     Ok((part, parts))
 }
 
-/// `z = drop(x) Aᵀ` `[m, r]` f32, for `x` `[m, n]` bf16 and `a` `[r, n]` f32 contiguous.
+/// `z = drop(x) Aᵀ` `[m, r]` f32, for `x` `[m, n]` bf16 and `a` `[r, n]` f32.
 pub(super) fn codes(
     x: &CudaStorage,
     l: &Layout,
-    a: &CudaStorage,
+    a: Small,
     r: usize,
     p: f64,
     seed: u64,
 ) -> Result<Option<CudaStorage>> {
     const OP: &str = "lora_codes";
-    if !applies(x, l, a.dtype, r) {
+    if !applies(x, l, DType::F32, r) {
         return Ok(None);
     }
     let (part, chunks) = codes_partials(OP, x, l, a, r, p, seed)?;
@@ -196,17 +257,17 @@ pub(super) fn codes(
     sum_partials(&x.dev, OP, (&part, chunks), rows, false, 1.0).map(Some)
 }
 
-/// `dA = dzᵀ drop(x)` `[r, n]` f32, for `x` `[m, n]` bf16 and `dz` `[m, r]` f32 contiguous.
+/// `dA = dzᵀ drop(x)` `[r, n]` f32, for `x` `[m, n]` bf16 and `dz` `[m, r]` f32 row-major.
 pub(super) fn grad_a(
     x: &CudaStorage,
     l: &Layout,
-    dz: &CudaStorage,
+    dz: Small,
     r: usize,
     p: f64,
     seed: u64,
 ) -> Result<Option<CudaStorage>> {
     const OP: &str = "lora_grad_a";
-    if !applies(x, l, dz.dtype, r) {
+    if !applies(x, l, DType::F32, r) || dz.transposed {
         return Ok(None);
     }
     let (part, parts) = grad_a_partials(OP, x, l, dz, r, p, seed)?;
@@ -214,17 +275,17 @@ pub(super) fn grad_a(
 }
 
 /// `(dz, dB) = (s · g B, s · gᵀ z)` `([m, r], [n, r])` f32, for `g` `[m, n]` bf16, `bt` = Bᵀ
-/// `[r, n]` and `z` `[m, r]` f32 contiguous: the codes and grad_a kernels without dropout.
+/// `[r, n]` f32 and `z` `[m, r]` f32 row-major: the codes and grad_a kernels without dropout.
 pub(super) fn grad_codes(
     g: &CudaStorage,
     l: &Layout,
-    bt: &CudaStorage,
-    z: &CudaStorage,
+    bt: Small,
+    z: Small,
     r: usize,
     s: f64,
 ) -> Result<Option<(CudaStorage, CudaStorage)>> {
     const OP: &str = "lora_grad_codes";
-    if !applies(g, l, bt.dtype, r) || z.dtype != DType::F32 {
+    if !applies(g, l, DType::F32, r) || z.transposed {
         return Ok(None);
     }
     let (m, n) = (l.dims()[0], l.dims()[1]);
@@ -236,18 +297,18 @@ pub(super) fn grad_codes(
     Ok(Some((dz, db)))
 }
 
-/// `y + zs Bᵀ` `[m, n]` bf16, for `y` `[m, n]` bf16, `zs` (the scaled codes) `[m, r]` and `bt` =
-/// Bᵀ `[r, n]` f32 contiguous: one pass over `y` where the general path writes the f32 product,
-/// casts it and adds.
+/// `y + zs Bᵀ` `[m, n]` bf16, for `y` `[m, n]` bf16, `zs` (the scaled codes) `[m, r]` f32
+/// row-major and `bt` = Bᵀ `[r, n]` f32: one pass over `y` where the general path writes the f32
+/// product, casts it and adds.
 pub(super) fn expand_add(
     y: &CudaStorage,
     l: &Layout,
-    zs: &CudaStorage,
-    bt: &CudaStorage,
+    zs: Small,
+    bt: Small,
     r: usize,
 ) -> Result<Option<CudaStorage>> {
     const OP: &str = "lora_expand_add";
-    if !applies(y, l, bt.dtype, r) || zs.dtype != DType::F32 {
+    if !applies(y, l, DType::F32, r) || zs.transposed {
         return Ok(None);
     }
     let (m, n) = (l.dims()[0], l.dims()[1]);
@@ -256,11 +317,18 @@ pub(super) fn expand_add(
         return Ok(Some(out));
     }
     let (m32, n32, ld32, py) = view_args(OP, y, l)?;
-    let (rows32, pz, pb, po) = (ROWS_PER_BLOCK as u32, zs.ptr(), bt.ptr(), out.ptr());
+    let (rows32, pz, pb, bt_t, po) = (
+        ROWS_PER_BLOCK as u32,
+        zs.ptr,
+        bt.ptr,
+        i32::from(bt.transposed),
+        out.ptr(),
+    );
     let name = format!("lora_expand_add_bf16_r{r}");
     // SAFETY: y's view as x's in `codes_partials` (8-byte loads inside the view); `zs` `[m, r]`
-    // and `bt` `[r, n]` are fresh contiguous f32 buffers (16-byte aligned rows); `out` holds m·n
-    // bf16, written 4 at a time at [row, c .. c+4] for c < n.
+    // row-major and `bt` `[r, n]` (or its transpose `[n, r]`, bt_t) are f32 runs inside their
+    // buffers starting 16-byte aligned (`Small`; rows of r = 8 or 16 floats, or of n, a multiple
+    // of 4), read by float4; `out` holds m·n bf16, written 4 at a time at [row, c .. c+4], c < n.
     unsafe {
         launch!(
             &y.dev,
@@ -268,16 +336,17 @@ pub(super) fn expand_add(
             LORA,
             name,
             config(n, m.div_ceil(ROWS_PER_BLOCK)),
-            [m32, n32, pz, pb, py, ld32, po, rows32]
+            [m32, n32, pz, pb, bt_t, py, ld32, po, rows32]
         )
     }?;
     Ok(Some(out))
 }
-/// `dx = mask ⊙ (dz A)` `[m, n]` bf16, for `dz` `[m, r]` and `a` `[r, n]` f32 contiguous; `None`
-/// unless the output is bf16 with f32 adapters, r ∈ {8, 16} and n a multiple of 4.
+/// `dx = mask ⊙ (dz A)` `[m, n]` bf16, for `dz` `[m, r]` f32 row-major and `a` `[r, n]` f32 on
+/// `dev`; `None` unless the output is bf16, r ∈ {8, 16} and n a multiple of 4.
 pub(super) fn grad_x(
-    dz: &CudaStorage,
-    a: &CudaStorage,
+    dev: &CudaDevice,
+    dz: Small,
+    a: Small,
     (m, r, n): (usize, usize, usize),
     p: f64,
     seed: u64,
@@ -285,33 +354,33 @@ pub(super) fn grad_x(
 ) -> Result<Option<CudaStorage>> {
     const OP: &str = "lora_grad_x";
     let ok = dtype == DType::BF16
-        && a.dtype == DType::F32
-        && dz.dtype == DType::F32
+        && !dz.transposed
         && (r == 8 || r == 16)
         && n % 4 == 0
         && u32::try_from(m * n.max(r)).is_ok();
     if !ok {
         return Ok(None);
     }
-    let dx = CudaStorage::alloc(&dz.dev, OP, m * n, DType::BF16)?; // [m, n]
+    let dx = CudaStorage::alloc(dev, OP, m * n, DType::BF16)?; // [m, n]
     if m * n == 0 {
         return Ok(Some(dx));
     }
     let (m32, n32, rows32) = (to_u32(OP, m)?, to_u32(OP, n)?, ROWS_PER_BLOCK as u32);
-    let (pd, pa, px) = (dz.ptr(), a.ptr(), dx.ptr());
+    let (pd, pa, at, px) = (dz.ptr, a.ptr, i32::from(a.transposed), dx.ptr());
     let (thr, keep, drop) = dropout_args(p);
     let name = format!("lora_grad_x_bf16_r{r}");
-    // SAFETY: `dz` `[m, r]` and `a` `[r, n]` are fresh contiguous f32 buffers (16-byte aligned
-    // rows), `dx` holds m·n bf16; the kernel reads dz[row], a[.., c .. c+4] and writes
-    // dx[row, c .. c+4] for c < n (n a multiple of 4, 8-byte aligned stores).
+    // SAFETY: `dz` `[m, r]` row-major and `a` `[r, n]` (or its transpose, `at`) are f32 runs
+    // inside their buffers starting 16-byte aligned (`Small`), `dx` holds m·n bf16; the kernel
+    // reads dz[row], A[.., c .. c+4] and writes dx[row, c .. c+4] for c < n (n a multiple of 4,
+    // 8-byte aligned stores).
     unsafe {
         launch!(
-            &dz.dev,
+            dev,
             OP,
             LORA,
             name,
             config(n, m.div_ceil(ROWS_PER_BLOCK)),
-            [m32, n32, pd, pa, px, rows32, seed, thr, keep, drop]
+            [m32, n32, pd, pa, at, px, rows32, seed, thr, keep, drop]
         )
     }?;
     Ok(Some(dx))
