@@ -190,9 +190,6 @@ pub const LORA: KernelSource = KernelSource {
     kernels: &[
         "lora_codes_bf16_r8",
         "lora_codes_bf16_r16",
-        "lora_codes_tc_bf16_r8",
-        "lora_codes_tc_bf16_r16",
-        "lora_split3_bf16",
         "lora_grad_a_bf16_r8",
         "lora_grad_a_bf16_r16",
         "lora_grad_x_bf16_r8",

@@ -182,110 +182,6 @@ __device__ void lora_codes(u32 M, u32 N, const bf16* x, u32 ldx, const float* A,
     }
 }
 
-// ----- codes on the tensor cores ------------------------------------------------------------------
-//
-// lora_split3_bf16(R, N, A, a_t, out)
-//     out [3, R, N] bf16: A = out[0] + out[1] + out[2] to within 2^-24 relative (each term the
-//     bf16 rounding of what the previous ones leave; the differences are exact in f32). A [R, N]
-//     f32, or stored as [N, R] with a_t.
-// lora_codes_tc_bf16_r{R}(M, N, x, ldx, A3, part, seed, thr, keep, drop)
-//     The partial sums of lora_codes_bf16_r{R} (same `part` layout, chunks of 128 columns) on
-//     the tensor cores: mma.sync m16n8k16 (bf16 in, f32 accumulate) of the masked x (exact in
-//     bf16: a kept element is x itself, a dropped one 0) with each of the three bf16 terms of A,
-//     the sum times `keep` at the end. Products of bf16 values are exact in f32, so the result is
-//     the f32 product up to the order of the additions. A warp owns 16 rows of one chunk; 4
-//     warps a block: grid (ceil(N/128), ceil(M/64)), 128 threads.
-
-extern "C" __global__ void lora_split3_bf16(u32 R, u32 N, const float* A, int a_t, bf16* out) {
-    const size_t n = (size_t)R * N;
-    FOR_EACH(i, n) {
-        const size_t r = i / N, c = i % N;
-        const float v = a_t ? A[c * R + r] : A[i];
-        const bf16 hi = __float2bfloat16(v);
-        const float rest = v - __bfloat162float(hi);
-        const bf16 mid = __float2bfloat16(rest);
-        out[i] = hi;
-        out[n + i] = mid;
-        out[2 * n + i] = __float2bfloat16(rest - __bfloat162float(mid));
-    }
-}
-
-// d += a b for one m16n8k16 tile: a 16 × 16 (row-major fragment), b 16 × 8 (column-major), bf16
-// in, f32 accumulate.
-__device__ __forceinline__ void lora_mma(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// x[row, c .. c + 2] (c even) as two bf16 in one word (element c in the low half), each dropped
-// element zeroed; 0 past M or N.
-__device__ __forceinline__ u32 lora_x_pair(const bf16* x, u32 ldx, u32 M, u32 N, u32 row, u32 c, u64 mixed,
-                                           u32 thr, int drop) {
-    if (row >= M || c >= N) return 0u; // N is a multiple of 4: c < N means c + 1 < N too
-    u32 v = *reinterpret_cast<const u32*>(x + (size_t)row * ldx + c);
-    if (drop) {
-        const u64 idx = (u64)row * N + c; // a multiple of 2; idx & 3 is 0 or 2
-        const u64 h = rng_hash_mixed(mixed, idx >> 2);
-        const u32 q = (u32)(idx & 3);
-        if ((((u32)(h >> (16 * q))) & 0xFFFFu) < thr) v &= 0xFFFF0000u;
-        if ((((u32)(h >> (16 * (q + 1)))) & 0xFFFFu) < thr) v &= 0x0000FFFFu;
-    }
-    return v;
-}
-
-template <int R>
-__device__ void lora_codes_tc(u32 M, u32 N, const bf16* x, u32 ldx, const bf16* A3, float* part, u64 seed, u32 thr,
-                              float keep, int drop) {
-    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const u32 g = lane >> 2, t = lane & 3; // the fragment's row group and thread in group
-    const u32 chunk = blockIdx.x;
-    const u32 m0 = (blockIdx.y * 4 + warp) * 16;
-    if (m0 >= M) return; // the whole warp
-    const u64 mixed = rng_mix64(seed);
-    constexpr int NT = R / 8; // n-tiles of 8 codes
-    const size_t term = (size_t)R * N;
-    float acc[NT][4];
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) acc[j][q] = 0.0f;
-    const u32 k_end = min(N, chunk * LORA_COLS + LORA_COLS);
-    for (u32 k0 = chunk * LORA_COLS; k0 < k_end; k0 += 16) { // warp-uniform
-        const u32 c0 = k0 + 2 * t, c1 = c0 + 8;
-        u32 a[4];
-        a[0] = lora_x_pair(x, ldx, M, N, m0 + g, c0, mixed, thr, drop);
-        a[1] = lora_x_pair(x, ldx, M, N, m0 + g + 8, c0, mixed, thr, drop);
-        a[2] = lora_x_pair(x, ldx, M, N, m0 + g, c1, mixed, thr, drop);
-        a[3] = lora_x_pair(x, ldx, M, N, m0 + g + 8, c1, mixed, thr, drop);
-#pragma unroll
-        for (int s = 0; s < 3; ++s)
-#pragma unroll
-            for (int j = 0; j < NT; ++j) {
-                const bf16* br = A3 + s * term + (size_t)(j * 8 + g) * N; // row j·8 + g of term s
-                const u32 b0 = c0 < N ? *reinterpret_cast<const u32*>(br + c0) : 0u;
-                const u32 b1 = c1 < N ? *reinterpret_cast<const u32*>(br + c1) : 0u;
-                lora_mma(acc[j], a, b0, b1);
-            }
-    }
-    const float sc = drop ? keep : 1.0f;
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-        const u32 col = j * 8 + 2 * t;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const u32 row = m0 + g + 8 * h;
-            if (row < M) {
-                float* o = part + ((size_t)chunk * M + row) * R + col;
-                o[0] = acc[j][2 * h] * sc;
-                o[1] = acc[j][2 * h + 1] * sc;
-            }
-        }
-    }
-}
-
 template <int R>
 __device__ void lora_grad_a(u32 M, u32 N, const bf16* x, u32 ldx, const float* dz, float* part, u32 rows_per_warp,
                             u64 seed, u32 thr, float keep, int drop) {
@@ -420,10 +316,6 @@ __device__ void lora_expand_add(u32 M, u32 N, const float* zs, const float* Bt, 
                                                      float* part, u32 rows_per_block, u64 seed, u32 thr, float keep, \
                                                      int drop) { \
         lora_codes<R>(M, N, x, ldx, A, a_t, part, rows_per_block, seed, thr, keep, drop); \
-    } \
-    extern "C" __global__ void lora_codes_tc_bf16_r##R(u32 M, u32 N, const bf16* x, u32 ldx, const bf16* A3, \
-                                                        float* part, u64 seed, u32 thr, float keep, int drop) { \
-        lora_codes_tc<R>(M, N, x, ldx, A3, part, seed, thr, keep, drop); \
     } \
     extern "C" __global__ void lora_grad_a_bf16_r##R(u32 M, u32 N, const bf16* x, u32 ldx, const float* dz, \
                                                       float* part, u32 rows_per_warp, u64 seed, u32 thr, float keep, \

@@ -155,71 +155,6 @@ fn sum_partials(
     Ok(out)
 }
 
-/// Whether the codes run on the tensor cores (`lora_codes_tc`, the default) rather than the CUDA
-/// cores (`lora_codes`, with `MIXLORA_LORA_CODES=cores`: for comparing the two). Read once.
-fn codes_on_tensor_cores() -> bool {
-    static TC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *TC.get_or_init(|| std::env::var("MIXLORA_LORA_CODES").map_or(true, |v| v != "cores"))
-}
-
-/// Rows of x per block of `lora_codes_tc` (4 warps of 16).
-const TC_ROWS: usize = 64;
-
-/// [`codes_partials`] on the tensor cores: A split into three bf16 terms (`lora_split3_bf16`),
-/// then `lora_codes_tc`, into `part` `[chunks, m, r]`.
-#[allow(clippy::too_many_arguments)]
-fn codes_partials_tc(
-    op: &'static str,
-    x: &CudaStorage,
-    l: &Layout,
-    a: Small,
-    r: usize,
-    p: f64,
-    seed: u64,
-    part: &CudaStorage,
-) -> Result<()> {
-    let (m, n) = (l.dims()[0], l.dims()[1]);
-    let a3 = CudaStorage::alloc(&x.dev, op, 3 * r * n, DType::BF16)?; // [3, r, n]
-    let (r32, n32) = (to_u32(op, r)?, to_u32(op, n)?);
-    let (pa, at, p3) = (a.ptr, i32::from(a.transposed), a3.ptr());
-    // SAFETY: `a` is r·n f32 inside its buffer, `[r, n]` row-major or (at) `[n, r]` (`Small`);
-    // thread i < r·n reads element (i / n, i % n) of it and writes a3[i], a3[r·n + i] and
-    // a3[2·r·n + i], inside the 3·r·n bf16 of `a3`.
-    unsafe {
-        launch!(
-            &x.dev,
-            op,
-            LORA,
-            "lora_split3_bf16",
-            CudaDevice::grid(r * n),
-            [r32, n32, pa, at, p3]
-        )
-    }?;
-    let (m32, _, ld32, px) = view_args(op, x, l)?;
-    let (thr, keep, drop) = dropout_args(p);
-    let pp = part.ptr();
-    let name = format!("lora_codes_tc_bf16_r{r}");
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(COLS) as u32, m.div_ceil(TC_ROWS) as u32, 1),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: x's view as in `codes_partials` (n and the row stride multiples of 4, the start
-    // 8-byte aligned): the kernel's 4-byte loads x[row·ld + c .. +2] are at even c < n and rows
-    // < m, inside the view; a3 holds 3·r·n bf16, read 4 bytes at a time at even columns < n of
-    // rows < r; `part` holds chunks·m·r f32, written at [chunk, row < m, col < r].
-    unsafe {
-        launch!(
-            &x.dev,
-            op,
-            LORA,
-            name,
-            cfg,
-            [m32, n32, px, ld32, p3, pp, seed, thr, keep, drop]
-        )
-    }
-}
-
 /// Per-chunk partial sums `[chunks, m, r]` of `drop(x) Aᵀ` (x `[m, n]` bf16 checked by
 /// [`applies`], `a` `[r, n]` f32), with their count.
 fn codes_partials(
@@ -234,9 +169,7 @@ fn codes_partials(
     let (m, n) = (l.dims()[0], l.dims()[1]);
     let chunks = n.div_ceil(COLS);
     let part = CudaStorage::alloc(&x.dev, op, chunks * m * r, DType::F32)?; // [chunks, m, r]
-    if chunks * m > 0 && codes_on_tensor_cores() {
-        codes_partials_tc(op, x, l, a, r, p, seed, &part)?;
-    } else if chunks * m > 0 {
+    if chunks * m > 0 {
         let (m32, n32, ld32, px) = view_args(op, x, l)?;
         let (rows32, pa, at, pp) = (
             ROWS_PER_BLOCK as u32,
