@@ -41,6 +41,7 @@ if [ -z "$sanitizer" ] || [ ! -x "$sanitizer" ]; then
 fi
 "$sanitizer" --version | tail -n 1
 
+. scripts/gpu-unpack.sh
 if ! ls gpu-bin/test-* >/dev/null 2>&1; then
     echo "gpu-bin/ has no test binaries: run scripts/build-gpu.sh on the build machine first" >&2
     exit 2
