@@ -221,10 +221,11 @@ fn grad_a_partials(
         let (rows32, pd, pp) = (to_u32(op, rows_per_warp)?, dz.ptr, part.ptr());
         let (thr, keep, drop) = dropout_args(p);
         let name = format!("lora_grad_a_bf16_r{r}");
-        // SAFETY: x as in `codes_partials`; `dz` `[m, r]` is a row-major f32 run inside its buffer
-        // starting 16-byte aligned (`Small`; rows of r = 8 or 16 floats); `part` holds groups·r·n f32 and block row g
-        // writes its `[r, n]` slice (16-byte stores at columns c < n, n a multiple of 4), zeros
-        // where it has no rows; the block's 8 KiB of shared memory are static.
+        // SAFETY: x as in `codes_partials`; `dz` `[m, r]` is a row-major f32 run inside its
+        // buffer starting 16-byte aligned (`Small`; rows of r = 8 or 16 floats); `part` holds
+        // groups·r·n f32 and block row g writes its `[r, n]` slice (16-byte stores at columns
+        // c < n, n a multiple of 4), zeros where it has no rows; the block's 8 KiB of shared
+        // memory are static.
         unsafe {
             launch!(
                 &x.dev,
