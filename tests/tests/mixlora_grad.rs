@@ -332,20 +332,8 @@ fn aux_loss_concatenates_layers_and_skips_padding() {
 
 pub fn tiny_config() -> LlamaConfig {
     LlamaConfig {
-        vocab_size: 11,
-        hidden_size: 8,
-        intermediate_size: 12,
-        num_hidden_layers: 2,
-        num_attention_heads: 2,
-        num_key_value_heads: 1,
-        head_dim: 4,
-        rms_norm_eps: 1e-6,
-        rope_theta: 10000.0,
-        rope_scaling: None,
-        max_position_embeddings: 64,
         tie_word_embeddings: true,
-        bos_token_id: None,
-        eos_token_ids: vec![],
+        ..testutil::tiny_llama_config()
     }
 }
 

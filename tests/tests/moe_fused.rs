@@ -457,20 +457,8 @@ fn moe_fused_op_typed_errors() {
 fn tiny_llama_fused_equals_naive() {
     use model::{AdapterConfig, Llama, LlamaConfig};
     let config = LlamaConfig {
-        vocab_size: 11,
-        hidden_size: 8,
-        intermediate_size: 12,
-        num_hidden_layers: 2,
-        num_attention_heads: 2,
-        num_key_value_heads: 1,
-        head_dim: 4,
-        rms_norm_eps: 1e-6,
-        rope_theta: 10000.0,
-        rope_scaling: None,
-        max_position_embeddings: 64,
         tie_word_embeddings: true,
-        bos_token_id: None,
-        eos_token_ids: vec![],
+        ..testutil::tiny_llama_config()
     };
     let mut m = Llama::random(config, 3, DType::F64, Device::Cpu).unwrap();
     m.embed_tokens = m.embed_tokens.affine(50.0, 0.0).unwrap();

@@ -13,22 +13,7 @@ const E: usize = 4;
 const V: usize = 11;
 
 fn config() -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: V,
-        hidden_size: 8,
-        intermediate_size: 12,
-        num_hidden_layers: 2,
-        num_attention_heads: 2,
-        num_key_value_heads: 1,
-        head_dim: 4,
-        rms_norm_eps: 1e-6,
-        rope_theta: 10000.0,
-        rope_scaling: None,
-        max_position_embeddings: 64,
-        tie_word_embeddings: false,
-        bos_token_id: None,
-        eos_token_ids: vec![],
-    }
+    testutil::tiny_llama_config()
 }
 
 fn ids(v: &[u32], shape: &[usize]) -> Tensor {
