@@ -64,6 +64,10 @@ fn profile_key(name: &str) -> String {
 /// Launches timed with CUDA events and not yet read: `(key, start, end)` in launch order.
 static PENDING: Mutex<Vec<(String, GpuEvent, GpuEvent)>> = Mutex::new(Vec::new());
 
+/// Launches held before they are read anyway (waiting for them): the GPU span then adds up the
+/// spans of the batches, leaving out the gaps between them.
+const MAX_PENDING: usize = 1 << 17;
+
 /// Runs `launch` (queued work on `dev`'s stream), timing it under `name` when the profile is on:
 /// to completion between two synchronisations, or between two CUDA events with
 /// `MIXLORA_PROFILE=gpu` (read later by [`flush_events`]).
@@ -80,7 +84,14 @@ pub(crate) fn profiled<R>(
         let start = dev.record_event()?;
         let r = launch()?;
         let end = dev.record_event()?;
-        lock(&PENDING).push((profile_key(name), start, end));
+        let pending = {
+            let mut p = lock(&PENDING);
+            p.push((profile_key(name), start, end));
+            p.len()
+        };
+        if pending >= MAX_PENDING {
+            flush_events(); // a long run without a report keeps bounded memory
+        }
         return Ok(r);
     }
     dev.synchronize()?;
