@@ -5,6 +5,8 @@ and local memory (stack frame): what a kernel costs in occupancy, read without a
 
     scripts/kernel-resources.py MODULE [FILTER]
 
+MODULE may join several files with '+' (moe_fused+moe_tiles: the moe_fused module is both).
+
 NVRTC comes from target/nvrtc-py (scripts/ci-nvrtc.sh installs it); ptxas from $PTXAS, else
 PATH, else a pip install of nvidia-cuda-nvcc (13.0.*) into target/ptxas-py.
 """
@@ -14,7 +16,7 @@ root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if len(sys.argv) < 2:
     sys.exit(__doc__)
 module, filt = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "")
-src = open(f"{root}/kernels/src/common.cuh").read() + "\n" + open(f"{root}/kernels/src/{module}.cu").read()
+src = "\n".join(open(f"{root}/kernels/src/{f}").read() for f in ["common.cuh"] + [m + ".cu" for m in module.split("+")])
 
 libs = glob.glob(f"{root}/target/nvrtc-py/nvidia/*/lib/libnvrtc.so.*")
 libs = [l for l in libs if "alt" not in l and "builtins" not in l]

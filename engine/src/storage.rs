@@ -655,6 +655,22 @@ impl BackendStorage for Storage {
     fn moe_swiglu_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
         many!("moe_swiglu_backward", moe_swiglu_backward, args, d)
     }
+    fn moe_tiles_supported(&self, d: &MoeDims) -> bool {
+        match self {
+            Storage::Cpu(s) => s.moe_tiles_supported(d),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => s.moe_tiles_supported(d),
+        }
+    }
+    fn moe_tiles_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        many!("moe_tiles_forward", moe_tiles_forward, args, d)
+    }
+    fn moe_tiles_rows(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        many!("moe_tiles_rows", moe_tiles_rows, args, d)
+    }
+    fn moe_tiles_cols(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        many!("moe_tiles_cols", moe_tiles_cols, args, d)
+    }
     fn lora_codes(&self, l: &Layout, a: &Self, al: &Layout, p: f64, seed: u64) -> Result<Self> {
         two!("lora_codes", self, a, (x, a) => x.lora_codes(l, a, al, p, seed))
     }

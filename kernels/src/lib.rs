@@ -178,9 +178,34 @@ pub const OPTIM: KernelSource = KernelSource {
 
 /// The fused MixLoRA FFN (path 3): block-code layouts of the rank-r codes and the SwiGLU
 /// forward/backward over the slots (the rank-r products run as GEMMs).
-pub const MOE_FUSED: KernelSource = module!("moe_fused",
-    f3 moe_gather_codes f3 moe_expand_codes f3 moe_swiglu_forward f3 moe_swiglu_backward
-);
+/// Also the tensor-core kernels of moe_tiles.cu (bf16 only), which use moe_fused.cu's helpers.
+pub const MOE_FUSED: KernelSource = KernelSource {
+    name: "moe_fused",
+    source: concat!(
+        include_str!("common.cuh"),
+        "\n",
+        include_str!("moe_fused.cu"),
+        "\n",
+        include_str!("moe_tiles.cu")
+    ),
+    kernels: &[
+        "moe_gather_codes_f32",
+        "moe_gather_codes_bf16",
+        "moe_gather_codes_f64",
+        "moe_expand_codes_f32",
+        "moe_expand_codes_bf16",
+        "moe_expand_codes_f64",
+        "moe_swiglu_forward_f32",
+        "moe_swiglu_forward_bf16",
+        "moe_swiglu_forward_f64",
+        "moe_swiglu_backward_f32",
+        "moe_swiglu_backward_bf16",
+        "moe_swiglu_backward_f64",
+        "moe_tiles_forward_bf16",
+        "moe_tiles_rows_bf16",
+        "moe_tiles_cols_bf16",
+    ],
+};
 
 /// The LoRA primitives' rank-r products for a bf16 base and f32 adapters at r = 8 and 16: the
 /// dropout mask drawn on the fly, partial sums added in a fixed order.

@@ -12,7 +12,8 @@
 #[cfg(feature = "cuda")]
 mod gpu {
     use engine::{
-        moe_fused_ffn_chunked, DType, Device, MoeDropout, MoeFusedWeights, MoeRouting, Tensor,
+        moe_fused_ffn_with, DType, Device, MoeDropout, MoeFusedWeights, MoeKernels, MoeRouting,
+        Tensor,
     };
     use model::adapters::{
         ExpertLora, LoraLinear, MixLoraFfn, MoeImpl, Router, Routing, SharedFfn,
@@ -66,7 +67,12 @@ mod gpu {
     }
 
     /// `[y, dx, dw, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d]` of the op on `dev`, read back.
-    fn run(dev: Device, c: Case, base: DType) -> Vec<(&'static str, Vec<f64>)> {
+    fn run(
+        dev: Device,
+        c: Case,
+        base: DType,
+        kernels: MoeKernels,
+    ) -> Vec<(&'static str, Vec<f64>)> {
         let at = if base == DType::F64 {
             DType::F64
         } else {
@@ -128,7 +134,7 @@ mod gpu {
             weights: &w,
         };
         let dropout = c.dropout.map(|p| MoeDropout { p, seed: 17 });
-        let y = moe_fused_ffn_chunked(&x, &weights, &route, dropout, c.chunk).unwrap();
+        let y = moe_fused_ffn_with(&x, &weights, &route, dropout, c.chunk, kernels).unwrap();
         assert_eq!(y.dtype(), base);
         let dy = t(vals(c.t * c.h, 12, 1.0), vec![c.t, c.h], base);
         y.backward_with_grad(&dy).unwrap();
@@ -146,7 +152,7 @@ mod gpu {
         ]
     }
 
-    const CASES: [Case; 5] = [
+    const CASES: [Case; 8] = [
         Case {
             t: 37,
             h: 20,
@@ -207,7 +213,88 @@ mod gpu {
             dropout: Some(0.3),
             chunk: None,
         },
+        // Sizes the tensor-core kernels serve in bf16 (k = 4, 8, 1; E·r = 64, 32, 64 below the
+        // 128 they hold; I not a multiple of their 32-column step; T·k not a multiple of their
+        // 64-row tile), with dropout and chunks.
+        Case {
+            t: 77,
+            h: 48,
+            i: 264,
+            e: 8,
+            k: 4,
+            r: 8,
+            idle: true,
+            adjacent: true,
+            dropout: Some(0.2),
+            chunk: None,
+        },
+        Case {
+            t: 50,
+            h: 40,
+            i: 40,
+            e: 8,
+            k: 8,
+            r: 4,
+            idle: false,
+            adjacent: false,
+            dropout: None,
+            chunk: None,
+        },
+        Case {
+            t: 130,
+            h: 64,
+            i: 96,
+            e: 4,
+            k: 1,
+            r: 16,
+            idle: true,
+            adjacent: true,
+            dropout: Some(0.1),
+            chunk: Some(50),
+        },
     ];
+
+    /// The cases the tensor-core kernels serve in bf16 on the GPU when asked (the rest run the
+    /// block-code GEMMs): a change that silently turned them off would leave them untested.
+    #[test]
+    fn the_tensor_core_kernels_serve_the_cases_they_should() {
+        let Some(dev) = gpu() else { return };
+        for (n, c) in CASES.iter().enumerate() {
+            let x = Tensor::zeros([c.t, c.h], DType::BF16, dev).unwrap();
+            let f = |dims: Vec<usize>| Tensor::zeros(dims, DType::F32, dev).unwrap();
+            let wb = |dims: Vec<usize>| Tensor::zeros(dims, DType::BF16, dev).unwrap();
+            let (ag, bg, ad, bd) = (
+                f(vec![c.e, c.r, c.h]),
+                f(vec![c.e, c.i, c.r]),
+                f(vec![c.e, c.r, c.i]),
+                f(vec![c.e, c.h, c.r]),
+            );
+            let (wg, wd) = (wb(vec![c.i, c.h]), wb(vec![c.h, c.i]));
+            let weights = MoeFusedWeights {
+                w_gate: &wg,
+                w_up: &wg,
+                w_down: &wd,
+                a_gate: &ag,
+                b_gate: &bg,
+                a_up: &ag,
+                b_up: &bg,
+                a_down: &ad,
+                b_down: &bd,
+                scale: 1.0,
+            };
+            let want = n == 1 || n == 2 || n >= 5;
+            let tiles =
+                |x: &Tensor, kernels| engine::moe_fused_runs_tiles(x, &weights, c.k, kernels);
+            assert_eq!(
+                tiles(&x, MoeKernels::Tiles).unwrap(),
+                want,
+                "case {n}: {c:?}"
+            );
+            assert!(!tiles(&x, MoeKernels::BlockGemms).unwrap());
+            let x32 = x.to_dtype(DType::F32).unwrap();
+            assert!(!tiles(&x32, MoeKernels::Tiles).unwrap());
+        }
+    }
 
     #[test]
     fn moe_fused_op_cuda_matches_cpu() {
@@ -215,13 +302,19 @@ mod gpu {
         let mut failures = Vec::new();
         for c in CASES {
             for base in [DType::F32, DType::BF16, DType::F64] {
-                let want = run(Device::Cpu, c, base);
-                let got = run(dev, c, base);
-                for ((name, a), (_, b)) in got.iter().zip(&want) {
-                    let err = rel_err(a, b);
-                    println!("{base} {c:?} {name}: {err:.2e}");
-                    if err > tol(base) {
-                        failures.push(format!("{base} {c:?} {name}: {err:.3e} > {}", tol(base)));
+                let want = run(Device::Cpu, c, base, MoeKernels::BlockGemms);
+                // Both GPU paths (the tile kernels serve some bf16 cases; see the next test).
+                for kernels in [MoeKernels::BlockGemms, MoeKernels::Tiles] {
+                    let got = run(dev, c, base, kernels);
+                    for ((name, a), (_, b)) in got.iter().zip(&want) {
+                        let err = rel_err(a, b);
+                        println!("{base} {kernels:?} {c:?} {name}: {err:.2e}");
+                        if err > tol(base) {
+                            failures.push(format!(
+                                "{base} {kernels:?} {c:?} {name}: {err:.3e} > {}",
+                                tol(base)
+                            ));
+                        }
                     }
                 }
             }

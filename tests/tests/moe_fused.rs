@@ -6,7 +6,8 @@
 //! slots by expert; typed errors.
 
 use engine::{
-    moe_fused_ffn_chunked, DType, Device, MoeDropout, MoeFusedWeights, MoeRouting, Tensor,
+    moe_fused_ffn_chunked, DType, Device, MoeDropout, MoeFusedWeights, MoeKernels, MoeRouting,
+    Tensor,
 };
 use model::adapters::{
     ExpertLora, LoraLinear, MixLoraFfn, MoeImpl, Router, RouterOutput, Routing, SharedFfn,
@@ -402,6 +403,68 @@ fn grad_moe_fused_op() {
 /// The output and every gradient do not depend on the token chunking (f64: to rounding), with
 /// dropout (its masks index slots among all the op's tokens, not the chunk's), for chunks of 1,
 /// 2, 3 and ≥ T tokens; a chunk of 0 tokens is an error.
+/// On the CPU the tile kernels do not exist: asking for them runs the block-code GEMMs, the
+/// same computation bit for bit, and says so.
+#[test]
+fn tiles_fall_back_to_block_gemms_on_the_cpu() {
+    let (v, frozen) = op_inputs();
+    let sel = ids(&[0, 1, 1, 0, 0, 1, 1, 0, 0, 1], &[FT, FK]);
+    let w = MoeFusedWeights {
+        w_gate: &frozen[0],
+        w_up: &frozen[1],
+        w_down: &frozen[2],
+        a_gate: &v[2],
+        b_gate: &v[3],
+        a_up: &v[4],
+        b_up: &v[5],
+        a_down: &v[6],
+        b_down: &v[7],
+        scale: 1.5,
+    };
+    let route = MoeRouting {
+        ids: &sel,
+        weights: &v[1],
+    };
+    let drop = Some(MoeDropout { p: 0.3, seed: 9 });
+    // Adapters and routing weights in f32 (the adapter dtype of an f32 or bf16 base).
+    let v: Vec<Tensor> = v.iter().map(|t| t.to_dtype(DType::F32).unwrap()).collect();
+    let route = MoeRouting {
+        weights: &v[1],
+        ..route
+    };
+    let w = MoeFusedWeights {
+        a_gate: &v[2],
+        b_gate: &v[3],
+        a_up: &v[4],
+        b_up: &v[5],
+        a_down: &v[6],
+        b_down: &v[7],
+        ..w
+    };
+    for dtype in [DType::F32, DType::BF16] {
+        let x = v[0].to_dtype(dtype).unwrap();
+        let frozen_d: Vec<Tensor> = frozen.iter().map(|t| t.to_dtype(dtype).unwrap()).collect();
+        let w = MoeFusedWeights {
+            w_gate: &frozen_d[0],
+            w_up: &frozen_d[1],
+            w_down: &frozen_d[2],
+            ..w
+        };
+        assert!(!engine::moe_fused_runs_tiles(&x, &w, FK, MoeKernels::Tiles).unwrap());
+        let run = |kernels| {
+            engine::moe_fused_ffn_with(&x, &w, &route, drop, None, kernels)
+                .unwrap()
+                .to_vec_f64()
+                .unwrap()
+        };
+        assert_eq!(
+            run(MoeKernels::Tiles),
+            run(MoeKernels::BlockGemms),
+            "{dtype}"
+        );
+    }
+}
+
 #[test]
 fn chunking_changes_nothing() {
     let (v, frozen) = op_inputs();

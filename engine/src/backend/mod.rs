@@ -12,7 +12,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-use crate::{DType, Device, Layout, Result, Shape};
+use crate::{DType, Device, Error, Layout, Result, Shape};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum UnaryOp {
@@ -361,6 +361,40 @@ pub trait BackendStorage: Sized + Send + Sync {
     /// (base), dw [T, k] = ⟨dĀ[t], a_j⟩ (adapter)]`. Operands: those of `moe_swiglu_forward`
     /// before `w`, then `ΔD` `[T·k, I]` base, `dĀ` `[T, I]` base, `w`.
     fn moe_swiglu_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>>;
+
+    // The same FFN on the tensor cores in three kernels that never write a `[T·k, I]` tensor
+    // (CUDA, bf16 base; see `kernels/src/moe_tiles.cu`). Codes come per slot, `[T·k, r]` base,
+    // already scaled; `B_g,all`, `B_u,all` `[I, E·r]` and `A_d,all` `[E·r, I]` base. Backends
+    // without them keep the defaults: unsupported, and the op runs the block-code GEMM path.
+
+    /// Whether the `moe_tiles_*` primitives serve these sizes for a base in `self`'s dtype.
+    fn moe_tiles_supported(&self, d: &MoeDims) -> bool {
+        let _ = d;
+        false
+    }
+    /// `[Ā [T, I] base, Z_d [T·k, r] adapter]` with `g = G[t] + Cg[p] B_g,allᵀ`, `u` likewise,
+    /// `a = silu(g) ⊙ u`, `Ā[t] = Σ_j w_j a_j`, `Z_d[p] = A_d,e (m(p) ⊙ a_j)`. Operands: `G, U`
+    /// `[T, I]` (row strides allowed), `Cg, Cu` `[T·k, r]`, `ids`, `B_g,all`, `B_u,all`,
+    /// `A_d,all`, `w` `[T, k]` adapter.
+    fn moe_tiles_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        let _ = (args, d);
+        Err(Error::invalid("moe_tiles_forward", "not on this backend"))
+    }
+    /// Backward over the slots' rows: `[dGU [T, 2I] base, B_g,eᵀ dg [T·k, r], B_u,eᵀ du [T·k, r],
+    /// dw [T, k] = ⟨dĀ[t], a_j⟩]` (adapter) with `da_j = w_j dĀ[t] + m(p) ⊙ A_d,eᵀ Cd[p]` and
+    /// `dg, du` as in `moe_swiglu_backward`. Operands: `G, U, Cg, Cu, Cd` (`[T·k, r]`: `dZ_d`),
+    /// `ids, B_g,all, B_u,all, A_d,all`, `dĀ` `[T, I]` base, `w`.
+    fn moe_tiles_rows(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        let _ = (args, d);
+        Err(Error::invalid("moe_tiles_rows", "not on this backend"))
+    }
+    /// Backward over the columns: `[dB_g,all [I, E·r] = Σ_p dg_pᵀ Cg[p], dB_u,all, dA_d,all
+    /// [E·r, I] = Σ_p Cd[p]ᵀ (m(p) ⊙ a_p)]` (adapter; each expert's block sums its own slots).
+    /// Operands: those of `moe_tiles_rows`.
+    fn moe_tiles_cols(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        let _ = (args, d);
+        Err(Error::invalid("moe_tiles_cols", "not on this backend"))
+    }
 
     // ----- fused LoRA (crate::ops::lora) --------------------------------------------------------
     // `x` `[M, in]` and `y`, `g` `[M, out]` are rank-2 views of any float dtype; the adapter

@@ -201,6 +201,53 @@ fn chunk_from_env() -> Result<Option<usize>> {
         .map_err(|e| Error::invalid(OP, e))
 }
 
+/// Whether the fused FFN on `x` `[T, H]` with `k` slots a token and these weights runs the
+/// tensor-core kernels (`moe_tiles_*`: a CUDA bf16 base, `k` in {1, 2, 4, 8}, `E·r ≤ 128` a
+/// multiple of 8, `r ≤ 64`, `I` a multiple of 8) when `kernels` asks for them.
+pub fn moe_fused_runs_tiles(
+    x: &Tensor,
+    w: &MoeFusedWeights<'_>,
+    k: usize,
+    kernels: MoeKernels,
+) -> Result<bool> {
+    if w.a_gate.rank() != 3 || w.b_gate.rank() != 3 || x.rank() != 2 {
+        return Ok(false);
+    }
+    let d = MoeDims {
+        t: x.dims()[0],
+        k,
+        e: w.a_gate.dims()[0],
+        r: w.a_gate.dims()[1],
+        i: w.b_gate.dims()[1],
+        dropout: 0.0,
+        seed: 0,
+        t0: 0,
+    };
+    Ok(kernels.wants_tiles()? && x.storage().moe_tiles_supported(&d))
+}
+
+/// Which kernels run the fused FFN's rank-r and SwiGLU work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MoeKernels {
+    /// The tensor-core tile kernels when `MIXLORA_MOE_TILES=1`, else the block-code GEMMs.
+    FromEnv,
+    /// Dense GEMMs over block codes and the SwiGLU kernels (every backend, every dtype).
+    BlockGemms,
+    /// The tensor-core tile kernels (`moe_tiles_*`) where they serve the sizes (CUDA, bf16
+    /// base, see [`moe_fused_runs_tiles`]), else the block-code GEMMs.
+    Tiles,
+}
+
+impl MoeKernels {
+    fn wants_tiles(self) -> Result<bool> {
+        match self {
+            MoeKernels::FromEnv => tiles_enabled(),
+            MoeKernels::BlockGemms => Ok(false),
+            MoeKernels::Tiles => Ok(true),
+        }
+    }
+}
+
 /// The MixLoRA FFN of `x` `[T, H]` (base dtype) by the fused path: `Y` `[T, H]` in `x`'s dtype
 /// (see the module doc for the maths and the dtypes). `dropout`, when given, applies the LoRA
 /// dropout of training. Tokens run in chunks of [`default_chunk_tokens`], or of
@@ -227,6 +274,19 @@ pub fn moe_fused_ffn_chunked(
     route: &MoeRouting<'_>,
     dropout: Option<MoeDropout>,
     chunk_tokens: Option<usize>,
+) -> Result<Tensor> {
+    moe_fused_ffn_with(x, w, route, dropout, chunk_tokens, MoeKernels::FromEnv)
+}
+
+/// [`moe_fused_ffn_chunked`] on the given kernels. The tile kernels write no `[T·k, I]`
+/// tensor, so with them the tokens run in one chunk unless `chunk_tokens` says otherwise.
+pub fn moe_fused_ffn_with(
+    x: &Tensor,
+    w: &MoeFusedWeights<'_>,
+    route: &MoeRouting<'_>,
+    dropout: Option<MoeDropout>,
+    chunk_tokens: Option<usize>,
+    kernels: MoeKernels,
 ) -> Result<Tensor> {
     // ----- checks ----------------------------------------------------------------------
     if x.rank() != 2 {
@@ -291,11 +351,6 @@ pub fn moe_fused_ffn_chunked(
     if !(0.0..1.0).contains(&p) {
         return Err(Error::invalid(OP, format!("dropout {p} is not in [0, 1)")));
     }
-    let chunk = match chunk_tokens {
-        Some(0) => return Err(Error::invalid(OP, "a chunk of 0 tokens")),
-        Some(c) => c.min(t.max(1)),
-        None => default_chunk_tokens(t, k, i),
-    };
     let seed = dropout.map_or(0, |d| d.seed);
     let (seed_g, seed_u, seed_d) = (rng::hash(seed, 0), rng::hash(seed, 1), rng::hash(seed, 2));
     let d = MoeDims {
@@ -309,6 +364,14 @@ pub fn moe_fused_ffn_chunked(
         t0: 0,
     };
     let s = w.scale;
+    // The tensor-core kernels write no [T·k, I] tensor, so they need no chunks by default.
+    let tiles = kernels.wants_tiles()? && x.storage().moe_tiles_supported(&d);
+    let chunk = match chunk_tokens {
+        Some(0) => return Err(Error::invalid(OP, "a chunk of 0 tokens")),
+        Some(c) => c.min(t.max(1)),
+        None if tiles => t.max(1),
+        None => default_chunk_tokens(t, k, i),
+    };
     let chunks: Vec<(usize, usize)> = (0..t)
         .step_by(chunk)
         .map(|t0| (t0, chunk.min(t - t0)))
@@ -328,10 +391,38 @@ pub fn moe_fused_ffn_chunked(
             .to_dtype(at)?; // [T, E·r]
         let gu = gate_up(x, w.w_gate, w.w_up)?; // [T, I] each
         let lw = LoraLayouts::new(w.b_gate, w.b_up, w.a_down, w.b_down, bt)?;
-        let cg = slot_codes(&zg, route.ids, s, &d, bt)?; // [T·k, E·r] base
-        let cu = slot_codes(&zu, route.ids, s, &d, bt)?;
         let (mut zd, mut y0) = (Vec::new(), Vec::new());
-        for &(t0, tc) in &chunks {
+        if tiles {
+            let cg = compact_codes(&zg, route.ids, s, &d, bt)?; // [T·k, r] base
+            let cu = compact_codes(&zu, route.ids, s, &d, bt)?;
+            for &(t0, tc) in &chunks {
+                let dc = MoeDims { t: tc, t0, ..d };
+                let (gc, uc) = (gu.0.narrow(0, t0, tc)?, gu.1.narrow(0, t0, tc)?);
+                let (cgc, cuc) = (cg.narrow(0, t0 * k, tc * k)?, cu.narrow(0, t0 * k, tc * k)?);
+                let ids_c = route.ids.narrow(0, t0, tc)?;
+                let wc = route.weights.narrow(0, t0, tc)?;
+                let out = run(
+                    Storage::moe_tiles_forward,
+                    &[
+                        &gc, &uc, &cgc, &cuc, &ids_c, &lw.b_gate, &lw.b_up, &lw.a_down, &wc,
+                    ],
+                    &dc,
+                    &[Shape::from([tc, i]), Shape::from([tc, k, r])],
+                )?;
+                y0.push(out[0].matmul(&w.w_down.t()?)?); // [tc, H]
+                zd.push(out[1].clone()); // [tc, k, r]
+            }
+        }
+        let (cg, cu) = if tiles {
+            (None, None)
+        } else {
+            (
+                Some(slot_codes(&zg, route.ids, s, &d, bt)?), // [T·k, E·r] base
+                Some(slot_codes(&zu, route.ids, s, &d, bt)?),
+            )
+        };
+        for &(t0, tc) in chunks.iter().filter(|_| !tiles) {
+            let (cg, cu) = (cg.as_ref().unwrap(), cu.as_ref().unwrap());
             let dc = MoeDims { t: tc, t0, ..d };
             let (gc, uc) = (gu.0.narrow(0, t0, tc)?, gu.1.narrow(0, t0, tc)?);
             let (cgc, cuc) = (cg.narrow(0, t0 * k, tc * k)?, cu.narrow(0, t0 * k, tc * k)?);
@@ -389,19 +480,91 @@ pub fn moe_fused_ffn_chunked(
         let q = gather(&dy.matmul(&lw.b_down)?, &ids, &d)?; // [T, k, r] adapter
         let dzd = q.mul(&wts.reshape([t, k, 1])?.affine(s, 0.0)?)?; // s·w_j·q
         let dw_down = q.mul(&zd)?.sum(2, false)?.affine(s, 0.0)?; // [T, k]
-        let cd = expand(&dzd, &ids, &d)?.to_dtype(bt)?; // [T·k, E·r] base
-        let cg = slot_codes(&zg, &ids, s, &d, bt)?; // [T·k, E·r] base
-        let cu = slot_codes(&zu, &ids, s, &d, bt)?;
         let need_dz = need(0) || need(2) || need(4);
         let w_gu = stacked_gate_up(&w_gate, &w_up);
         let (mut dx_base, mut dzg, mut dzu, mut dw_act) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut dbg, mut dbu, mut dad): (Option<Tensor>, Option<Tensor>, Option<Tensor>) =
             (None, None, None);
-        for &(t0, tc) in &chunks {
+        if tiles {
+            let cd = dzd.to_dtype(bt)?.reshape([t * k, r])?; // [T·k, r] base
+            let cg = compact_codes(&zg, &ids, s, &d, bt)?;
+            let cu = compact_codes(&zu, &ids, s, &d, bt)?;
+            for &(t0, tc) in &chunks {
+                let dc = MoeDims { t: tc, t0, ..d };
+                let rows = |m: &Tensor| m.narrow(0, t0 * k, tc * k);
+                let dabar = dy.narrow(0, t0, tc)?.matmul(&w_down)?; // [tc, I] base
+                let (gc, uc) = (gu.0.narrow(0, t0, tc)?, gu.1.narrow(0, t0, tc)?);
+                let (ids_c, wc) = (ids.narrow(0, t0, tc)?, wts.narrow(0, t0, tc)?);
+                let (cgc, cuc, cdc) = (rows(&cg)?, rows(&cu)?, rows(&cd)?);
+                let args = [
+                    &gc, &uc, &cgc, &cuc, &cdc, &ids_c, &lw.b_gate, &lw.b_up, &lw.a_down, &dabar,
+                    &wc,
+                ];
+                let out = run(
+                    Storage::moe_tiles_rows,
+                    &args,
+                    &dc,
+                    &[
+                        Shape::from([tc, 2 * i]),
+                        Shape::from([tc, k, r]),
+                        Shape::from([tc, k, r]),
+                        Shape::from([tc, k]),
+                    ],
+                )?;
+                let dgu = &out[0];
+                if need(0) {
+                    dx_base.push(match &w_gu {
+                        Some(w) => dgu.matmul(w)?, // [tc, 2I] [2I, H]
+                        None => dgu
+                            .narrow(1, 0, i)?
+                            .matmul(&w_gate)?
+                            .add(&dgu.narrow(1, i, i)?.matmul(&w_up)?)?,
+                    });
+                }
+                if need_dz {
+                    dzg.push(out[1].clone());
+                    dzu.push(out[2].clone());
+                }
+                dw_act.push(out[3].clone());
+                if need(3) || need(5) || need(6) {
+                    let er = e * r;
+                    let grads = run(
+                        Storage::moe_tiles_cols,
+                        &args,
+                        &dc,
+                        &[
+                            Shape::from([i, er]),
+                            Shape::from([i, er]),
+                            Shape::from([er, i]),
+                        ],
+                    )?;
+                    let [g_b, g_u, g_d] = <[Tensor; 3]>::try_from(grads)
+                        .map_err(|_| Error::invalid(OP, "a backend returned the wrong results"))?;
+                    accumulate(&mut dbg, g_b)?;
+                    accumulate(&mut dbu, g_u)?;
+                    accumulate(&mut dad, g_d)?;
+                }
+            }
+        }
+        let (cd, cg, cu) = if tiles {
+            (None, None, None)
+        } else {
+            (
+                Some(expand(&dzd, &ids, &d)?.to_dtype(bt)?), // [T·k, E·r] base
+                Some(slot_codes(&zg, &ids, s, &d, bt)?),     // [T·k, E·r] base
+                Some(slot_codes(&zu, &ids, s, &d, bt)?),
+            )
+        };
+        for &(t0, tc) in chunks.iter().filter(|_| !tiles) {
+            let (cd, cg, cu) = (
+                cd.as_ref().unwrap(),
+                cg.as_ref().unwrap(),
+                cu.as_ref().unwrap(),
+            );
             let dc = MoeDims { t: tc, t0, ..d };
             let rows = |m: &Tensor| m.narrow(0, t0 * k, tc * k);
-            let (cgc, cuc, cdc) = (rows(&cg)?, rows(&cu)?, rows(&cd)?);
+            let (cgc, cuc, cdc) = (rows(cg)?, rows(cu)?, rows(cd)?);
             let dabar = dy.narrow(0, t0, tc)?.matmul(&w_down)?; // [tc, I] base
             let lg = cgc.matmul(&lw.b_gate.t()?)?; // [tc·k, I]
             let lu = cuc.matmul(&lw.b_up.t()?)?;
@@ -485,9 +648,18 @@ pub fn moe_fused_ffn_chunked(
         };
         let da_gate = if need(2) { da(&dzg_b, seed_g)? } else { None };
         let da_up = if need(4) { da(&dzu_b, seed_u)? } else { None };
-        let db_gate = dbg.map(|m| per_expert(&m, e, r, i)).transpose()?;
-        let db_up = dbu.map(|m| per_expert(&m, e, r, i)).transpose()?;
-        let da_down = dad.map(|m| m.reshape([e, r, i])).transpose()?;
+        let db_gate = dbg
+            .filter(|_| need(3))
+            .map(|m| per_expert(&m, e, r, i))
+            .transpose()?;
+        let db_up = dbu
+            .filter(|_| need(5))
+            .map(|m| per_expert(&m, e, r, i))
+            .transpose()?;
+        let da_down = dad
+            .filter(|_| need(6))
+            .map(|m| m.reshape([e, r, i]))
+            .transpose()?;
         let db_down = if need(7) {
             let cy = down_codes(&zd, wts, &ids, s, &d)?.to_dtype(bt)?; // [T, E·r]
             Some(per_expert(&dy.t()?.matmul(&cy)?.to_dtype(at)?, e, r, h)?)
@@ -571,6 +743,33 @@ fn expand_summed(codes: &Tensor, ids: &Tensor, d: &MoeDims) -> Result<Tensor> {
 /// `s·Z[t, e_j]` of every slot as block codes `[T·k, E·r]` in `dtype`, from `Z` `[T, E·r]`.
 fn slot_codes(z: &Tensor, ids: &Tensor, s: f64, d: &MoeDims, dtype: DType) -> Result<Tensor> {
     expand(&gather(z, ids, d)?.affine(s, 0.0)?, ids, d)?.to_dtype(dtype)
+}
+
+/// `s·Z[t, e_j]` of every slot, `[T·k, r]` in `dtype`, from `Z` `[T, E·r]`.
+fn compact_codes(z: &Tensor, ids: &Tensor, s: f64, d: &MoeDims, dtype: DType) -> Result<Tensor> {
+    gather(z, ids, d)?
+        .affine(s, 0.0)?
+        .to_dtype(dtype)?
+        .reshape([d.t * d.k, d.r])
+}
+
+/// Whether `MIXLORA_MOE_TILES=1` asks for the tensor-core tile kernels (read once). They are not
+/// the default: on the H200 they are correct but slower than the block-code GEMMs so far
+/// (BENCHMARKS.md, "Tile kernels").
+fn tiles_enabled() -> Result<bool> {
+    static TILES: std::sync::OnceLock<std::result::Result<bool, String>> =
+        std::sync::OnceLock::new();
+    TILES
+        .get_or_init(|| match std::env::var("MIXLORA_MOE_TILES") {
+            Err(_) => Ok(false),
+            Ok(v) => match v.trim() {
+                "1" => Ok(true),
+                "0" => Ok(false),
+                _ => Err(format!("MIXLORA_MOE_TILES={v:?} is neither 0 nor 1")),
+            },
+        })
+        .clone()
+        .map_err(|e| Error::invalid(OP, e))
 }
 
 /// The down-LoRA codes `s·w_j·Z_d[t, j]` as per-token block codes `[T, E·r]` (adapter dtype).

@@ -25,6 +25,7 @@ mod loss_chunk;
 mod matmul;
 mod moe;
 mod moe_fused;
+mod moe_tiles;
 mod norm;
 mod optim;
 mod random;
@@ -111,20 +112,30 @@ impl CudaStorage {
 
     /// The view `l` as one contiguous run of elements.
     pub(crate) fn contiguous(&self, op: &'static str, l: &Layout) -> Result<Contig> {
-        check_extent(op, l, self.len)?;
-        if l.is_contiguous() {
-            return Ok(Contig {
-                ptr: self.ptr_at(l.offset()),
-                _hold: None,
-            });
+        if !l.is_contiguous() {
+            return Contig::copy_of(self, op, l);
         }
-        let c = elementwise::gather_view(self, l)?;
+        check_extent(op, l, self.len)?;
+        Ok(Contig {
+            ptr: self.ptr_at(l.offset()),
+            _hold: None,
+        })
+    }
+}
+
+impl Contig {
+    /// A fresh contiguous copy of the view `l` of `s` (its own allocation: 256-byte aligned).
+    pub(crate) fn copy_of(s: &CudaStorage, op: &'static str, l: &Layout) -> Result<Contig> {
+        check_extent(op, l, s.len)?;
+        let c = elementwise::gather_view(s, l)?;
         Ok(Contig {
             ptr: c.ptr(),
             _hold: Some(c),
         })
     }
+}
 
+impl CudaStorage {
     /// Uploads a whole host buffer.
     pub fn from_cpu(dev: &CudaDevice, s: &CpuStorage) -> Result<Self> {
         match s {
@@ -494,6 +505,18 @@ impl BackendStorage for CudaStorage {
     }
     fn moe_swiglu_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
         moe_fused::swiglu_backward(args, d)
+    }
+    fn moe_tiles_supported(&self, d: &MoeDims) -> bool {
+        moe_tiles::supported(self.dtype, d)
+    }
+    fn moe_tiles_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        moe_tiles::forward(args, d)
+    }
+    fn moe_tiles_rows(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        moe_tiles::rows(args, d)
+    }
+    fn moe_tiles_cols(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
+        moe_tiles::cols(args, d)
     }
     fn lora_codes(&self, l: &Layout, a: &Self, a_l: &Layout, p: f64, seed: u64) -> Result<Self> {
         lora::lora_codes(self, l, a, a_l, p, seed)

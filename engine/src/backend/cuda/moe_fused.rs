@@ -14,7 +14,7 @@ use super::{acc_dtype, check_extent, float_only, Contig, CudaDevice, CudaStorage
 use crate::backend::MoeDims;
 use crate::{DType, Error, Layout, Result};
 
-type Args<'a> = [(&'a CudaStorage, &'a Layout)];
+pub(super) type Args<'a> = [(&'a CudaStorage, &'a Layout)];
 
 /// Threads per block of the SwiGLU kernels (a multiple of 32: the block reductions need it).
 const THREADS: u32 = 256;
@@ -23,7 +23,7 @@ const MAX_K: usize = 8;
 
 /// What an operand is.
 #[derive(Clone, Copy)]
-enum Kind {
+pub(super) enum Kind {
     /// Base dtype, read in place through a row stride (`[rows, cols]` with unit column stride).
     Rows,
     /// Base dtype, contiguous.
@@ -34,20 +34,30 @@ enum Kind {
     Adapter,
     /// u32, contiguous.
     Index,
+    /// Base dtype, read in place through a row stride when that stride is a multiple of 8
+    /// elements and the first element 16-byte aligned, else copied (the tensor-core kernels
+    /// move 16-byte units).
+    AlignedRows,
+    /// Base dtype, contiguous and 16-byte aligned (copied when it is not).
+    Aligned,
 }
 
 /// Checked device pointers of a kernel's operands (and the copies that keep them alive).
-struct Operands {
-    dev: CudaDevice,
-    base: DType,
-    adapter: DType,
-    ptrs: Vec<u64>,
+pub(super) struct Operands {
+    pub(super) dev: CudaDevice,
+    pub(super) base: DType,
+    pub(super) adapter: DType,
+    pub(super) ptrs: Vec<u64>,
     /// The row stride of each operand (its column count when contiguous).
-    lds: Vec<u32>,
+    pub(super) lds: Vec<u32>,
     _hold: Vec<Contig>,
 }
 
-fn operands(op: &'static str, args: &Args<'_>, spec: &[(Kind, usize)]) -> Result<Operands> {
+pub(super) fn operands(
+    op: &'static str,
+    args: &Args<'_>,
+    spec: &[(Kind, usize)],
+) -> Result<Operands> {
     if args.len() != spec.len() {
         return Err(Error::invalid(
             op,
@@ -69,7 +79,7 @@ fn operands(op: &'static str, args: &Args<'_>, spec: &[(Kind, usize)]) -> Result
     for (&(s, l), &(kind, len)) in args.iter().zip(spec) {
         first.same_device(op, s)?;
         let want = match kind {
-            Kind::Rows | Kind::Base | Kind::Any => base,
+            Kind::Rows | Kind::Base | Kind::Any | Kind::AlignedRows | Kind::Aligned => base,
             Kind::Adapter => adapter,
             Kind::Index => DType::U32,
         };
@@ -90,15 +100,20 @@ fn operands(op: &'static str, args: &Args<'_>, spec: &[(Kind, usize)]) -> Result
             ));
         }
         check_extent(op, l, s.len)?;
-        let rows_in_place = matches!(kind, Kind::Rows)
+        let aligned = |ptr: u64, ld: usize| ptr % 16 == 0 && ld % 8 == 0;
+        let rows_in_place = matches!(kind, Kind::Rows | Kind::AlignedRows)
             && l.dims().len() == 2
             && l.strides()[1] == 1
-            && l.strides()[0] >= l.dims()[1];
+            && l.strides()[0] >= l.dims()[1]
+            && (matches!(kind, Kind::Rows) || aligned(s.ptr_at(l.offset()), l.strides()[0]));
         if rows_in_place {
             out.ptrs.push(s.ptr_at(l.offset()));
             out.lds.push(to_u32(op, l.strides()[0])?);
         } else {
-            let c = s.contiguous(op, l)?;
+            let mut c = s.contiguous(op, l)?;
+            if matches!(kind, Kind::AlignedRows | Kind::Aligned) && c.ptr % 16 != 0 {
+                c = Contig::copy_of(s, op, l)?;
+            }
             out.ptrs.push(c.ptr);
             out.lds.push(to_u32(op, *l.dims().last().unwrap_or(&1))?);
             out._hold.push(c);
@@ -121,7 +136,7 @@ fn check_sizes(op: &'static str, d: &MoeDims) -> Result<()> {
 }
 
 /// `(dropout, keep, seed)` kernel arguments.
-fn settings(d: &MoeDims) -> (f64, f64, u64) {
+pub(super) fn settings(d: &MoeDims) -> (f64, f64, u64) {
     let keep = if d.dropout > 0.0 {
         1.0 / (1.0 - d.dropout)
     } else {
