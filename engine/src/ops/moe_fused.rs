@@ -514,13 +514,7 @@ pub fn moe_fused_ffn_with(
                 )?;
                 let dgu = &out[0];
                 if need(0) {
-                    dx_base.push(match &w_gu {
-                        Some(w) => dgu.matmul(w)?, // [tc, 2I] [2I, H]
-                        None => dgu
-                            .narrow(1, 0, i)?
-                            .matmul(&w_gate)?
-                            .add(&dgu.narrow(1, i, i)?.matmul(&w_up)?)?,
-                    });
+                    dx_base.push(dx_of_dgu(dgu, w_gu.as_ref(), &w_gate, &w_up)?);
                 }
                 if need_dz {
                     dzg.push(out[1].clone());
@@ -586,13 +580,7 @@ pub fn moe_fused_ffn_with(
             let (dgu, dg, du, am) = (&out[0], &out[1], &out[2], &out[3]);
             dw_act.push(out[4].clone());
             if need(0) {
-                dx_base.push(match &w_gu {
-                    Some(w) => dgu.matmul(w)?, // [tc, 2I] [2I, H]
-                    None => dgu
-                        .narrow(1, 0, i)?
-                        .matmul(&w_gate)?
-                        .add(&dgu.narrow(1, i, i)?.matmul(&w_up)?)?,
-                });
+                dx_base.push(dx_of_dgu(dgu, w_gu.as_ref(), &w_gate, &w_up)?);
             }
             let ids_c = ids.narrow(0, t0, tc)?;
             if need_dz {
@@ -675,6 +663,24 @@ pub fn moe_fused_ffn_with(
         Some(node) => y.view(y.layout().clone(), Some(node)),
         None => y,
     })
+}
+
+/// `dG W_g + dU W_u` `[tc, H]` of `dGU` `[tc, 2I]`: one GEMM over `[W_g; W_u]` when that is one
+/// view (`w_gu`), else two.
+fn dx_of_dgu(
+    dgu: &Tensor,
+    w_gu: Option<&Tensor>,
+    w_gate: &Tensor,
+    w_up: &Tensor,
+) -> Result<Tensor> {
+    let i = w_gate.dims()[0];
+    match w_gu {
+        Some(w) => dgu.matmul(w), // [tc, 2I] [2I, H]
+        None => dgu
+            .narrow(1, 0, i)?
+            .matmul(w_gate)?
+            .add(&dgu.narrow(1, i, i)?.matmul(w_up)?),
+    }
 }
 
 /// The experts' LoRA weights laid out for the block-code GEMMs, in the base dtype.
