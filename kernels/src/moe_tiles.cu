@@ -227,6 +227,25 @@ __device__ __forceinline__ void mt_expand(float (&acc)[NP][2][4], const bf16* co
     }
 }
 
+// The SwiGLU backward of one slot row at two adjacent columns of a step (.x, .y): from its
+// token's G, U, dĀ tiles at `at`, the phase-A products lg, lu, ld of those columns (acc[x][n],
+// row half h), its routing weight and the dropout multipliers: a, dg, du, and dĀ itself.
+struct MtGrads {
+    float2 a, dg, du, da;
+};
+__device__ __forceinline__ MtGrads mt_grads2(const bf16* s_g, const bf16* s_u, const bf16* s_da, u32 at,
+                                             const float (&acc)[3][2][4], int n, int h, float w, float2 m) {
+    const float2 gb = mt_unpack(*reinterpret_cast<const u32*>(s_g + at));
+    const float2 ub = mt_unpack(*reinterpret_cast<const u32*>(s_u + at));
+    MtGrads r;
+    r.da = mt_unpack(*reinterpret_cast<const u32*>(s_da + at));
+    moe_slot_grads(gb.x + acc[0][n][2 * h], ub.x + acc[1][n][2 * h], w * r.da.x, acc[2][n][2 * h], m.x, r.a.x,
+                   r.dg.x, r.du.x);
+    moe_slot_grads(gb.y + acc[0][n][2 * h + 1], ub.y + acc[1][n][2 * h + 1], w * r.da.y, acc[2][n][2 * h + 1], m.y,
+                   r.a.y, r.dg.y, r.du.y);
+    return r;
+}
+
 // ----- forward -------------------------------------------------------------------------------------
 
 extern "C" __global__ void __launch_bounds__(MT_THREADS, 1)
@@ -438,20 +457,13 @@ extern "C" __global__ void __launch_bounds__(MT_THREADS, 1)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const u32 rl = rg * 16 + g + 8 * h, row = r0 + rl, tl = rl / K;
-                const float2 gb = mt_unpack(*reinterpret_cast<const u32*>(s_g + tl * MT_TS + cl));
-                const float2 ub = mt_unpack(*reinterpret_cast<const u32*>(s_u + tl * MT_TS + cl));
-                const float2 da = mt_unpack(*reinterpret_cast<const u32*>(s_da + tl * MT_TS + cl));
                 const float2 m = mt_mask(drop, keep, d, row, col);
-                float a0, dg0, du0, a1, dg1, du1;
-                moe_slot_grads(gb.x + acc[0][n][2 * h], ub.x + acc[1][n][2 * h], wrow[h] * da.x, acc[2][n][2 * h],
-                               m.x, a0, dg0, du0);
-                moe_slot_grads(gb.y + acc[0][n][2 * h + 1], ub.y + acc[1][n][2 * h + 1], wrow[h] * da.y,
-                               acc[2][n][2 * h + 1], m.y, a1, dg1, du1);
-                dwp[h] += da.x * a0 + da.y * a1;
-                *reinterpret_cast<u32*>(s_dg + rl * MT_TS + cl) = mt_pack(dg0, dg1);
-                *reinterpret_cast<u32*>(s_du + rl * MT_TS + cl) = mt_pack(du0, du1);
-                const float sg0 = mt_slot_sum(dg0, K), sg1 = mt_slot_sum(dg1, K);
-                const float su0 = mt_slot_sum(du0, K), su1 = mt_slot_sum(du1, K);
+                const MtGrads r = mt_grads2(s_g, s_u, s_da, tl * MT_TS + cl, acc, n, h, wrow[h], m);
+                dwp[h] += r.da.x * r.a.x + r.da.y * r.a.y;
+                *reinterpret_cast<u32*>(s_dg + rl * MT_TS + cl) = mt_pack(r.dg.x, r.dg.y);
+                *reinterpret_cast<u32*>(s_du + rl * MT_TS + cl) = mt_pack(r.du.x, r.du.y);
+                const float sg0 = mt_slot_sum(r.dg.x, K), sg1 = mt_slot_sum(r.dg.y, K);
+                const float su0 = mt_slot_sum(r.du.x, K), su1 = mt_slot_sum(r.du.y, K);
                 const u32 t = row / K;
                 if (g % K == 0 && t < T && col < I) {
                     bf16* o = dgu + (size_t)t * 2 * I + col;
@@ -636,19 +648,12 @@ extern "C" __global__ void __launch_bounds__(MT_THREADS, 1)
             for (int h = 0; h < 2; ++h) {
                 const u32 rl = rg * 16 + g + 8 * h, row = r0 + rl, tl = rl / K;
                 const float wr = row < d.rows ? w[row] : 0.0f;
-                const float2 gb = mt_unpack(*reinterpret_cast<const u32*>(s_g + tl * MT_TS + cl));
-                const float2 ub = mt_unpack(*reinterpret_cast<const u32*>(s_u + tl * MT_TS + cl));
-                const float2 da = mt_unpack(*reinterpret_cast<const u32*>(s_da + tl * MT_TS + cl));
                 const float2 m = mt_mask(drop, keep, d, row, col);
-                float a0, dg0, du0, a1, dg1, du1;
-                moe_slot_grads(gb.x + acc[0][n][2 * h], ub.x + acc[1][n][2 * h], wr * da.x, acc[2][n][2 * h], m.x,
-                               a0, dg0, du0);
-                moe_slot_grads(gb.y + acc[0][n][2 * h + 1], ub.y + acc[1][n][2 * h + 1], wr * da.y,
-                               acc[2][n][2 * h + 1], m.y, a1, dg1, du1);
+                const MtGrads r = mt_grads2(s_g, s_u, s_da, tl * MT_TS + cl, acc, n, h, wr, m);
                 const u32 o = rl * MT_TS + cl;
-                *reinterpret_cast<u32*>(s_x + o) = mt_pack(dg0, dg1);
-                *reinterpret_cast<u32*>(s_x + MT_ROWS * MT_TS + o) = mt_pack(du0, du1);
-                *reinterpret_cast<u32*>(s_x + 2 * MT_ROWS * MT_TS + o) = mt_pack(a0 * m.x, a1 * m.y);
+                *reinterpret_cast<u32*>(s_x + o) = mt_pack(r.dg.x, r.dg.y);
+                *reinterpret_cast<u32*>(s_x + MT_ROWS * MT_TS + o) = mt_pack(r.du.x, r.du.y);
+                *reinterpret_cast<u32*>(s_x + 2 * MT_ROWS * MT_TS + o) = mt_pack(r.a.x * m.x, r.a.y * m.y);
             }
         }
         __syncthreads();
