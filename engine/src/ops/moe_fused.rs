@@ -412,34 +412,28 @@ pub fn moe_fused_ffn_with(
                 y0.push(out[0].matmul(&w.w_down.t()?)?); // [tc, H]
                 zd.push(out[1].clone()); // [tc, k, r]
             }
-        }
-        let (cg, cu) = if tiles {
-            (None, None)
         } else {
-            (
-                Some(slot_codes(&zg, route.ids, s, &d, bt)?), // [T·k, E·r] base
-                Some(slot_codes(&zu, route.ids, s, &d, bt)?),
-            )
-        };
-        for &(t0, tc) in chunks.iter().filter(|_| !tiles) {
-            let (cg, cu) = (cg.as_ref().unwrap(), cu.as_ref().unwrap());
-            let dc = MoeDims { t: tc, t0, ..d };
-            let (gc, uc) = (gu.0.narrow(0, t0, tc)?, gu.1.narrow(0, t0, tc)?);
-            let (cgc, cuc) = (cg.narrow(0, t0 * k, tc * k)?, cu.narrow(0, t0 * k, tc * k)?);
-            let lg = cgc.matmul(&lw.b_gate.t()?)?; // [tc·k, I] = s·B_g,e Z_g[t,e]
-            let lu = cuc.matmul(&lw.b_up.t()?)?;
-            let wc = route.weights.narrow(0, t0, tc)?;
-            let act = run(
-                Storage::moe_swiglu_forward,
-                &[&gc, &uc, &lg, &lu, &wc],
-                &dc,
-                &[Shape::from([tc, i]), Shape::from([tc * k, i])],
-            )?;
-            drop((lg, lu));
-            let (abar, am) = (&act[0], &act[1]); // [tc, I], [tc·k, I]
-            let ids_c = route.ids.narrow(0, t0, tc)?;
-            zd.push(gather(&am.matmul(&lw.a_down.t()?)?, &ids_c, &dc)?); // [tc, k, r]
-            y0.push(abar.matmul(&w.w_down.t()?)?); // [tc, H]
+            let cg = slot_codes(&zg, route.ids, s, &d, bt)?; // [T·k, E·r] base
+            let cu = slot_codes(&zu, route.ids, s, &d, bt)?;
+            for &(t0, tc) in &chunks {
+                let dc = MoeDims { t: tc, t0, ..d };
+                let (gc, uc) = (gu.0.narrow(0, t0, tc)?, gu.1.narrow(0, t0, tc)?);
+                let (cgc, cuc) = (cg.narrow(0, t0 * k, tc * k)?, cu.narrow(0, t0 * k, tc * k)?);
+                let lg = cgc.matmul(&lw.b_gate.t()?)?; // [tc·k, I] = s·B_g,e Z_g[t,e]
+                let lu = cuc.matmul(&lw.b_up.t()?)?;
+                let wc = route.weights.narrow(0, t0, tc)?;
+                let act = run(
+                    Storage::moe_swiglu_forward,
+                    &[&gc, &uc, &lg, &lu, &wc],
+                    &dc,
+                    &[Shape::from([tc, i]), Shape::from([tc * k, i])],
+                )?;
+                drop((lg, lu));
+                let (abar, am) = (&act[0], &act[1]); // [tc, I], [tc·k, I]
+                let ids_c = route.ids.narrow(0, t0, tc)?;
+                zd.push(gather(&am.matmul(&lw.a_down.t()?)?, &ids_c, &dc)?); // [tc, k, r]
+                y0.push(abar.matmul(&w.w_down.t()?)?); // [tc, H]
+            }
         }
         let zd = join(zd)?; // [T, k, r] adapter
         let y0 = join(y0)?; // [T, H] base
@@ -540,61 +534,51 @@ pub fn moe_fused_ffn_with(
                     accumulate(&mut dad, g_d)?;
                 }
             }
-        }
-        let (cd, cg, cu) = if tiles {
-            (None, None, None)
         } else {
-            (
-                Some(expand(&dzd, &ids, &d)?.to_dtype(bt)?), // [T·k, E·r] base
-                Some(slot_codes(&zg, &ids, s, &d, bt)?),     // [T·k, E·r] base
-                Some(slot_codes(&zu, &ids, s, &d, bt)?),
-            )
-        };
-        for &(t0, tc) in chunks.iter().filter(|_| !tiles) {
-            let (cd, cg, cu) = (
-                cd.as_ref().unwrap(),
-                cg.as_ref().unwrap(),
-                cu.as_ref().unwrap(),
-            );
-            let dc = MoeDims { t: tc, t0, ..d };
-            let rows = |m: &Tensor| m.narrow(0, t0 * k, tc * k);
-            let (cgc, cuc, cdc) = (rows(cg)?, rows(cu)?, rows(cd)?);
-            let dabar = dy.narrow(0, t0, tc)?.matmul(&w_down)?; // [tc, I] base
-            let lg = cgc.matmul(&lw.b_gate.t()?)?; // [tc·k, I]
-            let lu = cuc.matmul(&lw.b_up.t()?)?;
-            let ld = cdc.matmul(&lw.a_down)?; // [tc·k, I] = A_d,eᵀ dZ_d[t,j]
-            let (gc, uc) = (gu.0.narrow(0, t0, tc)?, gu.1.narrow(0, t0, tc)?);
-            let out = run(
-                Storage::moe_swiglu_backward,
-                &[&gc, &uc, &lg, &lu, &ld, &dabar, &wts.narrow(0, t0, tc)?],
-                &dc,
-                &[
-                    Shape::from([tc, 2 * i]),
-                    Shape::from([tc * k, i]),
-                    Shape::from([tc * k, i]),
-                    Shape::from([tc * k, i]),
-                    Shape::from([tc, k]),
-                ],
-            )?;
-            drop((lg, lu, ld, dabar));
-            let (dgu, dg, du, am) = (&out[0], &out[1], &out[2], &out[3]);
-            dw_act.push(out[4].clone());
-            if need(0) {
-                dx_base.push(dx_of_dgu(dgu, w_gu.as_ref(), &w_gate, &w_up)?);
-            }
-            let ids_c = ids.narrow(0, t0, tc)?;
-            if need_dz {
-                dzg.push(gather(&dg.matmul(&lw.b_gate)?, &ids_c, &dc)?); // [tc, k, r]
-                dzu.push(gather(&du.matmul(&lw.b_up)?, &ids_c, &dc)?);
-            }
-            if need(3) {
-                accumulate(&mut dbg, dg.t()?.matmul(&cgc)?.to_dtype(at)?)?; // [I, E·r]
-            }
-            if need(5) {
-                accumulate(&mut dbu, du.t()?.matmul(&cuc)?.to_dtype(at)?)?;
-            }
-            if need(6) {
-                accumulate(&mut dad, cdc.t()?.matmul(am)?.to_dtype(at)?)?; // [E·r, I]
+            let cd = expand(&dzd, &ids, &d)?.to_dtype(bt)?; // [T·k, E·r] base
+            let cg = slot_codes(&zg, &ids, s, &d, bt)?; // [T·k, E·r] base
+            let cu = slot_codes(&zu, &ids, s, &d, bt)?;
+            for &(t0, tc) in &chunks {
+                let dc = MoeDims { t: tc, t0, ..d };
+                let rows = |m: &Tensor| m.narrow(0, t0 * k, tc * k);
+                let (cgc, cuc, cdc) = (rows(&cg)?, rows(&cu)?, rows(&cd)?);
+                let dabar = dy.narrow(0, t0, tc)?.matmul(&w_down)?; // [tc, I] base
+                let lg = cgc.matmul(&lw.b_gate.t()?)?; // [tc·k, I]
+                let lu = cuc.matmul(&lw.b_up.t()?)?;
+                let ld = cdc.matmul(&lw.a_down)?; // [tc·k, I] = A_d,eᵀ dZ_d[t,j]
+                let (gc, uc) = (gu.0.narrow(0, t0, tc)?, gu.1.narrow(0, t0, tc)?);
+                let out = run(
+                    Storage::moe_swiglu_backward,
+                    &[&gc, &uc, &lg, &lu, &ld, &dabar, &wts.narrow(0, t0, tc)?],
+                    &dc,
+                    &[
+                        Shape::from([tc, 2 * i]),
+                        Shape::from([tc * k, i]),
+                        Shape::from([tc * k, i]),
+                        Shape::from([tc * k, i]),
+                        Shape::from([tc, k]),
+                    ],
+                )?;
+                drop((lg, lu, ld, dabar));
+                let (dgu, dg, du, am) = (&out[0], &out[1], &out[2], &out[3]);
+                dw_act.push(out[4].clone());
+                if need(0) {
+                    dx_base.push(dx_of_dgu(dgu, w_gu.as_ref(), &w_gate, &w_up)?);
+                }
+                let ids_c = ids.narrow(0, t0, tc)?;
+                if need_dz {
+                    dzg.push(gather(&dg.matmul(&lw.b_gate)?, &ids_c, &dc)?); // [tc, k, r]
+                    dzu.push(gather(&du.matmul(&lw.b_up)?, &ids_c, &dc)?);
+                }
+                if need(3) {
+                    accumulate(&mut dbg, dg.t()?.matmul(&cgc)?.to_dtype(at)?)?; // [I, E·r]
+                }
+                if need(5) {
+                    accumulate(&mut dbu, du.t()?.matmul(&cuc)?.to_dtype(at)?)?;
+                }
+                if need(6) {
+                    accumulate(&mut dad, cdc.t()?.matmul(am)?.to_dtype(at)?)?; // [E·r, I]
+                }
             }
         }
         // dZ_g, dZ_u [T, E·r] adapter: s·B_eᵀ dg_j in the token's expert blocks.
