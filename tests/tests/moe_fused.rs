@@ -5,10 +5,7 @@
 //! an f64 finite-difference check of the op itself (with and without dropout); the grouping of
 //! slots by expert; typed errors.
 
-use engine::{
-    moe_fused_ffn_chunked, DType, Device, MoeDropout, MoeFusedWeights, MoeKernels, MoeRouting,
-    Tensor,
-};
+use engine::{DType, Device, MoeDropout, MoeFusedWeights, MoeKernels, MoeRouting, Tensor};
 use model::adapters::{
     ExpertLora, LoraLinear, MixLoraFfn, MoeImpl, Router, RouterOutput, Routing, SharedFfn,
 };
@@ -367,6 +364,16 @@ fn op_out_chunked(
     dropout: Option<MoeDropout>,
     chunk: Option<usize>,
 ) -> engine::Result<Tensor> {
+    op_out_with(v, frozen, dropout, chunk, MoeKernels::FromEnv)
+}
+
+fn op_out_with(
+    v: &[Tensor],
+    frozen: &[Tensor; 3],
+    dropout: Option<MoeDropout>,
+    chunk: Option<usize>,
+    kernels: MoeKernels,
+) -> engine::Result<Tensor> {
     let sel = ids(&[0, 1, 1, 0, 0, 1, 1, 0, 0, 1], &[FT, FK]);
     let w = MoeFusedWeights {
         w_gate: &frozen[0],
@@ -384,7 +391,7 @@ fn op_out_chunked(
         ids: &sel,
         weights: &v[1],
     };
-    moe_fused_ffn_chunked(&v[0], &w, &route, dropout, chunk)
+    engine::moe_fused_ffn_with(&v[0], &w, &route, dropout, chunk, kernels)
 }
 
 #[test]
@@ -408,54 +415,28 @@ fn grad_moe_fused_op() {
 #[test]
 fn tiles_fall_back_to_block_gemms_on_the_cpu() {
     let (v, frozen) = op_inputs();
-    let sel = ids(&[0, 1, 1, 0, 0, 1, 1, 0, 0, 1], &[FT, FK]);
-    let w = MoeFusedWeights {
-        w_gate: &frozen[0],
-        w_up: &frozen[1],
-        w_down: &frozen[2],
-        a_gate: &v[2],
-        b_gate: &v[3],
-        a_up: &v[4],
-        b_up: &v[5],
-        a_down: &v[6],
-        b_down: &v[7],
-        scale: 1.5,
-    };
-    let route = MoeRouting {
-        ids: &sel,
-        weights: &v[1],
-    };
     let drop = Some(MoeDropout { p: 0.3, seed: 9 });
-    // Adapters and routing weights in f32 (the adapter dtype of an f32 or bf16 base).
-    let v: Vec<Tensor> = v.iter().map(|t| t.to_dtype(DType::F32).unwrap()).collect();
-    let route = MoeRouting {
-        weights: &v[1],
-        ..route
-    };
-    let w = MoeFusedWeights {
-        a_gate: &v[2],
-        b_gate: &v[3],
-        a_up: &v[4],
-        b_up: &v[5],
-        a_down: &v[6],
-        b_down: &v[7],
-        ..w
-    };
     for dtype in [DType::F32, DType::BF16] {
-        let x = v[0].to_dtype(dtype).unwrap();
-        let frozen_d: Vec<Tensor> = frozen.iter().map(|t| t.to_dtype(dtype).unwrap()).collect();
+        // The base in `dtype`; adapters and routing weights in f32 (its adapter dtype).
+        let mut v: Vec<Tensor> = v.iter().map(|t| t.to_dtype(DType::F32).unwrap()).collect();
+        v[0] = v[0].to_dtype(dtype).unwrap();
+        let frozen = frozen.clone().map(|t| t.to_dtype(dtype).unwrap());
         let w = MoeFusedWeights {
-            w_gate: &frozen_d[0],
-            w_up: &frozen_d[1],
-            w_down: &frozen_d[2],
-            ..w
+            w_gate: &frozen[0],
+            w_up: &frozen[1],
+            w_down: &frozen[2],
+            a_gate: &v[2],
+            b_gate: &v[3],
+            a_up: &v[4],
+            b_up: &v[5],
+            a_down: &v[6],
+            b_down: &v[7],
+            scale: 1.5,
         };
-        assert!(!engine::moe_fused_runs_tiles(&x, &w, FK, MoeKernels::Tiles).unwrap());
+        assert!(!engine::moe_fused_runs_tiles(&v[0], &w, FK, MoeKernels::Tiles).unwrap());
         let run = |kernels| {
-            engine::moe_fused_ffn_with(&x, &w, &route, drop, None, kernels)
-                .unwrap()
-                .to_vec_f64()
-                .unwrap()
+            let y = op_out_with(&v, &frozen, drop, None, kernels).unwrap();
+            y.to_vec_f64().unwrap()
         };
         assert_eq!(
             run(MoeKernels::Tiles),
