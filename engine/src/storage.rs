@@ -723,6 +723,18 @@ impl BackendStorage for Storage {
     ) -> Result<Self> {
         two!("lora_grad_x", self, a, (d, a) => d.lora_grad_x(l, a, al, p, seed, dtype))
     }
+    fn lora_grad_x_add(
+        &self,
+        l: &Layout,
+        a: &Self,
+        al: &Layout,
+        p: f64,
+        seed: u64,
+        base: &Self,
+        bl: &Layout,
+    ) -> Result<Self> {
+        three!("lora_grad_x_add", self, a, base, (d, a, b) => d.lora_grad_x_add(l, a, al, p, seed, b, bl))
+    }
 }
 
 /// The AdamW groups of one backend's storages (`adamw_step` checked that every storage lives on

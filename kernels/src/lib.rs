@@ -211,7 +211,13 @@ pub const MOE_FUSED: KernelSource = KernelSource {
 /// dropout mask drawn on the fly, partial sums added in a fixed order.
 pub const LORA: KernelSource = KernelSource {
     name: "lora",
-    source: concat!(include_str!("common.cuh"), "\n", include_str!("lora.cu")),
+    source: concat!(
+        include_str!("common.cuh"),
+        "\n",
+        include_str!("lora.cu"),
+        "\n",
+        include_str!("lora_mma.cu")
+    ),
     kernels: &[
         "lora_codes_bf16_r8",
         "lora_codes_bf16_r16",
@@ -222,6 +228,12 @@ pub const LORA: KernelSource = KernelSource {
         "lora_expand_add_bf16_r8",
         "lora_expand_add_bf16_r16",
         "lora_sum_partials_f32",
+        "lora_codes_mma_bf16_r8",
+        "lora_codes_mma_bf16_r16",
+        "lora_grad_a_mma_bf16_r8",
+        "lora_grad_a_mma_bf16_r16",
+        "lora_expand_mma_bf16_r8",
+        "lora_expand_mma_bf16_r16",
     ],
 };
 

@@ -1,5 +1,6 @@
 // The LoRA primitives' rank-r products for a bf16 base with f32 adapters and rank R ∈ {8, 16}
-// (engine/src/backend/cuda/lora.rs picks them; every other case runs on cuBLAS). They read the
+// (engine/src/backend/cuda/lora.rs picks them; every other case runs on cuBLAS), on the CUDA
+// cores: lora_mma.cu has the tensor-core versions that serve rows of 16-byte runs. They read the
 // bf16 operand directly, drawing the dropout mask on the fly (dropout_bits of engine/src/rng.rs
 // over the row-major [M, N] elements), so no f32 copy of x, no mask and no product tensor is
 // written; the f32 cuBLAS products with one dimension R ran on CUDA cores at ~20% of the memory

@@ -157,12 +157,19 @@ mod gpu {
     /// the CPU reference, so their codes, dz, dB and dA agree to f32 rounding, far inside the
     /// bf16 tolerance above; `y + s z Bᵀ` and dx are rounded once to bf16 on both sides (a
     /// rounding flip at most). Sizes with several row blocks, partial 128-column chunks and both
-    /// dropout settings (4113 output columns take the general path on the output side).
+    /// dropout settings (4113 output columns take the general path on the output side). Widths
+    /// that are multiples of 8 run the tensor-core kernels (cuda/lora_mma.rs; 200 and 72 end in
+    /// a partial 32-column step), 196 and 12 the CUDA-core ones.
     #[test]
     fn custom_rank_kernels_match_the_cpu_to_f32_rounding() {
         let Some(dev) = gpu() else { return };
         let mut bad = Vec::new();
-        for (m, n_in, n_out) in [(300, 576, 1536), (257, 4096, 4113), (5, 196, 12)] {
+        for (m, n_in, n_out) in [
+            (300, 576, 1536),
+            (257, 4096, 4113),
+            (37, 200, 72),
+            (5, 196, 12),
+        ] {
             for r in [8, 16] {
                 for p in [0.0, 0.25] {
                     let name = format!("custom bf16 m {m} in {n_in} r {r} p {p}");
@@ -239,13 +246,15 @@ mod gpu {
         assert!(bad.is_empty(), "{}", bad.join("\n"));
     }
 
-    /// The op forward and backward: `out = (x Wᵀ).lora_add(x, A, B)`, seeded with `gout`;
-    /// returns out, dx, dA, dB.
+    /// The op forward and backward: `out = (x Wᵀ).lora_add(x, A, B)`, or (`linear`) `out =
+    /// x.linear_lora(W, A, B)` (whose dx adds the LoRA term onto `g W` in one pass), seeded with
+    /// `gout`; returns out, dx, dA, dB.
     fn op(
         dev: Device,
         base: DType,
         (m, n_in, n_out, r): (usize, usize, usize, usize),
         dropout: Option<(f64, u64)>,
+        linear: bool,
     ) -> engine::Result<Vec<Vec<f64>>> {
         let ad = adapter(base);
         let t = |v: Vec<f64>, s: &[usize], d: DType| Tensor::from_f64(&v, s.to_vec(), d, dev);
@@ -254,8 +263,11 @@ mod gpu {
         let a = t(vals(r * n_in, 13, 0.3), &[r, n_in], ad)?.to_var()?;
         let b = t(vals(n_out * r, 14, 0.3), &[n_out, r], ad)?.to_var()?;
         let gout = t(vals(m * n_out, 15, 1.0), &[m, n_out], base)?;
-        let y = x.matmul(&w.t()?)?;
-        let out = y.lora_add(&x, &a, &b, 0.8, dropout)?;
+        let out = if linear {
+            x.linear_lora(&w, &a, &b, 0.8, dropout)?
+        } else {
+            x.matmul(&w.t()?)?.lora_add(&x, &a, &b, 0.8, dropout)?
+        };
         out.backward_with_grad(&gout)?;
         let grad = |v: &Tensor| -> engine::Result<Vec<f64>> {
             v.grad()
@@ -273,15 +285,18 @@ mod gpu {
             for (m, n_in, n_out) in SIZES {
                 for r in [8, 16, 80] {
                     for dropout in [None, Some((0.1, 77))] {
-                        let name = format!(
-                            "lora_add {base} m {m} in {n_in} out {n_out} r {r} dropout {dropout:?}"
-                        );
-                        bad.extend(compare(
-                            &name,
-                            tol(base),
-                            &|d| op(d, base, (m, n_in, n_out, r), dropout),
-                            dev,
-                        ));
+                        for linear in [false, true] {
+                            let what = if linear { "linear_lora" } else { "lora_add" };
+                            let name = format!(
+                                "{what} {base} m {m} in {n_in} out {n_out} r {r} dropout {dropout:?}"
+                            );
+                            bad.extend(compare(
+                                &name,
+                                tol(base),
+                                &|d| op(d, base, (m, n_in, n_out, r), dropout, linear),
+                                dev,
+                            ));
+                        }
                     }
                 }
             }

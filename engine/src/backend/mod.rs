@@ -436,6 +436,28 @@ pub trait BackendStorage: Sized + Send + Sync {
         seed: u64,
         dtype: DType,
     ) -> Result<Self>;
+    /// `base + mask ⊙ (dz A)` `[M, in]` in base's dtype: [`Self::lora_grad_x`] added to the
+    /// rest of x's gradient (`linear_lora`'s `g W`); `self` is `dz`. By default the two steps;
+    /// a backend may fuse them (one pass, rounded once).
+    #[allow(clippy::too_many_arguments)]
+    fn lora_grad_x_add(
+        &self,
+        l: &Layout,
+        a: &Self,
+        a_l: &Layout,
+        p: f64,
+        seed: u64,
+        base: &Self,
+        base_l: &Layout,
+    ) -> Result<Self> {
+        let dx = self.lora_grad_x(l, a, a_l, p, seed, base.dtype())?; // [M, in] contiguous
+        base.binary(
+            base_l,
+            &dx,
+            &Layout::contiguous(base_l.dims().to_vec()),
+            BinaryOp::Add,
+        )
+    }
 }
 
 /// The parameters of a fused AdamW step that live in one buffer `param` (f32, bf16 or f64), one

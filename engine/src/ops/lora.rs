@@ -56,7 +56,7 @@ impl Tensor {
         let node = Node::record_with(OP, &inputs, Output::Unread, move |inp, _, g| {
             let (y, x, a, b) = (&inp[0], &inp[1], &inp[2], &inp[3]);
             let dy = y.tracks_grad().then(|| g.clone());
-            let (dx, da, db) = lora_backward(g, x, a, b, &z, scale, p, seed)?;
+            let (dx, da, db) = lora_backward(g, x, a, b, &z, scale, p, seed, None)?;
             Ok(vec![dy, dx, da, db])
         })
         .map(|n| n.capturing(&[&codes]));
@@ -115,11 +115,9 @@ impl Tensor {
         ];
         let node = Node::record_with(OP, &inputs, Output::Unread, move |inp, _, g| {
             let (x, w, a, b) = (&inp[0], &inp[1], &inp[2], &inp[3]);
-            let (dx_lora, da, db) = lora_backward(g, x, a, b, &z, scale, p, seed)?;
-            let dx = match dx_lora {
-                Some(d) => Some(g.matmul(w)?.add(&d)?), // [M, out] [out, in]
-                None => None,
-            };
+            // dx = g W + drop'(s·(g B) A): the LoRA term added onto the base term in one pass.
+            let dx_base = x.tracks_grad().then(|| g.matmul(w)).transpose()?; // [M, out] [out, in]
+            let (dx, da, db) = lora_backward(g, x, a, b, &z, scale, p, seed, dx_base)?;
             let dw = w.tracks_grad().then(|| g.t()?.matmul(x)).transpose()?; // [out, in]
             Ok(vec![dx, dw, da, db])
         })
@@ -212,7 +210,8 @@ fn lora_forward(
 }
 
 /// The LoRA part of the backward for the output gradient `g` `[M, out]`: `(dx = drop'(dz A)` in
-/// x's dtype, `dA = dzᵀ drop(x)`, `dB = s·gᵀ z)` with `dz = s·g B`, each when needed.
+/// x's dtype, `dA = dzᵀ drop(x)`, `dB = s·gᵀ z)` with `dz = s·g B`, each when needed; with
+/// `dx_base` (the rest of x's gradient) `dx` is `dx_base + drop'(dz A)` in its dtype.
 #[allow(clippy::too_many_arguments)]
 fn lora_backward(
     g: &Tensor,
@@ -223,6 +222,7 @@ fn lora_backward(
     scale: f64,
     p: f64,
     seed: u64,
+    dx_base: Option<Tensor>,
 ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
     if !(x.tracks_grad() || a.tracks_grad() || b.tracks_grad()) {
         return Ok((None, None, None));
@@ -248,9 +248,20 @@ fn lora_backward(
         None
     };
     let dx = if x.tracks_grad() {
-        let dx =
-            dz.storage()
-                .lora_grad_x(dz.layout(), &a.storage(), a.layout(), p, seed, x.dtype())?; // [M, in], x's dtype
+        let (ds, al) = (dz.storage(), a.layout());
+        let dx = match &dx_base {
+            // [M, in] in base's dtype: the rest of x's gradient plus this term, in one pass.
+            Some(base) => ds.lora_grad_x_add(
+                dz.layout(),
+                &a.storage(),
+                al,
+                p,
+                seed,
+                &base.storage(),
+                base.layout(),
+            )?,
+            None => ds.lora_grad_x(dz.layout(), &a.storage(), al, p, seed, x.dtype())?, // [M, in], x's dtype
+        };
         Some(Tensor::from_storage(dx, x.shape().clone(), None))
     } else {
         None

@@ -15,6 +15,7 @@
 //! in bf16 (and expand-add writes its result once), with the dropout mask drawn on the fly.
 
 use super::layout::to_u32;
+use super::lora_mma;
 use super::lora_rank::{self, Small};
 use super::random::dropout_cast;
 use super::{acc_dtype, check_extent, CudaStorage};
@@ -286,4 +287,35 @@ pub(crate) fn lora_grad_x(
     } else {
         t.to_dtype(&cl, dtype)
     }
+}
+
+/// `base + mask ⊙ (dz A)` in base's dtype: one pass on the tensor-core kernel for a bf16 base
+/// view whose rows are 16-byte runs, r = 8 or 16 (the sum rounded once); otherwise
+/// [`lora_grad_x`] and an add.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn lora_grad_x_add(
+    dz: &CudaStorage,
+    l: &Layout,
+    a: &CudaStorage,
+    al: &Layout,
+    p: f64,
+    seed: u64,
+    (base, bl): (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    const OP: &str = "lora_grad_x_add";
+    base_view(OP, base, bl, a)?;
+    same_adapter(OP, a.dtype, dz, a)?;
+    let (m, r) = dims2(OP, l)?;
+    let (_, n) = dims2(OP, al)?;
+    expect_dims(OP, al, (r, n), l)?;
+    expect_dims(OP, bl, (m, n), l)?;
+    keep_of(OP, p)?;
+    if lora_rank::applies(base, bl, a.dtype, r) && lora_mma::applies(bl) {
+        let (mut hold_d, mut hold_a) = (None, None);
+        let d = Small::of_or_copy(dz, l, true, &mut hold_d)?;
+        let sa = Small::of_or_copy(a, al, false, &mut hold_a)?;
+        return lora_mma::expand(&dz.dev, OP, d, sa, Some((base, bl)), (m, r, n), p, seed);
+    }
+    let dx = lora_grad_x(dz, l, a, al, p, seed, base.dtype)?; // [m, n] contiguous
+    base.binary(bl, &dx, &Layout::contiguous([m, n]), BinaryOp::Add)
 }

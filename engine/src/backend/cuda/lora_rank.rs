@@ -4,13 +4,16 @@
 //! (cuda/lora.rs) writes f32 copies of it and runs cuBLAS products with one dimension r on CUDA
 //! cores; expand-add writes `y + s z Bᵀ` in one pass, rounded once. Each returns `None` when its
 //! case does not apply; the caller then takes the general path. Reductions over a long dimension
-//! go through per-block partial sums added in a fixed order (deterministic, like cuBLAS).
+//! go through per-block partial sums added in a fixed order (deterministic, like cuBLAS). Rows
+//! that are 16-byte runs (the usual case) take the tensor-core kernels of `lora_mma`; the
+//! CUDA-core kernels here serve the rest.
 
 use cudarc::driver::LaunchConfig;
 use kernels::LORA;
 
 use super::launch::launch;
 use super::layout::to_u32;
+use super::lora_mma;
 use super::{CudaDevice, CudaStorage};
 use crate::backend::BackendStorage;
 use crate::{rng, DType, Layout, Result};
@@ -42,7 +45,11 @@ pub(super) fn applies(x: &CudaStorage, l: &Layout, ad: DType, r: usize) -> bool 
 }
 
 /// `(m, n, row stride, address of the first element)` of a bf16 operand that [`applies`].
-fn view_args(op: &'static str, x: &CudaStorage, l: &Layout) -> Result<(u32, u32, u32, u64)> {
+pub(super) fn view_args(
+    op: &'static str,
+    x: &CudaStorage,
+    l: &Layout,
+) -> Result<(u32, u32, u32, u64)> {
     Ok((
         to_u32(op, l.dims()[0])?,
         to_u32(op, l.dims()[1])?,
@@ -56,8 +63,8 @@ fn view_args(op: &'static str, x: &CudaStorage, l: &Layout) -> Result<(u32, u32,
 /// `[cols, rows]` (a LoRA B `[n, r]` read as Bᵀ `[r, n]`). 16-byte aligned.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Small {
-    ptr: u64,
-    transposed: bool,
+    pub(super) ptr: u64,
+    pub(super) transposed: bool,
 }
 
 impl Small {
@@ -114,7 +121,7 @@ fn config(n: usize, rows: usize) -> LaunchConfig {
 }
 
 /// `(thr, keep, drop)`: the dropout arguments of the kernels.
-fn dropout_args(p: f64) -> (u32, f32, i32) {
+pub(super) fn dropout_args(p: f64) -> (u32, f32, i32) {
     if p == 0.0 {
         (0, 1.0, 0)
     } else {
@@ -166,6 +173,9 @@ fn codes_partials(
     p: f64,
     seed: u64,
 ) -> Result<(CudaStorage, usize)> {
+    if lora_mma::applies(l) {
+        return lora_mma::codes_partials(op, x, l, a, r, p, seed);
+    }
     let (m, n) = (l.dims()[0], l.dims()[1]);
     let chunks = n.div_ceil(COLS);
     let part = CudaStorage::alloc(&x.dev, op, chunks * m * r, DType::F32)?; // [chunks, m, r]
@@ -210,6 +220,9 @@ fn grad_a_partials(
     p: f64,
     seed: u64,
 ) -> Result<(CudaStorage, usize)> {
+    if lora_mma::applies(l) {
+        return lora_mma::grad_a_partials(op, x, l, dz, r, p, seed);
+    }
     let (m, n) = (l.dims()[0], l.dims()[1]);
     // Row groups: 8 warps of up to GRAD_A_ROWS rows per block row, at most GRAD_A_MAX_GROUPS.
     let groups = m.div_ceil(WARPS * GRAD_A_ROWS).clamp(1, GRAD_A_MAX_GROUPS);
@@ -313,6 +326,10 @@ pub(super) fn expand_add(
         return Ok(None);
     }
     let (m, n) = (l.dims()[0], l.dims()[1]);
+    if lora_mma::applies(l) {
+        let out = lora_mma::expand(&y.dev, OP, zs, bt, Some((y, l)), (m, r, n), 0.0, 0)?;
+        return Ok(Some(out));
+    }
     let out = CudaStorage::alloc(&y.dev, OP, m * n, DType::BF16)?; // [m, n]
     if m * n == 0 {
         return Ok(Some(out));
@@ -361,6 +378,9 @@ pub(super) fn grad_x(
         && u32::try_from(m * n.max(r)).is_ok();
     if !ok {
         return Ok(None);
+    }
+    if m > 0 && n > 0 && n % 8 == 0 {
+        return lora_mma::expand(dev, OP, dz, a, None, (m, r, n), p, seed).map(Some);
     }
     let dx = CudaStorage::alloc(dev, OP, m * n, DType::BF16)?; // [m, n]
     if m * n == 0 {

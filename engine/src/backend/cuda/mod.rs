@@ -19,6 +19,7 @@ mod index;
 pub(crate) mod launch;
 mod layout;
 mod lora;
+mod lora_mma;
 mod lora_rank;
 mod loss;
 mod loss_chunk;
@@ -556,5 +557,17 @@ impl BackendStorage for CudaStorage {
         dtype: DType,
     ) -> Result<Self> {
         lora::lora_grad_x(self, l, a, a_l, p, seed, dtype)
+    }
+    fn lora_grad_x_add(
+        &self,
+        l: &Layout,
+        a: &Self,
+        a_l: &Layout,
+        p: f64,
+        seed: u64,
+        base: &Self,
+        base_l: &Layout,
+    ) -> Result<Self> {
+        lora::lora_grad_x_add(self, l, a, a_l, p, seed, (base, base_l))
     }
 }
