@@ -293,6 +293,26 @@ impl BackendStorage for Storage {
     fn matmul(&self, l: &Layout, rhs: &Self, rl: &Layout) -> Result<Self> {
         two!("matmul", self, rhs, (a, b) => a.matmul(l, b, rl))
     }
+    fn dropout_matmul(
+        &self,
+        l: &Layout,
+        rhs: &Self,
+        rl: &Layout,
+        p: f64,
+        seed: u64,
+    ) -> Result<Self> {
+        two!("dropout_matmul", self, rhs, (a, b) => a.dropout_matmul(l, b, rl, p, seed))
+    }
+    fn matmul_dropout(
+        &self,
+        l: &Layout,
+        rhs: &Self,
+        rl: &Layout,
+        p: f64,
+        seed: u64,
+    ) -> Result<Self> {
+        two!("matmul_dropout", self, rhs, (a, b) => a.matmul_dropout(l, b, rl, p, seed))
+    }
     fn copy_to_view(&self, l: &Layout, dst: &mut Self, dl: &Layout) -> Result<()> {
         let (sd, dd) = (self.device(), dst.device());
         #[allow(unreachable_patterns)]

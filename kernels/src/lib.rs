@@ -216,7 +216,9 @@ pub const LORA: KernelSource = KernelSource {
         "\n",
         include_str!("lora.cu"),
         "\n",
-        include_str!("lora_mma.cu")
+        include_str!("lora_mma.cu"),
+        "\n",
+        include_str!("lora_wide.cu")
     ),
     kernels: &[
         "lora_codes_bf16_r8",
@@ -234,6 +236,8 @@ pub const LORA: KernelSource = KernelSource {
         "lora_grad_a_mma_bf16_r16",
         "lora_expand_mma_bf16_r8",
         "lora_expand_mma_bf16_r16",
+        "lora_codes_wide_bf16",
+        "lora_grad_a_wide_bf16",
     ],
 };
 

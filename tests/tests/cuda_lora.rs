@@ -1,5 +1,6 @@
 //! CPU ↔ CUDA parity of the fused LoRA primitives (`lora_codes`, `lora_expand_add`,
-//! `lora_grad_codes`, `lora_grad_a`, `lora_grad_x`) and of `Tensor::lora_add` forward and
+//! `lora_grad_codes`, `lora_grad_a`, `lora_grad_x`), of `dropout_matmul` and `matmul_dropout`
+//! (against an f64 reference), and of `Tensor::lora_add` and `Tensor::linear_lora` forward and
 //! backward, on f32, bf16 (f32 adapter) and f64, r = 8, 16 and 64, with and without dropout (the
 //! mask must be the same bits), x contiguous and transposed, sizes that are and are not multiples
 //! of the kernels' tiles (16/32 rows, 128/256 columns). The CPU is the reference; relative error
@@ -196,6 +197,59 @@ mod gpu {
                             bad.push(format!("{name} {what}: rel err {e:e} > {tol:e}"));
                         }
                     }
+                }
+            }
+        }
+        assert!(bad.is_empty(), "{}", bad.join("\n"));
+    }
+
+    /// `drop(x) · Aᵀ` and `dzᵀ · drop(x)` (`dropout_matmul` and `matmul_dropout`: the MixLoRA
+    /// fused FFN's stacked LoRA-A codes and their gradient) of bf16 operands against an f64
+    /// reference of the same dropout (the same mask bits, kept values × 1/(1 − p)) on the exact
+    /// bf16 values: the GPU kernels sum those in f32, so they agree to f32 rounding; the CPU
+    /// takes the composition, whose product is rounded to bf16 (and agrees to that). 128 codes
+    /// (the 7B case), 64 and 136 (partial 128-code blocks), row and column counts that are not
+    /// multiples of the tiles (64 rows, 32 or 64 columns), both dropout settings.
+    #[test]
+    fn dropout_matmul_matches_an_f64_reference() {
+        let Some(dev) = gpu() else { return };
+        let mut bad = Vec::new();
+        for (m, k, n) in [(300, 576, 128), (37, 200, 64), (129, 4096, 136)] {
+            for p in [0.0, 0.25] {
+                let name = format!("dropout_matmul m {m} k {k} n {n} p {p}");
+                let bf16 = |v: Vec<f64>| -> engine::Result<Vec<f64>> {
+                    let s = Storage::upload_f64(Device::Cpu, &v, DType::BF16)?;
+                    read(&s, &[v.len()])
+                };
+                let run = |d: Device, dt: DType| -> engine::Result<Vec<Vec<f64>>> {
+                    let x = Storage::upload_f64(d, &bf16(vals(m * k, 7, 1.0))?, dt)?;
+                    let a = Storage::upload_f64(d, &bf16(vals(n * k, 8, 0.3))?, dt)?;
+                    let dz = Storage::upload_f64(d, &bf16(vals(m * n, 9, 1.0))?, dt)?;
+                    let xl = Layout::contiguous([1, m, k]);
+                    let at = Layout::contiguous([1, n, k]).transpose(1, 2); // Aᵀ [1, k, n]
+                    let dzt = Layout::contiguous([1, m, n]).transpose(1, 2); // dzᵀ [1, n, m]
+                    let codes = x.dropout_matmul(&xl, &a, &at, p, 31)?;
+                    let grad = dz.matmul_dropout(&dzt, &x, &xl, p, 31)?;
+                    Ok(vec![read(&codes, &[m, n])?, read(&grad, &[n, k])?])
+                };
+                let outcome = (|| -> engine::Result<()> {
+                    let want = run(Device::Cpu, DType::F64)?;
+                    let cpu = run(Device::Cpu, DType::BF16)?;
+                    let got = run(dev, DType::BF16)?;
+                    for (i, what) in [(0, "drop(x)·Aᵀ"), (1, "dzᵀ·drop(x)")] {
+                        for (side, v, bound) in [("gpu", &got[i], 1e-5), ("cpu", &cpu[i], 1e-2)] {
+                            let e = rel_err(&want[i], v);
+                            if e.is_nan() || e > bound {
+                                bad.push(format!(
+                                    "{name} {what} {side}: rel err {e:e} > {bound:e}"
+                                ));
+                            }
+                        }
+                    }
+                    Ok(())
+                })();
+                if let Err(e) = outcome {
+                    bad.push(format!("{name}: {e}"));
                 }
             }
         }

@@ -112,6 +112,49 @@ pub trait BackendStorage: Sized + Send + Sync {
     fn matmul(&self, l: &Layout, rhs: &Self, rhs_l: &Layout) -> Result<Self>;
     /// Copies the view `l` of `self` into the view `dst_l` of `dst` (same shape).
     fn copy_to_view(&self, l: &Layout, dst: &mut Self, dst_l: &Layout) -> Result<()>;
+    /// `drop(self) · rhs` (`[1, m, k] x [1, k, n]` as in [`Self::matmul`], the dropout of
+    /// [`Self::dropout_apply`]) in the accumulation dtype of `self`'s: the product of the dropped
+    /// copy rounded to `self`'s dtype, by default; a backend may skip the copy and the rounding.
+    fn dropout_matmul(
+        &self,
+        l: &Layout,
+        rhs: &Self,
+        rhs_l: &Layout,
+        p: f64,
+        seed: u64,
+    ) -> Result<Self> {
+        let y = if p == 0.0 {
+            self.matmul(l, rhs, rhs_l)?
+        } else {
+            let d = self.dropout_apply(l, p, seed)?; // [1, m, k] contiguous
+            d.matmul(&Layout::contiguous(l.dims().to_vec()), rhs, rhs_l)?
+        };
+        y.to_dtype(
+            &Layout::contiguous([l.dims()[1], rhs_l.dims()[2]]),
+            crate::ops::acc_dtype(self.dtype()),
+        )
+    }
+    /// `self · drop(rhs)` (`[1, m, k] x [1, k, n]`) in the accumulation dtype of `self`'s, as
+    /// [`Self::dropout_matmul`] with the dropout on the right operand.
+    fn matmul_dropout(
+        &self,
+        l: &Layout,
+        rhs: &Self,
+        rhs_l: &Layout,
+        p: f64,
+        seed: u64,
+    ) -> Result<Self> {
+        let y = if p == 0.0 {
+            self.matmul(l, rhs, rhs_l)?
+        } else {
+            let d = rhs.dropout_apply(rhs_l, p, seed)?; // [1, k, n] contiguous
+            self.matmul(l, &d, &Layout::contiguous(rhs_l.dims().to_vec()))?
+        };
+        y.to_dtype(
+            &Layout::contiguous([l.dims()[1], rhs_l.dims()[2]]),
+            crate::ops::acc_dtype(self.dtype()),
+        )
+    }
 
     /// Rows of `self` along `dim` picked by u32 `ids` (rank 1).
     fn index_select(&self, l: &Layout, ids: &Self, ids_l: &Layout, dim: usize) -> Result<Self>;

@@ -381,14 +381,8 @@ pub fn moe_fused_ffn_with(
     let (gu, zg, zu, zd, y) = {
         let _ng = NoGradGuard::new();
         // The LoRA-A codes on the tensor cores in the base dtype, then in the adapter dtype.
-        let zg = x
-            .dropout(p, seed_g, true)?
-            .matmul(&all_a(w.a_gate, bt)?.t()?)?
-            .to_dtype(at)?; // [T, E·r]
-        let zu = x
-            .dropout(p, seed_u, true)?
-            .matmul(&all_a(w.a_up, bt)?.t()?)?
-            .to_dtype(at)?; // [T, E·r]
+        let zg = dropped_codes(x, &all_a(w.a_gate, bt)?, p, seed_g)?.to_dtype(at)?; // [T, E·r]
+        let zu = dropped_codes(x, &all_a(w.a_up, bt)?, p, seed_u)?.to_dtype(at)?; // [T, E·r]
         let gu = gate_up(x, w.w_gate, w.w_up)?; // [T, I] each
         let lw = LoraLayouts::new(w.b_gate, w.b_up, w.a_down, w.b_down, bt)?;
         let (mut zd, mut y0) = (Vec::new(), Vec::new());
@@ -611,8 +605,7 @@ pub fn moe_fused_ffn_with(
         let da = |dz: &Option<Tensor>, seed: u64| -> Result<Option<Tensor>> {
             dz.as_ref()
                 .map(|dz| {
-                    dz.t()?
-                        .matmul(&x.dropout(p, seed, true)?)?
+                    dropped_grad_a(dz, x, p, seed)?
                         .to_dtype(at)?
                         .reshape([e, r, h])
                 })
@@ -688,6 +681,27 @@ impl LoraLayouts {
 }
 
 /// All experts' LoRA A `[E, r, n]` as one `[E·r, n]` matrix in `dtype`.
+/// `drop(x) · Aᵀ` `[T, n]` in the accumulation dtype of x's, for `x` `[T, H]` and `a` `[n, H]`
+/// in x's dtype: one backend op (`dropout_matmul`: on the GPU one pass over x, the mask drawn on
+/// the fly), no node (the op's own backward covers it).
+fn dropped_codes(x: &Tensor, a: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    let (x3, a3) = (x.unsqueeze(0)?, a.t()?.unsqueeze(0)?); // [1, T, H], [1, H, n]
+    let s = x3
+        .storage()
+        .dropout_matmul(x3.layout(), &a3.storage(), a3.layout(), p, seed)?;
+    Ok(Tensor::from_storage(s, [x.dims()[0], a.dims()[0]], None))
+}
+
+/// `dzᵀ · drop(x)` `[n, H]` in the accumulation dtype of x's, for `dz` `[T, n]` and `x` `[T, H]`
+/// in x's dtype: one backend op (`matmul_dropout`), no node.
+fn dropped_grad_a(dz: &Tensor, x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    let (d3, x3) = (dz.t()?.unsqueeze(0)?, x.unsqueeze(0)?); // [1, n, T], [1, T, H]
+    let s = d3
+        .storage()
+        .matmul_dropout(d3.layout(), &x3.storage(), x3.layout(), p, seed)?;
+    Ok(Tensor::from_storage(s, [dz.dims()[1], x.dims()[1]], None))
+}
+
 fn all_a(a: &Tensor, dtype: DType) -> Result<Tensor> {
     let (e, r, n) = (a.dims()[0], a.dims()[1], a.dims()[2]);
     a.reshape([e * r, n])?.to_dtype(dtype)

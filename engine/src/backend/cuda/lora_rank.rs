@@ -131,7 +131,7 @@ pub(super) fn dropout_args(p: f64) -> (u32, f32, i32) {
 
 /// `scale · Σ_p part[p]` over `parts` partial sums `[rows, cols]` (f32), as `[rows, cols]` or,
 /// with `transpose`, `[cols, rows]`.
-fn sum_partials(
+pub(super) fn sum_partials(
     dev: &CudaDevice,
     op: &'static str,
     (part, parts): (&CudaStorage, usize),

@@ -21,6 +21,7 @@ mod layout;
 mod lora;
 mod lora_mma;
 mod lora_rank;
+mod lora_wide;
 mod loss;
 mod loss_chunk;
 mod matmul;
@@ -269,6 +270,51 @@ impl BackendStorage for CudaStorage {
     }
     fn matmul(&self, l: &Layout, rhs: &Self, rhs_l: &Layout) -> Result<Self> {
         matmul::matmul(self, l, rhs, rhs_l)
+    }
+    fn dropout_matmul(
+        &self,
+        l: &Layout,
+        rhs: &Self,
+        rhs_l: &Layout,
+        p: f64,
+        seed: u64,
+    ) -> Result<Self> {
+        if let Some(y) = lora_wide::dropout_matmul(self, l, rhs, rhs_l, p, seed)? {
+            return Ok(y);
+        }
+        // The composition (the trait's default).
+        let y = if p == 0.0 {
+            self.matmul(l, rhs, rhs_l)?
+        } else {
+            let d = self.dropout_apply(l, p, seed)?; // [1, m, k] contiguous
+            d.matmul(&Layout::contiguous(l.dims().to_vec()), rhs, rhs_l)?
+        };
+        y.to_dtype(
+            &Layout::contiguous([l.dims()[1], rhs_l.dims()[2]]),
+            acc_dtype(self.dtype),
+        )
+    }
+    fn matmul_dropout(
+        &self,
+        l: &Layout,
+        rhs: &Self,
+        rhs_l: &Layout,
+        p: f64,
+        seed: u64,
+    ) -> Result<Self> {
+        if let Some(y) = lora_wide::matmul_dropout(self, l, rhs, rhs_l, p, seed)? {
+            return Ok(y);
+        }
+        let y = if p == 0.0 {
+            self.matmul(l, rhs, rhs_l)?
+        } else {
+            let d = rhs.dropout_apply(rhs_l, p, seed)?; // [1, k, n] contiguous
+            self.matmul(l, &d, &Layout::contiguous(rhs_l.dims().to_vec()))?
+        };
+        y.to_dtype(
+            &Layout::contiguous([l.dims()[1], rhs_l.dims()[2]]),
+            acc_dtype(self.dtype),
+        )
     }
     fn copy_to_view(&self, l: &Layout, dst: &mut Self, dst_l: &Layout) -> Result<()> {
         elementwise::copy_to_view(self, l, dst, dst_l)
