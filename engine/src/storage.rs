@@ -293,6 +293,18 @@ impl BackendStorage for Storage {
     fn matmul(&self, l: &Layout, rhs: &Self, rl: &Layout) -> Result<Self> {
         two!("matmul", self, rhs, (a, b) => a.matmul(l, b, rl))
     }
+    fn add_dropped2(
+        &self,
+        l: &Layout,
+        a: &Self,
+        al: &Layout,
+        b: &Self,
+        bl: &Layout,
+        p: f64,
+        seeds: (u64, u64),
+    ) -> Result<Self> {
+        three!("add_dropped2", self, a, b, (x, a, b) => x.add_dropped2(l, a, al, b, bl, p, seeds))
+    }
     fn dropout_matmul(
         &self,
         l: &Layout,

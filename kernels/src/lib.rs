@@ -107,6 +107,7 @@ pub const RANDOM: KernelSource = KernelSource {
         "dropout_mask_f32",
         "dropout_mask_bf16",
         "dropout_mask_f64",
+        "add_dropped2_bf16",
         "dropout_cast_bf16_f32",
         "dropout_cast_f32_f32",
         "dropout_cast_f32_bf16",

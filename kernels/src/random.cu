@@ -17,6 +17,12 @@
 //     pass, bit-identical to the three separate kernels (bf16 → bf16: Tensor::dropout's product
 //     with a bf16 mask, `keep` rounded to bf16 by the host). x, y: [n] contiguous.
 
+// add_dropped2_bf16(n, base, a, b, seed_a, seed_b, thr, keep, out)
+//     out[i] = bf16(bf16(base[i] + da[i]) + db[i]) with dv[i] = bf16(v[i] · (dropout_bits(seed_v,
+//     i) < thr ? 0 : keep)), keep rounded to bf16 by the host: `base + a.dropout(p, seed_a) +
+//     b.dropout(p, seed_b)` of bf16 tensors bit for bit (each step rounded as the separate
+//     kernels round it), in one pass where they took four. All [n] contiguous, 8-byte aligned.
+
 __device__ __forceinline__ u64 rng_hash(u64 seed, u64 i) { return rng_hash_mixed(rng_mix64(seed), i); }
 
 // Uniform in [0, 1) with 53 random bits (exact: an integer times 2^-53).
@@ -103,3 +109,43 @@ DROPOUT_CAST(float, float, float, f32_f32)
 DROPOUT_CAST(float, bf16, float, f32_bf16)
 DROPOUT_CAST(bf16, bf16, float, bf16_bf16)
 DROPOUT_CAST(double, double, double, f64_f64)
+
+extern "C" __global__ void add_dropped2_bf16(u32 n, const bf16* base, const bf16* a, const bf16* b, u64 seed_a,
+                                             u64 seed_b, u32 thr, float keep, bf16* out) {
+    const u64 mixed_a = rng_mix64(seed_a), mixed_b = rng_mix64(seed_b);
+    FOR_EACH(g, ((size_t)n + 3) / 4) {
+        const u64 ha = rng_hash_mixed(mixed_a, g), hb = rng_hash_mixed(mixed_b, g);
+        const size_t i0 = 4 * g;
+        const bool whole = i0 + 4 <= n;
+        Quad<bf16> vb, va, vv, o;
+        if (whole) {
+            vb = *reinterpret_cast<const Quad<bf16>*>(base + i0);
+            va = *reinterpret_cast<const Quad<bf16>*>(a + i0);
+            vv = *reinterpret_cast<const Quad<bf16>*>(b + i0);
+        } else {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const bool in = i0 + q < n;
+                vb.v[q] = in ? base[i0 + q] : __float2bfloat16(0.0f);
+                va.v[q] = in ? a[i0 + q] : __float2bfloat16(0.0f);
+                vv.v[q] = in ? b[i0 + q] : __float2bfloat16(0.0f);
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const float ma = (((u32)(ha >> (16 * q)) & 0xFFFFu) < thr) ? 0.0f : keep;
+            const float mb = (((u32)(hb >> (16 * q)) & 0xFFFFu) < thr) ? 0.0f : keep;
+            const bf16 da = __float2bfloat16(__bfloat162float(va.v[q]) * ma);
+            const bf16 db = __float2bfloat16(__bfloat162float(vv.v[q]) * mb);
+            const bf16 s1 = __float2bfloat16(__bfloat162float(vb.v[q]) + __bfloat162float(da));
+            o.v[q] = __float2bfloat16(__bfloat162float(s1) + __bfloat162float(db));
+        }
+        if (whole) {
+            *reinterpret_cast<Quad<bf16>*>(out + i0) = o;
+        } else {
+#pragma unroll
+            for (int q = 0; q < 4; ++q)
+                if (i0 + q < n) out[i0 + q] = o.v[q];
+        }
+    }
+}

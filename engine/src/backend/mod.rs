@@ -134,6 +134,31 @@ pub trait BackendStorage: Sized + Send + Sync {
             crate::ops::acc_dtype(self.dtype()),
         )
     }
+    /// `self + drop(a) + drop(b)` (the dropout of [`Self::dropout_apply`] with `p` and the seeds
+    /// `(seed_a, seed_b)`), all of `l`'s shape, contiguous in self's dtype, each step rounded as
+    /// the separate ops round it: by default those ops; a backend may fuse them.
+    #[allow(clippy::too_many_arguments)]
+    fn add_dropped2(
+        &self,
+        l: &Layout,
+        a: &Self,
+        al: &Layout,
+        b: &Self,
+        bl: &Layout,
+        p: f64,
+        seeds: (u64, u64),
+    ) -> Result<Self> {
+        let c = Layout::contiguous(l.dims().to_vec());
+        if p == 0.0 {
+            return self
+                .binary(l, a, al, BinaryOp::Add)?
+                .binary(&c, b, bl, BinaryOp::Add);
+        }
+        let da = a.dropout_apply(al, p, seeds.0)?; // contiguous
+        let s1 = self.binary(l, &da, &c, BinaryOp::Add)?;
+        let db = b.dropout_apply(bl, p, seeds.1)?;
+        s1.binary(&c, &db, &c, BinaryOp::Add)
+    }
     /// `self · drop(rhs)` (`[1, m, k] x [1, k, n]`) in the accumulation dtype of `self`'s, as
     /// [`Self::dropout_matmul`] with the dropout on the right operand.
     fn matmul_dropout(

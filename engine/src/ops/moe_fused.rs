@@ -590,9 +590,15 @@ pub fn moe_fused_ffn_with(
         };
         let dx = match (&dzg_b, &dzu_b, need(0)) {
             (Some(dzg), Some(dzu), true) => {
-                let lora_g = dzg.matmul(&all_a(ag, bt)?)?.dropout(p, seed_g, true)?; // [T, H]
-                let lora_u = dzu.matmul(&all_a(au, bt)?)?.dropout(p, seed_u, true)?;
-                Some(join(dx_base)?.add(&lora_g)?.add(&lora_u)?)
+                let lora_g = dzg.matmul(&all_a(ag, bt)?)?; // [T, H], before its dropout
+                let lora_u = dzu.matmul(&all_a(au, bt)?)?;
+                Some(add_dropped2(
+                    &join(dx_base)?,
+                    &lora_g,
+                    &lora_u,
+                    p,
+                    (seed_g, seed_u),
+                )?)
             }
             _ => None,
         };
@@ -681,6 +687,28 @@ impl LoraLayouts {
 }
 
 /// All experts' LoRA A `[E, r, n]` as one `[E·r, n]` matrix in `dtype`.
+/// `base + a.dropout(p, seed_a) + b.dropout(p, seed_b)` (one shape, one dtype), bit for bit:
+/// one backend op (`add_dropped2`: on the GPU one pass where the separate ops took four), no
+/// node.
+fn add_dropped2(
+    base: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    p: f64,
+    seeds: (u64, u64),
+) -> Result<Tensor> {
+    let s = base.storage().add_dropped2(
+        base.layout(),
+        &a.storage(),
+        a.layout(),
+        &b.storage(),
+        b.layout(),
+        p,
+        seeds,
+    )?;
+    Ok(Tensor::from_storage(s, base.shape().clone(), None))
+}
+
 /// `drop(x) · Aᵀ` `[T, n]` in the accumulation dtype of x's, for `x` `[T, H]` and `a` `[n, H]`
 /// in x's dtype: one backend op (`dropout_matmul`: on the GPU one pass over x, the mask drawn on
 /// the fly), no node (the op's own backward covers it).

@@ -271,6 +271,31 @@ impl BackendStorage for CudaStorage {
     fn matmul(&self, l: &Layout, rhs: &Self, rhs_l: &Layout) -> Result<Self> {
         matmul::matmul(self, l, rhs, rhs_l)
     }
+    fn add_dropped2(
+        &self,
+        l: &Layout,
+        a: &Self,
+        al: &Layout,
+        b: &Self,
+        bl: &Layout,
+        p: f64,
+        seeds: (u64, u64),
+    ) -> Result<Self> {
+        if let Some(y) = random::add_dropped2(self, l, (a, al), (b, bl), p, seeds)? {
+            return Ok(y);
+        }
+        // The separate ops (the trait's default).
+        let c = Layout::contiguous(l.dims().to_vec());
+        if p == 0.0 {
+            return self
+                .binary(l, a, al, BinaryOp::Add)?
+                .binary(&c, b, bl, BinaryOp::Add);
+        }
+        let da = a.dropout_apply(al, p, seeds.0)?; // contiguous
+        let s1 = self.binary(l, &da, &c, BinaryOp::Add)?;
+        let db = b.dropout_apply(bl, p, seeds.1)?;
+        s1.binary(&c, &db, &c, BinaryOp::Add)
+    }
     fn dropout_matmul(
         &self,
         l: &Layout,

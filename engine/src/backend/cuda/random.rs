@@ -212,3 +212,60 @@ pub(crate) fn dropout_apply(x: &CudaStorage, l: &Layout, p: f64, seed: u64) -> R
     }
     dropout_cast_keep(x, l, x.dtype, p, seed, x.dtype)
 }
+
+/// `base + a.dropout(p, seed_a) + b.dropout(p, seed_b)` of three contiguous bf16 tensors of one
+/// shape, bit for bit as the separate ops, in one pass (`add_dropped2_bf16`); `None` for other
+/// operands (the caller then runs the separate ops).
+pub(crate) fn add_dropped2(
+    base: &CudaStorage,
+    l: &Layout,
+    (a, al): (&CudaStorage, &Layout),
+    (b, bl): (&CudaStorage, &Layout),
+    p: f64,
+    (seed_a, seed_b): (u64, u64),
+) -> Result<Option<CudaStorage>> {
+    const OP: &str = "add_dropped2";
+    let fits = |s: &CudaStorage, sl: &Layout| {
+        s.dtype == DType::BF16
+            && sl.is_contiguous()
+            && sl.dims() == l.dims()
+            && sl.offset() + sl.elem_count() <= s.len
+            && s.ptr_at(sl.offset()) % 8 == 0
+    };
+    let n = l.elem_count();
+    if !(fits(base, l) && fits(a, al) && fits(b, bl)) || n == 0 || u32::try_from(n).is_err() {
+        return Ok(None);
+    }
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::invalid(
+            OP,
+            format!("probability {p} is not in [0, 1)"),
+        ));
+    }
+    base.same_device(OP, a)?;
+    base.same_device(OP, b)?;
+    let out = CudaStorage::alloc(&base.dev, OP, n, DType::BF16)?;
+    // The kept value as a bf16 mask holds it (dropout_apply in x's own dtype); 1 without dropout.
+    let keep = half::bf16::from_f64(1.0 / (1.0 - p)).to_f32();
+    let (n32, thr) = (to_u32(OP, n)?, rng::dropout_threshold(p));
+    let (pb, pa, pv, po) = (
+        base.ptr_at(l.offset()),
+        a.ptr_at(al.offset()),
+        b.ptr_at(bl.offset()),
+        out.ptr(),
+    );
+    // SAFETY: base, a and b hold n contiguous bf16 from their offsets inside their buffers
+    // (checked above), starting 8-byte aligned; `out` holds n bf16. Thread g reads and writes
+    // elements 4g .. 4g + 4 below n (8-byte accesses for whole groups of four).
+    unsafe {
+        launch!(
+            &base.dev,
+            OP,
+            RANDOM,
+            "add_dropped2_bf16",
+            CudaDevice::grid(n.div_ceil(4)),
+            [n32, pb, pa, pv, seed_a, seed_b, thr, keep, po]
+        )
+    }?;
+    Ok(Some(out))
+}
