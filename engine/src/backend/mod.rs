@@ -123,16 +123,7 @@ pub trait BackendStorage: Sized + Send + Sync {
         p: f64,
         seed: u64,
     ) -> Result<Self> {
-        let y = if p == 0.0 {
-            self.matmul(l, rhs, rhs_l)?
-        } else {
-            let d = self.dropout_apply(l, p, seed)?; // [1, m, k] contiguous
-            d.matmul(&Layout::contiguous(l.dims().to_vec()), rhs, rhs_l)?
-        };
-        y.to_dtype(
-            &Layout::contiguous([l.dims()[1], rhs_l.dims()[2]]),
-            crate::ops::acc_dtype(self.dtype()),
-        )
+        product_with_dropout(self, l, rhs, rhs_l, (p, seed), false)
     }
     /// `self + drop(a) + drop(b)` (the dropout of [`Self::dropout_apply`] with `p` and the seeds
     /// `(seed_a, seed_b)`), all of `l`'s shape, contiguous in self's dtype, each step rounded as
@@ -148,16 +139,7 @@ pub trait BackendStorage: Sized + Send + Sync {
         p: f64,
         seeds: (u64, u64),
     ) -> Result<Self> {
-        let c = Layout::contiguous(l.dims().to_vec());
-        if p == 0.0 {
-            return self
-                .binary(l, a, al, BinaryOp::Add)?
-                .binary(&c, b, bl, BinaryOp::Add);
-        }
-        let da = a.dropout_apply(al, p, seeds.0)?; // contiguous
-        let s1 = self.binary(l, &da, &c, BinaryOp::Add)?;
-        let db = b.dropout_apply(bl, p, seeds.1)?;
-        s1.binary(&c, &db, &c, BinaryOp::Add)
+        add_dropped2_separately(self, l, (a, al), (b, bl), p, seeds)
     }
     /// `self · drop(rhs)` (`[1, m, k] x [1, k, n]`) in the accumulation dtype of `self`'s, as
     /// [`Self::dropout_matmul`] with the dropout on the right operand.
@@ -169,16 +151,7 @@ pub trait BackendStorage: Sized + Send + Sync {
         p: f64,
         seed: u64,
     ) -> Result<Self> {
-        let y = if p == 0.0 {
-            self.matmul(l, rhs, rhs_l)?
-        } else {
-            let d = rhs.dropout_apply(rhs_l, p, seed)?; // [1, k, n] contiguous
-            self.matmul(l, &d, &Layout::contiguous(rhs_l.dims().to_vec()))?
-        };
-        y.to_dtype(
-            &Layout::contiguous([l.dims()[1], rhs_l.dims()[2]]),
-            crate::ops::acc_dtype(self.dtype()),
-        )
+        product_with_dropout(self, l, rhs, rhs_l, (p, seed), true)
     }
 
     /// Rows of `self` along `dim` picked by u32 `ids` (rank 1).
@@ -526,6 +499,55 @@ pub trait BackendStorage: Sized + Send + Sync {
             BinaryOp::Add,
         )
     }
+}
+
+/// `drop(x) · rhs` (`drop_rhs`: `x · drop(rhs)`) as separate ops: the dropped copy, the
+/// product in x's dtype, its conversion to the accumulation dtype. The default of
+/// [`BackendStorage::dropout_matmul`] and [`BackendStorage::matmul_dropout`], and a backend's
+/// fallback where its fused kernel does not apply.
+pub(crate) fn product_with_dropout<S: BackendStorage>(
+    x: &S,
+    l: &Layout,
+    rhs: &S,
+    rhs_l: &Layout,
+    (p, seed): (f64, u64),
+    drop_rhs: bool,
+) -> Result<S> {
+    let y = if p == 0.0 {
+        x.matmul(l, rhs, rhs_l)?
+    } else if drop_rhs {
+        let d = rhs.dropout_apply(rhs_l, p, seed)?; // [1, k, n] contiguous
+        x.matmul(l, &d, &Layout::contiguous(rhs_l.dims().to_vec()))?
+    } else {
+        let d = x.dropout_apply(l, p, seed)?; // [1, m, k] contiguous
+        d.matmul(&Layout::contiguous(l.dims().to_vec()), rhs, rhs_l)?
+    };
+    y.to_dtype(
+        &Layout::contiguous([l.dims()[1], rhs_l.dims()[2]]),
+        crate::ops::acc_dtype(x.dtype()),
+    )
+}
+
+/// `base + drop(a) + drop(b)` as the separate ops (dropout, add, dropout, add): the default of
+/// [`BackendStorage::add_dropped2`], and a backend's fallback.
+pub(crate) fn add_dropped2_separately<S: BackendStorage>(
+    base: &S,
+    l: &Layout,
+    (a, al): (&S, &Layout),
+    (b, bl): (&S, &Layout),
+    p: f64,
+    seeds: (u64, u64),
+) -> Result<S> {
+    let c = Layout::contiguous(l.dims().to_vec());
+    if p == 0.0 {
+        return base
+            .binary(l, a, al, BinaryOp::Add)?
+            .binary(&c, b, bl, BinaryOp::Add);
+    }
+    let da = a.dropout_apply(al, p, seeds.0)?; // contiguous
+    let s1 = base.binary(l, &da, &c, BinaryOp::Add)?;
+    let db = b.dropout_apply(bl, p, seeds.1)?;
+    s1.binary(&c, &db, &c, BinaryOp::Add)
 }
 
 /// The parameters of a fused AdamW step that live in one buffer `param` (f32, bf16 or f64), one

@@ -284,17 +284,7 @@ impl BackendStorage for CudaStorage {
         if let Some(y) = random::add_dropped2(self, l, (a, al), (b, bl), p, seeds)? {
             return Ok(y);
         }
-        // The separate ops (the trait's default).
-        let c = Layout::contiguous(l.dims().to_vec());
-        if p == 0.0 {
-            return self
-                .binary(l, a, al, BinaryOp::Add)?
-                .binary(&c, b, bl, BinaryOp::Add);
-        }
-        let da = a.dropout_apply(al, p, seeds.0)?; // contiguous
-        let s1 = self.binary(l, &da, &c, BinaryOp::Add)?;
-        let db = b.dropout_apply(bl, p, seeds.1)?;
-        s1.binary(&c, &db, &c, BinaryOp::Add)
+        crate::backend::add_dropped2_separately(self, l, (a, al), (b, bl), p, seeds)
     }
     fn dropout_matmul(
         &self,
@@ -307,17 +297,7 @@ impl BackendStorage for CudaStorage {
         if let Some(y) = lora_wide::dropout_matmul(self, l, rhs, rhs_l, p, seed)? {
             return Ok(y);
         }
-        // The composition (the trait's default).
-        let y = if p == 0.0 {
-            self.matmul(l, rhs, rhs_l)?
-        } else {
-            let d = self.dropout_apply(l, p, seed)?; // [1, m, k] contiguous
-            d.matmul(&Layout::contiguous(l.dims().to_vec()), rhs, rhs_l)?
-        };
-        y.to_dtype(
-            &Layout::contiguous([l.dims()[1], rhs_l.dims()[2]]),
-            acc_dtype(self.dtype),
-        )
+        crate::backend::product_with_dropout(self, l, rhs, rhs_l, (p, seed), false)
     }
     fn matmul_dropout(
         &self,
@@ -330,16 +310,7 @@ impl BackendStorage for CudaStorage {
         if let Some(y) = lora_wide::matmul_dropout(self, l, rhs, rhs_l, p, seed)? {
             return Ok(y);
         }
-        let y = if p == 0.0 {
-            self.matmul(l, rhs, rhs_l)?
-        } else {
-            let d = rhs.dropout_apply(rhs_l, p, seed)?; // [1, k, n] contiguous
-            self.matmul(l, &d, &Layout::contiguous(rhs_l.dims().to_vec()))?
-        };
-        y.to_dtype(
-            &Layout::contiguous([l.dims()[1], rhs_l.dims()[2]]),
-            acc_dtype(self.dtype),
-        )
+        crate::backend::product_with_dropout(self, l, rhs, rhs_l, (p, seed), true)
     }
     fn copy_to_view(&self, l: &Layout, dst: &mut Self, dst_l: &Layout) -> Result<()> {
         elementwise::copy_to_view(self, l, dst, dst_l)
