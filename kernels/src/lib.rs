@@ -208,8 +208,10 @@ pub const MOE_FUSED: KernelSource = KernelSource {
     ],
 };
 
-/// The LoRA primitives' rank-r products for a bf16 base and f32 adapters at r = 8 and 16: the
-/// dropout mask drawn on the fly, partial sums added in a fixed order.
+/// The LoRA primitives' rank-r products for a bf16 base and f32 adapters at r = 8 and 16 (on the
+/// CUDA cores, lora.cu, and on the tensor cores, lora_mma.cu), and the products of a dropped bf16
+/// operand with a wide one (lora_wide.cu: every MixLoRA expert's LoRA-A at once): the dropout
+/// mask drawn on the fly, partial sums added in a fixed order.
 pub const LORA: KernelSource = KernelSource {
     name: "lora",
     source: concat!(

@@ -380,7 +380,8 @@ pub fn moe_fused_ffn_with(
     // ----- forward ---------------------------------------------------------------------
     let (gu, zg, zu, zd, y) = {
         let _ng = NoGradGuard::new();
-        // The LoRA-A codes on the tensor cores in the base dtype, then in the adapter dtype.
+        // The LoRA-A codes of the dropped x against every expert's A in the base dtype, summed
+        // in the adapter dtype (on the GPU one tensor-core pass over x, the mask on the fly).
         let zg = dropped_codes(x, &all_a(w.a_gate, bt)?, p, seed_g)?.to_dtype(at)?; // [T, E·r]
         let zu = dropped_codes(x, &all_a(w.a_up, bt)?, p, seed_u)?.to_dtype(at)?; // [T, E·r]
         let gu = gate_up(x, w.w_gate, w.w_up)?; // [T, I] each
@@ -686,7 +687,6 @@ impl LoraLayouts {
     }
 }
 
-/// All experts' LoRA A `[E, r, n]` as one `[E·r, n]` matrix in `dtype`.
 /// `base + a.dropout(p, seed_a) + b.dropout(p, seed_b)` (one shape, one dtype), bit for bit:
 /// one backend op (`add_dropped2`: on the GPU one pass where the separate ops took four), no
 /// node.
@@ -730,6 +730,7 @@ fn dropped_grad_a(dz: &Tensor, x: &Tensor, p: f64, seed: u64) -> Result<Tensor> 
     Ok(Tensor::from_storage(s, [dz.dims()[1], x.dims()[1]], None))
 }
 
+/// All experts' LoRA A `[E, r, n]` as one `[E·r, n]` matrix in `dtype`.
 fn all_a(a: &Tensor, dtype: DType) -> Result<Tensor> {
     let (e, r, n) = (a.dims()[0], a.dims()[1], a.dims()[2]);
     a.reshape([e * r, n])?.to_dtype(dtype)
