@@ -522,10 +522,11 @@ pub(crate) fn product_with_dropout<S: BackendStorage>(
         let d = x.dropout_apply(l, p, seed)?; // [1, m, k] contiguous
         d.matmul(&Layout::contiguous(l.dims().to_vec()), rhs, rhs_l)?
     };
-    y.to_dtype(
-        &Layout::contiguous([l.dims()[1], rhs_l.dims()[2]]),
-        crate::ops::acc_dtype(x.dtype()),
-    )
+    let acc = crate::ops::acc_dtype(x.dtype());
+    if y.dtype() == acc {
+        return Ok(y); // an f32 or f64 product: already in its accumulation dtype
+    }
+    y.to_dtype(&Layout::contiguous([l.dims()[1], rhs_l.dims()[2]]), acc)
 }
 
 /// `base + drop(a) + drop(b)` as the separate ops (dropout, add, dropout, add): the default of
