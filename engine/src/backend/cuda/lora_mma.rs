@@ -10,7 +10,7 @@ use kernels::LORA;
 
 use super::launch::launch;
 use super::layout::to_u32;
-use super::lora_rank::{dropout_args, view_args, Small};
+use super::lora_rank::{dropout_args, runs_of_32, view_args, Small};
 use super::{CudaDevice, CudaStorage};
 use crate::{DType, Layout, Result};
 
@@ -56,9 +56,7 @@ pub(super) fn codes_partials(
 ) -> Result<(CudaStorage, usize)> {
     let (m, n) = (l.dims()[0], l.dims()[1]);
     let row_blocks = m.div_ceil(BLOCK_ROWS).max(1);
-    let steps = n.div_ceil(32).max(1);
-    let per_split = steps.div_ceil(TARGET_BLOCKS.div_ceil(row_blocks).clamp(1, steps)) * 32;
-    let splits = n.div_ceil(per_split).max(1);
+    let (splits, per_split) = runs_of_32(n, TARGET_BLOCKS.div_ceil(row_blocks));
     let part = CudaStorage::alloc(&x.dev, op, splits * m * r, DType::F32)?; // [splits, m, r]
     let (m32, n32, ld32, px) = view_args(op, x, l)?;
     let (pa, at, pp, cps) = (
@@ -102,9 +100,7 @@ pub(super) fn grad_a_partials(
 ) -> Result<(CudaStorage, usize)> {
     let (m, n) = (l.dims()[0], l.dims()[1]);
     let col_blocks = n.div_ceil(BLOCK_COLS).max(1);
-    let steps = m.div_ceil(32).max(1);
-    let per_split = steps.div_ceil(TARGET_BLOCKS.div_ceil(col_blocks).clamp(1, steps)) * 32;
-    let splits = m.div_ceil(per_split).max(1);
+    let (splits, per_split) = runs_of_32(m, TARGET_BLOCKS.div_ceil(col_blocks));
     let part = CudaStorage::alloc(&x.dev, op, splits * r * n, DType::F32)?; // [splits, r, n]
     let (m32, n32, ld32, px) = view_args(op, x, l)?;
     let (pd, pp, rps) = (dz.ptr, part.ptr(), to_u32(op, per_split)?);

@@ -129,6 +129,15 @@ pub(super) fn dropout_args(p: f64) -> (u32, f32, i32) {
     }
 }
 
+/// `(runs, per_run)`: `len` cut into about `wanted` runs whose length is a multiple of 32 (the
+/// tensor-core kernels' step), at least one, none empty: the splits of a reduction that go
+/// through partial sums.
+pub(super) fn runs_of_32(len: usize, wanted: usize) -> (usize, usize) {
+    let steps = len.div_ceil(32).max(1);
+    let per = steps.div_ceil(wanted.clamp(1, steps)) * 32;
+    (len.div_ceil(per).max(1), per)
+}
+
 /// `scale · Σ_p part[p]` over `parts` partial sums `[rows, cols]` (f32), as `[rows, cols]` or,
 /// with `transpose`, `[cols, rows]`.
 pub(super) fn sum_partials(

@@ -11,9 +11,9 @@ use kernels::LORA;
 
 use super::launch::launch;
 use super::layout::to_u32;
-use super::lora_rank::{dropout_args, sum_partials};
+use super::lora_rank::{dropout_args, runs_of_32, sum_partials};
 use super::CudaStorage;
-use crate::{DType, Layout, Result};
+use crate::{DType, Error, Layout, Result};
 
 /// Blocks a launch aims for: three per SM of an H200, as many as its registers hold (64
 /// accumulators a thread); with two, too few bytes of x were in flight (37 µs for 32 MB).
@@ -60,12 +60,21 @@ fn config(grid: (usize, usize, usize)) -> LaunchConfig {
     }
 }
 
-/// `(splits, per_split)`: runs of `per_split` (a multiple of 32) out of `len`, at most
-/// TARGET_BLOCKS blocks (one wave) with `others` blocks each, at least one split.
+/// `(splits, per_split)` of `len` (not empty): at most TARGET_BLOCKS blocks (one wave) with
+/// `others` blocks a split, at least one split.
 fn splits(len: usize, others: usize) -> (usize, usize) {
-    let steps = len.div_ceil(32);
-    let per = steps.div_ceil((TARGET_BLOCKS / others).clamp(1, steps)) * 32;
-    (len.div_ceil(per), per)
+    runs_of_32(len, TARGET_BLOCKS / others)
+}
+
+/// Errors unless `p` is a dropout probability and both operands live on one GPU.
+fn check(op: &'static str, a: &CudaStorage, b: &CudaStorage, p: f64) -> Result<()> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::invalid(
+            op,
+            format!("probability {p} is not in [0, 1)"),
+        ));
+    }
+    a.same_device(op, b)
 }
 
 /// `drop(x) · Aᵀ` `[m, n]` f32 for `x` `[1, m, k]` and `rhs` = Aᵀ `[1, k, n]` (A `[n, k]` with
@@ -79,6 +88,7 @@ pub(super) fn dropout_matmul(
     seed: u64,
 ) -> Result<Option<CudaStorage>> {
     const OP: &str = "dropout_matmul";
+    check(OP, x, rhs, p)?;
     let (Some(xr), Some(ar)) = (rows_of(x, l), rows_of(rhs, &rl.transpose(1, 2))) else {
         return Ok(None);
     };
@@ -125,6 +135,7 @@ pub(super) fn matmul_dropout(
     seed: u64,
 ) -> Result<Option<CudaStorage>> {
     const OP: &str = "matmul_dropout";
+    check(OP, lhs, x, p)?;
     let (Some(dr), Some(xr)) = (rows_of(lhs, &l.transpose(1, 2)), rows_of(x, xl)) else {
         return Ok(None);
     };
