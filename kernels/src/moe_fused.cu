@@ -29,13 +29,21 @@
 // chunk of the op's tokens), else scaled by `keep` = 1/(1 − pdrop) (engine/src/rng.rs,
 // bit-identical to the CPU's).
 // One block per token row for the SwiGLU kernels (grid-stride over rows); K ≤ MOE_MAX_K (checked
-// on the host).
+// on the host). Each SwiGLU kernel also comes as `..._k2_{dtype}` for K ≤ 2 (top-1 and top-2
+// routing, the common case): its per-slot arrays hold 2 entries, not 8, which keeps the kernel
+// near half the registers and so doubles the blocks an SM holds. The bf16 kernels take the
+// sigmoid through the fast exponential and division (`__expf`, `__fdividef`): a few ulp of f32,
+// far below a bf16 result's rounding; the f32 and f64 kernels keep the accurate ones.
 
 #define MOE_MAX_K 8
+// Threads per block of the SwiGLU kernels (THREADS in engine/src/backend/cuda/moe_fused.rs).
+#define MOE_THREADS 256
 // Loops over the slots j < K of a token, unrolled to MOE_MAX_K so that per-slot arrays (weights,
 // partial sums) are indexed by constants and stay in registers (a loop to the run-time K would
 // put them in local memory).
 #define MOE_FOR_SLOTS(j) _Pragma("unroll") for (u32 j = 0; j < MOE_MAX_K; ++j) if (j < K)
+// The same to a compile-time bound KM ≤ MOE_MAX_K (the SwiGLU kernels' template parameter).
+#define MOE_FOR_SLOTS_KM(j) _Pragma("unroll") for (u32 j = 0; j < KM; ++j) if (j < K)
 // Elements per vector load: 8 bf16 (one 16-byte word), 8 f32 (two), 8 f64 (four).
 #define MOE_VEC 8
 
@@ -74,6 +82,15 @@ struct MoeDrop {
 template <typename A> __device__ __forceinline__ A moe_sigmoid(A x) {
     return A(1) / (A(1) + m_exp(-x));
 }
+
+// The sigmoid of the SwiGLU kernels over a base of type TB: fast for bf16 (see the header; for
+// x → −∞ the denominator overflows and __fdividef gives 0, the limit), accurate otherwise.
+template <typename TB> struct MoeSigmoid {
+    template <typename A> static __device__ __forceinline__ A at(A x) { return moe_sigmoid(x); }
+};
+template <> struct MoeSigmoid<bf16> {
+    static __device__ __forceinline__ float at(float x) { return __fdividef(1.0f, 1.0f + __expf(-x)); }
+};
 
 template <typename T> struct MoePack {
     uint4 u[sizeof(T) * MOE_VEC / 16];
@@ -134,10 +151,11 @@ __device__ void moe_expand_codes(u32 T, u32 K, u32 E, u32 R, u32 sum_slots, cons
 
 // ----- SwiGLU over the slots -----------------------------------------------------------------------
 
-template <typename TB>
-__device__ void moe_swiglu_forward(u32 T, u32 K, u32 I, u32 t0, const TB* G, u32 ldg, const TB* U, u32 ldu,
-                                   const TB* dG, const TB* dU, const typename Acc<TB>::type* w, TB* abar, TB* am,
-                                   double pdrop, double keep_d, u64 seed) {
+template <typename TB, int KM>
+__device__ void moe_swiglu_forward(u32 T, u32 K, u32 I, u32 t0, const TB* __restrict__ G, u32 ldg,
+                                   const TB* __restrict__ U, u32 ldu, const TB* __restrict__ dG,
+                                   const TB* __restrict__ dU, const typename Acc<TB>::type* __restrict__ w,
+                                   TB* __restrict__ abar, TB* __restrict__ am, double pdrop, double keep_d, u64 seed) {
     typedef typename Acc<TB>::type A;
     const A keep = (A)keep_d;
     const MoeDrop drop(pdrop, seed);
@@ -145,8 +163,8 @@ __device__ void moe_swiglu_forward(u32 T, u32 K, u32 I, u32 t0, const TB* G, u32
                      moe_aligned(U) && moe_aligned(dG) && moe_aligned(dU) && moe_aligned(abar) && moe_aligned(am);
     const u32 nv = vec ? I / MOE_VEC : 0;
     for (u32 t = blockIdx.x; t < T; t += gridDim.x) {
-        A ws[MOE_MAX_K];
-        MOE_FOR_SLOTS(j) ws[j] = w[(size_t)t * K + j];
+        A ws[KM];
+        MOE_FOR_SLOTS_KM(j) ws[j] = w[(size_t)t * K + j];
         const TB* gt = G + (size_t)t * ldg;
         const TB* ut = U + (size_t)t * ldu;
         for (u32 v = threadIdx.x; v < nv; v += blockDim.x) {
@@ -156,7 +174,7 @@ __device__ void moe_swiglu_forward(u32 T, u32 K, u32 I, u32 t0, const TB* G, u32
             moe_load(ut + i0, ub);
 #pragma unroll
             for (int x = 0; x < MOE_VEC; ++x) acc[x] = A(0);
-            MOE_FOR_SLOTS(j) {
+            MOE_FOR_SLOTS_KM(j) {
                 const size_t p = (size_t)t * K + j;
                 A dg[MOE_VEC], du[MOE_VEC];
                 moe_load(dG + p * I + i0, dg);
@@ -166,7 +184,7 @@ __device__ void moe_swiglu_forward(u32 T, u32 K, u32 I, u32 t0, const TB* G, u32
 #pragma unroll
                 for (int x = 0; x < MOE_VEC; ++x) {
                     const A g = gb[x] + dg[x], u = ub[x] + du[x];
-                    const A a = g * moe_sigmoid(g) * u;
+                    const A a = g * MoeSigmoid<TB>::at(g) * u;
                     acc[x] += ws[j] * a;
                     dg[x] = a * mk[x];
                 }
@@ -177,10 +195,10 @@ __device__ void moe_swiglu_forward(u32 T, u32 K, u32 I, u32 t0, const TB* G, u32
         for (u32 i = nv * MOE_VEC + threadIdx.x; i < I; i += blockDim.x) {
             const A gb = to_acc(gt[i]), ub = to_acc(ut[i]);
             A acc = A(0);
-            MOE_FOR_SLOTS(j) {
+            MOE_FOR_SLOTS_KM(j) {
                 const size_t p = (size_t)t * K + j;
                 const A g = gb + to_acc(dG[p * I + i]), u = ub + to_acc(dU[p * I + i]);
-                const A a = g * moe_sigmoid(g) * u;
+                const A a = g * MoeSigmoid<TB>::at(g) * u;
                 acc += ws[j] * a;
                 am[p * I + i] = from_acc<TB>(a * drop.at(keep, (((u64)t0 + t) * K + j) * I + i));
             }
@@ -191,9 +209,9 @@ __device__ void moe_swiglu_forward(u32 T, u32 K, u32 I, u32 t0, const TB* G, u32
 
 // The gradients of one slot at one column (the CPU's `slot_grads`): a, dg, du from g, u,
 // w_j·dĀ, the LoRA-down term dD and the dropout multiplier m.
-template <typename A>
+template <typename A, typename TB = A>
 __device__ __forceinline__ void moe_slot_grads(A g, A u, A wda, A dd, A m, A& a, A& dg, A& du) {
-    const A sg = moe_sigmoid(g);
+    const A sg = MoeSigmoid<TB>::at(g);
     const A silu = g * sg;
     a = silu * u;
     const A da = wda + m * dd;
@@ -201,11 +219,14 @@ __device__ __forceinline__ void moe_slot_grads(A g, A u, A wda, A dd, A m, A& a,
     du = da * silu;
 }
 
-template <typename TB>
-__device__ void moe_swiglu_backward(u32 T, u32 K, u32 I, u32 t0, const TB* G, u32 ldg, const TB* U, u32 ldu,
-                                    const TB* dG, const TB* dU, const TB* dD, const TB* dabar,
-                                    const typename Acc<TB>::type* w, TB* dGU, TB* dg_out, TB* du_out, TB* am,
-                                    typename Acc<TB>::type* dw, double pdrop, double keep_d, u64 seed) {
+template <typename TB, int KM>
+__device__ void moe_swiglu_backward(u32 T, u32 K, u32 I, u32 t0, const TB* __restrict__ G, u32 ldg,
+                                    const TB* __restrict__ U, u32 ldu, const TB* __restrict__ dG,
+                                    const TB* __restrict__ dU, const TB* __restrict__ dD,
+                                    const TB* __restrict__ dabar, const typename Acc<TB>::type* __restrict__ w,
+                                    TB* __restrict__ dGU, TB* __restrict__ dg_out, TB* __restrict__ du_out,
+                                    TB* __restrict__ am, typename Acc<TB>::type* __restrict__ dw, double pdrop,
+                                    double keep_d, u64 seed) {
     typedef typename Acc<TB>::type A;
     const A keep = (A)keep_d;
     const MoeDrop drop(pdrop, seed);
@@ -215,8 +236,8 @@ __device__ void moe_swiglu_backward(u32 T, u32 K, u32 I, u32 t0, const TB* G, u3
                      moe_aligned(am);
     const u32 nv = vec ? I / MOE_VEC : 0;
     for (u32 t = blockIdx.x; t < T; t += gridDim.x) {
-        A ws[MOE_MAX_K], part[MOE_MAX_K];
-        MOE_FOR_SLOTS(j) {
+        A ws[KM], part[KM];
+        MOE_FOR_SLOTS_KM(j) {
             ws[j] = w[(size_t)t * K + j];
             part[j] = A(0);
         }
@@ -232,7 +253,7 @@ __device__ void moe_swiglu_backward(u32 T, u32 K, u32 I, u32 t0, const TB* G, u3
             moe_load(dabar + (size_t)t * I + i0, dab);
 #pragma unroll
             for (int x = 0; x < MOE_VEC; ++x) sdg[x] = sdu[x] = A(0);
-            MOE_FOR_SLOTS(j) {
+            MOE_FOR_SLOTS_KM(j) {
                 const size_t p = (size_t)t * K + j;
                 A lg[MOE_VEC], lu[MOE_VEC], ld[MOE_VEC];
                 moe_load(dG + p * I + i0, lg);
@@ -245,7 +266,7 @@ __device__ void moe_swiglu_backward(u32 T, u32 K, u32 I, u32 t0, const TB* G, u3
                 for (int x = 0; x < MOE_VEC; ++x) {
                     const A m = mk[x];
                     A a, dgv, duv;
-                    moe_slot_grads(gb[x] + lg[x], ub[x] + lu[x], ws[j] * dab[x], ld[x], m, a, dgv, duv);
+                    moe_slot_grads<A, TB>(gb[x] + lg[x], ub[x] + lu[x], ws[j] * dab[x], ld[x], m, a, dgv, duv);
                     dot += dab[x] * a;
                     sdg[x] += dgv;
                     sdu[x] += duv;
@@ -264,11 +285,11 @@ __device__ void moe_swiglu_backward(u32 T, u32 K, u32 I, u32 t0, const TB* G, u3
         for (u32 i = nv * MOE_VEC + threadIdx.x; i < I; i += blockDim.x) {
             const A gb = to_acc(gt[i]), ub = to_acc(ut[i]), dab = to_acc(dabar[(size_t)t * I + i]);
             A sdg = A(0), sdu = A(0);
-            MOE_FOR_SLOTS(j) {
+            MOE_FOR_SLOTS_KM(j) {
                 const size_t p = (size_t)t * K + j;
                 const A m = drop.at(keep, (((u64)t0 + t) * K + j) * I + i);
                 A a, dgv, duv;
-                moe_slot_grads(gb + to_acc(dG[p * I + i]), ub + to_acc(dU[p * I + i]), ws[j] * dab,
+                moe_slot_grads<A, TB>(gb + to_acc(dG[p * I + i]), ub + to_acc(dU[p * I + i]), ws[j] * dab,
                                to_acc(dD[p * I + i]), m, a, dgv, duv);
                 part[j] += dab * a;
                 sdg += dgv;
@@ -280,14 +301,17 @@ __device__ void moe_swiglu_backward(u32 T, u32 K, u32 I, u32 t0, const TB* G, u3
             dgt[i] = from_acc<TB>(sdg);
             dut[i] = from_acc<TB>(sdu);
         }
-        MOE_FOR_SLOTS(j) {
+        MOE_FOR_SLOTS_KM(j) {
             const A s = block_reduce(part[j], SumOp(), A(0));
             if (threadIdx.x == 0) dw[(size_t)t * K + j] = s;
         }
     }
 }
 
-#define MOE_FUSED(TB, SUF) \
+// The module's kernels of base type TB; K2_BWD_BOUNDS: the launch bounds of the K ≤ 2 SwiGLU
+// backward, or nothing. For bf16 it asks for three blocks an SM: 80 registers, against 106
+// unbounded (two blocks), at the price of a few bytes of stack.
+#define MOE_FUSED(TB, SUF, K2_BWD_BOUNDS) \
     extern "C" __global__ void moe_gather_codes_##SUF(u32 T, u32 K, u32 E, u32 R, u32 per_slot, const TB* src, \
                                                       const u32* ids, Acc<TB>::type* out) { \
         moe_gather_codes<TB>(T, K, E, R, per_slot, src, ids, out); \
@@ -296,19 +320,25 @@ __device__ void moe_swiglu_backward(u32 T, u32 K, u32 I, u32 t0, const TB* G, u3
                                                       const u32* ids, TB* out) { \
         moe_expand_codes<TB>(T, K, E, R, sum_slots, codes, ids, out); \
     } \
-    extern "C" __global__ void moe_swiglu_forward_##SUF( \
+    MOE_SWIGLU(TB, SUF, MOE_MAX_K, , ) \
+    MOE_SWIGLU(TB, SUF, 2, _k2, K2_BWD_BOUNDS)
+
+// The two SwiGLU kernels of base type TB with per-slot arrays of KM entries, named
+// moe_swiglu_{forward,backward}{NAME}_{SUF}; BWD_BOUNDS: the backward's launch bounds, or nothing.
+#define MOE_SWIGLU(TB, SUF, KM, NAME, BWD_BOUNDS) \
+    extern "C" __global__ void moe_swiglu_forward##NAME##_##SUF( \
         u32 T, u32 K, u32 I, u32 t0, const TB* G, u32 ldg, const TB* U, u32 ldu, const TB* dG, const TB* dU, \
         const Acc<TB>::type* w, TB* abar, TB* am, double pdrop, double keep, u64 seed) { \
-        moe_swiglu_forward<TB>(T, K, I, t0, G, ldg, U, ldu, dG, dU, w, abar, am, pdrop, keep, seed); \
+        moe_swiglu_forward<TB, KM>(T, K, I, t0, G, ldg, U, ldu, dG, dU, w, abar, am, pdrop, keep, seed); \
     } \
-    extern "C" __global__ void moe_swiglu_backward_##SUF( \
+    extern "C" __global__ void BWD_BOUNDS moe_swiglu_backward##NAME##_##SUF( \
         u32 T, u32 K, u32 I, u32 t0, const TB* G, u32 ldg, const TB* U, u32 ldu, const TB* dG, const TB* dU, \
         const TB* dD, const TB* dabar, const Acc<TB>::type* w, TB* dGU, TB* dg, TB* du, TB* am, Acc<TB>::type* dw, \
         double pdrop, double keep, u64 seed) { \
-        moe_swiglu_backward<TB>(T, K, I, t0, G, ldg, U, ldu, dG, dU, dD, dabar, w, dGU, dg, du, am, dw, pdrop, \
-                                keep, seed); \
+        moe_swiglu_backward<TB, KM>(T, K, I, t0, G, ldg, U, ldu, dG, dU, dD, dabar, w, dGU, dg, du, am, dw, \
+                                    pdrop, keep, seed); \
     }
 
-MOE_FUSED(float, f32)
-MOE_FUSED(bf16, bf16)
-MOE_FUSED(double, f64)
+MOE_FUSED(float, f32, )
+MOE_FUSED(bf16, bf16, __launch_bounds__(MOE_THREADS, 3))
+MOE_FUSED(double, f64, )

@@ -234,6 +234,16 @@ fn move_codes(args: &Args<'_>, d: &MoeDims, which: Codes) -> Result<Vec<CudaStor
     Ok(vec![out])
 }
 
+/// The SwiGLU kernel `op` for `k` slots a token: the `_k2` build (per-slot arrays of 2, about
+/// half the registers) for k ≤ 2, else the general one (k ≤ `MOE_MAX_K`).
+fn swiglu_kernel(op: &str, k: usize, base: DType) -> String {
+    if k <= 2 {
+        format!("{op}_k2_{base}")
+    } else {
+        format!("{op}_{base}")
+    }
+}
+
 pub(crate) fn swiglu_forward(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> {
     const OP: &str = "moe_swiglu_forward";
     check_sizes(OP, d)?;
@@ -261,7 +271,7 @@ pub(crate) fn swiglu_forward(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaSto
     let [t32, k32, i32_, t0] = to_u32s(OP, [t, k, i, d.t0])?;
     let (pdrop, keep, seed) = settings(d);
     let (pa, pm) = (abar.ptr(), am.ptr());
-    let name = format!("{OP}_{}", o.base);
+    let name = swiglu_kernel(OP, k, o.base);
     // SAFETY: G, U hold T rows of I elements at row strides ldg, ldu ≥ I; ΔG, ΔU T·k·I and w T·k
     // elements (checked above); k ≤ MOE_MAX_K (check_sizes); the outputs hold T·I and T·k·I
     // elements, each written once by the block of its row.
@@ -310,7 +320,7 @@ pub(crate) fn swiglu_backward(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaSt
     let [t32, k32, i32_, t0] = to_u32s(OP, [t, k, i, d.t0])?;
     let (pdrop, keep, seed) = settings(d);
     let (pgu, pg, pu, pm, pw) = (dgu.ptr(), dg.ptr(), du.ptr(), am.ptr(), dw.ptr());
-    let name = format!("{OP}_{}", o.base);
+    let name = swiglu_kernel(OP, k, o.base);
     // SAFETY: G, U hold T rows of I elements at row strides ldg, ldu ≥ I; ΔG, ΔU, ΔD T·k·I, dĀ
     // T·I and w T·k elements (checked above); k ≤ MOE_MAX_K (check_sizes); the outputs hold
     // T·2I, 3 × T·k·I and T·k elements, each written once by the block of its row; 256 threads
