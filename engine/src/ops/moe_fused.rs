@@ -13,8 +13,8 @@
 //!   `[T, k, r]`;
 //! - `Y = Ā W_dᵀ + s Σ_j w_j B_d,e Z_d[t,j]`.
 //!
-//! backward (recomputing `g, u, a` from `G, U` and the codes; saved: `G, U` `[T, I]` and the
-//! rank-r codes, never a `k·T × I` tensor)
+//! backward (recomputing `g, u, a` from `G, U` and the codes; saved: `G, U` `[T, I]`, the
+//! rank-r codes and the adapters in the layouts the GEMMs read, never a `k·T × I` tensor)
 //! - `dĀ = dY W_d`; `q = B_d,eᵀ dY[t]`, `dZ_d[t,j] = s·w_j·q`, `dw_j = ⟨dĀ, a_j⟩ + s·⟨q, Z_d[t,j]⟩`;
 //! - `da_j = w_j dĀ + drop_d'(A_d,eᵀ dZ_d[t,j])`, `dg_j = da_j ⊙ u ⊙ silu'(g)`, `du_j = da_j ⊙
 //!   silu(g)`, `dG = Σ_j dg_j`, `dU = Σ_j du_j`, `dZ_g[t,e] = s·B_g,eᵀ dg_j` (zero for experts
@@ -378,16 +378,17 @@ pub fn moe_fused_ffn_with(
         .collect();
 
     // ----- forward ---------------------------------------------------------------------
-    let (gu, zg, zu, zd, y) = {
+    let fwd = {
         let _ng = NoGradGuard::new();
         // The LoRA-A codes of the dropped x against every expert's A in the base dtype, summed
         // in the adapter dtype (on the GPU one tensor-core pass over x, the mask on the fly).
-        let zg = dropped_codes(x, &all_a(w.a_gate, bt)?, p, seed_g)?.to_dtype(at)?; // [T, E·r]
-        let zu = dropped_codes(x, &all_a(w.a_up, bt)?, p, seed_u)?.to_dtype(at)?; // [T, E·r]
+        let (ag, au) = (all_a(w.a_gate, bt)?, all_a(w.a_up, bt)?); // [E·r, H] base
+        let zg = dropped_codes(x, &ag, p, seed_g)?.to_dtype(at)?; // [T, E·r]
+        let zu = dropped_codes(x, &au, p, seed_u)?.to_dtype(at)?; // [T, E·r]
         let gu = gate_up(x, w.w_gate, w.w_up)?; // [T, I] each
         let lw = LoraLayouts::new(w.b_gate, w.b_up, w.a_down, w.b_down, bt)?;
         let (mut zd, mut y0) = (Vec::new(), Vec::new());
-        if tiles {
+        let (cg, cu) = if tiles {
             let cg = compact_codes(&zg, route.ids, s, &d, bt)?; // [T·k, r] base
             let cu = compact_codes(&zu, route.ids, s, &d, bt)?;
             for &(t0, tc) in &chunks {
@@ -407,6 +408,7 @@ pub fn moe_fused_ffn_with(
                 y0.push(out[0].matmul(&w.w_down.t()?)?); // [tc, H]
                 zd.push(out[1].clone()); // [tc, k, r]
             }
+            (cg, cu)
         } else {
             let cg = slot_codes(&zg, route.ids, s, &d, bt)?; // [T·k, E·r] base
             let cu = slot_codes(&zu, route.ids, s, &d, bt)?;
@@ -429,13 +431,28 @@ pub fn moe_fused_ffn_with(
                 zd.push(gather(&am.matmul(&lw.a_down.t()?)?, &ids_c, &dc)?); // [tc, k, r]
                 y0.push(abar.matmul(&w.w_down.t()?)?); // [tc, H]
             }
-        }
+            (cg, cu)
+        };
         let zd = join(zd)?; // [T, k, r] adapter
         let y0 = join(y0)?; // [T, H] base
-        let cy = down_codes(&zd, route.weights, route.ids, s, &d)?; // [T, E·r] adapter
-        let y = y0.add(&cy.to_dtype(bt)?.matmul(&lw.b_down.t()?)?)?;
-        (gu, zg, zu, zd, y)
+                            // [T, E·r] base
+        let cy = down_codes(&zd, route.weights, route.ids, s, &d)?.to_dtype(bt)?;
+        let y = y0.add(&cy.matmul(&lw.b_down.t()?)?)?;
+        Forward {
+            gu,
+            zd,
+            y,
+            kept: Kept {
+                lw,
+                ag,
+                au,
+                cg,
+                cu,
+                cy,
+            },
+        }
     };
+    let Forward { gu, zd, y, kept } = fwd;
 
     // ----- backward --------------------------------------------------------------------
     let (w_gate, w_up, w_down) = (w.w_gate.clone(), w.w_up.clone(), w.w_down.clone());
@@ -443,10 +460,17 @@ pub fn moe_fused_ffn_with(
     let saved = [
         gu.0.clone(),
         gu.1.clone(),
-        zg.clone(),
-        zu.clone(),
         zd.clone(),
         ids.clone(),
+        kept.lw.b_gate.clone(),
+        kept.lw.b_up.clone(),
+        kept.lw.a_down.clone(),
+        kept.lw.b_down.clone(),
+        kept.ag.clone(),
+        kept.au.clone(),
+        kept.cg.clone(),
+        kept.cu.clone(),
+        kept.cy.clone(),
     ];
     // `x` is read only for the LoRA-A gradients of gate and up (`dA = dZᵀ drop(x)`).
     let inputs = [
@@ -460,11 +484,17 @@ pub fn moe_fused_ffn_with(
         Input::Keep(w.b_down),
     ];
     let node = Node::record_with(OP, &inputs, Output::Unread, move |inp, _, dy| {
-        let (x, wts, ag, bg, au, bu, ad, bd) = (
-            &inp[0], &inp[1], &inp[2], &inp[3], &inp[4], &inp[5], &inp[6], &inp[7],
-        );
+        let (x, wts) = (&inp[0], &inp[1]);
         let need = |n: usize| inp[n].tracks_grad();
-        let lw = LoraLayouts::new(bg, bu, ad, bd, bt)?;
+        // The layouts and codes of the forward (the adapter weights have not changed since).
+        let Kept {
+            lw,
+            ag,
+            au,
+            cg,
+            cu,
+            cy,
+        } = &kept;
         // Down LoRA: q = B_d,eᵀ dY[t] for each slot.
         let q = gather(&dy.matmul(&lw.b_down)?, &ids, &d)?; // [T, k, r] adapter
         let dzd = q.mul(&wts.reshape([t, k, 1])?.affine(s, 0.0)?)?; // s·w_j·q
@@ -477,15 +507,13 @@ pub fn moe_fused_ffn_with(
             (None, None, None);
         if tiles {
             let cd = dzd.to_dtype(bt)?.reshape([t * k, r])?; // [T·k, r] base
-            let cg = compact_codes(&zg, &ids, s, &d, bt)?;
-            let cu = compact_codes(&zu, &ids, s, &d, bt)?;
             for &(t0, tc) in &chunks {
                 let dc = MoeDims { t: tc, t0, ..d };
                 let rows = |m: &Tensor| m.narrow(0, t0 * k, tc * k);
                 let dabar = dy.narrow(0, t0, tc)?.matmul(&w_down)?; // [tc, I] base
                 let (gc, uc) = (gu.0.narrow(0, t0, tc)?, gu.1.narrow(0, t0, tc)?);
                 let (ids_c, wc) = (ids.narrow(0, t0, tc)?, wts.narrow(0, t0, tc)?);
-                let (cgc, cuc, cdc) = (rows(&cg)?, rows(&cu)?, rows(&cd)?);
+                let (cgc, cuc, cdc) = (rows(cg)?, rows(cu)?, rows(&cd)?);
                 let args = [
                     &gc, &uc, &cgc, &cuc, &cdc, &ids_c, &lw.b_gate, &lw.b_up, &lw.a_down, &dabar,
                     &wc,
@@ -531,12 +559,10 @@ pub fn moe_fused_ffn_with(
             }
         } else {
             let cd = expand(&dzd, &ids, &d)?.to_dtype(bt)?; // [T·k, E·r] base
-            let cg = slot_codes(&zg, &ids, s, &d, bt)?; // [T·k, E·r] base
-            let cu = slot_codes(&zu, &ids, s, &d, bt)?;
             for &(t0, tc) in &chunks {
                 let dc = MoeDims { t: tc, t0, ..d };
                 let rows = |m: &Tensor| m.narrow(0, t0 * k, tc * k);
-                let (cgc, cuc, cdc) = (rows(&cg)?, rows(&cu)?, rows(&cd)?);
+                let (cgc, cuc, cdc) = (rows(cg)?, rows(cu)?, rows(&cd)?);
                 let dabar = dy.narrow(0, t0, tc)?.matmul(&w_down)?; // [tc, I] base
                 let lg = cgc.matmul(&lw.b_gate.t()?)?; // [tc·k, I]
                 let lu = cuc.matmul(&lw.b_up.t()?)?;
@@ -591,8 +617,8 @@ pub fn moe_fused_ffn_with(
         };
         let dx = match (&dzg_b, &dzu_b, need(0)) {
             (Some(dzg), Some(dzu), true) => {
-                let lora_g = dzg.matmul(&all_a(ag, bt)?)?; // [T, H], before its dropout
-                let lora_u = dzu.matmul(&all_a(au, bt)?)?;
+                let lora_g = dzg.matmul(ag)?; // [T, H], before its dropout
+                let lora_u = dzu.matmul(au)?;
                 Some(add_dropped2(
                     &join(dx_base)?,
                     &lora_g,
@@ -633,8 +659,7 @@ pub fn moe_fused_ffn_with(
             .map(|m| m.reshape([e, r, i]))
             .transpose()?;
         let db_down = if need(7) {
-            let cy = down_codes(&zd, wts, &ids, s, &d)?.to_dtype(bt)?; // [T, E·r]
-            Some(per_expert(&dy.t()?.matmul(&cy)?.to_dtype(at)?, e, r, h)?)
+            Some(per_expert(&dy.t()?.matmul(cy)?.to_dtype(at)?, e, r, h)?)
         } else {
             None
         };
@@ -665,6 +690,25 @@ fn dx_of_dgu(
             .matmul(w_gate)?
             .add(&dgu.narrow(1, i, i)?.matmul(w_up)?),
     }
+}
+
+/// What the forward computes and returns or keeps for the backward.
+struct Forward {
+    gu: (Tensor, Tensor), // G, U [T, I] base
+    zd: Tensor,           // [T, k, r] adapter
+    y: Tensor,            // [T, H] base
+    kept: Kept,
+}
+
+/// The forward's operands that the backward reuses instead of rebuilding: a few MB a layer at
+/// LLaMA-2-7B sizes (nothing `[T·k, I]`), which spares the backward some twenty small launches.
+struct Kept {
+    lw: LoraLayouts,
+    ag: Tensor, // [E·r, H] base: every expert's A_gate
+    au: Tensor, // [E·r, H] base: every expert's A_up
+    cg: Tensor, // s·Z_g of every slot: block codes [T·k, E·r] or, for the tile kernels, [T·k, r]
+    cu: Tensor, // s·Z_u likewise
+    cy: Tensor, // [T, E·r] base: the down-LoRA codes s·w_j·Z_d[t, j] in block form
 }
 
 /// The experts' LoRA weights laid out for the block-code GEMMs, in the base dtype.
@@ -736,13 +780,17 @@ fn all_a(a: &Tensor, dtype: DType) -> Result<Tensor> {
     a.reshape([e * r, n])?.to_dtype(dtype)
 }
 
-/// `[E, n, r]` → `[n, E·r]` (row `c` holds every expert's row `c`) in `dtype`.
+/// `[E, n, r]` → `[n, E·r]` (row `c` holds every expert's row `c`) in `dtype`: one pass (the
+/// conversion reads the permuted view).
 fn all_experts(b: &Tensor, dtype: DType) -> Result<Tensor> {
     let (e, n, r) = (b.dims()[0], b.dims()[1], b.dims()[2]);
-    b.to_dtype(dtype)?
-        .permute(&[1, 0, 2])?
-        .contiguous()?
-        .reshape([n, e * r])
+    let permuted = b.permute(&[1, 0, 2])?; // [n, E, r] view
+    let laid_out = if b.dtype() == dtype {
+        permuted.contiguous()?
+    } else {
+        permuted.to_dtype(dtype)?
+    };
+    laid_out.reshape([n, e * r])
 }
 
 /// `[n, E·r]` → `[E, n, r]`, the inverse of [`all_experts`].
