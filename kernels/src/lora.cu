@@ -336,13 +336,17 @@ __device__ void lora_expand_add(u32 M, u32 N, const float* zs, const float* Bt, 
 LORA_RANK(8)
 LORA_RANK(16)
 
+// rows · cols < 2^32 (checked on the host): 32-bit index arithmetic. The loop over the parts is
+// unrolled so that a thread's loads are in flight together (a rolled loop waits for each load
+// before issuing the next); the additions stay in the order of p.
 extern "C" __global__ void lora_sum_partials_f32(u32 P, u32 rows, u32 cols, int transpose, float scale,
-                                                  const float* part, float* out) {
+                                                  const float* __restrict__ part, float* __restrict__ out) {
     const size_t n = (size_t)rows * cols;
     FOR_EACH(i, n) {
         float s = 0.0f;
+#pragma unroll 8
         for (u32 p = 0; p < P; ++p) s += part[(size_t)p * n + i];
-        const size_t row = i / cols, col = i % cols;
-        out[transpose ? col * rows + row : i] = scale == 1.0f ? s : s * scale;
+        const u32 i32 = (u32)i, row = i32 / cols, col = i32 - row * cols;
+        out[transpose ? (size_t)col * rows + row : i] = scale == 1.0f ? s : s * scale;
     }
 }

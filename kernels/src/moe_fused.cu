@@ -115,15 +115,16 @@ template <typename T> __device__ __forceinline__ bool moe_aligned(const T* p) { 
 
 // ----- code layouts ------------------------------------------------------------------------------
 
+// Both index with 32-bit arithmetic: T·K·E·R < 2^32 (checked on the host), and a 64-bit division
+// by the run-time R costs several times a 32-bit one.
 template <typename TS>
 __device__ void moe_gather_codes(u32 T, u32 K, u32 E, u32 R, u32 per_slot, const TS* src, const u32* ids,
                                  typename Acc<TS>::type* out) {
     const size_t n = (size_t)T * K * R;
     for (size_t q = (size_t)blockIdx.x * blockDim.x + threadIdx.x; q < n; q += (size_t)blockDim.x * gridDim.x) {
-        const size_t p = q / R;
-        const u32 c = (u32)(q % R);
-        const size_t row = per_slot ? p : p / K;
-        out[q] = to_acc(src[row * E * R + (size_t)ids[p] * R + c]);
+        const u32 q32 = (u32)q, p = q32 / R, c = q32 - p * R;
+        const u32 row = per_slot ? p : p / K;
+        out[q] = to_acc(src[(size_t)row * E * R + ids[p] * R + c]);
     }
 }
 
@@ -131,15 +132,14 @@ template <typename TC>
 __device__ void moe_expand_codes(u32 T, u32 K, u32 E, u32 R, u32 sum_slots, const TC* codes, const u32* ids,
                                  TC* out) {
     typedef typename Acc<TC>::type A;
-    const size_t er = (size_t)E * R;
+    const u32 er = E * R;
     const size_t n = (sum_slots ? (size_t)T : (size_t)T * K) * er;
     for (size_t q = (size_t)blockIdx.x * blockDim.x + threadIdx.x; q < n; q += (size_t)blockDim.x * gridDim.x) {
-        const size_t row = q / er;
-        const u32 col = (u32)(q % er), e = col / R, c = col % R;
+        const u32 q32 = (u32)q, row = q32 / er, col = q32 - row * er, e = col / R, c = col - e * R;
         A v = A(0);
         if (sum_slots) {
             MOE_FOR_SLOTS(j) {
-                const size_t p = row * K + j;
+                const u32 p = row * K + j;
                 if (ids[p] == e) v += to_acc(codes[p * R + c]);
             }
         } else if (ids[row] == e) {

@@ -153,6 +153,7 @@ pub(super) fn sum_partials(
     if n == 0 {
         return Ok(out);
     }
+    to_u32(op, n)?; // the kernel's index arithmetic is 32-bit
     let (p32, rows32, cols32) = (to_u32(op, parts)?, to_u32(op, rows)?, to_u32(op, cols)?);
     let (tr, s32, pp, po) = (i32::from(transpose), scale as f32, part.ptr(), out.ptr());
     // SAFETY: `part` holds `parts · rows · cols` f32 and `out` rows · cols f32 (both allocated
