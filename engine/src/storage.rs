@@ -5,8 +5,8 @@ use crate::backend::cpu::{CpuDevice, CpuStorage};
 #[cfg(feature = "cuda")]
 use crate::backend::cuda::{CudaDevice, CudaStorage};
 use crate::backend::{
-    AdamWGroup, AdamWHyper, AdamWSlot, BackendDevice, BackendStorage, BinaryOp, CmpOp, MoeDims,
-    ReduceOp, UnaryOp,
+    AdamWGroup, AdamWHyper, AdamWSlot, BackendDevice, BackendStorage, BinaryOp, BlockCodes, CmpOp,
+    MoeDims, ReduceOp, UnaryOp,
 };
 use crate::{DType, Device, Error, Layout, Result, Shape};
 
@@ -222,18 +222,20 @@ fn cuda_args<'a>(args: &[(&'a Storage, &'a Layout)]) -> Vec<(&'a CudaStorage, &'
 /// Dispatches an op over a list of `(storage, layout)` operands that must all live on one
 /// backend; returns the backend's list of results wrapped back into `Storage`s.
 macro_rules! many {
-    ($op:literal, $method:ident, $args:ident, $d:ident) => {{
+    ($op:literal, $method:ident, $args:ident, $d:ident $(, $extra:ident)*) => {{
         let Some(first) = one_device($op, $args)? else {
             return Err(Error::invalid($op, "no operands"));
         };
         match first {
             Storage::Cpu(_) => {
-                let out = <CpuStorage as BackendStorage>::$method(&cpu_args($args), $d)?;
+                let out =
+                    <CpuStorage as BackendStorage>::$method(&cpu_args($args), $d $(, $extra)*)?;
                 Ok(out.into_iter().map(Storage::Cpu).collect())
             }
             #[cfg(feature = "cuda")]
             Storage::Cuda(_) => {
-                let out = <CudaStorage as BackendStorage>::$method(&cuda_args($args), $d)?;
+                let out =
+                    <CudaStorage as BackendStorage>::$method(&cuda_args($args), $d $(, $extra)*)?;
                 Ok(out.into_iter().map(Storage::Cuda).collect())
             }
         }
@@ -680,6 +682,13 @@ impl BackendStorage for Storage {
     }
     fn moe_expand_codes_summed(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
         many!("moe_expand_codes_summed", moe_expand_codes_summed, args, d)
+    }
+    fn moe_block_codes(
+        args: &[(&Self, &Layout)],
+        d: &MoeDims,
+        how: &BlockCodes,
+    ) -> Result<Vec<Self>> {
+        many!("moe_block_codes", moe_block_codes, args, d, how)
     }
     fn moe_swiglu_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
         many!("moe_swiglu_forward", moe_swiglu_forward, args, d)

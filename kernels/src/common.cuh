@@ -156,6 +156,8 @@ __device__ __forceinline__ double m_pow(double x, double e) { return pow(x, e); 
 // code).
 __device__ __forceinline__ float m_mul(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double m_mul(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float m_add(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double m_add(double a, double b) { return __dadd_rn(a, b); }
 __device__ __forceinline__ float m_fma(float a, float b, float c) { return __fmaf_rn(a, b, c); }
 __device__ __forceinline__ double m_fma(double a, double b, double c) { return __fma_rn(a, b, c); }
 // fmax/fmin return the other operand when one is NaN, like Rust's f32::max/min.

@@ -15,6 +15,14 @@
 // moe_expand_codes_{dtype}(T, K, E, R, sum_slots, codes, ids, out)
 //     per slot  (sum_slots = 0): out [T·K, E·R], row p holds codes[p] in block ids[p], zeros elsewhere
 //     summed    (sum_slots = 1): out [T, E·R], row t holds Σ_j codes[t, j] in block ids[t·K + j]
+// moe_block_codes_{src}_{out}(T, K, E, R, summed, scale, src, ids, w, out)
+//     scaled block codes in one pass, computed in A = Acc<src> as the separate ops (gather,
+//     affine, mul, expand, conversion) compute them, with roundings that the compiler may not
+//     contract (m_mul, m_add: the CPU's bits):
+//     per slot (summed = 0): out [T·K, E·R], in block ids[p] of row p = t·K + j:
+//         0 + (src[t, c]·s + 0), or with weights (w non-null, [T·K] A) 0 + src[t, c]·(w[p]·s + 0);
+//     summed (summed = 1): out [T, E·R], in block ids[t·K + j] of row t: 0 + (src[t·K + j, c]·s + 0);
+//     zeros elsewhere. src [T or T·K, E·R] in its dtype.
 // moe_swiglu_forward_{dtype}(T, K, I, t0, G, ldg, U, ldu, dG, dU, w, abar, am, pdrop, keep, seed)
 //     g = G[t] + dG[p], u = U[t] + dU[p], a = silu(g)·u:
 //     abar[t] = Σ_j w[p] a  [T, I],  am[p] = m(p)·a  [T·K, I]
@@ -146,6 +154,30 @@ __device__ void moe_expand_codes(u32 T, u32 K, u32 E, u32 R, u32 sum_slots, cons
             v = to_acc(codes[row * R + c]);
         }
         out[q] = from_acc<TC>(v);
+    }
+}
+
+template <typename TS, typename TO>
+__device__ void moe_block_codes(u32 T, u32 K, u32 E, u32 R, u32 summed, double scale, const TS* __restrict__ src,
+                                const u32* __restrict__ ids, const typename Acc<TS>::type* __restrict__ w,
+                                TO* __restrict__ out) {
+    typedef typename Acc<TS>::type A;
+    const A s = (A)scale, zero = A(0);
+    const u32 er = E * R;
+    const size_t n = (summed ? (size_t)T : (size_t)T * K) * er;
+    for (size_t q = (size_t)blockIdx.x * blockDim.x + threadIdx.x; q < n; q += (size_t)blockDim.x * gridDim.x) {
+        const u32 q32 = (u32)q, row = q32 / er, col = q32 - row * er, e = col / R;
+        A v = zero;
+        if (summed) {
+            MOE_FOR_SLOTS(j) {
+                const u32 p = row * K + j;
+                if (ids[p] == e) v = m_add(zero, m_add(m_mul(to_acc(src[(size_t)p * er + col]), s), zero));
+            }
+        } else if (ids[row] == e) {
+            const A x = to_acc(src[(size_t)(row / K) * er + col]);
+            v = m_add(zero, w ? m_mul(x, m_add(m_mul(w[row], s), zero)) : m_add(m_mul(x, s), zero));
+        }
+        out[q] = from_acc<TO>(v);
     }
 }
 
@@ -338,6 +370,18 @@ __device__ void moe_swiglu_backward(u32 T, u32 K, u32 I, u32 t0, const TB* __res
         moe_swiglu_backward<TB, KM>(T, K, I, t0, G, ldg, U, ldu, dG, dU, dD, dabar, w, dGU, dg, du, am, dw, \
                                     pdrop, keep, seed); \
     }
+
+#define MOE_BLOCK_CODES(TS, SS, TO, SO) \
+    extern "C" __global__ void moe_block_codes_##SS##_##SO(u32 T, u32 K, u32 E, u32 R, u32 summed, double scale, \
+                                                           const TS* src, const u32* ids, const Acc<TS>::type* w, \
+                                                           TO* out) { \
+        moe_block_codes<TS, TO>(T, K, E, R, summed, scale, src, ids, w, out); \
+    }
+MOE_BLOCK_CODES(float, f32, float, f32)
+MOE_BLOCK_CODES(float, f32, bf16, bf16)
+MOE_BLOCK_CODES(bf16, bf16, bf16, bf16)
+MOE_BLOCK_CODES(bf16, bf16, float, f32)
+MOE_BLOCK_CODES(double, f64, double, f64)
 
 MOE_FUSED(float, f32, )
 MOE_FUSED(bf16, bf16, __launch_bounds__(MOE_THREADS, 3))

@@ -1096,6 +1096,94 @@ mod gpu {
         assert!(rel_err(&want, &grad.to_vec_f64().unwrap()) < 1e-6);
     }
 
+    /// `moe_block_codes` (the fused MoE FFN's one-pass code layouts) on the GPU gives the CPU's
+    /// bits: per slot, with routing weights, and summed per token; every source and result dtype
+    /// pair the kernel is built for; k = 1, 2 and 4, an odd rank, an expert with no slot, sizes
+    /// that are not multiples of the 256-thread block, and zeros of both signs among the codes.
+    #[test]
+    fn moe_block_codes_bit_for_bit() {
+        use engine::backend::{BlockCodes, MoeDims};
+        let _serial = serial();
+        let Some(gpu) = gpu() else { return };
+        for (t, k, e, r) in [
+            (37usize, 2usize, 8usize, 16usize),
+            (5, 1, 4, 3),
+            (300, 4, 8, 5),
+        ] {
+            let ids_v: Vec<f64> = (0..t)
+                .flat_map(|tt| (0..k).map(move |j| ((tt * 3 + j * 2) % (e - 1)) as f64))
+                .collect();
+            let ids_l = Layout::contiguous([t, k]);
+            let er = e * r;
+            let d = MoeDims {
+                t,
+                k,
+                e,
+                r,
+                i: 1,
+                dropout: 0.0,
+                seed: 0,
+                t0: 0,
+            };
+            let codes = |n: usize, seed: u64| -> Vec<f64> {
+                vals(n, seed)
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| match i % 13 {
+                        3 => 0.0,
+                        7 => -0.0,
+                        _ => v,
+                    })
+                    .collect()
+            };
+            for (src_dt, out_dt) in [
+                (DType::F32, DType::BF16),
+                (DType::F32, DType::F32),
+                (DType::BF16, DType::BF16),
+                (DType::BF16, DType::F32),
+                (DType::F64, DType::F64),
+            ] {
+                let acc = if src_dt == DType::F64 {
+                    DType::F64
+                } else {
+                    DType::F32
+                };
+                for (summed, weighted) in [(false, false), (false, true), (true, false)] {
+                    let src_rows = if summed { t * k } else { t };
+                    let out_rows = if summed { t } else { t * k };
+                    let (src_v, w_v) = (codes(src_rows * er, 5), vals(t * k, 6));
+                    let run = |dev: Device| -> Vec<u64> {
+                        let src = input(dev, &src_v, src_dt);
+                        let ids = up(dev, &ids_v, DType::U32);
+                        let w = input(dev, &w_v, acc);
+                        let src_l = Layout::contiguous([src_rows, er]);
+                        let mut args = vec![(&src, &src_l), (&ids, &ids_l)];
+                        if weighted {
+                            args.push((&w, &ids_l));
+                        }
+                        let how = BlockCodes {
+                            scale: 1.7,
+                            summed,
+                            dtype: out_dt,
+                        };
+                        let out = Storage::moe_block_codes(&args, &d, &how).unwrap();
+                        assert_eq!(out[0].dtype(), out_dt);
+                        read(&out[0], [out_rows, er])
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect()
+                    };
+                    assert_eq!(
+                        run(gpu),
+                        run(Device::Cpu),
+                        "t {t} k {k} e {e} r {r}, {src_dt} → {out_dt}, summed {summed}, \
+                         weighted {weighted}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn allocator_statistics_and_errors() {
         let _serial = serial();

@@ -587,3 +587,175 @@ fn default_chunks_are_even_and_within_the_cap() {
         }
     }
 }
+
+/// `moe_block_codes` (the fused op's one-pass code layouts) gives the bits of the separate ops it
+/// replaces, on the CPU (the reference of the GPU kernel): per slot from per-token codes
+/// (gather, affine by s, expand, conversion), with routing weights (gather, s·w, mul, expand,
+/// conversion), and summed per token from per-slot codes (gather, affine, expand_summed,
+/// conversion); f32 and bf16 results of f32 or bf16 codes, and f64; k = 1, 2 and 4, an odd rank,
+/// an expert with no slot, negative codes and zeros among them.
+#[test]
+fn block_codes_equal_the_separate_ops_bit_for_bit() {
+    use engine::backend::{BackendStorage, BinaryOp, BlockCodes, MoeDims, UnaryOp};
+    use engine::{Layout, Storage};
+    let dev = Device::Cpu;
+    let bits = |s: &Storage, n: usize| -> Vec<u64> {
+        s.to_f64_vec(&Layout::contiguous([n]))
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    };
+    for (t, k, e, r) in [(37, 2, 8, 16), (5, 1, 4, 3), (9, 4, 8, 5)] {
+        // experts 0 .. e − 1 only: expert e − 1 gets no slot
+        let ids_v: Vec<u32> = (0..t)
+            .flat_map(|tt| (0..k).map(move |j| ((tt * 3 + j * 2) % (e - 1)) as u32))
+            .collect();
+        let distinct = (0..t).all(|tt| {
+            let row = &ids_v[tt * k..(tt + 1) * k];
+            row.iter().enumerate().all(|(a, x)| !row[..a].contains(x))
+        });
+        assert!(distinct, "the test's ids repeat an expert within a token");
+        let ids_f: Vec<f64> = ids_v.iter().map(|&v| v as f64).collect();
+        let ids = Storage::upload_f64(dev, &ids_f, DType::U32).unwrap();
+        let ids_l = Layout::contiguous([t, k]);
+        let er = e * r;
+        let d = MoeDims {
+            t,
+            k,
+            e,
+            r,
+            i: 1,
+            dropout: 0.0,
+            seed: 0,
+            t0: 0,
+        };
+        let vals = |n: usize, seed: u64| -> Vec<f64> {
+            (0..n as u64)
+                .map(|i| {
+                    let v = engine::rng::uniform(seed, i) * 4.0 - 2.0;
+                    if i % 7 == 3 {
+                        0.0
+                    } else if i % 11 == 5 {
+                        -0.0
+                    } else {
+                        v
+                    }
+                })
+                .collect()
+        };
+        for (src_dt, out_dt) in [
+            (DType::F32, DType::BF16),
+            (DType::F32, DType::F32),
+            (DType::BF16, DType::BF16),
+            (DType::BF16, DType::F32),
+            (DType::F64, DType::F64),
+        ] {
+            let acc = if src_dt == DType::F64 {
+                DType::F64
+            } else {
+                DType::F32
+            };
+            let s = 1.7;
+            let affine = UnaryOp::Affine { mul: s, add: 0.0 };
+            let codes_l = Layout::contiguous([t, k, r]);
+            let w = Storage::upload_f64(dev, &vals(t * k, 9), acc).unwrap();
+            let w_l = Layout::contiguous([t, k]);
+            for (summed, weighted) in [(false, false), (false, true), (true, false)] {
+                let src_rows = if summed { t * k } else { t };
+                let src = Storage::upload_f64(dev, &vals(src_rows * er, 3), src_dt).unwrap();
+                let src_l = Layout::contiguous([src_rows, er]);
+                // The separate ops.
+                let g = Storage::moe_gather_codes(&[(&src, &src_l), (&ids, &ids_l)], &d).unwrap();
+                let scaled = if weighted {
+                    let sw = w.unary(&w_l, affine).unwrap(); // s·w [T, k]
+                    let sw_b = Layout::new([t, k, r].into(), vec![k, 1, 0], 0);
+                    g[0].binary(&codes_l, &sw, &sw_b, BinaryOp::Mul).unwrap()
+                } else {
+                    g[0].unary(&codes_l, affine).unwrap()
+                };
+                let args = [(&scaled, &codes_l), (&ids, &ids_l)];
+                let blocks = if summed {
+                    Storage::moe_expand_codes_summed(&args, &d).unwrap()
+                } else {
+                    Storage::moe_expand_codes(&args, &d).unwrap()
+                };
+                let out_rows = if summed { t } else { t * k };
+                let want = blocks[0]
+                    .to_dtype(&Layout::contiguous([out_rows, er]), out_dt)
+                    .unwrap();
+                // One pass.
+                let how = BlockCodes {
+                    scale: s,
+                    summed,
+                    dtype: out_dt,
+                };
+                let mut args = vec![(&src, &src_l), (&ids, &ids_l)];
+                if weighted {
+                    args.push((&w, &w_l));
+                }
+                let got = Storage::moe_block_codes(&args, &d, &how).unwrap();
+                assert_eq!(got[0].dtype(), out_dt);
+                let what = format!(
+                    "t {t} k {k} e {e} r {r}, {src_dt} → {out_dt}, summed {summed}, weighted {weighted}"
+                );
+                assert_eq!(
+                    bits(&got[0], out_rows * er),
+                    bits(&want, out_rows * er),
+                    "{what}"
+                );
+            }
+        }
+    }
+}
+
+/// `moe_block_codes` refuses weights with summed codes, an f64 source into another dtype, and
+/// operands of the wrong sizes, with errors that name the op.
+#[test]
+fn block_codes_errors() {
+    use engine::backend::{BackendStorage, BlockCodes, MoeDims};
+    use engine::{Layout, Storage};
+    let dev = Device::Cpu;
+    let d = MoeDims {
+        t: 3,
+        k: 2,
+        e: 4,
+        r: 2,
+        i: 1,
+        dropout: 0.0,
+        seed: 0,
+        t0: 0,
+    };
+    let ids = Storage::upload_f64(dev, &[0.0, 1.0, 2.0, 3.0, 1.0, 0.0], DType::U32).unwrap();
+    let ids_l = Layout::contiguous([3, 2]);
+    let per_token = Storage::upload_f64(dev, &[0.5; 24], DType::F32).unwrap();
+    let per_token_l = Layout::contiguous([3, 8]);
+    let w = Storage::upload_f64(dev, &[0.5; 6], DType::F32).unwrap();
+    let how = |summed, dtype| BlockCodes {
+        scale: 2.0,
+        summed,
+        dtype,
+    };
+    let err = |args: &[(&Storage, &Layout)], h: BlockCodes| {
+        match Storage::moe_block_codes(args, &d, &h) {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let e = err(
+        &[(&per_token, &per_token_l), (&ids, &ids_l), (&w, &ids_l)],
+        how(true, DType::F32),
+    );
+    assert!(e.contains("moe_block_codes"), "{e}");
+    let e = err(
+        &[(&per_token, &per_token_l), (&ids, &ids_l)],
+        how(false, DType::F64),
+    );
+    assert!(e.contains("moe_block_codes"), "{e}");
+    // summed wants [T·k, E·r] = 48 elements, not 24
+    let e = err(
+        &[(&per_token, &per_token_l), (&ids, &ids_l)],
+        how(true, DType::F32),
+    );
+    assert!(e.contains("moe_block_codes"), "{e}");
+}

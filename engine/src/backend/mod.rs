@@ -392,6 +392,20 @@ pub trait BackendStorage: Sized + Send + Sync {
     /// `[out [T, E·r]]`: row `t` holds `Σ_j codes[t, j]` in blocks `ids[t, j]`. Operands: those of
     /// `moe_expand_codes`.
     fn moe_expand_codes_summed(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>>;
+    /// Scaled block codes in `how.dtype`, in one pass (gather, scale, expand and convert), the
+    /// values computed in the accumulation dtype of `src`'s as the separate ops compute them:
+    /// - per slot (`how.summed` false): `[out [T·k, E·r]]` from per-token block codes `src`
+    ///   `[T, E·r]`: in block `ids[p]` of row `p = t·k + j`, `src[t, c]·s + 0`, or with weights
+    ///   `w` `[T, k]` (adapter, third operand) `src[t, c]·(w[p]·s + 0)`; zeros elsewhere;
+    /// - summed (`how.summed` true): `[out [T, E·r]]` from per-slot block codes `src`
+    ///   `[T·k, E·r]`: in block `ids[t, j]` of row `t`, `src[t·k + j, c]·s + 0`; zeros elsewhere.
+    ///
+    /// Operands: `src` (any float dtype), `ids`, and optionally `w` (per slot only).
+    fn moe_block_codes(
+        args: &[(&Self, &Layout)],
+        d: &MoeDims,
+        how: &BlockCodes,
+    ) -> Result<Vec<Self>>;
     /// SwiGLU over the slots: `g = G[t] + ΔG[p]`, `u = U[t] + ΔU[p]`, `a = silu(g) ⊙ u`; returns
     /// `[Ā [T, I] = Σ_j w_j a_j, am [T·k, I] = m(p) ⊙ a_j]` (base; `m` the dropout mask of
     /// [`MoeDims::dropout`]). Operands: `G, U` `[T, I]` base (row strides allowed), `ΔG, ΔU`
@@ -625,6 +639,17 @@ impl AdamWHyper {
             step_size: self.lr / bc1,
         }
     }
+}
+
+/// What [`BackendStorage::moe_block_codes`] makes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BlockCodes {
+    /// The scale `s` of every code.
+    pub scale: f64,
+    /// Per-slot source, per-token result (`true`); or per-token source, per-slot result.
+    pub summed: bool,
+    /// The result's dtype (a float).
+    pub dtype: DType,
 }
 
 /// Sizes and settings of the fused MixLoRA FFN primitives: `t` tokens, `k` slots per token, `e`

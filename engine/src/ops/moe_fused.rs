@@ -42,7 +42,7 @@
 //! base, else f32), and the SwiGLU kernels accumulate in it.
 
 use crate::autograd::{Input, NoGradGuard, Node, Output};
-use crate::backend::{BackendStorage, MoeDims};
+use crate::backend::{BackendStorage, BlockCodes, MoeDims};
 use crate::{rng, DType, Error, Layout, Result, Shape, Storage, Tensor};
 
 /// The frozen shared FFN and the stacked expert LoRAs of one MixLoRA layer.
@@ -495,9 +495,9 @@ pub fn moe_fused_ffn_with(
             cu,
             cy,
         } = &kept;
-        // Down LoRA: q = B_d,eᵀ dY[t] for each slot.
-        let q = gather(&dy.matmul(&lw.b_down)?, &ids, &d)?; // [T, k, r] adapter
-        let dzd = q.mul(&wts.reshape([t, k, 1])?.affine(s, 0.0)?)?; // s·w_j·q
+        // Down LoRA: q = B_d,eᵀ dY[t] for each slot, dZ_d = s·w_j·q.
+        let q_all = dy.matmul(&lw.b_down)?; // [T, E·r] base: every expert's q
+        let q = gather(&q_all, &ids, &d)?; // [T, k, r] adapter
         let dw_down = q.mul(&zd)?.sum(2, false)?.affine(s, 0.0)?; // [T, k]
         let need_dz = need(0) || need(2) || need(4);
         let w_gu = stacked_gate_up(&w_gate, &w_up);
@@ -506,6 +506,7 @@ pub fn moe_fused_ffn_with(
         let (mut dbg, mut dbu, mut dad): (Option<Tensor>, Option<Tensor>, Option<Tensor>) =
             (None, None, None);
         if tiles {
+            let dzd = q.mul(&wts.reshape([t, k, 1])?.affine(s, 0.0)?)?; // s·w_j·q
             let cd = dzd.to_dtype(bt)?.reshape([t * k, r])?; // [T·k, r] base
             for &(t0, tc) in &chunks {
                 let dc = MoeDims { t: tc, t0, ..d };
@@ -534,8 +535,11 @@ pub fn moe_fused_ffn_with(
                     dx_base.push(dx_of_dgu(dgu, w_gu.as_ref(), &w_gate, &w_up)?);
                 }
                 if need_dz {
-                    dzg.push(out[1].clone());
-                    dzu.push(out[2].clone());
+                    // [tc, E·r] base: s·B_eᵀ dg_j in the token's expert blocks
+                    let blocks =
+                        |dz: &Tensor| expand_summed(&dz.affine(s, 0.0)?, &ids_c, &dc)?.to_dtype(bt);
+                    dzg.push(blocks(&out[1])?);
+                    dzu.push(blocks(&out[2])?);
                 }
                 dw_act.push(out[3].clone());
                 if need(3) || need(5) || need(6) {
@@ -558,7 +562,8 @@ pub fn moe_fused_ffn_with(
                 }
             }
         } else {
-            let cd = expand(&dzd, &ids, &d)?.to_dtype(bt)?; // [T·k, E·r] base
+            // [T·k, E·r] base: s·w_j·q in the slot's expert block
+            let cd = block_codes(&q_all, &ids, Some(wts), s, false, &d, bt)?;
             for &(t0, tc) in &chunks {
                 let dc = MoeDims { t: tc, t0, ..d };
                 let rows = |m: &Tensor| m.narrow(0, t0 * k, tc * k);
@@ -588,8 +593,10 @@ pub fn moe_fused_ffn_with(
                 }
                 let ids_c = ids.narrow(0, t0, tc)?;
                 if need_dz {
-                    dzg.push(gather(&dg.matmul(&lw.b_gate)?, &ids_c, &dc)?); // [tc, k, r]
-                    dzu.push(gather(&du.matmul(&lw.b_up)?, &ids_c, &dc)?);
+                    // [tc, E·r] base: s·B_eᵀ dg_j in the token's expert blocks
+                    let blocks = |p: Tensor| block_codes(&p, &ids_c, None, s, true, &dc, bt);
+                    dzg.push(blocks(dg.matmul(&lw.b_gate)?)?); // dg B_g,all [tc·k, E·r]
+                    dzu.push(blocks(du.matmul(&lw.b_up)?)?);
                 }
                 if need(3) {
                     accumulate(&mut dbg, dg.t()?.matmul(&cgc)?.to_dtype(at)?)?; // [I, E·r]
@@ -602,18 +609,12 @@ pub fn moe_fused_ffn_with(
                 }
             }
         }
-        // dZ_g, dZ_u [T, E·r] adapter: s·B_eᵀ dg_j in the token's expert blocks.
-        let (dzg, dzu) = if need_dz {
-            let dzg = expand_summed(&join(dzg)?.affine(s, 0.0)?, &ids, &d)?;
-            let dzu = expand_summed(&join(dzu)?.affine(s, 0.0)?, &ids, &d)?;
-            (Some(dzg), Some(dzu))
+        // dZ_g, dZ_u [T, E·r] in the base dtype: the LoRA-A side of the backward runs on the
+        // tensor cores, as in the forward.
+        let (dzg_b, dzu_b) = if need_dz {
+            (Some(join(dzg)?), Some(join(dzu)?))
         } else {
             (None, None)
-        };
-        // The LoRA-A side of the backward in the base dtype (tensor cores), as in the forward.
-        let (dzg_b, dzu_b) = match (&dzg, &dzu) {
-            (Some(g), Some(u)) => (Some(g.to_dtype(bt)?), Some(u.to_dtype(bt)?)),
-            _ => (None, None),
         };
         let dx = match (&dzg_b, &dzu_b, need(0)) {
             (Some(dzg), Some(dzu), true) => {
@@ -808,12 +809,6 @@ fn gather(src: &Tensor, ids: &Tensor, d: &MoeDims) -> Result<Tensor> {
     Ok(run(Storage::moe_gather_codes, &[src, ids], &d, &[shape])?.remove(0))
 }
 
-/// Per-slot block codes `[T·k, E·r]` of `codes` `[T, k, r]` (same dtype).
-fn expand(codes: &Tensor, ids: &Tensor, d: &MoeDims) -> Result<Tensor> {
-    let shape = Shape::from([d.t * d.k, d.e * d.r]);
-    Ok(run(Storage::moe_expand_codes, &[codes, ids], d, &[shape])?.remove(0))
-}
-
 /// Per-token block codes `[T, E·r]` of `codes` `[T, k, r]`: the token's slots summed (their
 /// blocks are distinct).
 fn expand_summed(codes: &Tensor, ids: &Tensor, d: &MoeDims) -> Result<Tensor> {
@@ -823,7 +818,42 @@ fn expand_summed(codes: &Tensor, ids: &Tensor, d: &MoeDims) -> Result<Tensor> {
 
 /// `s·Z[t, e_j]` of every slot as block codes `[T·k, E·r]` in `dtype`, from `Z` `[T, E·r]`.
 fn slot_codes(z: &Tensor, ids: &Tensor, s: f64, d: &MoeDims, dtype: DType) -> Result<Tensor> {
-    expand(&gather(z, ids, d)?.affine(s, 0.0)?, ids, d)?.to_dtype(dtype)
+    block_codes(z, ids, None, s, false, d, dtype)
+}
+
+/// Scaled block codes in `dtype`, in one backend pass (`moe_block_codes`: the values of gather,
+/// affine, mul, expand and conversion): per slot `[T·k, E·r]` from per-token block codes `src`
+/// `[T, E·r]`, `s·src[t]` (or with weights `w` `[T, k]`, `(s·w[t, j])·src[t]`) in the slot's
+/// block; or (`summed`) per token `[T, E·r]` from per-slot block codes `src` `[T·k, E·r]`, the
+/// blocks of a token's slots scaled by `s`.
+fn block_codes(
+    src: &Tensor,
+    ids: &Tensor,
+    w: Option<&Tensor>,
+    s: f64,
+    summed: bool,
+    d: &MoeDims,
+    dtype: DType,
+) -> Result<Tensor> {
+    let rows = if summed { d.t } else { d.t * d.k };
+    let mut ts = vec![src, ids];
+    ts.extend(w);
+    let guards: Vec<_> = ts.iter().map(|t| t.storage()).collect();
+    let args: Vec<(&Storage, &Layout)> = guards
+        .iter()
+        .zip(&ts)
+        .map(|(g, t)| (&**g, t.layout()))
+        .collect();
+    let how = BlockCodes {
+        scale: s,
+        summed,
+        dtype,
+    };
+    let out = Storage::moe_block_codes(&args, d, &how)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::invalid(OP, "a backend returned no block codes"))?;
+    Ok(Tensor::from_storage(out, [rows, d.e * d.r], None))
 }
 
 /// `s·Z[t, e_j]` of every slot, `[T·k, r]` in `dtype`, from `Z` `[T, E·r]`.

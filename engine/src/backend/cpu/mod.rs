@@ -22,7 +22,7 @@ use half::bf16;
 use num_traits::Float;
 
 use crate::backend::{
-    AdamWGroup, AdamWHyper, BackendStorage, BinaryOp, CmpOp, MoeDims, ReduceOp, UnaryOp,
+    AdamWGroup, AdamWHyper, BackendStorage, BinaryOp, BlockCodes, CmpOp, MoeDims, ReduceOp, UnaryOp,
 };
 use crate::{DType, Device, Error, Layout, Result};
 
@@ -510,6 +510,13 @@ impl BackendStorage for CpuStorage {
         timed("moe_expand_codes_summed", || {
             moe_fused::expand_codes_summed(args, d)
         })
+    }
+    fn moe_block_codes(
+        args: &[(&Self, &Layout)],
+        d: &MoeDims,
+        how: &BlockCodes,
+    ) -> Result<Vec<Self>> {
+        timed("moe_block_codes", || moe_fused::block_codes(args, d, how))
     }
     fn moe_swiglu_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
         timed("moe_swiglu_forward", || moe_fused::swiglu_forward(args, d))

@@ -7,7 +7,7 @@
 use rayon::prelude::*;
 
 use super::{CpuFloat, CpuStorage};
-use crate::backend::{BackendStorage, MoeDims};
+use crate::backend::{BackendStorage, BlockCodes, MoeDims};
 use crate::{rng, DType, Error, Layout, Result};
 
 /// An element type the fused kernels compute in, with the conversions of their operands.
@@ -208,6 +208,82 @@ fn expand_codes_t<C: MoeFloat>(
             }
         });
     Ok(vec![C::wrap(out, args[0].0.dtype())])
+}
+
+pub(crate) fn block_codes(
+    args: &Args<'_>,
+    d: &MoeDims,
+    how: &BlockCodes,
+) -> Result<Vec<CpuStorage>> {
+    let op = "moe_block_codes";
+    if !(2..=3).contains(&args.len()) || (how.summed && args.len() == 3) {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "{} operands: expected src, ids and, per slot only, weights",
+                args.len()
+            ),
+        ));
+    }
+    let wide = is_f64(args[0]);
+    if wide != (how.dtype == DType::F64) || !how.dtype.is_float() {
+        return Err(Error::invalid(
+            op,
+            format!("{} codes into {}", args[0].0.dtype(), how.dtype),
+        ));
+    }
+    if wide {
+        block_codes_t::<f64>(args, d, how)
+    } else {
+        block_codes_t::<f32>(args, d, how)
+    }
+}
+
+fn block_codes_t<C: MoeFloat>(
+    args: &Args<'_>,
+    d: &MoeDims,
+    how: &BlockCodes,
+) -> Result<Vec<CpuStorage>> {
+    let op = "moe_block_codes";
+    let src = C::read(op, args[0].0, args[0].1)?;
+    let ids = read_ids(op, args[1], d.e)?; // [T, k]
+    let w = args.get(2).map(|a| C::read(op, a.0, a.1)).transpose()?; // [T, k]
+    let (k, r, er) = (d.k, d.r, d.e * d.r);
+    let (src_rows, out_rows) = if how.summed {
+        (d.t * k, d.t)
+    } else {
+        (d.t, d.t * k)
+    };
+    check_len(op, src.len(), src_rows * er)?;
+    check_len(op, ids.len(), d.t * k)?;
+    if let Some(w) = &w {
+        check_len(op, w.len(), d.t * k)?;
+    }
+    let (s, zero) = (C::from_f64(how.scale), C::zero());
+    let mut out = vec![zero; out_rows * er];
+    out.par_chunks_mut(er.max(1))
+        .enumerate()
+        .for_each(|(row, o)| {
+            // (the source row, the slot) of each of this row's blocks
+            let slots = if how.summed {
+                row * k..(row + 1) * k
+            } else {
+                row..row + 1
+            };
+            for p in slots {
+                let (at, from) = (ids[p] as usize * r, if how.summed { p } else { p / k });
+                let f = w.as_ref().map(|w| w[p] * s + zero);
+                for c in 0..r {
+                    let x = src[from * er + at + c];
+                    let v = match f {
+                        Some(f) => x * f,
+                        None => x * s + zero,
+                    };
+                    o[at + c] = zero + v;
+                }
+            }
+        });
+    Ok(vec![C::wrap(out, how.dtype)])
 }
 
 fn check_len(op: &'static str, got: usize, want: usize) -> Result<()> {

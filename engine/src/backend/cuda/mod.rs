@@ -37,7 +37,7 @@ use half::bf16;
 
 use crate::backend::cpu::CpuStorage;
 use crate::backend::{
-    AdamWGroup, AdamWHyper, BackendStorage, BinaryOp, CmpOp, MoeDims, ReduceOp, UnaryOp,
+    AdamWGroup, AdamWHyper, BackendStorage, BinaryOp, BlockCodes, CmpOp, MoeDims, ReduceOp, UnaryOp,
 };
 use crate::{DType, Device, Error, Layout, Result};
 
@@ -542,6 +542,13 @@ impl BackendStorage for CudaStorage {
     }
     fn moe_expand_codes_summed(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
         moe_fused::expand_codes_summed(args, d)
+    }
+    fn moe_block_codes(
+        args: &[(&Self, &Layout)],
+        d: &MoeDims,
+        how: &BlockCodes,
+    ) -> Result<Vec<Self>> {
+        moe_fused::block_codes(args, d, how)
     }
     fn moe_swiglu_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
         moe_fused::swiglu_forward(args, d)

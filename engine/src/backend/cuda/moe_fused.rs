@@ -11,7 +11,7 @@ use kernels::MOE_FUSED;
 use super::launch::launch;
 use super::layout::{to_u32, to_u32s};
 use super::{acc_dtype, check_extent, float_only, Contig, CudaDevice, CudaStorage};
-use crate::backend::MoeDims;
+use crate::backend::{BlockCodes, MoeDims};
 use crate::{DType, Error, Layout, Result};
 
 pub(super) type Args<'a> = [(&'a CudaStorage, &'a Layout)];
@@ -229,6 +229,57 @@ fn move_codes(args: &Args<'_>, d: &MoeDims, which: Codes) -> Result<Vec<CudaStor
             name,
             CudaDevice::grid(out_len),
             [t32, k32, e32, r32, flag32, input, ids, po]
+        )
+    }?;
+    Ok(vec![out])
+}
+
+pub(crate) fn block_codes(
+    args: &Args<'_>,
+    d: &MoeDims,
+    how: &BlockCodes,
+) -> Result<Vec<CudaStorage>> {
+    const OP: &str = "moe_block_codes";
+    check_sizes(OP, d)?;
+    let (t, k, er) = (d.t, d.k, d.e * d.r);
+    let weighted = args.len() == 3;
+    if weighted && how.summed {
+        return Err(Error::invalid(OP, "weights go with per-slot codes only"));
+    }
+    let (src_rows, out_rows) = if how.summed { (t * k, t) } else { (t, t * k) };
+    let mut spec = vec![(Kind::Any, src_rows * er), (Kind::Index, t * k)];
+    if weighted {
+        spec.push((Kind::Adapter, t * k));
+    }
+    let o = operands(OP, args, &spec)?;
+    let wide = o.base == DType::F64;
+    if !how.dtype.is_float() || wide != (how.dtype == DType::F64) {
+        return Err(Error::invalid(
+            OP,
+            format!("{} codes into {}", o.base, how.dtype),
+        ));
+    }
+    let out = CudaStorage::alloc(&o.dev, OP, out_rows * er, how.dtype)?;
+    if out_rows * er == 0 {
+        return Ok(vec![out]);
+    }
+    let (src, ids) = (o.ptrs[0], o.ptrs[1]);
+    let w = if weighted { o.ptrs[2] } else { 0 };
+    let [t32, k32, e32, r32] = to_u32s(OP, [t, k, d.e, d.r])?;
+    let (summed, scale, po) = (u32::from(how.summed), how.scale, out.ptr());
+    let name = format!("{OP}_{}_{}", o.base, how.dtype);
+    // SAFETY: src holds src_rows·E·r elements, ids and (when present) w T·k (checked above;
+    // check_sizes keeps T·k·E·r within u32); each id < E (the op's top-k). The kernel reads
+    // src[row·E·r + col] for row < src_rows, col < E·r, ids[p] and w[p] for p < T·k, and writes
+    // each of the out_rows·E·r elements of `out` once, grid-stride; w = 0 (null) means none.
+    unsafe {
+        launch!(
+            &o.dev,
+            OP,
+            MOE_FUSED,
+            name,
+            CudaDevice::grid(out_rows * er),
+            [t32, k32, e32, r32, summed, scale, src, ids, w, po]
         )
     }?;
     Ok(vec![out])
