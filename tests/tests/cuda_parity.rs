@@ -1102,7 +1102,7 @@ mod gpu {
     /// that are not multiples of the 256-thread block, and zeros of both signs among the codes.
     #[test]
     fn moe_block_codes_bit_for_bit() {
-        use engine::backend::{BlockCodes, MoeDims};
+        use engine::backend::BlockCodes;
         let _serial = serial();
         let Some(gpu) = gpu() else { return };
         for (t, k, e, r) in [
@@ -1110,21 +1110,9 @@ mod gpu {
             (5, 1, 4, 3),
             (300, 4, 8, 5),
         ] {
-            let ids_v: Vec<f64> = (0..t)
-                .flat_map(|tt| (0..k).map(move |j| ((tt * 3 + j * 2) % (e - 1)) as f64))
-                .collect();
+            let (d, ids_v) = testutil::moe_codes_case(t, k, e, r);
             let ids_l = Layout::contiguous([t, k]);
             let er = e * r;
-            let d = MoeDims {
-                t,
-                k,
-                e,
-                r,
-                i: 1,
-                dropout: 0.0,
-                seed: 0,
-                t0: 0,
-            };
             let codes = |n: usize, seed: u64| -> Vec<f64> {
                 vals(n, seed)
                     .iter()

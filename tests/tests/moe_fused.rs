@@ -596,7 +596,7 @@ fn default_chunks_are_even_and_within_the_cap() {
 /// an expert with no slot, negative codes and zeros among them.
 #[test]
 fn block_codes_equal_the_separate_ops_bit_for_bit() {
-    use engine::backend::{BackendStorage, BinaryOp, BlockCodes, MoeDims, UnaryOp};
+    use engine::backend::{BackendStorage, BinaryOp, BlockCodes, UnaryOp};
     use engine::{Layout, Storage};
     let dev = Device::Cpu;
     let bits = |s: &Storage, n: usize| -> Vec<u64> {
@@ -608,28 +608,15 @@ fn block_codes_equal_the_separate_ops_bit_for_bit() {
     };
     for (t, k, e, r) in [(37, 2, 8, 16), (5, 1, 4, 3), (9, 4, 8, 5)] {
         // experts 0 .. e − 1 only: expert e − 1 gets no slot
-        let ids_v: Vec<u32> = (0..t)
-            .flat_map(|tt| (0..k).map(move |j| ((tt * 3 + j * 2) % (e - 1)) as u32))
-            .collect();
+        let (d, ids_f) = testutil::moe_codes_case(t, k, e, r);
         let distinct = (0..t).all(|tt| {
-            let row = &ids_v[tt * k..(tt + 1) * k];
+            let row = &ids_f[tt * k..(tt + 1) * k];
             row.iter().enumerate().all(|(a, x)| !row[..a].contains(x))
         });
         assert!(distinct, "the test's ids repeat an expert within a token");
-        let ids_f: Vec<f64> = ids_v.iter().map(|&v| v as f64).collect();
         let ids = Storage::upload_f64(dev, &ids_f, DType::U32).unwrap();
         let ids_l = Layout::contiguous([t, k]);
         let er = e * r;
-        let d = MoeDims {
-            t,
-            k,
-            e,
-            r,
-            i: 1,
-            dropout: 0.0,
-            seed: 0,
-            t0: 0,
-        };
         let vals = |n: usize, seed: u64| -> Vec<f64> {
             (0..n as u64)
                 .map(|i| {
@@ -736,11 +723,11 @@ fn block_codes_errors() {
         summed,
         dtype,
     };
-    let err = |args: &[(&Storage, &Layout)], h: BlockCodes| {
-        match Storage::moe_block_codes(args, &d, &h) {
-            Ok(_) => panic!("expected an error"),
-            Err(e) => e.to_string(),
-        }
+    let err = |args: &[(&Storage, &Layout)], h: BlockCodes| match Storage::moe_block_codes(
+        args, &d, &h,
+    ) {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
     };
     let e = err(
         &[(&per_token, &per_token_l), (&ids, &ids_l), (&w, &ids_l)],

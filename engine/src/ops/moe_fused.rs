@@ -457,21 +457,8 @@ pub fn moe_fused_ffn_with(
     // ----- backward --------------------------------------------------------------------
     let (w_gate, w_up, w_down) = (w.w_gate.clone(), w.w_up.clone(), w.w_down.clone());
     let ids = route.ids.clone();
-    let saved = [
-        gu.0.clone(),
-        gu.1.clone(),
-        zd.clone(),
-        ids.clone(),
-        kept.lw.b_gate.clone(),
-        kept.lw.b_up.clone(),
-        kept.lw.a_down.clone(),
-        kept.lw.b_down.clone(),
-        kept.ag.clone(),
-        kept.au.clone(),
-        kept.cg.clone(),
-        kept.cu.clone(),
-        kept.cy.clone(),
-    ];
+    let mut saved = vec![gu.0.clone(), gu.1.clone(), zd.clone(), ids.clone()];
+    saved.extend(kept.tensors().into_iter().cloned());
     // `x` is read only for the LoRA-A gradients of gate and up (`dA = dZᵀ drop(x)`).
     let inputs = [
         Input::keep_if(x, w.a_gate.tracks_grad() || w.a_up.tracks_grad()),
@@ -710,6 +697,16 @@ struct Kept {
     cg: Tensor, // s·Z_g of every slot: block codes [T·k, E·r] or, for the tile kernels, [T·k, r]
     cu: Tensor, // s·Z_u likewise
     cy: Tensor, // [T, E·r] base: the down-LoRA codes s·w_j·Z_d[t, j] in block form
+}
+
+impl Kept {
+    fn tensors(&self) -> [&Tensor; 9] {
+        let l = &self.lw;
+        [
+            &l.b_gate, &l.b_up, &l.a_down, &l.b_down, &self.ag, &self.au, &self.cg, &self.cu,
+            &self.cy,
+        ]
+    }
 }
 
 /// The experts' LoRA weights laid out for the block-code GEMMs, in the base dtype.
