@@ -6,6 +6,8 @@ and local memory (stack frame): what a kernel costs in occupancy, read without a
     scripts/kernel-resources.py MODULE [FILTER]
 
 MODULE may join several files with '+' (moe_fused+moe_tiles: the moe_fused module is both).
+$MIXLORA_NVRTC_OPTIONS adds options as the engine does (e.g. -DLM_CODES_UNROLL=2). The GPU
+driver assembles the PTX itself, so its register counts may differ from this ptxas's.
 
 NVRTC comes from target/nvrtc-py (scripts/ci-nvrtc.sh installs it); ptxas from $PTXAS, else
 PATH, else a pip install of nvidia-cuda-nvcc (13.0.*) into target/ptxas-py.
@@ -29,6 +31,8 @@ nvrtc = ctypes.CDLL(libs[0])
 prog = ctypes.c_void_p()
 assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), f"{module}.cu".encode(), 0, None, None) == 0
 opts = [b"--gpu-architecture=compute_90", b"--std=c++17", f"--include-path={inc}".encode()]
+# The options of MIXLORA_NVRTC_OPTIONS, as the engine adds them (e.g. -D tuning values).
+opts += [o.encode() for o in os.environ.get("MIXLORA_NVRTC_OPTIONS", "").split()]
 arr = (ctypes.c_char_p * len(opts))(*opts)
 rc = nvrtc.nvrtcCompileProgram(prog, len(opts), arr)
 size = ctypes.c_size_t()

@@ -117,8 +117,12 @@ __device__ __forceinline__ void lm_row8(const float* A, int a_t, u32 N, u32 r, u
     for (int q = 0; q < 4; ++q) lm_split2(v[2 * q], v[2 * q + 1], hi[q], lo[q]);
 }
 
-// Steps of 32 columns a warp loads before it multiplies any.
-#define LM_CODES_UNROLL 2
+// Steps of 32 columns a warp loads before it multiplies any (the loads of the next group go out
+// before the products of this one). One measured 10-20% faster than two on the H200, with fewer
+// registers (BENCHMARKS.md); -DLM_CODES_UNROLL=N overrides it.
+#ifndef LM_CODES_UNROLL
+#define LM_CODES_UNROLL 1
+#endif
 
 // Warp w of a block owns rows m0 .. m0 + 32 (m0 = 128·blockIdx.y + 32w: two m16 tiles); a step
 // covers 32 columns c .. c + 32, lane 4g + tq loading columns c + 8tq .. + 8 of rows m0 + 16i +
@@ -199,8 +203,11 @@ __device__ void lm_codes(u32 M, u32 N, const bf16* x, u32 ldx, const float* A, i
     }
 }
 
-// Steps of 32 rows a warp loads before it multiplies any; rows of dz a block stages at once.
-#define LM_GRAD_A_UNROLL 2
+// Steps of 32 rows a warp loads before it multiplies any (as LM_CODES_UNROLL; one measured
+// slightly faster than two); rows of dz a block stages at once.
+#ifndef LM_GRAD_A_UNROLL
+#define LM_GRAD_A_UNROLL 1
+#endif
 #define LM_DZ_ROWS 256
 #define LM_DZ_STRIDE (LM_DZ_ROWS + 32) // bf16: rows g and g + 1 fall 16 banks apart
 

@@ -4,6 +4,10 @@
 //!
 //! The include path (for `cuda_bf16.h`) is `$MIXLORA_CUDA_INCLUDE`, else `$CUDA_HOME/include`,
 //! `$CUDA_PATH/include`, then `/usr/local/cuda/include`: the first that exists.
+//!
+//! `$MIXLORA_NVRTC_OPTIONS` (whitespace-separated) adds options to every compilation: for
+//! tuning, `-D` values of the kernels' `#ifndef` parameters (e.g. `-DLM_CODES_UNROLL=2`)
+//! without a rebuild.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -40,6 +44,13 @@ pub fn include_dir() -> Option<String> {
         .find(|d| Path::new(d).join("cuda_bf16.h").is_file())
 }
 
+/// The options of `$MIXLORA_NVRTC_OPTIONS`, whitespace-separated (none when unset).
+fn extra_options() -> Vec<String> {
+    std::env::var("MIXLORA_NVRTC_OPTIONS")
+        .map(|v| v.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
 /// Compiles one kernel module to PTX for `arch` (e.g. `sm_90`). Errors carry the NVRTC log.
 pub fn compile_module(src: &KernelSource, arch: &str) -> Result<String> {
     if !nvrtc_available() {
@@ -55,7 +66,10 @@ pub fn compile_module(src: &KernelSource, arch: &str) -> Result<String> {
     let include = include_dir();
     let opts = CompileOptions {
         include_paths: include.iter().cloned().collect(),
-        options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()],
+        options: [format!("--gpu-architecture={arch}"), "--std=c++17".into()]
+            .into_iter()
+            .chain(extra_options())
+            .collect(),
         name: Some(format!("{}.cu", src.name)),
         ..Default::default()
     };
