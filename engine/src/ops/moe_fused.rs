@@ -435,8 +435,8 @@ pub fn moe_fused_ffn_with(
         };
         let zd = join(zd)?; // [T, k, r] adapter
         let y0 = join(y0)?; // [T, H] base
-                            // [T, E·r] base
-        let cy = down_codes(&zd, route.weights, route.ids, s, &d)?.to_dtype(bt)?;
+        let cy = down_codes(&zd, route.weights, route.ids, s, &d)?; // [T, E·r] adapter
+        let cy = cy.to_dtype(bt)?; // the GEMM's operand, kept for dB_down
         let y = y0.add(&cy.matmul(&lw.b_down.t()?)?)?;
         Forward {
             gu,
