@@ -105,7 +105,8 @@ impl Tensor {
         let node = Node::record_with(OP, &inputs, Output::Unread, move |x, _, g| {
             let (hid, w, t) = (&x[0], &x[1], &x[2]);
             let g = g.to_dtype(acc)?; // [N]
-                                      // bf16 partial products are summed in f32.
+
+            // bf16 partial products are summed in f32.
             let dh_dtype = acc_dtype(hid.dtype());
             let mut dh: Option<Tensor> = None; // [N, H]
             let dw = w
