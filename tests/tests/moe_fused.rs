@@ -367,15 +367,10 @@ fn op_out_chunked(
     op_out_with(v, frozen, dropout, chunk, MoeKernels::FromEnv)
 }
 
-fn op_out_with(
-    v: &[Tensor],
-    frozen: &[Tensor; 3],
-    dropout: Option<MoeDropout>,
-    chunk: Option<usize>,
-    kernels: MoeKernels,
-) -> engine::Result<Tensor> {
-    let sel = ids(&[0, 1, 1, 0, 0, 1, 1, 0, 0, 1], &[FT, FK]);
-    let w = MoeFusedWeights {
+/// The op's weights of [`op_inputs`]' variables (`v[2..8]`: A, B of gate, up, down) and frozen
+/// shared weights, at scale 1.5.
+fn fused_weights<'a>(v: &'a [Tensor], frozen: &'a [Tensor; 3]) -> MoeFusedWeights<'a> {
+    MoeFusedWeights {
         w_gate: &frozen[0],
         w_up: &frozen[1],
         w_down: &frozen[2],
@@ -386,7 +381,18 @@ fn op_out_with(
         a_down: &v[6],
         b_down: &v[7],
         scale: 1.5,
-    };
+    }
+}
+
+fn op_out_with(
+    v: &[Tensor],
+    frozen: &[Tensor; 3],
+    dropout: Option<MoeDropout>,
+    chunk: Option<usize>,
+    kernels: MoeKernels,
+) -> engine::Result<Tensor> {
+    let sel = ids(&[0, 1, 1, 0, 0, 1, 1, 0, 0, 1], &[FT, FK]);
+    let w = fused_weights(v, frozen);
     let route = MoeRouting {
         ids: &sel,
         weights: &v[1],
@@ -407,9 +413,6 @@ fn grad_moe_fused_op() {
     });
 }
 
-/// The output and every gradient do not depend on the token chunking (f64: to rounding), with
-/// dropout (its masks index slots among all the op's tokens, not the chunk's), for chunks of 1,
-/// 2, 3 and ≥ T tokens; a chunk of 0 tokens is an error.
 /// On the CPU the tile kernels do not exist: asking for them runs the block-code GEMMs, the
 /// same computation bit for bit, and says so.
 #[test]
@@ -421,18 +424,7 @@ fn tiles_fall_back_to_block_gemms_on_the_cpu() {
         let mut v: Vec<Tensor> = v.iter().map(|t| t.to_dtype(DType::F32).unwrap()).collect();
         v[0] = v[0].to_dtype(dtype).unwrap();
         let frozen = frozen.clone().map(|t| t.to_dtype(dtype).unwrap());
-        let w = MoeFusedWeights {
-            w_gate: &frozen[0],
-            w_up: &frozen[1],
-            w_down: &frozen[2],
-            a_gate: &v[2],
-            b_gate: &v[3],
-            a_up: &v[4],
-            b_up: &v[5],
-            a_down: &v[6],
-            b_down: &v[7],
-            scale: 1.5,
-        };
+        let w = fused_weights(&v, &frozen);
         assert!(!engine::moe_fused_runs_tiles(&v[0], &w, FK, MoeKernels::Tiles).unwrap());
         let run = |kernels| {
             let y = op_out_with(&v, &frozen, drop, None, kernels).unwrap();
@@ -446,6 +438,9 @@ fn tiles_fall_back_to_block_gemms_on_the_cpu() {
     }
 }
 
+/// The output and every gradient do not depend on the token chunking (f64: to rounding), with
+/// dropout (its masks index slots among all the op's tokens, not the chunk's), for chunks of 1,
+/// 2, 3 and ≥ T tokens; a chunk of 0 tokens is an error.
 #[test]
 fn chunking_changes_nothing() {
     let (v, frozen) = op_inputs();
