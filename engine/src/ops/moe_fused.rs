@@ -102,11 +102,14 @@ fn expect_dtype(t: &Tensor, dtype: DType) -> Result<()> {
     Ok(())
 }
 
-/// A fused primitive of [`BackendStorage`] on `Storage`.
-type Primitive = fn(&[(&Storage, &Layout)], &MoeDims) -> Result<Vec<Storage>>;
-
-/// Runs a fused primitive on tensors, returning contiguous results of the given shapes.
-fn run(f: Primitive, ts: &[&Tensor], d: &MoeDims, shapes: &[Shape]) -> Result<Vec<Tensor>> {
+/// Runs a fused primitive of [`BackendStorage`] (on `Storage`) on tensors, returning contiguous
+/// results of the given shapes.
+fn run(
+    f: impl FnOnce(&[(&Storage, &Layout)], &MoeDims) -> Result<Vec<Storage>>,
+    ts: &[&Tensor],
+    d: &MoeDims,
+    shapes: &[Shape],
+) -> Result<Vec<Tensor>> {
     let guards: Vec<_> = ts.iter().map(|t| t.storage()).collect();
     let args: Vec<(&Storage, &Layout)> = guards
         .iter()
@@ -835,22 +838,15 @@ fn block_codes(
     let rows = if summed { d.t } else { d.t * d.k };
     let mut ts = vec![src, ids];
     ts.extend(w);
-    let guards: Vec<_> = ts.iter().map(|t| t.storage()).collect();
-    let args: Vec<(&Storage, &Layout)> = guards
-        .iter()
-        .zip(&ts)
-        .map(|(g, t)| (&**g, t.layout()))
-        .collect();
     let how = BlockCodes {
         scale: s,
         summed,
         dtype,
     };
-    let out = Storage::moe_block_codes(&args, d, &how)?
-        .into_iter()
-        .next()
-        .ok_or_else(|| Error::invalid(OP, "a backend returned no block codes"))?;
-    Ok(Tensor::from_storage(out, [rows, d.e * d.r], None))
+    let shape = Shape::from([rows, d.e * d.r]);
+    let primitive =
+        |args: &[(&Storage, &Layout)], d: &MoeDims| Storage::moe_block_codes(args, d, &how);
+    Ok(run(primitive, &ts, d, &[shape])?.remove(0))
 }
 
 /// `s·Z[t, e_j]` of every slot, `[T·k, r]` in `dtype`, from `Z` `[T, E·r]`.
