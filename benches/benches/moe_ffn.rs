@@ -7,8 +7,10 @@
 //! forces the CPU.
 //!
 //! Each case: router and experts with random non-zero weights (so every path does its full
-//! work), the block input a variable (its gradient is computed, as in training), the loss
-//! `Σ y ⊙ c` with a random `c`. Criterion times forward + backward (the device is synchronised
+//! work), the block input a variable (its gradient is computed, as in training), and a random
+//! `c` back-propagated from `y` as its gradient (the gradient of `Σ y ⊙ c`, without computing
+//! that loss, whose own passes over `[T, H]` are not the block's). Criterion times forward +
+//! backward (the device is synchronised
 //! at the end of each iteration). Then, per case, a separate pass measures the median of 10 runs
 //! and the peak activation memory: the allocator's peak during forward + backward minus what
 //! was allocated before it (inputs and weights), in MiB (GPU only). With
@@ -221,8 +223,7 @@ fn step(c: &Case, imp: MoeImpl, device: Device) {
         down: &c.w[2],
     };
     let (y, _) = c.block.forward(&c.x, shared, imp, Some(1)).unwrap();
-    let loss = y.mul(&c.c).unwrap().sum_all().unwrap();
-    loss.backward().unwrap();
+    y.backward_with_grad(&c.c).unwrap();
     synchronize(device);
 }
 
