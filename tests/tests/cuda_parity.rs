@@ -484,28 +484,40 @@ mod gpu {
     fn norms_rope_and_losses() {
         let Some(mut c) = Checker::new() else { return };
         for dt in FLOATS {
-            for &(rows, n) in &[(4usize, 256usize), (7, 1000), (3, 33)] {
-                let (x, w, g) = (vals(rows * n, 40), vals(n, 41), vals(rows * n, 42));
-                c.case(&format!("rms_norm [{rows},{n}]"), dt, |dev| {
+            // Widths: vector loads (256, 1000, 4096: the model's, whose rows a thread's registers
+            // hold between the passes), rows longer than those registers (8200), scalar loads (33),
+            // and x starting one element into its buffer (offset 1: not 16-byte aligned).
+            for &(rows, n, off) in &[
+                (4usize, 256usize, 0usize),
+                (7, 1000, 0),
+                (3, 33, 0),
+                (5, 4096, 0),
+                (2, 8200, 0),
+                (3, 256, 1),
+            ] {
+                let (x, w, g) = (
+                    vals(off + rows * n, 40),
+                    vals(n, 41),
+                    vals(off + rows * n, 42),
+                );
+                let l = Layout::new(Shape::from([rows, n]), vec![n, 1], off);
+                c.case(&format!("rms_norm [{rows},{n}] offset {off}"), dt, |dev| {
                     let (xs, ws) = (input(dev, &x, dt), input(dev, &w, dt));
                     Ok(read(
-                        &xs.rms_norm(
-                            &Layout::contiguous([rows, n]),
-                            &ws,
-                            &Layout::contiguous([n]),
-                            1e-5,
-                        )?,
+                        &xs.rms_norm(&l, &ws, &Layout::contiguous([n]), 1e-5)?,
                         [rows, n],
                     ))
                 });
                 for part in 0..2 {
                     c.case(
-                        &format!("rms_norm_backward [{rows},{n}] {}", ["dx", "dw"][part]),
+                        &format!(
+                            "rms_norm_backward [{rows},{n}] offset {off} {}",
+                            ["dx", "dw"][part]
+                        ),
                         dt,
                         |dev| {
                             let (xs, ws, gs) =
                                 (input(dev, &x, dt), input(dev, &w, dt), input(dev, &g, dt));
-                            let l = Layout::contiguous([rows, n]);
                             let (dx, dw) = xs.rms_norm_backward(
                                 &l,
                                 &ws,
