@@ -143,6 +143,40 @@ fn grad_matmul() {
     );
 }
 
+/// A product's gradient reaches an operand that is a transposed view (`k.t()` in `q kᵀ`) as a
+/// row-major gradient of the tensor under the view, as that tensor is laid out (kernels reading
+/// it, rope's for one, then take their contiguous paths), with the values of the plain products.
+#[test]
+fn matmul_gradients_keep_the_operands_orientation() {
+    let close = |got: &Tensor, want: &Tensor| {
+        let (g, w) = (got.to_vec_f64().unwrap(), want.to_vec_f64().unwrap());
+        assert_eq!(g.len(), w.len());
+        for (a, b) in g.iter().zip(&w) {
+            assert!((a - b).abs() <= 1e-12 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    };
+    // The right operand transposed, as in attention's scores: [b, h, t, d] x [b, h, d, s].
+    let q = randn(&[2, 3, 5, 4], 80).to_var().unwrap();
+    let k = randn(&[2, 3, 6, 4], 81).to_var().unwrap();
+    let g = randn(&[2, 3, 5, 6], 82);
+    let y = q.matmul(&k.transpose(2, 3).unwrap()).unwrap();
+    y.backward_with_grad(&g).unwrap();
+    let dk = k.grad().unwrap();
+    assert!(dk.is_contiguous(), "dk strides {:?}", dk.layout().strides());
+    close(&dk, &g.transpose(2, 3).unwrap().matmul(&q).unwrap()); // dk = gᵀ q
+    close(&q.grad().unwrap(), &g.matmul(&k).unwrap()); // dq = g k
+
+    // The left operand transposed: [b, m, k] from a [b, k, m] tensor.
+    let a = randn(&[2, 4, 3], 83).to_var().unwrap();
+    let b = randn(&[2, 4, 5], 84);
+    let g = randn(&[2, 3, 5], 85);
+    let y = a.transpose(1, 2).unwrap().matmul(&b).unwrap();
+    y.backward_with_grad(&g).unwrap();
+    let da = a.grad().unwrap();
+    assert!(da.is_contiguous(), "da strides {:?}", da.layout().strides());
+    close(&da, &b.matmul(&g.transpose(1, 2).unwrap()).unwrap()); // da = b gᵀ
+}
+
 #[test]
 fn casts_round_trip_and_backprop() {
     let x = randn(&[2, 3], 70);

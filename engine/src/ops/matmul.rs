@@ -7,7 +7,12 @@ use crate::backend::BackendStorage;
 use crate::{Error, Result, Shape, Tensor};
 
 impl Tensor {
-    /// The primitive: `[b, m, k] x [b, k, n] -> [b, m, n]`. `dA = G Bᵀ`, `dB = Aᵀ G`.
+    /// The primitive: `[b, m, k] x [b, k, n] -> [b, m, n]`. `dA = G Bᵀ`, `dB = Aᵀ G`, each
+    /// computed in its operand's orientation: for an operand that is a transposed view (each
+    /// matrix column-major, as `k.t()` in `q kᵀ`), the product runs transposed (`dBᵀ = Gᵀ A`)
+    /// and its transpose is returned, so that the gradient reaching the tensor under the view is
+    /// row-major, as that tensor is (kernels that read it, such as rope's, then take their
+    /// contiguous paths).
     fn matmul3(&self, rhs: &Tensor) -> Result<Tensor> {
         let (a, b) = (self.dims(), rhs.dims());
         let shape = Shape::from([a[0], a[1], b[2]]);
@@ -22,11 +27,23 @@ impl Tensor {
         let node = Node::record_with("matmul", &inputs, Output::Unread, |x, _, g| {
             let da = x[0]
                 .tracks_grad()
-                .then(|| g.matmul3(&x[1].transpose(1, 2)?))
+                .then(|| {
+                    if column_major(&x[0]) {
+                        x[1].matmul3(&g.transpose(1, 2)?)?.transpose(1, 2)
+                    } else {
+                        g.matmul3(&x[1].transpose(1, 2)?)
+                    }
+                })
                 .transpose()?;
             let db = x[1]
                 .tracks_grad()
-                .then(|| x[0].transpose(1, 2)?.matmul3(g))
+                .then(|| {
+                    if column_major(&x[1]) {
+                        g.transpose(1, 2)?.matmul3(&x[0])?.transpose(1, 2)
+                    } else {
+                        x[0].transpose(1, 2)?.matmul3(g)
+                    }
+                })
                 .transpose()?;
             Ok(vec![da, db])
         });
@@ -180,4 +197,11 @@ impl Tensor {
             None => out,
         })
     }
+}
+
+/// Whether the rank-3 `t` stores each of its (at least 2 × 2) matrices column-major: a transposed
+/// view of a row-major tensor.
+fn column_major(t: &Tensor) -> bool {
+    let (d, s) = (t.dims(), t.layout().strides());
+    d[1] > 1 && d[2] > 1 && s[1] == 1 && s[2] == d[1]
 }
