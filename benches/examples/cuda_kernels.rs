@@ -499,7 +499,7 @@ fn rope(lab: &mut Lab, dt: DType) -> Result<()> {
             ),
             2 * n * s + 2 * b * t * (d / 2) * s,
         ),
-        || x.rope(&xl, &cos, &tl, &sin, &tl).map(drop),
+        || x.rope(&xl, &cos, &tl, &sin, &tl, 2).map(drop),
     )
 }
 

@@ -405,8 +405,16 @@ impl BackendStorage for Storage {
             _ => Err(mismatch("rms_norm_backward", self, g)),
         }
     }
-    fn rope(&self, l: &Layout, cos: &Self, cl: &Layout, sin: &Self, sl: &Layout) -> Result<Self> {
-        three!("rope", self, cos, sin, (x, c, s) => x.rope(l, c, cl, s, sl))
+    fn rope(
+        &self,
+        l: &Layout,
+        cos: &Self,
+        cl: &Layout,
+        sin: &Self,
+        sl: &Layout,
+        seq_dim: usize,
+    ) -> Result<Self> {
+        three!("rope", self, cos, sin, (x, c, s) => x.rope(l, c, cl, s, sl, seq_dim))
     }
     fn cross_entropy(&self, l: &Layout, t: &Self, tl: &Layout, ignore: u32) -> Result<Self> {
         two!("cross_entropy", self, t, (a, b) => a.cross_entropy(l, b, tl, ignore))

@@ -267,9 +267,10 @@ NORM(double, f64)
 
 // ----- rotary embedding (Hugging Face half-rotation layout) ----------------------------------------
 
-// rope_{dtype}(b, h, t, d, bc, xs, x, cos, sin, y)
-//   x: [b, h, t, d] read through the strided view `xs` (rank 4, not merged); cos, sin: contiguous
-//   [bc, t, d/2] with bc 1 or b; y: contiguous [b, h, t, d]. One thread per (row, i < d/2):
+// rope_{dtype}(b, n1, n2, d, bc, tdim, xs, x, cos, sin, y)
+//   x: [b, n1, n2, d] read through the strided view `xs` (rank 4, not merged), its positions
+//   along dim tdim (1 or 2; t = n1 or n2, the other dim holds the heads); cos, sin: contiguous
+//   [bc, t, d/2] with bc 1 or b; y: contiguous [b, n1, n2, d]. One thread per (row, i < d/2):
 //   y[i] = x[i] c − x[i+d/2] s,  y[i+d/2] = x[i+d/2] c + x[i] s.
 //   Vector path: each thread takes V consecutive pairs i .. i+V through V-element loads of x[i..],
 //   x[i+d/2..], cos and sin and V-element stores of both halves of y, V the widest of
@@ -291,14 +292,20 @@ __device__ __forceinline__ void rope_rotate(T x1, T x2, T c, T s, T& y1, T& y2) 
     y2 = from_acc<T>(m_fma(a, sa, m_mul(b, ca)));
 }
 
-// Where row `row` (over b, h, t) of x starts (`base`) and where its cos/sin row starts (`tb`).
-__device__ __forceinline__ void rope_row(size_t row, u32 h, u32 t, u32 half, u32 bc, const Strided& xs, u32& base,
+// The dims of a rope launch: x [b, n1, n2, d] with positions along dim tdim (1 or 2).
+struct RopeDims {
+    u32 b, n1, n2, d, bc, tdim;
+};
+
+// Where row `row` (over b, n1, n2) of x starts (`base`) and where its cos/sin row starts (`tb`).
+__device__ __forceinline__ void rope_row(size_t row, const RopeDims& r, u32 half, const Strided& xs, u32& base,
                                          u32& tb) {
-    const u32 ti = (u32)(row % t);
-    const u32 bi = (u32)(row / ((size_t)t * h));
-    const u32 hi = (u32)((row / t) % h);
-    base = xs.offset + bi * xs.strides[0] + hi * xs.strides[1] + ti * xs.strides[2];
-    tb = ((bc == 1 ? 0u : bi) * t + ti) * half;
+    const u32 i2 = (u32)(row % r.n2);
+    const u32 i1 = (u32)((row / r.n2) % r.n1);
+    const u32 bi = (u32)(row / ((size_t)r.n2 * r.n1));
+    const u32 t = r.tdim == 1 ? r.n1 : r.n2, ti = r.tdim == 1 ? i1 : i2;
+    base = xs.offset + bi * xs.strides[0] + i1 * xs.strides[1] + i2 * xs.strides[2];
+    tb = ((r.bc == 1 ? 0u : bi) * t + ti) * half;
 }
 
 // Whether the vector path of width V applies (see the header above).
@@ -314,15 +321,15 @@ __device__ __forceinline__ bool rope_vec_ok(u32 d, const Strided& xs, const T* x
 
 // One thread per V consecutive pairs of one row.
 template <int V, typename T>
-__device__ __forceinline__ void rope_vec(u32 b, u32 h, u32 t, u32 d, u32 bc, const Strided& xs, const T* x,
-                                         const T* cs, const T* sn, T* y) {
-    const u32 half = d / 2, groups = half / V;
-    const size_t total = (size_t)b * h * t * groups;
+__device__ __forceinline__ void rope_vec(const RopeDims& r, const Strided& xs, const T* x, const T* cs, const T* sn,
+                                         T* y) {
+    const u32 d = r.d, half = d / 2, groups = half / V;
+    const size_t total = (size_t)r.b * r.n1 * r.n2 * groups;
     FOR_EACH(k, total) {
         const u32 i = (u32)(k % groups) * V;
         const size_t row = k / groups;
         u32 base, tb;
-        rope_row(row, h, t, half, bc, xs, base, tb);
+        rope_row(row, r, half, xs, base, tb);
         T x1[V], x2[V], c[V], s[V], y1[V], y2[V];
         load_n(x + base + i, x1);
         load_n(x + base + i + half, x2);
@@ -338,15 +345,15 @@ __device__ __forceinline__ void rope_vec(u32 b, u32 h, u32 t, u32 d, u32 bc, con
 
 // One thread per pair, x through all its strides.
 template <typename T>
-__device__ __forceinline__ void rope_scalar(u32 b, u32 h, u32 t, u32 d, u32 bc, const Strided& xs, const T* x,
-                                            const T* cs, const T* sn, T* y) {
-    const u32 half = d / 2;
-    const size_t total = (size_t)b * h * t * half;
+__device__ __forceinline__ void rope_scalar(const RopeDims& r, const Strided& xs, const T* x, const T* cs,
+                                            const T* sn, T* y) {
+    const u32 d = r.d, half = d / 2;
+    const size_t total = (size_t)r.b * r.n1 * r.n2 * half;
     FOR_EACH(k, total) {
         const u32 i = (u32)(k % half);
         const size_t row = k / half;
         u32 base, tb;
-        rope_row(row, h, t, half, bc, xs, base, tb);
+        rope_row(row, r, half, xs, base, tb);
         T* yr = y + row * d;
         rope_rotate(x[base + i * xs.strides[3]], x[base + (i + half) * xs.strides[3]], cs[tb + i], sn[tb + i], yr[i],
                     yr[i + half]);
@@ -355,21 +362,20 @@ __device__ __forceinline__ void rope_scalar(u32 b, u32 h, u32 t, u32 d, u32 bc, 
 
 // The widest vector path that applies, from V down to 2; else the scalar one.
 template <int V, typename T>
-__device__ void rope_pairs(u32 b, u32 h, u32 t, u32 d, u32 bc, const Strided& xs, const T* x, const T* cs,
-                           const T* sn, T* y) {
-    if (rope_vec_ok<V>(d, xs, x, cs, sn, y)) {
-        rope_vec<V>(b, h, t, d, bc, xs, x, cs, sn, y);
+__device__ void rope_pairs(const RopeDims& r, const Strided& xs, const T* x, const T* cs, const T* sn, T* y) {
+    if (rope_vec_ok<V>(r.d, xs, x, cs, sn, y)) {
+        rope_vec<V>(r, xs, x, cs, sn, y);
     } else if constexpr (V > 2) {
-        rope_pairs<V / 2>(b, h, t, d, bc, xs, x, cs, sn, y);
+        rope_pairs<V / 2>(r, xs, x, cs, sn, y);
     } else {
-        rope_scalar(b, h, t, d, bc, xs, x, cs, sn, y);
+        rope_scalar(r, xs, x, cs, sn, y);
     }
 }
 
 #define ROPE(T, SUF) \
-    extern "C" __global__ void rope_##SUF(u32 b, u32 h, u32 t, u32 d, u32 bc, Strided xs, const T* x, const T* cs, \
-                                          const T* sn, T* y) { \
-        rope_pairs<16 / (int)sizeof(T)>(b, h, t, d, bc, xs, x, cs, sn, y); \
+    extern "C" __global__ void rope_##SUF(u32 b, u32 n1, u32 n2, u32 d, u32 bc, u32 tdim, Strided xs, const T* x, \
+                                          const T* cs, const T* sn, T* y) { \
+        rope_pairs<16 / (int)sizeof(T)>(RopeDims{b, n1, n2, d, bc, tdim}, xs, x, cs, sn, y); \
     }
 
 ROPE(float, f32)

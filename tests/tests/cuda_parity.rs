@@ -538,17 +538,28 @@ mod gpu {
             // rope: x stored [b, t, h, d] and viewed as [b, h, t, d]; tables per batch or shared.
             let (b, h, t, d) = (2usize, 3usize, 37usize, 64usize);
             let x = vals(b * h * t * d, 43);
-            for bc in [1, b] {
+            // Positions along dim 2 (x viewed [b, h, t, d]) and along dim 1 (x stored [b, h, t, d]
+            // and viewed [b, t, h, d], as the backward reads its gradient).
+            for (bc, seq_dim) in [(1, 2), (b, 2), (1, 1), (b, 1)] {
                 let (cs, sn) = (vals(bc * t * d / 2, 44), vals(bc * t * d / 2, 45));
                 c.case(
-                    &format!("rope [{b},{h},{t},{d}] tables [{bc},..]"),
+                    &format!("rope [{b},{h},{t},{d}] tables [{bc},..] positions on dim {seq_dim}"),
                     dt,
                     |dev| {
                         let xs = input(dev, &x, dt);
                         let (cst, snt) = (input(dev, &cs, dt), input(dev, &sn, dt));
-                        let xl = Layout::contiguous([b, t, h, d]).transpose(1, 2);
+                        let (xl, dims) = match seq_dim {
+                            2 => (
+                                Layout::contiguous([b, t, h, d]).transpose(1, 2),
+                                [b, h, t, d],
+                            ),
+                            _ => (
+                                Layout::contiguous([b, h, t, d]).transpose(1, 2),
+                                [b, t, h, d],
+                            ),
+                        };
                         let tl = Layout::contiguous([bc, t, d / 2]);
-                        Ok(read(&xs.rope(&xl, &cst, &tl, &snt, &tl)?, [b, h, t, d]))
+                        Ok(read(&xs.rope(&xl, &cst, &tl, &snt, &tl, seq_dim)?, dims))
                     },
                 );
             }
@@ -993,7 +1004,7 @@ mod gpu {
                             (input(dev, &cs[1 - to..], dt), input(dev, &sn[1 - to..], dt));
                         let tl = Layout::new(tdims.clone(), tdims.contiguous_strides(), to);
                         Ok(read(
-                            &xs.rope(&shifted, &cst, &tl, &snt, &tl)?,
+                            &xs.rope(&shifted, &cst, &tl, &snt, &tl, 2)?,
                             dims.clone(),
                         ))
                     };

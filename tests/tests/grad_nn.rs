@@ -129,6 +129,31 @@ fn grad_rms_norm() {
     );
 }
 
+/// The gradient of rope over `x` `[b, t, h, d]` viewed as `[b, h, t, d]` (the heads of a
+/// projection) reaches `x` row-major, as `x` is laid out: written in that order, not transposed
+/// (which would cost the projection's backward a copy), with the values of the plain backward.
+#[test]
+fn rope_gradient_keeps_the_input_layout() {
+    let (c, s) = tables(&[0, 3, 7, 12], &[4], 6, 100.0);
+    let x = randn(&[2, 4, 3, 6], 15).to_var().unwrap(); // [b, t, h, d]
+    let g = randn(&[2, 3, 4, 6], 16); // [b, h, t, d]
+    x.transpose(1, 2)
+        .unwrap()
+        .rope(&c, &s)
+        .unwrap()
+        .backward_with_grad(&g)
+        .unwrap();
+    let dx = x.grad().unwrap();
+    assert!(dx.is_contiguous(), "dx strides {:?}", dx.layout().strides());
+    // dx = rope(g, cos, −sin), transposed back to x's dims.
+    let want = g
+        .rope(&c, &s.neg().unwrap())
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap();
+    assert_eq!(vals(&dx), vals(&want));
+}
+
 #[test]
 fn grad_rope() {
     let (c, s) = tables(&[0, 3, 7, 12], &[4], 6, 100.0);
@@ -692,14 +717,19 @@ fn kernel_errors() {
     let xl = Layout::contiguous([1, 1, 3, 4]);
     let tab = CpuStorage::F32(vec![0.5; 6]);
     let tl = Layout::contiguous([1, 3, 2]);
-    assert!(x.rope(&xl, &tab, &tl, &tab, &tl).is_ok());
-    assert!(x.rope(&l, &tab, &tl, &tab, &tl).is_err());
+    assert!(x.rope(&xl, &tab, &tl, &tab, &tl, 2).is_ok());
+    // Positions along dim 1 or 2 only; along dim 1 the tables must match that dim.
+    assert!(x.rope(&xl, &tab, &tl, &tab, &tl, 3).is_err());
+    assert!(x.rope(&xl, &tab, &tl, &tab, &tl, 1).is_err());
+    let xl1 = Layout::contiguous([1, 3, 1, 4]);
+    assert!(x.rope(&xl1, &tab, &tl, &tab, &tl, 1).is_ok());
+    assert!(x.rope(&l, &tab, &tl, &tab, &tl, 2).is_err());
     assert!(x
-        .rope(&xl, &tab, &Layout::contiguous([1, 2, 3]), &tab, &tl)
+        .rope(&xl, &tab, &Layout::contiguous([1, 2, 3]), &tab, &tl, 2)
         .is_err());
     let tab64 = CpuStorage::F64(vec![0.5; 6]);
     assert!(matches!(
-        x.rope(&xl, &tab, &tl, &tab64, &tl),
+        x.rope(&xl, &tab, &tl, &tab64, &tl, 2),
         Err(Error::DTypeMismatch { .. })
     ));
 }

@@ -49,28 +49,50 @@ impl Tensor {
                 rhs: sin.shape().clone(),
             });
         }
+        let node = if self.tracks_grad() && crate::grad_enabled() {
+            // The backward tables, built only when the op is recorded.
+            let (cos, neg_sin) = (cos.detach(), sin.detach().neg()?);
+            let tables = [cos.clone(), neg_sin.clone()];
+            // x laid out [b, t, h, d] in memory (the heads of a projection's output viewed as
+            // [b, h, t, d]): dx is written in that order too, so that it reaches the projection
+            // as a view, not as a copy.
+            let (dims, st) = (self.dims(), self.layout().strides());
+            let seq_outer = dims[1] > 1 && dims[2] > 1 && st[2] > st[1];
+            Node::record_with(
+                "rope",
+                &[Input::GraphOnly(self)],
+                Output::Unread,
+                move |_, _, g| {
+                    let dx = if seq_outer {
+                        g.transpose(1, 2)?
+                            .rope_along(&cos, &neg_sin, 1)?
+                            .transpose(1, 2)?
+                    } else {
+                        g.rope_along(&cos, &neg_sin, 2)?
+                    };
+                    Ok(vec![Some(dx)])
+                },
+            )
+            .map(|n| n.capturing(&[&tables[0], &tables[1]]))
+        } else {
+            None
+        };
+        let y = self.rope_along(cos, sin, 2)?;
+        Ok(y.view(y.layout().clone(), node))
+    }
+
+    /// The rotation of `self` `[b, n1, n2, d]` whose positions run along dim `seq_dim` (1 or 2),
+    /// contiguous, recording nothing (the backend checks the shapes).
+    fn rope_along(&self, cos: &Tensor, sin: &Tensor, seq_dim: usize) -> Result<Tensor> {
         let s = self.storage().rope(
             self.layout(),
             &cos.storage(),
             cos.layout(),
             &sin.storage(),
             sin.layout(),
+            seq_dim,
         )?;
-        let node = if self.tracks_grad() && crate::grad_enabled() {
-            // The backward tables, built only when the op is recorded.
-            let (cos, neg_sin) = (cos.detach(), sin.detach().neg()?);
-            let tables = [cos.clone(), neg_sin.clone()];
-            Node::record_with(
-                "rope",
-                &[Input::GraphOnly(self)],
-                Output::Unread,
-                move |_, _, g| Ok(vec![Some(g.rope(&cos, &neg_sin)?)]),
-            )
-            .map(|n| n.capturing(&[&tables[0], &tables[1]]))
-        } else {
-            None
-        };
-        Ok(Tensor::from_storage(s, self.shape().clone(), node))
+        Ok(Tensor::from_storage(s, self.shape().clone(), None))
     }
 }
 

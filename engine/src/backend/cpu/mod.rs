@@ -318,8 +318,11 @@ impl BackendStorage for CpuStorage {
         cos_l: &Layout,
         sin: &Self,
         sin_l: &Layout,
+        seq_dim: usize,
     ) -> Result<Self> {
-        timed("rope", || norm::rope(self, l, cos, cos_l, sin, sin_l))
+        timed("rope", || {
+            norm::rope(self, l, cos, cos_l, sin, sin_l, seq_dim)
+        })
     }
     fn cross_entropy(
         &self,

@@ -216,50 +216,22 @@ pub(super) fn rms_norm_backward(
 
 // ----- RoPE --------------------------------------------------------------------------------
 
-/// `(b, h, t, d, bc)` of a rope call, checked: `x: [b, h, t, d]` with even `d`, `cos`/`sin`:
-/// `[bc, t, d/2]` with `bc` 1 or `b`.
-fn rope_dims(l: &Layout, cl: &Layout, sl: &Layout) -> Result<[usize; 5]> {
-    let xd = l.dims();
-    if xd.len() != 4 {
-        return Err(Error::RankMismatch {
-            op: "rope",
-            expected: 4,
-            shape: l.shape().clone(),
-        });
-    }
-    let (b, h, t, d) = (xd[0], xd[1], xd[2], xd[3]);
-    if d % 2 != 0 {
-        return Err(Error::invalid(
-            "rope",
-            format!("head dim {d} of {} is odd", l.shape()),
-        ));
-    }
-    let cd = cl.dims();
-    let ok = cd.len() == 3 && (cd[0] == 1 || cd[0] == b) && cd[1] == t && cd[2] == d / 2;
-    if !ok || sl.shape() != cl.shape() {
-        let bad = if ok { sl } else { cl };
-        return Err(Error::ShapeMismatch {
-            op: "rope",
-            lhs: l.shape().clone(),
-            rhs: bad.shape().clone(),
-        });
-    }
-    Ok([b, h, t, d, cd[0]])
-}
-
-/// `x: [b, h, t, d]` (any strides), `cos`, `sin`: contiguous `[bc, t, d/2]`. Output contiguous
-/// `[b, h, t, d]`: `o[i] = x[i] c − x[i+d/2] s`, `o[i+d/2] = x[i+d/2] c + x[i] s`.
-fn rope_t<T: CpuFloat>(x: &[T], l: &Layout, cos: &[T], sin: &[T], dims: [usize; 5]) -> Vec<T> {
-    let [b, h, t, d, bc] = dims;
-    let mut out = vec![T::zero(); b * h * t * d]; // [b, h, t, d]
+/// `x: [b, n1, n2, d]` (any strides) with positions along dim `seq_dim` of the 6 `dims`;
+/// `cos`, `sin`: contiguous `[bc, t, d/2]`. Output contiguous `[b, n1, n2, d]`:
+/// `o[i] = x[i] c − x[i+d/2] s`, `o[i+d/2] = x[i+d/2] c + x[i] s`.
+fn rope_t<T: CpuFloat>(x: &[T], l: &Layout, cos: &[T], sin: &[T], dims: [usize; 6]) -> Vec<T> {
+    let [b, n1, n2, d, bc, seq_dim] = dims;
+    let mut out = vec![T::zero(); b * n1 * n2 * d]; // [b, n1, n2, d]
     if out.is_empty() {
         return out;
     }
     let half = d / 2;
+    let t = if seq_dim == 1 { n1 } else { n2 };
     let (st, off) = (l.strides(), l.offset());
     let row = |(r, o): (usize, &mut [T])| {
-        let (ti, hi, bi) = (r % t, (r / t) % h, r / (t * h));
-        let base = off + bi * st[0] + hi * st[1] + ti * st[2];
+        let (i2, i1, bi) = (r % n2, (r / n2) % n1, r / (n1 * n2));
+        let ti = if seq_dim == 1 { i1 } else { i2 };
+        let base = off + bi * st[0] + i1 * st[1] + i2 * st[2];
         let tb = ((if bc == 1 { 0 } else { bi }) * t + ti) * half;
         let (c, s) = (&cos[tb..tb + half], &sin[tb..tb + half]);
         let sd = st[3];
@@ -286,9 +258,10 @@ pub(super) fn rope(
     cl: &Layout,
     sin: &CpuStorage,
     sl: &Layout,
+    seq_dim: usize,
 ) -> Result<CpuStorage> {
     use CpuStorage as S;
-    let dims = rope_dims(l, cl, sl)?;
+    let dims = crate::backend::rope_dims(l, cl, sl, seq_dim)?;
     Ok(match (x, cos, sin) {
         (S::F32(xv), S::F32(c), S::F32(s)) => {
             S::F32(rope_t(xv, l, &contig(c, cl), &contig(s, sl), dims))
@@ -297,7 +270,7 @@ pub(super) fn rope(
             S::F64(rope_t(xv, l, &contig(c, cl), &contig(s, sl), dims))
         }
         (S::BF16(_), S::BF16(_), S::BF16(_)) => {
-            let xf = x.view_f32("rope", l)?; // [b, h, t, d] contiguous
+            let xf = x.view_f32("rope", l)?; // [b, n1, n2, d] contiguous
             let xl = Layout::contiguous(Shape::from(l.dims()));
             let c = cos.view_f32("rope", cl)?; // [bc, t, d/2]
             let s = sin.view_f32("rope", sl)?; // [bc, t, d/2]

@@ -374,8 +374,9 @@ impl BackendStorage for CudaStorage {
         cos_l: &Layout,
         sin: &Self,
         sin_l: &Layout,
+        seq_dim: usize,
     ) -> Result<Self> {
-        norm::rope(self, l, cos, cos_l, sin, sin_l)
+        norm::rope(self, l, cos, cos_l, sin, sin_l, seq_dim)
     }
     fn cross_entropy(
         &self,

@@ -167,34 +167,11 @@ pub(crate) fn rope(
     cl: &Layout,
     sin: &CudaStorage,
     sl: &Layout,
+    seq_dim: usize,
 ) -> Result<CudaStorage> {
     const OP: &str = "rope";
     check_float3(OP, x, cos, sin)?;
-    let xd = l.dims();
-    if xd.len() != 4 {
-        return Err(Error::RankMismatch {
-            op: OP,
-            expected: 4,
-            shape: l.shape().clone(),
-        });
-    }
-    let (b, h, t, d) = (xd[0], xd[1], xd[2], xd[3]);
-    if d % 2 != 0 {
-        return Err(Error::invalid(
-            OP,
-            format!("head dim {d} of {} is odd", l.shape()),
-        ));
-    }
-    let cd = cl.dims();
-    let ok = cd.len() == 3 && (cd[0] == 1 || cd[0] == b) && cd[1] == t && cd[2] == d / 2;
-    if !ok || sl.shape() != cl.shape() {
-        let bad = if ok { sl } else { cl };
-        return Err(Error::ShapeMismatch {
-            op: OP,
-            lhs: l.shape().clone(),
-            rhs: bad.shape().clone(),
-        });
-    }
+    let [b, n1, n2, d, bc, _] = crate::backend::rope_dims(l, cl, sl, seq_dim)?;
     check_extent(OP, l, x.len)?;
     let total = l.elem_count();
     let out = CudaStorage::alloc(&x.dev, OP, total, x.dtype)?;
@@ -203,12 +180,13 @@ pub(crate) fn rope(
     }
     let xs = StridedArg::rank4(OP, l)?;
     let (cc, sc) = (cos.contiguous(OP, cl)?, sin.contiguous(OP, sl)?);
-    let [b32, h32, t32, d32, bc] = to_u32s(OP, [b, h, t, d, cd[0]])?;
+    let [b32, n1_32, n2_32, d32, bc32, sd32] = to_u32s(OP, [b, n1, n2, d, bc, seq_dim])?;
     let (xp, cp, sp, y) = (x.ptr(), cc.ptr, sc.ptr, out.ptr());
     let width = rope_width(&xs, d, x.dtype.size_in_bytes(), [xp, cp, sp, y]);
     let name = format!("{OP}_{}", x.dtype);
     // SAFETY: x is read through its rank-4 strides (checked inside its buffer); cos and sin are
-    // contiguous [bc, t, d/2]; the output holds b·h·t·d elements. Each thread takes one pair
+    // contiguous [bc, t, d/2] with t = x's dim seq_dim (1 or 2; `rope_dims`); the output holds
+    // b·n1·n2·d elements. Each thread takes one pair
     // (row, i < d/2), or V consecutive pairs of one row through V-wide accesses that touch the
     // same elements, where the kernel has checked that x's last stride is 1 and that V divides
     // d/2, x's offset and strides and the four base addresses (in bytes, V·elem size).
@@ -219,7 +197,7 @@ pub(crate) fn rope(
             NORM,
             name,
             CudaDevice::grid(total / 2 / width),
-            [b32, h32, t32, d32, bc, xs, xp, cp, sp, y]
+            [b32, n1_32, n2_32, d32, bc32, sd32, xs, xp, cp, sp, y]
         )
     }?;
     Ok(out)
