@@ -5,14 +5,18 @@
 //!
 //! Build: `cargo build --release -p mixlora-benches --features mixlora-engine/cuda --example
 //! cuda_train_speed` (scripts/build-gpu.sh does it). Run on the GPU machine:
-//! `gpu-bin/example-cuda_train_speed PATH.gguf [--dtype f32|bf16|both] [--steps N] [--warmup N]
-//! [--json PATH]`, or with `--random-smollm2` instead of the path: the same shapes with random
-//! weights (the speed does not depend on the values), for a machine without the file.
+//! `gpu-bin/example-cuda_train_speed PATH.gguf [--dtype f32|bf16|both] [--moe IMPL] [--steps N]
+//! [--warmup N] [--json PATH]`, or with `--random-smollm2` instead of the path: the same shapes
+//! with random weights (the speed does not depend on the values), for a machine without the
+//! file. MixLoRA runs the trainer's GPU default, the fused FFN, unless `--moe` names another
+//! implementation (naive, paper, grouped).
 //!
 //! Method: `warmup` steps (the allocator's cache and cuBLAS warm up), then `steps` timed steps,
 //! each from a synchronised stream to a synchronised stream (host clock); the median is reported.
 //! Each step clears the adapters' gradients first (no optimizer update is timed). Peak memory is
-//! the engine allocator's peak over the timed steps (weights, activations, gradients).
+//! the engine allocator's peak over the timed steps (weights, activations, gradients). With
+//! `MIXLORA_PROFILE=gpu` every launch is timed by CUDA events (the timed steps then run slower)
+//! and one more step per case prints its per-kernel profile and the GPU's busy time.
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -22,7 +26,7 @@ use std::time::Instant;
 
 use engine::backend::cuda::{memory_stats, reset_peak_memory, synchronize, CudaDevice};
 use engine::{DType, Device, Tensor, IGNORE_INDEX};
-use model::{AdapterConfig, Llama, LlamaConfig};
+use model::{AdapterConfig, Llama, LlamaConfig, MoeImpl};
 
 type Res<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -52,6 +56,8 @@ fn smollm2_135m() -> LlamaConfig {
 struct Opts {
     model: Option<String>,
     dtypes: Vec<DType>,
+    /// MixLoRA's FFN implementation: the trainer's GPU default (fused) unless `--moe` names one.
+    moe: MoeImpl,
     steps: usize,
     warmup: usize,
     json: Option<String>,
@@ -60,7 +66,7 @@ struct Opts {
 fn usage() -> ! {
     eprintln!(
         "usage: cuda_train_speed (PATH.gguf | --random-smollm2) [--dtype f32|bf16|both] \
-         [--steps N] [--warmup N] [--json PATH]"
+         [--moe naive|paper|grouped|fused] [--steps N] [--warmup N] [--json PATH]"
     );
     std::process::exit(2);
 }
@@ -69,6 +75,7 @@ fn parse() -> Opts {
     let mut o = Opts {
         model: None,
         dtypes: vec![DType::F32, DType::BF16],
+        moe: MoeImpl::Fused,
         steps: 10,
         warmup: 3,
         json: None,
@@ -90,6 +97,12 @@ fn parse() -> Opts {
                     Some("both") => vec![DType::F32, DType::BF16],
                     _ => usage(),
                 }
+            }
+            "--moe" => {
+                o.moe = args
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or_else(|| usage())
             }
             "--steps" => o.steps = num(args.next()),
             "--warmup" => o.warmup = num(args.next()),
@@ -161,6 +174,15 @@ fn measure(model: &Llama, (b, t): (usize, usize), o: &Opts) -> Res<(f64, f64, us
         times.push(t0.elapsed().as_secs_f64());
     }
     let peak = memory_stats(GPU).1;
+    if engine::backend::cpu::profile::enabled() {
+        // One more step with every kernel timed (MIXLORA_PROFILE=gpu: CUDA events): the GPU's
+        // busy time against the step's wall time says whether the host or the device bounds it.
+        engine::backend::cpu::profile::take();
+        step(0)?;
+        synchronize(GPU)?;
+        println!("profile of one step, {b}×{t}:");
+        engine::backend::cpu::profile::report(25);
+    }
     times.sort_by(f64::total_cmp);
     Ok((times[times.len() / 2], times[0], peak, aux_seen))
 }
@@ -198,6 +220,7 @@ fn run(o: &Opts) -> Res<Vec<Row>> {
             ("LoRA r=16 (7 projections)", AdapterConfig::lora_default()),
         ] {
             model.add_adapters(&cfg, 0)?;
+            model.set_moe_impl(o.moe); // no effect on LoRA
             for batch in [(8, 512), (16, 512)] {
                 let (median_s, min_s, peak, aux) = measure(&model, batch, o)?;
                 eprintln!(
@@ -224,9 +247,10 @@ fn run(o: &Opts) -> Res<Vec<Row>> {
 
 fn report(o: &Opts, rows: &[Row]) {
     println!(
-        "SmolLM2-135M training step (forward + backward, CE over all positions{}), {}: median of {} steps after {} warm-up\n",
+        "SmolLM2-135M training step (forward + backward, CE over all positions{}), {}, MixLoRA FFN {:?}: median of {} steps after {} warm-up\n",
         if rows.iter().any(|r| r.aux) { " + aux loss" } else { "" },
         o.model.as_deref().unwrap_or("random weights"),
+        o.moe,
         o.steps,
         o.warmup
     );
@@ -251,11 +275,12 @@ fn report(o: &Opts, rows: &[Row]) {
         for (i, r) in rows.iter().enumerate() {
             let _ = write!(
                 s,
-                "  {{\"dtype\": \"{}\", \"adapters\": \"{}\", \"batch\": {}, \"seq\": {}, \
-                 \"tokens_per_s\": {:.1}, \"ms_per_step\": {:.3}, \"min_ms\": {:.3}, \
+                "  {{\"dtype\": \"{}\", \"adapters\": \"{}\", \"mixlora_ffn\": \"{}\", \"batch\": {}, \
+                 \"seq\": {}, \"tokens_per_s\": {:.1}, \"ms_per_step\": {:.3}, \"min_ms\": {:.3}, \
                  \"peak_bytes\": {}, \"steps\": {}}}",
                 r.dtype,
                 r.adapters,
+                format!("{:?}", o.moe).to_lowercase(),
                 r.batch.0,
                 r.batch.1,
                 (r.batch.0 * r.batch.1) as f64 / r.median_s,
