@@ -212,3 +212,13 @@ pub fn moe_codes_case(
     };
     (d, ids)
 }
+
+/// The `(source, output)` dtype pairs `moe_block_codes` serves, each with the adapter
+/// (accumulation) dtype of its source: f64 for f64, else f32.
+pub const BLOCK_CODES_DTYPES: [(DType, DType, DType); 5] = [
+    (DType::F32, DType::BF16, DType::F32),
+    (DType::F32, DType::F32, DType::F32),
+    (DType::BF16, DType::BF16, DType::F32),
+    (DType::BF16, DType::F32, DType::F32),
+    (DType::F64, DType::F64, DType::F64),
+];

@@ -1147,18 +1147,7 @@ mod gpu {
                     })
                     .collect()
             };
-            for (src_dt, out_dt) in [
-                (DType::F32, DType::BF16),
-                (DType::F32, DType::F32),
-                (DType::BF16, DType::BF16),
-                (DType::BF16, DType::F32),
-                (DType::F64, DType::F64),
-            ] {
-                let acc = if src_dt == DType::F64 {
-                    DType::F64
-                } else {
-                    DType::F32
-                };
+            for (src_dt, out_dt, acc) in testutil::BLOCK_CODES_DTYPES {
                 for (summed, weighted) in [(false, false), (false, true), (true, false)] {
                     let src_rows = if summed { t * k } else { t };
                     let out_rows = if summed { t } else { t * k };

@@ -626,18 +626,7 @@ fn block_codes_equal_the_separate_ops_bit_for_bit() {
                 })
                 .collect()
         };
-        for (src_dt, out_dt) in [
-            (DType::F32, DType::BF16),
-            (DType::F32, DType::F32),
-            (DType::BF16, DType::BF16),
-            (DType::BF16, DType::F32),
-            (DType::F64, DType::F64),
-        ] {
-            let acc = if src_dt == DType::F64 {
-                DType::F64
-            } else {
-                DType::F32
-            };
+        for (src_dt, out_dt, acc) in testutil::BLOCK_CODES_DTYPES {
             let s = 1.7;
             let affine = UnaryOp::Affine { mul: s, add: 0.0 };
             let codes_l = Layout::contiguous([t, k, r]);
