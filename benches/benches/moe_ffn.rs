@@ -20,13 +20,14 @@
 //! Run: `cargo bench -p mixlora-benches --bench moe_ffn` (CPU), or on the GPU machine the binary
 //! that scripts/build-gpu.sh builds: `gpu-bin/bench-moe_ffn --bench`. `MIXLORA_MOE_FFN_TOKENS`
 //! (e.g. `16384`) picks the token counts; with `MIXLORA_PROFILE=1` each case also prints a
-//! per-kernel profile of one step; `MIXLORA_MOE_CHUNK_TOKENS` sets the fused path's token chunk;
+//! per-kernel profile of one step; `MIXLORA_MOE_CHUNK_TOKENS` sets the fused path's token chunk and
+//! `MIXLORA_MOE_TILES=1` its tile kernels;
 //! `MIXLORA_MOE_FFN_IMPLS` (e.g. `fused` or `naive,fused`) runs only those implementations.
 
 use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion};
-use engine::{DType, Device, Tensor};
+use engine::{DType, Device, MoeFfnOptions, MoeKernels, Tensor};
 use model::adapters::{ExpertLora, LoraLinear, MixLoraFfn, MoeImpl, Router, Routing, SharedFfn};
 
 struct Sizes {
@@ -40,12 +41,32 @@ struct Sizes {
 }
 
 /// The implementations compared, with their JSON key.
-const IMPLS: &[(&str, MoeImpl)] = &[
-    ("naive", MoeImpl::Naive),
-    ("paper", MoeImpl::Paper),
-    ("grouped", MoeImpl::Grouped),
-    ("fused", MoeImpl::Fused),
-];
+fn all_impls() -> Vec<(&'static str, MoeImpl)> {
+    vec![
+        ("naive", MoeImpl::Naive),
+        ("paper", MoeImpl::Paper),
+        ("grouped", MoeImpl::Grouped),
+        ("fused", MoeImpl::Fused(fused_options())),
+    ]
+}
+
+/// The fused path's options: `MIXLORA_MOE_CHUNK_TOKENS` (a token count) and `MIXLORA_MOE_TILES=1`
+/// (the tensor-core tile kernels) when set, else the defaults.
+fn fused_options() -> MoeFfnOptions {
+    let chunk_tokens = std::env::var("MIXLORA_MOE_CHUNK_TOKENS").ok().map(|v| {
+        v.trim()
+            .parse()
+            .expect("MIXLORA_MOE_CHUNK_TOKENS: a token count")
+    });
+    let kernels = match std::env::var("MIXLORA_MOE_TILES").as_deref() {
+        Ok("1") => MoeKernels::Tiles,
+        _ => MoeKernels::BlockGemms,
+    };
+    MoeFfnOptions {
+        kernels,
+        chunk_tokens,
+    }
+}
 
 fn device() -> Device {
     if std::env::var("MIXLORA_BENCH_DEVICE").is_ok_and(|d| d == "cpu") {
@@ -60,21 +81,18 @@ fn device() -> Device {
 
 /// The implementations to run: all, or those `MIXLORA_MOE_FFN_IMPLS` names (comma-separated).
 fn impls() -> Vec<(&'static str, MoeImpl)> {
+    let all = all_impls();
     let Ok(list) = std::env::var("MIXLORA_MOE_FFN_IMPLS") else {
-        return IMPLS.to_vec();
+        return all;
     };
     let names: Vec<&str> = list.split(',').map(str::trim).collect();
     for n in &names {
         assert!(
-            IMPLS.iter().any(|(k, _)| k == n),
+            all.iter().any(|(k, _)| k == n),
             "MIXLORA_MOE_FFN_IMPLS: unknown implementation {n:?} (naive, paper, grouped, fused)"
         );
     }
-    IMPLS
-        .iter()
-        .filter(|(k, _)| names.contains(k))
-        .copied()
-        .collect()
+    all.into_iter().filter(|(k, _)| names.contains(k)).collect()
 }
 
 /// `MIXLORA_MOE_FFN_TOKENS=2048,16384` replaces the token counts of the device's sizes.
@@ -148,7 +166,7 @@ struct Case {
 }
 
 fn case(s: &Sizes, t: usize, device: Device) -> Case {
-    let adt = model::adapters::adapter_dtype(s.dtype);
+    let adt = s.dtype.accumulation();
     let rand = |shape: &[usize], std: f64, seed: u64, dt: DType| {
         Tensor::randn(shape.to_vec(), 0.0, std, seed, dt, device).expect("randn")
     };

@@ -1046,7 +1046,7 @@ fn moe(lab: &mut Lab, dt: DType) -> Result<()> {
 ///   FLOPs `6·N·H·V` chunked (the backward recomputes the logits) and `4·N·H·V` unchunked; the
 ///   point is the allocator's peak (the `[N, V]` logits and their gradient vs one `[N, C]` chunk).
 fn optim_and_chunked_loss(lab: &mut Lab, dt: DType) -> Result<()> {
-    use engine::{adamw_moment_dtype, adamw_step, AdamWHyper};
+    use engine::{adamw_step, AdamWHyper};
     let s = dt.size_in_bytes();
     // AdamW over every adapter tensor of a MixLoRA-7B-sized model, one launch.
     let mut shapes = vec![[16usize, 4096usize]; 256];
@@ -1060,7 +1060,7 @@ fn optim_and_chunked_loss(lab: &mut Lab, dt: DType) -> Result<()> {
     }
     let moments = |ps: &[Tensor]| -> Result<Vec<Tensor>> {
         ps.iter()
-            .map(|p| Tensor::zeros(p.shape().clone(), adamw_moment_dtype(dt), GPU))
+            .map(|p| Tensor::zeros(p.shape().clone(), dt.accumulation(), GPU))
             .collect()
     };
     let (ms, vs) = (moments(&ps)?, moments(&ps)?);
@@ -1093,7 +1093,7 @@ fn optim_and_chunked_loss(lab: &mut Lab, dt: DType) -> Result<()> {
     let t = ids(r, 49152, 51)?;
     let tl = lay(&[r]);
     let ignore = engine::IGNORE_INDEX;
-    let acc = adamw_moment_dtype(dt);
+    let acc = dt.accumulation();
     let init: Vec<f64> = (0..r).flat_map(|_| [f64::NEG_INFINITY, 0.0, 0.0]).collect();
     let mut st = Storage::upload_f64(GPU, &init, acc)?;
     lab.run(

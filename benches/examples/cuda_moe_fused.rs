@@ -200,9 +200,9 @@ fn main() -> Result<()> {
     };
     let dyt = Tensor::randn([t, h], 0.0, 1.0, 50, bt, GPU)?;
     let impls: &[MoeImpl] = if naive {
-        &[MoeImpl::Fused, MoeImpl::Naive]
+        &[MoeImpl::Fused(Default::default()), MoeImpl::Naive]
     } else {
-        &[MoeImpl::Fused]
+        &[MoeImpl::Fused(Default::default())]
     };
     let err = |e: model::Error| engine::Error::invalid("moe block", e.to_string());
     for &imp in impls {

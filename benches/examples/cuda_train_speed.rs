@@ -75,7 +75,7 @@ fn parse() -> Opts {
     let mut o = Opts {
         model: None,
         dtypes: vec![DType::F32, DType::BF16],
-        moe: MoeImpl::Fused,
+        moe: MoeImpl::Fused(Default::default()),
         steps: 10,
         warmup: 3,
         json: None,

@@ -24,6 +24,16 @@ impl DType {
         !matches!(self, DType::U32)
     }
 
+    /// The dtype this float dtype accumulates in: f64 for f64, f32 otherwise. Sums, statistics,
+    /// LoRA adapters, routers, optimizer moments and loss statistics are kept in it.
+    pub fn accumulation(self) -> DType {
+        if self == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             DType::F32 => "f32",

@@ -11,7 +11,7 @@
 mod gpu {
     use engine::{DType, Device, Tensor};
     use model::adapters::{
-        adapter_dtype, ExpertLora, LoraLinear, MixLoraFfn, MoeImpl, Router, Routing, SharedFfn,
+        ExpertLora, LoraLinear, MixLoraFfn, MoeImpl, Router, Routing, SharedFfn,
     };
     use testutil::gpu::{device as gpu, rel_err, serial, tol};
 
@@ -300,7 +300,7 @@ mod gpu {
                 (300, 40, 70, 1, 4),
             ] {
                 let e = 8;
-                let ad = adapter_dtype(base);
+                let ad = base.accumulation();
                 let mut shapes = vec![vec![n, h], vec![e, h], vec![i, h], vec![i, h], vec![h, i]];
                 for _ in 0..e {
                     for (a, b) in [(h, i), (h, i), (i, h)] {

@@ -12,8 +12,8 @@
 #[cfg(feature = "cuda")]
 mod gpu {
     use engine::{
-        moe_fused_ffn_with, DType, Device, MoeDropout, MoeFusedWeights, MoeKernels, MoeRouting,
-        Tensor,
+        moe_fused_ffn, DType, Device, MoeDropout, MoeFfnOptions, MoeFusedWeights, MoeKernels,
+        MoeRouting, Tensor,
     };
     use model::adapters::{
         ExpertLora, LoraLinear, MixLoraFfn, MoeImpl, Router, Routing, SharedFfn,
@@ -134,7 +134,11 @@ mod gpu {
             weights: &w,
         };
         let dropout = c.dropout.map(|p| MoeDropout { p, seed: 17 });
-        let y = moe_fused_ffn_with(&x, &weights, &route, dropout, c.chunk, kernels).unwrap();
+        let opts = MoeFfnOptions {
+            kernels,
+            chunk_tokens: c.chunk,
+        };
+        let y = moe_fused_ffn(&x, &weights, &route, dropout, &opts).unwrap();
         assert_eq!(y.dtype(), base);
         let dy = t(vals(c.t * c.h, 12, 1.0), vec![c.t, c.h], base);
         y.backward_with_grad(&dy).unwrap();
@@ -372,7 +376,9 @@ mod gpu {
                     up: &shared[1],
                     down: &shared[2],
                 };
-                let (y, _) = ffn.forward(&x, sh, MoeImpl::Fused, None).unwrap();
+                let (y, _) = ffn
+                    .forward(&x, sh, MoeImpl::Fused(Default::default()), None)
+                    .unwrap();
                 let dy = f(vals(t * h, 99, 1.0), vec![t, h], base);
                 y.backward_with_grad(&dy).unwrap();
                 let mut out = vec![

@@ -12,7 +12,7 @@
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use engine::{adamw_moment_dtype, adamw_step, AdamWHyper, DType, Device, Tensor};
+    use engine::{adamw_step, AdamWHyper, DType, Device, Tensor};
     use testutil::gpu::{device as gpu, rel_err};
 
     const SIZES: [usize; 20] = [
@@ -79,9 +79,8 @@ mod gpu {
         let no_grad_view = ps.len() + 2;
         dts.extend([DType::F32; 4]);
         ps.extend(stacked);
-        let zeros = |p: &Tensor| {
-            Tensor::zeros(p.shape().clone(), adamw_moment_dtype(p.dtype()), dev).unwrap()
-        };
+        let zeros =
+            |p: &Tensor| Tensor::zeros(p.shape().clone(), p.dtype().accumulation(), dev).unwrap();
         let ms: Vec<Tensor> = ps.iter().map(zeros).collect();
         let vs: Vec<Tensor> = ps.iter().map(zeros).collect();
         for step in 1..=3u64 {

@@ -109,7 +109,7 @@ fn fresh_and_loaded_experts_are_stacked() {
     }
     // In-place assignment keeps the layout and the variables (the handles taken before see the
     // new values).
-    let model = model(DType::F32, MoeImpl::Fused);
+    let model = model(DType::F32, MoeImpl::Fused(Default::default()));
     let before = expert_kinds(&model);
     let mut m = model;
     let name = expert_name(1, "up_proj", 2, "B");
@@ -140,7 +140,7 @@ fn fresh_and_loaded_experts_are_stacked() {
     }
     assert_eq!(values(&loaded), values(&m));
     let tokens = ids(&[3, 7, 1, 9, 4, 2, 8, 5, 0, 6], &[2, 5]);
-    loaded.set_moe_impl(MoeImpl::Fused);
+    loaded.set_moe_impl(MoeImpl::Fused(Default::default()));
     let logits = |m: &Llama| m.forward(&tokens, None).unwrap().to_vec_f64().unwrap();
     assert_eq!(logits(&loaded), logits(&m));
     let _ = std::fs::remove_dir_all(&dir);
@@ -150,7 +150,7 @@ fn fresh_and_loaded_experts_are_stacked() {
 /// copy, and the others stay views. `assign_trainable_param` with another dtype replaces too.
 #[test]
 fn replacing_an_expert_matrix_falls_back_to_copies() {
-    let mut m = model(DType::F32, MoeImpl::Fused);
+    let mut m = model(DType::F32, MoeImpl::Fused(Default::default()));
     let name = expert_name(0, "gate_proj", 1, "A");
     let v = Tensor::randn([4, 8], 0.0, 0.3, 5, DType::F32, Device::Cpu)
         .unwrap()
@@ -230,7 +230,7 @@ fn stacked_experts_train_like_separate_ones() {
             MoeImpl::Naive,
             MoeImpl::Paper,
             MoeImpl::Grouped,
-            MoeImpl::Fused,
+            MoeImpl::Fused(Default::default()),
         ] {
             let views = model(dtype, imp);
             let mut separate = model(dtype, imp);
@@ -247,7 +247,7 @@ fn stacked_experts_train_like_separate_ones() {
             for ((name, ga), (_, gb)) in a.1.iter().zip(&b.1) {
                 assert_eq!(ga, gb, "{dtype} {imp:?}: gradient of {name}");
             }
-            if matches!(imp, MoeImpl::Grouped | MoeImpl::Fused) {
+            if matches!(imp, MoeImpl::Grouped | MoeImpl::Fused(_)) {
                 for (kind, ts) in expert_kinds(&views) {
                     let g: Vec<Tensor> = ts.iter().map(|t| t.grad().unwrap()).collect();
                     assert!(

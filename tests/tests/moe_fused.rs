@@ -5,7 +5,9 @@
 //! an f64 finite-difference check of the op itself (with and without dropout); the grouping of
 //! slots by expert; typed errors.
 
-use engine::{DType, Device, MoeDropout, MoeFusedWeights, MoeKernels, MoeRouting, Tensor};
+use engine::{
+    DType, Device, MoeDropout, MoeFfnOptions, MoeFusedWeights, MoeKernels, MoeRouting, Tensor,
+};
 use model::adapters::{
     ExpertLora, LoraLinear, MixLoraFfn, MoeImpl, Router, RouterOutput, Routing, SharedFfn,
 };
@@ -169,7 +171,7 @@ fn compare(c: Case, base: DType, tol: f64) {
         let last: f64 = m.chunks(c.e).map(|row| row[c.e - 1]).sum();
         assert_eq!(last, 0.0, "{c:?}: the last expert must receive no token");
     }
-    let (y1, g1, _) = b.run(MoeImpl::Fused, None);
+    let (y1, g1, _) = b.run(MoeImpl::Fused(Default::default()), None);
     let err = rel_err(&y1, &y0);
     let mut worst = (0.0, String::new());
     assert!(
@@ -266,7 +268,7 @@ fn bf16_paths_against_f32() {
     for c in CASES {
         let b = block(c, DType::BF16, 7 + c.t as u64);
         let (yr, gr, _) = b.with_base(DType::F32).run(MoeImpl::Naive, None);
-        for imp in [MoeImpl::Naive, MoeImpl::Fused] {
+        for imp in [MoeImpl::Naive, MoeImpl::Fused(Default::default())] {
             let (y, g, _) = b.run(imp, None);
             let worst = b
                 .params()
@@ -295,7 +297,7 @@ fn fused_falls_back_to_naive_for_top_p() {
     let mut b = block(c, DType::F64, 3);
     b.ffn.router.routing = Routing::TopP(0.8);
     let (y0, g0, _) = b.run(MoeImpl::Naive, None);
-    let (y1, g1, _) = b.run(MoeImpl::Fused, None);
+    let (y1, g1, _) = b.run(MoeImpl::Fused(Default::default()), None);
     assert_eq!(y0, y1);
     assert_eq!(g0, g1);
 }
@@ -303,9 +305,9 @@ fn fused_falls_back_to_naive_for_top_p() {
 #[test]
 fn fused_dropout_changes_the_output_and_is_deterministic() {
     let b = block(CASES[0], DType::F64, 5);
-    let (y0, _, _) = b.run(MoeImpl::Fused, None);
-    let (y1, _, _) = b.run(MoeImpl::Fused, Some(11));
-    let (y2, _, _) = b.run(MoeImpl::Fused, Some(11));
+    let (y0, _, _) = b.run(MoeImpl::Fused(Default::default()), None);
+    let (y1, _, _) = b.run(MoeImpl::Fused(Default::default()), Some(11));
+    let (y2, _, _) = b.run(MoeImpl::Fused(Default::default()), Some(11));
     assert_eq!(y1, y2, "same seed, same masks");
     assert!(rel_err(&y1, &y0) > 1e-6, "dropout must change the output");
 }
@@ -364,7 +366,7 @@ fn op_out_chunked(
     dropout: Option<MoeDropout>,
     chunk: Option<usize>,
 ) -> engine::Result<Tensor> {
-    op_out_with(v, frozen, dropout, chunk, MoeKernels::FromEnv)
+    op_out_with(v, frozen, dropout, chunk, MoeKernels::BlockGemms)
 }
 
 /// The op's weights of [`op_inputs`]' variables (`v[2..8]`: A, B of gate, up, down) and frozen
@@ -397,7 +399,11 @@ fn op_out_with(
         ids: &sel,
         weights: &v[1],
     };
-    engine::moe_fused_ffn_with(&v[0], &w, &route, dropout, chunk, kernels)
+    let opts = MoeFfnOptions {
+        kernels,
+        chunk_tokens: chunk,
+    };
+    engine::moe_fused_ffn(&v[0], &w, &route, dropout, &opts)
 }
 
 #[test]
@@ -543,7 +549,7 @@ fn tiny_llama_fused_equals_naive() {
     };
     m.set_moe_impl(MoeImpl::Naive);
     let (l0, g0) = run(&m);
-    m.set_moe_impl(MoeImpl::Fused);
+    m.set_moe_impl(MoeImpl::Fused(Default::default()));
     let (l1, g1) = run(&m);
     m.stack_gate_up().unwrap();
     assert!(m.layers[0].gate_proj.same_storage(&m.layers[0].up_proj));

@@ -428,6 +428,9 @@ fn moe_impl_parses() {
     assert_eq!("grouped".parse::<MoeImpl>(), Ok(MoeImpl::Grouped));
     assert_eq!("naive".parse::<MoeImpl>(), Ok(MoeImpl::Naive));
     assert_eq!("paper".parse::<MoeImpl>(), Ok(MoeImpl::Paper));
-    assert_eq!("fused".parse::<MoeImpl>(), Ok(MoeImpl::Fused));
+    assert_eq!(
+        "fused".parse::<MoeImpl>(),
+        Ok(MoeImpl::Fused(Default::default()))
+    );
     assert!("dense".parse::<MoeImpl>().is_err());
 }

@@ -84,7 +84,11 @@ fn setups() -> Vec<(&'static str, AdapterConfig, MoeImpl)> {
         ("mixlora naive", mixlora(), MoeImpl::Naive),
         ("mixlora paper", mixlora(), MoeImpl::Paper),
         ("mixlora grouped", mixlora(), MoeImpl::Grouped),
-        ("mixlora fused", mixlora(), MoeImpl::Fused),
+        (
+            "mixlora fused",
+            mixlora(),
+            MoeImpl::Fused(Default::default()),
+        ),
     ]
 }
 

@@ -63,7 +63,10 @@ impl BenchVariant {
             BenchVariant::MixloraGrouped => {
                 (AdapterConfig::mixlora_default(), Some(MoeImpl::Grouped))
             }
-            BenchVariant::MixloraFused => (AdapterConfig::mixlora_default(), Some(MoeImpl::Fused)),
+            BenchVariant::MixloraFused => (
+                AdapterConfig::mixlora_default(),
+                Some(MoeImpl::Fused(Default::default())),
+            ),
         }
     }
 }

@@ -62,11 +62,11 @@ impl MoeImplName {
     pub fn imp(self, device: engine::Device) -> model::MoeImpl {
         match self {
             MoeImplName::Auto if device == engine::Device::Cpu => model::MoeImpl::Naive,
-            MoeImplName::Auto => model::MoeImpl::Fused,
+            MoeImplName::Auto => model::MoeImpl::Fused(Default::default()),
             MoeImplName::Naive => model::MoeImpl::Naive,
             MoeImplName::Paper => model::MoeImpl::Paper,
             MoeImplName::Grouped => model::MoeImpl::Grouped,
-            MoeImplName::Fused => model::MoeImpl::Fused,
+            MoeImplName::Fused => model::MoeImpl::Fused(Default::default()),
         }
     }
 }
@@ -796,12 +796,15 @@ mod tests {
         let c = TrainConfig::default();
         assert_eq!(c.moe_impl, MoeImplName::Auto);
         assert_eq!(c.moe_impl.imp(Device::Cpu), model::MoeImpl::Naive);
-        assert_eq!(c.moe_impl.imp(Device::Cuda(0)), model::MoeImpl::Fused);
+        assert_eq!(
+            c.moe_impl.imp(Device::Cuda(0)),
+            model::MoeImpl::Fused(Default::default())
+        );
         for (name, imp) in [
             ("naive", model::MoeImpl::Naive),
             ("paper", model::MoeImpl::Paper),
             ("grouped", model::MoeImpl::Grouped),
-            ("fused", model::MoeImpl::Fused),
+            ("fused", model::MoeImpl::Fused(Default::default())),
         ] {
             let c =
                 TrainConfig::from_toml_str("t.toml", &format!("moe_impl = \"{name}\"")).unwrap();

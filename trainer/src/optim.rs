@@ -43,15 +43,6 @@ impl Default for AdamWConfig {
 /// The metadata key of the step count in the saved state.
 const STEPS_KEY: &str = "adamw_steps";
 
-/// The dtype the update is computed in for a parameter of dtype `d`.
-fn math_dtype(d: DType) -> DType {
-    if d == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
-
 pub struct AdamW {
     pub config: AdamWConfig,
     names: Vec<String>,
@@ -77,7 +68,7 @@ impl AdamW {
                     "parameter {name} is listed twice"
                 )));
             }
-            let md = math_dtype(p.dtype());
+            let md = p.dtype().accumulation();
             m.push(Tensor::zeros(p.shape().clone(), md, p.device())?);
             v.push(Tensor::zeros(p.shape().clone(), md, p.device())?);
             names.push(name);

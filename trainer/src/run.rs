@@ -509,7 +509,7 @@ pub fn train_until(
 pub fn use_moe_impl(model: &mut Llama, name: MoeImplName, device: Device) -> Result<()> {
     let imp = name.imp(device);
     model.set_moe_impl(imp);
-    if imp == model::MoeImpl::Fused {
+    if matches!(imp, model::MoeImpl::Fused(_)) {
         model.stack_gate_up()?; // G and U in one GEMM
     }
     Ok(())

@@ -139,7 +139,11 @@ fn tmp_dir(name: &str) -> PathBuf {
 
 #[test]
 fn adamw_updates_stacked_experts_in_place_like_separate_ones() {
-    for imp in [MoeImpl::Naive, MoeImpl::Grouped, MoeImpl::Fused] {
+    for imp in [
+        MoeImpl::Naive,
+        MoeImpl::Grouped,
+        MoeImpl::Fused(Default::default()),
+    ] {
         let views = model(imp);
         let mut separate = model(imp);
         for (name, t) in separate.trainable_params() {
@@ -173,7 +177,7 @@ fn adamw_updates_stacked_experts_in_place_like_separate_ones() {
 /// run does): the loaded experts are stacked, and the next steps equal the uninterrupted run's.
 #[test]
 fn resumed_training_keeps_the_experts_stacked_and_identical() {
-    let m = model(MoeImpl::Fused);
+    let m = model(MoeImpl::Fused(Default::default()));
     let mut opt = AdamW::new(m.trainable_params(), AdamWConfig::default()).unwrap();
     train_step(&m, &mut opt, 1);
     let dir = tmp_dir("resume");
@@ -182,7 +186,7 @@ fn resumed_training_keeps_the_experts_stacked_and_identical() {
 
     let mut r = Llama::random(config(), 7, DType::BF16, Device::Cpu).unwrap();
     adapters::load(&dir.join("adapter"), &mut r).unwrap();
-    r.set_moe_impl(MoeImpl::Fused);
+    r.set_moe_impl(MoeImpl::Fused(Default::default()));
     assert!(expert_kinds(&r).iter().all(|ts| stacked(ts)));
     let mut opt_r = AdamW::new(r.trainable_params(), AdamWConfig::default()).unwrap();
     opt_r.load(&dir.join("optimizer.safetensors")).unwrap();

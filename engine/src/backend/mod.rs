@@ -539,7 +539,7 @@ pub(crate) fn product_with_dropout<S: BackendStorage>(
         let d = x.dropout_apply(l, p, seed)?; // [1, m, k] contiguous
         d.matmul(&Layout::contiguous(l.dims().to_vec()), rhs, rhs_l)?
     };
-    let acc = crate::ops::acc_dtype(x.dtype());
+    let acc = x.dtype().accumulation();
     if y.dtype() == acc {
         return Ok(y); // an f32 or f64 product: already in its accumulation dtype
     }

@@ -1,7 +1,7 @@
 //! Cross-entropy of a linear layer's output (the LM head) computed over vocabulary chunks, so
 //! that the `[N, V]` logits are never held: at most one `[N, C]` chunk of them exists at a time.
 
-use super::{acc_dtype, float_only, same_device, same_dtype, u32_only};
+use super::{float_only, same_device, same_dtype, u32_only};
 use crate::autograd::{no_grad, Input, Node, Output};
 use crate::backend::BackendStorage;
 use crate::{Error, Layout, Result, Tensor};
@@ -74,7 +74,7 @@ impl Tensor {
             return rows.reshape(targets.shape().clone());
         }
         let n = self.dims()[0];
-        let acc = acc_dtype(self.dtype());
+        let acc = self.dtype().accumulation();
         let device = self.device();
         let (rows, lse) = no_grad(|| -> Result<(Tensor, Tensor)> {
             // [N, 3]: running max, running Σ exp(x − max), target logit.
@@ -107,7 +107,7 @@ impl Tensor {
             let g = g.to_dtype(acc)?; // [N]
 
             // bf16 partial products are summed in f32.
-            let dh_dtype = acc_dtype(hid.dtype());
+            let dh_dtype = hid.dtype().accumulation();
             let mut dh: Option<Tensor> = None; // [N, H]
             let dw = w
                 .tracks_grad()

@@ -1,7 +1,7 @@
 //! Matrix products. `matmul` broadcasts batch dims; a rank-2 right operand (a weight, often a
 //! transposed view) is applied to all leading dims of the left one as one GEMM.
 
-use super::{acc_dtype, float_only, same_device, same_dtype};
+use super::{float_only, same_device, same_dtype};
 use crate::autograd::{Input, Node, Output};
 use crate::backend::BackendStorage;
 use crate::{Error, Result, Shape, Tensor};
@@ -111,7 +111,7 @@ impl Tensor {
         }
         float_only(OP, self)?;
         let dt = rhs.dtype();
-        if self.dtype().is_float() && dt == acc_dtype(self.dtype()) {
+        if self.dtype().is_float() && dt == self.dtype().accumulation() {
             return self.matmul_cast_rank(rhs);
         }
         let out = {

@@ -31,16 +31,6 @@ pub use stack::*;
 
 use crate::{DType, Error, Result, Tensor};
 
-/// The dtype a float dtype accumulates in (and LoRA adapters, routers and loss statistics are
-/// kept in): f64 for f64, f32 otherwise.
-pub(crate) fn acc_dtype(d: DType) -> DType {
-    if d == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
-
 pub(crate) fn same_dtype(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
     if a.dtype() != b.dtype() {
         return Err(Error::DTypeMismatch {

@@ -7,7 +7,7 @@
 //! Notation: `N` tokens, `E` experts, `k` experts per token, `S = N·k` slots; slot `p = t·k + j`
 //! is token `t`'s `j`-th choice. "Accumulation dtype": f32 for f32/bf16 data, f64 for f64.
 
-use super::{acc_dtype, float_only, same_device, same_dtype, u32_only};
+use super::{float_only, same_device, same_dtype, u32_only};
 use crate::autograd::{Input, Node, Output};
 use crate::backend::BackendStorage;
 use crate::{Error, Result, Tensor};
@@ -137,7 +137,7 @@ impl Tensor {
             &[Input::GraphOnly(self)],
             Output::Unread,
             move |x, _, g| {
-                let ones = Tensor::ones([n, k], acc_dtype(x[0].dtype()), x[0].device())?;
+                let ones = Tensor::ones([n, k], (x[0].dtype()).accumulation(), x[0].device())?;
                 Ok(vec![Some(g.moe_combine(&perm_c, &ones)?)])
             },
         )
@@ -172,7 +172,7 @@ impl Tensor {
                 rhs: weights.shape().clone(),
             });
         }
-        let acc = acc_dtype(self.dtype());
+        let acc = self.dtype().accumulation();
         let w = weights.to_dtype(acc)?; // [N, k]
         let inv = perm.moe_invert_perm()?; // [N·k]
         let s = self.storage().moe_combine(

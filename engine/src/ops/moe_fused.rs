@@ -185,25 +185,6 @@ pub fn default_chunk_tokens(t: usize, k: usize, i: usize) -> usize {
     c.min(t)
 }
 
-/// The chunk of tokens set by `MIXLORA_MOE_CHUNK_TOKENS` (read once), for measuring the
-/// memory/speed trade-off of the chunking without rebuilding; `None` when unset.
-fn chunk_from_env() -> Result<Option<usize>> {
-    static CHUNK: std::sync::OnceLock<std::result::Result<Option<usize>, String>> =
-        std::sync::OnceLock::new();
-    CHUNK
-        .get_or_init(|| match std::env::var("MIXLORA_MOE_CHUNK_TOKENS") {
-            Err(_) => Ok(None),
-            Ok(v) => match v.trim().parse::<usize>() {
-                Ok(n) if n > 0 => Ok(Some(n)),
-                _ => Err(format!(
-                    "MIXLORA_MOE_CHUNK_TOKENS={v:?} is not a positive token count"
-                )),
-            },
-        })
-        .clone()
-        .map_err(|e| Error::invalid(OP, e))
-}
-
 /// Whether the fused FFN on `x` `[T, H]` with `k` slots a token and these weights runs the
 /// tensor-core kernels (`moe_tiles_*`: a CUDA bf16 base, `k` in {1, 2, 4, 8}, `E·r ≤ 128` a
 /// multiple of 8, `r ≤ 64`, `I` a multiple of 8) when `kernels` asks for them.
@@ -226,35 +207,36 @@ pub fn moe_fused_runs_tiles(
         seed: 0,
         t0: 0,
     };
-    Ok(kernels.wants_tiles()? && x.storage().moe_tiles_supported(&d))
+    Ok(kernels == MoeKernels::Tiles && x.storage().moe_tiles_supported(&d))
 }
 
 /// Which kernels run the fused FFN's rank-r and SwiGLU work.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum MoeKernels {
-    /// The tensor-core tile kernels when `MIXLORA_MOE_TILES=1`, else the block-code GEMMs.
-    FromEnv,
     /// Dense GEMMs over block codes and the SwiGLU kernels (every backend, every dtype).
+    #[default]
     BlockGemms,
     /// The tensor-core tile kernels (`moe_tiles_*`) where they serve the sizes (CUDA, bf16
-    /// base, see [`moe_fused_runs_tiles`]), else the block-code GEMMs.
+    /// base, see [`moe_fused_runs_tiles`]), else the block-code GEMMs. Correct, but slower than
+    /// the block-code GEMMs on the H200 so far.
     Tiles,
 }
 
-impl MoeKernels {
-    fn wants_tiles(self) -> Result<bool> {
-        match self {
-            MoeKernels::FromEnv => tiles_enabled(),
-            MoeKernels::BlockGemms => Ok(false),
-            MoeKernels::Tiles => Ok(true),
-        }
-    }
+/// Settings of the fused MixLoRA FFN: values, filled by the caller (the trainer from its
+/// command line), never read from the environment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MoeFfnOptions {
+    pub kernels: MoeKernels,
+    /// Tokens per chunk: the per-slot `[chunk·k, I]` tensors exist for one chunk at a time.
+    /// `None`: [`default_chunk_tokens`] with the block-code GEMMs, one chunk with the tile
+    /// kernels (they write no `[T·k, I]` tensor). The result does not depend on the chunking (up
+    /// to the order of the floating-point sums of the weight gradients over chunks).
+    pub chunk_tokens: Option<usize>,
 }
 
 /// The MixLoRA FFN of `x` `[T, H]` (base dtype) by the fused path: `Y` `[T, H]` in `x`'s dtype
 /// (see the module doc for the maths and the dtypes). `dropout`, when given, applies the LoRA
-/// dropout of training. Tokens run in chunks of [`default_chunk_tokens`], or of
-/// `MIXLORA_MOE_CHUNK_TOKENS` when that is set in the environment.
+/// dropout of training; `opts` picks the kernels and the token chunk.
 ///
 /// Gradients reach `x`, `route.weights` and the six adapter tensors; the shared `W_g, W_u, W_d`
 /// must be frozen (an error otherwise, rather than a silently cut graph).
@@ -263,33 +245,7 @@ pub fn moe_fused_ffn(
     w: &MoeFusedWeights<'_>,
     route: &MoeRouting<'_>,
     dropout: Option<MoeDropout>,
-) -> Result<Tensor> {
-    moe_fused_ffn_chunked(x, w, route, dropout, chunk_from_env()?)
-}
-
-/// [`moe_fused_ffn`] with the tokens processed `chunk_tokens` at a time (default:
-/// [`default_chunk_tokens`]): the per-slot `[chunk·k, I]` tensors exist for one chunk at a time.
-/// The result does not depend on the chunking (up to the order of the floating-point sums of the
-/// weight gradients over chunks).
-pub fn moe_fused_ffn_chunked(
-    x: &Tensor,
-    w: &MoeFusedWeights<'_>,
-    route: &MoeRouting<'_>,
-    dropout: Option<MoeDropout>,
-    chunk_tokens: Option<usize>,
-) -> Result<Tensor> {
-    moe_fused_ffn_with(x, w, route, dropout, chunk_tokens, MoeKernels::FromEnv)
-}
-
-/// [`moe_fused_ffn_chunked`] on the given kernels. The tile kernels write no `[T·k, I]`
-/// tensor, so with them the tokens run in one chunk unless `chunk_tokens` says otherwise.
-pub fn moe_fused_ffn_with(
-    x: &Tensor,
-    w: &MoeFusedWeights<'_>,
-    route: &MoeRouting<'_>,
-    dropout: Option<MoeDropout>,
-    chunk_tokens: Option<usize>,
-    kernels: MoeKernels,
+    opts: &MoeFfnOptions,
 ) -> Result<Tensor> {
     // ----- checks ----------------------------------------------------------------------
     if x.rank() != 2 {
@@ -302,11 +258,7 @@ pub fn moe_fused_ffn_with(
     let (t, h) = (x.dims()[0], x.dims()[1]);
     let bt = x.dtype();
     super::float_only(OP, x)?;
-    let at = if bt == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
+    let at = bt.accumulation();
     if w.a_gate.rank() != 3 || w.b_gate.rank() != 3 || route.ids.rank() != 2 {
         return Err(Error::invalid(
             OP,
@@ -368,8 +320,8 @@ pub fn moe_fused_ffn_with(
     };
     let s = w.scale;
     // The tensor-core kernels write no [T·k, I] tensor, so they need no chunks by default.
-    let tiles = kernels.wants_tiles()? && x.storage().moe_tiles_supported(&d);
-    let chunk = match chunk_tokens {
+    let tiles = opts.kernels == MoeKernels::Tiles && x.storage().moe_tiles_supported(&d);
+    let chunk = match opts.chunk_tokens {
         Some(0) => return Err(Error::invalid(OP, "a chunk of 0 tokens")),
         Some(c) => c.min(t.max(1)),
         None if tiles => t.max(1),
@@ -855,25 +807,6 @@ fn compact_codes(z: &Tensor, ids: &Tensor, s: f64, d: &MoeDims, dtype: DType) ->
         .affine(s, 0.0)?
         .to_dtype(dtype)?
         .reshape([d.t * d.k, d.r])
-}
-
-/// Whether `MIXLORA_MOE_TILES=1` asks for the tensor-core tile kernels (read once). They are not
-/// the default: on the H200 they are correct but slower than the block-code GEMMs so far
-/// (BENCHMARKS.md, "Tile kernels").
-fn tiles_enabled() -> Result<bool> {
-    static TILES: std::sync::OnceLock<std::result::Result<bool, String>> =
-        std::sync::OnceLock::new();
-    TILES
-        .get_or_init(|| match std::env::var("MIXLORA_MOE_TILES") {
-            Err(_) => Ok(false),
-            Ok(v) => match v.trim() {
-                "1" => Ok(true),
-                "0" => Ok(false),
-                _ => Err(format!("MIXLORA_MOE_TILES={v:?} is neither 0 nor 1")),
-            },
-        })
-        .clone()
-        .map_err(|e| Error::invalid(OP, e))
 }
 
 /// The down-LoRA codes `s·w_j·Z_d[t, j]` as per-token block codes `[T, E·r]` (adapter dtype).

@@ -5,19 +5,9 @@ use std::collections::{HashMap, HashSet};
 
 use crate::autograd::no_grad;
 use crate::backend::{AdamWGroup, AdamWSlot, BackendStorage};
-use crate::{DType, Error, Layout, Result, Storage, Tensor};
+use crate::{Error, Layout, Result, Storage, Tensor};
 
 pub use crate::backend::{AdamWCoefficients, AdamWHyper};
-
-/// The dtype of the AdamW moments (and of the update's math) for a parameter of dtype `d`: f64
-/// for f64, f32 otherwise.
-pub fn adamw_moment_dtype(d: DType) -> DType {
-    if d == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
 
 /// One AdamW step (PyTorch's `AdamW`: decoupled weight decay, bias correction with `h.step`, the
 /// gradient multiplied by `h.grad_scale` first) over all `params` at once, in place:
@@ -28,7 +18,7 @@ pub fn adamw_moment_dtype(d: DType) -> DType {
 /// p ← p − lr/(1 − β1ᵗ) · m / (√(v/(1 − β2ᵗ)) + ε)
 /// ```
 /// `exp_avg[i]` and `exp_avg_sq[i]` are the moments of `params[i]`: same shape, dtype
-/// [`adamw_moment_dtype`] of the parameter. Parameters are f32, bf16 (math in f32, the new value
+/// [`DType::accumulation`] of the parameter. Parameters are f32, bf16 (math in f32, the new value
 /// rounded once) or f64; parameters whose `grad()` is `None` are left alone (no decay, no moment
 /// update). Parameters and moments must be contiguous and on one device. Parameters may be views
 /// of one buffer whose elements do not overlap (the experts' stacked LoRAs of a MixLoRA layer,
@@ -64,7 +54,7 @@ pub fn adamw_step(
                 dtype: p.dtype(),
             });
         }
-        let md = adamw_moment_dtype(p.dtype());
+        let md = p.dtype().accumulation();
         for t in [m, v] {
             if t.shape() != p.shape() {
                 return Err(Error::ShapeMismatch {

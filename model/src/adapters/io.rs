@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, TensorView};
 
-use super::{adapter_dtype, AdapterConfig, Adapters, ParamKind, ParamSpec};
+use super::{AdapterConfig, Adapters, ParamKind, ParamSpec};
 use crate::convert::{from_bytes, FileDType};
 use crate::error::{file_name, Error, Result};
 use crate::llama::Llama;
@@ -161,7 +161,7 @@ pub fn load(dir: &Path, model: &mut Llama) -> Result<()> {
         ));
     }
 
-    let dtype = adapter_dtype(model.dtype());
+    let dtype = model.dtype().accumulation();
     let device = model.device();
     let mut used = HashSet::new();
     let adapters = Adapters::build(&cfg, &mc, |spec| {

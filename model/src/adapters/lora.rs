@@ -8,16 +8,6 @@ use engine::{DType, Device, Tensor};
 
 use crate::error::Result;
 
-/// The dtype adapter weights and maths use under a base of `base` dtype: f32, except f64 for an
-/// f64 base (double-precision gradient checks).
-pub fn adapter_dtype(base: DType) -> DType {
-    if base == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
-
 /// One LoRA pair and its settings.
 #[derive(Clone, Debug)]
 pub struct LoraLinear {

@@ -42,7 +42,8 @@ pub enum MoeImpl {
     /// fused kernels, a hand-written backward. Top-k routing only (top-p, and experts without
     /// a LoRA on each of gate/up/down, run `Naive`). Equal to `Naive` without dropout; with
     /// dropout its masks differ (one per projection shared by the experts for gate and up).
-    Fused,
+    /// The options pick the op's kernels and token chunk.
+    Fused(engine::MoeFfnOptions),
 }
 
 impl std::str::FromStr for MoeImpl {
@@ -52,7 +53,7 @@ impl std::str::FromStr for MoeImpl {
             "naive" => Ok(MoeImpl::Naive),
             "paper" => Ok(MoeImpl::Paper),
             "grouped" => Ok(MoeImpl::Grouped),
-            "fused" => Ok(MoeImpl::Fused),
+            "fused" => Ok(MoeImpl::Fused(engine::MoeFfnOptions::default())),
             other => Err(format!(
                 "unknown MoE implementation `{other}` (expected naive, paper, grouped or fused)"
             )),
@@ -187,9 +188,9 @@ impl MixLoraFfn {
                 Some(y) => y,
                 None => self.naive(&x2, w, &route, dropout_seed)?,
             },
-            MoeImpl::Fused => {
+            MoeImpl::Fused(opts) => {
                 let fused = match self.router.routing {
-                    Routing::TopK(k) => self.fused(&x2, w, &route, k, dropout_seed)?,
+                    Routing::TopK(k) => self.fused(&x2, w, &route, k, dropout_seed, &opts)?,
                     Routing::TopP(_) => None,
                 };
                 match fused {

@@ -2,7 +2,7 @@
 //! (`engine::moe_fused_ffn`, path 3 of MIXLORA.md): the top-k routing and the experts' LoRA weights
 //! stacked into `[E, ..]` tensors, everything else inside the op.
 
-use engine::{moe_fused_ffn, MoeDropout, MoeFusedWeights, MoeRouting, Tensor};
+use engine::{moe_fused_ffn, MoeDropout, MoeFfnOptions, MoeFusedWeights, MoeRouting, Tensor};
 
 use super::lora::LoraLinear;
 use super::mixlora::{MixLoraFfn, SharedFfn};
@@ -46,6 +46,7 @@ impl MixLoraFfn {
         route: &RouterOutput,
         k: usize,
         dropout_seed: Option<u64>,
+        opts: &MoeFfnOptions,
     ) -> Result<Option<Tensor>> {
         let Some(first) = self.experts.first().and_then(|e| e.gate.as_ref()) else {
             return Ok(None);
@@ -93,6 +94,12 @@ impl MixLoraFfn {
         let dropout = dropout_seed
             .filter(|_| p > 0.0)
             .map(|seed| MoeDropout { p, seed });
-        Ok(Some(moe_fused_ffn(x, &weights_ref, &routing, dropout)?))
+        Ok(Some(moe_fused_ffn(
+            x,
+            &weights_ref,
+            &routing,
+            dropout,
+            opts,
+        )?))
     }
 }

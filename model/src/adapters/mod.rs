@@ -22,7 +22,7 @@ use engine::{rng::Rng, DType, Device, Tensor};
 
 pub use config::{AdapterConfig, PeftType, RoutingStrategy, ATTN_MODULES, MLP_MODULES};
 pub use io::{load, save, CONFIG_FILE, WEIGHTS_FILE};
-pub use lora::{adapter_dtype, lora_linear, LoraLinear};
+pub use lora::{lora_linear, LoraLinear};
 pub use mixlora::{ExpertLora, MixLoraFfn, MoeImpl, SharedFfn};
 pub use router::{aux_loss, expert_load, Router, RouterOutput, Routing};
 
@@ -218,7 +218,7 @@ impl Adapters {
         device: Device,
     ) -> Result<Adapters> {
         cfg.validate("adapter config")?;
-        let dtype = adapter_dtype(base);
+        let dtype = base.accumulation();
         let mut rng = Rng::new(seed);
         Self::build(cfg, mc, |spec| {
             let seed = rng.next_u64();

@@ -10,15 +10,6 @@ use super::{CpuFloat, CpuStorage, PAR_THRESHOLD};
 use crate::backend::BackendStorage;
 use crate::{DType, Error, Layout, Result};
 
-/// The accumulation dtype of a float dtype: f64 for f64, else f32.
-fn acc_dtype(d: DType) -> DType {
-    if d == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
-
 fn float_only(op: &'static str, s: &CpuStorage) -> Result<()> {
     if s.dtype() == DType::U32 {
         return Err(Error::UnsupportedDType {
@@ -365,7 +356,7 @@ pub(super) fn combine_dw(
                     .sum::<T>()
             })
             .collect();
-        Ok(store(dw, acc_dtype(dt)))
+        Ok(store(dw, dt.accumulation()))
     })
 }
 

@@ -18,7 +18,7 @@ use super::layout::to_u32;
 use super::lora_mma;
 use super::lora_rank::{self, Small};
 use super::random::dropout_cast;
-use super::{acc_dtype, check_extent, CudaStorage};
+use super::{check_extent, CudaStorage};
 use crate::backend::cpu::lora::{dims2, expect_dims, keep_of};
 use crate::backend::{BackendStorage, BinaryOp, UnaryOp};
 use crate::{DType, Error, Layout, Result, Shape};
@@ -34,10 +34,10 @@ fn base_view(
     if !t.dtype.is_float() {
         return Err(Error::UnsupportedDType { op, dtype: t.dtype });
     }
-    if ad.dtype != acc_dtype(t.dtype) {
+    if ad.dtype != t.dtype.accumulation() {
         return Err(Error::DTypeMismatch {
             op,
-            lhs: acc_dtype(t.dtype),
+            lhs: t.dtype.accumulation(),
             rhs: ad.dtype,
         });
     }
@@ -254,10 +254,10 @@ pub(crate) fn lora_grad_x(
     if !dtype.is_float() {
         return Err(Error::UnsupportedDType { op: OP, dtype });
     }
-    if a.dtype != acc_dtype(dtype) {
+    if a.dtype != dtype.accumulation() {
         return Err(Error::DTypeMismatch {
             op: OP,
-            lhs: acc_dtype(dtype),
+            lhs: dtype.accumulation(),
             rhs: a.dtype,
         });
     }

@@ -4,7 +4,7 @@ use kernels::LOSS;
 
 use super::launch::launch;
 use super::layout::{to_u32, to_u32s};
-use super::{acc_dtype, check_extent, float_only, CudaDevice, CudaStorage};
+use super::{check_extent, float_only, CudaDevice, CudaStorage};
 use crate::{DType, Error, Layout, Result};
 
 const ROW_THREADS: u32 = 256;
@@ -50,7 +50,7 @@ pub(crate) fn cross_entropy(
 ) -> Result<CudaStorage> {
     const OP: &str = "cross_entropy";
     let (n, v) = check(OP, x, l, t, tl)?;
-    let out = CudaStorage::alloc(&x.dev, OP, n, acc_dtype(x.dtype))?;
+    let out = CudaStorage::alloc(&x.dev, OP, n, x.dtype.accumulation())?;
     if n == 0 {
         return Ok(out);
     }
@@ -99,7 +99,7 @@ pub(crate) fn cross_entropy_backward(
         return Ok(out);
     }
     // Row gradients in the accumulation dtype, contiguous [n].
-    let gc = super::elementwise::to_dtype(g, gl, acc_dtype(x.dtype))?;
+    let gc = super::elementwise::to_dtype(g, gl, x.dtype.accumulation())?;
     let tc = t.contiguous(OP, tl)?;
     let (n32, v32) = (to_u32(OP, n)?, to_u32(OP, v)?);
     let [s0, s1, off] = to_u32s(OP, [l.strides()[0], l.strides()[1], l.offset()])?;

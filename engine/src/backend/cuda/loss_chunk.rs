@@ -6,7 +6,7 @@ use kernels::LOSS;
 
 use super::launch::launch;
 use super::layout::to_u32;
-use super::{acc_dtype, check_extent, float_only, CudaDevice, CudaStorage};
+use super::{check_extent, float_only, CudaDevice, CudaStorage};
 use crate::{DType, Error, Layout, Result};
 
 const ROW_THREADS: u32 = 256;
@@ -63,7 +63,7 @@ pub(crate) fn cross_entropy_chunk_update(
     const OP: &str = "cross_entropy_chunk_update";
     let (n, c, [s0, s1, off]) = check(OP, x, l, t, tl)?;
     x.same_device(OP, state)?;
-    let acc = acc_dtype(x.dtype);
+    let acc = x.dtype.accumulation();
     if state.dtype != acc {
         return Err(Error::DTypeMismatch {
             op: OP,
@@ -131,7 +131,7 @@ pub(crate) fn cross_entropy_chunk_backward(
         return Ok(out);
     }
     // Row statistics in the accumulation dtype, contiguous [n].
-    let acc = acc_dtype(x.dtype);
+    let acc = x.dtype.accumulation();
     let lc = super::elementwise::to_dtype(lse, lse_l, acc)?;
     let gc = super::elementwise::to_dtype(g, gl, acc)?;
     let tc = t.contiguous(OP, tl)?;

@@ -177,16 +177,6 @@ pub(crate) fn float_only(op: &'static str, dtype: DType) -> Result<()> {
     Ok(())
 }
 
-/// The dtype kernels accumulate a float dtype in (and that adapter weights and routing weights
-/// are kept in): f64 for f64, else f32.
-pub(crate) fn acc_dtype(d: DType) -> DType {
-    if d == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
-
 fn upload<T: Copy>(dev: &CudaDevice, data: &[T], dtype: DType) -> Result<CudaStorage> {
     let out = CudaStorage::alloc(dev, "upload", data.len(), dtype)?;
     if !data.is_empty() {

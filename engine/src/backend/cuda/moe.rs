@@ -7,7 +7,7 @@ use kernels::MOE;
 
 use super::launch::launch;
 use super::layout::{to_u32, to_u32s};
-use super::{acc_dtype, float_only, CudaDevice, CudaStorage};
+use super::{float_only, CudaDevice, CudaStorage};
 use crate::{DType, Error, Layout, Result};
 
 const THREADS: u32 = 256;
@@ -270,7 +270,7 @@ pub(crate) fn permute(
     let pc = perm.contiguous(OP, pl)?;
     let sc = match scale {
         Some((s, sl)) => {
-            dtype_is(OP, s, acc_dtype(x.dtype))?;
+            dtype_is(OP, s, x.dtype.accumulation())?;
             x.same_device(OP, s)?;
             if sl.elem_count() != m {
                 return Err(shape_err(OP, pl, sl));
@@ -310,7 +310,7 @@ pub(crate) fn combine(
     wl: &Layout,
 ) -> Result<CudaStorage> {
     const OP: &str = "moe_combine";
-    check3(OP, y, (inv, DType::U32), (w, acc_dtype(y.dtype)))?;
+    check3(OP, y, (inv, DType::U32), (w, y.dtype.accumulation()))?;
     let (m, h) = rank2(OP, l)?;
     let (n, k) = rank2(OP, wl)?;
     if m != n * k || il.elem_count() != m {
@@ -360,7 +360,7 @@ pub(crate) fn combine_dw(
     if m != n * k || gh != h || il.elem_count() != m {
         return Err(shape_err(OP, l, gl));
     }
-    let out = CudaStorage::alloc(&y.dev, OP, m, acc_dtype(y.dtype))?;
+    let out = CudaStorage::alloc(&y.dev, OP, m, y.dtype.accumulation())?;
     if m == 0 {
         return Ok(out);
     }

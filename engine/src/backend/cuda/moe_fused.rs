@@ -10,7 +10,7 @@ use kernels::MOE_FUSED;
 
 use super::launch::launch;
 use super::layout::{to_u32, to_u32s};
-use super::{acc_dtype, check_extent, float_only, Contig, CudaDevice, CudaStorage};
+use super::{check_extent, float_only, Contig, CudaDevice, CudaStorage};
 use crate::backend::{BlockCodes, MoeDims};
 use crate::{DType, Error, Layout, Result};
 
@@ -67,7 +67,7 @@ pub(super) fn operands(
     let first = args[0].0;
     let base = first.dtype;
     float_only(op, base)?;
-    let adapter = acc_dtype(base);
+    let adapter = base.accumulation();
     let mut out = Operands {
         dev: first.dev.clone(),
         base,

@@ -5,7 +5,7 @@ use kernels::NORM;
 
 use super::launch::launch;
 use super::layout::{to_u32, to_u32s, StridedArg};
-use super::{acc_dtype, check_extent, float_only, CudaDevice, CudaStorage};
+use super::{check_extent, float_only, CudaDevice, CudaStorage};
 use crate::{Error, Layout, Result};
 
 /// Threads per row of the row kernels.
@@ -117,7 +117,7 @@ pub(crate) fn rms_norm_backward(
     }
     let rows = total / n;
     // Per-row 1/rms in the accumulation type (f64 for f64, else f32).
-    let acc = acc_dtype(x.dtype);
+    let acc = x.dtype.accumulation();
     let rstd = CudaStorage::alloc(dev, OP, rows, acc)?;
     let (xc, wc, gc) = (
         x.contiguous(OP, l)?,

@@ -13,7 +13,7 @@ use cudarc::driver::LaunchConfig;
 use kernels::OPTIM;
 
 use super::launch::launch;
-use super::{acc_dtype, Contig, CudaStorage};
+use super::{Contig, CudaStorage};
 use crate::backend::cpu::CpuStorage;
 use crate::backend::{AdamWGroup, AdamWHyper, BackendStorage};
 use crate::{DType, Error, Layout, Result};
@@ -108,7 +108,7 @@ pub(crate) fn adamw_step(groups: &mut [AdamWGroup<'_, CudaStorage>], h: &AdamWHy
         let param = &*g.param;
         let pd = param.dtype;
         let code = dtype_code(OP, pd)?;
-        let md = acc_dtype(pd);
+        let md = pd.accumulation();
         dev_check(OP, &dev, param)?;
         for s in &g.slots {
             for (buf, want) in [(&*s.exp_avg, md), (&*s.exp_avg_sq, md), (s.grad, pd)] {
