@@ -47,6 +47,8 @@ use std::fmt::Write as _;
 use engine::backend::cpu::CpuStorage;
 use engine::backend::cuda::{memory_stats, reset_peak_memory, CudaDevice, GpuEvent};
 use engine::backend::{BackendStorage, BinaryOp, CmpOp, ReduceOp, UnaryOp};
+use engine::fused::lora::primitives as lora;
+use engine::fused::Operand;
 use engine::{causal_attention, DType, Device, Layout, Result, Shape, Storage, Tensor};
 
 /// Device copy bandwidth of the H200 (bytes/s), the ceiling of memory-bound ops.
@@ -763,7 +765,17 @@ fn lora(lab: &mut Lab, dt: DType) -> Result<()> {
                 shape_str(&[m, n_in]),
                 m * n_in * s + small + r * n_in * 4,
             ),
-            || x.lora_codes(&xl, &a, &al, p, seed).map(drop),
+            || {
+                lora::codes(
+                    lora::Codes {
+                        x: op(&x, &xl),
+                        a: op(&a, &al),
+                    },
+                    p,
+                    seed,
+                )
+                .map(drop)
+            },
         )?;
         lab.run(
             mem(
@@ -772,7 +784,14 @@ fn lora(lab: &mut Lab, dt: DType) -> Result<()> {
                 shape_str(&[m, n_out]),
                 2 * m * n_out * s + small + n_out * r * 4,
             ),
-            || y.lora_expand_add(&yl, &z, &zl, &b, &bl, scale).map(drop),
+            || {
+                let o = lora::ExpandAdd {
+                    y: op(&y, &yl),
+                    z: op(&z, &zl),
+                    b: op(&b, &bl),
+                };
+                lora::expand_add(o, scale).map(drop)
+            },
         )?;
         lab.run(
             mem(
@@ -781,7 +800,14 @@ fn lora(lab: &mut Lab, dt: DType) -> Result<()> {
                 shape_str(&[m, n_out]),
                 m * n_out * s + 2 * small + 2 * n_out * r * 4,
             ),
-            || g.lora_grad_codes(&yl, &z, &zl, &b, &bl, scale).map(drop),
+            || {
+                let o = lora::GradCodes {
+                    g: op(&g, &yl),
+                    z: op(&z, &zl),
+                    b: op(&b, &bl),
+                };
+                lora::grad_codes(o, scale).map(drop)
+            },
         )?;
         lab.run(
             mem(
@@ -790,7 +816,17 @@ fn lora(lab: &mut Lab, dt: DType) -> Result<()> {
                 shape_str(&[m, n_in]),
                 m * n_in * s + small + r * n_in * 4,
             ),
-            || x.lora_grad_a(&xl, &z, &zl, p, seed).map(drop),
+            || {
+                lora::grad_a(
+                    lora::GradA {
+                        x: op(&x, &xl),
+                        dz: op(&z, &zl),
+                    },
+                    p,
+                    seed,
+                )
+                .map(drop)
+            },
         )?;
         lab.run(
             mem(
@@ -799,7 +835,18 @@ fn lora(lab: &mut Lab, dt: DType) -> Result<()> {
                 shape_str(&[m, n_in]),
                 m * n_in * s + small + r * n_in * 4,
             ),
-            || z.lora_grad_x(&zl, &a, &al, p, seed, dt).map(drop),
+            || {
+                lora::grad_x(
+                    lora::GradX {
+                        dz: op(&z, &zl),
+                        a: op(&a, &al),
+                    },
+                    p,
+                    seed,
+                    dt,
+                )
+                .map(drop)
+            },
         )?;
         // The whole forward through the tensor ops (no tape: nothing tracks a gradient).
         let xt = Tensor::randn([m, n_in], 0.0, 1.0, 46, dt, GPU)?;
@@ -1162,4 +1209,9 @@ fn optim_and_chunked_loss(lab: &mut Lab, dt: DType) -> Result<()> {
                 .backward()
         },
     )
+}
+
+/// A primitive's operand: a storage and its view.
+fn op<'a>(s: &'a Storage, l: &'a Layout) -> Operand<'a, Storage> {
+    Operand::new(s, l)
 }

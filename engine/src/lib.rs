@@ -7,6 +7,7 @@ pub mod backend;
 mod device;
 mod dtype;
 mod error;
+pub mod fused;
 mod ops;
 pub mod rng;
 mod shape;

@@ -295,38 +295,6 @@ impl BackendStorage for Storage {
     fn matmul(&self, l: &Layout, rhs: &Self, rl: &Layout) -> Result<Self> {
         two!("matmul", self, rhs, (a, b) => a.matmul(l, b, rl))
     }
-    fn add_dropped2(
-        &self,
-        l: &Layout,
-        a: &Self,
-        al: &Layout,
-        b: &Self,
-        bl: &Layout,
-        p: f64,
-        seeds: (u64, u64),
-    ) -> Result<Self> {
-        three!("add_dropped2", self, a, b, (x, a, b) => x.add_dropped2(l, a, al, b, bl, p, seeds))
-    }
-    fn dropout_matmul(
-        &self,
-        l: &Layout,
-        rhs: &Self,
-        rl: &Layout,
-        p: f64,
-        seed: u64,
-    ) -> Result<Self> {
-        two!("dropout_matmul", self, rhs, (a, b) => a.dropout_matmul(l, b, rl, p, seed))
-    }
-    fn matmul_dropout(
-        &self,
-        l: &Layout,
-        rhs: &Self,
-        rl: &Layout,
-        p: f64,
-        seed: u64,
-    ) -> Result<Self> {
-        two!("matmul_dropout", self, rhs, (a, b) => a.matmul_dropout(l, b, rl, p, seed))
-    }
     fn copy_to_view(&self, l: &Layout, dst: &mut Self, dl: &Layout) -> Result<()> {
         let (sd, dd) = (self.device(), dst.device());
         #[allow(unreachable_patterns)]
@@ -719,70 +687,6 @@ impl BackendStorage for Storage {
     }
     fn moe_tiles_cols(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
         many!("moe_tiles_cols", moe_tiles_cols, args, d)
-    }
-    fn lora_codes(&self, l: &Layout, a: &Self, al: &Layout, p: f64, seed: u64) -> Result<Self> {
-        two!("lora_codes", self, a, (x, a) => x.lora_codes(l, a, al, p, seed))
-    }
-    fn lora_expand_add(
-        &self,
-        l: &Layout,
-        z: &Self,
-        zl: &Layout,
-        b: &Self,
-        bl: &Layout,
-        scale: f64,
-    ) -> Result<Self> {
-        three!("lora_expand_add", self, z, b, (y, z, b) => y.lora_expand_add(l, z, zl, b, bl, scale))
-    }
-    fn lora_grad_codes(
-        &self,
-        l: &Layout,
-        z: &Self,
-        zl: &Layout,
-        b: &Self,
-        bl: &Layout,
-        scale: f64,
-    ) -> Result<(Self, Self)> {
-        #[allow(unreachable_patterns)]
-        match (self, z, b) {
-            (Storage::Cpu(g), Storage::Cpu(z), Storage::Cpu(b)) => {
-                let (dz, db) = g.lora_grad_codes(l, z, zl, b, bl, scale)?;
-                Ok((Storage::Cpu(dz), Storage::Cpu(db)))
-            }
-            #[cfg(feature = "cuda")]
-            (Storage::Cuda(g), Storage::Cuda(z), Storage::Cuda(b)) => {
-                let (dz, db) = g.lora_grad_codes(l, z, zl, b, bl, scale)?;
-                Ok((Storage::Cuda(dz), Storage::Cuda(db)))
-            }
-            (g, z, _) if g.device() != z.device() => Err(mismatch("lora_grad_codes", g, z)),
-            (g, _, b) => Err(mismatch("lora_grad_codes", g, b)),
-        }
-    }
-    fn lora_grad_a(&self, l: &Layout, dz: &Self, dl: &Layout, p: f64, seed: u64) -> Result<Self> {
-        two!("lora_grad_a", self, dz, (x, d) => x.lora_grad_a(l, d, dl, p, seed))
-    }
-    fn lora_grad_x(
-        &self,
-        l: &Layout,
-        a: &Self,
-        al: &Layout,
-        p: f64,
-        seed: u64,
-        dtype: DType,
-    ) -> Result<Self> {
-        two!("lora_grad_x", self, a, (d, a) => d.lora_grad_x(l, a, al, p, seed, dtype))
-    }
-    fn lora_grad_x_add(
-        &self,
-        l: &Layout,
-        a: &Self,
-        al: &Layout,
-        p: f64,
-        seed: u64,
-        base: &Self,
-        bl: &Layout,
-    ) -> Result<Self> {
-        three!("lora_grad_x_add", self, a, base, (d, a, b) => d.lora_grad_x_add(l, a, al, p, seed, b, bl))
     }
 }
 

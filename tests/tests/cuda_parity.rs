@@ -808,55 +808,6 @@ mod gpu {
                 );
             }
         }
-        // `base + drop(a) + drop(b)` (add_dropped2: the MixLoRA fused FFN's dx) equals the
-        // separate ops bit for bit: on the GPU's one-pass bf16 kernel (whole groups of four and a
-        // tail, with and without dropout) and its fallback (f32, a transposed view), and on the
-        // CPU.
-        for (dt, r, c, transposed) in [
-            (DType::BF16, 61, 67, false),
-            (DType::BF16, 64, 64, false),
-            (DType::F32, 64, 64, false),
-            (DType::BF16, 64, 64, true),
-        ] {
-            for p in [0.0, 0.3] {
-                let layout = if transposed {
-                    Layout::contiguous([c, r]).transpose(0, 1)
-                } else {
-                    Layout::contiguous([r, c])
-                };
-                let len: usize = r * c;
-                let fused = |d| {
-                    let s = |seed| input(d, &vals(len, seed), dt);
-                    let (base, a, b) = (s(41), s(42), s(43));
-                    let out = base
-                        .add_dropped2(&layout, &a, &layout, &b, &layout, p, (7, 8))
-                        .unwrap();
-                    read(&out, [r, c])
-                };
-                let separate = |d| {
-                    let t = |seed| {
-                        let v = Tensor::from_f64(&vals(len, seed), [len], dt, d).unwrap();
-                        if transposed {
-                            v.reshape([c, r]).unwrap().t().unwrap()
-                        } else {
-                            v.reshape([r, c]).unwrap()
-                        }
-                    };
-                    let (base, a, b) = (t(41), t(42), t(43));
-                    base.add(&a.dropout(p, 7, true).unwrap())
-                        .unwrap()
-                        .add(&b.dropout(p, 8, true).unwrap())
-                        .unwrap()
-                        .to_vec_f64()
-                        .unwrap()
-                };
-                let want = separate(Device::Cpu);
-                let what = format!("add_dropped2 {dt} n {len} transposed {transposed} p {p}");
-                assert_eq!(want, separate(gpu), "{what}: separate ops, GPU");
-                assert_eq!(want, fused(Device::Cpu), "{what}: CPU");
-                assert_eq!(want, fused(gpu), "{what}: GPU");
-            }
-        }
     }
 
     /// A [b, t, h, d] buffer viewed as [b, h, t, d] (the attention head transpose).

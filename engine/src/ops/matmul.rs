@@ -112,7 +112,7 @@ impl Tensor {
         float_only(OP, self)?;
         let dt = rhs.dtype();
         if self.dtype().is_float() && dt == self.dtype().accumulation() {
-            return self.matmul_cast_rank(rhs);
+            return crate::fused::lora::matmul_cast_rank(self, rhs);
         }
         let out = {
             let _ng = crate::autograd::NoGradGuard::new();
@@ -135,63 +135,6 @@ impl Tensor {
                 .transpose()?; // [K, N]
             Ok(vec![dx, dw])
         });
-        Ok(match node {
-            Some(node) => out.view(out.layout().clone(), Some(node)),
-            None => out,
-        })
-    }
-
-    /// [`Tensor::matmul_cast`] on the LoRA primitives: `self` `[M, K]`, `rhs` `[K, N]` in
-    /// `self`'s accumulation dtype.
-    fn matmul_cast_rank(&self, rhs: &Tensor) -> Result<Tensor> {
-        const OP: &str = "matmul_cast";
-        same_device(OP, self, rhs)?;
-        let (m, k, n) = (self.dims()[0], self.dims()[1], rhs.dims()[1]);
-        if rhs.dims()[0] != k {
-            return Err(Error::ShapeMismatch {
-                op: OP,
-                lhs: self.shape().clone(),
-                rhs: rhs.shape().clone(),
-            });
-        }
-        let a = rhs.t()?; // [N, K]: the rank-N "A" of x Aᵀ
-        let out = self
-            .storage()
-            .lora_codes(self.layout(), &a.storage(), a.layout(), 0.0, 0)?; // [M, N]
-        let inputs = [
-            Input::keep_if(self, rhs.tracks_grad()),
-            Input::keep_if(rhs, self.tracks_grad()),
-        ];
-        let node = Node::record_with(OP, &inputs, Output::Unread, move |inp, _, g| {
-            let (x, w) = (&inp[0], &inp[1]);
-            let g = g.contiguous()?; // [M, N], rhs's dtype
-            let dx = x
-                .tracks_grad()
-                .then(|| -> Result<Tensor> {
-                    let a = w.t()?; // [N, K]
-                    let s = g.storage().lora_grad_x(
-                        g.layout(),
-                        &a.storage(),
-                        a.layout(),
-                        0.0,
-                        0,
-                        x.dtype(),
-                    )?;
-                    Ok(Tensor::from_storage(s, [m, k], None)) // g rhsᵀ in x's dtype
-                })
-                .transpose()?;
-            let dw = w
-                .tracks_grad()
-                .then(|| -> Result<Tensor> {
-                    let s =
-                        x.storage()
-                            .lora_grad_a(x.layout(), &g.storage(), g.layout(), 0.0, 0)?;
-                    Tensor::from_storage(s, [n, k], None).t() // (gᵀ x)ᵀ = xᵀ g [K, N]
-                })
-                .transpose()?;
-            Ok(vec![dx, dw])
-        });
-        let out = Tensor::from_storage(out, [m, n], None);
         Ok(match node {
             Some(node) => out.view(out.layout().clone(), Some(node)),
             None => out,

@@ -8,7 +8,6 @@ mod dropout;
 mod elementwise;
 mod index;
 mod linear_loss;
-mod lora;
 mod loss;
 mod matmul;
 mod moe;

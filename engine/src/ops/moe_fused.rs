@@ -43,6 +43,7 @@
 
 use crate::autograd::{Input, NoGradGuard, Node, Output};
 use crate::backend::{BackendStorage, BlockCodes, MoeDims};
+use crate::fused::lora::{add_dropped2, dropped_codes, dropped_grad_a};
 use crate::{rng, DType, Error, Layout, Result, Shape, Storage, Tensor};
 
 /// The frozen shared FFN and the stacked expert LoRAs of one MixLoRA layer.
@@ -682,49 +683,6 @@ impl LoraLayouts {
             b_down: all_experts(bd, base)?,
         })
     }
-}
-
-/// `base + a.dropout(p, seed_a) + b.dropout(p, seed_b)` (one shape, one dtype), bit for bit:
-/// one backend op (`add_dropped2`: on the GPU one pass where the separate ops took four), no
-/// node.
-fn add_dropped2(
-    base: &Tensor,
-    a: &Tensor,
-    b: &Tensor,
-    p: f64,
-    seeds: (u64, u64),
-) -> Result<Tensor> {
-    let s = base.storage().add_dropped2(
-        base.layout(),
-        &a.storage(),
-        a.layout(),
-        &b.storage(),
-        b.layout(),
-        p,
-        seeds,
-    )?;
-    Ok(Tensor::from_storage(s, base.shape().clone(), None))
-}
-
-/// `drop(x) · Aᵀ` `[T, n]` in the accumulation dtype of x's, for `x` `[T, H]` and `a` `[n, H]`
-/// in x's dtype: one backend op (`dropout_matmul`: on the GPU one pass over x, the mask drawn on
-/// the fly), no node (the op's own backward covers it).
-fn dropped_codes(x: &Tensor, a: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
-    let (x3, a3) = (x.unsqueeze(0)?, a.t()?.unsqueeze(0)?); // [1, T, H], [1, H, n]
-    let s = x3
-        .storage()
-        .dropout_matmul(x3.layout(), &a3.storage(), a3.layout(), p, seed)?;
-    Ok(Tensor::from_storage(s, [x.dims()[0], a.dims()[0]], None))
-}
-
-/// `dzᵀ · drop(x)` `[n, H]` in the accumulation dtype of x's, for `dz` `[T, n]` and `x` `[T, H]`
-/// in x's dtype: one backend op (`matmul_dropout`), no node.
-fn dropped_grad_a(dz: &Tensor, x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
-    let (d3, x3) = (dz.t()?.unsqueeze(0)?, x.unsqueeze(0)?); // [1, n, T], [1, T, H]
-    let s = d3
-        .storage()
-        .matmul_dropout(d3.layout(), &x3.storage(), x3.layout(), p, seed)?;
-    Ok(Tensor::from_storage(s, [dz.dims()[1], x.dims()[1]], None))
 }
 
 /// All experts' LoRA A `[E, r, n]` as one `[E·r, n]` matrix in `dtype`.

@@ -41,7 +41,7 @@ struct SendPtr<T>(*mut T);
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
 
-pub(super) fn matmul_t<
+pub(crate) fn matmul_t<
     T: Copy + Default + Send + Sync + 'static + num_traits::Zero + num_traits::One,
 >(
     a: &[T],

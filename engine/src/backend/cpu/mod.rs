@@ -5,16 +5,15 @@
 mod attention;
 mod elementwise;
 mod index;
-pub(crate) mod lora;
 mod loss;
 mod loss_chunk;
-mod matmul;
+pub(crate) mod matmul;
 mod moe;
 mod moe_fused;
 mod norm;
 mod optim;
 pub mod profile;
-mod random;
+pub(crate) mod random;
 mod reduce;
 mod simd;
 
@@ -527,51 +526,6 @@ impl BackendStorage for CpuStorage {
     fn moe_swiglu_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
         timed("moe_swiglu_backward", || {
             moe_fused::swiglu_backward(args, d)
-        })
-    }
-    fn lora_codes(&self, l: &Layout, a: &Self, a_l: &Layout, p: f64, seed: u64) -> Result<Self> {
-        timed("lora_codes", || lora::codes(self, l, a, a_l, p, seed))
-    }
-    fn lora_expand_add(
-        &self,
-        l: &Layout,
-        z: &Self,
-        z_l: &Layout,
-        b: &Self,
-        b_l: &Layout,
-        scale: f64,
-    ) -> Result<Self> {
-        timed("lora_expand_add", || {
-            lora::expand_add(self, l, z, z_l, b, b_l, scale)
-        })
-    }
-    fn lora_grad_codes(
-        &self,
-        l: &Layout,
-        z: &Self,
-        z_l: &Layout,
-        b: &Self,
-        b_l: &Layout,
-        scale: f64,
-    ) -> Result<(Self, Self)> {
-        timed("lora_grad_codes", || {
-            lora::grad_codes(self, l, z, z_l, b, b_l, scale)
-        })
-    }
-    fn lora_grad_a(&self, l: &Layout, dz: &Self, dz_l: &Layout, p: f64, seed: u64) -> Result<Self> {
-        timed("lora_grad_a", || lora::grad_a(self, l, dz, dz_l, p, seed))
-    }
-    fn lora_grad_x(
-        &self,
-        l: &Layout,
-        a: &Self,
-        a_l: &Layout,
-        p: f64,
-        seed: u64,
-        dtype: DType,
-    ) -> Result<Self> {
-        timed("lora_grad_x", || {
-            lora::grad_x(self, l, a, a_l, p, seed, dtype)
         })
     }
 }

@@ -147,7 +147,7 @@ pub(super) fn dropout_apply(x: &CpuStorage, l: &Layout, p: f64, seed: u64) -> Re
 
 /// `v[i] = mul(v[i], dropped(i))` over a row-major buffer, `dropped(i)` the dropout draw of
 /// element `i` (`rng::dropped(seed, i, thr)`), in parallel chunks on large buffers.
-pub(super) fn mask_in_place<T: Copy + Send + Sync>(
+pub(crate) fn mask_in_place<T: Copy + Send + Sync>(
     v: &mut [T],
     seed: u64,
     thr: u32,

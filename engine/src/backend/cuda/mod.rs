@@ -13,24 +13,20 @@ pub mod compile;
 
 mod alloc;
 mod attention;
-mod device;
-mod elementwise;
+pub(crate) mod device;
+pub(crate) mod elementwise;
 mod index;
 pub(crate) mod launch;
-mod layout;
-mod lora;
-mod lora_mma;
-mod lora_rank;
-mod lora_wide;
+pub(crate) mod layout;
 mod loss;
 mod loss_chunk;
-mod matmul;
+pub(crate) mod matmul;
 mod moe;
 mod moe_fused;
 mod moe_tiles;
 mod norm;
 mod optim;
-mod random;
+pub(crate) mod random;
 mod reduce;
 
 use half::bf16;
@@ -47,9 +43,9 @@ pub use device::{memory_stats, reset_peak_memory, synchronize, CudaDevice, GpuEv
 /// One flat device buffer of one dtype.
 pub struct CudaStorage {
     buf: CudaBuffer,
-    len: usize,
-    dtype: DType,
-    dev: CudaDevice,
+    pub(crate) len: usize,
+    pub(crate) dtype: DType,
+    pub(crate) dev: CudaDevice,
 }
 
 impl std::fmt::Debug for CudaStorage {
@@ -260,47 +256,6 @@ impl BackendStorage for CudaStorage {
     }
     fn matmul(&self, l: &Layout, rhs: &Self, rhs_l: &Layout) -> Result<Self> {
         matmul::matmul(self, l, rhs, rhs_l)
-    }
-    fn add_dropped2(
-        &self,
-        l: &Layout,
-        a: &Self,
-        al: &Layout,
-        b: &Self,
-        bl: &Layout,
-        p: f64,
-        seeds: (u64, u64),
-    ) -> Result<Self> {
-        if let Some(y) = random::add_dropped2(self, l, (a, al), (b, bl), p, seeds)? {
-            return Ok(y);
-        }
-        crate::backend::add_dropped2_separately(self, l, (a, al), (b, bl), p, seeds)
-    }
-    fn dropout_matmul(
-        &self,
-        l: &Layout,
-        rhs: &Self,
-        rhs_l: &Layout,
-        p: f64,
-        seed: u64,
-    ) -> Result<Self> {
-        if let Some(y) = lora_wide::dropout_matmul(self, l, rhs, rhs_l, p, seed)? {
-            return Ok(y);
-        }
-        crate::backend::product_with_dropout(self, l, rhs, rhs_l, (p, seed), false)
-    }
-    fn matmul_dropout(
-        &self,
-        l: &Layout,
-        rhs: &Self,
-        rhs_l: &Layout,
-        p: f64,
-        seed: u64,
-    ) -> Result<Self> {
-        if let Some(y) = lora_wide::matmul_dropout(self, l, rhs, rhs_l, p, seed)? {
-            return Ok(y);
-        }
-        crate::backend::product_with_dropout(self, l, rhs, rhs_l, (p, seed), true)
     }
     fn copy_to_view(&self, l: &Layout, dst: &mut Self, dst_l: &Layout) -> Result<()> {
         elementwise::copy_to_view(self, l, dst, dst_l)
@@ -558,56 +513,5 @@ impl BackendStorage for CudaStorage {
     }
     fn moe_tiles_cols(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
         moe_tiles::cols(args, d)
-    }
-    fn lora_codes(&self, l: &Layout, a: &Self, a_l: &Layout, p: f64, seed: u64) -> Result<Self> {
-        lora::lora_codes(self, l, a, a_l, p, seed)
-    }
-    fn lora_expand_add(
-        &self,
-        l: &Layout,
-        z: &Self,
-        z_l: &Layout,
-        b: &Self,
-        b_l: &Layout,
-        scale: f64,
-    ) -> Result<Self> {
-        lora::lora_expand_add(self, l, z, z_l, b, b_l, scale)
-    }
-    fn lora_grad_codes(
-        &self,
-        l: &Layout,
-        z: &Self,
-        z_l: &Layout,
-        b: &Self,
-        b_l: &Layout,
-        scale: f64,
-    ) -> Result<(Self, Self)> {
-        lora::lora_grad_codes(self, l, z, z_l, b, b_l, scale)
-    }
-    fn lora_grad_a(&self, l: &Layout, dz: &Self, dz_l: &Layout, p: f64, seed: u64) -> Result<Self> {
-        lora::lora_grad_a(self, l, dz, dz_l, p, seed)
-    }
-    fn lora_grad_x(
-        &self,
-        l: &Layout,
-        a: &Self,
-        a_l: &Layout,
-        p: f64,
-        seed: u64,
-        dtype: DType,
-    ) -> Result<Self> {
-        lora::lora_grad_x(self, l, a, a_l, p, seed, dtype)
-    }
-    fn lora_grad_x_add(
-        &self,
-        l: &Layout,
-        a: &Self,
-        a_l: &Layout,
-        p: f64,
-        seed: u64,
-        base: &Self,
-        base_l: &Layout,
-    ) -> Result<Self> {
-        lora::lora_grad_x_add(self, l, a, a_l, p, seed, (base, base_l))
     }
 }

@@ -5,16 +5,16 @@
 //! cores; expand-add writes `y + s z Bᵀ` in one pass, rounded once. Each returns `None` when its
 //! case does not apply; the caller then takes the general path. Reductions over a long dimension
 //! go through per-block partial sums added in a fixed order (deterministic, like cuBLAS). Rows
-//! that are 16-byte runs (the usual case) take the tensor-core kernels of `lora_mma`; the
+//! that are 16-byte runs (the usual case) take the tensor-core kernels of `cuda_mma`; the
 //! CUDA-core kernels here serve the rest.
 
 use cudarc::driver::LaunchConfig;
 use kernels::LORA;
 
-use super::launch::launch;
-use super::layout::to_u32;
-use super::lora_mma;
-use super::{CudaDevice, CudaStorage};
+use super::cuda_mma;
+use crate::backend::cuda::launch::launch;
+use crate::backend::cuda::layout::to_u32;
+use crate::backend::cuda::{CudaDevice, CudaStorage};
 use crate::backend::BackendStorage;
 use crate::{rng, DType, Layout, Result};
 
@@ -183,8 +183,8 @@ fn codes_partials(
     p: f64,
     seed: u64,
 ) -> Result<(CudaStorage, usize)> {
-    if lora_mma::applies(l) {
-        return lora_mma::codes_partials(op, x, l, a, r, p, seed);
+    if cuda_mma::applies(l) {
+        return cuda_mma::codes_partials(op, x, l, a, r, p, seed);
     }
     let (m, n) = (l.dims()[0], l.dims()[1]);
     let chunks = n.div_ceil(COLS);
@@ -230,8 +230,8 @@ fn grad_a_partials(
     p: f64,
     seed: u64,
 ) -> Result<(CudaStorage, usize)> {
-    if lora_mma::applies(l) {
-        return lora_mma::grad_a_partials(op, x, l, dz, r, p, seed);
+    if cuda_mma::applies(l) {
+        return cuda_mma::grad_a_partials(op, x, l, dz, r, p, seed);
     }
     let (m, n) = (l.dims()[0], l.dims()[1]);
     // Row groups: 8 warps of up to GRAD_A_ROWS rows per block row, at most GRAD_A_MAX_GROUPS.
@@ -336,8 +336,8 @@ pub(super) fn expand_add(
         return Ok(None);
     }
     let (m, n) = (l.dims()[0], l.dims()[1]);
-    if lora_mma::applies(l) {
-        let out = lora_mma::expand(&y.dev, OP, zs, bt, Some((y, l)), (m, r, n), 0.0, 0)?;
+    if cuda_mma::applies(l) {
+        let out = cuda_mma::expand(&y.dev, OP, zs, bt, Some((y, l)), (m, r, n), 0.0, 0)?;
         return Ok(Some(out));
     }
     let out = CudaStorage::alloc(&y.dev, OP, m * n, DType::BF16)?; // [m, n]
@@ -390,7 +390,7 @@ pub(super) fn grad_x(
         return Ok(None);
     }
     if m > 0 && n > 0 && n % 8 == 0 {
-        return lora_mma::expand(dev, OP, dz, a, None, (m, r, n), p, seed).map(Some);
+        return cuda_mma::expand(dev, OP, dz, a, None, (m, r, n), p, seed).map(Some);
     }
     let dx = CudaStorage::alloc(dev, OP, m * n, DType::BF16)?; // [m, n]
     if m * n == 0 {

@@ -1,8 +1,29 @@
-//! Fused LoRA: `y + s · (drop(x) Aᵀ) Bᵀ` as one autograd op that keeps only the rank-r codes.
+//! The LoRA projection unit: `y + s · (drop(x) Aᵀ) Bᵀ` as one autograd op that keeps only the
+//! rank-r codes ([`Tensor::lora_add`], [`Tensor::linear_lora`]), and the products of a dropped
+//! input with many adapters' LoRA-A at once that the MixLoRA FFN runs on ([`dropped_codes`],
+//! [`dropped_grad_a`], [`add_dropped2`]).
+//!
+//! Files: the primitives' named operands and dispatch (`primitives.rs`), the CPU reference
+//! (`cpu.rs`), the CUDA launchers (`cuda.rs`: cuBLAS and elementwise kernels in general;
+//! `cuda_rank.rs` and `cuda_mma.rs`: custom kernels for a bf16 base at r = 8 and 16;
+//! `cuda_wide.rs`: the wide products), over the kernels of `kernels/src/lora.cu`,
+//! `lora_mma.cu` and `lora_wide.cu`.
 
-use super::{float_only, same_device, same_dtype};
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(feature = "cuda")]
+mod cuda_mma;
+#[cfg(feature = "cuda")]
+mod cuda_rank;
+#[cfg(feature = "cuda")]
+mod cuda_wide;
+pub mod primitives;
+
+use self::primitives as prim;
 use crate::autograd::{Input, NoGradGuard, Node, Output};
-use crate::backend::BackendStorage;
+use crate::fused::read;
+use crate::ops::{float_only, same_device, same_dtype};
 use crate::{DType, Error, Result, Tensor};
 
 impl Tensor {
@@ -194,18 +215,11 @@ fn lora_forward(
     seed: u64,
 ) -> Result<(crate::Storage, Tensor)> {
     let r = a.dims()[0];
-    let z = x
-        .storage()
-        .lora_codes(x.layout(), &a.storage(), a.layout(), p, seed)?; // [M, r], adapter dtype
+    let z = read([x, a], |[x, a]| prim::codes(prim::Codes { x, a }, p, seed))?; // [M, r], adapter
     let z = Tensor::from_storage(z, [x.dims()[0], r], None);
-    let s = y.storage().lora_expand_add(
-        y.layout(),
-        &z.storage(),
-        z.layout(),
-        &b.storage(),
-        b.layout(),
-        scale,
-    )?; // [M, out], y's dtype
+    let s = read([y, &z, b], |[y, z, b]| {
+        prim::expand_add(prim::ExpandAdd { y, z, b }, scale)
+    })?; // [M, out], y's dtype
     Ok((s, z))
 }
 
@@ -227,44 +241,122 @@ fn lora_backward(
     if !(x.tracks_grad() || a.tracks_grad() || b.tracks_grad()) {
         return Ok((None, None, None));
     }
-    let (dz, db) = g.storage().lora_grad_codes(
-        g.layout(),
-        &z.storage(),
-        z.layout(),
-        &b.storage(),
-        b.layout(),
-        scale,
-    )?; // [M, r], [out, r]
+    let (dz, db) = read([g, z, b], |[g, z, b]| {
+        prim::grad_codes(prim::GradCodes { g, z, b }, scale)
+    })?; // [M, r], [out, r]
     let dz = Tensor::from_storage(dz, z.shape().clone(), None);
     let db = b
         .tracks_grad()
         .then(|| Tensor::from_storage(db, b.shape().clone(), None));
     let da = if a.tracks_grad() {
-        let da = x
-            .storage()
-            .lora_grad_a(x.layout(), &dz.storage(), dz.layout(), p, seed)?; // [r, in]
+        let da = read([x, &dz], |[x, dz]| {
+            prim::grad_a(prim::GradA { x, dz }, p, seed)
+        })?; // [r, in]
         Some(Tensor::from_storage(da, a.shape().clone(), None))
     } else {
         None
     };
     let dx = if x.tracks_grad() {
-        let (ds, al) = (dz.storage(), a.layout());
         let dx = match &dx_base {
             // [M, in] in base's dtype: the rest of x's gradient plus this term, in one pass.
-            Some(base) => ds.lora_grad_x_add(
-                dz.layout(),
-                &a.storage(),
-                al,
-                p,
-                seed,
-                &base.storage(),
-                base.layout(),
-            )?,
-            None => ds.lora_grad_x(dz.layout(), &a.storage(), al, p, seed, x.dtype())?, // [M, in], x's dtype
+            Some(base) => read([&dz, a, base], |[dz, a, base]| {
+                prim::grad_x_add(prim::GradXAdd { dz, a, base }, p, seed)
+            })?,
+            // [M, in], x's dtype
+            None => read([&dz, a], |[dz, a]| {
+                prim::grad_x(prim::GradX { dz, a }, p, seed, x.dtype())
+            })?,
         };
         Some(Tensor::from_storage(dx, x.shape().clone(), None))
     } else {
         None
     };
     Ok((dx, da, db))
+}
+
+/// `drop(x) · Aᵀ` `[T, n]` in the accumulation dtype of x's, for `x` `[T, H]` and `a` `[n, H]` in
+/// x's dtype (many adapters' LoRA-A stacked, e.g. every MixLoRA expert's): on the GPU one
+/// tensor-core pass over x for bf16, the mask drawn on the fly. No node: the caller's own backward
+/// covers it.
+pub(crate) fn dropped_codes(x: &Tensor, a: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    let (x3, a3) = (x.unsqueeze(0)?, a.t()?.unsqueeze(0)?); // [1, T, H], [1, H, n]
+    let s = read([&x3, &a3], |[lhs, rhs]| {
+        prim::dropped_product(prim::Product { lhs, rhs }, p, seed, prim::DropSide::Lhs)
+    })?;
+    Ok(Tensor::from_storage(s, [x.dims()[0], a.dims()[0]], None))
+}
+
+/// `dzᵀ · drop(x)` `[n, H]` in the accumulation dtype of x's, for `dz` `[T, n]` and `x` `[T, H]`
+/// in x's dtype: the LoRA-A gradient of [`dropped_codes`]. No node.
+pub(crate) fn dropped_grad_a(dz: &Tensor, x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    let (d3, x3) = (dz.t()?.unsqueeze(0)?, x.unsqueeze(0)?); // [1, n, T], [1, T, H]
+    let s = read([&d3, &x3], |[lhs, rhs]| {
+        prim::dropped_product(prim::Product { lhs, rhs }, p, seed, prim::DropSide::Rhs)
+    })?;
+    Ok(Tensor::from_storage(s, [dz.dims()[1], x.dims()[1]], None))
+}
+
+/// `base + a.dropout(p, seed_a) + b.dropout(p, seed_b)` (one shape, one dtype), bit for bit as
+/// those ops: on the GPU one pass where the separate ops take four. No node.
+pub(crate) fn add_dropped2(
+    base: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    p: f64,
+    seeds: (u64, u64),
+) -> Result<Tensor> {
+    let s = read([base, a, b], |[base, a, b]| {
+        prim::add_dropped2(prim::AddDropped2 { base, a, b }, p, seeds)
+    })?;
+    Ok(Tensor::from_storage(s, base.shape().clone(), None))
+}
+
+/// [`Tensor::matmul_cast`] on the LoRA primitives: `x` `[M, K]`, `rhs` `[K, N]` in x's
+/// accumulation dtype (`rhsᵀ` as the `A` of rank N, no dropout).
+pub(crate) fn matmul_cast_rank(x: &Tensor, rhs: &Tensor) -> Result<Tensor> {
+    const OP: &str = "matmul_cast";
+    same_device(OP, x, rhs)?;
+    let (m, k, n) = (x.dims()[0], x.dims()[1], rhs.dims()[1]);
+    if rhs.dims()[0] != k {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            lhs: x.shape().clone(),
+            rhs: rhs.shape().clone(),
+        });
+    }
+    let a = rhs.t()?; // [N, K]: the rank-N "A" of x Aᵀ
+    let out = read([x, &a], |[x, a]| prim::codes(prim::Codes { x, a }, 0.0, 0))?; // [M, N]
+    let inputs = [
+        Input::keep_if(x, rhs.tracks_grad()),
+        Input::keep_if(rhs, x.tracks_grad()),
+    ];
+    let node = Node::record_with(OP, &inputs, Output::Unread, move |inp, _, g| {
+        let (x, w) = (&inp[0], &inp[1]);
+        let g = g.contiguous()?; // [M, N], rhs's dtype
+        let dx = x
+            .tracks_grad()
+            .then(|| -> Result<Tensor> {
+                let a = w.t()?; // [N, K]
+                let s = read([&g, &a], |[dz, a]| {
+                    prim::grad_x(prim::GradX { dz, a }, 0.0, 0, x.dtype())
+                })?;
+                Ok(Tensor::from_storage(s, [m, k], None)) // g rhsᵀ in x's dtype
+            })
+            .transpose()?;
+        let dw = w
+            .tracks_grad()
+            .then(|| -> Result<Tensor> {
+                let s = read([x, &g], |[x, dz]| {
+                    prim::grad_a(prim::GradA { x, dz }, 0.0, 0)
+                })?;
+                Tensor::from_storage(s, [n, k], None).t() // (gᵀ x)ᵀ = xᵀ g [K, N]
+            })
+            .transpose()?;
+        Ok(vec![dx, dw])
+    });
+    let out = Tensor::from_storage(out, [m, n], None);
+    Ok(match node {
+        Some(node) => out.view(out.layout().clone(), Some(node)),
+        None => out,
+    })
 }

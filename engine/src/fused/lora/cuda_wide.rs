@@ -3,17 +3,18 @@
 //! kernels/src/lora_wide.cu: x is read once, its dropout mask drawn on the fly, and the product
 //! summed in f32, where the composition wrote the dropped copy of x and ran cuBLAS on a shape
 //! with one side of 128 (32 blocks for 132 SMs, a quarter of the memory rate). Partial sums over
-//! runs of the long dimension are added in a fixed order (`lora_rank::sum_partials`). Other
+//! runs of the long dimension are added in a fixed order (`cuda_rank::sum_partials`). Other
 //! operands take the composition (`None`).
 
 use cudarc::driver::LaunchConfig;
-use kernels::LORA;
+use kernels::{LORA, RANDOM};
 
-use super::launch::launch;
-use super::layout::to_u32;
-use super::lora_rank::{dropout_args, runs_of_32, sum_partials};
-use super::CudaStorage;
-use crate::{DType, Error, Layout, Result};
+use super::cuda_rank::{dropout_args, runs_of_32, sum_partials};
+use super::primitives::{AddDropped2, DropSide, Product};
+use crate::backend::cuda::launch::launch;
+use crate::backend::cuda::layout::to_u32;
+use crate::backend::cuda::{CudaDevice, CudaStorage};
+use crate::{rng, DType, Error, Layout, Result};
 
 /// Blocks a launch aims for: three per SM of an H200, as many as its registers hold (64
 /// accumulators a thread); with two, too few bytes of x were in flight (37 µs for 32 MB).
@@ -77,9 +78,24 @@ fn check(op: &'static str, a: &CudaStorage, b: &CudaStorage, p: f64) -> Result<(
     a.same_device(op, b)
 }
 
+/// `drop(lhs) · rhs` or `lhs · drop(rhs)` on the kernels below; `None` when the operands do not
+/// suit them.
+pub(super) fn dropped_product(
+    o: &Product<'_, CudaStorage>,
+    p: f64,
+    seed: u64,
+    side: DropSide,
+) -> Result<Option<CudaStorage>> {
+    let (lhs, l, rhs, rl) = (o.lhs.s, o.lhs.l, o.rhs.s, o.rhs.l);
+    match side {
+        DropSide::Lhs => dropout_matmul(lhs, l, rhs, rl, p, seed),
+        DropSide::Rhs => matmul_dropout(lhs, l, rhs, rl, p, seed),
+    }
+}
+
 /// `drop(x) · Aᵀ` `[m, n]` f32 for `x` `[1, m, k]` and `rhs` = Aᵀ `[1, k, n]` (A `[n, k]` with
 /// 16-byte rows), both bf16; `None` when the operands do not suit the kernel.
-pub(super) fn dropout_matmul(
+fn dropout_matmul(
     x: &CudaStorage,
     l: &Layout,
     rhs: &CudaStorage,
@@ -126,7 +142,7 @@ pub(super) fn dropout_matmul(
 
 /// `dzᵀ · drop(x)` `[n, k]` f32 for `lhs` = dzᵀ `[1, n, m]` (dz `[m, n]` with 16-byte rows) and
 /// `x` `[1, m, k]`, both bf16; `None` when the operands do not suit the kernel.
-pub(super) fn matmul_dropout(
+fn matmul_dropout(
     lhs: &CudaStorage,
     l: &Layout,
     x: &CudaStorage,
@@ -169,4 +185,60 @@ pub(super) fn matmul_dropout(
         )
     }?;
     sum_partials(&x.dev, OP, (&part, parts), (n, k), false, 1.0).map(Some)
+}
+
+/// `base + a.dropout(p, seed_a) + b.dropout(p, seed_b)` of three contiguous bf16 tensors of one
+/// shape, bit for bit as the separate ops, in one pass (`add_dropped2_bf16` of the dropout
+/// kernels); `None` for other
+/// operands (the caller then runs the separate ops).
+pub(super) fn add_dropped2(
+    o: &AddDropped2<'_, CudaStorage>,
+    p: f64,
+    (seed_a, seed_b): (u64, u64),
+) -> Result<Option<CudaStorage>> {
+    const OP: &str = "add_dropped2";
+    let (base, l, a, al, b, bl) = (o.base.s, o.base.l, o.a.s, o.a.l, o.b.s, o.b.l);
+    let fits = |s: &CudaStorage, sl: &Layout| {
+        s.dtype == DType::BF16
+            && sl.is_contiguous()
+            && sl.dims() == l.dims()
+            && sl.offset() + sl.elem_count() <= s.len
+            && s.ptr_at(sl.offset()) % 8 == 0
+    };
+    let n = l.elem_count();
+    if !(fits(base, l) && fits(a, al) && fits(b, bl)) || n == 0 || u32::try_from(n).is_err() {
+        return Ok(None);
+    }
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::invalid(
+            OP,
+            format!("probability {p} is not in [0, 1)"),
+        ));
+    }
+    base.same_device(OP, a)?;
+    base.same_device(OP, b)?;
+    let out = CudaStorage::alloc(&base.dev, OP, n, DType::BF16)?;
+    // The kept value as a bf16 mask holds it (dropout_apply in x's own dtype); 1 without dropout.
+    let keep = half::bf16::from_f64(1.0 / (1.0 - p)).to_f32();
+    let (n32, thr) = (to_u32(OP, n)?, rng::dropout_threshold(p));
+    let (pb, pa, pv, po) = (
+        base.ptr_at(l.offset()),
+        a.ptr_at(al.offset()),
+        b.ptr_at(bl.offset()),
+        out.ptr(),
+    );
+    // SAFETY: base, a and b hold n contiguous bf16 from their offsets inside their buffers
+    // (checked above), starting 8-byte aligned; `out` holds n bf16. Thread g reads and writes
+    // elements 4g .. 4g + 4 below n (8-byte accesses for whole groups of four).
+    unsafe {
+        launch!(
+            &base.dev,
+            OP,
+            RANDOM,
+            "add_dropped2_bf16",
+            CudaDevice::grid(n.div_ceil(4)),
+            [n32, pb, pa, pv, seed_a, seed_b, thr, keep, po]
+        )
+    }?;
+    Ok(Some(out))
 }

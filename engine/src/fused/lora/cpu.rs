@@ -1,5 +1,5 @@
-//! Fused LoRA primitives, the CPU reference (and the CPU training path): the dropped input is
-//! built once in the adapter dtype with the mask recomputed from `(seed, index)`, then the `gemm`
+//! The LoRA unit's primitives on the CPU, the reference (and the CPU training path): the dropped
+//! input is built once in the adapter dtype with the mask recomputed from `(seed, index)`, then the `gemm`
 //! crate does the products, so each primitive is one gather pass plus one product. Nothing is
 //! kept between the forward and the backward but the codes `z`.
 //!
@@ -8,54 +8,15 @@
 use half::bf16;
 use rayon::prelude::*;
 
-use super::matmul::matmul_t;
-use super::{CpuStorage, PAR_THRESHOLD};
+use super::primitives::{dims2, expect_dims, keep_of, Codes, ExpandAdd, GradA, GradCodes, GradX};
+use crate::backend::cpu::matmul::matmul_t;
+use crate::backend::cpu::{CpuFloat, CpuStorage, PAR_THRESHOLD};
 use crate::backend::BackendStorage;
 use crate::{rng, DType, Error, Layout, Result, Shape};
 
-/// The dims of a rank-2 view.
-pub(crate) fn dims2(op: &'static str, l: &Layout) -> Result<(usize, usize)> {
-    match l.dims() {
-        &[a, b] => Ok((a, b)),
-        _ => Err(Error::RankMismatch {
-            op,
-            expected: 2,
-            shape: l.shape().clone(),
-        }),
-    }
-}
-
-/// Errors unless `dims2(l) == want`.
-pub(crate) fn expect_dims(
-    op: &'static str,
-    l: &Layout,
-    want: (usize, usize),
-    other: &Layout,
-) -> Result<()> {
-    if dims2(op, l)? != want {
-        return Err(Error::ShapeMismatch {
-            op,
-            lhs: other.shape().clone(),
-            rhs: l.shape().clone(),
-        });
-    }
-    Ok(())
-}
-
-/// Checks the dropout probability; `Some(keep = 1/(1-p))` when a mask applies.
-pub(crate) fn keep_of(op: &'static str, p: f64) -> Result<Option<f64>> {
-    if !(0.0..1.0).contains(&p) {
-        return Err(Error::invalid(
-            op,
-            format!("dropout probability {p} is not in [0, 1)"),
-        ));
-    }
-    Ok((p > 0.0).then(|| 1.0 / (1.0 - p)))
-}
-
 /// Adapter dtypes: f32 and f64.
 trait Ad:
-    super::CpuFloat + num_traits::Zero + num_traits::One + Default + Copy + Send + Sync + 'static
+    CpuFloat + num_traits::Zero + num_traits::One + Default + Copy + Send + Sync + 'static
 {
     fn of_f64(v: f64) -> Self;
     /// A float view converted to this dtype (exactly as `to_dtype` converts), contiguous.
@@ -154,7 +115,9 @@ fn c3(d0: usize, d1: usize) -> Layout {
 fn apply_mask<T: Ad>(v: &mut [T], p: f64, keep: f64, seed: u64) {
     let keep = T::of_f64(keep);
     let thr = rng::dropout_threshold(p);
-    super::random::mask_in_place(v, seed, thr, |e, d| e * if d { T::zero() } else { keep });
+    crate::backend::cpu::random::mask_in_place(v, seed, thr, |e, d| {
+        e * if d { T::zero() } else { keep }
+    });
 }
 
 /// The view `l` of `s` as `T` with a rank-3 `[1, d0, d1]` layout for `matmul_t`: the buffer
@@ -194,15 +157,9 @@ fn scale_in_place<T: Ad>(v: &mut [T], s: f64) {
 }
 
 /// `z = drop(x) Aᵀ` `[M, r]`.
-pub(super) fn codes(
-    x: &CpuStorage,
-    l: &Layout,
-    a: &CpuStorage,
-    al: &Layout,
-    p: f64,
-    seed: u64,
-) -> Result<CpuStorage> {
+pub(super) fn codes(o: Codes<'_, CpuStorage>, p: f64, seed: u64) -> Result<CpuStorage> {
     const OP: &str = "lora_codes";
+    let (x, l, a, al) = (o.x.s, o.x.l, o.a.s, o.a.l);
     let (m, n) = dims2(OP, l)?;
     let (r, n_a) = dims2(OP, al)?;
     if n_a != n {
@@ -227,16 +184,9 @@ pub(super) fn codes(
 }
 
 /// `y + s · z Bᵀ` `[M, out]` in y's dtype.
-pub(super) fn expand_add(
-    y: &CpuStorage,
-    l: &Layout,
-    z: &CpuStorage,
-    zl: &Layout,
-    b: &CpuStorage,
-    bl: &Layout,
-    scale: f64,
-) -> Result<CpuStorage> {
+pub(super) fn expand_add(o: ExpandAdd<'_, CpuStorage>, scale: f64) -> Result<CpuStorage> {
     const OP: &str = "lora_expand_add";
+    let (y, l, z, zl, b, bl) = (o.y.s, o.y.l, o.z.s, o.z.l, o.b.s, o.b.l);
     let (m, o) = dims2(OP, l)?;
     let (_, r) = dims2(OP, bl)?;
     expect_dims(OP, bl, (o, r), l)?;
@@ -300,15 +250,11 @@ fn zip_par<U: Copy + Send + Sync, T: Copy + Send + Sync>(
 
 /// `(dz, dB) = (s · g B, s · gᵀ z)`.
 pub(super) fn grad_codes(
-    g: &CpuStorage,
-    l: &Layout,
-    z: &CpuStorage,
-    zl: &Layout,
-    b: &CpuStorage,
-    bl: &Layout,
+    o: GradCodes<'_, CpuStorage>,
     scale: f64,
 ) -> Result<(CpuStorage, CpuStorage)> {
     const OP: &str = "lora_grad_codes";
+    let (g, l, z, zl, b, bl) = (o.g.s, o.g.l, o.z.s, o.z.l, o.b.s, o.b.l);
     let (m, o) = dims2(OP, l)?;
     let (_, r) = dims2(OP, bl)?;
     expect_dims(OP, bl, (o, r), l)?;
@@ -326,15 +272,9 @@ pub(super) fn grad_codes(
 }
 
 /// `dA = dzᵀ drop(x)` `[r, in]`.
-pub(super) fn grad_a(
-    x: &CpuStorage,
-    l: &Layout,
-    dz: &CpuStorage,
-    dl: &Layout,
-    p: f64,
-    seed: u64,
-) -> Result<CpuStorage> {
+pub(super) fn grad_a(o: GradA<'_, CpuStorage>, p: f64, seed: u64) -> Result<CpuStorage> {
     const OP: &str = "lora_grad_a";
+    let (x, l, dz, dl) = (o.x.s, o.x.l, o.dz.s, o.dz.l);
     let (m, n) = dims2(OP, l)?;
     let (_, r) = dims2(OP, dl)?;
     expect_dims(OP, dl, (m, r), l)?;
@@ -353,15 +293,13 @@ pub(super) fn grad_a(
 
 /// `dx = mask ⊙ (dz A)` `[M, in]` in `dtype`.
 pub(super) fn grad_x(
-    dz: &CpuStorage,
-    l: &Layout,
-    a: &CpuStorage,
-    al: &Layout,
+    o: GradX<'_, CpuStorage>,
     p: f64,
     seed: u64,
     dtype: DType,
 ) -> Result<CpuStorage> {
     const OP: &str = "lora_grad_x";
+    let (dz, l, a, al) = (o.dz.s, o.dz.l, o.a.s, o.a.l);
     let (m, r) = dims2(OP, l)?;
     let (_, n) = dims2(OP, al)?;
     expect_dims(OP, al, (r, n), l)?;

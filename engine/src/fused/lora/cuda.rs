@@ -1,4 +1,4 @@
-//! LoRA primitives on the GPU (the fused LoRA op, `crate::ops::lora`): cuBLAS products and the
+//! The LoRA unit's primitives on the GPU: cuBLAS products and the
 //! engine's vectorised elementwise kernels over transient buffers. `x`, `y` and `g` are any
 //! rank-2 views; the adapter dtype must be the accumulation type of the base dtype (f32 for
 //! f32/bf16, f64 for f64). Any rank works.
@@ -11,15 +11,17 @@
 //! `M·in·(4 + 4 + 4 + 4 + 4 + s)` with dropout. All of it is transient: the tape keeps `z`.
 //!
 //! A bf16 base with r = 8 or 16 and unit-stride rows (the usual training case) takes the custom
-//! kernels of `lora_rank` instead: every primitive reads its `[M, in]` or `[M, out]` operand once
+//! kernels of `cuda_rank` instead: every primitive reads its `[M, in]` or `[M, out]` operand once
 //! in bf16 (and expand-add writes its result once), with the dropout mask drawn on the fly.
 
-use super::layout::to_u32;
-use super::lora_mma;
-use super::lora_rank::{self, Small};
-use super::random::dropout_cast;
-use super::{check_extent, CudaStorage};
-use crate::backend::cpu::lora::{dims2, expect_dims, keep_of};
+use super::cuda_mma;
+use super::cuda_rank::{self, Small};
+use super::primitives::{
+    dims2, expect_dims, keep_of, Codes, ExpandAdd, GradA, GradCodes, GradX, GradXAdd,
+};
+use crate::backend::cuda::layout::to_u32;
+use crate::backend::cuda::random::dropout_cast;
+use crate::backend::cuda::{check_extent, CudaStorage};
 use crate::backend::{BackendStorage, BinaryOp, UnaryOp};
 use crate::{DType, Error, Layout, Result, Shape};
 
@@ -100,25 +102,19 @@ fn scaled(t: CudaStorage, shape: &[usize], s: f64) -> Result<CudaStorage> {
     )
 }
 
-pub(crate) fn lora_codes(
-    x: &CudaStorage,
-    l: &Layout,
-    a: &CudaStorage,
-    al: &Layout,
-    p: f64,
-    seed: u64,
-) -> Result<CudaStorage> {
+pub(super) fn codes(o: Codes<'_, CudaStorage>, p: f64, seed: u64) -> Result<CudaStorage> {
     const OP: &str = "lora_codes";
+    let (x, l, a, al) = (o.x.s, o.x.l, o.a.s, o.a.l);
     base_view(OP, x, l, a)?;
     let (m, n) = dims2(OP, l)?;
     let (r, _) = dims2(OP, al)?;
     expect_dims(OP, al, (r, n), l)?;
     keep_of(OP, p)?;
-    if lora_rank::applies(x, l, a.dtype, r) {
+    if cuda_rank::applies(x, l, a.dtype, r) {
         // bf16 base, r = 8 or 16: the custom kernel, A read in place.
         let mut hold = None;
         let sa = Small::of_or_copy(a, al, false, &mut hold)?;
-        if let Some(z) = lora_rank::codes(x, l, sa, r, p, seed)? {
+        if let Some(z) = cuda_rank::codes(x, l, sa, r, p, seed)? {
             return Ok(z);
         }
     }
@@ -128,23 +124,16 @@ pub(crate) fn lora_codes(
     xd.matmul(&mat3(m, n, false), &ac, &mat3(r, n, true))
 }
 
-pub(crate) fn lora_expand_add(
-    y: &CudaStorage,
-    l: &Layout,
-    z: &CudaStorage,
-    zl: &Layout,
-    b: &CudaStorage,
-    bl: &Layout,
-    scale: f64,
-) -> Result<CudaStorage> {
+pub(super) fn expand_add(o: ExpandAdd<'_, CudaStorage>, scale: f64) -> Result<CudaStorage> {
     const OP: &str = "lora_expand_add";
+    let (y, l, z, zl, b, bl) = (o.y.s, o.y.l, o.z.s, o.z.l, o.b.s, o.b.l);
     base_view(OP, y, l, b)?;
     same_adapter(OP, b.dtype, z, y)?;
     let (m, o) = dims2(OP, l)?;
     let (_, r) = dims2(OP, bl)?;
     expect_dims(OP, bl, (o, r), l)?;
     expect_dims(OP, zl, (m, r), l)?;
-    if lora_rank::applies(y, l, b.dtype, r) {
+    if cuda_rank::applies(y, l, b.dtype, r) {
         // bf16 base, r = 8 or 16: one pass over y on the custom kernel, B read in place as Bᵀ.
         let (mut hold_z, mut hold_b) = (None, None);
         let zs = if scale == 1.0 {
@@ -160,7 +149,7 @@ pub(crate) fn lora_expand_add(
             Small::held(t, &mut hold_z)
         };
         let bt = Small::of_or_copy(b, &bl.transpose(0, 1), false, &mut hold_b)?; // Bᵀ [r, o]
-        if let Some(out) = lora_rank::expand_add(y, l, zs, bt, r)? {
+        if let Some(out) = cuda_rank::expand_add(y, l, zs, bt, r)? {
             return Ok(out);
         }
     }
@@ -179,28 +168,24 @@ pub(crate) fn lora_expand_add(
     sum.to_dtype(&cl, y.dtype)
 }
 
-pub(crate) fn lora_grad_codes(
-    g: &CudaStorage,
-    l: &Layout,
-    z: &CudaStorage,
-    zl: &Layout,
-    b: &CudaStorage,
-    bl: &Layout,
+pub(super) fn grad_codes(
+    o: GradCodes<'_, CudaStorage>,
     scale: f64,
 ) -> Result<(CudaStorage, CudaStorage)> {
     const OP: &str = "lora_grad_codes";
+    let (g, l, z, zl, b, bl) = (o.g.s, o.g.l, o.z.s, o.z.l, o.b.s, o.b.l);
     base_view(OP, g, l, b)?;
     same_adapter(OP, b.dtype, z, g)?;
     let (m, o) = dims2(OP, l)?;
     let (_, r) = dims2(OP, bl)?;
     expect_dims(OP, bl, (o, r), l)?;
     expect_dims(OP, zl, (m, r), l)?;
-    if lora_rank::applies(g, l, b.dtype, r) {
+    if cuda_rank::applies(g, l, b.dtype, r) {
         // bf16 base, r = 8 or 16: g is read in bf16 by the custom kernels, B and z in place.
         let (mut hold_b, mut hold_z) = (None, None);
         let bt = Small::of_or_copy(b, &bl.transpose(0, 1), false, &mut hold_b)?; // Bᵀ [r, o]
         let zc = Small::of_or_copy(z, zl, true, &mut hold_z)?; // [m, r]
-        if let Some(grads) = lora_rank::grad_codes(g, l, bt, zc, r, scale)? {
+        if let Some(grads) = cuda_rank::grad_codes(g, l, bt, zc, r, scale)? {
             return Ok(grads);
         }
     }
@@ -213,25 +198,19 @@ pub(crate) fn lora_grad_codes(
     Ok((scaled(dz, &[m, r], scale)?, scaled(db, &[o, r], scale)?))
 }
 
-pub(crate) fn lora_grad_a(
-    x: &CudaStorage,
-    l: &Layout,
-    dz: &CudaStorage,
-    dl: &Layout,
-    p: f64,
-    seed: u64,
-) -> Result<CudaStorage> {
+pub(super) fn grad_a(o: GradA<'_, CudaStorage>, p: f64, seed: u64) -> Result<CudaStorage> {
     const OP: &str = "lora_grad_a";
+    let (x, l, dz, dl) = (o.x.s, o.x.l, o.dz.s, o.dz.l);
     base_view(OP, x, l, dz)?;
     let (m, n) = dims2(OP, l)?;
     let (_, r) = dims2(OP, dl)?;
     expect_dims(OP, dl, (m, r), l)?;
     keep_of(OP, p)?;
-    if lora_rank::applies(x, l, dz.dtype, r) {
+    if cuda_rank::applies(x, l, dz.dtype, r) {
         // bf16 base, r = 8 or 16: the custom kernel, dz read in place.
         let mut hold = None;
         let d = Small::of_or_copy(dz, dl, true, &mut hold)?;
-        if let Some(da) = lora_rank::grad_a(x, l, d, r, p, seed)? {
+        if let Some(da) = cuda_rank::grad_a(x, l, d, r, p, seed)? {
             return Ok(da);
         }
     }
@@ -241,16 +220,14 @@ pub(crate) fn lora_grad_a(
     dzc.matmul(&mat3(m, r, true), &xd, &mat3(m, n, false))
 }
 
-pub(crate) fn lora_grad_x(
-    dz: &CudaStorage,
-    l: &Layout,
-    a: &CudaStorage,
-    al: &Layout,
+pub(super) fn grad_x(
+    o: GradX<'_, CudaStorage>,
     p: f64,
     seed: u64,
     dtype: DType,
 ) -> Result<CudaStorage> {
     const OP: &str = "lora_grad_x";
+    let (dz, l, a, al) = (o.dz.s, o.dz.l, o.a.s, o.a.l);
     if !dtype.is_float() {
         return Err(Error::UnsupportedDType { op: OP, dtype });
     }
@@ -271,7 +248,7 @@ pub(crate) fn lora_grad_x(
         let (mut hold_d, mut hold_a) = (None, None);
         let d = Small::of_or_copy(dz, l, true, &mut hold_d)?;
         let sa = Small::of_or_copy(a, al, false, &mut hold_a)?;
-        if let Some(dx) = lora_rank::grad_x(&dz.dev, d, sa, (m, r, n), p, seed, dtype)? {
+        if let Some(dx) = cuda_rank::grad_x(&dz.dev, d, sa, (m, r, n), p, seed, dtype)? {
             return Ok(dx);
         }
     }
@@ -291,18 +268,10 @@ pub(crate) fn lora_grad_x(
 
 /// `base + mask ⊙ (dz A)` in base's dtype: one pass on the tensor-core kernel for a bf16 base
 /// view whose rows are 16-byte runs, r = 8 or 16 (the sum rounded once); otherwise
-/// [`lora_grad_x`] and an add.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn lora_grad_x_add(
-    dz: &CudaStorage,
-    l: &Layout,
-    a: &CudaStorage,
-    al: &Layout,
-    p: f64,
-    seed: u64,
-    (base, bl): (&CudaStorage, &Layout),
-) -> Result<CudaStorage> {
+/// [`grad_x`] and an add.
+pub(super) fn grad_x_add(o: GradXAdd<'_, CudaStorage>, p: f64, seed: u64) -> Result<CudaStorage> {
     const OP: &str = "lora_grad_x_add";
+    let (dz, l, a, al, base, bl) = (o.dz.s, o.dz.l, o.a.s, o.a.l, o.base.s, o.base.l);
     base_view(OP, base, bl, a)?;
     same_adapter(OP, a.dtype, dz, a)?;
     let (m, r) = dims2(OP, l)?;
@@ -310,12 +279,12 @@ pub(crate) fn lora_grad_x_add(
     expect_dims(OP, al, (r, n), l)?;
     expect_dims(OP, bl, (m, n), l)?;
     keep_of(OP, p)?;
-    if lora_rank::applies(base, bl, a.dtype, r) && lora_mma::applies(bl) {
+    if cuda_rank::applies(base, bl, a.dtype, r) && cuda_mma::applies(bl) {
         let (mut hold_d, mut hold_a) = (None, None);
         let d = Small::of_or_copy(dz, l, true, &mut hold_d)?;
         let sa = Small::of_or_copy(a, al, false, &mut hold_a)?;
-        return lora_mma::expand(&dz.dev, OP, d, sa, Some((base, bl)), (m, r, n), p, seed);
+        return cuda_mma::expand(&dz.dev, OP, d, sa, Some((base, bl)), (m, r, n), p, seed);
     }
-    let dx = lora_grad_x(dz, l, a, al, p, seed, base.dtype)?; // [m, n] contiguous
+    let dx = grad_x(GradX { dz: o.dz, a: o.a }, p, seed, base.dtype)?; // [m, n] contiguous
     base.binary(bl, &dx, &Layout::contiguous([m, n]), BinaryOp::Add)
 }

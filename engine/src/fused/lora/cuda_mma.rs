@@ -1,17 +1,17 @@
 //! The LoRA primitives' rank-r products on the tensor cores (kernels/src/lora_mma.cu), for the
-//! custom-kernel case of `lora_rank` whose base rows are 16-byte runs: `n`, the row stride and
+//! custom-kernel case of `cuda_rank` whose base rows are 16-byte runs: `n`, the row stride and
 //! the offset multiples of 8 bf16. The kernels split the f32 adapter operands (A, Bᵀ, dz) into
 //! bf16 high and low parts as they read them, and each product takes both, so the results agree
 //! with the CUDA-core kernels to f32 rounding. The codes and grad_a kernels write partial sums
-//! over runs of columns or rows that `lora_rank` adds in a fixed order, as before.
+//! over runs of columns or rows that `cuda_rank` adds in a fixed order, as before.
 
 use cudarc::driver::LaunchConfig;
 use kernels::LORA;
 
-use super::launch::launch;
-use super::layout::to_u32;
-use super::lora_rank::{dropout_args, runs_of_32, view_args, Small};
-use super::{CudaDevice, CudaStorage};
+use super::cuda_rank::{dropout_args, runs_of_32, view_args, Small};
+use crate::backend::cuda::launch::launch;
+use crate::backend::cuda::layout::to_u32;
+use crate::backend::cuda::{CudaDevice, CudaStorage};
 use crate::{DType, Layout, Result};
 
 /// Warps per block, and the columns (32 a warp) or rows (32 a warp, codes) a block covers.
@@ -24,7 +24,7 @@ const TARGET_BLOCKS: usize = 4 * 132;
 /// The expand kernel's rows per block are a multiple of this (its unrolled m16 tiles).
 const EXPAND_ROW_STEP: usize = 64;
 
-/// Whether a bf16 base view that `lora_rank::applies` to (rank 2, unit column stride) also
+/// Whether a bf16 base view that `cuda_rank::applies` to (rank 2, unit column stride) also
 /// suits the tensor-core kernels: not empty, `n`, the row stride and the offset multiples of 8.
 pub(super) fn applies(l: &Layout) -> bool {
     let (dims, strides) = (l.dims(), l.strides());
@@ -68,7 +68,7 @@ pub(super) fn codes_partials(
     let (thr, keep, drop) = dropout_args(p);
     let name = format!("lora_codes_mma_bf16_r{r}");
     // SAFETY: x's view `[m, n]` (row stride ld32) lies inside its buffer and starts 16-byte
-    // aligned, with n and ld multiples of 8 (`applies`, `lora_rank::applies` and the caller's
+    // aligned, with n and ld multiples of 8 (`applies`, `cuda_rank::applies` and the caller's
     // extent check), so the kernel's 16-byte loads x[row·ld + c .. + 8] for row < m, c < n stay
     // in the view; `a` `[r, n]` (or its transpose `[n, r]`, `at`) is an f32 run inside its
     // buffer starting 16-byte aligned (`Small`), read at [code][c .. + 8] for c < n (16-byte

@@ -1,0 +1,11 @@
+//! The fused units' tests, one module per unit, named by its stem (`engine/src/fused/<stem>/`):
+//! each holds the unit's f64 finite-difference gradient checks and its CPU ↔ CUDA parity tests
+//! (module `gpu`, built with the `cuda` feature; they skip, saying why, without a GPU).
+
+mod lora;
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn gpu_parity_skipped() {
+    eprintln!("SKIP: the CPU ↔ CUDA parity tests: built without the `cuda` feature");
+}
