@@ -2,7 +2,7 @@
 # The multi-task experiment: SmolLM2-135M-Instruct fine-tuned on the mixture of the commonsense
 # tasks (arc_e, arc_c, boolq, obqa) with (a) MixLoRA (E=8, top-2, r=16, alpha=32; LoRA r=16 on
 # q, k, v, o) and (b) a LoRA on all seven projections with the same number of parameters, three
-# seeds each, MIXLORA.md's defaults (2 epochs, lr 2e-4, batch 16 in micro-batches of 8, cutoff
+# seeds each, the default settings (2 epochs, lr 2e-4, batch 16 in micro-batches of 8, cutoff
 # 512); every adapter and the base model evaluated on each task's valid.json; the routing of
 # each MixLoRA adapter per task and layer (JSON and PNG). Results land in $OUT (default
 # runs/commonsense): one folder per run with its adapter, metrics and eval JSON, and times.tsv.

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Runs, on the GPU machine and from the repository root, every test binary that
-# scripts/build-gpu.sh put into gpu-bin/ (gpu-bin/test-*) under compute-sanitizer's memcheck
+# scripts/dev/build-gpu.sh put into gpu-bin/ (gpu-bin/test-*) under compute-sanitizer's memcheck
 # (out-of-bounds and misaligned accesses, invalid frees, leaked device allocations), one test at
 # a time; prints a summary and exits non-zero when any binary reported an error or failed.
 # Extra arguments are passed to every test binary (a test-name filter). Logs go to
 # $MIXLORA_GPU_OUT/memcheck/ (default gpu-results/memcheck/).
 #
-#   scripts/memcheck-gpu.sh [FILTER]
+#   scripts/dev/memcheck-gpu.sh [FILTER]
 #
 # compute-sanitizer is looked up in $COMPUTE_SANITIZER, then /usr/local/cuda/bin, then PATH.
 # The binaries run with MIXLORA_CUDA_NO_CACHE=1: the engine then gives every buffer its own
@@ -20,7 +20,7 @@
 # those records are counted apart and do not fail the run; any other error does.
 # Runs are ~10-100x slower than without the sanitizer.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export MIXLORA_CUDA_INCLUDE=${MIXLORA_CUDA_INCLUDE:-/usr/local/cuda/include}
@@ -41,9 +41,9 @@ if [ -z "$sanitizer" ] || [ ! -x "$sanitizer" ]; then
 fi
 "$sanitizer" --version | tail -n 1
 
-. scripts/gpu-unpack.sh
+. scripts/dev/gpu-unpack.sh
 if ! ls gpu-bin/test-* >/dev/null 2>&1; then
-    echo "gpu-bin/ has no test binaries: run scripts/build-gpu.sh on the build machine first" >&2
+    echo "gpu-bin/ has no test binaries: run scripts/dev/build-gpu.sh on the build machine first" >&2
     exit 2
 fi
 

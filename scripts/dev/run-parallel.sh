@@ -3,10 +3,10 @@
 # SmolLM2-sized training run is bound by the host issuing kernels, so a GPU has room for more than
 # one), detached from the calling shell so that they outlive it.
 #
-#   scripts/run-parallel.sh start PLAN LOGDIR   start every job of PLAN, return at once
-#   scripts/run-parallel.sh wait LOGDIR SECONDS  wait until every job has ended or SECONDS passed;
+#   scripts/dev/run-parallel.sh start PLAN LOGDIR   start every job of PLAN, return at once
+#   scripts/dev/run-parallel.sh wait LOGDIR SECONDS  wait until every job has ended or SECONDS passed;
 #                                                exit 0 when all ended, 3 when some still run
-#   scripts/run-parallel.sh status LOGDIR        one line per job: running, or its exit status
+#   scripts/dev/run-parallel.sh status LOGDIR        one line per job: running, or its exit status
 #
 # PLAN has one job per line, `GPU COMMAND...` (blank lines and lines starting with # are skipped);
 # the command runs under `bash -c` with CUDA_VISIBLE_DEVICES=GPU and the caller's environment.

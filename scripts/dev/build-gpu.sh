@@ -8,9 +8,9 @@
 # stripped, and packs them into gpu-pack/gpu-bin.tar.xz (about a sixth of the size), the form
 # that travels to the GPU machine; run-gpu.sh and bench-gpu.sh unpack it there when gpu-bin/ is
 # absent. Fails when the pack would exceed 60 MiB.
-# Then, on the GPU machine, from the repository root: scripts/run-gpu.sh [--memcheck]
+# Then, on the GPU machine, from the repository root: scripts/dev/run-gpu.sh [--memcheck]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 out=gpu-bin
 rm -rf "$out"

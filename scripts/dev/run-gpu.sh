@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Runs, on the GPU machine and from the repository root, every binary that scripts/build-gpu.sh
+# Runs, on the GPU machine and from the repository root, every binary that scripts/dev/build-gpu.sh
 # put into gpu-bin/: test binaries one test at a time, then examples; prints a summary and
 # exits non-zero when any failed. Extra arguments are passed to every test binary (a filter).
 #
-#   scripts/run-gpu.sh [--memcheck] [FILTER]
+#   scripts/dev/run-gpu.sh [--memcheck] [FILTER]
 #
 # --memcheck: afterwards, also run the test binaries under compute-sanitizer (memcheck-gpu.sh).
 # Benches: gpu-bin/bench-moe_ffn writes $out/moe_ffn.json; gpu-bin/mixlora runs `bench table6`
@@ -14,7 +14,7 @@
 #   MIXLORA_GPU_DATA   a small LLM-Adapters JSON file for example-cuda_train_parity (with the model)
 #   MIXLORA_GPU_OUT    folder for the examples' JSON results (default gpu-results/)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 memcheck=0
 if [ "${1:-}" = "--memcheck" ]; then
@@ -27,9 +27,9 @@ mkdir -p "$out"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export MIXLORA_CUDA_INCLUDE=${MIXLORA_CUDA_INCLUDE:-/usr/local/cuda/include}
 
-. scripts/gpu-unpack.sh
+. scripts/dev/gpu-unpack.sh
 if ! ls gpu-bin/* >/dev/null 2>&1; then
-    echo "gpu-bin/ is empty: run scripts/build-gpu.sh on the build machine first" >&2
+    echo "gpu-bin/ is empty: run scripts/dev/build-gpu.sh on the build machine first" >&2
     exit 2
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -78,8 +78,8 @@ for bin in gpu-bin/test-* gpu-bin/example-* gpu-bin/bench-* gpu-bin/mixlora; do
 done
 
 if [ $memcheck -eq 1 ]; then
-    echo "===== scripts/memcheck-gpu.sh"
-    if scripts/memcheck-gpu.sh "$@"; then
+    echo "===== scripts/dev/memcheck-gpu.sh"
+    if scripts/dev/memcheck-gpu.sh "$@"; then
         pass+=("memcheck")
     else
         fail+=("memcheck (see $out/memcheck/*.log)")

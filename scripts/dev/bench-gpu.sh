@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks of the MixLoRA FFN and the paper's Table 6, with per-kernel profiles, run on
-# the GPU machine from the repository root after scripts/build-gpu.sh. Writes into OUTDIR:
+# the GPU machine from the repository root after scripts/dev/build-gpu.sh. Writes into OUTDIR:
 #   table6.json / .md                 LoRA and MixLoRA fused, LLaMA-2-7B shape, batch 8x512
 #   table6-checkpointing.json / .md   the same with gradient checkpointing
 #   profile-lora.txt, profile-fused.txt  MIXLORA_PROFILE=1 per-kernel times of one 4-layer step
@@ -15,22 +15,21 @@
 #                                     4096 (its latency / activation-peak trade-off; part `chunks`,
 #                                     not in the default set)
 #
-#   scripts/bench-gpu.sh OUTDIR [PART...]    PART: table6 checkpointing profile gpuprofile moe_ffn
-#                                            chunks
-#                                            (default: all but chunks)
+#   scripts/dev/bench-gpu.sh OUTDIR [PART...]
+#       PART: table6 checkpointing profile gpuprofile moe_ffn chunks (default: all but chunks)
 #
 # MIXLORA_BIN (default gpu-bin/mixlora) and MOE_FFN_BIN (gpu-bin/bench-moe_ffn) name the binaries.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 [ $# -ge 1 ] || {
-    sed -n '2,15p' "$0" >&2
+    sed -n '2,20p' "$0" >&2
     exit 2
 }
 out=$1
 shift
 parts=("$@")
 [ ${#parts[@]} -gt 0 ] || parts=(table6 checkpointing profile gpuprofile moe_ffn)
-. scripts/gpu-unpack.sh
+. scripts/dev/gpu-unpack.sh
 bin=${MIXLORA_BIN:-gpu-bin/mixlora}
 moe_ffn=${MOE_FFN_BIN:-gpu-bin/bench-moe_ffn}
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}

@@ -3,7 +3,7 @@
 for sm_90, assembles it with ptxas -v, and prints each kernel's registers, spill stores/loads
 and local memory (stack frame): what a kernel costs in occupancy, read without a GPU.
 
-    scripts/kernel-resources.py MODULE [FILTER]
+    scripts/dev/kernel-resources.py MODULE [FILTER]
 
 MODULE may join several files with '+' (moe_fused+moe_tiles: the moe_fused module is both).
 $MIXLORA_NVRTC_OPTIONS adds options as the engine does (e.g. -DLM_CODES_UNROLL=2). The GPU
@@ -14,7 +14,7 @@ PATH, else a pip install of nvidia-cuda-nvcc (13.0.*) into target/ptxas-py.
 """
 import ctypes, glob, os, re, shutil, subprocess, sys, tempfile
 
-root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if len(sys.argv) < 2:
     sys.exit(__doc__)
 module, filt = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "")
