@@ -1,0 +1,282 @@
+//! Batches of tokenised examples: the encoded dataset, the seeded epoch order with its resumable
+//! cursor, and the collation of micro-batches.
+
+use engine::{Device, Tensor, IGNORE_INDEX};
+use serde::{Deserialize, Serialize};
+
+use super::{encode_example, Encoded, PromptTokenizer, Task};
+use crate::error::{Error, Result};
+
+/// Tokenised examples of several tasks.
+#[derive(Clone, Debug)]
+pub struct Dataset {
+    pub task_names: Vec<String>,
+    pub items: Vec<Encoded>,
+    /// Examples whose answer was cut off entirely by `cutoff_len` (kept, they carry no loss).
+    pub truncated_away: usize,
+}
+
+impl Dataset {
+    pub fn encode(tasks: &[Task], tok: &dyn PromptTokenizer, cutoff_len: usize) -> Result<Dataset> {
+        let mut items = Vec::new();
+        for (ti, t) in tasks.iter().enumerate() {
+            for ex in &t.examples {
+                items.push(encode_example(tok, ex, cutoff_len, ti)?);
+            }
+        }
+        if items.is_empty() {
+            return Err(Error::Config("the training data has no examples".into()));
+        }
+        let truncated_away = items.iter().filter(|e| e.target_tokens() == 0).count();
+        Ok(Dataset {
+            task_names: tasks.iter().map(|t| t.name.clone()).collect(),
+            items,
+            truncated_away,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// The micro-batch of the items at `indices`.
+    pub fn collate(&self, indices: &[usize], pad_id: u32) -> HostBatch {
+        let items: Vec<&Encoded> = indices.iter().map(|&i| &self.items[i]).collect();
+        collate(&items, pad_id)
+    }
+}
+
+/// Where the stream stands: `position` items of epoch `epoch`'s order have been handed out.
+/// Each epoch's order is a pure function of `(seed, epoch)`, so this pair restores it exactly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Cursor {
+    pub epoch: usize,
+    pub position: usize,
+}
+
+/// Hands out optimizer steps of micro-batches (item indices) from a seeded shuffle of all items,
+/// reshuffled every epoch. A step holds `grad_accum` micro-batches of `micro_batch` items, except
+/// the last step of an epoch, which holds what is left (steps never straddle epochs).
+#[derive(Clone, Debug)]
+pub struct Loader {
+    n: usize,
+    micro_batch: usize,
+    grad_accum: usize,
+    seed: u64,
+    cursor: Cursor,
+    order: Vec<usize>,
+}
+
+impl Loader {
+    pub fn new(n_items: usize, micro_batch: usize, grad_accum: usize, seed: u64) -> Result<Loader> {
+        if n_items == 0 || micro_batch == 0 || grad_accum == 0 {
+            return Err(Error::Config(format!(
+                "cannot batch {n_items} items by {micro_batch} × {grad_accum}"
+            )));
+        }
+        Ok(Loader {
+            n: n_items,
+            micro_batch,
+            grad_accum,
+            seed,
+            cursor: Cursor::default(),
+            order: Self::epoch_order(seed, 0, n_items),
+        })
+    }
+
+    /// The order of the items in `epoch`.
+    pub fn epoch_order(seed: u64, epoch: usize, n: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..n).collect();
+        engine::rng::Rng::new(engine::rng::hash(seed, epoch as u64)).shuffle(&mut order);
+        order
+    }
+
+    pub fn cursor(&self) -> Cursor {
+        self.cursor
+    }
+
+    /// Continues from a saved cursor (of a loader over the same items and seed).
+    pub fn restore(&mut self, c: Cursor) -> Result<()> {
+        if c.position > self.n {
+            return Err(Error::Config(format!(
+                "data cursor at item {} of an epoch of {} items: the data changed since the checkpoint",
+                c.position, self.n
+            )));
+        }
+        if c.epoch != self.cursor.epoch {
+            self.order = Self::epoch_order(self.seed, c.epoch, self.n);
+        }
+        self.cursor = c;
+        Ok(())
+    }
+
+    /// Optimizer steps in one epoch.
+    pub fn steps_per_epoch(&self) -> usize {
+        self.n.div_ceil(self.micro_batch * self.grad_accum)
+    }
+
+    /// Epochs completed, as a fraction.
+    pub fn epoch_progress(&self) -> f64 {
+        self.cursor.epoch as f64 + self.cursor.position as f64 / self.n as f64
+    }
+
+    /// The micro-batches of the next optimizer step.
+    pub fn next_step(&mut self) -> Vec<Vec<usize>> {
+        if self.cursor.position >= self.n {
+            self.cursor = Cursor {
+                epoch: self.cursor.epoch + 1,
+                position: 0,
+            };
+            self.order = Self::epoch_order(self.seed, self.cursor.epoch, self.n);
+        }
+        let start = self.cursor.position;
+        let end = (start + self.micro_batch * self.grad_accum).min(self.n);
+        self.cursor.position = end;
+        self.order[start..end]
+            .chunks(self.micro_batch)
+            .map(<[usize]>::to_vec)
+            .collect()
+    }
+}
+
+/// A right-padded micro-batch on the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostBatch {
+    /// `B` sequences of `T` positions.
+    pub batch: usize,
+    pub len: usize,
+    /// `[B, T]` token ids, `pad_id` after each sequence.
+    pub ids: Vec<u32>,
+    /// `[B, T]` 1 on real tokens, 0 on padding.
+    pub key_mask: Vec<u32>,
+    /// `[B·T]` next-token targets: position `t` holds the label of token `t + 1`, `IGNORE_INDEX`
+    /// where that is not a target (prompt, padding, the last position).
+    pub labels: Vec<u32>,
+    /// Positions with a target.
+    pub target_tokens: usize,
+    /// Real (non-padding) tokens.
+    pub real_tokens: usize,
+}
+
+/// Right-pads `items` to the longest one and shifts the labels for next-token prediction.
+pub fn collate(items: &[&Encoded], pad_id: u32) -> HostBatch {
+    let b = items.len();
+    let t = items.iter().map(|e| e.ids.len()).max().unwrap_or(0).max(1);
+    let mut ids = vec![pad_id; b * t];
+    let mut key_mask = vec![0u32; b * t];
+    let mut labels = vec![IGNORE_INDEX; b * t];
+    for (r, e) in items.iter().enumerate() {
+        let row = r * t;
+        ids[row..row + e.ids.len()].copy_from_slice(&e.ids);
+        key_mask[row..row + e.ids.len()].fill(1);
+        if e.labels.len() > 1 {
+            labels[row..row + e.labels.len() - 1].copy_from_slice(&e.labels[1..]);
+        }
+    }
+    HostBatch {
+        batch: b,
+        len: t,
+        target_tokens: labels.iter().filter(|&&l| l != IGNORE_INDEX).count(),
+        real_tokens: items.iter().map(|e| e.ids.len()).sum(),
+        ids,
+        key_mask,
+        labels,
+    }
+}
+
+impl HostBatch {
+    /// `(ids [B, T], key_mask [B, T], labels [B·T])`, all u32, on `device`.
+    pub fn to_tensors(&self, device: Device) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t) = (self.batch, self.len);
+        Ok((
+            Tensor::from_slice(&self.ids, [b, t], device)?,
+            Tensor::from_slice(&self.key_mask, [b, t], device)?,
+            Tensor::from_slice(&self.labels, b * t, device)?,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const I: u32 = IGNORE_INDEX;
+
+    #[test]
+    fn collation_pads_right_and_shifts_labels() {
+        let a = Encoded::from_pair(&[1, 2], &[3, 4], 512, 0); // ids 1 2 3 4, labels I I 3 4
+        let b = Encoded::from_pair(&[5], &[6], 512, 0); // ids 5 6, labels I 6
+        let hb = collate(&[&a, &b], 0);
+        assert_eq!((hb.batch, hb.len), (2, 4));
+        assert_eq!(hb.ids, vec![1, 2, 3, 4, 5, 6, 0, 0]);
+        assert_eq!(hb.key_mask, vec![1, 1, 1, 1, 1, 1, 0, 0]);
+        // The label at t is the target token t+1.
+        assert_eq!(hb.labels, vec![I, 3, 4, I, 6, I, I, I]);
+        assert_eq!((hb.target_tokens, hb.real_tokens), (3, 6));
+        let (ids, mask, labels) = hb.to_tensors(Device::Cpu).unwrap();
+        assert_eq!(
+            (ids.dims(), mask.dims(), labels.dims()),
+            (&[2, 4][..], &[2, 4][..], &[8][..])
+        );
+        assert_eq!(labels.to_vec_u32().unwrap(), hb.labels);
+    }
+
+    #[test]
+    fn loader_covers_each_epoch_once_in_a_new_order() {
+        let mut l = Loader::new(10, 2, 2, 7).unwrap();
+        assert_eq!(l.steps_per_epoch(), 3);
+        let mut epochs = vec![];
+        for _ in 0..2 {
+            let steps: Vec<_> = (0..3).map(|_| l.next_step()).collect();
+            assert_eq!(
+                steps.iter().map(Vec::len).collect::<Vec<_>>(),
+                vec![2, 2, 1]
+            );
+            let mut all: Vec<usize> = steps.concat().concat();
+            let order = all.clone();
+            all.sort();
+            assert_eq!(all, (0..10).collect::<Vec<_>>());
+            epochs.push(order);
+        }
+        assert_ne!(epochs[0], epochs[1], "each epoch reshuffles");
+        assert_eq!(l.epoch_progress(), 2.0);
+        // The same seed gives the same stream; another seed another one.
+        let mut same = Loader::new(10, 2, 2, 7).unwrap();
+        assert_eq!(
+            (0..3)
+                .flat_map(|_| same.next_step().concat())
+                .collect::<Vec<_>>(),
+            epochs[0]
+        );
+        let mut other = Loader::new(10, 2, 2, 8).unwrap();
+        assert_ne!(
+            (0..3)
+                .flat_map(|_| other.next_step().concat())
+                .collect::<Vec<_>>(),
+            epochs[0]
+        );
+    }
+
+    #[test]
+    fn cursor_restore_reproduces_the_batch_order() {
+        let mut a = Loader::new(23, 3, 2, 42).unwrap();
+        for _ in 0..9 {
+            a.next_step(); // into epoch 2
+        }
+        let saved = serde_json::to_string(&a.cursor()).unwrap();
+        let rest: Vec<_> = (0..10).map(|_| a.next_step()).collect();
+        let mut b = Loader::new(23, 3, 2, 42).unwrap();
+        b.restore(serde_json::from_str(&saved).unwrap()).unwrap();
+        let again: Vec<_> = (0..10).map(|_| b.next_step()).collect();
+        assert_eq!(rest, again);
+        assert!(b
+            .restore(Cursor {
+                epoch: 0,
+                position: 24
+            })
+            .is_err());
+    }
+}
