@@ -204,3 +204,33 @@ __device__ A block_reduce(A v, F f, A identity) {
     v = lane < warps ? slots[lane] : identity;
     return warp_reduce(v, f);
 }
+
+// ----- vector access --------------------------------------------------------------------------
+
+// V elements of T as one word of V·sizeof(T) = 4, 8 or 16 bytes.
+template <int N> struct Word;
+template <> struct Word<4> { typedef unsigned int type; };
+template <> struct Word<8> { typedef uint2 type; };
+template <> struct Word<16> { typedef uint4 type; };
+
+template <int V, typename T> __device__ __forceinline__ void load_n(const T* p, T (&out)[V]) {
+    typedef typename Word<V * sizeof(T)>::type W;
+    const W w = *reinterpret_cast<const W*>(p);
+    const T* e = reinterpret_cast<const T*>(&w);
+#pragma unroll
+    for (int k = 0; k < V; ++k) out[k] = e[k];
+}
+
+template <int V, typename T> __device__ __forceinline__ void store_n(T* p, const T (&v)[V]) {
+    typedef typename Word<V * sizeof(T)>::type W;
+    W w;
+    T* e = reinterpret_cast<T*>(&w);
+#pragma unroll
+    for (int k = 0; k < V; ++k) e[k] = v[k];
+    *reinterpret_cast<W*>(p) = w;
+}
+
+template <typename T>
+__device__ __forceinline__ bool aligned_to(const T* p, size_t bytes) {
+    return ((size_t)p % bytes) == 0;
+}

@@ -74,15 +74,18 @@ pub const ELEMENTWISE: KernelSource = module!("elementwise",
     f4 copy one copy_u128 one copy_u64 f4 fill
 );
 
-/// Reductions over one dim; softmax and log-softmax over the last dim.
+/// Reductions over one dim.
 pub const REDUCE: KernelSource = module!("reduce",
-    f4 sum f4 max f4 min f4 argmax f4 argmin f3 softmax f3 log_softmax
+    f4 sum f4 max f4 min f4 argmax f4 argmin
 );
 
-/// RMSNorm forward and fused backward; rotary embedding.
-pub const NORM: KernelSource = module!("norm",
-    f3 rms_norm f3 rms_norm_backward f3 rms_norm_dw f3 rope
+/// RMSNorm forward and fused backward.
+pub const RMS_NORM: KernelSource = module!("rms_norm",
+    f3 rms_norm f3 rms_norm_backward f3 rms_norm_dw
 );
+
+/// Rotary position embedding.
+pub const ROPE: KernelSource = module!("rope", f3 rope);
 
 /// Fused cross-entropy forward and backward.
 pub const LOSS: KernelSource = module!("loss", f3 cross_entropy f3 cross_entropy_backward
@@ -94,16 +97,13 @@ pub const INDEX: KernelSource = module!("index",
 );
 
 /// Counter-based random fills (the same numbers as the CPU's `engine::rng`).
-pub const RANDOM: KernelSource = KernelSource {
-    name: "random",
-    source: concat!(include_str!("common.cuh"), "\n", include_str!("random.cu")),
+pub const RANDOM: KernelSource = module!("random", f3 randn f3 rand_uniform);
+
+/// Dropout masks and masked products (the same bits as the CPU's `engine::rng::dropped`).
+pub const DROPOUT: KernelSource = KernelSource {
+    name: "dropout",
+    source: concat!(include_str!("common.cuh"), "\n", include_str!("dropout.cu")),
     kernels: &[
-        "randn_f32",
-        "randn_bf16",
-        "randn_f64",
-        "rand_uniform_f32",
-        "rand_uniform_bf16",
-        "rand_uniform_f64",
         "dropout_mask_f32",
         "dropout_mask_bf16",
         "dropout_mask_f64",
@@ -116,10 +116,11 @@ pub const RANDOM: KernelSource = KernelSource {
     ],
 };
 
-/// The attention softmax (causal, key-masked, scaled) and the fused softmax backward.
-/// Each in two forms: one block per row, and one warp per row (rows of at most 32·C chunks of 16
-/// bytes, C = 1, 2, 4, 8).
-pub const ATTENTION: KernelSource = module!("attention", f3 causal_softmax f3 softmax_backward
+/// Softmax and log-softmax over the last dim; the attention softmax (causal, key-masked, scaled)
+/// and the fused softmax backward, each in two forms: one block per row, and one warp per row
+/// (rows of at most 32·C chunks of 16 bytes, C = 1, 2, 4, 8).
+pub const SOFTMAX: KernelSource = module!("softmax", f3 softmax f3 log_softmax
+    f3 causal_softmax f3 softmax_backward
     f3 causal_softmax_warp1 f3 causal_softmax_warp2 f3 causal_softmax_warp4 f3 causal_softmax_warp8
     f3 softmax_backward_warp1 f3 softmax_backward_warp2 f3 softmax_backward_warp4
     f3 softmax_backward_warp8
@@ -259,11 +260,13 @@ pub const LORA: KernelSource = KernelSource {
 pub const SOURCES: &[KernelSource] = &[
     ELEMENTWISE,
     REDUCE,
-    NORM,
+    RMS_NORM,
+    ROPE,
     LOSS,
     INDEX,
     RANDOM,
-    ATTENTION,
+    DROPOUT,
+    SOFTMAX,
     MOE,
     OPTIM,
     MOE_FUSED,
@@ -291,6 +294,6 @@ mod tests {
                 assert!(s.source.contains(op), "{k} not found in {}.cu", s.name);
             }
         }
-        assert_eq!(module_of("softmax_bf16").map(|s| s.name), Some("reduce"));
+        assert_eq!(module_of("softmax_bf16").map(|s| s.name), Some("softmax"));
     }
 }

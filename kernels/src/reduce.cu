@@ -1,4 +1,4 @@
-// Reductions over one dim, and softmax / log-softmax over the last dim.
+// Reductions over one dim.
 //
 // {sum,max,min}_{f32,bf16,f64,u32}(n_out, len, stride, lo, x, y)
 //   One warp per output element. `lo` is the view with the reduced dim narrowed to 1, so
@@ -7,8 +7,6 @@
 // {argmax,argmin}_{f32,bf16,f64,u32}(n_out, len, stride, lo, x, y)
 //   y: [n_out] u32, the index of the first extreme value. Like the CPU's sequential scan, NaN
 //   elements never win, except a NaN at index 0 (nothing compares greater than it), which does.
-// {softmax,log_softmax}_{f32,bf16,f64}(rows, n, x, y)
-//   One block per row of a contiguous [rows, n] input; output [rows, n].
 
 #define WARPS_PER_BLOCK 8
 
@@ -125,37 +123,3 @@ extern "C" __global__ void min_u32(REDUCE_ARGS, const u32* x, u32* y) {
 }
 extern "C" __global__ void argmax_u32(REDUCE_ARGS, const u32* x, u32* y) { arg_rows<u32, true>(n_out, len, stride, lo, x, y); }
 extern "C" __global__ void argmin_u32(REDUCE_ARGS, const u32* x, u32* y) { arg_rows<u32, false>(n_out, len, stride, lo, x, y); }
-
-// ----- softmax / log-softmax over the last dim -----------------------------------------------------
-
-// x, y: [rows, n] contiguous; one block per row. softmax: e = exp(x - max), y = e * (1 / Σ e).
-// log_softmax: y = x - (max + log Σ exp(x - max)).
-template <typename T, bool LOG>
-__device__ void softmax_row(u32 rows, u32 n, const T* x, T* y) {
-    typedef typename Acc<T>::type A;
-    const size_t r = blockIdx.x;
-    if (r >= rows) return;
-    const T* xr = x + r * n;
-    T* yr = y + r * n;
-    A m = neg_inf<A>();
-    for (u32 j = threadIdx.x; j < n; j += blockDim.x) m = m_max(m, to_acc(xr[j]));
-    m = block_reduce(m, MaxOp(), neg_inf<A>());
-    A s = (A)0;
-    for (u32 j = threadIdx.x; j < n; j += blockDim.x) s += m_exp(to_acc(xr[j]) - m);
-    s = block_reduce(s, SumOp(), (A)0);
-    if (LOG) {
-        const A lse = m + m_log(s);
-        for (u32 j = threadIdx.x; j < n; j += blockDim.x) yr[j] = from_acc<T>(to_acc(xr[j]) - lse);
-    } else {
-        const A inv = (A)1 / s;
-        for (u32 j = threadIdx.x; j < n; j += blockDim.x) yr[j] = from_acc<T>(m_exp(to_acc(xr[j]) - m) * inv);
-    }
-}
-
-#define SOFTMAX(T, SUF) \
-    extern "C" __global__ void softmax_##SUF(u32 rows, u32 n, const T* x, T* y) { softmax_row<T, false>(rows, n, x, y); } \
-    extern "C" __global__ void log_softmax_##SUF(u32 rows, u32 n, const T* x, T* y) { softmax_row<T, true>(rows, n, x, y); }
-
-SOFTMAX(float, f32)
-SOFTMAX(bf16, bf16)
-SOFTMAX(double, f64)

@@ -2,7 +2,7 @@
 //! over f32 and f64; bf16 runs through f32 (widened on read, rounded once on write), so bf16
 //! results carry f32 accumulation. Work is spread with rayon; matmul goes through the `gemm` crate.
 
-mod attention;
+pub(crate) mod dropout;
 mod elementwise;
 mod index;
 mod loss;
@@ -10,12 +10,16 @@ mod loss_chunk;
 pub(crate) mod matmul;
 mod moe;
 mod moe_fused;
-mod norm;
 mod optim;
 pub mod profile;
-pub(crate) mod random;
+mod random;
 mod reduce;
+mod rms_norm;
+mod rope;
 mod simd;
+mod softmax;
+
+use std::borrow::Cow;
 
 use half::bf16;
 use num_traits::Float;
@@ -106,6 +110,29 @@ impl CpuStorage {
 
     pub(crate) fn bf16_from_f32(v: Vec<f32>) -> CpuStorage {
         CpuStorage::BF16(v.into_iter().map(bf16::from_f32).collect())
+    }
+}
+
+/// The view as a contiguous slice, borrowed when it already is one.
+pub(crate) fn contig<'a, T: Copy>(data: &'a [T], l: &Layout) -> Cow<'a, [T]> {
+    match l.contiguous_range() {
+        Some((a, b)) => Cow::Borrowed(&data[a..b]),
+        None => Cow::Owned(CpuStorage::gather_view(data, l)),
+    }
+}
+
+/// The error of two operands that should share a float dtype.
+pub(crate) fn dtype_mismatch(op: &'static str, a: &CpuStorage, b: &CpuStorage) -> Error {
+    if a.dtype_() == DType::U32 {
+        return Error::UnsupportedDType {
+            op,
+            dtype: DType::U32,
+        };
+    }
+    Error::DTypeMismatch {
+        op,
+        lhs: a.dtype_(),
+        rhs: b.dtype_(),
     }
 }
 
@@ -209,7 +236,7 @@ impl BackendStorage for CpuStorage {
         timed("cmp", || elementwise::cmp(self, l, rhs, rhs_l, op))
     }
     fn dropout_apply(&self, l: &Layout, p: f64, seed: u64) -> Result<Self> {
-        timed("dropout_apply", || random::dropout_apply(self, l, p, seed))
+        timed("dropout_apply", || dropout::dropout_apply(self, l, p, seed))
     }
     fn where_cond(
         &self,
@@ -285,15 +312,15 @@ impl BackendStorage for CpuStorage {
         timed("topk_indices", || index::topk_indices(self, l, k))
     }
     fn softmax_last_dim(&self, l: &Layout) -> Result<Self> {
-        timed("softmax_last_dim", || reduce::softmax_last_dim(self, l))
+        timed("softmax_last_dim", || softmax::softmax_last_dim(self, l))
     }
     fn log_softmax_last_dim(&self, l: &Layout) -> Result<Self> {
         timed("log_softmax_last_dim", || {
-            reduce::log_softmax_last_dim(self, l)
+            softmax::log_softmax_last_dim(self, l)
         })
     }
     fn rms_norm(&self, l: &Layout, w: &Self, w_l: &Layout, eps: f64) -> Result<Self> {
-        timed("rms_norm", || norm::rms_norm(self, l, w, w_l, eps))
+        timed("rms_norm", || rms_norm::rms_norm(self, l, w, w_l, eps))
     }
     fn rms_norm_backward(
         &self,
@@ -306,7 +333,7 @@ impl BackendStorage for CpuStorage {
         need_dw: bool,
     ) -> Result<(Self, Option<Self>)> {
         timed("rms_norm_backward", || {
-            let (dx, dw) = norm::rms_norm_backward(self, l, w, w_l, g, g_l, eps)?;
+            let (dx, dw) = rms_norm::rms_norm_backward(self, l, w, w_l, g, g_l, eps)?;
             Ok((dx, need_dw.then_some(dw)))
         })
     }
@@ -320,7 +347,7 @@ impl BackendStorage for CpuStorage {
         seq_dim: usize,
     ) -> Result<Self> {
         timed("rope", || {
-            norm::rope(self, l, cos, cos_l, sin, sin_l, seq_dim)
+            rope::rope(self, l, cos, cos_l, sin, sin_l, seq_dim)
         })
     }
     fn cross_entropy(
@@ -355,12 +382,12 @@ impl BackendStorage for CpuStorage {
         key_mask: Option<(&Self, &Layout)>,
     ) -> Result<Self> {
         timed("causal_softmax", || {
-            attention::causal_softmax(self, l, scale, q_offset, key_mask)
+            softmax::causal_softmax(self, l, scale, q_offset, key_mask)
         })
     }
     fn softmax_backward(&self, l: &Layout, g: &Self, g_l: &Layout, scale: f64) -> Result<Self> {
         timed("softmax_backward", || {
-            attention::softmax_backward(self, l, g, g_l, scale)
+            softmax::softmax_backward(self, l, g, g_l, scale)
         })
     }
     fn moe_route_topk(&self, l: &Layout, k: usize) -> Result<(Self, Self, Self)> {

@@ -5,12 +5,16 @@ use rayon::prelude::*;
 
 use super::CpuStorage;
 use crate::backend::BackendDevice;
-use crate::{rng, DType, Error, Layout, Result, Shape};
+use crate::{rng, DType, Error, Result, Shape};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuDevice;
 
-fn fill_with(n: usize, dtype: DType, f: impl Fn(u64) -> f64 + Sync + Send) -> CpuStorage {
+pub(super) fn fill_with(
+    n: usize,
+    dtype: DType,
+    f: impl Fn(u64) -> f64 + Sync + Send,
+) -> CpuStorage {
     let vals: Vec<f64> = (0..n as u64).into_par_iter().map(f).collect();
     from_f64(&vals, dtype)
 }
@@ -81,89 +85,6 @@ impl BackendDevice for CpuDevice {
     }
 
     fn dropout_mask(&self, shape: &Shape, dtype: DType, p: f64, seed: u64) -> Result<CpuStorage> {
-        if !dtype.is_float() {
-            return Err(Error::UnsupportedDType {
-                op: "dropout",
-                dtype,
-            });
-        }
-        if !(0.0..1.0).contains(&p) {
-            return Err(Error::invalid(
-                "dropout",
-                format!("probability {p} is not in [0, 1)"),
-            ));
-        }
-        let (keep, thr) = (1.0 / (1.0 - p), rng::dropout_threshold(p));
-        Ok(fill_with(shape.elem_count(), dtype, |i| {
-            if rng::dropped(seed, i, thr) {
-                0.0
-            } else {
-                keep
-            }
-        }))
-    }
-}
-
-/// `x ⊙ dropout_mask(p, seed)` in x's dtype over the view's row-major elements (see
-/// `BackendStorage::dropout_apply`): the same products as `binary(Mul)` with the mask tensor.
-pub(super) fn dropout_apply(x: &CpuStorage, l: &Layout, p: f64, seed: u64) -> Result<CpuStorage> {
-    const OP: &str = "dropout";
-    if !(0.0..1.0).contains(&p) {
-        return Err(Error::invalid(
-            OP,
-            format!("probability {p} is not in [0, 1)"),
-        ));
-    }
-    let (keep, thr) = (1.0 / (1.0 - p), rng::dropout_threshold(p));
-    Ok(match x {
-        CpuStorage::F32(v) => {
-            let k = keep as f32;
-            let mut v = CpuStorage::gather_view(v, l);
-            mask_in_place(&mut v, seed, thr, |e, d| e * if d { 0.0 } else { k });
-            CpuStorage::F32(v)
-        }
-        CpuStorage::BF16(v) => {
-            // The mask in bf16 (keep rounded), the product in f32 rounded once, as `binary`.
-            let k = bf16::from_f64(keep).to_f32();
-            let mut v = CpuStorage::gather_view(v, l);
-            mask_in_place(&mut v, seed, thr, |e, d| {
-                bf16::from_f32(e.to_f32() * if d { 0.0 } else { k })
-            });
-            CpuStorage::BF16(v)
-        }
-        CpuStorage::F64(v) => {
-            let mut v = CpuStorage::gather_view(v, l);
-            mask_in_place(&mut v, seed, thr, |e, d| e * if d { 0.0 } else { keep });
-            CpuStorage::F64(v)
-        }
-        CpuStorage::U32(_) => {
-            return Err(Error::UnsupportedDType {
-                op: OP,
-                dtype: DType::U32,
-            })
-        }
-    })
-}
-
-/// `v[i] = mul(v[i], dropped(i))` over a row-major buffer, `dropped(i)` the dropout draw of
-/// element `i` (`rng::dropped(seed, i, thr)`), in parallel chunks on large buffers.
-pub(crate) fn mask_in_place<T: Copy + Send + Sync>(
-    v: &mut [T],
-    seed: u64,
-    thr: u32,
-    mul: impl Fn(T, bool) -> T + Sync + Send,
-) {
-    let f = |base: usize, ch: &mut [T]| {
-        for (j, e) in ch.iter_mut().enumerate() {
-            *e = mul(*e, rng::dropped(seed, (base + j) as u64, thr));
-        }
-    };
-    if v.len() < super::PAR_THRESHOLD {
-        f(0, v);
-    } else {
-        const CH: usize = 4096;
-        v.par_chunks_mut(CH)
-            .enumerate()
-            .for_each(|(c, ch)| f(c * CH, ch));
+        super::dropout::dropout_mask(shape, dtype, p, seed)
     }
 }

@@ -12,8 +12,8 @@
 pub mod compile;
 
 mod alloc;
-mod attention;
 pub(crate) mod device;
+pub(crate) mod dropout;
 pub(crate) mod elementwise;
 mod index;
 pub(crate) mod launch;
@@ -24,10 +24,12 @@ pub(crate) mod matmul;
 mod moe;
 mod moe_fused;
 mod moe_tiles;
-mod norm;
 mod optim;
-pub(crate) mod random;
+mod random;
 mod reduce;
+mod rms_norm;
+mod rope;
+mod softmax;
 
 use half::bf16;
 
@@ -166,6 +168,27 @@ pub(crate) fn check_extent(op: &'static str, l: &Layout, len: usize) -> Result<(
 }
 
 /// Errors on u32: the op runs on floats only.
+/// Errors unless `b` and `c` share `a`'s float dtype and device.
+pub(crate) fn check_float3(
+    op: &'static str,
+    a: &CudaStorage,
+    b: &CudaStorage,
+    c: &CudaStorage,
+) -> Result<()> {
+    for o in [b, c] {
+        if o.dtype != a.dtype {
+            return Err(Error::DTypeMismatch {
+                op,
+                lhs: a.dtype,
+                rhs: o.dtype,
+            });
+        }
+        a.same_device(op, o)?;
+    }
+    float_only(op, a.dtype)?;
+    Ok(())
+}
+
 pub(crate) fn float_only(op: &'static str, dtype: DType) -> Result<()> {
     if dtype == DType::U32 {
         return Err(Error::UnsupportedDType { op, dtype });
@@ -233,7 +256,7 @@ impl BackendStorage for CudaStorage {
         elementwise::unary(self, l, op)
     }
     fn dropout_apply(&self, l: &Layout, p: f64, seed: u64) -> Result<Self> {
-        random::dropout_apply(self, l, p, seed)
+        dropout::dropout_apply(self, l, p, seed)
     }
     fn binary(&self, l: &Layout, rhs: &Self, rhs_l: &Layout, op: BinaryOp) -> Result<Self> {
         elementwise::binary(self, l, rhs, rhs_l, op)
@@ -292,13 +315,13 @@ impl BackendStorage for CudaStorage {
         index::topk_indices(self, l, k)
     }
     fn softmax_last_dim(&self, l: &Layout) -> Result<Self> {
-        reduce::softmax(self, l, false)
+        softmax::softmax(self, l, false)
     }
     fn log_softmax_last_dim(&self, l: &Layout) -> Result<Self> {
-        reduce::softmax(self, l, true)
+        softmax::softmax(self, l, true)
     }
     fn rms_norm(&self, l: &Layout, w: &Self, w_l: &Layout, eps: f64) -> Result<Self> {
-        norm::rms_norm(self, l, w, w_l, eps)
+        rms_norm::rms_norm(self, l, w, w_l, eps)
     }
     fn rms_norm_backward(
         &self,
@@ -310,7 +333,7 @@ impl BackendStorage for CudaStorage {
         eps: f64,
         need_dw: bool,
     ) -> Result<(Self, Option<Self>)> {
-        norm::rms_norm_backward(self, l, w, w_l, g, g_l, eps, need_dw)
+        rms_norm::rms_norm_backward(self, l, w, w_l, g, g_l, eps, need_dw)
     }
     fn rope(
         &self,
@@ -321,7 +344,7 @@ impl BackendStorage for CudaStorage {
         sin_l: &Layout,
         seq_dim: usize,
     ) -> Result<Self> {
-        norm::rope(self, l, cos, cos_l, sin, sin_l, seq_dim)
+        rope::rope(self, l, cos, cos_l, sin, sin_l, seq_dim)
     }
     fn cross_entropy(
         &self,
@@ -350,10 +373,10 @@ impl BackendStorage for CudaStorage {
         q_offset: usize,
         key_mask: Option<(&Self, &Layout)>,
     ) -> Result<Self> {
-        attention::causal_softmax(self, l, scale, q_offset, key_mask)
+        softmax::causal_softmax(self, l, scale, q_offset, key_mask)
     }
     fn softmax_backward(&self, l: &Layout, g: &Self, g_l: &Layout, scale: f64) -> Result<Self> {
-        attention::softmax_backward(self, l, g, g_l, scale)
+        softmax::softmax_backward(self, l, g, g_l, scale)
     }
     fn moe_route_topk(&self, l: &Layout, k: usize) -> Result<(Self, Self, Self)> {
         moe::route_topk(self, l, k)

@@ -1,7 +1,7 @@
 //! Creation of device storages: constants, host data and counter-based random fills (the same
 //! numbers as the CPU backend for every (seed, index)).
 
-use kernels::RANDOM;
+use kernels::{KernelSource, RANDOM};
 
 use super::elementwise::fill;
 use super::launch::launch;
@@ -9,13 +9,14 @@ use super::layout::to_u32;
 use super::{CudaDevice, CudaStorage};
 use crate::backend::cpu::CpuDevice;
 use crate::backend::BackendDevice;
-use crate::{rng, DType, Error, Layout, Result, Shape};
+use crate::{DType, Error, Result, Shape};
 
-/// Launches `{base}_{dtype}(n, y, seed, a, b)` over a new buffer of `shape`, `per_thread`
-/// elements to a thread.
+/// Launches `{base}_{dtype}(n, y, seed, a, b)` of module `src` over a new buffer of `shape`,
+/// `per_thread` elements to a thread.
 #[allow(clippy::too_many_arguments)]
-fn random(
+pub(super) fn random(
     dev: &CudaDevice,
+    src: &'static KernelSource,
     op: &'static str,
     base: &str,
     shape: &Shape,
@@ -39,7 +40,7 @@ fn random(
         launch!(
             dev,
             op,
-            RANDOM,
+            *src,
             name,
             CudaDevice::grid(n.div_ceil(per_thread)),
             [n32, y, seed, a, b]
@@ -75,7 +76,17 @@ impl BackendDevice for CudaDevice {
         std: f64,
         seed: u64,
     ) -> Result<CudaStorage> {
-        random(self, "randn", "randn", shape, dtype, seed, (mean, std), 1)
+        random(
+            self,
+            &RANDOM,
+            "randn",
+            "randn",
+            shape,
+            dtype,
+            seed,
+            (mean, std),
+            1,
+        )
     }
 
     fn rand_uniform(
@@ -88,6 +99,7 @@ impl BackendDevice for CudaDevice {
     ) -> Result<CudaStorage> {
         random(
             self,
+            &RANDOM,
             "rand_uniform",
             "rand_uniform",
             shape,
@@ -99,116 +111,6 @@ impl BackendDevice for CudaDevice {
     }
 
     fn dropout_mask(&self, shape: &Shape, dtype: DType, p: f64, seed: u64) -> Result<CudaStorage> {
-        if !dtype.is_float() {
-            return Err(Error::UnsupportedDType {
-                op: "dropout",
-                dtype,
-            });
-        }
-        if !(0.0..1.0).contains(&p) {
-            return Err(Error::invalid(
-                "dropout",
-                format!("probability {p} is not in [0, 1)"),
-            ));
-        }
-        // The threshold travels as a double (exact: an integer below 2^16).
-        let thr = f64::from(rng::dropout_threshold(p));
-        random(
-            self,
-            "dropout",
-            "dropout_mask",
-            shape,
-            dtype,
-            seed,
-            (thr, 1.0 / (1.0 - p)),
-            4, // one hash serves four elements
-        )
+        super::dropout::dropout_mask(self, shape, dtype, p, seed)
     }
-}
-
-/// `out(C(x) · mask)`: the view `x` (`l`) cast to `out`, times the dropout mask of `(p, seed)`
-/// over its row-major elements (`rng::dropped`, kept elements scaled by `1/(1 − p)`), in one
-/// pass; `C` is f32 (f64 for f64). The same bits as a cast, a `dropout_mask` and a product.
-/// Pairs `(x, out)`: (bf16, f32), (f32, f32), (f32, bf16), (f64, f64): the LoRA primitives' cast
-/// to the adapter dtype and back.
-pub(crate) fn dropout_cast(
-    x: &CudaStorage,
-    l: &Layout,
-    out: DType,
-    p: f64,
-    seed: u64,
-) -> Result<CudaStorage> {
-    dropout_cast_keep(x, l, out, p, seed, DType::F64)
-}
-
-/// [`dropout_cast`] with the kept value `1/(1 − p)` rounded to `keep_dtype` first, as a
-/// `dropout_mask` of that dtype holds it (`dropout_apply`: the mask in x's own dtype).
-fn dropout_cast_keep(
-    x: &CudaStorage,
-    l: &Layout,
-    out: DType,
-    p: f64,
-    seed: u64,
-    keep_dtype: DType,
-) -> Result<CudaStorage> {
-    const OP: &str = "dropout_cast";
-    match (x.dtype, out) {
-        (DType::BF16, DType::F32)
-        | (DType::F32, DType::F32)
-        | (DType::F32, DType::BF16)
-        | (DType::BF16, DType::BF16)
-        | (DType::F64, DType::F64) => {}
-        _ => {
-            return Err(Error::invalid(
-                OP,
-                format!("no kernel from {} to {out}", x.dtype),
-            ))
-        }
-    }
-    if !(0.0..1.0).contains(&p) {
-        return Err(Error::invalid(
-            OP,
-            format!("probability {p} is not in [0, 1)"),
-        ));
-    }
-    let n = l.elem_count();
-    let src = x.contiguous(OP, l)?;
-    let y = CudaStorage::alloc(&x.dev, OP, n, out)?;
-    if n == 0 {
-        return Ok(y);
-    }
-    let keep = 1.0 / (1.0 - p);
-    let keep = match keep_dtype {
-        DType::BF16 => half::bf16::from_f64(keep).to_f64(),
-        DType::F32 => f64::from(keep as f32),
-        _ => keep,
-    };
-    let (n32, thr) = (to_u32(OP, n)?, rng::dropout_threshold(p));
-    let (px, py) = (src.ptr, y.ptr());
-    let name = format!("dropout_cast_{}_{out}", x.dtype);
-    // SAFETY: `src` holds the view's n elements of x's dtype contiguously (`contiguous` checked
-    // the view against the buffer) and lives until the launch is queued; `y` holds n elements of
-    // `out`. The kernel reads x[i] and writes y[i] for i < n, four elements per thread.
-    unsafe {
-        launch!(
-            &x.dev,
-            OP,
-            RANDOM,
-            name,
-            CudaDevice::grid(n.div_ceil(4)),
-            [n32, px, py, seed, thr, keep]
-        )
-    }?;
-    Ok(y)
-}
-
-/// `x ⊙ dropout_mask(p, seed)` in x's dtype, contiguous (`BackendStorage::dropout_apply`).
-pub(crate) fn dropout_apply(x: &CudaStorage, l: &Layout, p: f64, seed: u64) -> Result<CudaStorage> {
-    if !x.dtype.is_float() {
-        return Err(Error::UnsupportedDType {
-            op: "dropout",
-            dtype: x.dtype,
-        });
-    }
-    dropout_cast_keep(x, l, x.dtype, p, seed, x.dtype)
 }

@@ -1,11 +1,11 @@
 //! Reductions over one dim (one warp per output element, reading the reduced dim in place
-//! through its stride), and softmax / log-softmax over the last dim (one block per row).
+//! through its stride).
 
 use kernels::REDUCE;
 
 use super::launch::launch;
-use super::layout::{to_u32, to_u32s, StridedArg};
-use super::{check_extent, float_only, CudaDevice, CudaStorage};
+use super::layout::{to_u32s, StridedArg};
+use super::{check_extent, CudaDevice, CudaStorage};
 use crate::backend::ReduceOp;
 use crate::{DType, Error, Layout, Result};
 
@@ -49,33 +49,5 @@ pub(crate) fn reduce(s: &CudaStorage, l: &Layout, dim: usize, op: ReduceOp) -> R
     // SAFETY: `l` lies inside `s` (checked), so every row start plus `j * stride` for j < len is
     // inside it; one warp per output element o < n_out writes y[o] of `out_dtype`.
     unsafe { launch!(&s.dev, OP, REDUCE, name, cfg, [n32, len, stride, lo, x, y]) }?;
-    Ok(out)
-}
-
-pub(crate) fn softmax(s: &CudaStorage, l: &Layout, log: bool) -> Result<CudaStorage> {
-    let op = if log { "log_softmax" } else { "softmax" };
-    float_only(op, s.dtype)?;
-    let n = l.dims().last().copied().unwrap_or(1);
-    let total = l.elem_count();
-    let out = CudaStorage::alloc(&s.dev, op, total, s.dtype)?;
-    if total == 0 {
-        return Ok(out);
-    }
-    let x = s.contiguous(op, l)?; // [rows, n]
-    let rows = total / n;
-    let (r32, n32, xp, y) = (to_u32(op, rows)?, to_u32(op, n)?, x.ptr, out.ptr());
-    let name = format!("{op}_{}", s.dtype);
-    // SAFETY: `x` is a contiguous [rows, n] run of `s.dtype` and the output holds rows * n
-    // elements; one block per row touches only its own row.
-    unsafe {
-        launch!(
-            &s.dev,
-            op,
-            REDUCE,
-            name,
-            CudaDevice::rows(rows, 256),
-            [r32, n32, xp, y]
-        )
-    }?;
     Ok(out)
 }

@@ -115,7 +115,7 @@ fn c3(d0: usize, d1: usize) -> Layout {
 fn apply_mask<T: Ad>(v: &mut [T], p: f64, keep: f64, seed: u64) {
     let keep = T::of_f64(keep);
     let thr = rng::dropout_threshold(p);
-    crate::backend::cpu::random::mask_in_place(v, seed, thr, |e, d| {
+    crate::backend::cpu::dropout::mask_in_place(v, seed, thr, |e, d| {
         e * if d { T::zero() } else { keep }
     });
 }

@@ -19,8 +19,8 @@ use super::cuda_rank::{self, Small};
 use super::primitives::{
     dims2, expect_dims, keep_of, Codes, ExpandAdd, GradA, GradCodes, GradX, GradXAdd,
 };
+use crate::backend::cuda::dropout::dropout_cast;
 use crate::backend::cuda::layout::to_u32;
-use crate::backend::cuda::random::dropout_cast;
 use crate::backend::cuda::{check_extent, CudaStorage};
 use crate::backend::{BackendStorage, BinaryOp, UnaryOp};
 use crate::{DType, Error, Layout, Result, Shape};

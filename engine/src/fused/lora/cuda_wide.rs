@@ -7,7 +7,7 @@
 //! operands take the composition (`None`).
 
 use cudarc::driver::LaunchConfig;
-use kernels::{LORA, RANDOM};
+use kernels::{DROPOUT, LORA};
 
 use super::cuda_rank::{dropout_args, runs_of_32, sum_partials};
 use super::primitives::{AddDropped2, DropSide, Product};
@@ -234,7 +234,7 @@ pub(super) fn add_dropped2(
         launch!(
             &base.dev,
             OP,
-            RANDOM,
+            DROPOUT,
             "add_dropped2_bf16",
             CudaDevice::grid(n.div_ceil(4)),
             [n32, pb, pa, pv, seed_a, seed_b, thr, keep, po]

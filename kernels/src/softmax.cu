@@ -1,6 +1,8 @@
-// The attention softmax: the causal, key-masked, scaled softmax of attention scores, and the
-// fused softmax backward (used by it and by the plain softmax over the last dim).
+// Softmax: softmax / log-softmax over the last dim, the causal, key-masked, scaled softmax of
+// attention scores, and the fused softmax backward (used by both).
 //
+// {softmax,log_softmax}_{f32,bf16,f64}(rows, n, x, y)
+//   One block per row of a contiguous [rows, n] input; output [rows, n].
 // causal_softmax_{f32,bf16,f64}(rows, h, t, s, q_offset, scale, x, mask, y)
 //   x, y: [b, h, t, s] contiguous (rows = b·h·t); mask: [b, s] u32, or null for none. One block
 //   per row (bi, hi, i). Key j is visible when j < limit = min(s, q_offset + i + 1) and
@@ -29,6 +31,40 @@
 //   keys) and are written as zeros; within a chunk that is read, keys at or past the limit and
 //   masked keys get score −∞ by selection, so their values never reach the result. Two passes
 //   over the registers: the maximum m, then Σ exp(v − m).
+
+// ----- softmax / log-softmax over the last dim -----------------------------------------------------
+
+// x, y: [rows, n] contiguous; one block per row. softmax: e = exp(x - max), y = e * (1 / Σ e).
+// log_softmax: y = x - (max + log Σ exp(x - max)).
+template <typename T, bool LOG>
+__device__ void softmax_row(u32 rows, u32 n, const T* x, T* y) {
+    typedef typename Acc<T>::type A;
+    const size_t r = blockIdx.x;
+    if (r >= rows) return;
+    const T* xr = x + r * n;
+    T* yr = y + r * n;
+    A m = neg_inf<A>();
+    for (u32 j = threadIdx.x; j < n; j += blockDim.x) m = m_max(m, to_acc(xr[j]));
+    m = block_reduce(m, MaxOp(), neg_inf<A>());
+    A s = (A)0;
+    for (u32 j = threadIdx.x; j < n; j += blockDim.x) s += m_exp(to_acc(xr[j]) - m);
+    s = block_reduce(s, SumOp(), (A)0);
+    if (LOG) {
+        const A lse = m + m_log(s);
+        for (u32 j = threadIdx.x; j < n; j += blockDim.x) yr[j] = from_acc<T>(to_acc(xr[j]) - lse);
+    } else {
+        const A inv = (A)1 / s;
+        for (u32 j = threadIdx.x; j < n; j += blockDim.x) yr[j] = from_acc<T>(m_exp(to_acc(xr[j]) - m) * inv);
+    }
+}
+
+#define SOFTMAX(T, SUF) \
+    extern "C" __global__ void softmax_##SUF(u32 rows, u32 n, const T* x, T* y) { softmax_row<T, false>(rows, n, x, y); } \
+    extern "C" __global__ void log_softmax_##SUF(u32 rows, u32 n, const T* x, T* y) { softmax_row<T, true>(rows, n, x, y); }
+
+SOFTMAX(float, f32)
+SOFTMAX(bf16, bf16)
+SOFTMAX(double, f64)
 
 // (m, d): the maximum of a set of values and Σ exp(v − m); (−∞, 0) for the empty set.
 template <typename A> struct MaxSum {

@@ -1,23 +1,13 @@
-//! The attention softmax on the CPU: the causal, key-masked, scaled softmax of attention scores
-//! in one pass per row, and the fused softmax backward. f32 and f64 run natively; bf16 is widened
+//! Softmax on the CPU: softmax and log-softmax over the last dim, the causal, key-masked, scaled
+//! softmax of attention scores in one pass per row, and the fused softmax backward. f32 and f64 run natively; bf16 is widened
 //! to f32 (statistics in f32, the output rounded once).
-
-use std::borrow::Cow;
 
 use rayon::prelude::*;
 
 use super::simd::{lane_max, lane_sum, vectorized};
-use super::{CpuFloat, CpuStorage, PAR_THRESHOLD};
+use super::{contig, float_kernel, CpuFloat, CpuStorage, PAR_THRESHOLD};
 use crate::backend::checks::{causal_softmax_dims, softmax_backward_dims};
 use crate::{DType, Error, Layout, Result};
-
-/// The view as a contiguous slice, borrowed when it already is one.
-fn contig<'a, T: Copy>(data: &'a [T], l: &Layout) -> Cow<'a, [T]> {
-    match l.contiguous_range() {
-        Some((a, b)) => Cow::Borrowed(&data[a..b]),
-        None => Cow::Owned(CpuStorage::gather_view(data, l)),
-    }
-}
 
 /// Runs `row(r, out_row)` over the `n`-wide rows of `out`, a few blocks of rows per thread when
 /// `out` is large enough, each block in an AVX2 + FMA function when the CPU has them.
@@ -186,4 +176,67 @@ pub(super) fn softmax_backward(
             })
         }
     })
+}
+
+/// Applies `f` to every row of the last dim of a contiguous copy of the view.
+fn map_rows<T: CpuFloat>(
+    data: &[T],
+    l: &Layout,
+    f: impl Fn(&[T], &mut [T]) + Sync + Send,
+) -> Vec<T> {
+    let src = CpuStorage::gather_view(data, l);
+    let n = l.dims().last().copied().unwrap_or(1).max(1);
+    let mut out = vec![T::zero(); src.len()];
+    // Rows in blocks, a few blocks per thread.
+    let rows = src.len() / n;
+    let per = rows.div_ceil(4 * rayon::current_num_threads()).max(1) * n;
+    let block = |(o, x): (&mut [T], &[T])| {
+        vectorized(|| o.chunks_mut(n).zip(x.chunks(n)).for_each(|(o, x)| f(x, o)))
+    };
+    if src.len() >= PAR_THRESHOLD {
+        out.par_chunks_mut(per)
+            .zip(src.par_chunks(per))
+            .for_each(block);
+    } else {
+        block((&mut out, &src));
+    }
+    out
+}
+
+#[inline(always)]
+fn softmax_row<T: CpuFloat>(x: &[T], o: &mut [T]) {
+    let m = lane_max(x);
+    for (o, &v) in o.iter_mut().zip(x) {
+        *o = (v - m).fast_exp();
+    }
+    let inv = lane_sum(o).recip();
+    o.iter_mut().for_each(|v| *v = *v * inv);
+}
+
+#[inline(always)]
+fn log_softmax_row<T: CpuFloat>(x: &[T], o: &mut [T]) {
+    let m = lane_max(x);
+    for (o, &v) in o.iter_mut().zip(x) {
+        *o = (v - m).fast_exp();
+    }
+    let lse = m + lane_sum(o).ln();
+    for (o, &v) in o.iter_mut().zip(x) {
+        *o = v - lse;
+    }
+}
+
+fn softmax_t<T: CpuFloat>(data: &[T], l: &Layout) -> Vec<T> {
+    map_rows(data, l, softmax_row)
+}
+
+fn log_softmax_t<T: CpuFloat>(data: &[T], l: &Layout) -> Vec<T> {
+    map_rows(data, l, log_softmax_row)
+}
+
+pub(super) fn softmax_last_dim(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
+    float_kernel!("softmax", s, l, |d, ll| softmax_t(d, ll))
+}
+
+pub(super) fn log_softmax_last_dim(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
+    float_kernel!("log_softmax", s, l, |d, ll| log_softmax_t(d, ll))
 }

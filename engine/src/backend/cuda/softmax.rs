@@ -1,10 +1,10 @@
-//! Launchers of the attention softmax kernels (kernels/src/attention.cu): the causal, key-masked,
-//! scaled softmax and the fused softmax backward. Rows that fit in one warp's registers as
+//! Launchers of the softmax kernels (kernels/src/softmax.cu): softmax and log-softmax over the
+//! last dim, the causal, key-masked, scaled softmax and the fused softmax backward. Rows that fit in one warp's registers as
 //! 16-byte chunks, at 16-byte-aligned addresses, run one warp per row; others one block per row.
 //! Operands that are not contiguous are copied first.
 
 use cudarc::driver::LaunchConfig;
-use kernels::ATTENTION;
+use kernels::SOFTMAX;
 
 use super::launch::launch;
 use super::layout::{to_u32, to_u32s};
@@ -87,7 +87,7 @@ pub(crate) fn causal_softmax(
         launch!(
             &x.dev,
             OP,
-            ATTENTION,
+            SOFTMAX,
             name,
             cfg,
             [r32, h32, t32, s32, off, scale, xp, mp, y]
@@ -131,13 +131,42 @@ pub(crate) fn softmax_backward(
         launch!(
             &y.dev,
             OP,
-            ATTENTION,
+            SOFTMAX,
             name,
             cfg,
             [r32, n32, scale, yp, gp, dp]
         )
     }?;
     Ok(dx)
+}
+
+/// Softmax or log-softmax (`log`) over the last dim: one block per row.
+pub(crate) fn softmax(s: &CudaStorage, l: &Layout, log: bool) -> Result<CudaStorage> {
+    let op = if log { "log_softmax" } else { "softmax" };
+    float_only(op, s.dtype)?;
+    let n = l.dims().last().copied().unwrap_or(1);
+    let total = l.elem_count();
+    let out = CudaStorage::alloc(&s.dev, op, total, s.dtype)?;
+    if total == 0 {
+        return Ok(out);
+    }
+    let x = s.contiguous(op, l)?; // [rows, n]
+    let rows = total / n;
+    let (r32, n32, xp, y) = (to_u32(op, rows)?, to_u32(op, n)?, x.ptr, out.ptr());
+    let name = format!("{op}_{}", s.dtype);
+    // SAFETY: `x` is a contiguous [rows, n] run of `s.dtype` and the output holds rows * n
+    // elements; one block per row touches only its own row.
+    unsafe {
+        launch!(
+            &s.dev,
+            op,
+            SOFTMAX,
+            name,
+            CudaDevice::rows(rows, 256),
+            [r32, n32, xp, y]
+        )
+    }?;
+    Ok(out)
 }
 
 #[cfg(test)]
