@@ -80,3 +80,47 @@ pub(crate) fn softmax_backward_dims(op: &'static str, l: &Layout, gl: &Layout) -
     }
     Ok(l.dims().last().copied().unwrap_or(1))
 }
+
+/// `(b, n1, n2, d, bc, seq_dim)` of a rope call, checked: `x: [b, n1, n2, d]` with even `d` and
+/// positions along dim `seq_dim` (1 or 2) of length `t`, `cos`/`sin`: `[bc, t, d/2]` with `bc` 1
+/// or `b`.
+pub(crate) fn rope_dims(
+    l: &Layout,
+    cl: &Layout,
+    sl: &Layout,
+    seq_dim: usize,
+) -> Result<[usize; 6]> {
+    let xd = l.dims();
+    if xd.len() != 4 {
+        return Err(Error::RankMismatch {
+            op: "rope",
+            expected: 4,
+            shape: l.shape().clone(),
+        });
+    }
+    if !(seq_dim == 1 || seq_dim == 2) {
+        return Err(Error::invalid(
+            "rope",
+            format!("positions along dim {seq_dim}: neither 1 nor 2"),
+        ));
+    }
+    let (b, n1, n2, d) = (xd[0], xd[1], xd[2], xd[3]);
+    if d % 2 != 0 {
+        return Err(Error::invalid(
+            "rope",
+            format!("head dim {d} of {} is odd", l.shape()),
+        ));
+    }
+    let t = xd[seq_dim];
+    let cd = cl.dims();
+    let ok = cd.len() == 3 && (cd[0] == 1 || cd[0] == b) && cd[1] == t && cd[2] == d / 2;
+    if !ok || sl.shape() != cl.shape() {
+        let bad = if ok { sl } else { cl };
+        return Err(Error::ShapeMismatch {
+            op: "rope",
+            lhs: l.shape().clone(),
+            rhs: bad.shape().clone(),
+        });
+    }
+    Ok([b, n1, n2, d, cd[0], seq_dim])
+}

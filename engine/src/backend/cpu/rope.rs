@@ -51,7 +51,7 @@ pub(super) fn rope(
     seq_dim: usize,
 ) -> Result<CpuStorage> {
     use CpuStorage as S;
-    let dims = crate::backend::rope_dims(l, cl, sl, seq_dim)?;
+    let dims = crate::backend::checks::rope_dims(l, cl, sl, seq_dim)?;
     Ok(match (x, cos, sin) {
         (S::F32(xv), S::F32(c), S::F32(s)) => {
             S::F32(rope_t(xv, l, &contig(c, cl), &contig(s, sl), dims))

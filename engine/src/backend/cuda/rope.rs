@@ -19,7 +19,7 @@ pub(crate) fn rope(
 ) -> Result<CudaStorage> {
     const OP: &str = "rope";
     check_float3(OP, x, cos, sin)?;
-    let [b, n1, n2, d, bc, _] = crate::backend::rope_dims(l, cl, sl, seq_dim)?;
+    let [b, n1, n2, d, bc, _] = crate::backend::checks::rope_dims(l, cl, sl, seq_dim)?;
     check_extent(OP, l, x.len)?;
     let total = l.elem_count();
     let out = CudaStorage::alloc(&x.dev, OP, total, x.dtype)?;
