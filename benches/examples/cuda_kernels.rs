@@ -48,6 +48,7 @@ use engine::backend::cpu::CpuStorage;
 use engine::backend::cuda::{memory_stats, reset_peak_memory, CudaDevice, GpuEvent};
 use engine::backend::{BackendStorage, BinaryOp, CmpOp, ReduceOp, UnaryOp};
 use engine::fused::lora::primitives as lora;
+use engine::fused::moe_route::primitives as route;
 use engine::fused::Operand;
 use engine::{causal_attention, DType, Device, Layout, Result, Shape, Storage, Tensor};
 
@@ -944,7 +945,7 @@ fn attention_softmax(lab: &mut Lab, dt: DType) -> Result<()> {
     })
 }
 
-/// The MoE kernels (kernels/src/moe.cu) at LLaMA-2-7B sizes: T = 16384 tokens, E = 8 experts,
+/// The MoE kernels (kernels/src/moe_route.cu and moe.cu) at LLaMA-2-7B sizes: T = 16384 tokens, E = 8 experts,
 /// k = 2 (S = T·k = 32768 slots), H = 4096, I = 11008, LoRA rank r = 16; `s` the element size,
 /// weights and scales of permute/combine in f32 (4 bytes). Minimal bytes (FLOPs where counted):
 /// - route_topk: logits in, probs out `2·T·E·s`, ids and weights out `T·k·(4 + s)`;
@@ -974,9 +975,9 @@ fn moe(lab: &mut Lab, dt: DType) -> Result<()> {
             shape_str(&[t, e]),
             2 * t * e * s + t * k * (4 + s),
         ),
-        || logits.moe_route_topk(&ll, k).map(drop),
+        || route_topk(&logits, &ll, k).map(drop),
     )?;
-    let (_, rids, rw) = logits.moe_route_topk(&ll, k)?;
+    let (_, rids, rw) = route_topk(&logits, &ll, k)?;
     let gw = randn(&[t, k], dt, 41)?;
     let kl = lay(&[t, k]);
     lab.run(
@@ -987,8 +988,12 @@ fn moe(lab: &mut Lab, dt: DType) -> Result<()> {
             2 * t * k * s + t * k * 4 + t * e * s,
         ),
         || {
-            rw.moe_route_topk_backward(&kl, &rids, &kl, &gw, &kl, e)
-                .map(drop)
+            let o = route::RouteTopkBackward {
+                w: op(&rw, &kl),
+                ids: op(&rids, &kl),
+                gw: op(&gw, &kl),
+            };
+            route::route_topk_backward(o, e).map(drop)
         },
     )?;
     lab.run(
@@ -1075,6 +1080,16 @@ fn moe(lab: &mut Lab, dt: DType) -> Result<()> {
         z.grouped_matmul_dw(&zl, &x, &yl, &off, &ol, e).map(drop)
     })?;
     Ok(())
+}
+
+/// `moe_route_topk` on the logits `[T, E]`: `(probs, ids, weights)`.
+fn route_topk(logits: &Storage, l: &Layout, k: usize) -> Result<(Storage, Storage, Storage)> {
+    route::route_topk(
+        route::RouteTopk {
+            logits: op(logits, l),
+        },
+        k,
+    )
 }
 
 /// The fused multi-tensor AdamW step and the vocabulary-chunk cross-entropy.

@@ -430,30 +430,6 @@ impl BackendStorage for Storage {
     fn softmax_backward(&self, l: &Layout, g: &Self, gl: &Layout, scale: f64) -> Result<Self> {
         two!("softmax_backward", self, g, (y, g) => y.softmax_backward(l, g, gl, scale))
     }
-    fn moe_route_topk(&self, l: &Layout, k: usize) -> Result<(Self, Self, Self)> {
-        match self {
-            Storage::Cpu(s) => {
-                let (p, i, w) = s.moe_route_topk(l, k)?;
-                Ok((Storage::Cpu(p), Storage::Cpu(i), Storage::Cpu(w)))
-            }
-            #[cfg(feature = "cuda")]
-            Storage::Cuda(s) => {
-                let (p, i, w) = s.moe_route_topk(l, k)?;
-                Ok((Storage::Cuda(p), Storage::Cuda(i), Storage::Cuda(w)))
-            }
-        }
-    }
-    fn moe_route_topk_backward(
-        &self,
-        l: &Layout,
-        ids: &Self,
-        il: &Layout,
-        gw: &Self,
-        gl: &Layout,
-        e: usize,
-    ) -> Result<Self> {
-        three!("moe_route_topk_backward", self, ids, gw, (w, i, g) => w.moe_route_topk_backward(l, i, il, g, gl, e))
-    }
     fn moe_group(&self, l: &Layout, e: usize) -> Result<(Self, Self)> {
         match self {
             Storage::Cpu(s) => {

@@ -125,18 +125,17 @@ pub const ATTENTION: KernelSource = module!("attention", f3 causal_softmax f3 so
     f3 softmax_backward_warp8
 );
 
-/// MoE routing: fused top-k routing, grouping by expert on the device, permute/combine, grouped
-/// matmuls over expert segments (forward and weight gradient).
+/// The router's fused top-k (`engine/src/fused/moe_route/`): softmax, the top-k experts and their
+/// renormalised weights, and the weights' backward.
+pub const MOE_ROUTE: KernelSource =
+    module!("moe_route", f3 moe_route_topk f3 moe_route_topk_backward);
+
+/// MoE grouped experts: grouping by expert on the device, permute/combine, grouped matmuls over
+/// expert segments (forward and weight gradient).
 pub const MOE: KernelSource = KernelSource {
     name: "moe",
     source: concat!(include_str!("common.cuh"), "\n", include_str!("moe.cu")),
     kernels: &[
-        "moe_route_topk_f32",
-        "moe_route_topk_bf16",
-        "moe_route_topk_f64",
-        "moe_route_topk_backward_f32",
-        "moe_route_topk_backward_bf16",
-        "moe_route_topk_backward_f64",
         "moe_permute_f32",
         "moe_permute_bf16",
         "moe_permute_f64",
@@ -264,6 +263,7 @@ pub const SOURCES: &[KernelSource] = &[
     INDEX,
     RANDOM,
     ATTENTION,
+    MOE_ROUTE,
     MOE,
     OPTIM,
     MOE_FUSED,

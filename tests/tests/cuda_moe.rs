@@ -1,4 +1,5 @@
-//! CPU ↔ CUDA parity of the MoE primitives (values and gradients) and of the grouped MixLoRA FFN.
+//! CPU ↔ CUDA parity of the MoE grouping primitives (values and gradients) and of the grouped
+//! MixLoRA FFN; the router's top-k is in tests/tests/fused/moe_route.rs.
 //!
 //! Each case builds the same random inputs (never zeros) on both devices and compares by
 //! relative error ‖gpu − cpu‖ / ‖cpu‖: f32 ≤ 1e-5, bf16 ≤ 1e-2, f64 ≤ 1e-10; u32 results (ids,
@@ -66,77 +67,6 @@ mod gpu {
 
     fn done(fails: Vec<String>) {
         assert!(fails.is_empty(), "{}", fails.join("\n"));
-    }
-
-    #[test]
-    fn route_topk_values_ids_and_gradient() {
-        let _s = serial();
-        let Some(g) = gpu() else { return };
-        let mut fails = Vec::new();
-        for dtype in FLOATS {
-            for (n, e, k) in [
-                (1, 8, 2),
-                (255, 8, 2),
-                (256, 8, 1),
-                (257, 8, 2),
-                (3001, 8, 2),
-                (700, 64, 4),
-            ] {
-                let lv = vals(n * e, 1 + n as u64);
-                let r1 = vals(n * e, 2);
-                let r2 = vals(n * k, 3);
-                let run = |dev: Device| {
-                    let logits = t(&lv, &[n, e], dtype, dev).to_var().unwrap();
-                    let (p, ids, w) = logits.moe_route_topk(k).unwrap();
-                    let loss = p
-                        .mul(&t(&r1, &[n, e], dtype, dev))
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .add(
-                            &w.mul(&t(&r2, &[n, k], dtype, dev))
-                                .unwrap()
-                                .sum_all()
-                                .unwrap(),
-                        )
-                        .unwrap();
-                    loss.backward().unwrap();
-                    (
-                        f64s(&p),
-                        ids.to_vec_u32().unwrap(),
-                        f64s(&w),
-                        f64s(&logits.grad().unwrap()),
-                    )
-                };
-                let (cpu, gpu_) = (run(Device::Cpu), run(g));
-                let what = format!("route_topk [{dtype}] n={n} e={e} k={k}");
-                check(
-                    &mut fails,
-                    &format!("{what} probs"),
-                    &cpu.0,
-                    &gpu_.0,
-                    tol(dtype),
-                );
-                if cpu.1 != gpu_.1 {
-                    fails.push(format!("{what}: ids differ"));
-                }
-                check(
-                    &mut fails,
-                    &format!("{what} weights"),
-                    &cpu.2,
-                    &gpu_.2,
-                    tol(dtype),
-                );
-                check(
-                    &mut fails,
-                    &format!("{what} dlogits"),
-                    &cpu.3,
-                    &gpu_.3,
-                    tol(dtype),
-                );
-            }
-        }
-        done(fails);
     }
 
     #[test]

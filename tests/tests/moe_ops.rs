@@ -1,6 +1,7 @@
-//! The MoE primitives on the CPU (the reference of the CUDA kernels): each against a
-//! straightforward reference built from plain ops or loops, on random inputs (experts with no
-//! token, N not a multiple of anything, k = 1 and 2, E = 8, ties); their gradients by f64 finite
+//! The MoE grouping primitives on the CPU (the reference of the CUDA kernels; the router's top-k
+//! is tested in tests/tests/fused/moe_route.rs): each against a straightforward reference built
+//! from plain ops or loops, on random inputs (experts with no token, N not a multiple of
+//! anything, k = 1 and 2, E = 8, ties); their gradients by f64 finite
 //! differences; and `MoeImpl::Grouped` against `MoeImpl::Naive` (output and every gradient) in
 //! f64 and f32 at several sizes.
 
@@ -35,89 +36,6 @@ fn rand_choices(n: usize, k: usize, pool: &[u32], seed: u64) -> Vec<u32> {
         out.extend(row);
     }
     out
-}
-
-/// The router of before the fused kernel: softmax, top-k on the probabilities, renormalise.
-fn route_reference(logits: &Tensor, k: usize) -> (Vec<f64>, Vec<u32>, Vec<f64>) {
-    let p = logits.softmax_last_dim().unwrap();
-    let (vals, idx) = p.topk(k).unwrap();
-    let w = vals.div(&vals.sum_keepdim(1).unwrap()).unwrap();
-    (f64s(&p), idx.to_vec_u32().unwrap(), f64s(&w))
-}
-
-#[test]
-fn route_topk_matches_softmax_topk_renormalise() {
-    for dtype in [DType::F64, DType::F32] {
-        for (n, k) in [(13, 1), (13, 2), (37, 2), (5, 8)] {
-            let logits = randn(&[n, 8], 7 + n as u64).to_dtype(dtype).unwrap();
-            let (p, i, w) = logits.moe_route_topk(k).unwrap();
-            assert_eq!(p.dtype(), dtype);
-            assert_eq!(w.dtype(), dtype);
-            assert_eq!(
-                (p.dims(), i.dims(), w.dims()),
-                (&[n, 8][..], &[n, k][..], &[n, k][..])
-            );
-            let (rp, ri, rw) = route_reference(&logits, k);
-            let tol = if dtype == DType::F64 { 1e-14 } else { 1e-6 };
-            assert!(rel_err(&f64s(&p), &rp) < tol, "{dtype} n={n} k={k} probs");
-            assert_eq!(i.to_vec_u32().unwrap(), ri, "{dtype} n={n} k={k} ids");
-            assert!(rel_err(&f64s(&w), &rw) < tol, "{dtype} n={n} k={k} weights");
-        }
-    }
-}
-
-#[test]
-fn route_topk_ties_keep_the_lower_index_first() {
-    // Row 0: all equal; row 1: a tie for second place; row 2: a tie for first place.
-    let l = [
-        0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, //
-        1.0, 2.0, 0.0, 2.0, -1.0, 3.0, 0.0, 2.0, //
-        4.0, 0.0, 4.0, 1.0, 1.0, 0.0, 0.0, 0.0,
-    ];
-    let logits = Tensor::from_f64(&l, [3, 8], DType::F64, Device::Cpu).unwrap();
-    for k in [1, 2, 3] {
-        let (_, i, w) = logits.moe_route_topk(k).unwrap();
-        let (_, ri, rw) = route_reference(&logits, k);
-        assert_eq!(i.to_vec_u32().unwrap(), ri, "k={k}");
-        assert!(rel_err(&f64s(&w), &rw) < 1e-15);
-    }
-    let (_, i, _) = logits.moe_route_topk(3).unwrap();
-    assert_eq!(i.to_vec_u32().unwrap(), vec![0, 1, 2, 5, 1, 3, 0, 2, 3]);
-}
-
-#[test]
-fn route_topk_errors() {
-    let logits = randn(&[4, 8], 1);
-    assert!(matches!(
-        logits.moe_route_topk(0),
-        Err(Error::InvalidArgument { .. })
-    ));
-    assert!(matches!(
-        logits.moe_route_topk(9),
-        Err(Error::InvalidArgument { .. })
-    ));
-    assert!(matches!(
-        randn(&[8], 1).moe_route_topk(1),
-        Err(Error::RankMismatch { .. })
-    ));
-}
-
-#[test]
-fn grad_route_topk_probs_and_weights() {
-    for k in [1, 2, 3] {
-        let logits = randn(&[9, 8], 20 + k as u64);
-        check_gradients("moe_route_topk probs", &[logits.clone()], |v| {
-            Ok(v[0].moe_route_topk(k)?.0)
-        });
-        check_gradients("moe_route_topk weights", &[logits.clone()], |v| {
-            Ok(v[0].moe_route_topk(k)?.2)
-        });
-        // Both outputs in one loss: the tape sums the two logits gradients.
-        check_gradients("moe_route_topk both", &[logits.clone()], |v| {
-            let (p, _, w) = v[0].moe_route_topk(k)?;
-            engine::cat(&[&p.flatten_all()?, &w.flatten_all()?], 0)
-        });
-    }
 }
 
 /// Stable sort of the slots by expert, and the offsets, by hand.

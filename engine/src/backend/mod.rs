@@ -216,20 +216,6 @@ pub trait BackendStorage: Sized + Send + Sync {
 
     // ----- MoE routing and grouped experts (see `crate::ops::moe` for the exact semantics) -----
 
-    /// Fused top-k routing of logits `self` `[n, e]`: `(probs [n, e], ids [n, k] u32, weights [n,
-    /// k])`, probs and weights in the logits' dtype (computed in f32, f64 for f64).
-    fn moe_route_topk(&self, l: &Layout, k: usize) -> Result<(Self, Self, Self)>;
-    /// `dlogits` `[n, e]` of the top-k weights `self` `[n, k]` given their gradient `gw` `[n, k]`:
-    /// `dl[t, ids[t, j]] = w[t, j] (gw[t, j] − Σ_i w[t, i] gw[t, i])`, zero elsewhere.
-    fn moe_route_topk_backward(
-        &self,
-        l: &Layout,
-        ids: &Self,
-        ids_l: &Layout,
-        gw: &Self,
-        gw_l: &Layout,
-        num_experts: usize,
-    ) -> Result<Self>;
     /// Stable grouping of the slots of `self` (ids `[n, k]` u32) by expert: `(perm [n·k] u32,
     /// offsets [E+1] u32)`. Ids ≥ E go after every expert (not counted in `offsets`).
     fn moe_group(&self, l: &Layout, num_experts: usize) -> Result<(Self, Self)>;

@@ -1,5 +1,5 @@
-//! Mixture-of-experts primitives: fused top-k routing, grouping of (token, slot) pairs by expert
-//! on the device, row permute and weighted combine, and grouped (per-expert) matmuls over the
+//! Mixture-of-experts primitives (the router's top-k is `crate::fused::moe_route`): grouping of
+//! (token, slot) pairs by expert on the device, row permute and weighted combine, and grouped (per-expert) matmuls over the
 //! segments of a sorted row set. None of them reads anything back to the host, so a MoE layer
 //! built from them never synchronises; every sum runs in a fixed order (no float atomics), so
 //! results are deterministic.
@@ -24,58 +24,6 @@ fn rank_is(op: &'static str, t: &Tensor, r: usize) -> Result<()> {
 }
 
 impl Tensor {
-    /// Top-k routing of router logits `self` `[N, E]` (f32/bf16/f64) in one fused kernel:
-    /// `(probs [N, E], ids [N, k] u32, weights [N, k])` with `probs = softmax(logits)` per row,
-    /// `ids` the `k` most probable experts, largest first (ties: lower index first, NaN largest:
-    /// the order of [`Tensor::topk`]) and `weights[t, j] = p[t, ids[t, j]] / Σ_i p[t, ids[t, i]]`.
-    /// Probs and weights have the logits' dtype (computed in the accumulation dtype).
-    ///
-    /// Autograd: both `probs` and `weights` are differentiable w.r.t. the logits.
-    /// `dlogits = p ⊙ (gp − Σ gp ⊙ p)` from `probs`; the weights are the softmax of the selected
-    /// logits, so from `weights` (one fused kernel per row):
-    /// `dlogits[t, ids[t, j]] = w[t, j] · (gw[t, j] − Σ_i w[t, i] gw[t, i])`, zero elsewhere.
-    pub fn moe_route_topk(&self, k: usize) -> Result<(Tensor, Tensor, Tensor)> {
-        const OP: &str = "moe_route_topk";
-        float_only(OP, self)?;
-        rank_is(OP, self, 2)?;
-        let (n, e) = (self.dims()[0], self.dims()[1]);
-        if k == 0 || k > e {
-            return Err(Error::invalid(
-                OP,
-                format!("k = {k} must be in 1..={e} for logits {}", self.shape()),
-            ));
-        }
-        let (p, i, w) = self.storage().moe_route_topk(self.layout(), k)?;
-        let ids = Tensor::from_storage(i, [n, k], None);
-        // Both rules read their own output only, never the logits.
-        let logits = [Input::GraphOnly(self)];
-        let p_node = Node::record_with("moe_route_topk_probs", &logits, Output::Read, |_, y, g| {
-            let dot = g.mul(y)?.sum_keepdim(-1)?;
-            Ok(vec![Some(y.mul(&g.sub(&dot)?)?)])
-        });
-        let probs = Tensor::from_storage(p, [n, e], p_node);
-        let ids_c = ids.clone();
-        let w_node = Node::record_with(
-            "moe_route_topk_weights",
-            &logits,
-            Output::Read,
-            move |_, w, g| {
-                let dl = w.storage().moe_route_topk_backward(
-                    w.layout(),
-                    &ids_c.storage(),
-                    ids_c.layout(),
-                    &g.storage(),
-                    g.layout(),
-                    e,
-                )?;
-                Ok(vec![Some(Tensor::from_storage(dl, [n, e], None))])
-            },
-        )
-        .map(|n| n.capturing(&[&ids]));
-        let weights = Tensor::from_storage(w, [n, k], w_node);
-        Ok((probs, ids, weights))
-    }
-
     /// Groups the slots of the expert ids `self` `[N, k]` (u32) by expert, on the device:
     /// `(perm [N·k] u32, offsets [E+1] u32)`. `perm` lists the slot indices `p = t·k + j` sorted
     /// by `ids[p]`, stable (ascending `p` within an expert); `offsets[e]` is the number of slots

@@ -2,6 +2,7 @@
 //! over f32 and f64; bf16 runs through f32 (widened on read, rounded once on write), so bf16
 //! results carry f32 accumulation. Work is spread with rayon; matmul goes through the `gemm` crate.
 
+pub(crate) mod acc;
 mod attention;
 mod elementwise;
 mod index;
@@ -361,22 +362,6 @@ impl BackendStorage for CpuStorage {
     fn softmax_backward(&self, l: &Layout, g: &Self, g_l: &Layout, scale: f64) -> Result<Self> {
         timed("softmax_backward", || {
             attention::softmax_backward(self, l, g, g_l, scale)
-        })
-    }
-    fn moe_route_topk(&self, l: &Layout, k: usize) -> Result<(Self, Self, Self)> {
-        timed("moe_route_topk", || moe::route_topk(self, l, k))
-    }
-    fn moe_route_topk_backward(
-        &self,
-        l: &Layout,
-        ids: &Self,
-        ids_l: &Layout,
-        gw: &Self,
-        gw_l: &Layout,
-        num_experts: usize,
-    ) -> Result<Self> {
-        timed("moe_route_topk_backward", || {
-            moe::route_topk_backward(self, l, ids, ids_l, gw, gw_l, num_experts)
         })
     }
     fn moe_group(&self, l: &Layout, num_experts: usize) -> Result<(Self, Self)> {

@@ -355,20 +355,6 @@ impl BackendStorage for CudaStorage {
     fn softmax_backward(&self, l: &Layout, g: &Self, g_l: &Layout, scale: f64) -> Result<Self> {
         attention::softmax_backward(self, l, g, g_l, scale)
     }
-    fn moe_route_topk(&self, l: &Layout, k: usize) -> Result<(Self, Self, Self)> {
-        moe::route_topk(self, l, k)
-    }
-    fn moe_route_topk_backward(
-        &self,
-        l: &Layout,
-        ids: &Self,
-        ids_l: &Layout,
-        gw: &Self,
-        gw_l: &Layout,
-        num_experts: usize,
-    ) -> Result<Self> {
-        moe::route_topk_backward(self, l, ids, ids_l, gw, gw_l, num_experts)
-    }
     fn moe_group(&self, l: &Layout, num_experts: usize) -> Result<(Self, Self)> {
         moe::group(self, l, num_experts)
     }

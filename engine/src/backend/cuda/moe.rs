@@ -1,5 +1,5 @@
-//! MoE launchers (kernels/src/moe.cu): fused top-k routing, device-side grouping by expert,
-//! permute/combine and grouped matmuls. Operands are made contiguous first; nothing is read back
+//! MoE launchers (kernels/src/moe.cu): device-side grouping by expert, permute/combine and
+//! grouped matmuls. Operands are made contiguous first; nothing is read back
 //! to the host, so these never synchronise the stream.
 
 use cudarc::driver::LaunchConfig;
@@ -10,7 +10,6 @@ use super::layout::{to_u32, to_u32s};
 use super::{float_only, CudaDevice, CudaStorage};
 use crate::{DType, Error, Layout, Result};
 
-const THREADS: u32 = 256;
 /// Slots per block of the grouping kernels (`GROUP_TILE` in moe.cu).
 const GROUP_TILE: usize = 256;
 
@@ -57,98 +56,6 @@ fn shape_err(op: &'static str, a: &Layout, b: &Layout) -> Error {
         lhs: a.shape().clone(),
         rhs: b.shape().clone(),
     }
-}
-
-/// One thread per item, `THREADS` per block.
-fn per_item(n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (n.div_ceil(THREADS as usize).max(1) as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-pub(crate) fn route_topk(
-    x: &CudaStorage,
-    l: &Layout,
-    k: usize,
-) -> Result<(CudaStorage, CudaStorage, CudaStorage)> {
-    const OP: &str = "moe_route_topk";
-    float_only(OP, x.dtype)?;
-    let (n, e) = rank2(OP, l)?;
-    if k == 0 || k > e {
-        return Err(Error::invalid(
-            OP,
-            format!("k = {k} must be in 1..={e} for logits {}", l.shape()),
-        ));
-    }
-    let probs = CudaStorage::alloc(&x.dev, OP, n * e, x.dtype)?;
-    let ids = CudaStorage::alloc(&x.dev, OP, n * k, DType::U32)?;
-    let w = CudaStorage::alloc(&x.dev, OP, n * k, x.dtype)?;
-    if n == 0 {
-        return Ok((probs, ids, w));
-    }
-    let xc = x.contiguous(OP, l)?;
-    to_u32(OP, n * e)?;
-    let (n32, e32, k32) = (to_u32(OP, n)?, to_u32(OP, e)?, to_u32(OP, k)?);
-    let (xp, pp, ip, wp) = (xc.ptr, probs.ptr(), ids.ptr(), w.ptr());
-    let name = format!("{OP}_{}", x.dtype);
-    // SAFETY: logits are a contiguous [n, e] of x's dtype; probs [n, e], ids [n, k] u32 and
-    // weights [n, k] were allocated above; one thread per row, guarded by `t < n`.
-    unsafe {
-        launch!(
-            &x.dev,
-            OP,
-            MOE,
-            name,
-            per_item(n),
-            [n32, e32, k32, xp, pp, ip, wp]
-        )
-    }?;
-    Ok((probs, ids, w))
-}
-
-pub(crate) fn route_topk_backward(
-    w: &CudaStorage,
-    wl: &Layout,
-    ids: &CudaStorage,
-    il: &Layout,
-    gw: &CudaStorage,
-    gl: &Layout,
-    e: usize,
-) -> Result<CudaStorage> {
-    const OP: &str = "moe_route_topk_backward";
-    check3(OP, w, (ids, DType::U32), (gw, w.dtype))?;
-    let (n, k) = rank2(OP, wl)?;
-    if il.dims() != [n, k] || gl.dims() != [n, k] {
-        return Err(shape_err(OP, wl, gl));
-    }
-    let out = CudaStorage::alloc(&w.dev, OP, n * e, w.dtype)?;
-    if n * e == 0 {
-        return Ok(out);
-    }
-    let (wc, ic, gc) = (
-        w.contiguous(OP, wl)?,
-        ids.contiguous(OP, il)?,
-        gw.contiguous(OP, gl)?,
-    );
-    let (n32, e32, k32) = (to_u32(OP, n)?, to_u32(OP, e)?, to_u32(OP, k)?);
-    to_u32(OP, n * e)?;
-    let (wp, ip, gp, op) = (wc.ptr, ic.ptr, gc.ptr, out.ptr());
-    let name = format!("{OP}_{}", w.dtype);
-    // SAFETY: weights, ids and gw are contiguous [n, k]; the output [n, e] is written whole by
-    // its row's thread (ids ≥ e are skipped); one thread per row.
-    unsafe {
-        launch!(
-            &w.dev,
-            OP,
-            MOE,
-            name,
-            per_item(n),
-            [n32, e32, k32, wp, ip, gp, op]
-        )
-    }?;
-    Ok(out)
 }
 
 pub(crate) fn group(ids: &CudaStorage, l: &Layout, e: usize) -> Result<(CudaStorage, CudaStorage)> {
