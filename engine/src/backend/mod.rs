@@ -214,67 +214,6 @@ pub trait BackendStorage: Sized + Send + Sync {
     /// Where `y = 0` (masked keys) `dx = 0`. Row sums in f32 (f64 for f64).
     fn softmax_backward(&self, l: &Layout, g: &Self, g_l: &Layout, scale: f64) -> Result<Self>;
 
-    // ----- MoE routing and grouped experts (see `crate::ops::moe` for the exact semantics) -----
-
-    /// Stable grouping of the slots of `self` (ids `[n, k]` u32) by expert: `(perm [n·k] u32,
-    /// offsets [E+1] u32)`. Ids ≥ E go after every expert (not counted in `offsets`).
-    fn moe_group(&self, l: &Layout, num_experts: usize) -> Result<(Self, Self)>;
-    /// `inv[perm[q]] = q` for a permutation `self` `[m]` u32.
-    fn moe_invert_perm(&self, l: &Layout) -> Result<Self>;
-    /// `y[q] = scale[perm[q]] · x[perm[q] / k]` for `x = self` `[n, h]`, `perm` `[m]`, `scale`
-    /// `[n·k]` in the accumulation dtype (f32, f64 for f64) or none (1).
-    fn moe_permute(
-        &self,
-        l: &Layout,
-        perm: &Self,
-        perm_l: &Layout,
-        k: usize,
-        scale: Option<(&Self, &Layout)>,
-    ) -> Result<Self>;
-    /// `out[t] = Σ_j w[t, j] · y[inv[t·k + j]]` for `y = self` `[n·k, h]`, `inv` `[n·k]` u32,
-    /// `w` `[n, k]` in the accumulation dtype; out `[n, h]` in `y`'s dtype.
-    fn moe_combine(
-        &self,
-        l: &Layout,
-        inv: &Self,
-        inv_l: &Layout,
-        w: &Self,
-        w_l: &Layout,
-    ) -> Result<Self>;
-    /// `dw[t, j] = ⟨g[t], y[inv[t·k + j]]⟩` `[n, k]` in the accumulation dtype, for `y = self`
-    /// `[n·k, h]` and `g` `[n, h]`.
-    fn moe_combine_dw(
-        &self,
-        l: &Layout,
-        inv: &Self,
-        inv_l: &Layout,
-        g: &Self,
-        g_l: &Layout,
-        k: usize,
-    ) -> Result<Self>;
-    /// Grouped matmul over the expert segments `[off[e], off[e+1])` of the rows of `self`
-    /// (`x` `[m, K]`): `y[seg e] = x[seg e] · w[e]ᵀ` for `w` `[E, N, K]` (`trans_w = false`), or
-    /// `x[seg e] · w[e]` for `w` `[E, K, N]` (`trans_w = true`). Rows outside every segment are 0.
-    fn grouped_matmul(
-        &self,
-        l: &Layout,
-        w: &Self,
-        w_l: &Layout,
-        offsets: &Self,
-        off_l: &Layout,
-        trans_w: bool,
-    ) -> Result<Self>;
-    /// Grouped weight gradient: `dw[e] = dy[seg e]ᵀ x[seg e]` `[E, N, K]` for `dy = self` `[m, N]`
-    /// and `x` `[m, K]`.
-    fn grouped_matmul_dw(
-        &self,
-        l: &Layout,
-        x: &Self,
-        x_l: &Layout,
-        offsets: &Self,
-        off_l: &Layout,
-        num_experts: usize,
-    ) -> Result<Self>;
     /// One fused AdamW step over every slot of every group (see [`AdamWGroup`], [`AdamWSlot`],
     /// [`AdamWHyper`]), in place: each slot's parameter and moments are read and written once.
     /// Moments are f32 (f64 for f64 parameters); the grad has the parameter's dtype. The CPU

@@ -1,29 +1,22 @@
-//! MoE grouped expert ops on the CPU: the reference of the CUDA kernels in
-//! kernels/src/moe.cu. f32 and bf16 compute in f32 (bf16 rounded once on write), f64 in f64.
-//! Every sum runs in a fixed order (slot order, row order), like the kernels.
-
-use rayon::prelude::*;
+//! The grouped-expert unit's primitives on the CPU: the reference of the kernels in
+//! `kernels/src/moe_grouped.cu`. f32 and bf16 compute in f32 (bf16 rounded once on write), f64
+//! in f64. Every sum runs in a fixed order (slot order, row order), like the kernels.
 
 use num_traits::{One, Zero};
+use rayon::prelude::*;
 
-use super::acc::{by_acc, float_only, store, vec_t};
-use super::{CpuStorage, PAR_THRESHOLD};
+use super::primitives::{
+    rank2, shape_err, Combine, CombineDw, Group, GroupedMatmul, GroupedMatmulDw, InvertPerm,
+    Permute,
+};
+use crate::backend::cpu::acc::{by_acc, float_only, store, vec_t};
+use crate::backend::cpu::{CpuStorage, PAR_THRESHOLD};
 use crate::backend::BackendStorage;
 use crate::{Error, Layout, Result};
 
-fn rank2(op: &'static str, l: &Layout) -> Result<(usize, usize)> {
-    match l.dims() {
-        &[a, b] => Ok((a, b)),
-        _ => Err(Error::RankMismatch {
-            op,
-            expected: 2,
-            shape: l.shape().clone(),
-        }),
-    }
-}
-
-pub(super) fn group(ids: &CpuStorage, l: &Layout, e: usize) -> Result<(CpuStorage, CpuStorage)> {
+pub(super) fn group(o: Group<'_, CpuStorage>, e: usize) -> Result<(CpuStorage, CpuStorage)> {
     const OP: &str = "moe_group";
+    let (ids, l) = (o.ids.s, o.ids.l);
     let ids = ids.view_u32(OP, l)?;
     let bucket = |id: u32| (id as usize).min(e);
     let mut counts = vec![0u32; e + 2];
@@ -44,7 +37,8 @@ pub(super) fn group(ids: &CpuStorage, l: &Layout, e: usize) -> Result<(CpuStorag
     Ok((CpuStorage::U32(perm), CpuStorage::U32(offsets)))
 }
 
-pub(super) fn invert_perm(perm: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
+pub(super) fn invert_perm(o: InvertPerm<'_, CpuStorage>) -> Result<CpuStorage> {
+    let (perm, l) = (o.perm.s, o.perm.l);
     let perm = perm.view_u32("moe_invert_perm", l)?;
     let m = perm.len();
     let mut inv = vec![u32::MAX; m];
@@ -56,15 +50,9 @@ pub(super) fn invert_perm(perm: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
     Ok(CpuStorage::U32(inv))
 }
 
-pub(super) fn permute(
-    x: &CpuStorage,
-    l: &Layout,
-    perm: &CpuStorage,
-    pl: &Layout,
-    k: usize,
-    scale: Option<(&CpuStorage, &Layout)>,
-) -> Result<CpuStorage> {
+pub(super) fn permute(o: Permute<'_, CpuStorage>, k: usize) -> Result<CpuStorage> {
     const OP: &str = "moe_permute";
+    let (x, l, perm, pl) = (o.x.s, o.x.l, o.perm.s, o.perm.l);
     float_only(OP, x)?;
     let (n, h) = rank2(OP, l)?;
     let perm = perm.view_u32(OP, pl)?;
@@ -78,8 +66,8 @@ pub(super) fn permute(
     let dt = x.dtype();
     by_acc!(dt, T => {
         let xv = vec_t::<T>(OP, x, l)?;
-        let sv = match scale {
-            Some((s, sl)) => Some(vec_t::<T>(OP, s, sl)?),
+        let sv = match o.scale {
+            Some(s) => Some(vec_t::<T>(OP, s.s, s.l)?),
             None => None,
         };
         let mut y = vec![T::zero(); m * h];
@@ -103,25 +91,15 @@ pub(super) fn permute(
     })
 }
 
-pub(super) fn combine(
-    y: &CpuStorage,
-    l: &Layout,
-    inv: &CpuStorage,
-    il: &Layout,
-    w: &CpuStorage,
-    wl: &Layout,
-) -> Result<CpuStorage> {
+pub(super) fn combine(o: Combine<'_, CpuStorage>) -> Result<CpuStorage> {
     const OP: &str = "moe_combine";
+    let (y, l, inv, il, w, wl) = (o.y.s, o.y.l, o.inv.s, o.inv.l, o.w.s, o.w.l);
     float_only(OP, y)?;
     let (m, h) = rank2(OP, l)?;
     let (n, k) = rank2(OP, wl)?;
     let inv = inv.view_u32(OP, il)?;
     if m != n * k || inv.len() != m {
-        return Err(Error::ShapeMismatch {
-            op: OP,
-            lhs: l.shape().clone(),
-            rhs: wl.shape().clone(),
-        });
+        return Err(shape_err(OP, l, wl));
     }
     let dt = y.dtype();
     by_acc!(dt, T => {
@@ -149,26 +127,15 @@ pub(super) fn combine(
     })
 }
 
-pub(super) fn combine_dw(
-    y: &CpuStorage,
-    l: &Layout,
-    inv: &CpuStorage,
-    il: &Layout,
-    g: &CpuStorage,
-    gl: &Layout,
-    k: usize,
-) -> Result<CpuStorage> {
+pub(super) fn combine_dw(o: CombineDw<'_, CpuStorage>, k: usize) -> Result<CpuStorage> {
     const OP: &str = "moe_combine_dw";
+    let (y, l, inv, il, g, gl) = (o.y.s, o.y.l, o.inv.s, o.inv.l, o.g.s, o.g.l);
     float_only(OP, y)?;
     let (m, h) = rank2(OP, l)?;
     let (n, gh) = rank2(OP, gl)?;
     let inv = inv.view_u32(OP, il)?;
     if m != n * k || gh != h || inv.len() != m {
-        return Err(Error::ShapeMismatch {
-            op: OP,
-            lhs: l.shape().clone(),
-            rhs: gl.shape().clone(),
-        });
+        return Err(shape_err(OP, l, gl));
     }
     let dt = y.dtype();
     by_acc!(dt, T => {
@@ -206,15 +173,11 @@ fn segments(op: &'static str, off: &CpuStorage, ol: &Layout, m: usize) -> Result
 }
 
 pub(super) fn grouped_matmul(
-    x: &CpuStorage,
-    l: &Layout,
-    w: &CpuStorage,
-    wl: &Layout,
-    off: &CpuStorage,
-    ol: &Layout,
+    o: GroupedMatmul<'_, CpuStorage>,
     trans_w: bool,
 ) -> Result<CpuStorage> {
     const OP: &str = "grouped_matmul";
+    let (x, l, w, wl, off, ol) = (o.x.s, o.x.l, o.w.s, o.w.l, o.offsets.s, o.offsets.l);
     float_only(OP, x)?;
     if w.dtype() != x.dtype() {
         return Err(Error::DTypeMismatch {
@@ -233,11 +196,7 @@ pub(super) fn grouped_matmul(
     };
     let (nn, wk) = if trans_w { (q, p) } else { (p, q) };
     if wk != kk || ol.dims() != [e + 1] {
-        return Err(Error::ShapeMismatch {
-            op: OP,
-            lhs: l.shape().clone(),
-            rhs: wl.shape().clone(),
-        });
+        return Err(shape_err(OP, l, wl));
     }
     let seg = segments(OP, off, ol, m)?;
     let dt = x.dtype();
@@ -276,15 +235,11 @@ pub(super) fn grouped_matmul(
 }
 
 pub(super) fn grouped_matmul_dw(
-    dy: &CpuStorage,
-    l: &Layout,
-    x: &CpuStorage,
-    xl: &Layout,
-    off: &CpuStorage,
-    ol: &Layout,
+    o: GroupedMatmulDw<'_, CpuStorage>,
     e: usize,
 ) -> Result<CpuStorage> {
     const OP: &str = "grouped_matmul_dw";
+    let (dy, l, x, xl, off, ol) = (o.dy.s, o.dy.l, o.x.s, o.x.l, o.offsets.s, o.offsets.l);
     float_only(OP, dy)?;
     if x.dtype() != dy.dtype() {
         return Err(Error::DTypeMismatch {
@@ -296,11 +251,7 @@ pub(super) fn grouped_matmul_dw(
     let (m, nn) = rank2(OP, l)?;
     let (xm, kk) = rank2(OP, xl)?;
     if xm != m || ol.dims() != [e + 1] {
-        return Err(Error::ShapeMismatch {
-            op: OP,
-            lhs: l.shape().clone(),
-            rhs: xl.shape().clone(),
-        });
+        return Err(shape_err(OP, l, xl));
     }
     let seg = segments(OP, off, ol, m)?;
     let dt = dy.dtype();

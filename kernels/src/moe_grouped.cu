@@ -1,7 +1,7 @@
-// MoE grouped expert kernels: device-side grouping of (token, slot) pairs by expert, row
-// permute / weighted combine, and grouped matmuls over the expert segments of a sorted row set.
-// Everything is deterministic: no float atomics, and the grouping uses only integer counts whose
-// result does not depend on their order.
+// The grouped-expert kernels (engine/src/fused/moe_grouped/): device-side grouping of (token,
+// slot) pairs by expert, row permute / weighted combine, and grouped matmuls over the expert
+// segments of a sorted row set. Everything is deterministic: no float atomics, and the grouping
+// uses only integer counts whose result does not depend on their order.
 //
 // Inputs are contiguous (the host makes them so). `A` is the accumulation type (float for f32
 // and bf16, double for f64).
@@ -283,7 +283,7 @@ __device__ void gmm_dw(u32 m, u32 nn, u32 kk, u32 ne, const T* dy, const T* x, c
 //   dw_n16: N ≤ 16 (A's weight gradient): 16 × 128 outputs, 2 × 4 per thread;
 //   dw_k16: K ≤ 16 (B's weight gradient): 128 × 16 outputs, 4 × 2 per thread;
 //   dw:     64 × 64 outputs, 4 × 4 per thread.
-#define MOE(T, SUF, NBK) \
+#define MOE_GROUPED(T, SUF, NBK) \
     extern "C" __global__ void moe_permute_##SUF(u32 m, u32 h, u32 k, const T* x, const u32* perm, \
                                                  const Acc<T>::type* scale, T* y) { \
         permute<T>(m, h, k, x, perm, scale, y); \
@@ -317,6 +317,6 @@ __device__ void gmm_dw(u32 m, u32 nn, u32 kk, u32 ne, const T* dy, const T* x, c
         gmm_dw<T, 64, 64, 4, 4, 32>(m, nn, kk, ne, dy, x, off, dw); \
     }
 
-MOE(float, f32, 32)
-MOE(bf16, bf16, 32)
-MOE(double, f64, 16)
+MOE_GROUPED(float, f32, 32)
+MOE_GROUPED(bf16, bf16, 32)
+MOE_GROUPED(double, f64, 16)
