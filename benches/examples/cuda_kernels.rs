@@ -48,6 +48,8 @@ use engine::backend::cpu::CpuStorage;
 use engine::backend::cuda::{memory_stats, reset_peak_memory, CudaDevice, GpuEvent};
 use engine::backend::{BackendStorage, BinaryOp, CmpOp, ReduceOp, UnaryOp};
 use engine::fused::lora::primitives as lora;
+use engine::fused::moe_grouped::primitives as grouped;
+use engine::fused::moe_route::primitives as route;
 use engine::fused::Operand;
 use engine::{causal_attention, DType, Device, Layout, Result, Shape, Storage, Tensor};
 
@@ -944,9 +946,10 @@ fn attention_softmax(lab: &mut Lab, dt: DType) -> Result<()> {
     })
 }
 
-/// The MoE kernels (kernels/src/moe.cu) at LLaMA-2-7B sizes: T = 16384 tokens, E = 8 experts,
-/// k = 2 (S = T·k = 32768 slots), H = 4096, I = 11008, LoRA rank r = 16; `s` the element size,
-/// weights and scales of permute/combine in f32 (4 bytes). Minimal bytes (FLOPs where counted):
+/// The MoE routing and grouped-expert kernels (kernels/src/moe_route.cu and moe_grouped.cu) at
+/// LLaMA-2-7B sizes: T = 16384 tokens, E = 8 experts, k = 2 (S = T·k = 32768 slots), H = 4096,
+/// I = 11008, LoRA rank r = 16; `s` the element size, weights and scales of permute/combine in
+/// f32 (4 bytes). Minimal bytes (FLOPs where counted):
 /// - route_topk: logits in, probs out `2·T·E·s`, ids and weights out `T·k·(4 + s)`;
 ///   its backward: weights, gw in `2·T·k·s`, ids `T·k·4`, dlogits out `T·E·s`;
 /// - group (count, scan, scatter): ids read twice and perm written `3·S·4` (the per-tile counts
@@ -961,9 +964,8 @@ fn attention_softmax(lab: &mut Lab, dt: DType) -> Result<()> {
 /// - grouped_matmul_dw `dw[e] = dy[seg]ᵀ x[seg]`: `(M·N + M·K + E·N·K)·s`, `2·M·N·K` FLOPs.
 fn moe(lab: &mut Lab, dt: DType) -> Result<()> {
     let s = dt.size_in_bytes();
-    let (t, e, k, h, i, r) = (16384usize, 8usize, 2usize, H, 11008usize, 16usize);
+    let (t, e, k) = (16384usize, 8usize, 2usize);
     let m = t * k;
-    let acc = DType::F32;
 
     let logits = randn(&[t, e], dt, 40)?;
     let ll = lay(&[t, e]);
@@ -974,9 +976,9 @@ fn moe(lab: &mut Lab, dt: DType) -> Result<()> {
             shape_str(&[t, e]),
             2 * t * e * s + t * k * (4 + s),
         ),
-        || logits.moe_route_topk(&ll, k).map(drop),
+        || route_topk(&logits, &ll, k).map(drop),
     )?;
-    let (_, rids, rw) = logits.moe_route_topk(&ll, k)?;
+    let (_, rids, rw) = route_topk(&logits, &ll, k)?;
     let gw = randn(&[t, k], dt, 41)?;
     let kl = lay(&[t, k]);
     lab.run(
@@ -987,17 +989,33 @@ fn moe(lab: &mut Lab, dt: DType) -> Result<()> {
             2 * t * k * s + t * k * 4 + t * e * s,
         ),
         || {
-            rw.moe_route_topk_backward(&kl, &rids, &kl, &gw, &kl, e)
-                .map(drop)
+            let o = route::RouteTopkBackward {
+                w: op(&rw, &kl),
+                ids: op(&rids, &kl),
+                gw: op(&gw, &kl),
+            };
+            route::route_topk_backward(o, e).map(drop)
         },
     )?;
     lab.run(
         mem("moe_group", DType::U32, shape_str(&[t, k]), 3 * m * 4),
-        || rids.moe_group(&kl, e).map(drop),
+        || group(&rids, &kl, e).map(drop),
     )?;
-    let (perm, off) = rids.moe_group(&kl, e)?;
-    let (pl, ol) = (lay(&[m]), lay(&[e + 1]));
-    let inv = perm.moe_invert_perm(&pl)?;
+    let (perm, off) = group(&rids, &kl, e)?;
+    moe_permute_combine(lab, dt, &perm)?;
+    moe_grouped_matmuls(lab, dt, &off)
+}
+
+/// The permute and combine rows of [`moe`], over the slot order `perm` `[S]`.
+fn moe_permute_combine(lab: &mut Lab, dt: DType, perm: &Storage) -> Result<()> {
+    let s = dt.size_in_bytes();
+    let (t, k, h) = (16384usize, 2usize, H);
+    let m = t * k;
+    let acc = DType::F32;
+    let (pl, kl) = (lay(&[m]), lay(&[t, k]));
+    let inv = grouped::invert_perm(grouped::InvertPerm {
+        perm: op(perm, &pl),
+    })?;
 
     let x = randn(&[t, h], dt, 42)?;
     lab.run(
@@ -1007,7 +1025,15 @@ fn moe(lab: &mut Lab, dt: DType) -> Result<()> {
             format!("{} -> {}", shape_str(&[t, h]), shape_str(&[m, h])),
             t * h * s + m * h * s + m * 4,
         ),
-        || x.moe_permute(&lay(&[t, h]), &perm, &pl, k, None).map(drop),
+        || {
+            let xl = lay(&[t, h]);
+            let o = grouped::Permute {
+                x: op(&x, &xl),
+                perm: op(perm, &pl),
+                scale: None,
+            };
+            grouped::permute(o, k).map(drop)
+        },
     )?;
     drop(x);
     let y = randn(&[m, h], dt, 43)?;
@@ -1019,7 +1045,15 @@ fn moe(lab: &mut Lab, dt: DType) -> Result<()> {
             format!("{} -> {}", shape_str(&[m, h]), shape_str(&[t, h])),
             m * h * s + t * h * s + m * 4 + t * k * 4,
         ),
-        || y.moe_combine(&lay(&[m, h]), &inv, &pl, &w, &kl).map(drop),
+        || {
+            let yl = lay(&[m, h]);
+            let o = grouped::Combine {
+                y: op(&y, &yl),
+                inv: op(&inv, &pl),
+                w: op(&w, &kl),
+            };
+            grouped::combine(o).map(drop)
+        },
     )?;
     let g = randn(&[t, h], dt, 45)?;
     lab.run(
@@ -1030,13 +1064,27 @@ fn moe(lab: &mut Lab, dt: DType) -> Result<()> {
             m * h * s + t * h * s + m * 4,
         ),
         || {
-            y.moe_combine_dw(&lay(&[m, h]), &inv, &pl, &g, &lay(&[t, h]), k)
-                .map(drop)
+            let (yl, gl) = (lay(&[m, h]), lay(&[t, h]));
+            let o = grouped::CombineDw {
+                y: op(&y, &yl),
+                inv: op(&inv, &pl),
+                g: op(&g, &gl),
+            };
+            grouped::combine_dw(o, k).map(drop)
         },
     )?;
     drop((g, w));
+    Ok(())
+}
 
+/// The grouped matmul rows of [`moe`], over the expert segments `off` `[E+1]`.
+fn moe_grouped_matmuls(lab: &mut Lab, dt: DType, off: &Storage) -> Result<()> {
+    let s = dt.size_in_bytes();
+    let (t, e, k, h, i, r) = (16384usize, 8usize, 2usize, H, 11008usize, 16usize);
+    let m = t * k;
+    let ol = lay(&[e + 1]);
     // Grouped matmuls over the sorted slots (y stands for x_sorted [S, H]).
+    let y = randn(&[m, h], dt, 43)?;
     let gmm = |op: &str, (mm, kk, nn): (usize, usize, usize)| Case {
         op: op.into(),
         dtype: dt,
@@ -1050,31 +1098,76 @@ fn moe(lab: &mut Lab, dt: DType) -> Result<()> {
     let z = randn(&[m, r], dt, 48)?;
     let (al, bl, zl, yl) = (lay(&[e, r, h]), lay(&[e, i, r]), lay(&[m, r]), lay(&[m, h]));
     lab.run(gmm("grouped_matmul LoRA A (x·Aᵀ)", (m, h, r)), || {
-        y.grouped_matmul(&yl, &a, &al, &off, &ol, false).map(drop)
+        gmm_run((&y, &yl), (&a, &al), (off, &ol), false)
     })?;
     lab.run(gmm("grouped_matmul LoRA B (z·Bᵀ)", (m, r, i)), || {
-        z.grouped_matmul(&zl, &b, &bl, &off, &ol, false).map(drop)
+        gmm_run((&z, &zl), (&b, &bl), (off, &ol), false)
     })?;
     lab.run(
         gmm("grouped_matmul A input grad (dz·A)", (m, r, h)),
-        || z.grouped_matmul(&zl, &a, &al, &off, &ol, true).map(drop),
+        || gmm_run((&z, &zl), (&a, &al), (off, &ol), true),
     )?;
     drop(y);
     let dy = randn(&[m, i], dt, 49)?;
     let dyl = lay(&[m, i]);
     lab.run(
         gmm("grouped_matmul B input grad (dy·B)", (m, i, r)),
-        || dy.grouped_matmul(&dyl, &b, &bl, &off, &ol, true).map(drop),
+        || gmm_run((&dy, &dyl), (&b, &bl), (off, &ol), true),
     )?;
     lab.run(gmm("grouped_matmul_dw B (dyᵀ·z)", (m, i, r)), || {
-        dy.grouped_matmul_dw(&dyl, &z, &zl, &off, &ol, e).map(drop)
+        gmm_dw_run((&dy, &dyl), (&z, &zl), (off, &ol), e)
     })?;
     drop(dy);
     let x = randn(&[m, h], dt, 50)?;
     lab.run(gmm("grouped_matmul_dw A (dzᵀ·x)", (m, r, h)), || {
-        z.grouped_matmul_dw(&zl, &x, &yl, &off, &ol, e).map(drop)
+        gmm_dw_run((&z, &zl), (&x, &yl), (off, &ol), e)
     })?;
     Ok(())
+}
+
+/// `moe_route_topk` on the logits `[T, E]`: `(probs, ids, weights)`.
+fn route_topk(logits: &Storage, l: &Layout, k: usize) -> Result<(Storage, Storage, Storage)> {
+    route::route_topk(
+        route::RouteTopk {
+            logits: op(logits, l),
+        },
+        k,
+    )
+}
+
+/// `moe_group` of the ids `[T, k]`: `(perm, offsets)`.
+fn group(ids: &Storage, l: &Layout, e: usize) -> Result<(Storage, Storage)> {
+    grouped::group(grouped::Group { ids: op(ids, l) }, e)
+}
+
+/// One `grouped_matmul` of `x` with `w` over the segments `off`, the result dropped.
+fn gmm_run(
+    x: (&Storage, &Layout),
+    w: (&Storage, &Layout),
+    off: (&Storage, &Layout),
+    trans_w: bool,
+) -> Result<()> {
+    let o = grouped::GroupedMatmul {
+        x: op(x.0, x.1),
+        w: op(w.0, w.1),
+        offsets: op(off.0, off.1),
+    };
+    grouped::grouped_matmul(o, trans_w).map(drop)
+}
+
+/// One `grouped_matmul_dw` of `dy` and `x` over the segments `off`, the result dropped.
+fn gmm_dw_run(
+    dy: (&Storage, &Layout),
+    x: (&Storage, &Layout),
+    off: (&Storage, &Layout),
+    e: usize,
+) -> Result<()> {
+    let o = grouped::GroupedMatmulDw {
+        dy: op(dy.0, dy.1),
+        x: op(x.0, x.1),
+        offsets: op(off.0, off.1),
+    };
+    grouped::grouped_matmul_dw(o, e).map(drop)
 }
 
 /// The fused multi-tensor AdamW step and the vocabulary-chunk cross-entropy.

@@ -126,48 +126,19 @@ pub const SOFTMAX: KernelSource = module!("softmax", f3 softmax f3 log_softmax
     f3 softmax_backward_warp8
 );
 
-/// MoE routing: fused top-k routing, grouping by expert on the device, permute/combine, grouped
-/// matmuls over expert segments (forward and weight gradient).
-pub const MOE: KernelSource = KernelSource {
-    name: "moe",
-    source: concat!(include_str!("common.cuh"), "\n", include_str!("moe.cu")),
-    kernels: &[
-        "moe_route_topk_f32",
-        "moe_route_topk_bf16",
-        "moe_route_topk_f64",
-        "moe_route_topk_backward_f32",
-        "moe_route_topk_backward_bf16",
-        "moe_route_topk_backward_f64",
-        "moe_permute_f32",
-        "moe_permute_bf16",
-        "moe_permute_f64",
-        "moe_combine_f32",
-        "moe_combine_bf16",
-        "moe_combine_f64",
-        "moe_combine_dw_f32",
-        "moe_combine_dw_bf16",
-        "moe_combine_dw_f64",
-        "grouped_matmul_narrow_f32",
-        "grouped_matmul_narrow_bf16",
-        "grouped_matmul_narrow_f64",
-        "grouped_matmul_wide_f32",
-        "grouped_matmul_wide_bf16",
-        "grouped_matmul_wide_f64",
-        "grouped_matmul_dw_n16_f32",
-        "grouped_matmul_dw_n16_bf16",
-        "grouped_matmul_dw_n16_f64",
-        "grouped_matmul_dw_k16_f32",
-        "grouped_matmul_dw_k16_bf16",
-        "grouped_matmul_dw_k16_f64",
-        "grouped_matmul_dw_f32",
-        "grouped_matmul_dw_bf16",
-        "grouped_matmul_dw_f64",
-        "moe_group_count_u32",
-        "moe_group_scan_u32",
-        "moe_group_scatter_u32",
-        "moe_invert_perm_u32",
-    ],
-};
+/// The router's fused top-k (`engine/src/fused/moe_route/`): softmax, the top-k experts and their
+/// renormalised weights, and the weights' backward.
+pub const MOE_ROUTE: KernelSource =
+    module!("moe_route", f3 moe_route_topk f3 moe_route_topk_backward);
+
+/// The grouped-expert primitives (`engine/src/fused/moe_grouped/`): grouping by expert on the
+/// device, permute/combine, grouped matmuls over expert segments (forward and weight gradient).
+pub const MOE_GROUPED: KernelSource = module!("moe_grouped",
+    f3 moe_permute f3 moe_combine f3 moe_combine_dw
+    f3 grouped_matmul_narrow f3 grouped_matmul_wide
+    f3 grouped_matmul_dw_n16 f3 grouped_matmul_dw_k16 f3 grouped_matmul_dw
+    one moe_group_count_u32 one moe_group_scan_u32 one moe_group_scatter_u32 one moe_invert_perm_u32
+);
 
 /// The fused multi-tensor AdamW step and the multi-tensor sum of squares (the gradient norm):
 /// one kernel for every tensor, whatever its dtype (each tensor's dtype is in the table the
@@ -267,7 +238,8 @@ pub const SOURCES: &[KernelSource] = &[
     RANDOM,
     DROPOUT,
     SOFTMAX,
-    MOE,
+    MOE_ROUTE,
+    MOE_GROUPED,
     OPTIM,
     MOE_FUSED,
     LORA,

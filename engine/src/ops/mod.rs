@@ -10,7 +10,6 @@ mod index;
 mod linear_loss;
 mod loss;
 mod matmul;
-mod moe;
 mod moe_fused;
 mod optim;
 mod reduce;

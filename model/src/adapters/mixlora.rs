@@ -1,5 +1,5 @@
 //! The MixLoRA FFN: a sparse mixture of `E` experts sharing the frozen SwiGLU weights, each with
-//! its own LoRA on gate/up/down (MIXLORA.md):
+//! its own LoRA on gate/up/down (docs/DESIGN.md, section 1):
 //!
 //! `y_e(x) = (W_d + s·B_d,e A_d,e) [ silu((W_g + s·B_g,e A_g,e) x) ⊙ ((W_u + s·B_u,e A_u,e) x) ]`,
 //! `y(x) = Σ_{e ∈ sel(x)} w_e(x) · y_e(x)` with the router's selection and weights.

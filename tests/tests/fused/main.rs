@@ -3,6 +3,8 @@
 //! (module `gpu`, built with the `cuda` feature; they skip, saying why, without a GPU).
 
 mod lora;
+mod moe_grouped;
+mod moe_route;
 
 #[cfg(not(feature = "cuda"))]
 #[test]

@@ -2,13 +2,13 @@
 //! over f32 and f64; bf16 runs through f32 (widened on read, rounded once on write), so bf16
 //! results carry f32 accumulation. Work is spread with rayon; matmul goes through the `gemm` crate.
 
+pub(crate) mod acc;
 pub(crate) mod dropout;
 mod elementwise;
 mod index;
 mod loss;
 mod loss_chunk;
 pub(crate) mod matmul;
-mod moe;
 mod moe_fused;
 mod optim;
 pub mod profile;
@@ -388,89 +388,6 @@ impl BackendStorage for CpuStorage {
     fn softmax_backward(&self, l: &Layout, g: &Self, g_l: &Layout, scale: f64) -> Result<Self> {
         timed("softmax_backward", || {
             softmax::softmax_backward(self, l, g, g_l, scale)
-        })
-    }
-    fn moe_route_topk(&self, l: &Layout, k: usize) -> Result<(Self, Self, Self)> {
-        timed("moe_route_topk", || moe::route_topk(self, l, k))
-    }
-    fn moe_route_topk_backward(
-        &self,
-        l: &Layout,
-        ids: &Self,
-        ids_l: &Layout,
-        gw: &Self,
-        gw_l: &Layout,
-        num_experts: usize,
-    ) -> Result<Self> {
-        timed("moe_route_topk_backward", || {
-            moe::route_topk_backward(self, l, ids, ids_l, gw, gw_l, num_experts)
-        })
-    }
-    fn moe_group(&self, l: &Layout, num_experts: usize) -> Result<(Self, Self)> {
-        timed("moe_group", || moe::group(self, l, num_experts))
-    }
-    fn moe_invert_perm(&self, l: &Layout) -> Result<Self> {
-        timed("moe_invert_perm", || moe::invert_perm(self, l))
-    }
-    fn moe_permute(
-        &self,
-        l: &Layout,
-        perm: &Self,
-        perm_l: &Layout,
-        k: usize,
-        scale: Option<(&Self, &Layout)>,
-    ) -> Result<Self> {
-        timed("moe_permute", || {
-            moe::permute(self, l, perm, perm_l, k, scale)
-        })
-    }
-    fn moe_combine(
-        &self,
-        l: &Layout,
-        inv: &Self,
-        inv_l: &Layout,
-        w: &Self,
-        w_l: &Layout,
-    ) -> Result<Self> {
-        timed("moe_combine", || moe::combine(self, l, inv, inv_l, w, w_l))
-    }
-    fn moe_combine_dw(
-        &self,
-        l: &Layout,
-        inv: &Self,
-        inv_l: &Layout,
-        g: &Self,
-        g_l: &Layout,
-        k: usize,
-    ) -> Result<Self> {
-        timed("moe_combine_dw", || {
-            moe::combine_dw(self, l, inv, inv_l, g, g_l, k)
-        })
-    }
-    fn grouped_matmul(
-        &self,
-        l: &Layout,
-        w: &Self,
-        w_l: &Layout,
-        offsets: &Self,
-        off_l: &Layout,
-        trans_w: bool,
-    ) -> Result<Self> {
-        timed("grouped_matmul", || {
-            moe::grouped_matmul(self, l, w, w_l, offsets, off_l, trans_w)
-        })
-    }
-    fn grouped_matmul_dw(
-        &self,
-        l: &Layout,
-        x: &Self,
-        x_l: &Layout,
-        offsets: &Self,
-        off_l: &Layout,
-        num_experts: usize,
-    ) -> Result<Self> {
-        timed("grouped_matmul_dw", || {
-            moe::grouped_matmul_dw(self, l, x, x_l, offsets, off_l, num_experts)
         })
     }
     fn adamw_step(groups: &mut [AdamWGroup<'_, Self>], h: &AdamWHyper) -> Result<()> {

@@ -21,7 +21,6 @@ pub(crate) mod layout;
 mod loss;
 mod loss_chunk;
 pub(crate) mod matmul;
-mod moe;
 mod moe_fused;
 mod moe_tiles;
 mod optim;
@@ -377,79 +376,6 @@ impl BackendStorage for CudaStorage {
     }
     fn softmax_backward(&self, l: &Layout, g: &Self, g_l: &Layout, scale: f64) -> Result<Self> {
         softmax::softmax_backward(self, l, g, g_l, scale)
-    }
-    fn moe_route_topk(&self, l: &Layout, k: usize) -> Result<(Self, Self, Self)> {
-        moe::route_topk(self, l, k)
-    }
-    fn moe_route_topk_backward(
-        &self,
-        l: &Layout,
-        ids: &Self,
-        ids_l: &Layout,
-        gw: &Self,
-        gw_l: &Layout,
-        num_experts: usize,
-    ) -> Result<Self> {
-        moe::route_topk_backward(self, l, ids, ids_l, gw, gw_l, num_experts)
-    }
-    fn moe_group(&self, l: &Layout, num_experts: usize) -> Result<(Self, Self)> {
-        moe::group(self, l, num_experts)
-    }
-    fn moe_invert_perm(&self, l: &Layout) -> Result<Self> {
-        moe::invert_perm(self, l)
-    }
-    fn moe_permute(
-        &self,
-        l: &Layout,
-        perm: &Self,
-        perm_l: &Layout,
-        k: usize,
-        scale: Option<(&Self, &Layout)>,
-    ) -> Result<Self> {
-        moe::permute(self, l, perm, perm_l, k, scale)
-    }
-    fn moe_combine(
-        &self,
-        l: &Layout,
-        inv: &Self,
-        inv_l: &Layout,
-        w: &Self,
-        w_l: &Layout,
-    ) -> Result<Self> {
-        moe::combine(self, l, inv, inv_l, w, w_l)
-    }
-    fn moe_combine_dw(
-        &self,
-        l: &Layout,
-        inv: &Self,
-        inv_l: &Layout,
-        g: &Self,
-        g_l: &Layout,
-        k: usize,
-    ) -> Result<Self> {
-        moe::combine_dw(self, l, inv, inv_l, g, g_l, k)
-    }
-    fn grouped_matmul(
-        &self,
-        l: &Layout,
-        w: &Self,
-        w_l: &Layout,
-        offsets: &Self,
-        off_l: &Layout,
-        trans_w: bool,
-    ) -> Result<Self> {
-        moe::grouped_matmul(self, l, w, w_l, offsets, off_l, trans_w)
-    }
-    fn grouped_matmul_dw(
-        &self,
-        l: &Layout,
-        x: &Self,
-        x_l: &Layout,
-        offsets: &Self,
-        off_l: &Layout,
-        num_experts: usize,
-    ) -> Result<Self> {
-        moe::grouped_matmul_dw(self, l, x, x_l, offsets, off_l, num_experts)
     }
     fn adamw_step(groups: &mut [AdamWGroup<'_, Self>], h: &AdamWHyper) -> Result<()> {
         optim::adamw_step(groups, h)

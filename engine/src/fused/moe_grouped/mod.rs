@@ -1,15 +1,26 @@
-//! Mixture-of-experts primitives: fused top-k routing, grouping of (token, slot) pairs by expert
-//! on the device, row permute and weighted combine, and grouped (per-expert) matmuls over the
-//! segments of a sorted row set. None of them reads anything back to the host, so a MoE layer
-//! built from them never synchronises; every sum runs in a fixed order (no float atomics), so
-//! results are deterministic.
+//! The grouped-expert unit: the primitives of the `grouped` MixLoRA FFN (docs/DESIGN.md, section
+//! 2, "`grouped`"): grouping of (token, slot) pairs by expert on the device
+//! ([`Tensor::moe_group`], [`Tensor::moe_invert_perm`]), row permute and weighted combine
+//! ([`Tensor::moe_permute`], [`Tensor::moe_combine`]) and grouped (per-expert) matmuls over the
+//! segments of a sorted row set ([`Tensor::grouped_matmul`]). None of them reads anything back
+//! to the host, so a MoE layer built from them never synchronises; every sum runs in a fixed
+//! order (no float atomics), so results are deterministic.
+//!
+//! Files: the primitives' named operands and dispatch (`primitives.rs`), the CPU reference
+//! (`cpu.rs`), the CUDA launchers (`cuda.rs`) over the kernels of `kernels/src/moe_grouped.cu`.
 //!
 //! Notation: `N` tokens, `E` experts, `k` experts per token, `S = N·k` slots; slot `p = t·k + j`
 //! is token `t`'s `j`-th choice. "Accumulation dtype": f32 for f32/bf16 data, f64 for f64.
 
-use super::{float_only, same_device, same_dtype, u32_only};
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+pub mod primitives;
+
+use self::primitives as prim;
 use crate::autograd::{Input, Node, Output};
-use crate::backend::BackendStorage;
+use crate::fused::read;
+use crate::ops::{float_only, same_device, same_dtype, u32_only};
 use crate::{Error, Result, Tensor};
 
 fn rank_is(op: &'static str, t: &Tensor, r: usize) -> Result<()> {
@@ -24,58 +35,6 @@ fn rank_is(op: &'static str, t: &Tensor, r: usize) -> Result<()> {
 }
 
 impl Tensor {
-    /// Top-k routing of router logits `self` `[N, E]` (f32/bf16/f64) in one fused kernel:
-    /// `(probs [N, E], ids [N, k] u32, weights [N, k])` with `probs = softmax(logits)` per row,
-    /// `ids` the `k` most probable experts, largest first (ties: lower index first, NaN largest:
-    /// the order of [`Tensor::topk`]) and `weights[t, j] = p[t, ids[t, j]] / Σ_i p[t, ids[t, i]]`.
-    /// Probs and weights have the logits' dtype (computed in the accumulation dtype).
-    ///
-    /// Autograd: both `probs` and `weights` are differentiable w.r.t. the logits.
-    /// `dlogits = p ⊙ (gp − Σ gp ⊙ p)` from `probs`; the weights are the softmax of the selected
-    /// logits, so from `weights` (one fused kernel per row):
-    /// `dlogits[t, ids[t, j]] = w[t, j] · (gw[t, j] − Σ_i w[t, i] gw[t, i])`, zero elsewhere.
-    pub fn moe_route_topk(&self, k: usize) -> Result<(Tensor, Tensor, Tensor)> {
-        const OP: &str = "moe_route_topk";
-        float_only(OP, self)?;
-        rank_is(OP, self, 2)?;
-        let (n, e) = (self.dims()[0], self.dims()[1]);
-        if k == 0 || k > e {
-            return Err(Error::invalid(
-                OP,
-                format!("k = {k} must be in 1..={e} for logits {}", self.shape()),
-            ));
-        }
-        let (p, i, w) = self.storage().moe_route_topk(self.layout(), k)?;
-        let ids = Tensor::from_storage(i, [n, k], None);
-        // Both rules read their own output only, never the logits.
-        let logits = [Input::GraphOnly(self)];
-        let p_node = Node::record_with("moe_route_topk_probs", &logits, Output::Read, |_, y, g| {
-            let dot = g.mul(y)?.sum_keepdim(-1)?;
-            Ok(vec![Some(y.mul(&g.sub(&dot)?)?)])
-        });
-        let probs = Tensor::from_storage(p, [n, e], p_node);
-        let ids_c = ids.clone();
-        let w_node = Node::record_with(
-            "moe_route_topk_weights",
-            &logits,
-            Output::Read,
-            move |_, w, g| {
-                let dl = w.storage().moe_route_topk_backward(
-                    w.layout(),
-                    &ids_c.storage(),
-                    ids_c.layout(),
-                    &g.storage(),
-                    g.layout(),
-                    e,
-                )?;
-                Ok(vec![Some(Tensor::from_storage(dl, [n, e], None))])
-            },
-        )
-        .map(|n| n.capturing(&[&ids]));
-        let weights = Tensor::from_storage(w, [n, k], w_node);
-        Ok((probs, ids, weights))
-    }
-
     /// Groups the slots of the expert ids `self` `[N, k]` (u32) by expert, on the device:
     /// `(perm [N·k] u32, offsets [E+1] u32)`. `perm` lists the slot indices `p = t·k + j` sorted
     /// by `ids[p]`, stable (ascending `p` within an expert); `offsets[e]` is the number of slots
@@ -90,7 +49,9 @@ impl Tensor {
         u32_only(OP, self)?;
         rank_is(OP, self, 2)?;
         let s = self.elem_count();
-        let (perm, off) = self.storage().moe_group(self.layout(), num_experts)?;
+        let (perm, off) = read([self], |[ids]| {
+            prim::group(prim::Group { ids }, num_experts)
+        })?;
         Ok((
             Tensor::from_storage(perm, [s], None),
             Tensor::from_storage(off, [num_experts + 1], None),
@@ -104,7 +65,9 @@ impl Tensor {
         const OP: &str = "moe_invert_perm";
         u32_only(OP, self)?;
         rank_is(OP, self, 1)?;
-        let s = self.storage().moe_invert_perm(self.layout())?;
+        let s = read([self], |[perm]| {
+            prim::invert_perm(prim::InvertPerm { perm })
+        })?;
         Ok(Tensor::from_storage(s, self.shape().clone(), None))
     }
 
@@ -128,9 +91,16 @@ impl Tensor {
                 rhs: perm.shape().clone(),
             });
         }
-        let s =
-            self.storage()
-                .moe_permute(self.layout(), &perm.storage(), perm.layout(), k, None)?;
+        let s = read([self, perm], |[x, perm]| {
+            prim::permute(
+                prim::Permute {
+                    x,
+                    perm,
+                    scale: None,
+                },
+                k,
+            )
+        })?;
         let perm_c = perm.clone();
         let node = Node::record_with(
             OP,
@@ -151,8 +121,9 @@ impl Tensor {
     /// used in the accumulation dtype). The sum runs over `j` in order, in f32 for bf16 `y`;
     /// the output has `y`'s dtype.
     ///
-    /// Backward: `dy[q] = w[perm[q]] · dout[perm[q] / k]` (a scaled [`Tensor::moe_permute`]) and
-    /// `dw[t, j] = ⟨dout[t], y[pos(t·k + j)]⟩` (one block-sum per slot).
+    /// Backward: `dy[q] = w[perm[q]] · dout[perm[q] / k]` (a scaled [`Tensor::moe_permute`]:
+    /// `moe_permute` with `scale = w`) and `dw[t, j] = ⟨dout[t], y[pos(t·k + j)]⟩` (one block-sum
+    /// per slot: `moe_combine_dw`).
     pub fn moe_combine(&self, perm: &Tensor, weights: &Tensor) -> Result<Tensor> {
         const OP: &str = "moe_combine";
         float_only(OP, self)?;
@@ -175,13 +146,9 @@ impl Tensor {
         let acc = self.dtype().accumulation();
         let w = weights.to_dtype(acc)?; // [N, k]
         let inv = perm.moe_invert_perm()?; // [N·k]
-        let s = self.storage().moe_combine(
-            self.layout(),
-            &inv.storage(),
-            inv.layout(),
-            &w.storage(),
-            w.layout(),
-        )?;
+        let s = read([self, &inv, &w], |[y, inv, w]| {
+            prim::combine(prim::Combine { y, inv, w })
+        })?;
         let (perm_c, inv_c) = (perm.clone(), inv.clone());
         // `y` is read only for the weights' gradient, the weights only for `y`'s.
         let inputs = [
@@ -193,27 +160,19 @@ impl Tensor {
             let dy = y
                 .tracks_grad()
                 .then(|| -> Result<Tensor> {
-                    let s = g.storage().moe_permute(
-                        g.layout(),
-                        &perm_c.storage(),
-                        perm_c.layout(),
-                        k,
-                        Some((&w.storage(), w.layout())),
-                    )?;
+                    let s = read([g, &perm_c, w], |[x, perm, scale]| {
+                        let scale = Some(scale);
+                        prim::permute(prim::Permute { x, perm, scale }, k)
+                    })?;
                     Ok(Tensor::from_storage(s, [m, h], None))
                 })
                 .transpose()?;
             let dw = w
                 .tracks_grad()
                 .then(|| -> Result<Tensor> {
-                    let s = y.storage().moe_combine_dw(
-                        y.layout(),
-                        &inv_c.storage(),
-                        inv_c.layout(),
-                        &g.storage(),
-                        g.layout(),
-                        k,
-                    )?;
+                    let s = read([y, &inv_c, g], |[y, inv, g]| {
+                        prim::combine_dw(prim::CombineDw { y, inv, g }, k)
+                    })?;
                     Ok(Tensor::from_storage(s, [n, k], None))
                 })
                 .transpose()?;
@@ -231,7 +190,7 @@ impl Tensor {
     ///
     /// Backward: `dx[seg e] = dy[seg e] · w[e]` (the same grouped kernel, `w` read transposed)
     /// and `dw[e] = dy[seg e]ᵀ · x[seg e]` (a grouped weight-gradient kernel that reads the
-    /// offsets on the device; rows summed in order).
+    /// offsets on the device, `grouped_matmul_dw`; rows summed in order).
     pub fn grouped_matmul(&self, w: &Tensor, offsets: &Tensor) -> Result<Tensor> {
         const OP: &str = "grouped_matmul";
         float_only(OP, self)?;
@@ -250,14 +209,7 @@ impl Tensor {
                 rhs: w.shape().clone(),
             });
         }
-        let s = self.storage().grouped_matmul(
-            self.layout(),
-            &w.storage(),
-            w.layout(),
-            &offsets.storage(),
-            offsets.layout(),
-            false,
-        )?;
+        let s = grouped(self, w, offsets, false)?;
         let off = offsets.clone();
         // Each operand is read for the other's gradient only.
         let inputs = [
@@ -269,28 +221,16 @@ impl Tensor {
             let dx = xs
                 .tracks_grad()
                 .then(|| -> Result<Tensor> {
-                    let s = g.storage().grouped_matmul(
-                        g.layout(),
-                        &ws.storage(),
-                        ws.layout(),
-                        &off.storage(),
-                        off.layout(),
-                        true,
-                    )?;
+                    let s = grouped(g, ws, &off, true)?;
                     Ok(Tensor::from_storage(s, [m, kk], None))
                 })
                 .transpose()?;
             let dw = ws
                 .tracks_grad()
                 .then(|| -> Result<Tensor> {
-                    let s = g.storage().grouped_matmul_dw(
-                        g.layout(),
-                        &xs.storage(),
-                        xs.layout(),
-                        &off.storage(),
-                        off.layout(),
-                        e,
-                    )?;
+                    let s = read([g, xs, &off], |[dy, x, offsets]| {
+                        prim::grouped_matmul_dw(prim::GroupedMatmulDw { dy, x, offsets }, e)
+                    })?;
                     Ok(Tensor::from_storage(s, [e, nn, kk], None))
                 })
                 .transpose()?;
@@ -299,4 +239,12 @@ impl Tensor {
         .map(|n| n.capturing(&[offsets]));
         Ok(Tensor::from_storage(s, [m, nn], node))
     }
+}
+
+/// The `grouped_matmul` primitive on tensors: `x` `[M, K]`, `w` `[E, N, K]` (`[E, K, N]` when
+/// `trans_w`), `offsets` `[E+1]`.
+fn grouped(x: &Tensor, w: &Tensor, offsets: &Tensor, trans_w: bool) -> Result<crate::Storage> {
+    read([x, w, offsets], |[x, w, offsets]| {
+        prim::grouped_matmul(prim::GroupedMatmul { x, w, offsets }, trans_w)
+    })
 }

@@ -1,197 +1,22 @@
-//! MoE routing and grouped expert ops on the CPU: the reference of the CUDA kernels in
-//! kernels/src/moe.cu. f32 and bf16 compute in f32 (bf16 rounded once on write), f64 in f64.
-//! Every sum runs in a fixed order (slot order, row order), like the kernels.
-
-use rayon::prelude::*;
+//! The grouped-expert unit's primitives on the CPU: the reference of the kernels in
+//! `kernels/src/moe_grouped.cu`. f32 and bf16 compute in f32 (bf16 rounded once on write), f64
+//! in f64. Every sum runs in a fixed order (slot order, row order), like the kernels.
 
 use num_traits::{One, Zero};
+use rayon::prelude::*;
 
-use super::{CpuFloat, CpuStorage, PAR_THRESHOLD};
+use super::primitives::{
+    rank2, shape_err, Combine, CombineDw, Group, GroupedMatmul, GroupedMatmulDw, InvertPerm,
+    Permute,
+};
+use crate::backend::cpu::acc::{by_acc, float_only, store, vec_t};
+use crate::backend::cpu::{CpuStorage, PAR_THRESHOLD};
 use crate::backend::BackendStorage;
-use crate::{DType, Error, Layout, Result};
+use crate::{Error, Layout, Result};
 
-fn float_only(op: &'static str, s: &CpuStorage) -> Result<()> {
-    if s.dtype() == DType::U32 {
-        return Err(Error::UnsupportedDType {
-            op,
-            dtype: DType::U32,
-        });
-    }
-    Ok(())
-}
-
-fn rank2(op: &'static str, l: &Layout) -> Result<(usize, usize)> {
-    match l.dims() {
-        &[a, b] => Ok((a, b)),
-        _ => Err(Error::RankMismatch {
-            op,
-            expected: 2,
-            shape: l.shape().clone(),
-        }),
-    }
-}
-
-/// A float view as a contiguous `Vec<T>` (T is f32 for f32/bf16 storages, f64 for f64).
-fn vec_t<T: CpuFloat>(op: &'static str, s: &CpuStorage, l: &Layout) -> Result<Vec<T>> {
-    match s {
-        CpuStorage::F64(v) => Ok(CpuStorage::gather_view(v, l)
-            .into_iter()
-            .map(|x| T::from(x).unwrap_or_else(T::nan))
-            .collect()),
-        _ => Ok(s
-            .view_f32(op, l)?
-            .into_iter()
-            .map(|x| T::from(x).unwrap_or_else(T::nan))
-            .collect()),
-    }
-}
-
-/// A `Vec<T>` stored as `dtype` (bf16 rounds once).
-fn store<T: CpuFloat>(v: Vec<T>, dtype: DType) -> CpuStorage {
-    let f32s = || {
-        v.iter()
-            .map(|x| x.to_f32().unwrap_or(f32::NAN))
-            .collect::<Vec<_>>()
-    };
-    match dtype {
-        DType::F64 => CpuStorage::F64(v.iter().map(|x| x.to_f64().unwrap_or(f64::NAN)).collect()),
-        DType::BF16 => CpuStorage::bf16_from_f32(f32s()),
-        _ => CpuStorage::F32(f32s()),
-    }
-}
-
-/// Runs `$body` with `T` = f64 for f64 storages and f32 otherwise.
-macro_rules! by_acc {
-    ($d:expr, $t:ident => $body:expr) => {
-        if $d == DType::F64 {
-            type $t = f64;
-            $body
-        } else {
-            type $t = f32;
-            $body
-        }
-    };
-}
-
-/// True when `(a, ia)` comes first in top-k order: larger first, NaN largest, ties by index.
-fn topk_before<T: CpuFloat>(a: T, ia: usize, b: T, ib: usize) -> bool {
-    match (a.is_nan(), b.is_nan()) {
-        (true, true) => ia < ib,
-        (true, false) => true,
-        (false, true) => false,
-        _ if a != b => a > b,
-        _ => ia < ib,
-    }
-}
-
-/// One row of [`route_t`]: softmax of `xr` into `pr`, the top-k ids and renormalised weights.
-fn route_row<T: CpuFloat>(xr: &[T], pr: &mut [T], ir: &mut [u32], wr: &mut [T]) {
-    let k = ir.len();
-    let m = xr.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
-    for (p, &v) in pr.iter_mut().zip(xr) {
-        *p = (v - m).fast_exp();
-    }
-    let inv = pr.iter().copied().sum::<T>().recip();
-    pr.iter_mut().for_each(|p| *p = *p * inv);
-    let mut order: Vec<usize> = (0..xr.len()).collect();
-    order.sort_by(|&i, &j| {
-        if topk_before(pr[i], i, pr[j], j) {
-            std::cmp::Ordering::Less
-        } else {
-            std::cmp::Ordering::Greater
-        }
-    });
-    let sum = order[..k].iter().map(|&i| pr[i]).sum::<T>();
-    for (j, &i) in order[..k].iter().enumerate() {
-        ir[j] = i as u32;
-        wr[j] = pr[i] / sum;
-    }
-}
-
-fn route_t<T: CpuFloat>(x: &[T], n: usize, e: usize, k: usize) -> (Vec<T>, Vec<u32>, Vec<T>) {
-    let mut probs = vec![T::zero(); n * e];
-    let mut ids = vec![0u32; n * k];
-    let mut w = vec![T::zero(); n * k];
-    if n == 0 {
-        return (probs, ids, w);
-    }
-    if n * e >= PAR_THRESHOLD {
-        x.par_chunks(e)
-            .zip(probs.par_chunks_mut(e))
-            .zip(ids.par_chunks_mut(k).zip(w.par_chunks_mut(k)))
-            .for_each(|((xr, pr), (ir, wr))| route_row(xr, pr, ir, wr));
-    } else {
-        x.chunks(e)
-            .zip(probs.chunks_mut(e))
-            .zip(ids.chunks_mut(k).zip(w.chunks_mut(k)))
-            .for_each(|((xr, pr), (ir, wr))| route_row(xr, pr, ir, wr));
-    }
-    (probs, ids, w)
-}
-
-pub(super) fn route_topk(
-    s: &CpuStorage,
-    l: &Layout,
-    k: usize,
-) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
-    const OP: &str = "moe_route_topk";
-    float_only(OP, s)?;
-    let (n, e) = rank2(OP, l)?;
-    if k == 0 || k > e {
-        return Err(Error::invalid(
-            OP,
-            format!("k = {k} must be in 1..={e} for logits {}", l.shape()),
-        ));
-    }
-    let dt = s.dtype();
-    by_acc!(dt, T => {
-        let x = vec_t::<T>(OP, s, l)?;
-        let (p, i, w) = route_t(&x, n, e, k);
-        Ok((store(p, dt), CpuStorage::U32(i), store(w, dt)))
-    })
-}
-
-pub(super) fn route_topk_backward(
-    w: &CpuStorage,
-    wl: &Layout,
-    ids: &CpuStorage,
-    il: &Layout,
-    gw: &CpuStorage,
-    gl: &Layout,
-    e: usize,
-) -> Result<CpuStorage> {
-    const OP: &str = "moe_route_topk_backward";
-    float_only(OP, w)?;
-    let (n, k) = rank2(OP, wl)?;
-    if il.dims() != [n, k] || gl.dims() != [n, k] {
-        return Err(Error::ShapeMismatch {
-            op: OP,
-            lhs: wl.shape().clone(),
-            rhs: gl.shape().clone(),
-        });
-    }
-    let ids = ids.view_u32(OP, il)?;
-    let dt = w.dtype();
-    by_acc!(dt, T => {
-        let wv = vec_t::<T>(OP, w, wl)?;
-        let gv = vec_t::<T>(OP, gw, gl)?;
-        let mut dl = vec![T::zero(); n * e];
-        for t in 0..n {
-            let r = t * k..(t + 1) * k;
-            let dot = wv[r.clone()].iter().zip(&gv[r.clone()]).map(|(&a, &b)| a * b).sum::<T>();
-            for j in r {
-                let i = ids[j] as usize;
-                if i < e {
-                    dl[t * e + i] = wv[j] * (gv[j] - dot);
-                }
-            }
-        }
-        Ok(store(dl, dt))
-    })
-}
-
-pub(super) fn group(ids: &CpuStorage, l: &Layout, e: usize) -> Result<(CpuStorage, CpuStorage)> {
+pub(super) fn group(o: Group<'_, CpuStorage>, e: usize) -> Result<(CpuStorage, CpuStorage)> {
     const OP: &str = "moe_group";
+    let (ids, l) = (o.ids.s, o.ids.l);
     let ids = ids.view_u32(OP, l)?;
     let bucket = |id: u32| (id as usize).min(e);
     let mut counts = vec![0u32; e + 2];
@@ -212,7 +37,8 @@ pub(super) fn group(ids: &CpuStorage, l: &Layout, e: usize) -> Result<(CpuStorag
     Ok((CpuStorage::U32(perm), CpuStorage::U32(offsets)))
 }
 
-pub(super) fn invert_perm(perm: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
+pub(super) fn invert_perm(o: InvertPerm<'_, CpuStorage>) -> Result<CpuStorage> {
+    let (perm, l) = (o.perm.s, o.perm.l);
     let perm = perm.view_u32("moe_invert_perm", l)?;
     let m = perm.len();
     let mut inv = vec![u32::MAX; m];
@@ -224,15 +50,9 @@ pub(super) fn invert_perm(perm: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
     Ok(CpuStorage::U32(inv))
 }
 
-pub(super) fn permute(
-    x: &CpuStorage,
-    l: &Layout,
-    perm: &CpuStorage,
-    pl: &Layout,
-    k: usize,
-    scale: Option<(&CpuStorage, &Layout)>,
-) -> Result<CpuStorage> {
+pub(super) fn permute(o: Permute<'_, CpuStorage>, k: usize) -> Result<CpuStorage> {
     const OP: &str = "moe_permute";
+    let (x, l, perm, pl) = (o.x.s, o.x.l, o.perm.s, o.perm.l);
     float_only(OP, x)?;
     let (n, h) = rank2(OP, l)?;
     let perm = perm.view_u32(OP, pl)?;
@@ -246,8 +66,8 @@ pub(super) fn permute(
     let dt = x.dtype();
     by_acc!(dt, T => {
         let xv = vec_t::<T>(OP, x, l)?;
-        let sv = match scale {
-            Some((s, sl)) => Some(vec_t::<T>(OP, s, sl)?),
+        let sv = match o.scale {
+            Some(s) => Some(vec_t::<T>(OP, s.s, s.l)?),
             None => None,
         };
         let mut y = vec![T::zero(); m * h];
@@ -271,25 +91,15 @@ pub(super) fn permute(
     })
 }
 
-pub(super) fn combine(
-    y: &CpuStorage,
-    l: &Layout,
-    inv: &CpuStorage,
-    il: &Layout,
-    w: &CpuStorage,
-    wl: &Layout,
-) -> Result<CpuStorage> {
+pub(super) fn combine(o: Combine<'_, CpuStorage>) -> Result<CpuStorage> {
     const OP: &str = "moe_combine";
+    let (y, l, inv, il, w, wl) = (o.y.s, o.y.l, o.inv.s, o.inv.l, o.w.s, o.w.l);
     float_only(OP, y)?;
     let (m, h) = rank2(OP, l)?;
     let (n, k) = rank2(OP, wl)?;
     let inv = inv.view_u32(OP, il)?;
     if m != n * k || inv.len() != m {
-        return Err(Error::ShapeMismatch {
-            op: OP,
-            lhs: l.shape().clone(),
-            rhs: wl.shape().clone(),
-        });
+        return Err(shape_err(OP, l, wl));
     }
     let dt = y.dtype();
     by_acc!(dt, T => {
@@ -317,26 +127,15 @@ pub(super) fn combine(
     })
 }
 
-pub(super) fn combine_dw(
-    y: &CpuStorage,
-    l: &Layout,
-    inv: &CpuStorage,
-    il: &Layout,
-    g: &CpuStorage,
-    gl: &Layout,
-    k: usize,
-) -> Result<CpuStorage> {
+pub(super) fn combine_dw(o: CombineDw<'_, CpuStorage>, k: usize) -> Result<CpuStorage> {
     const OP: &str = "moe_combine_dw";
+    let (y, l, inv, il, g, gl) = (o.y.s, o.y.l, o.inv.s, o.inv.l, o.g.s, o.g.l);
     float_only(OP, y)?;
     let (m, h) = rank2(OP, l)?;
     let (n, gh) = rank2(OP, gl)?;
     let inv = inv.view_u32(OP, il)?;
     if m != n * k || gh != h || inv.len() != m {
-        return Err(Error::ShapeMismatch {
-            op: OP,
-            lhs: l.shape().clone(),
-            rhs: gl.shape().clone(),
-        });
+        return Err(shape_err(OP, l, gl));
     }
     let dt = y.dtype();
     by_acc!(dt, T => {
@@ -374,15 +173,11 @@ fn segments(op: &'static str, off: &CpuStorage, ol: &Layout, m: usize) -> Result
 }
 
 pub(super) fn grouped_matmul(
-    x: &CpuStorage,
-    l: &Layout,
-    w: &CpuStorage,
-    wl: &Layout,
-    off: &CpuStorage,
-    ol: &Layout,
+    o: GroupedMatmul<'_, CpuStorage>,
     trans_w: bool,
 ) -> Result<CpuStorage> {
     const OP: &str = "grouped_matmul";
+    let (x, l, w, wl, off, ol) = (o.x.s, o.x.l, o.w.s, o.w.l, o.offsets.s, o.offsets.l);
     float_only(OP, x)?;
     if w.dtype() != x.dtype() {
         return Err(Error::DTypeMismatch {
@@ -401,11 +196,7 @@ pub(super) fn grouped_matmul(
     };
     let (nn, wk) = if trans_w { (q, p) } else { (p, q) };
     if wk != kk || ol.dims() != [e + 1] {
-        return Err(Error::ShapeMismatch {
-            op: OP,
-            lhs: l.shape().clone(),
-            rhs: wl.shape().clone(),
-        });
+        return Err(shape_err(OP, l, wl));
     }
     let seg = segments(OP, off, ol, m)?;
     let dt = x.dtype();
@@ -444,15 +235,11 @@ pub(super) fn grouped_matmul(
 }
 
 pub(super) fn grouped_matmul_dw(
-    dy: &CpuStorage,
-    l: &Layout,
-    x: &CpuStorage,
-    xl: &Layout,
-    off: &CpuStorage,
-    ol: &Layout,
+    o: GroupedMatmulDw<'_, CpuStorage>,
     e: usize,
 ) -> Result<CpuStorage> {
     const OP: &str = "grouped_matmul_dw";
+    let (dy, l, x, xl, off, ol) = (o.dy.s, o.dy.l, o.x.s, o.x.l, o.offsets.s, o.offsets.l);
     float_only(OP, dy)?;
     if x.dtype() != dy.dtype() {
         return Err(Error::DTypeMismatch {
@@ -464,11 +251,7 @@ pub(super) fn grouped_matmul_dw(
     let (m, nn) = rank2(OP, l)?;
     let (xm, kk) = rank2(OP, xl)?;
     if xm != m || ol.dims() != [e + 1] {
-        return Err(Error::ShapeMismatch {
-            op: OP,
-            lhs: l.shape().clone(),
-            rhs: xl.shape().clone(),
-        });
+        return Err(shape_err(OP, l, xl));
     }
     let seg = segments(OP, off, ol, m)?;
     let dt = dy.dtype();

@@ -1,81 +1,10 @@
-// MoE routing and grouped expert kernels: fused top-k routing (forward and backward), device-side
-// grouping of (token, slot) pairs by expert, row permute / weighted combine, and grouped matmuls
-// over the expert segments of a sorted row set. Everything is deterministic: no float atomics,
-// and the grouping uses only integer counts whose result does not depend on their order.
+// The grouped-expert kernels (engine/src/fused/moe_grouped/): device-side grouping of (token,
+// slot) pairs by expert, row permute / weighted combine, and grouped matmuls over the expert
+// segments of a sorted row set. Everything is deterministic: no float atomics, and the grouping
+// uses only integer counts whose result does not depend on their order.
 //
 // Inputs are contiguous (the host makes them so). `A` is the accumulation type (float for f32
 // and bf16, double for f64).
-
-// ----- top-k routing ------------------------------------------------------------------------------
-
-// True when (a, ia) comes before (b, ib) in top-k order: larger first, NaN largest, ties (and two
-// NaNs) by lower index. The same order as `topk_indices`.
-template <typename A>
-__device__ __forceinline__ bool topk_before(A a, u32 ia, A b, u32 ib) {
-    const bool na = a != a, nb = b != b;
-    if (na || nb) return na && nb ? ia < ib : na;
-    if (a != b) return a > b;
-    return ia < ib;
-}
-
-// moe_route_topk_{dtype}(n, e, k, logits, probs, ids, weights)
-//   logits: [n, e]; probs: [n, e] = softmax(logits row); ids: [n, k] u32, the k first experts in
-//   top-k order of the probabilities (computed in A); weights: [n, k] = p[ids] / Σ_j p[ids[j]].
-//   One thread per row (e is small: the row stays in L1).
-template <typename T>
-__device__ void route_topk(u32 n, u32 e, u32 k, const T* logits, T* probs, u32* ids, T* weights) {
-    typedef typename Acc<T>::type A;
-    const size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= n) return;
-    const T* x = logits + t * e;
-    A m = neg_inf<A>();
-    for (u32 i = 0; i < e; ++i) m = m_max(m, to_acc(x[i]));
-    A s = (A)0;
-    for (u32 i = 0; i < e; ++i) s += m_exp(to_acc(x[i]) - m);
-    const A inv = (A)1 / s;
-    for (u32 i = 0; i < e; ++i) probs[t * e + i] = from_acc<T>(m_exp(to_acc(x[i]) - m) * inv);
-    // Selection: the j-th pick is the first element (in top-k order) after the (j-1)-th.
-    A prev_v = (A)0, sel_sum = (A)0;
-    u32 prev_i = 0xffffffffu;
-    for (u32 j = 0; j < k; ++j) {
-        A best_v = (A)0;
-        u32 best_i = 0xffffffffu;
-        for (u32 i = 0; i < e; ++i) {
-            const A v = m_exp(to_acc(x[i]) - m) * inv;
-            if (prev_i != 0xffffffffu && !topk_before(prev_v, prev_i, v, i)) continue;
-            if (best_i == 0xffffffffu || topk_before(v, i, best_v, best_i)) {
-                best_v = v;
-                best_i = i;
-            }
-        }
-        ids[t * k + j] = best_i;
-        sel_sum += best_v;
-        prev_v = best_v;
-        prev_i = best_i;
-    }
-    for (u32 j = 0; j < k; ++j) {
-        const A v = m_exp(to_acc(x[ids[t * k + j]]) - m) * inv;
-        weights[t * k + j] = from_acc<T>(v / sel_sum);
-    }
-}
-
-// moe_route_topk_backward_{dtype}(n, e, k, weights, ids, gw, dlogits)
-//   weights, gw: [n, k]; ids: [n, k] u32; dlogits: [n, e]. The weights are the softmax of the
-//   selected logits, so dlogits[t, ids[t, j]] = w[t, j] · (gw[t, j] − Σ_i w[t, i] · gw[t, i]) and
-//   0 off the selection. An id ≥ e is skipped. One thread per row.
-template <typename T>
-__device__ void route_topk_backward(u32 n, u32 e, u32 k, const T* w, const u32* ids, const T* gw, T* dl) {
-    typedef typename Acc<T>::type A;
-    const size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= n) return;
-    A dot = (A)0;
-    for (u32 j = 0; j < k; ++j) dot += to_acc(w[t * k + j]) * to_acc(gw[t * k + j]);
-    for (u32 i = 0; i < e; ++i) dl[t * e + i] = from_acc<T>((A)0);
-    for (u32 j = 0; j < k; ++j) {
-        const u32 i = ids[t * k + j];
-        if (i < e) dl[t * e + i] = from_acc<T>(to_acc(w[t * k + j]) * (to_acc(gw[t * k + j]) - dot));
-    }
-}
 
 // ----- grouping by expert ---------------------------------------------------------------------------
 //
@@ -354,15 +283,7 @@ __device__ void gmm_dw(u32 m, u32 nn, u32 kk, u32 ne, const T* dy, const T* x, c
 //   dw_n16: N ≤ 16 (A's weight gradient): 16 × 128 outputs, 2 × 4 per thread;
 //   dw_k16: K ≤ 16 (B's weight gradient): 128 × 16 outputs, 4 × 2 per thread;
 //   dw:     64 × 64 outputs, 4 × 4 per thread.
-#define MOE(T, SUF, NBK) \
-    extern "C" __global__ void moe_route_topk_##SUF(u32 n, u32 e, u32 k, const T* logits, T* probs, u32* ids, \
-                                                    T* weights) { \
-        route_topk<T>(n, e, k, logits, probs, ids, weights); \
-    } \
-    extern "C" __global__ void moe_route_topk_backward_##SUF(u32 n, u32 e, u32 k, const T* w, const u32* ids, \
-                                                             const T* gw, T* dl) { \
-        route_topk_backward<T>(n, e, k, w, ids, gw, dl); \
-    } \
+#define MOE_GROUPED(T, SUF, NBK) \
     extern "C" __global__ void moe_permute_##SUF(u32 m, u32 h, u32 k, const T* x, const u32* perm, \
                                                  const Acc<T>::type* scale, T* y) { \
         permute<T>(m, h, k, x, perm, scale, y); \
@@ -396,6 +317,6 @@ __device__ void gmm_dw(u32 m, u32 nn, u32 kk, u32 ne, const T* dy, const T* x, c
         gmm_dw<T, 64, 64, 4, 4, 32>(m, nn, kk, ne, dy, x, off, dw); \
     }
 
-MOE(float, f32, 32)
-MOE(bf16, bf16, 32)
-MOE(double, f64, 16)
+MOE_GROUPED(float, f32, 32)
+MOE_GROUPED(bf16, bf16, 32)
+MOE_GROUPED(double, f64, 16)

@@ -1,17 +1,21 @@
-//! MoE launchers (kernels/src/moe.cu): fused top-k routing, device-side grouping by expert,
-//! permute/combine and grouped matmuls. Operands are made contiguous first; nothing is read back
-//! to the host, so these never synchronise the stream.
+//! The grouped-expert unit's launchers (`kernels/src/moe_grouped.cu`): device-side grouping by
+//! expert, permute/combine and grouped matmuls. Operands are made contiguous first; nothing is
+//! read back to the host, so these never synchronise the stream.
 
 use cudarc::driver::LaunchConfig;
-use kernels::MOE;
+use kernels::MOE_GROUPED;
 
-use super::launch::launch;
-use super::layout::{to_u32, to_u32s};
-use super::{float_only, CudaDevice, CudaStorage};
-use crate::{DType, Error, Layout, Result};
+use super::primitives::{
+    rank2, shape_err, Combine, CombineDw, Group, GroupedMatmul, GroupedMatmulDw, InvertPerm,
+    Permute,
+};
+use crate::backend::cuda::launch::launch;
+use crate::backend::cuda::layout::{to_u32, to_u32s};
+use crate::backend::cuda::{elementwise, float_only, CudaDevice, CudaStorage};
+use crate::fused::Operand;
+use crate::{DType, Error, Result};
 
-const THREADS: u32 = 256;
-/// Slots per block of the grouping kernels (`GROUP_TILE` in moe.cu).
+/// Slots per block of the grouping kernels (`GROUP_TILE` in moe_grouped.cu).
 const GROUP_TILE: usize = 256;
 
 fn dtype_is(op: &'static str, s: &CudaStorage, d: DType) -> Result<()> {
@@ -40,125 +44,15 @@ fn check3(
     x.same_device(op, c)
 }
 
-fn rank2(op: &'static str, l: &Layout) -> Result<(usize, usize)> {
-    match l.dims() {
-        &[a, b] => Ok((a, b)),
-        _ => Err(Error::RankMismatch {
-            op,
-            expected: 2,
-            shape: l.shape().clone(),
-        }),
-    }
-}
-
-fn shape_err(op: &'static str, a: &Layout, b: &Layout) -> Error {
-    Error::ShapeMismatch {
-        op,
-        lhs: a.shape().clone(),
-        rhs: b.shape().clone(),
-    }
-}
-
-/// One thread per item, `THREADS` per block.
-fn per_item(n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (n.div_ceil(THREADS as usize).max(1) as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-pub(crate) fn route_topk(
-    x: &CudaStorage,
-    l: &Layout,
-    k: usize,
-) -> Result<(CudaStorage, CudaStorage, CudaStorage)> {
-    const OP: &str = "moe_route_topk";
-    float_only(OP, x.dtype)?;
-    let (n, e) = rank2(OP, l)?;
-    if k == 0 || k > e {
-        return Err(Error::invalid(
-            OP,
-            format!("k = {k} must be in 1..={e} for logits {}", l.shape()),
-        ));
-    }
-    let probs = CudaStorage::alloc(&x.dev, OP, n * e, x.dtype)?;
-    let ids = CudaStorage::alloc(&x.dev, OP, n * k, DType::U32)?;
-    let w = CudaStorage::alloc(&x.dev, OP, n * k, x.dtype)?;
-    if n == 0 {
-        return Ok((probs, ids, w));
-    }
-    let xc = x.contiguous(OP, l)?;
-    to_u32(OP, n * e)?;
-    let (n32, e32, k32) = (to_u32(OP, n)?, to_u32(OP, e)?, to_u32(OP, k)?);
-    let (xp, pp, ip, wp) = (xc.ptr, probs.ptr(), ids.ptr(), w.ptr());
-    let name = format!("{OP}_{}", x.dtype);
-    // SAFETY: logits are a contiguous [n, e] of x's dtype; probs [n, e], ids [n, k] u32 and
-    // weights [n, k] were allocated above; one thread per row, guarded by `t < n`.
-    unsafe {
-        launch!(
-            &x.dev,
-            OP,
-            MOE,
-            name,
-            per_item(n),
-            [n32, e32, k32, xp, pp, ip, wp]
-        )
-    }?;
-    Ok((probs, ids, w))
-}
-
-pub(crate) fn route_topk_backward(
-    w: &CudaStorage,
-    wl: &Layout,
-    ids: &CudaStorage,
-    il: &Layout,
-    gw: &CudaStorage,
-    gl: &Layout,
-    e: usize,
-) -> Result<CudaStorage> {
-    const OP: &str = "moe_route_topk_backward";
-    check3(OP, w, (ids, DType::U32), (gw, w.dtype))?;
-    let (n, k) = rank2(OP, wl)?;
-    if il.dims() != [n, k] || gl.dims() != [n, k] {
-        return Err(shape_err(OP, wl, gl));
-    }
-    let out = CudaStorage::alloc(&w.dev, OP, n * e, w.dtype)?;
-    if n * e == 0 {
-        return Ok(out);
-    }
-    let (wc, ic, gc) = (
-        w.contiguous(OP, wl)?,
-        ids.contiguous(OP, il)?,
-        gw.contiguous(OP, gl)?,
-    );
-    let (n32, e32, k32) = (to_u32(OP, n)?, to_u32(OP, e)?, to_u32(OP, k)?);
-    to_u32(OP, n * e)?;
-    let (wp, ip, gp, op) = (wc.ptr, ic.ptr, gc.ptr, out.ptr());
-    let name = format!("{OP}_{}", w.dtype);
-    // SAFETY: weights, ids and gw are contiguous [n, k]; the output [n, e] is written whole by
-    // its row's thread (ids ≥ e are skipped); one thread per row.
-    unsafe {
-        launch!(
-            &w.dev,
-            OP,
-            MOE,
-            name,
-            per_item(n),
-            [n32, e32, k32, wp, ip, gp, op]
-        )
-    }?;
-    Ok(out)
-}
-
-pub(crate) fn group(ids: &CudaStorage, l: &Layout, e: usize) -> Result<(CudaStorage, CudaStorage)> {
+pub(super) fn group(o: Group<'_, CudaStorage>, e: usize) -> Result<(CudaStorage, CudaStorage)> {
     const OP: &str = "moe_group";
+    let (ids, l) = (o.ids.s, o.ids.l);
     dtype_is(OP, ids, DType::U32)?;
     let s = l.elem_count();
     let perm = CudaStorage::alloc(&ids.dev, OP, s, DType::U32)?;
     let e32 = to_u32(OP, e)?;
     if s == 0 {
-        let offsets = super::elementwise::fill(&ids.dev, e + 1, DType::U32, 0.0)?;
+        let offsets = elementwise::fill(&ids.dev, e + 1, DType::U32, 0.0)?;
         return Ok((perm, offsets));
     }
     let offsets = CudaStorage::alloc(&ids.dev, OP, e + 1, DType::U32)?;
@@ -179,7 +73,7 @@ pub(crate) fn group(ids: &CudaStorage, l: &Layout, e: usize) -> Result<(CudaStor
         launch!(
             &ids.dev,
             OP,
-            MOE,
+            MOE_GROUPED,
             "moe_group_count_u32",
             tiles,
             [s32, e32, ip, cp]
@@ -195,7 +89,7 @@ pub(crate) fn group(ids: &CudaStorage, l: &Layout, e: usize) -> Result<(CudaStor
         launch!(
             &ids.dev,
             OP,
-            MOE,
+            MOE_GROUPED,
             "moe_group_scan_u32",
             one,
             [len32, nblk32, e32, cp, op]
@@ -211,7 +105,7 @@ pub(crate) fn group(ids: &CudaStorage, l: &Layout, e: usize) -> Result<(CudaStor
         launch!(
             &ids.dev,
             OP,
-            MOE,
+            MOE_GROUPED,
             "moe_group_scatter_u32",
             scatter,
             [s32, e32, ip, cp, pp]
@@ -220,8 +114,9 @@ pub(crate) fn group(ids: &CudaStorage, l: &Layout, e: usize) -> Result<(CudaStor
     Ok((perm, offsets))
 }
 
-pub(crate) fn invert_perm(perm: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+pub(super) fn invert_perm(o: InvertPerm<'_, CudaStorage>) -> Result<CudaStorage> {
     const OP: &str = "moe_invert_perm";
+    let (perm, l) = (o.perm.s, o.perm.l);
     dtype_is(OP, perm, DType::U32)?;
     let s = l.elem_count();
     let inv = CudaStorage::alloc(&perm.dev, OP, s, DType::U32)?;
@@ -236,7 +131,7 @@ pub(crate) fn invert_perm(perm: &CudaStorage, l: &Layout) -> Result<CudaStorage>
         launch!(
             &perm.dev,
             OP,
-            MOE,
+            MOE_GROUPED,
             "moe_invert_perm_u32",
             CudaDevice::grid(s),
             [s32, pp, ip]
@@ -245,15 +140,9 @@ pub(crate) fn invert_perm(perm: &CudaStorage, l: &Layout) -> Result<CudaStorage>
     Ok(inv)
 }
 
-pub(crate) fn permute(
-    x: &CudaStorage,
-    l: &Layout,
-    perm: &CudaStorage,
-    pl: &Layout,
-    k: usize,
-    scale: Option<(&CudaStorage, &Layout)>,
-) -> Result<CudaStorage> {
+pub(super) fn permute(o: Permute<'_, CudaStorage>, k: usize) -> Result<CudaStorage> {
     const OP: &str = "moe_permute";
+    let (x, l, perm, pl) = (o.x.s, o.x.l, o.perm.s, o.perm.l);
     float_only(OP, x.dtype)?;
     dtype_is(OP, perm, DType::U32)?;
     x.same_device(OP, perm)?;
@@ -268,8 +157,8 @@ pub(crate) fn permute(
     }
     let xc = x.contiguous(OP, l)?;
     let pc = perm.contiguous(OP, pl)?;
-    let sc = match scale {
-        Some((s, sl)) => {
+    let sc = match o.scale {
+        Some(Operand { s, l: sl }) => {
             dtype_is(OP, s, x.dtype.accumulation())?;
             x.same_device(OP, s)?;
             if sl.elem_count() != m {
@@ -292,7 +181,7 @@ pub(crate) fn permute(
         launch!(
             &x.dev,
             OP,
-            MOE,
+            MOE_GROUPED,
             name,
             CudaDevice::grid(m * h),
             [m32, h32, k32, xp, pp, sp, op]
@@ -301,15 +190,9 @@ pub(crate) fn permute(
     Ok(out)
 }
 
-pub(crate) fn combine(
-    y: &CudaStorage,
-    l: &Layout,
-    inv: &CudaStorage,
-    il: &Layout,
-    w: &CudaStorage,
-    wl: &Layout,
-) -> Result<CudaStorage> {
+pub(super) fn combine(o: Combine<'_, CudaStorage>) -> Result<CudaStorage> {
     const OP: &str = "moe_combine";
+    let (y, l, inv, il, w, wl) = (o.y.s, o.y.l, o.inv.s, o.inv.l, o.w.s, o.w.l);
     check3(OP, y, (inv, DType::U32), (w, y.dtype.accumulation()))?;
     let (m, h) = rank2(OP, l)?;
     let (n, k) = rank2(OP, wl)?;
@@ -335,7 +218,7 @@ pub(crate) fn combine(
         launch!(
             &y.dev,
             OP,
-            MOE,
+            MOE_GROUPED,
             name,
             CudaDevice::grid(n * h),
             [n32, h32, k32, yp, ip, wp, op]
@@ -344,16 +227,9 @@ pub(crate) fn combine(
     Ok(out)
 }
 
-pub(crate) fn combine_dw(
-    y: &CudaStorage,
-    l: &Layout,
-    inv: &CudaStorage,
-    il: &Layout,
-    g: &CudaStorage,
-    gl: &Layout,
-    k: usize,
-) -> Result<CudaStorage> {
+pub(super) fn combine_dw(o: CombineDw<'_, CudaStorage>, k: usize) -> Result<CudaStorage> {
     const OP: &str = "moe_combine_dw";
+    let (y, l, inv, il, g, gl) = (o.y.s, o.y.l, o.inv.s, o.inv.l, o.g.s, o.g.l);
     check3(OP, y, (inv, DType::U32), (g, y.dtype))?;
     let (m, h) = rank2(OP, l)?;
     let (n, gh) = rank2(OP, gl)?;
@@ -379,7 +255,7 @@ pub(crate) fn combine_dw(
         launch!(
             &y.dev,
             OP,
-            MOE,
+            MOE_GROUPED,
             name,
             CudaDevice::rows(m, 128),
             [n32, h32, k32, yp, ip, gp, op]
@@ -388,16 +264,12 @@ pub(crate) fn combine_dw(
     Ok(out)
 }
 
-pub(crate) fn grouped_matmul(
-    x: &CudaStorage,
-    l: &Layout,
-    w: &CudaStorage,
-    wl: &Layout,
-    off: &CudaStorage,
-    ol: &Layout,
+pub(super) fn grouped_matmul(
+    o: GroupedMatmul<'_, CudaStorage>,
     trans_w: bool,
 ) -> Result<CudaStorage> {
     const OP: &str = "grouped_matmul";
+    let (x, l, w, wl, off, ol) = (o.x.s, o.x.l, o.w.s, o.w.l, o.offsets.s, o.offsets.l);
     check3(OP, x, (w, x.dtype), (off, DType::U32))?;
     let (m, kk) = rank2(OP, l)?;
     let &[e, p, q] = wl.dims() else {
@@ -416,7 +288,7 @@ pub(crate) fn grouped_matmul(
         return Ok(out);
     }
     if kk == 0 || e == 0 {
-        return super::elementwise::fill(&x.dev, m * nn, x.dtype, 0.0);
+        return elementwise::fill(&x.dev, m * nn, x.dtype, 0.0);
     }
     let (xc, wc, oc) = (
         x.contiguous(OP, l)?,
@@ -450,7 +322,7 @@ pub(crate) fn grouped_matmul(
         launch!(
             &x.dev,
             OP,
-            MOE,
+            MOE_GROUPED,
             name,
             cfg,
             [m32, n32, k32, e32, xp, wp, se, sn, sk, op_, yp]
@@ -459,16 +331,12 @@ pub(crate) fn grouped_matmul(
     Ok(out)
 }
 
-pub(crate) fn grouped_matmul_dw(
-    dy: &CudaStorage,
-    l: &Layout,
-    x: &CudaStorage,
-    xl: &Layout,
-    off: &CudaStorage,
-    ol: &Layout,
+pub(super) fn grouped_matmul_dw(
+    o: GroupedMatmulDw<'_, CudaStorage>,
     e: usize,
 ) -> Result<CudaStorage> {
     const OP: &str = "grouped_matmul_dw";
+    let (dy, l, x, xl, off, ol) = (o.dy.s, o.dy.l, o.x.s, o.x.l, o.offsets.s, o.offsets.l);
     check3(OP, dy, (x, dy.dtype), (off, DType::U32))?;
     let (m, nn) = rank2(OP, l)?;
     let (xm, kk) = rank2(OP, xl)?;
@@ -480,7 +348,7 @@ pub(crate) fn grouped_matmul_dw(
         return CudaStorage::alloc(&dy.dev, OP, 0, dy.dtype);
     }
     if m == 0 {
-        return super::elementwise::fill(&dy.dev, len, dy.dtype, 0.0);
+        return elementwise::fill(&dy.dev, len, dy.dtype, 0.0);
     }
     let out = CudaStorage::alloc(&dy.dev, OP, len, dy.dtype)?;
     let (gc, xc, oc) = (
@@ -516,7 +384,7 @@ pub(crate) fn grouped_matmul_dw(
         launch!(
             &dy.dev,
             OP,
-            MOE,
+            MOE_GROUPED,
             name,
             cfg,
             [m32, n32, k32, e32, gp, xp, op_, wp]
