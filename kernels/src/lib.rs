@@ -85,7 +85,11 @@ pub const NORM: KernelSource = module!("norm",
 );
 
 /// Fused cross-entropy forward and backward.
-pub const LOSS: KernelSource = module!("loss", f3 cross_entropy f3 cross_entropy_backward
+pub const LOSS: KernelSource = module!("loss", f3 cross_entropy f3 cross_entropy_backward);
+
+/// The chunked linear cross-entropy (`engine::fused::linear_cross_entropy`): the online
+/// log-sum-exp update of one vocabulary chunk of logits and the fused gradient of one chunk.
+pub const LINEAR_CROSS_ENTROPY: KernelSource = module!("linear_cross_entropy",
     f3 cross_entropy_chunk_update f3 cross_entropy_chunk_backward);
 
 /// index_select, gather, index_add, scatter_add, top-k.
@@ -261,6 +265,7 @@ pub const SOURCES: &[KernelSource] = &[
     REDUCE,
     NORM,
     LOSS,
+    LINEAR_CROSS_ENTROPY,
     INDEX,
     RANDOM,
     ATTENTION,

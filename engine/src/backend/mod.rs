@@ -299,43 +299,6 @@ pub trait BackendStorage: Sized + Send + Sync {
     /// on the host. The CUDA backend runs one kernel launch for all tensors.
     fn sum_squares_multi(args: &[(&Self, &Layout)]) -> Result<f64>;
 
-    /// One vocabulary chunk of an online log-sum-exp. `self` is the chunk's logits `[n, c]`
-    /// (columns `v0..v0+c` of the full `[n, v_total]` logits), `targets` u32 `[n]`, `state` a
-    /// contiguous `[n, 3]` of the accumulation dtype (f32, f64 for f64 logits) holding per row
-    /// `(running max m, running Σ exp(x − m), target logit)`, updated in place:
-    /// `m' = max(m, max_j x_j)`, `s' = s·exp(m − m') + Σ_j exp(x_j − m')`, and the target logit is
-    /// taken when `v0 ≤ t < v0 + c` (and `t ≠ ignore_index`). Start from `(−∞, 0, 0)`; after the
-    /// last chunk `logsumexp = m + ln s`. A target `≥ v_total` (not ignored) is an error on the
-    /// CPU and a NaN target logit on the GPU.
-    #[allow(clippy::too_many_arguments)]
-    fn cross_entropy_chunk_update(
-        &self,
-        l: &Layout,
-        targets: &Self,
-        t_l: &Layout,
-        state: &mut Self,
-        v0: usize,
-        v_total: usize,
-        ignore_index: u32,
-    ) -> Result<()>;
-    /// The gradient of a vocabulary chunk's logits `self` `[n, c]` (columns `v0..v0+c`):
-    /// `dx[r, j] = (exp(x[r, j] − lse[r]) − [v0 + j == t[r]]) · g[r]`, a zero row where ignored.
-    /// `lse` and `grad_rows` are `[n]` in the accumulation dtype; the output is a contiguous
-    /// `[n, c]` of the logits' dtype.
-    #[allow(clippy::too_many_arguments)]
-    fn cross_entropy_chunk_backward(
-        &self,
-        l: &Layout,
-        targets: &Self,
-        t_l: &Layout,
-        lse: &Self,
-        lse_l: &Layout,
-        grad_rows: &Self,
-        g_l: &Layout,
-        v0: usize,
-        ignore_index: u32,
-    ) -> Result<Self>;
-
     // ----- the fused MixLoRA FFN (`ops::moe_fused`; sizes and settings in [`MoeDims`]) -----
     // Operands come as `(storage, layout)` pairs in the documented order; "base" operands have
     // the base dtype (f64, f32 or bf16), "adapter" operands the adapter dtype (f64 under an f64

@@ -18,9 +18,10 @@
 //! - `moe_ffn`: the fused MixLoRA FFN;
 //! - `moe_route`: the router's top-k;
 //! - `moe_grouped`: grouping (token, slot) pairs by expert and grouped matmuls;
-//! - `linear_cross_entropy`: the chunked linear cross-entropy;
+//! - [`linear_cross_entropy`]: the chunked linear cross-entropy, never holding all the logits;
 //! - `adamw`: the multi-tensor AdamW step.
 
+pub mod linear_cross_entropy;
 pub mod lora;
 
 use crate::backend::cpu::CpuStorage;

@@ -7,7 +7,6 @@ mod concat;
 mod dropout;
 mod elementwise;
 mod index;
-mod linear_loss;
 mod loss;
 mod matmul;
 mod moe;

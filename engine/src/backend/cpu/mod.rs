@@ -5,8 +5,7 @@
 mod attention;
 mod elementwise;
 mod index;
-mod loss;
-mod loss_chunk;
+pub(crate) mod loss;
 pub(crate) mod matmul;
 mod moe;
 mod moe_fused;
@@ -15,7 +14,7 @@ mod optim;
 pub mod profile;
 pub(crate) mod random;
 mod reduce;
-mod simd;
+pub(crate) mod simd;
 
 use half::bf16;
 use num_traits::Float;
@@ -451,56 +450,6 @@ impl BackendStorage for CpuStorage {
     }
     fn sum_squares_multi(args: &[(&Self, &Layout)]) -> Result<f64> {
         timed("sum_squares_multi", || optim::sum_squares_multi(args))
-    }
-    fn cross_entropy_chunk_update(
-        &self,
-        l: &Layout,
-        targets: &Self,
-        t_l: &Layout,
-        state: &mut Self,
-        v0: usize,
-        v_total: usize,
-        ignore_index: u32,
-    ) -> Result<()> {
-        timed("cross_entropy_chunk_update", || {
-            loss_chunk::cross_entropy_chunk_update(
-                self,
-                l,
-                targets,
-                t_l,
-                state,
-                v0,
-                v_total,
-                ignore_index,
-            )
-        })
-    }
-    fn cross_entropy_chunk_backward(
-        &self,
-        l: &Layout,
-        targets: &Self,
-        t_l: &Layout,
-        lse: &Self,
-        lse_l: &Layout,
-        grad_rows: &Self,
-        g_l: &Layout,
-        v0: usize,
-        ignore_index: u32,
-    ) -> Result<Self> {
-        timed("cross_entropy_chunk_backward", || {
-            loss_chunk::cross_entropy_chunk_backward(
-                self,
-                l,
-                targets,
-                t_l,
-                lse,
-                lse_l,
-                grad_rows,
-                g_l,
-                v0,
-                ignore_index,
-            )
-        })
     }
     fn moe_gather_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
         timed("moe_gather_codes", || moe_fused::gather_codes(args, d))

@@ -1,9 +1,20 @@
-//! Cross-entropy of a linear layer's output (the LM head) computed over vocabulary chunks, so
-//! that the `[N, V]` logits are never held: at most one `[N, C]` chunk of them exists at a time.
+//! The chunked linear cross-entropy unit: cross-entropy of a linear layer's output (the LM head)
+//! computed over vocabulary chunks, so that the `[N, V]` logits are never held: at most one
+//! `[N, C]` chunk of them exists at a time ([`Tensor::linear_cross_entropy_rows`]).
+//!
+//! Files: the primitives' named operands and dispatch (`primitives.rs`), the CPU reference
+//! (`cpu.rs`), the CUDA launchers (`cuda.rs`) over the kernels of
+//! `kernels/src/linear_cross_entropy.cu`.
 
-use super::{float_only, same_device, same_dtype, u32_only};
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+pub mod primitives;
+
+use self::primitives::{self as prim, ChunkBackward, ChunkUpdate};
 use crate::autograd::{no_grad, Input, Node, Output};
-use crate::backend::BackendStorage;
+use crate::fused::{read, OperandMut};
+use crate::ops::{float_only, same_device, same_dtype, u32_only};
 use crate::{Error, Layout, Result, Tensor};
 
 /// `(v0, c)` of each chunk of `chunk` vocabulary rows (the last one shorter when `chunk` does not
@@ -82,16 +93,15 @@ impl Tensor {
             let state = Tensor::from_f64(&init, [n, 3], acc, device)?;
             for (v0, c) in chunks(v, chunk) {
                 let logits = self.matmul(&weight.narrow(0, v0, c)?.t()?)?; // [N, C]
-                let xs = logits.storage();
-                xs.cross_entropy_chunk_update(
-                    logits.layout(),
-                    &targets.storage(),
-                    targets.layout(),
-                    &mut state.storage_mut(),
-                    v0,
-                    v,
-                    ignore_index,
-                )?;
+                read([&logits, targets], |[x, targets]| {
+                    let mut st = state.storage_mut();
+                    let state = OperandMut {
+                        s: &mut *st,
+                        l: state.layout(),
+                    };
+                    let o = ChunkUpdate { x, targets, state };
+                    prim::chunk_update(o, v0, v, ignore_index)
+                })?;
             }
             let m = state.narrow(1, 0, 1)?; // [N, 1]
             let lse = m.add(&state.narrow(1, 1, 1)?.log()?)?.reshape(n)?; // [N]
@@ -116,17 +126,15 @@ impl Tensor {
             for (v0, c) in chunks(v, chunk) {
                 let wc = w.narrow(0, v0, c)?; // [C, H]
                 let logits = hid.matmul(&wc.t()?)?; // [N, C]
-                let dl = logits.storage().cross_entropy_chunk_backward(
-                    logits.layout(),
-                    &t.storage(),
-                    t.layout(),
-                    &lse.storage(),
-                    lse.layout(),
-                    &g.storage(),
-                    g.layout(),
-                    v0,
-                    ignore_index,
-                )?;
+                let dl = read([&logits, t, &lse, &g], |[x, targets, lse, grad_rows]| {
+                    let o = ChunkBackward {
+                        x,
+                        targets,
+                        lse,
+                        grad_rows,
+                    };
+                    prim::chunk_backward(o, v0, ignore_index)
+                })?;
                 drop(logits);
                 let dl = Tensor::from_storage(dl, [n, c], None); // [N, C], hidden's dtype
                 if hid.tracks_grad() {
