@@ -172,12 +172,12 @@ pub const MOE: KernelSource = KernelSource {
     ],
 };
 
-/// The fused multi-tensor AdamW step and the multi-tensor sum of squares (the gradient norm):
-/// one kernel for every tensor, whatever its dtype (each tensor's dtype is in the table the
-/// kernel reads), hence names without a dtype suffix.
-pub const OPTIM: KernelSource = KernelSource {
-    name: "optim",
-    source: concat!(include_str!("common.cuh"), "\n", include_str!("optim.cu")),
+/// The fused multi-tensor AdamW step and the multi-tensor sum of squares (the gradient norm)
+/// of `engine::fused::adamw`: one kernel for every tensor, whatever its dtype (each tensor's
+/// dtype is in the table the kernel reads), hence names without a dtype suffix.
+pub const ADAMW: KernelSource = KernelSource {
+    name: "adamw",
+    source: concat!(include_str!("common.cuh"), "\n", include_str!("adamw.cu")),
     kernels: &["adamw_step_multi", "sum_squares_multi"],
 };
 
@@ -270,7 +270,7 @@ pub const SOURCES: &[KernelSource] = &[
     RANDOM,
     ATTENTION,
     MOE,
-    OPTIM,
+    ADAMW,
     MOE_FUSED,
     LORA,
 ];

@@ -12,7 +12,6 @@ mod matmul;
 mod moe;
 mod moe_fused;
 mod norm;
-mod optim;
 mod reduce;
 mod rope;
 mod softmax;
@@ -23,7 +22,6 @@ pub use attention::*;
 pub use concat::*;
 pub use loss::*;
 pub use moe_fused::*;
-pub use optim::*;
 pub use rope::*;
 pub use stack::*;
 

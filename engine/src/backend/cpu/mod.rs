@@ -10,7 +10,6 @@ pub(crate) mod matmul;
 mod moe;
 mod moe_fused;
 mod norm;
-mod optim;
 pub mod profile;
 pub(crate) mod random;
 mod reduce;
@@ -19,9 +18,7 @@ pub(crate) mod simd;
 use half::bf16;
 use num_traits::Float;
 
-use crate::backend::{
-    AdamWGroup, AdamWHyper, BackendStorage, BinaryOp, BlockCodes, CmpOp, MoeDims, ReduceOp, UnaryOp,
-};
+use crate::backend::{BackendStorage, BinaryOp, BlockCodes, CmpOp, MoeDims, ReduceOp, UnaryOp};
 use crate::{DType, Device, Error, Layout, Result};
 
 pub use random::CpuDevice;
@@ -444,12 +441,6 @@ impl BackendStorage for CpuStorage {
         timed("grouped_matmul_dw", || {
             moe::grouped_matmul_dw(self, l, x, x_l, offsets, off_l, num_experts)
         })
-    }
-    fn adamw_step(groups: &mut [AdamWGroup<'_, Self>], h: &AdamWHyper) -> Result<()> {
-        timed("adamw_step", || optim::adamw_step(groups, h))
-    }
-    fn sum_squares_multi(args: &[(&Self, &Layout)]) -> Result<f64> {
-        timed("sum_squares_multi", || optim::sum_squares_multi(args))
     }
     fn moe_gather_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
         timed("moe_gather_codes", || moe_fused::gather_codes(args, d))

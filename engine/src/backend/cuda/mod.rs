@@ -24,16 +24,13 @@ mod moe;
 mod moe_fused;
 mod moe_tiles;
 mod norm;
-mod optim;
 pub(crate) mod random;
 mod reduce;
 
 use half::bf16;
 
 use crate::backend::cpu::CpuStorage;
-use crate::backend::{
-    AdamWGroup, AdamWHyper, BackendStorage, BinaryOp, BlockCodes, CmpOp, MoeDims, ReduceOp, UnaryOp,
-};
+use crate::backend::{BackendStorage, BinaryOp, BlockCodes, CmpOp, MoeDims, ReduceOp, UnaryOp};
 use crate::{DType, Device, Error, Layout, Result};
 
 use device::CudaBuffer;
@@ -426,12 +423,6 @@ impl BackendStorage for CudaStorage {
         num_experts: usize,
     ) -> Result<Self> {
         moe::grouped_matmul_dw(self, l, x, x_l, offsets, off_l, num_experts)
-    }
-    fn adamw_step(groups: &mut [AdamWGroup<'_, Self>], h: &AdamWHyper) -> Result<()> {
-        optim::adamw_step(groups, h)
-    }
-    fn sum_squares_multi(args: &[(&Self, &Layout)]) -> Result<f64> {
-        optim::sum_squares_multi(args)
     }
     fn moe_gather_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
         moe_fused::gather_codes(args, d)
