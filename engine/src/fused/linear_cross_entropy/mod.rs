@@ -85,71 +85,11 @@ impl Tensor {
             return rows.reshape(targets.shape().clone());
         }
         let n = self.dims()[0];
-        let acc = self.dtype().accumulation();
-        let device = self.device();
-        let (rows, lse) = no_grad(|| -> Result<(Tensor, Tensor)> {
-            // [N, 3]: running max, running Σ exp(x − max), target logit.
-            let init: Vec<f64> = (0..n).flat_map(|_| [f64::NEG_INFINITY, 0.0, 0.0]).collect();
-            let state = Tensor::from_f64(&init, [n, 3], acc, device)?;
-            for (v0, c) in chunks(v, chunk) {
-                let logits = self.matmul(&weight.narrow(0, v0, c)?.t()?)?; // [N, C]
-                read([&logits, targets], |[x, targets]| {
-                    let mut st = state.storage_mut();
-                    let state = OperandMut {
-                        s: &mut *st,
-                        l: state.layout(),
-                    };
-                    let o = ChunkUpdate { x, targets, state };
-                    prim::chunk_update(o, v0, v, ignore_index)
-                })?;
-            }
-            let m = state.narrow(1, 0, 1)?; // [N, 1]
-            let lse = m.add(&state.narrow(1, 1, 1)?.log()?)?.reshape(n)?; // [N]
-            let diff = lse.sub(&state.narrow(1, 2, 1)?.reshape(n)?)?; // [N]
-            let keep = targets.ne_scalar(ignore_index as f64)?; // [N] u32
-            let rows = keep.where_cond(&diff, &diff.zeros_like()?)?;
-            Ok((rows, lse))
-        })?;
+        let (rows, lse) = no_grad(|| forward(self, weight, targets, ignore_index, chunk))?;
         let saved_lse = lse.clone();
         let inputs = [Input::Keep(self), Input::Keep(weight), Input::Keep(targets)];
         let node = Node::record_with(OP, &inputs, Output::Unread, move |x, _, g| {
-            let (hid, w, t) = (&x[0], &x[1], &x[2]);
-            let g = g.to_dtype(acc)?; // [N]
-
-            // bf16 partial products are summed in f32.
-            let dh_dtype = hid.dtype().accumulation();
-            let mut dh: Option<Tensor> = None; // [N, H]
-            let dw = w
-                .tracks_grad()
-                .then(|| Tensor::zeros([v, h], w.dtype(), w.device()))
-                .transpose()?; // [V, H]
-            for (v0, c) in chunks(v, chunk) {
-                let wc = w.narrow(0, v0, c)?; // [C, H]
-                let logits = hid.matmul(&wc.t()?)?; // [N, C]
-                let dl = read([&logits, t, &lse, &g], |[x, targets, lse, grad_rows]| {
-                    let o = ChunkBackward {
-                        x,
-                        targets,
-                        lse,
-                        grad_rows,
-                    };
-                    prim::chunk_backward(o, v0, ignore_index)
-                })?;
-                drop(logits);
-                let dl = Tensor::from_storage(dl, [n, c], None); // [N, C], hidden's dtype
-                if hid.tracks_grad() {
-                    let part = dl.matmul(&wc)?.to_dtype(dh_dtype)?; // [N, H]
-                    dh = Some(match dh {
-                        None => part,
-                        Some(acc) => acc.add(&part)?,
-                    });
-                }
-                if let Some(dw) = &dw {
-                    dw.narrow(0, v0, c)?.assign(&dl.t()?.matmul(hid)?)?; // [C, H]
-                }
-            }
-            let dh = dh.map(|d| d.to_dtype(hid.dtype())).transpose()?;
-            Ok(vec![dh, dw, None])
+            backward(&x[0], &x[1], &x[2], g, &lse, ignore_index, chunk)
         })
         .map(|n| n.capturing(&[&saved_lse]));
         Ok(match node {
@@ -157,4 +97,89 @@ impl Tensor {
             Some(node) => rows.view(Layout::contiguous(n), Some(node)),
         })
     }
+}
+
+/// The forward of [`Tensor::linear_cross_entropy_rows`] for `h` `[N, H]`, `weight` `[V, H]` and
+/// `targets` `[N]` (checked): the loss rows `[N]` and the rows' log-sum-exp `[N]`, both in the
+/// accumulation dtype.
+fn forward(
+    h: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    ignore_index: u32,
+    chunk: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (n, v) = (h.dims()[0], weight.dims()[0]);
+    let acc = h.dtype().accumulation();
+    // [N, 3]: running max, running Σ exp(x − max), target logit.
+    let init: Vec<f64> = (0..n).flat_map(|_| [f64::NEG_INFINITY, 0.0, 0.0]).collect();
+    let state = Tensor::from_f64(&init, [n, 3], acc, h.device())?;
+    for (v0, c) in chunks(v, chunk) {
+        let logits = h.matmul(&weight.narrow(0, v0, c)?.t()?)?; // [N, C]
+        read([&logits, targets], |[x, targets]| {
+            let mut st = state.storage_mut();
+            let state = OperandMut {
+                s: &mut *st,
+                l: state.layout(),
+            };
+            let o = ChunkUpdate { x, targets, state };
+            prim::chunk_update(o, v0, v, ignore_index)
+        })?;
+    }
+    let m = state.narrow(1, 0, 1)?; // [N, 1]
+    let lse = m.add(&state.narrow(1, 1, 1)?.log()?)?.reshape(n)?; // [N]
+    let diff = lse.sub(&state.narrow(1, 2, 1)?.reshape(n)?)?; // [N]
+    let keep = targets.ne_scalar(ignore_index as f64)?; // [N] u32
+    let rows = keep.where_cond(&diff, &diff.zeros_like()?)?;
+    Ok((rows, lse))
+}
+
+/// The backward of [`Tensor::linear_cross_entropy_rows`]: `[dhidden, dweight, None]` given the
+/// gradient `g` `[N]` of the loss rows and the rows' log-sum-exp `lse` `[N]` of the forward.
+fn backward(
+    hid: &Tensor,
+    w: &Tensor,
+    t: &Tensor,
+    g: &Tensor,
+    lse: &Tensor,
+    ignore_index: u32,
+    chunk: usize,
+) -> Result<Vec<Option<Tensor>>> {
+    let (n, h, v) = (hid.dims()[0], hid.dims()[1], w.dims()[0]);
+    let g = g.to_dtype(hid.dtype().accumulation())?; // [N]
+
+    // bf16 partial products are summed in f32.
+    let dh_dtype = hid.dtype().accumulation();
+    let mut dh: Option<Tensor> = None; // [N, H]
+    let dw = w
+        .tracks_grad()
+        .then(|| Tensor::zeros([v, h], w.dtype(), w.device()))
+        .transpose()?; // [V, H]
+    for (v0, c) in chunks(v, chunk) {
+        let wc = w.narrow(0, v0, c)?; // [C, H]
+        let logits = hid.matmul(&wc.t()?)?; // [N, C]
+        let dl = read([&logits, t, lse, &g], |[x, targets, lse, grad_rows]| {
+            let o = ChunkBackward {
+                x,
+                targets,
+                lse,
+                grad_rows,
+            };
+            prim::chunk_backward(o, v0, ignore_index)
+        })?;
+        drop(logits);
+        let dl = Tensor::from_storage(dl, [n, c], None); // [N, C], hidden's dtype
+        if hid.tracks_grad() {
+            let part = dl.matmul(&wc)?.to_dtype(dh_dtype)?; // [N, H]
+            dh = Some(match dh {
+                None => part,
+                Some(acc) => acc.add(&part)?,
+            });
+        }
+        if let Some(dw) = &dw {
+            dw.narrow(0, v0, c)?.assign(&dl.t()?.matmul(hid)?)?; // [C, H]
+        }
+    }
+    let dh = dh.map(|d| d.to_dtype(hid.dtype())).transpose()?;
+    Ok(vec![dh, dw, None])
 }
