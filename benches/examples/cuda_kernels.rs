@@ -1186,6 +1186,8 @@ fn gmm_dw_run(
 ///   FLOPs `6·N·H·V` chunked (the backward recomputes the logits) and `4·N·H·V` unchunked; the
 ///   point is the allocator's peak (the `[N, V]` logits and their gradient vs one `[N, C]` chunk).
 fn optim_and_chunked_loss(lab: &mut Lab, dt: DType) -> Result<()> {
+    use engine::fused::linear_cross_entropy::primitives as lce;
+    use engine::fused::OperandMut;
     use engine::{adamw_step, AdamWHyper};
     let s = dt.size_in_bytes();
     // AdamW over every adapter tensor of a MixLoRA-7B-sized model, one launch.
@@ -1236,6 +1238,7 @@ fn optim_and_chunked_loss(lab: &mut Lab, dt: DType) -> Result<()> {
     let acc = dt.accumulation();
     let init: Vec<f64> = (0..r).flat_map(|_| [f64::NEG_INFINITY, 0.0, 0.0]).collect();
     let mut st = Storage::upload_f64(GPU, &init, acc)?;
+    let sl = lay(&[r, 3]);
     lab.run(
         mem(
             "cross_entropy_chunk_update",
@@ -1243,7 +1246,14 @@ fn optim_and_chunked_loss(lab: &mut Lab, dt: DType) -> Result<()> {
             sh.clone(),
             r * c * s + 28 * r,
         ),
-        || x.cross_entropy_chunk_update(&l, &t, &tl, &mut st, 8192, 49152, ignore),
+        || {
+            let o = lce::ChunkUpdate {
+                x: Operand::new(&x, &l),
+                targets: Operand::new(&t, &tl),
+                state: OperandMut { s: &mut st, l: &sl },
+            };
+            lce::chunk_update(o, 8192, 49152, ignore)
+        },
     )?;
     let lse = Storage::upload_f64(GPU, &vec![12.0; r], acc)?;
     let g = randn(&[r], acc, 52)?;
@@ -1255,8 +1265,13 @@ fn optim_and_chunked_loss(lab: &mut Lab, dt: DType) -> Result<()> {
             2 * r * c * s + 12 * r,
         ),
         || {
-            x.cross_entropy_chunk_backward(&l, &t, &tl, &lse, &tl, &g, &tl, 8192, ignore)
-                .map(drop)
+            let o = lce::ChunkBackward {
+                x: Operand::new(&x, &l),
+                targets: Operand::new(&t, &tl),
+                lse: Operand::new(&lse, &tl),
+                grad_rows: Operand::new(&g, &tl),
+            };
+            lce::chunk_backward(o, 8192, ignore).map(drop)
         },
     )?;
     drop((x, st, lse, g));

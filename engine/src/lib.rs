@@ -18,6 +18,7 @@ pub use autograd::{backward_many, checkpoint, grad_enabled, no_grad, CheckpointF
 pub use device::Device;
 pub use dtype::{DType, WithDType};
 pub use error::{Error, Result};
+pub use fused::adamw::{adamw_step, sum_of_squares, AdamWCoefficients, AdamWHyper};
 pub use ops::*;
 pub use shape::{Layout, Shape, StridedIndex};
 pub use storage::Storage;

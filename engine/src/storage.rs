@@ -5,8 +5,7 @@ use crate::backend::cpu::{CpuDevice, CpuStorage};
 #[cfg(feature = "cuda")]
 use crate::backend::cuda::{CudaDevice, CudaStorage};
 use crate::backend::{
-    AdamWGroup, AdamWHyper, AdamWSlot, BackendDevice, BackendStorage, BinaryOp, BlockCodes, CmpOp,
-    MoeDims, ReduceOp, UnaryOp,
+    BackendDevice, BackendStorage, BinaryOp, BlockCodes, CmpOp, MoeDims, ReduceOp, UnaryOp,
 };
 use crate::{DType, Device, Error, Layout, Result, Shape};
 
@@ -108,7 +107,7 @@ impl Storage {
             Storage::Cuda(_) => None,
         }
     }
-    fn as_cpu_mut(&mut self) -> Option<&mut CpuStorage> {
+    pub(crate) fn as_cpu_mut(&mut self) -> Option<&mut CpuStorage> {
         match self {
             Storage::Cpu(s) => Some(s),
             #[cfg(feature = "cuda")]
@@ -116,14 +115,14 @@ impl Storage {
         }
     }
     #[cfg(feature = "cuda")]
-    fn as_cuda(&self) -> Option<&CudaStorage> {
+    pub(crate) fn as_cuda(&self) -> Option<&CudaStorage> {
         match self {
             Storage::Cuda(s) => Some(s),
             Storage::Cpu(_) => None,
         }
     }
     #[cfg(feature = "cuda")]
-    fn as_cuda_mut(&mut self) -> Option<&mut CudaStorage> {
+    pub(crate) fn as_cuda_mut(&mut self) -> Option<&mut CudaStorage> {
         match self {
             Storage::Cuda(s) => Some(s),
             Storage::Cpu(_) => None,
@@ -430,114 +429,6 @@ impl BackendStorage for Storage {
     fn softmax_backward(&self, l: &Layout, g: &Self, gl: &Layout, scale: f64) -> Result<Self> {
         two!("softmax_backward", self, g, (y, g) => y.softmax_backward(l, g, gl, scale))
     }
-    fn sum_squares_multi(args: &[(&Self, &Layout)]) -> Result<f64> {
-        let Some(first) = one_device("sum_squares_multi", args)? else {
-            return Ok(0.0);
-        };
-        match first {
-            Storage::Cpu(_) => CpuStorage::sum_squares_multi(&cpu_args(args)),
-            #[cfg(feature = "cuda")]
-            Storage::Cuda(_) => CudaStorage::sum_squares_multi(&cuda_args(args)),
-        }
-    }
-    fn adamw_step(groups: &mut [AdamWGroup<'_, Self>], h: &AdamWHyper) -> Result<()> {
-        const OP: &str = "adamw_step";
-        let Some(first) = groups.first() else {
-            return Ok(());
-        };
-        let dev = first.param.device();
-        for g in groups.iter() {
-            let slots = g.slots.iter();
-            let others = slots.flat_map(|s| [&*s.exp_avg, &*s.exp_avg_sq, s.grad]);
-            for other in std::iter::once(&*g.param).chain(others) {
-                if other.device() != dev {
-                    return Err(Error::DeviceMismatch {
-                        op: OP,
-                        lhs: dev,
-                        rhs: other.device(),
-                    });
-                }
-            }
-        }
-        match dev {
-            Device::Cpu => CpuStorage::adamw_step(
-                &mut backend_groups(groups, Storage::as_cpu_mut, Storage::as_cpu)?,
-                h,
-            ),
-            #[cfg(feature = "cuda")]
-            Device::Cuda(_) => CudaStorage::adamw_step(
-                &mut backend_groups(groups, Storage::as_cuda_mut, Storage::as_cuda)?,
-                h,
-            ),
-            #[allow(unreachable_patterns)]
-            d => Err(no_backend(d)),
-        }
-    }
-    fn cross_entropy_chunk_update(
-        &self,
-        l: &Layout,
-        t: &Self,
-        tl: &Layout,
-        state: &mut Self,
-        v0: usize,
-        v_total: usize,
-        ignore: u32,
-    ) -> Result<()> {
-        let (xd, sd) = (self.device(), state.device());
-        #[allow(unreachable_patterns)]
-        match (self, t, state) {
-            (Storage::Cpu(x), Storage::Cpu(t), Storage::Cpu(s)) => {
-                x.cross_entropy_chunk_update(l, t, tl, s, v0, v_total, ignore)
-            }
-            #[cfg(feature = "cuda")]
-            (Storage::Cuda(x), Storage::Cuda(t), Storage::Cuda(s)) => {
-                x.cross_entropy_chunk_update(l, t, tl, s, v0, v_total, ignore)
-            }
-            (x, t, _) if x.device() != t.device() => {
-                Err(mismatch("cross_entropy_chunk_update", x, t))
-            }
-            _ => Err(Error::DeviceMismatch {
-                op: "cross_entropy_chunk_update",
-                lhs: xd,
-                rhs: sd,
-            }),
-        }
-    }
-    fn cross_entropy_chunk_backward(
-        &self,
-        l: &Layout,
-        t: &Self,
-        tl: &Layout,
-        lse: &Self,
-        lse_l: &Layout,
-        g: &Self,
-        gl: &Layout,
-        v0: usize,
-        ignore: u32,
-    ) -> Result<Self> {
-        const OP: &str = "cross_entropy_chunk_backward";
-        #[allow(unreachable_patterns)]
-        match (self, t, lse, g) {
-            (Storage::Cpu(x), Storage::Cpu(t), Storage::Cpu(s), Storage::Cpu(g)) => {
-                Ok(Storage::Cpu(x.cross_entropy_chunk_backward(
-                    l, t, tl, s, lse_l, g, gl, v0, ignore,
-                )?))
-            }
-            #[cfg(feature = "cuda")]
-            (Storage::Cuda(x), Storage::Cuda(t), Storage::Cuda(s), Storage::Cuda(g)) => {
-                Ok(Storage::Cuda(x.cross_entropy_chunk_backward(
-                    l, t, tl, s, lse_l, g, gl, v0, ignore,
-                )?))
-            }
-            (x, t, s, g) => {
-                let other = [t, s, g]
-                    .into_iter()
-                    .find(|o| o.device() != x.device())
-                    .unwrap_or(t);
-                Err(mismatch(OP, x, other))
-            }
-        }
-    }
     fn moe_gather_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
         many!("moe_gather_codes", moe_gather_codes, args, d)
     }
@@ -576,33 +467,4 @@ impl BackendStorage for Storage {
     fn moe_tiles_cols(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
         many!("moe_tiles_cols", moe_tiles_cols, args, d)
     }
-}
-
-/// The AdamW groups of one backend's storages (`adamw_step` checked that every storage lives on
-/// one device), or an error when one of them is of another backend.
-fn backend_groups<'s, S>(
-    groups: &'s mut [AdamWGroup<'_, Storage>],
-    of_mut: impl Fn(&mut Storage) -> Option<&mut S>,
-    of: impl Fn(&Storage) -> Option<&S>,
-) -> Result<Vec<AdamWGroup<'s, S>>> {
-    let mixed = || Error::invalid("adamw_step", "storages on different backends");
-    let mut out = Vec::with_capacity(groups.len());
-    for g in groups.iter_mut() {
-        let param = of_mut(&mut *g.param).ok_or_else(mixed)?;
-        let mut slots = Vec::with_capacity(g.slots.len());
-        for s in g.slots.iter_mut() {
-            slots.push(AdamWSlot {
-                param_offset: s.param_offset,
-                exp_avg: of_mut(&mut *s.exp_avg).ok_or_else(mixed)?,
-                exp_avg_offset: s.exp_avg_offset,
-                exp_avg_sq: of_mut(&mut *s.exp_avg_sq).ok_or_else(mixed)?,
-                exp_avg_sq_offset: s.exp_avg_sq_offset,
-                grad: of(s.grad).ok_or_else(mixed)?,
-                grad_offset: s.grad_offset,
-                len: s.len,
-            });
-        }
-        out.push(AdamWGroup { param, slots });
-    }
-    Ok(out)
 }

@@ -1,5 +1,6 @@
 // Shared by every kernel module (prepended to each source): element types, conversions to the
-// accumulation type, the strided-view argument and warp/block reductions.
+// accumulation type, the strided-view argument, warp/block reductions and the cross-entropy row
+// statistics.
 //
 // Accumulation types follow the CPU reference: f32 and bf16 compute in float (bf16 is widened on
 // read and rounded once on write), f64 in double.
@@ -233,4 +234,34 @@ template <int V, typename T> __device__ __forceinline__ void store_n(T* p, const
 template <typename T>
 __device__ __forceinline__ bool aligned_to(const T* p, size_t bytes) {
     return ((size_t)p % bytes) == 0;
+}
+
+// ----- cross-entropy row statistics (loss.cu, linear_cross_entropy.cu) -------------------------
+
+// Row statistics: (max, Σ exp(x − max)) of logits row r, on every thread of the block, in one pass
+// over the row (online log-sum-exp): each thread keeps a running max m and Σ exp(x − m) of its
+// elements, rescaling the sum when the max grows (s·exp(m − x) + 1); the block then takes the
+// global max M and sums the threads' s·exp(m − M). One exponential per element, as with two
+// passes, but the row is read once.
+template <typename T>
+__device__ void ce_row_stats(u32 v, u32 s1, const T* xr, typename Acc<T>::type* m_out, typename Acc<T>::type* s_out) {
+    typedef typename Acc<T>::type A;
+    A m = neg_inf<A>();
+    A s = (A)0;
+    for (u32 j = threadIdx.x; j < v; j += blockDim.x) {
+        const A x = to_acc(xr[(size_t)j * s1]);
+        if (x > m) {
+            s = s * m_exp(m - x) + (A)1;
+            m = x;
+        } else if (x != m || x != neg_inf<A>()) {
+            // (−∞ seen while the max is still −∞ adds nothing; NaN propagates.)
+            s += m_exp(x - m);
+        }
+    }
+    const A mx = block_reduce(m, MaxOp(), neg_inf<A>());
+    // A thread without elements (or only −∞) adds nothing; NaN sums stay NaN.
+    s = s == (A)0 ? (A)0 : s * m_exp(m - mx);
+    s = block_reduce(s, SumOp(), (A)0);
+    *m_out = mx;
+    *s_out = s;
 }

@@ -88,7 +88,11 @@ pub const RMS_NORM: KernelSource = module!("rms_norm",
 pub const ROPE: KernelSource = module!("rope", f3 rope);
 
 /// Fused cross-entropy forward and backward.
-pub const LOSS: KernelSource = module!("loss", f3 cross_entropy f3 cross_entropy_backward
+pub const LOSS: KernelSource = module!("loss", f3 cross_entropy f3 cross_entropy_backward);
+
+/// The chunked linear cross-entropy (`engine::fused::linear_cross_entropy`): the online
+/// log-sum-exp update of one vocabulary chunk of logits and the fused gradient of one chunk.
+pub const LINEAR_CROSS_ENTROPY: KernelSource = module!("linear_cross_entropy",
     f3 cross_entropy_chunk_update f3 cross_entropy_chunk_backward);
 
 /// index_select, gather, index_add, scatter_add, top-k.
@@ -140,12 +144,12 @@ pub const MOE_GROUPED: KernelSource = module!("moe_grouped",
     one moe_group_count_u32 one moe_group_scan_u32 one moe_group_scatter_u32 one moe_invert_perm_u32
 );
 
-/// The fused multi-tensor AdamW step and the multi-tensor sum of squares (the gradient norm):
-/// one kernel for every tensor, whatever its dtype (each tensor's dtype is in the table the
-/// kernel reads), hence names without a dtype suffix.
-pub const OPTIM: KernelSource = KernelSource {
-    name: "optim",
-    source: concat!(include_str!("common.cuh"), "\n", include_str!("optim.cu")),
+/// The fused multi-tensor AdamW step and the multi-tensor sum of squares (the gradient norm)
+/// of `engine::fused::adamw`: one kernel for every tensor, whatever its dtype (each tensor's
+/// dtype is in the table the kernel reads), hence names without a dtype suffix.
+pub const ADAMW: KernelSource = KernelSource {
+    name: "adamw",
+    source: concat!(include_str!("common.cuh"), "\n", include_str!("adamw.cu")),
     kernels: &["adamw_step_multi", "sum_squares_multi"],
 };
 
@@ -234,13 +238,14 @@ pub const SOURCES: &[KernelSource] = &[
     RMS_NORM,
     ROPE,
     LOSS,
+    LINEAR_CROSS_ENTROPY,
     INDEX,
     RANDOM,
     DROPOUT,
     SOFTMAX,
     MOE_ROUTE,
     MOE_GROUPED,
-    OPTIM,
+    ADAMW,
     MOE_FUSED,
     LORA,
 ];

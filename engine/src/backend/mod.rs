@@ -214,52 +214,6 @@ pub trait BackendStorage: Sized + Send + Sync {
     /// Where `y = 0` (masked keys) `dx = 0`. Row sums in f32 (f64 for f64).
     fn softmax_backward(&self, l: &Layout, g: &Self, g_l: &Layout, scale: f64) -> Result<Self>;
 
-    /// One fused AdamW step over every slot of every group (see [`AdamWGroup`], [`AdamWSlot`],
-    /// [`AdamWHyper`]), in place: each slot's parameter and moments are read and written once.
-    /// Moments are f32 (f64 for f64 parameters); the grad has the parameter's dtype. The CPU
-    /// spreads the elements over threads, the CUDA backend runs one kernel launch for all slots.
-    fn adamw_step(groups: &mut [AdamWGroup<'_, Self>], h: &AdamWHyper) -> Result<()>;
-    /// `Σ_t Σ_i t[i]²` over every tensor (any float dtype, any view), accumulated in f64 in
-    /// chunks of 4096 elements per tensor whose sums are added in order (deterministic), returned
-    /// on the host. The CUDA backend runs one kernel launch for all tensors.
-    fn sum_squares_multi(args: &[(&Self, &Layout)]) -> Result<f64>;
-
-    /// One vocabulary chunk of an online log-sum-exp. `self` is the chunk's logits `[n, c]`
-    /// (columns `v0..v0+c` of the full `[n, v_total]` logits), `targets` u32 `[n]`, `state` a
-    /// contiguous `[n, 3]` of the accumulation dtype (f32, f64 for f64 logits) holding per row
-    /// `(running max m, running Σ exp(x − m), target logit)`, updated in place:
-    /// `m' = max(m, max_j x_j)`, `s' = s·exp(m − m') + Σ_j exp(x_j − m')`, and the target logit is
-    /// taken when `v0 ≤ t < v0 + c` (and `t ≠ ignore_index`). Start from `(−∞, 0, 0)`; after the
-    /// last chunk `logsumexp = m + ln s`. A target `≥ v_total` (not ignored) is an error on the
-    /// CPU and a NaN target logit on the GPU.
-    #[allow(clippy::too_many_arguments)]
-    fn cross_entropy_chunk_update(
-        &self,
-        l: &Layout,
-        targets: &Self,
-        t_l: &Layout,
-        state: &mut Self,
-        v0: usize,
-        v_total: usize,
-        ignore_index: u32,
-    ) -> Result<()>;
-    /// The gradient of a vocabulary chunk's logits `self` `[n, c]` (columns `v0..v0+c`):
-    /// `dx[r, j] = (exp(x[r, j] − lse[r]) − [v0 + j == t[r]]) · g[r]`, a zero row where ignored.
-    /// `lse` and `grad_rows` are `[n]` in the accumulation dtype; the output is a contiguous
-    /// `[n, c]` of the logits' dtype.
-    #[allow(clippy::too_many_arguments)]
-    fn cross_entropy_chunk_backward(
-        &self,
-        l: &Layout,
-        targets: &Self,
-        t_l: &Layout,
-        lse: &Self,
-        lse_l: &Layout,
-        grad_rows: &Self,
-        g_l: &Layout,
-        v0: usize,
-        ignore_index: u32,
-    ) -> Result<Self>;
 
     // ----- the fused MixLoRA FFN (`ops::moe_fused`; sizes and settings in [`MoeDims`]) -----
     // Operands come as `(storage, layout)` pairs in the documented order; "base" operands have
@@ -336,82 +290,6 @@ pub trait BackendStorage: Sized + Send + Sync {
     fn moe_tiles_cols(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
         let _ = (args, d);
         Err(Error::invalid("moe_tiles_cols", "not on this backend"))
-    }
-}
-
-/// The parameters of a fused AdamW step that live in one buffer `param` (f32, bf16 or f64), one
-/// slot each: a single tensor, or views of one stacked buffer (a MixLoRA layer's expert LoRAs).
-/// The slots' runs of `param` never overlap.
-pub struct AdamWGroup<'a, S> {
-    pub param: &'a mut S,
-    pub slots: Vec<AdamWSlot<'a, S>>,
-}
-
-/// One parameter of a fused AdamW step: contiguous runs of `len` elements starting at the given
-/// element offsets of its group's parameter buffer, its moments and its gradient. The moments are
-/// f32 (f64 for f64 parameters) and belong to this slot alone; the gradient has the parameter's
-/// dtype (slots may read one gradient buffer).
-pub struct AdamWSlot<'a, S> {
-    pub param_offset: usize,
-    pub exp_avg: &'a mut S,
-    pub exp_avg_offset: usize,
-    pub exp_avg_sq: &'a mut S,
-    pub exp_avg_sq_offset: usize,
-    pub grad: &'a S,
-    pub grad_offset: usize,
-    pub len: usize,
-}
-
-/// Hyper-parameters of one AdamW step (PyTorch's `AdamW`, decoupled weight decay). `step` is the
-/// 1-based count used for bias correction; the gradient is multiplied by `grad_scale` first.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdamWHyper {
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-    pub grad_scale: f64,
-    pub step: u64,
-}
-
-/// The constants of one AdamW step, in the order the update uses them (every backend rounds these
-/// f64 values to its math dtype and applies them in the same order, so that f32 results agree
-/// with the tensor-op formulation bit for bit on the CPU):
-/// ```text
-/// g  = grad · scale
-/// m  = m · b1 + g · (1 − b1)            v = v · b2 + g² · (1 − b2)
-/// p  = p · decay − (m / (√(v · inv_bc2) + eps)) · step_size
-/// decay = 1 − lr·wd, inv_bc2 = 1 / (1 − b2ᵗ), step_size = lr / (1 − b1ᵗ)
-/// ```
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdamWCoefficients {
-    pub scale: f64,
-    pub b1: f64,
-    pub one_minus_b1: f64,
-    pub b2: f64,
-    pub one_minus_b2: f64,
-    pub inv_bc2: f64,
-    pub eps: f64,
-    pub decay: f64,
-    pub step_size: f64,
-}
-
-impl AdamWHyper {
-    pub fn coefficients(&self) -> AdamWCoefficients {
-        let t = self.step.min(i32::MAX as u64) as i32;
-        let (bc1, bc2) = (1.0 - self.beta1.powi(t), 1.0 - self.beta2.powi(t));
-        AdamWCoefficients {
-            scale: self.grad_scale,
-            b1: self.beta1,
-            one_minus_b1: 1.0 - self.beta1,
-            b2: self.beta2,
-            one_minus_b2: 1.0 - self.beta2,
-            inv_bc2: 1.0 / bc2,
-            eps: self.eps,
-            decay: 1.0 - self.lr * self.weight_decay,
-            step_size: self.lr / bc1,
-        }
     }
 }
 

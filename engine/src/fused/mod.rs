@@ -18,9 +18,12 @@
 //! - `moe_ffn`: the fused MixLoRA FFN;
 //! - [`moe_route`]: the router's top-k;
 //! - [`moe_grouped`]: grouping (token, slot) pairs by expert and grouped matmuls;
-//! - `linear_cross_entropy`: the chunked linear cross-entropy;
-//! - `adamw`: the multi-tensor AdamW step.
+//! - [`linear_cross_entropy`]: the chunked linear cross-entropy, never holding all the logits;
+//! - [`adamw`]: the multi-tensor AdamW step and the multi-tensor sum of squares (the gradient
+//!   norm).
 
+pub mod adamw;
+pub mod linear_cross_entropy;
 pub mod lora;
 pub mod moe_grouped;
 pub mod moe_route;

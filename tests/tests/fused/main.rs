@@ -2,6 +2,8 @@
 //! each holds the unit's f64 finite-difference gradient checks and its CPU ↔ CUDA parity tests
 //! (module `gpu`, built with the `cuda` feature; they skip, saying why, without a GPU).
 
+mod adamw;
+mod linear_cross_entropy;
 mod lora;
 mod moe_grouped;
 mod moe_route;

@@ -12,7 +12,7 @@ use crate::{DType, Error, Layout, Result};
 
 /// `(n, v)` of rank-2 logits, and the u32 targets `[n]`, each either `ignore` or below `bound`
 /// (the row length `v` when `None`; the whole vocabulary for a chunk of it).
-pub(super) fn check(
+pub(crate) fn check(
     op: &'static str,
     l: &Layout,
     t: &CpuStorage,
@@ -51,7 +51,7 @@ pub(super) fn check(
 }
 
 /// `(max, Σ exp(x − max))` of one row, `x(j)` reading its element `j < v`.
-pub(super) fn row_stats<T: CpuFloat>(x: impl Fn(usize) -> T, v: usize) -> (T, T) {
+pub(crate) fn row_stats<T: CpuFloat>(x: impl Fn(usize) -> T, v: usize) -> (T, T) {
     let m = (0..v).map(&x).fold(T::neg_infinity(), |a, b| a.max(b));
     let sum = (0..v).map(|j| (x(j) - m).fast_exp()).sum::<T>();
     (m, sum)
@@ -59,7 +59,7 @@ pub(super) fn row_stats<T: CpuFloat>(x: impl Fn(usize) -> T, v: usize) -> (T, T)
 
 /// [`row_stats`] of a contiguous row, in 16 lanes (vectorises).
 #[inline(always)]
-pub(super) fn row_stats_slice<S: Copy, T: CpuFloat>(row: &[S], conv: impl Fn(S) -> T) -> (T, T) {
+pub(crate) fn row_stats_slice<S: Copy, T: CpuFloat>(row: &[S], conv: impl Fn(S) -> T) -> (T, T) {
     const L: usize = 16;
     let mut mx = [T::neg_infinity(); L];
     let mut chunks = row.chunks_exact(L);

@@ -6,17 +6,15 @@ pub(crate) mod acc;
 pub(crate) mod dropout;
 mod elementwise;
 mod index;
-mod loss;
-mod loss_chunk;
+pub(crate) mod loss;
 pub(crate) mod matmul;
 mod moe_fused;
-mod optim;
 pub mod profile;
 mod random;
 mod reduce;
 mod rms_norm;
 mod rope;
-mod simd;
+pub(crate) mod simd;
 mod softmax;
 
 use std::borrow::Cow;
@@ -24,9 +22,7 @@ use std::borrow::Cow;
 use half::bf16;
 use num_traits::Float;
 
-use crate::backend::{
-    AdamWGroup, AdamWHyper, BackendStorage, BinaryOp, BlockCodes, CmpOp, MoeDims, ReduceOp, UnaryOp,
-};
+use crate::backend::{BackendStorage, BinaryOp, BlockCodes, CmpOp, MoeDims, ReduceOp, UnaryOp};
 use crate::{DType, Device, Error, Layout, Result};
 
 pub use random::CpuDevice;
@@ -388,62 +384,6 @@ impl BackendStorage for CpuStorage {
     fn softmax_backward(&self, l: &Layout, g: &Self, g_l: &Layout, scale: f64) -> Result<Self> {
         timed("softmax_backward", || {
             softmax::softmax_backward(self, l, g, g_l, scale)
-        })
-    }
-    fn adamw_step(groups: &mut [AdamWGroup<'_, Self>], h: &AdamWHyper) -> Result<()> {
-        timed("adamw_step", || optim::adamw_step(groups, h))
-    }
-    fn sum_squares_multi(args: &[(&Self, &Layout)]) -> Result<f64> {
-        timed("sum_squares_multi", || optim::sum_squares_multi(args))
-    }
-    fn cross_entropy_chunk_update(
-        &self,
-        l: &Layout,
-        targets: &Self,
-        t_l: &Layout,
-        state: &mut Self,
-        v0: usize,
-        v_total: usize,
-        ignore_index: u32,
-    ) -> Result<()> {
-        timed("cross_entropy_chunk_update", || {
-            loss_chunk::cross_entropy_chunk_update(
-                self,
-                l,
-                targets,
-                t_l,
-                state,
-                v0,
-                v_total,
-                ignore_index,
-            )
-        })
-    }
-    fn cross_entropy_chunk_backward(
-        &self,
-        l: &Layout,
-        targets: &Self,
-        t_l: &Layout,
-        lse: &Self,
-        lse_l: &Layout,
-        grad_rows: &Self,
-        g_l: &Layout,
-        v0: usize,
-        ignore_index: u32,
-    ) -> Result<Self> {
-        timed("cross_entropy_chunk_backward", || {
-            loss_chunk::cross_entropy_chunk_backward(
-                self,
-                l,
-                targets,
-                t_l,
-                lse,
-                lse_l,
-                grad_rows,
-                g_l,
-                v0,
-                ignore_index,
-            )
         })
     }
     fn moe_gather_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {

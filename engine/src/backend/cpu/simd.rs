@@ -6,7 +6,7 @@
 /// it, so the loops inside `f` are vectorised for those features; results are bit-identical to
 /// the baseline build (Rust never fuses a multiply and an add on its own).
 #[inline(always)]
-pub(super) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::atomic::{AtomicU8, Ordering};

@@ -19,11 +19,9 @@ mod index;
 pub(crate) mod launch;
 pub(crate) mod layout;
 mod loss;
-mod loss_chunk;
 pub(crate) mod matmul;
 mod moe_fused;
 mod moe_tiles;
-mod optim;
 mod random;
 mod reduce;
 mod rms_norm;
@@ -33,9 +31,7 @@ mod softmax;
 use half::bf16;
 
 use crate::backend::cpu::CpuStorage;
-use crate::backend::{
-    AdamWGroup, AdamWHyper, BackendStorage, BinaryOp, BlockCodes, CmpOp, MoeDims, ReduceOp, UnaryOp,
-};
+use crate::backend::{BackendStorage, BinaryOp, BlockCodes, CmpOp, MoeDims, ReduceOp, UnaryOp};
 use crate::{DType, Device, Error, Layout, Result};
 
 use device::CudaBuffer;
@@ -376,58 +372,6 @@ impl BackendStorage for CudaStorage {
     }
     fn softmax_backward(&self, l: &Layout, g: &Self, g_l: &Layout, scale: f64) -> Result<Self> {
         softmax::softmax_backward(self, l, g, g_l, scale)
-    }
-    fn adamw_step(groups: &mut [AdamWGroup<'_, Self>], h: &AdamWHyper) -> Result<()> {
-        optim::adamw_step(groups, h)
-    }
-    fn sum_squares_multi(args: &[(&Self, &Layout)]) -> Result<f64> {
-        optim::sum_squares_multi(args)
-    }
-    fn cross_entropy_chunk_update(
-        &self,
-        l: &Layout,
-        targets: &Self,
-        t_l: &Layout,
-        state: &mut Self,
-        v0: usize,
-        v_total: usize,
-        ignore_index: u32,
-    ) -> Result<()> {
-        loss_chunk::cross_entropy_chunk_update(
-            self,
-            l,
-            targets,
-            t_l,
-            state,
-            v0,
-            v_total,
-            ignore_index,
-        )
-    }
-    fn cross_entropy_chunk_backward(
-        &self,
-        l: &Layout,
-        targets: &Self,
-        t_l: &Layout,
-        lse: &Self,
-        lse_l: &Layout,
-        grad_rows: &Self,
-        g_l: &Layout,
-        v0: usize,
-        ignore_index: u32,
-    ) -> Result<Self> {
-        loss_chunk::cross_entropy_chunk_backward(
-            self,
-            l,
-            targets,
-            t_l,
-            lse,
-            lse_l,
-            grad_rows,
-            g_l,
-            v0,
-            ignore_index,
-        )
     }
     fn moe_gather_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
         moe_fused::gather_codes(args, d)

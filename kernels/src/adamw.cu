@@ -13,7 +13,7 @@
 
 #define ADAMW_CHUNK 4096
 
-// One row of the tensor table (48 bytes; matches `TensorRow` in engine/src/backend/cuda/optim.rs).
+// One row of the tensor table (48 bytes; `ROW_WORDS` in engine/src/fused/adamw/cuda.rs).
 struct AdamWTensor {
     unsigned long long p;   // parameter, dtype below
     unsigned long long g;   // gradient, the parameter's dtype
@@ -112,7 +112,7 @@ extern "C" __global__ void adamw_step_multi(const AdamWTensor* tensors, const Ad
 // ----- Σ t² over many tensors (the gradient norm) ----------------------------------------------
 // sum_squares_multi(tensors, chunks, n_chunks, partials): one double per chunk of SQ_CHUNK
 // elements, partials[c] = Σ_{i in chunk c} t[i]² (block reduction); the host adds the partials in
-// order. tensors: rows of SqTensor (24 bytes, `SqRow` in engine/src/backend/cuda/optim.rs);
+// order. tensors: rows of SqTensor (24 bytes, `SQ_ROW_WORDS` in engine/src/fused/adamw/cuda.rs);
 // chunks: AdamWChunk entries (tensor index, chunk index).
 
 #define SQ_CHUNK 4096

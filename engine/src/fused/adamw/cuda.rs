@@ -10,15 +10,18 @@
 use std::sync::Mutex;
 
 use cudarc::driver::LaunchConfig;
-use kernels::OPTIM;
+use kernels::ADAMW;
 
-use super::launch::launch;
-use super::{Contig, CudaStorage};
+use super::primitives::AdamWGroup;
+use super::AdamWHyper;
 use crate::backend::cpu::CpuStorage;
-use crate::backend::{AdamWGroup, AdamWHyper, BackendStorage};
+use crate::backend::cuda::launch::launch;
+use crate::backend::cuda::{Contig, CudaDevice, CudaStorage};
+use crate::backend::BackendStorage;
+use crate::fused::Operand;
 use crate::{DType, Error, Layout, Result};
 
-/// Elements per chunk (`ADAMW_CHUNK` in optim.cu).
+/// Elements per chunk (`ADAMW_CHUNK` in adamw.cu).
 const CHUNK: usize = 4096;
 /// u32 words per tensor row (`AdamWTensor`, 48 bytes).
 const ROW_WORDS: usize = 12;
@@ -35,7 +38,7 @@ fn push_u64(w: &mut Vec<u32>, x: u64) {
     w.push((x >> 32) as u32);
 }
 
-/// The `dtype` code of a table row (`0 f32, 1 bf16, 2 f64` in optim.cu).
+/// The `dtype` code of a table row (`0 f32, 1 bf16, 2 f64` in adamw.cu).
 fn dtype_code(op: &'static str, dtype: DType) -> Result<u32> {
     match dtype {
         DType::F32 => Ok(0),
@@ -94,7 +97,7 @@ fn append_chunks(
     }))
 }
 
-pub(crate) fn adamw_step(groups: &mut [AdamWGroup<'_, CudaStorage>], h: &AdamWHyper) -> Result<()> {
+pub(super) fn adamw_step(groups: &mut [AdamWGroup<'_, CudaStorage>], h: &AdamWHyper) -> Result<()> {
     const OP: &str = "adamw_step";
     let Some(first) = groups.first() else {
         return Ok(());
@@ -185,7 +188,7 @@ pub(crate) fn adamw_step(groups: &mut [AdamWGroup<'_, CudaStorage>], h: &AdamWHy
         launch!(
             &dev,
             OP,
-            OPTIM,
+            ADAMW,
             name,
             cl.cfg,
             [
@@ -202,16 +205,16 @@ const SQ_ROW_WORDS: usize = 6;
 /// `Σ t[i]²` over every tensor in one launch: a table of (address, length, dtype) rows and the
 /// list of 4096-element chunks is uploaded, the kernel writes one f64 partial sum per chunk, and
 /// the partials are added in order on the host (one download: a few KiB per million elements).
-pub(crate) fn sum_squares_multi(args: &[(&CudaStorage, &Layout)]) -> Result<f64> {
+pub(super) fn sum_squares_multi(args: &[Operand<'_, CudaStorage>]) -> Result<f64> {
     const OP: &str = "sum_squares_multi";
-    let Some(&(first, _)) = args.first() else {
+    let Some(&Operand { s: first, .. }) = args.first() else {
         return Ok(0.0);
     };
     let dev = first.dev.clone();
     let mut words: Vec<u32> = Vec::with_capacity(args.len() * SQ_ROW_WORDS);
     let mut chunks: Vec<u32> = Vec::new();
     let mut hold: Vec<Contig> = Vec::new();
-    for (i, &(s, l)) in args.iter().enumerate() {
+    for (i, &Operand { s, l }) in args.iter().enumerate() {
         dev_check(OP, &dev, s)?;
         let code = dtype_code(OP, s.dtype)?;
         let c = s.contiguous(OP, l)?; // checks the view against its buffer
@@ -240,7 +243,7 @@ pub(crate) fn sum_squares_multi(args: &[(&CudaStorage, &Layout)]) -> Result<f64>
         launch!(
             &dev,
             OP,
-            OPTIM,
+            ADAMW,
             name,
             cl.cfg,
             [tensors, chunk_list, n_chunks32, out]
@@ -254,7 +257,7 @@ pub(crate) fn sum_squares_multi(args: &[(&CudaStorage, &Layout)]) -> Result<f64>
     Ok(sums.iter().sum())
 }
 
-fn dev_check(op: &'static str, dev: &super::CudaDevice, s: &CudaStorage) -> Result<()> {
+fn dev_check(op: &'static str, dev: &CudaDevice, s: &CudaStorage) -> Result<()> {
     if s.dev.ordinal() != dev.ordinal() {
         return Err(Error::DeviceMismatch {
             op,

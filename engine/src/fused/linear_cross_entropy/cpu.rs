@@ -1,14 +1,16 @@
-//! Cross-entropy over vocabulary chunks (the CPU reference of the chunked linear cross-entropy):
-//! an online log-sum-exp update per chunk of logits, and the fused gradient of one chunk. One task
-//! per row; logits are read in place through their rank-2 layout; f32 and bf16 logits compute in
-//! f32, f64 logits in f64.
+//! The chunked linear cross-entropy's primitives on the CPU, the reference: an online
+//! log-sum-exp update per chunk of logits, and the fused gradient of one chunk. One task per row;
+//! logits are read in place through their rank-2 layout; f32 and bf16 logits compute in f32, f64
+//! logits in f64.
 
 use rayon::prelude::*;
 
-use super::loss::{check, row_stats, row_stats_slice};
-use super::simd::vectorized;
-use super::{CpuFloat, CpuStorage, PAR_THRESHOLD};
+use super::primitives::{ChunkBackward, ChunkUpdate};
+use crate::backend::cpu::loss::{check, row_stats, row_stats_slice};
+use crate::backend::cpu::simd::vectorized;
+use crate::backend::cpu::{CpuFloat, CpuStorage, PAR_THRESHOLD};
 use crate::backend::BackendStorage;
+use crate::fused::Operand;
 use crate::{DType, Error, Layout, Result};
 
 /// Folds chunk `x` `[n, c]` into `state` `[n, 3]` = (max, Σ exp(x − max), target logit).
@@ -101,18 +103,15 @@ fn backward_t<S: Copy + Sync, T: CpuFloat>(
     out
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn cross_entropy_chunk_update(
-    x: &CpuStorage,
-    l: &Layout,
-    t: &CpuStorage,
-    tl: &Layout,
-    state: &mut CpuStorage,
+pub(super) fn chunk_update(
+    o: ChunkUpdate<'_, CpuStorage>,
     v0: usize,
     v_total: usize,
     ignore: u32,
 ) -> Result<()> {
     const OP: &str = "cross_entropy_chunk_update";
+    let (Operand { s: x, l }, Operand { s: t, l: tl }) = (o.x, o.targets);
+    let state = o.state.s;
     let (n, _, targets) = check(OP, l, t, tl, Some(v_total), ignore)?;
     if state.len() != 3 * n {
         return Err(Error::invalid(
@@ -143,20 +142,14 @@ pub(super) fn cross_entropy_chunk_update(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn cross_entropy_chunk_backward(
-    x: &CpuStorage,
-    l: &Layout,
-    t: &CpuStorage,
-    tl: &Layout,
-    lse: &CpuStorage,
-    lse_l: &Layout,
-    g: &CpuStorage,
-    gl: &Layout,
+pub(super) fn chunk_backward(
+    o: ChunkBackward<'_, CpuStorage>,
     v0: usize,
     ignore: u32,
 ) -> Result<CpuStorage> {
     const OP: &str = "cross_entropy_chunk_backward";
+    let (Operand { s: x, l }, Operand { s: t, l: tl }) = (o.x, o.targets);
+    let (Operand { s: lse, l: lse_l }, Operand { s: g, l: gl }) = (o.lse, o.grad_rows);
     // Targets are checked against the full vocabulary by the forward; here only the shape.
     let (n, _, targets) = check(OP, l, t, tl, Some(usize::MAX), ignore)?;
     for sl in [lse_l, gl] {
@@ -202,6 +195,7 @@ pub(super) fn cross_entropy_chunk_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fused::OperandMut;
 
     /// Two chunks folded in give the log-sum-exp of the whole row and pick the target logit.
     #[test]
@@ -215,17 +209,19 @@ mod tests {
         let full = Layout::contiguous([n, v]);
         for (v0, c) in [(0, 4), (4, 3)] {
             let l = full.narrow(1, v0, c);
-            cross_entropy_chunk_update(
-                &CpuStorage::F64(x.clone()),
-                &l,
-                &CpuStorage::U32(t.clone()),
-                &Layout::contiguous([n]),
-                &mut st,
-                v0,
-                v,
-                u32::MAX,
-            )
-            .unwrap();
+            let (xs, ts) = (CpuStorage::F64(x.clone()), CpuStorage::U32(t.clone()));
+            let o = ChunkUpdate {
+                x: Operand { s: &xs, l: &l },
+                targets: Operand {
+                    s: &ts,
+                    l: &Layout::contiguous([n]),
+                },
+                state: OperandMut {
+                    s: &mut st,
+                    l: &Layout::contiguous([n, 3]),
+                },
+            };
+            chunk_update(o, v0, v, u32::MAX).unwrap();
         }
         let CpuStorage::F64(st) = st else {
             panic!("dtype")
@@ -243,17 +239,22 @@ mod tests {
     #[test]
     fn target_beyond_the_vocabulary_is_an_error() {
         let mut st = CpuStorage::F32(vec![f32::NEG_INFINITY, 0.0, 0.0]);
-        let err = cross_entropy_chunk_update(
-            &CpuStorage::F32(vec![0.5; 4]),
-            &Layout::contiguous([1, 4]),
-            &CpuStorage::U32(vec![9]),
-            &Layout::contiguous([1]),
-            &mut st,
-            0,
-            8,
-            u32::MAX,
-        )
-        .unwrap_err();
+        let (xs, ts) = (CpuStorage::F32(vec![0.5; 4]), CpuStorage::U32(vec![9]));
+        let o = ChunkUpdate {
+            x: Operand {
+                s: &xs,
+                l: &Layout::contiguous([1, 4]),
+            },
+            targets: Operand {
+                s: &ts,
+                l: &Layout::contiguous([1]),
+            },
+            state: OperandMut {
+                s: &mut st,
+                l: &Layout::contiguous([1, 3]),
+            },
+        };
+        let err = chunk_update(o, 0, 8, u32::MAX).unwrap_err();
         assert!(matches!(
             err,
             Error::IndexOutOfRange {

@@ -1,12 +1,14 @@
-//! Launchers of the vocabulary-chunk cross-entropy kernels (loss.cu): the online log-sum-exp
-//! update of one chunk of logits, and the fused gradient of one chunk. Logits are read in place
-//! through their rank-2 strides; one block per row.
+//! Launchers of the chunked linear cross-entropy's kernels (kernels/src/linear_cross_entropy.cu):
+//! the online log-sum-exp update of one chunk of logits, and the fused gradient of one chunk.
+//! Logits are read in place through their rank-2 strides; one block per row.
 
-use kernels::LOSS;
+use kernels::LINEAR_CROSS_ENTROPY;
 
-use super::launch::launch;
-use super::layout::to_u32;
-use super::{check_extent, float_only, CudaDevice, CudaStorage};
+use super::primitives::{ChunkBackward, ChunkUpdate};
+use crate::backend::cuda::launch::launch;
+use crate::backend::cuda::layout::to_u32;
+use crate::backend::cuda::{check_extent, elementwise, float_only, CudaDevice, CudaStorage};
+use crate::fused::Operand;
 use crate::{DType, Error, Layout, Result};
 
 const ROW_THREADS: u32 = 256;
@@ -49,18 +51,15 @@ fn check(
     Ok((n, c, strides))
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn cross_entropy_chunk_update(
-    x: &CudaStorage,
-    l: &Layout,
-    t: &CudaStorage,
-    tl: &Layout,
-    state: &mut CudaStorage,
+pub(super) fn chunk_update(
+    o: ChunkUpdate<'_, CudaStorage>,
     v0: usize,
     v_total: usize,
     ignore: u32,
 ) -> Result<()> {
     const OP: &str = "cross_entropy_chunk_update";
+    let (Operand { s: x, l }, Operand { s: t, l: tl }) = (o.x, o.targets);
+    let state = o.state.s;
     let (n, c, [s0, s1, off]) = check(OP, x, l, t, tl)?;
     x.same_device(OP, state)?;
     let acc = x.dtype.accumulation();
@@ -92,7 +91,7 @@ pub(crate) fn cross_entropy_chunk_update(
         launch!(
             &x.dev,
             OP,
-            LOSS,
+            LINEAR_CROSS_ENTROPY,
             name,
             CudaDevice::rows(n, ROW_THREADS),
             [n32, c32, s0, s1, off, xp, tp, ignore, v0, v_total, sp]
@@ -100,20 +99,14 @@ pub(crate) fn cross_entropy_chunk_update(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn cross_entropy_chunk_backward(
-    x: &CudaStorage,
-    l: &Layout,
-    t: &CudaStorage,
-    tl: &Layout,
-    lse: &CudaStorage,
-    lse_l: &Layout,
-    g: &CudaStorage,
-    gl: &Layout,
+pub(super) fn chunk_backward(
+    o: ChunkBackward<'_, CudaStorage>,
     v0: usize,
     ignore: u32,
 ) -> Result<CudaStorage> {
     const OP: &str = "cross_entropy_chunk_backward";
+    let (Operand { s: x, l }, Operand { s: t, l: tl }) = (o.x, o.targets);
+    let (Operand { s: lse, l: lse_l }, Operand { s: g, l: gl }) = (o.lse, o.grad_rows);
     let (n, c, [s0, s1, off]) = check(OP, x, l, t, tl)?;
     for (s, sl) in [(lse, lse_l), (g, gl)] {
         if sl.dims() != [n] {
@@ -132,8 +125,8 @@ pub(crate) fn cross_entropy_chunk_backward(
     }
     // Row statistics in the accumulation dtype, contiguous [n].
     let acc = x.dtype.accumulation();
-    let lc = super::elementwise::to_dtype(lse, lse_l, acc)?;
-    let gc = super::elementwise::to_dtype(g, gl, acc)?;
+    let lc = elementwise::to_dtype(lse, lse_l, acc)?;
+    let gc = elementwise::to_dtype(g, gl, acc)?;
     let tc = t.contiguous(OP, tl)?;
     let (n32, c32, v0) = (to_u32(OP, n)?, to_u32(OP, c)?, to_u32(OP, v0)?);
     let (xp, tp, lp, gp, y) = (x.ptr(), tc.ptr, lc.ptr(), gc.ptr(), out.ptr());
@@ -144,7 +137,7 @@ pub(crate) fn cross_entropy_chunk_backward(
         launch!(
             &x.dev,
             OP,
-            LOSS,
+            LINEAR_CROSS_ENTROPY,
             name,
             CudaDevice::rows(n, ROW_THREADS),
             [n32, c32, s0, s1, off, xp, tp, ignore, v0, lp, gp, y]

@@ -1,13 +1,23 @@
-//! The fused multi-tensor AdamW step: every parameter, both of its moments and its gradient in
-//! one backend call (on CUDA, one kernel launch for all of them), updated in place.
+//! The AdamW unit: the fused multi-tensor AdamW step ([`adamw_step`]: every parameter, both of
+//! its moments and its gradient in one backend call, on CUDA one kernel launch for all of them,
+//! updated in place) and the multi-tensor sum of squares of the gradient norm
+//! ([`sum_of_squares`]).
+//!
+//! Files: the groups and slots of the step, the dispatch and the typed conversion of the groups to
+//! one backend's storages (`primitives.rs`), the CPU reference (`cpu.rs`), the CUDA launchers
+//! (`cuda.rs`) over the kernels of `kernels/src/adamw.cu`.
+
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+pub mod primitives;
 
 use std::collections::{HashMap, HashSet};
 
+use self::primitives::{self as prim, AdamWGroup, AdamWSlot};
 use crate::autograd::no_grad;
-use crate::backend::{AdamWGroup, AdamWSlot, BackendStorage};
-use crate::{Error, Layout, Result, Storage, Tensor};
-
-pub use crate::backend::{AdamWCoefficients, AdamWHyper};
+use crate::fused::Operand;
+use crate::{Device, Error, Result, Storage, Tensor};
 
 /// One AdamW step (PyTorch's `AdamW`: decoupled weight decay, bias correction with `h.step`, the
 /// gradient multiplied by `h.grad_scale` first) over all `params` at once, in place:
@@ -42,53 +52,27 @@ pub fn adamw_step(
             ),
         ));
     }
-    // (param, m, v, grad) of every parameter that has a gradient, checked.
+    let work = checked_work(params, exp_avg, exp_avg_sq)?;
+    if work.is_empty() {
+        return Ok(());
+    }
+    step_locked(&work, h)
+}
+
+/// `(param, m, v, grad)` of every parameter that has a gradient (the gradient contiguous, of the
+/// parameter's dtype), after checking every parameter and moment and how they share buffers.
+fn checked_work(
+    params: &[Tensor],
+    exp_avg: &[Tensor],
+    exp_avg_sq: &[Tensor],
+) -> Result<Vec<[Tensor; 4]>> {
+    const OP: &str = "adamw_step";
     let mut work: Vec<[Tensor; 4]> = Vec::with_capacity(params.len());
     let mut moment_buffers = HashSet::new();
     // The element ranges of the parameters in each parameter buffer.
     let mut param_runs: HashMap<usize, Vec<(usize, usize)>> = HashMap::new();
     for ((p, m), v) in params.iter().zip(exp_avg).zip(exp_avg_sq) {
-        if !p.dtype().is_float() {
-            return Err(Error::UnsupportedDType {
-                op: OP,
-                dtype: p.dtype(),
-            });
-        }
-        let md = p.dtype().accumulation();
-        for t in [m, v] {
-            if t.shape() != p.shape() {
-                return Err(Error::ShapeMismatch {
-                    op: OP,
-                    lhs: p.shape().clone(),
-                    rhs: t.shape().clone(),
-                });
-            }
-            if t.dtype() != md {
-                return Err(Error::DTypeMismatch {
-                    op: OP,
-                    lhs: md,
-                    rhs: t.dtype(),
-                });
-            }
-        }
-        for t in [p, m, v] {
-            if t.device() != params[0].device() {
-                return Err(Error::DeviceMismatch {
-                    op: OP,
-                    lhs: params[0].device(),
-                    rhs: t.device(),
-                });
-            }
-            if !t.is_contiguous() {
-                return Err(Error::invalid(
-                    OP,
-                    format!(
-                        "a parameter or moment of shape {} is not contiguous",
-                        t.shape()
-                    ),
-                ));
-            }
-        }
+        check_param(p, m, v, params[0].device())?;
         for t in [m, v] {
             if !moment_buffers.insert(t.storage_key()) {
                 return Err(shared(t));
@@ -129,9 +113,61 @@ pub fn adamw_step(
             "a gradient shares its buffer with a parameter or moment",
         ));
     }
-    if work.is_empty() {
-        return Ok(());
+    Ok(work)
+}
+
+/// Checks a parameter `p` (a float) and its moments `m`, `v` (its shape, its accumulation dtype):
+/// all contiguous and on `device`.
+fn check_param(p: &Tensor, m: &Tensor, v: &Tensor, device: Device) -> Result<()> {
+    const OP: &str = "adamw_step";
+    if !p.dtype().is_float() {
+        return Err(Error::UnsupportedDType {
+            op: OP,
+            dtype: p.dtype(),
+        });
     }
+    let md = p.dtype().accumulation();
+    for t in [m, v] {
+        if t.shape() != p.shape() {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                lhs: p.shape().clone(),
+                rhs: t.shape().clone(),
+            });
+        }
+        if t.dtype() != md {
+            return Err(Error::DTypeMismatch {
+                op: OP,
+                lhs: md,
+                rhs: t.dtype(),
+            });
+        }
+    }
+    for t in [p, m, v] {
+        if t.device() != device {
+            return Err(Error::DeviceMismatch {
+                op: OP,
+                lhs: device,
+                rhs: t.device(),
+            });
+        }
+        if !t.is_contiguous() {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "a parameter or moment of shape {} is not contiguous",
+                    t.shape()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Locks the buffers of the checked `work` (each parameter buffer and each moment written, each
+/// distinct gradient buffer read, once), describes them as [`AdamWGroup`]s and runs the step.
+fn step_locked(work: &[[Tensor; 4]], h: &AdamWHyper) -> Result<()> {
+    const OP: &str = "adamw_step";
     // One group per parameter buffer (in order of first appearance), so that each buffer is
     // locked once; each distinct gradient buffer is read-locked once too.
     let mut group_of: HashMap<usize, usize> = HashMap::new();
@@ -195,7 +231,7 @@ pub fn adamw_step(
             slots,
         });
     }
-    Storage::adamw_step(&mut groups, h)
+    prim::step(&mut groups, h)
 }
 
 /// The error for a parameter or moment `t` that shares its buffer where it may not.
@@ -215,10 +251,63 @@ fn shared(t: &Tensor) -> Error {
 /// tape.
 pub fn sum_of_squares(tensors: &[&Tensor]) -> Result<f64> {
     let guards: Vec<_> = tensors.iter().map(|t| t.storage()).collect();
-    let args: Vec<(&Storage, &Layout)> = guards
+    let args: Vec<Operand<'_, Storage>> = guards
         .iter()
         .zip(tensors)
-        .map(|(g, t)| (&**g, t.layout()))
+        .map(|(g, t)| Operand::new(g, t.layout()))
         .collect();
-    Storage::sum_squares_multi(&args)
+    prim::sum_squares(&args)
+}
+
+/// Hyper-parameters of one AdamW step (PyTorch's `AdamW`, decoupled weight decay). `step` is the
+/// 1-based count used for bias correction; the gradient is multiplied by `grad_scale` first.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWHyper {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub grad_scale: f64,
+    pub step: u64,
+}
+
+/// The constants of one AdamW step, in the order the update uses them (every backend rounds these
+/// f64 values to its math dtype and applies them in the same order, so that f32 results agree
+/// with the tensor-op formulation bit for bit on the CPU):
+/// ```text
+/// g  = grad · scale
+/// m  = m · b1 + g · (1 − b1)            v = v · b2 + g² · (1 − b2)
+/// p  = p · decay − (m / (√(v · inv_bc2) + eps)) · step_size
+/// decay = 1 − lr·wd, inv_bc2 = 1 / (1 − b2ᵗ), step_size = lr / (1 − b1ᵗ)
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWCoefficients {
+    pub scale: f64,
+    pub b1: f64,
+    pub one_minus_b1: f64,
+    pub b2: f64,
+    pub one_minus_b2: f64,
+    pub inv_bc2: f64,
+    pub eps: f64,
+    pub decay: f64,
+    pub step_size: f64,
+}
+
+impl AdamWHyper {
+    pub fn coefficients(&self) -> AdamWCoefficients {
+        let t = self.step.min(i32::MAX as u64) as i32;
+        let (bc1, bc2) = (1.0 - self.beta1.powi(t), 1.0 - self.beta2.powi(t));
+        AdamWCoefficients {
+            scale: self.grad_scale,
+            b1: self.beta1,
+            one_minus_b1: 1.0 - self.beta1,
+            b2: self.beta2,
+            one_minus_b2: 1.0 - self.beta2,
+            inv_bc2: 1.0 / bc2,
+            eps: self.eps,
+            decay: 1.0 - self.lr * self.weight_decay,
+            step_size: self.lr / bc1,
+        }
+    }
 }

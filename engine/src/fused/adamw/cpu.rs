@@ -1,5 +1,6 @@
-//! The fused AdamW step on the CPU: every parameter's elements in chunks spread over threads,
-//! each element read and written once (parameter, both moments), the gradient read once.
+//! The AdamW unit's primitives on the CPU, the reference: the fused step, every parameter's
+//! elements in chunks spread over threads, each element read and written once (parameter, both
+//! moments), the gradient read once; and the multi-tensor sum of squares.
 //!
 //! The update follows [`AdamWCoefficients`] operation by operation in the math dtype (f32 for f32
 //! and bf16 parameters, f64 for f64), so its results equal those of the same formula written as
@@ -9,8 +10,11 @@ use half::bf16;
 use num_traits::Float;
 use rayon::prelude::*;
 
-use super::CpuStorage;
-use crate::backend::{AdamWCoefficients, AdamWGroup, AdamWHyper, AdamWSlot, BackendStorage};
+use super::primitives::{AdamWGroup, AdamWSlot};
+use super::{AdamWCoefficients, AdamWHyper};
+use crate::backend::cpu::CpuStorage;
+use crate::backend::BackendStorage;
+use crate::fused::Operand;
 use crate::{DType, Error, Result};
 
 /// Elements per task.
@@ -252,15 +256,15 @@ pub(super) fn adamw_step(groups: &mut [AdamWGroup<'_, CpuStorage>], h: &AdamWHyp
     Ok(())
 }
 
-/// Elements per partial sum of [`sum_squares_multi`] (`SQ_CHUNK` in optim.cu).
+/// Elements per partial sum of [`sum_squares_multi`] (`SQ_CHUNK` in adamw.cu).
 const SQ_CHUNK: usize = 4096;
 
 /// `Σ t[i]²` over every tensor, in f64: per tensor, partial sums over chunks of 4096 elements
 /// (threads split the chunks), added in order, as the CUDA kernel does.
-pub(crate) fn sum_squares_multi(args: &[(&CpuStorage, &crate::Layout)]) -> Result<f64> {
+pub(super) fn sum_squares_multi(args: &[Operand<'_, CpuStorage>]) -> Result<f64> {
     const OP: &str = "sum_squares_multi";
     let mut total = 0.0f64;
-    for &(s, l) in args {
+    for &Operand { s, l } in args {
         let v: Vec<f64> = match s {
             CpuStorage::F64(d) => CpuStorage::gather_view(d, l),
             CpuStorage::F32(_) | CpuStorage::BF16(_) => {
