@@ -236,7 +236,7 @@ __device__ __forceinline__ bool aligned_to(const T* p, size_t bytes) {
     return ((size_t)p % bytes) == 0;
 }
 
-// ----- cross-entropy row statistics (loss.cu, linear_cross_entropy.cu) -------------------------
+// ----- cross-entropy row statistics (cross_entropy.cu, linear_cross_entropy.cu) ----------------
 
 // Row statistics: (max, Σ exp(x − max)) of logits row r, on every thread of the block, in one pass
 // over the row (online log-sum-exp): each thread keeps a running max m and Σ exp(x − m) of its

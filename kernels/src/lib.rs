@@ -88,7 +88,8 @@ pub const RMS_NORM: KernelSource = module!("rms_norm",
 pub const ROPE: KernelSource = module!("rope", f3 rope);
 
 /// Fused cross-entropy forward and backward.
-pub const LOSS: KernelSource = module!("loss", f3 cross_entropy f3 cross_entropy_backward);
+pub const CROSS_ENTROPY: KernelSource =
+    module!("cross_entropy", f3 cross_entropy f3 cross_entropy_backward);
 
 /// The chunked linear cross-entropy (`engine::fused::linear_cross_entropy`): the online
 /// log-sum-exp update of one vocabulary chunk of logits and the fused gradient of one chunk.
@@ -237,7 +238,7 @@ pub const SOURCES: &[KernelSource] = &[
     REDUCE,
     RMS_NORM,
     ROPE,
-    LOSS,
+    CROSS_ENTROPY,
     LINEAR_CROSS_ENTROPY,
     INDEX,
     RANDOM,

@@ -2,7 +2,7 @@
 // linear_cross_entropy/): the online log-sum-exp update of one chunk of logits and the fused
 // gradient of one chunk. Logits are read in place through their rank-2 view (row stride s0,
 // column stride s1, offset off); f32 and bf16 compute in float, f64 in double. One block per row.
-// The row statistics (`ce_row_stats`) are those of loss.cu, in common.cuh.
+// The row statistics (`ce_row_stats`) are those of cross_entropy.cu, in common.cuh.
 
 // cross_entropy_chunk_update_{dtype}(n, c, s0, s1, off, x, t, ignore, v0, v_total, state)
 //   x: [n, c] logits of vocabulary columns v0..v0+c, read through (s0, s1, off); t: [n] u32;

@@ -214,7 +214,6 @@ pub trait BackendStorage: Sized + Send + Sync {
     /// Where `y = 0` (masked keys) `dx = 0`. Row sums in f32 (f64 for f64).
     fn softmax_backward(&self, l: &Layout, g: &Self, g_l: &Layout, scale: f64) -> Result<Self>;
 
-
     // ----- the fused MixLoRA FFN (`ops::moe_fused`; sizes and settings in [`MoeDims`]) -----
     // Operands come as `(storage, layout)` pairs in the documented order; "base" operands have
     // the base dtype (f64, f32 or bf16), "adapter" operands the adapter dtype (f64 under an f64

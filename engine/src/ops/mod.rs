@@ -4,10 +4,10 @@
 
 mod attention;
 mod concat;
+mod cross_entropy;
 mod dropout;
 mod elementwise;
 mod index;
-mod loss;
 mod matmul;
 mod moe_fused;
 mod reduce;
@@ -19,7 +19,7 @@ mod view;
 
 pub use attention::*;
 pub use concat::*;
-pub use loss::*;
+pub use cross_entropy::*;
 pub use moe_fused::*;
 pub use rope::*;
 pub use stack::*;

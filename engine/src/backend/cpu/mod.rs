@@ -3,10 +3,10 @@
 //! results carry f32 accumulation. Work is spread with rayon; matmul goes through the `gemm` crate.
 
 pub(crate) mod acc;
+pub(crate) mod cross_entropy;
 pub(crate) mod dropout;
 mod elementwise;
 mod index;
-pub(crate) mod loss;
 pub(crate) mod matmul;
 mod moe_fused;
 pub mod profile;
@@ -354,7 +354,7 @@ impl BackendStorage for CpuStorage {
         ignore_index: u32,
     ) -> Result<Self> {
         timed("cross_entropy", || {
-            loss::cross_entropy(self, l, targets, t_l, ignore_index)
+            cross_entropy::cross_entropy(self, l, targets, t_l, ignore_index)
         })
     }
     fn cross_entropy_backward(
@@ -367,7 +367,15 @@ impl BackendStorage for CpuStorage {
         ignore_index: u32,
     ) -> Result<Self> {
         timed("cross_entropy_backward", || {
-            loss::cross_entropy_backward(self, l, targets, t_l, grad_rows, g_l, ignore_index)
+            cross_entropy::cross_entropy_backward(
+                self,
+                l,
+                targets,
+                t_l,
+                grad_rows,
+                g_l,
+                ignore_index,
+            )
         })
     }
     fn causal_softmax(

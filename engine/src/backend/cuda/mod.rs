@@ -12,13 +12,13 @@
 pub mod compile;
 
 mod alloc;
+mod cross_entropy;
 pub(crate) mod device;
 pub(crate) mod dropout;
 pub(crate) mod elementwise;
 mod index;
 pub(crate) mod launch;
 pub(crate) mod layout;
-mod loss;
 pub(crate) mod matmul;
 mod moe_fused;
 mod moe_tiles;
@@ -348,7 +348,7 @@ impl BackendStorage for CudaStorage {
         t_l: &Layout,
         ignore_index: u32,
     ) -> Result<Self> {
-        loss::cross_entropy(self, l, targets, t_l, ignore_index)
+        cross_entropy::cross_entropy(self, l, targets, t_l, ignore_index)
     }
     fn cross_entropy_backward(
         &self,
@@ -359,7 +359,7 @@ impl BackendStorage for CudaStorage {
         g_l: &Layout,
         ignore_index: u32,
     ) -> Result<Self> {
-        loss::cross_entropy_backward(self, l, targets, t_l, grad_rows, g_l, ignore_index)
+        cross_entropy::cross_entropy_backward(self, l, targets, t_l, grad_rows, g_l, ignore_index)
     }
     fn causal_softmax(
         &self,

@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 use super::primitives::{ChunkBackward, ChunkUpdate};
-use crate::backend::cpu::loss::{check, row_stats, row_stats_slice};
+use crate::backend::cpu::cross_entropy::{check, row_stats, row_stats_slice};
 use crate::backend::cpu::simd::vectorized;
 use crate::backend::cpu::{CpuFloat, CpuStorage, PAR_THRESHOLD};
 use crate::backend::BackendStorage;

@@ -1,6 +1,6 @@
 //! Fused cross-entropy launchers: logits are read in place through their rank-2 strides.
 
-use kernels::LOSS;
+use kernels::CROSS_ENTROPY;
 
 use super::launch::launch;
 use super::layout::{to_u32, to_u32s};
@@ -65,7 +65,7 @@ pub(crate) fn cross_entropy(
         launch!(
             &x.dev,
             OP,
-            LOSS,
+            CROSS_ENTROPY,
             name,
             CudaDevice::rows(n, ROW_THREADS),
             [n32, v32, s0, s1, off, xp, tp, ignore, y]
@@ -111,7 +111,7 @@ pub(crate) fn cross_entropy_backward(
         launch!(
             &x.dev,
             OP,
-            LOSS,
+            CROSS_ENTROPY,
             name,
             CudaDevice::rows(n, ROW_THREADS),
             [n32, v32, s0, s1, off, xp, tp, ignore, gp, y]
