@@ -1,8 +1,12 @@
-//! Helpers shared by the CPU↔CUDA parity tests (tests/tests/cuda_*.rs): the GPU or a printed
-//! reason to skip, the tolerances of GPU.md, relative errors, and a lock that serialises the
-//! tests of one binary.
+//! Helpers shared by the CPU↔CUDA parity tests (tests/tests/cuda_*.rs, the `gpu` modules of
+//! tests/tests/ops/ and tests/tests/cross_entropy.rs): the GPU or a printed reason to skip, the
+//! tolerances of GPU.md, relative errors, a lock that serialises the tests of one binary, and the
+//! parity harness of the core ops ([`Checker`]: one case written as a function of the device, run
+//! on the CPU (the reference) and the GPU, compared with [`compare`]) with its inputs ([`vals`],
+//! [`input`], [`read`], ..).
 
-use engine::{DType, Device};
+use engine::backend::BackendStorage;
+use engine::{DType, Device, Layout, Shape, Storage};
 
 /// The first GPU when one is usable (built with the `cuda` feature, a driver and a device);
 /// otherwise prints why the calling test skips and returns `None`.
@@ -78,6 +82,203 @@ fn norm_ratio(pairs: impl Iterator<Item = (f64, f64)>) -> f64 {
 pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The float dtypes of the parity cases.
+pub const FLOATS: [DType; 3] = [DType::F32, DType::BF16, DType::F64];
+/// Every dtype.
+pub const ALL: [DType; 4] = [DType::F32, DType::BF16, DType::F64, DType::U32];
+
+/// Deterministic values in ±[0.1, 2.1) (never zero), from `seed`.
+pub fn vals(n: usize, seed: u64) -> Vec<f64> {
+    (0..n as u64)
+        .map(|i| {
+            let u = engine::rng::uniform(seed, i);
+            let mag = 0.1 + 2.0 * u;
+            if engine::rng::uniform(seed ^ 0x5555, i) < 0.5 {
+                -mag
+            } else {
+                mag
+            }
+        })
+        .collect()
+}
+
+/// Deterministic values in ±[0.1, 2.1) (never zero), times `mag`, from `seed` (with `mag` 1,
+/// the values of [`vals`]).
+pub fn scaled_vals(n: usize, seed: u64, mag: f64) -> Vec<f64> {
+    (0..n as u64)
+        .map(|i| {
+            let u = engine::rng::uniform(seed, i);
+            let m = (0.1 + 2.0 * u) * mag;
+            if engine::rng::uniform(seed ^ 0x5555, i) < 0.5 {
+                -m
+            } else {
+                m
+            }
+        })
+        .collect()
+}
+
+/// Positive values in [0.1, 2.1).
+pub fn pos(n: usize, seed: u64) -> Vec<f64> {
+    vals(n, seed).into_iter().map(f64::abs).collect()
+}
+
+/// Integers in 1..=m as f64 (for u32 tensors and for ties).
+pub fn ints(n: usize, m: u32, seed: u64) -> Vec<f64> {
+    (0..n as u64)
+        .map(|i| 1.0 + (engine::rng::uniform(seed, i) * m as f64).floor())
+        .collect()
+}
+
+/// Values for `dt`: integers for u32, else [`vals`].
+pub fn data(n: usize, dt: DType, seed: u64) -> Vec<f64> {
+    if dt == DType::U32 {
+        ints(n, 1000, seed)
+    } else {
+        vals(n, seed)
+    }
+}
+
+/// `data` uploaded to `dev` as `dtype`.
+pub fn up(dev: Device, data: &[f64], dtype: DType) -> Storage {
+    Storage::upload_f64(dev, data, dtype).expect("upload")
+}
+
+/// The inputs a case builds for a device, from the values and dtype.
+pub fn input(dev: Device, data: &[f64], dtype: DType) -> Storage {
+    // Round through the dtype on the host so that both devices see identical inputs.
+    up(dev, data, dtype)
+}
+
+/// The contiguous storage `s` of `shape`, read back as f64.
+pub fn read(s: &Storage, shape: impl Into<Shape>) -> Vec<f64> {
+    s.to_f64_vec(&Layout::contiguous(shape.into()))
+        .expect("read back")
+}
+
+/// A [a, b] buffer viewed transposed as [b, a].
+pub fn transposed(a: usize, b: usize) -> Layout {
+    Layout::contiguous([a, b]).transpose(0, 1)
+}
+
+/// A [b, t, h, d] buffer viewed as [b, h, t, d] (the attention head transpose).
+pub fn heads(b: usize, t: usize, h: usize, d: usize) -> Layout {
+    Layout::contiguous([b, t, h, d]).transpose(1, 2)
+}
+
+/// Runs `case` on the CPU and the GPU and compares; returns a failure line, if any. The relative
+/// error (positions where both are NaN or the same infinity left out) must stay within
+/// [`tol`]`(dtype)`; u32 results must be equal; a reference of all zeros is a useless case
+/// (unless the name says `zeros` or `dropout`).
+pub fn compare(
+    name: &str,
+    dtype: DType,
+    case: &dyn Fn(Device) -> engine::Result<Vec<f64>>,
+    gpu: Device,
+) -> Option<String> {
+    let want = match case(Device::Cpu) {
+        Ok(v) => v,
+        Err(e) => return Some(format!("{name} [{dtype}]: CPU failed: {e}")),
+    };
+    let got = match case(gpu) {
+        Ok(v) => v,
+        Err(e) => return Some(format!("{name} [{dtype}]: CUDA failed: {e}")),
+    };
+    if want.iter().all(|&x| x == 0.0)
+        && !want.is_empty()
+        && !name.contains("zeros")
+        && !name.contains("dropout")
+    {
+        return Some(format!(
+            "{name} [{dtype}]: reference is all zeros, a useless case"
+        ));
+    }
+    let err = rel_err_matching_nonfinite(&want, &got);
+    let ok = if dtype == DType::U32 {
+        want == got
+    } else {
+        err <= tol(dtype)
+    };
+    if ok {
+        None
+    } else {
+        let first = want
+            .iter()
+            .zip(&got)
+            .position(|(a, b)| a != b && !(a.is_nan() && b.is_nan()))
+            .unwrap_or(0);
+        Some(format!(
+            "{name} [{dtype}]: rel err {err:e} > {:e} (len {} vs {}; first diff at {first}: cpu {:?} gpu {:?})",
+            tol(dtype),
+            want.len(),
+            got.len(),
+            want.get(first),
+            got.get(first)
+        ))
+    }
+}
+
+/// Collects failures over many cases and reports them all at once; holds [`serial`]'s lock.
+pub struct Checker {
+    _serial: std::sync::MutexGuard<'static, ()>,
+    pub gpu: Device,
+    pub failures: Vec<String>,
+    pub count: usize,
+}
+
+impl Checker {
+    /// The checker, or `None` (having printed why the test skips) without a usable GPU.
+    pub fn new() -> Option<Self> {
+        let lock = serial();
+        device().map(|gpu| Checker {
+            _serial: lock,
+            gpu,
+            failures: Vec::new(),
+            count: 0,
+        })
+    }
+    /// One case: `f` on the CPU and on the GPU, compared with [`compare`].
+    pub fn case(
+        &mut self,
+        name: &str,
+        dtype: DType,
+        f: impl Fn(Device) -> engine::Result<Vec<f64>>,
+    ) {
+        self.count += 1;
+        if let Some(msg) = compare(name, dtype, &f, self.gpu) {
+            self.failures.push(msg);
+        }
+    }
+    /// As [`Checker::case`] for exact ops (copies, fills): the GPU must give the CPU's values
+    /// exactly.
+    pub fn exact(
+        &mut self,
+        name: &str,
+        dtype: DType,
+        f: impl Fn(Device) -> engine::Result<Vec<f64>>,
+    ) {
+        self.count += 1;
+        let failure = match (f(Device::Cpu), f(self.gpu)) {
+            (Err(e), _) => Some(format!("{name} [{dtype}]: CPU failed: {e}")),
+            (_, Err(e)) => Some(format!("{name} [{dtype}]: CUDA failed: {e}")),
+            (Ok(want), Ok(got)) => (want != got).then(|| {
+                let first = want.iter().zip(&got).position(|(a, b)| a != b);
+                format!(
+                    "{name} [{dtype}]: not exact (len {} vs {}; first diff at {first:?})",
+                    want.len(),
+                    got.len()
+                )
+            }),
+        };
+        self.failures.extend(failure);
+    }
+    /// Prints the count and fails with every failure line, if any.
+    pub fn finish(self) {
+        eprintln!("{} cases, {} failures", self.count, self.failures.len());
+        assert!(self.failures.is_empty(), "\n{}", self.failures.join("\n"));
+    }
 }
 
 #[cfg(test)]

@@ -40,6 +40,44 @@ pub fn ids(v: &[u32], shape: &[usize]) -> Tensor {
     Tensor::from_slice(v, shape.to_vec(), Device::Cpu).expect("ids")
 }
 
+/// Pseudo-random ids in `0..size` (repeats likely), seeded.
+pub fn rand_ids(n: usize, size: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) % size as u64) as u32
+        })
+        .collect()
+}
+
+/// Asserts [`rel_err`]`(got, want) <= tol`, naming the check.
+pub fn assert_close(name: &str, got: &[f64], want: &[f64], tol: f64) {
+    let e = rel_err(got, want);
+    assert!(e <= tol, "{name}: relative error {e:.3e} > {tol:.1e}");
+}
+
+/// A random f32 tensor of `shape` (standard normal), seeded, and its bf16 copy.
+pub fn f32_and_bf16(shape: &[usize], seed: u64) -> (Tensor, Tensor) {
+    let x = Tensor::randn(shape.to_vec(), 0.0, 1.0, seed, DType::F32, Device::Cpu).unwrap();
+    let b = x.to_dtype(DType::BF16).unwrap();
+    (x, b)
+}
+
+/// Asserts that the bf16 result `b` is within 1e-2 (relative error) of the f32 result `f`.
+pub fn bf16_matches(name: &str, b: &Tensor, f: &Tensor) {
+    assert_close(
+        name,
+        &b.to_vec_f64().unwrap(),
+        &f.to_vec_f64().unwrap(),
+        1e-2,
+    );
+}
+
 /// ‖a − b‖ / ‖b‖ (‖a − b‖ when b is zero). NaN anywhere gives infinity.
 pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "length mismatch");

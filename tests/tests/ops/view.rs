@@ -1,10 +1,171 @@
+//! Views and concatenation (`engine/src/ops/view.rs`, `ops/concat.rs`, `ops/stack.rs`):
+//! reshape, transpose, permute, narrow, broadcast, (un)squeeze; `cat`, `split`, `chunk`;
+//! `stack` and `Tensor::stack_views`; `assign` through views.
+//!
+//! Gradients by central finite differences in f64 (relative error 1e-6), through views, `cat`
+//! (of transposed parts and of one tensor several times), `split`, `chunk` and `stack_views`;
+//! values of `cat`, `split` and `chunk` exactly; `assign` seen by every view; typed errors.
+//!
 //! `Tensor::stack_views`: equally-shaped contiguous views lying back to back in one buffer stack
 //! into an `[E, ..]` view of that buffer (no copy), whose gradient reaches each input as a view
 //! of the stacked gradient; anything else gives `None`, and `engine::stack` copies (`cat`).
-//! Values and gradients equal the `cat` path's bit for bit, and finite differences in f64.
+//! Values and gradients equal the `cat` path's bit for bit.
+//!
+//! The GPU side of views is the strided copy, tested with the copies in `elementwise`.
 
-use engine::{cat, stack, DType, Device, Tensor};
+use crate::util::{is_shape_err, vals};
+use engine::{cat, stack, DType, Device, Error, Tensor};
 use testutil::{check_gradients, randn};
+
+const CPU: Device = Device::Cpu;
+
+// ----- gradient checks ----------------------------------------------------------------------
+
+#[test]
+fn grad_reshape_transpose_permute_narrow() {
+    check_gradients("reshape", &[randn(&[2, 3, 4], 1)], |x| x[0].reshape([6, 4]));
+    check_gradients("transpose", &[randn(&[2, 3, 4], 2)], |x| {
+        x[0].transpose(0, 2)?.contiguous()
+    });
+    check_gradients("permute", &[randn(&[2, 3, 4], 3)], |x| {
+        x[0].permute(&[1, 2, 0])?.reshape([12, 2])
+    });
+    check_gradients("narrow", &[randn(&[4, 5], 4)], |x| {
+        x[0].narrow(1, 1, 3)?.narrow(0, 2, 2)
+    });
+    check_gradients("broadcast_as", &[randn(&[3, 1], 5)], |x| {
+        x[0].broadcast_as([2, 3, 4])
+    });
+    check_gradients("unsqueeze_squeeze", &[randn(&[3, 2], 6)], |x| {
+        x[0].unsqueeze(1)?.t()?.squeeze(2)
+    });
+}
+
+#[test]
+fn grad_cat_split_chunk() {
+    check_gradients(
+        "cat_dim1",
+        &[randn(&[2, 3], 60), randn(&[2, 2], 61), randn(&[3, 2], 62)],
+        |x| cat(&[&x[0], &x[1], &x[2].t()?], 1),
+    );
+    check_gradients("cat_dim0", &[randn(&[1, 4], 63), randn(&[3, 4], 64)], |x| {
+        cat(&[&x[1], &x[0]], 0)
+    });
+    check_gradients(
+        "cat_neg_dim",
+        &[randn(&[2, 3, 2], 65), randn(&[2, 2, 1], 66)],
+        |x| cat(&[&x[0], &x[1].transpose(1, 2)?], -2),
+    );
+    check_gradients("cat_self", &[randn(&[2, 2], 67)], |x| {
+        cat(&[&x[0], &x[0].mul_scalar(3.0)?, &x[0]], 0)
+    });
+    check_gradients("split", &[randn(&[3, 6], 68)], |x| {
+        let p = x[0].split(&[1, 2, 3], 1)?;
+        cat(&[&p[2], &p[0].mul_scalar(2.0)?, &p[1].sqr()?], 1)
+    });
+    check_gradients("split_partly_used", &[randn(&[5, 2], 69)], |x| {
+        let p = x[0].split(&[2, 3], 0)?;
+        p[1].exp()
+    });
+    check_gradients("chunk", &[randn(&[5, 4], 70)], |x| {
+        let c = x[0].chunk(3, 0)?; // 2, 2, 1 rows
+        assert_eq!(c.len(), 3);
+        cat(&[&c[0].mul(&c[1])?, &c[2]], 0)
+    });
+    check_gradients("chunk_transposed", &[randn(&[4, 6], 71)], |x| {
+        let c = x[0].t()?.chunk(2, -1)?; // [6, 2] each
+        c[0].sub(&c[1].sqr()?)
+    });
+}
+
+// ----- values -------------------------------------------------------------------------------
+
+#[test]
+fn cat_split_chunk_values() {
+    let a = Tensor::from_vec((0..6).map(f64::from).collect::<Vec<_>>(), [2, 3], CPU).unwrap();
+    let b = Tensor::from_vec(vec![10.0, 11.0], [2, 1], CPU).unwrap();
+    let c = cat(&[&a, &b, &a.narrow(1, 1, 2).unwrap()], 1).unwrap();
+    assert_eq!(c.dims(), &[2, 6]);
+    assert_eq!(
+        vals(&c),
+        vec![0., 1., 2., 10., 1., 2., 3., 4., 5., 11., 4., 5.]
+    );
+    let r = cat(&[&a.t().unwrap(), &a.t().unwrap()], 0).unwrap();
+    assert_eq!(
+        vals(&r),
+        vec![0., 3., 1., 4., 2., 5., 0., 3., 1., 4., 2., 5.]
+    );
+    let parts = c.split(&[3, 1, 2], -1).unwrap();
+    assert_eq!(vals(&parts[0]), vals(&a));
+    assert_eq!(vals(&parts[1]), vals(&b));
+    assert!(parts[2].same_storage(&c));
+    let ch = Tensor::arange(7, CPU).unwrap().chunk(3, 0).unwrap();
+    let sizes: Vec<usize> = ch.iter().map(|t| t.dims()[0]).collect();
+    assert_eq!(sizes, vec![3, 3, 1]);
+    assert_eq!(ch[2].to_vec_u32().unwrap(), vec![6]);
+    // Fewer chunks when n does not fit: 6 into 4 gives 3 chunks of 2.
+    assert_eq!(
+        Tensor::arange(6, CPU).unwrap().chunk(4, 0).unwrap().len(),
+        3
+    );
+    // cat of u32 tensors works too (no gradient).
+    let u = cat(&[&ch[2], &ch[0]], 0).unwrap();
+    assert_eq!(u.to_vec_u32().unwrap(), vec![6, 0, 1, 2]);
+}
+
+#[test]
+fn assign_updates_all_views_in_place() {
+    let p = randn(&[2, 3], 11).to_var().unwrap();
+    let view = p.narrow(1, 1, 2).unwrap();
+    let new = randn(&[2, 3], 12);
+    p.assign(&new).unwrap();
+    assert_eq!(p.to_vec_f64().unwrap(), new.to_vec_f64().unwrap());
+    assert_eq!(
+        view.to_vec_f64().unwrap(),
+        new.narrow(1, 1, 2).unwrap().to_vec_f64().unwrap()
+    );
+}
+
+// ----- errors -------------------------------------------------------------------------------
+
+#[test]
+fn view_typed_errors() {
+    let a = randn(&[2, 3], 13);
+    assert!(matches!(
+        a.reshape([7]),
+        Err(Error::ShapeMismatch { op: "reshape", .. })
+    ));
+    assert!(matches!(
+        a.narrow(1, 2, 2),
+        Err(Error::InvalidArgument { op: "narrow", .. })
+    ));
+}
+
+#[test]
+fn cat_split_chunk_errors() {
+    let x = randn(&[3, 4], 180);
+    assert!(cat(&[], 0).is_err());
+    let y = randn(&[3, 5], 181);
+    assert!(is_shape_err(cat(&[&x, &y], 0)));
+    assert!(cat(&[&x, &y], 1).is_ok());
+    assert!(matches!(
+        cat(&[&x, &y], 2),
+        Err(Error::DimOutOfRange { .. })
+    ));
+    assert!(is_shape_err(cat(&[&x, &randn(&[3, 4, 1], 182)], 0)));
+    assert!(matches!(
+        cat(&[&x, &x.to_dtype(DType::F32).unwrap()], 0),
+        Err(Error::DTypeMismatch { .. })
+    ));
+
+    assert!(x.split(&[1, 1], 0).is_err());
+    assert!(x.split(&[2, 3], 1).is_err());
+    assert!(x.split(&[3], 2).is_err());
+    assert!(x.chunk(0, 0).is_err());
+    assert!(x.chunk(2, -3).is_err());
+}
+
+// ----- stack_views ----------------------------------------------------------------------------
 
 const E: usize = 4;
 const R: usize = 3;
