@@ -10,11 +10,11 @@
 //! allocator, a clear error without a GPU, and a training step over many ops. The CPU helpers
 //! shared by the modules are in `util` (and the masked attention cases of `softmax` and
 //! `attention` in `causal`); the GPU parity harness (`Checker`, `compare`, `vals`, `input`,
-//! `read`, ..) is `testutil::gpu`. Cross-entropy is tested in tests/tests/cross_entropy.rs, the
-//! fused units in tests/tests/fused/.
+//! `read`, ..) is `testutil::gpu`. The fused units' tests are in tests/tests/fused/.
 
 mod attention;
 mod causal;
+mod cross_entropy;
 mod device;
 mod dropout;
 mod elementwise;
