@@ -14,7 +14,7 @@ mod storage;
 mod tensor;
 
 pub use autograd::{backward_many, checkpoint, grad_enabled, no_grad, CheckpointFn, NoGradGuard};
-pub use device::Device;
+pub use device::{Device, ParseDeviceError};
 pub use dtype::{DType, WithDType};
 pub use error::{Error, Result};
 pub use ops::*;

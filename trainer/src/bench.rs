@@ -75,7 +75,7 @@ impl BenchVariant {
 pub struct Table6Args {
     /// `cuda`, `cuda:N` or `cpu`.
     #[arg(long, default_value = "cuda")]
-    pub device: String,
+    pub device: Device,
     #[arg(long, value_enum, default_value = "llama2-7b")]
     pub shape: BenchShape,
     /// Sequences per batch.
@@ -241,7 +241,7 @@ pub struct Table6 {
 /// Runs the benchmark; `log` receives progress lines. A variant that runs out of device memory
 /// is reported in [`Table6::failed`] and the others still run.
 pub fn table6(a: &Table6Args, mut log: impl FnMut(&str)) -> Result<Table6> {
-    let device = Device::parse(&a.device)?;
+    let device = a.device;
     if a.steps == 0 || a.batch == 0 || a.seq == 0 {
         return Err(Error::Config(
             "bench table6: --steps, --batch and --seq must be positive".into(),
@@ -389,8 +389,7 @@ fn device_name(device: Device) -> String {
 /// "bwd_us_per_token", "tokens_per_s", "peak_gib"}}`.
 pub fn table6_json(a: &Table6Args, t6: &Table6) -> Result<String> {
     let results = &t6.results;
-    let device = Device::parse(&a.device)?;
-
+    let device = a.device;
     let cfg = shape_config(a.shape, a.layers);
     let mut obj = serde_json::Map::new();
     obj.insert("device".into(), device_name(device).into());

@@ -378,12 +378,9 @@ impl TrainConfig {
     }
 
     pub fn device(&self) -> Result<Device> {
-        Device::parse(&self.device).map_err(|_| {
-            Error::Config(format!(
-                "unknown device `{}` (expected cpu, cuda or cuda:N)",
-                self.device
-            ))
-        })
+        self.device
+            .parse()
+            .map_err(|e: engine::ParseDeviceError| Error::Config(e.to_string()))
     }
 
     /// The LoRA scale `alpha/r`, or `alpha/√r` with rsLoRA.
@@ -602,8 +599,9 @@ pub struct EvalArgs {
     pub batch_size: usize,
     #[arg(long, default_value_t = 512)]
     pub cutoff_len: usize,
+    /// `cpu`, `cuda` (the first GPU) or `cuda:N`.
     #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: Device,
     #[arg(long, value_enum, default_value_t = DTypeName::F32)]
     pub dtype: DTypeName,
     /// Also write the results as JSON to this file.

@@ -32,9 +32,9 @@ pub struct GenerateArgs {
     top_p: f64,
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// cpu (cuda[:N] once the CUDA backend is built in).
+    /// `cpu`, `cuda` (the first GPU) or `cuda:N`.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: Device,
     /// Compute dtype of the weights: f32 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -52,7 +52,7 @@ pub fn parse_dtype(s: &str) -> Result<DType, String> {
 }
 
 pub fn run(a: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let device = Device::parse(&a.device)?;
+    let device = a.device;
     let dtype = parse_dtype(&a.dtype)?;
     let t0 = Instant::now();
     let mut model = Llama::load(&a.model, dtype, device)?;

@@ -516,7 +516,7 @@ pub fn use_moe_impl(model: &mut Llama, name: MoeImplName, device: Device) -> Res
 }
 
 pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
-    let device = Device::parse(&a.device)?;
+    let device = a.device;
     let scratch = std::env::temp_dir().join(format!("mixlora-eval-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).map_err(|e| Error::Io {
         path: scratch.display().to_string(),

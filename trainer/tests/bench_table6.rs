@@ -5,7 +5,7 @@ use trainer::bench::{table6, table6_json, BenchShape, BenchVariant, Table6Args};
 
 fn args(checkpointing: bool) -> Table6Args {
     Table6Args {
-        device: "cpu".into(),
+        device: engine::Device::Cpu,
         shape: BenchShape::Tiny,
         batch: 2,
         seq: 16,

@@ -170,7 +170,7 @@ fn eval_writes_routing_statistics_per_task_and_layer() {
         limit: Some(3),
         batch_size: 8,
         cutoff_len: 320,
-        device: "cpu".into(),
+        device: engine::Device::Cpu,
         dtype: trainer::config::DTypeName::F32,
         output: None,
         routing,
