@@ -14,10 +14,11 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use engine::{DType, Device, Tensor};
+use engine::{DType, Device, MoeFfnOptions, Tensor};
 use model::adapters::MoeImpl;
 use model::{AdapterConfig, Llama, LlamaConfig};
 
+use crate::config::FusedMoeArgs;
 use crate::error::{Error, Result};
 
 /// A model shape for the benchmark.
@@ -55,7 +56,8 @@ impl BenchVariant {
             BenchVariant::MixloraFused => "mixlora_fused",
         }
     }
-    fn adapter(self) -> (AdapterConfig, Option<MoeImpl>) {
+    /// The adapter and the MoE implementation of the variant (`fused`: the fused path's options).
+    fn adapter(self, fused: MoeFfnOptions) -> (AdapterConfig, Option<MoeImpl>) {
         match self {
             BenchVariant::Lora => (AdapterConfig::lora_default(), None),
             BenchVariant::MixloraNaive => (AdapterConfig::mixlora_default(), Some(MoeImpl::Naive)),
@@ -65,7 +67,7 @@ impl BenchVariant {
             }
             BenchVariant::MixloraFused => (
                 AdapterConfig::mixlora_default(),
-                Some(MoeImpl::Fused(Default::default())),
+                Some(MoeImpl::Fused(fused)),
             ),
         }
     }
@@ -100,6 +102,9 @@ pub struct Table6Args {
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// The options of the `mixlora-fused` variant.
+    #[command(flatten)]
+    pub fused: FusedMoeArgs,
 }
 
 /// One variant's measurements.
@@ -275,7 +280,7 @@ pub fn table6(a: &Table6Args, mut log: impl FnMut(&str)) -> Result<Table6> {
     let mut results = Vec::new();
     for v in variants {
         let mut measure = || -> Result<VariantResult> {
-            let (acfg, imp) = v.adapter();
+            let (acfg, imp) = v.adapter(a.fused.options());
             model.add_adapters(&acfg, 2)?;
             if let Some(imp) = imp {
                 model.set_moe_impl(imp);
@@ -404,6 +409,15 @@ pub fn table6_json(a: &Table6Args, t6: &Table6) -> Result<String> {
         a.gradient_checkpointing.into(),
     );
     obj.insert("steps".into(), a.steps.into());
+    if a.fused != FusedMoeArgs::default() {
+        let f = &a.fused;
+        let kernels = crate::config::words::Word::spell(&f.moe_kernels);
+        obj.insert("moe_kernels".into(), kernels.into());
+        obj.insert(
+            "moe_chunk_tokens".into(),
+            f.moe_chunk_tokens.map(|n| n.get()).into(),
+        );
+    }
     for r in results {
         let round = |x: f64| (x * 1000.0).round() / 1000.0;
         let v = serde_json::json!({
