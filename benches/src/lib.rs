@@ -1,1 +1,25 @@
-//! Shared set-up for the criterion benches in `benches/`.
+//! Shared set-up of the criterion benches and the examples in `benches/`: the environment
+//! variables they read, mapped onto the engine's settings (the engine reads none).
+//!
+//! - `MIXLORA_PROFILE`: the op profile (`0` or unset: off, `gpu`: CUDA events without waits,
+//!   anything else: wall time, each GPU launch between two synchronisations);
+//!   `MIXLORA_PROFILE_ROWS`: the rows of a printed profile.
+
+use engine::profile::ProfileMode;
+
+/// A variable of the environment, `None` when unset or empty.
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// Sets the engine's profile from `MIXLORA_PROFILE`; returns the rows to print that
+/// `MIXLORA_PROFILE_ROWS` asks for, if any.
+pub fn profile_from_env() -> Option<usize> {
+    let mode = match env("MIXLORA_PROFILE").as_deref() {
+        None | Some("0" | "off") => ProfileMode::Off,
+        Some("gpu") => ProfileMode::GpuEvents,
+        Some(_) => ProfileMode::Wall,
+    };
+    engine::profile::set_mode(mode);
+    env("MIXLORA_PROFILE_ROWS").and_then(|v| v.trim().parse().ok())
+}

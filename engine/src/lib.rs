@@ -8,6 +8,7 @@ mod device;
 mod dtype;
 mod error;
 mod ops;
+pub mod profile;
 pub mod rng;
 mod shape;
 mod storage;

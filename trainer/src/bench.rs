@@ -18,7 +18,7 @@ use engine::{DType, Device, MoeFfnOptions, Tensor};
 use model::adapters::MoeImpl;
 use model::{AdapterConfig, Llama, LlamaConfig};
 
-use crate::config::FusedMoeArgs;
+use crate::config::{FusedMoeArgs, ProfileArgs};
 use crate::error::{Error, Result};
 
 /// A model shape for the benchmark.
@@ -105,6 +105,9 @@ pub struct Table6Args {
     /// The options of the `mixlora-fused` variant.
     #[command(flatten)]
     pub fused: FusedMoeArgs,
+    /// With the profile on, one more step per variant prints where its time goes.
+    #[command(flatten)]
+    pub profile: ProfileArgs,
 }
 
 /// One variant's measurements.
@@ -311,19 +314,20 @@ pub fn table6(a: &Table6Args, mut log: impl FnMut(&str)) -> Result<Table6> {
                 }
                 loss_v = loss.to_scalar()?;
             }
-            if engine::backend::cpu::profile::enabled() {
-                // One more step with every kernel timed (MIXLORA_PROFILE=1): where the time goes.
-                engine::backend::cpu::profile::take();
+            if engine::profile::enabled() {
+                // One more step with every kernel timed: where the time goes.
+                engine::profile::take();
                 params.iter().for_each(|(_, p)| p.zero_grad());
                 training_loss(&model, &ids, &mask, &targets, 0)?.backward()?;
                 synchronize(device)?;
-                let how = if engine::backend::cpu::profile::gpu_events() {
-                    "every GPU launch timed by CUDA events"
-                } else {
-                    "every op synchronised"
+                let how = match engine::profile::mode() {
+                    engine::profile::ProfileMode::GpuEvents => {
+                        "every GPU launch timed by CUDA events"
+                    }
+                    _ => "every op synchronised",
                 };
                 println!("profile of one {} step ({how}):", v.key());
-                engine::backend::cpu::profile::report(45);
+                print!("{}", engine::profile::report(a.profile.rows()));
             }
             let (f, bw) = (median(fwd), median(bwd));
             let r = VariantResult {

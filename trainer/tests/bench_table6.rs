@@ -16,6 +16,7 @@ fn args(checkpointing: bool) -> Table6Args {
         gradient_checkpointing: checkpointing,
         json: None,
         fused: Default::default(),
+        profile: Default::default(),
     }
 }
 

@@ -4,6 +4,7 @@ use std::num::NonZeroUsize;
 use std::path::PathBuf;
 
 use clap::Args;
+use engine::profile::ProfileMode;
 use engine::{Device, MoeFfnOptions, MoeKernels};
 use model::{MoeImpl, PeftType, RoutingStrategy};
 use serde::{Deserialize, Serialize};
@@ -227,6 +228,26 @@ impl MoeArgs {
     /// The implementation on `device`.
     pub fn moe_impl(&self, device: Device) -> MoeImpl {
         super::moe_impl(self.moe_impl, self.fused.options(), device)
+    }
+}
+
+/// The engine's op profile (`--profile`, `--profile-rows`).
+#[derive(Args, Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProfileArgs {
+    /// Time every backend op and print where the time went: `off`, `wall` (each op; on a GPU
+    /// each kernel between two synchronisations) or `gpu` (each GPU kernel between two CUDA
+    /// events, without waits, and the GPU's span) [default: $MIXLORA_PROFILE, else off].
+    #[arg(long, value_name = "MODE")]
+    pub profile: Option<ProfileMode>,
+    /// Rows of the profile printed (the longest ops) [default: $MIXLORA_PROFILE_ROWS, else 45].
+    #[arg(long, value_name = "N")]
+    pub profile_rows: Option<usize>,
+}
+
+impl ProfileArgs {
+    /// The rows of a printed profile.
+    pub fn rows(&self) -> usize {
+        self.profile_rows.unwrap_or(45)
     }
 }
 

@@ -24,7 +24,7 @@ use engine::{DType, Device, MoeFfnOptions, MoeKernels};
 use model::{MoeImpl, PeftType, RoutingStrategy};
 use serde::{Deserialize, Serialize};
 
-pub use args::{EvalArgs, FusedMoeArgs, MoeArgs, TrainArgs};
+pub use args::{EvalArgs, FusedMoeArgs, MoeArgs, ProfileArgs, TrainArgs};
 pub use words::MoeImplChoice;
 
 use crate::error::{Error, Result};

@@ -13,7 +13,6 @@ mod moe;
 mod moe_fused;
 mod norm;
 mod optim;
-pub mod profile;
 mod random;
 mod reduce;
 mod simd;
@@ -24,6 +23,7 @@ use num_traits::Float;
 use crate::backend::{
     AdamWGroup, AdamWHyper, BackendStorage, BinaryOp, BlockCodes, CmpOp, MoeDims, ReduceOp, UnaryOp,
 };
+use crate::profile;
 use crate::{DType, Device, Error, Layout, Result};
 
 pub use random::CpuDevice;

@@ -258,7 +258,7 @@ impl CudaDevice {
             });
         }
         self.bind(op)?;
-        let t0 = crate::backend::cpu::profile::enabled().then(std::time::Instant::now);
+        let t0 = crate::profile::enabled().then(std::time::Instant::now);
         // SAFETY: a plain allocation; the memory is only handed out as a raw device pointer.
         let ptr = match unsafe { result::malloc_sync(size) } {
             Ok(p) => p,
@@ -289,7 +289,7 @@ impl CudaDevice {
         };
         cache.note_alloc(size);
         if let Some(t0) = t0 {
-            crate::backend::cpu::profile::record("cuda cuMemAlloc (cache miss)", t0.elapsed());
+            crate::profile::record("cuda cuMemAlloc (cache miss)", t0.elapsed());
         }
         Ok(CudaBuffer {
             ptr,
