@@ -23,7 +23,8 @@
 //! prints a per-kernel profile of one step (`MIXLORA_PROFILE_ROWS` rows, else 40);
 //! `MIXLORA_MOE_CHUNK_TOKENS` sets the fused path's token chunk and `MIXLORA_MOE_TILES=1` its
 //! tile kernels (the trainer's `--moe-chunk-tokens` and `--moe-kernels tiles`);
-//! `MIXLORA_MOE_FFN_IMPLS` (e.g. `fused` or `naive,fused`) runs only those implementations.
+//! `MIXLORA_MOE_FFN_IMPLS` (e.g. `fused` or `naive,fused`) runs only those implementations;
+//! `MIXLORA_CUDA_INCLUDE` and `MIXLORA_NVRTC_OPTIONS` as for the examples (`mixlora_benches`).
 
 use std::time::Instant;
 
@@ -74,7 +75,10 @@ fn device() -> Device {
         return Device::Cpu;
     }
     #[cfg(feature = "cuda")]
-    if engine::backend::cuda::CudaDevice::get(0).is_ok() {
+    if mixlora_benches::cuda_from_env()
+        .and_then(|()| engine::backend::cuda::CudaDevice::get(0))
+        .is_ok()
+    {
         return Device::Cuda(0);
     }
     Device::Cpu

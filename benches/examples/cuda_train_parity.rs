@@ -42,6 +42,7 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
     };
     let moe_impl: MoeImpl = args.next().as_deref().unwrap_or("fused").parse()?;
     eprintln!("MoE implementation on both devices: {moe_impl}");
+    mixlora_benches::cuda_from_env()?;
     let base = std::env::temp_dir().join(format!("mixlora-train-parity-{}", std::process::id()));
     let mut all = Vec::new();
     for device in [Device::Cpu, Device::Cuda(0)] {

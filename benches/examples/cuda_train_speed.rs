@@ -192,7 +192,7 @@ fn measure(model: &Llama, (b, t): (usize, usize), o: &Opts) -> Res<(f64, f64, us
 
 fn main() {
     let o = parse();
-    if let Err(e) = CudaDevice::get(0) {
+    if let Err(e) = mixlora_benches::cuda_from_env().and_then(|()| CudaDevice::get(0)) {
         eprintln!("cuda_train_speed: no usable CUDA GPU: {e}");
         std::process::exit(1);
     }

@@ -15,7 +15,7 @@ mod storage;
 mod tensor;
 
 pub use autograd::{backward_many, checkpoint, grad_enabled, no_grad, CheckpointFn, NoGradGuard};
-pub use device::{Device, ParseDeviceError};
+pub use device::{configure_cuda, CudaOptions, Device, ParseDeviceError, DEFAULT_CUDA_INCLUDE};
 pub use dtype::{DType, WithDType};
 pub use error::{Error, Result};
 pub use ops::*;

@@ -24,7 +24,13 @@ const ENVIRONMENT: &str = "\
 Environment variables:
   MIXLORA_PROFILE        the op profile when --profile is not given: 0 or unset off, gpu CUDA
                          events, anything else wall
-  MIXLORA_PROFILE_ROWS   rows of the printed profile when --profile-rows is not given";
+  MIXLORA_PROFILE_ROWS   rows of the printed profile when --profile-rows is not given
+  MIXLORA_CUDA_INCLUDE   the folder with cuda_bf16.h for NVRTC (else $CUDA_HOME/include, else
+                         /usr/local/cuda/include)
+  MIXLORA_NVRTC_OPTIONS  options added to every NVRTC compilation, whitespace-separated
+                         (e.g. -DLM_CODES_UNROLL=2)
+  MIXLORA_CUDA_NO_CACHE  1: no caching allocator on the GPU, each buffer its own driver
+                         allocation (for compute-sanitizer's memcheck; slow)";
 
 #[derive(Parser)]
 #[command(
@@ -89,7 +95,9 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = run(cli);
+    let result = engine::configure_cuda(cuda_options_from_env())
+        .map_err(Into::into)
+        .and_then(|()| run(cli));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -189,4 +197,26 @@ fn profile_from_env(mut p: ProfileArgs) -> Result<ProfileArgs> {
     }
     engine::profile::set_mode(p.profile.unwrap_or_default());
     Ok(p)
+}
+
+/// The CUDA settings of the environment: the include folder (`MIXLORA_CUDA_INCLUDE`, else
+/// `$CUDA_HOME/include`), extra NVRTC options (`MIXLORA_NVRTC_OPTIONS`) and the caching allocator
+/// (off with `MIXLORA_CUDA_NO_CACHE=1`).
+fn cuda_options_from_env() -> engine::CudaOptions {
+    let include_dir = env("MIXLORA_CUDA_INCLUDE")
+        .map(PathBuf::from)
+        .or_else(|| env("CUDA_HOME").map(|h| PathBuf::from(h).join("include")));
+    let nvrtc_options = env("MIXLORA_NVRTC_OPTIONS")
+        .map(|v| {
+            v.to_string_lossy()
+                .split_whitespace()
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    engine::CudaOptions {
+        include_dir,
+        nvrtc_options,
+        caching_allocator: env("MIXLORA_CUDA_NO_CACHE").is_none_or(|v| v != "1"),
+    }
 }
