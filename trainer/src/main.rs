@@ -30,7 +30,8 @@ Environment variables:
   MIXLORA_NVRTC_OPTIONS  options added to every NVRTC compilation, whitespace-separated
                          (e.g. -DLM_CODES_UNROLL=2)
   MIXLORA_CUDA_NO_CACHE  1: no caching allocator on the GPU, each buffer its own driver
-                         allocation (for compute-sanitizer's memcheck; slow)";
+                         allocation (for compute-sanitizer's memcheck; slow)
+  MIXLORA_FONT           the TrueType font of plot-routing when --font is not given";
 
 #[derive(Parser)]
 #[command(
@@ -78,8 +79,8 @@ struct PlotRoutingArgs {
     /// The PNG to write.
     #[arg(long)]
     out: PathBuf,
-    /// A TrueType font file for the labels (default: $MIXLORA_FONT, then DejaVu Sans or a
-    /// system font where one is found).
+    /// A TrueType font file for the labels [default: $MIXLORA_FONT, then DejaVu Sans or a
+    /// system font where one is found].
     #[arg(long)]
     font: Option<PathBuf>,
 }
@@ -164,7 +165,8 @@ fn table6(mut args: trainer::bench::Table6Args) -> Result<()> {
 
 fn plot_routing(a: PlotRoutingArgs) -> Result<()> {
     let shares = trainer::plot::read_routing(&a.input)?;
-    let font = trainer::plot::find_font(a.font.as_deref())
+    let font = a.font.or_else(|| env("MIXLORA_FONT").map(PathBuf::from));
+    let font = trainer::plot::find_font(font.as_deref())
         .ok_or("no TrueType font found for the labels: pass --font PATH (or set MIXLORA_FONT)")?;
     trainer::plot::plot_routing(&shares, &a.out, &font)?;
     eprintln!("wrote {}", a.out.display());
