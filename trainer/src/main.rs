@@ -123,7 +123,8 @@ fn run(cli: Cli) -> Result<()> {
             use clap::CommandFactory;
             let _ = Cli::command().print_help();
             eprintln!(
-                "\n(the trainer and its embedded default job are not built yet: see README.md)"
+                "\n(`mixlora train` with no other argument runs the embedded default job: MixLoRA \
+                 on synthetic tasks with a built-in tiny LLaMA, on the CPU)"
             );
             Ok(())
         }
