@@ -19,10 +19,12 @@
 //!
 //! Run: `cargo bench -p mixlora-benches --bench moe_ffn` (CPU), or on the GPU machine the binary
 //! that scripts/build-gpu.sh builds: `gpu-bin/bench-moe_ffn --bench`. `MIXLORA_MOE_FFN_TOKENS`
-//! (e.g. `16384`) picks the token counts; with `MIXLORA_PROFILE=1` each case also prints a
-//! per-kernel profile of one step; `MIXLORA_MOE_CHUNK_TOKENS` sets the fused path's token chunk and
-//! `MIXLORA_MOE_TILES=1` its tile kernels;
-//! `MIXLORA_MOE_FFN_IMPLS` (e.g. `fused` or `naive,fused`) runs only those implementations.
+//! (e.g. `16384`) picks the token counts; with `MIXLORA_PROFILE=1` (or `gpu`) each case also
+//! prints a per-kernel profile of one step (`MIXLORA_PROFILE_ROWS` rows, else 40);
+//! `MIXLORA_MOE_CHUNK_TOKENS` sets the fused path's token chunk and `MIXLORA_MOE_TILES=1` its
+//! tile kernels (the trainer's `--moe-chunk-tokens` and `--moe-kernels tiles`);
+//! `MIXLORA_MOE_FFN_IMPLS` (e.g. `fused` or `naive,fused`) runs only those implementations;
+//! `MIXLORA_CUDA_INCLUDE` and `MIXLORA_NVRTC_OPTIONS` as for the examples (`mixlora_benches`).
 
 use std::time::Instant;
 
@@ -73,7 +75,10 @@ fn device() -> Device {
         return Device::Cpu;
     }
     #[cfg(feature = "cuda")]
-    if engine::backend::cuda::CudaDevice::get(0).is_ok() {
+    if mixlora_benches::cuda_from_env()
+        .and_then(|()| engine::backend::cuda::CudaDevice::get(0))
+        .is_ok()
+    {
         return Device::Cuda(0);
     }
     Device::Cpu
@@ -251,6 +256,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    let profile_rows = mixlora_benches::profile_from_env().unwrap_or(40);
     let device = device();
     let s = sizes(device);
     eprintln!(
@@ -290,11 +296,15 @@ fn main() {
                 times.push(t0.elapsed().as_secs_f64() * 1e3);
             }
             let peak_mib = memory(device).1.saturating_sub(before) as f64 / (1 << 20) as f64;
-            if engine::backend::cpu::profile::enabled() {
-                engine::backend::cpu::profile::take();
+            if engine::profile::enabled() {
+                engine::profile::take();
                 step(&c, imp, device);
-                println!("profile of one {name} step at T = {t} (every op synchronised):");
-                engine::backend::cpu::profile::report(40);
+                let how = match engine::profile::mode() {
+                    engine::profile::ProfileMode::GpuEvents => "GPU launches timed by CUDA events",
+                    _ => "every op synchronised",
+                };
+                println!("profile of one {name} step at T = {t} ({how}):");
+                print!("{}", engine::profile::report(profile_rows));
             }
             let ms = median(times);
             eprintln!("T {t:>6} {name:<6} {ms:>9.3} ms  activation peak {peak_mib:>9.1} MiB");

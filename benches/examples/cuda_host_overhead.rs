@@ -40,7 +40,7 @@ fn time_per_call(
 }
 
 fn main() -> engine::Result<()> {
-    if let Err(e) = CudaDevice::get(0) {
+    if let Err(e) = mixlora_benches::cuda_from_env().and_then(|()| CudaDevice::get(0)) {
         println!("skipping: no CUDA device ({e})");
         return Ok(());
     }

@@ -670,7 +670,7 @@ fn main() {
             _ => usage(),
         }
     }
-    let dev = match CudaDevice::get(0) {
+    let dev = match mixlora_benches::cuda_from_env().and_then(|()| CudaDevice::get(0)) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("cuda_kernels: no usable CUDA GPU: {e}");

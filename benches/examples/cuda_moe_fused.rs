@@ -74,6 +74,7 @@ fn main() -> Result<()> {
         .unwrap_or(16384usize);
     let naive = !args.iter().any(|a| a == "--no-naive");
     let (h, i, e, k, r) = (4096usize, 11008usize, 8usize, 2usize, 16usize);
+    mixlora_benches::cuda_from_env()?;
     let dev = CudaDevice::get(0)?;
     println!("fused MixLoRA FFN, T={t} H={h} I={i} E={e} k={k} r={r}, bf16 base, f32 adapters");
 

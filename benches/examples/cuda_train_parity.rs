@@ -14,7 +14,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use trainer::config::{MoeImplName, TrainConfig};
+use engine::Device;
+use model::MoeImpl;
+use trainer::config::TrainConfig;
 
 fn losses(out: &std::path::Path) -> Result<Vec<f64>, Box<dyn std::error::Error>> {
     let text = std::fs::read_to_string(out.join("metrics.jsonl"))?;
@@ -38,17 +40,12 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
             )
         }
     };
-    let moe_impl = match args.next().as_deref() {
-        None | Some("fused") => MoeImplName::Fused,
-        Some("naive") => MoeImplName::Naive,
-        Some("paper") => MoeImplName::Paper,
-        Some("grouped") => MoeImplName::Grouped,
-        Some(other) => return Err(format!("unknown MoE implementation {other}").into()),
-    };
-    eprintln!("MoE implementation on both devices: {moe_impl:?}");
+    let moe_impl: MoeImpl = args.next().as_deref().unwrap_or("fused").parse()?;
+    eprintln!("MoE implementation on both devices: {moe_impl}");
+    mixlora_benches::cuda_from_env()?;
     let base = std::env::temp_dir().join(format!("mixlora-train-parity-{}", std::process::id()));
     let mut all = Vec::new();
-    for device in ["cpu", "cuda"] {
+    for device in [Device::Cpu, Device::Cuda(0)] {
         let cfg = TrainConfig {
             model: Some(model.clone()),
             data: vec![data.clone()],
@@ -59,9 +56,9 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
             save_every: 0,
             eval_every: 0,
             log_every: 1,
-            device: device.into(),
-            out_dir: base.join(device),
-            moe_impl,
+            device,
+            out_dir: base.join(device.to_string()),
+            moe_impl: Some(moe_impl),
             ..TrainConfig::default()
         };
         let t = std::time::Instant::now();

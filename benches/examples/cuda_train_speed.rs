@@ -61,6 +61,8 @@ struct Opts {
     steps: usize,
     warmup: usize,
     json: Option<String>,
+    /// Rows of a printed profile (`MIXLORA_PROFILE_ROWS`, else 25).
+    profile_rows: usize,
 }
 
 fn usage() -> ! {
@@ -79,6 +81,7 @@ fn parse() -> Opts {
         steps: 10,
         warmup: 3,
         json: None,
+        profile_rows: mixlora_benches::profile_from_env().unwrap_or(25),
     };
     let mut random = false;
     let mut args = std::env::args().skip(1);
@@ -174,14 +177,14 @@ fn measure(model: &Llama, (b, t): (usize, usize), o: &Opts) -> Res<(f64, f64, us
         times.push(t0.elapsed().as_secs_f64());
     }
     let peak = memory_stats(GPU).1;
-    if engine::backend::cpu::profile::enabled() {
+    if engine::profile::enabled() {
         // One more step with every kernel timed (MIXLORA_PROFILE=gpu: CUDA events): the GPU's
         // busy time against the step's wall time says whether the host or the device bounds it.
-        engine::backend::cpu::profile::take();
+        engine::profile::take();
         step(0)?;
         synchronize(GPU)?;
         println!("profile of one step, {b}×{t}:");
-        engine::backend::cpu::profile::report(25);
+        print!("{}", engine::profile::report(o.profile_rows));
     }
     times.sort_by(f64::total_cmp);
     Ok((times[times.len() / 2], times[0], peak, aux_seen))
@@ -189,7 +192,7 @@ fn measure(model: &Llama, (b, t): (usize, usize), o: &Opts) -> Res<(f64, f64, us
 
 fn main() {
     let o = parse();
-    if let Err(e) = CudaDevice::get(0) {
+    if let Err(e) = mixlora_benches::cuda_from_env().and_then(|()| CudaDevice::get(0)) {
         eprintln!("cuda_train_speed: no usable CUDA GPU: {e}");
         std::process::exit(1);
     }

@@ -15,6 +15,7 @@ use model::sampling::Sampler;
 use model::Llama;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let rows = mixlora_benches::profile_from_env().unwrap_or(25);
     let path = std::env::args()
         .nth(1)
         .ok_or("usage: smollm2_speed PATH.gguf")?;
@@ -38,15 +39,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         best,
         (b * t) as f64 / best
     );
-    if engine::backend::cpu::profile::enabled() {
-        engine::backend::cpu::profile::take();
+    if engine::profile::enabled() {
+        engine::profile::take();
         let t0 = Instant::now();
         no_grad(|| model.forward(&x, None))?;
         println!(
             "-- prefill: {:.1} ms wall",
             t0.elapsed().as_secs_f64() * 1e3
         );
-        engine::backend::cpu::profile::report(25);
+        print!("{}", engine::profile::report(rows));
     }
 
     // Decode: greedy, 64 tokens, no early stop.

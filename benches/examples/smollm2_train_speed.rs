@@ -12,7 +12,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::time::Instant;
 
-use engine::backend::cpu::profile;
+use engine::profile;
 use engine::{DType, Device, Tensor, IGNORE_INDEX};
 use model::adapters::AdapterConfig;
 use model::Llama;
@@ -39,6 +39,7 @@ fn step(
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let rows = mixlora_benches::profile_from_env();
     let mut args = std::env::args().skip(1);
     let path = args
         .next()
@@ -97,12 +98,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             let tf = t0.elapsed().as_secs_f64();
             println!("-- forward: {:.1} ms wall", tf * 1e3);
-            profile::report(25);
+            print!("{}", profile::report(rows.unwrap_or(25)));
             let t0 = Instant::now();
             loss.backward()?;
             let tb = t0.elapsed().as_secs_f64();
             println!("-- backward: {:.1} ms wall", tb * 1e3);
-            profile::report(40);
+            print!("{}", profile::report(rows.unwrap_or(40)));
             for (_, p) in model.trainable_params() {
                 p.zero_grad();
             }

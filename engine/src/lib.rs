@@ -9,13 +9,14 @@ mod dtype;
 mod error;
 pub mod fused;
 mod ops;
+pub mod profile;
 pub mod rng;
 mod shape;
 mod storage;
 mod tensor;
 
 pub use autograd::{backward_many, checkpoint, grad_enabled, no_grad, CheckpointFn, NoGradGuard};
-pub use device::Device;
+pub use device::{configure_cuda, CudaOptions, Device, ParseDeviceError, DEFAULT_CUDA_INCLUDE};
 pub use dtype::{DType, WithDType};
 pub use error::{Error, Result};
 pub use fused::adamw::{adamw_step, sum_of_squares, AdamWCoefficients, AdamWHyper};

@@ -1,16 +1,40 @@
-//! Helpers shared by the CPU↔CUDA parity tests (tests/tests/cuda_*.rs, the `gpu` modules of
-//! tests/tests/ops/ and tests/tests/cross_entropy.rs): the GPU or a printed reason to skip, the
-//! tolerances of GPU.md, relative errors, a lock that serialises the tests of one binary, and the
-//! parity harness of the core ops ([`Checker`]: one case written as a function of the device, run
-//! on the CPU (the reference) and the GPU, compared with [`compare`]) with its inputs ([`vals`],
-//! [`input`], [`read`], ..).
+//! Helpers shared by the CPU↔CUDA parity tests (the `gpu` modules of tests/tests/ops/ and
+//! tests/tests/fused/, tests/tests/cuda_*.rs): the GPU or a printed reason to skip, the CUDA
+//! options of the environment, the tolerances of docs/DESIGN.md, relative errors, a lock that
+//! serialises the tests of one binary, and the parity harness of the core ops ([`Checker`]: one
+//! case written as a function of the device, run on the CPU (the reference) and the GPU, compared
+//! with [`compare`]) with its inputs ([`vals`], [`input`], [`read`], ..).
+
+use std::path::PathBuf;
 
 use engine::backend::BackendStorage;
-use engine::{DType, Device, Layout, Shape, Storage};
+use engine::{CudaOptions, DType, Device, Layout, Shape, Storage};
+
+/// The CUDA options the GPU tests run with, from the environment (the engine reads none):
+/// `MIXLORA_CUDA_INCLUDE`, the folder with `cuda_bf16.h` (scripts/ci-nvrtc.sh sets it);
+/// `MIXLORA_NVRTC_OPTIONS`, extra NVRTC options, whitespace-separated;
+/// `MIXLORA_CUDA_NO_CACHE=1`, no caching allocator (scripts/memcheck-gpu.sh sets it).
+pub fn cuda_options() -> CudaOptions {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    CudaOptions {
+        include_dir: env("MIXLORA_CUDA_INCLUDE").map(PathBuf::from),
+        nvrtc_options: env("MIXLORA_NVRTC_OPTIONS")
+            .map(|v| v.split_whitespace().map(str::to_string).collect())
+            .unwrap_or_default(),
+        caching_allocator: env("MIXLORA_CUDA_NO_CACHE").as_deref() != Some("1"),
+    }
+}
+
+/// Sets the process's CUDA options to [`cuda_options`]: every test calls it (directly or through
+/// [`device`]) before its first GPU use, whichever test of the binary runs first.
+pub fn configure() {
+    engine::configure_cuda(cuda_options()).expect("the CUDA options of the environment");
+}
 
 /// The first GPU when one is usable (built with the `cuda` feature, a driver and a device);
 /// otherwise prints why the calling test skips and returns `None`.
 pub fn device() -> Option<Device> {
+    configure();
     #[cfg(feature = "cuda")]
     match engine::backend::cuda::CudaDevice::get(0) {
         Ok(_) => Some(Device::Cuda(0)),

@@ -5,7 +5,7 @@
 #[cfg(feature = "cuda")]
 #[test]
 fn every_kernel_module_compiles_for_sm_90() {
-    use engine::backend::cuda::compile::{compile_module, include_dir, nvrtc_available};
+    use engine::backend::cuda::compile::{compile_module, nvrtc_available};
 
     if !nvrtc_available() {
         // scripts/ci-nvrtc.sh sets MIXLORA_REQUIRE_NVRTC: there a missing library is a failure.
@@ -18,13 +18,15 @@ fn every_kernel_module_compiles_for_sm_90() {
         );
         return;
     }
-    eprintln!("CUDA include folder: {:?}", include_dir());
+    // The include folder from MIXLORA_CUDA_INCLUDE (scripts/ci-nvrtc.sh), else the default.
+    let opts = testutil::gpu::cuda_options();
+    eprintln!("CUDA include folder: {:?}", opts.nvrtc_include_dir());
     // MIXLORA_PTX_DUMP=folder writes each module's PTX there, for reading the generated code.
     let dump = std::env::var_os("MIXLORA_PTX_DUMP");
     let mut failures = Vec::new();
     for src in kernels::SOURCES {
         let t = std::time::Instant::now();
-        match compile_module(src, "sm_90") {
+        match compile_module(src, "sm_90", &opts) {
             Ok(ptx) => {
                 if let Some(dir) = &dump {
                     let path = std::path::Path::new(dir).join(format!("{}.ptx", src.name));

@@ -154,4 +154,53 @@ fn moe_impl_parses() {
         Ok(MoeImpl::Fused(Default::default()))
     );
     assert!("dense".parse::<MoeImpl>().is_err());
+    for name in ["naive", "paper", "grouped", "fused"] {
+        assert_eq!(name.parse::<MoeImpl>().unwrap().to_string(), name);
+    }
+    // `auto`'s choice, and the fused path's options.
+    let opts = engine::MoeFfnOptions {
+        kernels: engine::MoeKernels::Tiles,
+        chunk_tokens: Some(7),
+    };
+    assert_eq!(MoeImpl::for_device(Device::Cpu), MoeImpl::Naive);
+    assert_eq!(
+        MoeImpl::for_device(Device::Cuda(1)),
+        MoeImpl::Fused(Default::default())
+    );
+    assert_eq!(
+        MoeImpl::Fused(Default::default()).with_fused_options(opts),
+        MoeImpl::Fused(opts)
+    );
+    assert_eq!(MoeImpl::Paper.with_fused_options(opts), MoeImpl::Paper);
+}
+
+/// The command-line names of the routing strategies and adapter kinds, and the routing an
+/// adapter file's strategy and parameters make.
+#[test]
+fn routing_and_adapter_names() {
+    use model::adapters::{AdapterConfig, PeftType, RoutingStrategy};
+    for (name, r) in [
+        ("topk", RoutingStrategy::TopK),
+        ("topp", RoutingStrategy::TopP),
+    ] {
+        assert_eq!(name.parse::<RoutingStrategy>(), Ok(r));
+        assert_eq!(r.to_string(), name);
+    }
+    assert!(
+        "mixlora".parse::<RoutingStrategy>().is_err(),
+        "file names are not flags"
+    );
+    for (name, p) in [("lora", PeftType::Lora), ("mixlora", PeftType::MixLora)] {
+        assert_eq!(name.parse::<PeftType>(), Ok(p));
+        assert_eq!(p.to_string(), name);
+    }
+    let mut c = AdapterConfig::default_for(PeftType::MixLora);
+    assert_eq!(c, AdapterConfig::mixlora_default());
+    assert_eq!(c.routing(), Routing::TopK(2));
+    c.routing_strategy = RoutingStrategy::TopP;
+    assert_eq!(c.routing(), Routing::TopP(0.8));
+    assert_eq!(
+        AdapterConfig::default_for(PeftType::Lora),
+        AdapterConfig::lora_default()
+    );
 }

@@ -14,10 +14,11 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use engine::{DType, Device, Tensor};
+use engine::{DType, Device, MoeFfnOptions, Tensor};
 use model::adapters::MoeImpl;
 use model::{AdapterConfig, Llama, LlamaConfig};
 
+use crate::config::{FusedMoeArgs, ProfileArgs};
 use crate::error::{Error, Result};
 
 /// A model shape for the benchmark.
@@ -55,7 +56,8 @@ impl BenchVariant {
             BenchVariant::MixloraFused => "mixlora_fused",
         }
     }
-    fn adapter(self) -> (AdapterConfig, Option<MoeImpl>) {
+    /// The adapter and the MoE implementation of the variant (`fused`: the fused path's options).
+    fn adapter(self, fused: MoeFfnOptions) -> (AdapterConfig, Option<MoeImpl>) {
         match self {
             BenchVariant::Lora => (AdapterConfig::lora_default(), None),
             BenchVariant::MixloraNaive => (AdapterConfig::mixlora_default(), Some(MoeImpl::Naive)),
@@ -65,7 +67,7 @@ impl BenchVariant {
             }
             BenchVariant::MixloraFused => (
                 AdapterConfig::mixlora_default(),
-                Some(MoeImpl::Fused(Default::default())),
+                Some(MoeImpl::Fused(fused)),
             ),
         }
     }
@@ -75,7 +77,7 @@ impl BenchVariant {
 pub struct Table6Args {
     /// `cuda`, `cuda:N` or `cpu`.
     #[arg(long, default_value = "cuda")]
-    pub device: String,
+    pub device: Device,
     #[arg(long, value_enum, default_value = "llama2-7b")]
     pub shape: BenchShape,
     /// Sequences per batch.
@@ -100,6 +102,12 @@ pub struct Table6Args {
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// The options of the `mixlora-fused` variant.
+    #[command(flatten)]
+    pub fused: FusedMoeArgs,
+    /// With the profile on, one more step per variant prints where its time goes.
+    #[command(flatten)]
+    pub profile: ProfileArgs,
 }
 
 /// One variant's measurements.
@@ -241,7 +249,7 @@ pub struct Table6 {
 /// Runs the benchmark; `log` receives progress lines. A variant that runs out of device memory
 /// is reported in [`Table6::failed`] and the others still run.
 pub fn table6(a: &Table6Args, mut log: impl FnMut(&str)) -> Result<Table6> {
-    let device = Device::parse(&a.device)?;
+    let device = a.device;
     if a.steps == 0 || a.batch == 0 || a.seq == 0 {
         return Err(Error::Config(
             "bench table6: --steps, --batch and --seq must be positive".into(),
@@ -275,7 +283,7 @@ pub fn table6(a: &Table6Args, mut log: impl FnMut(&str)) -> Result<Table6> {
     let mut results = Vec::new();
     for v in variants {
         let mut measure = || -> Result<VariantResult> {
-            let (acfg, imp) = v.adapter();
+            let (acfg, imp) = v.adapter(a.fused.options());
             model.add_adapters(&acfg, 2)?;
             if let Some(imp) = imp {
                 model.set_moe_impl(imp);
@@ -306,19 +314,20 @@ pub fn table6(a: &Table6Args, mut log: impl FnMut(&str)) -> Result<Table6> {
                 }
                 loss_v = loss.to_scalar()?;
             }
-            if engine::backend::cpu::profile::enabled() {
-                // One more step with every kernel timed (MIXLORA_PROFILE=1): where the time goes.
-                engine::backend::cpu::profile::take();
+            if engine::profile::enabled() {
+                // One more step with every kernel timed: where the time goes.
+                engine::profile::take();
                 params.iter().for_each(|(_, p)| p.zero_grad());
                 training_loss(&model, &ids, &mask, &targets, 0)?.backward()?;
                 synchronize(device)?;
-                let how = if engine::backend::cpu::profile::gpu_events() {
-                    "every GPU launch timed by CUDA events"
-                } else {
-                    "every op synchronised"
+                let how = match engine::profile::mode() {
+                    engine::profile::ProfileMode::GpuEvents => {
+                        "every GPU launch timed by CUDA events"
+                    }
+                    _ => "every op synchronised",
                 };
                 println!("profile of one {} step ({how}):", v.key());
-                engine::backend::cpu::profile::report(45);
+                print!("{}", engine::profile::report(a.profile.rows()));
             }
             let (f, bw) = (median(fwd), median(bwd));
             let r = VariantResult {
@@ -389,8 +398,7 @@ fn device_name(device: Device) -> String {
 /// "bwd_us_per_token", "tokens_per_s", "peak_gib"}}`.
 pub fn table6_json(a: &Table6Args, t6: &Table6) -> Result<String> {
     let results = &t6.results;
-    let device = Device::parse(&a.device)?;
-
+    let device = a.device;
     let cfg = shape_config(a.shape, a.layers);
     let mut obj = serde_json::Map::new();
     obj.insert("device".into(), device_name(device).into());
@@ -405,6 +413,15 @@ pub fn table6_json(a: &Table6Args, t6: &Table6) -> Result<String> {
         a.gradient_checkpointing.into(),
     );
     obj.insert("steps".into(), a.steps.into());
+    if a.fused != FusedMoeArgs::default() {
+        let f = &a.fused;
+        let kernels = crate::config::words::Word::spell(&f.moe_kernels);
+        obj.insert("moe_kernels".into(), kernels.into());
+        obj.insert(
+            "moe_chunk_tokens".into(),
+            f.moe_chunk_tokens.map(|n| n.get()).into(),
+        );
+    }
     for r in results {
         let round = |x: f64| (x * 1000.0).round() / 1000.0;
         let v = serde_json::json!({

@@ -338,50 +338,6 @@ mod tests {
         assert_eq!(questions(&task, Some(1)).unwrap()[0].gold, 0);
     }
 
-    #[test]
-    fn real_commonsense_lines_parse() {
-        let Some(dir) = crate::shared_data_dir() else {
-            eprintln!(
-                "skipped: no shared data (set MIXLORA_DATA or put it at <repo>/../shared/data)"
-            );
-            return;
-        };
-        let mut seen = 0;
-        for (name, n_min, n_max) in [
-            ("boolq", 2, 2),
-            ("arc_e", 3, 5),
-            ("arc_c", 3, 5),
-            ("obqa", 4, 4),
-        ] {
-            let p = dir.join("commonsense").join(name).join("valid.json");
-            if !p.is_file() {
-                eprintln!("skipped {name}: {} is missing", p.display());
-                continue;
-            }
-            let task = data::load_task(&p).unwrap();
-            assert_eq!(task.name, name);
-            for (i, q) in questions(&task, None).unwrap().iter().enumerate() {
-                let ex = &task.examples[i];
-                assert!(
-                    (n_min..=n_max).contains(&q.candidates.len()),
-                    "{name} item {i}: {:?}",
-                    q.candidates
-                );
-                assert_eq!(q.candidates[q.gold], ex.answer);
-                assert_eq!(
-                    q.targets[q.gold], ex.output,
-                    "the gold target is the output itself"
-                );
-                assert!(q
-                    .targets
-                    .iter()
-                    .all(|t| t.starts_with("the correct answer is ")));
-            }
-            seen += task.examples.len();
-        }
-        eprintln!("parsed {seen} questions of the shared commonsense data");
-    }
-
     /// log p(target | prompt) summed, by hand in f64 from the host logits.
     fn naive(logits: &[f64], labels: &[u32], b: usize, t: usize, v: usize) -> Vec<f64> {
         (0..b)

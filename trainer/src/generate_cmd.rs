@@ -5,11 +5,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
-use engine::{DType, Device};
+use engine::Device;
 use model::generate::generate;
 use model::llama::Llama;
 use model::sampling::Sampler;
 use model::tokenizer::Tokenizer;
+use trainer::config::{DTypeName, MoeArgs};
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -32,33 +33,24 @@ pub struct GenerateArgs {
     top_p: f64,
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// cpu (cuda[:N] once the CUDA backend is built in).
+    /// `cpu`, `cuda` (the first GPU) or `cuda:N`.
     #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Compute dtype of the weights: f32 or bf16.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
-    /// How MixLoRA FFNs are computed (`auto`: fused on a GPU, naive on the CPU).
-    #[arg(long, value_enum, default_value_t = trainer::config::MoeImplName::Auto)]
-    moe_impl: trainer::config::MoeImplName,
-}
-
-pub fn parse_dtype(s: &str) -> Result<DType, String> {
-    match s {
-        "f32" => Ok(DType::F32),
-        "bf16" => Ok(DType::BF16),
-        _ => Err(format!("unknown dtype `{s}` (expected f32 or bf16)")),
-    }
+    device: Device,
+    /// Compute dtype of the weights.
+    #[arg(long, value_enum, default_value_t = DTypeName::F32)]
+    dtype: DTypeName,
+    #[command(flatten)]
+    moe: MoeArgs,
 }
 
 pub fn run(a: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let device = Device::parse(&a.device)?;
-    let dtype = parse_dtype(&a.dtype)?;
+    let device = a.device;
+    let dtype = a.dtype.dtype();
     let t0 = Instant::now();
     let mut model = Llama::load(&a.model, dtype, device)?;
     if let Some(dir) = &a.adapter {
         model::adapters::load(dir, &mut model)?;
-        trainer::run::use_moe_impl(&mut model, a.moe_impl, device)?;
+        trainer::run::use_moe_impl(&mut model, a.moe.moe_impl(device))?;
     }
     let tokenizer = Tokenizer::load(&a.model, &model.config)?;
     eprintln!(

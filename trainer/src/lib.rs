@@ -1,6 +1,9 @@
 //! The trainer's building blocks, behind the `mixlora` binary: configuration, data and prompts,
 //! AdamW and learning-rate schedules, checkpoints with resume, metrics and progress, multiple-choice
 //! evaluation, and the synthetic tasks of the embedded default job.
+//!
+//! The library reads no environment variable: every setting is a value its caller passes (the
+//! binary fills them from its flags, its TOML file and the few variables it documents).
 
 pub mod bench;
 pub mod checkpoint;
@@ -16,14 +19,3 @@ pub mod schedule;
 pub mod synthetic;
 
 pub use error::{Error, Result};
-
-/// Where the shared data lives: `$MIXLORA_DATA`, else `<workspace>/../shared/data` (for tests and
-/// the examples). `None` when neither exists.
-pub fn shared_data_dir() -> Option<std::path::PathBuf> {
-    if let Some(d) = std::env::var_os("MIXLORA_DATA") {
-        let d = std::path::PathBuf::from(d);
-        return d.is_dir().then_some(d);
-    }
-    let d = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data");
-    d.is_dir().then_some(d)
-}

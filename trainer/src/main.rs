@@ -1,4 +1,8 @@
 //! `mixlora`: fine-tune LLaMA-family models with MixLoRA adapters.
+//!
+//! The libraries read no environment variable: every setting is a value. This binary fills them
+//! from its flags (and `train`'s TOML file), and maps the few variables of [`ENVIRONMENT`] onto
+//! them, here and nowhere else.
 
 mod generate_cmd;
 
@@ -7,15 +11,34 @@ mod generate_cmd;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use std::ffi::OsString;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use engine::profile::ProfileMode;
+use trainer::config::ProfileArgs;
+
+/// The environment variables this binary reads (shown by `--help`).
+const ENVIRONMENT: &str = "\
+Environment variables:
+  MIXLORA_PROFILE        the op profile when --profile is not given: 0 or unset off, gpu CUDA
+                         events, anything else wall
+  MIXLORA_PROFILE_ROWS   rows of the printed profile when --profile-rows is not given
+  MIXLORA_CUDA_INCLUDE   the folder with cuda_bf16.h for NVRTC (else $CUDA_HOME/include, else
+                         /usr/local/cuda/include)
+  MIXLORA_NVRTC_OPTIONS  options added to every NVRTC compilation, whitespace-separated
+                         (e.g. -DLM_CODES_UNROLL=2)
+  MIXLORA_CUDA_NO_CACHE  1: no caching allocator on the GPU, each buffer its own driver
+                         allocation (for compute-sanitizer's memcheck; slow)
+  MIXLORA_FONT           the TrueType font of plot-routing when --font is not given";
 
 #[derive(Parser)]
 #[command(
     name = "mixlora",
     version,
-    about = "Fine-tune LLaMA-family models with MixLoRA adapters"
+    about = "Fine-tune LLaMA-family models with MixLoRA adapters",
+    after_help = ENVIRONMENT
 )]
 struct Cli {
     #[command(subcommand)]
@@ -26,7 +49,7 @@ struct Cli {
 enum Command {
     /// Fine-tune a LoRA or MixLoRA adapter. With no arguments: the embedded default, MixLoRA on
     /// synthetic multi-task data with a built-in tiny LLaMA, on the CPU.
-    Train(Box<trainer::config::TrainArgs>),
+    Train(Box<TrainCmd>),
     /// Accuracy per task: every candidate answer scored by its log-likelihood; JSON on stdout.
     Eval(trainer::config::EvalArgs),
     /// Continue a prompt with a base model (GGUF file or Hugging Face folder).
@@ -40,45 +63,42 @@ enum Command {
 }
 
 #[derive(clap::Args)]
+struct TrainCmd {
+    #[command(flatten)]
+    args: trainer::config::TrainArgs,
+    /// With the profile on, where the run's time went is printed at its end (stderr).
+    #[command(flatten)]
+    profile: ProfileArgs,
+}
+
+#[derive(clap::Args)]
 struct PlotRoutingArgs {
     /// The JSON written by `mixlora eval --routing`.
     #[arg(long)]
-    input: std::path::PathBuf,
+    input: PathBuf,
     /// The PNG to write.
     #[arg(long)]
-    out: std::path::PathBuf,
-    /// A TrueType font file for the labels (default: $MIXLORA_FONT, then DejaVu Sans or a
-    /// system font where one is found).
+    out: PathBuf,
+    /// A TrueType font file for the labels [default: $MIXLORA_FONT, then DejaVu Sans or a
+    /// system font where one is found].
     #[arg(long)]
-    font: Option<std::path::PathBuf>,
+    font: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
 enum BenchCommand {
     /// The MixLoRA paper's Table 6: forward and backward µs/token, tokens/s and peak memory of
     /// LoRA and MixLoRA training steps on a LLaMA-2-7B-shaped model with random bf16 weights.
-    Table6(trainer::bench::Table6Args),
+    Table6(Box<trainer::bench::Table6Args>),
 }
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Some(Command::Generate(args)) => generate_cmd::run(args),
-        Some(Command::Train(args)) => train(*args),
-        Some(Command::Bench(BenchCommand::Table6(args))) => table6(&args),
-        Some(Command::PlotRouting(args)) => plot_routing(&args),
-        Some(Command::Eval(args)) => trainer::run::eval(&args)
-            .map(|r| println!("{}", r.to_json_pretty()))
-            .map_err(Into::into),
-        None => {
-            use clap::CommandFactory;
-            let _ = Cli::command().print_help();
-            eprintln!(
-                "\n(the trainer and its embedded default job are not built yet: see README.md)"
-            );
-            Ok(())
-        }
-    };
+    let result = engine::configure_cuda(cuda_options_from_env())
+        .map_err(Into::into)
+        .and_then(|()| run(cli));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -88,8 +108,32 @@ fn main() -> ExitCode {
     }
 }
 
-fn train(args: trainer::config::TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let cfg = args.resolve()?;
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Some(Command::Generate(args)) => generate_cmd::run(args),
+        Some(Command::Train(cmd)) => train(*cmd),
+        Some(Command::Bench(BenchCommand::Table6(args))) => table6(*args),
+        Some(Command::PlotRouting(args)) => plot_routing(args),
+        Some(Command::Eval(args)) => {
+            let report = trainer::run::eval(&args)?;
+            println!("{}", report.to_json_pretty());
+            Ok(())
+        }
+        None => {
+            use clap::CommandFactory;
+            let _ = Cli::command().print_help();
+            eprintln!(
+                "\n(`mixlora train` with no other argument runs the embedded default job: MixLoRA \
+                 on synthetic tasks with a built-in tiny LLaMA, on the CPU)"
+            );
+            Ok(())
+        }
+    }
+}
+
+fn train(cmd: TrainCmd) -> Result<()> {
+    let profile = profile_from_env(cmd.profile)?;
+    let cfg = cmd.args.resolve()?;
     let summary = trainer::run::train(&cfg, |line| eprintln!("{line}"))?;
     eprintln!(
         "trained {} steps: loss {:.4} -> {:.4}; adapter written to {}",
@@ -98,15 +142,20 @@ fn train(args: trainer::config::TrainArgs) -> Result<(), Box<dyn std::error::Err
         summary.last_loss,
         summary.adapter_dir.display()
     );
+    if engine::profile::enabled() {
+        eprintln!("profile of the run:");
+        eprint!("{}", engine::profile::report(profile.rows()));
+    }
     if let Some(r) = &summary.eval {
         println!("{}", r.to_json_pretty());
     }
     Ok(())
 }
 
-fn table6(args: &trainer::bench::Table6Args) -> Result<(), Box<dyn std::error::Error>> {
-    let t6 = trainer::bench::table6(args, |line| eprintln!("{line}"))?;
-    let json = trainer::bench::table6_json(args, &t6)?;
+fn table6(mut args: trainer::bench::Table6Args) -> Result<()> {
+    args.profile = profile_from_env(args.profile)?;
+    let t6 = trainer::bench::table6(&args, |line| eprintln!("{line}"))?;
+    let json = trainer::bench::table6_json(&args, &t6)?;
     if let Some(path) = &args.json {
         std::fs::write(path, format!("{json}\n"))
             .map_err(|e| format!("{}: cannot write the report: {e}", path.display()))?;
@@ -115,11 +164,62 @@ fn table6(args: &trainer::bench::Table6Args) -> Result<(), Box<dyn std::error::E
     Ok(())
 }
 
-fn plot_routing(a: &PlotRoutingArgs) -> Result<(), Box<dyn std::error::Error>> {
+fn plot_routing(a: PlotRoutingArgs) -> Result<()> {
     let shares = trainer::plot::read_routing(&a.input)?;
-    let font = trainer::plot::find_font(a.font.as_deref())
+    let font = a.font.or_else(|| env("MIXLORA_FONT").map(PathBuf::from));
+    let font = trainer::plot::find_font(font.as_deref())
         .ok_or("no TrueType font found for the labels: pass --font PATH (or set MIXLORA_FONT)")?;
     trainer::plot::plot_routing(&shares, &a.out, &font)?;
     eprintln!("wrote {}", a.out.display());
     Ok(())
+}
+
+/// A variable of the environment, `None` when unset or empty.
+fn env(name: &str) -> Option<OsString> {
+    std::env::var_os(name).filter(|v| !v.is_empty())
+}
+
+/// The profile flags, with `MIXLORA_PROFILE` and `MIXLORA_PROFILE_ROWS` for those not given;
+/// turns the engine's profile on in that mode.
+fn profile_from_env(mut p: ProfileArgs) -> Result<ProfileArgs> {
+    if p.profile.is_none() {
+        p.profile = env("MIXLORA_PROFILE").map(|v| match v.to_str() {
+            Some("0" | "off") => ProfileMode::Off,
+            Some("gpu") => ProfileMode::GpuEvents,
+            _ => ProfileMode::Wall,
+        });
+    }
+    if p.profile_rows.is_none() {
+        if let Some(v) = env("MIXLORA_PROFILE_ROWS") {
+            let rows = v.to_str().and_then(|s| s.trim().parse().ok());
+            p.profile_rows =
+                Some(rows.ok_or_else(|| {
+                    format!("MIXLORA_PROFILE_ROWS: {v:?} is not a number of rows")
+                })?);
+        }
+    }
+    engine::profile::set_mode(p.profile.unwrap_or_default());
+    Ok(p)
+}
+
+/// The CUDA settings of the environment: the include folder (`MIXLORA_CUDA_INCLUDE`, else
+/// `$CUDA_HOME/include`), extra NVRTC options (`MIXLORA_NVRTC_OPTIONS`) and the caching allocator
+/// (off with `MIXLORA_CUDA_NO_CACHE=1`).
+fn cuda_options_from_env() -> engine::CudaOptions {
+    let include_dir = env("MIXLORA_CUDA_INCLUDE")
+        .map(PathBuf::from)
+        .or_else(|| env("CUDA_HOME").map(|h| PathBuf::from(h).join("include")));
+    let nvrtc_options = env("MIXLORA_NVRTC_OPTIONS")
+        .map(|v| {
+            v.to_string_lossy()
+                .split_whitespace()
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    engine::CudaOptions {
+        include_dir,
+        nvrtc_options,
+        caching_allocator: env("MIXLORA_CUDA_NO_CACHE").is_none_or(|v| v != "1"),
+    }
 }

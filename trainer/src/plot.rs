@@ -11,7 +11,7 @@ use plotters::style::{register_font, FontStyle};
 
 use crate::error::{Error, Result};
 
-/// Where a TrueType font is looked for when none is given (`--font` or `$MIXLORA_FONT`).
+/// Where a TrueType font is looked for when none is given.
 const FONT_CANDIDATES: &[&str] = &[
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
     "/usr/share/fonts/dejavu/DejaVuSans.ttf",
@@ -21,17 +21,14 @@ const FONT_CANDIDATES: &[&str] = &[
     "C:\\Windows\\Fonts\\arial.ttf",
 ];
 
-/// The font file to use: `font`, else `$MIXLORA_FONT`, else the first of [`FONT_CANDIDATES`]
-/// that exists.
+/// The font file to use: `font`, else the first of [`FONT_CANDIDATES`] that exists.
 pub fn find_font(font: Option<&Path>) -> Option<PathBuf> {
-    font.map(Path::to_path_buf)
-        .or_else(|| std::env::var_os("MIXLORA_FONT").map(PathBuf::from))
-        .or_else(|| {
-            FONT_CANDIDATES
-                .iter()
-                .map(PathBuf::from)
-                .find(|p| p.is_file())
-        })
+    font.map(Path::to_path_buf).or_else(|| {
+        FONT_CANDIDATES
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+    })
 }
 
 /// Routing shares: per task (in file order), `[layer][expert]`.

@@ -6,11 +6,11 @@ use std::time::Instant;
 
 use engine::rng::Rng;
 use engine::{no_grad, DType, Device, Tensor, IGNORE_INDEX};
-use model::adapters::{AdapterConfig, PeftType, RoutingStrategy};
+use model::adapters::{AdapterConfig, PeftType};
 use model::{Llama, Tokenizer};
 
 use crate::checkpoint::{self, TrainerState};
-use crate::config::{AdapterKind, EvalArgs, MoeImplName, Routing, TrainConfig};
+use crate::config::{EvalArgs, TrainConfig};
 use crate::data::{self, Dataset, HostBatch, Loader, Task};
 use crate::error::{Error, Result};
 use crate::eval::{self, EvalReport, ScorePair};
@@ -68,10 +68,7 @@ pub fn load_base_model(
 
 /// The adapter settings of a run.
 pub fn adapter_config(cfg: &TrainConfig, base_name: &str) -> AdapterConfig {
-    let mut a = match cfg.adapter {
-        AdapterKind::Mixlora => AdapterConfig::mixlora_default(),
-        AdapterKind::Lora => AdapterConfig::lora_default(),
-    };
+    let mut a = AdapterConfig::default_for(cfg.adapter);
     a.r = cfg.rank;
     a.lora_alpha = cfg.alpha;
     a.lora_dropout = cfg.dropout;
@@ -81,10 +78,7 @@ pub fn adapter_config(cfg: &TrainConfig, base_name: &str) -> AdapterConfig {
         a.num_experts = cfg.num_experts;
         a.top_k = cfg.top_k;
         a.top_p = cfg.top_p;
-        a.routing_strategy = match cfg.routing {
-            Routing::Topk => RoutingStrategy::TopK,
-            Routing::Topp => RoutingStrategy::TopP,
-        };
+        a.routing_strategy = cfg.routing;
         a.router_aux_loss_coef = cfg.aux_loss_coef;
         a.router_init_range = cfg.router_init_range;
     }
@@ -292,7 +286,7 @@ pub fn train_until(
     stop_after: Option<usize>,
     mut log: impl FnMut(&str),
 ) -> Result<TrainSummary> {
-    let device = cfg.device()?;
+    let device = cfg.device;
     std::fs::create_dir_all(&cfg.out_dir).map_err(|e| Error::Io {
         path: cfg.out_dir.display().to_string(),
         source: e,
@@ -309,7 +303,7 @@ pub fn train_until(
         cfg.seed,
     )?;
     model.set_gradient_checkpointing(cfg.gradient_checkpointing);
-    use_moe_impl(&mut model, cfg.moe_impl, device)?;
+    use_moe_impl(&mut model, cfg.moe())?;
     let (train_tasks, eval_tasks) = tasks(cfg)?;
     let ds = Dataset::encode(&train_tasks, &tok, cfg.cutoff_len)?;
     if ds.is_empty() {
@@ -503,11 +497,9 @@ pub fn train_until(
     })
 }
 
-/// `mixlora eval`: accuracy per task of a base model with an optional adapter.
-/// Computes the model's MixLoRA FFNs (if any) with `name`'s implementation on `device`; the fused
-/// path also gets W_gate and W_up in one buffer (one GEMM for both).
-pub fn use_moe_impl(model: &mut Llama, name: MoeImplName, device: Device) -> Result<()> {
-    let imp = name.imp(device);
+/// Computes the model's MixLoRA FFNs (if any) with `imp`; the fused path also gets W_gate and
+/// W_up in one buffer (one GEMM for both).
+pub fn use_moe_impl(model: &mut Llama, imp: model::MoeImpl) -> Result<()> {
     model.set_moe_impl(imp);
     if matches!(imp, model::MoeImpl::Fused(_)) {
         model.stack_gate_up()?; // G and U in one GEMM
@@ -515,8 +507,9 @@ pub fn use_moe_impl(model: &mut Llama, name: MoeImplName, device: Device) -> Res
     Ok(())
 }
 
+/// `mixlora eval`: accuracy per task of a base model with an optional adapter.
 pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
-    let device = Device::parse(&a.device)?;
+    let device = a.device;
     let scratch = std::env::temp_dir().join(format!("mixlora-eval-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).map_err(|e| Error::Io {
         path: scratch.display().to_string(),
@@ -527,7 +520,7 @@ pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
         load_base_model(a.model.as_deref(), seed, a.dtype.dtype(), device, &scratch)?;
     if let Some(dir) = &a.adapter {
         model::adapters::load(dir, &mut model)?;
-        use_moe_impl(&mut model, a.moe_impl, device)?;
+        use_moe_impl(&mut model, a.moe.moe_impl(device))?;
     }
     let tasks = if a.data.is_empty() {
         synthetic::generate(seed, SYNTHETIC_TRAIN, SYNTHETIC_VALID).1

@@ -5,7 +5,7 @@ use trainer::bench::{table6, table6_json, BenchShape, BenchVariant, Table6Args};
 
 fn args(checkpointing: bool) -> Table6Args {
     Table6Args {
-        device: "cpu".into(),
+        device: engine::Device::Cpu,
         shape: BenchShape::Tiny,
         batch: 2,
         seq: 16,
@@ -15,6 +15,8 @@ fn args(checkpointing: bool) -> Table6Args {
         variants: vec![],
         gradient_checkpointing: checkpointing,
         json: None,
+        fused: Default::default(),
+        profile: Default::default(),
     }
 }
 

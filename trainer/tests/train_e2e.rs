@@ -170,18 +170,21 @@ fn eval_writes_routing_statistics_per_task_and_layer() {
         limit: Some(3),
         batch_size: 8,
         cutoff_len: 320,
-        device: "cpu".into(),
+        device: engine::Device::Cpu,
         dtype: trainer::config::DTypeName::F32,
         output: None,
         routing,
-        moe_impl: trainer::config::MoeImplName::Auto,
+        moe: Default::default(),
     };
     let plain = trainer::run::eval(&args(None)).unwrap();
     let with = trainer::run::eval(&args(Some(routing.clone()))).unwrap();
     assert_eq!(plain.to_json_pretty(), with.to_json_pretty());
     // The fused MoE path (the GPU default) scores the same answers as the naive one (the CPU's).
     let fused = trainer::run::eval(&trainer::config::EvalArgs {
-        moe_impl: trainer::config::MoeImplName::Fused,
+        moe: trainer::config::MoeArgs {
+            moe_impl: Some(model::MoeImpl::Fused(Default::default())),
+            ..Default::default()
+        },
         ..args(None)
     })
     .unwrap();
@@ -227,7 +230,7 @@ fn eval_writes_routing_statistics_per_task_and_layer() {
     // A plain LoRA adapter has no router.
     let lora_out = out_dir("routing-lora");
     let cfg = TrainConfig {
-        adapter: trainer::config::AdapterKind::Lora,
+        adapter: model::PeftType::Lora,
         ..small(&lora_out)
     };
     let ls = train(&cfg, |_| {}).unwrap();

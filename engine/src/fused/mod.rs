@@ -228,14 +228,16 @@ macro_rules! operands {
 /// cuda_expr)` binds `o` to the operands as CPU (or CUDA) storages and evaluates the matching
 /// expression, a `Result` of backend storages (one, a tuple, a `Vec`, an `Option` or `()`),
 /// wrapped back into [`Storage`]s by [`IntoStorage`]. The CUDA expression is compiled only with
-/// the `cuda` feature.
+/// the `cuda` feature. On the CPU the primitive's time goes into the op profile under `OP`
+/// (`crate::profile`; the GPU's launches are profiled where they are made).
 macro_rules! on_backend {
     ($op:expr, $args:expr, $o:ident => $cpu:expr, $cuda:expr $(,)?) => {{
         let args = $args;
         match args.device($op)? {
             $crate::Device::Cpu => {
                 let $o = args.cpu($op)?;
-                $cpu.map($crate::fused::IntoStorage::into_storage)
+                $crate::profile::timed(|| $op.into(), || $cpu)
+                    .map($crate::fused::IntoStorage::into_storage)
             }
             #[cfg(feature = "cuda")]
             $crate::Device::Cuda(_) => {

@@ -12,6 +12,9 @@ use crate::error::{file_name, Error, Result};
 pub const ATTN_MODULES: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
 pub const MLP_MODULES: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
 
+/// The kind of adapter. In `adapter_config.json` `MIXLORA` and `LORA`; on the command line and
+/// in the trainer's TOML ([`FromStr`](std::str::FromStr) and [`Display`](std::fmt::Display))
+/// `mixlora` and `lora`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeftType {
     /// A sparse mixture of LoRA experts in every FFN plus plain LoRA on the attention projections.
@@ -22,7 +25,36 @@ pub enum PeftType {
     Lora,
 }
 
-/// How the router picks experts.
+impl PeftType {
+    /// The command-line name: `mixlora` or `lora`.
+    pub fn name(self) -> &'static str {
+        match self {
+            PeftType::MixLora => "mixlora",
+            PeftType::Lora => "lora",
+        }
+    }
+}
+
+impl std::fmt::Display for PeftType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for PeftType {
+    type Err = String;
+    /// Parses `mixlora` or `lora`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        [PeftType::MixLora, PeftType::Lora]
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| format!("unknown adapter `{s}` (expected lora or mixlora)"))
+    }
+}
+
+/// How the router picks experts. In `adapter_config.json` (MoE-PEFT's names) `mixlora` and
+/// `mixlora-dynamic`; on the command line and in the trainer's TOML
+/// ([`FromStr`](std::str::FromStr) and [`Display`](std::fmt::Display)) `topk` and `topp`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RoutingStrategy {
     /// Top-k of `softmax(x W_rᵀ)`, weights renormalised over the k picks.
@@ -32,6 +64,33 @@ pub enum RoutingStrategy {
     /// `top_p` (the crossing one included); the weights are the raw probabilities.
     #[serde(rename = "mixlora-dynamic")]
     TopP,
+}
+
+impl RoutingStrategy {
+    /// The command-line name: `topk` or `topp`.
+    pub fn name(self) -> &'static str {
+        match self {
+            RoutingStrategy::TopK => "topk",
+            RoutingStrategy::TopP => "topp",
+        }
+    }
+}
+
+impl std::fmt::Display for RoutingStrategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for RoutingStrategy {
+    type Err = String;
+    /// Parses `topk` or `topp`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        [RoutingStrategy::TopK, RoutingStrategy::TopP]
+            .into_iter()
+            .find(|r| r.name() == s)
+            .ok_or_else(|| format!("unknown routing `{s}` (expected topk or topp)"))
+    }
 }
 
 /// The contents of `adapter_config.json`.
@@ -141,6 +200,22 @@ impl AdapterConfig {
         AdapterConfig {
             peft_type: PeftType::Lora,
             ..Self::mixlora_default()
+        }
+    }
+
+    /// [`Self::mixlora_default`] or [`Self::lora_default`].
+    pub fn default_for(peft_type: PeftType) -> Self {
+        AdapterConfig {
+            peft_type,
+            ..Self::mixlora_default()
+        }
+    }
+
+    /// The routing of the MixLoRA routers: the strategy with its parameter (`top_k` or `top_p`).
+    pub fn routing(&self) -> super::Routing {
+        match self.routing_strategy {
+            RoutingStrategy::TopK => super::Routing::TopK(self.top_k),
+            RoutingStrategy::TopP => super::Routing::TopP(self.top_p),
         }
     }
 

@@ -46,18 +46,56 @@ pub enum MoeImpl {
     Fused(engine::MoeFfnOptions),
 }
 
+impl MoeImpl {
+    /// The implementation for `device` when none is asked for: `Fused` on a GPU, `Naive` on the
+    /// CPU (where the fused op's reference kernels are slower than the loop).
+    pub fn for_device(device: engine::Device) -> MoeImpl {
+        match device {
+            engine::Device::Cpu => MoeImpl::Naive,
+            engine::Device::Cuda(_) => MoeImpl::Fused(engine::MoeFfnOptions::default()),
+        }
+    }
+
+    /// `self` with the fused path's options replaced by `opts` (the other implementations have
+    /// none).
+    pub fn with_fused_options(self, opts: engine::MoeFfnOptions) -> MoeImpl {
+        match self {
+            MoeImpl::Fused(_) => MoeImpl::Fused(opts),
+            other => other,
+        }
+    }
+
+    /// The command-line name: `naive`, `paper`, `grouped` or `fused` (without the fused path's
+    /// options).
+    pub fn name(self) -> &'static str {
+        match self {
+            MoeImpl::Naive => "naive",
+            MoeImpl::Paper => "paper",
+            MoeImpl::Grouped => "grouped",
+            MoeImpl::Fused(_) => "fused",
+        }
+    }
+}
+
+impl std::fmt::Display for MoeImpl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl std::str::FromStr for MoeImpl {
     type Err = String;
+    /// Parses `naive`, `paper`, `grouped` or `fused` (the fused path with default options).
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "naive" => Ok(MoeImpl::Naive),
-            "paper" => Ok(MoeImpl::Paper),
-            "grouped" => Ok(MoeImpl::Grouped),
-            "fused" => Ok(MoeImpl::Fused(engine::MoeFfnOptions::default())),
-            other => Err(format!(
-                "unknown MoE implementation `{other}` (expected naive, paper, grouped or fused)"
-            )),
-        }
+        let fused = MoeImpl::Fused(engine::MoeFfnOptions::default());
+        [MoeImpl::Naive, MoeImpl::Paper, MoeImpl::Grouped, fused]
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown MoE implementation `{s}` (expected naive, paper, grouped or fused)"
+                )
+            })
     }
 }
 

@@ -174,10 +174,7 @@ impl Adapters {
                     kind: ParamKind::Router,
                 };
                 let weight = get(&spec)?;
-                let routing = match cfg.routing_strategy {
-                    RoutingStrategy::TopK => Routing::TopK(cfg.top_k),
-                    RoutingStrategy::TopP => Routing::TopP(cfg.top_p),
-                };
+                let routing = cfg.routing();
                 let mut experts = Vec::with_capacity(cfg.num_experts);
                 for e in 0..cfg.num_experts {
                     let mut one = |m: &str| lora(&mut get, expert_prefix(l, m, e), m);

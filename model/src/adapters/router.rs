@@ -14,7 +14,10 @@ use engine::{DType, Device, Tensor};
 
 use crate::error::Result;
 
-/// Which experts a token goes to.
+/// Which experts a token goes to: the router's runtime form of a
+/// [`RoutingStrategy`](super::RoutingStrategy) with its parameter. The adapter file and the
+/// command line keep the strategy and `top_k` / `top_p` apart;
+/// [`AdapterConfig::routing`](super::AdapterConfig::routing) joins them.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Routing {
     /// The `k` most probable experts, weights renormalised.

@@ -10,6 +10,7 @@
 #[test]
 fn missing_gpu_is_a_clear_error() {
     use engine::{DType, Device, Tensor};
+    testutil::gpu::configure();
     let r = Tensor::zeros([4], DType::F32, Device::Cuda(0));
     match r {
         Ok(_) => eprintln!("a GPU is present: nothing to check here"),

@@ -9,7 +9,6 @@ mod elementwise;
 mod index;
 pub(crate) mod matmul;
 mod moe_fused;
-pub mod profile;
 mod random;
 mod reduce;
 mod rms_norm;
@@ -23,6 +22,7 @@ use half::bf16;
 use num_traits::Float;
 
 use crate::backend::{BackendStorage, BinaryOp, BlockCodes, CmpOp, MoeDims, ReduceOp, UnaryOp};
+use crate::profile;
 use crate::{DType, Device, Error, Layout, Result};
 
 pub use random::CpuDevice;

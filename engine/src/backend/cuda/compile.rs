@@ -2,21 +2,18 @@
 //! architecture. NVRTC needs no GPU, so CI runs [`compile_module`] for sm_90 on machines without
 //! one (tests/tests/cuda_nvrtc.rs).
 //!
-//! The include path (for `cuda_bf16.h`) is `$MIXLORA_CUDA_INCLUDE`, else `$CUDA_HOME/include`,
-//! `$CUDA_PATH/include`, then `/usr/local/cuda/include`: the first that exists.
-//!
-//! `$MIXLORA_NVRTC_OPTIONS` (whitespace-separated) adds options to every compilation: for
-//! tuning, `-D` values of the kernels' `#ifndef` parameters (e.g. `-DLM_CODES_UNROLL=2`)
-//! without a rebuild.
+//! The include folder (for `cuda_bf16.h`) and any extra NVRTC options (e.g. `-D` values of the
+//! kernels' `#ifndef` tuning parameters, to time variants without a rebuild) come from the
+//! process's [`CudaOptions`] ([`crate::configure_cuda`]).
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions};
 use kernels::KernelSource;
 
-use crate::{Error, Result};
+use crate::device::fixed_cuda_options;
+use crate::{CudaOptions, Error, Result};
 
 /// True when the NVRTC library can be loaded (it is found through `LD_LIBRARY_PATH`).
 pub fn nvrtc_available() -> bool {
@@ -24,35 +21,9 @@ pub fn nvrtc_available() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
-/// The folder with the CUDA headers NVRTC should search, when one is found.
-pub fn include_dir() -> Option<String> {
-    let from_env = |var: &str, suffix: &str| {
-        std::env::var(var)
-            .ok()
-            .filter(|v| !v.is_empty())
-            .map(|v| format!("{v}{suffix}"))
-    };
-    let candidates = [
-        from_env("MIXLORA_CUDA_INCLUDE", ""),
-        from_env("CUDA_HOME", "/include"),
-        from_env("CUDA_PATH", "/include"),
-        Some("/usr/local/cuda/include".to_string()),
-    ];
-    candidates
-        .into_iter()
-        .flatten()
-        .find(|d| Path::new(d).join("cuda_bf16.h").is_file())
-}
-
-/// The options of `$MIXLORA_NVRTC_OPTIONS`, whitespace-separated (none when unset).
-fn extra_options() -> Vec<String> {
-    std::env::var("MIXLORA_NVRTC_OPTIONS")
-        .map(|v| v.split_whitespace().map(str::to_string).collect())
-        .unwrap_or_default()
-}
-
-/// Compiles one kernel module to PTX for `arch` (e.g. `sm_90`). Errors carry the NVRTC log.
-pub fn compile_module(src: &KernelSource, arch: &str) -> Result<String> {
+/// Compiles one kernel module to PTX for `arch` (e.g. `sm_90`) with the include folder and extra
+/// options of `opts`. Errors carry the NVRTC log.
+pub fn compile_module(src: &KernelSource, arch: &str, opts: &CudaOptions) -> Result<String> {
     if !nvrtc_available() {
         return Err(Error::KernelCompile {
             module: src.name,
@@ -63,27 +34,34 @@ pub fn compile_module(src: &KernelSource, arch: &str) -> Result<String> {
                     .into(),
         });
     }
-    let include = include_dir();
-    let opts = CompileOptions {
-        include_paths: include.iter().cloned().collect(),
+    let include = opts.nvrtc_include_dir();
+    let nvrtc = CompileOptions {
+        include_paths: include.iter().map(|d| d.display().to_string()).collect(),
         options: [format!("--gpu-architecture={arch}"), "--std=c++17".into()]
             .into_iter()
-            .chain(extra_options())
+            .chain(opts.nvrtc_options.iter().cloned())
             .collect(),
         name: Some(format!("{}.cu", src.name)),
         ..Default::default()
     };
-    match compile_ptx_with_opts(src.source, opts) {
+    match compile_ptx_with_opts(src.source, nvrtc) {
         Ok(ptx) => Ok(ptx.to_src()),
         Err(e) => {
             let mut log = match e {
                 CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
                 other => format!("{other:?}"),
             };
-            if include.is_none() {
-                log.push_str(
-                    "\n(no folder with cuda_bf16.h was found: set MIXLORA_CUDA_INCLUDE or CUDA_HOME)",
-                );
+            match &include {
+                None => log.push_str(&format!(
+                    "\n(no cuda_bf16.h in {}: set the CUDA include folder, for the mixlora \
+                     binary MIXLORA_CUDA_INCLUDE or CUDA_HOME)",
+                    crate::DEFAULT_CUDA_INCLUDE
+                )),
+                Some(d) if !d.join("cuda_bf16.h").is_file() => log.push_str(&format!(
+                    "\n(the CUDA include folder {} has no cuda_bf16.h)",
+                    d.display()
+                )),
+                Some(_) => {}
             }
             Err(Error::KernelCompile {
                 module: src.name,
@@ -96,7 +74,8 @@ pub fn compile_module(src: &KernelSource, arch: &str) -> Result<String> {
 
 type PtxCache = Mutex<HashMap<(&'static str, String), Arc<String>>>;
 
-/// The PTX of `src` for `arch`, compiled on first use and cached for the process.
+/// The PTX of `src` for `arch`, compiled on first use with the process's CUDA options (which
+/// that fixes) and cached for the process.
 pub(crate) fn cached_ptx(src: &'static KernelSource, arch: &str) -> Result<Arc<String>> {
     static CACHE: OnceLock<PtxCache> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
@@ -106,7 +85,7 @@ pub(crate) fn cached_ptx(src: &'static KernelSource, arch: &str) -> Result<Arc<S
     if let Some(p) = map.get(&key) {
         return Ok(p.clone());
     }
-    let ptx = Arc::new(compile_module(src, arch)?);
+    let ptx = Arc::new(compile_module(src, arch, &fixed_cuda_options())?);
     map.insert(key, ptx.clone());
     Ok(ptx)
 }

@@ -1,6 +1,7 @@
 //! `CudaDevice`: one context and one stream per GPU, created on first use and cached per ordinal
 //! for the process; its kernel modules (compiled by NVRTC for its architecture), cuBLAS handle and
-//! caching allocator.
+//! caching allocator. The first device to start fixes the process's
+//! [`CudaOptions`](crate::CudaOptions).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -15,6 +16,7 @@ use kernels::KernelSource;
 
 use super::alloc::{bucket, Cache};
 use super::compile::cached_ptx;
+use crate::device::fixed_cuda_options;
 use crate::{Device, Error, Result};
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -32,9 +34,10 @@ pub(crate) struct DeviceInner {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     funcs: Mutex<HashMap<String, CudaFunction>>,
     cache: Mutex<Cache>,
-    /// `MIXLORA_CUDA_NO_CACHE=1`: every buffer is its own driver allocation of the exact size,
-    /// freed when dropped (after the stream drains), so that compute-sanitizer sees each buffer's
-    /// bounds and lifetime and reports only real leaks. Slow; for memcheck runs.
+    /// Without the caching allocator
+    /// ([`CudaOptions::caching_allocator`](crate::CudaOptions::caching_allocator) off): every
+    /// buffer is its own driver allocation of the exact size, freed when dropped (after the
+    /// stream drains).
     direct: bool,
 }
 
@@ -125,7 +128,7 @@ impl CudaDevice {
             modules: Mutex::new(HashMap::new()),
             funcs: Mutex::new(HashMap::new()),
             cache: Mutex::new(Cache::default()),
-            direct: std::env::var("MIXLORA_CUDA_NO_CACHE").is_ok_and(|v| v == "1"),
+            direct: !fixed_cuda_options().caching_allocator,
         })))
     }
 
@@ -139,8 +142,8 @@ impl CudaDevice {
     pub fn name(&self) -> String {
         self.0.ctx.name().unwrap_or_default()
     }
-    /// Whether freed buffers go back to the engine's cache (false with
-    /// `MIXLORA_CUDA_NO_CACHE=1`: every buffer is its own driver allocation, freed on drop).
+    /// Whether freed buffers go back to the engine's cache (false without the caching allocator:
+    /// every buffer is its own driver allocation, freed on drop).
     pub(crate) fn caches_buffers(&self) -> bool {
         !self.0.direct
     }
@@ -258,7 +261,7 @@ impl CudaDevice {
             });
         }
         self.bind(op)?;
-        let t0 = crate::backend::cpu::profile::enabled().then(std::time::Instant::now);
+        let t0 = crate::profile::enabled().then(std::time::Instant::now);
         // SAFETY: a plain allocation; the memory is only handed out as a raw device pointer.
         let ptr = match unsafe { result::malloc_sync(size) } {
             Ok(p) => p,
@@ -289,7 +292,7 @@ impl CudaDevice {
         };
         cache.note_alloc(size);
         if let Some(t0) = t0 {
-            crate::backend::cpu::profile::record("cuda cuMemAlloc (cache miss)", t0.elapsed());
+            crate::profile::record("cuda cuMemAlloc (cache miss)", t0.elapsed());
         }
         Ok(CudaBuffer {
             ptr,

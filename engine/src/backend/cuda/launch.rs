@@ -1,8 +1,9 @@
 //! The launch macro shared by the op files.
 //!
-//! With `MIXLORA_PROFILE=1` every launch is bracketed by stream synchronisations and its time
-//! added to the engine's op profile under the kernel's name (`crate::backend::cpu::profile`):
-//! slow, but it says where the GPU time goes without a profiler.
+//! With the op profile on ([`crate::profile`]), every launch is timed under its kernel's name:
+//! between two stream synchronisations ([`ProfileMode::Wall`](crate::profile::ProfileMode), slow,
+//! but it says where the GPU time goes without a profiler) or between two CUDA events
+//! ([`ProfileMode::GpuEvents`](crate::profile::ProfileMode), no waits).
 
 /// Launches kernel `$name` of module `$src` on `$dev`'s stream with the arguments `$arg`
 /// (identifiers, so that each lives until the launch). Expands to `Result<()>`; must be used in
@@ -38,7 +39,7 @@ thread_local! {
 /// name followed by `detail()` (called only when the profile is on): the profile then tells
 /// apart, say, the copies of different shapes.
 pub(crate) fn profile_detail(detail: impl FnOnce() -> String) -> Option<DetailGuard> {
-    if !crate::backend::cpu::profile::enabled() {
+    if !crate::profile::enabled() {
         return None;
     }
     DETAIL.with(|d| *d.borrow_mut() = Some(detail()));
@@ -69,14 +70,14 @@ static PENDING: Mutex<Vec<(String, GpuEvent, GpuEvent)>> = Mutex::new(Vec::new()
 const MAX_PENDING: usize = 1 << 17;
 
 /// Runs `launch` (queued work on `dev`'s stream), timing it under `name` when the profile is on:
-/// to completion between two synchronisations, or between two CUDA events with
-/// `MIXLORA_PROFILE=gpu` (read later by [`flush_events`]).
+/// to completion between two synchronisations, or between two CUDA events in the profile's
+/// GPU-events mode (read later by [`flush_events`]).
 pub(crate) fn profiled<R>(
     dev: &crate::backend::cuda::CudaDevice,
     name: &str,
     launch: impl FnOnce() -> crate::Result<R>,
 ) -> crate::Result<R> {
-    use crate::backend::cpu::profile;
+    use crate::profile;
     if !profile::enabled() {
         return launch();
     }
@@ -108,7 +109,7 @@ pub(crate) fn profiled<R>(
 /// Waits for the event-timed launches and adds each one's GPU time to the op profile, and the
 /// span from the first to the last to its GPU span (nothing when none are pending).
 pub(crate) fn flush_events() {
-    use crate::backend::cpu::profile;
+    use crate::profile;
     let pending = std::mem::take(&mut *lock(&PENDING));
     let (Some(first), Some(last)) = (pending.first(), pending.last()) else {
         return;

@@ -12,7 +12,7 @@ use super::cpu;
 #[cfg(feature = "cuda")]
 use super::cuda;
 use super::AdamWHyper;
-use crate::backend::cpu::{profile, CpuStorage};
+use crate::backend::cpu::CpuStorage;
 #[cfg(feature = "cuda")]
 use crate::backend::cuda::CudaStorage;
 use crate::backend::BackendStorage;
@@ -68,7 +68,7 @@ pub fn step(groups: &mut [AdamWGroup<'_, Storage>], h: &AdamWHyper) -> Result<()
     match dev {
         Device::Cpu => {
             let mut groups = backend_groups(groups, Storage::as_cpu_mut, Storage::as_cpu)?;
-            timed(OP, || cpu::adamw_step(&mut groups, h))
+            crate::profile::timed(|| OP.into(), || cpu::adamw_step(&mut groups, h))
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::adamw_step(
@@ -93,7 +93,7 @@ pub fn sum_squares(tensors: &[Operand<'_, Storage>]) -> Result<f64> {
         Device::Cpu => {
             let ts: Vec<Operand<'_, CpuStorage>> =
                 tensors.iter().map(|t| t.cpu(OP)).collect::<Result<_>>()?;
-            timed(OP, || cpu::sum_squares_multi(&ts))
+            crate::profile::timed(|| OP.into(), || cpu::sum_squares_multi(&ts))
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => {
@@ -133,9 +133,4 @@ fn backend_groups<'s, S>(
         out.push(AdamWGroup { param, slots });
     }
     Ok(out)
-}
-
-/// The CPU profile's time of `f` under `key` (`crate::backend::cpu::profile`).
-fn timed<R>(key: &'static str, f: impl FnOnce() -> R) -> R {
-    profile::timed(|| key.into(), f)
 }

@@ -11,7 +11,6 @@
 use super::cpu;
 #[cfg(feature = "cuda")]
 use super::cuda;
-use crate::backend::cpu::profile;
 use crate::fused::{on_backend, operands};
 use crate::{Result, Storage};
 
@@ -50,7 +49,7 @@ pub fn chunk_update(
     on_backend!(
         OP,
         o,
-        o => timed(OP, || cpu::chunk_update(o, v0, v_total, ignore_index)),
+        o => cpu::chunk_update(o, v0, v_total, ignore_index),
         cuda::chunk_update(o, v0, v_total, ignore_index)
     )
 }
@@ -67,12 +66,7 @@ pub fn chunk_backward(
     on_backend!(
         OP,
         o,
-        o => timed(OP, || cpu::chunk_backward(o, v0, ignore_index)),
+        o => cpu::chunk_backward(o, v0, ignore_index),
         cuda::chunk_backward(o, v0, ignore_index)
     )
-}
-
-/// The CPU profile's time of `f` under `key` (`crate::backend::cpu::profile`).
-fn timed<R>(key: &'static str, f: impl FnOnce() -> R) -> R {
-    profile::timed(|| key.into(), f)
 }

@@ -8,7 +8,6 @@
 use super::cpu;
 #[cfg(feature = "cuda")]
 use super::cuda;
-use crate::backend::cpu::profile;
 use crate::fused::{on_backend, operands};
 use crate::{Error, Layout, Result, Storage};
 
@@ -80,29 +79,29 @@ pub fn group(o: Group<'_, Storage>, num_experts: usize) -> Result<(Storage, Stor
     on_backend!(
         OP,
         o,
-        o => timed(OP, || cpu::group(o, num_experts)),
+        o => cpu::group(o, num_experts),
         cuda::group(o, num_experts)
     )
 }
 
 pub fn invert_perm(o: InvertPerm<'_, Storage>) -> Result<Storage> {
     const OP: &str = "moe_invert_perm";
-    on_backend!(OP, o, o => timed(OP, || cpu::invert_perm(o)), cuda::invert_perm(o))
+    on_backend!(OP, o, o => cpu::invert_perm(o), cuda::invert_perm(o))
 }
 
 pub fn permute(o: Permute<'_, Storage>, k: usize) -> Result<Storage> {
     const OP: &str = "moe_permute";
-    on_backend!(OP, o, o => timed(OP, || cpu::permute(o, k)), cuda::permute(o, k))
+    on_backend!(OP, o, o => cpu::permute(o, k), cuda::permute(o, k))
 }
 
 pub fn combine(o: Combine<'_, Storage>) -> Result<Storage> {
     const OP: &str = "moe_combine";
-    on_backend!(OP, o, o => timed(OP, || cpu::combine(o)), cuda::combine(o))
+    on_backend!(OP, o, o => cpu::combine(o), cuda::combine(o))
 }
 
 pub fn combine_dw(o: CombineDw<'_, Storage>, k: usize) -> Result<Storage> {
     const OP: &str = "moe_combine_dw";
-    on_backend!(OP, o, o => timed(OP, || cpu::combine_dw(o, k)), cuda::combine_dw(o, k))
+    on_backend!(OP, o, o => cpu::combine_dw(o, k), cuda::combine_dw(o, k))
 }
 
 pub fn grouped_matmul(o: GroupedMatmul<'_, Storage>, trans_w: bool) -> Result<Storage> {
@@ -110,7 +109,7 @@ pub fn grouped_matmul(o: GroupedMatmul<'_, Storage>, trans_w: bool) -> Result<St
     on_backend!(
         OP,
         o,
-        o => timed(OP, || cpu::grouped_matmul(o, trans_w)),
+        o => cpu::grouped_matmul(o, trans_w),
         cuda::grouped_matmul(o, trans_w)
     )
 }
@@ -120,14 +119,9 @@ pub fn grouped_matmul_dw(o: GroupedMatmulDw<'_, Storage>, num_experts: usize) ->
     on_backend!(
         OP,
         o,
-        o => timed(OP, || cpu::grouped_matmul_dw(o, num_experts)),
+        o => cpu::grouped_matmul_dw(o, num_experts),
         cuda::grouped_matmul_dw(o, num_experts)
     )
-}
-
-/// A CPU primitive's time in the engine's op profile, under its name.
-fn timed<R>(key: &'static str, f: impl FnOnce() -> R) -> R {
-    profile::timed(|| key.into(), f)
 }
 
 // ----- checks shared by the backends ---------------------------------------------------------

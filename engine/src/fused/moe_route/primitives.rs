@@ -7,7 +7,6 @@
 use super::cpu;
 #[cfg(feature = "cuda")]
 use super::cuda;
-use crate::backend::cpu::profile;
 use crate::fused::{on_backend, operands};
 use crate::{Error, Layout, Result, Storage};
 
@@ -35,7 +34,7 @@ pub fn route_topk(o: RouteTopk<'_, Storage>, k: usize) -> Result<(Storage, Stora
     on_backend!(
         OP,
         o,
-        o => timed(OP, || cpu::route_topk(o, k)),
+        o => cpu::route_topk(o, k),
         cuda::route_topk(o, k)
     )
 }
@@ -48,14 +47,9 @@ pub fn route_topk_backward(
     on_backend!(
         OP,
         o,
-        o => timed(OP, || cpu::route_topk_backward(o, num_experts)),
+        o => cpu::route_topk_backward(o, num_experts),
         cuda::route_topk_backward(o, num_experts)
     )
-}
-
-/// A CPU primitive's time in the engine's op profile, under its name.
-fn timed<R>(key: &'static str, f: impl FnOnce() -> R) -> R {
-    profile::timed(|| key.into(), f)
 }
 
 // ----- checks shared by the backends ---------------------------------------------------------

@@ -1,0 +1,287 @@
+//! The flags of `mixlora train` (which a TOML file gives too), `eval`, `generate` and `bench`.
+
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+
+use clap::Args;
+use engine::profile::ProfileMode;
+use engine::{Device, MoeFfnOptions, MoeKernels};
+use model::{MoeImpl, PeftType, RoutingStrategy};
+use serde::{Deserialize, Serialize};
+
+use super::words::{self, MoeImplChoice};
+use super::DTypeName;
+use crate::schedule::ScheduleKind;
+
+/// `skip_serializing_if` of a flag that is off unless given.
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// The settings of `mixlora train` that a TOML file (`--config`) or the flags give, each `None`
+/// (or empty, or false) unless given: [`resolve`](TrainArgs::resolve) lays them over the
+/// defaults of [`TrainConfig`](super::TrainConfig), whose field of the same name each one sets.
+/// The TOML keys are the field names (the flags with `_`).
+#[derive(Args, Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainArgs {
+    /// A TOML file with any of the settings below (keys: the flag names with `_`).
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Base model: GGUF file or Hugging Face folder [default: built-in tiny random LLaMA].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// `lora` (LoRA on q, k, v, o, gate, up, down) or `mixlora` (LoRA on attention, a sparse
+    /// mixture of LoRA experts on the FFN) [default: mixlora].
+    #[arg(long, value_name = "KIND")]
+    #[serde(with = "words::option", skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<PeftType>,
+    /// Training file (LLM-Adapters JSON); repeat for several tasks [default: synthetic tasks].
+    #[arg(long = "data")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub data: Vec<PathBuf>,
+    /// Evaluation file; repeat for several tasks.
+    #[arg(long = "eval-data")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub eval_data: Vec<PathBuf>,
+    /// Examples held out of the training files for evaluation [default: 0, none].
+    #[arg(long)]
+    pub val_set_size: Option<usize>,
+    /// At most this many questions per task in evaluation [default: all].
+    #[arg(long)]
+    pub eval_limit: Option<usize>,
+    #[arg(long, visible_alias = "out")]
+    pub out_dir: Option<PathBuf>,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Stop after this many optimizer steps, even within an epoch.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Effective batch size: examples per optimizer step.
+    #[arg(long, visible_alias = "batch")]
+    pub batch_size: Option<usize>,
+    /// Examples per forward pass; `batch_size / micro_batch_size` passes are accumulated.
+    #[arg(long, visible_alias = "micro-batch")]
+    pub micro_batch_size: Option<usize>,
+    /// Peak learning rate [default: 2e-4; 2e-3 for the built-in model without --config].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    #[arg(long)]
+    pub adam_beta1: Option<f64>,
+    #[arg(long)]
+    pub adam_beta2: Option<f64>,
+    #[arg(long)]
+    pub adam_eps: Option<f64>,
+    /// Global gradient-norm clipping threshold (0: no clipping).
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    #[arg(long, value_enum)]
+    pub schedule: Option<ScheduleKind>,
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    #[arg(long)]
+    pub warmup_ratio: Option<f64>,
+    /// Longest tokenised example (prompt + answer + EOS); longer ones are truncated.
+    #[arg(long)]
+    pub cutoff_len: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long)]
+    pub num_experts: Option<usize>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub rank: Option<usize>,
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// Scale LoRA by `alpha/√r` (rsLoRA) instead of `alpha/r`.
+    #[arg(long)]
+    pub rslora: Option<bool>,
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// How the MixLoRA router picks experts: `topk` (the `top_k` most probable, weights
+    /// renormalised) or `topp` (in order of probability until their sum passes `top_p`, no
+    /// renormalisation) [default: topk].
+    #[arg(long, value_name = "ROUTING")]
+    #[serde(with = "words::option", skip_serializing_if = "Option::is_none")]
+    pub routing: Option<RoutingStrategy>,
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    #[arg(long)]
+    pub aux_loss_coef: Option<f64>,
+    /// Standard deviation of the router's normal initialisation [default: 0.02].
+    #[arg(long)]
+    pub router_init_range: Option<f64>,
+    /// Evaluate every this many optimizer steps (0: only at the end).
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Save a checkpoint every this many optimizer steps (0: only at the end).
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Keep at most this many checkpoints (the newest).
+    #[arg(long)]
+    pub save_total_limit: Option<usize>,
+    /// Log a metrics line every this many optimizer steps.
+    #[arg(long)]
+    pub log_every: Option<usize>,
+    /// `cpu` (the default), `cuda` (the first GPU) or `cuda:N`.
+    #[arg(long)]
+    #[serde(with = "words::option", skip_serializing_if = "Option::is_none")]
+    pub device: Option<Device>,
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeName>,
+    /// Continue from the newest complete checkpoint in the output folder.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    pub resume: bool,
+    /// Recompute each decoder layer in the backward pass (less memory, one more forward).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    pub gradient_checkpointing: bool,
+    #[arg(
+        long,
+        value_name = "IMPL",
+        help = MOE_IMPL_HELP,
+        value_parser = words::parse::<MoeImplChoice>
+    )]
+    #[serde(with = "words::option", skip_serializing_if = "Option::is_none")]
+    pub moe_impl: Option<MoeImplChoice>,
+    #[arg(
+        long,
+        value_name = "KERNELS",
+        help = MOE_KERNELS_HELP,
+        value_parser = words::parse::<MoeKernels>
+    )]
+    #[serde(with = "words::option", skip_serializing_if = "Option::is_none")]
+    pub moe_kernels: Option<MoeKernels>,
+    #[arg(
+        long,
+        value_name = "N",
+        help = MOE_CHUNK_HELP,
+        value_parser = words::parse::<NonZeroUsize>
+    )]
+    pub moe_chunk_tokens: Option<NonZeroUsize>,
+}
+
+/// The help of the MoE flags, which `train` shares with other commands (with the defaults in
+/// words: `train`'s flags have none that clap knows, the settings' defaults being
+/// [`TrainConfig`](super::TrainConfig)'s).
+const MOE_IMPL_HELP: &str = "How MixLoRA FFNs are computed: `auto` (the default: fused on a \
+    GPU, naive on the CPU), `naive`, `paper`, `grouped` or `fused`";
+const MOE_KERNELS_HELP: &str = "The fused MoE FFN's kernels: `gemms` (the default: dense GEMMs \
+    over block codes, any device and dtype) or `tiles` (the tensor-core tile kernels where they \
+    serve the sizes: CUDA, bf16)";
+const MOE_CHUNK_HELP: &str = "Tokens per chunk of the fused MoE FFN, whose per-slot tensors \
+    exist for one chunk at a time (default: the fewest even chunks under a size cap)";
+
+/// The fused MoE FFN's options (`--moe-kernels`, `--moe-chunk-tokens`).
+#[derive(Args, Debug, Clone, Copy, Default, PartialEq)]
+pub struct FusedMoeArgs {
+    #[arg(
+        long,
+        value_name = "KERNELS",
+        help = MOE_KERNELS_HELP,
+        default_value = "gemms",
+        hide_default_value = true,
+        value_parser = words::parse::<MoeKernels>
+    )]
+    pub moe_kernels: MoeKernels,
+    #[arg(
+        long,
+        value_name = "N",
+        help = MOE_CHUNK_HELP,
+        value_parser = words::parse::<NonZeroUsize>
+    )]
+    pub moe_chunk_tokens: Option<NonZeroUsize>,
+}
+
+impl FusedMoeArgs {
+    /// The options of the fused MoE FFN.
+    pub fn options(&self) -> MoeFfnOptions {
+        MoeFfnOptions {
+            kernels: self.moe_kernels,
+            chunk_tokens: self.moe_chunk_tokens.map(NonZeroUsize::get),
+        }
+    }
+}
+
+/// How MixLoRA FFNs are computed (`--moe-impl` and the fused path's options).
+#[derive(Args, Debug, Clone, Copy, Default, PartialEq)]
+pub struct MoeArgs {
+    #[arg(
+        long,
+        value_name = "IMPL",
+        help = MOE_IMPL_HELP,
+        default_value = "auto",
+        hide_default_value = true,
+        value_parser = words::parse::<MoeImplChoice>
+    )]
+    pub moe_impl: MoeImplChoice,
+    #[command(flatten)]
+    pub fused: FusedMoeArgs,
+}
+
+impl MoeArgs {
+    /// The implementation on `device`.
+    pub fn moe_impl(&self, device: Device) -> MoeImpl {
+        super::moe_impl(self.moe_impl, self.fused.options(), device)
+    }
+}
+
+/// The engine's op profile (`--profile`, `--profile-rows`).
+#[derive(Args, Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProfileArgs {
+    /// Time every backend op and print where the time went: `off`, `wall` (each op; on a GPU
+    /// each kernel between two synchronisations) or `gpu` (each GPU kernel between two CUDA
+    /// events, without waits, and the GPU's span) [default: $MIXLORA_PROFILE, else off].
+    #[arg(long, value_name = "MODE")]
+    pub profile: Option<ProfileMode>,
+    /// Rows of the profile printed (the longest ops) [default: $MIXLORA_PROFILE_ROWS, else 45].
+    #[arg(long, value_name = "N")]
+    pub profile_rows: Option<usize>,
+}
+
+impl ProfileArgs {
+    /// The rows of a printed profile.
+    pub fn rows(&self) -> usize {
+        self.profile_rows.unwrap_or(45)
+    }
+}
+
+/// Flags of `mixlora eval`.
+#[derive(Args, Debug, Clone)]
+pub struct EvalArgs {
+    /// Base model: GGUF file or Hugging Face folder [default: built-in tiny random LLaMA].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// An adapter folder (adapter_config.json + adapter_model.safetensors) or a checkpoint.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Evaluation file (LLM-Adapters JSON); repeat for several tasks [default: synthetic tasks].
+    #[arg(long = "data")]
+    pub data: Vec<PathBuf>,
+    /// At most this many questions per task.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 512)]
+    pub cutoff_len: usize,
+    /// `cpu`, `cuda` (the first GPU) or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+    #[arg(long, value_enum, default_value_t = DTypeName::F32)]
+    pub dtype: DTypeName,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Also write, per task and per MoE layer, the share of (token, slot) pairs each expert
+    /// received over the real tokens of the evaluated candidates (JSON).
+    #[arg(long)]
+    pub routing: Option<PathBuf>,
+    #[command(flatten)]
+    pub moe: MoeArgs,
+}

@@ -1,0 +1,387 @@
+//! Every training setting, in one `TrainConfig`: defaults, then a TOML file (`--config`), then
+//! command-line flags, each overriding the one before. Unknown TOML keys are an error naming the
+//! key, the file and the line; validation errors are one line.
+//!
+//! Relative paths in a TOML file are taken relative to the file's folder; on the command line,
+//! relative to the current folder.
+//!
+//! Each setting is declared twice, under one name that is also its TOML key: in [`TrainConfig`]
+//! with its type and default, and in [`TrainArgs`] with its flag and help. A TOML file and the
+//! flags both fill a `TrainArgs`; the settings each one gives are laid over each other and over
+//! the defaults by name (through serde), so no third list of the fields exists. Settings spelled
+//! as words (device, adapter, routing, MoE implementation and kernels) have one parser each,
+//! shared by clap and serde ([`words`]).
+
+mod args;
+#[cfg(test)]
+mod tests;
+pub mod words;
+
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+
+use engine::{DType, Device, MoeFfnOptions, MoeKernels};
+use model::{MoeImpl, PeftType, RoutingStrategy};
+use serde::{Deserialize, Serialize};
+
+pub use args::{EvalArgs, FusedMoeArgs, MoeArgs, ProfileArgs, TrainArgs};
+pub use words::MoeImplChoice;
+
+use crate::error::{Error, Result};
+use crate::optim::AdamWConfig;
+use crate::schedule::{ScheduleKind, Warmup};
+
+/// The dtype of the frozen base weights (adapters are always f32): the base dtypes the trainer
+/// supports, a choice among the engine's [`DType`]s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DTypeName {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl DTypeName {
+    pub fn dtype(self) -> DType {
+        match self {
+            DTypeName::F32 => DType::F32,
+            DTypeName::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// The learning rate of the embedded default job (built-in tiny random model, no config file).
+pub const BUILTIN_MODEL_LR: f64 = 2e-3;
+
+/// The MoE implementation a run uses on `device`: `choice` (`None`: `auto`, which the device
+/// decides), the fused path with the options `fused`.
+pub fn moe_impl(choice: MoeImplChoice, fused: MoeFfnOptions, device: Device) -> MoeImpl {
+    choice
+        .unwrap_or_else(|| MoeImpl::for_device(device))
+        .with_fused_options(fused)
+}
+
+/// A struct whose fields are written once, each with its default: the struct and its `Default`.
+macro_rules! with_defaults {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $( $(#[$fmeta:meta])* pub $field:ident : $ty:ty = $default:expr, )*
+        }
+    ) => {
+        $(#[$meta])*
+        pub struct $name {
+            $( $(#[$fmeta])* pub $field: $ty, )*
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                $name { $( $field: $default, )* }
+            }
+        }
+    };
+}
+
+with_defaults! {
+    /// All settings of `mixlora train`, resolved: what a run uses and what it records in
+    /// `train_config.toml`. The TOML keys are the field names; each setting's meaning is the help
+    /// of its flag ([`TrainArgs`]).
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    #[serde(default)]
+    pub struct TrainConfig {
+        /// None: the built-in tiny random LLaMA with the byte-level tokenizer of `synthetic`.
+        pub model: Option<PathBuf> = None,
+        #[serde(with = "words")]
+        pub adapter: PeftType = PeftType::MixLora,
+        /// Empty: the synthetic tasks.
+        pub data: Vec<PathBuf> = Vec::new(),
+        pub eval_data: Vec<PathBuf> = Vec::new(),
+        pub val_set_size: usize = 0,
+        pub eval_limit: Option<usize> = None,
+        pub out_dir: PathBuf = PathBuf::from("out"),
+        pub epochs: usize = 2,
+        pub max_steps: Option<usize> = None,
+        pub batch_size: usize = 16,
+        pub micro_batch_size: usize = 8,
+        pub lr: f64 = 2e-4,
+        pub weight_decay: f64 = 0.01,
+        pub adam_beta1: f64 = 0.9,
+        pub adam_beta2: f64 = 0.999,
+        pub adam_eps: f64 = 1e-8,
+        pub max_grad_norm: f64 = 1.0,
+        pub schedule: ScheduleKind = ScheduleKind::Linear,
+        pub warmup_steps: Option<usize> = None,
+        pub warmup_ratio: Option<f64> = None,
+        pub cutoff_len: usize = 512,
+        pub seed: u64 = 42,
+        pub num_experts: usize = 8,
+        pub top_k: usize = 2,
+        pub rank: usize = 16,
+        pub alpha: f64 = 32.0,
+        pub rslora: bool = false,
+        pub dropout: f64 = 0.05,
+        #[serde(with = "words")]
+        pub routing: RoutingStrategy = RoutingStrategy::TopK,
+        pub top_p: f64 = 0.8,
+        pub aux_loss_coef: f64 = 0.001,
+        pub router_init_range: f64 = 0.02,
+        pub eval_every: usize = 0,
+        pub save_every: usize = 0,
+        pub save_total_limit: usize = 3,
+        pub log_every: usize = 1,
+        #[serde(with = "words")]
+        pub device: Device = Device::Cpu,
+        pub dtype: DTypeName = DTypeName::F32,
+        pub resume: bool = false,
+        pub gradient_checkpointing: bool = false,
+        /// `None`: `auto` ([`MoeImpl::for_device`]). The fused path's options are
+        /// `moe_kernels` and `moe_chunk_tokens` ([`TrainConfig::moe`]).
+        #[serde(with = "words")]
+        pub moe_impl: MoeImplChoice = None,
+        #[serde(with = "words")]
+        pub moe_kernels: MoeKernels = MoeKernels::BlockGemms,
+        pub moe_chunk_tokens: Option<NonZeroUsize> = None,
+    }
+}
+
+/// The line (1-based) of byte offset `at` in `text`.
+fn line_of(text: &str, at: usize) -> usize {
+    text.get(..at).unwrap_or(text).matches('\n').count() + 1
+}
+
+/// The settings `s` gives, by TOML key (those it leaves out are absent).
+fn given(s: &TrainArgs) -> Result<toml::Table> {
+    match toml::Table::try_from(s) {
+        Ok(t) => Ok(t),
+        Err(e) => Err(Error::Config(format!("cannot lay the settings over: {e}"))),
+    }
+}
+
+impl TrainArgs {
+    /// Parses TOML text into the settings it gives; `file` names it in errors. Relative paths
+    /// stay as written.
+    pub fn from_toml_str(file: &str, text: &str) -> Result<TrainArgs> {
+        toml::from_str(text).map_err(|e| {
+            let mut msg = e.message().trim().to_string();
+            // "unknown field `x`, expected one of `a`, `b`, ..." -> "unknown key `x`"
+            if let Some(rest) = msg.strip_prefix("unknown field ") {
+                msg = format!("unknown key {}", rest.split(',').next().unwrap_or(rest));
+            }
+            let msg = match e.span() {
+                Some(s) => format!("line {}: {msg}", line_of(text, s.start)),
+                None => msg,
+            };
+            Error::ConfigFile {
+                file: file.to_string(),
+                msg: msg.replace('\n', " "),
+            }
+        })
+    }
+
+    /// Reads a TOML file; its relative paths are resolved against the file's folder.
+    pub fn from_toml_file(path: &Path) -> Result<TrainArgs> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let mut s = Self::from_toml_str(&path.display().to_string(), &text)?;
+        let base = path.parent().unwrap_or(Path::new(""));
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        s.model.iter_mut().for_each(fix);
+        s.data.iter_mut().for_each(fix);
+        s.eval_data.iter_mut().for_each(fix);
+        s.out_dir.iter_mut().for_each(fix);
+        Ok(s)
+    }
+
+    /// Defaults, then the `--config` file, then the flags; validated.
+    pub fn resolve(self) -> Result<TrainConfig> {
+        let mut settings = match &self.config {
+            Some(p) => given(&TrainArgs::from_toml_file(p)?)?,
+            None => toml::Table::new(),
+        };
+        let flags = given(&self)?;
+        // A warmup flag replaces the file's warmup of either kind.
+        if flags.contains_key("warmup_steps") || flags.contains_key("warmup_ratio") {
+            settings.remove("warmup_steps");
+            settings.remove("warmup_ratio");
+        }
+        settings.extend(flags);
+        // The embedded default (no file, no model): a frozen random tiny model learns only through
+        // its adapters and needs a larger step than the real-model default.
+        if self.config.is_none() && self.model.is_none() && self.lr.is_none() {
+            settings.insert("lr".into(), BUILTIN_MODEL_LR.into());
+        }
+        let c = TrainConfig::over_defaults(settings)?;
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+impl TrainConfig {
+    /// The defaults with `settings` (by TOML key) laid over them.
+    fn over_defaults(settings: toml::Table) -> Result<TrainConfig> {
+        settings
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::Config(e.message().trim().replace('\n', " ")))
+    }
+
+    /// The defaults with the settings of a TOML text laid over them (not validated); `file`
+    /// names it in errors.
+    pub fn from_toml_str(file: &str, text: &str) -> Result<TrainConfig> {
+        Self::over_defaults(given(&TrainArgs::from_toml_str(file, text)?)?)
+    }
+
+    /// The configuration as TOML (written beside the checkpoints).
+    pub fn to_toml_string(&self) -> Result<String> {
+        toml::to_string(self).map_err(|e| Error::Config(format!("cannot serialise: {e}")))
+    }
+
+    /// Checks the settings that their types do not and their combinations; the first problem
+    /// is a one-line error.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::Config(msg));
+        if self.batch_size == 0 || self.micro_batch_size == 0 {
+            return bad("batch_size and micro_batch_size must be at least 1".into());
+        }
+        if self.batch_size % self.micro_batch_size != 0 {
+            return bad(format!(
+                "micro_batch_size {} does not divide batch_size {}",
+                self.micro_batch_size, self.batch_size
+            ));
+        }
+        if self.epochs == 0 && self.max_steps.is_none() {
+            return bad("epochs is 0 and max_steps is not set: nothing to train".into());
+        }
+        if self.max_steps == Some(0) {
+            return bad("max_steps must be at least 1".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(format!("lr {} must be a positive number", self.lr));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad(format!("weight_decay {} must be >= 0", self.weight_decay));
+        }
+        for (k, b) in [
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+        ] {
+            if !(0.0..1.0).contains(&b) {
+                return bad(format!("{k} {b} is not in [0, 1)"));
+            }
+        }
+        if !(self.adam_eps.is_finite() && self.adam_eps > 0.0) {
+            return bad(format!("adam_eps {} must be > 0", self.adam_eps));
+        }
+        if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
+            return bad(format!(
+                "max_grad_norm {} must be >= 0 (0: no clipping)",
+                self.max_grad_norm
+            ));
+        }
+        if self.warmup_steps.is_some() && self.warmup_ratio.is_some() {
+            return bad("set warmup_steps or warmup_ratio, not both".into());
+        }
+        if let Some(r) = self.warmup_ratio {
+            if !(0.0..=1.0).contains(&r) {
+                return bad(format!("warmup_ratio {r} is not in [0, 1]"));
+            }
+        }
+        if self.cutoff_len < 2 {
+            return bad(format!("cutoff_len {} must be at least 2", self.cutoff_len));
+        }
+        if self.rank == 0 {
+            return bad("rank must be at least 1".into());
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return bad(format!("alpha {} must be > 0", self.alpha));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad(format!("dropout {} is not in [0, 1)", self.dropout));
+        }
+        if self.adapter == PeftType::MixLora {
+            if self.num_experts == 0 {
+                return bad("num_experts must be at least 1".into());
+            }
+            if self.routing == RoutingStrategy::TopK
+                && !(1..=self.num_experts).contains(&self.top_k)
+            {
+                return bad(format!(
+                    "top_k {} is not in 1..={} (num_experts)",
+                    self.top_k, self.num_experts
+                ));
+            }
+            if self.routing == RoutingStrategy::TopP && !(self.top_p > 0.0 && self.top_p <= 1.0) {
+                return bad(format!("top_p {} is not in (0, 1]", self.top_p));
+            }
+            if !(self.aux_loss_coef.is_finite() && self.aux_loss_coef >= 0.0) {
+                return bad(format!("aux_loss_coef {} must be >= 0", self.aux_loss_coef));
+            }
+            if !(self.router_init_range.is_finite() && self.router_init_range >= 0.0) {
+                return bad(format!(
+                    "router_init_range {} must be >= 0",
+                    self.router_init_range
+                ));
+            }
+        }
+        if self.log_every == 0 {
+            return bad("log_every must be at least 1".into());
+        }
+        if self.save_total_limit == 0 {
+            return bad("save_total_limit must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Micro-batches per optimizer step.
+    pub fn grad_accum(&self) -> usize {
+        self.batch_size / self.micro_batch_size.max(1)
+    }
+
+    /// Optimizer steps of the run: `epochs` epochs of `steps_per_epoch`, capped by `max_steps`
+    /// (which alone decides when `epochs` is 0).
+    pub fn total_steps(&self, steps_per_epoch: usize) -> usize {
+        let by_epochs = self.epochs * steps_per_epoch;
+        match self.max_steps {
+            Some(m) if self.epochs == 0 => m,
+            Some(m) => m.min(by_epochs),
+            None => by_epochs,
+        }
+    }
+
+    pub fn warmup(&self) -> Warmup {
+        match (self.warmup_steps, self.warmup_ratio) {
+            (Some(n), _) => Warmup::Steps(n),
+            (None, Some(r)) => Warmup::Ratio(r),
+            (None, None) => Warmup::Steps(0),
+        }
+    }
+
+    /// The MoE implementation of the run, on its device, with its fused-path options.
+    pub fn moe(&self) -> MoeImpl {
+        let fused = FusedMoeArgs {
+            moe_kernels: self.moe_kernels,
+            moe_chunk_tokens: self.moe_chunk_tokens,
+        };
+        moe_impl(self.moe_impl, fused.options(), self.device)
+    }
+
+    /// The LoRA scale `alpha/r`, or `alpha/√r` with rsLoRA.
+    pub fn lora_scale(&self) -> f64 {
+        if self.rslora {
+            self.alpha / (self.rank as f64).sqrt()
+        } else {
+            self.alpha / self.rank as f64
+        }
+    }
+
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig {
+            beta1: self.adam_beta1,
+            beta2: self.adam_beta2,
+            eps: self.adam_eps,
+            weight_decay: self.weight_decay,
+        }
+    }
+}
