@@ -380,7 +380,7 @@ pub trait BackendStorage: Sized + Send + Sync {
     fn moe_swiglu_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>>;
 
     // The same FFN on the tensor cores in three kernels that never write a `[T·k, I]` tensor
-    // (CUDA, bf16 base; see `kernels/src/moe_tiles.cu`). Codes come per slot, `[T·k, r]` base,
+    // (CUDA, bf16 base; see `kernels/src/moe_ffn_tiles.cu`). Codes come per slot, `[T·k, r]` base,
     // already scaled; `B_g,all`, `B_u,all` `[I, E·r]` and `A_d,all` `[E·r, I]` base. Backends
     // without them keep the defaults: unsupported, and the op runs the block-code GEMM path.
 

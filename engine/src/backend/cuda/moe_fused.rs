@@ -1,4 +1,4 @@
-//! Launchers of the fused MixLoRA FFN kernels (module `MOE_FUSED` of `mixlora-kernels`; the
+//! Launchers of the fused MixLoRA FFN kernels (module `MOE_FFN` of `mixlora-kernels`; the
 //! operands and results of each are documented on the `BackendStorage` methods). `G` and `U` are
 //! read in place through their row stride (they are column halves of one `[T, 2I]` product);
 //! every other operand is copied when it is not contiguous. Every operand's element count is
@@ -6,7 +6,7 @@
 //! (the op takes them from its top-k; the CPU backend checks them).
 
 use cudarc::driver::LaunchConfig;
-use kernels::MOE_FUSED;
+use kernels::MOE_FFN;
 
 use super::launch::launch;
 use super::layout::{to_u32, to_u32s};
@@ -18,7 +18,7 @@ pub(super) type Args<'a> = [(&'a CudaStorage, &'a Layout)];
 
 /// Threads per block of the SwiGLU kernels (a multiple of 32: the block reductions need it).
 const THREADS: u32 = 256;
-/// The most slots per token the kernels' per-thread arrays hold (`MOE_MAX_K` in moe_fused.cu).
+/// The most slots per token the kernels' per-thread arrays hold (`MOE_MAX_K` in moe_ffn.cu).
 const MAX_K: usize = 8;
 
 /// What an operand is.
@@ -225,7 +225,7 @@ fn move_codes(args: &Args<'_>, d: &MoeDims, which: Codes) -> Result<Vec<CudaStor
         launch!(
             &o.dev,
             op,
-            MOE_FUSED,
+            MOE_FFN,
             name,
             CudaDevice::grid(out_len),
             [t32, k32, e32, r32, flag32, input, ids, po]
@@ -276,7 +276,7 @@ pub(crate) fn block_codes(
         launch!(
             &o.dev,
             OP,
-            MOE_FUSED,
+            MOE_FFN,
             name,
             CudaDevice::grid(out_rows * er),
             [t32, k32, e32, r32, summed, scale, src, ids, w, po]
@@ -330,7 +330,7 @@ pub(crate) fn swiglu_forward(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaSto
         launch!(
             &o.dev,
             OP,
-            MOE_FUSED,
+            MOE_FFN,
             name,
             per_token(t),
             [t32, k32, i32_, t0, g, ldg, u, ldu, dg, du, w, pa, pm, pdrop, keep, seed]
@@ -380,7 +380,7 @@ pub(crate) fn swiglu_backward(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaSt
         launch!(
             &o.dev,
             OP,
-            MOE_FUSED,
+            MOE_FFN,
             name,
             per_token(t),
             [

@@ -1,11 +1,11 @@
-//! Launchers of the tensor-core fused MixLoRA FFN kernels (`moe_tiles_*` of module `MOE_FUSED`,
-//! kernels/src/moe_tiles.cu; the operands and results are documented on the `BackendStorage`
+//! Launchers of the tensor-core fused MixLoRA FFN kernels (`moe_tiles_*` of module `MOE_FFN`,
+//! kernels/src/moe_ffn_tiles.cu; the operands and results are documented on the `BackendStorage`
 //! methods). They serve a bf16 base with `k` in {1, 2, 4, 8}, `E·r ≤ 128` a multiple of 8 and
 //! `I` a multiple of 8 ([`supported`]); the op runs the block-code GEMM path otherwise.
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::LaunchConfig;
-use kernels::MOE_FUSED;
+use kernels::MOE_FFN;
 
 use super::launch::launch;
 use super::layout::{to_u32, to_u32s};
@@ -14,7 +14,7 @@ use super::{CudaDevice, CudaStorage};
 use crate::backend::MoeDims;
 use crate::{DType, Error, Result};
 
-/// Slot rows of a tile and columns of `I` a step (`MT_ROWS`, `MT_COLS` in moe_tiles.cu).
+/// Slot rows of a tile and columns of `I` a step (`MT_ROWS`, `MT_COLS` in moe_ffn_tiles.cu).
 const ROWS: usize = 64;
 const COLS: usize = 32;
 /// The widest `E·r` the kernels hold (`MT_ER`).
@@ -23,7 +23,7 @@ const THREADS: u32 = 256;
 
 /// Operand tiles in flight (`MT_STAGES`).
 const STAGES: usize = 3;
-// Shared memory of each kernel, in bytes: the tile sizes of moe_tiles.cu.
+// Shared memory of each kernel, in bytes: the tile sizes of moe_ffn_tiles.cu.
 const CODE_BYTES: usize = ROWS * (MAX_ER + 8) * 2;
 const BT_BYTES: usize = COLS * (MAX_ER + 8) * 2;
 const AD_BYTES: usize = MAX_ER * (COLS + 8) * 2;
@@ -94,7 +94,7 @@ fn config(
     blocks: usize,
     smem: usize,
 ) -> Result<LaunchConfig> {
-    let f = dev.func(&MOE_FUSED, name)?;
+    let f = dev.func(&MOE_FFN, name)?;
     f.set_attribute(
         CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
         smem as i32,
@@ -149,7 +149,7 @@ pub(crate) fn forward(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> 
         launch!(
             &o.dev,
             OP,
-            MOE_FUSED,
+            MOE_FFN,
             name,
             cfg,
             [
@@ -212,7 +212,7 @@ pub(crate) fn rows(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> {
         launch!(
             &o.dev,
             OP,
-            MOE_FUSED,
+            MOE_FFN,
             name,
             cfg,
             [
@@ -246,7 +246,7 @@ pub(crate) fn cols(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> {
         launch!(
             &o.dev,
             OP,
-            MOE_FUSED,
+            MOE_FFN,
             name,
             cfg,
             [
