@@ -18,6 +18,10 @@ pub use autograd::{backward_many, checkpoint, grad_enabled, no_grad, CheckpointF
 pub use device::Device;
 pub use dtype::{DType, WithDType};
 pub use error::{Error, Result};
+pub use fused::moe_ffn::{
+    default_chunk_tokens, moe_ffn, moe_fused_runs_tiles, MoeDropout, MoeFfnOptions,
+    MoeFusedWeights, MoeKernels, MoeRouting,
+};
 pub use ops::*;
 pub use shape::{Layout, Shape, StridedIndex};
 pub use storage::Storage;

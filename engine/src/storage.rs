@@ -5,8 +5,8 @@ use crate::backend::cpu::{CpuDevice, CpuStorage};
 #[cfg(feature = "cuda")]
 use crate::backend::cuda::{CudaDevice, CudaStorage};
 use crate::backend::{
-    AdamWGroup, AdamWHyper, AdamWSlot, BackendDevice, BackendStorage, BinaryOp, BlockCodes, CmpOp,
-    MoeDims, ReduceOp, UnaryOp,
+    AdamWGroup, AdamWHyper, AdamWSlot, BackendDevice, BackendStorage, BinaryOp, CmpOp, ReduceOp,
+    UnaryOp,
 };
 use crate::{DType, Device, Error, Layout, Result, Shape};
 
@@ -217,29 +217,6 @@ fn cuda_args<'a>(args: &[(&'a Storage, &'a Layout)]) -> Vec<(&'a CudaStorage, &'
             _ => None,
         })
         .collect()
-}
-
-/// Dispatches an op over a list of `(storage, layout)` operands that must all live on one
-/// backend; returns the backend's list of results wrapped back into `Storage`s.
-macro_rules! many {
-    ($op:literal, $method:ident, $args:ident, $d:ident $(, $extra:ident)*) => {{
-        let Some(first) = one_device($op, $args)? else {
-            return Err(Error::invalid($op, "no operands"));
-        };
-        match first {
-            Storage::Cpu(_) => {
-                let out =
-                    <CpuStorage as BackendStorage>::$method(&cpu_args($args), $d $(, $extra)*)?;
-                Ok(out.into_iter().map(Storage::Cpu).collect())
-            }
-            #[cfg(feature = "cuda")]
-            Storage::Cuda(_) => {
-                let out =
-                    <CudaStorage as BackendStorage>::$method(&cuda_args($args), $d $(, $extra)*)?;
-                Ok(out.into_iter().map(Storage::Cuda).collect())
-            }
-        }
-    }};
 }
 
 impl BackendStorage for Storage {
@@ -649,44 +626,6 @@ impl BackendStorage for Storage {
                 Err(mismatch(OP, x, other))
             }
         }
-    }
-    fn moe_gather_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        many!("moe_gather_codes", moe_gather_codes, args, d)
-    }
-    fn moe_expand_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        many!("moe_expand_codes", moe_expand_codes, args, d)
-    }
-    fn moe_expand_codes_summed(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        many!("moe_expand_codes_summed", moe_expand_codes_summed, args, d)
-    }
-    fn moe_block_codes(
-        args: &[(&Self, &Layout)],
-        d: &MoeDims,
-        how: &BlockCodes,
-    ) -> Result<Vec<Self>> {
-        many!("moe_block_codes", moe_block_codes, args, d, how)
-    }
-    fn moe_swiglu_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        many!("moe_swiglu_forward", moe_swiglu_forward, args, d)
-    }
-    fn moe_swiglu_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        many!("moe_swiglu_backward", moe_swiglu_backward, args, d)
-    }
-    fn moe_tiles_supported(&self, d: &MoeDims) -> bool {
-        match self {
-            Storage::Cpu(s) => s.moe_tiles_supported(d),
-            #[cfg(feature = "cuda")]
-            Storage::Cuda(s) => s.moe_tiles_supported(d),
-        }
-    }
-    fn moe_tiles_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        many!("moe_tiles_forward", moe_tiles_forward, args, d)
-    }
-    fn moe_tiles_rows(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        many!("moe_tiles_rows", moe_tiles_rows, args, d)
-    }
-    fn moe_tiles_cols(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        many!("moe_tiles_cols", moe_tiles_cols, args, d)
     }
 }
 

@@ -1,7 +1,7 @@
 // The fused MixLoRA FFN on the tensor cores, for a bf16 base: the rank-r expansions, the SwiGLU
 // over the slots and the rank-r projections of one tile of slots in one kernel, so that no
 // [T·K, I] tensor is ever written. Follows moe_ffn.cu in the same module (it uses MoeDrop,
-// moe_sigmoid and moe_slot_grads); the maths is in engine/src/ops/moe_fused.rs.
+// moe_sigmoid and moe_slot_grads); the maths is in engine/src/fused/moe_ffn/.
 //
 // Slot rows p = t·K + j (t < T tokens of this chunk, K slots a token), expert ids[p] < E, rank R,
 // ER = E·R ≤ MT_ER, a multiple of 8; I a multiple of 8; K one of 1, 2, 4, 8 (a token's slots

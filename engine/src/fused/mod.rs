@@ -15,13 +15,14 @@
 //! The units:
 //! - [`lora`]: the LoRA projection `y + s · (drop(x) Aᵀ) Bᵀ` keeping only the rank-r codes;
 //!   also the LoRA-A products of many adapters at once that the MixLoRA FFN runs on;
-//! - `moe_ffn`: the fused MixLoRA FFN;
+//! - [`moe_ffn`]: the fused MixLoRA FFN (the `fused` method of docs/DESIGN.md);
 //! - `moe_route`: the router's top-k;
 //! - `moe_grouped`: grouping (token, slot) pairs by expert and grouped matmuls;
 //! - `linear_cross_entropy`: the chunked linear cross-entropy;
 //! - `adamw`: the multi-tensor AdamW step.
 
 pub mod lora;
+pub mod moe_ffn;
 
 use crate::backend::cpu::CpuStorage;
 #[cfg(feature = "cuda")]

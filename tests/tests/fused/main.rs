@@ -3,6 +3,7 @@
 //! (module `gpu`, built with the `cuda` feature; they skip, saying why, without a GPU).
 
 mod lora;
+mod moe_ffn;
 
 #[cfg(not(feature = "cuda"))]
 #[test]

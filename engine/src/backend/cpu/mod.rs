@@ -9,7 +9,6 @@ mod loss;
 mod loss_chunk;
 pub(crate) mod matmul;
 mod moe;
-mod moe_fused;
 mod norm;
 mod optim;
 pub mod profile;
@@ -20,9 +19,7 @@ mod simd;
 use half::bf16;
 use num_traits::Float;
 
-use crate::backend::{
-    AdamWGroup, AdamWHyper, BackendStorage, BinaryOp, BlockCodes, CmpOp, MoeDims, ReduceOp, UnaryOp,
-};
+use crate::backend::{AdamWGroup, AdamWHyper, BackendStorage, BinaryOp, CmpOp, ReduceOp, UnaryOp};
 use crate::{DType, Device, Error, Layout, Result};
 
 pub use random::CpuDevice;
@@ -500,32 +497,6 @@ impl BackendStorage for CpuStorage {
                 v0,
                 ignore_index,
             )
-        })
-    }
-    fn moe_gather_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        timed("moe_gather_codes", || moe_fused::gather_codes(args, d))
-    }
-    fn moe_expand_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        timed("moe_expand_codes", || moe_fused::expand_codes(args, d))
-    }
-    fn moe_expand_codes_summed(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        timed("moe_expand_codes_summed", || {
-            moe_fused::expand_codes_summed(args, d)
-        })
-    }
-    fn moe_block_codes(
-        args: &[(&Self, &Layout)],
-        d: &MoeDims,
-        how: &BlockCodes,
-    ) -> Result<Vec<Self>> {
-        timed("moe_block_codes", || moe_fused::block_codes(args, d, how))
-    }
-    fn moe_swiglu_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        timed("moe_swiglu_forward", || moe_fused::swiglu_forward(args, d))
-    }
-    fn moe_swiglu_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        timed("moe_swiglu_backward", || {
-            moe_fused::swiglu_backward(args, d)
         })
     }
 }

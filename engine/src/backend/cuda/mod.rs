@@ -22,8 +22,6 @@ mod loss;
 mod loss_chunk;
 pub(crate) mod matmul;
 mod moe;
-mod moe_fused;
-mod moe_tiles;
 mod norm;
 mod optim;
 pub(crate) mod random;
@@ -32,9 +30,7 @@ mod reduce;
 use half::bf16;
 
 use crate::backend::cpu::CpuStorage;
-use crate::backend::{
-    AdamWGroup, AdamWHyper, BackendStorage, BinaryOp, BlockCodes, CmpOp, MoeDims, ReduceOp, UnaryOp,
-};
+use crate::backend::{AdamWGroup, AdamWHyper, BackendStorage, BinaryOp, CmpOp, ReduceOp, UnaryOp};
 use crate::{DType, Device, Error, Layout, Result};
 
 use device::CudaBuffer;
@@ -479,39 +475,5 @@ impl BackendStorage for CudaStorage {
             v0,
             ignore_index,
         )
-    }
-    fn moe_gather_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        moe_fused::gather_codes(args, d)
-    }
-    fn moe_expand_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        moe_fused::expand_codes(args, d)
-    }
-    fn moe_expand_codes_summed(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        moe_fused::expand_codes_summed(args, d)
-    }
-    fn moe_block_codes(
-        args: &[(&Self, &Layout)],
-        d: &MoeDims,
-        how: &BlockCodes,
-    ) -> Result<Vec<Self>> {
-        moe_fused::block_codes(args, d, how)
-    }
-    fn moe_swiglu_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        moe_fused::swiglu_forward(args, d)
-    }
-    fn moe_swiglu_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        moe_fused::swiglu_backward(args, d)
-    }
-    fn moe_tiles_supported(&self, d: &MoeDims) -> bool {
-        moe_tiles::supported(self.dtype, d)
-    }
-    fn moe_tiles_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        moe_tiles::forward(args, d)
-    }
-    fn moe_tiles_rows(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        moe_tiles::rows(args, d)
-    }
-    fn moe_tiles_cols(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        moe_tiles::cols(args, d)
     }
 }
