@@ -16,8 +16,9 @@ out=gpu-bin
 rm -rf "$out"
 mkdir -p "$out"
 
-# Test binaries: every tests/tests/cuda_*.rs, built with the engine's CUDA backend.
-tests=()
+# Test binaries: every tests/tests/cuda_*.rs and the fused units' tests (tests/tests/fused/, whose
+# `gpu` modules hold their CPU <-> CUDA parity tests), built with the engine's CUDA backend.
+tests=(--test fused)
 for f in tests/tests/cuda_*.rs; do
     tests+=(--test "$(basename "$f" .rs)")
 done
