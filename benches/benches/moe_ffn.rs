@@ -1,5 +1,6 @@
-//! The MixLoRA FFN block, forward + backward, per implementation (MIXLORA.md, "Three ways to
-//! compute the MoE FFN"): the naive per-expert loop, the paper's † version, and the fused path.
+//! The MixLoRA FFN block, forward + backward, per implementation (docs/DESIGN.md, section 2,
+//! "Computing the MoE FFN"): the naive per-expert loop, the paper's † version, the grouped path
+//! and the `fused` one (the op `engine::moe_ffn`).
 //!
 //! On a GPU (built with `--features mixlora-engine/cuda` and one present) at LLaMA-2-7B sizes:
 //! H = 4096, I = 11008, E = 8, top-2, r = 16, bf16 base, T = 2048, 8192, 16384 tokens. Otherwise
@@ -18,7 +19,7 @@
 //! "paper_ms", "fused_ms", "naive_mib", "paper_mib", "fused_mib"}`.
 //!
 //! Run: `cargo bench -p mixlora-benches --bench moe_ffn` (CPU), or on the GPU machine the binary
-//! that scripts/build-gpu.sh builds: `gpu-bin/bench-moe_ffn --bench`. `MIXLORA_MOE_FFN_TOKENS`
+//! that scripts/dev/build-gpu.sh builds: `gpu-bin/bench-moe_ffn --bench`. `MIXLORA_MOE_FFN_TOKENS`
 //! (e.g. `16384`) picks the token counts; with `MIXLORA_PROFILE=1` (or `gpu`) each case also
 //! prints a per-kernel profile of one step (`MIXLORA_PROFILE_ROWS` rows, else 40);
 //! `MIXLORA_MOE_CHUNK_TOKENS` sets the fused path's token chunk and `MIXLORA_MOE_TILES=1` its

@@ -20,6 +20,10 @@ pub use device::{configure_cuda, CudaOptions, Device, ParseDeviceError, DEFAULT_
 pub use dtype::{DType, WithDType};
 pub use error::{Error, Result};
 pub use fused::adamw::{adamw_step, sum_of_squares, AdamWCoefficients, AdamWHyper};
+pub use fused::moe_ffn::{
+    default_chunk_tokens, moe_ffn, moe_fused_runs_tiles, MoeDropout, MoeFfnOptions,
+    MoeFusedWeights, MoeKernels, MoeRouting,
+};
 pub use ops::*;
 pub use shape::{Layout, Shape, StridedIndex};
 pub use storage::Storage;

@@ -4,9 +4,7 @@
 use crate::backend::cpu::{CpuDevice, CpuStorage};
 #[cfg(feature = "cuda")]
 use crate::backend::cuda::{CudaDevice, CudaStorage};
-use crate::backend::{
-    BackendDevice, BackendStorage, BinaryOp, BlockCodes, CmpOp, MoeDims, ReduceOp, UnaryOp,
-};
+use crate::backend::{BackendDevice, BackendStorage, BinaryOp, CmpOp, ReduceOp, UnaryOp};
 use crate::{DType, Device, Error, Layout, Result, Shape};
 
 #[derive(Debug)]
@@ -183,62 +181,6 @@ macro_rules! three {
             (a, _, c) => Err(mismatch($op, a, c)),
         }
     };
-}
-
-/// The first of a list of `(storage, layout)` operands (`None` for an empty list), after checking
-/// that they all live on its device.
-fn one_device<'a>(
-    op: &'static str,
-    args: &[(&'a Storage, &Layout)],
-) -> Result<Option<&'a Storage>> {
-    let Some(&(first, _)) = args.first() else {
-        return Ok(None);
-    };
-    if let Some(other) = args.iter().find(|x| x.0.device() != first.device()) {
-        return Err(mismatch(op, first, other.0));
-    }
-    Ok(Some(first))
-}
-
-/// The operands that are CPU storages (all of them, after [`one_device`] on a CPU operand).
-fn cpu_args<'a>(args: &[(&'a Storage, &'a Layout)]) -> Vec<(&'a CpuStorage, &'a Layout)> {
-    args.iter()
-        .filter_map(|(s, l)| s.as_cpu().map(|c| (c, *l)))
-        .collect()
-}
-
-/// The operands that are CUDA storages (all of them, after [`one_device`] on a CUDA operand).
-#[cfg(feature = "cuda")]
-fn cuda_args<'a>(args: &[(&'a Storage, &'a Layout)]) -> Vec<(&'a CudaStorage, &'a Layout)> {
-    args.iter()
-        .filter_map(|(s, l)| match s {
-            Storage::Cuda(c) => Some((c, *l)),
-            _ => None,
-        })
-        .collect()
-}
-
-/// Dispatches an op over a list of `(storage, layout)` operands that must all live on one
-/// backend; returns the backend's list of results wrapped back into `Storage`s.
-macro_rules! many {
-    ($op:literal, $method:ident, $args:ident, $d:ident $(, $extra:ident)*) => {{
-        let Some(first) = one_device($op, $args)? else {
-            return Err(Error::invalid($op, "no operands"));
-        };
-        match first {
-            Storage::Cpu(_) => {
-                let out =
-                    <CpuStorage as BackendStorage>::$method(&cpu_args($args), $d $(, $extra)*)?;
-                Ok(out.into_iter().map(Storage::Cpu).collect())
-            }
-            #[cfg(feature = "cuda")]
-            Storage::Cuda(_) => {
-                let out =
-                    <CudaStorage as BackendStorage>::$method(&cuda_args($args), $d $(, $extra)*)?;
-                Ok(out.into_iter().map(Storage::Cuda).collect())
-            }
-        }
-    }};
 }
 
 impl BackendStorage for Storage {
@@ -428,43 +370,5 @@ impl BackendStorage for Storage {
     }
     fn softmax_backward(&self, l: &Layout, g: &Self, gl: &Layout, scale: f64) -> Result<Self> {
         two!("softmax_backward", self, g, (y, g) => y.softmax_backward(l, g, gl, scale))
-    }
-    fn moe_gather_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        many!("moe_gather_codes", moe_gather_codes, args, d)
-    }
-    fn moe_expand_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        many!("moe_expand_codes", moe_expand_codes, args, d)
-    }
-    fn moe_expand_codes_summed(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        many!("moe_expand_codes_summed", moe_expand_codes_summed, args, d)
-    }
-    fn moe_block_codes(
-        args: &[(&Self, &Layout)],
-        d: &MoeDims,
-        how: &BlockCodes,
-    ) -> Result<Vec<Self>> {
-        many!("moe_block_codes", moe_block_codes, args, d, how)
-    }
-    fn moe_swiglu_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        many!("moe_swiglu_forward", moe_swiglu_forward, args, d)
-    }
-    fn moe_swiglu_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        many!("moe_swiglu_backward", moe_swiglu_backward, args, d)
-    }
-    fn moe_tiles_supported(&self, d: &MoeDims) -> bool {
-        match self {
-            Storage::Cpu(s) => s.moe_tiles_supported(d),
-            #[cfg(feature = "cuda")]
-            Storage::Cuda(s) => s.moe_tiles_supported(d),
-        }
-    }
-    fn moe_tiles_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        many!("moe_tiles_forward", moe_tiles_forward, args, d)
-    }
-    fn moe_tiles_rows(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        many!("moe_tiles_rows", moe_tiles_rows, args, d)
-    }
-    fn moe_tiles_cols(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        many!("moe_tiles_cols", moe_tiles_cols, args, d)
     }
 }

@@ -154,17 +154,18 @@ pub const ADAMW: KernelSource = KernelSource {
     kernels: &["adamw_step_multi", "sum_squares_multi"],
 };
 
-/// The fused MixLoRA FFN (path 3): block-code layouts of the rank-r codes and the SwiGLU
-/// forward/backward over the slots (the rank-r products run as GEMMs).
-/// Also the tensor-core kernels of moe_tiles.cu (bf16 only), which use moe_fused.cu's helpers.
-pub const MOE_FUSED: KernelSource = KernelSource {
-    name: "moe_fused",
+/// The fused MixLoRA FFN (the `fused` method of docs/DESIGN.md, unit `engine::fused::moe_ffn`):
+/// block-code layouts of the rank-r codes and the SwiGLU forward/backward over the slots (the
+/// rank-r products run as GEMMs). Also the tensor-core kernels of moe_ffn_tiles.cu (bf16 only),
+/// which use moe_ffn.cu's helpers.
+pub const MOE_FFN: KernelSource = KernelSource {
+    name: "moe_ffn",
     source: concat!(
         include_str!("common.cuh"),
         "\n",
-        include_str!("moe_fused.cu"),
+        include_str!("moe_ffn.cu"),
         "\n",
-        include_str!("moe_tiles.cu")
+        include_str!("moe_ffn_tiles.cu")
     ),
     kernels: &[
         "moe_gather_codes_f32",
@@ -247,7 +248,7 @@ pub const SOURCES: &[KernelSource] = &[
     MOE_ROUTE,
     MOE_GROUPED,
     ADAMW,
-    MOE_FUSED,
+    MOE_FFN,
     LORA,
 ];
 

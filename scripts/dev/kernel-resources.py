@@ -5,7 +5,7 @@ and local memory (stack frame): what a kernel costs in occupancy, read without a
 
     scripts/dev/kernel-resources.py MODULE [FILTER]
 
-MODULE may join several files with '+' (moe_fused+moe_tiles: the moe_fused module is both).
+MODULE may join several files with '+' (moe_ffn+moe_ffn_tiles: the moe_ffn module is both).
 $MIXLORA_NVRTC_OPTIONS adds options as the engine does (e.g. -DLM_CODES_UNROLL=2). The GPU
 driver assembles the PTX itself, so its register counts may differ from this ptxas's.
 

@@ -224,39 +224,3 @@ pub fn check_gradients_with(
         );
     }
 }
-
-/// The primitives' sizes for `t` tokens, `k` slots a token, `e` experts and rank `r` (no
-/// dropout), and expert ids `[t, k]` as f64 (for an upload): each token's `k` experts distinct,
-/// all among the first `e − 1`, so that expert `e − 1` gets no slot (needs `k < e`, `e − 1`
-/// odd or `k` ≤ 2 for distinctness: offsets `0, 2, 4, ..` modulo `e − 1`).
-pub fn moe_codes_case(
-    t: usize,
-    k: usize,
-    e: usize,
-    r: usize,
-) -> (engine::backend::MoeDims, Vec<f64>) {
-    let ids: Vec<f64> = (0..t)
-        .flat_map(|tt| (0..k).map(move |j| ((tt * 3 + j * 2) % (e - 1)) as f64))
-        .collect();
-    let d = engine::backend::MoeDims {
-        t,
-        k,
-        e,
-        r,
-        i: 1,
-        dropout: 0.0,
-        seed: 0,
-        t0: 0,
-    };
-    (d, ids)
-}
-
-/// The `(source, output)` dtype pairs `moe_block_codes` serves, each with the adapter
-/// (accumulation) dtype of its source: f64 for f64, else f32.
-pub const BLOCK_CODES_DTYPES: [(DType, DType, DType); 5] = [
-    (DType::F32, DType::BF16, DType::F32),
-    (DType::F32, DType::F32, DType::F32),
-    (DType::BF16, DType::BF16, DType::F32),
-    (DType::BF16, DType::F32, DType::F32),
-    (DType::F64, DType::F64, DType::F64),
-];

@@ -12,7 +12,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-use crate::{DType, Device, Error, Layout, Result, Shape};
+use crate::{DType, Device, Layout, Result, Shape};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum UnaryOp {
@@ -213,113 +213,6 @@ pub trait BackendStorage: Sized + Send + Sync {
     /// and the output gradient `g` (same shape): `dx = scale · y ⊙ (g − Σ_j g ⊙ y)` per row.
     /// Where `y = 0` (masked keys) `dx = 0`. Row sums in f32 (f64 for f64).
     fn softmax_backward(&self, l: &Layout, g: &Self, g_l: &Layout, scale: f64) -> Result<Self>;
-
-    // ----- the fused MixLoRA FFN (`ops::moe_fused`; sizes and settings in [`MoeDims`]) -----
-    // Operands come as `(storage, layout)` pairs in the documented order; "base" operands have
-    // the base dtype (f64, f32 or bf16), "adapter" operands the adapter dtype (f64 under an f64
-    // base, else f32); maths accumulate in the adapter dtype. `ids` `[T, k]` u32 are the experts
-    // of each (token, slot) `p = t·k + j` (distinct within a token). "Block codes" `[rows, E·r]`
-    // hold a slot's `r` codes in its expert's column block `[e·r, (e+1)·r)` and zeros elsewhere,
-    // so that every rank-r product of the op is one dense GEMM.
-
-    /// `[out [T, k, r] adapter]`, `out[t, j, c] = src[row, ids[t, j]·r + c]` with `row = t·k + j`
-    /// when `src` has `T·k` rows, `row = t` when it has `T`. Operands: `src` `[T·k or T, E·r]`
-    /// (any float dtype), `ids`.
-    fn moe_gather_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>>;
-    /// `[out [T·k, E·r]]`: row `p` holds `codes[p]` in block `ids[p]`. Operands: `codes`
-    /// `[T, k, r]` (any float dtype, kept by the result), `ids`.
-    fn moe_expand_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>>;
-    /// `[out [T, E·r]]`: row `t` holds `Σ_j codes[t, j]` in blocks `ids[t, j]`. Operands: those of
-    /// `moe_expand_codes`.
-    fn moe_expand_codes_summed(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>>;
-    /// Scaled block codes in `how.dtype`, in one pass (gather, scale, expand and convert), the
-    /// values computed in the accumulation dtype of `src`'s as the separate ops compute them:
-    /// - per slot (`how.summed` false): `[out [T·k, E·r]]` from per-token block codes `src`
-    ///   `[T, E·r]`: in block `ids[p]` of row `p = t·k + j`, `src[t, c]·s + 0`, or with weights
-    ///   `w` `[T, k]` (adapter, third operand) `src[t, c]·(w[p]·s + 0)`; zeros elsewhere;
-    /// - summed (`how.summed` true): `[out [T, E·r]]` from per-slot block codes `src`
-    ///   `[T·k, E·r]`: in block `ids[t, j]` of row `t`, `src[t·k + j, c]·s + 0`; zeros elsewhere.
-    ///
-    /// Operands: `src` (any float dtype), `ids`, and optionally `w` (per slot only).
-    fn moe_block_codes(
-        args: &[(&Self, &Layout)],
-        d: &MoeDims,
-        how: &BlockCodes,
-    ) -> Result<Vec<Self>>;
-    /// SwiGLU over the slots: `g = G[t] + ΔG[p]`, `u = U[t] + ΔU[p]`, `a = silu(g) ⊙ u`; returns
-    /// `[Ā [T, I] = Σ_j w_j a_j, am [T·k, I] = m(p) ⊙ a_j]` (base; `m` the dropout mask of
-    /// [`MoeDims::dropout`]). Operands: `G, U` `[T, I]` base (row strides allowed), `ΔG, ΔU`
-    /// `[T·k, I]` base, `w` `[T, k]` adapter.
-    fn moe_swiglu_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>>;
-    /// Its backward: `da_j = w_j dĀ[t] + m(p) ⊙ ΔD[p]`, `dg_j = da_j ⊙ u ⊙ silu'(g)`, `du_j =
-    /// da_j ⊙ silu(g)`; returns `[dGU [T, 2I] = [Σ_j dg_j | Σ_j du_j], dg, du [T·k, I], am [T·k, I]
-    /// (base), dw [T, k] = ⟨dĀ[t], a_j⟩ (adapter)]`. Operands: those of `moe_swiglu_forward`
-    /// before `w`, then `ΔD` `[T·k, I]` base, `dĀ` `[T, I]` base, `w`.
-    fn moe_swiglu_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>>;
-
-    // The same FFN on the tensor cores in three kernels that never write a `[T·k, I]` tensor
-    // (CUDA, bf16 base; see `kernels/src/moe_tiles.cu`). Codes come per slot, `[T·k, r]` base,
-    // already scaled; `B_g,all`, `B_u,all` `[I, E·r]` and `A_d,all` `[E·r, I]` base. Backends
-    // without them keep the defaults: unsupported, and the op runs the block-code GEMM path.
-
-    /// Whether the `moe_tiles_*` primitives serve these sizes for a base in `self`'s dtype.
-    fn moe_tiles_supported(&self, d: &MoeDims) -> bool {
-        let _ = d;
-        false
-    }
-    /// `[Ā [T, I] base, Z_d [T·k, r] adapter]` with `g = G[t] + Cg[p] B_g,allᵀ`, `u` likewise,
-    /// `a = silu(g) ⊙ u`, `Ā[t] = Σ_j w_j a_j`, `Z_d[p] = A_d,e (m(p) ⊙ a_j)`. Operands: `G, U`
-    /// `[T, I]` (row strides allowed), `Cg, Cu` `[T·k, r]`, `ids`, `B_g,all`, `B_u,all`,
-    /// `A_d,all`, `w` `[T, k]` adapter.
-    fn moe_tiles_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        let _ = (args, d);
-        Err(Error::invalid("moe_tiles_forward", "not on this backend"))
-    }
-    /// Backward over the slots' rows: `[dGU [T, 2I] base, B_g,eᵀ dg [T·k, r], B_u,eᵀ du [T·k, r],
-    /// dw [T, k] = ⟨dĀ[t], a_j⟩]` (adapter) with `da_j = w_j dĀ[t] + m(p) ⊙ A_d,eᵀ Cd[p]` and
-    /// `dg, du` as in `moe_swiglu_backward`. Operands: `G, U, Cg, Cu, Cd` (`[T·k, r]`: `dZ_d`),
-    /// `ids, B_g,all, B_u,all, A_d,all`, `dĀ` `[T, I]` base, `w`.
-    fn moe_tiles_rows(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        let _ = (args, d);
-        Err(Error::invalid("moe_tiles_rows", "not on this backend"))
-    }
-    /// Backward over the columns: `[dB_g,all [I, E·r] = Σ_p dg_pᵀ Cg[p], dB_u,all, dA_d,all
-    /// [E·r, I] = Σ_p Cd[p]ᵀ (m(p) ⊙ a_p)]` (adapter; each expert's block sums its own slots).
-    /// Operands: those of `moe_tiles_rows`.
-    fn moe_tiles_cols(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        let _ = (args, d);
-        Err(Error::invalid("moe_tiles_cols", "not on this backend"))
-    }
-}
-
-/// What [`BackendStorage::moe_block_codes`] makes.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct BlockCodes {
-    /// The scale `s` of every code.
-    pub scale: f64,
-    /// Per-slot source, per-token result (`true`); or per-token source, per-slot result.
-    pub summed: bool,
-    /// The result's dtype (a float).
-    pub dtype: DType,
-}
-
-/// Sizes and settings of the fused MixLoRA FFN primitives: `t` tokens, `k` slots per token, `e`
-/// experts, LoRA rank `r`, intermediate size `i`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct MoeDims {
-    pub t: usize,
-    pub k: usize,
-    pub e: usize,
-    pub r: usize,
-    pub i: usize,
-    /// Dropout probability on `a_j` before `A_d` (0: none): element `i` of slot `p = t·k + j`
-    /// is dropped when `rng::dropped(seed, ((t0 + t)·k + j)·I + i, dropout_threshold(p_drop))`,
-    /// and kept ones are scaled by `1/(1 − p_drop)`.
-    pub dropout: f64,
-    pub seed: u64,
-    /// The index of the first token among all the op's tokens (the op runs in token chunks;
-    /// the dropout mask is a function of the global slot).
-    pub t0: usize,
 }
 
 /// Creation of storages on a device.

@@ -15,7 +15,7 @@
 //! The units:
 //! - [`lora`]: the LoRA projection `y + s · (drop(x) Aᵀ) Bᵀ` keeping only the rank-r codes;
 //!   also the LoRA-A products of many adapters at once that the MixLoRA FFN runs on;
-//! - `moe_ffn`: the fused MixLoRA FFN;
+//! - [`moe_ffn`]: the fused MixLoRA FFN (the `fused` method of docs/DESIGN.md);
 //! - [`moe_route`]: the router's top-k;
 //! - [`moe_grouped`]: grouping (token, slot) pairs by expert and grouped matmuls;
 //! - [`linear_cross_entropy`]: the chunked linear cross-entropy, never holding all the logits;
@@ -25,6 +25,7 @@
 pub mod adamw;
 pub mod linear_cross_entropy;
 pub mod lora;
+pub mod moe_ffn;
 pub mod moe_grouped;
 pub mod moe_route;
 

@@ -9,7 +9,6 @@ mod dropout;
 mod elementwise;
 mod index;
 mod matmul;
-mod moe_fused;
 mod reduce;
 mod rms_norm;
 mod rope;
@@ -20,7 +19,6 @@ mod view;
 pub use attention::*;
 pub use concat::*;
 pub use cross_entropy::*;
-pub use moe_fused::*;
 pub use rope::*;
 pub use stack::*;
 

@@ -38,7 +38,7 @@ pub enum MoeImpl {
     /// and experts whose LoRAs differ in settings fall back to `Naive`). Dropout masks differ
     /// from `Naive`'s (one mask per projection over the sorted rows).
     Grouped,
-    /// The fused path (`engine::moe_fused_ffn`): every base GEMM once per token, expert LoRAs in
+    /// The fused path (`engine::moe_ffn`): every base GEMM once per token, expert LoRAs in
     /// fused kernels, a hand-written backward. Top-k routing only (top-p, and experts without
     /// a LoRA on each of gate/up/down, run `Naive`). Equal to `Naive` without dropout; with
     /// dropout its masks differ (one per projection shared by the experts for gate and up).

@@ -1,8 +1,8 @@
 //! [`MoeImpl::Fused`](super::MoeImpl::Fused): the MixLoRA FFN through the engine's fused op
-//! (`engine::moe_fused_ffn`, path 3 of MIXLORA.md): the top-k routing and the experts' LoRA weights
-//! stacked into `[E, ..]` tensors, everything else inside the op.
+//! (`engine::moe_ffn`, the `fused` method of docs/DESIGN.md): the top-k routing and the experts'
+//! LoRA weights stacked into `[E, ..]` tensors, everything else inside the op.
 
-use engine::{moe_fused_ffn, MoeDropout, MoeFfnOptions, MoeFusedWeights, MoeRouting, Tensor};
+use engine::{moe_ffn, MoeDropout, MoeFfnOptions, MoeFusedWeights, MoeRouting, Tensor};
 
 use super::lora::LoraLinear;
 use super::mixlora::{MixLoraFfn, SharedFfn};
@@ -94,12 +94,6 @@ impl MixLoraFfn {
         let dropout = dropout_seed
             .filter(|_| p > 0.0)
             .map(|seed| MoeDropout { p, seed });
-        Ok(Some(moe_fused_ffn(
-            x,
-            &weights_ref,
-            &routing,
-            dropout,
-            opts,
-        )?))
+        Ok(Some(moe_ffn(x, &weights_ref, &routing, dropout, opts)?))
     }
 }

@@ -5,6 +5,7 @@
 mod adamw;
 mod linear_cross_entropy;
 mod lora;
+mod moe_ffn;
 mod moe_grouped;
 mod moe_route;
 

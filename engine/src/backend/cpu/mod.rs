@@ -8,7 +8,6 @@ pub(crate) mod dropout;
 mod elementwise;
 mod index;
 pub(crate) mod matmul;
-mod moe_fused;
 mod random;
 mod reduce;
 mod rms_norm;
@@ -21,7 +20,7 @@ use std::borrow::Cow;
 use half::bf16;
 use num_traits::Float;
 
-use crate::backend::{BackendStorage, BinaryOp, BlockCodes, CmpOp, MoeDims, ReduceOp, UnaryOp};
+use crate::backend::{BackendStorage, BinaryOp, CmpOp, ReduceOp, UnaryOp};
 use crate::profile;
 use crate::{DType, Device, Error, Layout, Result};
 
@@ -392,32 +391,6 @@ impl BackendStorage for CpuStorage {
     fn softmax_backward(&self, l: &Layout, g: &Self, g_l: &Layout, scale: f64) -> Result<Self> {
         timed("softmax_backward", || {
             softmax::softmax_backward(self, l, g, g_l, scale)
-        })
-    }
-    fn moe_gather_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        timed("moe_gather_codes", || moe_fused::gather_codes(args, d))
-    }
-    fn moe_expand_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        timed("moe_expand_codes", || moe_fused::expand_codes(args, d))
-    }
-    fn moe_expand_codes_summed(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        timed("moe_expand_codes_summed", || {
-            moe_fused::expand_codes_summed(args, d)
-        })
-    }
-    fn moe_block_codes(
-        args: &[(&Self, &Layout)],
-        d: &MoeDims,
-        how: &BlockCodes,
-    ) -> Result<Vec<Self>> {
-        timed("moe_block_codes", || moe_fused::block_codes(args, d, how))
-    }
-    fn moe_swiglu_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        timed("moe_swiglu_forward", || moe_fused::swiglu_forward(args, d))
-    }
-    fn moe_swiglu_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        timed("moe_swiglu_backward", || {
-            moe_fused::swiglu_backward(args, d)
         })
     }
 }

@@ -20,8 +20,6 @@ mod index;
 pub(crate) mod launch;
 pub(crate) mod layout;
 pub(crate) mod matmul;
-mod moe_fused;
-mod moe_tiles;
 mod random;
 mod reduce;
 mod rms_norm;
@@ -31,7 +29,7 @@ mod softmax;
 use half::bf16;
 
 use crate::backend::cpu::CpuStorage;
-use crate::backend::{BackendStorage, BinaryOp, BlockCodes, CmpOp, MoeDims, ReduceOp, UnaryOp};
+use crate::backend::{BackendStorage, BinaryOp, CmpOp, ReduceOp, UnaryOp};
 use crate::{DType, Device, Error, Layout, Result};
 
 use device::CudaBuffer;
@@ -372,39 +370,5 @@ impl BackendStorage for CudaStorage {
     }
     fn softmax_backward(&self, l: &Layout, g: &Self, g_l: &Layout, scale: f64) -> Result<Self> {
         softmax::softmax_backward(self, l, g, g_l, scale)
-    }
-    fn moe_gather_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        moe_fused::gather_codes(args, d)
-    }
-    fn moe_expand_codes(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        moe_fused::expand_codes(args, d)
-    }
-    fn moe_expand_codes_summed(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        moe_fused::expand_codes_summed(args, d)
-    }
-    fn moe_block_codes(
-        args: &[(&Self, &Layout)],
-        d: &MoeDims,
-        how: &BlockCodes,
-    ) -> Result<Vec<Self>> {
-        moe_fused::block_codes(args, d, how)
-    }
-    fn moe_swiglu_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        moe_fused::swiglu_forward(args, d)
-    }
-    fn moe_swiglu_backward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        moe_fused::swiglu_backward(args, d)
-    }
-    fn moe_tiles_supported(&self, d: &MoeDims) -> bool {
-        moe_tiles::supported(self.dtype, d)
-    }
-    fn moe_tiles_forward(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        moe_tiles::forward(args, d)
-    }
-    fn moe_tiles_rows(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        moe_tiles::rows(args, d)
-    }
-    fn moe_tiles_cols(args: &[(&Self, &Layout)], d: &MoeDims) -> Result<Vec<Self>> {
-        moe_tiles::cols(args, d)
     }
 }

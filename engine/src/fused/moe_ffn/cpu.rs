@@ -1,14 +1,23 @@
-//! The fused MixLoRA FFN kernels on the CPU: the reference for the CUDA ones (block-code layouts
-//! and the SwiGLU over the slots; the op runs its rank-r products as GEMMs).
+//! The fused MixLoRA FFN's primitives on the CPU: the reference for the CUDA kernels (block-code
+//! layouts and the SwiGLU over the slots; the op runs its rank-r products as GEMMs). The tile
+//! primitives do not exist here: the op runs the block-code GEMMs instead.
 //!
-//! Every kernel computes in `C` (f64 under an f64 base, else f32): base operands (f32 or bf16)
+//! Every primitive computes in `C` (f64 under an f64 base, else f32): base operands (f32 or bf16)
 //! are widened on read and rounded once on write. Rows (tokens) are split across threads.
 
 use rayon::prelude::*;
 
-use super::{CpuFloat, CpuStorage};
-use crate::backend::{BackendStorage, BlockCodes, MoeDims};
+use super::primitives::{
+    BlockCodes, Blocks, ExpandCodes, GatherCodes, MoeDims, SwigluBackward, SwigluForward,
+    SwigluGrads, TileRowGrads, TilesBackward, TilesForward,
+};
+use crate::backend::cpu::{CpuFloat, CpuStorage};
+use crate::backend::BackendStorage;
+use crate::fused::Operand;
 use crate::{rng, DType, Error, Layout, Result};
+
+/// An operand on the CPU.
+type Op<'a> = Operand<'a, CpuStorage>;
 
 /// An element type the fused kernels compute in, with the conversions of their operands.
 trait MoeFloat: CpuFloat {
@@ -51,25 +60,14 @@ impl MoeFloat for f64 {
     }
 }
 
-type Args<'a> = [(&'a CpuStorage, &'a Layout)];
-
-fn arity(op: &'static str, args: &Args<'_>, n: usize) -> Result<()> {
-    if args.len() != n {
-        return Err(Error::invalid(
-            op,
-            format!("{} operands, expected {n}", args.len()),
-        ));
-    }
-    Ok(())
-}
-
-fn read_u32(op: &'static str, a: (&CpuStorage, &Layout)) -> Result<Vec<u32>> {
-    a.0.view_u32(op, a.1)
+/// The view of an operand in the compute type `C`.
+fn read<C: MoeFloat>(op: &'static str, a: Op<'_>) -> Result<Vec<C>> {
+    C::read(op, a.s, a.l)
 }
 
 /// Expert ids, each checked against `E`.
-fn read_ids(op: &'static str, a: (&CpuStorage, &Layout), e: usize) -> Result<Vec<u32>> {
-    let ids = read_u32(op, a)?;
+fn read_ids(op: &'static str, a: Op<'_>, e: usize) -> Result<Vec<u32>> {
+    let ids = a.s.view_u32(op, a.l)?;
     if let Some(&bad) = ids.iter().find(|&&x| x as usize >= e) {
         return Err(Error::IndexOutOfRange {
             op,
@@ -81,8 +79,8 @@ fn read_ids(op: &'static str, a: (&CpuStorage, &Layout), e: usize) -> Result<Vec
 }
 
 /// Which compute type: the adapter dtype of operand `a`.
-fn is_f64(a: (&CpuStorage, &Layout)) -> bool {
-    a.0.dtype() == DType::F64
+fn is_f64(a: Op<'_>) -> bool {
+    a.s.dtype() == DType::F64
 }
 
 /// The dropout multiplier of element `i` of slot `p` (1 without dropout).
@@ -123,19 +121,20 @@ fn slot_grads<C: CpuFloat>(g: C, u: C, wda: C, ad_dz: C, m: C) -> (C, C, C) {
 
 // ----- block codes -------------------------------------------------------------------------
 
-pub(crate) fn gather_codes(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CpuStorage>> {
-    arity("moe_gather_codes", args, 2)?;
-    if is_f64(args[0]) {
-        gather_codes_t::<f64>(args, d)
-    } else {
-        gather_codes_t::<f32>(args, d)
+pub(super) fn gather_codes(o: &GatherCodes<'_, CpuStorage>, d: &MoeDims) -> Result<CpuStorage> {
+    {
+        if is_f64(o.src) {
+            gather_codes_t::<f64>(o, d)
+        } else {
+            gather_codes_t::<f32>(o, d)
+        }
     }
 }
 
-fn gather_codes_t<C: MoeFloat>(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CpuStorage>> {
+fn gather_codes_t<C: MoeFloat>(o: &GatherCodes<'_, CpuStorage>, d: &MoeDims) -> Result<CpuStorage> {
     let op = "moe_gather_codes";
-    let src = C::read(op, args[0].0, args[0].1)?; // [T·k or T, E·r]
-    let ids = read_ids(op, args[1], d.e)?; // [T, k]
+    let src = read::<C>(op, o.src)?; // [T·k or T, E·r]
+    let ids = read_ids(op, o.ids, d.e)?; // [T, k]
     let (k, r, er) = (d.k, d.r, d.e * d.r);
     let per_slot = match src.len() {
         n if n == d.t * k * er => true,
@@ -154,39 +153,36 @@ fn gather_codes_t<C: MoeFloat>(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CpuSt
         let at = row * er + ids[p] as usize * r;
         o.copy_from_slice(&src[at..at + r]);
     });
-    let dtype = if is_f64(args[0]) {
+    let dtype = if is_f64(o.src) {
         DType::F64
     } else {
         DType::F32
     };
-    Ok(vec![C::wrap(out, dtype)])
+    Ok(C::wrap(out, dtype))
 }
 
-pub(crate) fn expand_codes(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CpuStorage>> {
-    expand_codes_dispatch(args, d, false)
-}
-
-pub(crate) fn expand_codes_summed(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CpuStorage>> {
-    expand_codes_dispatch(args, d, true)
-}
-
-fn expand_codes_dispatch(args: &Args<'_>, d: &MoeDims, summed: bool) -> Result<Vec<CpuStorage>> {
-    arity("moe_expand_codes", args, 2)?;
-    if is_f64(args[0]) {
-        expand_codes_t::<f64>(args, d, summed)
-    } else {
-        expand_codes_t::<f32>(args, d, summed)
+pub(super) fn expand_codes(
+    o: &ExpandCodes<'_, CpuStorage>,
+    d: &MoeDims,
+    summed: bool,
+) -> Result<CpuStorage> {
+    {
+        if is_f64(o.codes) {
+            expand_codes_t::<f64>(o, d, summed)
+        } else {
+            expand_codes_t::<f32>(o, d, summed)
+        }
     }
 }
 
 fn expand_codes_t<C: MoeFloat>(
-    args: &Args<'_>,
+    o: &ExpandCodes<'_, CpuStorage>,
     d: &MoeDims,
     summed: bool,
-) -> Result<Vec<CpuStorage>> {
+) -> Result<CpuStorage> {
     let op = "moe_expand_codes";
-    let codes = C::read(op, args[0].0, args[0].1)?; // [T, k, r]
-    let ids = read_ids(op, args[1], d.e)?; // [T, k]
+    let codes = read::<C>(op, o.codes)?; // [T, k, r]
+    let ids = read_ids(op, o.ids, d.e)?; // [T, k]
     let (k, r, er) = (d.k, d.r, d.e * d.r);
     check_len(op, codes.len(), d.t * k * r)?;
     check_len(op, ids.len(), d.t * k)?;
@@ -207,47 +203,52 @@ fn expand_codes_t<C: MoeFloat>(
                 }
             }
         });
-    Ok(vec![C::wrap(out, args[0].0.dtype())])
+    Ok(C::wrap(out, o.codes.s.dtype()))
 }
 
-pub(crate) fn block_codes(
-    args: &Args<'_>,
+pub(super) fn block_codes(
+    o: &Blocks<'_, CpuStorage>,
     d: &MoeDims,
     how: &BlockCodes,
-) -> Result<Vec<CpuStorage>> {
+) -> Result<CpuStorage> {
+    block_codes_checked(o, d, how)
+}
+
+fn block_codes_checked(
+    o: &Blocks<'_, CpuStorage>,
+    d: &MoeDims,
+    how: &BlockCodes,
+) -> Result<CpuStorage> {
     let op = "moe_block_codes";
-    if !(2..=3).contains(&args.len()) || (how.summed && args.len() == 3) {
+    if how.summed && o.w.is_some() {
         return Err(Error::invalid(
             op,
-            format!(
-                "{} operands: expected src, ids and, per slot only, weights",
-                args.len()
-            ),
+            "3 operands: expected src, ids and, per slot only, weights",
         ));
     }
-    let wide = is_f64(args[0]);
+    let wide = is_f64(o.src);
     if wide != (how.dtype == DType::F64) || !how.dtype.is_float() {
         return Err(Error::invalid(
             op,
-            format!("{} codes into {}", args[0].0.dtype(), how.dtype),
+            format!("{} codes into {}", o.src.s.dtype(), how.dtype),
         ));
     }
     if wide {
-        block_codes_t::<f64>(args, d, how)
+        block_codes_t::<f64>(o, d, how)
     } else {
-        block_codes_t::<f32>(args, d, how)
+        block_codes_t::<f32>(o, d, how)
     }
 }
 
 fn block_codes_t<C: MoeFloat>(
-    args: &Args<'_>,
+    o: &Blocks<'_, CpuStorage>,
     d: &MoeDims,
     how: &BlockCodes,
-) -> Result<Vec<CpuStorage>> {
+) -> Result<CpuStorage> {
     let op = "moe_block_codes";
-    let src = C::read(op, args[0].0, args[0].1)?;
-    let ids = read_ids(op, args[1], d.e)?; // [T, k]
-    let w = args.get(2).map(|a| C::read(op, a.0, a.1)).transpose()?; // [T, k]
+    let src = read::<C>(op, o.src)?;
+    let ids = read_ids(op, o.ids, d.e)?; // [T, k]
+    let w = o.w.map(|a| read::<C>(op, a)).transpose()?; // [T, k]
     let (k, r, er) = (d.k, d.r, d.e * d.r);
     let (src_rows, out_rows) = if how.summed {
         (d.t * k, d.t)
@@ -283,7 +284,7 @@ fn block_codes_t<C: MoeFloat>(
                 }
             }
         });
-    Ok(vec![C::wrap(out, how.dtype)])
+    Ok(C::wrap(out, how.dtype))
 }
 
 fn check_len(op: &'static str, got: usize, want: usize) -> Result<()> {
@@ -307,12 +308,13 @@ struct Swiglu<C> {
 }
 
 impl<C: MoeFloat> Swiglu<C> {
-    fn read(op: &'static str, a: &Args<'_>, d: &MoeDims) -> Result<Self> {
+    /// Reads `[G, U, ΔG, ΔU]`.
+    fn read(op: &'static str, [g, u, dg, du]: [Op<'_>; 4], d: &MoeDims) -> Result<Self> {
         let v = Swiglu {
-            g: C::read(op, a[0].0, a[0].1)?,
-            u: C::read(op, a[1].0, a[1].1)?,
-            dg: C::read(op, a[2].0, a[2].1)?,
-            du: C::read(op, a[3].0, a[3].1)?,
+            g: read(op, g)?,
+            u: read(op, u)?,
+            dg: read(op, dg)?,
+            du: read(op, du)?,
         };
         let (ti, tki) = (d.t * d.i, d.t * d.k * d.i);
         for (n, want) in [
@@ -336,19 +338,26 @@ impl<C: MoeFloat> Swiglu<C> {
     }
 }
 
-pub(crate) fn swiglu_forward(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CpuStorage>> {
-    arity("moe_swiglu_forward", args, 5)?;
-    if is_f64(args[4]) {
-        swiglu_forward_t::<f64>(args, d)
-    } else {
-        swiglu_forward_t::<f32>(args, d)
+pub(super) fn swiglu_forward(
+    o: &SwigluForward<'_, CpuStorage>,
+    d: &MoeDims,
+) -> Result<(CpuStorage, CpuStorage)> {
+    {
+        if is_f64(o.w) {
+            swiglu_forward_t::<f64>(o, d)
+        } else {
+            swiglu_forward_t::<f32>(o, d)
+        }
     }
 }
 
-fn swiglu_forward_t<C: MoeFloat>(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CpuStorage>> {
+fn swiglu_forward_t<C: MoeFloat>(
+    o: &SwigluForward<'_, CpuStorage>,
+    d: &MoeDims,
+) -> Result<(CpuStorage, CpuStorage)> {
     let op = "moe_swiglu_forward";
-    let x = Swiglu::<C>::read(op, args, d)?;
-    let w = C::read(op, args[4].0, args[4].1)?; // [T, k]
+    let x = Swiglu::<C>::read(op, [o.g, o.u, o.dg, o.du], d)?;
+    let w = read::<C>(op, o.w)?; // [T, k]
     check_len(op, w.len(), d.t * d.k)?;
     let (k, ni) = (d.k, d.i);
     let mut abar = vec![C::zero(); d.t * ni]; // [T, I]
@@ -367,25 +376,32 @@ fn swiglu_forward_t<C: MoeFloat>(args: &Args<'_>, d: &MoeDims) -> Result<Vec<Cpu
                 }
             }
         });
-    let base = args[0].0.dtype();
-    Ok(vec![C::wrap(abar, base), C::wrap(am, base)])
+    let base = o.g.s.dtype();
+    Ok((C::wrap(abar, base), C::wrap(am, base)))
 }
 
-pub(crate) fn swiglu_backward(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CpuStorage>> {
-    arity("moe_swiglu_backward", args, 7)?;
-    if is_f64(args[6]) {
-        swiglu_backward_t::<f64>(args, d)
-    } else {
-        swiglu_backward_t::<f32>(args, d)
+pub(super) fn swiglu_backward(
+    o: &SwigluBackward<'_, CpuStorage>,
+    d: &MoeDims,
+) -> Result<SwigluGrads<CpuStorage>> {
+    {
+        if is_f64(o.w) {
+            swiglu_backward_t::<f64>(o, d)
+        } else {
+            swiglu_backward_t::<f32>(o, d)
+        }
     }
 }
 
-fn swiglu_backward_t<C: MoeFloat>(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CpuStorage>> {
+fn swiglu_backward_t<C: MoeFloat>(
+    o: &SwigluBackward<'_, CpuStorage>,
+    d: &MoeDims,
+) -> Result<SwigluGrads<CpuStorage>> {
     let op = "moe_swiglu_backward";
-    let x = Swiglu::<C>::read(op, args, d)?;
-    let dd = C::read(op, args[4].0, args[4].1)?; // [T·k, I]
-    let dabar = C::read(op, args[5].0, args[5].1)?; // [T, I]
-    let w = C::read(op, args[6].0, args[6].1)?; // [T, k]
+    let x = Swiglu::<C>::read(op, [o.g, o.u, o.dg, o.du], d)?;
+    let dd = read::<C>(op, o.dd)?; // [T·k, I]
+    let dabar = read::<C>(op, o.dabar)?; // [T, I]
+    let w = read::<C>(op, o.w)?; // [T, k]
     let (k, ni) = (d.k, d.i);
     check_len(op, dd.len(), d.t * k * ni)?;
     check_len(op, dabar.len(), d.t * ni)?;
@@ -422,12 +438,43 @@ fn swiglu_backward_t<C: MoeFloat>(args: &Args<'_>, d: &MoeDims) -> Result<Vec<Cp
                 dw[j] = dot;
             }
         });
-    let (base, adapter) = (args[0].0.dtype(), args[6].0.dtype());
-    Ok(vec![
-        C::wrap(dgu, base),
-        C::wrap(dg, base),
-        C::wrap(du, base),
-        C::wrap(am, base),
-        C::wrap(dw, adapter),
-    ])
+    let (base, adapter) = (o.g.s.dtype(), o.w.s.dtype());
+    Ok(SwigluGrads {
+        dgu: C::wrap(dgu, base),
+        dg: C::wrap(dg, base),
+        du: C::wrap(du, base),
+        am: C::wrap(am, base),
+        dw: C::wrap(dw, adapter),
+    })
+}
+
+// ----- the tile kernels: CUDA only ---------------------------------------------------------------
+
+pub(super) fn tiles_supported(_: &MoeDims) -> bool {
+    false
+}
+
+fn no_tiles<R>(op: &'static str) -> Result<R> {
+    Err(Error::invalid(op, "not on this backend"))
+}
+
+pub(super) fn tiles_forward(
+    _: &TilesForward<'_, CpuStorage>,
+    _: &MoeDims,
+) -> Result<(CpuStorage, CpuStorage)> {
+    no_tiles("moe_tiles_forward")
+}
+
+pub(super) fn tiles_rows(
+    _: &TilesBackward<'_, CpuStorage>,
+    _: &MoeDims,
+) -> Result<TileRowGrads<CpuStorage>> {
+    no_tiles("moe_tiles_rows")
+}
+
+pub(super) fn tiles_cols(
+    _: &TilesBackward<'_, CpuStorage>,
+    _: &MoeDims,
+) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
+    no_tiles("moe_tiles_cols")
 }

@@ -1,10 +1,26 @@
-//! The fused MixLoRA FFN (path 3, `engine::moe_fused_ffn` / `MoeImpl::Fused`) against the naive
-//! per-expert loop: the output and every gradient (x, router, each expert's A/B on gate, up,
-//! down) in f64 (1e-10), f32 (1e-5) and on a bf16 base (both paths against f32), at several sizes (T not a
-//! multiple of 32, odd H and I), k = 1 and 2, E = 4 and 8, with an expert that receives no token;
-//! an f64 finite-difference check of the op itself (with and without dropout); the grouping of
-//! slots by expert; typed errors.
+//! The fused MixLoRA FFN unit (`engine::fused::moe_ffn`: the op `engine::moe_ffn`, the `fused`
+//! method of docs/DESIGN.md, run by `MoeImpl::Fused`).
+//!
+//! On the CPU, against the naive per-expert loop: the output and every gradient (x, router, each
+//! expert's A/B on gate, up, down) in f64 (1e-10), f32 (1e-5) and on a bf16 base (both paths
+//! against f32), at several sizes (T not a multiple of 32, odd H and I), k = 1 and 2, E = 4 and 8,
+//! with an expert that receives no token; an f64 finite-difference check of the op itself (with
+//! and without dropout, in chunks); the token chunking and the options; the grouping of slots by
+//! expert; typed errors; the block-code primitive against the separate ones it replaces.
+//!
+//! Then (module `gpu`) the CPU ↔ CUDA parity of the op: the output and the gradients of x, the
+//! routing weights and the six stacked adapter tensors, with the CPU as the reference. Relative
+//! error ‖gpu − cpu‖ / ‖cpu‖ within f32 1e-5, bf16 1e-2, f64 1e-10; NaN never passes. Sizes: a
+//! small one with an expert that receives no token, a medium one (T = 300, H = 256, I = 688,
+//! E = 8, k = 2, r = 16: neither T nor I a multiple of the 256-thread block), k = 1, separate
+//! (copied) and adjacent (read in place through a row stride) W_gate/W_up, cases with dropout
+//! (counter-based masks, the same on both devices), and cases run in several token chunks
+//! (uneven, with dropout). Also `MoeImpl::Fused` through the whole MixLoRA block, and the
+//! block-code primitive bit for bit.
+//!
+//! Without a GPU (or without the `cuda` feature) the GPU tests print why they skip and pass.
 
+use engine::fused::moe_ffn::MoeDims;
 use engine::{
     DType, Device, MoeDropout, MoeFfnOptions, MoeFusedWeights, MoeKernels, MoeRouting, Tensor,
 };
@@ -403,18 +419,18 @@ fn op_out_with(
         kernels,
         chunk_tokens: chunk,
     };
-    engine::moe_fused_ffn(&v[0], &w, &route, dropout, &opts)
+    engine::moe_ffn(&v[0], &w, &route, dropout, &opts)
 }
 
 #[test]
-fn grad_moe_fused_op() {
+fn grad_moe_ffn_op() {
     let (v, frozen) = op_inputs();
-    check_gradients("moe_fused_ffn", &v, |v| op_out(v, &frozen, None));
+    check_gradients("moe_ffn", &v, |v| op_out(v, &frozen, None));
     let drop = Some(MoeDropout { p: 0.3, seed: 4 });
-    check_gradients("moe_fused_ffn_dropout", &v, |v| op_out(v, &frozen, drop));
+    check_gradients("moe_ffn_dropout", &v, |v| op_out(v, &frozen, drop));
     // Chunks of 2 tokens (5 = 2 + 2 + 1): the per-chunk GEMMs, the joined codes and the
     // accumulated weight gradients.
-    check_gradients("moe_fused_ffn_chunked", &v, |v| {
+    check_gradients("moe_ffn_chunked", &v, |v| {
         op_out_chunked(v, &frozen, drop, Some(2))
     });
 }
@@ -473,7 +489,7 @@ fn chunking_changes_nothing() {
 }
 
 #[test]
-fn moe_fused_op_typed_errors() {
+fn moe_ffn_op_typed_errors() {
     let (v, frozen) = op_inputs();
     // x with the wrong hidden size.
     let mut bad = v.clone();
@@ -589,6 +605,37 @@ fn default_chunks_are_even_and_within_the_cap() {
     }
 }
 
+/// The primitives' sizes for `t` tokens, `k` slots a token, `e` experts and rank `r` (no
+/// dropout), and expert ids `[t, k]` as f64 (for an upload): each token's `k` experts distinct,
+/// all among the first `e − 1`, so that expert `e − 1` gets no slot (needs `k < e`, `e − 1`
+/// odd or `k` ≤ 2 for distinctness: offsets `0, 2, 4, ..` modulo `e − 1`).
+fn moe_codes_case(t: usize, k: usize, e: usize, r: usize) -> (MoeDims, Vec<f64>) {
+    let ids: Vec<f64> = (0..t)
+        .flat_map(|tt| (0..k).map(move |j| ((tt * 3 + j * 2) % (e - 1)) as f64))
+        .collect();
+    let d = MoeDims {
+        t,
+        k,
+        e,
+        r,
+        i: 1,
+        dropout: 0.0,
+        seed: 0,
+        t0: 0,
+    };
+    (d, ids)
+}
+
+/// The `(source, output)` dtype pairs `moe_block_codes` serves, each with the adapter
+/// (accumulation) dtype of its source: f64 for f64, else f32.
+const BLOCK_CODES_DTYPES: [(DType, DType, DType); 5] = [
+    (DType::F32, DType::BF16, DType::F32),
+    (DType::F32, DType::F32, DType::F32),
+    (DType::BF16, DType::BF16, DType::F32),
+    (DType::BF16, DType::F32, DType::F32),
+    (DType::F64, DType::F64, DType::F64),
+];
+
 /// `moe_block_codes` (the fused op's one-pass code layouts) gives the bits of the separate ops it
 /// replaces, on the CPU (the reference of the GPU kernel): per slot from per-token codes
 /// (gather, affine by s, expand, conversion), with routing weights (gather, s·w, mul, expand,
@@ -597,7 +644,9 @@ fn default_chunks_are_even_and_within_the_cap() {
 /// an expert with no slot, negative codes and zeros among them.
 #[test]
 fn block_codes_equal_the_separate_ops_bit_for_bit() {
-    use engine::backend::{BackendStorage, BinaryOp, BlockCodes, UnaryOp};
+    use engine::backend::{BackendStorage, BinaryOp, UnaryOp};
+    use engine::fused::moe_ffn::primitives::{self as prim, BlockCodes};
+    use engine::fused::Operand;
     use engine::{Layout, Storage};
     let dev = Device::Cpu;
     let bits = |s: &Storage, n: usize| -> Vec<u64> {
@@ -609,7 +658,7 @@ fn block_codes_equal_the_separate_ops_bit_for_bit() {
     };
     for (t, k, e, r) in [(37, 2, 8, 16), (5, 1, 4, 3), (9, 4, 8, 5)] {
         // experts 0 .. e − 1 only: expert e − 1 gets no slot
-        let (d, ids_f) = testutil::moe_codes_case(t, k, e, r);
+        let (d, ids_f) = moe_codes_case(t, k, e, r);
         let distinct = (0..t).all(|tt| {
             let row = &ids_f[tt * k..(tt + 1) * k];
             row.iter().enumerate().all(|(a, x)| !row[..a].contains(x))
@@ -632,7 +681,7 @@ fn block_codes_equal_the_separate_ops_bit_for_bit() {
                 })
                 .collect()
         };
-        for (src_dt, out_dt, acc) in testutil::BLOCK_CODES_DTYPES {
+        for (src_dt, out_dt, acc) in BLOCK_CODES_DTYPES {
             let s = 1.7;
             let affine = UnaryOp::Affine { mul: s, add: 0.0 };
             let codes_l = Layout::contiguous([t, k, r]);
@@ -643,22 +692,28 @@ fn block_codes_equal_the_separate_ops_bit_for_bit() {
                 let src = Storage::upload_f64(dev, &vals(src_rows * er, 3), src_dt).unwrap();
                 let src_l = Layout::contiguous([src_rows, er]);
                 // The separate ops.
-                let g = Storage::moe_gather_codes(&[(&src, &src_l), (&ids, &ids_l)], &d).unwrap();
+                let g = prim::gather_codes(
+                    prim::GatherCodes {
+                        src: Operand::new(&src, &src_l),
+                        ids: Operand::new(&ids, &ids_l),
+                    },
+                    &d,
+                )
+                .unwrap();
                 let scaled = if weighted {
                     let sw = w.unary(&w_l, affine).unwrap(); // s·w [T, k]
                     let sw_b = Layout::new([t, k, r].into(), vec![k, 1, 0], 0);
-                    g[0].binary(&codes_l, &sw, &sw_b, BinaryOp::Mul).unwrap()
+                    g.binary(&codes_l, &sw, &sw_b, BinaryOp::Mul).unwrap()
                 } else {
-                    g[0].unary(&codes_l, affine).unwrap()
+                    g.unary(&codes_l, affine).unwrap()
                 };
-                let args = [(&scaled, &codes_l), (&ids, &ids_l)];
-                let blocks = if summed {
-                    Storage::moe_expand_codes_summed(&args, &d).unwrap()
-                } else {
-                    Storage::moe_expand_codes(&args, &d).unwrap()
+                let codes = prim::ExpandCodes {
+                    codes: Operand::new(&scaled, &codes_l),
+                    ids: Operand::new(&ids, &ids_l),
                 };
+                let blocks = prim::expand_codes(codes, &d, summed).unwrap();
                 let out_rows = if summed { t } else { t * k };
-                let want = blocks[0]
+                let want = blocks
                     .to_dtype(&Layout::contiguous([out_rows, er]), out_dt)
                     .unwrap();
                 // One pass.
@@ -667,17 +722,18 @@ fn block_codes_equal_the_separate_ops_bit_for_bit() {
                     summed,
                     dtype: out_dt,
                 };
-                let mut args = vec![(&src, &src_l), (&ids, &ids_l)];
-                if weighted {
-                    args.push((&w, &w_l));
-                }
-                let got = Storage::moe_block_codes(&args, &d, &how).unwrap();
-                assert_eq!(got[0].dtype(), out_dt);
+                let blocks = prim::Blocks {
+                    src: Operand::new(&src, &src_l),
+                    ids: Operand::new(&ids, &ids_l),
+                    w: weighted.then(|| Operand::new(&w, &w_l)),
+                };
+                let got = prim::block_codes(blocks, &d, &how).unwrap();
+                assert_eq!(got.dtype(), out_dt);
                 let what = format!(
                     "t {t} k {k} e {e} r {r}, {src_dt} → {out_dt}, summed {summed}, weighted {weighted}"
                 );
                 assert_eq!(
-                    bits(&got[0], out_rows * er),
+                    bits(&got, out_rows * er),
                     bits(&want, out_rows * er),
                     "{what}"
                 );
@@ -690,7 +746,8 @@ fn block_codes_equal_the_separate_ops_bit_for_bit() {
 /// operands of the wrong sizes, with errors that name the op.
 #[test]
 fn block_codes_errors() {
-    use engine::backend::{BackendStorage, BlockCodes, MoeDims};
+    use engine::fused::moe_ffn::primitives::{self as prim, BlockCodes};
+    use engine::fused::Operand;
     use engine::{Layout, Storage};
     let dev = Device::Cpu;
     let d = MoeDims {
@@ -713,26 +770,510 @@ fn block_codes_errors() {
         summed,
         dtype,
     };
-    let err = |args: &[(&Storage, &Layout)], h: BlockCodes| match Storage::moe_block_codes(
-        args, &d, &h,
-    ) {
-        Ok(_) => panic!("expected an error"),
-        Err(e) => e.to_string(),
+    let err = |w: Option<(&Storage, &Layout)>, h: BlockCodes| {
+        let blocks = prim::Blocks {
+            src: Operand::new(&per_token, &per_token_l),
+            ids: Operand::new(&ids, &ids_l),
+            w: w.map(|(s, l)| Operand::new(s, l)),
+        };
+        match prim::block_codes(blocks, &d, &h) {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => e.to_string(),
+        }
     };
-    let e = err(
-        &[(&per_token, &per_token_l), (&ids, &ids_l), (&w, &ids_l)],
-        how(true, DType::F32),
-    );
+    let e = err(Some((&w, &ids_l)), how(true, DType::F32));
     assert!(e.contains("moe_block_codes"), "{e}");
-    let e = err(
-        &[(&per_token, &per_token_l), (&ids, &ids_l)],
-        how(false, DType::F64),
-    );
+    let e = err(None, how(false, DType::F64));
     assert!(e.contains("moe_block_codes"), "{e}");
     // summed wants [T·k, E·r] = 48 elements, not 24
-    let e = err(
-        &[(&per_token, &per_token_l), (&ids, &ids_l)],
-        how(true, DType::F32),
-    );
+    let e = err(None, how(true, DType::F32));
     assert!(e.contains("moe_block_codes"), "{e}");
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::{moe_codes_case, BLOCK_CODES_DTYPES};
+    use engine::backend::BackendStorage;
+    use engine::fused::moe_ffn::primitives::{self as prim, BlockCodes};
+    use engine::fused::Operand;
+    use engine::{
+        moe_ffn, DType, Device, Layout, MoeDropout, MoeFfnOptions, MoeFusedWeights, MoeKernels,
+        MoeRouting, Storage, Tensor,
+    };
+    use model::adapters::{
+        ExpertLora, LoraLinear, MixLoraFfn, MoeImpl, Router, Routing, SharedFfn,
+    };
+    use testutil::gpu::{device as gpu, serial, tol};
+    use testutil::rel_err;
+
+    /// Deterministic values in ±[0.1, 1.1) × `scale` (never zero).
+    fn vals(n: usize, seed: u64, scale: f64) -> Vec<f64> {
+        (0..n as u64)
+            .map(|i| {
+                let mag = 0.1 + engine::rng::uniform(seed, i);
+                let sign = if engine::rng::uniform(seed ^ 0x5555, i) < 0.5 {
+                    -1.0
+                } else {
+                    1.0
+                };
+                sign * mag * scale
+            })
+            .collect()
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    struct Case {
+        t: usize,
+        h: usize,
+        i: usize,
+        e: usize,
+        k: usize,
+        r: usize,
+        /// Expert e − 1 receives no token.
+        idle: bool,
+        /// W_gate and W_up as adjacent row blocks of one buffer (one GEMM, G/U read in place).
+        adjacent: bool,
+        dropout: Option<f64>,
+        /// Tokens per chunk (None: the op's default, one chunk at these sizes).
+        chunk: Option<usize>,
+    }
+
+    /// k distinct experts per token (from the first `e − idle` ones), deterministic.
+    fn routing_ids(c: Case) -> Vec<u32> {
+        let usable = c.e - c.idle as usize;
+        let mut v = Vec::with_capacity(c.t * c.k);
+        let mut rng = engine::rng::Rng::new(c.t as u64 * 31 + c.e as u64);
+        for _ in 0..c.t {
+            let mut picks: Vec<u32> = (0..usable as u32).collect();
+            rng.shuffle(&mut picks);
+            v.extend_from_slice(&picks[..c.k]);
+        }
+        v
+    }
+
+    /// `[y, dx, dw, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d]` of the op on `dev`, read back.
+    fn run(
+        dev: Device,
+        c: Case,
+        base: DType,
+        kernels: MoeKernels,
+    ) -> Vec<(&'static str, Vec<f64>)> {
+        let at = if base == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let t = |v: Vec<f64>, shape: Vec<usize>, dt: DType| {
+            Tensor::from_f64(&v, shape, dt, dev).unwrap()
+        };
+        let var = |v: Vec<f64>, shape: Vec<usize>, dt: DType| t(v, shape, dt).to_var().unwrap();
+        let (sh, si) = (1.0 / (c.h as f64).sqrt(), 1.0 / (c.i as f64).sqrt());
+        let x = var(vals(c.t * c.h, 1, 1.0), vec![c.t, c.h], base);
+        let w = var(
+            vals(c.t * c.k, 2, 1.0).iter().map(|v| v.abs()).collect(),
+            vec![c.t, c.k],
+            at,
+        );
+        let er = c.e * c.r;
+        let a_gate = var(vals(er * c.h, 3, sh), vec![c.e, c.r, c.h], at);
+        let b_gate = var(vals(c.e * c.i * c.r, 4, 0.3), vec![c.e, c.i, c.r], at);
+        let a_up = var(vals(er * c.h, 5, sh), vec![c.e, c.r, c.h], at);
+        let b_up = var(vals(c.e * c.i * c.r, 6, 0.3), vec![c.e, c.i, c.r], at);
+        let a_down = var(vals(er * c.i, 7, si), vec![c.e, c.r, c.i], at);
+        let b_down = var(vals(c.e * c.h * c.r, 8, 0.3), vec![c.e, c.h, c.r], at);
+        let (w_gate, w_up) = if c.adjacent {
+            let gu = t(vals(2 * c.i * c.h, 9, sh), vec![2 * c.i, c.h], base);
+            (
+                gu.narrow(0, 0, c.i).unwrap(),
+                gu.narrow(0, c.i, c.i).unwrap(),
+            )
+        } else {
+            (
+                t(vals(c.i * c.h, 9, sh), vec![c.i, c.h], base),
+                t(vals(c.i * c.h, 10, sh), vec![c.i, c.h], base),
+            )
+        };
+        let w_down = t(vals(c.h * c.i, 11, si), vec![c.h, c.i], base);
+        let ids = Tensor::from_vec(routing_ids(c), [c.t, c.k], dev).unwrap();
+        if c.idle {
+            let used = ids.to_vec_u32().unwrap();
+            assert!(
+                !used.contains(&(c.e as u32 - 1)),
+                "{c:?}: the last expert must be idle"
+            );
+        }
+        let weights = MoeFusedWeights {
+            w_gate: &w_gate,
+            w_up: &w_up,
+            w_down: &w_down,
+            a_gate: &a_gate,
+            b_gate: &b_gate,
+            a_up: &a_up,
+            b_up: &b_up,
+            a_down: &a_down,
+            b_down: &b_down,
+            scale: 2.0,
+        };
+        let route = MoeRouting {
+            ids: &ids,
+            weights: &w,
+        };
+        let dropout = c.dropout.map(|p| MoeDropout { p, seed: 17 });
+        let opts = MoeFfnOptions {
+            kernels,
+            chunk_tokens: c.chunk,
+        };
+        let y = moe_ffn(&x, &weights, &route, dropout, &opts).unwrap();
+        assert_eq!(y.dtype(), base);
+        let dy = t(vals(c.t * c.h, 12, 1.0), vec![c.t, c.h], base);
+        y.backward_with_grad(&dy).unwrap();
+        let grad = |p: &Tensor| p.grad().expect("gradient").to_vec_f64().unwrap();
+        vec![
+            ("y", y.to_vec_f64().unwrap()),
+            ("dx", grad(&x)),
+            ("dw", grad(&w)),
+            ("dA_gate", grad(&a_gate)),
+            ("dB_gate", grad(&b_gate)),
+            ("dA_up", grad(&a_up)),
+            ("dB_up", grad(&b_up)),
+            ("dA_down", grad(&a_down)),
+            ("dB_down", grad(&b_down)),
+        ]
+    }
+
+    const CASES: [Case; 8] = [
+        Case {
+            t: 37,
+            h: 20,
+            i: 27,
+            e: 4,
+            k: 2,
+            r: 4,
+            idle: true,
+            adjacent: false,
+            dropout: None,
+            chunk: None,
+        },
+        Case {
+            t: 300,
+            h: 256,
+            i: 688,
+            e: 8,
+            k: 2,
+            r: 16,
+            idle: false,
+            adjacent: true,
+            dropout: None,
+            chunk: None,
+        },
+        Case {
+            t: 300,
+            h: 256,
+            i: 688,
+            e: 8,
+            k: 2,
+            r: 16,
+            idle: true,
+            adjacent: false,
+            dropout: Some(0.1),
+            chunk: Some(128),
+        },
+        Case {
+            t: 513,
+            h: 96,
+            i: 257,
+            e: 8,
+            k: 1,
+            r: 8,
+            idle: true,
+            adjacent: true,
+            dropout: None,
+            chunk: Some(100),
+        },
+        Case {
+            t: 1,
+            h: 33,
+            i: 65,
+            e: 4,
+            k: 2,
+            r: 3,
+            idle: false,
+            adjacent: true,
+            dropout: Some(0.3),
+            chunk: None,
+        },
+        // Sizes the tensor-core kernels serve in bf16 (k = 4, 8, 1; E·r = 64, 32, 64 below the
+        // 128 they hold; I not a multiple of their 32-column step; T·k not a multiple of their
+        // 64-row tile), with dropout and chunks.
+        Case {
+            t: 77,
+            h: 48,
+            i: 264,
+            e: 8,
+            k: 4,
+            r: 8,
+            idle: true,
+            adjacent: true,
+            dropout: Some(0.2),
+            chunk: None,
+        },
+        Case {
+            t: 50,
+            h: 40,
+            i: 40,
+            e: 8,
+            k: 8,
+            r: 4,
+            idle: false,
+            adjacent: false,
+            dropout: None,
+            chunk: None,
+        },
+        Case {
+            t: 130,
+            h: 64,
+            i: 96,
+            e: 4,
+            k: 1,
+            r: 16,
+            idle: true,
+            adjacent: true,
+            dropout: Some(0.1),
+            chunk: Some(50),
+        },
+    ];
+
+    /// The cases the tensor-core kernels serve in bf16 on the GPU when asked (the rest run the
+    /// block-code GEMMs): a change that silently turned them off would leave them untested.
+    #[test]
+    fn the_tensor_core_kernels_serve_the_cases_they_should() {
+        let Some(dev) = gpu() else { return };
+        for (n, c) in CASES.iter().enumerate() {
+            let x = Tensor::zeros([c.t, c.h], DType::BF16, dev).unwrap();
+            let f = |dims: Vec<usize>| Tensor::zeros(dims, DType::F32, dev).unwrap();
+            let wb = |dims: Vec<usize>| Tensor::zeros(dims, DType::BF16, dev).unwrap();
+            let (ag, bg, ad, bd) = (
+                f(vec![c.e, c.r, c.h]),
+                f(vec![c.e, c.i, c.r]),
+                f(vec![c.e, c.r, c.i]),
+                f(vec![c.e, c.h, c.r]),
+            );
+            let (wg, wd) = (wb(vec![c.i, c.h]), wb(vec![c.h, c.i]));
+            let weights = MoeFusedWeights {
+                w_gate: &wg,
+                w_up: &wg,
+                w_down: &wd,
+                a_gate: &ag,
+                b_gate: &bg,
+                a_up: &ag,
+                b_up: &bg,
+                a_down: &ad,
+                b_down: &bd,
+                scale: 1.0,
+            };
+            let want = n == 1 || n == 2 || n >= 5;
+            let tiles =
+                |x: &Tensor, kernels| engine::moe_fused_runs_tiles(x, &weights, c.k, kernels);
+            assert_eq!(
+                tiles(&x, MoeKernels::Tiles).unwrap(),
+                want,
+                "case {n}: {c:?}"
+            );
+            assert!(!tiles(&x, MoeKernels::BlockGemms).unwrap());
+            let x32 = x.to_dtype(DType::F32).unwrap();
+            assert!(!tiles(&x32, MoeKernels::Tiles).unwrap());
+        }
+    }
+
+    #[test]
+    fn moe_ffn_op_cuda_matches_cpu() {
+        let Some(dev) = gpu() else { return };
+        let mut failures = Vec::new();
+        for c in CASES {
+            for base in [DType::F32, DType::BF16, DType::F64] {
+                let want = run(Device::Cpu, c, base, MoeKernels::BlockGemms);
+                // Both GPU paths (the tile kernels serve some bf16 cases; see the next test).
+                for kernels in [MoeKernels::BlockGemms, MoeKernels::Tiles] {
+                    let got = run(dev, c, base, kernels);
+                    for ((name, a), (_, b)) in got.iter().zip(&want) {
+                        let err = rel_err(a, b);
+                        println!("{base} {kernels:?} {c:?} {name}: {err:.2e}");
+                        if err > tol(base) {
+                            failures.push(format!(
+                                "{base} {kernels:?} {c:?} {name}: {err:.3e} > {}",
+                                tol(base)
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    /// `MoeImpl::Fused` through a whole MixLoRA block (router, top-k, gather of the weights,
+    /// stacking of the experts, grouping) on the GPU against the CPU, f32 and bf16 base.
+    #[test]
+    fn mixlora_block_fused_cuda_matches_cpu() {
+        let Some(dev) = gpu() else { return };
+        let (t, h, i, e, r) = (77, 64, 176, 8, 8);
+        for base in [DType::F32, DType::BF16] {
+            let run = |dev: Device| {
+                let f = |v: Vec<f64>, shape: Vec<usize>, dt: DType| {
+                    Tensor::from_f64(&v, shape, dt, dev).unwrap()
+                };
+                let x = f(vals(t * h, 1, 1.0), vec![t, h], base).to_var().unwrap();
+                let router = f(vals(e * h, 2, 0.5), vec![e, h], DType::F32)
+                    .to_var()
+                    .unwrap();
+                let shared = [
+                    f(vals(i * h, 3, 0.125), vec![i, h], base),
+                    f(vals(i * h, 4, 0.125), vec![i, h], base),
+                    f(vals(h * i, 5, 0.075), vec![h, i], base),
+                ];
+                let mut seed = 10;
+                let mut lora = |n_in: usize, n_out: usize| {
+                    seed += 2;
+                    let a = f(vals(r * n_in, seed, 0.1), vec![r, n_in], DType::F32);
+                    let b = f(vals(n_out * r, seed + 1, 0.3), vec![n_out, r], DType::F32);
+                    Some(LoraLinear::new(
+                        a.to_var().unwrap(),
+                        b.to_var().unwrap(),
+                        2.0,
+                        0.0,
+                    ))
+                };
+                let ffn = MixLoraFfn {
+                    router: Router {
+                        weight: router.clone(),
+                        routing: Routing::TopK(2),
+                    },
+                    experts: (0..e)
+                        .map(|_| ExpertLora {
+                            gate: lora(h, i),
+                            up: lora(h, i),
+                            down: lora(i, h),
+                        })
+                        .collect(),
+                };
+                let sh = SharedFfn {
+                    gate: &shared[0],
+                    up: &shared[1],
+                    down: &shared[2],
+                };
+                let (y, _) = ffn
+                    .forward(&x, sh, MoeImpl::Fused(Default::default()), None)
+                    .unwrap();
+                let dy = f(vals(t * h, 99, 1.0), vec![t, h], base);
+                y.backward_with_grad(&dy).unwrap();
+                let mut out = vec![
+                    y.to_vec_f64().unwrap(),
+                    x.grad().unwrap().to_vec_f64().unwrap(),
+                    router.grad().unwrap().to_vec_f64().unwrap(),
+                ];
+                for ex in &ffn.experts {
+                    for l in [&ex.gate, &ex.up, &ex.down] {
+                        let l = l.as_ref().unwrap();
+                        out.push(l.a.grad().unwrap().to_vec_f64().unwrap());
+                        out.push(l.b.grad().unwrap().to_vec_f64().unwrap());
+                    }
+                }
+                out
+            };
+            let (want, got) = (run(Device::Cpu), run(dev));
+            for (n, (a, b)) in got.iter().zip(&want).enumerate() {
+                let err = rel_err(a, b);
+                assert!(
+                    err <= tol(base),
+                    "{base}: tensor {n} (0 = y, 1 = dx, 2 = router, then experts' A, B) differs by {err:.3e}"
+                );
+            }
+        }
+    }
+
+    /// Deterministic values in ±[0.1, 2.1) (never zero), from `seed`: those of the primitives'
+    /// parity tests (tests/tests/cuda_parity.rs).
+    fn signed(n: usize, seed: u64) -> Vec<f64> {
+        (0..n as u64)
+            .map(|i| {
+                let u = engine::rng::uniform(seed, i);
+                let mag = 0.1 + 2.0 * u;
+                if engine::rng::uniform(seed ^ 0x5555, i) < 0.5 {
+                    -mag
+                } else {
+                    mag
+                }
+            })
+            .collect()
+    }
+
+    fn up(dev: Device, data: &[f64], dtype: DType) -> Storage {
+        Storage::upload_f64(dev, data, dtype).expect("upload")
+    }
+
+    /// `moe_block_codes` (the fused MoE FFN's one-pass code layouts) on the GPU gives the CPU's
+    /// bits: per slot, with routing weights, and summed per token; every source and result dtype
+    /// pair the kernel is built for; k = 1, 2 and 4, an odd rank, an expert with no slot, sizes
+    /// that are not multiples of the 256-thread block, and zeros of both signs among the codes.
+    #[test]
+    fn moe_block_codes_bit_for_bit() {
+        let _serial = serial();
+        let Some(gpu) = gpu() else { return };
+        for (t, k, e, r) in [
+            (37usize, 2usize, 8usize, 16usize),
+            (5, 1, 4, 3),
+            (300, 4, 8, 5),
+        ] {
+            let (d, ids_v) = moe_codes_case(t, k, e, r);
+            let ids_l = Layout::contiguous([t, k]);
+            let er = e * r;
+            let codes = |n: usize, seed: u64| -> Vec<f64> {
+                signed(n, seed)
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| match i % 13 {
+                        3 => 0.0,
+                        7 => -0.0,
+                        _ => v,
+                    })
+                    .collect()
+            };
+            for (src_dt, out_dt, acc) in BLOCK_CODES_DTYPES {
+                for (summed, weighted) in [(false, false), (false, true), (true, false)] {
+                    let src_rows = if summed { t * k } else { t };
+                    let out_rows = if summed { t } else { t * k };
+                    let (src_v, w_v) = (codes(src_rows * er, 5), signed(t * k, 6));
+                    let run = |dev: Device| -> Vec<u64> {
+                        let src = up(dev, &src_v, src_dt);
+                        let ids = up(dev, &ids_v, DType::U32);
+                        let w = up(dev, &w_v, acc);
+                        let src_l = Layout::contiguous([src_rows, er]);
+                        let blocks = prim::Blocks {
+                            src: Operand::new(&src, &src_l),
+                            ids: Operand::new(&ids, &ids_l),
+                            w: weighted.then(|| Operand::new(&w, &ids_l)),
+                        };
+                        let how = BlockCodes {
+                            scale: 1.7,
+                            summed,
+                            dtype: out_dt,
+                        };
+                        let out = prim::block_codes(blocks, &d, &how).unwrap();
+                        assert_eq!(out.dtype(), out_dt);
+                        out.to_f64_vec(&Layout::contiguous([out_rows, er]))
+                            .expect("read back")
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect()
+                    };
+                    assert_eq!(
+                        run(gpu),
+                        run(Device::Cpu),
+                        "t {t} k {k} e {e} r {r}, {src_dt} → {out_dt}, summed {summed}, \
+                         weighted {weighted}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -1,7 +1,7 @@
 // The fused MixLoRA FFN on the tensor cores, for a bf16 base: the rank-r expansions, the SwiGLU
 // over the slots and the rank-r projections of one tile of slots in one kernel, so that no
-// [T·K, I] tensor is ever written. Follows moe_fused.cu in the same module (it uses MoeDrop,
-// moe_sigmoid and moe_slot_grads); the maths is in engine/src/ops/moe_fused.rs.
+// [T·K, I] tensor is ever written. Follows moe_ffn.cu in the same module (it uses MoeDrop,
+// moe_sigmoid and moe_slot_grads); the maths is in engine/src/fused/moe_ffn/.
 //
 // Slot rows p = t·K + j (t < T tokens of this chunk, K slots a token), expert ids[p] < E, rank R,
 // ER = E·R ≤ MT_ER, a multiple of 8; I a multiple of 8; K one of 1, 2, 4, 8 (a token's slots
@@ -31,7 +31,7 @@
 //     dBg [I, ER] f32 = Σ_p bf16(dg[p])ᵀ Cg[p], dBu likewise, dAd [ER, I] f32 = Σ_p Cd[p]ᵀ
 //     bf16(m·a[p]) (the block form makes each expert's block sum only its own slots).
 //
-// Dropout (on the down projection's input, as in moe_fused.cu): element i of slot p is dropped
+// Dropout (on the down projection's input, as in moe_ffn.cu): element i of slot p is dropped
 // when dropout_bits(seed, ((t0 + t)·K + j)·I + i) < round(pdrop·2^16), else scaled by keep.
 //
 // Tiling: 256 threads (8 warps), MT_ROWS = 64 slot rows by MT_COLS = 32 columns of I a step;

@@ -1,24 +1,30 @@
-//! Launchers of the fused MixLoRA FFN kernels (module `MOE_FUSED` of `mixlora-kernels`; the
-//! operands and results of each are documented on the `BackendStorage` methods). `G` and `U` are
-//! read in place through their row stride (they are column halves of one `[T, 2I]` product);
-//! every other operand is copied when it is not contiguous. Every operand's element count is
-//! checked against the sizes in [`MoeDims`] before a launch. Expert ids are trusted to be `< E`
-//! (the op takes them from its top-k; the CPU backend checks them).
+//! Launchers of the fused MixLoRA FFN kernels (module `MOE_FFN` of `mixlora-kernels`,
+//! kernels/src/moe_ffn.cu; the operands and results of each are documented on the primitives
+//! and operand structs of `primitives.rs`). `G` and `U` are read in place through their row
+//! stride (they are column halves of one `[T, 2I]` product); every other operand is copied when
+//! it is not contiguous. Every operand's element count is checked against the sizes in
+//! [`MoeDims`] before a launch. Expert ids are trusted to be `< E` (the op takes them from its
+//! top-k; the CPU reference checks them).
 
 use cudarc::driver::LaunchConfig;
-use kernels::MOE_FUSED;
+use kernels::MOE_FFN;
 
-use super::launch::launch;
-use super::layout::{to_u32, to_u32s};
-use super::{check_extent, float_only, Contig, CudaDevice, CudaStorage};
-use crate::backend::{BlockCodes, MoeDims};
-use crate::{DType, Error, Layout, Result};
+use super::primitives::{
+    BlockCodes, Blocks, ExpandCodes, GatherCodes, MoeDims, SwigluBackward, SwigluForward,
+    SwigluGrads,
+};
+use crate::backend::cuda::launch::launch;
+use crate::backend::cuda::layout::{to_u32, to_u32s};
+use crate::backend::cuda::{check_extent, float_only, Contig, CudaDevice, CudaStorage};
+use crate::fused::Operand;
+use crate::{DType, Error, Result};
 
-pub(super) type Args<'a> = [(&'a CudaStorage, &'a Layout)];
+/// An operand on the GPU.
+pub(super) type Op<'a> = Operand<'a, CudaStorage>;
 
 /// Threads per block of the SwiGLU kernels (a multiple of 32: the block reductions need it).
 const THREADS: u32 = 256;
-/// The most slots per token the kernels' per-thread arrays hold (`MOE_MAX_K` in moe_fused.cu).
+/// The most slots per token the kernels' per-thread arrays hold (`MOE_MAX_K` in moe_ffn.cu).
 const MAX_K: usize = 8;
 
 /// What an operand is.
@@ -53,18 +59,13 @@ pub(super) struct Operands {
     _hold: Vec<Contig>,
 }
 
-pub(super) fn operands(
-    op: &'static str,
-    args: &Args<'_>,
-    spec: &[(Kind, usize)],
-) -> Result<Operands> {
-    if args.len() != spec.len() {
-        return Err(Error::invalid(
-            op,
-            format!("{} operands, expected {}", args.len(), spec.len()),
-        ));
-    }
-    let first = args[0].0;
+/// The operands of one launch, in the kernel's order, each with what it is and its expected
+/// element count.
+pub(super) fn operands(op: &'static str, spec: &[(Op<'_>, Kind, usize)]) -> Result<Operands> {
+    let Some(&(first, _, _)) = spec.first() else {
+        return Err(Error::invalid(op, "no operands"));
+    };
+    let first = first.s;
     let base = first.dtype;
     float_only(op, base)?;
     let adapter = base.accumulation();
@@ -76,7 +77,7 @@ pub(super) fn operands(
         lds: Vec::with_capacity(spec.len()),
         _hold: Vec::new(),
     };
-    for (&(s, l), &(kind, len)) in args.iter().zip(spec) {
+    for &(Operand { s, l }, kind, len) in spec {
         first.same_device(op, s)?;
         let want = match kind {
             Kind::Rows | Kind::Base | Kind::Any | Kind::AlignedRows | Kind::Aligned => base,
@@ -162,19 +163,20 @@ enum Codes {
     Expand { summed: bool },
 }
 
-pub(crate) fn gather_codes(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> {
-    move_codes(args, d, Codes::Gather)
+pub(super) fn gather_codes(o: &GatherCodes<'_, CudaStorage>, d: &MoeDims) -> Result<CudaStorage> {
+    move_codes(o.src, o.ids, d, Codes::Gather)
 }
 
-pub(crate) fn expand_codes(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> {
-    move_codes(args, d, Codes::Expand { summed: false })
+pub(super) fn expand_codes(
+    o: &ExpandCodes<'_, CudaStorage>,
+    d: &MoeDims,
+    summed: bool,
+) -> Result<CudaStorage> {
+    move_codes(o.codes, o.ids, d, Codes::Expand { summed })
 }
 
-pub(crate) fn expand_codes_summed(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> {
-    move_codes(args, d, Codes::Expand { summed: true })
-}
-
-fn move_codes(args: &Args<'_>, d: &MoeDims, which: Codes) -> Result<Vec<CudaStorage>> {
+/// `input`: the gather's `src` or the expansion's `codes`.
+fn move_codes(input: Op<'_>, ids: Op<'_>, d: &MoeDims, which: Codes) -> Result<CudaStorage> {
     let op = match which {
         Codes::Gather => "moe_gather_codes",
         Codes::Expand { .. } => "moe_expand_codes",
@@ -184,7 +186,7 @@ fn move_codes(args: &Args<'_>, d: &MoeDims, which: Codes) -> Result<Vec<CudaStor
     // (flag, input elements, output elements)
     let (flag, in_len, out_len) = match which {
         Codes::Gather => {
-            let src_len = args.first().map_or(0, |a| a.1.elem_count());
+            let src_len = input.l.elem_count();
             let per_slot = src_len == t * k * e * r && k != 1;
             let rows = if per_slot { t * k } else { t };
             (per_slot, rows * e * r, t * k * r)
@@ -196,10 +198,9 @@ fn move_codes(args: &Args<'_>, d: &MoeDims, which: Codes) -> Result<Vec<CudaStor
     };
     let o = operands(
         op,
-        args,
         &[
-            (Kind::Any, in_len),  // src or codes
-            (Kind::Index, t * k), // ids
+            (input, Kind::Any, in_len), // src or codes
+            (ids, Kind::Index, t * k),
         ],
     )?;
     let out_dtype = match which {
@@ -208,7 +209,7 @@ fn move_codes(args: &Args<'_>, d: &MoeDims, which: Codes) -> Result<Vec<CudaStor
     };
     let out = CudaStorage::alloc(&o.dev, op, out_len, out_dtype)?;
     if out_len == 0 {
-        return Ok(vec![out]);
+        return Ok(out);
     }
     let [input, ids] = o.ptrs[..] else {
         return Err(Error::invalid(op, "operand count"));
@@ -225,33 +226,36 @@ fn move_codes(args: &Args<'_>, d: &MoeDims, which: Codes) -> Result<Vec<CudaStor
         launch!(
             &o.dev,
             op,
-            MOE_FUSED,
+            MOE_FFN,
             name,
             CudaDevice::grid(out_len),
             [t32, k32, e32, r32, flag32, input, ids, po]
         )
     }?;
-    Ok(vec![out])
+    Ok(out)
 }
 
-pub(crate) fn block_codes(
-    args: &Args<'_>,
+pub(super) fn block_codes(
+    x: &Blocks<'_, CudaStorage>,
     d: &MoeDims,
     how: &BlockCodes,
-) -> Result<Vec<CudaStorage>> {
+) -> Result<CudaStorage> {
     const OP: &str = "moe_block_codes";
     check_sizes(OP, d)?;
     let (t, k, er) = (d.t, d.k, d.e * d.r);
-    let weighted = args.len() == 3;
+    let weighted = x.w.is_some();
     if weighted && how.summed {
         return Err(Error::invalid(OP, "weights go with per-slot codes only"));
     }
     let (src_rows, out_rows) = if how.summed { (t * k, t) } else { (t, t * k) };
-    let mut spec = vec![(Kind::Any, src_rows * er), (Kind::Index, t * k)];
-    if weighted {
-        spec.push((Kind::Adapter, t * k));
+    let mut spec = vec![
+        (x.src, Kind::Any, src_rows * er),
+        (x.ids, Kind::Index, t * k),
+    ];
+    if let Some(w) = x.w {
+        spec.push((w, Kind::Adapter, t * k));
     }
-    let o = operands(OP, args, &spec)?;
+    let o = operands(OP, &spec)?;
     let wide = o.base == DType::F64;
     if !how.dtype.is_float() || wide != (how.dtype == DType::F64) {
         return Err(Error::invalid(
@@ -261,7 +265,7 @@ pub(crate) fn block_codes(
     }
     let out = CudaStorage::alloc(&o.dev, OP, out_rows * er, how.dtype)?;
     if out_rows * er == 0 {
-        return Ok(vec![out]);
+        return Ok(out);
     }
     let (src, ids) = (o.ptrs[0], o.ptrs[1]);
     let w = if weighted { o.ptrs[2] } else { 0 };
@@ -276,13 +280,13 @@ pub(crate) fn block_codes(
         launch!(
             &o.dev,
             OP,
-            MOE_FUSED,
+            MOE_FFN,
             name,
             CudaDevice::grid(out_rows * er),
             [t32, k32, e32, r32, summed, scale, src, ids, w, po]
         )
     }?;
-    Ok(vec![out])
+    Ok(out)
 }
 
 /// The SwiGLU kernel `op` for `k` slots a token: the `_k2` build (per-slot arrays of 2, about
@@ -295,25 +299,27 @@ fn swiglu_kernel(op: &str, k: usize, base: DType) -> String {
     }
 }
 
-pub(crate) fn swiglu_forward(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> {
+pub(super) fn swiglu_forward(
+    x: &SwigluForward<'_, CudaStorage>,
+    d: &MoeDims,
+) -> Result<(CudaStorage, CudaStorage)> {
     const OP: &str = "moe_swiglu_forward";
     check_sizes(OP, d)?;
     let (t, k, i) = (d.t, d.k, d.i);
     let o = operands(
         OP,
-        args,
         &[
-            (Kind::Rows, t * i),     // G
-            (Kind::Rows, t * i),     // U
-            (Kind::Base, t * k * i), // ΔG
-            (Kind::Base, t * k * i), // ΔU
-            (Kind::Adapter, t * k),  // w
+            (x.g, Kind::Rows, t * i),
+            (x.u, Kind::Rows, t * i),
+            (x.dg, Kind::Base, t * k * i),
+            (x.du, Kind::Base, t * k * i),
+            (x.w, Kind::Adapter, t * k),
         ],
     )?;
     let abar = CudaStorage::alloc(&o.dev, OP, t * i, o.base)?; // [T, I]
     let am = CudaStorage::alloc(&o.dev, OP, t * k * i, o.base)?; // [T·k, I]
     if t * i == 0 || k == 0 {
-        return Ok(vec![abar, am]);
+        return Ok((abar, am));
     }
     let [g, u, dg, du, w] = o.ptrs[..] else {
         return Err(Error::invalid(OP, "operand count"));
@@ -330,30 +336,32 @@ pub(crate) fn swiglu_forward(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaSto
         launch!(
             &o.dev,
             OP,
-            MOE_FUSED,
+            MOE_FFN,
             name,
             per_token(t),
             [t32, k32, i32_, t0, g, ldg, u, ldu, dg, du, w, pa, pm, pdrop, keep, seed]
         )
     }?;
-    Ok(vec![abar, am])
+    Ok((abar, am))
 }
 
-pub(crate) fn swiglu_backward(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> {
+pub(super) fn swiglu_backward(
+    x: &SwigluBackward<'_, CudaStorage>,
+    d: &MoeDims,
+) -> Result<SwigluGrads<CudaStorage>> {
     const OP: &str = "moe_swiglu_backward";
     check_sizes(OP, d)?;
     let (t, k, i) = (d.t, d.k, d.i);
     let o = operands(
         OP,
-        args,
         &[
-            (Kind::Rows, t * i),     // G
-            (Kind::Rows, t * i),     // U
-            (Kind::Base, t * k * i), // ΔG
-            (Kind::Base, t * k * i), // ΔU
-            (Kind::Base, t * k * i), // ΔD
-            (Kind::Base, t * i),     // dĀ
-            (Kind::Adapter, t * k),  // w
+            (x.g, Kind::Rows, t * i),
+            (x.u, Kind::Rows, t * i),
+            (x.dg, Kind::Base, t * k * i),
+            (x.du, Kind::Base, t * k * i),
+            (x.dd, Kind::Base, t * k * i),
+            (x.dabar, Kind::Base, t * i),
+            (x.w, Kind::Adapter, t * k),
         ],
     )?;
     let dgu = CudaStorage::alloc(&o.dev, OP, t * 2 * i, o.base)?; // [T, 2I]
@@ -362,7 +370,13 @@ pub(crate) fn swiglu_backward(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaSt
     let am = CudaStorage::alloc(&o.dev, OP, t * k * i, o.base)?; // [T·k, I]
     let dw = CudaStorage::alloc(&o.dev, OP, t * k, o.adapter)?; // [T, k]
     if t == 0 || k == 0 {
-        return Ok(vec![dgu, dg, du, am, dw]);
+        return Ok(SwigluGrads {
+            dgu,
+            dg,
+            du,
+            am,
+            dw,
+        });
     }
     let [g, u, lg, lu, ld, dabar, w] = o.ptrs[..] else {
         return Err(Error::invalid(OP, "operand count"));
@@ -380,7 +394,7 @@ pub(crate) fn swiglu_backward(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaSt
         launch!(
             &o.dev,
             OP,
-            MOE_FUSED,
+            MOE_FFN,
             name,
             per_token(t),
             [
@@ -389,5 +403,11 @@ pub(crate) fn swiglu_backward(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaSt
             ]
         )
     }?;
-    Ok(vec![dgu, dg, du, am, dw])
+    Ok(SwigluGrads {
+        dgu,
+        dg,
+        du,
+        am,
+        dw,
+    })
 }

@@ -1,12 +1,13 @@
-//! The fused MixLoRA FFN (path 3) on `cuda:0` at LLaMA-2-7B sizes (H = 4096, I = 11008, E = 8,
-//! k = 2, r = 16, bf16 base, f32 adapters; T = 16384 tokens unless `--tokens N`): each fused
-//! kernel alone (median GPU time by CUDA events, its minimal bytes, the rate), then the
-//! whole MixLoRA block forward and forward + backward with `MoeImpl::Fused` and `MoeImpl::Naive`
-//! (router, top-k and the autograd included), and the allocator peak.
+//! The fused MixLoRA FFN (the `fused` method of docs/DESIGN.md, unit `engine::fused::moe_ffn`) on
+//! `cuda:0` at LLaMA-2-7B sizes (H = 4096, I = 11008, E = 8, k = 2, r = 16, bf16 base, f32
+//! adapters; T = 16384 tokens unless `--tokens N`): each of the unit's primitives alone (median
+//! GPU time by CUDA events, its minimal bytes, the rate), then the whole MixLoRA block forward and
+//! forward + backward with `MoeImpl::Fused` and `MoeImpl::Naive` (router, top-k and the autograd
+//! included), and the allocator peak.
 //!
 //! Build: `cargo build --release -p mixlora-benches --features mixlora-engine/cuda --example
-//! cuda_moe_fused`. Run on the GPU machine: `LD_LIBRARY_PATH=/usr/local/cuda/lib64
-//! MIXLORA_CUDA_INCLUDE=/usr/local/cuda/include example-cuda_moe_fused [--tokens N] [--no-naive]`.
+//! cuda_moe_ffn`. Run on the GPU machine: `LD_LIBRARY_PATH=/usr/local/cuda/lib64
+//! MIXLORA_CUDA_INCLUDE=/usr/local/cuda/include example-cuda_moe_ffn [--tokens N] [--no-naive]`.
 //!
 //! Minimal bytes per kernel (b = 2 bytes of the bf16 base; K = k slots per token): swiglu_forward
 //! reads G, U and the slots' ΔG, ΔU, writes Ā and the slots' m⊙a: `(3 + 3K)·T·I·b`;
@@ -19,7 +20,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use engine::backend::cpu::CpuStorage;
 use engine::backend::cuda::{memory_stats, reset_peak_memory, CudaDevice};
-use engine::backend::{BackendStorage, MoeDims};
+use engine::fused::moe_ffn::primitives::{self as prim, MoeDims};
+use engine::fused::Operand;
 use engine::{DType, Device, Layout, Result, Shape, Storage, Tensor};
 use model::adapters::{ExpertLora, LoraLinear, MixLoraFfn, MoeImpl, Router, Routing, SharedFfn};
 
@@ -60,8 +62,8 @@ fn u32s(v: Vec<u32>) -> Result<(Storage, Layout)> {
 }
 
 /// An operand of a fused primitive.
-fn op(x: &(Storage, Layout)) -> (&Storage, &Layout) {
-    (&x.0, &x.1)
+fn op(x: &(Storage, Layout)) -> Operand<'_, Storage> {
+    Operand::new(&x.0, &x.1)
 }
 
 fn main() -> Result<()> {
@@ -109,40 +111,59 @@ fn main() -> Result<()> {
     };
     let (ti, kf) = ((t * i) as f64 * 2.0, k as f64);
     let slots = (t * k * e * r) as f64;
-    type Prim = fn(&[(&Storage, &Layout)], &MoeDims) -> Result<Vec<Storage>>;
-    /// Name, primitive, operands, minimal bytes.
-    type Case<'a> = (&'a str, Prim, Vec<(&'a Storage, &'a Layout)>, f64);
+    /// Name, a run of the primitive on its operands, minimal bytes.
+    type Case<'a> = (&'a str, Box<dyn Fn() -> Result<()> + 'a>, f64);
     let cases: Vec<Case> = vec![
         (
             "swiglu_forward",
-            Storage::moe_swiglu_forward,
-            vec![op(&g), op(&u), op(&lg), op(&lu), op(&w)],
+            Box::new(|| {
+                let o = prim::SwigluForward {
+                    g: op(&g),
+                    u: op(&u),
+                    dg: op(&lg),
+                    du: op(&lu),
+                    w: op(&w),
+                };
+                prim::swiglu_forward(o, &d).map(drop)
+            }),
             (3.0 + 3.0 * kf) * ti,
         ),
         (
             "swiglu_backward",
-            Storage::moe_swiglu_backward,
-            vec![
-                op(&g),
-                op(&u),
-                op(&lg),
-                op(&lu),
-                op(&ld),
-                op(&dabar),
-                op(&w),
-            ],
+            Box::new(|| {
+                let o = prim::SwigluBackward {
+                    g: op(&g),
+                    u: op(&u),
+                    dg: op(&lg),
+                    du: op(&lu),
+                    dd: op(&ld),
+                    dabar: op(&dabar),
+                    w: op(&w),
+                };
+                prim::swiglu_backward(o, &d).map(drop)
+            }),
             (5.0 + 6.0 * kf) * ti,
         ),
         (
             "gather_codes",
-            Storage::moe_gather_codes,
-            vec![op(&block), op(&ids)],
+            Box::new(|| {
+                let o = prim::GatherCodes {
+                    src: op(&block),
+                    ids: op(&ids),
+                };
+                prim::gather_codes(o, &d).map(drop)
+            }),
             (t * k * r) as f64 * 6.0,
         ),
         (
             "expand_codes",
-            Storage::moe_expand_codes,
-            vec![op(&codes), op(&ids)],
+            Box::new(|| {
+                let o = prim::ExpandCodes {
+                    codes: op(&codes),
+                    ids: op(&ids),
+                };
+                prim::expand_codes(o, &d, false).map(drop)
+            }),
             slots * 4.0,
         ),
     ];
@@ -150,8 +171,8 @@ fn main() -> Result<()> {
         "{:<18} {:>9} {:>9} {:>9} {:>7}",
         "kernel", "ms", "MB", "GB/s", "%copy"
     );
-    for (name, f, args, bytes) in &cases {
-        let ms = time(&dev, 10, || f(args, &d).map(|_| ()))?;
+    for (name, f, bytes) in &cases {
+        let ms = time(&dev, 10, f)?;
         let sec = ms / 1e3;
         println!(
             "{name:<18} {ms:>9.3} {:>9.1} {:>9.0} {:>6.1}%",

@@ -1,20 +1,21 @@
-//! Launchers of the tensor-core fused MixLoRA FFN kernels (`moe_tiles_*` of module `MOE_FUSED`,
-//! kernels/src/moe_tiles.cu; the operands and results are documented on the `BackendStorage`
-//! methods). They serve a bf16 base with `k` in {1, 2, 4, 8}, `E·r ≤ 128` a multiple of 8 and
-//! `I` a multiple of 8 ([`supported`]); the op runs the block-code GEMM path otherwise.
+//! Launchers of the tensor-core fused MixLoRA FFN kernels (`moe_tiles_*` of module `MOE_FFN`,
+//! kernels/src/moe_ffn_tiles.cu; the operands and results are documented on the primitives and
+//! operand structs of `primitives.rs`). They serve a bf16 base with `k` in {1, 2, 4, 8},
+//! `E·r ≤ 128` a multiple of 8 and `I` a multiple of 8 ([`supported`]); the op runs the
+//! block-code GEMM path otherwise.
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::LaunchConfig;
-use kernels::MOE_FUSED;
+use kernels::MOE_FFN;
 
-use super::launch::launch;
-use super::layout::{to_u32, to_u32s};
-use super::moe_fused::{operands, settings, Args, Kind, Operands};
-use super::{CudaDevice, CudaStorage};
-use crate::backend::MoeDims;
+use super::cuda::{operands, settings, Kind, Operands};
+use super::primitives::{MoeDims, TileRowGrads, TilesBackward, TilesForward};
+use crate::backend::cuda::launch::launch;
+use crate::backend::cuda::layout::{to_u32, to_u32s};
+use crate::backend::cuda::{CudaDevice, CudaStorage};
 use crate::{DType, Error, Result};
 
-/// Slot rows of a tile and columns of `I` a step (`MT_ROWS`, `MT_COLS` in moe_tiles.cu).
+/// Slot rows of a tile and columns of `I` a step (`MT_ROWS`, `MT_COLS` in moe_ffn_tiles.cu).
 const ROWS: usize = 64;
 const COLS: usize = 32;
 /// The widest `E·r` the kernels hold (`MT_ER`).
@@ -23,7 +24,7 @@ const THREADS: u32 = 256;
 
 /// Operand tiles in flight (`MT_STAGES`).
 const STAGES: usize = 3;
-// Shared memory of each kernel, in bytes: the tile sizes of moe_tiles.cu.
+// Shared memory of each kernel, in bytes: the tile sizes of moe_ffn_tiles.cu.
 const CODE_BYTES: usize = ROWS * (MAX_ER + 8) * 2;
 const BT_BYTES: usize = COLS * (MAX_ER + 8) * 2;
 const AD_BYTES: usize = MAX_ER * (COLS + 8) * 2;
@@ -47,7 +48,7 @@ fn cols_smem(r: usize) -> usize {
 const MAX_SMEM: usize = 227 * 1024;
 
 /// Whether the kernels serve these sizes for a base of `dtype`.
-pub(crate) fn supported(dtype: DType, d: &MoeDims) -> bool {
+pub(super) fn supported(dtype: DType, d: &MoeDims) -> bool {
     let er = d.e * d.r;
     dtype == DType::BF16
         && matches!(d.k, 1 | 2 | 4 | 8)
@@ -94,7 +95,7 @@ fn config(
     blocks: usize,
     smem: usize,
 ) -> Result<LaunchConfig> {
-    let f = dev.func(&MOE_FUSED, name)?;
+    let f = dev.func(&MOE_FFN, name)?;
     f.set_attribute(
         CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
         smem as i32,
@@ -107,29 +108,31 @@ fn config(
     })
 }
 
-pub(crate) fn forward(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> {
+pub(super) fn forward(
+    x: &TilesForward<'_, CudaStorage>,
+    d: &MoeDims,
+) -> Result<(CudaStorage, CudaStorage)> {
     const OP: &str = "moe_tiles_forward";
     let (t, k, i, er) = (d.t, d.k, d.i, d.e * d.r);
     let o = operands(
         OP,
-        args,
         &[
-            (Kind::AlignedRows, t * i),   // G
-            (Kind::AlignedRows, t * i),   // U
-            (Kind::Aligned, t * k * d.r), // Cg
-            (Kind::Aligned, t * k * d.r), // Cu
-            (Kind::Index, t * k),         // ids
-            (Kind::Aligned, i * er),      // B_g,all
-            (Kind::Aligned, i * er),      // B_u,all
-            (Kind::Aligned, er * i),      // A_d,all
-            (Kind::Adapter, t * k),       // w
+            (x.g, Kind::AlignedRows, t * i),
+            (x.u, Kind::AlignedRows, t * i),
+            (x.cg, Kind::Aligned, t * k * d.r),
+            (x.cu, Kind::Aligned, t * k * d.r),
+            (x.ids, Kind::Index, t * k),
+            (x.bg, Kind::Aligned, i * er),
+            (x.bu, Kind::Aligned, i * er),
+            (x.ad, Kind::Aligned, er * i),
+            (x.w, Kind::Adapter, t * k),
         ],
     )?;
     check(OP, &o, d, &[0, 1, 2, 3, 5, 6, 7])?;
     let abar = CudaStorage::alloc(&o.dev, OP, t * i, o.base)?; // [T, I]
     let zd = CudaStorage::alloc(&o.dev, OP, t * k * d.r, o.adapter)?; // [T·k, r]
     if t == 0 {
-        return Ok(vec![abar, zd]);
+        return Ok((abar, zd));
     }
     let [g, u, cg, cu, ids, bg, bu, ad, w] = o.ptrs[..] else {
         return Err(Error::invalid(OP, "operand count"));
@@ -149,7 +152,7 @@ pub(crate) fn forward(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> 
         launch!(
             &o.dev,
             OP,
-            MOE_FUSED,
+            MOE_FFN,
             name,
             cfg,
             [
@@ -158,43 +161,49 @@ pub(crate) fn forward(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> 
             ]
         )
     }?;
-    Ok(vec![abar, zd])
+    Ok((abar, zd))
 }
 
 /// The operands shared by the two backward kernels.
-fn backward_operands(op: &'static str, args: &Args<'_>, d: &MoeDims) -> Result<Operands> {
+fn backward_operands(
+    op: &'static str,
+    x: &TilesBackward<'_, CudaStorage>,
+    d: &MoeDims,
+) -> Result<Operands> {
     let (t, k, i, er) = (d.t, d.k, d.i, d.e * d.r);
     let o = operands(
         op,
-        args,
         &[
-            (Kind::AlignedRows, t * i),   // G
-            (Kind::AlignedRows, t * i),   // U
-            (Kind::Aligned, t * k * d.r), // Cg
-            (Kind::Aligned, t * k * d.r), // Cu
-            (Kind::Aligned, t * k * d.r), // Cd
-            (Kind::Index, t * k),         // ids
-            (Kind::Aligned, i * er),      // B_g,all
-            (Kind::Aligned, i * er),      // B_u,all
-            (Kind::Aligned, er * i),      // A_d,all
-            (Kind::Aligned, t * i),       // dĀ
-            (Kind::Adapter, t * k),       // w
+            (x.g, Kind::AlignedRows, t * i),
+            (x.u, Kind::AlignedRows, t * i),
+            (x.cg, Kind::Aligned, t * k * d.r),
+            (x.cu, Kind::Aligned, t * k * d.r),
+            (x.cd, Kind::Aligned, t * k * d.r),
+            (x.ids, Kind::Index, t * k),
+            (x.bg, Kind::Aligned, i * er),
+            (x.bu, Kind::Aligned, i * er),
+            (x.ad, Kind::Aligned, er * i),
+            (x.dabar, Kind::Aligned, t * i),
+            (x.w, Kind::Adapter, t * k),
         ],
     )?;
     check(op, &o, d, &[0, 1, 2, 3, 4, 6, 7, 8, 9])?;
     Ok(o)
 }
 
-pub(crate) fn rows(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> {
+pub(super) fn rows(
+    x: &TilesBackward<'_, CudaStorage>,
+    d: &MoeDims,
+) -> Result<TileRowGrads<CudaStorage>> {
     const OP: &str = "moe_tiles_rows";
     let (t, k, i) = (d.t, d.k, d.i);
-    let o = backward_operands(OP, args, d)?;
+    let o = backward_operands(OP, x, d)?;
     let dgu = CudaStorage::alloc(&o.dev, OP, t * 2 * i, o.base)?; // [T, 2I]
     let dzg = CudaStorage::alloc(&o.dev, OP, t * k * d.r, o.adapter)?; // [T·k, r]
     let dzu = CudaStorage::alloc(&o.dev, OP, t * k * d.r, o.adapter)?;
     let dw = CudaStorage::alloc(&o.dev, OP, t * k, o.adapter)?; // [T, k]
     if t == 0 {
-        return Ok(vec![dgu, dzg, dzu, dw]);
+        return Ok(TileRowGrads { dgu, dzg, dzu, dw });
     }
     let [g, u, cg, cu, cd, ids, bg, bu, ad, dabar, w] = o.ptrs[..] else {
         return Err(Error::invalid(OP, "operand count"));
@@ -212,7 +221,7 @@ pub(crate) fn rows(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> {
         launch!(
             &o.dev,
             OP,
-            MOE_FUSED,
+            MOE_FFN,
             name,
             cfg,
             [
@@ -221,13 +230,16 @@ pub(crate) fn rows(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> {
             ]
         )
     }?;
-    Ok(vec![dgu, dzg, dzu, dw])
+    Ok(TileRowGrads { dgu, dzg, dzu, dw })
 }
 
-pub(crate) fn cols(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> {
+pub(super) fn cols(
+    x: &TilesBackward<'_, CudaStorage>,
+    d: &MoeDims,
+) -> Result<(CudaStorage, CudaStorage, CudaStorage)> {
     const OP: &str = "moe_tiles_cols";
     let (t, i, er) = (d.t, d.i, d.e * d.r);
-    let o = backward_operands(OP, args, d)?;
+    let o = backward_operands(OP, x, d)?;
     let dbg = CudaStorage::alloc(&o.dev, OP, i * er, o.adapter)?; // [I, E·r]
     let dbu = CudaStorage::alloc(&o.dev, OP, i * er, o.adapter)?;
     let dad = CudaStorage::alloc(&o.dev, OP, er * i, o.adapter)?; // [E·r, I]
@@ -246,7 +258,7 @@ pub(crate) fn cols(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> {
         launch!(
             &o.dev,
             OP,
-            MOE_FUSED,
+            MOE_FFN,
             name,
             cfg,
             [
@@ -255,5 +267,5 @@ pub(crate) fn cols(args: &Args<'_>, d: &MoeDims) -> Result<Vec<CudaStorage>> {
             ]
         )
     }?;
-    Ok(vec![dbg, dbu, dad])
+    Ok((dbg, dbu, dad))
 }

@@ -1,7 +1,7 @@
-// The fused MixLoRA FFN (path 3 of MIXLORA.md): the maths is in engine/src/ops/moe_fused.rs, the
-// CPU reference in engine/src/backend/cpu/moe_fused.rs. T tokens, K slots per token, E experts,
-// rank R, intermediate I; slot p = t·K + j goes to expert ids[p]. A is the accumulation type
-// (float, or double for f64).
+// The fused MixLoRA FFN (the `fused` method of docs/DESIGN.md): the maths is in
+// engine/src/fused/moe_ffn/ (forward.rs, backward.rs), the CPU reference in its cpu.rs. T tokens,
+// K slots per token, E experts, rank R, intermediate I; slot p = t·K + j goes to expert ids[p].
+// A is the accumulation type (float, or double for f64).
 //
 // Every rank-r expansion and projection of the op runs as a dense tensor-core GEMM over "block
 // codes": a [rows, E·R] matrix whose row holds a slot's R codes in its expert's column block and
@@ -44,7 +44,7 @@
 // far below a bf16 result's rounding; the f32 and f64 kernels keep the accurate ones.
 
 #define MOE_MAX_K 8
-// Threads per block of the SwiGLU kernels (THREADS in engine/src/backend/cuda/moe_fused.rs).
+// Threads per block of the SwiGLU kernels (THREADS in engine/src/fused/moe_ffn/cuda.rs).
 #define MOE_THREADS 256
 // Loops over the slots j < K of a token, unrolled to MOE_MAX_K so that per-slot arrays (weights,
 // partial sums) are indexed by constants and stay in registers (a loop to the run-time K would
