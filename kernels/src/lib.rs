@@ -156,8 +156,8 @@ pub const ADAMW: KernelSource = KernelSource {
 
 /// The fused MixLoRA FFN (the `fused` method of docs/DESIGN.md, unit `engine::fused::moe_ffn`):
 /// block-code layouts of the rank-r codes and the SwiGLU forward/backward over the slots (the
-/// rank-r products run as GEMMs). Also the tensor-core kernels of moe_ffn_tiles.cu (bf16 only),
-/// which use moe_ffn.cu's helpers.
+/// rank-r products run as GEMMs). Also the tensor-core kernels of moe_ffn_tiles.cu and
+/// moe_ffn_tiles_backward.cu (bf16 only), which use moe_ffn.cu's helpers.
 pub const MOE_FFN: KernelSource = KernelSource {
     name: "moe_ffn",
     source: concat!(
@@ -165,7 +165,9 @@ pub const MOE_FFN: KernelSource = KernelSource {
         "\n",
         include_str!("moe_ffn.cu"),
         "\n",
-        include_str!("moe_ffn_tiles.cu")
+        include_str!("moe_ffn_tiles.cu"),
+        "\n",
+        include_str!("moe_ffn_tiles_backward.cu")
     ),
     kernels: &[
         "moe_gather_codes_f32",

@@ -29,9 +29,11 @@ git ls-files 'engine/src/*' 'model/src/*' 'trainer/src/*' 'kernels/src/*' |
     xargs wc -l | awk '$2 != "total" && $1 > 600 { print "  " $1, $2; n++ } END { print "  " n + 0, "files" }'
 
 echo "== environment variables read by the libraries"
-git ls-files 'engine/src/*.rs' 'model/src/*.rs' 'trainer/src/*.rs' | grep -v '^trainer/src/main.rs$' |
+vars=$(git ls-files 'engine/src/*.rs' 'model/src/*.rs' 'trainer/src/*.rs' |
+    grep -v '^trainer/src/main.rs$' |
     xargs grep -hoE 'env::var(_os)?\("[A-Z_]+"\)|from_env\("[A-Z_]+"' |
-    grep -oE '"[A-Z_]+"' | sort -u | tr -d '"' | sed 's/^/  /'
+    grep -oE '"[A-Z_]+"' | sort -u | tr -d '"' || true)
+echo "${vars:-none}" | sed 's/^/  /'
 
 # stem: the op's stem; names: the functions, kernels and trait methods of the op (a regex).
 ops=(

@@ -8,15 +8,19 @@
 
 use std::sync::Arc;
 
-use engine::{cat, causal_attention, rng, rope_tables, DType, Device, Tensor};
+use engine::{rng, rope_tables, DType, Device, Tensor};
 
 use crate::adapters::router::{aux_loss, expert_load, token_weights, RouterOutput};
-use crate::adapters::{
-    lora_linear, AdapterConfig, Adapters, LayerAdapters, MlpAdapters, MoeImpl, SharedFfn,
-};
+use crate::adapters::{AdapterConfig, Adapters, LayerAdapters, MoeImpl};
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::weights::Weights;
+
+mod cache;
+mod layer;
+
+pub use cache::{positions_from_mask, KvCache};
+use layer::{decoder_layer, into_engine_error, LayerCtx};
 
 /// One decoder layer's frozen weights. Projections are stored `[out, in]` as in the files.
 #[derive(Clone)]
@@ -115,28 +119,6 @@ struct Pass {
 /// The dropout seed of adapter slot `slot` of layer `layer` (0..4 attention, 4..7 FFN / MoE).
 fn sub_seed(seed: Option<u64>, layer: usize, slot: usize) -> Option<u64> {
     seed.map(|s| rng::hash(s, (layer * 8 + slot) as u64))
-}
-
-/// Keys and values of the positions seen so far, per layer: `[B, Hkv, S, D]` each.
-#[derive(Default)]
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-}
-
-impl KvCache {
-    pub fn new() -> Self {
-        Self::default()
-    }
-    /// Number of cached positions.
-    pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .map_or(0, |(k, _)| k.dims()[2])
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// `x @ wᵀ` for a weight stored `[out, in]`.
@@ -574,137 +556,6 @@ impl Llama {
     pub fn lm_head_weight(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
-}
-
-/// What every decoder layer of one forward pass shares (cheap to clone: tensors share buffers).
-#[derive(Clone)]
-struct LayerCtx {
-    config: LlamaConfig,
-    /// `(B, T)` of the new tokens.
-    batch: (usize, usize),
-    cos: Tensor,              // [B, T, D/2]
-    sin: Tensor,              // [B, T, D/2]
-    key_mask: Option<Tensor>, // [B, S] u32
-    /// Cached positions before the new tokens.
-    past: usize,
-    dropout_seed: Option<u64>,
-    moe_impl: MoeImpl,
-}
-
-/// One decoder layer on `x` `[B, T, H]`: attention block and residual, then the SwiGLU (with its
-/// LoRA) or the MixLoRA mixture and residual. With a cache slot, the layer's new keys and values
-/// are appended to it. Returns the new hidden state and, for a MoE layer, the router's output.
-fn decoder_layer(
-    ctx: &LayerCtx,
-    li: usize,
-    layer: &DecoderLayer,
-    ad: Option<&LayerAdapters>,
-    x: &Tensor,
-    cache: Option<&mut Option<(Tensor, Tensor)>>,
-) -> Result<(Tensor, Option<RouterOutput>)> {
-    let c = &ctx.config;
-    let (b, t) = ctx.batch;
-    let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-    let seed = |slot| sub_seed(ctx.dropout_seed, li, slot);
-    let attn_lora = |j: usize| ad.and_then(|a| a.attn[j].as_ref());
-    // Attention block.
-    let hn = x.rms_norm(&layer.input_layernorm, c.rms_norm_eps)?;
-    let heads = |w: &Tensor, j: usize, n: usize| -> Result<Tensor> {
-        // [B, T, n·D] -> [B, n, T, D] (a view)
-        Ok(lora_linear(&hn, w, attn_lora(j), seed(j))?
-            .reshape([b, t, n, d])?
-            .transpose(1, 2)?)
-    };
-    let q = heads(&layer.q_proj, 0, nh)?.rope(&ctx.cos, &ctx.sin)?;
-    let mut k = heads(&layer.k_proj, 1, nkv)?.rope(&ctx.cos, &ctx.sin)?;
-    let mut v = heads(&layer.v_proj, 2, nkv)?;
-    if let Some(slot) = cache {
-        if let Some((pk, pv)) = slot {
-            k = cat(&[pk, &k], 2)?;
-            v = cat(&[pv, &v], 2)?;
-        } else {
-            k = k.contiguous()?;
-            v = v.contiguous()?;
-        }
-        *slot = Some((k.clone(), v.clone()));
-    }
-    let attn = causal_attention(&q, &k, &v, ctx.key_mask.as_ref(), ctx.past)?; // [B, Hq, T, D]
-    let attn = attn.transpose(1, 2)?.reshape([b, t, nh * d])?;
-    let x = x.add(&lora_linear(&attn, &layer.o_proj, attn_lora(3), seed(3))?)?;
-    // SwiGLU block, or the mixture of LoRA experts.
-    let hn = x.rms_norm(&layer.post_attention_layernorm, c.rms_norm_eps)?; // [B, T, H]
-    let ffn = SharedFfn {
-        gate: &layer.gate_proj,
-        up: &layer.up_proj,
-        down: &layer.down_proj,
-    };
-    let (y, route) = match ad.map(|a| &a.mlp) {
-        Some(MlpAdapters::MixLora(moe)) => {
-            let (y, route) = moe.forward(&hn, ffn, ctx.moe_impl, seed(4))?;
-            (y, Some(route))
-        }
-        mlp => {
-            let lora = |j: usize| match mlp {
-                Some(MlpAdapters::Lora(l)) => l[j].as_ref(),
-                _ => None,
-            };
-            let gate = lora_linear(&hn, ffn.gate, lora(0), seed(4))?;
-            let up = lora_linear(&hn, ffn.up, lora(1), seed(5))?;
-            let y = lora_linear(&gate.silu_mul(&up)?, ffn.down, lora(2), seed(6))?;
-            (y, None)
-        }
-    };
-    Ok((x.add(&y)?, route))
-}
-
-/// A model error raised inside an engine callback (a checkpointed layer), as an engine error.
-fn into_engine_error(e: Error) -> engine::Error {
-    match e {
-        Error::Engine(e) => e,
-        other => engine::Error::invalid("decoder_layer", other.to_string()),
-    }
-}
-
-/// RoPE positions `[B, T]` of `t` new tokens after `past` cached ones: the number of real
-/// tokens before each one (so left padding does not shift positions); `0..` when no mask.
-pub fn positions_from_mask(
-    b: usize,
-    t: usize,
-    key_mask: Option<&Tensor>,
-    past: usize,
-    device: Device,
-) -> Result<Tensor> {
-    let pos: Vec<u32> = match key_mask {
-        None => (0..b)
-            .flat_map(|_| (past..past + t).map(|p| p as u32))
-            .collect(),
-        Some(m) => {
-            if m.rank() != 2 || m.dims()[0] != b || m.dims()[1] < t {
-                return Err(engine::Error::invalid(
-                    "positions_from_mask",
-                    format!(
-                        "key mask of shape {} for {b} sequences of {t} new tokens",
-                        m.shape()
-                    ),
-                )
-                .into());
-            }
-            let s = m.dims()[1];
-            let mv = m.to_vec_u32()?;
-            let mut out = Vec::with_capacity(b * t);
-            for row in mv.chunks(s) {
-                let mut seen = 0u32;
-                let mut row_pos = Vec::with_capacity(s);
-                for &v in row {
-                    row_pos.push(seen);
-                    seen += (v != 0) as u32;
-                }
-                out.extend_from_slice(&row_pos[s - t..]);
-            }
-            out
-        }
-    };
-    Ok(Tensor::from_vec(pos, [b, t], device)?)
 }
 
 /// `(B, T)` of a batch of token ids, which must be u32 of rank 2.

@@ -1,0 +1,101 @@
+//! One decoder layer of one forward pass: the attention block (RMSNorm, the q/k/v projections with
+//! their LoRA, RoPE, causal grouped-query attention over the cached and new positions, the output
+//! projection) and the FFN block (the SwiGLU with its LoRA, or the MixLoRA mixture), each with
+//! its residual.
+
+use engine::{cat, causal_attention, Tensor};
+
+use super::{sub_seed, DecoderLayer};
+use crate::adapters::router::RouterOutput;
+use crate::adapters::{lora_linear, LayerAdapters, MlpAdapters, MoeImpl, SharedFfn};
+use crate::config::LlamaConfig;
+use crate::error::{Error, Result};
+
+/// What every decoder layer of one forward pass shares (cheap to clone: tensors share buffers).
+#[derive(Clone)]
+pub(super) struct LayerCtx {
+    pub(super) config: LlamaConfig,
+    /// `(B, T)` of the new tokens.
+    pub(super) batch: (usize, usize),
+    pub(super) cos: Tensor,              // [B, T, D/2]
+    pub(super) sin: Tensor,              // [B, T, D/2]
+    pub(super) key_mask: Option<Tensor>, // [B, S] u32
+    /// Cached positions before the new tokens.
+    pub(super) past: usize,
+    pub(super) dropout_seed: Option<u64>,
+    pub(super) moe_impl: MoeImpl,
+}
+
+/// One decoder layer on `x` `[B, T, H]`: attention block and residual, then the SwiGLU (with its
+/// LoRA) or the MixLoRA mixture and residual. With a cache slot, the layer's new keys and values
+/// are appended to it. Returns the new hidden state and, for a MoE layer, the router's output.
+pub(super) fn decoder_layer(
+    ctx: &LayerCtx,
+    li: usize,
+    layer: &DecoderLayer,
+    ad: Option<&LayerAdapters>,
+    x: &Tensor,
+    cache: Option<&mut Option<(Tensor, Tensor)>>,
+) -> Result<(Tensor, Option<RouterOutput>)> {
+    let c = &ctx.config;
+    let (b, t) = ctx.batch;
+    let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    let seed = |slot| sub_seed(ctx.dropout_seed, li, slot);
+    let attn_lora = |j: usize| ad.and_then(|a| a.attn[j].as_ref());
+    // Attention block.
+    let hn = x.rms_norm(&layer.input_layernorm, c.rms_norm_eps)?;
+    let heads = |w: &Tensor, j: usize, n: usize| -> Result<Tensor> {
+        // [B, T, n·D] -> [B, n, T, D] (a view)
+        Ok(lora_linear(&hn, w, attn_lora(j), seed(j))?
+            .reshape([b, t, n, d])?
+            .transpose(1, 2)?)
+    };
+    let q = heads(&layer.q_proj, 0, nh)?.rope(&ctx.cos, &ctx.sin)?;
+    let mut k = heads(&layer.k_proj, 1, nkv)?.rope(&ctx.cos, &ctx.sin)?;
+    let mut v = heads(&layer.v_proj, 2, nkv)?;
+    if let Some(slot) = cache {
+        if let Some((pk, pv)) = slot {
+            k = cat(&[pk, &k], 2)?;
+            v = cat(&[pv, &v], 2)?;
+        } else {
+            k = k.contiguous()?;
+            v = v.contiguous()?;
+        }
+        *slot = Some((k.clone(), v.clone()));
+    }
+    let attn = causal_attention(&q, &k, &v, ctx.key_mask.as_ref(), ctx.past)?; // [B, Hq, T, D]
+    let attn = attn.transpose(1, 2)?.reshape([b, t, nh * d])?;
+    let x = x.add(&lora_linear(&attn, &layer.o_proj, attn_lora(3), seed(3))?)?;
+    // SwiGLU block, or the mixture of LoRA experts.
+    let hn = x.rms_norm(&layer.post_attention_layernorm, c.rms_norm_eps)?; // [B, T, H]
+    let ffn = SharedFfn {
+        gate: &layer.gate_proj,
+        up: &layer.up_proj,
+        down: &layer.down_proj,
+    };
+    let (y, route) = match ad.map(|a| &a.mlp) {
+        Some(MlpAdapters::MixLora(moe)) => {
+            let (y, route) = moe.forward(&hn, ffn, ctx.moe_impl, seed(4))?;
+            (y, Some(route))
+        }
+        mlp => {
+            let lora = |j: usize| match mlp {
+                Some(MlpAdapters::Lora(l)) => l[j].as_ref(),
+                _ => None,
+            };
+            let gate = lora_linear(&hn, ffn.gate, lora(0), seed(4))?;
+            let up = lora_linear(&hn, ffn.up, lora(1), seed(5))?;
+            let y = lora_linear(&gate.silu_mul(&up)?, ffn.down, lora(2), seed(6))?;
+            (y, None)
+        }
+    };
+    Ok((x.add(&y)?, route))
+}
+
+/// A model error raised inside an engine callback (a checkpointed layer), as an engine error.
+pub(super) fn into_engine_error(e: Error) -> engine::Error {
+    match e {
+        Error::Engine(e) => e,
+        other => engine::Error::invalid("decoder_layer", other.to_string()),
+    }
+}
