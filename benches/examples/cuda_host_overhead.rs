@@ -4,7 +4,7 @@
 //! the time per call once the device has caught up; when the two agree, the host bounds the loop.
 //!
 //! Build: `cargo build --release -p mixlora-benches --features mixlora-engine/cuda --example
-//! cuda_host_overhead` (scripts/build-gpu.sh does it); run `gpu-bin/example-cuda_host_overhead`
+//! cuda_host_overhead` (scripts/dev/build-gpu.sh does it); run `gpu-bin/example-cuda_host_overhead`
 //! on the GPU machine.
 
 #[global_allocator]

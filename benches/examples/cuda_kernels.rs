@@ -4,11 +4,11 @@
 //! the rate, and its fraction of the ceiling, plus the allocator's peak.
 //!
 //! Build (on any machine): `cargo build --release -p mixlora-benches --features mixlora-engine/cuda
-//! --example cuda_kernels` (scripts/build-gpu.sh does it). Run on the GPU machine:
+//! --example cuda_kernels` (scripts/dev/build-gpu.sh does it). Run on the GPU machine:
 //! `LD_LIBRARY_PATH=/usr/local/cuda/lib64 MIXLORA_CUDA_INCLUDE=/usr/local/cuda/include
 //! gpu-bin/example-cuda_kernels [--json PATH] [--filter SUBSTRING] [--quick]`.
 //!
-//! Method (GPU.md): random inputs (never zeros), two warm-up calls, then per call a CUDA event
+//! Method (docs/DESIGN.md, "GPU code"): random inputs (never zeros), two warm-up calls, then per call a CUDA event
 //! before and after it on the device's stream; the median of the per-call GPU times (at least
 //! 10 calls, up to ~0.3 s per op). Event times include the host's launch gaps when an op is too
 //! short to keep the GPU busy, which is the cost the engine really pays. Ops are called through

@@ -4,7 +4,7 @@
 //! the same seven projections; batches 8 × 512 and 16 × 512 of random tokens; f32 and bf16 base.
 //!
 //! Build: `cargo build --release -p mixlora-benches --features mixlora-engine/cuda --example
-//! cuda_train_speed` (scripts/build-gpu.sh does it). Run on the GPU machine:
+//! cuda_train_speed` (scripts/dev/build-gpu.sh does it). Run on the GPU machine:
 //! `gpu-bin/example-cuda_train_speed PATH.gguf [--dtype f32|bf16|both] [--moe IMPL] [--steps N]
 //! [--warmup N] [--json PATH]`, or with `--random-smollm2` instead of the path: the same shapes
 //! with random weights (the speed does not depend on the values), for a machine without the

@@ -96,9 +96,6 @@ pub enum Error {
         msg: String,
     },
 
-    #[error("{op}: not yet implemented on CUDA ({device})")]
-    NotImplemented { op: &'static str, device: Device },
-
     #[error("backward: {msg}")]
     Backward { msg: String },
 

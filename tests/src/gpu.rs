@@ -50,7 +50,7 @@ pub fn device() -> Option<Device> {
     }
 }
 
-/// The parity tolerance on relative error for results of dtype `d` (GPU.md): f32 1e-5, bf16
+/// The parity tolerance on relative error for results of dtype `d` (docs/DESIGN.md): f32 1e-5, bf16
 /// 1e-2, f64 1e-10; u32 results must be equal.
 pub fn tol(d: DType) -> f64 {
     match d {

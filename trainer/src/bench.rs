@@ -41,7 +41,7 @@ pub enum BenchVariant {
     MixloraPaper,
     /// MixLoRA grouped by expert on the device (no host sync).
     MixloraGrouped,
-    /// MixLoRA through the fused FFN op (path 3 of MIXLORA.md).
+    /// MixLoRA through the fused FFN op (the `fused` method of docs/DESIGN.md).
     MixloraFused,
 }
 

@@ -1,4 +1,4 @@
-//! Multiple-choice evaluation (MIXLORA.md): every candidate answer of a question is scored and
+//! Multiple-choice evaluation (docs/DESIGN.md): every candidate answer of a question is scored and
 //! the argmax counts. The candidates come from the instruction's `Answer format: a/b/c` line;
 //! candidate `c`'s target is the example's output with its answer replaced by `c` ("the correct
 //! answer is answer2"), followed by EOS as in training. Its score is the sum of the

@@ -1,4 +1,4 @@
-//! `adapter_config.json`: the settings of a LoRA or MixLoRA adapter, with the keys of MIXLORA.md
+//! `adapter_config.json`: the settings of a LoRA or MixLoRA adapter, with the keys of docs/DESIGN.md
 //! (those of the `mixlora` / MoE-PEFT packages; plain LoRA files are PEFT's). Unknown keys are
 //! ignored on reading, so PEFT's extra keys (`bias`, `fan_in_fan_out`, ...) do not get in the way.
 
@@ -169,7 +169,7 @@ const MOE_KEYS: [&str; 7] = [
 ];
 
 impl AdapterConfig {
-    /// MIXLORA.md's defaults: E = 8, top-2, r = 16, alpha = 32, dropout 0.05, aux coef 0.001,
+    /// The method's defaults (docs/DESIGN.md): E = 8, top-2, r = 16, alpha = 32, dropout 0.05, aux coef 0.001,
     /// router init N(0, 0.02); plain LoRA on q, k, v, o and per-expert LoRA on gate, up, down.
     pub fn mixlora_default() -> Self {
         AdapterConfig {
@@ -313,7 +313,7 @@ impl AdapterConfig {
         Self::from_json_str(&file_name(path), &text)
     }
 
-    /// Pretty JSON with MIXLORA.md's keys; a plain LoRA file leaves out the router keys.
+    /// Pretty JSON with the file's keys (docs/DESIGN.md); a plain LoRA file leaves out the router keys.
     pub fn to_json_string(&self) -> String {
         let mut v = serde_json::to_value(self).unwrap_or_default();
         if let (false, Some(obj)) = (self.is_mixlora(), v.as_object_mut()) {

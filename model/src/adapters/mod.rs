@@ -1,7 +1,7 @@
 //! LoRA and MixLoRA adapters on a frozen LLaMA: their settings ([`AdapterConfig`]), maths
 //! ([`lora`], [`router`], [`mixlora`]) and files ([`save`], [`load`]).
 //!
-//! Parameter names are those of the files (MIXLORA.md):
+//! Parameter names are those of the files (docs/DESIGN.md):
 //! - MixLoRA: `mixlora.layers.{i}.self_attn.{q,k,v,o}_proj.lora_{A,B}.weight`,
 //!   `mixlora.layers.{i}.mlp.moe_gate.weight` `[E, H]`,
 //!   `mixlora.layers.{i}.mlp.{gate,up,down}_proj.experts.{e}.lora_{A,B}.weight`;

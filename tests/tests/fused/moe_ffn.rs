@@ -1192,7 +1192,7 @@ mod gpu {
     }
 
     /// Deterministic values in ±[0.1, 2.1) (never zero), from `seed`: those of the primitives'
-    /// parity tests (tests/tests/cuda_parity.rs).
+    /// parity tests (the `gpu` modules of tests/tests/ops/).
     fn signed(n: usize, seed: u64) -> Vec<f64> {
         (0..n as u64)
             .map(|i| {

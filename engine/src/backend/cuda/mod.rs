@@ -2,7 +2,7 @@
 //! stream per GPU ([`CudaDevice`]), a caching allocator ([`memory_stats`]), kernel modules of
 //! `mixlora-kernels` compiled by NVRTC once per process for the GPU's architecture, cuBLAS for
 //! matmul. [`CudaStorage`] implements every primitive op of [`BackendStorage`] with the same
-//! semantics as the CPU reference (parity tests: tests/tests/cuda_parity.rs).
+//! semantics as the CPU reference (parity tests: the `gpu` modules of tests/tests/ops/).
 //!
 //! Differences from the CPU backend, by design: ids and targets are not checked against their
 //! range on the host (that would need a device-to-host copy per call); an out-of-range id reads
@@ -217,15 +217,6 @@ fn download<T: Copy + Default>(dev: &CudaDevice, ptr: u64, n: usize) -> Result<V
         dev.synchronize()?;
     }
     Ok(out)
-}
-
-/// The error of an op this backend does not run yet.
-#[allow(dead_code)]
-pub(crate) fn not_implemented(op: &'static str, dev: &CudaDevice) -> Error {
-    Error::NotImplemented {
-        op,
-        device: dev.device(),
-    }
 }
 
 impl BackendStorage for CudaStorage {
