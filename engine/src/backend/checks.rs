@@ -124,3 +124,24 @@ pub(crate) fn rope_dims(
     }
     Ok([b, n1, n2, d, cd[0], seq_dim])
 }
+
+/// The dims of a rank-2 view.
+pub(crate) fn dims2(op: &'static str, l: &Layout) -> Result<(usize, usize)> {
+    match l.dims() {
+        &[a, b] => Ok((a, b)),
+        _ => Err(Error::RankMismatch {
+            op,
+            expected: 2,
+            shape: l.shape().clone(),
+        }),
+    }
+}
+
+/// The error of two views whose shapes do not fit together.
+pub(crate) fn shape_mismatch(op: &'static str, a: &Layout, b: &Layout) -> Error {
+    Error::ShapeMismatch {
+        op,
+        lhs: a.shape().clone(),
+        rhs: b.shape().clone(),
+    }
+}

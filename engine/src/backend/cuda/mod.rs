@@ -182,6 +182,33 @@ pub(crate) fn check_float3(
     Ok(())
 }
 
+/// Errors unless `s` has dtype `d`.
+pub(crate) fn dtype_is(op: &'static str, s: &CudaStorage, d: DType) -> Result<()> {
+    if s.dtype != d {
+        return Err(Error::DTypeMismatch {
+            op,
+            lhs: d,
+            rhs: s.dtype,
+        });
+    }
+    Ok(())
+}
+
+/// Checks the operands of a launcher with three: `x` a float, `b` of dtype `db` and `c` of
+/// dtype `dc`, both on `x`'s GPU (both dtypes first, then both devices).
+pub(crate) fn check3(
+    op: &'static str,
+    x: &CudaStorage,
+    (b, db): (&CudaStorage, DType),
+    (c, dc): (&CudaStorage, DType),
+) -> Result<()> {
+    float_only(op, x.dtype)?;
+    dtype_is(op, b, db)?;
+    dtype_is(op, c, dc)?;
+    x.same_device(op, b)?;
+    x.same_device(op, c)
+}
+
 pub(crate) fn float_only(op: &'static str, dtype: DType) -> Result<()> {
     if dtype == DType::U32 {
         return Err(Error::UnsupportedDType { op, dtype });

@@ -8,7 +8,8 @@
 use half::bf16;
 use rayon::prelude::*;
 
-use super::primitives::{dims2, expect_dims, keep_of, Codes, ExpandAdd, GradA, GradCodes, GradX};
+use super::primitives::{expect_dims, keep_of, Codes, ExpandAdd, GradA, GradCodes, GradX};
+use crate::backend::checks::dims2;
 use crate::backend::cpu::matmul::matmul_t;
 use crate::backend::cpu::{CpuFloat, CpuStorage, PAR_THRESHOLD};
 use crate::backend::BackendStorage;

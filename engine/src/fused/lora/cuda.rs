@@ -17,8 +17,9 @@
 use super::cuda_mma;
 use super::cuda_rank::{self, Small};
 use super::primitives::{
-    dims2, expect_dims, keep_of, Codes, ExpandAdd, GradA, GradCodes, GradX, GradXAdd,
+    expect_dims, keep_of, Codes, ExpandAdd, GradA, GradCodes, GradX, GradXAdd,
 };
+use crate::backend::checks::dims2;
 use crate::backend::cuda::dropout::dropout_cast;
 use crate::backend::cuda::layout::to_u32;
 use crate::backend::cuda::{check_extent, CudaStorage};

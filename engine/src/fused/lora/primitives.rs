@@ -10,6 +10,7 @@
 use super::cpu;
 #[cfg(feature = "cuda")]
 use super::{cuda, cuda_wide};
+use crate::backend::checks::dims2;
 use crate::backend::{BackendStorage, BinaryOp};
 use crate::fused::{on_backend, operands};
 use crate::{DType, Error, Layout, Result, Storage};
@@ -215,18 +216,6 @@ fn add_dropped2_composed<S: BackendStorage>(
 }
 
 // ----- checks shared by the backends ---------------------------------------------------------
-
-/// The dims of a rank-2 view.
-pub(super) fn dims2(op: &'static str, l: &Layout) -> Result<(usize, usize)> {
-    match l.dims() {
-        &[a, b] => Ok((a, b)),
-        _ => Err(Error::RankMismatch {
-            op,
-            expected: 2,
-            shape: l.shape().clone(),
-        }),
-    }
-}
 
 /// Errors unless `dims2(l) == want`.
 pub(super) fn expect_dims(

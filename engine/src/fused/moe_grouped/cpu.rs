@@ -6,9 +6,9 @@ use num_traits::{One, Zero};
 use rayon::prelude::*;
 
 use super::primitives::{
-    rank2, shape_err, Combine, CombineDw, Group, GroupedMatmul, GroupedMatmulDw, InvertPerm,
-    Permute,
+    Combine, CombineDw, Group, GroupedMatmul, GroupedMatmulDw, InvertPerm, Permute,
 };
+use crate::backend::checks::{dims2, shape_mismatch};
 use crate::backend::cpu::acc::{by_acc, float_only, store, vec_t};
 use crate::backend::cpu::{CpuStorage, PAR_THRESHOLD};
 use crate::backend::BackendStorage;
@@ -54,7 +54,7 @@ pub(super) fn permute(o: Permute<'_, CpuStorage>, k: usize) -> Result<CpuStorage
     const OP: &str = "moe_permute";
     let (x, l, perm, pl) = (o.x.s, o.x.l, o.perm.s, o.perm.l);
     float_only(OP, x)?;
-    let (n, h) = rank2(OP, l)?;
+    let (n, h) = dims2(OP, l)?;
     let perm = perm.view_u32(OP, pl)?;
     let m = perm.len();
     if m != n * k {
@@ -95,11 +95,11 @@ pub(super) fn combine(o: Combine<'_, CpuStorage>) -> Result<CpuStorage> {
     const OP: &str = "moe_combine";
     let (y, l, inv, il, w, wl) = (o.y.s, o.y.l, o.inv.s, o.inv.l, o.w.s, o.w.l);
     float_only(OP, y)?;
-    let (m, h) = rank2(OP, l)?;
-    let (n, k) = rank2(OP, wl)?;
+    let (m, h) = dims2(OP, l)?;
+    let (n, k) = dims2(OP, wl)?;
     let inv = inv.view_u32(OP, il)?;
     if m != n * k || inv.len() != m {
-        return Err(shape_err(OP, l, wl));
+        return Err(shape_mismatch(OP, l, wl));
     }
     let dt = y.dtype();
     by_acc!(dt, T => {
@@ -131,11 +131,11 @@ pub(super) fn combine_dw(o: CombineDw<'_, CpuStorage>, k: usize) -> Result<CpuSt
     const OP: &str = "moe_combine_dw";
     let (y, l, inv, il, g, gl) = (o.y.s, o.y.l, o.inv.s, o.inv.l, o.g.s, o.g.l);
     float_only(OP, y)?;
-    let (m, h) = rank2(OP, l)?;
-    let (n, gh) = rank2(OP, gl)?;
+    let (m, h) = dims2(OP, l)?;
+    let (n, gh) = dims2(OP, gl)?;
     let inv = inv.view_u32(OP, il)?;
     if m != n * k || gh != h || inv.len() != m {
-        return Err(shape_err(OP, l, gl));
+        return Err(shape_mismatch(OP, l, gl));
     }
     let dt = y.dtype();
     by_acc!(dt, T => {
@@ -186,7 +186,7 @@ pub(super) fn grouped_matmul(
             rhs: w.dtype(),
         });
     }
-    let (m, kk) = rank2(OP, l)?;
+    let (m, kk) = dims2(OP, l)?;
     let &[e, p, q] = wl.dims() else {
         return Err(Error::RankMismatch {
             op: OP,
@@ -196,7 +196,7 @@ pub(super) fn grouped_matmul(
     };
     let (nn, wk) = if trans_w { (q, p) } else { (p, q) };
     if wk != kk || ol.dims() != [e + 1] {
-        return Err(shape_err(OP, l, wl));
+        return Err(shape_mismatch(OP, l, wl));
     }
     let seg = segments(OP, off, ol, m)?;
     let dt = x.dtype();
@@ -248,10 +248,10 @@ pub(super) fn grouped_matmul_dw(
             rhs: x.dtype(),
         });
     }
-    let (m, nn) = rank2(OP, l)?;
-    let (xm, kk) = rank2(OP, xl)?;
+    let (m, nn) = dims2(OP, l)?;
+    let (xm, kk) = dims2(OP, xl)?;
     if xm != m || ol.dims() != [e + 1] {
-        return Err(shape_err(OP, l, xl));
+        return Err(shape_mismatch(OP, l, xl));
     }
     let seg = segments(OP, off, ol, m)?;
     let dt = dy.dtype();

@@ -6,43 +6,17 @@ use cudarc::driver::LaunchConfig;
 use kernels::MOE_GROUPED;
 
 use super::primitives::{
-    rank2, shape_err, Combine, CombineDw, Group, GroupedMatmul, GroupedMatmulDw, InvertPerm,
-    Permute,
+    Combine, CombineDw, Group, GroupedMatmul, GroupedMatmulDw, InvertPerm, Permute,
 };
+use crate::backend::checks::{dims2, shape_mismatch};
 use crate::backend::cuda::launch::launch;
 use crate::backend::cuda::layout::{to_u32, to_u32s};
-use crate::backend::cuda::{elementwise, float_only, CudaDevice, CudaStorage};
+use crate::backend::cuda::{check3, dtype_is, elementwise, float_only, CudaDevice, CudaStorage};
 use crate::fused::Operand;
 use crate::{DType, Error, Result};
 
 /// Slots per block of the grouping kernels (`GROUP_TILE` in moe_grouped.cu).
 const GROUP_TILE: usize = 256;
-
-fn dtype_is(op: &'static str, s: &CudaStorage, d: DType) -> Result<()> {
-    if s.dtype != d {
-        return Err(Error::DTypeMismatch {
-            op,
-            lhs: d,
-            rhs: s.dtype,
-        });
-    }
-    Ok(())
-}
-
-/// Checks the operands of a launcher with three: `x` a float, `b` of dtype `db` and `c` of
-/// dtype `dc`, both on `x`'s GPU (both dtypes first, then both devices).
-fn check3(
-    op: &'static str,
-    x: &CudaStorage,
-    (b, db): (&CudaStorage, DType),
-    (c, dc): (&CudaStorage, DType),
-) -> Result<()> {
-    float_only(op, x.dtype)?;
-    dtype_is(op, b, db)?;
-    dtype_is(op, c, dc)?;
-    x.same_device(op, b)?;
-    x.same_device(op, c)
-}
 
 pub(super) fn group(o: Group<'_, CudaStorage>, e: usize) -> Result<(CudaStorage, CudaStorage)> {
     const OP: &str = "moe_group";
@@ -146,10 +120,10 @@ pub(super) fn permute(o: Permute<'_, CudaStorage>, k: usize) -> Result<CudaStora
     float_only(OP, x.dtype)?;
     dtype_is(OP, perm, DType::U32)?;
     x.same_device(OP, perm)?;
-    let (n, h) = rank2(OP, l)?;
+    let (n, h) = dims2(OP, l)?;
     let m = pl.elem_count();
     if m != n * k {
-        return Err(shape_err(OP, l, pl));
+        return Err(shape_mismatch(OP, l, pl));
     }
     let out = CudaStorage::alloc(&x.dev, OP, m * h, x.dtype)?;
     if m * h == 0 {
@@ -162,7 +136,7 @@ pub(super) fn permute(o: Permute<'_, CudaStorage>, k: usize) -> Result<CudaStora
             dtype_is(OP, s, x.dtype.accumulation())?;
             x.same_device(OP, s)?;
             if sl.elem_count() != m {
-                return Err(shape_err(OP, pl, sl));
+                return Err(shape_mismatch(OP, pl, sl));
             }
             Some(s.contiguous(OP, sl)?)
         }
@@ -194,10 +168,10 @@ pub(super) fn combine(o: Combine<'_, CudaStorage>) -> Result<CudaStorage> {
     const OP: &str = "moe_combine";
     let (y, l, inv, il, w, wl) = (o.y.s, o.y.l, o.inv.s, o.inv.l, o.w.s, o.w.l);
     check3(OP, y, (inv, DType::U32), (w, y.dtype.accumulation()))?;
-    let (m, h) = rank2(OP, l)?;
-    let (n, k) = rank2(OP, wl)?;
+    let (m, h) = dims2(OP, l)?;
+    let (n, k) = dims2(OP, wl)?;
     if m != n * k || il.elem_count() != m {
-        return Err(shape_err(OP, l, wl));
+        return Err(shape_mismatch(OP, l, wl));
     }
     let out = CudaStorage::alloc(&y.dev, OP, n * h, y.dtype)?;
     if n * h == 0 {
@@ -231,10 +205,10 @@ pub(super) fn combine_dw(o: CombineDw<'_, CudaStorage>, k: usize) -> Result<Cuda
     const OP: &str = "moe_combine_dw";
     let (y, l, inv, il, g, gl) = (o.y.s, o.y.l, o.inv.s, o.inv.l, o.g.s, o.g.l);
     check3(OP, y, (inv, DType::U32), (g, y.dtype))?;
-    let (m, h) = rank2(OP, l)?;
-    let (n, gh) = rank2(OP, gl)?;
+    let (m, h) = dims2(OP, l)?;
+    let (n, gh) = dims2(OP, gl)?;
     if m != n * k || gh != h || il.elem_count() != m {
-        return Err(shape_err(OP, l, gl));
+        return Err(shape_mismatch(OP, l, gl));
     }
     let out = CudaStorage::alloc(&y.dev, OP, m, y.dtype.accumulation())?;
     if m == 0 {
@@ -271,7 +245,7 @@ pub(super) fn grouped_matmul(
     const OP: &str = "grouped_matmul";
     let (x, l, w, wl, off, ol) = (o.x.s, o.x.l, o.w.s, o.w.l, o.offsets.s, o.offsets.l);
     check3(OP, x, (w, x.dtype), (off, DType::U32))?;
-    let (m, kk) = rank2(OP, l)?;
+    let (m, kk) = dims2(OP, l)?;
     let &[e, p, q] = wl.dims() else {
         return Err(Error::RankMismatch {
             op: OP,
@@ -281,7 +255,7 @@ pub(super) fn grouped_matmul(
     };
     let (nn, wk) = if trans_w { (q, p) } else { (p, q) };
     if wk != kk || ol.dims() != [e + 1] {
-        return Err(shape_err(OP, l, wl));
+        return Err(shape_mismatch(OP, l, wl));
     }
     let out = CudaStorage::alloc(&x.dev, OP, m * nn, x.dtype)?;
     if m * nn == 0 {
@@ -338,10 +312,10 @@ pub(super) fn grouped_matmul_dw(
     const OP: &str = "grouped_matmul_dw";
     let (dy, l, x, xl, off, ol) = (o.dy.s, o.dy.l, o.x.s, o.x.l, o.offsets.s, o.offsets.l);
     check3(OP, dy, (x, dy.dtype), (off, DType::U32))?;
-    let (m, nn) = rank2(OP, l)?;
-    let (xm, kk) = rank2(OP, xl)?;
+    let (m, nn) = dims2(OP, l)?;
+    let (xm, kk) = dims2(OP, xl)?;
     if xm != m || ol.dims() != [e + 1] {
-        return Err(shape_err(OP, l, xl));
+        return Err(shape_mismatch(OP, l, xl));
     }
     let len = e * nn * kk;
     if len == 0 {

@@ -9,7 +9,7 @@ use super::cpu;
 #[cfg(feature = "cuda")]
 use super::cuda;
 use crate::fused::{on_backend, operands};
-use crate::{Error, Layout, Result, Storage};
+use crate::{Result, Storage};
 
 operands! {
     /// Stable grouping of the slots by expert: `(perm [S] u32, offsets [E+1] u32)`; ids ≥ E go
@@ -125,24 +125,3 @@ pub fn grouped_matmul_dw(o: GroupedMatmulDw<'_, Storage>, num_experts: usize) ->
 }
 
 // ----- checks shared by the backends ---------------------------------------------------------
-
-/// The dims of a rank-2 view.
-pub(super) fn rank2(op: &'static str, l: &Layout) -> Result<(usize, usize)> {
-    match l.dims() {
-        &[a, b] => Ok((a, b)),
-        _ => Err(Error::RankMismatch {
-            op,
-            expected: 2,
-            shape: l.shape().clone(),
-        }),
-    }
-}
-
-/// The error of two operands whose shapes do not fit.
-pub(super) fn shape_err(op: &'static str, a: &Layout, b: &Layout) -> Error {
-    Error::ShapeMismatch {
-        op,
-        lhs: a.shape().clone(),
-        rhs: b.shape().clone(),
-    }
-}

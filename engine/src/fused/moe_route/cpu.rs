@@ -5,7 +5,8 @@
 use num_traits::Zero;
 use rayon::prelude::*;
 
-use super::primitives::{check_k, rank2, RouteTopk, RouteTopkBackward};
+use super::primitives::{check_k, RouteTopk, RouteTopkBackward};
+use crate::backend::checks::dims2;
 use crate::backend::cpu::acc::{by_acc, float_only, store, vec_t};
 use crate::backend::cpu::{CpuFloat, CpuStorage, PAR_THRESHOLD};
 use crate::backend::BackendStorage;
@@ -74,7 +75,7 @@ pub(super) fn route_topk(
     const OP: &str = "moe_route_topk";
     let (s, l) = (o.logits.s, o.logits.l);
     float_only(OP, s)?;
-    let (n, e) = rank2(OP, l)?;
+    let (n, e) = dims2(OP, l)?;
     check_k(OP, k, e, l)?;
     let dt = s.dtype();
     by_acc!(dt, T => {
@@ -91,7 +92,7 @@ pub(super) fn route_topk_backward(
     const OP: &str = "moe_route_topk_backward";
     let (w, wl, ids, il, gw, gl) = (o.w.s, o.w.l, o.ids.s, o.ids.l, o.gw.s, o.gw.l);
     float_only(OP, w)?;
-    let (n, k) = rank2(OP, wl)?;
+    let (n, k) = dims2(OP, wl)?;
     if il.dims() != [n, k] || gl.dims() != [n, k] {
         return Err(Error::ShapeMismatch {
             op: OP,

@@ -5,47 +5,14 @@
 use cudarc::driver::LaunchConfig;
 use kernels::MOE_ROUTE;
 
-use super::primitives::{check_k, rank2, RouteTopk, RouteTopkBackward};
+use super::primitives::{check_k, RouteTopk, RouteTopkBackward};
+use crate::backend::checks::{dims2, shape_mismatch};
 use crate::backend::cuda::launch::launch;
 use crate::backend::cuda::layout::to_u32;
-use crate::backend::cuda::{float_only, CudaStorage};
-use crate::{DType, Error, Layout, Result};
+use crate::backend::cuda::{check3, float_only, CudaStorage};
+use crate::{DType, Result};
 
 const THREADS: u32 = 256;
-
-fn dtype_is(op: &'static str, s: &CudaStorage, d: DType) -> Result<()> {
-    if s.dtype != d {
-        return Err(Error::DTypeMismatch {
-            op,
-            lhs: d,
-            rhs: s.dtype,
-        });
-    }
-    Ok(())
-}
-
-/// Checks the operands of a launcher with three: `x` a float, `b` of dtype `db` and `c` of
-/// dtype `dc`, both on `x`'s GPU (both dtypes first, then both devices).
-fn check3(
-    op: &'static str,
-    x: &CudaStorage,
-    (b, db): (&CudaStorage, DType),
-    (c, dc): (&CudaStorage, DType),
-) -> Result<()> {
-    float_only(op, x.dtype)?;
-    dtype_is(op, b, db)?;
-    dtype_is(op, c, dc)?;
-    x.same_device(op, b)?;
-    x.same_device(op, c)
-}
-
-fn shape_err(op: &'static str, a: &Layout, b: &Layout) -> Error {
-    Error::ShapeMismatch {
-        op,
-        lhs: a.shape().clone(),
-        rhs: b.shape().clone(),
-    }
-}
 
 /// One thread per item, `THREADS` per block.
 fn per_item(n: usize) -> LaunchConfig {
@@ -63,7 +30,7 @@ pub(super) fn route_topk(
     const OP: &str = "moe_route_topk";
     let (x, l) = (o.logits.s, o.logits.l);
     float_only(OP, x.dtype)?;
-    let (n, e) = rank2(OP, l)?;
+    let (n, e) = dims2(OP, l)?;
     check_k(OP, k, e, l)?;
     let probs = CudaStorage::alloc(&x.dev, OP, n * e, x.dtype)?;
     let ids = CudaStorage::alloc(&x.dev, OP, n * k, DType::U32)?;
@@ -98,9 +65,9 @@ pub(super) fn route_topk_backward(
     const OP: &str = "moe_route_topk_backward";
     let (w, wl, ids, il, gw, gl) = (o.w.s, o.w.l, o.ids.s, o.ids.l, o.gw.s, o.gw.l);
     check3(OP, w, (ids, DType::U32), (gw, w.dtype))?;
-    let (n, k) = rank2(OP, wl)?;
+    let (n, k) = dims2(OP, wl)?;
     if il.dims() != [n, k] || gl.dims() != [n, k] {
-        return Err(shape_err(OP, wl, gl));
+        return Err(shape_mismatch(OP, wl, gl));
     }
     let out = CudaStorage::alloc(&w.dev, OP, n * e, w.dtype)?;
     if n * e == 0 {

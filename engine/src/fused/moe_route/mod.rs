@@ -31,7 +31,7 @@ impl Tensor {
     pub fn moe_route_topk(&self, k: usize) -> Result<(Tensor, Tensor, Tensor)> {
         const OP: &str = "moe_route_topk";
         float_only(OP, self)?;
-        let (n, e) = prim::rank2(OP, self.layout())?;
+        let (n, e) = crate::backend::checks::dims2(OP, self.layout())?;
         prim::check_k(OP, k, e, self.layout())?;
         let (p, i, w) = read([self], |[logits]| {
             prim::route_topk(prim::RouteTopk { logits }, k)

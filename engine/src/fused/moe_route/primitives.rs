@@ -54,18 +54,6 @@ pub fn route_topk_backward(
 
 // ----- checks shared by the backends ---------------------------------------------------------
 
-/// The dims of a rank-2 view.
-pub(super) fn rank2(op: &'static str, l: &Layout) -> Result<(usize, usize)> {
-    match l.dims() {
-        &[a, b] => Ok((a, b)),
-        _ => Err(Error::RankMismatch {
-            op,
-            expected: 2,
-            shape: l.shape().clone(),
-        }),
-    }
-}
-
 /// Errors unless `1 ≤ k ≤ e` for logits `l` `[n, e]`.
 pub(super) fn check_k(op: &'static str, k: usize, e: usize, l: &Layout) -> Result<()> {
     if k == 0 || k > e {
