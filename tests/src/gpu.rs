@@ -305,6 +305,67 @@ impl Checker {
     }
 }
 
+/// Token targets below `v` for `n` rows, every fifth one `IGNORE_INDEX`.
+pub fn targets_with_ignored(n: usize, v: usize, seed: u64) -> Vec<u32> {
+    (0..n as u64)
+        .map(|i| {
+            if i % 5 == 2 {
+                engine::IGNORE_INDEX
+            } else {
+                (engine::rng::hash(seed, i) % v as u64) as u32
+            }
+        })
+        .collect()
+}
+
+/// A strict parity checker: every case's CPU result must not be all zeros, and its GPU result
+/// must be within the dtype's tolerance by [`rel_err`] (any non-finite value fails); failures are
+/// collected over all cases and reported at once by [`StrictChecker::finish`].
+pub struct StrictChecker {
+    gpu: Device,
+    failures: Vec<String>,
+    count: usize,
+}
+
+impl StrictChecker {
+    pub fn new(gpu: Device) -> Self {
+        StrictChecker {
+            gpu,
+            failures: Vec::new(),
+            count: 0,
+        }
+    }
+    pub fn case(
+        &mut self,
+        name: &str,
+        dtype: DType,
+        f: impl Fn(Device) -> engine::Result<Vec<f64>>,
+    ) {
+        self.count += 1;
+        let (want, got) = match (f(Device::Cpu), f(self.gpu)) {
+            (Ok(w), Ok(g)) => (w, g),
+            (Err(e), _) => return self.failures.push(format!("{name} [{dtype}]: CPU: {e}")),
+            (_, Err(e)) => return self.failures.push(format!("{name} [{dtype}]: CUDA: {e}")),
+        };
+        if want.iter().all(|&x| x == 0.0) {
+            return self
+                .failures
+                .push(format!("{name} [{dtype}]: the reference is all zeros"));
+        }
+        let e = rel_err(&want, &got);
+        if e.is_nan() || e > tol(dtype) {
+            self.failures.push(format!(
+                "{name} [{dtype}]: rel err {e:e} > {:e}",
+                tol(dtype)
+            ));
+        }
+    }
+    pub fn finish(self) {
+        eprintln!("{} cases, {} failures", self.count, self.failures.len());
+        assert!(self.failures.is_empty(), "\n{}", self.failures.join("\n"));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,7 +17,7 @@ use testutil::{check_gradients, ids, randn, rel_err};
 
 const CPU: Device = Device::Cpu;
 
-fn vals(t: &Tensor) -> Vec<f64> {
+fn scaled_vals(t: &Tensor) -> Vec<f64> {
     t.to_vec_f64().unwrap()
 }
 
@@ -32,14 +32,14 @@ fn run(
     let r = Tensor::randn(rows.shape().clone(), 0.5, 1.0, 77, rows.dtype(), CPU).unwrap();
     rows.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
     (
-        vals(&rows),
-        vals(&hv.grad().unwrap()),
-        vals(&wv.grad().unwrap()),
+        scaled_vals(&rows),
+        scaled_vals(&hv.grad().unwrap()),
+        scaled_vals(&wv.grad().unwrap()),
     )
 }
 
 /// Targets `[n]` below `v`, every third one ignored.
-fn targets(n: usize, v: usize, seed: u64) -> Tensor {
+fn targets_with_ignored(n: usize, v: usize, seed: u64) -> Tensor {
     let t: Vec<u32> = (0..n as u64)
         .map(|i| {
             if i % 3 == 1 {
@@ -59,7 +59,7 @@ fn compare(dtype: DType, (n, hd, v): (usize, usize, usize), chunks: &[usize], to
         .unwrap()
         .to_dtype(dtype)
         .unwrap();
-    let t = targets(n, v, 3);
+    let t = targets_with_ignored(n, v, 3);
     let want = run(&h, &w, |h, w| {
         h.matmul(&w.t().unwrap())
             .unwrap()
@@ -140,7 +140,7 @@ fn frozen_weight_gets_no_gradient_and_rank3_folds() {
             .cross_entropy_rows(&t, IGNORE_INDEX)
             .unwrap()
     });
-    assert!(rel_err(&vals(&rows), &vals(&want)) < 1e-12);
+    assert!(rel_err(&scaled_vals(&rows), &scaled_vals(&want)) < 1e-12);
     rows.sum_all().unwrap().backward().unwrap();
     assert!(h.grad().is_some());
     assert!(w.grad().is_none());
@@ -186,83 +186,9 @@ mod gpu {
     };
     use engine::fused::{Operand, OperandMut};
     use engine::{DType, Device, Layout, Storage, Tensor, IGNORE_INDEX};
-    use testutil::gpu::{device as gpu, rel_err, tol};
+    use testutil::gpu::{device as gpu, scaled_vals, targets_with_ignored, StrictChecker};
 
     const FLOATS: [DType; 3] = [DType::F32, DType::BF16, DType::F64];
-
-    fn acc(d: DType) -> DType {
-        if d == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        }
-    }
-
-    /// Values in ±[0.1, 2.1)·scale (never zero), from `seed`.
-    fn vals(n: usize, seed: u64, scale: f64) -> Vec<f64> {
-        (0..n as u64)
-            .map(|i| {
-                let mag = (0.1 + 2.0 * engine::rng::uniform(seed, i)) * scale;
-                if engine::rng::uniform(seed ^ 0x5555, i) < 0.5 {
-                    -mag
-                } else {
-                    mag
-                }
-            })
-            .collect()
-    }
-
-    /// Targets below `v`, every fifth one ignored.
-    fn targets(n: usize, v: usize, seed: u64) -> Vec<u32> {
-        (0..n as u64)
-            .map(|i| {
-                if i % 5 == 2 {
-                    IGNORE_INDEX
-                } else {
-                    (engine::rng::hash(seed, i) % v as u64) as u32
-                }
-            })
-            .collect()
-    }
-
-    struct Checker {
-        gpu: Device,
-        failures: Vec<String>,
-        count: usize,
-    }
-
-    impl Checker {
-        fn case(
-            &mut self,
-            name: &str,
-            dtype: DType,
-            f: impl Fn(Device) -> engine::Result<Vec<f64>>,
-        ) {
-            self.count += 1;
-            let (want, got) = match (f(Device::Cpu), f(self.gpu)) {
-                (Ok(w), Ok(g)) => (w, g),
-                (Err(e), _) => return self.failures.push(format!("{name} [{dtype}]: CPU: {e}")),
-                (_, Err(e)) => return self.failures.push(format!("{name} [{dtype}]: CUDA: {e}")),
-            };
-            if want.iter().all(|&x| x == 0.0) {
-                return self
-                    .failures
-                    .push(format!("{name} [{dtype}]: the reference is all zeros"));
-            }
-            let e = rel_err(&want, &got);
-            if e.is_nan() || e > tol(dtype) {
-                self.failures.push(format!(
-                    "{name} [{dtype}]: rel err {e:e} > {:e}",
-                    tol(dtype)
-                ));
-            }
-        }
-        fn finish(self) {
-            eprintln!("{} cases, {} failures", self.count, self.failures.len());
-            assert!(self.failures.is_empty(), "\n{}", self.failures.join("\n"));
-        }
-    }
-
     /// The state `[n, 3]` after folding in every chunk of the logits `[n, v]`, read either
     /// row-major or through a transposed buffer `[v, n]`.
     fn chunk_update_case(
@@ -271,16 +197,19 @@ mod gpu {
         (n, v, c): (usize, usize, usize),
         transposed: bool,
     ) -> engine::Result<Vec<f64>> {
-        let x = Storage::upload_f64(dev, &vals(n * v, 1, 3.0), dt)?;
+        let x = Storage::upload_f64(dev, &scaled_vals(n * v, 1, 3.0), dt)?;
         let full = if transposed {
             Layout::contiguous([v, n]).transpose(0, 1)
         } else {
             Layout::contiguous([n, v])
         };
         let init: Vec<f64> = (0..n).flat_map(|_| [f64::NEG_INFINITY, 0.0, 0.0]).collect();
-        let mut st = Storage::upload_f64(dev, &init, acc(dt))?;
+        let mut st = Storage::upload_f64(dev, &init, dt.accumulation())?;
         let (tl, sl) = (Layout::contiguous([n]), Layout::contiguous([n, 3]));
-        let ts = Storage::from_cpu(dev, engine::backend::cpu::CpuStorage::U32(targets(n, v, 2)))?;
+        let ts = Storage::from_cpu(
+            dev,
+            engine::backend::cpu::CpuStorage::U32(targets_with_ignored(n, v, 2)),
+        )?;
         for v0 in (0..v).step_by(c) {
             let l = full.narrow(1, v0, c.min(v - v0));
             let o = ChunkUpdate {
@@ -299,14 +228,17 @@ mod gpu {
         dt: DType,
         (n, v, v0, c): (usize, usize, usize, usize),
     ) -> engine::Result<Vec<f64>> {
-        let x = Storage::upload_f64(dev, &vals(n * v, 3, 3.0), dt)?;
+        let x = Storage::upload_f64(dev, &scaled_vals(n * v, 3, 3.0), dt)?;
         let l = Layout::contiguous([n, v]).narrow(1, v0, c);
-        let ts = Storage::from_cpu(dev, engine::backend::cpu::CpuStorage::U32(targets(n, v, 4)))?;
+        let ts = Storage::from_cpu(
+            dev,
+            engine::backend::cpu::CpuStorage::U32(targets_with_ignored(n, v, 4)),
+        )?;
         let tl = Layout::contiguous([n]);
         // A log-sum-exp-like shift per row (anything finite works) and random row gradients.
-        let lse: Vec<f64> = vals(n, 5, 1.0).iter().map(|x| x + 6.0).collect();
-        let lse = Storage::upload_f64(dev, &lse, acc(dt))?;
-        let g = Storage::upload_f64(dev, &vals(n, 6, 1.0), acc(dt))?;
+        let lse: Vec<f64> = scaled_vals(n, 5, 1.0).iter().map(|x| x + 6.0).collect();
+        let lse = Storage::upload_f64(dev, &lse, dt.accumulation())?;
+        let g = Storage::upload_f64(dev, &scaled_vals(n, 6, 1.0), dt.accumulation())?;
         let o = ChunkBackward {
             x: Operand::new(&x, &l),
             targets: Operand::new(&ts, &tl),
@@ -320,11 +252,7 @@ mod gpu {
     #[test]
     fn chunk_primitives_match_the_cpu() {
         let Some(gpu) = gpu() else { return };
-        let mut ck = Checker {
-            gpu,
-            failures: Vec::new(),
-            count: 0,
-        };
+        let mut ck = StrictChecker::new(gpu);
         for dt in FLOATS {
             for (n, v, c) in [
                 (5, 1000, 256),
@@ -361,11 +289,11 @@ mod gpu {
         dt: DType,
         (n, h, v, chunk): (usize, usize, usize, usize),
     ) -> engine::Result<Vec<f64>> {
-        let hid = Tensor::from_f64(&vals(n * h, 7, 1.0), [n, h], dt, dev)?.to_var()?;
-        let w = Tensor::from_f64(&vals(v * h, 8, 0.3), [v, h], dt, dev)?.to_var()?;
-        let t = Tensor::from_vec(targets(n, v, 9), n, dev)?;
+        let hid = Tensor::from_f64(&scaled_vals(n * h, 7, 1.0), [n, h], dt, dev)?.to_var()?;
+        let w = Tensor::from_f64(&scaled_vals(v * h, 8, 0.3), [v, h], dt, dev)?.to_var()?;
+        let t = Tensor::from_vec(targets_with_ignored(n, v, 9), n, dev)?;
         let rows = hid.linear_cross_entropy_rows(&w, &t, IGNORE_INDEX, chunk)?;
-        let r = Tensor::from_f64(&vals(n, 10, 1.0), n, rows.dtype(), dev)?;
+        let r = Tensor::from_f64(&scaled_vals(n, 10, 1.0), n, rows.dtype(), dev)?;
         rows.mul(&r)?.sum_all()?.backward()?;
         let mut out = rows.to_vec_f64()?;
         for g in [hid.grad(), w.grad()].into_iter().flatten() {
@@ -377,11 +305,7 @@ mod gpu {
     #[test]
     fn linear_cross_entropy_matches_the_cpu() {
         let Some(gpu) = gpu() else { return };
-        let mut ck = Checker {
-            gpu,
-            failures: Vec::new(),
-            count: 0,
-        };
+        let mut ck = StrictChecker::new(gpu);
         for dt in FLOATS {
             for shape in [(9, 16, 100, 32), (256, 64, 1000, 256), (257, 48, 1031, 300)] {
                 ck.case(&format!("linear_cross_entropy {shape:?}"), dt, |d| {

@@ -280,79 +280,9 @@ mod gpu {
     mod long_rows {
         use engine::backend::BackendStorage;
         use engine::{DType, Device, Layout, Storage, IGNORE_INDEX};
-        use testutil::gpu::{device as gpu, rel_err, tol};
+        use testutil::gpu::{device as gpu, scaled_vals, targets_with_ignored, StrictChecker};
 
         const FLOATS: [DType; 3] = [DType::F32, DType::BF16, DType::F64];
-
-        /// Values in ±[0.1, 2.1)·scale (never zero), from `seed`.
-        fn vals(n: usize, seed: u64, scale: f64) -> Vec<f64> {
-            (0..n as u64)
-                .map(|i| {
-                    let mag = (0.1 + 2.0 * engine::rng::uniform(seed, i)) * scale;
-                    if engine::rng::uniform(seed ^ 0x5555, i) < 0.5 {
-                        -mag
-                    } else {
-                        mag
-                    }
-                })
-                .collect()
-        }
-
-        /// Targets below `v`, every fifth one ignored.
-        fn targets(n: usize, v: usize, seed: u64) -> Vec<u32> {
-            (0..n as u64)
-                .map(|i| {
-                    if i % 5 == 2 {
-                        IGNORE_INDEX
-                    } else {
-                        (engine::rng::hash(seed, i) % v as u64) as u32
-                    }
-                })
-                .collect()
-        }
-
-        struct Checker {
-            gpu: Device,
-            failures: Vec<String>,
-            count: usize,
-        }
-
-        impl Checker {
-            fn case(
-                &mut self,
-                name: &str,
-                dtype: DType,
-                f: impl Fn(Device) -> engine::Result<Vec<f64>>,
-            ) {
-                self.count += 1;
-                let (want, got) = match (f(Device::Cpu), f(self.gpu)) {
-                    (Ok(w), Ok(g)) => (w, g),
-                    (Err(e), _) => {
-                        return self.failures.push(format!("{name} [{dtype}]: CPU: {e}"))
-                    }
-                    (_, Err(e)) => {
-                        return self.failures.push(format!("{name} [{dtype}]: CUDA: {e}"))
-                    }
-                };
-                if want.iter().all(|&x| x == 0.0) {
-                    return self
-                        .failures
-                        .push(format!("{name} [{dtype}]: the reference is all zeros"));
-                }
-                let e = rel_err(&want, &got);
-                if e.is_nan() || e > tol(dtype) {
-                    self.failures.push(format!(
-                        "{name} [{dtype}]: rel err {e:e} > {:e}",
-                        tol(dtype)
-                    ));
-                }
-            }
-            fn finish(self) {
-                eprintln!("{} cases, {} failures", self.count, self.failures.len());
-                assert!(self.failures.is_empty(), "\n{}", self.failures.join("\n"));
-            }
-        }
-
         /// The full-row kernels (`cross_entropy`, `cross_entropy_backward`, single-pass online
         /// statistics on the GPU) on rows of SmolLM2's vocabulary and on strided logits, some of
         /// them `−∞` (masked logits, never at the target).
@@ -363,8 +293,8 @@ mod gpu {
             transposed: bool,
             backward: bool,
         ) -> engine::Result<Vec<f64>> {
-            let t = targets(n, v, 12);
-            let mut x = vals(n * v, 11, 4.0);
+            let t = targets_with_ignored(n, v, 12);
+            let mut x = scaled_vals(n * v, 11, 4.0);
             for (i, xi) in x.iter_mut().enumerate() {
                 let (r, j) = (i / v, i % v);
                 if i % 7 == 3 && t[r] as usize != j {
@@ -392,7 +322,7 @@ mod gpu {
                     .cross_entropy(&l, &ts, &tl, IGNORE_INDEX)?
                     .to_f64_vec(&tl);
             }
-            let g = Storage::upload_f64(dev, &vals(n, 13, 1.0), dt.accumulation())?;
+            let g = Storage::upload_f64(dev, &scaled_vals(n, 13, 1.0), dt.accumulation())?;
             xs.cross_entropy_backward(&l, &ts, &tl, &g, &tl, IGNORE_INDEX)?
                 .to_f64_vec(&Layout::contiguous([n, v]))
         }
@@ -400,11 +330,7 @@ mod gpu {
         #[test]
         fn row_kernels_match_the_cpu_on_long_rows_with_masked_logits() {
             let Some(gpu) = gpu() else { return };
-            let mut ck = Checker {
-                gpu,
-                failures: Vec::new(),
-                count: 0,
-            };
+            let mut ck = StrictChecker::new(gpu);
             for dt in FLOATS {
                 for (n, v, tr) in [(37, 49152, false), (5, 257, true), (300, 1000, false)] {
                     for bw in [false, true] {
