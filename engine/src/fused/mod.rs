@@ -72,8 +72,9 @@ pub trait OperandField<'a>: Sized {
     /// The device of the operand (`None` for an absent optional one).
     fn device(&self) -> Option<Device>;
     fn cpu(self, op: &'static str) -> Result<Self::Cpu>;
+    /// The operand as a CUDA storage of the GPU `want` (the others' device).
     #[cfg(feature = "cuda")]
-    fn cuda(self, op: &'static str) -> Result<Self::Cuda>;
+    fn cuda(self, op: &'static str, want: Device) -> Result<Self::Cuda>;
 }
 
 /// The error of an operand that is not on the backend the others are on.
@@ -100,10 +101,10 @@ impl<'a> OperandField<'a> for Operand<'a, Storage> {
         }
     }
     #[cfg(feature = "cuda")]
-    fn cuda(self, op: &'static str) -> Result<Self::Cuda> {
+    fn cuda(self, op: &'static str, want: Device) -> Result<Self::Cuda> {
         match self.s {
             Storage::Cuda(s) => Ok(Operand { s, l: self.l }),
-            Storage::Cpu(_) => Err(elsewhere(op, Device::Cpu, Device::Cuda(0))),
+            Storage::Cpu(_) => Err(elsewhere(op, Device::Cpu, want)),
         }
     }
 }
@@ -119,8 +120,8 @@ impl<'a> OperandField<'a> for OptOperand<'a, Storage> {
         self.map(|o| o.cpu(op)).transpose()
     }
     #[cfg(feature = "cuda")]
-    fn cuda(self, op: &'static str) -> Result<Self::Cuda> {
-        self.map(|o| o.cuda(op)).transpose()
+    fn cuda(self, op: &'static str, want: Device) -> Result<Self::Cuda> {
+        self.map(|o| o.cuda(op, want)).transpose()
     }
 }
 
@@ -140,10 +141,10 @@ impl<'a> OperandField<'a> for OperandMut<'a, Storage> {
         }
     }
     #[cfg(feature = "cuda")]
-    fn cuda(self, op: &'static str) -> Result<Self::Cuda> {
+    fn cuda(self, op: &'static str, want: Device) -> Result<Self::Cuda> {
         match self.s {
             Storage::Cuda(s) => Ok(OperandMut { s, l: self.l }),
-            Storage::Cpu(_) => Err(elsewhere(op, Device::Cpu, Device::Cuda(0))),
+            Storage::Cpu(_) => Err(elsewhere(op, Device::Cpu, want)),
         }
     }
 }
@@ -219,7 +220,8 @@ macro_rules! operands {
             pub fn cuda(self, op: &'static str)
                 -> $crate::Result<$name<'a, $crate::backend::cuda::CudaStorage>> {
                 use $crate::fused::OperandField;
-                Ok($name { $($field: self.$field.cuda(op)?,)+ })
+                let want = self.device(op)?;
+                Ok($name { $($field: self.$field.cuda(op, want)?,)+ })
             }
         }
     };

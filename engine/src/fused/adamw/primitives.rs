@@ -96,9 +96,11 @@ pub fn sum_squares(tensors: &[Operand<'_, Storage>]) -> Result<f64> {
             crate::profile::timed(|| OP.into(), || cpu::sum_squares_multi(&ts))
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => {
-            let ts: Vec<Operand<'_, CudaStorage>> =
-                tensors.iter().map(|t| t.cuda(OP)).collect::<Result<_>>()?;
+        dev @ Device::Cuda(_) => {
+            let ts: Vec<Operand<'_, CudaStorage>> = tensors
+                .iter()
+                .map(|t| t.cuda(OP, dev))
+                .collect::<Result<_>>()?;
             cuda::sum_squares_multi(&ts)
         }
         #[allow(unreachable_patterns)]
