@@ -9,8 +9,9 @@ use crate::{DType, Error, Layout, Result};
 
 const ROW_THREADS: u32 = 256;
 
-/// Checks logits `[n, v]` and targets `[n]` u32; returns `(n, v)`.
-fn check(
+/// Checks logits `[n, v]` and targets `[n]` u32; returns `(n, v)`. Also the check of the
+/// chunked linear cross-entropy's chunks (`fused::linear_cross_entropy`).
+pub(crate) fn check(
     op: &'static str,
     x: &CudaStorage,
     l: &Layout,

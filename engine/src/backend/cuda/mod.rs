@@ -12,7 +12,7 @@
 pub mod compile;
 
 mod alloc;
-mod cross_entropy;
+pub(crate) mod cross_entropy;
 pub(crate) mod device;
 pub(crate) mod dropout;
 pub(crate) mod elementwise;

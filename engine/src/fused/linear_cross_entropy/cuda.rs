@@ -7,9 +7,9 @@ use kernels::LINEAR_CROSS_ENTROPY;
 use super::primitives::{ChunkBackward, ChunkUpdate};
 use crate::backend::cuda::launch::launch;
 use crate::backend::cuda::layout::to_u32;
-use crate::backend::cuda::{check_extent, elementwise, float_only, CudaDevice, CudaStorage};
+use crate::backend::cuda::{elementwise, float_only, CudaDevice, CudaStorage};
 use crate::fused::Operand;
-use crate::{DType, Error, Layout, Result};
+use crate::{Error, Layout, Result};
 
 const ROW_THREADS: u32 = 256;
 
@@ -22,27 +22,7 @@ fn check(
     t: &CudaStorage,
     tl: &Layout,
 ) -> Result<(usize, usize, [u32; 3])> {
-    if l.dims().len() != 2 {
-        return Err(Error::RankMismatch {
-            op,
-            expected: 2,
-            shape: l.shape().clone(),
-        });
-    }
-    let (n, c) = (l.dims()[0], l.dims()[1]);
-    if tl.dims() != [n] {
-        return Err(Error::ShapeMismatch {
-            op,
-            lhs: l.shape().clone(),
-            rhs: tl.shape().clone(),
-        });
-    }
-    if t.dtype != DType::U32 {
-        return Err(Error::UnsupportedDType { op, dtype: t.dtype });
-    }
-    float_only(op, x.dtype)?;
-    x.same_device(op, t)?;
-    check_extent(op, l, x.len)?;
+    let (n, c) = crate::backend::cuda::cross_entropy::check(op, x, l, t, tl)?;
     let strides = [
         to_u32(op, l.strides()[0])?,
         to_u32(op, l.strides()[1])?,
