@@ -39,13 +39,13 @@ pub fn device() -> Option<Device> {
     match engine::backend::cuda::CudaDevice::get(0) {
         Ok(_) => Some(Device::Cuda(0)),
         Err(e) => {
-            eprintln!("SKIP: no usable GPU: {e}");
+            crate::skip(format_args!("no usable GPU: {e}"));
             None
         }
     }
     #[cfg(not(feature = "cuda"))]
     {
-        eprintln!("SKIP: built without the `cuda` feature");
+        crate::skip("built without the `cuda` feature");
         None
     }
 }

@@ -1,6 +1,9 @@
 //! Shared test helpers: the finite-difference gradient checker and random inputs.
 
 pub mod gpu;
+mod skip;
+
+pub use skip::{skip, skip_line, SKIP_MARK};
 
 use engine::{no_grad, DType, Device, Result, Tensor};
 

@@ -13,8 +13,8 @@ fn every_kernel_module_compiles_for_sm_90() {
             std::env::var_os("MIXLORA_REQUIRE_NVRTC").is_none(),
             "libnvrtc was not found on LD_LIBRARY_PATH"
         );
-        eprintln!(
-            "SKIP: libnvrtc was not found on LD_LIBRARY_PATH (scripts/ci-nvrtc.sh installs it)"
+        testutil::skip(
+            "libnvrtc was not found on LD_LIBRARY_PATH (scripts/ci-nvrtc.sh installs it)",
         );
         return;
     }
@@ -68,5 +68,5 @@ fn every_kernel_module_compiles_for_sm_90() {
 #[cfg(not(feature = "cuda"))]
 #[test]
 fn every_kernel_module_compiles_for_sm_90() {
-    eprintln!("SKIP: built without the `cuda` feature (run with --features cuda)");
+    testutil::skip("built without the `cuda` feature (run with --features cuda)");
 }

@@ -21,7 +21,7 @@ fn fixture(name: &str) -> Option<Value> {
     dirs.push(repo.join("shared/fixtures"));
     dirs.push(repo.join("../shared/fixtures"));
     let Some(path) = dirs.iter().map(|d| d.join(name)).find(|p| p.is_file()) else {
-        eprintln!("skipping: {name} not found (set MIXLORA_FIXTURES)");
+        testutil::skip(format_args!("{name} not found (set MIXLORA_FIXTURES)"));
         return None;
     };
     Some(

@@ -19,7 +19,7 @@ fn shared_data_dir() -> Option<PathBuf> {
 #[test]
 fn real_commonsense_lines_parse() {
     let Some(dir) = shared_data_dir() else {
-        eprintln!("skipped: no shared data (set MIXLORA_DATA or put it at <repo>/../shared/data)");
+        testutil::skip("no shared data (set MIXLORA_DATA or put it at <repo>/../shared/data)");
         return;
     };
     let mut seen = 0;
@@ -31,7 +31,7 @@ fn real_commonsense_lines_parse() {
     ] {
         let p = dir.join("commonsense").join(name).join("valid.json");
         if !p.is_file() {
-            eprintln!("skipped {name}: {} is missing", p.display());
+            testutil::skip(format_args!("{name}: {} is missing", p.display()));
             continue;
         }
         let task = trainer::data::load_task(&p).unwrap();

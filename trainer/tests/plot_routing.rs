@@ -36,7 +36,7 @@ fn reads_the_eval_json_and_draws_one_panel_per_task() {
     assert_eq!(shares.tasks.len(), 3);
     assert!(shares.tasks.iter().all(|(_, l)| l.len() == 5));
     let Some(font) = find_font(None) else {
-        eprintln!("SKIP: no TrueType font on this machine (set MIXLORA_FONT to draw)");
+        testutil::skip("no TrueType font on this machine (set MIXLORA_FONT to draw)");
         return;
     };
     let out = tmp("routing.png");

@@ -12,5 +12,5 @@ mod moe_route;
 #[cfg(not(feature = "cuda"))]
 #[test]
 fn gpu_parity_skipped() {
-    eprintln!("SKIP: the CPU ↔ CUDA parity tests: built without the `cuda` feature");
+    testutil::skip("the CPU ↔ CUDA parity tests: built without the `cuda` feature");
 }

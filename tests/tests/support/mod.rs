@@ -189,10 +189,10 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
     if path.is_file() {
         Some(path)
     } else {
-        eprintln!(
-            "skipping: {} not found (run scripts/fetch-smollm2.sh or set MIXLORA_SMOLLM2_GGUF)",
+        testutil::skip(format_args!(
+            "{} not found (run scripts/fetch-smollm2.sh or set MIXLORA_SMOLLM2_GGUF)",
             path.display()
-        );
+        ));
         None
     }
 }
@@ -212,7 +212,7 @@ pub fn smollm2_fixture() -> Option<serde_json::Value> {
         .map(|d| d.join("smollm2_reference.json"))
         .find(|p| p.is_file())
     else {
-        eprintln!("skipping: smollm2_reference.json not found (set MIXLORA_FIXTURES)");
+        testutil::skip("smollm2_reference.json not found (set MIXLORA_FIXTURES)");
         return None;
     };
     let text = std::fs::read_to_string(&path).expect("read fixture");
