@@ -166,11 +166,7 @@ impl Reporter {
 
     /// `label: done/total unit (pct%), rate, ETA t [message]`.
     fn line(&self, done: u64, elapsed: Duration, message: &str) -> String {
-        let pct = if self.total == 0 {
-            100
-        } else {
-            done * 100 / self.total
-        };
+        let pct = (done * 100).checked_div(self.total).unwrap_or(100);
         let eta = if done == 0 {
             "ETA unknown".to_string()
         } else {

@@ -427,12 +427,8 @@ mod tests {
             questions(&t, None).unwrap()[0].candidates,
             vec!["true", "false"]
         );
-        let mut v = answer_vocabulary(
-            &["answer10", "answer2", "answer1"]
-                .map(|a| item("", a))
-                .to_vec(),
-        )
-        .unwrap();
+        let mut v =
+            answer_vocabulary(&["answer10", "answer2", "answer1"].map(|a| item("", a))).unwrap();
         assert_eq!(v, vec!["answer1", "answer2", "answer10"]);
         v = answer_vocabulary(
             &(0..11)
