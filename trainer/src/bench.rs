@@ -78,6 +78,7 @@ pub struct Table6Args {
     /// `cuda`, `cuda:N` or `cpu`.
     #[arg(long, default_value = "cuda")]
     pub device: Device,
+    /// The model's shape.
     #[arg(long, value_enum, default_value = "llama2-7b")]
     pub shape: BenchShape,
     /// Sequences per batch.
@@ -86,20 +87,22 @@ pub struct Table6Args {
     /// Tokens per sequence.
     #[arg(long, default_value_t = 512)]
     pub seq: usize,
-    /// Override the number of decoder layers of the shape.
+    /// Override the number of decoder layers of the shape [default: the shape's].
     #[arg(long)]
     pub layers: Option<usize>,
+    /// Untimed steps per variant before the timed ones.
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
+    /// Timed training steps per variant (their median is reported).
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
-    /// Variants to run, comma-separated (default: all).
+    /// Variants to run, comma-separated [default: all].
     #[arg(long, value_enum, value_delimiter = ',')]
     pub variants: Vec<BenchVariant>,
-    /// Recompute each decoder layer in the backward pass.
+    /// Recompute each decoder layer in the backward pass [default: off].
     #[arg(long)]
     pub gradient_checkpointing: bool,
-    /// Write the results as JSON here.
+    /// Also write the results as JSON here [default: none, the markdown table on stdout only].
     #[arg(long)]
     pub json: Option<PathBuf>,
     /// The options of the `mixlora-fused` variant.

@@ -32,9 +32,18 @@ pub enum Error {
     #[error("optimizer: {}", ol(.0))]
     Optimizer(String),
 
-    /// Evaluation that cannot be run on an item (no answer format, answer not a candidate).
+    /// Evaluation that cannot be run (a model output of the wrong shape, ...).
     #[error("eval: {}", ol(.0))]
     Eval(String),
+
+    /// An item of an evaluation file that cannot be scored: no candidate answers (free-form),
+    /// an answer that is not a candidate, an output without its answer. `item` is 0-based.
+    #[error("eval: {}: item {item}: {}", ol(.file), ol(.reason))]
+    Unscorable {
+        file: String,
+        item: usize,
+        reason: String,
+    },
 
     #[error(transparent)]
     Engine(#[from] engine::Error),

@@ -1,103 +1,29 @@
 //! Multiple-choice evaluation (docs/DESIGN.md): every candidate answer of a question is scored and
-//! the argmax counts. The candidates come from the instruction's `Answer format: a/b/c` line;
-//! candidate `c`'s target is the example's output with its answer replaced by `c` ("the correct
-//! answer is answer2"), followed by EOS as in training. Its score is the sum of the
+//! the argmax counts. The candidates come from the task's format ([`candidates`]: the
+//! instruction's `Answer format: a/b/c` line, else its `Answer1:` ... choices, else the file's
+//! answers); candidate `c`'s target is the example's output with its answer replaced by `c` ("the
+//! correct answer is answer2"), followed by EOS as in training. Its score is the sum of the
 //! log-probabilities of its target tokens given the prompt, computed by a caller-provided
 //! `score_batch` closure (the model), for which [`pairs_batch`] and [`target_log_likelihood`] do
 //! the data and maths parts.
+//!
+//! Every item of every task is checked before the first is scored ([`check_task`],
+//! [`check_file`]), so a file that cannot be scored is refused before any work.
+
+mod candidates;
 
 use engine::{Tensor, IGNORE_INDEX};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{self, Encoded, Example, HostBatch, PromptTokenizer, Task};
+pub use candidates::{
+    answer_vocabulary, candidate_target, candidates, check_file, check_task, labelled_choices,
+    parse_candidates, question, questions, Question, Scorable, CHOICE_LABELS,
+    MAX_ANSWER_VOCABULARY,
+};
+
+use crate::data::{self, Encoded, HostBatch, PromptTokenizer, Task};
 use crate::error::{Error, Result};
-
-/// The candidate answers listed in the last `Answer format:` line of an instruction.
-pub fn parse_candidates(instruction: &str) -> Option<Vec<String>> {
-    let line = instruction
-        .lines()
-        .rev()
-        .find_map(|l| l.trim().strip_prefix("Answer format:"))?;
-    let c: Vec<String> = line
-        .split('/')
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect();
-    (c.len() >= 2).then_some(c)
-}
-
-/// `output` with its last occurrence of `answer` replaced by `candidate`.
-pub fn candidate_target(output: &str, answer: &str, candidate: &str) -> Option<String> {
-    let at = output.rfind(answer)?;
-    Some(format!(
-        "{}{candidate}{}",
-        &output[..at],
-        &output[at + answer.len()..]
-    ))
-}
-
-/// One question, ready to score.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Question {
-    pub prompt: String,
-    pub candidates: Vec<String>,
-    /// The target text of each candidate.
-    pub targets: Vec<String>,
-    /// Index of the right answer.
-    pub gold: usize,
-}
-
-/// The question of an example, or why it cannot be one.
-pub fn question(ex: &Example) -> std::result::Result<Question, String> {
-    let candidates = parse_candidates(&ex.instruction)
-        .ok_or("no `Answer format: a/b` line in the instruction")?;
-    if ex.answer.is_empty() {
-        return Err("field `answer` is empty".into());
-    }
-    let gold = candidates
-        .iter()
-        .position(|c| *c == ex.answer)
-        .or_else(|| {
-            candidates
-                .iter()
-                .position(|c| c.eq_ignore_ascii_case(&ex.answer))
-        })
-        .ok_or_else(|| {
-            format!(
-                "answer `{}` is not one of {}",
-                ex.answer,
-                candidates.join("/")
-            )
-        })?;
-    let targets = candidates
-        .iter()
-        .map(|c| candidate_target(&ex.output, &ex.answer, c))
-        .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| {
-            format!(
-                "output `{}` does not contain the answer `{}`",
-                ex.output, ex.answer
-            )
-        })?;
-    Ok(Question {
-        prompt: data::prompt(&ex.instruction, &ex.input),
-        candidates,
-        targets,
-        gold,
-    })
-}
-
-/// The questions of a task (at most `limit`); an unusable item is an error naming file and item.
-pub fn questions(task: &Task, limit: Option<usize>) -> Result<Vec<Question>> {
-    let n = limit.unwrap_or(usize::MAX).min(task.examples.len());
-    task.examples[..n]
-        .iter()
-        .enumerate()
-        .map(|(i, ex)| {
-            question(ex).map_err(|m| Error::Eval(format!("{}: item {i}: {m}", task.file.display())))
-        })
-        .collect()
-}
+use crate::progress::Reporter;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskResult {
@@ -228,22 +154,33 @@ pub fn argmax(scores: &[f64]) -> usize {
     best
 }
 
-/// Scores every candidate of every question of `task` (at most `limit` questions), at most
-/// `batch_pairs` candidates per `score_batch` call, and counts the argmax hits.
-pub fn evaluate_task(
-    task: &Task,
+/// The questions of every task (the first `limit` of each), all built before any is scored: an
+/// item that cannot be scored is an error before any work.
+pub fn all_questions(tasks: &[Task], limit: Option<usize>) -> Result<Vec<Vec<Question>>> {
+    tasks.iter().map(|t| questions(t, limit)).collect()
+}
+
+/// Scores every candidate of the questions `qs` of task `name`, at most `batch_pairs` candidates
+/// per `score_batch` call, and counts the argmax hits; `progress` counts the questions scored.
+pub fn score_task(
+    name: &str,
+    qs: &[Question],
     tok: &dyn PromptTokenizer,
     cutoff_len: usize,
-    limit: Option<usize>,
     batch_pairs: usize,
     score_batch: &mut dyn FnMut(&[ScorePair]) -> Result<Vec<f64>>,
+    progress: &Reporter,
 ) -> Result<TaskResult> {
-    let qs = questions(task, limit)?;
+    progress.set_message(name);
     let mut pairs = Vec::new();
-    for q in &qs {
+    // ends[i]: the pairs of questions 0..=i.
+    let mut ends = Vec::with_capacity(qs.len());
+    for q in qs {
         pairs.extend(encode_question(tok, q, cutoff_len)?);
+        ends.push(pairs.len());
     }
     let mut scores = Vec::with_capacity(pairs.len());
+    let mut done = 0;
     for chunk in pairs.chunks(batch_pairs.max(1)) {
         let s = score_batch(chunk)?;
         if s.len() != chunk.len() {
@@ -254,18 +191,22 @@ pub fn evaluate_task(
             )));
         }
         scores.extend(s);
+        let now = ends.partition_point(|&e| e <= scores.len());
+        progress.inc(now - done);
+        done = now;
     }
     let mut correct = 0;
     let mut at = 0;
-    for q in &qs {
+    for q in qs {
         let n = q.candidates.len();
         correct += (argmax(&scores[at..at + n]) == q.gold) as usize;
         at += n;
     }
-    Ok(TaskResult::new(&task.name, correct, qs.len()))
+    Ok(TaskResult::new(name, correct, qs.len()))
 }
 
-/// [`evaluate_task`] for every task, and the average.
+/// [`score_task`] for every task (at most `limit` questions each), and the average. Every item is
+/// checked first; then `new_progress(questions)` makes the reporter of the scoring.
 pub fn evaluate(
     tasks: &[Task],
     tok: &dyn PromptTokenizer,
@@ -273,70 +214,38 @@ pub fn evaluate(
     limit: Option<usize>,
     batch_pairs: usize,
     score_batch: &mut dyn FnMut(&[ScorePair]) -> Result<Vec<f64>>,
+    new_progress: &dyn Fn(usize) -> Reporter,
 ) -> Result<EvalReport> {
+    let all = all_questions(tasks, limit)?;
+    let progress = new_progress(all.iter().map(Vec::len).sum());
     let results = tasks
         .iter()
-        .map(|t| evaluate_task(t, tok, cutoff_len, limit, batch_pairs, score_batch))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(EvalReport::from_results(results))
+        .zip(&all)
+        .map(|(t, qs)| {
+            score_task(
+                &t.name,
+                qs,
+                tok,
+                cutoff_len,
+                batch_pairs,
+                score_batch,
+                &progress,
+            )
+        })
+        .collect::<Result<Vec<_>>>();
+    progress.finish();
+    Ok(EvalReport::from_results(results?))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::data::tests::Bytes;
+    use crate::data::Example;
+    use crate::progress::testing::Shared;
     use engine::{DType, Device};
     use std::path::PathBuf;
-
-    #[test]
-    fn candidates_from_answer_format_lines() {
-        assert_eq!(
-            parse_candidates("Q?\n\nAnswer format: true/false").unwrap(),
-            vec!["true", "false"]
-        );
-        assert_eq!(
-            parse_candidates(
-                "Q\n\nAnswer1: a Answer2: b\n\nAnswer format: answer1/answer2/answer3"
-            )
-            .unwrap(),
-            vec!["answer1", "answer2", "answer3"]
-        );
-        assert_eq!(parse_candidates("no format here"), None);
-        assert_eq!(parse_candidates("Answer format: only"), None);
-        assert_eq!(
-            candidate_target("the correct answer is answer2", "answer2", "answer4").unwrap(),
-            "the correct answer is answer4"
-        );
-        assert_eq!(
-            candidate_target("the correct answer is true", "true", "false").unwrap(),
-            "the correct answer is false"
-        );
-        assert_eq!(candidate_target("x", "true", "false"), None);
-    }
-
-    #[test]
-    fn bad_items_name_file_and_item() {
-        let mk = |instruction: &str, answer: &str| Example {
-            instruction: instruction.into(),
-            output: format!("the correct answer is {answer}"),
-            answer: answer.into(),
-            ..Default::default()
-        };
-        let task = Task {
-            name: "t".into(),
-            file: PathBuf::from("t/valid.json"),
-            examples: vec![
-                mk("Q\n\nAnswer format: true/false", "true"),
-                mk("Q\n\nAnswer format: true/false", "maybe"),
-            ],
-        };
-        let e = questions(&task, None).unwrap_err().to_string();
-        assert_eq!(
-            e,
-            "eval: t/valid.json: item 1: answer `maybe` is not one of true/false"
-        );
-        assert_eq!(questions(&task, Some(1)).unwrap()[0].gold, 0);
-    }
+    use std::time::Duration;
 
     /// log p(target | prompt) summed, by hand in f64 from the host logits.
     fn naive(logits: &[f64], labels: &[u32], b: usize, t: usize, v: usize) -> Vec<f64> {
@@ -444,7 +353,11 @@ mod tests {
                 })
                 .collect())
         };
-        let r = evaluate(&[task], &Bytes, 512, None, 3, &mut score).unwrap();
+        let r = evaluate(&[task], &Bytes, 512, None, 3, &mut score, &|n| {
+            assert_eq!(n, 4);
+            Reporter::hidden()
+        })
+        .unwrap();
         assert_eq!(calls, 3); // 8 candidates by 3
         assert_eq!((r.tasks[0].correct, r.tasks[0].total), (2, 4));
         assert_eq!(r.average, 0.5);
@@ -467,6 +380,77 @@ mod tests {
                 vec![256, b'i' as u32, b'j' as u32],
                 vec![b'x' as u32, b'y' as u32, 257]
             )
+        );
+    }
+
+    fn tf_task(file: &str, answers: &[&str]) -> Task {
+        Task {
+            name: data::task_name(std::path::Path::new(file)),
+            file: PathBuf::from(file),
+            examples: answers
+                .iter()
+                .map(|a| Example {
+                    instruction: "Q, true or false?".into(),
+                    output: format!("the correct answer is {a}"),
+                    answer: a.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_bad_item_of_any_task_is_refused_before_scoring() {
+        let tasks = [
+            tf_task("a/valid.json", &["true", "false"]),
+            tf_task("b/valid.json", &["true", "false", "perhaps"]),
+        ];
+        let mut score = |_: &[ScorePair]| -> Result<Vec<f64>> { panic!("scored before the check") };
+        let e = evaluate(&tasks, &Bytes, 64, None, 4, &mut score, &|_| {
+            panic!("progress before the check")
+        })
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "eval: b/valid.json: item 2: answer `perhaps` is not one of true/false"
+        );
+        // Within the limit, the bad item is not evaluated.
+        let mut score = |p: &[ScorePair]| -> Result<Vec<f64>> { Ok(vec![0.0; p.len()]) };
+        let r = evaluate(&tasks, &Bytes, 64, Some(2), 4, &mut score, &|n| {
+            assert_eq!(n, 4);
+            Reporter::hidden()
+        })
+        .unwrap();
+        assert_eq!(r.tasks[1].total, 2);
+    }
+
+    #[test]
+    fn progress_counts_the_questions_scored() {
+        let out = Shared::default();
+        let task = tf_task("boolq/valid.json", &["true", "false", "true", "false"]);
+        let mut score = |p: &[ScorePair]| -> Result<Vec<f64>> { Ok(vec![0.0; p.len()]) };
+        // 8 candidates by 3: after 3, 6 and 8 of them, 1, 3 and 4 questions are done.
+        let r = evaluate(&[task], &Bytes, 64, None, 3, &mut score, &|n| {
+            Reporter::lines(
+                "eval",
+                n,
+                "questions",
+                Duration::ZERO,
+                Box::new(out.clone()),
+                Box::new(|| Duration::from_secs(2)),
+            )
+        })
+        .unwrap();
+        assert_eq!(r.tasks[0].correct, 2); // ties go to `true`
+        let lines: Vec<String> = out.text().lines().map(str::to_string).collect();
+        assert_eq!(
+            lines,
+            [
+                "eval: 1/4 questions (25%), 0.50 questions/s, ETA 6s [boolq]",
+                "eval: 3/4 questions (75%), 1.50 questions/s, ETA 1s [boolq]",
+                "eval: 4/4 questions (100%), 2.00 questions/s, ETA 0s [boolq]",
+                "eval: 4/4 questions in 2s (2.00 questions/s)",
+            ]
         );
     }
 }

@@ -17,20 +17,23 @@ pub struct GenerateArgs {
     /// A GGUF file or a Hugging Face folder (config.json, *.safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
-    /// An adapter folder (adapter_config.json + adapter_model.safetensors) to apply.
+    /// An adapter folder (adapter_config.json + adapter_model.safetensors) to apply [default:
+    /// none, the base model alone].
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// The text to continue.
     #[arg(long)]
     prompt: String,
+    /// Stop after this many new tokens (or at the end-of-sequence token).
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
-    /// 0 is greedy decoding.
+    /// Sampling temperature; 0 is greedy decoding.
     #[arg(long, default_value_t = 0.0)]
     temperature: f64,
     /// Nucleus sampling mass (with a temperature above 0).
     #[arg(long, default_value_t = 1.0)]
     top_p: f64,
+    /// Seed of the sampler (with a temperature above 0).
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// `cpu`, `cuda` (the first GPU) or `cuda:N`.

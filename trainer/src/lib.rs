@@ -1,6 +1,6 @@
 //! The trainer's building blocks, behind the `mixlora` binary: configuration, data and prompts,
-//! AdamW and learning-rate schedules, checkpoints with resume, metrics and progress, multiple-choice
-//! evaluation, and the synthetic tasks of the embedded default job.
+//! AdamW and learning-rate schedules, checkpoints with resume, metrics and progress reports,
+//! multiple-choice evaluation, and the synthetic tasks of the embedded default job.
 //!
 //! The library reads no environment variable: every setting is a value its caller passes (the
 //! binary fills them from its flags, its TOML file and the few variables it documents).
@@ -14,6 +14,7 @@ pub mod eval;
 pub mod metrics;
 pub mod optim;
 pub mod plot;
+pub mod progress;
 pub mod run;
 pub mod schedule;
 pub mod synthetic;

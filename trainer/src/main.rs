@@ -223,3 +223,41 @@ fn cuda_options_from_env() -> engine::CudaOptions {
         caching_allocator: env("MIXLORA_CUDA_NO_CACHE").is_none_or(|v| v != "1"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// The options of `cmd` and its subcommands whose help says nothing, or no default.
+    fn undocumented(cmd: &clap::Command, path: &str, problems: &mut Vec<String>) {
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            let name = format!("{path} --{}", arg.get_long().unwrap_or(id));
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            let text = help.split("[default: ").next().unwrap_or_default();
+            if text.trim().len() < 10 {
+                problems.push(format!("{name}: no description"));
+            }
+            let clap_shows = arg.get_action().takes_values()
+                && !arg.get_default_values().is_empty()
+                && !arg.is_hide_default_value_set();
+            if !arg.is_required_set() && !clap_shows && !help.contains("[default: ") {
+                problems.push(format!("{name}: no default shown"));
+            }
+        }
+        for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+            undocumented(sub, &format!("{path} {}", sub.get_name()), problems);
+        }
+    }
+
+    #[test]
+    fn every_option_says_what_it_does_and_its_default() {
+        let mut problems = Vec::new();
+        undocumented(&Cli::command(), "mixlora", &mut problems);
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
+}

@@ -191,6 +191,15 @@ impl Progress {
         }
     }
 
+    /// Runs `f` with the bar cleared (another bar may be drawn meanwhile), then redraws it.
+    pub fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
+        if self.visible {
+            self.bar.suspend(f)
+        } else {
+            f()
+        }
+    }
+
     pub fn position(&self) -> usize {
         self.bar.position() as usize
     }

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::eval::{self, EvalReport, ScorePair};
 use crate::metrics::{expert_load_host, EvalMetrics, MetricsWriter, Progress, Record, StepMetrics};
 use crate::optim::{clip_grad_norm, AdamW};
+use crate::progress::{self, Reporter};
 use crate::schedule::Schedule;
 use crate::synthetic;
 
@@ -139,6 +140,11 @@ fn score_pairs(model: &Llama, pad: u32, pairs: &[ScorePair]) -> Result<Vec<f64>>
     })
 }
 
+/// The reporter of an evaluation of `questions` questions (on stderr).
+fn eval_progress(questions: usize) -> Reporter {
+    Reporter::stderr("eval", questions, "questions")
+}
+
 fn evaluate(
     model: &Llama,
     tok: &Tokenizer,
@@ -149,7 +155,15 @@ fn evaluate(
 ) -> Result<EvalReport> {
     let pad = tok.eos_id().unwrap_or(0);
     let mut score = |pairs: &[ScorePair]| score_pairs(model, pad, pairs);
-    eval::evaluate(tasks, tok, cfg_cutoff, limit, batch, &mut score)
+    eval::evaluate(
+        tasks,
+        tok,
+        cfg_cutoff,
+        limit,
+        batch,
+        &mut score,
+        &eval_progress,
+    )
 }
 
 /// Per-position LM loss `[B·T]` (f32) of final hidden states `[B, T, H]` against `labels`
@@ -236,16 +250,19 @@ fn evaluate_with_routing(
         (vec![], serde_json::Map::new(), serde_json::Map::new());
     let mut n_experts = 0;
     let mut n_layers = 0;
-    for task in tasks {
+    let all = eval::all_questions(tasks, a.limit)?;
+    let progress = eval_progress(all.iter().map(Vec::len).sum());
+    for (task, qs) in tasks.iter().zip(&all) {
         let mut counts: Vec<Vec<f64>> = Vec::new();
         let mut score = |pairs: &[ScorePair]| score_pairs_routed(model, pad, pairs, &mut counts);
-        results.push(eval::evaluate_task(
-            task,
+        results.push(eval::score_task(
+            &task.name,
+            qs,
             tok,
             a.cutoff_len,
-            a.limit,
             a.batch_size,
             &mut score,
+            &progress,
         )?);
         n_layers = counts.len();
         n_experts = counts.first().map_or(0, Vec::len);
@@ -259,6 +276,7 @@ fn evaluate_with_routing(
         shares.insert(task.name.clone(), serde_json::json!(share));
         all_counts.insert(task.name.clone(), serde_json::json!(counts));
     }
+    progress.finish();
     let json = serde_json::json!({
         "num_experts": n_experts,
         "layers": n_layers,
@@ -291,6 +309,10 @@ pub fn train_until(
         path: cfg.out_dir.display().to_string(),
         source: e,
     })?;
+    let t_load = Instant::now();
+    if let Some(p) = &cfg.model {
+        log(&format!("loading {}", p.display()));
+    }
     let (mut model, tok) = load_base_model(
         cfg.model.as_deref(),
         cfg.seed,
@@ -298,6 +320,13 @@ pub fn train_until(
         device,
         &cfg.out_dir,
     )?;
+    if let Some(p) = &cfg.model {
+        log(&format!(
+            "loaded {} in {}",
+            p.display(),
+            progress::duration(t_load.elapsed())
+        ));
+    }
     model.add_adapters(
         &adapter_config(cfg, &base_name(cfg.model.as_deref(), cfg.seed)),
         cfg.seed,
@@ -305,7 +334,13 @@ pub fn train_until(
     model.set_gradient_checkpointing(cfg.gradient_checkpointing);
     use_moe_impl(&mut model, cfg.moe())?;
     let (train_tasks, eval_tasks) = tasks(cfg)?;
-    let ds = Dataset::encode(&train_tasks, &tok, cfg.cutoff_len)?;
+    let n_examples = train_tasks.iter().map(|t| t.examples.len()).sum();
+    let ds = Dataset::encode_with_progress(
+        &train_tasks,
+        &tok,
+        cfg.cutoff_len,
+        &Reporter::stderr("tokenising", n_examples, "examples"),
+    )?;
     if ds.is_empty() {
         return Err(Error::Config(
             "the training data has no usable example".into(),
@@ -435,14 +470,17 @@ pub fn train_until(
         if !eval_tasks.is_empty()
             && ((cfg.eval_every > 0 && state.step % cfg.eval_every == 0) || last)
         {
-            let report = evaluate(
-                &model,
-                &tok,
-                &eval_tasks,
-                cfg.cutoff_len,
-                cfg.eval_limit,
-                cfg.micro_batch_size * 4,
-            )?;
+            // The evaluation's own progress replaces the training bar while it runs.
+            let report = progress.suspend(|| {
+                evaluate(
+                    &model,
+                    &tok,
+                    &eval_tasks,
+                    cfg.cutoff_len,
+                    cfg.eval_limit,
+                    cfg.micro_batch_size * 4,
+                )
+            })?;
             progress.println(&format!(
                 "eval at step {}: {}",
                 state.step,
@@ -516,17 +554,27 @@ pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
         source: e,
     })?;
     let seed = builtin_seed(a.adapter.as_deref());
+    // Every item of every file is checked before the model is loaded.
+    let tasks = if a.data.is_empty() {
+        synthetic::generate(seed, SYNTHETIC_TRAIN, SYNTHETIC_VALID).1
+    } else {
+        data::load_tasks(&a.data)?
+    };
+    eval::all_questions(&tasks, a.limit)?;
+    let t_load = Instant::now();
     let (mut model, tok) =
         load_base_model(a.model.as_deref(), seed, a.dtype.dtype(), device, &scratch)?;
     if let Some(dir) = &a.adapter {
         model::adapters::load(dir, &mut model)?;
         use_moe_impl(&mut model, a.moe.moe_impl(device))?;
     }
-    let tasks = if a.data.is_empty() {
-        synthetic::generate(seed, SYNTHETIC_TRAIN, SYNTHETIC_VALID).1
-    } else {
-        data::load_tasks(&a.data)?
-    };
+    if let Some(p) = &a.model {
+        eprintln!(
+            "loaded {} in {}",
+            p.display(),
+            progress::duration(t_load.elapsed())
+        );
+    }
     let report = match &a.routing {
         None => evaluate(&model, &tok, &tasks, a.cutoff_len, a.limit, a.batch_size),
         Some(path) => evaluate_with_routing(&model, &tok, &tasks, a, path),

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use trainer::eval::questions;
+use trainer::eval::{check_file, questions};
 
 /// Where the shared data lives: `$MIXLORA_DATA`, else `<workspace>/../shared/data`. `None` when
 /// neither exists.
@@ -56,4 +56,62 @@ fn real_commonsense_lines_parse() {
         seen += task.examples.len();
     }
     eprintln!("parsed {seen} questions of the shared commonsense data");
+}
+
+/// Every task file of the shared commonsense data (every folder, every JSON file) is scorable,
+/// and with the `Answer format:` lines taken out of its instructions, every item gets the same
+/// candidates and gold answer from the task's format alone.
+#[test]
+fn every_commonsense_file_is_scorable_with_or_without_answer_format_lines() {
+    let Some(dir) = shared_data_dir() else {
+        eprintln!("skipped: no shared data (set MIXLORA_DATA or put it at <repo>/../shared/data)");
+        return;
+    };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join("commonsense"))
+        .into_iter()
+        .flatten()
+        .flat_map(|task| {
+            std::fs::read_dir(task.unwrap().path())
+                .into_iter()
+                .flatten()
+        })
+        .map(|f| f.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        eprintln!("skipped: no task files under {}", dir.display());
+        return;
+    }
+    for p in &files {
+        let checked = check_file(p).unwrap_or_else(|e| panic!("{e}"));
+        let task = trainer::data::load_task(p).unwrap();
+        assert_eq!(checked.items, task.examples.len());
+        let with = questions(&task, None).unwrap();
+        let mut bare = task.clone();
+        for ex in &mut bare.examples {
+            ex.instruction = ex
+                .instruction
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("Answer format:"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            assert!(!ex.instruction.contains("Answer format"));
+        }
+        let without = questions(&bare, None).unwrap_or_else(|e| panic!("{e}"));
+        for (i, (a, b)) in with.iter().zip(&without).enumerate() {
+            assert_eq!(
+                (&a.candidates, a.gold),
+                (&b.candidates, b.gold),
+                "{} item {i}",
+                p.display()
+            );
+        }
+        eprintln!(
+            "{}: {} items, {} candidates, scorable without `Answer format:` lines",
+            p.display(),
+            checked.items,
+            checked.candidates
+        );
+    }
 }

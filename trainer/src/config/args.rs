@@ -22,10 +22,14 @@ fn is_false(b: &bool) -> bool {
 /// (or empty, or false) unless given: [`resolve`](TrainArgs::resolve) lays them over the
 /// defaults of [`TrainConfig`](super::TrainConfig), whose field of the same name each one sets.
 /// The TOML keys are the field names (the flags with `_`).
+///
+/// So clap knows no default here (it would hide the TOML file's value): each help ends in
+/// `[default: …]` written out, which a test checks against `TrainConfig::default()`.
 #[derive(Args, Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainArgs {
-    /// A TOML file with any of the settings below (keys: the flag names with `_`).
+    /// A TOML file with any of the settings below (keys: the flag names with `_`); flags override
+    /// it [default: none].
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
@@ -41,65 +45,90 @@ pub struct TrainArgs {
     #[arg(long = "data")]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub data: Vec<PathBuf>,
-    /// Evaluation file; repeat for several tasks.
+    /// Evaluation file (LLM-Adapters JSON), scored at the end and every `--eval-every` steps;
+    /// repeat for several tasks [default: none; without --data, the synthetic tasks' own].
     #[arg(long = "eval-data")]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub eval_data: Vec<PathBuf>,
-    /// Examples held out of the training files for evaluation [default: 0, none].
+    /// Examples held out of the training files for evaluation, instead of --eval-data
+    /// [default: 0, none].
     #[arg(long)]
     pub val_set_size: Option<usize>,
     /// At most this many questions per task in evaluation [default: all].
     #[arg(long)]
     pub eval_limit: Option<usize>,
+    /// Output folder: checkpoints, metrics.jsonl, train_config.toml and the final adapter
+    /// [default: out].
     #[arg(long, visible_alias = "out")]
     pub out_dir: Option<PathBuf>,
+    /// Passes over the training data [default: 2].
     #[arg(long)]
     pub epochs: Option<usize>,
-    /// Stop after this many optimizer steps, even within an epoch.
+    /// Stop after this many optimizer steps, even within an epoch (with --epochs 0, the length
+    /// of the run) [default: none, the epochs decide].
     #[arg(long)]
     pub max_steps: Option<usize>,
-    /// Effective batch size: examples per optimizer step.
+    /// Effective batch size: examples per optimizer step [default: 16].
     #[arg(long, visible_alias = "batch")]
     pub batch_size: Option<usize>,
-    /// Examples per forward pass; `batch_size / micro_batch_size` passes are accumulated.
+    /// Examples per forward pass; `batch_size / micro_batch_size` passes are accumulated
+    /// [default: 8].
     #[arg(long, visible_alias = "micro-batch")]
     pub micro_batch_size: Option<usize>,
     /// Peak learning rate [default: 2e-4; 2e-3 for the built-in model without --config].
     #[arg(long)]
     pub lr: Option<f64>,
+    /// AdamW's decoupled weight decay [default: 0.01].
     #[arg(long)]
     pub weight_decay: Option<f64>,
+    /// AdamW's β1, the decay of the first moment [default: 0.9].
     #[arg(long)]
     pub adam_beta1: Option<f64>,
+    /// AdamW's β2, the decay of the second moment [default: 0.999].
     #[arg(long)]
     pub adam_beta2: Option<f64>,
+    /// AdamW's ε, added to the root of the second moment [default: 1e-8].
     #[arg(long)]
     pub adam_eps: Option<f64>,
-    /// Global gradient-norm clipping threshold (0: no clipping).
+    /// Global gradient-norm clipping threshold (0: no clipping) [default: 1.0].
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
+    /// The learning rate's decay after warmup [default: linear].
     #[arg(long, value_enum)]
     pub schedule: Option<ScheduleKind>,
+    /// Optimizer steps of linear warmup from 0 to --lr (or --warmup-ratio) [default: none, no
+    /// warmup].
     #[arg(long)]
     pub warmup_steps: Option<usize>,
+    /// Warmup as a fraction of the total steps, rounded up (or --warmup-steps) [default: none, no
+    /// warmup].
     #[arg(long)]
     pub warmup_ratio: Option<f64>,
-    /// Longest tokenised example (prompt + answer + EOS); longer ones are truncated.
+    /// Longest tokenised example (prompt + answer + EOS); longer ones are truncated; evaluation
+    /// cuts prompts from the left to fit [default: 512].
     #[arg(long)]
     pub cutoff_len: Option<usize>,
+    /// Seed of the adapter initialisation, the data order, dropout, the validation split and the
+    /// built-in model [default: 42].
     #[arg(long)]
     pub seed: Option<u64>,
+    /// MixLoRA: LoRA experts per FFN [default: 8].
     #[arg(long)]
     pub num_experts: Option<usize>,
+    /// MixLoRA: experts per token with `--routing topk` [default: 2].
     #[arg(long)]
     pub top_k: Option<usize>,
+    /// LoRA rank r of every adapter (and expert) [default: 16].
     #[arg(long)]
     pub rank: Option<usize>,
+    /// LoRA alpha: the update is scaled by `alpha/r` (`alpha/√r` with --rslora)
+    /// [default: 32.0].
     #[arg(long)]
     pub alpha: Option<f64>,
-    /// Scale LoRA by `alpha/√r` (rsLoRA) instead of `alpha/r`.
+    /// Scale LoRA by `alpha/√r` (rsLoRA) instead of `alpha/r` [default: false].
     #[arg(long)]
     pub rslora: Option<bool>,
+    /// Dropout on the LoRA inputs while training [default: 0.05].
     #[arg(long)]
     pub dropout: Option<f64>,
     /// How the MixLoRA router picks experts: `topk` (the `top_k` most probable, weights
@@ -108,36 +137,41 @@ pub struct TrainArgs {
     #[arg(long, value_name = "ROUTING")]
     #[serde(with = "words::option", skip_serializing_if = "Option::is_none")]
     pub routing: Option<RoutingStrategy>,
+    /// MixLoRA: the probability mass of the experts a token gets with `--routing topp`
+    /// [default: 0.8].
     #[arg(long)]
     pub top_p: Option<f64>,
+    /// MixLoRA: the coefficient of the router's load-balance loss [default: 0.001].
     #[arg(long)]
     pub aux_loss_coef: Option<f64>,
     /// Standard deviation of the router's normal initialisation [default: 0.02].
     #[arg(long)]
     pub router_init_range: Option<f64>,
-    /// Evaluate every this many optimizer steps (0: only at the end).
+    /// Evaluate every this many optimizer steps (0: only at the end) [default: 0].
     #[arg(long)]
     pub eval_every: Option<usize>,
-    /// Save a checkpoint every this many optimizer steps (0: only at the end).
+    /// Save a checkpoint every this many optimizer steps (0: only at the end) [default: 0].
     #[arg(long)]
     pub save_every: Option<usize>,
-    /// Keep at most this many checkpoints (the newest).
+    /// Keep at most this many checkpoints (the newest) [default: 3].
     #[arg(long)]
     pub save_total_limit: Option<usize>,
-    /// Log a metrics line every this many optimizer steps.
+    /// Log a metrics line every this many optimizer steps [default: 1].
     #[arg(long)]
     pub log_every: Option<usize>,
-    /// `cpu` (the default), `cuda` (the first GPU) or `cuda:N`.
+    /// `cpu`, `cuda` (the first GPU) or `cuda:N` [default: cpu].
     #[arg(long)]
     #[serde(with = "words::option", skip_serializing_if = "Option::is_none")]
     pub device: Option<Device>,
+    /// The dtype of the frozen base weights; adapters are f32 [default: f32].
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeName>,
-    /// Continue from the newest complete checkpoint in the output folder.
+    /// Continue from the newest complete checkpoint in the output folder [default: off].
     #[arg(long)]
     #[serde(skip_serializing_if = "is_false")]
     pub resume: bool,
-    /// Recompute each decoder layer in the backward pass (less memory, one more forward).
+    /// Recompute each decoder layer in the backward pass (less memory, one more forward)
+    /// [default: off].
     #[arg(long)]
     #[serde(skip_serializing_if = "is_false")]
     pub gradient_checkpointing: bool,
@@ -169,13 +203,13 @@ pub struct TrainArgs {
 /// The help of the MoE flags, which `train` shares with other commands (with the defaults in
 /// words: `train`'s flags have none that clap knows, the settings' defaults being
 /// [`TrainConfig`](super::TrainConfig)'s).
-const MOE_IMPL_HELP: &str = "How MixLoRA FFNs are computed: `auto` (the default: fused on a \
-    GPU, naive on the CPU), `naive`, `paper`, `grouped` or `fused`";
-const MOE_KERNELS_HELP: &str = "The fused MoE FFN's kernels: `gemms` (the default: dense GEMMs \
-    over block codes, any device and dtype) or `tiles` (the tensor-core tile kernels where they \
-    serve the sizes: CUDA, bf16)";
+const MOE_IMPL_HELP: &str = "How MixLoRA FFNs are computed: `auto` (fused on a GPU, naive on \
+    the CPU), `naive`, `paper`, `grouped` or `fused` [default: auto]";
+const MOE_KERNELS_HELP: &str = "The fused MoE FFN's kernels: `gemms` (dense GEMMs over block \
+    codes, any device and dtype) or `tiles` (the tensor-core tile kernels where they serve the \
+    sizes: CUDA, bf16) [default: gemms]";
 const MOE_CHUNK_HELP: &str = "Tokens per chunk of the fused MoE FFN, whose per-slot tensors \
-    exist for one chunk at a time (default: the fewest even chunks under a size cap)";
+    exist for one chunk at a time [default: none, the fewest even chunks under a size cap]";
 
 /// The fused MoE FFN's options (`--moe-kernels`, `--moe-chunk-tokens`).
 #[derive(Args, Debug, Clone, Copy, Default, PartialEq)]
@@ -257,29 +291,36 @@ pub struct EvalArgs {
     /// Base model: GGUF file or Hugging Face folder [default: built-in tiny random LLaMA].
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// An adapter folder (adapter_config.json + adapter_model.safetensors) or a checkpoint.
+    /// An adapter folder (adapter_config.json + adapter_model.safetensors) or a checkpoint
+    /// [default: none, the base model alone].
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// Evaluation file (LLM-Adapters JSON); repeat for several tasks [default: synthetic tasks].
+    /// Evaluation file (LLM-Adapters JSON); repeat for several tasks. The candidate answers come
+    /// from each item's `Answer format:` line, else its `Answer1:`... choices, else the file's
+    /// answers; a file with an item that cannot be scored is refused before any work
+    /// [default: synthetic tasks].
     #[arg(long = "data")]
     pub data: Vec<PathBuf>,
-    /// At most this many questions per task.
+    /// At most this many questions per task [default: all].
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Candidate answers scored per forward pass.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    /// Longest candidate sequence in tokens; longer prompts are cut from the left.
     #[arg(long, default_value_t = 512)]
     pub cutoff_len: usize,
     /// `cpu`, `cuda` (the first GPU) or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     pub device: Device,
+    /// The dtype of the base weights; adapters are f32.
     #[arg(long, value_enum, default_value_t = DTypeName::F32)]
     pub dtype: DTypeName,
-    /// Also write the results as JSON to this file.
+    /// Also write the results as JSON to this file [default: none, stdout only].
     #[arg(long)]
     pub output: Option<PathBuf>,
     /// Also write, per task and per MoE layer, the share of (token, slot) pairs each expert
-    /// received over the real tokens of the evaluated candidates (JSON).
+    /// received over the real tokens of the evaluated candidates (JSON) [default: none].
     #[arg(long)]
     pub routing: Option<PathBuf>,
     #[command(flatten)]

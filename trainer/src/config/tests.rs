@@ -332,3 +332,65 @@ fn fused_moe_options_from_flags_and_toml() {
     .unwrap();
     assert_eq!(c.moe(), want);
 }
+
+/// What a help text gives as the default: the text of its last `[default: …]`.
+fn help_default(help: &str) -> Option<(&str, &str)> {
+    let (what, rest) = help.rsplit_once("[default: ")?;
+    Some((what, rest.split(']').next()?))
+}
+
+#[test]
+fn every_train_option_says_what_it_does_and_its_default() {
+    use clap::CommandFactory;
+    let defaults = toml::Table::try_from(TrainConfig::default()).unwrap();
+    let mut checked = Vec::new();
+    for arg in Cli::command().get_arguments() {
+        let id = arg.get_id().as_str();
+        if id == "help" {
+            continue;
+        }
+        let flag = format!("--{}", arg.get_long().unwrap_or(id));
+        let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+        let (what, default) =
+            help_default(&help).unwrap_or_else(|| panic!("{flag}: no `[default: …]` in {help:?}"));
+        assert!(what.trim().len() >= 10, "{flag}: no description: {help:?}");
+        // A default that clap knows would hide the TOML file's value (switches are false unless
+        // given, which `resolve` leaves out).
+        if arg.get_action().takes_values() {
+            assert!(
+                arg.get_default_values().is_empty(),
+                "{flag}: a clap default would override --config"
+            );
+        }
+        if id == "config" {
+            continue;
+        }
+        let value = default.split([';', ',', ' ']).next().unwrap();
+        match defaults.get(id) {
+            // No value: the help says in words what happens instead.
+            None => assert!(
+                value.parse::<f64>().is_err(),
+                "{flag}: the setting has no default value, its help says {default:?}"
+            ),
+            Some(toml::Value::Array(a)) => assert!(a.is_empty() && value.parse::<f64>().is_err()),
+            Some(toml::Value::Integer(i)) => {
+                assert_eq!(value.parse::<i64>().ok(), Some(*i), "{flag}: {default:?}")
+            }
+            Some(toml::Value::Float(f)) => {
+                assert_eq!(value.parse::<f64>().ok(), Some(*f), "{flag}: {default:?}")
+            }
+            Some(toml::Value::Boolean(b)) => assert!(
+                value == b.to_string() || (!b && value == "off"),
+                "{flag}: {default:?} for {b}"
+            ),
+            Some(toml::Value::String(s)) => assert_eq!(value, s, "{flag}"),
+            Some(v) => panic!("{flag}: a default {v} this test does not read"),
+        }
+        checked.push(id.to_string());
+    }
+    // Every setting has its flag.
+    for key in defaults.keys() {
+        assert!(checked.contains(key), "`{key}` has no flag");
+    }
+    assert!(checked.len() >= 40, "{checked:?}");
+}

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{encode_example, Encoded, PromptTokenizer, Task};
 use crate::error::{Error, Result};
+use crate::progress::Reporter;
 
 /// Tokenised examples of several tasks.
 #[derive(Clone, Debug)]
@@ -18,12 +19,25 @@ pub struct Dataset {
 
 impl Dataset {
     pub fn encode(tasks: &[Task], tok: &dyn PromptTokenizer, cutoff_len: usize) -> Result<Dataset> {
+        Self::encode_with_progress(tasks, tok, cutoff_len, &Reporter::hidden())
+    }
+
+    /// [`encode`](Dataset::encode), counting the examples tokenised on `progress`.
+    pub fn encode_with_progress(
+        tasks: &[Task],
+        tok: &dyn PromptTokenizer,
+        cutoff_len: usize,
+        progress: &Reporter,
+    ) -> Result<Dataset> {
         let mut items = Vec::new();
         for (ti, t) in tasks.iter().enumerate() {
+            progress.set_message(&t.name);
             for ex in &t.examples {
                 items.push(encode_example(tok, ex, cutoff_len, ti)?);
+                progress.inc(1);
             }
         }
+        progress.finish();
         if items.is_empty() {
             return Err(Error::Config("the training data has no examples".into()));
         }
