@@ -257,7 +257,8 @@ pub struct EvalArgs {
     /// Base model: GGUF file or Hugging Face folder [default: built-in tiny random LLaMA].
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// An adapter folder (adapter_config.json + adapter_model.safetensors) or a checkpoint.
+    /// An adapter folder (adapter_config.json + adapter_model.safetensors, or MoE-PEFT's
+    /// adapter_model.bin) or a checkpoint.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// Evaluation file (LLM-Adapters JSON); repeat for several tasks [default: synthetic tasks].
