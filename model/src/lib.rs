@@ -13,6 +13,7 @@ mod mmap;
 pub mod safetensors;
 pub mod sampling;
 pub mod tokenizer;
+pub mod torch_bin;
 pub mod weights;
 
 pub use adapters::{AdapterConfig, MoeImpl, PeftType, RoutingStrategy};

@@ -17,8 +17,8 @@ pub struct GenerateArgs {
     /// A GGUF file or a Hugging Face folder (config.json, *.safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
-    /// An adapter folder (adapter_config.json + adapter_model.safetensors) to apply [default:
-    /// none, the base model alone].
+    /// An adapter folder (adapter_config.json + adapter_model.safetensors, or MoE-PEFT's
+    /// adapter_model.bin) to apply [default: none, the base model alone].
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// The text to continue.

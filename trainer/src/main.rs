@@ -4,6 +4,7 @@
 //! from its flags (and `train`'s TOML file), and maps the few variables of [`ENVIRONMENT`] onto
 //! them, here and nowhere else.
 
+mod export_cmd;
 mod generate_cmd;
 
 // Tensors allocate and free large buffers at every op: mimalloc reuses them instead of mapping
@@ -54,6 +55,9 @@ enum Command {
     Eval(trainer::config::EvalArgs),
     /// Continue a prompt with a base model (GGUF file or Hugging Face folder).
     Generate(generate_cmd::GenerateArgs),
+    /// Converts an adapter folder to MoE-PEFT's format (adapter_model.bin) or back to ours
+    /// (adapter_model.safetensors); the tensors are copied bit for bit.
+    Export(export_cmd::ExportArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -114,6 +118,7 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::Train(cmd)) => train(*cmd),
         Some(Command::Bench(BenchCommand::Table6(args))) => table6(*args),
         Some(Command::PlotRouting(args)) => plot_routing(args),
+        Some(Command::Export(args)) => export_cmd::run(args),
         Some(Command::Eval(args)) => {
             let report = trainer::run::eval(&args)?;
             println!("{}", report.to_json_pretty());

@@ -67,14 +67,15 @@ pub fn load_base_model(
     }
 }
 
-/// The adapter settings of a run.
-pub fn adapter_config(cfg: &TrainConfig, base_name: &str) -> AdapterConfig {
+/// The adapter settings of a run on the base model `base` ([`BaseModel`]).
+pub fn adapter_config(cfg: &TrainConfig, base: &BaseModel) -> AdapterConfig {
     let mut a = AdapterConfig::default_for(cfg.adapter);
     a.r = cfg.rank;
     a.lora_alpha = cfg.alpha;
     a.lora_dropout = cfg.dropout;
     a.use_rslora = cfg.rslora;
-    a.base_model_name_or_path = base_name.to_string();
+    a.base_model_name_or_path = base.name.clone();
+    a.mixlora_base_model_path = base.path.clone();
     if a.peft_type == PeftType::MixLora {
         a.num_experts = cfg.num_experts;
         a.top_k = cfg.top_k;
@@ -89,11 +90,34 @@ pub fn adapter_config(cfg: &TrainConfig, base_name: &str) -> AdapterConfig {
 /// How the built-in base is named in adapter files: its seed makes it reproducible.
 const BUILTIN_PREFIX: &str = "builtin:tiny-random-llama:seed=";
 
-fn base_name(model: Option<&Path>, seed: u64) -> String {
-    model.map_or_else(
-        || format!("{BUILTIN_PREFIX}{seed}"),
-        |p| p.display().to_string(),
-    )
+/// How an adapter file names its base model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseModel {
+    /// `base_model_name_or_path`: a Hugging Face name or folder
+    /// ([`model::adapters::base_model_name`]).
+    pub name: String,
+    /// `mixlora_base_model_path`: the exact file or folder given, or the built-in base with its
+    /// seed.
+    pub path: String,
+}
+
+impl BaseModel {
+    /// The base model at `model`, or the built-in one made with `seed`.
+    pub fn new(model: Option<&Path>, seed: u64) -> BaseModel {
+        match model {
+            None => {
+                let builtin = format!("{BUILTIN_PREFIX}{seed}");
+                BaseModel {
+                    name: builtin.clone(),
+                    path: builtin,
+                }
+            }
+            Some(p) => BaseModel {
+                name: model::adapters::base_model_name(p),
+                path: p.display().to_string(),
+            },
+        }
+    }
 }
 
 /// The seed of the built-in base an adapter was trained on (42 when the adapter does not say).
@@ -101,9 +125,9 @@ fn builtin_seed(adapter_dir: Option<&Path>) -> u64 {
     adapter_dir
         .and_then(|d| AdapterConfig::from_json_file(&d.join("adapter_config.json")).ok())
         .and_then(|c| {
-            c.base_model_name_or_path
-                .strip_prefix(BUILTIN_PREFIX)
-                .and_then(|s| s.parse().ok())
+            [&c.mixlora_base_model_path, &c.base_model_name_or_path]
+                .into_iter()
+                .find_map(|s| s.strip_prefix(BUILTIN_PREFIX)?.parse().ok())
         })
         .unwrap_or(42)
 }
@@ -328,7 +352,7 @@ pub fn train_until(
         ));
     }
     model.add_adapters(
-        &adapter_config(cfg, &base_name(cfg.model.as_deref(), cfg.seed)),
+        &adapter_config(cfg, &BaseModel::new(cfg.model.as_deref(), cfg.seed)),
         cfg.seed,
     )?;
     model.set_gradient_checkpointing(cfg.gradient_checkpointing);
@@ -588,4 +612,32 @@ pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
         })?;
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adapter_files_name_the_base_for_hugging_face_and_keep_the_exact_path() {
+        let gguf = Path::new("models/cache/Qwen2.5-0.5B-Instruct-Q4_K_M.gguf");
+        let base = BaseModel::new(Some(gguf), 1);
+        let a = adapter_config(&TrainConfig::default(), &base);
+        // The file cannot be read here: its stem without the quantisation.
+        assert_eq!(a.base_model_name_or_path, "Qwen2.5-0.5B-Instruct");
+        assert_eq!(a.mixlora_base_model_path, gguf.display().to_string());
+        let v: serde_json::Value = serde_json::from_str(&a.to_json_string()).unwrap();
+        assert_eq!(v["mixlora_base_model_path"], gguf.display().to_string());
+        // The built-in base keeps its seed, which eval reads back.
+        let builtin = adapter_config(&TrainConfig::default(), &BaseModel::new(None, 7));
+        assert_eq!(
+            builtin.mixlora_base_model_path,
+            "builtin:tiny-random-llama:seed=7"
+        );
+        let dir = std::env::temp_dir().join(format!("mixlora-basemodel-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("adapter_config.json"), builtin.to_json_string()).unwrap();
+        assert_eq!(builtin_seed(Some(&dir)), 7);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -1,6 +1,11 @@
 //! `adapter_config.json`: the settings of a LoRA or MixLoRA adapter, with the keys of docs/DESIGN.md
-//! (those of the `mixlora` / MoE-PEFT packages; plain LoRA files are PEFT's). Unknown keys are
-//! ignored on reading, so PEFT's extra keys (`bias`, `fan_in_fan_out`, ...) do not get in the way.
+//! (those of the `mixlora` / MoE-PEFT packages; plain LoRA files are PEFT's).
+//!
+//! Written so that MoE-PEFT and the `mixlora` package load it unchanged: `r` and an integral
+//! `lora_alpha` as JSON integers (they assert `int`), the rates and coefficients as JSON floats
+//! even when integral (`0.0`: they assert `float`). Read tolerantly (`lora_alpha` int or float),
+//! but a key that would change results and is not implemented is refused, never ignored
+//! ([`super::config_keys`]).
 
 use std::path::Path;
 
@@ -126,8 +131,14 @@ pub struct AdapterConfig {
     pub router_init_range: f64,
     #[serde(default)]
     pub use_rslora: bool,
+    /// The base model as a Hugging Face user names it (a hub id or a folder), for
+    /// `from_pretrained`; see [`super::base_model_name`].
     #[serde(default)]
     pub base_model_name_or_path: String,
+    /// The exact base model the adapter was trained on (a GGUF file, a folder, or the built-in
+    /// tiny base); empty when unknown.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mixlora_base_model_path: String,
     #[serde(default = "default_task")]
     pub task_type: String,
 }
@@ -191,6 +202,7 @@ impl AdapterConfig {
             router_init_range: default_init_range(),
             use_rslora: false,
             base_model_name_or_path: String::new(),
+            mixlora_base_model_path: String::new(),
             task_type: default_task(),
         }
     }
@@ -301,9 +313,17 @@ impl AdapterConfig {
     }
 
     /// Parses the text of an `adapter_config.json` and validates it; `file` names it in errors.
+    /// Keys of MoE-PEFT and PEFT that this crate does not hold are dropped when harmless and
+    /// refused when they would change results ([`super::config_keys::normalize`]).
     pub fn from_json_str(file: &str, text: &str) -> Result<Self> {
-        let cfg: AdapterConfig = serde_json::from_str(text)
-            .map_err(|e| Error::format(file, format!("invalid adapter config: {e}")))?;
+        let invalid =
+            |e: serde_json::Error| Error::format(file, format!("invalid adapter config: {e}"));
+        let mut value: serde_json::Value = serde_json::from_str(text).map_err(invalid)?;
+        let obj = value
+            .as_object_mut()
+            .ok_or_else(|| Error::format(file, "invalid adapter config: not a JSON object"))?;
+        super::config_keys::normalize(file, obj)?;
+        let cfg: AdapterConfig = serde_json::from_value(value).map_err(invalid)?;
         cfg.validate(file)?;
         Ok(cfg)
     }
@@ -313,14 +333,32 @@ impl AdapterConfig {
         Self::from_json_str(&file_name(path), &text)
     }
 
-    /// Pretty JSON with the file's keys (docs/DESIGN.md); a plain LoRA file leaves out the router keys.
+    /// Pretty JSON with the file's keys (docs/DESIGN.md); a plain LoRA file leaves out the router
+    /// keys. An integral `lora_alpha` is written as a JSON integer (`32`, as MoE-PEFT requires),
+    /// the float keys always with a decimal point (`0.0`).
     pub fn to_json_string(&self) -> String {
+        serde_json::to_string_pretty(&self.to_json_value()).unwrap_or_default() + "\n"
+    }
+
+    /// The JSON object [`Self::to_json_string`] prints.
+    pub fn to_json_value(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).unwrap_or_default();
-        if let (false, Some(obj)) = (self.is_mixlora(), v.as_object_mut()) {
-            for k in MOE_KEYS {
-                obj.remove(k);
+        if let Some(obj) = v.as_object_mut() {
+            if let Some(alpha) = self.integral_alpha() {
+                obj.insert("lora_alpha".into(), alpha.into());
+            }
+            if !self.is_mixlora() {
+                for k in MOE_KEYS {
+                    obj.remove(k);
+                }
             }
         }
-        serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
+        v
+    }
+
+    /// `lora_alpha` as an integer, when it is one (and exactly representable).
+    pub fn integral_alpha(&self) -> Option<i64> {
+        let a = self.lora_alpha;
+        (a.fract() == 0.0 && a.abs() < 9.0e15).then_some(a as i64)
     }
 }

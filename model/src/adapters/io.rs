@@ -1,4 +1,6 @@
-//! Adapter folders: `adapter_config.json` + `adapter_model.safetensors` (f32).
+//! Adapter folders: `adapter_config.json` + `adapter_model.safetensors` (f32), or, as MoE-PEFT
+//! writes them, `adapter_model.bin` (`torch.save`'s format, [`crate::torch_bin`]), which [`load`]
+//! reads when there is no safetensors file.
 //!
 //! [`save`] is atomic: both files are written and fsynced in a temporary sibling folder
 //! (`.{name}.tmp`), which then replaces the target in one step ([`crate::atomic_dir`]: an atomic
@@ -19,9 +21,12 @@ use crate::convert::{from_bytes, FileDType};
 use crate::error::{file_name, Error, Result};
 use crate::llama::Llama;
 use crate::safetensors::parse_header;
+use crate::torch_bin::{self, TorchDType, TorchTensor};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// MoE-PEFT's weights file: `torch.save` of the adapter's state dict.
+pub const BIN_FILE: &str = "adapter_model.bin";
 
 /// Writes the model's adapters to the folder `dir` (created if needed), replacing any adapter
 /// there only once the new one is complete. Other files already in `dir` are kept.
@@ -34,7 +39,17 @@ pub fn save(dir: &Path, model: &Llama) -> Result<()> {
     })?;
     let config = adapters.config.to_json_string();
     let weights = serialize(dir, adapters)?;
+    write_folder(
+        dir,
+        &[(CONFIG_FILE, config.into_bytes()), (WEIGHTS_FILE, weights)],
+    )
+}
 
+/// Writes `files` (name, bytes) into the folder `dir` atomically: into a temporary sibling
+/// folder first, synced, then swapped in. Other files already in `dir` are kept, except the
+/// adapter files of either format (a stale weights file of the other format would shadow or
+/// contradict the new one).
+pub(crate) fn write_folder(dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
     let name = dir
         .file_name()
         .ok_or_else(|| Error::Invalid(format!("{}: not a folder name", file_name(dir))))?
@@ -49,8 +64,9 @@ pub fn save(dir: &Path, model: &Llama) -> Result<()> {
     fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
     remove_if_present(&tmp)?;
     fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    write_synced(&tmp.join(CONFIG_FILE), config.as_bytes())?;
-    write_synced(&tmp.join(WEIGHTS_FILE), &weights)?;
+    for (file, bytes) in files {
+        write_synced(&tmp.join(file), bytes)?;
+    }
     let exists = dir.exists();
     if exists {
         if !dir.is_dir() {
@@ -69,27 +85,88 @@ pub fn save(dir: &Path, model: &Llama) -> Result<()> {
 /// The adapters' tensors as one safetensors buffer, f32, with `{"format": "pt"}` metadata.
 fn serialize(dir: &Path, adapters: &Adapters) -> Result<Vec<u8>> {
     let params = adapters.named_params();
-    let mut bytes: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(params.len());
+    let mut tensors = Vec::with_capacity(params.len());
     for (name, t) in params {
         let data: Vec<u8> = t
             .to_vec_f32()?
             .iter()
             .flat_map(|v| v.to_le_bytes())
             .collect();
-        bytes.push((name, t.dims().to_vec(), data));
+        tensors.push(TorchTensor {
+            name,
+            dtype: TorchDType::F32,
+            shape: t.dims().to_vec(),
+            data,
+        });
     }
-    let file = file_name(&dir.join(WEIGHTS_FILE));
-    let views = bytes
+    to_safetensors(&file_name(&dir.join(WEIGHTS_FILE)), &tensors)
+}
+
+/// `tensors` as one safetensors buffer in their own dtypes, with `{"format": "pt"}` metadata;
+/// `file` names the destination in errors.
+pub(crate) fn to_safetensors(file: &str, tensors: &[TorchTensor]) -> Result<Vec<u8>> {
+    let views = tensors
         .iter()
-        .map(|(name, shape, data)| {
-            TensorView::new(Dtype::F32, shape.clone(), data)
-                .map(|v| (name.as_str(), v))
-                .map_err(|e| Error::tensor(&file, name, e.to_string()))
+        .map(|t| {
+            let dtype = match t.dtype {
+                TorchDType::F32 => Dtype::F32,
+                TorchDType::F16 => Dtype::F16,
+                TorchDType::BF16 => Dtype::BF16,
+            };
+            TensorView::new(dtype, t.shape.clone(), &t.data)
+                .map(|v| (t.name.as_str(), v))
+                .map_err(|e| Error::tensor(file, &t.name, e.to_string()))
         })
         .collect::<Result<Vec<_>>>()?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::tensor::serialize(views, Some(meta))
-        .map_err(|e| Error::format(&file, e.to_string()))
+        .map_err(|e| Error::format(file, e.to_string()))
+}
+
+/// The weights of the adapter folder `dir`: `adapter_model.safetensors`, or, when there is
+/// none, `adapter_model.bin`; returned with the file's name for messages, in file order.
+pub(crate) fn read_weights(dir: &Path) -> Result<(String, Vec<TorchTensor>)> {
+    let st = dir.join(WEIGHTS_FILE);
+    let bin = dir.join(BIN_FILE);
+    if !st.exists() && bin.exists() {
+        return Ok((file_name(&bin), torch_bin::read(&bin)?));
+    }
+    let file = file_name(&st);
+    let bytes = fs::read(&st).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::format(
+            &file,
+            format!("not found, and no {BIN_FILE} beside it: not an adapter folder"),
+        ),
+        _ => Error::io(&st, e),
+    })?;
+    let mut entries: Vec<_> = parse_header(&file, &bytes)?.into_iter().collect();
+    entries.sort_by_key(|(_, e)| e.start);
+    let mut out = Vec::with_capacity(entries.len());
+    for (name, e) in entries {
+        let dtype = match e.dtype {
+            Dtype::F32 => TorchDType::F32,
+            Dtype::F16 => TorchDType::F16,
+            Dtype::BF16 => TorchDType::BF16,
+            other => {
+                return Err(Error::tensor(
+                    &file,
+                    &name,
+                    format!("unsupported dtype {other:?} (f32, bf16 and f16 are read)"),
+                ))
+            }
+        };
+        let data = bytes
+            .get(e.start..e.end)
+            .ok_or_else(|| Error::tensor(&file, &name, "data range outside the file"))?
+            .to_vec();
+        out.push(TorchTensor {
+            name,
+            dtype,
+            shape: e.shape,
+            data,
+        });
+    }
+    Ok((file, out))
 }
 
 fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
@@ -117,8 +194,11 @@ fn link_others(from: &Path, to: &Path) -> Result<()> {
     for entry in fs::read_dir(from).map_err(|e| Error::io(from, e))? {
         let entry = entry.map_err(|e| Error::io(from, e))?;
         let (src, dst) = (entry.path(), to.join(entry.file_name()));
-        if dst.exists() {
-            continue; // our own new file
+        let adapter_file = [CONFIG_FILE, WEIGHTS_FILE, BIN_FILE]
+            .iter()
+            .any(|f| entry.file_name() == *f);
+        if dst.exists() || adapter_file {
+            continue; // our own new file, or the old adapter's
         }
         let ty = entry.file_type().map_err(|e| Error::io(&src, e))?;
         if ty.is_dir() {
@@ -139,10 +219,9 @@ fn link_others(from: &Path, to: &Path) -> Result<()> {
 /// ([`Adapters::stack_experts`]).
 pub fn load(dir: &Path, model: &mut Llama) -> Result<()> {
     let cfg = AdapterConfig::from_json_file(&dir.join(CONFIG_FILE))?;
-    let path = dir.join(WEIGHTS_FILE);
-    let file = file_name(&path);
-    let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
-    let entries = parse_header(&file, &bytes)?;
+    let (file, tensors) = read_weights(dir)?;
+    let entries: HashMap<&str, &TorchTensor> =
+        tensors.iter().map(|t| (t.name.as_str(), t)).collect();
     let mc = model.config.clone();
 
     // Layer count first: it explains a whole family of missing or unexpected names at once.
@@ -166,7 +245,7 @@ pub fn load(dir: &Path, model: &mut Llama) -> Result<()> {
     let mut used = HashSet::new();
     let adapters = Adapters::build(&cfg, &mc, |spec| {
         let e = entries
-            .get(&spec.name)
+            .get(spec.name.as_str())
             .ok_or_else(|| Error::MissingTensor {
                 file: file.clone(),
                 tensor: spec.name.clone(),
@@ -179,48 +258,47 @@ pub fn load(dir: &Path, model: &mut Llama) -> Result<()> {
             ));
         }
         let src = match e.dtype {
-            Dtype::F32 => FileDType::F32,
-            Dtype::F16 => FileDType::F16,
-            Dtype::BF16 => FileDType::BF16,
-            other => {
-                return Err(Error::tensor(
-                    &file,
-                    &spec.name,
-                    format!("unsupported dtype {other:?} (f32, bf16 and f16 are read)"),
-                ))
-            }
+            TorchDType::F32 => FileDType::F32,
+            TorchDType::F16 => FileDType::F16,
+            TorchDType::BF16 => FileDType::BF16,
         };
-        let data = bytes
-            .get(e.start..e.end)
-            .ok_or_else(|| Error::tensor(&file, &spec.name, "data range outside the file"))?;
         used.insert(spec.name.clone());
-        Ok(from_bytes(&file, &spec.name, data, src, &e.shape, dtype, device)?.to_var()?)
+        Ok(from_bytes(&file, &spec.name, &e.data, src, &e.shape, dtype, device)?.to_var()?)
     })?;
-    let mut extra: Vec<&String> = entries.keys().filter(|n| !used.contains(*n)).collect();
+    let mut extra: Vec<&str> = entries
+        .keys()
+        .copied()
+        .filter(|n| !used.contains(*n))
+        .collect();
     extra.sort();
     if let Some(name) = extra.first() {
-        return Err(Error::tensor(
-            &file,
-            name,
-            format!(
-                "unexpected tensor: not part of a {} adapter with target_modules {:?}{}",
-                if cfg.is_mixlora() { "MIXLORA" } else { "LORA" },
-                cfg.target_modules,
-                if cfg.is_mixlora() {
-                    format!(" and num_experts {}", cfg.num_experts)
-                } else {
-                    String::new()
-                }
-            ),
-        ));
+        return Err(unexpected(&file, name, &cfg));
     }
     // Each layer's expert matrices of one kind in one buffer, as `Adapters::init` lays them out.
     model.set_adapters(adapters.with_stacked_experts()?);
     Ok(())
 }
 
+/// The error for a tensor the config does not call for (a MoE-PEFT classifier head, say).
+pub(crate) fn unexpected(file: &str, name: &str, cfg: &AdapterConfig) -> Error {
+    Error::tensor(
+        file,
+        name,
+        format!(
+            "unexpected tensor: not part of a {} adapter with target_modules {:?}{}",
+            if cfg.is_mixlora() { "MIXLORA" } else { "LORA" },
+            cfg.target_modules,
+            if cfg.is_mixlora() {
+                format!(" and num_experts {}", cfg.num_experts)
+            } else {
+                String::new()
+            }
+        ),
+    )
+}
+
 /// The layer index in a name like `mixlora.layers.3.mlp...` or `base_model.model.model.layers.3...`.
-fn layer_of(name: &str) -> Option<usize> {
+pub(crate) fn layer_of(name: &str) -> Option<usize> {
     let rest = &name[name.find("layers.")? + "layers.".len()..];
     rest.split('.').next()?.parse().ok()
 }

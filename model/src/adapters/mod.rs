@@ -9,7 +9,10 @@
 //!
 //! with `A` `[r, in]` and `B` `[out, r]`.
 
+mod base_name;
 pub mod config;
+pub mod config_keys;
+pub mod export;
 mod io;
 pub mod lora;
 pub mod mixlora;
@@ -20,8 +23,10 @@ use std::collections::HashMap;
 
 use engine::{rng::Rng, DType, Device, Tensor};
 
+pub use base_name::base_model_name;
 pub use config::{AdapterConfig, PeftType, RoutingStrategy, ATTN_MODULES, MLP_MODULES};
-pub use io::{load, save, CONFIG_FILE, WEIGHTS_FILE};
+pub use export::{export, read_folder, AdapterFiles, ExportFormat};
+pub use io::{load, save, BIN_FILE, CONFIG_FILE, WEIGHTS_FILE};
 pub use lora::{lora_linear, LoraLinear};
 pub use mixlora::{ExpertLora, MixLoraFfn, MoeImpl, SharedFfn};
 pub use router::{aux_loss, expert_load, Router, RouterOutput, Routing};
@@ -132,6 +137,36 @@ fn expert_prefix(layer: usize, module: &str, e: usize) -> String {
 
 fn router_name(layer: usize) -> String {
     format!("mixlora.layers.{layer}.mlp.moe_gate.weight")
+}
+
+/// The names of the tensors `cfg` calls for on a base of `layers` layers, with their kind, in
+/// [`Adapters::build`]'s order (for checking a folder without its base model).
+pub(crate) fn param_names(cfg: &AdapterConfig, layers: usize) -> Vec<(String, ParamKind)> {
+    let mut out = Vec::new();
+    let lora = |out: &mut Vec<(String, ParamKind)>, prefix: String, module: &str| {
+        if cfg.targets(module) {
+            out.push((format!("{prefix}.lora_A.weight"), ParamKind::LoraA));
+            out.push((format!("{prefix}.lora_B.weight"), ParamKind::LoraB));
+        }
+    };
+    for l in 0..layers {
+        for m in ATTN_MODULES {
+            lora(&mut out, lora_prefix(cfg, l, m), m);
+        }
+        if cfg.is_mixlora() {
+            out.push((router_name(l), ParamKind::Router));
+            for e in 0..cfg.num_experts {
+                for m in MLP_MODULES {
+                    lora(&mut out, expert_prefix(l, m, e), m);
+                }
+            }
+        } else {
+            for m in MLP_MODULES {
+                lora(&mut out, lora_prefix(cfg, l, m), m);
+            }
+        }
+    }
+    out
 }
 
 impl Adapters {

@@ -291,8 +291,8 @@ pub struct EvalArgs {
     /// Base model: GGUF file or Hugging Face folder [default: built-in tiny random LLaMA].
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// An adapter folder (adapter_config.json + adapter_model.safetensors) or a checkpoint
-    /// [default: none, the base model alone].
+    /// An adapter folder (adapter_config.json + adapter_model.safetensors, or MoE-PEFT's
+    /// adapter_model.bin) or a checkpoint [default: none, the base model alone].
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// Evaluation file (LLM-Adapters JSON); repeat for several tasks. The candidate answers come
