@@ -97,21 +97,30 @@ pub fn remove_run(dir: &Path, entries: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Creates `dir` and checks that it takes writes: a small file is written, flushed to the disk
-/// (where a full disk shows) and removed. The error is one line naming the folder.
-pub fn check_writable(dir: &Path) -> Result<()> {
+/// Creates `dir` and checks that it takes writes and has room for `need` bytes: a small file is
+/// written, flushed to the disk (where a full disk shows) and removed, and the free space is
+/// compared with `need` ([`check_room`]). On failure, a folder this created is removed again;
+/// the error is one line naming the folder.
+pub fn check_writable(dir: &Path, need: u64) -> Result<()> {
+    let existed = dir.exists();
     fs::create_dir_all(dir)
         .map_err(|e| Error::out_dir(dir, format!("cannot create the output folder: {e}")))?;
     let probe = dir.join(PROBE_FILE);
     let written = checkpoint::write_synced(&probe, &[0; 4096]);
     let _ = fs::remove_file(&probe);
-    written.map_err(|e| {
-        let why = match e {
-            Error::Io { source, .. } => source.to_string(),
-            other => other.to_string(),
-        };
-        Error::out_dir(dir, format!("cannot write in the output folder: {why}"))
-    })
+    let checked = written
+        .map_err(|e| {
+            let why = match e {
+                Error::Io { source, .. } => source.to_string(),
+                other => other.to_string(),
+            };
+            Error::out_dir(dir, format!("cannot write in the output folder: {why}"))
+        })
+        .and_then(|()| check_room(dir, free_bytes(dir), need));
+    if checked.is_err() && !existed {
+        let _ = fs::remove_dir(dir); // only if still empty
+    }
+    checked
 }
 
 /// Bytes on the disk for one checkpoint and the final adapter of `n_params` f32 adapter
@@ -229,15 +238,26 @@ mod tests {
     #[test]
     fn writable_folder_and_room_on_its_disk() {
         let d = tmp("writable");
-        check_writable(&d.join("a/b")).unwrap();
+        check_writable(&d.join("a/b"), 1).unwrap();
         assert!(d.join("a/b").is_dir());
         assert!(
             !d.join("a/b").join(PROBE_FILE).exists(),
             "the probe is removed"
         );
+        // No disk has this much room: refused, and the folder it created is gone again.
+        let e = check_writable(&d.join("a/c"), u64::MAX)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("a/c: ") && e.contains("MiB free on its disk"),
+            "{e}"
+        );
+        assert!(!d.join("a/c").exists());
         // A folder below a file cannot be created.
         fs::write(d.join("file"), "x").unwrap();
-        let e = check_writable(&d.join("file/out")).unwrap_err().to_string();
+        let e = check_writable(&d.join("file/out"), 1)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("file/out: cannot create the output folder"),
             "{e}"
