@@ -264,8 +264,13 @@ mod tests {
     fn save_then_latest_round_trips() {
         let out = tmp_out("roundtrip");
         let opt = optimizer();
-        let d = save(&out, &state(10), "", &opt, adapter(b"A10"), 3).unwrap();
+        let d = save(&out, &state(10), "seed = 7\n", &opt, adapter(b"A10"), 3).unwrap();
         assert_eq!(d, out.join("checkpoint-10"));
+        assert_eq!(
+            fs::read_to_string(d.join(SETTINGS_FILE)).unwrap(),
+            "seed = 7\n",
+            "the run's settings travel with the checkpoint"
+        );
         save(&out, &state(20), "", &opt, adapter(b"A20"), 3).unwrap();
         let (dir, s) = latest(&out).unwrap().unwrap();
         assert_eq!((dir, s), (out.join("checkpoint-20"), state(20)));
