@@ -21,9 +21,9 @@
 #                    MixLoRA's plumbing: should match lora16)
 #   mixlora-r64      MixLoRA at r=64, alpha=128 (experts and attention; 4x the parameters)
 # SEED (42), EPOCHS (1), EVAL_LIMIT (questions per task; for a dry run only), MIXLORA_BIN and
-# OUT change the plan; a variant whose eval.json exists is
-# skipped. Extra flags after `--` go to every `mixlora train` (e.g. --device cuda --dtype bf16);
-# the device flag is passed to eval too.
+# OUT change the plan; a variant whose eval.json exists is skipped, one stopped earlier goes on
+# from its last checkpoint. Extra flags after `--` go to every `mixlora train` (e.g. --device
+# cuda --dtype bf16); the device flag is passed to eval too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -83,8 +83,13 @@ for v in "${variants[@]}"; do
     fi
     mkdir -p "$dir"
     t0=$(date +%s%N)
-    "$bin" train --model "$model" "${flags[@]}" --epochs "$epochs" --seed "$seed" \
-        "${train_files[@]}" --out "$dir" "${extra[@]}" 2>"$dir/train.log"
+    # An earlier attempt that finished training goes straight to evaluation; one that stopped
+    # goes on from its last checkpoint.
+    if [ ! -e "$dir/adapter/adapter_model.safetensors" ]; then
+        read -r -a again <<<"$(again_flag "$dir")"
+        "$bin" train --model "$model" "${flags[@]}" --epochs "$epochs" --seed "$seed" \
+            "${train_files[@]}" --out "$dir" "${extra[@]}" "${again[@]}" 2>>"$dir/train.log"
+    fi
     t1=$(date +%s%N)
     routing=()
     [[ "$v" == mixlora* ]] && routing=(--routing "$dir/routing.json")

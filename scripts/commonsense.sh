@@ -13,7 +13,8 @@
 # $MIXLORA_BIN (default target/release/mixlora, else gpu-bin/mixlora on the GPU machine). SEEDS
 # (default "42 43 44"), KINDS (default "mixlora lora"), LORA_RANK (86), SKIP_BASE (set: no base
 # eval) and EVAL_LIMIT (questions per task; default all, set it only for a dry run) change the
-# plan; runs whose eval.json exists are skipped, so the plan can be done in several sittings.
+# plan; runs whose eval.json exists are skipped and a run stopped earlier goes on from its last
+# checkpoint, so the plan can be done in several sittings.
 # Alpha is twice the rank for both adapters (32 at r = 16).
 #
 # The LoRA rank: on SmolLM2-135M (H = 576, I = 1536, q/o 576→576, k/v 576→192, 30 layers)
@@ -24,7 +25,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ $# -lt 2 ]; then
-    sed -n '2,23p' "$0" >&2
+    sed -n '2,24p' "$0" >&2
     exit 2
 fi
 model=$1
@@ -69,10 +70,16 @@ for seed in $seeds; do
         fi
         rank=16
         [ "$kind" = lora ] && rank=$lora_rank
-        timed "$run" train "$bin" train --model "$model" --adapter "$kind" --rank "$rank" \
-            --alpha $((2 * rank)) --seed "$seed" "${train_files[@]}" --out "$dir" "${extra[@]}" \
-            2>"$dir.train.log"
-        mv "$dir.train.log" "$dir/train.log"
+        # An earlier attempt that finished training goes straight to evaluation; one that
+        # stopped goes on from its last checkpoint.
+        if [ ! -e "$dir/adapter/adapter_model.safetensors" ]; then
+            read -r -a again <<<"$(again_flag "$dir")"
+            timed "$run" train "$bin" train --model "$model" --adapter "$kind" --rank "$rank" \
+                --alpha $((2 * rank)) --seed "$seed" "${train_files[@]}" --out "$dir" \
+                "${extra[@]}" "${again[@]}" 2>"$dir.train.log"
+            cat "$dir.train.log" >>"$dir/train.log"
+            rm "$dir.train.log"
+        fi
         routing=()
         [ "$kind" = mixlora ] && routing=(--routing "$dir/routing.json")
         timed "$run" eval "$bin" eval --model "$model" --adapter "$dir/adapter" "${valid_files[@]}" \

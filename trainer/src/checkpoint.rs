@@ -1,6 +1,7 @@
 //! Checkpoints: `OUT/checkpoint-STEP/` holds the adapter (written by the caller), the optimizer
-//! state (`optimizer.safetensors`) and `trainer_state.json` (step, epoch, data cursor, RNG state,
-//! best and last metrics).
+//! state (`optimizer.safetensors`), the run's settings (`train_config.toml`, what `--resume`
+//! compares its own with) and `trainer_state.json` (step, epoch, data cursor, RNG state, best and
+//! last metrics).
 //!
 //! A checkpoint is written into `OUT/.tmp-checkpoint-STEP/`, every file and the folder are
 //! fsynced, and only then is the folder renamed into place (and `OUT` fsynced): a crash or a failed
@@ -20,6 +21,8 @@ use crate::optim::AdamW;
 
 pub const STATE_FILE: &str = "trainer_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// The settings of the run that wrote the checkpoint (as `OUT/train_config.toml`).
+pub const SETTINGS_FILE: &str = "train_config.toml";
 const PREFIX: &str = "checkpoint-";
 const TMP_PREFIX: &str = ".tmp-checkpoint-";
 const OLD_PREFIX: &str = ".old-checkpoint-";
@@ -44,6 +47,20 @@ pub struct TrainerState {
     pub best_step: Option<usize>,
     /// The last evaluation report, as written to metrics.jsonl.
     pub last_eval: Option<serde_json::Value>,
+    /// A hash of the tokenised training examples (`Dataset::fingerprint`): `--resume` refuses
+    /// data that differs from the run's. Absent in checkpoints of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_fingerprint: Option<String>,
+}
+
+/// Whether `name` is an entry of an output folder that checkpoints make: `checkpoint-STEP` and
+/// the temporary `.tmp-checkpoint-STEP` and `.old-checkpoint-STEP` (STEP a number: a user's
+/// `checkpoint-notes` is not one).
+pub fn is_checkpoint_entry(name: &str) -> bool {
+    [PREFIX, TMP_PREFIX, OLD_PREFIX].iter().any(|p| {
+        name.strip_prefix(p)
+            .is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+    })
 }
 
 /// `OUT/checkpoint-STEP`.
@@ -81,12 +98,13 @@ fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 /// Saves a checkpoint of step `state.step` and keeps the newest `keep_last` ones. The adapter is
-/// written by `write_adapter(dir)` into the (temporary) checkpoint folder. On failure nothing is
-/// left behind and the earlier checkpoints are untouched; the error is one line naming the
-/// checkpoint and the file.
+/// written by `write_adapter(dir)` into the (temporary) checkpoint folder, `settings` (the run's
+/// `train_config.toml`) beside it. On failure nothing is left behind and the earlier checkpoints
+/// are untouched; the error is one line naming the checkpoint and the file.
 pub fn save<E: std::fmt::Display>(
     out_dir: &Path,
     state: &TrainerState,
+    settings: &str,
     optimizer: &AdamW,
     write_adapter: impl FnOnce(&Path) -> std::result::Result<(), E>,
     keep_last: usize,
@@ -94,7 +112,7 @@ pub fn save<E: std::fmt::Display>(
     let fin = checkpoint_dir(out_dir, state.step);
     fs::create_dir_all(out_dir).map_err(|e| Error::checkpoint(&fin, Error::io(out_dir, e)))?;
     let tmp = out_dir.join(format!("{TMP_PREFIX}{}", state.step));
-    let written = write_tmp(&tmp, state, optimizer, write_adapter);
+    let written = write_tmp(&tmp, state, settings, optimizer, write_adapter);
     if let Err(msg) = written {
         let _ = fs::remove_dir_all(&tmp);
         return Err(Error::checkpoint(&fin, msg));
@@ -118,6 +136,7 @@ pub fn save<E: std::fmt::Display>(
 fn write_tmp<E: std::fmt::Display>(
     tmp: &Path,
     state: &TrainerState,
+    settings: &str,
     optimizer: &AdamW,
     write_adapter: impl FnOnce(&Path) -> std::result::Result<(), E>,
 ) -> std::result::Result<(), String> {
@@ -129,6 +148,7 @@ fn write_tmp<E: std::fmt::Display>(
     optimizer
         .save(&tmp.join(OPTIMIZER_FILE))
         .map_err(|e| e.to_string())?;
+    write_synced(&tmp.join(SETTINGS_FILE), settings.as_bytes()).map_err(|e| e.to_string())?;
     let json = serde_json::to_vec_pretty(state).map_err(|e| e.to_string())?;
     // The state file goes last: its presence marks a complete checkpoint.
     write_synced(&tmp.join(STATE_FILE), &json).map_err(|e| e.to_string())?;
@@ -244,9 +264,14 @@ mod tests {
     fn save_then_latest_round_trips() {
         let out = tmp_out("roundtrip");
         let opt = optimizer();
-        let d = save(&out, &state(10), &opt, adapter(b"A10"), 3).unwrap();
+        let d = save(&out, &state(10), "seed = 7\n", &opt, adapter(b"A10"), 3).unwrap();
         assert_eq!(d, out.join("checkpoint-10"));
-        save(&out, &state(20), &opt, adapter(b"A20"), 3).unwrap();
+        assert_eq!(
+            fs::read_to_string(d.join(SETTINGS_FILE)).unwrap(),
+            "seed = 7\n",
+            "the run's settings travel with the checkpoint"
+        );
+        save(&out, &state(20), "", &opt, adapter(b"A20"), 3).unwrap();
         let (dir, s) = latest(&out).unwrap().unwrap();
         assert_eq!((dir, s), (out.join("checkpoint-20"), state(20)));
         assert_eq!(
@@ -255,7 +280,7 @@ mod tests {
         );
         assert!(out.join("checkpoint-20").join(OPTIMIZER_FILE).is_file());
         // Saving the same step again replaces it whole.
-        save(&out, &state(20), &opt, adapter(b"B20"), 3).unwrap();
+        save(&out, &state(20), "", &opt, adapter(b"B20"), 3).unwrap();
         assert_eq!(
             fs::read(out.join("checkpoint-20/adapter_model.safetensors")).unwrap(),
             b"B20"
@@ -267,11 +292,12 @@ mod tests {
     fn failure_mid_write_keeps_the_previous_checkpoint() {
         let out = tmp_out("fail");
         let opt = optimizer();
-        save(&out, &state(10), &opt, adapter(b"A10"), 3).unwrap();
+        save(&out, &state(10), "", &opt, adapter(b"A10"), 3).unwrap();
         // The adapter writer dies half way, with the error a full disk gives.
         let e = save(
             &out,
             &state(20),
+            "",
             &opt,
             |d: &Path| {
                 fs::write(d.join("adapter_model.safetensors"), b"partial")?;
@@ -311,7 +337,7 @@ mod tests {
     fn latest_ignores_temporary_and_incomplete_folders() {
         let out = tmp_out("incomplete");
         let opt = optimizer();
-        save(&out, &state(10), &opt, adapter(b"A"), 3).unwrap();
+        save(&out, &state(10), "", &opt, adapter(b"A"), 3).unwrap();
         // A crash during a save leaves a temporary folder; a copied folder lacks its state file;
         // another has a state file for a different step, or garbage.
         for (name, state_text) in [
@@ -337,7 +363,7 @@ mod tests {
         let (dir, s) = latest(&out).unwrap().unwrap();
         assert_eq!((dir, s.step), (out.join("checkpoint-10"), 10));
         // The next save clears the temporary folder.
-        save(&out, &state(20), &opt, adapter(b"A"), 3).unwrap();
+        save(&out, &state(20), "", &opt, adapter(b"A"), 3).unwrap();
         assert!(!out.join(".tmp-checkpoint-30").exists());
         assert!(latest(&tmp_out("missing")).unwrap().is_none());
         fs::remove_dir_all(&out).unwrap();
@@ -348,7 +374,7 @@ mod tests {
         let out = tmp_out("prune");
         let opt = optimizer();
         for step in [5, 10, 15, 20, 100] {
-            save(&out, &state(step), &opt, adapter(b"A"), 2).unwrap();
+            save(&out, &state(step), "", &opt, adapter(b"A"), 2).unwrap();
         }
         let steps: Vec<usize> = list(&out).unwrap().into_iter().map(|(s, _)| s).collect();
         assert_eq!(steps, vec![20, 100], "numeric, not lexicographic, order");
@@ -365,7 +391,7 @@ mod tests {
         let mut opt = AdamW::new(vec![("w".into(), p.clone())], AdamWConfig::default()).unwrap();
         p.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         opt.step(0.1, 1.0).unwrap();
-        let dir = save(&out, &state(1), &opt, adapter(b"A"), 1).unwrap();
+        let dir = save(&out, &state(1), "", &opt, adapter(b"A"), 1).unwrap();
         let q = Tensor::from_f64(&[1.0, 2.0], 2, DType::F32, Device::Cpu)
             .unwrap()
             .to_var()

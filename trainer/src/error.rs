@@ -45,6 +45,38 @@ pub enum Error {
         reason: String,
     },
 
+    /// An output folder that cannot take the run: it holds another run, or it cannot be written.
+    #[error("{}: {}", ol(.dir), ol(.msg))]
+    OutDir { dir: String, msg: String },
+
+    /// `--resume` that cannot continue the run in the output folder: no checkpoint, a finished
+    /// run, or settings that differ from the ones the run was started with.
+    #[error("--resume: {}", ol(.0))]
+    Resume(String),
+
+    /// An adapter whose `adapter_config.json` differs from the settings of the run that wrote it.
+    #[error("{}: {}", ol(.file), ol(.msg))]
+    AdapterMismatch { file: String, msg: String },
+
+    /// Training stopped by an interrupt (Ctrl-C) between two micro-batches; `checkpoint` holds
+    /// the last step done, if any was.
+    #[error(
+        "interrupted after step {step} of {total}; {}",
+        match .checkpoint {
+            Some(c) => format!(
+                "{} holds it: run the same command with --resume (the same --out) to continue",
+                ol(c)
+            ),
+            None => "no step was saved: run the same command with --overwrite to start again"
+                .to_string(),
+        }
+    )]
+    Interrupted {
+        step: usize,
+        total: usize,
+        checkpoint: Option<String>,
+    },
+
     #[error(transparent)]
     Engine(#[from] engine::Error),
 
@@ -84,6 +116,12 @@ impl Error {
     pub(crate) fn data(file: &Path, msg: impl Into<String>) -> Self {
         Error::Data {
             file: file.display().to_string(),
+            msg: msg.into(),
+        }
+    }
+    pub(crate) fn out_dir(dir: &Path, msg: impl Into<String>) -> Self {
+        Error::OutDir {
+            dir: dir.display().to_string(),
             msg: msg.into(),
         }
     }

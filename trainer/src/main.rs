@@ -15,6 +15,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Parser, Subcommand};
 use engine::profile::ProfileMode;
@@ -105,11 +106,68 @@ fn main() -> ExitCode {
         .and_then(|()| run(cli));
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => match e.downcast_ref::<Stopped>() {
+            Some(stopped) => {
+                eprintln!("{stopped}");
+                ExitCode::from(trainer::interrupt::EXIT_STATUS)
+            }
+            None => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
+}
+
+/// A run stopped by an interrupt: what to print (where it stopped, the command that goes on);
+/// the exit status is [`trainer::interrupt::EXIT_STATUS`].
+#[derive(Debug)]
+struct Stopped(String);
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Stopped {}
+
+/// The command line as given, for the command that continues an interrupted run.
+fn command_line() -> Vec<String> {
+    std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Ctrl-C (and SIGTERM, SIGHUP) set the returned flag, which the training loop polls: it stops
+/// at the next micro-batch and saves a checkpoint of the last step done. A second interrupt
+/// ends the process at once, printing the command that continues from the newest checkpoint
+/// of `out`.
+fn interrupt_flag(out: PathBuf) -> &'static AtomicBool {
+    static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+    let installed = ctrlc::set_handler(move || {
+        if INTERRUPTED.swap(true, Ordering::SeqCst) {
+            let newest = trainer::checkpoint::latest(&out).ok().flatten();
+            let at = newest
+                .as_ref()
+                .map_or("no checkpoint was saved".into(), |(d, s)| {
+                    format!("{} (step {}) is the newest checkpoint", d.display(), s.step)
+                });
+            eprintln!(
+                "\nstopped at once; {at}; to go on:\n  {}",
+                trainer::interrupt::next_command(&command_line(), newest.is_some())
+            );
+            std::process::exit(trainer::interrupt::EXIT_STATUS.into());
+        }
+        eprintln!(
+            "\ninterrupt: stopping at the next micro-batch, then saving a checkpoint of the last \
+             step done (interrupt again to stop at once)"
+        );
+    });
+    if let Err(e) = installed {
+        eprintln!("warning: no interrupt handler ({e}): Ctrl-C stops the run without a checkpoint");
+    }
+    &INTERRUPTED
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -139,7 +197,25 @@ fn run(cli: Cli) -> Result<()> {
 fn train(cmd: TrainCmd) -> Result<()> {
     let profile = profile_from_env(cmd.profile)?;
     let cfg = cmd.args.resolve()?;
-    let summary = trainer::run::train(&cfg, |line| eprintln!("{line}"))?;
+    let ctl = trainer::run::RunControl {
+        interrupt: Some(interrupt_flag(cfg.out_dir.clone())),
+        ..Default::default()
+    };
+    let summary = match trainer::run::train_with(&cfg, ctl, |line| eprintln!("{line}")) {
+        Ok(s) => s,
+        Err(e @ trainer::Error::Interrupted { .. }) => {
+            let saved = matches!(
+                &e,
+                trainer::Error::Interrupted {
+                    checkpoint: Some(_),
+                    ..
+                }
+            );
+            let next = trainer::interrupt::next_command(&command_line(), saved);
+            return Err(Box::new(Stopped(format!("{e}:\n  {next}"))));
+        }
+        Err(e) => return Err(e.into()),
+    };
     eprintln!(
         "trained {} steps: loss {:.4} -> {:.4}; adapter written to {}",
         summary.steps,

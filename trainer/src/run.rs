@@ -2,6 +2,7 @@
 //! the trainer's building blocks.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use engine::rng::Rng;
@@ -18,7 +19,7 @@ use crate::metrics::{expert_load_host, EvalMetrics, MetricsWriter, Progress, Rec
 use crate::optim::{clip_grad_norm, AdamW};
 use crate::progress::{self, Reporter};
 use crate::schedule::Schedule;
-use crate::synthetic;
+use crate::{out_dir, resume, synthetic};
 
 /// Synthetic tasks of the embedded default: examples per task.
 const SYNTHETIC_TRAIN: usize = 400;
@@ -316,9 +317,21 @@ fn evaluate_with_routing(
     Ok(EvalReport::from_results(results))
 }
 
+/// How a run is driven, besides its settings.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunControl<'a> {
+    /// Return right after this optimizer step (and its checkpoint, if one is due) as if the
+    /// process had been killed there: what a resumed run must continue from.
+    pub stop_after: Option<usize>,
+    /// Set (by a signal handler) to stop the run at the next micro-batch: the step under way is
+    /// abandoned, a checkpoint of the last step done is saved, and the run returns
+    /// [`Error::Interrupted`] ([`crate::interrupt`]).
+    pub interrupt: Option<&'a AtomicBool>,
+}
+
 /// `mixlora train`: fine-tunes an adapter, evaluating and checkpointing as configured.
 pub fn train(cfg: &TrainConfig, log: impl FnMut(&str)) -> Result<TrainSummary> {
-    train_until(cfg, None, log)
+    train_with(cfg, RunControl::default(), log)
 }
 
 /// [`train`], but returning right after optimizer step `stop_after` (and its checkpoint, if one is
@@ -326,24 +339,156 @@ pub fn train(cfg: &TrainConfig, log: impl FnMut(&str)) -> Result<TrainSummary> {
 pub fn train_until(
     cfg: &TrainConfig,
     stop_after: Option<usize>,
+    log: impl FnMut(&str),
+) -> Result<TrainSummary> {
+    let ctl = RunControl {
+        stop_after,
+        ..RunControl::default()
+    };
+    train_with(cfg, ctl, log)
+}
+
+/// How a run starts in its output folder.
+enum Start {
+    /// An empty or new folder.
+    Fresh,
+    /// `--overwrite`: these entries of the previous run go before the first write.
+    Replace(Vec<String>),
+    /// `--resume` from this checkpoint, of the run whose settings `settings` records.
+    Resume {
+        dir: PathBuf,
+        state: TrainerState,
+        settings: PathBuf,
+    },
+}
+
+/// What the output folder holds decides how the run starts: a folder with another run is
+/// refused unless `--resume` (whose checkpoint must exist and whose recorded settings must be
+/// this run's) or `--overwrite`. Reads the folder, writes nothing.
+fn start_of(cfg: &TrainConfig) -> Result<Start> {
+    let out = &cfg.out_dir;
+    let entries = out_dir::run_entries(out)?;
+    if cfg.resume {
+        let Some((dir, state)) = checkpoint::latest(out)? else {
+            let what = if entries.is_empty() {
+                "run without --resume to start a new run"
+            } else {
+                "its run stopped before its first checkpoint: start it afresh with --overwrite"
+            };
+            return Err(Error::Resume(format!(
+                "{} has no checkpoint to continue from: {what}",
+                out.display()
+            )));
+        };
+        let (settings, recorded) = resume::recorded_settings(&dir, out)?;
+        resume::check_settings(cfg, &recorded, &settings)?;
+        return Ok(Start::Resume {
+            dir,
+            state,
+            settings,
+        });
+    }
+    match (entries.is_empty(), cfg.overwrite) {
+        (true, _) => Ok(Start::Fresh),
+        (false, true) => Ok(Start::Replace(entries)),
+        (false, false) => Err(out_dir::in_use(out, &entries)),
+    }
+}
+
+/// Checks that every evaluation item can be scored (candidates, the answer among them, the
+/// texts tokenised), with the functions the evaluation itself uses: a bad evaluation file is
+/// refused before the first step, not after the last.
+fn check_eval_items(cfg: &TrainConfig, tasks: &[Task], tok: &Tokenizer) -> Result<()> {
+    for task in tasks {
+        let questions = eval::questions(task, cfg.eval_limit).map_err(|e| match e {
+            Error::Eval(m) if cfg.val_set_size > 0 => Error::Eval(format!(
+                "{m} (an example held out by val_set_size: items are counted among the \
+                 held-out ones)"
+            )),
+            other => other,
+        })?;
+        for q in &questions {
+            eval::encode_question(tok, q, cfg.cutoff_len)?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks that checkpoint `dir` (state `s`) is one this run can continue: not finished, with
+/// as many steps in all and the same tokenised training data.
+fn check_resumable(
+    cfg: &TrainConfig,
+    dir: &Path,
+    s: &TrainerState,
+    total: usize,
+    ds: &Dataset,
+) -> Result<()> {
+    let adapter = cfg.out_dir.join(out_dir::ADAPTER_DIR);
+    if s.step >= total && adapter.is_dir() {
+        return Err(Error::Resume(format!(
+            "the run in {} is finished (step {} of {total}, adapter in {}): nothing to continue",
+            cfg.out_dir.display(),
+            s.step,
+            adapter.display()
+        )));
+    }
+    if s.total_steps != total {
+        return Err(Error::Resume(format!(
+            "{}: the run has {} steps in all but these settings and data give {total} (a data \
+             file changed?)",
+            dir.display(),
+            s.total_steps
+        )));
+    }
+    if let Some(was) = s.data_fingerprint.as_deref() {
+        let now = ds.fingerprint();
+        if was != now {
+            return Err(Error::Resume(format!(
+                "{}: the training data differs from the run's (tokenised examples hashed {now}, \
+                 the run's {was}): a data file changed?",
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Where the data stream, the epoch and the host RNG stand after a step: what a checkpoint of
+/// that step records.
+#[derive(Clone, Copy)]
+struct StepBoundary {
+    cursor: data::Cursor,
+    epoch: f64,
+    rng: (u64, u64),
+}
+
+/// [`train`] with a [`RunControl`]. Every input is checked before the output folder is written
+/// and the first step taken: the folder (another run in it, `--resume`'s checkpoint and
+/// settings), the model, the adapter settings, the training data (parsed, non-empty), the
+/// evaluation items (scorable), and the folder again (writable, room for a checkpoint).
+pub fn train_with(
+    cfg: &TrainConfig,
+    ctl: RunControl<'_>,
     mut log: impl FnMut(&str),
 ) -> Result<TrainSummary> {
     let device = cfg.device;
-    std::fs::create_dir_all(&cfg.out_dir).map_err(|e| Error::Io {
-        path: cfg.out_dir.display().to_string(),
-        source: e,
-    })?;
+    let out = &cfg.out_dir;
+    cfg.validate()?;
+    let start = start_of(cfg)?;
+    let scratch = std::env::temp_dir().join(format!("mixlora-train-{}", std::process::id()));
     let t_load = Instant::now();
     if let Some(p) = &cfg.model {
         log(&format!("loading {}", p.display()));
     }
-    let (mut model, tok) = load_base_model(
+    let loaded = load_base_model(
         cfg.model.as_deref(),
         cfg.seed,
         cfg.dtype.dtype(),
         device,
-        &cfg.out_dir,
-    )?;
+        &scratch,
+    );
+    let _ = std::fs::remove_dir_all(&scratch);
+    let (mut model, tok) = loaded?;
     if let Some(p) = &cfg.model {
         log(&format!(
             "loaded {} in {}",
@@ -351,10 +496,8 @@ pub fn train_until(
             progress::duration(t_load.elapsed())
         ));
     }
-    model.add_adapters(
-        &adapter_config(cfg, &BaseModel::new(cfg.model.as_deref(), cfg.seed)),
-        cfg.seed,
-    )?;
+    let acfg = adapter_config(cfg, &BaseModel::new(cfg.model.as_deref(), cfg.seed));
+    model.add_adapters(&acfg, cfg.seed)?;
     model.set_gradient_checkpointing(cfg.gradient_checkpointing);
     use_moe_impl(&mut model, cfg.moe())?;
     let (train_tasks, eval_tasks) = tasks(cfg)?;
@@ -370,37 +513,69 @@ pub fn train_until(
             "the training data has no usable example".into(),
         ));
     }
+    check_eval_items(cfg, &eval_tasks, &tok)?;
     let mut loader = Loader::new(ds.len(), cfg.micro_batch_size, cfg.grad_accum(), cfg.seed)?;
     let total = cfg.total_steps(loader.steps_per_epoch());
     let sched = Schedule::new(cfg.schedule, cfg.lr, cfg.warmup(), total)?;
     let mut state = TrainerState {
         total_steps: total,
         rng: Rng::new(cfg.seed).state(),
+        data_fingerprint: Some(ds.fingerprint()),
         ..Default::default()
     };
-    let metrics_path = cfg.out_dir.join("metrics.jsonl");
-    let resumed = if cfg.resume {
-        checkpoint::latest(&cfg.out_dir)?
-    } else {
-        None
+    let metrics_path = out.join(out_dir::METRICS_FILE);
+    let resumed = match &start {
+        Start::Resume {
+            dir,
+            state: s,
+            settings,
+        } => {
+            check_resumable(cfg, dir, s, total, &ds)?;
+            let file = dir.join(model::adapters::CONFIG_FILE);
+            let found = AdapterConfig::from_json_file(&file)?;
+            resume::check_adapter_config(&file, &found, &acfg, settings)?;
+            // Load the adapter before the optimizer takes hold of the parameter tensors.
+            model::adapters::load(dir, &mut model)?;
+            loader.restore(s.cursor)?;
+            state = TrainerState {
+                data_fingerprint: state.data_fingerprint,
+                ..s.clone()
+            };
+            Some(dir.clone())
+        }
+        _ => None,
     };
-    if let Some((dir, s)) = &resumed {
-        // Load the adapter before the optimizer takes hold of the parameter tensors.
-        model::adapters::load(dir, &mut model)?;
-        loader.restore(s.cursor)?;
-        state = s.clone();
-        log(&format!("resumed from {} (step {})", dir.display(), s.step));
-    }
     let mut opt = AdamW::new(model.trainable_params(), cfg.adamw())?;
-    if let Some((dir, _)) = &resumed {
+    if let Some(dir) = &resumed {
         opt.load(&dir.join(checkpoint::OPTIMIZER_FILE))?;
     }
+    let n_params: usize = opt.params().iter().map(|p| p.elem_count()).sum();
+
+    // The output folder last: it takes writes and has room for a checkpoint; then the previous
+    // run's files go (--overwrite) and this run's first ones are written.
+    out_dir::check_writable(out, out_dir::bytes_needed(n_params))?;
+    if let Start::Replace(entries) = &start {
+        out_dir::remove_run(out, entries)?;
+        log(&format!(
+            "--overwrite: removed the previous run's {} from {}",
+            out_dir::name_list(entries),
+            out.display()
+        ));
+    }
+    if let Some(dir) = &resumed {
+        log(&format!(
+            "resumed from {} (step {})",
+            dir.display(),
+            state.step
+        ));
+    }
+    let settings = cfg.recorded().to_toml_string()?;
+    checkpoint::write_synced(&out.join(out_dir::SETTINGS_FILE), settings.as_bytes())?;
     let mut metrics = if resumed.is_some() {
         MetricsWriter::resume(&metrics_path, state.step)?
     } else {
         MetricsWriter::create(&metrics_path)?
     };
-    let n_params: usize = opt.params().iter().map(|p| p.elem_count()).sum();
     log(&format!(
         "{} examples in {} tasks, {} steps of {} sequences, {} trainable parameters",
         ds.len(),
@@ -409,30 +584,61 @@ pub fn train_until(
         cfg.batch_size,
         n_params
     ));
-    std::fs::write(cfg.out_dir.join("train_config.toml"), cfg.to_toml_string()?).map_err(|e| {
-        Error::Io {
-            path: cfg.out_dir.join("train_config.toml").display().to_string(),
-            source: e,
-        }
-    })?;
 
     let mut rng = Rng::from_state(state.rng);
     let pad = tok.eos_id().unwrap_or(0);
     let progress = Progress::new(total, state.step);
     let run_start = Instant::now();
-    let (mut first_loss, mut last_loss) = (None, f64::NAN);
+    let (mut first_loss, mut last_loss) = (None, state.last_loss.unwrap_or(f64::NAN));
     let mut last_eval = None;
+    let mut saved_step = resumed.as_ref().map(|_| state.step);
     let save = |st: &TrainerState, opt: &AdamW, model: &Llama| {
         checkpoint::save(
-            &cfg.out_dir,
+            out,
             st,
+            &settings,
             opt,
             |d| model::adapters::save(d, model),
             cfg.save_total_limit,
         )
     };
+    let interrupted = || {
+        ctl.interrupt
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+    };
+    // An interrupt: a checkpoint of the last step done (where the stream, epoch and RNG stood
+    // after it), unless one exists; then the run ends.
+    let stop = |state: &mut TrainerState,
+                at: StepBoundary,
+                saved_step: Option<usize>,
+                opt: &AdamW,
+                model: &Llama| {
+        progress.finish();
+        let mut kept = None;
+        if state.step > 0 && saved_step != Some(state.step) {
+            state.cursor = at.cursor;
+            state.epoch = at.epoch;
+            state.rng = at.rng;
+            kept = Some(save(state, opt, model)?);
+        } else if state.step > 0 {
+            kept = checkpoint::latest(out)?.map(|(d, _)| d);
+        }
+        Err(Error::Interrupted {
+            step: state.step,
+            total,
+            checkpoint: kept.map(|d| d.display().to_string()),
+        })
+    };
     while state.step < total {
         let t0 = Instant::now();
+        let boundary = StepBoundary {
+            cursor: loader.cursor(),
+            epoch: loader.epoch_progress(),
+            rng: rng.state(),
+        };
+        if interrupted() {
+            return stop(&mut state, boundary, saved_step, &opt, &model);
+        }
         let micro: Vec<HostBatch> = loader
             .next_step()
             .iter()
@@ -441,6 +647,11 @@ pub fn train_until(
         let n_targets = micro.iter().map(|b| b.target_tokens).sum::<usize>().max(1) as f64;
         let (mut lm, mut aux, mut load) = (0.0, None::<f64>, Vec::new());
         for hb in &micro {
+            if interrupted() {
+                // The step is abandoned: its gradients go, the optimizer has not moved.
+                opt.zero_grad();
+                return stop(&mut state, boundary, saved_step, &opt, &model);
+            }
             let (l, a, el) = micro_step(&model, hb, n_targets, micro.len() as f64, rng.next_u64())?;
             lm += l;
             if let Some(a) = a {
@@ -451,7 +662,7 @@ pub fn train_until(
         let loss = lm / n_targets;
         if !loss.is_finite() || aux.is_some_and(|a| !a.is_finite()) {
             opt.zero_grad();
-            let kept = checkpoint::latest(&cfg.out_dir)?
+            let kept = checkpoint::latest(out)?
                 .map_or("none yet".to_string(), |(d, _)| d.display().to_string());
             return Err(Error::Config(format!(
                 "step {}: the loss is not finite ({loss}); stopped, last good checkpoint: {kept}",
@@ -527,24 +738,25 @@ pub fn train_until(
             state.epoch = loader.epoch_progress();
             state.rng = rng.state();
             let dir = save(&state, &opt, &model)?;
+            saved_step = Some(state.step);
             progress.println(&format!("saved {}", dir.display()));
         }
-        if stop_after == Some(state.step) {
+        if ctl.stop_after == Some(state.step) {
             progress.finish();
             return Ok(TrainSummary {
                 steps: state.step,
                 first_loss: first_loss.unwrap_or(f64::NAN),
                 last_loss,
                 eval: last_eval,
-                adapter_dir: cfg.out_dir.join("adapter"),
+                adapter_dir: out.join(out_dir::ADAPTER_DIR),
             });
         }
     }
     progress.finish();
-    let adapter_dir = cfg.out_dir.join("adapter");
+    let adapter_dir = out.join(out_dir::ADAPTER_DIR);
     model::adapters::save(&adapter_dir, &model)?;
     if let Some(r) = &last_eval {
-        let path = cfg.out_dir.join("eval.json");
+        let path = out.join(out_dir::EVAL_FILE);
         std::fs::write(&path, r.to_json_pretty()).map_err(|e| Error::Io {
             path: path.display().to_string(),
             source: e,
@@ -552,7 +764,7 @@ pub fn train_until(
     }
     Ok(TrainSummary {
         steps: state.step,
-        first_loss: first_loss.unwrap_or(f64::NAN),
+        first_loss: first_loss.unwrap_or(last_loss),
         last_loss,
         eval: last_eval,
         adapter_dir,
@@ -567,6 +779,18 @@ pub fn use_moe_impl(model: &mut Llama, imp: model::MoeImpl) -> Result<()> {
         model.stack_gate_up()?; // G and U in one GEMM
     }
     Ok(())
+}
+
+/// An adapter in a run's output folder (`OUT/adapter`, `OUT/checkpoint-N`) must be the one the
+/// run's recorded settings describe: an edited `adapter_config.json` is refused, naming the key.
+fn check_adapter_of_run(dir: &Path) -> Result<()> {
+    let Some((settings, run)) = resume::run_of_adapter(dir)? else {
+        return Ok(());
+    };
+    let file = dir.join(model::adapters::CONFIG_FILE);
+    let found = AdapterConfig::from_json_file(&file)?;
+    let expected = adapter_config(&run, &found.base_model_name_or_path);
+    resume::check_adapter_config(&file, &found, &expected, &settings)
 }
 
 /// `mixlora eval`: accuracy per task of a base model with an optional adapter.
@@ -589,6 +813,7 @@ pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
     let (mut model, tok) =
         load_base_model(a.model.as_deref(), seed, a.dtype.dtype(), device, &scratch)?;
     if let Some(dir) = &a.adapter {
+        check_adapter_of_run(dir)?;
         model::adapters::load(dir, &mut model)?;
         use_moe_impl(&mut model, a.moe.moe_impl(device))?;
     }

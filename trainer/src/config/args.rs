@@ -170,6 +170,12 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "is_false")]
     pub resume: bool,
+    /// Start afresh in an output folder that holds another run: first remove that run's files
+    /// (metrics.jsonl, train_config.toml, eval.json, adapter/, checkpoint-N/), keeping any
+    /// other file [default: off, such a folder is refused].
+    #[arg(long, conflicts_with = "resume")]
+    #[serde(skip_serializing_if = "is_false")]
+    pub overwrite: bool,
     /// Recompute each decoder layer in the backward pass (less memory, one more forward)
     /// [default: off].
     #[arg(long)]

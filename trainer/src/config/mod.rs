@@ -133,6 +133,9 @@ with_defaults! {
         pub device: Device = Device::Cpu,
         pub dtype: DTypeName = DTypeName::F32,
         pub resume: bool = false,
+        /// Not recorded in `train_config.toml`: a run read back from it never removes another.
+        #[serde(skip_serializing)]
+        pub overwrite: bool = false,
         pub gradient_checkpointing: bool = false,
         /// `None`: `auto` ([`MoeImpl::for_device`]). The fused path's options are
         /// `moe_kernels` and `moe_chunk_tokens` ([`TrainConfig::moe`]).
@@ -238,6 +241,20 @@ impl TrainConfig {
         toml::to_string(self).map_err(|e| Error::Config(format!("cannot serialise: {e}")))
     }
 
+    /// The settings as a run records them (`train_config.toml`): the paths of the model, the
+    /// data and the output folder made absolute, so that the record means the same files read
+    /// from any folder.
+    pub fn recorded(&self) -> TrainConfig {
+        let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+        TrainConfig {
+            model: self.model.as_ref().map(abs),
+            data: self.data.iter().map(abs).collect(),
+            eval_data: self.eval_data.iter().map(abs).collect(),
+            out_dir: abs(&self.out_dir),
+            ..self.clone()
+        }
+    }
+
     /// Checks the settings that their types do not and their combinations; the first problem
     /// is a one-line error.
     pub fn validate(&self) -> Result<()> {
@@ -324,6 +341,13 @@ impl TrainConfig {
                     self.router_init_range
                 ));
             }
+        }
+        if self.resume && self.overwrite {
+            return bad(
+                "resume continues the run in the output folder and overwrite removes it: \
+                 give one of them"
+                    .into(),
+            );
         }
         if self.log_every == 0 {
             return bad("log_every must be at least 1".into());
