@@ -401,10 +401,14 @@ fn start_of(cfg: &TrainConfig) -> Result<Start> {
 fn check_eval_items(cfg: &TrainConfig, tasks: &[Task], tok: &Tokenizer) -> Result<()> {
     for task in tasks {
         let questions = eval::questions(task, cfg.eval_limit).map_err(|e| match e {
-            Error::Eval(m) if cfg.val_set_size > 0 => Error::Eval(format!(
-                "{m} (an example held out by val_set_size: items are counted among the \
-                 held-out ones)"
-            )),
+            Error::Unscorable { file, item, reason } if cfg.val_set_size > 0 => Error::Unscorable {
+                file,
+                item,
+                reason: format!(
+                    "{reason} (an example held out by val_set_size: items are counted \
+                         among the held-out ones)"
+                ),
+            },
             other => other,
         })?;
         for q in &questions {
@@ -789,7 +793,11 @@ fn check_adapter_of_run(dir: &Path) -> Result<()> {
     };
     let file = dir.join(model::adapters::CONFIG_FILE);
     let found = AdapterConfig::from_json_file(&file)?;
-    let expected = adapter_config(&run, &found.base_model_name_or_path);
+    let base = BaseModel {
+        name: found.base_model_name_or_path.clone(),
+        path: found.mixlora_base_model_path.clone(),
+    };
+    let expected = adapter_config(&run, &base);
     resume::check_adapter_config(&file, &found, &expected, &settings)
 }
 

@@ -79,10 +79,12 @@ fn an_unscorable_eval_file_is_refused_before_the_first_step() {
     let dir = out_dir("bad-eval");
     let (train_file, eval_file) = (dir.join("data/even.json"), dir.join("data/valid.json"));
     write_tasks(&train_file, 16, true);
-    // Item 1 has no candidates to score: evaluation could only fail on it, after the last step.
+    // Item 1's answer is not among its candidates: evaluation could only fail on it, after the
+    // last step.
     let mut items: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(&train_file).unwrap()).unwrap();
-    items[1]["instruction"] = "Is 1 even?".into();
+    items[1]["answer"] = "maybe".into();
+    items[1]["output"] = "the correct answer is maybe".into();
     std::fs::write(&eval_file, serde_json::to_string(&items).unwrap()).unwrap();
     let out = dir.join("out");
     let cfg = TrainConfig {
@@ -93,7 +95,7 @@ fn an_unscorable_eval_file_is_refused_before_the_first_step() {
     let e = train(&cfg, |_| {}).unwrap_err().to_string();
     assert!(
         e.contains(&format!(
-            "{}: item 1: no `Answer format",
+            "{}: item 1: answer `maybe` is not one of true/false",
             eval_file.display()
         )),
         "{e}"
@@ -102,8 +104,16 @@ fn an_unscorable_eval_file_is_refused_before_the_first_step() {
     assert!(!out.exists(), "nothing may be written: {:?}", names(&out));
 
     // Held out of the training data (val_set_size), the same: refused up front.
+    // Every item's answer is outside its candidates: trainable, not scorable.
     let no_format = dir.join("data/nofmt/train.json");
-    write_tasks(&no_format, 16, false);
+    write_tasks(&no_format, 16, true);
+    let mut items: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&no_format).unwrap()).unwrap();
+    for it in &mut items {
+        it["answer"] = "maybe".into();
+        it["output"] = "the correct answer is maybe".into();
+    }
+    std::fs::write(&no_format, serde_json::to_string(&items).unwrap()).unwrap();
     let cfg = TrainConfig {
         data: vec![no_format.clone()],
         val_set_size: 4,
