@@ -11,6 +11,6 @@ mod moe_route;
 
 #[cfg(not(feature = "cuda"))]
 #[test]
-fn gpu_parity_skipped() {
+fn gpu_parity_of_the_fused_units() {
     testutil::skip("the CPU ↔ CUDA parity tests: built without the `cuda` feature");
 }

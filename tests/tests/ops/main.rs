@@ -30,6 +30,6 @@ mod view;
 
 #[cfg(not(feature = "cuda"))]
 #[test]
-fn gpu_parity_skipped() {
+fn gpu_parity_of_the_core_ops() {
     testutil::skip("the CPU ↔ CUDA parity tests: built without the `cuda` feature");
 }
