@@ -166,7 +166,9 @@ pub struct TrainArgs {
     /// The dtype of the frozen base weights; adapters are f32 [default: f32].
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeName>,
-    /// Continue from the newest complete checkpoint in the output folder [default: off].
+    /// Continue the run in the output folder from its newest complete checkpoint; the settings
+    /// that shape the adapter, the data or the schedule must equal the run's (a difference is
+    /// refused, naming it), and a folder without a checkpoint is an error [default: off].
     #[arg(long)]
     #[serde(skip_serializing_if = "is_false")]
     pub resume: bool,
