@@ -520,7 +520,7 @@ pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
         load_base_model(a.model.as_deref(), seed, a.dtype.dtype(), device, &scratch)?;
     if let Some(dir) = &a.adapter {
         model::adapters::load(dir, &mut model)?;
-        use_moe_impl(&mut model, a.moe.moe_impl(device))?;
+        crate::inference::prepare(&mut model, a.moe.inference_moe_impl(device))?;
     }
     let tasks = if a.data.is_empty() {
         synthetic::generate(seed, SYNTHETIC_TRAIN, SYNTHETIC_VALID).1

@@ -56,6 +56,14 @@ impl MoeImpl {
         }
     }
 
+    /// The implementation for inference when none is asked for: `Fused` on every device. A
+    /// forward pass without a backward runs its base GEMMs once per token (the naive loop runs
+    /// them `k` times), which is faster on the CPU too (BENCHMARKS.md, "Inference with an
+    /// adapter").
+    pub fn for_inference(_device: engine::Device) -> MoeImpl {
+        MoeImpl::Fused(engine::MoeFfnOptions::default())
+    }
+
     /// `self` with the fused path's options replaced by `opts` (the other implementations have
     /// none).
     pub fn with_fused_options(self, opts: engine::MoeFfnOptions) -> MoeImpl {
