@@ -69,7 +69,8 @@ pub(super) fn decoder_layer(
     };
     let (y, route) = match ad.map(|a| &a.mlp) {
         Some(MlpAdapters::MixLora(moe)) => {
-            let (y, route) = moe.forward(&hn, ffn, ctx.moe_impl, seed(4))?;
+            let stacked = ad.and_then(|a| a.fused_inference.as_ref());
+            let (y, route) = moe.forward_with(&hn, ffn, ctx.moe_impl, seed(4), stacked)?;
             (y, Some(route))
         }
         mlp => {

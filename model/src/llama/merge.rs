@@ -14,7 +14,8 @@
 //!   and run in f32 as in training.
 //!
 //! The MixLoRA experts cannot be merged (each token takes its own mixture); the fused MoE path
-//! computes their base GEMMs once per token instead.
+//! computes their base GEMMs once per token instead, and the merge stacks the experts for it once
+//! ([`FusedExperts::for_inference`]) rather than at every forward pass.
 //!
 //! A merged model is for inference only: its base weights hold the deltas, so a training forward,
 //! new adapters or new adapter values would train or run against the wrong base. Those calls
@@ -24,7 +25,7 @@
 use engine::{DType, Tensor};
 
 use super::Llama;
-use crate::adapters::{LoraLinear, MlpAdapters};
+use crate::adapters::{FusedExperts, LoraLinear, MlpAdapters};
 use crate::error::{Error, Result};
 
 /// What [`Llama::merge_adapters_for_inference`] did.
@@ -106,6 +107,7 @@ impl Llama {
                             *l = detached(l);
                         }
                     }
+                    ad.fused_inference = FusedExperts::for_inference(moe)?;
                 }
             }
             for (w, lora) in targets {
