@@ -128,7 +128,7 @@ pub fn run(a: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     if prompt.len() > room && opts.overflow == PromptOverflow::TruncateLeft && room > 0 {
         eprintln!(
             "the prompt has {} tokens; with --max-new-tokens {} the context of {context} leaves \
-             room for {room}: its first {} tokens are dropped",
+             room for {room}: {} tokens are dropped from its start (a leading BOS is kept)",
             prompt.len(),
             a.max_new_tokens,
             prompt.len() - room
