@@ -145,11 +145,14 @@ fn run(m: &Llama, prompt: &[u32], opts: &GenerateOptions) -> model::Result<Vec<u
         &[],
         |done, total| prefilled.push((done, total)),
         |_| {},
-    )?;
-    // Progress reaches the whole (fitted) prompt once, in chunk steps.
-    let last = prefilled.last().copied().unwrap();
-    assert_eq!(last.0, last.1);
-    Ok(out)
+    );
+    match out {
+        // Progress reaches the whole (fitted) prompt once, in chunk steps.
+        Ok(_) => assert_eq!(prefilled.last().map(|p| p.0 == p.1), Some(true)),
+        // A refused prompt never reaches a forward pass.
+        Err(_) => assert!(prefilled.is_empty(), "{prefilled:?}"),
+    }
+    out
 }
 
 #[test]
