@@ -10,7 +10,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::time::Instant;
 
 use engine::{no_grad, DType, Device, Tensor};
-use model::generate::generate;
+use model::generate::{generate, GenerateOptions};
 use model::sampling::Sampler;
 use model::Llama;
 
@@ -56,9 +56,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for _ in 0..3 {
         let mut first = None;
         let t0 = Instant::now();
-        let out = generate(&model, &prompt, 65, &mut Sampler::greedy(), &[], |_| {
-            first.get_or_insert_with(Instant::now);
-        })?;
+        let opts = GenerateOptions {
+            max_new_tokens: 65,
+            ..GenerateOptions::default()
+        };
+        let out = generate(
+            &model,
+            &prompt,
+            &opts,
+            &mut Sampler::greedy(),
+            &[],
+            |_, _| {},
+            |_| {
+                first.get_or_insert_with(Instant::now);
+            },
+        )?;
         let first = first.ok_or("no token")?;
         let dt = first.elapsed().as_secs_f64();
         best = best.min(dt / (out.len() - 1) as f64);

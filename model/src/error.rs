@@ -57,6 +57,22 @@ pub enum Error {
     #[error("{}", ol(.0))]
     Invalid(String),
 
+    /// A prompt that, with the tokens to generate, does not fit the model's context.
+    #[error(
+        "the prompt has {prompt} tokens and {max_new_tokens} new tokens are asked for, {} positions \
+         in all, but the model's context (max_position_embeddings) is {context}",
+        .prompt + .max_new_tokens
+    )]
+    ContextOverflow {
+        prompt: usize,
+        max_new_tokens: usize,
+        context: usize,
+    },
+
+    /// A training call on a model prepared for inference (its adapters merged into the base).
+    #[error("{}: the adapters were merged into the base weights for inference; this model cannot train or take new adapters", ol(.0))]
+    InferenceOnly(String),
+
     #[error(transparent)]
     Engine(#[from] engine::Error),
 }

@@ -6,7 +6,7 @@
 mod support;
 
 use engine::{no_grad, DType, Device, Tensor};
-use model::generate::generate;
+use model::generate::{generate, GenerateOptions};
 use model::sampling::Sampler;
 use model::{Llama, Tokenizer};
 use testutil::rel_err;
@@ -70,7 +70,12 @@ fn smollm2_matches_transformers() {
             );
         }
 
-        let out = generate(&model, &ids, 16, &mut Sampler::greedy(), &stop, |_| {}).unwrap();
+        let opts = GenerateOptions {
+            max_new_tokens: 16,
+            ..GenerateOptions::default()
+        };
+        let greedy = &mut Sampler::greedy();
+        let out = generate(&model, &ids, &opts, greedy, &stop, |_, _| {}, |_| {}).unwrap();
         assert_eq!(
             out,
             ids_of(&case["greedy_16"]),

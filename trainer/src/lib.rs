@@ -12,6 +12,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod inference;
 pub mod interrupt;
 pub mod metrics;
 pub mod optim;

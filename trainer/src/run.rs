@@ -823,7 +823,7 @@ pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
     if let Some(dir) = &a.adapter {
         check_adapter_of_run(dir)?;
         model::adapters::load(dir, &mut model)?;
-        use_moe_impl(&mut model, a.moe.moe_impl(device))?;
+        crate::inference::prepare(&mut model, a.moe.inference_moe_impl(device))?;
     }
     if let Some(p) = &a.model {
         eprintln!(

@@ -275,7 +275,7 @@ pub fn load(dir: &Path, model: &mut Llama) -> Result<()> {
         return Err(unexpected(&file, name, &cfg));
     }
     // Each layer's expert matrices of one kind in one buffer, as `Adapters::init` lays them out.
-    model.set_adapters(adapters.with_stacked_experts()?);
+    model.set_adapters(adapters.with_stacked_experts()?)?;
     Ok(())
 }
 

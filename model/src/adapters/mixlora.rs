@@ -21,6 +21,7 @@
 use engine::{rng, stack, Tensor};
 
 use super::lora::{linear, lora_linear, LoraLinear};
+use super::mixlora_fused::FusedExperts;
 use super::router::{Router, RouterOutput, Routing};
 use crate::error::Result;
 
@@ -54,6 +55,14 @@ impl MoeImpl {
             engine::Device::Cpu => MoeImpl::Naive,
             engine::Device::Cuda(_) => MoeImpl::Fused(engine::MoeFfnOptions::default()),
         }
+    }
+
+    /// The implementation for inference when none is asked for: `Fused` on every device. A
+    /// forward pass without a backward runs its base GEMMs once per token (the naive loop runs
+    /// them `k` times), which is faster on the CPU too (BENCHMARKS.md, "Inference with an
+    /// adapter").
+    pub fn for_inference(_device: engine::Device) -> MoeImpl {
+        MoeImpl::Fused(engine::MoeFfnOptions::default())
     }
 
     /// `self` with the fused path's options replaced by `opts` (the other implementations have
@@ -215,6 +224,20 @@ impl MixLoraFfn {
         imp: MoeImpl,
         dropout_seed: Option<u64>,
     ) -> Result<(Tensor, RouterOutput)> {
+        self.forward_with(x, w, imp, dropout_seed, None)
+    }
+
+    /// [`MixLoraFfn::forward`] with the experts already stacked for the fused path
+    /// ([`FusedExperts::for_inference`]); `None` stacks them per call. Only `MoeImpl::Fused`
+    /// reads them.
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        w: SharedFfn<'_>,
+        imp: MoeImpl,
+        dropout_seed: Option<u64>,
+        stacked: Option<&FusedExperts>,
+    ) -> Result<(Tensor, RouterOutput)> {
         let h = *x.dims().last().unwrap_or(&0);
         let n = x.elem_count() / h.max(1);
         let x2 = x.reshape([n, h])?; // [N, H]
@@ -228,7 +251,9 @@ impl MixLoraFfn {
             },
             MoeImpl::Fused(opts) => {
                 let fused = match self.router.routing {
-                    Routing::TopK(k) => self.fused(&x2, w, &route, k, dropout_seed, &opts)?,
+                    Routing::TopK(k) => {
+                        self.fused(&x2, w, &route, k, dropout_seed, &opts, stacked)?
+                    }
                     Routing::TopP(_) => None,
                 };
                 match fused {

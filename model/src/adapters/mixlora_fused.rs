@@ -30,31 +30,32 @@ fn stack(
     Ok(Some((engine::stack(&a)?, engine::stack(&b)?))) // [E, r, in], [E, out, r]
 }
 
-impl MixLoraFfn {
-    /// The fused path for top-`k` routing of `x` `[N, H]`, or `None` when it does not apply (some
-    /// expert lacks a LoRA on gate, up or down, or the experts' scales, dropouts or ranks
-    /// differ): the caller then runs the naive loop.
-    ///
-    /// The expert weights are stacked (`engine::stack`: a view when they lie back to back in one
-    /// buffer, else `cat`; gradients flow back to each expert either way) once per call.
-    /// Dropout (training): one mask per projection shared by all experts for gate and up, and
-    /// one per slot for down, so the result equals the naive path's only at dropout 0.
-    pub(crate) fn fused(
-        &self,
-        x: &Tensor,
-        w: SharedFfn<'_>,
-        route: &RouterOutput,
-        k: usize,
-        dropout_seed: Option<u64>,
-        opts: &MoeFfnOptions,
-    ) -> Result<Option<Tensor>> {
-        let Some(first) = self.experts.first().and_then(|e| e.gate.as_ref()) else {
+/// Every expert's LoRA of one MixLoRA FFN stacked for the fused path: `A` `[E, r, in]` and `B`
+/// `[E, out, r]`, with the scale and dropout they share.
+#[derive(Clone, Debug)]
+pub struct FusedExperts {
+    pub a_gate: Tensor,
+    pub b_gate: Tensor,
+    pub a_up: Tensor,
+    pub b_up: Tensor,
+    pub a_down: Tensor,
+    pub b_down: Tensor,
+    pub scale: f64,
+    pub dropout: f64,
+}
+
+impl FusedExperts {
+    /// The experts of `ffn` stacked (views of their buffer when they lie back to back in it, as
+    /// the adapters lay them out; copies otherwise), or `None` when the fused path does not apply:
+    /// some expert lacks a LoRA on gate, up or down, or their scales, dropouts or ranks differ.
+    pub fn stack(ffn: &MixLoraFfn) -> Result<Option<FusedExperts>> {
+        let Some(first) = ffn.experts.first().and_then(|e| e.gate.as_ref()) else {
             return Ok(None);
         };
         let (scale, p) = (first.scale, first.dropout);
-        let gates: Vec<_> = self.experts.iter().map(|e| e.gate.as_ref()).collect();
-        let ups: Vec<_> = self.experts.iter().map(|e| e.up.as_ref()).collect();
-        let downs: Vec<_> = self.experts.iter().map(|e| e.down.as_ref()).collect();
+        let gates: Vec<_> = ffn.experts.iter().map(|e| e.gate.as_ref()).collect();
+        let ups: Vec<_> = ffn.experts.iter().map(|e| e.up.as_ref()).collect();
+        let downs: Vec<_> = ffn.experts.iter().map(|e| e.down.as_ref()).collect();
         let (Some((a_gate, b_gate)), Some((a_up, b_up)), Some((a_down, b_down))) = (
             stack(&gates, scale, p)?,
             stack(&ups, scale, p)?,
@@ -66,6 +67,74 @@ impl MixLoraFfn {
         if a_up.dims()[1] != r || a_down.dims()[1] != r {
             return Ok(None);
         }
+        Ok(Some(FusedExperts {
+            a_gate,
+            b_gate,
+            a_up,
+            b_up,
+            a_down,
+            b_down,
+            scale,
+            dropout: p,
+        }))
+    }
+
+    /// [`FusedExperts::stack`] for inference, once: detached, and each `B` a `[E, out, r]` view
+    /// of an `[out, E, r]` buffer, the layout of the fused op's block-code GEMMs, so that a
+    /// forward pass neither stacks nor lays out any adapter matrix (a copy of the experts' `B`
+    /// matrices, whose own buffers stay for the other paths).
+    pub fn for_inference(ffn: &MixLoraFfn) -> Result<Option<FusedExperts>> {
+        engine::no_grad(|| {
+            let Some(s) = Self::stack(ffn)? else {
+                return Ok(None);
+            };
+            // [E, out, r] -> [out, E, r] buffer -> [E, out, r] view of it.
+            let laid_out = |b: &Tensor| -> Result<Tensor> {
+                Ok(b.permute(&[1, 0, 2])?.contiguous()?.permute(&[1, 0, 2])?)
+            };
+            Ok(Some(FusedExperts {
+                a_gate: s.a_gate.detach(),
+                b_gate: laid_out(&s.b_gate.detach())?,
+                a_up: s.a_up.detach(),
+                b_up: laid_out(&s.b_up.detach())?,
+                a_down: s.a_down.detach(),
+                b_down: laid_out(&s.b_down.detach())?,
+                ..s
+            }))
+        })
+    }
+}
+
+impl MixLoraFfn {
+    /// The fused path for top-`k` routing of `x` `[N, H]` with the experts stacked in `experts`
+    /// (or, when `None`, stacked for this call: a view of their buffer, gradients flow back to
+    /// each expert either way); `None` when the fused path does not apply ([`FusedExperts::stack`]):
+    /// the caller then runs the naive loop.
+    ///
+    /// Dropout (training): one mask per projection shared by all experts for gate and up, and
+    /// one per slot for down, so the result equals the naive path's only at dropout 0.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn fused(
+        &self,
+        x: &Tensor,
+        w: SharedFfn<'_>,
+        route: &RouterOutput,
+        k: usize,
+        dropout_seed: Option<u64>,
+        opts: &MoeFfnOptions,
+        experts: Option<&FusedExperts>,
+    ) -> Result<Option<Tensor>> {
+        let stacked;
+        let s = match experts {
+            Some(s) => s,
+            None => match FusedExperts::stack(self)? {
+                Some(s) => {
+                    stacked = s;
+                    &stacked
+                }
+                None => return Ok(None),
+            },
+        };
         let (ids, weights) = match &route.topk {
             // The fused router's selection and renormalised weights (in the graph).
             Some((ids, w)) => (ids.clone(), w.clone()),
@@ -79,18 +148,19 @@ impl MixLoraFfn {
             w_gate: w.gate,
             w_up: w.up,
             w_down: w.down,
-            a_gate: &a_gate,
-            b_gate: &b_gate,
-            a_up: &a_up,
-            b_up: &b_up,
-            a_down: &a_down,
-            b_down: &b_down,
-            scale,
+            a_gate: &s.a_gate,
+            b_gate: &s.b_gate,
+            a_up: &s.a_up,
+            b_up: &s.b_up,
+            a_down: &s.a_down,
+            b_down: &s.b_down,
+            scale: s.scale,
         };
         let routing = MoeRouting {
             ids: &ids,
             weights: &weights,
         };
+        let p = s.dropout;
         let dropout = dropout_seed
             .filter(|_| p > 0.0)
             .map(|seed| MoeDropout { p, seed });

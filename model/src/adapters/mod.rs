@@ -29,6 +29,7 @@ pub use export::{export, read_folder, AdapterFiles, ExportFormat};
 pub use io::{load, save, BIN_FILE, CONFIG_FILE, WEIGHTS_FILE};
 pub use lora::{lora_linear, LoraLinear};
 pub use mixlora::{ExpertLora, MixLoraFfn, MoeImpl, SharedFfn};
+pub use mixlora_fused::FusedExperts;
 pub use router::{aux_loss, expert_load, Router, RouterOutput, Routing};
 
 use crate::config::LlamaConfig;
@@ -49,6 +50,10 @@ pub struct LayerAdapters {
     /// LoRA on q, k, v, o (each `None` when not a target).
     pub attn: [Option<LoraLinear>; 4],
     pub mlp: MlpAdapters,
+    /// The MixLoRA experts stacked once for the fused path at inference
+    /// (`Llama::merge_adapters_for_inference`); `None` while training, when each forward stacks
+    /// them.
+    pub fused_inference: Option<FusedExperts>,
 }
 
 impl LayerAdapters {
@@ -230,7 +235,11 @@ impl Adapters {
                 }
                 MlpAdapters::Lora(ffn)
             };
-            layers.push(LayerAdapters { attn, mlp });
+            layers.push(LayerAdapters {
+                attn,
+                mlp,
+                fused_inference: None,
+            });
         }
         Ok(Adapters {
             config: cfg.clone(),

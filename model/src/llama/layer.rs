@@ -3,8 +3,9 @@
 //! projection) and the FFN block (the SwiGLU with its LoRA, or the MixLoRA mixture), each with
 //! its residual.
 
-use engine::{cat, causal_attention, Tensor};
+use engine::{causal_attention, Tensor};
 
+use super::cache::LayerSlot;
 use super::{sub_seed, DecoderLayer};
 use crate::adapters::router::RouterOutput;
 use crate::adapters::{lora_linear, LayerAdapters, MlpAdapters, MoeImpl, SharedFfn};
@@ -35,7 +36,7 @@ pub(super) fn decoder_layer(
     layer: &DecoderLayer,
     ad: Option<&LayerAdapters>,
     x: &Tensor,
-    cache: Option<&mut Option<(Tensor, Tensor)>>,
+    cache: Option<LayerSlot<'_>>,
 ) -> Result<(Tensor, Option<RouterOutput>)> {
     let c = &ctx.config;
     let (b, t) = ctx.batch;
@@ -54,14 +55,7 @@ pub(super) fn decoder_layer(
     let mut k = heads(&layer.k_proj, 1, nkv)?.rope(&ctx.cos, &ctx.sin)?;
     let mut v = heads(&layer.v_proj, 2, nkv)?;
     if let Some(slot) = cache {
-        if let Some((pk, pv)) = slot {
-            k = cat(&[pk, &k], 2)?;
-            v = cat(&[pv, &v], 2)?;
-        } else {
-            k = k.contiguous()?;
-            v = v.contiguous()?;
-        }
-        *slot = Some((k.clone(), v.clone()));
+        (k, v) = slot.append(k, v)?;
     }
     let attn = causal_attention(&q, &k, &v, ctx.key_mask.as_ref(), ctx.past)?; // [B, Hq, T, D]
     let attn = attn.transpose(1, 2)?.reshape([b, t, nh * d])?;
@@ -75,7 +69,8 @@ pub(super) fn decoder_layer(
     };
     let (y, route) = match ad.map(|a| &a.mlp) {
         Some(MlpAdapters::MixLora(moe)) => {
-            let (y, route) = moe.forward(&hn, ffn, ctx.moe_impl, seed(4))?;
+            let stacked = ad.and_then(|a| a.fused_inference.as_ref());
+            let (y, route) = moe.forward_with(&hn, ffn, ctx.moe_impl, seed(4), stacked)?;
             (y, Some(route))
         }
         mlp => {

@@ -18,9 +18,11 @@ use crate::weights::Weights;
 
 mod cache;
 mod layer;
+mod merge;
 
 pub use cache::{positions_from_mask, KvCache};
 use layer::{decoder_layer, into_engine_error, LayerCtx};
+pub use merge::MergeReport;
 
 /// One decoder layer's frozen weights. Projections are stored `[out, in]` as in the files.
 #[derive(Clone)]
@@ -50,6 +52,9 @@ pub struct Llama {
     /// Gradient checkpointing: in a training forward, keep only each decoder layer's input and
     /// outputs and recompute the layer in the backward pass.
     checkpoint_layers: bool,
+    /// Set by [`Llama::merge_adapters_for_inference`]: the base weights hold LoRA deltas, so
+    /// training calls are refused.
+    inference_only: bool,
 }
 
 /// Scales of [`Llama::random_with`].
@@ -195,6 +200,7 @@ impl Llama {
             config,
             adapters: None,
             checkpoint_layers: false,
+            inference_only: false,
         })
     }
 
@@ -254,6 +260,7 @@ impl Llama {
             config,
             adapters: None,
             checkpoint_layers: false,
+            inference_only: false,
         })
     }
 
@@ -261,6 +268,7 @@ impl Llama {
     /// (f64 for an f64 base), `A` uniform in `±1/√in`, `B = 0` (so the model's outputs do not
     /// change), routers `N(0, router_init_range)`; seeded.
     pub fn add_adapters(&mut self, cfg: &AdapterConfig, seed: u64) -> Result<()> {
+        self.check_trainable("add_adapters")?;
         self.adapters = Some(Adapters::init(
             cfg,
             &self.config,
@@ -271,9 +279,12 @@ impl Llama {
         Ok(())
     }
 
-    /// Attaches `adapters` (built for this model's shape), replacing any.
-    pub fn set_adapters(&mut self, adapters: Adapters) {
+    /// Attaches `adapters` (built for this model's shape), replacing any; refused on an
+    /// inference-only model ([`Llama::merge_adapters_for_inference`]).
+    pub fn set_adapters(&mut self, adapters: Adapters) -> Result<()> {
+        self.check_trainable("set_adapters")?;
         self.adapters = Some(adapters);
+        Ok(())
     }
 
     /// Detaches the adapters and returns them.
@@ -336,6 +347,7 @@ impl Llama {
     /// its layer's stacked buffer, so the MoE paths copy that kind to stack it
     /// ([`Adapters::set_param`]); [`Llama::assign_trainable_param`] keeps the layout.
     pub fn set_trainable_param(&mut self, name: &str, value: Tensor) -> Result<()> {
+        self.check_trainable("set_trainable_param")?;
         let config = self.config.clone();
         match &mut self.adapters {
             Some(a) => a.set_param(&config, name, value),
@@ -349,6 +361,7 @@ impl Llama {
     /// parameter stays the same variable, and a MixLoRA expert matrix a view of its layer's
     /// stacked buffer); otherwise replaces it as [`Llama::set_trainable_param`] does.
     pub fn assign_trainable_param(&mut self, name: &str, value: &Tensor) -> Result<()> {
+        self.check_trainable("assign_trainable_param")?;
         let config = self.config.clone();
         match &mut self.adapters {
             Some(a) => a.assign_param(&config, name, value),
@@ -402,9 +415,6 @@ impl Llama {
         let (b, t) = batch_dims(ids)?;
         let (cos, sin) = rope_tables(positions, &self.inv_freq)?; // [B, T, D/2]
         let past = cache.as_ref().map_or(0, |c| c.len());
-        if let Some(cache) = cache.as_deref_mut() {
-            cache.layers.resize_with(self.layers.len(), || None);
-        }
         let mut routing = Vec::new();
         let moe_impl = self
             .adapters
@@ -452,7 +462,7 @@ impl Llama {
                 });
                 x = outs.swap_remove(0);
             } else {
-                let slot = cache.as_deref_mut().map(|c| &mut c.layers[li]);
+                let slot = cache.as_deref_mut().map(|c| c.layer(li, self.layers.len()));
                 (x, route) = decoder_layer(&ctx, li, layer, ad, &x, slot)?;
             }
             if let (Some(r), true) = (route, pass.collect_routing) {
@@ -521,6 +531,7 @@ impl Llama {
         key_mask: Option<&Tensor>,
         dropout_seed: Option<u64>,
     ) -> Result<HiddenOutput> {
+        self.check_trainable("forward_train")?;
         let (b, t) = batch_dims(ids)?;
         let positions = positions_from_mask(b, t, key_mask, 0, ids.device())?;
         let pass = Pass {

@@ -213,6 +213,8 @@ pub struct TrainArgs {
 /// [`TrainConfig`](super::TrainConfig)'s).
 const MOE_IMPL_HELP: &str = "How MixLoRA FFNs are computed: `auto` (fused on a GPU, naive on \
     the CPU), `naive`, `paper`, `grouped` or `fused` [default: auto]";
+const INFERENCE_MOE_IMPL_HELP: &str = "How MixLoRA FFNs are computed: `auto` (fused, on every \
+    device), `naive`, `paper`, `grouped` or `fused` [default: auto]";
 const MOE_KERNELS_HELP: &str = "The fused MoE FFN's kernels: `gemms` (dense GEMMs over block \
     codes, any device and dtype) or `tiles` (the tensor-core tile kernels where they serve the \
     sizes: CUDA, bf16) [default: gemms]";
@@ -250,13 +252,14 @@ impl FusedMoeArgs {
     }
 }
 
-/// How MixLoRA FFNs are computed (`--moe-impl` and the fused path's options).
+/// How MixLoRA FFNs are computed at inference, `eval` and `generate` (`--moe-impl` and the
+/// fused path's options).
 #[derive(Args, Debug, Clone, Copy, Default, PartialEq)]
 pub struct MoeArgs {
     #[arg(
         long,
         value_name = "IMPL",
-        help = MOE_IMPL_HELP,
+        help = INFERENCE_MOE_IMPL_HELP,
         default_value = "auto",
         hide_default_value = true,
         value_parser = words::parse::<MoeImplChoice>
@@ -267,9 +270,9 @@ pub struct MoeArgs {
 }
 
 impl MoeArgs {
-    /// The implementation on `device`.
-    pub fn moe_impl(&self, device: Device) -> MoeImpl {
-        super::moe_impl(self.moe_impl, self.fused.options(), device)
+    /// The implementation on `device` (`auto`: fused on every device, as inference wants).
+    pub fn inference_moe_impl(&self, device: Device) -> MoeImpl {
+        super::inference_moe_impl(self.moe_impl, self.fused.options(), device)
     }
 }
 

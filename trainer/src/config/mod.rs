@@ -61,6 +61,14 @@ pub fn moe_impl(choice: MoeImplChoice, fused: MoeFfnOptions, device: Device) -> 
         .with_fused_options(fused)
 }
 
+/// The MoE implementation inference (`mixlora generate`, `mixlora eval`) uses on `device`:
+/// `choice`, or for `auto` [`MoeImpl::for_inference`] (fused on every device).
+pub fn inference_moe_impl(choice: MoeImplChoice, fused: MoeFfnOptions, device: Device) -> MoeImpl {
+    choice
+        .unwrap_or_else(|| MoeImpl::for_inference(device))
+        .with_fused_options(fused)
+}
+
 /// A struct whose fields are written once, each with its default: the struct and its `Default`.
 macro_rules! with_defaults {
     (

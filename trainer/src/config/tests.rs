@@ -271,6 +271,19 @@ fn train_config_toml_format() {
 }
 
 #[test]
+fn inference_uses_the_fused_moe_path_on_every_device_unless_asked() {
+    let fused = MoeImpl::Fused(MoeFfnOptions::default());
+    let auto = MoeArgs::default();
+    assert_eq!(auto.inference_moe_impl(Device::Cpu), fused);
+    assert_eq!(auto.inference_moe_impl(Device::Cuda(0)), fused);
+    let naive = MoeArgs {
+        moe_impl: Some(MoeImpl::Naive),
+        ..MoeArgs::default()
+    };
+    assert_eq!(naive.inference_moe_impl(Device::Cpu), MoeImpl::Naive);
+}
+
+#[test]
 fn moe_impl_defaults_to_fused_on_a_gpu_and_naive_on_the_cpu() {
     let fused = MoeImpl::Fused(MoeFfnOptions::default());
     let on = |c: &TrainConfig, device| {
