@@ -6,6 +6,7 @@
 //! The library reads no environment variable: every setting is a value its caller passes (the
 //! binary fills them from its flags, its TOML file and the few variables it documents).
 
+pub mod base_model;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
@@ -22,6 +23,7 @@ pub mod progress;
 pub mod resume;
 pub mod run;
 pub mod schedule;
+pub mod scoring;
 pub mod synthetic;
 
 pub use error::{Error, Result};

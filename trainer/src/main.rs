@@ -178,7 +178,7 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::PlotRouting(args)) => plot_routing(args),
         Some(Command::Export(args)) => export_cmd::run(args),
         Some(Command::Eval(args)) => {
-            let report = trainer::run::eval(&args)?;
+            let report = trainer::scoring::eval(&args)?;
             println!("{}", report.to_json_pretty());
             Ok(())
         }

@@ -1,29 +1,31 @@
-//! The training loop and the evaluation command: the glue between the model, its adapters and
-//! the trainer's building blocks.
+//! The training loop: the glue between the model, its adapters and the trainer's building
+//! blocks. Evaluation with a model is [`crate::scoring`], the base model [`crate::base_model`].
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use engine::rng::Rng;
-use engine::{no_grad, DType, Device, Tensor, IGNORE_INDEX};
-use model::adapters::{AdapterConfig, PeftType};
+use engine::{DType, Tensor, IGNORE_INDEX};
+use model::adapters::AdapterConfig;
 use model::{Llama, Tokenizer};
 
+use crate::base_model::{adapter_config, load_base_model, BaseModel};
 use crate::checkpoint::{self, TrainerState};
-use crate::config::{EvalArgs, TrainConfig};
+use crate::config::TrainConfig;
 use crate::data::{self, Dataset, HostBatch, Loader, Task};
 use crate::error::{Error, Result};
-use crate::eval::{self, EvalReport, ScorePair};
+use crate::eval::{self, EvalReport};
 use crate::metrics::{expert_load_host, EvalMetrics, MetricsWriter, Progress, Record, StepMetrics};
 use crate::optim::{clip_grad_norm, AdamW};
 use crate::progress::{self, Reporter};
 use crate::schedule::Schedule;
+use crate::scoring::evaluate;
 use crate::{out_dir, resume, synthetic};
 
 /// Synthetic tasks of the embedded default: examples per task.
-const SYNTHETIC_TRAIN: usize = 400;
-const SYNTHETIC_VALID: usize = 50;
+pub(crate) const SYNTHETIC_TRAIN: usize = 400;
+pub(crate) const SYNTHETIC_VALID: usize = 50;
 /// Vocabulary rows per chunk of the training loss (`Tensor::linear_cross_entropy_rows`): the
 /// largest logits buffer a training step holds is `[tokens, LM_LOSS_CHUNK]`.
 pub const LM_LOSS_CHUNK: usize = 8192;
@@ -37,100 +39,6 @@ pub struct TrainSummary {
     pub last_loss: f64,
     pub eval: Option<EvalReport>,
     pub adapter_dir: PathBuf,
-}
-
-/// The base model and its tokenizer: a file or folder, or the built-in tiny random LLaMA with the
-/// byte-level tokenizer (its tokenizer.json is written into `scratch`).
-pub fn load_base_model(
-    model: Option<&Path>,
-    seed: u64,
-    dtype: DType,
-    device: Device,
-    scratch: &Path,
-) -> Result<(Llama, Tokenizer)> {
-    match model {
-        Some(p) => {
-            if !p.exists() {
-                return Err(Error::Config(format!(
-                    "model {}: no such file or folder",
-                    p.display()
-                )));
-            }
-            let m = Llama::load(p, dtype, device)?;
-            let t = Tokenizer::load(p, &m.config)?;
-            Ok((m, t))
-        }
-        None => {
-            let init = model::RandomInit::frozen_base();
-            let m = Llama::random_with(synthetic::tiny_llama_config(), seed, dtype, device, init)?;
-            Ok((m, synthetic::load_byte_tokenizer(scratch)?))
-        }
-    }
-}
-
-/// The adapter settings of a run on the base model `base` ([`BaseModel`]).
-pub fn adapter_config(cfg: &TrainConfig, base: &BaseModel) -> AdapterConfig {
-    let mut a = AdapterConfig::default_for(cfg.adapter);
-    a.r = cfg.rank;
-    a.lora_alpha = cfg.alpha;
-    a.lora_dropout = cfg.dropout;
-    a.use_rslora = cfg.rslora;
-    a.base_model_name_or_path = base.name.clone();
-    a.mixlora_base_model_path = base.path.clone();
-    if a.peft_type == PeftType::MixLora {
-        a.num_experts = cfg.num_experts;
-        a.top_k = cfg.top_k;
-        a.top_p = cfg.top_p;
-        a.routing_strategy = cfg.routing;
-        a.router_aux_loss_coef = cfg.aux_loss_coef;
-        a.router_init_range = cfg.router_init_range;
-    }
-    a
-}
-
-/// How the built-in base is named in adapter files: its seed makes it reproducible.
-const BUILTIN_PREFIX: &str = "builtin:tiny-random-llama:seed=";
-
-/// How an adapter file names its base model.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BaseModel {
-    /// `base_model_name_or_path`: a Hugging Face name or folder
-    /// ([`model::adapters::base_model_name`]).
-    pub name: String,
-    /// `mixlora_base_model_path`: the exact file or folder given, or the built-in base with its
-    /// seed.
-    pub path: String,
-}
-
-impl BaseModel {
-    /// The base model at `model`, or the built-in one made with `seed`.
-    pub fn new(model: Option<&Path>, seed: u64) -> BaseModel {
-        match model {
-            None => {
-                let builtin = format!("{BUILTIN_PREFIX}{seed}");
-                BaseModel {
-                    name: builtin.clone(),
-                    path: builtin,
-                }
-            }
-            Some(p) => BaseModel {
-                name: model::adapters::base_model_name(p),
-                path: p.display().to_string(),
-            },
-        }
-    }
-}
-
-/// The seed of the built-in base an adapter was trained on (42 when the adapter does not say).
-fn builtin_seed(adapter_dir: Option<&Path>) -> u64 {
-    adapter_dir
-        .and_then(|d| AdapterConfig::from_json_file(&d.join("adapter_config.json")).ok())
-        .and_then(|c| {
-            [&c.mixlora_base_model_path, &c.base_model_name_or_path]
-                .into_iter()
-                .find_map(|s| s.strip_prefix(BUILTIN_PREFIX)?.parse().ok())
-        })
-        .unwrap_or(42)
 }
 
 /// Training and evaluation tasks: the given files, or the synthetic tasks.
@@ -152,43 +60,6 @@ fn tasks(cfg: &TrainConfig) -> Result<(Vec<Task>, Vec<Task>)> {
         data::load_tasks(&cfg.eval_data)?
     };
     Ok((train, valid))
-}
-
-/// Sum of the log-likelihoods of each pair's target tokens, in batches, with the adapters and
-/// without dropout.
-fn score_pairs(model: &Llama, pad: u32, pairs: &[ScorePair]) -> Result<Vec<f64>> {
-    let hb = eval::pairs_batch(pairs, pad);
-    let (ids, mask, labels) = hb.to_tensors(model.device())?;
-    no_grad(|| {
-        let logits = model.forward(&ids, Some(&mask))?;
-        Ok(eval::target_log_likelihood(&logits, &labels)?.to_vec_f64()?)
-    })
-}
-
-/// The reporter of an evaluation of `questions` questions (on stderr).
-fn eval_progress(questions: usize) -> Reporter {
-    Reporter::stderr("eval", questions, "questions")
-}
-
-fn evaluate(
-    model: &Llama,
-    tok: &Tokenizer,
-    tasks: &[Task],
-    cfg_cutoff: usize,
-    limit: Option<usize>,
-    batch: usize,
-) -> Result<EvalReport> {
-    let pad = tok.eos_id().unwrap_or(0);
-    let mut score = |pairs: &[ScorePair]| score_pairs(model, pad, pairs);
-    eval::evaluate(
-        tasks,
-        tok,
-        cfg_cutoff,
-        limit,
-        batch,
-        &mut score,
-        &eval_progress,
-    )
 }
 
 /// Per-position LM loss `[B·T]` (f32) of final hidden states `[B, T, H]` against `labels`
@@ -227,94 +98,6 @@ fn micro_step(
     let lm = lm_sum.to_scalar()?;
     loss.backward()?;
     Ok((lm, aux, out.expert_load))
-}
-
-/// [`score_pairs`] that also adds, per MoE layer, the (token, slot) pairs each expert received
-/// over the real tokens of the batch into `counts` (`[layer][expert]`).
-fn score_pairs_routed(
-    model: &Llama,
-    pad: u32,
-    pairs: &[ScorePair],
-    counts: &mut Vec<Vec<f64>>,
-) -> Result<Vec<f64>> {
-    let hb = eval::pairs_batch(pairs, pad);
-    let (ids, mask, labels) = hb.to_tensors(model.device())?;
-    no_grad(|| {
-        let (logits, routing) = model.forward_with_routing(&ids, Some(&mask))?;
-        for (l, r) in routing.iter().enumerate() {
-            let real = model::adapters::router::token_weights(&mask, r.mask.dtype())?; // [N, 1]
-            let c = r.mask.mul(&real)?.sum(0, false)?.to_vec_f64()?; // [E]
-            if counts.len() <= l {
-                counts.push(vec![0.0; c.len()]);
-            }
-            counts[l].iter_mut().zip(&c).for_each(|(a, b)| *a += b);
-        }
-        Ok(eval::target_log_likelihood(&logits, &labels)?.to_vec_f64()?)
-    })
-}
-
-/// `mixlora eval --routing PATH`: the accuracy report, and per task and MoE layer the share of
-/// (token, slot) pairs each expert received over the real tokens of every scored candidate,
-/// written to `path` as `{"num_experts", "layers", "tasks": {task: [[share; E]; layers]},
-/// "counts": {task: [[count; E]; layers]}}`.
-fn evaluate_with_routing(
-    model: &Llama,
-    tok: &Tokenizer,
-    tasks: &[Task],
-    a: &EvalArgs,
-    path: &Path,
-) -> Result<EvalReport> {
-    if !model.adapter_config().is_some_and(|c| c.is_mixlora()) {
-        return Err(Error::Config(format!(
-            "{}: --routing needs a MixLoRA adapter (--adapter)",
-            path.display()
-        )));
-    }
-    let pad = tok.eos_id().unwrap_or(0);
-    let (mut results, mut shares, mut all_counts) =
-        (vec![], serde_json::Map::new(), serde_json::Map::new());
-    let mut n_experts = 0;
-    let mut n_layers = 0;
-    let all = eval::all_questions(tasks, a.limit)?;
-    let progress = eval_progress(all.iter().map(Vec::len).sum());
-    for (task, qs) in tasks.iter().zip(&all) {
-        let mut counts: Vec<Vec<f64>> = Vec::new();
-        let mut score = |pairs: &[ScorePair]| score_pairs_routed(model, pad, pairs, &mut counts);
-        results.push(eval::score_task(
-            &task.name,
-            qs,
-            tok,
-            a.cutoff_len,
-            a.batch_size,
-            &mut score,
-            &progress,
-        )?);
-        n_layers = counts.len();
-        n_experts = counts.first().map_or(0, Vec::len);
-        let share: Vec<Vec<f64>> = counts
-            .iter()
-            .map(|c| {
-                let total: f64 = c.iter().sum();
-                c.iter().map(|x| x / total.max(1.0)).collect()
-            })
-            .collect();
-        shares.insert(task.name.clone(), serde_json::json!(share));
-        all_counts.insert(task.name.clone(), serde_json::json!(counts));
-    }
-    progress.finish();
-    let json = serde_json::json!({
-        "num_experts": n_experts,
-        "layers": n_layers,
-        "tasks": shares,
-        "counts": all_counts,
-    });
-    let text = serde_json::to_string_pretty(&json)
-        .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-    std::fs::write(path, text + "\n").map_err(|e| Error::Io {
-        path: path.display().to_string(),
-        source: e,
-    })?;
-    Ok(EvalReport::from_results(results))
 }
 
 /// How a run is driven, besides its settings.
@@ -783,94 +566,4 @@ pub fn use_moe_impl(model: &mut Llama, imp: model::MoeImpl) -> Result<()> {
         model.stack_gate_up()?; // G and U in one GEMM
     }
     Ok(())
-}
-
-/// An adapter in a run's output folder (`OUT/adapter`, `OUT/checkpoint-N`) must be the one the
-/// run's recorded settings describe: an edited `adapter_config.json` is refused, naming the key.
-fn check_adapter_of_run(dir: &Path) -> Result<()> {
-    let Some((settings, run)) = resume::run_of_adapter(dir)? else {
-        return Ok(());
-    };
-    let file = dir.join(model::adapters::CONFIG_FILE);
-    let found = AdapterConfig::from_json_file(&file)?;
-    let base = BaseModel {
-        name: found.base_model_name_or_path.clone(),
-        path: found.mixlora_base_model_path.clone(),
-    };
-    let expected = adapter_config(&run, &base);
-    resume::check_adapter_config(&file, &found, &expected, &settings)
-}
-
-/// `mixlora eval`: accuracy per task of a base model with an optional adapter.
-pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
-    let device = a.device;
-    let scratch = std::env::temp_dir().join(format!("mixlora-eval-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).map_err(|e| Error::Io {
-        path: scratch.display().to_string(),
-        source: e,
-    })?;
-    let seed = builtin_seed(a.adapter.as_deref());
-    // Every item of every file is checked before the model is loaded.
-    let tasks = if a.data.is_empty() {
-        synthetic::generate(seed, SYNTHETIC_TRAIN, SYNTHETIC_VALID).1
-    } else {
-        data::load_tasks(&a.data)?
-    };
-    eval::all_questions(&tasks, a.limit)?;
-    let t_load = Instant::now();
-    let (mut model, tok) =
-        load_base_model(a.model.as_deref(), seed, a.dtype.dtype(), device, &scratch)?;
-    if let Some(dir) = &a.adapter {
-        check_adapter_of_run(dir)?;
-        model::adapters::load(dir, &mut model)?;
-        crate::inference::prepare(&mut model, a.moe.inference_moe_impl(device))?;
-    }
-    if let Some(p) = &a.model {
-        eprintln!(
-            "loaded {} in {}",
-            p.display(),
-            progress::duration(t_load.elapsed())
-        );
-    }
-    let report = match &a.routing {
-        None => evaluate(&model, &tok, &tasks, a.cutoff_len, a.limit, a.batch_size),
-        Some(path) => evaluate_with_routing(&model, &tok, &tasks, a, path),
-    };
-    let _ = std::fs::remove_dir_all(&scratch);
-    let report = report?;
-    if let Some(out) = &a.output {
-        std::fs::write(out, report.to_json_pretty()).map_err(|e| Error::Io {
-            path: out.display().to_string(),
-            source: e,
-        })?;
-    }
-    Ok(report)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn adapter_files_name_the_base_for_hugging_face_and_keep_the_exact_path() {
-        let gguf = Path::new("models/cache/Qwen2.5-0.5B-Instruct-Q4_K_M.gguf");
-        let base = BaseModel::new(Some(gguf), 1);
-        let a = adapter_config(&TrainConfig::default(), &base);
-        // The file cannot be read here: its stem without the quantisation.
-        assert_eq!(a.base_model_name_or_path, "Qwen2.5-0.5B-Instruct");
-        assert_eq!(a.mixlora_base_model_path, gguf.display().to_string());
-        let v: serde_json::Value = serde_json::from_str(&a.to_json_string()).unwrap();
-        assert_eq!(v["mixlora_base_model_path"], gguf.display().to_string());
-        // The built-in base keeps its seed, which eval reads back.
-        let builtin = adapter_config(&TrainConfig::default(), &BaseModel::new(None, 7));
-        assert_eq!(
-            builtin.mixlora_base_model_path,
-            "builtin:tiny-random-llama:seed=7"
-        );
-        let dir = std::env::temp_dir().join(format!("mixlora-basemodel-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("adapter_config.json"), builtin.to_json_string()).unwrap();
-        assert_eq!(builtin_seed(Some(&dir)), 7);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
 }

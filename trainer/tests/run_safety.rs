@@ -300,7 +300,7 @@ fn an_edited_adapter_config_is_refused_on_resume_and_eval() {
         routing: None,
         moe: Default::default(),
     };
-    let e = trainer::run::eval(&args).unwrap_err().to_string();
+    let e = trainer::scoring::eval(&args).unwrap_err().to_string();
     assert!(e.starts_with(&want), "{e}");
     let _ = std::fs::remove_dir_all(&out);
 }

@@ -176,11 +176,11 @@ fn eval_writes_routing_statistics_per_task_and_layer() {
         routing,
         moe: Default::default(),
     };
-    let plain = trainer::run::eval(&args(None)).unwrap();
-    let with = trainer::run::eval(&args(Some(routing.clone()))).unwrap();
+    let plain = trainer::scoring::eval(&args(None)).unwrap();
+    let with = trainer::scoring::eval(&args(Some(routing.clone()))).unwrap();
     assert_eq!(plain.to_json_pretty(), with.to_json_pretty());
     // The fused MoE path (the GPU default) scores the same answers as the naive one (the CPU's).
-    let fused = trainer::run::eval(&trainer::config::EvalArgs {
+    let fused = trainer::scoring::eval(&trainer::config::EvalArgs {
         moe: trainer::config::MoeArgs {
             moe_impl: Some(model::MoeImpl::Fused(Default::default())),
             ..Default::default()
@@ -236,7 +236,7 @@ fn eval_writes_routing_statistics_per_task_and_layer() {
     let ls = train(&cfg, |_| {}).unwrap();
     let mut a = args(Some(lora_out.join("r.json")));
     a.adapter = Some(ls.adapter_dir.clone());
-    let e = trainer::run::eval(&a).unwrap_err().to_string();
+    let e = trainer::scoring::eval(&a).unwrap_err().to_string();
     assert!(
         e.contains("--routing needs a MixLoRA adapter") && !e.contains('\n'),
         "{e}"

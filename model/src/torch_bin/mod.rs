@@ -15,6 +15,7 @@
 //! tensors, each on its own storage.
 
 pub mod pickle;
+mod torch_globals;
 pub mod unpickle;
 pub mod zip;
 
