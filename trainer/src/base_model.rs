@@ -2,7 +2,8 @@
 //! Face folder, or the built-in tiny random LLaMA (named by its seed, so an adapter trained on it
 //! can be evaluated again).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use engine::{DType, Device};
 use model::adapters::{AdapterConfig, PeftType};
@@ -11,6 +12,14 @@ use model::{Llama, Tokenizer};
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
 use crate::synthetic;
+
+/// A fresh scratch folder path for `what` (`train`, `eval`), unique to this process and this call:
+/// library calls may run concurrently in one process (tests do), and each removes its own.
+pub fn scratch_dir(what: &str) -> PathBuf {
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("mixlora-{what}-{}-{n}", std::process::id()))
+}
 
 /// The base model and its tokenizer: a file or folder, or the built-in tiny random LLaMA with the
 /// byte-level tokenizer (its tokenizer.json is written into `scratch`).
@@ -109,6 +118,15 @@ pub(crate) fn builtin_seed(adapter_dir: Option<&Path>) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_call_gets_its_own_scratch_folder() {
+        // Runs in one process share no scratch folder: one removing its own cannot pull the
+        // built-in tokenizer from under another (run_safety's tests train concurrently).
+        let (a, b) = (scratch_dir("train"), scratch_dir("train"));
+        assert_ne!(a, b);
+        assert!(a.starts_with(std::env::temp_dir()));
+    }
 
     #[test]
     fn adapter_files_name_the_base_for_hugging_face_and_keep_the_exact_path() {

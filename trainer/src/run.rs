@@ -10,7 +10,7 @@ use engine::{DType, Tensor, IGNORE_INDEX};
 use model::adapters::AdapterConfig;
 use model::{Llama, Tokenizer};
 
-use crate::base_model::{adapter_config, load_base_model, BaseModel};
+use crate::base_model::{adapter_config, load_base_model, scratch_dir, BaseModel};
 use crate::checkpoint::{self, TrainerState};
 use crate::config::TrainConfig;
 use crate::data::{self, Dataset, HostBatch, Loader, Task};
@@ -262,7 +262,7 @@ pub fn train_with(
     let out = &cfg.out_dir;
     cfg.validate()?;
     let start = start_of(cfg)?;
-    let scratch = std::env::temp_dir().join(format!("mixlora-train-{}", std::process::id()));
+    let scratch = scratch_dir("train");
     let t_load = Instant::now();
     if let Some(p) = &cfg.model {
         log(&format!("loading {}", p.display()));

@@ -9,7 +9,7 @@ use engine::no_grad;
 use model::adapters::AdapterConfig;
 use model::{Llama, Tokenizer};
 
-use crate::base_model::{adapter_config, builtin_seed, load_base_model, BaseModel};
+use crate::base_model::{adapter_config, builtin_seed, load_base_model, scratch_dir, BaseModel};
 use crate::config::EvalArgs;
 use crate::data::{self, Task};
 use crate::error::{Error, Result};
@@ -162,11 +162,6 @@ fn check_adapter_of_run(dir: &Path) -> Result<()> {
 /// `mixlora eval`: accuracy per task of a base model with an optional adapter.
 pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
     let device = a.device;
-    let scratch = std::env::temp_dir().join(format!("mixlora-eval-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).map_err(|e| Error::Io {
-        path: scratch.display().to_string(),
-        source: e,
-    })?;
     let seed = builtin_seed(a.adapter.as_deref());
     // Every item of every file is checked before the model is loaded.
     let tasks = if a.data.is_empty() {
@@ -176,8 +171,10 @@ pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
     };
     eval::all_questions(&tasks, a.limit)?;
     let t_load = Instant::now();
-    let (mut model, tok) =
-        load_base_model(a.model.as_deref(), seed, a.dtype.dtype(), device, &scratch)?;
+    let scratch = scratch_dir("eval");
+    let loaded = load_base_model(a.model.as_deref(), seed, a.dtype.dtype(), device, &scratch);
+    let _ = std::fs::remove_dir_all(&scratch);
+    let (mut model, tok) = loaded?;
     if let Some(dir) = &a.adapter {
         check_adapter_of_run(dir)?;
         model::adapters::load(dir, &mut model)?;
@@ -194,7 +191,6 @@ pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
         None => evaluate(&model, &tok, &tasks, a.cutoff_len, a.limit, a.batch_size),
         Some(path) => evaluate_with_routing(&model, &tok, &tasks, a, path),
     };
-    let _ = std::fs::remove_dir_all(&scratch);
     let report = report?;
     if let Some(out) = &a.output {
         std::fs::write(out, report.to_json_pretty()).map_err(|e| Error::Io {
