@@ -57,6 +57,7 @@ pub fn adapter_config(cfg: &TrainConfig, base: &BaseModel) -> AdapterConfig {
     a.lora_alpha = cfg.alpha;
     a.lora_dropout = cfg.dropout;
     a.use_rslora = cfg.rslora;
+    a.target_modules = cfg.target_modules.clone();
     a.base_model_name_or_path = base.name.clone();
     a.mixlora_base_model_path = base.path.clone();
     if a.peft_type == PeftType::MixLora {

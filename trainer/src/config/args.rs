@@ -33,13 +33,25 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// Train one adapter per value (`KEY=V1,V2,...`, KEY a per-adapter setting, values as its
+    /// flag takes them; a list's items joined with `+`); repeat for the product, each adapter
+    /// named from its values (`lr2e-4_seed42`) in a folder of that name under --out-dir; not
+    /// with `[[adapter]]` tables [default: none, one adapter].
+    #[arg(long, value_name = "KEY=V1,V2,...")]
+    #[serde(skip)]
+    pub sweep: Vec<String>,
     /// Base model: GGUF file or Hugging Face folder [default: built-in tiny random LLaMA].
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// `lora` (LoRA on q, k, v, o, gate, up, down) or `mixlora` (LoRA on attention, a sparse
     /// mixture of LoRA experts on the FFN) [default: mixlora].
+    // In TOML also `kind`, which a file with `[[adapter]]` tables must use at its top level.
     #[arg(long, value_name = "KIND")]
-    #[serde(with = "words::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        alias = "kind",
+        with = "words::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub adapter: Option<PeftType>,
     /// Training file (LLM-Adapters JSON); repeat for several tasks [default: synthetic tasks].
     #[arg(long = "data")]
@@ -131,6 +143,10 @@ pub struct TrainArgs {
     /// Dropout on the LoRA inputs while training [default: 0.05].
     #[arg(long)]
     pub dropout: Option<f64>,
+    /// The projections that get LoRA, comma-separated (MixLoRA: gate, up and down get one per
+    /// expert) [default: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj].
+    #[arg(long, value_name = "MODULES", value_delimiter = ',')]
+    pub target_modules: Option<Vec<String>>,
     /// How the MixLoRA router picks experts: `topk` (the `top_k` most probable, weights
     /// renormalised) or `topp` (in order of probability until their sum passes `top_p`, no
     /// renormalisation) [default: topk].

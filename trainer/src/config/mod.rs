@@ -13,6 +13,10 @@
 //! shared by clap and serde ([`words`]).
 
 mod args;
+mod plan;
+#[cfg(test)]
+mod plan_tests;
+mod tables;
 #[cfg(test)]
 mod tests;
 pub mod words;
@@ -25,6 +29,7 @@ use model::{MoeImpl, PeftType, RoutingStrategy};
 use serde::{Deserialize, Serialize};
 
 pub use args::{EvalArgs, FusedMoeArgs, MoeArgs, ProfileArgs, TrainArgs};
+pub use plan::{PlannedAdapter, RunPlan, SharedSettings, SHARED_KEYS};
 pub use words::MoeImplChoice;
 
 use crate::error::{Error, Result};
@@ -49,6 +54,18 @@ impl DTypeName {
         }
     }
 }
+
+/// The seven projections of a LLaMA layer, in file order: the targets a run's adapters take
+/// unless `target_modules` says otherwise.
+pub const ALL_MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 /// The learning rate of the embedded default job (built-in tiny random model, no config file).
 pub const BUILTIN_MODEL_LR: f64 = 2e-3;
@@ -128,6 +145,8 @@ with_defaults! {
         pub alpha: f64 = 32.0,
         pub rslora: bool = false,
         pub dropout: f64 = 0.05,
+        /// The projections that get LoRA (MixLoRA: the FFN ones get one per expert).
+        pub target_modules: Vec<String> = ALL_MODULES.iter().map(|m| m.to_string()).collect(),
         #[serde(with = "words")]
         pub routing: RoutingStrategy = RoutingStrategy::TopK,
         pub top_p: f64 = 0.8,
@@ -172,61 +191,53 @@ impl TrainArgs {
     /// Parses TOML text into the settings it gives; `file` names it in errors. Relative paths
     /// stay as written.
     pub fn from_toml_str(file: &str, text: &str) -> Result<TrainArgs> {
-        toml::from_str(text).map_err(|e| {
-            let mut msg = e.message().trim().to_string();
-            // "unknown field `x`, expected one of `a`, `b`, ..." -> "unknown key `x`"
-            if let Some(rest) = msg.strip_prefix("unknown field ") {
-                msg = format!("unknown key {}", rest.split(',').next().unwrap_or(rest));
-            }
-            let msg = match e.span() {
-                Some(s) => format!("line {}: {msg}", line_of(text, s.start)),
-                None => msg,
-            };
-            Error::ConfigFile {
-                file: file.to_string(),
-                msg: msg.replace('\n', " "),
-            }
-        })
+        toml::from_str(text).map_err(|e| toml_error(file, text, &e))
     }
 
-    /// Reads a TOML file; its relative paths are resolved against the file's folder.
-    pub fn from_toml_file(path: &Path) -> Result<TrainArgs> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let mut s = Self::from_toml_str(&path.display().to_string(), &text)?;
-        let base = path.parent().unwrap_or(Path::new(""));
+    /// Makes the relative paths of these settings relative to `base` (a TOML file's folder).
+    fn paths_relative_to(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
         };
-        s.model.iter_mut().for_each(fix);
-        s.data.iter_mut().for_each(fix);
-        s.eval_data.iter_mut().for_each(fix);
-        s.out_dir.iter_mut().for_each(fix);
+        self.model.iter_mut().for_each(fix);
+        self.data.iter_mut().for_each(fix);
+        self.eval_data.iter_mut().for_each(fix);
+        self.out_dir.iter_mut().for_each(fix);
+    }
+
+    /// Reads a TOML file without `[[adapter]]` tables; its relative paths are resolved against
+    /// the file's folder.
+    pub fn from_toml_file(path: &Path) -> Result<TrainArgs> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let mut s = Self::from_toml_str(&path.display().to_string(), &text)?;
+        s.paths_relative_to(path.parent().unwrap_or(Path::new("")));
         Ok(s)
     }
 
-    /// Defaults, then the `--config` file, then the flags; validated.
+    /// Defaults, then the `--config` file, then the flags; validated. The settings of one
+    /// adapter: a plan of several ([`TrainArgs::resolve_plan`]) is refused, since the training
+    /// of several adapters in one run is not built yet.
     pub fn resolve(self) -> Result<TrainConfig> {
-        let mut settings = match &self.config {
-            Some(p) => given(&TrainArgs::from_toml_file(p)?)?,
-            None => toml::Table::new(),
-        };
-        let flags = given(&self)?;
-        // A warmup flag replaces the file's warmup of either kind.
-        if flags.contains_key("warmup_steps") || flags.contains_key("warmup_ratio") {
-            settings.remove("warmup_steps");
-            settings.remove("warmup_ratio");
-        }
-        settings.extend(flags);
-        // The embedded default (no file, no model): a frozen random tiny model learns only through
-        // its adapters and needs a larger step than the real-model default.
-        if self.config.is_none() && self.model.is_none() && self.lr.is_none() {
-            settings.insert("lr".into(), BUILTIN_MODEL_LR.into());
-        }
-        let c = TrainConfig::over_defaults(settings)?;
-        c.validate()?;
-        Ok(c)
+        self.resolve_plan()?.single()
+    }
+}
+
+/// A TOML error as one line naming `file` and the line of `text` where it is.
+fn toml_error(file: &str, text: &str, e: &toml::de::Error) -> Error {
+    let mut msg = e.message().trim().to_string();
+    // "unknown field `x`, expected one of `a`, `b`, ..." -> "unknown key `x`"
+    if let Some(rest) = msg.strip_prefix("unknown field ") {
+        msg = format!("unknown key {}", rest.split(',').next().unwrap_or(rest));
+    }
+    let msg = match e.span() {
+        Some(s) => format!("line {}: {msg}", line_of(text, s.start)),
+        None => msg,
+    };
+    Error::ConfigFile {
+        file: file.to_string(),
+        msg: msg.replace('\n', " "),
     }
 }
 
@@ -324,6 +335,20 @@ impl TrainConfig {
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return bad(format!("dropout {} is not in [0, 1)", self.dropout));
+        }
+        if self.target_modules.is_empty() {
+            return bad("target_modules is empty: name at least one projection".into());
+        }
+        for (i, m) in self.target_modules.iter().enumerate() {
+            if !ALL_MODULES.contains(&m.as_str()) {
+                return bad(format!(
+                    "target_modules: unknown module `{m}` (expected {})",
+                    ALL_MODULES.join(", ")
+                ));
+            }
+            if self.target_modules[..i].contains(m) {
+                return bad(format!("target_modules names `{m}` twice"));
+            }
         }
         if self.adapter == PeftType::MixLora {
             if self.num_experts == 0 {

@@ -263,7 +263,8 @@ fn train_config_toml_format() {
         weight_decay = 0.01\nadam_beta1 = 0.9\nadam_beta2 = 0.999\nadam_eps = 0.00000001\n\
         max_grad_norm = 1.0\nschedule = \"linear\"\ncutoff_len = 512\nseed = 42\n\
         num_experts = 8\ntop_k = 2\nrank = 16\nalpha = 32.0\nrslora = false\ndropout = 0.05\n\
-        routing = \"topk\"\ntop_p = 0.8\naux_loss_coef = 0.001\nrouter_init_range = 0.02\n\
+        target_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \
+        \"up_proj\", \"down_proj\"]\nrouting = \"topk\"\ntop_p = 0.8\naux_loss_coef = 0.001\nrouter_init_range = 0.02\n\
         eval_every = 0\nsave_every = 0\nsave_total_limit = 3\nlog_every = 1\n\
         device = \"cpu\"\ndtype = \"f32\"\nresume = false\ngradient_checkpointing = false\n\
         moe_impl = \"auto\"\nmoe_kernels = \"gemms\"\n";
@@ -385,7 +386,12 @@ fn every_train_option_says_what_it_does_and_its_default() {
                 value.parse::<f64>().is_err(),
                 "{flag}: the setting has no default value, its help says {default:?}"
             ),
-            Some(toml::Value::Array(a)) => assert!(a.is_empty() && value.parse::<f64>().is_err()),
+            Some(toml::Value::Array(a)) if a.is_empty() => assert!(value.parse::<f64>().is_err()),
+            // A list: its items, comma-separated.
+            Some(toml::Value::Array(a)) => {
+                let items: Vec<&str> = a.iter().filter_map(toml::Value::as_str).collect();
+                assert_eq!(default, items.join(","), "{flag}")
+            }
             Some(toml::Value::Integer(i)) => {
                 assert_eq!(value.parse::<i64>().ok(), Some(*i), "{flag}: {default:?}")
             }
