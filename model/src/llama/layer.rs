@@ -39,15 +39,32 @@ pub(super) fn decoder_layer(
     cache: Option<LayerSlot<'_>>,
 ) -> Result<(Tensor, Option<RouterOutput>)> {
     let c = &ctx.config;
+    let hn = x.rms_norm(&layer.input_layernorm, c.rms_norm_eps)?;
+    let x = x.add(&attention_block(ctx, li, layer, ad, &hn, cache)?)?;
+    let hn = x.rms_norm(&layer.post_attention_layernorm, c.rms_norm_eps)?; // [B, T, H]
+    let (y, route) = ffn_block(ctx, li, layer, ad, &hn)?;
+    Ok((x.add(&y)?, route))
+}
+
+/// The attention block without its residual, on the normed input `hn` `[B, T, H]`: the q/k/v
+/// projections with their LoRA, RoPE, causal grouped-query attention (over the cached positions
+/// too, whose slot gets the new keys and values), the output projection with its LoRA.
+pub(super) fn attention_block(
+    ctx: &LayerCtx,
+    li: usize,
+    layer: &DecoderLayer,
+    ad: Option<&LayerAdapters>,
+    hn: &Tensor,
+    cache: Option<LayerSlot<'_>>,
+) -> Result<Tensor> {
+    let c = &ctx.config;
     let (b, t) = ctx.batch;
     let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
     let seed = |slot| sub_seed(ctx.dropout_seed, li, slot);
     let attn_lora = |j: usize| ad.and_then(|a| a.attn[j].as_ref());
-    // Attention block.
-    let hn = x.rms_norm(&layer.input_layernorm, c.rms_norm_eps)?;
     let heads = |w: &Tensor, j: usize, n: usize| -> Result<Tensor> {
         // [B, T, n·D] -> [B, n, T, D] (a view)
-        Ok(lora_linear(&hn, w, attn_lora(j), seed(j))?
+        Ok(lora_linear(hn, w, attn_lora(j), seed(j))?
             .reshape([b, t, n, d])?
             .transpose(1, 2)?)
     };
@@ -59,32 +76,41 @@ pub(super) fn decoder_layer(
     }
     let attn = causal_attention(&q, &k, &v, ctx.key_mask.as_ref(), ctx.past)?; // [B, Hq, T, D]
     let attn = attn.transpose(1, 2)?.reshape([b, t, nh * d])?;
-    let x = x.add(&lora_linear(&attn, &layer.o_proj, attn_lora(3), seed(3))?)?;
-    // SwiGLU block, or the mixture of LoRA experts.
-    let hn = x.rms_norm(&layer.post_attention_layernorm, c.rms_norm_eps)?; // [B, T, H]
+    lora_linear(&attn, &layer.o_proj, attn_lora(3), seed(3))
+}
+
+/// The FFN block without its residual, on the normed input `hn` `[B, T, H]`: the SwiGLU with its
+/// LoRA, or the MixLoRA mixture (then also the router's output).
+pub(super) fn ffn_block(
+    ctx: &LayerCtx,
+    li: usize,
+    layer: &DecoderLayer,
+    ad: Option<&LayerAdapters>,
+    hn: &Tensor,
+) -> Result<(Tensor, Option<RouterOutput>)> {
+    let seed = |slot| sub_seed(ctx.dropout_seed, li, slot);
     let ffn = SharedFfn {
         gate: &layer.gate_proj,
         up: &layer.up_proj,
         down: &layer.down_proj,
     };
-    let (y, route) = match ad.map(|a| &a.mlp) {
+    match ad.map(|a| &a.mlp) {
         Some(MlpAdapters::MixLora(moe)) => {
             let stacked = ad.and_then(|a| a.fused_inference.as_ref());
-            let (y, route) = moe.forward_with(&hn, ffn, ctx.moe_impl, seed(4), stacked)?;
-            (y, Some(route))
+            let (y, route) = moe.forward_with(hn, ffn, ctx.moe_impl, seed(4), stacked)?;
+            Ok((y, Some(route)))
         }
         mlp => {
             let lora = |j: usize| match mlp {
                 Some(MlpAdapters::Lora(l)) => l[j].as_ref(),
                 _ => None,
             };
-            let gate = lora_linear(&hn, ffn.gate, lora(0), seed(4))?;
-            let up = lora_linear(&hn, ffn.up, lora(1), seed(5))?;
+            let gate = lora_linear(hn, ffn.gate, lora(0), seed(4))?;
+            let up = lora_linear(hn, ffn.up, lora(1), seed(5))?;
             let y = lora_linear(&gate.silu_mul(&up)?, ffn.down, lora(2), seed(6))?;
-            (y, None)
+            Ok((y, None))
         }
-    };
-    Ok((x.add(&y)?, route))
+    }
 }
 
 /// A model error raised inside an engine callback (a checkpointed layer), as an engine error.

@@ -17,10 +17,12 @@ use crate::error::{Error, Result};
 use crate::weights::Weights;
 
 mod cache;
+mod group;
 mod layer;
 mod merge;
 
 pub use cache::{positions_from_mask, KvCache};
+pub use group::GroupSegment;
 use layer::{decoder_layer, into_engine_error, LayerCtx};
 pub use merge::MergeReport;
 
@@ -49,6 +51,9 @@ pub struct Llama {
     inv_freq: Tensor,
     /// Attached LoRA / MixLoRA adapters.
     adapters: Option<Adapters>,
+    /// Adapter sets trained together on this base, each on its own rows of a batch
+    /// ([`Llama::forward_train_group`]); independent of `adapters`.
+    adapter_group: Vec<Adapters>,
     /// Gradient checkpointing: in a training forward, keep only each decoder layer's input and
     /// outputs and recompute the layer in the backward pass.
     checkpoint_layers: bool,
@@ -199,6 +204,7 @@ impl Llama {
             inv_freq,
             config,
             adapters: None,
+            adapter_group: Vec::new(),
             checkpoint_layers: false,
             inference_only: false,
         })
@@ -259,6 +265,7 @@ impl Llama {
             inv_freq,
             config,
             adapters: None,
+            adapter_group: Vec::new(),
             checkpoint_layers: false,
             inference_only: false,
         })
@@ -539,34 +546,45 @@ impl Llama {
             collect_routing: true,
         };
         let (hidden, routing) = self.forward_pass(ids, &positions, key_mask, None, pass)?;
-        let (Some(adapters), Some(first)) = (&self.adapters, routing.first()) else {
-            return Ok(HiddenOutput {
-                hidden,
-                aux_loss: None,
-                expert_load: Vec::new(),
-            });
-        };
-        let tw = key_mask
-            .map(|m| token_weights(m, first.probs.dtype()))
-            .transpose()?; // [N, 1]
-        let aux_loss = aux_loss(&routing, tw.as_ref(), adapters.config.router_aux_loss_coef)?;
-        let expert_load = engine::no_grad(|| {
-            routing
-                .iter()
-                .map(|r| expert_load(r, tw.as_ref()))
-                .collect::<Result<Vec<_>>>()
-        })?;
-        Ok(HiddenOutput {
-            hidden,
-            aux_loss,
-            expert_load,
-        })
+        train_output(self.adapters.as_ref(), hidden, routing, key_mask)
     }
 
     /// The LM head `[V, H]`: `lm_head`, or the token embedding when they are tied.
     pub fn lm_head_weight(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
+}
+
+/// A training forward's [`HiddenOutput`] from the final hidden states and the MoE layers' router
+/// outputs of one adapter set (`None`: no adapters), over the real tokens of `key_mask`.
+fn train_output(
+    adapters: Option<&Adapters>,
+    hidden: Tensor,
+    routing: Vec<RouterOutput>,
+    key_mask: Option<&Tensor>,
+) -> Result<HiddenOutput> {
+    let (Some(adapters), Some(first)) = (adapters, routing.first()) else {
+        return Ok(HiddenOutput {
+            hidden,
+            aux_loss: None,
+            expert_load: Vec::new(),
+        });
+    };
+    let tw = key_mask
+        .map(|m| token_weights(m, first.probs.dtype()))
+        .transpose()?; // [N, 1]
+    let aux_loss = aux_loss(&routing, tw.as_ref(), adapters.config.router_aux_loss_coef)?;
+    let expert_load = engine::no_grad(|| {
+        routing
+            .iter()
+            .map(|r| expert_load(r, tw.as_ref()))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    Ok(HiddenOutput {
+        hidden,
+        aux_loss,
+        expert_load,
+    })
 }
 
 /// `(B, T)` of a batch of token ids, which must be u32 of rank 2.
