@@ -64,7 +64,7 @@ fn real_commonsense_lines_parse() {
 #[test]
 fn every_commonsense_file_is_scorable_with_or_without_answer_format_lines() {
     let Some(dir) = shared_data_dir() else {
-        eprintln!("skipped: no shared data (set MIXLORA_DATA or put it at <repo>/../shared/data)");
+        testutil::skip("no shared data (set MIXLORA_DATA or put it at <repo>/../shared/data)");
         return;
     };
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join("commonsense"))
@@ -80,7 +80,7 @@ fn every_commonsense_file_is_scorable_with_or_without_answer_format_lines() {
         .collect();
     files.sort();
     if files.is_empty() {
-        eprintln!("skipped: no task files under {}", dir.display());
+        testutil::skip(format_args!("no task files under {}", dir.display()));
         return;
     }
     for p in &files {
