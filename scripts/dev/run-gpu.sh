@@ -61,8 +61,10 @@ for bin in gpu-bin/test-* gpu-bin/example-* gpu-bin/bench-* gpu-bin/mixlora; do
             ;;
         gpu-bin/bench-*) "$bin" --bench ;;
         gpu-bin/mixlora)
-            # The paper's Table 6 (LLaMA-2-7B shape, random bf16 weights, batch 8x512).
-            "$bin" bench table6 --json "$out/table6.json" | tee "$out/table6.md" &&
+            # eval's inference path on the GPU against the CPU, then the paper's Table 6
+            # (LLaMA-2-7B shape, random bf16 weights, batch 8x512).
+            scripts/dev/gpu-eval-parity.sh "$bin" "$out/eval-parity" &&
+                "$bin" bench table6 --json "$out/table6.json" | tee "$out/table6.md" &&
                 "$bin" bench table6 --gradient-checkpointing --json "$out/table6-checkpointing.json" |
                 tee "$out/table6-checkpointing.md"
             ;;
