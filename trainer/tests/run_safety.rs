@@ -3,16 +3,17 @@
 //! `--overwrite`, `--resume` continues only the run's own settings, data and adapter, and an
 //! interrupt saves the last step done and says how to go on.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use common::losses;
 use trainer::config::TrainConfig;
 use trainer::run::{train, train_until, train_with, RunControl};
 
 fn out_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mixlora-safety-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+    common::out_dir("safety", name)
 }
 
 /// A small, fast run: batch 4 in micro-batches of 2, short sequences, a checkpoint every 3 steps.
@@ -29,17 +30,6 @@ fn small(out: &Path) -> TrainConfig {
         lr: 2e-3,
         ..TrainConfig::default()
     }
-}
-
-/// `(step, loss)` of every train line of metrics.jsonl.
-fn losses(out: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["kind"] == "train")
-        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
-        .collect()
 }
 
 /// The names in `dir`, sorted.

@@ -2,15 +2,16 @@
 //! falls, a killed and resumed run follows the uninterrupted one exactly, a diverging run stops
 //! with its step and keeps the last good checkpoint, and bad input gives one-line errors.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
+use common::losses;
 use trainer::config::TrainConfig;
 use trainer::run::{train, train_until};
 
 fn out_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mixlora-e2e-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+    common::out_dir("e2e", name)
 }
 
 /// A small, fast run: batch 4 in micro-batches of 2, short sequences.
@@ -28,17 +29,6 @@ fn small(out: &Path) -> TrainConfig {
         log_every: 1,
         ..TrainConfig::default()
     }
-}
-
-/// `loss` of every train line of metrics.jsonl, by step.
-fn losses(out: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["kind"] == "train")
-        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
-        .collect()
 }
 
 #[test]

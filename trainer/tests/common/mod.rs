@@ -1,0 +1,21 @@
+//! Helpers shared by the end-to-end training tests (train_e2e.rs, run_safety.rs).
+
+use std::path::{Path, PathBuf};
+
+/// A fresh (removed) folder under the temporary folder, unique to this process, `kind` and `name`.
+pub fn out_dir(kind: &str, name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mixlora-{kind}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// `(step, loss)` of every train line of `out`'s metrics.jsonl.
+pub fn losses(out: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "train")
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
