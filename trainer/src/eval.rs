@@ -7,8 +7,9 @@
 //! `score_batch` closure (the model), for which [`pairs_batch`] and [`target_log_likelihood`] do
 //! the data and maths parts.
 //!
-//! Every item of every task is checked before the first is scored ([`check_task`],
-//! [`check_file`]), so a file that cannot be scored is refused before any work.
+//! Every item of every task becomes a question ([`all_questions`]) before the first is scored, so
+//! a file that cannot be scored is refused before any work; `mixlora train` does the same before
+//! its first step. [`check_file`] runs that check alone on a file.
 
 mod candidates;
 
