@@ -58,24 +58,27 @@ pub enum Error {
     #[error("{}: {}", ol(.file), ol(.msg))]
     AdapterMismatch { file: String, msg: String },
 
-    /// Training stopped by an interrupt (Ctrl-C) between two micro-batches; `checkpoint` holds
-    /// the last step done, if any was.
+    /// Training stopped by an interrupt (Ctrl-C) between two micro-batches; `checkpoints` hold
+    /// the last step done of each adapter, if any was (`step` and `total` count the steps of
+    /// the run: of its adapter, or of its longest adapter in a run of several).
     #[error(
         "interrupted after step {step} of {total}; {}",
-        match .checkpoint {
-            Some(c) => format!(
-                "{} holds it: run the same command with --resume (the same --out) to continue",
-                ol(c)
-            ),
-            None => "no step was saved: run the same command with --overwrite to start again"
+        match .checkpoints.as_slice() {
+            [] => "no step was saved: run the same command with --overwrite to start again"
                 .to_string(),
+            [c] => format!("{} holds it: {RESUME_HINT}", ol(c)),
+            cs => format!("{} hold them: {RESUME_HINT}", ol(&cs.join(", "))),
         }
     )]
     Interrupted {
         step: usize,
         total: usize,
-        checkpoint: Option<String>,
+        checkpoints: Vec<String>,
     },
+
+    /// What stopped one adapter of a run of several (its name first).
+    #[error("adapter `{name}`: {source}")]
+    Adapter { name: String, source: Box<Error> },
 
     #[error(transparent)]
     Engine(#[from] engine::Error),
@@ -88,6 +91,9 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// Text shown on one line: control characters (newlines in a quoted value) are escaped.
 pub(crate) struct OneLine<'a>(&'a str);
+
+/// How an interrupted run goes on.
+const RESUME_HINT: &str = "run the same command with --resume (the same --out) to continue";
 
 pub(crate) fn ol(s: &str) -> OneLine<'_> {
     OneLine(s)

@@ -141,18 +141,26 @@ fn command_line() -> Vec<String> {
 
 /// Ctrl-C (and SIGTERM, SIGHUP) set the returned flag, which the training loop polls: it stops
 /// at the next micro-batch and saves a checkpoint of the last step done. A second interrupt
-/// ends the process at once, printing the command that continues from the newest checkpoint
-/// of `out`.
-fn interrupt_flag(out: PathBuf) -> &'static AtomicBool {
+/// ends the process at once, printing the command that continues from the newest checkpoints
+/// of the output folders `outs` (one per adapter).
+fn interrupt_flag(outs: Vec<PathBuf>) -> &'static AtomicBool {
     static INTERRUPTED: AtomicBool = AtomicBool::new(false);
     let installed = ctrlc::set_handler(move || {
         if INTERRUPTED.swap(true, Ordering::SeqCst) {
-            let newest = trainer::checkpoint::latest(&out).ok().flatten();
-            let at = newest
-                .as_ref()
-                .map_or("no checkpoint was saved".into(), |(d, s)| {
-                    format!("{} (step {}) is the newest checkpoint", d.display(), s.step)
-                });
+            let newest: Vec<_> = outs
+                .iter()
+                .filter_map(|o| trainer::checkpoint::latest(o).ok().flatten())
+                .collect();
+            let at = if newest.is_empty() {
+                "no checkpoint was saved".to_string()
+            } else {
+                let list: Vec<String> = newest
+                    .iter()
+                    .map(|(d, s)| format!("{} (step {})", d.display(), s.step))
+                    .collect();
+                format!("the newest checkpoints: {}", list.join(", "))
+            };
+            let newest = newest.first();
             eprintln!(
                 "\nstopped at once; {at}; to go on:\n  {}",
                 trainer::interrupt::next_command(&command_line(), newest.is_some())
@@ -196,39 +204,77 @@ fn run(cli: Cli) -> Result<()> {
 
 fn train(cmd: TrainCmd) -> Result<()> {
     let profile = profile_from_env(cmd.profile)?;
-    let cfg = cmd.args.resolve()?;
+    let plan = cmd.args.resolve_plan()?;
+    let outs = plan.adapters.iter().map(|a| a.config.out_dir.clone());
     let ctl = trainer::run::RunControl {
-        interrupt: Some(interrupt_flag(cfg.out_dir.clone())),
+        interrupt: Some(interrupt_flag(outs.collect())),
         ..Default::default()
     };
-    let summary = match trainer::run::train_with(&cfg, ctl, |line| eprintln!("{line}")) {
-        Ok(s) => s,
+    let outcomes = match trainer::run::train_plan(&plan, ctl, |line| eprintln!("{line}")) {
+        Ok(o) => o,
         Err(e @ trainer::Error::Interrupted { .. }) => {
-            let saved = matches!(
-                &e,
-                trainer::Error::Interrupted {
-                    checkpoint: Some(_),
-                    ..
-                }
-            );
+            let saved = matches!(&e, trainer::Error::Interrupted { checkpoints, .. } if !checkpoints.is_empty());
             let next = trainer::interrupt::next_command(&command_line(), saved);
             return Err(Box::new(Stopped(format!("{e}:\n  {next}"))));
         }
         Err(e) => return Err(e.into()),
     };
-    eprintln!(
-        "trained {} steps: loss {:.4} -> {:.4}; adapter written to {}",
-        summary.steps,
-        summary.first_loss,
-        summary.last_loss,
-        summary.adapter_dir.display()
-    );
     if engine::profile::enabled() {
         eprintln!("profile of the run:");
         eprint!("{}", engine::profile::report(profile.rows()));
     }
-    if let Some(r) = &summary.eval {
-        println!("{}", r.to_json_pretty());
+    if let [one] = outcomes.as_slice() {
+        let summary = match &one.result {
+            Ok(s) => s,
+            Err(e) => return Err(e.to_string().into()),
+        };
+        eprintln!(
+            "trained {} steps: loss {:.4} -> {:.4}; adapter written to {}",
+            summary.steps,
+            summary.first_loss,
+            summary.last_loss,
+            summary.adapter_dir.display()
+        );
+        if let Some(r) = &summary.eval {
+            println!("{}", r.to_json_pretty());
+        }
+        return Ok(());
+    }
+    // Several adapters: a line each, the evaluations as one JSON object keyed by adapter name.
+    let mut failed = Vec::new();
+    let mut evals = serde_json::Map::new();
+    for o in &outcomes {
+        match &o.result {
+            Ok(s) => {
+                eprintln!(
+                    "[{}] trained {} steps: loss {:.4} -> {:.4}; adapter written to {}",
+                    o.name,
+                    s.steps,
+                    s.first_loss,
+                    s.last_loss,
+                    s.adapter_dir.display()
+                );
+                if let Some(r) = &s.eval {
+                    evals.insert(o.name.clone(), serde_json::to_value(r)?);
+                }
+            }
+            Err(e) => {
+                eprintln!("[{}] stopped: {e}", o.name);
+                failed.push(o.name.as_str());
+            }
+        }
+    }
+    if !evals.is_empty() {
+        println!("{}", serde_json::to_string_pretty(&evals)?);
+    }
+    if !failed.is_empty() {
+        return Err(format!(
+            "{} of {} adapters stopped before their last step: {}",
+            failed.len(),
+            outcomes.len(),
+            failed.join(", ")
+        )
+        .into());
     }
     Ok(())
 }

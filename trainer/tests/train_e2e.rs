@@ -81,6 +81,28 @@ fn killed_and_resumed_run_follows_the_uninterrupted_one() {
     let _ = std::fs::remove_dir_all(&b);
 }
 
+/// A resumed run computes its MoE FFNs as its settings say (here the fused path, whose rounding
+/// differs from the default loop's on the CPU): it follows the uninterrupted run exactly.
+#[test]
+fn a_resumed_run_keeps_its_moe_implementation() {
+    let fused = |out: &Path| TrainConfig {
+        moe_impl: Some(model::MoeImpl::Fused(Default::default())),
+        ..small(out)
+    };
+    let a = out_dir("fused-whole");
+    train(&fused(&a), |_| {}).unwrap();
+    let b = out_dir("fused-resumed");
+    train_until(&fused(&b), Some(3), |_| {}).unwrap();
+    let resumed = TrainConfig {
+        resume: true,
+        ..fused(&b)
+    };
+    train(&resumed, |_| {}).unwrap();
+    assert_eq!(losses(&a), losses(&b));
+    let _ = std::fs::remove_dir_all(&a);
+    let _ = std::fs::remove_dir_all(&b);
+}
+
 #[test]
 fn diverging_run_stops_and_keeps_the_last_good_checkpoint() {
     let out = out_dir("nan");

@@ -37,6 +37,12 @@ pub fn save(dir: &Path, model: &Llama) -> Result<()> {
             file_name(dir)
         ))
     })?;
+    save_adapters(dir, adapters)
+}
+
+/// Writes the adapter set `adapters` (attached to a model or not: one of a group trained
+/// together) to the folder `dir`, as [`save`] does.
+pub fn save_adapters(dir: &Path, adapters: &Adapters) -> Result<()> {
     let config = adapters.config.to_json_string();
     let weights = serialize(dir, adapters)?;
     write_folder(

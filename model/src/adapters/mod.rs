@@ -26,7 +26,7 @@ use engine::{rng::Rng, DType, Device, Tensor};
 pub use base_name::base_model_name;
 pub use config::{AdapterConfig, PeftType, RoutingStrategy, ATTN_MODULES, MLP_MODULES};
 pub use export::{export, read_folder, AdapterFiles, ExportFormat};
-pub use io::{load, save, BIN_FILE, CONFIG_FILE, WEIGHTS_FILE};
+pub use io::{load, save, save_adapters, BIN_FILE, CONFIG_FILE, WEIGHTS_FILE};
 pub use lora::{lora_linear, LoraLinear};
 pub use mixlora::{ExpertLora, MixLoraFfn, MoeImpl, SharedFfn};
 pub use mixlora_fused::FusedExperts;

@@ -217,8 +217,7 @@ impl TrainArgs {
     }
 
     /// Defaults, then the `--config` file, then the flags; validated. The settings of one
-    /// adapter: a plan of several ([`TrainArgs::resolve_plan`]) is refused, since the training
-    /// of several adapters in one run is not built yet.
+    /// adapter: a plan of several ([`TrainArgs::resolve_plan`]) is refused.
     pub fn resolve(self) -> Result<TrainConfig> {
         self.resolve_plan()?.single()
     }

@@ -86,19 +86,30 @@ pub struct RunPlan {
 }
 
 impl RunPlan {
-    /// The settings of a plan of one adapter; a plan of several is refused until the training
-    /// loop serves several adapters at once.
+    /// The settings of a plan of one adapter; a plan of several is refused (for a caller that
+    /// serves one adapter: `mixlora train` itself takes every plan).
     pub fn single(mut self) -> Result<TrainConfig> {
         if self.adapters.len() == 1 {
             return Ok(self.adapters.remove(0).config);
         }
         let names: Vec<&str> = self.adapters.iter().map(|a| a.name.as_str()).collect();
         Err(Error::Config(format!(
-            "{} adapters ({}): training several adapters in one run is not built yet; train \
-             them one by one (one --config file or one set of flags per adapter)",
+            "{} adapters ({}) where the settings of one are expected",
             names.len(),
             names.join(", ")
         )))
+    }
+
+    /// The plan of a run of one adapter with settings `config`, named after its output folder.
+    pub fn of_one(config: TrainConfig) -> RunPlan {
+        let name = config
+            .out_dir
+            .file_name()
+            .map_or("adapter".into(), |n| n.to_string_lossy().into_owned());
+        RunPlan {
+            shared: SharedSettings::of(&config),
+            adapters: vec![PlannedAdapter { name, config }],
+        }
     }
 }
 
@@ -138,14 +149,7 @@ impl TrainArgs {
         let run = TrainConfig::over_defaults(settings.clone())?;
         if file.tables.is_empty() && self.sweep.is_empty() {
             run.validate()?;
-            let name = run
-                .out_dir
-                .file_name()
-                .map_or("adapter".into(), |n| n.to_string_lossy().into_owned());
-            return Ok(RunPlan {
-                shared: SharedSettings::of(&run),
-                adapters: vec![PlannedAdapter { name, config: run }],
-            });
+            return Ok(RunPlan::of_one(run));
         }
         let config_file = self.config.clone().unwrap_or_default();
         if !file.tables.is_empty() && !self.sweep.is_empty() {

@@ -312,13 +312,13 @@ fn a_plain_run_is_a_plan_of_one_equal_to_resolve() {
 }
 
 #[test]
-fn several_adapters_are_refused_by_train_until_the_loop_serves_them() {
+fn resolve_takes_a_plan_of_one_adapter_only() {
     let e = args(&["--model", "m.gguf", "--sweep", "lr=1e-3,2e-3"])
         .resolve()
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("2 adapters (lr1e-3, lr2e-3): training several adapters in one run is not built yet; train them one by one"),
+        e.contains("2 adapters (lr1e-3, lr2e-3) where the settings of one are expected"),
         "{e}"
     );
     let f = toml_file(

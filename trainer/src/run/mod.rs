@@ -1,0 +1,460 @@
+//! The training loop: the glue between the model, its adapters and the trainer's building
+//! blocks. Evaluation with a model is [`crate::scoring`], the base model [`crate::base_model`].
+
+mod adapter;
+mod start;
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use engine::{DType, Tensor, IGNORE_INDEX};
+use model::{GroupSegment, Llama, MoeImpl};
+
+use self::adapter::{AdapterRun, DataCache, Status, StepEnd, StepWork};
+use self::start::{is_finished, start_of, Start};
+use crate::base_model::{load_base_model, scratch_dir};
+use crate::config::{PlannedAdapter, RunPlan, TrainConfig};
+use crate::data::HostBatch;
+use crate::error::{Error, Result};
+use crate::eval::EvalReport;
+use crate::metrics::Progress;
+use crate::out_dir;
+use crate::progress;
+
+/// Synthetic tasks of the embedded default: examples per task.
+pub(crate) const SYNTHETIC_TRAIN: usize = 400;
+pub(crate) const SYNTHETIC_VALID: usize = 50;
+/// Vocabulary rows per chunk of the training loss (`Tensor::linear_cross_entropy_rows`): the
+/// largest logits buffer a training step holds is `[tokens, LM_LOSS_CHUNK]`.
+pub const LM_LOSS_CHUNK: usize = 8192;
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub steps: usize,
+    /// Mean LM loss of the first and the last logged steps.
+    pub first_loss: f64,
+    pub last_loss: f64,
+    pub eval: Option<EvalReport>,
+    pub adapter_dir: PathBuf,
+}
+
+/// Per-position LM loss `[B·T]` (f32) of final hidden states `[B, T, H]` against `labels`
+/// `[B·T]`: the LM head and the cross-entropy over vocabulary chunks, so the `[B·T, V]` logits
+/// are never held, only one `[B·T, LM_LOSS_CHUNK]` slice of them at a time.
+pub fn lm_loss_rows(model: &Llama, hidden: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let h = hidden.dim(-1)?;
+    let rows = hidden.reshape([labels.elem_count(), h])?;
+    Ok(rows.linear_cross_entropy_rows(
+        model.lm_head_weight(),
+        labels,
+        IGNORE_INDEX,
+        LM_LOSS_CHUNK,
+    )?)
+}
+
+/// How a run is driven, besides its settings.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunControl<'a> {
+    /// Return right after this optimizer step (and its checkpoint, if one is due) as if the
+    /// process had been killed there: what a resumed run must continue from.
+    pub stop_after: Option<usize>,
+    /// Set (by a signal handler) to stop the run at the next micro-batch: the step under way is
+    /// abandoned, a checkpoint of the last step done is saved, and the run returns
+    /// [`Error::Interrupted`] ([`crate::interrupt`]).
+    pub interrupt: Option<&'a AtomicBool>,
+}
+
+/// `mixlora train`: fine-tunes an adapter, evaluating and checkpointing as configured.
+pub fn train(cfg: &TrainConfig, log: impl FnMut(&str)) -> Result<TrainSummary> {
+    train_with(cfg, RunControl::default(), log)
+}
+
+/// [`train`], but returning right after optimizer step `stop_after` (and its checkpoint, if one is
+/// due) as if the process had been killed there: what a resumed run must continue from.
+pub fn train_until(
+    cfg: &TrainConfig,
+    stop_after: Option<usize>,
+    log: impl FnMut(&str),
+) -> Result<TrainSummary> {
+    let ctl = RunControl {
+        stop_after,
+        ..RunControl::default()
+    };
+    train_with(cfg, ctl, log)
+}
+
+/// How one adapter of a run ended: its summary, or the error that stopped it (a non-finite loss
+/// or gradient) while the others went on.
+#[derive(Debug)]
+pub struct AdapterOutcome {
+    pub name: String,
+    pub out_dir: PathBuf,
+    pub result: Result<TrainSummary>,
+}
+
+/// [`train`] with a [`RunControl`]. Every input is checked before the output folder is written
+/// and the first step taken: the folder (another run in it, `--resume`'s checkpoint and
+/// settings), the model, the adapter settings, the training data (parsed, non-empty), the
+/// evaluation items (scorable), and the folder again (writable, room for a checkpoint).
+pub fn train_with(
+    cfg: &TrainConfig,
+    ctl: RunControl<'_>,
+    log: impl FnMut(&str),
+) -> Result<TrainSummary> {
+    cfg.validate()?;
+    let mut outcomes = train_plan(&RunPlan::of_one(cfg.clone()), ctl, log)?;
+    outcomes.remove(0).result
+}
+
+/// One micro-batch of an adapter in a step.
+struct Segment<'a> {
+    /// The adapter's index in the model's adapter group (unused for a run of one adapter).
+    adapter: usize,
+    batch: &'a HostBatch,
+    /// Target tokens of the adapter's whole step, and its number of micro-batches.
+    n_targets: f64,
+    n_micro: f64,
+    /// Seeds its dropout.
+    seed: u64,
+}
+
+/// What one micro-batch gave an adapter: summed LM loss over its targets, aux loss, expert load.
+type MicroResult = (f64, Option<f64>, Vec<Tensor>);
+
+/// One micro-batch of each segment's adapter through the model, forward and backward: with one
+/// adapter the model's own forward, with several the grouped forward of its adapter group (each
+/// adapter on its own rows). The backward runs once, from the sum of the adapters' losses: each
+/// adapter's parameters get the gradient of its own loss only.
+fn micro_step(model: &Llama, grouped: bool, segs: &[Segment]) -> Result<Vec<MicroResult>> {
+    let device = model.device();
+    let tensors = segs
+        .iter()
+        .map(|s| s.batch.to_tensors(device))
+        .collect::<Result<Vec<_>>>()?;
+    let outs = if grouped {
+        let group: Vec<GroupSegment> = segs
+            .iter()
+            .zip(&tensors)
+            .map(|(s, (ids, mask, _))| GroupSegment {
+                adapter: s.adapter,
+                ids: ids.clone(),
+                key_mask: Some(mask.clone()),
+                dropout_seed: Some(s.seed),
+            })
+            .collect();
+        model.forward_train_group_hidden(&group)?
+    } else {
+        let (ids, mask, _) = &tensors[0];
+        vec![model.forward_train_hidden(ids, Some(mask), Some(segs[0].seed))?]
+    };
+    let mut total: Option<Tensor> = None;
+    let mut results = Vec::with_capacity(segs.len());
+    for ((s, out), (_, _, labels)) in segs.iter().zip(outs).zip(&tensors) {
+        let lm_sum = lm_loss_rows(model, &out.hidden, labels)?.sum_all()?;
+        // The step's loss is the mean over all its target tokens, so accumulated micro-batches
+        // add up to one large batch; the aux loss (already times its coefficient) is averaged.
+        let mut loss = lm_sum.to_dtype(DType::F32)?.mul_scalar(1.0 / s.n_targets)?;
+        let mut aux = None;
+        if let Some(a) = &out.aux_loss {
+            aux = Some(a.to_scalar()?);
+            loss = loss.add(&a.to_dtype(DType::F32)?.mul_scalar(1.0 / s.n_micro)?)?;
+        }
+        results.push((lm_sum.to_scalar()?, aux, out.expert_load));
+        total = Some(match total {
+            None => loss,
+            Some(t) => t.add(&loss)?,
+        });
+    }
+    if let Some(t) = total {
+        t.backward()?;
+    }
+    Ok(results)
+}
+
+/// Wraps `e` with the adapter's name in a run of several adapters.
+fn of_adapter(grouped: bool, name: &str, e: Error) -> Error {
+    if grouped {
+        Error::Adapter {
+            name: name.to_string(),
+            source: Box::new(e),
+        }
+    } else {
+        e
+    }
+}
+
+/// Whether the run of `start` is finished already: its last step done and its adapter written.
+fn finished_already(cfg: &TrainConfig, start: &Start) -> Option<TrainSummary> {
+    match start {
+        Start::Resume { state, .. } if is_finished(cfg, state, state.total_steps) => {
+            Some(TrainSummary {
+                steps: state.step,
+                first_loss: f64::NAN,
+                last_loss: state.last_loss.unwrap_or(f64::NAN),
+                eval: state
+                    .last_eval
+                    .as_ref()
+                    .and_then(|v| serde_json::from_value(v.clone()).ok()),
+                adapter_dir: cfg.out_dir.join(out_dir::ADAPTER_DIR),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// `mixlora train` of a plan: one base model loaded once, every adapter of the plan trained on
+/// it together (each step, one micro-batch of every adapter still training goes through the
+/// frozen base in one grouped forward and one backward); each adapter keeps its own run
+/// ([`adapter::AdapterRun`]). An adapter whose loss or gradient turns non-finite stops with its
+/// last good checkpoint while the others go on; adapters with fewer steps finish first and
+/// leave the batch. With `--resume`, an adapter whose run is finished already is left out.
+///
+/// Returns each adapter's outcome in the plan's order; an error that concerns the whole run
+/// (a bad input, an interrupt, a failed write) is the `Err`.
+pub fn train_plan(
+    plan: &RunPlan,
+    ctl: RunControl<'_>,
+    mut log: impl FnMut(&str),
+) -> Result<Vec<AdapterOutcome>> {
+    let grouped = plan.adapters.len() > 1;
+    fn named(grouped: bool, a: &PlannedAdapter) -> impl Fn(Error) -> Error + '_ {
+        move |e| of_adapter(grouped, &a.name, e)
+    }
+    // Every adapter's folder first: nothing is loaded for a run that cannot start.
+    let starts = plan
+        .adapters
+        .iter()
+        .map(|a| start_of(&a.config).map_err(named(grouped, a)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut done: Vec<Option<TrainSummary>> = plan
+        .adapters
+        .iter()
+        .zip(&starts)
+        .map(|(a, s)| finished_already(&a.config, s).filter(|_| grouped))
+        .collect();
+    if grouped && done.iter().all(Option::is_some) {
+        return Err(Error::Resume(format!(
+            "every adapter of the run is finished ({}): nothing to continue",
+            plan.adapters
+                .iter()
+                .map(|a| a
+                    .config
+                    .out_dir
+                    .join(out_dir::ADAPTER_DIR)
+                    .display()
+                    .to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let first = &plan.adapters[0].config;
+    let scratch = scratch_dir("train");
+    let t_load = Instant::now();
+    if let Some(p) = &first.model {
+        log(&format!("loading {}", p.display()));
+    }
+    let loaded = load_base_model(
+        first.model.as_deref(),
+        first.seed,
+        first.dtype.dtype(),
+        first.device,
+        &scratch,
+    );
+    let _ = std::fs::remove_dir_all(&scratch);
+    let (mut model, tok) = loaded?;
+    if let Some(p) = &first.model {
+        log(&format!(
+            "loaded {} in {}",
+            p.display(),
+            progress::duration(t_load.elapsed())
+        ));
+    }
+    model.set_gradient_checkpointing(plan.shared.gradient_checkpointing);
+    if matches!(first.moe(), MoeImpl::Fused(_)) {
+        model.stack_gate_up()?; // G and U in one GEMM
+    }
+    let mut data = DataCache::default();
+    let mut runs = Vec::new();
+    for ((a, start), d) in plan.adapters.iter().zip(starts).zip(&done) {
+        if let Some(s) = d {
+            log(&format!(
+                "[{}] finished already (step {}, adapter in {}): left out",
+                a.name,
+                s.steps,
+                s.adapter_dir.display()
+            ));
+            continue;
+        }
+        let run = AdapterRun::prepare(
+            &a.name, &a.config, start, grouped, &mut model, &tok, &mut data,
+        )
+        .map_err(named(grouped, a))?;
+        runs.push(run);
+    }
+    // The output folders last: they take writes and have room for a checkpoint; then the
+    // previous runs' files go (--overwrite) and this run's first ones are written.
+    for r in &runs {
+        r.check_writable()
+            .map_err(|e| of_adapter(grouped, &r.name, e))?;
+    }
+    for r in &mut runs {
+        r.begin(&mut log)?;
+    }
+    if grouped {
+        model.set_adapter_group(runs.iter().map(|r| r.adapters.clone()).collect())?;
+    } else {
+        model.set_adapters(runs[0].adapters.clone())?;
+    }
+
+    let pad = tok.eos_id().unwrap_or(0);
+    // The bar counts optimizer steps: of the adapter, or of the whole run (its longest adapter).
+    let (bar_total, bar_start) = if grouped {
+        let left = runs.iter().map(|r| r.total - r.state.step).max();
+        (left.unwrap_or(0), 0)
+    } else {
+        (runs[0].total, runs[0].state.step)
+    };
+    let progress = Progress::new(bar_total, bar_start);
+    let run_start = Instant::now();
+    let interrupted = || {
+        ctl.interrupt
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+    };
+    let mut iteration = 0;
+    loop {
+        let active: Vec<usize> = (0..runs.len()).filter(|&i| runs[i].is_training()).collect();
+        if active.is_empty() {
+            break;
+        }
+        let boundaries: Vec<_> = active.iter().map(|&i| runs[i].boundary()).collect();
+        // An interrupt: the step under way is abandoned (its gradients go, no optimizer has
+        // moved), each adapter keeps a checkpoint of its last step done; then the run ends.
+        let stop = |runs: &mut Vec<AdapterRun>| -> Result<Vec<AdapterOutcome>> {
+            progress.finish();
+            let mut kept = Vec::new();
+            for (&i, b) in active.iter().zip(&boundaries) {
+                runs[i].zero_grad();
+                kept.extend(runs[i].stop(*b)?);
+            }
+            let (step, total) = if grouped {
+                (iteration, bar_total)
+            } else {
+                (runs[0].state.step, runs[0].total)
+            };
+            Err(Error::Interrupted {
+                step,
+                total,
+                checkpoints: kept.iter().map(|d| d.display().to_string()).collect(),
+            })
+        };
+        if interrupted() {
+            return stop(&mut runs);
+        }
+        let mut work: Vec<StepWork> = active.iter().map(|&i| runs[i].next_step(pad)).collect();
+        let n_micro = work.iter().map(|w| w.micro.len()).max().unwrap_or(0);
+        for m in 0..n_micro {
+            if interrupted() {
+                return stop(&mut runs);
+            }
+            // The adapters with an m-th micro-batch in this step (positions in `active`).
+            let with_m: Vec<usize> = (0..work.len())
+                .filter(|&j| work[j].micro.len() > m)
+                .collect();
+            let segs: Vec<Segment> = with_m
+                .iter()
+                .map(|&j| Segment {
+                    adapter: active[j],
+                    batch: &work[j].micro[m],
+                    n_targets: work[j].n_targets,
+                    n_micro: work[j].micro.len() as f64,
+                    seed: runs[active[j]].next_seed(),
+                })
+                .collect();
+            let results = micro_step(&model, grouped, &segs)?;
+            for (&j, (lm, aux, load)) in with_m.iter().zip(results) {
+                let w = &mut work[j];
+                let n = w.micro.len() as f64;
+                w.lm += lm;
+                if let Some(a) = aux {
+                    *w.aux.get_or_insert(0.0) += a / n;
+                }
+                w.load = load;
+            }
+        }
+        for (&i, w) in active.iter().zip(work) {
+            let r = &mut runs[i];
+            let mut at = StepEnd {
+                model: &mut model,
+                tok: &tok,
+                attached: !grouped,
+                progress: &progress,
+                run_start,
+            };
+            r.end_step(w, &mut at, &mut log)?;
+            if grouped {
+                match &r.status {
+                    Status::Failed(e) => progress.println(&format!(
+                        "[{}] stopped: {e}; the other adapters go on",
+                        r.name
+                    )),
+                    Status::Finished(s) => progress.println(&format!(
+                        "[{}] finished: {} steps, loss {:.4} -> {:.4}, adapter in {}",
+                        r.name,
+                        s.steps,
+                        s.first_loss,
+                        s.last_loss,
+                        s.adapter_dir.display()
+                    )),
+                    Status::Training => {}
+                }
+            }
+        }
+        iteration += 1;
+        if grouped {
+            progress.update(iteration, format!("{} adapters training", active.len()));
+        }
+        if ctl
+            .stop_after
+            .is_some_and(|n| active.iter().any(|&i| runs[i].state.step == n))
+        {
+            break;
+        }
+    }
+    progress.finish();
+    let mut runs = runs.into_iter();
+    Ok(plan
+        .adapters
+        .iter()
+        .zip(done.iter_mut())
+        .map(|(a, d)| {
+            let result = match d.take() {
+                Some(s) => Ok(s),
+                None => {
+                    let r = runs.next().expect("a run per adapter not finished already");
+                    match r.status {
+                        Status::Training => Ok(r.summary()),
+                        Status::Finished(s) => Ok(s),
+                        Status::Failed(e) => Err(e),
+                    }
+                }
+            };
+            AdapterOutcome {
+                name: a.name.clone(),
+                out_dir: a.config.out_dir.clone(),
+                result,
+            }
+        })
+        .collect())
+}
+
+/// Computes the model's MixLoRA FFNs (if any) with `imp`; the fused path also gets W_gate and
+/// W_up in one buffer (one GEMM for both).
+pub fn use_moe_impl(model: &mut Llama, imp: model::MoeImpl) -> Result<()> {
+    model.set_moe_impl(imp);
+    if matches!(imp, model::MoeImpl::Fused(_)) {
+        model.stack_gate_up()?; // G and U in one GEMM
+    }
+    Ok(())
+}
