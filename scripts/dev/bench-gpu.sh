@@ -14,15 +14,20 @@
 #   moe_ffn-chunk{N}.json             the fused block alone with token chunks of N = 1024, 2048,
 #                                     4096 (its latency / activation-peak trade-off; part `chunks`,
 #                                     not in the default set)
+#   multi-adapter.json / -*.json, .md 1, 2 and 4 LoRA / fused MixLoRA adapters trained together on
+#                                     one base against single runs, without and with gradient
+#                                     checkpointing (scripts/dev/gpu-multi-adapter.sh; part
+#                                     `multi`, not in the default set)
 #
 #   scripts/dev/bench-gpu.sh OUTDIR [PART...]
-#       PART: table6 checkpointing profile gpuprofile moe_ffn chunks (default: all but chunks)
+#       PART: table6 checkpointing profile gpuprofile moe_ffn chunks multi (default: all but
+#       chunks and multi)
 #
 # MIXLORA_BIN (default gpu-bin/mixlora) and MOE_FFN_BIN (gpu-bin/bench-moe_ffn) name the binaries.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 [ $# -ge 1 ] || {
-    sed -n '2,20p' "$0" >&2
+    sed -n '2,26p' "$0" >&2
     exit 2
 }
 out=$1
@@ -61,6 +66,9 @@ for part in "${parts[@]}"; do
             ;;
         moe_ffn)
             MIXLORA_MOE_FFN_JSON="$out/moe_ffn.json" "$moe_ffn" --bench nomatch | tee "$out/moe_ffn.md"
+            ;;
+        multi)
+            scripts/dev/gpu-multi-adapter.sh "$bin" "$out"
             ;;
         chunks)
             crc=0

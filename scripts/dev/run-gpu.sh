@@ -7,7 +7,8 @@
 #
 # --memcheck: afterwards, also run the test binaries under compute-sanitizer (memcheck-gpu.sh).
 # Benches: gpu-bin/bench-moe_ffn writes $out/moe_ffn.json; gpu-bin/mixlora runs `bench table6`
-# (with and without gradient checkpointing) into $out/table6*.json.
+# (with and without gradient checkpointing) into $out/table6*.json and the multi-adapter bench
+# (scripts/dev/gpu-multi-adapter.sh) into $out/multi-adapter*.json.
 # Examples get their arguments from the environment:
 #   MIXLORA_GPU_MODEL  the SmolLM2-135M GGUF for example-cuda_train_speed (without it, the example
 #                      runs SmolLM2-135M's shapes with random weights: the same speed)
@@ -33,6 +34,26 @@ if ! ls gpu-bin/* >/dev/null 2>&1; then
     exit 2
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+
+# The trainer's runs: eval's inference path on the GPU against the CPU, then the paper's Table 6
+# (LLaMA-2-7B shape, random bf16 weights, batch 8x512) without and with gradient checkpointing,
+# then 1, 2 and 4 adapters trained together on one base against single runs (about 2 minutes);
+# each part is timed. Every part runs; the status is non-zero when any failed.
+trainer_runs() {
+    local bin=$1 rc=0 t0
+    t0=$(date +%s)
+    scripts/dev/gpu-eval-parity.sh "$bin" "$out/eval-parity" || rc=1
+    echo "-- eval parity: $(($(date +%s) - t0)) s"
+    t0=$(date +%s)
+    "$bin" bench table6 --json "$out/table6.json" | tee "$out/table6.md" || rc=1
+    "$bin" bench table6 --gradient-checkpointing --json "$out/table6-checkpointing.json" |
+        tee "$out/table6-checkpointing.md" || rc=1
+    echo "-- table6: $(($(date +%s) - t0)) s"
+    t0=$(date +%s)
+    scripts/dev/gpu-multi-adapter.sh "$bin" "$out" || rc=1
+    echo "-- multi-adapter: $(($(date +%s) - t0)) s"
+    return $rc
+}
 
 pass=()
 fail=()
@@ -60,14 +81,7 @@ for bin in gpu-bin/test-* gpu-bin/example-* gpu-bin/bench-* gpu-bin/mixlora; do
             MIXLORA_MOE_FFN_JSON="$out/moe_ffn.json" "$bin" --bench | tee "$out/moe_ffn.md"
             ;;
         gpu-bin/bench-*) "$bin" --bench ;;
-        gpu-bin/mixlora)
-            # eval's inference path on the GPU against the CPU, then the paper's Table 6
-            # (LLaMA-2-7B shape, random bf16 weights, batch 8x512).
-            scripts/dev/gpu-eval-parity.sh "$bin" "$out/eval-parity" &&
-                "$bin" bench table6 --json "$out/table6.json" | tee "$out/table6.md" &&
-                "$bin" bench table6 --gradient-checkpointing --json "$out/table6-checkpointing.json" |
-                tee "$out/table6-checkpointing.md"
-            ;;
+        gpu-bin/mixlora) trainer_runs "$bin" ;;
         *) "$bin" ;;
     esac
     rc=${PIPESTATUS[0]}

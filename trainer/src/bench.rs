@@ -10,6 +10,9 @@
 //!
 //! Variants: LoRA r = 16 on all seven projections; MixLoRA (E = 8, top-2, r = 16: LoRA on q, k,
 //! v, o and experts on the FFN) with each MoE implementation.
+//!
+//! With `--adapters N,...` it measures instead several adapter sets of each variant trained
+//! together on the one base, against a single run ([`multi`]).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -21,6 +24,10 @@ use model::{AdapterConfig, Llama, LlamaConfig};
 use crate::config::{FusedMoeArgs, ProfileArgs};
 use crate::error::{Error, Result};
 
+pub mod multi;
+
+pub use multi::{table6_multi, table6_multi_json, table6_multi_markdown, MultiRow, StepFigures};
+
 /// A model shape for the benchmark.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum BenchShape {
@@ -28,6 +35,20 @@ pub enum BenchShape {
     Llama2_7b,
     /// A 2-layer model with the same proportions at H = 64 (to try the command on a CPU).
     Tiny,
+    /// SmolLM2-135M: 30 layers, H 576, I 1536, 9 heads (3 KV heads), vocabulary 49152, tied
+    /// embeddings.
+    Smollm2,
+}
+
+impl BenchShape {
+    /// The shape's name on the command line and in the JSON reports.
+    pub fn key(self) -> &'static str {
+        match self {
+            BenchShape::Llama2_7b => "llama2-7b",
+            BenchShape::Tiny => "tiny",
+            BenchShape::Smollm2 => "smollm2",
+        }
+    }
 }
 
 /// What is trained.
@@ -47,7 +68,7 @@ pub enum BenchVariant {
 
 impl BenchVariant {
     /// The key of the variant in the JSON report.
-    fn key(self) -> &'static str {
+    pub fn key(self) -> &'static str {
         match self {
             BenchVariant::Lora => "lora",
             BenchVariant::MixloraNaive => "mixlora_naive",
@@ -102,6 +123,11 @@ pub struct Table6Args {
     /// Recompute each decoder layer in the backward pass [default: off].
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Numbers of adapter sets to train together on the one base, comma-separated (e.g.
+    /// `1,2,4`): each variant's grouped step per number, against a single run [default: none,
+    /// one adapter per variant, the Table 6 report].
+    #[arg(long, value_name = "N,...", value_delimiter = ',')]
+    pub adapters: Vec<usize>,
     /// Also write the results as JSON here [default: none, the markdown table on stdout only].
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -144,6 +170,22 @@ pub fn shape_config(shape: BenchShape, layers: Option<usize>) -> LlamaConfig {
             rope_scaling: None,
             max_position_embeddings: 4096,
             tie_word_embeddings: false,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+        },
+        BenchShape::Smollm2 => LlamaConfig {
+            vocab_size: 49152,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_hidden_layers: 30,
+            num_attention_heads: 9,
+            num_key_value_heads: 3,
+            head_dim: 64,
+            rms_norm_eps: 1e-5,
+            rope_theta: 100000.0,
+            rope_scaling: None,
+            max_position_embeddings: 8192,
+            tie_word_embeddings: true,
             bos_token_id: Some(1),
             eos_token_ids: vec![2],
         },
@@ -201,16 +243,24 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Random token ids `[B, T]` and their next-token targets `[B·T]` (the last position of each
-/// sequence predicts a random token too: every position is a target).
-fn random_batch(b: usize, t: usize, vocab: usize, device: Device) -> Result<(Tensor, Tensor)> {
+/// sequence predicts a random token too: every position is a target). Each `stream` is another
+/// batch; stream 0 is the Table 6 batch.
+fn random_batch(
+    b: usize,
+    t: usize,
+    vocab: usize,
+    device: Device,
+    stream: u64,
+) -> Result<(Tensor, Tensor)> {
     let n = b * t;
+    let (ids_seed, last_seed) = (7 + 2 * stream, 8 + 2 * stream);
     let ids: Vec<u32> = (0..n as u64)
-        .map(|i| (engine::rng::uniform(7, i) * vocab as f64) as u32 % vocab as u32)
+        .map(|i| (engine::rng::uniform(ids_seed, i) * vocab as f64) as u32 % vocab as u32)
         .collect();
     let targets: Vec<u32> = (0..n)
         .map(|i| {
             if (i + 1) % t == 0 {
-                (engine::rng::uniform(8, i as u64) * vocab as f64) as u32 % vocab as u32
+                (engine::rng::uniform(last_seed, i as u64) * vocab as f64) as u32 % vocab as u32
             } else {
                 ids[i + 1]
             }
@@ -233,6 +283,11 @@ fn training_loss(
     seed: u64,
 ) -> Result<Tensor> {
     let out = model.forward_train_hidden(ids, Some(mask), Some(seed))?;
+    hidden_loss(model, &out, targets)
+}
+
+/// [`training_loss`] from the training forward's output `out`.
+fn hidden_loss(model: &Llama, out: &model::HiddenOutput, targets: &Tensor) -> Result<Tensor> {
     let n = targets.elem_count();
     let rows = crate::run::lm_loss_rows(model, &out.hidden, targets)?; // [B·T] f32
     let mut loss = rows.sum_all()?.mul_scalar(1.0 / n as f64)?;
@@ -253,34 +308,13 @@ pub struct Table6 {
 /// is reported in [`Table6::failed`] and the others still run.
 pub fn table6(a: &Table6Args, mut log: impl FnMut(&str)) -> Result<Table6> {
     let device = a.device;
-    if a.steps == 0 || a.batch == 0 || a.seq == 0 {
-        return Err(Error::Config(
-            "bench table6: --steps, --batch and --seq must be positive".into(),
-        ));
-    }
+    check_args(a)?;
     let cfg = shape_config(a.shape, a.layers);
     let (b, t) = (a.batch, a.seq);
-    log(&format!(
-        "building a random {:?} model ({} layers, H {}, I {}) in bf16 on {device}",
-        a.shape, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
-    ));
-    let mut model = Llama::random(cfg.clone(), 1, DType::BF16, device)?;
-    model.set_gradient_checkpointing(a.gradient_checkpointing);
-    // W_gate and W_up as halves of one buffer (the fused path's one GEMM; a view for the others).
-    model.stack_gate_up()?;
-    let (ids, targets) = random_batch(b, t, cfg.vocab_size, device)?;
+    let mut model = build_model(a, &mut log)?;
+    let (ids, targets) = random_batch(b, t, cfg.vocab_size, device, 0)?;
     let mask = Tensor::ones([b, t], DType::U32, device)?;
-    let variants = if a.variants.is_empty() {
-        vec![
-            BenchVariant::Lora,
-            BenchVariant::MixloraNaive,
-            BenchVariant::MixloraPaper,
-            BenchVariant::MixloraGrouped,
-            BenchVariant::MixloraFused,
-        ]
-    } else {
-        a.variants.clone()
-    };
+    let variants = variants(a);
     let tokens = (b * t) as f64;
     let mut failed = Vec::new();
     let mut results = Vec::new();
@@ -375,6 +409,46 @@ pub fn table6(a: &Table6Args, mut log: impl FnMut(&str)) -> Result<Table6> {
         results.push(r);
     }
     Ok(Table6 { results, failed })
+}
+
+/// Refuses arguments that leave nothing to measure.
+fn check_args(a: &Table6Args) -> Result<()> {
+    if a.steps == 0 || a.batch == 0 || a.seq == 0 {
+        return Err(Error::Config(
+            "bench table6: --steps, --batch and --seq must be positive".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The random bf16 model of `a.shape` on `a.device`, with gradient checkpointing as asked and
+/// `W_gate`, `W_up` stacked.
+fn build_model(a: &Table6Args, log: &mut impl FnMut(&str)) -> Result<Llama> {
+    let cfg = shape_config(a.shape, a.layers);
+    log(&format!(
+        "building a random {:?} model ({} layers, H {}, I {}) in bf16 on {}",
+        a.shape, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, a.device
+    ));
+    let mut model = Llama::random(cfg, 1, DType::BF16, a.device)?;
+    model.set_gradient_checkpointing(a.gradient_checkpointing);
+    // W_gate and W_up as halves of one buffer (the fused path's one GEMM; a view for the others).
+    model.stack_gate_up()?;
+    Ok(model)
+}
+
+/// The variants to run: those of `--variants`, else all.
+fn variants(a: &Table6Args) -> Vec<BenchVariant> {
+    if a.variants.is_empty() {
+        vec![
+            BenchVariant::Lora,
+            BenchVariant::MixloraNaive,
+            BenchVariant::MixloraPaper,
+            BenchVariant::MixloraGrouped,
+            BenchVariant::MixloraFused,
+        ]
+    } else {
+        a.variants.clone()
+    }
 }
 
 /// Whether `e` is the device running out of memory.

@@ -93,7 +93,8 @@ struct PlotRoutingArgs {
 #[derive(Subcommand)]
 enum BenchCommand {
     /// The MixLoRA paper's Table 6: forward and backward µs/token, tokens/s and peak memory of
-    /// LoRA and MixLoRA training steps on a LLaMA-2-7B-shaped model with random bf16 weights.
+    /// LoRA and MixLoRA training steps on a LLaMA-2-7B-shaped model with random bf16 weights;
+    /// with `--adapters N,...`, N adapters trained together on the one base against a single run.
     Table6(Box<trainer::bench::Table6Args>),
 }
 
@@ -281,6 +282,9 @@ fn train(cmd: TrainCmd) -> Result<()> {
 
 fn table6(mut args: trainer::bench::Table6Args) -> Result<()> {
     args.profile = profile_from_env(args.profile)?;
+    if !args.adapters.is_empty() {
+        return table6_multi(args);
+    }
     let t6 = trainer::bench::table6(&args, |line| eprintln!("{line}"))?;
     let json = trainer::bench::table6_json(&args, &t6)?;
     if let Some(path) = &args.json {
@@ -288,6 +292,18 @@ fn table6(mut args: trainer::bench::Table6Args) -> Result<()> {
             .map_err(|e| format!("{}: cannot write the report: {e}", path.display()))?;
     }
     print!("{}", trainer::bench::table6_markdown(&t6));
+    Ok(())
+}
+
+/// `bench table6 --adapters N,...`: adapter groups against single runs.
+fn table6_multi(args: trainer::bench::Table6Args) -> Result<()> {
+    let rows = trainer::bench::table6_multi(&args, |line| eprintln!("{line}"))?;
+    if let Some(path) = &args.json {
+        let json = trainer::bench::table6_multi_json(&args, &rows)?;
+        std::fs::write(path, format!("{json}\n"))
+            .map_err(|e| format!("{}: cannot write the report: {e}", path.display()))?;
+    }
+    print!("{}", trainer::bench::table6_multi_markdown(&args, &rows));
     Ok(())
 }
 
