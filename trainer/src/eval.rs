@@ -172,6 +172,43 @@ pub fn score_task(
     score_batch: &mut dyn FnMut(&[ScorePair]) -> Result<Vec<f64>>,
     progress: &Reporter,
 ) -> Result<TaskResult> {
+    let mut one = |pairs: &[ScorePair]| Ok(vec![score_batch(pairs)?]);
+    let mut scorers = Scorers {
+        count: 1,
+        score: &mut one,
+    };
+    let mut r = score_task_each(
+        name,
+        qs,
+        tok,
+        cutoff_len,
+        batch_pairs,
+        &mut scorers,
+        progress,
+    )?;
+    Ok(r.remove(0))
+}
+
+/// Scores batches of pairs for several models at once (the adapters of `mixlora eval --adapter A
+/// --adapter B`): each call of `score` returns one list of scores per model, `count` lists.
+pub struct Scorers<'a> {
+    pub count: usize,
+    pub score: &'a mut ScoreEach<'a>,
+}
+
+/// What [`Scorers::score`] is.
+pub type ScoreEach<'a> = dyn FnMut(&[ScorePair]) -> Result<Vec<Vec<f64>>> + 'a;
+
+/// [`score_task`] for several models at once: each model gets its own result, in their order.
+pub fn score_task_each(
+    name: &str,
+    qs: &[Question],
+    tok: &dyn PromptTokenizer,
+    cutoff_len: usize,
+    batch_pairs: usize,
+    scorers: &mut Scorers,
+    progress: &Reporter,
+) -> Result<Vec<TaskResult>> {
     progress.set_message(name);
     let mut pairs = Vec::new();
     // ends[i]: the pairs of questions 0..=i.
@@ -180,30 +217,37 @@ pub fn score_task(
         pairs.extend(encode_question(tok, q, cutoff_len)?);
         ends.push(pairs.len());
     }
-    let mut scores = Vec::with_capacity(pairs.len());
+    let count = scorers.count;
+    let mut scores = vec![Vec::with_capacity(pairs.len()); count];
     let mut done = 0;
     for chunk in pairs.chunks(batch_pairs.max(1)) {
-        let s = score_batch(chunk)?;
-        if s.len() != chunk.len() {
+        let s = (scorers.score)(chunk)?;
+        if s.len() != count || s.iter().any(|m| m.len() != chunk.len()) {
             return Err(Error::Eval(format!(
-                "score_batch returned {} scores for {} candidates",
-                s.len(),
+                "score_batch returned {:?} scores for {} candidates of each of {count} models",
+                s.iter().map(Vec::len).collect::<Vec<_>>(),
                 chunk.len()
             )));
         }
-        scores.extend(s);
-        let now = ends.partition_point(|&e| e <= scores.len());
+        scores.iter_mut().zip(s).for_each(|(all, m)| all.extend(m));
+        let scored = scores.first().map_or(0, Vec::len);
+        let now = ends.partition_point(|&e| e <= scored);
         progress.inc(now - done);
         done = now;
     }
-    let mut correct = 0;
-    let mut at = 0;
-    for q in qs {
-        let n = q.candidates.len();
-        correct += (argmax(&scores[at..at + n]) == q.gold) as usize;
-        at += n;
-    }
-    Ok(TaskResult::new(name, correct, qs.len()))
+    Ok(scores
+        .iter()
+        .map(|scores| {
+            let mut correct = 0;
+            let mut at = 0;
+            for q in qs {
+                let n = q.candidates.len();
+                correct += (argmax(&scores[at..at + n]) == q.gold) as usize;
+                at += n;
+            }
+            TaskResult::new(name, correct, qs.len())
+        })
+        .collect())
 }
 
 /// [`score_task`] for every task (at most `limit` questions each), and the average. Every item is
@@ -217,25 +261,60 @@ pub fn evaluate(
     score_batch: &mut dyn FnMut(&[ScorePair]) -> Result<Vec<f64>>,
     new_progress: &dyn Fn(usize) -> Reporter,
 ) -> Result<EvalReport> {
+    let mut one = |pairs: &[ScorePair]| Ok(vec![score_batch(pairs)?]);
+    let mut scorers = Scorers {
+        count: 1,
+        score: &mut one,
+    };
+    let mut r = evaluate_each(
+        tasks,
+        tok,
+        cutoff_len,
+        limit,
+        batch_pairs,
+        &mut scorers,
+        new_progress,
+    )?;
+    Ok(r.remove(0))
+}
+
+/// [`evaluate`] for several models at once, as [`score_task_each`] scores them: one report per
+/// model, in their order.
+pub fn evaluate_each(
+    tasks: &[Task],
+    tok: &dyn PromptTokenizer,
+    cutoff_len: usize,
+    limit: Option<usize>,
+    batch_pairs: usize,
+    scorers: &mut Scorers,
+    new_progress: &dyn Fn(usize) -> Reporter,
+) -> Result<Vec<EvalReport>> {
     let all = all_questions(tasks, limit)?;
     let progress = new_progress(all.iter().map(Vec::len).sum());
     let results = tasks
         .iter()
         .zip(&all)
         .map(|(t, qs)| {
-            score_task(
+            score_task_each(
                 &t.name,
                 qs,
                 tok,
                 cutoff_len,
                 batch_pairs,
-                score_batch,
+                scorers,
                 &progress,
             )
         })
         .collect::<Result<Vec<_>>>();
     progress.finish();
-    Ok(EvalReport::from_results(results?))
+    let mut per_model = vec![Vec::with_capacity(tasks.len()); scorers.count];
+    for task in results? {
+        per_model.iter_mut().zip(task).for_each(|(m, r)| m.push(r));
+    }
+    Ok(per_model
+        .into_iter()
+        .map(EvalReport::from_results)
+        .collect())
 }
 
 #[cfg(test)]
@@ -363,6 +442,46 @@ mod tests {
         assert_eq!((r.tasks[0].correct, r.tasks[0].total), (2, 4));
         assert_eq!(r.average, 0.5);
         assert!(r.summary().ends_with("average 0.5000"));
+    }
+
+    #[test]
+    fn evaluation_of_several_models_counts_each_ones_hits() {
+        // Three scorers in each call: one prefers `true`, one `false`, one scores all alike.
+        let task = tf_task("boolq/valid.json", &["true", "false", "true"]);
+        let mut calls = 0;
+        let mut score = |pairs: &[ScorePair]| -> Result<Vec<Vec<f64>>> {
+            calls += 1;
+            let is_true = |(_, t): &ScorePair| {
+                t.starts_with(b"the correct answer is true".map(u32::from).as_slice())
+            };
+            let prefer_true: Vec<f64> = pairs.iter().map(|p| is_true(p) as u8 as f64).collect();
+            let prefer_false = prefer_true.iter().map(|s| 1.0 - s).collect();
+            Ok(vec![prefer_true, prefer_false, vec![0.0; pairs.len()]])
+        };
+        let mut three = Scorers {
+            count: 3,
+            score: &mut score,
+        };
+        let r = evaluate_each(&[task], &Bytes, 64, None, 4, &mut three, &|n| {
+            assert_eq!(n, 3);
+            Reporter::hidden()
+        })
+        .unwrap();
+        assert_eq!(calls, 2); // 6 candidates by 4
+        let correct: Vec<usize> = r.iter().map(|r| r.tasks[0].correct).collect();
+        assert_eq!(correct, [2, 1, 2]); // ties go to `true`
+                                        // A scorer that returns the wrong number of lists is an error.
+        let mut short = |p: &[ScorePair]| -> Result<Vec<Vec<f64>>> { Ok(vec![vec![0.0; p.len()]]) };
+        let task = tf_task("boolq/valid.json", &["true"]);
+        let mut two = Scorers {
+            count: 2,
+            score: &mut short,
+        };
+        let e = evaluate_each(&[task], &Bytes, 64, None, 4, &mut two, &|_| {
+            Reporter::hidden()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("of each of 2 models"), "{e}");
     }
 
     #[test]

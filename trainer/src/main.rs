@@ -398,6 +398,15 @@ mod tests {
     }
 
     #[test]
+    fn eval_takes_several_adapters() {
+        let cli = Cli::try_parse_from(["mixlora", "eval", "--adapter", "a", "--adapter", "b/c"]);
+        let Some(Command::Eval(args)) = cli.unwrap().command else {
+            panic!("not eval");
+        };
+        assert_eq!(args.adapter, [PathBuf::from("a"), PathBuf::from("b/c")]);
+    }
+
+    #[test]
     fn every_option_says_what_it_does_and_its_default() {
         let mut problems = Vec::new();
         undocumented(&Cli::command(), "mixlora", &mut problems);

@@ -1,8 +1,13 @@
 //! Evaluation with a model: batches of (prompt, candidate) pairs scored by the model, the
-//! report per task (with `--routing`, the experts' shares too), and the `mixlora eval` command.
-//! What a question is and how its candidates are found is [`crate::eval`].
+//! report per task (with `--routing`, the experts' shares too), and the `mixlora eval` command,
+//! with one adapter or several in one pass ([`group`]). What a question is and how its
+//! candidates are found is [`crate::eval`].
 
-use std::path::Path;
+mod group;
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use engine::no_grad;
@@ -159,10 +164,72 @@ fn check_adapter_of_run(dir: &Path) -> Result<()> {
     resume::check_adapter_config(&file, &found, &expected, &settings)
 }
 
-/// `mixlora eval`: accuracy per task of a base model with an optional adapter.
-pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
+/// What `mixlora eval` reports: the report of the base model or its one adapter, or one report
+/// per adapter of `--adapter A --adapter B ...`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Evaluation {
+    One(EvalReport),
+    /// Each adapter folder as given, with its report, in the order given.
+    PerAdapter(Vec<(PathBuf, EvalReport)>),
+}
+
+impl Evaluation {
+    /// The report's JSON ([`EvalReport::to_json_pretty`]); per adapter, an object keyed by each
+    /// folder as given (in that order), each value that adapter's report.
+    pub fn to_json_pretty(&self) -> String {
+        match self {
+            Evaluation::One(r) => r.to_json_pretty(),
+            Evaluation::PerAdapter(v) => {
+                serde_json::to_string_pretty(&PerAdapterJson(v)).unwrap_or_default()
+            }
+        }
+    }
+}
+
+/// Serialises the reports as a JSON object in the order given (`serde_json::Map` would sort
+/// the keys).
+struct PerAdapterJson<'a>(&'a [(PathBuf, EvalReport)]);
+
+impl serde::Serialize for PerAdapterJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(p, r)| (p.display().to_string(), r)))
+    }
+}
+
+/// The model `mixlora eval` scores with, its tokenizer and the tasks: the base with its one
+/// adapter prepared for inference (merged), or with the adapters of `--adapter A --adapter B ...`
+/// attached as a group, unmerged.
+pub(crate) struct EvalModel {
+    pub model: Llama,
+    pub tok: Tokenizer,
+    pub tasks: Vec<Task>,
+}
+
+impl EvalModel {
+    /// The adapters scored per batch: the group's size, else 1 (the model as it is).
+    pub fn scorers(&self) -> usize {
+        self.model.adapter_group().len().max(1)
+    }
+
+    /// The scores of `pairs`, one list per adapter ([`EvalModel::scorers`]).
+    pub fn score(&self, pairs: &[ScorePair]) -> Result<Vec<Vec<f64>>> {
+        let pad = self.tok.eos_id().unwrap_or(0);
+        if self.model.adapter_group().is_empty() {
+            Ok(vec![score_pairs(&self.model, pad, pairs)?])
+        } else {
+            group::score_pairs(&self.model, pad, pairs)
+        }
+    }
+}
+
+/// The tasks, the base model and its adapters of `mixlora eval`: every item of every data file
+/// and, with several adapters, every adapter's folder is checked before the base loads.
+pub(crate) fn load_eval_model(a: &EvalArgs) -> Result<EvalModel> {
     let device = a.device;
-    let seed = builtin_seed(a.adapter.as_deref());
+    if a.adapter.len() > 1 {
+        group::check_adapters(&a.adapter, a.routing.as_deref())?;
+    }
+    let seed = builtin_seed(a.adapter.first().map(PathBuf::as_path));
     // Every item of every file is checked before the model is loaded.
     let tasks = if a.data.is_empty() {
         synthetic::generate(seed, SYNTHETIC_TRAIN, SYNTHETIC_VALID).1
@@ -175,10 +242,15 @@ pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
     let loaded = load_base_model(a.model.as_deref(), seed, a.dtype.dtype(), device, &scratch);
     let _ = std::fs::remove_dir_all(&scratch);
     let (mut model, tok) = loaded?;
-    if let Some(dir) = &a.adapter {
-        check_adapter_of_run(dir)?;
-        model::adapters::load(dir, &mut model)?;
-        crate::inference::prepare(&mut model, a.moe.inference_moe_impl(device))?;
+    let imp = a.moe.inference_moe_impl(device);
+    match a.adapter.as_slice() {
+        [] => {}
+        [dir] => {
+            check_adapter_of_run(dir)?;
+            model::adapters::load(dir, &mut model)?;
+            crate::inference::prepare(&mut model, imp)?;
+        }
+        dirs => group::attach(&mut model, dirs, imp)?,
     }
     if let Some(p) = &a.model {
         eprintln!(
@@ -187,16 +259,42 @@ pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
             progress::duration(t_load.elapsed())
         );
     }
-    let report = match &a.routing {
-        None => evaluate(&model, &tok, &tasks, a.cutoff_len, a.limit, a.batch_size),
-        Some(path) => evaluate_with_routing(&model, &tok, &tasks, a, path),
+    Ok(EvalModel { model, tok, tasks })
+}
+
+/// `mixlora eval`: accuracy per task of a base model alone, with an adapter, or with each of
+/// several adapters (scored together, [`group`]).
+pub fn eval(a: &EvalArgs) -> Result<Evaluation> {
+    let m = load_eval_model(a)?;
+    let mut reports = match &a.routing {
+        None => {
+            let mut score = |pairs: &[ScorePair]| m.score(pairs);
+            let mut scorers = eval::Scorers {
+                count: m.scorers(),
+                score: &mut score,
+            };
+            eval::evaluate_each(
+                &m.tasks,
+                &m.tok,
+                a.cutoff_len,
+                a.limit,
+                a.batch_size,
+                &mut scorers,
+                &eval_progress,
+            )?
+        }
+        Some(path) => vec![evaluate_with_routing(&m.model, &m.tok, &m.tasks, a, path)?],
     };
-    let report = report?;
+    let evaluation = if a.adapter.len() > 1 {
+        Evaluation::PerAdapter(a.adapter.iter().cloned().zip(reports).collect())
+    } else {
+        Evaluation::One(reports.remove(0))
+    };
     if let Some(out) = &a.output {
-        std::fs::write(out, report.to_json_pretty()).map_err(|e| Error::Io {
+        std::fs::write(out, evaluation.to_json_pretty()).map_err(|e| Error::Io {
             path: out.display().to_string(),
             source: e,
         })?;
     }
-    Ok(report)
+    Ok(evaluation)
 }

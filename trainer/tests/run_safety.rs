@@ -279,7 +279,7 @@ fn an_edited_adapter_config_is_refused_on_resume_and_eval() {
     assert!(e.starts_with(&want), "{e}");
     let args = trainer::config::EvalArgs {
         model: None,
-        adapter: Some(out.join("checkpoint-3")),
+        adapter: vec![out.join("checkpoint-3")],
         data: vec![],
         limit: Some(2),
         batch_size: 8,

@@ -177,7 +177,7 @@ fn eval_writes_routing_statistics_per_task_and_layer() {
     let routing = out.join("routing.json");
     let args = |routing: Option<PathBuf>| trainer::config::EvalArgs {
         model: None,
-        adapter: Some(s.adapter_dir.clone()),
+        adapter: vec![s.adapter_dir.clone()],
         data: vec![],
         limit: Some(3),
         batch_size: 8,
@@ -247,7 +247,7 @@ fn eval_writes_routing_statistics_per_task_and_layer() {
     };
     let ls = train(&cfg, |_| {}).unwrap();
     let mut a = args(Some(lora_out.join("r.json")));
-    a.adapter = Some(ls.adapter_dir.clone());
+    a.adapter = vec![ls.adapter_dir.clone()];
     let e = trainer::scoring::eval(&a).unwrap_err().to_string();
     assert!(
         e.contains("--routing needs a MixLoRA adapter") && !e.contains('\n'),

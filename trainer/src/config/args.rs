@@ -319,9 +319,11 @@ pub struct EvalArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// An adapter folder (adapter_config.json + adapter_model.safetensors, or MoE-PEFT's
-    /// adapter_model.bin) or a checkpoint [default: none, the base model alone].
+    /// adapter_model.bin) or a checkpoint; repeat to evaluate several adapters of one base in
+    /// one pass (the report is then a JSON object keyed by each folder as given)
+    /// [default: none, the base model alone].
     #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    pub adapter: Vec<PathBuf>,
     /// Evaluation file (LLM-Adapters JSON); repeat for several tasks. The candidate answers come
     /// from each item's `Answer format:` line, else its `Answer1:`... choices, else the file's
     /// answers; a file with an item that cannot be scored is refused before any work
@@ -331,7 +333,8 @@ pub struct EvalArgs {
     /// At most this many questions per task [default: all].
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Candidate answers scored per forward pass.
+    /// Candidate answers scored per forward pass; with N --adapter, per adapter (a pass then
+    /// scores N times as many, with N times the activation memory).
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
     /// Longest candidate sequence in tokens; longer prompts are cut from the left.
@@ -343,11 +346,13 @@ pub struct EvalArgs {
     /// The dtype of the base weights; adapters are f32.
     #[arg(long, value_enum, default_value_t = DTypeName::F32)]
     pub dtype: DTypeName,
-    /// Also write the results as JSON to this file [default: none, stdout only].
+    /// Also write the results as JSON to this file (with several --adapter, the same object as
+    /// stdout) [default: none, stdout only].
     #[arg(long)]
     pub output: Option<PathBuf>,
     /// Also write, per task and per MoE layer, the share of (token, slot) pairs each expert
-    /// received over the real tokens of the evaluated candidates (JSON) [default: none].
+    /// received over the real tokens of the evaluated candidates (JSON); one MixLoRA --adapter
+    /// only [default: none].
     #[arg(long)]
     pub routing: Option<PathBuf>,
     #[command(flatten)]
