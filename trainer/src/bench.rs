@@ -221,7 +221,7 @@ fn synchronize(device: Device) -> Result<()> {
 
 /// Peak bytes of the engine allocator on `device` since the last reset (`None` on the CPU,
 /// whose allocations the engine does not count).
-fn peak_bytes(device: Device) -> Option<usize> {
+pub(crate) fn peak_bytes(device: Device) -> Option<usize> {
     if device == Device::Cpu {
         return None;
     }

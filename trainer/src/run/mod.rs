@@ -423,6 +423,12 @@ pub fn train_plan(
         }
     }
     progress.finish();
+    if let Some(peak) = crate::bench::peak_bytes(model.device()) {
+        log(&format!(
+            "peak device memory: {:.2} GiB (the engine allocator, over the whole run)",
+            peak as f64 / (1u64 << 30) as f64
+        ));
+    }
     let mut runs = runs.into_iter();
     Ok(plan
         .adapters
