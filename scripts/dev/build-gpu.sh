@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds, on a machine without a GPU, the release binaries that the GPU machine runs (the CUDA
 # test binaries), and copies them into gpu-bin/ (git-ignored) under stable names:
-#   gpu-bin/test-<name>     a test binary (run with --test-threads=1)
+#   gpu-bin/test-<name>     a test binary (run with --test-threads=1): the tests crate's GPU
+#                           targets and the trainer's trainer/tests/*_gpu.rs
 #   gpu-bin/example-<name>  an example binary (benches/examples/*cuda*.rs, *gpu*.rs)
 #   gpu-bin/bench-<name>    a criterion bench that runs on the GPU (run with --bench)
 #   gpu-bin/mixlora         the trainer, with the CUDA backend (--device cuda)
@@ -33,6 +34,22 @@ grep -o '(target/release/deps/[A-Za-z0-9_]*-[0-9a-f]*)' "$log" | tr -d '()' | so
         name=$(basename "$exe")
         cp "$exe" "$out/test-${name%-*}"
     done
+
+# The trainer's GPU tests (trainer/tests/*_gpu.rs), built with its CUDA backend.
+trainer_tests=()
+for f in trainer/tests/*_gpu.rs; do
+    [ -e "$f" ] || continue
+    trainer_tests+=(--test "$(basename "$f" .rs)")
+done
+if [ ${#trainer_tests[@]} -gt 0 ]; then
+    cargo test --release --features cuda -p mixlora-trainer "${trainer_tests[@]}" --no-run 2>&1 |
+        tee "$log" >&2
+    grep -o '(target/release/deps/[A-Za-z0-9_]*-[0-9a-f]*)' "$log" | tr -d '()' | sort -u |
+        while read -r exe; do
+            name=$(basename "$exe")
+            cp "$exe" "$out/test-${name%-*}"
+        done
+fi
 
 # Examples that exercise the GPU, when there are any (named *cuda* or *gpu*).
 examples=()

@@ -1,0 +1,137 @@
+//! On the GPU: adapters trained together on one bf16 base end where each trained alone ends,
+//! within bf16 tolerance (the GPU path of the grouped forward need not be bit-exact: it may run
+//! the frozen projections once over all adapters' rows). Skips, saying why, without a GPU or
+//! when built without the `cuda` feature (scripts/dev/build-gpu.sh builds it with it).
+
+mod common;
+
+use std::path::Path;
+
+use common::losses;
+use engine::Device;
+use model::adapters::PeftType;
+use trainer::config::{DTypeName, PlannedAdapter, RunPlan, SharedSettings, TrainConfig};
+use trainer::run::{train, train_plan, RunControl};
+
+/// The first GPU, or `None` after printing why the test skips.
+fn gpu() -> Option<Device> {
+    #[cfg(feature = "cuda")]
+    {
+        testutil::gpu::configure();
+        match engine::backend::cuda::CudaDevice::get(0) {
+            Ok(_) => Some(Device::Cuda(0)),
+            Err(e) => {
+                testutil::skip(format_args!("no usable GPU: {e}"));
+                None
+            }
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        testutil::skip("built without the `cuda` feature");
+        None
+    }
+}
+
+fn adapters(root: &Path, device: Device) -> Vec<PlannedAdapter> {
+    let base = TrainConfig {
+        device,
+        dtype: DTypeName::Bf16,
+        batch_size: 4,
+        micro_batch_size: 2,
+        cutoff_len: 320,
+        epochs: 1,
+        max_steps: Some(6),
+        save_every: 0,
+        eval_every: 0,
+        eval_limit: Some(4),
+        log_every: 1,
+        ..TrainConfig::default()
+    };
+    [
+        (
+            "lora",
+            TrainConfig {
+                adapter: PeftType::Lora,
+                lr: 3e-3,
+                ..base.clone()
+            },
+        ),
+        (
+            "mix",
+            TrainConfig {
+                lr: 1e-3,
+                cutoff_len: 200,
+                micro_batch_size: 1,
+                max_steps: Some(4),
+                ..base.clone()
+            },
+        ),
+    ]
+    .into_iter()
+    .map(|(name, c)| PlannedAdapter {
+        name: name.into(),
+        config: TrainConfig {
+            out_dir: root.join(name),
+            ..c
+        },
+    })
+    .collect()
+}
+
+/// The f32 values of every tensor of an adapter file, in the file's order.
+fn adapter_values(dir: &Path) -> Vec<f64> {
+    let bytes = std::fs::read(dir.join("adapter/adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    names
+        .iter()
+        .flat_map(|n| {
+            let t = st.tensor(n).unwrap();
+            t.data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn adapters_trained_together_on_the_gpu_match_each_alone_within_bf16_tolerance() {
+    let Some(device) = gpu() else { return };
+    let root = common::out_dir("multi-gpu", "bf16");
+    let together = adapters(&root.join("group"), device);
+    let plan = RunPlan {
+        shared: SharedSettings::of(&together[0].config),
+        adapters: together.clone(),
+    };
+    for o in train_plan(&plan, RunControl::default(), |_| {}).unwrap() {
+        o.result.unwrap();
+    }
+    for (t, a) in together.iter().zip(adapters(&root.join("alone"), device)) {
+        train(&a.config, |_| {}).unwrap();
+        let (lt, la) = (losses(&t.config.out_dir), losses(&a.config.out_dir));
+        assert_eq!(lt.len(), la.len(), "{}", t.name);
+        for ((s, x), (_, y)) in lt.iter().zip(&la) {
+            let rel = (x - y).abs() / y.abs().max(1e-6);
+            assert!(
+                rel <= 1e-2,
+                "{} step {s}: loss {x} together, {y} alone",
+                t.name
+            );
+        }
+        let (vt, va) = (
+            adapter_values(&t.config.out_dir),
+            adapter_values(&a.config.out_dir),
+        );
+        let err = testutil::gpu::rel_err(&va, &vt);
+        eprintln!("{}: adapter weights, relative difference {err:.2e}", t.name);
+        assert!(
+            err <= 2e-2,
+            "{}: adapter weights differ by {err:.2e}",
+            t.name
+        );
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
