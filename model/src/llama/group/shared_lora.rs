@@ -16,8 +16,8 @@
 //! (other target modules) has no columns. `x Aᵀ` reads `x` in its own dtype
 //! ([`Tensor::matmul_cast`]): the tape keeps no adapter-dtype copy of it.
 //!
-//! With dropout, each segment's LoRA runs on its own packed rows ([`Tensor::lora_add`] onto the
-//! shared base output): the mask is a function of `(seed, element index)` over the segment's
+//! With dropout, each segment's LoRA runs on its own packed rows ([`Tensor::lora_add`], its
+//! delta then added to the shared base output): the mask is a function of `(seed, element index)` over the segment's
 //! `[B·T_s, in]` rows, exactly the single run's mask, which one product over all rows cannot
 //! draw with the engine's ops (one seed per segment and per-segment row numbering). The base GEMM
 //! still runs once; the rank-r work is `2` launches per segment.
@@ -111,7 +111,9 @@ impl<'a> GroupProj<'a> {
     }
 
     /// The base GEMM once, each segment's LoRA with its dropout on its packed rows (see the
-    /// module doc).
+    /// module doc). Each delta is added onto rows of a zero tensor rather than onto the base
+    /// output's rows: slices of a tensor that needs a gradient cost a full-size gradient each
+    /// in the backward pass (a narrow's adjoint pads), and the zeros need none.
     fn per_segment(
         &self,
         x: &Tensor,
@@ -119,26 +121,35 @@ impl<'a> GroupProj<'a> {
         loras: &[Option<&LoraLinear>],
         seeds: &[Option<u64>],
     ) -> Result<Tensor> {
-        let y = self.g.pack(&linear(x, w)?)?; // [N_real, out]
         let xp = self.packed(x)?; // [N_real, in]
+        let n_out = w.dims()[0];
+        let most = self
+            .g
+            .segs
+            .iter()
+            .map(|s| s.packed.len())
+            .max()
+            .unwrap_or(0);
+        let zeros = Tensor::zeros([most, n_out], x.dtype(), x.device())?;
         let parts = (self.g.segs.iter().zip(loras).zip(seeds))
             .map(|((s, l), seed)| {
-                let rows = |t: &Tensor| t.narrow(0, s.packed.start, s.packed.len());
-                let ys = rows(&y)?;
+                let rows = s.packed.len();
+                let zs = zeros.narrow(0, 0, rows)?;
                 Ok(match l {
-                    None => ys,
+                    None => zs,
                     Some(l) => {
+                        let xs = xp.narrow(0, s.packed.start, rows)?;
                         let dropout = seed.map(|seed| (l.dropout, seed));
-                        ys.lora_add(&rows(&xp)?, &l.a, &l.b, l.scale, dropout)?
+                        zs.lora_add(&xs, &l.a, &l.b, l.scale, dropout)?
                     }
                 })
             })
             .collect::<Result<Vec<Tensor>>>()?;
-        let y = match parts.as_slice() {
+        let delta = match parts.as_slice() {
             [one] => one.clone(),
             _ => engine::cat(&parts.iter().collect::<Vec<_>>(), 0)?,
-        };
-        self.g.unpack(&y)
+        }; // [N_real, out]
+        Ok(linear(x, w)?.add(&self.g.unpack(&delta)?)?)
     }
 
     /// The packed rows of `x` `[M, in]`, gathered once for the projections that share it.
