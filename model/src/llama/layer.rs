@@ -46,6 +46,10 @@ pub(super) fn decoder_layer(
     Ok((x.add(&y)?, route))
 }
 
+/// A projection of a layer: `(input [.., in], frozen weight [out, in], adapter slot)` to
+/// `[.., out]`, the slot's LoRA included (0..4: q, k, v, o; 4..7: gate, up, down).
+pub(super) type Proj<'a> = dyn Fn(&Tensor, &Tensor, usize) -> Result<Tensor> + 'a;
+
 /// The attention block without its residual, on the normed input `hn` `[B, T, H]`: the q/k/v
 /// projections with their LoRA, RoPE, causal grouped-query attention (over the cached positions
 /// too, whose slot gets the new keys and values), the output projection with its LoRA.
@@ -57,16 +61,27 @@ pub(super) fn attention_block(
     hn: &Tensor,
     cache: Option<LayerSlot<'_>>,
 ) -> Result<Tensor> {
+    let seed = |slot| sub_seed(ctx.dropout_seed, li, slot);
+    let attn_lora = |j: usize| ad.and_then(|a| a.attn[j].as_ref());
+    let proj = |x: &Tensor, w: &Tensor, j: usize| lora_linear(x, w, attn_lora(j), seed(j));
+    attention_with(ctx, layer, hn, cache, &proj)
+}
+
+/// [`attention_block`] with the projections (and their adapters) given by `proj`: the grouped
+/// forward's shared mode runs each one over the rows of every adapter at once.
+pub(super) fn attention_with(
+    ctx: &LayerCtx,
+    layer: &DecoderLayer,
+    hn: &Tensor,
+    cache: Option<LayerSlot<'_>>,
+    proj: &Proj<'_>,
+) -> Result<Tensor> {
     let c = &ctx.config;
     let (b, t) = ctx.batch;
     let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-    let seed = |slot| sub_seed(ctx.dropout_seed, li, slot);
-    let attn_lora = |j: usize| ad.and_then(|a| a.attn[j].as_ref());
     let heads = |w: &Tensor, j: usize, n: usize| -> Result<Tensor> {
         // [B, T, n·D] -> [B, n, T, D] (a view)
-        Ok(lora_linear(hn, w, attn_lora(j), seed(j))?
-            .reshape([b, t, n, d])?
-            .transpose(1, 2)?)
+        Ok(proj(hn, w, j)?.reshape([b, t, n, d])?.transpose(1, 2)?)
     };
     let q = heads(&layer.q_proj, 0, nh)?.rope(&ctx.cos, &ctx.sin)?;
     let mut k = heads(&layer.k_proj, 1, nkv)?.rope(&ctx.cos, &ctx.sin)?;
@@ -76,7 +91,15 @@ pub(super) fn attention_block(
     }
     let attn = causal_attention(&q, &k, &v, ctx.key_mask.as_ref(), ctx.past)?; // [B, Hq, T, D]
     let attn = attn.transpose(1, 2)?.reshape([b, t, nh * d])?;
-    lora_linear(&attn, &layer.o_proj, attn_lora(3), seed(3))
+    proj(&attn, &layer.o_proj, 3)
+}
+
+/// The SwiGLU `down(silu(gate(hn)) ⊙ up(hn))` with the projections (and their LoRA) given by
+/// `proj` (slots 4, 5, 6).
+pub(super) fn swiglu_with(layer: &DecoderLayer, hn: &Tensor, proj: &Proj<'_>) -> Result<Tensor> {
+    let gate = proj(hn, &layer.gate_proj, 4)?;
+    let up = proj(hn, &layer.up_proj, 5)?;
+    proj(&gate.silu_mul(&up)?, &layer.down_proj, 6)
 }
 
 /// The FFN block without its residual, on the normed input `hn` `[B, T, H]`: the SwiGLU with its
@@ -102,13 +125,11 @@ pub(super) fn ffn_block(
         }
         mlp => {
             let lora = |j: usize| match mlp {
-                Some(MlpAdapters::Lora(l)) => l[j].as_ref(),
+                Some(MlpAdapters::Lora(l)) => l[j - 4].as_ref(),
                 _ => None,
             };
-            let gate = lora_linear(hn, ffn.gate, lora(0), seed(4))?;
-            let up = lora_linear(hn, ffn.up, lora(1), seed(5))?;
-            let y = lora_linear(&gate.silu_mul(&up)?, ffn.down, lora(2), seed(6))?;
-            Ok((y, None))
+            let proj = |x: &Tensor, w: &Tensor, j: usize| lora_linear(x, w, lora(j), seed(j));
+            Ok((swiglu_with(layer, hn, &proj)?, None))
         }
     }
 }

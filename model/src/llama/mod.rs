@@ -23,7 +23,7 @@ mod merge;
 mod random;
 
 pub use cache::{positions_from_mask, KvCache};
-pub use group::GroupSegment;
+pub use group::{GroupMode, GroupSegment};
 use layer::{decoder_layer, into_engine_error, LayerCtx};
 pub use merge::MergeReport;
 pub use random::RandomInit;
@@ -56,6 +56,8 @@ pub struct Llama {
     /// Adapter sets trained together on this base, each on its own rows of a batch
     /// ([`Llama::forward_train_group`]); independent of `adapters`.
     adapter_group: Vec<Adapters>,
+    /// How the group's forward runs ([`Llama::set_group_mode`]); `None`: the device's default.
+    group_mode: Option<GroupMode>,
     /// Gradient checkpointing: in a training forward, keep only each decoder layer's input and
     /// outputs and recompute the layer in the backward pass.
     checkpoint_layers: bool,
@@ -175,6 +177,7 @@ impl Llama {
             config,
             adapters: None,
             adapter_group: Vec::new(),
+            group_mode: None,
             checkpoint_layers: false,
             inference_only: false,
         })

@@ -96,6 +96,7 @@ impl Llama {
             config,
             adapters: None,
             adapter_group: Vec::new(),
+            group_mode: None,
             checkpoint_layers: false,
             inference_only: false,
         })
