@@ -1,4 +1,4 @@
-//! The shared grouped forward on CUDA in bf16 (`GroupMode::Shared`, the GPU's default) against
+//! The shared grouped forward on CUDA in bf16 (`GroupMode::Shared`) against
 //! each adapter alone (`Llama::forward_train_hidden` with the adapter attached, on its own
 //! micro-batch): hidden states, losses and every parameter's gradient within bf16 tolerances on
 //! relative error, with LoRA and MixLoRA (fused) mixed, different lengths, dropout, gradient

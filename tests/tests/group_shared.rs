@@ -373,10 +373,9 @@ fn shared_falls_back_to_exact_for_different_batch_sizes() {
 }
 
 #[test]
-fn group_mode_defaults_to_the_device_and_can_be_set() {
+fn group_mode_defaults_to_exact_and_can_be_set() {
     let mut m = base(DType::F32);
     assert_eq!(m.group_mode(), GroupMode::Exact);
-    assert_eq!(GroupMode::for_device(Device::Cuda(0)), GroupMode::Shared);
     m.set_group_mode(GroupMode::Shared);
     assert_eq!(m.group_mode(), GroupMode::Shared);
     m.set_group_mode(None);

@@ -123,6 +123,10 @@ pub struct Table6Args {
     /// Recompute each decoder layer in the backward pass [default: off].
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// With --adapters: how the adapters share the base, `exact` or `shared` (`mixlora train
+    /// --group-mode`) [default: auto, exact].
+    #[arg(long, value_name = "MODE", value_parser = crate::config::words::parse::<crate::config::GroupModeChoice>)]
+    pub group_mode: Option<crate::config::GroupModeChoice>,
     /// Numbers of adapter sets to train together on the one base, comma-separated (e.g.
     /// `1,2,4`): each variant's grouped step per number, against a single run [default: none,
     /// one adapter per variant, the Table 6 report].
@@ -431,6 +435,7 @@ fn build_model(a: &Table6Args, log: &mut impl FnMut(&str)) -> Result<Llama> {
     ));
     let mut model = Llama::random(cfg, 1, DType::BF16, a.device)?;
     model.set_gradient_checkpointing(a.gradient_checkpointing);
+    model.set_group_mode(a.group_mode.flatten());
     // W_gate and W_up as halves of one buffer (the fused path's one GEMM; a view for the others).
     model.stack_gate_up()?;
     Ok(model)

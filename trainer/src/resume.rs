@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::out_dir;
 
 /// The settings that may differ between a run and its resumption.
-pub const MAY_CHANGE_ON_RESUME: [&str; 12] = [
+pub const MAY_CHANGE_ON_RESUME: [&str; 13] = [
     "out_dir",
     "resume",
     "overwrite",
@@ -31,6 +31,7 @@ pub const MAY_CHANGE_ON_RESUME: [&str; 12] = [
     "moe_impl",
     "moe_kernels",
     "moe_chunk_tokens",
+    "group_mode",
 ];
 
 /// The recorded settings of the run that wrote checkpoint `ckpt` in `out_dir`: the

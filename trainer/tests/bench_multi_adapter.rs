@@ -23,6 +23,7 @@ fn args(checkpointing: bool, adapters: &[usize]) -> Table6Args {
             BenchVariant::MixloraFused,
         ],
         gradient_checkpointing: checkpointing,
+        group_mode: None,
         adapters: adapters.to_vec(),
         json: None,
         fused: Default::default(),

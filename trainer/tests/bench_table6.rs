@@ -14,6 +14,7 @@ fn args(checkpointing: bool) -> Table6Args {
         steps: 1,
         variants: vec![],
         gradient_checkpointing: checkpointing,
+        group_mode: None,
         adapters: vec![],
         json: None,
         fused: Default::default(),

@@ -352,3 +352,70 @@ fn the_binary_trains_a_sweep_and_resumes_it_after_ctrl_c() {
     let _ = std::fs::remove_dir_all(&whole);
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// The f32 values of every tensor of an adapter folder's weights, in name order.
+fn adapter_values(dir: &Path) -> Vec<f64> {
+    let bytes = bytes(&dir.join("adapter/adapter_model.safetensors"));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    names
+        .iter()
+        .flat_map(|n| {
+            let t = st.tensor(n).unwrap();
+            t.data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// `--group-mode shared` (one padded batch through the base, the LoRAs grouped) trains each
+/// adapter as alone up to f32 rounding.
+#[test]
+fn adapters_trained_together_in_shared_mode_match_each_alone_within_rounding() {
+    let root = out_dir("shared");
+    let same_batch = |mut v: Vec<PlannedAdapter>| {
+        v.truncate(2);
+        v[1].config.micro_batch_size = 2; // one batch size: the shared mode applies
+        v
+    };
+    let mut together = same_batch(mixed_adapters(&root.join("group")));
+    for a in &mut together {
+        a.config.group_mode = Some(model::GroupMode::Shared);
+    }
+    train_plan(&plan(together.clone()), RunControl::default(), |_| {}).unwrap();
+    for (t, a) in together
+        .iter()
+        .zip(same_batch(mixed_adapters(&root.join("alone"))))
+    {
+        train(&a.config, |_| {}).unwrap();
+        let (lt, la) = (losses(&t.config.out_dir), losses(&a.config.out_dir));
+        assert_eq!(lt.len(), la.len());
+        for ((s, x), (_, y)) in lt.iter().zip(&la) {
+            assert!(
+                (x - y).abs() <= 1e-5 * y.abs(),
+                "{} step {s}: {x} vs {y}",
+                t.name
+            );
+        }
+        let (vt, va) = (
+            adapter_values(&t.config.out_dir),
+            adapter_values(&a.config.out_dir),
+        );
+        let err = testutil::gpu::rel_err(&va, &vt);
+        assert!(
+            err <= 1e-4,
+            "{}: adapter weights differ by {err:.2e}",
+            t.name
+        );
+        // The setting reached the model: the shared mode's rounding is not the single run's.
+        assert!(
+            vt != va,
+            "{}: bit-identical, so the shared mode did not run",
+            t.name
+        );
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}

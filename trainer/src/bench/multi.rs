@@ -379,7 +379,8 @@ fn ratio_text(r: Option<f64>) -> String {
 
 /// The report as JSON: a list with one object per row, `{"shape", "variant", "n_adapters",
 /// "gradient_checkpointing", "tokens_per_s_total", "peak_gib", "peak_gib_per_adapter",
-/// "single_tokens_per_s", "single_peak_gib", "losses", "device", "batch", "seq", "layers"}`
+/// "single_tokens_per_s", "single_peak_gib", "losses", "device", "batch", "seq", "layers",
+/// "group_mode"}`
 /// (`null` figures where nothing was measured, with `"error"` or `"single_error"` saying why).
 pub fn table6_multi_json(a: &Table6Args, rows: &[MultiRow]) -> Result<String> {
     let cfg = shape_config(a.shape, a.layers);
@@ -404,6 +405,7 @@ pub fn table6_multi_json(a: &Table6Args, rows: &[MultiRow]) -> Result<String> {
                 "batch": a.batch,
                 "seq": a.seq,
                 "layers": cfg.num_hidden_layers,
+                "group_mode": crate::config::words::Word::spell(&a.group_mode.flatten()),
             });
             if let Err(e) = &r.grouped {
                 o["error"] = format!("does not fit: {e}").into();

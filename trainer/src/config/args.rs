@@ -9,7 +9,7 @@ use engine::{Device, MoeFfnOptions, MoeKernels};
 use model::{MoeImpl, PeftType, RoutingStrategy};
 use serde::{Deserialize, Serialize};
 
-use super::words::{self, MoeImplChoice};
+use super::words::{self, GroupModeChoice, MoeImplChoice};
 use super::DTypeName;
 use crate::schedule::ScheduleKind;
 
@@ -217,6 +217,14 @@ pub struct TrainArgs {
     pub moe_kernels: Option<MoeKernels>,
     #[arg(
         long,
+        value_name = "MODE",
+        help = GROUP_MODE_HELP,
+        value_parser = words::parse::<GroupModeChoice>
+    )]
+    #[serde(with = "words::option", skip_serializing_if = "Option::is_none")]
+    pub group_mode: Option<GroupModeChoice>,
+    #[arg(
+        long,
         value_name = "N",
         help = MOE_CHUNK_HELP,
         value_parser = words::parse::<NonZeroUsize>
@@ -231,6 +239,11 @@ const MOE_IMPL_HELP: &str = "How MixLoRA FFNs are computed: `auto` (fused on a G
     the CPU), `naive`, `paper`, `grouped` or `fused` [default: auto]";
 const INFERENCE_MOE_IMPL_HELP: &str = "How MixLoRA FFNs are computed: `auto` (fused, on every \
     device), `naive`, `paper`, `grouped` or `fused` [default: auto]";
+const GROUP_MODE_HELP: &str = "How several adapters of one run share the base: `exact` (each \
+    adapter's rows through their own projections and attention: each adapter exactly as alone, \
+    bit for bit on the CPU), `shared` (the adapters' micro-batches padded into one batch through \
+    the frozen base, their LoRAs grouped: the same up to rounding, fewer kernel launches) or \
+    `auto` (exact) [default: auto]";
 const MOE_KERNELS_HELP: &str = "The fused MoE FFN's kernels: `gemms` (dense GEMMs over block \
     codes, any device and dtype) or `tiles` (the tensor-core tile kernels where they serve the \
     sizes: CUDA, bf16) [default: gemms]";

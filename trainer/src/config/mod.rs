@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 pub use args::{EvalArgs, FusedMoeArgs, MoeArgs, ProfileArgs, TrainArgs};
 pub use plan::{PlannedAdapter, RunPlan, SharedSettings, SHARED_KEYS};
-pub use words::MoeImplChoice;
+pub use words::{GroupModeChoice, MoeImplChoice};
 
 use crate::error::{Error, Result};
 use crate::optim::AdamWConfig;
@@ -171,6 +171,10 @@ with_defaults! {
         #[serde(with = "words")]
         pub moe_kernels: MoeKernels = MoeKernels::BlockGemms,
         pub moe_chunk_tokens: Option<NonZeroUsize> = None,
+        /// How the adapters of a run of several share the base (`None`: `auto`, exact); a run
+        /// of one adapter ignores it.
+        #[serde(with = "words")]
+        pub group_mode: GroupModeChoice = None,
     }
 }
 

@@ -15,13 +15,13 @@ use engine::{Device, MoeKernels};
 use serde::Serialize;
 
 use super::tables::{self, absolute, check_name, ConfigFile};
-use super::words::{self, MoeImplChoice};
+use super::words::{self, GroupModeChoice, MoeImplChoice};
 use super::{given, DTypeName, TrainArgs, TrainConfig, BUILTIN_MODEL_LR};
 use crate::error::{Error, Result};
 
 /// The settings of the whole run, which one base model and one device serve: refused inside an
 /// `[[adapter]]` table and by `--sweep`. Every adapter's [`TrainConfig`] holds them too.
-pub const SHARED_KEYS: [&str; 9] = [
+pub const SHARED_KEYS: [&str; 10] = [
     "model",
     "device",
     "dtype",
@@ -31,6 +31,7 @@ pub const SHARED_KEYS: [&str; 9] = [
     "moe_impl",
     "moe_kernels",
     "moe_chunk_tokens",
+    "group_mode",
 ];
 
 /// The values of [`SHARED_KEYS`] (the TOML keys are the field names).
@@ -48,6 +49,8 @@ pub struct SharedSettings {
     #[serde(with = "words")]
     pub moe_kernels: MoeKernels,
     pub moe_chunk_tokens: Option<NonZeroUsize>,
+    #[serde(with = "words")]
+    pub group_mode: GroupModeChoice,
 }
 
 impl SharedSettings {
@@ -63,6 +66,7 @@ impl SharedSettings {
             moe_impl: c.moe_impl,
             moe_kernels: c.moe_kernels,
             moe_chunk_tokens: c.moe_chunk_tokens,
+            group_mode: c.group_mode,
         }
     }
 }

@@ -108,6 +108,7 @@ fn a_shared_key_in_a_table_is_refused_naming_table_key_and_line() {
             "moe_impl" => "\"naive\"",
             "moe_kernels" => "\"gemms\"",
             "moe_chunk_tokens" => "8",
+            "group_mode" => "\"shared\"",
             _ => "true",
         };
         let text =

@@ -9,7 +9,7 @@
 use std::num::NonZeroUsize;
 
 use engine::{Device, MoeKernels};
-use model::{MoeImpl, PeftType, RoutingStrategy};
+use model::{GroupMode, MoeImpl, PeftType, RoutingStrategy};
 use serde::{de, Deserialize, Deserializer, Serializer};
 
 /// A setting's parser and spelling (`parse(spell(v)) == v`).
@@ -53,6 +53,32 @@ impl Word for MoeImplChoice {
     }
     fn spell(&self) -> String {
         self.map_or("auto".to_string(), |m| m.to_string())
+    }
+}
+
+/// How a run of several adapters computes their group, `None` for `auto`: `Exact` (see
+/// [`crate::config::TrainConfig::group_mode`]).
+pub type GroupModeChoice = Option<GroupMode>;
+
+impl Word for GroupModeChoice {
+    /// `auto`, `exact` or `shared`.
+    fn parse_word(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(None),
+            "exact" => Ok(Some(GroupMode::Exact)),
+            "shared" => Ok(Some(GroupMode::Shared)),
+            _ => Err(format!(
+                "unknown group mode `{s}` (expected auto, exact or shared)"
+            )),
+        }
+    }
+    fn spell(&self) -> String {
+        match self {
+            None => "auto",
+            Some(GroupMode::Exact) => "exact",
+            Some(GroupMode::Shared) => "shared",
+        }
+        .to_string()
     }
 }
 
@@ -141,6 +167,7 @@ mod tests {
         round_trip::<PeftType>(&["lora", "mixlora"]);
         round_trip::<MoeImplChoice>(&["auto", "naive", "paper", "grouped", "fused"]);
         round_trip::<MoeKernels>(&["gemms", "tiles"]);
+        round_trip::<GroupModeChoice>(&["auto", "exact", "shared"]);
         round_trip::<NonZeroUsize>(&["1", "4096"]);
     }
 

@@ -272,6 +272,7 @@ pub fn train_plan(
         ));
     }
     model.set_gradient_checkpointing(plan.shared.gradient_checkpointing);
+    model.set_group_mode(plan.shared.group_mode); // `auto`: the model's default, exact
     if matches!(first.moe(), MoeImpl::Fused(_)) {
         model.stack_gate_up()?; // G and U in one GEMM
     }

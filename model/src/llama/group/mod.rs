@@ -5,11 +5,11 @@
 //! and names the adapter set of the group that applies to its rows. Two ways to compute a group
 //! ([`GroupMode`], [`Llama::set_group_mode`]):
 //!
-//! - [`GroupMode::Exact`] (`exact.rs`, the CPU's default): everything that mixes rows or meets an
+//! - [`GroupMode::Exact`] (`exact.rs`, the default): everything that mixes rows or meets an
 //!   adapter runs per segment on a view of its rows, so each segment computes exactly what its
 //!   adapter computes alone, values and gradients, bit for bit on the CPU
 //!   (tests/tests/multi_adapter.rs). N adapters issue N times the kernels of one.
-//! - [`GroupMode::Shared`] (`shared.rs`, the GPU's default): the segments (same batch size `B`)
+//! - [`GroupMode::Shared`] (`shared.rs`, chosen with [`Llama::set_group_mode`]): the segments (same batch size `B`)
 //!   are padded to the longest `T` and form one `[S·B, T]` batch; the embedding, norms, every
 //!   frozen projection, RoPE and attention run once over all rows, and only what belongs to an
 //!   adapter runs grouped (`shared_lora.rs`: every segment's LoRA of a projection in one product
@@ -22,7 +22,7 @@ mod shared_lora;
 
 use std::sync::Arc;
 
-use engine::{Device, Tensor};
+use engine::Tensor;
 
 use super::{batch_dims, ForwardOutput, HiddenOutput, Llama};
 use crate::adapters::router::RouterOutput;
@@ -53,17 +53,6 @@ pub enum GroupMode {
     /// to rounding, with the kernel count of about one run. Segments of different batch sizes
     /// run `Exact`.
     Shared,
-}
-
-impl GroupMode {
-    /// The mode when none is set: `Shared` on a GPU (where a small model is bound by issuing
-    /// kernels), `Exact` on the CPU (where multi-adapter training is checked bit for bit).
-    pub fn for_device(device: Device) -> GroupMode {
-        match device {
-            Device::Cpu => GroupMode::Exact,
-            Device::Cuda(_) => GroupMode::Shared,
-        }
-    }
 }
 
 /// A checked segment: its adapter set, ids, mask, seed and `(B, T)`.
@@ -152,16 +141,16 @@ impl Llama {
         std::mem::take(&mut self.adapter_group)
     }
 
-    /// Chooses how [`Llama::forward_train_group`] computes a group; `None` restores the default
-    /// of the model's device ([`GroupMode::for_device`]).
+    /// Chooses how [`Llama::forward_train_group`] computes a group; `None` restores the default,
+    /// [`GroupMode::Exact`] (on every device until the shared mode's speed is measured on a GPU:
+    /// it saves launches for plain LoRA but issues more ops than `Exact` for MixLoRA groups).
     pub fn set_group_mode(&mut self, mode: impl Into<Option<GroupMode>>) {
         self.group_mode = mode.into();
     }
 
-    /// How [`Llama::forward_train_group`] computes a group: the mode set, or the device's default.
+    /// How [`Llama::forward_train_group`] computes a group: the mode set, else `Exact`.
     pub fn group_mode(&self) -> GroupMode {
-        self.group_mode
-            .unwrap_or_else(|| GroupMode::for_device(self.device()))
+        self.group_mode.unwrap_or(GroupMode::Exact)
     }
 
     /// The training forward of several adapters at once: per segment, what
