@@ -4,7 +4,8 @@
 //! same hidden states, losses, expert loads and gradients of every parameter up to rounding
 //! (relative error ‖shared − exact‖ / ‖exact‖ per tensor at most [`tol`]: 2e-5 in f32, 1e-10 in
 //! f64, where a mistake of logic cannot hide in rounding), with LoRA and MixLoRA mixed, different
-//! lengths, dropout, gradient checkpointing on and off, and the fallbacks.
+//! lengths, dropout, gradient checkpointing on and off, fused MixLoRA adapters of one setting
+//! (one MoE call over all their experts) and the fallbacks.
 //! Each comparison also runs a negative control (a wrong dropout seed, or the adapters of two
 //! segments swapped) that must exceed the tolerance.
 
@@ -31,7 +32,7 @@ fn base(d: DType) -> Llama {
 }
 
 /// One adapter set: kind, rank, experts, dropout, MoE implementation, target modules (`None`:
-/// the kind's default).
+/// the kind's default), LoRA alpha (`None`: `2r + s` for adapter set `s`, a scale of its own).
 struct Spec {
     peft: PeftType,
     r: usize,
@@ -39,6 +40,7 @@ struct Spec {
     dropout: f64,
     imp: MoeImpl,
     targets: Option<&'static [&'static str]>,
+    alpha: Option<f64>,
 }
 
 fn lora(r: usize, dropout: f64, targets: Option<&'static [&'static str]>) -> Spec {
@@ -49,6 +51,7 @@ fn lora(r: usize, dropout: f64, targets: Option<&'static [&'static str]>) -> Spe
         dropout,
         imp: MoeImpl::Naive,
         targets,
+        alpha: None,
     }
 }
 
@@ -60,6 +63,21 @@ fn mixlora(r: usize, experts: usize, dropout: f64, imp: MoeImpl) -> Spec {
         dropout,
         imp,
         targets: None,
+        alpha: None,
+    }
+}
+
+/// A MixLoRA adapter of the fused implementation with LoRA alpha `alpha`: adapters of one rank,
+/// expert count and alpha run their FFNs as one fused call in shared mode.
+fn fused_mixlora(r: usize, experts: usize, dropout: f64, alpha: f64) -> Spec {
+    Spec {
+        alpha: Some(alpha),
+        ..mixlora(
+            r,
+            experts,
+            dropout,
+            MoeImpl::Fused(MoeFfnOptions::default()),
+        )
     }
 }
 
@@ -72,7 +90,7 @@ fn adapter_sets(m: &Llama, specs: &[Spec]) -> Vec<Adapters> {
         .map(|(s, spec)| {
             let mut cfg = AdapterConfig {
                 r: spec.r,
-                lora_alpha: 2.0 * spec.r as f64 + s as f64,
+                lora_alpha: spec.alpha.unwrap_or(2.0 * spec.r as f64 + s as f64),
                 lora_dropout: spec.dropout,
                 num_experts: spec.experts.max(1),
                 router_init_range: 1.0,
@@ -348,6 +366,77 @@ fn shared_equals_exact_with_lora_adapters_of_different_ranks_and_targets() {
 fn shared_with_one_segment_equals_exact() {
     let specs = [mixlora(2, 4, 0.05, MoeImpl::Naive)];
     check(&specs, &[micro(2, 5, 1, 9)], &[0], true, Control::WrongSeed);
+}
+
+/// Fused MixLoRA adapters of one rank, expert count, top-k and scale: their FFNs run as one
+/// fused call over all segments' experts (`shared_moe.rs`; that it is one call is counted in
+/// group_shared_launches.rs). Without dropout it equals `Exact`; the negative control swaps two
+/// adapters (a gather of local instead of global expert ids fails it too).
+#[test]
+fn shared_runs_fused_mixlora_adapters_as_one_moe_call() {
+    let specs = [
+        fused_mixlora(2, 4, 0.05, 6.0),
+        fused_mixlora(2, 4, 0.1, 6.0),
+        fused_mixlora(2, 4, 0.05, 6.0),
+    ];
+    // Batch size 2, lengths 3, 6, 4; padding inside one of them.
+    let micros = [micro(2, 3, 0, 1), micro(2, 6, 2, 2), micro(2, 4, 0, 3)];
+    check(&specs, &micros, &[1, 2, 0], false, Control::Swapped);
+    check(&specs[..2], &micros[..2], &[0, 1], false, Control::Swapped);
+}
+
+/// With dropout the group's one MoE call (whose masks are its own, not the single runs') drops
+/// on every segment's rows, the same for the same seeds. MixLoRA on the FFN only, so that only
+/// the MoE call drops.
+#[test]
+fn shared_fused_mixlora_group_drops_on_every_segment() {
+    const FFN: &[&str] = &["gate_proj", "up_proj", "down_proj"];
+    let spec = || Spec {
+        targets: Some(FFN),
+        ..fused_mixlora(2, 4, 0.3, 6.0)
+    };
+    let mut m = base(DType::F32);
+    m.set_adapter_group(adapter_sets(&m, &[spec(), spec(), spec()]))
+        .unwrap();
+    m.set_group_mode(GroupMode::Shared);
+    let micros = [micro(2, 3, 0, 1), micro(2, 6, 2, 2), micro(2, 4, 0, 3)];
+    let order = [2, 0, 1];
+    let plain = run_group(&m, &micros, &order, |_| None);
+    let dropped = run_group(&m, &micros, &order, |s| Some(micros[s].seed));
+    let again = run_group(&m, &micros, &order, |s| Some(micros[s].seed));
+    for (i, s) in order.iter().enumerate() {
+        let e = rel_err(&plain[i].hidden, &dropped[i].hidden);
+        assert!(e > 1e-3, "segment of adapter {s}: dropout changed {e:.2e}");
+        assert_eq!(dropped[i].hidden, again[i].hidden, "adapter {s}");
+    }
+}
+
+/// With one segment the grouped MoE call draws the single run's dropout masks (its own seed).
+#[test]
+fn shared_with_one_fused_mixlora_segment_equals_exact_under_dropout() {
+    let specs = [fused_mixlora(2, 4, 0.1, 6.0)];
+    check(&specs, &[micro(2, 5, 1, 9)], &[0], true, Control::WrongSeed);
+}
+
+/// Fused MixLoRA adapters that differ in what the fused op takes as one value (the LoRA scale,
+/// the expert count) or in their MoE implementation run their FFNs per segment: still `Exact`.
+#[test]
+fn shared_runs_mixlora_adapters_of_different_settings_per_segment() {
+    let micros = [micro(2, 3, 0, 1), micro(2, 5, 1, 2)];
+    let groups = [
+        [fused_mixlora(2, 4, 0.0, 6.0), fused_mixlora(2, 4, 0.0, 4.0)],
+        [fused_mixlora(2, 4, 0.0, 6.0), fused_mixlora(2, 3, 0.0, 6.0)],
+        [
+            fused_mixlora(2, 4, 0.0, 6.0),
+            Spec {
+                alpha: Some(6.0),
+                ..mixlora(2, 4, 0.0, MoeImpl::Naive)
+            },
+        ],
+    ];
+    for specs in &groups {
+        check(specs, &micros, &[1, 0], false, Control::Swapped);
+    }
 }
 
 /// Segments of different batch sizes run the exact path: bit for bit its results.

@@ -13,12 +13,14 @@
 //!   are padded to the longest `T` and form one `[S·B, T]` batch; the embedding, norms, every
 //!   frozen projection, RoPE and attention run once over all rows, and only what belongs to an
 //!   adapter runs grouped (`shared_lora.rs`: every segment's LoRA of a projection in one product
-//!   of stacked matrices). The same maths up to rounding (tests/tests/group_shared.rs); segments
-//!   of different batch sizes fall back to `Exact`.
+//!   of stacked matrices; `shared_moe.rs`: fused MixLoRA FFNs that agree on the op's settings in
+//!   one call over all segments' experts). The same maths up to rounding
+//!   (tests/tests/group_shared.rs); segments of different batch sizes fall back to `Exact`.
 
 mod exact;
 mod shared;
 mod shared_lora;
+mod shared_moe;
 
 use std::sync::Arc;
 
@@ -143,7 +145,8 @@ impl Llama {
 
     /// Chooses how [`Llama::forward_train_group`] computes a group; `None` restores the default,
     /// [`GroupMode::Exact`] (on every device until the shared mode's speed is measured on a GPU:
-    /// it saves launches for plain LoRA but issues more ops than `Exact` for MixLoRA groups).
+    /// it saves launches for LoRA and for fused MixLoRA adapters of one setting, but its grouped
+    /// products do more FLOPs, and MixLoRA FFNs it cannot group run per segment).
     pub fn set_group_mode(&mut self, mode: impl Into<Option<GroupMode>>) {
         self.group_mode = mode.into();
     }

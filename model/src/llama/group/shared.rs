@@ -9,10 +9,11 @@
 //! every layer, every frozen projection, RoPE, the attention (per sequence anyway: padding keys
 //! get weight exactly 0, so a real query sees what it sees alone), the residual adds and the final
 //! norm. What belongs to an adapter runs grouped (`shared_lora.rs`): each projection's LoRA of
-//! every segment in one product of the segments' stacked matrices. A MixLoRA FFN (or an FFN in a
-//! group that mixes LoRA and MixLoRA adapters) runs per segment on its real rows, shaped
-//! `[B, T_s, H]` as in a single run, so its router, top-k, experts and load-balance loss are the
-//! single run's.
+//! every segment in one product of the segments' stacked matrices. MixLoRA FFNs of the fused
+//! implementation that agree on its settings run as one fused call over all segments' experts
+//! (`shared_moe.rs`); any other MixLoRA FFN (or an FFN in a group that mixes LoRA and MixLoRA
+//! adapters) runs per segment on its real rows, shaped `[B, T_s, H]` as in a single run. Either
+//! way each segment's router, top-k and load-balance loss are the single run's.
 //!
 //! Padding rows carry finite values that nothing real reads (masked keys, dropped outputs), and
 //! their gradients are exactly zero. "Packed" rows are the real rows only, segment after segment,
@@ -25,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use engine::{rope_tables, DType, Tensor};
 
 use super::shared_lora::GroupProj;
+use super::shared_moe::grouped_moe;
 use super::{checkpointed, is_moe, Segment};
 use crate::adapters::router::RouterOutput;
 use crate::adapters::LayerAdapters;
@@ -54,6 +56,9 @@ pub(super) struct SharedBatch {
     /// Block-scale matrices built so far (reused by every layer, and by checkpointed layers
     /// when they run again in the backward pass).
     scales: Arc<Mutex<Vec<(ScaleKey, Tensor)>>>,
+    /// Global expert-id tables built so far, by experts per segment
+    /// ([`SharedBatch::global_expert_ids`]).
+    expert_ids: Arc<Mutex<Vec<(usize, Tensor)>>>,
 }
 
 /// One segment of a [`SharedBatch`].
@@ -143,6 +148,7 @@ impl SharedBatch {
             pack: padded.then(|| u32s(pack, vec![pack_len])).transpose()?,
             unpack: padded.then(|| u32s(unpack, vec![unpack_len])).transpose()?,
             scales: Arc::default(),
+            expert_ids: Arc::default(),
         };
         Ok((batch, u32s(ids, vec![sb, t])?))
     }
@@ -200,6 +206,27 @@ impl SharedBatch {
         cache.push((key, t.clone()));
         Ok(t)
     }
+
+    /// `[N_real, e]` u32: on the packed rows of segment `s`, `s·e .. (s+1)·e`, the global ids of
+    /// its `e` experts among all segments' (`shared_moe.rs`; a gather of the local top-k ids
+    /// from it gives the global ones). Built once per forward and `e`.
+    pub(super) fn global_expert_ids(&self, e: usize) -> Result<Tensor> {
+        let mut cache = self.expert_ids.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, t)) = cache.iter().find(|(k, _)| *k == e) {
+            return Ok(t.clone());
+        }
+        let rows = self.segs.last().map_or(0, |s| s.packed.end);
+        let mut v = Vec::with_capacity(rows * e);
+        for (si, s) in self.segs.iter().enumerate() {
+            let ids: Vec<u32> = (si * e..(si + 1) * e).map(|g| g as u32).collect();
+            for _ in s.packed.clone() {
+                v.extend_from_slice(&ids);
+            }
+        }
+        let t = Tensor::from_vec(v, [rows, e], self.ctx.cos.device())?;
+        cache.push((e, t.clone()));
+        Ok(t)
+    }
 }
 
 /// One decoder layer over the `[M, H]` rows of the padded batch (see the module doc). Returns
@@ -225,7 +252,12 @@ fn shared_layer(
         let y = swiglu_with(layer, &hn, &proj)?;
         return Ok((x.add(&y)?, vec![None; ads.len()]));
     }
-    // A MoE layer: each segment's FFN on its real rows, as its single run has them.
+    // A MoE layer: one fused call for all segments when they agree on its settings, else each
+    // segment's FFN on its real rows, as its single run has them.
+    if let Some(out) = grouped_moe(g, li, layer, ads, &hn)? {
+        let (y, routes) = out;
+        return Ok((x.add(&y)?, routes));
+    }
     let hp = g.pack(&hn)?; // [N_real, H]
     let (mut ys, mut routes) = (Vec::with_capacity(ads.len()), Vec::with_capacity(ads.len()));
     for (s, ad) in g.segs.iter().zip(ads) {
