@@ -2,8 +2,9 @@
 //! each adapter alone (`Llama::forward_train_hidden` with the adapter attached, on its own
 //! micro-batch): hidden states, losses and every parameter's gradient within bf16 tolerances on
 //! relative error, with LoRA and MixLoRA (fused) mixed, different lengths, dropout, gradient
-//! checkpointing on and off; and a negative control (two adapters swapped). Skips, saying why,
-//! without a GPU.
+//! checkpointing on and off; MixLoRA adapters of one setting (their FFNs one fused MoE call over
+//! all segments' experts) without dropout; and a negative control (two adapters swapped). Skips,
+//! saying why, without a GPU.
 
 use engine::{DType, Device, Tensor};
 use model::adapters::Adapters;
@@ -24,10 +25,12 @@ fn config() -> model::LlamaConfig {
     }
 }
 
-/// LoRA r=8 and MixLoRA r=8 (4 experts, top-2, the fused op), dropout 0.05, random `B`s.
-fn adapter_sets(m: &Llama, d: Device) -> Vec<Adapters> {
-    [PeftType::Lora, PeftType::MixLora, PeftType::Lora]
-        .into_iter()
+/// Adapters of `kinds`: LoRA r=8 and MixLoRA r=8 (4 experts, top-2, the fused op), alpha 16,
+/// dropout 0.05, random `B`s.
+fn adapter_sets(m: &Llama, d: Device, kinds: &[PeftType]) -> Vec<Adapters> {
+    kinds
+        .iter()
+        .copied()
         .enumerate()
         .map(|(s, peft)| {
             let cfg = AdapterConfig {
@@ -55,9 +58,13 @@ fn adapter_sets(m: &Llama, d: Device) -> Vec<Adapters> {
 /// The tolerances on relative error beyond the loss's (the bf16 one, 1e-2): bf16 hidden states
 /// rounded along other paths differ by an ulp or two in many elements, and gradients sum more
 /// such steps (the router's most). Measured with this test's model in bf16 on the CPU: hidden
-/// states 1.3e-2, loss 3.6e-4, gradients 5.8e-2 (a router's; expert LoRA 4.1e-2).
+/// states 1.3e-2, loss 3.6e-4, gradients 5.8e-2 (a router's; expert LoRA 4.1e-2); with three
+/// MixLoRA adapters (the grouped MoE call) hidden states 1.6e-2, expert LoRA gradients 8.3e-2,
+/// router gradients 2.2e-1, the same with their FFNs run per segment (a top-k choice that
+/// rounding flips moves a router's small gradient a lot).
 const HIDDEN_TOL: f64 = 3e-2;
 const GRAD_TOL: f64 = 1.5e-1;
+const ROUTER_GRAD_TOL: f64 = 3.5e-1;
 
 /// Hidden states, loss and gradients (name, values) of one adapter.
 type Run = (Vec<f64>, f64, Vec<(String, Vec<f64>)>);
@@ -92,11 +99,24 @@ fn grads(a: &Adapters) -> Vec<(String, Vec<f64>)> {
 
 #[test]
 fn shared_group_on_cuda_matches_each_adapter_alone_in_bf16() {
+    let kinds = [PeftType::Lora, PeftType::MixLora, PeftType::Lora];
+    check_against_alone(&kinds, true);
+}
+
+/// Three MixLoRA adapters of one setting: one fused MoE call per layer over their 12 experts.
+/// Without dropout (with it, the group's one call draws masks of its own).
+#[test]
+fn shared_fused_mixlora_group_on_cuda_matches_each_adapter_alone_in_bf16() {
+    check_against_alone(&[PeftType::MixLora; 3], false);
+}
+
+/// The group of `kinds` in shared mode against each adapter alone, with or without dropout.
+fn check_against_alone(kinds: &[PeftType; 3], dropout: bool) {
     let _lock = serial();
     let Some(d) = gpu() else { return };
     let mut m = Llama::random_with(config(), 3, DType::BF16, d, RandomInit::frozen_base()).unwrap();
-    let sets = adapter_sets(&m, d);
-    assert_eq!(m.group_mode(), GroupMode::Shared);
+    let sets = adapter_sets(&m, d, kinds);
+    m.set_group_mode(GroupMode::Shared);
     // Batch size 4, lengths 24, 17, 31; right padding in the last row of each.
     let (b, lens) = (4, [24usize, 17, 31]);
     let micro = |s: usize| {
@@ -112,15 +132,18 @@ fn shared_group_on_cuda_matches_each_adapter_alone_in_bf16() {
             )
             .collect();
         let u = |x: Vec<u32>| Tensor::from_vec(x, [b, t], d).unwrap();
-        (u(v), u(mask), u(targets), 11 * s as u64 + 5)
+        (
+            u(v),
+            u(mask),
+            u(targets),
+            dropout.then_some(11 * s as u64 + 5),
+        )
     };
     let micros: Vec<_> = (0..3).map(micro).collect();
     let mut alone: Vec<Run> = Vec::new();
     for (a, (ids, mask, targets, seed)) in sets.iter().zip(&micros) {
         m.set_adapters(a.clone()).unwrap();
-        let out = m
-            .forward_train_hidden(ids, Some(mask), Some(*seed))
-            .unwrap();
+        let out = m.forward_train_hidden(ids, Some(mask), *seed).unwrap();
         let l = loss(&m, &out.hidden, out.aux_loss.as_ref(), targets);
         l.backward().unwrap();
         let h = out.hidden.to_vec_f64().unwrap();
@@ -137,7 +160,7 @@ fn shared_group_on_cuda_matches_each_adapter_alone_in_bf16() {
                 adapter: s,
                 ids: micros[s].0.clone(),
                 key_mask: Some(micros[s].1.clone()),
-                dropout_seed: Some(micros[s].3),
+                dropout_seed: micros[s].3,
             })
             .collect();
         let outs = m.forward_train_group_hidden(&segments).unwrap();
@@ -158,12 +181,16 @@ fn shared_group_on_cuda_matches_each_adapter_alone_in_bf16() {
             assert!(e <= tol(DType::BF16), "{what}: loss off by {e:.2e}");
             for ((n, w), (_, g)) in want_grads.iter().zip(&grads(&sets[s])) {
                 let e = rel_err(w, g);
-                assert!(e <= GRAD_TOL, "{what}: gradient of {n} off by {e:.2e}");
+                let tol = match n.contains("moe_gate") {
+                    true => ROUTER_GRAD_TOL,
+                    false => GRAD_TOL,
+                };
+                assert!(e <= tol, "{what}: gradient of {n} off by {e:.2e}");
             }
         }
     }
-    // The negative control: with the two LoRA adapters swapped, the hidden states of their
-    // segments are far off.
+    // The negative control: with adapters 0 and 2 swapped, the hidden states of their segments
+    // are far off.
     let mut swapped = m.take_adapter_group();
     swapped.swap(0, 2);
     m.set_adapter_group(swapped).unwrap();
@@ -171,7 +198,7 @@ fn shared_group_on_cuda_matches_each_adapter_alone_in_bf16() {
         adapter: s,
         ids: micros[s].0.clone(),
         key_mask: Some(micros[s].1.clone()),
-        dropout_seed: Some(micros[s].3),
+        dropout_seed: micros[s].3,
     };
     let outs = engine::no_grad(|| m.forward_train_group_hidden(&[seg(0), seg(2)])).unwrap();
     let e = rel_err(&alone[0].0, &outs[0].hidden.to_vec_f64().unwrap());
