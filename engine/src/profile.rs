@@ -146,6 +146,14 @@ fn take_with_span() -> (Vec<(String, u64, f64)>, Option<f64>) {
     (rows, span)
 }
 
+/// The total time of the table and the GPU span of the event-timed launches since the last call,
+/// and clears both: with [`ProfileMode::GpuEvents`] on a GPU, the seconds the GPU was busy
+/// running kernels and the seconds from the first launch to the last.
+pub fn take_busy() -> (f64, Option<f64>) {
+    let (table, span) = take_with_span();
+    (table.iter().map(|r| r.2).sum(), span)
+}
+
 /// The table as text, and clears it: the `rows` longest entries (milliseconds, share of the
 /// total, calls), the total, and with GPU events the GPU span (busy: the total).
 #[must_use]

@@ -25,6 +25,7 @@ use crate::config::{FusedMoeArgs, ProfileArgs};
 use crate::error::{Error, Result};
 
 pub mod multi;
+pub mod recipe;
 
 pub use multi::{table6_multi, table6_multi_json, table6_multi_markdown, MultiRow, StepFigures};
 
@@ -216,7 +217,7 @@ pub fn shape_config(shape: BenchShape, layers: Option<usize>) -> LlamaConfig {
     c
 }
 
-fn synchronize(device: Device) -> Result<()> {
+pub(crate) fn synchronize(device: Device) -> Result<()> {
     #[cfg(feature = "cuda")]
     engine::backend::cuda::synchronize(device)?;
     let _ = device;
@@ -235,7 +236,7 @@ pub(crate) fn peak_bytes(device: Device) -> Option<usize> {
     None
 }
 
-fn reset_peak(device: Device) {
+pub(crate) fn reset_peak(device: Device) {
     #[cfg(feature = "cuda")]
     engine::backend::cuda::reset_peak_memory(device);
     let _ = device;
@@ -466,7 +467,7 @@ fn is_out_of_memory(e: &Error) -> bool {
 }
 
 /// The device's name for the report.
-fn device_name(device: Device) -> String {
+pub(crate) fn device_name(device: Device) -> String {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(n) = device {
         if let Ok(d) = engine::backend::cuda::CudaDevice::get(n) {

@@ -96,6 +96,9 @@ enum BenchCommand {
     /// LoRA and MixLoRA training steps on a LLaMA-2-7B-shaped model with random bf16 weights;
     /// with `--adapters N,...`, N adapters trained together on the one base against a single run.
     Table6(Box<trainer::bench::Table6Args>),
+    /// Training on real data as `mixlora train` runs it (ragged lengths, the recipe's batches):
+    /// tokens/s, step time, host busy time per step, GPU busy fraction and peak memory.
+    Recipe(Box<trainer::bench::recipe::RecipeArgs>),
 }
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -184,6 +187,7 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::Generate(args)) => generate_cmd::run(args),
         Some(Command::Train(cmd)) => train(*cmd),
         Some(Command::Bench(BenchCommand::Table6(args))) => table6(*args),
+        Some(Command::Bench(BenchCommand::Recipe(args))) => recipe(*args),
         Some(Command::PlotRouting(args)) => plot_routing(args),
         Some(Command::Export(args)) => export_cmd::run(args),
         Some(Command::Eval(args)) => {
@@ -277,6 +281,18 @@ fn train(cmd: TrainCmd) -> Result<()> {
         )
         .into());
     }
+    Ok(())
+}
+
+fn recipe(args: trainer::bench::recipe::RecipeArgs) -> Result<()> {
+    use trainer::bench::recipe;
+    let r = recipe::recipe(&args, |line| eprintln!("{line}"))?;
+    let json = recipe::recipe_json(&args, &r);
+    if let Some(path) = &args.json {
+        std::fs::write(path, format!("{json}\n"))
+            .map_err(|e| format!("{}: cannot write the report: {e}", path.display()))?;
+    }
+    println!("{}", recipe::recipe_summary(&r));
     Ok(())
 }
 

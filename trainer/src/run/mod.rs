@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use engine::{DType, Tensor, IGNORE_INDEX};
-use model::{GroupSegment, Llama, MoeImpl};
+use model::{GroupSegment, Llama, MoeImpl, Tokenizer};
 
 use self::adapter::{AdapterRun, DataCache, Status, StepEnd, StepWork};
 use self::start::{is_finished, start_of, Start};
@@ -54,8 +54,17 @@ pub fn lm_loss_rows(model: &Llama, hidden: &Tensor, labels: &Tensor) -> Result<T
     )?)
 }
 
+/// What the run reports to [`RunControl::on_step`] after each of its optimizer steps.
+#[derive(Clone, Copy, Debug)]
+pub struct StepDone {
+    /// Steps of the run done so far (of its longest adapter, in a run of several).
+    pub iteration: usize,
+    /// Real (non-padding) tokens of the step, over all its adapters.
+    pub real_tokens: usize,
+}
+
 /// How a run is driven, besides its settings.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Default)]
 pub struct RunControl<'a> {
     /// Return right after this optimizer step (and its checkpoint, if one is due) as if the
     /// process had been killed there: what a resumed run must continue from.
@@ -64,6 +73,19 @@ pub struct RunControl<'a> {
     /// abandoned, a checkpoint of the last step done is saved, and the run returns
     /// [`Error::Interrupted`] ([`crate::interrupt`]).
     pub interrupt: Option<&'a AtomicBool>,
+    /// Called after every optimizer step of the run (a benchmark's clock: `mixlora bench
+    /// recipe`).
+    pub on_step: Option<&'a dyn Fn(&StepDone)>,
+}
+
+impl std::fmt::Debug for RunControl<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunControl")
+            .field("stop_after", &self.stop_after)
+            .field("interrupt", &self.interrupt)
+            .field("on_step", &self.on_step.map(|_| "Fn"))
+            .finish()
+    }
 }
 
 /// `mixlora train`: fine-tunes an adapter, evaluating and checkpointing as configured.
@@ -216,6 +238,27 @@ fn finished_already(cfg: &TrainConfig, start: &Start) -> Option<TrainSummary> {
 pub fn train_plan(
     plan: &RunPlan,
     ctl: RunControl<'_>,
+    log: impl FnMut(&str),
+) -> Result<Vec<AdapterOutcome>> {
+    train_plan_with_base(plan, None, ctl, log)
+}
+
+/// [`train_plan`] on a base model already loaded (`mixlora bench recipe`'s random model of a
+/// shape): the plan's `model` setting is not read.
+pub fn train_plan_on(
+    plan: &RunPlan,
+    model: Llama,
+    tok: Tokenizer,
+    ctl: RunControl<'_>,
+    log: impl FnMut(&str),
+) -> Result<Vec<AdapterOutcome>> {
+    train_plan_with_base(plan, Some((model, tok)), ctl, log)
+}
+
+fn train_plan_with_base(
+    plan: &RunPlan,
+    base: Option<(Llama, Tokenizer)>,
+    ctl: RunControl<'_>,
     mut log: impl FnMut(&str),
 ) -> Result<Vec<AdapterOutcome>> {
     let grouped = plan.adapters.len() > 1;
@@ -250,27 +293,33 @@ pub fn train_plan(
         )));
     }
     let first = &plan.adapters[0].config;
-    let scratch = scratch_dir("train");
-    let t_load = Instant::now();
-    if let Some(p) = &first.model {
-        log(&format!("loading {}", p.display()));
-    }
-    let loaded = load_base_model(
-        first.model.as_deref(),
-        first.seed,
-        first.dtype.dtype(),
-        first.device,
-        &scratch,
-    );
-    let _ = std::fs::remove_dir_all(&scratch);
-    let (mut model, tok) = loaded?;
-    if let Some(p) = &first.model {
-        log(&format!(
-            "loaded {} in {}",
-            p.display(),
-            progress::duration(t_load.elapsed())
-        ));
-    }
+    let (mut model, tok) = match base {
+        Some(b) => b,
+        None => {
+            if let Some(p) = &first.model {
+                log(&format!("loading {}", p.display()));
+            }
+            let t_load = Instant::now();
+            let scratch = scratch_dir("train");
+            let loaded = load_base_model(
+                first.model.as_deref(),
+                first.seed,
+                first.dtype.dtype(),
+                first.device,
+                &scratch,
+            );
+            let _ = std::fs::remove_dir_all(&scratch);
+            let loaded = loaded?;
+            if let Some(p) = &first.model {
+                log(&format!(
+                    "loaded {} in {}",
+                    p.display(),
+                    progress::duration(t_load.elapsed())
+                ));
+            }
+            loaded
+        }
+    };
     model.set_gradient_checkpointing(plan.shared.gradient_checkpointing);
     model.set_group_mode(plan.shared.group_mode); // `auto`: the model's default, exact
     if matches!(first.moe(), MoeImpl::Fused(_)) {
@@ -384,6 +433,11 @@ pub fn train_plan(
                 w.load = load;
             }
         }
+        let real_tokens = work
+            .iter()
+            .flat_map(|w| &w.micro)
+            .map(|b| b.real_tokens)
+            .sum();
         for (&i, w) in active.iter().zip(work) {
             let r = &mut runs[i];
             let mut at = StepEnd {
@@ -413,6 +467,12 @@ pub fn train_plan(
             }
         }
         iteration += 1;
+        if let Some(f) = ctl.on_step {
+            f(&StepDone {
+                iteration,
+                real_tokens,
+            });
+        }
         if grouped {
             progress.update(iteration, format!("{} adapters training", active.len()));
         }

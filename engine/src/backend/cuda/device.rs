@@ -169,12 +169,17 @@ impl CudaDevice {
         self.0.ctx.bind_to_thread().map_err(|e| self.err(op, e))
     }
 
-    /// Waits for all queued work.
+    /// Waits for all queued work (the time waited adds to [`host_wait_seconds`]).
     pub fn synchronize(&self) -> Result<()> {
-        self.0
+        let t0 = std::time::Instant::now();
+        let r = self
+            .0
             .stream
             .synchronize()
-            .map_err(|e| self.err("synchronize", e))
+            .map_err(|e| self.err("synchronize", e));
+        let waited = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        HOST_WAIT_NS.fetch_add(waited, std::sync::atomic::Ordering::Relaxed);
+        r
     }
 
     /// Records a timing event after all the work queued so far on this device's stream; the GPU
@@ -373,6 +378,17 @@ impl Drop for CudaBuffer {
         let _ = unsafe { result::free_sync(self.ptr) };
         lock(&self.dev.cache).note_free(self.bytes);
     }
+}
+
+/// Nanoseconds the host has waited for a GPU in [`CudaDevice::synchronize`] (every upload,
+/// download and explicit synchronisation), over the process.
+static HOST_WAIT_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Seconds the host has spent waiting for the GPU since the process started: a training step's
+/// wall time less the growth of this is the time the host was busy (issuing work, its own
+/// computing).
+pub fn host_wait_seconds() -> f64 {
+    HOST_WAIT_NS.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9
 }
 
 /// `(current, peak)` bytes of device memory held by the engine's tensors on `device` (0, 0 for

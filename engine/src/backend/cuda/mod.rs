@@ -33,7 +33,9 @@ use crate::backend::{BackendStorage, BinaryOp, CmpOp, ReduceOp, UnaryOp};
 use crate::{DType, Device, Error, Layout, Result};
 
 use device::CudaBuffer;
-pub use device::{memory_stats, reset_peak_memory, synchronize, CudaDevice, GpuEvent};
+pub use device::{
+    host_wait_seconds, memory_stats, reset_peak_memory, synchronize, CudaDevice, GpuEvent,
+};
 
 /// One flat device buffer of one dtype.
 pub struct CudaStorage {
