@@ -161,8 +161,16 @@ fn packed_and_unpacked_give_each_example_the_same_loss_and_gradients() {
         let (m, a) = model_with(peft, imp);
         let want = run(&m, &a, &unpacked, &at_unpacked);
         let got = run(&m, &a, &packed, &at_packed);
-        assert!(want.losses.iter().all(|l| *l > 0.0), "{case}: {want:?}", want = want.losses);
-        assert_close(&format!("{case}: example losses"), &got.losses, &want.losses);
+        assert!(
+            want.losses.iter().all(|l| *l > 0.0),
+            "{case}: {want:?}",
+            want = want.losses
+        );
+        assert_close(
+            &format!("{case}: example losses"),
+            &got.losses,
+            &want.losses,
+        );
         for (k, (g, w)) in got.grads.iter().zip(&want.grads).enumerate() {
             for (p, (g, w)) in g.iter().zip(w).enumerate() {
                 assert_close(&format!("{case}: example {k}, param {p}"), g, w);
@@ -173,7 +181,10 @@ fn packed_and_unpacked_give_each_example_the_same_loss_and_gradients() {
             assert_close(&format!("{case}: aux loss"), &[g], &[w]);
         }
         for (p, (g, w)) in got.batch_grads.iter().zip(&want.batch_grads).enumerate() {
-            assert!(w.iter().any(|x| *x != 0.0), "{case}: param {p} has no gradient");
+            assert!(
+                w.iter().any(|x| *x != 0.0),
+                "{case}: param {p} has no gradient"
+            );
             assert_close(&format!("{case}: batch gradient of param {p}"), g, w);
         }
     }
@@ -197,5 +208,8 @@ fn a_packed_row_without_segments_changes_the_losses() {
     // The first example sees nothing else either way.
     assert_close("first example", &bad.losses[..1], &good.losses[..1]);
     let err = rel_err(&good.losses[1..], &bad.losses[1..]);
-    assert!(err > 1e-3, "a 0/1 mask should change the later examples: {err:e}");
+    assert!(
+        err > 1e-3,
+        "a 0/1 mask should change the later examples: {err:e}"
+    );
 }

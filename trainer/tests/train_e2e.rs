@@ -121,7 +121,9 @@ fn a_packed_run_resumes_exactly_and_keeps_its_packing() {
     let mut lines = Vec::new();
     train(&packed(&a), |l| lines.push(l.to_string())).unwrap();
     assert!(
-        lines.iter().any(|l| l.contains("packed rows of up to 1024 tokens")),
+        lines
+            .iter()
+            .any(|l| l.contains("packed rows of up to 1024 tokens")),
         "{lines:?}"
     );
     let settings = std::fs::read_to_string(a.join("train_config.toml")).unwrap();
@@ -157,7 +159,10 @@ fn a_packed_run_resumes_exactly_and_keeps_its_packing() {
     let (la, lb) = (losses(&a), losses(&b));
     assert_eq!(la.len(), 6);
     assert!(la.iter().all(|(_, l)| l.is_finite()));
-    assert_eq!(la, lb, "the resumed packed run must repeat the whole one exactly");
+    assert_eq!(
+        la, lb,
+        "the resumed packed run must repeat the whole one exactly"
+    );
     for d in [a, b, plain] {
         let _ = std::fs::remove_dir_all(&d);
     }

@@ -2,9 +2,9 @@
 //! cursor, and the collation of micro-batches (rows of one example, or packed rows:
 //! [`super::packing`]).
 
-use engine::{Device, Tensor};
 #[cfg(test)]
 use engine::IGNORE_INDEX;
+use engine::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::packing::{collate_packed, pack_rows};
@@ -158,10 +158,18 @@ impl Loader {
         seed: u64,
     ) -> Result<Loader> {
         if row_len == 0 {
-            return Err(Error::Config("cannot pack items into rows of 0 tokens".into()));
+            return Err(Error::Config(
+                "cannot pack items into rows of 0 tokens".into(),
+            ));
         }
         let packing = Packing { lengths, row_len };
-        Self::build(packing.lengths.len(), Some(packing), micro_batch, grad_accum, seed)
+        Self::build(
+            packing.lengths.len(),
+            Some(packing),
+            micro_batch,
+            grad_accum,
+            seed,
+        )
     }
 
     fn build(

@@ -120,7 +120,9 @@ mod tests {
         assert!(l.is_packed());
         let mut epochs = vec![];
         for epoch in 0..3 {
-            let steps: Vec<_> = (0..l.steps_in_epoch(epoch)).map(|_| l.next_step()).collect();
+            let steps: Vec<_> = (0..l.steps_in_epoch(epoch))
+                .map(|_| l.next_step())
+                .collect();
             let rows: Vec<Vec<usize>> = steps.concat().concat();
             for (k, step) in steps.iter().enumerate() {
                 // Full steps of `accum` micro-batches of `micro` rows, but the epoch's last.
@@ -129,7 +131,9 @@ mod tests {
                     assert!(step.iter().all(|m| m.len() == micro));
                 }
             }
-            assert!(rows.iter().all(|r| r.iter().map(|&i| lens[i]).sum::<usize>() <= 16));
+            assert!(rows
+                .iter()
+                .all(|r| r.iter().map(|&i| lens[i]).sum::<usize>() <= 16));
             // Greedy: the next row's first item did not fit in the row before.
             for w in rows.windows(2) {
                 let used: usize = w[0].iter().map(|&i| lens[i]).sum();
@@ -140,7 +144,10 @@ mod tests {
             let mut all = order.clone();
             all.sort();
             assert_eq!(all, (0..lens.len()).collect::<Vec<_>>(), "each item once");
-            assert!(rows.len() < lens.len(), "packing puts several items in a row");
+            assert!(
+                rows.len() < lens.len(),
+                "packing puts several items in a row"
+            );
             assert_eq!(l.epoch_progress(), (epoch + 1) as f64);
             epochs.push(rows);
         }
@@ -168,7 +175,9 @@ mod tests {
         let again: Vec<_> = (0..10).map(|_| b.next_step()).collect();
         assert_eq!(rest, again);
         // A cursor inside a packed row (another packing wrote it) is refused.
-        let first_row = &Loader::packed(lens.clone(), 16, 1, 1, 42).unwrap().next_step()[0][0];
+        let first_row = &Loader::packed(lens.clone(), 16, 1, 1, 42)
+            .unwrap()
+            .next_step()[0][0];
         assert!(first_row.len() > 1);
         let inside = crate::data::Cursor {
             epoch: 0,
