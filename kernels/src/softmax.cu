@@ -1,14 +1,16 @@
-// Softmax: softmax / log-softmax over the last dim, the causal, key-masked, scaled softmax of
-// attention scores, and the fused softmax backward (used by both).
+// Softmax: softmax / log-softmax over the last dim, the causal, key- or segment-masked, scaled
+// softmax of attention scores, and the fused softmax backward (used by both).
 //
 // {softmax,log_softmax}_{f32,bf16,f64}(rows, n, x, y)
 //   One block per row of a contiguous [rows, n] input; output [rows, n].
 // causal_softmax_{f32,bf16,f64}(rows, h, t, s, q_offset, scale, x, mask, y)
-//   x, y: [b, h, t, s] contiguous (rows = b·h·t); mask: [b, s] u32, or null for none. One block
-//   per row (bi, hi, i). Key j is visible when j < limit = min(s, q_offset + i + 1) and
-//   mask[bi, j] != 0; over the visible keys y = exp(scale·x − m) / Σ exp(scale·x − m) (m their
-//   maximum), y = 0 at every other key, and the whole row is 0 when no key is visible. Masked
-//   scores are never read. One pass keeps a running (max, Σ exp) per thread (the online softmax),
+//   x, y: [b, h, t, s] contiguous (rows = b·h·t); mask: [b, s] u32 (0 padding, else the token's
+//   segment), or null for none. One block per row (bi, hi, i); the query's segment is
+//   sq = mask[bi, q_offset + i] (0 past the keys or without a mask). Key j is visible when
+//   j < limit = min(s, q_offset + i + 1), mask[bi, j] != 0 and, when sq != 0, mask[bi, j] == sq
+//   (packed sequences never see each other; a 0/1 mask is plain padding); over the visible keys
+//   y = exp(scale·x − m) / Σ exp(scale·x − m) (m their maximum), y = 0 at every other key, and
+//   the whole row is 0 when no key is visible. Masked scores are never read. One pass keeps a running (max, Σ exp) per thread (the online softmax),
 //   merged over the block; a second pass over the row (just read, so in cache) writes y.
 //   Statistics in float for f32/bf16, double for f64.
 // softmax_backward_{f32,bf16,f64}(rows, n, scale, y, g, dx)
@@ -29,8 +31,8 @@
 //   memory, no barrier.
 //   causal_softmax: chunks starting at or past the causal limit are not read (they hold invisible
 //   keys) and are written as zeros; within a chunk that is read, keys at or past the limit and
-//   masked keys get score −∞ by selection, so their values never reach the result. Two passes
-//   over the registers: the maximum m, then Σ exp(v − m).
+//   masked keys (padding, or another segment's) get score −∞ by selection, so their values never
+//   reach the result. Two passes over the registers: the maximum m, then Σ exp(v − m).
 
 // ----- softmax / log-softmax over the last dim -----------------------------------------------------
 
@@ -126,6 +128,16 @@ __device__ __forceinline__ u32 causal_limit(size_t r, u32 t, u32 s, u32 q_offset
     return lim < (size_t)s ? (u32)lim : s;
 }
 
+// The segment of row r's query: mr[q_offset + i] (mr the mask row of its sequence), 0 (sees
+// every non-padding key) past the keys or without a mask.
+__device__ __forceinline__ u32 query_segment(const u32* mr, size_t r, u32 t, u32 s, u32 q_offset) {
+    const size_t p = (size_t)q_offset + (u32)(r % t);
+    return (mr && p < (size_t)s) ? mr[p] : 0u;
+}
+
+// Whether a key of mask word k is visible to a query of segment sq (causality aside).
+__device__ __forceinline__ bool key_visible(u32 k, u32 sq) { return k != 0u && (sq == 0u || k == sq); }
+
 template <typename T>
 __device__ void causal_softmax_row(u32 rows, u32 h, u32 t, u32 s, u32 q_offset, double scale,
                                    const T* x, const u32* mask, T* y) {
@@ -136,6 +148,7 @@ __device__ void causal_softmax_row(u32 rows, u32 h, u32 t, u32 s, u32 q_offset, 
     const size_t bi = r / ((size_t)h * t);
     const T* xr = x + r * s;
     const u32* mr = mask ? mask + bi * s : nullptr;
+    const u32 sq = query_segment(mr, r, t, s, q_offset);
     T* yr = y + r * s;
     const A sc = (A)scale;
 
@@ -143,7 +156,7 @@ __device__ void causal_softmax_row(u32 rows, u32 h, u32 t, u32 s, u32 q_offset, 
     st.m = neg_inf<A>();
     st.d = (A)0;
     for (u32 j = threadIdx.x; j < lim; j += blockDim.x) {
-        if (mr && mr[j] == 0u) continue;
+        if (mr && !key_visible(mr[j], sq)) continue;
         const A v = sc * to_acc(xr[j]);
         if (v > st.m) {
             st.d = st.d * m_exp(st.m - v) + (A)1;
@@ -157,7 +170,7 @@ __device__ void causal_softmax_row(u32 rows, u32 h, u32 t, u32 s, u32 q_offset, 
     const A inv = none ? (A)0 : (A)1 / st.d;
     for (u32 j = threadIdx.x; j < s; j += blockDim.x) {
         A o = (A)0;
-        if (!none && j < lim && !(mr && mr[j] == 0u)) {
+        if (!none && j < lim && !(mr && !key_visible(mr[j], sq))) {
             o = m_exp(sc * to_acc(xr[j]) - st.m) * inv;
         }
         yr[j] = from_acc<T>(o);
@@ -223,11 +236,11 @@ __device__ __forceinline__ size_t warp_row() {
     return (size_t)blockIdx.x * SOFTMAX_WARPS + (threadIdx.x >> 5);
 }
 
-// Scaled scores of the chunk at elements [e0, e0 + V) of row xr (mask row mr, or null): sc·x at
-// visible keys (e < lim, mask != 0), −∞ elsewhere. Reads nothing when e0 ≥ lim (which covers
-// chunks past the row's end, as lim ≤ s).
+// Scaled scores of the chunk at elements [e0, e0 + V) of row xr (mask row mr, or null; the
+// query's segment sq): sc·x at visible keys (e < lim, key_visible), −∞ elsewhere. Reads nothing
+// when e0 ≥ lim (which covers chunks past the row's end, as lim ≤ s).
 template <typename T>
-__device__ __forceinline__ void chunk_scores(const T* xr, const u32* mr, u32 e0, u32 lim,
+__device__ __forceinline__ void chunk_scores(const T* xr, const u32* mr, u32 sq, u32 e0, u32 lim,
                                              typename Acc<T>::type sc,
                                              typename Acc<T>::type (&v)[Chunk<T>::V]) {
     typedef typename Acc<T>::type A;
@@ -247,7 +260,7 @@ __device__ __forceinline__ void chunk_scores(const T* xr, const u32* mr, u32 e0,
     }
 #pragma unroll
     for (int q = 0; q < V; ++q) {
-        const bool visible = e0 + q < lim && mk.w[q] != 0u;
+        const bool visible = e0 + q < lim && key_visible(mk.w[q], sq);
         v[q] = visible ? sc * v[q] : neg_inf<A>(); // a select: a masked NaN never spreads
     }
 }
@@ -265,13 +278,14 @@ __device__ void causal_softmax_warp(u32 rows, u32 h, u32 t, u32 s, u32 q_offset,
     const u32 chunks = s / V;
     const T* xr = x + r * s;
     const u32* mr = mask ? mask + bi * s : nullptr;
+    const u32 sq = query_segment(mr, r, t, s, q_offset);
     T* yr = y + r * s;
 
     A v[C][V]; // v[k][q]: element (32·k + lane)·V + q of the row
     A m = neg_inf<A>();
 #pragma unroll
     for (int k = 0; k < C; ++k) {
-        chunk_scores<T>(xr, mr, (32u * k + lane) * V, lim, (A)scale, v[k]);
+        chunk_scores<T>(xr, mr, sq, (32u * k + lane) * V, lim, (A)scale, v[k]);
 #pragma unroll
         for (int q = 0; q < V; ++q) m = m_max(m, v[k][q]);
     }

@@ -5,7 +5,8 @@
 //! (relative error ‖shared − exact‖ / ‖exact‖ per tensor at most [`tol`]: 2e-5 in f32, 1e-10 in
 //! f64, where a mistake of logic cannot hide in rounding), with LoRA and MixLoRA mixed, different
 //! lengths, dropout, gradient checkpointing on and off, fused MixLoRA adapters of one setting
-//! (one MoE call over all their experts) and the fallbacks.
+//! (one MoE call over all their experts), packed rows (segment ids in the key masks) and the
+//! fallbacks.
 //! Each comparison also runs a negative control (a wrong dropout seed, or the adapters of two
 //! segments swapped) that must exceed the tolerance.
 
@@ -131,6 +132,37 @@ fn micro(b: usize, t: usize, pad: usize, seed: u64) -> Micro {
         .map(|j| {
             let next_real = j + 1 < b * t && mask[j + 1] == 1 && (j + 1) % t != 0;
             if next_real {
+                v[j + 1]
+            } else {
+                u32::MAX
+            }
+        })
+        .collect();
+    Micro {
+        ids: ids(&v, &[b, t]),
+        mask: ids(&mask, &[b, t]),
+        targets: ids(&targets, &[b, t]),
+        seed: 7 * seed + 1,
+    }
+}
+
+/// A micro-batch of packed rows: row `r` holds sequences of the lengths `lens[r]` (key mask
+/// 1, 2, .. per sequence, then padding to `t`); a target is the next id of the same sequence.
+fn packed_micro(t: usize, lens: &[&[usize]], seed: u64) -> Micro {
+    let b = lens.len();
+    let v = rand_ids(b * t, 11, seed);
+    let mut mask = vec![0u32; b * t];
+    for (r, row) in lens.iter().enumerate() {
+        let mut at = r * t;
+        for (id, &len) in (1u32..).zip(row.iter()) {
+            mask[at..at + len].fill(id);
+            at += len;
+        }
+    }
+    let targets: Vec<u32> = (0..b * t)
+        .map(|j| {
+            let same = (j + 1) % t != 0 && mask[j] != 0 && mask[j + 1] == mask[j];
+            if same {
                 v[j + 1]
             } else {
                 u32::MAX
@@ -338,6 +370,23 @@ fn shared_equals_exact_with_lora_and_mixlora_mixed() {
     // Batch size 2, lengths 3, 5, 4; padding inside two of them and at the end of all but one.
     let micros = [micro(2, 3, 0, 1), micro(2, 5, 2, 2), micro(2, 4, 1, 3)];
     check(&specs, &micros, &[2, 0, 1], true, Control::WrongSeed);
+}
+
+/// Packed rows (`--packing`: several sequences per row, segment ids in the key mask): the
+/// shared batch gives each sequence its own positions, restarting at 0, as the exact run does.
+#[test]
+fn shared_equals_exact_with_packed_rows() {
+    let specs = [
+        lora(4, 0.0, None),
+        mixlora(2, 4, 0.0, MoeImpl::Naive),
+        fused_mixlora(2, 4, 0.0, 6.0),
+    ];
+    let micros = [
+        packed_micro(7, &[&[3, 4], &[2, 2, 1]], 1),
+        packed_micro(5, &[&[1, 4], &[5]], 2),
+        packed_micro(6, &[&[2, 2, 2], &[3]], 3),
+    ];
+    check(&specs, &micros, &[1, 2, 0], false, Control::Swapped);
 }
 
 #[test]

@@ -282,6 +282,15 @@ mod tests {
             ),
             (
                 TrainConfig {
+                    packing: true,
+                    ..run.clone()
+                },
+                "packing",
+                "false",
+                "true",
+            ),
+            (
+                TrainConfig {
                     eval_limit: Some(5),
                     ..run.clone()
                 },

@@ -103,6 +103,71 @@ fn a_resumed_run_keeps_its_moe_implementation() {
     let _ = std::fs::remove_dir_all(&b);
 }
 
+/// `--packing`: a run whose rows pack several examples records the setting, takes more tokens
+/// per step than the unpacked run, continues exactly after a kill and resume (the cursor stops
+/// between packed rows), and refuses to resume with packing turned off.
+#[test]
+fn a_packed_run_resumes_exactly_and_keeps_its_packing() {
+    // Rows of 1024 tokens hold three or four of the synthetic examples (about 265 tokens).
+    let unpacked = |out: &Path| TrainConfig {
+        cutoff_len: 1024,
+        ..small(out)
+    };
+    let packed = |out: &Path| TrainConfig {
+        packing: true,
+        ..unpacked(out)
+    };
+    let a = out_dir("packed-whole");
+    let mut lines = Vec::new();
+    train(&packed(&a), |l| lines.push(l.to_string())).unwrap();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("packed rows of up to 1024 tokens")),
+        "{lines:?}"
+    );
+    let settings = std::fs::read_to_string(a.join("train_config.toml")).unwrap();
+    assert!(settings.contains("packing = true"), "{settings}");
+    let tokens = |out: &Path| -> u64 {
+        let state = out.join("checkpoint-6").join("trainer_state.json");
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(state).unwrap()).unwrap();
+        v["tokens_seen"].as_u64().unwrap()
+    };
+    let plain = out_dir("packed-plain");
+    train(&unpacked(&plain), |_| {}).unwrap();
+    assert!(
+        tokens(&a) > 2 * tokens(&plain),
+        "packed rows hold several examples: {} vs {} tokens",
+        tokens(&a),
+        tokens(&plain)
+    );
+
+    let b = out_dir("packed-resumed");
+    train_until(&packed(&b), Some(3), |_| {}).unwrap();
+    let unpacked_resume = TrainConfig {
+        resume: true,
+        ..unpacked(&b)
+    };
+    let e = train(&unpacked_resume, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("packing is true there but false here"), "{e}");
+    let resumed = TrainConfig {
+        resume: true,
+        ..packed(&b)
+    };
+    train(&resumed, |_| {}).unwrap();
+    let (la, lb) = (losses(&a), losses(&b));
+    assert_eq!(la.len(), 6);
+    assert!(la.iter().all(|(_, l)| l.is_finite()));
+    assert_eq!(
+        la, lb,
+        "the resumed packed run must repeat the whole one exactly"
+    );
+    for d in [a, b, plain] {
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
+
 #[test]
 fn diverging_run_stops_and_keeps_the_last_good_checkpoint() {
     let out = out_dir("nan");

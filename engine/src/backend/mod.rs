@@ -196,8 +196,11 @@ pub trait BackendStorage: Sized + Send + Sync {
     ) -> Result<Self>;
 
     /// Causal, key-masked, scaled softmax over the last dim of attention scores `self`:
-    /// `[b, h, t, s]` (any strides). Query `i` sees key `j` when `j <= q_offset + i` and, with a
-    /// `key_mask` (u32 `[b, s]`), `key_mask[b, j] != 0`; over the visible keys
+    /// `[b, h, t, s]` (any strides). Query `i` sits at key position `p = q_offset + i` and sees
+    /// key `j` when `j <= p` and, with a `key_mask` (u32 `[b, s]`: 0 for padding, else the
+    /// token's segment), `key_mask[b, j] != 0` and, when the query's own `key_mask[b, p]` is not
+    /// 0 (and `p < s`), `key_mask[b, j] == key_mask[b, p]`: segments are block-diagonal (packed
+    /// sequences never see each other), and a 0/1 mask is plain padding. Over the visible keys
     /// `y[b, h, i, j] = exp(scale·x − m) / Σ exp(scale·x − m)` (`m` the row's visible maximum),
     /// and `y = 0` exactly at every other key. Masked scores are never read. A row with no
     /// visible key (a padding query) is all zero. Statistics in f32 (f64 for f64). Output

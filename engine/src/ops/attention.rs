@@ -1,6 +1,6 @@
-//! Causal scaled dot-product attention with grouped-query heads, padding masks and a query offset
-//! (KV-cache decoding): two matmuls around the fused causal, key-masked softmax, so its backward
-//! comes from theirs.
+//! Causal scaled dot-product attention with grouped-query heads, padding masks or packed
+//! segments and a query offset (KV-cache decoding): two matmuls around the fused causal,
+//! key-masked softmax, so its backward comes from theirs.
 
 use super::{float_only, same_device, same_dtype, u32_only};
 use crate::{Error, Result, Tensor};
@@ -12,7 +12,10 @@ use crate::{Error, Result, Tensor};
 ///   without materialising repeated keys).
 /// - Query `i` sits at key position `q_offset + i` and sees keys `0 ..= q_offset + i`; with a KV
 ///   cache, `s = q_offset + t`. `q_offset + t` may not exceed `s`.
-/// - `key_mask`: u32 `[b, s]`, 1 for a real token, 0 for padding (never attended to).
+/// - `key_mask`: u32 `[b, s]`, 0 for padding (never attended to), else the token's segment: 1
+///   for every real token of an unpacked batch, or `1, 2, ..` for the sequences packed into one
+///   row, where a query sees only the earlier keys of its own segment (block-diagonal causal
+///   attention, [`Tensor::causal_masked_softmax`]).
 ///
 /// The scores go through [`Tensor::causal_masked_softmax`] (scale folded in, no bias tensor):
 /// masked keys get weight exactly 0, and a row with no visible key (a left-padding query) gets

@@ -1,5 +1,5 @@
-//! Softmax and log-softmax over the last dim, and the causal, key-masked, scaled softmax of
-//! attention scores.
+//! Softmax and log-softmax over the last dim, and the causal, key- or segment-masked, scaled
+//! softmax of attention scores.
 
 use super::{float_only, same_device, u32_only};
 use crate::autograd::{Input, Node, Output};
@@ -46,8 +46,12 @@ impl Tensor {
     }
 
     /// The attention softmax, fused: `self` is scores `[b, h, t, s]`; query `i` sits at key
-    /// position `q_offset + i` and sees key `j` when `j <= q_offset + i` and, with a `key_mask`
-    /// (u32 `[b, s]`, 0 for padding), `key_mask[b, j] != 0`. Over the visible keys
+    /// position `p = q_offset + i` and sees key `j` when `j <= p` and, with a `key_mask` (u32
+    /// `[b, s]`: 0 for padding, else the token's segment), `key_mask[b, j] != 0` and, when the
+    /// query's own `key_mask[b, p]` is not 0, `key_mask[b, j] == key_mask[b, p]`. So a 0/1 mask
+    /// is plain padding, and segment ids `1, 2, ..` give the block-diagonal causal mask of
+    /// packed sequences (no sequence sees another); a padding query sees every real key before
+    /// it. Over the visible keys
     /// `y = softmax(scale · x)`; `y = 0` exactly at every other key (masked scores are never
     /// used, so a NaN there does not spread). Statistics in f32 (f64 for f64).
     ///

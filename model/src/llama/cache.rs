@@ -137,8 +137,11 @@ fn append(
     ))
 }
 
-/// RoPE positions `[B, T]` of `t` new tokens after `past` cached ones: the number of real
-/// tokens before each one (so left padding does not shift positions); `0..` when no mask.
+/// RoPE positions `[B, T]` of `t` new tokens after `past` cached ones: the number of earlier
+/// tokens of the same segment (the key mask's value: 1 for every real token of an unpacked row,
+/// `1, 2, ..` for sequences packed into one row, whose positions so restart at 0), so left
+/// padding does not shift positions; a padding token gets the number of real tokens before it.
+/// `0..` when no mask.
 pub fn positions_from_mask(
     b: usize,
     t: usize,
@@ -165,16 +168,46 @@ pub fn positions_from_mask(
             let mv = m.to_vec_u32()?;
             let mut out = Vec::with_capacity(b * t);
             for row in mv.chunks(s) {
-                let mut seen = 0u32;
-                let mut row_pos = Vec::with_capacity(s);
-                for &v in row {
-                    row_pos.push(seen);
-                    seen += (v != 0) as u32;
-                }
-                out.extend_from_slice(&row_pos[s - t..]);
+                out.extend_from_slice(&row_positions(row)[s - t..]);
             }
             out
         }
     };
     Ok(Tensor::from_vec(pos, [b, t], device)?)
+}
+
+/// The RoPE positions of one row of a key mask (0 padding, else the token's segment): each real
+/// token's count of earlier tokens of its segment, each padding token's count of earlier real
+/// tokens. With a 0/1 mask, the number of real tokens before each one.
+pub(crate) fn row_positions(mask_row: &[u32]) -> Vec<u32> {
+    let mut seen = std::collections::HashMap::<u32, u32>::new();
+    let mut real = 0u32;
+    mask_row
+        .iter()
+        .map(|&v| {
+            if v == 0 {
+                return real;
+            }
+            real += 1;
+            let n = seen.entry(v).or_insert(0);
+            *n += 1;
+            *n - 1
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::row_positions;
+
+    #[test]
+    fn positions_restart_in_each_segment() {
+        // Left padding, then one sequence: positions count real tokens.
+        assert_eq!(row_positions(&[0, 0, 1, 1, 1]), [0, 0, 0, 1, 2]);
+        // Packed segments 1, 2, 3, then padding.
+        assert_eq!(
+            row_positions(&[1, 1, 1, 2, 2, 3, 0, 0]),
+            [0, 1, 2, 0, 1, 0, 6, 6]
+        );
+    }
 }

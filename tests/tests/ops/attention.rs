@@ -4,24 +4,26 @@
 //!
 //! Gradients of q, k and v by central finite differences in f64 (relative error 1e-6), on
 //! grouped-query, multi-head, transposed, padded and offset inputs; values against a naive loop
-//! over the visible keys (f64 1e-12, f32 1e-5); against the composite it replaced (scaled q, one
+//! over the visible keys (f64 1e-12, f32 1e-5), packed rows (segments 1, 2, .. in the key mask)
+//! included; packed rows against each sequence alone (f64 1e-13, forward and backward); against the composite it replaced (scaled q, one
 //! product per kv head, a −1e9 bias, softmax), forward and backward (f64 1e-12 and 1e-11, f32
 //! 1e-5 and 1e-4) and zero on padding queries; rows with no visible key finite (bf16 2e-2 on the
 //! others) with finite gradients; shape, dtype and offset errors.
 //!
 //! Parity (module `gpu`): forward and backward (output, dq, dk, dv) on SmolLM2-135M's shapes with
-//! left padding, odd and block-sized sequence lengths, decoding after a long cache, q as the
-//! transpose of its projection. The CPU is the reference: relative error within f32 1e-5, bf16
+//! left padding, odd and block-sized sequence lengths, decoding after a long cache, packed rows of
+//! random segments, q as the transpose of its projection. The CPU is the reference: relative error within f32 1e-5, bf16
 //! 1e-2, f64 1e-10; NaN never passes.
 
-use crate::causal::{cases, visible_rows, Case};
+use crate::causal::{cases, packed_cases, segment_sees, visible_rows, Case};
 use crate::util::{is_shape_err, vals};
-use engine::{causal_attention, DType, Device, Error, Tensor};
+use engine::{cat, causal_attention, DType, Device, Error, Tensor};
 use testutil::{check_gradients, ids, randn, rel_err};
 
 const CPU: Device = Device::Cpu;
 
-/// Per-(b, h, i) attention over the visible keys only; rows with no visible key are NaN.
+/// Per-(b, h, i) attention over the visible keys only (causal, not padding, of the query's
+/// segment); rows with no visible key are NaN.
 #[allow(clippy::too_many_arguments)]
 fn naive_attention(
     q: &[f64],
@@ -39,7 +41,10 @@ fn naive_attention(
             for i in 0..t {
                 let qi = &q[((bi * hq + h) * t + i) * d..][..d];
                 let visible: Vec<usize> = (0..s)
-                    .filter(|&j| j <= q_offset + i && mask.is_none_or(|m| m[bi * s + j] != 0))
+                    .filter(|&j| {
+                        j <= q_offset + i
+                            && mask.is_none_or(|m| segment_sees(&m[bi * s..][..s], q_offset + i, j))
+                    })
                     .collect();
                 let o = &mut out[((bi * hq + h) * t + i) * d..][..d];
                 if visible.is_empty() {
@@ -160,7 +165,8 @@ fn grad_attention_padding_and_offset() {
 
 #[test]
 fn grad_causal_attention_fused() {
-    for (n, c) in cases().into_iter().take(8).enumerate() {
+    let packed = packed_cases().into_iter().take(2);
+    for (n, c) in cases().into_iter().take(8).chain(packed).enumerate() {
         let (b, hq, hkv, t, s, d) = (c.b, c.h, c.hkv, c.t, c.s, c.d.min(4));
         let seed = 500 + 3 * n as u64;
         let mask = c.mask_tensor();
@@ -207,6 +213,18 @@ fn attention_matches_naive_loop() {
             Some(vec![1, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0]),
         ),
         (1, 2, 1, 1, 9, 4, 8, None),
+        // Packed segments (1, 2, 3), padding after; with a query offset.
+        (
+            2,
+            4,
+            2,
+            6,
+            6,
+            4,
+            0,
+            Some(vec![1, 1, 2, 2, 2, 3, 1, 2, 2, 2, 0, 0]),
+        ),
+        (1, 2, 2, 3, 7, 4, 4, Some(vec![1, 1, 1, 2, 2, 3, 3])),
     ];
     for (seed, (b, hq, hkv, t, s, d, off, mask)) in cases.into_iter().enumerate() {
         let seed = 100 + 3 * seed as u64;
@@ -366,6 +384,66 @@ fn causal_attention_matches_composite() {
     }
 }
 
+/// Sequences packed into one row (key mask 1, 2, .. per segment) give each sequence exactly the
+/// attention it gets alone, forward and backward: the block-diagonal causal mask lets no segment
+/// see another.
+#[test]
+fn packed_attention_equals_separate_sequences() {
+    let (hq, hkv, d) = (4, 2, 4);
+    let lens = [3usize, 5, 1, 4];
+    let s = lens.iter().sum::<usize>() + 2; // two padding keys at the end
+    let mut mask = vec![0u32; s];
+    let mut at = 0;
+    for (id, &len) in lens.iter().enumerate() {
+        mask[at..at + len].fill(id as u32 + 1);
+        at += len;
+    }
+    let m = ids(&mask, &[1, s]);
+    let (q, k, v) = (
+        randn(&[1, hq, s, d], 720),
+        randn(&[1, hkv, s, d], 721),
+        randn(&[1, hkv, s, d], 722),
+    );
+    // The output gradient, zero on the padding queries (which stay out of any loss).
+    let gout = cat(
+        &[
+            &randn(&[1, hq, s - 2, d], 723),
+            &Tensor::zeros([1, hq, 2, d], DType::F64, CPU).unwrap(),
+        ],
+        2,
+    )
+    .unwrap();
+    let grads = |out: &Tensor, g: &Tensor, x: [&Tensor; 3]| {
+        out.backward_with_grad(g).unwrap();
+        x.map(|x| x.grad().expect("a gradient"))
+    };
+    let (qv, kv, vv) = (
+        q.to_var().unwrap(),
+        k.to_var().unwrap(),
+        v.to_var().unwrap(),
+    );
+    let packed = causal_attention(&qv, &kv, &vv, Some(&m), 0).unwrap();
+    let packed_g = grads(&packed, &gout, [&qv, &kv, &vv]);
+    let mut at = 0;
+    for &len in &lens {
+        let part = |x: &Tensor| x.narrow(2, at, len).unwrap().contiguous().unwrap();
+        let (qs, ks, vs) = (
+            part(&q).to_var().unwrap(),
+            part(&k).to_var().unwrap(),
+            part(&v).to_var().unwrap(),
+        );
+        let alone = causal_attention(&qs, &ks, &vs, None, 0).unwrap();
+        let err = rel_err(&vals(&part(&packed)), &vals(&alone));
+        assert!(err < 1e-13, "segment at {at}: output rel err {err:e}");
+        let alone_g = grads(&alone, &part(&gout), [&qs, &ks, &vs]);
+        for (name, (p, a)) in ["dq", "dk", "dv"].iter().zip(packed_g.iter().zip(&alone_g)) {
+            let err = rel_err(&vals(&part(p)), &vals(a));
+            assert!(err < 1e-13, "segment at {at}: {name} rel err {err:e}");
+        }
+        at += len;
+    }
+}
+
 // ----- errors -------------------------------------------------------------------------------
 
 #[test]
@@ -501,6 +579,9 @@ mod gpu {
             ((2, 6, 2, 5, 1000, 16), 995, Mask::Random, false), // decoding after a long cache
             ((2, 2, 1, 64, 2048, 64), 1984, Mask::Left, false),
             ((2, 2, 1, 1, 1, 8), 0, Mask::None, false),
+            // Packed sequences (block-diagonal): SmolLM2-135M's heads, a row of 512.
+            ((2, 9, 3, 512, 512, 64), 0, Mask::Packed, true),
+            ((1, 4, 2, 257, 257, 32), 0, Mask::Packed, false),
         ];
         for dt in FLOATS {
             for (dims, off, mk, tq) in cases {

@@ -62,11 +62,32 @@ impl Case {
         );
         self
     }
+    /// Sequence `bi` packs segments of the lengths `lens(bi)` (ids 1, 2, ..), then padding.
+    pub(crate) fn packed(mut self, lens: impl Fn(usize) -> Vec<usize>) -> Self {
+        let s = self.s;
+        let mut mask = vec![0u32; self.b * s];
+        for bi in 0..self.b {
+            let mut at = bi * s;
+            for (id, len) in lens(bi).into_iter().enumerate() {
+                mask[at..at + len].fill(id as u32 + 1);
+                at += len;
+            }
+            assert!(at <= (bi + 1) * s, "segments longer than the row");
+        }
+        self.mask = Some(mask);
+        self
+    }
     pub(crate) fn mask_tensor(&self) -> Option<Tensor> {
         self.mask.as_ref().map(|m| ids(m, &[self.b, self.s]))
     }
+    /// Key `j` is visible to query `i` of sequence `bi`: causal, not padding and, for a query
+    /// of a segment (mask value not 0), of the same segment.
     pub(crate) fn visible(&self, bi: usize, i: usize, j: usize) -> bool {
-        j <= self.q_offset + i && self.mask.as_ref().is_none_or(|m| m[bi * self.s + j] != 0)
+        j <= self.q_offset + i
+            && self
+                .mask
+                .as_ref()
+                .is_none_or(|m| segment_sees(&m[bi * self.s..][..self.s], self.q_offset + i, j))
     }
     /// Whether row `(bi, i)` has at least one visible key.
     pub(crate) fn row_sees(&self, bi: usize, i: usize) -> bool {
@@ -92,8 +113,16 @@ impl Case {
     }
 }
 
+/// Whether the query at position `p` of a row with key mask `row` (0 padding, else a segment)
+/// sees key `j`, causality aside: `j` is not padding, and of the query's segment unless the query
+/// is padding (or past the row).
+pub(crate) fn segment_sees(row: &[u32], p: usize, j: usize) -> bool {
+    let sq = row.get(p).copied().unwrap_or(0);
+    row[j] != 0 && (sq == 0 || row[j] == sq)
+}
+
 pub(crate) fn cases() -> Vec<Case> {
-    vec![
+    let mut v = vec![
         // t == s, no mask.
         Case::new(2, 3, 7, 7, 0),
         // t < s with a query offset (KV-cache decoding), and fewer queries than the cache allows.
@@ -114,6 +143,26 @@ pub(crate) fn cases() -> Vec<Case> {
             .gqa(3)
             .head_dim(16)
             .left_pad(|bi| 20 * bi),
+    ];
+    // Packed sequences (segments 1, 2, ..): block-diagonal, then padding.
+    v.extend(packed_cases());
+    v
+}
+
+/// Rows that pack several sequences (key mask values 1, 2, .. per segment, 0 padding).
+pub(crate) fn packed_cases() -> Vec<Case> {
+    vec![
+        // Three and two segments, padding after the second row's.
+        Case::new(2, 2, 9, 9, 0).packed(|bi| if bi == 0 { vec![3, 4, 2] } else { vec![5, 2] }),
+        // Grouped-query heads, a one-token segment, a query offset.
+        Case::new(2, 4, 5, 8, 3)
+            .gqa(2)
+            .packed(|bi| if bi == 0 { vec![2, 1, 5] } else { vec![4, 3] }),
+        // Large enough for the parallel path (b·h·t·s > 16384).
+        Case::new(2, 6, 48, 64, 16)
+            .gqa(3)
+            .head_dim(16)
+            .packed(|bi| vec![17, 9, 30 - 4 * bi]),
     ]
 }
 
@@ -151,6 +200,8 @@ pub(crate) enum Mask {
     Left,
     /// About one key in four is padding, at random.
     Random,
+    /// Packed segments of 1 to 97 tokens (ids 1, 2, ..), each row ending in padding.
+    Packed,
 }
 
 #[cfg(feature = "cuda")]
@@ -168,6 +219,20 @@ impl Mask {
                     .map(|i| u32::from(engine::rng::uniform(91, i) >= 0.25))
                     .collect(),
             ),
+            Mask::Packed => {
+                let mut m = vec![0u32; b * s];
+                for (bi, row) in m.chunks_mut(s).enumerate() {
+                    let (mut at, mut id, mut k) = (0, 1u32, 0u64);
+                    // Stop a few keys short of the row's end: the last keys are padding.
+                    while at + 3 < s {
+                        let u = engine::rng::uniform(92 + bi as u64, k);
+                        let len = (1 + (u * 97.0) as usize).min(s - 3 - at);
+                        row[at..at + len].fill(id);
+                        (at, id, k) = (at + len, id + 1, k + 1);
+                    }
+                }
+                Some(m)
+            }
         }
     }
 }

@@ -7,8 +7,9 @@
 //! transposed scores; values against the definition (softmax within 1e-14, log-softmax 1e-12,
 //! large logits finite); the masked softmax against the composite it replaces (scaled scores +
 //! an additive −1e9 mask bias + softmax) in f64 (1e-13) and f32 (1e-6), for t < s with a query
-//! offset, t == s, key masks with right and left padding, grouped-query heads, strided inputs and
-//! rows large enough for the parallel path, exactly zero at masked keys and on rows with no
+//! offset, t == s, key masks with right and left padding, packed rows (segment ids 1, 2, ..:
+//! block-diagonal), grouped-query heads, strided inputs and rows large enough for the parallel
+//! path, exactly zero at masked keys and on rows with no
 //! visible key, bf16 against f32 within 1e-2, NaN at unused scores changing nothing;
 //! `softmax_backward` against `scale · y ⊙ (g − Σ g ⊙ y)` (f64 1e-13, f32 1e-5); shape and dtype
 //! errors.
@@ -17,7 +18,8 @@
 //! and `softmax_backward` over row lengths that cover both kernel forms. One warp per row, held
 //! as 16-byte chunks of V = 8 bf16, 4 f32 or 2 f64, 32·C per row (C = 1, 2, 4, 8), when V divides
 //! s and s ≤ 256·V: s = 64, 256, 512 for every dtype, 1000 for bf16 and f32, 2048 for bf16; the
-//! causal limits of the square cases end inside chunks, and rows are not a multiple of the 8
+//! causal limits of the square cases end inside chunks, square cases also run on packed rows
+//! (random segments of 1 to 97 keys, so segment edges fall inside chunks), and rows are not a multiple of the 8
 //! warps of a block. One block per row otherwise: s = 1, 7, 255, 257 (no V divides them), 1000
 //! for f64, 2048 for f32 and f64, 2056 for every dtype (past the warp's registers); these cover
 //! rows narrower than a block, exactly one 256-thread block, one more, and rows that loop over
@@ -26,7 +28,7 @@
 //! first (aligned). The CPU is the reference: relative error within f32 1e-5, bf16 1e-2, f64
 //! 1e-10; NaN never passes.
 
-use crate::causal::{cases, visible_rows, Case};
+use crate::causal::{cases, packed_cases, visible_rows, Case};
 use crate::util::vals;
 use engine::backend::cpu::CpuStorage;
 use engine::backend::BackendStorage;
@@ -49,7 +51,9 @@ fn grad_softmax() {
 
 #[test]
 fn grad_masked_softmax() {
-    for (n, c) in cases().into_iter().take(8).enumerate() {
+    // The first 8 cases, and packed rows (segment ids in the key mask: block-diagonal).
+    let packed = packed_cases().into_iter().take(2);
+    for (n, c) in cases().into_iter().take(8).chain(packed).enumerate() {
         let (b, h, t, s) = (c.b, c.h, c.t, c.s);
         let mask = c.mask_tensor();
         let x = randn(&[b, h, t, s], 400 + n as u64);
@@ -330,6 +334,7 @@ mod gpu {
             v.push((b, h, s, s, 0, Mask::None));
             v.push((b + 1, h, s, s, 0, Mask::Left));
             v.push((b + 1, h, s.div_ceil(2), s, s / 3, Mask::Left));
+            v.push((b, h, s, s, 0, Mask::Packed));
         }
         v
     }

@@ -120,6 +120,12 @@ pub struct TrainArgs {
     /// cuts prompts from the left to fit [default: 512].
     #[arg(long)]
     pub cutoff_len: Option<usize>,
+    /// Pack several examples into each row of up to --cutoff-len tokens (greedily, in the
+    /// epoch's order), each with its own positions and attention (no example sees another);
+    /// --batch-size and --micro-batch-size then count rows, not examples [default: off].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    pub packing: bool,
     /// Seed of the adapter initialisation, the data order, dropout, the validation split and the
     /// built-in model [default: 42].
     #[arg(long)]

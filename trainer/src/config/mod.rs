@@ -138,6 +138,9 @@ with_defaults! {
         pub warmup_steps: Option<usize> = None,
         pub warmup_ratio: Option<f64> = None,
         pub cutoff_len: usize = 512,
+        /// Several examples per row of up to `cutoff_len` tokens ([`crate::data::pack_rows`]);
+        /// `batch_size` and `micro_batch_size` then count rows.
+        pub packing: bool = false,
         pub seed: u64 = 42,
         pub num_experts: usize = 8,
         pub top_k: usize = 2,
@@ -399,10 +402,11 @@ impl TrainConfig {
         self.batch_size / self.micro_batch_size.max(1)
     }
 
-    /// Optimizer steps of the run: `epochs` epochs of `steps_per_epoch`, capped by `max_steps`
-    /// (which alone decides when `epochs` is 0).
-    pub fn total_steps(&self, steps_per_epoch: usize) -> usize {
-        let by_epochs = self.epochs * steps_per_epoch;
+    /// Optimizer steps of the run: the steps of its `epochs` epochs (`steps_in_epoch(e)` in
+    /// epoch `e`: the same in every epoch, except with packing), capped by `max_steps` (which
+    /// alone decides when `epochs` is 0).
+    pub fn total_steps(&self, steps_in_epoch: impl Fn(usize) -> usize) -> usize {
+        let by_epochs = (0..self.epochs).map(steps_in_epoch).sum();
         match self.max_steps {
             Some(m) if self.epochs == 0 => m,
             Some(m) => m.min(by_epochs),

@@ -228,13 +228,15 @@ fn bad_words_on_the_command_line_name_the_flag_and_the_value() {
 #[test]
 fn total_steps_from_epochs_and_max_steps() {
     let mut c = TrainConfig::default();
-    assert_eq!(c.total_steps(30), 60);
+    assert_eq!(c.total_steps(|_| 30), 60);
+    // Packed epochs may differ in steps.
+    assert_eq!(c.total_steps(|e| 30 - e), 59);
     c.max_steps = Some(45);
-    assert_eq!(c.total_steps(30), 45);
+    assert_eq!(c.total_steps(|_| 30), 45);
     c.max_steps = Some(500);
-    assert_eq!(c.total_steps(30), 60);
+    assert_eq!(c.total_steps(|_| 30), 60);
     c.epochs = 0;
-    assert_eq!(c.total_steps(30), 500);
+    assert_eq!(c.total_steps(|_| 30), 500);
 }
 
 #[test]
@@ -261,7 +263,7 @@ fn train_config_toml_format() {
     let want = "adapter = \"mixlora\"\ndata = []\neval_data = []\nval_set_size = 0\n\
         out_dir = \"out\"\nepochs = 2\nbatch_size = 16\nmicro_batch_size = 8\nlr = 0.0002\n\
         weight_decay = 0.01\nadam_beta1 = 0.9\nadam_beta2 = 0.999\nadam_eps = 0.00000001\n\
-        max_grad_norm = 1.0\nschedule = \"linear\"\ncutoff_len = 512\nseed = 42\n\
+        max_grad_norm = 1.0\nschedule = \"linear\"\ncutoff_len = 512\npacking = false\nseed = 42\n\
         num_experts = 8\ntop_k = 2\nrank = 16\nalpha = 32.0\nrslora = false\ndropout = 0.05\n\
         target_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \
         \"up_proj\", \"down_proj\"]\nrouting = \"topk\"\ntop_p = 0.8\naux_loss_coef = 0.001\nrouter_init_range = 0.02\n\

@@ -1,9 +1,13 @@
 //! Batches of tokenised examples: the encoded dataset, the seeded epoch order with its resumable
-//! cursor, and the collation of micro-batches.
+//! cursor, and the collation of micro-batches (rows of one example, or packed rows:
+//! [`super::packing`]).
 
-use engine::{Device, Tensor, IGNORE_INDEX};
+#[cfg(test)]
+use engine::IGNORE_INDEX;
+use engine::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::packing::{collate_packed, pack_rows};
 use super::{encode_example, Encoded, PromptTokenizer, Task};
 use crate::error::{Error, Result};
 use crate::progress::Reporter;
@@ -79,11 +83,35 @@ impl Dataset {
         format!("{h:016x}")
     }
 
-    /// The micro-batch of the items at `indices`.
+    /// The micro-batch of the items at `indices`, one per row.
     pub fn collate(&self, indices: &[usize], pad_id: u32) -> HostBatch {
         let items: Vec<&Encoded> = indices.iter().map(|&i| &self.items[i]).collect();
         collate(&items, pad_id)
     }
+
+    /// The micro-batch of `rows`, each the items packed into one row ([`collate_packed`]).
+    pub fn collate_rows(&self, rows: &[Vec<usize>], pad_id: u32) -> HostBatch {
+        let rows: Vec<Vec<&Encoded>> = rows
+            .iter()
+            .map(|r| r.iter().map(|&i| &self.items[i]).collect())
+            .collect();
+        collate_packed(&rows, pad_id)
+    }
+
+    /// Each item's length in tokens (what packing fills rows with).
+    pub fn lengths(&self) -> Vec<usize> {
+        self.items.iter().map(|e| e.ids.len()).collect()
+    }
+}
+
+/// The rows of one micro-batch: the items of each row (one per row without packing).
+pub type Rows = Vec<Vec<usize>>;
+
+/// Packing's inputs: each item's length, and the longest row (`cutoff_len`).
+#[derive(Clone, Debug)]
+struct Packing {
+    lengths: Vec<usize>,
+    row_len: usize,
 }
 
 /// Where the stream stands: `position` items of epoch `epoch`'s order have been handed out.
@@ -94,9 +122,11 @@ pub struct Cursor {
     pub position: usize,
 }
 
-/// Hands out optimizer steps of micro-batches (item indices) from a seeded shuffle of all items,
-/// reshuffled every epoch. A step holds `grad_accum` micro-batches of `micro_batch` items, except
-/// the last step of an epoch, which holds what is left (steps never straddle epochs).
+/// Hands out optimizer steps of micro-batches from a seeded shuffle of all items, reshuffled
+/// every epoch. A micro-batch is `micro_batch` rows: one item each, or with packing
+/// ([`Loader::packed`]) the items that [`pack_rows`] puts in one row, in the epoch's order. A
+/// step holds `grad_accum` micro-batches, except the last step of an epoch, which holds what is
+/// left (steps never straddle epochs).
 #[derive(Clone, Debug)]
 pub struct Loader {
     n: usize,
@@ -104,24 +134,82 @@ pub struct Loader {
     grad_accum: usize,
     seed: u64,
     cursor: Cursor,
-    order: Vec<usize>,
+    packing: Option<Packing>,
+    /// The rows of the cursor's epoch, in order.
+    rows: Vec<Vec<usize>>,
+    /// The next row to hand out.
+    next_row: usize,
 }
 
 impl Loader {
+    /// One item per row.
     pub fn new(n_items: usize, micro_batch: usize, grad_accum: usize, seed: u64) -> Result<Loader> {
+        Self::build(n_items, None, micro_batch, grad_accum, seed)
+    }
+
+    /// Packed rows: the items of `lengths` (tokens each) packed greedily into rows of at most
+    /// `row_len` tokens, in each epoch's order ([`pack_rows`]); `micro_batch` and `grad_accum`
+    /// count rows.
+    pub fn packed(
+        lengths: Vec<usize>,
+        row_len: usize,
+        micro_batch: usize,
+        grad_accum: usize,
+        seed: u64,
+    ) -> Result<Loader> {
+        if row_len == 0 {
+            return Err(Error::Config(
+                "cannot pack items into rows of 0 tokens".into(),
+            ));
+        }
+        let packing = Packing { lengths, row_len };
+        Self::build(
+            packing.lengths.len(),
+            Some(packing),
+            micro_batch,
+            grad_accum,
+            seed,
+        )
+    }
+
+    fn build(
+        n_items: usize,
+        packing: Option<Packing>,
+        micro_batch: usize,
+        grad_accum: usize,
+        seed: u64,
+    ) -> Result<Loader> {
         if n_items == 0 || micro_batch == 0 || grad_accum == 0 {
             return Err(Error::Config(format!(
                 "cannot batch {n_items} items by {micro_batch} × {grad_accum}"
             )));
         }
-        Ok(Loader {
+        let mut l = Loader {
             n: n_items,
             micro_batch,
             grad_accum,
             seed,
             cursor: Cursor::default(),
-            order: Self::epoch_order(seed, 0, n_items),
-        })
+            packing,
+            rows: Vec::new(),
+            next_row: 0,
+        };
+        l.rows = l.epoch_rows(0);
+        Ok(l)
+    }
+
+    /// The rows of `epoch`: its order, one item per row or packed.
+    fn epoch_rows(&self, epoch: usize) -> Vec<Vec<usize>> {
+        let order = Self::epoch_order(self.seed, epoch, self.n);
+        match &self.packing {
+            None => order.into_iter().map(|i| vec![i]).collect(),
+            Some(p) => pack_rows(&order, &p.lengths, p.row_len),
+        }
+    }
+
+    /// Whether rows are packed.
+    pub fn is_packed(&self) -> bool {
+        self.packing.is_some()
     }
 
     /// The order of the items in `epoch`.
@@ -135,7 +223,7 @@ impl Loader {
         self.cursor
     }
 
-    /// Continues from a saved cursor (of a loader over the same items and seed).
+    /// Continues from a saved cursor (of a loader over the same items, seed and packing).
     pub fn restore(&mut self, c: Cursor) -> Result<()> {
         if c.position > self.n {
             return Err(Error::Config(format!(
@@ -143,16 +231,45 @@ impl Loader {
                 c.position, self.n
             )));
         }
-        if c.epoch != self.cursor.epoch {
-            self.order = Self::epoch_order(self.seed, c.epoch, self.n);
+        let rows = self.epoch_rows(c.epoch);
+        // The row that starts at the cursor's item (past the last one at the epoch's end).
+        let mut at = 0;
+        let mut next_row = None;
+        for (r, row) in rows.iter().enumerate() {
+            if at >= c.position {
+                break;
+            }
+            at += row.len();
+            next_row = Some(r + 1);
         }
+        let next_row = next_row
+            .or(Some(0))
+            .filter(|_| at == c.position)
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "data cursor at item {} of epoch {} is inside a packed row: the data or the \
+                     packing changed since the checkpoint",
+                    c.position, c.epoch
+                ))
+            })?;
+        self.rows = rows;
+        self.next_row = next_row;
         self.cursor = c;
         Ok(())
     }
 
-    /// Optimizer steps in one epoch.
+    /// Optimizer steps in `epoch` (the same in every epoch without packing).
+    pub fn steps_in_epoch(&self, epoch: usize) -> usize {
+        let rows = match self.packing {
+            None => self.n,
+            Some(_) => self.epoch_rows(epoch).len(),
+        };
+        rows.div_ceil(self.micro_batch * self.grad_accum)
+    }
+
+    /// Optimizer steps in the first epoch.
     pub fn steps_per_epoch(&self) -> usize {
-        self.n.div_ceil(self.micro_batch * self.grad_accum)
+        self.steps_in_epoch(0)
     }
 
     /// Epochs completed, as a fraction.
@@ -160,22 +277,22 @@ impl Loader {
         self.cursor.epoch as f64 + self.cursor.position as f64 / self.n as f64
     }
 
-    /// The micro-batches of the next optimizer step.
-    pub fn next_step(&mut self) -> Vec<Vec<usize>> {
-        if self.cursor.position >= self.n {
+    /// The micro-batches of the next optimizer step, each its rows of items.
+    pub fn next_step(&mut self) -> Vec<Rows> {
+        if self.next_row >= self.rows.len() {
             self.cursor = Cursor {
                 epoch: self.cursor.epoch + 1,
                 position: 0,
             };
-            self.order = Self::epoch_order(self.seed, self.cursor.epoch, self.n);
+            self.rows = self.epoch_rows(self.cursor.epoch);
+            self.next_row = 0;
         }
-        let start = self.cursor.position;
-        let end = (start + self.micro_batch * self.grad_accum).min(self.n);
-        self.cursor.position = end;
-        self.order[start..end]
-            .chunks(self.micro_batch)
-            .map(<[usize]>::to_vec)
-            .collect()
+        let start = self.next_row;
+        let end = (start + self.micro_batch * self.grad_accum).min(self.rows.len());
+        self.next_row = end;
+        let rows = &self.rows[start..end];
+        self.cursor.position += rows.iter().map(Vec::len).sum::<usize>();
+        rows.chunks(self.micro_batch).map(<[_]>::to_vec).collect()
     }
 }
 
@@ -187,7 +304,8 @@ pub struct HostBatch {
     pub len: usize,
     /// `[B, T]` token ids, `pad_id` after each sequence.
     pub ids: Vec<u32>,
-    /// `[B, T]` 1 on real tokens, 0 on padding.
+    /// `[B, T]` 0 on padding, else the token's segment: 1 for the first (or only) example of
+    /// its row, 2 for the next one packed after it, ...
     pub key_mask: Vec<u32>,
     /// `[B·T]` next-token targets: position `t` holds the label of token `t + 1`, `IGNORE_INDEX`
     /// where that is not a target (prompt, padding, the last position).
@@ -198,30 +316,11 @@ pub struct HostBatch {
     pub real_tokens: usize,
 }
 
-/// Right-pads `items` to the longest one and shifts the labels for next-token prediction.
+/// Right-pads `items` (one per row) to the longest one and shifts the labels for next-token
+/// prediction.
 pub fn collate(items: &[&Encoded], pad_id: u32) -> HostBatch {
-    let b = items.len();
-    let t = items.iter().map(|e| e.ids.len()).max().unwrap_or(0).max(1);
-    let mut ids = vec![pad_id; b * t];
-    let mut key_mask = vec![0u32; b * t];
-    let mut labels = vec![IGNORE_INDEX; b * t];
-    for (r, e) in items.iter().enumerate() {
-        let row = r * t;
-        ids[row..row + e.ids.len()].copy_from_slice(&e.ids);
-        key_mask[row..row + e.ids.len()].fill(1);
-        if e.labels.len() > 1 {
-            labels[row..row + e.labels.len() - 1].copy_from_slice(&e.labels[1..]);
-        }
-    }
-    HostBatch {
-        batch: b,
-        len: t,
-        target_tokens: labels.iter().filter(|&&l| l != IGNORE_INDEX).count(),
-        real_tokens: items.iter().map(|e| e.ids.len()).sum(),
-        ids,
-        key_mask,
-        labels,
-    }
+    let rows: Vec<Vec<&Encoded>> = items.iter().map(|&e| vec![e]).collect();
+    collate_packed(&rows, pad_id)
 }
 
 impl HostBatch {
@@ -293,7 +392,7 @@ mod tests {
                 steps.iter().map(Vec::len).collect::<Vec<_>>(),
                 vec![2, 2, 1]
             );
-            let mut all: Vec<usize> = steps.concat().concat();
+            let mut all: Vec<usize> = steps.concat().concat().concat();
             let order = all.clone();
             all.sort();
             assert_eq!(all, (0..10).collect::<Vec<_>>());
@@ -305,14 +404,14 @@ mod tests {
         let mut same = Loader::new(10, 2, 2, 7).unwrap();
         assert_eq!(
             (0..3)
-                .flat_map(|_| same.next_step().concat())
+                .flat_map(|_| same.next_step().concat().concat())
                 .collect::<Vec<_>>(),
             epochs[0]
         );
         let mut other = Loader::new(10, 2, 2, 8).unwrap();
         assert_ne!(
             (0..3)
-                .flat_map(|_| other.next_step().concat())
+                .flat_map(|_| other.next_step().concat().concat())
                 .collect::<Vec<_>>(),
             epochs[0]
         );

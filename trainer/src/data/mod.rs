@@ -1,6 +1,7 @@
 //! Training data: LLM-Adapters JSON files (a list of `{instruction, input, output, answer}`), the
 //! Alpaca prompt, tokenisation with the loss on the answer only; the batches of a seeded multi-task
-//! stream with a resumable cursor are in `batch.rs`.
+//! stream with a resumable cursor are in `batch.rs`, packing several examples into one row in
+//! `packing.rs`.
 //!
 //! An example becomes `[BOS] prompt output EOS`, the prompt and the output tokenised separately
 //! (so the boundary is exact and evaluation scores the same target tokens), cut to `cutoff_len`.
@@ -15,8 +16,10 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 
 mod batch;
+mod packing;
 
-pub use batch::{collate, Cursor, Dataset, HostBatch, Loader};
+pub use batch::{collate, Cursor, Dataset, HostBatch, Loader, Rows};
+pub use packing::{collate_packed, pack_rows};
 
 /// One item of an LLM-Adapters file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -439,7 +442,7 @@ pub(crate) mod tests {
         let mut l = Loader::new(ds.len(), 5, 1, 3).unwrap();
         // The first batches already mix both tasks.
         let first: Vec<usize> = (0..4)
-            .flat_map(|_| l.next_step().concat())
+            .flat_map(|_| l.next_step().concat().concat())
             .map(|i| ds.items[i].task)
             .collect();
         assert!(first.contains(&0) && first.contains(&1), "{first:?}");

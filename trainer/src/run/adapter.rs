@@ -172,8 +172,13 @@ impl AdapterRun {
         let tasks = data.tasks(cfg)?;
         let ds = data.dataset(cfg, &tasks.0, tok)?;
         check_eval_items(cfg, &tasks.1, tok)?;
-        let mut loader = Loader::new(ds.len(), cfg.micro_batch_size, cfg.grad_accum(), cfg.seed)?;
-        let total = cfg.total_steps(loader.steps_per_epoch());
+        let (micro, accum) = (cfg.micro_batch_size, cfg.grad_accum());
+        let mut loader = if cfg.packing {
+            Loader::packed(ds.lengths(), cfg.cutoff_len, micro, accum, cfg.seed)?
+        } else {
+            Loader::new(ds.len(), micro, accum, cfg.seed)?
+        };
+        let total = cfg.total_steps(|e| loader.steps_in_epoch(e));
         let sched = Schedule::new(cfg.schedule, cfg.lr, cfg.warmup(), total)?;
         let mut state = TrainerState {
             total_steps: total,
@@ -278,8 +283,13 @@ impl AdapterRun {
         } else {
             MetricsWriter::create(&metrics_path)?
         });
+        let rows = if self.cfg.packing {
+            format!("packed rows of up to {} tokens", self.cfg.cutoff_len)
+        } else {
+            "sequences".to_string()
+        };
         log(&format!(
-            "{}{} examples in {} tasks, {} steps of {} sequences, {} trainable parameters",
+            "{}{} examples in {} tasks, {} steps of {} {rows}, {} trainable parameters",
             self.tag,
             self.ds.len(),
             self.tasks.0.len(),
@@ -310,7 +320,7 @@ impl AdapterRun {
             .loader
             .next_step()
             .iter()
-            .map(|ix| self.ds.collate(ix, pad))
+            .map(|rows| self.ds.collate_rows(rows, pad))
             .collect();
         let n_targets = micro.iter().map(|b| b.target_tokens).sum::<usize>().max(1) as f64;
         StepWork {

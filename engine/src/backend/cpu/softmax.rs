@@ -1,6 +1,7 @@
-//! Softmax on the CPU: softmax and log-softmax over the last dim, the causal, key-masked, scaled
-//! softmax of attention scores in one pass per row, and the fused softmax backward. f32 and f64 run natively; bf16 is widened
-//! to f32 (statistics in f32, the output rounded once).
+//! Softmax on the CPU: softmax and log-softmax over the last dim, the causal, key-masked (or
+//! segment-masked), scaled softmax of attention scores in one pass per row, and the fused softmax
+//! backward. f32 and f64 run natively; bf16 is widened to f32 (statistics in f32, the output
+//! rounded once).
 
 use rayon::prelude::*;
 
@@ -37,10 +38,12 @@ fn causal_limit(s: usize, q_offset: usize, i: usize) -> usize {
     s.min(q_offset.saturating_add(i).saturating_add(1))
 }
 
-/// `x: [b, h, t, s]` contiguous, `mask: [b, s]` contiguous. Per row `(bi, hi, i)`: over the keys
-/// `j < limit` with `mask[bi, j] != 0`, `y = exp(scale·x − m) / Σ exp(scale·x − m)`; `y = 0`
-/// elsewhere, and on the whole row when no key is visible (`m = −∞`). Masked scores are never
-/// used (a NaN there does not propagate); keys past the causal limit are never read.
+/// `x: [b, h, t, s]` contiguous, `mask: [b, s]` contiguous (0 padding, else a segment id). Per
+/// row `(bi, hi, i)`, with `p = q_offset + i` and the query's segment `sq = mask[bi, p]` (0 when
+/// `p >= s`): over the keys `j < limit` with `mask[bi, j] != 0` and, when `sq != 0`,
+/// `mask[bi, j] == sq`, `y = exp(scale·x − m) / Σ exp(scale·x − m)`; `y = 0` elsewhere, and on
+/// the whole row when no key is visible (`m = −∞`). Masked scores are never used (a NaN there
+/// does not propagate); keys past the causal limit are never read.
 fn causal_softmax_t<T: CpuFloat>(
     x: &[T],
     [_, h, t, s]: [usize; 4],
@@ -57,9 +60,15 @@ fn causal_softmax_t<T: CpuFloat>(
         match mask {
             None => o.iter_mut().zip(xr).for_each(|(o, &v)| *o = v * scale),
             Some(m) => {
-                let m = &m[bi * s..bi * s + lim];
-                for ((o, &v), &k) in o.iter_mut().zip(xr).zip(m) {
-                    *o = if k != 0 { v * scale } else { T::neg_infinity() };
+                let m = &m[bi * s..bi * s + s];
+                let sq = m.get(q_offset.saturating_add(i)).copied().unwrap_or(0);
+                for ((o, &v), &k) in o.iter_mut().zip(xr).zip(&m[..lim]) {
+                    let visible = k != 0 && (sq == 0 || k == sq);
+                    *o = if visible {
+                        v * scale
+                    } else {
+                        T::neg_infinity()
+                    };
                 }
             }
         }

@@ -1,6 +1,7 @@
 //! Launchers of the softmax kernels (kernels/src/softmax.cu): softmax and log-softmax over the
-//! last dim, the causal, key-masked, scaled softmax and the fused softmax backward. Rows that fit in one warp's registers as
-//! 16-byte chunks, at 16-byte-aligned addresses, run one warp per row; others one block per row.
+//! last dim, the causal, key- or segment-masked, scaled softmax and the fused softmax backward.
+//! Rows that fit in one warp's registers as 16-byte chunks, at 16-byte-aligned addresses, run one
+//! warp per row; others one block per row.
 //! Operands that are not contiguous are copied first.
 
 use cudarc::driver::LaunchConfig;
@@ -80,7 +81,8 @@ pub(crate) fn causal_softmax(
     // SAFETY: x is a contiguous [b, h, t, s] run (rows = b·h·t rows of s) of `x.dtype`, the
     // output holds rows·s elements of it, the mask (when its pointer is not null) a contiguous
     // [b, s] run of u32. One block, or one warp, per row reads its own row and its sequence's
-    // mask row and writes only its own output row; the warp kernel's 16-byte accesses stay within
+    // mask row (the query's segment word only at q_offset + i < s, inside that row) and writes
+    // only its own output row; the warp kernel's 16-byte accesses stay within
     // the row (V divides s) at 16-byte-aligned addresses (checked by `lane_chunks`), and its
     // grid has a warp for every row (ceil(rows / WARP_ROWS) blocks of WARP_ROWS warps).
     unsafe {

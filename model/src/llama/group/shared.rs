@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 
 use engine::{rope_tables, DType, Tensor};
 
+use super::super::cache::row_positions;
 use super::shared_lora::GroupProj;
 use super::shared_moe::grouped_moe;
 use super::{checkpointed, is_moe, Segment};
@@ -92,15 +93,15 @@ impl SharedBatch {
             let p0 = pack.len();
             for r in 0..b {
                 let row0 = (si * b + r) * t; // the sequence's first padded row
-                let mut seen = 0u32;
+                let row_mask: Vec<u32> = (0..t)
+                    .map(|j| if j < ts { seg_mask[r * ts + j] } else { 0 })
+                    .collect();
+                // As `positions_from_mask` (restarting in each packed sequence).
+                pos.extend(row_positions(&row_mask));
+                mask.extend_from_slice(&row_mask);
                 for j in 0..t {
                     let real = j < ts;
-                    let v = if real { seg_mask[r * ts + j] } else { 0 };
                     ids.push(if real { seg_ids[r * ts + j] } else { 0 });
-                    mask.push(v);
-                    // As `positions_from_mask`: the number of real tokens before this one.
-                    pos.push(seen);
-                    seen += u32::from(v != 0);
                     let packed_row = p0 + r * ts + j.min(ts - 1);
                     unpack.push(packed_row as u32);
                     if real {
