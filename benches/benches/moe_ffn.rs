@@ -4,8 +4,8 @@
 //!
 //! On a GPU (built with `--features mixlora-engine/cuda` and one present) at LLaMA-2-7B sizes:
 //! H = 4096, I = 11008, E = 8, top-2, r = 16, bf16 base, T = 2048, 8192, 16384 tokens. Otherwise
-//! on the CPU at small sizes (H = 256, I = 688, f32, T = 256 and 1024). `MIXLORA_BENCH_DEVICE=cpu`
-//! forces the CPU.
+//! on the CPU at small sizes (H = 256, I = 688, f32, T = 256, 1024 and 2048: some three minutes on
+//! 2 cores). `MIXLORA_BENCH_DEVICE=cpu` forces the CPU.
 //!
 //! Each case: router and experts with random non-zero weights (so every path does its full
 //! work), the block input a variable (its gradient is computed, as in training), and a random
@@ -13,10 +13,12 @@
 //! that loss, whose own passes over `[T, H]` are not the block's). Criterion times forward +
 //! backward (the device is synchronised
 //! at the end of each iteration). Then, per case, a separate pass measures the median of 10 runs
-//! and the peak activation memory: the allocator's peak during forward + backward minus what
-//! was allocated before it (inputs and weights), in MiB (GPU only). With
-//! `MIXLORA_MOE_FFN_JSON=PATH`, those are written as a list of `{"tokens", "naive_ms",
-//! "paper_ms", "fused_ms", "naive_mib", "paper_mib", "fused_mib"}`.
+//! and the peak activation memory: the peak of `engine::memory_stats` during forward + backward
+//! minus what was allocated before it (inputs and weights), in MiB (the GPU's caching allocator,
+//! or the CPU's live tensor buffers). A summary then prints each implementation's time and peak
+//! and both as ratios to the naive loop's. With `MIXLORA_MOE_FFN_JSON=PATH`, the figures are
+//! written as a list of `{"tokens", "naive_ms", "paper_ms", "grouped_ms", "fused_ms",
+//! "naive_mib", ...}` (the implementations that ran).
 //!
 //! Run: `cargo bench -p mixlora-benches --bench moe_ffn` (CPU), or on the GPU machine the binary
 //! that scripts/dev/build-gpu.sh builds: `gpu-bin/bench-moe_ffn --bench`. `MIXLORA_MOE_FFN_TOKENS`
@@ -125,7 +127,7 @@ fn default_sizes(device: Device) -> Sizes {
             e: 8,
             k: 2,
             r: 16,
-            tokens: vec![256, 1024],
+            tokens: vec![256, 1024, 2048],
             dtype: DType::F32,
         },
         _ => Sizes {
@@ -146,21 +148,10 @@ fn synchronize(device: Device) {
     let _ = device;
 }
 
-/// `(current, peak)` allocator bytes (0 on the CPU).
+/// `(current, peak)` bytes of tensor memory: the live CPU tensor buffers or the GPU's caching
+/// allocator.
 fn memory(device: Device) -> (usize, usize) {
-    #[cfg(feature = "cuda")]
-    return engine::backend::cuda::memory_stats(device);
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = device;
-        (0, 0)
-    }
-}
-
-fn reset_peak(device: Device) {
-    #[cfg(feature = "cuda")]
-    engine::backend::cuda::reset_peak_memory(device);
-    let _ = device;
+    engine::memory_stats(device)
 }
 
 /// The frozen weights, the block and the loss weights of one size.
@@ -256,6 +247,38 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// A peak in MiB for the JSON: whole MiB from 100 MiB up, else one decimal.
+fn mib_value(mib: f64) -> serde_json::Value {
+    if mib >= 100.0 {
+        mib.round().into()
+    } else {
+        ((mib * 10.0).round() / 10.0).into()
+    }
+}
+
+/// Each implementation's median time and activation peak per token count, and both as ratios
+/// to the naive loop's (when it ran).
+fn print_summary(rows: &[(usize, &str, f64, f64)]) {
+    eprintln!("summary (x naive: the ratio to the naive loop at the same T):");
+    eprintln!(
+        "{:>7} {:<8} {:>10} {:>8} {:>10} {:>8}",
+        "T", "impl", "ms", "x naive", "peak MiB", "x naive"
+    );
+    for &(t, name, ms, mib) in rows {
+        let naive = rows.iter().find(|r| r.0 == t && r.1 == "naive");
+        let ratio = |v: f64, of: f64| match naive {
+            Some(_) if of > 0.0 => format!("{:.2}", v / of),
+            _ => "-".into(),
+        };
+        let (nms, nmib) = naive.map_or((0.0, 0.0), |r| (r.2, r.3));
+        eprintln!(
+            "{t:>7} {name:<8} {ms:>10.3} {:>8} {mib:>10.1} {:>8}",
+            ratio(ms, nms),
+            ratio(mib, nmib)
+        );
+    }
+}
+
 fn main() {
     let profile_rows = mixlora_benches::profile_from_env().unwrap_or(40);
     let device = device();
@@ -271,6 +294,7 @@ fn main() {
         .configure_from_args();
     let impls = impls();
     let mut rows = Vec::new();
+    let mut summary = Vec::new();
     for &t in &s.tokens {
         let c = case(&s, t, device);
         let mut row = serde_json::Map::new();
@@ -289,7 +313,7 @@ fn main() {
             zero_grads(&c);
             synchronize(device);
             let before = memory(device).0;
-            reset_peak(device);
+            engine::reset_peak_memory(device);
             let mut times = Vec::new();
             for _ in 0..10 {
                 let t0 = Instant::now();
@@ -313,18 +337,13 @@ fn main() {
                 format!("{name}_ms"),
                 ((ms * 1000.0).round() / 1000.0).into(),
             );
-            row.insert(
-                format!("{name}_mib"),
-                if device == Device::Cpu {
-                    serde_json::Value::Null
-                } else {
-                    peak_mib.round().into()
-                },
-            );
+            row.insert(format!("{name}_mib"), mib_value(peak_mib));
+            summary.push((t, name, ms, peak_mib));
         }
         rows.push(serde_json::Value::Object(row));
     }
     crit.final_summary();
+    print_summary(&summary);
     let json = serde_json::to_string_pretty(&rows).unwrap();
     println!("{json}");
     if let Ok(path) = std::env::var("MIXLORA_MOE_FFN_JSON") {

@@ -132,6 +132,30 @@ pub(crate) fn fixed_cuda_options() -> CudaOptions {
     opts.clone()
 }
 
+/// `(current, peak)` bytes of tensor memory on `device`: on the CPU the live tensor buffers
+/// ([`crate::backend::cpu::memory`]), on a GPU its caching allocator's statistics. The peak runs
+/// from the last [`reset_peak_memory`] of that device.
+pub fn memory_stats(device: Device) -> (usize, usize) {
+    match device {
+        Device::Cpu => crate::backend::cpu::memory::memory_stats(),
+        #[cfg(feature = "cuda")]
+        d => crate::backend::cuda::memory_stats(d),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => (0, 0),
+    }
+}
+
+/// Restarts the peak of [`memory_stats`] on `device` from its current use.
+pub fn reset_peak_memory(device: Device) {
+    match device {
+        Device::Cpu => crate::backend::cpu::memory::reset_peak_memory(),
+        #[cfg(feature = "cuda")]
+        d => crate::backend::cuda::reset_peak_memory(d),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

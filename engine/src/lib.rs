@@ -16,7 +16,10 @@ mod storage;
 mod tensor;
 
 pub use autograd::{backward_many, checkpoint, grad_enabled, no_grad, CheckpointFn, NoGradGuard};
-pub use device::{configure_cuda, CudaOptions, Device, ParseDeviceError, DEFAULT_CUDA_INCLUDE};
+pub use device::{
+    configure_cuda, memory_stats, reset_peak_memory, CudaOptions, Device, ParseDeviceError,
+    DEFAULT_CUDA_INCLUDE,
+};
 pub use dtype::{DType, WithDType};
 pub use error::{Error, Result};
 pub use fused::adamw::{adamw_step, sum_of_squares, AdamWCoefficients, AdamWHyper};

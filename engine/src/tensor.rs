@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
 use crate::autograd::{self, Input, Node, Output};
+use crate::backend::cpu::memory::LiveBuffer;
 use crate::backend::cpu::CpuStorage;
 use crate::backend::BackendStorage;
 use crate::{DType, Device, Error, Layout, Result, Shape, Storage, WithDType};
@@ -19,9 +20,31 @@ impl TensorId {
     }
 }
 
+/// A buffer shared by the tensors that view it, with its entry in the CPU's count of live
+/// buffer bytes (`backend::cpu::memory`; none for other devices, whose allocators count).
+#[derive(Clone)]
+pub(crate) struct Shared {
+    storage: Arc<RwLock<Storage>>,
+    _live: Option<Arc<LiveBuffer>>,
+}
+
+impl Shared {
+    fn new(storage: Storage) -> Self {
+        let live = matches!(storage, Storage::Cpu(_)).then(|| {
+            Arc::new(LiveBuffer::new(
+                storage.len() * storage.dtype().size_in_bytes(),
+            ))
+        });
+        Shared {
+            storage: Arc::new(RwLock::new(storage)),
+            _live: live,
+        }
+    }
+}
+
 /// What a tensor handle holds of its data.
 enum Buffer {
-    Data(Arc<RwLock<Storage>>),
+    Data(Shared),
     /// A graph-only reference held by the tape node of `consumer` (see
     /// [`autograd::Input::GraphOnly`]): the id, node, layout, dtype and device, no buffer.
     GraphOnly {
@@ -66,13 +89,13 @@ impl Tensor {
     // ----- construction ---------------------------------------------------------------------
 
     pub(crate) fn from_parts(
-        storage: Arc<RwLock<Storage>>,
+        storage: Shared,
         layout: Layout,
         node: Option<Node>,
         variable: bool,
     ) -> Self {
         let (dtype, device) = {
-            let s = storage.read().unwrap_or_else(|e| e.into_inner());
+            let s = storage.storage.read().unwrap_or_else(|e| e.into_inner());
             (s.dtype(), s.device())
         };
         Tensor(Arc::new(TensorImpl {
@@ -93,17 +116,12 @@ impl Tensor {
         shape: impl Into<Shape>,
         node: Option<Node>,
     ) -> Self {
-        Self::from_parts(
-            Arc::new(RwLock::new(storage)),
-            Layout::contiguous(shape),
-            node,
-            false,
-        )
+        Self::from_parts(Shared::new(storage), Layout::contiguous(shape), node, false)
     }
 
     /// A view sharing this tensor's storage.
     pub(crate) fn view(&self, layout: Layout, node: Option<Node>) -> Self {
-        Self::from_parts(self.data().clone(), layout, node, false)
+        Self::from_parts(self.shared().clone(), layout, node, false)
     }
 
     /// How the node of `consumer` holds this tensor when its rule does not read the values: the
@@ -279,6 +297,10 @@ impl Tensor {
     /// The shared buffer. Panics on a graph-only reference: only a backward rule can see one,
     /// and reading it means the op declared an input graph-only that its rule reads.
     fn data(&self) -> &Arc<RwLock<Storage>> {
+        &self.shared().storage
+    }
+    /// The shared buffer with its count (panics as [`Self::data`]).
+    fn shared(&self) -> &Shared {
         match &self.0.buffer {
             Buffer::Data(s) => s,
             Buffer::GraphOnly { consumer } => panic!(
@@ -294,7 +316,7 @@ impl Tensor {
     /// The shared buffer, or a typed error on a graph-only reference (`op` reads the values).
     fn try_data(&self, op: &'static str) -> Result<&Arc<RwLock<Storage>>> {
         match &self.0.buffer {
-            Buffer::Data(s) => Ok(s),
+            Buffer::Data(s) => Ok(&s.storage),
             Buffer::GraphOnly { consumer } => Err(Error::GraphOnly {
                 op,
                 consumer,
@@ -317,7 +339,7 @@ impl Tensor {
     /// True when both tensors view the same buffer (false when either has no data).
     pub fn same_storage(&self, other: &Tensor) -> bool {
         match (&self.0.buffer, &other.0.buffer) {
-            (Buffer::Data(a), Buffer::Data(b)) => Arc::ptr_eq(a, b),
+            (Buffer::Data(a), Buffer::Data(b)) => Arc::ptr_eq(&a.storage, &b.storage),
             _ => false,
         }
     }
@@ -325,7 +347,7 @@ impl Tensor {
     /// tensor or tape node still holds the buffer, so a test can watch a buffer being freed.
     pub fn weak_storage(&self) -> Option<Weak<RwLock<Storage>>> {
         match &self.0.buffer {
-            Buffer::Data(s) => Some(Arc::downgrade(s)),
+            Buffer::Data(s) => Some(Arc::downgrade(&s.storage)),
             Buffer::GraphOnly { .. } => None,
         }
     }
@@ -390,7 +412,7 @@ impl Tensor {
     pub fn to_var(&self) -> Result<Self> {
         let c = autograd::no_grad(|| self.copy())?;
         Ok(Self::from_parts(
-            c.data().clone(),
+            c.shared().clone(),
             c.0.layout.clone(),
             None,
             true,
@@ -398,7 +420,7 @@ impl Tensor {
     }
     /// A trainable leaf over the same buffer and view (no copy), without this tensor's history.
     pub(crate) fn detach_as_leaf(&self) -> Self {
-        Self::from_parts(self.data().clone(), self.layout().clone(), None, true)
+        Self::from_parts(self.shared().clone(), self.layout().clone(), None, true)
     }
     pub fn is_variable(&self) -> bool {
         self.0.variable

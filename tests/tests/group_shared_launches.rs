@@ -27,8 +27,9 @@ fn sets(m: &Llama, cfg: &AdapterConfig, n: usize, imp: MoeImpl) -> Vec<Adapters>
         .collect()
 }
 
-/// What one step issued: backend ops in all, and calls of the fused MoE op's forward SwiGLU
-/// (one per `moe_ffn` call on the CPU with its default token chunk).
+/// What one step issued: backend ops in all, and calls of the fused MoE op's forward pass (one
+/// per `moe_ffn` call on the CPU with its default token chunk, whichever kernels it picks: the
+/// tiles' forward, or the block path's forward SwiGLU).
 #[derive(Clone, Copy, Debug, Default)]
 struct Step {
     ops: u64,
@@ -73,7 +74,7 @@ fn ops_per_step(m: &Llama, n: usize, dropout: bool) -> Step {
     Step {
         ops: rows.iter().map(|r| r.1).sum(),
         moe_calls: (rows.iter())
-            .filter(|r| r.0 == "moe_swiglu_forward")
+            .filter(|r| r.0 == "moe_tiles_forward" || r.0 == "moe_swiglu_forward")
             .map(|r| r.1)
             .sum(),
     }

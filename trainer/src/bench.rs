@@ -6,7 +6,8 @@
 //! (model + loss) and the backward, each timed from a synchronised device to a synchronised
 //! device; `warmup` steps first, then the median of `steps` steps. Reported per variant:
 //! forward and backward µs per token, tokens/s of forward + backward, and the peak of the
-//! engine allocator over the timed steps (weights, activations and gradients: GiB).
+//! engine's tensor memory over the timed steps (`engine::memory_stats`: the GPU allocator or
+//! the CPU's live tensor buffers; weights, activations and gradients: GiB).
 //!
 //! Variants: LoRA r = 16 on all seven projections; MixLoRA (E = 8, top-2, r = 16: LoRA on q, k,
 //! v, o and experts on the FFN) with each MoE implementation.
@@ -224,22 +225,23 @@ pub(crate) fn synchronize(device: Device) -> Result<()> {
     Ok(())
 }
 
-/// Peak bytes of the engine allocator on `device` since the last reset (`None` on the CPU,
-/// whose allocations the engine does not count).
+/// Peak bytes of the engine's tensor memory on `device` since the last reset
+/// ([`engine::memory_stats`]: the live CPU tensor buffers, or the GPU's caching allocator).
 pub(crate) fn peak_bytes(device: Device) -> Option<usize> {
-    if device == Device::Cpu {
-        return None;
+    Some(engine::memory_stats(device).1)
+}
+
+/// A peak for the log: MiB below 1 GiB (the CPU's small models), else GiB.
+pub(crate) fn memory_text(gib: f64) -> String {
+    if gib < 1.0 {
+        format!("{:.1} MiB", gib * 1024.0)
+    } else {
+        format!("{gib:.2} GiB")
     }
-    #[cfg(feature = "cuda")]
-    return Some(engine::backend::cuda::memory_stats(device).1);
-    #[cfg(not(feature = "cuda"))]
-    None
 }
 
 pub(crate) fn reset_peak(device: Device) {
-    #[cfg(feature = "cuda")]
-    engine::backend::cuda::reset_peak_memory(device);
-    let _ = device;
+    engine::reset_peak_memory(device);
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -395,13 +397,13 @@ pub fn table6(a: &Table6Args, mut log: impl FnMut(&str)) -> Result<Table6> {
             Err(e) => return Err(e),
         };
         log(&format!(
-            "{:<14} fwd {:>8.2} us/token  bwd {:>8.2} us/token  (host {:.2})  {:>9.0} tokens/s  peak {} GiB  loss {:.3}",
+            "{:<14} fwd {:>8.2} us/token  bwd {:>8.2} us/token  (host {:.2})  {:>9.0} tokens/s  peak {}  loss {:.3}",
             v.key(),
             r.fwd_us_per_token,
             r.bwd_us_per_token,
             r.host_us_per_token,
             r.tokens_per_s,
-            r.peak_gib.map_or("-".into(), |p| format!("{p:.2}")),
+            r.peak_gib.map_or("-".into(), memory_text),
             r.loss
         ));
         if !r.loss.is_finite() {

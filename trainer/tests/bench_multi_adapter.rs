@@ -77,9 +77,13 @@ fn adapter_groups_are_measured_against_the_single_run() {
             if r.n_adapters == 2 {
                 assert_ne!(g.losses[1], g.losses[0], "{what}");
             }
-            // The CPU has no allocator statistics.
-            assert!(g.peak_gib.is_none() && r.peak_gib_per_adapter().is_none());
-            assert!(r.memory_per_adapter_ratio().is_none());
+            // The CPU counts its live tensor buffers: every run has a peak.
+            assert!(g.peak_gib.is_some_and(|p| p > 0.0), "{what}");
+            assert!(r.peak_gib_per_adapter().is_some_and(|p| p > 0.0), "{what}");
+            assert!(
+                r.memory_per_adapter_ratio().is_some_and(|x| x > 0.0),
+                "{what}"
+            );
         }
         let json: serde_json::Value =
             serde_json::from_str(&table6_multi_json(&a, &rows).unwrap()).unwrap();
@@ -94,7 +98,10 @@ fn adapter_groups_are_measured_against_the_single_run() {
             assert_eq!(e["gradient_checkpointing"], ck);
             assert!(e["tokens_per_s_total"].as_f64().unwrap() > 0.0);
             assert!(e["single_tokens_per_s"].as_f64().unwrap() > 0.0);
-            assert!(e["peak_gib"].is_null() && e["single_peak_gib"].is_null());
+            assert!(
+                e["peak_gib"].is_number() && e["single_peak_gib"].is_number(),
+                "{e}"
+            );
             assert_eq!(e["losses"].as_array().unwrap().len(), r.n_adapters);
         }
         let variants: Vec<&str> = list

@@ -36,7 +36,10 @@ fn the_recipe_bench_times_the_training_loop() {
     let _ = std::fs::remove_file(&json);
     assert_eq!(r["steps"], 3);
     assert_eq!(r["device"], "cpu");
-    assert!(r["gpu_busy"].is_null() && r["peak_gib"].is_null(), "{r}");
+    // No GPU busy time on the CPU; its peak is the live tensor buffers' (some MiB here).
+    assert!(r["gpu_busy"].is_null(), "{r}");
+    let peak = r["peak_gib"].as_f64().unwrap_or(0.0);
+    assert!(peak > 0.0 && peak < 1.0, "{r}");
     let tokens = r["tokens"].as_f64().unwrap();
     let (tps, step_ms) = (
         r["tokens_per_s"].as_f64().unwrap(),

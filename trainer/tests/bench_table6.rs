@@ -33,7 +33,12 @@ fn table6_runs_every_variant_and_reports_json() {
         assert!(keys.contains(&BenchVariant::Lora) && keys.contains(&BenchVariant::MixloraNaive));
         for r in results {
             assert!(r.loss.is_finite() && r.fwd_us_per_token > 0.0 && r.bwd_us_per_token > 0.0);
-            assert!(r.peak_gib.is_none(), "the CPU has no allocator statistics");
+            // The CPU backend counts its live tensor buffers: a peak of some bytes at least.
+            assert!(
+                r.peak_gib.is_some_and(|p| p > 0.0 && p < 1.0),
+                "CPU peak {:?}",
+                r.peak_gib
+            );
         }
         let json: serde_json::Value = serde_json::from_str(&table6_json(&a, &t6).unwrap()).unwrap();
         for key in ["device", "batch", "seq"] {

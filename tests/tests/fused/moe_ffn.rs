@@ -218,7 +218,7 @@ fn compare(c: Case, base: DType, tol: f64) {
     );
 }
 
-const CASES: [Case; 4] = [
+const CASES: [Case; 5] = [
     Case {
         t: 37,
         h: 20,
@@ -245,6 +245,16 @@ const CASES: [Case; 4] = [
         k: 2,
         r: 5,
         idle: true,
+    },
+    // Three tiles of the CPU's tile primitives (64 tokens each), three slots a token.
+    Case {
+        t: 150,
+        h: 20,
+        i: 36,
+        e: 6,
+        k: 3,
+        r: 4,
+        idle: false,
     },
     Case {
         t: 29,
@@ -435,10 +445,10 @@ fn grad_moe_ffn_op() {
     });
 }
 
-/// On the CPU the tile kernels do not exist: asking for them runs the block-code GEMMs, the
-/// same computation bit for bit, and says so.
+/// On the CPU the op runs its tile primitives (per-expert GEMMs over tiles of tokens) whatever
+/// the kernels say: both settings run them and give the same bits, in every base dtype.
 #[test]
-fn tiles_fall_back_to_block_gemms_on_the_cpu() {
+fn the_cpu_runs_its_tile_primitives() {
     let (v, frozen) = op_inputs();
     let drop = Some(MoeDropout { p: 0.3, seed: 9 });
     for dtype in [DType::F32, DType::BF16] {
@@ -447,7 +457,9 @@ fn tiles_fall_back_to_block_gemms_on_the_cpu() {
         v[0] = v[0].to_dtype(dtype).unwrap();
         let frozen = frozen.clone().map(|t| t.to_dtype(dtype).unwrap());
         let w = fused_weights(&v, &frozen);
-        assert!(!engine::moe_fused_runs_tiles(&v[0], &w, FK, MoeKernels::Tiles).unwrap());
+        for kernels in [MoeKernels::Tiles, MoeKernels::BlockGemms] {
+            assert!(engine::moe_fused_runs_tiles(&v[0], &w, FK, kernels).unwrap());
+        }
         let run = |kernels| {
             let y = op_out_with(&v, &frozen, drop, None, kernels).unwrap();
             y.to_vec_f64().unwrap()

@@ -25,9 +25,9 @@ use model::adapters::{Adapters, MoeImpl};
 use model::{AdapterConfig, GroupSegment, Llama};
 
 use super::{
-    build_model, check_args, device_name, hidden_loss, is_out_of_memory, median, peak_bytes,
-    random_batch, reset_peak, shape_config, synchronize, training_loss, variants, BenchVariant,
-    Table6Args,
+    build_model, check_args, device_name, hidden_loss, is_out_of_memory, median, memory_text,
+    peak_bytes, random_batch, reset_peak, shape_config, synchronize, training_loss, variants,
+    BenchVariant, Table6Args,
 };
 use crate::config::FusedMoeArgs;
 use crate::error::{Error, Result};
@@ -45,7 +45,7 @@ pub struct StepFigures {
     pub step_s: f64,
     /// Tokens of all the step's adapters per second.
     pub tokens_per_s: f64,
-    /// The allocator's peak over the timed steps, GiB; `None` on the CPU.
+    /// The peak of the tensor memory over the timed steps (`engine::memory_stats`), GiB.
     pub peak_gib: Option<f64>,
     /// Each adapter's loss at the last step, in adapter order.
     pub losses: Vec<f64>,
@@ -139,7 +139,7 @@ pub fn table6_multi(a: &Table6Args, mut log: impl FnMut(&str)) -> Result<Vec<Mul
                 v.key(),
                 s.tokens_per_s,
                 s.peak_gib
-                    .map_or(String::new(), |p| format!("  peak {p:.2} GiB")),
+                    .map_or(String::new(), |p| format!("  peak {}", memory_text(p))),
                 s.losses[0]
             ));
         }
@@ -157,7 +157,9 @@ pub fn table6_multi(a: &Table6Args, mut log: impl FnMut(&str)) -> Result<Vec<Mul
             if let Ok(g) = &row.grouped {
                 let memory = match (g.peak_gib, row.peak_gib_per_adapter()) {
                     (Some(p), Some(per)) => format!(
-                        "  peak {p:.2} GiB ({per:.2} per adapter, {} of single)",
+                        "  peak {} ({} per adapter, {} of single)",
+                        memory_text(p),
+                        memory_text(per),
                         ratio_text(row.memory_per_adapter_ratio())
                     ),
                     _ => String::new(),

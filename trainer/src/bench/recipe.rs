@@ -72,7 +72,7 @@ pub struct RecipeArgs {
     /// Timed steps (and as many again with the kernels timed, on a GPU).
     #[arg(long, default_value_t = 50)]
     pub steps: usize,
-    /// Also write the result as JSON here.
+    /// Also write the result as JSON here [default: none, the summary on stdout only].
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
@@ -280,6 +280,6 @@ pub fn recipe_summary(r: &RecipeResult) -> String {
         r.host_us_per_step,
         r.gpu_busy
             .map_or("-".into(), |b| format!("{:.0}%", b * 100.0)),
-        r.peak_gib.map_or("-".into(), |p| format!("{p:.2} GiB")),
+        r.peak_gib.map_or("-".into(), super::memory_text),
     )
 }

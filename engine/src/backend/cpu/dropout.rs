@@ -82,9 +82,17 @@ pub(crate) fn mask_in_place<T: Copy + Send + Sync>(
     thr: u32,
     mul: impl Fn(T, bool) -> T + Sync + Send,
 ) {
+    // `rng::dropped` per element, with one hash per four elements (`rng::dropout_bits`).
     let f = |base: usize, ch: &mut [T]| {
+        let (mut group, mut h) = (u64::MAX, 0u64);
         for (j, e) in ch.iter_mut().enumerate() {
-            *e = mul(*e, rng::dropped(seed, (base + j) as u64, thr));
+            let i = (base + j) as u64;
+            if i >> 2 != group {
+                group = i >> 2;
+                h = rng::hash(seed, group);
+            }
+            let bits = ((h >> ((i & 3) * 16)) & 0xFFFF) as u32;
+            *e = mul(*e, bits < thr);
         }
     };
     if v.len() < super::PAR_THRESHOLD {

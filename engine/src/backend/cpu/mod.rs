@@ -8,6 +8,7 @@ pub(crate) mod dropout;
 mod elementwise;
 mod index;
 pub(crate) mod matmul;
+pub mod memory;
 mod random;
 mod reduce;
 mod rms_norm;

@@ -176,7 +176,10 @@ fn parts_tiles(sv: &Saved, need: &Need, q: &Tensor, wts: &Tensor, dy: &Tensor) -
         let args = [
             &gc, &uc, &cgc, &cuc, &cdc, &ids_c, &lw.b_gate, &lw.b_up, &lw.a_down, &dabar, &wc,
         ];
-        let g = read(args, |o| prim::tiles_rows(tiles_backward(o), &dc))?;
+        let want_cols = need.b_gate || need.b_up || need.a_down;
+        let (g, cols) = read(args, |o| {
+            prim::tiles_backward(tiles_backward(o), &dc, want_cols)
+        })?;
         let dgu = Tensor::from_storage(g.dgu, [tc, 2 * i], None);
         if need.x {
             parts
@@ -193,9 +196,8 @@ fn parts_tiles(sv: &Saved, need: &Need, q: &Tensor, wts: &Tensor, dy: &Tensor) -
             parts.dzu.push(blocks(g.dzu)?);
         }
         parts.dw_act.push(Tensor::from_storage(g.dw, [tc, k], None));
-        if need.b_gate || need.b_up || need.a_down {
+        if let Some((g_b, g_u, g_d)) = cols {
             let er = e * r;
-            let (g_b, g_u, g_d) = read(args, |o| prim::tiles_cols(tiles_backward(o), &dc))?;
             accumulate(&mut parts.dbg, Tensor::from_storage(g_b, [i, er], None))?;
             accumulate(&mut parts.dbu, Tensor::from_storage(g_u, [i, er], None))?;
             accumulate(&mut parts.dad, Tensor::from_storage(g_d, [er, i], None))?;

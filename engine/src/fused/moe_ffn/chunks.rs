@@ -4,7 +4,7 @@
 
 use super::checks::Checked;
 use super::primitives as prim;
-use super::{MoeFfnOptions, MoeKernels, OP};
+use super::{MoeFfnOptions, OP};
 use crate::{Error, Result, Tensor};
 
 /// Tokens per chunk by default: the `[chunk·k, I]` slot tensors of one chunk hold at most this
@@ -32,6 +32,12 @@ pub fn default_chunk_tokens(t: usize, k: usize, i: usize) -> usize {
     c.min(t)
 }
 
+/// Tokens per chunk of the CPU's tile primitives by default: the backward's `dĀ` `[chunk, I]`
+/// and `dG|dU` `[chunk, 2I]` then exist for one chunk at a time (the tiles inside a chunk are
+/// 64 tokens), which takes some `3·(T − chunk)·I` elements off the activation peak at a few
+/// percent of the time.
+const CPU_CHUNK_TOKENS: usize = 256;
+
 /// How the op runs: the tile kernels or the block-code GEMMs, over chunks of tokens.
 #[derive(Clone, Debug)]
 pub(super) struct Plan {
@@ -42,14 +48,15 @@ pub(super) struct Plan {
 }
 
 /// The plan of `opts` for `x` `[T, H]`: the tile kernels when asked for and served; the chunk
-/// asked for (at most `T`), else one chunk for the tile kernels (they write no `[T·k, I]`
-/// tensor) and [`default_chunk_tokens`] for the GEMMs. A chunk of 0 tokens is an error.
+/// asked for (at most `T`), else one chunk for the CUDA tile kernels (they write no `[T·k, I]`
+/// tensor), [`CPU_CHUNK_TOKENS`] for the CPU's and [`default_chunk_tokens`] for the GEMMs. A chunk of 0 tokens is an error.
 pub(super) fn plan(x: &Tensor, c: &Checked, opts: &MoeFfnOptions) -> Result<Plan> {
     let (t, k, i) = (c.d.t, c.d.k, c.d.i);
-    let tiles = opts.kernels == MoeKernels::Tiles && prim::tiles_supported(&x.storage(), &c.d);
+    let tiles = prim::runs_tiles(&x.storage(), &c.d, opts.kernels);
     let chunk = match opts.chunk_tokens {
         Some(0) => return Err(Error::invalid(OP, "a chunk of 0 tokens")),
         Some(c) => c.min(t.max(1)),
+        None if tiles && x.device() == crate::Device::Cpu => CPU_CHUNK_TOKENS.min(t.max(1)),
         None if tiles => t.max(1),
         None => default_chunk_tokens(t, k, i),
     };

@@ -1,6 +1,6 @@
-//! The fused MixLoRA FFN's primitives on the CPU: the reference for the CUDA kernels (block-code
-//! layouts and the SwiGLU over the slots; the op runs its rank-r products as GEMMs). The tile
-//! primitives do not exist here: the op runs the block-code GEMMs instead.
+//! The fused MixLoRA FFN's block-code primitives on the CPU: the reference for the CUDA kernels
+//! (block-code layouts and the SwiGLU over the slots; the CUDA op runs its rank-r products as
+//! block-code GEMMs). The CPU op itself runs the tile primitives of `cpu_tiles.rs`.
 //!
 //! Every primitive computes in `C` (f64 under an f64 base, else f32): base operands (f32 or bf16)
 //! are widened on read and rounded once on write. Rows (tokens) are split across threads.
@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use super::primitives::{
     BlockCodes, Blocks, ExpandCodes, GatherCodes, MoeDims, SwigluBackward, SwigluForward,
-    SwigluGrads, TileRowGrads, TilesBackward, TilesForward,
+    SwigluGrads,
 };
 use crate::backend::cpu::{CpuFloat, CpuStorage};
 use crate::backend::BackendStorage;
@@ -17,14 +17,16 @@ use crate::fused::Operand;
 use crate::{rng, DType, Error, Layout, Result};
 
 /// An operand on the CPU.
-type Op<'a> = Operand<'a, CpuStorage>;
+pub(super) type Op<'a> = Operand<'a, CpuStorage>;
 
 /// An element type the fused kernels compute in, with the conversions of their operands.
-trait MoeFloat: CpuFloat {
+pub(super) trait MoeFloat: CpuFloat {
     /// The view of a base operand (this type, or bf16 under f32) or an adapter operand.
     fn read(op: &'static str, s: &CpuStorage, l: &Layout) -> Result<Vec<Self>>;
     /// A result in `dtype` (this type, or bf16 under f32).
     fn wrap(v: Vec<Self>, dtype: DType) -> CpuStorage;
+    /// The whole buffer when it holds this type (borrowed, no copy).
+    fn slice(s: &CpuStorage) -> Option<&[Self]>;
 }
 
 impl MoeFloat for f32 {
@@ -43,6 +45,12 @@ impl MoeFloat for f32 {
             _ => CpuStorage::F32(v),
         }
     }
+    fn slice(s: &CpuStorage) -> Option<&[f32]> {
+        match s {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
 }
 
 impl MoeFloat for f64 {
@@ -58,15 +66,21 @@ impl MoeFloat for f64 {
     fn wrap(v: Vec<f64>, _dtype: DType) -> CpuStorage {
         CpuStorage::F64(v)
     }
+    fn slice(s: &CpuStorage) -> Option<&[f64]> {
+        match s {
+            CpuStorage::F64(v) => Some(v),
+            _ => None,
+        }
+    }
 }
 
 /// The view of an operand in the compute type `C`.
-fn read<C: MoeFloat>(op: &'static str, a: Op<'_>) -> Result<Vec<C>> {
+pub(super) fn read<C: MoeFloat>(op: &'static str, a: Op<'_>) -> Result<Vec<C>> {
     C::read(op, a.s, a.l)
 }
 
 /// Expert ids, each checked against `E`.
-fn read_ids(op: &'static str, a: Op<'_>, e: usize) -> Result<Vec<u32>> {
+pub(super) fn read_ids(op: &'static str, a: Op<'_>, e: usize) -> Result<Vec<u32>> {
     let ids = a.s.view_u32(op, a.l)?;
     if let Some(&bad) = ids.iter().find(|&&x| x as usize >= e) {
         return Err(Error::IndexOutOfRange {
@@ -79,7 +93,7 @@ fn read_ids(op: &'static str, a: Op<'_>, e: usize) -> Result<Vec<u32>> {
 }
 
 /// Which compute type: the adapter dtype of operand `a`.
-fn is_f64(a: Op<'_>) -> bool {
+pub(super) fn is_f64(a: Op<'_>) -> bool {
     a.s.dtype() == DType::F64
 }
 
@@ -102,14 +116,14 @@ fn keep<C: CpuFloat>(d: &MoeDims, p: usize, i: usize) -> C {
 }
 
 #[inline(always)]
-fn sigmoid<C: CpuFloat>(x: C) -> C {
+pub(super) fn sigmoid<C: CpuFloat>(x: C) -> C {
     C::one() / (C::one() + (-x).exp())
 }
 
 /// Gradients of one slot at one column: `(a, dg, du, m)` from `da_pre = A_d,eᵀ dZ_d` (before the
 /// dropout multiplier `m`) and `w_j dĀ`.
 #[inline(always)]
-fn slot_grads<C: CpuFloat>(g: C, u: C, wda: C, ad_dz: C, m: C) -> (C, C, C) {
+pub(super) fn slot_grads<C: CpuFloat>(g: C, u: C, wda: C, ad_dz: C, m: C) -> (C, C, C) {
     let sg = sigmoid(g);
     let silu = g * sg;
     let a = silu * u;
@@ -287,7 +301,7 @@ fn block_codes_t<C: MoeFloat>(
     Ok(C::wrap(out, how.dtype))
 }
 
-fn check_len(op: &'static str, got: usize, want: usize) -> Result<()> {
+pub(super) fn check_len(op: &'static str, got: usize, want: usize) -> Result<()> {
     if got != want {
         return Err(Error::invalid(
             op,
@@ -446,35 +460,4 @@ fn swiglu_backward_t<C: MoeFloat>(
         am: C::wrap(am, base),
         dw: C::wrap(dw, adapter),
     })
-}
-
-// ----- the tile kernels: CUDA only ---------------------------------------------------------------
-
-pub(super) fn tiles_supported(_: &MoeDims) -> bool {
-    false
-}
-
-fn no_tiles<R>(op: &'static str) -> Result<R> {
-    Err(Error::invalid(op, "not on this backend"))
-}
-
-pub(super) fn tiles_forward(
-    _: &TilesForward<'_, CpuStorage>,
-    _: &MoeDims,
-) -> Result<(CpuStorage, CpuStorage)> {
-    no_tiles("moe_tiles_forward")
-}
-
-pub(super) fn tiles_rows(
-    _: &TilesBackward<'_, CpuStorage>,
-    _: &MoeDims,
-) -> Result<TileRowGrads<CpuStorage>> {
-    no_tiles("moe_tiles_rows")
-}
-
-pub(super) fn tiles_cols(
-    _: &TilesBackward<'_, CpuStorage>,
-    _: &MoeDims,
-) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
-    no_tiles("moe_tiles_cols")
 }

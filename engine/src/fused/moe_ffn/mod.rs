@@ -23,7 +23,10 @@
 //! their own (`primitives.rs`: the CPU reference in `cpu.rs`, the CUDA launchers in `cuda.rs`
 //! over kernels/src/moe_ffn.cu). With [`MoeKernels::Tiles`] three tensor-core kernels
 //! (`cuda_tiles.rs`, kernels/src/moe_ffn_tiles.cu) do the expansions, the SwiGLU and the
-//! projections of a tile of slots at once. The `[T·k, I]` slot tensors live only inside one chunk
+//! projections of a tile of slots at once. The CPU always runs its own tile primitives
+//! (`cpu_tiles.rs`: per tile of tokens, one `gemm`-crate product per expert and rank-r product,
+//! fused elementwise passes between them, rayon over the tiles), which do the rank-r work at rank
+//! r rather than over `E·r` block codes. The `[T·k, I]` slot tensors live only inside one chunk
 //! of tokens (`chunks.rs`), so the op's transient memory is bounded; the argument checks are in
 //! `checks.rs`, the code layouts on tensors in `codes.rs`.
 //!
@@ -40,6 +43,7 @@ mod checks;
 mod chunks;
 mod codes;
 mod cpu;
+mod cpu_tiles;
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "cuda")]
@@ -93,10 +97,11 @@ pub struct MoeDropout {
 /// Which kernels run the fused FFN's rank-r and SwiGLU work.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum MoeKernels {
-    /// Dense GEMMs over block codes and the SwiGLU kernels (every backend, every dtype).
+    /// On CUDA, dense GEMMs over block codes and the SwiGLU kernels (every dtype). The CPU runs
+    /// its tile primitives whatever this says ([`moe_fused_runs_tiles`]).
     #[default]
     BlockGemms,
-    /// The tensor-core tile kernels (`moe_tiles_*`) where they serve the sizes (CUDA, bf16
+    /// On CUDA, the tensor-core tile kernels (`moe_tiles_*`) where they serve the sizes (bf16
     /// base, see [`moe_fused_runs_tiles`]), else the block-code GEMMs. Correct, but slower than
     /// the block-code GEMMs on the H200 so far.
     Tiles,
@@ -108,15 +113,17 @@ pub enum MoeKernels {
 pub struct MoeFfnOptions {
     pub kernels: MoeKernels,
     /// Tokens per chunk: the per-slot `[chunk·k, I]` tensors exist for one chunk at a time.
-    /// `None`: [`default_chunk_tokens`] with the block-code GEMMs, one chunk with the tile
-    /// kernels (they write no `[T·k, I]` tensor). The result does not depend on the chunking (up
+    /// `None`: [`default_chunk_tokens`] with the block-code GEMMs, one chunk with the CUDA tile
+    /// kernels (they write no `[T·k, I]` tensor), 256 tokens with the CPU's (its backward's
+    /// `[chunk, 3I]` then exist for one chunk at a time). The result does not depend on the chunking (up
     /// to the order of the floating-point sums of the weight gradients over chunks).
     pub chunk_tokens: Option<usize>,
 }
 
-/// Whether the fused FFN on `x` `[T, H]` with `k` slots a token and these weights runs the
-/// tensor-core kernels (`moe_tiles_*`: a CUDA bf16 base, `k` in {1, 2, 4, 8}, `E·r ≤ 128` a
-/// multiple of 8, `r ≤ 64`, `I` a multiple of 8) when `kernels` asks for them.
+/// Whether the fused FFN on `x` `[T, H]` with `k` slots a token and these weights runs the tile
+/// primitives: always on the CPU; on CUDA the tensor-core kernels (`moe_tiles_*`: a bf16 base,
+/// `k` in {1, 2, 4, 8}, `E·r ≤ 128` a multiple of 8, `r ≤ 64`, `I` a multiple of 8) when
+/// `kernels` asks for them.
 pub fn moe_fused_runs_tiles(
     x: &Tensor,
     w: &MoeFusedWeights<'_>,
@@ -136,7 +143,7 @@ pub fn moe_fused_runs_tiles(
         seed: 0,
         t0: 0,
     };
-    Ok(kernels == MoeKernels::Tiles && prim::tiles_supported(&x.storage(), &d))
+    Ok(prim::runs_tiles(&x.storage(), &d, kernels))
 }
 
 /// The MixLoRA FFN of `x` `[T, H]` (base dtype) by the `fused` method (docs/DESIGN.md, section

@@ -9,13 +9,13 @@
 //! its expert's column block `[e·r, (e+1)·r)` and zeros elsewhere, so that every rank-r product of
 //! the op is one dense GEMM. `m(p)` is the dropout mask of [`MoeDims::dropout`] on slot `p`.
 //!
-//! The tile primitives run the same FFN on the tensor cores in three kernels that never write a
-//! `[T·k, I]` tensor (CUDA, bf16 base; kernels/src/moe_ffn_tiles.cu). Their codes come per slot,
-//! `[T·k, r]` base, already scaled; `B_g,all`, `B_u,all` `[I, E·r]` and `A_d,all` `[E·r, I]`
-//! base. The CPU has none of them ([`tiles_supported`] is false there), and the op then runs the
-//! block-code GEMMs.
+//! The tile primitives run the same FFN in three passes that never write a `[T·k, I]` tensor: on
+//! CUDA three tensor-core kernels (bf16 base; kernels/src/moe_ffn_tiles.cu), on the CPU per-expert
+//! GEMMs over tiles of tokens and fused elementwise passes (`cpu_tiles.rs`, every dtype). Their
+//! codes come per slot, `[T·k, r]` base, already scaled; `B_g,all`, `B_u,all` `[I, E·r]` and
+//! `A_d,all` `[E·r, I]` base. The op runs them on the CPU always ([`runs_tiles`]).
 
-use super::cpu;
+use super::{cpu, cpu_tiles, MoeKernels};
 #[cfg(feature = "cuda")]
 use super::{cuda, cuda_tiles};
 use crate::fused::{on_backend, operands, IntoStorage};
@@ -296,12 +296,26 @@ pub fn swiglu_backward(
 }
 
 /// Whether the tile primitives serve these sizes for a base in `x`'s dtype on `x`'s backend
-/// (never on the CPU).
+/// (always on the CPU).
 pub fn tiles_supported(x: &Storage, d: &MoeDims) -> bool {
     match x {
-        Storage::Cpu(_) => cpu::tiles_supported(d),
+        Storage::Cpu(_) => cpu_tiles::supported(d),
         #[cfg(feature = "cuda")]
         Storage::Cuda(s) => cuda_tiles::supported(s.dtype, d),
+    }
+}
+
+/// Whether the op runs the tile primitives for a base in `x`'s dtype on `x`'s backend: always on
+/// the CPU (its block-code GEMMs would spend E times the rank-r work on zeros and write the
+/// `[T·k, I]` slot tensors), on CUDA when `kernels` asks for them and they serve the sizes.
+pub fn runs_tiles(x: &Storage, d: &MoeDims, kernels: MoeKernels) -> bool {
+    match x {
+        Storage::Cpu(_) => {
+            let _ = kernels; // the CPU has no other way that writes no `[T·k, I]` tensor
+            cpu_tiles::supported(d)
+        }
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(_) => kernels == MoeKernels::Tiles && tiles_supported(x, d),
     }
 }
 
@@ -311,7 +325,7 @@ pub fn tiles_forward(o: TilesForward<'_, Storage>, d: &MoeDims) -> Result<(Stora
     on_backend!(
         "moe_tiles_forward",
         o,
-        o => cpu::tiles_forward(&o, d),
+        o => cpu_tiles::forward(&o, d),
         cuda_tiles::forward(&o, d)
     )
 }
@@ -322,8 +336,27 @@ pub fn tiles_rows(o: TilesBackward<'_, Storage>, d: &MoeDims) -> Result<TileRowG
     on_backend!(
         "moe_tiles_rows",
         o,
-        o => cpu::tiles_rows(&o, d),
+        o => cpu_tiles::rows(&o, d),
         cuda_tiles::rows(&o, d)
+    )
+}
+
+/// [`tiles_rows`] and, with `cols`, [`tiles_cols`] of the same operands in one call (on the CPU
+/// one pass over the tiles, which the split would recompute).
+#[allow(clippy::type_complexity)]
+pub fn tiles_backward(
+    o: TilesBackward<'_, Storage>,
+    d: &MoeDims,
+    cols: bool,
+) -> Result<(TileRowGrads<Storage>, Option<(Storage, Storage, Storage)>)> {
+    on_backend!(
+        "moe_tiles_backward",
+        o,
+        o => cpu_tiles::backward(&o, d, cols),
+        cuda_tiles::rows(&o, d).and_then(|r| {
+            let c = if cols { Some(cuda_tiles::cols(&o, d)?) } else { None };
+            Ok((r, c))
+        })
     )
 }
 
@@ -336,7 +369,7 @@ pub fn tiles_cols(
     on_backend!(
         "moe_tiles_cols",
         o,
-        o => cpu::tiles_cols(&o, d),
+        o => cpu_tiles::cols(&o, d),
         cuda_tiles::cols(&o, d)
     )
 }
