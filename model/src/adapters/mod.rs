@@ -30,7 +30,7 @@ pub use io::{load, save, save_adapters, BIN_FILE, CONFIG_FILE, WEIGHTS_FILE};
 pub use lora::{lora_linear, LoraLinear};
 pub use mixlora::{ExpertLora, MixLoraFfn, MoeImpl, SharedFfn};
 pub use mixlora_fused::FusedExperts;
-pub use router::{aux_loss, expert_load, Router, RouterOutput, Routing};
+pub use router::{aux_loss, expert_load, z_loss, Router, RouterOutput, Routing};
 
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
@@ -86,6 +86,10 @@ pub struct Adapters {
     pub layers: Vec<LayerAdapters>,
     /// How MoE FFNs are computed.
     pub moe_impl: MoeImpl,
+    /// The coefficient of the router z-loss a training forward adds
+    /// ([`router::z_loss`]; 0: none, the paper's loss). A training-time setting of the trainer,
+    /// not part of the adapter file: it changes no inference.
+    pub router_z_loss_coef: f64,
 }
 
 /// What a parameter is, for its init and for messages about its shape.
@@ -142,6 +146,19 @@ fn expert_prefix(layer: usize, module: &str, e: usize) -> String {
 
 fn router_name(layer: usize) -> String {
     format!("mixlora.layers.{layer}.mlp.moe_gate.weight")
+}
+
+/// Whether `name` is the name of a MixLoRA router's weight (`mixlora.layers.{i}.mlp.moe_gate.weight`,
+/// as [`Adapters::named_params`] names it): how an optimizer tells the routers from the experts
+/// and LoRAs, by name and never by shape.
+pub fn is_router_param(name: &str) -> bool {
+    name.strip_prefix("mixlora.layers.")
+        .and_then(|rest| rest.split_once('.'))
+        .is_some_and(|(layer, rest)| {
+            !layer.is_empty()
+                && layer.bytes().all(|b| b.is_ascii_digit())
+                && rest == "mlp.moe_gate.weight"
+        })
 }
 
 /// The names of the tensors `cfg` calls for on a base of `layers` layers, with their kind, in
@@ -245,6 +262,7 @@ impl Adapters {
             config: cfg.clone(),
             layers,
             moe_impl: MoeImpl::default(),
+            router_z_loss_coef: 0.0,
         })
     }
 
@@ -392,12 +410,13 @@ impl Adapters {
             )));
         }
         map.insert(name.to_string(), value);
-        let moe_impl = self.moe_impl;
+        let (moe_impl, z_coef) = (self.moe_impl, self.router_z_loss_coef);
         *self = Self::build(&self.config, mc, |spec| {
             map.remove(&spec.name)
                 .ok_or_else(|| Error::Invalid(format!("set_param: {} vanished", spec.name)))
         })?;
         self.moe_impl = moe_impl;
+        self.router_z_loss_coef = z_coef;
         Ok(())
     }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use engine::{rng, rope_tables, DType, Device, Tensor};
 
-use crate::adapters::router::{aux_loss, expert_load, token_weights, RouterOutput};
+use crate::adapters::router::{aux_loss, expert_load, token_weights, z_loss, RouterOutput};
 use crate::adapters::{AdapterConfig, Adapters, LayerAdapters, MoeImpl};
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{Error, Result};
@@ -73,6 +73,10 @@ pub struct ForwardOutput {
     /// The MixLoRA load-balance loss over all MoE layers and real tokens, already multiplied by
     /// `router_aux_loss_coef` (a scalar in the adapter dtype); `None` without MoE layers.
     pub aux_loss: Option<Tensor>,
+    /// The router z-loss over all MoE layers and real tokens, already multiplied by the
+    /// adapters' `router_z_loss_coef` (a scalar in the adapter dtype); `None` without MoE
+    /// layers or with a zero coefficient.
+    pub z_loss: Option<Tensor>,
     /// Per MoE layer, `[E]` f32 without gradient: the share of routed (token, slot) pairs each
     /// expert received over the real tokens.
     pub expert_load: Vec<Tensor>,
@@ -85,6 +89,8 @@ pub struct HiddenOutput {
     pub hidden: Tensor,
     /// As in [`ForwardOutput::aux_loss`].
     pub aux_loss: Option<Tensor>,
+    /// As in [`ForwardOutput::z_loss`].
+    pub z_loss: Option<Tensor>,
     /// As in [`ForwardOutput::expert_load`].
     pub expert_load: Vec<Tensor>,
 }
@@ -361,18 +367,20 @@ impl Llama {
                         .map_err(into_engine_error)?;
                     let mut outs = vec![y];
                     if let Some(r) = r {
-                        outs.extend([r.probs, r.mask, r.weights]);
+                        outs.extend([r.probs, r.mask, r.weights, r.logits]);
                     }
                     Ok(outs)
                 });
                 let params = ad.map_or_else(Vec::new, LayerAdapters::params);
                 let mut outs = engine::checkpoint(std::slice::from_ref(&x), &params, block)?;
-                route = (outs.len() == 4).then(|| {
-                    let weights = outs.pop().expect("4 outputs");
-                    let mask = outs.pop().expect("4 outputs").detach();
-                    let probs = outs.pop().expect("4 outputs");
+                route = (outs.len() == 5).then(|| {
+                    let logits = outs.pop().expect("5 outputs");
+                    let weights = outs.pop().expect("5 outputs");
+                    let mask = outs.pop().expect("5 outputs").detach();
+                    let probs = outs.pop().expect("5 outputs");
                     // The top-k ids and weights serve only the layer's own MoE computation.
                     RouterOutput {
+                        logits,
                         probs,
                         mask,
                         weights,
@@ -437,6 +445,7 @@ impl Llama {
         Ok(ForwardOutput {
             logits: self.logits(&out.hidden)?,
             aux_loss: out.aux_loss,
+            z_loss: out.z_loss,
             expert_load: out.expert_load,
         })
     }
@@ -479,6 +488,7 @@ fn train_output(
         return Ok(HiddenOutput {
             hidden,
             aux_loss: None,
+            z_loss: None,
             expert_load: Vec::new(),
         });
     };
@@ -486,6 +496,7 @@ fn train_output(
         .map(|m| token_weights(m, first.probs.dtype()))
         .transpose()?; // [N, 1]
     let aux_loss = aux_loss(&routing, tw.as_ref(), adapters.config.router_aux_loss_coef)?;
+    let z_loss = z_loss(&routing, tw.as_ref(), adapters.router_z_loss_coef)?;
     let expert_load = engine::no_grad(|| {
         routing
             .iter()
@@ -495,6 +506,7 @@ fn train_output(
     Ok(HiddenOutput {
         hidden,
         aux_loss,
+        z_loss,
         expert_load,
     })
 }

@@ -155,6 +155,10 @@ with_defaults! {
         pub top_p: f64 = 0.8,
         pub aux_loss_coef: f64 = 0.001,
         pub router_init_range: f64 = 0.02,
+        /// The router z-loss coefficient (0: none, the paper's loss; `model::adapters::z_loss`).
+        pub router_z_loss: f64 = 0.0,
+        /// The routers' AdamW learning rate as a multiple of `lr` (1: the paper's single lr).
+        pub router_lr_scale: f64 = 1.0,
         pub eval_every: usize = 0,
         pub save_every: usize = 0,
         pub save_total_limit: usize = 3,
@@ -379,6 +383,34 @@ impl TrainConfig {
                     "router_init_range {} must be >= 0",
                     self.router_init_range
                 ));
+            }
+            if !(self.router_z_loss.is_finite() && self.router_z_loss >= 0.0) {
+                return bad(format!("router_z_loss {} must be >= 0", self.router_z_loss));
+            }
+            if !(self.router_lr_scale.is_finite() && self.router_lr_scale > 0.0) {
+                return bad(format!(
+                    "router_lr_scale {} must be a positive number",
+                    self.router_lr_scale
+                ));
+            }
+        } else {
+            // Settings of the MixLoRA router that a plain LoRA has none of: refused, not ignored.
+            let defaults = TrainConfig::default();
+            for (key, set) in [
+                (
+                    "router_z_loss",
+                    self.router_z_loss != defaults.router_z_loss,
+                ),
+                (
+                    "router_lr_scale",
+                    self.router_lr_scale != defaults.router_lr_scale,
+                ),
+            ] {
+                if set {
+                    return bad(format!(
+                        "{key} applies to MixLoRA's routers: a `lora` adapter has none"
+                    ));
+                }
             }
         }
         if self.resume && self.overwrite {
