@@ -1,12 +1,16 @@
 //! The training variants beyond the paper (docs/DESIGN.md, "Variants"): the router z-loss's
 //! value against a host reference, its gradient by finite differences in f64 (alone over two
 //! layers with padding, and through a tiny LLaMA with every MoE implementation and with gradient
-//! checkpointing), and the router parameters told apart by name.
+//! checkpointing), the router parameters told apart by name, and the experts' `B` drawn nonzero
+//! at init: only they change, and the router then has an LM-loss gradient from the first step,
+//! where the paper's init (every expert equal to the frozen FFN) gives it exactly none.
 
 use std::cell::RefCell;
 
 use engine::{DType, Device, Tensor, IGNORE_INDEX};
-use model::adapters::{is_router_param, z_loss, Router, RouterOutput, Routing};
+use model::adapters::{
+    is_expert_param, is_router_param, z_loss, AdapterInit, Router, RouterOutput, Routing,
+};
 use model::{AdapterConfig, Llama, LlamaConfig, MoeImpl};
 use testutil::{check_gradients, ids, randn};
 
@@ -247,4 +251,75 @@ fn z_loss_under_gradient_checkpointing_keeps_loss_and_gradients() {
         let e = testutil::rel_err(b, a);
         assert!(e <= 1e-12, "router gradient: rel err {e}");
     }
+}
+
+/// The LM loss's gradient of every router and the adapters of a fresh tiny f64 MixLoRA (no
+/// dropout, no aux or z-loss) initialised with `init`.
+fn fresh_router_grads(init: AdapterInit) -> (Vec<(String, Tensor)>, f64) {
+    let mut m = Llama::random(tiny_config(), 3, DType::F64, Device::Cpu).unwrap();
+    m.embed_tokens = m.embed_tokens.affine(50.0, 0.0).unwrap();
+    let cfg = AdapterConfig {
+        num_experts: 3,
+        r: 2,
+        lora_dropout: 0.0,
+        router_aux_loss_coef: 0.0,
+        router_init_range: 0.5,
+        ..AdapterConfig::mixlora_default()
+    };
+    m.add_adapters_with(&cfg, 1, init).unwrap();
+    let b = batch();
+    let out = m.forward_train(&b.tokens, Some(&b.mask), None).unwrap();
+    let ce = out
+        .logits
+        .reshape([10, 11])
+        .unwrap()
+        .cross_entropy(&b.targets, IGNORE_INDEX)
+        .unwrap();
+    ce.backward().unwrap();
+    let routers: f64 = m
+        .trainable_params()
+        .iter()
+        .filter(|(n, _)| is_router_param(n))
+        .map(|(_, t)| {
+            let g = t.grad().unwrap().to_vec_f64().unwrap();
+            g.iter().map(|v| v * v).sum::<f64>()
+        })
+        .sum::<f64>()
+        .sqrt();
+    (m.trainable_params(), routers)
+}
+
+#[test]
+fn nonzero_expert_b_init_breaks_the_experts_symmetry() {
+    let (paper, g_paper) = fresh_router_grads(AdapterInit::default());
+    let (broken, g_broken) = fresh_router_grads(AdapterInit { expert_b_std: 0.1 });
+    // Paper init: every expert is the frozen FFN, the top-k weights sum to 1, so the LM loss
+    // does not depend on the router at all (up to rounding).
+    assert!(g_paper < 1e-13, "paper init: router gradient {g_paper}");
+    assert!(
+        g_broken > 1e-4,
+        "broken symmetry: router gradient {g_broken}"
+    );
+    // Only the experts' B differ; every other tensor (A, routers, attention LoRAs) is drawn as
+    // before, from the same seeds.
+    assert_eq!(paper.len(), broken.len());
+    let mut expert_bs = 0;
+    for ((n, a), (_, b)) in paper.iter().zip(&broken) {
+        let (a, b) = (a.to_vec_f64().unwrap(), b.to_vec_f64().unwrap());
+        if is_expert_param(n) && n.ends_with("lora_B.weight") {
+            expert_bs += 1;
+            assert!(a.iter().all(|v| *v == 0.0), "{n}");
+            assert!(b.iter().all(|v| *v != 0.0 && v.abs() < 1.0), "{n}");
+        } else {
+            assert_eq!(a, b, "{n}");
+        }
+    }
+    assert_eq!(expert_bs, 2 * 3 * 3); // layers × experts × gate/up/down
+    assert!(is_expert_param(
+        "mixlora.layers.1.mlp.down_proj.experts.2.lora_B.weight"
+    ));
+    assert!(!is_expert_param(
+        "mixlora.layers.1.self_attn.q_proj.lora_B.weight"
+    ));
+    assert!(!is_expert_param("mixlora.layers.1.mlp.moe_gate.weight"));
 }

@@ -148,6 +148,26 @@ fn router_name(layer: usize) -> String {
     format!("mixlora.layers.{layer}.mlp.moe_gate.weight")
 }
 
+/// Whether `name` is the name of a MixLoRA expert's LoRA matrix
+/// (`mixlora.layers.{i}.mlp.{gate,up,down}_proj.experts.{e}.lora_{A,B}.weight`).
+pub fn is_expert_param(name: &str) -> bool {
+    name.strip_prefix("mixlora.layers.")
+        .and_then(|rest| rest.split_once(".mlp."))
+        .is_some_and(|(_, rest)| rest.contains("_proj.experts."))
+}
+
+/// How fresh adapters are initialised beyond the paper's (`A` kaiming-uniform, `B = 0`, router
+/// `N(0, router_init_range)`), which the default keeps. A training-time choice: the adapter file
+/// does not record it.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct AdapterInit {
+    /// `B` of every MixLoRA expert's LoRA drawn `N(0, expert_b_std)` instead of zero, so that
+    /// the experts differ from the first step and the router's gradient is not zero there
+    /// (docs/DESIGN.md, "Variants"). 0: `B = 0`, the paper's. Plain LoRAs (attention) keep
+    /// `B = 0`.
+    pub expert_b_std: f64,
+}
+
 /// Whether `name` is the name of a MixLoRA router's weight (`mixlora.layers.{i}.mlp.moe_gate.weight`,
 /// as [`Adapters::named_params`] names it): how an optimizer tells the routers from the experts
 /// and LoRAs, by name and never by shape.
@@ -276,7 +296,27 @@ impl Adapters {
         base: DType,
         device: Device,
     ) -> Result<Adapters> {
+        Self::init_with(cfg, mc, seed, base, device, AdapterInit::default())
+    }
+
+    /// [`Adapters::init`] with the initialisation options `init` (the default: the paper's).
+    /// Every parameter draws its seed from one stream in the same order whatever `init` says,
+    /// so the options change only the tensors they name.
+    pub fn init_with(
+        cfg: &AdapterConfig,
+        mc: &LlamaConfig,
+        seed: u64,
+        base: DType,
+        device: Device,
+        init: AdapterInit,
+    ) -> Result<Adapters> {
         cfg.validate("adapter config")?;
+        if !(init.expert_b_std.is_finite() && init.expert_b_std >= 0.0) {
+            return Err(Error::Invalid(format!(
+                "expert B init std {} must be >= 0",
+                init.expert_b_std
+            )));
+        }
         let dtype = base.accumulation();
         let mut rng = Rng::new(seed);
         Self::build(cfg, mc, |spec| {
@@ -285,6 +325,16 @@ impl Adapters {
                 ParamKind::LoraA => {
                     let bound = 1.0 / (spec.shape[1] as f64).sqrt();
                     Tensor::rand_uniform(spec.shape.clone(), -bound, bound, seed, dtype, device)?
+                }
+                ParamKind::LoraB if init.expert_b_std > 0.0 && is_expert_param(&spec.name) => {
+                    Tensor::randn(
+                        spec.shape.clone(),
+                        0.0,
+                        init.expert_b_std,
+                        seed,
+                        dtype,
+                        device,
+                    )?
                 }
                 ParamKind::LoraB => Tensor::zeros(spec.shape.clone(), dtype, device)?,
                 ParamKind::Router => Tensor::randn(

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use engine::{rng, rope_tables, DType, Device, Tensor};
 
 use crate::adapters::router::{aux_loss, expert_load, token_weights, z_loss, RouterOutput};
-use crate::adapters::{AdapterConfig, Adapters, LayerAdapters, MoeImpl};
+use crate::adapters::{AdapterConfig, AdapterInit, Adapters, LayerAdapters, MoeImpl};
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::weights::Weights;
@@ -193,13 +193,25 @@ impl Llama {
     /// (f64 for an f64 base), `A` uniform in `±1/√in`, `B = 0` (so the model's outputs do not
     /// change), routers `N(0, router_init_range)`; seeded.
     pub fn add_adapters(&mut self, cfg: &AdapterConfig, seed: u64) -> Result<()> {
+        self.add_adapters_with(cfg, seed, AdapterInit::default())
+    }
+
+    /// [`Llama::add_adapters`] with the initialisation options `init`
+    /// ([`Adapters::init_with`]).
+    pub fn add_adapters_with(
+        &mut self,
+        cfg: &AdapterConfig,
+        seed: u64,
+        init: AdapterInit,
+    ) -> Result<()> {
         self.check_trainable("add_adapters")?;
-        self.adapters = Some(Adapters::init(
+        self.adapters = Some(Adapters::init_with(
             cfg,
             &self.config,
             seed,
             self.dtype(),
             self.device(),
+            init,
         )?);
         Ok(())
     }

@@ -178,6 +178,11 @@ pub struct TrainArgs {
     /// paper's single lr [default: 1.0].
     #[arg(long, value_name = "F")]
     pub router_lr_scale: Option<f64>,
+    /// MixLoRA: draw the experts' LoRA B from N(0, SIGMA) instead of zero, so the experts differ
+    /// (and the router has a gradient) from the first step; 0 is the paper's B = 0
+    /// [default: 0.0].
+    #[arg(long, value_name = "SIGMA")]
+    pub expert_b_init_std: Option<f64>,
     /// Evaluate every this many optimizer steps (0: only at the end) [default: 0].
     #[arg(long)]
     pub eval_every: Option<usize>,

@@ -159,6 +159,9 @@ with_defaults! {
         pub router_z_loss: f64 = 0.0,
         /// The routers' AdamW learning rate as a multiple of `lr` (1: the paper's single lr).
         pub router_lr_scale: f64 = 1.0,
+        /// The std of the experts' LoRA `B` at init (0: `B = 0`, the paper's;
+        /// `model::adapters::AdapterInit`).
+        pub expert_b_init_std: f64 = 0.0,
         pub eval_every: usize = 0,
         pub save_every: usize = 0,
         pub save_total_limit: usize = 3,
@@ -393,6 +396,12 @@ impl TrainConfig {
                     self.router_lr_scale
                 ));
             }
+            if !(self.expert_b_init_std.is_finite() && self.expert_b_init_std >= 0.0) {
+                return bad(format!(
+                    "expert_b_init_std {} must be >= 0",
+                    self.expert_b_init_std
+                ));
+            }
         } else {
             // Settings of the MixLoRA router that a plain LoRA has none of: refused, not ignored.
             let defaults = TrainConfig::default();
@@ -405,10 +414,15 @@ impl TrainConfig {
                     "router_lr_scale",
                     self.router_lr_scale != defaults.router_lr_scale,
                 ),
+                (
+                    "expert_b_init_std",
+                    self.expert_b_init_std != defaults.expert_b_init_std,
+                ),
             ] {
                 if set {
                     return bad(format!(
-                        "{key} applies to MixLoRA's routers: a `lora` adapter has none"
+                        "{key} applies to MixLoRA's routers and experts: a `lora` adapter has \
+                         none"
                     ));
                 }
             }
@@ -461,6 +475,13 @@ impl TrainConfig {
             moe_chunk_tokens: self.moe_chunk_tokens,
         };
         moe_impl(self.moe_impl, fused.options(), self.device)
+    }
+
+    /// How the run's fresh adapters are initialised (a resumed run loads its own).
+    pub fn adapter_init(&self) -> model::adapters::AdapterInit {
+        model::adapters::AdapterInit {
+            expert_b_std: self.expert_b_init_std,
+        }
     }
 
     /// The LoRA scale `alpha/r`, or `alpha/√r` with rsLoRA.

@@ -171,7 +171,7 @@ impl AdapterRun {
         data: &mut DataCache,
     ) -> Result<AdapterRun> {
         let acfg = adapter_config(cfg, &BaseModel::new(cfg.model.as_deref(), cfg.seed));
-        model.add_adapters(&acfg, cfg.seed)?;
+        model.add_adapters_with(&acfg, cfg.seed, cfg.adapter_init())?;
         let tasks = data.tasks(cfg)?;
         let ds = data.dataset(cfg, &tasks.0, tok)?;
         check_eval_items(cfg, &tasks.1, tok)?;
