@@ -20,15 +20,29 @@
 #   mixlora-e1       MixLoRA with one expert, top-1 (a LoRA r=16 on all seven projections in
 #                    MixLoRA's plumbing: should match lora16)
 #   mixlora-r64      MixLoRA at r=64, alpha=128 (experts and attention; 4x the parameters)
+# Variants beyond the paper (docs/DESIGN.md, "Variants"; not in the default list, name them):
+#   mixlora-z1e-3    MixLoRA with the router z-loss, coefficient 1e-3 (ST-MoE's)
+#   mixlora-z1e-2    MixLoRA with the router z-loss, coefficient 1e-2
+#   mixlora-rlr10    MixLoRA with the routers' lr 10x the lr
+#   mixlora-rlr100   MixLoRA with the routers' lr 100x the lr
+#   mixlora-binit1e-3  MixLoRA with the experts' LoRA B drawn N(0, 1e-3) at init
+#   mixlora-binit1e-2  MixLoRA with the experts' LoRA B drawn N(0, 1e-2) at init
+#   mixlora-rslora   MixLoRA with rsLoRA scaling (alpha/sqrt(r))
+#   mixlora-combo    z-loss 1e-3, routers' lr 10x and B init N(0, 1e-3) together
 # SEED (42), EPOCHS (1), EVAL_LIMIT (questions per task; for a dry run only), MIXLORA_BIN and
 # OUT change the plan; a variant whose eval.json exists is skipped, one stopped earlier goes on
-# from its last checkpoint. Extra flags after `--` go to every `mixlora train` (e.g. --device
-# cuda --dtype bf16); the device flag is passed to eval too.
+# from its last checkpoint. LR sets the learning rate of every variant that does not set its own
+# (the chosen lr of the sweep); SEEDS (e.g. "42 43 44") runs each variant once per seed, in
+# folders VARIANT-seedN (instead of SEED and one folder VARIANT). Extra flags after `--` go to
+# every `mixlora train` (e.g. --device cuda --dtype bf16); the device flag is passed to eval too.
+#
+#   LR=1e-3 SEEDS="42 43 44" OUT=runs/variants EPOCHS=2 scripts/commonsense-ablations.sh M DATA \
+#       mixlora mixlora-z1e-3 mixlora-rlr10 mixlora-binit1e-3 mixlora-rslora -- --device cuda --dtype bf16
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ $# -lt 2 ]; then
-    sed -n '2,27p' "$0" >&2
+    sed -n '2,42p' "$0" >&2
     exit 2
 fi
 model=$1
@@ -48,6 +62,7 @@ fi
 out=${OUT:-runs/ablations}
 seed=${SEED:-42}
 epochs=${EPOCHS:-1}
+lr=${LR:-}
 # bin, train_files, valid_files, device (eval runs where training ran) and limit.
 source scripts/commonsense-setup.sh
 
@@ -64,6 +79,17 @@ flags_of() { # variant -> train flags
         mixlora-naive) echo "--adapter mixlora --rank 16 --alpha 32 --moe-impl naive" ;;
         mixlora-e1) echo "--adapter mixlora --rank 16 --alpha 32 --num-experts 1 --top-k 1" ;;
         mixlora-r64) echo "--adapter mixlora --rank 64 --alpha 128" ;;
+        mixlora-z1e-3) echo "--adapter mixlora --rank 16 --alpha 32 --router-z-loss 1e-3" ;;
+        mixlora-z1e-2) echo "--adapter mixlora --rank 16 --alpha 32 --router-z-loss 1e-2" ;;
+        mixlora-rlr10) echo "--adapter mixlora --rank 16 --alpha 32 --router-lr-scale 10" ;;
+        mixlora-rlr100) echo "--adapter mixlora --rank 16 --alpha 32 --router-lr-scale 100" ;;
+        mixlora-binit1e-3) echo "--adapter mixlora --rank 16 --alpha 32 --expert-b-init-std 1e-3" ;;
+        mixlora-binit1e-2) echo "--adapter mixlora --rank 16 --alpha 32 --expert-b-init-std 1e-2" ;;
+        mixlora-rslora) echo "--adapter mixlora --rank 16 --alpha 32 --rslora true" ;;
+        mixlora-combo)
+            echo "--adapter mixlora --rank 16 --alpha 32 --router-z-loss 1e-3 --router-lr-scale 10" \
+                "--expert-b-init-std 1e-3"
+            ;;
         *)
             echo "unknown variant: $1" >&2
             return 1
@@ -74,11 +100,26 @@ flags_of() { # variant -> train flags
 mkdir -p "$out"
 summary="$out/summary.tsv"
 [ -e "$summary" ] || printf 'variant\tavg\tarc_e\tarc_c\tboolq\tobqa\ttrain_s\teval_s\n' >"$summary"
+# (variant, seed, folder) of every run: one per variant with SEED, one per seed with SEEDS.
+runs=()
 for v in "${variants[@]}"; do
+    flags_of "$v" >/dev/null
+    if [ -n "${SEEDS:-}" ]; then
+        for s in $SEEDS; do runs+=("$v $s $v-seed$s"); done
+    else
+        runs+=("$v $seed $v")
+    fi
+done
+for r in "${runs[@]}"; do
+    read -r v seed name <<<"$r"
     read -r -a flags <<<"$(flags_of "$v")"
-    dir="$out/$v"
+    # The chosen lr, unless the variant sets its own.
+    if [ -n "$lr" ] && [[ " ${flags[*]} " != *" --lr "* ]]; then
+        flags+=(--lr "$lr")
+    fi
+    dir="$out/$name"
     if [ -e "$dir/eval.json" ]; then
-        echo "$v: done already" >&2
+        echo "$name: done already" >&2
         continue
     fi
     mkdir -p "$dir"
@@ -96,7 +137,7 @@ for v in "${variants[@]}"; do
     "$bin" eval --model "$model" --adapter "$dir/adapter" "${valid_files[@]}" "${device[@]}" \
         "${limit[@]}" "${routing[@]}" --output "$dir/eval.json" >/dev/null
     t2=$(date +%s%N)
-    python3 - "$dir/eval.json" "$v" "$((t1 - t0))" "$((t2 - t1))" >>"$summary" <<'EOF'
+    python3 - "$dir/eval.json" "$name" "$((t1 - t0))" "$((t2 - t1))" >>"$summary" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
 acc = {t["task"]: t["accuracy"] for t in r["tasks"]}

@@ -79,7 +79,8 @@ def setting(run_dir, key):
             return v
 
 
-SETTINGS = ["epochs", "lr", "adapter", "rank", "num_experts", "top_k", "aux_loss_coef", "router_init_range", "moe_impl"]
+SETTINGS = ["epochs", "lr", "adapter", "rank", "num_experts", "top_k", "aux_loss_coef", "router_init_range", "moe_impl",
+            "seed", "rslora", "router_z_loss", "router_lr_scale", "expert_b_init_std"]
 
 
 def ablations(dirs, json_out):

@@ -301,6 +301,9 @@ fn hidden_loss(model: &Llama, out: &model::HiddenOutput, targets: &Tensor) -> Re
     if let Some(aux) = &out.aux_loss {
         loss = loss.add(&aux.to_dtype(loss.dtype())?)?;
     }
+    if let Some(z) = &out.z_loss {
+        loss = loss.add(&z.to_dtype(loss.dtype())?)?;
+    }
     Ok(loss)
 }
 

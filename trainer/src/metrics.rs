@@ -23,6 +23,9 @@ pub struct StepMetrics {
     /// The load-balance loss, already times its coefficient (MixLoRA only).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub aux_loss: Option<f64>,
+    /// The router z-loss, already times its coefficient (MixLoRA with `router_z_loss` > 0).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub z_loss: Option<f64>,
     pub lr: f64,
     /// The gradient norm before clipping.
     pub grad_norm: f64,
@@ -40,6 +43,9 @@ impl StepMetrics {
         let mut s = format!("step {}/{} loss {:.4}", self.step, total_steps, self.loss);
         if let Some(a) = self.aux_loss {
             s += &format!(" aux {a:.4}");
+        }
+        if let Some(z) = self.z_loss {
+            s += &format!(" z {z:.4}");
         }
         s + &format!(
             " lr {:.2e} grad_norm {:.3} {:.0} tok/s epoch {:.2}",
@@ -221,6 +227,7 @@ mod tests {
             epoch: 0.5,
             loss: 2.25,
             aux_loss: None,
+            z_loss: None,
             lr: 1e-4,
             grad_norm: 0.75,
             tokens_per_s: 1000.0,

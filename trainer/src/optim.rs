@@ -49,6 +49,9 @@ pub struct AdamW {
     params: Vec<Tensor>,
     exp_avg: Vec<Tensor>,    // m, same shapes as params, math dtype
     exp_avg_sq: Vec<Tensor>, // v
+    /// Per parameter, its learning rate as a multiple of the step's (1 unless
+    /// [`AdamW::scale_lr`] set another).
+    lr_scales: Vec<f64>,
     steps: u64,
 }
 
@@ -77,11 +80,31 @@ impl AdamW {
         Ok(AdamW {
             config,
             names,
+            lr_scales: vec![1.0; ps.len()],
             params: ps,
             exp_avg: m,
             exp_avg_sq: v,
             steps: 0,
         })
+    }
+
+    /// Gives the parameters whose names `which` accepts the learning rate `scale` times the
+    /// step's (a parameter group of its own, as `torch.optim` has them); returns how many. The
+    /// moments, decay and bias correction are unchanged: with `scale` 1 nothing changes.
+    pub fn scale_lr(&mut self, scale: f64, which: impl Fn(&str) -> bool) -> usize {
+        let mut n = 0;
+        for (name, s) in self.names.iter().zip(&mut self.lr_scales) {
+            if which(name) {
+                *s = scale;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Each parameter's learning-rate multiple, in the order of [`AdamW::params`].
+    pub fn lr_scales(&self) -> &[f64] {
+        &self.lr_scales
     }
 
     pub fn params(&self) -> &[Tensor] {
@@ -103,10 +126,39 @@ impl AdamW {
     /// One update with learning rate `lr`, the gradients multiplied by `grad_scale` first (the
     /// clipping factor of [`clip_grad_norm`]; 1.0 for none): every parameter in one fused engine
     /// call ([`engine::adamw_step`]; one kernel launch on CUDA).
+    ///
+    /// With parameters of several learning-rate multiples ([`AdamW::scale_lr`]), one call per
+    /// multiple, each over its parameters at `lr` times it (the update of each element is the
+    /// same function of its own state either way).
     pub fn step(&mut self, lr: f64, grad_scale: f64) -> Result<()> {
         self.steps += 1;
-        let h = self.hyper(lr, grad_scale);
-        engine::adamw_step(&self.params, &self.exp_avg, &self.exp_avg_sq, &h)?;
+        if self.lr_scales.iter().all(|&s| s == 1.0) {
+            let h = self.hyper(lr, grad_scale);
+            engine::adamw_step(&self.params, &self.exp_avg, &self.exp_avg_sq, &h)?;
+            return Ok(());
+        }
+        let mut scales: Vec<f64> = Vec::new();
+        for &s in &self.lr_scales {
+            if !scales.contains(&s) {
+                scales.push(s);
+            }
+        }
+        for scale in scales {
+            let pick = |ts: &[Tensor]| -> Vec<Tensor> {
+                ts.iter()
+                    .zip(&self.lr_scales)
+                    .filter(|(_, &s)| s == scale)
+                    .map(|(t, _)| t.clone())
+                    .collect()
+            };
+            let (p, m, v) = (
+                pick(&self.params),
+                pick(&self.exp_avg),
+                pick(&self.exp_avg_sq),
+            );
+            let h = self.hyper(lr * scale, grad_scale);
+            engine::adamw_step(&p, &m, &v, &h)?;
+        }
         Ok(())
     }
 
@@ -137,7 +189,15 @@ impl AdamW {
         } = self.config;
         let t = self.steps as i32;
         let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-        for ((p, m), v) in self.params.iter().zip(&self.exp_avg).zip(&self.exp_avg_sq) {
+        let base_lr = lr;
+        for (((p, m), v), scale) in self
+            .params
+            .iter()
+            .zip(&self.exp_avg)
+            .zip(&self.exp_avg_sq)
+            .zip(&self.lr_scales)
+        {
+            let lr = base_lr * scale;
             let Some(g) = p.grad() else { continue };
             let md = m.dtype();
             let g = g.to_dtype(md)?.affine(grad_scale, 0.0)?;

@@ -30,7 +30,7 @@ pub use io::{load, save, save_adapters, BIN_FILE, CONFIG_FILE, WEIGHTS_FILE};
 pub use lora::{lora_linear, LoraLinear};
 pub use mixlora::{ExpertLora, MixLoraFfn, MoeImpl, SharedFfn};
 pub use mixlora_fused::FusedExperts;
-pub use router::{aux_loss, expert_load, Router, RouterOutput, Routing};
+pub use router::{aux_loss, expert_load, z_loss, Router, RouterOutput, Routing};
 
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
@@ -86,6 +86,10 @@ pub struct Adapters {
     pub layers: Vec<LayerAdapters>,
     /// How MoE FFNs are computed.
     pub moe_impl: MoeImpl,
+    /// The coefficient of the router z-loss a training forward adds
+    /// ([`router::z_loss`]; 0: none, the paper's loss). A training-time setting of the trainer,
+    /// not part of the adapter file: it changes no inference.
+    pub router_z_loss_coef: f64,
 }
 
 /// What a parameter is, for its init and for messages about its shape.
@@ -142,6 +146,39 @@ fn expert_prefix(layer: usize, module: &str, e: usize) -> String {
 
 fn router_name(layer: usize) -> String {
     format!("mixlora.layers.{layer}.mlp.moe_gate.weight")
+}
+
+/// Whether `name` is the name of a MixLoRA expert's LoRA matrix
+/// (`mixlora.layers.{i}.mlp.{gate,up,down}_proj.experts.{e}.lora_{A,B}.weight`).
+pub fn is_expert_param(name: &str) -> bool {
+    name.strip_prefix("mixlora.layers.")
+        .and_then(|rest| rest.split_once(".mlp."))
+        .is_some_and(|(_, rest)| rest.contains("_proj.experts."))
+}
+
+/// How fresh adapters are initialised beyond the paper's (`A` kaiming-uniform, `B = 0`, router
+/// `N(0, router_init_range)`), which the default keeps. A training-time choice: the adapter file
+/// does not record it.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct AdapterInit {
+    /// `B` of every MixLoRA expert's LoRA drawn `N(0, expert_b_std)` instead of zero, so that
+    /// the experts differ from the first step and the router's gradient is not zero there
+    /// (docs/DESIGN.md, "Variants"). 0: `B = 0`, the paper's. Plain LoRAs (attention) keep
+    /// `B = 0`.
+    pub expert_b_std: f64,
+}
+
+/// Whether `name` is the name of a MixLoRA router's weight (`mixlora.layers.{i}.mlp.moe_gate.weight`,
+/// as [`Adapters::named_params`] names it): how an optimizer tells the routers from the experts
+/// and LoRAs, by name and never by shape.
+pub fn is_router_param(name: &str) -> bool {
+    name.strip_prefix("mixlora.layers.")
+        .and_then(|rest| rest.split_once('.'))
+        .is_some_and(|(layer, rest)| {
+            !layer.is_empty()
+                && layer.bytes().all(|b| b.is_ascii_digit())
+                && rest == "mlp.moe_gate.weight"
+        })
 }
 
 /// The names of the tensors `cfg` calls for on a base of `layers` layers, with their kind, in
@@ -245,6 +282,7 @@ impl Adapters {
             config: cfg.clone(),
             layers,
             moe_impl: MoeImpl::default(),
+            router_z_loss_coef: 0.0,
         })
     }
 
@@ -258,7 +296,27 @@ impl Adapters {
         base: DType,
         device: Device,
     ) -> Result<Adapters> {
+        Self::init_with(cfg, mc, seed, base, device, AdapterInit::default())
+    }
+
+    /// [`Adapters::init`] with the initialisation options `init` (the default: the paper's).
+    /// Every parameter draws its seed from one stream in the same order whatever `init` says,
+    /// so the options change only the tensors they name.
+    pub fn init_with(
+        cfg: &AdapterConfig,
+        mc: &LlamaConfig,
+        seed: u64,
+        base: DType,
+        device: Device,
+        init: AdapterInit,
+    ) -> Result<Adapters> {
         cfg.validate("adapter config")?;
+        if !(init.expert_b_std.is_finite() && init.expert_b_std >= 0.0) {
+            return Err(Error::Invalid(format!(
+                "expert B init std {} must be >= 0",
+                init.expert_b_std
+            )));
+        }
         let dtype = base.accumulation();
         let mut rng = Rng::new(seed);
         Self::build(cfg, mc, |spec| {
@@ -267,6 +325,16 @@ impl Adapters {
                 ParamKind::LoraA => {
                     let bound = 1.0 / (spec.shape[1] as f64).sqrt();
                     Tensor::rand_uniform(spec.shape.clone(), -bound, bound, seed, dtype, device)?
+                }
+                ParamKind::LoraB if init.expert_b_std > 0.0 && is_expert_param(&spec.name) => {
+                    Tensor::randn(
+                        spec.shape.clone(),
+                        0.0,
+                        init.expert_b_std,
+                        seed,
+                        dtype,
+                        device,
+                    )?
                 }
                 ParamKind::LoraB => Tensor::zeros(spec.shape.clone(), dtype, device)?,
                 ParamKind::Router => Tensor::randn(
@@ -392,12 +460,13 @@ impl Adapters {
             )));
         }
         map.insert(name.to_string(), value);
-        let moe_impl = self.moe_impl;
+        let (moe_impl, z_coef) = (self.moe_impl, self.router_z_loss_coef);
         *self = Self::build(&self.config, mc, |spec| {
             map.remove(&spec.name)
                 .ok_or_else(|| Error::Invalid(format!("set_param: {} vanished", spec.name)))
         })?;
         self.moe_impl = moe_impl;
+        self.router_z_loss_coef = z_coef;
         Ok(())
     }
 

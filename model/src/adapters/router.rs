@@ -36,6 +36,8 @@ pub struct Router {
 /// What a router decided for `N` tokens.
 #[derive(Clone, Debug)]
 pub struct RouterOutput {
+    /// The router logits `x W_rᵀ` `[N, E]`, in the graph (the z-loss reads them).
+    pub logits: Tensor,
     /// `softmax(x W_rᵀ)` `[N, E]`, in the graph.
     pub probs: Tensor,
     /// `1` where token `t` goes to expert `e`, else `0` `[N, E]`, adapter dtype, no gradient.
@@ -69,6 +71,7 @@ impl Router {
                 let mask = zeros.scatter_add(&ids, &ones, 1)?; // [N, E]
                 let weights = zeros.scatter_add(&ids, &w, 1)?; // [N, E], in the graph
                 Ok(RouterOutput {
+                    logits,
                     probs,
                     mask,
                     weights,
@@ -85,6 +88,7 @@ impl Router {
                 let mask = zeros.scatter_add(&order, &keep, 1)?; // [N, E], expert order
                 let weights = probs.mul(&mask)?;
                 Ok(RouterOutput {
+                    logits,
                     probs,
                     mask,
                     weights,
@@ -158,6 +162,56 @@ pub fn aux_loss(
     let f = f_sum.div(&rows)?; // [E]
     let p = p_sum.div(&rows)?; // [E]
     Ok(Some(f.mul(&p)?.sum_all()?.affine(coef * e as f64, 0.0)?))
+}
+
+/// The router z-loss of ST-MoE (Zoph et al., arXiv 2202.08906) over every MoE layer's router
+/// logits `l` `[N, E]` and every non-padding token (`token_weights` `[N, 1]`, `None`: all tokens
+/// are real), averaged like [`aux_loss`] over the `L·n` rows of all layers:
+///
+/// `z = coef · (1 / (L·n)) · Σ_rows lse(l[row, ·])²`, `lse(v) = log Σ_e exp(v_e)`.
+///
+/// It pulls the logits' scale down without favouring an expert: `dz/dl[row, e] =
+/// coef · 2·lse(l[row, ·]) · p[row, e] / (L·n)`. `lse` is computed as `m + log Σ_e exp(l_e − m)`
+/// with `m` the row's maximum, held constant (its gradient cancels exactly). `None` for no layer
+/// or a zero coefficient (the paper's loss: nothing is computed).
+pub fn z_loss(
+    outputs: &[RouterOutput],
+    token_weights: Option<&Tensor>,
+    coef: f64,
+) -> Result<Option<Tensor>> {
+    if coef == 0.0 || outputs.is_empty() {
+        return Ok(None);
+    }
+    let mut total: Option<Tensor> = None;
+    for o in outputs {
+        let l = &o.logits; // [N, E]
+        let m = l.detach().max(1, true)?; // [N, 1], constant
+        let lse = l.sub(&m)?.exp()?.sum(1, true)?.log()?.add(&m)?; // [N, 1]
+        let sq = lse.sqr()?; // [N, 1]
+        let sq = match token_weights {
+            Some(w) => sq.mul(w)?,
+            None => sq,
+        };
+        let s = sq.sum_all()?; // []
+        total = Some(match total {
+            None => s,
+            Some(t) => t.add(&s)?,
+        });
+    }
+    let Some(total) = total else {
+        return Ok(None);
+    };
+    let first = &outputs[0];
+    let n_real = match token_weights {
+        Some(w) => w.sum_all()?.clamp_min(1.0)?,
+        None => Tensor::scalar(
+            first.logits.dims()[0].max(1) as f64,
+            total.dtype(),
+            total.device(),
+        )?,
+    };
+    let rows = n_real.affine(outputs.len() as f64, 0.0)?; // L·n
+    Ok(Some(total.div(&rows)?.affine(coef, 0.0)?))
 }
 
 /// The share of routed (token, slot) pairs each expert received over the real tokens, `[E]` f32,

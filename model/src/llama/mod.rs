@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use engine::{rng, rope_tables, DType, Device, Tensor};
 
-use crate::adapters::router::{aux_loss, expert_load, token_weights, RouterOutput};
-use crate::adapters::{AdapterConfig, Adapters, LayerAdapters, MoeImpl};
+use crate::adapters::router::{aux_loss, expert_load, token_weights, z_loss, RouterOutput};
+use crate::adapters::{AdapterConfig, AdapterInit, Adapters, LayerAdapters, MoeImpl};
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::weights::Weights;
@@ -73,6 +73,10 @@ pub struct ForwardOutput {
     /// The MixLoRA load-balance loss over all MoE layers and real tokens, already multiplied by
     /// `router_aux_loss_coef` (a scalar in the adapter dtype); `None` without MoE layers.
     pub aux_loss: Option<Tensor>,
+    /// The router z-loss over all MoE layers and real tokens, already multiplied by the
+    /// adapters' `router_z_loss_coef` (a scalar in the adapter dtype); `None` without MoE
+    /// layers or with a zero coefficient.
+    pub z_loss: Option<Tensor>,
     /// Per MoE layer, `[E]` f32 without gradient: the share of routed (token, slot) pairs each
     /// expert received over the real tokens.
     pub expert_load: Vec<Tensor>,
@@ -85,6 +89,8 @@ pub struct HiddenOutput {
     pub hidden: Tensor,
     /// As in [`ForwardOutput::aux_loss`].
     pub aux_loss: Option<Tensor>,
+    /// As in [`ForwardOutput::z_loss`].
+    pub z_loss: Option<Tensor>,
     /// As in [`ForwardOutput::expert_load`].
     pub expert_load: Vec<Tensor>,
 }
@@ -187,13 +193,25 @@ impl Llama {
     /// (f64 for an f64 base), `A` uniform in `±1/√in`, `B = 0` (so the model's outputs do not
     /// change), routers `N(0, router_init_range)`; seeded.
     pub fn add_adapters(&mut self, cfg: &AdapterConfig, seed: u64) -> Result<()> {
+        self.add_adapters_with(cfg, seed, AdapterInit::default())
+    }
+
+    /// [`Llama::add_adapters`] with the initialisation options `init`
+    /// ([`Adapters::init_with`]).
+    pub fn add_adapters_with(
+        &mut self,
+        cfg: &AdapterConfig,
+        seed: u64,
+        init: AdapterInit,
+    ) -> Result<()> {
         self.check_trainable("add_adapters")?;
-        self.adapters = Some(Adapters::init(
+        self.adapters = Some(Adapters::init_with(
             cfg,
             &self.config,
             seed,
             self.dtype(),
             self.device(),
+            init,
         )?);
         Ok(())
     }
@@ -361,18 +379,20 @@ impl Llama {
                         .map_err(into_engine_error)?;
                     let mut outs = vec![y];
                     if let Some(r) = r {
-                        outs.extend([r.probs, r.mask, r.weights]);
+                        outs.extend([r.probs, r.mask, r.weights, r.logits]);
                     }
                     Ok(outs)
                 });
                 let params = ad.map_or_else(Vec::new, LayerAdapters::params);
                 let mut outs = engine::checkpoint(std::slice::from_ref(&x), &params, block)?;
-                route = (outs.len() == 4).then(|| {
-                    let weights = outs.pop().expect("4 outputs");
-                    let mask = outs.pop().expect("4 outputs").detach();
-                    let probs = outs.pop().expect("4 outputs");
+                route = (outs.len() == 5).then(|| {
+                    let logits = outs.pop().expect("5 outputs");
+                    let weights = outs.pop().expect("5 outputs");
+                    let mask = outs.pop().expect("5 outputs").detach();
+                    let probs = outs.pop().expect("5 outputs");
                     // The top-k ids and weights serve only the layer's own MoE computation.
                     RouterOutput {
+                        logits,
                         probs,
                         mask,
                         weights,
@@ -437,6 +457,7 @@ impl Llama {
         Ok(ForwardOutput {
             logits: self.logits(&out.hidden)?,
             aux_loss: out.aux_loss,
+            z_loss: out.z_loss,
             expert_load: out.expert_load,
         })
     }
@@ -479,6 +500,7 @@ fn train_output(
         return Ok(HiddenOutput {
             hidden,
             aux_loss: None,
+            z_loss: None,
             expert_load: Vec::new(),
         });
     };
@@ -486,6 +508,7 @@ fn train_output(
         .map(|m| token_weights(m, first.probs.dtype()))
         .transpose()?; // [N, 1]
     let aux_loss = aux_loss(&routing, tw.as_ref(), adapters.config.router_aux_loss_coef)?;
+    let z_loss = z_loss(&routing, tw.as_ref(), adapters.router_z_loss_coef)?;
     let expert_load = engine::no_grad(|| {
         routing
             .iter()
@@ -495,6 +518,7 @@ fn train_output(
     Ok(HiddenOutput {
         hidden,
         aux_loss,
+        z_loss,
         expert_load,
     })
 }

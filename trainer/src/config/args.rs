@@ -169,6 +169,20 @@ pub struct TrainArgs {
     /// Standard deviation of the router's normal initialisation [default: 0.02].
     #[arg(long)]
     pub router_init_range: Option<f64>,
+    /// MixLoRA: the coefficient of the router z-loss (ST-MoE): COEF times the mean over layers
+    /// and real tokens of logsumexp(router logits)², added to the loss; 0 adds nothing (the
+    /// paper) [default: 0.0].
+    #[arg(long, value_name = "COEF")]
+    pub router_z_loss: Option<f64>,
+    /// MixLoRA: the routers' AdamW learning rate as F times the lr (same schedule); 1 is the
+    /// paper's single lr [default: 1.0].
+    #[arg(long, value_name = "F")]
+    pub router_lr_scale: Option<f64>,
+    /// MixLoRA: draw the experts' LoRA B from N(0, SIGMA) instead of zero, so the experts differ
+    /// (and the router has a gradient) from the first step; 0 is the paper's B = 0
+    /// [default: 0.0].
+    #[arg(long, value_name = "SIGMA")]
+    pub expert_b_init_std: Option<f64>,
     /// Evaluate every this many optimizer steps (0: only at the end) [default: 0].
     #[arg(long)]
     pub eval_every: Option<usize>,

@@ -155,6 +155,13 @@ with_defaults! {
         pub top_p: f64 = 0.8,
         pub aux_loss_coef: f64 = 0.001,
         pub router_init_range: f64 = 0.02,
+        /// The router z-loss coefficient (0: none, the paper's loss; `model::adapters::z_loss`).
+        pub router_z_loss: f64 = 0.0,
+        /// The routers' AdamW learning rate as a multiple of `lr` (1: the paper's single lr).
+        pub router_lr_scale: f64 = 1.0,
+        /// The std of the experts' LoRA `B` at init (0: `B = 0`, the paper's;
+        /// `model::adapters::AdapterInit`).
+        pub expert_b_init_std: f64 = 0.0,
         pub eval_every: usize = 0,
         pub save_every: usize = 0,
         pub save_total_limit: usize = 3,
@@ -380,6 +387,45 @@ impl TrainConfig {
                     self.router_init_range
                 ));
             }
+            if !(self.router_z_loss.is_finite() && self.router_z_loss >= 0.0) {
+                return bad(format!("router_z_loss {} must be >= 0", self.router_z_loss));
+            }
+            if !(self.router_lr_scale.is_finite() && self.router_lr_scale > 0.0) {
+                return bad(format!(
+                    "router_lr_scale {} must be a positive number",
+                    self.router_lr_scale
+                ));
+            }
+            if !(self.expert_b_init_std.is_finite() && self.expert_b_init_std >= 0.0) {
+                return bad(format!(
+                    "expert_b_init_std {} must be >= 0",
+                    self.expert_b_init_std
+                ));
+            }
+        } else {
+            // Settings of the MixLoRA router that a plain LoRA has none of: refused, not ignored.
+            let defaults = TrainConfig::default();
+            for (key, set) in [
+                (
+                    "router_z_loss",
+                    self.router_z_loss != defaults.router_z_loss,
+                ),
+                (
+                    "router_lr_scale",
+                    self.router_lr_scale != defaults.router_lr_scale,
+                ),
+                (
+                    "expert_b_init_std",
+                    self.expert_b_init_std != defaults.expert_b_init_std,
+                ),
+            ] {
+                if set {
+                    return bad(format!(
+                        "{key} applies to MixLoRA's routers and experts: a `lora` adapter has \
+                         none"
+                    ));
+                }
+            }
         }
         if self.resume && self.overwrite {
             return bad(
@@ -429,6 +475,13 @@ impl TrainConfig {
             moe_chunk_tokens: self.moe_chunk_tokens,
         };
         moe_impl(self.moe_impl, fused.options(), self.device)
+    }
+
+    /// How the run's fresh adapters are initialised (a resumed run loads its own).
+    pub fn adapter_init(&self) -> model::adapters::AdapterInit {
+        model::adapters::AdapterInit {
+            expert_b_std: self.expert_b_init_std,
+        }
     }
 
     /// The LoRA scale `alpha/r`, or `alpha/√r` with rsLoRA.

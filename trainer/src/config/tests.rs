@@ -267,6 +267,7 @@ fn train_config_toml_format() {
         num_experts = 8\ntop_k = 2\nrank = 16\nalpha = 32.0\nrslora = false\ndropout = 0.05\n\
         target_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \
         \"up_proj\", \"down_proj\"]\nrouting = \"topk\"\ntop_p = 0.8\naux_loss_coef = 0.001\nrouter_init_range = 0.02\n\
+        router_z_loss = 0.0\nrouter_lr_scale = 1.0\nexpert_b_init_std = 0.0\n\
         eval_every = 0\nsave_every = 0\nsave_total_limit = 3\nlog_every = 1\n\
         device = \"cpu\"\ndtype = \"f32\"\nresume = false\ngradient_checkpointing = false\n\
         moe_impl = \"auto\"\nmoe_kernels = \"gemms\"\ngroup_mode = \"auto\"\n";

@@ -98,6 +98,9 @@ pub(super) struct StepWork {
     pub lm: f64,
     /// Mean aux loss (already times its coefficient) over the micro-batches done.
     pub aux: Option<f64>,
+    /// Mean router z-loss (already times its coefficient) over the micro-batches done; `None`
+    /// without one.
+    pub z: Option<f64>,
     /// Per MoE layer, the expert load of the last micro-batch.
     pub load: Vec<Tensor>,
     started: Instant,
@@ -168,7 +171,7 @@ impl AdapterRun {
         data: &mut DataCache,
     ) -> Result<AdapterRun> {
         let acfg = adapter_config(cfg, &BaseModel::new(cfg.model.as_deref(), cfg.seed));
-        model.add_adapters(&acfg, cfg.seed)?;
+        model.add_adapters_with(&acfg, cfg.seed, cfg.adapter_init())?;
         let tasks = data.tasks(cfg)?;
         let ds = data.dataset(cfg, &tasks.0, tok)?;
         check_eval_items(cfg, &tasks.1, tok)?;
@@ -211,7 +214,16 @@ impl AdapterRun {
             .expect("the adapter was attached above");
         // A resumed adapter too computes its MoE FFNs as the settings say.
         adapters.moe_impl = cfg.moe();
+        adapters.router_z_loss_coef = cfg.router_z_loss;
         let mut opt = AdamW::new(adapters.named_params(), cfg.adamw())?;
+        if cfg.router_lr_scale != 1.0
+            && opt.scale_lr(cfg.router_lr_scale, model::adapters::is_router_param) == 0
+        {
+            return Err(Error::Config(format!(
+                "router_lr_scale {}: the adapter has no router",
+                cfg.router_lr_scale
+            )));
+        }
         if let Some(dir) = &resumed {
             opt.load(&dir.join(checkpoint::OPTIMIZER_FILE))?;
         }
@@ -328,6 +340,7 @@ impl AdapterRun {
             n_targets,
             lm: 0.0,
             aux: None,
+            z: None,
             load: Vec::new(),
             started,
         }
@@ -403,7 +416,8 @@ impl AdapterRun {
         let (attached, run_start) = (*attached, *run_start);
         let cfg = &self.cfg;
         let loss = w.lm / w.n_targets;
-        if !loss.is_finite() || w.aux.is_some_and(|a| !a.is_finite()) {
+        let finite = |x: Option<f64>| x.is_none_or(f64::is_finite);
+        if !loss.is_finite() || !finite(w.aux) || !finite(w.z) {
             return self.fail(format!("the loss is not finite ({loss})"));
         }
         let (norm, scale) = clip_grad_norm(self.opt.params(), cfg.max_grad_norm)?;
@@ -428,6 +442,7 @@ impl AdapterRun {
                 epoch: self.loader.epoch_progress(),
                 loss,
                 aux_loss: w.aux,
+                z_loss: w.z,
                 lr,
                 grad_norm: norm,
                 tokens_per_s: real as f64 / w.started.elapsed().as_secs_f64().max(1e-9),

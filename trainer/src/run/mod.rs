@@ -142,8 +142,9 @@ struct Segment<'a> {
     seed: u64,
 }
 
-/// What one micro-batch gave an adapter: summed LM loss over its targets, aux loss, expert load.
-type MicroResult = (f64, Option<f64>, Vec<Tensor>);
+/// What one micro-batch gave an adapter: summed LM loss over its targets, aux loss, router
+/// z-loss, expert load.
+type MicroResult = (f64, Option<f64>, Option<f64>, Vec<Tensor>);
 
 /// One micro-batch of each segment's adapter through the model, forward and backward: with one
 /// adapter the model's own forward, with several the grouped forward of its adapter group (each
@@ -183,7 +184,13 @@ fn micro_step(model: &Llama, grouped: bool, segs: &[Segment]) -> Result<Vec<Micr
             aux = Some(a.to_scalar()?);
             loss = loss.add(&a.to_dtype(DType::F32)?.mul_scalar(1.0 / s.n_micro)?)?;
         }
-        results.push((lm_sum.to_scalar()?, aux, out.expert_load));
+        // The router z-loss (already times its coefficient; none at 0) is averaged the same way.
+        let mut z = None;
+        if let Some(zl) = &out.z_loss {
+            z = Some(zl.to_scalar()?);
+            loss = loss.add(&zl.to_dtype(DType::F32)?.mul_scalar(1.0 / s.n_micro)?)?;
+        }
+        results.push((lm_sum.to_scalar()?, aux, z, out.expert_load));
         total = Some(match total {
             None => loss,
             Some(t) => t.add(&loss)?,
@@ -423,12 +430,15 @@ fn train_plan_with_base(
                 })
                 .collect();
             let results = micro_step(&model, grouped, &segs)?;
-            for (&j, (lm, aux, load)) in with_m.iter().zip(results) {
+            for (&j, (lm, aux, z, load)) in with_m.iter().zip(results) {
                 let w = &mut work[j];
                 let n = w.micro.len() as f64;
                 w.lm += lm;
                 if let Some(a) = aux {
                     *w.aux.get_or_insert(0.0) += a / n;
+                }
+                if let Some(z) = z {
+                    *w.z.get_or_insert(0.0) += z / n;
                 }
                 w.load = load;
             }

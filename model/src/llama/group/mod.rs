@@ -88,7 +88,7 @@ fn checkpointed(
         let (y, routes) = layer(&ins[0]).map_err(into_engine_error)?;
         let mut outs = vec![y];
         for r in routes.into_iter().flatten() {
-            outs.extend([r.probs, r.mask, r.weights]);
+            outs.extend([r.probs, r.mask, r.weights, r.logits]);
         }
         Ok(outs)
     });
@@ -99,10 +99,11 @@ fn checkpointed(
         .into_iter()
         .map(|moe| {
             moe.then(|| {
-                let mut next = || outs.next().expect("3 router outputs per MoE segment");
-                let (probs, mask, weights) = (next(), next().detach(), next());
+                let mut next = || outs.next().expect("4 router outputs per MoE segment");
+                let (probs, mask, weights, logits) = (next(), next().detach(), next(), next());
                 // The top-k ids and weights serve only the layer's own MoE computation.
                 RouterOutput {
+                    logits,
                     probs,
                     mask,
                     weights,
@@ -168,6 +169,7 @@ impl Llama {
                 Ok(ForwardOutput {
                     logits: self.logits(&o.hidden)?,
                     aux_loss: o.aux_loss,
+                    z_loss: o.z_loss,
                     expert_load: o.expert_load,
                 })
             })
