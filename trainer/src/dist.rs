@@ -30,9 +30,8 @@ impl World {
             return Ok(None);
         };
         let num = |name: &str, v: Option<String>| -> Result<usize> {
-            let v = v.ok_or_else(|| {
-                Error::Parallel(format!("WORLD_SIZE is set but {name} is not"))
-            })?;
+            let v =
+                v.ok_or_else(|| Error::Parallel(format!("WORLD_SIZE is set but {name} is not")))?;
             v.trim()
                 .parse()
                 .map_err(|_| Error::Parallel(format!("{name}={v}: not a number")))
@@ -128,11 +127,13 @@ fn serve(
         match l.accept() {
             Ok((mut s, from)) => {
                 s.set_nonblocking(false).map_err(|e| io("accept", e))?;
-                s.set_read_timeout(Some(timeout)).map_err(|e| io("accept", e))?;
+                s.set_read_timeout(Some(timeout))
+                    .map_err(|e| io("accept", e))?;
                 let mut hello = [0u8; 24];
                 s.read_exact(&mut hello)
                     .map_err(|e| io(&format!("reading the hello of {from}"), e))?;
-                let num = |i: usize| u64::from_le_bytes(hello[i..i + 8].try_into().unwrap_or([0; 8]));
+                let num =
+                    |i: usize| u64::from_le_bytes(hello[i..i + 8].try_into().unwrap_or([0; 8]));
                 let (rank, size) = (num(8) as usize, num(16) as usize);
                 if &hello[..8] != HELLO || size != world.size || rank == 0 || rank >= size {
                     return Err(Error::Parallel(format!(
@@ -193,15 +194,20 @@ fn join(world: &World, deadline: Instant, timeout: Duration) -> Result<Vec<u8>> 
         }
     };
     let left = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1);
-    s.set_read_timeout(Some(left)).map_err(|e| io("connect", e))?;
+    s.set_read_timeout(Some(left))
+        .map_err(|e| io("connect", e))?;
     let mut hello = HELLO.to_vec();
     hello.extend((world.rank as u64).to_le_bytes());
     hello.extend((world.size as u64).to_le_bytes());
-    s.write_all(&hello).map_err(|e| io("sending the hello", e))?;
+    s.write_all(&hello)
+        .map_err(|e| io("sending the hello", e))?;
     let mut len = [0u8; 8];
     s.read_exact(&mut len).map_err(|e| {
         io(
-            &format!("waiting for rank 0 at {} (not every rank arrived?)", world.master),
+            &format!(
+                "waiting for rank 0 at {} (not every rank arrived?)",
+                world.master
+            ),
             e,
         )
     })?;

@@ -75,7 +75,10 @@ fn a_rank_of_another_world_is_refused() {
         rendezvous(&world(0, 2, port), Some(listener), b"id", timeout)
     });
     let e = r0.unwrap_err().to_string();
-    assert!(e.contains("says it is rank 1 of 3, this run has 2 ranks"), "{e}");
+    assert!(
+        e.contains("says it is rank 1 of 3, this run has 2 ranks"),
+        "{e}"
+    );
 }
 
 #[test]

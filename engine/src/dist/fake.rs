@@ -42,7 +42,11 @@ impl FakeComm {
     /// fails after `timeout` without an answer from some rank.
     pub fn world(world: usize, timeout: Duration) -> Vec<FakeComm> {
         let (senders, inboxes): (Vec<_>, Vec<_>) = (0..world).map(|_| channel()).unzip();
-        let left = Arc::new((0..world).map(|_| AtomicBool::new(false)).collect::<Vec<_>>());
+        let left = Arc::new(
+            (0..world)
+                .map(|_| AtomicBool::new(false))
+                .collect::<Vec<_>>(),
+        );
         inboxes
             .into_iter()
             .enumerate()

@@ -19,12 +19,30 @@ use crate::{DType, Device, Error, Result, Tensor};
 /// Bytes of an NCCL unique id (`ncclUniqueId`): what rank 0 makes and every rank needs.
 pub const NCCL_UNIQUE_ID_BYTES: usize = 128;
 
-/// A new NCCL unique id (made by rank 0, handed to every rank before [`NcclComm::new`]).
-pub fn nccl_unique_id() -> Result<[u8; NCCL_UNIQUE_ID_BYTES]> {
+/// Errors (instead of cudarc's panic at the first call) when libnccl cannot be loaded.
+fn check_loaded(rank: usize, world: usize) -> Result<()> {
+    // SAFETY: only tries to open the library (cudarc caches the handle).
+    if unsafe { sys::is_culib_present() } {
+        return Ok(());
+    }
+    Err(Error::Collective {
+        op: "load libnccl",
+        rank,
+        world,
+        msg: "NCCL not found: cudarc opens `libnccl.so` (not `libnccl.so.2`) from \
+              LD_LIBRARY_PATH; link libnccl.so -> libnccl.so.2 in a folder on it"
+            .into(),
+    })
+}
+
+/// A new NCCL unique id, made by rank 0 of a world of `world` ranks and handed to every rank
+/// before [`NcclComm::new`].
+pub fn nccl_unique_id(world: usize) -> Result<[u8; NCCL_UNIQUE_ID_BYTES]> {
+    check_loaded(0, world)?;
     let id = result::get_uniqueid().map_err(|e| Error::Collective {
         op: "ncclGetUniqueId",
         rank: 0,
-        world: 0,
+        world,
         msg: format!("{e:?} (is libnccl.so.2 on LD_LIBRARY_PATH?)"),
     })?;
     Ok(id.internal.map(|c| c as u8))
@@ -61,6 +79,7 @@ impl NcclComm {
             world,
             msg,
         };
+        check_loaded(rank, world)?;
         let dev = CudaDevice::get(ordinal)?;
         let unique = sys::ncclUniqueId {
             internal: id.map(|b| b as std::ffi::c_char),
@@ -197,7 +216,11 @@ impl NcclComm {
         let _ = unsafe { result::comm_abort(self.comm.0) };
     }
 
-    fn nccl(&self, op: &'static str, r: std::result::Result<result::NcclStatus, result::NcclError>) -> Result<()> {
+    fn nccl(
+        &self,
+        op: &'static str,
+        r: std::result::Result<result::NcclStatus, result::NcclError>,
+    ) -> Result<()> {
         r.map(|_| ()).map_err(|e| self.fail(op, format!("{e:?}")))
     }
 }

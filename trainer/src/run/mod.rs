@@ -14,8 +14,8 @@ use engine::{DType, Tensor, IGNORE_INDEX};
 use model::{GroupSegment, Llama, MoeImpl, Tokenizer};
 
 use self::adapter::{AdapterRun, DataCache, Status, StepEnd, StepWork};
-use self::parallel::{Captured, Ranks};
 pub use self::parallel::BUCKET_ELEMS;
+use self::parallel::{Captured, Ranks};
 use self::start::{is_finished, start_of, Start};
 use crate::base_model::{load_base_model, scratch_dir};
 use crate::config::{PlannedAdapter, RunPlan, TrainConfig};
@@ -94,7 +94,9 @@ impl std::fmt::Debug for RunControl<'_> {
             .field("on_step", &self.on_step.map(|_| "Fn"))
             .field(
                 "comm",
-                &self.comm.map(|c| format!("rank {} of {}", c.rank(), c.world_size())),
+                &self
+                    .comm
+                    .map(|c| format!("rank {} of {}", c.rank(), c.world_size())),
             )
             .finish()
     }
@@ -446,7 +448,11 @@ fn train_plan_with_base(
         let mut mine: Vec<Vec<Option<Captured>>> = match ranks {
             Some(r) => work
                 .iter()
-                .map(|w| (0..w.micro.len().div_ceil(r.world())).map(|_| None).collect())
+                .map(|w| {
+                    (0..w.micro.len().div_ceil(r.world()))
+                        .map(|_| None)
+                        .collect()
+                })
                 .collect(),
             None => Vec::new(),
         };
