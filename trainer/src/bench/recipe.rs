@@ -72,7 +72,7 @@ pub struct RecipeArgs {
     /// Timed steps (and as many again with the kernels timed, on a GPU).
     #[arg(long, default_value_t = 50)]
     pub steps: usize,
-    /// Also write the result as JSON here.
+    /// Also write the result as JSON here [default: none].
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
