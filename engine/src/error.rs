@@ -67,6 +67,15 @@ pub enum Error {
     #[error("{op}: {msg}")]
     InvalidArgument { op: &'static str, msg: String },
 
+    /// A collective of a data-parallel run failed: a rank left, timed out or the transport broke.
+    #[error("rank {rank} of {world}: {op}: {msg}")]
+    Collective {
+        op: &'static str,
+        rank: usize,
+        world: usize,
+        msg: String,
+    },
+
     #[error("{op}: device {device:?} is not available: {msg}")]
     DeviceUnavailable {
         op: &'static str,

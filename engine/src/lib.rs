@@ -5,6 +5,7 @@
 pub mod autograd;
 pub mod backend;
 mod device;
+pub mod dist;
 mod dtype;
 mod error;
 pub mod fused;

@@ -460,7 +460,10 @@ impl Tensor {
     pub fn zero_grad(&self) {
         *self.0.grad.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
-    pub(crate) fn accumulate_grad(&self, g: &Tensor) -> Result<()> {
+    /// Adds `g` into this variable's gradient exactly as a backward pass does: the slot takes `g`
+    /// itself when empty, else `old + g`. A data-parallel step replays its micro-batches'
+    /// gradients through this, in micro-batch order, to sum them as one process would.
+    pub fn accumulate_grad(&self, g: &Tensor) -> Result<()> {
         let mut slot = self.0.grad.lock().unwrap_or_else(|e| e.into_inner());
         let new = match slot.take() {
             None => g.detach(),

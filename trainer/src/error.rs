@@ -49,6 +49,10 @@ pub enum Error {
     #[error("{}: {}", ol(.dir), ol(.msg))]
     OutDir { dir: String, msg: String },
 
+    /// Starting a data-parallel run: the launch settings, the rendezvous of the ranks.
+    #[error("data parallel: {}", ol(.0))]
+    Parallel(String),
+
     /// `--resume` that cannot continue the run in the output folder: no checkpoint, a finished
     /// run, or settings that differ from the ones the run was started with.
     #[error("--resume: {}", ol(.0))]

@@ -11,6 +11,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod inference;

@@ -6,6 +6,7 @@
 
 mod export_cmd;
 mod generate_cmd;
+mod launch_cmd;
 
 // Tensors allocate and free large buffers at every op: mimalloc reuses them instead of mapping
 // fresh pages each time (measured 3-15x faster elementwise ops than the system allocator).
@@ -33,14 +34,15 @@ Environment variables:
                          (e.g. -DLM_CODES_UNROLL=2)
   MIXLORA_CUDA_NO_CACHE  1: no caching allocator on the GPU, each buffer its own driver
                          allocation (for compute-sanitizer's memcheck; slow)
-  MIXLORA_FONT           the TrueType font of plot-routing when --font is not given";
+  MIXLORA_FONT           the TrueType font of plot-routing when --font is not given
+  (train, data parallel; see --gpus)";
 
 #[derive(Parser)]
 #[command(
     name = "mixlora",
     version,
     about = "Fine-tune LLaMA-family models with MixLoRA adapters",
-    after_help = ENVIRONMENT
+    after_help = help_environment()
 )]
 struct Cli {
     #[command(subcommand)]
@@ -74,6 +76,13 @@ struct TrainCmd {
     /// With the profile on, where the run's time went is printed at its end (stderr).
     #[command(flatten)]
     profile: ProfileArgs,
+    #[command(flatten)]
+    launch: launch_cmd::LaunchArgs,
+}
+
+/// `--help`'s list of variables: the binary's own, then those of a data-parallel rank.
+fn help_environment() -> String {
+    format!("{ENVIRONMENT}{}", launch_cmd::ENVIRONMENT)
 }
 
 #[derive(clap::Args)]
@@ -209,10 +218,22 @@ fn run(cli: Cli) -> Result<()> {
 
 fn train(cmd: TrainCmd) -> Result<()> {
     let profile = profile_from_env(cmd.profile)?;
-    let plan = cmd.args.resolve_plan()?;
+    let mut plan = cmd.args.resolve_plan()?;
+    let comm = match launch_cmd::role(&cmd.launch, &plan)? {
+        launch_cmd::Role::Single => None,
+        launch_cmd::Role::Launcher(n) => return launch_cmd::launch(n),
+        launch_cmd::Role::Rank(w) => {
+            launch_cmd::place(&mut plan, &w);
+            let timeout = std::time::Duration::from_secs(cmd.launch.dist_timeout.max(1));
+            Some(launch_cmd::communicator(&w, timeout)?)
+        }
+    };
+    // The other ranks print only their errors.
+    let writer = comm.as_ref().is_none_or(|c| c.rank() == 0);
     let outs = plan.adapters.iter().map(|a| a.config.out_dir.clone());
     let ctl = trainer::run::RunControl {
         interrupt: Some(interrupt_flag(outs.collect())),
+        comm: comm.as_deref(),
         ..Default::default()
     };
     let outcomes = match trainer::run::train_plan(&plan, ctl, |line| eprintln!("{line}")) {
@@ -224,6 +245,12 @@ fn train(cmd: TrainCmd) -> Result<()> {
         }
         Err(e) => return Err(e.into()),
     };
+    if !writer {
+        return match outcomes.iter().find_map(|o| o.result.as_ref().err()) {
+            Some(e) => Err(e.to_string().into()),
+            None => Ok(()),
+        };
+    }
     if engine::profile::enabled() {
         eprintln!("profile of the run:");
         eprint!("{}", engine::profile::report(profile.rows()));

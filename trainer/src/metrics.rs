@@ -151,6 +151,8 @@ pub fn expert_load_host(loads: &[Tensor]) -> Result<Vec<Vec<f64>>> {
 pub struct Progress {
     bar: ProgressBar,
     visible: bool,
+    /// Prints nothing at all (the ranks other than 0 of a data-parallel run).
+    quiet: bool,
 }
 
 impl Progress {
@@ -175,7 +177,19 @@ impl Progress {
         bar.set_style(style);
         bar.set_position(start as u64);
         bar.reset_eta();
-        Progress { bar, visible }
+        Progress {
+            bar,
+            visible,
+            quiet: false,
+        }
+    }
+
+    /// A bar that draws and prints nothing.
+    pub fn quiet(total: usize, start: usize) -> Progress {
+        Progress {
+            quiet: true,
+            ..Self::with_target(total, start, false)
+        }
     }
 
     pub fn is_visible(&self) -> bool {
@@ -190,6 +204,9 @@ impl Progress {
 
     /// A line on stderr, above the bar when it is drawn.
     pub fn println(&self, line: &str) {
+        if self.quiet {
+            return;
+        }
         if self.visible {
             self.bar.suspend(|| eprintln!("{line}"));
         } else {

@@ -155,6 +155,9 @@ pub(super) struct AdapterRun {
     last_loss: f64,
     last_eval: Option<EvalReport>,
     pub status: Status,
+    /// Whether this process writes the run's files (settings, metrics, checkpoints, the final
+    /// adapter): always, except on the ranks other than 0 of a data-parallel run.
+    pub writer: bool,
 }
 
 impl AdapterRun {
@@ -253,7 +256,13 @@ impl AdapterRun {
             first_loss: None,
             last_eval: None,
             status: Status::Training,
+            writer: true,
         })
+    }
+
+    /// The trainable tensors, in the optimizer's order.
+    pub fn params(&self) -> &[Tensor] {
+        self.opt.params()
     }
 
     /// Trainable parameters (elements).
@@ -269,6 +278,12 @@ impl AdapterRun {
     /// The first writes, once every adapter's inputs are checked: the previous run's files go
     /// (`--overwrite`), the settings and the metrics file are written.
     pub fn begin(&mut self, log: &mut dyn FnMut(&str)) -> Result<()> {
+        if !self.writer {
+            if self.resumed.is_some() {
+                self.saved_step = Some(self.state.step);
+            }
+            return Ok(());
+        }
         let out = &self.cfg.out_dir;
         if let Start::Replace(entries) = &self.start {
             out_dir::remove_run(out, entries)?;
@@ -374,6 +389,9 @@ impl AdapterRun {
     /// An interrupt: a checkpoint of the last step done (where the stream, epoch and RNG stood
     /// after it, `at`), unless one exists. Returns the newest checkpoint.
     pub fn stop(&mut self, at: StepBoundary) -> Result<Option<PathBuf>> {
+        if !self.writer {
+            return Ok(None);
+        }
         if self.state.step > 0 && self.saved_step != Some(self.state.step) {
             self.state.cursor = at.cursor;
             self.state.epoch = at.epoch;
@@ -435,7 +453,7 @@ impl AdapterRun {
         self.first_loss.get_or_insert(loss);
         self.last_loss = loss;
         let (step, total) = (state.step, self.total);
-        let metrics = self.metrics.as_mut().expect("begin() opened the metrics");
+        let mut metrics = self.metrics.as_mut();
         if step % cfg.log_every.max(1) == 0 || step == total {
             let m = StepMetrics {
                 step,
@@ -453,7 +471,9 @@ impl AdapterRun {
                     Some(expert_load_host(&w.load)?)
                 },
             };
-            metrics.write(&Record::Train(m.clone()))?;
+            if let Some(metrics) = metrics.as_mut() {
+                metrics.write(&Record::Train(m.clone()))?;
+            }
             let line = format!("{}{}", self.tag, m.summary(total));
             if self.tag.is_empty() {
                 progress.update(step, line.clone());
@@ -495,11 +515,13 @@ impl AdapterRun {
                 state.best_metric = Some(report.average);
                 state.best_step = Some(step);
             }
-            metrics.write(&Record::Eval(EvalMetrics {
-                step,
-                epoch: self.loader.epoch_progress(),
-                report: report.clone(),
-            }))?;
+            if let Some(metrics) = metrics.as_mut() {
+                metrics.write(&Record::Eval(EvalMetrics {
+                    step,
+                    epoch: self.loader.epoch_progress(),
+                    report: report.clone(),
+                }))?;
+            }
             state.last_eval = serde_json::to_value(&report).ok();
             self.last_eval = Some(report);
         }
@@ -507,8 +529,10 @@ impl AdapterRun {
             self.state.cursor = self.loader.cursor();
             self.state.epoch = self.loader.epoch_progress();
             self.state.rng = self.rng.state();
-            let dir = self.save()?;
-            progress.println(&format!("{}saved {}", self.tag, dir.display()));
+            if self.writer {
+                let dir = self.save()?;
+                progress.println(&format!("{}saved {}", self.tag, dir.display()));
+            }
         }
         if last {
             self.finish()?;
@@ -518,6 +542,10 @@ impl AdapterRun {
 
     /// After the last step: the final adapter and the last evaluation's report.
     fn finish(&mut self) -> Result<()> {
+        if !self.writer {
+            self.status = Status::Finished(self.summary());
+            return Ok(());
+        }
         let out = &self.cfg.out_dir;
         let adapter_dir = out.join(out_dir::ADAPTER_DIR);
         model::adapters::save_adapters(&adapter_dir, &self.adapters)?;

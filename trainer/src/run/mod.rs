@@ -2,16 +2,20 @@
 //! blocks. Evaluation with a model is [`crate::scoring`], the base model [`crate::base_model`].
 
 mod adapter;
+mod parallel;
 mod start;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
+use engine::dist::Communicator;
 use engine::{DType, Tensor, IGNORE_INDEX};
 use model::{GroupSegment, Llama, MoeImpl, Tokenizer};
 
 use self::adapter::{AdapterRun, DataCache, Status, StepEnd, StepWork};
+pub use self::parallel::BUCKET_ELEMS;
+use self::parallel::{Captured, Ranks};
 use self::start::{is_finished, start_of, Start};
 use crate::base_model::{load_base_model, scratch_dir};
 use crate::config::{PlannedAdapter, RunPlan, TrainConfig};
@@ -76,6 +80,10 @@ pub struct RunControl<'a> {
     /// Called after every optimizer step of the run (a benchmark's clock: `mixlora bench
     /// recipe`).
     pub on_step: Option<&'a dyn Fn(&StepDone)>,
+    /// The ranks of a data-parallel run, as seen from this one (`None`, or a world of one: one
+    /// process runs every micro-batch). Every rank runs the same plan; rank 0 alone writes the
+    /// files, logs and shows progress ([`parallel`] has the design).
+    pub comm: Option<&'a dyn Communicator>,
 }
 
 impl std::fmt::Debug for RunControl<'_> {
@@ -84,6 +92,12 @@ impl std::fmt::Debug for RunControl<'_> {
             .field("stop_after", &self.stop_after)
             .field("interrupt", &self.interrupt)
             .field("on_step", &self.on_step.map(|_| "Fn"))
+            .field(
+                "comm",
+                &self
+                    .comm
+                    .map(|c| format!("rank {} of {}", c.rank(), c.world_size())),
+            )
             .finish()
     }
 }
@@ -266,9 +280,19 @@ fn train_plan_with_base(
     plan: &RunPlan,
     base: Option<(Llama, Tokenizer)>,
     ctl: RunControl<'_>,
-    mut log: impl FnMut(&str),
+    mut log_all: impl FnMut(&str),
 ) -> Result<Vec<AdapterOutcome>> {
     let grouped = plan.adapters.len() > 1;
+    let ranks = ctl
+        .comm
+        .filter(|c| c.world_size() > 1)
+        .map(|comm| Ranks { comm });
+    let writer = ranks.is_none_or(|r| r.rank() == 0);
+    let mut log = |line: &str| {
+        if writer {
+            log_all(line)
+        }
+    };
     fn named(grouped: bool, a: &PlannedAdapter) -> impl Fn(Error) -> Error + '_ {
         move |e| of_adapter(grouped, &a.name, e)
     }
@@ -348,13 +372,19 @@ fn train_plan_with_base(
             &a.name, &a.config, start, grouped, &mut model, &tok, &mut data,
         )
         .map_err(named(grouped, a))?;
+        let mut run = run;
+        run.writer = writer;
         runs.push(run);
     }
     // The output folders last: they take writes and have room for a checkpoint; then the
     // previous runs' files go (--overwrite) and this run's first ones are written.
-    for r in &runs {
+    for r in runs.iter().filter(|_| writer) {
         r.check_writable()
             .map_err(|e| of_adapter(grouped, &r.name, e))?;
+    }
+    // Every rank has read the output folders (their checkpoints) before rank 0 writes them.
+    if let Some(r) = ranks {
+        r.comm.barrier()?;
     }
     for r in &mut runs {
         r.begin(&mut log)?;
@@ -373,7 +403,12 @@ fn train_plan_with_base(
     } else {
         (runs[0].total, runs[0].state.step)
     };
-    let progress = Progress::new(bar_total, bar_start);
+    let progress = if writer {
+        Progress::new(bar_total, bar_start)
+    } else {
+        Progress::quiet(bar_total, bar_start)
+    };
+    let device = model.device();
     let run_start = Instant::now();
     let interrupted = || {
         ctl.interrupt
@@ -406,13 +441,30 @@ fn train_plan_with_base(
                 checkpoints: kept.iter().map(|d| d.display().to_string()).collect(),
             })
         };
-        if interrupted() {
+        // Data parallel: the ranks stop together, at a step boundary (one collective a step).
+        let stop_now = match ranks {
+            Some(r) => r.any(interrupted(), device)?,
+            None => interrupted(),
+        };
+        if stop_now {
             return stop(&mut runs);
         }
         let mut work: Vec<StepWork> = active.iter().map(|&i| runs[i].next_step(pad)).collect();
         let n_micro = work.iter().map(|w| w.micro.len()).max().unwrap_or(0);
+        // Data parallel: what this rank's micro-batches gave each adapter, by slot (`m / world`).
+        let mut mine: Vec<Vec<Option<Captured>>> = match ranks {
+            Some(r) => work
+                .iter()
+                .map(|w| {
+                    (0..w.micro.len().div_ceil(r.world()))
+                        .map(|_| None)
+                        .collect()
+                })
+                .collect(),
+            None => Vec::new(),
+        };
         for m in 0..n_micro {
-            if interrupted() {
+            if ranks.is_none() && interrupted() {
                 return stop(&mut runs);
             }
             // The adapters with an m-th micro-batch in this step (positions in `active`).
@@ -429,7 +481,18 @@ fn train_plan_with_base(
                     seed: runs[active[j]].next_seed(),
                 })
                 .collect();
+            // Every rank draws every seed above: the RNG moves as in one process.
+            if ranks.is_some_and(|r| !r.owns(m)) {
+                continue;
+            }
             let results = micro_step(&model, grouped, &segs)?;
+            if let Some(r) = ranks {
+                for (&j, (lm, aux, z, load)) in with_m.iter().zip(results) {
+                    let run = &runs[active[j]];
+                    mine[j][m / r.world()] = Some(Captured::take(run, lm, aux, z, load));
+                }
+                continue;
+            }
             for (&j, (lm, aux, z, load)) in with_m.iter().zip(results) {
                 let w = &mut work[j];
                 let n = w.micro.len() as f64;
@@ -442,6 +505,12 @@ fn train_plan_with_base(
                 }
                 w.load = load;
             }
+        }
+        if let Some(r) = ranks {
+            for (j, &i) in active.iter().enumerate() {
+                r.sync_adapter(&runs[i], &mut work[j], &mine[j], device)?;
+            }
+            drop(mine);
         }
         let real_tokens = work
             .iter()
