@@ -15,6 +15,19 @@ mkdir -p "$out/logs"
 
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export MIXLORA_CUDA_INCLUDE=${MIXLORA_CUDA_INCLUDE:-/usr/local/cuda/include}
+export NCCL_NVLS_ENABLE=0
+# NCCL for the data-parallel tests: cudarc opens `libnccl.so`, which a pip install of NCCL (the
+# machine's nvidia-nccl package) ships only as libnccl.so.2: link it into a folder of our own.
+if [ -z "${NCCL_LIB:-}" ]; then
+    NCCL_LIB=$(python3 -c 'import nvidia.nccl as n; print(list(n.__path__)[0] + "/lib")' 2>/dev/null || true)
+fi
+if [ -n "${NCCL_LIB:-}" ] && [ -e "$NCCL_LIB/libnccl.so.2" ]; then
+    mkdir -p "$out/nccl-lib"
+    ln -sf "$NCCL_LIB/libnccl.so.2" "$out/nccl-lib/libnccl.so"
+    export LD_LIBRARY_PATH=$out/nccl-lib:$NCCL_LIB:$LD_LIBRARY_PATH
+else
+    echo "no libnccl.so.2 found (set NCCL_LIB): the data-parallel GPU test will skip" >&2
+fi
 . scripts/dev/gpu-unpack.sh
 if ! ls gpu-bin/test-* >/dev/null 2>&1; then
     echo "gpu-bin/ has no test binaries: run scripts/dev/build-gpu.sh on the build machine first" >&2

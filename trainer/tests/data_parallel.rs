@@ -136,8 +136,9 @@ fn same_on_any_world(tag: &str, steps: usize, make: impl Fn(&Path) -> RunPlan) {
     let root = out_dir(tag);
     let one = make(&root.join("w1"));
     train_plan(&one, RunControl::default(), |_| {}).unwrap();
-    for world in [2, 3] {
-        let plan = make(&root.join(format!("w{world}")));
+    // A world of one goes through the data-parallel path too (gather and replay).
+    for world in [1, 2, 3] {
+        let plan = make(&root.join(format!("dp{world}")));
         assert_all_ok(&run_ranks(&plan, world, None));
         for (a, b) in one.adapters.iter().zip(&plan.adapters) {
             assert_same_run(

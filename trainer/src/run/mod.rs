@@ -80,8 +80,8 @@ pub struct RunControl<'a> {
     /// Called after every optimizer step of the run (a benchmark's clock: `mixlora bench
     /// recipe`).
     pub on_step: Option<&'a dyn Fn(&StepDone)>,
-    /// The ranks of a data-parallel run, as seen from this one (`None`, or a world of one: one
-    /// process runs every micro-batch). Every rank runs the same plan; rank 0 alone writes the
+    /// The ranks of a data-parallel run, as seen from this one (`None`: one process runs every
+    /// micro-batch; a world of one gives the same bits through the data-parallel path). Every rank runs the same plan; rank 0 alone writes the
     /// files, logs and shows progress ([`parallel`] has the design).
     pub comm: Option<&'a dyn Communicator>,
 }
@@ -283,10 +283,10 @@ fn train_plan_with_base(
     mut log_all: impl FnMut(&str),
 ) -> Result<Vec<AdapterOutcome>> {
     let grouped = plan.adapters.len() > 1;
-    let ranks = ctl
-        .comm
-        .filter(|c| c.world_size() > 1)
-        .map(|comm| Ranks { comm });
+    // Any communicator given, a world of one too, takes the data-parallel path (its exchange
+    // of each micro-batch's gradients and their replay in order): a world of one equals no
+    // communicator bit for bit, which the tests check on the CPU and, through NCCL, on a GPU.
+    let ranks = ctl.comm.map(|comm| Ranks { comm });
     let writer = ranks.is_none_or(|r| r.rank() == 0);
     let mut log = |line: &str| {
         if writer {
