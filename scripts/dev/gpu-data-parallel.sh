@@ -6,10 +6,13 @@
 #      lists and the largest relative difference (the CPU tests show bit identity; on GPUs the
 #      atomics of index_add/scatter_add make even one GPU run-to-run different, so expect bf16
 #      rounding-level differences, not identity);
-#   2. scaling: the same run (batch 8 micro-batches of 4 per GPU, so the per-GPU work is fixed)
-#      on 1, 2, 4, ... GPUs, tokens/s from rank 0's metrics (median over steps 6..) and the peak
-#      memory it logs; rows {"gpus", "tokens_per_s", "scaling", "peak_gib"} into
-#      data-parallel-h200.json (what benches/results/data-parallel-h200.json keeps);
+#   2. scaling at the LLaMA-2-7B shape: `mixlora bench recipe --shape llama2-7b --gpus N` (random
+#      bf16 weights of the shape, DATA's real lengths, cutoff 512, 8 sequences per GPU in one
+#      micro-batch of 8 per GPU, so the per-GPU work is fixed) on 1, 2, 4, ... GPUs, and the same
+#      with SmolLM2's weights through `mixlora train --gpus N` (8 rows = 2 micro-batches of 4 per
+#      GPU; tokens/s from rank 0's metrics, median over steps 6..); rows {"model", "gpus",
+#      "tokens_per_s", "scaling", "peak_gib"} into data-parallel-h200.json (what
+#      benches/results/data-parallel-h200.json keeps);
 #   3. table6-gpuK.json: `mixlora bench table6` run on every GPU at once (one process per GPU,
 #      no communication): the per-GPU ceiling the data-parallel step is measured against.
 # NCCL: cudarc opens `libnccl.so` (not `libnccl.so.2`); the script links it from NCCL_LIB (the
@@ -20,7 +23,7 @@
 #   (BIN: a mixlora built with --features cuda; MODEL: SmolLM2 GGUF; DATA: an LLM-Adapters JSON)
 set -uo pipefail
 [ $# -ge 4 ] || {
-    sed -n '2,21p' "$0" >&2
+    sed -n '2,24p' "$0" >&2
     exit 2
 }
 bin=$1
@@ -59,9 +62,14 @@ json.dump({"one_gpu": a, "two_gpus": b, "max_rel_diff": worst}, open(f"{out}/los
 print(f"2 GPUs vs 1: {len(a)} and {len(b)} steps, largest relative loss difference {worst:.2e}")
 PY
 
-# 2. Scaling with a fixed per-GPU batch (8 rows = 2 micro-batches of 4 per GPU).
+# 2. Scaling with a fixed per-GPU batch: the 7B shape (bench recipe), then SmolLM2 (train).
 n=1
 while [ "$n" -le "$max" ]; do
+    "$bin" bench recipe --gpus "$n" --device cuda --shape llama2-7b --model "$model" \
+        --data "$data" --adapter mixlora --batch $((8 * n)) --micro-batch 8 --cutoff-len 512 \
+        --warmup 3 --steps 10 --json "$out/recipe7b-${n}gpu.json" 2>&1 |
+        tee "$out/recipe7b-${n}gpu.log" | tail -2
+    [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
     train "scale-${n}gpu" "$n" $((8 * n)) 20 || rc=1
     n=$((n * 2))
 done
@@ -70,12 +78,20 @@ import json, re, statistics, sys
 out, top = sys.argv[1], int(sys.argv[2])
 rows, base, n = [], None, 1
 while n <= top:
+    r = json.load(open(f"{out}/recipe7b-{n}gpu.json"))
+    base = base or r["tokens_per_s"]
+    rows.append({"model": "llama2-7b-shape", "gpus": n, "tokens_per_s": r["tokens_per_s"],
+                 "scaling": round(r["tokens_per_s"] / base, 3), "peak_gib": r["peak_gib"]})
+    n *= 2
+base, n = None, 1
+while n <= top:
     d = f"{out}/scale-{n}gpu"
     steps = [json.loads(l) for l in open(f"{d}/metrics.jsonl") if '"train"' in l]
     tps = statistics.median(s["tokens_per_s"] for s in steps[5:])
     peak = re.findall(r"peak device memory: ([0-9.]+) GiB", open(f"{d}.log").read())
     base = base or tps
-    rows.append({"gpus": n, "tokens_per_s": round(tps, 1), "scaling": round(tps / base, 3),
+    rows.append({"model": "smollm2", "gpus": n, "tokens_per_s": round(tps, 1),
+                 "scaling": round(tps / base, 3),
                  "peak_gib": float(peak[-1]) if peak else None})
     n *= 2
 json.dump(rows, open(f"{out}/data-parallel-h200.json", "w"), indent=2)

@@ -1,4 +1,4 @@
-//! `mixlora train --gpus N` and the ranks of a data-parallel run: the launcher starts one child
+//! `mixlora train --gpus N` (and `mixlora bench recipe --gpus N`) and the ranks of a data-parallel run: the launcher starts one child
 //! process per GPU of this host with the standard variables (like `torchrun --nproc-per-node`);
 //! a process that finds `WORLD_SIZE` in its environment (a child, or a worker another launcher
 //! started on one of several hosts) is one rank: it meets the others at the master address
@@ -52,6 +52,11 @@ pub enum Role {
 
 /// The role of this process; refuses `--gpus` where it cannot work.
 pub fn role(args: &LaunchArgs, plan: &RunPlan) -> Result<Role> {
+    role_on(args, plan.shared.device)
+}
+
+/// [`role`] of a command that runs on `device` (`mixlora bench recipe`).
+pub fn role_on(args: &LaunchArgs, device: engine::Device) -> Result<Role> {
     let world = World::from_vars(var)?;
     let wants_gpus = args.gpus.is_some() || world.is_some();
     if wants_gpus && !cfg!(feature = "cuda") {
@@ -61,7 +66,7 @@ pub fn role(args: &LaunchArgs, plan: &RunPlan) -> Result<Role> {
                 .into(),
         );
     }
-    if wants_gpus && !matches!(plan.shared.device, engine::Device::Cuda(_)) {
+    if wants_gpus && !matches!(device, engine::Device::Cuda(_)) {
         return Err(
             "data parallel (--gpus, WORLD_SIZE) needs --device cuda (it runs over NCCL)".into(),
         );

@@ -107,7 +107,17 @@ enum BenchCommand {
     Table6(Box<trainer::bench::Table6Args>),
     /// Training on real data as `mixlora train` runs it (ragged lengths, the recipe's batches):
     /// tokens/s, step time, host busy time per step, GPU busy fraction and peak memory.
-    Recipe(Box<trainer::bench::recipe::RecipeArgs>),
+    Recipe(Box<RecipeCmd>),
+}
+
+#[derive(clap::Args)]
+struct RecipeCmd {
+    #[command(flatten)]
+    args: trainer::bench::recipe::RecipeArgs,
+    /// With `--gpus N`, the steps run data parallel as `mixlora train --gpus N` runs them (the
+    /// global batch is `--batch`); rank 0 reports the figures of the whole run.
+    #[command(flatten)]
+    launch: launch_cmd::LaunchArgs,
 }
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -311,9 +321,22 @@ fn train(cmd: TrainCmd) -> Result<()> {
     Ok(())
 }
 
-fn recipe(args: trainer::bench::recipe::RecipeArgs) -> Result<()> {
+fn recipe(cmd: RecipeCmd) -> Result<()> {
     use trainer::bench::recipe;
-    let r = recipe::recipe(&args, |line| eprintln!("{line}"))?;
+    let mut args = cmd.args;
+    let comm = match launch_cmd::role_on(&cmd.launch, args.device)? {
+        launch_cmd::Role::Single => None,
+        launch_cmd::Role::Launcher(n) => return launch_cmd::launch(n),
+        launch_cmd::Role::Rank(w) => {
+            args.device = engine::Device::Cuda(w.local_rank);
+            let timeout = std::time::Duration::from_secs(cmd.launch.dist_timeout.max(1));
+            Some(launch_cmd::communicator(&w, timeout)?)
+        }
+    };
+    let r = recipe::recipe_on(&args, comm.as_deref(), |line| eprintln!("{line}"))?;
+    if comm.as_ref().is_some_and(|c| c.rank() != 0) {
+        return Ok(());
+    }
     let json = recipe::recipe_json(&args, &r);
     if let Some(path) = &args.json {
         std::fs::write(path, format!("{json}\n"))

@@ -67,3 +67,75 @@ fn the_recipe_bench_times_the_training_loop() {
         "{e}"
     );
 }
+
+/// `bench recipe`'s arguments as the command line gives them.
+fn recipe_args(args: &[&str]) -> trainer::bench::recipe::RecipeArgs {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: trainer::bench::recipe::RecipeArgs,
+    }
+    Cli::try_parse_from(std::iter::once("recipe").chain(args.iter().copied()))
+        .expect("arguments")
+        .a
+}
+
+#[test]
+fn the_recipe_bench_runs_data_parallel_over_the_same_global_batch() {
+    // Two ranks as threads (the in-process communicator): the steps are `mixlora train`'s data
+    // parallel ones, so the timed steps hold the same real tokens as one process's, and the
+    // report says how many ranks ran them.
+    let a = recipe_args(&[
+        "--device",
+        "cpu",
+        "--dtype",
+        "f32",
+        "--warmup",
+        "1",
+        "--steps",
+        "2",
+        "--batch",
+        "4",
+        "--micro-batch",
+        "1",
+        "--cutoff-len",
+        "160",
+    ]);
+    let one = trainer::bench::recipe::recipe(&a, |_| {}).expect("one process");
+    assert_eq!(one.ranks, 1);
+    let comms = engine::dist::FakeComm::world(2, std::time::Duration::from_secs(120));
+    let ranks: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                let a = &a;
+                s.spawn(move || trainer::bench::recipe::recipe_on(a, Some(&c), |_| {}))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for r in ranks {
+        let r = r.expect("a rank");
+        assert_eq!((r.ranks, r.steps, r.tokens), (2, one.steps, one.tokens));
+        assert!(r.tokens_per_s > 0.0);
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&trainer::bench::recipe::recipe_json(&a, &one)).unwrap();
+    assert_eq!(json["gpus"], 1);
+}
+
+#[test]
+fn the_recipe_bench_refuses_gpus_on_the_cpu() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mixlora"))
+        .args(["bench", "recipe", "--device", "cpu", "--gpus", "2"])
+        .env_remove("WORLD_SIZE")
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        e.lines().count() == 1 && (e.contains("needs --device cuda") || e.contains("CUDA build")),
+        "{e}"
+    );
+}

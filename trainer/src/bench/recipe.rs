@@ -16,6 +16,7 @@ use std::cell::RefCell;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use engine::dist::Communicator;
 use engine::Device;
 use model::{Llama, PeftType};
 
@@ -93,6 +94,9 @@ pub struct RecipeResult {
     pub gpu_busy: Option<f64>,
     /// Peak of the engine allocator over the timed pass (`None` where not counted).
     pub peak_gib: Option<f64>,
+    /// Data-parallel ranks that ran the steps (1: one process); the figures are the whole
+    /// run's (the tokens of every rank), the peak rank 0's.
+    pub ranks: usize,
 }
 
 /// Seconds the host has waited for the GPU so far (0 without CUDA).
@@ -116,6 +120,17 @@ struct Clock {
 
 /// Runs the benchmark; `log` receives the run's lines.
 pub fn recipe(a: &RecipeArgs, log: impl FnMut(&str)) -> Result<RecipeResult> {
+    recipe_on(a, None, log)
+}
+
+/// [`recipe`] as one rank of a data-parallel run over `comm` (every rank calls it with the same
+/// arguments, each on its own device; `None`: one process). The steps are `mixlora train`'s data
+/// parallel ones: the global batch is `--batch` whatever the number of ranks.
+pub fn recipe_on(
+    a: &RecipeArgs,
+    comm: Option<&dyn Communicator>,
+    log: impl FnMut(&str),
+) -> Result<RecipeResult> {
     if a.warmup == 0 || a.steps == 0 {
         return Err(Error::Config(
             "bench recipe: --warmup and --steps must be at least 1".into(),
@@ -142,6 +157,9 @@ pub fn recipe(a: &RecipeArgs, log: impl FnMut(&str)) -> Result<RecipeResult> {
         save_every: 0,
         eval_every: 0,
         log_every: 1_000_000,
+        // The end-of-run evaluation (the synthetic tasks have validation items) is not timed:
+        // one item a task keeps it short.
+        eval_limit: Some(1),
         out_dir: out.clone(),
         ..TrainConfig::default()
     };
@@ -175,6 +193,7 @@ pub fn recipe(a: &RecipeArgs, log: impl FnMut(&str)) -> Result<RecipeResult> {
     };
     let ctl = RunControl {
         on_step: Some(&on_step),
+        comm,
         ..RunControl::default()
     };
     let ran = train_plan_on(&RunPlan::of_one(cfg), model, tok, ctl, log);
@@ -194,6 +213,7 @@ pub fn recipe(a: &RecipeArgs, log: impl FnMut(&str)) -> Result<RecipeResult> {
         let per_token = busy / c.profiled_tokens.max(1) as f64;
         r.gpu_busy = Some(per_token * r.tokens as f64 / r.wall_s.max(1e-12));
     }
+    r.ranks = comm.map_or(1, |c| c.world_size());
     Ok(r)
 }
 
@@ -224,6 +244,7 @@ fn tick(c: &mut Clock, s: &StepDone, w: usize, n: usize, device: Device) -> Resu
             host_us_per_step: (wall_s - waited) * 1e6 / n as f64,
             gpu_busy: None,
             peak_gib: peak_bytes(device).map(|p| p as f64 / (1u64 << 30) as f64),
+            ranks: 1,
         });
         if matches!(device, Device::Cuda(_)) {
             engine::profile::set_mode(engine::profile::ProfileMode::GpuEvents);
@@ -244,7 +265,7 @@ fn tick(c: &mut Clock, s: &StepDone, w: usize, n: usize, device: Device) -> Resu
 
 /// The result as JSON (`{"device", "model", "shape", "adapter", "rank", "batch", "micro_batch",
 /// "cutoff_len", "steps", "tokens", "tokens_per_s", "step_ms", "host_us_per_step", "gpu_busy",
-/// "peak_gib"}`).
+/// "peak_gib", "gpus"}`; `gpus`: the data-parallel ranks).
 pub fn recipe_json(a: &RecipeArgs, r: &RecipeResult) -> String {
     let round = |x: f64, d: i32| (x * 10f64.powi(d)).round() / 10f64.powi(d);
     let v = serde_json::json!({
@@ -264,6 +285,7 @@ pub fn recipe_json(a: &RecipeArgs, r: &RecipeResult) -> String {
         "host_us_per_step": round(r.host_us_per_step, 0),
         "gpu_busy": r.gpu_busy.map(|b| round(b, 3)),
         "peak_gib": r.peak_gib.map(|p| round(p, 3)),
+        "gpus": r.ranks,
     });
     serde_json::to_string_pretty(&v).unwrap_or_default()
 }
