@@ -165,8 +165,9 @@ fn command_line() -> Vec<String> {
 /// Ctrl-C (and SIGTERM, SIGHUP) set the returned flag, which the training loop polls: it stops
 /// at the next micro-batch and saves a checkpoint of the last step done. A second interrupt
 /// ends the process at once, printing the command that continues from the newest checkpoints
-/// of the output folders `outs` (one per adapter).
-fn interrupt_flag(outs: Vec<PathBuf>) -> &'static AtomicBool {
+/// of the output folders `outs` (one per adapter). Only a `writer` (one process, or rank 0 of a
+/// data-parallel run) says so; the other ranks stop as quietly.
+fn interrupt_flag(outs: Vec<PathBuf>, writer: bool) -> &'static AtomicBool {
     static INTERRUPTED: AtomicBool = AtomicBool::new(false);
     let installed = ctrlc::set_handler(move || {
         if INTERRUPTED.swap(true, Ordering::SeqCst) {
@@ -184,11 +185,17 @@ fn interrupt_flag(outs: Vec<PathBuf>) -> &'static AtomicBool {
                 format!("the newest checkpoints: {}", list.join(", "))
             };
             let newest = newest.first();
+            if !writer {
+                std::process::exit(trainer::interrupt::EXIT_STATUS.into());
+            }
             eprintln!(
                 "\nstopped at once; {at}; to go on:\n  {}",
                 trainer::interrupt::next_command(&command_line(), newest.is_some())
             );
             std::process::exit(trainer::interrupt::EXIT_STATUS.into());
+        }
+        if !writer {
+            return;
         }
         eprintln!(
             "\ninterrupt: stopping at the next micro-batch, then saving a checkpoint of the last \
@@ -240,9 +247,12 @@ fn train(cmd: TrainCmd) -> Result<()> {
     };
     // The other ranks print only their errors.
     let writer = comm.as_ref().is_none_or(|c| c.rank() == 0);
+    if !writer {
+        trainer::progress::hide_progress();
+    }
     let outs = plan.adapters.iter().map(|a| a.config.out_dir.clone());
     let ctl = trainer::run::RunControl {
-        interrupt: Some(interrupt_flag(outs.collect())),
+        interrupt: Some(interrupt_flag(outs.collect(), writer)),
         comm: comm.as_deref(),
         ..Default::default()
     };
@@ -333,6 +343,9 @@ fn recipe(cmd: RecipeCmd) -> Result<()> {
             Some(launch_cmd::communicator(&w, timeout)?)
         }
     };
+    if comm.as_ref().is_some_and(|c| c.rank() != 0) {
+        trainer::progress::hide_progress();
+    }
     let r = recipe::recipe_on(&args, comm.as_deref(), |line| eprintln!("{line}"))?;
     if comm.as_ref().is_some_and(|c| c.rank() != 0) {
         return Ok(());

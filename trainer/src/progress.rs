@@ -6,10 +6,20 @@
 //! is how its output is tested.
 
 use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// Set by [`hide_progress`].
+static HIDDEN: AtomicBool = AtomicBool::new(false);
+
+/// From now on, [`Reporter::stderr`] reports nothing in this process (a data-parallel rank
+/// other than 0: rank 0 alone shows the progress of the work every rank does).
+pub fn hide_progress() {
+    HIDDEN.store(true, Ordering::Relaxed);
+}
 
 /// Seconds between two plain lines of [`Reporter::stderr`] when stderr is not a terminal.
 pub const LINE_EVERY: Duration = Duration::from_secs(10);
@@ -43,9 +53,11 @@ struct Lines {
 
 impl Reporter {
     /// `label: done/total unit` on stderr: a bar on a terminal, else a plain line every
-    /// [`LINE_EVERY`] and one at the end.
+    /// [`LINE_EVERY`] and one at the end; nothing after [`hide_progress`].
     pub fn stderr(label: &str, total: usize, unit: &'static str) -> Reporter {
-        if std::io::stderr().is_terminal() {
+        if HIDDEN.load(Ordering::Relaxed) {
+            Self::hidden()
+        } else if std::io::stderr().is_terminal() {
             Self::bar(label, total, unit)
         } else {
             Self::lines(
@@ -296,6 +308,16 @@ mod tests {
         assert_eq!(duration(Duration::from_secs_f64(4.4)), "4s");
         assert_eq!(duration(Duration::from_secs(184)), "3m04s");
         assert_eq!(duration(Duration::from_secs(3720)), "1h02m");
+    }
+
+    #[test]
+    fn after_hide_progress_stderr_reporters_are_hidden() {
+        // Process-wide, as for a data-parallel rank other than 0; no test reads stderr.
+        hide_progress();
+        let p = Reporter::stderr("eval", 10, "questions");
+        assert!(matches!(p.out, Output::Hidden));
+        p.inc(3);
+        p.finish();
     }
 
     #[test]
