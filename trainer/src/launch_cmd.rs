@@ -217,6 +217,30 @@ pub fn communicator(_: &World, _: Duration) -> Result<Box<dyn engine::dist::Comm
     Err("data parallel needs a CUDA build".into())
 }
 
+/// What would leave some ranks idle part of each step: an adapter whose micro-batches per step
+/// (`batch / micro_batch`) are not a multiple of the `n` ranks (rank `r` runs the micro-batches
+/// `m` with `m % n == r`), one line each.
+pub fn uneven_shards(plan: &RunPlan, n: usize) -> Vec<String> {
+    plan.adapters
+        .iter()
+        .filter_map(|a| {
+            let c = &a.config;
+            let micro = c.batch_size.div_ceil(c.micro_batch_size.max(1));
+            (micro % n != 0).then(|| {
+                format!(
+                    "{}: {micro} micro-batches a step (--batch {} / --micro-batch {}) on {n} GPUs: \
+                     some GPUs run {} and others {}; a multiple of {n} keeps them all busy",
+                    a.name,
+                    c.batch_size,
+                    c.micro_batch_size,
+                    micro.div_ceil(n),
+                    micro / n
+                )
+            })
+        })
+        .collect()
+}
+
 /// Each adapter of the plan on this rank's GPU.
 pub fn place(plan: &mut RunPlan, w: &World) {
     let dev = engine::Device::Cuda(w.local_rank);

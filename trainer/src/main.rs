@@ -238,7 +238,12 @@ fn train(cmd: TrainCmd) -> Result<()> {
     let mut plan = cmd.args.resolve_plan()?;
     let comm = match launch_cmd::role(&cmd.launch, &plan)? {
         launch_cmd::Role::Single => None,
-        launch_cmd::Role::Launcher(n) => return launch_cmd::launch(n),
+        launch_cmd::Role::Launcher(n) => {
+            for line in launch_cmd::uneven_shards(&plan, n) {
+                eprintln!("warning: {line}");
+            }
+            return launch_cmd::launch(n);
+        }
         launch_cmd::Role::Rank(w) => {
             launch_cmd::place(&mut plan, &w);
             let timeout = std::time::Duration::from_secs(cmd.launch.dist_timeout.max(1));
@@ -474,6 +479,26 @@ mod tests {
         for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
             undocumented(sub, &format!("{path} {}", sub.get_name()), problems);
         }
+    }
+
+    #[test]
+    fn uneven_shards_are_named() {
+        let plan = |batch, micro| {
+            trainer::config::RunPlan::of_one(trainer::config::TrainConfig {
+                batch_size: batch,
+                micro_batch_size: micro,
+                ..Default::default()
+            })
+        };
+        assert!(launch_cmd::uneven_shards(&plan(16, 4), 2).is_empty());
+        assert!(launch_cmd::uneven_shards(&plan(16, 4), 4).is_empty());
+        let lines = launch_cmd::uneven_shards(&plan(16, 4), 3);
+        assert_eq!(lines.len(), 1);
+        assert!(
+            lines[0].contains("4 micro-batches a step") && lines[0].contains("run 2 and others 1"),
+            "{}",
+            lines[0]
+        );
     }
 
     #[test]
