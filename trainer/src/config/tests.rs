@@ -269,7 +269,7 @@ fn train_config_toml_format() {
         \"up_proj\", \"down_proj\"]\nrouting = \"topk\"\ntop_p = 0.8\naux_loss_coef = 0.001\nrouter_init_range = 0.02\n\
         eval_every = 0\nsave_every = 0\nsave_total_limit = 3\nlog_every = 1\n\
         device = \"cpu\"\ndtype = \"f32\"\nresume = false\ngradient_checkpointing = false\n\
-        moe_impl = \"auto\"\nmoe_kernels = \"gemms\"\ngroup_mode = \"auto\"\n";
+        moe_impl = \"auto\"\nmoe_kernels = \"gemms\"\ngroup_mode = \"auto\"\nattention = \"composite\"\n";
     assert_eq!(text, want);
 }
 
