@@ -9,7 +9,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::primitives::{Dims, FlashBackward, FlashForward, FlashParams};
-use crate::backend::cpu::simd::vectorized;
+use crate::backend::cpu::simd::{lane_max, lane_sum, vectorized};
 use crate::backend::cpu::{CpuFloat, CpuStorage};
 use crate::fused::{Operand, OptOperand};
 use crate::{DType, Error, Layout, Result};
@@ -168,16 +168,23 @@ impl Visibility<'_> {
     pub fn query_segment(&self, bi: usize, i: usize) -> Option<u32> {
         self.mask.map(|m| m[bi * self.s + self.q_offset + i])
     }
-    /// Whether a query of segment `sq` sees key `j` of batch row `bi`, causality aside: a
-    /// padding key never, else any key for a padding query (`sq = 0`), else its own segment's.
-    #[inline]
-    pub fn key(&self, bi: usize, sq: Option<u32>, j: usize) -> bool {
-        match (self.mask, sq) {
-            (Some(m), Some(sq)) => {
-                let k = m[bi * self.s + j];
-                k != 0 && (sq == 0 || k == sq)
+    /// The key block `j0 .. j0 + nk` of batch row `bi`: its mask values, and the segment all of
+    /// them share (`None` when they differ or one is padding; every key unmasked: `Some(1)`).
+    pub fn keys(&self, bi: usize, j0: usize, nk: usize) -> KeyBlock<'_> {
+        match self.mask {
+            None => KeyBlock {
+                segs: None,
+                uniform: Some(1),
+            },
+            Some(m) => {
+                let segs = &m[bi * self.s + j0..bi * self.s + j0 + nk];
+                let first = segs.first().copied().filter(|&k| k != 0);
+                let uniform = first.filter(|&k| segs.iter().all(|&x| x == k));
+                KeyBlock {
+                    segs: Some(segs),
+                    uniform,
+                }
             }
-            _ => true,
         }
     }
     /// Keys `0 .. limit` that query `i` may see by causality.
@@ -210,6 +217,46 @@ impl Visibility<'_> {
         }
         let (qlo, qhi) = seg_range(qs).unwrap_or((0, 0));
         qlo <= khi && klo <= qhi
+    }
+}
+
+/// The mask values of one block of keys (see [`Visibility::keys`]).
+pub(super) struct KeyBlock<'a> {
+    segs: Option<&'a [u32]>,
+    uniform: Option<u32>,
+}
+
+impl KeyBlock<'_> {
+    /// Sets `row[j] = f(row[j])` where a query of segment `sq` (`None`: unmasked) sees key `j`
+    /// of the block, among the first `lim` (causal), and `row[j] = invisible` elsewhere. A row
+    /// that sees the whole block takes a branch-free loop.
+    #[inline(always)]
+    pub fn apply<T: Copy>(
+        &self,
+        row: &mut [T],
+        lim: usize,
+        sq: Option<u32>,
+        invisible: T,
+        f: impl Fn(T) -> T,
+    ) {
+        let sees_all = match (self.uniform, sq) {
+            (Some(_), None) => true,
+            (Some(k), Some(q)) => q == 0 || q == k,
+            (None, _) => false,
+        };
+        if sees_all && lim >= row.len() {
+            row.iter_mut().for_each(|x| *x = f(*x));
+            return;
+        }
+        let segs = self.segs;
+        for (j, x) in row.iter_mut().enumerate() {
+            let seen = j < lim
+                && match (segs, sq) {
+                    (Some(ks), Some(q)) => ks[j] != 0 && (q == 0 || ks[j] == q),
+                    _ => true,
+                };
+            *x = if seen { f(*x) } else { invisible };
+        }
     }
 }
 
@@ -257,32 +304,20 @@ fn forward_block<T: Acc>(
             continue;
         }
         let kb = &kh[j0 * d..]; // [nk, d]
+        let keys = vis.keys(bi, j0, nk);
         mm([nq, nk, d], &mut sc, nk, false, (qblk, d, 1), (kb, 1, d)); // q·kᵀ
         for (i, row) in sc.chunks_mut(nk).take(nq).enumerate() {
             let lim = vis.limit(i0 + i).saturating_sub(j0).min(nk);
-            let mut mx = neg;
-            for (j, x) in row.iter_mut().enumerate() {
-                *x = if j < lim && vis.key(bi, segs[i], j0 + j) {
-                    *x * scale
-                } else {
-                    neg
-                };
-                mx = mx.max(*x);
-            }
+            keys.apply(row, lim, segs[i], neg, |x| x * scale);
+            let mx = lane_max(row);
             if mx == neg {
                 row.fill(T::zero()); // nothing visible here: this block adds nothing
                 continue;
             }
             let mnew = m[i].max(mx);
-            let mut sum = T::zero();
-            for x in row.iter_mut() {
-                *x = if *x == neg {
-                    T::zero()
-                } else {
-                    (*x - mnew).fast_exp()
-                };
-                sum = sum + *x;
-            }
+            // exp(−∞ − mnew) is exactly 0 at the invisible keys.
+            row.iter_mut().for_each(|x| *x = (*x - mnew).fast_exp());
+            let sum = lane_sum(row);
             let alpha = if m[i] == neg {
                 T::zero()
             } else {

@@ -68,6 +68,7 @@ fn backward_task<T: Acc>(
     for j0 in (0..kend).step_by(BK) {
         let nk = BK.min(kend - j0);
         let (kb, vb) = (&kh[j0 * d..], &vh[j0 * d..]); // [nk, d]
+        let keys = vis.keys(bi, j0, nk);
         for hh in 0..g {
             let h = kvh * g + hh;
             for i0 in (0..t).step_by(BQ) {
@@ -83,13 +84,8 @@ fn backward_task<T: Acc>(
                 for (i, row) in pb.chunks_mut(nk).take(nq).enumerate() {
                     let sq = vis.query_segment(bi, i0 + i);
                     let lim = vis.limit(i0 + i).saturating_sub(j0).min(nk);
-                    for (j, x) in row.iter_mut().enumerate() {
-                        *x = if j < lim && vis.key(bi, sq, j0 + j) {
-                            (*x * scale - lse[i]).fast_exp()
-                        } else {
-                            T::zero()
-                        };
-                    }
+                    let l = lse[i];
+                    keys.apply(row, lim, sq, T::zero(), |x| (x * scale - l).fast_exp());
                 }
                 let dv = &mut tg.dv[j0 * d..];
                 mm([nk, d, nq], dv, d, true, (&pb, 1, nk), (gob, d, 1)); // += Pᵀ dO
