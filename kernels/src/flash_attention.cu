@@ -306,3 +306,202 @@ FA_KERNELS(64, float, f32)
 FA_KERNELS(64, bf16, bf16)
 FA_KERNELS(128, float, f32)
 FA_KERNELS(128, bf16, bf16)
+
+// ----- bf16 forward on the tensor cores ------------------------------------------------------------
+//
+// flash_attention_fwd_mma_d{D}_bf16: as flash_attention_fwd_d{D}_bf16, with both products on
+// the tensor cores (mma.sync m16n8k16, bf16 in, f32 accumulate). Blocks of 64 queries, 4 warps
+// of 16; key tiles of 64 in shared memory, K row-major [key][d] and V transposed [d][key] (rows
+// padded by 8 bf16, so that the 8 rows a fragment load touches fall in distinct banks). The
+// probabilities are rounded to bf16 for the P·V product (as FlashAttention-2 does); the row sums
+// l take them in f32. Grid (ceil(T / 64), B·HQ), 128 threads.
+//
+// Fragments (lane = 4g + tq; as in lora_mma.cu): A (16×16) a0 = (row g, k 2tq, 2tq+1), a1 = (g + 8,
+// same k), a2 = (g, k 2tq+8, +9), a3 = (g + 8, same); B (16×8) b0 = (k 2tq, 2tq+1; n g), b1 = (k
+// 2tq+8, +9; n g); D d0, d1 = (row g; n 2tq, 2tq+1), d2, d3 = (row g + 8, same n). The score
+// tile of n-tiles 2kk, 2kk + 1 is, element for element, the A fragment of k-step kk of P·V.
+
+#define FA_MMA_ROWS 64
+#define FA_MMA_KEYS 64
+
+__device__ __forceinline__ void fa_mma(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Two bf16 as one word, the first in the low half.
+__device__ __forceinline__ u32 fa_pack(bf16 lo, bf16 hi) {
+    return (u32)__bfloat16_as_ushort(lo) | ((u32)__bfloat16_as_ushort(hi) << 16);
+}
+__device__ __forceinline__ u32 fa_pack_f(float lo, float hi) {
+    return fa_pack(__float2bfloat16(lo), __float2bfloat16(hi));
+}
+
+template <int D>
+__device__ void fa_forward_mma(u32 B, u32 HQ, u32 HKV, u32 T_, u32 S, u32 q_offset, float scale, const bf16* q,
+                               FaView qv, const bf16* k, FaView kv, const bf16* v, FaView vv, const u32* mask,
+                               bf16* out, float* lse) {
+    constexpr int KS = D / 16;  // k-steps of q·kᵀ
+    constexpr int DT = D / 8;   // n-tiles of the output
+    constexpr int NT = FA_MMA_KEYS / 8; // n-tiles of a score tile
+    __shared__ __align__(16) bf16 ks[FA_MMA_KEYS][D + 8];
+    __shared__ __align__(16) bf16 vt[D][FA_MMA_KEYS + 8];
+    __shared__ u32 kseg[FA_MMA_KEYS];
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
+    const u32 bi = blockIdx.y / HQ, h = blockIdx.y % HQ, kvh = h / (HQ / HKV);
+    const u32 i0 = blockIdx.x * FA_MMA_ROWS;
+    const bool masked = mask != nullptr;
+    // This thread's two rows: i0 + 16·warp + g (+ 8).
+    u32 row[2], pos[2], sq[2];
+    bool in[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        row[hf] = i0 + 16 * warp + g + 8 * hf;
+        in[hf] = row[hf] < T_;
+        pos[hf] = q_offset + (in[hf] ? row[hf] : 0u);
+        sq[hf] = masked && in[hf] ? mask[(size_t)bi * S + pos[hf]] : 0u;
+    }
+    // q as A fragments, per k-step.
+    u32 qa[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+#pragma unroll
+        for (int f = 0; f < 4; ++f) {
+            const int hf = f & 1;             // a0, a2: row g; a1, a3: row g + 8
+            const u32 e = 16 * kk + 2 * tq + 8 * (f >> 1);
+            const bf16 zero = __float2bfloat16(0.0f);
+            const bf16 x0 = in[hf] ? q[fa_at(qv, bi, h, row[hf], e)] : zero;
+            const bf16 x1 = in[hf] ? q[fa_at(qv, bi, h, row[hf], e + 1)] : zero;
+            qa[kk][f] = fa_pack(x0, x1);
+        }
+    }
+    float o[DT][4];
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+        for (int f = 0; f < 4; ++f) o[dt][f] = 0.0f;
+    float m[2] = {FA_NEG_INF, FA_NEG_INF}, l[2] = {0.0f, 0.0f};
+    const u32 last = min(T_, i0 + FA_MMA_ROWS) - 1;
+    const u32 kend = min(S, q_offset + last + 1);
+    for (u32 j0 = 0; j0 < kend; j0 += FA_MMA_KEYS) {
+        __syncthreads(); // the previous tile is consumed
+        if (threadIdx.x < FA_MMA_KEYS) {
+            const u32 j = j0 + threadIdx.x;
+            kseg[threadIdx.x] = masked ? (j < S ? mask[(size_t)bi * S + j] : 0u) : 1u;
+        }
+        __syncthreads();
+        // Whether key 8nt + 2tq + e of the tile is visible to row hf.
+        auto sees = [&](int hf, u32 jj) {
+            const u32 j = j0 + jj;
+            return in[hf] && j < kend && fa_sees(pos[hf], j, sq[hf], kseg[jj], masked);
+        };
+        bool any = false;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) any |= sees(0, 8 * nt + 2 * tq + e) || sees(1, 8 * nt + 2 * tq + e);
+        if (!__syncthreads_or(any)) continue;
+        for (u32 idx = threadIdx.x; idx < FA_MMA_KEYS * D; idx += FA_THREADS) {
+            const u32 jj = idx / D, e = idx % D, j = j0 + jj;
+            const bf16 zero = __float2bfloat16(0.0f);
+            ks[jj][e] = j < S ? k[fa_at(kv, bi, kvh, j, e)] : zero;
+            vt[e][jj] = j < S ? v[fa_at(vv, bi, kvh, j, e)] : zero;
+        }
+        __syncthreads();
+        float sc[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int f = 0; f < 4; ++f) sc[nt][f] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < KS; ++kk) {
+                const bf16* kr = &ks[8 * nt + g][16 * kk + 2 * tq];
+                const u32 b0 = *reinterpret_cast<const u32*>(kr);
+                const u32 b1 = *reinterpret_cast<const u32*>(kr + 8);
+                fa_mma(sc[nt], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b0, b1);
+            }
+        }
+        // Mask, scale and the online softmax of the two rows (a row's 4 lanes agree).
+        float mx[2] = {FA_NEG_INF, FA_NEG_INF};
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int f = 0; f < 4; ++f) {
+                const int hf = f >> 1;
+                const float x = sees(hf, 8 * nt + 2 * tq + (f & 1)) ? sc[nt][f] * scale : FA_NEG_INF;
+                sc[nt][f] = x;
+                mx[hf] = fmaxf(mx[hf], x);
+            }
+        float alpha[2];
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            mx[hf] = fmaxf(mx[hf], __shfl_xor_sync(0xffffffffu, mx[hf], 1));
+            mx[hf] = fmaxf(mx[hf], __shfl_xor_sync(0xffffffffu, mx[hf], 2));
+            const float mnew = fmaxf(m[hf], mx[hf]);
+            alpha[hf] = mnew == FA_NEG_INF ? 1.0f : (m[hf] == FA_NEG_INF ? 0.0f : expf(m[hf] - mnew));
+            m[hf] = mnew;
+        }
+        float sum[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int f = 0; f < 4; ++f) {
+                const int hf = f >> 1;
+                const float p = sc[nt][f] == FA_NEG_INF ? 0.0f : expf(sc[nt][f] - m[hf]);
+                sc[nt][f] = p;
+                sum[hf] += p;
+            }
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            sum[hf] += __shfl_xor_sync(0xffffffffu, sum[hf], 1);
+            sum[hf] += __shfl_xor_sync(0xffffffffu, sum[hf], 2);
+            l[hf] = l[hf] * alpha[hf] + sum[hf];
+        }
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+            for (int f = 0; f < 4; ++f) o[dt][f] *= alpha[f >> 1];
+        // o += P·V: k-step kk takes the score n-tiles 2kk, 2kk + 1 as its A fragment.
+#pragma unroll
+        for (int kk = 0; kk < NT / 2; ++kk) {
+            const u32 a0 = fa_pack_f(sc[2 * kk][0], sc[2 * kk][1]);
+            const u32 a1 = fa_pack_f(sc[2 * kk][2], sc[2 * kk][3]);
+            const u32 a2 = fa_pack_f(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+            const u32 a3 = fa_pack_f(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                const bf16* vr = &vt[8 * dt + g][16 * kk + 2 * tq];
+                const u32 b0 = *reinterpret_cast<const u32*>(vr);
+                const u32 b1 = *reinterpret_cast<const u32*>(vr + 8);
+                fa_mma(o[dt], a0, a1, a2, a3, b0, b1);
+            }
+        }
+    }
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        if (!in[hf]) continue;
+        const float inv = l[hf] > 0.0f ? 1.0f / l[hf] : 0.0f;
+        bf16* orow = out + ((size_t)(bi * T_ + row[hf]) * HQ + h) * D;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+            orow[8 * dt + 2 * tq] = __float2bfloat16(o[dt][2 * hf] * inv);
+            orow[8 * dt + 2 * tq + 1] = __float2bfloat16(o[dt][2 * hf + 1] * inv);
+        }
+        if (tq == 0) lse[(size_t)(bi * HQ + h) * T_ + row[hf]] = l[hf] > 0.0f ? m[hf] + logf(l[hf]) : FA_NEG_INF;
+    }
+}
+
+#define FA_MMA_KERNEL(D)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attention_fwd_mma_d##D##_bf16(              \
+        u32 B, u32 HQ, u32 HKV, u32 T_, u32 S, u32 q_offset, float scale, const bf16* q, FA_VIEW_ARGS(q),     \
+        const bf16* k, FA_VIEW_ARGS(k), const bf16* v, FA_VIEW_ARGS(v), const u32* mask, bf16* out,          \
+        float* lse) {                                                                                        \
+        fa_forward_mma<D>(B, HQ, HKV, T_, S, q_offset, scale, q, FA_VIEW(q), k, FA_VIEW(k), v, FA_VIEW(v),   \
+                          mask, out, lse);                                                                   \
+    }
+
+FA_MMA_KERNEL(64)
+FA_MMA_KERNEL(128)

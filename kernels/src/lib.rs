@@ -145,8 +145,9 @@ pub const MOE_GROUPED: KernelSource = module!("moe_grouped",
     one moe_group_count_u32 one moe_group_scan_u32 one moe_group_scatter_u32 one moe_invert_perm_u32
 );
 
-/// Flash attention (`engine::fused::flash_attention`): the forward and the two backward kernels
-/// (dq, then dk and dv), causal with a key mask and grouped-query heads, at head dims 64 and 128.
+/// Flash attention (`engine::fused::flash_attention`): the forward (on the tensor cores for bf16)
+/// and the two backward kernels (dq, then dk and dv), causal with a key mask and grouped-query
+/// heads, at head dims 64 and 128.
 pub const FLASH_ATTENTION: KernelSource = KernelSource {
     name: "flash_attention",
     source: concat!(
@@ -159,6 +160,8 @@ pub const FLASH_ATTENTION: KernelSource = KernelSource {
         "flash_attention_fwd_d64_bf16",
         "flash_attention_fwd_d128_f32",
         "flash_attention_fwd_d128_bf16",
+        "flash_attention_fwd_mma_d64_bf16",
+        "flash_attention_fwd_mma_d128_bf16",
         "flash_attention_bwd_dq_d64_f32",
         "flash_attention_bwd_dq_d64_bf16",
         "flash_attention_bwd_dq_d128_f32",

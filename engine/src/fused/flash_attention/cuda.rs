@@ -1,6 +1,6 @@
-//! Launchers of flash attention's kernels (kernels/src/flash_attention.cu): the forward, then
-//! for the backward the dq kernel (which also writes `D = rowsum(dO ∘ O)`) and the dk/dv
-//! kernel. q, k, v, the output and its gradient are read in place through their strides; the
+//! Launchers of flash attention's kernels (kernels/src/flash_attention.cu): the forward (bf16 on
+//! the tensor cores, f32 on the CUDA cores), then for the backward the dq kernel (which also
+//! writes `D = rowsum(dO ∘ O)`) and the dk/dv kernel (both on the CUDA cores). q, k, v, the output and its gradient are read in place through their strides; the
 //! results are contiguous `[b, n, h, d]`. Head dims 64 and 128 in f32 and bf16
 //! ([`super::cuda_supports`]); the tensor op runs `causal_attention` in the other cases.
 
@@ -14,12 +14,14 @@ use crate::backend::cuda::{check_extent, CudaStorage};
 use crate::fused::{Operand, OptOperand};
 use crate::{DType, Error, Result};
 
-/// Query (or key) rows per block, and threads per block (4 per row).
+/// Query (or key) rows per block of the CUDA-core kernels (4 threads a row), of the tensor-core
+/// forward (16 a warp), and threads per block.
 const ROWS: usize = 32;
+const MMA_ROWS: usize = 64;
 const THREADS: u32 = 128;
 
-/// The launch of one block per 32 rows of `n` per `heads` (batch × heads).
-fn config(op: &'static str, n: usize, heads: usize) -> Result<LaunchConfig> {
+/// The launch of one block per `rows` rows of `n` per `heads` (batch × heads).
+fn config(op: &'static str, rows: usize, n: usize, heads: usize) -> Result<LaunchConfig> {
     if heads > 65_535 {
         return Err(Error::invalid(
             op,
@@ -27,7 +29,7 @@ fn config(op: &'static str, n: usize, heads: usize) -> Result<LaunchConfig> {
         ));
     }
     Ok(LaunchConfig {
-        grid_dim: (to_u32(op, n.div_ceil(ROWS).max(1))?, heads as u32, 1),
+        grid_dim: (to_u32(op, n.div_ceil(rows).max(1))?, heads as u32, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     })
@@ -111,20 +113,25 @@ pub(super) fn forward(
     let [vo, vsb, vsh, vsn, vsd] = view(OP, v)?;
     let (qp, kp, vp) = (q.s.ptr(), k.s.ptr(), v.s.ptr());
     let (mp, op, lp) = (mask.as_ref().map_or(0u64, |m| m.ptr), out.ptr(), lse.ptr());
-    let name = format!("flash_attention_fwd_{suffix}");
+    let (name, rows) = if q.s.dtype == DType::BF16 {
+        (format!("flash_attention_fwd_mma_{suffix}"), MMA_ROWS)
+    } else {
+        (format!("flash_attention_fwd_{suffix}"), ROWS)
+    };
     // SAFETY: q, k, v are rank-4 views [b, hq, t, d], [b, hkv, s, d] (checked by `Dims::check`)
     // lying inside their buffers (`view`), read only at (bi < b, h < heads, i < rows, e < d);
     // the mask, when its pointer is not null, is a contiguous [b, s] u32 run read at
     // [bi, j < s] (q_offset + t ≤ s, checked); `out` holds b·t·hq·d elements of q's dtype and
-    // `lse` b·hq·t f32: block (x, y) writes the rows i of its 32 (i < t) of batch head y only.
-    // The grid covers ceil(t / 32) × b·hq blocks of 128 threads, the kernels' 4 per row.
+    // `lse` b·hq·t f32: block (x, y) writes the rows i < t of its `rows` (32, or 64 for the
+    // tensor-core kernel) of batch head y only. The grid covers ceil(t / rows) × b·hq blocks of
+    // 128 threads, as each kernel expects (4 threads a row, or 4 warps of 16 rows).
     unsafe {
         launch!(
             dev,
             OP,
             FLASH_ATTENTION,
             name,
-            config(OP, t, b * hq)?,
+            config(OP, rows, t, b * hq)?,
             [
                 b32, hq32, hkv32, t32, s32, off, scale, qp, qo, qsb, qsh, qsn, qsd, kp, ko, ksb,
                 ksh, ksn, ksd, vp, vo, vsb, vsh, vsn, vsd, mp, op, lp
@@ -198,7 +205,7 @@ pub(super) fn backward(
             OP,
             FLASH_ATTENTION,
             name,
-            config(OP, t, b * hq)?,
+            config(OP, ROWS, t, b * hq)?,
             [
                 b32, hq32, hkv32, t32, s32, off, scale, qp, qo, qsb, qsh, qsn, qsd, kp, ko, ksb,
                 ksh, ksn, ksd, vp, vo, vsb, vsh, vsn, vsd, opp, oo, osb, osh, osn, osd, gp, go,
@@ -217,7 +224,7 @@ pub(super) fn backward(
             OP,
             FLASH_ATTENTION,
             name,
-            config(OP, s, b * hkv)?,
+            config(OP, ROWS, s, b * hkv)?,
             [
                 b32, hq32, hkv32, t32, s32, off, scale, qp, qo, qsb, qsh, qsn, qsd, kp, ko, ksb,
                 ksh, ksn, ksd, vp, vo, vsb, vsh, vsn, vsd, gp, go, gsb, gsh, gsn, gsd, lp, sp, mp,
