@@ -293,7 +293,7 @@ fn flash_attention_errors() {
 mod gpu {
     //! CPU ↔ CUDA parity (skipped, saying why, without a GPU): the CUDA kernels against the CPU
     //! op, forward and backward.
-    use crate::causal::Mask;
+    use super::causal::Mask;
     use engine::{flash_attention, DType, Device, Tensor};
     use testutil::gpu::{scaled_vals, Checker};
 
