@@ -340,6 +340,59 @@ __device__ __forceinline__ u32 fa_pack_f(float lo, float hi) {
     return fa_pack(__float2bfloat16(lo), __float2bfloat16(hi));
 }
 
+// q rows `row[0]`, `row[1]` (g and g + 8 of the warp's 16; zeros where !in) as the A fragments
+// of the k-steps of q·kᵀ: a0, a2 from row g (k 2tq.. and 2tq + 8..), a1, a3 from row g + 8.
+template <int D>
+__device__ __forceinline__ void fa_mma_load_q(u32 (&qa)[D / 16][4], const bf16* q, const FaView& qv, u32 bi, u32 h,
+                                              const u32 (&row)[2], const bool (&in)[2]) {
+    const u32 tq = threadIdx.x & 3;
+    const bf16 zero = __float2bfloat16(0.0f);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+        for (int f = 0; f < 4; ++f) {
+            const int hf = f & 1;
+            const u32 e = 16 * kk + 2 * tq + 8 * (f >> 1);
+            const bf16 x0 = in[hf] ? q[fa_at(qv, bi, h, row[hf], e)] : zero;
+            const bf16 x1 = in[hf] ? q[fa_at(qv, bi, h, row[hf], e + 1)] : zero;
+            qa[kk][f] = fa_pack(x0, x1);
+        }
+    }
+}
+
+// One tile's online-softmax step of the thread's two rows, given the masked, scaled scores `sc`
+// (−inf where invisible) and their per-thread maxima `mx`: the new running maxima `m`, the
+// rescale `alpha` of the old sums and outputs, the probabilities in place of `sc` (0 where
+// invisible) and the running sums `l`. The 4 lanes of a row agree after the xor-shuffles.
+template <int NT>
+__device__ __forceinline__ void fa_mma_online_softmax(float (&sc)[NT][4], float (&mx)[2], float (&m)[2],
+                                                      float (&l)[2], float (&alpha)[2]) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        mx[hf] = fmaxf(mx[hf], __shfl_xor_sync(0xffffffffu, mx[hf], 1));
+        mx[hf] = fmaxf(mx[hf], __shfl_xor_sync(0xffffffffu, mx[hf], 2));
+        const float mnew = fmaxf(m[hf], mx[hf]);
+        alpha[hf] = mnew == FA_NEG_INF ? 1.0f : (m[hf] == FA_NEG_INF ? 0.0f : expf(m[hf] - mnew));
+        m[hf] = mnew;
+    }
+    float sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int f = 0; f < 4; ++f) {
+            const int hf = f >> 1;
+            const float p = sc[nt][f] == FA_NEG_INF ? 0.0f : expf(sc[nt][f] - m[hf]);
+            sc[nt][f] = p;
+            sum[hf] += p;
+        }
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        sum[hf] += __shfl_xor_sync(0xffffffffu, sum[hf], 1);
+        sum[hf] += __shfl_xor_sync(0xffffffffu, sum[hf], 2);
+        l[hf] = l[hf] * alpha[hf] + sum[hf];
+    }
+}
+
 template <int D>
 __device__ void fa_forward_mma(u32 B, u32 HQ, u32 HKV, u32 T_, u32 S, u32 q_offset, float scale, const bf16* q,
                                FaView qv, const bf16* k, FaView kv, const bf16* v, FaView vv, const u32* mask,
@@ -366,18 +419,7 @@ __device__ void fa_forward_mma(u32 B, u32 HQ, u32 HKV, u32 T_, u32 S, u32 q_offs
     }
     // q as A fragments, per k-step.
     u32 qa[KS][4];
-#pragma unroll
-    for (int kk = 0; kk < KS; ++kk) {
-#pragma unroll
-        for (int f = 0; f < 4; ++f) {
-            const int hf = f & 1;             // a0, a2: row g; a1, a3: row g + 8
-            const u32 e = 16 * kk + 2 * tq + 8 * (f >> 1);
-            const bf16 zero = __float2bfloat16(0.0f);
-            const bf16 x0 = in[hf] ? q[fa_at(qv, bi, h, row[hf], e)] : zero;
-            const bf16 x1 = in[hf] ? q[fa_at(qv, bi, h, row[hf], e + 1)] : zero;
-            qa[kk][f] = fa_pack(x0, x1);
-        }
-    }
+    fa_mma_load_q<D>(qa, q, qv, bi, h, row, in);
     float o[DT][4];
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt)
@@ -436,30 +478,7 @@ __device__ void fa_forward_mma(u32 B, u32 HQ, u32 HKV, u32 T_, u32 S, u32 q_offs
                 mx[hf] = fmaxf(mx[hf], x);
             }
         float alpha[2];
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-            mx[hf] = fmaxf(mx[hf], __shfl_xor_sync(0xffffffffu, mx[hf], 1));
-            mx[hf] = fmaxf(mx[hf], __shfl_xor_sync(0xffffffffu, mx[hf], 2));
-            const float mnew = fmaxf(m[hf], mx[hf]);
-            alpha[hf] = mnew == FA_NEG_INF ? 1.0f : (m[hf] == FA_NEG_INF ? 0.0f : expf(m[hf] - mnew));
-            m[hf] = mnew;
-        }
-        float sum[2] = {0.0f, 0.0f};
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int f = 0; f < 4; ++f) {
-                const int hf = f >> 1;
-                const float p = sc[nt][f] == FA_NEG_INF ? 0.0f : expf(sc[nt][f] - m[hf]);
-                sc[nt][f] = p;
-                sum[hf] += p;
-            }
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-            sum[hf] += __shfl_xor_sync(0xffffffffu, sum[hf], 1);
-            sum[hf] += __shfl_xor_sync(0xffffffffu, sum[hf], 2);
-            l[hf] = l[hf] * alpha[hf] + sum[hf];
-        }
+        fa_mma_online_softmax<NT>(sc, mx, m, l, alpha);
 #pragma unroll
         for (int dt = 0; dt < DT; ++dt)
 #pragma unroll
