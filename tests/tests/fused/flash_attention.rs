@@ -13,7 +13,8 @@
 //!
 //! Parity (module `gpu`): the CUDA kernels against the CPU op, forward and backward, on
 //! SmolLM2-135M's heads (d 64) and LLaMA's (d 128), odd lengths, left, random and packed masks,
-//! grouped-query heads, q read as the transpose of its projection, bf16 and f32.
+//! grouped-query heads, q read as the transpose of its projection, bf16 and f32; and the cases
+//! without a kernel (d 32, f64), where the op runs `causal_attention` on the GPU.
 
 #[allow(dead_code)]
 #[path = "../ops/causal.rs"]
@@ -348,9 +349,17 @@ mod gpu {
             ((2, 8, 8, 130, 130, 128), 0, Mask::Packed, false),
             ((2, 6, 2, 5, 1000, 64), 995, Mask::Random, false), // decoding after a long cache
             ((2, 2, 1, 1, 1, 64), 0, Mask::None, false),
+            // Head dim 32: no kernel, the op runs `causal_attention` on the GPU.
+            ((1, 4, 2, 70, 70, 32), 0, Mask::Packed, true),
         ];
-        for dt in [DType::F32, DType::BF16] {
-            for (dims, off, mk, tq) in cases {
+        // f64: no kernel either (the composite on the GPU).
+        let f64_cases = [((1, 4, 2, 70, 70, 64), 0, Mask::Left, true)];
+        let runs = [DType::F32, DType::BF16]
+            .into_iter()
+            .flat_map(|dt| cases.map(|c| (dt, c)))
+            .chain(f64_cases.map(|c| (DType::F64, c)));
+        for (dt, (dims, off, mk, tq)) in runs {
+            {
                 let m = mk.values(dims.0, dims.4);
                 c.case(
                     &format!("flash_attention fwd+bwd {dims:?} off {off} {mk:?} q^T {tq}"),
