@@ -359,14 +359,12 @@ mod gpu {
             .flat_map(|dt| cases.map(|c| (dt, c)))
             .chain(f64_cases.map(|c| (DType::F64, c)));
         for (dt, (dims, off, mk, tq)) in runs {
-            {
-                let m = mk.values(dims.0, dims.4);
-                c.case(
-                    &format!("flash_attention fwd+bwd {dims:?} off {off} {mk:?} q^T {tq}"),
-                    dt,
-                    |dev| attention(dev, dt, dims, off, &m, tq),
-                );
-            }
+            let m = mk.values(dims.0, dims.4);
+            c.case(
+                &format!("flash_attention fwd+bwd {dims:?} off {off} {mk:?} q^T {tq}"),
+                dt,
+                |dev| attention(dev, dt, dims, off, &m, tq),
+            );
         }
         c.finish();
     }
