@@ -46,7 +46,9 @@ pub fn cuda_supports(dtype: DType, d: usize) -> bool {
 /// `D_i = Σ_e dO_ie O_ie`:
 /// `dV_j = Σ_i P_ij dO_i`, `dP_ij = dO_i·v_j`, `dS_ij = P_ij (dP_ij − D_i) / √d`,
 /// `dQ_i = Σ_j dS_ij k_j`, `dK_j = Σ_i dS_ij q_i`; `dK` and `dV` of a kv head sum over the
-/// query heads of its group.
+/// query heads of its group. `D_i` equals the composite's `Σ_j P_ij dP_ij` only up to rounding,
+/// so where the exact `dQ_i` is 0 (a query that sees a single key) flash gives a rounding-sized
+/// value instead of an exact 0.
 ///
 /// Saved for the backward: `q`, `k`, `v`, the output and `lse` `[b, hq, t]` (in the
 /// accumulation dtype: f32 for f32 and bf16, f64 for f64), and the key mask.
