@@ -36,7 +36,8 @@
 //!   `3N·s`.
 //!
 //! FLOPs: matmul `2·m·n·k` (per batch); causal attention `4·b·h·t²·d` (QKᵀ and PV on the full
-//! square: the engine masks, it does not skip). Matmul and attention bytes are their operands and
+//! square: the composite masks, it does not skip); the rows marked "causal FLOPs" count only the
+//! visible half (forward `2·b·h·t²·d`, forward + backward 3.5 times that). Matmul and attention bytes are their operands and
 //! output once each (shown, not rated, except for the skinny LoRA product, which is memory-bound).
 
 #[global_allocator]
@@ -51,7 +52,9 @@ use engine::fused::lora::primitives as lora;
 use engine::fused::moe_grouped::primitives as grouped;
 use engine::fused::moe_route::primitives as route;
 use engine::fused::Operand;
-use engine::{causal_attention, DType, Device, Layout, Result, Shape, Storage, Tensor};
+use engine::{
+    causal_attention, flash_attention, DType, Device, Layout, Result, Shape, Storage, Tensor,
+};
 
 /// Device copy bandwidth of the H200 (bytes/s), the ceiling of memory-bound ops.
 const COPY_CEILING: f64 = 4.3e12;
@@ -649,7 +652,44 @@ fn attention(lab: &mut Lab, dt: DType) -> Result<()> {
         flops: 4.0 * (b * h * t * t * d) as f64,
         bound: Bound::Gemm(dt),
     };
-    lab.run(case, || causal_attention(&q, &k, &v, None, 0).map(drop))
+    lab.run(case, || causal_attention(&q, &k, &v, None, 0).map(drop))?;
+    // Flash attention, and both ops forward + backward, at causal FLOPs (the visible half of the
+    // square: forward 2·b·h·t²·d, backward 2.5 times that, FlashAttention-2's count).
+    let causal = 2.0 * (b * h * t * t * d) as f64;
+    let case = Case {
+        op: "flash_attention forward (causal FLOPs)".into(),
+        dtype: dt,
+        shape: format!("b={b} h={h} t={t} d={d}"),
+        bytes: (4 * b * h * t * d * s) as f64,
+        flops: causal,
+        bound: Bound::Gemm(dt),
+    };
+    lab.run(case, || flash_attention(&q, &k, &v, None, 0).map(drop))?;
+    let (qv, kv, vv) = (q.to_var()?, k.to_var()?, v.to_var()?);
+    let g = Tensor::randn([b, h, t, d], 0.0, 1.0, 29, dt, GPU)?;
+    type Attention = fn(&Tensor, &Tensor, &Tensor, Option<&Tensor>, usize) -> Result<Tensor>;
+    let ops: [(&str, Attention); 2] = [
+        ("causal_attention", causal_attention),
+        ("flash_attention", flash_attention),
+    ];
+    for (name, attn) in ops {
+        let case = Case {
+            op: format!("{name} forward+backward (causal FLOPs)"),
+            dtype: dt,
+            shape: format!("b={b} h={h} t={t} d={d}"),
+            bytes: (8 * b * h * t * d * s) as f64,
+            flops: 3.5 * causal,
+            bound: Bound::Gemm(dt),
+        };
+        lab.run(case, || {
+            attn(&qv, &kv, &vv, None, 0)?.backward_with_grad(&g)?;
+            for x in [&qv, &kv, &vv] {
+                x.zero_grad();
+            }
+            Ok(())
+        })?;
+    }
+    Ok(())
 }
 
 fn usage() -> ! {

@@ -145,6 +145,34 @@ pub const MOE_GROUPED: KernelSource = module!("moe_grouped",
     one moe_group_count_u32 one moe_group_scan_u32 one moe_group_scatter_u32 one moe_invert_perm_u32
 );
 
+/// Flash attention (`engine::fused::flash_attention`): the forward (on the tensor cores for bf16)
+/// and the two backward kernels (dq, then dk and dv), causal with a key mask and grouped-query
+/// heads, at head dims 64 and 128.
+pub const FLASH_ATTENTION: KernelSource = KernelSource {
+    name: "flash_attention",
+    source: concat!(
+        include_str!("common.cuh"),
+        "\n",
+        include_str!("flash_attention.cu")
+    ),
+    kernels: &[
+        "flash_attention_fwd_d64_f32",
+        "flash_attention_fwd_d64_bf16",
+        "flash_attention_fwd_d128_f32",
+        "flash_attention_fwd_d128_bf16",
+        "flash_attention_fwd_mma_d64_bf16",
+        "flash_attention_fwd_mma_d128_bf16",
+        "flash_attention_bwd_dq_d64_f32",
+        "flash_attention_bwd_dq_d64_bf16",
+        "flash_attention_bwd_dq_d128_f32",
+        "flash_attention_bwd_dq_d128_bf16",
+        "flash_attention_bwd_dkv_d64_f32",
+        "flash_attention_bwd_dkv_d64_bf16",
+        "flash_attention_bwd_dkv_d128_f32",
+        "flash_attention_bwd_dkv_d128_bf16",
+    ],
+};
+
 /// The fused multi-tensor AdamW step and the multi-tensor sum of squares (the gradient norm)
 /// of `engine::fused::adamw`: one kernel for every tensor, whatever its dtype (each tensor's
 /// dtype is in the table the kernel reads), hence names without a dtype suffix.
@@ -252,6 +280,7 @@ pub const SOURCES: &[KernelSource] = &[
     ADAMW,
     MOE_FFN,
     LORA,
+    FLASH_ATTENTION,
 ];
 
 /// The module that defines kernel `name`, if any.

@@ -19,6 +19,8 @@ pub mod weights;
 pub use adapters::{AdapterConfig, MoeImpl, PeftType, RoutingStrategy};
 pub use config::{Llama3RopeScaling, LlamaConfig, RopeScaling};
 pub use error::{Error, Result};
-pub use llama::{ForwardOutput, GroupMode, GroupSegment, HiddenOutput, KvCache, Llama, RandomInit};
+pub use llama::{
+    AttentionImpl, ForwardOutput, GroupMode, GroupSegment, HiddenOutput, KvCache, Llama, RandomInit,
+};
 pub use tokenizer::Tokenizer;
 pub use weights::{load, Weights};

@@ -1,6 +1,7 @@
 //! The CPU's count of live tensor buffers (`engine::memory_stats(Device::Cpu)`): allocation and
 //! free move the current bytes, the peak holds until a reset, a view shares its buffer's count;
-//! and what the count shows of the fused MixLoRA FFN on the CPU (no `[T·k, I]` slot tensor).
+//! and what the count shows of the fused MixLoRA FFN on the CPU (no `[T·k, I]` slot tensor) and
+//! of flash attention (no `[b, hq, t, s]` probabilities).
 //!
 //! The count is one per process, so this binary holds a single test that runs its checks in
 //! order (other tests allocating at the same time would move the figures).
@@ -173,10 +174,64 @@ fn fused_ffn_peak_is_below_naive() {
     assert!(fused < 3 * slot_tensor, "fused {fused} B");
 }
 
+/// What attention holds between its forward and its backward, and its peak over both: flash
+/// attention keeps q, k, v, its output and the log-sum-exp, `causal_attention` also the
+/// probabilities `[b, hq, t, s]`; flash's peak stays below one `[b, hq, t, s]` f32 tensor.
+fn flash_attention_holds_no_probabilities() {
+    let (b, hq, hkv, t, d) = (2, 4, 2, 256, 16);
+    let probs = b * hq * t * t * 4; // [b, hq, t, s] f32
+    let mk = |shape: &[usize], seed| {
+        testutil::randn(shape, seed)
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_var()
+            .unwrap()
+    };
+    let (q, k, v) = (
+        mk(&[b, hq, t, d], 1),
+        mk(&[b, hkv, t, d], 2),
+        mk(&[b, hkv, t, d], 3),
+    );
+    let g = mk(&[b, hq, t, d], 4);
+    let run = |flash: bool| {
+        let before = current();
+        engine::reset_peak_memory(CPU);
+        let out = if flash {
+            engine::flash_attention(&q, &k, &v, None, 0)
+        } else {
+            engine::causal_attention(&q, &k, &v, None, 0)
+        }
+        .unwrap();
+        let held = current() - before;
+        out.backward_with_grad(&g).unwrap();
+        drop(out);
+        for x in [&q, &k, &v] {
+            x.zero_grad();
+        }
+        (held, peak() - before)
+    };
+    let (flash_held, flash_peak) = run(true);
+    let (comp_held, comp_peak) = run(false);
+    println!(
+        "attention held after forward: flash {flash_held} B, composite {comp_held} B; \
+         peak: flash {flash_peak} B, composite {comp_peak} B; [b, hq, t, s] f32 {probs} B"
+    );
+    let lse = b * hq * t * 4;
+    let out = b * hq * t * d * 4;
+    assert_eq!(
+        flash_held,
+        out + lse,
+        "flash holds its output and the log-sum-exp"
+    );
+    assert!(comp_held >= probs, "the composite holds its probabilities");
+    assert!(flash_peak < probs, "flash's peak {flash_peak} B");
+}
+
 #[test]
 fn cpu_memory_counts_live_buffers() {
     allocation_and_free_move_current();
     peak_and_reset();
     views_do_not_count_twice();
     fused_ffn_peak_is_below_naive();
+    flash_attention_holds_no_probabilities();
 }

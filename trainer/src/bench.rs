@@ -129,6 +129,10 @@ pub struct Table6Args {
     /// --group-mode`) [default: auto, exact].
     #[arg(long, value_name = "MODE", value_parser = crate::config::words::parse::<crate::config::GroupModeChoice>)]
     pub group_mode: Option<crate::config::GroupModeChoice>,
+    /// How attention is computed, `composite` or `flash` (`mixlora train --attention`)
+    /// [default: composite].
+    #[arg(long, value_name = "IMPL", value_parser = crate::config::words::parse::<model::AttentionImpl>)]
+    pub attention: Option<model::AttentionImpl>,
     /// Numbers of adapter sets to train together on the one base, comma-separated (e.g.
     /// `1,2,4`): each variant's grouped step per number, against a single run [default: none,
     /// one adapter per variant, the Table 6 report].
@@ -442,6 +446,7 @@ fn build_model(a: &Table6Args, log: &mut impl FnMut(&str)) -> Result<Llama> {
     let mut model = Llama::random(cfg, 1, DType::BF16, a.device)?;
     model.set_gradient_checkpointing(a.gradient_checkpointing);
     model.set_group_mode(a.group_mode.flatten());
+    model.set_attention_impl(a.attention.unwrap_or_default());
     // W_gate and W_up as halves of one buffer (the fused path's one GEMM; a view for the others).
     model.stack_gate_up()?;
     Ok(model)

@@ -24,6 +24,7 @@ fn args(checkpointing: bool, adapters: &[usize]) -> Table6Args {
         ],
         gradient_checkpointing: checkpointing,
         group_mode: None,
+        attention: None,
         adapters: adapters.to_vec(),
         json: None,
         fused: Default::default(),

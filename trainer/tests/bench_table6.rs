@@ -15,6 +15,7 @@ fn args(checkpointing: bool) -> Table6Args {
         variants: vec![],
         gradient_checkpointing: checkpointing,
         group_mode: None,
+        attention: None,
         adapters: vec![],
         json: None,
         fused: Default::default(),

@@ -32,15 +32,36 @@ pub fn causal_attention(
     q_offset: usize,
 ) -> Result<Tensor> {
     const OP: &str = "causal_attention";
-    same_dtype(OP, q, k)?;
-    same_dtype(OP, q, v)?;
-    same_device(OP, q, k)?;
-    same_device(OP, q, v)?;
-    float_only(OP, q)?;
+    let [b, hq, hkv, t, s, d] = attention_dims(OP, q, k, v, key_mask, q_offset)?;
+    let group = hq / hkv;
+    let scale = if d == 0 { 1.0 } else { 1.0 / (d as f64).sqrt() };
+    // Query heads of one kv head are consecutive: fold them into the rows of one product.
+    let qg = q.reshape([b, hkv, group * t, d])?; // [b, hkv, g·t, d]
+    let scores = qg.matmul(&k.t()?)?.reshape([b, hq, t, s])?; // [b, hq, t, s], unscaled
+    let probs = scores.causal_masked_softmax(scale, q_offset, key_mask)?; // [b, hq, t, s]
+    let out = probs.reshape([b, hkv, group * t, s])?.matmul(v)?; // [b, hkv, g·t, d]
+    out.reshape([b, hq, t, d])
+}
+
+/// The checks of an attention op (`causal_attention`, `flash_attention`) on its operands, as
+/// [`causal_attention`] documents them; returns `[b, hq, hkv, t, s, d]`.
+pub(crate) fn attention_dims(
+    op: &'static str,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_mask: Option<&Tensor>,
+    q_offset: usize,
+) -> Result<[usize; 6]> {
+    same_dtype(op, q, k)?;
+    same_dtype(op, q, v)?;
+    same_device(op, q, k)?;
+    same_device(op, q, v)?;
+    float_only(op, q)?;
     for x in [q, k, v] {
         if x.rank() != 4 {
             return Err(Error::RankMismatch {
-                op: OP,
+                op,
                 expected: 4,
                 shape: x.shape().clone(),
             });
@@ -50,21 +71,21 @@ pub fn causal_attention(
     let (hkv, s) = (k.dims()[1], k.dims()[2]);
     if k.dims()[0] != b || k.dims()[3] != d || hkv == 0 || hq % hkv != 0 {
         return Err(Error::ShapeMismatch {
-            op: OP,
+            op,
             lhs: q.shape().clone(),
             rhs: k.shape().clone(),
         });
     }
     if v.shape() != k.shape() {
         return Err(Error::ShapeMismatch {
-            op: OP,
+            op,
             lhs: k.shape().clone(),
             rhs: v.shape().clone(),
         });
     }
     if q_offset + t > s {
         return Err(Error::invalid(
-            OP,
+            op,
             format!(
                 "{t} queries at offset {q_offset} need at least {} keys, got {s}",
                 q_offset + t
@@ -72,22 +93,15 @@ pub fn causal_attention(
         ));
     }
     if let Some(m) = key_mask {
-        u32_only(OP, m)?;
-        same_device(OP, q, m)?;
+        u32_only(op, m)?;
+        same_device(op, q, m)?;
         if m.dims() != [b, s] {
             return Err(Error::ShapeMismatch {
-                op: OP,
+                op,
                 lhs: k.shape().clone(),
                 rhs: m.shape().clone(),
             });
         }
     }
-    let group = hq / hkv;
-    let scale = if d == 0 { 1.0 } else { 1.0 / (d as f64).sqrt() };
-    // Query heads of one kv head are consecutive: fold them into the rows of one product.
-    let qg = q.reshape([b, hkv, group * t, d])?; // [b, hkv, g·t, d]
-    let scores = qg.matmul(&k.t()?)?.reshape([b, hq, t, s])?; // [b, hq, t, s], unscaled
-    let probs = scores.causal_masked_softmax(scale, q_offset, key_mask)?; // [b, hq, t, s]
-    let out = probs.reshape([b, hkv, group * t, s])?.matmul(v)?; // [b, hkv, g·t, d]
-    out.reshape([b, hq, t, d])
+    Ok([b, hq, hkv, t, s, d])
 }

@@ -3,7 +3,7 @@
 //! projection) and the FFN block (the SwiGLU with its LoRA, or the MixLoRA mixture), each with
 //! its residual.
 
-use engine::{causal_attention, Tensor};
+use engine::{causal_attention, flash_attention, Tensor};
 
 use super::cache::LayerSlot;
 use super::{sub_seed, DecoderLayer};
@@ -11,6 +11,21 @@ use crate::adapters::router::RouterOutput;
 use crate::adapters::{lora_linear, LayerAdapters, MlpAdapters, MoeImpl, SharedFfn};
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
+
+/// How the decoder layers compute attention ([`super::Llama::set_attention_impl`]). Both give
+/// the same values and gradients up to rounding.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttentionImpl {
+    /// [`engine::causal_attention`]: two matmuls around the fused causal, key-masked softmax;
+    /// its backward keeps the probabilities `[B, Hq, T, S]`.
+    #[default]
+    Composite,
+    /// [`engine::flash_attention`]: one fused op that keeps only a log-sum-exp per query row
+    /// and reads q, k, v through their strides. On a GPU its kernels take head dims 64 and 128
+    /// in f32 and bf16 (other cases run the composite); they are compiled in CI but not yet
+    /// validated on a GPU, hence opt-in.
+    Flash,
+}
 
 /// What every decoder layer of one forward pass shares (cheap to clone: tensors share buffers).
 #[derive(Clone)]
@@ -25,6 +40,7 @@ pub(super) struct LayerCtx {
     pub(super) past: usize,
     pub(super) dropout_seed: Option<u64>,
     pub(super) moe_impl: MoeImpl,
+    pub(super) attention: AttentionImpl,
 }
 
 /// One decoder layer on `x` `[B, T, H]`: attention block and residual, then the SwiGLU (with its
@@ -89,7 +105,12 @@ pub(super) fn attention_with(
     if let Some(slot) = cache {
         (k, v) = slot.append(k, v)?;
     }
-    let attn = causal_attention(&q, &k, &v, ctx.key_mask.as_ref(), ctx.past)?; // [B, Hq, T, D]
+    let mask = ctx.key_mask.as_ref();
+    let attn = match ctx.attention {
+        AttentionImpl::Composite => causal_attention(&q, &k, &v, mask, ctx.past)?,
+        // A view of a [B, T, Hq, D] buffer: the transpose and reshape below copy nothing.
+        AttentionImpl::Flash => flash_attention(&q, &k, &v, mask, ctx.past)?,
+    }; // [B, Hq, T, D]
     let attn = attn.transpose(1, 2)?.reshape([b, t, nh * d])?;
     proj(&attn, &layer.o_proj, 3)
 }

@@ -24,6 +24,7 @@ mod random;
 
 pub use cache::{positions_from_mask, KvCache};
 pub use group::{GroupMode, GroupSegment};
+pub use layer::AttentionImpl;
 use layer::{decoder_layer, into_engine_error, LayerCtx};
 pub use merge::MergeReport;
 pub use random::RandomInit;
@@ -58,6 +59,8 @@ pub struct Llama {
     adapter_group: Vec<Adapters>,
     /// How the group's forward runs ([`Llama::set_group_mode`]); `None`: the device's default.
     group_mode: Option<GroupMode>,
+    /// How attention is computed ([`Llama::set_attention_impl`]).
+    attention: AttentionImpl,
     /// Gradient checkpointing: in a training forward, keep only each decoder layer's input and
     /// outputs and recompute the layer in the backward pass.
     checkpoint_layers: bool,
@@ -184,6 +187,7 @@ impl Llama {
             adapters: None,
             adapter_group: Vec::new(),
             group_mode: None,
+            attention: AttentionImpl::default(),
             checkpoint_layers: false,
             inference_only: false,
         })
@@ -245,6 +249,14 @@ impl Llama {
     }
     pub fn gradient_checkpointing(&self) -> bool {
         self.checkpoint_layers
+    }
+
+    /// Chooses how every forward computes attention (default [`AttentionImpl::Composite`]).
+    pub fn set_attention_impl(&mut self, imp: AttentionImpl) {
+        self.attention = imp;
+    }
+    pub fn attention_impl(&self) -> AttentionImpl {
+        self.attention
     }
 
     /// Chooses how MoE FFNs are computed (no-op without MixLoRA adapters).
@@ -366,6 +378,7 @@ impl Llama {
             past,
             dropout_seed: pass.dropout_seed,
             moe_impl,
+            attention: self.attention,
         };
         let mut x = self.embed_tokens.embedding(ids)?; // [B, T, H]
         for (li, layer) in self.layers.iter().enumerate() {

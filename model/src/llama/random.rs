@@ -97,6 +97,7 @@ impl Llama {
             adapters: None,
             adapter_group: Vec::new(),
             group_mode: None,
+            attention: Default::default(),
             checkpoint_layers: false,
             inference_only: false,
         })

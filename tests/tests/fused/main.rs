@@ -3,6 +3,7 @@
 //! (module `gpu`, built with the `cuda` feature; they skip, saying why, without a GPU).
 
 mod adamw;
+mod flash_attention;
 mod linear_cross_entropy;
 mod lora;
 mod moe_ffn;

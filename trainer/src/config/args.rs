@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Args;
 use engine::profile::ProfileMode;
 use engine::{Device, MoeFfnOptions, MoeKernels};
-use model::{MoeImpl, PeftType, RoutingStrategy};
+use model::{AttentionImpl, MoeImpl, PeftType, RoutingStrategy};
 use serde::{Deserialize, Serialize};
 
 use super::words::{self, GroupModeChoice, MoeImplChoice};
@@ -245,6 +245,14 @@ pub struct TrainArgs {
     pub group_mode: Option<GroupModeChoice>,
     #[arg(
         long,
+        value_name = "IMPL",
+        help = ATTENTION_HELP,
+        value_parser = words::parse::<AttentionImpl>
+    )]
+    #[serde(with = "words::option", skip_serializing_if = "Option::is_none")]
+    pub attention: Option<AttentionImpl>,
+    #[arg(
+        long,
         value_name = "N",
         help = MOE_CHUNK_HELP,
         value_parser = words::parse::<NonZeroUsize>
@@ -264,6 +272,10 @@ const GROUP_MODE_HELP: &str = "How several adapters of one run share the base: `
     bit for bit on the CPU), `shared` (the adapters' micro-batches padded into one batch through \
     the frozen base, their LoRAs grouped: the same up to rounding, fewer kernel launches) or \
     `auto` (exact) [default: auto]";
+const ATTENTION_HELP: &str = "How attention is computed: `composite` (two matmuls around the \
+    masked softmax, keeping the probabilities for the backward) or `flash` (one fused op keeping \
+    a log-sum-exp per query; its CUDA kernels, head dims 64 and 128, are not yet validated on a \
+    GPU) [default: composite]";
 const MOE_KERNELS_HELP: &str = "The fused MoE FFN's kernels: `gemms` (dense GEMMs over block \
     codes, any device and dtype) or `tiles` (the tensor-core tile kernels where they serve the \
     sizes: CUDA, bf16) [default: gemms]";

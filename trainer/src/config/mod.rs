@@ -25,7 +25,7 @@ use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 
 use engine::{DType, Device, MoeFfnOptions, MoeKernels};
-use model::{MoeImpl, PeftType, RoutingStrategy};
+use model::{AttentionImpl, MoeImpl, PeftType, RoutingStrategy};
 use serde::{Deserialize, Serialize};
 
 pub use args::{EvalArgs, FusedMoeArgs, MoeArgs, ProfileArgs, TrainArgs};
@@ -185,6 +185,9 @@ with_defaults! {
         /// of one adapter ignores it.
         #[serde(with = "words")]
         pub group_mode: GroupModeChoice = None,
+        /// How attention is computed (the same values up to rounding).
+        #[serde(with = "words")]
+        pub attention: AttentionImpl = AttentionImpl::Composite,
     }
 }
 

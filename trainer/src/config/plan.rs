@@ -18,10 +18,11 @@ use super::tables::{self, absolute, check_name, ConfigFile};
 use super::words::{self, GroupModeChoice, MoeImplChoice};
 use super::{given, DTypeName, TrainArgs, TrainConfig, BUILTIN_MODEL_LR};
 use crate::error::{Error, Result};
+use model::AttentionImpl;
 
 /// The settings of the whole run, which one base model and one device serve: refused inside an
 /// `[[adapter]]` table and by `--sweep`. Every adapter's [`TrainConfig`] holds them too.
-pub const SHARED_KEYS: [&str; 10] = [
+pub const SHARED_KEYS: [&str; 11] = [
     "model",
     "device",
     "dtype",
@@ -32,6 +33,7 @@ pub const SHARED_KEYS: [&str; 10] = [
     "moe_kernels",
     "moe_chunk_tokens",
     "group_mode",
+    "attention",
 ];
 
 /// The values of [`SHARED_KEYS`] (the TOML keys are the field names).
@@ -51,6 +53,8 @@ pub struct SharedSettings {
     pub moe_chunk_tokens: Option<NonZeroUsize>,
     #[serde(with = "words")]
     pub group_mode: GroupModeChoice,
+    #[serde(with = "words")]
+    pub attention: AttentionImpl,
 }
 
 impl SharedSettings {
@@ -67,6 +71,7 @@ impl SharedSettings {
             moe_kernels: c.moe_kernels,
             moe_chunk_tokens: c.moe_chunk_tokens,
             group_mode: c.group_mode,
+            attention: c.attention,
         }
     }
 }

@@ -9,7 +9,7 @@
 use std::num::NonZeroUsize;
 
 use engine::{Device, MoeKernels};
-use model::{GroupMode, MoeImpl, PeftType, RoutingStrategy};
+use model::{AttentionImpl, GroupMode, MoeImpl, PeftType, RoutingStrategy};
 use serde::{de, Deserialize, Deserializer, Serializer};
 
 /// A setting's parser and spelling (`parse(spell(v)) == v`).
@@ -77,6 +77,26 @@ impl Word for GroupModeChoice {
             None => "auto",
             Some(GroupMode::Exact) => "exact",
             Some(GroupMode::Shared) => "shared",
+        }
+        .to_string()
+    }
+}
+
+/// How attention is computed: `composite` or `flash` ([`AttentionImpl`]).
+impl Word for AttentionImpl {
+    fn parse_word(s: &str) -> Result<Self, String> {
+        match s {
+            "composite" => Ok(AttentionImpl::Composite),
+            "flash" => Ok(AttentionImpl::Flash),
+            _ => Err(format!(
+                "unknown attention `{s}` (expected composite or flash)"
+            )),
+        }
+    }
+    fn spell(&self) -> String {
+        match self {
+            AttentionImpl::Composite => "composite",
+            AttentionImpl::Flash => "flash",
         }
         .to_string()
     }

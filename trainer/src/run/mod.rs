@@ -353,6 +353,7 @@ fn train_plan_with_base(
     };
     model.set_gradient_checkpointing(plan.shared.gradient_checkpointing);
     model.set_group_mode(plan.shared.group_mode); // `auto`: the model's default, exact
+    model.set_attention_impl(plan.shared.attention);
     if matches!(first.moe(), MoeImpl::Fused(_)) {
         model.stack_gate_up()?; // G and U in one GEMM
     }

@@ -109,6 +109,7 @@ pub(super) fn forward(m: &Llama, segments: &[Segment<'_>]) -> Result<Vec<HiddenO
                 past: 0,
                 dropout_seed: seg.dropout_seed,
                 moe_impl: seg.adapters.moe_impl,
+                attention: m.attention,
             },
         });
         embedded.push(m.embed_tokens.embedding(seg.ids)?); // [B, T, H]

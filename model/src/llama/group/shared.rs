@@ -126,6 +126,7 @@ impl SharedBatch {
             past: 0,
             dropout_seed: None,
             moe_impl: Default::default(),
+            attention: m.attention,
         };
         let segs = segments
             .iter()
