@@ -49,7 +49,10 @@ pub enum MoeImpl {
 
 impl MoeImpl {
     /// The implementation for `device` when none is asked for: `Fused` on a GPU, `Naive` on the
-    /// CPU (where the fused op's reference kernels are slower than the loop).
+    /// CPU. Since the CPU's fused path runs its tile primitives it is the faster one there too at
+    /// SmolLM2's shape (BENCHMARKS.md, "MixLoRA naive against fused, CPU"), about even on the
+    /// built-in tiny model; the CPU default stays the reference loop until that switch is made
+    /// deliberately (it changes the CPU's default results at rounding level).
     pub fn for_device(device: engine::Device) -> MoeImpl {
         match device {
             engine::Device::Cpu => MoeImpl::Naive,
