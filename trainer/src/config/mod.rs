@@ -424,8 +424,8 @@ impl TrainConfig {
             ] {
                 if set {
                     return bad(format!(
-                        "{key} applies to MixLoRA's routers and experts: a `lora` adapter has \
-                         none"
+                        "{key} applies to MixLoRA's routers or experts: a `lora` adapter has \
+                         neither"
                     ));
                 }
             }
