@@ -9,32 +9,12 @@ mod common;
 
 use std::path::Path;
 
-use common::losses;
+use common::{gpu, losses};
 use engine::dist::Communicator;
 use engine::Device;
 use model::adapters::PeftType;
 use trainer::config::{DTypeName, PlannedAdapter, RunPlan, SharedSettings, TrainConfig};
 use trainer::run::{train_plan, RunControl};
-
-/// The first GPU, or `None` after printing why the test skips.
-fn gpu() -> Option<Device> {
-    #[cfg(feature = "cuda")]
-    {
-        testutil::gpu::configure();
-        match engine::backend::cuda::CudaDevice::get(0) {
-            Ok(_) => Some(Device::Cuda(0)),
-            Err(e) => {
-                testutil::skip(format_args!("no usable GPU: {e}"));
-                None
-            }
-        }
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        testutil::skip("built without the `cuda` feature");
-        None
-    }
-}
 
 /// NCCL on GPU 0 as rank 0 of a world of one, or `None` after printing why the test skips.
 fn nccl_world_of_one() -> Option<Box<dyn Communicator>> {

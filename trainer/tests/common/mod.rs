@@ -1,4 +1,4 @@
-//! Helpers shared by the end-to-end training tests (train_e2e.rs, run_safety.rs).
+//! Helpers shared by the trainer's integration tests.
 
 use std::path::{Path, PathBuf};
 
@@ -18,4 +18,26 @@ pub fn losses(out: &Path) -> Vec<(u64, f64)> {
         .filter(|v| v["kind"] == "train")
         .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
         .collect()
+}
+
+/// The first GPU, or `None` after printing why the test skips (no usable GPU, or a build
+/// without the `cuda` feature: scripts/dev/build-gpu.sh builds the GPU tests with it).
+#[allow(dead_code)] // only the GPU tests use it
+pub fn gpu() -> Option<engine::Device> {
+    #[cfg(feature = "cuda")]
+    {
+        testutil::gpu::configure();
+        match engine::backend::cuda::CudaDevice::get(0) {
+            Ok(_) => Some(engine::Device::Cuda(0)),
+            Err(e) => {
+                testutil::skip(format_args!("no usable GPU: {e}"));
+                None
+            }
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        testutil::skip("built without the `cuda` feature");
+        None
+    }
 }
