@@ -24,15 +24,52 @@ pub(super) struct Segment<'a> {
 /// z-loss, expert load.
 pub(super) type MicroResult = (f64, Option<f64>, Option<f64>, Vec<Tensor>);
 
+/// What one micro-batch gave an adapter, still on the device: its summed LM loss over its
+/// targets, aux loss and router z-loss (scalars, detached from the tape), its expert load.
+/// Reading them back waits for the device, so a step reads all of its micro-batches' at once,
+/// after the last backward is queued ([`read_all`]).
+pub(super) struct MicroOut {
+    lm: Tensor,
+    aux: Option<Tensor>,
+    z: Option<Tensor>,
+    load: Vec<Tensor>,
+}
+
+/// The scalars of `outs` read back in one download (one wait for the device): the values that
+/// reading each with `to_scalar` gives, in the same order.
+pub(super) fn read_all(outs: Vec<MicroOut>) -> Result<Vec<MicroResult>> {
+    let mut scalars = Vec::new();
+    for o in &outs {
+        scalars.push(&o.lm);
+        scalars.extend(o.aux.iter().chain(&o.z));
+    }
+    if scalars.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Each scalar as f64 (exact from f32 and bf16), one after another in one buffer.
+    let flat = scalars
+        .iter()
+        .map(|t| t.to_dtype(DType::F64)?.reshape([1]))
+        .collect::<engine::Result<Vec<_>>>()?;
+    let values = engine::cat(&flat.iter().collect::<Vec<_>>(), 0)?.to_vec_f64()?;
+    let mut at = values.into_iter();
+    let mut next = || at.next().expect("one value per scalar");
+    Ok(outs
+        .into_iter()
+        .map(|o| {
+            let lm = next();
+            let aux = o.aux.as_ref().map(|_| next());
+            let z = o.z.as_ref().map(|_| next());
+            (lm, aux, z, o.load)
+        })
+        .collect())
+}
+
 /// One micro-batch of each segment's adapter through the model, forward and backward: with one
 /// adapter the model's own forward, with several the grouped forward of its adapter group (each
 /// adapter on its own rows). The backward runs once, from the sum of the adapters' losses: each
 /// adapter's parameters get the gradient of its own loss only.
-pub(super) fn micro_step(
-    model: &Llama,
-    grouped: bool,
-    segs: &[Segment],
-) -> Result<Vec<MicroResult>> {
+pub(super) fn micro_step(model: &Llama, grouped: bool, segs: &[Segment]) -> Result<Vec<MicroOut>> {
     let device = model.device();
     let tensors = segs
         .iter()
@@ -61,18 +98,19 @@ pub(super) fn micro_step(
         // The step's loss is the mean over all its target tokens, so accumulated micro-batches
         // add up to one large batch; the aux loss (already times its coefficient) is averaged.
         let mut loss = lm_sum.to_dtype(DType::F32)?.mul_scalar(1.0 / s.n_targets)?;
-        let mut aux = None;
         if let Some(a) = &out.aux_loss {
-            aux = Some(a.to_scalar()?);
             loss = loss.add(&a.to_dtype(DType::F32)?.mul_scalar(1.0 / s.n_micro)?)?;
         }
         // The router z-loss (already times its coefficient; none at 0) is averaged the same way.
-        let mut z = None;
         if let Some(zl) = &out.z_loss {
-            z = Some(zl.to_scalar()?);
             loss = loss.add(&zl.to_dtype(DType::F32)?.mul_scalar(1.0 / s.n_micro)?)?;
         }
-        results.push((lm_sum.to_scalar()?, aux, z, out.expert_load));
+        results.push(MicroOut {
+            lm: lm_sum.detach(),
+            aux: out.aux_loss.as_ref().map(Tensor::detach),
+            z: out.z_loss.as_ref().map(Tensor::detach),
+            load: out.expert_load,
+        });
         total = Some(match total {
             None => loss,
             Some(t) => t.add(&loss)?,

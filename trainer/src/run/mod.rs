@@ -15,7 +15,7 @@ use engine::{Tensor, IGNORE_INDEX};
 use model::{Llama, MoeImpl, Tokenizer};
 
 use self::adapter::{AdapterRun, DataCache, Status, StepEnd, StepWork};
-use self::micro::{micro_step, Segment};
+use self::micro::{micro_step, read_all, Segment};
 pub use self::parallel::BUCKET_ELEMS;
 use self::parallel::{Captured, Ranks};
 use self::start::{is_finished, start_of, Start};
@@ -393,6 +393,8 @@ fn train_plan_with_base(
                 .collect(),
             None => Vec::new(),
         };
+        // Each micro-batch's outputs (by position in `work`), still on the device.
+        let mut pending = Vec::new();
         for m in 0..n_micro {
             if ranks.is_none() && interrupted() {
                 return stop(&mut runs);
@@ -417,24 +419,29 @@ fn train_plan_with_base(
             }
             let results = micro_step(&model, grouped, &segs)?;
             if let Some(r) = ranks {
+                let results = read_all(results)?;
                 for (&j, (lm, aux, z, load)) in with_m.iter().zip(results) {
                     let run = &runs[active[j]];
                     mine[j][m / r.world()] = Some(Captured::take(run, lm, aux, z, load));
                 }
                 continue;
             }
-            for (&j, (lm, aux, z, load)) in with_m.iter().zip(results) {
-                let w = &mut work[j];
-                let n = w.micro.len() as f64;
-                w.lm += lm;
-                if let Some(a) = aux {
-                    *w.aux.get_or_insert(0.0) += a / n;
-                }
-                if let Some(z) = z {
-                    *w.z.get_or_insert(0.0) += z / n;
-                }
-                w.load = load;
+            pending.extend(with_m.into_iter().zip(results));
+        }
+        // The micro-batches' losses, read back once the step's last backward is queued (one wait
+        // for the device a step, not one a micro-batch), and added up in micro-batch order.
+        let (slots, outs): (Vec<usize>, Vec<_>) = pending.into_iter().unzip();
+        for (j, (lm, aux, z, load)) in slots.into_iter().zip(read_all(outs)?) {
+            let w = &mut work[j];
+            let n = w.micro.len() as f64;
+            w.lm += lm;
+            if let Some(a) = aux {
+                *w.aux.get_or_insert(0.0) += a / n;
             }
+            if let Some(z) = z {
+                *w.z.get_or_insert(0.0) += z / n;
+            }
+            w.load = load;
         }
         if let Some(r) = ranks {
             for (j, &i) in active.iter().enumerate() {

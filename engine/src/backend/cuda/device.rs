@@ -16,6 +16,7 @@ use kernels::KernelSource;
 
 use super::alloc::{bucket, Cache};
 use super::compile::cached_ptx;
+use super::staging::Staging;
 use crate::device::fixed_cuda_options;
 use crate::{Device, Error, Result};
 
@@ -25,6 +26,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 pub(crate) struct DeviceInner {
+    /// The pinned ring of small uploads (first: it goes before the context it was made in).
+    pub(crate) staging: Mutex<Staging>,
     pub(crate) ordinal: usize,
     pub(crate) ctx: Arc<CudaContext>,
     pub(crate) stream: Arc<CudaStream>,
@@ -120,6 +123,7 @@ impl CudaDevice {
             .compute_capability()
             .map_err(|e| err("querying the compute capability", e))?;
         Ok(CudaDevice(Arc::new(DeviceInner {
+            staging: Mutex::new(Staging::default()),
             ordinal,
             ctx,
             stream,
@@ -380,8 +384,8 @@ impl Drop for CudaBuffer {
     }
 }
 
-/// Nanoseconds the host has waited for a GPU in [`CudaDevice::synchronize`] (every upload,
-/// download and explicit synchronisation), over the process.
+/// Nanoseconds the host has waited for a GPU in [`CudaDevice::synchronize`] (every download,
+/// upload too large for the staging ring, and explicit synchronisation), over the process.
 static HOST_WAIT_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Seconds the host has spent waiting for the GPU since the process started: a training step's

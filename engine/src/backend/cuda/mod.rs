@@ -25,6 +25,7 @@ mod reduce;
 mod rms_norm;
 mod rope;
 mod softmax;
+mod staging;
 
 use half::bf16;
 
@@ -220,16 +221,23 @@ pub(crate) fn float_only(op: &'static str, dtype: DType) -> Result<()> {
 
 fn upload<T: Copy>(dev: &CudaDevice, data: &[T], dtype: DType) -> Result<CudaStorage> {
     let out = CudaStorage::alloc(dev, "upload", data.len(), dtype)?;
-    if !data.is_empty() {
-        dev.bind("upload")?;
-        // SAFETY: `out` holds at least `data.len()` elements of `T` (same byte size as `dtype`);
-        // the copy is queued on the device's stream and waited for before `data` can go away.
-        unsafe {
-            cudarc::driver::result::memcpy_htod_async(out.ptr(), data, dev.stream().cu_stream())
-        }
-        .map_err(|e| dev.err("upload", e))?;
-        dev.synchronize()?;
+    if data.is_empty() {
+        return Ok(out);
     }
+    let bytes = std::mem::size_of_val(data);
+    if bytes <= staging::MAX_STAGED {
+        // SAFETY: `data` is `bytes` initialised bytes (T is a plain number type: f32, bf16, f64,
+        // u32), read as bytes only for the copy.
+        let raw = unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), bytes) };
+        device::lock(&dev.0.staging).upload(dev, out.ptr(), raw)?;
+        return Ok(out);
+    }
+    dev.bind("upload")?;
+    // SAFETY: `out` holds at least `data.len()` elements of `T` (same byte size as `dtype`);
+    // the copy is queued on the device's stream and waited for before `data` can go away.
+    unsafe { cudarc::driver::result::memcpy_htod_async(out.ptr(), data, dev.stream().cu_stream()) }
+        .map_err(|e| dev.err("upload", e))?;
+    dev.synchronize()?;
     Ok(out)
 }
 

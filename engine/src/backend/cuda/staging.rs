@@ -1,0 +1,115 @@
+//! Uploads that do not make the host wait: a small upload's bytes are copied into a page-locked
+//! (pinned) ring on the host, and the copy to the device is queued on the device's stream from
+//! there. A copy from pageable memory would make the host wait for the whole stream (the driver
+//! must finish reading the caller's memory before the call returns, and the caller's slice may
+//! go away right after); from the ring it is asynchronous, and the caller's slice is free at once.
+//!
+//! The ring hands out regions in order and wraps around. Each region queued for a copy keeps an
+//! event recorded after its copy; a region is reused only once its event has completed, which,
+//! in a training step, is long before the ring comes round again (the step's token ids, masks and
+//! labels, and the optimizer's tensor tables: a few hundred KiB against a ring of
+//! [`RING_BYTES`]). An upload larger than [`MAX_STAGED`] is not staged (the caller copies it
+//! synchronously: model weights, once).
+
+use std::collections::VecDeque;
+
+use cudarc::driver::{result, sys, CudaEvent};
+
+use super::device::CudaDevice;
+use crate::Result;
+
+/// Bytes of the pinned ring.
+pub(crate) const RING_BYTES: usize = 8 << 20;
+/// The largest upload that goes through the ring.
+pub(crate) const MAX_STAGED: usize = RING_BYTES / 4;
+/// Regions start on this boundary.
+const ALIGN: usize = 256;
+
+/// The pinned ring of one device and the regions still in flight.
+pub(crate) struct Staging {
+    /// Start of the pinned allocation (`RING_BYTES`), null until the first staged upload.
+    base: *mut u8,
+    /// Where the next region starts.
+    head: usize,
+    /// Regions `[start, end)` whose copies were queued, oldest first, each with the event
+    /// recorded after its copy.
+    in_flight: VecDeque<(usize, usize, CudaEvent)>,
+}
+
+// SAFETY: the ring is only touched under the device's mutex; the pointer is a pinned host
+// allocation owned by this struct, valid from any thread.
+unsafe impl Send for Staging {}
+
+impl Default for Staging {
+    fn default() -> Self {
+        Staging {
+            base: std::ptr::null_mut(),
+            head: 0,
+            in_flight: VecDeque::new(),
+        }
+    }
+}
+
+impl Staging {
+    /// Queues the copy of `bytes` to the device address `dst` on `dev`'s stream through the
+    /// ring; the caller's bytes may be dropped as soon as this returns. `bytes.len()` must be at
+    /// most [`MAX_STAGED`].
+    pub(crate) fn upload(&mut self, dev: &CudaDevice, dst: u64, bytes: &[u8]) -> Result<()> {
+        debug_assert!(bytes.len() <= MAX_STAGED);
+        let op = "upload";
+        if self.base.is_null() {
+            dev.bind(op)?;
+            // SAFETY: a plain pinned host allocation of RING_BYTES, freed in Drop.
+            let p = unsafe { result::malloc_host(RING_BYTES, 0) }.map_err(|e| dev.err(op, e))?;
+            self.base = p.cast();
+        }
+        let n = bytes.len().div_ceil(ALIGN).max(1) * ALIGN;
+        if self.head + n > RING_BYTES {
+            self.head = 0;
+        }
+        let (start, end) = (self.head, self.head + n);
+        // Regions come back in the order they were handed out, so the oldest in flight is the
+        // next one the ring reaches: wait for those that overlap the new region.
+        while let Some((s, e, ev)) = self.in_flight.front() {
+            if *s >= end || *e <= start {
+                break;
+            }
+            ev.synchronize().map_err(|e| dev.err(op, e))?;
+            self.in_flight.pop_front();
+        }
+        // SAFETY: `[start, start + len)` lies inside the ring (n <= MAX_STAGED < RING_BYTES and
+        // end <= RING_BYTES), no queued copy still reads it (waited for above), and it does not
+        // overlap `bytes` (pinned memory of ours).
+        let region = unsafe {
+            let p = self.base.add(start);
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len());
+            std::slice::from_raw_parts(p, bytes.len())
+        };
+        dev.bind(op)?;
+        let stream = dev.stream();
+        // SAFETY: `dst` holds at least `bytes.len()` bytes (the caller's allocation); the pinned
+        // region stays untouched until the event recorded below has completed.
+        unsafe { result::memcpy_htod_async(dst, region, stream.cu_stream()) }
+            .map_err(|e| dev.err(op, e))?;
+        let ev = stream
+            .record_event(Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))
+            .map_err(|e| dev.err(op, e))?;
+        self.in_flight.push_back((start, end, ev));
+        self.head = end;
+        Ok(())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if self.base.is_null() {
+            return;
+        }
+        // Every queued copy must have read its region before the ring goes.
+        for (_, _, ev) in self.in_flight.drain(..) {
+            let _ = ev.synchronize();
+        }
+        // SAFETY: allocated by malloc_host above; no copy reads it any more.
+        let _ = unsafe { result::free_host(self.base.cast()) };
+    }
+}
