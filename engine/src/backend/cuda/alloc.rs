@@ -3,9 +3,14 @@
 //! while the cache warms up. All work runs on one stream per device, so a buffer handed back
 //! while queued kernels still read it is only reused by work queued after them.
 //!
-//! Buckets: requests up to 1 MiB round up to a multiple of 512 bytes and reuse exactly that
-//! bucket; larger ones round up to a multiple of 2 MiB and reuse the smallest cached block of at
-//! most 1.25 times the rounded size. Statistics count the bytes of the buckets handed out.
+//! Buckets: requests up to 1 MiB round up to a multiple of 512 bytes, larger ones to a multiple
+//! of 2 MiB. A request takes the smallest cached block of at least its bucket and at most twice
+//! it (up to 1 MiB) or 1.25 times it (larger). A step of fixed shapes finds its exact buckets
+//! again; a step on ragged lengths (every micro-batch of real data has its own longest example,
+//! so each activation its own size) reuses the blocks of nearby lengths. With exact reuse of the
+//! small buckets, a trace of SmolLM2 training on the commonsense data missed the cache about
+//! 1,200 times a step, every step (a driver allocation each); with reuse up to twice, about 30.
+//! Statistics count the bytes of the blocks handed out.
 
 use std::collections::BTreeMap;
 
@@ -38,7 +43,7 @@ pub(crate) struct Cache {
 impl Cache {
     /// A cached block for `size` (a bucket size) as `(ptr, block size)`, counted as in use.
     pub fn take(&mut self, size: usize) -> Option<(u64, usize)> {
-        let hi = if size <= SMALL { size } else { size + size / 4 };
+        let hi = if size <= SMALL { 2 * size } else { size + size / 4 };
         let (&cap, list) = self.free.range_mut(size..=hi).next()?;
         let ptr = list.pop()?;
         if list.is_empty() {
@@ -90,16 +95,24 @@ mod tests {
         c.note_alloc(1024);
         c.give_back(7, 1024);
         assert_eq!((c.current, c.cached, c.peak), (0, 1024, 1024));
-        assert_eq!(c.take(512), None);
+        // A small request reuses a block up to twice its bucket, not more.
+        assert_eq!(c.take(512), Some((7, 1024)));
+        c.give_back(7, 1024);
+        c.note_alloc(4096);
+        c.give_back(8, 4096);
+        assert_eq!(c.take(1536), None);
+        // The smallest block that fits: the exact bucket when it is cached.
         assert_eq!(c.take(1024), Some((7, 1024)));
         c.give_back(7, 1024);
+        assert_eq!(c.take(2048), Some((8, 4096)));
+        c.give_back(8, 4096);
         // A large request reuses a block up to 1.25x its size, not more.
         c.note_alloc(10 << 20);
         c.give_back(9, 10 << 20);
         assert_eq!(c.take(8 << 20), Some((9, 10 << 20)));
         c.give_back(9, 10 << 20);
         assert_eq!(c.take(4 << 20), None);
-        assert_eq!(c.drain().len(), 2);
+        assert_eq!(c.drain().len(), 3);
         assert_eq!(c.cached, 0);
     }
 }
