@@ -43,7 +43,11 @@ pub(crate) struct Cache {
 impl Cache {
     /// A cached block for `size` (a bucket size) as `(ptr, block size)`, counted as in use.
     pub fn take(&mut self, size: usize) -> Option<(u64, usize)> {
-        let hi = if size <= SMALL { 2 * size } else { size + size / 4 };
+        let hi = if size <= SMALL {
+            2 * size
+        } else {
+            size + size / 4
+        };
         let (&cap, list) = self.free.range_mut(size..=hi).next()?;
         let ptr = list.pop()?;
         if list.is_empty() {

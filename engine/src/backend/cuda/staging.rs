@@ -57,25 +57,25 @@ impl Staging {
     pub(crate) fn upload(&mut self, dev: &CudaDevice, dst: u64, bytes: &[u8]) -> Result<()> {
         debug_assert!(bytes.len() <= MAX_STAGED);
         let op = "upload";
+        dev.bind(op)?;
         if self.base.is_null() {
-            dev.bind(op)?;
             // SAFETY: a plain pinned host allocation of RING_BYTES, freed in Drop.
             let p = unsafe { result::malloc_host(RING_BYTES, 0) }.map_err(|e| dev.err(op, e))?;
             self.base = p.cast();
         }
-        let n = bytes.len().div_ceil(ALIGN).max(1) * ALIGN;
-        if self.head + n > RING_BYTES {
-            self.head = 0;
-        }
-        let (start, end) = (self.head, self.head + n);
-        // Regions come back in the order they were handed out, so the oldest in flight is the
-        // next one the ring reaches: wait for those that overlap the new region.
-        while let Some((s, e, ev)) = self.in_flight.front() {
-            if *s >= end || *e <= start {
-                break;
-            }
-            ev.synchronize().map_err(|e| dev.err(op, e))?;
+        // Copies already done free their regions (and events) without a wait.
+        while self.in_flight.front().is_some_and(|(_, _, ev)| ev.is_complete()) {
             self.in_flight.pop_front();
+        }
+        let (start, end, retire) = place(
+            self.head,
+            bytes.len(),
+            RING_BYTES,
+            self.in_flight.iter().map(|(s, e, _)| (*s, *e)),
+        );
+        // The regions the new one reaches: their copies must have read them first.
+        for (_, _, ev) in self.in_flight.drain(..retire) {
+            ev.synchronize().map_err(|e| dev.err(op, e))?;
         }
         // SAFETY: `[start, start + len)` lies inside the ring (n <= MAX_STAGED < RING_BYTES and
         // end <= RING_BYTES), no queued copy still reads it (waited for above), and it does not
@@ -85,7 +85,6 @@ impl Staging {
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len());
             std::slice::from_raw_parts(p, bytes.len())
         };
-        dev.bind(op)?;
         let stream = dev.stream();
         // SAFETY: `dst` holds at least `bytes.len()` bytes (the caller's allocation); the pinned
         // region stays untouched until the event recorded below has completed.
@@ -100,6 +99,28 @@ impl Staging {
     }
 }
 
+/// Where a region of `len` bytes goes in a ring of `cap` bytes whose next free byte is `head`,
+/// with `in_flight` the regions still queued (oldest first): `(start, end, retire)`, the region
+/// (`ALIGN`-rounded, wrapped to the start when it would run past the end) and how many of the
+/// oldest regions must be waited for first. Regions are handed out in ring order from `head`, so
+/// those the new one reaches are a prefix of `in_flight`: the ones it overlaps and, when it
+/// wraps, also those in the tail `[head, cap)` it skips (older than any at the ring's start).
+fn place(
+    head: usize,
+    len: usize,
+    cap: usize,
+    in_flight: impl Iterator<Item = (usize, usize)>,
+) -> (usize, usize, usize) {
+    let n = len.div_ceil(ALIGN).max(1) * ALIGN;
+    let wraps = head + n > cap;
+    let start = if wraps { 0 } else { head };
+    let end = start + n;
+    let retire = in_flight
+        .take_while(|&(s, e)| (s < end && e > start) || (wraps && e > head))
+        .count();
+    (start, end, retire)
+}
+
 impl Drop for Staging {
     fn drop(&mut self) {
         if self.base.is_null() {
@@ -111,5 +132,53 @@ impl Drop for Staging {
         }
         // SAFETY: allocated by malloc_host above; no copy reads it any more.
         let _ = unsafe { result::free_host(self.base.cast()) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_wrap_and_wait_only_for_what_they_overlap() {
+        let cap = 4 * ALIGN;
+        // An empty ring: the region starts at the head, rounded up to ALIGN.
+        assert_eq!(place(0, 1, cap, std::iter::empty()), (0, ALIGN, 0));
+        assert_eq!(place(0, 0, cap, std::iter::empty()), (0, ALIGN, 0));
+        // Regions in flight after the head are not waited for.
+        let q = [(0, ALIGN), (ALIGN, 2 * ALIGN)];
+        assert_eq!(
+            place(2 * ALIGN, ALIGN + 1, cap, q.into_iter()),
+            (2 * ALIGN, 4 * ALIGN, 0)
+        );
+        // Past the end: wrap to 0 and wait for the oldest regions it covers, not the rest.
+        let q = [(0, ALIGN), (ALIGN, 2 * ALIGN), (2 * ALIGN, 3 * ALIGN)];
+        assert_eq!(
+            place(3 * ALIGN, 2 * ALIGN, cap, q.into_iter()),
+            (0, 2 * ALIGN, 2)
+        );
+        // The oldest regions lie past the new one: nothing to wait for.
+        let q = [(3 * ALIGN, 4 * ALIGN), (0, ALIGN), (ALIGN, 2 * ALIGN)];
+        assert_eq!(
+            place(2 * ALIGN, ALIGN, cap, q.into_iter()),
+            (2 * ALIGN, 3 * ALIGN, 0)
+        );
+        // Wrapping skips the tail: its regions (the oldest) are waited for along with those
+        // at the start that the new region covers.
+        let q = [(3 * ALIGN, 4 * ALIGN), (0, ALIGN), (ALIGN, 2 * ALIGN)];
+        assert_eq!(
+            place(2 * ALIGN, 3 * ALIGN, cap, q.into_iter()),
+            (0, 3 * ALIGN, 3)
+        );
+        let q = [(3 * ALIGN, 4 * ALIGN), (0, ALIGN), (ALIGN, 2 * ALIGN)];
+        assert_eq!(
+            place(2 * ALIGN, 2 * ALIGN + 1, cap, q.into_iter()),
+            (0, 3 * ALIGN, 3)
+        );
+        let q = [(2 * ALIGN, 3 * ALIGN), (3 * ALIGN, 4 * ALIGN), (0, ALIGN)];
+        assert_eq!(
+            place(ALIGN, 3 * ALIGN + 1, cap, q.into_iter()),
+            (0, 4 * ALIGN, 3)
+        );
     }
 }
