@@ -16,9 +16,13 @@ use kernels::KernelSource;
 
 use super::alloc::{bucket, Cache};
 use super::compile::cached_ptx;
+use super::graph::GraphPool;
 use super::staging::Staging;
 use crate::device::fixed_cuda_options;
 use crate::{Device, Error, Result};
+
+/// Bytes of the cuBLAS workspace (what NVIDIA advises for Hopper GPUs).
+const CUBLAS_WORKSPACE: usize = 32 << 20;
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A poisoned lock only means another thread panicked; the maps stay consistent.
@@ -37,6 +41,10 @@ pub(crate) struct DeviceInner {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     funcs: Mutex<HashMap<String, CudaFunction>>,
     cache: Mutex<Cache>,
+    /// The pool of the graph being captured, and whether there is one (read on every
+    /// allocation without taking the lock).
+    capture: Mutex<Option<Arc<GraphPool>>>,
+    capturing: std::sync::atomic::AtomicBool,
     /// Without the caching allocator
     /// ([`CudaOptions::caching_allocator`](crate::CudaOptions::caching_allocator) off): every
     /// buffer is its own driver allocation of the exact size, freed when dropped (after the
@@ -132,6 +140,8 @@ impl CudaDevice {
             modules: Mutex::new(HashMap::new()),
             funcs: Mutex::new(HashMap::new()),
             cache: Mutex::new(Cache::default()),
+            capture: Mutex::new(None),
+            capturing: std::sync::atomic::AtomicBool::new(false),
             direct: !fixed_cuda_options().caching_allocator,
         })))
     }
@@ -175,6 +185,7 @@ impl CudaDevice {
 
     /// Waits for all queued work (the time waited adds to [`host_wait_seconds`]).
     pub fn synchronize(&self) -> Result<()> {
+        self.refuse_wait_in_capture("synchronize")?;
         let t0 = std::time::Instant::now();
         let r = self
             .0
@@ -184,6 +195,19 @@ impl CudaDevice {
         let waited = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
         HOST_WAIT_NS.fetch_add(waited, std::sync::atomic::Ordering::Relaxed);
         r
+    }
+
+    /// An error while a CUDA graph is being captured on this device: `op` would make the host
+    /// wait for the GPU, which a capture cannot record.
+    pub(crate) fn refuse_wait_in_capture(&self, op: &'static str) -> Result<()> {
+        if self.0.capturing.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Error::invalid(
+                op,
+                "the host cannot wait for the GPU (a read-back, a large upload, a timed profile) \
+                 while a CUDA graph is being captured",
+            ));
+        }
+        Ok(())
     }
 
     /// Records a timing event after all the work queued so far on this device's stream; the GPU
@@ -248,26 +272,54 @@ impl CudaDevice {
         }
         self.bind("cublas")?;
         let h = Arc::new(CudaBlas::new(self.0.stream.clone()).map_err(|e| self.err("cublas", e))?);
+        // A workspace of our own, for the process's lifetime: cuBLAS then picks the same
+        // algorithms whether its calls run eagerly or are recorded into a CUDA graph (without
+        // one it uses no workspace while a graph is captured, and may pick others). Not without
+        // the caching allocator (no graphs then; compute-sanitizer would report it as leaked).
+        if self.0.direct {
+            *b = Some(h.clone());
+            return Ok(h);
+        }
+        let (ws, ws_bytes) = self.alloc_block("cublas workspace", CUBLAS_WORKSPACE)?;
+        // SAFETY: `ws` is a device block of `ws_bytes` bytes that is never freed.
+        let status = unsafe {
+            cudarc::cublas::sys::cublasSetWorkspace_v2(*h.handle(), ws as *mut _, ws_bytes)
+        };
+        if status != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(self.err("cublas workspace", status));
+        }
         *b = Some(h.clone());
         Ok(h)
     }
 
     // ----- memory -------------------------------------------------------------------------------
 
-    /// A buffer of at least `bytes` bytes (uninitialised), from the cache when it can.
+    /// A buffer of at least `bytes` bytes (uninitialised), from the cache when it can; while a
+    /// graph is being captured, from the graph's own pool ([`super::graph`]).
     pub(crate) fn alloc(&self, op: &'static str, bytes: usize) -> Result<CudaBuffer> {
+        if let Some(pool) = self.capture_pool() {
+            return pool.alloc(self, op, bytes);
+        }
+        let (ptr, cap) = self.alloc_block(op, bytes)?;
+        Ok(CudaBuffer {
+            ptr,
+            bytes: cap,
+            dev: self.0.clone(),
+            pool: None,
+        })
+    }
+
+    /// A block of at least `bytes` bytes from the cache or the driver, counted as in use:
+    /// `(address, size)`.
+    pub(crate) fn alloc_block(&self, op: &'static str, bytes: usize) -> Result<(u64, usize)> {
         let size = if self.0.direct {
             bytes.max(1)
         } else {
             bucket(bytes)
         };
         let mut cache = lock(&self.0.cache);
-        if let Some((ptr, cap)) = cache.take(size).filter(|_| !self.0.direct) {
-            return Ok(CudaBuffer {
-                ptr,
-                bytes: cap,
-                dev: self.0.clone(),
-            });
+        if let Some(block) = cache.take(size).filter(|_| !self.0.direct) {
+            return Ok(block);
         }
         self.bind(op)?;
         let t0 = crate::profile::enabled().then(std::time::Instant::now);
@@ -303,11 +355,35 @@ impl CudaDevice {
         if let Some(t0) = t0 {
             crate::profile::record("cuda cuMemAlloc (cache miss)", t0.elapsed());
         }
-        Ok(CudaBuffer {
-            ptr,
-            bytes: size,
-            dev: self.0.clone(),
-        })
+        Ok((ptr, size))
+    }
+
+    /// Returns a block of [`Self::alloc_block`] to the cache.
+    pub(crate) fn free_block(&self, ptr: u64, size: usize) {
+        lock(&self.0.cache).give_back(ptr, size);
+    }
+
+    /// The pool of the graph being captured on this device, if one is.
+    pub(crate) fn capture_pool(&self) -> Option<Arc<GraphPool>> {
+        if !self.0.capturing.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        lock(&self.0.capture).clone()
+    }
+
+    /// Starts (`Some`) or ends (`None`) the allocations into a graph's pool.
+    pub(crate) fn set_capture_pool(&self, pool: Option<Arc<GraphPool>>) {
+        let mut c = lock(&self.0.capture);
+        self.0
+            .capturing
+            .store(pool.is_some(), std::sync::atomic::Ordering::Release);
+        *c = pool;
+    }
+
+    /// Whether this device is not using its caching allocator (each buffer its own driver
+    /// allocation, freed with a wait on drop).
+    pub(crate) fn is_direct(&self) -> bool {
+        self.0.direct
     }
 
     /// `(current, peak)` bytes handed out by the allocator.
@@ -364,11 +440,18 @@ pub(crate) struct CudaBuffer {
     pub(crate) ptr: u64,
     /// Size of the block (its bucket), at least what was asked.
     pub(crate) bytes: usize,
-    dev: Arc<DeviceInner>,
+    pub(crate) dev: Arc<DeviceInner>,
+    /// The graph pool the block belongs to (allocated while a graph was captured); it goes
+    /// back there, not to the cache.
+    pub(crate) pool: Option<Arc<GraphPool>>,
 }
 
 impl Drop for CudaBuffer {
     fn drop(&mut self) {
+        if let Some(pool) = &self.pool {
+            pool.give_back(self.ptr, self.bytes);
+            return;
+        }
         if !self.dev.direct {
             lock(&self.dev.cache).give_back(self.ptr, self.bytes);
             return;

@@ -16,6 +16,7 @@ pub(crate) mod cross_entropy;
 pub(crate) mod device;
 pub(crate) mod dropout;
 pub(crate) mod elementwise;
+pub mod graph;
 mod index;
 pub(crate) mod launch;
 pub(crate) mod layout;
@@ -37,6 +38,7 @@ use device::CudaBuffer;
 pub use device::{
     host_wait_seconds, memory_stats, reset_peak_memory, synchronize, CudaDevice, GpuEvent,
 };
+pub use graph::{capture, CudaGraphExec};
 
 /// One flat device buffer of one dtype.
 pub struct CudaStorage {
@@ -225,10 +227,14 @@ fn upload<T: Copy>(dev: &CudaDevice, data: &[T], dtype: DType) -> Result<CudaSto
         return Ok(out);
     }
     let bytes = std::mem::size_of_val(data);
+    // SAFETY: `data` is `bytes` initialised bytes (T is a plain number type: f32, bf16, f64,
+    // u32), read as bytes only for the copy.
+    let raw = unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), bytes) };
+    if let Some(pool) = dev.capture_pool() {
+        pool.upload(dev, out.ptr(), raw)?;
+        return Ok(out);
+    }
     if bytes <= staging::MAX_STAGED {
-        // SAFETY: `data` is `bytes` initialised bytes (T is a plain number type: f32, bf16, f64,
-        // u32), read as bytes only for the copy.
-        let raw = unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), bytes) };
         device::lock(&dev.0.staging).upload(dev, out.ptr(), raw)?;
         return Ok(out);
     }
@@ -242,6 +248,7 @@ fn upload<T: Copy>(dev: &CudaDevice, data: &[T], dtype: DType) -> Result<CudaSto
 }
 
 fn download<T: Copy + Default>(dev: &CudaDevice, ptr: u64, n: usize) -> Result<Vec<T>> {
+    dev.refuse_wait_in_capture("download")?;
     let mut out = vec![T::default(); n];
     if n > 0 {
         dev.bind("download")?;

@@ -64,7 +64,11 @@ impl Staging {
             self.base = p.cast();
         }
         // Copies already done free their regions (and events) without a wait.
-        while self.in_flight.front().is_some_and(|(_, _, ev)| ev.is_complete()) {
+        while self
+            .in_flight
+            .front()
+            .is_some_and(|(_, _, ev)| ev.is_complete())
+        {
             self.in_flight.pop_front();
         }
         let (start, end, retire) = place(

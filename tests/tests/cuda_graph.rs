@@ -1,0 +1,233 @@
+//! CUDA graphs (`engine::backend::cuda::capture`): a training micro-step of a tiny LLaMA with
+//! LoRA attention and a fused MixLoRA FFN (bf16 base, dropout), forward and backward, recorded
+//! once and replayed on new token ids, gives bit for bit what running it eagerly on those ids
+//! gives (loss, hidden states, every adapter gradient), replay after replay; a host read-back
+//! inside a capture fails it and leaves the device usable; uploads inside a capture are replayed
+//! with their bytes; a graph's memory goes back to the allocator when the graph and its outputs
+//! go. Skips, saying why, without a GPU.
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use engine::backend::cuda::{capture, CudaDevice};
+    use engine::{DType, Device, Tensor};
+    use model::adapters::Adapters;
+    use model::{AdapterConfig, Llama, MoeImpl, PeftType, RandomInit};
+    use testutil::gpu::{device as gpu, serial};
+    use testutil::{rand_ids, tiny_llama_config};
+
+    fn config() -> model::LlamaConfig {
+        model::LlamaConfig {
+            vocab_size: 64,
+            hidden_size: 64,
+            intermediate_size: 96,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 16,
+            ..tiny_llama_config()
+        }
+    }
+
+    fn cuda(d: Device) -> CudaDevice {
+        match d {
+            Device::Cuda(n) => CudaDevice::get(n).unwrap(),
+            Device::Cpu => unreachable!("a GPU test"),
+        }
+    }
+
+    /// `[b, t]` ids, key mask (last 3 positions padding) and next-token targets of `seed`.
+    fn batch(b: usize, t: usize, seed: u64) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+        let ids = rand_ids(b * t, 64, seed);
+        let mask: Vec<u32> = (0..b * t).map(|j| u32::from(j < b * t - 3)).collect();
+        let targets = (0..b * t)
+            .map(|j| {
+                if j + 1 < b * t && mask[j + 1] == 1 && (j + 1) % t != 0 {
+                    ids[j + 1]
+                } else {
+                    u32::MAX
+                }
+            })
+            .collect();
+        (ids, mask, targets)
+    }
+
+    /// One micro-step: forward, LM loss plus aux loss, backward. Returns the loss and the
+    /// hidden states.
+    fn micro_step(m: &Llama, ids: &Tensor, mask: &Tensor, targets: &Tensor) -> (Tensor, Tensor) {
+        let out = m.forward_train_hidden(ids, Some(mask), Some(7)).unwrap();
+        let h = out.hidden.dim(-1).unwrap();
+        let rows = out.hidden.reshape([targets.elem_count(), h]).unwrap();
+        let mut loss = rows
+            .linear_cross_entropy_rows(m.lm_head_weight(), targets, u32::MAX, 64)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        if let Some(a) = &out.aux_loss {
+            loss = loss.add(&a.to_dtype(DType::F32).unwrap()).unwrap();
+        }
+        loss.backward().unwrap();
+        (loss, out.hidden.detach())
+    }
+
+    /// Every parameter's gradient (taken out of its slot), by name.
+    fn take_grads(a: &Adapters) -> Vec<(String, Tensor)> {
+        a.named_params()
+            .into_iter()
+            .filter_map(|(n, t)| {
+                let g = t.grad();
+                t.zero_grad();
+                g.map(|g| (n, g))
+            })
+            .collect()
+    }
+
+    fn bits(t: &Tensor) -> Vec<u64> {
+        t.to_vec_f64()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    }
+
+    #[test]
+    fn a_replayed_micro_step_equals_the_eager_one_bit_for_bit() {
+        let _lock = serial();
+        let Some(d) = gpu() else { return };
+        let dev = cuda(d);
+        let mut m =
+            Llama::random_with(config(), 3, DType::BF16, d, RandomInit::frozen_base()).unwrap();
+        let cfg = AdapterConfig {
+            r: 8,
+            lora_alpha: 16.0,
+            lora_dropout: 0.05,
+            num_experts: 4,
+            router_init_range: 1.0,
+            ..AdapterConfig::default_for(PeftType::MixLora)
+        };
+        let mut a = Adapters::init(&cfg, &m.config, 50, DType::BF16, d).unwrap();
+        a.moe_impl = MoeImpl::for_device(d);
+        for (k, (name, t)) in a.named_params().into_iter().enumerate() {
+            if name.contains("lora_B") {
+                let v = Tensor::randn(t.dims().to_vec(), 0.0, 0.1, k as u64, t.dtype(), d).unwrap();
+                a.assign_param(&m.config, &name, &v).unwrap();
+            }
+        }
+        m.set_adapters(a.clone()).unwrap();
+        let (b, t) = (4, 24);
+        let up = |v: Vec<u32>, dims: Vec<usize>| Tensor::from_vec(v, dims, d).unwrap();
+        // The graph's inputs: buffers that live as long as the graph and get new data.
+        let (i0, k0, t0) = batch(b, t, 1);
+        let ids = up(i0, vec![b, t]);
+        let mask = up(k0, vec![b, t]);
+        let targets = up(t0, vec![b * t]);
+        let (graph, (loss, hidden)) = capture(&dev, || {
+            let (loss, hidden) = micro_step(&m, &ids, &mask, &targets);
+            Ok((loss, hidden))
+        })
+        .unwrap();
+        let grads = take_grads(&a);
+        assert!(
+            grads.len() > 10,
+            "the captured backward reached {} parameters",
+            grads.len()
+        );
+        for seed in [2, 3, 4] {
+            let (iv, kv, tv) = batch(b, t, seed);
+            let (new_ids, new_mask, new_targets) =
+                (up(iv, vec![b, t]), up(kv, vec![b, t]), up(tv, vec![b * t]));
+            // Eagerly, on the new batch.
+            let (want_loss, want_hidden) = micro_step(&m, &new_ids, &new_mask, &new_targets);
+            let want_grads = take_grads(&a);
+            // The graph, on the same batch written into its inputs.
+            ids.assign(&new_ids).unwrap();
+            mask.assign(&new_mask).unwrap();
+            targets.assign(&new_targets).unwrap();
+            graph.replay().unwrap();
+            assert_eq!(bits(&loss), bits(&want_loss), "batch {seed}: loss");
+            assert_eq!(
+                bits(&hidden),
+                bits(&want_hidden),
+                "batch {seed}: hidden states"
+            );
+            assert_eq!(grads.len(), want_grads.len());
+            for ((n, g), (wn, w)) in grads.iter().zip(&want_grads) {
+                assert_eq!(n, wn);
+                assert_eq!(bits(g), bits(w), "batch {seed}: gradient of {n}");
+            }
+        }
+        // The replays did follow the inputs: two batches gave two losses.
+        let first = loss.to_vec_f64().unwrap();
+        let (iv, kv, tv) = batch(b, t, 9);
+        ids.assign(&up(iv, vec![b, t])).unwrap();
+        mask.assign(&up(kv, vec![b, t])).unwrap();
+        targets.assign(&up(tv, vec![b * t])).unwrap();
+        graph.replay().unwrap();
+        assert_ne!(first, loss.to_vec_f64().unwrap());
+    }
+
+    #[test]
+    fn a_read_back_fails_the_capture_and_the_device_stays_usable() {
+        let _lock = serial();
+        let Some(d) = gpu() else { return };
+        let dev = cuda(d);
+        let x = Tensor::randn(vec![8, 8], 0.0, 1.0, 1, DType::F32, d).unwrap();
+        let err = capture(&dev, || {
+            let y = x.exp()?;
+            y.to_vec_f32()?;
+            Ok(y)
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("graph"), "{err}");
+        let y = x.exp().unwrap().to_vec_f64().unwrap();
+        let want: Vec<f64> = x
+            .to_vec_f64()
+            .unwrap()
+            .iter()
+            .map(|v| (*v as f32).exp() as f64)
+            .collect();
+        assert_eq!(y.len(), want.len());
+        for (g, w) in y.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-6 * w.abs(), "{g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn uploads_inside_a_capture_are_replayed_and_memory_goes_back() {
+        let _lock = serial();
+        let Some(d) = gpu() else { return };
+        let dev = cuda(d);
+        let x = Tensor::from_vec(vec![10f32, 20.0, 30.0], [3], d).unwrap();
+        // The cuBLAS handle and its workspace (made on first use, kept for the process) exist.
+        let w = Tensor::randn(vec![4, 4], 0.0, 1.0, 1, DType::F32, d).unwrap();
+        w.matmul(&w).unwrap();
+        let (before, _) = engine::memory_stats(d);
+        let (graph, y) = capture(&dev, || {
+            let c = Tensor::from_vec(vec![1f32, 2.0, 3.0], [3], d)?;
+            x.add(&c)?.mul_scalar(2.0)
+        })
+        .unwrap();
+        assert!(graph.pool_bytes() > 0);
+        for (k, v) in [[0f32, 0.0, 0.0], [5.0, 6.0, 7.0]].iter().enumerate() {
+            x.assign(&Tensor::from_vec(v.to_vec(), [3], d).unwrap())
+                .unwrap();
+            graph.replay().unwrap();
+            let want: Vec<f32> = v
+                .iter()
+                .zip([1f32, 2.0, 3.0])
+                .map(|(a, c)| (a + c) * 2.0)
+                .collect();
+            assert_eq!(y.to_vec_f32().unwrap(), want, "replay {k}");
+        }
+        drop(y);
+        drop(graph);
+        let (after, _) = engine::memory_stats(d);
+        assert_eq!(after, before, "the graph's pool went back to the allocator");
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_graphs_need_the_cuda_feature() {
+    testutil::skip("built without the `cuda` feature: the CUDA graph tests do not run");
+}
