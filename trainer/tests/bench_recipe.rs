@@ -38,6 +38,7 @@ fn the_recipe_bench_times_the_training_loop() {
     assert_eq!(r["device"], "cpu");
     // No GPU busy time on the CPU; its peak is the live tensor buffers' (some MiB here).
     assert!(r["gpu_busy"].is_null(), "{r}");
+    assert!(r["driver_allocs_per_step"].is_null(), "{r}");
     let peak = r["peak_gib"].as_f64().unwrap_or(0.0);
     assert!(peak > 0.0 && peak < 1.0, "{r}");
     let tokens = r["tokens"].as_f64().unwrap();

@@ -94,6 +94,8 @@ pub struct RecipeResult {
     pub gpu_busy: Option<f64>,
     /// Peak of the engine allocator over the timed pass (`None` where not counted).
     pub peak_gib: Option<f64>,
+    /// Driver allocations a timed step (the caching allocator's misses; `None` on the CPU).
+    pub driver_allocs_per_step: Option<f64>,
     /// Data-parallel ranks that ran the steps (1: one process); the figures are the whole
     /// run's (the tokens of every rank), the peak rank 0's.
     pub ranks: usize,
@@ -107,6 +109,16 @@ fn host_wait_s() -> f64 {
     0.0
 }
 
+/// Driver allocations so far (the CUDA caching allocator's misses; `None` on the CPU).
+fn driver_allocs(device: Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if matches!(device, Device::Cuda(_)) {
+        return Some(engine::backend::cuda::driver_allocations());
+    }
+    let _ = device;
+    None
+}
+
 /// The clock the run's steps drive.
 #[derive(Default)]
 struct Clock {
@@ -115,6 +127,8 @@ struct Clock {
     timed: Option<RecipeResult>,
     profiled_tokens: usize,
     busy_s: Option<f64>,
+    /// Driver allocations when the timed steps started.
+    allocs0: Option<u64>,
     error: Option<Error>,
 }
 
@@ -225,6 +239,7 @@ fn tick(c: &mut Clock, s: &StepDone, w: usize, n: usize, device: Device) -> Resu
         synchronize(device)?;
         reset_peak(device);
         c.start = Some((Instant::now(), host_wait_s()));
+        c.allocs0 = driver_allocs(device);
         return Ok(());
     }
     if it > w && it <= w + n {
@@ -244,6 +259,9 @@ fn tick(c: &mut Clock, s: &StepDone, w: usize, n: usize, device: Device) -> Resu
             host_us_per_step: (wall_s - waited) * 1e6 / n as f64,
             gpu_busy: None,
             peak_gib: peak_bytes(device).map(|p| p as f64 / (1u64 << 30) as f64),
+            driver_allocs_per_step: driver_allocs(device)
+                .zip(c.allocs0)
+                .map(|(a, a0)| (a - a0) as f64 / n as f64),
             ranks: 1,
         });
         if matches!(device, Device::Cuda(_)) {
@@ -265,7 +283,7 @@ fn tick(c: &mut Clock, s: &StepDone, w: usize, n: usize, device: Device) -> Resu
 
 /// The result as JSON (`{"device", "model", "shape", "adapter", "rank", "batch", "micro_batch",
 /// "cutoff_len", "steps", "tokens", "tokens_per_s", "step_ms", "host_us_per_step", "gpu_busy",
-/// "peak_gib", "gpus"}`; `gpus`: the data-parallel ranks).
+/// "peak_gib", "driver_allocs_per_step", "gpus"}`; `gpus`: the data-parallel ranks).
 pub fn recipe_json(a: &RecipeArgs, r: &RecipeResult) -> String {
     let round = |x: f64, d: i32| (x * 10f64.powi(d)).round() / 10f64.powi(d);
     let v = serde_json::json!({
@@ -285,6 +303,7 @@ pub fn recipe_json(a: &RecipeArgs, r: &RecipeResult) -> String {
         "host_us_per_step": round(r.host_us_per_step, 0),
         "gpu_busy": r.gpu_busy.map(|b| round(b, 3)),
         "peak_gib": r.peak_gib.map(|p| round(p, 3)),
+        "driver_allocs_per_step": r.driver_allocs_per_step.map(|a| round(a, 1)),
         "gpus": r.ranks,
     });
     serde_json::to_string_pretty(&v).unwrap_or_default()
@@ -294,7 +313,7 @@ pub fn recipe_json(a: &RecipeArgs, r: &RecipeResult) -> String {
 pub fn recipe_summary(r: &RecipeResult) -> String {
     format!(
         "{} steps, {} real tokens: {:.0} tokens/s, {:.1} ms a step, host busy {:.0} us a step, \
-         GPU busy {}, peak {}",
+         GPU busy {}, peak {}, driver allocations {} a step",
         r.steps,
         r.tokens,
         r.tokens_per_s,
@@ -303,5 +322,7 @@ pub fn recipe_summary(r: &RecipeResult) -> String {
         r.gpu_busy
             .map_or("-".into(), |b| format!("{:.0}%", b * 100.0)),
         r.peak_gib.map_or("-".into(), super::memory_text),
+        r.driver_allocs_per_step
+            .map_or("-".into(), |a| format!("{a:.1}")),
     )
 }

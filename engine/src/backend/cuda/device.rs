@@ -352,6 +352,7 @@ impl CudaDevice {
             Err(e) => return Err(self.err(op, e)),
         };
         cache.note_alloc(size);
+        DRIVER_ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(t0) = t0 {
             crate::profile::record("cuda cuMemAlloc (cache miss)", t0.elapsed());
         }
@@ -476,6 +477,16 @@ static HOST_WAIT_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64
 /// computing).
 pub fn host_wait_seconds() -> f64 {
     HOST_WAIT_NS.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9
+}
+
+/// Driver allocations (`cuMemAlloc`: the caching allocator missed) over the process.
+static DRIVER_ALLOCATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many times the caching allocator has asked the driver for memory since the process
+/// started, on every GPU: each is a slow call that the cache exists to avoid, so a steady
+/// training loop should add few.
+pub fn driver_allocations() -> u64 {
+    DRIVER_ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// `(current, peak)` bytes of device memory held by the engine's tensors on `device` (0, 0 for

@@ -36,7 +36,8 @@ use crate::{DType, Device, Error, Layout, Result};
 
 use device::CudaBuffer;
 pub use device::{
-    host_wait_seconds, memory_stats, reset_peak_memory, synchronize, CudaDevice, GpuEvent,
+    driver_allocations, host_wait_seconds, memory_stats, reset_peak_memory, synchronize,
+    CudaDevice, GpuEvent,
 };
 pub use graph::{capture, CudaGraphExec};
 
