@@ -121,6 +121,9 @@ mod gpu {
         let ids = up(i0, vec![b, t]);
         let mask = up(k0, vec![b, t]);
         let targets = up(t0, vec![b * t]);
+        // Once eagerly first: kernels compiled and loaded, lazy caches made.
+        micro_step(&m, &ids, &mask, &targets);
+        take_grads(&a);
         let (graph, (loss, hidden)) = capture(&dev, || {
             let (loss, hidden) = micro_step(&m, &ids, &mask, &targets);
             Ok((loss, hidden))
@@ -172,6 +175,7 @@ mod gpu {
         let Some(d) = gpu() else { return };
         let dev = cuda(d);
         let x = Tensor::randn(vec![8, 8], 0.0, 1.0, 1, DType::F32, d).unwrap();
+        x.exp().unwrap();
         let err = capture(&dev, || {
             let y = x.exp()?;
             y.to_vec_f32()?;
@@ -198,9 +202,11 @@ mod gpu {
         let Some(d) = gpu() else { return };
         let dev = cuda(d);
         let x = Tensor::from_vec(vec![10f32, 20.0, 30.0], [3], d).unwrap();
-        // The cuBLAS handle and its workspace (made on first use, kept for the process) exist.
+        // The cuBLAS handle and its workspace (made on first use, kept for the process) exist,
+        // and the kernels are loaded.
         let w = Tensor::randn(vec![4, 4], 0.0, 1.0, 1, DType::F32, d).unwrap();
         w.matmul(&w).unwrap();
+        x.add(&x).unwrap().mul_scalar(2.0).unwrap();
         let (before, _) = engine::memory_stats(d);
         let (graph, y) = capture(&dev, || {
             let c = Tensor::from_vec(vec![1f32, 2.0, 3.0], [3], d)?;

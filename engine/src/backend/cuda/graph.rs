@@ -166,6 +166,8 @@ impl CudaGraphExec {
 /// Records the GPU work that `f` queues on `dev` into a graph (see the module's rules) and
 /// returns it with `f`'s result; the work itself does not run. A failing `f` or an operation
 /// that cannot be recorded ends the capture and returns the error; the device stays usable.
+/// Run the work once eagerly first: kernel modules are compiled and loaded on first use, and
+/// caches that the work builds lazily should be made outside the graph's pool.
 pub fn capture<T>(dev: &CudaDevice, f: impl FnOnce() -> Result<T>) -> Result<(CudaGraphExec, T)> {
     let op = "graph capture";
     if dev.is_direct() {
@@ -190,10 +192,26 @@ pub fn capture<T>(dev: &CudaDevice, f: impl FnOnce() -> Result<T>) -> Result<(Cu
         .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
         .map_err(|e| dev.err(op, e))?;
     dev.set_capture_pool(Some(pool.clone()));
+    // Ends the capture however `f` ends (a panic too), so that the stream leaves capture mode
+    // and allocations go to the cache again.
+    struct Ending<'a>(&'a CudaDevice, bool);
+    impl Drop for Ending<'_> {
+        fn drop(&mut self) {
+            self.0.set_capture_pool(None);
+            if !self.1 {
+                let _ = self
+                    .0
+                    .stream()
+                    .end_capture(sys::CUgraphInstantiate_flags(0));
+            }
+        }
+    }
+    let mut ending = Ending(dev, false);
     let out = f();
     dev.set_capture_pool(None);
-    // End the capture whatever happened, so the stream leaves capture mode.
+    ending.1 = true;
     let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+    drop(ending);
     let out = out?;
     let graph = match ended {
         Ok(Some(g)) => g,
