@@ -139,9 +139,20 @@ mod gpu {
             let (iv, kv, tv) = batch(b, t, seed);
             let (new_ids, new_mask, new_targets) =
                 (up(iv, vec![b, t]), up(kv, vec![b, t]), up(tv, vec![b * t]));
-            // Eagerly, on the new batch.
+            // Eagerly, on the new batch, twice: the eager step itself gives the same bits (else
+            // the comparison below could not be bit for bit).
             let (want_loss, want_hidden) = micro_step(&m, &new_ids, &new_mask, &new_targets);
             let want_grads = take_grads(&a);
+            let (again_loss, _) = micro_step(&m, &new_ids, &new_mask, &new_targets);
+            let again_grads = take_grads(&a);
+            assert_eq!(
+                bits(&again_loss),
+                bits(&want_loss),
+                "eager steps differ: loss"
+            );
+            for ((n, g), (_, w)) in again_grads.iter().zip(&want_grads) {
+                assert_eq!(bits(g), bits(w), "eager steps differ: gradient of {n}");
+            }
             // The graph, on the same batch written into its inputs.
             ids.assign(&new_ids).unwrap();
             mask.assign(&new_mask).unwrap();
