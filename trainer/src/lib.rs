@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod optim;
 pub mod out_dir;
 pub mod plot;
+pub mod plot_loss;
 pub mod progress;
 pub mod resume;
 pub mod run;

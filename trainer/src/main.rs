@@ -34,7 +34,8 @@ Environment variables:
                          (e.g. -DLM_CODES_UNROLL=2)
   MIXLORA_CUDA_NO_CACHE  1: no caching allocator on the GPU, each buffer its own driver
                          allocation (for compute-sanitizer's memcheck; slow)
-  MIXLORA_FONT           the TrueType font of plot-routing when --font is not given
+  MIXLORA_FONT           the TrueType font of plot-routing and plot-loss when --font is not
+                         given
   (train, data parallel; see --gpus)";
 
 #[derive(Parser)]
@@ -67,6 +68,9 @@ enum Command {
     /// Draws the routing picture (PNG: expert shares per task and layer) from the JSON of
     /// `mixlora eval --routing`.
     PlotRouting(PlotRoutingArgs),
+    /// Draws the training-loss curves of several runs in one PNG from their metrics.jsonl
+    /// (ours, or one JSON object per step with "step" and "loss"), and prints a line per run.
+    PlotLoss(PlotLossArgs),
 }
 
 #[derive(clap::Args)]
@@ -83,6 +87,24 @@ struct TrainCmd {
 /// `--help`'s list of variables: the binary's own, then those of a data-parallel rank.
 fn help_environment() -> String {
     format!("{ENVIRONMENT}{}", launch_cmd::ENVIRONMENT)
+}
+
+#[derive(clap::Args)]
+struct PlotLossArgs {
+    /// A run as LABEL=PATH (or PATH, labelled by its folder): its metrics.jsonl, or the run's
+    /// folder that holds it. Repeat for each run.
+    #[arg(long = "run", required = true, value_name = "LABEL=PATH")]
+    runs: Vec<String>,
+    /// The PNG to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Steps in the moving mean of each curve [default: 1% of the longest run, at least 1].
+    #[arg(long, value_name = "STEPS")]
+    smooth: Option<usize>,
+    /// A TrueType font file for the labels [default: $MIXLORA_FONT, then DejaVu Sans or a
+    /// system font where one is found].
+    #[arg(long)]
+    font: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -215,6 +237,7 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::Bench(BenchCommand::Table6(args))) => table6(*args),
         Some(Command::Bench(BenchCommand::Recipe(args))) => recipe(*args),
         Some(Command::PlotRouting(args)) => plot_routing(args),
+        Some(Command::PlotLoss(args)) => plot_loss(args),
         Some(Command::Export(args)) => export_cmd::run(args),
         Some(Command::Eval(args)) => {
             let report = trainer::scoring::eval(&args)?;
@@ -397,6 +420,38 @@ fn plot_routing(a: PlotRoutingArgs) -> Result<()> {
     let font = trainer::plot::find_font(font.as_deref())
         .ok_or("no TrueType font found for the labels: pass --font PATH (or set MIXLORA_FONT)")?;
     trainer::plot::plot_routing(&shares, &a.out, &font)?;
+    eprintln!("wrote {}", a.out.display());
+    Ok(())
+}
+
+fn plot_loss(a: PlotLossArgs) -> Result<()> {
+    let mut curves = Vec::new();
+    for r in &a.runs {
+        let (label, path) = match r.split_once('=') {
+            Some((l, p)) if !l.is_empty() => (l.to_string(), PathBuf::from(p)),
+            _ => {
+                let p = PathBuf::from(r);
+                let dir = if p.is_dir() {
+                    p.as_path()
+                } else {
+                    p.parent().unwrap_or(&p)
+                };
+                let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+                (name.unwrap_or_else(|| r.clone()), p)
+            }
+        };
+        curves.push(trainer::plot_loss::read_losses(&label, &path)?);
+    }
+    let window = a
+        .smooth
+        .unwrap_or_else(|| trainer::plot_loss::default_window(&curves));
+    for c in &curves {
+        println!("{}", trainer::plot_loss::summary(c));
+    }
+    let font = a.font.or_else(|| env("MIXLORA_FONT").map(PathBuf::from));
+    let font = trainer::plot::find_font(font.as_deref())
+        .ok_or("no TrueType font found for the labels: pass --font PATH (or set MIXLORA_FONT)")?;
+    trainer::plot_loss::plot_losses(&curves, window, &a.out, &font)?;
     eprintln!("wrote {}", a.out.display());
     Ok(())
 }

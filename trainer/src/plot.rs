@@ -31,6 +31,15 @@ pub fn find_font(font: Option<&Path>) -> Option<PathBuf> {
     })
 }
 
+/// Makes the TrueType font file `font` the plots' "sans-serif" (plotters keeps it for the life
+/// of the process).
+pub(crate) fn register_font_file(font: &Path) -> Result<()> {
+    let bytes = std::fs::read(font).map_err(|e| Error::io(font, e))?;
+    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+    register_font("sans-serif", FontStyle::Normal, bytes)
+        .map_err(|_| Error::Config(format!("{}: not a TrueType font", font.display())))
+}
+
 /// Routing shares: per task (in file order), `[layer][expert]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoutingShares {
@@ -91,14 +100,7 @@ pub fn plot_routing(shares: &RoutingShares, out: &Path, font: &Path) -> Result<(
     let err = |what: &str, e: &dyn std::fmt::Display| {
         Error::Config(format!("{}: {what}: {e}", out.display()))
     };
-    let bytes = std::fs::read(font).map_err(|e| Error::Io {
-        path: font.display().to_string(),
-        source: e,
-    })?;
-    // plotters keeps registered fonts for the life of the process.
-    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-    register_font("sans-serif", FontStyle::Normal, bytes)
-        .map_err(|_| Error::Config(format!("{}: not a TrueType font", font.display())))?;
+    register_font_file(font)?;
 
     let e = shares.num_experts;
     let layers = shares.tasks.iter().map(|(_, l)| l.len()).max().unwrap_or(1);
