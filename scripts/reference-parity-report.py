@@ -13,6 +13,14 @@ the reference harness writes one with the same scorer) and its `metrics.jsonl` (
 training-loop time (`train_loop_s`); ours is the last step's `elapsed_s` (the loop, model loading
 not counted, as there).
 
+The four folders, on the GPU machine (the reference harness is the MoE-PEFT set-up kept outside
+this repository; its README says how to install it):
+
+    SEEDS=42 SKIP_BASE=1 OUT=runs/parity scripts/commonsense.sh MODEL.gguf DATA --device cuda \
+        --dtype bf16                          # runs/parity/{mixlora,lora}-seed42
+    MIXLORA=target/release/mixlora GGUF=MODEL.gguf DATA_DIR=DATA reference/run_ref.sh both-bg
+                                              # runs-ref/{mixlora,lora86} (then `status`)
+
 Per run: accuracy per task and their average in percent, `train_s`, and `final_loss`: the mean
 training loss of the last 5% of the steps (a single step's loss at batch 16 is noise). Prints the
 table, each difference ours - reference, and whether each method is within 1 point on the average.
