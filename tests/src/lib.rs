@@ -38,6 +38,46 @@ pub fn tiny_llama_config() -> model::LlamaConfig {
     }
 }
 
+/// The tiny LLaMA of the CUDA model tests: [`tiny_llama_config`] widened (vocabulary 64, hidden
+/// 64, intermediate 96, 4 heads of 16 sharing 2 kv heads) so that the GPU kernels see more than
+/// a few elements.
+pub fn gpu_llama_config() -> model::LlamaConfig {
+    model::LlamaConfig {
+        vocab_size: 64,
+        hidden_size: 64,
+        intermediate_size: 96,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 16,
+        ..tiny_llama_config()
+    }
+}
+
+/// Next-token targets of the right-padded `[b, t]` rows `ids` (`b·t = ids.len()`) under the key
+/// mask `mask` (1 real, 0 padding): position `j` holds `ids[j + 1]` when that token is real and
+/// in the same row, else `u32::MAX` (no target).
+pub fn next_token_targets(ids: &[u32], mask: &[u32], t: usize) -> Vec<u32> {
+    let n = ids.len();
+    (0..n)
+        .map(|j| {
+            if j + 1 < n && mask[j + 1] == 1 && (j + 1) % t != 0 {
+                ids[j + 1]
+            } else {
+                u32::MAX
+            }
+        })
+        .collect()
+}
+
+/// The bits of every element (read as f64), to compare results exactly.
+pub fn bits(t: &Tensor) -> Vec<u64> {
+    t.to_vec_f64()
+        .expect("to_vec_f64")
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
+}
+
 /// A u32 index tensor.
 pub fn ids(v: &[u32], shape: &[usize]) -> Tensor {
     Tensor::from_slice(v, shape.to_vec(), Device::Cpu).expect("ids")

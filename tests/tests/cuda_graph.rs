@@ -13,19 +13,7 @@ mod gpu {
     use model::adapters::Adapters;
     use model::{AdapterConfig, Llama, MoeImpl, PeftType, RandomInit};
     use testutil::gpu::{device as gpu, serial};
-    use testutil::{rand_ids, tiny_llama_config};
-
-    fn config() -> model::LlamaConfig {
-        model::LlamaConfig {
-            vocab_size: 64,
-            hidden_size: 64,
-            intermediate_size: 96,
-            num_attention_heads: 4,
-            num_key_value_heads: 2,
-            head_dim: 16,
-            ..tiny_llama_config()
-        }
-    }
+    use testutil::{bits, gpu_llama_config, next_token_targets, rand_ids};
 
     fn cuda(d: Device) -> CudaDevice {
         match d {
@@ -38,15 +26,7 @@ mod gpu {
     fn batch(b: usize, t: usize, seed: u64) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
         let ids = rand_ids(b * t, 64, seed);
         let mask: Vec<u32> = (0..b * t).map(|j| u32::from(j < b * t - 3)).collect();
-        let targets = (0..b * t)
-            .map(|j| {
-                if j + 1 < b * t && mask[j + 1] == 1 && (j + 1) % t != 0 {
-                    ids[j + 1]
-                } else {
-                    u32::MAX
-                }
-            })
-            .collect();
+        let targets = next_token_targets(&ids, &mask, t);
         (ids, mask, targets)
     }
 
@@ -82,21 +62,19 @@ mod gpu {
             .collect()
     }
 
-    fn bits(t: &Tensor) -> Vec<u64> {
-        t.to_vec_f64()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect()
-    }
-
     #[test]
     fn a_replayed_micro_step_equals_the_eager_one_bit_for_bit() {
         let _lock = serial();
         let Some(d) = gpu() else { return };
         let dev = cuda(d);
-        let mut m =
-            Llama::random_with(config(), 3, DType::BF16, d, RandomInit::frozen_base()).unwrap();
+        let mut m = Llama::random_with(
+            gpu_llama_config(),
+            3,
+            DType::BF16,
+            d,
+            RandomInit::frozen_base(),
+        )
+        .unwrap();
         let cfg = AdapterConfig {
             r: 8,
             lora_alpha: 16.0,

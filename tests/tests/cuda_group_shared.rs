@@ -10,20 +10,7 @@ use engine::{DType, Device, Tensor};
 use model::adapters::Adapters;
 use model::{AdapterConfig, GroupMode, GroupSegment, Llama, MoeImpl, PeftType, RandomInit};
 use testutil::gpu::{device as gpu, rel_err, serial, tol};
-use testutil::{rand_ids, tiny_llama_config};
-
-/// The tiny LLaMA's shape, widened so that the GPU kernels see more than a few elements.
-fn config() -> model::LlamaConfig {
-    model::LlamaConfig {
-        vocab_size: 64,
-        hidden_size: 64,
-        intermediate_size: 96,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 16,
-        ..tiny_llama_config()
-    }
-}
+use testutil::{gpu_llama_config, next_token_targets, rand_ids};
 
 /// Adapters of `kinds`: LoRA r=8 and MixLoRA r=8 (4 experts, top-2, the fused op), alpha 16,
 /// dropout 0.05, random `B`s.
@@ -114,7 +101,14 @@ fn shared_fused_mixlora_group_on_cuda_matches_each_adapter_alone_in_bf16() {
 fn check_against_alone(kinds: &[PeftType; 3], dropout: bool) {
     let _lock = serial();
     let Some(d) = gpu() else { return };
-    let mut m = Llama::random_with(config(), 3, DType::BF16, d, RandomInit::frozen_base()).unwrap();
+    let mut m = Llama::random_with(
+        gpu_llama_config(),
+        3,
+        DType::BF16,
+        d,
+        RandomInit::frozen_base(),
+    )
+    .unwrap();
     let sets = adapter_sets(&m, d, kinds);
     m.set_group_mode(GroupMode::Shared);
     // Batch size 4, lengths 24, 17, 31; right padding in the last row of each.
@@ -123,14 +117,7 @@ fn check_against_alone(kinds: &[PeftType; 3], dropout: bool) {
         let t = lens[s];
         let v = rand_ids(b * t, 64, s as u64);
         let mask: Vec<u32> = (0..b * t).map(|j| u32::from(j < b * t - 3)).collect();
-        let targets: Vec<u32> = (0..b * t)
-            .map(
-                |j| match j + 1 < b * t && mask[j + 1] == 1 && (j + 1) % t != 0 {
-                    true => v[j + 1],
-                    false => u32::MAX,
-                },
-            )
-            .collect();
+        let targets = next_token_targets(&v, &mask, t);
         let u = |x: Vec<u32>| Tensor::from_vec(x, [b, t], d).unwrap();
         (
             u(v),

@@ -14,7 +14,7 @@ use engine::{DType, Device, MoeFfnOptions, Tensor};
 use model::adapters::Adapters;
 use model::{AdapterConfig, GroupMode, GroupSegment, Llama, MoeImpl, PeftType, RandomInit};
 use testutil::gpu::rel_err;
-use testutil::{ids, rand_ids, tiny_llama_config};
+use testutil::{ids, next_token_targets, rand_ids, tiny_llama_config};
 
 /// The tolerance on each tensor's relative error: rounding of a few hundred operations done in
 /// other orders and over other row counts (measured in f32: at most 8e-6, on the small
@@ -128,16 +128,7 @@ struct Micro {
 fn micro(b: usize, t: usize, pad: usize, seed: u64) -> Micro {
     let v = rand_ids(b * t, 11, seed);
     let mask: Vec<u32> = (0..b * t).map(|j| u32::from(j < b * t - pad)).collect();
-    let targets: Vec<u32> = (0..b * t)
-        .map(|j| {
-            let next_real = j + 1 < b * t && mask[j + 1] == 1 && (j + 1) % t != 0;
-            if next_real {
-                v[j + 1]
-            } else {
-                u32::MAX
-            }
-        })
-        .collect();
+    let targets = next_token_targets(&v, &mask, t);
     Micro {
         ids: ids(&v, &[b, t]),
         mask: ids(&mask, &[b, t]),

@@ -15,7 +15,7 @@
 use engine::{DType, Device, MoeFfnOptions, Tensor};
 use model::adapters::Adapters;
 use model::{AdapterConfig, GroupSegment, Llama, MoeImpl, PeftType, RandomInit};
-use testutil::{ids, rand_ids, tiny_llama_config};
+use testutil::{ids, next_token_targets, rand_ids, tiny_llama_config};
 
 fn bits(t: &Tensor) -> Vec<u32> {
     t.to_vec_f32()
@@ -161,15 +161,7 @@ struct Micro {
 fn micro(b: usize, t: usize, pad: usize, seed: u64) -> Micro {
     let v = rand_ids(b * t, 11, seed);
     let mask: Vec<u32> = (0..b * t).map(|j| u32::from(j < b * t - pad)).collect();
-    let targets: Vec<u32> = (0..b * t)
-        .map(|j| {
-            if j + 1 < b * t && mask[j + 1] == 1 && (j + 1) % t != 0 {
-                v[j + 1]
-            } else {
-                u32::MAX
-            }
-        })
-        .collect();
+    let targets = next_token_targets(&v, &mask, t);
     Micro {
         ids: ids(&v, &[b, t]),
         mask: ids(&mask, &[b, t]),

@@ -8,16 +8,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use engine::autograd::{keeping_all_inputs, saved_buffers, Input, Node, Output};
 use engine::{cat, causal_attention, rope_inv_freq, rope_tables, DType, Device, Error, Tensor};
-use testutil::{ids, randn};
-
-/// Bits of every element, to compare gradients exactly.
-fn bits(t: &Tensor) -> Vec<u64> {
-    t.to_vec_f64()
-        .unwrap()
-        .iter()
-        .map(|v| v.to_bits())
-        .collect()
-}
+use testutil::{bits, ids, randn};
 
 /// Runs `f` (forward and backward) as the tape now records it and with every input kept, and
 /// checks that both give the same bits for each returned tensor.

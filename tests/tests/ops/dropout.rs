@@ -16,17 +16,9 @@
 
 use crate::util::vals;
 use engine::{no_grad, DType, Device, Storage, Tensor};
-use testutil::{check_gradients, ids, randn};
+use testutil::{bits, check_gradients, ids, randn};
 
 const CPU: Device = Device::Cpu;
-
-fn bits(t: &Tensor) -> Vec<u64> {
-    t.to_vec_f64()
-        .unwrap()
-        .iter()
-        .map(|v| v.to_bits())
-        .collect()
-}
 
 /// `x ⊙ mask` the long way: the mask tensor of x's dtype and an elementwise product.
 fn with_mask(x: &Tensor, p: f64, seed: u64) -> Tensor {
