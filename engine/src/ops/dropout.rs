@@ -3,7 +3,33 @@
 use super::float_only;
 use crate::autograd::{Input, Node, Output};
 use crate::backend::BackendStorage;
-use crate::{Error, Result, Tensor};
+use crate::{Device, Error, Result, Tensor};
+
+/// Sets `device`'s dropout key: every dropout mask drawn on `device` afterwards (in the GPU's
+/// stream order; on the CPU, by the calling thread) comes from the seed `seed ^ key` in place of
+/// the op's own `seed`. At 0, where every device starts, nothing changes.
+///
+/// What it is for: a CUDA graph replays its kernels with the arguments they were recorded with,
+/// seeds included, so a recorded training step would draw the same masks on every replay. The
+/// kernels read the key from device memory when they run instead: set a new key before each
+/// replay and each replay draws new masks, exactly those an eager step under the same key draws.
+/// A backward redraws its forward's masks, so both must run under one key. Refused while a graph
+/// is being captured on `device`.
+pub fn set_dropout_key(device: Device, key: u64) -> Result<()> {
+    match device {
+        Device::Cpu => {
+            crate::backend::cpu::dropout::set_dropout_key(key);
+            Ok(())
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => crate::backend::cuda::CudaDevice::get(n)?.set_dropout_key(key),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(Error::invalid(
+            "set_dropout_key",
+            "this build has no CUDA backend; use --device cpu",
+        )),
+    }
+}
 
 impl Tensor {
     /// Zeroes each element with probability `p` and scales the rest by `1/(1-p)`, so the

@@ -18,6 +18,7 @@ mod view;
 
 pub use attention::*;
 pub use concat::*;
+pub use dropout::set_dropout_key;
 pub use cross_entropy::*;
 pub use rope::*;
 pub use stack::*;

@@ -8,6 +8,23 @@ use rayon::prelude::*;
 use super::CpuStorage;
 use crate::{rng, DType, Error, Layout, Result, Shape};
 
+thread_local! {
+    /// The CPU's dropout key ([`crate::set_dropout_key`]): per host thread, since CPU ops run on
+    /// the thread that calls them (their rayon workers get the keyed seed as a value).
+    static DROPOUT_KEY: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Sets the calling thread's dropout key.
+pub(crate) fn set_dropout_key(key: u64) {
+    DROPOUT_KEY.with(|k| k.set(key));
+}
+
+/// The seed a CPU op draws its dropout mask from: its own `seed` XOR the calling thread's key
+/// (`seed` itself while the key is 0). Called on the op's thread, before any rayon work.
+pub(crate) fn keyed(seed: u64) -> u64 {
+    seed ^ DROPOUT_KEY.with(std::cell::Cell::get)
+}
+
 /// `0` with probability `p`, else `1/(1 − p)`, counter-based (`rng::dropped`): the dropout mask
 /// (`BackendDevice::dropout_mask`).
 pub(super) fn dropout_mask(shape: &Shape, dtype: DType, p: f64, seed: u64) -> Result<CpuStorage> {

@@ -50,6 +50,9 @@ pub(crate) struct DeviceInner {
     /// buffer is its own driver allocation of the exact size, freed when dropped (after the
     /// stream drains).
     direct: bool,
+    /// 8 bytes of device memory holding the dropout key ([`crate::set_dropout_key`]), which the
+    /// dropout kernels read when they run; allocated with the device, never freed.
+    dropout_key: u64,
 }
 
 /// A handle to one GPU (cheap to clone).
@@ -130,6 +133,13 @@ impl CudaDevice {
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| err("querying the compute capability", e))?;
+        // SAFETY: a plain 8-byte allocation on the current context (CudaContext::new binds it),
+        // zeroed before any kernel can read it; it lives as long as the process's device.
+        let dropout_key = unsafe {
+            let p = result::malloc_sync(8).map_err(|e| err("allocating the dropout key", e))?;
+            result::memset_d8_sync(p, 0, 8).map_err(|e| err("zeroing the dropout key", e))?;
+            p
+        };
         Ok(CudaDevice(Arc::new(DeviceInner {
             staging: Mutex::new(Staging::default()),
             ordinal,
@@ -143,6 +153,7 @@ impl CudaDevice {
             capture: Mutex::new(None),
             capturing: std::sync::atomic::AtomicBool::new(false),
             direct: !fixed_cuda_options().caching_allocator,
+            dropout_key,
         })))
     }
 
@@ -167,6 +178,26 @@ impl CudaDevice {
     }
     pub(crate) fn stream(&self) -> &Arc<CudaStream> {
         &self.0.stream
+    }
+
+    /// The device address of the dropout key (a u64), the `key` argument of every dropout kernel.
+    pub(crate) fn dropout_key_ptr(&self) -> u64 {
+        self.0.dropout_key
+    }
+
+    /// Queues the write of the dropout key ([`crate::set_dropout_key`]): kernels queued after
+    /// this call draw with the new key, those queued before it with the old one. Refused while a
+    /// graph is being captured: the write would be recorded with this key's bytes, and every
+    /// replay would write them again.
+    pub(crate) fn set_dropout_key(&self, key: u64) -> Result<()> {
+        if self.0.capturing.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::invalid(
+                "set_dropout_key",
+                "a CUDA graph is being captured on this device: set the key before capturing \
+                 or replaying, not inside the capture",
+            ));
+        }
+        lock(&self.0.staging).upload(self, self.0.dropout_key, &key.to_le_bytes())
     }
 
     /// A typed error for a failed driver call of `op`.
