@@ -157,7 +157,8 @@ impl CudaGraphExec {
         self.graph.launch().map_err(|e| dev.err("graph replay", e))
     }
 
-    /// Bytes of device memory the graph's pool holds.
+    /// Bytes of device memory the graph's pool holds (shared with the other graphs of its
+    /// [`GraphMemory`], if any).
     pub fn pool_bytes(&self) -> usize {
         lock(&self.pool.blocks).iter().map(|&(_, c)| c).sum()
     }
@@ -169,7 +170,58 @@ impl CudaGraphExec {
 /// Run the work once eagerly first: kernel modules are compiled and loaded on first use, and
 /// caches that the work builds lazily should be made outside the graph's pool.
 pub fn capture<T>(dev: &CudaDevice, f: impl FnOnce() -> Result<T>) -> Result<(CudaGraphExec, T)> {
+    capture_in(dev, &GraphMemory::new(dev), f)
+}
+
+/// Device memory that several graphs share: each capture into it ([`capture_in`]) reuses the
+/// blocks that the earlier captures freed, so graphs of the same work at different shapes (a
+/// training step per sequence-length bucket) hold about the memory of the largest, not the sum.
+///
+/// Sharing is safe because replays run one after another on the device's one stream, with one
+/// rule for the caller: an output of a graph (a tensor it returned) may sit in a block that
+/// another graph of the memory uses for its temporaries, so read or copy a graph's outputs
+/// before replaying another graph of the same memory.
+#[derive(Clone)]
+pub struct GraphMemory(Arc<GraphPool>);
+
+impl GraphMemory {
+    pub fn new(dev: &CudaDevice) -> GraphMemory {
+        GraphMemory(GraphPool::new(dev))
+    }
+    /// Bytes of device memory held (every block any of its captures took).
+    pub fn bytes(&self) -> usize {
+        lock(&self.0.blocks).iter().map(|&(_, c)| c).sum()
+    }
+}
+
+impl std::fmt::Debug for GraphMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "GraphMemory(cuda:{}, {} B)",
+            self.0.dev.ordinal(),
+            self.bytes()
+        )
+    }
+}
+
+/// [`capture`] with the graph's memory taken from `mem`, which other graphs share.
+pub fn capture_in<T>(
+    dev: &CudaDevice,
+    mem: &GraphMemory,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<(CudaGraphExec, T)> {
     let op = "graph capture";
+    if mem.0.dev.ordinal() != dev.ordinal() {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "the graph memory belongs to cuda:{}, the capture is on cuda:{}",
+                mem.0.dev.ordinal(),
+                dev.ordinal()
+            ),
+        ));
+    }
     if dev.is_direct() {
         return Err(Error::invalid(
             op,
@@ -186,7 +238,7 @@ pub fn capture<T>(dev: &CudaDevice, f: impl FnOnce() -> Result<T>) -> Result<(Cu
     // Work queued before the capture must not be recorded: it is on the stream already, and
     // capturing starts a new sequence on it. The blas handle is made now (it allocates).
     dev.blas()?;
-    let pool = GraphPool::new(dev);
+    let pool = mem.0.clone();
     let stream = dev.stream().clone();
     stream
         .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
