@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::out_dir;
 
 /// The settings that may differ between a run and its resumption.
-pub const MAY_CHANGE_ON_RESUME: [&str; 14] = [
+pub const MAY_CHANGE_ON_RESUME: [&str; 15] = [
     "out_dir",
     "resume",
     "overwrite",
@@ -33,6 +33,7 @@ pub const MAY_CHANGE_ON_RESUME: [&str; 14] = [
     "moe_chunk_tokens",
     "group_mode",
     "attention",
+    "cuda_graphs",
 ];
 
 /// The recorded settings of the run that wrote checkpoint `ckpt` in `out_dir`: the

@@ -8,8 +8,8 @@
 //! After `warmup` steps, `steps` steps are timed: tokens/s (real, non-padding tokens), the
 //! step's wall time, and the host's busy time per step (wall time less the time the host waited
 //! for the GPU in synchronisations: every upload, download and explicit wait). On a GPU, `steps`
-//! more steps run with every kernel timed by CUDA events; the GPU busy fraction is their kernel
-//! time per token times the timed pass's tokens over its wall time (the events' own cost stays
+//! more steps run with every kernel (or graph replay, `--cuda-graphs on`) timed by CUDA events;
+//! the GPU busy fraction is their kernel time per token times the timed pass's tokens over its wall time (the events' own cost stays
 //! out of the figure). The peak of the engine allocator is read over the timed pass.
 
 use std::cell::RefCell;
@@ -22,7 +22,7 @@ use model::{Llama, PeftType};
 
 use super::{device_name, peak_bytes, reset_peak, shape_config, synchronize, BenchShape};
 use crate::base_model::{load_base_model, scratch_dir};
-use crate::config::{words, DTypeName, RunPlan, TrainConfig};
+use crate::config::{words, CudaGraphs, DTypeName, RunPlan, TrainConfig};
 use crate::error::{Error, Result};
 use crate::run::{train_plan_on, RunControl, StepDone};
 
@@ -76,6 +76,10 @@ pub struct RecipeArgs {
     /// Also write the result as JSON here [default: none, the summary on stdout only].
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Record the micro-steps as CUDA graphs (`on`), or run the same fixed-shape steps kernel by
+    /// kernel (`eager`), as `mixlora train --cuda-graphs` [default: off].
+    #[arg(long, value_name = "MODE", default_value = "off", value_parser = words::parse::<CudaGraphs>)]
+    pub cuda_graphs: CudaGraphs,
 }
 
 /// What the timed steps measured.
@@ -175,6 +179,7 @@ pub fn recipe_on(
         // one item a task keeps it short.
         eval_limit: Some(1),
         out_dir: out.clone(),
+        cuda_graphs: a.cuda_graphs,
         ..TrainConfig::default()
     };
     cfg.validate()?;
@@ -283,7 +288,8 @@ fn tick(c: &mut Clock, s: &StepDone, w: usize, n: usize, device: Device) -> Resu
 
 /// The result as JSON (`{"device", "model", "shape", "adapter", "rank", "batch", "micro_batch",
 /// "cutoff_len", "steps", "tokens", "tokens_per_s", "step_ms", "host_us_per_step", "gpu_busy",
-/// "peak_gib", "driver_allocs_per_step", "gpus"}`; `gpus`: the data-parallel ranks).
+/// "peak_gib", "driver_allocs_per_step", "gpus", "cuda_graphs"}`; `gpus`: the data-parallel
+/// ranks).
 pub fn recipe_json(a: &RecipeArgs, r: &RecipeResult) -> String {
     let round = |x: f64, d: i32| (x * 10f64.powi(d)).round() / 10f64.powi(d);
     let v = serde_json::json!({
@@ -305,6 +311,7 @@ pub fn recipe_json(a: &RecipeArgs, r: &RecipeResult) -> String {
         "peak_gib": r.peak_gib.map(|p| round(p, 3)),
         "driver_allocs_per_step": r.driver_allocs_per_step.map(|a| round(a, 1)),
         "gpus": r.ranks,
+        "cuda_graphs": words::Word::spell(&a.cuda_graphs),
     });
     serde_json::to_string_pretty(&v).unwrap_or_default()
 }

@@ -10,7 +10,7 @@ use model::{AttentionImpl, MoeImpl, PeftType, RoutingStrategy};
 use serde::{Deserialize, Serialize};
 
 use super::words::{self, GroupModeChoice, MoeImplChoice};
-use super::DTypeName;
+use super::{CudaGraphs, DTypeName};
 use crate::schedule::ScheduleKind;
 
 /// `skip_serializing_if` of a flag that is off unless given.
@@ -253,6 +253,14 @@ pub struct TrainArgs {
     pub attention: Option<AttentionImpl>,
     #[arg(
         long,
+        value_name = "MODE",
+        help = CUDA_GRAPHS_HELP,
+        value_parser = words::parse::<CudaGraphs>
+    )]
+    #[serde(with = "words::option", skip_serializing_if = "Option::is_none")]
+    pub cuda_graphs: Option<CudaGraphs>,
+    #[arg(
+        long,
         value_name = "N",
         help = MOE_CHUNK_HELP,
         value_parser = words::parse::<NonZeroUsize>
@@ -272,6 +280,11 @@ const GROUP_MODE_HELP: &str = "How several adapters of one run share the base: `
     bit for bit on the CPU), `shared` (the adapters' micro-batches padded into one batch through \
     the frozen base, their LoRAs grouped: the same up to rounding, fewer kernel launches) or \
     `auto` (exact) [default: auto]";
+const CUDA_GRAPHS_HELP: &str = "Record each training micro-step as a CUDA graph and replay it \
+    (`on`; --device cuda, one adapter, one process): micro-batches are padded to a multiple of 64 \
+    tokens and to full rows, and each micro-batch's dropout is drawn under a key the GPU reads. \
+    `eager` runs those same micro-steps without graphs, on any device, with the same numbers \
+    [default: off]";
 const ATTENTION_HELP: &str = "How attention is computed: `composite` (two matmuls around the \
     masked softmax, keeping the probabilities for the backward) or `flash` (one fused op keeping \
     a log-sum-exp per query; its CUDA kernels, head dims 64 and 128, are not yet validated on a \

@@ -55,6 +55,19 @@ impl DTypeName {
     }
 }
 
+/// Whether a run records its training micro-steps as CUDA graphs (`crate::run::fixed`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CudaGraphs {
+    /// Each micro-batch at its own length, launched kernel by kernel.
+    #[default]
+    Off,
+    /// Fixed-shape micro-steps (padded to length buckets, dropout keyed on the device), launched
+    /// kernel by kernel: on any device, the reference `On` equals bit for bit.
+    Eager,
+    /// Fixed-shape micro-steps recorded once per shape and replayed (CUDA).
+    On,
+}
+
 /// The seven projections of a LLaMA layer, in file order: the targets a run's adapters take
 /// unless `target_modules` says otherwise.
 pub const ALL_MODULES: [&str; 7] = [
@@ -188,6 +201,9 @@ with_defaults! {
         /// How attention is computed (the same values up to rounding).
         #[serde(with = "words")]
         pub attention: AttentionImpl = AttentionImpl::Composite,
+        /// Whether the micro-steps are recorded as CUDA graphs (one adapter, one process).
+        #[serde(with = "words")]
+        pub cuda_graphs: CudaGraphs = CudaGraphs::Off,
     }
 }
 

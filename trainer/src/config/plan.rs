@@ -16,13 +16,14 @@ use serde::Serialize;
 
 use super::tables::{self, absolute, check_name, ConfigFile};
 use super::words::{self, GroupModeChoice, MoeImplChoice};
+use super::CudaGraphs;
 use super::{given, DTypeName, TrainArgs, TrainConfig, BUILTIN_MODEL_LR};
 use crate::error::{Error, Result};
 use model::AttentionImpl;
 
 /// The settings of the whole run, which one base model and one device serve: refused inside an
 /// `[[adapter]]` table and by `--sweep`. Every adapter's [`TrainConfig`] holds them too.
-pub const SHARED_KEYS: [&str; 11] = [
+pub const SHARED_KEYS: [&str; 12] = [
     "model",
     "device",
     "dtype",
@@ -34,6 +35,7 @@ pub const SHARED_KEYS: [&str; 11] = [
     "moe_chunk_tokens",
     "group_mode",
     "attention",
+    "cuda_graphs",
 ];
 
 /// The values of [`SHARED_KEYS`] (the TOML keys are the field names).
@@ -55,6 +57,8 @@ pub struct SharedSettings {
     pub group_mode: GroupModeChoice,
     #[serde(with = "words")]
     pub attention: AttentionImpl,
+    #[serde(with = "words")]
+    pub cuda_graphs: CudaGraphs,
 }
 
 impl SharedSettings {
@@ -72,6 +76,7 @@ impl SharedSettings {
             moe_chunk_tokens: c.moe_chunk_tokens,
             group_mode: c.group_mode,
             attention: c.attention,
+            cuda_graphs: c.cuda_graphs,
         }
     }
 }

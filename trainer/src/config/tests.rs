@@ -270,7 +270,8 @@ fn train_config_toml_format() {
         router_z_loss = 0.0\nrouter_lr_scale = 1.0\nexpert_b_init_std = 0.0\n\
         eval_every = 0\nsave_every = 0\nsave_total_limit = 3\nlog_every = 1\n\
         device = \"cpu\"\ndtype = \"f32\"\nresume = false\ngradient_checkpointing = false\n\
-        moe_impl = \"auto\"\nmoe_kernels = \"gemms\"\ngroup_mode = \"auto\"\nattention = \"composite\"\n";
+        moe_impl = \"auto\"\nmoe_kernels = \"gemms\"\ngroup_mode = \"auto\"\nattention = \"composite\"\n\
+        cuda_graphs = \"off\"\n";
     assert_eq!(text, want);
 }
 

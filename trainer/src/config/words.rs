@@ -12,6 +12,8 @@ use engine::{Device, MoeKernels};
 use model::{AttentionImpl, GroupMode, MoeImpl, PeftType, RoutingStrategy};
 use serde::{de, Deserialize, Deserializer, Serializer};
 
+use super::CudaGraphs;
+
 /// A setting's parser and spelling (`parse(spell(v)) == v`).
 pub trait Word: Sized {
     fn parse_word(s: &str) -> Result<Self, String>;
@@ -97,6 +99,28 @@ impl Word for AttentionImpl {
         match self {
             AttentionImpl::Composite => "composite",
             AttentionImpl::Flash => "flash",
+        }
+        .to_string()
+    }
+}
+
+/// Whether micro-steps are recorded as CUDA graphs: `off`, `eager` or `on` ([`CudaGraphs`]).
+impl Word for CudaGraphs {
+    fn parse_word(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(CudaGraphs::Off),
+            "eager" => Ok(CudaGraphs::Eager),
+            "on" => Ok(CudaGraphs::On),
+            _ => Err(format!(
+                "unknown CUDA graphs setting `{s}` (expected off, eager or on)"
+            )),
+        }
+    }
+    fn spell(&self) -> String {
+        match self {
+            CudaGraphs::Off => "off",
+            CudaGraphs::Eager => "eager",
+            CudaGraphs::On => "on",
         }
         .to_string()
     }

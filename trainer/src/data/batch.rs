@@ -2,9 +2,7 @@
 //! cursor, and the collation of micro-batches (rows of one example, or packed rows:
 //! [`super::packing`]).
 
-#[cfg(test)]
-use engine::IGNORE_INDEX;
-use engine::{Device, Tensor};
+use engine::{Device, Tensor, IGNORE_INDEX};
 use serde::{Deserialize, Serialize};
 
 use super::packing::{collate_packed, pack_rows};
@@ -324,6 +322,33 @@ pub fn collate(items: &[&Encoded], pad_id: u32) -> HostBatch {
 }
 
 impl HostBatch {
+    /// This batch grown to `rows` rows of `len` positions (at least its own): every added
+    /// position is padding (`pad_id`, key mask 0, no target), so the real tokens, their
+    /// positions and targets are unchanged. A row of padding only sees no key: attention gives
+    /// it zero output and zero gradients, and it adds nothing to any loss.
+    pub fn padded_to(&self, rows: usize, len: usize, pad_id: u32) -> HostBatch {
+        let (rows, len) = (rows.max(self.batch), len.max(self.len));
+        let mut out = HostBatch {
+            batch: rows,
+            len,
+            ids: vec![pad_id; rows * len],
+            key_mask: vec![0; rows * len],
+            labels: vec![IGNORE_INDEX; rows * len],
+            target_tokens: self.target_tokens,
+            real_tokens: self.real_tokens,
+        };
+        for r in 0..self.batch {
+            let (src, dst) = (
+                r * self.len..(r + 1) * self.len,
+                r * len..r * len + self.len,
+            );
+            out.ids[dst.clone()].copy_from_slice(&self.ids[src.clone()]);
+            out.key_mask[dst.clone()].copy_from_slice(&self.key_mask[src.clone()]);
+            out.labels[dst].copy_from_slice(&self.labels[src]);
+        }
+        out
+    }
+
     /// `(ids [B, T], key_mask [B, T], labels [B·T])`, all u32, on `device`.
     pub fn to_tensors(&self, device: Device) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t) = (self.batch, self.len);
@@ -340,6 +365,31 @@ mod tests {
     use super::*;
 
     const I: u32 = IGNORE_INDEX;
+
+    #[test]
+    fn padding_a_batch_adds_only_padding() {
+        let a = Encoded::from_pair(&[1, 2], &[3, 4], 512, 0); // ids 1 2 3 4, labels I I 3 4
+        let b = Encoded::from_pair(&[5], &[6], 512, 0); // ids 5 6, labels I 6
+        let hb = collate(&[&a, &b], 9);
+        let p = hb.padded_to(3, 6, 9);
+        assert_eq!((p.batch, p.len), (3, 6));
+        assert_eq!(
+            p.ids,
+            [1, 2, 3, 4, 9, 9, 5, 6, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9]
+        );
+        assert_eq!(
+            p.key_mask,
+            [1, 1, 1, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
+        let mut want = vec![I; 18];
+        want[1..3].copy_from_slice(&[3, 4]);
+        want[6] = 6;
+        assert_eq!(p.labels, want);
+        assert_eq!((p.target_tokens, p.real_tokens), (3, 6));
+        // Never smaller than the batch itself.
+        let same = hb.padded_to(1, 2, 9);
+        assert_eq!((same.batch, same.len, &same.ids), (2, 4, &hb.ids));
+    }
 
     #[test]
     fn collation_pads_right_and_shifts_labels() {

@@ -35,6 +35,12 @@ pub(super) struct MicroOut {
     load: Vec<Tensor>,
 }
 
+impl MicroOut {
+    pub fn new(lm: Tensor, aux: Option<Tensor>, z: Option<Tensor>, load: Vec<Tensor>) -> Self {
+        MicroOut { lm, aux, z, load }
+    }
+}
+
 /// The scalars of `outs` read back in one download (one wait for the device): the values that
 /// reading each with `to_scalar` gives, in the same order.
 pub(super) fn read_all(outs: Vec<MicroOut>) -> Result<Vec<MicroResult>> {

@@ -2,6 +2,7 @@
 //! blocks. Evaluation with a model is [`crate::scoring`], the base model [`crate::base_model`].
 
 mod adapter;
+mod fixed;
 mod micro;
 mod parallel;
 mod start;
@@ -15,12 +16,13 @@ use engine::{Tensor, IGNORE_INDEX};
 use model::{Llama, MoeImpl, Tokenizer};
 
 use self::adapter::{AdapterRun, DataCache, Status, StepEnd, StepWork};
+use self::fixed::FixedSteps;
 use self::micro::{micro_step, read_all, Segment};
 pub use self::parallel::BUCKET_ELEMS;
 use self::parallel::{Captured, Ranks};
 use self::start::{is_finished, start_of, Start};
 use crate::base_model::{load_base_model, scratch_dir};
-use crate::config::{PlannedAdapter, RunPlan, TrainConfig};
+use crate::config::{words, CudaGraphs, PlannedAdapter, RunPlan, TrainConfig};
 use crate::error::{Error, Result};
 use crate::eval::EvalReport;
 use crate::metrics::Progress;
@@ -102,6 +104,9 @@ impl std::fmt::Debug for RunControl<'_> {
             .finish()
     }
 }
+
+/// The RNG stream of the one dropout seed of fixed-shape steps (`hash(seed, this)`).
+const FIXED_DROPOUT_STREAM: u64 = 0x6669_7865_6400; // "fixed"
 
 /// `mixlora train`: fine-tunes an adapter, evaluating and checkpointing as configured.
 pub fn train(cfg: &TrainConfig, log: impl FnMut(&str)) -> Result<TrainSummary> {
@@ -225,6 +230,26 @@ fn train_plan_with_base(
     fn named(grouped: bool, a: &PlannedAdapter) -> impl Fn(Error) -> Error + '_ {
         move |e| of_adapter(grouped, &a.name, e)
     }
+    let graphs = plan.shared.cuda_graphs;
+    if graphs != CudaGraphs::Off && (grouped || ranks.is_some()) {
+        return Err(Error::Config(format!(
+            "--cuda-graphs {} runs one adapter in one process; this run has {} adapters{}",
+            words::Word::spell(&graphs),
+            plan.adapters.len(),
+            if ranks.is_some() {
+                " and several processes"
+            } else {
+                ""
+            }
+        )));
+    }
+    if graphs == CudaGraphs::On && !matches!(plan.shared.device, engine::Device::Cuda(_)) {
+        return Err(Error::Config(format!(
+            "--cuda-graphs on records CUDA graphs, which needs --device cuda (the device is {}); \
+             `eager` runs the same fixed-shape steps on any device",
+            plan.shared.device
+        )));
+    }
     // Every adapter's folder first: nothing is loaded for a run that cannot start.
     let starts = plan
         .adapters
@@ -326,6 +351,18 @@ fn train_plan_with_base(
     }
 
     let pad = tok.eos_id().unwrap_or(0);
+    // Fixed-shape micro-steps (one adapter, checked above): one constant dropout seed, the
+    // per-micro-batch draw of the run's RNG becomes the device's dropout key.
+    let mut fixed = match graphs {
+        CudaGraphs::Off => None,
+        _ => Some(FixedSteps::new(
+            graphs,
+            model.device(),
+            runs[0].params(),
+            (first.micro_batch_size, first.cutoff_len, pad),
+            engine::rng::hash(first.seed, FIXED_DROPOUT_STREAM),
+        )?),
+    };
     // The bar counts optimizer steps: of the adapter, or of the whole run (its longest adapter).
     let (bar_total, bar_start) = if grouped {
         let left = runs.iter().map(|r| r.total - r.state.step).max();
@@ -395,6 +432,9 @@ fn train_plan_with_base(
         };
         // Each micro-batch's outputs (by position in `work`), still on the device.
         let mut pending = Vec::new();
+        if let Some(f) = &fixed {
+            f.begin_step()?;
+        }
         for m in 0..n_micro {
             if ranks.is_none() && interrupted() {
                 return stop(&mut runs);
@@ -417,7 +457,10 @@ fn train_plan_with_base(
             if ranks.is_some_and(|r| !r.owns(m)) {
                 continue;
             }
-            let results = micro_step(&model, grouped, &segs)?;
+            let results = match &mut fixed {
+                Some(f) => vec![f.micro_step(&model, &segs[0])?],
+                None => micro_step(&model, grouped, &segs)?,
+            };
             if let Some(r) = ranks {
                 let results = read_all(results)?;
                 for (&j, (lm, aux, z, load)) in with_m.iter().zip(results) {
@@ -427,6 +470,9 @@ fn train_plan_with_base(
                 continue;
             }
             pending.extend(with_m.into_iter().zip(results));
+        }
+        if let Some(f) = &fixed {
+            f.end_step()?;
         }
         // The micro-batches' losses, read back once the step's last backward is queued (one wait
         // for the device a step, not one a micro-batch), and added up in micro-batch order.
@@ -500,6 +546,16 @@ fn train_plan_with_base(
         }
     }
     progress.finish();
+    if let Some(f) = &fixed {
+        // The device's dropout key back to the start (0: every seed as given).
+        engine::set_dropout_key(model.device(), 0)?;
+        let (shapes, recorded) = f.shapes();
+        log(&format!(
+            "fixed-shape micro-steps: {shapes} shape(s) of {} rows, {recorded} recorded as CUDA \
+             graphs",
+            first.micro_batch_size
+        ));
+    }
     if let Some(peak) = crate::bench::peak_bytes(model.device()) {
         log(&format!(
             "peak device memory: {:.2} GiB (the engine allocator, over the whole run)",

@@ -151,10 +151,13 @@ impl std::fmt::Debug for CudaGraphExec {
 }
 
 impl CudaGraphExec {
-    /// Queues one run of the recorded work on the device's stream (no host wait).
+    /// Queues one run of the recorded work on the device's stream (no host wait). With the op
+    /// profile on, the replay is timed as one launch, `graph replay`.
     pub fn replay(&self) -> Result<()> {
         let dev = &self.pool.dev;
-        self.graph.launch().map_err(|e| dev.err("graph replay", e))
+        super::launch::profiled(dev, "graph replay", || {
+            self.graph.launch().map_err(|e| dev.err("graph replay", e))
+        })
     }
 
     /// Bytes of device memory the graph's pool holds (shared with the other graphs of its

@@ -1,0 +1,388 @@
+//! Fixed-shape micro-steps (`--cuda-graphs eager|on`): the shape of every micro-batch comes from
+//! a small set, so that a training micro-step of each shape can be recorded once as a CUDA graph
+//! and replayed, one launch in place of thousands.
+//!
+//! A graph replays its kernels with the arguments and addresses they were recorded with. So
+//! everything that changes from one micro-batch to the next reaches the kernels through device
+//! memory that the graph reads:
+//! - the token ids, key mask and labels: each shape's own input buffers, written before a run;
+//! - the shape: the micro-batch is padded to `micro_batch_size` rows and its length rounded up
+//!   to a multiple of [`BUCKET`] (at most `cutoff_len`), so a recipe of ragged examples needs a
+//!   few graphs, not one per length. Padding adds no key, no target and no loss;
+//! - the loss normalisation (`1 / target tokens of the step`, `1 / micro-batches`): device
+//!   scalars of the shape, not launch arguments;
+//! - the dropout: the model sees one constant seed and each micro-batch sets the device's
+//!   dropout key ([`engine::set_dropout_key`]) to its own draw of the run's RNG, so the masks are
+//!   new on every micro-batch and a replay draws exactly what the eager run draws;
+//! - the gradients: added into buffers that live across the run (one flat buffer per dtype, a
+//!   view per parameter), zeroed once at the start of a step and handed to the optimizer at its
+//!   end. The optimizer step stays outside the graphs (a few fused launches).
+//!
+//! `eager` runs the same micro-steps without recording them: on any device, the reference that
+//! `on` must equal bit for bit. `on` runs each shape eagerly the first time (kernels load, lazy
+//! caches fill outside the graph), records it the second time and replays it from then on. All
+//! shapes' graphs share one [`GraphMemory`](engine::backend::cuda::GraphMemory): their replays
+//! never overlap, and each run's outputs are copied out before the next.
+
+use std::collections::BTreeMap;
+
+use engine::{DType, Device, Tensor};
+use model::Llama;
+
+use super::lm_loss_rows;
+use super::micro::{MicroOut, Segment};
+use crate::config::CudaGraphs;
+use crate::data::HostBatch;
+use crate::error::{Error, Result};
+
+/// Micro-batch lengths are rounded up to a multiple of this (at most `cutoff_len`).
+pub const BUCKET: usize = 64;
+
+/// The length a micro-batch of `len` positions is padded to: the next multiple of [`BUCKET`],
+/// at most `cutoff` (never below `len`).
+pub fn bucket_len(len: usize, cutoff: usize) -> usize {
+    (len.div_ceil(BUCKET) * BUCKET).min(cutoff).max(len)
+}
+
+/// The micro-steps of a run of one adapter, by shape.
+pub(super) struct FixedSteps {
+    capture: bool,
+    device: Device,
+    rows: usize,
+    cutoff: usize,
+    pad: u32,
+    /// The dropout seed the model sees on every micro-batch (the key varies).
+    seed: u64,
+    params: Vec<Tensor>,
+    /// The step's gradients: one zero-initialised flat buffer per dtype, and a view of it per
+    /// parameter (the parameters' order).
+    flats: Vec<Tensor>,
+    grads: Vec<Tensor>,
+    shapes: BTreeMap<usize, Shape>,
+    #[cfg(feature = "cuda")]
+    memory: Option<engine::backend::cuda::GraphMemory>,
+}
+
+/// One micro-batch shape `[rows, len]`: its inputs, and its graph once recorded.
+struct Shape {
+    ids: Tensor,
+    mask: Tensor,
+    labels: Tensor,
+    /// f32 scalars: `1 / target tokens of the step`, `1 / micro-batches of the step`.
+    inv_targets: Tensor,
+    inv_micro: Tensor,
+    runs: usize,
+    #[cfg(feature = "cuda")]
+    graph: Option<(engine::backend::cuda::CudaGraphExec, Outputs)>,
+}
+
+/// What a micro-step leaves on the device: its scalars as f64 `[1 + aux + z]` (summed LM loss,
+/// then the aux loss and z-loss when the model has them) and its expert loads, concatenated.
+struct Outputs {
+    scalars: Tensor,
+    has_aux: bool,
+    has_z: bool,
+    loads: Option<Tensor>,
+    n_loads: usize,
+}
+
+impl FixedSteps {
+    /// For `params` (the adapter's trainable tensors, in the optimizer's order) on `device`:
+    /// micro-batches of `rows` rows of at most `cutoff` positions, padded with `pad`, dropout
+    /// drawn from `seed` under each micro-batch's key; `graphs` says whether to record them.
+    pub fn new(
+        graphs: CudaGraphs,
+        device: Device,
+        params: &[Tensor],
+        (rows, cutoff, pad): (usize, usize, u32),
+        seed: u64,
+    ) -> Result<FixedSteps> {
+        let capture = match graphs {
+            CudaGraphs::Off => {
+                return Err(Error::Config(
+                    "fixed-shape steps were asked for with --cuda-graphs off".into(),
+                ))
+            }
+            CudaGraphs::Eager => false,
+            CudaGraphs::On => true,
+        };
+        if capture && !cfg!(feature = "cuda") {
+            return Err(Error::Config(
+                "--cuda-graphs on needs a build with the CUDA backend (--features cuda)".into(),
+            ));
+        }
+        if capture && !matches!(device, Device::Cuda(_)) {
+            return Err(Error::Config(format!(
+                "--cuda-graphs on records CUDA graphs, which needs --device cuda (the device is \
+                 {device}); `eager` runs the same fixed-shape steps on any device"
+            )));
+        }
+        let (flats, grads) = gradient_buffers(params, device)?;
+        Ok(FixedSteps {
+            capture,
+            device,
+            rows,
+            cutoff,
+            pad,
+            seed,
+            params: params.to_vec(),
+            flats,
+            grads,
+            shapes: BTreeMap::new(),
+            #[cfg(feature = "cuda")]
+            memory: None,
+        })
+    }
+
+    /// Zeroes the step's gradient buffers: call before a step's first micro-batch.
+    pub fn begin_step(&self) -> Result<()> {
+        for f in &self.flats {
+            f.assign(&Tensor::zeros(f.dims().to_vec(), f.dtype(), self.device)?)?;
+        }
+        Ok(())
+    }
+
+    /// Hands the step's summed gradients to the parameters (their `grad`), for the optimizer.
+    /// The parameters' own gradients were empty (each micro-step takes them).
+    pub fn end_step(&self) -> Result<()> {
+        for (p, g) in self.params.iter().zip(&self.grads) {
+            p.zero_grad();
+            p.accumulate_grad(g)?;
+        }
+        Ok(())
+    }
+
+    /// One micro-batch `seg` of the step: forward, loss and backward at its padded shape, its
+    /// gradients added into the step's buffers. Its dropout key is `seg.seed`.
+    pub fn micro_step(&mut self, model: &Llama, seg: &Segment) -> Result<MicroOut> {
+        let len = bucket_len(seg.batch.len, self.cutoff);
+        let batch = seg.batch.padded_to(self.rows, len, self.pad);
+        let (rows, device) = (batch.batch, self.device);
+        if !self.shapes.contains_key(&len) || self.shapes[&len].ids.dims()[0] != rows {
+            self.shapes.insert(len, Shape::new(rows, len, device)?);
+        }
+        let shape = &self.shapes[&len];
+        shape.write(&batch, seg)?;
+        engine::set_dropout_key(device, seg.seed)?;
+        let outputs = if !self.capture || shape.runs == 0 {
+            micro_body(model, shape, &self.params, &self.grads, self.seed)?
+        } else {
+            self.replay(len, model)?
+        };
+        self.shapes.get_mut(&len).expect("made above").runs += 1;
+        // The outputs are the graph's (or, eager, fresh): copied out before the next run.
+        outputs.copied()
+    }
+
+    /// Replays the graph of shape `len`, recording it first if need be; returns its outputs.
+    #[cfg(feature = "cuda")]
+    fn replay(&mut self, len: usize, model: &Llama) -> Result<Outputs> {
+        use engine::backend::cuda::{capture_in, CudaDevice, GraphMemory};
+        let Device::Cuda(n) = self.device else {
+            unreachable!("checked in new")
+        };
+        let dev = CudaDevice::get(n)?;
+        let memory = self
+            .memory
+            .get_or_insert_with(|| GraphMemory::new(&dev))
+            .clone();
+        if self.shapes[&len].graph.is_none() {
+            let shape = &self.shapes[&len];
+            let (params, grads, seed) = (&self.params, &self.grads, self.seed);
+            let (graph, out) = capture_in(&dev, &memory, || {
+                micro_body(model, shape, params, grads, seed).map_err(|e| match e {
+                    Error::Engine(e) => e,
+                    other => engine::Error::invalid("graph capture", other.to_string()),
+                })
+            })
+            .map_err(|e| {
+                Error::Config(format!(
+                    "recording the training step as a CUDA graph failed ({e}); train with \
+                     --cuda-graphs off"
+                ))
+            })?;
+            self.shapes.get_mut(&len).expect("exists").graph = Some((graph, out));
+        }
+        let (graph, out) = self.shapes[&len].graph.as_ref().expect("recorded");
+        graph.replay()?;
+        Ok(out.shallow())
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn replay(&mut self, _len: usize, _model: &Llama) -> Result<Outputs> {
+        unreachable!("--cuda-graphs on is refused without the CUDA backend (new)")
+    }
+
+    /// Shapes seen so far, and how many of them have a graph.
+    pub fn shapes(&self) -> (usize, usize) {
+        #[cfg(feature = "cuda")]
+        let recorded = self.shapes.values().filter(|s| s.graph.is_some()).count();
+        #[cfg(not(feature = "cuda"))]
+        let recorded = 0;
+        (self.shapes.len(), recorded)
+    }
+}
+
+impl Shape {
+    fn new(rows: usize, len: usize, device: Device) -> Result<Shape> {
+        let u32s = |n: usize| Tensor::zeros(n, DType::U32, device);
+        Ok(Shape {
+            ids: u32s(rows * len)?.reshape([rows, len])?,
+            mask: u32s(rows * len)?.reshape([rows, len])?,
+            labels: u32s(rows * len)?,
+            inv_targets: Tensor::scalar(1.0, DType::F32, device)?,
+            inv_micro: Tensor::scalar(1.0, DType::F32, device)?,
+            runs: 0,
+            #[cfg(feature = "cuda")]
+            graph: None,
+        })
+    }
+
+    /// Writes the padded micro-batch `b` and the step's normalisation into the inputs.
+    fn write(&self, b: &HostBatch, seg: &Segment) -> Result<()> {
+        let (ids, mask, labels) = b.to_tensors(self.ids.device())?;
+        self.ids.assign(&ids)?;
+        self.mask.assign(&mask)?;
+        self.labels.assign(&labels)?;
+        let scalar = |v: f64| Tensor::scalar(v, DType::F32, self.ids.device());
+        self.inv_targets.assign(&scalar(1.0 / seg.n_targets)?)?;
+        self.inv_micro.assign(&scalar(1.0 / seg.n_micro)?)?;
+        Ok(())
+    }
+}
+
+/// The micro-step itself, on `shape`'s inputs: what [`super::micro::micro_step`] computes for
+/// one adapter, with the normalisation read from device scalars, the gradients added into
+/// `grads` (the parameters' own gradients taken and cleared) and the outputs packed.
+fn micro_body(
+    model: &Llama,
+    shape: &Shape,
+    params: &[Tensor],
+    grads: &[Tensor],
+    seed: u64,
+) -> Result<Outputs> {
+    let out = model.forward_train_hidden(&shape.ids, Some(&shape.mask), Some(seed))?;
+    let lm_sum = lm_loss_rows(model, &out.hidden, &shape.labels)?.sum_all()?;
+    let mut loss = lm_sum.to_dtype(DType::F32)?.mul(&shape.inv_targets)?;
+    for extra in out.aux_loss.iter().chain(&out.z_loss) {
+        loss = loss.add(&extra.to_dtype(DType::F32)?.mul(&shape.inv_micro)?)?;
+    }
+    loss.backward()?;
+    for (p, acc) in params.iter().zip(grads) {
+        if let Some(g) = p.grad() {
+            acc.assign(&acc.add(&g)?)?;
+        }
+        p.zero_grad();
+    }
+    let scalars: Vec<Tensor> = std::iter::once(&lm_sum)
+        .chain(&out.aux_loss)
+        .chain(&out.z_loss)
+        .map(|t| t.detach().to_dtype(DType::F64)?.reshape([1]))
+        .collect::<engine::Result<_>>()?;
+    let loads: Vec<Tensor> = out
+        .expert_load
+        .iter()
+        .map(|l| l.to_dtype(DType::F64)?.reshape([l.elem_count()]))
+        .collect::<engine::Result<_>>()?;
+    Ok(Outputs {
+        scalars: engine::cat(&scalars.iter().collect::<Vec<_>>(), 0)?,
+        has_aux: out.aux_loss.is_some(),
+        has_z: out.z_loss.is_some(),
+        loads: if loads.is_empty() {
+            None
+        } else {
+            Some(engine::cat(&loads.iter().collect::<Vec<_>>(), 0)?)
+        },
+        n_loads: loads.len(),
+    })
+}
+
+impl Outputs {
+    /// The same tensors (a graph's outputs, which its replays overwrite).
+    #[cfg(feature = "cuda")]
+    fn shallow(&self) -> Outputs {
+        Outputs {
+            scalars: self.scalars.clone(),
+            has_aux: self.has_aux,
+            has_z: self.has_z,
+            loads: self.loads.clone(),
+            n_loads: self.n_loads,
+        }
+    }
+
+    /// Copies of the outputs (one copy kernel each), split into a [`MicroOut`] of views.
+    fn copied(self) -> Result<MicroOut> {
+        let scalars = engine::no_grad(|| self.scalars.copy())?;
+        let mut at = 0;
+        let mut next = || -> Result<Tensor> {
+            let t = scalars.narrow(0, at, 1)?.reshape(())?;
+            at += 1;
+            Ok(t)
+        };
+        let lm = next()?;
+        let aux = self.has_aux.then(&mut next).transpose()?;
+        let z = self.has_z.then(&mut next).transpose()?;
+        let load = match &self.loads {
+            None => Vec::new(),
+            Some(l) => {
+                let l = engine::no_grad(|| l.copy())?;
+                let e = l.elem_count() / self.n_loads.max(1);
+                (0..self.n_loads)
+                    .map(|i| Ok(l.narrow(0, i * e, e)?))
+                    .collect::<Result<_>>()?
+            }
+        };
+        Ok(MicroOut::new(lm, aux, z, load))
+    }
+}
+
+/// The step's gradient buffers for `params`: a zero flat buffer per dtype (in order of first
+/// appearance) and, per parameter, a view of it with the parameter's shape.
+fn gradient_buffers(params: &[Tensor], device: Device) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+    let mut dtypes: Vec<DType> = Vec::new();
+    for p in params {
+        if !dtypes.contains(&p.dtype()) {
+            dtypes.push(p.dtype());
+        }
+    }
+    let flats = dtypes
+        .iter()
+        .map(|&d| {
+            let n: usize = params
+                .iter()
+                .filter(|p| p.dtype() == d)
+                .map(|p| p.elem_count())
+                .sum();
+            Tensor::zeros(n.max(1), d, device)
+        })
+        .collect::<engine::Result<Vec<_>>>()?;
+    let mut offsets = vec![0usize; dtypes.len()];
+    let grads = params
+        .iter()
+        .map(|p| {
+            let k = dtypes.iter().position(|&d| d == p.dtype()).expect("listed");
+            let n = p.elem_count();
+            let v = flats[k]
+                .narrow(0, offsets[k], n)?
+                .reshape(p.dims().to_vec())?;
+            offsets[k] += n;
+            Ok(v)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((flats, grads))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lengths_round_up_to_a_bucket_within_the_cutoff() {
+        assert_eq!(bucket_len(1, 512), 64);
+        assert_eq!(bucket_len(64, 512), 64);
+        assert_eq!(bucket_len(65, 512), 128);
+        assert_eq!(bucket_len(500, 512), 512);
+        assert_eq!(bucket_len(100, 100), 100); // the cutoff caps it
+        assert_eq!(bucket_len(120, 100), 120); // never below the batch's own length
+    }
+}
