@@ -176,6 +176,13 @@ pub fn positions_from_mask(
     Ok(Tensor::from_vec(pos, [b, t], device)?)
 }
 
+/// The RoPE positions `[B·S]` of a host key mask `[B, S]` (row-major, `s` positions a row):
+/// what [`positions_from_mask`] computes from the mask on a device, without reading it back
+/// (work recorded into a CUDA graph cannot wait for the device).
+pub fn mask_positions(mask: &[u32], s: usize) -> Vec<u32> {
+    mask.chunks(s.max(1)).flat_map(row_positions).collect()
+}
+
 /// The RoPE positions of one row of a key mask (0 padding, else the token's segment): each real
 /// token's count of earlier tokens of its segment, each padding token's count of earlier real
 /// tokens. With a 0/1 mask, the number of real tokens before each one.
@@ -198,7 +205,8 @@ pub(crate) fn row_positions(mask_row: &[u32]) -> Vec<u32> {
 
 #[cfg(test)]
 mod tests {
-    use super::row_positions;
+    use super::{mask_positions, positions_from_mask, row_positions};
+    use engine::{Device, Tensor};
 
     #[test]
     fn positions_restart_in_each_segment() {
@@ -209,5 +217,17 @@ mod tests {
             row_positions(&[1, 1, 1, 2, 2, 3, 0, 0]),
             [0, 1, 2, 0, 1, 0, 6, 6]
         );
+    }
+
+    #[test]
+    fn host_positions_are_the_device_ones() {
+        let mask: Vec<u32> = vec![1, 1, 1, 2, 2, 0, 0, 1, 1, 1, 1, 0];
+        let m = Tensor::from_slice(&mask, [2, 6], Device::Cpu).unwrap();
+        let want = positions_from_mask(2, 6, Some(&m), 0, Device::Cpu)
+            .unwrap()
+            .to_vec_u32()
+            .unwrap();
+        assert_eq!(mask_positions(&mask, 6), want);
+        assert_eq!(want, [0, 1, 2, 0, 1, 5, 0, 0, 1, 2, 3, 4]);
     }
 }

@@ -22,7 +22,7 @@ mod layer;
 mod merge;
 mod random;
 
-pub use cache::{positions_from_mask, KvCache};
+pub use cache::{mask_positions, positions_from_mask, KvCache};
 pub use group::{GroupMode, GroupSegment};
 pub use layer::AttentionImpl;
 use layer::{decoder_layer, into_engine_error, LayerCtx};
@@ -484,14 +484,40 @@ impl Llama {
         key_mask: Option<&Tensor>,
         dropout_seed: Option<u64>,
     ) -> Result<HiddenOutput> {
-        self.check_trainable("forward_train")?;
         let (b, t) = batch_dims(ids)?;
         let positions = positions_from_mask(b, t, key_mask, 0, ids.device())?;
+        self.forward_train_hidden_at(ids, key_mask, &positions, dropout_seed)
+    }
+
+    /// [`Llama::forward_train_hidden`] at the given RoPE positions `[B, T]` (u32; those of the
+    /// key mask: [`mask_positions`]), which it then does not compute from the key mask: no
+    /// read-back, so the pass can be recorded as a CUDA graph.
+    pub fn forward_train_hidden_at(
+        &self,
+        ids: &Tensor,
+        key_mask: Option<&Tensor>,
+        positions: &Tensor,
+        dropout_seed: Option<u64>,
+    ) -> Result<HiddenOutput> {
+        self.check_trainable("forward_train")?;
+        let (b, t) = batch_dims(ids)?;
+        if positions.dims() != [b, t] || positions.dtype() != engine::DType::U32 {
+            return Err(engine::Error::invalid(
+                "forward_train",
+                format!(
+                    "positions of shape {} ({:?}) for ids of shape {}: want [{b}, {t}] u32",
+                    positions.shape(),
+                    positions.dtype(),
+                    ids.shape()
+                ),
+            )
+            .into());
+        }
         let pass = Pass {
             dropout_seed,
             collect_routing: true,
         };
-        let (hidden, routing) = self.forward_pass(ids, &positions, key_mask, None, pass)?;
+        let (hidden, routing) = self.forward_pass(ids, positions, key_mask, None, pass)?;
         train_output(self.adapters.as_ref(), hidden, routing, key_mask)
     }
 

@@ -5,7 +5,8 @@
 //! A graph replays its kernels with the arguments and addresses they were recorded with. So
 //! everything that changes from one micro-batch to the next reaches the kernels through device
 //! memory that the graph reads:
-//! - the token ids, key mask and labels: each shape's own input buffers, written before a run;
+//! - the token ids, key mask, RoPE positions (from the mask, on the host) and labels: each
+//!   shape's own input buffers, written before a run;
 //! - the shape: the micro-batch is padded to `micro_batch_size` rows and its length rounded up
 //!   to a multiple of [`BUCKET`] (at most `cutoff_len`), so a recipe of ragged examples needs a
 //!   few graphs, not one per length. Padding adds no key, no target and no loss;
@@ -67,6 +68,8 @@ pub(super) struct FixedSteps {
 struct Shape {
     ids: Tensor,
     mask: Tensor,
+    /// RoPE positions, computed on the host from the mask (the device's would need a read-back).
+    positions: Tensor,
     labels: Tensor,
     /// f32 scalars: `1 / target tokens of the step`, `1 / micro-batches of the step`.
     inv_targets: Tensor,
@@ -229,6 +232,7 @@ impl Shape {
         Ok(Shape {
             ids: u32s(rows * len)?.reshape([rows, len])?,
             mask: u32s(rows * len)?.reshape([rows, len])?,
+            positions: u32s(rows * len)?.reshape([rows, len])?,
             labels: u32s(rows * len)?,
             inv_targets: Tensor::scalar(1.0, DType::F32, device)?,
             inv_micro: Tensor::scalar(1.0, DType::F32, device)?,
@@ -243,6 +247,12 @@ impl Shape {
         let (ids, mask, labels) = b.to_tensors(self.ids.device())?;
         self.ids.assign(&ids)?;
         self.mask.assign(&mask)?;
+        let positions = model::mask_positions(&b.key_mask, b.len);
+        self.positions.assign(&Tensor::from_slice(
+            &positions,
+            [b.batch, b.len],
+            self.ids.device(),
+        )?)?;
         self.labels.assign(&labels)?;
         let scalar = |v: f64| Tensor::scalar(v, DType::F32, self.ids.device());
         self.inv_targets.assign(&scalar(1.0 / seg.n_targets)?)?;
@@ -261,7 +271,12 @@ fn micro_body(
     grads: &[Tensor],
     seed: u64,
 ) -> Result<Outputs> {
-    let out = model.forward_train_hidden(&shape.ids, Some(&shape.mask), Some(seed))?;
+    let out = model.forward_train_hidden_at(
+        &shape.ids,
+        Some(&shape.mask),
+        &shape.positions,
+        Some(seed),
+    )?;
     let lm_sum = lm_loss_rows(model, &out.hidden, &shape.labels)?.sum_all()?;
     let mut loss = lm_sum.to_dtype(DType::F32)?.mul(&shape.inv_targets)?;
     for extra in out.aux_loss.iter().chain(&out.z_loss) {
