@@ -18,8 +18,8 @@ mod view;
 
 pub use attention::*;
 pub use concat::*;
-pub use dropout::set_dropout_key;
 pub use cross_entropy::*;
+pub use dropout::set_dropout_key;
 pub use rope::*;
 pub use stack::*;
 
