@@ -1,5 +1,12 @@
 //! Counter-based random numbers: value `i` of stream `seed` is a pure function of `(seed, i)`, so
 //! every backend (and every thread) produces the same numbers without sharing state.
+//!
+//! Dropout masks are drawn from their op's seed XOR the device's dropout key
+//! ([`crate::set_dropout_key`], 0 unless set): the stream of a mask is `seed ^ key`, on the CPU
+//! (the calling thread's key, applied once where the op enters the backend) and on the GPU (the
+//! kernels read the key from device memory when they run, so a replayed CUDA graph draws the
+//! masks of the key set before the replay). The functions here take that stream as their `seed`;
+//! random fills (`randn`, uniform) are never keyed.
 
 /// SplitMix64 finaliser: a strong 64-bit mixing function.
 #[inline]

@@ -51,6 +51,12 @@ __device__ __forceinline__ u64 rng_mix64(u64 z) {
     return z ^ (z >> 31);
 }
 
+// `rng_mix64` of the seed a dropout kernel draws from: its `seed` argument XOR the device's
+// dropout key (engine::set_dropout_key), 8 bytes of device memory read when the kernel runs, so
+// that a replayed CUDA graph (whose recorded seeds never change) draws the masks of the key set
+// before the replay. Called once per thread (the key is uniform); key 0 leaves `seed` as it is.
+__device__ __forceinline__ u64 dropout_mixed(u64 seed, const u64* __restrict__ key) { return rng_mix64(seed ^ *key); }
+
 // hash(seed, j) of engine/src/rng.rs with `mixed = rng_mix64(seed)` hoisted by the caller.
 __device__ __forceinline__ u64 rng_hash_mixed(u64 mixed, u64 j) {
     return rng_mix64(mixed ^ (j * 0xD6E8FEB86659FD93ull));

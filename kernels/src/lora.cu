@@ -10,15 +10,15 @@
 // holds the R × 4 adapter values of its columns in registers for the whole kernel. N (columns)
 // and the row stride of x are multiples of 4, x is 8-byte aligned (checked on the host).
 //
-// lora_codes_bf16_r{R}(M, N, x, ldx, A, a_t, part, rows_per_block, seed, thr, keep, drop)
+// lora_codes_bf16_r{R}(M, N, x, ldx, A, a_t, part, rows_per_block, seed, key, thr, keep, drop)
 //     part[chunk, m, r] = Σ_{c in chunk} drop(x)[m, c] · A[r, c]   (chunk = 128 columns)
 //     x [M, N] bf16 (row stride ldx), A [R, N] f32, part [ceil(N/128), M, R] f32;
 //     grid (ceil(N/128), ceil(M/rows_per_block)), 256 threads
-// lora_grad_a_bf16_r{R}(M, N, x, ldx, dz, part, rows_per_warp, seed, thr, keep, drop)
+// lora_grad_a_bf16_r{R}(M, N, x, ldx, dz, part, rows_per_warp, seed, key, thr, keep, drop)
 //     part[g, r, c] = Σ_{m in rows of g} dz[m, r] · drop(x)[m, c]   (g = blockIdx.y: 8 warps of
 //     rows_per_warp consecutive rows each); dz [M, R] f32, part [gridDim.y, R, N] f32;
 //     grid (ceil(N/128), G), 256 threads
-// lora_grad_x_bf16_r{R}(M, N, dz, A, a_t, dx, rows_per_block, seed, thr, keep, drop)
+// lora_grad_x_bf16_r{R}(M, N, dz, A, a_t, dx, rows_per_block, seed, key, thr, keep, drop)
 //     dx[m, c] = bf16(mask[m, c] · Σ_r dz[m, r] · A[r, c])   dx [M, N] bf16 contiguous
 //     grid (ceil(N/128), ceil(M/rows_per_block)), 256 threads
 // lora_expand_add_bf16_r{R}(M, N, zs, Bt, bt_t, y, ldy, out, rows_per_block)
@@ -32,7 +32,8 @@
 // B [N, R] is: read as Bᵀ without a copy. Small f32 operands (A, Bt, dz, zs) are 16-byte aligned.
 //
 // Dropout: drop = 0 multiplies by nothing (x exactly); else element i is dropped when
-// dropout_bits(seed, i) < thr and the kept ones are scaled by keep = 1/(1 − p).
+// dropout_bits(seed ^ *key, i) < thr (key: the device's dropout key, common.cuh) and the kept
+// ones are scaled by keep = 1/(1 − p).
 
 #define LORA_COLS 128
 #define LORA_WARPS 8
@@ -142,14 +143,14 @@ template <int R> __device__ __forceinline__ float lora_warp_sum_scatter(float (&
 
 template <int R>
 __device__ void lora_codes(u32 M, u32 N, const bf16* x, u32 ldx, const float* A, int a_t, float* part,
-                           u32 rows_per_block, u64 seed, u32 thr, float keep, int drop) {
+                           u32 rows_per_block, u64 seed, const u64* __restrict__ key, u32 thr, float keep, int drop) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const u32 chunk = blockIdx.x;
     const u32 c0 = chunk * LORA_COLS + lane * 4;
     const bool active = c0 < N;
     float a[R][4];
     lora_slice<R>(A, N, c0, a_t, a);
-    const u64 mixed = rng_mix64(seed);
+    const u64 mixed = dropout_mixed(seed, key);
     const u32 m0 = blockIdx.y * rows_per_block;
     const u32 m1 = min(M, m0 + rows_per_block);
     constexpr u32 SPREAD = 32 / R; // lanes holding each code after the reduction
@@ -185,11 +186,11 @@ __device__ void lora_codes(u32 M, u32 N, const bf16* x, u32 ldx, const float* A,
 
 template <int R>
 __device__ void lora_grad_a(u32 M, u32 N, const bf16* x, u32 ldx, const float* dz, float* part, u32 rows_per_warp,
-                            u64 seed, u32 thr, float keep, int drop) {
+                            u64 seed, const u64* __restrict__ key, u32 thr, float keep, int drop) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const u32 c0 = blockIdx.x * LORA_COLS + lane * 4;
     const bool active = c0 < N; // no early return: the block synchronises below
-    const u64 mixed = rng_mix64(seed);
+    const u64 mixed = dropout_mixed(seed, key);
     // Warp w of block row g owns rows [(8g + w)·rows_per_warp, +rows_per_warp).
     const size_t start = ((size_t)blockIdx.y * LORA_WARPS + warp) * rows_per_warp;
     const u32 m0 = (u32)min((size_t)M, start);
@@ -235,13 +236,13 @@ __device__ void lora_grad_a(u32 M, u32 N, const bf16* x, u32 ldx, const float* d
 
 template <int R>
 __device__ void lora_grad_x(u32 M, u32 N, const float* dz, const float* A, int a_t, bf16* dx, u32 rows_per_block,
-                            u64 seed, u32 thr, float keep, int drop) {
+                            u64 seed, const u64* __restrict__ key, u32 thr, float keep, int drop) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const u32 c0 = blockIdx.x * LORA_COLS + lane * 4;
     if (c0 >= N) return;
     float a[R][4];
     lora_slice<R>(A, N, c0, a_t, a);
-    const u64 mixed = rng_mix64(seed);
+    const u64 mixed = dropout_mixed(seed, key);
     const u32 m0 = blockIdx.y * rows_per_block;
     const u32 m1 = min(M, m0 + rows_per_block);
     // Two rows per step: both rows' dz loads go out before the products.
@@ -314,19 +315,19 @@ __device__ void lora_expand_add(u32 M, u32 N, const float* zs, const float* Bt, 
 
 #define LORA_RANK(R) \
     extern "C" __global__ void lora_codes_bf16_r##R(u32 M, u32 N, const bf16* x, u32 ldx, const float* A, int a_t, \
-                                                     float* part, u32 rows_per_block, u64 seed, u32 thr, float keep, \
-                                                     int drop) { \
-        lora_codes<R>(M, N, x, ldx, A, a_t, part, rows_per_block, seed, thr, keep, drop); \
+                                                     float* part, u32 rows_per_block, u64 seed, \
+                                                     const u64* __restrict__ key, u32 thr, float keep, int drop) { \
+        lora_codes<R>(M, N, x, ldx, A, a_t, part, rows_per_block, seed, key, thr, keep, drop); \
     } \
     extern "C" __global__ void lora_grad_a_bf16_r##R(u32 M, u32 N, const bf16* x, u32 ldx, const float* dz, \
-                                                      float* part, u32 rows_per_warp, u64 seed, u32 thr, float keep, \
-                                                      int drop) { \
-        lora_grad_a<R>(M, N, x, ldx, dz, part, rows_per_warp, seed, thr, keep, drop); \
+                                                      float* part, u32 rows_per_warp, u64 seed, \
+                                                      const u64* __restrict__ key, u32 thr, float keep, int drop) { \
+        lora_grad_a<R>(M, N, x, ldx, dz, part, rows_per_warp, seed, key, thr, keep, drop); \
     } \
     extern "C" __global__ void lora_grad_x_bf16_r##R(u32 M, u32 N, const float* dz, const float* A, int a_t, \
-                                                      bf16* dx, u32 rows_per_block, u64 seed, u32 thr, float keep, \
-                                                      int drop) { \
-        lora_grad_x<R>(M, N, dz, A, a_t, dx, rows_per_block, seed, thr, keep, drop); \
+                                                      bf16* dx, u32 rows_per_block, u64 seed, \
+                                                      const u64* __restrict__ key, u32 thr, float keep, int drop) { \
+        lora_grad_x<R>(M, N, dz, A, a_t, dx, rows_per_block, seed, key, thr, keep, drop); \
     } \
     extern "C" __global__ void lora_expand_add_bf16_r##R(u32 M, u32 N, const float* zs, const float* Bt, int bt_t, \
                                                           const bf16* y, u32 ldy, bf16* out, u32 rows_per_block) { \

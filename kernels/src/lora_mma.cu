@@ -11,15 +11,15 @@
 // 1/(1 − p) scales the sums once. A dropped element is an exact zero here, where x·0 of a NaN x
 // is NaN in lora.cu.
 //
-// lora_codes_mma_bf16_r{R}(M, N, x, ldx, A, a_t, part, cols_per_split, seed, thr, keep, drop)
+// lora_codes_mma_bf16_r{R}(M, N, x, ldx, A, a_t, part, cols_per_split, seed, key, thr, keep, drop)
 //     part[s, m, r] = keep · Σ_{c in split s} mask(x)[m, c] · A[r, c], the splits being runs of
 //     cols_per_split (a multiple of 32) columns; A [R, N] f32, or (a_t) stored as its transpose
 //     [N, R]; grid (splits, ceil(M / 128)), 128 threads.
-// lora_grad_a_mma_bf16_r{R}(M, N, x, ldx, dz, part, rows_per_split, seed, thr, keep, drop)
+// lora_grad_a_mma_bf16_r{R}(M, N, x, ldx, dz, part, rows_per_split, seed, key, thr, keep, drop)
 //     part[s, r, c] = keep · Σ_{m in split s} dz[m, r] · mask(x)[m, c], runs of rows_per_split (a
 //     multiple of 32) rows; dz [M, R] f32 row-major (16-byte aligned); grid (ceil(N / 128),
 //     splits), 128 threads.
-// lora_expand_mma_bf16_r{R}(M, N, z, Bt, bt_t, y, ldy, out, rows_per_block, seed, thr, keep, drop)
+// lora_expand_mma_bf16_r{R}(M, N, z, Bt, bt_t, y, ldy, out, rows_per_block, seed, key, thr, keep, drop)
 //     out[m, c] = bf16(y[m, c] + f(m, c) · Σ_r z[m, r] · Bt[r, c]), y optional (null: none),
 //     f = 0 or keep by the mask (drop) or 1; z [M, R] f32 row-major (8-byte aligned); Bt [R, N]
 //     f32, or (bt_t) stored as its transpose [N, R] (8-byte aligned); out [M, N] contiguous;
@@ -132,12 +132,12 @@ __device__ __forceinline__ void lm_row8(const float* A, int a_t, u32 N, u32 r, u
 // columns.
 template <int R>
 __device__ void lm_codes(u32 M, u32 N, const bf16* x, u32 ldx, const float* A, int a_t, float* part, u32 cps,
-                         u64 seed, u32 thr, float keep, int drop) {
+                         u64 seed, const u64* __restrict__ key, u32 thr, float keep, int drop) {
     constexpr int NT = R / 8; // n8 tiles of codes
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
     const u32 m0 = blockIdx.y * (32 * LM_WARPS) + 32 * warp;
     const u32 c_begin = blockIdx.x * cps, c_end = min(N, c_begin + cps);
-    const u64 mixed = rng_mix64(seed);
+    const u64 mixed = dropout_mixed(seed, key);
     float acc[2][NT][4];
 #pragma unroll
     for (int i = 0; i < 2; ++i)
@@ -223,14 +223,14 @@ __device__ void lm_codes(u32 M, u32 N, const bf16* x, u32 ldx, const float* A, i
 // 8tq .. + 8, in order.
 template <int R>
 __device__ void lm_grad_a(u32 M, u32 N, const bf16* x, u32 ldx, const float* dz, float* part, u32 rps, u64 seed,
-                          u32 thr, float keep, int drop) {
+                          const u64* __restrict__ key, u32 thr, float keep, int drop) {
     __shared__ __align__(16) bf16 s_dz[2][R][LM_DZ_STRIDE]; // [hi, lo][code][row of the chunk]
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
     const u32 col = blockIdx.x * (32 * LM_WARPS) + 32 * warp + 8 * tq;
     const bool cin = col < N;
     const u32 m_begin = blockIdx.y * rps, m_end = min(M, m_begin + rps);
     const u32 rbase = 8 * (g >> 1) + (g & 1); // + 4s + 2h: the rows this lane loads in a step
-    const u64 mixed = rng_mix64(seed);
+    const u64 mixed = dropout_mixed(seed, key);
     float acc[4][4];
 #pragma unroll
     for (int j = 0; j < 4; ++j)
@@ -334,7 +334,7 @@ __device__ void lm_grad_a(u32 M, u32 N, const bf16* x, u32 ldx, const float* dz,
 // hi and lo on the fly; each product is hi·hi + hi·lo + lo·hi (lo·lo is below f32 rounding).
 template <int R>
 __device__ void lm_expand(u32 M, u32 N, const float* z, const float* Bt, int bt_t, const bf16* y, u32 ldy, bf16* out,
-                          u32 rpb, u64 seed, u32 thr, float keep, int drop) {
+                          u32 rpb, u64 seed, const u64* __restrict__ key, u32 thr, float keep, int drop) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
     const u32 c0 = blockIdx.x * (32 * LM_WARPS) + 32 * warp, col = c0 + 8 * tq;
     const bool cin = col < N;
@@ -353,7 +353,7 @@ __device__ void lm_expand(u32 M, u32 N, const float* z, const float* Bt, int bt_
             lm_split2(v.x, v.y, bh[j][q], bl[j][q]);
         }
     }
-    const u64 mixed = rng_mix64(seed);
+    const u64 mixed = dropout_mixed(seed, key);
     const u32 m_begin = blockIdx.y * rpb, m_end = min(M, m_begin + rpb);
     // z rows m0 + g, m0 + g + 8 at k 2tq, 2tq + 1 and + 8, and y at the lane's 8 columns, of the
     // tiles at m .. m + 16·LM_EXPAND_UNROLL. The loads of the next tiles go out before the
@@ -439,19 +439,19 @@ __device__ void lm_expand(u32 M, u32 N, const float* z, const float* Bt, int bt_
 
 #define LORA_MMA_RANK(R) \
     extern "C" __global__ void __launch_bounds__(32 * LM_WARPS) lora_codes_mma_bf16_r##R( \
-        u32 M, u32 N, const bf16* x, u32 ldx, const float* A, int a_t, float* part, u32 cps, u64 seed, u32 thr, \
-        float keep, int drop) { \
-        lm_codes<R>(M, N, x, ldx, A, a_t, part, cps, seed, thr, keep, drop); \
+        u32 M, u32 N, const bf16* x, u32 ldx, const float* A, int a_t, float* part, u32 cps, u64 seed, \
+        const u64* __restrict__ key, u32 thr, float keep, int drop) { \
+        lm_codes<R>(M, N, x, ldx, A, a_t, part, cps, seed, key, thr, keep, drop); \
     } \
     extern "C" __global__ void __launch_bounds__(32 * LM_WARPS) lora_grad_a_mma_bf16_r##R( \
-        u32 M, u32 N, const bf16* x, u32 ldx, const float* dz, float* part, u32 rps, u64 seed, u32 thr, float keep, \
-        int drop) { \
-        lm_grad_a<R>(M, N, x, ldx, dz, part, rps, seed, thr, keep, drop); \
+        u32 M, u32 N, const bf16* x, u32 ldx, const float* dz, float* part, u32 rps, u64 seed, \
+        const u64* __restrict__ key, u32 thr, float keep, int drop) { \
+        lm_grad_a<R>(M, N, x, ldx, dz, part, rps, seed, key, thr, keep, drop); \
     } \
     extern "C" __global__ void __launch_bounds__(32 * LM_WARPS) lora_expand_mma_bf16_r##R( \
         u32 M, u32 N, const float* z, const float* Bt, int bt_t, const bf16* y, u32 ldy, bf16* out, u32 rpb, u64 seed, \
-        u32 thr, float keep, int drop) { \
-        lm_expand<R>(M, N, z, Bt, bt_t, y, ldy, out, rpb, seed, thr, keep, drop); \
+        const u64* __restrict__ key, u32 thr, float keep, int drop) { \
+        lm_expand<R>(M, N, z, Bt, bt_t, y, ldy, out, rpb, seed, key, thr, keep, drop); \
     }
 
 LORA_MMA_RANK(8)

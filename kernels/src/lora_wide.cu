@@ -2,15 +2,16 @@
 // expert's LoRA-A stacked: E·r = 128 codes), on the tensor cores, where the composition wrote
 // drop(x) and cuBLAS then ran a GEMM with one side of only 128 (32 blocks on 132 SMs). Follows
 // lora_mma.cu in the LORA module (lm_mma, lm_mask8, lm_word, lm_load16, lm_zero4); the dropout
-// mask is dropout_bits of engine/src/rng.rs over x's row-major [M, K] elements (the kept ones'
-// factor keep = 1/(1 − p) scales the sums once; a dropped element is an exact zero).
+// mask is dropout_bits(seed ^ *key) of engine/src/rng.rs (key: the device's dropout key,
+// common.cuh) over x's row-major [M, K] elements (the kept ones' factor keep = 1/(1 − p) scales
+// the sums once; a dropped element is an exact zero).
 //
-// lora_codes_wide_bf16(M, N, K, x, ldx, A, lda, part, cols_per_split, seed, thr, keep, drop)
+// lora_codes_wide_bf16(M, N, K, x, ldx, A, lda, part, cols_per_split, seed, key, thr, keep, drop)
 //     part[s, m, n] = keep · Σ_{c in split s} mask(x)[m, c] · A[n, c]: x [M, K], A [N, K] bf16
 //     (row strides ldx, lda; rows of 16-byte runs: K, the strides multiples of 8, 16-byte
 //     aligned), N a multiple of 8, splits of cols_per_split (a multiple of 32) columns;
 //     part [splits, M, N] f32; grid (splits, ceil(M / 64), ceil(N / 128)), 128 threads.
-// lora_grad_a_wide_bf16(M, N, K, dz, ldz, x, ldx, part, rows_per_split, seed, thr, keep, drop)
+// lora_grad_a_wide_bf16(M, N, K, dz, ldz, x, ldx, part, rows_per_split, seed, key, thr, keep, drop)
 //     part[s, n, c] = keep · Σ_{m in split s} dz[m, n] · mask(x)[m, c]: dz [M, N], x [M, K] bf16
 //     (as above), splits of rows_per_split (a multiple of 32) rows; part [splits, N, K] f32;
 //     grid (ceil(K / 64), splits, ceil(N / 128)), 128 threads.
@@ -40,12 +41,12 @@ __device__ __forceinline__ void lw_ldsm4_t(u32 (&r)[4], const bf16* p) {
 // are the words 2s, 2s + 1 of A's row n0 + 8t + g at the same 8 columns (b0, b1 of tile t).
 extern "C" __global__ void __launch_bounds__(LW_THREADS)
     lora_codes_wide_bf16(u32 M, u32 N, u32 K, const bf16* x, u32 ldx, const bf16* A, u32 lda, float* part, u32 cps,
-                         u64 seed, u32 thr, float keep, int drop) {
+                         u64 seed, const u64* __restrict__ key, u32 thr, float keep, int drop) {
     __shared__ uint4 s_x[2][64 * 4]; // [buffer][row · 4 + chunk]: rows g, g + 1 fall 16 banks apart
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tq = lane & 3;
     const u32 m0 = blockIdx.y * 64, n0 = blockIdx.z * 128 + 32 * warp;
     const u32 c_begin = blockIdx.x * cps, c_end = min(K, c_begin + cps);
-    const u64 mixed = rng_mix64(seed);
+    const u64 mixed = dropout_mixed(seed, key);
     const u32 lrow = tid >> 2, lchunk = tid & 3; // this thread's tile chunks: rows lrow, lrow + 32
     auto load_x = [&](u32 c, uint4 (&v)[2]) {
         const u32 col = c + 8 * lchunk;
@@ -135,13 +136,13 @@ extern "C" __global__ void __launch_bounds__(LW_THREADS)
 // and the B fragments (x, k = row) come out of them through ldmatrix.trans.
 extern "C" __global__ void __launch_bounds__(LW_THREADS)
     lora_grad_a_wide_bf16(u32 M, u32 N, u32 K, const bf16* dz, u32 ldz, const bf16* x, u32 ldx, float* part,
-                          u32 rps, u64 seed, u32 thr, float keep, int drop) {
+                          u32 rps, u64 seed, const u64* __restrict__ key, u32 thr, float keep, int drop) {
     __shared__ __align__(16) bf16 s_x[2][32 * LW_XS];
     __shared__ __align__(16) bf16 s_d[2][32 * LW_DS];
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tq = lane & 3;
     const u32 c0 = blockIdx.x * 64, nb = blockIdx.z * 128, n0 = nb + 32 * warp;
     const u32 m_begin = blockIdx.y * rps, m_end = min(M, m_begin + rps);
-    const u64 mixed = rng_mix64(seed);
+    const u64 mixed = dropout_mixed(seed, key);
     // x tile: 32 rows × 8 chunks, two a thread (rows xr, xr + 16); dz tile: 32 rows × 16
     // chunks, four a thread (rows dr + 8j).
     const u32 xr = tid >> 3, xc = tid & 7, dr = tid >> 4, dc = tid & 15;

@@ -23,19 +23,20 @@
 //         0 + (src[t, c]·s + 0), or with weights (w non-null, [T·K] A) 0 + src[t, c]·(w[p]·s + 0);
 //     summed (summed = 1): out [T, E·R], in block ids[t·K + j] of row t: 0 + (src[t·K + j, c]·s + 0);
 //     zeros elsewhere. src [T or T·K, E·R] in its dtype.
-// moe_swiglu_forward_{dtype}(T, K, I, t0, G, ldg, U, ldu, dG, dU, w, abar, am, pdrop, keep, seed)
+// moe_swiglu_forward_{dtype}(T, K, I, t0, G, ldg, U, ldu, dG, dU, w, abar, am, pdrop, keep, seed,
+//                            key)
 //     g = G[t] + dG[p], u = U[t] + dU[p], a = silu(g)·u:
 //     abar[t] = Σ_j w[p] a  [T, I],  am[p] = m(p)·a  [T·K, I]
 // moe_swiglu_backward_{dtype}(T, K, I, t0, G, ldg, U, ldu, dG, dU, dD, dabar, w, dGU, dg, du, am,
-//                             dw, pdrop, keep, seed)
+//                             dw, pdrop, keep, seed, key)
 //     da = w[p]·dabar[t] + m(p)·dD[p], dg = da·u·silu'(g), du = da·silu(g):
 //     dGU [T, 2I] = [Σ_j dg | Σ_j du], dg, du [T·K, I], am [T·K, I] = m(p)·a, dw [T, K] = ⟨dabar[t], a⟩
 //
 // G and U are read through a row stride (ldg, ldu: they are column halves of one [T, 2I] product);
 // every other operand is contiguous. Dropout: element i of slot p is dropped when
-// dropout_bits(seed, ((t0 + t)·K + j)·I + i) < round(pdrop · 2^16) (t0: the first token of this
-// chunk of the op's tokens), else scaled by `keep` = 1/(1 − pdrop) (engine/src/rng.rs,
-// bit-identical to the CPU's).
+// dropout_bits(seed ^ *key, ((t0 + t)·K + j)·I + i) < round(pdrop · 2^16) (t0: the first token of
+// this chunk of the op's tokens; key: the device's dropout key, common.cuh), else scaled by
+// `keep` = 1/(1 − pdrop) (engine/src/rng.rs, bit-identical to the CPU's).
 // One block per token row for the SwiGLU kernels (grid-stride over rows); K ≤ MOE_MAX_K (checked
 // on the host). Each SwiGLU kernel also comes as `..._k2_{dtype}` for K ≤ 2 (top-1 and top-2
 // routing, the common case): its per-slot arrays hold 2 entries, not 8, which keeps the kernel
@@ -55,14 +56,15 @@
 // Elements per vector load: 8 bf16 (one 16-byte word), 8 f32 (two), 8 f64 (four).
 #define MOE_VEC 8
 
-// The dropout of the down projection's input: dropout_bits(seed, idx) of engine/src/rng.rs against
-// the threshold round(pdrop · 2^16), bit-identical to the CPU's.
+// The dropout of the down projection's input: dropout_bits(seed ^ *key, idx) of engine/src/rng.rs
+// against the threshold round(pdrop · 2^16), bit-identical to the CPU's (key: the device's dropout
+// key, common.cuh).
 struct MoeDrop {
     double p;
     u32 thr;
     u64 mixed;
-    __device__ MoeDrop(double pdrop, u64 seed)
-        : p(pdrop), thr((u32)fmin(round(pdrop * 65536.0), 65535.0)), mixed(rng_mix64(seed)) {}
+    __device__ MoeDrop(double pdrop, u64 seed, const u64* __restrict__ key)
+        : p(pdrop), thr((u32)fmin(round(pdrop * 65536.0), 65535.0)), mixed(dropout_mixed(seed, key)) {}
 
     // The multiplier of element idx: 0 when dropped, else keep (1 without dropout).
     template <typename A> __device__ __forceinline__ A at(A keep, u64 idx) const {
@@ -187,10 +189,11 @@ template <typename TB, int KM>
 __device__ void moe_swiglu_forward(u32 T, u32 K, u32 I, u32 t0, const TB* __restrict__ G, u32 ldg,
                                    const TB* __restrict__ U, u32 ldu, const TB* __restrict__ dG,
                                    const TB* __restrict__ dU, const typename Acc<TB>::type* __restrict__ w,
-                                   TB* __restrict__ abar, TB* __restrict__ am, double pdrop, double keep_d, u64 seed) {
+                                   TB* __restrict__ abar, TB* __restrict__ am, double pdrop, double keep_d, u64 seed,
+                                   const u64* __restrict__ key) {
     typedef typename Acc<TB>::type A;
     const A keep = (A)keep_d;
-    const MoeDrop drop(pdrop, seed);
+    const MoeDrop drop(pdrop, seed, key);
     const bool vec = (I % MOE_VEC) == 0 && (ldg % MOE_VEC) == 0 && (ldu % MOE_VEC) == 0 && moe_aligned(G) &&
                      moe_aligned(U) && moe_aligned(dG) && moe_aligned(dU) && moe_aligned(abar) && moe_aligned(am);
     const u32 nv = vec ? I / MOE_VEC : 0;
@@ -258,10 +261,10 @@ __device__ void moe_swiglu_backward(u32 T, u32 K, u32 I, u32 t0, const TB* __res
                                     const TB* __restrict__ dabar, const typename Acc<TB>::type* __restrict__ w,
                                     TB* __restrict__ dGU, TB* __restrict__ dg_out, TB* __restrict__ du_out,
                                     TB* __restrict__ am, typename Acc<TB>::type* __restrict__ dw, double pdrop,
-                                    double keep_d, u64 seed) {
+                                    double keep_d, u64 seed, const u64* __restrict__ key) {
     typedef typename Acc<TB>::type A;
     const A keep = (A)keep_d;
-    const MoeDrop drop(pdrop, seed);
+    const MoeDrop drop(pdrop, seed, key);
     const bool vec = (I % MOE_VEC) == 0 && (ldg % MOE_VEC) == 0 && (ldu % MOE_VEC) == 0 && moe_aligned(G) &&
                      moe_aligned(U) && moe_aligned(dG) && moe_aligned(dU) && moe_aligned(dD) &&
                      moe_aligned(dabar) && moe_aligned(dGU) && moe_aligned(dg_out) && moe_aligned(du_out) &&
@@ -360,15 +363,16 @@ __device__ void moe_swiglu_backward(u32 T, u32 K, u32 I, u32 t0, const TB* __res
 #define MOE_SWIGLU(TB, SUF, KM, NAME, BWD_BOUNDS) \
     extern "C" __global__ void moe_swiglu_forward##NAME##_##SUF( \
         u32 T, u32 K, u32 I, u32 t0, const TB* G, u32 ldg, const TB* U, u32 ldu, const TB* dG, const TB* dU, \
-        const Acc<TB>::type* w, TB* abar, TB* am, double pdrop, double keep, u64 seed) { \
-        moe_swiglu_forward<TB, KM>(T, K, I, t0, G, ldg, U, ldu, dG, dU, w, abar, am, pdrop, keep, seed); \
+        const Acc<TB>::type* w, TB* abar, TB* am, double pdrop, double keep, u64 seed, \
+        const u64* __restrict__ key) { \
+        moe_swiglu_forward<TB, KM>(T, K, I, t0, G, ldg, U, ldu, dG, dU, w, abar, am, pdrop, keep, seed, key); \
     } \
     extern "C" __global__ void BWD_BOUNDS moe_swiglu_backward##NAME##_##SUF( \
         u32 T, u32 K, u32 I, u32 t0, const TB* G, u32 ldg, const TB* U, u32 ldu, const TB* dG, const TB* dU, \
         const TB* dD, const TB* dabar, const Acc<TB>::type* w, TB* dGU, TB* dg, TB* du, TB* am, Acc<TB>::type* dw, \
-        double pdrop, double keep, u64 seed) { \
+        double pdrop, double keep, u64 seed, const u64* __restrict__ key) { \
         moe_swiglu_backward<TB, KM>(T, K, I, t0, G, ldg, U, ldu, dG, dU, dD, dabar, w, dGU, dg, du, am, dw, \
-                                    pdrop, keep, seed); \
+                                    pdrop, keep, seed, key); \
     }
 
 #define MOE_BLOCK_CODES(TS, SS, TO, SO) \

@@ -19,20 +19,21 @@
 // term (the zeros cost tensor-core time, which is cheap, instead of a sort by expert).
 //
 // moe_tiles_forward_bf16(T, K, I, E, R, t0, G, ldg, U, ldu, cg, cu, ids, Bg, Bu, Ad, w, abar, zd,
-//                        pdrop, keep, seed)
+//                        pdrop, keep, seed, key)
 //     g = G[t] + Cg[p] Bgᵀ, u = U[t] + Cu[p] Buᵀ, a = silu(g)·u (f32);
 //     abar [T, I] = Σ_j w[p]·a (bf16), zd [T·K, R] f32 = expert block of bf16(m(p)·a) Adᵀ.
 // moe_tiles_rows_bf16(T, K, I, E, R, t0, G, ldg, U, ldu, cg, cu, cd, ids, Bg, Bu, Ad, dabar, w,
-//                     dgu, dzg, dzu, dw, pdrop, keep, seed)
+//                     dgu, dzg, dzu, dw, pdrop, keep, seed, key)
 //     with ld = Cd[p] Ad and (a, dg, du) = moe_slot_grads(g, u, w·dabar[t], ld, m):
 //     dgu [T, 2I] bf16 = [Σ_j dg | Σ_j du]; dzg, dzu [T·K, R] f32 = expert block of bf16(dg) Bg,
 //     bf16(du) Bu; dw [T·K] f32 = ⟨dabar[t], a⟩.
-// moe_tiles_cols_bf16(same operands as rows, then dBg, dBu, dAd, pdrop, keep, seed)
+// moe_tiles_cols_bf16(same operands as rows, then dBg, dBu, dAd, pdrop, keep, seed, key)
 //     dBg [I, ER] f32 = Σ_p bf16(dg[p])ᵀ Cg[p], dBu likewise, dAd [ER, I] f32 = Σ_p Cd[p]ᵀ
 //     bf16(m·a[p]) (the block form makes each expert's block sum only its own slots).
 //
 // Dropout (on the down projection's input, as in moe_ffn.cu): element i of slot p is dropped
-// when dropout_bits(seed, ((t0 + t)·K + j)·I + i) < round(pdrop·2^16), else scaled by keep.
+// when dropout_bits(seed ^ *key, ((t0 + t)·K + j)·I + i) < round(pdrop·2^16), else scaled by keep
+// (key: the device's dropout key, common.cuh).
 //
 // Tiling: 256 threads (8 warps), MT_ROWS = 64 slot rows by MT_COLS = 32 columns of I a step;
 // operand tiles stream into shared memory with cp.async, MT_STAGES steps in flight. forward and
@@ -252,11 +253,11 @@ extern "C" __global__ void __launch_bounds__(MT_THREADS, 1)
     moe_tiles_forward_bf16(u32 T, u32 K, u32 I, u32 E, u32 R, u32 t0, const bf16* G, u32 ldg, const bf16* U,
                            u32 ldu, const bf16* cg, const bf16* cu, const u32* ids, const bf16* Bg, const bf16* Bu,
                            const bf16* Ad, const float* w, bf16* abar, float* zd, double pdrop, double keep_d,
-                           u64 seed) {
+                           u64 seed, const u64* __restrict__ key) {
     extern __shared__ uint4 mt_shared[];
     const MtDims d = {T, K, I, E, R, E * R, T * K, t0};
     const float keep = (float)keep_d;
-    const MoeDrop drop(pdrop, seed);
+    const MoeDrop drop(pdrop, seed, key);
     bf16* sc = reinterpret_cast<bf16*>(mt_shared);
     bf16* s_cg = sc;
     bf16* s_cu = sc + MT_ROWS * MT_CS;

@@ -8,11 +8,12 @@ extern "C" __global__ void __launch_bounds__(MT_THREADS, 1)
     moe_tiles_rows_bf16(u32 T, u32 K, u32 I, u32 E, u32 R, u32 t0, const bf16* G, u32 ldg, const bf16* U, u32 ldu,
                         const bf16* cg, const bf16* cu, const bf16* cd, const u32* ids, const bf16* Bg,
                         const bf16* Bu, const bf16* Ad, const bf16* dabar, const float* w, bf16* dgu, float* dzg,
-                        float* dzu, float* dw, double pdrop, double keep_d, u64 seed) {
+                        float* dzu, float* dw, double pdrop, double keep_d, u64 seed,
+                        const u64* __restrict__ key) {
     extern __shared__ uint4 mt_shared[];
     const MtDims d = {T, K, I, E, R, E * R, T * K, t0};
     const float keep = (float)keep_d;
-    const MoeDrop drop(pdrop, seed);
+    const MoeDrop drop(pdrop, seed, key);
     bf16* sc = reinterpret_cast<bf16*>(mt_shared);
     bf16* s_cg = sc;
     bf16* s_cu = sc + MT_ROWS * MT_CS;
@@ -181,11 +182,12 @@ extern "C" __global__ void __launch_bounds__(MT_THREADS, 1)
     moe_tiles_cols_bf16(u32 T, u32 K, u32 I, u32 E, u32 R, u32 t0, const bf16* G, u32 ldg, const bf16* U, u32 ldu,
                         const bf16* cg, const bf16* cu, const bf16* cd, const u32* ids, const bf16* Bg,
                         const bf16* Bu, const bf16* Ad, const bf16* dabar, const float* w, float* dBg, float* dBu,
-                        float* dAd, double pdrop, double keep_d, u64 seed) {
+                        float* dAd, double pdrop, double keep_d, u64 seed,
+                        const u64* __restrict__ key) {
     extern __shared__ uint4 mt_shared[];
     const MtDims d = {T, K, I, E, R, E * R, T * K, t0};
     const float keep = (float)keep_d;
-    const MoeDrop drop(pdrop, seed);
+    const MoeDrop drop(pdrop, seed, key);
     unsigned char* base = reinterpret_cast<unsigned char*>(mt_shared);
     bf16* s_bg = reinterpret_cast<bf16*>(base);
     bf16* s_bu = reinterpret_cast<bf16*>(base + MT_BT_BYTES);

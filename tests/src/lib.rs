@@ -69,6 +69,26 @@ pub fn next_token_targets(ids: &[u32], mask: &[u32], t: usize) -> Vec<u32> {
         .collect()
 }
 
+/// Sets `device`'s dropout key ([`engine::set_dropout_key`]) for as long as it lives, and back
+/// to 0 when dropped: a failing assertion unwinds through the drop, so the key never leaks into
+/// a later test on the same thread (the CPU's key is the thread's) or device (a GPU's).
+#[must_use = "the key goes back to 0 when the guard is dropped"]
+pub struct DropoutKey(Device);
+
+impl DropoutKey {
+    pub fn set(device: Device, key: u64) -> DropoutKey {
+        engine::set_dropout_key(device, key).expect("set_dropout_key");
+        DropoutKey(device)
+    }
+}
+
+impl Drop for DropoutKey {
+    fn drop(&mut self) {
+        // Refused only while a graph is being captured on the device: nothing to do then.
+        let _ = engine::set_dropout_key(self.0, 0);
+    }
+}
+
 /// The bits of every element (read as f64), to compare results exactly.
 pub fn bits(t: &Tensor) -> Vec<u64> {
     t.to_vec_f64()

@@ -4,7 +4,9 @@
 //! gives (loss, hidden states, every adapter gradient), replay after replay; a host read-back
 //! inside a capture fails it and leaves the device usable; uploads inside a capture are replayed
 //! with their bytes; a graph's memory goes back to the allocator when the graph and its outputs
-//! go. Skips, saying why, without a GPU.
+//! go; a recorded dropout replayed under a dropout key (`engine::set_dropout_key`) set before
+//! the replay draws that key's masks, bit for bit as eagerly, and the key cannot be set inside a
+//! capture. Skips, saying why, without a GPU.
 
 #[cfg(feature = "cuda")]
 mod gpu {
@@ -13,7 +15,7 @@ mod gpu {
     use model::adapters::Adapters;
     use model::{AdapterConfig, Llama, MoeImpl, PeftType, RandomInit};
     use testutil::gpu::{device as gpu, serial};
-    use testutil::{bits, gpu_llama_config, next_token_targets, rand_ids};
+    use testutil::{bits, gpu_llama_config, next_token_targets, rand_ids, DropoutKey};
 
     fn cuda(d: Device) -> CudaDevice {
         match d {
@@ -156,6 +158,67 @@ mod gpu {
         targets.assign(&up(tv, vec![b * t])).unwrap();
         graph.replay().unwrap();
         assert_ne!(first, loss.to_vec_f64().unwrap());
+    }
+
+    /// A recorded dropout (`Tensor::dropout` of a bf16 x, then the fused LoRA op with its own
+    /// dropout, backward to A and B) replayed under a dropout key set before the replay gives bit
+    /// for bit what running it eagerly under that key gives, for two keys, which give two
+    /// results; setting the key inside the capture is refused.
+    #[test]
+    fn a_replay_draws_the_masks_of_the_key_set_before_it() {
+        let _lock = serial();
+        let Some(d) = gpu() else { return };
+        let dev = cuda(d);
+        let x = Tensor::randn(vec![64, 128], 0.0, 1.0, 1, DType::BF16, d).unwrap();
+        let w = Tensor::randn(vec![96, 128], 0.0, 0.1, 2, DType::BF16, d).unwrap();
+        let var = |dims: Vec<usize>, seed| {
+            let t = Tensor::randn(dims, 0.0, 0.3, seed, DType::F32, d).unwrap();
+            t.to_var().unwrap()
+        };
+        let (a, b) = (var(vec![8, 128], 3), var(vec![96, 8], 4));
+        // h = drop(x) [64, 128]; out = h Wᵀ + 0.8 · drop(h) Aᵀ Bᵀ [64, 96]; backward of Σ out.
+        let step = || -> engine::Result<(Tensor, Tensor)> {
+            let h = x.dropout(0.2, 11, true)?;
+            let out = h
+                .matmul(&w.t()?)?
+                .lora_add(&h, &a, &b, 0.8, Some((0.1, 13)))?;
+            out.sum_all()?.to_dtype(DType::F32)?.backward()?;
+            Ok((out, h))
+        };
+        let take = |t: &Tensor| {
+            let g = t.grad().unwrap();
+            t.zero_grad();
+            g
+        };
+        // Once eagerly first: kernels compiled and loaded.
+        step().unwrap();
+        take(&a);
+        take(&b);
+        let (graph, (refused, (out, h))) = capture(&dev, || {
+            let refused = engine::set_dropout_key(d, 1).is_err();
+            Ok((refused, step()?))
+        })
+        .unwrap();
+        assert!(refused, "set_dropout_key inside a capture must be refused");
+        let (ga, gb) = (take(&a), take(&b));
+        let mut replays = Vec::new();
+        for key in [0x51_7CC1_B727_220A, 0x94D0_49BB_1331_11EB] {
+            let want = {
+                let _key = DropoutKey::set(d, key);
+                let (out, h) = step().unwrap();
+                [bits(&out), bits(&h), bits(&take(&a)), bits(&take(&b))]
+            };
+            let _key = DropoutKey::set(d, key);
+            graph.replay().unwrap();
+            let got = [bits(&out), bits(&h), bits(&ga), bits(&gb)];
+            for (n, name) in ["out", "h", "dA", "dB"].iter().enumerate() {
+                assert_eq!(got[n], want[n], "key {key:#x}: {name}");
+            }
+            replays.push(got);
+        }
+        for (n, name) in ["out", "h", "dA", "dB"].iter().enumerate() {
+            assert_ne!(replays[0][n], replays[1][n], "two keys, one {name}");
+        }
     }
 
     #[test]

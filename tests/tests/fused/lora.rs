@@ -8,7 +8,8 @@
 //! (1e-12), f32 (1e-5) and on a bf16 base (1e-2), with and without dropout (the mask must be the
 //! same one), x contiguous and a non-contiguous view, row counts that are not multiples of the
 //! CUDA tiles; finite differences of both ops in f64; that `linear_lora` keeps no `[M, out]`
-//! tensor on the tape; typed errors for bad shapes and dtypes.
+//! tensor on the tape; typed errors for bad shapes and dtypes. Under a dropout key K
+//! (`engine::set_dropout_key`) seed S gives seed S ^ K's output and gradients bit for bit.
 //!
 //! Parity: the primitives (`codes`, `expand_add`, `grad_codes`, `grad_a`, `grad_x`), `dropped_product`
 //! (against an f64 reference), and of `Tensor::lora_add` and `Tensor::linear_lora` forward and
@@ -22,7 +23,7 @@
 use engine::{DType, Device, Tensor};
 use model::adapters::lora::linear;
 use model::adapters::{lora_linear, LoraLinear};
-use testutil::{check_gradients, randn, rel_err};
+use testutil::{bits, check_gradients, randn, rel_err, DropoutKey};
 
 /// Random values (standard normal × `s`) of `shape` in `dtype`.
 fn rnd(shape: &[usize], s: f64, seed: u64, dtype: DType) -> Tensor {
@@ -164,6 +165,54 @@ fn dropout_mask_is_the_dropout_ops() {
     let want = x.dropout(0.4, 5, true).unwrap();
     assert_eq!(out.to_vec_f32().unwrap(), want.to_vec_f32().unwrap());
     assert!(out.to_vec_f32().unwrap().contains(&0.0));
+}
+
+/// Under the dropout key K (`engine::set_dropout_key`) the fused ops with dropout seed S give
+/// bit for bit what seed S ^ K gives under key 0: the output and the gradients of x, A and B of
+/// `lora_add` and `linear_lora`, on f64, f32 and a bf16 base, below and past the CPU's parallel
+/// threshold (M·in ≥ 2^14); and not what seed S gives. Keying twice (forward or backward) would
+/// XOR the key back out, keying once in the forward only would change the gradients.
+#[test]
+fn dropout_key_is_xored_into_the_seed() {
+    const KEY: u64 = 0x2545_F491_4F6C_DD1D;
+    const SEED: u64 = 99;
+    for base in [DType::F64, DType::F32, DType::BF16] {
+        let ad = adapter(base);
+        for (m, n_in, n_out, r) in [(23, 40, 24, 8), (70, 300, 16, 4)] {
+            for linear in [false, true] {
+                // The bits of out, dx, dA, dB with the dropout seed `seed`.
+                let run = |seed: u64| -> Vec<Vec<u64>> {
+                    let x = rnd(&[m, n_in], 1.0, 1, base).to_var().unwrap();
+                    let w = rnd(&[n_out, n_in], 0.3, 2, base);
+                    let a = rnd(&[r, n_in], 0.4, 3, ad).to_var().unwrap();
+                    let b = rnd(&[n_out, r], 0.4, 4, ad).to_var().unwrap();
+                    let drop = Some((0.3, seed));
+                    let out = if linear {
+                        x.linear_lora(&w, &a, &b, 0.8, drop).unwrap()
+                    } else {
+                        let y = x.matmul(&w.t().unwrap()).unwrap();
+                        y.lora_add(&x, &a, &b, 0.8, drop).unwrap()
+                    };
+                    out.backward_with_grad(&rnd(&[m, n_out], 1.0, 5, base))
+                        .unwrap();
+                    let g = |t: &Tensor| bits(&t.grad().unwrap());
+                    vec![bits(&out), g(&x), g(&a), g(&b)]
+                };
+                let what = if linear { "linear_lora" } else { "lora_add" };
+                let what = format!("{what} {base} m {m} in {n_in} out {n_out} r {r}");
+                let plain = run(SEED);
+                let keyed = {
+                    let _key = DropoutKey::set(Device::Cpu, KEY);
+                    run(SEED)
+                };
+                let want = run(SEED ^ KEY);
+                for (i, name) in ["out", "dx", "dA", "dB"].iter().enumerate() {
+                    assert_eq!(keyed[i], want[i], "{what}: {name} of key K, seed S");
+                    assert_ne!(keyed[i], plain[i], "{what}: the key changes {name}");
+                }
+            }
+        }
+    }
 }
 
 #[test]

@@ -6,7 +6,10 @@
 //! against f32), at several sizes (T not a multiple of 32, odd H and I), k = 1 and 2, E = 4 and 8,
 //! with an expert that receives no token; an f64 finite-difference check of the op itself (with
 //! and without dropout, in chunks); the token chunking and the options; the grouping of slots by
-//! expert; typed errors; the block-code primitive against the separate ones it replaces.
+//! expert; typed errors; the block-code primitive against the separate ones it replaces. Under
+//! a dropout key K (`engine::set_dropout_key`): the op's results change, its backward draws its
+//! forward's masks (finite differences) and chunking changes nothing; the primitives that draw
+//! the down projection's mask give seed S ^ K's bits for seed S.
 //!
 //! Then (module `gpu`) the CPU ↔ CUDA parity of the op: the output and the gradients of x, the
 //! routing weights and the six stacked adapter tensors, with the CPU as the reference. Relative
@@ -27,7 +30,7 @@ use engine::{
 use model::adapters::{
     ExpertLora, LoraLinear, MixLoraFfn, MoeImpl, Router, RouterOutput, Routing, SharedFfn,
 };
-use testutil::{check_gradients, ids, randn, rel_err};
+use testutil::{check_gradients, ids, randn, rel_err, DropoutKey};
 
 /// Sizes of one comparison.
 #[derive(Clone, Copy, Debug)]
@@ -498,6 +501,205 @@ fn chunking_changes_nothing() {
         }
     }
     assert!(op_out_chunked(&v, &frozen, None, Some(0)).is_err());
+}
+
+/// A dropout key ([`engine::set_dropout_key`]) for the tests.
+const KEY: u64 = 0xD1B5_4A32_D192_ED03;
+
+/// Under the dropout key K the op draws every mask from its seed XOR K: its derived seeds (gate,
+/// up, down: `rng::hash(S, 0..3)`) are each XORed with K, so no op seed of key 0 stands in for
+/// it; what holds is that the output and every gradient change with the key, that the backward
+/// draws the forward's masks under it (the f64 finite-difference check, unchunked and in chunks
+/// of 2 tokens, whose primitives each key once), that chunking changes nothing under it, and
+/// that with the key back at 0 seed S gives its own results again. The primitives that draw the
+/// down projection's mask are checked against seed S ^ K bit for bit below.
+#[test]
+fn dropout_key_changes_every_mask_and_keeps_forward_and_backward_together() {
+    let (v, frozen) = op_inputs();
+    let drop = Some(MoeDropout { p: 0.3, seed: 9 });
+    // The output and every gradient of Σ y², as bits.
+    let run = |chunk: Option<usize>| {
+        let vars: Vec<Tensor> = v.iter().map(|t| t.to_var().unwrap()).collect();
+        let y = op_out_chunked(&vars, &frozen, drop, chunk).unwrap();
+        y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let mut out = vec![y.to_vec_f64().unwrap()];
+        out.extend(vars.iter().map(|t| t.grad().unwrap().to_vec_f64().unwrap()));
+        out
+    };
+    let plain = run(None);
+    {
+        let _key = DropoutKey::set(Device::Cpu, KEY);
+        let keyed = run(None);
+        for (n, (k, p)) in keyed.iter().zip(&plain).enumerate() {
+            assert_ne!(k, p, "tensor {n}: the key changes it");
+        }
+        for (n, (a, b)) in run(Some(2)).iter().zip(&keyed).enumerate() {
+            let err = rel_err(a, b);
+            assert!(err < 1e-12, "chunks of 2: tensor {n} differs by {err:.3e}");
+        }
+        check_gradients("moe_ffn_dropout_keyed", &v, |v| op_out(v, &frozen, drop));
+        check_gradients("moe_ffn_dropout_keyed_chunked", &v, |v| {
+            op_out_chunked(v, &frozen, drop, Some(2))
+        });
+    }
+    assert_eq!(run(None), plain, "the key is back at 0");
+}
+
+/// The bits of every result of the CPU primitives that draw the down projection's mask
+/// (`swiglu_forward`, `swiglu_backward`, `tiles_forward`, `tiles_rows`, `tiles_cols`,
+/// `tiles_backward`) at `FT`, `FK`, `FE`, `FR`, `FI` in f64, p = 0.3, with `MoeDims::seed` =
+/// `seed`, under the thread's current dropout key.
+fn moe_mask_primitives(seed: u64) -> Vec<Vec<u64>> {
+    use engine::backend::BackendStorage;
+    use engine::fused::moe_ffn::primitives as prim;
+    use engine::fused::Operand;
+    use engine::{Layout, Storage};
+    let (t, k, e, r, i) = (FT, FK, FE, FR, FI);
+    let d = MoeDims {
+        t,
+        k,
+        e,
+        r,
+        i,
+        dropout: 0.3,
+        seed,
+        t0: 0,
+    };
+    let dev = Device::Cpu;
+    let ids_f: Vec<f64> = (0..t * k).map(|p| ((p / k + p % k) % e) as f64).collect();
+    let ids = Storage::upload_f64(dev, &ids_f, DType::U32).unwrap();
+    let data = |n: usize, s: u64| -> Vec<f64> {
+        (0..n as u64)
+            .map(|j| engine::rng::uniform(s, j) * 2.0 - 1.0)
+            .collect()
+    };
+    let up = |rows: usize, cols: usize, s: u64| {
+        let st = Storage::upload_f64(dev, &data(rows * cols, s), DType::F64).unwrap();
+        (st, Layout::contiguous([rows, cols]))
+    };
+    let (g, u, w) = (up(t, i, 1), up(t, i, 2), up(t, k, 3));
+    let (dg, du, dd) = (up(t * k, i, 4), up(t * k, i, 5), up(t * k, i, 6));
+    let (cg, cu, cd) = (up(t * k, r, 7), up(t * k, r, 8), up(t * k, r, 9));
+    let (bg, bu, ad) = (up(i, e * r, 10), up(i, e * r, 11), up(e * r, i, 12));
+    let dabar = up(t, i, 13);
+    let ids_l = Layout::contiguous([t, k]);
+    fn o((s, l): &(Storage, Layout)) -> Operand<'_, Storage> {
+        Operand::new(s, l)
+    }
+    let ids_o = Operand::new(&ids, &ids_l);
+    // The bits of a contiguous result of `n` elements.
+    let read = |s: &Storage, n: usize| -> Vec<u64> {
+        let v = s.to_f64_vec(&Layout::contiguous([n])).unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    };
+    let (ti, ski, skr, ter) = (t * i, t * k * i, t * k * r, e * r * i);
+    let mut out = Vec::new();
+    let (abar, am) = prim::swiglu_forward(
+        prim::SwigluForward {
+            g: o(&g),
+            u: o(&u),
+            dg: o(&dg),
+            du: o(&du),
+            w: o(&w),
+        },
+        &d,
+    )
+    .unwrap();
+    out.extend([read(&abar, ti), read(&am, ski)]);
+    let sg = prim::swiglu_backward(
+        prim::SwigluBackward {
+            g: o(&g),
+            u: o(&u),
+            dg: o(&dg),
+            du: o(&du),
+            dd: o(&dd),
+            dabar: o(&dabar),
+            w: o(&w),
+        },
+        &d,
+    )
+    .unwrap();
+    out.extend([
+        read(&sg.dgu, 2 * ti),
+        read(&sg.dg, ski),
+        read(&sg.du, ski),
+        read(&sg.am, ski),
+        read(&sg.dw, t * k),
+    ]);
+    let (abar, zd) = prim::tiles_forward(
+        prim::TilesForward {
+            g: o(&g),
+            u: o(&u),
+            cg: o(&cg),
+            cu: o(&cu),
+            ids: ids_o,
+            bg: o(&bg),
+            bu: o(&bu),
+            ad: o(&ad),
+            w: o(&w),
+        },
+        &d,
+    )
+    .unwrap();
+    out.extend([read(&abar, ti), read(&zd, skr)]);
+    let tb = || prim::TilesBackward {
+        g: o(&g),
+        u: o(&u),
+        cg: o(&cg),
+        cu: o(&cu),
+        cd: o(&cd),
+        ids: ids_o,
+        bg: o(&bg),
+        bu: o(&bu),
+        ad: o(&ad),
+        dabar: o(&dabar),
+        w: o(&w),
+    };
+    let rows_bits = |g: &prim::TileRowGrads<Storage>| {
+        [
+            read(&g.dgu, 2 * ti),
+            read(&g.dzg, skr),
+            read(&g.dzu, skr),
+            read(&g.dw, t * k),
+        ]
+    };
+    let cols_bits = |(dbg, dbu, dad): &(Storage, Storage, Storage)| {
+        [read(dbg, ter), read(dbu, ter), read(dad, ter)]
+    };
+    out.extend(rows_bits(&prim::tiles_rows(tb(), &d).unwrap()));
+    out.extend(cols_bits(&prim::tiles_cols(tb(), &d).unwrap()));
+    let (rows, cols) = prim::tiles_backward(tb(), &d, true).unwrap();
+    out.extend(rows_bits(&rows));
+    out.extend(cols_bits(&cols.unwrap()));
+    out
+}
+
+/// Under the dropout key K, each CPU primitive that draws the down projection's mask gives with
+/// `MoeDims::seed` S bit for bit what it gives with S ^ K under key 0 (keyed once, also where
+/// `tiles_rows` and `tiles_cols` run `tiles_backward`), and every result that depends on the mask
+/// changes with the key.
+#[test]
+fn moe_mask_primitives_draw_from_the_seed_xor_the_key() {
+    const SEED: u64 = 0x1234_5678;
+    let plain = moe_mask_primitives(SEED);
+    let keyed = {
+        let _key = DropoutKey::set(Device::Cpu, KEY);
+        moe_mask_primitives(SEED)
+    };
+    let want = moe_mask_primitives(SEED ^ KEY);
+    assert_eq!(keyed.len(), 23);
+    for (n, (k, w)) in keyed.iter().zip(&want).enumerate() {
+        assert!(!k.is_empty(), "result {n} is empty");
+        assert_eq!(k, w, "result {n}: key K, seed S = seed S ^ K");
+    }
+    // Ā (results 0 and 7) and dw = ⟨dĀ[t], a_j⟩ (6, 12, 19) hold no mask; the others do.
+    for (n, (k, p)) in keyed.iter().zip(&plain).enumerate() {
+        if [0, 6, 7, 12, 19].contains(&n) {
+            assert_eq!(k, p, "result {n} holds no mask");
+        } else {
+            assert_ne!(k, p, "result {n}: the key changes it");
+        }
+    }
 }
 
 #[test]

@@ -13,10 +13,15 @@
 //! error within f32 1e-5, bf16 1e-2, f64 1e-10), masks bit-identical to the CPU's, and the
 //! one-pass op forward and backward equal to the CPU's in every float dtype, contiguous and
 //! transposed.
+//!
+//! The dropout key ([`engine::set_dropout_key`]): under key K seed S draws seed S ^ K's mask, bit
+//! for bit (op forward and backward, mask tensor; below and past the parallel threshold), not
+//! seed S's; the CPU's key is per thread. Its GPU parity runs in tests/tests/cuda_dropout_key.rs
+//! (a GPU's key is device-wide, and the tests here run on parallel threads).
 
 use crate::util::vals;
 use engine::{no_grad, DType, Device, Storage, Tensor};
-use testutil::{bits, check_gradients, ids, randn};
+use testutil::{bits, check_gradients, ids, randn, DropoutKey};
 
 const CPU: Device = Device::Cpu;
 
@@ -130,6 +135,75 @@ fn dropout_backward_redraws_the_mask_and_keeps_nothing() {
     assert!(x.dropout(0.0, 1, true).unwrap().same_storage(&x));
     assert!(x.dropout(1.0, 1, true).is_err());
     let _ = Device::Cpu;
+}
+
+/// A dropout key ([`engine::set_dropout_key`]) for the tests: many bits set, low and high.
+const KEY: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// Under key K a dropout of seed S draws the mask of seed S ^ K: `Tensor::dropout` forward and
+/// backward, bit for bit, in every float dtype, contiguous and transposed, below and past the
+/// CPU's parallel threshold (2^14 elements: the rayon chunks must get the keyed seed), and the
+/// `dropout_mask` tensor; it is not the mask of S under key 0; and with the key back at 0 seed S
+/// draws its own mask again.
+#[test]
+fn the_dropout_key_is_xored_into_the_seed() {
+    let (p, seed) = (0.3, 41);
+    for dtype in [DType::F32, DType::BF16, DType::F64] {
+        for dims in [[37, 29], [300, 200]] {
+            let x = randn(&dims, 5).to_dtype(dtype).unwrap();
+            for transposed in [false, true] {
+                // (y, dx) bits of the dropout of seed `s` under the thread's current key.
+                let run = |s: u64| {
+                    let x = x.to_var().unwrap();
+                    let v = if transposed {
+                        x.t().unwrap()
+                    } else {
+                        x.clone()
+                    };
+                    let y = v.dropout(p, s, true).unwrap();
+                    let g = randn(y.dims(), 6).to_dtype(dtype).unwrap();
+                    y.backward_with_grad(&g).unwrap();
+                    (bits(&y), bits(&x.grad().unwrap()))
+                };
+                let what = format!("{dtype} {dims:?} transposed {transposed}");
+                let plain = run(seed);
+                let keyed = {
+                    let _key = DropoutKey::set(CPU, KEY);
+                    run(seed)
+                };
+                assert_eq!(keyed, run(seed ^ KEY), "{what}: key K, seed S = seed S ^ K");
+                assert_ne!(keyed.0, plain.0, "{what}: the key changes the output");
+                assert_ne!(keyed.1, plain.1, "{what}: the key changes the gradient");
+                assert_eq!(run(seed), plain, "{what}: the key is back at 0");
+            }
+        }
+    }
+    let shape = engine::Shape::from(40_000);
+    let mask = |s: u64| {
+        let m = Storage::dropout_mask(CPU, &shape, DType::F32, p, s).unwrap();
+        let l = engine::Layout::contiguous(shape.clone());
+        engine::backend::BackendStorage::to_f64_vec(&m, &l).unwrap()
+    };
+    let keyed = {
+        let _key = DropoutKey::set(CPU, KEY);
+        mask(seed)
+    };
+    assert_eq!(keyed, mask(seed ^ KEY), "dropout_mask under the key");
+    assert_ne!(keyed, mask(seed));
+}
+
+/// The CPU's dropout key is the calling thread's: while this thread's is set, another thread
+/// draws seed S's own mask (key 0), past the parallel threshold too.
+#[test]
+fn the_cpu_dropout_key_is_per_thread() {
+    let draw = || bits(&randn(&[300, 200], 7).dropout(0.3, 9, true).unwrap());
+    let plain = draw();
+    let _key = DropoutKey::set(CPU, KEY);
+    let keyed = draw();
+    assert_ne!(keyed, plain, "this thread's key applies");
+    let other = std::thread::scope(|s| s.spawn(draw).join().unwrap());
+    assert_eq!(other, plain, "another thread's key is still 0");
+    assert_eq!(draw(), keyed, "and this thread's is unchanged");
 }
 
 #[test]

@@ -1,6 +1,12 @@
 //! Dropout on the CPU: the mask (`BackendDevice::dropout_mask`) and the masked product
 //! (`BackendStorage::dropout_apply`), drawn from the counter-based hash of `crate::rng`, so the
 //! same `(seed, index)` drops the same element on every backend.
+//!
+//! The dropout key ([`crate::set_dropout_key`]) is applied where a dropout enters the CPU
+//! backend, once: [`dropout_mask`] and [`dropout_apply`] here, and the fused units' CPU branches
+//! (`fused/lora/primitives.rs`, `fused/moe_ffn/primitives.rs`) key their seeds with [`keyed`]
+//! before calling their CPU code. Everything below those entries ([`mask_in_place`], the fused
+//! units' `cpu.rs`) takes the keyed seed as it is; keying again would XOR the key back out.
 
 use half::bf16;
 use rayon::prelude::*;
@@ -25,9 +31,10 @@ pub(crate) fn keyed(seed: u64) -> u64 {
     seed ^ DROPOUT_KEY.with(std::cell::Cell::get)
 }
 
-/// `0` with probability `p`, else `1/(1 − p)`, counter-based (`rng::dropped`): the dropout mask
-/// (`BackendDevice::dropout_mask`).
+/// `0` with probability `p`, else `1/(1 − p)`, counter-based (`rng::dropped` of the keyed seed):
+/// the dropout mask (`BackendDevice::dropout_mask`).
 pub(super) fn dropout_mask(shape: &Shape, dtype: DType, p: f64, seed: u64) -> Result<CpuStorage> {
+    let seed = keyed(seed); // on the calling thread, before the parallel fill
     if !dtype.is_float() {
         return Err(Error::UnsupportedDType {
             op: "dropout",
@@ -51,9 +58,11 @@ pub(super) fn dropout_mask(shape: &Shape, dtype: DType, p: f64, seed: u64) -> Re
 }
 
 /// `x ⊙ dropout_mask(p, seed)` in x's dtype over the view's row-major elements (see
-/// `BackendStorage::dropout_apply`): the same products as `binary(Mul)` with the mask tensor.
+/// `BackendStorage::dropout_apply`): the same products as `binary(Mul)` with the mask tensor
+/// (the mask of the keyed seed, as [`dropout_mask`] draws it).
 pub(super) fn dropout_apply(x: &CpuStorage, l: &Layout, p: f64, seed: u64) -> Result<CpuStorage> {
     const OP: &str = "dropout";
+    let seed = keyed(seed); // on the calling thread, before `mask_in_place`'s rayon chunks
     if !(0.0..1.0).contains(&p) {
         return Err(Error::invalid(
             OP,
@@ -92,7 +101,8 @@ pub(super) fn dropout_apply(x: &CpuStorage, l: &Layout, p: f64, seed: u64) -> Re
 }
 
 /// `v[i] = mul(v[i], dropped(i))` over a row-major buffer, `dropped(i)` the dropout draw of
-/// element `i` (`rng::dropped(seed, i, thr)`), in parallel chunks on large buffers.
+/// element `i` (`rng::dropped(seed, i, thr)`), in parallel chunks on large buffers. `seed` is
+/// used as given: the caller has keyed it.
 pub(crate) fn mask_in_place<T: Copy + Send + Sync>(
     v: &mut [T],
     seed: u64,

@@ -1,6 +1,9 @@
 //! Dropout on the GPU (kernels/src/dropout.cu): the mask (`BackendDevice::dropout_mask`), the
 //! masked product (`BackendStorage::dropout_apply`) and the masked cast that the LoRA primitives
-//! use, drawn from the counter-based hash of `crate::rng` (the CPU's bits).
+//! use, drawn from the counter-based hash of `crate::rng` (the CPU's bits). Every kernel draws
+//! from `seed ^ key`, reading the device's dropout key ([`crate::set_dropout_key`]) from device
+//! memory when it runs (`CudaDevice::dropout_key_ptr`): a recorded graph's launches keep their
+//! seeds, and the key set before a replay still gives that replay its own masks.
 
 use kernels::DROPOUT;
 
@@ -29,19 +32,30 @@ pub(super) fn dropout_mask(
             format!("probability {p} is not in [0, 1)"),
         ));
     }
+    const OP: &str = "dropout";
+    let n = shape.elem_count();
+    let out = CudaStorage::alloc(dev, OP, n, dtype)?;
+    if n == 0 {
+        return Ok(out);
+    }
     // The threshold travels as a double (exact: an integer below 2^16).
-    let thr = f64::from(rng::dropout_threshold(p));
-    super::random::random(
-        dev,
-        &DROPOUT,
-        "dropout",
-        "dropout_mask",
-        shape,
-        dtype,
-        seed,
-        (thr, 1.0 / (1.0 - p)),
-        4, // one hash serves four elements
-    )
+    let (thr, keep) = (f64::from(rng::dropout_threshold(p)), 1.0 / (1.0 - p));
+    let (n32, y, key) = (to_u32(OP, n)?, out.ptr(), dev.dropout_key_ptr());
+    let name = format!("dropout_mask_{dtype}");
+    // SAFETY: the output holds `n` elements of `dtype`; a thread writes the four elements of its
+    // hash (one hash serves four). `key` is the device's 8-byte dropout key, which it owns for
+    // its lifetime; the kernel only reads it.
+    unsafe {
+        launch!(
+            dev,
+            OP,
+            DROPOUT,
+            name,
+            CudaDevice::grid(n.div_ceil(4)),
+            [n32, y, seed, key, thr, keep]
+        )
+    }?;
+    Ok(out)
 }
 
 /// `out(C(x) · mask)`: the view `x` (`l`) cast to `out`, times the dropout mask of `(p, seed)`
@@ -102,11 +116,12 @@ fn dropout_cast_keep(
         _ => keep,
     };
     let (n32, thr) = (to_u32(OP, n)?, rng::dropout_threshold(p));
-    let (px, py) = (src.ptr, y.ptr());
+    let (px, py, key) = (src.ptr, y.ptr(), x.dev.dropout_key_ptr());
     let name = format!("dropout_cast_{}_{out}", x.dtype);
     // SAFETY: `src` holds the view's n elements of x's dtype contiguously (`contiguous` checked
     // the view against the buffer) and lives until the launch is queued; `y` holds n elements of
-    // `out`. The kernel reads x[i] and writes y[i] for i < n, four elements per thread.
+    // `out`. The kernel reads x[i] and writes y[i] for i < n, four elements per thread, and reads
+    // the device's 8-byte dropout key `key` (owned by the device for its lifetime).
     unsafe {
         launch!(
             &x.dev,
@@ -114,7 +129,7 @@ fn dropout_cast_keep(
             DROPOUT,
             name,
             CudaDevice::grid(n.div_ceil(4)),
-            [n32, px, py, seed, thr, keep]
+            [n32, px, py, seed, key, thr, keep]
         )
     }?;
     Ok(y)

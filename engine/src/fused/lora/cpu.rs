@@ -1,7 +1,9 @@
 //! The LoRA unit's primitives on the CPU, the reference (and the CPU training path): the dropped
 //! input is built once in the adapter dtype with the mask recomputed from `(seed, index)`, then the `gemm`
 //! crate does the products, so each primitive is one gather pass plus one product. Nothing is
-//! kept between the forward and the backward but the codes `z`.
+//! kept between the forward and the backward but the codes `z`. The `seed` every primitive here
+//! takes is already keyed with the calling thread's dropout key (by the dispatch in
+//! `primitives.rs`), so they use it as it is.
 //!
 //! Shapes: `x` `[M, in]`, `y`/`g` `[M, out]`, `a` `[r, in]`, `b` `[out, r]`, `z`/`dz` `[M, r]`.
 

@@ -67,6 +67,7 @@ pub(super) fn codes_partials(
     );
     let (thr, keep, drop) = dropout_args(p);
     let name = format!("lora_codes_mma_bf16_r{r}");
+    let key = x.dev.dropout_key_ptr();
     // SAFETY: x's view `[m, n]` (row stride ld32) lies inside its buffer and starts 16-byte
     // aligned, with n and ld multiples of 8 (`applies`, `cuda_rank::applies` and the caller's
     // extent check), so the kernel's 16-byte loads x[row·ld + c .. + 8] for row < m, c < n stay
@@ -74,6 +75,7 @@ pub(super) fn codes_partials(
     // buffer starting 16-byte aligned (`Small`), read at [code][c .. + 8] for c < n (16-byte
     // loads: n a multiple of 8) or element by element; `part` holds splits·m·r f32, block column
     // s writing [s, row < m, ..r] (8-byte stores).
+    // `key` is the device's 8-byte dropout key, owned by the device for its lifetime; read only.
     unsafe {
         launch!(
             &x.dev,
@@ -81,7 +83,7 @@ pub(super) fn codes_partials(
             LORA,
             name,
             config((splits, row_blocks)),
-            [m32, n32, px, ld32, pa, at, pp, cps, seed, thr, keep, drop]
+            [m32, n32, px, ld32, pa, at, pp, cps, seed, key, thr, keep, drop]
         )
     }?;
     Ok((part, splits))
@@ -106,11 +108,13 @@ pub(super) fn grad_a_partials(
     let (pd, pp, rps) = (dz.ptr, part.ptr(), to_u32(op, per_split)?);
     let (thr, keep, drop) = dropout_args(p);
     let name = format!("lora_grad_a_mma_bf16_r{r}");
+    let key = x.dev.dropout_key_ptr();
     // SAFETY: x as in `codes_partials`; `dz` `[m, r]` is a row-major f32 run inside its buffer
     // starting 16-byte aligned (`Small`; the caller passes no transposed one), read by 16-byte
     // loads at [row < m][..r]; `part` holds splits·r·n f32, block row s writing [s, ..r, c .. + 8]
     // for c < n (16-byte stores; n a multiple of 8); the block's 18 KiB of shared memory are
     // static.
+    // `key` is the device's 8-byte dropout key, owned by the device for its lifetime; read only.
     unsafe {
         launch!(
             &x.dev,
@@ -118,7 +122,7 @@ pub(super) fn grad_a_partials(
             LORA,
             name,
             config((col_blocks, splits)),
-            [m32, n32, px, ld32, pd, pp, rps, seed, thr, keep, drop]
+            [m32, n32, px, ld32, pd, pp, rps, seed, key, thr, keep, drop]
         )
     }?;
     Ok((part, splits))
@@ -158,12 +162,14 @@ pub(super) fn expand(
     let (thr, keep, drop) = dropout_args(p);
     let name = format!("lora_expand_mma_bf16_r{r}");
     let grid = (col_blocks, m.div_ceil(rows));
+    let key = dev.dropout_key_ptr();
     // SAFETY: `z` `[m, r]` is a row-major f32 run inside its buffer starting 16-byte aligned
     // (`Small`), read by 8-byte loads at [row < m, ..r]; `bt` `[r, n]` (or its transpose
     // `[n, r]`, bt_t) is an f32 run inside its buffer starting 16-byte aligned, read at
     // [..r][col < n] (by 8-byte loads of pairs of r when transposed); y (when given) is a view `[m, n]` that
     // [`applies`] (16-byte aligned rows, n a multiple of 8) read at [row < m][c .. + 8] for c < n;
     // `out` holds m·n bf16, written 8 at a time at [row < m, c .. + 8].
+    // `key` is the device's 8-byte dropout key, owned by the device for its lifetime; read only.
     unsafe {
         launch!(
             dev,
@@ -171,7 +177,7 @@ pub(super) fn expand(
             LORA,
             name,
             config(grid),
-            [m32, n32, pz, pb, bt_t, py, ldy, po, rows32, seed, thr, keep, drop]
+            [m32, n32, pz, pb, bt_t, py, ldy, po, rows32, seed, key, thr, keep, drop]
         )
     }?;
     Ok(out)

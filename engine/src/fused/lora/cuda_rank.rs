@@ -199,12 +199,14 @@ fn codes_partials(
         );
         let (thr, keep, drop) = dropout_args(p);
         let name = format!("lora_codes_bf16_r{r}");
+        let key = x.dev.dropout_key_ptr();
         // SAFETY: x's view `[m, n]` with row stride ld32 lies inside its buffer (`applies` and
         // the caller's extent check), starts 8-byte aligned (offset a multiple of 4 bf16) and has
         // n and ld multiples of 4, so the kernel's 8-byte loads x[m·ld + c .. +4] for c < n stay
         // in the view; `a` `[r, n]` (or its transpose `[n, r]`, `at`) is an f32 run inside its
         // buffer starting 16-byte aligned (`Small`; rows of n, a multiple of 4, or of r = 8 or 16
         // floats, read by float4); `part` holds chunks·m·r f32, written at [chunk, m, lane < r].
+        // `key` is the device's 8-byte dropout key, owned by the device for its lifetime; read only.
         unsafe {
             launch!(
                 &x.dev,
@@ -212,7 +214,7 @@ fn codes_partials(
                 LORA,
                 name,
                 config(n, m.div_ceil(ROWS_PER_BLOCK)),
-                [m32, n32, px, ld32, pa, at, pp, rows32, seed, thr, keep, drop]
+                [m32, n32, px, ld32, pa, at, pp, rows32, seed, key, thr, keep, drop]
             )
         }?;
     }
@@ -244,11 +246,13 @@ fn grad_a_partials(
         let (rows32, pd, pp) = (to_u32(op, rows_per_warp)?, dz.ptr, part.ptr());
         let (thr, keep, drop) = dropout_args(p);
         let name = format!("lora_grad_a_bf16_r{r}");
+        let key = x.dev.dropout_key_ptr();
         // SAFETY: x as in `codes_partials`; `dz` `[m, r]` is a row-major f32 run inside its
         // buffer starting 16-byte aligned (`Small`; rows of r = 8 or 16 floats); `part` holds
         // groups·r·n f32 and block row g writes its `[r, n]` slice (16-byte stores at columns
         // c < n, n a multiple of 4), zeros where it has no rows; the block's 8 KiB of shared
         // memory are static.
+        // `key` is the device's 8-byte dropout key, owned by the device for its lifetime; read only.
         unsafe {
             launch!(
                 &x.dev,
@@ -256,7 +260,7 @@ fn grad_a_partials(
                 LORA,
                 name,
                 config(n, groups),
-                [m32, n32, px, ld32, pd, pp, rows32, seed, thr, keep, drop]
+                [m32, n32, px, ld32, pd, pp, rows32, seed, key, thr, keep, drop]
             )
         }?;
     }
@@ -400,10 +404,12 @@ pub(super) fn grad_x(
     let (pd, pa, at, px) = (dz.ptr, a.ptr, i32::from(a.transposed), dx.ptr());
     let (thr, keep, drop) = dropout_args(p);
     let name = format!("lora_grad_x_bf16_r{r}");
+    let key = dev.dropout_key_ptr();
     // SAFETY: `dz` `[m, r]` row-major and `a` `[r, n]` (or its transpose, `at`) are f32 runs
     // inside their buffers starting 16-byte aligned (`Small`), `dx` holds m·n bf16; the kernel
     // reads dz[row], A[.., c .. c+4] and writes dx[row, c .. c+4] for c < n (n a multiple of 4,
     // 8-byte aligned stores).
+    // `key` is the device's 8-byte dropout key, owned by the device for its lifetime; read only.
     unsafe {
         launch!(
             dev,
@@ -411,7 +417,7 @@ pub(super) fn grad_x(
             LORA,
             name,
             config(n, m.div_ceil(ROWS_PER_BLOCK)),
-            [m32, n32, pd, pa, at, px, rows32, seed, thr, keep, drop]
+            [m32, n32, pd, pa, at, px, rows32, seed, key, thr, keep, drop]
         )
     }?;
     Ok(Some(dx))

@@ -123,10 +123,12 @@ fn dropout_matmul(
     );
     let (px, ldx, pa, lda, pp) = (xr.ptr, xr.ld, ar.ptr, ar.ld, part.ptr());
     let (thr, keep, drop) = dropout_args(p);
+    let key = x.dev.dropout_key_ptr();
     // SAFETY: x `[m, k]` and A `[n, k]` are bf16 views inside their buffers (`rows_of`: extent
     // checked) whose rows start 16-byte aligned with k a multiple of 8, read by 16-byte loads at
     // [row < m or n][c .. + 8] for c < k; `part` holds parts·m·n f32, block (s, y, z) writing
     // [s, row < m, col < n] (8-byte stores, n a multiple of 8); 8 KiB of static shared memory.
+    // `key` is the device's 8-byte dropout key, owned by the device for its lifetime; read only.
     unsafe {
         launch!(
             &x.dev,
@@ -134,7 +136,7 @@ fn dropout_matmul(
             LORA,
             "lora_codes_wide_bf16",
             config((parts, m.div_ceil(64), n.div_ceil(128))),
-            [m32, n32, k32, px, ldx, pa, lda, pp, cps, seed, thr, keep, drop]
+            [m32, n32, k32, px, ldx, pa, lda, pp, cps, seed, key, thr, keep, drop]
         )
     }?;
     sum_partials(&x.dev, OP, (&part, parts), (m, n), false, 1.0).map(Some)
@@ -170,10 +172,12 @@ fn matmul_dropout(
     );
     let (pd, ldz, px, ldx, pp) = (dr.ptr, dr.ld, xr.ptr, xr.ld, part.ptr());
     let (thr, keep, drop) = dropout_args(p);
+    let key = x.dev.dropout_key_ptr();
     // SAFETY: dz `[m, n]` and x `[m, k]` are bf16 views inside their buffers (`rows_of`) whose
     // rows start 16-byte aligned with n and k multiples of 8, read by 16-byte loads at
     // [row < m][c .. + 8] for c < n or k; `part` holds parts·n·k f32, block (x, s, z) writing
     // [s, code < n, col < k] (8-byte stores); 26 KiB of static shared memory.
+    // `key` is the device's 8-byte dropout key, owned by the device for its lifetime; read only.
     unsafe {
         launch!(
             &x.dev,
@@ -181,7 +185,7 @@ fn matmul_dropout(
             LORA,
             "lora_grad_a_wide_bf16",
             config((k.div_ceil(64), parts, n.div_ceil(128))),
-            [m32, n32, k32, pd, ldz, px, ldx, pp, rps, seed, thr, keep, drop]
+            [m32, n32, k32, pd, ldz, px, ldx, pp, rps, seed, key, thr, keep, drop]
         )
     }?;
     sum_partials(&x.dev, OP, (&part, parts), (n, k), false, 1.0).map(Some)
@@ -227,9 +231,11 @@ pub(super) fn add_dropped2(
         b.ptr_at(bl.offset()),
         out.ptr(),
     );
+    let key = base.dev.dropout_key_ptr();
     // SAFETY: base, a and b hold n contiguous bf16 from their offsets inside their buffers
     // (checked above), starting 8-byte aligned; `out` holds n bf16. Thread g reads and writes
     // elements 4g .. 4g + 4 below n (8-byte accesses for whole groups of four).
+    // `key` is the device's 8-byte dropout key, owned by the device for its lifetime; read only.
     unsafe {
         launch!(
             &base.dev,
@@ -237,7 +243,7 @@ pub(super) fn add_dropped2(
             DROPOUT,
             "add_dropped2_bf16",
             CudaDevice::grid(n.div_ceil(4)),
-            [n32, pb, pa, pv, seed_a, seed_b, thr, keep, po]
+            [n32, pb, pa, pv, seed_a, seed_b, key, thr, keep, po]
         )
     }?;
     Ok(Some(out))

@@ -11,6 +11,7 @@ use super::cpu;
 #[cfg(feature = "cuda")]
 use super::{cuda, cuda_wide};
 use crate::backend::checks::dims2;
+use crate::backend::cpu::dropout::keyed;
 use crate::backend::{BackendStorage, BinaryOp};
 use crate::fused::{on_backend, operands};
 use crate::{DType, Error, Layout, Result, Storage};
@@ -85,8 +86,12 @@ operands! {
     }
 }
 
+// The dropout key ([`crate::set_dropout_key`]): the CPU branches below key their seed here, on
+// the calling thread, once (`cpu.rs` takes it as given); the CUDA kernels read the key
+// themselves. The composed paths key inside `dropout_apply` on either backend.
+
 pub fn codes(o: Codes<'_, Storage>, p: f64, seed: u64) -> Result<Storage> {
-    on_backend!("lora_codes", o, o => cpu::codes(o, p, seed), cuda::codes(o, p, seed))
+    on_backend!("lora_codes", o, o => cpu::codes(o, p, keyed(seed)), cuda::codes(o, p, seed))
 }
 
 pub fn expand_add(o: ExpandAdd<'_, Storage>, scale: f64) -> Result<Storage> {
@@ -98,14 +103,14 @@ pub fn grad_codes(o: GradCodes<'_, Storage>, scale: f64) -> Result<(Storage, Sto
 }
 
 pub fn grad_a(o: GradA<'_, Storage>, p: f64, seed: u64) -> Result<Storage> {
-    on_backend!("lora_grad_a", o, o => cpu::grad_a(o, p, seed), cuda::grad_a(o, p, seed))
+    on_backend!("lora_grad_a", o, o => cpu::grad_a(o, p, keyed(seed)), cuda::grad_a(o, p, seed))
 }
 
 pub fn grad_x(o: GradX<'_, Storage>, p: f64, seed: u64, dtype: DType) -> Result<Storage> {
     on_backend!(
         "lora_grad_x",
         o,
-        o => cpu::grad_x(o, p, seed, dtype),
+        o => cpu::grad_x(o, p, keyed(seed), dtype),
         cuda::grad_x(o, p, seed, dtype)
     )
 }
@@ -118,7 +123,8 @@ pub fn grad_x_add(o: GradXAdd<'_, Storage>, p: f64, seed: u64) -> Result<Storage
         o,
         o => {
             let (m, n) = (o.dz.l.dims()[0], o.a.l.dims()[1]);
-            let dx = cpu::grad_x(GradX { dz: o.dz, a: o.a }, p, seed, o.base.s.dtype())?;
+            let (gx, seed) = (GradX { dz: o.dz, a: o.a }, keyed(seed));
+            let dx = cpu::grad_x(gx, p, seed, o.base.s.dtype())?;
             o.base.s.binary(o.base.l, &dx, &Layout::contiguous([m, n]), BinaryOp::Add)
         },
         cuda::grad_x_add(o, p, seed)

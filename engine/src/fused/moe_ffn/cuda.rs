@@ -329,9 +329,11 @@ pub(super) fn swiglu_forward(
     let (pdrop, keep, seed) = settings(d);
     let (pa, pm) = (abar.ptr(), am.ptr());
     let name = swiglu_kernel(OP, k, o.base);
+    let key = o.dev.dropout_key_ptr();
     // SAFETY: G, U hold T rows of I elements at row strides ldg, ldu ≥ I; ΔG, ΔU T·k·I and w T·k
     // elements (checked above); k ≤ MOE_MAX_K (check_sizes); the outputs hold T·I and T·k·I
     // elements, each written once by the block of its row.
+    // `key` is the device's 8-byte dropout key, owned by the device for its lifetime; read only.
     unsafe {
         launch!(
             &o.dev,
@@ -339,7 +341,7 @@ pub(super) fn swiglu_forward(
             MOE_FFN,
             name,
             per_token(t),
-            [t32, k32, i32_, t0, g, ldg, u, ldu, dg, du, w, pa, pm, pdrop, keep, seed]
+            [t32, k32, i32_, t0, g, ldg, u, ldu, dg, du, w, pa, pm, pdrop, keep, seed, key]
         )
     }?;
     Ok((abar, am))
@@ -386,10 +388,12 @@ pub(super) fn swiglu_backward(
     let (pdrop, keep, seed) = settings(d);
     let (pgu, pg, pu, pm, pw) = (dgu.ptr(), dg.ptr(), du.ptr(), am.ptr(), dw.ptr());
     let name = swiglu_kernel(OP, k, o.base);
+    let key = o.dev.dropout_key_ptr();
     // SAFETY: G, U hold T rows of I elements at row strides ldg, ldu ≥ I; ΔG, ΔU, ΔD T·k·I, dĀ
     // T·I and w T·k elements (checked above); k ≤ MOE_MAX_K (check_sizes); the outputs hold
     // T·2I, 3 × T·k·I and T·k elements, each written once by the block of its row; 256 threads
     // per block (the block reduction of dw needs a multiple of 32).
+    // `key` is the device's 8-byte dropout key, owned by the device for its lifetime; read only.
     unsafe {
         launch!(
             &o.dev,
@@ -399,7 +403,7 @@ pub(super) fn swiglu_backward(
             per_token(t),
             [
                 t32, k32, i32_, t0, g, ldg, u, ldu, lg, lu, ld, dabar, w, pgu, pg, pu, pm, pw,
-                pdrop, keep, seed
+                pdrop, keep, seed, key
             ]
         )
     }?;

@@ -143,11 +143,13 @@ pub(super) fn forward(
     let (pa, pz) = (abar.ptr(), zd.ptr());
     let name = "moe_tiles_forward_bf16".to_string();
     let cfg = config(&o.dev, OP, &name, (t * k).div_ceil(ROWS), FORWARD_SMEM)?;
+    let key = o.dev.dropout_key_ptr();
     // SAFETY: `supported` and the alignment check hold (k divides 64, E·r ≤ 128, I and the row
     // strides multiples of 8, 16-byte aligned operands); G, U hold T rows of I at strides ldg,
     // ldu; Cg, Cu T·k·r, ids T·k (each < E), B_g/B_u I·E·r, A_d E·r·I and w T·k elements (checked
     // by `operands`). Each block reads rows r0 .. r0 + 64 (guarded by T·k) and writes Ā rows of
     // its own tokens and Z_d rows of its own slots; FORWARD_SMEM is the kernel's tile layout.
+    // `key` is the device's 8-byte dropout key, owned by the device for its lifetime; read only.
     unsafe {
         launch!(
             &o.dev,
@@ -157,7 +159,7 @@ pub(super) fn forward(
             cfg,
             [
                 t32, k32, i32_, e32, r32, t0, g, ldg, u, ldu, cg, cu, ids, bg, bu, ad, w, pa, pz,
-                pdrop, keep, seed
+                pdrop, keep, seed, key
             ]
         )
     }?;
@@ -214,9 +216,11 @@ pub(super) fn rows(
     let (pgu, pzg, pzu, pw) = (dgu.ptr(), dzg.ptr(), dzu.ptr(), dw.ptr());
     let name = "moe_tiles_rows_bf16".to_string();
     let cfg = config(&o.dev, OP, &name, (t * k).div_ceil(ROWS), ROWS_SMEM)?;
+    let key = o.dev.dropout_key_ptr();
     // SAFETY: as in `forward`, with Cd T·k·r and dĀ T·I contiguous elements; each block writes
     // the dGU rows of its own tokens and the dZ, dw rows of its own slots; ROWS_SMEM is the
     // kernel's tile layout.
+    // `key` is the device's 8-byte dropout key, owned by the device for its lifetime; read only.
     unsafe {
         launch!(
             &o.dev,
@@ -226,7 +230,7 @@ pub(super) fn rows(
             cfg,
             [
                 t32, k32, i32_, e32, r32, t0, g, ldg, u, ldu, cg, cu, cd, ids, bg, bu, ad, dabar,
-                w, pgu, pzg, pzu, pw, pdrop, keep, seed
+                w, pgu, pzg, pzu, pw, pdrop, keep, seed, key
             ]
         )
     }?;
@@ -252,8 +256,10 @@ pub(super) fn cols(
     let (pbg, pbu, pad) = (dbg.ptr(), dbu.ptr(), dad.ptr());
     let name = "moe_tiles_cols_bf16".to_string();
     let cfg = config(&o.dev, OP, &name, i.div_ceil(COLS), cols_smem(d.r))?;
+    let key = o.dev.dropout_key_ptr();
     // SAFETY: as in `rows`; each block writes the dB rows and dA_d columns of its own 32
     // columns of I (all of them, zero when T = 0); cols_smem(r) is the kernel's tile layout.
+    // `key` is the device's 8-byte dropout key, owned by the device for its lifetime; read only.
     unsafe {
         launch!(
             &o.dev,
@@ -263,7 +269,7 @@ pub(super) fn cols(
             cfg,
             [
                 t32, k32, i32_, e32, r32, t0, g, ldg, u, ldu, cg, cu, cd, ids, bg, bu, ad, dabar,
-                w, pbg, pbu, pad, pdrop, keep, seed
+                w, pbg, pbu, pad, pdrop, keep, seed, key
             ]
         )
     }?;

@@ -18,6 +18,7 @@
 use super::{cpu, cpu_tiles, MoeKernels};
 #[cfg(feature = "cuda")]
 use super::{cuda, cuda_tiles};
+use crate::backend::cpu::dropout::keyed;
 use crate::fused::{on_backend, operands, IntoStorage};
 use crate::{DType, Result, Storage};
 
@@ -34,10 +35,26 @@ pub struct MoeDims {
     /// is dropped when `rng::dropped(seed, ((t0 + t)·k + j)·I + i, dropout_threshold(p_drop))`,
     /// and kept ones are scaled by `1/(1 − p_drop)`.
     pub dropout: f64,
+    /// The seed of that mask before the dropout key ([`crate::set_dropout_key`]): the mask is
+    /// drawn from `seed ^ key`. The CUDA kernels read the key when they run; the dispatch below
+    /// keys the CPU's copy once, on the calling thread ([`MoeDims::cpu_keyed`]), so the CPU code
+    /// (`cpu.rs`, `cpu_tiles`) uses `seed` as it is.
     pub seed: u64,
     /// The index of the first token among all the op's tokens (the op runs in token chunks;
     /// the dropout mask is a function of the global slot).
     pub t0: usize,
+}
+
+impl MoeDims {
+    /// These settings with the seed keyed by the calling thread's dropout key, for the CPU
+    /// branches of the dispatch (once per primitive: `cpu_tiles::rows` and `cols` run its
+    /// `backward`, which must not key again).
+    fn cpu_keyed(&self) -> MoeDims {
+        MoeDims {
+            seed: keyed(self.seed),
+            ..*self
+        }
+    }
 }
 
 /// What [`block_codes`] makes.
@@ -276,7 +293,7 @@ pub fn swiglu_forward(o: SwigluForward<'_, Storage>, d: &MoeDims) -> Result<(Sto
     on_backend!(
         "moe_swiglu_forward",
         o,
-        o => cpu::swiglu_forward(&o, d),
+        o => cpu::swiglu_forward(&o, &d.cpu_keyed()),
         cuda::swiglu_forward(&o, d)
     )
 }
@@ -290,7 +307,7 @@ pub fn swiglu_backward(
     on_backend!(
         "moe_swiglu_backward",
         o,
-        o => cpu::swiglu_backward(&o, d),
+        o => cpu::swiglu_backward(&o, &d.cpu_keyed()),
         cuda::swiglu_backward(&o, d)
     )
 }
@@ -325,7 +342,7 @@ pub fn tiles_forward(o: TilesForward<'_, Storage>, d: &MoeDims) -> Result<(Stora
     on_backend!(
         "moe_tiles_forward",
         o,
-        o => cpu_tiles::forward(&o, d),
+        o => cpu_tiles::forward(&o, &d.cpu_keyed()),
         cuda_tiles::forward(&o, d)
     )
 }
@@ -336,7 +353,7 @@ pub fn tiles_rows(o: TilesBackward<'_, Storage>, d: &MoeDims) -> Result<TileRowG
     on_backend!(
         "moe_tiles_rows",
         o,
-        o => cpu_tiles::rows(&o, d),
+        o => cpu_tiles::rows(&o, &d.cpu_keyed()),
         cuda_tiles::rows(&o, d)
     )
 }
@@ -352,7 +369,7 @@ pub fn tiles_backward(
     on_backend!(
         "moe_tiles_backward",
         o,
-        o => cpu_tiles::backward(&o, d, cols),
+        o => cpu_tiles::backward(&o, &d.cpu_keyed(), cols),
         cuda_tiles::rows(&o, d).and_then(|r| {
             let c = if cols { Some(cuda_tiles::cols(&o, d)?) } else { None };
             Ok((r, c))
@@ -369,7 +386,7 @@ pub fn tiles_cols(
     on_backend!(
         "moe_tiles_cols",
         o,
-        o => cpu_tiles::cols(&o, d),
+        o => cpu_tiles::cols(&o, &d.cpu_keyed()),
         cuda_tiles::cols(&o, d)
     )
 }
