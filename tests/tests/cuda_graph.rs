@@ -33,9 +33,16 @@ mod gpu {
     }
 
     /// One micro-step: forward, LM loss plus aux loss, backward. Returns the loss and the
-    /// hidden states.
-    fn micro_step(m: &Llama, ids: &Tensor, mask: &Tensor, targets: &Tensor) -> (Tensor, Tensor) {
-        let out = m.forward_train_hidden(ids, Some(mask), Some(7)).unwrap();
+    /// hidden states. The RoPE positions `pos` come from the host (`model::mask_positions`):
+    /// the model's own, from the mask on the device, would need a read-back.
+    fn micro_step(
+        m: &Llama,
+        (ids, mask, pos): (&Tensor, &Tensor, &Tensor),
+        targets: &Tensor,
+    ) -> (Tensor, Tensor) {
+        let out = m
+            .forward_train_hidden_at(ids, Some(mask), pos, Some(7))
+            .unwrap();
         let h = out.hidden.dim(-1).unwrap();
         let rows = out.hidden.reshape([targets.elem_count(), h]).unwrap();
         let mut loss = rows
@@ -99,13 +106,15 @@ mod gpu {
         // The graph's inputs: buffers that live as long as the graph and get new data.
         let (i0, k0, t0) = batch(b, t, 1);
         let ids = up(i0, vec![b, t]);
-        let mask = up(k0, vec![b, t]);
+        let mask = up(k0.clone(), vec![b, t]);
         let targets = up(t0, vec![b * t]);
+        // Every batch has the same mask (`batch`), so one positions tensor serves them all.
+        let pos = up(model::mask_positions(&k0, t), vec![b, t]);
         // Once eagerly first: kernels compiled and loaded, lazy caches made.
-        micro_step(&m, &ids, &mask, &targets);
+        micro_step(&m, (&ids, &mask, &pos), &targets);
         take_grads(&a);
         let (graph, (loss, hidden)) = capture(&dev, || {
-            let (loss, hidden) = micro_step(&m, &ids, &mask, &targets);
+            let (loss, hidden) = micro_step(&m, (&ids, &mask, &pos), &targets);
             Ok((loss, hidden))
         })
         .unwrap();
@@ -121,9 +130,10 @@ mod gpu {
                 (up(iv, vec![b, t]), up(kv, vec![b, t]), up(tv, vec![b * t]));
             // Eagerly, on the new batch, twice: the eager step itself gives the same bits (else
             // the comparison below could not be bit for bit).
-            let (want_loss, want_hidden) = micro_step(&m, &new_ids, &new_mask, &new_targets);
+            let (want_loss, want_hidden) =
+                micro_step(&m, (&new_ids, &new_mask, &pos), &new_targets);
             let want_grads = take_grads(&a);
-            let (again_loss, _) = micro_step(&m, &new_ids, &new_mask, &new_targets);
+            let (again_loss, _) = micro_step(&m, (&new_ids, &new_mask, &pos), &new_targets);
             let again_grads = take_grads(&a);
             assert_eq!(
                 bits(&again_loss),
