@@ -140,3 +140,47 @@ fn the_recipe_bench_refuses_gpus_on_the_cpu() {
         "{e}"
     );
 }
+
+#[test]
+fn the_recipe_bench_times_fixed_shape_and_packed_steps_on_the_same_data() {
+    // `--cuda-graphs eager` pads the same micro-batches to fixed shapes: the timed steps hold the
+    // same real tokens. `--packing` fills rows with several examples: more real tokens a step.
+    let base = [
+        "--device",
+        "cpu",
+        "--dtype",
+        "f32",
+        "--warmup",
+        "1",
+        "--steps",
+        "2",
+        "--batch",
+        "4",
+        "--micro-batch",
+        "2",
+        "--cutoff-len",
+        "512",
+    ];
+    let with = |extra: &[&str]| {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        let a = recipe_args(&args);
+        let r = trainer::bench::recipe::recipe(&a, |_| {}).expect("bench");
+        (r.tokens, trainer::bench::recipe::recipe_json(&a, &r))
+    };
+    let (off, off_json) = with(&[]);
+    let (fixed, fixed_json) = with(&["--cuda-graphs", "eager"]);
+    let (packed, packed_json) = with(&["--packing"]);
+    assert_eq!(off, fixed, "fixed shapes add only padding");
+    assert!(
+        packed > off,
+        "packed rows hold more examples: {packed} vs {off}"
+    );
+    let v = |j: &str| serde_json::from_str::<serde_json::Value>(j).unwrap();
+    let (o, f, p) = (v(&off_json), v(&fixed_json), v(&packed_json));
+    assert_eq!(
+        (o["cuda_graphs"].as_str(), o["packing"].as_bool()),
+        (Some("off"), Some(false))
+    );
+    assert_eq!(f["cuda_graphs"].as_str(), Some("eager"));
+    assert_eq!(p["packing"].as_bool(), Some(true));
+}

@@ -80,6 +80,10 @@ pub struct RecipeArgs {
     /// kernel (`eager`), as `mixlora train --cuda-graphs` [default: off].
     #[arg(long, value_name = "MODE", default_value = "off", value_parser = words::parse::<CudaGraphs>)]
     pub cuda_graphs: CudaGraphs,
+    /// Pack several examples per row up to the cutoff, as `mixlora train --packing` (`--batch`
+    /// and `--micro-batch` then count rows) [default: off].
+    #[arg(long)]
+    pub packing: bool,
 }
 
 /// What the timed steps measured.
@@ -180,6 +184,7 @@ pub fn recipe_on(
         eval_limit: Some(1),
         out_dir: out.clone(),
         cuda_graphs: a.cuda_graphs,
+        packing: a.packing,
         ..TrainConfig::default()
     };
     cfg.validate()?;
@@ -288,8 +293,8 @@ fn tick(c: &mut Clock, s: &StepDone, w: usize, n: usize, device: Device) -> Resu
 
 /// The result as JSON (`{"device", "model", "shape", "adapter", "rank", "batch", "micro_batch",
 /// "cutoff_len", "steps", "tokens", "tokens_per_s", "step_ms", "host_us_per_step", "gpu_busy",
-/// "peak_gib", "driver_allocs_per_step", "gpus", "cuda_graphs"}`; `gpus`: the data-parallel
-/// ranks).
+/// "peak_gib", "driver_allocs_per_step", "gpus", "cuda_graphs", "packing"}`; `gpus`: the
+/// data-parallel ranks).
 pub fn recipe_json(a: &RecipeArgs, r: &RecipeResult) -> String {
     let round = |x: f64, d: i32| (x * 10f64.powi(d)).round() / 10f64.powi(d);
     let v = serde_json::json!({
@@ -312,6 +317,7 @@ pub fn recipe_json(a: &RecipeArgs, r: &RecipeResult) -> String {
         "driver_allocs_per_step": r.driver_allocs_per_step.map(|a| round(a, 1)),
         "gpus": r.ranks,
         "cuda_graphs": words::Word::spell(&a.cuda_graphs),
+        "packing": a.packing,
     });
     serde_json::to_string_pretty(&v).unwrap_or_default()
 }
