@@ -144,3 +144,59 @@ fn graphs_on_the_cpu_and_several_adapters_are_refused() {
     );
     assert!(!root.exists());
 }
+
+/// Five examples, batch 4 in micro-batches of 2: the epoch's last step is one example, a micro-
+/// batch of one row that fixed shapes pad to two (a row of padding only).
+fn five_examples(dir: &Path) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let items: Vec<serde_json::Value> = (0..5)
+        .map(|i| {
+            let q = "Which is larger?".repeat(i + 1);
+            serde_json::json!({
+                "instruction": format!("{q} Answer1: {i} Answer2: {}", i + 1),
+                "input": "",
+                "output": "the correct answer is answer2",
+                "answer": "answer2",
+            })
+        })
+        .collect();
+    let p = dir.join("five.json");
+    std::fs::write(&p, serde_json::to_string(&items).unwrap()).unwrap();
+    p
+}
+
+#[test]
+fn a_partial_micro_batch_padded_to_full_rows_trains_as_unpadded() {
+    let data_dir = common::out_dir("fixed", "five-data");
+    let data = five_examples(&data_dir);
+    let run = |graphs| {
+        let out = common::out_dir("fixed", &format!("five-{graphs:?}"));
+        let cfg = TrainConfig {
+            data: vec![data.clone()],
+            dropout: 0.0,
+            epochs: 2,
+            max_steps: None,
+            save_every: 0,
+            eval_limit: Some(1),
+            ..small(&out, graphs)
+        };
+        train(&cfg, |_| {}).unwrap();
+        let l = losses(&out);
+        let _ = std::fs::remove_dir_all(&out);
+        l
+    };
+    let (off, fixed) = (run(CudaGraphs::Off), run(CudaGraphs::Eager));
+    assert_eq!(
+        off.len(),
+        4,
+        "two steps an epoch, the second of one example"
+    );
+    assert_eq!(fixed.len(), 4);
+    for ((s, a), (_, b)) in off.iter().zip(&fixed) {
+        assert!(
+            relative(*a, *b) < 1e-5,
+            "step {s}: default {a} vs fixed-shape {b}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
