@@ -1,7 +1,7 @@
 //! Creation of device storages: constants, host data and counter-based random fills (the same
 //! numbers as the CPU backend for every (seed, index)).
 
-use kernels::{KernelSource, RANDOM};
+use kernels::RANDOM;
 
 use super::elementwise::fill;
 use super::launch::launch;
@@ -11,19 +11,15 @@ use crate::backend::cpu::CpuDevice;
 use crate::backend::BackendDevice;
 use crate::{DType, Error, Result, Shape};
 
-/// Launches `{base}_{dtype}(n, y, seed, a, b)` of module `src` over a new buffer of `shape`,
-/// `per_thread` elements to a thread.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn random(
+/// Launches `{op}_{dtype}(n, y, seed, a, b)` of random.cu (`randn`, `rand_uniform`: unkeyed,
+/// initialisation is not dropout) over a new buffer of `shape`, one element to a thread.
+fn random(
     dev: &CudaDevice,
-    src: &'static KernelSource,
     op: &'static str,
-    base: &str,
     shape: &Shape,
     dtype: DType,
     seed: u64,
     (a, b): (f64, f64),
-    per_thread: usize,
 ) -> Result<CudaStorage> {
     if !dtype.is_float() {
         return Err(Error::UnsupportedDType { op, dtype });
@@ -34,15 +30,15 @@ pub(super) fn random(
         return Ok(out);
     }
     let (n32, y) = (to_u32(op, n)?, out.ptr());
-    let name = format!("{base}_{dtype}");
+    let name = format!("{op}_{dtype}");
     // SAFETY: the output holds `n` elements of `dtype`; element i is written by one thread.
     unsafe {
         launch!(
             dev,
             op,
-            *src,
+            RANDOM,
             name,
-            CudaDevice::grid(n.div_ceil(per_thread)),
+            CudaDevice::grid(n),
             [n32, y, seed, a, b]
         )
     }?;
@@ -76,17 +72,7 @@ impl BackendDevice for CudaDevice {
         std: f64,
         seed: u64,
     ) -> Result<CudaStorage> {
-        random(
-            self,
-            &RANDOM,
-            "randn",
-            "randn",
-            shape,
-            dtype,
-            seed,
-            (mean, std),
-            1,
-        )
+        random(self, "randn", shape, dtype, seed, (mean, std))
     }
 
     fn rand_uniform(
@@ -97,17 +83,7 @@ impl BackendDevice for CudaDevice {
         hi: f64,
         seed: u64,
     ) -> Result<CudaStorage> {
-        random(
-            self,
-            &RANDOM,
-            "rand_uniform",
-            "rand_uniform",
-            shape,
-            dtype,
-            seed,
-            (lo, hi),
-            1,
-        )
+        random(self, "rand_uniform", shape, dtype, seed, (lo, hi))
     }
 
     fn dropout_mask(&self, shape: &Shape, dtype: DType, p: f64, seed: u64) -> Result<CudaStorage> {
