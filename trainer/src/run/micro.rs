@@ -95,7 +95,15 @@ pub(super) fn micro_step(model: &Llama, grouped: bool, segs: &[Segment]) -> Resu
         model.forward_train_group_hidden(&group)?
     } else {
         let (ids, mask, _) = &tensors[0];
-        vec![model.forward_train_hidden(ids, Some(mask), Some(segs[0].seed))?]
+        // The RoPE positions from the host's copy of the mask: the model's own would read the
+        // mask back from the device, a wait for the GPU on every micro-batch.
+        let b = segs[0].batch;
+        let positions = engine::Tensor::from_slice(
+            &model::mask_positions(&b.key_mask, b.len),
+            [b.batch, b.len],
+            device,
+        )?;
+        vec![model.forward_train_hidden_at(ids, Some(mask), &positions, Some(segs[0].seed))?]
     };
     let mut total: Option<Tensor> = None;
     let mut results = Vec::with_capacity(segs.len());
