@@ -82,27 +82,21 @@ fn recipe_args(args: &[&str]) -> trainer::bench::recipe::RecipeArgs {
         .a
 }
 
+/// A short f32 run on the CPU (a step of warm-up, two timed, batch 4) with `extra` arguments.
+fn cpu_recipe_args(extra: &[&str]) -> trainer::bench::recipe::RecipeArgs {
+    let base = [
+        "--device", "cpu", "--dtype", "f32", "--warmup", "1", "--steps", "2", "--batch", "4",
+    ];
+    let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+    recipe_args(&args)
+}
+
 #[test]
 fn the_recipe_bench_runs_data_parallel_over_the_same_global_batch() {
     // Two ranks as threads (the in-process communicator): the steps are `mixlora train`'s data
     // parallel ones, so the timed steps hold the same real tokens as one process's, and the
     // report says how many ranks ran them.
-    let a = recipe_args(&[
-        "--device",
-        "cpu",
-        "--dtype",
-        "f32",
-        "--warmup",
-        "1",
-        "--steps",
-        "2",
-        "--batch",
-        "4",
-        "--micro-batch",
-        "1",
-        "--cutoff-len",
-        "160",
-    ]);
+    let a = cpu_recipe_args(&["--micro-batch", "1", "--cutoff-len", "160"]);
     let one = trainer::bench::recipe::recipe(&a, |_| {}).expect("one process");
     assert_eq!(one.ranks, 1);
     let comms = engine::dist::FakeComm::world(2, std::time::Duration::from_secs(120));
@@ -145,25 +139,10 @@ fn the_recipe_bench_refuses_gpus_on_the_cpu() {
 fn the_recipe_bench_times_fixed_shape_and_packed_steps_on_the_same_data() {
     // `--cuda-graphs eager` pads the same micro-batches to fixed shapes: the timed steps hold the
     // same real tokens. `--packing` fills rows with several examples: more real tokens a step.
-    let base = [
-        "--device",
-        "cpu",
-        "--dtype",
-        "f32",
-        "--warmup",
-        "1",
-        "--steps",
-        "2",
-        "--batch",
-        "4",
-        "--micro-batch",
-        "2",
-        "--cutoff-len",
-        "512",
-    ];
     let with = |extra: &[&str]| {
+        let base = ["--micro-batch", "2", "--cutoff-len", "512"];
         let args: Vec<&str> = base.iter().chain(extra).copied().collect();
-        let a = recipe_args(&args);
+        let a = cpu_recipe_args(&args);
         let r = trainer::bench::recipe::recipe(&a, |_| {}).expect("bench");
         (r.tokens, trainer::bench::recipe::recipe_json(&a, &r))
     };

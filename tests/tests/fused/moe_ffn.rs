@@ -475,6 +475,22 @@ fn the_cpu_runs_its_tile_primitives() {
     }
 }
 
+/// The op's output on `v` (as variables) in token chunks of `chunk`, then the gradient of `Σ y²`
+/// for each of `v`: `[y, dv_0, dv_1, ..]` as f64 values.
+fn out_and_grads(
+    v: &[Tensor],
+    frozen: &[Tensor; 3],
+    drop: Option<MoeDropout>,
+    chunk: Option<usize>,
+) -> Vec<Vec<f64>> {
+    let vars: Vec<Tensor> = v.iter().map(|t| t.to_var().unwrap()).collect();
+    let y = op_out_chunked(&vars, frozen, drop, chunk).unwrap();
+    y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let mut out = vec![y.to_vec_f64().unwrap()];
+    out.extend(vars.iter().map(|t| t.grad().unwrap().to_vec_f64().unwrap()));
+    out
+}
+
 /// The output and every gradient do not depend on the token chunking (f64: to rounding), with
 /// dropout (its masks index slots among all the op's tokens, not the chunk's), for chunks of 1,
 /// 2, 3 and ≥ T tokens; a chunk of 0 tokens is an error.
@@ -482,14 +498,7 @@ fn the_cpu_runs_its_tile_primitives() {
 fn chunking_changes_nothing() {
     let (v, frozen) = op_inputs();
     let drop = Some(MoeDropout { p: 0.3, seed: 9 });
-    let run = |chunk: Option<usize>| {
-        let vars: Vec<Tensor> = v.iter().map(|t| t.to_var().unwrap()).collect();
-        let y = op_out_chunked(&vars, &frozen, drop, chunk).unwrap();
-        y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-        let mut out = vec![y.to_vec_f64().unwrap()];
-        out.extend(vars.iter().map(|t| t.grad().unwrap().to_vec_f64().unwrap()));
-        out
-    };
+    let run = |chunk: Option<usize>| out_and_grads(&v, &frozen, drop, chunk);
     let want = run(None);
     for chunk in [1, 2, 3, FT, 100] {
         for (n, (a, b)) in run(Some(chunk)).iter().zip(&want).enumerate() {
@@ -517,15 +526,7 @@ const KEY: u64 = 0xD1B5_4A32_D192_ED03;
 fn dropout_key_changes_every_mask_and_keeps_forward_and_backward_together() {
     let (v, frozen) = op_inputs();
     let drop = Some(MoeDropout { p: 0.3, seed: 9 });
-    // The output and every gradient of Σ y², as bits.
-    let run = |chunk: Option<usize>| {
-        let vars: Vec<Tensor> = v.iter().map(|t| t.to_var().unwrap()).collect();
-        let y = op_out_chunked(&vars, &frozen, drop, chunk).unwrap();
-        y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-        let mut out = vec![y.to_vec_f64().unwrap()];
-        out.extend(vars.iter().map(|t| t.grad().unwrap().to_vec_f64().unwrap()));
-        out
-    };
+    let run = |chunk: Option<usize>| out_and_grads(&v, &frozen, drop, chunk);
     let plain = run(None);
     {
         let _key = DropoutKey::set(Device::Cpu, KEY);
