@@ -89,6 +89,30 @@ impl Drop for DropoutKey {
     }
 }
 
+/// A training micro-step's loss as the GPU tests build it: the summed next-token cross-entropy of
+/// the final hidden states `hidden` (its rows those of `targets`, `u32::MAX` ignored) through
+/// `m`'s LM head in vocabulary chunks of 64, in f32, plus `aux` (the load-balance loss) if given.
+pub fn lm_loss_plus_aux(
+    m: &model::Llama,
+    hidden: &Tensor,
+    aux: Option<&Tensor>,
+    targets: &Tensor,
+) -> Tensor {
+    let ce = hidden
+        .linear_cross_entropy_rows(m.lm_head_weight(), targets, u32::MAX, 64)
+        .expect("linear_cross_entropy_rows")
+        .sum_all()
+        .expect("sum_all")
+        .to_dtype(DType::F32)
+        .expect("to_dtype");
+    match aux {
+        Some(a) => ce
+            .add(&a.to_dtype(DType::F32).expect("to_dtype"))
+            .expect("add"),
+        None => ce,
+    }
+}
+
 /// The bits of every element (read as f64), to compare results exactly.
 pub fn bits(t: &Tensor) -> Vec<u64> {
     t.to_vec_f64()

@@ -15,7 +15,9 @@ mod gpu {
     use model::adapters::Adapters;
     use model::{AdapterConfig, Llama, MoeImpl, PeftType, RandomInit};
     use testutil::gpu::{device as gpu, serial};
-    use testutil::{bits, gpu_llama_config, next_token_targets, rand_ids, DropoutKey};
+    use testutil::{
+        bits, gpu_llama_config, lm_loss_plus_aux, next_token_targets, rand_ids, DropoutKey,
+    };
 
     fn cuda(d: Device) -> CudaDevice {
         match d {
@@ -45,16 +47,7 @@ mod gpu {
             .unwrap();
         let h = out.hidden.dim(-1).unwrap();
         let rows = out.hidden.reshape([targets.elem_count(), h]).unwrap();
-        let mut loss = rows
-            .linear_cross_entropy_rows(m.lm_head_weight(), targets, u32::MAX, 64)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
-        if let Some(a) = &out.aux_loss {
-            loss = loss.add(&a.to_dtype(DType::F32).unwrap()).unwrap();
-        }
+        let loss = lm_loss_plus_aux(m, &rows, out.aux_loss.as_ref(), targets);
         loss.backward().unwrap();
         (loss, out.hidden.detach())
     }

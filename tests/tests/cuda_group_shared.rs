@@ -10,7 +10,7 @@ use engine::{DType, Device, Tensor};
 use model::adapters::Adapters;
 use model::{AdapterConfig, GroupMode, GroupSegment, Llama, MoeImpl, PeftType, RandomInit};
 use testutil::gpu::{device as gpu, rel_err, serial, tol};
-use testutil::{gpu_llama_config, next_token_targets, rand_ids};
+use testutil::{gpu_llama_config, lm_loss_plus_aux, next_token_targets, rand_ids};
 
 /// Adapters of `kinds`: LoRA r=8 and MixLoRA r=8 (4 experts, top-2, the fused op), alpha 16,
 /// dropout 0.05, random `B`s.
@@ -55,20 +55,6 @@ const ROUTER_GRAD_TOL: f64 = 3.5e-1;
 
 /// Hidden states, loss and gradients (name, values) of one adapter.
 type Run = (Vec<f64>, f64, Vec<(String, Vec<f64>)>);
-
-fn loss(m: &Llama, hidden: &Tensor, aux: Option<&Tensor>, targets: &Tensor) -> Tensor {
-    let ce = hidden
-        .linear_cross_entropy_rows(m.lm_head_weight(), targets, u32::MAX, 64)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    match aux {
-        Some(a) => ce.add(&a.to_dtype(DType::F32).unwrap()).unwrap(),
-        None => ce,
-    }
-}
 
 fn grads(a: &Adapters) -> Vec<(String, Vec<f64>)> {
     a.named_params()
@@ -131,7 +117,7 @@ fn check_against_alone(kinds: &[PeftType; 3], dropout: bool) {
     for (a, (ids, mask, targets, seed)) in sets.iter().zip(&micros) {
         m.set_adapters(a.clone()).unwrap();
         let out = m.forward_train_hidden(ids, Some(mask), *seed).unwrap();
-        let l = loss(&m, &out.hidden, out.aux_loss.as_ref(), targets);
+        let l = lm_loss_plus_aux(&m, &out.hidden, out.aux_loss.as_ref(), targets);
         l.backward().unwrap();
         let h = out.hidden.to_vec_f64().unwrap();
         alone.push((h, l.to_vec_f64().unwrap()[0], grads(a)));
@@ -152,7 +138,7 @@ fn check_against_alone(kinds: &[PeftType; 3], dropout: bool) {
             .collect();
         let outs = m.forward_train_group_hidden(&segments).unwrap();
         let losses: Vec<Tensor> = (outs.iter().zip(order))
-            .map(|(o, s)| loss(&m, &o.hidden, o.aux_loss.as_ref(), &micros[s].2))
+            .map(|(o, s)| lm_loss_plus_aux(&m, &o.hidden, o.aux_loss.as_ref(), &micros[s].2))
             .collect();
         let mut total = losses[0].clone();
         for l in &losses[1..] {
