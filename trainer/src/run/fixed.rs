@@ -32,9 +32,8 @@ use model::Llama;
 
 use super::lm_loss_rows;
 use super::micro::{MicroOut, Segment};
-use crate::config::CudaGraphs;
 use crate::data::HostBatch;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Micro-batch lengths are rounded up to a multiple of this (at most `cutoff_len`).
 pub const BUCKET: usize = 64;
@@ -81,6 +80,7 @@ struct Shape {
 
 /// What a micro-step leaves on the device: its scalars as f64 `[1 + aux + z]` (summed LM loss,
 /// then the aux loss and z-loss when the model has them) and its expert loads, concatenated.
+#[derive(Clone)]
 struct Outputs {
     scalars: Tensor,
     has_aux: bool,
@@ -92,34 +92,15 @@ struct Outputs {
 impl FixedSteps {
     /// For `params` (the adapter's trainable tensors, in the optimizer's order) on `device`:
     /// micro-batches of `rows` rows of at most `cutoff` positions, padded with `pad`, dropout
-    /// drawn from `seed` under each micro-batch's key; `graphs` says whether to record them.
+    /// drawn from `seed` under each micro-batch's key; `capture`: record them as CUDA graphs
+    /// (`--cuda-graphs on`: the run checked that the device is a GPU of a CUDA build).
     pub fn new(
-        graphs: CudaGraphs,
+        capture: bool,
         device: Device,
         params: &[Tensor],
         (rows, cutoff, pad): (usize, usize, u32),
         seed: u64,
     ) -> Result<FixedSteps> {
-        let capture = match graphs {
-            CudaGraphs::Off => {
-                return Err(Error::Config(
-                    "fixed-shape steps were asked for with --cuda-graphs off".into(),
-                ))
-            }
-            CudaGraphs::Eager => false,
-            CudaGraphs::On => true,
-        };
-        if capture && !cfg!(feature = "cuda") {
-            return Err(Error::Config(
-                "--cuda-graphs on needs a build with the CUDA backend (--features cuda)".into(),
-            ));
-        }
-        if capture && !matches!(device, Device::Cuda(_)) {
-            return Err(Error::Config(format!(
-                "--cuda-graphs on records CUDA graphs, which needs --device cuda (the device is \
-                 {device}); `eager` runs the same fixed-shape steps on any device"
-            )));
-        }
         let (flats, grads) = gradient_buffers(params, device)?;
         Ok(FixedSteps {
             capture,
@@ -180,6 +161,7 @@ impl FixedSteps {
     /// Replays the graph of shape `len`, recording it first if need be; returns its outputs.
     #[cfg(feature = "cuda")]
     fn replay(&mut self, len: usize, model: &Llama) -> Result<Outputs> {
+        use crate::error::Error;
         use engine::backend::cuda::{capture_in, CudaDevice, GraphMemory};
         let Device::Cuda(n) = self.device else {
             unreachable!("checked in new")
@@ -208,12 +190,12 @@ impl FixedSteps {
         }
         let (graph, out) = self.shapes[&len].graph.as_ref().expect("recorded");
         graph.replay()?;
-        Ok(out.shallow())
+        Ok(out.clone()) // the same tensors, which the next replay overwrites
     }
 
     #[cfg(not(feature = "cuda"))]
     fn replay(&mut self, _len: usize, _model: &Llama) -> Result<Outputs> {
-        unreachable!("--cuda-graphs on is refused without the CUDA backend (new)")
+        unreachable!("the run refuses --cuda-graphs on without the CUDA backend")
     }
 
     /// Shapes seen so far, and how many of them have a graph.
@@ -313,18 +295,6 @@ fn micro_body(
 }
 
 impl Outputs {
-    /// The same tensors (a graph's outputs, which its replays overwrite).
-    #[cfg(feature = "cuda")]
-    fn shallow(&self) -> Outputs {
-        Outputs {
-            scalars: self.scalars.clone(),
-            has_aux: self.has_aux,
-            has_z: self.has_z,
-            loads: self.loads.clone(),
-            n_loads: self.n_loads,
-        }
-    }
-
     /// Copies of the outputs (one copy kernel each), split into a [`MicroOut`] of views.
     fn copied(self) -> Result<MicroOut> {
         let scalars = engine::no_grad(|| self.scalars.copy())?;

@@ -233,9 +233,10 @@ fn train_plan_with_base(
     let graphs = plan.shared.cuda_graphs;
     if graphs != CudaGraphs::Off && (grouped || ranks.is_some()) {
         return Err(Error::Config(format!(
-            "--cuda-graphs {} runs one adapter in one process; this run has {} adapters{}",
+            "--cuda-graphs {} runs one adapter in one process; this run has {} adapter{}{}",
             words::Word::spell(&graphs),
             plan.adapters.len(),
+            if grouped { "s" } else { "" },
             if ranks.is_some() {
                 " and several processes"
             } else {
@@ -249,6 +250,11 @@ fn train_plan_with_base(
              `eager` runs the same fixed-shape steps on any device",
             plan.shared.device
         )));
+    }
+    if graphs == CudaGraphs::On && !cfg!(feature = "cuda") {
+        return Err(Error::Config(
+            "--cuda-graphs on needs a build with the CUDA backend (--features cuda)".into(),
+        ));
     }
     // Every adapter's folder first: nothing is loaded for a run that cannot start.
     let starts = plan
@@ -356,7 +362,7 @@ fn train_plan_with_base(
     let mut fixed = match graphs {
         CudaGraphs::Off => None,
         _ => Some(FixedSteps::new(
-            graphs,
+            graphs == CudaGraphs::On,
             model.device(),
             runs[0].params(),
             (first.micro_batch_size, first.cutoff_len, pad),
