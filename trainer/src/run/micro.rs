@@ -98,7 +98,7 @@ pub(super) fn micro_step(model: &Llama, grouped: bool, segs: &[Segment]) -> Resu
         // The RoPE positions from the host's copy of the mask: the model's own would read the
         // mask back from the device, a wait for the GPU on every micro-batch.
         let b = segs[0].batch;
-        let positions = engine::Tensor::from_slice(
+        let positions = Tensor::from_slice(
             &model::mask_positions(&b.key_mask, b.len),
             [b.batch, b.len],
             device,
