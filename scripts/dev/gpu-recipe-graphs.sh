@@ -6,7 +6,7 @@
 # LLaMA-2-7B shape (random weights) against Table 6's fused MixLoRA tokens/s. Writes each run's
 # JSON and OUTDIR/recipe-graphs.json:
 #
-#   {"device", "steps", "before": {"mixlora", "lora"}, "after": {"mixlora", "lora",
+#   {"device", "shape", "steps", "before": {"mixlora", "lora"}, "after": {"mixlora", "lora",
 #    "mixlora_packed", "lora_packed"}, "shape7b": {"tokens_per_s", "table6_tokens_per_s"}}
 #
 # each entry {"tokens_per_s", "gpu_busy", "host_us_per_step", "step_ms", "train_s"}: `train_s`
@@ -15,11 +15,13 @@
 #
 #   scripts/dev/gpu-recipe-graphs.sh BIN MODEL.gguf DATA_DIR OUTDIR [STEPS]
 #
-# DATA_DIR holds {arc_e,arc_c,boolq,obqa}/train.json. DEVICE (default cuda), ON=eager and SHAPE7B=0 (skip
-# the 7B shape) serve a dry run on the CPU.
+# DATA_DIR holds {arc_e,arc_c,boolq,obqa}/train.json. SHAPE=smollm2 times a random model of that
+# shape (the model file then gives only the tokenizer, so the batches keep their real lengths; no
+# FULL runs then). DEVICE (default cuda), ON=eager and SHAPE7B=0 (skip the 7B shape) serve a dry
+# run on the CPU.
 set -uo pipefail
 [ $# -ge 4 ] || {
-    sed -n '2,19p' "$0" >&2
+    sed -n '2,21p' "$0" >&2
     exit 2
 }
 bin=$1
@@ -33,6 +35,8 @@ mkdir -p "$out"
 files=()
 # An empty MODEL: the built-in tiny model (a CPU dry run).
 [ -n "$model" ] && files+=(--model "$model")
+shape=()
+[ -n "${SHAPE:-}" ] && shape=(--shape "$SHAPE")
 for t in arc_e arc_c boolq obqa; do files+=(--data "$data/$t/train.json"); done
 
 bench() { # NAME ARGS...: one bench recipe run into OUT/recipe-NAME.json
@@ -62,11 +66,11 @@ full() { # NAME ARGS...: the full 2-epoch train run, its wall time into OUT/trai
 for kind in mixlora lora; do
     rank=16
     [ "$kind" = lora ] && rank=86
-    a=(--adapter "$kind" --rank "$rank" --steps "$steps")
+    a=(--adapter "$kind" --rank "$rank" --steps "$steps" "${shape[@]}")
     bench "$kind-off" "${a[@]}" --cuda-graphs off
     bench "$kind-on" "${a[@]}" --cuda-graphs "$on"
     bench "$kind-on-packed" "${a[@]}" --cuda-graphs "$on" --packing
-    if [ "${FULL:-0}" = 1 ]; then
+    if [ "${FULL:-0}" = 1 ] && [ ${#shape[@]} = 0 ]; then
         full "$kind-off" --adapter "$kind" --rank "$rank" --cuda-graphs off
         full "$kind-on" --adapter "$kind" --rank "$rank" --cuda-graphs "$on"
         full "$kind-on-packed" --adapter "$kind" --rank "$rank" --cuda-graphs "$on" --packing
@@ -98,6 +102,7 @@ if t6.exists():
 seven = read("7b-on")
 result = {
     "device": first.get("device"),
+    "shape": first.get("shape"),
     "steps": steps,
     "before": {k: read(f"{k}-off") for k in ("mixlora", "lora")},
     "after": {"mixlora": read("mixlora-on"), "lora": read("lora-on"),
