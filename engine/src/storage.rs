@@ -250,6 +250,20 @@ impl BackendStorage for Storage {
             }),
         }
     }
+    fn add_to_view(&self, l: &Layout, dst: &mut Self, dl: &Layout) -> Result<()> {
+        let (sd, dd) = (self.device(), dst.device());
+        #[allow(unreachable_patterns)]
+        match (self, dst) {
+            (Storage::Cpu(a), Storage::Cpu(b)) => a.add_to_view(l, b, dl),
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(a), Storage::Cuda(b)) => a.add_to_view(l, b, dl),
+            _ => Err(Error::DeviceMismatch {
+                op: "add_to_view",
+                lhs: sd,
+                rhs: dd,
+            }),
+        }
+    }
     fn index_select(&self, l: &Layout, ids: &Self, il: &Layout, dim: usize) -> Result<Self> {
         two!("index_select", self, ids, (a, b) => a.index_select(l, b, il, dim))
     }

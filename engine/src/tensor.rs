@@ -502,6 +502,48 @@ impl Tensor {
         s.copy_to_view(src.layout(), &mut d, self.layout())
     }
 
+    /// Adds `src`'s elements into this tensor's, in place (same shape and float dtype; bf16 in
+    /// f32, rounded once): `t.add_assign(&g)` leaves exactly what `t.assign(&t.add(&g)?)` would,
+    /// in one pass and without a temporary. Every view of the buffer sees the new values. Used to
+    /// sum gradients into a fixed buffer; records nothing.
+    pub fn add_assign(&self, src: &Tensor) -> Result<()> {
+        if self.shape() != src.shape() {
+            return Err(Error::ShapeMismatch {
+                op: "add_assign",
+                lhs: self.shape().clone(),
+                rhs: src.shape().clone(),
+            });
+        }
+        if self.dtype() != src.dtype() {
+            return Err(Error::DTypeMismatch {
+                op: "add_assign",
+                lhs: self.dtype(),
+                rhs: src.dtype(),
+            });
+        }
+        let l = self.layout();
+        if l.dims()
+            .iter()
+            .zip(l.strides())
+            .any(|(&d, &s)| d > 1 && s == 0)
+        {
+            return Err(Error::invalid(
+                "add_assign",
+                "the destination is a broadcast view (one element stands for several)",
+            ));
+        }
+        if self.same_storage(src) {
+            let tmp = autograd::no_grad(|| src.copy())?;
+            return self.add_assign(&tmp);
+        }
+        let s = src.try_storage("add_assign")?;
+        let mut d = self
+            .try_data("add_assign")?
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        s.add_to_view(src.layout(), &mut d, self.layout())
+    }
+
     /// A contiguous copy of this tensor on `device` (the tensor itself when it is already there).
     /// Recorded on the tape: the gradient goes back to this tensor's device.
     pub fn to_device(&self, device: Device) -> Result<Self> {

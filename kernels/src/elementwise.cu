@@ -8,6 +8,7 @@
 // Select:  where_{cond}_{val}(n, lc, lt, lf, c, t, f, y)  y[i] = c[..] != 0 ? t[..] : f[..]
 // Cast:    cast_{src}_{dst}(n, l, x, y)                   Rust `as` semantics
 // Copy:    copy_{dtype}(n, ls, ld, src, dst)              dst[at(ld, i)] = src[at(ls, i)]
+// Add to:  add_to_{f32,bf16,f64}(n, ls, ld, src, dst)     dst[at(ld, i)] += src[at(ls, i)] (in place)
 // Units:   copy_{u128,u64}(n, ls, ld, src, dst)           the same over 16- or 8-byte units, any dtype
 // Fill:    fill_{dtype}(n, y, v)                          y[i] = v
 
@@ -160,6 +161,40 @@ __device__ __forceinline__ void binary_map(u32 n, const Strided& la, const Strid
         binary_map<T, Op_##NAME>(n, la, lb, a, b, y); \
     }
 #define BINARY(NAME) BINARY_DT(NAME, float, f32) BINARY_DT(NAME, bf16, bf16) BINARY_DT(NAME, double, f64)
+
+// add_to_{dtype}: the destination view, in place, plus the source view, computed as binary add
+// computes it (bf16 in f32, rounded once), so `dst.add_assign(src)` equals `dst.assign(dst + src)`
+// bit for bit. The destination view must not overlap itself (a view of distinct elements).
+template <typename T>
+__device__ __forceinline__ void add_to_map(u32 n, const Strided& ls, const Strided& ld, const T* src, T* dst) {
+    const Op_add f;
+    if (is_run(ls) && is_run(ld) && aligned16(src + ls.offset) && aligned16(dst + ld.offset)) {
+        const T* ps = src + ls.offset;
+        T* pd = dst + ld.offset;
+        FOR_EACH(j, n / VEC) {
+            T vs[VEC], vd[VEC];
+            load_vec(ps + j * VEC, vs);
+            load_vec(pd + j * VEC, vd);
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) vd[k] = from_acc<T>(f(to_acc(vd[k]), to_acc(vs[k])));
+            store_vec(pd + j * VEC, vd);
+        }
+        TAIL_FOR(i, n) { pd[i] = from_acc<T>(f(to_acc(pd[i]), to_acc(ps[i]))); }
+        return;
+    }
+    FOR_EACH(i, n) {
+        T* d = dst + strided_at(ld, (u32)i);
+        *d = from_acc<T>(f(to_acc(*d), to_acc(src[strided_at(ls, (u32)i)])));
+    }
+}
+
+#define ADD_TO_DT(T, SUF) \
+    extern "C" __global__ void add_to_##SUF(u32 n, Strided ls, Strided ld, const T* src, T* dst) { \
+        add_to_map<T>(n, ls, ld, src, dst); \
+    }
+ADD_TO_DT(float, f32)
+ADD_TO_DT(bf16, bf16)
+ADD_TO_DT(double, f64)
 
 BINARY(add)
 BINARY(sub)

@@ -63,11 +63,12 @@ macro_rules! module {
     };
 }
 
-/// Elementwise kernels: unary, binary, comparisons, where, casts, strided copies, fills.
+/// Elementwise kernels: unary, binary, in-place add, comparisons, where, casts, strided copies,
+/// fills.
 pub const ELEMENTWISE: KernelSource = module!("elementwise",
     f3 neg f3 exp f3 log f3 silu f3 sigmoid f3 sqrt f3 recip f3 sqr f3 abs f3 tanh f3 cos f3 sin
     f3 affine f3 powf f3 max_scalar f3 min_scalar
-    f3 add f3 sub f3 mul f3 div f3 maximum f3 minimum f3 silu_mul
+    f3 add f3 sub f3 mul f3 div f3 maximum f3 minimum f3 silu_mul f3 add_to
     f4 eq f4 ne f4 lt f4 le f4 gt f4 ge
     f4 where_f32 f4 where_bf16 f4 where_f64 f4 where_u32
     f4 cast_f32 f4 cast_bf16 f4 cast_f64 f4 cast_u32

@@ -112,6 +112,10 @@ pub trait BackendStorage: Sized + Send + Sync {
     fn matmul(&self, l: &Layout, rhs: &Self, rhs_l: &Layout) -> Result<Self>;
     /// Copies the view `l` of `self` into the view `dst_l` of `dst` (same shape).
     fn copy_to_view(&self, l: &Layout, dst: &mut Self, dst_l: &Layout) -> Result<()>;
+    /// Adds the view `l` of `self` into the view `dst_l` of `dst` in place (same shape, same
+    /// float dtype; bf16 computed in f32 and rounded once, as `binary` add). `dst_l` must name
+    /// distinct elements.
+    fn add_to_view(&self, l: &Layout, dst: &mut Self, dst_l: &Layout) -> Result<()>;
 
     /// Rows of `self` along `dim` picked by u32 `ids` (rank 1).
     fn index_select(&self, l: &Layout, ids: &Self, ids_l: &Layout, dim: usize) -> Result<Self>;

@@ -341,6 +341,41 @@ mod gpu {
         c.finish();
     }
 
+    /// `add_to_view` (`Tensor::add_assign`): a transposed source added into a narrowed view of a
+    /// larger buffer (the element-at-a-time path; the buffer's other elements stay), and one run
+    /// into one run at lengths around the 8-element vector step (the vector path and its tail).
+    /// One rounding on both sides (bf16 in f32): the GPU must give the CPU's values exactly.
+    #[test]
+    fn add_to_view_in_place() {
+        let Some(mut c) = Checker::new() else { return };
+        for dt in FLOATS {
+            for &(r, k) in &SIZES {
+                let (src, dst) = (vals(r * k, 13), vals(k * (r + 3), 14));
+                c.exact(&format!("add_to_view {r}x{k} transposed"), dt, |dev| {
+                    let s = input(dev, &src, dt);
+                    let mut d = input(dev, &dst, dt);
+                    let dl = Layout::contiguous([k, r + 3]).narrow(1, 2, r);
+                    s.add_to_view(&transposed(r, k), &mut d, &dl)?;
+                    Ok(read(&d, [k, r + 3]))
+                });
+            }
+            for n in [1usize, 7, 8, 9, 4096 + 5] {
+                let (src, dst) = (vals(n, 15), vals(n + 16, 16));
+                // Offset 8 keeps the destination 16-byte aligned in every dtype; 3 does not.
+                for off in [8usize, 3] {
+                    c.exact(&format!("add_to_view run n={n} at {off}"), dt, |dev| {
+                        let s = input(dev, &src, dt);
+                        let mut d = input(dev, &dst, dt);
+                        let dl = Layout::contiguous([n + 16]).narrow(0, off, n);
+                        s.add_to_view(&Layout::contiguous([n]), &mut d, &dl)?;
+                        Ok(read(&d, n + 16))
+                    });
+                }
+            }
+        }
+        c.finish();
+    }
+
     /// Strided copies through 16-byte units (copy_u128), 8-byte units (copy_u64) and one element
     /// at a time, fills through 16-byte stores with a scalar tail: each next to views that must
     /// take the other paths. Copies and fills are exact.

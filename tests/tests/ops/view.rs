@@ -1,10 +1,11 @@
 //! Views and concatenation (`engine/src/ops/view.rs`, `ops/concat.rs`, `ops/stack.rs`):
 //! reshape, transpose, permute, narrow, broadcast, (un)squeeze; `cat`, `split`, `chunk`;
-//! `stack` and `Tensor::stack_views`; `assign` through views.
+//! `stack` and `Tensor::stack_views`; `assign` and `add_assign` through views.
 //!
 //! Gradients by central finite differences in f64 (relative error 1e-6), through views, `cat`
 //! (of transposed parts and of one tensor several times), `split`, `chunk` and `stack_views`;
-//! values of `cat`, `split` and `chunk` exactly; `assign` seen by every view; typed errors.
+//! values of `cat`, `split` and `chunk` exactly; `assign` seen by every view; `add_assign` equal to
+//! assigning the sum, bit for bit; typed errors.
 //!
 //! `Tensor::stack_views`: equally-shaped contiguous views lying back to back in one buffer stack
 //! into an `[E, ..]` view of that buffer (no copy), whose gradient reaches each input as a view
@@ -124,6 +125,53 @@ fn assign_updates_all_views_in_place() {
         view.to_vec_f64().unwrap(),
         new.narrow(1, 1, 2).unwrap().to_vec_f64().unwrap()
     );
+}
+
+#[test]
+fn add_assign_equals_assigning_the_sum_bit_for_bit() {
+    for dt in [DType::F32, DType::F64, DType::BF16] {
+        // A transposed source added into a narrowed view: the view's elements take the sum
+        // (rounded once, as `add`), the buffer's others stay.
+        let buf = randn(&[4, 6], 21).to_dtype(dt).unwrap();
+        let before = buf.to_vec_f64().unwrap();
+        let view = buf.narrow(1, 2, 3).unwrap();
+        let src = randn(&[3, 4], 22).to_dtype(dt).unwrap().t().unwrap();
+        let want = view.add(&src).unwrap().to_vec_f64().unwrap();
+        view.add_assign(&src).unwrap();
+        assert_eq!(view.to_vec_f64().unwrap(), want, "{dt}");
+        let after = buf.to_vec_f64().unwrap();
+        for (i, (a, b)) in before.iter().zip(&after).enumerate() {
+            if !(2..5).contains(&(i % 6)) {
+                assert_eq!(a, b, "{dt}: element {i} outside the view changed");
+            }
+        }
+        // A tensor added into itself doubles.
+        let t = randn(&[5], 23).to_dtype(dt).unwrap();
+        let twice = t.add(&t).unwrap().to_vec_f64().unwrap();
+        t.add_assign(&t).unwrap();
+        assert_eq!(t.to_vec_f64().unwrap(), twice, "{dt}");
+    }
+    // A large contiguous run (the parallel path) too.
+    let (a, b) = (randn(&[70_000], 24), randn(&[70_000], 25));
+    let want = a.add(&b).unwrap().to_vec_f64().unwrap();
+    a.add_assign(&b).unwrap();
+    assert_eq!(a.to_vec_f64().unwrap(), want);
+}
+
+#[test]
+fn add_assign_refuses_other_shapes_dtypes_u32_and_broadcast_views() {
+    let t = randn(&[2, 3], 31);
+    assert!(is_shape_err(t.add_assign(&randn(&[3, 2], 32))));
+    let e = t
+        .add_assign(&randn(&[2, 3], 33).to_dtype(DType::BF16).unwrap())
+        .unwrap_err();
+    assert!(matches!(e, Error::DTypeMismatch { .. }), "{e}");
+    let u = Tensor::arange(6, CPU).unwrap();
+    assert!(u.add_assign(&u.copy().unwrap()).is_err());
+    // One element standing for a whole row: the sum would land on it three times.
+    let row = randn(&[1, 3], 34).broadcast_as([2, 3]).unwrap();
+    let e = row.add_assign(&randn(&[2, 3], 35)).unwrap_err();
+    assert!(e.to_string().contains("broadcast"), "{e}");
 }
 
 // ----- errors -------------------------------------------------------------------------------

@@ -267,7 +267,7 @@ fn micro_body(
     loss.backward()?;
     for (p, acc) in params.iter().zip(grads) {
         if let Some(g) = p.grad() {
-            acc.assign(&acc.add(&g)?)?;
+            acc.add_assign(&g)?; // one kernel, no temporary (a graph node per parameter)
         }
         p.zero_grad();
     }

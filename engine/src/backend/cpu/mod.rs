@@ -270,6 +270,12 @@ impl BackendStorage for CpuStorage {
             || elementwise::copy_to_view(self, l, dst, dst_l),
         )
     }
+    fn add_to_view(&self, l: &Layout, dst: &mut Self, dst_l: &Layout) -> Result<()> {
+        profile::timed(
+            || format!("add_to_view {}{}", lk(l), lk(dst_l)),
+            || elementwise::add_to_view(self, l, dst, dst_l),
+        )
+    }
     fn index_select(&self, l: &Layout, ids: &Self, ids_l: &Layout, dim: usize) -> Result<Self> {
         timed("index_select", || {
             index::index_select(self, l, ids, ids_l, dim)

@@ -117,6 +117,48 @@ pub(crate) fn copy_to_view(
     copy_raw(s, sl, dst.ptr(), dl)
 }
 
+/// Adds the view `sl` of `s` into the view `dl` of `dst`, in place (same shape and float dtype).
+pub(crate) fn add_to_view(
+    s: &CudaStorage,
+    sl: &Layout,
+    dst: &mut CudaStorage,
+    dl: &Layout,
+) -> Result<()> {
+    const OP: &str = "add_to_view";
+    same_shape(OP, sl, dl)?;
+    same_dtype(OP, s, dst)?;
+    float_only(OP, s.dtype)?;
+    s.same_device(OP, dst)?;
+    check_extent(OP, sl, s.len)?;
+    if dl.max_extent() > dst.len {
+        return Err(Error::invalid(OP, "destination view exceeds its buffer"));
+    }
+    let n = sl.elem_count();
+    if n == 0 {
+        return Ok(());
+    }
+    let (ls, ld) = (StridedArg::new(OP, sl)?, StridedArg::new(OP, dl)?);
+    let (n32, x, y) = (to_u32(OP, n)?, s.ptr(), dst.ptr());
+    let runs = [&ls, &ld].iter().all(|l| l.rank == 1 && l.strides[0] == 1);
+    let threads = if runs { n.div_ceil(8) } else { n };
+    let name = format!("add_to_{}", s.dtype);
+    let _detail = super::launch::profile_detail(|| format!("{} {}", s.dtype, sl.shape()));
+    // SAFETY: both views were checked against their buffers above, so every `at(ls, i)` and
+    // `at(ld, i)` for i < n is inside them; both hold `s.dtype` elements. Each destination
+    // element is read and written by the one thread that owns index i (callers pass a
+    // destination view of distinct elements: a tensor's own layout).
+    unsafe {
+        launch!(
+            &s.dev,
+            OP,
+            ELEMENTWISE,
+            name,
+            CudaDevice::grid(threads),
+            [n32, ls, ld, x, y]
+        )
+    }
+}
+
 pub(crate) fn to_dtype(s: &CudaStorage, l: &Layout, dtype: DType) -> Result<CudaStorage> {
     check_extent("to_dtype", l, s.len)?;
     if dtype == s.dtype {

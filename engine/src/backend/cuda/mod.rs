@@ -312,6 +312,9 @@ impl BackendStorage for CudaStorage {
     fn copy_to_view(&self, l: &Layout, dst: &mut Self, dst_l: &Layout) -> Result<()> {
         elementwise::copy_to_view(self, l, dst, dst_l)
     }
+    fn add_to_view(&self, l: &Layout, dst: &mut Self, dst_l: &Layout) -> Result<()> {
+        elementwise::add_to_view(self, l, dst, dst_l)
+    }
     fn index_select(&self, l: &Layout, ids: &Self, ids_l: &Layout, dim: usize) -> Result<Self> {
         index::index_select(self, l, ids, ids_l, dim)
     }
