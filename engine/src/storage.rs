@@ -68,6 +68,15 @@ impl Storage {
             d => Err(no_backend(d)),
         }
     }
+    /// Writes the host buffer `src` over elements `offset..offset + src.len()` of this storage
+    /// (same dtype), in place.
+    pub fn write_host(&mut self, offset: usize, src: &CpuStorage) -> Result<()> {
+        match self {
+            Storage::Cpu(d) => d.write_at(offset, src),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(d) => d.write_from_cpu(offset, src),
+        }
+    }
     pub fn randn(
         device: Device,
         shape: &Shape,

@@ -502,6 +502,38 @@ impl Tensor {
         s.copy_to_view(src.layout(), &mut d, self.layout())
     }
 
+    /// Overwrites this tensor's elements with the host values `data` (in row-major order; the
+    /// tensor's dtype, contiguous), in place: one host-to-device copy on a GPU, no kernel and no
+    /// new buffer. Every view of the buffer sees the new values. Records nothing.
+    pub fn write_slice<T: WithDType>(&self, data: &[T]) -> Result<()> {
+        if data.len() != self.elem_count() {
+            return Err(Error::ElementCountMismatch {
+                op: "write_slice",
+                numel: data.len(),
+                shape: self.shape().clone(),
+            });
+        }
+        if T::DTYPE != self.dtype() {
+            return Err(Error::DTypeMismatch {
+                op: "write_slice",
+                lhs: self.dtype(),
+                rhs: T::DTYPE,
+            });
+        }
+        let Some((start, _)) = self.layout().contiguous_range() else {
+            return Err(Error::invalid(
+                "write_slice",
+                "the tensor is not contiguous (write into a contiguous one and assign it)",
+            ));
+        };
+        let src = cpu_storage_from_vec(data.to_vec());
+        let mut d = self
+            .try_data("write_slice")?
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        d.write_host(start, &src)
+    }
+
     /// Adds `src`'s elements into this tensor's, in place (same shape and float dtype; bf16 in
     /// f32, rounded once): `t.add_assign(&g)` leaves exactly what `t.assign(&t.add(&g)?)` would,
     /// in one pass and without a temporary. Every view of the buffer sees the new values. Used to

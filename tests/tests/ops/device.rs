@@ -85,6 +85,66 @@ mod gpu {
         c.finish();
     }
 
+    /// `Tensor::write_slice` on the GPU: into a view inside a larger buffer (the elements
+    /// around it stay), small (through the staging ring) and large (a direct copy), in every
+    /// dtype; stream-ordered, so a kernel queued before the write reads the old values.
+    #[test]
+    fn write_slice_in_place_and_in_stream_order() {
+        let _serial = serial();
+        let Some(gpu) = gpu() else { return };
+        for n in [5usize, 3 << 20] {
+            let (old, new) = (vals(n + 8, 81), vals(n, 82));
+            for dt in [DType::F32, DType::BF16, DType::F64] {
+                let buf = Tensor::from_f64(&old, n + 8, dt, gpu).unwrap();
+                let view = buf.narrow(0, 3, n).unwrap();
+                let twice_before = view.add(&view).unwrap(); // queued before the write
+                let want: Vec<f64> = match dt {
+                    DType::F32 => {
+                        let w: Vec<f32> = new.iter().map(|&v| v as f32).collect();
+                        view.write_slice(&w).unwrap();
+                        w.iter().map(|&v| v as f64).collect()
+                    }
+                    DType::F64 => {
+                        view.write_slice(&new).unwrap();
+                        new.clone()
+                    }
+                    _ => {
+                        let w: Vec<half::bf16> =
+                            new.iter().map(|&v| half::bf16::from_f64(v)).collect();
+                        view.write_slice(&w).unwrap();
+                        w.iter().map(|v| v.to_f64()).collect()
+                    }
+                };
+                let got = buf.to_vec_f64().unwrap();
+                assert_eq!(&got[3..3 + n], &want[..], "{dt} n={n}");
+                let old_dt = Tensor::from_f64(&old, n + 8, dt, Device::Cpu)
+                    .unwrap()
+                    .to_vec_f64()
+                    .unwrap();
+                assert_eq!(&got[..3], &old_dt[..3], "{dt} n={n}: before the view");
+                assert_eq!(
+                    &got[3 + n..],
+                    &old_dt[3 + n..],
+                    "{dt} n={n}: after the view"
+                );
+                let twice: Vec<f64> = old_dt[3..3 + n].iter().map(|v| v + v).collect();
+                let tb = twice_before
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_vec_f64()
+                    .unwrap();
+                assert_eq!(
+                    tb, twice,
+                    "{dt} n={n}: the earlier kernel saw the new values"
+                );
+            }
+            let ids: Vec<u32> = (0..n as u32).map(|i| i.wrapping_mul(2654435761)).collect();
+            let t = Tensor::zeros(n, DType::U32, gpu).unwrap();
+            t.write_slice(&ids).unwrap();
+            assert_eq!(t.to_vec_u32().unwrap(), ids, "u32 n={n}");
+        }
+    }
+
     #[test]
     fn to_device_round_trip_and_gradient() {
         let _serial = serial();

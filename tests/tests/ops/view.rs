@@ -1,6 +1,6 @@
 //! Views and concatenation (`engine/src/ops/view.rs`, `ops/concat.rs`, `ops/stack.rs`):
 //! reshape, transpose, permute, narrow, broadcast, (un)squeeze; `cat`, `split`, `chunk`;
-//! `stack` and `Tensor::stack_views`; `assign` and `add_assign` through views.
+//! `stack` and `Tensor::stack_views`; `assign`, `add_assign` and `write_slice` through views.
 //!
 //! Gradients by central finite differences in f64 (relative error 1e-6), through views, `cat`
 //! (of transposed parts and of one tensor several times), `split`, `chunk` and `stack_views`;
@@ -156,6 +156,32 @@ fn add_assign_equals_assigning_the_sum_bit_for_bit() {
     let want = a.add(&b).unwrap().to_vec_f64().unwrap();
     a.add_assign(&b).unwrap();
     assert_eq!(a.to_vec_f64().unwrap(), want);
+}
+
+#[test]
+fn write_slice_overwrites_a_contiguous_view_in_place() {
+    let buf = Tensor::from_vec((0..12u32).collect::<Vec<_>>(), [3, 4], CPU).unwrap();
+    let row = buf.narrow(0, 1, 1).unwrap();
+    row.write_slice(&[40u32, 41, 42, 43]).unwrap();
+    assert_eq!(
+        buf.to_vec_u32().unwrap(),
+        vec![0, 1, 2, 3, 40, 41, 42, 43, 8, 9, 10, 11]
+    );
+    let f = randn(&[2, 2], 41).to_dtype(DType::F32).unwrap();
+    f.write_slice(&[1.5f32, -2.0, 0.25, 8.0]).unwrap();
+    assert_eq!(f.to_vec_f64().unwrap(), vec![1.5, -2.0, 0.25, 8.0]);
+    // Wrong count, wrong dtype, a view that is not one run: typed errors, nothing written.
+    let e = f.write_slice(&[1.0f32]).unwrap_err();
+    assert!(matches!(e, Error::ElementCountMismatch { .. }), "{e}");
+    let e = f.write_slice(&[1.0f64, 2.0, 3.0, 4.0]).unwrap_err();
+    assert!(matches!(e, Error::DTypeMismatch { .. }), "{e}");
+    let e = buf
+        .narrow(1, 0, 2)
+        .unwrap()
+        .write_slice(&[0u32; 6])
+        .unwrap_err();
+    assert!(e.to_string().contains("not contiguous"), "{e}");
+    assert_eq!(buf.to_vec_u32().unwrap()[..2], [0, 1]);
 }
 
 #[test]

@@ -224,21 +224,17 @@ impl Shape {
         })
     }
 
-    /// Writes the padded micro-batch `b` and the step's normalisation into the inputs.
+    /// Writes the padded micro-batch `b` and the step's normalisation into the inputs: one
+    /// host-to-device copy each, straight into the buffers (no kernel, no new buffer).
     fn write(&self, b: &HostBatch, seg: &Segment) -> Result<()> {
-        let (ids, mask, labels) = b.to_tensors(self.ids.device())?;
-        self.ids.assign(&ids)?;
-        self.mask.assign(&mask)?;
-        let positions = model::mask_positions(&b.key_mask, b.len);
-        self.positions.assign(&Tensor::from_slice(
-            &positions,
-            [b.batch, b.len],
-            self.ids.device(),
-        )?)?;
-        self.labels.assign(&labels)?;
-        let scalar = |v: f64| Tensor::scalar(v, DType::F32, self.ids.device());
-        self.inv_targets.assign(&scalar(1.0 / seg.n_targets)?)?;
-        self.inv_micro.assign(&scalar(1.0 / seg.n_micro)?)?;
+        self.ids.write_slice(&b.ids)?;
+        self.mask.write_slice(&b.key_mask)?;
+        self.positions
+            .write_slice(&model::mask_positions(&b.key_mask, b.len))?;
+        self.labels.write_slice(&b.labels)?;
+        self.inv_targets
+            .write_slice(&[(1.0 / seg.n_targets) as f32])?;
+        self.inv_micro.write_slice(&[(1.0 / seg.n_micro) as f32])?;
         Ok(())
     }
 }

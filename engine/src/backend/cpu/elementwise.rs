@@ -503,6 +503,32 @@ fn add_to_t<T: Copy + Send + Sync>(
 }
 
 impl CpuStorage {
+    /// Copies `src` over elements `offset..offset + src.len()` (same dtype).
+    pub(crate) fn write_at(&mut self, offset: usize, src: &CpuStorage) -> Result<()> {
+        use CpuStorage as S;
+        const OP: &str = "write_host";
+        if offset + src.len_() > self.len_() {
+            return Err(Error::invalid(
+                OP,
+                "the data runs past the end of the buffer",
+            ));
+        }
+        let end = offset + src.len_();
+        match (src, self) {
+            (S::F32(a), S::F32(b)) => b[offset..end].copy_from_slice(a),
+            (S::F64(a), S::F64(b)) => b[offset..end].copy_from_slice(a),
+            (S::BF16(a), S::BF16(b)) => b[offset..end].copy_from_slice(a),
+            (S::U32(a), S::U32(b)) => b[offset..end].copy_from_slice(a),
+            (a, b) => {
+                return Err(Error::DTypeMismatch {
+                    op: OP,
+                    lhs: b.dtype_(),
+                    rhs: a.dtype_(),
+                })
+            }
+        }
+        Ok(())
+    }
     pub(crate) fn dtype_(&self) -> DType {
         crate::backend::BackendStorage::dtype(self)
     }

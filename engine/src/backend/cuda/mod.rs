@@ -145,6 +145,34 @@ impl CudaStorage {
         }
     }
 
+    /// Writes a whole host buffer over elements `offset..offset + s.len()` of this one (same
+    /// dtype), stream-ordered: kernels queued before it read the old values, later ones the new.
+    pub fn write_from_cpu(&mut self, offset: usize, s: &CpuStorage) -> Result<()> {
+        const OP: &str = "write_from_cpu";
+        let dtype = crate::backend::BackendStorage::dtype(s);
+        if dtype != self.dtype {
+            return Err(Error::DTypeMismatch {
+                op: OP,
+                lhs: self.dtype,
+                rhs: dtype,
+            });
+        }
+        let n = crate::backend::BackendStorage::len(s);
+        if offset + n > self.len {
+            return Err(Error::invalid(
+                OP,
+                "the data runs past the end of the buffer",
+            ));
+        }
+        let dst = self.ptr() + (offset * dtype.size_in_bytes()) as u64;
+        match s {
+            CpuStorage::F32(v) => upload_into(&self.dev, dst, v),
+            CpuStorage::BF16(v) => upload_into(&self.dev, dst, v),
+            CpuStorage::F64(v) => upload_into(&self.dev, dst, v),
+            CpuStorage::U32(v) => upload_into(&self.dev, dst, v),
+        }
+    }
+
     /// Downloads the view `l` into a contiguous host buffer.
     pub fn to_cpu(&self, l: &Layout) -> Result<CpuStorage> {
         let c = self.contiguous("to_cpu", l)?;
@@ -224,28 +252,32 @@ pub(crate) fn float_only(op: &'static str, dtype: DType) -> Result<()> {
 
 fn upload<T: Copy>(dev: &CudaDevice, data: &[T], dtype: DType) -> Result<CudaStorage> {
     let out = CudaStorage::alloc(dev, "upload", data.len(), dtype)?;
+    upload_into(dev, out.ptr(), data)?;
+    Ok(out)
+}
+
+/// Copies `data` to device memory at `dst` (room for all of it), stream-ordered: through the
+/// capture's pool inside a capture, the staging ring when small, else a copy waited for.
+fn upload_into<T: Copy>(dev: &CudaDevice, dst: u64, data: &[T]) -> Result<()> {
     if data.is_empty() {
-        return Ok(out);
+        return Ok(());
     }
     let bytes = std::mem::size_of_val(data);
     // SAFETY: `data` is `bytes` initialised bytes (T is a plain number type: f32, bf16, f64,
     // u32), read as bytes only for the copy.
     let raw = unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), bytes) };
     if let Some(pool) = dev.capture_pool() {
-        pool.upload(dev, out.ptr(), raw)?;
-        return Ok(out);
+        return pool.upload(dev, dst, raw);
     }
     if bytes <= staging::MAX_STAGED {
-        device::lock(&dev.0.staging).upload(dev, out.ptr(), raw)?;
-        return Ok(out);
+        return device::lock(&dev.0.staging).upload(dev, dst, raw);
     }
     dev.bind("upload")?;
-    // SAFETY: `out` holds at least `data.len()` elements of `T` (same byte size as `dtype`);
-    // the copy is queued on the device's stream and waited for before `data` can go away.
-    unsafe { cudarc::driver::result::memcpy_htod_async(out.ptr(), data, dev.stream().cu_stream()) }
+    // SAFETY: `dst` has room for `bytes` bytes (the callers' allocation or bounds check); the
+    // copy is queued on the device's stream and waited for before `data` can go away.
+    unsafe { cudarc::driver::result::memcpy_htod_async(dst, data, dev.stream().cu_stream()) }
         .map_err(|e| dev.err("upload", e))?;
-    dev.synchronize()?;
-    Ok(out)
+    dev.synchronize()
 }
 
 fn download<T: Copy + Default>(dev: &CudaDevice, ptr: u64, n: usize) -> Result<Vec<T>> {
