@@ -54,12 +54,12 @@ full() { # NAME ARGS...: the full 2-epoch train run, its wall time into OUT/trai
     local name=$1
     shift
     local t0 t1
-    t0=$(date +%s.%N)
+    t0=$(date +%s%N)
     "$bin" train --device "$device" --dtype bf16 "${files[@]}" --epochs 2 \
         --eval-every 0 --save-every 0 --out "$out/train-$name" "$@" >"$out/train-$name.log" 2>&1 ||
         { tail -3 "$out/train-$name.log"; return 1; }
-    t1=$(date +%s.%N)
-    echo "$t1 - $t0" | bc >"$out/train-$name.s"
+    t1=$(date +%s%N)
+    awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f\n", (b - a) / 1e9 }' >"$out/train-$name.s"
     echo "train $name: $(cat "$out/train-$name.s") s"
 }
 
@@ -94,11 +94,13 @@ def read(name):
     return {"tokens_per_s": r["tokens_per_s"], "gpu_busy": r["gpu_busy"],
             "host_us_per_step": r["host_us_per_step"], "step_ms": r["step_ms"],
             "train_s": float(s.read_text()) if s.exists() else None}
-first = next((json.loads(p.read_text()) for p in sorted(out.glob("recipe-*.json"))), {})
+# The device and shape of the SmolLM2 runs (the 7B run has a shape of its own).
+first = next((json.loads(p.read_text()) for p in sorted(out.glob("recipe-*.json"))
+              if not p.name.startswith("recipe-7b")), {})
 t6 = out / "table6.json"
 table6 = None
 if t6.exists():
-    table6 = json.loads(t6.read_text()).get("mixlora-fused", {}).get("tokens_per_s")
+    table6 = json.loads(t6.read_text()).get("mixlora_fused", {}).get("tokens_per_s")
 seven = read("7b-on")
 result = {
     "device": first.get("device"),

@@ -152,12 +152,29 @@ fn check_against_alone(kinds: &[PeftType; 3], dropout: bool) {
             assert!(e <= HIDDEN_TOL, "{what}: hidden states off by {e:.2e}");
             let e = rel_err(&[*want_loss], &l.to_vec_f64().unwrap());
             assert!(e <= tol(DType::BF16), "{what}: loss off by {e:.2e}");
-            for ((n, w), (_, g)) in want_grads.iter().zip(&grads(&sets[s])) {
-                let e = rel_err(w, g);
-                let tol = match n.contains("moe_gate") {
-                    true => ROUTER_GRAD_TOL,
-                    false => GRAD_TOL,
-                };
+            // Every gradient's error, the largest first, printed before the check (one tensor
+            // over its tolerance says little without the others').
+            let mut errs: Vec<(f64, f64, &str)> = want_grads
+                .iter()
+                .zip(&grads(&sets[s]))
+                .map(|((n, w), (_, g))| {
+                    let tol = match n.contains("moe_gate") {
+                        true => ROUTER_GRAD_TOL,
+                        false => GRAD_TOL,
+                    };
+                    (rel_err(w, g), tol, n.as_str())
+                })
+                .collect();
+            errs.sort_by(|a, b| b.0.total_cmp(&a.0));
+            let median = errs[errs.len() / 2].0;
+            eprintln!(
+                "{what}: {} gradients, median error {median:.2e}; largest:",
+                errs.len()
+            );
+            for (e, tol, n) in errs.iter().take(6) {
+                eprintln!("  {e:.3e} (tolerance {tol:.1e}) {n}");
+            }
+            for (e, tol, n) in &errs {
                 assert!(e <= tol, "{what}: gradient of {n} off by {e:.2e}");
             }
         }

@@ -334,7 +334,10 @@ mod gpu {
             v.push((b, h, s, s, 0, Mask::None));
             v.push((b + 1, h, s, s, 0, Mask::Left));
             v.push((b + 1, h, s.div_ceil(2), s, s / 3, Mask::Left));
-            v.push((b, h, s, s, 0, Mask::Packed));
+            if s > 3 {
+                // Packed rows end in 3 padding keys: shorter ones would be padding only.
+                v.push((b, h, s, s, 0, Mask::Packed));
+            }
         }
         v
     }
