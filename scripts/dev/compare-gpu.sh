@@ -8,6 +8,7 @@
 #
 #   scripts/dev/compare-gpu.sh BEFORE_DIR AFTER_DIR OUTDIR
 #
+# ROUNDS=1 runs each build once (when GPU time is short; a drift of the card then goes unseen).
 # Writes OUTDIR/table6-{before,after}{1,2}.json and OUTDIR/moe_ffn-{before,after}{1,2}.json
 # and prints the tokens/s and milliseconds side by side.
 set -uo pipefail
@@ -26,7 +27,7 @@ moe_ffn() { # TAG DIR
     MIXLORA_MOE_FFN_IMPLS=naive,fused MIXLORA_MOE_FFN_TOKENS=16384 \
         MIXLORA_MOE_FFN_JSON="$out/moe_ffn-$1.json" "$2/bench-moe_ffn" --bench nomatch 2>&1 | tail -3
 }
-for round in 1 2; do
+for round in $(seq 1 "${ROUNDS:-2}"); do
     for side in before after; do
         dir=$before
         [ "$side" = after ] && dir=$after
