@@ -146,3 +146,44 @@ extern "C" __global__ void sum_squares_multi(const SqTensor* tensors, const Adam
         if (threadIdx.x == 0) partials[c] = s;
     }
 }
+
+// ----- many tensors added into many others (gradient accumulation) -------------------------------
+// add_into_multi(tensors, chunks, n_chunks): for every row, dst[i] = dst[i] + src[i] over its
+// `len` elements, in the accumulation type (bf16 widened to float, rounded once; `rn_add` as the
+// elementwise add computes it), so one launch equals an `add_to_{dtype}` per row bit for bit.
+// tensors: rows of AddTensor (32 bytes, `ADD_ROW_WORDS` in engine/src/fused/adamw/cuda.rs);
+// chunks: AdamWChunk entries of ADD_CHUNK elements. The rows' destinations never overlap.
+
+#define ADD_CHUNK 4096
+
+struct AddTensor {
+    unsigned long long dst; // written, dtype below
+    unsigned long long src; // read, the same dtype
+    unsigned long long len; // elements
+    u32 dtype;              // 0 f32, 1 bf16, 2 f64
+    u32 pad;
+};
+
+template <typename T>
+__device__ __forceinline__ void add_range(const AddTensor& t, size_t start, size_t end) {
+    T* d = (T*)t.dst;
+    const T* s = (const T*)t.src;
+    for (size_t i = start + threadIdx.x; i < end; i += blockDim.x) {
+        d[i] = from_acc<T>(rn_add(to_acc(d[i]), to_acc(s[i])));
+    }
+}
+
+extern "C" __global__ void add_into_multi(const AddTensor* tensors, const AdamWChunk* chunks, u32 n_chunks) {
+    for (u32 c = blockIdx.x; c < n_chunks; c += gridDim.x) {
+        const AdamWChunk ch = chunks[c];
+        const AddTensor t = tensors[ch.tensor];
+        const size_t start = (size_t)ch.chunk * ADD_CHUNK;
+        const size_t end = min((size_t)t.len, start + ADD_CHUNK);
+        switch (t.dtype) {
+            case 0: add_range<float>(t, start, end); break;
+            case 1: add_range<bf16>(t, start, end); break;
+            case 2: add_range<double>(t, start, end); break;
+            default: break;
+        }
+    }
+}

@@ -174,13 +174,14 @@ pub const FLASH_ATTENTION: KernelSource = KernelSource {
     ],
 };
 
-/// The fused multi-tensor AdamW step and the multi-tensor sum of squares (the gradient norm)
-/// of `engine::fused::adamw`: one kernel for every tensor, whatever its dtype (each tensor's
-/// dtype is in the table the kernel reads), hence names without a dtype suffix.
+/// The fused multi-tensor AdamW step, the multi-tensor sum of squares (the gradient norm) and
+/// the multi-tensor add (gradient accumulation) of `engine::fused::adamw`: one kernel for every
+/// tensor, whatever its dtype (each tensor's dtype is in the table the kernel reads), hence names
+/// without a dtype suffix.
 pub const ADAMW: KernelSource = KernelSource {
     name: "adamw",
     source: concat!(include_str!("common.cuh"), "\n", include_str!("adamw.cu")),
-    kernels: &["adamw_step_multi", "sum_squares_multi"],
+    kernels: &["adamw_step_multi", "sum_squares_multi", "add_into_multi"],
 };
 
 /// The fused MixLoRA FFN (the `fused` method of docs/DESIGN.md, unit `engine::fused::moe_ffn`):

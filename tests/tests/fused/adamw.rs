@@ -13,6 +13,8 @@
 //! both moments are compared by relative error: f32 1e-5, bf16 1e-2, f64 1e-12 (the kernel uses
 //! the CPU's operations in the same order without contraction, so it is expected to be exact).
 //! The sum of squares within 1e-12 (both accumulate in f64, in different orders within a chunk).
+//! The multi-tensor add (`engine::add_many_into`, gradient sums into one flat buffer) equal to an
+//! `add_assign` per part bit for bit on the CPU, with its refusals; the GPU's equal to the CPU's.
 //! Without a GPU (or the `cuda` feature) the GPU tests print why they skip and pass.
 
 use engine::{adamw_step, AdamWHyper, DType, Device, NoGradGuard, Tensor};
@@ -262,6 +264,85 @@ fn sum_of_squares_on_the_cpu() {
     assert!(engine::sum_of_squares(&[&u]).is_err());
 }
 
+/// The parts of an `add_many_into` test: sizes around the 4096-element chunk, one transposed
+/// (non-contiguous) source, laid out in a flat buffer with gaps and in shuffled order.
+fn add_parts(dt: DType, dev: Device) -> (Tensor, Vec<(usize, Tensor)>) {
+    let sizes = [1usize, 31, 4095, 4096, 4097, 9000];
+    let mut parts = Vec::new();
+    let mut at = 3; // a gap in front
+    for (i, &n) in sizes.iter().enumerate() {
+        let v: Vec<f64> = (0..n)
+            .map(|j| engine::rng::uniform(40 + i as u64, j as u64) * 2.0 - 1.0)
+            .collect();
+        parts.push((at, Tensor::from_f64(&v, n, dt, dev).unwrap()));
+        at += n + 5; // and between parts
+    }
+    let m: Vec<f64> = (0..6 * 7).map(|j| 0.1 * j as f64 - 2.0).collect();
+    let t = Tensor::from_f64(&m, [6, 7], dt, dev).unwrap().t().unwrap();
+    parts.push((at, t)); // [7, 6], transposed
+    at += 42;
+    parts.swap(0, 4);
+    let base: Vec<f64> = (0..at + 2)
+        .map(|j| engine::rng::uniform(39, j as u64) - 0.5)
+        .collect();
+    (Tensor::from_f64(&base, at + 2, dt, dev).unwrap(), parts)
+}
+
+#[test]
+fn add_many_into_equals_an_add_assign_per_part_bit_for_bit() {
+    for dt in [DType::F32, DType::BF16, DType::F64] {
+        let (dst, parts) = add_parts(dt, CPU);
+        let want = dst.copy().unwrap();
+        for (off, src) in &parts {
+            let n = src.elem_count();
+            let view = want
+                .narrow(0, *off, n)
+                .unwrap()
+                .reshape(src.dims())
+                .unwrap();
+            view.add_assign(src).unwrap();
+        }
+        let refs: Vec<(usize, &Tensor)> = parts.iter().map(|(o, t)| (*o, t)).collect();
+        let before = dst.to_vec_f64().unwrap();
+        engine::add_many_into(&dst, &refs).unwrap();
+        let got = dst.to_vec_f64().unwrap();
+        assert_eq!(got, want.to_vec_f64().unwrap(), "{dt}");
+        // Only the parts' runs changed (the gaps kept their values).
+        let changed = got.iter().zip(&before).filter(|(a, b)| a != b).count();
+        let covered: usize = parts.iter().map(|(_, t)| t.elem_count()).sum();
+        assert!(
+            changed <= covered && changed > covered / 2,
+            "{dt}: {changed} of {covered}"
+        );
+        assert_eq!(got[..3], before[..3], "{dt}: the gap in front");
+    }
+    // No part: nothing to do.
+    let (dst, _) = add_parts(DType::F32, CPU);
+    engine::add_many_into(&dst, &[]).unwrap();
+}
+
+#[test]
+fn add_many_into_refuses_overlaps_overruns_dtypes_shared_and_strided_buffers() {
+    let dst = Tensor::zeros(10, DType::F32, CPU).unwrap();
+    let a = Tensor::ones(4, DType::F32, CPU).unwrap();
+    let err = |r: engine::Result<()>| r.unwrap_err().to_string();
+    assert!(err(engine::add_many_into(&dst, &[(0, &a), (3, &a)])).contains("overlap"));
+    assert!(err(engine::add_many_into(&dst, &[(7, &a)])).contains("runs past"));
+    let b = Tensor::ones(4, DType::BF16, CPU).unwrap();
+    let e = engine::add_many_into(&dst, &[(0, &b)]).unwrap_err();
+    assert!(matches!(e, engine::Error::DTypeMismatch { .. }), "{e}");
+    let part_of_dst = dst.narrow(0, 0, 4).unwrap();
+    assert!(err(engine::add_many_into(&dst, &[(6, &part_of_dst)])).contains("shares"));
+    let m = Tensor::zeros([4, 4], DType::F32, CPU).unwrap();
+    let strided = m.t().unwrap();
+    assert!(err(engine::add_many_into(&strided, &[(0, &a)])).contains("not contiguous"));
+    let u = Tensor::from_vec(vec![1u32, 2], 2, CPU).unwrap();
+    let uu = Tensor::from_vec(vec![1u32], 1, CPU).unwrap();
+    assert!(engine::add_many_into(&u, &[(0, &uu)]).is_err());
+    // Nothing was written by the refused calls.
+    assert!(dst.to_vec_f64().unwrap().iter().all(|&x| x == 0.0));
+}
+
 #[cfg(feature = "cuda")]
 mod gpu {
     //! CPU ↔ CUDA parity (skipped, saying why, without a GPU).
@@ -438,5 +519,21 @@ mod gpu {
         let err = (got - want).abs() / want;
         eprintln!("sum of squares: cpu {want}, gpu {got}, rel err {err:e}");
         assert!(err <= 1e-12, "rel err {err:e}");
+    }
+
+    /// `add_many_into` on the GPU (one launch for every part, the sources in f32, bf16 and f64,
+    /// a transposed one among them) gives the CPU's values exactly: one rounding on both.
+    #[test]
+    fn add_many_into_matches_the_cpu_exactly() {
+        let Some(dev) = gpu() else { return };
+        for dt in [DType::F32, DType::BF16, DType::F64] {
+            let run = |dev: Device| {
+                let (dst, parts) = super::add_parts(dt, dev);
+                let refs: Vec<(usize, &Tensor)> = parts.iter().map(|(o, t)| (*o, t)).collect();
+                engine::add_many_into(&dst, &refs).unwrap();
+                dst.to_vec_f64().unwrap()
+            };
+            assert_eq!(run(dev), run(Device::Cpu), "{dt}");
+        }
     }
 }

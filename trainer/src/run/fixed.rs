@@ -56,8 +56,7 @@ pub(super) struct FixedSteps {
     params: Vec<Tensor>,
     /// The step's gradients: one zero-initialised flat buffer per dtype, and a view of it per
     /// parameter (the parameters' order).
-    flats: Vec<Tensor>,
-    grads: Vec<Tensor>,
+    sums: GradientSums,
     shapes: BTreeMap<usize, Shape>,
     #[cfg(feature = "cuda")]
     memory: Option<engine::backend::cuda::GraphMemory>,
@@ -101,7 +100,7 @@ impl FixedSteps {
         (rows, cutoff, pad): (usize, usize, u32),
         seed: u64,
     ) -> Result<FixedSteps> {
-        let (flats, grads) = gradient_buffers(params, device)?;
+        let sums = GradientSums::new(params, device)?;
         Ok(FixedSteps {
             capture,
             device,
@@ -110,8 +109,7 @@ impl FixedSteps {
             pad,
             seed,
             params: params.to_vec(),
-            flats,
-            grads,
+            sums,
             shapes: BTreeMap::new(),
             #[cfg(feature = "cuda")]
             memory: None,
@@ -120,7 +118,7 @@ impl FixedSteps {
 
     /// Zeroes the step's gradient buffers: call before a step's first micro-batch.
     pub fn begin_step(&self) -> Result<()> {
-        for f in &self.flats {
+        for f in &self.sums.flats {
             f.assign(&Tensor::zeros(f.dims().to_vec(), f.dtype(), self.device)?)?;
         }
         Ok(())
@@ -129,7 +127,7 @@ impl FixedSteps {
     /// Hands the step's summed gradients to the parameters (their `grad`), for the optimizer.
     /// The parameters' own gradients were empty (each micro-step takes them).
     pub fn end_step(&self) -> Result<()> {
-        for (p, g) in self.params.iter().zip(&self.grads) {
+        for (p, g) in self.params.iter().zip(&self.sums.views) {
             p.zero_grad();
             p.accumulate_grad(g)?;
         }
@@ -149,7 +147,7 @@ impl FixedSteps {
         shape.write(&batch, seg)?;
         engine::set_dropout_key(device, seg.seed)?;
         let outputs = if !self.capture || shape.runs == 0 {
-            micro_body(model, shape, &self.params, &self.grads, self.seed)?
+            micro_body(model, shape, &self.params, &self.sums, self.seed)?
         } else {
             self.replay(len, model)?
         };
@@ -173,9 +171,9 @@ impl FixedSteps {
             .clone();
         if self.shapes[&len].graph.is_none() {
             let shape = &self.shapes[&len];
-            let (params, grads, seed) = (&self.params, &self.grads, self.seed);
+            let (params, sums, seed) = (&self.params, &self.sums, self.seed);
             let (graph, out) = capture_in(&dev, &memory, || {
-                micro_body(model, shape, params, grads, seed).map_err(|e| match e {
+                micro_body(model, shape, params, sums, seed).map_err(|e| match e {
                     Error::Engine(e) => e,
                     other => engine::Error::invalid("graph capture", other.to_string()),
                 })
@@ -241,12 +239,13 @@ impl Shape {
 
 /// The micro-step itself, on `shape`'s inputs: what [`super::micro::micro_step`] computes for
 /// one adapter, with the normalisation read from device scalars, the gradients added into
-/// `grads` (the parameters' own gradients taken and cleared) and the outputs packed.
+/// `sums` (the parameters' own gradients taken and cleared; one kernel per dtype) and the
+/// outputs packed.
 fn micro_body(
     model: &Llama,
     shape: &Shape,
     params: &[Tensor],
-    grads: &[Tensor],
+    sums: &GradientSums,
     seed: u64,
 ) -> Result<Outputs> {
     let out = model.forward_train_hidden_at(
@@ -261,12 +260,15 @@ fn micro_body(
         loss = loss.add(&extra.to_dtype(DType::F32)?.mul(&shape.inv_micro)?)?;
     }
     loss.backward()?;
-    for (p, acc) in params.iter().zip(grads) {
-        if let Some(g) = p.grad() {
-            acc.add_assign(&g)?; // one kernel, no temporary (a graph node per parameter)
-        }
-        p.zero_grad();
-    }
+    let taken: Vec<Option<Tensor>> = params
+        .iter()
+        .map(|p| {
+            let g = p.grad();
+            p.zero_grad();
+            g
+        })
+        .collect();
+    sums.add(&taken)?;
     let scalars: Vec<Tensor> = std::iter::once(&lm_sum)
         .chain(&out.aux_loss)
         .chain(&out.z_loss)
@@ -317,40 +319,65 @@ impl Outputs {
     }
 }
 
-/// The step's gradient buffers for `params`: a zero flat buffer per dtype (in order of first
-/// appearance) and, per parameter, a view of it with the parameter's shape.
-fn gradient_buffers(params: &[Tensor], device: Device) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
-    let mut dtypes: Vec<DType> = Vec::new();
-    for p in params {
-        if !dtypes.contains(&p.dtype()) {
-            dtypes.push(p.dtype());
+/// The step's gradient sums: a flat buffer per dtype of the parameters (in order of first
+/// appearance) and, per parameter, a view of it with the parameter's shape, at `slots[i]`
+/// `(buffer, element offset)`.
+struct GradientSums {
+    flats: Vec<Tensor>,
+    views: Vec<Tensor>,
+    slots: Vec<(usize, usize)>,
+}
+
+impl GradientSums {
+    fn new(params: &[Tensor], device: Device) -> Result<GradientSums> {
+        let mut dtypes: Vec<DType> = Vec::new();
+        for p in params {
+            if !dtypes.contains(&p.dtype()) {
+                dtypes.push(p.dtype());
+            }
         }
-    }
-    let flats = dtypes
-        .iter()
-        .map(|&d| {
-            let n: usize = params
-                .iter()
-                .filter(|p| p.dtype() == d)
-                .map(|p| p.elem_count())
-                .sum();
-            Tensor::zeros(n.max(1), d, device)
-        })
-        .collect::<engine::Result<Vec<_>>>()?;
-    let mut offsets = vec![0usize; dtypes.len()];
-    let grads = params
-        .iter()
-        .map(|p| {
+        let flats = dtypes
+            .iter()
+            .map(|&d| {
+                let n: usize = params
+                    .iter()
+                    .filter(|p| p.dtype() == d)
+                    .map(|p| p.elem_count())
+                    .sum();
+                Tensor::zeros(n.max(1), d, device)
+            })
+            .collect::<engine::Result<Vec<_>>>()?;
+        let mut next = vec![0usize; dtypes.len()];
+        let mut slots = Vec::with_capacity(params.len());
+        let mut views = Vec::with_capacity(params.len());
+        for p in params {
             let k = dtypes.iter().position(|&d| d == p.dtype()).expect("listed");
             let n = p.elem_count();
-            let v = flats[k]
-                .narrow(0, offsets[k], n)?
-                .reshape(p.dims().to_vec())?;
-            offsets[k] += n;
-            Ok(v)
+            views.push(flats[k].narrow(0, next[k], n)?.reshape(p.dims().to_vec())?);
+            slots.push((k, next[k]));
+            next[k] += n;
+        }
+        Ok(GradientSums {
+            flats,
+            views,
+            slots,
         })
-        .collect::<Result<Vec<_>>>()?;
-    Ok((flats, grads))
+    }
+
+    /// Adds `grads[i]` (parameter i's gradient, when it has one) into its view: one
+    /// [`engine::add_many_into`] per buffer (one kernel, one graph node, for every parameter).
+    fn add(&self, grads: &[Option<Tensor>]) -> Result<()> {
+        for (k, flat) in self.flats.iter().enumerate() {
+            let parts: Vec<(usize, &Tensor)> = grads
+                .iter()
+                .zip(&self.slots)
+                .filter(|(_, &(f, _))| f == k)
+                .filter_map(|(g, &(_, off))| g.as_ref().map(|g| (off, g)))
+                .collect();
+            engine::add_many_into(flat, &parts)?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -287,3 +287,18 @@ pub(super) fn sum_squares_multi(args: &[Operand<'_, CpuStorage>]) -> Result<f64>
     }
     Ok(total)
 }
+
+/// Adds each part's view into the run of `dst` that starts at element `start + offset`, through
+/// the backend's in-place add (one rounding, as `add`).
+pub(super) fn add_many_into(
+    dst: &mut CpuStorage,
+    start: usize,
+    parts: &[(usize, Operand<'_, CpuStorage>)],
+) -> Result<()> {
+    for &(offset, Operand { s, l }) in parts {
+        let run = crate::Layout::contiguous(l.shape().clone());
+        let dl = crate::Layout::new(l.shape().clone(), run.strides().to_vec(), start + offset);
+        s.add_to_view(l, dst, &dl)?;
+    }
+    Ok(())
+}

@@ -257,6 +257,73 @@ pub(super) fn sum_squares_multi(args: &[Operand<'_, CudaStorage>]) -> Result<f64
     Ok(sums.iter().sum())
 }
 
+/// u32 words per row of the add table (`AddTensor`, 32 bytes).
+const ADD_ROW_WORDS: usize = 8;
+
+pub(super) fn add_many_into(
+    dst: &mut CudaStorage,
+    start: usize,
+    parts: &[(usize, Operand<'_, CudaStorage>)],
+) -> Result<()> {
+    const OP: &str = "add_many_into";
+    let dev = dst.dev.clone();
+    let code = dtype_code(OP, dst.dtype)?;
+    let es = dst.dtype.size_in_bytes();
+    let mut words: Vec<u32> = Vec::with_capacity(parts.len() * ADD_ROW_WORDS);
+    let mut chunks: Vec<u32> = Vec::new();
+    let mut hold: Vec<Contig> = Vec::new();
+    for (i, &(offset, Operand { s, l })) in parts.iter().enumerate() {
+        dev_check(OP, &dev, s)?;
+        if s.dtype != dst.dtype {
+            return Err(Error::DTypeMismatch {
+                op: OP,
+                lhs: dst.dtype,
+                rhs: s.dtype,
+            });
+        }
+        let len = l.elem_count();
+        if start + offset + len > dst.len {
+            return Err(Error::invalid(
+                OP,
+                "a part runs past the destination's buffer",
+            ));
+        }
+        let c = s.contiguous(OP, l)?; // checks the view against its buffer
+        push_u64(&mut words, dst.ptr() + ((start + offset) * es) as u64);
+        push_u64(&mut words, c.ptr);
+        push_u64(&mut words, len as u64);
+        words.extend([code, 0]);
+        hold.push(c);
+        push_chunks(OP, &mut chunks, i, len)?;
+    }
+    let Some(cl) = append_chunks(OP, &mut words, &chunks)? else {
+        return Ok(());
+    };
+    let table = CudaStorage::from_cpu(&dev, &CpuStorage::U32(words))?;
+    let tensors = table.ptr();
+    let (chunk_list, n_chunks32) = (tensors + cl.list_offset, cl.n_chunks32);
+    let name = "add_into_multi";
+    // SAFETY: the table holds one 32-byte row per part (the destination run, inside `dst`'s
+    // buffer as checked above, and the source: the view itself, checked to lie inside its
+    // buffer, or a copy held in `hold`; both `len` elements of the row's dtype) followed by
+    // `n_chunks` entries whose tensor index is a row and whose chunk starts below that row's
+    // length. The destination runs never overlap (the caller checked), so every element is
+    // written by one thread. `table` and `hold` are released after the launch is queued: the
+    // caching allocator hands their blocks out again only to work queued after it on the stream.
+    unsafe {
+        launch!(
+            &dev,
+            OP,
+            ADAMW,
+            name,
+            cl.cfg,
+            [tensors, chunk_list, n_chunks32]
+        )
+    }?;
+    drop((table, hold));
+    Ok(())
+}
+
 fn dev_check(op: &'static str, dev: &CudaDevice, s: &CudaStorage) -> Result<()> {
     if s.dev.ordinal() != dev.ordinal() {
         return Err(Error::DeviceMismatch {

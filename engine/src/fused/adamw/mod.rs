@@ -1,7 +1,8 @@
 //! The AdamW unit: the fused multi-tensor AdamW step ([`adamw_step`]: every parameter, both of
 //! its moments and its gradient in one backend call, on CUDA one kernel launch for all of them,
-//! updated in place) and the multi-tensor sum of squares of the gradient norm
-//! ([`sum_of_squares`]).
+//! updated in place), the multi-tensor sum of squares of the gradient norm
+//! ([`sum_of_squares`]) and the multi-tensor add that sums gradients into one buffer
+//! ([`add_many_into`]).
 //!
 //! Files: the groups and slots of the step, the dispatch and the typed conversion of the groups to
 //! one backend's storages (`primitives.rs`), the CPU reference (`cpu.rs`), the CUDA launchers
@@ -257,6 +258,63 @@ pub fn sum_of_squares(tensors: &[&Tensor]) -> Result<f64> {
         .map(|(g, t)| Operand::new(g, t.layout()))
         .collect();
     prim::sum_squares(&args)
+}
+
+/// Adds each `(offset, src)` of `parts` into `dst` in place: `src`'s elements, in row-major
+/// order, onto `dst`'s contiguous run of elements `offset..offset + src.elem_count()` (counted in
+/// `dst`'s row-major order), computed as `add` computes them (bf16 in f32, rounded once), so the
+/// result equals an [`Tensor::add_assign`] per part bit for bit. Sums many gradients into one
+/// flat buffer: one backend call, on CUDA one kernel launch whatever the number of parts.
+/// `dst` is contiguous; every `src` has its dtype (f32, bf16 or f64), lies on its device, and
+/// does not share its buffer; the runs stay inside `dst` and never overlap. Records nothing on
+/// the tape.
+pub fn add_many_into(dst: &Tensor, parts: &[(usize, &Tensor)]) -> Result<()> {
+    const OP: &str = "add_many_into";
+    let Some((start, end)) = dst.layout().contiguous_range() else {
+        return Err(Error::invalid(OP, "the destination is not contiguous"));
+    };
+    let mut runs: Vec<(usize, usize)> = Vec::with_capacity(parts.len());
+    for &(offset, src) in parts {
+        if src.dtype() != dst.dtype() {
+            return Err(Error::DTypeMismatch {
+                op: OP,
+                lhs: dst.dtype(),
+                rhs: src.dtype(),
+            });
+        }
+        if !dst.dtype().is_float() {
+            return Err(Error::UnsupportedDType {
+                op: OP,
+                dtype: dst.dtype(),
+            });
+        }
+        let run_end = offset + src.elem_count();
+        if start + run_end > end {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "a part of {} elements at offset {offset} runs past the destination's {}",
+                    src.elem_count(),
+                    end - start
+                ),
+            ));
+        }
+        if src.same_storage(dst) {
+            return Err(Error::invalid(OP, "a part shares the destination's buffer"));
+        }
+        runs.push((offset, run_end));
+    }
+    runs.sort_unstable();
+    if runs.windows(2).any(|w| w[1].0 < w[0].1) {
+        return Err(Error::invalid(OP, "two parts' runs overlap"));
+    }
+    let guards: Vec<_> = parts.iter().map(|(_, t)| t.storage()).collect();
+    let args: Vec<(usize, Operand<'_, Storage>)> = guards
+        .iter()
+        .zip(parts)
+        .map(|(g, &(o, t))| (o, Operand::new(g, t.layout())))
+        .collect();
+    prim::add_many_into(&mut dst.storage_mut(), start, &args)
 }
 
 /// Hyper-parameters of one AdamW step (PyTorch's `AdamW`, decoupled weight decay). `step` is the

@@ -108,6 +108,53 @@ pub fn sum_squares(tensors: &[Operand<'_, Storage>]) -> Result<f64> {
     }
 }
 
+/// Adds each `(offset, src)` of `parts` into the contiguous run of `dst` that starts at element
+/// `start + offset` (`src`'s element count long, in `src`'s row-major order), in place; the runs
+/// never overlap ([`super::add_many_into`] checked them). The CPU adds part by part, the CUDA
+/// backend runs one kernel launch for all of them.
+pub fn add_many_into(
+    dst: &mut Storage,
+    start: usize,
+    parts: &[(usize, Operand<'_, Storage>)],
+) -> Result<()> {
+    const OP: &str = "add_many_into";
+    let dev = dst.device();
+    for (_, p) in parts {
+        if p.s.device() != dev {
+            return Err(Error::DeviceMismatch {
+                op: OP,
+                lhs: dev,
+                rhs: p.s.device(),
+            });
+        }
+    }
+    match dev {
+        Device::Cpu => {
+            let parts: Vec<(usize, Operand<'_, CpuStorage>)> = parts
+                .iter()
+                .map(|&(o, p)| Ok((o, p.cpu(OP)?)))
+                .collect::<Result<_>>()?;
+            let dst = dst
+                .as_cpu_mut()
+                .ok_or_else(|| Error::invalid(OP, "storages on different backends"))?;
+            crate::profile::timed(|| OP.into(), || cpu::add_many_into(dst, start, &parts))
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => {
+            let parts: Vec<(usize, Operand<'_, CudaStorage>)> = parts
+                .iter()
+                .map(|&(o, p)| Ok((o, p.cuda(OP, dev)?)))
+                .collect::<Result<_>>()?;
+            let dst = dst
+                .as_cuda_mut()
+                .ok_or_else(|| Error::invalid(OP, "storages on different backends"))?;
+            cuda::add_many_into(dst, start, &parts)
+        }
+        #[allow(unreachable_patterns)]
+        d => Err(no_backend(OP, d)),
+    }
+}
+
 /// The AdamW groups of one backend's storages ([`step`] checked that every storage lives on one
 /// device), or an error when one of them is of another backend.
 fn backend_groups<'s, S>(
