@@ -223,8 +223,7 @@ impl CudaDevice {
             .stream
             .synchronize()
             .map_err(|e| self.err("synchronize", e));
-        let waited = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        HOST_WAIT_NS.fetch_add(waited, std::sync::atomic::Ordering::Relaxed);
+        note_wait(t0);
         r
     }
 
@@ -500,12 +499,20 @@ impl Drop for CudaBuffer {
 }
 
 /// Nanoseconds the host has waited for a GPU in [`CudaDevice::synchronize`] (every download,
-/// upload too large for the staging ring, and explicit synchronisation), over the process.
+/// upload too large for the staging ring, and explicit synchronisation) and for the staging
+/// ring's copies when it was full, over the process.
 static HOST_WAIT_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Seconds the host has spent waiting for the GPU since the process started: a training step's
 /// wall time less the growth of this is the time the host was busy (issuing work, its own
 /// computing).
+/// Adds the time since `t0`, which the host spent waiting for the GPU, to
+/// [`host_wait_seconds`].
+pub(crate) fn note_wait(t0: std::time::Instant) {
+    let waited = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    HOST_WAIT_NS.fetch_add(waited, std::sync::atomic::Ordering::Relaxed);
+}
+
 pub fn host_wait_seconds() -> f64 {
     HOST_WAIT_NS.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9
 }

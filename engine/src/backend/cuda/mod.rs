@@ -284,6 +284,9 @@ fn download<T: Copy + Default>(dev: &CudaDevice, ptr: u64, n: usize) -> Result<V
     dev.refuse_wait_in_capture("download")?;
     let mut out = vec![T::default(); n];
     if n > 0 {
+        // The wait for the work queued before, first and counted (host_wait_seconds): a copy
+        // into pageable memory would wait inside the driver call, uncounted.
+        dev.synchronize()?;
         dev.bind("download")?;
         // SAFETY: `ptr` points at `n` contiguous elements of `T` (a contiguous view checked
         // against its buffer); the copy is waited for before `out` is read.

@@ -78,9 +78,11 @@ impl Staging {
             self.in_flight.iter().map(|(s, e, _)| (*s, *e)),
         );
         // The regions the new one reaches: their copies must have read them first.
+        let t0 = std::time::Instant::now();
         for (_, _, ev) in self.in_flight.drain(..retire) {
             ev.synchronize().map_err(|e| dev.err(op, e))?;
         }
+        super::device::note_wait(t0); // a wait for the GPU like any other
         // SAFETY: `[start, start + len)` lies inside the ring (n <= MAX_STAGED < RING_BYTES and
         // end <= RING_BYTES), no queued copy still reads it (waited for above), and it does not
         // overlap `bytes` (pinned memory of ours).
