@@ -84,6 +84,19 @@ fn mat3(rows: usize, cols: usize, t: bool) -> Layout {
     }
 }
 
+/// The rank-2 view `l` as the rank-3 `[1, d0, d1]` operand of a matmul (`t`: its transpose
+/// `[1, d1, d0]`), the same elements in place: the matmul reads any strides cuBLAS can describe
+/// and copies only the others, so a contiguous operand (the usual case: A, B, the codes) goes
+/// to cuBLAS exactly as a contiguous copy of it would, without the copy kernel.
+fn view3(l: &Layout, t: bool) -> Layout {
+    let (d, s) = (l.dims(), l.strides());
+    let (d0, d1, s0, s1) = match t {
+        false => (d[0], d[1], s[0], s[1]),
+        true => (d[1], d[0], s[1], s[0]),
+    };
+    Layout::new(Shape::from([1, d0, d1]), vec![d0 * d1, s0, s1], l.offset())
+}
+
 /// `drop(x)` in the adapter dtype `ad`, contiguous `[m, n]`.
 fn dropped(x: &CudaStorage, l: &Layout, ad: DType, p: f64, seed: u64) -> Result<CudaStorage> {
     if p == 0.0 {
@@ -119,10 +132,9 @@ pub(super) fn codes(o: Codes<'_, CudaStorage>, p: f64, seed: u64) -> Result<Cuda
             return Ok(z);
         }
     }
-    let ac = a.to_dtype(al, a.dtype)?; // [r, in] contiguous
     let xd = dropped(x, l, a.dtype, p, seed)?; // [m, in]
                                                // z = drop(x) Aᵀ: [1, m, in] x [1, in, r].
-    xd.matmul(&mat3(m, n, false), &ac, &mat3(r, n, true))
+    xd.matmul(&mat3(m, n, false), a, &view3(al, true))
 }
 
 pub(super) fn expand_add(o: ExpandAdd<'_, CudaStorage>, scale: f64) -> Result<CudaStorage> {
@@ -154,9 +166,21 @@ pub(super) fn expand_add(o: ExpandAdd<'_, CudaStorage>, scale: f64) -> Result<Cu
             return Ok(out);
         }
     }
-    let zs = scaled(z.to_dtype(zl, z.dtype)?, &[m, r], scale)?; // s·z, [m, r]
-    let bc = b.to_dtype(bl, b.dtype)?; // [o, r] contiguous
-    let d = zs.matmul(&mat3(m, r, false), &bc, &mat3(o, r, true))?; // [m, o] adapter dtype
+    // s·z [m, r]: z in place when s = 1, else scaled into a contiguous buffer.
+    let mut hold = None;
+    let (zs, zsl) = if scale == 1.0 {
+        (z, view3(zl, false))
+    } else {
+        let t = z.unary(
+            zl,
+            UnaryOp::Affine {
+                mul: scale,
+                add: 0.0,
+            },
+        )?;
+        (&*hold.insert(t), mat3(m, r, false))
+    };
+    let d = zs.matmul(&zsl, b, &view3(bl, true))?; // [m, o] adapter dtype
     let cl = Layout::contiguous([m, o]);
     if y.dtype == d.dtype {
         return y.binary(l, &d, &cl, BinaryOp::Add);
@@ -190,12 +214,10 @@ pub(super) fn grad_codes(
             return Ok(grads);
         }
     }
-    let zc = z.to_dtype(zl, z.dtype)?; // [m, r]
     let gf = g.to_dtype(l, b.dtype)?; // [m, o] adapter dtype, transient
-    let bc = b.to_dtype(bl, b.dtype)?; // [o, r]
-                                       // dz = s · g B: [1, m, o] x [1, o, r]; dB = s · gᵀ z: [1, o, m] x [1, m, r].
-    let dz = gf.matmul(&mat3(m, o, false), &bc, &mat3(o, r, false))?;
-    let db = gf.matmul(&mat3(m, o, true), &zc, &mat3(m, r, false))?;
+                                      // dz = s · g B: [1, m, o] x [1, o, r]; dB = s · gᵀ z: [1, o, m] x [1, m, r].
+    let dz = gf.matmul(&mat3(m, o, false), b, &view3(bl, false))?;
+    let db = gf.matmul(&mat3(m, o, true), z, &view3(zl, false))?;
     Ok((scaled(dz, &[m, r], scale)?, scaled(db, &[o, r], scale)?))
 }
 
@@ -215,10 +237,9 @@ pub(super) fn grad_a(o: GradA<'_, CudaStorage>, p: f64, seed: u64) -> Result<Cud
             return Ok(da);
         }
     }
-    let dzc = dz.to_dtype(dl, dz.dtype)?; // [m, r]
     let xd = dropped(x, l, dz.dtype, p, seed)?; // [m, in], transient
                                                 // dA = dzᵀ drop(x): [1, r, m] x [1, m, in].
-    dzc.matmul(&mat3(m, r, true), &xd, &mat3(m, n, false))
+    dz.matmul(&view3(dl, true), &xd, &mat3(m, n, false))
 }
 
 pub(super) fn grad_x(
@@ -253,10 +274,8 @@ pub(super) fn grad_x(
             return Ok(dx);
         }
     }
-    let dzc = dz.to_dtype(l, dz.dtype)?; // [m, r]
-    let ac = a.to_dtype(al, a.dtype)?; // [r, in]
-                                       // dz A: [1, m, r] x [1, r, in], then the mask, then the base dtype.
-    let t = dzc.matmul(&mat3(m, r, false), &ac, &mat3(r, n, false))?; // [m, in]
+    // dz A: [1, m, r] x [1, r, in], then the mask, then the base dtype.
+    let t = dz.matmul(&view3(l, false), a, &view3(al, false))?; // [m, in]
     let cl = Layout::contiguous([m, n]);
     if p != 0.0 {
         dropout_cast(&t, &cl, dtype, p, seed) // the mask and the cast in one pass
