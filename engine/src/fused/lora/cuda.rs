@@ -105,15 +105,17 @@ fn dropped(x: &CudaStorage, l: &Layout, ad: DType, p: f64, seed: u64) -> Result<
     dropout_cast(x, l, ad, p, seed)
 }
 
+/// `s · t` for the view `l` of `t`, contiguous.
+fn times(t: &CudaStorage, l: &Layout, s: f64) -> Result<CudaStorage> {
+    t.unary(l, UnaryOp::Affine { mul: s, add: 0.0 })
+}
+
 /// `s · t` for a small contiguous tensor (`s == 1`: unchanged).
 fn scaled(t: CudaStorage, shape: &[usize], s: f64) -> Result<CudaStorage> {
     if s == 1.0 {
         return Ok(t);
     }
-    t.unary(
-        &Layout::contiguous(shape.to_vec()),
-        UnaryOp::Affine { mul: s, add: 0.0 },
-    )
+    times(&t, &Layout::contiguous(shape.to_vec()), s)
 }
 
 pub(super) fn codes(o: Codes<'_, CudaStorage>, p: f64, seed: u64) -> Result<CudaStorage> {
@@ -152,14 +154,7 @@ pub(super) fn expand_add(o: ExpandAdd<'_, CudaStorage>, scale: f64) -> Result<Cu
         let zs = if scale == 1.0 {
             Small::of_or_copy(z, zl, true, &mut hold_z)?
         } else {
-            let t = z.unary(
-                zl,
-                UnaryOp::Affine {
-                    mul: scale,
-                    add: 0.0,
-                },
-            )?; // s·z [m, r]
-            Small::held(t, &mut hold_z)
+            Small::held(times(z, zl, scale)?, &mut hold_z) // s·z [m, r]
         };
         let bt = Small::of_or_copy(b, &bl.transpose(0, 1), false, &mut hold_b)?; // Bᵀ [r, o]
         if let Some(out) = cuda_rank::expand_add(y, l, zs, bt, r)? {
@@ -171,14 +166,7 @@ pub(super) fn expand_add(o: ExpandAdd<'_, CudaStorage>, scale: f64) -> Result<Cu
     let (zs, zsl) = if scale == 1.0 {
         (z, view3(zl, false))
     } else {
-        let t = z.unary(
-            zl,
-            UnaryOp::Affine {
-                mul: scale,
-                add: 0.0,
-            },
-        )?;
-        (&*hold.insert(t), mat3(m, r, false))
+        (&*hold.insert(times(z, zl, scale)?), mat3(m, r, false))
     };
     let d = zs.matmul(&zsl, b, &view3(bl, true))?; // [m, o] adapter dtype
     let cl = Layout::contiguous([m, o]);
