@@ -22,7 +22,7 @@
 # run on the CPU.
 set -uo pipefail
 [ $# -ge 4 ] || {
-    sed -n '2,23p' "$0" >&2
+    sed -n '2,22p' "$0" >&2
     exit 2
 }
 bin=$1
