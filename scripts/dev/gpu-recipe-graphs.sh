@@ -2,12 +2,14 @@
 # On the GPU machine: the commonsense recipe's own batches (the four tasks' train.json, batch 16
 # in micro-batches of 8, cutoff 512, bf16) timed by `mixlora bench recipe` with the micro-steps
 # launched kernel by kernel (`--cuda-graphs off`, before) and recorded as CUDA graphs (`on`,
-# after), for MixLoRA (r16) and LoRA (r86), `on` also with packing; then the same batches at the
-# LLaMA-2-7B shape (random weights) against Table 6's fused MixLoRA tokens/s. Writes each run's
-# JSON and OUTDIR/recipe-graphs.json:
+# after), for MixLoRA (r16) and LoRA (r86), `on` also with packing and with each micro-batch's
+# own examples packed (`--pack-micro-batches`: the same batches without their padding); then
+# the same batches at the LLaMA-2-7B shape (random weights), padded and micro-packed, against
+# Table 6's fused MixLoRA tokens/s. Writes each run's JSON and OUTDIR/recipe-graphs.json:
 #
 #   {"device", "shape", "steps", "before": {"mixlora", "lora"}, "after": {"mixlora", "lora",
-#    "mixlora_packed", "lora_packed"}, "shape7b": {"tokens_per_s", "table6_tokens_per_s"}}
+#    "mixlora_packed", "lora_packed", "mixlora_micro_packed", "lora_micro_packed"},
+#    "shape7b": {"tokens_per_s", "micro_packed_tokens_per_s", "table6_tokens_per_s"}}
 #
 # each entry {"tokens_per_s", "gpu_busy", "host_us_per_step", "step_ms", "train_s"}: `train_s`
 # is the wall time of the full 2-epoch `mixlora train` run when FULL=1 (else null: the bench's
@@ -22,7 +24,7 @@
 # run on the CPU.
 set -uo pipefail
 [ $# -ge 4 ] || {
-    sed -n '2,22p' "$0" >&2
+    sed -n '2,24p' "$0" >&2
     exit 2
 }
 bin=$1
@@ -71,6 +73,7 @@ for kind in mixlora lora; do
     bench "$kind-off" "${a[@]}" --cuda-graphs off
     bench "$kind-on" "${a[@]}" --cuda-graphs "$on"
     bench "$kind-on-packed" "${a[@]}" --cuda-graphs "$on" --packing
+    bench "$kind-on-micro-packed" "${a[@]}" --cuda-graphs "$on" --pack-micro-batches
     if [ "${FULL:-0}" != 0 ] && [ ${#shape[@]} = 0 ]; then
         [ "$FULL" = on ] || full "$kind-off" --adapter "$kind" --rank "$rank" --cuda-graphs off
         full "$kind-on" --adapter "$kind" --rank "$rank" --cuda-graphs "$on"
@@ -80,6 +83,8 @@ for kind in mixlora lora; do
 done
 if [ "${SHAPE7B:-1}" = 1 ]; then
     bench 7b-on --shape llama2-7b --steps 8 --warmup 3 --cuda-graphs "$on"
+    bench 7b-on-micro-packed --shape llama2-7b --steps 8 --warmup 3 --cuda-graphs "$on" \
+        --pack-micro-batches
     echo "== table6 fused MixLoRA"
     "$bin" bench table6 --variants mixlora-fused --json "$out/table6.json" 2>&1 | tail -2
 fi
@@ -103,15 +108,19 @@ t6 = out / "table6.json"
 table6 = None
 if t6.exists():
     table6 = json.loads(t6.read_text()).get("mixlora_fused", {}).get("tokens_per_s")
-seven = read("7b-on")
+seven, seven_mp = read("7b-on"), read("7b-on-micro-packed")
 result = {
     "device": first.get("device"),
     "shape": first.get("shape"),
     "steps": steps,
     "before": {k: read(f"{k}-off") for k in ("mixlora", "lora")},
     "after": {"mixlora": read("mixlora-on"), "lora": read("lora-on"),
-              "mixlora_packed": read("mixlora-on-packed"), "lora_packed": read("lora-on-packed")},
-    "shape7b": {"tokens_per_s": seven and seven["tokens_per_s"], "table6_tokens_per_s": table6},
+              "mixlora_packed": read("mixlora-on-packed"), "lora_packed": read("lora-on-packed"),
+              "mixlora_micro_packed": read("mixlora-on-micro-packed"),
+              "lora_micro_packed": read("lora-on-micro-packed")},
+    "shape7b": {"tokens_per_s": seven and seven["tokens_per_s"],
+                "micro_packed_tokens_per_s": seven_mp and seven_mp["tokens_per_s"],
+                "table6_tokens_per_s": table6},
 }
 (out / "recipe-graphs.json").write_text(json.dumps(result, indent=2) + "\n")
 for k in ("mixlora", "lora"):

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::out_dir;
 
 /// The settings that may differ between a run and its resumption.
-pub const MAY_CHANGE_ON_RESUME: [&str; 15] = [
+pub const MAY_CHANGE_ON_RESUME: [&str; 16] = [
     "out_dir",
     "resume",
     "overwrite",
@@ -34,6 +34,7 @@ pub const MAY_CHANGE_ON_RESUME: [&str; 15] = [
     "group_mode",
     "attention",
     "cuda_graphs",
+    "pack_micro_batches",
 ];
 
 /// The recorded settings of the run that wrote checkpoint `ckpt` in `out_dir`: the

@@ -84,6 +84,10 @@ pub struct RecipeArgs {
     /// and `--micro-batch` then count rows) [default: off].
     #[arg(long)]
     pub packing: bool,
+    /// Pack each micro-batch's own examples into rows, as `mixlora train --pack-micro-batches`
+    /// (the same examples a step, without the padding between them) [default: off].
+    #[arg(long)]
+    pub pack_micro_batches: bool,
 }
 
 /// What the timed steps measured.
@@ -185,6 +189,7 @@ pub fn recipe_on(
         out_dir: out.clone(),
         cuda_graphs: a.cuda_graphs,
         packing: a.packing,
+        pack_micro_batches: a.pack_micro_batches,
         ..TrainConfig::default()
     };
     cfg.validate()?;
@@ -293,7 +298,8 @@ fn tick(c: &mut Clock, s: &StepDone, w: usize, n: usize, device: Device) -> Resu
 
 /// The result as JSON (`{"device", "model", "shape", "adapter", "rank", "batch", "micro_batch",
 /// "cutoff_len", "steps", "tokens", "tokens_per_s", "step_ms", "host_us_per_step", "gpu_busy",
-/// "peak_gib", "driver_allocs_per_step", "gpus", "cuda_graphs", "packing"}`; `gpus`: the
+/// "peak_gib", "driver_allocs_per_step", "gpus", "cuda_graphs", "packing",
+/// "pack_micro_batches"}`; `gpus`: the
 /// data-parallel ranks).
 pub fn recipe_json(a: &RecipeArgs, r: &RecipeResult) -> String {
     let round = |x: f64, d: i32| (x * 10f64.powi(d)).round() / 10f64.powi(d);
@@ -318,6 +324,7 @@ pub fn recipe_json(a: &RecipeArgs, r: &RecipeResult) -> String {
         "gpus": r.ranks,
         "cuda_graphs": words::Word::spell(&a.cuda_graphs),
         "packing": a.packing,
+        "pack_micro_batches": a.pack_micro_batches,
     });
     serde_json::to_string_pretty(&v).unwrap_or_default()
 }

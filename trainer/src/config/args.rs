@@ -126,6 +126,13 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "is_false")]
     pub packing: bool,
+    /// Pack each micro-batch's own examples into rows of up to --cutoff-len tokens (each with
+    /// its own positions and attention), so that the padding between them goes: the same
+    /// examples per step and micro-batch as without it, the same losses and gradients up to
+    /// rounding (the dropout masks differ) [default: off].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    pub pack_micro_batches: bool,
     /// Seed of the adapter initialisation, the data order, dropout, the validation split and the
     /// built-in model [default: 42].
     #[arg(long)]

@@ -154,6 +154,10 @@ with_defaults! {
         /// Several examples per row of up to `cutoff_len` tokens ([`crate::data::pack_rows`]);
         /// `batch_size` and `micro_batch_size` then count rows.
         pub packing: bool = false,
+        /// Each micro-batch's own examples packed into rows of up to `cutoff_len` tokens
+        /// ([`crate::data::Dataset::packed_rows`]): the same examples per step and micro-batch
+        /// as without it, without the padding between them.
+        pub pack_micro_batches: bool = false,
         pub seed: u64 = 42,
         pub num_experts: usize = 8,
         pub top_k: usize = 2,
@@ -321,6 +325,13 @@ impl TrainConfig {
         }
         if self.epochs == 0 && self.max_steps.is_none() {
             return bad("epochs is 0 and max_steps is not set: nothing to train".into());
+        }
+        if self.packing && self.pack_micro_batches {
+            return bad(
+                "packing and pack_micro_batches together: packing already fills rows with \
+                 examples (more a step); pack_micro_batches packs each micro-batch's own"
+                    .into(),
+            );
         }
         if self.max_steps == Some(0) {
             return bad("max_steps must be at least 1".into());

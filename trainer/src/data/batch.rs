@@ -96,6 +96,18 @@ impl Dataset {
         collate_packed(&rows, pad_id)
     }
 
+    /// The items of `rows` (a micro-batch, in order) packed greedily into rows of at most
+    /// `row_len` tokens ([`pack_rows`]): the same items in the same order, fewer rows.
+    pub fn packed_rows(&self, rows: &[Vec<usize>], row_len: usize) -> Rows {
+        let items: Vec<usize> = rows.iter().flatten().copied().collect();
+        let lengths: Vec<usize> = items.iter().map(|&i| self.items[i].ids.len()).collect();
+        let order: Vec<usize> = (0..items.len()).collect();
+        pack_rows(&order, &lengths, row_len)
+            .into_iter()
+            .map(|row| row.into_iter().map(|k| items[k]).collect())
+            .collect()
+    }
+
     /// Each item's length in tokens (what packing fills rows with).
     pub fn lengths(&self) -> Vec<usize> {
         self.items.iter().map(|e| e.ids.len()).collect()
@@ -408,6 +420,35 @@ mod tests {
             (&[2, 4][..], &[2, 4][..], &[8][..])
         );
         assert_eq!(labels.to_vec_u32().unwrap(), hb.labels);
+    }
+
+    #[test]
+    fn a_micro_batch_packs_its_own_items_in_order_into_fewer_rows() {
+        // Items of 4, 3, 5 and 2 tokens.
+        let ds = Dataset {
+            task_names: vec!["boolq".into()],
+            items: vec![
+                Encoded::from_pair(&[1, 2], &[3, 4], 512, 0),
+                Encoded::from_pair(&[5], &[6, 7], 512, 0),
+                Encoded::from_pair(&[8, 9, 10], &[11, 12], 512, 0),
+                Encoded::from_pair(&[13], &[14], 512, 0),
+            ],
+            truncated_away: 0,
+        };
+        // The micro-batch's rows, one item each, in the loader's order 2, 0, 3, 1.
+        let rows = vec![vec![2], vec![0], vec![3], vec![1]];
+        // Rows of at most 8 tokens: 5 + ... 4 does not fit, 4 + 2 does, then 3.
+        assert_eq!(ds.packed_rows(&rows, 8), vec![vec![2], vec![0, 3], vec![1]]);
+        assert_eq!(ds.packed_rows(&rows, 14), vec![vec![2, 0, 3, 1]]);
+        // An item longer than a row still gets one of its own.
+        assert_eq!(
+            ds.packed_rows(&rows, 4),
+            vec![vec![2], vec![0], vec![3], vec![1]]
+        );
+        let hb = ds.collate_rows(&ds.packed_rows(&rows, 8), 0);
+        assert_eq!((hb.batch, hb.len), (3, 6));
+        assert_eq!(hb.real_tokens, 14);
+        assert_eq!(hb.target_tokens, ds.collate_rows(&rows, 0).target_tokens);
     }
 
     #[test]

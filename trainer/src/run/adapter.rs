@@ -312,6 +312,11 @@ impl AdapterRun {
         });
         let rows = if self.cfg.packing {
             format!("packed rows of up to {} tokens", self.cfg.cutoff_len)
+        } else if self.cfg.pack_micro_batches {
+            format!(
+                "sequences (each micro-batch's packed into rows of up to {} tokens)",
+                self.cfg.cutoff_len
+            )
         } else {
             "sequences".to_string()
         };
@@ -343,11 +348,17 @@ impl AdapterRun {
     /// The micro-batches of the next step.
     pub fn next_step(&mut self, pad: u32) -> StepWork {
         let started = Instant::now();
+        let (pack, row_len) = (self.cfg.pack_micro_batches, self.cfg.cutoff_len);
         let micro: Vec<HostBatch> = self
             .loader
             .next_step()
             .iter()
-            .map(|rows| self.ds.collate_rows(rows, pad))
+            .map(|rows| match pack {
+                true => self
+                    .ds
+                    .collate_rows(&self.ds.packed_rows(rows, row_len), pad),
+                false => self.ds.collate_rows(rows, pad),
+            })
             .collect();
         let n_targets = micro.iter().map(|b| b.target_tokens).sum::<usize>().max(1) as f64;
         StepWork {

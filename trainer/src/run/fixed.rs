@@ -57,7 +57,11 @@ pub(super) struct FixedSteps {
     /// The step's gradients: one zero-initialised flat buffer per dtype, and a view of it per
     /// parameter (the parameters' order).
     sums: GradientSums,
-    shapes: BTreeMap<usize, Shape>,
+    /// Keep each micro-batch's own number of rows (packed micro-batches) instead of padding
+    /// every one to `rows`.
+    exact_rows: bool,
+    /// By `(rows, len)`.
+    shapes: BTreeMap<(usize, usize), Shape>,
     #[cfg(feature = "cuda")]
     memory: Option<engine::backend::cuda::GraphMemory>,
 }
@@ -90,14 +94,15 @@ struct Outputs {
 
 impl FixedSteps {
     /// For `params` (the adapter's trainable tensors, in the optimizer's order) on `device`:
-    /// micro-batches of `rows` rows of at most `cutoff` positions, padded with `pad`, dropout
-    /// drawn from `seed` under each micro-batch's key; `capture`: record them as CUDA graphs
+    /// micro-batches of `rows` rows (`exact_rows`: of their own number of rows, at most `rows`:
+    /// packed micro-batches) of at most `cutoff` positions, padded with `pad`, dropout drawn
+    /// from `seed` under each micro-batch's key; `capture`: record them as CUDA graphs
     /// (`--cuda-graphs on`: the run checked that the device is a GPU of a CUDA build).
     pub fn new(
         capture: bool,
         device: Device,
         params: &[Tensor],
-        (rows, cutoff, pad): (usize, usize, u32),
+        (rows, exact_rows, cutoff, pad): (usize, bool, usize, u32),
         seed: u64,
     ) -> Result<FixedSteps> {
         let sums = GradientSums::new(params, device)?;
@@ -110,6 +115,7 @@ impl FixedSteps {
             seed,
             params: params.to_vec(),
             sums,
+            exact_rows,
             shapes: BTreeMap::new(),
             #[cfg(feature = "cuda")]
             memory: None,
@@ -138,27 +144,32 @@ impl FixedSteps {
     /// gradients added into the step's buffers. Its dropout key is `seg.seed`.
     pub fn micro_step(&mut self, model: &Llama, seg: &Segment) -> Result<MicroOut> {
         let len = bucket_len(seg.batch.len, self.cutoff);
-        let batch = seg.batch.padded_to(self.rows, len, self.pad);
-        let (rows, device) = (batch.batch, self.device);
-        if !self.shapes.contains_key(&len) || self.shapes[&len].ids.dims()[0] != rows {
-            self.shapes.insert(len, Shape::new(rows, len, device)?);
+        let rows = match self.exact_rows {
+            true => seg.batch.batch,
+            false => self.rows.max(seg.batch.batch),
+        };
+        let batch = seg.batch.padded_to(rows, len, self.pad);
+        let (key, device) = ((rows, len), self.device);
+        if !self.shapes.contains_key(&key) {
+            self.shapes.insert(key, Shape::new(rows, len, device)?);
         }
-        let shape = &self.shapes[&len];
+        let shape = &self.shapes[&key];
         shape.write(&batch, seg)?;
         engine::set_dropout_key(device, seg.seed)?;
         let outputs = if !self.capture || shape.runs == 0 {
             micro_body(model, shape, &self.params, &self.sums, self.seed)?
         } else {
-            self.replay(len, model)?
+            self.replay(key, model)?
         };
-        self.shapes.get_mut(&len).expect("made above").runs += 1;
+        self.shapes.get_mut(&key).expect("made above").runs += 1;
         // The outputs are the graph's (or, eager, fresh): copied out before the next run.
         outputs.copied()
     }
 
-    /// Replays the graph of shape `len`, recording it first if need be; returns its outputs.
+    /// Replays the graph of shape `key` (rows, len), recording it first if need be; returns its
+    /// outputs.
     #[cfg(feature = "cuda")]
-    fn replay(&mut self, len: usize, model: &Llama) -> Result<Outputs> {
+    fn replay(&mut self, key: (usize, usize), model: &Llama) -> Result<Outputs> {
         use crate::error::Error;
         use engine::backend::cuda::{capture_in, CudaDevice, GraphMemory};
         let Device::Cuda(n) = self.device else {
@@ -169,8 +180,8 @@ impl FixedSteps {
             .memory
             .get_or_insert_with(|| GraphMemory::new(&dev))
             .clone();
-        if self.shapes[&len].graph.is_none() {
-            let shape = &self.shapes[&len];
+        if self.shapes[&key].graph.is_none() {
+            let shape = &self.shapes[&key];
             let (params, sums, seed) = (&self.params, &self.sums, self.seed);
             let (graph, out) = capture_in(&dev, &memory, || {
                 micro_body(model, shape, params, sums, seed).map_err(|e| match e {
@@ -184,15 +195,15 @@ impl FixedSteps {
                      --cuda-graphs off"
                 ))
             })?;
-            self.shapes.get_mut(&len).expect("exists").graph = Some((graph, out));
+            self.shapes.get_mut(&key).expect("exists").graph = Some((graph, out));
         }
-        let (graph, out) = self.shapes[&len].graph.as_ref().expect("recorded");
+        let (graph, out) = self.shapes[&key].graph.as_ref().expect("recorded");
         graph.replay()?;
         Ok(out.clone()) // the same tensors, which the next replay overwrites
     }
 
     #[cfg(not(feature = "cuda"))]
-    fn replay(&mut self, _len: usize, _model: &Llama) -> Result<Outputs> {
+    fn replay(&mut self, _key: (usize, usize), _model: &Llama) -> Result<Outputs> {
         unreachable!("the run refuses --cuda-graphs on without the CUDA backend")
     }
 

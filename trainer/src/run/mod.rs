@@ -365,7 +365,12 @@ fn train_plan_with_base(
             graphs == CudaGraphs::On,
             model.device(),
             runs[0].params(),
-            (first.micro_batch_size, first.cutoff_len, pad),
+            (
+                first.micro_batch_size,
+                first.pack_micro_batches,
+                first.cutoff_len,
+                pad,
+            ),
             engine::rng::hash(first.seed, FIXED_DROPOUT_STREAM),
         )?),
     };
@@ -556,10 +561,13 @@ fn train_plan_with_base(
         // The device's dropout key back to the start (0: every seed as given).
         engine::set_dropout_key(model.device(), 0)?;
         let (shapes, recorded) = f.shapes();
+        let rows = match first.pack_micro_batches {
+            true => format!("at most {}", first.micro_batch_size),
+            false => first.micro_batch_size.to_string(),
+        };
         log(&format!(
-            "fixed-shape micro-steps: {shapes} shape(s) of {} rows, {recorded} recorded as CUDA \
-             graphs",
-            first.micro_batch_size
+            "fixed-shape micro-steps: {shapes} shape(s) of {rows} rows, {recorded} recorded as \
+             CUDA graphs"
         ));
     }
     if let Some(peak) = crate::bench::peak_bytes(model.device()) {
