@@ -150,8 +150,8 @@ impl FixedSteps {
         };
         let batch = seg.batch.padded_to(rows, len, self.pad);
         let (key, device) = ((rows, len), self.device);
-        if !self.shapes.contains_key(&key) {
-            self.shapes.insert(key, Shape::new(rows, len, device)?);
+        if let std::collections::btree_map::Entry::Vacant(e) = self.shapes.entry(key) {
+            e.insert(Shape::new(rows, len, device)?);
         }
         let shape = &self.shapes[&key];
         shape.write(&batch, seg)?;
