@@ -263,7 +263,8 @@ fn train_config_toml_format() {
     let want = "adapter = \"mixlora\"\ndata = []\neval_data = []\nval_set_size = 0\n\
         out_dir = \"out\"\nepochs = 2\nbatch_size = 16\nmicro_batch_size = 8\nlr = 0.0002\n\
         weight_decay = 0.01\nadam_beta1 = 0.9\nadam_beta2 = 0.999\nadam_eps = 0.00000001\n\
-        max_grad_norm = 1.0\nschedule = \"linear\"\ncutoff_len = 512\npacking = false\nseed = 42\n\
+        max_grad_norm = 1.0\nschedule = \"linear\"\ncutoff_len = 512\npacking = false\n\
+        pack_micro_batches = false\nseed = 42\n\
         num_experts = 8\ntop_k = 2\nrank = 16\nalpha = 32.0\nrslora = false\ndropout = 0.05\n\
         target_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \
         \"up_proj\", \"down_proj\"]\nrouting = \"topk\"\ntop_p = 0.8\naux_loss_coef = 0.001\nrouter_init_range = 0.02\n\
