@@ -3,12 +3,15 @@
 # in micro-batches of 8, cutoff 512, bf16) timed by `mixlora bench recipe` with the micro-steps
 # launched kernel by kernel (`--cuda-graphs off`, before) and recorded as CUDA graphs (`on`,
 # after), for MixLoRA (r16) and LoRA (r86), `on` also with packing and with each micro-batch's
-# own examples packed (`--pack-micro-batches`: the same batches without their padding); then
+# own examples packed (`--pack-micro-batches`: the same batches without their padding) and with
+# the step's 16 examples in one micro-batch (`--micro-batch 16`: the same gradients, half the
+# launches); then
 # the same batches at the LLaMA-2-7B shape (random weights), padded and micro-packed, against
 # Table 6's fused MixLoRA tokens/s. Writes each run's JSON and OUTDIR/recipe-graphs.json:
 #
 #   {"device", "shape", "steps", "before": {"mixlora", "lora"}, "after": {"mixlora", "lora",
-#    "mixlora_packed", "lora_packed", "mixlora_micro_packed", "lora_micro_packed"},
+#    "mixlora_packed", "lora_packed", "mixlora_micro_packed", "lora_micro_packed",
+#    "mixlora_one_micro", "lora_one_micro"},
 #    "shape7b": {"tokens_per_s", "micro_packed_tokens_per_s", "table6_tokens_per_s"}}
 #
 # each entry {"tokens_per_s", "gpu_busy", "host_us_per_step", "step_ms", "train_s"}: `train_s`
@@ -24,7 +27,7 @@
 # run on the CPU.
 set -uo pipefail
 [ $# -ge 4 ] || {
-    sed -n '2,24p' "$0" >&2
+    sed -n '2,27p' "$0" >&2
     exit 2
 }
 bin=$1
@@ -74,6 +77,7 @@ for kind in mixlora lora; do
     bench "$kind-on" "${a[@]}" --cuda-graphs "$on"
     bench "$kind-on-packed" "${a[@]}" --cuda-graphs "$on" --packing
     bench "$kind-on-micro-packed" "${a[@]}" --cuda-graphs "$on" --pack-micro-batches
+    bench "$kind-on-one-micro" "${a[@]}" --cuda-graphs "$on" --micro-batch 16
     if [ "${FULL:-0}" != 0 ] && [ ${#shape[@]} = 0 ]; then
         [ "$FULL" = on ] || full "$kind-off" --adapter "$kind" --rank "$rank" --cuda-graphs off
         full "$kind-on" --adapter "$kind" --rank "$rank" --cuda-graphs "$on"
@@ -117,7 +121,9 @@ result = {
     "after": {"mixlora": read("mixlora-on"), "lora": read("lora-on"),
               "mixlora_packed": read("mixlora-on-packed"), "lora_packed": read("lora-on-packed"),
               "mixlora_micro_packed": read("mixlora-on-micro-packed"),
-              "lora_micro_packed": read("lora-on-micro-packed")},
+              "lora_micro_packed": read("lora-on-micro-packed"),
+              "mixlora_one_micro": read("mixlora-on-one-micro"),
+              "lora_one_micro": read("lora-on-one-micro")},
     "shape7b": {"tokens_per_s": seven and seven["tokens_per_s"],
                 "micro_packed_tokens_per_s": seven_mp and seven_mp["tokens_per_s"],
                 "table6_tokens_per_s": table6},
