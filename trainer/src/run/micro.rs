@@ -1,7 +1,7 @@
 //! One micro-batch of a training step: the segments (one per adapter with a micro-batch in the
 //! step) through the base model, forward and backward.
 
-use engine::{DType, Tensor};
+use engine::{DType, Device, Tensor};
 use model::{GroupSegment, Llama};
 
 use super::lm_loss_rows;
@@ -21,7 +21,7 @@ pub(super) struct Segment<'a> {
 }
 
 /// What one micro-batch gave an adapter: summed LM loss over its targets, aux loss, router
-/// z-loss, expert load.
+/// z-loss, expert load (per MoE layer, on the host).
 pub(super) type MicroResult = (f64, Option<f64>, Option<f64>, Vec<Tensor>);
 
 /// What one micro-batch gave an adapter, still on the device: its summed LM loss over its
@@ -41,34 +41,44 @@ impl MicroOut {
     }
 }
 
-/// The scalars of `outs` read back in one download (one wait for the device): the values that
-/// reading each with `to_scalar` gives, in the same order.
+/// The scalars and expert loads of `outs` read back in one download (one wait for the device):
+/// the values that reading each with `to_scalar` gives, in the same order; the loads as tensors
+/// on the host (f32, as on the device), so that the metrics read them without another wait.
 pub(super) fn read_all(outs: Vec<MicroOut>) -> Result<Vec<MicroResult>> {
-    let mut scalars = Vec::new();
+    let mut parts: Vec<&Tensor> = Vec::new();
     for o in &outs {
-        scalars.push(&o.lm);
-        scalars.extend(o.aux.iter().chain(&o.z));
+        parts.push(&o.lm);
+        parts.extend(o.aux.iter().chain(&o.z));
+        parts.extend(&o.load);
     }
-    if scalars.is_empty() {
+    if parts.is_empty() {
         return Ok(Vec::new());
     }
-    // Each scalar as f64 (exact from f32 and bf16), one after another in one buffer.
-    let flat = scalars
+    // Each value as f64 (exact from f32 and bf16), one after another in one buffer.
+    let flat = parts
         .iter()
-        .map(|t| t.to_dtype(DType::F64)?.reshape([1]))
+        .map(|t| t.to_dtype(DType::F64)?.reshape([t.elem_count()]))
         .collect::<engine::Result<Vec<_>>>()?;
     let values = engine::cat(&flat.iter().collect::<Vec<_>>(), 0)?.to_vec_f64()?;
     let mut at = values.into_iter();
     let mut next = || at.next().expect("one value per scalar");
-    Ok(outs
-        .into_iter()
+    outs.into_iter()
         .map(|o| {
             let lm = next();
             let aux = o.aux.as_ref().map(|_| next());
             let z = o.z.as_ref().map(|_| next());
-            (lm, aux, z, o.load)
+            let load = o
+                .load
+                .iter()
+                .map(|l| {
+                    let v: Vec<f64> = (0..l.elem_count()).map(|_| next()).collect();
+                    let host = Tensor::from_f64(&v, l.dims(), DType::F64, Device::Cpu)?;
+                    Ok(host.to_dtype(l.dtype())?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok((lm, aux, z, load))
         })
-        .collect())
+        .collect()
 }
 
 /// One micro-batch of each segment's adapter through the model, forward and backward: with one
