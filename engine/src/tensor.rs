@@ -314,7 +314,7 @@ impl Tensor {
         }
     }
     /// The shared buffer, or a typed error on a graph-only reference (`op` reads the values).
-    fn try_data(&self, op: &'static str) -> Result<&Arc<RwLock<Storage>>> {
+    pub(crate) fn try_data(&self, op: &'static str) -> Result<&Arc<RwLock<Storage>>> {
         match &self.0.buffer {
             Buffer::Data(s) => Ok(&s.storage),
             Buffer::GraphOnly { consumer } => Err(Error::GraphOnly {
@@ -328,7 +328,7 @@ impl Tensor {
         // A poisoned lock only means another thread panicked mid-op; the buffer itself is intact.
         self.data().read().unwrap_or_else(|e| e.into_inner())
     }
-    fn try_storage(&self, op: &'static str) -> Result<RwLockReadGuard<'_, Storage>> {
+    pub(crate) fn try_storage(&self, op: &'static str) -> Result<RwLockReadGuard<'_, Storage>> {
         Ok(self.try_data(op)?.read().unwrap_or_else(|e| e.into_inner()))
     }
     /// False for a graph-only reference held by a tape node (see
@@ -473,109 +473,6 @@ impl Tensor {
         Ok(())
     }
 
-    /// Overwrites this tensor's elements with `src`'s (same shape and dtype), in place: every view
-    /// of the buffer sees the new values. Used by optimisers; records nothing.
-    pub fn assign(&self, src: &Tensor) -> Result<()> {
-        if self.shape() != src.shape() {
-            return Err(Error::ShapeMismatch {
-                op: "assign",
-                lhs: self.shape().clone(),
-                rhs: src.shape().clone(),
-            });
-        }
-        if self.dtype() != src.dtype() {
-            return Err(Error::DTypeMismatch {
-                op: "assign",
-                lhs: self.dtype(),
-                rhs: src.dtype(),
-            });
-        }
-        if self.same_storage(src) {
-            let tmp = autograd::no_grad(|| src.copy())?;
-            return self.assign(&tmp);
-        }
-        let s = src.try_storage("assign")?;
-        let mut d = self
-            .try_data("assign")?
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
-        s.copy_to_view(src.layout(), &mut d, self.layout())
-    }
-
-    /// Overwrites this tensor's elements with the host values `data` (in row-major order; the
-    /// tensor's dtype, contiguous), in place: one host-to-device copy on a GPU, no kernel and no
-    /// new buffer. Every view of the buffer sees the new values. Records nothing.
-    pub fn write_slice<T: WithDType>(&self, data: &[T]) -> Result<()> {
-        if data.len() != self.elem_count() {
-            return Err(Error::ElementCountMismatch {
-                op: "write_slice",
-                numel: data.len(),
-                shape: self.shape().clone(),
-            });
-        }
-        if T::DTYPE != self.dtype() {
-            return Err(Error::DTypeMismatch {
-                op: "write_slice",
-                lhs: self.dtype(),
-                rhs: T::DTYPE,
-            });
-        }
-        let Some((start, _)) = self.layout().contiguous_range() else {
-            return Err(Error::invalid(
-                "write_slice",
-                "the tensor is not contiguous (write into a contiguous one and assign it)",
-            ));
-        };
-        let src = cpu_storage_from_vec(data.to_vec());
-        let mut d = self
-            .try_data("write_slice")?
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
-        d.write_host(start, &src)
-    }
-
-    /// Adds `src`'s elements into this tensor's, in place (same shape and float dtype; bf16 in
-    /// f32, rounded once): `t.add_assign(&g)` leaves exactly what `t.assign(&t.add(&g)?)` would,
-    /// in one pass and without a temporary. Every view of the buffer sees the new values. Used to
-    /// sum gradients into a fixed buffer; records nothing.
-    pub fn add_assign(&self, src: &Tensor) -> Result<()> {
-        if self.shape() != src.shape() {
-            return Err(Error::ShapeMismatch {
-                op: "add_assign",
-                lhs: self.shape().clone(),
-                rhs: src.shape().clone(),
-            });
-        }
-        if self.dtype() != src.dtype() {
-            return Err(Error::DTypeMismatch {
-                op: "add_assign",
-                lhs: self.dtype(),
-                rhs: src.dtype(),
-            });
-        }
-        let l = self.layout();
-        if l.dims()
-            .iter()
-            .zip(l.strides())
-            .any(|(&d, &s)| d > 1 && s == 0)
-        {
-            return Err(Error::invalid(
-                "add_assign",
-                "the destination is a broadcast view (one element stands for several)",
-            ));
-        }
-        if self.same_storage(src) {
-            let tmp = autograd::no_grad(|| src.copy())?;
-            return self.add_assign(&tmp);
-        }
-        let s = src.try_storage("add_assign")?;
-        let mut d = self
-            .try_data("add_assign")?
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
-        s.add_to_view(src.layout(), &mut d, self.layout())
-    }
-
     /// A contiguous copy of this tensor on `device` (the tensor itself when it is already there).
     /// Recorded on the tape: the gradient goes back to this tensor's device.
     pub fn to_device(&self, device: Device) -> Result<Self> {
@@ -623,7 +520,7 @@ impl Tensor {
     }
 }
 
-fn cpu_storage_from_vec<T: WithDType>(data: Vec<T>) -> CpuStorage {
+pub(crate) fn cpu_storage_from_vec<T: WithDType>(data: Vec<T>) -> CpuStorage {
     // Move the Vec into the matching variant without copying.
     let any: Box<dyn std::any::Any> = Box::new(data);
     let any = match any.downcast::<Vec<f32>>() {

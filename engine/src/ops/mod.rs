@@ -2,6 +2,7 @@
 //! the backend primitive, and records its backward rule when an input needs a gradient.
 //! One file per op family. Most ops are `Tensor` methods; free functions are re-exported here.
 
+mod assign;
 mod attention;
 mod concat;
 mod cross_entropy;

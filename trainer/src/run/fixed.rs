@@ -207,6 +207,19 @@ impl FixedSteps {
         unreachable!("the run refuses --cuda-graphs on without the CUDA backend")
     }
 
+    /// The run's line on its fixed shapes: how many, of how many rows, how many recorded.
+    pub fn summary(&self) -> String {
+        let (shapes, recorded) = self.shapes();
+        let rows = match self.exact_rows {
+            true => format!("at most {}", self.rows),
+            false => self.rows.to_string(),
+        };
+        format!(
+            "fixed-shape micro-steps: {shapes} shape(s) of {rows} rows, {recorded} recorded as CUDA \
+             graphs"
+        )
+    }
+
     /// Shapes seen so far, and how many of them have a graph.
     pub fn shapes(&self) -> (usize, usize) {
         #[cfg(feature = "cuda")]

@@ -560,15 +560,7 @@ fn train_plan_with_base(
     if let Some(f) = &fixed {
         // The device's dropout key back to the start (0: every seed as given).
         engine::set_dropout_key(model.device(), 0)?;
-        let (shapes, recorded) = f.shapes();
-        let rows = match first.pack_micro_batches {
-            true => format!("at most {}", first.micro_batch_size),
-            false => first.micro_batch_size.to_string(),
-        };
-        log(&format!(
-            "fixed-shape micro-steps: {shapes} shape(s) of {rows} rows, {recorded} recorded as \
-             CUDA graphs"
-        ));
+        log(&f.summary());
     }
     if let Some(peak) = crate::bench::peak_bytes(model.device()) {
         log(&format!(

@@ -1,0 +1,114 @@
+//! In-place writes into a tensor's buffer, seen by every view of it and recorded on no tape:
+//! `assign` (another tensor's elements), `add_assign` (another tensor's elements added, one
+//! rounding) and `write_slice` (host values, one host-to-device copy). Optimisers, gradient sums
+//! and the inputs of recorded CUDA graphs use them.
+
+use crate::autograd;
+use crate::backend::BackendStorage;
+use crate::tensor::cpu_storage_from_vec;
+use crate::{Error, Result, Tensor, WithDType};
+
+impl Tensor {
+    /// Overwrites this tensor's elements with `src`'s (same shape and dtype), in place: every view
+    /// of the buffer sees the new values. Used by optimisers; records nothing.
+    pub fn assign(&self, src: &Tensor) -> Result<()> {
+        if self.shape() != src.shape() {
+            return Err(Error::ShapeMismatch {
+                op: "assign",
+                lhs: self.shape().clone(),
+                rhs: src.shape().clone(),
+            });
+        }
+        if self.dtype() != src.dtype() {
+            return Err(Error::DTypeMismatch {
+                op: "assign",
+                lhs: self.dtype(),
+                rhs: src.dtype(),
+            });
+        }
+        if self.same_storage(src) {
+            let tmp = autograd::no_grad(|| src.copy())?;
+            return self.assign(&tmp);
+        }
+        let s = src.try_storage("assign")?;
+        let mut d = self
+            .try_data("assign")?
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        s.copy_to_view(src.layout(), &mut d, self.layout())
+    }
+
+    /// Overwrites this tensor's elements with the host values `data` (in row-major order; the
+    /// tensor's dtype, contiguous), in place: one host-to-device copy on a GPU, no kernel and no
+    /// new buffer. Every view of the buffer sees the new values. Records nothing.
+    pub fn write_slice<T: WithDType>(&self, data: &[T]) -> Result<()> {
+        if data.len() != self.elem_count() {
+            return Err(Error::ElementCountMismatch {
+                op: "write_slice",
+                numel: data.len(),
+                shape: self.shape().clone(),
+            });
+        }
+        if T::DTYPE != self.dtype() {
+            return Err(Error::DTypeMismatch {
+                op: "write_slice",
+                lhs: self.dtype(),
+                rhs: T::DTYPE,
+            });
+        }
+        let Some((start, _)) = self.layout().contiguous_range() else {
+            return Err(Error::invalid(
+                "write_slice",
+                "the tensor is not contiguous (write into a contiguous one and assign it)",
+            ));
+        };
+        let src = cpu_storage_from_vec(data.to_vec());
+        let mut d = self
+            .try_data("write_slice")?
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        d.write_host(start, &src)
+    }
+
+    /// Adds `src`'s elements into this tensor's, in place (same shape and float dtype; bf16 in
+    /// f32, rounded once): `t.add_assign(&g)` leaves exactly what `t.assign(&t.add(&g)?)` would,
+    /// in one pass and without a temporary. Every view of the buffer sees the new values. Used to
+    /// sum gradients into a fixed buffer; records nothing.
+    pub fn add_assign(&self, src: &Tensor) -> Result<()> {
+        if self.shape() != src.shape() {
+            return Err(Error::ShapeMismatch {
+                op: "add_assign",
+                lhs: self.shape().clone(),
+                rhs: src.shape().clone(),
+            });
+        }
+        if self.dtype() != src.dtype() {
+            return Err(Error::DTypeMismatch {
+                op: "add_assign",
+                lhs: self.dtype(),
+                rhs: src.dtype(),
+            });
+        }
+        let l = self.layout();
+        if l.dims()
+            .iter()
+            .zip(l.strides())
+            .any(|(&d, &s)| d > 1 && s == 0)
+        {
+            return Err(Error::invalid(
+                "add_assign",
+                "the destination is a broadcast view (one element stands for several)",
+            ));
+        }
+        if self.same_storage(src) {
+            let tmp = autograd::no_grad(|| src.copy())?;
+            return self.add_assign(&tmp);
+        }
+        let s = src.try_storage("add_assign")?;
+        let mut d = self
+            .try_data("add_assign")?
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        s.add_to_view(src.layout(), &mut d, self.layout())
+    }
+}
