@@ -8,24 +8,23 @@ use crate::backend::BackendStorage;
 use crate::tensor::cpu_storage_from_vec;
 use crate::{Error, Result, Tensor, WithDType};
 
+/// Errors unless `src` has `dst`'s shape and dtype.
+fn same_shape_and_dtype(op: &'static str, dst: &Tensor, src: &Tensor) -> Result<()> {
+    if dst.shape() != src.shape() {
+        return Err(Error::ShapeMismatch {
+            op,
+            lhs: dst.shape().clone(),
+            rhs: src.shape().clone(),
+        });
+    }
+    super::same_dtype(op, dst, src)
+}
+
 impl Tensor {
     /// Overwrites this tensor's elements with `src`'s (same shape and dtype), in place: every view
     /// of the buffer sees the new values. Used by optimisers; records nothing.
     pub fn assign(&self, src: &Tensor) -> Result<()> {
-        if self.shape() != src.shape() {
-            return Err(Error::ShapeMismatch {
-                op: "assign",
-                lhs: self.shape().clone(),
-                rhs: src.shape().clone(),
-            });
-        }
-        if self.dtype() != src.dtype() {
-            return Err(Error::DTypeMismatch {
-                op: "assign",
-                lhs: self.dtype(),
-                rhs: src.dtype(),
-            });
-        }
+        same_shape_and_dtype("assign", self, src)?;
         if self.same_storage(src) {
             let tmp = autograd::no_grad(|| src.copy())?;
             return self.assign(&tmp);
@@ -75,20 +74,7 @@ impl Tensor {
     /// in one pass and without a temporary. Every view of the buffer sees the new values. Used to
     /// sum gradients into a fixed buffer; records nothing.
     pub fn add_assign(&self, src: &Tensor) -> Result<()> {
-        if self.shape() != src.shape() {
-            return Err(Error::ShapeMismatch {
-                op: "add_assign",
-                lhs: self.shape().clone(),
-                rhs: src.shape().clone(),
-            });
-        }
-        if self.dtype() != src.dtype() {
-            return Err(Error::DTypeMismatch {
-                op: "add_assign",
-                lhs: self.dtype(),
-                rhs: src.dtype(),
-            });
-        }
+        same_shape_and_dtype("add_assign", self, src)?;
         let l = self.layout();
         if l.dims()
             .iter()
