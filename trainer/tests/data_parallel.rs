@@ -1,7 +1,7 @@
 //! Data-parallel training with the in-process communicator (ranks as threads): the same losses,
 //! adapter and optimizer files, bit for bit, as one process running the same global batch, for
-//! 2 and 3 ranks, with MixLoRA (fused and naive), LoRA, gradient checkpointing and several
-//! adapters on one base; a run resumed on another number of ranks continues the same trajectory;
+//! 2 and 3 ranks, with MixLoRA (fused and naive), LoRA, packed micro-batches, gradient
+//! checkpointing and several adapters on one base; a run resumed on another number of ranks continues the same trajectory;
 //! a rank that leaves or hangs stops the others with a clear error within the timeout.
 
 mod common;
@@ -192,6 +192,21 @@ fn lora_with_uneven_shards_equals_one_process() {
             ..config(out, 4, 3)
         };
         plan_of(vec![("lora", c)])
+    });
+}
+
+#[test]
+fn packed_micro_batches_on_2_and_3_ranks_equal_one_process() {
+    // Micro-batches of 3 examples packed into rows (of up to 1024 tokens), 2 a step: each rank
+    // packs the micro-batches it runs as one process does.
+    same_on_any_world("packmicro", 3, |out| {
+        let c = TrainConfig {
+            micro_batch_size: 3,
+            cutoff_len: 1024,
+            pack_micro_batches: true,
+            ..config(out, 6, 3)
+        };
+        plan_of(vec![("mix", c)])
     });
 }
 
