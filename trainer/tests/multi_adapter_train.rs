@@ -1,6 +1,6 @@
 //! Several adapters trained in one run on one base (`train_plan`) end exactly where each trained
 //! alone ends: the same losses at every step, the same adapter and optimizer files, bit for bit
-//! on the CPU. Also: an adapter whose loss turns non-finite stops alone, finished adapters leave
+//! on the CPU (one of them packs its micro-batches' examples into shared rows). Also: an adapter whose loss turns non-finite stops alone, finished adapters leave
 //! the batch, and an interrupted run of several adapters resumes to the same end.
 
 mod common;
@@ -79,6 +79,8 @@ fn mixed_adapters(root: &Path) -> Vec<PlannedAdapter> {
                 num_experts: 4,
                 top_k: 1,
                 batch_size: 2,
+                // Its two short examples a micro-batch share one row.
+                pack_micro_batches: true,
                 max_steps: Some(3),
                 ..base.clone()
             },
