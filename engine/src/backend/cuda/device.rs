@@ -503,9 +503,6 @@ impl Drop for CudaBuffer {
 /// ring's copies when it was full, over the process.
 static HOST_WAIT_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// Seconds the host has spent waiting for the GPU since the process started: a training step's
-/// wall time less the growth of this is the time the host was busy (issuing work, its own
-/// computing).
 /// Adds the time since `t0`, which the host spent waiting for the GPU, to
 /// [`host_wait_seconds`].
 pub(crate) fn note_wait(t0: std::time::Instant) {
@@ -513,6 +510,9 @@ pub(crate) fn note_wait(t0: std::time::Instant) {
     HOST_WAIT_NS.fetch_add(waited, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Seconds the host has spent waiting for the GPU since the process started: a training step's
+/// wall time less the growth of this is the time the host was busy (issuing work, its own
+/// computing).
 pub fn host_wait_seconds() -> f64 {
     HOST_WAIT_NS.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9
 }

@@ -82,10 +82,11 @@ impl Staging {
         for (_, _, ev) in self.in_flight.drain(..retire) {
             ev.synchronize().map_err(|e| dev.err(op, e))?;
         }
-        super::device::note_wait(t0); // a wait for the GPU like any other
-                                      // SAFETY: `[start, start + len)` lies inside the ring (n <= MAX_STAGED < RING_BYTES and
-                                      // end <= RING_BYTES), no queued copy still reads it (waited for above), and it does not
-                                      // overlap `bytes` (pinned memory of ours).
+        // A wait for the GPU like any other.
+        super::device::note_wait(t0);
+        // SAFETY: `[start, start + len)` lies inside the ring (n <= MAX_STAGED < RING_BYTES and
+        // end <= RING_BYTES), no queued copy still reads it (waited for above), and it does not
+        // overlap `bytes` (pinned memory of ours).
         let region = unsafe {
             let p = self.base.add(start);
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len());
