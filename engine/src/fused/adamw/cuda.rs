@@ -97,6 +97,36 @@ fn append_chunks(
     }))
 }
 
+/// A table of rows followed by its chunk list ([`append_chunks`]), uploaded: the buffer (held
+/// until the launch is queued), the addresses of its rows and of its chunk list, and the launch.
+struct Table {
+    _buffer: CudaStorage,
+    rows: u64,
+    chunk_list: u64,
+    launch: ChunkLaunch,
+}
+
+/// Uploads the rows `words` with `chunks` appended (a fresh copy: a recorded graph keeps it);
+/// `None` when there is no chunk, so nothing to launch.
+fn upload_table(
+    op: &'static str,
+    dev: &CudaDevice,
+    mut words: Vec<u32>,
+    chunks: &[u32],
+) -> Result<Option<Table>> {
+    let Some(launch) = append_chunks(op, &mut words, chunks)? else {
+        return Ok(None);
+    };
+    let buffer = CudaStorage::from_cpu(dev, &CpuStorage::U32(words))?;
+    let rows = buffer.ptr();
+    Ok(Some(Table {
+        chunk_list: rows + launch.list_offset,
+        rows,
+        launch,
+        _buffer: buffer,
+    }))
+}
+
 pub(super) fn adamw_step(groups: &mut [AdamWGroup<'_, CudaStorage>], h: &AdamWHyper) -> Result<()> {
     const OP: &str = "adamw_step";
     let Some(first) = groups.first() else {
@@ -225,14 +255,13 @@ pub(super) fn sum_squares_multi(args: &[Operand<'_, CudaStorage>]) -> Result<f64
         hold.push(c);
         push_chunks(OP, &mut chunks, i, len)?;
     }
-    let Some(cl) = append_chunks(OP, &mut words, &chunks)? else {
+    let Some(table) = upload_table(OP, &dev, words, &chunks)? else {
         return Ok(0.0);
     };
-    let table = CudaStorage::from_cpu(&dev, &CpuStorage::U32(words))?;
+    let cl = &table.launch;
     let partials = CudaStorage::alloc(&dev, OP, cl.n_chunks, DType::F64)?;
-    let (tensors, out) = (table.ptr(), partials.ptr());
-    let (chunk_list, n_chunks32) = (tensors + cl.list_offset, cl.n_chunks32);
-    let name = "sum_squares_multi";
+    let (tensors, chunk_list, out) = (table.rows, table.chunk_list, partials.ptr());
+    let (n_chunks32, name) = (cl.n_chunks32, "sum_squares_multi");
     // SAFETY: the table holds one 24-byte row per tensor (the address of a contiguous run of
     // `len` elements of the row's dtype: the view itself, checked to lie inside its buffer, or a
     // copy held in `hold`) followed by `n_chunks` entries whose tensor index is a row and whose
@@ -260,6 +289,9 @@ pub(super) fn sum_squares_multi(args: &[Operand<'_, CudaStorage>]) -> Result<f64
 /// u32 words per row of the add table (`AddTensor`, 32 bytes).
 const ADD_ROW_WORDS: usize = 8;
 
+/// `dst[start + offset ..] += src` for every part in one launch: a table of (destination
+/// address, source address, length, dtype) rows and the list of 4096-element chunks is uploaded
+/// (inside a capture, recorded with the graph), and the kernel adds chunk by chunk.
 pub(super) fn add_many_into(
     dst: &mut CudaStorage,
     start: usize,
@@ -296,13 +328,11 @@ pub(super) fn add_many_into(
         hold.push(c);
         push_chunks(OP, &mut chunks, i, len)?;
     }
-    let Some(cl) = append_chunks(OP, &mut words, &chunks)? else {
+    let Some(table) = upload_table(OP, &dev, words, &chunks)? else {
         return Ok(());
     };
-    let table = CudaStorage::from_cpu(&dev, &CpuStorage::U32(words))?;
-    let tensors = table.ptr();
-    let (chunk_list, n_chunks32) = (tensors + cl.list_offset, cl.n_chunks32);
-    let name = "add_into_multi";
+    let (tensors, chunk_list, cl) = (table.rows, table.chunk_list, &table.launch);
+    let (n_chunks32, name) = (cl.n_chunks32, "add_into_multi");
     // SAFETY: the table holds one 32-byte row per part (the destination run, inside `dst`'s
     // buffer as checked above, and the source: the view itself, checked to lie inside its
     // buffer, or a copy held in `hold`; both `len` elements of the row's dtype) followed by
