@@ -149,6 +149,26 @@ pub fn pos(n: usize, seed: u64) -> Vec<f64> {
     vals(n, seed).into_iter().map(f64::abs).collect()
 }
 
+/// `y = x.dropout(0.2, 33)` and `dx` (the gradient of `Σ y`) on `dev`, for a variable x
+/// `[63, 65]` of `dt` (`vals(63·65, 40)`) or, `transposed`, its transposed view: what the dropout
+/// parity tests compare between devices.
+pub fn dropout_output_and_grad(dev: Device, dt: DType, transposed: bool) -> (Vec<f64>, Vec<f64>) {
+    let x = engine::Tensor::from_f64(&vals(63 * 65, 40), [63, 65], dt, dev)
+        .expect("upload")
+        .to_var()
+        .expect("variable");
+    let v = if transposed {
+        x.t().expect("transpose")
+    } else {
+        x.clone()
+    };
+    let y = v.dropout(0.2, 33, true).expect("dropout");
+    y.backward_with_grad(&y.ones_like().expect("ones"))
+        .expect("backward");
+    let dx = x.grad().expect("a gradient");
+    (y.to_vec_f64().expect("y"), dx.to_vec_f64().expect("dx"))
+}
+
 /// Integers in 1..=m as f64 (for u32 tensors and for ties).
 pub fn ints(n: usize, m: u32, seed: u64) -> Vec<f64> {
     (0..n as u64)

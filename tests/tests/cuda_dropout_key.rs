@@ -21,7 +21,7 @@ mod gpu {
         moe_ffn, DType, Device, Layout, MoeDropout, MoeFfnOptions, MoeFusedWeights, MoeKernels,
         MoeRouting, Shape, Storage, Tensor,
     };
-    use testutil::gpu::{device as gpu, read, rel_err, serial, tol, vals};
+    use testutil::gpu::{device as gpu, dropout_output_and_grad, read, rel_err, serial, tol, vals};
     use testutil::DropoutKey;
 
     const KEY: u64 = 0xC2B2_AE3D_27D4_EB4F;
@@ -78,21 +78,7 @@ mod gpu {
         for dt in [DType::F32, DType::BF16, DType::F64] {
             for transposed in [false, true] {
                 // (y, dx) of `x.dropout(p, 33)`, x [63, 65] or its transposed view.
-                let run = |dev| {
-                    let x = Tensor::from_f64(&vals(63 * 65, 40), [63, 65], dt, dev)
-                        .unwrap()
-                        .to_var()
-                        .unwrap();
-                    let v = if transposed {
-                        x.t().unwrap()
-                    } else {
-                        x.clone()
-                    };
-                    let y = v.dropout(0.2, 33, true).unwrap();
-                    y.backward_with_grad(&y.ones_like().unwrap()).unwrap();
-                    let dx = x.grad().unwrap();
-                    (y.to_vec_f64().unwrap(), dx.to_vec_f64().unwrap())
-                };
+                let run = |dev| dropout_output_and_grad(dev, dt, transposed);
                 let (cpu, got) = keyed(d, run);
                 let what = format!("dropout {dt} transposed {transposed}");
                 assert_eq!(got, cpu, "{what}");

@@ -218,8 +218,8 @@ fn dropout_errors() {
 #[cfg(feature = "cuda")]
 mod gpu {
     //! CPU ↔ CUDA parity (skipped, saying why, without a GPU).
-    use engine::{DType, Device, Shape, Storage, Tensor};
-    use testutil::gpu::{read, vals, Checker, FLOATS};
+    use engine::{DType, Device, Shape, Storage};
+    use testutil::gpu::{dropout_output_and_grad, read, Checker, FLOATS};
 
     #[test]
     fn dropout_mask_and_one_pass_dropout() {
@@ -242,25 +242,8 @@ mod gpu {
         assert_eq!(read(&m(Device::Cpu), 4097), read(&m(gpu), 4097));
         // One-pass dropout (dropout_apply) in every float dtype, contiguous and transposed.
         for dt in [DType::F32, DType::BF16, DType::F64] {
-            let x = |d| {
-                Tensor::from_f64(&vals(63 * 65, 40), [63, 65], dt, d)
-                    .unwrap()
-                    .to_var()
-                    .unwrap()
-            };
             for transposed in [false, true] {
-                let run = |d| {
-                    let x = x(d);
-                    let v = if transposed {
-                        x.t().unwrap()
-                    } else {
-                        x.clone()
-                    };
-                    let y = v.dropout(0.2, 33, true).unwrap();
-                    y.backward_with_grad(&y.ones_like().unwrap()).unwrap();
-                    let dx = x.grad().unwrap();
-                    (y.to_vec_f64().unwrap(), dx.to_vec_f64().unwrap())
-                };
+                let run = |d| dropout_output_and_grad(d, dt, transposed);
                 assert_eq!(
                     run(Device::Cpu),
                     run(gpu),
