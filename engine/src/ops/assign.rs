@@ -6,7 +6,7 @@
 use crate::autograd;
 use crate::backend::BackendStorage;
 use crate::tensor::cpu_storage_from_vec;
-use crate::{Error, Result, Tensor, WithDType};
+use crate::{Error, Layout, Result, Storage, Tensor, WithDType};
 
 /// Errors unless `src` has `dst`'s shape and dtype.
 fn same_shape_and_dtype(op: &'static str, dst: &Tensor, src: &Tensor) -> Result<()> {
@@ -25,16 +25,27 @@ impl Tensor {
     /// of the buffer sees the new values. Used by optimisers; records nothing.
     pub fn assign(&self, src: &Tensor) -> Result<()> {
         same_shape_and_dtype("assign", self, src)?;
+        self.write_from("assign", src, |s, sl, d, dl| s.copy_to_view(sl, d, dl))
+    }
+
+    /// Runs `write(src's storage, its layout, this buffer, this layout)` with this tensor's buffer
+    /// locked for writing; a `src` of the same buffer is copied first (one lock at a time).
+    fn write_from(
+        &self,
+        op: &'static str,
+        src: &Tensor,
+        write: impl Fn(&Storage, &Layout, &mut Storage, &Layout) -> Result<()>,
+    ) -> Result<()> {
         if self.same_storage(src) {
             let tmp = autograd::no_grad(|| src.copy())?;
-            return self.assign(&tmp);
+            return self.write_from(op, &tmp, write);
         }
-        let s = src.try_storage("assign")?;
+        let s = src.try_storage(op)?;
         let mut d = self
-            .try_data("assign")?
+            .try_data(op)?
             .write()
             .unwrap_or_else(|e| e.into_inner());
-        s.copy_to_view(src.layout(), &mut d, self.layout())
+        write(&s, src.layout(), &mut d, self.layout())
     }
 
     /// Overwrites this tensor's elements with the host values `data` (in row-major order; the
@@ -86,15 +97,6 @@ impl Tensor {
                 "the destination is a broadcast view (one element stands for several)",
             ));
         }
-        if self.same_storage(src) {
-            let tmp = autograd::no_grad(|| src.copy())?;
-            return self.add_assign(&tmp);
-        }
-        let s = src.try_storage("add_assign")?;
-        let mut d = self
-            .try_data("add_assign")?
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
-        s.add_to_view(src.layout(), &mut d, self.layout())
+        self.write_from("add_assign", src, |s, sl, d, dl| s.add_to_view(sl, d, dl))
     }
 }
