@@ -299,8 +299,7 @@ fn tick(c: &mut Clock, s: &StepDone, w: usize, n: usize, device: Device) -> Resu
 /// The result as JSON (`{"device", "model", "shape", "adapter", "rank", "batch", "micro_batch",
 /// "cutoff_len", "steps", "tokens", "tokens_per_s", "step_ms", "host_us_per_step", "gpu_busy",
 /// "peak_gib", "driver_allocs_per_step", "gpus", "cuda_graphs", "packing",
-/// "pack_micro_batches"}`; `gpus`: the
-/// data-parallel ranks).
+/// "pack_micro_batches"}`; `gpus`: the data-parallel ranks).
 pub fn recipe_json(a: &RecipeArgs, r: &RecipeResult) -> String {
     let round = |x: f64, d: i32| (x * 10f64.powi(d)).round() / 10f64.powi(d);
     let v = serde_json::json!({

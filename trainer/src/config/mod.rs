@@ -328,8 +328,9 @@ impl TrainConfig {
         }
         if self.packing && self.pack_micro_batches {
             return bad(
-                "packing and pack_micro_batches together: packing already fills rows with \
-                 examples (more a step); pack_micro_batches packs each micro-batch's own"
+                "packing and pack_micro_batches together: packing already fills each row with \
+                 examples (more of them a step); pack_micro_batches packs only each \
+                 micro-batch's own"
                     .into(),
             );
         }
