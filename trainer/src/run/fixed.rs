@@ -7,9 +7,10 @@
 //! memory that the graph reads:
 //! - the token ids, key mask, RoPE positions (from the mask, on the host) and labels: each
 //!   shape's own input buffers, written before a run;
-//! - the shape: the micro-batch is padded to `micro_batch_size` rows and its length rounded up
-//!   to a multiple of [`BUCKET`] (at most `cutoff_len`), so a recipe of ragged examples needs a
-//!   few graphs, not one per length. Padding adds no key, no target and no loss;
+//! - the shape: the micro-batch is padded to `micro_batch_size` rows (a packed micro-batch,
+//!   `--pack-micro-batches`, keeps its own number of rows) and its length rounded up to a
+//!   multiple of [`BUCKET`] (at most `cutoff_len`), so a recipe of ragged examples needs a few
+//!   graphs, not one per length. Padding adds no key, no target and no loss;
 //! - the loss normalisation (`1 / target tokens of the step`, `1 / micro-batches`): device
 //!   scalars of the shape, not launch arguments;
 //! - the dropout: the model sees one constant seed and each micro-batch sets the device's
