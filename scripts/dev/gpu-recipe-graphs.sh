@@ -6,13 +6,15 @@
 # own examples packed (`--pack-micro-batches`: the same batches without their padding) and with
 # the step's 16 examples in one micro-batch (`--micro-batch 16`: the same gradients, half the
 # launches); then
-# the same batches at the LLaMA-2-7B shape (random weights), padded and micro-packed, against
-# Table 6's fused MixLoRA tokens/s. Writes each run's JSON and OUTDIR/recipe-graphs.json:
+# the same batches at the LLaMA-2-7B shape (random weights; 30 steps after 10 warm-up ones),
+# padded, micro-packed and micro-packed in one micro-batch of 16, against Table 6's fused MixLoRA
+# tokens/s. Writes each run's JSON and OUTDIR/recipe-graphs.json:
 #
 #   {"device", "shape", "steps", "before": {"mixlora", "lora"}, "after": {"mixlora", "lora",
 #    "mixlora_packed", "lora_packed", "mixlora_micro_packed", "lora_micro_packed",
 #    "mixlora_one_micro", "lora_one_micro"},
-#    "shape7b": {"tokens_per_s", "micro_packed_tokens_per_s", "table6_tokens_per_s"}}
+#    "shape7b": {"tokens_per_s", "micro_packed_tokens_per_s",
+#                "micro_packed_one_micro_tokens_per_s", "table6_tokens_per_s"}}
 #
 # each entry {"tokens_per_s", "gpu_busy", "host_us_per_step", "step_ms", "train_s"}: `train_s`
 # is the wall time of the full 2-epoch `mixlora train` run when FULL=1 (else null: the bench's
@@ -27,7 +29,7 @@
 # run on the CPU.
 set -uo pipefail
 [ $# -ge 4 ] || {
-    sed -n '2,27p' "$0" >&2
+    sed -n '2,29p' "$0" >&2
     exit 2
 }
 bin=$1
@@ -86,9 +88,10 @@ for kind in mixlora lora; do
     fi
 done
 if [ "${SHAPE7B:-1}" = 1 ]; then
-    bench 7b-on --shape llama2-7b --steps 8 --warmup 3 --cuda-graphs "$on"
-    bench 7b-on-micro-packed --shape llama2-7b --steps 8 --warmup 3 --cuda-graphs "$on" \
-        --pack-micro-batches
+    s7=(--shape llama2-7b --steps 30 --warmup 10 --cuda-graphs "$on")
+    bench 7b-on "${s7[@]}"
+    bench 7b-on-micro-packed "${s7[@]}" --pack-micro-batches
+    bench 7b-on-micro-packed-one-micro "${s7[@]}" --pack-micro-batches --micro-batch 16
     echo "== table6 fused MixLoRA"
     "$bin" bench table6 --variants mixlora-fused --json "$out/table6.json" 2>&1 | tail -2
 fi
@@ -113,6 +116,7 @@ table6 = None
 if t6.exists():
     table6 = json.loads(t6.read_text()).get("mixlora_fused", {}).get("tokens_per_s")
 seven, seven_mp = read("7b-on"), read("7b-on-micro-packed")
+seven_mp1 = read("7b-on-micro-packed-one-micro")
 result = {
     "device": first.get("device"),
     "shape": first.get("shape"),
@@ -126,6 +130,7 @@ result = {
               "lora_one_micro": read("lora-on-one-micro")},
     "shape7b": {"tokens_per_s": seven and seven["tokens_per_s"],
                 "micro_packed_tokens_per_s": seven_mp and seven_mp["tokens_per_s"],
+                "micro_packed_one_micro_tokens_per_s": seven_mp1 and seven_mp1["tokens_per_s"],
                 "table6_tokens_per_s": table6},
 }
 (out / "recipe-graphs.json").write_text(json.dumps(result, indent=2) + "\n")
