@@ -5,6 +5,7 @@ mod adapter;
 mod fixed;
 mod micro;
 mod parallel;
+mod setup;
 mod start;
 
 use std::path::PathBuf;
@@ -15,19 +16,19 @@ use engine::dist::Communicator;
 use engine::{Tensor, IGNORE_INDEX};
 use model::{Llama, MoeImpl, Tokenizer};
 
-use self::adapter::{AdapterRun, DataCache, Status, StepEnd, StepWork};
+use self::adapter::{AdapterRun, DataCache, StepEnd, StepWork};
 use self::fixed::FixedSteps;
 use self::micro::{micro_step, read_all, Segment};
 pub use self::parallel::BUCKET_ELEMS;
 use self::parallel::{Captured, Ranks};
-use self::start::{is_finished, start_of, Start};
-use crate::base_model::{load_base_model, scratch_dir};
-use crate::config::{words, CudaGraphs, PlannedAdapter, RunPlan, TrainConfig};
+use self::setup::{
+    all_finished, announce_end, finished_already, load_base, outcomes, refuse_graphs,
+};
+use self::start::start_of;
+use crate::config::{CudaGraphs, PlannedAdapter, RunPlan, TrainConfig};
 use crate::error::{Error, Result};
 use crate::eval::EvalReport;
 use crate::metrics::Progress;
-use crate::out_dir;
-use crate::progress;
 
 /// Synthetic tasks of the embedded default: examples per task.
 pub(crate) const SYNTHETIC_TRAIN: usize = 400;
@@ -162,25 +163,6 @@ fn of_adapter(grouped: bool, name: &str, e: Error) -> Error {
     }
 }
 
-/// Whether the run of `start` is finished already: its last step done and its adapter written.
-fn finished_already(cfg: &TrainConfig, start: &Start) -> Option<TrainSummary> {
-    match start {
-        Start::Resume { state, .. } if is_finished(cfg, state, state.total_steps) => {
-            Some(TrainSummary {
-                steps: state.step,
-                first_loss: f64::NAN,
-                last_loss: state.last_loss.unwrap_or(f64::NAN),
-                eval: state
-                    .last_eval
-                    .as_ref()
-                    .and_then(|v| serde_json::from_value(v.clone()).ok()),
-                adapter_dir: cfg.out_dir.join(out_dir::ADAPTER_DIR),
-            })
-        }
-        _ => None,
-    }
-}
-
 /// `mixlora train` of a plan: one base model loaded once, every adapter of the plan trained on
 /// it together (each step, one micro-batch of every adapter still training goes through the
 /// frozen base in one grouped forward and one backward); each adapter keeps its own run
@@ -231,85 +213,26 @@ fn train_plan_with_base(
         move |e| of_adapter(grouped, &a.name, e)
     }
     let graphs = plan.shared.cuda_graphs;
-    if graphs != CudaGraphs::Off && (grouped || ranks.is_some()) {
-        return Err(Error::Config(format!(
-            "--cuda-graphs {} runs one adapter in one process; this run has {} adapter{}{}",
-            words::Word::spell(&graphs),
-            plan.adapters.len(),
-            if grouped { "s" } else { "" },
-            if ranks.is_some() {
-                " and several processes"
-            } else {
-                ""
-            }
-        )));
-    }
-    if graphs == CudaGraphs::On && !matches!(plan.shared.device, engine::Device::Cuda(_)) {
-        return Err(Error::Config(format!(
-            "--cuda-graphs on records CUDA graphs, which needs --device cuda (the device is {}); \
-             `eager` runs the same fixed-shape steps on any device",
-            plan.shared.device
-        )));
-    }
-    if graphs == CudaGraphs::On && !cfg!(feature = "cuda") {
-        return Err(Error::Config(
-            "--cuda-graphs on needs a build with the CUDA backend (--features cuda)".into(),
-        ));
-    }
+    refuse_graphs(plan, ranks.is_some())?;
     // Every adapter's folder first: nothing is loaded for a run that cannot start.
     let starts = plan
         .adapters
         .iter()
         .map(|a| start_of(&a.config).map_err(named(grouped, a)))
         .collect::<Result<Vec<_>>>()?;
-    let mut done: Vec<Option<TrainSummary>> = plan
+    let done: Vec<Option<TrainSummary>> = plan
         .adapters
         .iter()
         .zip(&starts)
         .map(|(a, s)| finished_already(&a.config, s).filter(|_| grouped))
         .collect();
     if grouped && done.iter().all(Option::is_some) {
-        return Err(Error::Resume(format!(
-            "every adapter of the run is finished ({}): nothing to continue",
-            plan.adapters
-                .iter()
-                .map(|a| a
-                    .config
-                    .out_dir
-                    .join(out_dir::ADAPTER_DIR)
-                    .display()
-                    .to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
+        return Err(all_finished(plan));
     }
     let first = &plan.adapters[0].config;
     let (mut model, tok) = match base {
         Some(b) => b,
-        None => {
-            if let Some(p) = &first.model {
-                log(&format!("loading {}", p.display()));
-            }
-            let t_load = Instant::now();
-            let scratch = scratch_dir("train");
-            let loaded = load_base_model(
-                first.model.as_deref(),
-                first.seed,
-                first.dtype.dtype(),
-                first.device,
-                &scratch,
-            );
-            let _ = std::fs::remove_dir_all(&scratch);
-            let loaded = loaded?;
-            if let Some(p) = &first.model {
-                log(&format!(
-                    "loaded {} in {}",
-                    p.display(),
-                    progress::duration(t_load.elapsed())
-                ));
-            }
-            loaded
-        }
+        None => load_base(first, &mut log)?,
     };
     model.set_gradient_checkpointing(plan.shared.gradient_checkpointing);
     model.set_group_mode(plan.shared.group_mode); // `auto`: the model's default, exact
@@ -522,21 +445,7 @@ fn train_plan_with_base(
             };
             r.end_step(w, &mut at, &mut log)?;
             if grouped {
-                match &r.status {
-                    Status::Failed(e) => progress.println(&format!(
-                        "[{}] stopped: {e}; the other adapters go on",
-                        r.name
-                    )),
-                    Status::Finished(s) => progress.println(&format!(
-                        "[{}] finished: {} steps, loss {:.4} -> {:.4}, adapter in {}",
-                        r.name,
-                        s.steps,
-                        s.first_loss,
-                        s.last_loss,
-                        s.adapter_dir.display()
-                    )),
-                    Status::Training => {}
-                }
+                announce_end(r, &progress);
             }
         }
         iteration += 1;
@@ -568,30 +477,7 @@ fn train_plan_with_base(
             peak as f64 / (1u64 << 30) as f64
         ));
     }
-    let mut runs = runs.into_iter();
-    Ok(plan
-        .adapters
-        .iter()
-        .zip(done.iter_mut())
-        .map(|(a, d)| {
-            let result = match d.take() {
-                Some(s) => Ok(s),
-                None => {
-                    let r = runs.next().expect("a run per adapter not finished already");
-                    match r.status {
-                        Status::Training => Ok(r.summary()),
-                        Status::Finished(s) => Ok(s),
-                        Status::Failed(e) => Err(e),
-                    }
-                }
-            };
-            AdapterOutcome {
-                name: a.name.clone(),
-                out_dir: a.config.out_dir.clone(),
-                result,
-            }
-        })
-        .collect())
+    Ok(outcomes(plan, done, runs))
 }
 
 /// Computes the model's MixLoRA FFNs (if any) with `imp`; the fused path also gets W_gate and
