@@ -16,7 +16,7 @@ use std::process::ExitCode;
 
 use engine::Device;
 use model::MoeImpl;
-use trainer::config::TrainConfig;
+use trainer::config::{CudaGraphs, TrainConfig};
 
 fn losses(out: &std::path::Path) -> Result<Vec<f64>, Box<dyn std::error::Error>> {
     let text = std::fs::read_to_string(out.join("metrics.jsonl"))?;
@@ -59,6 +59,9 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
             device,
             out_dir: base.join(device.to_string()),
             moe_impl: Some(moe_impl),
+            // Kernel by kernel on both devices, whatever the default (CUDA graphs draw their
+            // dropout masks under a device key, not as the CPU's `off` does).
+            cuda_graphs: CudaGraphs::Off,
             ..TrainConfig::default()
         };
         let t = std::time::Instant::now();

@@ -2,7 +2,7 @@
 //! dropout off they train as the default path does (the padding to length buckets and full rows
 //! adds nothing; only the loss normalisation's rounding differs), with dropout on they are
 //! deterministic and a killed run resumes exactly; `on` without a GPU and runs of several
-//! adapters are refused with one-line errors.
+//! adapters are refused with one-line errors, while `auto` runs them kernel by kernel.
 
 mod common;
 
@@ -143,6 +143,39 @@ fn graphs_on_the_cpu_and_several_adapters_are_refused() {
         "{e}"
     );
     assert!(!root.exists());
+}
+
+#[test]
+fn auto_runs_kernel_by_kernel_on_the_cpu_and_for_several_adapters() {
+    // One adapter on the CPU: `auto` is `off`, bit for bit (dropout on).
+    let (auto, off) = (
+        common::out_dir("fixed", "auto-one"),
+        common::out_dir("fixed", "off-one"),
+    );
+    train(&small(&auto, CudaGraphs::Auto), |_| {}).unwrap();
+    train(&small(&off, CudaGraphs::Off), |_| {}).unwrap();
+    assert_eq!(losses(&auto).len(), 6);
+    assert_eq!(losses(&auto), losses(&off));
+    // Two adapters: not refused (as `eager` and `on` are), each trains as `off` alone.
+    let root = common::out_dir("fixed", "auto-two");
+    let adapters: Vec<PlannedAdapter> = ["a", "b"]
+        .into_iter()
+        .map(|n| PlannedAdapter {
+            name: n.into(),
+            config: small(&root.join(n), CudaGraphs::Auto),
+        })
+        .collect();
+    let plan = RunPlan {
+        shared: SharedSettings::of(&adapters[0].config),
+        adapters,
+    };
+    for o in train_plan(&plan, RunControl::default(), |_| {}).unwrap() {
+        o.result.unwrap();
+    }
+    assert_eq!(losses(&root.join("a")), losses(&off));
+    for d in [auto, off, root] {
+        let _ = std::fs::remove_dir_all(d);
+    }
 }
 
 /// Five examples, batch 4 in micro-batches of 2: the epoch's last step is one example, a micro-

@@ -58,6 +58,9 @@ impl DTypeName {
 /// Whether a run records its training micro-steps as CUDA graphs (`crate::run::fixed`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum CudaGraphs {
+    /// `On` where graphs can run (a GPU of a CUDA build, one adapter, one process), else `Off`
+    /// ([`CudaGraphs::resolve`]).
+    Auto,
     /// Each micro-batch at its own length, launched kernel by kernel.
     #[default]
     Off,
@@ -66,6 +69,25 @@ pub enum CudaGraphs {
     Eager,
     /// Fixed-shape micro-steps recorded once per shape and replayed (CUDA).
     On,
+}
+
+impl CudaGraphs {
+    /// What a run does: `Auto` becomes `On` for one adapter (`!grouped`) in one process
+    /// (`!multi_process`) on a CUDA device of a build with the CUDA backend, else `Off`; any
+    /// other setting is kept as given (and refused where it cannot run).
+    pub fn resolve(self, device: engine::Device, grouped: bool, multi_process: bool) -> CudaGraphs {
+        match self {
+            CudaGraphs::Auto => {
+                let gpu = matches!(device, engine::Device::Cuda(_)) && cfg!(feature = "cuda");
+                if gpu && !grouped && !multi_process {
+                    CudaGraphs::On
+                } else {
+                    CudaGraphs::Off
+                }
+            }
+            other => other,
+        }
+    }
 }
 
 /// The seven projections of a LLaMA layer, in file order: the targets a run's adapters take

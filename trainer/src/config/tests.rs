@@ -277,6 +277,32 @@ fn train_config_toml_format() {
 }
 
 #[test]
+fn cuda_graphs_auto_records_graphs_for_one_adapter_in_one_process_on_a_gpu_only() {
+    let gpu = Device::Cuda(0);
+    let on_a_gpu = if cfg!(feature = "cuda") {
+        CudaGraphs::On
+    } else {
+        CudaGraphs::Off
+    };
+    assert_eq!(CudaGraphs::Auto.resolve(gpu, false, false), on_a_gpu);
+    assert_eq!(
+        CudaGraphs::Auto.resolve(Device::Cpu, false, false),
+        CudaGraphs::Off
+    );
+    assert_eq!(CudaGraphs::Auto.resolve(gpu, true, false), CudaGraphs::Off);
+    assert_eq!(CudaGraphs::Auto.resolve(gpu, false, true), CudaGraphs::Off);
+    // A setting given is kept (and refused by the run where it cannot run).
+    for s in [CudaGraphs::Off, CudaGraphs::Eager, CudaGraphs::On] {
+        assert_eq!(s.resolve(gpu, true, true), s);
+        assert_eq!(s.resolve(Device::Cpu, false, false), s);
+    }
+    assert_eq!(
+        args(&["--cuda-graphs", "auto"]).cuda_graphs,
+        Some(CudaGraphs::Auto)
+    );
+}
+
+#[test]
 fn inference_uses_the_fused_moe_path_on_every_device_unless_asked() {
     let fused = MoeImpl::Fused(MoeFfnOptions::default());
     let auto = MoeArgs::default();

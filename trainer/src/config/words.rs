@@ -104,20 +104,23 @@ impl Word for AttentionImpl {
     }
 }
 
-/// Whether micro-steps are recorded as CUDA graphs: `off`, `eager` or `on` ([`CudaGraphs`]).
+/// Whether micro-steps are recorded as CUDA graphs: `auto`, `off`, `eager` or `on`
+/// ([`CudaGraphs`]).
 impl Word for CudaGraphs {
     fn parse_word(s: &str) -> Result<Self, String> {
         match s {
+            "auto" => Ok(CudaGraphs::Auto),
             "off" => Ok(CudaGraphs::Off),
             "eager" => Ok(CudaGraphs::Eager),
             "on" => Ok(CudaGraphs::On),
             _ => Err(format!(
-                "unknown CUDA graphs setting `{s}` (expected off, eager or on)"
+                "unknown CUDA graphs setting `{s}` (expected auto, off, eager or on)"
             )),
         }
     }
     fn spell(&self) -> String {
         match self {
+            CudaGraphs::Auto => "auto",
             CudaGraphs::Off => "off",
             CudaGraphs::Eager => "eager",
             CudaGraphs::On => "on",

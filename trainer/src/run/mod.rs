@@ -212,8 +212,11 @@ fn train_plan_with_base(
     fn named(grouped: bool, a: &PlannedAdapter) -> impl Fn(Error) -> Error + '_ {
         move |e| of_adapter(grouped, &a.name, e)
     }
-    let graphs = plan.shared.cuda_graphs;
     refuse_graphs(plan, ranks.is_some())?;
+    let graphs = plan
+        .shared
+        .cuda_graphs
+        .resolve(plan.shared.device, grouped, ranks.is_some());
     // Every adapter's folder first: nothing is loaded for a run that cannot start.
     let starts = plan
         .adapters
@@ -279,11 +282,14 @@ fn train_plan_with_base(
         model.set_adapters(runs[0].adapters.clone())?;
     }
 
+    if plan.shared.cuda_graphs == CudaGraphs::Auto && graphs == CudaGraphs::On {
+        log("recording the training micro-steps as CUDA graphs (--cuda-graphs auto; `off` runs them kernel by kernel)");
+    }
     let pad = tok.eos_id().unwrap_or(0);
     // Fixed-shape micro-steps (one adapter, checked above): one constant dropout seed, the
     // per-micro-batch draw of the run's RNG becomes the device's dropout key.
     let mut fixed = match graphs {
-        CudaGraphs::Off => None,
+        CudaGraphs::Off | CudaGraphs::Auto => None,
         _ => Some(FixedSteps::new(
             graphs == CudaGraphs::On,
             model.device(),

@@ -15,12 +15,13 @@ use crate::error::{Error, Result};
 use crate::metrics::Progress;
 use crate::{out_dir, progress};
 
-/// Refuses `--cuda-graphs` where it cannot run: with several adapters or several processes
-/// (`multi_process`), `on` off a CUDA device or in a build without the CUDA backend.
+/// Refuses `--cuda-graphs` where it cannot run: `eager` or `on` with several adapters or
+/// several processes (`multi_process`), `on` off a CUDA device or in a build without the CUDA
+/// backend. (`auto` runs anywhere: [`CudaGraphs::resolve`].)
 pub(super) fn refuse_graphs(plan: &RunPlan, multi_process: bool) -> Result<()> {
     let graphs = plan.shared.cuda_graphs;
     let grouped = plan.adapters.len() > 1;
-    if graphs != CudaGraphs::Off && (grouped || multi_process) {
+    if matches!(graphs, CudaGraphs::Eager | CudaGraphs::On) && (grouped || multi_process) {
         return Err(Error::Config(format!(
             "--cuda-graphs {} runs one adapter in one process; this run has {} adapter{}{}",
             words::Word::spell(&graphs),
