@@ -3,18 +3,22 @@
 # data (the four tasks' train.json, batch 16 in micro-batches of 8, cutoff 512, its data order)
 # against the same four trained one after another, each run STEPS optimizer steps (default 60)
 # without evaluation. The four differ in seed (their data order and initialisation), as a seed
-# sweep does. Prints the wall time of each way (model loading and tokenising included: what a user
-# waits for), their ratio and each run's peak device memory, and writes them to
+# sweep does. Both ways launch kernel by kernel (`--cuda-graphs off`: a run of several adapters
+# records no graphs), so they compute the same thing; then the four single runs again with their
+# micro-steps recorded as CUDA graphs (`--cuda-graphs on`, what `auto` gives one adapter on a
+# GPU), timed only. Prints the wall time of each way (model loading and tokenising included: what
+# a user waits for), their ratios and each run's peak device memory, and writes them to
 # OUTDIR/multi-adapter-recipe.json; also checks that each adapter's losses together equal its
 # losses alone within bf16/f32 rounding of the GPU kernels (the largest relative difference).
 #
 #   scripts/dev/gpu-multi-adapter-recipe.sh BIN MODEL.gguf DATA_DIR OUTDIR [STEPS] [KIND]
 #
 # DATA_DIR holds {arc_e,arc_c,boolq,obqa}/train.json; KIND is mixlora (default) or lora. DEVICE
-# (default cuda) and EXTRA (more train flags) serve a dry run on the CPU.
+# (default cuda; the graph runs only there), EXTRA (more train flags) and an empty MODEL (the
+# built-in model) serve a dry run on the CPU.
 set -uo pipefail
 [ $# -ge 4 ] || {
-    sed -n '2,14p' "$0" >&2
+    sed -n '2,18p' "$0" >&2
     exit 2
 }
 bin=$1
@@ -26,23 +30,33 @@ kind=${6:-mixlora}
 mkdir -p "$out"
 seeds=(42 43 44 45)
 read -r -a extra <<<"${EXTRA:-}"
-common=(--model "$model" --device "${DEVICE:-cuda}" --dtype bf16 --adapter "$kind"
+common=(--device "${DEVICE:-cuda}" --dtype bf16 --adapter "$kind"
     --max-steps "$steps" --save-every 0 --log-every 1 "${extra[@]}")
+# An empty MODEL: the built-in tiny model (a CPU dry run).
+[ -n "$model" ] && common+=(--model "$model")
+graphs=(--cuda-graphs off)
 for t in arc_e arc_c boolq obqa; do common+=(--data "$data/$t/train.json"); done
 work=$(mktemp -d)
 t0=$(date +%s.%N)
-"$bin" train "${common[@]}" --sweep "seed=$(IFS=,; echo "${seeds[*]}")" --out "$work/together" \
+"$bin" train "${common[@]}" "${graphs[@]}" --sweep "seed=$(IFS=,; echo "${seeds[*]}")" --out "$work/together" \
     >/dev/null 2>"$out/recipe-together.log" || { tail -5 "$out/recipe-together.log"; exit 1; }
 t1=$(date +%s.%N)
 for s in "${seeds[@]}"; do
-    "$bin" train "${common[@]}" --seed "$s" --out "$work/alone/seed$s" \
+    "$bin" train "${common[@]}" "${graphs[@]}" --seed "$s" --out "$work/alone/seed$s" \
         >/dev/null 2>"$out/recipe-alone-$s.log" || { tail -5 "$out/recipe-alone-$s.log"; exit 1; }
 done
 t2=$(date +%s.%N)
-python3 - "$out/multi-adapter-recipe.json" "$work" "$t0" "$t1" "$t2" "$steps" "$kind" "$out" <<'PY'
+if [ "${DEVICE:-cuda}" = cuda ]; then
+    for s in "${seeds[@]}"; do
+        "$bin" train "${common[@]}" --cuda-graphs on --seed "$s" --out "$work/graphs/seed$s" \
+            >/dev/null 2>"$out/recipe-graphs-$s.log" || { tail -5 "$out/recipe-graphs-$s.log"; exit 1; }
+    done
+fi
+t3=$(date +%s.%N)
+python3 - "$out/multi-adapter-recipe.json" "$work" "$t0" "$t1" "$t2" "$t3" "$steps" "$kind" "$out" <<'PY'
 import json, re, sys
-path, work, t0, t1, t2, steps, kind, out = sys.argv[1:]
-t0, t1, t2 = float(t0), float(t1), float(t2)
+path, work, t0, t1, t2, t3, steps, kind, out = sys.argv[1:]
+t0, t1, t2, t3 = float(t0), float(t1), float(t2), float(t3)
 seeds = [42, 43, 44, 45]
 def losses(d):
     return [json.loads(l)["loss"] for l in open(f"{d}/metrics.jsonl") if '"train"' in l]
@@ -58,6 +72,8 @@ r = {
     "shape": "smollm2-135m-recipe", "kind": kind, "n_adapters": len(seeds), "steps": int(steps),
     "together_s": round(t1 - t0, 1), "one_after_another_s": round(t2 - t1, 1),
     "speedup": round((t2 - t1) / (t1 - t0), 2),
+    "one_after_another_graphs_s": round(t3 - t2, 1) if t3 - t2 > 1 else None,
+    "speedup_over_graphs": round((t3 - t2) / (t1 - t0), 2) if t3 - t2 > 1 else None,
     "together_peak_gib": peak(f"{out}/recipe-together.log"),
     "single_peak_gib": [peak(f"{out}/recipe-alone-{s}.log") for s in seeds],
     "max_rel_loss_difference": worst,
