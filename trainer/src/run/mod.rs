@@ -7,6 +7,7 @@ mod micro;
 mod parallel;
 mod setup;
 mod start;
+mod step;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -18,13 +19,13 @@ use model::{Llama, MoeImpl, Tokenizer};
 
 use self::adapter::{AdapterRun, DataCache, StepEnd, StepWork};
 use self::fixed::FixedSteps;
-use self::micro::{micro_step, read_all, Segment};
+use self::parallel::Ranks;
 pub use self::parallel::BUCKET_ELEMS;
-use self::parallel::{Captured, Ranks};
 use self::setup::{
     all_finished, announce_end, finished_already, load_base, outcomes, refuse_graphs,
 };
 use self::start::start_of;
+use self::step::Steps;
 use crate::config::{CudaGraphs, PlannedAdapter, RunPlan, TrainConfig};
 use crate::error::{Error, Result};
 use crate::eval::EvalReport;
@@ -357,83 +358,14 @@ fn train_plan_with_base(
             return stop(&mut runs);
         }
         let mut work: Vec<StepWork> = active.iter().map(|&i| runs[i].next_step(pad)).collect();
-        let n_micro = work.iter().map(|w| w.micro.len()).max().unwrap_or(0);
-        // Data parallel: what this rank's micro-batches gave each adapter, by slot (`m / world`).
-        let mut mine: Vec<Vec<Option<Captured>>> = match ranks {
-            Some(r) => work
-                .iter()
-                .map(|w| {
-                    (0..w.micro.len().div_ceil(r.world()))
-                        .map(|_| None)
-                        .collect()
-                })
-                .collect(),
-            None => Vec::new(),
+        let steps = Steps {
+            model: &model,
+            grouped,
+            ranks,
+            interrupted: &interrupted,
         };
-        // Each micro-batch's outputs (by position in `work`), still on the device.
-        let mut pending = Vec::new();
-        if let Some(f) = &fixed {
-            f.begin_step()?;
-        }
-        for m in 0..n_micro {
-            if ranks.is_none() && interrupted() {
-                return stop(&mut runs);
-            }
-            // The adapters with an m-th micro-batch in this step (positions in `active`).
-            let with_m: Vec<usize> = (0..work.len())
-                .filter(|&j| work[j].micro.len() > m)
-                .collect();
-            let segs: Vec<Segment> = with_m
-                .iter()
-                .map(|&j| Segment {
-                    adapter: active[j],
-                    batch: &work[j].micro[m],
-                    n_targets: work[j].n_targets,
-                    n_micro: work[j].micro.len() as f64,
-                    seed: runs[active[j]].next_seed(),
-                })
-                .collect();
-            // Every rank draws every seed above: the RNG moves as in one process.
-            if ranks.is_some_and(|r| !r.owns(m)) {
-                continue;
-            }
-            let results = match &mut fixed {
-                Some(f) => vec![f.micro_step(&model, &segs[0])?],
-                None => micro_step(&model, grouped, &segs)?,
-            };
-            if let Some(r) = ranks {
-                let results = read_all(results)?;
-                for (&j, (lm, aux, z, load)) in with_m.iter().zip(results) {
-                    let run = &runs[active[j]];
-                    mine[j][m / r.world()] = Some(Captured::take(run, lm, aux, z, load));
-                }
-                continue;
-            }
-            pending.extend(with_m.into_iter().zip(results));
-        }
-        if let Some(f) = &fixed {
-            f.end_step()?;
-        }
-        // The micro-batches' losses, read back once the step's last backward is queued (one wait
-        // for the device a step, not one a micro-batch), and added up in micro-batch order.
-        let (slots, outs): (Vec<usize>, Vec<_>) = pending.into_iter().unzip();
-        for (j, (lm, aux, z, load)) in slots.into_iter().zip(read_all(outs)?) {
-            let w = &mut work[j];
-            let n = w.micro.len() as f64;
-            w.lm += lm;
-            if let Some(a) = aux {
-                *w.aux.get_or_insert(0.0) += a / n;
-            }
-            if let Some(z) = z {
-                *w.z.get_or_insert(0.0) += z / n;
-            }
-            w.load = load;
-        }
-        if let Some(r) = ranks {
-            for (j, &i) in active.iter().enumerate() {
-                r.sync_adapter(&runs[i], &mut work[j], &mine[j], device)?;
-            }
-            drop(mine);
+        if !steps.run(&mut fixed, &mut runs, &active, &mut work)? {
+            return stop(&mut runs);
         }
         let real_tokens = work
             .iter()
