@@ -33,6 +33,21 @@ fn small(out: &Path, graphs: CudaGraphs) -> TrainConfig {
     }
 }
 
+/// Adapters `a` and `b`, each [`small`] in its folder under `root`, in one run.
+fn two_adapters(root: &Path, graphs: CudaGraphs) -> RunPlan {
+    let adapters: Vec<PlannedAdapter> = ["a", "b"]
+        .into_iter()
+        .map(|n| PlannedAdapter {
+            name: n.into(),
+            config: small(&root.join(n), graphs),
+        })
+        .collect();
+    RunPlan {
+        shared: SharedSettings::of(&adapters[0].config),
+        adapters,
+    }
+}
+
 fn relative(a: f64, b: f64) -> f64 {
     (a - b).abs() / a.abs().max(b.abs()).max(1e-30)
 }
@@ -124,17 +139,7 @@ fn graphs_on_the_cpu_and_several_adapters_are_refused() {
     );
     assert!(!out.exists(), "nothing is written for a refused run");
     let root = common::out_dir("fixed", "two");
-    let adapters: Vec<PlannedAdapter> = ["a", "b"]
-        .into_iter()
-        .map(|n| PlannedAdapter {
-            name: n.into(),
-            config: small(&root.join(n), CudaGraphs::Eager),
-        })
-        .collect();
-    let plan = RunPlan {
-        shared: SharedSettings::of(&adapters[0].config),
-        adapters,
-    };
+    let plan = two_adapters(&root, CudaGraphs::Eager);
     let e = train_plan(&plan, RunControl::default(), |_| {})
         .unwrap_err()
         .to_string();
@@ -158,18 +163,13 @@ fn auto_runs_kernel_by_kernel_on_the_cpu_and_for_several_adapters() {
     assert_eq!(losses(&auto), losses(&off));
     // Two adapters: not refused (as `eager` and `on` are), each trains as `off` alone.
     let root = common::out_dir("fixed", "auto-two");
-    let adapters: Vec<PlannedAdapter> = ["a", "b"]
-        .into_iter()
-        .map(|n| PlannedAdapter {
-            name: n.into(),
-            config: small(&root.join(n), CudaGraphs::Auto),
-        })
-        .collect();
-    let plan = RunPlan {
-        shared: SharedSettings::of(&adapters[0].config),
-        adapters,
-    };
-    for o in train_plan(&plan, RunControl::default(), |_| {}).unwrap() {
+    for o in train_plan(
+        &two_adapters(&root, CudaGraphs::Auto),
+        RunControl::default(),
+        |_| {},
+    )
+    .unwrap()
+    {
         o.result.unwrap();
     }
     assert_eq!(losses(&root.join("a")), losses(&off));
