@@ -149,7 +149,9 @@ fn the_recipe_bench_times_fixed_shape_and_packed_steps_on_the_same_data() {
     let (off, off_json) = with(&[]);
     let (fixed, fixed_json) = with(&["--cuda-graphs", "eager"]);
     let (packed, packed_json) = with(&["--packing"]);
+    let (auto, auto_json) = with(&["--cuda-graphs", "auto"]);
     assert_eq!(off, fixed, "fixed shapes add only padding");
+    assert_eq!(auto, off);
     assert!(
         packed > off,
         "packed rows hold more examples: {packed} vs {off}"
@@ -162,4 +164,6 @@ fn the_recipe_bench_times_fixed_shape_and_packed_steps_on_the_same_data() {
     );
     assert_eq!(f["cuda_graphs"].as_str(), Some("eager"));
     assert_eq!(p["packing"].as_bool(), Some(true));
+    // The JSON says what ran: `auto` on the CPU is `off`.
+    assert_eq!(v(&auto_json)["cuda_graphs"].as_str(), Some("off"));
 }

@@ -77,7 +77,7 @@ pub struct RecipeArgs {
     #[arg(long)]
     pub json: Option<PathBuf>,
     /// Record the micro-steps as CUDA graphs (`on`), or run the same fixed-shape steps kernel by
-    /// kernel (`eager`), as `mixlora train --cuda-graphs` [default: off].
+    /// kernel (`eager`), or `auto`, as `mixlora train --cuda-graphs` [default: off].
     #[arg(long, value_name = "MODE", default_value = "off", value_parser = words::parse::<CudaGraphs>)]
     pub cuda_graphs: CudaGraphs,
     /// Pack several examples per row up to the cutoff, as `mixlora train --packing` (`--batch`
@@ -111,6 +111,8 @@ pub struct RecipeResult {
     /// Data-parallel ranks that ran the steps (1: one process); the figures are the whole
     /// run's (the tokens of every rank), the peak rank 0's.
     pub ranks: usize,
+    /// How the micro-steps ran (`--cuda-graphs auto` resolved).
+    pub cuda_graphs: CudaGraphs,
 }
 
 /// Seconds the host has waited for the GPU so far (0 without CUDA).
@@ -243,6 +245,7 @@ pub fn recipe_on(
         r.gpu_busy = Some(per_token * r.tokens as f64 / r.wall_s.max(1e-12));
     }
     r.ranks = comm.map_or(1, |c| c.world_size());
+    r.cuda_graphs = a.cuda_graphs.resolve(a.device, false, comm.is_some());
     Ok(r)
 }
 
@@ -278,6 +281,7 @@ fn tick(c: &mut Clock, s: &StepDone, w: usize, n: usize, device: Device) -> Resu
                 .zip(c.allocs0)
                 .map(|(a, a0)| (a - a0) as f64 / n as f64),
             ranks: 1,
+            cuda_graphs: CudaGraphs::Off,
         });
         if matches!(device, Device::Cuda(_)) {
             engine::profile::set_mode(engine::profile::ProfileMode::GpuEvents);
@@ -321,7 +325,7 @@ pub fn recipe_json(a: &RecipeArgs, r: &RecipeResult) -> String {
         "peak_gib": r.peak_gib.map(|p| round(p, 3)),
         "driver_allocs_per_step": r.driver_allocs_per_step.map(|a| round(a, 1)),
         "gpus": r.ranks,
-        "cuda_graphs": words::Word::spell(&a.cuda_graphs),
+        "cuda_graphs": words::Word::spell(&r.cuda_graphs), // what ran (`auto` resolved)
         "packing": a.packing,
         "pack_micro_batches": a.pack_micro_batches,
     });
