@@ -20,8 +20,8 @@ pub use adapters::{AdapterConfig, MoeImpl, PeftType, RoutingStrategy};
 pub use config::{Llama3RopeScaling, LlamaConfig, RopeScaling};
 pub use error::{Error, Result};
 pub use llama::{
-    mask_positions, AttentionImpl, ForwardOutput, GroupMode, GroupSegment, HiddenOutput, KvCache,
-    Llama, RandomInit,
+    mask_positions, AttentionImpl, ForwardOutput, GroupMode, GroupSegment, HiddenOutput,
+    HostTokens, KvCache, Llama, RandomInit,
 };
 pub use tokenizer::Tokenizer;
 pub use weights::{load, Weights};

@@ -157,6 +157,7 @@ fn check_against_alone(kinds: &[PeftType; 3], dropout: bool) {
                 ids: micros[s].0.clone(),
                 key_mask: Some(micros[s].1.clone()),
                 dropout_seed: micros[s].3,
+                host: None,
             })
             .collect();
         let outs = m.forward_train_group_hidden(&segments).unwrap();
@@ -228,6 +229,7 @@ fn check_against_alone(kinds: &[PeftType; 3], dropout: bool) {
         ids: micros[s].0.clone(),
         key_mask: Some(micros[s].1.clone()),
         dropout_seed: micros[s].3,
+        host: None,
     };
     let outs = engine::no_grad(|| m.forward_train_group_hidden(&[seg(0), seg(2)])).unwrap();
     let e = rel_err(&alone[0].0, &outs[0].hidden.to_vec_f64().unwrap());

@@ -193,6 +193,7 @@ fn run_group(
             ids: micros[s].ids.clone(),
             key_mask: Some(micros[s].mask.clone()),
             dropout_seed: seeds(s),
+            host: None,
         })
         .collect();
     let outs = m.forward_train_group_hidden(&segments).unwrap();

@@ -47,6 +47,7 @@ fn ops_per_step(m: &Llama, n: usize, dropout: bool) -> Step {
                 ids: ids(&rand_ids(2 * t, 11, s as u64), &[2, t]),
                 key_mask: None,
                 dropout_seed: dropout.then_some(s as u64 + 1),
+                host: None,
             }
         })
         .collect();

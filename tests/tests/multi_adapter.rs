@@ -14,7 +14,9 @@
 
 use engine::{DType, Device, MoeFfnOptions, Tensor};
 use model::adapters::Adapters;
-use model::{AdapterConfig, GroupSegment, Llama, MoeImpl, PeftType, RandomInit};
+use model::{
+    AdapterConfig, GroupMode, GroupSegment, HostTokens, Llama, MoeImpl, PeftType, RandomInit,
+};
 use testutil::{ids, next_token_targets, rand_ids, tiny_llama_config};
 
 fn bits(t: &Tensor) -> Vec<u32> {
@@ -242,6 +244,7 @@ fn grouped_forward_equals_each_adapter_alone_bit_for_bit() {
                 ids: micros[s].ids.clone(),
                 key_mask: Some(micros[s].mask.clone()),
                 dropout_seed: Some(micros[s].seed),
+                host: None,
             })
             .collect();
         let outs = m.forward_train_group_hidden(&segments).unwrap();
@@ -286,9 +289,69 @@ fn grouped_forward_refuses_bad_segments() {
         ids: mb.ids.clone(),
         key_mask: None,
         dropout_seed: None,
+        host: None,
     };
     let err = |segs: &[GroupSegment]| m.forward_train_group(segs).err().unwrap().to_string();
     assert!(err(&[seg(3)]).contains("segment 0 names adapter set 3, the group has 3"));
     assert!(err(&[seg(1), seg(1)]).contains("adapter set 1 has more than one segment"));
     assert!(err(&[]).contains("no segment"));
+    let short = GroupSegment {
+        host: Some(HostTokens {
+            ids: vec![1, 2],
+            key_mask: vec![1, 1, 1],
+        }),
+        ..seg(0)
+    };
+    assert!(err(&[short])
+        .contains("segment 0 has ids [1, 3] but host copies of 2 ids and 3 mask values"));
+}
+
+#[test]
+fn host_copies_of_the_tokens_give_the_same_group_bit_for_bit() {
+    // The segments' ids and masks given on the host as well (what the trainer does, so that no
+    // forward reads them back from a GPU): the same values and gradients as read from the
+    // tensors, exact and shared (same batch sizes, so shared does not fall back).
+    let mut m = base();
+    let sets = adapter_sets(&m);
+    m.set_adapter_group(sets.clone()).unwrap();
+    let micros = [micro(2, 3, 0, 1), micro(2, 4, 2, 2), micro(2, 7, 3, 3)];
+    for mode in [GroupMode::Exact, GroupMode::Shared] {
+        m.set_group_mode(mode);
+        let run = |host: bool| -> Vec<Result1> {
+            let segments: Vec<_> = (0..3)
+                .map(|s| GroupSegment {
+                    adapter: s,
+                    ids: micros[s].ids.clone(),
+                    key_mask: Some(micros[s].mask.clone()),
+                    dropout_seed: Some(micros[s].seed),
+                    host: host.then(|| HostTokens {
+                        ids: micros[s].ids.to_vec_u32().unwrap(),
+                        key_mask: micros[s].mask.to_vec_u32().unwrap(),
+                    }),
+                })
+                .collect();
+            let outs = m.forward_train_group_hidden(&segments).unwrap();
+            let losses: Vec<Tensor> = outs
+                .iter()
+                .zip(&micros)
+                .map(|(o, mb)| loss_of(&m, &o.hidden, o.aux_loss.as_ref(), mb))
+                .collect();
+            let mut total = losses[0].clone();
+            for l in &losses[1..] {
+                total = total.add(l).unwrap();
+            }
+            total.backward().unwrap();
+            outs.iter()
+                .zip(&losses)
+                .zip(&sets)
+                .map(|((o, l), a)| collect(&m, a, o, l))
+                .collect()
+        };
+        let (read, given) = (run(false), run(true));
+        assert!(read[1].grads.iter().filter(|g| !g.1.is_empty()).count() > 10);
+        assert_eq!(
+            read, given,
+            "{mode:?}: host copies changed the group's results"
+        );
+    }
 }

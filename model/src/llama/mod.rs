@@ -23,7 +23,7 @@ mod merge;
 mod random;
 
 pub use cache::{mask_positions, positions_from_mask, KvCache};
-pub use group::{GroupMode, GroupSegment};
+pub use group::{GroupMode, GroupSegment, HostTokens};
 pub use layer::AttentionImpl;
 use layer::{decoder_layer, into_engine_error, LayerCtx};
 pub use merge::MergeReport;

@@ -281,6 +281,8 @@ fn group_run(
                     ids: b.ids.clone(),
                     key_mask: Some(b.mask.clone()),
                     dropout_seed: Some(dropout_seed(k, step)),
+                    // As the single run it is compared with: the mask read from the device.
+                    host: None,
                 })
                 .collect();
             let outs = model_ref.forward_train_group_hidden(&segments)?;

@@ -2,7 +2,7 @@
 //! step) through the base model, forward and backward.
 
 use engine::{DType, Device, Tensor};
-use model::{GroupSegment, Llama};
+use model::{GroupSegment, HostTokens, Llama};
 
 use super::lm_loss_rows;
 use crate::data::HostBatch;
@@ -100,6 +100,11 @@ pub(super) fn micro_step(model: &Llama, grouped: bool, segs: &[Segment]) -> Resu
                 ids: ids.clone(),
                 key_mask: Some(mask.clone()),
                 dropout_seed: Some(s.seed),
+                // The host's copies: the forward reads no mask or ids back from the device.
+                host: Some(HostTokens {
+                    ids: s.batch.ids.clone(),
+                    key_mask: s.batch.key_mask.clone(),
+                }),
             })
             .collect();
         model.forward_train_group_hidden(&group)?

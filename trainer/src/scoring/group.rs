@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 
 use engine::no_grad;
-use model::{GroupSegment, Llama, MoeImpl};
+use model::{GroupSegment, HostTokens, Llama, MoeImpl};
 
 use super::check_adapter_of_run;
 use crate::base_model::builtin_seed;
@@ -99,6 +99,10 @@ pub(super) fn score_pairs(model: &Llama, pad: u32, pairs: &[ScorePair]) -> Resul
             ids: ids.clone(),
             key_mask: Some(mask.clone()),
             dropout_seed: None,
+            host: Some(HostTokens {
+                ids: hb.ids.clone(),
+                key_mask: hb.key_mask.clone(),
+            }),
         })
         .collect();
     no_grad(|| {

@@ -23,7 +23,9 @@ use crate::adapters::router::RouterOutput;
 use crate::adapters::LayerAdapters;
 use crate::error::Result;
 use crate::llama::layer::{attention_block, ffn_block, LayerCtx};
-use crate::llama::{positions_from_mask, train_output, DecoderLayer, HiddenOutput, Llama};
+use crate::llama::{
+    mask_positions, positions_from_mask, train_output, DecoderLayer, HiddenOutput, Llama,
+};
 
 /// A segment's rows in the `[N, H]` batch and the context its layers run in.
 #[derive(Clone)]
@@ -96,7 +98,11 @@ pub(super) fn forward(m: &Llama, segments: &[Segment<'_>]) -> Result<Vec<HiddenO
     let mut row0 = 0;
     for seg in segments {
         let (b, t) = (seg.b, seg.t);
-        let positions = positions_from_mask(b, t, seg.key_mask, 0, seg.ids.device())?;
+        let positions = match seg.host {
+            // From the host's copy of the mask: no read-back, the same values.
+            Some(h) => Tensor::from_vec(mask_positions(&h.key_mask, t), [b, t], seg.ids.device())?,
+            None => positions_from_mask(b, t, seg.key_mask, 0, seg.ids.device())?,
+        };
         let (cos, sin) = rope_tables(&positions, &m.inv_freq)?; // [B, T, D/2]
         segs.push(SegmentCtx {
             rows: row0..row0 + b * t,

@@ -43,6 +43,19 @@ pub struct GroupSegment {
     pub key_mask: Option<Tensor>,
     /// Seeds the adapter's dropout (a new seed per step); `None`: no dropout.
     pub dropout_seed: Option<u64>,
+    /// The same ids and key mask on the host, when the caller has them: the forward then reads
+    /// them instead of the device tensors (each read back is a wait for the GPU, per segment and
+    /// micro-batch). `None`: read from `ids` and `key_mask`.
+    pub host: Option<HostTokens>,
+}
+
+/// Host copies of a segment's token ids and key mask, row-major `[B, T]` (the values of its
+/// `ids` and `key_mask`; ones where the segment has no mask): what the grouped forward computes
+/// the RoPE positions and, in [`GroupMode::Shared`], its packing tables from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostTokens {
+    pub ids: Vec<u32>,
+    pub key_mask: Vec<u32>,
 }
 
 /// How [`Llama::forward_train_group`] computes a group (see the module doc).
@@ -63,8 +76,24 @@ struct Segment<'a> {
     ids: &'a Tensor,
     key_mask: Option<&'a Tensor>,
     dropout_seed: Option<u64>,
+    host: Option<&'a HostTokens>,
     b: usize,
     t: usize,
+}
+
+impl Segment<'_> {
+    /// The segment's ids and key mask (`[B·T]` row-major; ones without a mask), from its host
+    /// copies when it has them, else read back from the device.
+    fn tokens_on_host(&self) -> Result<(Vec<u32>, Vec<u32>)> {
+        if let Some(h) = self.host {
+            return Ok((h.ids.clone(), h.key_mask.clone()));
+        }
+        let mask = match self.key_mask {
+            Some(m) => m.to_vec_u32()?,
+            None => vec![1; self.b * self.t],
+        };
+        Ok((self.ids.to_vec_u32()?, mask))
+    }
 }
 
 /// Per segment, whether its layer is a MoE layer (returns a router output).
@@ -225,11 +254,22 @@ impl Llama {
                     )));
                 }
             }
+            if let Some(h) = &seg.host {
+                if h.ids.len() != b * t || h.key_mask.len() != b * t {
+                    return Err(Error::Invalid(format!(
+                        "{WHAT}: segment {si} has ids [{b}, {t}] but host copies of {} ids and {} \
+                         mask values",
+                        h.ids.len(),
+                        h.key_mask.len()
+                    )));
+                }
+            }
             out.push(Segment {
                 adapters,
                 ids: &seg.ids,
                 key_mask: seg.key_mask.as_ref(),
                 dropout_seed: seg.dropout_seed,
+                host: seg.host.as_ref(),
                 b,
                 t,
             });

@@ -85,11 +85,7 @@ impl SharedBatch {
         let mut packed = Vec::with_capacity(s_n);
         for (si, seg) in segments.iter().enumerate() {
             let ts = seg.t;
-            let seg_ids = seg.ids.to_vec_u32()?;
-            let seg_mask = match seg.key_mask {
-                Some(km) => km.to_vec_u32()?,
-                None => vec![1; b * ts],
-            };
+            let (seg_ids, seg_mask) = seg.tokens_on_host()?;
             let p0 = pack.len();
             for r in 0..b {
                 let row0 = (si * b + r) * t; // the sequence's first padded row
