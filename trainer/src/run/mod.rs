@@ -284,7 +284,10 @@ fn train_plan_with_base(
     }
 
     if plan.shared.cuda_graphs == CudaGraphs::Auto && graphs == CudaGraphs::On {
-        log("recording the training micro-steps as CUDA graphs (--cuda-graphs auto; `off` runs them kernel by kernel)");
+        log(
+            "recording the training micro-steps as CUDA graphs (--cuda-graphs auto; `off` runs \
+             them kernel by kernel)",
+        );
     }
     let pad = tok.eos_id().unwrap_or(0);
     // Fixed-shape micro-steps (one adapter, checked above): one constant dropout seed, the
