@@ -23,7 +23,10 @@ pub use device::{
 };
 pub use dtype::{DType, WithDType};
 pub use error::{Error, Result};
-pub use fused::adamw::{adamw_step, add_many_into, sum_of_squares, AdamWCoefficients, AdamWHyper};
+pub use fused::adamw::{
+    adamw_step, adamw_step_scaled, add_many_into, clip_norm_factor, sum_of_squares,
+    AdamWCoefficients, AdamWHyper,
+};
 pub use fused::flash_attention::flash_attention;
 pub use fused::moe_ffn::{
     default_chunk_tokens, moe_ffn, moe_fused_runs_tiles, MoeDropout, MoeFfnOptions,

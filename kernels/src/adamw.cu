@@ -86,13 +86,21 @@ __device__ AdamWCoef<A> adamw_coef(double scale, double b1, double omb1, double 
     return k;
 }
 
-// adamw_step_multi(tensors, chunks, n_chunks, scale, b1, 1 − b1, b2, 1 − b2, 1/(1 − b2ᵗ), eps,
+// adamw_step_multi(tensors, chunks, n_chunks, scale, scale_ptr, b1, 1 − b1, b2, 1 − b2, 1/(1 − b2ᵗ), eps,
 //                  1 − lr·wd, lr/(1 − b1ᵗ))
 //   tensors: [T] AdamWTensor; chunks: [n_chunks] AdamWChunk. The coefficients come in double and
 //   are rounded to float for float math, as the CPU rounds them.
+//   scale_ptr: null, or a double in device memory that replaces `scale` (the clipping factor that
+//   clip_factor_f64 wrote, never read back by the host); when it is not finite the launch changes
+//   nothing (a step whose gradient norm is NaN or infinite is skipped).
 extern "C" __global__ void adamw_step_multi(const AdamWTensor* tensors, const AdamWChunk* chunks, u32 n_chunks,
-                                            double scale, double b1, double omb1, double b2, double omb2,
-                                            double inv_bc2, double eps, double decay, double step_size) {
+                                            double scale, const double* scale_ptr, double b1, double omb1,
+                                            double b2, double omb2, double inv_bc2, double eps, double decay,
+                                            double step_size) {
+    if (scale_ptr != nullptr) {
+        scale = *scale_ptr;
+        if (!isfinite(scale)) return;
+    }
     const AdamWCoef<float> kf = adamw_coef<float>(scale, b1, omb1, b2, omb2, inv_bc2, eps, decay, step_size);
     const AdamWCoef<double> kd = adamw_coef<double>(scale, b1, omb1, b2, omb2, inv_bc2, eps, decay, step_size);
     for (u32 c = blockIdx.x; c < n_chunks; c += gridDim.x) {
@@ -145,6 +153,28 @@ extern "C" __global__ void sum_squares_multi(const SqTensor* tensors, const Adam
         s = block_reduce(s, SumOp(), 0.0);
         if (threadIdx.x == 0) partials[c] = s;
     }
+}
+
+// ----- the gradient norm and its clipping factor, on the device ----------------------------------
+// clip_factor_f64(partials, n, max_norm, out): one thread. norm = √(Σ partials in order), the
+// value the host gets from sum_squares_multi and a square root; out[0] = norm, out[1] = the
+// clipping factor of PyTorch's clip_grad_norm_: max_norm / (norm + 1e-6) when max_norm > 0 and
+// norm > max_norm, else 1; NaN when the norm is not finite (adamw_step_multi then skips the step).
+// IEEE double throughout (rounded intrinsics), so it equals the host's arithmetic bit for bit.
+
+extern "C" __global__ void clip_factor_f64(const double* partials, u32 n, double max_norm, double* out) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    double s = -0.0; // Rust's f64 `sum` starts there
+    for (u32 i = 0; i < n; ++i) s = __dadd_rn(s, partials[i]);
+    const double norm = __dsqrt_rn(s);
+    double factor = 1.0;
+    if (!isfinite(norm)) {
+        factor = nan("");
+    } else if (max_norm > 0.0 && norm > max_norm) {
+        factor = __ddiv_rn(max_norm, __dadd_rn(norm, 1e-6));
+    }
+    out[0] = norm;
+    out[1] = factor;
 }
 
 // ----- many tensors added into many others (gradient accumulation) -------------------------------

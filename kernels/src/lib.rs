@@ -181,7 +181,12 @@ pub const FLASH_ATTENTION: KernelSource = KernelSource {
 pub const ADAMW: KernelSource = KernelSource {
     name: "adamw",
     source: concat!(include_str!("common.cuh"), "\n", include_str!("adamw.cu")),
-    kernels: &["adamw_step_multi", "sum_squares_multi", "add_into_multi"],
+    kernels: &[
+        "adamw_step_multi",
+        "sum_squares_multi",
+        "clip_factor_f64",
+        "add_into_multi",
+    ],
 };
 
 /// The fused MixLoRA FFN (the `fused` method of docs/DESIGN.md, unit `engine::fused::moe_ffn`):

@@ -131,10 +131,30 @@ impl AdamW {
     /// multiple, each over its parameters at `lr` times it (the update of each element is the
     /// same function of its own state either way).
     pub fn step(&mut self, lr: f64, grad_scale: f64) -> Result<()> {
+        self.step_with(lr, Scale::Host(grad_scale))
+    }
+
+    /// [`AdamW::step`] with the gradient scale read where it lives: `factor` is one f64 element on
+    /// the parameters' device (the factor of [`clip_factor`]), so the host queues the step without
+    /// waiting for the device. A factor that is not finite leaves every parameter and moment as
+    /// it was (the step count still advances: the run stops at such a step).
+    pub fn step_scaled(&mut self, lr: f64, factor: &Tensor) -> Result<()> {
+        self.step_with(lr, Scale::Device(factor))
+    }
+
+    fn step_with(&mut self, lr: f64, scale: Scale<'_>) -> Result<()> {
         self.steps += 1;
+        let run = |p: &[Tensor], m: &[Tensor], v: &[Tensor], h: &AdamWHyper| match scale {
+            Scale::Host(_) => engine::adamw_step(p, m, v, h),
+            Scale::Device(t) => engine::adamw_step_scaled(p, m, v, h, t),
+        };
+        let grad_scale = match scale {
+            Scale::Host(s) => s,
+            Scale::Device(_) => 1.0, // replaced by the device's value
+        };
         if self.lr_scales.iter().all(|&s| s == 1.0) {
             let h = self.hyper(lr, grad_scale);
-            engine::adamw_step(&self.params, &self.exp_avg, &self.exp_avg_sq, &h)?;
+            run(&self.params, &self.exp_avg, &self.exp_avg_sq, &h)?;
             return Ok(());
         }
         let mut scales: Vec<f64> = Vec::new();
@@ -157,7 +177,7 @@ impl AdamW {
                 pick(&self.exp_avg_sq),
             );
             let h = self.hyper(lr * scale, grad_scale);
-            engine::adamw_step(&p, &m, &v, &h)?;
+            run(&p, &m, &v, &h)?;
         }
         Ok(())
     }
@@ -340,6 +360,23 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Result<(f64, f64)> {
         1.0
     };
     Ok((norm, scale))
+}
+
+/// The gradient norm of `params` and its clipping factor as [`clip_grad_norm`] gives them, left
+/// on `device` as an f64 tensor `[norm, factor]` (`engine::clip_norm_factor`: nothing is read
+/// back; the factor is NaN when the norm is not finite, and [`AdamW::step_scaled`] then skips).
+pub fn clip_factor(params: &[Tensor], max_norm: f64, device: engine::Device) -> Result<Tensor> {
+    let grads: Vec<Tensor> = params.iter().filter_map(Tensor::grad).collect();
+    let refs: Vec<&Tensor> = grads.iter().collect();
+    Ok(engine::clip_norm_factor(&refs, max_norm, device)?)
+}
+
+/// Where a step's gradient scale comes from.
+#[derive(Clone, Copy)]
+enum Scale<'a> {
+    Host(f64),
+    /// One f64 element on the device.
+    Device(&'a Tensor),
 }
 
 /// `√(Σ_p Σ g_p²)` over the parameters that have a gradient, accumulated in f64 by one backend
@@ -527,6 +564,41 @@ mod tests {
         for (a, b) in x.iter().zip(&y) {
             assert!((a - b).abs() < 1e-6, "{x:?} vs {y:?}");
         }
+    }
+
+    /// The device-side clipping (`clip_factor`, `step_scaled`) is the host's (`clip_grad_norm`,
+    /// `step`) bit for bit, with several learning-rate multiples; a NaN gradient gives a NaN
+    /// factor and a step that changes nothing.
+    #[test]
+    fn device_clipping_equals_the_host_clipping() {
+        let mk = || {
+            let a = var_with_grad(&[0.5, -1.0, 2.0], &[3.0, -4.0, 0.25], DType::F32);
+            let b = var_with_grad(&[1.5, 0.25], &[-2.0, 7.0], DType::F64);
+            let mut o =
+                AdamW::new(vec![("a".into(), a), ("b".into(), b)], Default::default()).unwrap();
+            o.scale_lr(3.0, |n| n == "b");
+            o
+        };
+        let (mut host, mut dev) = (mk(), mk());
+        let (norm, scale) = clip_grad_norm(host.params(), 1.0).unwrap();
+        let clip = clip_factor(dev.params(), 1.0, Device::Cpu).unwrap();
+        let got = clip.to_vec_f64().unwrap();
+        assert_eq!(
+            (got[0].to_bits(), got[1].to_bits()),
+            (norm.to_bits(), scale.to_bits())
+        );
+        host.step(0.01, scale).unwrap();
+        dev.step_scaled(0.01, &clip.narrow(0, 1, 1).unwrap())
+            .unwrap();
+        for (x, y) in host.params().iter().zip(dev.params()) {
+            assert_eq!(x.to_vec_f64().unwrap(), y.to_vec_f64().unwrap());
+        }
+        let c = var_with_grad(&[1.0], &[f64::NAN], DType::F32);
+        let mut o = AdamW::new(vec![("c".into(), c)], Default::default()).unwrap();
+        let clip = clip_factor(o.params(), 1.0, Device::Cpu).unwrap();
+        assert!(clip.to_vec_f64().unwrap()[1].is_nan());
+        o.step_scaled(0.01, &clip.narrow(0, 1, 1).unwrap()).unwrap();
+        assert_eq!(o.params()[0].to_vec_f64().unwrap(), vec![1.0]);
     }
 
     #[test]

@@ -15,9 +15,14 @@
 //! The sum of squares within 1e-12 (both accumulate in f64, in different orders within a chunk).
 //! The multi-tensor add (`engine::add_many_into`, gradient sums into one flat buffer) equal to an
 //! `add_assign` per part bit for bit on the CPU, with its refusals; the GPU's equal to the CPU's.
+//! The device-side clipping (`engine::clip_norm_factor`: the norm and PyTorch's factor, never read
+//! back; `engine::adamw_step_scaled`: the step with that factor, skipped when it is not finite)
+//! equal, bit for bit, the host's norm, factor and `adamw_step`, on the CPU and on the GPU.
 //! Without a GPU (or the `cuda` feature) the GPU tests print why they skip and pass.
 
-use engine::{adamw_step, AdamWHyper, DType, Device, NoGradGuard, Tensor};
+use engine::{
+    adamw_step, adamw_step_scaled, clip_norm_factor, AdamWHyper, DType, Device, NoGradGuard, Tensor,
+};
 
 const CPU: Device = Device::Cpu;
 
@@ -125,6 +130,103 @@ fn mixed_dtypes_in_one_step() {
     for (a, b) in [(&pa, &pb), (&ma, &mb), (&va, &vb)] {
         assert_eq!(values(a), values(b));
     }
+}
+
+/// Random tensors of three dtypes (the gradients a norm is taken of).
+fn norm_inputs(dev: Device) -> Vec<Tensor> {
+    [(1000, DType::F32), (4097, DType::BF16), (333, DType::F64)]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (n, dt))| Tensor::randn(n, 0.0, 0.3, 70 + i as u64, dt, dev).unwrap())
+        .collect()
+}
+
+/// The host's clipping factor (the trainer's `clip_grad_norm`: PyTorch's `clip_grad_norm_`).
+fn host_factor(norm: f64, max_norm: f64) -> f64 {
+    if max_norm > 0.0 && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    }
+}
+
+/// `clip_norm_factor` gives `[sum_of_squares.sqrt(), the host's factor]` bit for bit, whether the
+/// norm is above, below or without a limit; NaN for both when a gradient holds a NaN; `[0, 1]`
+/// for no tensor.
+#[test]
+fn clip_norm_factor_is_the_hosts_norm_and_factor() {
+    let ts = norm_inputs(CPU);
+    let refs: Vec<&Tensor> = ts.iter().collect();
+    let norm = engine::sum_of_squares(&refs).unwrap().sqrt();
+    assert!(norm > 1.0, "{norm}");
+    for max_norm in [0.0, 1.0, norm * 0.5, norm * 2.0] {
+        let got = clip_norm_factor(&refs, max_norm, CPU).unwrap();
+        assert_eq!(got.dims(), &[2]);
+        assert_eq!(got.dtype(), DType::F64);
+        let got = got.to_vec_f64().unwrap();
+        assert_eq!(got[0].to_bits(), norm.to_bits());
+        assert_eq!(
+            got[1].to_bits(),
+            host_factor(norm, max_norm).to_bits(),
+            "max {max_norm}"
+        );
+    }
+    assert!(host_factor(norm, 1.0) < 1.0);
+    let bad = Tensor::from_f64(&[1.0, f64::NAN], 2, DType::F32, CPU).unwrap();
+    let got = clip_norm_factor(&[&ts[0], &bad], 1.0, CPU).unwrap();
+    assert!(got.to_vec_f64().unwrap().iter().all(|x| x.is_nan()));
+    let none = clip_norm_factor(&[], 1.0, CPU)
+        .unwrap()
+        .to_vec_f64()
+        .unwrap();
+    assert_eq!(none, vec![0.0, 1.0]);
+}
+
+/// Three parameters (f32, bf16, f64) and their moments, fresh.
+fn scaled_params() -> (Vec<Tensor>, Vec<Tensor>, Vec<Tensor>) {
+    let ps: Vec<Tensor> = [(300, DType::F32), (301, DType::BF16), (302, DType::F64)]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (n, dt))| {
+            let t = Tensor::rand_uniform(n, 0.1, 1.0, 40 + i as u64, dt, CPU).unwrap();
+            t.to_var().unwrap()
+        })
+        .collect();
+    let (m, v) = (moments(&ps), moments(&ps));
+    (ps, m, v)
+}
+
+/// `adamw_step_scaled` with the factor in a tensor equals `adamw_step` with it as `grad_scale`
+/// bit for bit; with a NaN or infinite factor it changes no parameter and no moment.
+#[test]
+fn adamw_step_scaled_applies_its_factor_and_skips_a_non_finite_one() {
+    let (pa, ma, va) = scaled_params();
+    let (pb, mb, vb) = scaled_params();
+    for step in 1..=3 {
+        set_grads(&pa, step);
+        set_grads(&pb, step);
+        let f = [0.37, 1.0, 0.9][step as usize - 1];
+        adamw_step(&pa, &ma, &va, &hyper(1e-2, f, step)).unwrap();
+        // The factor as the second element of a [norm, factor] pair, as clip_norm_factor gives.
+        let pair = Tensor::from_f64(&[5.0, f], 2, DType::F64, CPU).unwrap();
+        let scale = pair.narrow(0, 1, 1).unwrap();
+        adamw_step_scaled(&pb, &mb, &vb, &hyper(1e-2, 123.0, step), &scale).unwrap();
+    }
+    for (a, b) in [(&pa, &pb), (&ma, &mb), (&va, &vb)] {
+        assert_eq!(values(a), values(b));
+    }
+    let before = [values(&pb), values(&mb), values(&vb)];
+    for bad in [f64::NAN, f64::INFINITY] {
+        set_grads(&pb, 9);
+        let scale = Tensor::from_f64(&[bad], 1, DType::F64, CPU).unwrap();
+        adamw_step_scaled(&pb, &mb, &vb, &hyper(1e-2, 1.0, 4), &scale).unwrap();
+        assert_eq!([values(&pb), values(&mb), values(&vb)], before, "{bad}");
+    }
+    // A scale that is not one f64 is refused.
+    let two = Tensor::from_f64(&[1.0, 1.0], 2, DType::F64, CPU).unwrap();
+    assert!(adamw_step_scaled(&pb, &mb, &vb, &hyper(1e-2, 1.0, 4), &two).is_err());
+    let f32s = Tensor::from_f64(&[1.0], 1, DType::F32, CPU).unwrap();
+    assert!(adamw_step_scaled(&pb, &mb, &vb, &hyper(1e-2, 1.0, 4), &f32s).is_err());
 }
 
 /// The state after 3 steps, with 2 accumulated micro-batches each, of four parameters that are
@@ -519,6 +621,97 @@ mod gpu {
         let err = (got - want).abs() / want;
         eprintln!("sum of squares: cpu {want}, gpu {got}, rel err {err:e}");
         assert!(err <= 1e-12, "rel err {err:e}");
+    }
+
+    /// On the GPU, `clip_norm_factor` gives the GPU's `sum_of_squares(..).sqrt()` and the host's
+    /// factor of it bit for bit (nothing read back), NaN for a NaN gradient; `adamw_step_scaled`
+    /// equals `adamw_step` with that factor bit for bit and skips a step with a NaN one.
+    #[test]
+    fn device_clipping_matches_the_host_formula() {
+        let Some(dev) = gpu() else { return };
+        let ts = super::norm_inputs(dev);
+        let refs: Vec<&Tensor> = ts.iter().collect();
+        let norm = engine::sum_of_squares(&refs).unwrap().sqrt();
+        for max_norm in [0.0, norm * 0.5, norm * 2.0] {
+            let got = engine::clip_norm_factor(&refs, max_norm, dev).unwrap();
+            assert_eq!(got.device(), dev);
+            let got = got.to_vec_f64().unwrap();
+            assert_eq!(got[0].to_bits(), norm.to_bits());
+            let want = super::host_factor(norm, max_norm);
+            assert_eq!(got[1].to_bits(), want.to_bits(), "max {max_norm}");
+        }
+        let bad = Tensor::from_f64(&[1.0, f64::NAN], 2, DType::BF16, dev).unwrap();
+        let got = engine::clip_norm_factor(&[&ts[0], &bad], 1.0, dev).unwrap();
+        assert!(got.to_vec_f64().unwrap().iter().all(|x| x.is_nan()));
+        let none = engine::clip_norm_factor(&[], 1.0, dev).unwrap();
+        assert_eq!(none.to_vec_f64().unwrap(), vec![0.0, 1.0]);
+
+        let params = || -> Vec<Tensor> {
+            [(5000, DType::F32), (4099, DType::BF16), (77, DType::F64)]
+                .into_iter()
+                .enumerate()
+                .map(|(i, (n, dt))| {
+                    let v = vals(n, 500 + i as u64, 0.1);
+                    Tensor::from_f64(&v, n, dt, dev).unwrap().to_var().unwrap()
+                })
+                .collect()
+        };
+        let zeros = |ps: &[Tensor]| -> Vec<Tensor> {
+            ps.iter()
+                .map(|p| Tensor::zeros(p.shape().clone(), p.dtype().accumulation(), dev).unwrap())
+                .collect()
+        };
+        let grads = |ps: &[Tensor], step: u64| {
+            for (i, p) in ps.iter().enumerate() {
+                p.zero_grad();
+                let g = vals(p.elem_count(), 900 * step + i as u64, 0.01);
+                let g = Tensor::from_f64(&g, p.shape().clone(), p.dtype(), dev).unwrap();
+                p.mul(&g).unwrap().sum_all().unwrap().backward().unwrap();
+            }
+        };
+        let (pa, pb) = (params(), params());
+        let (ma, va, mb, vb) = (zeros(&pa), zeros(&pa), zeros(&pb), zeros(&pb));
+        for step in 1..=2u64 {
+            grads(&pa, step);
+            grads(&pb, step);
+            let gb: Vec<Tensor> = pb.iter().map(|p| p.grad().unwrap()).collect();
+            let grefs: Vec<&Tensor> = gb.iter().collect();
+            let pair = engine::clip_norm_factor(&grefs, 0.05, dev).unwrap();
+            let f = pair.to_vec_f64().unwrap()[1];
+            assert!(f < 1.0, "{f}");
+            let h = |scale: f64| AdamWHyper {
+                lr: 1e-2,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.01,
+                grad_scale: scale,
+                step,
+            };
+            adamw_step(&pa, &ma, &va, &h(f)).unwrap();
+            let scale = pair.narrow(0, 1, 1).unwrap();
+            engine::adamw_step_scaled(&pb, &mb, &vb, &h(7.0), &scale).unwrap();
+        }
+        let all = |ts: &[Tensor]| -> Vec<Vec<f64>> {
+            ts.iter().map(|t| t.to_vec_f64().unwrap()).collect()
+        };
+        for (a, b) in [(&pa, &pb), (&ma, &mb), (&va, &vb)] {
+            assert_eq!(all(a), all(b));
+        }
+        let before = [all(&pb), all(&mb), all(&vb)];
+        grads(&pb, 7);
+        let nan = Tensor::from_f64(&[f64::NAN], 1, DType::F64, dev).unwrap();
+        let h = AdamWHyper {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            grad_scale: 1.0,
+            step: 3,
+        };
+        engine::adamw_step_scaled(&pb, &mb, &vb, &h, &nan).unwrap();
+        assert_eq!([all(&pb), all(&mb), all(&vb)], before);
     }
 
     /// `add_many_into` on the GPU (one launch for every part, the sources in f32, bf16 and f64,

@@ -3,7 +3,7 @@
 //! [`AdapterRun`] per adapter; the training loop ([`super::train_plan`]) feeds their micro-batches
 //! through the shared base model together and lets each finish its own optimizer step.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,7 +22,7 @@ use crate::data::{self, Dataset, HostBatch, Loader, Task};
 use crate::error::{Error, Result};
 use crate::eval::EvalReport;
 use crate::metrics::{expert_load_host, EvalMetrics, MetricsWriter, Progress, Record, StepMetrics};
-use crate::optim::{clip_grad_norm, AdamW};
+use crate::optim::{clip_factor, AdamW};
 use crate::progress::Reporter;
 use crate::schedule::Schedule;
 use crate::scoring::evaluate;
@@ -104,6 +104,8 @@ pub(super) struct StepWork {
     /// Per MoE layer, the expert load of the last micro-batch.
     pub load: Vec<Tensor>,
     started: Instant,
+    /// Where the epoch stands once the step's examples are drawn (its metrics say so).
+    epoch: f64,
 }
 
 /// What ending a step needs besides the adapter's own run.
@@ -151,6 +153,9 @@ pub(super) struct AdapterRun {
     settings: String,
     metrics: Option<MetricsWriter>,
     saved_step: Option<usize>,
+    /// The learning rates of the steps whose update is queued on the device but which are not
+    /// ended yet ([`AdapterRun::queue_update`], [`AdapterRun::end_step`]), oldest first.
+    queued_lrs: VecDeque<f64>,
     first_loss: Option<f64>,
     last_loss: f64,
     last_eval: Option<EvalReport>,
@@ -248,6 +253,7 @@ impl AdapterRun {
             rng: Rng::from_state(state.rng),
             last_loss: state.last_loss.unwrap_or(f64::NAN),
             saved_step: None,
+            queued_lrs: VecDeque::new(),
             state,
             total,
             opt,
@@ -369,6 +375,7 @@ impl AdapterRun {
             z: None,
             load: Vec::new(),
             started,
+            epoch: self.loader.epoch_progress(),
         }
     }
 
@@ -427,14 +434,54 @@ impl AdapterRun {
         Ok(())
     }
 
-    /// Ends the step whose micro-batches `w` ran: the loss checks, clipping, the optimizer step,
-    /// metrics, an evaluation and a checkpoint when due, the final files after the last step.
+    /// Queues the update of the step whose micro-batches ran (their gradients are in the
+    /// parameters): the gradient norm and clipping factor, and the optimizer step with that
+    /// factor, all on the device (skipped there when the norm is not finite), then clears the
+    /// gradients. Returns `[norm, factor]`, still on the device: [`AdapterRun::end_step`] gets
+    /// the norm once it is read back.
+    pub fn queue_update(&mut self) -> Result<Tensor> {
+        let params = self.opt.params();
+        let device = params.first().map_or(engine::Device::Cpu, Tensor::device);
+        let clip = clip_factor(params, self.cfg.max_grad_norm, device)?;
+        let lr = self.sched.lr(self.state.step + self.queued_lrs.len());
+        self.opt.step_scaled(lr, &clip.narrow(0, 1, 1)?)?;
+        self.opt.zero_grad();
+        self.queued_lrs.push_back(lr);
+        Ok(clip)
+    }
+
+    /// Steps whose update is queued but which are not ended yet.
+    pub fn queued_steps(&self) -> usize {
+        self.queued_lrs.len()
+    }
+
+    /// Whether the newest queued step must end before another step is queued: an evaluation, a
+    /// checkpoint and the last step read the parameters as that step left them.
+    pub fn ends_before_next(&self) -> bool {
+        let step = self.state.step + self.queued_lrs.len();
+        let cfg = &self.cfg;
+        let every = |n: usize| n > 0 && step % n == 0;
+        step >= self.total
+            || every(cfg.save_every)
+            || (!self.tasks.1.is_empty() && every(cfg.eval_every))
+    }
+
+    /// Ends the oldest queued step (its micro-batches `w`, read back, and its gradient norm
+    /// `norm`): the loss and norm checks, metrics, an evaluation and a checkpoint when due, the
+    /// final files after the last step. A run stopped already (an earlier step failed) only
+    /// forgets the step.
     pub fn end_step(
         &mut self,
         w: StepWork,
+        norm: f64,
         at: &mut StepEnd<'_>,
         log: &mut dyn FnMut(&str),
     ) -> Result<()> {
+        let lr = self.queued_lrs.pop_front().unwrap_or(0.0);
+        let epoch = w.epoch;
+        if !self.is_training() {
+            return Ok(());
+        }
         let StepEnd {
             model,
             tok,
@@ -449,13 +496,10 @@ impl AdapterRun {
         if !loss.is_finite() || !finite(w.aux) || !finite(w.z) {
             return self.fail(format!("the loss is not finite ({loss})"));
         }
-        let (norm, scale) = clip_grad_norm(self.opt.params(), cfg.max_grad_norm)?;
+        // The device skipped the update of a step whose norm is not finite.
         if !norm.is_finite() {
             return self.fail(format!("the gradient norm is not finite ({norm})"));
         }
-        let lr = self.sched.lr(self.state.step);
-        self.opt.step(lr, scale)?;
-        self.opt.zero_grad();
         let state = &mut self.state;
         state.step += 1;
         let real: usize = w.micro.iter().map(|b| b.real_tokens).sum();
@@ -468,7 +512,7 @@ impl AdapterRun {
         if step % cfg.log_every.max(1) == 0 || step == total {
             let m = StepMetrics {
                 step,
-                epoch: self.loader.epoch_progress(),
+                epoch,
                 loss,
                 aux_loss: w.aux,
                 z_loss: w.z,
@@ -529,7 +573,7 @@ impl AdapterRun {
             if let Some(metrics) = metrics.as_mut() {
                 metrics.write(&Record::Eval(EvalMetrics {
                     step,
-                    epoch: self.loader.epoch_progress(),
+                    epoch,
                     report: report.clone(),
                 }))?;
             }

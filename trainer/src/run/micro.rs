@@ -41,18 +41,23 @@ impl MicroOut {
     }
 }
 
-/// The scalars and expert loads of `outs` read back in one download (one wait for the device):
-/// the values that reading each with `to_scalar` gives, in the same order; the loads as tensors
-/// on the host (f32, as on the device), so that the metrics read them without another wait.
-pub(super) fn read_all(outs: Vec<MicroOut>) -> Result<Vec<MicroResult>> {
+/// The scalars and expert loads of `outs`, and the scalars `extra`, read back in one download
+/// (one wait for the device): the values that reading each with `to_scalar` gives, in the same
+/// order; the loads as tensors on the host (f32, as on the device), so that the metrics read
+/// them without another wait.
+pub(super) fn read_all(
+    outs: Vec<MicroOut>,
+    extra: &[Tensor],
+) -> Result<(Vec<MicroResult>, Vec<f64>)> {
     let mut parts: Vec<&Tensor> = Vec::new();
     for o in &outs {
         parts.push(&o.lm);
         parts.extend(o.aux.iter().chain(&o.z));
         parts.extend(&o.load);
     }
+    parts.extend(extra);
     if parts.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
     // Each value as f64 (exact from f32 and bf16), one after another in one buffer.
     let flat = parts
@@ -62,7 +67,8 @@ pub(super) fn read_all(outs: Vec<MicroOut>) -> Result<Vec<MicroResult>> {
     let values = engine::cat(&flat.iter().collect::<Vec<_>>(), 0)?.to_vec_f64()?;
     let mut at = values.into_iter();
     let mut next = || at.next().expect("one value per scalar");
-    outs.into_iter()
+    let results = outs
+        .into_iter()
         .map(|o| {
             let lm = next();
             let aux = o.aux.as_ref().map(|_| next());
@@ -78,7 +84,9 @@ pub(super) fn read_all(outs: Vec<MicroOut>) -> Result<Vec<MicroResult>> {
                 .collect::<Result<Vec<_>>>()?;
             Ok((lm, aux, z, load))
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    let extra = extra.iter().map(|_| next()).collect();
+    Ok((results, extra))
 }
 
 /// One micro-batch of each segment's adapter through the model, forward and backward: with one

@@ -17,15 +17,13 @@ use engine::dist::Communicator;
 use engine::{Tensor, IGNORE_INDEX};
 use model::{Llama, MoeImpl, Tokenizer};
 
-use self::adapter::{AdapterRun, DataCache, StepEnd, StepWork};
+use self::adapter::{AdapterRun, DataCache, StepWork};
 use self::fixed::FixedSteps;
 use self::parallel::Ranks;
 pub use self::parallel::BUCKET_ELEMS;
-use self::setup::{
-    all_finished, announce_end, finished_already, load_base, outcomes, refuse_graphs,
-};
+use self::setup::{all_finished, finished_already, load_base, outcomes, refuse_graphs};
 use self::start::start_of;
-use self::step::Steps;
+use self::step::{Ender, QueuedStep, Steps};
 use crate::config::{CudaGraphs, PlannedAdapter, RunPlan, TrainConfig};
 use crate::error::{Error, Result};
 use crate::eval::EvalReport;
@@ -326,20 +324,41 @@ fn train_plan_with_base(
             .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
     };
     let mut iteration = 0;
+    // The step queued on the device and not yet read back (ended in the next iteration, once
+    // that one's work is queued behind it: the host never waits for the device in between).
+    let mut queued: Option<QueuedStep> = None;
     loop {
+        let mut ender = Ender {
+            model: &mut model,
+            tok: &tok,
+            grouped,
+            progress: &progress,
+            run_start,
+        };
         let active: Vec<usize> = (0..runs.len()).filter(|&i| runs[i].is_training()).collect();
         if active.is_empty() {
             break;
         }
         let boundaries: Vec<_> = active.iter().map(|&i| runs[i].boundary()).collect();
         // An interrupt: the step under way is abandoned (its gradients go, no optimizer has
-        // moved), each adapter keeps a checkpoint of its last step done; then the run ends.
-        let stop = |runs: &mut Vec<AdapterRun>| -> Result<Vec<AdapterOutcome>> {
+        // moved), the step queued before it ends, each adapter keeps a checkpoint of its last
+        // step done; then the run ends.
+        let stop = |runs: &mut Vec<AdapterRun>,
+                    queued: Option<QueuedStep>,
+                    ender: &mut Ender<'_>,
+                    log: &mut dyn FnMut(&str)|
+         -> Result<Vec<AdapterOutcome>> {
+            if let Some(q) = queued {
+                ender.end(q, runs, log)?;
+            }
             progress.finish();
             let mut kept = Vec::new();
             for (&i, b) in active.iter().zip(&boundaries) {
                 runs[i].zero_grad();
-                kept.extend(runs[i].stop(*b)?);
+                // One that the queued step stopped keeps its last good checkpoint as it is.
+                if runs[i].is_training() {
+                    kept.extend(runs[i].stop(*b)?);
+                }
             }
             let (step, total) = if grouped {
                 (iteration, bar_total)
@@ -358,38 +377,49 @@ fn train_plan_with_base(
             None => interrupted(),
         };
         if stop_now {
-            return stop(&mut runs);
+            return stop(&mut runs, queued.take(), &mut ender, &mut log);
         }
         let mut work: Vec<StepWork> = active.iter().map(|&i| runs[i].next_step(pad)).collect();
         let steps = Steps {
-            model: &model,
+            model: ender.model,
             grouped,
             ranks,
             interrupted: &interrupted,
         };
-        if !steps.run(&mut fixed, &mut runs, &active, &mut work)? {
-            return stop(&mut runs);
-        }
+        let Some(outs) = steps.run(&mut fixed, &mut runs, &active, &mut work)? else {
+            return stop(&mut runs, queued.take(), &mut ender, &mut log);
+        };
         let real_tokens = work
             .iter()
             .flat_map(|w| &w.micro)
             .map(|b| b.real_tokens)
             .sum();
-        for (&i, w) in active.iter().zip(work) {
-            let r = &mut runs[i];
-            let mut at = StepEnd {
-                model: &mut model,
-                tok: &tok,
-                attached: !grouped,
-                progress: &progress,
-                run_start,
-            };
-            r.end_step(w, &mut at, &mut log)?;
-            if grouped {
-                announce_end(r, &progress);
-            }
-        }
+        // Each adapter's update, queued behind its micro-batches.
+        let clips = (active.iter())
+            .map(|&i| runs[i].queue_update())
+            .collect::<Result<Vec<_>>>()?;
         iteration += 1;
+        let stop_after = ctl.stop_after.is_some_and(|n| {
+            (active.iter()).any(|&i| runs[i].state.step + runs[i].queued_steps() == n)
+        });
+        // Ends now (not in the next iteration) a step whose parameters an evaluation or a
+        // checkpoint reads, the last one, and every step of the ranks (which read theirs).
+        let end_now =
+            stop_after || ranks.is_some() || active.iter().any(|&i| runs[i].ends_before_next());
+        let step = QueuedStep {
+            active,
+            work,
+            outs,
+            clips,
+        };
+        if let Some(q) = queued.take() {
+            ender.end(q, &mut runs, &mut log)?;
+        }
+        if end_now {
+            ender.end(step, &mut runs, &mut log)?;
+        } else {
+            queued = Some(step);
+        }
         if let Some(f) = ctl.on_step {
             f(&StepDone {
                 iteration,
@@ -397,14 +427,22 @@ fn train_plan_with_base(
             });
         }
         if grouped {
-            progress.update(iteration, format!("{} adapters training", active.len()));
+            let n = runs.iter().filter(|r| r.is_training()).count();
+            progress.update(iteration, format!("{n} adapters training"));
         }
-        if ctl
-            .stop_after
-            .is_some_and(|n| active.iter().any(|&i| runs[i].state.step == n))
-        {
+        if stop_after {
             break;
         }
+    }
+    if let Some(q) = queued.take() {
+        let mut ender = Ender {
+            model: &mut model,
+            tok: &tok,
+            grouped,
+            progress: &progress,
+            run_start,
+        };
+        ender.end(q, &mut runs, &mut log)?;
     }
     progress.finish();
     if let Some(f) = &fixed {

@@ -5,9 +5,17 @@
 
 use model::Llama;
 
-use super::adapter::{AdapterRun, StepWork};
+use std::time::Instant;
+
+use model::Tokenizer;
+
+use super::adapter::{AdapterRun, StepEnd, StepWork};
 use super::fixed::FixedSteps;
-use super::micro::{micro_step, read_all, Segment};
+use super::setup::announce_end;
+use crate::metrics::Progress;
+use engine::Tensor;
+
+use super::micro::{micro_step, read_all, MicroOut, Segment};
 use super::parallel::{Captured, Ranks};
 use crate::error::Result;
 
@@ -22,18 +30,19 @@ pub(super) struct Steps<'a> {
 }
 
 impl Steps<'_> {
-    /// Runs the micro-batches of `work` (one entry per adapter of `active`, indices into `runs`)
-    /// and adds what they gave into `work` (loss sums in micro-batch order, aux and z-losses, the
-    /// last expert load) and into the parameters' gradients. Returns `false`, leaving the step
-    /// half done, when an interrupt came in between (one process only: ranks stop together at a
-    /// step boundary).
+    /// Queues the micro-batches of `work` (one entry per adapter of `active`, indices into
+    /// `runs`), their gradients added into the parameters'. Returns what each micro-batch left
+    /// on the device, by position in `work`, unread ([`QueuedStep::read`] reads it); with ranks,
+    /// what they gave is read and exchanged here and added into `work` (the list is then empty).
+    /// Returns `None`, leaving the step half done, when an interrupt came in between (one
+    /// process only: ranks stop together at a step boundary).
     pub fn run(
         &self,
         fixed: &mut Option<FixedSteps>,
         runs: &mut [AdapterRun],
         active: &[usize],
         work: &mut [StepWork],
-    ) -> Result<bool> {
+    ) -> Result<Option<Vec<(usize, MicroOut)>>> {
         let ranks = self.ranks;
         let n_micro = work.iter().map(|w| w.micro.len()).max().unwrap_or(0);
         // Data parallel: what this rank's micro-batches gave each adapter, by slot (`m / world`).
@@ -55,7 +64,7 @@ impl Steps<'_> {
         }
         for m in 0..n_micro {
             if ranks.is_none() && (self.interrupted)() {
-                return Ok(false);
+                return Ok(None);
             }
             // The adapters with an m-th micro-batch in this step (positions in `active`).
             let with_m: Vec<usize> = (0..work.len())
@@ -80,7 +89,7 @@ impl Steps<'_> {
                 None => micro_step(self.model, self.grouped, &segs)?,
             };
             if let Some(r) = ranks {
-                let results = read_all(results)?;
+                let (results, _) = read_all(results, &[])?;
                 for (&j, (lm, aux, z, load)) in with_m.iter().zip(results) {
                     let run = &runs[active[j]];
                     mine[j][m / r.world()] = Some(Captured::take(run, lm, aux, z, load));
@@ -92,10 +101,46 @@ impl Steps<'_> {
         if let Some(f) = fixed.as_ref() {
             f.end_step()?;
         }
-        // The micro-batches' losses, read back once the step's last backward is queued (one wait
-        // for the device a step, not one a micro-batch), and added up in micro-batch order.
-        let (slots, outs): (Vec<usize>, Vec<_>) = pending.into_iter().unzip();
-        for (j, (lm, aux, z, load)) in slots.into_iter().zip(read_all(outs)?) {
+        if let Some(r) = ranks {
+            for (j, &i) in active.iter().enumerate() {
+                r.sync_adapter(&runs[i], &mut work[j], &mine[j], self.model.device())?;
+            }
+        }
+        Ok(Some(pending))
+    }
+}
+
+/// A step whose micro-batches and optimizer updates are queued on the device, with what they
+/// left there (losses, expert loads, each adapter's gradient norm) not yet read back: the
+/// training loop queues the next step before it reads this one, so that the host does not wait
+/// for the device in between.
+pub(super) struct QueuedStep {
+    /// The adapters of the step (indices into the runs) and their work, in that order.
+    pub active: Vec<usize>,
+    pub work: Vec<StepWork>,
+    /// Each micro-batch's outputs, by position in `work` (empty when the ranks read them).
+    pub outs: Vec<(usize, MicroOut)>,
+    /// Per adapter (position in `work`), `[norm, factor]` of its clipping, on the device.
+    pub clips: Vec<Tensor>,
+}
+
+impl QueuedStep {
+    /// Reads back what the step left on the device in one download (one wait, once the device
+    /// has done it), adds the micro-batches' losses into the work in micro-batch order, and
+    /// returns the adapters, their work and their gradient norms.
+    pub fn read(self) -> Result<(Vec<usize>, Vec<StepWork>, Vec<f64>)> {
+        let QueuedStep {
+            active,
+            mut work,
+            outs,
+            clips,
+        } = self;
+        let (slots, outs): (Vec<usize>, Vec<_>) = outs.into_iter().unzip();
+        let norms = (clips.iter())
+            .map(|c| c.narrow(0, 0, 1))
+            .collect::<engine::Result<Vec<_>>>()?;
+        let (results, norms) = read_all(outs, &norms)?;
+        for (j, (lm, aux, z, load)) in slots.into_iter().zip(results) {
             let w = &mut work[j];
             let n = w.micro.len() as f64;
             w.lm += lm;
@@ -107,11 +152,45 @@ impl Steps<'_> {
             }
             w.load = load;
         }
-        if let Some(r) = ranks {
-            for (j, &i) in active.iter().enumerate() {
-                r.sync_adapter(&runs[i], &mut work[j], &mine[j], self.model.device())?;
+        Ok((active, work, norms))
+    }
+}
+
+/// What ending a queued step needs besides the runs.
+pub(super) struct Ender<'a> {
+    pub model: &'a mut Llama,
+    pub tok: &'a Tokenizer,
+    /// A run of several adapters (the model's adapter group).
+    pub grouped: bool,
+    pub progress: &'a Progress,
+    pub run_start: Instant,
+}
+
+impl Ender<'_> {
+    /// Reads back the queued step `q` and ends each of its adapters' steps; in a run of several
+    /// adapters, says which of them stopped or finished with it.
+    pub fn end(
+        &mut self,
+        q: QueuedStep,
+        runs: &mut [AdapterRun],
+        log: &mut dyn FnMut(&str),
+    ) -> Result<()> {
+        let (active, work, norms) = q.read()?;
+        for ((&i, w), norm) in active.iter().zip(work).zip(norms) {
+            let r = &mut runs[i];
+            let was_training = r.is_training();
+            let mut at = StepEnd {
+                model: self.model,
+                tok: self.tok,
+                attached: !self.grouped,
+                progress: self.progress,
+                run_start: self.run_start,
+            };
+            r.end_step(w, norm, &mut at, log)?;
+            if self.grouped && was_training {
+                announce_end(r, self.progress);
             }
         }
-        Ok(true)
+        Ok(())
     }
 }

@@ -127,7 +127,14 @@ fn upload_table(
     }))
 }
 
-pub(super) fn adamw_step(groups: &mut [AdamWGroup<'_, CudaStorage>], h: &AdamWHyper) -> Result<()> {
+/// `scale_at`: `None`, or the address of an f64 in device memory that replaces `h.grad_scale` (a
+/// factor that [`clip_factor`] wrote), read by the kernel; when it is not finite the launch
+/// changes nothing.
+pub(super) fn adamw_step(
+    groups: &mut [AdamWGroup<'_, CudaStorage>],
+    h: &AdamWHyper,
+    scale_at: Option<u64>,
+) -> Result<()> {
     const OP: &str = "adamw_step";
     let Some(first) = groups.first() else {
         return Ok(());
@@ -203,6 +210,7 @@ pub(super) fn adamw_step(groups: &mut [AdamWGroup<'_, CudaStorage>], h: &AdamWHy
     let (chunk_list, n_chunks32) = (tensors + cl.list_offset, cl.n_chunks32);
     let k = h.coefficients();
     let (scale, b1, omb1, b2, omb2) = (k.scale, k.b1, k.one_minus_b1, k.b2, k.one_minus_b2);
+    let scale_ptr = scale_at.unwrap_or(0);
     let (inv_bc2, eps, decay, step_size) = (k.inv_bc2, k.eps, k.decay, k.step_size);
     let name = "adamw_step_multi";
     // SAFETY: the table holds one 48-byte row per slot (addresses of views checked above to lie
@@ -213,7 +221,8 @@ pub(super) fn adamw_step(groups: &mut [AdamWGroup<'_, CudaStorage>], h: &AdamWHy
     // `TABLE` or `local` until this returns (a freed buffer is only reused by work queued after
     // this kernel on the same stream; without the cache, freeing waits for it), and the groups
     // hold the write locks of every written buffer until this returns; later work on the single
-    // stream is ordered after the kernel.
+    // stream is ordered after the kernel. `scale_ptr` is 0 or the address of an f64 that the
+    // caller's tensor keeps alive (stream-ordered like the table).
     unsafe {
         launch!(
             &dev,
@@ -222,8 +231,8 @@ pub(super) fn adamw_step(groups: &mut [AdamWGroup<'_, CudaStorage>], h: &AdamWHy
             name,
             cl.cfg,
             [
-                tensors, chunk_list, n_chunks32, scale, b1, omb1, b2, omb2, inv_bc2, eps, decay,
-                step_size
+                tensors, chunk_list, n_chunks32, scale, scale_ptr, b1, omb1, b2, omb2, inv_bc2,
+                eps, decay, step_size
             ]
         )
     }
@@ -237,8 +246,59 @@ const SQ_ROW_WORDS: usize = 6;
 /// the partials are added in order on the host (one download: a few KiB per million elements).
 pub(super) fn sum_squares_multi(args: &[Operand<'_, CudaStorage>]) -> Result<f64> {
     const OP: &str = "sum_squares_multi";
-    let Some(&Operand { s: first, .. }) = args.first() else {
+    let Some((partials, n)) = sum_squares_partials(args)? else {
         return Ok(0.0);
+    };
+    let sums = match partials.to_cpu(&Layout::contiguous([n]))? {
+        CpuStorage::F64(v) => v,
+        _ => return Err(Error::invalid(OP, "partial sums are not f64")),
+    };
+    Ok(sums.iter().sum())
+}
+
+/// `[norm, factor]` (f64, on the device) of [`super::clip_norm_factor`] for the tensors `args`
+/// on `dev`: the partial sums of [`sum_squares_multi`], then one thread adds them in order and
+/// computes the factor (`clip_factor_f64`). Nothing is read back.
+pub(super) fn clip_factor(
+    dev: &CudaDevice,
+    args: &[Operand<'_, CudaStorage>],
+    max_norm: f64,
+) -> Result<CudaStorage> {
+    const OP: &str = "clip_norm_factor";
+    let out = CudaStorage::alloc(dev, OP, 2, DType::F64)?;
+    let (partials, n) = match sum_squares_partials(args)? {
+        Some(p) => p,
+        None => (CudaStorage::from_cpu(dev, &CpuStorage::F64(vec![0.0]))?, 1),
+    };
+    let n32 = u32::try_from(n).map_err(|_| Error::invalid(OP, "too many chunks"))?;
+    let (src, dst) = (partials.ptr(), out.ptr());
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (1, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: `partials` holds `n` f64 (written by the kernel queued before, or zeroed), `out`
+    // two; one thread reads the first and writes the second. Both outlive the launch in stream
+    // order (a freed block is reused only by work queued after it).
+    unsafe {
+        launch!(
+            dev,
+            OP,
+            ADAMW,
+            "clip_factor_f64",
+            cfg,
+            [src, n32, max_norm, dst]
+        )
+    }?;
+    Ok(out)
+}
+
+/// Queues the partial sums of squares of `args` (one f64 per 4096-element chunk, in order);
+/// `None` when there is no element.
+fn sum_squares_partials(args: &[Operand<'_, CudaStorage>]) -> Result<Option<(CudaStorage, usize)>> {
+    const OP: &str = "sum_squares_multi";
+    let Some(&Operand { s: first, .. }) = args.first() else {
+        return Ok(None);
     };
     let dev = first.dev.clone();
     let mut words: Vec<u32> = Vec::with_capacity(args.len() * SQ_ROW_WORDS);
@@ -256,7 +316,7 @@ pub(super) fn sum_squares_multi(args: &[Operand<'_, CudaStorage>]) -> Result<f64
         push_chunks(OP, &mut chunks, i, len)?;
     }
     let Some(table) = upload_table(OP, &dev, words, &chunks)? else {
-        return Ok(0.0);
+        return Ok(None);
     };
     let cl = &table.launch;
     let partials = CudaStorage::alloc(&dev, OP, cl.n_chunks, DType::F64)?;
@@ -267,7 +327,8 @@ pub(super) fn sum_squares_multi(args: &[Operand<'_, CudaStorage>]) -> Result<f64
     // copy held in `hold`) followed by `n_chunks` entries whose tensor index is a row and whose
     // chunk starts below that tensor's length; `partials` holds one f64 per chunk, each written
     // by the block of its chunk; 256 threads per block (the block reduction needs a multiple of
-    // 32). `table`, `hold` and `partials` outlive the kernel: the download below waits for it.
+    // 32). `table` and `hold` may go once the kernel is queued: a freed block is reused only by
+    // work queued after it on the one stream.
     unsafe {
         launch!(
             &dev,
@@ -278,12 +339,8 @@ pub(super) fn sum_squares_multi(args: &[Operand<'_, CudaStorage>]) -> Result<f64
             [tensors, chunk_list, n_chunks32, out]
         )
     }?;
-    let sums = match partials.to_cpu(&Layout::contiguous([cl.n_chunks]))? {
-        CpuStorage::F64(v) => v,
-        _ => return Err(Error::invalid(OP, "partial sums are not f64")),
-    };
     drop(hold);
-    Ok(sums.iter().sum())
+    Ok(Some((partials, cl.n_chunks)))
 }
 
 /// u32 words per row of the add table (`AddTensor`, 32 bytes).

@@ -41,10 +41,67 @@ pub fn adamw_step(
     exp_avg_sq: &[Tensor],
     h: &AdamWHyper,
 ) -> Result<()> {
-    const OP: &str = "adamw_step";
+    check_counts(params, exp_avg, exp_avg_sq)?;
+    let work = checked_work(params, exp_avg, exp_avg_sq)?;
+    if work.is_empty() {
+        return Ok(());
+    }
+    step_locked(&work, h, None)
+}
+
+/// [`adamw_step`] with the gradient scale read from `scale` (one f64 element, on the parameters'
+/// device) in place of `h.grad_scale`: on a GPU the kernel reads it, so a factor that
+/// [`clip_norm_factor`] left there is applied without the host waiting for it. When the value
+/// is not finite (the gradient norm was NaN or infinite) the step changes nothing: no parameter,
+/// no moment.
+pub fn adamw_step_scaled(
+    params: &[Tensor],
+    exp_avg: &[Tensor],
+    exp_avg_sq: &[Tensor],
+    h: &AdamWHyper,
+    scale: &Tensor,
+) -> Result<()> {
+    check_counts(params, exp_avg, exp_avg_sq)?;
+    let work = checked_work(params, exp_avg, exp_avg_sq)?;
+    if work.is_empty() {
+        return Ok(());
+    }
+    step_locked(&work, h, Some(scale))
+}
+
+/// The global L2 norm of `tensors` and the factor by which PyTorch's `clip_grad_norm_` scales
+/// them, computed on `device` (where the tensors live) without reading anything back: an f64
+/// tensor `[2]` there holding `[norm, factor]`. `norm` is `sum_of_squares(tensors).sqrt()` bit
+/// for bit; `factor` is `max_norm / (norm + 1e-6)` when `max_norm > 0` and `norm > max_norm`,
+/// else 1, and NaN when the norm is not finite, so that [`adamw_step_scaled`] skips the step.
+/// Records nothing on the tape.
+pub fn clip_norm_factor(tensors: &[&Tensor], max_norm: f64, device: Device) -> Result<Tensor> {
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage()).collect();
+    let args: Vec<Operand<'_, Storage>> = guards
+        .iter()
+        .zip(tensors)
+        .map(|(g, t)| Operand::new(g, t.layout()))
+        .collect();
+    let s = prim::clip_factor(&args, max_norm, device)?;
+    Ok(Tensor::from_storage(s, crate::Shape::from([2]), None))
+}
+
+/// The clipping factor of a gradient norm (see [`clip_norm_factor`]).
+pub(crate) fn clip_factor_of(norm: f64, max_norm: f64) -> f64 {
+    if !norm.is_finite() {
+        f64::NAN
+    } else if max_norm > 0.0 && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    }
+}
+
+/// Errors unless every parameter has both moments.
+fn check_counts(params: &[Tensor], exp_avg: &[Tensor], exp_avg_sq: &[Tensor]) -> Result<()> {
     if params.len() != exp_avg.len() || params.len() != exp_avg_sq.len() {
         return Err(Error::invalid(
-            OP,
+            "adamw_step",
             format!(
                 "{} parameters, {} first moments, {} second moments",
                 params.len(),
@@ -53,11 +110,7 @@ pub fn adamw_step(
             ),
         ));
     }
-    let work = checked_work(params, exp_avg, exp_avg_sq)?;
-    if work.is_empty() {
-        return Ok(());
-    }
-    step_locked(&work, h)
+    Ok(())
 }
 
 /// `(param, m, v, grad)` of every parameter that has a gradient (the gradient contiguous, of the
@@ -167,7 +220,7 @@ fn check_param(p: &Tensor, m: &Tensor, v: &Tensor, device: Device) -> Result<()>
 
 /// Locks the buffers of the checked `work` (each parameter buffer and each moment written, each
 /// distinct gradient buffer read, once), describes them as [`AdamWGroup`]s and runs the step.
-fn step_locked(work: &[[Tensor; 4]], h: &AdamWHyper) -> Result<()> {
+fn step_locked(work: &[[Tensor; 4]], h: &AdamWHyper, scale: Option<&Tensor>) -> Result<()> {
     const OP: &str = "adamw_step";
     // One group per parameter buffer (in order of first appearance), so that each buffer is
     // locked once; each distinct gradient buffer is read-locked once too.
@@ -232,7 +285,12 @@ fn step_locked(work: &[[Tensor; 4]], h: &AdamWHyper) -> Result<()> {
             slots,
         });
     }
-    prim::step(&mut groups, h)
+    let scale_guard = scale.map(|t| t.storage());
+    let scale_arg = scale_guard
+        .as_ref()
+        .zip(scale)
+        .map(|(g, t)| Operand::new(g, t.layout()));
+    prim::step(&mut groups, h, scale_arg)
 }
 
 /// The error for a parameter or moment `t` that shares its buffer where it may not.

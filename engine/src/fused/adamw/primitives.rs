@@ -17,7 +17,7 @@ use crate::backend::cpu::CpuStorage;
 use crate::backend::cuda::CudaStorage;
 use crate::backend::BackendStorage;
 use crate::fused::{no_backend, one_device, Operand, OperandField};
-use crate::{Device, Error, Result, Storage};
+use crate::{DType, Device, Error, Result, Storage};
 
 /// The parameters of a fused AdamW step that live in one buffer `param` (f32, bf16 or f64), one
 /// slot each: a single tensor, or views of one stacked buffer (a MixLoRA layer's expert LoRAs).
@@ -46,12 +46,35 @@ pub struct AdamWSlot<'a, S> {
 /// moments are read and written once. Moments are f32 (f64 for f64 parameters); the grad has the
 /// parameter's dtype. The CPU spreads the elements over threads, the CUDA backend runs one kernel
 /// launch for all slots.
-pub fn step(groups: &mut [AdamWGroup<'_, Storage>], h: &AdamWHyper) -> Result<()> {
+///
+/// `scale`: `None`, or one f64 element on the same device that replaces `h.grad_scale`, read
+/// where it lives (on a GPU by the kernel: the host never waits for it); when it is not finite
+/// the step changes nothing.
+pub fn step(
+    groups: &mut [AdamWGroup<'_, Storage>],
+    h: &AdamWHyper,
+    scale: Option<Operand<'_, Storage>>,
+) -> Result<()> {
     const OP: &str = "adamw_step";
     let Some(first) = groups.first() else {
         return Ok(());
     };
     let dev = first.param.device();
+    if let Some(s) = &scale {
+        if s.s.device() != dev {
+            return Err(Error::DeviceMismatch {
+                op: OP,
+                lhs: dev,
+                rhs: s.s.device(),
+            });
+        }
+        if s.s.dtype() != DType::F64 || s.l.elem_count() != 1 {
+            return Err(Error::invalid(
+                OP,
+                "the gradient scale is not one f64 element",
+            ));
+        }
+    }
     for g in groups.iter() {
         let slots = g.slots.iter();
         let others = slots.flat_map(|s| [&*s.exp_avg, &*s.exp_avg_sq, s.grad]);
@@ -67,14 +90,31 @@ pub fn step(groups: &mut [AdamWGroup<'_, Storage>], h: &AdamWHyper) -> Result<()
     }
     match dev {
         Device::Cpu => {
+            let mut h = *h;
+            if let Some(s) = scale {
+                h.grad_scale = match s.cpu(OP)?.s {
+                    CpuStorage::F64(v) => v[s.l.offset()],
+                    _ => return Err(Error::invalid(OP, "the gradient scale is not f64")),
+                };
+                if !h.grad_scale.is_finite() {
+                    return Ok(());
+                }
+            }
             let mut groups = backend_groups(groups, Storage::as_cpu_mut, Storage::as_cpu)?;
-            crate::profile::timed(|| OP.into(), || cpu::adamw_step(&mut groups, h))
+            crate::profile::timed(|| OP.into(), || cpu::adamw_step(&mut groups, &h))
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::adamw_step(
-            &mut backend_groups(groups, Storage::as_cuda_mut, Storage::as_cuda)?,
-            h,
-        ),
+        dev @ Device::Cuda(_) => {
+            let at = match scale {
+                Some(s) => Some(s.cuda(OP, dev)?.s.ptr_at(s.l.offset())),
+                None => None,
+            };
+            cuda::adamw_step(
+                &mut backend_groups(groups, Storage::as_cuda_mut, Storage::as_cuda)?,
+                h,
+                at,
+            )
+        }
         #[allow(unreachable_patterns)]
         d => Err(no_backend(OP, d)),
     }
@@ -102,6 +142,46 @@ pub fn sum_squares(tensors: &[Operand<'_, Storage>]) -> Result<f64> {
                 .map(|t| t.cuda(OP, dev))
                 .collect::<Result<_>>()?;
             cuda::sum_squares_multi(&ts)
+        }
+        #[allow(unreachable_patterns)]
+        d => Err(no_backend(OP, d)),
+    }
+}
+
+/// `[norm, factor]` of [`super::clip_norm_factor`] for `tensors` on `device`, as a storage of two
+/// f64 there: on the CPU from [`sum_squares`]' value, on a GPU computed by kernels and never
+/// read back.
+pub fn clip_factor(
+    tensors: &[Operand<'_, Storage>],
+    max_norm: f64,
+    device: Device,
+) -> Result<Storage> {
+    const OP: &str = "clip_norm_factor";
+    let devices: Vec<Option<Device>> = tensors.iter().map(OperandField::device).collect();
+    if !tensors.is_empty() {
+        let dev = one_device(OP, &devices)?;
+        if dev != device {
+            return Err(Error::DeviceMismatch {
+                op: OP,
+                lhs: device,
+                rhs: dev,
+            });
+        }
+    }
+    match device {
+        Device::Cpu => {
+            let norm = sum_squares(tensors)?.sqrt();
+            let factor = super::clip_factor_of(norm, max_norm);
+            Ok(Storage::Cpu(CpuStorage::F64(vec![norm, factor])))
+        }
+        #[cfg(feature = "cuda")]
+        dev @ Device::Cuda(n) => {
+            let ts: Vec<Operand<'_, CudaStorage>> = tensors
+                .iter()
+                .map(|t| t.cuda(OP, dev))
+                .collect::<Result<_>>()?;
+            let cuda = crate::backend::cuda::CudaDevice::get(n)?;
+            Ok(Storage::Cuda(cuda::clip_factor(&cuda, &ts, max_norm)?))
         }
         #[allow(unreachable_patterns)]
         d => Err(no_backend(OP, d)),
