@@ -195,22 +195,30 @@ pub fn recipe_on(
         ..TrainConfig::default()
     };
     cfg.validate()?;
-    let scratch = scratch_dir("bench-recipe-model");
-    let loaded = load_base_model(
-        a.model.as_deref(),
-        a.seed,
-        a.dtype.dtype(),
-        device,
-        &scratch,
-    );
-    let _ = std::fs::remove_dir_all(&scratch);
-    let (mut model, tok) = loaded?;
-    if let Some(shape) = a.shape {
-        let mut c = shape_config(shape, None);
-        c.vocab_size = tok.vocab_size();
-        drop(model);
-        model = Llama::random(c, 1, a.dtype.dtype(), device)?;
-    }
+    let (model, tok) = match (a.shape, a.model.as_deref()) {
+        // A shape with a model file: the file gives only its tokenizer (its weights are never
+        // read, so a file of metadata alone will do).
+        (Some(shape), Some(path)) => {
+            let (config, _) = model::load(path, a.dtype.dtype(), Device::Cpu)?;
+            let tok = model::Tokenizer::load(path, &config)?;
+            let mut c = shape_config(shape, None);
+            c.vocab_size = tok.vocab_size();
+            (Llama::random(c, 1, a.dtype.dtype(), device)?, tok)
+        }
+        (shape, path) => {
+            let scratch = scratch_dir("bench-recipe-model");
+            let loaded = load_base_model(path, a.seed, a.dtype.dtype(), device, &scratch);
+            let _ = std::fs::remove_dir_all(&scratch);
+            let (mut model, tok) = loaded?;
+            if let Some(shape) = shape {
+                let mut c = shape_config(shape, None);
+                c.vocab_size = tok.vocab_size();
+                drop(model);
+                model = Llama::random(c, 1, a.dtype.dtype(), device)?;
+            }
+            (model, tok)
+        }
+    };
     let clock = RefCell::new(Clock::default());
     let (w, n) = (a.warmup, a.steps);
     let on_step = |s: &StepDone| {
