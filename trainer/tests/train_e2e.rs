@@ -197,6 +197,88 @@ fn diverging_run_stops_and_keeps_the_last_good_checkpoint() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
+/// The metrics' train records (every field but the timings) of the run in `out`.
+fn train_records(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "train")
+        .map(|mut v| {
+            let o = v.as_object_mut().unwrap();
+            o.remove("tokens_per_s");
+            o.remove("elapsed_s");
+            v
+        })
+        .collect()
+}
+
+/// A step is read back after the next one is queued, unless a checkpoint (or the end) reads its
+/// parameters: with a checkpoint after every step, every step is read before the next. Both
+/// give the same metrics (loss, gradient norm, learning rate, epoch, expert loads) and the same
+/// adapter bit for bit.
+#[test]
+fn queued_steps_train_as_steps_read_one_by_one() {
+    let (queued, one_by_one) = (out_dir("queued"), out_dir("one-by-one"));
+    for (out, save_every) in [(&queued, 0), (&one_by_one, 1)] {
+        let cfg = TrainConfig {
+            max_steps: Some(5),
+            save_every,
+            ..small(out)
+        };
+        train(&cfg, |_| {}).unwrap();
+    }
+    let (a, b) = (train_records(&queued), train_records(&one_by_one));
+    assert_eq!(a.len(), 5);
+    assert!(a[0].get("expert_load").is_some(), "{:?}", a[0]);
+    assert_eq!(a, b);
+    let adapter = |d: &Path| std::fs::read(d.join("adapter/adapter_model.safetensors")).unwrap();
+    assert_eq!(adapter(&queued), adapter(&one_by_one));
+    for d in [queued, one_by_one] {
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
+
+/// A run whose loss turns non-finite on a step that is read back late (no checkpoint at it)
+/// stops there all the same: one line naming that step and the last good checkpoint (the one
+/// before it), and no final adapter.
+#[test]
+fn a_divergence_found_a_step_late_still_keeps_the_last_good_checkpoint() {
+    let out = out_dir("nan-queued");
+    let cfg = TrainConfig {
+        lr: 1e4, // diverges after a few steps (step 5 here)
+        max_grad_norm: 1e30,
+        save_every: 4,
+        max_steps: Some(12),
+        warmup_steps: Some(0),
+        ..small(&out)
+    };
+    let err = train(&cfg, |_| {}).unwrap_err().to_string();
+    eprintln!("{err}");
+    assert!(err.contains("not finite"), "{err}");
+    assert!(!err.contains('\n'), "one line: {err}");
+    let step: usize = err
+        .split("step ")
+        .nth(1)
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(step >= 2, "{err}");
+    let saved = (step - 1) / 4 * 4;
+    if saved > 0 {
+        let kept = out.join(format!("checkpoint-{saved}"));
+        assert!(err.contains(&kept.display().to_string()), "{err}");
+        assert!(kept.join("adapter_model.safetensors").is_file());
+    } else {
+        assert!(err.contains("none yet"), "{err}");
+    }
+    assert!(!out.join("adapter").exists());
+    let _ = std::fs::remove_dir_all(&out);
+}
+
 #[test]
 fn bad_input_gives_one_line_errors() {
     let out = out_dir("bad");
