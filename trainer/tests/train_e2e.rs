@@ -168,6 +168,12 @@ fn a_packed_run_resumes_exactly_and_keeps_its_packing() {
     }
 }
 
+/// The step that a run's error `step N: ...` names.
+fn failed_step(err: &str) -> usize {
+    let after = err.split("step ").nth(1).expect("the error names a step");
+    after.split(':').next().unwrap().parse().unwrap()
+}
+
 #[test]
 fn diverging_run_stops_and_keeps_the_last_good_checkpoint() {
     let out = out_dir("nan");
@@ -181,15 +187,7 @@ fn diverging_run_stops_and_keeps_the_last_good_checkpoint() {
     let err = train(&cfg, |_| {}).unwrap_err().to_string();
     assert!(err.contains("not finite"), "{err}");
     assert!(!err.contains('\n'), "one line: {err}");
-    let step: usize = err
-        .split("step ")
-        .nth(1)
-        .unwrap()
-        .split(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let step = failed_step(&err);
     assert!(step >= 2, "{err}");
     let kept = out.join(format!("checkpoint-{}", step - 1));
     assert!(err.contains(&kept.display().to_string()), "{err}");
@@ -257,15 +255,7 @@ fn a_divergence_found_a_step_late_still_keeps_the_last_good_checkpoint() {
     eprintln!("{err}");
     assert!(err.contains("not finite"), "{err}");
     assert!(!err.contains('\n'), "one line: {err}");
-    let step: usize = err
-        .split("step ")
-        .nth(1)
-        .unwrap()
-        .split(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let step = failed_step(&err);
     assert!(step >= 2, "{err}");
     let saved = (step - 1) / 4 * 4;
     if saved > 0 {

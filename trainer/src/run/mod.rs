@@ -327,14 +327,14 @@ fn train_plan_with_base(
     // The step queued on the device and not yet read back (ended in the next iteration, once
     // that one's work is queued behind it: the host never waits for the device in between).
     let mut queued: Option<QueuedStep> = None;
+    let mut ender = Ender {
+        model: &mut model,
+        tok: &tok,
+        grouped,
+        progress: &progress,
+        run_start,
+    };
     loop {
-        let mut ender = Ender {
-            model: &mut model,
-            tok: &tok,
-            grouped,
-            progress: &progress,
-            run_start,
-        };
         let active: Vec<usize> = (0..runs.len()).filter(|&i| runs[i].is_training()).collect();
         if active.is_empty() {
             break;
@@ -435,13 +435,6 @@ fn train_plan_with_base(
         }
     }
     if let Some(q) = queued.take() {
-        let mut ender = Ender {
-            model: &mut model,
-            tok: &tok,
-            grouped,
-            progress: &progress,
-            run_start,
-        };
         ender.end(q, &mut runs, &mut log)?;
     }
     progress.finish();

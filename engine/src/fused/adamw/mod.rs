@@ -41,12 +41,7 @@ pub fn adamw_step(
     exp_avg_sq: &[Tensor],
     h: &AdamWHyper,
 ) -> Result<()> {
-    check_counts(params, exp_avg, exp_avg_sq)?;
-    let work = checked_work(params, exp_avg, exp_avg_sq)?;
-    if work.is_empty() {
-        return Ok(());
-    }
-    step_locked(&work, h, None)
+    step_checked(params, exp_avg, exp_avg_sq, h, None)
 }
 
 /// [`adamw_step`] with the gradient scale read from `scale` (one f64 element, on the parameters'
@@ -61,12 +56,23 @@ pub fn adamw_step_scaled(
     h: &AdamWHyper,
     scale: &Tensor,
 ) -> Result<()> {
+    step_checked(params, exp_avg, exp_avg_sq, h, Some(scale))
+}
+
+/// Checks the step's operands, then runs it (nothing to do when no parameter has a gradient).
+fn step_checked(
+    params: &[Tensor],
+    exp_avg: &[Tensor],
+    exp_avg_sq: &[Tensor],
+    h: &AdamWHyper,
+    scale: Option<&Tensor>,
+) -> Result<()> {
     check_counts(params, exp_avg, exp_avg_sq)?;
     let work = checked_work(params, exp_avg, exp_avg_sq)?;
     if work.is_empty() {
         return Ok(());
     }
-    step_locked(&work, h, Some(scale))
+    step_locked(&work, h, scale)
 }
 
 /// The global L2 norm of `tensors` and the factor by which PyTorch's `clip_grad_norm_` scales
