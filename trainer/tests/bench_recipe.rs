@@ -167,3 +167,116 @@ fn the_recipe_bench_times_fixed_shape_and_packed_steps_on_the_same_data() {
     // The JSON says what ran: `auto` on the CPU is `off`.
     assert_eq!(v(&auto_json)["cuda_graphs"].as_str(), Some("off"));
 }
+
+/// The SmolLM2 GGUF that `scripts/fetch-smollm2.sh` fetches (`$MIXLORA_SMOLLM2_GGUF`, else in
+/// `$MIXLORA_CACHE` or `~/.cache/mixlora`); `None`, saying why, when it is absent.
+fn smollm2_gguf() -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    let path = match std::env::var_os("MIXLORA_SMOLLM2_GGUF") {
+        Some(p) => PathBuf::from(p),
+        None => std::env::var_os("MIXLORA_CACHE")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/mixlora")))?
+            .join("SmolLM2-135M-Instruct.Q4_1.gguf"),
+    };
+    if path.is_file() {
+        return Some(path);
+    }
+    eprintln!(
+        "SKIPPED: {} not found (run scripts/fetch-smollm2.sh or set MIXLORA_SMOLLM2_GGUF)",
+        path.display()
+    );
+    None
+}
+
+/// A GGUF file's bytes with its metadata kept and its tensors left out (a header that says 0
+/// tensors, then the metadata entries as they are).
+fn metadata_only(gguf: &[u8]) -> Vec<u8> {
+    let mut pos = 4; // after the magic
+    let u32_at = |pos: &mut usize| {
+        let v = u32::from_le_bytes(gguf[*pos..*pos + 4].try_into().unwrap());
+        *pos += 4;
+        v
+    };
+    let version = u32_at(&mut pos);
+    let u64_at = |pos: &mut usize| {
+        let v = u64::from_le_bytes(gguf[*pos..*pos + 8].try_into().unwrap());
+        *pos += 8;
+        v
+    };
+    let _tensors = u64_at(&mut pos);
+    let n_kv = u64_at(&mut pos);
+    let start = pos;
+    // Bytes of the scalar value types; 8 is a string, 9 an array.
+    let size = |t: u32| [1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8][t as usize];
+    let skip_string = |pos: &mut usize| {
+        let n = u64_at(pos) as usize;
+        *pos += n;
+    };
+    for _ in 0..n_kv {
+        skip_string(&mut pos);
+        let t = u32::from_le_bytes(gguf[pos..pos + 4].try_into().unwrap());
+        pos += 4;
+        match t {
+            8 => skip_string(&mut pos),
+            9 => {
+                let item = u32::from_le_bytes(gguf[pos..pos + 4].try_into().unwrap());
+                pos += 4;
+                let count = u64_at(&mut pos) as usize;
+                if item == 8 {
+                    (0..count).for_each(|_| skip_string(&mut pos));
+                } else {
+                    pos += size(item) * count;
+                }
+            }
+            t => pos += size(t),
+        }
+    }
+    let mut out = b"GGUF".to_vec();
+    out.extend(version.to_le_bytes());
+    out.extend(0u64.to_le_bytes());
+    out.extend(n_kv.to_le_bytes());
+    out.extend(&gguf[start..pos]);
+    out
+}
+
+/// With `--shape`, the model file gives only its tokenizer: a copy of the SmolLM2 GGUF without
+/// its tensors (which `mixlora train` refuses, naming a missing tensor) runs the bench at the
+/// tiny shape with SmolLM2's vocabulary.
+#[test]
+fn a_shape_reads_only_the_model_files_tokenizer() {
+    let Some(gguf) = smollm2_gguf() else { return };
+    let dir = std::env::temp_dir().join(format!("mixlora-recipe-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tok = dir.join("smollm2-metadata.gguf");
+    std::fs::write(&tok, metadata_only(&std::fs::read(&gguf).unwrap())).unwrap();
+    assert!(std::fs::metadata(&tok).unwrap().len() < 4 << 20);
+    let path = tok.to_str().unwrap();
+    let args = [
+        "--model",
+        path,
+        "--shape",
+        "tiny",
+        "--micro-batch",
+        "2",
+        "--cutoff-len",
+        "160",
+    ];
+    let a = cpu_recipe_args(&args);
+    let r = trainer::bench::recipe::recipe(&a, |_| {}).expect("the shape bench on the tokenizer");
+    assert!(r.tokens > 0 && r.tokens_per_s > 0.0);
+
+    let bin = env!("CARGO_BIN_EXE_mixlora");
+    let out = std::process::Command::new(bin)
+        .args(["train", "--max-steps", "1", "--model", path, "--out"])
+        .arg(dir.join("run"))
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        e.contains("smollm2-metadata.gguf") && e.contains("not found"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
