@@ -17,13 +17,13 @@ use engine::dist::Communicator;
 use engine::{Tensor, IGNORE_INDEX};
 use model::{Llama, MoeImpl, Tokenizer};
 
-use self::adapter::{AdapterRun, DataCache, StepWork};
+use self::adapter::{AdapterRun, DataCache, StepEnd, StepWork};
 use self::fixed::FixedSteps;
 use self::parallel::Ranks;
 pub use self::parallel::BUCKET_ELEMS;
 use self::setup::{all_finished, finished_already, load_base, outcomes, refuse_graphs};
 use self::start::start_of;
-use self::step::{Ender, QueuedStep, Steps};
+use self::step::{QueuedStep, Steps};
 use crate::config::{CudaGraphs, PlannedAdapter, RunPlan, TrainConfig};
 use crate::error::{Error, Result};
 use crate::eval::EvalReport;
@@ -327,10 +327,10 @@ fn train_plan_with_base(
     // The step queued on the device and not yet read back (ended in the next iteration, once
     // that one's work is queued behind it: the host never waits for the device in between).
     let mut queued: Option<QueuedStep> = None;
-    let mut ender = Ender {
+    let mut ender = StepEnd {
         model: &mut model,
         tok: &tok,
-        grouped,
+        attached: !grouped,
         progress: &progress,
         run_start,
     };
@@ -345,7 +345,7 @@ fn train_plan_with_base(
         // step done; then the run ends.
         let stop = |runs: &mut Vec<AdapterRun>,
                     queued: Option<QueuedStep>,
-                    ender: &mut Ender<'_>,
+                    ender: &mut StepEnd<'_>,
                     log: &mut dyn FnMut(&str)|
          -> Result<Vec<AdapterOutcome>> {
             if let Some(q) = queued {

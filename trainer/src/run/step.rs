@@ -1,22 +1,17 @@
 //! The micro-batches of one optimizer step: each one through the base for every adapter that
-//! has it (kernel by kernel, or as a fixed-shape step that CUDA graphs record), the losses read
-//! back once the step's last backward is queued, and with several ranks each rank's share
-//! exchanged so that every rank holds what one process running them all would.
+//! has it (kernel by kernel, or as a fixed-shape step that CUDA graphs record), with several
+//! ranks each rank's share exchanged so that every rank holds what one process running them all
+//! would; then the queued step ([`QueuedStep`]), read back in one download while the next step
+//! runs, and its end for each adapter ([`StepEnd::end`]).
 
+use engine::Tensor;
 use model::Llama;
-
-use std::time::Instant;
-
-use model::Tokenizer;
 
 use super::adapter::{AdapterRun, StepEnd, StepWork};
 use super::fixed::FixedSteps;
-use super::setup::announce_end;
-use crate::metrics::Progress;
-use engine::Tensor;
-
 use super::micro::{micro_step, read_all, MicroOut, Segment};
 use super::parallel::{Captured, Ranks};
+use super::setup::announce_end;
 use crate::error::Result;
 
 /// What stays the same over a run's steps.
@@ -156,19 +151,9 @@ impl QueuedStep {
     }
 }
 
-/// What ending a queued step needs besides the runs.
-pub(super) struct Ender<'a> {
-    pub model: &'a mut Llama,
-    pub tok: &'a Tokenizer,
-    /// A run of several adapters (the model's adapter group).
-    pub grouped: bool,
-    pub progress: &'a Progress,
-    pub run_start: Instant,
-}
-
-impl Ender<'_> {
+impl StepEnd<'_> {
     /// Reads back the queued step `q` and ends each of its adapters' steps; in a run of several
-    /// adapters, says which of them stopped or finished with it.
+    /// adapters (not attached to the model), says which of them stopped or finished with it.
     pub fn end(
         &mut self,
         q: QueuedStep,
@@ -179,15 +164,8 @@ impl Ender<'_> {
         for ((&i, w), norm) in active.iter().zip(work).zip(norms) {
             let r = &mut runs[i];
             let was_training = r.is_training();
-            let mut at = StepEnd {
-                model: self.model,
-                tok: self.tok,
-                attached: !self.grouped,
-                progress: self.progress,
-                run_start: self.run_start,
-            };
-            r.end_step(w, norm, &mut at, log)?;
-            if self.grouped && was_training {
+            r.end_step(w, norm, self, log)?;
+            if !self.attached && was_training {
                 announce_end(r, self.progress);
             }
         }

@@ -82,13 +82,7 @@ fn step_checked(
 /// else 1, and NaN when the norm is not finite, so that [`adamw_step_scaled`] skips the step.
 /// Records nothing on the tape.
 pub fn clip_norm_factor(tensors: &[&Tensor], max_norm: f64, device: Device) -> Result<Tensor> {
-    let guards: Vec<_> = tensors.iter().map(|t| t.storage()).collect();
-    let args: Vec<Operand<'_, Storage>> = guards
-        .iter()
-        .zip(tensors)
-        .map(|(g, t)| Operand::new(g, t.layout()))
-        .collect();
-    let s = prim::clip_factor(&args, max_norm, device)?;
+    let s = with_operands(tensors, |args| prim::clip_factor(args, max_norm, device))?;
     Ok(Tensor::from_storage(s, crate::Shape::from([2]), None))
 }
 
@@ -315,13 +309,21 @@ fn shared(t: &Tensor) -> Error {
 /// result on every run. The squared global norm of a list of gradients. Records nothing on the
 /// tape.
 pub fn sum_of_squares(tensors: &[&Tensor]) -> Result<f64> {
+    with_operands(tensors, prim::sum_squares)
+}
+
+/// Runs `f` on the tensors as read-locked operands.
+fn with_operands<R>(
+    tensors: &[&Tensor],
+    f: impl FnOnce(&[Operand<'_, Storage>]) -> Result<R>,
+) -> Result<R> {
     let guards: Vec<_> = tensors.iter().map(|t| t.storage()).collect();
     let args: Vec<Operand<'_, Storage>> = guards
         .iter()
         .zip(tensors)
         .map(|(g, t)| Operand::new(g, t.layout()))
         .collect();
-    prim::sum_squares(&args)
+    f(&args)
 }
 
 /// Adds each `(offset, src)` of `parts` into `dst` in place: `src`'s elements, in row-major
