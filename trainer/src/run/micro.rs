@@ -26,8 +26,8 @@ pub(super) type MicroResult = (f64, Option<f64>, Option<f64>, Vec<Tensor>);
 
 /// What one micro-batch gave an adapter, still on the device: its summed LM loss over its
 /// targets, aux loss and router z-loss (scalars, detached from the tape), its expert load.
-/// Reading them back waits for the device, so a step reads all of its micro-batches' at once,
-/// after the last backward is queued ([`read_all`]).
+/// Reading them back waits for the device, so a step's are read all at once, with its gradient
+/// norms, once the next step is queued behind it ([`read_all`], `QueuedStep::read`).
 pub(super) struct MicroOut {
     lm: Tensor,
     aux: Option<Tensor>,
