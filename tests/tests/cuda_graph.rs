@@ -6,11 +6,14 @@
 //! with their bytes; a graph's memory goes back to the allocator when the graph and its outputs
 //! go; a recorded dropout replayed under a dropout key (`engine::set_dropout_key`) set before
 //! the replay draws that key's masks, bit for bit as eagerly, and the key cannot be set inside a
-//! capture. Skips, saying why, without a GPU.
+//! capture; graphs recorded in two lanes replay together, each as it runs alone under its lane's
+//! key. Skips, saying why, without a GPU.
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use engine::backend::cuda::{capture, CudaDevice};
+    use engine::backend::cuda::{
+        capture, capture_in, replay_together, CudaDevice, CudaGraphExec, GraphMemory,
+    };
     use engine::{DType, Device, Tensor};
     use model::adapters::Adapters;
     use model::{AdapterConfig, Llama, MoeImpl, PeftType, RandomInit};
@@ -222,6 +225,107 @@ mod gpu {
         for (n, name) in ["out", "h", "dA", "dB"].iter().enumerate() {
             assert_ne!(replays[0][n], replays[1][n], "two keys, one {name}");
         }
+    }
+
+    /// Graphs recorded in two lanes (`engine::set_lane`), each with its own graph memory, on
+    /// equal inputs and parameters, replayed together (`replay_together`: two streams at once)
+    /// under their lanes' own dropout keys, give bit for bit what each gives run eagerly in its
+    /// lane under its key, round after round with new keys, and the two lanes' results differ
+    /// (their keys are their own); choosing a lane inside a capture is refused.
+    #[test]
+    fn graphs_of_two_lanes_replay_together_as_each_runs_alone() {
+        let _lock = serial();
+        let Some(d) = gpu() else { return };
+        let dev = cuda(d);
+        let x = Tensor::randn(vec![512, 1024], 0.0, 1.0, 1, DType::BF16, d).unwrap();
+        let w = Tensor::randn(vec![1024, 1024], 0.0, 0.05, 2, DType::BF16, d).unwrap();
+        let a0 = Tensor::randn(vec![16, 1024], 0.0, 0.1, 3, DType::F32, d).unwrap();
+        let b0 = Tensor::randn(vec![1024, 16], 0.0, 0.1, 4, DType::F32, d).unwrap();
+        // Each lane trains its own copy of A and B (its gradients are its own buffers).
+        let lanes: Vec<(usize, Tensor, Tensor)> = [1, 2]
+            .into_iter()
+            .map(|l| {
+                (
+                    l,
+                    a0.copy().unwrap().to_var().unwrap(),
+                    b0.copy().unwrap().to_var().unwrap(),
+                )
+            })
+            .collect();
+        // h = drop(x); out = h Wᵀ + 0.8 · drop(h) Aᵀ Bᵀ; backward of Σ out.
+        let step = |a: &Tensor, b: &Tensor| -> engine::Result<(Tensor, Tensor)> {
+            let h = x.dropout(0.2, 11, true)?;
+            let out = h
+                .matmul(&w.t()?)?
+                .lora_add(&h, a, b, 0.8, Some((0.1, 13)))?;
+            out.sum_all()?.to_dtype(DType::F32)?.backward()?;
+            Ok((out, h))
+        };
+        let take = |t: &Tensor| {
+            let g = t.grad().unwrap();
+            t.zero_grad();
+            g
+        };
+        // Once eagerly in each lane first: kernels loaded, the lanes' workspaces made.
+        for (l, a, b) in &lanes {
+            engine::set_lane(d, *l).unwrap();
+            step(a, b).unwrap();
+            take(a);
+            take(b);
+        }
+        let mut graphs = Vec::new();
+        for (l, a, b) in &lanes {
+            engine::set_lane(d, *l).unwrap();
+            let memory = GraphMemory::new(&dev);
+            let (graph, (refused, (out, h))) = capture_in(&dev, &memory, || {
+                let refused = engine::set_lane(d, 0).is_err();
+                Ok((refused, step(a, b)?))
+            })
+            .unwrap();
+            assert!(refused, "set_lane inside a capture must be refused");
+            graphs.push((graph, [out, h, take(a), take(b)]));
+        }
+        let set_key = |l: usize, key: u64| {
+            engine::set_lane(d, l).unwrap();
+            engine::set_dropout_key(d, key).unwrap();
+        };
+        let names = ["out", "h", "dA", "dB"];
+        for keys in [
+            [0x51_7CC1_B727_220A, 0x94D0_49BB_1331_11EB],
+            [7, 0xFFFF_0000_1234],
+        ] {
+            // Each lane eagerly, under its key.
+            let want: Vec<Vec<Vec<u64>>> = (lanes.iter().zip(keys))
+                .map(|((l, a, b), key)| {
+                    set_key(*l, key);
+                    let (out, h) = step(a, b).unwrap();
+                    vec![bits(&out), bits(&h), bits(&take(a)), bits(&take(b))]
+                })
+                .collect();
+            for (n, name) in names.iter().enumerate() {
+                assert_ne!(want[0][n], want[1][n], "two keys, one {name}");
+            }
+            for ((l, _, _), key) in lanes.iter().zip(keys) {
+                set_key(*l, key);
+            }
+            engine::set_lane(d, 0).unwrap();
+            let together: Vec<&CudaGraphExec> = graphs.iter().map(|(g, _)| g).collect();
+            replay_together(&together).unwrap();
+            for (k, (_, outs)) in graphs.iter().enumerate() {
+                for (n, name) in names.iter().enumerate() {
+                    assert_eq!(
+                        bits(&outs[n]),
+                        want[k][n],
+                        "keys {keys:x?}, lane {}: {name}",
+                        k + 1
+                    );
+                }
+            }
+        }
+        for (l, _, _) in &lanes {
+            set_key(*l, 0);
+        }
+        engine::set_lane(d, 0).unwrap();
     }
 
     #[test]

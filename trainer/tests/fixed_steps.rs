@@ -1,8 +1,9 @@
 //! Fixed-shape micro-steps (`--cuda-graphs eager`, the path CUDA graphs record) on the CPU: with
 //! dropout off they train as the default path does (the padding to length buckets and full rows
 //! adds nothing; only the loss normalisation's rounding differs), with dropout on they are
-//! deterministic and a killed run resumes exactly; `on` without a GPU and runs of several
-//! adapters are refused with one-line errors, while `auto` runs them kernel by kernel.
+//! deterministic and a killed run resumes exactly; `on` without a GPU and several adapters in one
+//! batch (`--group-mode shared`) are refused with one-line errors, while `auto` runs them kernel
+//! by kernel. (Several adapters each on its own: tests/multi_adapter_train.rs.)
 
 mod common;
 
@@ -128,7 +129,7 @@ fn with_dropout_fixed_shapes_repeat_themselves_and_resume_exactly() {
 }
 
 #[test]
-fn graphs_on_the_cpu_and_several_adapters_are_refused() {
+fn graphs_on_the_cpu_and_adapters_in_one_batch_are_refused() {
     let out = common::out_dir("fixed", "cpu-on");
     let e = train(&small(&out, CudaGraphs::On), |_| {})
         .unwrap_err()
@@ -139,19 +140,20 @@ fn graphs_on_the_cpu_and_several_adapters_are_refused() {
     );
     assert!(!out.exists(), "nothing is written for a refused run");
     let root = common::out_dir("fixed", "two");
-    let plan = two_adapters(&root, CudaGraphs::Eager);
+    let mut plan = two_adapters(&root, CudaGraphs::Eager);
+    plan.shared.group_mode = Some(model::GroupMode::Shared);
     let e = train_plan(&plan, RunControl::default(), |_| {})
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("one adapter in one process") && e.contains("2 adapters"),
+        e.contains("--cuda-graphs eager") && e.contains("--group-mode shared") && !e.contains('\n'),
         "{e}"
     );
     assert!(!root.exists());
 }
 
 #[test]
-fn auto_runs_kernel_by_kernel_on_the_cpu_and_for_several_adapters() {
+fn auto_runs_kernel_by_kernel_on_the_cpu_for_one_adapter_and_several() {
     // One adapter on the CPU: `auto` is `off`, bit for bit (dropout on).
     let (auto, off) = (
         common::out_dir("fixed", "auto-one"),
@@ -161,7 +163,7 @@ fn auto_runs_kernel_by_kernel_on_the_cpu_and_for_several_adapters() {
     train(&small(&off, CudaGraphs::Off), |_| {}).unwrap();
     assert_eq!(losses(&auto).len(), 6);
     assert_eq!(losses(&auto), losses(&off));
-    // Two adapters: not refused (as `eager` and `on` are), each trains as `off` alone.
+    // Two adapters: each trains as `off` alone.
     let root = common::out_dir("fixed", "auto-two");
     for o in train_plan(
         &two_adapters(&root, CudaGraphs::Auto),

@@ -1,6 +1,7 @@
 //! On the GPU: adapters trained together on one bf16 base end where each trained alone ends,
 //! within bf16 tolerance (the GPU path of the grouped forward need not be bit-exact: it may run
-//! the frozen projections once over all adapters' rows). Skips, saying why, without a GPU or
+//! the frozen projections once over all adapters' rows); recorded as CUDA graphs and replayed
+//! side by side, bit for bit. Skips, saying why, without a GPU or
 //! when built without the `cuda` feature (scripts/dev/build-gpu.sh builds it with it).
 
 mod common;
@@ -116,6 +117,62 @@ fn adapters_trained_together_on_the_gpu_match_each_alone_within_bf16_tolerance()
         assert!(
             err <= 2e-2,
             "{}: adapter weights differ by {err:.2e}",
+            t.name
+        );
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// With `--cuda-graphs on` each adapter records its own micro-steps (its own graphs, graph
+/// memory and lane) and a micro-batch's replays of all adapters run at once on several streams:
+/// each adapter still ends bit for bit where it ends alone with `on` (losses and adapter file),
+/// and every adapter's steps were replayed as graphs.
+#[test]
+fn adapters_trained_together_as_cuda_graphs_equal_each_alone_bit_for_bit() {
+    let Some(device) = gpu() else { return };
+    let root = common::out_dir("multi-gpu", "graphs");
+    let on = |root: &Path| -> Vec<PlannedAdapter> {
+        let mut v = adapters(root, device);
+        // A third adapter: the second's settings, another seed and learning rate.
+        let mut third = v[1].clone();
+        third.name = "mix_seed7".into();
+        third.config.seed = 7;
+        third.config.lr = 2e-3;
+        third.config.out_dir = root.join("mix_seed7");
+        v.push(third);
+        for a in &mut v {
+            a.config.cuda_graphs = CudaGraphs::On;
+        }
+        v
+    };
+    let together = on(&root.join("group"));
+    let plan = RunPlan {
+        shared: SharedSettings::of(&together[0].config),
+        adapters: together.clone(),
+    };
+    let mut lines = Vec::new();
+    for o in train_plan(&plan, RunControl::default(), |l| lines.push(l.to_string())).unwrap() {
+        o.result.unwrap();
+    }
+    for t in &together {
+        let tag = format!("[{}] fixed-shape micro-steps:", t.name);
+        let line = lines.iter().find(|l| l.starts_with(&tag));
+        let line = line.unwrap_or_else(|| panic!("no line {tag:?} in {lines:#?}"));
+        assert!(!line.contains(" 0 recorded"), "{line}");
+    }
+    for (t, a) in together.iter().zip(on(&root.join("alone"))) {
+        train(&a.config, |_| {}).unwrap();
+        assert_eq!(
+            losses(&t.config.out_dir),
+            losses(&a.config.out_dir),
+            "{}: the losses differ",
+            t.name
+        );
+        let file = "adapter/adapter_model.safetensors";
+        let (ft, fa) = (t.config.out_dir.join(file), a.config.out_dir.join(file));
+        assert!(
+            std::fs::read(ft).unwrap() == std::fs::read(fa).unwrap(),
+            "{}: {file} differs",
             t.name
         );
     }

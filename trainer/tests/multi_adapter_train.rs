@@ -1,7 +1,9 @@
 //! Several adapters trained in one run on one base (`train_plan`) end exactly where each trained
 //! alone ends: the same losses at every step, the same adapter and optimizer files, bit for bit
-//! on the CPU (one of them packs its micro-batches' examples into shared rows). Also: an adapter whose loss turns non-finite stops alone, finished adapters leave
-//! the batch, and an interrupted run of several adapters resumes to the same end.
+//! on the CPU (one of them packs its micro-batches' examples into shared rows), kernel by kernel
+//! and in fixed-shape micro-steps (what CUDA graphs record). Also: an adapter whose loss turns
+//! non-finite stops alone, finished adapters leave the batch, and an interrupted run of several
+//! adapters resumes to the same end.
 
 mod common;
 
@@ -9,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use common::losses;
 use model::adapters::PeftType;
-use trainer::config::{PlannedAdapter, RunPlan, SharedSettings, TrainConfig};
+use trainer::config::{CudaGraphs, PlannedAdapter, RunPlan, SharedSettings, TrainConfig};
 use trainer::run::{train, train_plan, RunControl};
 
 fn out_dir(name: &str) -> PathBuf {
@@ -167,6 +169,53 @@ fn adapters_trained_together_with_gradient_checkpointing_equal_each_alone() {
         train(&a.config, |_| {}).unwrap();
         assert_same_run(&t.name, &t.config.out_dir, &a.config.out_dir, 3);
     }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// With fixed-shape micro-steps (`--cuda-graphs eager`, what `on` records as CUDA graphs), each
+/// adapter of a run of several runs its own micro-steps in its own lane (its own dropout key):
+/// each ends bit for bit where it ends trained alone with `eager`, in kind, settings, micro-
+/// batching, packing and step count as different as above.
+#[test]
+fn adapters_trained_together_in_fixed_shapes_equal_each_trained_alone() {
+    let root = out_dir("fixed");
+    let eager = |mut v: Vec<PlannedAdapter>| {
+        for a in &mut v {
+            a.config.cuda_graphs = CudaGraphs::Eager;
+        }
+        v
+    };
+    let together = eager(mixed_adapters(&root.join("group")));
+    let mut lines = Vec::new();
+    let outcomes = train_plan(&plan(together.clone()), RunControl::default(), |l| {
+        lines.push(l.to_string())
+    })
+    .unwrap();
+    for t in &together {
+        let tag = format!("[{}] fixed-shape micro-steps:", t.name);
+        assert!(
+            lines.iter().any(|l| l.starts_with(&tag)),
+            "no line {tag:?} in {lines:#?}"
+        );
+    }
+    for ((t, a), o) in together
+        .iter()
+        .zip(eager(mixed_adapters(&root.join("alone"))))
+        .zip(&outcomes)
+    {
+        let steps = t.config.max_steps.unwrap();
+        assert_eq!(o.result.as_ref().unwrap().steps, steps, "{}", t.name);
+        train(&a.config, |_| {}).unwrap();
+        assert_same_run(&t.name, &t.config.out_dir, &a.config.out_dir, steps);
+    }
+    // The fixed shapes did change the draws: dropout masks keyed per micro-batch differ from
+    // the kernel-by-kernel run's.
+    let off = mixed_adapters(&root.join("off"));
+    train(&off[0].config, |_| {}).unwrap();
+    assert_ne!(
+        losses(&off[0].config.out_dir),
+        losses(&together[0].config.out_dir)
+    );
     let _ = std::fs::remove_dir_all(&root);
 }
 

@@ -5,9 +5,10 @@ use crate::autograd::{Input, Node, Output};
 use crate::backend::BackendStorage;
 use crate::{Device, Error, Result, Tensor};
 
-/// Sets `device`'s dropout key: every dropout mask drawn on `device` afterwards (in the GPU's
-/// stream order; on the CPU, by the calling thread) comes from the seed `seed ^ key` in place of
-/// the op's own `seed`. At 0, where every device starts, nothing changes.
+/// Sets the dropout key of `device`'s current lane ([`set_lane`]): every dropout mask drawn in
+/// that lane afterwards (in the GPU's stream order; on the CPU, by the calling thread) comes
+/// from the seed `seed ^ key` in place of the op's own `seed`. At 0, where every lane starts,
+/// nothing changes.
 ///
 /// What it is for: a CUDA graph replays its kernels with the arguments they were recorded with,
 /// seeds included, so a recorded training step would draw the same masks on every replay. The
@@ -26,6 +27,41 @@ pub fn set_dropout_key(device: Device, key: u64) -> Result<()> {
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => Err(Error::invalid(
             "set_dropout_key",
+            "this build has no CUDA backend; use --device cpu",
+        )),
+    }
+}
+
+/// Lanes of one device: `0..LANES`.
+pub const LANES: usize = 64;
+
+/// Makes `lane` (below [`LANES`]; 0 until then) the lane of the work queued on `device` from now
+/// on (on the CPU, by the calling thread). A lane has its own dropout key ([`set_dropout_key`]
+/// sets the current lane's; a dropout reads the key of the lane it was queued, or recorded into
+/// a CUDA graph, in) and on a GPU its own cuBLAS workspace.
+///
+/// What it is for: CUDA graphs recorded in different lanes (and with their own graph memory)
+/// write no scratch memory in common, so they can replay at the same time
+/// (`backend::cuda::replay_together`), each drawing its dropout under its own key: several
+/// adapters' training steps side by side on one GPU. Refused while a graph is being captured on
+/// `device`.
+pub fn set_lane(device: Device, lane: usize) -> Result<()> {
+    if lane >= LANES {
+        return Err(Error::invalid(
+            "set_lane",
+            format!("lane {lane} is out of range (a device has {LANES})"),
+        ));
+    }
+    match device {
+        Device::Cpu => {
+            crate::backend::cpu::dropout::set_lane(lane);
+            Ok(())
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => crate::backend::cuda::CudaDevice::get(n)?.set_lane(lane),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(Error::invalid(
+            "set_lane",
             "this build has no CUDA backend; use --device cpu",
         )),
     }

@@ -20,7 +20,7 @@ mod view;
 pub use attention::*;
 pub use concat::*;
 pub use cross_entropy::*;
-pub use dropout::set_dropout_key;
+pub use dropout::{set_dropout_key, set_lane, LANES};
 pub use rope::*;
 pub use stack::*;
 

@@ -346,14 +346,17 @@ impl Llama {
         key_mask: Option<&Tensor>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
+        let adapters = self.adapters.as_ref();
         Ok(self
-            .forward_pass(ids, positions, key_mask, cache, Pass::default())?
+            .forward_pass(adapters, ids, positions, key_mask, cache, Pass::default())?
             .0)
     }
 
-    /// The decoder stack; also returns the MoE layers' router outputs when `pass` asks for them.
+    /// The decoder stack with the adapter set `adapters`; also returns the MoE layers' router
+    /// outputs when `pass` asks for them.
     fn forward_pass(
         &self,
+        adapters: Option<&Adapters>,
         ids: &Tensor,
         positions: &Tensor,
         key_mask: Option<&Tensor>,
@@ -365,10 +368,7 @@ impl Llama {
         let (cos, sin) = rope_tables(positions, &self.inv_freq)?; // [B, T, D/2]
         let past = cache.as_ref().map_or(0, |c| c.len());
         let mut routing = Vec::new();
-        let moe_impl = self
-            .adapters
-            .as_ref()
-            .map_or(MoeImpl::default(), |a| a.moe_impl);
+        let moe_impl = adapters.map_or(MoeImpl::default(), |a| a.moe_impl);
         let ctx = LayerCtx {
             config: c.clone(),
             batch: (b, t),
@@ -382,7 +382,7 @@ impl Llama {
         };
         let mut x = self.embed_tokens.embedding(ids)?; // [B, T, H]
         for (li, layer) in self.layers.iter().enumerate() {
-            let ad = self.adapters.as_ref().map(|a| &a.layers[li]);
+            let ad = adapters.map(|a| &a.layers[li]);
             let route;
             if self.checkpoint_layers && cache.is_none() && engine::grad_enabled() {
                 // Keep only the layer's input and outputs; recompute the rest in the backward.
@@ -451,7 +451,8 @@ impl Llama {
             dropout_seed: None,
             collect_routing: true,
         };
-        let (h, routing) = self.forward_pass(ids, &positions, key_mask, None, pass)?;
+        let adapters = self.adapters.as_ref();
+        let (h, routing) = self.forward_pass(adapters, ids, &positions, key_mask, None, pass)?;
         Ok((self.logits(&h)?, routing))
     }
 
@@ -499,6 +500,45 @@ impl Llama {
         positions: &Tensor,
         dropout_seed: Option<u64>,
     ) -> Result<HiddenOutput> {
+        self.train_hidden_at(
+            self.adapters.as_ref(),
+            ids,
+            key_mask,
+            positions,
+            dropout_seed,
+        )
+    }
+
+    /// [`Llama::forward_train_hidden_at`] with the adapter set `adapter` of the group
+    /// ([`Llama::set_adapter_group`]) in place of the attached one: what that set computes alone
+    /// (its values, and the gradients of its parameters), bit for bit. One member of a group at a
+    /// time, so that each adapter of a run of several can record its own micro-steps as CUDA
+    /// graphs.
+    pub fn forward_train_member_hidden_at(
+        &self,
+        adapter: usize,
+        ids: &Tensor,
+        key_mask: Option<&Tensor>,
+        positions: &Tensor,
+        dropout_seed: Option<u64>,
+    ) -> Result<HiddenOutput> {
+        let adapters = self.adapter_group.get(adapter).ok_or_else(|| {
+            Error::Invalid(format!(
+                "forward_train_member: adapter set {adapter} is not in the group (it has {})",
+                self.adapter_group.len()
+            ))
+        })?;
+        self.train_hidden_at(Some(adapters), ids, key_mask, positions, dropout_seed)
+    }
+
+    fn train_hidden_at(
+        &self,
+        adapters: Option<&Adapters>,
+        ids: &Tensor,
+        key_mask: Option<&Tensor>,
+        positions: &Tensor,
+        dropout_seed: Option<u64>,
+    ) -> Result<HiddenOutput> {
         self.check_trainable("forward_train")?;
         let (b, t) = batch_dims(ids)?;
         if positions.dims() != [b, t] || positions.dtype() != engine::DType::U32 {
@@ -517,8 +557,9 @@ impl Llama {
             dropout_seed,
             collect_routing: true,
         };
-        let (hidden, routing) = self.forward_pass(ids, positions, key_mask, None, pass)?;
-        train_output(self.adapters.as_ref(), hidden, routing, key_mask)
+        let (hidden, routing) =
+            self.forward_pass(adapters, ids, positions, key_mask, None, pass)?;
+        train_output(adapters, hidden, routing, key_mask)
     }
 
     /// The LM head `[V, H]`: `lm_head`, or the token embedding when they are tied.

@@ -206,6 +206,31 @@ fn the_cpu_dropout_key_is_per_thread() {
     assert_eq!(draw(), keyed, "and this thread's is unchanged");
 }
 
+/// Each lane has its own dropout key ([`engine::set_lane`]): a key set in lane 1 keys the draws
+/// made in lane 1 only, lane 0's stays 0, switching back to lane 1 finds its key again; a lane
+/// past [`engine::LANES`] is refused with a one-line error.
+#[test]
+fn each_lane_has_its_own_dropout_key() {
+    let draw = |seed: u64| bits(&randn(&[300, 200], 7).dropout(0.3, seed, true).unwrap());
+    let (plain, keyed) = (draw(9), draw(9 ^ KEY));
+    engine::set_lane(CPU, 1).unwrap();
+    engine::set_dropout_key(CPU, KEY).unwrap();
+    assert_eq!(draw(9), keyed, "lane 1 draws under its key");
+    engine::set_lane(CPU, 0).unwrap();
+    assert_eq!(draw(9), plain, "lane 0's key is still 0");
+    engine::set_lane(CPU, engine::LANES - 1).unwrap();
+    assert_eq!(draw(9), plain, "so is the last lane's");
+    engine::set_lane(CPU, 1).unwrap();
+    assert_eq!(draw(9), keyed, "lane 1 kept its key");
+    engine::set_dropout_key(CPU, 0).unwrap();
+    engine::set_lane(CPU, 0).unwrap();
+    let e = engine::set_lane(CPU, engine::LANES)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("out of range") && !e.contains('\n'), "{e}");
+    assert_eq!(draw(9), plain, "a refused lane changes nothing");
+}
+
 #[test]
 fn dropout_errors() {
     let x = randn(&[3, 4], 180);

@@ -288,11 +288,12 @@ const GROUP_MODE_HELP: &str = "How several adapters of one run share the base: `
     the frozen base, their LoRAs grouped: the same up to rounding, fewer kernel launches) or \
     `auto` (exact) [default: auto]";
 const CUDA_GRAPHS_HELP: &str = "Record each training micro-step as a CUDA graph and replay it \
-    (`on`; --device cuda, one adapter, one process): micro-batches are padded to a multiple of 64 \
+    (`on`; --device cuda, one process; several adapters each record their own, replayed side by \
+    side): micro-batches are padded to a multiple of 64 \
     tokens and to full rows, and each micro-batch's dropout is drawn under a key the GPU reads. \
     `eager` runs those same micro-steps without graphs, on any device, with the same numbers; \
     `off` launches each micro-batch at its own length, kernel by kernel; `auto` is `on` where it \
-    can run and `off` elsewhere (the CPU, several adapters, several processes) [default: off]";
+    can run and `off` elsewhere (the CPU, several processes, --group-mode shared) [default: off]";
 const ATTENTION_HELP: &str = "How attention is computed: `composite` (two matmuls around the \
     masked softmax, keeping the probabilities for the backward) or `flash` (one fused op keeping \
     a log-sum-exp per query; its CUDA kernels, head dims 64 and 128, are not yet validated on a \

@@ -58,8 +58,8 @@ impl DTypeName {
 /// Whether a run records its training micro-steps as CUDA graphs (`crate::run::fixed`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum CudaGraphs {
-    /// `On` where graphs can run (a GPU of a CUDA build, one adapter, one process), else `Off`
-    /// ([`CudaGraphs::resolve`]).
+    /// `On` where graphs can run (a GPU of a CUDA build, one process, the adapters' micro-batches
+    /// each on its own), else `Off` ([`CudaGraphs::resolve`]).
     Auto,
     /// Each micro-batch at its own length, launched kernel by kernel.
     #[default]
@@ -72,14 +72,15 @@ pub enum CudaGraphs {
 }
 
 impl CudaGraphs {
-    /// What a run does: `Auto` becomes `On` for one adapter (`!grouped`) in one process
-    /// (`!multi_process`) on a CUDA device of a build with the CUDA backend, else `Off`; any
-    /// other setting is kept as given (and refused where it cannot run).
-    pub fn resolve(self, device: engine::Device, grouped: bool, multi_process: bool) -> CudaGraphs {
+    /// What a run does: `Auto` becomes `On` in one process (`!multi_process`) on a CUDA device
+    /// of a build with the CUDA backend, unless several adapters run their micro-batches as one
+    /// batch through the base (`batched`: `--group-mode shared`), else `Off`; any other setting
+    /// is kept as given (and refused where it cannot run).
+    pub fn resolve(self, device: engine::Device, batched: bool, multi_process: bool) -> CudaGraphs {
         match self {
             CudaGraphs::Auto => {
                 let gpu = matches!(device, engine::Device::Cuda(_)) && cfg!(feature = "cuda");
-                if gpu && !grouped && !multi_process {
+                if gpu && !batched && !multi_process {
                     CudaGraphs::On
                 } else {
                     CudaGraphs::Off

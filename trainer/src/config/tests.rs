@@ -277,7 +277,7 @@ fn train_config_toml_format() {
 }
 
 #[test]
-fn cuda_graphs_auto_records_graphs_for_one_adapter_in_one_process_on_a_gpu_only() {
+fn cuda_graphs_auto_records_graphs_in_one_process_on_a_gpu_unless_the_adapters_are_batched() {
     let gpu = Device::Cuda(0);
     let on_a_gpu = if cfg!(feature = "cuda") {
         CudaGraphs::On
@@ -289,6 +289,7 @@ fn cuda_graphs_auto_records_graphs_for_one_adapter_in_one_process_on_a_gpu_only(
         CudaGraphs::Auto.resolve(Device::Cpu, false, false),
         CudaGraphs::Off
     );
+    // Several adapters in one batch (`--group-mode shared`), several processes: kernel by kernel.
     assert_eq!(CudaGraphs::Auto.resolve(gpu, true, false), CudaGraphs::Off);
     assert_eq!(CudaGraphs::Auto.resolve(gpu, false, true), CudaGraphs::Off);
     // A setting given is kept (and refused by the run where it cannot run).

@@ -266,6 +266,11 @@ impl AdapterRun {
         })
     }
 
+    /// `[name] ` in a run of several adapters (before each of its lines), else empty.
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
     /// The trainable tensors, in the optimizer's order.
     pub fn params(&self) -> &[Tensor] {
         self.opt.params()

@@ -20,6 +20,13 @@
 //!   view per parameter), zeroed once at the start of a step and handed to the optimizer at its
 //!   end. The optimizer step stays outside the graphs (a few fused launches).
 //!
+//! - several adapters (a run of an adapter group): each has its own fixed-shape micro-steps
+//!   through the frozen base ([`Llama::forward_train_member_hidden_at`]: what it computes alone),
+//!   its own graphs, graph memory and lane ([`engine::set_lane`]: its own dropout key and cuBLAS
+//!   workspace), so that a micro-batch's replays of all adapters run at the same time on the GPU
+//!   ([`round`]: `replay_together`), where kernel by kernel one adapter's small kernels would
+//!   follow another's.
+//!
 //! `eager` runs the same micro-steps without recording them: on any device, the reference that
 //! `on` must equal bit for bit. `on` runs each shape eagerly the first time (kernels load, lazy
 //! caches fill outside the graph), records it the second time and replays it from then on. All
@@ -45,10 +52,52 @@ pub fn bucket_len(len: usize, cutoff: usize) -> usize {
     (len.div_ceil(BUCKET) * BUCKET).min(cutoff).max(len)
 }
 
-/// The micro-steps of a run of one adapter, by shape.
+/// One micro-batch of each segment's adapter (`segs[k].adapter` indexes `fixed`), each as its
+/// adapter's fixed-shape micro-step: the eager ones (and the first recording of a shape) one
+/// after another, then every replay at once, each in its adapter's lane. Returns what each left
+/// on the device, in the order of `segs`.
+pub(super) fn round(
+    fixed: &mut [FixedSteps],
+    model: &Llama,
+    segs: &[Segment],
+) -> Result<Vec<MicroOut>> {
+    let Some(device) = fixed.first().map(|f| f.device) else {
+        return Ok(Vec::new());
+    };
+    let mut queued = Vec::with_capacity(segs.len());
+    for s in segs {
+        queued.push(fixed[s.adapter].queue(model, s)?);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let graphs: Vec<&engine::backend::cuda::CudaGraphExec> = (segs.iter().zip(&queued))
+            .filter_map(|(s, q)| Some(fixed[s.adapter].graph(q.replay?)))
+            .collect();
+        engine::backend::cuda::replay_together(&graphs)?;
+    }
+    #[cfg(not(feature = "cuda"))]
+    if queued.iter().any(|q| q.replay.is_some()) {
+        unreachable!("the run refuses --cuda-graphs on without the CUDA backend")
+    }
+    engine::set_lane(device, 0)?;
+    // The outputs are the graphs' (or, eager, fresh): copied out before their next run.
+    queued.into_iter().map(|q| q.outputs.copied()).collect()
+}
+
+/// A micro-step queued by [`FixedSteps::queue`]: its outputs, and the shape whose graph must be
+/// replayed to compute them (`None`: computed eagerly already).
+struct Queued {
+    outputs: Outputs,
+    replay: Option<(usize, usize)>,
+}
+
+/// The micro-steps of one adapter, by shape.
 pub(super) struct FixedSteps {
     capture: bool,
     device: Device,
+    /// The adapter's index in the model's adapter group (`None`: the model's attached adapter);
+    /// also its lane (0 for an attached adapter).
+    member: Option<usize>,
     rows: usize,
     cutoff: usize,
     pad: u32,
@@ -98,18 +147,22 @@ impl FixedSteps {
     /// micro-batches of `rows` rows (`exact_rows`: of their own number of rows, at most `rows`:
     /// packed micro-batches) of at most `cutoff` positions, padded with `pad`, dropout drawn
     /// from `seed` under each micro-batch's key; `capture`: record them as CUDA graphs
-    /// (`--cuda-graphs on`: the run checked that the device is a GPU of a CUDA build).
+    /// (`--cuda-graphs on`: the run checked that the device is a GPU of a CUDA build);
+    /// `member`: the adapter's index in the model's adapter group (`None`: the model's attached
+    /// adapter), below [`engine::LANES`] (its lane).
     pub fn new(
         capture: bool,
         device: Device,
         params: &[Tensor],
         (rows, exact_rows, cutoff, pad): (usize, bool, usize, u32),
         seed: u64,
+        member: Option<usize>,
     ) -> Result<FixedSteps> {
         let sums = GradientSums::new(params, device)?;
         Ok(FixedSteps {
             capture,
             device,
+            member,
             rows,
             cutoff,
             pad,
@@ -141,9 +194,24 @@ impl FixedSteps {
         Ok(())
     }
 
-    /// One micro-batch `seg` of the step: forward, loss and backward at its padded shape, its
-    /// gradients added into the step's buffers. Its dropout key is `seg.seed`.
-    pub fn micro_step(&mut self, model: &Llama, seg: &Segment) -> Result<MicroOut> {
+    /// The adapter's lane ([`engine::set_lane`]).
+    fn lane(&self) -> usize {
+        self.member.unwrap_or(0)
+    }
+
+    /// Sets the adapter's dropout key back to 0, where a device starts (the end of a run).
+    pub fn reset_key(&self) -> Result<()> {
+        engine::set_lane(self.device, self.lane())?;
+        engine::set_dropout_key(self.device, 0)?;
+        engine::set_lane(self.device, 0)?;
+        Ok(())
+    }
+
+    /// Queues one micro-batch `seg` of the step: forward, loss and backward at its padded shape,
+    /// its gradients added into the step's buffers, its dropout key `seg.seed`, in the adapter's
+    /// lane (left current). Eager (the shape's first run, or `eager` mode) it runs now; else its
+    /// graph (recorded now if need be) is left to [`round`] to replay.
+    fn queue(&mut self, model: &Llama, seg: &Segment) -> Result<Queued> {
         let len = bucket_len(seg.batch.len, self.cutoff);
         let rows = match self.exact_rows {
             true => seg.batch.batch,
@@ -156,21 +224,28 @@ impl FixedSteps {
         }
         let shape = &self.shapes[&key];
         shape.write(&batch, seg)?;
+        engine::set_lane(device, self.lane())?;
         engine::set_dropout_key(device, seg.seed)?;
-        let outputs = if !self.capture || shape.runs == 0 {
-            micro_body(model, shape, &self.params, &self.sums, self.seed)?
+        let queued = if !self.capture || shape.runs == 0 {
+            let (params, sums, seed) = (&self.params, &self.sums, self.seed);
+            Queued {
+                outputs: micro_body(model, self.member, shape, params, sums, seed)?,
+                replay: None,
+            }
         } else {
-            self.replay(key, model)?
+            Queued {
+                outputs: self.record(key, model)?,
+                replay: Some(key),
+            }
         };
         self.shapes.get_mut(&key).expect("made above").runs += 1;
-        // The outputs are the graph's (or, eager, fresh): copied out before the next run.
-        outputs.copied()
+        Ok(queued)
     }
 
-    /// Replays the graph of shape `key` (rows, len), recording it first if need be; returns its
-    /// outputs.
+    /// Records the graph of shape `key` (rows, len) unless it has one; returns its outputs (the
+    /// same tensors on every replay).
     #[cfg(feature = "cuda")]
-    fn replay(&mut self, key: (usize, usize), model: &Llama) -> Result<Outputs> {
+    fn record(&mut self, key: (usize, usize), model: &Llama) -> Result<Outputs> {
         use crate::error::Error;
         use engine::backend::cuda::{capture_in, CudaDevice, GraphMemory};
         let Device::Cuda(n) = self.device else {
@@ -183,9 +258,9 @@ impl FixedSteps {
             .clone();
         if self.shapes[&key].graph.is_none() {
             let shape = &self.shapes[&key];
-            let (params, sums, seed) = (&self.params, &self.sums, self.seed);
+            let (member, params, sums, seed) = (self.member, &self.params, &self.sums, self.seed);
             let (graph, out) = capture_in(&dev, &memory, || {
-                micro_body(model, shape, params, sums, seed).map_err(|e| match e {
+                micro_body(model, member, shape, params, sums, seed).map_err(|e| match e {
                     Error::Engine(e) => e,
                     other => engine::Error::invalid("graph capture", other.to_string()),
                 })
@@ -198,14 +273,23 @@ impl FixedSteps {
             })?;
             self.shapes.get_mut(&key).expect("exists").graph = Some((graph, out));
         }
-        let (graph, out) = self.shapes[&key].graph.as_ref().expect("recorded");
-        graph.replay()?;
+        let (_, out) = self.shapes[&key].graph.as_ref().expect("recorded");
         Ok(out.clone()) // the same tensors, which the next replay overwrites
     }
 
     #[cfg(not(feature = "cuda"))]
-    fn replay(&mut self, _key: (usize, usize), _model: &Llama) -> Result<Outputs> {
+    fn record(&mut self, _key: (usize, usize), _model: &Llama) -> Result<Outputs> {
         unreachable!("the run refuses --cuda-graphs on without the CUDA backend")
+    }
+
+    /// The recorded graph of shape `key`.
+    #[cfg(feature = "cuda")]
+    fn graph(&self, key: (usize, usize)) -> &engine::backend::cuda::CudaGraphExec {
+        &self.shapes[&key]
+            .graph
+            .as_ref()
+            .expect("recorded by queue")
+            .0
     }
 
     /// The run's line on its fixed shapes: how many, of how many rows, how many recorded.
@@ -263,22 +347,22 @@ impl Shape {
 }
 
 /// The micro-step itself, on `shape`'s inputs: what [`super::micro::micro_step`] computes for
-/// one adapter, with the normalisation read from device scalars, the gradients added into
+/// one adapter (`member`: of the model's adapter group, else the attached one), with the normalisation read from device scalars, the gradients added into
 /// `sums` (the parameters' own gradients taken and cleared; one kernel per dtype) and the
 /// outputs packed.
 fn micro_body(
     model: &Llama,
+    member: Option<usize>,
     shape: &Shape,
     params: &[Tensor],
     sums: &GradientSums,
     seed: u64,
 ) -> Result<Outputs> {
-    let out = model.forward_train_hidden_at(
-        &shape.ids,
-        Some(&shape.mask),
-        &shape.positions,
-        Some(seed),
-    )?;
+    let (ids, mask, positions) = (&shape.ids, Some(&shape.mask), &shape.positions);
+    let out = match member {
+        None => model.forward_train_hidden_at(ids, mask, positions, Some(seed))?,
+        Some(i) => model.forward_train_member_hidden_at(i, ids, mask, positions, Some(seed))?,
+    };
     let lm_sum = lm_loss_rows(model, &out.hidden, &shape.labels)?.sum_all()?;
     let mut loss = lm_sum.to_dtype(DType::F32)?.mul(&shape.inv_targets)?;
     for extra in out.aux_loss.iter().chain(&out.z_loss) {

@@ -21,7 +21,7 @@ use self::adapter::{AdapterRun, DataCache, StepEnd, StepWork};
 use self::fixed::FixedSteps;
 use self::parallel::Ranks;
 pub use self::parallel::BUCKET_ELEMS;
-use self::setup::{all_finished, finished_already, load_base, outcomes, refuse_graphs};
+use self::setup::{all_finished, batched, finished_already, load_base, outcomes, refuse_graphs};
 use self::start::start_of;
 use self::step::{QueuedStep, Steps};
 use crate::config::{CudaGraphs, PlannedAdapter, RunPlan, TrainConfig};
@@ -212,10 +212,10 @@ fn train_plan_with_base(
         move |e| of_adapter(grouped, &a.name, e)
     }
     refuse_graphs(plan, ranks.is_some())?;
-    let graphs = plan
-        .shared
-        .cuda_graphs
-        .resolve(plan.shared.device, grouped, ranks.is_some());
+    let graphs =
+        plan.shared
+            .cuda_graphs
+            .resolve(plan.shared.device, batched(plan), ranks.is_some());
     // Every adapter's folder first: nothing is loaded for a run that cannot start.
     let starts = plan
         .adapters
@@ -288,22 +288,27 @@ fn train_plan_with_base(
         );
     }
     let pad = tok.eos_id().unwrap_or(0);
-    // Fixed-shape micro-steps (one adapter, checked above): one constant dropout seed, the
-    // per-micro-batch draw of the run's RNG becomes the device's dropout key.
+    let device = model.device();
+    // Fixed-shape micro-steps (one process, checked above), one set per adapter: one constant
+    // dropout seed each, the per-micro-batch draw of the adapter's RNG becomes its lane's key.
     let mut fixed = match graphs {
-        CudaGraphs::Off | CudaGraphs::Auto => None,
-        _ => Some(FixedSteps::new(
-            graphs == CudaGraphs::On,
-            model.device(),
-            runs[0].params(),
-            (
-                first.micro_batch_size,
-                first.pack_micro_batches,
-                first.cutoff_len,
-                pad,
-            ),
-            engine::rng::hash(first.seed, FIXED_DROPOUT_STREAM),
-        )?),
+        CudaGraphs::Off | CudaGraphs::Auto => Vec::new(),
+        _ => (runs.iter().enumerate())
+            .map(|(i, r)| {
+                let c = &r.cfg;
+                let settings = (c.micro_batch_size, c.pack_micro_batches, c.cutoff_len, pad);
+                let seed = engine::rng::hash(c.seed, FIXED_DROPOUT_STREAM);
+                let member = grouped.then_some(i);
+                FixedSteps::new(
+                    graphs == CudaGraphs::On,
+                    device,
+                    r.params(),
+                    settings,
+                    seed,
+                    member,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?,
     };
     // The bar counts optimizer steps: of the adapter, or of the whole run (its longest adapter).
     let (bar_total, bar_start) = if grouped {
@@ -317,7 +322,6 @@ fn train_plan_with_base(
     } else {
         Progress::quiet(bar_total, bar_start)
     };
-    let device = model.device();
     let run_start = Instant::now();
     let interrupted = || {
         ctl.interrupt
@@ -438,10 +442,10 @@ fn train_plan_with_base(
         ender.end(q, &mut runs, &mut log)?;
     }
     progress.finish();
-    if let Some(f) = &fixed {
-        // The device's dropout key back to the start (0: every seed as given).
-        engine::set_dropout_key(model.device(), 0)?;
-        log(&f.summary());
+    for (r, f) in runs.iter().zip(&fixed) {
+        // The adapter's dropout key back to the start (0: every seed as given).
+        f.reset_key()?;
+        log(&format!("{}{}", r.tag(), f.summary()));
     }
     if let Some(peak) = crate::bench::peak_bytes(model.device()) {
         log(&format!(

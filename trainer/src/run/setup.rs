@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use model::{Llama, Tokenizer};
+use model::{GroupMode, Llama, Tokenizer};
 
 use super::adapter::{AdapterRun, Status};
 use super::start::{is_finished, Start};
@@ -15,23 +15,38 @@ use crate::error::{Error, Result};
 use crate::metrics::Progress;
 use crate::{out_dir, progress};
 
-/// Refuses `--cuda-graphs` where it cannot run: `eager` or `on` with several adapters or
-/// several processes (`multi_process`), `on` off a CUDA device or in a build without the CUDA
-/// backend. (`auto` runs anywhere: [`CudaGraphs::resolve`].)
+/// Whether a run's adapters put their micro-batches into one batch through the base (several
+/// adapters, `--group-mode shared`), which fixed-shape micro-steps do not do.
+pub(super) fn batched(plan: &RunPlan) -> bool {
+    plan.adapters.len() > 1 && plan.shared.group_mode == Some(GroupMode::Shared)
+}
+
+/// Refuses `--cuda-graphs` where it cannot run: `eager` or `on` with several processes
+/// (`multi_process`), with several adapters batched together (`--group-mode shared`) or more of
+/// them than a device has lanes, `on` off a CUDA device or in a build without the CUDA backend.
+/// (`auto` runs anywhere: [`CudaGraphs::resolve`].)
 pub(super) fn refuse_graphs(plan: &RunPlan, multi_process: bool) -> Result<()> {
     let graphs = plan.shared.cuda_graphs;
-    let grouped = plan.adapters.len() > 1;
-    if matches!(graphs, CudaGraphs::Eager | CudaGraphs::On) && (grouped || multi_process) {
+    if !matches!(graphs, CudaGraphs::Eager | CudaGraphs::On) {
+        return Ok(());
+    }
+    let flag = format!("--cuda-graphs {}", words::Word::spell(&graphs));
+    if multi_process {
         return Err(Error::Config(format!(
-            "--cuda-graphs {} runs one adapter in one process; this run has {} adapter{}{}",
-            words::Word::spell(&graphs),
-            plan.adapters.len(),
-            if grouped { "s" } else { "" },
-            if multi_process {
-                " and several processes"
-            } else {
-                ""
-            }
+            "{flag} runs in one process; this run has several"
+        )));
+    }
+    if batched(plan) {
+        return Err(Error::Config(format!(
+            "{flag} runs each adapter's micro-steps on its own, --group-mode shared puts the \
+             adapters' micro-batches into one batch: choose one of the two"
+        )));
+    }
+    if plan.adapters.len() > engine::LANES {
+        return Err(Error::Config(format!(
+            "{flag} runs at most {} adapters together; this run has {}",
+            engine::LANES,
+            plan.adapters.len()
         )));
     }
     if graphs == CudaGraphs::On && !matches!(plan.shared.device, engine::Device::Cuda(_)) {

@@ -8,7 +8,7 @@ use engine::Tensor;
 use model::Llama;
 
 use super::adapter::{AdapterRun, StepEnd, StepWork};
-use super::fixed::FixedSteps;
+use super::fixed::{self, FixedSteps};
 use super::micro::{micro_step, read_all, MicroOut, Segment};
 use super::parallel::{Captured, Ranks};
 use super::setup::announce_end;
@@ -26,14 +26,15 @@ pub(super) struct Steps<'a> {
 
 impl Steps<'_> {
     /// Queues the micro-batches of `work` (one entry per adapter of `active`, indices into
-    /// `runs`), their gradients added into the parameters'. Returns what each micro-batch left
+    /// `runs`), their gradients added into the parameters'; with fixed-shape micro-steps
+    /// (`fixed`, one per run, else empty) as those. Returns what each micro-batch left
     /// on the device, by position in `work`, unread ([`QueuedStep::read`] reads it); with ranks,
     /// what they gave is read and exchanged here and added into `work` (the list is then empty).
     /// Returns `None`, leaving the step half done, when an interrupt came in between (one
     /// process only: ranks stop together at a step boundary).
     pub fn run(
         &self,
-        fixed: &mut Option<FixedSteps>,
+        fixed: &mut [FixedSteps],
         runs: &mut [AdapterRun],
         active: &[usize],
         work: &mut [StepWork],
@@ -54,8 +55,8 @@ impl Steps<'_> {
         };
         // Each micro-batch's outputs (by position in `work`), still on the device.
         let mut pending = Vec::new();
-        if let Some(f) = fixed.as_ref() {
-            f.begin_step()?;
+        for &i in active.iter().filter(|_| !fixed.is_empty()) {
+            fixed[i].begin_step()?;
         }
         for m in 0..n_micro {
             if ranks.is_none() && (self.interrupted)() {
@@ -79,9 +80,9 @@ impl Steps<'_> {
             if ranks.is_some_and(|r| !r.owns(m)) {
                 continue;
             }
-            let results = match fixed.as_mut() {
-                Some(f) => vec![f.micro_step(self.model, &segs[0])?],
-                None => micro_step(self.model, self.grouped, &segs)?,
+            let results = match fixed.is_empty() {
+                false => fixed::round(fixed, self.model, &segs)?,
+                true => micro_step(self.model, self.grouped, &segs)?,
             };
             if let Some(r) = ranks {
                 let (results, _) = read_all(results, &[])?;
@@ -93,8 +94,8 @@ impl Steps<'_> {
             }
             pending.extend(with_m.into_iter().zip(results));
         }
-        if let Some(f) = fixed.as_ref() {
-            f.end_step()?;
+        for &i in active.iter().filter(|_| !fixed.is_empty()) {
+            fixed[i].end_step()?;
         }
         if let Some(r) = ranks {
             for (j, &i) in active.iter().enumerate() {

@@ -15,20 +15,36 @@ use super::CpuStorage;
 use crate::{rng, DType, Error, Layout, Result, Shape};
 
 thread_local! {
-    /// The CPU's dropout key ([`crate::set_dropout_key`]): per host thread, since CPU ops run on
-    /// the thread that calls them (their rayon workers get the keyed seed as a value).
-    static DROPOUT_KEY: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// The CPU's dropout key of each lane ([`crate::set_dropout_key`], [`crate::set_lane`]): per
+    /// host thread, since CPU ops run on the thread that calls them (their rayon workers get the
+    /// keyed seed as a value).
+    static DROPOUT_KEYS: std::cell::Cell<[u64; crate::LANES]> =
+        const { std::cell::Cell::new([0; crate::LANES]) };
+    /// The calling thread's lane.
+    static LANE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-/// Sets the calling thread's dropout key.
+/// Sets the dropout key of the calling thread's lane.
 pub(crate) fn set_dropout_key(key: u64) {
-    DROPOUT_KEY.with(|k| k.set(key));
+    let lane = LANE.with(std::cell::Cell::get);
+    DROPOUT_KEYS.with(|k| {
+        let mut keys = k.get();
+        keys[lane] = key;
+        k.set(keys);
+    });
 }
 
-/// The seed a CPU op draws its dropout mask from: its own `seed` XOR the calling thread's key
-/// (`seed` itself while the key is 0). Called on the op's thread, before any rayon work.
+/// Sets the calling thread's lane (below [`crate::LANES`], checked by the caller).
+pub(crate) fn set_lane(lane: usize) {
+    LANE.with(|l| l.set(lane));
+}
+
+/// The seed a CPU op draws its dropout mask from: its own `seed` XOR the key of the calling
+/// thread's lane (`seed` itself while the key is 0). Called on the op's thread, before any rayon
+/// work.
 pub(crate) fn keyed(seed: u64) -> u64 {
-    seed ^ DROPOUT_KEY.with(std::cell::Cell::get)
+    let lane = LANE.with(std::cell::Cell::get);
+    seed ^ DROPOUT_KEYS.with(|k| k.get()[lane])
 }
 
 /// `0` with probability `p`, else `1/(1 − p)`, counter-based (`rng::dropped` of the keyed seed):

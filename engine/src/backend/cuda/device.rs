@@ -50,9 +50,17 @@ pub(crate) struct DeviceInner {
     /// buffer is its own driver allocation of the exact size, freed when dropped (after the
     /// stream drains).
     direct: bool,
-    /// 8 bytes of device memory holding the dropout key ([`crate::set_dropout_key`]), which the
-    /// dropout kernels read when they run; allocated with the device, never freed.
-    dropout_key: u64,
+    /// `LANES` × 8 bytes of device memory holding each lane's dropout key
+    /// ([`crate::set_dropout_key`], [`crate::set_lane`]), which the dropout kernels read when they
+    /// run; allocated with the device, never freed.
+    dropout_keys: u64,
+    /// The lane of the work queued from now on ([`crate::set_lane`]).
+    lane: std::sync::atomic::AtomicUsize,
+    /// Each lane's cuBLAS workspace `(address, bytes)`, made when the lane is first used (lane 0's
+    /// with the handle); never freed.
+    workspaces: Mutex<Vec<Option<(u64, usize)>>>,
+    /// Streams of [`super::graph::replay_together`] beside the device's own, made on first use.
+    side_streams: Mutex<Vec<Arc<CudaStream>>>,
 }
 
 /// A handle to one GPU (cheap to clone).
@@ -133,11 +141,14 @@ impl CudaDevice {
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| err("querying the compute capability", e))?;
-        // SAFETY: a plain 8-byte allocation on the current context (CudaContext::new binds it),
-        // zeroed before any kernel can read it; it lives as long as the process's device.
-        let dropout_key = unsafe {
-            let p = result::malloc_sync(8).map_err(|e| err("allocating the dropout key", e))?;
-            result::memset_d8_sync(p, 0, 8).map_err(|e| err("zeroing the dropout key", e))?;
+        // SAFETY: a plain allocation of a u64 per lane on the current context (CudaContext::new
+        // binds it), zeroed before any kernel can read it; it lives as long as the process's
+        // device.
+        let dropout_keys = unsafe {
+            let bytes = 8 * crate::LANES;
+            let p =
+                result::malloc_sync(bytes).map_err(|e| err("allocating the dropout keys", e))?;
+            result::memset_d8_sync(p, 0, bytes).map_err(|e| err("zeroing the dropout keys", e))?;
             p
         };
         Ok(CudaDevice(Arc::new(DeviceInner {
@@ -153,7 +164,10 @@ impl CudaDevice {
             capture: Mutex::new(None),
             capturing: std::sync::atomic::AtomicBool::new(false),
             direct: !fixed_cuda_options().caching_allocator,
-            dropout_key,
+            dropout_keys,
+            lane: std::sync::atomic::AtomicUsize::new(0),
+            workspaces: Mutex::new(vec![None; crate::LANES]),
+            side_streams: Mutex::new(Vec::new()),
         })))
     }
 
@@ -180,15 +194,21 @@ impl CudaDevice {
         &self.0.stream
     }
 
-    /// The device address of the dropout key (a u64), the `key` argument of every dropout kernel.
-    pub(crate) fn dropout_key_ptr(&self) -> u64 {
-        self.0.dropout_key
+    /// The lane of the work queued from now on ([`crate::set_lane`]).
+    pub(crate) fn lane(&self) -> usize {
+        self.0.lane.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Queues the write of the dropout key ([`crate::set_dropout_key`]): kernels queued after
-    /// this call draw with the new key, those queued before it with the old one. Refused while a
-    /// graph is being captured: the write would be recorded with this key's bytes, and every
-    /// replay would write them again.
+    /// The device address of the current lane's dropout key (a u64), the `key` argument of every
+    /// dropout kernel.
+    pub(crate) fn dropout_key_ptr(&self) -> u64 {
+        self.0.dropout_keys + 8 * self.lane() as u64
+    }
+
+    /// Queues the write of the current lane's dropout key ([`crate::set_dropout_key`]): kernels
+    /// of the lane queued after this call draw with the new key, those queued before it with the
+    /// old one. Refused while a graph is being captured: the write would be recorded with this
+    /// key's bytes, and every replay would write them again.
     pub(crate) fn set_dropout_key(&self, key: u64) -> Result<()> {
         if self.0.capturing.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(Error::invalid(
@@ -197,7 +217,87 @@ impl CudaDevice {
                  or replaying, not inside the capture",
             ));
         }
-        lock(&self.0.staging).upload(self, self.0.dropout_key, &key.to_le_bytes())
+        let at = self.dropout_key_ptr();
+        lock(&self.0.staging).upload(self, at, &key.to_le_bytes())
+    }
+
+    /// Makes `lane` (below [`crate::LANES`]) the lane of the work queued from now on: its
+    /// dropout key, and its own cuBLAS workspace (made now on its first use). Refused while a
+    /// graph is being captured (the capture would mix two lanes' scratch memory).
+    pub(crate) fn set_lane(&self, lane: usize) -> Result<()> {
+        const OP: &str = "set_lane";
+        if lane >= crate::LANES {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "lane {lane} is out of range (a device has {})",
+                    crate::LANES
+                ),
+            ));
+        }
+        if self.0.capturing.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Error::invalid(
+                OP,
+                "a CUDA graph is being captured on this device: choose the lane before capturing",
+            ));
+        }
+        if lane == self.lane() {
+            return Ok(());
+        }
+        self.0
+            .lane
+            .store(lane, std::sync::atomic::Ordering::Relaxed);
+        // The handle, once made, takes the lane's workspace now; a handle made later takes the
+        // lane current then.
+        let handle = lock(&self.0.blas).clone();
+        match handle {
+            Some(h) => self.use_workspace(&h, lane),
+            None => Ok(()),
+        }
+    }
+
+    /// Points the cuBLAS handle `h` at `lane`'s workspace, making it first (nothing without the
+    /// caching allocator: no graphs, so no workspace of our own).
+    fn use_workspace(&self, h: &CudaBlas, lane: usize) -> Result<()> {
+        if self.0.direct {
+            return Ok(());
+        }
+        let (ws, ws_bytes) = {
+            let mut spaces = lock(&self.0.workspaces);
+            match spaces[lane] {
+                Some(w) => w,
+                None => {
+                    let w = self.alloc_block("cublas workspace", CUBLAS_WORKSPACE)?;
+                    spaces[lane] = Some(w);
+                    w
+                }
+            }
+        };
+        // SAFETY: `ws` is a device block of `ws_bytes` bytes that is never freed; the work queued
+        // before this call on the device's one stream keeps the workspace it was queued with.
+        let status = unsafe {
+            cudarc::cublas::sys::cublasSetWorkspace_v2(*h.handle(), ws as *mut _, ws_bytes)
+        };
+        if status != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(self.err("cublas workspace", status));
+        }
+        Ok(())
+    }
+
+    /// The `i`-th stream beside the device's own (made on first use), for graphs replayed
+    /// together.
+    pub(crate) fn side_stream(&self, i: usize) -> Result<Arc<CudaStream>> {
+        let mut side = lock(&self.0.side_streams);
+        while side.len() <= i {
+            self.bind("side stream")?;
+            let s = self
+                .0
+                .ctx
+                .new_stream()
+                .map_err(|e| self.err("side stream", e))?;
+            side.push(s);
+        }
+        Ok(side[i].clone())
     }
 
     /// A typed error for a failed driver call of `op`.
@@ -302,22 +402,12 @@ impl CudaDevice {
         }
         self.bind("cublas")?;
         let h = Arc::new(CudaBlas::new(self.0.stream.clone()).map_err(|e| self.err("cublas", e))?);
-        // A workspace of our own, for the process's lifetime: cuBLAS then picks the same
-        // algorithms whether its calls run eagerly or are recorded into a CUDA graph (without
-        // one it uses no workspace while a graph is captured, and may pick others). Not without
+        // A workspace of our own per lane, for the process's lifetime: cuBLAS then picks the
+        // same algorithms whether its calls run eagerly or are recorded into a CUDA graph
+        // (without one it uses no workspace while a graph is captured, and may pick others), and
+        // graphs of different lanes share none (they may replay at the same time). Not without
         // the caching allocator (no graphs then; compute-sanitizer would report it as leaked).
-        if self.0.direct {
-            *b = Some(h.clone());
-            return Ok(h);
-        }
-        let (ws, ws_bytes) = self.alloc_block("cublas workspace", CUBLAS_WORKSPACE)?;
-        // SAFETY: `ws` is a device block of `ws_bytes` bytes that is never freed.
-        let status = unsafe {
-            cudarc::cublas::sys::cublasSetWorkspace_v2(*h.handle(), ws as *mut _, ws_bytes)
-        };
-        if status != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-            return Err(self.err("cublas workspace", status));
-        }
+        self.use_workspace(&h, self.lane())?;
         *b = Some(h.clone());
         Ok(h)
     }

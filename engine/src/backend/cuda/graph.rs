@@ -167,6 +167,61 @@ impl CudaGraphExec {
     }
 }
 
+/// Queues one run of each of `graphs` (all of one device), at the same time: each on a stream
+/// of its own that first waits for the work queued so far on the device's stream, which then
+/// waits for all of them, so that the work queued afterwards sees what they wrote. No host wait.
+/// One graph replays on the device's stream, as [`CudaGraphExec::replay`] does.
+///
+/// Graphs that run together must share no memory they write: give each its own
+/// [`GraphMemory`], and record each in a lane of its own ([`crate::set_lane`]: its own dropout
+/// key and cuBLAS workspace). The buffers they read (weights, inputs written beforehand) may be
+/// shared. With the op profile on, the whole is timed as one launch, `graph replay (together)`.
+pub fn replay_together(graphs: &[&CudaGraphExec]) -> Result<()> {
+    const OP: &str = "graph replay (together)";
+    let Some(first) = graphs.first() else {
+        return Ok(());
+    };
+    let dev = &first.pool.dev;
+    if let Some(g) = graphs
+        .iter()
+        .find(|g| g.pool.dev.ordinal() != dev.ordinal())
+    {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "the graphs belong to cuda:{} and cuda:{}",
+                dev.ordinal(),
+                g.pool.dev.ordinal()
+            ),
+        ));
+    }
+    if graphs.len() == 1 {
+        return first.replay();
+    }
+    dev.refuse_wait_in_capture(OP)?;
+    let no_timing = Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
+    super::launch::profiled(dev, OP, || {
+        dev.bind(OP)?;
+        let main = dev.stream();
+        let start = main.record_event(no_timing).map_err(|e| dev.err(OP, e))?;
+        let mut done = Vec::with_capacity(graphs.len());
+        for (i, g) in graphs.iter().enumerate() {
+            let side = dev.side_stream(i)?;
+            side.wait(&start).map_err(|e| dev.err(OP, e))?;
+            // SAFETY: the executable graph lives while `g` does (the call returns once the
+            // launch is queued, and the driver keeps what the queued run needs); `side` is a
+            // stream of the graph's context.
+            unsafe { result::graph::launch(g.graph.cu_graph_exec(), side.cu_stream()) }
+                .map_err(|e| dev.err(OP, e))?;
+            done.push(side.record_event(no_timing).map_err(|e| dev.err(OP, e))?);
+        }
+        for e in &done {
+            main.wait(e).map_err(|e| dev.err(OP, e))?;
+        }
+        Ok(())
+    })
+}
+
 /// Records the GPU work that `f` queues on `dev` into a graph (see the module's rules) and
 /// returns it with `f`'s result; the work itself does not run. A failing `f` or an operation
 /// that cannot be recorded ends the capture and returns the error; the device stays usable.

@@ -39,7 +39,7 @@ pub use device::{
     driver_allocations, host_wait_seconds, memory_stats, reset_peak_memory, synchronize,
     CudaDevice, GpuEvent,
 };
-pub use graph::{capture, capture_in, CudaGraphExec, GraphMemory};
+pub use graph::{capture, capture_in, replay_together, CudaGraphExec, GraphMemory};
 
 /// One flat device buffer of one dtype.
 pub struct CudaStorage {
