@@ -1,7 +1,8 @@
 //! The CPU's count of live tensor buffers (`engine::memory_stats(Device::Cpu)`): allocation and
 //! free move the current bytes, the peak holds until a reset, a view shares its buffer's count;
 //! and what the count shows of the fused MixLoRA FFN on the CPU (no `[T·k, I]` slot tensor) and
-//! of flash attention (no `[b, hq, t, s]` probabilities).
+//! of flash attention (no `[b, hq, t, s]` probabilities), and of several adapters trained one
+//! after another (`GroupMode::Sequential`: one adapter's activations at a time).
 //!
 //! The count is one per process, so this binary holds a single test that runs its checks in
 //! order (other tests allocating at the same time would move the figures).
@@ -227,6 +228,81 @@ fn flash_attention_holds_no_probabilities() {
     assert!(flash_peak < probs, "flash's peak {flash_peak} B");
 }
 
+/// Two adapters on one base, each on its own batch: in `GroupMode::Sequential` (each adapter's
+/// forward and backward before the next adapter's) the step's peak above what is held before is
+/// about one adapter's activations, in `Exact` (one backward of both losses) both adapters'.
+fn adapters_one_after_another_hold_one_adapters_activations() {
+    let mut m = model::Llama::random_with(
+        testutil::tiny_llama_config(),
+        7,
+        DType::F32,
+        CPU,
+        model::RandomInit::frozen_base(),
+    )
+    .unwrap();
+    let cfg = model::AdapterConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.1,
+        ..model::AdapterConfig::default_for(model::PeftType::Lora)
+    };
+    let sets: Vec<model::adapters::Adapters> = (0..2)
+        .map(|k| model::adapters::Adapters::init(&cfg, &m.config, 10 + k, DType::F32, CPU).unwrap())
+        .collect();
+    m.set_adapter_group(sets.clone()).unwrap();
+    let (b, t) = (4, 96);
+    let batches: Vec<(Tensor, Tensor)> = (0..2)
+        .map(|k| {
+            let ids = Tensor::from_vec(testutil::rand_ids(b * t, 11, k), [b, t], CPU).unwrap();
+            (ids, Tensor::ones([b, t], DType::U32, CPU).unwrap())
+        })
+        .collect();
+    let positions =
+        Tensor::from_vec(model::mask_positions(&vec![1; b * t], t), [b, t], CPU).unwrap();
+    let mut step_peak = |mode: model::GroupMode| {
+        m.set_group_mode(mode);
+        let before = current();
+        engine::reset_peak_memory(CPU);
+        let loss = |h: &Tensor| m.logits(h).unwrap().sqr().unwrap().sum_all().unwrap();
+        match mode {
+            model::GroupMode::Sequential => {
+                for (k, (ids, mask)) in batches.iter().enumerate() {
+                    let out = m
+                        .forward_train_member_hidden_at(k, ids, Some(mask), &positions, Some(3))
+                        .unwrap();
+                    loss(&out.hidden).backward().unwrap();
+                }
+            }
+            _ => {
+                let segs: Vec<model::GroupSegment> = (batches.iter().enumerate())
+                    .map(|(k, (ids, mask))| model::GroupSegment {
+                        adapter: k,
+                        ids: ids.clone(),
+                        key_mask: Some(mask.clone()),
+                        dropout_seed: Some(3),
+                        host: None,
+                    })
+                    .collect();
+                let outs = m.forward_train_group_hidden(&segs).unwrap();
+                let total = loss(&outs[0].hidden).add(&loss(&outs[1].hidden)).unwrap();
+                drop(outs);
+                total.backward().unwrap();
+            }
+        }
+        for s in &sets {
+            s.named_params().iter().for_each(|(_, p)| p.zero_grad());
+        }
+        peak() - before
+    };
+    let exact = step_peak(model::GroupMode::Exact);
+    let sequential = step_peak(model::GroupMode::Sequential);
+    println!("two adapters' step peak: exact {exact} B, sequential {sequential} B");
+    assert!(
+        (sequential as f64) < 0.65 * exact as f64,
+        "sequential {sequential} B against exact {exact} B"
+    );
+}
+
 #[test]
 fn cpu_memory_counts_live_buffers() {
     allocation_and_free_move_current();
@@ -234,4 +310,5 @@ fn cpu_memory_counts_live_buffers() {
     views_do_not_count_twice();
     fused_ffn_peak_is_below_naive();
     flash_attention_holds_no_probabilities();
+    adapters_one_after_another_hold_one_adapters_activations();
 }

@@ -233,10 +233,15 @@ fn grouped_forward_equals_each_adapter_alone_bit_for_bit() {
     }
     m.remove_adapters();
     m.set_adapter_group(sets.clone()).unwrap();
-    // Together, in another order than the group's, with and without checkpointing.
+    // Together, in another order than the group's, with and without checkpointing, per layer
+    // (exact) and one whole adapter after another (sequential).
     let order = [2, 0, 1];
-    for ckpt in [false, true] {
+    for (ckpt, mode) in [false, true]
+        .into_iter()
+        .flat_map(|c| [GroupMode::Exact, GroupMode::Sequential].map(move |m| (c, m)))
+    {
         m.set_gradient_checkpointing(ckpt);
+        m.set_group_mode(mode);
         let segments: Vec<_> = order
             .iter()
             .map(|&s| GroupSegment {
@@ -263,7 +268,7 @@ fn grouped_forward_equals_each_adapter_alone_bit_for_bit() {
             assert!(alone[s].grads.iter().filter(|g| !g.1.is_empty()).count() > 10);
             assert_eq!(
                 got.loss, alone[s].loss,
-                "adapter {s} (checkpointing {ckpt}): loss"
+                "adapter {s} ({mode:?}, checkpointing {ckpt}): loss"
             );
             assert_eq!(got.logits, alone[s].logits, "adapter {s}: logits");
             assert_eq!(got.hidden, alone[s].hidden, "adapter {s}: hidden");
@@ -271,7 +276,7 @@ fn grouped_forward_equals_each_adapter_alone_bit_for_bit() {
             for ((n, g), (_, w)) in got.grads.iter().zip(&alone[s].grads) {
                 assert!(
                     g == w,
-                    "adapter {s} (checkpointing {ckpt}): gradient of {n} differs"
+                    "adapter {s} ({mode:?}, checkpointing {ckpt}): gradient of {n} differs"
                 );
             }
         }
@@ -315,7 +320,7 @@ fn host_copies_of_the_tokens_give_the_same_group_bit_for_bit() {
     let sets = adapter_sets(&m);
     m.set_adapter_group(sets.clone()).unwrap();
     let micros = [micro(2, 3, 0, 1), micro(2, 4, 2, 2), micro(2, 7, 3, 3)];
-    for mode in [GroupMode::Exact, GroupMode::Shared] {
+    for mode in [GroupMode::Exact, GroupMode::Sequential, GroupMode::Shared] {
         m.set_group_mode(mode);
         let run = |host: bool| -> Vec<Result1> {
             let segments: Vec<_> = (0..3)

@@ -125,8 +125,8 @@ pub struct Table6Args {
     /// Recompute each decoder layer in the backward pass [default: off].
     #[arg(long)]
     pub gradient_checkpointing: bool,
-    /// With --adapters: how the adapters share the base, `exact` or `shared` (`mixlora train
-    /// --group-mode`) [default: auto, exact].
+    /// With --adapters: how the adapters share the base, `exact`, `sequential` or `shared`
+    /// (`mixlora train --group-mode`) [default: auto, exact].
     #[arg(long, value_name = "MODE", value_parser = crate::config::words::parse::<crate::config::GroupModeChoice>)]
     pub group_mode: Option<crate::config::GroupModeChoice>,
     /// How attention is computed, `composite` or `flash` (`mixlora train --attention`)

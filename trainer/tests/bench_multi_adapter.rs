@@ -121,6 +121,31 @@ fn adapter_groups_are_measured_against_the_single_run() {
     }
 }
 
+/// `--group-mode sequential`: each adapter's forward and backward before the next adapter's;
+/// adapter 0 still computes the single run's loss bit for bit, adapter 1 its own, and the JSON
+/// says the mode.
+#[test]
+fn adapters_one_after_another_are_measured_against_the_single_run() {
+    let a = Table6Args {
+        group_mode: Some(Some(model::GroupMode::Sequential)),
+        variants: vec![BenchVariant::Lora, BenchVariant::MixloraFused],
+        ..args(true, &[2])
+    };
+    let rows = table6_multi(&a, |_| {}).unwrap();
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        let what = format!("{:?}", r.variant);
+        let (g, s) = (r.grouped.as_ref().unwrap(), r.single.as_ref().unwrap());
+        assert_eq!(g.losses.len(), 2, "{what}");
+        assert_eq!(g.losses[0].to_bits(), s.losses[0].to_bits(), "{what}");
+        assert_ne!(g.losses[1], g.losses[0], "{what}");
+        assert!(g.tokens_per_s > 0.0 && g.peak_gib.is_some(), "{what}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&table6_multi_json(&a, &rows).unwrap()).unwrap();
+    assert_eq!(json[0]["group_mode"], "sequential");
+}
+
 #[test]
 fn the_single_run_is_measured_when_1_is_not_listed() {
     let mut a = args(false, &[2]);

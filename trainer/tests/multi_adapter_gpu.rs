@@ -123,10 +123,10 @@ fn adapters_trained_together_on_the_gpu_match_each_alone_within_bf16_tolerance()
     let _ = std::fs::remove_dir_all(&root);
 }
 
-/// With `--cuda-graphs on` each adapter records its own micro-steps (its own graphs, graph
-/// memory and lane) and a micro-batch's replays of all adapters run at once on several streams:
-/// each adapter still ends bit for bit where it ends alone with `on` (losses and adapter file),
-/// and every adapter's steps were replayed as graphs.
+/// With `--cuda-graphs on` each adapter records its own micro-steps (its own graphs and lane),
+/// replayed side by side (`exact`, each adapter its own graph memory) or one after another
+/// (`sequential`, one graph memory for all): each adapter still ends bit for bit where it ends
+/// alone with `on` (losses and adapter file), and every adapter's steps were replayed as graphs.
 #[test]
 fn adapters_trained_together_as_cuda_graphs_equal_each_alone_bit_for_bit() {
     let Some(device) = gpu() else { return };
@@ -145,36 +145,42 @@ fn adapters_trained_together_as_cuda_graphs_equal_each_alone_bit_for_bit() {
         }
         v
     };
-    let together = on(&root.join("group"));
-    let plan = RunPlan {
-        shared: SharedSettings::of(&together[0].config),
-        adapters: together.clone(),
-    };
-    let mut lines = Vec::new();
-    for o in train_plan(&plan, RunControl::default(), |l| lines.push(l.to_string())).unwrap() {
-        o.result.unwrap();
-    }
-    for t in &together {
-        let tag = format!("[{}] fixed-shape micro-steps:", t.name);
-        let line = lines.iter().find(|l| l.starts_with(&tag));
-        let line = line.unwrap_or_else(|| panic!("no line {tag:?} in {lines:#?}"));
-        assert!(!line.contains(" 0 recorded"), "{line}");
-    }
-    for (t, a) in together.iter().zip(on(&root.join("alone"))) {
+    let alone = on(&root.join("alone"));
+    for a in &alone {
         train(&a.config, |_| {}).unwrap();
-        assert_eq!(
-            losses(&t.config.out_dir),
-            losses(&a.config.out_dir),
-            "{}: the losses differ",
-            t.name
-        );
-        let file = "adapter/adapter_model.safetensors";
-        let (ft, fa) = (t.config.out_dir.join(file), a.config.out_dir.join(file));
-        assert!(
-            std::fs::read(ft).unwrap() == std::fs::read(fa).unwrap(),
-            "{}: {file} differs",
-            t.name
-        );
+    }
+    for mode in [model::GroupMode::Exact, model::GroupMode::Sequential] {
+        let together = on(&root.join(format!("{mode:?}")));
+        let mut plan = RunPlan {
+            shared: SharedSettings::of(&together[0].config),
+            adapters: together.clone(),
+        };
+        plan.shared.group_mode = Some(mode);
+        let mut lines = Vec::new();
+        for o in train_plan(&plan, RunControl::default(), |l| lines.push(l.to_string())).unwrap() {
+            o.result.unwrap();
+        }
+        for t in &together {
+            let tag = format!("[{}] fixed-shape micro-steps:", t.name);
+            let line = lines.iter().find(|l| l.starts_with(&tag));
+            let line = line.unwrap_or_else(|| panic!("{mode:?}: no line {tag:?} in {lines:#?}"));
+            assert!(!line.contains(" 0 recorded"), "{mode:?}: {line}");
+        }
+        for (t, a) in together.iter().zip(&alone) {
+            assert_eq!(
+                losses(&t.config.out_dir),
+                losses(&a.config.out_dir),
+                "{mode:?}, {}: the losses differ",
+                t.name
+            );
+            let file = "adapter/adapter_model.safetensors";
+            let (ft, fa) = (t.config.out_dir.join(file), a.config.out_dir.join(file));
+            assert!(
+                std::fs::read(ft).unwrap() == std::fs::read(fa).unwrap(),
+                "{mode:?}, {}: {file} differs",
+                t.name
+            );
+        }
     }
     let _ = std::fs::remove_dir_all(&root);
 }

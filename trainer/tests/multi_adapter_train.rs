@@ -219,6 +219,37 @@ fn adapters_trained_together_in_fixed_shapes_equal_each_trained_alone() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// `--group-mode sequential` (each adapter's micro-batch forward and backward before the next
+/// adapter's), kernel by kernel and in fixed shapes: each adapter ends bit for bit where it ends
+/// alone in the same mode.
+#[test]
+fn adapters_trained_one_after_another_equal_each_trained_alone() {
+    let root = out_dir("sequential");
+    for graphs in [CudaGraphs::Off, CudaGraphs::Eager] {
+        let with = |mut v: Vec<PlannedAdapter>| {
+            v.truncate(2);
+            for a in &mut v {
+                a.config.cuda_graphs = graphs;
+                a.config.max_steps = Some(3);
+            }
+            v
+        };
+        let dir = root.join(format!("{graphs:?}"));
+        let together = with(mixed_adapters(&dir.join("group")));
+        let mut p = plan(together.clone());
+        p.shared.group_mode = Some(model::GroupMode::Sequential);
+        train_plan(&p, RunControl::default(), |_| {}).unwrap();
+        for (t, a) in together
+            .iter()
+            .zip(with(mixed_adapters(&dir.join("alone"))))
+        {
+            train(&a.config, |_| {}).unwrap();
+            assert_same_run(&t.name, &t.config.out_dir, &a.config.out_dir, 3);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 #[test]
 fn a_diverging_adapter_stops_alone_and_the_others_go_on() {
     let root = out_dir("nan");

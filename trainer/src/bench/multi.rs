@@ -8,8 +8,11 @@
 //! `B × T` tokens and its own dropout seeds; set 0 with batch 0 is the single run's adapter on the
 //! single run's batch, so on the CPU its loss in every group equals the single run's loss bit for
 //! bit. A step: the grouped forward, per adapter the Table 6 loss (mean cross-entropy over its
-//! targets plus the aux loss), the N losses summed, one backward; timed as Table 6 times a step
-//! (median forward plus median backward, each between synchronisations).
+//! targets plus the aux loss), the N losses summed, one backward; with `--group-mode
+//! sequential`, each adapter's forward, loss and backward before the next adapter's (as `mixlora
+//! train` runs them in that mode: one adapter's activations at a time). Timed as Table 6 times a
+//! step (median forward plus median backward, each between synchronisations, summed over the
+//! adapters when they run one after another).
 //! Tokens/s counts the tokens of all N adapters.
 //!
 //! Memory: the allocator's peak over the timed steps counts the base weights, the adapters, their
@@ -22,7 +25,7 @@ use std::time::Instant;
 
 use engine::{DType, Tensor};
 use model::adapters::{Adapters, MoeImpl};
-use model::{AdapterConfig, GroupSegment, Llama};
+use model::{AdapterConfig, GroupMode, GroupSegment, Llama};
 
 use super::{
     build_model, check_args, device_name, hidden_loss, is_out_of_memory, median, memory_text,
@@ -238,7 +241,7 @@ fn single_run(
         let opt = AdamW::new(model_ref.trainable_params(), AdamWConfig::default())?;
         let batch = Batch::new(a, model_ref.config.vocab_size, 0)?;
         let what = format!("{} single run", variant_label(acfg, imp));
-        time_steps(a, &what, opt.params(), a.batch * a.seq, |step| {
+        time_steps(a, &what, opt.params(), a.batch * a.seq, 1, |step, _| {
             let (ids, mask, targets) = (&batch.ids, &batch.mask, &batch.targets);
             let seed = dropout_seed(0, step);
             Ok(vec![training_loss(model_ref, ids, mask, targets, seed)?])
@@ -272,18 +275,24 @@ fn group_run(
             .map(|k| Batch::new(a, vocab, k))
             .collect::<Result<Vec<_>>>()?;
         let what = format!("{} with {n} adapters", variant_label(acfg, imp));
-        time_steps(a, &what, &params, n * a.batch * a.seq, |step| {
-            let segments: Vec<GroupSegment> = batches
-                .iter()
-                .enumerate()
-                .map(|(k, b)| GroupSegment {
-                    adapter: k,
-                    ids: b.ids.clone(),
-                    key_mask: Some(b.mask.clone()),
-                    dropout_seed: Some(dropout_seed(k, step)),
-                    // As the single run it is compared with: the mask read from the device.
-                    host: None,
-                })
+        let segment = |k: usize, b: &Batch, step: u64| GroupSegment {
+            adapter: k,
+            ids: b.ids.clone(),
+            key_mask: Some(b.mask.clone()),
+            dropout_seed: Some(dropout_seed(k, step)),
+            // As the single run it is compared with: the mask read from the device.
+            host: None,
+        };
+        if model_ref.group_mode() == GroupMode::Sequential {
+            // Each adapter's forward and backward before the next adapter's.
+            return time_steps(a, &what, &params, n * a.batch * a.seq, n, |step, k| {
+                let out = model_ref.forward_train_group_hidden(&[segment(k, &batches[k], step)])?;
+                Ok(vec![hidden_loss(model_ref, &out[0], &batches[k].targets)?])
+            });
+        }
+        time_steps(a, &what, &params, n * a.batch * a.seq, 1, |step, _| {
+            let segments: Vec<GroupSegment> = (batches.iter().enumerate())
+                .map(|(k, b)| segment(k, b, step))
                 .collect();
             let outs = model_ref.forward_train_group_hidden(&segments)?;
             outs.iter()
@@ -305,14 +314,17 @@ fn variant_label(acfg: &AdapterConfig, imp: Option<MoeImpl>) -> String {
     }
 }
 
-/// `warmup` then `steps` training steps, each: `losses(step)` (one loss per adapter), their sum,
-/// its backward; the timed steps' median forward and backward, the peak, the last losses.
+/// `warmup` then `steps` training steps, each of `parts` parts one after another, each part:
+/// `losses(step, part)` (one loss per adapter of the part), their sum, its backward; the timed
+/// steps' median forward and backward (each summed over the parts), the peak, the last losses
+/// (in part order).
 fn time_steps(
     a: &Table6Args,
     what: &str,
     params: &[Tensor],
     tokens: usize,
-    mut losses: impl FnMut(u64) -> Result<Vec<Tensor>>,
+    parts: usize,
+    mut losses: impl FnMut(u64, usize) -> Result<Vec<Tensor>>,
 ) -> Result<StepFigures> {
     let device = a.device;
     let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
@@ -331,22 +343,27 @@ fn time_steps(
         }
         params.iter().for_each(Tensor::zero_grad);
         synchronize(device)?;
-        let t0 = Instant::now();
-        let ls = losses(step as u64)?;
-        let total = sum(&ls)?;
-        synchronize(device)?;
-        let t1 = Instant::now();
-        total.backward()?;
-        synchronize(device)?;
-        let t2 = Instant::now();
-        if step >= a.warmup {
-            fwd.push((t1 - t0).as_secs_f64());
-            bwd.push((t2 - t1).as_secs_f64());
+        let (mut f, mut b) = (0.0, 0.0);
+        last.clear();
+        for part in 0..parts {
+            let t0 = Instant::now();
+            let ls = losses(step as u64, part)?;
+            let total = sum(&ls)?;
+            synchronize(device)?;
+            let t1 = Instant::now();
+            total.backward()?;
+            synchronize(device)?;
+            let t2 = Instant::now();
+            f += (t1 - t0).as_secs_f64();
+            b += (t2 - t1).as_secs_f64();
+            for l in &ls {
+                last.push(l.to_scalar()?);
+            }
         }
-        last = ls
-            .iter()
-            .map(|l| Ok(l.to_scalar()?))
-            .collect::<Result<Vec<f64>>>()?;
+        if step >= a.warmup {
+            fwd.push(f);
+            bwd.push(b);
+        }
     }
     let peak_gib = peak_bytes(device).map(|p| p as f64 / GIB);
     if let Some(l) = last.iter().find(|l| !l.is_finite()) {
@@ -358,7 +375,9 @@ fn time_steps(
         // One more step with every kernel timed: where the time goes.
         engine::profile::take();
         params.iter().for_each(Tensor::zero_grad);
-        sum(&losses(0)?)?.backward()?;
+        for part in 0..parts {
+            sum(&losses(0, part)?)?.backward()?;
+        }
         synchronize(device)?;
         println!("profile of one step, {what}:");
         print!("{}", engine::profile::report(a.profile.rows()));

@@ -284,9 +284,10 @@ const INFERENCE_MOE_IMPL_HELP: &str = "How MixLoRA FFNs are computed: `auto` (fu
     device), `naive`, `paper`, `grouped` or `fused` [default: auto]";
 const GROUP_MODE_HELP: &str = "How several adapters of one run share the base: `exact` (each \
     adapter's rows through their own projections and attention: each adapter exactly as alone, \
-    bit for bit on the CPU), `shared` (the adapters' micro-batches padded into one batch through \
-    the frozen base, their LoRAs grouped: the same up to rounding, fewer kernel launches) or \
-    `auto` (exact) [default: auto]";
+    bit for bit on the CPU), `sequential` (exact, each adapter's micro-batch forward and backward \
+    before the next adapter's: the activation memory of one adapter at a time), `shared` (the \
+    adapters' micro-batches padded into one batch through the frozen base, their LoRAs grouped: \
+    the same up to rounding, fewer kernel launches) or `auto` (exact) [default: auto]";
 const CUDA_GRAPHS_HELP: &str = "Record each training micro-step as a CUDA graph and replay it \
     (`on`; --device cuda, one process; several adapters each record their own, replayed side by \
     side): micro-batches are padded to a multiple of 64 \

@@ -63,14 +63,15 @@ impl Word for MoeImplChoice {
 pub type GroupModeChoice = Option<GroupMode>;
 
 impl Word for GroupModeChoice {
-    /// `auto`, `exact` or `shared`.
+    /// `auto`, `exact`, `sequential` or `shared`.
     fn parse_word(s: &str) -> Result<Self, String> {
         match s {
             "auto" => Ok(None),
             "exact" => Ok(Some(GroupMode::Exact)),
+            "sequential" => Ok(Some(GroupMode::Sequential)),
             "shared" => Ok(Some(GroupMode::Shared)),
             _ => Err(format!(
-                "unknown group mode `{s}` (expected auto, exact or shared)"
+                "unknown group mode `{s}` (expected auto, exact, sequential or shared)"
             )),
         }
     }
@@ -78,6 +79,7 @@ impl Word for GroupModeChoice {
         match self {
             None => "auto",
             Some(GroupMode::Exact) => "exact",
+            Some(GroupMode::Sequential) => "sequential",
             Some(GroupMode::Shared) => "shared",
         }
         .to_string()
@@ -214,7 +216,7 @@ mod tests {
         round_trip::<PeftType>(&["lora", "mixlora"]);
         round_trip::<MoeImplChoice>(&["auto", "naive", "paper", "grouped", "fused"]);
         round_trip::<MoeKernels>(&["gemms", "tiles"]);
-        round_trip::<GroupModeChoice>(&["auto", "exact", "shared"]);
+        round_trip::<GroupModeChoice>(&["auto", "exact", "sequential", "shared"]);
         round_trip::<NonZeroUsize>(&["1", "4096"]);
     }
 

@@ -36,7 +36,7 @@
 use std::collections::BTreeMap;
 
 use engine::{DType, Device, Tensor};
-use model::Llama;
+use model::{GroupMode, Llama};
 
 use super::lm_loss_rows;
 use super::micro::{MicroOut, Segment};
@@ -54,8 +54,10 @@ pub fn bucket_len(len: usize, cutoff: usize) -> usize {
 
 /// One micro-batch of each segment's adapter (`segs[k].adapter` indexes `fixed`), each as its
 /// adapter's fixed-shape micro-step: the eager ones (and the first recording of a shape) one
-/// after another, then every replay at once, each in its adapter's lane. Returns what each left
-/// on the device, in the order of `segs`.
+/// after another, then every replay at once, each in its adapter's lane; in
+/// [`GroupMode::Sequential`] each adapter's micro-step, replay included, before the next one's
+/// (their graphs share one memory: [`share_memory`]). Returns what each left on the device, in
+/// the order of `segs`.
 pub(super) fn round(
     fixed: &mut [FixedSteps],
     model: &Llama,
@@ -64,6 +66,22 @@ pub(super) fn round(
     let Some(device) = fixed.first().map(|f| f.device) else {
         return Ok(Vec::new());
     };
+    if model.group_mode() == GroupMode::Sequential {
+        let mut outs = Vec::with_capacity(segs.len());
+        for s in segs {
+            let q = fixed[s.adapter].queue(model, s)?;
+            if let Some(_key) = q.replay {
+                #[cfg(feature = "cuda")]
+                fixed[s.adapter].graph(_key).replay()?;
+                #[cfg(not(feature = "cuda"))]
+                unreachable!("the run refuses --cuda-graphs on without the CUDA backend");
+            }
+            // Copied out before another graph of the shared memory runs.
+            outs.push(q.outputs.copied()?);
+        }
+        engine::set_lane(device, 0)?;
+        return Ok(outs);
+    }
     let mut queued = Vec::with_capacity(segs.len());
     for s in segs {
         queued.push(fixed[s.adapter].queue(model, s)?);
@@ -82,6 +100,23 @@ pub(super) fn round(
     engine::set_lane(device, 0)?;
     // The outputs are the graphs' (or, eager, fresh): copied out before their next run.
     queued.into_iter().map(|q| q.outputs.copied()).collect()
+}
+
+/// Gives every adapter's graphs one memory, for [`GroupMode::Sequential`], whose replays never
+/// overlap: the memory of the largest micro-step, not of one per adapter. (Without the CUDA
+/// backend there are no graphs: nothing to do.)
+pub(super) fn share_memory(fixed: &mut [FixedSteps]) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Some(Device::Cuda(n)) = fixed.first().map(|f| f.device) {
+        let dev = engine::backend::cuda::CudaDevice::get(n)?;
+        let memory = engine::backend::cuda::GraphMemory::new(&dev);
+        for f in fixed.iter_mut() {
+            f.memory = Some(memory.clone());
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = fixed;
+    Ok(())
 }
 
 /// A micro-step queued by [`FixedSteps::queue`]: its outputs, and the shape whose graph must be

@@ -2,7 +2,7 @@
 //! step) through the base model, forward and backward.
 
 use engine::{DType, Device, Tensor};
-use model::{GroupSegment, HostTokens, Llama};
+use model::{GroupMode, GroupSegment, HiddenOutput, HostTokens, Llama};
 
 use super::lm_loss_rows;
 use crate::data::HostBatch;
@@ -92,13 +92,32 @@ pub(super) fn read_all(
 /// One micro-batch of each segment's adapter through the model, forward and backward: with one
 /// adapter the model's own forward, with several the grouped forward of its adapter group (each
 /// adapter on its own rows). The backward runs once, from the sum of the adapters' losses: each
-/// adapter's parameters get the gradient of its own loss only.
+/// adapter's parameters get the gradient of its own loss only. In
+/// [`GroupMode::Sequential`] each adapter's forward and backward run before the next adapter's
+/// (one adapter's activations at a time).
 pub(super) fn micro_step(model: &Llama, grouped: bool, segs: &[Segment]) -> Result<Vec<MicroOut>> {
     let device = model.device();
     let tensors = segs
         .iter()
         .map(|s| s.batch.to_tensors(device))
         .collect::<Result<Vec<_>>>()?;
+    if grouped && model.group_mode() == GroupMode::Sequential {
+        return (segs.iter().zip(&tensors))
+            .map(|(s, (ids, mask, labels))| {
+                let positions = host_positions(s.batch, device)?;
+                let out = model.forward_train_member_hidden_at(
+                    s.adapter,
+                    ids,
+                    Some(mask),
+                    &positions,
+                    Some(s.seed),
+                )?;
+                let (result, loss) = segment_loss(model, s, out, labels)?;
+                loss.backward()?;
+                Ok(result)
+            })
+            .collect();
+    }
     let outs = if grouped {
         let group: Vec<GroupSegment> = segs
             .iter()
@@ -118,36 +137,14 @@ pub(super) fn micro_step(model: &Llama, grouped: bool, segs: &[Segment]) -> Resu
         model.forward_train_group_hidden(&group)?
     } else {
         let (ids, mask, _) = &tensors[0];
-        // The RoPE positions from the host's copy of the mask: the model's own would read the
-        // mask back from the device, a wait for the GPU on every micro-batch.
-        let b = segs[0].batch;
-        let positions = Tensor::from_slice(
-            &model::mask_positions(&b.key_mask, b.len),
-            [b.batch, b.len],
-            device,
-        )?;
+        let positions = host_positions(segs[0].batch, device)?;
         vec![model.forward_train_hidden_at(ids, Some(mask), &positions, Some(segs[0].seed))?]
     };
     let mut total: Option<Tensor> = None;
     let mut results = Vec::with_capacity(segs.len());
     for ((s, out), (_, _, labels)) in segs.iter().zip(outs).zip(&tensors) {
-        let lm_sum = lm_loss_rows(model, &out.hidden, labels)?.sum_all()?;
-        // The step's loss is the mean over all its target tokens, so accumulated micro-batches
-        // add up to one large batch; the aux loss (already times its coefficient) is averaged.
-        let mut loss = lm_sum.to_dtype(DType::F32)?.mul_scalar(1.0 / s.n_targets)?;
-        if let Some(a) = &out.aux_loss {
-            loss = loss.add(&a.to_dtype(DType::F32)?.mul_scalar(1.0 / s.n_micro)?)?;
-        }
-        // The router z-loss (already times its coefficient; none at 0) is averaged the same way.
-        if let Some(zl) = &out.z_loss {
-            loss = loss.add(&zl.to_dtype(DType::F32)?.mul_scalar(1.0 / s.n_micro)?)?;
-        }
-        results.push(MicroOut {
-            lm: lm_sum.detach(),
-            aux: out.aux_loss.as_ref().map(Tensor::detach),
-            z: out.z_loss.as_ref().map(Tensor::detach),
-            load: out.expert_load,
-        });
+        let (result, loss) = segment_loss(model, s, out, labels)?;
+        results.push(result);
         total = Some(match total {
             None => loss,
             Some(t) => t.add(&loss)?,
@@ -157,4 +154,41 @@ pub(super) fn micro_step(model: &Llama, grouped: bool, segs: &[Segment]) -> Resu
         t.backward()?;
     }
     Ok(results)
+}
+
+/// The RoPE positions of a micro-batch from the host's copy of its mask: the model's own would
+/// read the mask back from the device, a wait for the GPU on every micro-batch.
+fn host_positions(b: &HostBatch, device: Device) -> Result<Tensor> {
+    Ok(Tensor::from_slice(
+        &model::mask_positions(&b.key_mask, b.len),
+        [b.batch, b.len],
+        device,
+    )?)
+}
+
+/// A segment's step loss from its forward `out` and labels, and what the micro-batch gave it.
+fn segment_loss(
+    model: &Llama,
+    s: &Segment,
+    out: HiddenOutput,
+    labels: &Tensor,
+) -> Result<(MicroOut, Tensor)> {
+    let lm_sum = lm_loss_rows(model, &out.hidden, labels)?.sum_all()?;
+    // The step's loss is the mean over all its target tokens, so accumulated micro-batches add
+    // up to one large batch; the aux loss (already times its coefficient) is averaged.
+    let mut loss = lm_sum.to_dtype(DType::F32)?.mul_scalar(1.0 / s.n_targets)?;
+    if let Some(a) = &out.aux_loss {
+        loss = loss.add(&a.to_dtype(DType::F32)?.mul_scalar(1.0 / s.n_micro)?)?;
+    }
+    // The router z-loss (already times its coefficient; none at 0) is averaged the same way.
+    if let Some(zl) = &out.z_loss {
+        loss = loss.add(&zl.to_dtype(DType::F32)?.mul_scalar(1.0 / s.n_micro)?)?;
+    }
+    let result = MicroOut {
+        lm: lm_sum.detach(),
+        aux: out.aux_loss.as_ref().map(Tensor::detach),
+        z: out.z_loss.as_ref().map(Tensor::detach),
+        load: out.expert_load,
+    };
+    Ok((result, loss))
 }

@@ -310,6 +310,9 @@ fn train_plan_with_base(
             })
             .collect::<Result<Vec<_>>>()?,
     };
+    if graphs == CudaGraphs::On && model.group_mode() == model::GroupMode::Sequential {
+        fixed::share_memory(&mut fixed)?;
+    }
     // The bar counts optimizer steps: of the adapter, or of the whole run (its longest adapter).
     let (bar_total, bar_start) = if grouped {
         let left = runs.iter().map(|r| r.total - r.state.step).max();

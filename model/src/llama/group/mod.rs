@@ -2,13 +2,17 @@
 //! of segments, each segment one adapter's micro-batch (docs/DESIGN.md, "Adapter groups").
 //!
 //! Segment `s` brings its own token ids `[B_s, T_s]` (its own length), key mask and dropout seed,
-//! and names the adapter set of the group that applies to its rows. Two ways to compute a group
+//! and names the adapter set of the group that applies to its rows. Three ways to compute a group
 //! ([`GroupMode`], [`Llama::set_group_mode`]):
 //!
 //! - [`GroupMode::Exact`] (`exact.rs`, the default): everything that mixes rows or meets an
 //!   adapter runs per segment on a view of its rows, so each segment computes exactly what its
 //!   adapter computes alone, values and gradients, bit for bit on the CPU
 //!   (tests/tests/multi_adapter.rs). N adapters issue N times the kernels of one.
+//! - [`GroupMode::Sequential`]: each segment through the whole model with its adapter set alone,
+//!   one after another ([`Llama::forward_train_member_hidden_at`]): the values of `Exact`, for a
+//!   trainer that runs each segment's backward before the next segment's forward (one adapter's
+//!   activations held at a time).
 //! - [`GroupMode::Shared`] (`shared.rs`, chosen with [`Llama::set_group_mode`]): the segments (same batch size `B`)
 //!   are padded to the longest `T` and form one `[S·B, T]` batch; the embedding, norms, every
 //!   frozen projection, RoPE and attention run once over all rows, and only what belongs to an
@@ -26,7 +30,7 @@ use std::sync::Arc;
 
 use engine::Tensor;
 
-use super::{batch_dims, ForwardOutput, HiddenOutput, Llama};
+use super::{batch_dims, mask_positions, ForwardOutput, HiddenOutput, Llama};
 use crate::adapters::router::RouterOutput;
 use crate::adapters::{Adapters, LayerAdapters, MlpAdapters};
 use crate::error::{Error, Result};
@@ -64,6 +68,12 @@ pub enum GroupMode {
     /// Per segment: each adapter's values and gradients bit for bit those of its single run on
     /// the CPU; N adapters issue N times the kernels of one.
     Exact,
+    /// One segment after another, each through the whole model with its adapter set alone
+    /// ([`Llama::forward_train_member_hidden_at`]): the values of `Exact`. What it is for: a
+    /// trainer that runs each segment's forward and backward before the next segment's holds one
+    /// adapter's activations at a time, not all of them (the memory of several adapters on one
+    /// base is then their weights, gradients and optimizer state, and one adapter's activations).
+    Sequential,
     /// One padded batch through the frozen base, the adapters' LoRA grouped: the same maths up
     /// to rounding, with the kernel count of about one run. Segments of different batch sizes
     /// run `Exact`.
@@ -215,6 +225,19 @@ impl Llama {
         let same_b = segs.iter().all(|s| s.b == segs[0].b);
         match self.group_mode() {
             GroupMode::Shared if same_b => shared::forward(self, &segs),
+            GroupMode::Sequential => segs
+                .iter()
+                .zip(segments)
+                .map(|(s, g)| {
+                    let (_, mask) = s.tokens_on_host()?;
+                    let positions =
+                        Tensor::from_slice(&mask_positions(&mask, s.t), [s.b, s.t], self.device())?;
+                    let seed = s.dropout_seed;
+                    self.forward_train_member_hidden_at(
+                        g.adapter, s.ids, s.key_mask, &positions, seed,
+                    )
+                })
+                .collect(),
             _ => exact::forward(self, &segs),
         }
     }
