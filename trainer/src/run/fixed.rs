@@ -20,18 +20,20 @@
 //!   view per parameter), zeroed once at the start of a step and handed to the optimizer at its
 //!   end. The optimizer step stays outside the graphs (a few fused launches).
 //!
-//! - several adapters (a run of an adapter group): each has its own fixed-shape micro-steps
-//!   through the frozen base ([`Llama::forward_train_member_hidden_at`]: what it computes alone),
-//!   its own graphs, graph memory and lane ([`engine::set_lane`]: its own dropout key and cuBLAS
-//!   workspace), so that a micro-batch's replays of all adapters run at the same time on the GPU
-//!   ([`round`]: `replay_together`), where kernel by kernel one adapter's small kernels would
-//!   follow another's.
-//!
 //! `eager` runs the same micro-steps without recording them: on any device, the reference that
 //! `on` must equal bit for bit. `on` runs each shape eagerly the first time (kernels load, lazy
 //! caches fill outside the graph), records it the second time and replays it from then on. All
-//! shapes' graphs share one [`GraphMemory`](engine::backend::cuda::GraphMemory): their replays
-//! never overlap, and each run's outputs are copied out before the next.
+//! shapes' graphs of an adapter share one [`GraphMemory`](engine::backend::cuda::GraphMemory):
+//! their replays never overlap, and each run's outputs are copied out before the next.
+//!
+//! Several adapters (a run of an adapter group): each has its own fixed-shape micro-steps through
+//! the frozen base ([`Llama::forward_train_member_hidden_at`]: what it computes alone), its own
+//! graphs, graph memory and lane ([`engine::set_lane`]: its own dropout key and cuBLAS
+//! workspace), so that a micro-batch's replays of all adapters run at the same time on the GPU
+//! ([`round`]: `replay_together`), where kernel by kernel one adapter's small kernels would follow
+//! another's. In [`GroupMode::Sequential`] they run one after another instead, replay included,
+//! and all adapters' graphs share one memory ([`share_memory`]): one adapter's activations at a
+//! time.
 
 use std::collections::BTreeMap;
 
