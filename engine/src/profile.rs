@@ -158,6 +158,12 @@ pub fn take_busy() -> (f64, Option<f64>) {
 /// total, calls), the total, and with GPU events the GPU span (busy: the total).
 #[must_use]
 pub fn report(rows: usize) -> String {
+    take_report(rows).0
+}
+
+/// [`report`] and the total time of the table ([`take_busy`]'s first figure), from one take.
+#[must_use]
+pub fn take_report(rows: usize) -> (String, f64) {
     let (table, span) = take_with_span();
     let total: f64 = table.iter().map(|r| r.2).sum();
     // Writing into a String cannot fail.
@@ -182,7 +188,7 @@ pub fn report(rows: usize) -> String {
             ""
         );
     }
-    out
+    (out, total)
 }
 
 /// Seconds of GPU time from the first event-timed launch to the last ([`ProfileMode::GpuEvents`]).

@@ -378,6 +378,10 @@ fn recipe(cmd: RecipeCmd) -> Result<()> {
     if comm.as_ref().is_some_and(|c| c.rank() != 0) {
         return Ok(());
     }
+    if let Some(p) = &r.profile {
+        eprintln!("profile of {} more steps:", args.steps);
+        eprint!("{p}");
+    }
     let json = recipe::recipe_json(&args, &r);
     if let Some(path) = &args.json {
         std::fs::write(path, format!("{json}\n"))

@@ -120,6 +120,55 @@ fn the_recipe_bench_runs_data_parallel_over_the_same_global_batch() {
     assert_eq!(json["gpus"], 1);
 }
 
+/// `--profile-rows N` prints, after the figures, where `--steps` more steps' time went: at most N
+/// op rows, then the total (stderr; the summary on stdout stays one line).
+#[test]
+fn the_recipe_bench_prints_an_op_profile_on_request() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mixlora"))
+        .args([
+            "bench",
+            "recipe",
+            "--device",
+            "cpu",
+            "--dtype",
+            "f32",
+            "--warmup",
+            "1",
+            "--steps",
+            "2",
+            "--batch",
+            "4",
+            "--micro-batch",
+            "2",
+            "--profile-rows",
+            "5",
+        ])
+        .output()
+        .unwrap();
+    let (o, e) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{e}");
+    assert_eq!(o.lines().count(), 1, "{o}");
+    let at = e
+        .find("profile of 2 more steps:")
+        .unwrap_or_else(|| panic!("{e}"));
+    let table: Vec<&str> = e[at..].lines().skip(2).collect();
+    let total = table
+        .iter()
+        .position(|l| l.ends_with("total in backend ops"));
+    let total = total.unwrap_or_else(|| panic!("no total in {e}"));
+    assert!((1..=5).contains(&total), "{total} op rows: {e}");
+    let ms: f64 = table[total]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(ms > 0.0, "{e}");
+}
+
 #[test]
 fn the_recipe_bench_refuses_gpus_on_the_cpu() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mixlora"))

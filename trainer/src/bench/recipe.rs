@@ -76,6 +76,11 @@ pub struct RecipeArgs {
     /// Also write the result as JSON here [default: none, the summary on stdout only].
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Print where the time of `--steps` more steps went, op by op, its N longest rows (stderr):
+    /// on a GPU the kernels of the event-timed pass (a replayed graph is one row), on the CPU each
+    /// op's wall time in a pass of its own [default: none].
+    #[arg(long, value_name = "N")]
+    pub profile_rows: Option<usize>,
     /// Record the micro-steps as CUDA graphs (`on`), or run the same fixed-shape steps kernel by
     /// kernel (`eager`), or `auto`, as `mixlora train --cuda-graphs` [default: off].
     #[arg(long, value_name = "MODE", default_value = "off", value_parser = words::parse::<CudaGraphs>)]
@@ -113,6 +118,8 @@ pub struct RecipeResult {
     pub ranks: usize,
     /// How the micro-steps ran (`--cuda-graphs auto` resolved).
     pub cuda_graphs: CudaGraphs,
+    /// With `--profile-rows`, the op profile of the profiled pass.
+    pub profile: Option<String>,
 }
 
 /// Seconds the host has waited for the GPU so far (0 without CUDA).
@@ -141,6 +148,7 @@ struct Clock {
     timed: Option<RecipeResult>,
     profiled_tokens: usize,
     busy_s: Option<f64>,
+    profile: Option<String>,
     /// Driver allocations when the timed steps started.
     allocs0: Option<u64>,
     error: Option<Error>,
@@ -166,7 +174,12 @@ pub fn recipe_on(
     }
     let device = a.device;
     let gpu = matches!(device, Device::Cuda(_));
-    let passes = if gpu { 2 } else { 1 };
+    // The timed pass, then on a GPU (or for a profile) one whose ops are timed.
+    let passes = if gpu || a.profile_rows.is_some() {
+        2
+    } else {
+        1
+    };
     let out = scratch_dir("bench-recipe");
     let cfg = TrainConfig {
         model: a.model.clone(),
@@ -220,13 +233,13 @@ pub fn recipe_on(
         }
     };
     let clock = RefCell::new(Clock::default());
-    let (w, n) = (a.warmup, a.steps);
+    let (w, n, rows) = (a.warmup, a.steps, a.profile_rows);
     let on_step = |s: &StepDone| {
         let mut c = clock.borrow_mut();
         if c.error.is_some() {
             return;
         }
-        if let Err(e) = tick(&mut c, s, w, n, device) {
+        if let Err(e) = tick(&mut c, s, (w, n, rows), device) {
             c.error = Some(e);
         }
     };
@@ -248,18 +261,25 @@ pub fn recipe_on(
     let mut r = c.timed.take().ok_or_else(|| {
         Error::Config("bench recipe: the run ended before its timed steps".into())
     })?;
-    if let Some(busy) = c.busy_s {
+    if let Some(busy) = c.busy_s.filter(|_| gpu) {
         let per_token = busy / c.profiled_tokens.max(1) as f64;
         r.gpu_busy = Some(per_token * r.tokens as f64 / r.wall_s.max(1e-12));
     }
+    r.profile = c.profile.take();
     r.ranks = comm.map_or(1, |c| c.world_size());
     r.cuda_graphs = a.cuda_graphs.resolve(a.device, false, comm.is_some());
     Ok(r)
 }
 
 /// The clock after step `s.iteration`: starts after the warmup, stops after `n` timed steps,
-/// then (on a GPU) times `n` more steps' kernels with CUDA events.
-fn tick(c: &mut Clock, s: &StepDone, w: usize, n: usize, device: Device) -> Result<()> {
+/// then (on a GPU, or with a profile of `rows` rows) times `n` more steps' ops: on a GPU their
+/// kernels with CUDA events, on the CPU each op's wall time.
+fn tick(
+    c: &mut Clock,
+    s: &StepDone,
+    (w, n, rows): (usize, usize, Option<usize>),
+    device: Device,
+) -> Result<()> {
     let it = s.iteration;
     if it == w {
         synchronize(device)?;
@@ -290,9 +310,14 @@ fn tick(c: &mut Clock, s: &StepDone, w: usize, n: usize, device: Device) -> Resu
                 .map(|(a, a0)| (a - a0) as f64 / n as f64),
             ranks: 1,
             cuda_graphs: CudaGraphs::Off,
+            profile: None,
         });
-        if matches!(device, Device::Cuda(_)) {
-            engine::profile::set_mode(engine::profile::ProfileMode::GpuEvents);
+        let mode = match device {
+            Device::Cuda(_) => engine::profile::ProfileMode::GpuEvents,
+            Device::Cpu => engine::profile::ProfileMode::Wall,
+        };
+        if matches!(device, Device::Cuda(_)) || rows.is_some() {
+            engine::profile::set_mode(mode);
             let _ = engine::profile::take_busy();
         }
         return Ok(());
@@ -301,7 +326,9 @@ fn tick(c: &mut Clock, s: &StepDone, w: usize, n: usize, device: Device) -> Resu
         c.profiled_tokens += s.real_tokens;
         if it == w + 2 * n {
             synchronize(device)?;
-            c.busy_s = Some(engine::profile::take_busy().0);
+            let (report, busy) = engine::profile::take_report(rows.unwrap_or(0));
+            c.busy_s = Some(busy);
+            c.profile = rows.map(|_| report);
             engine::profile::set_mode(engine::profile::ProfileMode::Off);
         }
     }
