@@ -2,30 +2,29 @@
 //! the real training loop timed; the report's figures are consistent and the bad arguments are
 //! one-line errors.
 
+/// `bench recipe` on the CPU in f32, a step of warm-up, batch 4 in micro-batches of 2.
+const CPU_RUN: [&str; 12] = [
+    "bench",
+    "recipe",
+    "--device",
+    "cpu",
+    "--dtype",
+    "f32",
+    "--warmup",
+    "1",
+    "--batch",
+    "4",
+    "--micro-batch",
+    "2",
+];
+
 #[test]
 fn the_recipe_bench_times_the_training_loop() {
     let bin = env!("CARGO_BIN_EXE_mixlora");
     let json = std::env::temp_dir().join(format!("mixlora-recipe-{}.json", std::process::id()));
     let out = std::process::Command::new(bin)
-        .args([
-            "bench",
-            "recipe",
-            "--device",
-            "cpu",
-            "--dtype",
-            "f32",
-            "--warmup",
-            "1",
-            "--steps",
-            "3",
-            "--batch",
-            "4",
-            "--micro-batch",
-            "2",
-            "--cutoff-len",
-            "320",
-            "--json",
-        ])
+        .args(CPU_RUN)
+        .args(["--steps", "3", "--cutoff-len", "320", "--json"])
         .arg(&json)
         .output()
         .unwrap();
@@ -125,24 +124,8 @@ fn the_recipe_bench_runs_data_parallel_over_the_same_global_batch() {
 #[test]
 fn the_recipe_bench_prints_an_op_profile_on_request() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mixlora"))
-        .args([
-            "bench",
-            "recipe",
-            "--device",
-            "cpu",
-            "--dtype",
-            "f32",
-            "--warmup",
-            "1",
-            "--steps",
-            "2",
-            "--batch",
-            "4",
-            "--micro-batch",
-            "2",
-            "--profile-rows",
-            "5",
-        ])
+        .args(CPU_RUN)
+        .args(["--steps", "2", "--profile-rows", "5"])
         .output()
         .unwrap();
     let (o, e) = (
