@@ -149,6 +149,8 @@ pub(super) struct FixedSteps {
     exact_rows: bool,
     /// By `(rows, len)`.
     shapes: BTreeMap<(usize, usize), Shape>,
+    /// Shapes, and graphs, given back by [`FixedSteps::release`].
+    released: (usize, usize),
     #[cfg(feature = "cuda")]
     memory: Option<engine::backend::cuda::GraphMemory>,
 }
@@ -208,6 +210,7 @@ impl FixedSteps {
             sums,
             exact_rows,
             shapes: BTreeMap::new(),
+            released: (0, 0),
             #[cfg(feature = "cuda")]
             memory: None,
         })
@@ -229,6 +232,17 @@ impl FixedSteps {
             p.accumulate_grad(g)?;
         }
         Ok(())
+    }
+
+    /// Drops every shape's inputs and graph, and the graph memory (the adapter trains no more);
+    /// [`FixedSteps::shapes`] still counts them.
+    pub fn release(&mut self) {
+        self.released = self.shapes();
+        self.shapes.clear();
+        #[cfg(feature = "cuda")]
+        {
+            self.memory = None;
+        }
     }
 
     /// The adapter's lane ([`engine::set_lane`]).
@@ -342,13 +356,16 @@ impl FixedSteps {
         )
     }
 
-    /// Shapes seen so far, and how many of them have a graph.
+    /// Shapes seen so far, and how many of them have a graph (those released included).
     pub fn shapes(&self) -> (usize, usize) {
         #[cfg(feature = "cuda")]
         let recorded = self.shapes.values().filter(|s| s.graph.is_some()).count();
         #[cfg(not(feature = "cuda"))]
         let recorded = 0;
-        (self.shapes.len(), recorded)
+        (
+            self.released.0 + self.shapes.len(),
+            self.released.1 + recorded,
+        )
     }
 }
 

@@ -427,6 +427,14 @@ fn train_plan_with_base(
         } else {
             queued = Some(step);
         }
+        // An adapter done training (finished, or stopped) gives its graphs' memory back to the
+        // others, once no queued step has its work.
+        let in_queue = queued.as_ref().map_or(&[][..], |q| &q.active[..]);
+        for (i, f) in fixed.iter_mut().enumerate() {
+            if !runs[i].is_training() && !in_queue.contains(&i) {
+                f.release();
+            }
+        }
         if let Some(f) = ctl.on_step {
             f(&StepDone {
                 iteration,
