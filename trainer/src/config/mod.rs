@@ -228,7 +228,7 @@ with_defaults! {
         /// How attention is computed (the same values up to rounding).
         #[serde(with = "words")]
         pub attention: AttentionImpl = AttentionImpl::Composite,
-        /// Whether the micro-steps are recorded as CUDA graphs (one adapter, one process).
+        /// Whether the micro-steps are recorded as CUDA graphs (one process; each adapter its own).
         #[serde(with = "words")]
         pub cuda_graphs: CudaGraphs = CudaGraphs::Off,
     }
