@@ -244,16 +244,16 @@ impl CudaDevice {
         if lane == self.lane() {
             return Ok(());
         }
+        // The handle, once made, takes the lane's workspace now (before the lane changes: a
+        // failure leaves both as they were); a handle made later takes the lane current then.
+        let handle = lock(&self.0.blas).clone();
+        if let Some(h) = handle {
+            self.use_workspace(&h, lane)?;
+        }
         self.0
             .lane
             .store(lane, std::sync::atomic::Ordering::Relaxed);
-        // The handle, once made, takes the lane's workspace now; a handle made later takes the
-        // lane current then.
-        let handle = lock(&self.0.blas).clone();
-        match handle {
-            Some(h) => self.use_workspace(&h, lane),
-            None => Ok(()),
-        }
+        Ok(())
     }
 
     /// Points the cuBLAS handle `h` at `lane`'s workspace, making it first (nothing without the
