@@ -152,6 +152,55 @@ fn the_recipe_bench_prints_an_op_profile_on_request() {
     assert!(ms > 0.0, "{e}");
 }
 
+/// `--adapters N`: N adapters (seeds `--seed`, `--seed` + 1) trained together as a seed sweep
+/// trains them, in fixed shapes and in every group mode: the timed steps hold more real tokens
+/// than one adapter's (each adapter its own data order), the report says how many and how.
+#[test]
+fn the_recipe_bench_times_several_adapters_on_one_base() {
+    let one = trainer::bench::recipe::recipe(&cpu_recipe_args(&["--micro-batch", "2"]), |_| {})
+        .expect("one adapter");
+    for mode in ["exact", "sequential", "shared"] {
+        let a = cpu_recipe_args(&[
+            "--micro-batch",
+            "2",
+            "--adapters",
+            "2",
+            "--group-mode",
+            mode,
+            "--cuda-graphs",
+            if mode == "shared" { "off" } else { "eager" },
+        ]);
+        let mut lines = Vec::new();
+        let two = trainer::bench::recipe::recipe(&a, |l| lines.push(l.to_string())).expect(mode);
+        assert_eq!(two.steps, one.steps, "{mode}");
+        assert!(
+            two.tokens > one.tokens,
+            "{mode}: {} vs {}",
+            two.tokens,
+            one.tokens
+        );
+        if mode != "shared" {
+            for n in ["seed42", "seed43"] {
+                let tag = format!("[{n}] fixed-shape micro-steps:");
+                assert!(
+                    lines.iter().any(|l| l.starts_with(&tag)),
+                    "{mode}: {lines:#?}"
+                );
+            }
+        }
+        let json: serde_json::Value =
+            serde_json::from_str(&trainer::bench::recipe::recipe_json(&a, &two)).unwrap();
+        assert_eq!(
+            (json["adapters"].as_u64(), json["group_mode"].as_str()),
+            (Some(2), Some(mode))
+        );
+    }
+    let e = trainer::bench::recipe::recipe(&cpu_recipe_args(&["--adapters", "0"]), |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--adapters must be at least 1"), "{e}");
+}
+
 #[test]
 fn the_recipe_bench_refuses_gpus_on_the_cpu() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mixlora"))

@@ -22,7 +22,10 @@ use model::{Llama, PeftType};
 
 use super::{device_name, peak_bytes, reset_peak, shape_config, synchronize, BenchShape};
 use crate::base_model::{load_base_model, scratch_dir};
-use crate::config::{words, CudaGraphs, DTypeName, RunPlan, TrainConfig};
+use crate::config::{
+    words, CudaGraphs, DTypeName, GroupModeChoice, PlannedAdapter, RunPlan, SharedSettings,
+    TrainConfig,
+};
 use crate::error::{Error, Result};
 use crate::run::{train_plan_on, RunControl, StepDone};
 
@@ -93,6 +96,15 @@ pub struct RecipeArgs {
     /// (the same examples a step, without the padding between them) [default: off].
     #[arg(long)]
     pub pack_micro_batches: bool,
+    /// N adapters of these settings trained together on the one base, seeds `--seed`,
+    /// `--seed` + 1, ... (their data orders and initialisations), as `mixlora train --sweep
+    /// seed=...` trains them; the figures count every adapter's tokens.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub adapters: usize,
+    /// With --adapters: how they share the base, as `mixlora train --group-mode`: `exact`,
+    /// `sequential` or `shared` [default: auto, exact].
+    #[arg(long, value_name = "MODE", value_parser = words::parse::<GroupModeChoice>)]
+    pub group_mode: Option<GroupModeChoice>,
 }
 
 /// What the timed steps measured.
@@ -172,6 +184,11 @@ pub fn recipe_on(
             "bench recipe: --warmup and --steps must be at least 1".into(),
         ));
     }
+    if a.adapters == 0 {
+        return Err(Error::Config(
+            "bench recipe: --adapters must be at least 1".into(),
+        ));
+    }
     let device = a.device;
     let gpu = matches!(device, Device::Cuda(_));
     // The timed pass, then on a GPU (or for a profile) one whose ops are timed.
@@ -205,9 +222,32 @@ pub fn recipe_on(
         cuda_graphs: a.cuda_graphs,
         packing: a.packing,
         pack_micro_batches: a.pack_micro_batches,
+        group_mode: a.group_mode.flatten(),
         ..TrainConfig::default()
     };
     cfg.validate()?;
+    let plan = match a.adapters {
+        1 => RunPlan::of_one(cfg),
+        n => {
+            let adapters: Vec<PlannedAdapter> = (0..n as u64)
+                .map(|k| {
+                    let seed = a.seed + k;
+                    PlannedAdapter {
+                        name: format!("seed{seed}"),
+                        config: TrainConfig {
+                            seed,
+                            out_dir: out.join(format!("seed{seed}")),
+                            ..cfg.clone()
+                        },
+                    }
+                })
+                .collect();
+            RunPlan {
+                shared: SharedSettings::of(&adapters[0].config),
+                adapters,
+            }
+        }
+    };
     let (model, tok) = match (a.shape, a.model.as_deref()) {
         // A shape with a model file: the file gives only its tokenizer (its weights are never
         // read, so a file of metadata alone will do).
@@ -248,7 +288,7 @@ pub fn recipe_on(
         comm,
         ..RunControl::default()
     };
-    let ran = train_plan_on(&RunPlan::of_one(cfg), model, tok, ctl, log);
+    let ran = train_plan_on(&plan, model, tok, ctl, log);
     engine::profile::set_mode(engine::profile::ProfileMode::Off);
     let _ = std::fs::remove_dir_all(&out);
     for o in ran? {
@@ -267,7 +307,8 @@ pub fn recipe_on(
     }
     r.profile = c.profile.take();
     r.ranks = comm.map_or(1, |c| c.world_size());
-    r.cuda_graphs = a.cuda_graphs.resolve(a.device, false, comm.is_some());
+    let batched = a.adapters > 1 && a.group_mode.flatten() == Some(model::GroupMode::Shared);
+    r.cuda_graphs = a.cuda_graphs.resolve(a.device, batched, comm.is_some());
     Ok(r)
 }
 
@@ -338,7 +379,8 @@ fn tick(
 /// The result as JSON (`{"device", "model", "shape", "adapter", "rank", "batch", "micro_batch",
 /// "cutoff_len", "steps", "tokens", "tokens_per_s", "step_ms", "host_us_per_step", "gpu_busy",
 /// "peak_gib", "driver_allocs_per_step", "gpus", "cuda_graphs", "packing",
-/// "pack_micro_batches"}`; `gpus`: the data-parallel ranks).
+/// "pack_micro_batches", "adapters", "group_mode"}`; `gpus`: the data-parallel ranks; `tokens`
+/// and `tokens_per_s`: of all adapters).
 pub fn recipe_json(a: &RecipeArgs, r: &RecipeResult) -> String {
     let round = |x: f64, d: i32| (x * 10f64.powi(d)).round() / 10f64.powi(d);
     let v = serde_json::json!({
@@ -363,6 +405,8 @@ pub fn recipe_json(a: &RecipeArgs, r: &RecipeResult) -> String {
         "cuda_graphs": words::Word::spell(&r.cuda_graphs), // what ran (`auto` resolved)
         "packing": a.packing,
         "pack_micro_batches": a.pack_micro_batches,
+        "adapters": a.adapters,
+        "group_mode": words::Word::spell(&a.group_mode.flatten()),
     });
     serde_json::to_string_pretty(&v).unwrap_or_default()
 }
