@@ -150,6 +150,25 @@ fn graphs_on_the_cpu_and_adapters_in_one_batch_are_refused() {
         "{e}"
     );
     assert!(!root.exists());
+    // More adapters than a device has lanes (each adapter's graphs need one of their own).
+    let many: Vec<PlannedAdapter> = (0..=engine::LANES)
+        .map(|i| PlannedAdapter {
+            name: format!("a{i}"),
+            config: small(&root.join(format!("a{i}")), CudaGraphs::Eager),
+        })
+        .collect();
+    let plan = RunPlan {
+        shared: SharedSettings::of(&many[0].config),
+        adapters: many,
+    };
+    let e = train_plan(&plan, RunControl::default(), |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("at most 64 adapters together; this run has 65") && !e.contains('\n'),
+        "{e}"
+    );
+    assert!(!root.exists());
 }
 
 #[test]
