@@ -240,3 +240,48 @@ fn the_command_writes_the_list_at_smollm2_shape() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("--adapters lists 0"), "{stderr}");
 }
+
+/// What `--group-mode sequential` is for, measured by the command (one process per mode, so
+/// that no other test moves the CPU's memory count): with gradient checkpointing, two fused
+/// MixLoRA adapters one after another hold about one adapter's activations, so their peak per
+/// adapter is well below the exact mode's (which holds both until the one backward).
+#[test]
+fn adapters_one_after_another_peak_below_the_exact_mode() {
+    let per_adapter = |mode: &str| -> (f64, f64) {
+        let json = std::env::temp_dir().join(format!(
+            "mixlora-bench-multi-{mode}-{}.json",
+            std::process::id()
+        ));
+        let out = Command::new(env!("CARGO_BIN_EXE_mixlora"))
+            .args(["bench", "table6", "--device", "cpu", "--shape", "tiny"])
+            .args(["--variants", "mixlora-fused", "--adapters", "2"])
+            .args(["--gradient-checkpointing", "--group-mode", mode])
+            .args(["--warmup", "1", "--steps", "1", "--json"])
+            .arg(&json)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let list: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let _ = std::fs::remove_file(&json);
+        let row = &list[0];
+        assert_eq!(row["group_mode"], mode);
+        let ratio = row["peak_gib_per_adapter"].as_f64().unwrap()
+            / row["single_peak_gib"].as_f64().unwrap();
+        (ratio, row["peak_gib"].as_f64().unwrap())
+    };
+    let (exact, exact_peak) = per_adapter("exact");
+    let (sequential, sequential_peak) = per_adapter("sequential");
+    eprintln!(
+        "peak per adapter over single: exact {exact:.2} ({exact_peak} GiB), sequential \
+         {sequential:.2} ({sequential_peak} GiB)"
+    );
+    assert!(
+        sequential < 0.6 && sequential < exact - 0.1,
+        "sequential {sequential:.2}, exact {exact:.2}"
+    );
+}
