@@ -294,39 +294,48 @@ fn a_diverging_adapter_stops_alone_and_the_others_go_on() {
 
 #[test]
 fn an_interrupted_run_of_several_adapters_resumes_to_the_same_end() {
-    let root = out_dir("resume");
-    let whole = mixed_adapters(&root.join("whole"));
-    train_plan(&plan(whole.clone()), RunControl::default(), |_| {}).unwrap();
+    // Kernel by kernel, and in fixed shapes (each adapter its own micro-steps and lane).
+    for graphs in [CudaGraphs::Off, CudaGraphs::Eager] {
+        let root = out_dir(&format!("resume-{graphs:?}"));
+        let with = |mut v: Vec<PlannedAdapter>| {
+            for a in &mut v {
+                a.config.cuda_graphs = graphs;
+            }
+            v
+        };
+        let whole = with(mixed_adapters(&root.join("whole")));
+        train_plan(&plan(whole.clone()), RunControl::default(), |_| {}).unwrap();
 
-    // Stopped after step 4 (the checkpoint of step 4 is due: save_every 2); by then `mix_data`
-    // (3 steps) has finished and left the run, which then resumes the other two.
-    let parts = mixed_adapters(&root.join("parts"));
-    let ctl = RunControl {
-        stop_after: Some(4),
-        ..RunControl::default()
-    };
-    train_plan(&plan(parts.clone()), ctl, |_| {}).unwrap();
-    assert!(parts[2].config.out_dir.join("adapter").is_dir());
-    assert!(!parts[0].config.out_dir.join("adapter").exists());
-    let mut resumed = parts.clone();
-    resumed.iter_mut().for_each(|a| a.config.resume = true);
-    let mut lines = Vec::new();
-    let outcomes = train_plan(&plan(resumed), RunControl::default(), |l| {
-        lines.push(l.to_string())
-    })
-    .unwrap();
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.starts_with("[mix_data] finished already")),
-        "{lines:?}"
-    );
-    assert!(outcomes.iter().all(|o| o.result.is_ok()));
-    for (w, p) in whole.iter().zip(&parts) {
-        let steps = w.config.max_steps.unwrap();
-        assert_same_run(&w.name, &w.config.out_dir, &p.config.out_dir, steps);
+        // Stopped after step 4 (the checkpoint of step 4 is due: save_every 2); by then
+        // `mix_data` (3 steps) has finished and left the run, which then resumes the other two.
+        let parts = with(mixed_adapters(&root.join("parts")));
+        let ctl = RunControl {
+            stop_after: Some(4),
+            ..RunControl::default()
+        };
+        train_plan(&plan(parts.clone()), ctl, |_| {}).unwrap();
+        assert!(parts[2].config.out_dir.join("adapter").is_dir());
+        assert!(!parts[0].config.out_dir.join("adapter").exists());
+        let mut resumed = parts.clone();
+        resumed.iter_mut().for_each(|a| a.config.resume = true);
+        let mut lines = Vec::new();
+        let outcomes = train_plan(&plan(resumed), RunControl::default(), |l| {
+            lines.push(l.to_string())
+        })
+        .unwrap();
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("[mix_data] finished already")),
+            "{graphs:?}: {lines:?}"
+        );
+        assert!(outcomes.iter().all(|o| o.result.is_ok()));
+        for (w, p) in whole.iter().zip(&parts) {
+            let steps = w.config.max_steps.unwrap();
+            assert_same_run(&w.name, &w.config.out_dir, &p.config.out_dir, steps);
+        }
+        let _ = std::fs::remove_dir_all(&root);
     }
-    let _ = std::fs::remove_dir_all(&root);
 }
 
 /// `mixlora train --sweep`: one adapter per value, each in its own folder, the evaluations as one
