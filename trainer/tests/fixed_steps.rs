@@ -254,3 +254,36 @@ fn a_partial_micro_batch_padded_to_full_rows_trains_as_unpadded() {
     }
     let _ = std::fs::remove_dir_all(&data_dir);
 }
+
+/// A fixed-shape run that ends in an error (here an interrupt) leaves no dropout key behind: a
+/// kernel-by-kernel run afterwards on the same thread draws the masks of a fresh one, bit for bit.
+#[test]
+fn an_interrupted_fixed_shape_run_leaves_the_dropout_key_at_zero() {
+    let (before, fixed, after) = (
+        common::out_dir("fixed", "key-before"),
+        common::out_dir("fixed", "key-fixed"),
+        common::out_dir("fixed", "key-after"),
+    );
+    train(&small(&before, CudaGraphs::Off), |_| {}).unwrap();
+    // Interrupted from the first step on: the run stops with an error after its first step.
+    let flag = std::sync::atomic::AtomicBool::new(false);
+    let raise = |_: &trainer::run::StepDone| flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    let ctl = RunControl {
+        interrupt: Some(&flag),
+        on_step: Some(&raise),
+        ..RunControl::default()
+    };
+    let cfg = small(&fixed, CudaGraphs::Eager);
+    let e = trainer::run::train_with(&cfg, ctl, |_| {}).unwrap_err();
+    assert!(matches!(e, trainer::Error::Interrupted { .. }), "{e}");
+    train(&small(&after, CudaGraphs::Off), |_| {}).unwrap();
+    assert_eq!(losses(&before).len(), 6);
+    assert_eq!(
+        losses(&after),
+        losses(&before),
+        "a dropout key was left set"
+    );
+    for d in [before, fixed, after] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}

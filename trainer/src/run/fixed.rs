@@ -250,14 +250,6 @@ impl FixedSteps {
         self.member.unwrap_or(0)
     }
 
-    /// Sets the adapter's dropout key back to 0, where a device starts (the end of a run).
-    pub fn reset_key(&self) -> Result<()> {
-        engine::set_lane(self.device, self.lane())?;
-        engine::set_dropout_key(self.device, 0)?;
-        engine::set_lane(self.device, 0)?;
-        Ok(())
-    }
-
     /// Queues one micro-batch `seg` of the step: forward, loss and backward at its padded shape,
     /// its gradients added into the step's buffers, its dropout key `seg.seed`, in the adapter's
     /// lane (left current). Eager (the shape's first run, or `eager` mode) it runs now; else its
@@ -366,6 +358,18 @@ impl FixedSteps {
             self.released.0 + self.shapes.len(),
             self.released.1 + recorded,
         )
+    }
+}
+
+impl Drop for FixedSteps {
+    /// Sets the adapter's dropout key back to 0, where a device starts, and the lane to 0, however
+    /// the run ends (an error or an interrupt too): a later run on the device (on the CPU: on
+    /// this thread) draws every seed as given. Refused only while a graph is being captured,
+    /// which an unwinding capture has ended already.
+    fn drop(&mut self) {
+        let _ = engine::set_lane(self.device, self.lane());
+        let _ = engine::set_dropout_key(self.device, 0);
+        let _ = engine::set_lane(self.device, 0);
     }
 }
 
