@@ -100,6 +100,15 @@ fn mixed_adapters(root: &Path) -> Vec<PlannedAdapter> {
         .collect()
 }
 
+/// [`mixed_adapters`] with their micro-steps run as `graphs` says.
+fn mixed_adapters_in(root: &Path, graphs: CudaGraphs) -> Vec<PlannedAdapter> {
+    let mut v = mixed_adapters(root);
+    for a in &mut v {
+        a.config.cuda_graphs = graphs;
+    }
+    v
+}
+
 fn plan(adapters: Vec<PlannedAdapter>) -> RunPlan {
     RunPlan {
         shared: SharedSettings::of(&adapters[0].config),
@@ -179,13 +188,7 @@ fn adapters_trained_together_with_gradient_checkpointing_equal_each_alone() {
 #[test]
 fn adapters_trained_together_in_fixed_shapes_equal_each_trained_alone() {
     let root = out_dir("fixed");
-    let eager = |mut v: Vec<PlannedAdapter>| {
-        for a in &mut v {
-            a.config.cuda_graphs = CudaGraphs::Eager;
-        }
-        v
-    };
-    let together = eager(mixed_adapters(&root.join("group")));
+    let together = mixed_adapters_in(&root.join("group"), CudaGraphs::Eager);
     let mut lines = Vec::new();
     let outcomes = train_plan(&plan(together.clone()), RunControl::default(), |l| {
         lines.push(l.to_string())
@@ -201,7 +204,7 @@ fn adapters_trained_together_in_fixed_shapes_equal_each_trained_alone() {
     }
     for ((t, a), o) in together
         .iter()
-        .zip(eager(mixed_adapters(&root.join("alone"))))
+        .zip(mixed_adapters_in(&root.join("alone"), CudaGraphs::Eager))
         .zip(&outcomes)
     {
         let steps = t.config.max_steps.unwrap();
@@ -230,19 +233,18 @@ fn adapters_trained_one_after_another_equal_each_trained_alone() {
         let with = |mut v: Vec<PlannedAdapter>| {
             v.truncate(2);
             for a in &mut v {
-                a.config.cuda_graphs = graphs;
                 a.config.max_steps = Some(3);
             }
             v
         };
         let dir = root.join(format!("{graphs:?}"));
-        let together = with(mixed_adapters(&dir.join("group")));
+        let together = with(mixed_adapters_in(&dir.join("group"), graphs));
         let mut p = plan(together.clone());
         p.shared.group_mode = Some(model::GroupMode::Sequential);
         train_plan(&p, RunControl::default(), |_| {}).unwrap();
         for (t, a) in together
             .iter()
-            .zip(with(mixed_adapters(&dir.join("alone"))))
+            .zip(with(mixed_adapters_in(&dir.join("alone"), graphs)))
         {
             train(&a.config, |_| {}).unwrap();
             assert_same_run(&t.name, &t.config.out_dir, &a.config.out_dir, 3);
@@ -297,18 +299,12 @@ fn an_interrupted_run_of_several_adapters_resumes_to_the_same_end() {
     // Kernel by kernel, and in fixed shapes (each adapter its own micro-steps and lane).
     for graphs in [CudaGraphs::Off, CudaGraphs::Eager] {
         let root = out_dir(&format!("resume-{graphs:?}"));
-        let with = |mut v: Vec<PlannedAdapter>| {
-            for a in &mut v {
-                a.config.cuda_graphs = graphs;
-            }
-            v
-        };
-        let whole = with(mixed_adapters(&root.join("whole")));
+        let whole = mixed_adapters_in(&root.join("whole"), graphs);
         train_plan(&plan(whole.clone()), RunControl::default(), |_| {}).unwrap();
 
         // Stopped after step 4 (the checkpoint of step 4 is due: save_every 2); by then
         // `mix_data` (3 steps) has finished and left the run, which then resumes the other two.
-        let parts = with(mixed_adapters(&root.join("parts")));
+        let parts = mixed_adapters_in(&root.join("parts"), graphs);
         let ctl = RunControl {
             stop_after: Some(4),
             ..RunControl::default()
