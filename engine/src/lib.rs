@@ -28,6 +28,7 @@ pub use fused::adamw::{
     AdamWCoefficients, AdamWHyper,
 };
 pub use fused::flash_attention::flash_attention;
+pub use fused::fp8::{Fp8Format, Fp8Weight, FrozenWeight};
 pub use fused::moe_ffn::{
     default_chunk_tokens, moe_ffn, moe_fused_runs_tiles, MoeDropout, MoeFfnOptions,
     MoeFusedWeights, MoeKernels, MoeRouting,

@@ -270,6 +270,13 @@ pub const LORA: KernelSource = KernelSource {
     ],
 };
 
+/// The FP8 unit (`engine::fused::fp8`): quantisation to e4m3 / e5m2 codes with one scale a row,
+/// the transpose of a code matrix, and the row and column scaling of an FP8 GEMM's f32 result (the
+/// GEMM is cuBLASLt's).
+pub const FP8: KernelSource = module!("fp8",
+    f3 fp8_quantize_rows f3 fp8_scale_product one fp8_transpose_codes
+);
+
 /// Every kernel module of the engine.
 pub const SOURCES: &[KernelSource] = &[
     ELEMENTWISE,
@@ -288,6 +295,7 @@ pub const SOURCES: &[KernelSource] = &[
     MOE_FFN,
     LORA,
     FLASH_ATTENTION,
+    FP8,
 ];
 
 /// The module that defines kernel `name`, if any.

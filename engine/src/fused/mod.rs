@@ -20,11 +20,13 @@
 //! - [`moe_grouped`]: grouping (token, slot) pairs by expert and grouped matmuls;
 //! - [`linear_cross_entropy`]: the chunked linear cross-entropy, never holding all the logits;
 //! - [`flash_attention`]: causal attention without the `[b, hq, t, s]` probabilities;
+//! - [`fp8`]: frozen weights in FP8 and their products through FP8 GEMMs;
 //! - [`adamw`]: the multi-tensor AdamW step and the multi-tensor sum of squares (the gradient
 //!   norm).
 
 pub mod adamw;
 pub mod flash_attention;
+pub mod fp8;
 pub mod linear_cross_entropy;
 pub mod lora;
 pub mod moe_ffn;

@@ -4,6 +4,9 @@
 
 mod adamw;
 mod flash_attention;
+mod fp8;
+#[cfg(feature = "cuda")]
+mod fp8_gpu;
 mod linear_cross_entropy;
 mod lora;
 mod moe_ffn;

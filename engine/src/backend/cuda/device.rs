@@ -1,12 +1,13 @@
 //! `CudaDevice`: one context and one stream per GPU, created on first use and cached per ordinal
-//! for the process; its kernel modules (compiled by NVRTC for its architecture), cuBLAS handle and
-//! caching allocator. The first device to start fixes the process's
+//! for the process; its kernel modules (compiled by NVRTC for its architecture), cuBLAS and
+//! cuBLASLt handles and caching allocator. The first device to start fixes the process's
 //! [`CudaOptions`](crate::CudaOptions).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use cudarc::cublas::CudaBlas;
+use cudarc::cublaslt::{result as lt_result, sys as lt_sys};
 use cudarc::driver::{
     result, sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, DriverError,
     LaunchConfig,
@@ -38,6 +39,8 @@ pub(crate) struct DeviceInner {
     /// `sm_XY` of this GPU, the NVRTC target.
     pub(crate) arch: String,
     blas: Mutex<Option<Arc<CudaBlas>>>,
+    /// The cuBLASLt handle (the FP8 GEMMs), made on first use.
+    blas_lt: Mutex<Option<Arc<BlasLt>>>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     funcs: Mutex<HashMap<String, CudaFunction>>,
     cache: Mutex<Cache>,
@@ -158,6 +161,7 @@ impl CudaDevice {
             stream,
             arch: format!("sm_{major}{minor}"),
             blas: Mutex::new(None),
+            blas_lt: Mutex::new(None),
             modules: Mutex::new(HashMap::new()),
             funcs: Mutex::new(HashMap::new()),
             cache: Mutex::new(Cache::default()),
@@ -259,19 +263,8 @@ impl CudaDevice {
     /// Points the cuBLAS handle `h` at `lane`'s workspace, making it first (nothing without the
     /// caching allocator: no graphs, so no workspace of our own).
     fn use_workspace(&self, h: &CudaBlas, lane: usize) -> Result<()> {
-        if self.0.direct {
+        let Some((ws, ws_bytes)) = self.lane_workspace(lane)? else {
             return Ok(());
-        }
-        let (ws, ws_bytes) = {
-            let mut spaces = lock(&self.0.workspaces);
-            match spaces[lane] {
-                Some(w) => w,
-                None => {
-                    let w = self.alloc_block("cublas workspace", CUBLAS_WORKSPACE)?;
-                    spaces[lane] = Some(w);
-                    w
-                }
-            }
         };
         // SAFETY: `ws` is a device block of `ws_bytes` bytes that is never freed; the work queued
         // before this call on the device's one stream keeps the workspace it was queued with.
@@ -282,6 +275,32 @@ impl CudaDevice {
             return Err(self.err("cublas workspace", status));
         }
         Ok(())
+    }
+
+    /// `lane`'s cuBLAS workspace `(address, bytes)`, made on its first use; `None` without the
+    /// caching allocator (no graphs, so no workspace of our own).
+    fn lane_workspace(&self, lane: usize) -> Result<Option<(u64, usize)>> {
+        if self.0.direct {
+            return Ok(None);
+        }
+        let mut spaces = lock(&self.0.workspaces);
+        Ok(Some(match spaces[lane] {
+            Some(w) => w,
+            None => {
+                let w = self.alloc_block("cublas workspace", CUBLAS_WORKSPACE)?;
+                spaces[lane] = Some(w);
+                w
+            }
+        }))
+    }
+
+    /// The workspace `(address, bytes)` a cuBLASLt call queued now passes (cuBLASLt takes it per
+    /// call): the current lane's cuBLAS workspace, which the two libraries share (their work runs
+    /// in order on the device's one stream), so that a CUDA graph records the lane's own memory
+    /// and an eager call and a recorded one pick the same algorithms; `None` without the caching
+    /// allocator (then cuBLASLt runs without a workspace).
+    pub(crate) fn lt_workspace(&self) -> Result<Option<(u64, usize)>> {
+        self.lane_workspace(self.lane())
     }
 
     /// The `i`-th stream beside the device's own (made on first use), for graphs replayed
@@ -408,6 +427,34 @@ impl CudaDevice {
         // graphs of different lanes share none (they may replay at the same time). Not without
         // the caching allocator (no graphs then; compute-sanitizer would report it as leaked).
         self.use_workspace(&h, self.lane())?;
+        *b = Some(h.clone());
+        Ok(h)
+    }
+
+    /// The cuBLASLt handle of this device, made on first use (cuBLASLt takes the stream and the
+    /// workspace with each call: [`Self::stream`], [`Self::lt_workspace`]). Errors, instead of
+    /// panicking in the loader, when libcublasLt cannot be found.
+    pub(crate) fn blas_lt(&self) -> Result<Arc<BlasLt>> {
+        let mut b = lock(&self.0.blas_lt);
+        if let Some(h) = b.as_ref() {
+            return Ok(h.clone());
+        }
+        // SAFETY: only tries to dlopen the library's candidate names; nothing is called.
+        if !unsafe { lt_sys::is_culib_present() } {
+            return Err(Error::Cuda {
+                op: "cublaslt",
+                device: self.device(),
+                msg: "the cuBLASLt library (libcublasLt.so) was not found; add its folder to \
+                      LD_LIBRARY_PATH (e.g. /usr/local/cuda/lib64)"
+                    .into(),
+            });
+        }
+        self.bind("cublaslt")?;
+        let handle = lt_result::create_handle().map_err(|e| self.err("cublaslt", e))?;
+        let h = Arc::new(BlasLt {
+            handle,
+            _stream: self.0.stream.clone(),
+        });
         *b = Some(h.clone());
         Ok(h)
     }
@@ -539,6 +586,33 @@ impl CudaDevice {
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         }
+    }
+}
+
+/// A cuBLASLt handle ([`CudaDevice::blas_lt`]), destroyed when the last reference goes. It
+/// keeps the device's stream (and so its context) alive until then.
+pub(crate) struct BlasLt {
+    handle: lt_sys::cublasLtHandle_t,
+    _stream: Arc<CudaStream>,
+}
+
+// SAFETY: a cuBLASLt handle may be used from any thread (cuBLASLt keeps no per-thread state in
+// it; its calls take the stream explicitly); the engine queues its calls on the device's stream.
+unsafe impl Send for BlasLt {}
+// SAFETY: as above; the handle is only read after creation.
+unsafe impl Sync for BlasLt {}
+
+impl BlasLt {
+    pub(crate) fn handle(&self) -> lt_sys::cublasLtHandle_t {
+        self.handle
+    }
+}
+
+impl Drop for BlasLt {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from cublasLtCreate and is destroyed once, here; an error
+        // cannot be returned from a drop.
+        let _ = unsafe { lt_result::destroy_handle(self.handle) };
     }
 }
 
