@@ -233,9 +233,9 @@ fn zero_grads(c: &Case) {
 fn step(c: &Case, imp: MoeImpl, device: Device) {
     zero_grads(c);
     let shared = SharedFfn {
-        gate: &c.w[0],
-        up: &c.w[1],
-        down: &c.w[2],
+        gate: &engine::FrozenWeight::from(c.w[0].clone()),
+        up: &engine::FrozenWeight::from(c.w[1].clone()),
+        down: &engine::FrozenWeight::from(c.w[2].clone()),
     };
     let (y, _) = c.block.forward(&c.x, shared, imp, Some(1)).unwrap();
     y.backward_with_grad(&c.c).unwrap();

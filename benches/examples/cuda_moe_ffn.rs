@@ -216,9 +216,9 @@ fn main() -> Result<()> {
         experts,
     };
     let sh = SharedFfn {
-        gate: &shared[0],
-        up: &shared[1],
-        down: &shared[2],
+        gate: &engine::FrozenWeight::from(shared[0].clone()),
+        up: &engine::FrozenWeight::from(shared[1].clone()),
+        down: &engine::FrozenWeight::from(shared[2].clone()),
     };
     let dyt = Tensor::randn([t, h], 0.0, 1.0, 50, bt, GPU)?;
     let impls: &[MoeImpl] = if naive {

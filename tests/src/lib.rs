@@ -7,6 +7,17 @@ pub use skip::{skip, skip_line, SKIP_MARK};
 
 use engine::{no_grad, DType, Device, Result, Tensor};
 
+/// The dense tensor of a frozen projection weight (the tests' models have no FP8 base unless
+/// they quantise one).
+pub fn dense(w: &engine::FrozenWeight) -> &Tensor {
+    w.dense().expect("a dense base weight")
+}
+
+/// Frozen weights of dense tensors.
+pub fn frozen<const N: usize>(ts: &[Tensor; N]) -> [engine::FrozenWeight; N] {
+    std::array::from_fn(|i| engine::FrozenWeight::from(ts[i].clone()))
+}
+
 /// Random f64 input of `shape` (standard normal × `scale`), seeded.
 pub fn randn(shape: &[usize], seed: u64) -> Tensor {
     Tensor::randn(shape.to_vec(), 0.0, 1.0, seed, DType::F64, Device::Cpu).expect("randn")

@@ -137,9 +137,9 @@ fn activation_peak(f: &Ffn, imp: MoeImpl) -> usize {
     engine::reset_peak_memory(CPU);
     {
         let shared = SharedFfn {
-            gate: &f.w[0],
-            up: &f.w[1],
-            down: &f.w[2],
+            gate: &engine::FrozenWeight::from(f.w[0].clone()),
+            up: &engine::FrozenWeight::from(f.w[1].clone()),
+            down: &engine::FrozenWeight::from(f.w[2].clone()),
         };
         let (y, _) = f.block.forward(&f.x, shared, imp, None).unwrap();
         y.backward_with_grad(&f.c).unwrap();

@@ -232,9 +232,9 @@ mod gpu {
         let sel: Vec<u32> = (0..t * k).map(|p| ((p / k + p % k) % e) as u32).collect();
         let ids = Tensor::from_slice(&sel, [t, k], dev).unwrap();
         let weights = MoeFusedWeights {
-            w_gate: &frozen[0],
-            w_up: &frozen[1],
-            w_down: &frozen[2],
+            w_gate: &engine::FrozenWeight::from(frozen[0].clone()),
+            w_up: &engine::FrozenWeight::from(frozen[1].clone()),
+            w_down: &engine::FrozenWeight::from(frozen[2].clone()),
             a_gate: &lora[0],
             b_gate: &lora[1],
             a_up: &lora[2],

@@ -118,9 +118,9 @@ fn ffn_matches_fixture(imp: MoeImpl) {
             .collect(),
     };
     let shared = SharedFfn {
-        gate: &wg,
-        up: &wu,
-        down: &wd,
+        gate: &engine::FrozenWeight::from(wg.clone()),
+        up: &engine::FrozenWeight::from(wu.clone()),
+        down: &engine::FrozenWeight::from(wd.clone()),
     };
     let (y, route) = ffn.forward(&x, shared, imp, None).unwrap();
     let aux = aux_loss(&[route.clone()], None, coef).unwrap().unwrap();

@@ -26,7 +26,7 @@ fn grad_lora_linear_with_and_without_dropout() {
     for seed in [None, Some(77)] {
         check_gradients("lora_linear", &[x.clone(), a.clone(), b.clone()], |v| {
             let l = LoraLinear::new(v[1].clone(), v[2].clone(), 1.5, 0.3);
-            lora_linear(&v[0], &w, Some(&l), seed)
+            lora_linear(&v[0], &w.clone().into(), Some(&l), seed)
                 .map_err(|e| engine::Error::invalid("test", e.to_string()))
         });
     }
@@ -38,7 +38,7 @@ fn grad_lora_linear_with_and_without_dropout() {
         0.3,
     );
     let base = x.matmul(&w.t().unwrap()).unwrap().to_vec_f64().unwrap();
-    let with = lora_linear(&x, &w, Some(&l), Some(5))
+    let with = lora_linear(&x, &w.clone().into(), Some(&l), Some(5))
         .unwrap()
         .to_vec_f64()
         .unwrap();
@@ -62,11 +62,11 @@ fn lora_linear_on_bf16_base_keeps_f32_adapter_maths() {
         x.to_dtype(DType::BF16).unwrap(),
         w.to_dtype(DType::BF16).unwrap(),
     );
-    let y = lora_linear(&xb, &wb, Some(&l), None).unwrap();
+    let y = lora_linear(&xb, &wb.clone().into(), Some(&l), None).unwrap();
     assert_eq!(y.dtype(), DType::BF16);
     let want = lora_linear(
         &xb.to_dtype(DType::F32).unwrap(),
-        &wb.to_dtype(DType::F32).unwrap(),
+        &wb.to_dtype(DType::F32).unwrap().into(),
         Some(&l),
         None,
     )
@@ -141,9 +141,9 @@ fn moe_out(
     seed: Option<u64>,
 ) -> engine::Result<Tensor> {
     let shared = SharedFfn {
-        gate: &w[0],
-        up: &w[1],
-        down: &w[2],
+        gate: &engine::FrozenWeight::from(w[0].clone()),
+        up: &engine::FrozenWeight::from(w[1].clone()),
+        down: &engine::FrozenWeight::from(w[2].clone()),
     };
     let (y, route) = moe_block(v, routing)
         .forward(&v[0], shared, MoeImpl::Naive, seed)
@@ -170,9 +170,9 @@ fn loads(route: &RouterOutput) -> Vec<f64> {
 fn grad_mixlora_ffn_top_k_with_an_idle_expert() {
     let (v, w) = (moe_inputs(), frozen_ffn());
     let shared = SharedFfn {
-        gate: &w[0],
-        up: &w[1],
-        down: &w[2],
+        gate: &engine::FrozenWeight::from(w[0].clone()),
+        up: &engine::FrozenWeight::from(w[1].clone()),
+        down: &engine::FrozenWeight::from(w[2].clone()),
     };
     let (_, route) = moe_block(&v, Routing::TopK(2))
         .forward(&v[0], shared, MoeImpl::Naive, None)
@@ -203,9 +203,9 @@ fn grad_mixlora_ffn_top_k_with_an_idle_expert() {
 fn grad_mixlora_ffn_top_p() {
     let (v, w) = (moe_inputs(), frozen_ffn());
     let shared = SharedFfn {
-        gate: &w[0],
-        up: &w[1],
-        down: &w[2],
+        gate: &engine::FrozenWeight::from(w[0].clone()),
+        up: &engine::FrozenWeight::from(w[1].clone()),
+        down: &engine::FrozenWeight::from(w[2].clone()),
     };
     let (_, route) = moe_block(&v, Routing::TopP(0.8))
         .forward(&v[0], shared, MoeImpl::Naive, None)
@@ -354,11 +354,13 @@ fn tiny_mixlora(strategy: RoutingStrategy) -> Llama {
         .into_iter()
         .enumerate()
         {
-            *w = w
+            let d = testutil::dense(w);
+            *w = d
                 .affine(15.0, 0.0)
                 .unwrap()
-                .add(&scaled(w.dims(), 900 + k as u64, 0.01))
-                .unwrap();
+                .add(&scaled(d.dims(), 900 + k as u64, 0.01))
+                .unwrap()
+                .into();
         }
     }
     m.embed_tokens = m.embed_tokens.affine(50.0, 0.0).unwrap();
@@ -443,14 +445,14 @@ fn frozen_base_gets_no_gradient_and_every_adapter_does() {
         .chain(model.layers.iter().flat_map(|l| {
             [
                 &l.input_layernorm,
-                &l.q_proj,
-                &l.k_proj,
-                &l.v_proj,
-                &l.o_proj,
+                testutil::dense(&l.q_proj),
+                testutil::dense(&l.k_proj),
+                testutil::dense(&l.v_proj),
+                testutil::dense(&l.o_proj),
                 &l.post_attention_layernorm,
-                &l.gate_proj,
-                &l.up_proj,
-                &l.down_proj,
+                testutil::dense(&l.gate_proj),
+                testutil::dense(&l.up_proj),
+                testutil::dense(&l.down_proj),
             ]
         }));
     for w in base {
@@ -553,9 +555,9 @@ fn moe_values_and_grads(
     let vars: Vec<Tensor> = v.iter().map(|t| t.to_var().unwrap()).collect();
     let w = frozen_ffn();
     let shared = SharedFfn {
-        gate: &w[0],
-        up: &w[1],
-        down: &w[2],
+        gate: &engine::FrozenWeight::from(w[0].clone()),
+        up: &engine::FrozenWeight::from(w[1].clone()),
+        down: &engine::FrozenWeight::from(w[2].clone()),
     };
     let (y, route) = moe_block(&vars, routing)
         .forward(&vars[0], shared, imp, seed)

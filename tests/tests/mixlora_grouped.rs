@@ -82,9 +82,9 @@ fn run(b: &Block, x: &Tensor, imp: MoeImpl, seed: u64) -> (Vec<f64>, Vec<Vec<f64
     ps.iter().for_each(|p| p.zero_grad());
     let xv = x.to_var().unwrap();
     let shared = SharedFfn {
-        gate: &b.w[0],
-        up: &b.w[1],
-        down: &b.w[2],
+        gate: &engine::FrozenWeight::from(b.w[0].clone()),
+        up: &engine::FrozenWeight::from(b.w[1].clone()),
+        down: &engine::FrozenWeight::from(b.w[2].clone()),
     };
     let (y, route) = b.ffn.forward(&xv, shared, imp, None).unwrap();
     // A loss that weighs every output element differently, plus the router probs (as the aux

@@ -126,11 +126,13 @@ fn tiny_mixlora(cfg: AdapterConfig, z: f64) -> Llama {
             .into_iter()
             .enumerate()
         {
-            *w = w
+            let d = testutil::dense(w);
+            *w = d
                 .affine(15.0, 0.0)
                 .unwrap()
-                .add(&scaled(w.dims(), 900 + k as u64, 0.01))
-                .unwrap();
+                .add(&scaled(d.dims(), 900 + k as u64, 0.01))
+                .unwrap()
+                .into();
         }
     }
     m.embed_tokens = m.embed_tokens.affine(50.0, 0.0).unwrap();

@@ -123,14 +123,14 @@ fn activations(m: &Llama, loss: &Tensor) -> Vec<SavedBuffer> {
         own.extend(
             [
                 &l.input_layernorm,
-                &l.q_proj,
-                &l.k_proj,
-                &l.v_proj,
-                &l.o_proj,
+                testutil::dense(&l.q_proj),
+                testutil::dense(&l.k_proj),
+                testutil::dense(&l.v_proj),
+                testutil::dense(&l.o_proj),
                 &l.post_attention_layernorm,
-                &l.gate_proj,
-                &l.up_proj,
-                &l.down_proj,
+                testutil::dense(&l.gate_proj),
+                testutil::dense(&l.up_proj),
+                testutil::dense(&l.down_proj),
             ]
             .map(Tensor::clone),
         );

@@ -4,7 +4,7 @@
 //! trainable and live in the adapter dtype (f32, or f64 under an f64 base for gradient checks):
 //! the input is cast to it and the delta cast back, so a bf16 base keeps f32 adapter maths.
 
-use engine::{DType, Device, Tensor};
+use engine::{DType, Device, FrozenWeight, Tensor};
 
 use crate::error::Result;
 
@@ -85,17 +85,21 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// With a LoRA this is one fused op ([`Tensor::linear_lora`]): the tape keeps `x` and the rank-r
 /// codes, never the base output `x Wᵀ`. Gradients: `dA = s · (Bᵀ gᵀ) drop(x)` summed over rows,
 /// `dB = s · gᵀ (drop(x) Aᵀ)`, `dx = g W + s · drop'(g B A)`; a frozen `W` gets none.
+///
+/// With an FP8 base weight the base product is its own op ([`Tensor::linear_fp8`]) and the LoRA
+/// is added by [`Tensor::lora_add`]: the same tape, the same LoRA gradients.
 pub fn lora_linear(
     x: &Tensor,
-    w: &Tensor,
+    w: &FrozenWeight,
     lora: Option<&LoraLinear>,
     dropout_seed: Option<u64>,
 ) -> Result<Tensor> {
-    match lora {
-        None => linear(x, w), // [.., out]
-        Some(l) => {
-            let dropout = dropout_seed.map(|seed| (l.dropout, seed));
-            Ok(x.linear_lora(w, &l.a, &l.b, l.scale, dropout)?)
-        }
+    let Some(l) = lora else {
+        return Ok(w.linear(x)?); // [.., out]
+    };
+    let dropout = dropout_seed.map(|seed| (l.dropout, seed));
+    match w {
+        FrozenWeight::Dense(w) => Ok(x.linear_lora(w, &l.a, &l.b, l.scale, dropout)?),
+        FrozenWeight::Fp8(q) => Ok(x.linear_fp8(q)?.lora_add(x, &l.a, &l.b, l.scale, dropout)?),
     }
 }

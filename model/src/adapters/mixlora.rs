@@ -18,9 +18,9 @@
 //! with the A/B matrices stacked per expert, and one weighted combine back to tokens
 //! (`moe_combine`). No host read anywhere.
 
-use engine::{rng, stack, Tensor};
+use engine::{rng, stack, FrozenWeight, Tensor};
 
-use super::lora::{linear, lora_linear, LoraLinear};
+use super::lora::{lora_linear, LoraLinear};
 use super::mixlora_fused::FusedExperts;
 use super::router::{Router, RouterOutput, Routing};
 use crate::error::Result;
@@ -157,12 +157,12 @@ fn stack_loras(
 /// segment `offsets` `[E+1]`: the frozen GEMM once over all rows, the rank-r delta per expert.
 fn grouped_lora_linear(
     x: &Tensor,
-    w: &Tensor,
+    w: &FrozenWeight,
     lora: Option<&StackedLora>,
     offsets: &Tensor,
     dropout_seed: Option<u64>,
 ) -> Result<Tensor> {
-    let y = linear(x, w)?; // [M, out]
+    let y = w.linear(x)?; // [M, out]
     let Some(l) = lora else { return Ok(y) };
     let mut xa = x.to_dtype(l.a.dtype())?; // [M, in]
     if let Some(seed) = dropout_seed {
@@ -184,9 +184,9 @@ pub struct ExpertLora {
 /// The frozen SwiGLU weights that all experts share, stored `[out, in]`.
 #[derive(Clone, Copy, Debug)]
 pub struct SharedFfn<'a> {
-    pub gate: &'a Tensor, // [I, H]
-    pub up: &'a Tensor,   // [I, H]
-    pub down: &'a Tensor, // [H, I]
+    pub gate: &'a FrozenWeight, // [I, H]
+    pub up: &'a FrozenWeight,   // [I, H]
+    pub down: &'a FrozenWeight, // [H, I]
 }
 
 /// A MixLoRA FFN block: a router and `E` experts.
@@ -345,8 +345,8 @@ impl MixLoraFfn {
     ) -> Result<Tensor> {
         let (n, h) = (x.dims()[0], x.dims()[1]);
         let acc_dtype = route.weights.dtype();
-        let g_all = linear(x, w.gate)?; // [N, I]
-        let u_all = linear(x, w.up)?; // [N, I]
+        let g_all = w.gate.linear(x)?; // [N, I]
+        let u_all = w.up.linear(x)?; // [N, I]
         let mut y = Tensor::zeros([n, h], acc_dtype, x.device())?; // [N, H]
         let groups = expert_tokens(&route.mask)?;
         for (e, (expert, ids)) in self.experts.iter().zip(&groups).enumerate() {

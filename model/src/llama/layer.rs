@@ -3,7 +3,7 @@
 //! projection) and the FFN block (the SwiGLU with its LoRA, or the MixLoRA mixture), each with
 //! its residual.
 
-use engine::{causal_attention, flash_attention, Tensor};
+use engine::{causal_attention, flash_attention, FrozenWeight, Tensor};
 
 use super::cache::LayerSlot;
 use super::{sub_seed, DecoderLayer};
@@ -64,7 +64,7 @@ pub(super) fn decoder_layer(
 
 /// A projection of a layer: `(input [.., in], frozen weight [out, in], adapter slot)` to
 /// `[.., out]`, the slot's LoRA included (0..4: q, k, v, o; 4..7: gate, up, down).
-pub(super) type Proj<'a> = dyn Fn(&Tensor, &Tensor, usize) -> Result<Tensor> + 'a;
+pub(super) type Proj<'a> = dyn Fn(&Tensor, &FrozenWeight, usize) -> Result<Tensor> + 'a;
 
 /// The attention block without its residual, on the normed input `hn` `[B, T, H]`: the q/k/v
 /// projections with their LoRA, RoPE, causal grouped-query attention (over the cached positions
@@ -79,7 +79,7 @@ pub(super) fn attention_block(
 ) -> Result<Tensor> {
     let seed = |slot| sub_seed(ctx.dropout_seed, li, slot);
     let attn_lora = |j: usize| ad.and_then(|a| a.attn[j].as_ref());
-    let proj = |x: &Tensor, w: &Tensor, j: usize| lora_linear(x, w, attn_lora(j), seed(j));
+    let proj = |x: &Tensor, w: &FrozenWeight, j: usize| lora_linear(x, w, attn_lora(j), seed(j));
     attention_with(ctx, layer, hn, cache, &proj)
 }
 
@@ -95,7 +95,7 @@ pub(super) fn attention_with(
     let c = &ctx.config;
     let (b, t) = ctx.batch;
     let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-    let heads = |w: &Tensor, j: usize, n: usize| -> Result<Tensor> {
+    let heads = |w: &FrozenWeight, j: usize, n: usize| -> Result<Tensor> {
         // [B, T, n·D] -> [B, n, T, D] (a view)
         Ok(proj(hn, w, j)?.reshape([b, t, n, d])?.transpose(1, 2)?)
     };
@@ -149,7 +149,7 @@ pub(super) fn ffn_block(
                 Some(MlpAdapters::Lora(l)) => l[j - 4].as_ref(),
                 _ => None,
             };
-            let proj = |x: &Tensor, w: &Tensor, j: usize| lora_linear(x, w, lora(j), seed(j));
+            let proj = |x: &Tensor, w: &FrozenWeight, j: usize| lora_linear(x, w, lora(j), seed(j));
             Ok((swiglu_with(layer, hn, &proj)?, None))
         }
     }

@@ -22,7 +22,7 @@
 //! fail with [`Error::InferenceOnly`]; the adapters left (routers, experts, unmerged LoRAs) are
 //! detached, so no forward pass records a tape even outside `no_grad`.
 
-use engine::{DType, Tensor};
+use engine::{DType, FrozenWeight, Tensor};
 
 use super::Llama;
 use crate::adapters::{FusedExperts, LoraLinear, MlpAdapters};
@@ -88,7 +88,7 @@ impl Llama {
                 &mut layer.v_proj,
                 &mut layer.o_proj,
             ];
-            let mut targets: Vec<(&mut Tensor, &mut Option<LoraLinear>)> =
+            let mut targets: Vec<(&mut FrozenWeight, &mut Option<LoraLinear>)> =
                 attn.into_iter().zip(ad.attn.iter_mut()).collect();
             match &mut ad.mlp {
                 MlpAdapters::Lora(ffn) => {
@@ -112,8 +112,9 @@ impl Llama {
             }
             for (w, lora) in targets {
                 let Some(l) = lora.as_ref() else { continue };
-                if mergeable {
-                    *w = merged_weight(w, l)?;
+                // An FP8 weight keeps its LoRA: the delta would not survive 3 mantissa bits.
+                if let (true, FrozenWeight::Dense(dense)) = (mergeable, &*w) {
+                    *w = merged_weight(dense, l)?.into();
                     *lora = None;
                     report.merged += 1;
                 } else {

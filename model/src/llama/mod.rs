@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use engine::{rng, rope_tables, DType, Device, Tensor};
+use engine::{rng, rope_tables, DType, Device, FrozenWeight, Tensor};
 
 use crate::adapters::router::{aux_loss, expert_load, token_weights, z_loss, RouterOutput};
 use crate::adapters::{AdapterConfig, AdapterInit, Adapters, LayerAdapters, MoeImpl};
@@ -33,14 +33,29 @@ pub use random::RandomInit;
 #[derive(Clone)]
 pub struct DecoderLayer {
     pub input_layernorm: Tensor,          // [H]
-    pub q_proj: Tensor,                   // [Hq·D, H]
-    pub k_proj: Tensor,                   // [Hkv·D, H]
-    pub v_proj: Tensor,                   // [Hkv·D, H]
-    pub o_proj: Tensor,                   // [H, Hq·D]
+    pub q_proj: FrozenWeight,             // [Hq·D, H]
+    pub k_proj: FrozenWeight,             // [Hkv·D, H]
+    pub v_proj: FrozenWeight,             // [Hkv·D, H]
+    pub o_proj: FrozenWeight,             // [H, Hq·D]
     pub post_attention_layernorm: Tensor, // [H]
-    pub gate_proj: Tensor,                // [I, H]
-    pub up_proj: Tensor,                  // [I, H]
-    pub down_proj: Tensor,                // [H, I]
+    pub gate_proj: FrozenWeight,          // [I, H]
+    pub up_proj: FrozenWeight,            // [I, H]
+    pub down_proj: FrozenWeight,          // [H, I]
+}
+
+impl DecoderLayer {
+    /// The seven projection weights: q, k, v, o, gate, up, down.
+    pub fn projections_mut(&mut self) -> [&mut FrozenWeight; 7] {
+        [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.o_proj,
+            &mut self.gate_proj,
+            &mut self.up_proj,
+            &mut self.down_proj,
+        ]
+    }
 }
 
 pub struct Llama {
@@ -160,14 +175,14 @@ impl Llama {
             let p = |s: &str| format!("model.layers.{l}.{s}");
             layers.push(DecoderLayer {
                 input_layernorm: w.get(&p("input_layernorm.weight"), &[h])?,
-                q_proj: w.get(&p("self_attn.q_proj.weight"), &[hq, h])?,
-                k_proj: w.get(&p("self_attn.k_proj.weight"), &[hkv, h])?,
-                v_proj: w.get(&p("self_attn.v_proj.weight"), &[hkv, h])?,
-                o_proj: w.get(&p("self_attn.o_proj.weight"), &[h, hq])?,
+                q_proj: w.get(&p("self_attn.q_proj.weight"), &[hq, h])?.into(),
+                k_proj: w.get(&p("self_attn.k_proj.weight"), &[hkv, h])?.into(),
+                v_proj: w.get(&p("self_attn.v_proj.weight"), &[hkv, h])?.into(),
+                o_proj: w.get(&p("self_attn.o_proj.weight"), &[h, hq])?.into(),
                 post_attention_layernorm: w.get(&p("post_attention_layernorm.weight"), &[h])?,
-                gate_proj: w.get(&p("mlp.gate_proj.weight"), &[i, h])?,
-                up_proj: w.get(&p("mlp.up_proj.weight"), &[i, h])?,
-                down_proj: w.get(&p("mlp.down_proj.weight"), &[h, i])?,
+                gate_proj: w.get(&p("mlp.gate_proj.weight"), &[i, h])?.into(),
+                up_proj: w.get(&p("mlp.up_proj.weight"), &[i, h])?.into(),
+                down_proj: w.get(&p("mlp.down_proj.weight"), &[h, i])?.into(),
             });
         }
         let embed_tokens = w.get("model.embed_tokens.weight", &[c.vocab_size, h])?;
@@ -266,19 +281,55 @@ impl Llama {
         }
     }
 
+    /// Stores the seven projection weights of every decoder layer in FP8 (e4m3, one scale per
+    /// output channel: [`engine::Fp8Weight`]), replacing the dense ones, whose memory is freed
+    /// unless something else holds it. The embeddings, norms and LM head stay as they are; the
+    /// projections' products then run through FP8 GEMMs in the model's dtype (bf16 on a GPU).
+    /// Returns the bytes of the projection weights before and after. Done once: projections
+    /// already in FP8 are kept. Refused after [`Llama::merge_adapters_for_inference`] (the
+    /// weights then hold merged LoRA deltas, which 3 mantissa bits would lose).
+    pub fn quantize_base_fp8(&mut self) -> Result<(usize, usize)> {
+        if self.inference_only {
+            return Err(Error::Invalid(
+                "the base cannot be quantised to FP8 after its adapters were merged into it".into(),
+            ));
+        }
+        let (mut before, mut after) = (0, 0);
+        for layer in &mut self.layers {
+            for w in layer.projections_mut() {
+                before += w.bytes();
+                *w = w.to_fp8()?;
+                after += w.bytes();
+            }
+        }
+        Ok((before, after))
+    }
+
+    /// Whether the projection weights are in FP8 ([`Llama::quantize_base_fp8`]).
+    pub fn base_is_fp8(&self) -> bool {
+        self.layers
+            .first()
+            .is_some_and(|l| l.q_proj.fp8().is_some())
+    }
+
     /// Lays out `W_gate` and `W_up` of every layer as the two row halves of one `[2I, H]` buffer
     /// (each becomes a view of it; values unchanged), so that the fused MoE path computes
     /// `G` and `U` with one GEMM. Done once (layers already laid out are skipped); the old
     /// buffers are freed unless something else holds them.
     pub fn stack_gate_up(&mut self) -> Result<()> {
         for layer in &mut self.layers {
-            if layer.gate_proj.same_storage(&layer.up_proj) {
+            let (FrozenWeight::Dense(gate), FrozenWeight::Dense(up)) =
+                (&layer.gate_proj, &layer.up_proj)
+            else {
+                continue; // FP8 weights run their own products
+            };
+            if gate.same_storage(up) {
                 continue;
             }
-            let i = layer.gate_proj.dims()[0];
-            let gu = engine::cat(&[&layer.gate_proj, &layer.up_proj], 0)?; // [2I, H]
-            layer.gate_proj = gu.narrow(0, 0, i)?;
-            layer.up_proj = gu.narrow(0, i, i)?;
+            let i = gate.dims()[0];
+            let gu = engine::cat(&[gate, up], 0)?; // [2I, H]
+            layer.gate_proj = gu.narrow(0, 0, i)?.into();
+            layer.up_proj = gu.narrow(0, i, i)?.into();
         }
         Ok(())
     }

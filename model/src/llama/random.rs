@@ -70,14 +70,14 @@ impl Llama {
         for _ in 0..c.num_hidden_layers {
             layers.push(DecoderLayer {
                 input_layernorm: ones()?,
-                q_proj: normal([hq, h], None)?,
-                k_proj: normal([hkv, h], None)?,
-                v_proj: normal([hkv, h], None)?,
-                o_proj: normal([h, hq], None)?,
+                q_proj: normal([hq, h], None)?.into(),
+                k_proj: normal([hkv, h], None)?.into(),
+                v_proj: normal([hkv, h], None)?.into(),
+                o_proj: normal([h, hq], None)?.into(),
                 post_attention_layernorm: ones()?,
-                gate_proj: normal([i, h], None)?,
-                up_proj: normal([i, h], None)?,
-                down_proj: normal([h, i], None)?,
+                gate_proj: normal([i, h], None)?.into(),
+                up_proj: normal([i, h], None)?.into(),
+                down_proj: normal([h, i], None)?.into(),
             });
         }
         let embed_tokens = normal([c.vocab_size, h], Some(init.embedding_std))?;

@@ -318,7 +318,7 @@ fn lora_linear_uses_the_fused_op_and_keeps_the_delta() {
     let x = randn(&[4, 6], 1);
     let w = randn(&[5, 6], 2);
     let l = LoraLinear::new(randn(&[2, 6], 3), randn(&[5, 2], 4), 0.5, 0.2);
-    let fused = lora_linear(&x, &w, Some(&l), Some(3)).unwrap();
+    let fused = lora_linear(&x, &w.clone().into(), Some(&l), Some(3)).unwrap();
     let comp = linear(&x, &w)
         .unwrap()
         .add(&l.delta(&x, Some(3)).unwrap())

@@ -161,9 +161,9 @@ impl Block {
             p.zero_grad();
         }
         let shared = SharedFfn {
-            gate: &self.shared[0],
-            up: &self.shared[1],
-            down: &self.shared[2],
+            gate: &engine::FrozenWeight::from(self.shared[0].clone()),
+            up: &engine::FrozenWeight::from(self.shared[1].clone()),
+            down: &engine::FrozenWeight::from(self.shared[2].clone()),
         };
         let (y, route) = self.ffn.forward(&self.x, shared, imp, seed).unwrap();
         assert_eq!(y.dtype(), self.x.dtype());
@@ -400,7 +400,10 @@ fn op_out_chunked(
 
 /// The op's weights of [`op_inputs`]' variables (`v[2..8]`: A, B of gate, up, down) and frozen
 /// shared weights, at scale 1.5.
-fn fused_weights<'a>(v: &'a [Tensor], frozen: &'a [Tensor; 3]) -> MoeFusedWeights<'a> {
+fn fused_weights<'a>(
+    v: &'a [Tensor],
+    frozen: &'a [engine::FrozenWeight; 3],
+) -> MoeFusedWeights<'a> {
     MoeFusedWeights {
         w_gate: &frozen[0],
         w_up: &frozen[1],
@@ -423,7 +426,8 @@ fn op_out_with(
     kernels: MoeKernels,
 ) -> engine::Result<Tensor> {
     let sel = ids(&[0, 1, 1, 0, 0, 1, 1, 0, 0, 1], &[FT, FK]);
-    let w = fused_weights(v, frozen);
+    let frozen = testutil::frozen(frozen);
+    let w = fused_weights(v, &frozen);
     let route = MoeRouting {
         ids: &sel,
         weights: &v[1],
@@ -459,7 +463,8 @@ fn the_cpu_runs_its_tile_primitives() {
         let mut v: Vec<Tensor> = v.iter().map(|t| t.to_dtype(DType::F32).unwrap()).collect();
         v[0] = v[0].to_dtype(dtype).unwrap();
         let frozen = frozen.clone().map(|t| t.to_dtype(dtype).unwrap());
-        let w = fused_weights(&v, &frozen);
+        let frozen_w = testutil::frozen(&frozen);
+        let w = fused_weights(&v, &frozen_w);
         for kernels in [MoeKernels::Tiles, MoeKernels::BlockGemms] {
             assert!(engine::moe_fused_runs_tiles(&v[0], &w, FK, kernels).unwrap());
         }
@@ -739,9 +744,18 @@ fn tiny_llama_fused_equals_naive() {
     let mut m = Llama::random(config, 3, DType::F64, Device::Cpu).unwrap();
     m.embed_tokens = m.embed_tokens.affine(50.0, 0.0).unwrap();
     for l in &mut m.layers {
-        l.gate_proj = l.gate_proj.affine(15.0, 0.0).unwrap();
-        l.up_proj = l.up_proj.affine(15.0, 0.0).unwrap();
-        l.down_proj = l.down_proj.affine(15.0, 0.0).unwrap();
+        l.gate_proj = testutil::dense(&l.gate_proj)
+            .affine(15.0, 0.0)
+            .unwrap()
+            .into();
+        l.up_proj = testutil::dense(&l.up_proj)
+            .affine(15.0, 0.0)
+            .unwrap()
+            .into();
+        l.down_proj = testutil::dense(&l.down_proj)
+            .affine(15.0, 0.0)
+            .unwrap()
+            .into();
     }
     let cfg = AdapterConfig {
         num_experts: 4,
@@ -783,7 +797,9 @@ fn tiny_llama_fused_equals_naive() {
     m.set_moe_impl(MoeImpl::Fused(Default::default()));
     let (l1, g1) = run(&m);
     m.stack_gate_up().unwrap();
-    assert!(m.layers[0].gate_proj.same_storage(&m.layers[0].up_proj));
+    assert!(
+        testutil::dense(&m.layers[0].gate_proj).same_storage(testutil::dense(&m.layers[0].up_proj))
+    );
     let (l2, g2) = run(&m);
     for (name, l, g) in [("fused", &l1, &g1), ("fused, stacked gate/up", &l2, &g2)] {
         let err = rel_err(l, &l0);
@@ -1118,9 +1134,9 @@ mod gpu {
             );
         }
         let weights = MoeFusedWeights {
-            w_gate: &w_gate,
-            w_up: &w_up,
-            w_down: &w_down,
+            w_gate: &engine::FrozenWeight::from(w_gate.clone()),
+            w_up: &engine::FrozenWeight::from(w_up.clone()),
+            w_down: &engine::FrozenWeight::from(w_down.clone()),
             a_gate: &a_gate,
             b_gate: &b_gate,
             a_up: &a_up,
@@ -1275,9 +1291,9 @@ mod gpu {
             );
             let (wg, wd) = (wb(vec![c.i, c.h]), wb(vec![c.h, c.i]));
             let weights = MoeFusedWeights {
-                w_gate: &wg,
-                w_up: &wg,
-                w_down: &wd,
+                w_gate: &engine::FrozenWeight::from(wg.clone()),
+                w_up: &engine::FrozenWeight::from(wg.clone()),
+                w_down: &engine::FrozenWeight::from(wd.clone()),
                 a_gate: &ag,
                 b_gate: &bg,
                 a_up: &ag,
@@ -1372,9 +1388,9 @@ mod gpu {
                         .collect(),
                 };
                 let sh = SharedFfn {
-                    gate: &shared[0],
-                    up: &shared[1],
-                    down: &shared[2],
+                    gate: &engine::FrozenWeight::from(shared[0].clone()),
+                    up: &engine::FrozenWeight::from(shared[1].clone()),
+                    down: &engine::FrozenWeight::from(shared[2].clone()),
                 };
                 let (y, _) = ffn
                     .forward(&x, sh, MoeImpl::Fused(Default::default()), None)

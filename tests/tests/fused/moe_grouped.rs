@@ -488,9 +488,9 @@ mod gpu {
                         experts,
                     };
                     let shared = SharedFfn {
-                        gate: &w[0],
-                        up: &w[1],
-                        down: &w[2],
+                        gate: &engine::FrozenWeight::from(w[0].clone()),
+                        up: &engine::FrozenWeight::from(w[1].clone()),
+                        down: &engine::FrozenWeight::from(w[2].clone()),
                     };
                     let (y, route) = ffn.forward(&x, shared, MoeImpl::Grouped, None).unwrap();
                     let loss = y

@@ -24,7 +24,7 @@ use super::forward::{stacked_gate_up, Kept};
 use super::primitives::{self as prim, MoeDims};
 use crate::fused::lora::{add_dropped2, dropped_grad_a};
 use crate::fused::{read, Operand};
-use crate::{Result, Storage, Tensor};
+use crate::{FrozenWeight, Result, Storage, Tensor};
 
 /// What the backward rule reads besides its inputs and `dY`: the forward's results and kept
 /// operands, the frozen shared weights, the sizes and settings, and the plan.
@@ -33,9 +33,9 @@ pub(super) struct Saved {
     pub zd: Tensor,           // [T, k, r] adapter
     pub ids: Tensor,          // [T, k] u32
     pub kept: Kept,
-    pub w_gate: Tensor,
-    pub w_up: Tensor,
-    pub w_down: Tensor,
+    pub w_gate: FrozenWeight,
+    pub w_up: FrozenWeight,
+    pub w_down: FrozenWeight,
     pub c: Checked,
     pub plan: Plan,
 }
@@ -125,16 +125,15 @@ pub(super) fn backward(sv: &Saved, inp: &[Tensor], dy: &Tensor) -> Result<Vec<Op
 fn dx_of_dgu(
     dgu: &Tensor,
     w_gu: Option<&Tensor>,
-    w_gate: &Tensor,
-    w_up: &Tensor,
+    w_gate: &FrozenWeight,
+    w_up: &FrozenWeight,
 ) -> Result<Tensor> {
     let i = w_gate.dims()[0];
     match w_gu {
         Some(w) => dgu.matmul(w), // [tc, 2I] [2I, H]
-        None => dgu
-            .narrow(1, 0, i)?
-            .matmul(w_gate)?
-            .add(&dgu.narrow(1, i, i)?.matmul(w_up)?),
+        None => w_gate
+            .g_w(&dgu.narrow(1, 0, i)?)?
+            .add(&w_up.g_w(&dgu.narrow(1, i, i)?)?),
     }
 }
 
@@ -169,7 +168,7 @@ fn parts_tiles(sv: &Saved, need: &Need, q: &Tensor, wts: &Tensor, dy: &Tensor) -
     for &(t0, tc) in &sv.plan.chunks {
         let dc = MoeDims { t: tc, t0, ..d };
         let rows = |m: &Tensor| m.narrow(0, t0 * k, tc * k);
-        let dabar = dy.narrow(0, t0, tc)?.matmul(&sv.w_down)?; // [tc, I] base
+        let dabar = sv.w_down.g_w(&dy.narrow(0, t0, tc)?)?; // [tc, I] base
         let (gc, uc) = (sv.gu.0.narrow(0, t0, tc)?, sv.gu.1.narrow(0, t0, tc)?);
         let (ids_c, wc) = (ids.narrow(0, t0, tc)?, wts.narrow(0, t0, tc)?);
         let (cgc, cuc, cdc) = (rows(cg)?, rows(cu)?, rows(&cd)?);
@@ -226,7 +225,7 @@ fn parts_gemms(
         let dc = MoeDims { t: tc, t0, ..d };
         let rows = |m: &Tensor| m.narrow(0, t0 * k, tc * k);
         let (cgc, cuc, cdc) = (rows(cg)?, rows(cu)?, rows(&cd)?);
-        let dabar = dy.narrow(0, t0, tc)?.matmul(&sv.w_down)?; // [tc, I] base
+        let dabar = sv.w_down.g_w(&dy.narrow(0, t0, tc)?)?; // [tc, I] base
         let lg = cgc.matmul(&lw.b_gate.t()?)?; // [tc·k, I]
         let lu = cuc.matmul(&lw.b_up.t()?)?;
         let ld = cdc.matmul(&lw.a_down)?; // [tc·k, I] = A_d,eᵀ dZ_d[t,j]

@@ -4,7 +4,7 @@
 use super::primitives::MoeDims;
 use super::{MoeDropout, MoeFusedWeights, MoeRouting, OP};
 use crate::ops::{float_only, same_device};
-use crate::{rng, DType, Error, Result, Shape, Tensor};
+use crate::{rng, DType, Error, FrozenWeight, Result, Shape, Tensor};
 
 /// The op's sizes and settings, once its operands are checked.
 #[derive(Clone, Copy, Debug)]
@@ -88,10 +88,42 @@ pub(super) fn check(
             format!("bad sizes: k = {k}, E = {e}, r = {r}, I = {i}, H = {h}"),
         ));
     }
+    for (name, base, dims) in [
+        ("W_gate", w.w_gate, [i, h]),
+        ("W_up", w.w_up, [i, h]),
+        ("W_down", w.w_down, [h, i]),
+    ] {
+        match base {
+            FrozenWeight::Dense(t) => {
+                expect_shape(t, &dims)?;
+                expect_dtype(t, bt)?;
+                same_device(OP, x, t)?;
+                if t.tracks_grad() {
+                    return Err(Error::invalid(
+                        OP,
+                        "the shared W_gate/W_up/W_down must be frozen in the fused path",
+                    ));
+                }
+            }
+            FrozenWeight::Fp8(q) => {
+                if q.dims() != dims || q.dtype() != bt || q.device() != x.device() {
+                    return Err(Error::invalid(
+                        OP,
+                        format!(
+                            "{name}: an FP8 weight {:?} of {} on {} where [{}, {}] of {bt} on {} is needed",
+                            q.dims(),
+                            q.dtype(),
+                            q.device(),
+                            dims[0],
+                            dims[1],
+                            x.device()
+                        ),
+                    ));
+                }
+            }
+        }
+    }
     for (tensor, dims, dtype) in [
-        (w.w_gate, vec![i, h], bt),
-        (w.w_up, vec![i, h], bt),
-        (w.w_down, vec![h, i], bt),
         (w.a_gate, vec![e, r, h], at),
         (w.b_gate, vec![e, i, r], at),
         (w.a_up, vec![e, r, h], at),
@@ -104,12 +136,6 @@ pub(super) fn check(
         expect_shape(tensor, &dims)?;
         expect_dtype(tensor, dtype)?;
         same_device(OP, x, tensor)?;
-    }
-    if [w.w_gate, w.w_up, w.w_down].iter().any(|t| t.tracks_grad()) {
-        return Err(Error::invalid(
-            OP,
-            "the shared W_gate/W_up/W_down must be frozen in the fused path",
-        ));
     }
     let p = dropout.map_or(0.0, |d| d.p);
     if !(0.0..1.0).contains(&p) {

@@ -20,7 +20,7 @@ use super::{MoeFusedWeights, MoeRouting};
 use crate::autograd::NoGradGuard;
 use crate::fused::lora::dropped_codes;
 use crate::fused::read;
-use crate::{Layout, Result, Shape, Tensor};
+use crate::{FrozenWeight, Layout, Result, Shape, Tensor};
 
 /// What the forward computes and returns or keeps for the backward.
 pub(super) struct Forward {
@@ -51,8 +51,10 @@ impl Kept {
     }
 }
 
-/// `[W_g; W_u]` `[2I, H]` as one view when `W_u` is the row block right after `W_g` in one buffer.
-pub(super) fn stacked_gate_up(w_gate: &Tensor, w_up: &Tensor) -> Option<Tensor> {
+/// `[W_g; W_u]` `[2I, H]` as one view when both are dense and `W_u` is the row block right after
+/// `W_g` in one buffer.
+pub(super) fn stacked_gate_up(w_gate: &FrozenWeight, w_up: &FrozenWeight) -> Option<Tensor> {
+    let (w_gate, w_up) = (w_gate.dense()?, w_up.dense()?);
     let (lg, lu) = (w_gate.layout(), w_up.layout());
     let (i, h) = (lg.dims()[0], lg.dims()[1]);
     let adjacent = w_gate.same_storage(w_up)
@@ -68,14 +70,14 @@ pub(super) fn stacked_gate_up(w_gate: &Tensor, w_up: &Tensor) -> Option<Tensor> 
 }
 
 /// `G = X W_gᵀ`, `U = X W_uᵀ` `[T, I]` (views of one `[T, 2I]` product when possible).
-fn gate_up(x: &Tensor, w_gate: &Tensor, w_up: &Tensor) -> Result<(Tensor, Tensor)> {
+fn gate_up(x: &Tensor, w_gate: &FrozenWeight, w_up: &FrozenWeight) -> Result<(Tensor, Tensor)> {
     let i = w_gate.dims()[0];
     match stacked_gate_up(w_gate, w_up) {
         Some(w) => {
             let gu = x.matmul(&w.t()?)?; // [T, 2I]
             Ok((gu.narrow(1, 0, i)?, gu.narrow(1, i, i)?))
         }
-        None => Ok((x.matmul(&w_gate.t()?)?, x.matmul(&w_up.t()?)?)),
+        None => Ok((w_gate.x_wt(x)?, w_up.x_wt(x)?)),
     }
 }
 
@@ -85,7 +87,7 @@ struct Slots<'a> {
     zg: &'a Tensor,
     zu: &'a Tensor,
     lw: &'a LoraLayouts,
-    w_down: &'a Tensor,
+    w_down: &'a FrozenWeight,
     route: &'a MoeRouting<'a>,
 }
 
@@ -179,7 +181,7 @@ fn slots_tiles(o: &Slots<'_>, c: &Checked, plan: &Plan) -> Result<SlotOut> {
             prim::tiles_forward(o, &dc)
         })?;
         let abar = Tensor::from_storage(abar, [tc, i], None);
-        y0.push(abar.matmul(&o.w_down.t()?)?); // [tc, H]
+        y0.push(o.w_down.x_wt(&abar)?); // [tc, H]
         zd.push(Tensor::from_storage(zd_c, [tc, k, r], None)); // [tc, k, r]
     }
     Ok(SlotOut { cg, cu, zd, y0 })
@@ -207,7 +209,7 @@ fn slots_gemms(o: &Slots<'_>, c: &Checked, plan: &Plan) -> Result<SlotOut> {
         let am = Tensor::from_storage(am, [tc * k, i], None); // [tc·k, I]
         let ids_c = ids.narrow(0, t0, tc)?;
         zd.push(gather(&am.matmul(&lw.a_down.t()?)?, &ids_c, &dc)?); // [tc, k, r]
-        y0.push(abar.matmul(&o.w_down.t()?)?); // [tc, H]
+        y0.push(o.w_down.x_wt(&abar)?); // [tc, H]
     }
     Ok(SlotOut { cg, cu, zd, y0 })
 }

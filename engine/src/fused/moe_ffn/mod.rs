@@ -56,7 +56,7 @@ pub use primitives::{BlockCodes, MoeDims};
 
 use self::primitives as prim;
 use crate::autograd::{Input, Node, Output};
-use crate::{Result, Tensor};
+use crate::{FrozenWeight, Result, Tensor};
 
 /// The op's name, in its errors and on the tape.
 const OP: &str = "moe_ffn";
@@ -64,15 +64,15 @@ const OP: &str = "moe_ffn";
 /// The frozen shared FFN and the stacked expert LoRAs of one MixLoRA layer.
 #[derive(Clone, Copy, Debug)]
 pub struct MoeFusedWeights<'a> {
-    pub w_gate: &'a Tensor, // [I, H] base, frozen
-    pub w_up: &'a Tensor,   // [I, H] base, frozen
-    pub w_down: &'a Tensor, // [H, I] base, frozen
-    pub a_gate: &'a Tensor, // [E, r, H] adapter
-    pub b_gate: &'a Tensor, // [E, I, r] adapter
-    pub a_up: &'a Tensor,   // [E, r, H] adapter
-    pub b_up: &'a Tensor,   // [E, I, r] adapter
-    pub a_down: &'a Tensor, // [E, r, I] adapter
-    pub b_down: &'a Tensor, // [E, H, r] adapter
+    pub w_gate: &'a FrozenWeight, // [I, H] base, frozen: dense or FP8
+    pub w_up: &'a FrozenWeight,   // [I, H] base, frozen
+    pub w_down: &'a FrozenWeight, // [H, I] base, frozen
+    pub a_gate: &'a Tensor,       // [E, r, H] adapter
+    pub b_gate: &'a Tensor,       // [E, I, r] adapter
+    pub a_up: &'a Tensor,         // [E, r, H] adapter
+    pub b_up: &'a Tensor,         // [E, I, r] adapter
+    pub a_down: &'a Tensor,       // [E, r, I] adapter
+    pub b_down: &'a Tensor,       // [E, H, r] adapter
     /// The LoRA scale `s` (one for all projections).
     pub scale: f64,
 }

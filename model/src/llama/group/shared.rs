@@ -23,7 +23,7 @@
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
-use engine::{rope_tables, DType, Tensor};
+use engine::{rope_tables, DType, FrozenWeight, Tensor};
 
 use super::super::cache::row_positions;
 use super::shared_lora::GroupProj;
@@ -240,7 +240,7 @@ fn shared_layer(
     let (sb, t) = g.ctx.batch;
     let h = c.hidden_size;
     let lora = GroupProj::new(g, li, ads);
-    let proj = |x: &Tensor, w: &Tensor, j: usize| lora.apply(x, w, j);
+    let proj = |x: &Tensor, w: &FrozenWeight, j: usize| lora.apply(x, w, j);
     let hn = x.rms_norm(&layer.input_layernorm, c.rms_norm_eps)?; // [M, H]
     let attn = attention_with(&g.ctx, layer, &hn.reshape([sb, t, h])?, None, &proj)?;
     let x = x.add(&attn.reshape([g.rows, h])?)?;

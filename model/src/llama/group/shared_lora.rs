@@ -24,10 +24,9 @@
 
 use std::cell::RefCell;
 
-use engine::Tensor;
+use engine::{FrozenWeight, Tensor};
 
 use super::shared::SharedBatch;
-use crate::adapters::lora::linear;
 use crate::adapters::{LayerAdapters, LoraLinear, MlpAdapters};
 use crate::error::Result;
 use crate::llama::sub_seed;
@@ -63,7 +62,7 @@ impl<'a> GroupProj<'a> {
 
     /// `x Wᵀ` `[.., out]` of `x` `[.., in]` (all `M` rows of the batch) plus, on each segment's
     /// rows, its LoRA of `slot` with its dropout.
-    pub(super) fn apply(&self, x: &Tensor, w: &Tensor, slot: usize) -> Result<Tensor> {
+    pub(super) fn apply(&self, x: &Tensor, w: &FrozenWeight, slot: usize) -> Result<Tensor> {
         let n_in = *x.dims().last().unwrap_or(&0);
         let x2 = x.reshape([self.g.rows, n_in])?; // [M, in]
         let loras: Vec<Option<&LoraLinear>> = self.ads.iter().map(|a| slot_lora(a, slot)).collect();
@@ -77,7 +76,7 @@ impl<'a> GroupProj<'a> {
         let present: Vec<&LoraLinear> = loras.iter().flatten().copied().collect();
         let one_dtype = present.iter().all(|l| l.a.dtype() == present[0].a.dtype());
         let y = if present.is_empty() {
-            linear(&x2, w)?
+            w.linear(&x2)?
         } else if dropout || !one_dtype {
             self.per_segment(&x2, w, &loras, &seeds)?
         } else {
@@ -89,7 +88,12 @@ impl<'a> GroupProj<'a> {
     }
 
     /// Every segment's LoRA in one product over all rows (see the module doc).
-    fn stacked(&self, x: &Tensor, w: &Tensor, loras: &[Option<&LoraLinear>]) -> Result<Tensor> {
+    fn stacked(
+        &self,
+        x: &Tensor,
+        w: &FrozenWeight,
+        loras: &[Option<&LoraLinear>],
+    ) -> Result<Tensor> {
         let present: Vec<(usize, &LoraLinear)> = (loras.iter().enumerate())
             .filter_map(|(s, l)| l.map(|l| (s, l)))
             .collect();
@@ -107,7 +111,7 @@ impl<'a> GroupProj<'a> {
         let scales = self.g.block_scales(&blocks, a.dtype())?; // [M, R]
         let z = x.matmul_cast(&a.t()?)?.mul(&scales)?; // [M, R], adapter dtype
         let d = z.matmul(&b.t()?)?.to_dtype(x.dtype())?; // [M, out]
-        Ok(linear(x, w)?.add(&d)?)
+        Ok(w.linear(x)?.add(&d)?)
     }
 
     /// The base GEMM once, each segment's LoRA with its dropout on its packed rows (see the
@@ -117,7 +121,7 @@ impl<'a> GroupProj<'a> {
     fn per_segment(
         &self,
         x: &Tensor,
-        w: &Tensor,
+        w: &FrozenWeight,
         loras: &[Option<&LoraLinear>],
         seeds: &[Option<u64>],
     ) -> Result<Tensor> {
@@ -149,7 +153,7 @@ impl<'a> GroupProj<'a> {
             [one] => one.clone(),
             _ => engine::cat(&parts.iter().collect::<Vec<_>>(), 0)?,
         }; // [N_real, out]
-        Ok(linear(x, w)?.add(&self.g.unpack(&delta)?)?)
+        Ok(w.linear(x)?.add(&self.g.unpack(&delta)?)?)
     }
 
     /// The packed rows of `x` `[M, in]`, gathered once for the projections that share it.
