@@ -125,6 +125,10 @@ pub struct Table6Args {
     /// Recompute each decoder layer in the backward pass [default: off].
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// How the frozen projection weights are stored, `same` (bf16) or `fp8` (`mixlora train
+    /// --base-dtype`); the JSON's variant keys then end in `_fp8`.
+    #[arg(long, value_enum, default_value_t = crate::config::BaseDTypeName::Same)]
+    pub base_dtype: crate::config::BaseDTypeName,
     /// With --adapters: how the adapters share the base, `exact`, `sequential` or `shared`
     /// (`mixlora train --group-mode`) [default: auto, exact].
     #[arg(long, value_name = "MODE", value_parser = crate::config::words::parse::<crate::config::GroupModeChoice>)]
@@ -444,6 +448,7 @@ fn build_model(a: &Table6Args, log: &mut impl FnMut(&str)) -> Result<Llama> {
         a.shape, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, a.device
     ));
     let mut model = Llama::random(cfg, 1, DType::BF16, a.device)?;
+    a.base_dtype.apply(&mut model, log)?;
     model.set_gradient_checkpointing(a.gradient_checkpointing);
     model.set_group_mode(a.group_mode.flatten());
     model.set_attention_impl(a.attention.unwrap_or_default());
@@ -501,6 +506,11 @@ pub fn table6_json(a: &Table6Args, t6: &Table6) -> Result<String> {
     obj.insert("hidden".into(), cfg.hidden_size.into());
     obj.insert("intermediate".into(), cfg.intermediate_size.into());
     obj.insert("dtype".into(), "bf16".into());
+    obj.insert("base_dtype".into(), a.base_dtype.as_str().into());
+    let suffix = match a.base_dtype {
+        crate::config::BaseDTypeName::Same => "",
+        crate::config::BaseDTypeName::Fp8 => "_fp8",
+    };
     obj.insert(
         "gradient_checkpointing".into(),
         a.gradient_checkpointing.into(),
@@ -524,7 +534,7 @@ pub fn table6_json(a: &Table6Args, t6: &Table6) -> Result<String> {
             "tokens_per_s": r.tokens_per_s.round(),
             "peak_gib": r.peak_gib.map(round),
         });
-        obj.insert(r.variant.key().into(), v);
+        obj.insert(format!("{}{suffix}", r.variant.key()), v);
     }
     for (v, e) in &t6.failed {
         obj.insert(

@@ -242,6 +242,8 @@ pub(crate) fn load_eval_model(a: &EvalArgs) -> Result<EvalModel> {
     let loaded = load_base_model(a.model.as_deref(), seed, a.dtype.dtype(), device, &scratch);
     let _ = std::fs::remove_dir_all(&scratch);
     let (mut model, tok) = loaded?;
+    a.base_dtype
+        .apply(&mut model, &mut |m: &str| eprintln!("{m}"))?;
     let imp = a.moe.inference_moe_impl(device);
     match a.adapter.as_slice() {
         [] => {}

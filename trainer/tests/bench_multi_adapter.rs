@@ -23,6 +23,7 @@ fn args(checkpointing: bool, adapters: &[usize]) -> Table6Args {
             BenchVariant::MixloraFused,
         ],
         gradient_checkpointing: checkpointing,
+        base_dtype: Default::default(),
         group_mode: None,
         attention: None,
         adapters: adapters.to_vec(),

@@ -14,6 +14,7 @@ fn args(checkpointing: bool) -> Table6Args {
         steps: 1,
         variants: vec![],
         gradient_checkpointing: checkpointing,
+        base_dtype: Default::default(),
         group_mode: None,
         attention: None,
         adapters: vec![],

@@ -286,6 +286,7 @@ fn an_edited_adapter_config_is_refused_on_resume_and_eval() {
         cutoff_len: 320,
         device: engine::Device::Cpu,
         dtype: trainer::config::DTypeName::F32,
+        base_dtype: Default::default(),
         output: None,
         routing: None,
         moe: Default::default(),

@@ -321,6 +321,7 @@ fn eval_writes_routing_statistics_per_task_and_layer() {
         cutoff_len: 320,
         device: engine::Device::Cpu,
         dtype: trainer::config::DTypeName::F32,
+        base_dtype: Default::default(),
         output: None,
         routing,
         moe: Default::default(),

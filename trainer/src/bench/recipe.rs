@@ -23,8 +23,8 @@ use model::{Llama, PeftType};
 use super::{device_name, peak_bytes, reset_peak, shape_config, synchronize, BenchShape};
 use crate::base_model::{load_base_model, scratch_dir};
 use crate::config::{
-    words, CudaGraphs, DTypeName, GroupModeChoice, PlannedAdapter, RunPlan, SharedSettings,
-    TrainConfig,
+    words, BaseDTypeName, CudaGraphs, DTypeName, GroupModeChoice, PlannedAdapter, RunPlan,
+    SharedSettings, TrainConfig,
 };
 use crate::error::{Error, Result};
 use crate::run::{train_plan_on, RunControl, StepDone};
@@ -58,6 +58,10 @@ pub struct RecipeArgs {
     /// The base weights' dtype: `bf16` or `f32`.
     #[arg(long, value_enum, default_value_t = DTypeName::Bf16)]
     pub dtype: DTypeName,
+    /// How the frozen projection weights are stored, `same` or `fp8` (`mixlora train
+    /// --base-dtype`).
+    #[arg(long, value_enum, default_value_t = BaseDTypeName::Same)]
+    pub base_dtype: BaseDTypeName,
     /// Sequences per optimizer step.
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
@@ -206,6 +210,7 @@ pub fn recipe_on(
         alpha: a.alpha.unwrap_or(2.0 * a.rank as f64),
         device,
         dtype: a.dtype,
+        base_dtype: a.base_dtype,
         batch_size: a.batch,
         micro_batch_size: a.micro_batch,
         cutoff_len: a.cutoff_len,
@@ -390,6 +395,7 @@ pub fn recipe_json(a: &RecipeArgs, r: &RecipeResult) -> String {
         "adapter": a.adapter.name(),
         "rank": a.rank,
         "dtype": format!("{:?}", a.dtype).to_lowercase(),
+        "base_dtype": a.base_dtype.as_str(),
         "batch": a.batch,
         "micro_batch": a.micro_batch,
         "cutoff_len": a.cutoff_len,

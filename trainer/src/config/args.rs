@@ -10,7 +10,7 @@ use model::{AttentionImpl, MoeImpl, PeftType, RoutingStrategy};
 use serde::{Deserialize, Serialize};
 
 use super::words::{self, GroupModeChoice, MoeImplChoice};
-use super::{CudaGraphs, DTypeName};
+use super::{BaseDTypeName, CudaGraphs, DTypeName};
 use crate::schedule::ScheduleKind;
 
 /// `skip_serializing_if` of a flag that is off unless given.
@@ -209,6 +209,12 @@ pub struct TrainArgs {
     /// The dtype of the frozen base weights; adapters are f32 [default: f32].
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeName>,
+    /// How the frozen projection weights (q, k, v, o, gate, up, down) are stored: `same` (in
+    /// --dtype) or `fp8` (e4m3 with one scale per output channel, half of bf16's memory; their
+    /// products run through FP8 GEMMs in --dtype: on a GPU of compute capability 8.9 or newer,
+    /// or on the CPU) [default: same].
+    #[arg(long, value_enum)]
+    pub base_dtype: Option<BaseDTypeName>,
     /// Continue the run in the output folder from its newest complete checkpoint; the settings
     /// that shape the adapter, the data or the schedule must equal the run's (a difference is
     /// refused, naming it), and a folder without a checkpoint is an error [default: off].
@@ -411,6 +417,10 @@ pub struct EvalArgs {
     /// `cpu`, `cuda` (the first GPU) or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     pub device: Device,
+    /// How the frozen projection weights are stored: `same` (in --dtype) or `fp8`; evaluate an
+    /// adapter with the base it was trained on.
+    #[arg(long, value_enum, default_value_t = BaseDTypeName::Same)]
+    pub base_dtype: BaseDTypeName,
     /// The dtype of the base weights; adapters are f32.
     #[arg(long, value_enum, default_value_t = DTypeName::F32)]
     pub dtype: DTypeName,

@@ -55,6 +55,42 @@ impl DTypeName {
     }
 }
 
+/// How the frozen projection weights (q, k, v, o, gate, up, down of every layer) are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BaseDTypeName {
+    /// In the base dtype (`dtype`).
+    #[default]
+    Same,
+    /// In FP8 (e4m3, one f32 scale per output channel), their products through FP8 GEMMs in the
+    /// base dtype: half of bf16's memory for those weights. The embeddings, norms and LM head
+    /// stay in the base dtype.
+    Fp8,
+}
+
+impl BaseDTypeName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BaseDTypeName::Same => "same",
+            BaseDTypeName::Fp8 => "fp8",
+        }
+    }
+
+    /// Stores `model`'s projections as this says (nothing for `Same`); logs what FP8 saved.
+    pub fn apply(self, model: &mut model::Llama, log: &mut impl FnMut(&str)) -> Result<()> {
+        if self == BaseDTypeName::Fp8 && !model.base_is_fp8() {
+            let (before, after) = model.quantize_base_fp8()?;
+            let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
+            log(&format!(
+                "base projections in FP8: {:.1} MiB -> {:.1} MiB",
+                mib(before),
+                mib(after)
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Whether a run records its training micro-steps as CUDA graphs (`crate::run::fixed`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum CudaGraphs {
@@ -209,6 +245,8 @@ with_defaults! {
         #[serde(with = "words")]
         pub device: Device = Device::Cpu,
         pub dtype: DTypeName = DTypeName::F32,
+        /// How the frozen projection weights are stored (`same`: in `dtype`; `fp8`).
+        pub base_dtype: BaseDTypeName = BaseDTypeName::Same,
         pub resume: bool = false,
         /// Not recorded in `train_config.toml`: a run read back from it never removes another.
         #[serde(skip_serializing)]

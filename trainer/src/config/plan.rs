@@ -17,16 +17,17 @@ use serde::Serialize;
 use super::tables::{self, absolute, check_name, ConfigFile};
 use super::words::{self, GroupModeChoice, MoeImplChoice};
 use super::CudaGraphs;
-use super::{given, DTypeName, TrainArgs, TrainConfig, BUILTIN_MODEL_LR};
+use super::{given, BaseDTypeName, DTypeName, TrainArgs, TrainConfig, BUILTIN_MODEL_LR};
 use crate::error::{Error, Result};
 use model::AttentionImpl;
 
 /// The settings of the whole run, which one base model and one device serve: refused inside an
 /// `[[adapter]]` table and by `--sweep`. Every adapter's [`TrainConfig`] holds them too.
-pub const SHARED_KEYS: [&str; 12] = [
+pub const SHARED_KEYS: [&str; 13] = [
     "model",
     "device",
     "dtype",
+    "base_dtype",
     "resume",
     "overwrite",
     "gradient_checkpointing",
@@ -45,6 +46,7 @@ pub struct SharedSettings {
     #[serde(with = "words")]
     pub device: Device,
     pub dtype: DTypeName,
+    pub base_dtype: BaseDTypeName,
     pub resume: bool,
     pub overwrite: bool,
     pub gradient_checkpointing: bool,
@@ -68,6 +70,7 @@ impl SharedSettings {
             model: c.model.clone(),
             device: c.device,
             dtype: c.dtype,
+            base_dtype: c.base_dtype,
             resume: c.resume,
             overwrite: c.overwrite,
             gradient_checkpointing: c.gradient_checkpointing,

@@ -249,9 +249,11 @@ fn toml_round_trip() {
         moe_impl: Some(MoeImpl::Grouped),
         moe_kernels: MoeKernels::Tiles,
         moe_chunk_tokens: NonZeroUsize::new(64),
+        base_dtype: super::BaseDTypeName::Fp8,
         ..Default::default()
     };
     let text = c.to_toml_string().unwrap();
+    assert!(text.contains("base_dtype = \"fp8\"\n"), "{text}");
     assert_eq!(TrainConfig::from_toml_str("x", &text).unwrap(), c);
 }
 
@@ -270,7 +272,8 @@ fn train_config_toml_format() {
         \"up_proj\", \"down_proj\"]\nrouting = \"topk\"\ntop_p = 0.8\naux_loss_coef = 0.001\nrouter_init_range = 0.02\n\
         router_z_loss = 0.0\nrouter_lr_scale = 1.0\nexpert_b_init_std = 0.0\n\
         eval_every = 0\nsave_every = 0\nsave_total_limit = 3\nlog_every = 1\n\
-        device = \"cpu\"\ndtype = \"f32\"\nresume = false\ngradient_checkpointing = false\n\
+        device = \"cpu\"\ndtype = \"f32\"\nbase_dtype = \"same\"\nresume = false\n\
+        gradient_checkpointing = false\n\
         moe_impl = \"auto\"\nmoe_kernels = \"gemms\"\ngroup_mode = \"auto\"\nattention = \"composite\"\n\
         cuda_graphs = \"off\"\n";
     assert_eq!(text, want);

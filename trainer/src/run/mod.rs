@@ -236,6 +236,7 @@ fn train_plan_with_base(
         Some(b) => b,
         None => load_base(first, &mut log)?,
     };
+    plan.shared.base_dtype.apply(&mut model, &mut log)?;
     model.set_gradient_checkpointing(plan.shared.gradient_checkpointing);
     model.set_group_mode(plan.shared.group_mode); // `auto`: the model's default, exact
     model.set_attention_impl(plan.shared.attention);

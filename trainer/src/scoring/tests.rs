@@ -70,6 +70,7 @@ fn args(adapters: &[&Path]) -> EvalArgs {
         cutoff_len: 320,
         device: engine::Device::Cpu,
         dtype: DTypeName::F32,
+        base_dtype: Default::default(),
         output: None,
         routing: None,
         moe: Default::default(),
