@@ -11,7 +11,7 @@ use model::generate::{generate, GenerateOptions, PromptOverflow, DEFAULT_PREFILL
 use model::llama::Llama;
 use model::sampling::Sampler;
 use model::tokenizer::Tokenizer;
-use trainer::config::{DTypeName, MoeArgs};
+use trainer::config::{BaseDTypeName, DTypeName, MoeArgs};
 use trainer::progress::Reporter;
 
 /// Which end of an over-long prompt `--truncate-prompt` cuts.
@@ -52,6 +52,10 @@ pub struct GenerateArgs {
     /// Compute dtype of the weights.
     #[arg(long, value_enum, default_value_t = DTypeName::F32)]
     dtype: DTypeName,
+    /// How the frozen projection weights are stored: `same` (in --dtype) or `fp8` (`mixlora
+    /// train --base-dtype`); generate with the base the adapter was trained on.
+    #[arg(long, value_enum, default_value_t = BaseDTypeName::Same)]
+    base_dtype: BaseDTypeName,
     /// A prompt whose tokens and --max-new-tokens exceed the model's context is refused; with
     /// `left`, its first tokens are dropped instead (a note goes to stderr) [default: refuse].
     #[arg(long, value_enum, value_name = "SIDE")]
@@ -68,6 +72,8 @@ pub fn run(a: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     let dtype = a.dtype.dtype();
     let t0 = Instant::now();
     let mut model = Llama::load(&a.model, dtype, device)?;
+    a.base_dtype
+        .apply(&mut model, &mut |m: &str| eprintln!("{m}"))?;
     if let Some(dir) = &a.adapter {
         model::adapters::load(dir, &mut model)?;
         let report = trainer::inference::prepare(&mut model, a.moe.inference_moe_impl(device))?;
