@@ -109,21 +109,10 @@ pub(super) fn gemm_fp8(
     out: DType,
 ) -> Result<CpuStorage> {
     const OP: &str = "fp8_gemm";
-    check_gemm(OP, a, b)?;
-    check_codes(OP, "a", o.a.l, a)?;
-    check_codes(OP, "b", o.b.l, b)?;
-    check_vec(OP, "row scales of a", o.sa.l, a.rows)?;
-    if !out.is_float() {
-        return Err(Error::UnsupportedDType { op: OP, dtype: out });
-    }
+    let lsb = o.sb.map(|c| c.l);
+    check_gemm(OP, (a, o.a.l, o.sa.l), (b, o.b.l, lsb), out)?;
     let sa = f32_vec(OP, o.sa.s, o.sa.l)?;
-    let sb = match o.sb {
-        Some(c) => {
-            check_vec(OP, "row scales of b", c.l, b.rows)?;
-            Some(f32_vec(OP, c.s, c.l)?)
-        }
-        None => None,
-    };
+    let sb = o.sb.map(|c| f32_vec(OP, c.s, c.l)).transpose()?;
     let (ta, tb) = (table(fa), table(Fp8Format::E4M3));
     let av: Vec<f32> = unpack(OP, o.a.s, o.a.l)?
         .iter()

@@ -265,13 +265,7 @@ pub(super) fn gemm_fp8(
     out: DType,
 ) -> Result<CudaStorage> {
     const OP: &str = "fp8_gemm";
-    check_gemm(OP, a, b)?;
-    check_codes(OP, "a", o.a.l, a)?;
-    check_codes(OP, "b", o.b.l, b)?;
-    check_vec(OP, "row scales of a", o.sa.l, a.rows)?;
-    if !out.is_float() {
-        return Err(Error::UnsupportedDType { op: OP, dtype: out });
-    }
+    check_gemm(OP, (a, o.a.l, o.sa.l), (b, o.b.l, o.sb.map(|c| c.l)), out)?;
     let (a_s, b_s) = (o.a.s, o.b.s);
     codes_dtype(OP, a_s)?;
     codes_dtype(OP, b_s)?;

@@ -158,8 +158,23 @@ pub(super) fn quant_dims(op: &'static str, l: &Layout) -> Result<CodeDims> {
     Ok(CodeDims { rows, cols })
 }
 
-/// Errors unless `a` `[m, k]` and `b` `[n, k]` share `k`.
-pub(super) fn check_gemm(op: &'static str, a: CodeDims, b: CodeDims) -> Result<()> {
+/// Errors unless `a` `[m, k]` and `b` `[n, k]` share `k`, the views of their words (`la`, `lb`)
+/// and scales (`lsa` `[m]`, `lsb` `[n]` when given) fit them, and `out` is a float dtype.
+pub(super) fn check_gemm(
+    op: &'static str,
+    (a, la, lsa): (CodeDims, &Layout, &Layout),
+    (b, lb, lsb): (CodeDims, &Layout, Option<&Layout>),
+    out: DType,
+) -> Result<()> {
+    check_codes(op, "a", la, a)?;
+    check_codes(op, "b", lb, b)?;
+    check_vec(op, "row scales of a", lsa, a.rows)?;
+    if let Some(l) = lsb {
+        check_vec(op, "row scales of b", l, b.rows)?;
+    }
+    if !out.is_float() {
+        return Err(Error::UnsupportedDType { op, dtype: out });
+    }
     if a.cols != b.cols {
         return Err(Error::invalid(
             op,
