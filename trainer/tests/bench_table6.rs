@@ -73,3 +73,39 @@ fn table6_rejects_zero_steps() {
     let e = table6(&a, |_| {}).unwrap_err().to_string();
     assert!(e.contains("--steps"), "{e}");
 }
+
+#[test]
+fn table6_on_an_fp8_base_reports_its_variants_with_an_fp8_suffix() {
+    let dense = Table6Args {
+        variants: vec![BenchVariant::Lora, BenchVariant::MixloraFused],
+        ..args(false)
+    };
+    let fp8 = Table6Args {
+        base_dtype: trainer::config::BaseDTypeName::Fp8,
+        variants: dense.variants.clone(),
+        ..args(false)
+    };
+    let (td, tq) = (
+        table6(&dense, |_| {}).unwrap(),
+        table6(&fp8, |_| {}).unwrap(),
+    );
+    assert!(tq.failed.is_empty(), "{:?}", tq.failed);
+    for (d, q) in td.results.iter().zip(&tq.results) {
+        assert_eq!(d.variant, q.variant);
+        assert!(q.loss.is_finite());
+        assert_ne!(
+            d.loss, q.loss,
+            "{:?}: the FP8 products did not run",
+            q.variant
+        );
+    }
+    let json: serde_json::Value = serde_json::from_str(&table6_json(&fp8, &tq).unwrap()).unwrap();
+    assert_eq!(json["base_dtype"], "fp8");
+    for v in ["lora_fp8", "mixlora_fused_fp8"] {
+        assert!(json[v].get("tokens_per_s").is_some(), "{v} missing: {json}");
+    }
+    assert!(json.get("lora").is_none(), "{json}");
+    let json: serde_json::Value = serde_json::from_str(&table6_json(&dense, &td).unwrap()).unwrap();
+    assert_eq!(json["base_dtype"], "same");
+    assert!(json["lora"].get("tokens_per_s").is_some(), "{json}");
+}
