@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use super::codec::{encode, table};
 use super::primitives::{
-    check_codes, check_gemm, check_vec, quant_dims, CodeDims, Fp8Format, GemmFp8, QuantizeRows,
+    check_gemm, check_transpose, check_vec, quant_dims, CodeDims, Fp8Format, GemmFp8, QuantizeRows,
     TransposeCodes,
 };
 use crate::backend::cpu::matmul::matmul_t;
@@ -145,13 +145,7 @@ pub(super) fn transpose_codes(
     d: CodeDims,
 ) -> Result<CpuStorage> {
     const OP: &str = "fp8_transpose_codes";
-    check_codes(OP, "codes", o.codes.l, d)?;
-    if d.rows % 4 != 0 {
-        return Err(Error::invalid(
-            OP,
-            format!("{} rows: the transposed codes need a multiple of 4", d.rows),
-        ));
-    }
+    check_transpose(OP, o.codes.l, d)?;
     let c = unpack(OP, o.codes.s, o.codes.l)?;
     let mut t = vec![0u8; c.len()];
     t.par_chunks_mut(d.rows.max(1))

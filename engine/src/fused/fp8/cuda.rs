@@ -31,7 +31,7 @@ use cudarc::driver::LaunchConfig;
 use kernels::FP8;
 
 use super::primitives::{
-    check_codes, check_gemm, check_vec, quant_dims, CodeDims, Fp8Format, GemmFp8, QuantizeRows,
+    check_gemm, check_transpose, check_vec, quant_dims, CodeDims, Fp8Format, GemmFp8, QuantizeRows,
     TransposeCodes,
 };
 use crate::backend::cuda::device::lock;
@@ -132,13 +132,7 @@ pub(super) fn transpose_codes(
     d: CodeDims,
 ) -> Result<CudaStorage> {
     const OP: &str = "fp8_transpose_codes";
-    check_codes(OP, "codes", o.codes.l, d)?;
-    if d.rows % 4 != 0 {
-        return Err(Error::invalid(
-            OP,
-            format!("{} rows: the transposed codes need a multiple of 4", d.rows),
-        ));
-    }
+    check_transpose(OP, o.codes.l, d)?;
     let s = o.codes.s;
     codes_dtype(OP, s)?;
     let dev = &s.dev;

@@ -114,7 +114,7 @@ pub fn transpose_codes(o: TransposeCodes<'_, Storage>, d: CodeDims) -> Result<St
 // ----- checks shared by the backends ---------------------------------------------------------
 
 /// Errors unless `l` is a contiguous view of exactly the words of a `d` code matrix.
-pub(super) fn check_codes(op: &'static str, what: &str, l: &Layout, d: CodeDims) -> Result<()> {
+fn check_codes(op: &'static str, what: &str, l: &Layout, d: CodeDims) -> Result<()> {
     if d.cols % 4 != 0 {
         return Err(Error::invalid(
             op,
@@ -130,6 +130,19 @@ pub(super) fn check_codes(op: &'static str, what: &str, l: &Layout, d: CodeDims)
                 d.cols / 4,
                 l.shape()
             ),
+        ));
+    }
+    Ok(())
+}
+
+/// Errors unless `l` is the words of a `d` code matrix that can be transposed (`d.rows` a
+/// multiple of 4 too, the transposed matrix's codes a row).
+pub(super) fn check_transpose(op: &'static str, l: &Layout, d: CodeDims) -> Result<()> {
+    check_codes(op, "codes", l, d)?;
+    if d.rows % 4 != 0 {
+        return Err(Error::invalid(
+            op,
+            format!("{} rows: the transposed codes need a multiple of 4", d.rows),
         ));
     }
     Ok(())
