@@ -173,3 +173,21 @@ fn merging_keeps_the_loras_of_an_fp8_base_and_quantising_after_a_merge_is_refuse
     assert!(e.contains("FP8") && e.contains("merged"), "{e}");
     assert!(!e.contains('\n'), "{e}");
 }
+
+#[test]
+fn a_projection_fp8_cannot_hold_is_named_in_one_line() {
+    let c = model::LlamaConfig {
+        hidden_size: 6, // not a multiple of 4
+        num_attention_heads: 2,
+        num_key_value_heads: 1,
+        head_dim: 3,
+        ..gpu_llama_config()
+    };
+    let mut m = Llama::random(c, 1, DType::F32, Device::Cpu).unwrap();
+    let e = m.quantize_base_fp8().unwrap_err().to_string();
+    assert!(
+        e.contains("model.layers.0.self_attn.q_proj.weight") && e.contains("multiples of 4"),
+        "{e}"
+    );
+    assert!(!e.contains('\n'), "{e}");
+}

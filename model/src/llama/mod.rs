@@ -294,11 +294,22 @@ impl Llama {
                 "the base cannot be quantised to FP8 after its adapters were merged into it".into(),
             ));
         }
+        const NAMES: [&str; 7] = [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ];
         let (mut before, mut after) = (0, 0);
-        for layer in &mut self.layers {
-            for w in layer.projections_mut() {
+        for (li, layer) in self.layers.iter_mut().enumerate() {
+            for (w, name) in layer.projections_mut().into_iter().zip(NAMES) {
                 before += w.bytes();
-                *w = w.to_fp8()?;
+                *w = w.to_fp8().map_err(|e| {
+                    Error::Invalid(format!("model.layers.{li}.{name}.weight in FP8: {e}"))
+                })?;
                 after += w.bytes();
             }
         }
